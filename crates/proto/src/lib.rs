@@ -3,6 +3,7 @@
 //! - [`ids`]: node, GPU, worker, model and deployment ids as distinct types.
 //! - [`hash`]: block hashing, the single definition of a shared prompt prefix.
 //! - [`kv_event`]: the `Stored` / `Removed` / `Cleared` events that engines emit and routers index.
+//! - [`request`]: sampling parameters and the KV layout two workers must share.
 //! - [`frame`]: the versioned, length-prefixed, checksummed frame codec spoken between agents,
 //!   workers and peers.
 //!
@@ -29,8 +30,10 @@ pub mod frame;
 pub mod hash;
 pub mod ids;
 pub mod kv_event;
+pub mod request;
 
 pub use frame::{Frame, FrameCodec, FrameError, FrameKind, FrameReader};
 pub use hash::{BlockHash, BlockSize, LocalBlockHash, SequenceHash};
 pub use ids::{DeploymentId, GpuId, ModelId, NodeId, WorkerId};
 pub use kv_event::{KvEvent, KvEventData, Tier};
+pub use request::{InvalidSampling, KvDtype, KvLayout, SamplingParams};

@@ -1,0 +1,293 @@
+//! What a generate request asks for, as it travels from a frontend to a worker (over the agent's
+//! Unix socket or a peer QUIC stream), and the KV layout that two workers must share before they
+//! exchange blocks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::BlockSize;
+
+/// How to pick each next token. Validated once at the edge ([`SamplingParams::validate`]); an
+/// engine may assume a validated value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingParams {
+    /// 0 means greedy. At most [`SamplingParams::MAX_TEMPERATURE`].
+    #[serde(default)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.
+    /// In (0, 1]; 1 disables it.
+    #[serde(default = "one")]
+    pub top_p: f32,
+    /// Keep only the `top_k` most likely tokens; 0 disables it.
+    #[serde(default)]
+    pub top_k: u32,
+    /// Seed for the sampler's RNG; the same seed and prompt give the same tokens.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop after this many generated tokens. At least 1.
+    pub max_tokens: u32,
+    /// Stop when one of these tokens is generated (the model's EOS is added by the engine unless
+    /// `ignore_eos`).
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past EOS (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Return the log-probability of each sampled token and this many alternatives (0..=20).
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// A sampling parameter out of range; names the field and the accepted range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} = {value} is out of range: {expected}")]
+pub struct InvalidSampling {
+    /// The offending field, as named in the OpenAI API.
+    pub field: &'static str,
+    /// The value given.
+    pub value: String,
+    /// The accepted range, in words.
+    pub expected: &'static str,
+}
+
+impl SamplingParams {
+    /// The largest temperature accepted (OpenAI's limit).
+    pub const MAX_TEMPERATURE: f32 = 2.0;
+    /// The most alternatives `logprobs` may ask for.
+    pub const MAX_LOGPROBS: u32 = 20;
+
+    /// Greedy decoding for `max_tokens` tokens.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+
+    /// True when every step takes the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<(), InvalidSampling> {
+        let bad = |field, value: String, expected| {
+            Err(InvalidSampling {
+                field,
+                value,
+                expected,
+            })
+        };
+        if !(0.0..=Self::MAX_TEMPERATURE).contains(&self.temperature) {
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "between 0 and 2",
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(
+                "top_p",
+                self.top_p.to_string(),
+                "greater than 0 and at most 1",
+            );
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "0".to_owned(), "at least 1");
+        }
+        if let Some(n) = self.logprobs {
+            if n > Self::MAX_LOGPROBS {
+                return bad("logprobs", n.to_string(), "between 0 and 20");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Element type of stored K/V values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// The shape of one KV block as stored by a worker. Two workers exchange blocks only when their
+/// layouts are equal; the transfer handshake compares them field by field.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvLayout {
+    /// The model's name (weights must be identical, not just the architecture).
+    pub model: String,
+    /// Transformer layers.
+    pub layers: u32,
+    /// Key/value heads per layer (after grouped-query sharing).
+    pub kv_heads: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// Element type.
+    pub dtype: KvDtype,
+    /// Tokens per block.
+    pub block_size: BlockSize,
+}
+
+impl KvLayout {
+    /// Bytes of one block: K and V, every layer.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.layers as usize
+            * self.kv_heads as usize
+            * self.head_dim as usize
+            * self.block_size.tokens()
+            * self.dtype.size()
+    }
+
+    /// The first field in which `other` differs, with both values, or `None` when they match.
+    pub fn mismatch(&self, other: &KvLayout) -> Option<(&'static str, String, String)> {
+        let pairs: [(&'static str, String, String); 6] = [
+            ("model", self.model.clone(), other.model.clone()),
+            ("layers", self.layers.to_string(), other.layers.to_string()),
+            (
+                "kv_heads",
+                self.kv_heads.to_string(),
+                other.kv_heads.to_string(),
+            ),
+            (
+                "head_dim",
+                self.head_dim.to_string(),
+                other.head_dim.to_string(),
+            ),
+            (
+                "dtype",
+                format!("{:?}", self.dtype),
+                format!("{:?}", other.dtype),
+            ),
+            (
+                "block_size",
+                self.block_size.get().to_string(),
+                other.block_size.get().to_string(),
+            ),
+        ];
+        pairs.into_iter().find(|(_, a, b)| a != b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_ranges_are_enforced_field_by_field() {
+        let ok = SamplingParams::greedy(16);
+        assert!(ok.validate().is_ok());
+        let cases: Vec<(&str, SamplingParams)> = vec![
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: -0.1,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: 2.5,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "top_p",
+                SamplingParams {
+                    top_p: 0.0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "top_p",
+                SamplingParams {
+                    top_p: 1.5,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "max_tokens",
+                SamplingParams {
+                    max_tokens: 0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "logprobs",
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..ok.clone()
+                },
+            ),
+        ];
+        for (field, params) in cases {
+            assert_eq!(params.validate().unwrap_err().field, field, "{params:?}");
+        }
+    }
+
+    #[test]
+    fn sampling_json_defaults_and_unknown_fields() {
+        let params: SamplingParams = serde_json::from_str(r#"{"max_tokens": 4}"#).unwrap();
+        assert_eq!(params, SamplingParams::greedy(4));
+        assert!(
+            serde_json::from_str::<SamplingParams>(r#"{"max_tokens": 4, "tempreature": 1}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn layout_block_bytes_and_mismatch() {
+        let layout = KvLayout {
+            model: "llama-3-8b".into(),
+            layers: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            dtype: KvDtype::Bf16,
+            block_size: BlockSize::new(16).unwrap(),
+        };
+        assert_eq!(layout.block_bytes(), 2 * 32 * 8 * 128 * 16 * 2);
+        assert_eq!(layout.mismatch(&layout.clone()), None);
+        let other = KvLayout {
+            head_dim: 64,
+            ..layout.clone()
+        };
+        assert_eq!(
+            layout.mismatch(&other),
+            Some(("head_dim", "128".to_owned(), "64".to_owned()))
+        );
+    }
+}

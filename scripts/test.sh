@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the whole kvfleet test suite. For a fresh Debian 12 machine with Rust, run as root:
+# installs what is missing (PostgreSQL), starts a throwaway test cluster, runs every test.
+# Idempotent: run it as often as you like.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/common.sh
+
+ensure_test_postgres
+
+log "running the tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast --failure-output final
+    # nextest does not run doctests; they hold the documented known-answer vectors.
+    cargo test --workspace --doc --quiet
+else
+    cargo test --workspace --no-fail-fast
+fi
