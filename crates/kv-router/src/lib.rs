@@ -1,5 +1,84 @@
 //! KV-cache-aware routing: an index of which workers hold which block-hash chains, and the
 //! choice of worker for each request.
 //!
-//! Pure logic: no tokio, sockets, files or clocks; time is a parameter. Filled by the KV-routing
-//! issue; nothing is implemented yet.
+//! Pure logic: no tokio, sockets, files or clocks; time is a `Duration` since an arbitrary
+//! epoch, passed by the caller (the agent with its clock, the simulator with a virtual one).
+//! The driver feeds a [`Router`] four kinds of input and asks one question:
+//!
+//! - workers joining and leaving ([`Router::add_worker`], [`Router::remove_worker`]);
+//! - KV events ([`Router::apply`]), validated per worker (unknown worker, duplicate, out of
+//!   order, gap, broken hash chain — see [`EventError`]) and counted ([`EventCounters`]);
+//!   a gap means "re-sync this worker" via [`Router::restore_worker`] from a [`WorkerSnapshot`];
+//! - load reports that workers publish ([`Router::apply_load`]), blended with the router's own
+//!   decisions made since ([`load`]);
+//! - requests ending ([`Router::finished`], optionally [`Router::prefill_done`]);
+//! - and: where should this request go? ([`Router::select`] → [`Decision`] or [`RouteError`]).
+//!
+//! Selection in `kv` mode minimises, over the candidate workers,
+//! `cost = overlap_weight × new_prefill_blocks + active_decode_blocks
+//!  + prefill_queue_weight × queued_prefill_blocks + queue_depth_weight × queue_depth`,
+//! where `new_prefill_blocks` is the request's blocks minus the (tier-weighted) length of the
+//! longest prefix the worker already holds. Ties go to the less loaded worker, then the lower
+//! id; a positive temperature samples from a softmax instead. See [`RoutingMode`] for the other
+//! modes. The index itself is in [`index`]; its memory layout is described there.
+
+pub mod config;
+pub mod error;
+pub mod index;
+pub mod load;
+pub mod router;
+pub mod snapshot;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use config::{RouterConfig, RoutingMode, UnknownMode};
+pub use error::{EventCounters, EventError, RouteCounters, RouteError};
+pub use index::IndexStats;
+pub use load::{WorkerCapacity, WorkerLoad};
+pub use router::{
+    CandidateCost, Decision, RouteRequest, Router, TooManyWorkers, UnknownWorker,
+};
+pub use snapshot::{IndexSnapshot, RestoreReport, TierBlocks, WorkerSnapshot};
+
+/// A request's id, unique among requests in flight. 128 bits so a driver can use a UUID's
+/// value (`Uuid::as_u128`) directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub u128);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// SplitMix64: a tiny seeded generator, enough for softmax sampling and `random` mode, and
+/// deterministic across platforms so simulations replay exactly.
+#[derive(Debug, Clone)]
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub(crate) fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in `0..n` (`n > 0`); the modulo bias is below 2^-40 for any realistic `n`.
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}

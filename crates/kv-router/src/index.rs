@@ -1,0 +1,619 @@
+//! The block index: which workers hold which blocks, in which tiers.
+//!
+//! Owns one flat hash map from a block's sequence hash to the small set of workers (and, per
+//! worker, the tiers) that hold it, and the longest-prefix walk over a request's hashes. It does
+//! not know about event ids, load or time: [`crate::Router`] validates events before they get here.
+//!
+//! Why a flat map and no tree: a sequence hash already names a block *and its whole prefix*, so
+//! "does worker w hold the first i+1 blocks" is "does w hold seq[0..=i]", and a request's walk is
+//! one lookup per block. Parent links would only serve to find descendants of an evicted block,
+//! but engines report every evicted block themselves, so the index does not pay 8 bytes per block
+//! for them.
+//!
+//! Memory layout (the index is sized for millions of blocks): a map entry is 16 bytes, the key
+//! plus a packed [`Holders`] word. Up to two holders live inline in that word; a block held by
+//! three or more workers spills to a side arena of `Vec<u32>`. Each holder is a `u32`: the
+//! worker's dense slot number shifted left by 4, or-ed with a 4-bit mask of the tiers it holds
+//! the block in. Workers are named by slot here; the router maps [`kvfleet_proto::WorkerId`]s to
+//! slots and purges a worker's blocks before its slot is reused.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+
+use kvfleet_proto::{SequenceHash, Tier};
+
+/// The number of worker slots the packed holder encoding allows (27 bits).
+pub(crate) const MAX_SLOTS: u32 = 1 << 27;
+
+/// Marks a [`Holders`] word whose low half is an arena index rather than inline holders. A real
+/// holder never has its top bit set because slots stay below [`MAX_SLOTS`].
+const ARENA_TAG: u32 = u32::MAX;
+
+/// The bit for `tier` in a holder's tier mask.
+pub(crate) const fn tier_bit(tier: Tier) -> u8 {
+    1 << tier_index(tier)
+}
+
+/// `tier`'s position in [`Tier::ALL`] (G1 = 0).
+pub(crate) const fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::G1 => 0,
+        Tier::G2 => 1,
+        Tier::G3 => 2,
+        Tier::G4 => 3,
+    }
+}
+
+/// The fastest tier in a non-empty mask, as an index into [`Tier::ALL`].
+const fn best_tier(mask: u8) -> usize {
+    mask.trailing_zeros() as usize
+}
+
+const fn pack(slot: u32, mask: u8) -> u32 {
+    (slot << 4) | mask as u32
+}
+
+const fn unpack(holder: u32) -> (u32, u8) {
+    (holder >> 4, (holder & 0xF) as u8)
+}
+
+/// The workers holding one block, packed into one word (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Holders(u64);
+
+impl Holders {
+    const EMPTY: Holders = Holders(0);
+
+    fn arena(self) -> Option<usize> {
+        ((self.0 >> 32) as u32 == ARENA_TAG).then_some(self.0 as u32 as usize)
+    }
+
+    fn inline(a: u32, b: u32) -> Self {
+        // Canonical form: a filled slot never follows an empty one.
+        if a == 0 {
+            Holders(u64::from(b))
+        } else {
+            Holders(u64::from(a) | (u64::from(b) << 32))
+        }
+    }
+
+    fn halves(self) -> (u32, u32) {
+        (self.0 as u32, (self.0 >> 32) as u32)
+    }
+}
+
+/// Hashes the index's keys. Sequence hashes are already XXH3 output, so one keyed folded
+/// multiply is enough to spread them; the key (from the router's seed) keeps someone who can
+/// choose prompts from aiming many blocks at one bucket.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyedHasher {
+    key: u64,
+    state: u64,
+}
+
+/// Builds [`KeyedHasher`]s with a fixed key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyedBuild(pub(crate) u64);
+
+impl BuildHasher for KeyedBuild {
+    type Hasher = KeyedHasher;
+    fn build_hasher(&self) -> KeyedHasher {
+        KeyedHasher {
+            key: self.0,
+            state: 0,
+        }
+    }
+}
+
+const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+fn fold_mul(a: u64, b: u64) -> u64 {
+    let full = u128::from(a) * u128::from(b);
+    (full as u64) ^ ((full >> 64) as u64)
+}
+
+impl Hasher for KeyedHasher {
+    fn finish(&self) -> u64 {
+        fold_mul(self.state ^ self.key, MIX)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.state = fold_mul(self.state ^ value, MIX ^ self.key).wrapping_add(value);
+    }
+    fn write_u32(&mut self, value: u32) {
+        self.write_u64(u64::from(value));
+    }
+}
+
+/// Per-call scratch for the overlap walk, kept by the router so a walk allocates nothing.
+/// Entries are valid only where their stamp equals the current generation, so nothing is
+/// cleared between calls.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    generation: u32,
+    candidate: Vec<u32>,
+    stamp: Vec<u32>,
+    depth: Vec<u32>,
+    credit: Vec<f64>,
+    /// Candidate slots that hold at least the first block, in the order they were found.
+    pub(crate) touched: Vec<u32>,
+}
+
+impl Scratch {
+    /// Starts a walk over `slots` worker slots with an empty candidate set.
+    pub(crate) fn begin(&mut self, slots: usize) {
+        if self.candidate.len() < slots {
+            self.candidate.resize(slots, 0);
+            self.stamp.resize(slots, 0);
+            self.depth.resize(slots, 0);
+            self.credit.resize(slots, 0.0);
+        }
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            self.candidate.fill(0);
+            self.stamp.fill(0);
+            self.generation = 1;
+        }
+        self.touched.clear();
+    }
+
+    /// Lets the next walk advance `slot`.
+    pub(crate) fn add_candidate(&mut self, slot: u32) {
+        self.candidate[slot as usize] = self.generation;
+    }
+
+    /// `(blocks, tier-weighted blocks)` of the longest prefix `slot` holds, after a walk.
+    pub(crate) fn overlap(&self, slot: u32) -> (u32, f64) {
+        let s = slot as usize;
+        if self.stamp.get(s) == Some(&self.generation) {
+            (self.depth[s], self.credit[s])
+        } else {
+            (0, 0.0)
+        }
+    }
+}
+
+/// Which workers (by slot) hold which blocks, in which tiers.
+#[derive(Debug)]
+pub(crate) struct BlockIndex {
+    map: HashMap<u64, Holders, KeyedBuild>,
+    arena: Vec<Vec<u32>>,
+    free: Vec<u32>,
+    /// Blocks per slot per tier, for metrics and for skipping scans of empty workers.
+    counts: Vec<[u64; 4]>,
+    /// (block, worker, tier) triples held.
+    entries: u64,
+}
+
+impl std::fmt::Debug for Holders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Holders({:#x})", self.0)
+    }
+}
+
+/// Sizes of the index's structures, for metrics and the memory benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IndexStats {
+    /// Distinct block hashes held by at least one worker.
+    pub blocks: u64,
+    /// (block, worker, tier) triples: a block held by 3 workers in G1 and one of them also in
+    /// G2 counts 4.
+    pub entries: u64,
+    /// Blocks held by three or more workers (their holder lists live in the side arena).
+    pub shared_blocks: u64,
+    /// Estimated heap bytes of the index, computed from the structures' capacities (hash table
+    /// buckets and control bytes, arena vectors); allocator overhead is not included.
+    pub heap_bytes: u64,
+}
+
+impl BlockIndex {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            map: HashMap::with_hasher(KeyedBuild(seed)),
+            arena: Vec::new(),
+            free: Vec::new(),
+            counts: Vec::new(),
+            entries: 0,
+        }
+    }
+
+    /// Makes room for `slot` in the per-slot counters.
+    pub(crate) fn ensure_slot(&mut self, slot: u32) {
+        let need = slot as usize + 1;
+        if self.counts.len() < need {
+            self.counts.resize(need, [0; 4]);
+        }
+    }
+
+    /// Blocks `slot` holds per tier, in [`Tier::ALL`] order.
+    pub(crate) fn counts(&self, slot: u32) -> [u64; 4] {
+        self.counts.get(slot as usize).copied().unwrap_or([0; 4])
+    }
+
+    /// The tier mask `slot` holds `hash` in (0 when it does not hold it).
+    pub(crate) fn tiers_of(&self, hash: SequenceHash, slot: u32) -> u8 {
+        let mut found = 0;
+        if let Some(holders) = self.map.get(&hash.0) {
+            self.each_holder(*holders, |s, mask| {
+                if s == slot {
+                    found = mask;
+                }
+            });
+        }
+        found
+    }
+
+    fn each_holder(&self, holders: Holders, mut f: impl FnMut(u32, u8)) {
+        if let Some(i) = holders.arena() {
+            for &h in &self.arena[i] {
+                let (slot, mask) = unpack(h);
+                f(slot, mask);
+            }
+        } else {
+            let (a, b) = holders.halves();
+            for h in [a, b] {
+                if h != 0 {
+                    let (slot, mask) = unpack(h);
+                    f(slot, mask);
+                }
+            }
+        }
+    }
+
+    /// Adds `tier` to what `slot` holds of `hash`; true when it was not there yet.
+    pub(crate) fn insert(&mut self, hash: SequenceHash, slot: u32, tier: Tier) -> bool {
+        let bit = tier_bit(tier);
+        let (old, new) = self.update(hash.0, slot, |mask| mask | bit);
+        let added = old & bit == 0 && new & bit != 0;
+        if added {
+            self.counts[slot as usize][tier_index(tier)] += 1;
+            self.entries += 1;
+        }
+        added
+    }
+
+    /// Removes `tier` from what `slot` holds of `hash`; true when it was there.
+    pub(crate) fn remove(&mut self, hash: SequenceHash, slot: u32, tier: Tier) -> bool {
+        let bit = tier_bit(tier);
+        if !self.map.contains_key(&hash.0) {
+            return false;
+        }
+        let (old, _) = self.update(hash.0, slot, |mask| mask & !bit);
+        let removed = old & bit != 0;
+        if removed {
+            self.counts[slot as usize][tier_index(tier)] -= 1;
+            self.entries -= 1;
+        }
+        removed
+    }
+
+    /// Applies `f` to `slot`'s tier mask for `hash` and stores the result; returns (old, new).
+    fn update(&mut self, key: u64, slot: u32, f: impl FnOnce(u8) -> u8) -> (u8, u8) {
+        let holders = self.map.get(&key).copied().unwrap_or(Holders::EMPTY);
+        let (old, new, updated) = match holders.arena() {
+            Some(i) => {
+                let list = &mut self.arena[i];
+                let pos = list.iter().position(|&h| unpack(h).0 == slot);
+                let old = pos.map_or(0, |p| unpack(list[p]).1);
+                let new = f(old);
+                match (pos, new) {
+                    (Some(p), 0) => {
+                        list.swap_remove(p);
+                    }
+                    (Some(p), m) => list[p] = pack(slot, m),
+                    (None, 0) => {}
+                    (None, m) => list.push(pack(slot, m)),
+                }
+                let updated = if list.len() <= 2 {
+                    let a = list.first().copied().unwrap_or(0);
+                    let b = list.get(1).copied().unwrap_or(0);
+                    // Give the arena slot back; keep its allocation only while it is small.
+                    list.clear();
+                    if list.capacity() > 8 {
+                        list.shrink_to(4);
+                    }
+                    self.free.push(i as u32);
+                    Holders::inline(a, b)
+                } else {
+                    holders
+                };
+                (old, new, updated)
+            }
+            None => {
+                let (mut a, mut b) = holders.halves();
+                let old = if a != 0 && unpack(a).0 == slot {
+                    unpack(a).1
+                } else if b != 0 && unpack(b).0 == slot {
+                    unpack(b).1
+                } else {
+                    0
+                };
+                let new = f(old);
+                let updated = if old != 0 {
+                    let packed = if new == 0 { 0 } else { pack(slot, new) };
+                    if unpack(a).0 == slot && a != 0 {
+                        a = packed;
+                    } else {
+                        b = packed;
+                    }
+                    Holders::inline(a, b)
+                } else if new == 0 {
+                    holders
+                } else if a == 0 {
+                    Holders::inline(pack(slot, new), 0)
+                } else if b == 0 {
+                    Holders::inline(a, pack(slot, new))
+                } else {
+                    let list = vec![a, b, pack(slot, new)];
+                    let i = match self.free.pop() {
+                        Some(i) => {
+                            self.arena[i as usize] = list;
+                            i
+                        }
+                        None => {
+                            self.arena.push(list);
+                            (self.arena.len() - 1) as u32
+                        }
+                    };
+                    Holders(u64::from(i) | (u64::from(ARENA_TAG) << 32))
+                };
+                (old, new, updated)
+            }
+        };
+        if updated != holders {
+            if updated == Holders::EMPTY {
+                self.map.remove(&key);
+            } else {
+                self.map.insert(key, updated);
+            }
+        }
+        (old, new)
+    }
+
+    /// Drops the tiers in `mask` from every block `slot` holds (a `Cleared` event, or the
+    /// worker leaving).
+    pub(crate) fn clear_slot(&mut self, slot: u32, mask: u8) {
+        let mut masks = vec![0u8; self.counts.len()];
+        if let Some(m) = masks.get_mut(slot as usize) {
+            *m = mask;
+        }
+        self.clear_slots(&masks);
+    }
+
+    /// Drops, for every slot `s`, the tiers in `masks[s]` from every block it holds. One pass
+    /// over the whole map: clears are rare (engine restarts, workers leaving, re-syncs), and a
+    /// per-worker block list that would make them cheap would double the index's memory.
+    pub(crate) fn clear_slots(&mut self, masks: &[u8]) {
+        let held: u64 = masks
+            .iter()
+            .zip(&self.counts)
+            .map(|(mask, counts)| {
+                Tier::ALL
+                    .iter()
+                    .filter(|t| mask & tier_bit(**t) != 0)
+                    .map(|t| counts[tier_index(*t)])
+                    .sum::<u64>()
+            })
+            .sum();
+        if held == 0 {
+            return;
+        }
+        let mut hits = Vec::new();
+        for (key, holders) in &self.map {
+            self.each_holder(*holders, |slot, mask| {
+                let clear = masks.get(slot as usize).copied().unwrap_or(0) & mask;
+                if clear != 0 {
+                    hits.push((*key, slot, clear));
+                }
+            });
+        }
+        for (key, slot, clear) in hits {
+            self.update(key, slot, |m| m & !clear);
+        }
+        for (mask, counts) in masks.iter().zip(self.counts.iter_mut()) {
+            for tier in Tier::ALL {
+                if mask & tier_bit(tier) != 0 {
+                    self.entries -= counts[tier_index(tier)];
+                    counts[tier_index(tier)] = 0;
+                }
+            }
+        }
+    }
+
+    /// Walks `hashes` in order and records, for every candidate in `scratch`, how many leading
+    /// blocks it holds (in any tier) and their tier-weighted sum. Stops at the first block no
+    /// candidate still in the race holds: later blocks cannot extend anyone's prefix.
+    pub(crate) fn walk(&self, hashes: &[SequenceHash], weights: &[f64; 4], scratch: &mut Scratch) {
+        let generation = scratch.generation;
+        for (i, hash) in hashes.iter().enumerate() {
+            let Some(holders) = self.map.get(&hash.0) else {
+                break;
+            };
+            let i = i as u32;
+            let mut advanced = false;
+            self.each_holder(*holders, |slot, mask| {
+                let s = slot as usize;
+                if scratch.candidate.get(s) != Some(&generation) {
+                    return;
+                }
+                let stamped = scratch.stamp[s] == generation;
+                let depth = if stamped { scratch.depth[s] } else { 0 };
+                if depth != i {
+                    return;
+                }
+                if !stamped {
+                    scratch.stamp[s] = generation;
+                    scratch.credit[s] = 0.0;
+                    scratch.touched.push(slot);
+                }
+                scratch.depth[s] = i + 1;
+                scratch.credit[s] += weights[best_tier(mask)];
+                advanced = true;
+            });
+            if !advanced {
+                break;
+            }
+        }
+    }
+
+    /// Every (slot, tier, hash) held, grouped by slot then tier, for snapshots. Hashes within a
+    /// group are sorted so snapshots of equal indexes are equal.
+    pub(crate) fn export(&self, slot_filter: Option<u32>) -> Vec<(u32, [Vec<SequenceHash>; 4])> {
+        let mut by_slot: HashMap<u32, [Vec<SequenceHash>; 4]> = HashMap::new();
+        for (key, holders) in &self.map {
+            self.each_holder(*holders, |slot, mask| {
+                if slot_filter.is_some_and(|only| only != slot) {
+                    return;
+                }
+                let tiers = by_slot.entry(slot).or_default();
+                for tier in Tier::ALL {
+                    if mask & tier_bit(tier) != 0 {
+                        tiers[tier_index(tier)].push(SequenceHash(*key));
+                    }
+                }
+            });
+        }
+        let mut out: Vec<_> = by_slot.into_iter().collect();
+        out.sort_by_key(|(slot, _)| *slot);
+        for (_, tiers) in &mut out {
+            for list in tiers.iter_mut() {
+                list.sort_unstable();
+            }
+        }
+        out
+    }
+
+    pub(crate) fn stats(&self) -> IndexStats {
+        let shared_blocks = (self.arena.len() - self.free.len()) as u64;
+        // hashbrown keeps capacity at 7/8 of a power-of-two bucket count and one control byte
+        // per bucket plus one group (16) of trailing control bytes.
+        let cap = self.map.capacity();
+        let buckets = if cap == 0 {
+            0
+        } else {
+            (cap * 8 / 7).next_power_of_two()
+        };
+        let entry = std::mem::size_of::<(u64, Holders)>();
+        let table = if buckets == 0 {
+            0
+        } else {
+            buckets * (entry + 1) + 16
+        };
+        let arena = self.arena.capacity() * std::mem::size_of::<Vec<u32>>()
+            + self
+                .arena
+                .iter()
+                .map(|v| v.capacity() * std::mem::size_of::<u32>())
+                .sum::<usize>()
+            + self.free.capacity() * std::mem::size_of::<u32>();
+        let counts = self.counts.capacity() * std::mem::size_of::<[u64; 4]>();
+        IndexStats {
+            blocks: self.map.len() as u64,
+            entries: self.entries,
+            shared_blocks,
+            heap_bytes: (table + arena + counts) as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(n: u64) -> SequenceHash {
+        SequenceHash(n)
+    }
+
+    fn index(slots: u32) -> BlockIndex {
+        let mut index = BlockIndex::new(7);
+        index.ensure_slot(slots);
+        index
+    }
+
+    #[test]
+    fn a_map_entry_is_sixteen_bytes() {
+        assert_eq!(std::mem::size_of::<(u64, Holders)>(), 16);
+    }
+
+    #[test]
+    fn holders_spill_to_the_arena_and_come_back() {
+        let mut idx = index(10);
+        for slot in 0..5 {
+            assert!(idx.insert(h(1), slot, Tier::G1));
+        }
+        assert!(!idx.insert(h(1), 3, Tier::G1), "second insert is a no-op");
+        assert_eq!(idx.stats().shared_blocks, 1);
+        assert!(idx.insert(h(1), 3, Tier::G2));
+        assert_eq!(idx.tiers_of(h(1), 3), tier_bit(Tier::G1) | tier_bit(Tier::G2));
+        for slot in [0, 1, 2] {
+            assert!(idx.remove(h(1), slot, Tier::G1));
+        }
+        let stats = idx.stats();
+        assert_eq!(stats.shared_blocks, 0, "two holders fit inline again");
+        assert_eq!(stats.blocks, 1);
+        assert_eq!(stats.entries, 3);
+        assert_eq!(idx.tiers_of(h(1), 4), tier_bit(Tier::G1));
+        assert!(idx.remove(h(1), 3, Tier::G1));
+        assert!(idx.remove(h(1), 3, Tier::G2));
+        assert!(idx.remove(h(1), 4, Tier::G1));
+        assert!(!idx.remove(h(1), 4, Tier::G1));
+        assert_eq!(idx.stats().blocks, 0);
+        assert_eq!(idx.stats().entries, 0);
+    }
+
+    #[test]
+    fn the_walk_counts_only_unbroken_prefixes_of_candidates() {
+        let mut idx = index(4);
+        // slot 0 holds blocks 0,1,3; slot 1 holds 0,1,2,3 with block 1 only in G2; slot 2 holds
+        // block 1 only; slot 3 holds everything but is not a candidate.
+        for (slot, blocks) in [(0, vec![0, 1, 3]), (2, vec![1]), (3, vec![0, 1, 2, 3])] {
+            for b in blocks {
+                idx.insert(h(b), slot, Tier::G1);
+            }
+        }
+        for b in [0, 2, 3] {
+            idx.insert(h(b), 1, Tier::G1);
+        }
+        idx.insert(h(1), 1, Tier::G2);
+        let mut scratch = Scratch::default();
+        scratch.begin(4);
+        for slot in 0..3 {
+            scratch.add_candidate(slot);
+        }
+        let hashes: Vec<_> = (0..4).map(h).collect();
+        idx.walk(&hashes, &[1.0, 0.5, 0.25, 0.125], &mut scratch);
+        assert_eq!(scratch.overlap(0), (2, 2.0));
+        assert_eq!(scratch.overlap(1), (4, 3.5));
+        assert_eq!(scratch.overlap(2), (0, 0.0));
+        assert_eq!(scratch.overlap(3), (0, 0.0), "not a candidate");
+        // A new walk forgets the old one.
+        scratch.begin(4);
+        scratch.add_candidate(3);
+        idx.walk(&hashes, &[1.0; 4], &mut scratch);
+        assert_eq!(scratch.overlap(0), (0, 0.0));
+        assert_eq!(scratch.overlap(3), (4, 4.0));
+    }
+
+    #[test]
+    fn clearing_one_tier_keeps_the_others() {
+        let mut idx = index(2);
+        for b in 0..5 {
+            idx.insert(h(b), 0, Tier::G1);
+            idx.insert(h(b), 0, Tier::G3);
+            idx.insert(h(b), 1, Tier::G1);
+        }
+        idx.clear_slot(0, tier_bit(Tier::G1));
+        assert_eq!(idx.counts(0), [0, 0, 5, 0]);
+        assert_eq!(idx.counts(1), [5, 0, 0, 0]);
+        assert_eq!(idx.tiers_of(h(3), 0), tier_bit(Tier::G3));
+        idx.clear_slot(0, 0xF);
+        assert_eq!(idx.stats().entries, 5);
+        assert_eq!(idx.export(None).len(), 1);
+    }
+}

@@ -1,0 +1,873 @@
+//! The router: workers, event validation, load accounting and worker selection around the
+//! [`BlockIndex`].
+//!
+//! Everything here is driven by the caller: events, load reports, requests and their ends come
+//! in as method calls with the current time; the router keeps no clock and spawns nothing. Time
+//! based expiry (own decisions past [`RouterConfig::inflight_timeout`], predictions past
+//! [`RouterConfig::approx_ttl`]) happens lazily at the start of each call that takes `now`.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use kvfleet_proto::hash::chain;
+use kvfleet_proto::{KvEvent, KvEventData, SequenceHash, Tier, WorkerId};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{RouterConfig, RoutingMode};
+use crate::error::{EventCounters, EventError, RouteCounters, RouteError};
+use crate::index::{BlockIndex, IndexStats, MAX_SLOTS, Scratch, tier_bit, tier_index};
+use crate::load::{Contribution, LoadState, WorkerCapacity, WorkerLoad};
+use crate::snapshot::{IndexSnapshot, RestoreReport, TierBlocks, WorkerSnapshot};
+use crate::{RequestId, SplitMix64};
+
+/// One request to place.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    /// Unique while the request is in flight; [`Router::finished`] takes the same id.
+    pub id: RequestId,
+    /// The prompt's block sequence hashes (`kvfleet_proto::hash::sequence_hashes`).
+    pub hashes: &'a [SequenceHash],
+    /// Prompt length in tokens (including a trailing partial block the hashes leave out).
+    pub prompt_tokens: u32,
+    /// The workers that may serve it (those serving the model, in the right role); `None` for
+    /// every registered worker. Unknown ids are ignored.
+    pub candidates: Option<&'a [WorkerId]>,
+}
+
+impl<'a> RouteRequest<'a> {
+    /// A request any registered worker may serve.
+    pub fn new(id: RequestId, hashes: &'a [SequenceHash], prompt_tokens: u32) -> Self {
+        Self {
+            id,
+            hashes,
+            prompt_tokens,
+            candidates: None,
+        }
+    }
+
+    /// Restricts the request to `candidates`.
+    pub fn with_candidates(mut self, candidates: &'a [WorkerId]) -> Self {
+        self.candidates = Some(candidates);
+        self
+    }
+}
+
+/// Why a candidate cost what it did: the terms of
+/// `cost = overlap_weight × new_prefill_blocks + active_decode_blocks
+///        + prefill_queue_weight × queued_prefill_blocks + queue_depth_weight × queue_depth`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateCost {
+    /// The candidate.
+    pub worker: WorkerId,
+    /// Leading blocks of the request it holds in some tier.
+    pub overlap_blocks: u32,
+    /// `overlap_blocks` weighted by the tier each block is in ([`RouterConfig::tier_weights`]).
+    pub cached_blocks: f64,
+    /// Blocks it would have to compute: the request's blocks minus `cached_blocks`.
+    pub new_prefill_blocks: f64,
+    /// Other requests' prefill already queued on it, in blocks.
+    pub queued_prefill_blocks: f64,
+    /// Blocks held by its running requests.
+    pub active_decode_blocks: u64,
+    /// Requests waiting in its queue (from its last load report).
+    pub queue_depth: u32,
+    /// The total; the lowest wins.
+    pub cost: f64,
+    /// Left out of the choice because it is at capacity.
+    pub overloaded: bool,
+}
+
+impl CandidateCost {
+    /// The load that breaks cost ties and drives `least-loaded` mode, in blocks.
+    pub fn load(&self) -> f64 {
+        self.active_decode_blocks as f64 + self.queued_prefill_blocks + f64::from(self.queue_depth)
+    }
+}
+
+/// Where a request goes and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The request.
+    pub request: RequestId,
+    /// The chosen worker.
+    pub worker: WorkerId,
+    /// The mode that chose it.
+    pub mode: RoutingMode,
+    /// Leading blocks of the prompt the chosen worker already holds.
+    pub overlap_blocks: u32,
+    /// Blocks the prompt occupies (full and partial).
+    pub request_blocks: u32,
+    /// Cost breakdowns, cheapest first, at most [`RouterConfig::breakdown_limit`] of them; the
+    /// chosen worker is always among them.
+    pub candidates: Vec<CandidateCost>,
+}
+
+/// [`Router::add_worker`] was asked for more workers than the index can name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot add worker {0}: the router already tracks the maximum of {max} workers", max = MAX_SLOTS)]
+pub struct TooManyWorkers(pub WorkerId);
+
+/// A worker id that is not registered with the router.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("worker {0} is not registered with this router")]
+pub struct UnknownWorker(pub WorkerId);
+
+#[derive(Debug)]
+struct Worker {
+    id: WorkerId,
+    capacity: WorkerCapacity,
+    next_event_id: u64,
+    load: LoadState,
+}
+
+/// An own decision still counted in its worker's load.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    slot: u32,
+    decided_at: Duration,
+    contribution: Contribution,
+    /// Whether the worker's latest load report covers this decision.
+    reported: bool,
+    /// The prompt's last full block: once the worker reports it stored, prefill is over.
+    prefill_until: Option<SequenceHash>,
+}
+
+/// Blocks predicted on a worker in `approximate` mode, expiring together.
+#[derive(Debug)]
+struct Prediction {
+    expires: Duration,
+    worker: WorkerId,
+    slot: u32,
+    hashes: Box<[SequenceHash]>,
+}
+
+/// KV-aware router for one model: block index, worker load and selection. See the crate docs.
+#[derive(Debug)]
+pub struct Router {
+    config: RouterConfig,
+    index: BlockIndex,
+    slots: Vec<Option<Worker>>,
+    free_slots: Vec<u32>,
+    by_id: HashMap<WorkerId, u32>,
+    /// Registered workers sorted by id: the order of "all workers" and of round-robin.
+    order: Vec<(WorkerId, u32)>,
+    inflight: HashMap<RequestId, InFlight>,
+    /// Own decisions in the order they were made, for the timeout; ended ones are skipped.
+    timeouts: VecDeque<(Duration, RequestId)>,
+    /// Requests whose prefill ends when their worker stores this block.
+    awaiting_prefill: HashMap<(u32, SequenceHash), Vec<RequestId>>,
+    predictions: VecDeque<Prediction>,
+    /// The expiry of each predicted (slot, block); a later prediction of the same block pushes
+    /// it back, and the older [`Prediction`] then leaves the block alone.
+    predicted: HashMap<(u32, SequenceHash), Duration>,
+    scratch: Scratch,
+    candidate_buf: Vec<u32>,
+    rng: SplitMix64,
+    round_robin: usize,
+    events: EventCounters,
+    routes: RouteCounters,
+}
+
+impl Router {
+    /// A router with no workers.
+    pub fn new(config: RouterConfig) -> Self {
+        Self {
+            index: BlockIndex::new(config.seed ^ 0x5eed_1de5_0000_0001),
+            rng: SplitMix64::new(config.seed),
+            config,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_id: HashMap::new(),
+            order: Vec::new(),
+            inflight: HashMap::new(),
+            timeouts: VecDeque::new(),
+            awaiting_prefill: HashMap::new(),
+            predictions: VecDeque::new(),
+            predicted: HashMap::new(),
+            scratch: Scratch::default(),
+            candidate_buf: Vec::new(),
+            round_robin: 0,
+            events: EventCounters::default(),
+            routes: RouteCounters::default(),
+        }
+    }
+
+    /// The configuration the router was built with.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// Restarts the router's random choices from `seed` (for replaying a simulation).
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = SplitMix64::new(seed);
+    }
+
+    // ----- workers ---------------------------------------------------------------------------
+
+    /// Registers a worker, or updates the capacity of a registered one (its blocks, load and
+    /// event position are kept). Returns whether it was new. A new worker expects event id 0.
+    pub fn add_worker(
+        &mut self,
+        id: WorkerId,
+        capacity: WorkerCapacity,
+    ) -> Result<bool, TooManyWorkers> {
+        if let Some(&slot) = self.by_id.get(&id) {
+            if let Some(worker) = self.slots[slot as usize].as_mut() {
+                worker.capacity = capacity;
+            }
+            return Ok(false);
+        }
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None if self.slots.len() < MAX_SLOTS as usize => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+            None => return Err(TooManyWorkers(id)),
+        };
+        self.slots[slot as usize] = Some(Worker {
+            id,
+            capacity,
+            next_event_id: 0,
+            load: LoadState::default(),
+        });
+        self.index.ensure_slot(slot);
+        self.by_id.insert(id, slot);
+        let at = self.order.partition_point(|(other, _)| *other < id);
+        self.order.insert(at, (id, slot));
+        Ok(true)
+    }
+
+    /// Forgets a worker: its blocks leave the index at once and its in-flight requests stop
+    /// counting (a later [`Router::finished`] for them returns `None`). Returns whether it was
+    /// registered.
+    pub fn remove_worker(&mut self, id: WorkerId) -> bool {
+        let Some(slot) = self.by_id.remove(&id) else {
+            return false;
+        };
+        self.index.clear_slot(slot, 0xF);
+        self.inflight.retain(|_, request| request.slot != slot);
+        self.awaiting_prefill.retain(|(s, _), _| *s != slot);
+        self.predicted.retain(|(s, _), _| *s != slot);
+        self.order.retain(|(_, s)| *s != slot);
+        self.slots[slot as usize] = None;
+        self.free_slots.push(slot);
+        true
+    }
+
+    /// The worker's engine restarted: its blocks are gone and its events start again at 0.
+    pub fn reset_worker(&mut self, id: WorkerId) -> Result<(), UnknownWorker> {
+        let slot = self.slot(id).ok_or(UnknownWorker(id))?;
+        self.index.clear_slot(slot, 0xF);
+        self.predicted.retain(|(s, _), _| *s != slot);
+        if let Some(worker) = self.slots[slot as usize].as_mut() {
+            worker.next_event_id = 0;
+        }
+        Ok(())
+    }
+
+    /// Registered workers in id order.
+    pub fn workers(&self) -> impl ExactSizeIterator<Item = WorkerId> + '_ {
+        self.order.iter().map(|(id, _)| *id)
+    }
+
+    /// A worker's blended load (last report, minus what ended since, plus own newer decisions).
+    pub fn worker_load(&self, id: WorkerId) -> Option<WorkerLoad> {
+        self.worker(id).map(|w| w.load.effective())
+    }
+
+    /// Blocks a worker holds per tier, in [`Tier::ALL`] order.
+    pub fn worker_blocks(&self, id: WorkerId) -> Option<[u64; 4]> {
+        self.slot(id).map(|slot| self.index.counts(slot))
+    }
+
+    /// The id of the next event the router expects from a worker.
+    pub fn next_event_id(&self, id: WorkerId) -> Option<u64> {
+        self.worker(id).map(|w| w.next_event_id)
+    }
+
+    fn slot(&self, id: WorkerId) -> Option<u32> {
+        self.by_id.get(&id).copied()
+    }
+
+    fn worker(&self, id: WorkerId) -> Option<&Worker> {
+        self.slot(id)
+            .and_then(|slot| self.slots[slot as usize].as_ref())
+    }
+
+    // ----- events and load reports -----------------------------------------------------------
+
+    /// Applies one KV event. Rejected events (unknown worker, duplicate, out of order, broken
+    /// chain) change nothing but the counters; a [`EventError::Gap`] is applied *and* returned
+    /// so the driver re-syncs that worker.
+    pub fn apply(&mut self, event: &KvEvent, now: Duration) -> Result<(), EventError> {
+        self.expire(now);
+        let Some(slot) = self.slot(event.worker) else {
+            self.events.unknown_worker += 1;
+            return Err(EventError::UnknownWorker {
+                worker: event.worker,
+                event_id: event.event_id,
+            });
+        };
+        let expected = self.slots[slot as usize]
+            .as_ref()
+            .map_or(0, |w| w.next_event_id);
+        if event.event_id < expected {
+            return Err(if event.event_id + 1 == expected {
+                self.events.duplicate += 1;
+                EventError::Duplicate {
+                    worker: event.worker,
+                    event_id: event.event_id,
+                }
+            } else {
+                self.events.out_of_order += 1;
+                EventError::OutOfOrder {
+                    worker: event.worker,
+                    event_id: event.event_id,
+                    expected,
+                }
+            });
+        }
+        if let Some(worker) = self.slots[slot as usize].as_mut() {
+            worker.next_event_id = event.event_id.saturating_add(1);
+        }
+        let gap = event.event_id > expected;
+        if gap {
+            self.events.gaps += 1;
+        }
+        match &event.data {
+            KvEventData::Stored { parent, blocks } => {
+                if self.config.verify_chains {
+                    let mut prev = *parent;
+                    for (position, block) in blocks.iter().enumerate() {
+                        if chain(prev, block.local) != block.sequence {
+                            self.events.broken_chain += 1;
+                            return Err(EventError::BrokenChain {
+                                worker: event.worker,
+                                event_id: event.event_id,
+                                position,
+                            });
+                        }
+                        prev = Some(block.sequence);
+                    }
+                }
+                for block in blocks {
+                    self.index.insert(block.sequence, slot, event.tier);
+                }
+                if !self.awaiting_prefill.is_empty() {
+                    for block in blocks {
+                        if let Some(requests) = self.awaiting_prefill.remove(&(slot, block.sequence))
+                        {
+                            for request in requests {
+                                self.end_prefill(request);
+                            }
+                        }
+                    }
+                }
+            }
+            KvEventData::Removed { blocks } => {
+                for block in blocks {
+                    self.index.remove(*block, slot, event.tier);
+                }
+            }
+            KvEventData::Cleared => self.index.clear_slot(slot, tier_bit(event.tier)),
+        }
+        self.events.applied += 1;
+        if gap {
+            Err(EventError::Gap {
+                worker: event.worker,
+                expected,
+                got: event.event_id,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes in a worker's published load, received at `now`. Own decisions made up to
+    /// `now - report_lag` are taken as included in it; later ones are added on top.
+    pub fn apply_load(
+        &mut self,
+        id: WorkerId,
+        load: WorkerLoad,
+        now: Duration,
+    ) -> Result<(), UnknownWorker> {
+        self.expire(now);
+        let slot = self.slot(id).ok_or(UnknownWorker(id))?;
+        let inflight = &mut self.inflight;
+        if let Some(worker) = self.slots[slot as usize].as_mut() {
+            worker
+                .load
+                .report(load, now, self.config.report_lag, |request| {
+                    let r = inflight.get_mut(&request)?;
+                    if r.slot != slot || r.reported {
+                        return None;
+                    }
+                    r.reported = true;
+                    Some(r.contribution)
+                });
+        }
+        Ok(())
+    }
+
+    // ----- requests --------------------------------------------------------------------------
+
+    /// The request left its worker (completed, cancelled or failed): its load stops counting.
+    /// Returns the worker it was on, or `None` for an unknown (or timed-out) request.
+    pub fn finished(&mut self, id: RequestId, now: Duration) -> Option<WorkerId> {
+        self.expire(now);
+        self.end_request(id, false)
+    }
+
+    /// The request's prefill is over (its first token came back), in case the worker's KV
+    /// events have not said so already. Returns whether the request was in flight.
+    pub fn prefill_done(&mut self, id: RequestId, now: Duration) -> bool {
+        self.expire(now);
+        if let Some(hash) = self.inflight.get(&id).and_then(|r| r.prefill_until.map(|h| (r.slot, h))) {
+            if let Some(waiting) = self.awaiting_prefill.get_mut(&hash) {
+                waiting.retain(|r| *r != id);
+                if waiting.is_empty() {
+                    self.awaiting_prefill.remove(&hash);
+                }
+            }
+        }
+        self.end_prefill(id)
+    }
+
+    fn end_prefill(&mut self, id: RequestId) -> bool {
+        let Some(request) = self.inflight.get_mut(&id) else {
+            return false;
+        };
+        request.prefill_until = None;
+        let prefill = Contribution {
+            prefill_tokens: request.contribution.prefill_tokens,
+            decode_blocks: 0,
+        };
+        request.contribution.prefill_tokens = 0;
+        let (slot, reported) = (request.slot, request.reported);
+        if let Some(worker) = self.slots[slot as usize].as_mut() {
+            worker.load.retire(prefill, reported, false);
+        }
+        true
+    }
+
+    fn end_request(&mut self, id: RequestId, timed_out: bool) -> Option<WorkerId> {
+        let request = self.inflight.remove(&id)?;
+        if timed_out {
+            self.routes.timed_out += 1;
+        }
+        if let Some(hash) = request.prefill_until {
+            let key = (request.slot, hash);
+            if let Some(waiting) = self.awaiting_prefill.get_mut(&key) {
+                waiting.retain(|r| *r != id);
+                if waiting.is_empty() {
+                    self.awaiting_prefill.remove(&key);
+                }
+            }
+        }
+        let worker = self.slots[request.slot as usize].as_mut()?;
+        worker
+            .load
+            .retire(request.contribution, request.reported, true);
+        Some(worker.id)
+    }
+
+    /// Drops own decisions past their timeout and predictions past their TTL.
+    fn expire(&mut self, now: Duration) {
+        let timeout = self.config.inflight_timeout;
+        while let Some(&(at, id)) = self.timeouts.front() {
+            if at.saturating_add(timeout) > now {
+                break;
+            }
+            self.timeouts.pop_front();
+            if self.inflight.get(&id).is_some_and(|r| r.decided_at == at) {
+                self.end_request(id, true);
+            }
+        }
+        if self.timeouts.len() > 64 && self.timeouts.len() > 2 * self.inflight.len() {
+            let inflight = &self.inflight;
+            self.timeouts.retain(|(_, id)| inflight.contains_key(id));
+        }
+        while self.predictions.front().is_some_and(|p| p.expires <= now) {
+            let Some(prediction) = self.predictions.pop_front() else {
+                break;
+            };
+            let slot = prediction.slot;
+            let current = self.slots[slot as usize].as_ref().map(|w| w.id);
+            if current != Some(prediction.worker) {
+                continue;
+            }
+            for hash in prediction.hashes.iter() {
+                let key = (slot, *hash);
+                if self.predicted.get(&key) == Some(&prediction.expires) {
+                    self.predicted.remove(&key);
+                    self.index.remove(*hash, slot, Tier::G1);
+                }
+            }
+        }
+    }
+
+    /// Picks a worker for `request` and counts it in that worker's load until
+    /// [`Router::finished`] (or the timeout).
+    pub fn select(
+        &mut self,
+        request: &RouteRequest<'_>,
+        now: Duration,
+    ) -> Result<Decision, RouteError> {
+        self.expire(now);
+        if self.inflight.contains_key(&request.id) {
+            return Err(RouteError::DuplicateRequest(request.id));
+        }
+        let mut candidates = std::mem::take(&mut self.candidate_buf);
+        candidates.clear();
+        match request.candidates {
+            None => candidates.extend(self.order.iter().map(|(_, slot)| *slot)),
+            Some(ids) => {
+                let mut known: Vec<(WorkerId, u32)> = ids
+                    .iter()
+                    .filter_map(|id| self.slot(*id).map(|slot| (*id, slot)))
+                    .collect();
+                known.sort_unstable();
+                known.dedup();
+                candidates.extend(known.into_iter().map(|(_, slot)| slot));
+            }
+        }
+        let result = self.select_among(request, &candidates, now);
+        self.candidate_buf = candidates;
+        match &result {
+            Ok(_) => self.routes.routed += 1,
+            Err(RouteError::NoWorkers) => self.routes.no_workers += 1,
+            Err(RouteError::Overloaded { .. }) => self.routes.overloaded += 1,
+            Err(RouteError::DuplicateRequest(_)) => {}
+        }
+        result
+    }
+
+    fn select_among(
+        &mut self,
+        request: &RouteRequest<'_>,
+        candidates: &[u32],
+        now: Duration,
+    ) -> Result<Decision, RouteError> {
+        if candidates.is_empty() {
+            return Err(RouteError::NoWorkers);
+        }
+        let block_size = self.config.block_size;
+        let request_blocks = (block_size.blocks_for(request.prompt_tokens as usize) as u32)
+            .max(request.hashes.len() as u32);
+        self.scratch.begin(self.slots.len());
+        for &slot in candidates {
+            self.scratch.add_candidate(slot);
+        }
+        self.index
+            .walk(request.hashes, &self.config.tier_weights, &mut self.scratch);
+
+        let config = &self.config;
+        let costs: Vec<CandidateCost> = candidates
+            .iter()
+            .filter_map(|&slot| {
+                let worker = self.slots[slot as usize].as_ref()?;
+                let (overlap_blocks, cached_blocks) = self.scratch.overlap(slot);
+                let load = worker.load.effective();
+                let new_prefill_blocks = (f64::from(request_blocks) - cached_blocks).max(0.0);
+                let queued_prefill_blocks = load.prefill_tokens as f64 / f64::from(block_size.get());
+                let cost = config.overlap_weight * new_prefill_blocks
+                    + load.decode_blocks as f64
+                    + config.prefill_queue_weight * queued_prefill_blocks
+                    + config.queue_depth_weight * f64::from(load.queue_depth);
+                let capacity = worker.capacity;
+                let full = capacity.kv_blocks > 0
+                    && (load.decode_blocks + u64::from(request_blocks)) as f64
+                        > capacity.kv_blocks as f64 * config.overload_fraction;
+                let queue_full = capacity
+                    .max_queue_depth
+                    .is_some_and(|max| load.queue_depth >= max);
+                Some(CandidateCost {
+                    worker: worker.id,
+                    overlap_blocks,
+                    cached_blocks,
+                    new_prefill_blocks,
+                    queued_prefill_blocks,
+                    active_decode_blocks: load.decode_blocks,
+                    queue_depth: load.queue_depth,
+                    cost,
+                    overloaded: full || queue_full,
+                })
+            })
+            .collect();
+        let eligible: Vec<usize> = (0..costs.len()).filter(|&i| !costs[i].overloaded).collect();
+        if eligible.is_empty() {
+            return Err(RouteError::Overloaded {
+                candidates: costs.len(),
+            });
+        }
+        let chosen = match self.config.mode {
+            RoutingMode::Kv | RoutingMode::Approximate => self.pick_by_cost(&costs, &eligible),
+            RoutingMode::LeastLoaded => eligible
+                .iter()
+                .copied()
+                .min_by(|&a, &b| costs[a].load().total_cmp(&costs[b].load()))
+                .unwrap_or(eligible[0]),
+            RoutingMode::RoundRobin => {
+                let n = costs.len();
+                let start = self.round_robin % n;
+                self.round_robin = self.round_robin.wrapping_add(1);
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&i| !costs[i].overloaded)
+                    .unwrap_or(eligible[0])
+            }
+            RoutingMode::Random => eligible[self.rng.below(eligible.len())],
+        };
+        let slot = candidates
+            .iter()
+            .copied()
+            .find(|&s| self.slots[s as usize].as_ref().map(|w| w.id) == Some(costs[chosen].worker))
+            .unwrap_or(candidates[0]);
+        let overlap_blocks = costs[chosen].overlap_blocks;
+        self.record(request, slot, overlap_blocks, request_blocks, now);
+        self.routes.hit_blocks += u64::from(overlap_blocks);
+        self.routes.blocks += request.hashes.len() as u64;
+        Ok(Decision {
+            request: request.id,
+            worker: costs[chosen].worker,
+            mode: self.config.mode,
+            overlap_blocks,
+            request_blocks,
+            candidates: self.breakdown(costs, chosen),
+        })
+    }
+
+    /// Lowest cost wins; equal costs go to the less loaded, then the lower id (candidates are
+    /// in id order). With a temperature, a softmax over costs normalised to [0, 1].
+    fn pick_by_cost(&mut self, costs: &[CandidateCost], eligible: &[usize]) -> usize {
+        let temperature = self.config.temperature;
+        if temperature > 0.0 && eligible.len() > 1 {
+            let (lo, hi) = eligible.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
+                (lo.min(costs[i].cost), hi.max(costs[i].cost))
+            });
+            let range = hi - lo;
+            let weights: Vec<f64> = eligible
+                .iter()
+                .map(|&i| {
+                    if range > 0.0 {
+                        (-(costs[i].cost - lo) / range / temperature).exp()
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let mut target = self.rng.next_f64() * total;
+            for (k, w) in weights.iter().enumerate() {
+                if target < *w {
+                    return eligible[k];
+                }
+                target -= w;
+            }
+            return eligible[eligible.len() - 1];
+        }
+        const EPSILON: f64 = 1e-9;
+        let mut best = eligible[0];
+        for &i in &eligible[1..] {
+            let (a, b) = (&costs[i], &costs[best]);
+            if a.cost < b.cost - EPSILON
+                || (a.cost <= b.cost + EPSILON && a.load() < b.load() - EPSILON)
+            {
+                best = i;
+            }
+        }
+        best
+    }
+
+    fn breakdown(&self, mut costs: Vec<CandidateCost>, chosen: usize) -> Vec<CandidateCost> {
+        let limit = self.config.breakdown_limit.max(1);
+        let chosen_cost = costs.swap_remove(chosen);
+        let by_cost = |a: &CandidateCost, b: &CandidateCost| {
+            a.cost.total_cmp(&b.cost).then(a.worker.cmp(&b.worker))
+        };
+        if costs.len() > limit {
+            costs.select_nth_unstable_by(limit - 1, by_cost);
+            costs.truncate(limit - 1);
+        }
+        costs.push(chosen_cost);
+        costs.sort_unstable_by(by_cost);
+        costs
+    }
+
+    /// Counts the decision in the worker's load and, in `approximate` mode, predicts the
+    /// request's blocks cached there.
+    fn record(
+        &mut self,
+        request: &RouteRequest<'_>,
+        slot: u32,
+        overlap_blocks: u32,
+        request_blocks: u32,
+        now: Duration,
+    ) {
+        let block_size = self.config.block_size.get();
+        let cached_tokens = u64::from(overlap_blocks) * u64::from(block_size);
+        let contribution = Contribution {
+            prefill_tokens: u64::from(request.prompt_tokens).saturating_sub(cached_tokens),
+            decode_blocks: u64::from(request_blocks),
+        };
+        let prefill_until = (overlap_blocks < request.hashes.len() as u32)
+            .then(|| request.hashes.last().copied())
+            .flatten();
+        self.inflight.insert(
+            request.id,
+            InFlight {
+                slot,
+                decided_at: now,
+                contribution,
+                reported: false,
+                prefill_until,
+            },
+        );
+        if let Some(hash) = prefill_until {
+            self.awaiting_prefill
+                .entry((slot, hash))
+                .or_default()
+                .push(request.id);
+        }
+        self.timeouts.push_back((now, request.id));
+        let inflight = &self.inflight;
+        if let Some(worker) = self.slots[slot as usize].as_mut() {
+            worker.load.decided(request.id, contribution, now);
+            worker.load.compact(|r| inflight.get(&r).is_some_and(|f| !f.reported && f.slot == slot));
+            if self.config.mode == RoutingMode::Approximate && !request.hashes.is_empty() {
+                let expires = now.saturating_add(self.config.approx_ttl);
+                for hash in request.hashes {
+                    self.index.insert(*hash, slot, Tier::G1);
+                    self.predicted.insert((slot, *hash), expires);
+                }
+                self.predictions.push_back(Prediction {
+                    expires,
+                    worker: worker.id,
+                    slot,
+                    hashes: request.hashes.into(),
+                });
+            }
+        }
+    }
+
+    // ----- snapshots and metrics ---------------------------------------------------------------
+
+    /// Every registered worker's blocks and event position.
+    pub fn snapshot(&self) -> IndexSnapshot {
+        let mut blocks: HashMap<u32, [Vec<SequenceHash>; 4]> =
+            self.index.export(None).into_iter().collect();
+        IndexSnapshot {
+            workers: self
+                .order
+                .iter()
+                .filter_map(|&(id, slot)| {
+                    let tiers = blocks.remove(&slot).unwrap_or_default();
+                    self.worker_snapshot_from(id, slot, tiers)
+                })
+                .collect(),
+        }
+    }
+
+    /// One worker's blocks and event position.
+    pub fn worker_snapshot(&self, id: WorkerId) -> Option<WorkerSnapshot> {
+        let slot = self.slot(id)?;
+        let tiers = self
+            .index
+            .export(Some(slot))
+            .into_iter()
+            .next()
+            .map(|(_, tiers)| tiers)
+            .unwrap_or_default();
+        self.worker_snapshot_from(id, slot, tiers)
+    }
+
+    fn worker_snapshot_from(
+        &self,
+        id: WorkerId,
+        slot: u32,
+        tiers: [Vec<SequenceHash>; 4],
+    ) -> Option<WorkerSnapshot> {
+        let worker = self.slots[slot as usize].as_ref()?;
+        Some(WorkerSnapshot {
+            worker: id,
+            next_event_id: worker.next_event_id,
+            tiers: Tier::ALL
+                .into_iter()
+                .zip(tiers)
+                .filter(|(_, blocks)| !blocks.is_empty())
+                .map(|(tier, blocks)| TierBlocks { tier, blocks })
+                .collect(),
+        })
+    }
+
+    /// Replaces one worker's blocks and event position with a snapshot's (re-sync after a gap).
+    pub fn restore_worker(&mut self, snapshot: &WorkerSnapshot) -> Result<(), UnknownWorker> {
+        let report = self.restore(&IndexSnapshot {
+            workers: vec![snapshot.clone()],
+        });
+        if report.restored == 1 {
+            Ok(())
+        } else {
+            Err(UnknownWorker(snapshot.worker))
+        }
+    }
+
+    /// Replaces the blocks and event positions of every registered worker named in the snapshot
+    /// (one pass over the index however many workers it names). Workers it does not name keep
+    /// theirs; workers it names that are not registered are skipped and reported.
+    pub fn restore(&mut self, snapshot: &IndexSnapshot) -> RestoreReport {
+        let mut report = RestoreReport::default();
+        let mut masks = vec![0u8; self.slots.len()];
+        let mut known = Vec::new();
+        for worker in &snapshot.workers {
+            match self.slot(worker.worker) {
+                Some(slot) => {
+                    masks[slot as usize] = 0xF;
+                    known.push((slot, worker));
+                }
+                None => report.unknown.push(worker.worker),
+            }
+        }
+        self.index.clear_slots(&masks);
+        self.predicted.retain(|(s, _), _| masks[*s as usize] == 0);
+        for (slot, worker) in known {
+            for tier in &worker.tiers {
+                for hash in &tier.blocks {
+                    self.index.insert(*hash, slot, tier.tier);
+                }
+            }
+            if let Some(w) = self.slots[slot as usize].as_mut() {
+                w.next_event_id = worker.next_event_id;
+            }
+            report.restored += 1;
+        }
+        report
+    }
+
+    /// Event counters since the router was built.
+    pub fn event_counters(&self) -> EventCounters {
+        self.events
+    }
+
+    /// Routing counters since the router was built.
+    pub fn route_counters(&self) -> RouteCounters {
+        self.routes
+    }
+
+    /// Sizes of the block index.
+    pub fn index_stats(&self) -> IndexStats {
+        self.index.stats()
+    }
+
+    /// Own decisions still counted in some worker's load.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether `worker` holds `hash` in `tier` according to the index.
+    pub fn holds(&self, worker: WorkerId, hash: SequenceHash, tier: Tier) -> bool {
+        self.slot(worker)
+            .is_some_and(|slot| self.index.tiers_of(hash, slot) & (1 << tier_index(tier)) != 0)
+    }
+}
