@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 
 ensure_test_postgres
+ensure_default_model
 
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then

