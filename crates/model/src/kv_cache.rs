@@ -1,0 +1,187 @@
+//! The paged KV cache: for every layer, K and V storage for `num_blocks` blocks of
+//! `block_size` tokens, laid out `[block, slot, kv_head, head_dim]` (f32).
+//!
+//! The cache owns storage only. Which block belongs to which sequence (allocation, prefix
+//! sharing, eviction) is the engine's block pool's business; the forward pass receives each
+//! sequence's block table and reads and writes through it. Blocks serialise to bytes (layer by
+//! layer, K then V, little-endian) for transfer between workers; [`PagedKvCache::layout`] is
+//! the description both sides compare before exchanging them.
+
+use kvfleet_proto::{BlockSize, KvDtype, KvLayout};
+
+use crate::error::{ModelError, Result};
+
+/// Per-layer paged K/V storage.
+#[derive(Debug, Clone)]
+pub struct PagedKvCache {
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
+    num_blocks: usize,
+    block_size: BlockSize,
+    kv_heads: usize,
+    head_dim: usize,
+    model: String,
+}
+
+impl PagedKvCache {
+    /// Zeroed storage for `num_blocks` blocks. `model` names the weights (for [`KvLayout`]).
+    pub fn new(
+        model: &str,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        num_blocks: usize,
+        block_size: BlockSize,
+    ) -> Result<Self> {
+        let per_layer = num_blocks
+            .checked_mul(block_size.tokens())
+            .and_then(|n| n.checked_mul(kv_heads))
+            .and_then(|n| n.checked_mul(head_dim))
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .ok_or_else(|| {
+                ModelError::BadInput(format!("a KV cache of {num_blocks} blocks overflows memory"))
+            })?;
+        Ok(Self {
+            k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            num_blocks,
+            block_size,
+            kv_heads,
+            head_dim,
+            model: model.to_string(),
+        })
+    }
+
+    /// Blocks allocated.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> BlockSize {
+        self.block_size
+    }
+
+    /// Layers.
+    pub fn layers(&self) -> usize {
+        self.k.len()
+    }
+
+    /// Floats in one block of one layer's K (or V).
+    pub(crate) fn block_elems(&self) -> usize {
+        self.block_size.tokens() * self.kv_heads * self.head_dim
+    }
+
+    /// The layout blocks are exchanged in.
+    pub fn layout(&self) -> KvLayout {
+        KvLayout {
+            model: self.model.clone(),
+            layers: self.layers() as u32,
+            kv_heads: self.kv_heads as u32,
+            head_dim: self.head_dim as u32,
+            dtype: KvDtype::F32,
+            block_size: self.block_size,
+        }
+    }
+
+    fn check_block(&self, block: u32) -> Result<usize> {
+        let b = block as usize;
+        if b >= self.num_blocks {
+            return Err(ModelError::BadInput(format!(
+                "block id {block} is outside the cache's {} blocks",
+                self.num_blocks
+            )));
+        }
+        Ok(b)
+    }
+
+    /// One block's K and V for every layer, as `layout().block_bytes()` bytes.
+    pub fn read_block(&self, block: u32) -> Result<Vec<u8>> {
+        let b = self.check_block(block)?;
+        let n = self.block_elems();
+        let mut out = Vec::with_capacity(2 * self.layers() * n * 4);
+        for layer in 0..self.layers() {
+            for store in [&self.k[layer], &self.v[layer]] {
+                for x in &store[b * n..(b + 1) * n] {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Overwrites one block from bytes produced by [`read_block`](Self::read_block) on a cache
+    /// with the same layout.
+    pub fn write_block(&mut self, block: u32, bytes: &[u8]) -> Result<()> {
+        let b = self.check_block(block)?;
+        let n = self.block_elems();
+        let expected = 2 * self.layers() * n * 4;
+        if bytes.len() != expected {
+            return Err(ModelError::KvTransfer(format!(
+                "block of {} bytes, this layout needs {expected}",
+                bytes.len()
+            )));
+        }
+        let mut chunks = bytes.chunks_exact(4).map(|c| {
+            let mut a = [0u8; 4];
+            a.copy_from_slice(c);
+            f32::from_le_bytes(a)
+        });
+        for layer in 0..self.layers() {
+            for store in [&mut self.k[layer], &mut self.v[layer]] {
+                for (dst, src) in store[b * n..(b + 1) * n].iter_mut().zip(&mut chunks) {
+                    *dst = src;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies block `src` onto block `dst` (copy-on-write of a shared partial block).
+    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+        let (s, d) = (self.check_block(src)?, self.check_block(dst)?);
+        let n = self.block_elems();
+        for layer in 0..self.layers() {
+            self.k[layer].copy_within(s * n..(s + 1) * n, d * n);
+            self.v[layer].copy_within(s * n..(s + 1) * n, d * n);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cache(blocks: usize) -> PagedKvCache {
+        PagedKvCache::new("m", 2, 2, 4, blocks, BlockSize::new(3).unwrap()).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn block_bytes_round_trip(values in proptest::collection::vec(-1e3f32..1e3, 2 * 2 * 24), src in 0u32..4, dst in 0u32..4) {
+            let mut a = cache(4);
+            let n = a.block_elems();
+            let mut it = values.iter().copied();
+            for layer in 0..2 {
+                for x in &mut a.k[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
+                for x in &mut a.v[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
+            }
+            let bytes = a.read_block(src).unwrap();
+            prop_assert_eq!(bytes.len(), a.layout().block_bytes());
+            let mut b = cache(4);
+            b.write_block(dst, &bytes).unwrap();
+            prop_assert_eq!(b.read_block(dst).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn bad_block_ids_and_sizes_are_errors() {
+        let mut c = cache(2);
+        assert!(matches!(c.read_block(2), Err(ModelError::BadInput(_))));
+        assert!(matches!(c.write_block(0, &[0; 3]), Err(ModelError::KvTransfer(_))));
+        assert!(c.copy_block(0, 5).is_err());
+        assert_eq!(c.layout().dtype, KvDtype::F32);
+    }
+}

@@ -1,0 +1,526 @@
+//! The transformer forward pass over a paged KV cache.
+//!
+//! One call processes a batch of sequences, each contributing a chunk of new tokens (a prefill
+//! chunk or one decode token) at an absolute start position with its block table. All tokens of
+//! the batch go through the projections and MLPs together (one matmul per weight per layer, so
+//! decode is batched across sequences); attention is per sequence and reads K/V through the
+//! block table. New K/V are written into the cache before attention, so a chunk attends to
+//! itself causally and to everything cached before it.
+//!
+//! Matmuls run in candle (quantized `QMatMul` for GGUF, dense f32 for safetensors); norms, RoPE,
+//! attention and activations are plain Rust over f32 slices, parallel over heads with rayon.
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::config::{Activation, ModelConfig, RopeScaling, RopeStyle};
+use crate::error::{ModelError, Result};
+use crate::kv_cache::PagedKvCache;
+use crate::weights::{Embedding, Linear, Weights};
+
+/// One sequence's part of a forward step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// Token ids to process this step (non-empty).
+    pub tokens: &'a [u32],
+    /// Absolute position of `tokens[0]`: everything before it is already in the cache.
+    pub start_pos: usize,
+    /// Physical block ids holding positions `0..start_pos + tokens.len()`, in order.
+    pub block_table: &'a [u32],
+    /// Return logits for the last token (the caller samples this step).
+    pub want_logits: bool,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// Inverse frequencies of one RoPE variant.
+#[derive(Debug, Clone)]
+struct Rope {
+    inv_freq: Vec<f32>,
+    position_scale: f32,
+}
+
+impl Rope {
+    fn new(theta: f32, head_dim: usize, scaling: &RopeScaling) -> Self {
+        let half = head_dim / 2;
+        let mut inv_freq: Vec<f32> = (0..half)
+            .map(|i| theta.powf(-2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let mut position_scale = 1.0;
+        match scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => position_scale = 1.0 / factor,
+            RopeScaling::Factors(f) => {
+                for (x, d) in inv_freq.iter_mut().zip(f) {
+                    *x /= d;
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => {
+                let orig = *original_max_position as f32;
+                let low_wavelen = orig / low_freq_factor;
+                let high_wavelen = orig / high_freq_factor;
+                for x in &mut inv_freq {
+                    let wavelen = 2.0 * std::f32::consts::PI / *x;
+                    if wavelen > low_wavelen {
+                        *x /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth =
+                            (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        *x = (1.0 - smooth) * *x / factor + smooth * *x;
+                    }
+                }
+            }
+        }
+        Self {
+            inv_freq,
+            position_scale,
+        }
+    }
+
+    /// cos and sin for one position, `head_dim / 2` each.
+    fn cos_sin(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let p = pos as f32 * self.position_scale;
+        self.inv_freq.iter().map(|f| (p * f).sin_cos()).map(|(s, c)| (c, s)).unzip()
+    }
+}
+
+/// A loaded model's weights and the arithmetic over them.
+pub struct Model {
+    config: ModelConfig,
+    name: String,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    lm_head: Linear,
+    rope_global: Rope,
+    rope_local: Rope,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct TokenMeta {
+    seq: usize,
+    pos: usize,
+}
+
+fn rms_norm_rows(x: &mut [f32], width: usize, w: &[f32], eps: f32, offset: f32) {
+    for row in x.chunks_exact_mut(width) {
+        let ss: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let scale = (1.0 / (ss / width as f64 + f64::from(eps)).sqrt()) as f32;
+        for (v, &g) in row.iter_mut().zip(w) {
+            *v = *v * scale * (g + offset);
+        }
+    }
+}
+
+fn rms_norm_copy(x: &[f32], width: usize, w: &[f32], eps: f32, offset: f32) -> Vec<f32> {
+    let mut out = x.to_vec();
+    rms_norm_rows(&mut out, width, w, eps, offset);
+    out
+}
+
+/// Dot product with eight independent accumulators so the compiler can vectorise it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = cos.len();
+    match style {
+        RopeStyle::Interleaved => {
+            for i in 0..half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+        RopeStyle::Half => {
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                x[i] = a * cos[i] - b * sin[i];
+                x[i + half] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl Model {
+    pub(crate) fn from_weights(config: ModelConfig, name: String, w: &Weights) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let (embed, tied_head) = w.embedding(c.vocab_size, h)?;
+        let lm_head = if w.has("output.weight") {
+            w.linear("output.weight", c.vocab_size, h)?
+        } else {
+            Linear {
+                w: tied_head,
+                bias: None,
+                out: c.vocab_size,
+            }
+        };
+        let opt_vec = |name: String, len: usize| -> Result<Option<Vec<f32>>> {
+            if w.has(&name) {
+                w.vector(&name, len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(w.vector(&n("attn_q_norm.weight"), hd)?),
+                    Some(w.vector(&n("attn_k_norm.weight"), hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let (post_attn_norm, post_ffn_norm) = if c.post_norms {
+                (
+                    Some(w.vector(&n("post_attention_norm.weight"), h)?),
+                    Some(w.vector(&n("post_ffw_norm.weight"), h)?),
+                )
+            } else {
+                (
+                    opt_vec(n("post_attention_norm.weight"), h)?,
+                    opt_vec(n("post_ffw_norm.weight"), h)?,
+                )
+            };
+            layers.push(Layer {
+                attn_norm: w.vector(&n("attn_norm.weight"), h)?,
+                q: w.linear(&n("attn_q.weight"), qd, h)?,
+                k: w.linear(&n("attn_k.weight"), kvd, h)?,
+                v: w.linear(&n("attn_v.weight"), kvd, h)?,
+                o: w.linear(&n("attn_output.weight"), h, qd)?,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                ffn_norm: w.vector(&n("ffn_norm.weight"), h)?,
+                gate: w.linear(&n("ffn_gate.weight"), c.intermediate_size, h)?,
+                up: w.linear(&n("ffn_up.weight"), c.intermediate_size, h)?,
+                down: w.linear(&n("ffn_down.weight"), h, c.intermediate_size)?,
+                post_ffn_norm,
+            });
+        }
+        let final_norm = w.vector("output_norm.weight", h)?;
+        let rope_global = Rope::new(c.rope_theta, hd, &c.rope_scaling);
+        let rope_local = if c.sliding_window.is_some() && c.global_every > 0 {
+            Rope::new(c.rope_local_theta, hd, &RopeScaling::None)
+        } else {
+            rope_global.clone()
+        };
+        Ok(Self {
+            config,
+            name,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope_global,
+            rope_local,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The name KV layouts carry (the weights file's name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A zeroed KV cache for this model.
+    pub fn new_cache(
+        &self,
+        num_blocks: usize,
+        block_size: kvfleet_proto::BlockSize,
+    ) -> Result<PagedKvCache> {
+        PagedKvCache::new(
+            &self.name,
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            num_blocks,
+            block_size,
+        )
+    }
+
+    fn validate(&self, batch: &[SeqInput<'_>], cache: &PagedKvCache) -> Result<()> {
+        let c = &self.config;
+        let layout = cache.layout();
+        if layout.layers as usize != c.num_layers
+            || layout.kv_heads as usize != c.num_kv_heads
+            || layout.head_dim as usize != c.head_dim
+        {
+            return Err(ModelError::BadInput(format!(
+                "KV cache layout {layout:?} does not fit this model"
+            )));
+        }
+        let bs = cache.block_size().tokens();
+        for (i, s) in batch.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::BadInput(format!("sequence {i} has no tokens")));
+            }
+            let end = s.start_pos + s.tokens.len();
+            if end > c.context_length {
+                return Err(ModelError::PromptTooLong {
+                    tokens: end,
+                    context: c.context_length,
+                });
+            }
+            if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::BadToken {
+                    id,
+                    vocab: c.vocab_size,
+                });
+            }
+            let need = end.div_ceil(bs);
+            if s.block_table.len() < need {
+                return Err(ModelError::BadInput(format!(
+                    "sequence {i}: {end} tokens need {need} blocks, the block table has {}",
+                    s.block_table.len()
+                )));
+            }
+            if let Some(&b) = s.block_table[..need]
+                .iter()
+                .find(|&&b| b as usize >= cache.num_blocks())
+            {
+                return Err(ModelError::BadInput(format!(
+                    "sequence {i}: block id {b} is outside the cache's {} blocks",
+                    cache.num_blocks()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one step. Returns, for each input in order, the logits of its last token when it
+    /// asked for them.
+    pub fn forward(
+        &self,
+        batch: &[SeqInput<'_>],
+        cache: &mut PagedKvCache,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.validate(batch, cache)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = &self.config;
+        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let mut ids = Vec::new();
+        let mut meta = Vec::new();
+        for (si, s) in batch.iter().enumerate() {
+            ids.extend_from_slice(s.tokens);
+            meta.extend((0..s.tokens.len()).map(|j| TokenMeta {
+                seq: si,
+                pos: s.start_pos + j,
+            }));
+        }
+        let t = ids.len();
+        let mut x = to_vec(&self.embed.lookup(&ids)?)?;
+        if let Some(scale) = c.embedding_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        // cos/sin per token, shared by all layers of a kind.
+        let rope_of = |rope: &Rope| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+            meta.iter().map(|m| rope.cos_sin(m.pos)).unzip()
+        };
+        let global = rope_of(&self.rope_global);
+        let local = if c.sliding_window.is_some() && c.global_every > 0 {
+            Some(rope_of(&self.rope_local))
+        } else {
+            None
+        };
+        let tables: Vec<&[u32]> = batch.iter().map(|s| s.block_table).collect();
+        let bs = cache.block_size().tokens();
+        let eps = c.rms_eps;
+        let off = c.norm_weight_offset;
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let hn = rms_norm_copy(&x, h, &layer.attn_norm, eps, off);
+            let hn = Tensor::from_vec(hn, (t, h), &Device::Cpu)?;
+            let mut q = to_vec(&layer.q.forward(&hn)?)?;
+            let mut k = to_vec(&layer.k.forward(&hn)?)?;
+            let v = to_vec(&layer.v.forward(&hn)?)?;
+            if let Some(w) = &layer.q_norm {
+                rms_norm_rows(&mut q, hd, w, eps, off);
+            }
+            if let Some(w) = &layer.k_norm {
+                rms_norm_rows(&mut k, hd, w, eps, off);
+            }
+            let (cos, sin) = match (&local, c.is_sliding(li)) {
+                (Some(l), true) => (&l.0, &l.1),
+                _ => (&global.0, &global.1),
+            };
+            for ti in 0..t {
+                for head in q[ti * nh * hd..(ti + 1) * nh * hd].chunks_exact_mut(hd) {
+                    apply_rope(head, &cos[ti], &sin[ti], c.rope_style);
+                }
+                for head in k[ti * nkv * hd..(ti + 1) * nkv * hd].chunks_exact_mut(hd) {
+                    apply_rope(head, &cos[ti], &sin[ti], c.rope_style);
+                }
+            }
+            // Write this step's K/V into their slots.
+            let row = nkv * hd;
+            for (ti, m) in meta.iter().enumerate() {
+                let block = tables[m.seq][m.pos / bs] as usize;
+                let base = (block * bs + m.pos % bs) * row;
+                cache.k[li][base..base + row].copy_from_slice(&k[ti * row..(ti + 1) * row]);
+                cache.v[li][base..base + row].copy_from_slice(&v[ti * row..(ti + 1) * row]);
+            }
+            let mut attn = vec![0.0f32; t * nh * hd];
+            self.attention(li, &q, cache, &meta, &tables, &mut attn);
+            let attn = Tensor::from_vec(attn, (t, nh * hd), &Device::Cpu)?;
+            let mut o = to_vec(&layer.o.forward(&attn)?)?;
+            if let Some(w) = &layer.post_attn_norm {
+                rms_norm_rows(&mut o, h, w, eps, off);
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            let hn = rms_norm_copy(&x, h, &layer.ffn_norm, eps, off);
+            let hn = Tensor::from_vec(hn, (t, h), &Device::Cpu)?;
+            let g = to_vec(&layer.gate.forward(&hn)?)?;
+            let mut u = to_vec(&layer.up.forward(&hn)?)?;
+            match c.activation {
+                Activation::Silu => u
+                    .iter_mut()
+                    .zip(&g)
+                    .for_each(|(u, &g)| *u *= g / (1.0 + (-g).exp())),
+                Activation::GeluTanh => u.iter_mut().zip(&g).for_each(|(u, &g)| {
+                    let inner = 0.797_884_6 * (g + 0.044_715 * g * g * g);
+                    *u *= 0.5 * g * (1.0 + inner.tanh());
+                }),
+            }
+            let u = Tensor::from_vec(u, (t, layer.gate.out), &Device::Cpu)?;
+            let mut d = to_vec(&layer.down.forward(&u)?)?;
+            if let Some(w) = &layer.post_ffn_norm {
+                rms_norm_rows(&mut d, h, w, eps, off);
+            }
+            x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+        }
+
+        // Logits only for the last token of each sequence that asked.
+        let mut rows = Vec::new();
+        let mut which = Vec::new();
+        let mut offset = 0;
+        for (si, s) in batch.iter().enumerate() {
+            offset += s.tokens.len();
+            if s.want_logits {
+                rows.extend_from_slice(&x[(offset - 1) * h..offset * h]);
+                which.push(si);
+            }
+        }
+        let mut out = vec![None; batch.len()];
+        if which.is_empty() {
+            return Ok(out);
+        }
+        rms_norm_rows(&mut rows, h, &self.final_norm, eps, off);
+        let rows = Tensor::from_vec(rows, (which.len(), h), &Device::Cpu)?;
+        let logits = to_vec(&self.lm_head.forward(&rows)?)?;
+        let vocab = self.lm_head.out;
+        for (i, si) in which.into_iter().enumerate() {
+            out[si] = Some(logits[i * vocab..(i + 1) * vocab].to_vec());
+        }
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        q: &[f32],
+        cache: &PagedKvCache,
+        meta: &[TokenMeta],
+        tables: &[&[u32]],
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
+        let group = nh / nkv;
+        let bs = cache.block_size().tokens();
+        let window = c.window(layer);
+        let scale = c.attn_scale;
+        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+            let (ti, head) = (idx / nh, idx % nh);
+            let m = meta[ti];
+            let g = head / group;
+            let table = tables[m.seq];
+            let qv = &q[idx * hd..(idx + 1) * hd];
+            let lo = match window {
+                Some(w) => (m.pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * nkv + g) * hd;
+            let mut scores: Vec<f32> = (lo..=m.pos)
+                .map(|p| dot(qv, &kc[at(p)..at(p) + hd]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (j, p) in (lo..=m.pos).enumerate() {
+                axpy(o, scores[j], &vc[at(p)..at(p) + hd]);
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+    }
+}
