@@ -59,7 +59,9 @@ impl fmt::Display for RoutingMode {
 
 /// A routing mode name that is not one of [`RoutingMode::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown routing mode {0:?}: expected kv, round-robin, random, least-loaded or approximate")]
+#[error(
+    "unknown routing mode {0:?}: expected kv, round-robin, random, least-loaded or approximate"
+)]
 pub struct UnknownMode(pub String);
 
 impl FromStr for RoutingMode {

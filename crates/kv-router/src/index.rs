@@ -550,7 +550,10 @@ mod tests {
         assert!(!idx.insert(h(1), 3, Tier::G1), "second insert is a no-op");
         assert_eq!(idx.stats().shared_blocks, 1);
         assert!(idx.insert(h(1), 3, Tier::G2));
-        assert_eq!(idx.tiers_of(h(1), 3), tier_bit(Tier::G1) | tier_bit(Tier::G2));
+        assert_eq!(
+            idx.tiers_of(h(1), 3),
+            tier_bit(Tier::G1) | tier_bit(Tier::G2)
+        );
         for slot in [0, 1, 2] {
             assert!(idx.remove(h(1), slot, Tier::G1));
         }

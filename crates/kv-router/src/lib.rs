@@ -37,9 +37,7 @@ pub use config::{RouterConfig, RoutingMode, UnknownMode};
 pub use error::{EventCounters, EventError, RouteCounters, RouteError};
 pub use index::IndexStats;
 pub use load::{WorkerCapacity, WorkerLoad};
-pub use router::{
-    CandidateCost, Decision, RouteRequest, Router, TooManyWorkers, UnknownWorker,
-};
+pub use router::{CandidateCost, Decision, RouteRequest, Router, TooManyWorkers, UnknownWorker};
 pub use snapshot::{IndexSnapshot, RestoreReport, TierBlocks, WorkerSnapshot};
 
 /// A request's id, unique among requests in flight. 128 bits so a driver can use a UUID's

@@ -91,7 +91,12 @@ impl LoadState {
     }
 
     /// Counts a new own decision.
-    pub(crate) fn decided(&mut self, request: RequestId, contribution: Contribution, now: Duration) {
+    pub(crate) fn decided(
+        &mut self,
+        request: RequestId,
+        contribution: Contribution,
+        now: Duration,
+    ) {
         self.unreported.add(contribution);
         self.pending.push_back((now, request));
         self.live_pending += 1;
@@ -222,6 +227,13 @@ mod tests {
         }
         state.compact(|r| r.0 % 4 == 0);
         assert_eq!(state.pending.len(), 50);
-        assert_eq!(state.effective(), WorkerLoad { prefill_tokens: 50, decode_blocks: 50, queue_depth: 0 });
+        assert_eq!(
+            state.effective(),
+            WorkerLoad {
+                prefill_tokens: 50,
+                decode_blocks: 50,
+                queue_depth: 0
+            }
+        );
     }
 }

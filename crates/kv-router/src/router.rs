@@ -356,7 +356,8 @@ impl Router {
                 }
                 if !self.awaiting_prefill.is_empty() {
                     for block in blocks {
-                        if let Some(requests) = self.awaiting_prefill.remove(&(slot, block.sequence))
+                        if let Some(requests) =
+                            self.awaiting_prefill.remove(&(slot, block.sequence))
                         {
                             for request in requests {
                                 self.end_prefill(request);
@@ -423,15 +424,23 @@ impl Router {
     /// events have not said so already. Returns whether the request was in flight.
     pub fn prefill_done(&mut self, id: RequestId, now: Duration) -> bool {
         self.expire(now);
-        if let Some(hash) = self.inflight.get(&id).and_then(|r| r.prefill_until.map(|h| (r.slot, h))) {
-            if let Some(waiting) = self.awaiting_prefill.get_mut(&hash) {
-                waiting.retain(|r| *r != id);
-                if waiting.is_empty() {
-                    self.awaiting_prefill.remove(&hash);
-                }
-            }
+        if let Some(key) = self
+            .inflight
+            .get(&id)
+            .and_then(|r| r.prefill_until.map(|h| (r.slot, h)))
+        {
+            self.stop_awaiting(key, id);
         }
         self.end_prefill(id)
+    }
+
+    fn stop_awaiting(&mut self, key: (u32, SequenceHash), id: RequestId) {
+        if let Some(waiting) = self.awaiting_prefill.get_mut(&key) {
+            waiting.retain(|r| *r != id);
+            if waiting.is_empty() {
+                self.awaiting_prefill.remove(&key);
+            }
+        }
     }
 
     fn end_prefill(&mut self, id: RequestId) -> bool {
@@ -457,13 +466,7 @@ impl Router {
             self.routes.timed_out += 1;
         }
         if let Some(hash) = request.prefill_until {
-            let key = (request.slot, hash);
-            if let Some(waiting) = self.awaiting_prefill.get_mut(&key) {
-                waiting.retain(|r| *r != id);
-                if waiting.is_empty() {
-                    self.awaiting_prefill.remove(&key);
-                }
-            }
+            self.stop_awaiting((request.slot, hash), id);
         }
         let worker = self.slots[request.slot as usize].as_mut()?;
         worker
@@ -570,7 +573,8 @@ impl Router {
                 let (overlap_blocks, cached_blocks) = self.scratch.overlap(slot);
                 let load = worker.load.effective();
                 let new_prefill_blocks = (f64::from(request_blocks) - cached_blocks).max(0.0);
-                let queued_prefill_blocks = load.prefill_tokens as f64 / f64::from(block_size.get());
+                let queued_prefill_blocks =
+                    load.prefill_tokens as f64 / f64::from(block_size.get());
                 let cost = config.overlap_weight * new_prefill_blocks
                     + load.decode_blocks as f64
                     + config.prefill_queue_weight * queued_prefill_blocks
@@ -643,9 +647,11 @@ impl Router {
     fn pick_by_cost(&mut self, costs: &[CandidateCost], eligible: &[usize]) -> usize {
         let temperature = self.config.temperature;
         if temperature > 0.0 && eligible.len() > 1 {
-            let (lo, hi) = eligible.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
-                (lo.min(costs[i].cost), hi.max(costs[i].cost))
-            });
+            let (lo, hi) = eligible
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
+                    (lo.min(costs[i].cost), hi.max(costs[i].cost))
+                });
             let range = hi - lo;
             let weights: Vec<f64> = eligible
                 .iter()
@@ -734,7 +740,11 @@ impl Router {
         let inflight = &self.inflight;
         if let Some(worker) = self.slots[slot as usize].as_mut() {
             worker.load.decided(request.id, contribution, now);
-            worker.load.compact(|r| inflight.get(&r).is_some_and(|f| !f.reported && f.slot == slot));
+            worker.load.compact(|r| {
+                inflight
+                    .get(&r)
+                    .is_some_and(|f| !f.reported && f.slot == slot)
+            });
             if self.config.mode == RoutingMode::Approximate && !request.hashes.is_empty() {
                 let expires = now.saturating_add(self.config.approx_ttl);
                 for hash in request.hashes {
@@ -871,3 +881,6 @@ impl Router {
             .is_some_and(|slot| self.index.tiers_of(hash, slot) & (1 << tier_index(tier)) != 0)
     }
 }
+
+#[cfg(test)]
+mod tests;
