@@ -1,0 +1,1302 @@
+//! Tests of the scheduler core through the [`Engine`] trait: bad input, batching, preemption,
+//! prefix caching, disaggregation, virtual time and property tests over random request streams.
+//!
+//! Most tests use [`ToyExecutor`], which — unlike the mock — really depends on the KV cache:
+//! each position's state is a hash of the previous position's state (read back from the block
+//! table) and its token, and the sampled token is derived from the last state. A scheduler that
+//! hands out the wrong blocks, reuses a block whose contents are stale, or gets a prefix-cache
+//! hit wrong produces different tokens, which the reference [`toy_reference`] catches.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use kvfleet_proto::hash::chain;
+use kvfleet_proto::{
+    BlockSize, KvDtype, KvEventData, KvLayout, LocalBlockHash, SamplingParams, SequenceHash, Tier,
+    WorkerId,
+};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::*;
+
+const VOCAB: u32 = 1000;
+const START_STATE: u64 = 0x1234_5678;
+
+fn toy_layout(block_size: u32) -> KvLayout {
+    KvLayout {
+        model: "toy".into(),
+        layers: 1,
+        kv_heads: 1,
+        head_dim: 1,
+        dtype: KvDtype::F32,
+        block_size: BlockSize::new(block_size).unwrap(),
+    }
+}
+
+fn mix(prev: u64, token: u32, pos: usize) -> u64 {
+    chain(
+        Some(SequenceHash(prev)),
+        LocalBlockHash(u64::from(token) | ((pos as u64) << 32)),
+    )
+    .0
+}
+
+/// What a toy engine must output for `prompt`, computed without any engine.
+fn toy_reference(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut state = START_STATE;
+    for (pos, &t) in prompt.iter().enumerate() {
+        state = mix(state, t, pos);
+    }
+    let mut out = Vec::new();
+    for k in 0..n {
+        let token = (state % u64::from(VOCAB)) as u32;
+        out.push(token);
+        state = mix(state, token, prompt.len() + k);
+    }
+    out
+}
+
+/// A tiny "model" whose output depends on the KV it reads back: see the module docs.
+#[derive(Debug, Default)]
+struct ToyExecutor {
+    block_size: u32,
+    slots: HashMap<BlockId, Vec<Option<u64>>>,
+    fail_next: bool,
+    step_ms: u64,
+}
+
+impl ToyExecutor {
+    fn new(block_size: u32) -> Self {
+        Self {
+            block_size,
+            step_ms: 10,
+            ..Default::default()
+        }
+    }
+
+    fn slot(&mut self, block: BlockId) -> &mut Vec<Option<u64>> {
+        let bs = self.block_size as usize;
+        self.slots.entry(block).or_insert_with(|| vec![None; bs])
+    }
+}
+
+impl Executor for ToyExecutor {
+    fn kv_layout(&self) -> KvLayout {
+        toy_layout(self.block_size)
+    }
+
+    fn execute(&mut self, batch: &ScheduledBatch<'_>) -> Result<StepResult, ExecError> {
+        if std::mem::take(&mut self.fail_next) {
+            return Err(ExecError::Failed("injected".into()));
+        }
+        let bs = self.block_size as usize;
+        let mut outputs = Vec::new();
+        for seq in &batch.seqs {
+            let mut state = START_STATE;
+            for (j, &token) in seq.tokens.iter().enumerate() {
+                let pos = seq.start_pos + j;
+                let prev = if pos == 0 {
+                    START_STATE
+                } else {
+                    let b = seq.block_table[(pos - 1) / bs];
+                    self.slot(b)[(pos - 1) % bs].ok_or_else(|| {
+                        ExecError::Failed(format!("read of unwritten slot {pos} in block {b}"))
+                    })?
+                };
+                state = mix(prev, token, pos);
+                let b = *seq.block_table.get(pos / bs).ok_or_else(|| {
+                    ExecError::Failed(format!("block table too short for position {pos}"))
+                })?;
+                self.slot(b)[pos % bs] = Some(state);
+            }
+            if seq.sample {
+                outputs.push(StepOutput {
+                    request: seq.request,
+                    token: (state % u64::from(VOCAB)) as u32,
+                    logprob: None,
+                });
+            }
+        }
+        Ok(StepResult {
+            outputs,
+            elapsed: Duration::from_millis(self.step_ms),
+        })
+    }
+
+    fn copy_blocks_out(&self, blocks: &[BlockId]) -> Result<Vec<u8>, ExecError> {
+        let mut out = Vec::new();
+        for b in blocks {
+            let slots = self
+                .slots
+                .get(b)
+                .ok_or_else(|| ExecError::BadTransfer(format!("block {b} never written")))?;
+            for s in slots {
+                out.extend_from_slice(&s.unwrap_or(u64::MAX).to_le_bytes());
+            }
+        }
+        Ok(out)
+    }
+
+    fn copy_blocks_in(&mut self, blocks: &[BlockId], data: &[u8]) -> Result<(), ExecError> {
+        let bs = self.block_size as usize;
+        if data.len() != blocks.len() * bs * 8 {
+            return Err(ExecError::BadTransfer("wrong length".into()));
+        }
+        for (i, &b) in blocks.iter().enumerate() {
+            let chunk = &data[i * bs * 8..(i + 1) * bs * 8];
+            let slots = chunk
+                .chunks_exact(8)
+                .map(|c| {
+                    let v = u64::from_le_bytes(c.try_into().unwrap_or([0xff; 8]));
+                    (v != u64::MAX).then_some(v)
+                })
+                .collect();
+            self.slots.insert(b, slots);
+        }
+        Ok(())
+    }
+}
+
+fn toy_engine(
+    blocks: u32,
+    block_size: u32,
+    tweak: impl FnOnce(&mut SchedulerConfig),
+) -> Scheduler<ToyExecutor> {
+    let mut config = SchedulerConfig {
+        worker: WorkerId(7),
+        kv_memory: PoolSizing::Blocks(blocks),
+        max_model_len: 100_000,
+        ..Default::default()
+    };
+    tweak(&mut config);
+    Scheduler::new(config, ToyExecutor::new(block_size)).unwrap()
+}
+
+/// Everything one request produced.
+#[derive(Debug, Default, Clone)]
+struct Stream {
+    tokens: Vec<u32>,
+    times: Vec<Duration>,
+    finish: Option<Finish>,
+    aborted: bool,
+}
+
+fn collect(outputs: Vec<EngineOutput>, streams: &mut HashMap<RequestId, Stream>) {
+    for out in outputs {
+        match out {
+            EngineOutput::Token(t) => {
+                let s = streams.entry(t.request).or_default();
+                assert_eq!(t.index as usize, s.tokens.len(), "token index");
+                assert!(s.finish.is_none(), "token after finish");
+                s.tokens.push(t.token);
+                s.times.push(t.time);
+                s.finish = t.finish;
+            }
+            EngineOutput::Aborted { request, .. } => {
+                streams.entry(request).or_default().aborted = true;
+            }
+        }
+    }
+}
+
+/// Runs in virtual time until idle, checking invariants after every step.
+fn run_to_idle<E: Executor>(engine: &mut Scheduler<E>, streams: &mut HashMap<RequestId, Stream>) {
+    let mut guard = 0;
+    while let Some(t) = engine.next_event_time() {
+        engine.step_until(t).unwrap();
+        collect(engine.drain_outputs(), streams);
+        engine.check_invariants().unwrap();
+        guard += 1;
+        assert!(guard < 1_000_000, "engine does not make progress");
+    }
+}
+
+fn prompt(seed: u64, len: usize) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(0..VOCAB)).collect()
+}
+
+#[test]
+fn bad_input_is_a_typed_error_table() {
+    let mut engine = toy_engine(8, 4, |c| {
+        c.max_model_len = 40;
+        c.max_waiting = 1;
+    });
+    let ok = SamplingParams::greedy(4);
+    let layout_err = |field: &'static str| move |e: &SubmitError| matches!(e, SubmitError::Import(ImportError::LayoutMismatch { field: f, .. }) if *f == field);
+    let other_layout = KvLayout {
+        head_dim: 2,
+        ..toy_layout(4)
+    };
+    type Check = Box<dyn Fn(&SubmitError) -> bool>;
+    let cases: Vec<(&str, Request, Check)> = vec![
+        (
+            "empty prompt",
+            Request::new(vec![], ok.clone()),
+            Box::new(|e| *e == SubmitError::EmptyPrompt),
+        ),
+        (
+            "temperature out of range",
+            Request::new(
+                vec![1],
+                SamplingParams {
+                    temperature: 3.0,
+                    ..ok.clone()
+                },
+            ),
+            Box::new(|e| matches!(e, SubmitError::InvalidSampling(s) if s.field == "temperature")),
+        ),
+        (
+            "max_tokens zero",
+            Request::new(
+                vec![1],
+                SamplingParams {
+                    max_tokens: 0,
+                    ..ok.clone()
+                },
+            ),
+            Box::new(|e| matches!(e, SubmitError::InvalidSampling(s) if s.field == "max_tokens")),
+        ),
+        (
+            "longer than the context",
+            Request::new(vec![1; 39], ok.clone()),
+            Box::new(|e| {
+                matches!(
+                    e,
+                    SubmitError::ExceedsContext {
+                        prompt_tokens: 39,
+                        ..
+                    }
+                )
+            }),
+        ),
+        (
+            "longer than the pool",
+            Request::new(vec![1; 33], ok.clone()),
+            Box::new(|e| {
+                matches!(
+                    e,
+                    SubmitError::ExceedsPool {
+                        needed_blocks: 9,
+                        pool_blocks: 8
+                    }
+                )
+            }),
+        ),
+        (
+            "KV with the wrong layout",
+            Request {
+                kv: Some(KvExport {
+                    layout: other_layout,
+                    blocks: vec![],
+                    data: vec![],
+                }),
+                ..Request::new(vec![1; 8], ok.clone())
+            },
+            Box::new(layout_err("head_dim")),
+        ),
+        (
+            "KV of another prompt",
+            Request {
+                kv: Some(KvExport {
+                    layout: toy_layout(4),
+                    blocks: kvfleet_proto::hash::block_hashes(&[9; 8], BlockSize::new(4).unwrap()),
+                    data: vec![0; 64],
+                }),
+                ..Request::new(vec![1; 8], ok.clone())
+            },
+            Box::new(|e| *e == SubmitError::KvMismatch { index: 0 }),
+        ),
+        (
+            "KV data of the wrong length",
+            Request {
+                kv: Some(KvExport {
+                    layout: toy_layout(4),
+                    blocks: kvfleet_proto::hash::block_hashes(&[1; 8], BlockSize::new(4).unwrap()),
+                    data: vec![0; 63],
+                }),
+                ..Request::new(vec![1; 8], ok.clone())
+            },
+            Box::new(|e| {
+                matches!(
+                    e,
+                    SubmitError::Import(ImportError::DataLength {
+                        expected: 64,
+                        got: 63,
+                        ..
+                    })
+                )
+            }),
+        ),
+    ];
+    for (name, request, check) in cases {
+        let err = engine.submit(request, Duration::ZERO).unwrap_err();
+        assert!(check(&err), "{name}: got {err:?}");
+        assert!(!err.to_string().is_empty());
+    }
+    assert_eq!(engine.metrics().waiting, 0, "nothing was queued");
+    engine.check_invariants().unwrap();
+    // The waiting queue holds one request; the second is refused with Overloaded.
+    engine
+        .submit(Request::new(vec![1], ok.clone()), Duration::ZERO)
+        .unwrap();
+    assert_eq!(
+        engine.submit(Request::new(vec![1], ok), Duration::ZERO),
+        Err(SubmitError::Overloaded {
+            waiting: 1,
+            limit: 1
+        })
+    );
+}
+
+#[test]
+fn chunked_prefill_off_rejects_prompts_over_the_step_budget() {
+    let mut engine = toy_engine(64, 4, |c| {
+        c.chunked_prefill = false;
+        c.max_batched_tokens = 16;
+    });
+    let err = engine
+        .submit(
+            Request::new(vec![1; 17], SamplingParams::greedy(1)),
+            Duration::ZERO,
+        )
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::ExceedsBatch { .. }), "{err:?}");
+    // Fits: two prompts of 10 do not share a step (budget 16), so they run one after another.
+    let a = engine
+        .submit(
+            Request::new(prompt(1, 10), SamplingParams::greedy(2)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let b = engine
+        .submit(
+            Request::new(prompt(2, 10), SamplingParams::greedy(2)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    engine.step_until(Duration::ZERO).unwrap();
+    assert_eq!(engine.metrics().running, 1);
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    assert_eq!(streams[&a].tokens, toy_reference(&prompt(1, 10), 2));
+    assert_eq!(streams[&b].tokens, toy_reference(&prompt(2, 10), 2));
+}
+
+#[test]
+fn invalid_configs_are_rejected() {
+    let cases = [
+        (
+            SchedulerConfig {
+                max_num_seqs: 0,
+                ..Default::default()
+            },
+            ConfigError::Zero("max_num_seqs"),
+        ),
+        (
+            SchedulerConfig {
+                kv_memory: PoolSizing::Bytes(10),
+                ..Default::default()
+            },
+            ConfigError::EmptyPool {
+                sizing: PoolSizing::Bytes(10),
+                block_bytes: 32,
+            },
+        ),
+    ];
+    for (config, expected) in cases {
+        assert_eq!(
+            Scheduler::new(config, ToyExecutor::new(4)).unwrap_err(),
+            expected
+        );
+    }
+}
+
+#[test]
+fn pool_is_sized_from_a_memory_budget() {
+    let profile = MockProfile::default_8b_h100();
+    let config = SchedulerConfig {
+        kv_memory: PoolSizing::FractionOfFree {
+            fraction: 0.5,
+            free_bytes: 64 << 30,
+        },
+        ..Default::default()
+    };
+    let engine = MockEngine::new(config, MockExecutor::new(profile)).unwrap();
+    // 2 MiB blocks (32 layers × 8 heads × 128 × 16 tokens × 2 (K, V) × 2 bytes) in 32 GiB.
+    assert_eq!(engine.pool().block_bytes(), 2 << 20);
+    assert_eq!(engine.pool().num_blocks(), 16384);
+    let m = engine.metrics();
+    assert_eq!(
+        (m.kv_blocks_total, m.kv_block_bytes, m.block_size),
+        (16384, 2 << 20, 16)
+    );
+}
+
+#[test]
+fn one_request_streams_its_tokens_with_times_and_stats() {
+    let mut engine = toy_engine(64, 4, |_| {});
+    let p = prompt(3, 10);
+    let id = engine
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(5)),
+            Duration::from_millis(100),
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    let s = &streams[&id];
+    assert_eq!(s.tokens, toy_reference(&p, 5));
+    // Toy steps take 10 ms: prefill ends at 110 ms, then one decode step per token.
+    let expected: Vec<Duration> = (1..=5)
+        .map(|k| Duration::from_millis(100 + 10 * k))
+        .collect();
+    assert_eq!(s.times, expected);
+    let finish = s.finish.unwrap();
+    assert_eq!(finish.reason, FinishReason::Length);
+    assert_eq!(
+        finish.stats,
+        RequestStats {
+            arrival: Duration::from_millis(100),
+            first_token: Duration::from_millis(110),
+            finished: Duration::from_millis(150),
+            prompt_tokens: 10,
+            cached_tokens: 0,
+            output_tokens: 5,
+            preemptions: 0,
+        }
+    );
+    // 14 tokens were fed (10 prompt + 4 generated): 3 full blocks of 4 are cached.
+    assert_eq!(engine.pool().usage().cached, 3);
+    let m = engine.metrics();
+    assert_eq!((m.waiting, m.running, m.finished, m.steps), (0, 0, 1, 5));
+}
+
+#[test]
+fn stop_tokens_and_eos_end_the_stream() {
+    let p = prompt(4, 6);
+    let reference = toy_reference(&p, 6);
+    let stop = reference[2];
+    let cases: Vec<(&str, SamplingParams, Vec<u32>, FinishReason, usize)> = vec![
+        (
+            "stop token",
+            SamplingParams {
+                stop_token_ids: vec![stop],
+                ..SamplingParams::greedy(6)
+            },
+            vec![],
+            FinishReason::Stop(stop),
+            3,
+        ),
+        (
+            "eos",
+            SamplingParams::greedy(6),
+            vec![stop],
+            FinishReason::Eos(stop),
+            3,
+        ),
+        (
+            "eos ignored",
+            SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(6)
+            },
+            vec![stop],
+            FinishReason::Length,
+            6,
+        ),
+    ];
+    for (name, sampling, eos, reason, len) in cases {
+        let mut engine = toy_engine(64, 4, |c| c.eos_token_ids = eos);
+        let id = engine
+            .submit(Request::new(p.clone(), sampling), Duration::ZERO)
+            .unwrap();
+        let mut streams = HashMap::new();
+        run_to_idle(&mut engine, &mut streams);
+        assert_eq!(streams[&id].tokens, reference[..len], "{name}");
+        assert_eq!(streams[&id].finish.unwrap().reason, reason, "{name}");
+    }
+}
+
+#[test]
+fn continuous_batching_respects_max_num_seqs_and_token_budget() {
+    let mut engine = toy_engine(1000, 4, |c| {
+        c.max_num_seqs = 3;
+        c.max_batched_tokens = 20;
+    });
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| prompt(10 + i, 8)).collect();
+    let ids: Vec<RequestId> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .submit(
+                    Request::new(p.clone(), SamplingParams::greedy(4)),
+                    Duration::ZERO,
+                )
+                .unwrap()
+        })
+        .collect();
+    // Step 1: 8 + 8 tokens admitted, the third prompt gets a 4-token chunk (budget 20).
+    engine.step_until(Duration::ZERO).unwrap();
+    let m = engine.metrics();
+    assert_eq!(
+        (m.running, m.waiting, m.last_batch_seqs, m.last_batch_tokens),
+        (3, 2, 3, 20)
+    );
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    for (id, p) in ids.iter().zip(&prompts) {
+        assert_eq!(streams[id].tokens, toy_reference(p, 4));
+    }
+}
+
+#[test]
+fn long_prompts_are_prefilled_in_chunks() {
+    let mut engine = toy_engine(1000, 4, |c| c.max_batched_tokens = 16);
+    let p = prompt(20, 50);
+    let id = engine
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(3)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    // 50 tokens in chunks of 16: 4 steps of 10 ms before the first token.
+    assert_eq!(streams[&id].times[0], Duration::from_millis(40));
+    assert_eq!(streams[&id].tokens, toy_reference(&p, 3));
+}
+
+#[test]
+fn prefix_cache_hits_skip_prefill_and_keep_outputs() {
+    let mut engine = toy_engine(100, 4, |_| {});
+    let shared = prompt(30, 20);
+    let mut a = shared.clone();
+    a.extend([1, 2, 3]);
+    let mut b = shared.clone();
+    b.extend([4, 5, 6]);
+    let ia = engine
+        .submit(
+            Request::new(a.clone(), SamplingParams::greedy(4)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    let t = engine.now();
+    let ib = engine
+        .submit(Request::new(b.clone(), SamplingParams::greedy(4)), t)
+        .unwrap();
+    // The same prompt again: all but its last (partial) block hits.
+    let ia2 = engine
+        .submit(Request::new(a.clone(), SamplingParams::greedy(4)), t)
+        .unwrap();
+    run_to_idle(&mut engine, &mut streams);
+    assert_eq!(streams[&ia].tokens, toy_reference(&a, 4));
+    assert_eq!(streams[&ib].tokens, toy_reference(&b, 4));
+    assert_eq!(streams[&ia2].tokens, streams[&ia].tokens);
+    assert_eq!(streams[&ia].finish.unwrap().stats.cached_tokens, 0);
+    assert_eq!(streams[&ib].finish.unwrap().stats.cached_tokens, 20);
+    assert_eq!(streams[&ia2].finish.unwrap().stats.cached_tokens, 20);
+    let m = engine.metrics();
+    assert_eq!((m.prefix_query_tokens, m.prefix_hit_tokens), (69, 40));
+}
+
+#[test]
+fn a_fully_cached_prompt_still_computes_its_last_token() {
+    let mut engine = toy_engine(100, 4, |_| {});
+    let p = prompt(31, 16);
+    let first = engine
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(1)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    let again = engine
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(2)),
+            engine.now(),
+        )
+        .unwrap();
+    run_to_idle(&mut engine, &mut streams);
+    assert_eq!(streams[&again].finish.unwrap().stats.cached_tokens, 12);
+    assert_eq!(streams[&again].tokens[..1], streams[&first].tokens[..]);
+    assert_eq!(streams[&again].tokens, toy_reference(&p, 2));
+}
+
+#[test]
+fn kv_events_are_numbered_stamped_and_mirror_the_cache() {
+    let mut engine = toy_engine(6, 4, |_| {});
+    let mut streams = HashMap::new();
+    for seed in 0..4 {
+        let t = engine.now();
+        engine
+            .submit(
+                Request::new(prompt(40 + seed, 12), SamplingParams::greedy(1)),
+                t,
+            )
+            .unwrap();
+        run_to_idle(&mut engine, &mut streams);
+    }
+    engine.clear_prefix_cache();
+    let events = engine.drain_events();
+    let mut mirror = HashSet::new();
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(
+            (e.worker, e.event_id, e.tier),
+            (WorkerId(7), i as u64, Tier::G1)
+        );
+        match &e.data {
+            KvEventData::Stored { parent, blocks } => {
+                assert_eq!(*parent, None);
+                assert_eq!(blocks.len(), 3);
+                for b in blocks {
+                    assert!(mirror.insert(b.sequence));
+                }
+            }
+            KvEventData::Removed { blocks } => {
+                for b in blocks {
+                    assert!(mirror.remove(b), "removed a block never stored");
+                }
+            }
+            KvEventData::Cleared => mirror.clear(),
+        }
+    }
+    // 4 prompts of 3 blocks in a 6-block pool: evictions happened; then the final Cleared.
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.data, KvEventData::Removed { .. }))
+    );
+    assert_eq!(events.last().map(|e| &e.data), Some(&KvEventData::Cleared));
+    assert_eq!(engine.pool().usage().free, 6);
+    assert!(engine.drain_events().is_empty());
+}
+
+#[test]
+fn undrained_events_are_bounded_and_the_gap_is_visible() {
+    let mut engine = toy_engine(100, 4, |c| c.max_pending_events = 2);
+    let mut streams = HashMap::new();
+    for seed in 0..5 {
+        let t = engine.now();
+        engine
+            .submit(
+                Request::new(prompt(50 + seed, 8), SamplingParams::greedy(1)),
+                t,
+            )
+            .unwrap();
+        run_to_idle(&mut engine, &mut streams);
+    }
+    let ids: Vec<u64> = engine.drain_events().iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, vec![3, 4]);
+    assert_eq!(engine.metrics().events_dropped, 3);
+}
+
+#[test]
+fn cancel_frees_blocks_and_discards_in_flight_tokens() {
+    let mut engine = toy_engine(100, 4, |_| {});
+    let a = engine
+        .submit(
+            Request::new(prompt(60, 10), SamplingParams::greedy(50)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let b = engine
+        .submit(
+            Request::new(prompt(61, 10), SamplingParams::greedy(50)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    engine.step_until(Duration::from_millis(25)).unwrap();
+    // At 25 ms: two steps done, the third (20..30 ms) is in flight.
+    let mut streams = HashMap::new();
+    collect(engine.drain_outputs(), &mut streams);
+    assert_eq!(streams[&a].tokens.len(), 2);
+    assert!(engine.cancel(a));
+    assert!(!engine.cancel(a), "second cancel");
+    engine.check_invariants().unwrap();
+    engine.step_until(Duration::from_millis(30)).unwrap();
+    collect(engine.drain_outputs(), &mut streams);
+    assert_eq!(
+        streams[&a].tokens.len(),
+        2,
+        "the in-flight token of a cancelled request is dropped"
+    );
+    assert_eq!(streams[&b].tokens.len(), 3);
+    // Cancel a waiting request.
+    let c = engine
+        .submit(
+            Request::new(prompt(62, 10), SamplingParams::greedy(5)),
+            engine.now(),
+        )
+        .unwrap();
+    assert!(engine.cancel(c));
+    assert_eq!(engine.metrics().waiting, 0);
+    assert!(engine.cancel(b));
+    engine.step_until(Duration::from_secs(1)).unwrap();
+    assert_eq!(engine.next_event_time(), None);
+    engine.clear_prefix_cache();
+    assert_eq!(engine.pool().usage().free, 100);
+}
+
+#[test]
+fn executor_failure_aborts_the_batch_and_the_engine_recovers() {
+    let mut engine = toy_engine(100, 4, |_| {});
+    let a = engine
+        .submit(
+            Request::new(prompt(70, 10), SamplingParams::greedy(3)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    engine.executor_mut().fail_next = true;
+    assert!(engine.step_until(Duration::ZERO).is_err());
+    let mut streams = HashMap::new();
+    collect(engine.drain_outputs(), &mut streams);
+    assert!(streams[&a].aborted);
+    engine.check_invariants().unwrap();
+    assert_eq!(engine.pool().usage().used, 0);
+    let p = prompt(71, 10);
+    let b = engine
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(3)),
+            engine.now(),
+        )
+        .unwrap();
+    run_to_idle(&mut engine, &mut streams);
+    assert_eq!(streams[&b].tokens, toy_reference(&p, 3));
+}
+
+/// 200 concurrent long requests on a pool that holds 10 of them all finish, with the outputs
+/// they have when run one by one.
+#[test]
+fn preemption_under_memory_pressure_keeps_outputs() {
+    let (prompt_len, max_tokens, bs) = (60usize, 40u32, 4u32);
+    // A whole sequence needs ceil((60 + 40 - 1) / 4) = 25 blocks; the pool holds 10 of them.
+    let mut engine = toy_engine(250, bs, |c| c.max_batched_tokens = 2048);
+    let prompts: Vec<Vec<u32>> = (0..200).map(|i| prompt(1000 + i, prompt_len)).collect();
+    let ids: Vec<RequestId> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .submit(
+                    Request::new(p.clone(), SamplingParams::greedy(max_tokens)),
+                    Duration::ZERO,
+                )
+                .unwrap()
+        })
+        .collect();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    let m = engine.metrics();
+    assert!(m.preemptions > 0, "the test must exercise preemption");
+    let mut preempted = 0;
+    for (id, p) in ids.iter().zip(&prompts) {
+        let s = &streams[id];
+        assert_eq!(
+            s.tokens,
+            toy_reference(p, max_tokens as usize),
+            "request {id:?}"
+        );
+        preempted += usize::from(s.finish.unwrap().stats.preemptions > 0);
+    }
+    assert!(preempted > 10, "only {preempted} requests were preempted");
+    // One by one, on a fresh engine each: the same outputs.
+    for (id, p) in ids.iter().zip(&prompts).take(20) {
+        let mut solo = toy_engine(250, bs, |_| {});
+        let sid = solo
+            .submit(
+                Request::new(p.clone(), SamplingParams::greedy(max_tokens)),
+                Duration::ZERO,
+            )
+            .unwrap();
+        let mut solo_streams = HashMap::new();
+        run_to_idle(&mut solo, &mut solo_streams);
+        assert_eq!(solo_streams[&sid].tokens, streams[id].tokens);
+    }
+    assert_eq!(m.finished, 200);
+    engine.clear_prefix_cache();
+    assert_eq!(engine.pool().usage().free, 250);
+}
+
+#[test]
+fn mock_engine_matches_its_documented_tokens_under_preemption() {
+    let profile = MockProfile::default_8b_h100();
+    let config = SchedulerConfig {
+        kv_memory: PoolSizing::Blocks(10 * 8),
+        ..Default::default()
+    };
+    let mut engine = MockEngine::new(config, MockExecutor::new(profile.clone())).unwrap();
+    // 100 + 28 tokens = 8 blocks of 16 each: the pool holds 10 such requests.
+    let prompts: Vec<Vec<u32>> = (0..200).map(|i| prompt(2000 + i, 100)).collect();
+    let ids: Vec<RequestId> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .submit(
+                    Request::new(p.clone(), SamplingParams::greedy(29)),
+                    Duration::ZERO,
+                )
+                .unwrap()
+        })
+        .collect();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    assert!(engine.metrics().preemptions > 0);
+    for (id, p) in ids.iter().zip(&prompts) {
+        assert_eq!(
+            streams[id].tokens,
+            expected_output(p, 29, profile.vocab_size)
+        );
+    }
+}
+
+#[test]
+fn disaggregated_prefill_export_import_gives_the_aggregated_output() {
+    let p = prompt(80, 30);
+    let n = 6;
+    // Prefill worker: max_tokens = 1, then export.
+    let mut prefill = toy_engine(100, 4, |_| {});
+    prefill
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(1)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut prefill, &mut streams);
+    let export = prefill.export_kv(&p).unwrap();
+    assert_eq!(export.blocks.len(), 7, "30 tokens = 7 full blocks of 4");
+    assert_eq!(export.data.len(), 7 * toy_layout(4).block_bytes());
+    // Decode worker: submit with the KV attached; prefill is a cache hit.
+    let mut decode = toy_engine(100, 4, |_| {});
+    let id = decode
+        .submit(
+            Request {
+                kv: Some(export.clone()),
+                ..Request::new(p.clone(), SamplingParams::greedy(n))
+            },
+            Duration::ZERO,
+        )
+        .unwrap();
+    let stored: usize = decode
+        .drain_events()
+        .iter()
+        .map(|e| match &e.data {
+            KvEventData::Stored { blocks, .. } => blocks.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(stored, 7, "imported blocks are announced");
+    let mut dstreams = HashMap::new();
+    run_to_idle(&mut decode, &mut dstreams);
+    assert_eq!(dstreams[&id].tokens, toy_reference(&p, n as usize));
+    assert_eq!(dstreams[&id].finish.unwrap().stats.cached_tokens, 28);
+    // Importing again finds everything cached.
+    assert_eq!(
+        decode.import_kv(&export).unwrap(),
+        ImportReport {
+            imported: 0,
+            already_cached: 7,
+            dropped: 0
+        }
+    );
+    // Corrupted KV changes the output: the test above is not vacuous.
+    let mut corrupted = export.clone();
+    // The last slot of the last block: the only imported state the decode worker reads.
+    let last = corrupted.data.len() - 8;
+    corrupted.data[last] ^= 1;
+    let mut other = toy_engine(100, 4, |_| {});
+    let id = other
+        .submit(
+            Request {
+                kv: Some(corrupted),
+                ..Request::new(p.clone(), SamplingParams::greedy(n))
+            },
+            Duration::ZERO,
+        )
+        .unwrap();
+    let mut ostreams = HashMap::new();
+    run_to_idle(&mut other, &mut ostreams);
+    assert_ne!(ostreams[&id].tokens, toy_reference(&p, n as usize));
+}
+
+#[test]
+fn import_into_a_full_pool_keeps_what_fits() {
+    let p = prompt(81, 32);
+    let mut prefill = toy_engine(100, 4, |_| {});
+    prefill
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(1)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    run_to_idle(&mut prefill, &mut HashMap::new());
+    let export = prefill.export_kv(&p).unwrap();
+    assert_eq!(export.blocks.len(), 8);
+    let mut small = toy_engine(20, 4, |_| {});
+    // A running request holds 15 of the 20 blocks.
+    small
+        .submit(
+            Request::new(prompt(82, 59), SamplingParams::greedy(2)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    small.step_until(Duration::ZERO).unwrap();
+    let report = small.import_kv(&export).unwrap();
+    assert_eq!(
+        report,
+        ImportReport {
+            imported: 5,
+            already_cached: 0,
+            dropped: 3
+        }
+    );
+    small.check_invariants().unwrap();
+    let seq: Vec<SequenceHash> = export.blocks.iter().map(|b| b.sequence).collect();
+    assert_eq!(small.pool().lookup_prefix(&seq), 5);
+}
+
+fn low_load_check(
+    profile: &MockProfile,
+    engine: &MockEngine,
+    p_len: usize,
+    s: &Stream,
+    arrival: Duration,
+) {
+    let total = f64::from(engine.pool().num_blocks());
+    let bs = engine.kv_layout().block_size;
+    let tol = 2e-6; // Duration rounds to whole nanoseconds
+    let ttft = (s.times[0] - arrival).as_secs_f64();
+    let want = profile.prefill_ms(p_len) / 1000.0;
+    assert!((ttft - want).abs() < tol, "TTFT {ttft} vs profile {want}");
+    for k in 1..s.times.len() {
+        let itl = (s.times[k] - s.times[k - 1]).as_secs_f64();
+        let used = bs.blocks_for(p_len + k) as f64;
+        let want = profile.decode_ms(used / total, 1) / 1000.0;
+        assert!((itl - want).abs() < tol, "ITL {k}: {itl} vs profile {want}");
+    }
+}
+
+/// 10,000 mock requests in virtual time: a few seconds of wall time, and at low load every
+/// request's TTFT and ITL are exactly the profile's formulas.
+#[test]
+fn virtual_time_replay_follows_the_profile() {
+    let profile = MockProfile::default_8b_h100();
+    let config = SchedulerConfig {
+        kv_memory: profile.pool_sizing(),
+        ..Default::default()
+    };
+    let mut engine = MockEngine::new(config, MockExecutor::new(profile.clone())).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let wall = Instant::now();
+    let mut arrivals = HashMap::new();
+    let mut streams = HashMap::new();
+    let mut t = Duration::ZERO;
+    for i in 0..10_000u64 {
+        // One request every 2 s of virtual time: each finishes before the next arrives.
+        t += Duration::from_secs(2);
+        engine.step_until(t).unwrap();
+        collect(engine.drain_outputs(), &mut streams);
+        let len = rng.random_range(16..2048);
+        let out = rng.random_range(2..40);
+        let p = prompt(i, len);
+        let id = engine
+            .submit(Request::new(p.clone(), SamplingParams::greedy(out)), t)
+            .unwrap();
+        arrivals.insert(id, (t, len, out));
+    }
+    run_to_idle(&mut engine, &mut streams);
+    let elapsed = wall.elapsed();
+    println!("10,000 requests at low load: {elapsed:?} wall");
+    assert!(elapsed < Duration::from_secs(60), "{elapsed:?}");
+    assert_eq!(streams.len(), 10_000);
+    for (id, (arrival, len, out)) in &arrivals {
+        let s = &streams[id];
+        assert_eq!(s.tokens.len(), *out as usize);
+        low_load_check(&profile, &engine, *len, s, *arrival);
+    }
+    let m = engine.metrics();
+    assert_eq!(m.finished, 10_000);
+    assert_eq!(m.preemptions, 0);
+}
+
+/// The same engine under heavy load: 10,000 requests arriving at 50/s, batched.
+#[test]
+fn virtual_time_replay_under_load_is_fast_and_batches() {
+    let profile = MockProfile::default_8b_h100();
+    let config = SchedulerConfig {
+        kv_memory: profile.pool_sizing(),
+        ..Default::default()
+    };
+    let mut engine = MockEngine::new(config, MockExecutor::new(profile.clone())).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let wall = Instant::now();
+    let mut streams = HashMap::new();
+    let mut expected = HashMap::new();
+    let mut t = Duration::ZERO;
+    let mut max_running = 0;
+    for i in 0..10_000u64 {
+        t += Duration::from_micros(rng.random_range(0..40_000));
+        engine.step_until(t).unwrap();
+        collect(engine.drain_outputs(), &mut streams);
+        max_running = max_running.max(engine.metrics().running);
+        // Ten shared system prompts of 512 tokens, then a per-request suffix.
+        let mut p = prompt(9000 + i % 10, 512);
+        p.extend(prompt(i, rng.random_range(16..256)));
+        let out = rng.random_range(16..128);
+        let id = engine
+            .submit(Request::new(p.clone(), SamplingParams::greedy(out)), t)
+            .unwrap();
+        expected.insert(id, expected_output(&p, out as usize, profile.vocab_size));
+    }
+    run_to_idle(&mut engine, &mut streams);
+    let elapsed = wall.elapsed();
+    let m = engine.metrics();
+    println!(
+        "10,000 requests under load: {elapsed:?} wall, {} steps, up to {max_running} running, {:.0}% prefix hits",
+        m.steps,
+        100.0 * m.prefix_hit_tokens as f64 / m.prefix_query_tokens as f64
+    );
+    assert!(elapsed < Duration::from_secs(60), "{elapsed:?}");
+    assert!(max_running > 10, "requests were batched");
+    assert!(m.prefix_hit_tokens > m.prefix_query_tokens / 2);
+    for (id, tokens) in &expected {
+        assert_eq!(&streams[id].tokens, tokens);
+    }
+}
+
+#[test]
+fn metrics_report_queues_and_throughput() {
+    let profile = MockProfile::default_8b_h100();
+    let config = SchedulerConfig {
+        kv_memory: PoolSizing::Blocks(1000),
+        max_num_seqs: 4,
+        metrics_window: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let mut engine = MockEngine::new(config, MockExecutor::new(profile)).unwrap();
+    for i in 0..6 {
+        engine
+            .submit(
+                Request::new(prompt(i, 100), SamplingParams::greedy(1000)),
+                Duration::ZERO,
+            )
+            .unwrap();
+    }
+    engine.step_until(Duration::from_millis(2000)).unwrap();
+    let m = engine.metrics();
+    assert_eq!(
+        (m.running, m.waiting, m.last_batch_seqs, m.last_batch_tokens),
+        (4, 2, 4, 4)
+    );
+    // Four sequences decode every ~6–7 ms step: several hundred tokens per second each.
+    assert!(m.decode_tokens_per_s > 4.0 * 100.0, "{m:?}");
+    assert_eq!(
+        m.prefill_tokens_per_s, 0.0,
+        "the prefill was more than a window ago"
+    );
+    assert!((m.mean_batch_seqs - 4.0).abs() < 1e-9);
+    assert!(m.kv_blocks_used >= 4 * 7, "{m:?}");
+    assert_eq!(
+        m.kv_blocks_used + m.kv_blocks_cached + m.kv_blocks_free,
+        1000
+    );
+    // Idle for a whole window: rates fall to zero.
+    for i in 0..6 {
+        engine.cancel(RequestId(i));
+    }
+    engine.step_until(Duration::from_secs(10)).unwrap();
+    assert_eq!(engine.metrics().decode_tokens_per_s, 0.0);
+}
+
+#[test]
+fn shipped_profile_parses_and_matches_dynamo_coefficients() {
+    let p = MockProfile::default_8b_h100();
+    assert_eq!(
+        p.prefill,
+        Quadratic {
+            c0: 16.5,
+            c1: 1.52e-2,
+            c2: 4.21e-7
+        }
+    );
+    assert_eq!((p.decode.c0, p.decode.c1, p.decode.c2), (5.7, 54.0, -25.7));
+    assert_eq!(p.layout.block_bytes(), 2 << 20);
+    // JSON round trip, and a profile that makes time run backwards is refused.
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(MockProfile::from_json_str(&json).unwrap(), p);
+    let mut bad = p.clone();
+    bad.decode.c0 = -100.0;
+    let err = MockProfile::from_json_str(&serde_json::to_string(&bad).unwrap()).unwrap_err();
+    assert!(matches!(err, ProfileError::Invalid(_)), "{err}");
+    assert!(matches!(
+        MockProfile::from_toml_str("name = 1"),
+        Err(ProfileError::Toml(_))
+    ));
+    let missing = MockProfile::from_file(std::path::Path::new("/nonexistent/profile.toml"));
+    assert!(matches!(missing, Err(ProfileError::Io { .. })));
+}
+
+#[test]
+fn fitting_recovers_profile_coefficients() {
+    let truth = Quadratic {
+        c0: 16.5,
+        c1: 1.52e-2,
+        c2: 4.21e-7,
+    };
+    let points: Vec<(f64, f64)> = [128.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0]
+        .iter()
+        .map(|&t| (t, truth.eval(t)))
+        .collect();
+    let fit = Quadratic::fit(&points).unwrap();
+    for (t, _) in &points {
+        assert!((fit.eval(*t) - truth.eval(*t)).abs() < 1e-6);
+    }
+    let decode = DecodeModel {
+        c0: 5.7,
+        c1: 54.0,
+        c2: -25.7,
+        per_seq: 0.02,
+    };
+    let samples: Vec<(f64, usize, f64)> = [
+        (0.05, 8),
+        (0.2, 64),
+        (0.4, 32),
+        (0.6, 128),
+        (0.8, 200),
+        (0.95, 256),
+    ]
+    .iter()
+    .map(|&(p, b)| (p, b, decode.eval(p, b)))
+    .collect();
+    let fit = DecodeModel::fit(&samples, true).unwrap();
+    assert!(
+        (fit.per_seq - 0.02).abs() < 1e-6 && (fit.c1 - 54.0).abs() < 1e-4,
+        "{fit:?}"
+    );
+    assert_eq!(
+        Quadratic::fit(&[(1.0, 1.0), (1.0, 2.0)]),
+        Err(FitError::Degenerate)
+    );
+}
+
+// ---- property tests over random request streams ----
+
+#[derive(Debug, Clone)]
+enum Action {
+    Submit {
+        prefix: u8,
+        prefix_len: usize,
+        suffix_len: usize,
+        max_tokens: u32,
+    },
+    Advance(u64),
+    Cancel(usize),
+    ClearCache,
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        6 => (0u8..4, 0usize..40, 1usize..20, 1u32..24).prop_map(|(prefix, prefix_len, suffix_len, max_tokens)| {
+            Action::Submit { prefix, prefix_len, suffix_len, max_tokens }
+        }),
+        6 => (1u64..60).prop_map(Action::Advance),
+        1 => any::<usize>().prop_map(Action::Cancel),
+        1 => Just(Action::ClearCache),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// Over random streams of submits, time advances, cancels and cache clears on a small pool:
+    /// the pool's books balance after every operation; the event stream mirrors the cache (every
+    /// `Stored` is later `Removed`/`Cleared` or still cached); every finished request's output
+    /// equals the reference (so prefix hits, preemption and chunking never change outputs); and
+    /// at the end, with the cache cleared, every block is free.
+    #[test]
+    fn random_request_streams_keep_every_invariant(
+        actions in prop::collection::vec(action(), 1..80),
+        blocks in 24u32..80,
+        max_num_seqs in 1usize..8,
+        max_batched_tokens in 8usize..64,
+    ) {
+        let bs = 4;
+        let mut engine = toy_engine(blocks, bs, |c| {
+            c.max_num_seqs = max_num_seqs;
+            c.max_batched_tokens = max_batched_tokens;
+            c.max_waiting = 16;
+        });
+        let mut now = Duration::ZERO;
+        let mut prompts: HashMap<RequestId, (Vec<u32>, u32)> = HashMap::new();
+        let mut ids: Vec<RequestId> = Vec::new();
+        let mut cancelled = HashSet::new();
+        let mut streams = HashMap::new();
+        let mut mirror: HashSet<SequenceHash> = HashSet::new();
+        let mut next_event = 0u64;
+        let mut check_events = |engine: &mut Scheduler<ToyExecutor>, mirror: &mut HashSet<SequenceHash>| -> Result<(), TestCaseError> {
+            for e in engine.drain_events() {
+                prop_assert_eq!(e.event_id, next_event);
+                next_event += 1;
+                match e.data {
+                    KvEventData::Stored { blocks, .. } => for b in blocks { prop_assert!(mirror.insert(b.sequence)); },
+                    KvEventData::Removed { blocks } => for b in blocks { prop_assert!(mirror.remove(&b)); },
+                    KvEventData::Cleared => mirror.clear(),
+                }
+            }
+            let cached: HashSet<SequenceHash> = engine.pool().cached_hashes().collect();
+            prop_assert_eq!(&cached, &*mirror);
+            Ok(())
+        };
+        for a in actions {
+            match a {
+                Action::Submit { prefix, prefix_len, suffix_len, max_tokens } => {
+                    let mut p = prompt(u64::from(prefix), prefix_len);
+                    p.extend(prompt(now.as_nanos() as u64 + 7919, suffix_len));
+                    match engine.submit(Request::new(p.clone(), SamplingParams::greedy(max_tokens)), now) {
+                        Ok(id) => { prompts.insert(id, (p, max_tokens)); ids.push(id); }
+                        Err(SubmitError::ExceedsPool { .. } | SubmitError::Overloaded { .. }) => {}
+                        Err(e) => prop_assert!(false, "unexpected {e}"),
+                    }
+                }
+                Action::Advance(ms) => {
+                    now += Duration::from_millis(ms);
+                    engine.step_until(now).unwrap();
+                }
+                Action::Cancel(i) => {
+                    if !ids.is_empty() {
+                        let id = ids[i % ids.len()];
+                        if engine.cancel(id) { cancelled.insert(id); }
+                    }
+                }
+                Action::ClearCache => engine.clear_prefix_cache(),
+            }
+            collect(engine.drain_outputs(), &mut streams);
+            engine.check_invariants().map_err(TestCaseError::fail)?;
+            let u = engine.pool().usage();
+            prop_assert_eq!(u.used + u.free + u.cached, u.total);
+            check_events(&mut engine, &mut mirror)?;
+        }
+        while let Some(t) = engine.next_event_time() {
+            engine.step_until(t).unwrap();
+            collect(engine.drain_outputs(), &mut streams);
+            engine.check_invariants().map_err(TestCaseError::fail)?;
+            check_events(&mut engine, &mut mirror)?;
+        }
+        for (id, (p, n)) in &prompts {
+            if cancelled.contains(id) { continue; }
+            let s = &streams[id];
+            prop_assert!(!s.aborted);
+            prop_assert!(s.finish.is_some());
+            prop_assert_eq!(&s.tokens, &toy_reference(p, *n as usize), "request {:?}", id);
+        }
+        engine.clear_prefix_cache();
+        check_events(&mut engine, &mut mirror)?;
+        prop_assert!(mirror.is_empty());
+        prop_assert_eq!(engine.pool().usage().free, blocks);
+    }
+}
