@@ -1,8 +1,237 @@
 //! The kvfleet control plane as a library; `main.rs` only parses arguments and calls in here.
 //!
-//! - [`store`]: the Postgres schema (migrations embedded from `migrations/`) and access to it.
+//! [`run`] serves the REST API on a listener it is given (tests bind `127.0.0.1:0`) until the
+//! shutdown future completes, and takes part in the leader election that runs the background
+//! loops (placement, liveness, metrics maintenance) on exactly one replica.
 //!
-//! The REST API, agent protocol, placement, planner loop and node CA arrive with the
-//! control-plane issue.
+//! - [`config`]: typed configuration from file + environment + flags.
+//! - [`store`]: the Postgres schema (migrations embedded from `migrations/`), audit rows,
+//!   desired-state generations.
+//! - [`auth`]: bearer tokens, roles, the authorization matrix.
+//! - [`api`]: `/api/v1` handlers, problem JSON, the OpenAPI document, wire types.
+//! - [`ca`]: the node CA issuing agents' peer certificates.
+//! - [`placement`] and [`liveness`]: pure decisions; [`leader`]: the election and the loops
+//!   that apply them; [`metrics`]: fleet metrics from heartbeats.
+//!
+//! Not here yet: the KV index authority, the planner loop (placement sizes deployments at
+//! `min_workers` until it exists), the web UI, TLS on the HTTP listener (terminate TLS in a
+//! proxy in front for now).
 
+/// A query string built with `format!` from compile-time constants only (column lists, lock
+/// clauses); never from input. Every value from a request is a bind parameter.
+macro_rules! sql {
+    ($($arg:tt)*) => {
+        sqlx::AssertSqlSafe(format!($($arg)*))
+    };
+}
+
+pub mod api;
+pub mod auth;
+pub mod ca;
+pub mod config;
+pub mod leader;
+pub mod liveness;
+pub mod metrics;
+pub mod placement;
 pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+pub use config::Config;
+
+/// Shared by every request handler and background loop of one replica.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub pool: PgPool,
+    pub config: Config,
+    pub ca: ca::NodeCa,
+    /// Node ids whose desired-state generation changed (fed from Postgres NOTIFY, so changes
+    /// made by any replica wake this replica's watchers).
+    pub desired_changed: broadcast::Sender<uuid::Uuid>,
+    leader: AtomicBool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Builds the state from a migrated pool (loads or creates the node CA).
+    pub async fn new(pool: PgPool, config: Config) -> anyhow::Result<Self> {
+        let ca = ca::load_or_create(&pool, config.ca.ca_validity)
+            .await
+            .context("loading the node CA")?;
+        // Watchers that fall behind re-read the database, so a small buffer is enough.
+        let (desired_changed, _) = broadcast::channel(4096);
+        Ok(AppState(Arc::new(Inner {
+            pool,
+            config,
+            ca,
+            desired_changed,
+            leader: AtomicBool::new(false),
+        })))
+    }
+
+    /// Whether this replica currently holds the leader lock.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+    }
+}
+
+/// Connects, migrates, bootstraps the admin token if needed, then serves on `listener` until
+/// `shutdown` completes. Background tasks stop with it; in-flight requests get to finish.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = store::connect(&config.database)
+        .await
+        .with_context(|| format!("connecting to {}", config::redact_url(&config.database.url)))?;
+    store::migrate(&pool)
+        .await
+        .context("migrating the database")?;
+    if let Some(token) = bootstrap_admin(&pool, &config).await? {
+        // Printed once: from now on an admin token exists, so this never happens again.
+        tracing::warn!(
+            "created the first admin token; it is shown only now, store it safely:\n\n    {token}\n"
+        );
+    }
+    let state = AppState::new(pool, config).await?;
+    serve(state, listener, shutdown).await
+}
+
+/// Serves an already-built state (the bench and tests that need the state use this).
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(leader::run_elections(state.clone(), stop_rx.clone()));
+    tasks.spawn(api::agent::forward_notifications(
+        state.clone(),
+        stop_rx.clone(),
+    ));
+
+    let app = api::router(state.clone());
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "serving /api/v1");
+    let mut http_stop = stop_rx.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                () = shutdown => {}
+                _ = http_stop.changed() => {}
+            }
+        })
+        .await;
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    state.pool.close().await;
+    served.context("serving HTTP")
+}
+
+/// Makes sure an admin can get in. With `auth.bootstrap_admin_token` set, that token is
+/// inserted if its prefix is not known yet. Otherwise, when no live admin token exists, one is
+/// created and returned (for the caller to show once). Serialized by an advisory lock so
+/// replicas starting together create one token, not two.
+pub async fn bootstrap_admin(pool: &PgPool, config: &Config) -> anyhow::Result<Option<String>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(leader::BOOTSTRAP_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let created = if let Some(token) = &config.auth.bootstrap_admin_token {
+        let prefix = auth::parse_token(token)
+            .map_err(|e| anyhow::anyhow!("auth.bootstrap_admin_token: {e}"))?
+            .prefix
+            .to_owned();
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_tokens WHERE prefix = $1)")
+                .bind(&prefix)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !exists {
+            create_admin(&mut tx, "bootstrap", Some(token)).await?;
+        }
+        None
+    } else {
+        let any_admin: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL
+             AND (expires_at IS NULL OR expires_at > now()))",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if any_admin {
+            None
+        } else {
+            Some(create_admin(&mut tx, "bootstrap", None).await?)
+        }
+    };
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// Creates an admin token (with its audit row) inside `tx`; returns the plain token.
+pub async fn create_admin(
+    tx: &mut sqlx::PgConnection,
+    name: &str,
+    token: Option<&str>,
+) -> anyhow::Result<String> {
+    create_token(tx, name, auth::Role::Admin, token).await
+}
+
+/// Creates a token of any non-agent role as the local operator (CLI, bootstrap).
+pub async fn create_token(
+    tx: &mut sqlx::PgConnection,
+    name: &str,
+    role: auth::Role,
+    token: Option<&str>,
+) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        role != auth::Role::Agent,
+        "agent credentials are minted by registration"
+    );
+    let new = auth::NewToken {
+        name,
+        role,
+        node_id: None,
+        created_by: None,
+        expires_at: None,
+    };
+    let (id, token) = auth::insert_token(tx, &new, token).await?;
+    store::audit(
+        tx,
+        store::AuditEntry {
+            actor_token: None,
+            actor: "local operator",
+            action: "token.create",
+            target_type: "token",
+            target_id: Some(id.to_string()),
+            before: None,
+            after: Some(serde_json::json!({ "name": name, "role": role.as_str() })),
+        },
+    )
+    .await?;
+    Ok(token)
+}

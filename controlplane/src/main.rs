@@ -1,30 +1,105 @@
-//! `kvfleet-controlplane`: parse arguments, then run one command.
+//! `kvfleet-controlplane`: parse arguments and configuration, then run one command.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use kvfleet_controlplane::auth::Role;
+use kvfleet_controlplane::config::{self, Config, FileSource, Source};
 
 /// The kvfleet control plane: fleet inventory, deployments, placement and the REST API.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// Configuration file (default /etc/kvfleet/controlplane.toml, skipped when absent).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Postgres URL; overrides the file and DATABASE_URL.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// Listen address for the REST API, e.g. 0.0.0.0:8080.
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Any setting, as section.key=value (e.g. --set liveness.lost_after=2m). Repeatable.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Migrate the database, then serve the REST API and run the background loops.
+    Serve,
     /// Apply the schema migrations this build carries to the database, then exit.
-    Migrate {
-        /// Postgres connection URL, e.g. postgres://kvfleet:secret@127.0.0.1/kvfleet
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
+    Migrate,
+    /// Check the configuration and print every problem with where it came from.
+    CheckConfig,
+    /// Manage API tokens directly in the database (for the first admin, or a lost one).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it once (only its hash is stored).
+    Create {
+        /// admin, operator, viewer or join.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+    },
+    /// Print a fresh random token without touching the database (for auth.bootstrap_admin_token).
+    Generate,
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    match Role::parse(text) {
+        Some(Role::Agent) => Err("agent credentials come from registration".into()),
+        Some(role) => Ok(role),
+        None => Err(format!(
+            "unknown role {text:?} (admin, operator, viewer, join)"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Command::Token {
+        command: TokenCommand::Generate,
+    } = &args.command
+    {
+        return print_line(&kvfleet_controlplane::auth::generate_token());
+    }
+    let source = match source(&args) {
+        Ok(source) => source,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::load(&source) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::CheckConfig = args.command {
+        eprintln!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,7 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -44,17 +119,114 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    match args.command {
-        Command::Migrate { database_url } => {
-            let pool = sqlx::PgPool::connect(&database_url)
+/// Writes a secret to stdout (the one place this binary prints to stdout, so scripts can
+/// capture it).
+fn print_line(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Gathers the configuration layers from the process: file, environment, flags.
+fn source(args: &Args) -> anyhow::Result<Source> {
+    let file = match &args.config {
+        Some(path) => Some(FileSource {
+            text: std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+            path: path.clone(),
+        }),
+        None => {
+            let path = PathBuf::from(config::DEFAULT_CONFIG_PATH);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Some(FileSource { path, text }),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+                Err(error) => {
+                    return Err(error).with_context(|| format!("reading {}", path.display()));
+                }
+            }
+        }
+    };
+    let env = std::env::vars()
+        .filter(|(k, _)| k == "DATABASE_URL" || k.starts_with("KVFLEET_"))
+        .collect();
+    let mut flags = Vec::new();
+    if let Some(url) = &args.database_url {
+        flags.push(("database.url".to_owned(), url.clone()));
+    }
+    if let Some(listen) = &args.listen {
+        flags.push(("listen".to_owned(), listen.clone()));
+    }
+    for pair in &args.set {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--set {pair:?}: expected section.key=value"))?;
+        flags.push((key.trim().to_owned(), value.trim().to_owned()));
+    }
+    Ok(Source { file, env, flags })
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
-                .context("connecting to Postgres (check --database-url / DATABASE_URL)")?;
-            kvfleet_controlplane::store::migrate(&pool)
-                .await
-                .context("applying migrations")?;
+                .with_context(|| format!("binding {}", config.listen))?;
+            kvfleet_controlplane::run(config, listener, shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let pool = connect(&config).await?;
+            kvfleet_controlplane::store::migrate(&pool).await?;
             eprintln!("schema is up to date");
             Ok(())
         }
+        Command::Token {
+            command: TokenCommand::Create { role, name },
+        } => {
+            let pool = connect(&config).await?;
+            kvfleet_controlplane::store::migrate(&pool).await?;
+            let mut tx = pool.begin().await?;
+            let token = kvfleet_controlplane::create_token(&mut tx, &name, role, None).await?;
+            tx.commit().await?;
+            eprintln!("created {role} token {name:?}; it is shown only now:");
+            match print_line(&token) {
+                ExitCode::SUCCESS => Ok(()),
+                _ => anyhow::bail!("could not write the token to stdout"),
+            }
+        }
+        Command::Token {
+            command: TokenCommand::Generate,
+        }
+        | Command::CheckConfig => Ok(()),
     }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    kvfleet_controlplane::store::connect(&config.database)
+        .await
+        .with_context(|| format!("connecting to {}", config::redact_url(&config.database.url)))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
 }

@@ -1,14 +1,149 @@
 //! The Postgres store. The schema lives in `migrations/` at the workspace root and is embedded
 //! into the binary, so a control plane always knows exactly which schema it was built for.
+//!
+//! This module owns connecting, migrating (and refusing a database whose schema is newer than
+//! this build), and the few helpers every writer shares: the audit row and the desired-state
+//! generation bump. Queries that belong to one resource live beside its API handlers.
 
-use sqlx::PgPool;
+use std::time::Duration;
+
+use serde_json::Value;
 use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 /// Every migration this build knows, in order.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
+/// The channel on which desired-state generation bumps are announced (payload: node id).
+pub const DESIRED_STATE_CHANNEL: &str = "kvfleet_desired_state";
+
+/// Why the store could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the database schema is newer than this control plane: it has migration {found} but this \
+         build knows migrations up to {known}. Run the newer kvfleet-controlplane (or restore a \
+         backup taken before the upgrade); refusing to start rather than corrupt newer data"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("applying migrations: {0}")]
+    Migrate(#[from] MigrateError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Opens a pool with the configured limits.
+pub async fn connect(config: &crate::config::DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.connect_timeout)
+        .connect(&config.url)
+        .await
+}
+
+/// The newest migration version this build carries.
+pub fn known_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
 /// Brings the database up to this build's schema. sqlx takes a Postgres advisory lock while it
-/// migrates, so replicas starting together apply each migration once.
-pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
-    MIGRATOR.run(pool).await
+/// migrates, so replicas starting together apply each migration once. A database that already
+/// has a migration this build does not know is refused with [`StoreError::SchemaTooNew`].
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    check_not_newer(pool).await?;
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Fails when the database has applied a migration newer than this build knows.
+pub async fn check_not_newer(pool: &PgPool) -> Result<(), StoreError> {
+    let table: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text")
+            .fetch_one(pool)
+            .await?;
+    if table.is_none() {
+        return Ok(());
+    }
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await?;
+    let known = known_version();
+    match found {
+        Some(found) if found > known => Err(StoreError::SchemaTooNew { found, known }),
+        _ => Ok(()),
+    }
+}
+
+/// One audit row; callers pass the transaction that makes the change, so the change and its
+/// record commit together or not at all.
+#[derive(Debug, Clone)]
+pub struct AuditEntry<'a> {
+    pub actor_token: Option<Uuid>,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target_type: &'a str,
+    pub target_id: Option<String>,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+/// Writes `entry` inside the caller's transaction.
+pub async fn audit(conn: &mut PgConnection, entry: AuditEntry<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit_log (actor_token, actor, action, target_type, target_id, before, after)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(entry.actor_token)
+    .bind(entry.actor)
+    .bind(entry.action)
+    .bind(entry.target_type)
+    .bind(entry.target_id)
+    .bind(entry.before)
+    .bind(entry.after)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Bumps a node's desired-state generation and announces it (delivered on commit).
+pub async fn bump_generation(conn: &mut PgConnection, node: Uuid) -> Result<i64, sqlx::Error> {
+    let generation: i64 = sqlx::query_scalar(
+        "UPDATE nodes SET desired_generation = desired_generation + 1, updated_at = now()
+         WHERE id = $1 RETURNING desired_generation",
+    )
+    .bind(node)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(DESIRED_STATE_CHANNEL)
+        .bind(node.to_string())
+        .execute(conn)
+        .await?;
+    Ok(generation)
+}
+
+/// Whether an error means "the database is unreachable right now" (→ 503, retry) rather than
+/// a bug or bad input.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+    )
+}
+
+/// Sleeps `delay`, or returns early when `shutdown` fires; returns whether shutdown fired.
+pub(crate) async fn sleep_or_shutdown(
+    delay: Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        _ = shutdown.changed() => true,
+    }
 }

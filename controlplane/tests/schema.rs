@@ -3,6 +3,9 @@
 //! Each `#[sqlx::test]` gets a fresh database with every migration applied (`DATABASE_URL` points
 //! at the test cluster that `scripts/test.sh` starts).
 
+// Setup helpers outside #[test] functions panic on failure too.
+#![allow(clippy::unwrap_used)]
+
 use sqlx::PgPool;
 
 /// Seeds one valid row per table and returns (node, model, deployment, gpu) ids.
@@ -59,8 +62,13 @@ async fn migrations_create_every_table(pool: PgPool) {
             "audit_log",
             "deployments",
             "gpus",
+            "metrics_rollup_state",
             "models",
+            "node_ca",
+            "node_certificates",
             "nodes",
+            "worker_metrics",
+            "worker_metrics_rollup",
             "workers"
         ]
     );

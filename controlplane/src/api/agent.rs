@@ -1,0 +1,635 @@
+//! The agent protocol: register (join token → agent credential + peer certificate), heartbeat
+//! (observed worker states and metrics), watch the desired state (long poll on a generation
+//! number), renew the certificate.
+//!
+//! An agent's loop: register once (or again after a restart, with its credential); heartbeat
+//! every `heartbeat_interval_ms`; keep one `GET /agent/desired-state?after_generation=G` open
+//! and apply whatever it returns. The desired state is the node's complete list of workers:
+//! a worker the agent runs that is not listed (its deployment was deleted) must be stopped.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use chrono::Utc;
+use sqlx::PgConnection;
+use sqlx::postgres::PgListener;
+use tokio::sync::{broadcast, watch};
+use uuid::Uuid;
+
+use super::extract::{Agent, ApiJson, ApiQuery, Caller, Register};
+use super::problem::{ApiError, InvalidParam, Problem};
+use super::types::{
+    AgentPublicKey, DesiredState, DesiredWorker, Heartbeat, HeartbeatResponse, IssuedCertificate,
+    ModelSpec, NodeState, RegisterRequest, RegisterResponse, RenewRequest, WatchQuery,
+};
+use crate::AppState;
+use crate::auth::{self, Principal, Role};
+use crate::ca::{CaError, Subject};
+use crate::store::{self, AuditEntry};
+
+fn valid_hostname(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
+}
+
+fn validate_register(request: &RegisterRequest) -> Vec<InvalidParam> {
+    let mut problems = Vec::new();
+    if !valid_hostname(&request.hostname) {
+        problems.push(InvalidParam::new("hostname", "must be a DNS hostname"));
+    }
+    if request.cpu_slots < 0 {
+        problems.push(InvalidParam::new("cpu_slots", "must be 0 or more"));
+    }
+    let mut indices = HashSet::new();
+    let mut ids = HashSet::new();
+    for (i, gpu) in request.gpus.iter().enumerate() {
+        if gpu.index < 0 || !indices.insert(gpu.index) {
+            problems.push(InvalidParam::new(
+                format!("gpus[{i}].index"),
+                "must be unique and 0 or more",
+            ));
+        }
+        if !ids.insert(gpu.id) {
+            problems.push(InvalidParam::new(format!("gpus[{i}].id"), "appears twice"));
+        }
+        if gpu.memory_total_bytes <= 0 {
+            problems.push(InvalidParam::new(
+                format!("gpus[{i}].memory_total_bytes"),
+                "must be above 0",
+            ));
+        }
+        if gpu.name.is_empty() {
+            problems.push(InvalidParam::new(
+                format!("gpus[{i}].name"),
+                "must not be empty",
+            ));
+        }
+    }
+    problems
+}
+
+fn ca_error(error: CaError) -> ApiError {
+    match error {
+        CaError::KeyEncoding | CaError::KeyLength(_) => {
+            ApiError::invalid("public_key.public_key", error.to_string())
+        }
+        CaError::Database(e) => e.into(),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// Signs and records a certificate for `node`.
+async fn issue_certificate(
+    state: &AppState,
+    tx: &mut PgConnection,
+    node: Uuid,
+    hostname: &str,
+    addresses: &[String],
+    public_key: Option<&AgentPublicKey>,
+) -> Result<IssuedCertificate, ApiError> {
+    let issued = state
+        .ca
+        .issue(
+            &Subject {
+                node_id: node,
+                hostname,
+                addresses,
+            },
+            public_key,
+            Utc::now(),
+            state.config.ca.cert_validity,
+        )
+        .map_err(ca_error)?;
+    sqlx::query(
+        "INSERT INTO node_certificates (serial, node_id, not_before, not_after) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&issued.serial)
+    .bind(node)
+    .bind(issued.not_before)
+    .bind(issued.not_after)
+    .execute(tx)
+    .await?;
+    Ok(IssuedCertificate {
+        serial: issued.serial,
+        cert_pem: issued.cert_pem,
+        ca_cert_pem: state.ca.cert_pem().to_owned(),
+        private_key_pem: issued.private_key_pem,
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+    })
+}
+
+/// Register a node (join token) or refresh its inventory after a restart (its agent credential).
+#[utoipa::path(post, path = "/api/v1/agent/register", request_body = RegisterRequest, tag = "agent",
+    responses((status = 200, body = RegisterResponse), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn register(
+    caller: Caller<Register>,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    let problems = validate_register(&request);
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+    let principal = &caller.principal;
+    let mut tx = state.pool.begin().await?;
+    let labels = sqlx::types::Json(&request.labels);
+    let addresses = sqlx::types::Json(&request.addresses);
+    let (node, credential, action) = match (principal.role, principal.node_id) {
+        (Role::Agent, Some(node)) => {
+            let updated = sqlx::query(
+                "UPDATE nodes SET hostname = $2, agent_version = $3, frontend_addr = $4,
+                     peer_addr = $5, addresses = $6, cpu_slots = $7, labels = $8, updated_at = now()
+                 WHERE id = $1 AND state <> 'removed'",
+            )
+            .bind(node)
+            .bind(&request.hostname)
+            .bind(&request.agent_version)
+            .bind(&request.frontend_addr)
+            .bind(&request.peer_addr)
+            .bind(addresses)
+            .bind(request.cpu_slots)
+            .bind(labels)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() == 0 {
+                return Err(ApiError::Conflict(format!(
+                    "node {node} has been removed; join again"
+                )));
+            }
+            (node, None, "node.reregister")
+        }
+        _ => {
+            let node = Uuid::new_v4();
+            sqlx::query(
+                "INSERT INTO nodes (id, hostname, agent_version, frontend_addr, peer_addr, addresses,
+                     cpu_slots, labels, last_heartbeat_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())",
+            )
+            .bind(node)
+            .bind(&request.hostname)
+            .bind(&request.agent_version)
+            .bind(&request.frontend_addr)
+            .bind(&request.peer_addr)
+            .bind(addresses)
+            .bind(request.cpu_slots)
+            .bind(labels)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match ApiError::from(e) {
+                ApiError::Conflict(_) => ApiError::Conflict(format!(
+                    "a live node named {:?} exists: register with its agent credential, or remove it first",
+                    request.hostname
+                )),
+                other => other,
+            })?;
+            let name = format!("agent {}", request.hostname);
+            let (_, token) = auth::insert_token(
+                &mut tx,
+                &auth::NewToken {
+                    name: &name,
+                    role: Role::Agent,
+                    node_id: Some(node),
+                    created_by: Some(principal.token_id),
+                    expires_at: None,
+                },
+                None,
+            )
+            .await?;
+            (node, Some(token), "node.register")
+        }
+    };
+    let gpu_ids: Vec<Uuid> = request.gpus.iter().map(|g| g.id).collect();
+    sqlx::query("DELETE FROM gpus WHERE node_id = $1 AND NOT (id = ANY($2))")
+        .bind(node)
+        .bind(&gpu_ids)
+        .execute(&mut *tx)
+        .await?;
+    for gpu in &request.gpus {
+        sqlx::query(
+            "INSERT INTO gpus (id, node_id, device_index, name, memory_total_bytes, pci_bus_id)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET node_id = EXCLUDED.node_id,
+                 device_index = EXCLUDED.device_index, name = EXCLUDED.name,
+                 memory_total_bytes = EXCLUDED.memory_total_bytes,
+                 pci_bus_id = EXCLUDED.pci_bus_id, updated_at = now()",
+        )
+        .bind(gpu.id)
+        .bind(node)
+        .bind(gpu.index)
+        .bind(&gpu.name)
+        .bind(gpu.memory_total_bytes)
+        .bind(&gpu.pci_bus_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let certificate = issue_certificate(
+        &state,
+        &mut tx,
+        node,
+        &request.hostname,
+        &request.addresses,
+        request.public_key.as_ref(),
+    )
+    .await?;
+    let generation: i64 = sqlx::query_scalar("SELECT desired_generation FROM nodes WHERE id = $1")
+        .bind(node)
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut after = serde_json::to_value(&request).unwrap_or_default();
+    if let Some(object) = after.as_object_mut() {
+        object.remove("public_key");
+        object.insert(
+            "certificate_serial".into(),
+            certificate.serial.clone().into(),
+        );
+    }
+    store::audit(
+        &mut tx,
+        AuditEntry {
+            actor_token: Some(principal.token_id),
+            actor: &principal.actor,
+            action,
+            target_type: "node",
+            target_id: Some(node.to_string()),
+            before: None,
+            after: Some(after),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(RegisterResponse {
+        node_id: node,
+        credential,
+        certificate,
+        heartbeat_interval_ms: millis(state.config.liveness.heartbeat_interval),
+        desired_generation: generation,
+    }))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn node_of(principal: &Principal) -> Result<Uuid, ApiError> {
+    principal
+        .node_id
+        .ok_or_else(|| ApiError::Internal("agent token without a node".into()))
+}
+
+/// Report what the node observes. Heartbeats are observations, not changes: they update
+/// liveness, observed worker states and metrics, and write no audit row (a node's return to
+/// health after a silence does).
+#[utoipa::path(post, path = "/api/v1/agent/heartbeat", request_body = Heartbeat, tag = "agent",
+    responses((status = 200, body = HeartbeatResponse), (status = 401, body = Problem), (status = 422, body = Problem)))]
+pub async fn heartbeat(
+    caller: Caller<Agent>,
+    State(state): State<AppState>,
+    ApiJson(beat): ApiJson<Heartbeat>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let node = node_of(&caller.principal)?;
+    let mut problems = Vec::new();
+    for (i, w) in beat.workers.iter().enumerate() {
+        if let Some(m) = &w.metrics {
+            let rates = [
+                Some(m.request_rate),
+                Some(m.tokens_per_s),
+                m.ttft_p50_ms,
+                m.ttft_p99_ms,
+                m.itl_p50_ms,
+                m.itl_p99_ms,
+            ];
+            if rates.iter().flatten().any(|v| !v.is_finite() || *v < 0.0)
+                || m.kv_blocks_used < 0
+                || m.kv_blocks_total < 0
+            {
+                problems.push(InvalidParam::new(
+                    format!("workers[{i}].metrics"),
+                    "values must be finite and 0 or more",
+                ));
+            }
+            if [m.prefix_hit_rate, m.gpu_utilization]
+                .iter()
+                .flatten()
+                .any(|v| !(0.0..=1.0).contains(v))
+            {
+                problems.push(InvalidParam::new(
+                    format!("workers[{i}].metrics"),
+                    "rates must be within 0..=1",
+                ));
+            }
+        }
+    }
+    for (i, g) in beat.gpus.iter().enumerate() {
+        if g.utilization.is_some_and(|u| !(0.0..=1.0).contains(&u))
+            || g.memory_used_bytes.is_some_and(|m| m < 0)
+        {
+            problems.push(InvalidParam::new(
+                format!("gpus[{i}]"),
+                "utilization must be within 0..=1, memory 0 or more",
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+    let mut tx = state.pool.begin().await?;
+    let row: Option<(NodeState, NodeState, i64)> = sqlx::query_as(
+        "WITH old AS (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE)
+         UPDATE nodes n SET last_heartbeat_at = now(),
+             state = CASE WHEN old.state = 'removed' THEN 'removed' ELSE 'healthy' END,
+             state_changed_at = CASE WHEN old.state IN ('healthy', 'removed') THEN n.state_changed_at ELSE now() END
+         FROM old WHERE n.id = old.id
+         RETURNING old.state, n.state, n.desired_generation",
+    )
+    .bind(node)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (before, after, generation) = row.ok_or_else(|| ApiError::not_found("node", node))?;
+    if !beat.workers.is_empty() {
+        let ids: Vec<i64> = beat.workers.iter().map(|w| w.worker_id).collect();
+        let states: Vec<&str> = beat.workers.iter().map(|w| w.state.as_str()).collect();
+        sqlx::query(
+            "UPDATE workers w SET observed_state = u.state, observed_at = now(),
+                 updated_at = CASE WHEN w.observed_state = u.state THEN w.updated_at ELSE now() END
+             FROM UNNEST($2::bigint[], $3::text[]) AS u(id, state)
+             WHERE w.id = u.id AND w.node_id = $1",
+        )
+        .bind(node)
+        .bind(&ids)
+        .bind(&states)
+        .execute(&mut *tx)
+        .await?;
+        crate::metrics::record(&mut tx, node, &beat.workers).await?;
+    }
+    if !beat.gpus.is_empty() {
+        let ids: Vec<Uuid> = beat.gpus.iter().map(|g| g.id).collect();
+        let utilization: Vec<Option<f32>> = beat.gpus.iter().map(|g| g.utilization).collect();
+        let used: Vec<Option<i64>> = beat.gpus.iter().map(|g| g.memory_used_bytes).collect();
+        sqlx::query(
+            "UPDATE gpus g SET utilization = u.util, memory_used_bytes = u.used
+             FROM UNNEST($2::uuid[], $3::real[], $4::bigint[]) AS u(id, util, used)
+             WHERE g.id = u.id AND g.node_id = $1",
+        )
+        .bind(node)
+        .bind(&ids)
+        .bind(&utilization)
+        .bind(&used)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if before != after {
+        store::audit(
+            &mut tx,
+            AuditEntry {
+                actor_token: Some(caller.principal.token_id),
+                actor: &caller.principal.actor,
+                action: "node.healthy",
+                target_type: "node",
+                target_id: Some(node.to_string()),
+                before: Some(serde_json::json!({ "state": before })),
+                after: Some(serde_json::json!({ "state": after })),
+            },
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Json(HeartbeatResponse {
+        node_state: after,
+        desired_generation: generation,
+        heartbeat_interval_ms: millis(state.config.liveness.heartbeat_interval),
+    }))
+}
+
+async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let (generation, node_state, draining): (i64, NodeState, bool) =
+        sqlx::query_as("SELECT desired_generation, state, draining FROM nodes WHERE id = $1")
+            .bind(node)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| ApiError::not_found("node", node))?;
+    type Row = (
+        i64,
+        Uuid,
+        String,
+        super::types::WorkerRole,
+        Option<Uuid>,
+        super::types::DesiredWorkerState,
+        String,
+        super::types::ModelFormat,
+        String,
+        i32,
+        Option<i32>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT w.id, d.id, d.name, w.role, w.gpu_id, w.desired_state,
+                m.name, m.format, m.path, m.block_size, m.context_length
+         FROM workers w JOIN deployments d ON d.id = w.deployment_id JOIN models m ON m.id = d.model_id
+         WHERE w.node_id = $1 AND w.desired_state <> 'stopped' ORDER BY w.id",
+    )
+    .bind(node)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(DesiredState {
+        node_id: node,
+        generation,
+        node_state,
+        draining,
+        workers: rows
+            .into_iter()
+            .map(|r| DesiredWorker {
+                worker_id: r.0,
+                deployment_id: r.1,
+                deployment: r.2,
+                role: r.3,
+                gpu_id: r.4,
+                desired_state: r.5,
+                model: ModelSpec {
+                    name: r.6,
+                    format: r.7,
+                    path: r.8,
+                    block_size: r.9,
+                    context_length: r.10,
+                },
+            })
+            .collect(),
+    })
+}
+
+/// The node's desired state; with `after_generation`, waits (up to `wait_s`, capped by the
+/// server) until the generation moves past it.
+#[utoipa::path(get, path = "/api/v1/agent/desired-state", params(WatchQuery), tag = "agent",
+    responses((status = 200, body = DesiredState), (status = 401, body = Problem)))]
+pub async fn desired_state(
+    caller: Caller<Agent>,
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<WatchQuery>,
+) -> Result<Json<DesiredState>, ApiError> {
+    let node = node_of(&caller.principal)?;
+    // Subscribe before reading, so a change between the read and the wait is not missed.
+    let mut changes = state.desired_changed.subscribe();
+    let current = load_desired(&state, node).await?;
+    let Some(after) = query.after_generation else {
+        return Ok(Json(current));
+    };
+    if current.generation > after {
+        return Ok(Json(current));
+    }
+    let wait =
+        Duration::from_secs(query.wait_s.unwrap_or(u64::MAX / 2)).min(state.config.watch.max_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Err(_elapsed) => return Ok(Json(load_desired(&state, node).await?)),
+            Ok(Ok(changed)) if changed != node => continue,
+            // Our node changed, or we fell behind and cannot tell: re-read.
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                let now = load_desired(&state, node).await?;
+                if now.generation > after {
+                    return Ok(Json(now));
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => {
+                return Ok(Json(load_desired(&state, node).await?));
+            }
+        }
+    }
+}
+
+/// Renew the node's peer certificate (before it expires). Old certificates stay valid until
+/// their own expiry, so peers holding them keep working during the rollover.
+#[utoipa::path(post, path = "/api/v1/agent/certificate", request_body = RenewRequest, tag = "agent",
+    responses((status = 200, body = IssuedCertificate), (status = 422, body = Problem)))]
+pub async fn renew_certificate(
+    caller: Caller<Agent>,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<RenewRequest>,
+) -> Result<Json<IssuedCertificate>, ApiError> {
+    let node = node_of(&caller.principal)?;
+    let mut tx = state.pool.begin().await?;
+    let (hostname, addresses): (String, sqlx::types::Json<Vec<String>>) = sqlx::query_as(
+        "SELECT hostname, addresses FROM nodes WHERE id = $1 AND state <> 'removed'",
+    )
+    .bind(node)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| ApiError::not_found("node", node))?;
+    let certificate = issue_certificate(
+        &state,
+        &mut tx,
+        node,
+        &hostname,
+        &addresses.0,
+        request.public_key.as_ref(),
+    )
+    .await?;
+    store::audit(
+        &mut tx,
+        AuditEntry {
+            actor_token: Some(caller.principal.token_id),
+            actor: &caller.principal.actor,
+            action: "certificate.renew",
+            target_type: "node",
+            target_id: Some(node.to_string()),
+            before: None,
+            after: Some(serde_json::json!({ "serial": certificate.serial, "not_after": certificate.not_after })),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(certificate))
+}
+
+/// Relays Postgres notifications of desired-state changes (from any replica) to this replica's
+/// watchers. Reconnects on failure; watchers time out and re-read meanwhile, so a gap delays
+/// agents by at most one watch period, never loses a change.
+pub async fn forward_notifications(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&state.pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for desired-state changes; retrying");
+                if store::sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(store::DESIRED_STATE_CHANNEL).await {
+            tracing::warn!(%error, "LISTEN failed; retrying");
+            if store::sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                received = listener.recv() => match received {
+                    Ok(notification) => {
+                        if let Ok(node) = notification.payload().parse::<Uuid>() {
+                            let _ = state.desired_changed.send(node);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "lost the notification connection; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::types::GpuInventory;
+    use super::*;
+
+    #[test]
+    fn register_validation_names_fields() {
+        let gpu = |index, id: u128, mem| GpuInventory {
+            id: Uuid::from_u128(id),
+            index,
+            name: "H100".into(),
+            memory_total_bytes: mem,
+            pci_bus_id: None,
+        };
+        let request = RegisterRequest {
+            hostname: "bad host".into(),
+            agent_version: None,
+            frontend_addr: None,
+            peer_addr: None,
+            addresses: vec![],
+            cpu_slots: -1,
+            labels: Default::default(),
+            gpus: vec![gpu(0, 1, 1), gpu(0, 1, 0)],
+            public_key: None,
+        };
+        let names: Vec<String> = validate_register(&request)
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "hostname",
+                "cpu_slots",
+                "gpus[1].index",
+                "gpus[1].id",
+                "gpus[1].memory_total_bytes"
+            ]
+        );
+        assert!(valid_hostname("gpu-node-01.dc1"));
+        assert!(!valid_hostname("-x"));
+    }
+}

@@ -1,0 +1,536 @@
+//! Models and deployments: what the fleet should serve. Validation collects every problem
+//! with its field before anything is written, so a bad request changes nothing.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::extract::{ApiJson, Caller, Operate, Read, parse_uuid};
+use super::problem::{ApiError, InvalidParam, Problem};
+use super::types::{
+    Deployment, DeploymentMode, DeploymentPatch, Model, NewDeployment, NewModel, Page, PageQuery,
+    PlacementConstraints, SlaTargets,
+};
+use super::{page, page_limit, uuid_cursor};
+use crate::AppState;
+use crate::auth::Principal;
+use crate::store::{self, AuditEntry};
+
+const MODEL_COLUMNS: &str =
+    "id, name, format, path, block_size, context_length, memory_bytes, created_at, updated_at";
+const DEPLOYMENT_COLUMNS: &str = "d.id, d.name, d.model_id, m.name AS model, d.mode, d.ttft_target_ms,
+    d.itl_target_ms, d.min_workers, d.max_workers, d.placement, d.generation, d.created_at, d.updated_at";
+
+fn valid_model_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(b))
+}
+
+fn valid_deployment_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.first().is_some_and(ok)
+        && bytes.last().is_some_and(ok)
+        && bytes.iter().all(|b| ok(b) || *b == b'-')
+}
+
+fn validate_model(new: &NewModel) -> Vec<InvalidParam> {
+    let mut problems = Vec::new();
+    if !valid_model_name(&new.name) {
+        problems.push(InvalidParam::new(
+            "name",
+            "must match [A-Za-z0-9][A-Za-z0-9._:/-]{0,127}",
+        ));
+    }
+    if new.path.trim().is_empty() {
+        problems.push(InvalidParam::new("path", "must not be empty"));
+    }
+    if new.block_size.is_some_and(|b| !(1..=1024).contains(&b)) {
+        problems.push(InvalidParam::new("block_size", "must be from 1 to 1024"));
+    }
+    if new.context_length.is_some_and(|c| c <= 0) {
+        problems.push(InvalidParam::new("context_length", "must be above 0"));
+    }
+    if new.memory_bytes.is_some_and(|m| m <= 0) {
+        problems.push(InvalidParam::new("memory_bytes", "must be above 0"));
+    }
+    problems
+}
+
+/// The deployment rules that do not need the database.
+pub fn validate_deployment_fields(
+    min_workers: i32,
+    max_workers: i32,
+    sla: &SlaTargets,
+    placement: &PlacementConstraints,
+) -> Vec<InvalidParam> {
+    let mut problems = Vec::new();
+    if min_workers < 0 {
+        problems.push(InvalidParam::new("min_workers", "must be 0 or more"));
+    }
+    if max_workers < 1 {
+        problems.push(InvalidParam::new("max_workers", "must be 1 or more"));
+    }
+    if min_workers > max_workers {
+        problems.push(InvalidParam::new(
+            "min_workers",
+            "must not exceed max_workers",
+        ));
+    }
+    if sla.ttft_ms.is_some_and(|v| v <= 0) {
+        problems.push(InvalidParam::new("sla.ttft_ms", "must be above 0"));
+    }
+    if sla.itl_ms.is_some_and(|v| v <= 0) {
+        problems.push(InvalidParam::new("sla.itl_ms", "must be above 0"));
+    }
+    if placement
+        .gpu_name
+        .as_deref()
+        .is_some_and(|g| g.trim().is_empty())
+    {
+        problems.push(InvalidParam::new("placement.gpu_name", "must not be empty"));
+    }
+    if placement.node_labels.keys().any(|k| k.is_empty()) {
+        problems.push(InvalidParam::new(
+            "placement.node_labels",
+            "label names must not be empty",
+        ));
+    }
+    problems
+}
+
+fn audit_entry<'a>(
+    caller: &'a Principal,
+    action: &'a str,
+    target_type: &'a str,
+    id: Uuid,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> AuditEntry<'a> {
+    AuditEntry {
+        actor_token: Some(caller.token_id),
+        actor: &caller.actor,
+        action,
+        target_type,
+        target_id: Some(id.to_string()),
+        before,
+        after,
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Option<serde_json::Value> {
+    serde_json::to_value(value).ok()
+}
+
+/// List models (viewer+).
+#[utoipa::path(get, path = "/api/v1/models", params(PageQuery), tag = "models",
+    responses((status = 200, body = Page<Model>), (status = 401, body = Problem)))]
+pub async fn list_models(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    super::extract::ApiQuery(paging): super::extract::ApiQuery<PageQuery>,
+) -> Result<Json<Page<Model>>, ApiError> {
+    let limit = page_limit(&paging)?;
+    let rows: Vec<Model> = sqlx::query_as(sql!(
+        "SELECT {MODEL_COLUMNS} FROM models WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2"
+    ))
+    .bind(uuid_cursor(&paging)?)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(page(rows, limit, |m| m.id.to_string())))
+}
+
+async fn fetch_model(conn: &mut PgConnection, id: Uuid) -> Result<Model, ApiError> {
+    sqlx::query_as(sql!("SELECT {MODEL_COLUMNS} FROM models WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found("model", id))
+}
+
+/// Register a model (operator+).
+#[utoipa::path(post, path = "/api/v1/models", request_body = NewModel, tag = "models",
+    responses((status = 201, body = Model), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn create_model(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    ApiJson(new): ApiJson<NewModel>,
+) -> Result<(StatusCode, Json<Model>), ApiError> {
+    let problems = validate_model(&new);
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+    let id = Uuid::new_v4();
+    let mut tx = state.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO models (id, name, format, path, block_size, context_length, memory_bytes)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(&new.name)
+    .bind(new.format)
+    .bind(&new.path)
+    .bind(new.block_size.unwrap_or(16))
+    .bind(new.context_length)
+    .bind(new.memory_bytes)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match ApiError::from(e) {
+        ApiError::Conflict(_) => ApiError::Conflict(format!("a model named {:?} exists", new.name)),
+        other => other,
+    })?;
+    let model = fetch_model(&mut tx, id).await?;
+    store::audit(
+        &mut tx,
+        audit_entry(
+            &caller.principal,
+            "model.create",
+            "model",
+            id,
+            None,
+            to_json(&model),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(model)))
+}
+
+/// Get one model (viewer+).
+#[utoipa::path(get, path = "/api/v1/models/{id}", tag = "models",
+    responses((status = 200, body = Model), (status = 404, body = Problem)))]
+pub async fn get_model(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    let id = parse_uuid("model", &id)?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(fetch_model(&mut conn, id).await?))
+}
+
+/// Delete a model no deployment uses (operator+).
+#[utoipa::path(delete, path = "/api/v1/models/{id}", tag = "models",
+    responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn delete_model(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_uuid("model", &id)?;
+    let mut tx = state.pool.begin().await?;
+    let before = fetch_model(&mut tx, id).await?;
+    sqlx::query("DELETE FROM models WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError::Conflict(_) => ApiError::Conflict(format!(
+                "model {:?} is used by a deployment; delete the deployment first",
+                before.name
+            )),
+            other => other,
+        })?;
+    store::audit(
+        &mut tx,
+        audit_entry(
+            &caller.principal,
+            "model.delete",
+            "model",
+            id,
+            to_json(&before),
+            None,
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// List deployments (viewer+).
+#[utoipa::path(get, path = "/api/v1/deployments", params(PageQuery), tag = "deployments",
+    responses((status = 200, body = Page<Deployment>), (status = 401, body = Problem)))]
+pub async fn list_deployments(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    super::extract::ApiQuery(paging): super::extract::ApiQuery<PageQuery>,
+) -> Result<Json<Page<Deployment>>, ApiError> {
+    let limit = page_limit(&paging)?;
+    let rows: Vec<Deployment> = sqlx::query_as(sql!(
+        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d JOIN models m ON m.id = d.model_id
+         WHERE ($1::uuid IS NULL OR d.id > $1) ORDER BY d.id LIMIT $2"
+    ))
+    .bind(uuid_cursor(&paging)?)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(page(rows, limit, |d| d.id.to_string())))
+}
+
+async fn fetch_deployment(
+    conn: &mut PgConnection,
+    id: Uuid,
+    lock: bool,
+) -> Result<Deployment, ApiError> {
+    let lock = if lock { "FOR UPDATE OF d" } else { "" };
+    sqlx::query_as(sql!(
+        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d JOIN models m ON m.id = d.model_id
+         WHERE d.id = $1 {lock}"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| ApiError::not_found("deployment", id))
+}
+
+/// Create a deployment (operator+). `model` is a model's name or id.
+#[utoipa::path(post, path = "/api/v1/deployments", request_body = NewDeployment, tag = "deployments",
+    responses((status = 201, body = Deployment), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn create_deployment(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    ApiJson(new): ApiJson<NewDeployment>,
+) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+    let mut problems = Vec::new();
+    if !valid_deployment_name(&new.name) {
+        problems.push(InvalidParam::new(
+            "name",
+            "must match [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+        ));
+    }
+    let mut tx = state.pool.begin().await?;
+    let model: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM models WHERE name = $1 OR id::text = $1")
+            .bind(&new.model)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if model.is_none() {
+        problems.push(InvalidParam::new(
+            "model",
+            format!("no model named {:?}", new.model),
+        ));
+    }
+    problems.extend(validate_deployment_fields(
+        new.min_workers,
+        new.max_workers,
+        &new.sla,
+        &new.placement,
+    ));
+    let Some(model) = model.filter(|_| problems.is_empty()) else {
+        return Err(ApiError::Validation(problems));
+    };
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO deployments (id, name, model_id, mode, ttft_target_ms, itl_target_ms,
+             min_workers, max_workers, placement)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(id)
+    .bind(&new.name)
+    .bind(model)
+    .bind(new.mode)
+    .bind(new.sla.ttft_ms)
+    .bind(new.sla.itl_ms)
+    .bind(new.min_workers)
+    .bind(new.max_workers)
+    .bind(sqlx::types::Json(&new.placement))
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match ApiError::from(e) {
+        ApiError::Conflict(_) => {
+            ApiError::Conflict(format!("a deployment named {:?} exists", new.name))
+        }
+        other => other,
+    })?;
+    let deployment = fetch_deployment(&mut tx, id, false).await?;
+    store::audit(
+        &mut tx,
+        audit_entry(
+            &caller.principal,
+            "deployment.create",
+            "deployment",
+            id,
+            None,
+            to_json(&deployment),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(deployment)))
+}
+
+/// Get one deployment (viewer+).
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments",
+    responses((status = 200, body = Deployment), (status = 404, body = Problem)))]
+pub async fn get_deployment(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Deployment>, ApiError> {
+    let id = parse_uuid("deployment", &id)?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(fetch_deployment(&mut conn, id, false).await?))
+}
+
+/// Change a deployment's mode, SLA targets, worker bounds or placement (operator+).
+#[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, tag = "deployments",
+    responses((status = 200, body = Deployment), (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn update_deployment(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<DeploymentPatch>,
+) -> Result<Json<Deployment>, ApiError> {
+    let id = parse_uuid("deployment", &id)?;
+    let mut tx = state.pool.begin().await?;
+    let before = fetch_deployment(&mut tx, id, true).await?;
+    let mode: DeploymentMode = patch.mode.unwrap_or(before.mode);
+    let sla = patch.sla.unwrap_or(before.sla);
+    let min_workers = patch.min_workers.unwrap_or(before.min_workers);
+    let max_workers = patch.max_workers.unwrap_or(before.max_workers);
+    let placement = patch
+        .placement
+        .clone()
+        .unwrap_or_else(|| before.placement.clone());
+    let problems = validate_deployment_fields(min_workers, max_workers, &sla, &placement);
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+    sqlx::query(
+        "UPDATE deployments SET mode = $2, ttft_target_ms = $3, itl_target_ms = $4,
+             min_workers = $5, max_workers = $6, placement = $7, generation = generation + 1,
+             updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(mode)
+    .bind(sla.ttft_ms)
+    .bind(sla.itl_ms)
+    .bind(min_workers)
+    .bind(max_workers)
+    .bind(sqlx::types::Json(&placement))
+    .execute(&mut *tx)
+    .await?;
+    let after = fetch_deployment(&mut tx, id, false).await?;
+    store::audit(
+        &mut tx,
+        audit_entry(
+            &caller.principal,
+            "deployment.update",
+            "deployment",
+            id,
+            to_json(&before),
+            to_json(&after),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(after))
+}
+
+/// Delete a deployment; its workers disappear from their nodes' desired state, so agents stop
+/// them (operator+).
+#[utoipa::path(delete, path = "/api/v1/deployments/{id}", tag = "deployments",
+    responses((status = 204), (status = 404, body = Problem)))]
+pub async fn delete_deployment(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_uuid("deployment", &id)?;
+    let mut tx = state.pool.begin().await?;
+    let before = fetch_deployment(&mut tx, id, true).await?;
+    let nodes: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT node_id FROM workers WHERE deployment_id = $1 AND desired_state <> 'stopped'",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM deployments WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    for node in nodes {
+        store::bump_generation(&mut tx, node).await?;
+    }
+    store::audit(
+        &mut tx,
+        audit_entry(
+            &caller.principal,
+            "deployment.delete",
+            "deployment",
+            id,
+            to_json(&before),
+            None,
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_table() {
+        for (name, model_ok, deployment_ok) in [
+            ("chat", true, true),
+            ("chat-2", true, true),
+            ("Chat", true, false),
+            ("-chat", false, false),
+            ("chat-", true, false),
+            ("meta/llama:3.1", true, false),
+            ("", false, false),
+            ("a b", false, false),
+        ] {
+            assert_eq!(valid_model_name(name), model_ok, "model {name:?}");
+            assert_eq!(
+                valid_deployment_name(name),
+                deployment_ok,
+                "deployment {name:?}"
+            );
+        }
+        assert!(!valid_deployment_name(&"a".repeat(64)));
+        assert!(valid_deployment_name(&"a".repeat(63)));
+    }
+
+    #[test]
+    fn deployment_fields_table() {
+        let sla = |t, i| SlaTargets {
+            ttft_ms: t,
+            itl_ms: i,
+        };
+        let none = PlacementConstraints::default();
+        let cases: Vec<(i32, i32, SlaTargets, Vec<&str>)> = vec![
+            (1, 2, sla(Some(200), Some(20)), vec![]),
+            (0, 1, sla(None, None), vec![]),
+            (3, 2, sla(None, None), vec!["min_workers"]),
+            (-1, 0, sla(None, None), vec!["min_workers", "max_workers"]),
+            (
+                1,
+                1,
+                sla(Some(-5), Some(0)),
+                vec!["sla.ttft_ms", "sla.itl_ms"],
+            ),
+        ];
+        for (min, max, sla, want) in cases {
+            let got: Vec<String> = validate_deployment_fields(min, max, &sla, &none)
+                .into_iter()
+                .map(|p| p.name)
+                .collect();
+            assert_eq!(got, want, "{min} {max} {sla:?}");
+        }
+    }
+}

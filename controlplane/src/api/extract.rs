@@ -1,0 +1,232 @@
+//! Request extractors whose rejections are problem JSON: the caller (authenticated and
+//! authorized before the body is read), JSON bodies (errors name the field), query strings and
+//! path ids.
+
+use std::marker::PhantomData;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::problem::{ApiError, InvalidParam};
+use crate::auth::{self, Permission, Principal};
+
+/// A permission as a type, so a handler's signature says what it needs.
+pub trait Needs: Send + Sync + 'static {
+    const PERMISSION: Permission;
+}
+
+macro_rules! needs {
+    ($($name:ident),+) => {$(
+        #[doc = concat!("Marker: the route needs `Permission::", stringify!($name), "`.")]
+        #[derive(Debug)]
+        pub struct $name;
+        impl Needs for $name {
+            const PERMISSION: Permission = Permission::$name;
+        }
+    )+};
+}
+needs!(Read, Operate, Admin, Agent, Register);
+
+/// The authenticated caller, already checked for `N`'s permission. Extracted from the request
+/// head, so an unauthorized caller is refused before its body is even parsed.
+#[derive(Debug)]
+pub struct Caller<N> {
+    pub principal: Principal,
+    _needs: PhantomData<N>,
+}
+
+impl<N: Needs> FromRequestParts<AppState> for Caller<N> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| ApiError::Unauthorized(auth::AuthError::Malformed))
+            })
+            .transpose()?;
+        let mut conn = state.pool.acquire().await?;
+        let principal = auth::authenticate(&mut conn, header).await?;
+        if !principal.role.allows(N::PERMISSION) {
+            return Err(ApiError::Forbidden {
+                role: principal.role,
+                needed: N::PERMISSION,
+            });
+        }
+        Ok(Caller {
+            principal,
+            _needs: PhantomData,
+        })
+    }
+}
+
+/// A JSON body. Syntax errors → 400; well-formed JSON that does not fit the type (unknown
+/// field, missing field, wrong type) → 422 naming the field.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                let essence = v.split(';').next().unwrap_or("").trim();
+                essence == "application/json" || essence.ends_with("+json")
+            });
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Deserializes `bytes`, turning serde's error into a problem that names the field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
+    let value = result.map_err(|error| {
+        let inner = error.inner();
+        if inner.is_syntax() || inner.is_eof() || inner.is_io() {
+            return ApiError::BadRequest(format!("the body is not valid JSON: {inner}"));
+        }
+        let path = error.path().to_string();
+        let message = inner.to_string();
+        let message = strip_position(&message);
+        let name = match unknown_field(message) {
+            Some(field) if path == "." || path.is_empty() => field.to_owned(),
+            // serde_path_to_error already ends the path with the unknown field.
+            Some(field) if path == field || path.ends_with(&format!(".{field}")) => path,
+            Some(field) => format!("{path}.{field}"),
+            None if path == "." => missing_field(message).unwrap_or("body").to_owned(),
+            None => match missing_field(message) {
+                Some(field) => format!("{path}.{field}"),
+                None => path,
+            },
+        };
+        ApiError::Validation(vec![InvalidParam::new(name, message.to_owned())])
+    })?;
+    deserializer.end().map_err(|e| {
+        ApiError::BadRequest(format!("trailing characters after the JSON body: {e}"))
+    })?;
+    Ok(value)
+}
+
+/// "unknown field `colour`, expected one of ..." → `colour`.
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// "missing field `model`" → `model`.
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("missing field `")?;
+    rest.split('`').next()
+}
+
+/// serde_json appends " at line 1 column 42"; the field path says more.
+fn strip_position(message: &str) -> &str {
+    match message.rfind(" at line ") {
+        Some(index) => &message[..index],
+        None => message,
+    }
+}
+
+/// A query string; a parameter that does not parse → 422 naming it (as far as serde says).
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| ApiQuery(q.0))
+            .map_err(|rejection| {
+                let text = rejection.body_text();
+                let name = text
+                    .split('`')
+                    .nth(1)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("query {query:?}"));
+                ApiError::Validation(vec![InvalidParam::new(name, text)])
+            })
+    }
+}
+
+/// Parses a UUID path segment (a malformed id is a 404: no such resource can exist).
+pub fn parse_uuid(kind: &'static str, text: &str) -> Result<uuid::Uuid, ApiError> {
+    text.parse().map_err(|_| ApiError::not_found(kind, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::types::NewDeployment;
+
+    fn field_of(body: &str) -> (u16, Vec<String>) {
+        match parse_json::<NewDeployment>(body.as_bytes()) {
+            Ok(_) => (200, vec![]),
+            Err(error) => {
+                let problem = error.to_problem();
+                (
+                    problem.status,
+                    problem.invalid_params.into_iter().map(|p| p.name).collect(),
+                )
+            }
+        }
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let cases: &[(&str, u16, &[&str])] = &[
+            (r#"{"name":"a","model":"m"}"#, 200, &[]),
+            (r#"{"name":"a","model":"m","colour":1}"#, 422, &["colour"]),
+            (
+                r#"{"name":"a","model":"m","sla":{"ttft":5}}"#,
+                422,
+                &["sla.ttft"],
+            ),
+            (
+                r#"{"name":"a","model":"m","sla":{"ttft_ms":"fast"}}"#,
+                422,
+                &["sla.ttft_ms"],
+            ),
+            (r#"{"name":"a"}"#, 422, &["model"]),
+            (
+                r#"{"name":"a","model":"m","mode":"sharded"}"#,
+                422,
+                &["mode"],
+            ),
+            (
+                r#"{"name":"a","model":"m","placement":{"zone":"x"}}"#,
+                422,
+                &["placement.zone"],
+            ),
+            (
+                r#"{"name":"a","model":"m","min_workers":-1.5}"#,
+                422,
+                &["min_workers"],
+            ),
+            (r#"{"name":"a","#, 400, &[]),
+            (r#"{"name":"a","model":"m"} x"#, 400, &[]),
+        ];
+        for (body, status, fields) in cases {
+            let (got_status, got_fields) = field_of(body);
+            assert_eq!(got_status, *status, "{body}");
+            assert_eq!(got_fields, *fields, "{body}");
+        }
+    }
+}

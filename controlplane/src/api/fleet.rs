@@ -1,0 +1,435 @@
+//! Nodes, GPUs, workers and their metrics: what the fleet is and what it is doing.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use chrono::Utc;
+use serde::Deserialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::extract::{Admin, ApiQuery, Caller, Operate, Read, parse_uuid};
+use super::problem::{ApiError, Problem};
+use super::types::{Gpu, MetricsQuery, MetricsSeries, Node, NodeState, Page, PageQuery, Worker};
+use super::{i64_cursor, page, page_limit, uuid_cursor};
+use crate::AppState;
+use crate::metrics::{self, Scope};
+use crate::store::{self, AuditEntry};
+
+/// The columns of [`Node`], for every query that returns nodes.
+pub(crate) const NODE_COLUMNS: &str = "n.id, n.hostname, n.state, n.cordoned, n.draining, n.labels,
+    n.frontend_addr, n.peer_addr, n.addresses, n.agent_version, n.cpu_slots,
+    (SELECT count(*) FROM gpus g WHERE g.node_id = n.id) AS gpu_count, n.desired_generation,
+    n.last_heartbeat_at, n.state_changed_at, n.created_at, n.updated_at";
+
+const GPU_COLUMNS: &str = "id, node_id, device_index, name, memory_total_bytes, memory_used_bytes, utilization, pci_bus_id";
+
+pub(crate) const WORKER_COLUMNS: &str = "id, deployment_id, node_id, gpu_id, role, desired_state,
+    observed_state, observed_at, created_at, updated_at";
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NodeFilter {
+    /// Only nodes in this state.
+    pub state: Option<NodeState>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// List nodes (viewer+).
+#[utoipa::path(get, path = "/api/v1/nodes", params(NodeFilter), tag = "nodes",
+    responses((status = 200, body = Page<Node>), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn list_nodes(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    ApiQuery(filter): ApiQuery<NodeFilter>,
+) -> Result<Json<Page<Node>>, ApiError> {
+    let paging = PageQuery {
+        limit: filter.limit,
+        cursor: filter.cursor,
+    };
+    let limit = page_limit(&paging)?;
+    let rows: Vec<Node> = sqlx::query_as(sql!(
+        "SELECT {NODE_COLUMNS} FROM nodes n
+         WHERE ($1::uuid IS NULL OR n.id > $1) AND ($2::text IS NULL OR n.state = $2)
+         ORDER BY n.id LIMIT $3"
+    ))
+    .bind(uuid_cursor(&paging)?)
+    .bind(filter.state)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(page(rows, limit, |n| n.id.to_string())))
+}
+
+pub(crate) async fn fetch_node(
+    conn: &mut PgConnection,
+    id: Uuid,
+    lock: bool,
+) -> Result<Node, ApiError> {
+    let lock = if lock { "FOR UPDATE" } else { "" };
+    sqlx::query_as(sql!(
+        "SELECT {NODE_COLUMNS} FROM nodes n WHERE n.id = $1 {lock}"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| ApiError::not_found("node", id))
+}
+
+/// Get one node (viewer+).
+#[utoipa::path(get, path = "/api/v1/nodes/{id}", tag = "nodes",
+    responses((status = 200, body = Node), (status = 404, body = Problem)))]
+pub async fn get_node(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    let id = parse_uuid("node", &id)?;
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(fetch_node(&mut conn, id, false).await?))
+}
+
+/// Applies `change` (a SET clause) to a node, with its audit row, in one transaction.
+async fn change_node(
+    state: &AppState,
+    caller: &crate::auth::Principal,
+    id: &str,
+    action: &str,
+    set: &str,
+    bump: bool,
+) -> Result<Json<Node>, ApiError> {
+    let id = parse_uuid("node", id)?;
+    let mut tx = state.pool.begin().await?;
+    let before = fetch_node(&mut tx, id, true).await?;
+    if before.state == NodeState::Removed {
+        return Err(ApiError::Conflict(format!("node {id} has been removed")));
+    }
+    sqlx::query(sql!(
+        "UPDATE nodes SET {set}, updated_at = now() WHERE id = $1"
+    ))
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    if bump {
+        store::bump_generation(&mut tx, id).await?;
+    }
+    let after = fetch_node(&mut tx, id, false).await?;
+    audit_node(&mut tx, caller, action, &before, &after).await?;
+    tx.commit().await?;
+    Ok(Json(after))
+}
+
+async fn audit_node(
+    tx: &mut PgConnection,
+    caller: &crate::auth::Principal,
+    action: &str,
+    before: &Node,
+    after: &Node,
+) -> Result<(), ApiError> {
+    let summary = |n: &Node| serde_json::json!({ "state": n.state, "cordoned": n.cordoned, "draining": n.draining });
+    store::audit(
+        tx,
+        AuditEntry {
+            actor_token: Some(caller.token_id),
+            actor: &caller.actor,
+            action,
+            target_type: "node",
+            target_id: Some(after.id.to_string()),
+            before: Some(summary(before)),
+            after: Some(summary(after)),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Cordon: place no new workers on the node (operator+).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/cordon", tag = "nodes",
+    responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn cordon_node(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    change_node(
+        &state,
+        &caller.principal,
+        &id,
+        "node.cordon",
+        "cordoned = true",
+        false,
+    )
+    .await
+}
+
+/// Uncordon: the node takes new workers again; ends a drain (operator+).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/uncordon", tag = "nodes",
+    responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn uncordon_node(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    change_node(
+        &state,
+        &caller.principal,
+        &id,
+        "node.uncordon",
+        "cordoned = false, draining = false",
+        true,
+    )
+    .await
+}
+
+/// Drain: cordon, and move the node's workers elsewhere (operator+).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", tag = "nodes",
+    responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn drain_node(
+    caller: Caller<Operate>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    change_node(
+        &state,
+        &caller.principal,
+        &id,
+        "node.drain",
+        "cordoned = true, draining = true",
+        true,
+    )
+    .await
+}
+
+/// Remove a node: its workers stop (and are replaced elsewhere), its agent credential and
+/// certificates are revoked, its GPUs forgotten (admin). Removing a removed node is a no-op.
+#[utoipa::path(delete, path = "/api/v1/nodes/{id}", tag = "nodes",
+    responses((status = 200, body = Node), (status = 404, body = Problem)))]
+pub async fn remove_node(
+    caller: Caller<Admin>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    let id = parse_uuid("node", &id)?;
+    let mut tx = state.pool.begin().await?;
+    let before = fetch_node(&mut tx, id, true).await?;
+    if before.state == NodeState::Removed {
+        return Ok(Json(before));
+    }
+    for statement in [
+        "UPDATE nodes SET state = 'removed', state_changed_at = now(), cordoned = true,
+             draining = false, updated_at = now() WHERE id = $1",
+        "UPDATE workers SET desired_state = 'stopped',
+             observed_state = CASE WHEN observed_state = 'stopped' THEN 'stopped' ELSE 'lost' END,
+             updated_at = now() WHERE node_id = $1 AND desired_state <> 'stopped'",
+        "UPDATE api_tokens SET revoked_at = now() WHERE node_id = $1 AND revoked_at IS NULL",
+        "UPDATE node_certificates SET revoked_at = now() WHERE node_id = $1 AND revoked_at IS NULL",
+        "DELETE FROM gpus WHERE node_id = $1",
+    ] {
+        sqlx::query(statement).bind(id).execute(&mut *tx).await?;
+    }
+    store::bump_generation(&mut tx, id).await?;
+    let after = fetch_node(&mut tx, id, false).await?;
+    audit_node(&mut tx, &caller.principal, "node.remove", &before, &after).await?;
+    tx.commit().await?;
+    Ok(Json(after))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GpuFilter {
+    pub node_id: Option<Uuid>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// List GPUs (viewer+).
+#[utoipa::path(get, path = "/api/v1/gpus", params(GpuFilter), tag = "gpus",
+    responses((status = 200, body = Page<Gpu>), (status = 401, body = Problem)))]
+pub async fn list_gpus(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    ApiQuery(filter): ApiQuery<GpuFilter>,
+) -> Result<Json<Page<Gpu>>, ApiError> {
+    let paging = PageQuery {
+        limit: filter.limit,
+        cursor: filter.cursor,
+    };
+    let limit = page_limit(&paging)?;
+    let rows: Vec<Gpu> = sqlx::query_as(sql!(
+        "SELECT {GPU_COLUMNS} FROM gpus WHERE ($1::uuid IS NULL OR id > $1)
+         AND ($2::uuid IS NULL OR node_id = $2) ORDER BY id LIMIT $3"
+    ))
+    .bind(uuid_cursor(&paging)?)
+    .bind(filter.node_id)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(page(rows, limit, |g| g.id.to_string())))
+}
+
+/// Get one GPU (viewer+).
+#[utoipa::path(get, path = "/api/v1/gpus/{id}", tag = "gpus",
+    responses((status = 200, body = Gpu), (status = 404, body = Problem)))]
+pub async fn get_gpu(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Gpu>, ApiError> {
+    let id = parse_uuid("gpu", &id)?;
+    sqlx::query_as(sql!("SELECT {GPU_COLUMNS} FROM gpus WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("gpu", id))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WorkerFilter {
+    pub deployment_id: Option<Uuid>,
+    pub node_id: Option<Uuid>,
+    /// Include stopped workers (default: only live ones).
+    pub include_stopped: Option<bool>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// List workers (viewer+).
+#[utoipa::path(get, path = "/api/v1/workers", params(WorkerFilter), tag = "workers",
+    responses((status = 200, body = Page<Worker>), (status = 401, body = Problem)))]
+pub async fn list_workers(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    ApiQuery(filter): ApiQuery<WorkerFilter>,
+) -> Result<Json<Page<Worker>>, ApiError> {
+    let paging = PageQuery {
+        limit: filter.limit,
+        cursor: filter.cursor,
+    };
+    let limit = page_limit(&paging)?;
+    let rows: Vec<Worker> = sqlx::query_as(sql!(
+        "SELECT {WORKER_COLUMNS} FROM workers WHERE ($1::bigint IS NULL OR id > $1)
+         AND ($2::uuid IS NULL OR deployment_id = $2) AND ($3::uuid IS NULL OR node_id = $3)
+         AND ($4 OR desired_state <> 'stopped') ORDER BY id LIMIT $5"
+    ))
+    .bind(i64_cursor(&paging)?)
+    .bind(filter.deployment_id)
+    .bind(filter.node_id)
+    .bind(filter.include_stopped.unwrap_or(false))
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(page(rows, limit, |w| w.id.to_string())))
+}
+
+fn parse_worker_id(text: &str) -> Result<i64, ApiError> {
+    text.strip_prefix('w')
+        .unwrap_or(text)
+        .parse()
+        .map_err(|_| ApiError::not_found("worker", text))
+}
+
+/// Get one worker (viewer+).
+#[utoipa::path(get, path = "/api/v1/workers/{id}", tag = "workers",
+    responses((status = 200, body = Worker), (status = 404, body = Problem)))]
+pub async fn get_worker(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Worker>, ApiError> {
+    let id = parse_worker_id(&id)?;
+    sqlx::query_as(sql!("SELECT {WORKER_COLUMNS} FROM workers WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("worker", id))
+}
+
+fn window(
+    query: &MetricsQuery,
+) -> Result<(chrono::DateTime<Utc>, chrono::DateTime<Utc>, i64), ApiError> {
+    let until = query.until.unwrap_or_else(Utc::now);
+    let since = query.since.unwrap_or(until - chrono::Duration::hours(1));
+    let step = query.step_s.unwrap_or(60);
+    let mut problems = Vec::new();
+    if since >= until {
+        problems.push(super::problem::InvalidParam::new(
+            "since",
+            "must be before until",
+        ));
+    }
+    if step < 1 {
+        problems.push(super::problem::InvalidParam::new(
+            "step_s",
+            "must be at least 1",
+        ));
+    } else if (until - since).num_seconds() / step > 10_000 {
+        problems.push(super::problem::InvalidParam::new(
+            "step_s",
+            "too small for the window (at most 10000 buckets)",
+        ));
+    }
+    if problems.is_empty() {
+        Ok((since, until, step))
+    } else {
+        Err(ApiError::Validation(problems))
+    }
+}
+
+/// A worker's metrics over time (viewer+).
+#[utoipa::path(get, path = "/api/v1/metrics/workers/{id}", params(MetricsQuery), tag = "metrics",
+    responses((status = 200, body = MetricsSeries), (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn worker_metrics(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<MetricsQuery>,
+) -> Result<Json<MetricsSeries>, ApiError> {
+    let id = parse_worker_id(&id)?;
+    let (since, until, step) = window(&query)?;
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM workers WHERE id = $1)
+             OR EXISTS (SELECT 1 FROM worker_metrics_rollup WHERE worker_id = $1)",
+    )
+    .bind(id)
+    .fetch_one(&state.pool)
+    .await?;
+    if !exists {
+        return Err(ApiError::not_found("worker", id));
+    }
+    let series = metrics::query(
+        &state.pool,
+        &state.config.metrics,
+        Scope::Worker(id),
+        since,
+        until,
+        step,
+    )
+    .await?;
+    Ok(Json(series))
+}
+
+/// A deployment's metrics over time, aggregated over its workers (viewer+).
+#[utoipa::path(get, path = "/api/v1/metrics/deployments/{id}", params(MetricsQuery), tag = "metrics",
+    responses((status = 200, body = MetricsSeries), (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn deployment_metrics(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<MetricsQuery>,
+) -> Result<Json<MetricsSeries>, ApiError> {
+    let id = parse_uuid("deployment", &id)?;
+    let (since, until, step) = window(&query)?;
+    let series = metrics::query(
+        &state.pool,
+        &state.config.metrics,
+        Scope::Deployment(id),
+        since,
+        until,
+        step,
+    )
+    .await?;
+    Ok(Json(series))
+}

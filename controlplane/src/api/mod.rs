@@ -1,0 +1,182 @@
+//! The REST API under `/api/v1`: routes, paging, the OpenAPI document.
+//!
+//! Every route names the permission it needs in its handler's signature (`Caller<Read>`, ...;
+//! the matrix is in [`crate::auth`]); every change writes an audit row in the transaction that
+//! makes it; every error is problem JSON ([`problem`]). Lists page with `limit` (default 100,
+//! at most [`MAX_PAGE_SIZE`]) and an opaque `cursor` (the previous page's `next_cursor`).
+//! `GET /api/v1/openapi.json`, `/api/v1/status` and `/api/v1/ca` need no token.
+
+pub mod admin;
+pub mod agent;
+pub mod catalog;
+pub mod extract;
+pub mod fleet;
+pub mod problem;
+pub mod types;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use crate::AppState;
+use problem::ApiError;
+use types::{Page, PageQuery};
+
+/// The largest `limit` a list accepts.
+pub const MAX_PAGE_SIZE: u32 = 500;
+/// The `limit` when none is given.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Request bodies above this are refused (413): inventories and heartbeats are small.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// All routes, ready to serve.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/status", get(admin::status))
+        .route("/ca", get(admin::ca))
+        .route("/nodes", get(fleet::list_nodes))
+        .route(
+            "/nodes/{id}",
+            get(fleet::get_node).delete(fleet::remove_node),
+        )
+        .route("/nodes/{id}/cordon", post(fleet::cordon_node))
+        .route("/nodes/{id}/uncordon", post(fleet::uncordon_node))
+        .route("/nodes/{id}/drain", post(fleet::drain_node))
+        .route("/gpus", get(fleet::list_gpus))
+        .route("/gpus/{id}", get(fleet::get_gpu))
+        .route("/workers", get(fleet::list_workers))
+        .route("/workers/{id}", get(fleet::get_worker))
+        .route(
+            "/models",
+            get(catalog::list_models).post(catalog::create_model),
+        )
+        .route(
+            "/models/{id}",
+            get(catalog::get_model).delete(catalog::delete_model),
+        )
+        .route(
+            "/deployments",
+            get(catalog::list_deployments).post(catalog::create_deployment),
+        )
+        .route(
+            "/deployments/{id}",
+            get(catalog::get_deployment)
+                .patch(catalog::update_deployment)
+                .delete(catalog::delete_deployment),
+        )
+        .route("/tokens", get(admin::list_tokens).post(admin::create_token))
+        .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
+        .route("/audit", get(admin::list_audit))
+        .route("/metrics/workers/{id}", get(fleet::worker_metrics))
+        .route("/metrics/deployments/{id}", get(fleet::deployment_metrics))
+        .route("/agent/register", post(agent::register))
+        .route("/agent/heartbeat", post(agent::heartbeat))
+        .route("/agent/desired-state", get(agent::desired_state))
+        .route("/agent/certificate", post(agent::renew_certificate))
+        .fallback(not_found);
+    Router::new()
+        .nest("/api/v1", v1)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found("route", uri.path())
+}
+
+async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+/// The page size a query asks for, checked against the documented maximum.
+pub fn page_limit(query: &PageQuery) -> Result<i64, ApiError> {
+    match query.limit {
+        None => Ok(i64::from(DEFAULT_PAGE_SIZE)),
+        Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(i64::from(n)),
+        Some(_) => Err(ApiError::invalid(
+            "limit",
+            format!("must be from 1 to {MAX_PAGE_SIZE}"),
+        )),
+    }
+}
+
+/// A cursor for lists keyed by UUID.
+pub fn uuid_cursor(query: &PageQuery) -> Result<Option<uuid::Uuid>, ApiError> {
+    query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse()
+                .map_err(|_| ApiError::invalid("cursor", "not a cursor this API issued"))
+        })
+        .transpose()
+}
+
+/// A cursor for lists keyed by a number.
+pub fn i64_cursor(query: &PageQuery) -> Result<Option<i64>, ApiError> {
+    query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse()
+                .map_err(|_| ApiError::invalid("cursor", "not a cursor this API issued"))
+        })
+        .transpose()
+}
+
+/// Builds a page from `limit + 1` fetched rows.
+pub fn page<T>(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(key)
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("kvf_<prefix>_<secret>")
+                    .description(Some(
+                        "Roles: admin, operator, viewer, agent, join. See the authorization matrix in docs.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers and wire types.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "kvfleet control plane", description = "Fleet inventory, deployments, agents. Errors are RFC 7807 problem JSON; lists page with limit (max 500) and cursor."),
+    paths(
+        admin::status, admin::ca,
+        fleet::list_nodes, fleet::get_node, fleet::cordon_node, fleet::uncordon_node,
+        fleet::drain_node, fleet::remove_node, fleet::list_gpus, fleet::get_gpu,
+        fleet::list_workers, fleet::get_worker, fleet::worker_metrics, fleet::deployment_metrics,
+        catalog::list_models, catalog::create_model, catalog::get_model, catalog::delete_model,
+        catalog::list_deployments, catalog::create_deployment, catalog::get_deployment,
+        catalog::update_deployment, catalog::delete_deployment,
+        admin::list_tokens, admin::create_token, admin::revoke_token, admin::list_audit,
+        agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
+    ),
+    components(schemas(problem::Problem, problem::InvalidParam)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+#[derive(Debug)]
+pub struct ApiDoc;

@@ -1,0 +1,370 @@
+//! Bearer tokens, roles and the authorization matrix.
+//!
+//! A token reads `kvf_<12 lowercase alphanumerics>_<43 base64url characters>`. The part up to
+//! the second underscore is the public *prefix*: stored in the clear (unique) to find the row,
+//! shown in listings and audit. The whole token is hashed with SHA-256 and only the hash is
+//! stored; the secret carries 256 random bits, so a fast hash is enough (no password
+//! stretching needed) and the plain token is shown exactly once, when it is created.
+//!
+//! Roles and what they may do (every route names one [`Permission`]; `require` checks it):
+//!
+//! | permission | admin | operator | viewer | agent | join |
+//! | --- | --- | --- | --- | --- | --- |
+//! | `Read` (GET fleet resources, metrics) | yes | yes | yes | no | no |
+//! | `Operate` (cordon/uncordon/drain, models, deployments) | yes | yes | no | no | no |
+//! | `Admin` (remove nodes, tokens, audit log) | yes | no | no | no | no |
+//! | `Agent` (heartbeat, watch, certificate renewal) | no | no | no | yes | no |
+//! | `Register` (agent registration) | no | no | no | yes | yes |
+//!
+//! No token, a malformed, unknown, expired or revoked token → 401; a valid token whose role
+//! lacks the permission → 403.
+
+use std::fmt;
+
+use base64::Engine as _;
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// What a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    Read,
+    Operate,
+    Admin,
+    Agent,
+    Register,
+}
+
+/// A token's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Operator,
+    Viewer,
+    /// A node's agent credential (one per node, minted at registration).
+    Agent,
+    /// A join token: lets new nodes register, nothing else.
+    Join,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Admin,
+        Role::Operator,
+        Role::Viewer,
+        Role::Agent,
+        Role::Join,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+            Role::Agent => "agent",
+            Role::Join => "join",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
+    /// The authorization matrix (see the module docs).
+    pub fn allows(self, permission: Permission) -> bool {
+        use Permission as P;
+        use Role as R;
+        matches!(
+            (self, permission),
+            (R::Admin, P::Read | P::Operate | P::Admin)
+                | (R::Operator, P::Read | P::Operate)
+                | (R::Viewer, P::Read)
+                | (R::Agent, P::Agent | P::Register)
+                | (R::Join, P::Register)
+        )
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::parse(s).ok_or_else(|| format!("unknown role {s:?}"))
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who is calling: the token row that authenticated the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub token_id: Uuid,
+    /// `name (prefix)`: what the audit log records as the actor.
+    pub actor: String,
+    pub role: Role,
+    /// Set for agent credentials.
+    pub node_id: Option<Uuid>,
+}
+
+/// A token split into its public prefix; the full text is what gets hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedToken<'a> {
+    pub prefix: &'a str,
+    pub full: &'a str,
+}
+
+/// Why a bearer token was not accepted (all become 401; the detail helps the operator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token (send `Authorization: Bearer kvf_...`)")]
+    Missing,
+    #[error("the bearer token is malformed")]
+    Malformed,
+    #[error("the bearer token is not known")]
+    Unknown,
+    #[error("the bearer token has been revoked")]
+    Revoked,
+    #[error("the bearer token has expired")]
+    Expired,
+}
+
+const PREFIX_ID_LEN: usize = 12;
+const SECRET_LEN: usize = 43; // 32 bytes, base64url without padding
+
+/// Splits and checks the shape of a token.
+pub fn parse_token(text: &str) -> Result<ParsedToken<'_>, AuthError> {
+    let rest = text.strip_prefix("kvf_").ok_or(AuthError::Malformed)?;
+    let (id, secret) = rest.split_once('_').ok_or(AuthError::Malformed)?;
+    let id_ok = id.len() == PREFIX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let secret_ok = secret.len() == SECRET_LEN
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !(id_ok && secret_ok) {
+        return Err(AuthError::Malformed);
+    }
+    Ok(ParsedToken {
+        prefix: &text[..4 + PREFIX_ID_LEN],
+        full: text,
+    })
+}
+
+/// A fresh random token.
+pub fn generate_token() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let id: String = (0..PREFIX_ID_LEN)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect();
+    let secret: [u8; 32] = rng.random();
+    format!(
+        "kvf_{id}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    )
+}
+
+/// SHA-256 of the whole token text.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Compares digests without an early exit, so timing says nothing about how much matched.
+fn digests_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Looks a token up and checks it is live.
+pub async fn authenticate(
+    conn: &mut PgConnection,
+    header: Option<&str>,
+) -> Result<Principal, AuthFailure> {
+    let header = header.ok_or(AuthFailure::Denied(AuthError::Missing))?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(AuthFailure::Denied(AuthError::Malformed))?
+        .trim();
+    let parsed = parse_token(token).map_err(AuthFailure::Denied)?;
+    type Row = (
+        Uuid,
+        String,
+        String,
+        Vec<u8>,
+        Option<Uuid>,
+        bool,
+        bool,
+        bool,
+    );
+    // last_used_at is written at most once a minute: a heartbeat per second per agent must not
+    // turn every authentication into a row update.
+    let row: Option<Row> = sqlx::query_as(
+        "WITH found AS (
+             SELECT id, name, role, secret_hash, node_id,
+                    revoked_at IS NOT NULL AS revoked,
+                    expires_at IS NOT NULL AND expires_at <= now() AS expired,
+                    last_used_at IS NULL OR last_used_at < now() - interval '1 minute' AS stale
+             FROM api_tokens WHERE prefix = $1
+         )
+         SELECT id, name, role, secret_hash, node_id, revoked, expired, stale FROM found",
+    )
+    .bind(parsed.prefix)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(AuthFailure::Database)?;
+    let (id, name, role, secret_hash, node_id, revoked, expired, stale) =
+        row.ok_or(AuthFailure::Denied(AuthError::Unknown))?;
+    if !digests_equal(&secret_hash, &hash_token(parsed.full)) {
+        return Err(AuthFailure::Denied(AuthError::Unknown));
+    }
+    if revoked {
+        return Err(AuthFailure::Denied(AuthError::Revoked));
+    }
+    if expired {
+        return Err(AuthFailure::Denied(AuthError::Expired));
+    }
+    if stale {
+        sqlx::query("UPDATE api_tokens SET last_used_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(AuthFailure::Database)?;
+    }
+    let role = Role::parse(&role).ok_or(AuthFailure::Denied(AuthError::Unknown))?;
+    Ok(Principal {
+        token_id: id,
+        actor: format!("{name} ({})", parsed.prefix),
+        role,
+        node_id,
+    })
+}
+
+/// Authentication failed because of the token, or because the database could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFailure {
+    #[error(transparent)]
+    Denied(AuthError),
+    #[error(transparent)]
+    Database(sqlx::Error),
+}
+
+/// A token row to insert; the caller writes the audit entry in the same transaction.
+#[derive(Debug, Clone)]
+pub struct NewToken<'a> {
+    pub name: &'a str,
+    pub role: Role,
+    pub node_id: Option<Uuid>,
+    pub created_by: Option<Uuid>,
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Inserts a token and returns `(id, plain token)`; the plain text is never stored.
+pub async fn insert_token(
+    conn: &mut PgConnection,
+    new: &NewToken<'_>,
+    token: Option<&str>,
+) -> Result<(Uuid, String), sqlx::Error> {
+    let token = token.map_or_else(generate_token, str::to_owned);
+    let prefix = parse_token(&token)
+        .map(|p| p.prefix.to_owned())
+        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO api_tokens (id, name, role, prefix, secret_hash, node_id, created_by, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(id)
+    .bind(new.name)
+    .bind(new.role.as_str())
+    .bind(&prefix)
+    .bind(hash_token(&token).to_vec())
+    .bind(new.node_id)
+    .bind(new.created_by)
+    .bind(new.expires_at)
+    .execute(conn)
+    .await?;
+    Ok((id, token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_tokens_parse_and_differ() {
+        let a = generate_token();
+        let b = generate_token();
+        assert_ne!(a, b);
+        let parsed = parse_token(&a).unwrap();
+        assert_eq!(parsed.prefix.len(), 16);
+        assert!(a.starts_with(parsed.prefix));
+        assert_eq!(a.len(), 4 + 12 + 1 + 43);
+    }
+
+    #[test]
+    fn malformed_tokens_are_rejected() {
+        let good = generate_token();
+        for bad in [
+            "",
+            "kvf_",
+            "Bearer",
+            "kvf_abc_def",
+            &good[..good.len() - 1],
+            &format!("{good}x"),
+            &good.replace("kvf_", "kvx_"),
+            &format!("kvf_ABCDEFGHIJKL_{}", &good[17..]),
+            &format!("{}!{}", &good[..20], &good[21..]),
+        ] {
+            assert_eq!(parse_token(bad), Err(AuthError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hash_is_sha256_of_the_whole_token() {
+        // SHA-256("abc"), FIPS 180-2 appendix B.1.
+        assert_eq!(hash_token("abc")[..4], [0xba, 0x78, 0x16, 0xbf],);
+        assert!(digests_equal(&hash_token("x"), &hash_token("x")));
+        assert!(!digests_equal(&hash_token("x"), &hash_token("y")));
+        assert!(!digests_equal(&[1, 2], &[1, 2, 3]));
+    }
+
+    /// The matrix in the module docs, row by row.
+    #[test]
+    fn authorization_matrix() {
+        use Permission as P;
+        let table: [(Role, [bool; 5]); 5] = [
+            //                Read   Operate Admin  Agent  Register
+            (Role::Admin, [true, true, true, false, false]),
+            (Role::Operator, [true, true, false, false, false]),
+            (Role::Viewer, [true, false, false, false, false]),
+            (Role::Agent, [false, false, false, true, true]),
+            (Role::Join, [false, false, false, false, true]),
+        ];
+        for (role, row) in table {
+            for (permission, want) in [P::Read, P::Operate, P::Admin, P::Agent, P::Register]
+                .into_iter()
+                .zip(row)
+            {
+                assert_eq!(role.allows(permission), want, "{role} {permission:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn roles_round_trip_through_text() {
+        for role in Role::ALL {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        assert_eq!(Role::parse("root"), None);
+    }
+}

@@ -1,0 +1,420 @@
+//! Leader election and the background loops that only the leader runs.
+//!
+//! Every replica keeps trying `pg_try_advisory_lock` on a dedicated connection (not a pool
+//! connection: a session lock belongs to the connection, and a pool would hand it to someone
+//! else). The holder runs placement, liveness and metrics maintenance; it checks the
+//! connection every `leader.retry_interval` and stops its loops the moment the check fails.
+//! When a leader process dies its connection closes and Postgres frees the lock, so a follower
+//! takes over within one retry interval. (A leader cut off by a network partition keeps the
+//! lock until Postgres notices the dead TCP connection: keepalive settings bound that.)
+//!
+//! As a second fence, each placement pass runs under a transaction-scoped advisory lock, so
+//! even two replicas that briefly both believe they lead never interleave placement writes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::api::types::{
+    DeploymentMode, DesiredWorkerState, NodeState, ObservedWorkerState, PlacementConstraints,
+    WorkerRole,
+};
+use crate::liveness;
+use crate::placement::{self, Action, DeploymentView, GpuView, NodeView, WorkerView};
+use crate::store::{self, AuditEntry, sleep_or_shutdown};
+
+/// Session lock held by the leader ("kvfleet" + 1).
+pub const LEADER_LOCK_KEY: i64 = 0x6b76_666c_6565_7401;
+/// Transaction lock around each placement pass.
+pub const PLACEMENT_LOCK_KEY: i64 = 0x6b76_666c_6565_7402;
+/// Transaction lock around the first-admin bootstrap.
+pub const BOOTSTRAP_LOCK_KEY: i64 = 0x6b76_666c_6565_7403;
+
+/// Campaigns for leadership until `shutdown`; while leading, runs the background loops.
+pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    let retry = state.config.leader.retry_interval;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let mut conn = match PgConnection::connect(&state.config.database.url).await {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::warn!(%error, "leader election: cannot connect; retrying");
+                if sleep_or_shutdown(retry, &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Follow until the lock is ours.
+        let acquired = loop {
+            match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK_KEY)
+                .fetch_one(&mut conn)
+                .await
+            {
+                Ok(true) => break true,
+                Ok(false) => {
+                    if sleep_or_shutdown(retry, &mut shutdown).await {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "leader election: lock attempt failed; reconnecting");
+                    break false;
+                }
+            }
+        };
+        if !acquired {
+            if sleep_or_shutdown(retry, &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        tracing::info!("this replica is now the leader");
+        state.set_leader(true);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(placement_loop(state.clone(), stop_rx.clone()));
+        loops.spawn(liveness_loop(state.clone(), stop_rx.clone()));
+        loops.spawn(metrics_loop(state.clone(), stop_rx));
+        let shutting_down = loop {
+            if sleep_or_shutdown(retry, &mut shutdown).await {
+                break true;
+            }
+            if let Err(error) = sqlx::query("SELECT 1").execute(&mut conn).await {
+                tracing::warn!(%error, "lost the leader connection; stepping down");
+                break false;
+            }
+        };
+        let _ = stop_tx.send(true);
+        while loops.join_next().await.is_some() {}
+        state.set_leader(false);
+        // Closing the session releases the lock for the next leader.
+        let _ = conn.close().await;
+        tracing::info!("this replica stepped down");
+        if shutting_down {
+            return;
+        }
+    }
+}
+
+async fn placement_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(error) = placement_pass(&state.pool).await {
+            tracing::warn!(%error, "placement pass failed");
+        }
+        if sleep_or_shutdown(state.config.placement.interval, &mut stop).await {
+            return;
+        }
+    }
+}
+
+async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(error) = liveness_pass(&state.pool, &state.config.liveness).await {
+            tracing::warn!(%error, "liveness pass failed");
+        }
+        if sleep_or_shutdown(state.config.liveness.check_interval, &mut stop).await {
+            return;
+        }
+    }
+}
+
+async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(error) = crate::metrics::maintain(&state.pool, &state.config.metrics).await {
+            tracing::warn!(%error, "metrics maintenance failed");
+        }
+        if sleep_or_shutdown(state.config.metrics.maintenance_interval, &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// Applies liveness transitions; returns how many nodes changed state.
+pub async fn liveness_pass(
+    pool: &PgPool,
+    config: &crate::config::LivenessConfig,
+) -> Result<usize, sqlx::Error> {
+    let rows: Vec<(Uuid, NodeState, f64)> = sqlx::query_as(
+        "SELECT id, state,
+                EXTRACT(EPOCH FROM now() - coalesce(last_heartbeat_at, state_changed_at))::float8
+         FROM nodes WHERE state NOT IN ('removed', 'lost')",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut changed = 0;
+    for (node, current, silence) in rows {
+        let silence = Duration::from_secs_f64(silence.max(0.0));
+        let Some(next) = liveness::assess(current, silence, config) else {
+            continue;
+        };
+        let threshold = liveness::threshold(next, config);
+        let mut tx = pool.begin().await?;
+        // Re-checked here: a heartbeat that arrived since the read wins.
+        let updated = sqlx::query(
+            "UPDATE nodes SET state = $3, state_changed_at = now(), updated_at = now()
+             WHERE id = $1 AND state = $2
+               AND now() - coalesce(last_heartbeat_at, state_changed_at) >= make_interval(secs => $4)",
+        )
+        .bind(node)
+        .bind(current)
+        .bind(next)
+        .bind(threshold.as_secs_f64())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            continue;
+        }
+        if next == NodeState::Lost {
+            sqlx::query(
+                "UPDATE workers SET observed_state = 'lost', observed_at = now(), updated_at = now()
+                 WHERE node_id = $1 AND desired_state <> 'stopped'",
+            )
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        }
+        store::audit(
+            &mut tx,
+            AuditEntry {
+                actor_token: None,
+                actor: "liveness",
+                action: if next == NodeState::Lost {
+                    "node.lost"
+                } else {
+                    "node.unhealthy"
+                },
+                target_type: "node",
+                target_id: Some(node.to_string()),
+                before: Some(serde_json::json!({ "state": current })),
+                after: Some(
+                    serde_json::json!({ "state": next, "silence_s": silence.as_secs_f64() }),
+                ),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(%node, from = %current, to = %next, "node liveness changed");
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+/// One placement pass: snapshot, plan, apply, notify. Returns the actions taken.
+pub async fn placement_pass(pool: &PgPool) -> Result<Vec<Action>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(PLACEMENT_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let (nodes, deployments, workers) = snapshot(&mut tx).await?;
+    let actions = placement::plan(&nodes, &deployments, &workers);
+    let mut touched = BTreeSet::new();
+    for action in &actions {
+        match action {
+            Action::Start {
+                deployment,
+                node,
+                gpu,
+                role,
+            } => {
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO workers (deployment_id, node_id, gpu_id, role) VALUES ($1, $2, $3, $4)
+                     RETURNING id",
+                )
+                .bind(deployment)
+                .bind(node)
+                .bind(gpu)
+                .bind(role)
+                .fetch_one(&mut *tx)
+                .await?;
+                placement_audit(
+                    &mut tx,
+                    "worker.create",
+                    id,
+                    None,
+                    Some(serde_json::json!({
+                        "deployment_id": deployment, "node_id": node, "gpu_id": gpu, "role": role,
+                    })),
+                )
+                .await?;
+                touched.insert(*node);
+            }
+            Action::Drain {
+                worker,
+                node,
+                reason,
+            }
+            | Action::Stop {
+                worker,
+                node,
+                reason,
+            } => {
+                let (to, verb) = match action {
+                    Action::Drain { .. } => (DesiredWorkerState::Draining, "worker.drain"),
+                    _ => (DesiredWorkerState::Stopped, "worker.stop"),
+                };
+                let before: Option<DesiredWorkerState> = sqlx::query_scalar(
+                    "UPDATE workers w SET desired_state = $2, updated_at = now()
+                     FROM (SELECT id, desired_state FROM workers WHERE id = $1 FOR UPDATE) old
+                     WHERE w.id = old.id RETURNING old.desired_state",
+                )
+                .bind(worker)
+                .bind(to)
+                .fetch_optional(&mut *tx)
+                .await?;
+                placement_audit(
+                    &mut tx,
+                    verb,
+                    *worker,
+                    before.map(|b| serde_json::json!({ "desired_state": b })),
+                    Some(serde_json::json!({ "desired_state": to, "reason": reason })),
+                )
+                .await?;
+                touched.insert(*node);
+            }
+            Action::Unplaceable {
+                deployment,
+                role,
+                missing,
+            } => {
+                tracing::debug!(%deployment, %role, missing, "not enough capacity to place workers");
+            }
+        }
+    }
+    for node in touched {
+        store::bump_generation(&mut tx, node).await?;
+    }
+    tx.commit().await?;
+    Ok(actions)
+}
+
+async fn placement_audit(
+    tx: &mut PgConnection,
+    action: &str,
+    worker: i64,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> Result<(), sqlx::Error> {
+    store::audit(
+        tx,
+        AuditEntry {
+            actor_token: None,
+            actor: "placement",
+            action,
+            target_type: "worker",
+            target_id: Some(worker.to_string()),
+            before,
+            after,
+        },
+    )
+    .await
+}
+
+type Snapshot = (Vec<NodeView>, Vec<DeploymentView>, Vec<WorkerView>);
+
+async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
+    type NodeRow = (
+        Uuid,
+        NodeState,
+        bool,
+        bool,
+        sqlx::types::Json<BTreeMap<String, String>>,
+        i32,
+    );
+    let node_rows: Vec<NodeRow> = sqlx::query_as(
+        "SELECT id, state, cordoned, draining, labels, cpu_slots FROM nodes WHERE state <> 'removed'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let gpu_rows: Vec<(Uuid, Uuid, String, i64)> = sqlx::query_as(
+        "SELECT id, node_id, name, memory_total_bytes FROM gpus ORDER BY node_id, device_index",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut gpus: BTreeMap<Uuid, Vec<GpuView>> = BTreeMap::new();
+    for (id, node, name, memory_total_bytes) in gpu_rows {
+        gpus.entry(node).or_default().push(GpuView {
+            id,
+            name,
+            memory_total_bytes,
+        });
+    }
+    let nodes = node_rows
+        .into_iter()
+        .map(
+            |(id, state, cordoned, draining, labels, cpu_slots)| NodeView {
+                id,
+                state,
+                cordoned,
+                draining,
+                labels: labels.0,
+                cpu_slots,
+                gpus: gpus.remove(&id).unwrap_or_default(),
+            },
+        )
+        .collect();
+    type DeploymentRow = (
+        Uuid,
+        DeploymentMode,
+        i32,
+        i32,
+        Option<i64>,
+        sqlx::types::Json<PlacementConstraints>,
+    );
+    let deployments = sqlx::query_as::<_, DeploymentRow>(
+        "SELECT d.id, d.mode, d.min_workers, d.max_workers, m.memory_bytes, d.placement
+         FROM deployments d JOIN models m ON m.id = d.model_id",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(
+        |(id, mode, min_workers, max_workers, memory_bytes, constraints)| DeploymentView {
+            id,
+            mode,
+            min_workers,
+            max_workers,
+            memory_bytes,
+            constraints: constraints.0,
+        },
+    )
+    .collect();
+    type WorkerRow = (
+        i64,
+        Uuid,
+        Uuid,
+        Option<Uuid>,
+        WorkerRole,
+        DesiredWorkerState,
+        ObservedWorkerState,
+    );
+    let workers = sqlx::query_as::<_, WorkerRow>(
+        "SELECT id, deployment_id, node_id, gpu_id, role, desired_state, observed_state
+         FROM workers WHERE desired_state <> 'stopped'",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(
+        |(id, deployment_id, node_id, gpu_id, role, desired, observed)| WorkerView {
+            id,
+            deployment_id,
+            node_id,
+            gpu_id,
+            role,
+            desired,
+            observed,
+        },
+    )
+    .collect();
+    Ok((nodes, deployments, workers))
+}
