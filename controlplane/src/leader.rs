@@ -41,7 +41,9 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
         if *shutdown.borrow() {
             return;
         }
-        let mut conn = match PgConnection::connect(&state.config.database.url).await {
+        // Same server and credentials as the pool, but a connection of its own.
+        let options = state.pool.connect_options();
+        let mut conn = match PgConnection::connect_with(&options).await {
             Ok(conn) => conn,
             Err(error) => {
                 tracing::warn!(%error, "leader election: cannot connect; retrying");

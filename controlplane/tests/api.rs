@@ -1,0 +1,826 @@
+//! The REST API over real HTTP against a real Postgres: the authorization matrix with its audit
+//! rows, validation and problem JSON, paging, the OpenAPI document, tokens and bootstrap.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use kvfleet_controlplane::auth::{Permission, Role};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+/// What a route needs before it runs.
+#[derive(Debug, Clone, Copy)]
+enum Prep {
+    None,
+    /// A node nobody else uses (for removal).
+    FreshNode,
+    FreshModel,
+    FreshDeployment,
+    FreshToken,
+}
+
+struct Route {
+    method: Method,
+    /// `{node}`, `{gpu}`, `{worker}`, `{model}`, `{deployment}`, `{fresh}` are substituted.
+    path: &'static str,
+    /// `None`: public.
+    needs: Option<Permission>,
+    prep: Prep,
+    success: StatusCode,
+    /// The audit action a successful call must write.
+    audit: Option<&'static str>,
+}
+
+fn route(
+    method: Method,
+    path: &'static str,
+    needs: Option<Permission>,
+    success: u16,
+    audit: Option<&'static str>,
+) -> Route {
+    Route {
+        method,
+        path,
+        needs,
+        prep: Prep::None,
+        success: StatusCode::from_u16(success).unwrap(),
+        audit,
+    }
+}
+
+fn routes() -> Vec<Route> {
+    use Permission::*;
+    let with = |mut r: Route, prep| {
+        r.prep = prep;
+        r
+    };
+    vec![
+        route(Method::GET, "/openapi.json", None, 200, None),
+        route(Method::GET, "/status", None, 200, None),
+        route(Method::GET, "/ca", None, 200, None),
+        route(Method::GET, "/nodes", Some(Read), 200, None),
+        route(Method::GET, "/nodes/{node}", Some(Read), 200, None),
+        route(
+            Method::POST,
+            "/nodes/{node}/cordon",
+            Some(Operate),
+            200,
+            Some("node.cordon"),
+        ),
+        route(
+            Method::POST,
+            "/nodes/{node}/uncordon",
+            Some(Operate),
+            200,
+            Some("node.uncordon"),
+        ),
+        route(
+            Method::POST,
+            "/nodes/{node}/drain",
+            Some(Operate),
+            200,
+            Some("node.drain"),
+        ),
+        with(
+            route(
+                Method::DELETE,
+                "/nodes/{fresh}",
+                Some(Admin),
+                200,
+                Some("node.remove"),
+            ),
+            Prep::FreshNode,
+        ),
+        route(Method::GET, "/gpus", Some(Read), 200, None),
+        route(Method::GET, "/gpus/{gpu}", Some(Read), 200, None),
+        route(Method::GET, "/workers", Some(Read), 200, None),
+        route(Method::GET, "/workers/{worker}", Some(Read), 200, None),
+        route(Method::GET, "/models", Some(Read), 200, None),
+        route(
+            Method::POST,
+            "/models",
+            Some(Operate),
+            201,
+            Some("model.create"),
+        ),
+        route(Method::GET, "/models/{model}", Some(Read), 200, None),
+        with(
+            route(
+                Method::DELETE,
+                "/models/{fresh}",
+                Some(Operate),
+                204,
+                Some("model.delete"),
+            ),
+            Prep::FreshModel,
+        ),
+        route(Method::GET, "/deployments", Some(Read), 200, None),
+        route(
+            Method::POST,
+            "/deployments",
+            Some(Operate),
+            201,
+            Some("deployment.create"),
+        ),
+        route(
+            Method::GET,
+            "/deployments/{deployment}",
+            Some(Read),
+            200,
+            None,
+        ),
+        route(
+            Method::PATCH,
+            "/deployments/{deployment}",
+            Some(Operate),
+            200,
+            Some("deployment.update"),
+        ),
+        with(
+            route(
+                Method::DELETE,
+                "/deployments/{fresh}",
+                Some(Operate),
+                204,
+                Some("deployment.delete"),
+            ),
+            Prep::FreshDeployment,
+        ),
+        route(Method::GET, "/tokens", Some(Admin), 200, None),
+        route(
+            Method::POST,
+            "/tokens",
+            Some(Admin),
+            201,
+            Some("token.create"),
+        ),
+        with(
+            route(
+                Method::DELETE,
+                "/tokens/{fresh}",
+                Some(Admin),
+                200,
+                Some("token.revoke"),
+            ),
+            Prep::FreshToken,
+        ),
+        route(Method::GET, "/audit", Some(Admin), 200, None),
+        route(
+            Method::GET,
+            "/metrics/workers/{worker}",
+            Some(Read),
+            200,
+            None,
+        ),
+        route(
+            Method::GET,
+            "/metrics/deployments/{deployment}",
+            Some(Read),
+            200,
+            None,
+        ),
+        route(
+            Method::POST,
+            "/agent/register",
+            Some(Register),
+            200,
+            Some("node.register"),
+        ),
+        route(Method::POST, "/agent/heartbeat", Some(Agent), 200, None),
+        route(Method::GET, "/agent/desired-state", Some(Agent), 200, None),
+        route(
+            Method::POST,
+            "/agent/certificate",
+            Some(Agent),
+            200,
+            Some("certificate.renew"),
+        ),
+    ]
+}
+
+/// The callers: a role's token, or no usable token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Who {
+    Role(Role),
+    NoToken,
+    Revoked,
+    Malformed,
+    Unknown,
+}
+
+struct Fixture {
+    node: String,
+    /// The registration the fixture node made (its agent re-sends it).
+    registration: Value,
+    gpu: String,
+    worker: String,
+    model: String,
+    deployment: String,
+    tokens: Vec<(Role, String)>,
+    revoked: String,
+}
+
+async fn fixture(pool: &PgPool, server: &Server) -> Fixture {
+    let mut tokens = Vec::new();
+    for role in [Role::Admin, Role::Operator, Role::Viewer, Role::Join] {
+        tokens.push((role, token(pool, role).await));
+    }
+    let admin = tokens[0].1.clone();
+    let join = tokens[3].1.clone();
+    let registration = register_body("gpu-node-01", 2);
+    let r = post(server, "/agent/register", &join, registration.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let node = r.body["node_id"].as_str().unwrap().to_owned();
+    let agent = r.body["credential"].as_str().unwrap().to_owned();
+    tokens.push((Role::Agent, agent.clone()));
+    // A first heartbeat makes the node healthy, so placement may use it.
+    let beat = post(server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(beat.status, StatusCode::OK, "{beat:?}");
+    let (model, deployment) = model_and_deployment(server, &admin, "chat", 1).await;
+    // Placement runs on the leader; wait for the worker it creates.
+    let worker = eventually(
+        std::time::Duration::from_secs(10),
+        "a placed worker",
+        || async {
+            let list = get(server, "/workers", &admin).await;
+            list.body["items"][0]["id"]
+                .as_i64()
+                .map(|id| id.to_string())
+        },
+    )
+    .await;
+    let gpus = get(server, &format!("/gpus?node_id={node}"), &admin).await;
+    let gpu = gpus.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let revoked_token = token(pool, Role::Admin).await;
+    let listed = get(server, "/tokens?limit=500", &admin).await;
+    let prefix = &revoked_token[..16];
+    let id = listed.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["prefix"] == prefix)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoked = call(
+        Method::DELETE,
+        &server.url(&format!("/tokens/{id}")),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK);
+    Fixture {
+        node,
+        registration,
+        gpu,
+        worker,
+        model,
+        deployment,
+        tokens,
+        revoked: revoked_token,
+    }
+}
+
+/// Makes whatever a route consumes and returns the id to put in `{fresh}`.
+async fn prepare(server: &Server, fx: &Fixture, prep: Prep, n: usize) -> String {
+    let admin = &fx.tokens[0].1;
+    let join = &fx.tokens[3].1;
+    match prep {
+        Prep::None => String::new(),
+        Prep::FreshNode => register(server, join, &format!("spare-{n}"), 0).await.0,
+        Prep::FreshModel => {
+            let r = post(
+                server,
+                "/models",
+                admin,
+                json!({"name": format!("spare-{n}"), "format": "mock", "path": "/m"}),
+            )
+            .await;
+            r.body["id"].as_str().unwrap().to_owned()
+        }
+        Prep::FreshDeployment => {
+            let r = post(
+                server,
+                "/deployments",
+                admin,
+                json!({"name": format!("spare-{n}"), "model": "chat-model", "min_workers": 0}),
+            )
+            .await;
+            r.body["id"].as_str().unwrap().to_owned()
+        }
+        Prep::FreshToken => {
+            let r = post(
+                server,
+                "/tokens",
+                admin,
+                json!({"name": format!("spare-{n}"), "role": "viewer"}),
+            )
+            .await;
+            r.body["token"]["id"].as_str().unwrap().to_owned()
+        }
+    }
+}
+
+fn body_for(route: &Route, who: Who, fx: &Fixture, n: usize) -> Option<Value> {
+    let path = route.path;
+    match (route.method.as_str(), path) {
+        ("POST", "/models") => {
+            Some(json!({"name": format!("m-{n}"), "format": "gguf", "path": "/models/m.gguf"}))
+        }
+        ("POST", "/deployments") => {
+            Some(json!({"name": format!("d-{n}"), "model": "chat-model", "min_workers": 0}))
+        }
+        ("PATCH", _) => Some(json!({"max_workers": 2 + n % 3})),
+        ("POST", "/tokens") => Some(json!({"name": format!("t-{n}"), "role": "viewer"})),
+        ("POST", "/agent/register") => {
+            // An agent re-registers its own node; a join token registers a new one.
+            if who == Who::Role(Role::Agent) {
+                Some(fx.registration.clone())
+            } else {
+                Some(register_body(&format!("new-{n}"), 0))
+            }
+        }
+        ("POST", "/agent/heartbeat") => Some(json!({"workers": []})),
+        ("POST", "/agent/certificate") => Some(json!({})),
+        ("POST", _) => None,
+        _ => None,
+    }
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn authorization_matrix(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let fx = fixture(&pool, &server).await;
+    let callers = [
+        Who::Role(Role::Admin),
+        Who::Role(Role::Operator),
+        Who::Role(Role::Viewer),
+        Who::Role(Role::Agent),
+        Who::Role(Role::Join),
+        Who::NoToken,
+        Who::Revoked,
+        Who::Malformed,
+        Who::Unknown,
+    ];
+    let unknown = kvfleet_controlplane::auth::generate_token();
+    let mut n = 0;
+    let mut failures = Vec::new();
+    for route in routes() {
+        for who in callers {
+            n += 1;
+            let fresh = prepare(&server, &fx, route.prep, n).await;
+            let path = route
+                .path
+                .replace("{node}", &fx.node)
+                .replace("{gpu}", &fx.gpu)
+                .replace("{worker}", &fx.worker)
+                .replace("{model}", &fx.model)
+                .replace("{deployment}", &fx.deployment)
+                .replace("{fresh}", &fresh);
+            let token: Option<String> = match who {
+                Who::Role(role) => fx
+                    .tokens
+                    .iter()
+                    .find(|(r, _)| *r == role)
+                    .map(|(_, t)| t.clone()),
+                Who::NoToken => None,
+                Who::Revoked => Some(fx.revoked.clone()),
+                Who::Malformed => Some("not-a-token".into()),
+                Who::Unknown => Some(unknown.clone()),
+            };
+            let expected = match (route.needs, who) {
+                (None, _) => route.success,
+                (Some(_), Who::NoToken | Who::Revoked | Who::Malformed | Who::Unknown) => {
+                    StatusCode::UNAUTHORIZED
+                }
+                (Some(permission), Who::Role(role)) if role.allows(permission) => route.success,
+                (Some(_), Who::Role(_)) => StatusCode::FORBIDDEN,
+            };
+            let audit_action = match (route.path, who) {
+                ("/agent/register", Who::Role(Role::Agent)) => Some("node.reregister"),
+                _ => route.audit,
+            };
+            let audit_before = match audit_action {
+                Some(action) => audit_count(&pool, action).await,
+                None => 0,
+            };
+            let body = body_for(&route, who, &fx, n);
+            let response = call(
+                route.method.clone(),
+                &server.url(&path),
+                token.as_deref(),
+                body.as_ref(),
+            )
+            .await;
+            if response.status != expected {
+                failures.push(format!(
+                    "{} {path} as {who:?}: want {expected}, got {response:?}",
+                    route.method
+                ));
+                continue;
+            }
+            if !response.status.is_success() {
+                // Every refusal is problem JSON with the documented fields.
+                assert_eq!(
+                    response.content_type, "application/problem+json",
+                    "{} {path} {who:?}",
+                    route.method
+                );
+                assert_eq!(response.body["status"], expected.as_u16());
+                assert!(
+                    response.body["type"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("/api/v1/problems/")
+                );
+                assert!(response.body["title"].is_string() && response.body["detail"].is_string());
+            }
+            if let Some(action) = audit_action {
+                let after = audit_count(&pool, action).await;
+                let want = audit_before + i64::from(response.status.is_success());
+                if after != want {
+                    failures.push(format!(
+                        "{} {path} as {who:?}: audit {action} went {audit_before} → {after}",
+                        route.method
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The audit rows name the actor and carry before/after.
+    let (actor, before, after): (String, Option<Value>, Option<Value>) = sqlx::query_as(
+        "SELECT actor, before, after FROM audit_log WHERE action = 'node.cordon' ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(actor.starts_with("test admin (kvf_"), "{actor}");
+    assert_eq!(before.unwrap()["cordoned"], false);
+    assert_eq!(after.unwrap()["cordoned"], true);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn invalid_deployments_name_the_field_and_change_nothing(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let operator = token(&pool, Role::Operator).await;
+    let (_, deployment) = model_and_deployment(&server, &operator, "base", 0).await;
+    let deployments_before: i64 = sqlx::query_scalar("SELECT count(*) FROM deployments")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let audit_before: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let cases: Vec<(Value, u16, Vec<&str>)> = vec![
+        (
+            json!({"name": "x", "model": "no-such-model"}),
+            422,
+            vec!["model"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "min_workers": 3, "max_workers": 2}),
+            422,
+            vec!["min_workers"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "sla": {"ttft_ms": -5}}),
+            422,
+            vec!["sla.ttft_ms"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "sla": {"itl_ms": 0}}),
+            422,
+            vec!["sla.itl_ms"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "replicas": 2}),
+            422,
+            vec!["replicas"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "placement": {"zone": "a"}}),
+            422,
+            vec!["placement.zone"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "mode": "sharded"}),
+            422,
+            vec!["mode"],
+        ),
+        (
+            json!({"name": "Bad Name", "model": "nope", "min_workers": -1}),
+            422,
+            vec!["name", "model", "min_workers"],
+        ),
+        (json!({"model": "base-model"}), 422, vec!["name"]),
+        (json!({"name": "base", "model": "base-model"}), 409, vec![]),
+    ];
+    for (body, status, fields) in cases {
+        let r = post(&server, "/deployments", &operator, body.clone()).await;
+        assert_eq!(r.status.as_u16(), status, "{body}: {r:?}");
+        assert_eq!(r.content_type, "application/problem+json");
+        let names: Vec<&str> = r.body["invalid_params"]
+            .as_array()
+            .map(|a| a.iter().map(|p| p["name"].as_str().unwrap()).collect())
+            .unwrap_or_default();
+        assert_eq!(names, fields, "{body}: {r:?}");
+    }
+    // Malformed JSON and the wrong content type.
+    let raw = reqwest::Client::new()
+        .post(server.url("/deployments"))
+        .bearer_auth(&operator)
+        .header("content-type", "application/json")
+        .body("{\"name\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
+    let raw = reqwest::Client::new()
+        .post(server.url("/deployments"))
+        .bearer_auth(&operator)
+        .body("name=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // A bad PATCH names the field and leaves the deployment as it was.
+    let r = call(
+        Method::PATCH,
+        &server.url(&format!("/deployments/{deployment}")),
+        Some(&operator),
+        Some(&json!({"max_workers": 5, "min_workers": 9})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["invalid_params"][0]["name"], "min_workers");
+    let now = get(&server, &format!("/deployments/{deployment}"), &operator).await;
+    assert_eq!(
+        (
+            now.body["min_workers"].as_i64(),
+            now.body["max_workers"].as_i64()
+        ),
+        (Some(0), Some(1))
+    );
+    // Nothing was half-applied.
+    let deployments_after: i64 = sqlx::query_scalar("SELECT count(*) FROM deployments")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let audit_after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (deployments_after, audit_after),
+        (deployments_before, audit_before)
+    );
+    // Unknown ids are 404 problems; unknown routes too.
+    for path in [
+        "/deployments/not-a-uuid",
+        &format!("/deployments/{}", uuid::Uuid::new_v4()),
+        "/nope",
+    ] {
+        let r = get(&server, path, &operator).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(r.content_type, "application/problem+json");
+    }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn lists_page_with_a_cursor_and_a_documented_maximum(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let operator = token(&pool, Role::Operator).await;
+    for i in 0..7 {
+        let r = post(
+            &server,
+            "/models",
+            &operator,
+            json!({"name": format!("m{i}"), "format": "mock", "path": "/m"}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/models?limit=3&cursor={c}"),
+            None => "/models?limit=3".to_owned(),
+        };
+        let r = get(&server, &path, &operator).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        pages += 1;
+        for item in r.body["items"].as_array().unwrap() {
+            seen.push(item["name"].as_str().unwrap().to_owned());
+        }
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    seen.sort();
+    assert_eq!(seen, ["m0", "m1", "m2", "m3", "m4", "m5", "m6"]);
+    for bad in [
+        "/models?limit=0",
+        "/models?limit=501",
+        "/models?cursor=zzz",
+        "/models?limit=abc",
+    ] {
+        let r = get(&server, bad, &operator).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {r:?}");
+        assert!(
+            r.body["invalid_params"][0]["name"].is_string(),
+            "{bad}: {r:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn openapi_document_covers_every_route(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let r = call(Method::GET, &server.url("/openapi.json"), None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let paths = r.body["paths"].as_object().unwrap();
+    for route in routes() {
+        let templ = route
+            .path
+            .replace("{node}", "{id}")
+            .replace("{gpu}", "{id}")
+            .replace("{worker}", "{id}")
+            .replace("{model}", "{id}")
+            .replace("{deployment}", "{id}")
+            .replace("{fresh}", "{id}");
+        if templ == "/openapi.json" {
+            continue;
+        }
+        let item = paths
+            .get(&format!("/api/v1{templ}"))
+            .unwrap_or_else(|| panic!("{templ} missing"));
+        assert!(
+            item.get(route.method.as_str().to_lowercase()).is_some(),
+            "{} {templ} missing",
+            route.method
+        );
+    }
+    let schemas = r.body["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "Problem",
+        "NewDeployment",
+        "RegisterRequest",
+        "Heartbeat",
+        "DesiredState",
+    ] {
+        assert!(schemas.contains_key(name), "schema {name} missing");
+    }
+    assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn tokens_are_shown_once_stored_hashed_and_revocable(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let admin = token(&pool, Role::Admin).await;
+    let r = post(
+        &server,
+        "/tokens",
+        &admin,
+        json!({"name": "ci", "role": "operator", "expires_in_s": 3600}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let secret = r.body["secret"].as_str().unwrap().to_owned();
+    let id = r.body["token"]["id"].as_str().unwrap().to_owned();
+    // Only the hash is stored.
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT secret_hash FROM api_tokens WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, kvfleet_controlplane::auth::hash_token(&secret));
+    let dump: String = sqlx::query_scalar("SELECT string_agg(t::text, ' ') FROM api_tokens t")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !dump.contains(&secret[17..]),
+        "the secret part must not be stored"
+    );
+    // Listing never shows secrets.
+    let list = get(&server, "/tokens", &admin).await;
+    assert!(!list.body.to_string().contains(&secret));
+    // The token works, then stops working when revoked.
+    assert_eq!(
+        get(&server, "/models", &secret).await.status,
+        StatusCode::OK
+    );
+    let revoke = call(
+        Method::DELETE,
+        &server.url(&format!("/tokens/{id}")),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(revoke.status, StatusCode::OK);
+    let refused = get(&server, "/models", &secret).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert!(refused.body["detail"].as_str().unwrap().contains("revoked"));
+    // Agent credentials cannot be minted here; the role names the field.
+    let r = post(
+        &server,
+        "/tokens",
+        &admin,
+        json!({"name": "x", "role": "agent"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.body["invalid_params"][0]["name"], "role");
+    // An expired token is refused.
+    sqlx::query("UPDATE api_tokens SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 hour' WHERE role = 'admin'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = get(&server, "/models", &admin).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.body["detail"].as_str().unwrap().contains("expired"));
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn bootstrap_creates_one_admin_token_once(pool: PgPool) {
+    let config = test_config();
+    let first = kvfleet_controlplane::bootstrap_admin(&pool, &config)
+        .await
+        .unwrap();
+    let token = first.expect("the first start creates an admin token");
+    assert!(kvfleet_controlplane::auth::parse_token(&token).is_ok());
+    assert_eq!(
+        kvfleet_controlplane::bootstrap_admin(&pool, &config)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(audit_count(&pool, "token.create").await, 1);
+    // A configured bootstrap token is inserted once and works.
+    let mut config = test_config();
+    let configured = kvfleet_controlplane::auth::generate_token();
+    config.auth.bootstrap_admin_token = Some(configured.clone());
+    assert_eq!(
+        kvfleet_controlplane::bootstrap_admin(&pool, &config)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        kvfleet_controlplane::bootstrap_admin(&pool, &config)
+            .await
+            .unwrap(),
+        None
+    );
+    let server = start(&pool, config).await;
+    assert_eq!(
+        get(&server, "/tokens", &configured).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(get(&server, "/tokens", &token).await.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn a_newer_schema_is_refused_with_a_clear_message(pool: PgPool) {
+    let known = kvfleet_controlplane::store::known_version();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES ($1, 'from the future', true, '\\x00', 0)",
+    )
+    .bind(known + 1)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let error = kvfleet_controlplane::store::migrate(&pool)
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(error, kvfleet_controlplane::store::StoreError::SchemaTooNew { found, known: k } if found == known + 1 && k == known),
+        "{text}"
+    );
+    assert!(text.contains("newer than this control plane"), "{text}");
+}
