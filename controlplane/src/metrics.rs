@@ -78,9 +78,8 @@ pub async fn maintain(pool: &PgPool, config: &MetricsConfig) -> Result<(u64, u64
         sqlx::query_scalar("SELECT rolled_until FROM metrics_rollup_state WHERE id = 1 FOR UPDATE")
             .fetch_optional(&mut *tx)
             .await?;
-    let from = from.unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut written = 0;
-    if upto > from {
+    if from.is_none_or(|from| upto > from) {
         written = sqlx::query(
             "INSERT INTO worker_metrics_rollup (worker_id, bucket_start, deployment_id, node_id,
                  samples, request_rate, ttft_p50_ms, ttft_p99_ms, itl_p50_ms, itl_p99_ms,
@@ -91,7 +90,7 @@ pub async fn maintain(pool: &PgPool, config: &MetricsConfig) -> Result<(u64, u64
                     avg(request_rate), avg(ttft_p50_ms), max(ttft_p99_ms), avg(itl_p50_ms),
                     max(itl_p99_ms), avg(tokens_per_s), avg(kv_blocks_used)::bigint,
                     avg(kv_blocks_total)::bigint, avg(prefix_hit_rate), avg(gpu_utilization)
-             FROM worker_metrics WHERE at >= $1 AND at < $2
+             FROM worker_metrics WHERE ($1::timestamptz IS NULL OR at >= $1) AND at < $2
              GROUP BY 1, 2
              ON CONFLICT (worker_id, bucket_start) DO NOTHING",
         )
