@@ -133,31 +133,34 @@ impl Hasher for KeyedHasher {
 
 /// Per-call scratch for the overlap walk, kept by the router so a walk allocates nothing.
 /// Entries are valid only where their stamp equals the current generation, so nothing is
-/// cleared between calls.
+/// cleared between calls. One struct per slot so that visiting a holder touches one cache line.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     generation: u32,
-    candidate: Vec<u32>,
-    stamp: Vec<u32>,
-    depth: Vec<u32>,
-    credit: Vec<f64>,
+    slots: Vec<SlotScratch>,
     /// Candidate slots that hold at least the first block, in the order they were found.
     pub(crate) touched: Vec<u32>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct SlotScratch {
+    /// Equals the generation when the slot is a candidate in this walk.
+    candidate: u32,
+    /// Equals the generation when `depth` and `credit` belong to this walk.
+    stamp: u32,
+    depth: u32,
+    credit: f64,
 }
 
 impl Scratch {
     /// Starts a walk over `slots` worker slots with an empty candidate set.
     pub(crate) fn begin(&mut self, slots: usize) {
-        if self.candidate.len() < slots {
-            self.candidate.resize(slots, 0);
-            self.stamp.resize(slots, 0);
-            self.depth.resize(slots, 0);
-            self.credit.resize(slots, 0.0);
+        if self.slots.len() < slots {
+            self.slots.resize(slots, SlotScratch::default());
         }
         self.generation = self.generation.wrapping_add(1);
         if self.generation == 0 {
-            self.candidate.fill(0);
-            self.stamp.fill(0);
+            self.slots.fill(SlotScratch::default());
             self.generation = 1;
         }
         self.touched.clear();
@@ -165,16 +168,14 @@ impl Scratch {
 
     /// Lets the next walk advance `slot`.
     pub(crate) fn add_candidate(&mut self, slot: u32) {
-        self.candidate[slot as usize] = self.generation;
+        self.slots[slot as usize].candidate = self.generation;
     }
 
     /// `(blocks, tier-weighted blocks)` of the longest prefix `slot` holds, after a walk.
     pub(crate) fn overlap(&self, slot: u32) -> (u32, f64) {
-        let s = slot as usize;
-        if self.stamp.get(s) == Some(&self.generation) {
-            (self.depth[s], self.credit[s])
-        } else {
-            (0, 0.0)
+        match self.slots.get(slot as usize) {
+            Some(s) if s.stamp == self.generation => (s.depth, s.credit),
+            _ => (0, 0.0),
         }
     }
 }
@@ -430,34 +431,47 @@ impl BlockIndex {
     /// blocks it holds (in any tier) and their tier-weighted sum. Stops at the first block no
     /// candidate still in the race holds: later blocks cannot extend anyone's prefix.
     pub(crate) fn walk(&self, hashes: &[SequenceHash], weights: &[f64; 4], scratch: &mut Scratch) {
+        // Lookups are done a batch at a time: they do not depend on each other, so the CPU can
+        // overlap their cache misses (a large index is one or two DRAM misses per block).
+        const BATCH: usize = 8;
         let generation = scratch.generation;
-        for (i, hash) in hashes.iter().enumerate() {
-            let Some(holders) = self.map.get(&hash.0) else {
-                break;
-            };
-            let i = i as u32;
-            let mut advanced = false;
-            self.each_holder(*holders, |slot, mask| {
-                let s = slot as usize;
-                if scratch.candidate.get(s) != Some(&generation) {
+        let mut i = 0u32;
+        for batch in hashes.chunks(BATCH) {
+            let mut found = [Holders::EMPTY; BATCH];
+            for (slot, hash) in found.iter_mut().zip(batch) {
+                *slot = self.map.get(&hash.0).copied().unwrap_or(Holders::EMPTY);
+            }
+            for holders in &found[..batch.len()] {
+                if *holders == Holders::EMPTY {
                     return;
                 }
-                let stamped = scratch.stamp[s] == generation;
-                let depth = if stamped { scratch.depth[s] } else { 0 };
-                if depth != i {
+                let mut advanced = false;
+                self.each_holder(*holders, |slot, mask| {
+                    let Some(s) = scratch.slots.get_mut(slot as usize) else {
+                        return;
+                    };
+                    if s.candidate != generation {
+                        return;
+                    }
+                    if s.stamp != generation {
+                        if i != 0 {
+                            return;
+                        }
+                        s.stamp = generation;
+                        s.depth = 0;
+                        s.credit = 0.0;
+                        scratch.touched.push(slot);
+                    } else if s.depth != i {
+                        return;
+                    }
+                    s.depth = i + 1;
+                    s.credit += weights[best_tier(mask)];
+                    advanced = true;
+                });
+                if !advanced {
                     return;
                 }
-                if !stamped {
-                    scratch.stamp[s] = generation;
-                    scratch.credit[s] = 0.0;
-                    scratch.touched.push(slot);
-                }
-                scratch.depth[s] = i + 1;
-                scratch.credit[s] += weights[best_tier(mask)];
-                advanced = true;
-            });
-            if !advanced {
-                break;
+                i += 1;
             }
         }
     }
