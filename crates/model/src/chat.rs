@@ -67,9 +67,12 @@ impl ChatTemplate {
             .map_err(template_err)?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         // Templates print today's date in system prompts; a fixed date keeps rendering a pure
         // function of its input (the frontend may pass the real date as `date_string`).
         env.add_function("strftime_now", |_fmt: String| "01 Jan 2025".to_string());
@@ -120,7 +123,10 @@ mod tests {
             t.render(&msgs, true).unwrap(),
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert_eq!(t.render(&msgs, false).unwrap(), "<|im_start|>user\nhi<|im_end|>\n");
+        assert_eq!(
+            t.render(&msgs, false).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n"
+        );
     }
 
     #[test]
@@ -131,8 +137,14 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  x ")], false).unwrap(), "X");
-        let err = t.render(&[ChatMessage::new("bad", "x")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  x ")], false)
+                .unwrap(),
+            "X"
+        );
+        let err = t
+            .render(&[ChatMessage::new("bad", "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("no bad roles"), "{err}");
     }
 

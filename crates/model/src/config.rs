@@ -234,7 +234,11 @@ impl ModelConfig {
                     detail: "missing or not an unsigned integer".into(),
                 })
         };
-        let opt_u = |k: &str| file.get(&key(k)).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let opt_u = |k: &str| {
+            file.get(&key(k))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+        };
         let opt_f = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64()).map(|v| v as f32);
 
         let hidden_size = req_u("embedding_length")?;
@@ -331,8 +335,8 @@ impl ModelConfig {
                 key: "architectures".into(),
                 detail: "neither `architectures` nor `model_type` is set".into(),
             })?;
-        let architecture = Architecture::from_name(&arch_name)
-            .or_else(|e| match &raw.model_type {
+        let architecture =
+            Architecture::from_name(&arch_name).or_else(|e| match &raw.model_type {
                 Some(m) => Architecture::from_name(m),
                 None => Err(e),
             })?;
@@ -369,7 +373,10 @@ impl ModelConfig {
         };
         let sliding_window = if gemma {
             Some(raw.sliding_window.unwrap_or(512))
-        } else if raw.use_sliding_window.unwrap_or(architecture == Architecture::Mistral) {
+        } else if raw
+            .use_sliding_window
+            .unwrap_or(architecture == Architecture::Mistral)
+        {
             raw.sliding_window
         } else {
             None

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 
 use crate::error::{ModelError, Result};
 
@@ -274,7 +274,9 @@ impl GgufFile {
         };
         let magic = cur.array::<4>("magic").map_err(corrupt)?;
         if &magic != b"GGUF" {
-            return Err(corrupt(format!("bad magic {magic:02x?}, expected \"GGUF\"")));
+            return Err(corrupt(format!(
+                "bad magic {magic:02x?}, expected \"GGUF\""
+            )));
         }
         let version = cur.u32("version").map_err(corrupt)?;
         if !(2..=3).contains(&version) {

@@ -78,9 +78,8 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let chat_template = match file.get("tokenizer.chat_template").and_then(Value::as_str) {
         Some(src) => {
-            let text = |id: Option<u32>| {
-                id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default()
-            };
+            let text =
+                |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default();
             let eos = text(tokenizer.eos_ids().first().copied());
             Some(ChatTemplate::new(src, &text(tokenizer.bos_id()), &eos)?)
         }
@@ -162,9 +161,10 @@ impl LoadedModel {
     /// Renders `messages` with the chat template (generation prompt appended) and tokenizes it.
     /// Returns the text (without a leading BOS string when BOS is added as a token) and ids.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>)> {
-        let template = self.chat_template.as_ref().ok_or_else(|| {
-            ModelError::ChatTemplate("this model has no chat template".into())
-        })?;
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| ModelError::ChatTemplate("this model has no chat template".into()))?;
         let mut text = template.render(messages, true)?;
         let bos = template.bos_token();
         if self.tokenizer.adds_bos() && !bos.is_empty() && text.starts_with(bos) {

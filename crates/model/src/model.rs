@@ -11,6 +11,8 @@
 //! attention and activations are plain Rust over f32 slices, parallel over heads with rayon.
 
 use candle_core::{Device, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::config::{Activation, ModelConfig, RopeScaling, RopeStyle};
@@ -83,8 +85,8 @@ impl Rope {
                     if wavelen > low_wavelen {
                         *x /= factor;
                     } else if wavelen >= high_wavelen {
-                        let smooth =
-                            (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (orig / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         *x = (1.0 - smooth) * *x / factor + smooth * *x;
                     }
                 }
@@ -99,7 +101,11 @@ impl Rope {
     /// cos and sin for one position, `head_dim / 2` each.
     fn cos_sin(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
         let p = pos as f32 * self.position_scale;
-        self.inv_freq.iter().map(|f| (p * f).sin_cos()).map(|(s, c)| (c, s)).unzip()
+        self.inv_freq
+            .iter()
+            .map(|f| (p * f).sin_cos())
+            .map(|(s, c)| (c, s))
+            .unzip()
     }
 }
 
@@ -190,6 +196,10 @@ fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
             }
         }
     }
+}
+
+fn round_f16(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -416,13 +426,15 @@ impl Model {
                     apply_rope(head, &cos[ti], &sin[ti], c.rope_style);
                 }
             }
+            // Queries meet f16 keys at f16 precision, as in llama.cpp's f16 K·Q matmul.
+            round_f16(&mut q);
             // Write this step's K/V into their slots.
             let row = nkv * hd;
             for (ti, m) in meta.iter().enumerate() {
                 let block = tables[m.seq][m.pos / bs] as usize;
                 let base = (block * bs + m.pos % bs) * row;
-                cache.k[li][base..base + row].copy_from_slice(&k[ti * row..(ti + 1) * row]);
-                cache.v[li][base..base + row].copy_from_slice(&v[ti * row..(ti + 1) * row]);
+                cache.k[li][base..base + row].convert_from_f32_slice(&k[ti * row..(ti + 1) * row]);
+                cache.v[li][base..base + row].convert_from_f32_slice(&v[ti * row..(ti + 1) * row]);
             }
             let mut attn = vec![0.0f32; t * nh * hd];
             self.attention(li, &q, cache, &meta, &tables, &mut attn);
@@ -507,20 +519,26 @@ impl Model {
                 None => 0,
             };
             let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * nkv + g) * hd;
+            let mut row = vec![0.0f32; hd];
             let mut scores: Vec<f32> = (lo..=m.pos)
-                .map(|p| dot(qv, &kc[at(p)..at(p) + hd]) * scale)
+                .map(|p| {
+                    kc[at(p)..at(p) + hd].convert_to_f32_slice(&mut row);
+                    dot(qv, &row) * scale
+                })
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
+            let mut sum = 0.0f64;
             for s in &mut scores {
                 *s = (*s - max).exp();
-                sum += *s;
+                sum += f64::from(*s);
             }
+            // Probabilities meet f16 values at f16 precision (llama.cpp's softmax(KQ)·V).
+            let inv = (1.0 / sum) as f32;
             for (j, p) in (lo..=m.pos).enumerate() {
-                axpy(o, scores[j], &vc[at(p)..at(p) + hd]);
+                let pr = f16::from_f32(scores[j] * inv).to_f32();
+                vc[at(p)..at(p) + hd].convert_to_f32_slice(&mut row);
+                axpy(o, pr, &row);
             }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|v| *v *= inv);
         });
     }
 }

@@ -72,7 +72,10 @@ impl Sampler {
         };
         Sampled {
             token,
-            logprob: logprobs.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            logprob: logprobs
+                .get(token as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY),
             top,
         }
     }
@@ -168,7 +171,10 @@ mod tests {
         let out = Sampler::new(&p, 0).sample(&logits);
         assert_eq!(out.top.len(), 3);
         assert!(out.top[0].1 >= out.top[1].1 && out.top[1].1 >= out.top[2].1);
-        let total: f64 = log_softmax(&logits).iter().map(|&l| f64::from(l).exp()).sum();
+        let total: f64 = log_softmax(&logits)
+            .iter()
+            .map(|&l| f64::from(l).exp())
+            .sum();
         assert!((total - 1.0).abs() < 1e-4);
     }
 }

@@ -9,9 +9,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
+use tokenizers::AddedToken;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::AddedToken;
 
 use crate::error::{ModelError, Result};
 
@@ -142,7 +142,11 @@ pub fn write_tiny_llama(dir: &Path, spec: TinySpec, seed: u64) -> Result<()> {
     let mut random = |name: String, shape: Vec<usize>, scale: f32| {
         let n: usize = shape.iter().product();
         let data: Vec<u8> = (0..n)
-            .flat_map(|_| (rng.random::<f32>() * 2.0 - 1.0).mul_add(scale, 0.0).to_le_bytes())
+            .flat_map(|_| {
+                (rng.random::<f32>() * 2.0 - 1.0)
+                    .mul_add(scale, 0.0)
+                    .to_le_bytes()
+            })
             .collect();
         tensors.push((name, shape, data));
     };
@@ -151,10 +155,26 @@ pub fn write_tiny_llama(dir: &Path, spec: TinySpec, seed: u64) -> Result<()> {
     random("lm_head.weight".into(), vec![vocab, h], fan(h) * 2.0);
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
-        random(format!("{p}.self_attn.q_proj.weight"), vec![spec.heads * hd, h], fan(h));
-        random(format!("{p}.self_attn.k_proj.weight"), vec![spec.kv_heads * hd, h], fan(h));
-        random(format!("{p}.self_attn.v_proj.weight"), vec![spec.kv_heads * hd, h], fan(h));
-        random(format!("{p}.self_attn.o_proj.weight"), vec![h, spec.heads * hd], fan(h));
+        random(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![spec.heads * hd, h],
+            fan(h),
+        );
+        random(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![spec.kv_heads * hd, h],
+            fan(h),
+        );
+        random(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![spec.kv_heads * hd, h],
+            fan(h),
+        );
+        random(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, spec.heads * hd],
+            fan(h),
+        );
         random(format!("{p}.mlp.gate_proj.weight"), vec![i, h], fan(h));
         random(format!("{p}.mlp.up_proj.weight"), vec![i, h], fan(h));
         random(format!("{p}.mlp.down_proj.weight"), vec![h, i], fan(i));

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use tokenizers::AddedToken;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -27,13 +28,11 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel as ByteLevelPre;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::tokenizer::SplitDelimiterBehavior;
-use tokenizers::AddedToken;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, Value};
 
-const GPT2_REGEX: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)";
 const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)";
 
@@ -221,7 +220,9 @@ impl Tokenizer {
             other => {
                 return Err(ModelError::Metadata {
                     key: "tokenizer.ggml.model".into(),
-                    detail: format!("unsupported tokenizer model `{other}` (supported: gpt2, llama)"),
+                    detail: format!(
+                        "unsupported tokenizer model `{other}` (supported: gpt2, llama)"
+                    ),
                 });
             }
         };
@@ -293,7 +294,9 @@ impl Tokenizer {
             .collect();
         if let Some(gen_cfg) = read_json(&dir.join("generation_config.json"))? {
             let ids: Vec<u32> = match gen_cfg.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
+                Some(serde_json::Value::Number(n)) => {
+                    n.as_u64().map(|v| v as u32).into_iter().collect()
+                }
                 Some(serde_json::Value::Array(a)) => a
                     .iter()
                     .filter_map(|v| v.as_u64().map(|v| v as u32))
@@ -322,7 +325,10 @@ impl Tokenizer {
         let enc = self.inner.encode(text, add_special).map_err(tok_err)?;
         let ids = enc.get_ids();
         let mut out = Vec::with_capacity(ids.len() + 1);
-        if add_special && self.prepend_bos && let Some(bos) = self.bos_id {
+        if add_special
+            && self.prepend_bos
+            && let Some(bos) = self.bos_id
+        {
             out.push(bos);
         }
         out.extend_from_slice(ids);
@@ -362,9 +368,11 @@ impl Tokenizer {
     /// Whether `encode(_, true)` starts with BOS.
     pub fn adds_bos(&self) -> bool {
         self.prepend_bos
-            || self
-                .bos_id
-                .is_some_and(|b| self.inner.encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b)))
+            || self.bos_id.is_some_and(|b| {
+                self.inner
+                    .encode("a", true)
+                    .is_ok_and(|e| e.get_ids().first() == Some(&b))
+            })
     }
 
     /// Vocabulary size, added tokens included.
@@ -413,10 +421,6 @@ fn spm_merges(tokens: &[&str], types: &[u64], scores: &[f32]) -> Vec<(String, St
             }
         }
     }
-    merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-    });
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
 }

@@ -256,7 +256,11 @@ impl Weights {
         };
         let bias_name = name.replace(".weight", ".bias");
         let bias = if bias_name != name && self.has(&bias_name) {
-            Some(Tensor::from_vec(self.vector(&bias_name, out)?, out, &Device::Cpu)?)
+            Some(Tensor::from_vec(
+                self.vector(&bias_name, out)?,
+                out,
+                &Device::Cpu,
+            )?)
         } else {
             None
         };

