@@ -17,9 +17,9 @@
 //! The pool knows nothing about tokens or time: keys are [`SequenceHash`]es computed by
 //! `kvfleet_proto::hash`, and the LRU order is the order of release.
 
-use std::collections::HashMap;
-
 use kvfleet_proto::{BlockHash, KvEventData, SequenceHash};
+
+use crate::fast_hash::FastMap;
 
 /// A block's index in the pool (and in the executor's KV memory).
 pub type BlockId = u32;
@@ -54,7 +54,7 @@ pub struct PoolUsage {
 pub struct BlockPool {
     meta: Vec<Meta>,
     free: Vec<BlockId>,
-    by_hash: HashMap<SequenceHash, BlockId>,
+    by_hash: FastMap<SequenceHash, BlockId>,
     lru_head: u32,
     lru_tail: u32,
     lru_len: u32,
@@ -91,7 +91,7 @@ impl BlockPool {
         Self {
             meta,
             free,
-            by_hash: HashMap::new(),
+            by_hash: FastMap::default(),
             lru_head: NIL,
             lru_tail: NIL,
             lru_len: 0,

@@ -51,6 +51,7 @@ pub mod block_pool;
 pub mod config;
 pub mod engine;
 pub mod executor;
+mod fast_hash;
 pub mod mock;
 pub mod scheduler;
 

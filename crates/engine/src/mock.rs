@@ -20,7 +20,6 @@
 //! change it, and any test can predict a mock's output with [`expected_output`]. Sampling
 //! parameters other than `max_tokens`, stop tokens and `logprobs` are ignored.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::block_pool::BlockId;
 use crate::config::PoolSizing;
 use crate::executor::{ExecError, Executor, RequestId, ScheduledBatch, StepOutput, StepResult};
+use crate::fast_hash::FastMap;
 use crate::scheduler::Scheduler;
 
 /// The scheduler core driven by the mock executor.
@@ -365,7 +365,7 @@ impl MockProfile {
 #[derive(Debug, Clone)]
 pub struct MockExecutor {
     profile: MockProfile,
-    digests: HashMap<RequestId, u64>,
+    digests: FastMap<RequestId, u64>,
 }
 
 impl MockExecutor {
@@ -373,7 +373,7 @@ impl MockExecutor {
     pub fn new(profile: MockProfile) -> Self {
         Self {
             profile,
-            digests: HashMap::new(),
+            digests: FastMap::default(),
         }
     }
 

@@ -14,6 +14,7 @@
 //! next step) or cancelled (their tokens are discarded). Nothing here reads a clock.
 
 use std::collections::{HashMap, VecDeque};
+
 use std::time::Duration;
 
 use kvfleet_proto::hash::{block_hashes, hash_block};
@@ -26,6 +27,7 @@ use crate::engine::{
     ImportReport, KvExport, Request, RequestStats, SubmitError, TokenOutput,
 };
 use crate::executor::{ExecError, Executor, RequestId, ScheduledBatch, ScheduledSeq, StepOutput};
+use crate::fast_hash::FastMap;
 
 #[derive(Debug)]
 struct Sequence {
@@ -97,7 +99,7 @@ pub struct Scheduler<E> {
     layout: KvLayout,
     block_size: BlockSize,
     pool: BlockPool,
-    seqs: HashMap<RequestId, Sequence>,
+    seqs: FastMap<RequestId, Sequence>,
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
     next_request: u64,
@@ -125,7 +127,7 @@ impl<E: Executor> Scheduler<E> {
             pool: BlockPool::new(num_blocks, block_bytes),
             executor,
             config,
-            seqs: HashMap::new(),
+            seqs: FastMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_request: 0,
@@ -487,7 +489,7 @@ impl<E: Executor> Scheduler<E> {
     fn finish_step(&mut self, step: InFlight) {
         let bs = self.block_size;
         let end = step.end;
-        let mut sampled: HashMap<RequestId, StepOutput> =
+        let mut sampled: FastMap<RequestId, StepOutput> =
             step.outputs.into_iter().map(|o| (o.request, o)).collect();
         let mut done: Vec<RequestId> = Vec::new();
         for p in step.plan {
