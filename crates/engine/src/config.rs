@@ -84,6 +84,12 @@ pub struct SchedulerConfig {
     pub max_pending_events: usize,
     /// Span of the sliding window behind the tokens-per-second metrics.
     pub metrics_window: Duration,
+    /// How to read the `until` given to `step_until`. Off (virtual time, the simulator): steps
+    /// run back to back, each starting when the previous one ended, however late the caller
+    /// is. On (real time: `until` is the wall clock now): a step that starts during a call
+    /// starts at `until`, so a late driver shows up as latency, as it would on real hardware,
+    /// and a measuring executor's timestamps do not drift behind the wall clock.
+    pub realtime: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -99,6 +105,7 @@ impl Default for SchedulerConfig {
             eos_token_ids: Vec::new(),
             max_pending_events: 65536,
             metrics_window: Duration::from_secs(5),
+            realtime: false,
         }
     }
 }

@@ -297,7 +297,7 @@ pub trait Engine {
     /// Runs every step that can start and finish by `until`: finishes the in-flight step when
     /// its end time is reached (emitting its tokens, stamped with that time) and starts the next
     /// one while there is work. A step that starts before `until` but ends after it stays in
-    /// flight. On an executor failure the step's requests are aborted (see
+    /// flight. In virtual time steps chain back to back (see `SchedulerConfig::realtime`). On an executor failure the step's requests are aborted (see
     /// [`EngineOutput::Aborted`]) and the error is returned; the engine stays usable.
     fn step_until(&mut self, until: Duration) -> Result<(), ExecError>;
 

@@ -356,7 +356,8 @@ impl MockProfile {
         kv_fraction: f64,
     ) -> Duration {
         let ms = self.prefill_ms(prefill_tokens) + self.decode_ms(kv_fraction, decode_seqs);
-        Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+        // A profile with huge coefficients saturates instead of panicking.
+        Duration::try_from_secs_f64(ms.max(0.0) / 1000.0).unwrap_or(Duration::MAX)
     }
 }
 

@@ -663,6 +663,9 @@ impl<E: Executor> Engine for Scheduler<E> {
             if self.now > until {
                 break;
             }
+            if self.config.realtime {
+                self.now = until;
+            }
             if !self.start_step(self.now)? {
                 break;
             }

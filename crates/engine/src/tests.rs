@@ -895,6 +895,29 @@ fn disaggregated_prefill_export_import_gives_the_aggregated_output() {
     run_to_idle(&mut decode, &mut dstreams);
     assert_eq!(dstreams[&id].tokens, toy_reference(&p, n as usize));
     assert_eq!(dstreams[&id].finish.unwrap().stats.cached_tokens, 28);
+    // A direct import with another layout or a short buffer is refused, and changes nothing.
+    decode.drain_events();
+    let wrong = KvExport {
+        layout: KvLayout {
+            model: "other".into(),
+            ..toy_layout(4)
+        },
+        ..export.clone()
+    };
+    let err = decode.import_kv(&wrong).unwrap_err();
+    assert!(
+        matches!(err, ImportError::LayoutMismatch { field: "model", .. }),
+        "{err}"
+    );
+    let short = KvExport {
+        data: export.data[1..].to_vec(),
+        ..export.clone()
+    };
+    assert!(matches!(
+        decode.import_kv(&short),
+        Err(ImportError::DataLength { .. })
+    ));
+    assert!(decode.drain_events().is_empty());
     // Importing again finds everything cached.
     assert_eq!(
         decode.import_kv(&export).unwrap(),
@@ -1298,5 +1321,115 @@ proptest! {
         check_events(&mut engine, &mut mirror)?;
         prop_assert!(mirror.is_empty());
         prop_assert_eq!(engine.pool().usage().free, blocks);
+    }
+}
+
+#[test]
+fn engines_are_usable_as_trait_objects() {
+    let profile = MockProfile::default_8b_h100();
+    let mut engines: Vec<Box<dyn Engine>> = vec![
+        Box::new(MockEngine::new(SchedulerConfig::default(), MockExecutor::new(profile)).unwrap()),
+        Box::new(toy_engine(16, 4, |_| {})),
+    ];
+    for engine in &mut engines {
+        engine
+            .submit(
+                Request::new(vec![1, 2, 3], SamplingParams::greedy(2)),
+                Duration::ZERO,
+            )
+            .unwrap();
+        while let Some(t) = engine.next_event_time() {
+            engine.step_until(t).unwrap();
+        }
+        assert_eq!(engine.drain_outputs().len(), 2);
+    }
+}
+
+/// Virtual time chains steps back to back; real time starts a step when the caller calls.
+#[test]
+fn realtime_mode_starts_steps_at_the_callers_time() {
+    for (realtime, second_token_ms) in [(false, 20), (true, 35)] {
+        let mut engine = toy_engine(64, 4, |c| c.realtime = realtime);
+        let id = engine
+            .submit(
+                Request::new(prompt(90, 8), SamplingParams::greedy(2)),
+                Duration::ZERO,
+            )
+            .unwrap();
+        // The prefill ends at 10 ms; the caller is 15 ms late for it.
+        engine.step_until(Duration::ZERO).unwrap();
+        engine.step_until(Duration::from_millis(25)).unwrap();
+        engine.step_until(Duration::from_secs(1)).unwrap();
+        let mut streams = HashMap::new();
+        collect(engine.drain_outputs(), &mut streams);
+        assert_eq!(
+            streams[&id].times,
+            vec![
+                Duration::from_millis(10),
+                Duration::from_millis(second_token_ms)
+            ],
+            "realtime = {realtime}"
+        );
+    }
+}
+
+/// 200 mock engines driven in real time by one thread on the wall clock: every request
+/// finishes with the documented tokens, and the whole run takes about its modelled time.
+#[test]
+fn a_fleet_of_mock_engines_runs_in_real_time() {
+    let profile = MockProfile::default_8b_h100();
+    let mut engines: Vec<MockEngine> = (0..200)
+        .map(|w| {
+            let config = SchedulerConfig {
+                worker: WorkerId(w),
+                kv_memory: PoolSizing::Blocks(2048),
+                realtime: true,
+                ..Default::default()
+            };
+            MockEngine::new(config, MockExecutor::new(profile.clone())).unwrap()
+        })
+        .collect();
+    let epoch = Instant::now();
+    let mut expected = Vec::new();
+    for (w, engine) in engines.iter_mut().enumerate() {
+        for r in 0..4 {
+            let p = prompt((w * 10 + r) as u64, 64);
+            let id = engine
+                .submit(
+                    Request::new(p.clone(), SamplingParams::greedy(16)),
+                    epoch.elapsed(),
+                )
+                .unwrap();
+            expected.push((w, id, expected_output(&p, 16, profile.vocab_size)));
+        }
+    }
+    let mut streams: Vec<HashMap<RequestId, Stream>> = vec![HashMap::new(); engines.len()];
+    loop {
+        let now = epoch.elapsed();
+        let mut next: Option<Duration> = None;
+        for (engine, s) in engines.iter_mut().zip(&mut streams) {
+            engine.step_until(now).unwrap();
+            collect(engine.drain_outputs(), s);
+            next = match (next, engine.next_event_time()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        let Some(next) = next else { break };
+        std::thread::sleep(next.saturating_sub(epoch.elapsed()));
+        assert!(
+            epoch.elapsed() < Duration::from_secs(30),
+            "the fleet fell behind"
+        );
+    }
+    let wall = epoch.elapsed();
+    // Four 64-token prompts in one 17.5 ms prefill step, then 15 decode steps of ~5.7 ms.
+    let modelled = Duration::from_secs_f64(
+        (profile.prefill_ms(256) + 15.0 * profile.decode_ms(0.0, 4)) / 1000.0,
+    );
+    println!("200 engines in real time: {wall:?} wall, {modelled:?} modelled per engine");
+    assert!(wall >= modelled);
+    for (w, id, tokens) in expected {
+        assert_eq!(streams[w][&id].tokens, tokens);
     }
 }
