@@ -12,9 +12,10 @@
 //!
 //! Memory layout (the index is sized for millions of blocks): a map entry is 16 bytes, the key
 //! plus a packed [`Holders`] word. Up to two holders live inline in that word; a block held by
-//! three or more workers spills to a side arena of `Vec<u32>`. Each holder is a `u32`: the
-//! worker's dense slot number shifted left by 4, or-ed with a 4-bit mask of the tiers it holds
-//! the block in. Workers are named by slot here; the router maps [`kvfleet_proto::WorkerId`]s to
+//! three or more workers spills to a [`Slab`] of flat `u32` arrays in size classes of 4, 8,
+//! 16, ... holders (no allocation, header or allocator overhead per list). Each holder is a
+//! `u32`: the worker's dense slot number shifted left by 4, or-ed with a 4-bit mask of the tiers
+//! it holds the block in. Workers are named by slot here; the router maps [`kvfleet_proto::WorkerId`]s to
 //! slots and purges a worker's blocks before its slot is reused.
 
 use std::collections::HashMap;
@@ -22,12 +23,13 @@ use std::hash::{BuildHasher, Hasher};
 
 use kvfleet_proto::{SequenceHash, Tier};
 
-/// The number of worker slots the packed holder encoding allows (27 bits).
-pub(crate) const MAX_SLOTS: u32 = 1 << 27;
+/// The number of worker slots the packed encodings allow: a slot fits in 27 bits and so does
+/// the length of a holder list.
+pub(crate) const MAX_SLOTS: u32 = (1 << 27) - 1;
 
-/// Marks a [`Holders`] word whose low half is an arena index rather than inline holders. A real
-/// holder never has its top bit set because slots stay below [`MAX_SLOTS`].
-const ARENA_TAG: u32 = u32::MAX;
+/// Marks a [`Holders`] word that names a slab list rather than inline holders. A real holder
+/// never has its top bit set because slots stay below [`MAX_SLOTS`], so inline words never do.
+const SLAB_BIT: u64 = 1 << 63;
 
 /// The bit for `tier` in a holder's tier mask.
 pub(crate) const fn tier_bit(tier: Tier) -> u8 {
@@ -64,8 +66,23 @@ struct Holders(u64);
 impl Holders {
     const EMPTY: Holders = Holders(0);
 
-    fn arena(self) -> Option<usize> {
-        ((self.0 >> 32) as u32 == ARENA_TAG).then_some(self.0 as u32 as usize)
+    /// The slab list this word names: size class (5 bits), length (27 bits), index within the
+    /// class (31 bits).
+    fn list(self) -> Option<List> {
+        (self.0 & SLAB_BIT != 0).then_some(List {
+            class: ((self.0 >> 58) & 0x1F) as u32,
+            len: ((self.0 >> 31) & u64::from(MAX_SLOTS)) as u32,
+            index: (self.0 & 0x7FFF_FFFF) as u32,
+        })
+    }
+
+    fn from_list(list: List) -> Self {
+        Holders(
+            SLAB_BIT
+                | (u64::from(list.class) << 58)
+                | (u64::from(list.len) << 31)
+                | u64::from(list.index),
+        )
     }
 
     fn inline(a: u32, b: u32) -> Self {
@@ -79,6 +96,96 @@ impl Holders {
 
     fn halves(self) -> (u32, u32) {
         (self.0 as u32, (self.0 >> 32) as u32)
+    }
+}
+
+/// A holder list in the [`Slab`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct List {
+    class: u32,
+    len: u32,
+    index: u32,
+}
+
+impl List {
+    const fn capacity(self) -> usize {
+        4 << self.class
+    }
+    const fn range(self) -> std::ops::Range<usize> {
+        let start = self.index as usize * self.capacity();
+        start..start + self.len as usize
+    }
+}
+
+/// Holder lists of three or more workers: per size class (4, 8, 16, ... holders) one flat
+/// array of fixed-size cells and a free list of cells. A list moves up a class when it fills
+/// its cell and down when it shrinks to a quarter of it (the gap avoids bouncing).
+#[derive(Debug, Default)]
+struct Slab {
+    classes: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+impl Slab {
+    fn items(&self, list: List) -> &[u32] {
+        &self.classes[list.class as usize].0[list.range()]
+    }
+
+    fn items_mut(&mut self, list: List) -> &mut [u32] {
+        &mut self.classes[list.class as usize].0[list.range()]
+    }
+
+    /// A free cell in `class`, holding a copy of `items` (which must fit).
+    fn alloc(&mut self, class: u32, items: &[u32]) -> List {
+        if self.classes.len() <= class as usize {
+            self.classes
+                .resize_with(class as usize + 1, Default::default);
+        }
+        let capacity = 4usize << class;
+        let (cells, free) = &mut self.classes[class as usize];
+        let index = match free.pop() {
+            Some(index) => index,
+            None => {
+                cells.resize(cells.len() + capacity, 0);
+                (cells.len() / capacity - 1) as u32
+            }
+        };
+        let list = List {
+            class,
+            len: items.len() as u32,
+            index,
+        };
+        let start = index as usize * capacity;
+        cells[start..start + items.len()].copy_from_slice(items);
+        list
+    }
+
+    fn free(&mut self, list: List) {
+        self.classes[list.class as usize].1.push(list.index);
+    }
+
+    /// Moves `list` to `class` (its items must fit) and frees its old cell.
+    fn relocate(&mut self, list: List, class: u32) -> List {
+        let mut items = [0u32; 64];
+        let moved = if list.len as usize <= items.len() {
+            items[..list.len as usize].copy_from_slice(self.items(list));
+            self.alloc(class, &items[..list.len as usize])
+        } else {
+            let items = self.items(list).to_vec();
+            self.alloc(class, &items)
+        };
+        self.free(list);
+        moved
+    }
+
+    /// Lists in use, and bytes reserved (cells and free lists, by capacity).
+    fn usage(&self) -> (u64, usize) {
+        let mut lists = 0;
+        let mut bytes = self.classes.capacity() * std::mem::size_of::<(Vec<u32>, Vec<u32>)>();
+        for (class, (cells, free)) in self.classes.iter().enumerate() {
+            lists += (cells.len() / (4 << class) - free.len()) as u64;
+            bytes += (cells.capacity() + free.capacity()) * std::mem::size_of::<u32>();
+        }
+        (lists, bytes)
     }
 }
 
@@ -184,8 +291,7 @@ impl Scratch {
 #[derive(Debug)]
 pub(crate) struct BlockIndex {
     map: HashMap<u64, Holders, KeyedBuild>,
-    arena: Vec<Vec<u32>>,
-    free: Vec<u32>,
+    slab: Slab,
     /// Blocks per slot per tier, for metrics and for skipping scans of empty workers.
     counts: Vec<[u64; 4]>,
     /// (block, worker, tier) triples held.
@@ -206,10 +312,10 @@ pub struct IndexStats {
     /// (block, worker, tier) triples: a block held by 3 workers in G1 and one of them also in
     /// G2 counts 4.
     pub entries: u64,
-    /// Blocks held by three or more workers (their holder lists live in the side arena).
+    /// Blocks held by three or more workers (their holder lists live in the slab).
     pub shared_blocks: u64,
     /// Estimated heap bytes of the index, computed from the structures' capacities (hash table
-    /// buckets and control bytes, arena vectors); allocator overhead is not included.
+    /// buckets and control bytes, slab arrays); allocator overhead is not included.
     pub heap_bytes: u64,
 }
 
@@ -217,8 +323,7 @@ impl BlockIndex {
     pub(crate) fn new(seed: u64) -> Self {
         Self {
             map: HashMap::with_hasher(KeyedBuild(seed)),
-            arena: Vec::new(),
-            free: Vec::new(),
+            slab: Slab::default(),
             counts: Vec::new(),
             entries: 0,
         }
@@ -251,8 +356,8 @@ impl BlockIndex {
     }
 
     fn each_holder(&self, holders: Holders, mut f: impl FnMut(u32, u8)) {
-        if let Some(i) = holders.arena() {
-            for &h in &self.arena[i] {
+        if let Some(list) = holders.list() {
+            for &h in self.slab.items(list) {
                 let (slot, mask) = unpack(h);
                 f(slot, mask);
             }
@@ -297,32 +402,38 @@ impl BlockIndex {
     /// Applies `f` to `slot`'s tier mask for `hash` and stores the result; returns (old, new).
     fn update(&mut self, key: u64, slot: u32, f: impl FnOnce(u8) -> u8) -> (u8, u8) {
         let holders = self.map.get(&key).copied().unwrap_or(Holders::EMPTY);
-        let (old, new, updated) = match holders.arena() {
-            Some(i) => {
-                let list = &mut self.arena[i];
-                let pos = list.iter().position(|&h| unpack(h).0 == slot);
-                let old = pos.map_or(0, |p| unpack(list[p]).1);
+        let (old, new, updated) = match holders.list() {
+            Some(mut list) => {
+                let items = self.slab.items_mut(list);
+                let pos = items.iter().position(|&h| unpack(h).0 == slot);
+                let old = pos.map_or(0, |p| unpack(items[p]).1);
                 let new = f(old);
                 match (pos, new) {
                     (Some(p), 0) => {
-                        list.swap_remove(p);
+                        items[p] = items[items.len() - 1];
+                        list.len -= 1;
                     }
-                    (Some(p), m) => list[p] = pack(slot, m),
+                    (Some(p), m) => items[p] = pack(slot, m),
                     (None, 0) => {}
-                    (None, m) => list.push(pack(slot, m)),
-                }
-                let updated = if list.len() <= 2 {
-                    let a = list.first().copied().unwrap_or(0);
-                    let b = list.get(1).copied().unwrap_or(0);
-                    // Give the arena slot back; keep its allocation only while it is small.
-                    list.clear();
-                    if list.capacity() > 8 {
-                        list.shrink_to(4);
+                    (None, m) => {
+                        if list.len as usize == list.capacity() {
+                            list = self.slab.relocate(list, list.class + 1);
+                        }
+                        list.len += 1;
+                        let last = list.len as usize - 1;
+                        self.slab.items_mut(list)[last] = pack(slot, m);
                     }
-                    self.free.push(i as u32);
+                }
+                let updated = if list.len <= 2 {
+                    let items = self.slab.items(list);
+                    let a = items.first().copied().unwrap_or(0);
+                    let b = items.get(1).copied().unwrap_or(0);
+                    self.slab.free(list);
                     Holders::inline(a, b)
+                } else if list.class > 0 && list.len as usize <= list.capacity() / 4 {
+                    Holders::from_list(self.slab.relocate(list, list.class - 1))
                 } else {
-                    holders
+                    Holders::from_list(list)
                 };
                 (old, new, updated)
             }
@@ -351,18 +462,7 @@ impl BlockIndex {
                 } else if b == 0 {
                     Holders::inline(a, pack(slot, new))
                 } else {
-                    let list = vec![a, b, pack(slot, new)];
-                    let i = match self.free.pop() {
-                        Some(i) => {
-                            self.arena[i as usize] = list;
-                            i
-                        }
-                        None => {
-                            self.arena.push(list);
-                            (self.arena.len() - 1) as u32
-                        }
-                    };
-                    Holders(u64::from(i) | (u64::from(ARENA_TAG) << 32))
+                    Holders::from_list(self.slab.alloc(0, &[a, b, pack(slot, new)]))
                 };
                 (old, new, updated)
             }
@@ -504,7 +604,7 @@ impl BlockIndex {
     }
 
     pub(crate) fn stats(&self) -> IndexStats {
-        let shared_blocks = (self.arena.len() - self.free.len()) as u64;
+        let (shared_blocks, slab) = self.slab.usage();
         // hashbrown keeps capacity at 7/8 of a power-of-two bucket count and one control byte
         // per bucket plus one group (16) of trailing control bytes.
         let cap = self.map.capacity();
@@ -519,19 +619,12 @@ impl BlockIndex {
         } else {
             buckets * (entry + 1) + 16
         };
-        let arena = self.arena.capacity() * std::mem::size_of::<Vec<u32>>()
-            + self
-                .arena
-                .iter()
-                .map(|v| v.capacity() * std::mem::size_of::<u32>())
-                .sum::<usize>()
-            + self.free.capacity() * std::mem::size_of::<u32>();
         let counts = self.counts.capacity() * std::mem::size_of::<[u64; 4]>();
         IndexStats {
             blocks: self.map.len() as u64,
             entries: self.entries,
             shared_blocks,
-            heap_bytes: (table + arena + counts) as u64,
+            heap_bytes: (table + slab + counts) as u64,
         }
     }
 }
@@ -556,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn holders_spill_to_the_arena_and_come_back() {
+    fn holders_spill_to_the_slab_and_come_back() {
         let mut idx = index(10);
         for slot in 0..5 {
             assert!(idx.insert(h(1), slot, Tier::G1));
@@ -582,6 +675,37 @@ mod tests {
         assert!(!idx.remove(h(1), 4, Tier::G1));
         assert_eq!(idx.stats().blocks, 0);
         assert_eq!(idx.stats().entries, 0);
+    }
+
+    #[test]
+    fn long_holder_lists_move_through_size_classes_both_ways() {
+        let mut idx = index(200);
+        let holders = |idx: &BlockIndex| -> Vec<u32> {
+            let mut slots: Vec<u32> = (0..200).filter(|&s| idx.tiers_of(h(9), s) != 0).collect();
+            slots.sort_unstable();
+            slots
+        };
+        for slot in 0..150 {
+            assert!(idx.insert(h(9), slot, Tier::G1));
+            idx.insert(h(10), slot % 4, Tier::G2);
+        }
+        assert_eq!(holders(&idx), (0..150).collect::<Vec<_>>());
+        assert_eq!(idx.stats().shared_blocks, 2);
+        // Remove in a scattered order, checking the survivors after every step.
+        let mut left: Vec<u32> = (0..150).collect();
+        for k in 0..148 {
+            let slot = left.remove((k * 37) % left.len());
+            assert!(idx.remove(h(9), slot, Tier::G1));
+            assert_eq!(holders(&idx), left);
+        }
+        assert_eq!(idx.stats().shared_blocks, 1, "two holders are inline again");
+        assert_eq!(idx.stats().entries, 2 + 4);
+        // Freed cells are reused rather than grown.
+        let before = idx.slab.usage().1;
+        for slot in 0..150 {
+            idx.insert(h(11), slot, Tier::G3);
+        }
+        assert_eq!(idx.slab.usage().1, before);
     }
 
     #[test]
