@@ -12,7 +12,8 @@ use kvfleet_proto::SamplingParams;
 const REQUESTS: u64 = 1000;
 const OUTPUT: u32 = 128;
 
-fn replay() -> u64 {
+/// Returns (tokens generated, virtual time at which the last one was produced).
+fn replay() -> (u64, Duration) {
     let profile = MockProfile::default_8b_h100();
     let config = SchedulerConfig {
         kv_memory: profile.pool_sizing(),
@@ -35,11 +36,13 @@ fn replay() -> u64 {
         tokens += engine.drain_outputs().len() as u64;
     }
     black_box(engine.drain_events());
-    tokens
+    (tokens, engine.now())
 }
 
 fn simulated_tokens(c: &mut Criterion) {
-    assert_eq!(replay(), REQUESTS * u64::from(OUTPUT));
+    let (tokens, virtual_time) = replay();
+    assert_eq!(tokens, REQUESTS * u64::from(OUTPUT));
+    eprintln!("one replay covers {virtual_time:?} of virtual time");
     let mut group = c.benchmark_group("mock");
     group.sample_size(10);
     group.throughput(Throughput::Elements(REQUESTS * u64::from(OUTPUT)));

@@ -73,7 +73,21 @@ impl Quadratic {
         (self.c2 * x + self.c1) * x + self.c0
     }
 
-    /// Least-squares fit of `(x, ms)` points; needs at least three distinct `x`.
+    /// Least-squares fit of `(x, ms)` points; needs at least three distinct `x`. The example
+    /// is the one in `docs/mock-profile.md` (measurements from the default profile's curves):
+    ///
+    /// ```
+    /// use kvfleet_engine::{DecodeModel, Quadratic};
+    /// let prefill =
+    ///     Quadratic::fit(&[(128.0, 18.5), (512.0, 24.4), (2048.0, 49.4), (8192.0, 169.3)])?;
+    /// assert!((prefill.c1 - 1.52e-2).abs() < 1e-3 && (prefill.c0 - 16.5).abs() < 0.5);
+    /// let decode = DecodeModel::fit(
+    ///     &[(0.05, 8, 8.3), (0.3, 64, 19.6), (0.6, 128, 28.8), (0.9, 256, 33.5)],
+    ///     false,
+    /// )?;
+    /// assert!((decode.eval(0.5, 1) - 26.3).abs() < 0.5);
+    /// # Ok::<(), kvfleet_engine::FitError>(())
+    /// ```
     pub fn fit(points: &[(f64, f64)]) -> Result<Self, FitError> {
         // Scale x into [0, 1] so the normal equations stay well conditioned (t² reaches 1e8).
         let scale = points.iter().map(|p| p.0.abs()).fold(0.0, f64::max);
