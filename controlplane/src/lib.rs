@@ -35,7 +35,7 @@ pub mod metrics;
 pub mod placement;
 pub mod store;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -58,6 +58,8 @@ pub struct Inner {
     /// Node ids whose desired-state generation changed (fed from Postgres NOTIFY, so changes
     /// made by any replica wake this replica's watchers).
     pub desired_changed: broadcast::Sender<uuid::Uuid>,
+    /// Flips to true when the replica starts shutting down; long polls return at once.
+    pub stopping: watch::Sender<bool>,
     leader: AtomicBool,
 }
 
@@ -82,6 +84,7 @@ impl AppState {
             config,
             ca,
             desired_changed,
+            stopping: watch::channel(false).0,
             leader: AtomicBool::new(false),
         })))
     }
@@ -119,6 +122,9 @@ pub async fn run(
     serve(state, listener, shutdown).await
 }
 
+/// How long in-flight requests may run once shutdown begins.
+pub const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves an already-built state (the bench and tests that need the state use this).
 pub async fn serve(
     state: AppState,
@@ -137,14 +143,30 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "serving /api/v1");
     let mut http_stop = stop_rx.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = shutdown => {}
-                _ = http_stop.changed() => {}
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopping = state.clone();
+    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = http_stop.changed() => {}
+        }
+        // Wake long polls so they answer now instead of holding the drain open.
+        stopping.stopping.send_replace(true);
+        let _ = fired_tx.send(());
+    });
+    let served = tokio::select! {
+        served = serving.into_future() => served,
+        () = async {
+            if fired_rx.await.is_ok() {
+                tokio::time::sleep(DRAIN_DEADLINE).await;
+            } else {
+                std::future::pending::<()>().await;
             }
-        })
-        .await;
+        } => {
+            tracing::warn!("requests still running after the {DRAIN_DEADLINE:?} drain deadline; closing");
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     state.pool.close().await;

@@ -540,3 +540,31 @@ async fn certificates_sign_the_agents_key_and_renew(pool: PgPool) {
     other.stop().await;
     server.stop().await;
 }
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn shutdown_answers_long_polls_instead_of_waiting_them_out(pool: PgPool) {
+    let mut config = test_config();
+    config.watch.max_wait = Duration::from_secs(60);
+    let server = start(&pool, config).await;
+    let join = token(&pool, Role::Join).await;
+    let (_, agent, registered) = register(&server, &join, "gpu-a", 0).await;
+    let generation = registered["desired_generation"].as_i64().unwrap();
+    let url = server.url(&format!(
+        "/agent/desired-state?after_generation={generation}&wait_s=60"
+    ));
+    let watch = tokio::spawn(async move { call(Method::GET, &url, Some(&agent), None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = tokio::time::Instant::now();
+    server.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    let answered = tokio::time::timeout(Duration::from_secs(5), watch)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answered.status, StatusCode::OK);
+    assert_eq!(answered.body["generation"], generation);
+}

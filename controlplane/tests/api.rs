@@ -824,3 +824,42 @@ async fn a_newer_schema_is_refused_with_a_clear_message(pool: PgPool) {
     );
     assert!(text.contains("newer than this control plane"), "{text}");
 }
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn errors_outside_handlers_are_problem_json_too(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let admin = token(&pool, Role::Admin).await;
+    // 405: the route exists, the method does not.
+    let r = call(
+        Method::PUT,
+        &server.url("/nodes"),
+        Some(&admin),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.content_type, "application/problem+json");
+    assert_eq!(r.body["status"], 405);
+    // 413: a body above the limit.
+    let huge = "x".repeat(kvfleet_controlplane::api::MAX_BODY_BYTES + 1);
+    let r = call(
+        Method::POST,
+        &server.url("/models"),
+        Some(&admin),
+        Some(&json!({ "name": huge })),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.content_type, "application/problem+json");
+    // 404 outside /api/v1.
+    let r = call(
+        Method::GET,
+        &format!("http://{}/elsewhere", server.addr),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.content_type, "application/problem+json");
+    server.stop().await;
+}

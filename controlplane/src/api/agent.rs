@@ -487,8 +487,16 @@ pub async fn desired_state(
     let wait =
         Duration::from_secs(query.wait_s.unwrap_or(u64::MAX / 2)).min(state.config.watch.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
+    let mut stopping = state.stopping.subscribe();
     loop {
-        match tokio::time::timeout_at(deadline, changes.recv()).await {
+        if *stopping.borrow_and_update() {
+            return Ok(Json(load_desired(&state, node).await?));
+        }
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, changes.recv()) => next,
+            _ = stopping.changed() => continue,
+        };
+        match next {
             Err(_elapsed) => return Ok(Json(load_desired(&state, node).await?)),
             Ok(Ok(changed)) if changed != node => continue,
             // Our node changed, or we fell behind and cannot tell: re-read.

@@ -87,7 +87,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         }
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(super::MAX_BODY_BYTES)
+                } else {
+                    ApiError::BadRequest(format!("reading the body: {e}"))
+                }
+            })?;
         parse_json(&bytes).map(ApiJson)
     }
 }

@@ -79,8 +79,53 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found);
     Router::new()
         .nest("/api/v1", v1)
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(problem_for_plain_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Errors produced outside our handlers (axum's 405, 413 from the body limit, ...) become
+/// problem JSON too, so a client parses one error shape on every path.
+async fn problem_for_plain_errors(response: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::response::IntoResponse as _;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let detail = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let problem = problem::Problem {
+        type_: format!("/api/v1/problems/http-{}", status.as_u16()),
+        title: status.canonical_reason().unwrap_or("Error").to_owned(),
+        status: status.as_u16(),
+        detail: if detail.is_empty() {
+            status.to_string()
+        } else {
+            detail
+        },
+        invalid_params: Vec::new(),
+    };
+    let mut response = (status, axum::Json(problem)).into_response();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/problem+json"),
+    );
+    // Keep headers such as Allow (405) from the original response.
+    for (name, value) in &parts.headers {
+        if name != CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    response
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -58,6 +58,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("send the body as application/json")]
     UnsupportedMediaType,
+    #[error("the body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
     #[error("internal error: {0}")]
@@ -92,6 +94,11 @@ impl ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
                 "Unsupported media type",
+            ),
+            ApiError::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
