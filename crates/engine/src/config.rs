@@ -75,6 +75,9 @@ pub struct SchedulerConfig {
     /// Split long prompts into chunks of at most the remaining token budget. When off, a prompt
     /// is admitted only when it fits in one step, and longer prompts are rejected at submit.
     pub chunked_prefill: bool,
+    /// Reuse the KV of shared prompt prefixes. When off, nothing enters the prefix cache (no
+    /// `Stored` events), every prompt is computed in full, and imports are refused.
+    pub enable_prefix_caching: bool,
     /// Memory for the KV block pool.
     pub kv_memory: PoolSizing,
     /// Tokens that end generation unless the request sets `ignore_eos` (the model's EOS).
@@ -101,6 +104,7 @@ impl Default for SchedulerConfig {
             max_model_len: 32768,
             max_waiting: 4096,
             chunked_prefill: true,
+            enable_prefix_caching: true,
             kv_memory: PoolSizing::Blocks(4096),
             eos_token_ids: Vec::new(),
             max_pending_events: 65536,

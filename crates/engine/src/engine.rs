@@ -77,7 +77,7 @@ pub struct Finish {
 }
 
 /// One generated token.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TokenOutput {
     /// The request.
     pub request: RequestId,
@@ -85,6 +85,8 @@ pub struct TokenOutput {
     pub token: u32,
     /// Its log-probability, when the request asked for logprobs and the executor provides them.
     pub logprob: Option<f32>,
+    /// The most likely alternatives with their log-probabilities (see `SamplingParams::logprobs`).
+    pub top_logprobs: Vec<(u32, f32)>,
     /// 0 for the first generated token, then 1, 2, ...
     pub index: u32,
     /// When the token was produced (the end of the step that sampled it).
@@ -222,6 +224,9 @@ pub enum ImportError {
         /// Bytes given.
         got: usize,
     },
+    /// This engine runs without a prefix cache, so imported blocks could never be used.
+    #[error("prefix caching is disabled on this engine; KV imports need it")]
+    PrefixCachingDisabled,
     /// The executor failed to write the blocks.
     #[error(transparent)]
     Exec(#[from] ExecError),

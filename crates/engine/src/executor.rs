@@ -66,7 +66,7 @@ pub struct ScheduledBatch<'a> {
 }
 
 /// The token sampled for one sequence.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
     /// The sequence.
     pub request: RequestId,
@@ -74,6 +74,9 @@ pub struct StepOutput {
     pub token: u32,
     /// Its log-probability, when the request asked for logprobs.
     pub logprob: Option<f32>,
+    /// The `sampling.logprobs` most likely tokens and their log-probabilities, most likely
+    /// first (empty unless asked for).
+    pub top_logprobs: Vec<(u32, f32)>,
 }
 
 /// What one step produced.

@@ -416,6 +416,7 @@ impl Executor for MockExecutor {
                 request: seq.request,
                 token: pseudo_token(digest, position, vocab),
                 logprob: seq.sampling.logprobs.map(|_| 0.0),
+                top_logprobs: Vec::new(),
             });
         }
         let kv_fraction = if batch.kv_blocks_total == 0 {

@@ -356,7 +356,11 @@ impl<E: Executor> Scheduler<E> {
                 continue;
             };
             // Keep at least one token to compute: its logits give the next token.
-            let max_hits = (seq.tokens.len() - 1) / bs.tokens();
+            let max_hits = if self.config.enable_prefix_caching {
+                (seq.tokens.len() - 1) / bs.tokens()
+            } else {
+                0
+            };
             let mut hit_blocks: Vec<BlockId> = Vec::new();
             let mut evictable_hits = 0;
             for h in &seq.hashes[..max_hits] {
@@ -498,7 +502,7 @@ impl<E: Executor> Scheduler<E> {
             };
             seq.num_computed += p.num_tokens;
             let full = (seq.num_computed / bs.tokens()).min(seq.hashes.len());
-            if full > seq.num_registered {
+            if full > seq.num_registered && self.config.enable_prefix_caching {
                 let parent = seq
                     .num_registered
                     .checked_sub(1)
@@ -556,6 +560,7 @@ impl<E: Executor> Scheduler<E> {
                 request: p.id,
                 token: out.token,
                 logprob: out.logprob,
+                top_logprobs: out.top_logprobs,
                 index: (generated - 1) as u32,
                 time: end,
                 finish,
@@ -710,6 +715,9 @@ impl<E: Executor> Engine for Scheduler<E> {
     }
 
     fn import_kv(&mut self, export: &KvExport) -> Result<ImportReport, ImportError> {
+        if !self.config.enable_prefix_caching {
+            return Err(ImportError::PrefixCachingDisabled);
+        }
         if let Some((field, ours, theirs)) = self.layout.mismatch(&export.layout) {
             return Err(ImportError::LayoutMismatch {
                 field,

@@ -116,6 +116,7 @@ impl Executor for ToyExecutor {
                     request: seq.request,
                     token: (state % u64::from(VOCAB)) as u32,
                     logprob: None,
+                    top_logprobs: Vec::new(),
                 });
             }
         }
@@ -1247,12 +1248,14 @@ proptest! {
         blocks in 24u32..80,
         max_num_seqs in 1usize..8,
         max_batched_tokens in 8usize..64,
+        caching in prop::bool::weighted(0.8),
     ) {
         let bs = 4;
         let mut engine = toy_engine(blocks, bs, |c| {
             c.max_num_seqs = max_num_seqs;
             c.max_batched_tokens = max_batched_tokens;
             c.max_waiting = 16;
+            c.enable_prefix_caching = caching;
         });
         let mut now = Duration::ZERO;
         let mut prompts: HashMap<RequestId, (Vec<u32>, u32)> = HashMap::new();
@@ -1266,7 +1269,10 @@ proptest! {
                 prop_assert_eq!(e.event_id, next_event);
                 next_event += 1;
                 match e.data {
-                    KvEventData::Stored { blocks, .. } => for b in blocks { prop_assert!(mirror.insert(b.sequence)); },
+                    KvEventData::Stored { blocks, .. } => for b in blocks {
+                        prop_assert!(caching, "Stored with prefix caching off");
+                        prop_assert!(mirror.insert(b.sequence));
+                    },
                     KvEventData::Removed { blocks } => for b in blocks { prop_assert!(mirror.remove(&b)); },
                     KvEventData::Cleared => mirror.clear(),
                 }
@@ -1432,4 +1438,61 @@ fn a_fleet_of_mock_engines_runs_in_real_time() {
     for (w, id, tokens) in expected {
         assert_eq!(streams[w][&id].tokens, tokens);
     }
+}
+
+/// The same workload with the prefix cache on and off: identical outputs, and the cached run
+/// really did hit (and computed fewer tokens).
+#[test]
+fn prefix_cache_on_and_off_give_identical_outputs() {
+    let shared = prompt(95, 40);
+    let prompts: Vec<Vec<u32>> = (0..30)
+        .map(|i| {
+            let mut p = shared.clone();
+            p.extend(prompt(500 + i, 1 + i as usize % 9));
+            p
+        })
+        .collect();
+    let mut results = Vec::new();
+    for caching in [true, false] {
+        let mut engine = toy_engine(120, 4, |c| {
+            c.enable_prefix_caching = caching;
+            c.max_num_seqs = 6;
+        });
+        let mut ids = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let t = Duration::from_millis(15 * i as u64);
+            engine.step_until(t).unwrap();
+            ids.push(
+                engine
+                    .submit(Request::new(p.clone(), SamplingParams::greedy(12)), t)
+                    .unwrap(),
+            );
+        }
+        let mut streams = HashMap::new();
+        run_to_idle(&mut engine, &mut streams);
+        let outputs: Vec<Vec<u32>> = ids.iter().map(|id| streams[id].tokens.clone()).collect();
+        let hits = engine.metrics().prefix_hit_tokens;
+        let stored = engine
+            .drain_events()
+            .iter()
+            .any(|e| matches!(e.data, KvEventData::Stored { .. }));
+        results.push((outputs, hits, stored));
+    }
+    assert_eq!(results[0].0, results[1].0);
+    assert!(
+        results[0].1 >= 29 * 40,
+        "hits with caching: {}",
+        results[0].1
+    );
+    assert_eq!((results[1].1, results[1].2), (0, false));
+    let mut off = toy_engine(16, 4, |c| c.enable_prefix_caching = false);
+    let export = KvExport {
+        layout: toy_layout(4),
+        blocks: vec![],
+        data: vec![],
+    };
+    assert_eq!(
+        off.import_kv(&export),
+        Err(ImportError::PrefixCachingDisabled)
+    );
 }
