@@ -102,6 +102,17 @@ pub struct Decision {
     pub candidates: Vec<CandidateCost>,
 }
 
+/// How much of a prompt one worker already holds (see [`Router::overlaps`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Overlap {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Leading blocks of the prompt it holds, in any tier.
+    pub blocks: u32,
+    /// Those blocks weighted by the tier each is in ([`RouterConfig::tier_weights`]).
+    pub cached_blocks: f64,
+}
+
 /// [`Router::add_worker`] was asked for more workers than the index can name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot add worker {0}: the router already tracks the maximum of {max} workers", max = MAX_SLOTS)]
@@ -510,6 +521,44 @@ impl Router {
         }
     }
 
+    /// How many leading blocks of `hashes` each candidate (every worker for `None`) holds, in
+    /// worker-id order, without routing anything: for a disaggregated frontend deciding whether
+    /// the uncached part of a prompt is worth a remote prefill, and for the UI.
+    pub fn overlaps(
+        &mut self,
+        hashes: &[SequenceHash],
+        candidates: Option<&[WorkerId]>,
+        now: Duration,
+    ) -> Vec<Overlap> {
+        self.expire(now);
+        let mut slots: Vec<(WorkerId, u32)> = match candidates {
+            None => self.order.clone(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| self.slot(*id).map(|slot| (*id, slot)))
+                .collect(),
+        };
+        slots.sort_unstable();
+        slots.dedup();
+        self.scratch.begin(self.slots.len());
+        for &(_, slot) in &slots {
+            self.scratch.add_candidate(slot);
+        }
+        self.index
+            .walk(hashes, &self.config.tier_weights, &mut self.scratch);
+        slots
+            .into_iter()
+            .map(|(worker, slot)| {
+                let (blocks, cached_blocks) = self.scratch.overlap(slot);
+                Overlap {
+                    worker,
+                    blocks,
+                    cached_blocks,
+                }
+            })
+            .collect()
+    }
+
     /// Picks a worker for `request` and counts it in that worker's load until
     /// [`Router::finished`] (or the timeout).
     pub fn select(
@@ -566,7 +615,13 @@ impl Router {
             .walk(request.hashes, &self.config.tier_weights, &mut self.scratch);
 
         let config = &self.config;
-        let costs: Vec<CandidateCost> = candidates
+        // Candidates come from `by_id`, so every slot is occupied; `costs[i]` is `slots[i]`'s.
+        let slots: Vec<u32> = candidates
+            .iter()
+            .copied()
+            .filter(|&slot| self.slots[slot as usize].is_some())
+            .collect();
+        let costs: Vec<CandidateCost> = slots
             .iter()
             .filter_map(|&slot| {
                 let worker = self.slots[slot as usize].as_ref()?;
@@ -623,11 +678,7 @@ impl Router {
             }
             RoutingMode::Random => eligible[self.rng.below(eligible.len())],
         };
-        let slot = candidates
-            .iter()
-            .copied()
-            .find(|&s| self.slots[s as usize].as_ref().map(|w| w.id) == Some(costs[chosen].worker))
-            .unwrap_or(candidates[0]);
+        let slot = slots[chosen];
         let overlap_blocks = costs[chosen].overlap_blocks;
         self.record(request, slot, overlap_blocks, request_blocks, now);
         self.routes.hit_blocks += u64::from(overlap_blocks);

@@ -336,6 +336,26 @@ fn selection_table() {
 }
 
 #[test]
+fn overlaps_are_prefixes_per_worker_and_route_nothing() {
+    let shared = prompt(1, 6);
+    let mut router = router_with(&[1, 2, 3, 4], |_| {});
+    store(&mut router, 1, Tier::G1, &shared, &[0, 1, 3]);
+    store(&mut router, 2, Tier::G2, &shared, &[0, 1, 2, 3, 4, 5]);
+    store(&mut router, 3, Tier::G1, &shared, &[2, 3]);
+    let hashes = seqs(&shared);
+    let got: Vec<(u64, u32)> = router
+        .overlaps(&hashes, None, ms(1))
+        .iter()
+        .map(|o| (o.worker.0, o.blocks))
+        .collect();
+    assert_eq!(got, [(1, 2), (2, 6), (3, 0), (4, 0)]);
+    let only = router.overlaps(&hashes, Some(&[w(2), w(9)]), ms(1));
+    assert_eq!(only.len(), 1);
+    assert!((only[0].cached_blocks - 6.0 * 0.8).abs() < 1e-9);
+    assert_eq!(router.inflight(), 0);
+}
+
+#[test]
 fn the_decision_explains_every_candidate_cheapest_first() {
     let shared = prompt(1, 8);
     let mut router = router_with(&[1, 2, 3], |_| {});
@@ -1001,5 +1021,48 @@ proptest! {
         prop_assert_eq!(router.index_stats().entries, entries as u64);
         let distinct: BTreeSet<u64> = model.held.values().flatten().copied().collect();
         prop_assert_eq!(router.index_stats().blocks, distinct.len() as u64);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// With temperature 0 the chosen worker has the lowest cost, equal costs go to the lower
+    /// load, and each cost is the documented formula of the worker's overlap and load.
+    #[test]
+    fn kv_selection_minimises_the_documented_cost(
+        workers in prop::collection::vec((0usize..=8, 0u64..40, 0u64..400, 0u32..4), 1..8),
+        blocks in 0usize..=8,
+        partial in 0u32..16,
+    ) {
+        let shared = prompt(3, 8);
+        let mut router = router_with(&[], |_| {});
+        for (i, &(held, decode, prefill, queue)) in workers.iter().enumerate() {
+            let id = i as u64 + 1;
+            router.add_worker(w(id), WorkerCapacity::default()).unwrap();
+            store(&mut router, id, Tier::G1, &shared, &(0..held).collect::<Vec<_>>());
+            router.apply_load(w(id), load(prefill, decode, queue), ms(1)).unwrap();
+        }
+        let hashes = seqs(&shared[..blocks]);
+        let tokens = blocks as u32 * BS + partial;
+        let decision = router.select(&RouteRequest::new(RequestId(1), &hashes, tokens), ms(2)).unwrap();
+        let request_blocks = tokens.div_ceil(BS) as f64;
+        prop_assert_eq!(decision.candidates.len(), workers.len());
+        for c in &decision.candidates {
+            let (held, decode, prefill, queue) = workers[c.worker.0 as usize - 1];
+            let overlap = held.min(blocks) as f64;
+            let expected = (request_blocks - overlap)
+                + decode as f64
+                + prefill as f64 / f64::from(BS)
+                + f64::from(queue);
+            prop_assert!((c.cost - expected).abs() < 1e-9, "{:?} expected {}", c, expected);
+        }
+        let chosen = decision.candidates.iter().find(|c| c.worker == decision.worker).unwrap();
+        for c in &decision.candidates {
+            prop_assert!(chosen.cost <= c.cost + 1e-9);
+            if (chosen.cost - c.cost).abs() < 1e-9 {
+                prop_assert!(chosen.load() <= c.load() + 1e-9);
+            }
+        }
     }
 }
