@@ -1496,3 +1496,51 @@ fn prefix_cache_on_and_off_give_identical_outputs() {
         Err(ImportError::PrefixCachingDisabled)
     );
 }
+
+proptest! {
+    /// Arbitrary requests — any prompt length, any sampling values (NaN included), attached KV
+    /// with junk layouts, hashes and data — are accepted or refused with an error; never a
+    /// panic, and the engine stays consistent and keeps serving.
+    #[test]
+    fn arbitrary_submits_never_panic(
+        prompt_len in 0usize..80,
+        temperature in prop_oneof![
+            3 => 0.0f32..2.0,
+            1 => prop_oneof![Just(f32::NAN), Just(f32::INFINITY), -3.0f32..3.0],
+        ],
+        top_p in prop_oneof![3 => 0.01f32..1.0, 1 => prop_oneof![Just(f32::NAN), -1.0f32..2.0]],
+        max_tokens in 0u32..40,
+        logprobs in prop::option::of(0u32..40),
+        kv in prop::option::of((1u32..3, 0usize..4, 0usize..200, any::<u64>())),
+    ) {
+        let mut engine = toy_engine(16, 4, |c| c.max_model_len = 64);
+        let p: Vec<u32> = (0..prompt_len as u32).collect();
+        let sampling = SamplingParams {
+            temperature,
+            top_p,
+            max_tokens,
+            logprobs,
+            ..SamplingParams::greedy(1)
+        };
+        let kv = kv.map(|(head_dim, blocks, bytes, seed)| KvExport {
+            layout: KvLayout { head_dim, ..toy_layout(4) },
+            blocks: kvfleet_proto::hash::block_hashes(
+                &(0..(blocks * 4) as u32).map(|t| t ^ (seed as u32 & 1)).collect::<Vec<_>>(),
+                BlockSize::new(4).unwrap(),
+            ),
+            data: vec![0xAB; bytes],
+        });
+        let accepted = engine.submit(Request { prompt: p, sampling, kv }, Duration::ZERO);
+        engine.check_invariants().map_err(TestCaseError::fail)?;
+        let mut streams = HashMap::new();
+        run_to_idle(&mut engine, &mut streams);
+        if let Ok(id) = accepted {
+            prop_assert!(streams[&id].finish.is_some() || streams[&id].aborted);
+        }
+        // And it still serves a good request.
+        let t = engine.now();
+        let id = engine.submit(Request::new(vec![5; 6], SamplingParams::greedy(3)), t).unwrap();
+        run_to_idle(&mut engine, &mut streams);
+        prop_assert_eq!(streams[&id].tokens.len(), 3);
+    }
+}
