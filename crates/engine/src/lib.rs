@@ -11,7 +11,7 @@
 //!   of mock engines run on one machine in real or virtual time.
 //! - [`config`]: [`SchedulerConfig`] and the KV pool's [`PoolSizing`].
 //!
-//! The core is synchronous and never reads a clock: callers pass time as a [`Duration`] since
+//! The core is synchronous and never reads a clock: callers pass time as a [`Duration`](std::time::Duration) since
 //! an epoch they choose. Async drivers (the agent) and virtual-time drivers (the simulator) wrap
 //! it. Block hashing is `kvfleet_proto::hash`, the one implementation.
 //!
