@@ -215,7 +215,40 @@ impl Config {
             );
         }
 
-        let mut reader = Reader { values, problems };
+        let mut reader = Reader {
+            values,
+            problems,
+            asked: Vec::new(),
+        };
+        let config = Self::read(&mut reader);
+        let unknown: Vec<(String, Origin)> = std::mem::take(&mut reader.values)
+            .into_iter()
+            .map(|(key, (_, origin))| (key, origin))
+            .collect();
+        for (key, origin) in unknown {
+            reader.problem(origin, &key, "unknown setting");
+        }
+        let mut problems = reader.problems;
+        problems.extend(config.cross_field_problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors { problems })
+        }
+    }
+
+    /// Every setting, as `section.key`.
+    pub fn known_keys() -> Vec<String> {
+        let mut reader = Reader {
+            values: BTreeMap::new(),
+            problems: Vec::new(),
+            asked: Vec::new(),
+        };
+        Self::read(&mut reader);
+        reader.asked
+    }
+
+    fn read(reader: &mut Reader) -> Config {
         let mut config = Config::new(String::new());
         reader.socket_addr("listen", &mut config.listen);
         match reader.take("database.url") {
@@ -287,20 +320,7 @@ impl Config {
             &mut config.metrics.maintenance_interval,
         );
 
-        let unknown: Vec<(String, Origin)> = std::mem::take(&mut reader.values)
-            .into_iter()
-            .map(|(key, (_, origin))| (key, origin))
-            .collect();
-        for (key, origin) in unknown {
-            reader.problem(origin, &key, "unknown setting");
-        }
-        let mut problems = reader.problems;
-        problems.extend(config.cross_field_problems());
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors { problems })
-        }
+        config
     }
 
     /// Relations between settings that each look fine alone.
@@ -451,10 +471,13 @@ impl fmt::Display for ConfigErrors {
 struct Reader {
     values: BTreeMap<String, (toml::Value, Origin)>,
     problems: Vec<Problem>,
+    /// Every key asked for, known or not: the list of settings this parser understands.
+    asked: Vec<String>,
 }
 
 impl Reader {
     fn take(&mut self, key: &str) -> Option<(toml::Value, Origin)> {
+        self.asked.push(key.to_owned());
         self.values.remove(key)
     }
 
@@ -692,6 +715,24 @@ lost_after = "1m"
                 .contains("controlplane.toml:2: not valid TOML"),
             "{errors}"
         );
+    }
+
+    /// The example shipped beside the crate sets every key this parser knows, with the
+    /// defaults: a drift in either shows up here.
+    #[test]
+    fn the_example_file_lists_every_setting_with_its_default() {
+        let text = include_str!("../controlplane.example.toml");
+        let config = Config::load(&file(text)).unwrap();
+        let mut want = Config::new("postgres://kvfleet@127.0.0.1:5432/kvfleet");
+        want.listen = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(config, want);
+        let table: toml::Table = text.parse().unwrap();
+        let mut in_file = vec!["auth.bootstrap_admin_token".to_owned()]; // commented out
+        flatten(&table, "", &mut |key, _| in_file.push(key));
+        let mut known = Config::known_keys();
+        in_file.sort();
+        known.sort();
+        assert_eq!(in_file, known);
     }
 
     #[test]
