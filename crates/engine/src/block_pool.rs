@@ -150,24 +150,22 @@ impl BlockPool {
         self.meta.get(block as usize).is_some_and(|m| m.in_lru)
     }
 
-    /// Takes a reference on a block found in the prefix cache.
-    pub fn acquire(&mut self, block: BlockId) {
+    /// Takes a reference on a block that holds content: one found in the prefix cache, or one
+    /// already referenced. Returns false (and does nothing) for a free or unknown block: fresh
+    /// blocks come from [`BlockPool::allocate`].
+    pub fn acquire(&mut self, block: BlockId) -> bool {
         let Some(meta) = self.meta.get(block as usize) else {
-            return;
+            return false;
         };
         if meta.refs == 0 {
-            if meta.in_lru {
-                self.lru_unlink(block);
-            } else {
-                // A free block is never acquired by the scheduler; allocate() is the way.
-                debug_assert!(false, "acquire of a free block {block}");
-                self.free.retain(|&b| b != block);
+            if !meta.in_lru {
+                return false;
             }
+            self.lru_unlink(block);
             self.used += 1;
         }
-        if let Some(meta) = self.meta.get_mut(block as usize) {
-            meta.refs += 1;
-        }
+        self.meta[block as usize].refs += 1;
+        true
     }
 
     /// Allocates `n` blocks with a reference count of 1 each, evicting the least recently used
@@ -207,14 +205,14 @@ impl BlockPool {
     /// Drops one reference on each block, in the order given. A block that reaches zero goes to
     /// the tail of the LRU list if it is cached, else back to the free list. Callers release a
     /// sequence's blocks last-first, so a prompt's tail is evicted before its head (the head is
-    /// the part other prompts are likeliest to share).
+    /// the part other prompts are likeliest to share). Unknown and unreferenced blocks are
+    /// skipped.
     pub fn release(&mut self, blocks: impl IntoIterator<Item = BlockId>) {
         for block in blocks {
             let Some(meta) = self.meta.get_mut(block as usize) else {
                 continue;
             };
             if meta.refs == 0 {
-                debug_assert!(false, "release of unreferenced block {block}");
                 continue;
             }
             meta.refs -= 1;
@@ -454,7 +452,11 @@ mod tests {
         );
         let seq: Vec<_> = h.iter().map(|h| h.sequence).collect();
         assert_eq!(pool.lookup_prefix(&seq), 2);
-        pool.acquire(pool.cached_block(seq[0]).unwrap());
+        assert!(pool.acquire(pool.cached_block(seq[0]).unwrap()));
+        // Free and unknown blocks cannot be acquired; releasing them is a no-op.
+        assert!(!pool.acquire(3));
+        assert!(!pool.acquire(99));
+        pool.release([3, 99]);
         assert_eq!(pool.usage().used, 1);
         assert_eq!(pool.usage().cached, 1);
         // Three more blocks: 2 free, then the one evictable block (seq[1]) is evicted.
@@ -596,7 +598,7 @@ mod tests {
                     Op::Acquire(seed) => {
                         let h = hashes(seed, 1)[0].sequence;
                         if let Some(b) = pool.cached_block(h) {
-                            pool.acquire(b);
+                            prop_assert!(pool.acquire(b));
                             held.push(b);
                         }
                     }
