@@ -11,8 +11,8 @@
 //! for them.
 //!
 //! Memory layout (the index is sized for millions of blocks): a map entry is 16 bytes, the key
-//! plus a packed [`Holders`] word. Up to two holders live inline in that word; a block held by
-//! three or more workers spills to a [`Slab`] of flat `u32` arrays in size classes of 4, 8,
+//! plus a packed `Holders` word. Up to two holders live inline in that word; a block held by
+//! three or more workers spills to a `Slab` of flat `u32` arrays in size classes of 4, 8,
 //! 16, ... holders (no allocation, header or allocator overhead per list). Each holder is a
 //! `u32`: the worker's dense slot number shifted left by 4, or-ed with a 4-bit mask of the tiers
 //! it holds the block in. Workers are named by slot here; the router maps [`kvfleet_proto::WorkerId`]s to

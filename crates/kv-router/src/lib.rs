@@ -12,7 +12,8 @@
 //! - load reports that workers publish ([`Router::apply_load`]), blended with the router's own
 //!   decisions made since ([`load`]);
 //! - requests ending ([`Router::finished`], optionally [`Router::prefill_done`]);
-//! - and: where should this request go? ([`Router::select`] → [`Decision`] or [`RouteError`]).
+//! - and: where should this request go? ([`Router::select`] → [`Decision`] or [`RouteError`]),
+//!   or just: how much of this prompt does each worker hold? ([`Router::overlaps`]).
 //!
 //! Selection in `kv` mode minimises, over the candidate workers,
 //! `cost = overlap_weight × new_prefill_blocks + active_decode_blocks
@@ -21,6 +22,38 @@
 //! longest prefix the worker already holds. Ties go to the less loaded worker, then the lower
 //! id; a positive temperature samples from a softmax instead. See [`RoutingMode`] for the other
 //! modes. The index itself is in [`index`]; its memory layout is described there.
+//!
+//! ```
+//! use std::time::Duration;
+//! use kvfleet_kv_router::*;
+//! use kvfleet_proto::hash::{block_hashes, BlockSize};
+//! use kvfleet_proto::{KvEvent, KvEventData, Tier, WorkerId};
+//!
+//! let mut router = Router::new(RouterConfig::default());
+//! for id in [1, 2] {
+//!     router.add_worker(WorkerId(id), WorkerCapacity { kv_blocks: 4096, max_queue_depth: None })?;
+//! }
+//! // Worker 2's engine reports that it cached the first two blocks of a prompt.
+//! let tokens: Vec<u32> = (0..40).collect();
+//! let blocks = block_hashes(&tokens, BlockSize::default());
+//! let event = KvEvent {
+//!     worker: WorkerId(2),
+//!     event_id: 0,
+//!     tier: Tier::G1,
+//!     data: KvEventData::Stored { parent: None, blocks: blocks.clone() },
+//! };
+//! router.apply(&event, Duration::from_millis(5))?;
+//! // A request with the same prompt goes where its prefix is cached.
+//! let hashes: Vec<_> = blocks.iter().map(|b| b.sequence).collect();
+//! let request = RouteRequest::new(RequestId(7), &hashes, tokens.len() as u32);
+//! let decision = router.select(&request, Duration::from_millis(6))?;
+//! assert_eq!((decision.worker, decision.overlap_blocks), (WorkerId(2), 2));
+//! // The worker's published load replaces the router's own estimate for older decisions.
+//! router.apply_load(WorkerId(2), WorkerLoad { prefill_tokens: 8, decode_blocks: 3, queue_depth: 0 },
+//!     Duration::from_millis(50))?;
+//! assert_eq!(router.finished(RequestId(7), Duration::from_secs(2)), Some(WorkerId(2)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod config;
 pub mod error;

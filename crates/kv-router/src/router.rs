@@ -1,5 +1,5 @@
 //! The router: workers, event validation, load accounting and worker selection around the
-//! [`BlockIndex`].
+//! block index ([`crate::index`]).
 //!
 //! Everything here is driven by the caller: events, load reports, requests and their ends come
 //! in as method calls with the current time; the router keeps no clock and spawns nothing. Time
