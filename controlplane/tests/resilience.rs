@@ -1,0 +1,260 @@
+//! Postgres going away and coming back, on a private cluster this test starts (the shared test
+//! cluster must never be restarted). While the database is down the API answers 503 problem
+//! JSON and the leader steps down; when it returns, requests, heartbeats, leadership and
+//! placement resume without restarting the control plane.
+//!
+//! Needs root (PostgreSQL runs as the `postgres` user via `runuser`) and a PostgreSQL server
+//! under /usr/lib/postgresql; skips with a printed reason otherwise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "30"]);
+        command.args(args);
+        if args.first() == Some(&"start") {
+            command.args(["-o", &options]);
+        }
+        let status = command.status().unwrap();
+        assert!(
+            status.success(),
+            "pg_ctl {args:?} failed; see {}",
+            log.display()
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a private cluster, or says why it cannot.
+fn private_cluster() -> Result<Cluster, String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| format!("id: {e}"))?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Err("not root (PostgreSQL must be started as the postgres user)".into());
+    }
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|_| "no PostgreSQL under /usr/lib/postgresql".to_owned())?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .max()
+        .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
+    let port = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        socket.local_addr().map_err(|e| e.to_string())?.port()
+    };
+    let dir = PathBuf::from(format!(
+        "/var/tmp/kvfleet-cp-resilience-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    chown_postgres(&dir)?;
+    let status = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("initdb"))
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args(["--auth=trust", "-U", "postgres"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("runuser: {e}"))?;
+    if !status.success() {
+        return Err("initdb failed".into());
+    }
+    let cluster = Cluster { bin, dir, port };
+    cluster.pg_ctl(&["start"]);
+    Ok(cluster)
+}
+
+fn chown_postgres(dir: &Path) -> Result<(), String> {
+    let status = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(dir)
+        .status()
+        .map_err(|e| e.to_string())?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| "chown failed (no postgres user?)".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_rides_out_a_postgres_restart() {
+    let cluster = match private_cluster() {
+        Ok(cluster) => cluster,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+    let mut config = test_config();
+    config.database.url = cluster.url();
+    config.database.connect_timeout = Duration::from_secs(1);
+    config.liveness.unhealthy_after = Duration::from_secs(60);
+    config.liveness.lost_after = Duration::from_secs(120);
+    let admin = kvfleet_controlplane::auth::generate_token();
+    config.auth.bootstrap_admin_token = Some(admin.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(kvfleet_controlplane::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    let url = |path: &str| format!("{base}{path}");
+    let leader =
+        || async { call(Method::GET, &url("/status"), None, None).await.body["leader"] == true };
+    eventually(Duration::from_secs(10), "the server to lead", || async {
+        leader().await.then_some(())
+    })
+    .await;
+    let join = call(
+        Method::POST,
+        &url("/tokens"),
+        Some(&admin),
+        Some(&json!({"name": "join", "role": "join"})),
+    )
+    .await;
+    let join = join.body["secret"].as_str().unwrap().to_owned();
+    let registered = call(
+        Method::POST,
+        &url("/agent/register"),
+        Some(&join),
+        Some(&register_body("gpu-a", 1)),
+    )
+    .await;
+    assert_eq!(registered.status, StatusCode::OK);
+    let agent = registered.body["credential"].as_str().unwrap().to_owned();
+    let node = registered.body["node_id"].as_str().unwrap().to_owned();
+
+    cluster.pg_ctl(&["-m", "fast", "stop"]);
+    // Down: clear 503 problems, no hangs, and the leader steps down.
+    for (method, path, token) in [
+        (Method::GET, "/nodes", &admin),
+        (Method::POST, "/agent/heartbeat", &agent),
+    ] {
+        let started = tokio::time::Instant::now();
+        let r = call(method.clone(), &url(path), Some(token), Some(&json!({}))).await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {path}: {r:?}"
+        );
+        assert_eq!(r.content_type, "application/problem+json");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the leader to step down",
+        || async { (!leader().await).then_some(()) },
+    )
+    .await;
+
+    cluster.pg_ctl(&["start"]);
+    // Back: everything resumes on its own.
+    eventually(Duration::from_secs(15), "the API to answer", || async {
+        (call(Method::GET, &url("/nodes"), Some(&admin), None)
+            .await
+            .status
+            == StatusCode::OK)
+            .then_some(())
+    })
+    .await;
+    let beat = call(
+        Method::POST,
+        &url("/agent/heartbeat"),
+        Some(&agent),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(beat.status, StatusCode::OK);
+    eventually(Duration::from_secs(15), "leadership to return", || async {
+        leader().await.then_some(())
+    })
+    .await;
+    call(
+        Method::POST,
+        &url("/models"),
+        Some(&admin),
+        Some(&json!({"name": "m", "format": "mock", "path": "/m"})),
+    )
+    .await;
+    let d = call(
+        Method::POST,
+        &url("/deployments"),
+        Some(&admin),
+        Some(&json!({"name": "d", "model": "m"})),
+    )
+    .await;
+    assert_eq!(d.status, StatusCode::CREATED, "{d:?}");
+    eventually(
+        Duration::from_secs(10),
+        "placement after the restart",
+        || async {
+            let w = call(
+                Method::GET,
+                &url(&format!("/workers?node_id={node}")),
+                Some(&admin),
+                None,
+            )
+            .await;
+            (w.body["items"].as_array().is_some_and(|a| a.len() == 1)).then_some(())
+        },
+    )
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
