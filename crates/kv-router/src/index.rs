@@ -236,6 +236,10 @@ impl Hasher for KeyedHasher {
     fn write_u32(&mut self, value: u32) {
         self.write_u64(u64::from(value));
     }
+    fn write_u128(&mut self, value: u128) {
+        self.write_u64(value as u64);
+        self.write_u64((value >> 64) as u64);
+    }
 }
 
 /// Per-call scratch for the overlap walk, kept by the router so a walk allocates nothing.

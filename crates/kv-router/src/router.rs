@@ -15,10 +15,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{RouterConfig, RoutingMode};
 use crate::error::{EventCounters, EventError, RouteCounters, RouteError};
-use crate::index::{BlockIndex, IndexStats, MAX_SLOTS, Scratch, tier_bit, tier_index};
+use crate::index::{BlockIndex, IndexStats, KeyedBuild, MAX_SLOTS, Scratch, tier_bit, tier_index};
 use crate::load::{Contribution, LoadState, WorkerCapacity, WorkerLoad};
 use crate::snapshot::{IndexSnapshot, RestoreReport, TierBlocks, WorkerSnapshot};
 use crate::{RequestId, SplitMix64};
+
+/// The router's maps are keyed with its seed rather than `RandomState`: no OS entropy in a pure
+/// crate, the same layout on every replay, and a cheaper hash for integer keys.
+type Map<K, V> = HashMap<K, V, KeyedBuild>;
 
 /// One request to place.
 #[derive(Debug, Clone, Copy)]
@@ -159,18 +163,18 @@ pub struct Router {
     index: BlockIndex,
     slots: Vec<Option<Worker>>,
     free_slots: Vec<u32>,
-    by_id: HashMap<WorkerId, u32>,
+    by_id: Map<WorkerId, u32>,
     /// Registered workers sorted by id: the order of "all workers" and of round-robin.
     order: Vec<(WorkerId, u32)>,
-    inflight: HashMap<RequestId, InFlight>,
+    inflight: Map<RequestId, InFlight>,
     /// Own decisions in the order they were made, for the timeout; ended ones are skipped.
     timeouts: VecDeque<(Duration, RequestId)>,
     /// Requests whose prefill ends when their worker stores this block.
-    awaiting_prefill: HashMap<(u32, SequenceHash), Vec<RequestId>>,
+    awaiting_prefill: Map<(u32, SequenceHash), Vec<RequestId>>,
     predictions: VecDeque<Prediction>,
     /// The expiry of each predicted (slot, block); a later prediction of the same block pushes
     /// it back, and the older [`Prediction`] then leaves the block alone.
-    predicted: HashMap<(u32, SequenceHash), Duration>,
+    predicted: Map<(u32, SequenceHash), Duration>,
     scratch: Scratch,
     candidate_buf: Vec<u32>,
     rng: SplitMix64,
@@ -182,19 +186,20 @@ pub struct Router {
 impl Router {
     /// A router with no workers.
     pub fn new(config: RouterConfig) -> Self {
+        let hasher = KeyedBuild(config.seed ^ 0x6d61_7073_0000_0002);
         Self {
             index: BlockIndex::new(config.seed ^ 0x5eed_1de5_0000_0001),
             rng: SplitMix64::new(config.seed),
             config,
             slots: Vec::new(),
             free_slots: Vec::new(),
-            by_id: HashMap::new(),
+            by_id: Map::with_hasher(hasher),
             order: Vec::new(),
-            inflight: HashMap::new(),
+            inflight: Map::with_hasher(hasher),
             timeouts: VecDeque::new(),
-            awaiting_prefill: HashMap::new(),
+            awaiting_prefill: Map::with_hasher(hasher),
             predictions: VecDeque::new(),
-            predicted: HashMap::new(),
+            predicted: Map::with_hasher(hasher),
             scratch: Scratch::default(),
             candidate_buf: Vec::new(),
             round_robin: 0,
