@@ -313,21 +313,19 @@ impl FrameCodec {
     /// garbage or hostile stream is refused after a few bytes instead of after `max_payload`.
     pub fn decode<'a>(&self, buf: &'a [u8]) -> Result<Decoded<'a>, FrameError> {
         // Validate whatever part of the header is present, byte by byte.
-        if let Some(found) = buf.get(..2) {
-            if found != MAGIC {
-                return Err(FrameError::BadMagic {
-                    found: [found[0], found[1]],
-                });
+        match buf {
+            [a, b, ..] if [*a, *b] != MAGIC => {
+                return Err(FrameError::BadMagic { found: [*a, *b] });
             }
-        } else if let Some(&first) = buf.first() {
-            if first != MAGIC[0] {
-                return Err(FrameError::BadMagic { found: [first, 0] });
+            [first] if *first != MAGIC[0] => {
+                return Err(FrameError::BadMagic { found: [*first, 0] });
             }
+            _ => {}
         }
-        if let Some(&version) = buf.get(2) {
-            if version != VERSION {
-                return Err(FrameError::UnknownVersion { found: version });
-            }
+        if let Some(&version) = buf.get(2)
+            && version != VERSION
+        {
+            return Err(FrameError::UnknownVersion { found: version });
         }
         let kind = match buf.get(3) {
             Some(&byte) => {

@@ -105,10 +105,10 @@ impl SamplingParams {
         if self.max_tokens == 0 {
             return bad("max_tokens", "0".to_owned(), "at least 1");
         }
-        if let Some(n) = self.logprobs {
-            if n > Self::MAX_LOGPROBS {
-                return bad("logprobs", n.to_string(), "between 0 and 20");
-            }
+        if let Some(n) = self.logprobs
+            && n > Self::MAX_LOGPROBS
+        {
+            return bad("logprobs", n.to_string(), "between 0 and 20");
         }
         Ok(())
     }
