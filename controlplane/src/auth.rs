@@ -209,14 +209,11 @@ pub async fn authenticate(
     // last_used_at is written at most once a minute: a heartbeat per second per agent must not
     // turn every authentication into a row update.
     let row: Option<Row> = sqlx::query_as(
-        "WITH found AS (
-             SELECT id, name, role, secret_hash, node_id,
-                    revoked_at IS NOT NULL AS revoked,
-                    expires_at IS NOT NULL AND expires_at <= now() AS expired,
-                    last_used_at IS NULL OR last_used_at < now() - interval '1 minute' AS stale
-             FROM api_tokens WHERE prefix = $1
-         )
-         SELECT id, name, role, secret_hash, node_id, revoked, expired, stale FROM found",
+        "SELECT id, name, role, secret_hash, node_id,
+                revoked_at IS NOT NULL,
+                expires_at IS NOT NULL AND expires_at <= now(),
+                last_used_at IS NULL OR last_used_at < now() - interval '1 minute'
+         FROM api_tokens WHERE prefix = $1",
     )
     .bind(parsed.prefix)
     .fetch_optional(&mut *conn)

@@ -568,3 +568,89 @@ async fn shutdown_answers_long_polls_instead_of_waiting_them_out(pool: PgPool) {
     assert_eq!(answered.status, StatusCode::OK);
     assert_eq!(answered.body["generation"], generation);
 }
+
+/// The DER inside a PEM block.
+fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+/// A peer certificate is what QUIC mTLS will check: rustls's WebPKI verifiers accept it as a
+/// client certificate and as a server certificate for the node's names, chained to the node
+/// CA, and refuse it under another CA or another name.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn peer_certificates_verify_with_rustls_for_client_and_server_auth(pool: PgPool) {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use std::sync::Arc;
+
+    let server = start(&pool, test_config()).await;
+    let join = token(&pool, Role::Join).await;
+    let mut body = register_body("gpu-a", 0);
+    body["addresses"] = json!(["10.1.2.3"]);
+    let r = post(&server, "/agent/register", &join, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let node = r.body["node_id"].as_str().unwrap().to_owned();
+    let cert = CertificateDer::from(pem_der(r.body["certificate"]["cert_pem"].as_str().unwrap()));
+    let ca = CertificateDer::from(pem_der(
+        r.body["certificate"]["ca_cert_pem"].as_str().unwrap(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let roots = Arc::new(roots);
+    let now = UnixTime::now();
+
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    clients
+        .verify_client_cert(&cert, &[], now)
+        .expect("valid client certificate");
+    let servers =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .unwrap();
+    for name in [
+        format!("{node}.node.kvfleet"),
+        "gpu-a".to_owned(),
+        "10.1.2.3".to_owned(),
+    ] {
+        let name = ServerName::try_from(name.clone()).unwrap();
+        servers
+            .verify_server_cert(&cert, &[], &name, &[], now)
+            .unwrap_or_else(|e| panic!("{name:?}: {e}"));
+    }
+    let wrong = ServerName::try_from("gpu-b").unwrap();
+    assert!(
+        servers
+            .verify_server_cert(&cert, &[], &wrong, &[], now)
+            .is_err()
+    );
+
+    // Another fleet's CA does not vouch for this node.
+    let (other_ca, _) = kvfleet_controlplane::ca::NodeCa::generate(
+        "other",
+        chrono::Utc::now(),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    let mut other_roots = rustls::RootCertStore::empty();
+    other_roots
+        .add(CertificateDer::from(pem_der(other_ca.cert_pem())))
+        .unwrap();
+    let other = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(other_roots),
+        provider,
+    )
+    .build()
+    .unwrap();
+    assert!(other.verify_client_cert(&cert, &[], now).is_err());
+    server.stop().await;
+}

@@ -132,7 +132,7 @@ pub async fn create_token(
 }
 
 /// Revoke a token; it stops working at once (admin).
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(("id" = String, Path, description = "The resource id")), tag = "tokens",
     responses((status = 200, body = Token), (status = 404, body = Problem)))]
 pub async fn revoke_token(
     caller: Caller<Admin>,

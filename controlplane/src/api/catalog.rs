@@ -207,7 +207,7 @@ pub async fn create_model(
 }
 
 /// Get one model (viewer+).
-#[utoipa::path(get, path = "/api/v1/models/{id}", tag = "models",
+#[utoipa::path(get, path = "/api/v1/models/{id}", params(("id" = String, Path, description = "The resource id")), tag = "models",
     responses((status = 200, body = Model), (status = 404, body = Problem)))]
 pub async fn get_model(
     _caller: Caller<Read>,
@@ -220,7 +220,7 @@ pub async fn get_model(
 }
 
 /// Delete a model no deployment uses (operator+).
-#[utoipa::path(delete, path = "/api/v1/models/{id}", tag = "models",
+#[utoipa::path(delete, path = "/api/v1/models/{id}", params(("id" = String, Path, description = "The resource id")), tag = "models",
     responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn delete_model(
     caller: Caller<Operate>,
@@ -370,7 +370,7 @@ pub async fn create_deployment(
 }
 
 /// Get one deployment (viewer+).
-#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments",
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = String, Path, description = "The resource id")), tag = "deployments",
     responses((status = 200, body = Deployment), (status = 404, body = Problem)))]
 pub async fn get_deployment(
     _caller: Caller<Read>,
@@ -383,7 +383,7 @@ pub async fn get_deployment(
 }
 
 /// Change a deployment's mode, SLA targets, worker bounds or placement (operator+).
-#[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, tag = "deployments",
+#[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, params(("id" = String, Path, description = "The resource id")), tag = "deployments",
     responses((status = 200, body = Deployment), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn update_deployment(
     caller: Caller<Operate>,
@@ -440,7 +440,7 @@ pub async fn update_deployment(
 
 /// Delete a deployment; its workers disappear from their nodes' desired state, so agents stop
 /// them (operator+).
-#[utoipa::path(delete, path = "/api/v1/deployments/{id}", tag = "deployments",
+#[utoipa::path(delete, path = "/api/v1/deployments/{id}", params(("id" = String, Path, description = "The resource id")), tag = "deployments",
     responses((status = 204), (status = 404, body = Problem)))]
 pub async fn delete_deployment(
     caller: Caller<Operate>,

@@ -77,7 +77,7 @@ pub(crate) async fn fetch_node(
 }
 
 /// Get one node (viewer+).
-#[utoipa::path(get, path = "/api/v1/nodes/{id}", tag = "nodes",
+#[utoipa::path(get, path = "/api/v1/nodes/{id}", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
     responses((status = 200, body = Node), (status = 404, body = Problem)))]
 pub async fn get_node(
     _caller: Caller<Read>,
@@ -144,7 +144,7 @@ async fn audit_node(
 }
 
 /// Cordon: place no new workers on the node (operator+).
-#[utoipa::path(post, path = "/api/v1/nodes/{id}/cordon", tag = "nodes",
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/cordon", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
     responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn cordon_node(
     caller: Caller<Operate>,
@@ -163,7 +163,7 @@ pub async fn cordon_node(
 }
 
 /// Uncordon: the node takes new workers again; ends a drain (operator+).
-#[utoipa::path(post, path = "/api/v1/nodes/{id}/uncordon", tag = "nodes",
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/uncordon", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
     responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn uncordon_node(
     caller: Caller<Operate>,
@@ -182,7 +182,7 @@ pub async fn uncordon_node(
 }
 
 /// Drain: cordon, and move the node's workers elsewhere (operator+).
-#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", tag = "nodes",
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
     responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn drain_node(
     caller: Caller<Operate>,
@@ -202,7 +202,7 @@ pub async fn drain_node(
 
 /// Remove a node: its workers stop (and are replaced elsewhere), its agent credential and
 /// certificates are revoked, its GPUs forgotten (admin). Removing a removed node is a no-op.
-#[utoipa::path(delete, path = "/api/v1/nodes/{id}", tag = "nodes",
+#[utoipa::path(delete, path = "/api/v1/nodes/{id}", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
     responses((status = 200, body = Node), (status = 404, body = Problem)))]
 pub async fn remove_node(
     caller: Caller<Admin>,
@@ -268,7 +268,7 @@ pub async fn list_gpus(
 }
 
 /// Get one GPU (viewer+).
-#[utoipa::path(get, path = "/api/v1/gpus/{id}", tag = "gpus",
+#[utoipa::path(get, path = "/api/v1/gpus/{id}", params(("id" = String, Path, description = "The resource id")), tag = "gpus",
     responses((status = 200, body = Gpu), (status = 404, body = Problem)))]
 pub async fn get_gpu(
     _caller: Caller<Read>,
@@ -331,7 +331,7 @@ fn parse_worker_id(text: &str) -> Result<i64, ApiError> {
 }
 
 /// Get one worker (viewer+).
-#[utoipa::path(get, path = "/api/v1/workers/{id}", tag = "workers",
+#[utoipa::path(get, path = "/api/v1/workers/{id}", params(("id" = String, Path, description = "The resource id")), tag = "workers",
     responses((status = 200, body = Worker), (status = 404, body = Problem)))]
 pub async fn get_worker(
     _caller: Caller<Read>,
@@ -379,7 +379,7 @@ fn window(
 }
 
 /// A worker's metrics over time (viewer+).
-#[utoipa::path(get, path = "/api/v1/metrics/workers/{id}", params(MetricsQuery), tag = "metrics",
+#[utoipa::path(get, path = "/api/v1/metrics/workers/{id}", params(("id" = String, Path, description = "The resource id"), MetricsQuery), tag = "metrics",
     responses((status = 200, body = MetricsSeries), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn worker_metrics(
     _caller: Caller<Read>,
@@ -412,7 +412,7 @@ pub async fn worker_metrics(
 }
 
 /// A deployment's metrics over time, aggregated over its workers (viewer+).
-#[utoipa::path(get, path = "/api/v1/metrics/deployments/{id}", params(MetricsQuery), tag = "metrics",
+#[utoipa::path(get, path = "/api/v1/metrics/deployments/{id}", params(("id" = String, Path, description = "The resource id"), MetricsQuery), tag = "metrics",
     responses((status = 200, body = MetricsSeries), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn deployment_metrics(
     _caller: Caller<Read>,
