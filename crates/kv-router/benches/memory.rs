@@ -37,9 +37,9 @@ fn main() {
         return;
     }
     println!(
-        "| workers | replicas per chain | unique blocks | (block, worker) entries | shared (≥3 holders) | estimate bytes/block | estimate bytes/entry | RSS growth bytes/block |"
+        "| workers | replicas per chain | unique blocks | (block, worker) entries | shared (≥3 holders) | estimate bytes/block | estimate bytes/entry | RSS growth bytes/block | remove_worker | restore_worker |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let exe = std::env::current_exe().expect("the bench binary knows its path");
     for case in 0..CASES.len() {
         let status = std::process::Command::new(&exe)
@@ -64,12 +64,26 @@ fn measure(workers: u64, replicas: u64) {
         ),
         _ => "n/a".to_owned(),
     };
+    // The rare whole-index operations, timed once on the full index: a worker leaving (one
+    // scan of the map) and re-syncing a worker from its snapshot (a scan plus the inserts).
+    let mut router = router;
+    let worker = kvfleet_proto::WorkerId(1);
+    let snapshot = router.worker_snapshot(worker).expect("worker 1 exists");
+    let held: usize = snapshot.tiers.iter().map(|t| t.blocks.len()).sum();
+    let started = std::time::Instant::now();
+    router.restore_worker(&snapshot).expect("worker 1 exists");
+    let restore = started.elapsed();
+    let started = std::time::Instant::now();
+    router.remove_worker(worker);
+    let remove = started.elapsed();
     println!(
-        "| {workers} | {replicas} | {} | {} | {} | {:.1} | {:.1} | {rss} |",
+        "| {workers} | {replicas} | {} | {} | {} | {:.1} | {:.1} | {rss} | {:.1} ms | {:.1} ms ({held} blocks) |",
         stats.blocks,
         stats.entries,
         stats.shared_blocks,
         stats.heap_bytes as f64 / stats.blocks as f64,
         stats.heap_bytes as f64 / stats.entries as f64,
+        remove.as_secs_f64() * 1e3,
+        restore.as_secs_f64() * 1e3,
     );
 }
