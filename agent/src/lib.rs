@@ -1,5 +1,266 @@
-//! The kvfleet node agent as a library; `main.rs` stays thin.
+//! The kvfleet node agent as a library; `main.rs` stays thin (parse → build → run → drain).
 //!
-//! Filled by the agent issue: GPU inventory, supervised worker processes, the OpenAI frontend,
-//! systemd and D-Bus integration; later the peer transport and the control-plane client.
-//! Nothing is implemented yet.
+//! - [`config`]: the typed configuration, from file + environment + flags, validated in one place.
+//! - [`cli`]: the command line.
+//! - [`gpu`]: the GPU inventory (NVML, or a fake; no driver means CPU-only, never a crash).
+//! - [`worker`]: worker processes over Unix sockets, supervised and restarted with backoff.
+//! - [`frontend`]: the OpenAI-compatible HTTP API, admission control, streaming.
+//! - [`backend`]: the seam between the frontend and token generation.
+//! - [`metrics`]: Prometheus text exposition.
+//! - [`systemd`]: `sd_notify` readiness, watchdog and status.
+//! - [`logging`]: `tracing` output, text or JSON.
+//!
+//! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
+//! inventory and the built binary as the worker program. Not here yet: the peer transport
+//! (QUIC), the control-plane client, D-Bus.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod frontend;
+pub mod gpu;
+pub mod logging;
+pub mod metrics;
+pub mod systemd;
+pub mod worker;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Device, Role, WorkerConfig};
+use crate::frontend::Frontend;
+use crate::frontend::text::{ByteTokenizer, PlainChatTemplate};
+use crate::gpu::Inventory;
+use crate::systemd::Notifier;
+use crate::worker::{WorkerCommand, WorkerPool};
+
+/// What the agent needs from its surroundings, injectable for tests.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// The GPU inventory.
+    pub inventory: Arc<dyn Inventory>,
+    /// How to start worker processes.
+    pub worker: WorkerCommand,
+    /// systemd notifications.
+    pub notifier: Notifier,
+}
+
+impl Deps {
+    /// The real surroundings: NVML (or no GPUs), this binary, `$NOTIFY_SOCKET`.
+    pub fn detect() -> anyhow::Result<Self> {
+        let program = std::env::current_exe().context("finding the agent's own executable")?;
+        Ok(Self {
+            inventory: Arc::from(gpu::detect()),
+            worker: WorkerCommand { program },
+            notifier: Notifier::from_env(),
+        })
+    }
+}
+
+/// Runs the agent until `shutdown` completes, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.frontend.listen)
+        .await
+        .with_context(|| format!("binding the frontend to {}", config.frontend.listen))?;
+    serve(config, listener, Deps::detect()?, shutdown).await
+}
+
+/// The workers to run: the configured ones, or one per GPU found (one CPU worker when none),
+/// serving the first model.
+pub fn plan_workers(config: &Config, inventory: &dyn Inventory) -> Vec<WorkerConfig> {
+    let gpus = match inventory.snapshot() {
+        Ok(snapshot) => snapshot.gpus,
+        Err(e) => {
+            tracing::warn!(error = %e, "GPU inventory unavailable: planning CPU workers");
+            Vec::new()
+        }
+    };
+    if !config.workers.is_empty() {
+        for worker in &config.workers {
+            if let Device::Gpu(index) = worker.device
+                && !gpus.iter().any(|g| g.index == index)
+            {
+                tracing::warn!(device = %worker.device,
+                        "configured GPU not found in the inventory; the worker starts anyway");
+            }
+        }
+        return config.workers.clone();
+    }
+    let Some(model) = config.models.first() else {
+        return Vec::new();
+    };
+    let devices: Vec<Device> = if gpus.is_empty() {
+        vec![Device::Cpu]
+    } else {
+        gpus.iter().map(|g| Device::Gpu(g.index)).collect()
+    };
+    devices
+        .into_iter()
+        .map(|device| WorkerConfig {
+            model: model.name.clone(),
+            device,
+            role: Role::Aggregated,
+        })
+        .collect()
+}
+
+/// Handles to a running agent, for `serve_until` callers.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The frontend (drain, resume, readiness).
+    pub frontend: Arc<Frontend>,
+    /// The worker pool.
+    pub pool: Arc<WorkerPool>,
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
+/// in-flight requests within `drain_grace`, stop the workers.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with(config, listener, deps, shutdown, |_| {}).await
+}
+
+/// [`serve`], handing the caller the running agent once it is started (tests use this to kill
+/// workers and watch readiness).
+pub async fn serve_with(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    deps: Deps,
+    shutdown: impl Future<Output = ()>,
+    started: impl FnOnce(Running),
+) -> anyhow::Result<()> {
+    let addr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
+    let workers = plan_workers(&config, deps.inventory.as_ref());
+    tracing::info!(node = %config.node_name, %addr, workers = workers.len(),
+        "kvfleet-agent starting (tokenizer: byte-level test stand-in; engine: stand-in mock)");
+    let pool = WorkerPool::start(
+        &workers,
+        &config.models,
+        config.routing,
+        config.supervisor.clone(),
+        config.log.clone(),
+        deps.worker.clone(),
+    );
+    let mut frontend = Frontend::new(
+        config.frontend.clone(),
+        config.models.clone(),
+        pool.clone(),
+        Arc::new(ByteTokenizer),
+        Arc::new(PlainChatTemplate),
+    );
+    frontend.inventory = Some(deps.inventory.clone());
+    let frontend = Arc::new(frontend);
+    started(Running {
+        frontend: frontend.clone(),
+        pool: pool.clone(),
+    });
+
+    let stop_http = CancellationToken::new();
+    let http = tokio::spawn({
+        let stop = stop_http.clone();
+        frontend::serve(
+            frontend.clone(),
+            listener,
+            async move { stop.cancelled().await },
+        )
+    });
+    let background = CancellationToken::new();
+    let notifier = deps.notifier.clone();
+    let readiness = tokio::spawn(watch_readiness(
+        pool.clone(),
+        frontend.clone(),
+        notifier.clone(),
+        background.clone(),
+    ));
+
+    shutdown.await;
+    tracing::info!(
+        in_flight = frontend.in_flight(),
+        grace_s = config.drain_grace.as_secs_f64(),
+        "shutdown requested: draining"
+    );
+    frontend.drain();
+    notifier.notify("STOPPING=1");
+    notifier.status("draining: finishing in-flight requests");
+    stop_http.cancel();
+    match tokio::time::timeout(config.drain_grace, http).await {
+        Ok(Ok(Ok(()))) => tracing::info!("drained: every in-flight request finished"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP server failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server task failed"),
+        Err(_) => tracing::warn!(
+            in_flight = frontend.in_flight(),
+            "drain grace period over: stopping with requests still in flight"
+        ),
+    }
+    background.cancel();
+    let _ = readiness.await;
+    pool.shutdown().await;
+    notifier.status("stopped");
+    tracing::info!("kvfleet-agent stopped");
+    Ok(())
+}
+
+/// Sends READY=1 once every worker is ready, STATUS= whenever the picture changes, and
+/// WATCHDOG=1 pings while the frontend answers.
+async fn watch_readiness(
+    pool: Arc<WorkerPool>,
+    frontend: Arc<Frontend>,
+    notifier: Notifier,
+    stop: CancellationToken,
+) {
+    use crate::backend::{Backend, WorkerState};
+    let mut announced_ready = false;
+    let mut last_status = String::new();
+    let tick = notifier
+        .watchdog_interval()
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_millis(500));
+    let mut interval = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let workers = pool.workers();
+        let ready = workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
+        let status = format!(
+            "{ready}/{} workers ready, {} requests in flight{}",
+            workers.len(),
+            frontend.in_flight(),
+            if frontend.is_draining() {
+                ", draining"
+            } else {
+                ""
+            }
+        );
+        if !announced_ready && pool.all_ready() {
+            announced_ready = true;
+            notifier.notify("READY=1");
+            tracing::info!("{status}: ready");
+        }
+        if status != last_status {
+            notifier.status(&status);
+            last_status = status;
+        }
+        notifier.notify("WATCHDOG=1");
+    }
+}
+
+/// The default socket directory under systemd (`RuntimeDirectory=kvfleet`).
+pub fn runtime_dir() -> PathBuf {
+    PathBuf::from("/run/kvfleet")
+}

@@ -1,0 +1,158 @@
+//! The seam between the frontend and whatever generates tokens.
+//!
+//! The frontend sees a [`Backend`]: submit a tokenized request, get a [`Generation`] (a stream of
+//! [`GenEvent`]s). Dropping a `Generation` before it finished cancels the sequence, which frees
+//! its KV blocks in the worker: that is how a client disconnect reaches the engine. The worker
+//! pool implements this over Unix sockets; tests implement it in-process.
+
+use std::fmt;
+
+use kvfleet_proto::{SamplingParams, SequenceHash, WorkerId};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::Role;
+
+/// A tokenized request, ready for a worker.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The frontend's request id (`chatcmpl-...`), carried into the worker's log lines.
+    pub request_id: String,
+    /// The model's name.
+    pub model: String,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sequence hashes of the prompt's full blocks (`kvfleet_proto::hash`).
+    pub block_hashes: Vec<SequenceHash>,
+    /// Sampling, validated.
+    pub sampling: SamplingParams,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// `max_tokens` reached.
+    Length,
+    /// EOS or a stop token.
+    Stop,
+}
+
+/// What a generation produces, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// Newly generated token ids.
+    Tokens(Vec<u32>),
+    /// Done.
+    Finished(EndReason),
+    /// The worker failed; the message says what happened.
+    Failed(String),
+}
+
+/// Why a request could not be handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// No worker serving this model is ready (starting, restarting or failed).
+    #[error("no ready worker serves model {0:?}")]
+    NoReadyWorker(String),
+    /// The chosen worker went away while the request was sent.
+    #[error("worker {0} is gone")]
+    WorkerGone(WorkerId),
+}
+
+/// A running generation. Dropping it before the final event cancels the sequence.
+pub struct Generation {
+    /// The worker running it.
+    pub worker: WorkerId,
+    /// Events, ending with `Finished` or `Failed`. Unbounded on purpose: a request produces
+    /// at most `max_tokens` events, so its memory is bounded by the context length, and a slow
+    /// client must not stall the worker connection shared by every other request.
+    pub events: mpsc::UnboundedReceiver<GenEvent>,
+    cancel: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl fmt::Debug for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Generation")
+            .field("worker", &self.worker)
+            .field("armed", &self.cancel.is_some())
+            .finish()
+    }
+}
+
+impl Generation {
+    /// A generation whose `cancel` runs if it is dropped before [`Generation::done`].
+    pub fn new(
+        worker: WorkerId,
+        events: mpsc::UnboundedReceiver<GenEvent>,
+        cancel: impl FnOnce() + Send + 'static,
+    ) -> Self {
+        Self {
+            worker,
+            events,
+            cancel: Some(Box::new(cancel)),
+        }
+    }
+
+    /// The final event arrived: dropping no longer cancels.
+    pub fn done(&mut self) {
+        self.cancel = None;
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            cancel();
+        }
+    }
+}
+
+/// A worker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Process starting, engine loading.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Finishing its requests, taking no new ones.
+    Draining,
+    /// Stopped on purpose.
+    Stopped,
+    /// Died or failed to start; will be restarted after a backoff.
+    Failed,
+}
+
+/// What the frontend shows about one worker (`/ready`, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerStatus {
+    /// Its id.
+    pub id: WorkerId,
+    /// Model served.
+    pub model: String,
+    /// `cpu` or `gpu:N`.
+    pub device: String,
+    /// Role.
+    pub role: Role,
+    /// State.
+    pub state: WorkerState,
+    /// Requests sent and not finished.
+    pub outstanding: usize,
+    /// KV blocks in use, as last reported.
+    pub kv_blocks_used: u64,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: u64,
+    /// Times the process was (re)started.
+    pub starts: u64,
+    /// The OS process id, while running.
+    pub pid: Option<u32>,
+}
+
+/// Whatever generates tokens for the frontend.
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Hands a request to a worker.
+    fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError>;
+    /// Every worker's status.
+    fn workers(&self) -> Vec<WorkerStatus>;
+}

@@ -1,0 +1,1146 @@
+//! The agent's configuration: parsed in exactly one place, from an abstract [`Sources`] (the
+//! TOML file's text, the `KVFLEET_AGENT_*` environment variables and the command-line flags), into
+//! the typed [`Config`] the rest of the agent uses.
+//!
+//! Precedence, lowest first: built-in defaults, the file, the environment, the flags. Tests build
+//! a [`Sources`] by hand, so nothing here reads the process environment or the disk except
+//! [`Sources::from_process`], which `main` calls once.
+//!
+//! Validation collects every problem it can find and gives each one a location (`file:line:col`
+//! for the file, the variable or the flag otherwise): `kvfleet-agent check-config` prints them
+//! all. A syntax or type error in the TOML stops the parse at that point (serde cannot continue
+//! past a value it could not read), so it is reported alone.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kvfleet_proto::BlockSize;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where the agent looks for its file when neither `--config` nor `KVFLEET_AGENT_CONFIG` says.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvfleet/agent.toml";
+/// Prefix of every environment variable the agent reads.
+pub const ENV_PREFIX: &str = "KVFLEET_AGENT_";
+
+/// The raw inputs to configuration. Nothing in here has been interpreted yet.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The config file, if one was found: its path (for messages) and its text.
+    pub file: Option<ConfigFile>,
+    /// `KVFLEET_AGENT_*` environment variables (others are ignored).
+    pub env: BTreeMap<String, String>,
+    /// Overrides given as command-line flags.
+    pub flags: FlagOverrides,
+}
+
+/// A config file's path and contents.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its text.
+    pub text: String,
+}
+
+/// Settings that may be overridden on the command line (`kvfleet-agent run --listen ...`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlagOverrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+    /// `--log-level` (a tracing filter).
+    pub log_level: Option<String>,
+}
+
+impl Sources {
+    /// Reads the process environment and the config file. `explicit` is the `--config` flag: a
+    /// missing file named explicitly (or by `KVFLEET_AGENT_CONFIG`) is an error, while a missing
+    /// default file means "run on defaults" (a development machine).
+    pub fn from_process(explicit: Option<&Path>, flags: FlagOverrides) -> Result<Self, Problems> {
+        let env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(key, _)| key.starts_with(ENV_PREFIX))
+            .collect();
+        let named = explicit
+            .map(|p| (p.to_path_buf(), Location::Flag("--config")))
+            .or_else(|| {
+                env.get("KVFLEET_AGENT_CONFIG").map(|p| {
+                    (
+                        PathBuf::from(p),
+                        Location::Env("KVFLEET_AGENT_CONFIG".into()),
+                    )
+                })
+            });
+        let file = match named {
+            Some((path, location)) => match std::fs::read_to_string(&path) {
+                Ok(text) => Some(ConfigFile { path, text }),
+                Err(e) => {
+                    return Err(Problems(vec![Problem::new(
+                        location,
+                        format!("cannot read config file {}: {e}", path.display()),
+                    )]));
+                }
+            },
+            None => match std::fs::read_to_string(DEFAULT_CONFIG_PATH) {
+                Ok(text) => Some(ConfigFile {
+                    path: DEFAULT_CONFIG_PATH.into(),
+                    text,
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(Problems(vec![Problem::new(
+                        Location::Default,
+                        format!("cannot read config file {DEFAULT_CONFIG_PATH}: {e}"),
+                    )]));
+                }
+            },
+        };
+        Ok(Self { file, env, flags })
+    }
+
+    /// Sources made of a file's text alone (tests, `check-config`).
+    pub fn from_text(path: impl Into<PathBuf>, text: impl Into<String>) -> Self {
+        Self {
+            file: Some(ConfigFile {
+                path: path.into(),
+                text: text.into(),
+            }),
+            ..Self::default()
+        }
+    }
+}
+
+/// Where a setting (or a problem with it) came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A position in the config file (1-based line and column).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Line, from 1.
+        line: usize,
+        /// Column, from 1.
+        column: usize,
+    },
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(&'static str),
+    /// No particular place (a default, or the configuration as a whole).
+    Default,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::File { path, line, column } => {
+                write!(f, "{}:{line}:{column}", path.display())
+            }
+            Location::Env(var) => write!(f, "environment variable {var}"),
+            Location::Flag(flag) => write!(f, "flag {flag}"),
+            Location::Default => f.write_str("configuration"),
+        }
+    }
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where.
+    pub location: Location,
+    /// What, and what would be accepted.
+    pub message: String,
+}
+
+impl Problem {
+    fn new(location: Location, message: impl Into<String>) -> Self {
+        Self {
+            location,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
+}
+
+/// Every problem found; never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// This node's name in logs and metrics (default: the host name).
+    pub node_name: String,
+    /// The OpenAI frontend.
+    pub frontend: FrontendConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// How the frontend picks among this node's workers.
+    pub routing: RoutingMode,
+    /// Models this node can serve.
+    pub models: Vec<ModelConfig>,
+    /// Workers to run. Empty means "one per GPU found, or one CPU worker", serving the first
+    /// model.
+    pub workers: Vec<WorkerConfig>,
+    /// Worker process supervision.
+    pub supervisor: SupervisorConfig,
+    /// How long SIGTERM waits for in-flight requests before stopping anyway.
+    pub drain_grace: Duration,
+}
+
+/// The OpenAI frontend's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontendConfig {
+    /// Address to listen on (`0.0.0.0:8000`; port 0 picks a free port, for tests).
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests generating at once across the node's workers.
+    pub max_in_flight: usize,
+    /// Requests waiting for an in-flight slot. When full, new requests get 429 at once: the queue
+    /// never grows without bound.
+    pub queue_capacity: usize,
+    /// How long a request may wait in the queue before it gets 503.
+    pub queue_timeout: Duration,
+    /// The `Retry-After` value sent with 429 and 503.
+    pub retry_after: Duration,
+    /// Bearer tokens accepted on `/v1/*`; empty means no authentication.
+    pub api_keys: Vec<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable, for a terminal (and journald, which adds its own timestamps).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `kvfleet_agent=debug`.
+    pub level: String,
+}
+
+/// Worker selection among the node's own workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingMode {
+    /// The ready worker with the fewest outstanding requests.
+    LeastLoaded,
+    /// Ready workers in turn.
+    RoundRobin,
+}
+
+/// What computes tokens in a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Pseudo-tokens with a timing model: no weights, no GPU. See `worker::engine`.
+    Mock,
+}
+
+/// One model this node serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// The name clients put in `"model"`.
+    pub name: String,
+    /// What runs it.
+    pub engine: EngineKind,
+    /// Prompt plus completion tokens, at most.
+    pub context_length: u32,
+    /// Tokens per KV block (for block hashing and KV accounting).
+    pub block_size: BlockSize,
+    /// KV blocks each worker's pool holds.
+    pub kv_blocks: u32,
+    /// Mock engine: time per generated token (zero: as fast as the loop runs).
+    pub mock_token_time: Duration,
+    /// Mock engine: time to prefill one prompt token.
+    pub mock_prefill_time_per_token: Duration,
+}
+
+/// Where a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// A CPU slot.
+    Cpu,
+    /// The GPU with this NVML index.
+    Gpu(u32),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Gpu(index) => write!(f, "gpu:{index}"),
+        }
+    }
+}
+
+/// What part of serving a worker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Prefill and decode.
+    Aggregated,
+    /// Prefill only, handing KV blocks to a decode worker.
+    Prefill,
+    /// Decode only.
+    Decode,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Aggregated => "aggregated",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        })
+    }
+}
+
+/// One worker the config asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// The model's name (one of [`Config::models`]).
+    pub model: String,
+    /// Where it runs.
+    pub device: Device,
+    /// What it does.
+    pub role: Role,
+}
+
+/// Worker process supervision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisorConfig {
+    /// Directory for the workers' Unix sockets.
+    pub socket_dir: PathBuf,
+    /// First restart delay after a worker fails.
+    pub restart_backoff_initial: Duration,
+    /// Restart delays double up to this.
+    pub restart_backoff_max: Duration,
+    /// A worker that has not said hello within this is killed and restarted.
+    pub start_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: default_node_name(),
+            frontend: FrontendConfig {
+                listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+                max_body_bytes: 4 * 1024 * 1024,
+                max_in_flight: 256,
+                queue_capacity: 1024,
+                queue_timeout: Duration::from_secs(30),
+                retry_after: Duration::from_secs(1),
+                api_keys: Vec::new(),
+            },
+            log: LogConfig {
+                format: LogFormat::Text,
+                level: "info".into(),
+            },
+            routing: RoutingMode::LeastLoaded,
+            models: vec![ModelConfig::mock("kvfleet-mock")],
+            workers: Vec::new(),
+            supervisor: SupervisorConfig {
+                socket_dir: std::env::temp_dir().join("kvfleet-agent"),
+                restart_backoff_initial: Duration::from_millis(500),
+                restart_backoff_max: Duration::from_secs(30),
+                start_timeout: Duration::from_secs(60),
+            },
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// A mock model with defaults: zero cost per token, 4096 tokens of context.
+    pub fn mock(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            engine: EngineKind::Mock,
+            context_length: 4096,
+            block_size: BlockSize::default(),
+            kv_blocks: 4096,
+            mock_token_time: Duration::ZERO,
+            mock_prefill_time_per_token: Duration::ZERO,
+        }
+    }
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file's shape, as written. Values that need checking keep their span for the message.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<RawNode>,
+    frontend: Option<RawFrontend>,
+    log: Option<RawLog>,
+    routing: Option<RawRouting>,
+    supervisor: Option<RawSupervisor>,
+    drain_grace_secs: Option<Spanned<f64>>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+    #[serde(default)]
+    workers: Vec<RawWorker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrontend {
+    listen: Option<Spanned<String>>,
+    max_body_bytes: Option<Spanned<i64>>,
+    max_in_flight: Option<Spanned<i64>>,
+    queue_capacity: Option<Spanned<i64>>,
+    queue_timeout_secs: Option<Spanned<f64>>,
+    retry_after_secs: Option<Spanned<i64>>,
+    api_keys: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<Spanned<String>>,
+    level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    mode: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSupervisor {
+    socket_dir: Option<Spanned<String>>,
+    restart_backoff_initial_ms: Option<Spanned<i64>>,
+    restart_backoff_max_ms: Option<Spanned<i64>>,
+    start_timeout_secs: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Spanned<String>,
+    engine: Option<Spanned<String>>,
+    context_length: Option<Spanned<i64>>,
+    block_size: Option<Spanned<i64>>,
+    kv_blocks: Option<Spanned<i64>>,
+    mock_token_time_us: Option<Spanned<i64>>,
+    mock_prefill_time_per_token_us: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    model: Option<Spanned<String>>,
+    device: Option<Spanned<String>>,
+    role: Option<Spanned<String>>,
+}
+
+/// Collects problems while the config is built.
+struct Checker<'a> {
+    file: Option<&'a ConfigFile>,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn at<T>(&self, value: &Spanned<T>) -> Location {
+        match self.file {
+            Some(file) => file_location(file, value.span().start),
+            None => Location::Default,
+        }
+    }
+
+    fn problem(&mut self, location: Location, message: impl Into<String>) {
+        self.problems.push(Problem::new(location, message));
+    }
+
+    /// An integer in `range`, or a problem naming `key`.
+    fn int(
+        &mut self,
+        key: &str,
+        value: &Spanned<i64>,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<i64> {
+        let v = *value.get_ref();
+        if range.contains(&v) {
+            Some(v)
+        } else {
+            let location = self.at(value);
+            self.problem(
+                location,
+                format!(
+                    "{key} = {v} is out of range: expected {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+            None
+        }
+    }
+
+    fn secs(&mut self, key: &str, value: &Spanned<f64>, max: f64) -> Option<Duration> {
+        let v = *value.get_ref();
+        if v.is_finite() && v > 0.0 && v <= max {
+            Some(Duration::from_secs_f64(v))
+        } else {
+            let location = self.at(value);
+            self.problem(
+                location,
+                format!(
+                    "{key} = {v} is out of range: expected more than 0 and at most {max} seconds"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn file_location(file: &ConfigFile, offset: usize) -> Location {
+    let before = file.text.get(..offset).unwrap_or(&file.text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Location::File {
+        path: file.path.clone(),
+        line,
+        column,
+    }
+}
+
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not a socket address: expected host:port, e.g. \"0.0.0.0:8000\"")
+    })
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!(
+            "log format {other:?} is unknown: expected \"text\" or \"json\""
+        )),
+    }
+}
+
+fn parse_log_level(text: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("log level {text:?} is not a valid filter: {e}"))
+}
+
+fn parse_routing(text: &str) -> Result<RoutingMode, String> {
+    match text {
+        "least-loaded" => Ok(RoutingMode::LeastLoaded),
+        "round-robin" => Ok(RoutingMode::RoundRobin),
+        other => Err(format!(
+            "routing mode {other:?} is unknown: expected \"least-loaded\" or \"round-robin\""
+        )),
+    }
+}
+
+fn parse_device(text: &str) -> Result<Device, String> {
+    if text == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    text.strip_prefix("gpu:")
+        .and_then(|index| index.parse().ok())
+        .map(Device::Gpu)
+        .ok_or_else(|| {
+            format!("device {text:?} is unknown: expected \"cpu\" or \"gpu:N\" (an NVML index)")
+        })
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    match text {
+        "aggregated" => Ok(Role::Aggregated),
+        "prefill" => Ok(Role::Prefill),
+        "decode" => Ok(Role::Decode),
+        other => Err(format!(
+            "role {other:?} is unknown: expected \"aggregated\", \"prefill\" or \"decode\""
+        )),
+    }
+}
+
+impl Config {
+    /// Builds and validates the configuration from its sources. Returns every problem found.
+    pub fn from_sources(sources: &Sources) -> Result<Self, Problems> {
+        let raw = match &sources.file {
+            Some(file) => toml::from_str::<RawConfig>(&file.text).map_err(|e| {
+                let location = match e.span() {
+                    Some(span) => file_location(file, span.start),
+                    None => Location::File {
+                        path: file.path.clone(),
+                        line: 1,
+                        column: 1,
+                    },
+                };
+                Problems(vec![Problem::new(location, e.message().trim().to_owned())])
+            })?,
+            None => RawConfig::default(),
+        };
+        let mut check = Checker {
+            file: sources.file.as_ref(),
+            problems: Vec::new(),
+        };
+        let mut config = Config::default();
+        check.apply_file(&raw, &mut config);
+        check.apply_env(&sources.env, &mut config);
+        check.apply_flags(&sources.flags, &mut config);
+        check.cross_checks(&raw, &config);
+        if check.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Problems(check.problems))
+        }
+    }
+
+    /// The model named `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+impl Checker<'_> {
+    /// Applies `parse` to a spanned string, recording a problem at its location on failure.
+    fn parsed<T>(
+        &mut self,
+        value: &Spanned<String>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        match parse(value.get_ref()) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                let location = self.at(value);
+                self.problem(location, message);
+                None
+            }
+        }
+    }
+
+    fn apply_file(&mut self, raw: &RawConfig, config: &mut Config) {
+        if let Some(name) = raw.node.as_ref().and_then(|n| n.name.as_ref()) {
+            if name.get_ref().trim().is_empty() {
+                let location = self.at(name);
+                self.problem(location, "node.name is empty");
+            } else {
+                config.node_name = name.get_ref().clone();
+            }
+        }
+        if let Some(f) = &raw.frontend {
+            let fc = &mut config.frontend;
+            if let Some(v) = &f.listen
+                && let Some(addr) = self.parsed(v, parse_listen)
+            {
+                fc.listen = addr;
+            }
+            if let Some(v) = &f.max_body_bytes
+                && let Some(n) = self.int("frontend.max_body_bytes", v, 1024..=1 << 30)
+            {
+                fc.max_body_bytes = n as usize;
+            }
+            if let Some(v) = &f.max_in_flight
+                && let Some(n) = self.int("frontend.max_in_flight", v, 1..=1_000_000)
+            {
+                fc.max_in_flight = n as usize;
+            }
+            if let Some(v) = &f.queue_capacity
+                && let Some(n) = self.int("frontend.queue_capacity", v, 0..=1_000_000)
+            {
+                fc.queue_capacity = n as usize;
+            }
+            if let Some(v) = &f.queue_timeout_secs
+                && let Some(d) = self.secs("frontend.queue_timeout_secs", v, 3600.0)
+            {
+                fc.queue_timeout = d;
+            }
+            if let Some(v) = &f.retry_after_secs
+                && let Some(n) = self.int("frontend.retry_after_secs", v, 1..=3600)
+            {
+                fc.retry_after = Duration::from_secs(n as u64);
+            }
+            if let Some(keys) = &f.api_keys {
+                let mut accepted = Vec::new();
+                for key in keys {
+                    if key.get_ref().len() < 8 || key.get_ref().contains(char::is_whitespace) {
+                        let location = self.at(key);
+                        self.problem(
+                            location,
+                            "frontend.api_keys: a key must be at least 8 characters with no whitespace",
+                        );
+                    } else {
+                        accepted.push(key.get_ref().clone());
+                    }
+                }
+                fc.api_keys = accepted;
+            }
+        }
+        if let Some(log) = &raw.log {
+            if let Some(v) = &log.format
+                && let Some(format) = self.parsed(v, parse_log_format)
+            {
+                config.log.format = format;
+            }
+            if let Some(v) = &log.level
+                && let Some(level) = self.parsed(v, parse_log_level)
+            {
+                config.log.level = level;
+            }
+        }
+        if let Some(mode) = raw.routing.as_ref().and_then(|r| r.mode.as_ref())
+            && let Some(mode) = self.parsed(mode, parse_routing)
+        {
+            config.routing = mode;
+        }
+        if let Some(s) = &raw.supervisor {
+            let sc = &mut config.supervisor;
+            if let Some(dir) = &s.socket_dir {
+                if Path::new(dir.get_ref()).is_absolute() {
+                    sc.socket_dir = PathBuf::from(dir.get_ref());
+                } else {
+                    let location = self.at(dir);
+                    self.problem(
+                        location,
+                        format!(
+                            "supervisor.socket_dir {:?} must be an absolute path",
+                            dir.get_ref()
+                        ),
+                    );
+                }
+            }
+            if let Some(v) = &s.restart_backoff_initial_ms
+                && let Some(n) = self.int("supervisor.restart_backoff_initial_ms", v, 1..=600_000)
+            {
+                sc.restart_backoff_initial = Duration::from_millis(n as u64);
+            }
+            if let Some(v) = &s.restart_backoff_max_ms
+                && let Some(n) = self.int("supervisor.restart_backoff_max_ms", v, 1..=3_600_000)
+            {
+                sc.restart_backoff_max = Duration::from_millis(n as u64);
+            }
+            if let Some(v) = &s.start_timeout_secs
+                && let Some(d) = self.secs("supervisor.start_timeout_secs", v, 3600.0)
+            {
+                sc.start_timeout = d;
+            }
+        }
+        if let Some(v) = &raw.drain_grace_secs
+            && let Some(d) = self.secs("drain_grace_secs", v, 3600.0)
+        {
+            config.drain_grace = d;
+        }
+        if !raw.models.is_empty() {
+            config.models = raw.models.iter().filter_map(|m| self.model(m)).collect();
+        }
+        config.workers = raw.workers.iter().filter_map(|w| self.worker(w)).collect();
+    }
+
+    fn model(&mut self, raw: &RawModel) -> Option<ModelConfig> {
+        let name = raw.name.get_ref().trim();
+        if name.is_empty() {
+            let location = self.at(&raw.name);
+            self.problem(location, "models.name is empty");
+            return None;
+        }
+        let mut model = ModelConfig::mock(name);
+        let mut ok = true;
+        if let Some(engine) = &raw.engine {
+            match engine.get_ref().as_str() {
+                "mock" => model.engine = EngineKind::Mock,
+                "native" => {
+                    let location = self.at(engine);
+                    self.problem(
+                        location,
+                        "engine \"native\" is not wired into the agent yet (the model crate is in \
+                         progress): use \"mock\"",
+                    );
+                    ok = false;
+                }
+                other => {
+                    let location = self.at(engine);
+                    self.problem(
+                        location,
+                        format!("engine {other:?} is unknown: expected \"mock\" or \"native\""),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = &raw.context_length {
+            match self.int("models.context_length", v, 16..=1 << 24) {
+                Some(n) => model.context_length = n as u32,
+                None => ok = false,
+            }
+        }
+        if let Some(v) = &raw.block_size {
+            match self.int("models.block_size", v, 1..=i64::from(BlockSize::MAX)) {
+                Some(n) => match BlockSize::new(n as u32) {
+                    Ok(size) => model.block_size = size,
+                    Err(_) => ok = false,
+                },
+                None => ok = false,
+            }
+        }
+        if let Some(v) = &raw.kv_blocks {
+            match self.int("models.kv_blocks", v, 1..=1 << 24) {
+                Some(n) => model.kv_blocks = n as u32,
+                None => ok = false,
+            }
+        }
+        if let Some(v) = &raw.mock_token_time_us {
+            match self.int("models.mock_token_time_us", v, 0..=10_000_000) {
+                Some(n) => model.mock_token_time = Duration::from_micros(n as u64),
+                None => ok = false,
+            }
+        }
+        if let Some(v) = &raw.mock_prefill_time_per_token_us {
+            match self.int("models.mock_prefill_time_per_token_us", v, 0..=1_000_000) {
+                Some(n) => model.mock_prefill_time_per_token = Duration::from_micros(n as u64),
+                None => ok = false,
+            }
+        }
+        ok.then_some(model)
+    }
+
+    fn worker(&mut self, raw: &RawWorker) -> Option<WorkerConfig> {
+        let device = match &raw.device {
+            Some(v) => self.parsed(v, parse_device)?,
+            None => Device::Cpu,
+        };
+        let role = match &raw.role {
+            Some(v) => self.parsed(v, parse_role)?,
+            None => Role::Aggregated,
+        };
+        Some(WorkerConfig {
+            model: raw
+                .model
+                .as_ref()
+                .map(|m| m.get_ref().clone())
+                .unwrap_or_default(),
+            device,
+            role,
+        })
+    }
+
+    fn apply_env(&mut self, env: &BTreeMap<String, String>, config: &mut Config) {
+        for (key, value) in env {
+            let location = Location::Env(key.clone());
+            let result = match key.strip_prefix(ENV_PREFIX).unwrap_or(key) {
+                "LISTEN" => parse_listen(value).map(|v| config.frontend.listen = v),
+                "LOG_FORMAT" => parse_log_format(value).map(|v| config.log.format = v),
+                "LOG_LEVEL" => parse_log_level(value).map(|v| config.log.level = v),
+                "ROUTING" => parse_routing(value).map(|v| config.routing = v),
+                "NODE_NAME" if !value.trim().is_empty() => {
+                    config.node_name = value.trim().to_owned();
+                    Ok(())
+                }
+                "API_KEYS" => {
+                    config.frontend.api_keys = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    Ok(())
+                }
+                // Read by `Sources::from_process` before parsing.
+                "CONFIG" => Ok(()),
+                _ => Err(format!(
+                    "unknown variable: the agent reads {ENV_PREFIX}{{CONFIG,LISTEN,LOG_FORMAT,\
+                     LOG_LEVEL,ROUTING,NODE_NAME,API_KEYS}}"
+                )),
+            };
+            if let Err(message) = result {
+                self.problem(location, message);
+            }
+        }
+    }
+
+    fn apply_flags(&mut self, flags: &FlagOverrides, config: &mut Config) {
+        if let Some(v) = &flags.listen {
+            match parse_listen(v) {
+                Ok(addr) => config.frontend.listen = addr,
+                Err(m) => self.problem(Location::Flag("--listen"), m),
+            }
+        }
+        if let Some(v) = &flags.log_format {
+            match parse_log_format(v) {
+                Ok(format) => config.log.format = format,
+                Err(m) => self.problem(Location::Flag("--log-format"), m),
+            }
+        }
+        if let Some(v) = &flags.log_level {
+            match parse_log_level(v) {
+                Ok(level) => config.log.level = level,
+                Err(m) => self.problem(Location::Flag("--log-level"), m),
+            }
+        }
+    }
+
+    fn cross_checks(&mut self, raw: &RawConfig, config: &Config) {
+        let mut seen = BTreeMap::new();
+        for model in &raw.models {
+            if seen.insert(model.name.get_ref().trim(), ()).is_some() {
+                let location = self.at(&model.name);
+                self.problem(
+                    location,
+                    format!("model {:?} is defined twice", model.name.get_ref()),
+                );
+            }
+        }
+        for raw_worker in &raw.workers {
+            match &raw_worker.model {
+                Some(model) if config.model(model.get_ref()).is_none() => {
+                    let location = self.at(model);
+                    let known: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
+                    self.problem(
+                        location,
+                        format!(
+                            "workers.model {:?} is not one of the models defined: {known:?}",
+                            model.get_ref()
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None => self.problem(Location::Default, "a [[workers]] entry has no model"),
+            }
+        }
+        let mut gpus = BTreeMap::new();
+        for raw_worker in &raw.workers {
+            if let Some(device) = &raw_worker.device
+                && let Ok(Device::Gpu(index)) = parse_device(device.get_ref())
+                && gpus.insert(index, ()).is_some()
+            {
+                let location = self.at(device);
+                self.problem(
+                    location,
+                    format!("gpu:{index} has two workers: one engine per GPU"),
+                );
+            }
+        }
+        let sc = &config.supervisor;
+        if sc.restart_backoff_initial > sc.restart_backoff_max {
+            self.problem(
+                Location::Default,
+                "supervisor.restart_backoff_initial_ms is larger than restart_backoff_max_ms",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, Problems> {
+        Config::from_sources(&Sources::from_text("agent.toml", text))
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        load(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn no_file_gives_the_documented_defaults() {
+        let config = Config::from_sources(&Sources::default()).unwrap();
+        assert_eq!(config.frontend.listen, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.routing, RoutingMode::LeastLoaded);
+        assert_eq!(config.models.len(), 1);
+        assert!(config.workers.is_empty());
+    }
+
+    #[test]
+    fn the_packaged_example_is_valid() {
+        let text = include_str!("../../packaging/agent.toml");
+        let config = load(text).unwrap();
+        assert_eq!(config.models[0].name, "smollm2-135m-mock");
+        assert_eq!(config.workers.len(), 1);
+    }
+
+    #[test]
+    fn a_full_file_is_read() {
+        let config = load(
+            r#"
+drain_grace_secs = 5
+[node]
+name = "gpu-07"
+[frontend]
+listen = "127.0.0.1:9000"
+queue_capacity = 7
+api_keys = ["sk-test-12345"]
+[log]
+format = "json"
+level = "debug"
+[routing]
+mode = "round-robin"
+[[models]]
+name = "m"
+context_length = 128
+block_size = 4
+[[workers]]
+model = "m"
+device = "gpu:0"
+role = "decode"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.node_name, "gpu-07");
+        assert_eq!(config.frontend.listen.port(), 9000);
+        assert_eq!(config.frontend.queue_capacity, 7);
+        assert_eq!(config.frontend.api_keys, vec!["sk-test-12345"]);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.routing, RoutingMode::RoundRobin);
+        assert_eq!(config.models[0].block_size.get(), 4);
+        assert_eq!(
+            config.workers,
+            vec![WorkerConfig {
+                model: "m".into(),
+                device: Device::Gpu(0),
+                role: Role::Decode
+            }]
+        );
+        assert_eq!(config.drain_grace, Duration::from_secs(5));
+    }
+
+    /// One row per mistake: the file, and the `file:line:col: message` start expected for it.
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("syntax error", "[frontend\nlisten = 1", &["agent.toml:1:"]),
+            (
+                "unknown key",
+                "[frontend]\nlisen = \"0.0.0.0:1\"\n",
+                &["agent.toml:2:1: unknown field `lisen`"],
+            ),
+            (
+                "wrong type",
+                "[frontend]\nqueue_capacity = \"lots\"\n",
+                &["agent.toml:2:18: invalid type"],
+            ),
+            (
+                "several semantic problems at once",
+                "[frontend]\nlisten = \"nowhere\"\nqueue_capacity = -1\n[log]\nformat = \"xml\"\n\
+                 [[models]]\nname = \"m\"\nengine = \"warp\"\n[[workers]]\nmodel = \"nope\"\n\
+                 device = \"tpu\"\n",
+                &[
+                    "agent.toml:2:10: \"nowhere\" is not a socket address",
+                    "agent.toml:3:18: frontend.queue_capacity = -1 is out of range",
+                    "agent.toml:5:10: log format \"xml\" is unknown",
+                    "agent.toml:8:10: engine \"warp\" is unknown",
+                    "agent.toml:11:10: device \"tpu\" is unknown",
+                    "agent.toml:10:9: workers.model \"nope\" is not one of the models defined",
+                ],
+            ),
+            (
+                "unknown worker model",
+                "[[models]]\nname = \"a\"\n[[workers]]\nmodel = \"b\"\n",
+                &["agent.toml:4:9: workers.model \"b\" is not one of the models defined"],
+            ),
+            (
+                "two workers on one GPU",
+                "[[workers]]\nmodel = \"kvfleet-mock\"\ndevice = \"gpu:0\"\n[[workers]]\n\
+                 model = \"kvfleet-mock\"\ndevice = \"gpu:0\"\n",
+                &["agent.toml:6:10: gpu:0 has two workers"],
+            ),
+        ];
+        for (name, text, expected) in cases {
+            let got = problems(text);
+            assert_eq!(got.len(), expected.len(), "case {name}: {got:#?}");
+            for (got, want) in got.iter().zip(expected.iter()) {
+                assert!(
+                    got.starts_with(want),
+                    "case {name}: {got:?} should start with {want:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_flags_override_env() {
+        let mut sources = Sources::from_text(
+            "agent.toml",
+            "[frontend]\nlisten = \"127.0.0.1:1\"\n[log]\nformat = \"text\"\n",
+        );
+        sources
+            .env
+            .insert("KVFLEET_AGENT_LISTEN".into(), "127.0.0.1:2".into());
+        sources
+            .env
+            .insert("KVFLEET_AGENT_LOG_FORMAT".into(), "json".into());
+        sources.env.insert(
+            "KVFLEET_AGENT_API_KEYS".into(),
+            "k1-aaaaaaaa, k2-bbbbbbbb".into(),
+        );
+        let config = Config::from_sources(&sources).unwrap();
+        assert_eq!(config.frontend.listen.port(), 2);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.frontend.api_keys.len(), 2);
+
+        sources.flags.listen = Some("127.0.0.1:3".into());
+        let config = Config::from_sources(&sources).unwrap();
+        assert_eq!(config.frontend.listen.port(), 3);
+    }
+
+    #[test]
+    fn bad_env_and_flags_are_located() {
+        let mut sources = Sources::default();
+        sources.env.insert("KVFLEET_AGENT_LISTN".into(), "x".into());
+        sources.flags.log_format = Some("yaml".into());
+        let got: Vec<String> = Config::from_sources(&sources)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("environment variable KVFLEET_AGENT_LISTN: unknown variable"));
+        assert!(got[1].starts_with("flag --log-format: log format \"yaml\" is unknown"));
+    }
+}

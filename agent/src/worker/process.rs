@@ -1,0 +1,141 @@
+//! The worker process (`kvfleet-agent worker --socket PATH`): connects to the agent, builds its
+//! engine from the spec the agent sends, then drives it, turning frames into engine calls and
+//! engine outputs into frames. It exits when the agent says stop or closes the socket, so an
+//! agent that dies never leaves workers behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use kvfleet_proto::frame::FrameKind;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::engine::{Output, StandInEngine};
+use super::protocol::{
+    Control, FrameStream, WireCancel, WireError, WireFinish, WireRequest, WireTokens, WorkerHello,
+    WorkerSpec, encode_json, write_json,
+};
+
+/// How often the worker reports its load.
+const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Runs a worker until the agent stops it or goes away.
+pub async fn run(socket: &Path) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
+    let (reader, writer) = stream.into_split();
+    let mut frames = FrameStream::new(reader);
+    let writer = BufWriter::new(writer);
+    let first = frames
+        .next()
+        .await
+        .context("reading the worker spec")?
+        .context("the agent closed the socket before sending the worker spec")?;
+    anyhow::ensure!(
+        first.kind == FrameKind::Hello,
+        "expected a Hello frame first, got {:?}",
+        first.kind
+    );
+    let spec: WorkerSpec = first.parse_json()?;
+    let span = tracing::info_span!("worker", worker = %spec.worker, model = %spec.engine.model);
+    serve(spec, frames, writer).instrument(span).await
+}
+
+async fn serve(
+    spec: WorkerSpec,
+    mut frames: FrameStream<tokio::net::unix::OwnedReadHalf>,
+    mut writer: BufWriter<tokio::net::unix::OwnedWriteHalf>,
+) -> anyhow::Result<()> {
+    let mut engine = StandInEngine::new(spec.engine.clone());
+    tracing::info!(device = %spec.device, role = %spec.role, engine = "stand-in mock", "worker ready");
+    write_json(
+        &mut writer,
+        FrameKind::Hello,
+        &WorkerHello {
+            worker: spec.worker,
+            pid: std::process::id(),
+            engine: "stand-in mock".into(),
+            kv_blocks_total: u64::from(spec.engine.kv_blocks),
+        },
+    )
+    .await?;
+
+    let epoch = Instant::now();
+    let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+    let mut out = Vec::new();
+    loop {
+        let wake = engine.next_wakeup().map(|t| epoch + t);
+        tokio::select! {
+            frame = frames.next() => {
+                let Some(frame) = frame.context("reading from the agent")? else {
+                    tracing::info!("the agent closed the socket: exiting");
+                    return Ok(());
+                };
+                match frame.kind {
+                    FrameKind::Request => {
+                        let request: WireRequest = frame.parse_json()?;
+                        let (seq, request_id) = (request.seq, request.request_id.clone());
+                        tracing::info!(request_id = %request_id, prompt_tokens = request.prompt.len(),
+                            max_tokens = request.sampling.max_tokens, "request started");
+                        if let Err(e) = engine.submit(request, epoch.elapsed()) {
+                            tracing::warn!(request_id = %request_id, error = %e, "request refused");
+                            encode_json(FrameKind::Error, &WireError { seq, message: e.to_string() }, &mut out)?;
+                        }
+                    }
+                    FrameKind::Cancel => {
+                        let cancel: WireCancel = frame.parse_json()?;
+                        if let Some(request_id) = engine.cancel(cancel.seq, epoch.elapsed()) {
+                            tracing::info!(request_id = %request_id, "request cancelled: KV blocks freed");
+                        }
+                    }
+                    FrameKind::Control => {
+                        let Control::Stop = frame.parse_json()?;
+                        tracing::info!("stopping on the agent's request");
+                        return Ok(());
+                    }
+                    FrameKind::Ping => {
+                        codec_frame(FrameKind::Pong, &frame.payload, &mut out)?;
+                    }
+                    other => anyhow::bail!("unexpected {other:?} frame from the agent"),
+                }
+            }
+            () = sleep_until(wake), if wake.is_some() => {
+                for output in engine.step(epoch.elapsed()) {
+                    match output {
+                        Output::Tokens { seq, tokens } => {
+                            encode_json(FrameKind::Token, &WireTokens { seq, tokens }, &mut out)?;
+                        }
+                        Output::Finished { seq, reason } => {
+                            encode_json(FrameKind::Finish, &WireFinish { seq, reason }, &mut out)?;
+                        }
+                    }
+                }
+                // At zero cost per token the loop would otherwise never give the reader a turn.
+                tokio::task::yield_now().await;
+            }
+            _ = status_tick.tick() => {
+                encode_json(FrameKind::Status, &engine.status(), &mut out)?;
+            }
+        }
+        if !out.is_empty() {
+            writer.write_all(&out).await?;
+            writer.flush().await?;
+            out.clear();
+        }
+    }
+}
+
+fn codec_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+    super::protocol::codec().encode(kind, payload, out)?;
+    Ok(())
+}
+
+async fn sleep_until(when: Option<Instant>) {
+    if let Some(when) = when {
+        tokio::time::sleep_until(when).await;
+    }
+}

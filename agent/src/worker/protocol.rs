@@ -1,0 +1,244 @@
+//! What the agent and a worker process say to each other over the worker's Unix socket: frames
+//! of the proto codec (`kvfleet_proto::frame`) with JSON payloads.
+//!
+//! ```text
+//! agent                                   worker
+//!   ── Hello(WorkerSpec) ────────────────▶   (builds its engine)
+//!   ◀──────────────────── Hello(WorkerHello)
+//!   ── Request(WireRequest) ─────────────▶
+//!   ◀──────────────────── Token(WireTokens)   (any number)
+//!   ◀──────────────────── Finish(WireFinish) | Error(WireError)
+//!   ── Cancel(WireCancel) ───────────────▶   (client went away: free the KV blocks)
+//!   ◀──────────────────── Status(WireStatus)  (every 250 ms)
+//!   ── Control(Stop) ────────────────────▶   (shutdown)
+//! ```
+//!
+//! Each request gets a `seq` from the agent, unique on the connection. [`FrameStream`] reads
+//! frames from any async reader; a malformed frame is an error that closes the connection (and
+//! so restarts the worker), never a panic.
+
+use kvfleet_proto::frame::{Frame, FrameCodec, FrameKind, FrameReader};
+use kvfleet_proto::{BlockSize, SamplingParams, SequenceHash, WorkerId};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::backend::EndReason;
+use crate::config::Role;
+
+/// Payload limit on worker sockets: a long prompt's JSON fits many times over.
+pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
+
+/// The codec both ends use.
+pub fn codec() -> FrameCodec {
+    FrameCodec::new(MAX_PAYLOAD)
+}
+
+/// Which engine a worker builds, and its parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineSpec {
+    /// The model's name.
+    pub model: String,
+    /// Prompt plus completion tokens, at most.
+    pub context_length: u32,
+    /// Tokens per KV block.
+    pub block_size: BlockSize,
+    /// Blocks in the KV pool.
+    pub kv_blocks: u32,
+    /// Mock timing: microseconds per generated token.
+    pub token_time_us: u64,
+    /// Mock timing: microseconds per prompt token.
+    pub prefill_time_per_token_us: u64,
+}
+
+/// Agent → worker, first frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// The worker's id.
+    pub worker: WorkerId,
+    /// Its role.
+    pub role: Role,
+    /// `cpu` or `gpu:N`.
+    pub device: String,
+    /// Its engine.
+    pub engine: EngineSpec,
+}
+
+/// Worker → agent, answer to the spec: the engine is loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerHello {
+    /// Echo of the worker's id.
+    pub worker: WorkerId,
+    /// The worker's process id.
+    pub pid: u32,
+    /// Engine name, for logs.
+    pub engine: String,
+    /// KV blocks in its pool.
+    pub kv_blocks_total: u64,
+}
+
+/// Agent → worker: generate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireRequest {
+    /// Connection-unique sequence number.
+    pub seq: u64,
+    /// The frontend's request id, for the worker's log lines.
+    pub request_id: String,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Sequence hashes of the prompt's full blocks.
+    pub block_hashes: Vec<SequenceHash>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+}
+
+/// Worker → agent: generated tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTokens {
+    /// Which request.
+    pub seq: u64,
+    /// Token ids, in order.
+    pub tokens: Vec<u32>,
+}
+
+/// Worker → agent: the request is done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireFinish {
+    /// Which request.
+    pub seq: u64,
+    /// Why.
+    pub reason: EndReason,
+}
+
+/// Worker → agent: the request failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Which request.
+    pub seq: u64,
+    /// What happened.
+    pub message: String,
+}
+
+/// Agent → worker: stop a request and free its blocks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireCancel {
+    /// Which request.
+    pub seq: u64,
+}
+
+/// Worker → agent: load and KV use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireStatus {
+    /// Requests generating.
+    pub running: u32,
+    /// Requests waiting for KV blocks.
+    pub waiting: u32,
+    /// KV blocks in use.
+    pub kv_blocks_used: u64,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: u64,
+}
+
+/// Agent → worker instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    /// Exit now (the agent has already failed or finished every request).
+    Stop,
+}
+
+/// Reads frames from an async byte stream.
+#[derive(Debug)]
+pub struct FrameStream<R> {
+    reader: R,
+    frames: FrameReader,
+    buf: Vec<u8>,
+}
+
+/// Why a frame stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The socket failed.
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent bytes that are not frames.
+    #[error("bad frame: {0}")]
+    Frame(#[from] kvfleet_proto::FrameError),
+}
+
+impl<R: AsyncRead + Unpin> FrameStream<R> {
+    /// Wraps a reader.
+    pub fn new(reader: R) -> Self {
+        Self {
+            reader,
+            frames: FrameReader::new(codec()),
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    /// The next frame; `None` at a clean end of stream. Cancel-safe: bytes read are buffered
+    /// before any await point can be abandoned.
+    pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
+        loop {
+            if let Some(frame) = self.frames.next_frame()? {
+                return Ok(Some(frame));
+            }
+            let n = self.reader.read(&mut self.buf).await?;
+            if n == 0 {
+                self.frames.finish()?;
+                return Ok(None);
+            }
+            self.frames.push(&self.buf[..n]);
+        }
+    }
+}
+
+/// Encodes `message` as a JSON frame of `kind` and appends it to `out`.
+pub fn encode_json<T: Serialize>(
+    kind: FrameKind,
+    message: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), kvfleet_proto::FrameError> {
+    let frame = Frame::json(kind, message)?;
+    codec().encode(frame.kind, &frame.payload, out)
+}
+
+/// Writes one JSON frame.
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
+    writer: &mut W,
+    kind: FrameKind,
+    message: &T,
+) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    encode_json(kind, message, &mut out)?;
+    writer.write_all(&out).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_cross_a_socket_pair_and_garbage_is_an_error() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let request = WireRequest {
+            seq: 7,
+            request_id: "r1".into(),
+            prompt: (0..100).collect(),
+            block_hashes: vec![SequenceHash(1)],
+            sampling: SamplingParams::greedy(4),
+        };
+        let sent = request.clone();
+        let writer = tokio::spawn(async move {
+            write_json(&mut b, FrameKind::Request, &sent).await.unwrap();
+            b.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        });
+        let mut stream = FrameStream::new(a);
+        let frame = stream.next().await.unwrap().unwrap();
+        assert_eq!(frame.kind, FrameKind::Request);
+        assert_eq!(frame.parse_json::<WireRequest>().unwrap(), request);
+        assert!(matches!(stream.next().await, Err(StreamError::Frame(_))));
+        writer.await.unwrap();
+    }
+}

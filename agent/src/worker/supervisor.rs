@@ -1,0 +1,551 @@
+//! The worker pool: one OS process per worker, each supervised by its own task, restarted with
+//! exponential backoff when it dies, and reached over its Unix socket.
+//!
+//! A worker that crashes takes down only its own requests: each gets a `Failed` event naming the
+//! worker (the frontend turns it into a 502 or an SSE error event), the worker is marked
+//! `failed` (so `/ready` and the router see it), and its task restarts the process after the
+//! backoff. The pool implements [`Backend`], routing among ready workers by least-loaded or
+//! round-robin.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use kvfleet_proto::WorkerId;
+use kvfleet_proto::frame::{Frame, FrameKind};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{
+    Control, EngineSpec, FrameStream, WireCancel, WireError, WireFinish, WireRequest, WireStatus,
+    WireTokens, WorkerHello, WorkerSpec, codec, write_json,
+};
+use crate::backend::{
+    Backend, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState, WorkerStatus,
+};
+use crate::config::{
+    LogConfig, LogFormat, ModelConfig, Role, RoutingMode, SupervisorConfig, WorkerConfig,
+};
+
+/// How to start a worker process: the agent's own binary with the `worker` subcommand.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    /// The executable (normally `std::env::current_exe()`; tests pass the built binary).
+    pub program: PathBuf,
+}
+
+/// A worker restarted after running at least this long starts again from the initial backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// How long a stopping worker gets before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// One worker's live connection.
+#[derive(Debug)]
+struct Conn {
+    tx: mpsc::UnboundedSender<Frame>,
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<GenEvent>>>,
+    next_seq: AtomicU64,
+    alive: AtomicBool,
+}
+
+impl Conn {
+    fn outstanding(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// Fails every pending request (the worker is gone).
+    fn fail_all(&self, message: &str) {
+        self.alive.store(false, Ordering::Release);
+        let pending: Vec<_> = match self.pending.lock() {
+            Ok(mut p) => p.drain().collect(),
+            Err(_) => Vec::new(),
+        };
+        for (_, tx) in pending {
+            let _ = tx.send(GenEvent::Failed(message.to_owned()));
+        }
+    }
+
+    fn deliver(&self, seq: u64, event: GenEvent, last: bool) {
+        let tx = match self.pending.lock() {
+            Ok(mut p) if last => p.remove(&seq),
+            Ok(p) => p.get(&seq).cloned(),
+            Err(_) => None,
+        };
+        // A missing entry is a request the client already cancelled.
+        if let Some(tx) = tx {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SlotState {
+    state: WorkerState,
+    pid: Option<u32>,
+    conn: Option<Arc<Conn>>,
+    status: WireStatus,
+    starts: u64,
+}
+
+/// One configured worker and its supervision state.
+#[derive(Debug)]
+struct Slot {
+    id: WorkerId,
+    config: WorkerConfig,
+    model: ModelConfig,
+    state: Mutex<SlotState>,
+}
+
+impl Slot {
+    fn set(&self, f: impl FnOnce(&mut SlotState)) {
+        if let Ok(mut s) = self.state.lock() {
+            f(&mut s);
+        }
+    }
+
+    fn conn(&self) -> Option<Arc<Conn>> {
+        self.state.lock().ok().and_then(|s| {
+            (s.state == WorkerState::Ready)
+                .then(|| s.conn.clone())
+                .flatten()
+        })
+    }
+
+    fn status(&self) -> WorkerStatus {
+        let s = self.state.lock();
+        let (state, pid, status, starts, outstanding) = match &s {
+            Ok(s) => (
+                s.state,
+                s.pid,
+                s.status,
+                s.starts,
+                s.conn.as_ref().map_or(0, |c| c.outstanding()),
+            ),
+            Err(_) => (WorkerState::Failed, None, WireStatus::default(), 0, 0),
+        };
+        WorkerStatus {
+            id: self.id,
+            model: self.model.name.clone(),
+            device: self.config.device.to_string(),
+            role: self.config.role,
+            state,
+            outstanding,
+            kv_blocks_used: status.kv_blocks_used,
+            kv_blocks_total: status.kv_blocks_total,
+            starts,
+            pid,
+        }
+    }
+
+    fn spec(&self) -> WorkerSpec {
+        WorkerSpec {
+            worker: self.id,
+            role: self.config.role,
+            device: self.config.device.to_string(),
+            engine: EngineSpec {
+                model: self.model.name.clone(),
+                context_length: self.model.context_length,
+                block_size: self.model.block_size,
+                kv_blocks: self.model.kv_blocks,
+                token_time_us: self.model.mock_token_time.as_micros() as u64,
+                prefill_time_per_token_us: self.model.mock_prefill_time_per_token.as_micros()
+                    as u64,
+            },
+        }
+    }
+}
+
+/// The node's workers.
+#[derive(Debug)]
+pub struct WorkerPool {
+    slots: Vec<Arc<Slot>>,
+    routing: RoutingMode,
+    next: AtomicUsize,
+    shutdown: CancellationToken,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+/// Everything a supervisor task needs besides its slot.
+#[derive(Debug, Clone)]
+struct Launch {
+    command: WorkerCommand,
+    supervisor: SupervisorConfig,
+    log: LogConfig,
+    shutdown: CancellationToken,
+}
+
+impl WorkerPool {
+    /// Starts one supervised process per worker. `models` must contain every worker's model
+    /// (config validation guarantees it); a worker whose model is missing is skipped with an
+    /// error line.
+    pub fn start(
+        workers: &[WorkerConfig],
+        models: &[ModelConfig],
+        routing: RoutingMode,
+        supervisor: SupervisorConfig,
+        log: LogConfig,
+        command: WorkerCommand,
+    ) -> Arc<Self> {
+        let shutdown = CancellationToken::new();
+        let mut slots = Vec::new();
+        for (i, config) in workers.iter().enumerate() {
+            let Some(model) = models.iter().find(|m| m.name == config.model) else {
+                tracing::error!(model = %config.model, "worker skipped: unknown model");
+                continue;
+            };
+            slots.push(Arc::new(Slot {
+                id: WorkerId(i as u64 + 1),
+                config: config.clone(),
+                model: model.clone(),
+                state: Mutex::new(SlotState {
+                    state: WorkerState::Starting,
+                    pid: None,
+                    conn: None,
+                    status: WireStatus::default(),
+                    starts: 0,
+                }),
+            }));
+        }
+        let launch = Launch {
+            command,
+            supervisor,
+            log,
+            shutdown: shutdown.clone(),
+        };
+        let mut tasks = JoinSet::new();
+        for slot in &slots {
+            tasks.spawn(supervise(slot.clone(), launch.clone()));
+        }
+        Arc::new(Self {
+            slots,
+            routing,
+            next: AtomicUsize::new(0),
+            shutdown,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// Whether every worker is ready.
+    pub fn all_ready(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| s.status().state == WorkerState::Ready)
+    }
+
+    /// Stops every worker (in-flight requests fail) and waits for the supervisors.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t));
+        if let Ok(mut tasks) = tasks {
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    fn choose(&self, model: &str) -> Option<(WorkerId, Arc<Conn>)> {
+        let candidates: Vec<(WorkerId, Arc<Conn>)> = self
+            .slots
+            .iter()
+            .filter(|s| s.model.name == model && s.config.role != Role::Prefill)
+            .filter_map(|s| s.conn().map(|c| (s.id, c)))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        match self.routing {
+            RoutingMode::RoundRobin => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+                candidates.into_iter().nth(i)
+            }
+            RoutingMode::LeastLoaded => {
+                // Ties go round-robin so equal workers share the load.
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+                let n = candidates.len();
+                (0..n)
+                    .map(|k| &candidates[(start + k) % n])
+                    .min_by_key(|(_, c)| c.outstanding())
+                    .cloned()
+            }
+        }
+    }
+}
+
+impl Backend for WorkerPool {
+    fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
+        let (worker, conn) = self
+            .choose(&request.model)
+            .ok_or_else(|| SubmitError::NoReadyWorker(request.model.clone()))?;
+        let seq = conn.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut pending) = conn.pending.lock() {
+            pending.insert(seq, tx);
+        }
+        let wire = WireRequest {
+            seq,
+            request_id: request.request_id,
+            prompt: request.prompt,
+            block_hashes: request.block_hashes,
+            sampling: request.sampling,
+        };
+        let frame =
+            Frame::json(FrameKind::Request, &wire).map_err(|_| SubmitError::WorkerGone(worker))?;
+        if !conn.alive.load(Ordering::Acquire) || conn.tx.send(frame).is_err() {
+            if let Ok(mut pending) = conn.pending.lock() {
+                pending.remove(&seq);
+            }
+            return Err(SubmitError::WorkerGone(worker));
+        }
+        let cancel_conn = conn.clone();
+        Ok(Generation::new(worker, rx, move || {
+            let was_pending = cancel_conn
+                .pending
+                .lock()
+                .map(|mut p| p.remove(&seq).is_some())
+                .unwrap_or(false);
+            if was_pending
+                && cancel_conn.alive.load(Ordering::Acquire)
+                && let Ok(frame) = Frame::json(FrameKind::Cancel, &WireCancel { seq })
+            {
+                let _ = cancel_conn.tx.send(frame);
+            }
+        }))
+    }
+
+    fn workers(&self) -> Vec<WorkerStatus> {
+        self.slots.iter().map(|s| s.status()).collect()
+    }
+}
+
+/// Restarts one worker forever (with backoff) until shutdown.
+async fn supervise(slot: Arc<Slot>, launch: Launch) {
+    let initial = launch.supervisor.restart_backoff_initial;
+    let mut backoff = initial;
+    loop {
+        let started = tokio::time::Instant::now();
+        let outcome = run_once(&slot, &launch).await;
+        slot.set(|s| {
+            if let Some(conn) = s.conn.take() {
+                conn.fail_all(&format!(
+                    "worker {} stopped during the request; retry it",
+                    slot.id
+                ));
+            }
+            s.pid = None;
+            s.status = WireStatus::default();
+        });
+        if launch.shutdown.is_cancelled() {
+            slot.set(|s| s.state = WorkerState::Stopped);
+            tracing::info!(worker = %slot.id, "worker stopped");
+            return;
+        }
+        let reason = match outcome {
+            Ok(reason) => reason,
+            Err(e) => format!("{e:#}"),
+        };
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = initial;
+        }
+        slot.set(|s| s.state = WorkerState::Failed);
+        tracing::error!(worker = %slot.id, %reason, restart_in_ms = backoff.as_millis() as u64,
+            "worker failed; restarting after backoff");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = launch.shutdown.cancelled() => {
+                slot.set(|s| s.state = WorkerState::Stopped);
+                return;
+            }
+        }
+        backoff = (backoff * 2).min(launch.supervisor.restart_backoff_max);
+    }
+}
+
+fn socket_path(dir: &Path, id: WorkerId) -> PathBuf {
+    dir.join(format!("worker-{}-{}.sock", std::process::id(), id.0))
+}
+
+/// Starts the process, serves it until it dies or shutdown; returns why it ended.
+async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
+    let dir = &launch.supervisor.socket_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+    let path = socket_path(dir, slot.id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
+        }
+    }
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding worker socket {}", path.display()))?;
+    let _cleanup = RemoveOnDrop(path.clone());
+    slot.set(|s| {
+        s.state = WorkerState::Starting;
+        s.starts += 1;
+    });
+    let log_format = match launch.log.format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let mut child = Command::new(&launch.command.program)
+        .arg("worker")
+        .arg("--socket")
+        .arg(&path)
+        .args(["--log-format", log_format, "--log-level", &launch.log.level])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", launch.command.program.display()))?;
+    let pid = child.id();
+    slot.set(|s| s.pid = pid);
+    tracing::info!(worker = %slot.id, pid, model = %slot.model.name, device = %slot.config.device,
+        role = %slot.config.role, "worker process started");
+
+    let start_timeout = launch.supervisor.start_timeout;
+    let stream = tokio::select! {
+        accepted = tokio::time::timeout(start_timeout, listener.accept()) => match accepted {
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => return Err(e).context("accepting the worker's connection"),
+            Err(_) => anyhow::bail!("the worker did not connect within {start_timeout:?}"),
+        },
+        status = child.wait() => anyhow::bail!("the worker exited before connecting: {}", describe(status)),
+        () = launch.shutdown.cancelled() => return Ok("shutdown".into()),
+    };
+    let (reader, mut writer) = stream.into_split();
+    let mut frames = FrameStream::new(reader);
+    write_json(&mut writer, FrameKind::Hello, &slot.spec()).await?;
+    let hello = tokio::select! {
+        frame = tokio::time::timeout(start_timeout, frames.next()) => match frame {
+            Ok(Ok(Some(frame))) if frame.kind == FrameKind::Hello => frame.parse_json::<WorkerHello>()?,
+            Ok(Ok(Some(frame))) => anyhow::bail!("expected Hello from the worker, got {:?}", frame.kind),
+            Ok(Ok(None)) => anyhow::bail!("the worker closed its socket during the handshake"),
+            Ok(Err(e)) => return Err(e).context("reading the worker's Hello"),
+            Err(_) => anyhow::bail!("the worker did not finish loading within {start_timeout:?}"),
+        },
+        status = child.wait() => anyhow::bail!("the worker exited while loading: {}", describe(status)),
+        () = launch.shutdown.cancelled() => return Ok("shutdown".into()),
+    };
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    let conn = Arc::new(Conn {
+        tx,
+        pending: Mutex::new(HashMap::new()),
+        next_seq: AtomicU64::new(1),
+        alive: AtomicBool::new(true),
+    });
+    // The outgoing queue holds at most a Request and a Cancel per admitted request (admission
+    // bounds those) plus a Stop: unbounded in type, bounded in practice.
+    let writer_task = AbortOnDrop(tokio::spawn(async move {
+        let codec = codec();
+        let mut buf = Vec::new();
+        while let Some(frame) = rx.recv().await {
+            buf.clear();
+            if codec.encode(frame.kind, &frame.payload, &mut buf).is_err() {
+                continue;
+            }
+            // Batch whatever else is queued into one write.
+            while let Ok(more) = rx.try_recv() {
+                let _ = codec.encode(more.kind, &more.payload, &mut buf);
+            }
+            if writer.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    }));
+    slot.set(|s| {
+        s.conn = Some(conn.clone());
+        s.state = WorkerState::Ready;
+        s.status.kv_blocks_total = hello.kv_blocks_total;
+    });
+    tracing::info!(worker = %slot.id, pid = hello.pid, engine = %hello.engine, "worker ready");
+
+    let reason = loop {
+        tokio::select! {
+            frame = frames.next() => match frame {
+                Ok(Some(frame)) => {
+                    if let Err(e) = dispatch(slot, &conn, &frame) {
+                        break format!("protocol error: {e}");
+                    }
+                }
+                Ok(None) => break format!("the worker closed its socket ({})", describe(child.wait().await)),
+                Err(e) => break format!("reading from the worker: {e}"),
+            },
+            status = child.wait() => break format!("the worker process exited: {}", describe(status)),
+            () = launch.shutdown.cancelled() => {
+                conn.fail_all(&format!("worker {} is shutting down", slot.id));
+                if let Ok(frame) = Frame::json(FrameKind::Control, &Control::Stop) {
+                    let _ = conn.tx.send(frame);
+                }
+                stop(&mut child).await;
+                return Ok("shutdown".into());
+            }
+        }
+    };
+    drop(writer_task);
+    conn.fail_all(&format!("worker {} failed: {reason}", slot.id));
+    Ok(reason)
+}
+
+async fn stop(child: &mut Child) {
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+fn dispatch(slot: &Slot, conn: &Conn, frame: &Frame) -> anyhow::Result<()> {
+    match frame.kind {
+        FrameKind::Token => {
+            let tokens: WireTokens = frame.parse_json()?;
+            conn.deliver(tokens.seq, GenEvent::Tokens(tokens.tokens), false);
+        }
+        FrameKind::Finish => {
+            let finish: WireFinish = frame.parse_json()?;
+            conn.deliver(finish.seq, GenEvent::Finished(finish.reason), true);
+        }
+        FrameKind::Error => {
+            let error: WireError = frame.parse_json()?;
+            conn.deliver(error.seq, GenEvent::Failed(error.message), true);
+        }
+        FrameKind::Status => {
+            let status: WireStatus = frame.parse_json()?;
+            slot.set(|s| s.status = status);
+        }
+        FrameKind::Pong => {}
+        other => anyhow::bail!("unexpected {other:?} frame from the worker"),
+    }
+    Ok(())
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Aborts the task when dropped, so no exit path of `run_once` leaves its writer behind.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
