@@ -1,4 +1,4 @@
-//! Bytes of memory per indexed block.
+//! Bytes of memory per indexed block, and the time of the whole-index operations.
 //!
 //! Two measurements, side by side: the index's own estimate from its structures' capacities
 //! ([`kvfleet_kv_router::IndexStats::heap_bytes`]: hash table buckets and control bytes, holder
