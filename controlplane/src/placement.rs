@@ -7,6 +7,8 @@
 //! - A running worker on a draining node is set to draining; a draining worker the agent
 //!   reports stopped (or failed, or lost) is stopped. Draining workers do not count toward the
 //!   deployment's size, so their replacements start at once.
+//! - A running worker whose slot no longer satisfies its deployment (constraints changed, or
+//!   its GPU left the node's inventory) is drained and replaced, like a drain.
 //! - A running worker the agent reports `failed` is stopped and replaced.
 //! - Each deployment runs `min_workers` (the planner will later choose between min and max);
 //!   disaggregated deployments split them into prefill (half, rounded down, at least one when
@@ -117,11 +119,30 @@ fn node_fits(node: &NodeView, constraints: &PlacementConstraints) -> bool {
     node.state == NodeState::Healthy
         && !node.cordoned
         && !node.draining
-        && (constraints.nodes.is_empty() || constraints.nodes.contains(&node.id))
+        && node_allowed(node, constraints)
+}
+
+/// The deployment's constraints alone, whatever the node's health.
+fn node_allowed(node: &NodeView, constraints: &PlacementConstraints) -> bool {
+    (constraints.nodes.is_empty() || constraints.nodes.contains(&node.id))
         && constraints
             .node_labels
             .iter()
             .all(|(k, v)| node.labels.get(k) == Some(v))
+}
+
+/// Whether a running worker's slot still satisfies its deployment (constraints can change
+/// after placement, and a GPU can disappear from a node's inventory).
+fn slot_allowed(node: &NodeView, gpu: Option<Uuid>, deployment: &DeploymentView) -> bool {
+    node_allowed(node, &deployment.constraints)
+        && match gpu {
+            Some(gpu) => node
+                .gpus
+                .iter()
+                .find(|g| g.id == gpu)
+                .is_some_and(|g| gpu_fits(g, deployment)),
+            None => deployment.constraints.allow_cpu,
+        }
 }
 
 fn gpu_fits(gpu: &GpuView, deployment: &DeploymentView) -> bool {
@@ -143,6 +164,8 @@ pub fn plan(
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let nodes_by_id: HashMap<Uuid, &NodeView> = nodes.iter().map(|n| (n.id, n)).collect();
+    let deployments_by_id: HashMap<Uuid, &DeploymentView> =
+        deployments.iter().map(|d| (d.id, d)).collect();
 
     // Capacity in use: every worker not yet stopped holds its GPU or CPU slot.
     let mut busy_gpus: HashSet<Uuid> = HashSet::new();
@@ -199,6 +222,18 @@ pub fn plan(
                     worker: w.id,
                     node: w.node_id,
                     reason: "node draining",
+                });
+                continue;
+            }
+            DesiredWorkerState::Running
+                if node
+                    .zip(deployments_by_id.get(&w.deployment_id))
+                    .is_some_and(|(n, d)| !slot_allowed(n, w.gpu_id, d)) =>
+            {
+                actions.push(Action::Drain {
+                    worker: w.id,
+                    node: w.node_id,
+                    reason: "placement constraints changed",
                 });
                 continue;
             }
@@ -532,6 +567,44 @@ mod tests {
                 node: id(1),
                 reason: "drained"
             }]
+        );
+    }
+
+    #[test]
+    fn workers_outside_changed_constraints_are_moved() {
+        let mut a = node(1, &[(11, 80 * GB)]);
+        a.labels.insert("zone".into(), "a".into());
+        let mut b = node(2, &[(21, 80 * GB)]);
+        b.labels.insert("zone".into(), "b".into());
+        let mut d = deployment(100, 1);
+        d.constraints.node_labels.insert("zone".into(), "b".into());
+        let actions = plan(&[a, b], &[d], &[worker(7, 100, 1, Some(11))]);
+        assert_eq!(
+            actions,
+            vec![
+                Action::Drain {
+                    worker: 7,
+                    node: id(1),
+                    reason: "placement constraints changed"
+                },
+                Action::Start {
+                    deployment: id(100),
+                    node: id(2),
+                    gpu: Some(id(21)),
+                    role: WorkerRole::Aggregated
+                },
+            ]
+        );
+        // A worker whose GPU left the inventory is moved too.
+        let nodes = [node(1, &[]), node(2, &[(21, 80 * GB)])];
+        let actions = plan(&nodes, &[deployment(100, 1)], &[worker(7, 100, 1, None)]);
+        assert_eq!(
+            actions[0],
+            Action::Drain {
+                worker: 7,
+                node: id(1),
+                reason: "placement constraints changed"
+            }
         );
     }
 

@@ -172,7 +172,9 @@ async fn register_heartbeat_and_watch(pool: PgPool) {
 
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn silent_nodes_become_unhealthy_then_lost_and_their_workers_move(pool: PgPool) {
-    let server = start(&pool, test_config()).await;
+    let mut config = test_config();
+    short_liveness(&mut config);
+    let server = start(&pool, config).await;
     let join = token(&pool, Role::Join).await;
     let operator = token(&pool, Role::Operator).await;
     let (quiet, quiet_agent, _) = register(&server, &join, "quiet", 1).await;
@@ -234,11 +236,7 @@ async fn silent_nodes_become_unhealthy_then_lost_and_their_workers_move(pool: Pg
 
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn drain_moves_workers_and_remove_revokes_the_node(pool: PgPool) {
-    let mut config = test_config();
-    // Long liveness windows: this test is about drain and removal, not silence.
-    config.liveness.unhealthy_after = Duration::from_secs(60);
-    config.liveness.lost_after = Duration::from_secs(120);
-    let server = start(&pool, config).await;
+    let server = start(&pool, test_config()).await;
     let join = token(&pool, Role::Join).await;
     let admin = token(&pool, Role::Admin).await;
     let (a, agent_a, reg_a) = register(&server, &join, "node-a", 1).await;
@@ -328,9 +326,7 @@ async fn drain_moves_workers_and_remove_revokes_the_node(pool: PgPool) {
 
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn another_replica_takes_over_when_the_leader_goes(pool: PgPool) {
-    let mut config = test_config();
-    config.liveness.unhealthy_after = Duration::from_secs(60);
-    config.liveness.lost_after = Duration::from_secs(120);
+    let config = test_config();
     let first = start(&pool, config.clone()).await;
     eventually(Duration::from_secs(5), "a leader", || async {
         first.state.is_leader().then_some(())
@@ -394,9 +390,7 @@ async fn another_replica_takes_over_when_the_leader_goes(pool: PgPool) {
 
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn heartbeat_metrics_are_served_per_worker_and_deployment(pool: PgPool) {
-    let mut config = test_config();
-    config.liveness.unhealthy_after = Duration::from_secs(60);
-    config.liveness.lost_after = Duration::from_secs(120);
+    let config = test_config();
     let server = start(&pool, config.clone()).await;
     let join = token(&pool, Role::Join).await;
     let viewer = token(&pool, Role::Viewer).await;

@@ -140,8 +140,6 @@ async fn the_control_plane_rides_out_a_postgres_restart() {
     let mut config = test_config();
     config.database.url = cluster.url();
     config.database.connect_timeout = Duration::from_secs(1);
-    config.liveness.unhealthy_after = Duration::from_secs(60);
-    config.liveness.lost_after = Duration::from_secs(120);
     let admin = kvfleet_controlplane::auth::generate_token();
     config.auth.bootstrap_admin_token = Some(admin.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -49,11 +49,19 @@ pub fn test_config() -> Config {
     config.leader.retry_interval = Duration::from_millis(200);
     config.placement.interval = Duration::from_millis(200);
     config.liveness.heartbeat_interval = Duration::from_millis(200);
-    config.liveness.unhealthy_after = Duration::from_millis(800);
-    config.liveness.lost_after = Duration::from_millis(1600);
+    // Long enough that a slow CI machine never sees a node go silent by accident; the liveness
+    // test shortens them with `short_liveness`.
+    config.liveness.unhealthy_after = Duration::from_secs(60);
+    config.liveness.lost_after = Duration::from_secs(120);
     config.liveness.check_interval = Duration::from_millis(100);
     config.watch.max_wait = Duration::from_secs(5);
     config
+}
+
+/// Silence thresholds short enough to watch a node go unhealthy, then lost, in a test.
+pub fn short_liveness(config: &mut Config) {
+    config.liveness.unhealthy_after = Duration::from_millis(800);
+    config.liveness.lost_after = Duration::from_millis(1600);
 }
 
 /// Starts a replica on its own pool over the test database.
