@@ -1,2 +1,49 @@
-//! The fleet simulator: replays request traces on mock-engine workers, the router and the
-//! planner in virtual time. Filled by the KV-routing issue; nothing is implemented yet.
+//! The fleet simulator: replays a request trace on N mock-engine workers behind one KV-aware
+//! router, in virtual time, and reports what each routing mode does to prefix reuse, latency
+//! and load.
+//!
+//! - [`trace`]: the Mooncake JSONL trace format (typed errors with line numbers) and how a
+//!   trace's hash ids become prompt tokens.
+//! - [`sim`]: [`SimConfig`] and [`run`], the discrete-event loop that plays the agent's part:
+//!   arrivals, routing, engine steps, KV events and load reports delivered after a delay.
+//! - [`report`]: [`SimReport`] (serde JSON) and the Markdown table of a [`Comparison`].
+//! - [`plot`]: the SVG of a comparison, written by hand.
+//! - [`cli`]: [`SimArgs`] and [`cli_main`], the `kvfleet sim` command.
+//!
+//! Everything runs on one thread with no clock but the one measuring the run's wall time:
+//! the same config and trace give the same report. It uses the engine (`kvfleet-engine`'s
+//! [`MockEngine`](kvfleet_engine::MockEngine)) and the router (`kvfleet-kv-router`) exactly as
+//! the agent does; nothing depends on this crate.
+//!
+//! ```
+//! use kvfleet_sim::{SimConfig, run, trace::parse_trace};
+//! use kvfleet_kv_router::RoutingMode;
+//!
+//! // Two requests sharing their first 512-token block, 100 ms apart.
+//! let trace = parse_trace(
+//!     "{\"timestamp\": 0, \"input_length\": 700, \"output_length\": 4, \"hash_ids\": [1, 2]}\n\
+//!      {\"timestamp\": 100, \"input_length\": 600, \"output_length\": 4, \"hash_ids\": [1, 3]}\n"
+//!         .as_bytes(),
+//! )?;
+//! let config = SimConfig { workers: 2, ..SimConfig::default() }.with_mode(RoutingMode::Kv);
+//! let report = run(&config, &trace)?;
+//! assert_eq!(report.completed, 2);
+//! // The second request went where the first one's 512 tokens were cached.
+//! assert_eq!(report.cached_tokens, 512);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod cli;
+pub mod plot;
+pub mod report;
+pub mod sim;
+pub mod stats;
+pub mod trace;
+
+#[cfg(test)]
+mod tests;
+
+pub use cli::{SimArgs, cli_main};
+pub use report::{Comparison, SimReport, WorkerReport};
+pub use sim::{SimConfig, SimError, run};
+pub use trace::{TraceError, TraceRequest, load_trace, parse_trace};

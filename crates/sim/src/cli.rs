@@ -1,0 +1,193 @@
+//! The `kvfleet sim` command: flags → [`SimConfig`] → runs → table, JSON and plot.
+//!
+//! The CLI crate wires it as a subcommand with `Sim(kvfleet_sim::SimArgs)` and
+//! `Command::Sim(args) => kvfleet_sim::cli_main(args)`; `examples/sim.rs` runs it standalone.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kvfleet_engine::MockProfile;
+use kvfleet_kv_router::RoutingMode;
+
+use crate::report::Comparison;
+use crate::sim::{SimConfig, run};
+use crate::trace::load_trace;
+
+/// Replay a request trace (Mooncake JSONL) on a fleet of mock engines in virtual time.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// The trace: one `{"timestamp", "input_length", "output_length", "hash_ids"}` per line.
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
+    /// Workers in the fleet (one mock engine each).
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Routing mode: kv, round-robin, random, least-loaded, approximate, or all (each in turn).
+    #[arg(long, default_value = "kv", value_name = "MODE|all")]
+    pub mode: String,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG plot of the runs here.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Mock timing profile (TOML, or JSON by extension); default: Llama 3.1 8B on one H100.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Multiply trace timestamps by this (0.5 = twice the request rate).
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub time_scale: f64,
+    /// Replay only the first N requests.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Delay of KV events and load reports on their way to the router, in ms.
+    #[arg(long, default_value_t = 5.0, value_name = "MS")]
+    pub event_delay_ms: f64,
+    /// Interval between workers' load reports, in ms.
+    #[arg(long, default_value_t = 100.0, value_name = "MS")]
+    pub load_report_ms: f64,
+    /// Longest prompt plus output a worker accepts (longer trace requests are refused).
+    #[arg(long, default_value_t = 131_072, value_name = "TOKENS")]
+    pub max_model_len: usize,
+    /// Seed of the router's random choices (`random` mode, softmax).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+fn millis(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value / 1e3)
+        .with_context(|| format!("--{flag} {value}: expected a non-negative number of ms"))
+}
+
+impl SimArgs {
+    /// The modes to run, in order.
+    pub fn modes(&self) -> anyhow::Result<Vec<RoutingMode>> {
+        if self.mode == "all" {
+            return Ok(RoutingMode::ALL.to_vec());
+        }
+        self.mode
+            .split(',')
+            .map(|m| m.trim().parse::<RoutingMode>().map_err(anyhow::Error::from))
+            .collect()
+    }
+
+    /// The simulation config these flags describe (the mode is set per run).
+    pub fn config(&self) -> anyhow::Result<SimConfig> {
+        let mut config = SimConfig {
+            workers: self.workers,
+            time_scale: self.time_scale,
+            event_delay: millis(self.event_delay_ms, "event-delay-ms")?,
+            load_report_interval: millis(self.load_report_ms, "load-report-ms")?,
+            ..SimConfig::default()
+        };
+        if config.load_report_interval.is_zero() {
+            bail!("--load-report-ms must be positive");
+        }
+        config.scheduler.max_model_len = self.max_model_len;
+        if let Some(path) = &self.profile {
+            config.profile = MockProfile::from_file(path)
+                .with_context(|| format!("loading mock profile {}", path.display()))?;
+        }
+        if let Some(seed) = self.seed {
+            config.router.seed = seed;
+        }
+        Ok(config)
+    }
+}
+
+/// Runs `kvfleet sim`: every requested mode over the trace, then prints the table (or JSON)
+/// and writes the plot.
+pub fn cli_main(args: SimArgs) -> anyhow::Result<()> {
+    let modes = args.modes()?;
+    let config = args.config()?;
+    let mut trace = load_trace(&args.trace)?;
+    if let Some(limit) = args.limit {
+        trace.truncate(limit);
+    }
+    let mut runs = Vec::with_capacity(modes.len());
+    for mode in modes {
+        let report = run(&config.clone().with_mode(mode), &trace)
+            .with_context(|| format!("simulating mode {mode}"))?;
+        eprintln!(
+            "{mode}: {} of {} requests completed, hit rate {:.1} %, {:.1} s of virtual time in {:.1} s",
+            report.completed,
+            report.requests,
+            report.prefix_hit_rate * 100.0,
+            report.virtual_duration_s,
+            report.wall_time_s
+        );
+        runs.push(report);
+    }
+    let comparison = Comparison {
+        trace: args.trace.display().to_string(),
+        runs,
+    };
+    if let Some(path) = &args.plot {
+        std::fs::write(path, crate::plot::render_svg(&comparison))
+            .with_context(|| format!("writing plot {}", path.display()))?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &comparison).context("writing JSON")?;
+        writeln!(stdout)?;
+    } else {
+        write!(stdout, "{}", comparison.markdown_table())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    fn parse(args: &[&str]) -> SimArgs {
+        Cli::try_parse_from(std::iter::once("sim").chain(args.iter().copied()))
+            .unwrap()
+            .sim
+    }
+
+    #[test]
+    fn flags_become_a_config() {
+        let args = parse(&[
+            "--trace",
+            "t.jsonl",
+            "--workers",
+            "3",
+            "--mode",
+            "kv,random",
+            "--time-scale",
+            "0.5",
+            "--event-delay-ms",
+            "2.5",
+        ]);
+        assert_eq!(
+            args.modes().unwrap(),
+            [RoutingMode::Kv, RoutingMode::Random]
+        );
+        let config = args.config().unwrap();
+        assert_eq!(config.workers, 3);
+        assert_eq!(config.time_scale, 0.5);
+        assert_eq!(config.event_delay, Duration::from_micros(2500));
+        assert_eq!(config.scheduler.max_model_len, 131_072);
+    }
+
+    #[test]
+    fn all_means_every_mode_and_unknown_modes_are_errors() {
+        let all = parse(&["--trace", "t", "--mode", "all"]);
+        assert_eq!(all.modes().unwrap(), RoutingMode::ALL);
+        let bad = parse(&["--trace", "t", "--mode", "fastest"]);
+        assert!(bad.modes().unwrap_err().to_string().contains("fastest"));
+        let negative = parse(&["--trace", "t", "--event-delay-ms=-1"]);
+        assert!(negative.config().is_err());
+    }
+}

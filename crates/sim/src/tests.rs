@@ -1,0 +1,286 @@
+//! End-to-end tests of the simulator on small synthetic traces.
+
+use std::time::Duration;
+
+use kvfleet_engine::PoolSizing;
+use kvfleet_kv_router::RoutingMode;
+use proptest::prelude::*;
+
+use crate::report::SimReport;
+use crate::sim::{SimConfig, SimError, run};
+use crate::trace::{TRACE_BLOCK_TOKENS, TraceRequest};
+
+/// `groups` shared prefixes of `prefix_blocks` trace blocks each; request `i` belongs to group
+/// `i % groups`, adds one block of its own, and arrives `gap_ms` after the previous one.
+fn grouped_trace(
+    requests: usize,
+    groups: u64,
+    prefix_blocks: u64,
+    gap_ms: u64,
+) -> Vec<TraceRequest> {
+    (0..requests)
+        .map(|i| {
+            let group = i as u64 % groups;
+            let mut hash_ids: Vec<u64> = (0..prefix_blocks).map(|b| group * 1000 + b).collect();
+            hash_ids.push(1_000_000 + i as u64);
+            TraceRequest {
+                line: i + 1,
+                arrival: Duration::from_millis(gap_ms * i as u64),
+                input_length: (hash_ids.len() * TRACE_BLOCK_TOKENS - 100) as u32,
+                output_length: 8 + (i % 5) as u32,
+                hash_ids,
+            }
+        })
+        .collect()
+}
+
+fn config(workers: usize, mode: RoutingMode) -> SimConfig {
+    SimConfig {
+        workers,
+        ..SimConfig::default()
+    }
+    .with_mode(mode)
+}
+
+fn assert_conserved(report: &SimReport, trace: &[TraceRequest]) {
+    assert_eq!(report.requests, trace.len() as u64);
+    assert_eq!(
+        report.completed + report.rejected + report.aborted,
+        report.requests
+    );
+    let per_worker: u64 = report.per_worker.iter().map(|w| w.requests).sum();
+    assert_eq!(per_worker, report.completed, "{:?}", report.per_worker);
+    let prompt: u64 = report.per_worker.iter().map(|w| w.prompt_tokens).sum();
+    assert_eq!(prompt, report.prompt_tokens);
+    let cached: u64 = report.per_worker.iter().map(|w| w.cached_tokens).sum();
+    assert_eq!(cached, report.cached_tokens);
+    let output: u64 = report.per_worker.iter().map(|w| w.output_tokens).sum();
+    assert_eq!(output, report.output_tokens);
+    assert!(report.cached_tokens <= report.prompt_tokens);
+    // In-order, lossless delivery: the router never sees a gap, a duplicate or a broken chain.
+    let events = report.router_events;
+    assert_eq!(
+        (
+            events.gaps,
+            events.duplicate,
+            events.out_of_order,
+            events.broken_chain,
+            events.unknown_worker
+        ),
+        (0, 0, 0, 0, 0)
+    );
+    assert!(events.applied > 0 || report.completed == 0);
+    assert_eq!(report.ttft_cdf_ms.len(), 101);
+    assert!(report.ttft_cdf_ms.windows(2).all(|w| w[0] <= w[1]));
+}
+
+#[test]
+fn every_request_completes_and_per_worker_figures_add_up() {
+    let trace = grouped_trace(120, 6, 3, 40);
+    let expected_prompt: u64 = trace.iter().map(|r| u64::from(r.input_length)).sum();
+    let expected_output: u64 = trace.iter().map(|r| u64::from(r.output_length)).sum();
+    for mode in RoutingMode::ALL {
+        let report = run(&config(4, mode), &trace).unwrap();
+        assert_conserved(&report, &trace);
+        assert_eq!(report.completed, 120, "{mode}");
+        assert_eq!(report.prompt_tokens, expected_prompt, "{mode}");
+        assert_eq!(report.output_tokens, expected_output, "{mode}");
+        assert_eq!(report.router_routes.routed, 120, "{mode}");
+        assert!(report.ttft_ms.p50 > 0.0 && report.ttft_ms.p50 <= report.ttft_ms.p99);
+        assert!(report.itl_ms.p50 > 0.0 && report.e2e_ms.p50 >= report.ttft_ms.p50);
+        assert!(
+            report.virtual_duration_s >= 119.0 * 0.040,
+            "{}",
+            report.virtual_duration_s
+        );
+    }
+}
+
+#[test]
+fn kv_routing_beats_round_robin_on_hit_rate_and_ttft() {
+    // 31 prefixes of 4 × 512 tokens, 4 requests each, over 4 workers. Group `g`'s requests are
+    // numbers g, g + 31, g + 62, g + 93, which round-robin sends to four different workers (31 is
+    // 3 mod 4), so it never reuses a prefix; kv sends each group back to where its prefix is.
+    let trace = grouped_trace(124, 31, 4, 50);
+    let kv = run(&config(4, RoutingMode::Kv), &trace).unwrap();
+    let rr = run(&config(4, RoutingMode::RoundRobin), &trace).unwrap();
+    // Upper bound: every request but the first of each group hits its 4 shared blocks (62 %).
+    // kv gets well over half of that; it gives up a hit when the worker holding the prefix is
+    // busier (active decode blocks) than the prefill it would save, as its cost function says.
+    let shared = (4 * TRACE_BLOCK_TOKENS) as f64;
+    let best = (124.0 - 31.0) * shared / rr.prompt_tokens as f64;
+    assert!(
+        kv.prefix_hit_rate > best * 0.5,
+        "kv {} vs best {best}",
+        kv.prefix_hit_rate
+    );
+    assert!(
+        rr.prefix_hit_rate < 0.01,
+        "round-robin {}",
+        rr.prefix_hit_rate
+    );
+    assert!(
+        kv.ttft_ms.mean < rr.ttft_ms.mean,
+        "{:?} vs {:?}",
+        kv.ttft_ms,
+        rr.ttft_ms
+    );
+    // Round-robin spreads requests evenly regardless of prefixes.
+    assert!(
+        rr.per_worker.iter().all(|w| w.requests == 31),
+        "{:?}",
+        rr.per_worker
+    );
+}
+
+#[test]
+fn the_same_config_and_trace_give_the_same_report() {
+    let trace = grouped_trace(60, 5, 2, 30);
+    for mode in [
+        RoutingMode::Kv,
+        RoutingMode::Random,
+        RoutingMode::Approximate,
+    ] {
+        let mut a = run(&config(3, mode), &trace).unwrap();
+        let mut b = run(&config(3, mode), &trace).unwrap();
+        a.wall_time_s = 0.0;
+        b.wall_time_s = 0.0;
+        assert_eq!(a, b, "{mode}");
+    }
+    // A different seed changes random routing.
+    let mut seeded = config(3, RoutingMode::Random);
+    seeded.router.seed ^= 1;
+    let a = run(&config(3, RoutingMode::Random), &trace).unwrap();
+    let b = run(&seeded, &trace).unwrap();
+    assert_ne!(a.per_worker, b.per_worker);
+}
+
+#[test]
+fn time_scale_stretches_arrivals() {
+    let trace = grouped_trace(20, 2, 1, 1000);
+    let normal = run(&config(2, RoutingMode::Kv), &trace).unwrap();
+    let fast = run(
+        &SimConfig {
+            time_scale: 0.1,
+            ..config(2, RoutingMode::Kv)
+        },
+        &trace,
+    )
+    .unwrap();
+    assert!(
+        normal.virtual_duration_s > 19.0,
+        "{}",
+        normal.virtual_duration_s
+    );
+    assert!(fast.virtual_duration_s < 2.5, "{}", fast.virtual_duration_s);
+    assert_eq!(fast.completed, 20);
+}
+
+#[test]
+fn too_long_requests_are_refused_and_counted() {
+    let mut trace = grouped_trace(5, 1, 1, 10);
+    trace[2].input_length = 200_000;
+    trace[2].hash_ids = (0..391).map(|i| 5_000_000 + i).collect();
+    let report = run(&config(2, RoutingMode::Kv), &trace).unwrap();
+    assert_conserved(&report, &trace);
+    assert_eq!((report.completed, report.rejected), (4, 1));
+    assert!(
+        report.rejections[0].reason.contains("max_model_len"),
+        "{:?}",
+        report.rejections
+    );
+}
+
+#[test]
+fn requests_wait_at_the_frontend_while_every_worker_is_full() {
+    // One worker with 100 blocks of 16 tokens; each request needs ~60 blocks, and five arrive
+    // at once: the router refuses all but one until the load reports show room again.
+    let trace: Vec<TraceRequest> = (0..5)
+        .map(|i| TraceRequest {
+            line: i + 1,
+            arrival: Duration::ZERO,
+            input_length: 950,
+            output_length: 4,
+            hash_ids: vec![10 * i as u64, 10 * i as u64 + 1],
+        })
+        .collect();
+    let mut small = config(1, RoutingMode::Kv);
+    small.pool_from_profile = false;
+    small.scheduler.kv_memory = PoolSizing::Blocks(100);
+    let report = run(&small, &trace).unwrap();
+    assert_conserved(&report, &trace);
+    assert_eq!(report.completed, 5);
+    assert!(report.overload_retries >= 4, "{}", report.overload_retries);
+}
+
+#[test]
+fn bad_configs_are_errors() {
+    let trace = grouped_trace(2, 1, 1, 10);
+    assert!(matches!(
+        run(&config(0, RoutingMode::Kv), &trace),
+        Err(SimError::NoWorkers)
+    ));
+    let scaled = SimConfig {
+        time_scale: 0.0,
+        ..config(1, RoutingMode::Kv)
+    };
+    assert!(matches!(run(&scaled, &trace), Err(SimError::TimeScale(_))));
+    let mut empty = config(1, RoutingMode::Kv);
+    empty.scheduler.max_num_seqs = 0;
+    assert!(matches!(run(&empty, &trace), Err(SimError::Engine(_))));
+}
+
+#[test]
+fn an_empty_trace_gives_an_empty_report() {
+    let report = run(&config(2, RoutingMode::Kv), &[]).unwrap();
+    assert_eq!((report.requests, report.completed), (0, 0));
+    assert_eq!(report.per_worker.len(), 2);
+    assert_eq!(report.output_tokens_per_s, 0.0);
+}
+
+prop_compose! {
+    fn arb_trace()(rows in proptest::collection::vec(
+        (0u64..400, 1u32..2000, 1u32..20, 0u64..6), 1..40)
+    ) -> Vec<TraceRequest> {
+        let mut t = 0;
+        rows.into_iter().enumerate().map(|(i, (gap, input, output, prefix))| {
+            t += gap;
+            let blocks = (input as usize).div_ceil(TRACE_BLOCK_TOKENS) as u64;
+            // The first block comes from a small shared pool; the rest are unique.
+            let hash_ids = (0..blocks)
+                .map(|b| if b == 0 { prefix } else { 100 + i as u64 * 10 + b })
+                .collect();
+            TraceRequest {
+                line: i + 1,
+                arrival: Duration::from_millis(t),
+                input_length: input,
+                output_length: output,
+                hash_ids,
+            }
+        }).collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Any trace, any mode, any fleet size: every request completes exactly once and the
+    /// per-worker figures add up to the totals.
+    #[test]
+    fn conservation_holds_for_arbitrary_traces(
+        trace in arb_trace(),
+        workers in 1usize..5,
+        mode in proptest::sample::select(RoutingMode::ALL.to_vec()),
+        delay_ms in 0u64..20,
+    ) {
+        let config = SimConfig {
+            event_delay: Duration::from_millis(delay_ms),
+            ..config(workers, mode)
+        };
+        let report = run(&config, &trace).unwrap();
+        assert_conserved(&report, &trace);
+        prop_assert_eq!(report.completed, trace.len() as u64);
+        let output: u64 = trace.iter().map(|r| u64::from(r.output_length)).sum();
+        prop_assert_eq!(report.output_tokens, output);
+    }
+}
