@@ -4,8 +4,8 @@
 //! candle's quantized types, or Hugging Face safetensors), builds the tokenizer and chat template
 //! the model ships with, and runs a batched forward step over a [`PagedKvCache`] addressed
 //! through per-sequence block tables. The engine (`kvfleet-engine`) decides which sequences run
-//! each step, allocates and shares blocks (prefix caching), and calls [`Model::forward`]; this
-//! crate never depends on it.
+//! each step, allocates and shares blocks (prefix caching), and calls [`Model::forward`]; only
+//! [`executor`], the adapter that plugs the model into it, depends on it.
 //!
 //! - [`gguf`]: bounds-checked GGUF parsing (no panics on corrupt files);
 //! - [`config`]: architecture description from GGUF metadata or `config.json`;
@@ -13,11 +13,14 @@
 //! - [`model`]: Llama-family (Llama 2/3, Mistral, Qwen 2/3) and Gemma 3 forward passes;
 //! - [`kv_cache`]: paged K/V storage and block bytes for transfer;
 //! - [`sampler`]: greedy / temperature / top-k / top-p with per-request seeds;
+//! - [`executor`]: [`NativeExecutor`], the model behind `kvfleet-engine`'s scheduler, and
+//!   [`native_engine`], which loads a model into a [`NativeEngine`];
 //! - [`tiny`]: writes a tiny random Llama model for tests; [`inspect`]: a summary of a model.
 
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod executor;
 pub mod gguf;
 pub mod inspect;
 pub mod kv_cache;
@@ -34,6 +37,9 @@ use kvfleet_proto::{BlockSize, SamplingParams};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
+pub use executor::{
+    KvBudget, NativeEngine, NativeError, NativeExecutor, native_engine, native_engine_from,
+};
 pub use inspect::ModelInfo;
 pub use kv_cache::PagedKvCache;
 pub use model::{Model, SeqInput};
