@@ -243,9 +243,14 @@ impl WorkerPool {
     /// Stops every worker (in-flight requests fail) and waits for the supervisors.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t));
-        if let Ok(mut tasks) = tasks {
-            while tasks.join_next().await.is_some() {}
+        let mut tasks = self.take_tasks();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn take_tasks(&self) -> JoinSet<()> {
+        match self.tasks.lock() {
+            Ok(mut tasks) => std::mem::take(&mut *tasks),
+            Err(_) => JoinSet::new(),
         }
     }
 
@@ -489,6 +494,9 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
         }
     };
     drop(writer_task);
+    // Out of the routing set before its requests hear about it, so a client that retries at
+    // once is not sent back to the dead worker and `/ready` already says so.
+    slot.set(|s| s.state = WorkerState::Failed);
     conn.fail_all(&format!("worker {} failed: {reason}", slot.id));
     Ok(reason)
 }

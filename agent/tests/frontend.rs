@@ -1,0 +1,625 @@
+//! The agent end to end over HTTP: real worker processes (the built binary), real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestAgent, model, sse_events};
+use serde_json::{Value, json};
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+}
+
+/// One row per bad request: what is sent, the status and error code expected, and the `param`
+/// the error must name. After the table, the agent still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_documented_status_and_body() {
+    let agent = TestAgent::start(&format!(
+        "[frontend]\nmax_body_bytes = 4096\n{}",
+        model("m", 0, 256)
+    ))
+    .await;
+    let long = "x".repeat(300);
+    type Row = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Vec<u8>,
+        u16,
+        &'static str,
+        Option<&'static str>,
+    );
+    let body = |v: Value| serde_json::to_vec(&v).unwrap();
+    let cases: Vec<Row> = vec![
+        (
+            "invalid JSON",
+            "POST",
+            "/v1/chat/completions",
+            b"{\"model\": ".to_vec(),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "not an object",
+            "POST",
+            "/v1/chat/completions",
+            b"[]".to_vec(),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "invalid UTF-8",
+            "POST",
+            "/v1/chat/completions",
+            b"{\"model\": \"\xff\"}".to_vec(),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "missing model",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"messages": []})),
+            400,
+            "missing_field",
+            Some("model"),
+        ),
+        (
+            "missing messages",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m"})),
+            400,
+            "missing_field",
+            Some("messages"),
+        ),
+        (
+            "missing prompt",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m"})),
+            400,
+            "missing_field",
+            Some("prompt"),
+        ),
+        (
+            "wrong-typed max_tokens",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m", "messages": [], "max_tokens": "many"})),
+            400,
+            "invalid_type",
+            Some("max_tokens"),
+        ),
+        (
+            "wrong-typed messages",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m", "messages": "hi"})),
+            400,
+            "invalid_type",
+            Some("messages"),
+        ),
+        (
+            "unknown model",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})),
+            404,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            "empty messages",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m", "messages": []})),
+            400,
+            "invalid_value",
+            Some("messages"),
+        ),
+        (
+            "unknown role",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]})),
+            400,
+            "invalid_value",
+            Some("messages[0].role"),
+        ),
+        (
+            "max_tokens 0",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m",
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})),
+            400,
+            "invalid_value",
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens negative",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m",
+            "prompt": "hi", "max_tokens": -5})),
+            400,
+            "invalid_value",
+            Some("max_tokens"),
+        ),
+        (
+            "max_completion_tokens over the context",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m",
+            "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100000})),
+            400,
+            "context_length_exceeded",
+            Some("max_completion_tokens"),
+        ),
+        (
+            "prompt over the context",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m",
+            "prompt": long})),
+            400,
+            "context_length_exceeded",
+            Some("prompt"),
+        ),
+        (
+            "empty prompt",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m", "prompt": ""})),
+            400,
+            "invalid_value",
+            Some("prompt"),
+        ),
+        (
+            "n = 2",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m",
+            "messages": [{"role": "user", "content": "hi"}], "n": 2})),
+            400,
+            "invalid_value",
+            Some("n"),
+        ),
+        (
+            "temperature 3",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m",
+            "messages": [{"role": "user", "content": "hi"}], "temperature": 3})),
+            400,
+            "invalid_value",
+            Some("temperature"),
+        ),
+        (
+            "top_p 0",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m", "prompt": "hi", "top_p": 0})),
+            400,
+            "invalid_value",
+            Some("top_p"),
+        ),
+        (
+            "five stop strings",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m", "prompt": "hi",
+            "stop": ["a", "b", "c", "d", "e"]})),
+            400,
+            "invalid_value",
+            Some("stop"),
+        ),
+        (
+            "stream_options without stream",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m",
+            "prompt": "hi", "stream_options": {"include_usage": true}})),
+            400,
+            "invalid_value",
+            Some("stream_options"),
+        ),
+        (
+            "token id outside the vocabulary",
+            "POST",
+            "/v1/completions",
+            body(json!({"model": "m",
+            "prompt": [1, 2, 99999]})),
+            400,
+            "invalid_value",
+            Some("prompt"),
+        ),
+        (
+            "logprobs",
+            "POST",
+            "/v1/chat/completions",
+            body(json!({"model": "m",
+            "messages": [{"role": "user", "content": "hi"}], "logprobs": true})),
+            400,
+            "invalid_value",
+            Some("logprobs"),
+        ),
+        (
+            "body over the limit",
+            "POST",
+            "/v1/chat/completions",
+            vec![b' '; 5000],
+            413,
+            "request_too_large",
+            None,
+        ),
+        (
+            "unknown path",
+            "POST",
+            "/v1/embeddings",
+            body(json!({})),
+            404,
+            "unknown_url",
+            None,
+        ),
+        (
+            "wrong method",
+            "GET",
+            "/v1/chat/completions",
+            Vec::new(),
+            405,
+            "method_not_allowed",
+            None,
+        ),
+    ];
+    for (name, method, path, body, status, code, param) in cases {
+        let request = match method {
+            "GET" => agent.client.get(agent.url(path)),
+            _ => agent
+                .client
+                .post(agent.url(path))
+                .header("content-type", "application/json")
+                .body(body),
+        };
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "case {name}");
+        let error: Value = response.json().await.unwrap();
+        let error = &error["error"];
+        assert_eq!(error["code"], code, "case {name}: {error}");
+        assert!(error["type"].is_string(), "case {name}: {error}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "case {name}: {error}"
+        );
+        assert_eq!(error["param"].as_str(), param, "case {name}: {error}");
+    }
+    // Still serving.
+    let response = agent.post("/v1/chat/completions", chat("hello", 8)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 8);
+    assert_eq!(
+        agent
+            .metric("kvfleet_requests_total{endpoint=\"chat_completions\",status=\"404\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_matches_non_streaming_and_reports_usage() {
+    let agent = TestAgent::start(&model("m", 0, 4096)).await;
+    let whole: Value = agent
+        .post("/v1/chat/completions", chat("same prompt", 60))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["object"], "chat.completion");
+
+    let mut request = chat("same prompt", 60);
+    request["stream"] = json!(true);
+    request["stream_options"] = json!({"include_usage": true});
+    let response = agent.post("/v1/chat/completions", request).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = sse_events(response).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text, "streaming and non-streaming differ");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 60);
+    assert_eq!(
+        usage["usage"]["prompt_tokens"],
+        whole["usage"]["prompt_tokens"]
+    );
+
+    // A stop string taken from the middle of that text cuts it there, streamed or not.
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[20..24].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let mut request = chat("same prompt", 60);
+        request["stop"] = json!([stop.clone()]);
+        request["stream"] = json!(stream);
+        let response = agent.post("/v1/chat/completions", request).await;
+        let got = if stream {
+            sse_events(response)
+                .await
+                .iter()
+                .filter(|e| *e != "[DONE]")
+                .map(|e| serde_json::from_str::<Value>(e).unwrap())
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect::<String>()
+        } else {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["choices"][0]["finish_reason"], "stop");
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(got, cut, "stream = {stream}");
+    }
+
+    // Completions endpoint, legacy shape.
+    let body: Value = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "m", "prompt": "abc", "max_tokens": 5}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
+    );
+    let models: Value = agent
+        .client
+        .get(agent.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after_and_the_agent_keeps_serving() {
+    let agent = TestAgent::start(&format!(
+        "[frontend]\nmax_in_flight = 4\nqueue_capacity = 16\nretry_after_secs = 2\n{}",
+        model("m", 2000, 4096)
+    ))
+    .await;
+    let client = reqwest::Client::builder().build().unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let client = client.clone();
+        let url = agent.url("/v1/completions");
+        set.spawn(async move {
+            let response = client
+                .post(url)
+                .json(&json!({"model": "m", "prompt": format!("request {i}"), "max_tokens": 10}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let retry = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: Value = response.json().await.unwrap();
+            (status, retry, body)
+        });
+    }
+    let (mut ok, mut rejected) = (0, 0);
+    while let Some(result) = set.join_next().await {
+        let (status, retry, body) = result.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                assert_eq!(body["usage"]["completion_tokens"], 10);
+            }
+            429 => {
+                rejected += 1;
+                assert_eq!(retry.as_deref(), Some("2"));
+                assert_eq!(body["error"]["code"], "queue_full");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert_eq!(ok + rejected, 1000);
+    assert!(
+        ok >= 20,
+        "at least the slots and the queue were served: {ok}"
+    );
+    assert!(rejected > 0, "1000 at once must overflow a queue of 16");
+    assert_eq!(agent.metric("kvfleet_queue_depth").await, 0.0);
+    assert_eq!(agent.metric("kvfleet_requests_in_flight").await, 0.0);
+    let response = agent
+        .post("/v1/chat/completions", chat("still there?", 4))
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_its_sequence_and_frees_its_blocks() {
+    let agent = TestAgent::start(&model("m", 20_000, 4096)).await;
+    let mut request = chat("a long one", 1000);
+    request["stream"] = json!(true);
+    let mut response = agent.post("/v1/chat/completions", request).await;
+    // Wait for real content, so the sequence is running in the worker.
+    let mut seen = 0;
+    while seen < 3 {
+        response.chunk().await.unwrap().unwrap();
+        seen += 1;
+    }
+    let used = agent.metric("kvfleet_worker_kv_blocks_used{").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut used_now = used;
+    while used_now == 0.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        used_now = agent.metric("kvfleet_worker_kv_blocks_used{").await;
+    }
+    assert!(used_now > 0.0, "the running sequence holds KV blocks");
+    drop(response);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let cancelled = agent.metric("kvfleet_cancelled_requests_total").await;
+        let used = agent.metric("kvfleet_worker_kv_blocks_used{").await;
+        if cancelled == 1.0 && used == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cancelled {cancelled}, blocks used {used}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_worker_fails_its_requests_and_it_comes_back() {
+    // A 1 s restart backoff leaves time to see the dead worker in /ready.
+    let agent = TestAgent::start_with_backoff(&model("m", 10_000, 4096), 1000).await;
+    let (_, ready) = agent.ready_status().await;
+    let pid = ready["workers"][0]["pid"].as_u64().unwrap();
+    assert_eq!(ready["workers"][0]["starts"], 1);
+
+    let mut request = chat("in flight", 2000);
+    request["stream"] = json!(true);
+    let mut streaming = agent.post("/v1/chat/completions", request).await;
+    streaming.chunk().await.unwrap().unwrap();
+    let plain = tokio::spawn({
+        let client = agent.client.clone();
+        let url = agent.url("/v1/chat/completions");
+        async move {
+            client
+                .post(url)
+                .json(&chat("also in flight", 2000))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // The streaming request ends with an error event, without [DONE].
+    let mut rest = String::new();
+    while let Some(chunk) = streaming.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let last = rest.trim_end().rsplit("data: ").next().unwrap();
+    let error: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(error["error"]["code"], "worker_failed", "{rest}");
+    assert!(!rest.contains("[DONE]"));
+    // The non-streaming one gets a 502 with the OpenAI error body.
+    let plain = plain.await.unwrap();
+    assert_eq!(plain.status(), 502);
+    let body: Value = plain.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "worker_failed");
+
+    // /ready reflects the dead worker, then its restart.
+    let (status, body) = agent.ready_status().await;
+    assert_eq!(status, 503, "{body}");
+    assert_ne!(body["workers"][0]["state"], "ready");
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let (_, body) = agent.ready_status().await;
+    assert_eq!(body["workers"][0]["starts"], 2);
+    assert_ne!(body["workers"][0]["pid"].as_u64(), Some(pid));
+    let response = agent.post("/v1/chat/completions", chat("after", 3)).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_the_v1_routes() {
+    let agent = TestAgent::start(&format!(
+        "[frontend]\napi_keys = [\"sk-test-0123456789\"]\n{}",
+        model("m", 0, 4096)
+    ))
+    .await;
+    let url = agent.url("/v1/chat/completions");
+    for key in [None, Some("sk-wrong-0123456789")] {
+        let mut request = agent.client.post(&url).json(&chat("hi", 2));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+    }
+    let response = agent
+        .client
+        .post(&url)
+        .bearer_auth("sk-test-0123456789")
+        .json(&chat("hi", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let health = agent.client.get(agent.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
+    let mut agent = TestAgent::start(&model("m", 10_000, 4096)).await;
+    let mut request = chat("finish me", 50);
+    request["stream"] = json!(true);
+    let mut response = agent.post("/v1/chat/completions", request).await;
+    response.chunk().await.unwrap().unwrap();
+    agent.trigger_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(agent.running.frontend.is_draining());
+    // New connections are refused (the listener is closed).
+    assert!(agent.client.get(agent.url("/health")).send().await.is_err());
+    let mut rest = String::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+    let result = agent.task.take().unwrap().await.unwrap();
+    assert!(result.is_ok());
+}
