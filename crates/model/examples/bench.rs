@@ -24,12 +24,19 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let t0 = Instant::now();
     let m = kvfleet_model::load(std::path::Path::new(&path)).context("loading model")?;
-    println!("loaded {} in {:.2}s ({} threads)", path, t0.elapsed().as_secs_f64(), rayon::current_num_threads());
+    println!(
+        "loaded {} in {:.2}s ({} threads)",
+        path,
+        t0.elapsed().as_secs_f64(),
+        rayon::current_num_threads()
+    );
     let model = &m.model;
     let bs = BlockSize::default();
     let vocab = model.config().vocab_size as u32;
     let tokens = |seed: usize, n: usize| -> Vec<u32> {
-        (0..n).map(|i| ((i * 7919 + seed * 104_729) as u32 % (vocab - 300)) + 256).collect()
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) as u32 % (vocab - 300)) + 256)
+            .collect()
     };
 
     // Prefill, one 512-token prompt (the llama.cpp comparison point).
@@ -40,40 +47,65 @@ fn main() -> anyhow::Result<()> {
         let table: Vec<u32> = (0..nb as u32).collect();
         let t = Instant::now();
         model.forward(
-            &[SeqInput { tokens: &p, start_pos: 0, block_table: &table, want_logits: true }],
+            &[SeqInput {
+                tokens: &p,
+                start_pos: 0,
+                block_table: &table,
+                want_logits: true,
+            }],
             &mut cache,
         )?;
         let s = t.elapsed().as_secs_f64();
-        println!("prefill batch 1 x 512 tokens: {:.1} tok/s ({s:.2}s)", 512.0 / s);
+        println!(
+            "prefill batch 1 x 512 tokens: {:.1} tok/s ({s:.2}s)",
+            512.0 / s
+        );
     }
     for &b in &batches {
         let plen = 128;
         let prompts: Vec<Vec<u32>> = (0..b).map(|i| tokens(i + 1, plen)).collect();
         let per = bs.blocks_for(plen);
         let mut cache = model.new_cache(b * per, bs)?;
-        let tables: Vec<Vec<u32>> =
-            (0..b).map(|i| ((i * per) as u32..((i + 1) * per) as u32).collect()).collect();
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|i| ((i * per) as u32..((i + 1) * per) as u32).collect())
+            .collect();
         let batch: Vec<SeqInput<'_>> = (0..b)
-            .map(|i| SeqInput { tokens: &prompts[i], start_pos: 0, block_table: &tables[i], want_logits: true })
+            .map(|i| SeqInput {
+                tokens: &prompts[i],
+                start_pos: 0,
+                block_table: &tables[i],
+                want_logits: true,
+            })
             .collect();
         let t = Instant::now();
         model.forward(&batch, &mut cache)?;
         let s = t.elapsed().as_secs_f64();
-        println!("prefill batch {b} x {plen} tokens: {:.1} tok/s ({s:.2}s)", (b * plen) as f64 / s);
+        println!(
+            "prefill batch {b} x {plen} tokens: {:.1} tok/s ({s:.2}s)",
+            (b * plen) as f64 / s
+        );
     }
     for &b in &batches {
         let (plen, steps) = (64, 32);
         let prompts: Vec<Vec<u32>> = (0..b).map(|i| tokens(i + 100, plen)).collect();
         let per = bs.blocks_for(plen + steps);
         let mut cache = model.new_cache(b * per, bs)?;
-        let tables: Vec<Vec<u32>> =
-            (0..b).map(|i| ((i * per) as u32..((i + 1) * per) as u32).collect()).collect();
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|i| ((i * per) as u32..((i + 1) * per) as u32).collect())
+            .collect();
         let batch: Vec<SeqInput<'_>> = (0..b)
-            .map(|i| SeqInput { tokens: &prompts[i], start_pos: 0, block_table: &tables[i], want_logits: true })
+            .map(|i| SeqInput {
+                tokens: &prompts[i],
+                start_pos: 0,
+                block_table: &tables[i],
+                want_logits: true,
+            })
             .collect();
         let out = model.forward(&batch, &mut cache)?;
-        let mut last: Vec<[u32; 1]> =
-            out.iter().map(|l| [top_k(l.as_ref().map_or(&[][..], |v| v), 1)[0].0]).collect();
+        let mut last: Vec<[u32; 1]> = out
+            .iter()
+            .map(|l| [top_k(l.as_ref().map_or(&[][..], |v| v), 1)[0].0])
+            .collect();
         let t = Instant::now();
         for step in 0..steps {
             let batch: Vec<SeqInput<'_>> = (0..b)
@@ -85,7 +117,10 @@ fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let out = model.forward(&batch, &mut cache)?;
-            last = out.iter().map(|l| [top_k(l.as_ref().map_or(&[][..], |v| v), 1)[0].0]).collect();
+            last = out
+                .iter()
+                .map(|l| [top_k(l.as_ref().map_or(&[][..], |v| v), 1)[0].0])
+                .collect();
         }
         let s = t.elapsed().as_secs_f64();
         println!(

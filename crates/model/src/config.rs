@@ -151,7 +151,7 @@ impl ModelConfig {
         match self.sliding_window {
             None => false,
             Some(_) if self.global_every == 0 => true,
-            Some(_) => (layer + 1) % self.global_every != 0,
+            Some(_) => !(layer + 1).is_multiple_of(self.global_every),
         }
     }
 
@@ -186,7 +186,7 @@ impl ModelConfig {
                 return bad(key, format!("{v} is out of range"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_kv_heads",
                 format!(
@@ -195,7 +195,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad("head_dim", format!("{} is odd (RoPE pairs)", self.head_dim));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

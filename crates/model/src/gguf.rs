@@ -394,13 +394,22 @@ impl GgufFile {
         let slice = &self.bytes[info.offset..info.offset + info.size];
         // candle asserts on alignment; GGUF data is 32-byte aligned in a page-aligned map, but a
         // file with an odd `general.alignment` gets a copy instead of a panic.
-        let data: Cow<'_, [u8]> = if (slice.as_ptr() as usize) % 8 == 0 {
+        let data: Cow<'_, [u8]> = if (slice.as_ptr() as usize).is_multiple_of(8) {
             Cow::Borrowed(slice)
         } else {
             Cow::Owned(slice.to_vec())
         };
         let storage = QStorage::from_data(data, &Device::Cpu, dtype)?;
         Ok(Arc::new(QTensor::new(storage, info.shape.as_slice())?))
+    }
+
+    /// A tensor's directory entry and its raw bytes (already bounds-checked at parse time).
+    pub(crate) fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        Ok((info, &self.bytes[info.offset..info.offset + info.size]))
     }
 
     /// A tensor dequantized to f32 values (norm weights, biases).

@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod inspect;
 pub mod kv_cache;
 pub mod model;
+mod qmatmul;
 pub mod sampler;
 pub mod tiny;
 pub mod tokenizer;

@@ -10,7 +10,7 @@
 //! Matmuls run in candle (quantized `QMatMul` for GGUF, dense f32 for safetensors); norms, RoPE,
 //! attention and activations are plain Rust over f32 slices, parallel over heads with rayon.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -215,11 +215,7 @@ impl Model {
         let lm_head = if w.has("output.weight") {
             w.linear("output.weight", c.vocab_size, h)?
         } else {
-            Linear {
-                w: tied_head,
-                bias: None,
-                out: c.vocab_size,
-            }
+            tied_head
         };
         let opt_vec = |name: String, len: usize| -> Result<Option<Vec<f32>>> {
             if w.has(&name) {
@@ -404,10 +400,9 @@ impl Model {
 
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm_copy(&x, h, &layer.attn_norm, eps, off);
-            let hn = Tensor::from_vec(hn, (t, h), &Device::Cpu)?;
-            let mut q = to_vec(&layer.q.forward(&hn)?)?;
-            let mut k = to_vec(&layer.k.forward(&hn)?)?;
-            let v = to_vec(&layer.v.forward(&hn)?)?;
+            let mut q = layer.q.forward(&hn, t)?;
+            let mut k = layer.k.forward(&hn, t)?;
+            let v = layer.v.forward(&hn, t)?;
             if let Some(w) = &layer.q_norm {
                 rms_norm_rows(&mut q, hd, w, eps, off);
             }
@@ -438,17 +433,15 @@ impl Model {
             }
             let mut attn = vec![0.0f32; t * nh * hd];
             self.attention(li, &q, cache, &meta, &tables, &mut attn);
-            let attn = Tensor::from_vec(attn, (t, nh * hd), &Device::Cpu)?;
-            let mut o = to_vec(&layer.o.forward(&attn)?)?;
+            let mut o = layer.o.forward(&attn, t)?;
             if let Some(w) = &layer.post_attn_norm {
                 rms_norm_rows(&mut o, h, w, eps, off);
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             let hn = rms_norm_copy(&x, h, &layer.ffn_norm, eps, off);
-            let hn = Tensor::from_vec(hn, (t, h), &Device::Cpu)?;
-            let g = to_vec(&layer.gate.forward(&hn)?)?;
-            let mut u = to_vec(&layer.up.forward(&hn)?)?;
+            let g = layer.gate.forward(&hn, t)?;
+            let mut u = layer.up.forward(&hn, t)?;
             match c.activation {
                 Activation::Silu => u
                     .iter_mut()
@@ -459,8 +452,7 @@ impl Model {
                     *u *= 0.5 * g * (1.0 + inner.tanh());
                 }),
             }
-            let u = Tensor::from_vec(u, (t, layer.gate.out), &Device::Cpu)?;
-            let mut d = to_vec(&layer.down.forward(&u)?)?;
+            let mut d = layer.down.forward(&u, t)?;
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_rows(&mut d, h, w, eps, off);
             }
@@ -483,8 +475,7 @@ impl Model {
             return Ok(out);
         }
         rms_norm_rows(&mut rows, h, &self.final_norm, eps, off);
-        let rows = Tensor::from_vec(rows, (which.len(), h), &Device::Cpu)?;
-        let logits = to_vec(&self.lm_head.forward(&rows)?)?;
+        let logits = self.lm_head.forward(&rows, which.len())?;
         let vocab = self.lm_head.out;
         for (i, si) in which.into_iter().enumerate() {
             out[si] = Some(logits[i * vocab..(i + 1) * vocab].to_vec());

@@ -13,7 +13,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::Architecture;
 use crate::error::{ModelError, Result};
-use crate::gguf::{GgufFile, ggml_type_name};
+use crate::gguf::GgufFile;
+use crate::qmatmul::BlockQ8Matrix;
 
 struct StTensor {
     file: usize,
@@ -174,21 +175,42 @@ pub(crate) enum Weights {
     Safetensors(SafetensorsDir),
 }
 
+/// How a weight matrix is multiplied.
+#[derive(Debug, Clone)]
+pub(crate) enum LinearKind {
+    /// candle: dense f32, or K-quants (which have SIMD kernels there).
+    Candle(QMatMul),
+    /// Our kernel for the 32-element block types.
+    Blocks(BlockQ8Matrix),
+}
+
 /// A weight matrix `[out, in]` ready for `x @ W^T`, plus an optional bias.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    pub(crate) w: QMatMul,
-    pub(crate) bias: Option<Tensor>,
+    pub(crate) kind: LinearKind,
+    pub(crate) bias: Option<Vec<f32>>,
     pub(crate) out: usize,
+    pub(crate) inp: usize,
 }
 
 impl Linear {
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = candle_core::Module::forward(&self.w, x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+    /// `x [t, in] → [t, out]`.
+    pub(crate) fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        debug_assert_eq!(x.len(), t * self.inp);
+        let mut y = match &self.kind {
+            LinearKind::Blocks(b) => b.matmul(x, t),
+            LinearKind::Candle(w) => {
+                let xt = Tensor::from_slice(x, (t, self.inp), &Device::Cpu)?;
+                let y = candle_core::Module::forward(w, &xt)?;
+                y.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.out) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(y)
     }
 }
 
@@ -228,43 +250,36 @@ impl Weights {
         }
     }
 
-    /// The storage type of a tensor, for `inspect`.
-    pub(crate) fn kind(&self, name: &str) -> Option<String> {
-        match self {
-            Weights::Gguf(g) => g.tensors.get(name).map(|t| ggml_type_name(t.type_id)),
-            Weights::Safetensors(s) => s
-                .tensors
-                .get(&s.hf_name(name))
-                .map(|t| format!("{:?}", t.dtype)),
-        }
-    }
-
     pub(crate) fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        let w = match self {
+        let kind = match self {
             Weights::Gguf(g) => {
-                let q = g.qtensor(name)?;
-                check_shape(name, q.shape().dims(), &[out, inp])?;
-                QMatMul::from_arc(q)?
+                let (info, bytes) = g.raw(name)?;
+                check_shape(name, &info.shape, &[out, inp])?;
+                match BlockQ8Matrix::from_ggml(info.type_id, bytes, out, inp) {
+                    Some(b) => LinearKind::Blocks(b),
+                    None => LinearKind::Candle(QMatMul::from_arc(g.qtensor(name)?)?),
+                }
             }
             Weights::Safetensors(s) => {
                 let t = s
                     .tensor(name)?
                     .ok_or_else(|| ModelError::MissingTensor(s.hf_name(name)))?;
                 check_shape(name, t.dims(), &[out, inp])?;
-                QMatMul::Tensor(t)
+                LinearKind::Candle(QMatMul::Tensor(t))
             }
         };
         let bias_name = name.replace(".weight", ".bias");
         let bias = if bias_name != name && self.has(&bias_name) {
-            Some(Tensor::from_vec(
-                self.vector(&bias_name, out)?,
-                out,
-                &Device::Cpu,
-            )?)
+            Some(self.vector(&bias_name, out)?)
         } else {
             None
         };
-        Ok(Linear { w, bias, out })
+        Ok(Linear {
+            kind,
+            bias,
+            out,
+            inp,
+        })
     }
 
     pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -291,26 +306,43 @@ impl Weights {
 
     /// The embedding table and, when the LM head is tied to it, the head built from the same
     /// storage.
-    pub(crate) fn embedding(&self, vocab: usize, hidden: usize) -> Result<(Embedding, QMatMul)> {
+    pub(crate) fn embedding(&self, vocab: usize, hidden: usize) -> Result<(Embedding, Linear)> {
         let name = "token_embd.weight";
-        match self {
+        let (emb, kind) = match self {
             Weights::Gguf(g) => {
                 let q = g.qtensor(name)?;
                 check_shape(name, q.shape().dims(), &[vocab, hidden])?;
+                let (info, bytes) = g.raw(name)?;
                 let head = QMatMul::from_arc(q.clone())?;
                 let emb = match &head {
                     QMatMul::Tensor(t) => Embedding::Dense(t.clone()),
                     _ => Embedding::Quantized(q),
                 };
-                Ok((emb, head))
+                let kind = match BlockQ8Matrix::from_ggml(info.type_id, bytes, vocab, hidden) {
+                    Some(b) => LinearKind::Blocks(b),
+                    None => LinearKind::Candle(head),
+                };
+                (emb, kind)
             }
             Weights::Safetensors(s) => {
                 let t = s
                     .tensor(name)?
                     .ok_or_else(|| ModelError::MissingTensor(s.hf_name(name)))?;
                 check_shape(name, t.dims(), &[vocab, hidden])?;
-                Ok((Embedding::Dense(t.clone()), QMatMul::Tensor(t)))
+                (
+                    Embedding::Dense(t.clone()),
+                    LinearKind::Candle(QMatMul::Tensor(t)),
+                )
             }
-        }
+        };
+        Ok((
+            emb,
+            Linear {
+                kind,
+                bias: None,
+                out: vocab,
+                inp: hidden,
+            },
+        ))
     }
 }

@@ -96,7 +96,11 @@ fn chunked_prefill_matches_whole(m: &LoadedModel) {
     let whole = run(model, &mut a, &table, &p, 0, p.len(), 12);
     for chunk in [1, 5, 16, 17] {
         let mut b = model.new_cache(need, bs()).expect("cache");
-        assert_eq!(run(model, &mut b, &table, &p, 0, chunk, 12), whole, "chunk {chunk}");
+        assert_eq!(
+            run(model, &mut b, &table, &p, 0, chunk, 12),
+            whole,
+            "chunk {chunk}"
+        );
     }
 }
 
@@ -172,7 +176,9 @@ fn copied_blocks_decode_like_the_original(m: &LoadedModel) {
         .expect("prefill");
     let logits = out[0].clone().expect("logits");
     // Copy the prompt's blocks into a bigger cache at other ids, through bytes.
-    let mut b = model.new_cache(2 * nblocks as usize + 3, bs()).expect("cache");
+    let mut b = model
+        .new_cache(2 * nblocks as usize + 3, bs())
+        .expect("cache");
     assert_eq!(a.layout(), b.layout());
     let table_b: Vec<u32> = (0..nblocks).map(|i| 2 * nblocks + 2 - i).collect();
     for i in 0..BlockSize::blocks_for(bs(), p.len()) {
@@ -193,7 +199,10 @@ fn prefix_reuse_matches_cold(m: &LoadedModel) {
     let shared = shared_blocks * BS as usize;
     // A second prompt with the same first `shared` tokens and a different tail.
     let mut second = first[..shared].to_vec();
-    second.extend(m.encode_prompt(" and then the sea was quiet for a year.").expect("encode"));
+    second.extend(
+        m.encode_prompt(" and then the sea was quiet for a year.")
+            .expect("encode"),
+    );
     let need = BlockSize::blocks_for(bs(), first.len().max(second.len()) + 12);
     let mut cache = model.new_cache(2 * need, bs()).expect("cache");
     let table_first: Vec<u32> = (0..need as u32).collect();
@@ -201,10 +210,26 @@ fn prefix_reuse_matches_cold(m: &LoadedModel) {
     // The second sequence reuses the first's full prefix blocks and gets fresh ones after.
     let mut table_second: Vec<u32> = table_first[..shared_blocks].to_vec();
     table_second.extend(need as u32..2 * need as u32);
-    let warm = run(model, &mut cache, &table_second, &second, shared, usize::MAX, 12);
+    let warm = run(
+        model,
+        &mut cache,
+        &table_second,
+        &second,
+        shared,
+        usize::MAX,
+        12,
+    );
     let mut cold_cache = model.new_cache(need, bs()).expect("cache");
     let cold_table: Vec<u32> = (0..need as u32).collect();
-    let cold = run(model, &mut cold_cache, &cold_table, &second, 0, usize::MAX, 12);
+    let cold = run(
+        model,
+        &mut cold_cache,
+        &cold_table,
+        &second,
+        0,
+        usize::MAX,
+        12,
+    );
     assert_eq!(warm, cold);
 }
 
