@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Device, Role, WorkerConfig};
 use crate::frontend::Frontend;
-use crate::frontend::text::{ByteTokenizer, PlainChatTemplate};
+use crate::frontend::text::{ByteTokenizer, PlainChatTemplate, Tokenizer};
 use crate::gpu::Inventory;
 use crate::systemd::Notifier;
 use crate::worker::{WorkerCommand, WorkerPool};
@@ -143,7 +143,8 @@ pub async fn serve_with(
         .context("reading the listener's address")?;
     let workers = plan_workers(&config, deps.inventory.as_ref());
     tracing::info!(node = %config.node_name, %addr, workers = workers.len(),
-        "kvfleet-agent starting (tokenizer: byte-level test stand-in; engine: stand-in mock)");
+        "kvfleet-agent starting (tokenizer: byte-level test stand-in; engine: kvfleet-engine mock)");
+    let tokenizer = Arc::new(ByteTokenizer);
     let pool = WorkerPool::start(
         &workers,
         &config.models,
@@ -151,12 +152,13 @@ pub async fn serve_with(
         config.supervisor.clone(),
         config.log.clone(),
         deps.worker.clone(),
+        tokenizer.vocab_size(),
     );
     let mut frontend = Frontend::new(
         config.frontend.clone(),
         config.models.clone(),
         pool.clone(),
-        Arc::new(ByteTokenizer),
+        tokenizer,
         Arc::new(PlainChatTemplate),
     );
     frontend.inventory = Some(deps.inventory.clone());

@@ -1,211 +1,230 @@
-//! An in-process STAND-IN for the mock engine of `kvfleet-engine`, used by worker processes
-//! until that crate's engine API has landed in git and is wired here. It is deliberately simple:
+//! The worker's engine: `kvfleet-engine`'s mock engine (the real scheduler core, paged KV block
+//! pool with prefix caching, and a timing model instead of math), behind the small interface the
+//! worker loop needs.
 //!
-//! - tokens are the bytes of a fixed multilingual text (so, through the frontend's byte-level
-//!   test tokenizer, output is readable and multi-byte characters are split across tokens,
-//!   which exercises UTF-8-safe streaming);
-//! - KV accounting reserves `ceil((prompt + max_tokens) / block_size)` blocks per sequence at
-//!   admission and frees them when it ends or is cancelled; a sequence that does not fit waits;
-//! - timing: a prompt costs `prefill_time_per_token × len`, each token `token_time`; with both
-//!   zero every step makes one token per running sequence (the "zero cost per token" benchmark).
+//! The adapter's jobs: build the engine from the agent's [`EngineSpec`] (a timing profile from
+//! the configured per-token costs; "zero cost" becomes a 1 ns step, the least the profile
+//! accepts), map the agent's per-connection `seq` numbers to engine request ids and back, group
+//! a step's tokens into one output per request, and turn finishes and aborts into outputs.
+//! Pure like the engine: time is passed in as a `Duration` since the worker's start.
 //!
-//! No prefix caching, no preemption, no sampling: that is the real engine's job. Pure: time is
-//! passed in as a `Duration` since the worker's start.
+//! The mock's tokens are pseudo-random ids below the tokenizer's vocabulary size; through the
+//! byte-level test tokenizer they are random bytes, which also exercises the frontend's
+//! UTF-8-safe detokenization (invalid sequences come out as U+FFFD).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use crate::backend::EndReason;
+use kvfleet_engine::{
+    DecodeModel, Engine, EngineOutput, FinishReason, MockEngine, MockExecutor, MockProfile,
+    PoolSizing, Quadratic, Request, RequestId, SchedulerConfig,
+};
+use kvfleet_proto::{KvDtype, KvLayout, WorkerId};
 
 use super::protocol::{EngineSpec, WireRequest, WireStatus};
+use crate::backend::EndReason;
 
-/// The text the stand-in "generates", byte by byte.
-const TEXT: &str = "The quick brown fox jumps over the lazy dog. Café, naïve, jalapeño — \
-                    東京は晴れ 🚀 Zoë's smörgåsbord. ";
+/// The shortest step the mock profile accepts (its times must be positive): 1 ns.
+const MIN_STEP_MS: f64 = 1e-6;
 
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    /// New tokens for a sequence.
+    /// New tokens for a request.
     Tokens {
         /// The agent's sequence number.
         seq: u64,
-        /// Token ids.
+        /// Token ids, in order.
         tokens: Vec<u32>,
     },
-    /// A sequence ended; its blocks are free.
+    /// A request ended; its blocks are released.
     Finished {
         /// The agent's sequence number.
         seq: u64,
         /// Why.
         reason: EndReason,
     },
+    /// The engine aborted a request.
+    Failed {
+        /// The agent's sequence number.
+        seq: u64,
+        /// What went wrong.
+        message: String,
+    },
 }
 
-/// Why a request was refused at submission.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+impl Output {
+    /// The agent's sequence number it belongs to.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Output::Tokens { seq, .. }
+            | Output::Finished { seq, .. }
+            | Output::Failed { seq, .. } => *seq,
+        }
+    }
+}
+
+/// A request the engine refused at submission (the message says why: context, pool, overload).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitError {
-    /// Longer than the whole KV pool or the context: it could never run.
-    #[error("request needs {need} KV blocks but the pool has {total}")]
-    TooLarge {
-        /// Blocks needed.
-        need: u64,
-        /// Blocks in the pool.
-        total: u64,
-    },
-    /// The sequence number is already running.
+    /// The engine said no.
+    #[error("{0}")]
+    Refused(String),
+    /// The sequence number is already in use on this connection.
     #[error("sequence {0} is already running")]
     Duplicate(u64),
 }
 
+/// The worker's engine and its request bookkeeping.
 #[derive(Debug)]
-struct Seq {
-    request_id: String,
-    blocks: u64,
-    max_tokens: u32,
-    generated: u32,
-    offset: usize,
-    next_at: Duration,
+pub struct WorkerEngine {
+    engine: MockEngine,
+    by_seq: HashMap<u64, (RequestId, String)>,
+    by_id: HashMap<RequestId, u64>,
+    kv_events: u64,
 }
 
-/// The stand-in engine.
-#[derive(Debug)]
-pub struct StandInEngine {
-    spec: EngineSpec,
-    waiting: VecDeque<(u64, WireRequest)>,
-    running: BTreeMap<u64, Seq>,
-    blocks_used: u64,
+/// The mock timing profile for a spec.
+pub fn profile(spec: &EngineSpec) -> MockProfile {
+    let ms = |us: u64| us as f64 / 1000.0;
+    MockProfile {
+        name: format!("{}-mock", spec.model),
+        vocab_size: spec.vocab_size,
+        kv_cache_bytes: 0,
+        layout: KvLayout {
+            model: spec.model.clone(),
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 1,
+            dtype: KvDtype::F16,
+            block_size: spec.block_size,
+        },
+        prefill: Quadratic {
+            c0: MIN_STEP_MS,
+            c1: ms(spec.prefill_time_per_token_us),
+            c2: 0.0,
+        },
+        decode: DecodeModel {
+            c0: ms(spec.token_time_us).max(MIN_STEP_MS),
+            c1: 0.0,
+            c2: 0.0,
+            per_seq: 0.0,
+        },
+    }
 }
 
-impl StandInEngine {
-    /// An idle engine.
-    pub fn new(spec: EngineSpec) -> Self {
-        Self {
-            spec,
-            waiting: VecDeque::new(),
-            running: BTreeMap::new(),
-            blocks_used: 0,
-        }
+impl WorkerEngine {
+    /// Builds the mock engine for `spec`.
+    pub fn new(worker: WorkerId, spec: &EngineSpec) -> anyhow::Result<Self> {
+        let profile = profile(spec);
+        profile.validate()?;
+        let config = SchedulerConfig {
+            worker,
+            max_model_len: spec.context_length as usize,
+            kv_memory: PoolSizing::Blocks(spec.kv_blocks),
+            // The caller passes the wall clock: a late driver shows up as latency.
+            realtime: true,
+            ..SchedulerConfig::default()
+        };
+        let engine = MockEngine::new(config, MockExecutor::new(profile))?;
+        Ok(Self {
+            engine,
+            by_seq: HashMap::new(),
+            by_id: HashMap::new(),
+            kv_events: 0,
+        })
     }
 
-    fn blocks_for(&self, request: &WireRequest) -> u64 {
-        let tokens = request.prompt.len() + request.sampling.max_tokens as usize;
-        self.spec.block_size.blocks_for(tokens) as u64
-    }
-
-    /// Queues a request; it starts at once if its blocks are free.
+    /// Queues a request.
     pub fn submit(&mut self, request: WireRequest, now: Duration) -> Result<(), SubmitError> {
-        let need = self.blocks_for(&request);
-        let total = u64::from(self.spec.kv_blocks);
-        if need > total {
-            return Err(SubmitError::TooLarge { need, total });
-        }
-        if self.running.contains_key(&request.seq)
-            || self.waiting.iter().any(|(seq, _)| *seq == request.seq)
-        {
+        if self.by_seq.contains_key(&request.seq) {
             return Err(SubmitError::Duplicate(request.seq));
         }
-        self.waiting.push_back((request.seq, request));
-        self.admit(now);
+        let id = self
+            .engine
+            .submit(Request::new(request.prompt, request.sampling), now)
+            .map_err(|e| SubmitError::Refused(e.to_string()))?;
+        self.by_seq.insert(request.seq, (id, request.request_id));
+        self.by_id.insert(id, request.seq);
         Ok(())
     }
 
-    /// Drops a request, freeing its blocks (a waiting request may start in them). Returns its
-    /// request id if it was known.
-    pub fn cancel(&mut self, seq: u64, now: Duration) -> Option<String> {
-        if let Some(running) = self.running.remove(&seq) {
-            self.blocks_used -= running.blocks;
-            self.admit(now);
-            return Some(running.request_id);
-        }
-        let at = self.waiting.iter().position(|(s, _)| *s == seq)?;
-        self.waiting.remove(at).map(|(_, r)| r.request_id)
+    /// Drops a request, releasing its blocks. Returns its request id if it was running.
+    pub fn cancel(&mut self, seq: u64) -> Option<String> {
+        let (id, request_id) = self.by_seq.remove(&seq)?;
+        self.by_id.remove(&id);
+        self.engine.cancel(id);
+        Some(request_id)
     }
 
-    /// Starts waiting requests that fit (FIFO: the head blocks the rest, so nothing starves).
-    fn admit(&mut self, now: Duration) {
-        while let Some((_, head)) = self.waiting.front() {
-            let need = self.blocks_for(head);
-            if self.blocks_used + need > u64::from(self.spec.kv_blocks) {
-                break;
-            }
-            let Some((seq, request)) = self.waiting.pop_front() else {
-                break;
-            };
-            self.blocks_used += need;
-            let prefill = Duration::from_micros(
-                self.spec.prefill_time_per_token_us * request.prompt.len() as u64,
-            );
-            let digest = request
-                .prompt
-                .iter()
-                .fold(0usize, |h, t| h.wrapping_mul(31).wrapping_add(*t as usize));
-            let mut offset = digest % TEXT.len();
-            while !TEXT.is_char_boundary(offset) {
-                offset -= 1;
-            }
-            self.running.insert(
-                seq,
-                Seq {
-                    request_id: request.request_id,
-                    blocks: need,
-                    max_tokens: request.sampling.max_tokens,
-                    generated: 0,
-                    offset,
-                    next_at: now + prefill,
-                },
-            );
-        }
+    /// The frontend's request id of a running sequence (for log lines).
+    pub fn request_id(&self, seq: u64) -> Option<&str> {
+        self.by_seq.get(&seq).map(|(_, r)| r.as_str())
     }
 
-    /// Advances to `now`: every running sequence that is due makes one token.
-    pub fn step(&mut self, now: Duration) -> Vec<Output> {
-        self.admit(now);
-        let token_time = Duration::from_micros(self.spec.token_time_us);
-        let bytes = TEXT.as_bytes();
-        let mut out = Vec::new();
-        let mut ended = Vec::new();
-        for (seq, s) in &mut self.running {
-            if s.next_at > now {
+    /// Advances to `now` and collects what the finished steps produced.
+    pub fn step(&mut self, now: Duration) -> anyhow::Result<Vec<Output>> {
+        self.engine.step_until(now)?;
+        // No consumer in the agent yet (the router and control-plane client come later):
+        // drain so the engine's bounded event buffer never overflows, and count.
+        self.kv_events += self.engine.drain_events().len() as u64;
+        let mut tokens: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        let mut ends = Vec::new();
+        for output in self.engine.drain_outputs() {
+            let Some(&seq) = self.by_id.get(&output.request()) else {
                 continue;
-            }
-            let token = u32::from(bytes[(s.offset + s.generated as usize) % bytes.len()]);
-            s.generated += 1;
-            s.next_at += token_time;
-            out.push(Output::Tokens {
-                seq: *seq,
-                tokens: vec![token],
-            });
-            if s.generated >= s.max_tokens {
-                ended.push(*seq);
+            };
+            match output {
+                EngineOutput::Token(token) => {
+                    tokens.entry(seq).or_default().push(token.token);
+                    if let Some(finish) = token.finish {
+                        let reason = match finish.reason {
+                            FinishReason::Length => EndReason::Length,
+                            FinishReason::Stop(_) | FinishReason::Eos(_) => EndReason::Stop,
+                        };
+                        ends.push(Output::Finished { seq, reason });
+                    }
+                }
+                EngineOutput::Aborted { error, .. } => {
+                    ends.push(Output::Failed {
+                        seq,
+                        message: error,
+                    });
+                }
             }
         }
-        for seq in ended {
-            if let Some(s) = self.running.remove(&seq) {
-                self.blocks_used -= s.blocks;
+        let mut out: Vec<Output> = tokens
+            .into_iter()
+            .map(|(seq, tokens)| Output::Tokens { seq, tokens })
+            .collect();
+        for end in &ends {
+            if let Some((id, _)) = self.by_seq.remove(&end.seq()) {
+                self.by_id.remove(&id);
             }
-            out.push(Output::Finished {
-                seq,
-                reason: EndReason::Length,
-            });
         }
-        self.admit(now);
-        out
+        out.extend(ends);
+        Ok(out)
     }
 
-    /// When the next step has something to do; `None` when idle.
+    /// When the engine next has something to do; `None` when idle.
     pub fn next_wakeup(&self) -> Option<Duration> {
-        self.running.values().map(|s| s.next_at).min()
+        self.engine.next_event_time()
     }
 
     /// Load and KV use.
     pub fn status(&self) -> WireStatus {
+        let m = self.engine.metrics();
         WireStatus {
-            running: self.running.len() as u32,
-            waiting: self.waiting.len() as u32,
-            kv_blocks_used: self.blocks_used,
-            kv_blocks_total: u64::from(self.spec.kv_blocks),
+            running: m.running as u32,
+            waiting: m.waiting as u32,
+            kv_blocks_used: u64::from(m.kv_blocks_used),
+            kv_blocks_total: u64::from(m.kv_blocks_total),
         }
+    }
+
+    /// KV events the engine emitted so far.
+    pub fn kv_events(&self) -> u64 {
+        self.kv_events
     }
 }
 
@@ -220,6 +239,7 @@ mod tests {
             context_length: 1024,
             block_size: BlockSize::new(4).unwrap(),
             kv_blocks,
+            vocab_size: 257,
             token_time_us,
             prefill_time_per_token_us: 0,
         }
@@ -229,39 +249,41 @@ mod tests {
         WireRequest {
             seq,
             request_id: format!("r{seq}"),
-            prompt: vec![1; prompt],
+            prompt: (0..prompt as u32).collect(),
             block_hashes: Vec::new(),
             sampling: SamplingParams::greedy(max_tokens),
         }
     }
 
-    fn run_to_end(engine: &mut StandInEngine) -> Vec<Output> {
+    /// Runs virtual time forward until the engine is idle.
+    fn run_to_end(engine: &mut WorkerEngine) -> Vec<Output> {
         let mut all = Vec::new();
         let mut now = Duration::ZERO;
         for _ in 0..10_000 {
-            all.extend(engine.step(now));
+            all.extend(engine.step(now).unwrap());
             match engine.next_wakeup() {
-                Some(t) => now = now.max(t),
-                None if engine.status().waiting == 0 => break,
-                None => {}
+                Some(t) => now = now.max(t) + Duration::from_nanos(1),
+                None => break,
             }
         }
         all
     }
 
     #[test]
-    fn a_request_makes_max_tokens_tokens_then_finishes_and_frees_its_blocks() {
-        let mut engine = StandInEngine::new(spec(16, 1000));
+    fn a_request_makes_max_tokens_tokens_then_finishes_and_releases_its_blocks() {
+        let mut engine = WorkerEngine::new(WorkerId(1), &spec(64, 1000)).unwrap();
+        let prompt: Vec<u32> = (0..6).collect();
         engine.submit(request(1, 6, 5), Duration::ZERO).unwrap();
         let outputs = run_to_end(&mut engine);
-        let tokens: usize = outputs
+        let tokens: Vec<u32> = outputs
             .iter()
-            .map(|o| match o {
-                Output::Tokens { tokens, .. } => tokens.len(),
-                Output::Finished { .. } => 0,
+            .flat_map(|o| match o {
+                Output::Tokens { tokens, .. } => tokens.clone(),
+                _ => Vec::new(),
             })
-            .sum();
-        assert_eq!(tokens, 5);
+            .collect();
+        // The engine crate's documented pseudo-token sequence.
+        assert_eq!(tokens, kvfleet_engine::expected_output(&prompt, 5, 257));
         assert_eq!(
             outputs.last(),
             Some(&Output::Finished {
@@ -270,34 +292,35 @@ mod tests {
             })
         );
         assert_eq!(engine.status().kv_blocks_used, 0);
+        assert!(
+            engine.kv_events() > 0,
+            "the prompt's blocks entered the prefix cache"
+        );
+        assert_eq!(engine.request_id(1), None);
     }
 
     #[test]
-    fn a_request_that_does_not_fit_waits_and_cancel_frees_blocks() {
-        // 12 tokens = 3 blocks each; the pool holds 4 blocks: one at a time.
-        let mut engine = StandInEngine::new(spec(4, 1000));
-        engine.submit(request(1, 8, 4), Duration::ZERO).unwrap();
-        engine.submit(request(2, 8, 4), Duration::ZERO).unwrap();
-        engine.step(Duration::ZERO);
-        assert_eq!(engine.status().running, 1);
-        assert_eq!(engine.status().waiting, 1);
-        assert_eq!(engine.status().kv_blocks_used, 3);
-        assert_eq!(engine.cancel(1, Duration::ZERO).as_deref(), Some("r1"));
-        // The waiting request took the freed blocks at once.
-        assert_eq!(engine.status().running, 1);
-        assert_eq!(engine.status().waiting, 0);
-        assert_eq!(engine.cancel(2, Duration::ZERO).as_deref(), Some("r2"));
+    fn cancel_releases_blocks_and_forgets_the_request() {
+        let mut engine = WorkerEngine::new(WorkerId(1), &spec(64, 1000)).unwrap();
+        engine.submit(request(1, 16, 100), Duration::ZERO).unwrap();
+        engine.step(Duration::ZERO).unwrap();
+        engine.step(Duration::from_millis(5)).unwrap();
+        assert!(engine.status().kv_blocks_used > 0);
+        assert_eq!(engine.request_id(1), Some("r1"));
+        assert_eq!(engine.cancel(1).as_deref(), Some("r1"));
         assert_eq!(engine.status().kv_blocks_used, 0);
-        assert_eq!(engine.cancel(2, Duration::ZERO), None);
+        assert_eq!(engine.cancel(1), None);
+        // Nothing more comes out for it.
+        assert!(run_to_end(&mut engine).is_empty());
     }
 
     #[test]
     fn impossible_and_duplicate_requests_are_refused() {
-        let mut engine = StandInEngine::new(spec(2, 0));
-        assert_eq!(
+        let mut engine = WorkerEngine::new(WorkerId(1), &spec(2, 0)).unwrap();
+        assert!(matches!(
             engine.submit(request(1, 100, 1), Duration::ZERO),
-            Err(SubmitError::TooLarge { need: 26, total: 2 })
-        );
+            Err(SubmitError::Refused(_))
+        ));
         engine.submit(request(2, 1, 1), Duration::ZERO).unwrap();
         assert_eq!(
             engine.submit(request(2, 1, 1), Duration::ZERO),
@@ -306,23 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn output_is_valid_utf8_once_whole() {
-        let mut engine = StandInEngine::new(spec(64, 0));
-        engine.submit(request(1, 3, 40), Duration::ZERO).unwrap();
-        let bytes: Vec<u8> = run_to_end(&mut engine)
-            .into_iter()
-            .flat_map(|o| match o {
-                Output::Tokens { tokens, .. } => tokens,
-                Output::Finished { .. } => Vec::new(),
-            })
-            .map(|t| t as u8)
-            .collect();
-        assert_eq!(bytes.len(), 40);
-        // It starts on a character boundary; only the tail may be cut mid-character.
-        let lossy = String::from_utf8_lossy(&bytes);
-        assert!(
-            !lossy.trim_end_matches('\u{fffd}').contains('\u{fffd}'),
-            "{lossy}"
-        );
+    fn zero_cost_is_a_valid_profile() {
+        assert!(profile(&spec(8, 0)).validate().is_ok());
     }
 }

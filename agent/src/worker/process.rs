@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::engine::{Output, StandInEngine};
+use super::engine::{Output, WorkerEngine};
 use super::protocol::{
     Control, FrameStream, WireCancel, WireError, WireFinish, WireRequest, WireTokens, WorkerHello,
     WorkerSpec, encode_json, write_json,
@@ -50,15 +50,15 @@ async fn serve(
     mut frames: FrameStream<tokio::net::unix::OwnedReadHalf>,
     mut writer: BufWriter<tokio::net::unix::OwnedWriteHalf>,
 ) -> anyhow::Result<()> {
-    let mut engine = StandInEngine::new(spec.engine.clone());
-    tracing::info!(device = %spec.device, role = %spec.role, engine = "stand-in mock", "worker ready");
+    let mut engine = WorkerEngine::new(spec.worker, &spec.engine)?;
+    tracing::info!(device = %spec.device, role = %spec.role, engine = "kvfleet-engine mock", "worker ready");
     write_json(
         &mut writer,
         FrameKind::Hello,
         &WorkerHello {
             worker: spec.worker,
             pid: std::process::id(),
-            engine: "stand-in mock".into(),
+            engine: "kvfleet-engine mock".into(),
             kv_blocks_total: u64::from(spec.engine.kv_blocks),
         },
     )
@@ -88,7 +88,7 @@ async fn serve(
                     }
                     FrameKind::Cancel => {
                         let cancel: WireCancel = frame.parse_json()?;
-                        if let Some(request_id) = engine.cancel(cancel.seq, epoch.elapsed()) {
+                        if let Some(request_id) = engine.cancel(cancel.seq) {
                             tracing::info!(request_id = %request_id, "request cancelled: KV blocks freed");
                         }
                     }
@@ -104,7 +104,7 @@ async fn serve(
                 }
             }
             () = sleep_until(wake), if wake.is_some() => {
-                for output in engine.step(epoch.elapsed()) {
+                for output in engine.step(epoch.elapsed())? {
                     match output {
                         Output::Tokens { seq, tokens } => {
                             encode_json(FrameKind::Token, &WireTokens { seq, tokens }, &mut out)?;
@@ -112,10 +112,12 @@ async fn serve(
                         Output::Finished { seq, reason } => {
                             encode_json(FrameKind::Finish, &WireFinish { seq, reason }, &mut out)?;
                         }
+                        Output::Failed { seq, message } => {
+                            tracing::warn!(seq, %message, "the engine aborted a request");
+                            encode_json(FrameKind::Error, &WireError { seq, message }, &mut out)?;
+                        }
                     }
                 }
-                // At zero cost per token the loop would otherwise never give the reader a turn.
-                tokio::task::yield_now().await;
             }
             _ = status_tick.tick() => {
                 encode_json(FrameKind::Status, &engine.status(), &mut out)?;
@@ -134,8 +136,14 @@ fn codec_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> anyhow::Re
     Ok(())
 }
 
+/// Waits for the engine's next event. A step due within the timer's resolution (1 ms) runs
+/// after a yield instead: at zero cost per token a 1 ms sleep per step would be the bottleneck.
 async fn sleep_until(when: Option<Instant>) {
     if let Some(when) = when {
-        tokio::time::sleep_until(when).await;
+        if when <= Instant::now() + Duration::from_micros(500) {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep_until(when).await;
+        }
     }
 }

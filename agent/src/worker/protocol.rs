@@ -44,6 +44,8 @@ pub struct EngineSpec {
     pub block_size: BlockSize,
     /// Blocks in the KV pool.
     pub kv_blocks: u32,
+    /// Token ids the mock draws from: the frontend tokenizer's vocabulary.
+    pub vocab_size: u32,
     /// Mock timing: microseconds per generated token.
     pub token_time_us: u64,
     /// Mock timing: microseconds per prompt token.

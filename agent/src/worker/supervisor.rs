@@ -145,7 +145,7 @@ impl Slot {
         }
     }
 
-    fn spec(&self) -> WorkerSpec {
+    fn spec(&self, vocab_size: u32) -> WorkerSpec {
         WorkerSpec {
             worker: self.id,
             role: self.config.role,
@@ -155,6 +155,7 @@ impl Slot {
                 context_length: self.model.context_length,
                 block_size: self.model.block_size,
                 kv_blocks: self.model.kv_blocks,
+                vocab_size,
                 token_time_us: self.model.mock_token_time.as_micros() as u64,
                 prefill_time_per_token_us: self.model.mock_prefill_time_per_token.as_micros()
                     as u64,
@@ -179,11 +180,12 @@ struct Launch {
     command: WorkerCommand,
     supervisor: SupervisorConfig,
     log: LogConfig,
+    vocab_size: u32,
     shutdown: CancellationToken,
 }
 
 impl WorkerPool {
-    /// Starts one supervised process per worker. `models` must contain every worker's model
+    /// Starts one supervised process per worker; `vocab_size` is the frontend tokenizer's. `models` must contain every worker's model
     /// (config validation guarantees it); a worker whose model is missing is skipped with an
     /// error line.
     pub fn start(
@@ -193,6 +195,7 @@ impl WorkerPool {
         supervisor: SupervisorConfig,
         log: LogConfig,
         command: WorkerCommand,
+        vocab_size: u32,
     ) -> Arc<Self> {
         let shutdown = CancellationToken::new();
         let mut slots = Vec::new();
@@ -218,6 +221,7 @@ impl WorkerPool {
             command,
             supervisor,
             log,
+            vocab_size,
             shutdown: shutdown.clone(),
         };
         let mut tasks = JoinSet::new();
@@ -425,7 +429,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
     };
     let (reader, mut writer) = stream.into_split();
     let mut frames = FrameStream::new(reader);
-    write_json(&mut writer, FrameKind::Hello, &slot.spec()).await?;
+    write_json(&mut writer, FrameKind::Hello, &slot.spec(launch.vocab_size)).await?;
     let hello = tokio::select! {
         frame = tokio::time::timeout(start_timeout, frames.next()) => match frame {
             Ok(Ok(Some(frame))) if frame.kind == FrameKind::Hello => frame.parse_json::<WorkerHello>()?,
