@@ -623,3 +623,32 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
     let result = agent.task.take().unwrap().await.unwrap();
     assert!(result.is_ok());
 }
+
+/// The official `openai` Python SDK against the agent. Skips, saying why, when `python3` or the
+/// `openai` package is missing (`pip install openai`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_sdk_works() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "SKIPPED: python3 with the `openai` package is not installed (pip install openai)"
+        );
+        return;
+    }
+    let agent = TestAgent::start(&model("m", 0, 4096)).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
+    let base = format!("http://{}", agent.addr);
+    let output = tokio::process::Command::new("python3")
+        .args([script, &base, "m"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "SDK checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
