@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kvfleet_engine::MockProfile;
+use kvfleet_engine::{MockProfile, PoolSizing};
 use kvfleet_kv_router::RoutingMode;
 
 use crate::report::Comparison;
@@ -52,6 +52,10 @@ pub struct SimArgs {
     /// Longest prompt plus output a worker accepts (longer trace requests are refused).
     #[arg(long, default_value_t = 131_072, value_name = "TOKENS")]
     pub max_model_len: usize,
+    /// KV blocks per worker, overriding the profile's memory (e.g. to see what a larger cache,
+    /// such as host-memory offload, would buy).
+    #[arg(long, value_name = "BLOCKS")]
+    pub kv_blocks: Option<u32>,
     /// Seed of the router's random choices (`random` mode, softmax).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -87,6 +91,10 @@ impl SimArgs {
             bail!("--load-report-ms must be positive");
         }
         config.scheduler.max_model_len = self.max_model_len;
+        if let Some(blocks) = self.kv_blocks {
+            config.pool_from_profile = false;
+            config.scheduler.kv_memory = PoolSizing::Blocks(blocks);
+        }
         if let Some(path) = &self.profile {
             config.profile = MockProfile::from_file(path)
                 .with_context(|| format!("loading mock profile {}", path.display()))?;
@@ -169,6 +177,8 @@ mod tests {
             "0.5",
             "--event-delay-ms",
             "2.5",
+            "--kv-blocks",
+            "1000",
         ]);
         assert_eq!(
             args.modes().unwrap(),
@@ -179,6 +189,9 @@ mod tests {
         assert_eq!(config.time_scale, 0.5);
         assert_eq!(config.event_delay, Duration::from_micros(2500));
         assert_eq!(config.scheduler.max_model_len, 131_072);
+        assert!(!config.pool_from_profile);
+        assert_eq!(config.scheduler.kv_memory, PoolSizing::Blocks(1000));
+        assert!(parse(&["--trace", "t"]).config().unwrap().pool_from_profile);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use kvfleet_kv_router::RoutingMode;
 use crate::report::{Comparison, ms};
 
 const WIDTH: f64 = 1100.0;
-const HEIGHT: f64 = 780.0;
-const PANEL_W: f64 = 470.0;
+const HEIGHT: f64 = 830.0;
+const PANEL_W: f64 = 440.0;
 const PANEL_H: f64 = 270.0;
 
 fn color(mode: RoutingMode) -> &'static str {
@@ -191,7 +191,7 @@ pub fn render_svg(comparison: &Comparison) -> String {
         w: PANEL_W,
         h: PANEL_H,
     };
-    let right_x = 80.0 + PANEL_W + 90.0;
+    let right_x = 80.0 + PANEL_W + 100.0;
 
     // 1. Prefix hit rate.
     left.frame(&mut out, "Prefix hit rate (cached / prompt tokens)");
@@ -221,7 +221,7 @@ pub fn render_svg(comparison: &Comparison) -> String {
             .flat_map(|r| [r.ttft_ms.p50, r.ttft_ms.p90, r.ttft_ms.p99]),
     );
     for t in scale.ticks() {
-        ttft.y_tick(&mut out, scale.frac(t), &ms(t));
+        ttft.y_tick(&mut out, scale.frac(t), &tick_label(t));
     }
     let slot = ttft.w / n;
     for (i, r) in runs.iter().enumerate() {
@@ -251,9 +251,9 @@ pub fn render_svg(comparison: &Comparison) -> String {
     }
     let _ = writeln!(
         out,
-        r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end">bars per mode: p50 (solid), p90, p99 (lightest)</text>"#,
-        ttft.x + ttft.w,
-        ttft.y - 10.0
+        r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">three bars per mode: p50 (solid), p90, p99 (lightest)</text>"#,
+        ttft.x + ttft.w / 2.0,
+        ttft.y + ttft.h + 34.0
     );
 
     // 3. TTFT CDF (log x).
@@ -269,7 +269,12 @@ pub fn render_svg(comparison: &Comparison) -> String {
     for pct in [0.0, 0.25, 0.5, 0.75, 0.9, 1.0] {
         cdf.y_tick(&mut out, pct, &format!("{:.0} %", pct * 100.0));
     }
-    for t in scale.ticks() {
+    // Decades only on this axis: 1-2-5 labels would collide.
+    let decades = scale
+        .ticks()
+        .into_iter()
+        .filter(|t| (t.log10() - t.log10().round()).abs() < 1e-9);
+    for t in decades {
         let x = cdf.w * scale.frac(t);
         let _ = writeln!(
             out,
@@ -278,7 +283,7 @@ pub fn render_svg(comparison: &Comparison) -> String {
             cdf.y + cdf.h,
             x0 = cdf.x + x
         );
-        cdf.x_label(&mut out, x, &ms(t));
+        cdf.x_label(&mut out, x, &tick_label(t));
     }
     for r in runs {
         let points: Vec<String> = r
@@ -339,6 +344,17 @@ pub fn render_svg(comparison: &Comparison) -> String {
     out
 }
 
+/// An axis label for a round number of ms: "20 ms", "5 s".
+fn tick_label(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{} s", v / 1000.0)
+    } else if v >= 1.0 {
+        format!("{v:.0} ms")
+    } else {
+        format!("{v} ms")
+    }
+}
+
 /// The smallest 1, 2 or 5 × 10^k at or above `v`.
 fn nice_ceiling(v: f64) -> f64 {
     let decade = 10f64.powf(v.log10().floor());
@@ -378,6 +394,49 @@ mod tests {
                 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10_000.0
             ]
         );
+    }
+
+    #[test]
+    fn a_comparison_renders_every_mode() {
+        let trace = crate::trace::parse_trace(
+            "{\"timestamp\": 0, \"input_length\": 700, \"output_length\": 3, \"hash_ids\": [1, 2]}\n"
+                .as_bytes(),
+        )
+        .unwrap();
+        let runs = [RoutingMode::Kv, RoutingMode::RoundRobin]
+            .into_iter()
+            .map(|mode| {
+                let config = crate::SimConfig {
+                    workers: 2,
+                    ..crate::SimConfig::default()
+                };
+                crate::run(&config.with_mode(mode), &trace).unwrap()
+            })
+            .collect();
+        let svg = render_svg(&Comparison {
+            trace: "a <trace>".into(),
+            runs,
+        });
+        assert!(svg.starts_with("<svg ") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("a &lt;trace&gt;"));
+        for mode in ["kv", "round-robin"] {
+            assert!(svg.contains(&format!(">{mode}</text>")), "{mode}");
+        }
+        // One CDF line per mode, and no NaN coordinates from empty or zero data.
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+    }
+
+    #[test]
+    fn tick_labels() {
+        for (v, text) in [
+            (0.5, "0.5 ms"),
+            (20.0, "20 ms"),
+            (1000.0, "1 s"),
+            (5000.0, "5 s"),
+        ] {
+            assert_eq!(tick_label(v), text);
+        }
     }
 
     #[test]
