@@ -652,3 +652,101 @@ async fn the_official_openai_python_sdk_works() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// systemd sees READY=1 only once the workers are ready, STATUS= lines, watchdog pings, and
+/// STOPPING=1 when the agent drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    use kvfleet_agent::systemd::Notifier;
+    let dir = std::env::temp_dir().join(format!("kvfleet-notify-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+    let notifier = Notifier::from_values(path.to_str(), Some("2000000"), None);
+    let agent = TestAgent::start_notified(&model("m", 0, 4096), notifier).await;
+    let mut messages = Vec::new();
+    let mut buf = vec![0u8; 512];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let wanted = |messages: &[String]| {
+        messages.iter().any(|m| m == "WATCHDOG=1")
+            && messages.iter().any(|m| m == "READY=1")
+            && messages
+                .iter()
+                .any(|m| m.starts_with("STATUS=1/1 workers ready"))
+    };
+    while !wanted(&messages) {
+        let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("missing notifications after 10 s: {messages:?}"))
+            .unwrap();
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // Readiness is announced once, and no status before it claims a ready worker.
+    let ready_at = messages.iter().position(|m| m == "READY=1").unwrap();
+    assert_eq!(messages.iter().filter(|m| *m == "READY=1").count(), 1);
+    assert!(
+        !messages[..ready_at]
+            .iter()
+            .any(|m| m.starts_with("STATUS=1/1")),
+        "{messages:?}"
+    );
+    agent.stop().await.unwrap();
+    let mut rest = Vec::new();
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await
+    {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(rest.iter().any(|m| m == "STOPPING=1"), "{rest:?}");
+    assert!(
+        rest.iter().any(|m| m.starts_with("STATUS=draining")),
+        "{rest:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `kvfleet-agent check-config` prints every problem with file:line:col and exits 1; a good
+/// file exits 0.
+#[test]
+fn check_config_prints_every_problem_with_its_location() {
+    let dir = std::env::temp_dir().join(format!("kvfleet-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[frontend]\nlisten = \"nowhere\"\n[log]\nformat = \"xml\"\n[[workers]]\nmodel = \"nope\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kvfleet-agent"))
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let name = bad.display().to_string();
+    for expected in [
+        format!("{name}:2:10: \"nowhere\" is not a socket address"),
+        format!("{name}:4:10: log format \"xml\" is unknown"),
+        format!("{name}:6:9: workers.model \"nope\" is not one of the models defined"),
+        format!("{name}: 3 problem(s)"),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    let good = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kvfleet-agent"))
+        .args(["check-config", good])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains(": OK ("));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -51,7 +51,18 @@ impl TestAgent {
         agent
     }
 
+    /// Starts an agent that sends systemd notifications through `notifier`.
+    pub async fn start_notified(toml: &str, notifier: Notifier) -> Self {
+        let agent = Self::launch(toml, 100, notifier).await;
+        agent.wait_ready(Duration::from_secs(30)).await;
+        agent
+    }
+
     pub async fn start_unready(toml: &str, backoff_ms: u64) -> Self {
+        Self::launch(toml, backoff_ms, Notifier::default()).await
+    }
+
+    async fn launch(toml: &str, backoff_ms: u64, notifier: Notifier) -> Self {
         let (config, dir) = config(toml, backoff_ms);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -60,7 +71,7 @@ impl TestAgent {
             worker: WorkerCommand {
                 program: env!("CARGO_BIN_EXE_kvfleet-agent").into(),
             },
-            notifier: Notifier::default(),
+            notifier,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let (started_tx, started_rx) = oneshot::channel();
