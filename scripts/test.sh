@@ -8,6 +8,7 @@ source scripts/lib/common.sh
 
 ensure_test_postgres
 ensure_default_model
+ensure_pip openai
 
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -64,3 +64,16 @@ ensure_default_model() {
     export KVFLEET_DEFAULT_MODEL="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
     export KVFLEET_SMOLLM2_GGUF="$KVFLEET_DEFAULT_MODEL"
 }
+
+# ensure_pip PKG==VER...: installs the PyPI packages whose import fails (the test suite drives the
+# agent with the official openai SDK).
+ensure_pip() {
+    local spec module missing=()
+    for spec in "$@"; do
+        module="${spec%%[=<>]*}"
+        python3 -c "import ${module//-/_}" 2>/dev/null || missing+=("$spec")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing ${missing[*]} from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+}
