@@ -9,8 +9,8 @@
 //! agents (one GPU each), deploys one worker per node, then every agent heartbeats once a
 //! second (random phase) with its worker's state and metrics. Prints heartbeat latency
 //! percentiles as the agents see them, and CPU time of the control plane's runtime threads,
-//! of the simulated agents' threads, and of the Postgres server processes (all of them: on a
-//! shared cluster that includes other users' work).
+//! of the simulated agents' threads, and of the Postgres server on the URL's port (its
+//! postmaster and children: on a shared cluster that includes other users' backends).
 
 #![allow(clippy::print_stdout)]
 
@@ -76,6 +76,17 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The port in a `postgres://user@host:port/db` URL (5432 when absent).
+fn pg_port(url: &str) -> u16 {
+    url.rsplit_once('@')
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .and_then(|host| host.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(5432)
+}
+
 fn replace_database(url: &str, database: &str) -> anyhow::Result<String> {
     let (head, _) = url
         .rsplit_once('/')
@@ -115,6 +126,7 @@ fn run(
         anyhow::Ok((addr, join, admin))
     })?;
     let base = format!("http://{addr}/api/v1");
+    let pg_port = pg_port(url);
     let agents = args.agents;
     let seconds = args.seconds;
     client_rt.block_on(async move {
@@ -223,10 +235,10 @@ fn run(
             });
         }
         tokio::time::sleep_until(measure_from.into()).await;
-        let cpu_before = cpu_snapshot();
+        let (cpu_before, _) = cpu_snapshot(pg_port);
         let wall = Instant::now();
         tokio::time::sleep_until(measure_until.into()).await;
-        let cpu_after = cpu_snapshot();
+        let (cpu_after, own_cluster) = cpu_snapshot(pg_port);
         let wall = wall.elapsed().as_secs_f64();
         while tasks.join_next().await.is_some() {}
         let mut latencies = latencies.lock().await.clone();
@@ -243,32 +255,39 @@ fn run(
             pct(0.50), pct(0.90), pct(0.99), pct(1.0)
         );
         println!(
-            "CPU (% of one core): control plane {:.1}, simulated agents {:.1}, postgres (all backends) {:.1}",
-            cpu("cp-server"), cpu("bench-agents"), cpu("postgres")
+            "CPU (% of one core): control plane {:.1}, simulated agents {:.1}, postgres {:.1} ({})",
+            cpu("cp-server"),
+            cpu("bench-agents"),
+            cpu("postgres"),
+            if own_cluster { "the server on this port" } else { "every postgres process: postmaster not found" }
         );
         anyhow::Ok(())
     })
 }
 
-/// CPU seconds used so far: this process's threads grouped by name prefix, plus every process
-/// named `postgres`.
-fn cpu_snapshot() -> HashMap<String, f64> {
+/// CPU seconds used so far: this process's threads grouped by name prefix, plus the Postgres
+/// server listening on `pg_port` (its postmaster, found by the `-p PORT` on its command line,
+/// and that postmaster's children: the backends and background workers). Falls back to every
+/// process named `postgres` when no such postmaster is visible (reported as such).
+fn cpu_snapshot(pg_port: u16) -> (HashMap<String, f64>, bool) {
     let mut out = HashMap::new();
     // Clock ticks per second; 100 on every Linux this runs on.
     let ticks = 100.0;
-    let parse = |stat: &str| -> Option<(String, f64)> {
+    // (name, parent pid, CPU seconds)
+    let parse = |stat: &str| -> Option<(String, u32, f64)> {
         let open = stat.find('(')?;
         let close = stat.rfind(')')?;
         let name = stat[open + 1..close].to_owned();
         let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ppid: u32 = fields.get(1)?.parse().ok()?;
         let utime: f64 = fields.get(11)?.parse().ok()?;
         let stime: f64 = fields.get(12)?.parse().ok()?;
-        Some((name, (utime + stime) / ticks))
+        Some((name, ppid, (utime + stime) / ticks))
     };
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for task in tasks.flatten() {
             if let Ok(stat) = std::fs::read_to_string(task.path().join("stat"))
-                && let Some((name, secs)) = parse(&stat)
+                && let Some((name, _, secs)) = parse(&stat)
             {
                 let key = if name.starts_with("cp-server") {
                     "cp-server"
@@ -281,15 +300,34 @@ fn cpu_snapshot() -> HashMap<String, f64> {
             }
         }
     }
+    let mut postgres: Vec<(u32, u32, f64)> = Vec::new();
+    let mut postmaster = None;
+    let port_flag = format!("-p\0{pg_port}\0");
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
             if let Ok(stat) = std::fs::read_to_string(p.path().join("stat"))
-                && let Some((name, secs)) = parse(&stat)
+                && let Some((name, ppid, secs)) = parse(&stat)
                 && name == "postgres"
             {
-                *out.entry("postgres".to_owned()).or_insert(0.0) += secs;
+                postgres.push((pid, ppid, secs));
+                let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&port_flag) {
+                    postmaster = Some(pid);
+                }
             }
         }
     }
-    out
+    let total: f64 = match postmaster {
+        Some(pm) => postgres
+            .iter()
+            .filter(|(pid, ppid, _)| *pid == pm || *ppid == pm)
+            .map(|(_, _, secs)| secs)
+            .sum(),
+        None => postgres.iter().map(|(_, _, secs)| secs).sum(),
+    };
+    out.insert("postgres".to_owned(), total);
+    (out, postmaster.is_some())
 }

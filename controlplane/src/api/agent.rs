@@ -342,6 +342,13 @@ pub async fn heartbeat(
         return Err(ApiError::Validation(problems));
     }
     let mut tx = state.pool.begin().await?;
+    // A heartbeat is an observation the next one repeats: losing the last few hundred
+    // milliseconds of them in a Postgres crash is harmless, so they skip the WAL flush that
+    // durable commits wait for (the audit row of a recovery is the one exception, and the
+    // next heartbeat would write it again).
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     let row: Option<(NodeState, NodeState, i64)> = sqlx::query_as(
         "WITH old AS (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE)
          UPDATE nodes n SET last_heartbeat_at = now(),
