@@ -16,7 +16,7 @@ use kvfleet_engine::{
     Engine, EngineOutput, ExecError, ImportError, PoolSizing, Request, RequestId, RequestStats,
     SchedulerConfig, SubmitError,
 };
-use kvfleet_model::{LoadedModel, NativeEngine, native_engine_from};
+use kvfleet_model::{KvBudget, LoadedModel, NativeEngine, NativeError, native_engine_from};
 use kvfleet_proto::SamplingParams;
 
 /// What one request produced.
@@ -367,3 +367,41 @@ both_models!(
     seeded_sampling_survives_preemption,
     bad_input_gives_typed_errors,
 );
+
+/// The pool is sized from a memory budget, and the executor's cache matches the scheduler's
+/// pool block for block.
+#[test]
+fn kv_budget_sizes_pool_and_cache_alike() {
+    let m = tiny();
+    let probe = engine(&m, config(1));
+    let block_bytes = probe.kv_layout().block_bytes() as u64;
+    let cases: Vec<(KvBudget, Option<u32>)> = vec![
+        (KvBudget::Blocks(37), Some(37)),
+        (KvBudget::Bytes(100 * block_bytes + 1), Some(100)),
+        (KvBudget::Bytes(block_bytes - 1), None),
+        // A sliver of available memory: some blocks, however busy the machine.
+        (KvBudget::FractionOfAvailable(0.0001), None),
+    ];
+    for (budget, want) in cases {
+        let sizing = budget.sizing().expect("sizing");
+        let built = native_engine_from(
+            Arc::clone(&m),
+            SchedulerConfig {
+                kv_memory: sizing,
+                ..config(1)
+            },
+        );
+        match (want, built, budget) {
+            (Some(n), Ok(e), _) => {
+                assert_eq!(e.pool().num_blocks(), n, "{budget:?}");
+                assert_eq!(e.executor().num_blocks(), n as usize, "{budget:?}");
+            }
+            (None, Ok(e), KvBudget::FractionOfAvailable(_)) => {
+                assert!(e.pool().num_blocks() > 0);
+                assert_eq!(e.executor().num_blocks(), e.pool().num_blocks() as usize);
+            }
+            (None, Err(NativeError::Config(_)), KvBudget::Bytes(_)) => {}
+            (want, built, budget) => panic!("{budget:?}: want {want:?}, got {built:?}"),
+        }
+    }
+}
