@@ -20,6 +20,12 @@ pub struct SimReport {
     pub kv_blocks_per_worker: u32,
     /// Tokens per KV block.
     pub block_size: u32,
+    /// Delay of KV events and load reports on their way to the router, ms.
+    pub event_delay_ms: f64,
+    /// Interval between load reports, ms.
+    pub load_report_interval_ms: f64,
+    /// Factor applied to trace timestamps.
+    pub time_scale: f64,
     /// Requests in the trace (after `limit`).
     pub requests: u64,
     /// Requests that produced their last token.

@@ -260,10 +260,11 @@ impl<'a> Sim<'a> {
         None
     }
 
+    /// Whether load reports are still needed: an engine has work or a request waits for a
+    /// retry. Messages in transit do not count: they are delivered without ticks, and counting
+    /// them would keep a fleet whose reports take longer than the interval ticking forever.
     fn busy(&self) -> bool {
-        !self.backlog.is_empty()
-            || !self.to_router.is_empty()
-            || self.workers.iter().any(|w| w.engine.has_work())
+        !self.backlog.is_empty() || self.workers.iter().any(|w| w.engine.has_work())
     }
 
     fn run(&mut self) -> Result<(), SimError> {
@@ -593,6 +594,9 @@ impl<'a> Sim<'a> {
             profile: self.config.profile.name.clone(),
             kv_blocks_per_worker: self.max_prompt_blocks as u32,
             block_size: self.config.profile.layout.block_size.get(),
+            event_delay_ms: self.config.event_delay.as_secs_f64() * 1e3,
+            load_report_interval_ms: self.config.load_report_interval.as_secs_f64() * 1e3,
+            time_scale: self.config.time_scale,
             requests: self.trace.len() as u64,
             completed: t.completed,
             rejected: rejections.iter().map(|r| r.count).sum(),
