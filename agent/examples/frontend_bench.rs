@@ -101,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         inventory: Arc::new(NoGpus),
         worker: WorkerCommand { program },
         notifier: Notifier::default(),
+        dbus: kvfleet_agent::dbus::Bus::Off,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(serve_with(

@@ -8,15 +8,17 @@
 //! - [`backend`]: the seam between the frontend and token generation.
 //! - [`metrics`]: Prometheus text exposition.
 //! - [`systemd`]: `sd_notify` readiness, watchdog and status.
+//! - [`dbus`]: `org.kvfleet.Agent1` (status, drain, resume) and a logind shutdown inhibitor.
 //! - [`logging`]: `tracing` output, text or JSON.
 //!
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
 //! inventory and the built binary as the worker program. Not here yet: the peer transport
-//! (QUIC), the control-plane client, D-Bus.
+//! (QUIC) and the control-plane client.
 
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod dbus;
 pub mod frontend;
 pub mod gpu;
 pub mod logging;
@@ -48,6 +50,8 @@ pub struct Deps {
     pub worker: WorkerCommand,
     /// systemd notifications.
     pub notifier: Notifier,
+    /// Which D-Bus to export `org.kvfleet.Agent1` on.
+    pub dbus: dbus::Bus,
 }
 
 impl Deps {
@@ -58,6 +62,7 @@ impl Deps {
             inventory: Arc::from(gpu::detect()),
             worker: WorkerCommand { program },
             notifier: Notifier::from_env(),
+            dbus: dbus::Bus::System,
         })
     }
 }
@@ -186,7 +191,19 @@ pub async fn serve_with(
         background.clone(),
     ));
 
-    shutdown.await;
+    let logind_shutdown = CancellationToken::new();
+    let bus = dbus::Dbus::start(
+        &deps.dbus,
+        frontend.clone(),
+        pool.clone(),
+        logind_shutdown.clone(),
+    )
+    .await;
+
+    tokio::select! {
+        () = shutdown => {}
+        () = logind_shutdown.cancelled() => {}
+    }
     tracing::info!(
         in_flight = frontend.in_flight(),
         grace_s = config.drain_grace.as_secs_f64(),
@@ -208,6 +225,9 @@ pub async fn serve_with(
     background.cancel();
     let _ = readiness.await;
     pool.shutdown().await;
+    if let Some(bus) = &bus {
+        bus.release_inhibitor();
+    }
     notifier.status("stopped");
     tracing::info!("kvfleet-agent stopped");
     Ok(())

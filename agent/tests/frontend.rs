@@ -750,3 +750,78 @@ fn check_config_prints_every_problem_with_its_location() {
     assert!(String::from_utf8_lossy(&output.stdout).contains(": OK ("));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `org.kvfleet.Agent1` on a private `dbus-daemon`: Status, Drain (the node leaves rotation),
+/// Resume. Skips, saying why, without `dbus-daemon`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dbus_interface_reports_drains_and_resumes() {
+    let dir = std::env::temp_dir().join(format!("kvfleet-dbus-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("bus");
+    let address = format!("unix:path={}", socket.display());
+    let daemon = std::process::Command::new("dbus-daemon")
+        .args(["--session", "--fork", "--print-pid", "--nopidfile"])
+        .arg(format!("--address={address}"))
+        .output();
+    let Ok(daemon) = daemon.map_err(|e| eprintln!("SKIPPED: no dbus-daemon ({e})")) else {
+        return;
+    };
+    assert!(
+        daemon.status.success(),
+        "{}",
+        String::from_utf8_lossy(&daemon.stderr)
+    );
+    let pid = String::from_utf8_lossy(&daemon.stdout).trim().to_owned();
+    let agent = TestAgent::start_on_bus(
+        &model("m", 0, 4096),
+        kvfleet_agent::dbus::Bus::Address(address.clone()),
+    )
+    .await;
+    let client = zbus::connection::Builder::address(address.as_str())
+        .build()
+        .await
+        .unwrap();
+    let call = |method: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .call_method(
+                    Some("org.kvfleet.Agent"),
+                    "/org/kvfleet/Agent",
+                    Some("org.kvfleet.Agent1"),
+                    method,
+                    &(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let status: String = call("Status").await.body().deserialize().unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["ready"], true, "{status}");
+    assert_eq!(status["workers"][0]["state"], "ready");
+
+    call("Drain").await;
+    let (code, body) = agent.ready_status().await;
+    assert_eq!(code, 503);
+    assert_eq!(body["draining"], true);
+    let refused = agent.post("/v1/chat/completions", chat("hi", 2)).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "draining");
+
+    call("Resume").await;
+    assert_eq!(agent.ready_status().await.0, 200);
+    assert_eq!(
+        agent
+            .post("/v1/chat/completions", chat("hi", 2))
+            .await
+            .status(),
+        200
+    );
+
+    drop(agent);
+    let _ = std::process::Command::new("kill").arg(&pid).status();
+    let _ = std::fs::remove_dir_all(&dir);
+}

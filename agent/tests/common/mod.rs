@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvfleet_agent::config::{Config, Sources};
+use kvfleet_agent::dbus::Bus;
 use kvfleet_agent::gpu::FakeInventory;
 use kvfleet_agent::systemd::Notifier;
 use kvfleet_agent::worker::WorkerCommand;
@@ -53,16 +54,23 @@ impl TestAgent {
 
     /// Starts an agent that sends systemd notifications through `notifier`.
     pub async fn start_notified(toml: &str, notifier: Notifier) -> Self {
-        let agent = Self::launch(toml, 100, notifier).await;
+        let agent = Self::launch(toml, 100, notifier, Bus::Off).await;
+        agent.wait_ready(Duration::from_secs(30)).await;
+        agent
+    }
+
+    /// Starts an agent that exports its D-Bus interface on `bus`.
+    pub async fn start_on_bus(toml: &str, bus: Bus) -> Self {
+        let agent = Self::launch(toml, 100, Notifier::default(), bus).await;
         agent.wait_ready(Duration::from_secs(30)).await;
         agent
     }
 
     pub async fn start_unready(toml: &str, backoff_ms: u64) -> Self {
-        Self::launch(toml, backoff_ms, Notifier::default()).await
+        Self::launch(toml, backoff_ms, Notifier::default(), Bus::Off).await
     }
 
-    async fn launch(toml: &str, backoff_ms: u64, notifier: Notifier) -> Self {
+    async fn launch(toml: &str, backoff_ms: u64, notifier: Notifier, dbus: Bus) -> Self {
         let (config, dir) = config(toml, backoff_ms);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -72,6 +80,7 @@ impl TestAgent {
                 program: env!("CARGO_BIN_EXE_kvfleet-agent").into(),
             },
             notifier,
+            dbus,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let (started_tx, started_rx) = oneshot::channel();
