@@ -34,6 +34,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod placement;
 pub mod store;
+pub mod systemd;
 
 use std::future::{Future, IntoFuture as _};
 use std::sync::Arc;
@@ -106,6 +107,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_notifying(config, listener, shutdown, None).await
+}
+
+/// [`run`], telling systemd (when `notifier` is set) when it is ready, that it is alive, and
+/// when it stops.
+pub async fn run_notifying(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    notifier: Option<systemd::Notifier>,
+) -> anyhow::Result<()> {
     let pool = store::connect(&config.database)
         .await
         .with_context(|| format!("connecting to {}", config::redact_url(&config.database.url)))?;
@@ -119,7 +131,7 @@ pub async fn run(
         );
     }
     let state = AppState::new(pool, config).await?;
-    serve(state, listener, shutdown).await
+    serve_notifying(state, listener, shutdown, notifier).await
 }
 
 /// How long in-flight requests may run once shutdown begins.
@@ -131,8 +143,26 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_notifying(state, listener, shutdown, None).await
+}
+
+async fn serve_notifying(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    notifier: Option<systemd::Notifier>,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(notifier) = &notifier {
+        // Migrated, CA loaded, listener bound: requests are accepted from here on.
+        if let Err(error) = notifier.notify("READY=1") {
+            tracing::warn!(%error, "cannot notify systemd");
+        }
+        if let Some(interval) = notifier.watchdog_interval() {
+            tasks.spawn(watchdog(notifier.clone(), interval, stop_rx.clone()));
+        }
+    }
     tasks.spawn(leader::run_elections(state.clone(), stop_rx.clone()));
     tasks.spawn(api::agent::forward_notifications(
         state.clone(),
@@ -145,6 +175,7 @@ pub async fn serve(
     let mut http_stop = stop_rx.clone();
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let stopping = state.clone();
+    let stop_notifier = notifier.clone();
     let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
         tokio::select! {
             () = shutdown => {}
@@ -152,6 +183,9 @@ pub async fn serve(
         }
         // Wake long polls so they answer now instead of holding the drain open.
         stopping.stopping.send_replace(true);
+        if let Some(notifier) = &stop_notifier {
+            let _ = notifier.notify("STOPPING=1");
+        }
         let _ = fired_tx.send(());
     });
     let served = tokio::select! {
@@ -171,6 +205,22 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
     state.pool.close().await;
     served.context("serving HTTP")
+}
+
+/// Pings the systemd watchdog while the server runs.
+async fn watchdog(
+    notifier: systemd::Notifier,
+    interval: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Err(error) = notifier.notify("WATCHDOG=1") {
+            tracing::warn!(%error, "cannot ping the systemd watchdog");
+        }
+        if store::sleep_or_shutdown(interval, &mut stop).await {
+            return;
+        }
+    }
 }
 
 /// Makes sure an admin can get in. With `auth.bootstrap_admin_token` set, that token is

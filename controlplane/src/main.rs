@@ -174,7 +174,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
-            kvfleet_controlplane::run(config, listener, shutdown_signal()).await
+            let notifier = kvfleet_controlplane::systemd::Notifier::from_env(
+                |name| std::env::var(name).ok(),
+                std::process::id(),
+            );
+            kvfleet_controlplane::run_notifying(config, listener, shutdown_signal(), notifier).await
         }
         Command::Migrate => {
             let pool = connect(&config).await?;

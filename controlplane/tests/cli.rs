@@ -159,3 +159,74 @@ async fn migrate_and_token_create_work_against_a_database(pool: PgPool) {
             .unwrap();
     assert_eq!(audited, 1);
 }
+
+/// `serve` under a stand-in for systemd: READY=1 once it accepts requests, WATCHDOG=1 pings,
+/// and on SIGTERM STOPPING=1 and a clean exit.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn serve_speaks_the_systemd_notify_protocol(pool: PgPool) {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+
+    let dir = std::env::temp_dir().join(format!("kvfleet-sd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = binary()
+        .args([
+            "serve",
+            "--config",
+            "/dev/null",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--database-url", &url_of(&pool)])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut receive = || {
+        let n = socket.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(receive(), "READY=1");
+    // Ready means ready: the API answers now.
+    let status = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/status"))
+        .await
+        .unwrap();
+    assert_eq!(status.status(), reqwest::StatusCode::OK);
+    let started = Instant::now();
+    assert_eq!(receive(), "WATCHDOG=1");
+    assert_eq!(receive(), "WATCHDOG=1");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "pings at half of WATCHDOG_USEC"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut got = receive();
+    while got == "WATCHDOG=1" {
+        got = receive();
+    }
+    assert_eq!(got, "STOPPING=1");
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
