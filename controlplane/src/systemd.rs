@@ -65,7 +65,9 @@ mod tests {
 
     #[test]
     fn environment_table() {
-        let cases: &[(&[(&str, &str)], Option<Option<Duration>>)] = &[
+        // (environment, expected: None = not under systemd, Some(watchdog interval))
+        type Env = &'static [(&'static str, &'static str)];
+        let cases: &[(Env, Option<Option<Duration>>)] = &[
             (&[], None),
             (&[("NOTIFY_SOCKET", "")], None),
             (&[("NOTIFY_SOCKET", "/run/systemd/notify")], Some(None)),
