@@ -3,7 +3,6 @@
 //! The CLI crate wires it as a subcommand with `Sim(kvfleet_sim::SimArgs)` and
 //! `Command::Sim(args) => kvfleet_sim::cli_main(args)`; `examples/sim.rs` runs it standalone.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use clap::Args;
 use kvfleet_engine::{MockProfile, PoolSizing};
 use kvfleet_kv_router::RoutingMode;
 
-use crate::report::Comparison;
+use crate::report::{Comparison, SimReport};
 use crate::sim::{SimConfig, run};
 use crate::trace::load_trace;
 
@@ -59,6 +58,10 @@ pub struct SimArgs {
     /// Seed of the router's random choices (`random` mode, softmax).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Modes to simulate at once, each on its own thread (runs are independent, so the
+    /// figures do not depend on it; only the wall times do).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub jobs: usize,
 }
 
 fn millis(value: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -109,25 +112,52 @@ impl SimArgs {
 /// Runs `kvfleet sim`: every requested mode over the trace, then prints the table (or JSON)
 /// and writes the plot.
 pub fn cli_main(args: SimArgs) -> anyhow::Result<()> {
+    cli_run(args, &mut std::io::stdout().lock())
+}
+
+/// [`cli_main`] writing its table or JSON to `out`.
+pub fn cli_run(args: SimArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let modes = args.modes()?;
     let config = args.config()?;
     let mut trace = load_trace(&args.trace)?;
     if let Some(limit) = args.limit {
         trace.truncate(limit);
     }
+    let jobs = args.jobs.clamp(1, modes.len().max(1));
     let mut runs = Vec::with_capacity(modes.len());
-    for mode in modes {
-        let report = run(&config.clone().with_mode(mode), &trace)
-            .with_context(|| format!("simulating mode {mode}"))?;
-        eprintln!(
-            "{mode}: {} of {} requests completed, hit rate {:.1} %, {:.1} s of virtual time in {:.1} s",
-            report.completed,
-            report.requests,
-            report.prefix_hit_rate * 100.0,
-            report.virtual_duration_s,
-            report.wall_time_s
-        );
-        runs.push(report);
+    for chunk in modes.chunks(jobs) {
+        let reports: Vec<anyhow::Result<SimReport>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&mode| {
+                    let (config, trace) = (&config, &trace);
+                    scope.spawn(move || {
+                        run(&config.clone().with_mode(mode), trace)
+                            .with_context(|| format!("simulating mode {mode}"))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a simulation thread panicked")))
+                })
+                .collect()
+        });
+        for report in reports {
+            let report = report?;
+            eprintln!(
+                "{}: {} of {} requests completed, hit rate {:.1} %, {:.1} s of virtual time in {:.1} s",
+                report.mode,
+                report.completed,
+                report.requests,
+                report.prefix_hit_rate * 100.0,
+                report.virtual_duration_s,
+                report.wall_time_s
+            );
+            runs.push(report);
+        }
     }
     let comparison = Comparison {
         trace: args.trace.display().to_string(),
@@ -137,12 +167,11 @@ pub fn cli_main(args: SimArgs) -> anyhow::Result<()> {
         std::fs::write(path, crate::plot::render_svg(&comparison))
             .with_context(|| format!("writing plot {}", path.display()))?;
     }
-    let mut stdout = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut stdout, &comparison).context("writing JSON")?;
-        writeln!(stdout)?;
+        serde_json::to_writer_pretty(&mut *out, &comparison).context("writing JSON")?;
+        writeln!(out)?;
     } else {
-        write!(stdout, "{}", comparison.markdown_table())?;
+        write!(out, "{}", comparison.markdown_table())?;
     }
     Ok(())
 }
@@ -192,6 +221,49 @@ mod tests {
         assert!(!config.pool_from_profile);
         assert_eq!(config.scheduler.kv_memory, PoolSizing::Blocks(1000));
         assert!(parse(&["--trace", "t"]).config().unwrap().pool_from_profile);
+    }
+
+    #[test]
+    fn cli_main_runs_every_mode_in_parallel_and_writes_the_plot() {
+        let dir = std::env::temp_dir().join(format!("kvfleet-sim-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let trace = dir.join("trace.jsonl");
+        std::fs::write(
+            &trace,
+            "{\"timestamp\": 0, \"input_length\": 700, \"output_length\": 3, \"hash_ids\": [1, 2]}\n\
+             {\"timestamp\": 50, \"input_length\": 600, \"output_length\": 2, \"hash_ids\": [1, 3]}\n",
+        )
+        .unwrap();
+        let plot = dir.join("plot.svg");
+        let (trace_arg, plot_arg) = (trace.display().to_string(), plot.display().to_string());
+        let args = parse(&[
+            "--trace",
+            &trace_arg,
+            "--workers",
+            "2",
+            "--mode",
+            "all",
+            "--jobs",
+            "3",
+            "--json",
+            "--plot",
+            &plot_arg,
+        ]);
+        let mut out = Vec::new();
+        cli_run(args, &mut out).unwrap();
+        let comparison: Comparison = serde_json::from_slice(&out).unwrap();
+        let modes: Vec<RoutingMode> = comparison.runs.iter().map(|r| r.mode).collect();
+        assert_eq!(modes, RoutingMode::ALL);
+        assert!(comparison.runs.iter().all(|r| r.completed == 2));
+        let svg = std::fs::read_to_string(&plot).unwrap();
+        for mode in RoutingMode::ALL {
+            assert!(svg.contains(&format!(">{mode}</text>")), "{mode}");
+        }
+        // A bad line fails the command with its line number.
+        std::fs::write(&trace, "{\"timestamp\": 0}\n").unwrap();
+        let err = cli_run(parse(&["--trace", &trace_arg]), &mut Vec::new()).unwrap_err();
+        assert!(format!("{err:#}").contains("trace line 1"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

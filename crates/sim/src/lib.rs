@@ -43,7 +43,7 @@ pub mod trace;
 #[cfg(test)]
 mod tests;
 
-pub use cli::{SimArgs, cli_main};
+pub use cli::{SimArgs, cli_main, cli_run};
 pub use report::{Comparison, SimReport, WorkerReport};
 pub use sim::{SimConfig, SimError, run};
 pub use trace::{TraceError, TraceRequest, load_trace, parse_trace};

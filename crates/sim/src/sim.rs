@@ -37,8 +37,8 @@ use crate::trace::{TraceRequest, synthesize_prompt};
 pub struct SimConfig {
     /// Workers in the fleet (ids 1..=workers).
     pub workers: usize,
-    /// The mock engines' timing profile (and KV pool size, unless `scheduler.kv_memory` is
-    /// overridden by [`SimConfig::pool_from_profile`] being false).
+    /// The mock engines' timing profile; its `kv_cache_bytes` sizes each engine's KV pool
+    /// when [`SimConfig::pool_from_profile`] is set.
     pub profile: MockProfile,
     /// Each engine's scheduler limits; `worker` is overwritten per engine.
     pub scheduler: SchedulerConfig,
