@@ -1,7 +1,9 @@
 //! The paged KV cache: for every layer, K and V storage for `num_blocks` blocks of
-//! `block_size` tokens, laid out `[block, slot, kv_head, head_dim]`, in IEEE half precision:
-//! half the memory of f32, and the precision llama.cpp's default cache has, which keeps our
-//! outputs close to it (the golden tests compare against llama.cpp).
+//! `block_size` tokens, laid out `[block, slot, kv_head, head_dim]`. Values have IEEE half
+//! precision (llama.cpp's default cache precision, which keeps our outputs close to its; the
+//! golden tests compare against llama.cpp) and are exchanged as f16, but are held as f32 in
+//! memory: converting on every attention read cost more than the matmuls (profiled), and a
+//! CPU worker's memory goes further than its compute.
 //!
 //! The cache owns storage only. Which block belongs to which sequence (allocation, prefix
 //! sharing, eviction) is the engine's block pool's business; the forward pass receives each
@@ -17,8 +19,8 @@ use crate::error::{ModelError, Result};
 /// Per-layer paged K/V storage.
 #[derive(Debug, Clone)]
 pub struct PagedKvCache {
-    pub(crate) k: Vec<Vec<f16>>,
-    pub(crate) v: Vec<Vec<f16>>,
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
     num_blocks: usize,
     block_size: BlockSize,
     kv_heads: usize,
@@ -40,15 +42,15 @@ impl PagedKvCache {
             .checked_mul(block_size.tokens())
             .and_then(|n| n.checked_mul(kv_heads))
             .and_then(|n| n.checked_mul(head_dim))
-            .filter(|&n| n <= isize::MAX as usize / 2)
+            .filter(|&n| n <= isize::MAX as usize / 4)
             .ok_or_else(|| {
                 ModelError::BadInput(format!(
                     "a KV cache of {num_blocks} blocks overflows memory"
                 ))
             })?;
         Ok(Self {
-            k: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            v: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
             num_blocks,
             block_size,
             kv_heads,
@@ -100,6 +102,13 @@ impl PagedKvCache {
         Ok(b)
     }
 
+    /// Writes f32 values into `dst` at f16 precision.
+    pub(crate) fn store_f16(dst: &mut [f32], src: &[f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f16::from_f32(s).to_f32();
+        }
+    }
+
     /// One block's K and V for every layer, as `layout().block_bytes()` bytes.
     pub fn read_block(&self, block: u32) -> Result<Vec<u8>> {
         let b = self.check_block(block)?;
@@ -107,8 +116,9 @@ impl PagedKvCache {
         let mut out = Vec::with_capacity(2 * self.layers() * n * 2);
         for layer in 0..self.layers() {
             for store in [&self.k[layer], &self.v[layer]] {
-                for x in &store[b * n..(b + 1) * n] {
-                    out.extend_from_slice(&x.to_le_bytes());
+                for &x in &store[b * n..(b + 1) * n] {
+                    // Exact: stored values are f16-representable (see `store_f16`).
+                    out.extend_from_slice(&f16::from_f32(x).to_le_bytes());
                 }
             }
         }
@@ -129,7 +139,7 @@ impl PagedKvCache {
         }
         let mut chunks = bytes
             .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]));
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32());
         for layer in 0..self.layers() {
             for store in [&mut self.k[layer], &mut self.v[layer]] {
                 for (dst, src) in store[b * n..(b + 1) * n].iter_mut().zip(&mut chunks) {
@@ -164,7 +174,7 @@ mod tests {
     proptest! {
         #[test]
         fn block_bytes_round_trip(values in proptest::collection::vec(-1e3f32..1e3, 2 * 2 * 24), src in 0u32..4, dst in 0u32..4) {
-            let values: Vec<f16> = values.into_iter().map(f16::from_f32).collect();
+            let values: Vec<f32> = values.into_iter().map(|v| f16::from_f32(v).to_f32()).collect();
             let mut a = cache(4);
             let n = a.block_elems();
             let mut it = values.iter().copied();

@@ -12,7 +12,6 @@
 
 use candle_core::Tensor;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::config::{Activation, ModelConfig, RopeScaling, RopeStyle};
@@ -428,8 +427,14 @@ impl Model {
             for (ti, m) in meta.iter().enumerate() {
                 let block = tables[m.seq][m.pos / bs] as usize;
                 let base = (block * bs + m.pos % bs) * row;
-                cache.k[li][base..base + row].convert_from_f32_slice(&k[ti * row..(ti + 1) * row]);
-                cache.v[li][base..base + row].convert_from_f32_slice(&v[ti * row..(ti + 1) * row]);
+                PagedKvCache::store_f16(
+                    &mut cache.k[li][base..base + row],
+                    &k[ti * row..(ti + 1) * row],
+                );
+                PagedKvCache::store_f16(
+                    &mut cache.v[li][base..base + row],
+                    &v[ti * row..(ti + 1) * row],
+                );
             }
             let mut attn = vec![0.0f32; t * nh * hd];
             self.attention(li, &q, cache, &meta, &tables, &mut attn);
@@ -510,12 +515,8 @@ impl Model {
                 None => 0,
             };
             let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * nkv + g) * hd;
-            let mut row = vec![0.0f32; hd];
             let mut scores: Vec<f32> = (lo..=m.pos)
-                .map(|p| {
-                    kc[at(p)..at(p) + hd].convert_to_f32_slice(&mut row);
-                    dot(qv, &row) * scale
-                })
+                .map(|p| dot(qv, &kc[at(p)..at(p) + hd]) * scale)
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f64;
@@ -527,8 +528,7 @@ impl Model {
             let inv = (1.0 / sum) as f32;
             for (j, p) in (lo..=m.pos).enumerate() {
                 let pr = f16::from_f32(scores[j] * inv).to_f32();
-                vc[at(p)..at(p) + hd].convert_to_f32_slice(&mut row);
-                axpy(o, pr, &row);
+                axpy(o, pr, &vc[at(p)..at(p) + hd]);
             }
         });
     }
