@@ -132,10 +132,10 @@ impl BlockQ8Matrix {
                         out_row[ti..ti + 4].copy_from_slice(&acc);
                         ti += 4;
                     }
-                    for ti in ti..t {
-                        let aq = &act.q[ti * k..(ti + 1) * k];
-                        let ad = &act.d[ti * nb..(ti + 1) * nb];
-                        out_row[ti] = row_dot(wq, wd, aq, ad);
+                    for (tj, o) in out_row.iter_mut().enumerate().skip(ti) {
+                        let aq = &act.q[tj * k..(tj + 1) * k];
+                        let ad = &act.d[tj * nb..(tj + 1) * nb];
+                        *o = row_dot(wq, wd, aq, ad);
                     }
                     if let Some(wm) = wm {
                         for (ti, o) in out_row.iter_mut().enumerate() {
