@@ -112,6 +112,8 @@ pub struct Principal {
     pub role: Role,
     /// Set for agent credentials.
     pub node_id: Option<Uuid>,
+    /// The request's id (set by the API layer), carried into audit rows.
+    pub request_id: Option<String>,
 }
 
 /// A token split into its public prefix; the full text is what gets hashed.
@@ -243,6 +245,7 @@ pub async fn authenticate(
         actor: format!("{name} ({})", parsed.prefix),
         role,
         node_id,
+        request_id: None,
     })
 }
 

@@ -188,6 +188,7 @@ pub async fn liveness_pass(
             &mut tx,
             AuditEntry {
                 actor_token: None,
+                request_id: None,
                 actor: "liveness",
                 action: if next == NodeState::Lost {
                     "node.lost"
@@ -316,6 +317,7 @@ async fn placement_audit(
             target_id: Some(worker.to_string()),
             before,
             after,
+            request_id: None,
         },
     )
     .await

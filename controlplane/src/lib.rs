@@ -302,6 +302,7 @@ pub async fn create_token(
             target_id: Some(id.to_string()),
             before: None,
             after: Some(serde_json::json!({ "name": name, "role": role.as_str() })),
+            request_id: None,
         },
     )
     .await?;

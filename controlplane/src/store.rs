@@ -88,13 +88,16 @@ pub struct AuditEntry<'a> {
     pub target_id: Option<String>,
     pub before: Option<Value>,
     pub after: Option<Value>,
+    /// The request's `x-request-id`, to find the change in the logs (none for background loops).
+    pub request_id: Option<String>,
 }
 
 /// Writes `entry` inside the caller's transaction.
 pub async fn audit(conn: &mut PgConnection, entry: AuditEntry<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO audit_log (actor_token, actor, action, target_type, target_id, before, after)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO audit_log (actor_token, actor, action, target_type, target_id, before, after,
+             request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(entry.actor_token)
     .bind(entry.actor)
@@ -103,6 +106,7 @@ pub async fn audit(conn: &mut PgConnection, entry: AuditEntry<'_>) -> Result<(),
     .bind(entry.target_id)
     .bind(entry.before)
     .bind(entry.after)
+    .bind(entry.request_id)
     .execute(conn)
     .await?;
     Ok(())

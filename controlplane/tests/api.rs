@@ -863,3 +863,37 @@ async fn errors_outside_handlers_are_problem_json_too(pool: PgPool) {
     assert_eq!(r.content_type, "application/problem+json");
     server.stop().await;
 }
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn request_ids_are_echoed_and_audited(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let operator = token(&pool, Role::Operator).await;
+    let client = reqwest::Client::new();
+    let response = client
+        .post(server.url("/models"))
+        .bearer_auth(&operator)
+        .header("x-request-id", "ci-run-42")
+        .json(&json!({"name": "m", "format": "mock", "path": "/m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()["x-request-id"], "ci-run-42");
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT request_id FROM audit_log WHERE action = 'model.create'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.as_deref(), Some("ci-run-42"));
+    // Without one (or with an unusable one) the server makes one up.
+    for header in [None, Some("has spaces in it")] {
+        let mut request = client.get(server.url("/models")).bearer_auth(&operator);
+        if let Some(h) = header {
+            request = request.header("x-request-id", h);
+        }
+        let response = request.send().await.unwrap();
+        let id = response.headers()["x-request-id"].to_str().unwrap();
+        assert!(id.parse::<uuid::Uuid>().is_ok(), "{id}");
+    }
+    server.stop().await;
+}

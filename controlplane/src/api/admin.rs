@@ -118,6 +118,7 @@ pub async fn create_token(
         &mut tx,
         store::AuditEntry {
             actor_token: Some(caller.principal.token_id),
+            request_id: caller.principal.request_id.clone(),
             actor: &caller.principal.actor,
             action: "token.create",
             target_type: "token",
@@ -159,6 +160,7 @@ pub async fn revoke_token(
         &mut tx,
         store::AuditEntry {
             actor_token: Some(caller.principal.token_id),
+            request_id: caller.principal.request_id.clone(),
             actor: &caller.principal.actor,
             action: "token.revoke",
             target_type: "token",

@@ -256,6 +256,7 @@ pub async fn register(
         &mut tx,
         AuditEntry {
             actor_token: Some(principal.token_id),
+            request_id: principal.request_id.clone(),
             actor: &principal.actor,
             action,
             target_type: "node",
@@ -398,6 +399,7 @@ pub async fn heartbeat(
             &mut tx,
             AuditEntry {
                 actor_token: Some(caller.principal.token_id),
+                request_id: caller.principal.request_id.clone(),
                 actor: &caller.principal.actor,
                 action: "node.healthy",
                 target_type: "node",
@@ -551,6 +553,7 @@ pub async fn renew_certificate(
         &mut tx,
         AuditEntry {
             actor_token: Some(caller.principal.token_id),
+            request_id: caller.principal.request_id.clone(),
             actor: &caller.principal.actor,
             action: "certificate.renew",
             target_type: "node",

@@ -118,6 +118,7 @@ fn audit_entry<'a>(
 ) -> AuditEntry<'a> {
     AuditEntry {
         actor_token: Some(caller.token_id),
+        request_id: caller.request_id.clone(),
         actor: &caller.actor,
         action,
         target_type,

@@ -51,7 +51,11 @@ impl<N: Needs> FromRequestParts<AppState> for Caller<N> {
             })
             .transpose()?;
         let mut conn = state.pool.acquire().await?;
-        let principal = auth::authenticate(&mut conn, header).await?;
+        let mut principal = auth::authenticate(&mut conn, header).await?;
+        principal.request_id = parts
+            .extensions
+            .get::<super::RequestId>()
+            .map(|r| r.0.clone());
         if !principal.role.allows(N::PERMISSION) {
             return Err(ApiError::Forbidden {
                 role: principal.role,

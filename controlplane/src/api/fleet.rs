@@ -131,6 +131,7 @@ async fn audit_node(
         tx,
         AuditEntry {
             actor_token: Some(caller.token_id),
+            request_id: caller.request_id.clone(),
             actor: &caller.actor,
             action,
             target_type: "node",
