@@ -20,6 +20,12 @@ use kvfleet_proto::{BlockSize, SamplingParams};
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
     /// Prefill and decode tokens/s of the native engine at several batch sizes.
+    ///
+    /// For each batch size B, B distinct random prompts are prefilled (one token each, so every
+    /// step is prefill: prefill tok/s = B × prompt tokens / time), then the same prompts run
+    /// again from the prefix cache and decode together (decode tok/s = B × decode tokens / time
+    /// after every first token). Times are the executor's measured step durations. Prints a
+    /// Markdown table on stdout.
     Engine(EngineArgs),
 }
 

@@ -26,6 +26,7 @@ use kvfleet_engine::{
     SchedulerConfig, StepOutput, StepResult,
 };
 use kvfleet_proto::{BlockSize, KvLayout, SamplingParams};
+use rayon::prelude::*;
 
 use crate::LoadedModel;
 use crate::error::ModelError;
@@ -266,7 +267,7 @@ impl Executor for NativeExecutor {
             .model
             .forward(&inputs, &mut self.cache)
             .map_err(|e| ExecError::Failed(e.to_string()))?;
-        let mut outputs = Vec::with_capacity(batch.seqs.len());
+        let mut jobs: Vec<(RequestId, u64, Vec<f32>)> = Vec::with_capacity(batch.seqs.len());
         for (s, logits) in batch.seqs.iter().zip(logits) {
             if !s.sample {
                 continue;
@@ -277,7 +278,7 @@ impl Executor for NativeExecutor {
                     s.request.0
                 )));
             };
-            let state = self.sampling.entry(s.request).or_insert_with(|| {
+            self.sampling.entry(s.request).or_insert_with(|| {
                 let seed = s.sampling.seed.unwrap_or_else(|| mix(s.request.0));
                 RequestSampling {
                     params: SamplingParams {
@@ -287,20 +288,29 @@ impl Executor for NativeExecutor {
                     seed,
                 }
             });
-            // The RNG is seeded from the request's seed and the sampled token's absolute
-            // position, not drawn from a stream: a recompute after preemption, or a decode
-            // worker that received the prompt and first token from a prefill worker, draws
-            // exactly what an uninterrupted run would.
-            let pos = (s.start_pos + s.tokens.len()) as u64;
-            let sampled = Sampler::new(&state.params, mix(state.seed ^ mix(pos))).sample(&logits);
-            let logprobs = state.params.logprobs.is_some();
-            outputs.push(StepOutput {
-                request: s.request,
-                token: sampled.token,
-                logprob: logprobs.then_some(sampled.logprob),
-                top_logprobs: sampled.top,
-            });
+            jobs.push((s.request, (s.start_pos + s.tokens.len()) as u64, logits));
         }
+        // A softmax and a top-k over the vocabulary per sequence (262k entries for Gemma 3):
+        // worth spreading over the cores at large batches.
+        let sampling = &self.sampling;
+        let outputs = jobs
+            .into_par_iter()
+            .filter_map(|(request, pos, logits)| {
+                let state = sampling.get(&request)?;
+                // The RNG is seeded from the request's seed and the sampled token's absolute
+                // position, not drawn from a stream: a recompute after preemption, or a decode
+                // worker that received the prompt and first token from a prefill worker, draws
+                // exactly what an uninterrupted run would.
+                let sampled =
+                    Sampler::new(&state.params, mix(state.seed ^ mix(pos))).sample(&logits);
+                Some(StepOutput {
+                    request,
+                    token: sampled.token,
+                    logprob: state.params.logprobs.is_some().then_some(sampled.logprob),
+                    top_logprobs: sampled.top,
+                })
+            })
+            .collect();
         Ok(StepResult {
             outputs,
             elapsed: start.elapsed(),
