@@ -648,3 +648,26 @@ async fn peer_certificates_verify_with_rustls_for_client_and_server_auth(pool: P
     assert!(other.verify_client_cert(&cert, &[], now).is_err());
     server.stop().await;
 }
+
+/// An agent holding a generation the server no longer has (a database restored from backup)
+/// gets the server's state at once instead of waiting for a number it may never reach.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn a_watch_from_the_future_returns_at_once(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let join = token(&pool, Role::Join).await;
+    let (_, agent, registered) = register(&server, &join, "gpu-a", 0).await;
+    let generation = registered["desired_generation"].as_i64().unwrap();
+    let started = tokio::time::Instant::now();
+    let r = get(
+        &server,
+        &format!(
+            "/agent/desired-state?after_generation={}&wait_s=30",
+            generation + 100
+        ),
+        &agent,
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(r.body["generation"], generation);
+    server.stop().await;
+}

@@ -475,7 +475,8 @@ async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiE
 }
 
 /// The node's desired state; with `after_generation`, waits (up to `wait_s`, capped by the
-/// server) until the generation moves past it.
+/// server) until the generation differs from it. A generation lower than the agent's (a
+/// database restored from a backup) is returned at once and is authoritative.
 #[utoipa::path(get, path = "/api/v1/agent/desired-state", params(WatchQuery), tag = "agent",
     responses((status = 200, body = DesiredState), (status = 401, body = Problem)))]
 pub async fn desired_state(
@@ -490,7 +491,7 @@ pub async fn desired_state(
     let Some(after) = query.after_generation else {
         return Ok(Json(current));
     };
-    if current.generation > after {
+    if current.generation != after {
         return Ok(Json(current));
     }
     let wait =
@@ -511,7 +512,7 @@ pub async fn desired_state(
             // Our node changed, or we fell behind and cannot tell: re-read.
             Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
                 let now = load_desired(&state, node).await?;
-                if now.generation > after {
+                if now.generation != after {
                     return Ok(Json(now));
                 }
             }

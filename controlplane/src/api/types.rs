@@ -597,8 +597,9 @@ pub struct DesiredState {
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct WatchQuery {
-    /// The generation the agent holds: the call returns as soon as the node's generation is
-    /// above it, or after `wait_s` with the current state. Absent: return at once.
+    /// The generation the agent holds: the call returns as soon as the node's generation
+    /// differs from it (normally: is above it), or after `wait_s` with the current state.
+    /// Absent: return at once.
     pub after_generation: Option<i64>,
     /// Seconds to wait (capped by the server's `watch.max_wait`).
     pub wait_s: Option<u64>,
