@@ -163,7 +163,7 @@ impl NodeCa {
     }
 
     /// Rebuilds the CA from its stored parts. rcgen signs with the issuer's name, key usages
-    /// and key identifier method, which [`ca_params`] reproduces exactly from the name.
+    /// and key identifier method, which `ca_params` reproduces exactly from the name.
     pub fn from_stored(name: &str, cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem)?;
         Ok(NodeCa {

@@ -12,6 +12,7 @@
 //! - [`ca`]: the node CA issuing agents' peer certificates.
 //! - [`placement`] and [`liveness`]: pure decisions; [`leader`]: the election and the loops
 //!   that apply them; [`metrics`]: fleet metrics from heartbeats.
+//! - [`systemd`]: `READY=1` / `WATCHDOG=1` / `STOPPING=1` for the `Type=notify` unit.
 //!
 //! Not here yet: the KV index authority, the planner loop (placement sizes deployments at
 //! `min_workers` until it exists), the web UI, TLS on the HTTP listener (terminate TLS in a
