@@ -959,6 +959,25 @@ impl Checker<'_> {
                 );
             }
         }
+        // A model without a worker would keep /ready at 503 forever.
+        if raw.workers.is_empty() && config.models.len() > 1 {
+            self.problem(
+                Location::Default,
+                "several models are defined but no [[workers]]: say which worker serves which model",
+            );
+        } else if !raw.workers.is_empty() {
+            for raw_model in &raw.models {
+                let name = raw_model.name.get_ref().trim();
+                let valid = config.models.iter().any(|m| m.name == name);
+                if valid && !config.workers.iter().any(|w| w.model == name) {
+                    let location = self.at(&raw_model.name);
+                    self.problem(
+                        location,
+                        format!("model {name:?} has no [[workers]] entry serving it"),
+                    );
+                }
+            }
+        }
         let sc = &config.supervisor;
         if sc.restart_backoff_initial > sc.restart_backoff_max {
             self.problem(
@@ -1081,7 +1100,20 @@ role = "decode"
             (
                 "unknown worker model",
                 "[[models]]\nname = \"a\"\n[[workers]]\nmodel = \"b\"\n",
-                &["agent.toml:4:9: workers.model \"b\" is not one of the models defined"],
+                &[
+                    "agent.toml:4:9: workers.model \"b\" is not one of the models defined",
+                    "agent.toml:2:8: model \"a\" has no [[workers]] entry serving it",
+                ],
+            ),
+            (
+                "a model nobody serves",
+                "[[models]]\nname = \"a\"\n[[models]]\nname = \"b\"\n[[workers]]\nmodel = \"a\"\n",
+                &["agent.toml:4:8: model \"b\" has no [[workers]] entry serving it"],
+            ),
+            (
+                "several models, no workers",
+                "[[models]]\nname = \"a\"\n[[models]]\nname = \"b\"\n",
+                &["configuration: several models are defined but no [[workers]]"],
             ),
             (
                 "two workers on one GPU",
