@@ -90,6 +90,12 @@ pub enum SimError {
     /// `time_scale` is not a positive finite number.
     #[error("time scale {0} must be a positive finite number")]
     TimeScale(f64),
+    /// The trace's arrivals go backwards (a parsed trace never does; a hand-built one might).
+    #[error("trace line {line} arrives before the request before it")]
+    UnsortedTrace {
+        /// The line of the first request out of order.
+        line: usize,
+    },
     /// The scheduler config or pool sizing is unusable.
     #[error("engine config: {0}")]
     Engine(#[from] ConfigError),
@@ -189,6 +195,9 @@ impl<'a> Sim<'a> {
         }
         if !(config.time_scale.is_finite() && config.time_scale > 0.0) {
             return Err(SimError::TimeScale(config.time_scale));
+        }
+        if let Some(pair) = trace.windows(2).find(|p| p[1].arrival < p[0].arrival) {
+            return Err(SimError::UnsortedTrace { line: pair[1].line });
         }
         let mut router_config = config.router.clone();
         router_config.block_size = config.profile.layout.block_size;

@@ -249,6 +249,12 @@ fn bad_configs_are_errors() {
         ..config(1, RoutingMode::Kv)
     };
     assert!(matches!(run(&scaled, &trace), Err(SimError::TimeScale(_))));
+    let mut unsorted = grouped_trace(3, 1, 1, 10);
+    unsorted.swap(0, 2);
+    assert!(matches!(
+        run(&config(1, RoutingMode::Kv), &unsorted),
+        Err(SimError::UnsortedTrace { line: 2 })
+    ));
     let mut empty = config(1, RoutingMode::Kv);
     empty.scheduler.max_num_seqs = 0;
     assert!(matches!(run(&empty, &trace), Err(SimError::Engine(_))));
