@@ -36,6 +36,9 @@ enum Command {
     /// Measure throughput on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Replay a request trace (Mooncake format) on simulated workers in virtual time and
+    /// compare routing modes: prefix hit rate, TTFT/ITL percentiles, per-worker load.
+    Sim(kvfleet_sim::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model::run(cmd),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Sim(args) => kvfleet_sim::cli_main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
