@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn trace() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/traces/synthetic_trace.jsonl");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces/synthetic_trace.jsonl");
     path.exists().then_some(path)
 }
 
@@ -16,7 +16,16 @@ fn sim_compares_routing_modes_on_the_shared_trace() {
         return;
     };
     let output = Command::new(env!("CARGO_BIN_EXE_kvfleet"))
-        .args(["sim", "--workers", "4", "--limit", "600", "--mode", "all", "--json"])
+        .args([
+            "sim",
+            "--workers",
+            "4",
+            "--limit",
+            "600",
+            "--mode",
+            "all",
+            "--json",
+        ])
         .arg("--trace")
         .arg(&trace)
         .output()
@@ -46,7 +55,11 @@ fn sim_compares_routing_modes_on_the_shared_trace() {
     for run in runs {
         assert_eq!(run["requests"], 600);
         let done = run["completed"].as_u64().unwrap() + run["rejected"].as_u64().unwrap();
-        assert_eq!(done, 600, "every request is accounted for in {}", run["mode"]);
+        assert_eq!(
+            done, 600,
+            "every request is accounted for in {}",
+            run["mode"]
+        );
     }
 }
 
