@@ -11,6 +11,8 @@
 //! - [`config`]: architecture description from GGUF metadata or `config.json`;
 //! - [`tokenizer`], [`chat`]: text to prompt ids the way llama.cpp / transformers do it;
 //! - [`model`]: Llama-family (Llama 2/3, Mistral, Qwen 2/3) and Gemma 3 forward passes;
+//! - `qmatmul` (private): our i8 matmul for the 32-element GGML block types (Q4_0, Q4_1,
+//!   Q5_0, Q5_1, Q8_0), which candle runs with scalar code on x86; K-quants go to candle;
 //! - [`kv_cache`]: paged K/V storage and block bytes for transfer;
 //! - [`sampler`]: greedy / temperature / top-k / top-p with per-request seeds;
 //! - [`executor`]: [`NativeExecutor`], the model behind `kvfleet-engine`'s scheduler, and
