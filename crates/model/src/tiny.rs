@@ -98,6 +98,17 @@ fn tokenizer() -> Result<(tokenizers::Tokenizer, usize)> {
 
 /// Writes a tiny random Llama model into `dir` (created if needed).
 pub fn write_tiny_llama(dir: &Path, spec: TinySpec, seed: u64) -> Result<()> {
+    write_tiny(dir, spec, seed, false)
+}
+
+/// Writes a tiny random Gemma 3 model (QK-norm, sandwich norms, GeGLU, tied embeddings, an
+/// 8-token sliding window on even layers and global odd layers) into `dir`, to exercise those
+/// paths where no real model is installed.
+pub fn write_tiny_gemma3(dir: &Path, spec: TinySpec, seed: u64) -> Result<()> {
+    write_tiny(dir, spec, seed, true)
+}
+
+fn write_tiny(dir: &Path, spec: TinySpec, seed: u64, gemma: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let (tok, vocab) = tokenizer()?;
     let tok_path = dir.join("tokenizer.json");
@@ -113,24 +124,47 @@ pub fn write_tiny_llama(dir: &Path, spec: TinySpec, seed: u64) -> Result<()> {
     std::fs::write(&cfg_path, tok_cfg.to_string()).map_err(io_err(&cfg_path))?;
 
     let head_dim = spec.hidden_size / spec.heads;
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": vocab,
-        "max_position_embeddings": spec.context_length,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": false,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "float32",
-    });
+    let config = if gemma {
+        serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": vocab,
+            "max_position_embeddings": spec.context_length,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10000.0,
+            "sliding_window": 8,
+            "sliding_window_pattern": 2,
+            "query_pre_attn_scalar": head_dim,
+            "tie_word_embeddings": true,
+            "torch_dtype": "float32",
+        })
+    } else {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": vocab,
+            "max_position_embeddings": spec.context_length,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": false,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32",
+        })
+    };
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, config.to_string()).map_err(io_err(&cfg_path))?;
 
@@ -152,7 +186,9 @@ pub fn write_tiny_llama(dir: &Path, spec: TinySpec, seed: u64) -> Result<()> {
     };
     let fan = |n: usize| 2.0 / (n as f32).sqrt();
     random("model.embed_tokens.weight".into(), vec![vocab, h], 1.0);
-    random("lm_head.weight".into(), vec![vocab, h], fan(h) * 2.0);
+    if !gemma {
+        random("lm_head.weight".into(), vec![vocab, h], fan(h) * 2.0);
+    }
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
         random(
@@ -180,10 +216,31 @@ pub fn write_tiny_llama(dir: &Path, spec: TinySpec, seed: u64) -> Result<()> {
         random(format!("{p}.mlp.down_proj.weight"), vec![h, i], fan(i));
     }
     let ones = |n: usize| -> Vec<u8> { (0..n).flat_map(|_| 1.0f32.to_le_bytes()).collect() };
-    tensors.push(("model.norm.weight".into(), vec![h], ones(h)));
+    // Gemma stores norm weights as (w - 1): zeros mean unit weights.
+    let norm = |n: usize| -> Vec<u8> { if gemma { vec![0; n * 4] } else { ones(n) } };
+    tensors.push(("model.norm.weight".into(), vec![h], norm(h)));
+    let layer_norms: &[&str] = if gemma {
+        &[
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ]
+    } else {
+        &["input_layernorm", "post_attention_layernorm"]
+    };
     for l in 0..spec.layers {
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.push((format!("model.layers.{l}.{n}.weight"), vec![h], ones(h)));
+        for n in layer_norms {
+            tensors.push((format!("model.layers.{l}.{n}.weight"), vec![h], norm(h)));
+        }
+        if gemma {
+            for n in ["q_norm", "k_norm"] {
+                tensors.push((
+                    format!("model.layers.{l}.self_attn.{n}.weight"),
+                    vec![hd],
+                    norm(hd),
+                ));
+            }
         }
     }
     let views = tensors

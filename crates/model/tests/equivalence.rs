@@ -253,6 +253,39 @@ fn tiny_prefix_reuse_matches_cold() {
     prefix_reuse_matches_cold(&common::tiny());
 }
 
+// The same on a tiny Gemma 3 (8-token sliding window on layer 0, global layer 1): prompts are
+// far longer than the window, so chunks and reused prefixes cross it.
+
+#[test]
+fn tiny_gemma_is_gemma_with_a_sliding_window() {
+    let m = common::tiny_gemma();
+    let c = m.model.config();
+    assert_eq!(c.architecture, kvfleet_model::Architecture::Gemma3);
+    assert_eq!((c.window(0), c.window(1)), (Some(8), None));
+    assert!(c.qk_norm && c.post_norms && c.tie_embeddings);
+    assert!(prompt(&m, 1).len() > 8 * 4);
+}
+
+#[test]
+fn tiny_gemma_chunked_prefill_matches_whole() {
+    chunked_prefill_matches_whole(&common::tiny_gemma());
+}
+
+#[test]
+fn tiny_gemma_batch_of_16_matches_alone() {
+    batch_of_16_matches_alone(&common::tiny_gemma());
+}
+
+#[test]
+fn tiny_gemma_copied_blocks_decode_like_the_original() {
+    copied_blocks_decode_like_the_original(&common::tiny_gemma());
+}
+
+#[test]
+fn tiny_gemma_prefix_reuse_matches_cold() {
+    prefix_reuse_matches_cold(&common::tiny_gemma());
+}
+
 #[test]
 fn smollm2_chunked_prefill_matches_whole() {
     if let Some(m) = common::smollm2() {

@@ -90,6 +90,20 @@ pub(crate) fn golden(name: &str) -> Option<serde_json::Value> {
     }
 }
 
+/// A fresh tiny Gemma 3 model (unique per call) loaded.
+pub(crate) fn tiny_gemma() -> LoadedModel {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kvfleet-tiny-gemma-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    kvfleet_model::tiny::write_tiny_gemma3(&dir, Default::default(), 11).expect("write tiny gemma");
+    let m = kvfleet_model::load(&dir).expect("load tiny gemma");
+    let _ = std::fs::remove_dir_all(&dir);
+    m
+}
+
 /// A fresh tiny model directory (unique per call) loaded.
 pub(crate) fn tiny() -> LoadedModel {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
