@@ -197,13 +197,11 @@ impl QuantizedActs {
         let mut q = vec![0i8; t * k];
         let mut d = vec![0f32; t * nb];
         let mut s = vec![0f32; t * nb];
-        for (bi, ((xs, qs), (dd, ss))) in x
+        for ((xs, qs), (dd, ss)) in x
             .chunks_exact(QK)
             .zip(q.chunks_exact_mut(QK))
             .zip(d.iter_mut().zip(s.iter_mut()))
-            .enumerate()
         {
-            let _ = bi;
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let scale = amax / 127.0;
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };

@@ -74,7 +74,7 @@ pub struct Tokenizer {
     /// Prepend BOS ourselves (GGUF: `tokenizer.ggml.add_bos_token`); a `tokenizer.json`
     /// carries its own post-processor instead.
     prepend_bos: bool,
-    /// Tokens whose text is a special marker (skipped when decoding for display).
+    /// Vocabulary size, added tokens included.
     vocab_size: usize,
 }
 
@@ -230,13 +230,12 @@ impl Tokenizer {
         // user-defined ones are ordinary text that must still be matched whole.
         let mut specials = Vec::new();
         let mut user = Vec::new();
-        for (i, (&t, &ty)) in tokens.iter().zip(&types).enumerate() {
+        for (&t, &ty) in tokens.iter().zip(&types) {
             match ty {
                 3 => specials.push(AddedToken::from(t.to_string(), true).normalized(false)),
                 4 => user.push(AddedToken::from(t.to_string(), false).normalized(false)),
                 _ => {}
             }
-            let _ = i;
         }
         inner.add_special_tokens(specials).map_err(tok_err)?;
         inner.add_tokens(user).map_err(tok_err)?;
