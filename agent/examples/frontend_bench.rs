@@ -7,7 +7,7 @@
 //! target/release/examples/frontend_bench [SECONDS_PER_POINT] [MAX_TOKENS]
 //! ```
 //!
-//! For each concurrency (64 and 256 streams) it keeps that many streaming `/v1/completions`
+//! For each concurrency (1, 64 and 256 streams) it keeps that many streaming `/v1/completions`
 //! requests open back to back and reports requests/s, streamed tokens/s and time to first token
 //! (p50/p99). Then one client at a time sends `max_tokens = 1` requests: with a zero-cost engine
 //! that latency is the frontend's added latency (HTTP + preprocessing + worker hop + response).
@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         "| streams | requests/s | streamed tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | errors |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
-    for concurrency in [64u64, 256] {
+    for concurrency in [1u64, 64, 256] {
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let start = Instant::now();
         let mut set = tokio::task::JoinSet::new();
@@ -194,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .send()
             .await?;
+        anyhow::ensure!(response.status() == 200, "latency probe failed: {}", response.status());
         let _ = response.bytes().await?;
         latencies.push(start.elapsed());
     }
