@@ -194,7 +194,11 @@ async fn main() -> anyhow::Result<()> {
             )
             .send()
             .await?;
-        anyhow::ensure!(response.status() == 200, "latency probe failed: {}", response.status());
+        anyhow::ensure!(
+            response.status() == 200,
+            "latency probe failed: {}",
+            response.status()
+        );
         let _ = response.bytes().await?;
         latencies.push(start.elapsed());
     }
