@@ -3,6 +3,8 @@
 //! - [`ids`]: node, GPU, worker, model and deployment ids as distinct types.
 //! - [`hash`]: block hashing, the single definition of a shared prompt prefix.
 //! - [`kv_event`]: the `Stored` / `Removed` / `Cleared` events that engines emit and routers index.
+//! - [`kv_stream`]: the KV event pipeline's wire types (agent uploads, the control plane's
+//!   sequenced stream and snapshots).
 //! - [`request`]: sampling parameters and the KV layout two workers must share.
 //! - [`frame`]: the versioned, length-prefixed, checksummed frame codec spoken between agents,
 //!   workers and peers.
@@ -30,6 +32,7 @@ pub mod frame;
 pub mod hash;
 pub mod ids;
 pub mod kv_event;
+pub mod kv_stream;
 pub mod request;
 
 pub use frame::{Frame, FrameCodec, FrameError, FrameKind, FrameReader};
