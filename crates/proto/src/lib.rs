@@ -1,5 +1,7 @@
 //! Types that every kvfleet component shares, and nothing that does IO.
 //!
+//! - [`api`]: the control plane's REST bodies (`/api/v1`), agent protocol included; OpenAPI
+//!   schema derives behind the `openapi` feature.
 //! - [`ids`]: node, GPU, worker, model and deployment ids as distinct types.
 //! - [`hash`]: block hashing, the single definition of a shared prompt prefix.
 //! - [`kv_event`]: the `Stored` / `Removed` / `Cleared` events that engines emit and routers index.
@@ -8,6 +10,7 @@
 //! - [`request`]: sampling parameters and the KV layout two workers must share.
 //! - [`frame`]: the versioned, length-prefixed, checksummed frame codec spoken between agents,
 //!   workers and peers.
+//! - [`peer`]: the messages of the peer transport (forwarded generate, KV block transfer).
 //!
 //! This crate must stay free of IO (no tokio, sockets, files or clocks): the router, the planner
 //! and the simulator depend on it, and `tests/tests/invariants.rs` fails the build if it drifts.
@@ -28,11 +31,13 @@
 //! assert_eq!(hashes, [SequenceHash(0x13d2_a914_ba1a_bcc4), SequenceHash(0x9554_8eab_7998_2cb5)]);
 //! ```
 
+pub mod api;
 pub mod frame;
 pub mod hash;
 pub mod ids;
 pub mod kv_event;
 pub mod kv_stream;
+pub mod peer;
 pub mod request;
 
 pub use frame::{Frame, FrameCodec, FrameError, FrameKind, FrameReader};
