@@ -152,6 +152,16 @@ pub enum SubmitError {
     /// A sampling parameter is out of range.
     #[error(transparent)]
     InvalidSampling(#[from] InvalidSampling),
+    /// A prompt token id is not in the model's vocabulary.
+    #[error("prompt token {position} is id {token}, outside the vocabulary of {vocab_size} tokens")]
+    TokenOutOfVocab {
+        /// Its index in the prompt.
+        position: usize,
+        /// The id.
+        token: u32,
+        /// The executor's vocabulary size.
+        vocab_size: u32,
+    },
     /// Prompt plus `max_tokens` exceeds the model's context.
     #[error(
         "prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the context of {max_model_len} tokens"

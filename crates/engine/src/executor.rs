@@ -121,4 +121,11 @@ pub trait Executor {
     fn release(&mut self, request: RequestId) {
         let _ = request;
     }
+
+    /// Token ids this executor accepts are `0..vocab_size`; `None` when any id is fine. The
+    /// scheduler checks prompts against it at submit, so a bad id is one refused request, not an
+    /// executor failure that aborts every request in the step.
+    fn vocab_size(&self) -> Option<u32> {
+        None
+    }
 }

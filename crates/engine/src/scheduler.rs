@@ -210,6 +210,19 @@ impl<E: Executor> Scheduler<E> {
             return Err(SubmitError::EmptyPrompt);
         }
         request.sampling.validate()?;
+        if let Some(vocab_size) = self.executor.vocab_size()
+            && let Some((position, &token)) = request
+                .prompt
+                .iter()
+                .enumerate()
+                .find(|(_, t)| **t >= vocab_size)
+        {
+            return Err(SubmitError::TokenOutOfVocab {
+                position,
+                token,
+                vocab_size,
+            });
+        }
         let max_tokens = request.sampling.max_tokens;
         let total = prompt_tokens.saturating_add(max_tokens as usize);
         if total > self.config.max_model_len {

@@ -65,6 +65,8 @@ struct ToyExecutor {
     slots: HashMap<BlockId, Vec<Option<u64>>>,
     fail_next: bool,
     step_ms: u64,
+    /// Reported as the executor's vocabulary (None: no check), like the native executor's.
+    vocab: Option<u32>,
 }
 
 impl ToyExecutor {
@@ -85,6 +87,10 @@ impl ToyExecutor {
 impl Executor for ToyExecutor {
     fn kv_layout(&self) -> KvLayout {
         toy_layout(self.block_size)
+    }
+
+    fn vocab_size(&self) -> Option<u32> {
+        self.vocab
     }
 
     fn execute(&mut self, batch: &ScheduledBatch<'_>) -> Result<StepResult, ExecError> {
@@ -769,6 +775,38 @@ fn executor_failure_aborts_the_batch_and_the_engine_recovers() {
         .unwrap();
     run_to_idle(&mut engine, &mut streams);
     assert_eq!(streams[&b].tokens, toy_reference(&p, 3));
+}
+
+/// A prompt token outside the executor's vocabulary is refused at submit, naming it; requests
+/// already running are untouched (before the check, the executor failed the whole step).
+#[test]
+fn out_of_vocabulary_tokens_are_refused_at_submit_not_mid_step() {
+    let mut engine = toy_engine(100, 4, |_| {});
+    engine.executor_mut().vocab = Some(VOCAB);
+    let p = prompt(80, 10);
+    let good = engine
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(5)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    engine.step_until(Duration::ZERO).unwrap();
+    let mut bad = prompt(81, 10);
+    bad[3] = VOCAB;
+    assert_eq!(
+        engine.submit(Request::new(bad, SamplingParams::greedy(5)), Duration::ZERO),
+        Err(SubmitError::TokenOutOfVocab {
+            position: 3,
+            token: VOCAB,
+            vocab_size: VOCAB
+        })
+    );
+    let mut streams = HashMap::new();
+    collect(engine.drain_outputs(), &mut streams);
+    run_to_idle(&mut engine, &mut streams);
+    assert_eq!(streams[&good].tokens, toy_reference(&p, 5));
+    assert!(!streams[&good].aborted);
+    assert_eq!(streams.len(), 1);
 }
 
 /// 200 concurrent long requests on a pool that holds 10 of them all finish, with the outputs
