@@ -13,9 +13,10 @@
 //! - [`placement`] and [`liveness`]: pure decisions; [`leader`]: the election and the loops
 //!   that apply them; [`metrics`]: fleet metrics from heartbeats.
 //! - [`systemd`]: `READY=1` / `WATCHDOG=1` / `STOPPING=1` for the `Type=notify` unit.
+//! - [`ui`]: the admin web UI's static files (from `web-ui/`), served under `/ui/`.
 //!
 //! Not here yet: the KV index authority, the planner loop (placement sizes deployments at
-//! `min_workers` until it exists), the web UI, TLS on the HTTP listener (terminate TLS in a
+//! `min_workers` until it exists), TLS on the HTTP listener (terminate TLS in a
 //! proxy in front for now).
 
 /// A query string built with `format!` from compile-time constants only (column lists, lock
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod placement;
 pub mod store;
 pub mod systemd;
+pub mod ui;
 
 use std::future::{Future, IntoFuture as _};
 use std::sync::Arc;

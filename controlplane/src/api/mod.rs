@@ -9,9 +9,11 @@
 pub mod admin;
 pub mod agent;
 pub mod catalog;
+pub mod decisions;
 pub mod extract;
 pub mod fleet;
 pub mod problem;
+pub mod session;
 pub mod types;
 
 use axum::Router;
@@ -70,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
         .route("/audit", get(admin::list_audit))
+        .route("/whoami", get(session::whoami))
+        .route("/decisions", get(decisions::list_decisions))
         .route("/metrics/workers/{id}", get(fleet::worker_metrics))
         .route("/metrics/deployments/{id}", get(fleet::deployment_metrics))
         .route("/agent/register", post(agent::register))
@@ -79,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found);
     Router::new()
         .nest("/api/v1", v1)
+        .merge(crate::ui::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response(problem_for_plain_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -242,6 +247,7 @@ impl utoipa::Modify for BearerAuth {
         catalog::list_deployments, catalog::create_deployment, catalog::get_deployment,
         catalog::update_deployment, catalog::delete_deployment,
         admin::list_tokens, admin::create_token, admin::revoke_token, admin::list_audit,
+        session::whoami, decisions::list_decisions,
         agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
     ),
     components(schemas(problem::Problem, problem::InvalidParam)),

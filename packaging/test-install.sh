@@ -1,0 +1,295 @@
+#!/usr/bin/env bash
+# The package install test (issue 9), run by scripts/test.sh; needs root.
+#
+# Builds the .deb and .rpm files from the debug binaries (no release build: CI has 2 cores), then
+# in a clean Debian 12 root (debootstrap minbase + systemd + dbus, cached as a tarball):
+#   - installs kvfleet-agent and checks files, the kvfleet user and groups, directories, the
+#     config file's owner and mode, the conffile, the enabled-but-not-started unit,
+#     `systemd-analyze verify` against that root and `kvfleet-agent check-config` on the default;
+#   - edits the config, reinstalls the same package and upgrades to a newer version: edit kept;
+#   - installs kvfleet-controlplane (+ the kvfleet CLI), removes and purges the agent (the shared
+#     user and state stay while the control plane is there), purges the control plane: state,
+#     cache, logs, /etc/kvfleet, the user and the unit links are gone;
+#   - installs and erases the .rpm in the same root with rpm --root (its scriptlets for real);
+# and on the host: lintian (no errors), `systemd-analyze security` exposure, and the .rpm's
+# file list, config files, modes and scriptlets against the .deb's.
+#
+# Environment:
+#   KVFLEET_PACKAGING_NO_BUILD=1  package target/debug as it is (no cargo build first)
+#   KVFLEET_TEST_ROOT_CACHE       cached root tarball (default /var/cache/kvfleet-test/...)
+#   KVFLEET_DEBIAN_MIRROR         default http://deb.debian.org/debian
+# Without debootstrap (or without the network on the first run) the root is an overlay of the
+# host's own file system instead (a Debian 12 host), and the test says so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/common.sh
+
+started=$(date +%s)
+skip() { printf 'SKIP packaging/test-install.sh: %s\n' "$*" >&2; exit 0; }
+fail() { printf 'FAIL packaging/test-install.sh: %s\n' "$*" >&2; exit 1; }
+ok() { printf '  ok  %s\n' "$*" >&2; }
+step() { log "install test: $*"; }
+
+[ "$(id -u)" = 0 ] || skip "needs root (dpkg and rpm into a throwaway root, chroot)"
+command -v dpkg >/dev/null || skip "not a Debian host (no dpkg)"
+
+apt_install lintian rpm debootstrap systemd || log "could not install every tool; going on with what is there"
+command -v lintian >/dev/null || fail "lintian is missing"
+command -v rpm >/dev/null || fail "rpm is missing"
+
+# ---------------------------------------------------------------------------------------------
+step "building the packages from the debug binaries"
+if [ "${KVFLEET_PACKAGING_NO_BUILD:-0}" != 1 ]; then
+    cargo build --quiet -p kvfleet-agent -p kvfleet-controlplane -p kvfleet --bins
+fi
+out="$(pwd)/target/kvfleet-packaging/test-out"
+rm -rf "$out"
+packaging/build.sh --profile dev --no-build --fast --out "$out"
+version="$(dpkg-deb -f "$out"/kvfleet-agent_*.deb Version)"
+agent_deb="$out/kvfleet-agent_${version}_amd64.deb"
+cp_deb="$out/kvfleet-controlplane_${version}_amd64.deb"
+agent_rpm="$(ls "$out"/kvfleet-agent-*.rpm)"
+cp_rpm="$(ls "$out"/kvfleet-controlplane-*.rpm)"
+for f in "$agent_deb" "$cp_deb" "$agent_rpm" "$cp_rpm"; do [ -f "$f" ] || fail "$f was not built"; done
+ok "built $(cd "$out" && echo kvfleet-*)"
+
+# ---------------------------------------------------------------------------------------------
+step "lintian"
+lintian_out="$(lintian --fail-on none "$agent_deb" "$cp_deb" 2>/dev/null)"
+printf '%s\n' "$lintian_out" | sed 's/^/    /' >&2
+if grep -q '^E:' <<<"$lintian_out"; then fail "lintian reports errors"; fi
+ok "lintian: no errors ($(grep -c '^W:' <<<"$lintian_out" || true) warnings)"
+
+step "systemd-analyze security (exposure, lower is better)"
+for unit in systemd/kvfleet-agent.service systemd/kvfleet-controlplane.service; do
+    exposure="$(systemd-analyze security --offline=yes "$unit" 2>/dev/null | tail -n 1)"
+    printf '    %s\n' "$exposure" >&2
+    case "$exposure" in
+        *" OK "* | *" SAFE "* | *" OK" | *" SAFE") ;;
+        *) fail "$unit: exposure is worse than OK: $exposure" ;;
+    esac
+done
+
+# ---------------------------------------------------------------------------------------------
+step "a clean Debian 12 root"
+work="$(mktemp -d /var/tmp/kvfleet-install-test.XXXXXX)"
+root="$work/root"
+overlay=0
+# The root lives in memory: deleting a used root from this disk took 20 s, unmounting takes none.
+tmpfs=0
+if mount -t tmpfs -o size=3g,mode=0755 kvfleet-install-test "$work" 2>/dev/null; then tmpfs=1; fi
+cleanup() {
+    if [ "$overlay" = 1 ]; then umount "$root" 2>/dev/null || umount -l "$root" 2>/dev/null || true; fi
+    if [ "$tmpfs" = 1 ]; then umount "$work" 2>/dev/null || umount -l "$work" 2>/dev/null || true; fi
+    rm -rf --one-file-system "$work"
+}
+trap cleanup EXIT
+
+cache="${KVFLEET_TEST_ROOT_CACHE:-/var/cache/kvfleet-test/debian-bookworm-minbase-systemd.tar}"
+mirror="${KVFLEET_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+if [ ! -f "$cache" ] && command -v debootstrap >/dev/null; then
+    log "debootstrap --variant=minbase bookworm (once; cached in $cache)"
+    if debootstrap --variant=minbase --include=systemd,dbus bookworm "$work/fresh" "$mirror" \
+        >"$work/debootstrap.log" 2>&1; then
+        mkdir -p "$(dirname "$cache")"
+        tar -C "$work/fresh" -cf "$cache.tmp" . && mv "$cache.tmp" "$cache"
+        rm -rf --one-file-system "$work/fresh"
+    else
+        log "debootstrap failed (last lines below); falling back to an overlay of this host"
+        tail -n 5 "$work/debootstrap.log" >&2
+    fi
+fi
+mkdir -p "$root"
+if [ -f "$cache" ]; then
+    tar -C "$root" -xf "$cache"
+    ok "root from $cache (debootstrap minbase bookworm + systemd, dbus)"
+else
+    grep -q '^VERSION_ID="12"' /etc/os-release || skip "no debootstrap root and the host is not Debian 12"
+    mkdir -p "$work/upper" "$work/overlay-work"
+    mount -t overlay overlay -o "lowerdir=/,upperdir=$work/upper,workdir=$work/overlay-work" "$root" ||
+        skip "neither debootstrap nor an overlay mount is possible here"
+    overlay=1
+    for pkg in kvfleet-agent kvfleet-controlplane; do
+        if chroot "$root" dpkg-query -W "$pkg" >/dev/null 2>&1; then skip "$pkg is installed on this host"; fi
+    done
+    getent passwd kvfleet >/dev/null && skip "the host has a kvfleet user already"
+    log "FALLBACK: the root is an overlay of this host's own Debian 12 system, not a debootstrap root"
+fi
+mkdir -p "$root/tmp/pkgs"
+cp "$agent_deb" "$cp_deb" "$agent_rpm" "$cp_rpm" "$root/tmp/pkgs/"
+in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 "$@"; }
+
+# dpkg_install DEB...: dpkg -i, then apt-get -f install if dependencies were missing.
+dpkg_install() {
+    local args=()
+    for deb in "$@"; do args+=("/tmp/pkgs/$(basename "$deb")"); done
+    if ! in_root dpkg -i --force-confold "${args[@]}" >"$work/dpkg.log" 2>&1; then
+        log "dpkg -i failed; trying apt-get -f install for missing dependencies"
+        cat "$work/dpkg.log" >&2
+        cp /etc/resolv.conf "$root/etc/resolv.conf"
+        in_root apt-get update -qq && in_root apt-get -f install -y -qq >&2 || fail "dpkg -i ${args[*]} failed"
+    fi
+}
+status_of() { in_root dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || echo not-installed; }
+assert() { local what="$1"; shift; if "$@" >/dev/null; then ok "$what"; else fail "$what"; fi; }
+assert_not() { local what="$1"; shift; if "$@" >/dev/null; then fail "$what"; else ok "$what"; fi; }
+mode_owner() { in_root stat -c '%a %U:%G' "$1"; }
+wants() { echo "$root/etc/systemd/system/multi-user.target.wants/$1"; }
+
+# ---------------------------------------------------------------------------------------------
+step "dpkg -i kvfleet-agent"
+dpkg_install "$agent_deb"
+assert "kvfleet-agent is installed" [ "$(status_of kvfleet-agent)" = installed ]
+for f in /usr/bin/kvfleet-agent /usr/lib/systemd/system/kvfleet-agent.service \
+    /usr/share/dbus-1/system.d/org.kvfleet.Agent.conf /etc/kvfleet/agent.toml; do
+    assert "$f is there" [ -f "$root$f" ]
+done
+assert "the kvfleet system user exists" in_root getent passwd kvfleet
+uid="$(in_root id -u kvfleet)"
+assert "kvfleet is a system user (uid $uid < 1000)" [ "$uid" -lt 1000 ]
+assert "kvfleet has no login shell" [ "$(in_root getent passwd kvfleet | cut -d: -f7)" = /usr/sbin/nologin ]
+assert "kvfleet is in the video group" sh -c "chroot '$root' id -nG kvfleet | grep -qw video"
+for d in /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet; do
+    assert "$d is kvfleet's, 0750" [ "$(mode_owner "$d")" = "750 kvfleet:kvfleet" ]
+done
+assert "agent.toml is root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet" ]
+assert "agent.toml is a conffile" sh -c "chroot '$root' dpkg-query -W -f='\${Conffiles}' kvfleet-agent | grep -q ' /etc/kvfleet/agent.toml '"
+assert "the unit is enabled" [ -L "$(wants kvfleet-agent.service)" ]
+assert_not "the maintainer scripts never start the unit" \
+    grep -Eq 'deb-systemd-invoke (start|restart) |systemctl (start|restart) ' "$root/var/lib/dpkg/info/kvfleet-agent.postinst"
+assert "kvfleet-agent check-config accepts the shipped default" in_root kvfleet-agent check-config /etc/kvfleet/agent.toml
+# The root has systemd: verify finds the binaries, the user and the targets in it.
+verify="$(systemd-analyze verify --root="$root" kvfleet-agent.service 2>&1)" || fail "systemd-analyze verify: $verify"
+[ -z "$verify" ] || fail "systemd-analyze verify kvfleet-agent.service is not clean: $verify"
+ok "systemd-analyze verify --root kvfleet-agent.service: clean"
+
+step "edited config survives a reinstall and an upgrade"
+sed -i 's/^listen = "0.0.0.0:8000"/listen = "0.0.0.0:8100"   # edited by the install test/' "$root/etc/kvfleet/agent.toml"
+grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml" || fail "could not edit agent.toml (is frontend.listen still 0.0.0.0:8000?)"
+echo "state that must survive upgrades" >"$root/var/lib/kvfleet/marker"
+dpkg_install "$agent_deb"
+assert "reinstall: the edit is kept" grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml"
+# A newer version: the same package with its version bumped.
+bumped="${version}+upgradetest"
+dpkg-deb -R "$agent_deb" "$work/repack"
+sed -i "s/^Version: .*/Version: $bumped/" "$work/repack/DEBIAN/control"
+dpkg-deb -Zgzip -z1 -b "$work/repack" "$root/tmp/pkgs/kvfleet-agent_upgrade.deb" >/dev/null
+dpkg_install "$root/tmp/pkgs/kvfleet-agent_upgrade.deb"
+assert "upgrade: now at $bumped" [ "$(in_root dpkg-query -W -f='${Version}' kvfleet-agent)" = "$bumped" ]
+assert "upgrade: the edit is kept" grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml"
+assert "upgrade: still root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet" ]
+assert "upgrade: state kept" [ -f "$root/var/lib/kvfleet/marker" ]
+assert "upgrade: still enabled" [ -L "$(wants kvfleet-agent.service)" ]
+assert "kvfleet-agent check-config accepts the edited file" in_root kvfleet-agent check-config /etc/kvfleet/agent.toml
+
+step "dpkg -i kvfleet-controlplane"
+dpkg_install "$cp_deb"
+for f in /usr/bin/kvfleet-controlplane /usr/bin/kvfleet /usr/lib/systemd/system/kvfleet-controlplane.service \
+    /etc/kvfleet/controlplane.toml; do
+    assert "$f is there" [ -f "$root$f" ]
+done
+assert "controlplane.toml is root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/controlplane.toml)" = "640 root:kvfleet" ]
+assert "the control plane unit is enabled" [ -L "$(wants kvfleet-controlplane.service)" ]
+assert "kvfleet-controlplane check-config accepts the shipped default" \
+    in_root kvfleet-controlplane check-config --config /etc/kvfleet/controlplane.toml
+assert "the kvfleet CLI runs" in_root kvfleet --version
+verify="$(systemd-analyze verify --root="$root" kvfleet-controlplane.service 2>&1)" || fail "systemd-analyze verify: $verify"
+[ -z "$verify" ] || fail "systemd-analyze verify kvfleet-controlplane.service is not clean: $verify"
+ok "systemd-analyze verify --root kvfleet-controlplane.service: clean"
+
+step "remove and purge"
+in_root dpkg -r kvfleet-agent >/dev/null
+assert "remove: the binary is gone" [ ! -e "$root/usr/bin/kvfleet-agent" ]
+assert "remove: the config is kept" grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml"
+# Debian keeps the enablement links of a removed package until purge, and masks the unit.
+assert "remove: the unit is masked" [ "$(readlink "$root/etc/systemd/system/kvfleet-agent.service")" = /dev/null ]
+in_root dpkg -P kvfleet-agent >/dev/null
+assert "purge agent: agent.toml is gone" [ ! -e "$root/etc/kvfleet/agent.toml" ]
+assert "purge agent: the shared user stays for the control plane" in_root getent passwd kvfleet
+assert "purge agent: the shared state stays for the control plane" [ -f "$root/var/lib/kvfleet/marker" ]
+assert "purge agent: the control plane config stays" [ -f "$root/etc/kvfleet/controlplane.toml" ]
+in_root dpkg -P kvfleet-controlplane >/dev/null
+assert "purge: no kvfleet package left" sh -c "! chroot '$root' dpkg-query -W 'kvfleet*' 2>/dev/null | grep -q ."
+for d in /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet /etc/kvfleet; do
+    assert "purge: $d is gone" [ ! -e "$root$d" ]
+done
+assert_not "purge: the kvfleet user is gone" in_root getent passwd kvfleet
+assert_not "purge: the kvfleet group is gone" in_root getent group kvfleet
+assert_not "purge: no unit link is left" sh -c "find '$root/etc/systemd' -name 'kvfleet*' | grep -q ."
+
+# ---------------------------------------------------------------------------------------------
+step "the .rpm against the .deb"
+# deb_files DEB: the files it installs, without Debian's own copyright and changelog.
+deb_files() { dpkg-deb -c "$1" | awk '$1 !~ /^d/ {sub(/^\./, "", $6); print $6}' | grep -Ev '/usr/share/doc/[^/]+/(copyright|changelog\.Debian\.gz)$' | sort; }
+rpm_files() { rpm -qlp "$1" 2>/dev/null | sort; }
+for pair in "$agent_deb $agent_rpm" "$cp_deb $cp_rpm"; do
+    set -- $pair
+    name="$(dpkg-deb -f "$1" Package)"
+    diff <(deb_files "$1") <(rpm_files "$2") >&2 || fail "$name: rpm -qlp differs from dpkg-deb -c (above)"
+    ok "$name: same files ($(rpm_files "$2" | tr '\n' ' '))"
+    diff <(dpkg-deb -I "$1" conffiles | sort) <(rpm -qpc "$2" 2>/dev/null | sort) >&2 ||
+        fail "$name: config files differ"
+    ok "$name: same config files"
+    conf="$(dpkg-deb -I "$1" conffiles)"
+    assert "$name: rpm installs $conf root:kvfleet 0640 (deb: postinst)" \
+        sh -c "rpm -qlvp '$2' 2>/dev/null | grep -E '^-rw-r-----  *1 root  *kvfleet .* $conf\$' >/dev/null"
+    unit="$name.service"
+    dpkg-deb -e "$1" "$work/ctl-$name"
+    deb_scripts="$(cat "$work/ctl-$name"/{preinst,postinst,prerm,postrm} 2>/dev/null || true)"
+    rpm_scripts="$(rpm -qp --scripts "$2" 2>/dev/null)"
+    # What both must do, as (description, pattern in the .deb scripts, pattern in the .rpm's).
+    while IFS='|' read -r what deb_re rpm_re; do
+        [ -n "$what" ] || continue
+        grep -Eq -- "$deb_re" <<<"$deb_scripts" || fail "$name .deb scripts do not $what"
+        grep -Eq -- "$rpm_re" <<<"$rpm_scripts" || fail "$name .rpm scripts do not $what"
+        ok "$name: .deb and .rpm scripts both $what"
+    done <<EOF
+create the kvfleet group|groupadd --system kvfleet|groupadd --system kvfleet
+create the kvfleet system user|useradd --system --gid kvfleet|useradd --system --gid kvfleet
+make the state, cache and log directories|install -d -o kvfleet -g kvfleet -m 0750 /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet|install -d -o kvfleet -g kvfleet -m 0750 /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet
+enable the unit|deb-systemd-helper enable $unit|systemctl enable $unit
+reload systemd|systemctl --system daemon-reload|systemctl daemon-reload
+restart a running service on upgrade|deb-systemd-invoke try-restart $unit|systemctl try-restart $unit
+stop the service on removal|deb-systemd-invoke stop $unit|systemctl stop $unit
+EOF
+    if [ "$name" = kvfleet-agent ]; then
+        for s in "$deb_scripts" "$rpm_scripts"; do
+            grep -q 'for group in video render' <<<"$s" || fail "$name: a script set does not join video/render"
+        done
+        ok "$name: .deb and .rpm scripts both add kvfleet to video/render when present"
+    fi
+    for s in "$deb_scripts" "$rpm_scripts"; do
+        if grep -Eq "(deb-systemd-invoke|systemctl) (start|restart) " <<<"$s"; then
+            fail "$name: a script starts the service"
+        fi
+    done
+    ok "$name: neither starts the service"
+    # RPM has no purge: an erase is `apt remove` (see packaging/rpm/*/postun.sh, docs/install.md).
+    grep -q 'rm -rf /var/lib/kvfleet' <<<"$deb_scripts" || fail "$name: the .deb purge does not remove state"
+    if grep -q 'rm -rf /var/lib/kvfleet' <<<"$rpm_scripts"; then fail "$name: an rpm erase would delete state"; fi
+    ok "$name: .deb purge removes state; .rpm erase keeps it (no purge in RPM, by design)"
+done
+
+step "rpm -i and rpm -e in the same root (the scriptlets for real)"
+in_root dpkg-query -W passwd >/dev/null || fail "no passwd in the root"
+rpm --root "$root" --initdb
+# --nodeps: the root's rpm database knows nothing of its Debian libc.
+# (Debian's rpm warns that it is not meant to install packages: that is the point here.)
+rpm --root "$root" -i --nodeps "$agent_rpm" "$cp_rpm" >"$work/rpm.log" 2>&1 ||
+    { cat "$work/rpm.log" >&2; fail "rpm -i failed"; }
+assert "rpm: both packages are installed" rpm --root "$root" -q kvfleet-agent kvfleet-controlplane
+assert "rpm: the kvfleet user exists" in_root getent passwd kvfleet
+assert "rpm: agent.toml is root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet" ]
+assert "rpm: /var/lib/kvfleet is kvfleet's, 0750" [ "$(mode_owner /var/lib/kvfleet)" = "750 kvfleet:kvfleet" ]
+assert "rpm: the agent unit is enabled" [ -L "$(wants kvfleet-agent.service)" ]
+assert "rpm: the control plane unit is enabled" [ -L "$(wants kvfleet-controlplane.service)" ]
+echo "# edited" >>"$root/etc/kvfleet/agent.toml"
+rpm --root "$root" -e kvfleet-agent kvfleet-controlplane >"$work/rpm.log" 2>&1 ||
+    { cat "$work/rpm.log" >&2; fail "rpm -e failed"; }
+assert "rpm -e: the agent binary is gone" [ ! -e "$root/usr/bin/kvfleet-agent" ]
+assert "rpm -e: the CLI is gone" [ ! -e "$root/usr/bin/kvfleet" ]
+assert "rpm -e: the edited config is saved as .rpmsave" [ -f "$root/etc/kvfleet/agent.toml.rpmsave" ]
+assert "rpm -e: the agent unit is disabled" [ ! -L "$(wants kvfleet-agent.service)" ]
+assert "rpm -e: the control plane unit is disabled" [ ! -L "$(wants kvfleet-controlplane.service)" ]
+
+log "install test passed in $(($(date +%s) - started)) s (cleanup follows)"
