@@ -19,89 +19,13 @@
 //! No token, a malformed, unknown, expired or revoked token → 401; a valid token whose role
 //! lacks the permission → 403.
 
-use std::fmt;
-
 use base64::Engine as _;
 use rand::Rng as _;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-/// What a route needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permission {
-    Read,
-    Operate,
-    Admin,
-    Agent,
-    Register,
-}
-
-/// A token's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Admin,
-    Operator,
-    Viewer,
-    /// A node's agent credential (one per node, minted at registration).
-    Agent,
-    /// A join token: lets new nodes register, nothing else.
-    Join,
-}
-
-impl Role {
-    pub const ALL: [Role; 5] = [
-        Role::Admin,
-        Role::Operator,
-        Role::Viewer,
-        Role::Agent,
-        Role::Join,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Operator => "operator",
-            Role::Viewer => "viewer",
-            Role::Agent => "agent",
-            Role::Join => "join",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.as_str() == text)
-    }
-
-    /// The authorization matrix (see the module docs).
-    pub fn allows(self, permission: Permission) -> bool {
-        use Permission as P;
-        use Role as R;
-        matches!(
-            (self, permission),
-            (R::Admin, P::Read | P::Operate | P::Admin)
-                | (R::Operator, P::Read | P::Operate)
-                | (R::Viewer, P::Read)
-                | (R::Agent, P::Agent | P::Register)
-                | (R::Join, P::Register)
-        )
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Role::parse(s).ok_or_else(|| format!("unknown role {s:?}"))
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use kvfleet_proto::api::{Permission, Role};
 
 /// Who is calling: the token row that authenticated the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,7 +286,7 @@ mod tests {
 
     #[test]
     fn roles_round_trip_through_text() {
-        for role in Role::ALL {
+        for &role in Role::ALL {
             assert_eq!(Role::parse(role.as_str()), Some(role));
         }
         assert_eq!(Role::parse("root"), None);

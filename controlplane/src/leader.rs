@@ -19,10 +19,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::api::types::{
-    DeploymentMode, DesiredWorkerState, NodeState, ObservedWorkerState, PlacementConstraints,
-    WorkerRole,
-};
+use crate::api::rows::parse;
+use crate::api::types::{DesiredWorkerState, NodeState, PlacementConstraints};
 use crate::liveness;
 use crate::placement::{self, Action, DeploymentView, GpuView, NodeView, WorkerView};
 use crate::store::{self, AuditEntry, sleep_or_shutdown};
@@ -144,7 +142,7 @@ pub async fn liveness_pass(
     pool: &PgPool,
     config: &crate::config::LivenessConfig,
 ) -> Result<usize, sqlx::Error> {
-    let rows: Vec<(Uuid, NodeState, f64)> = sqlx::query_as(
+    let rows: Vec<(Uuid, String, f64)> = sqlx::query_as(
         "SELECT id, state,
                 EXTRACT(EPOCH FROM now() - coalesce(last_heartbeat_at, state_changed_at))::float8
          FROM nodes WHERE state NOT IN ('removed', 'lost')",
@@ -153,6 +151,7 @@ pub async fn liveness_pass(
     .await?;
     let mut changed = 0;
     for (node, current, silence) in rows {
+        let current: NodeState = parse(&current)?;
         let silence = Duration::from_secs_f64(silence.max(0.0));
         let Some(next) = liveness::assess(current, silence, config) else {
             continue;
@@ -166,8 +165,8 @@ pub async fn liveness_pass(
                AND now() - coalesce(last_heartbeat_at, state_changed_at) >= make_interval(secs => $4)",
         )
         .bind(node)
-        .bind(current)
-        .bind(next)
+        .bind(current.as_str())
+        .bind(next.as_str())
         .bind(threshold.as_secs_f64())
         .execute(&mut *tx)
         .await?
@@ -236,7 +235,7 @@ pub async fn placement_pass(pool: &PgPool) -> Result<Vec<Action>, sqlx::Error> {
                 .bind(deployment)
                 .bind(node)
                 .bind(gpu)
-                .bind(role)
+                .bind(role.as_str())
                 .fetch_one(&mut *tx)
                 .await?;
                 placement_audit(
@@ -265,13 +264,13 @@ pub async fn placement_pass(pool: &PgPool) -> Result<Vec<Action>, sqlx::Error> {
                     Action::Drain { .. } => (DesiredWorkerState::Draining, "worker.drain"),
                     _ => (DesiredWorkerState::Stopped, "worker.stop"),
                 };
-                let before: Option<DesiredWorkerState> = sqlx::query_scalar(
+                let before: Option<String> = sqlx::query_scalar(
                     "UPDATE workers w SET desired_state = $2, updated_at = now()
                      FROM (SELECT id, desired_state FROM workers WHERE id = $1 FOR UPDATE) old
                      WHERE w.id = old.id RETURNING old.desired_state",
                 )
                 .bind(worker)
-                .bind(to)
+                .bind(to.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
                 placement_audit(
@@ -328,7 +327,7 @@ type Snapshot = (Vec<NodeView>, Vec<DeploymentView>, Vec<WorkerView>);
 async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
     type NodeRow = (
         Uuid,
-        NodeState,
+        String,
         bool,
         bool,
         sqlx::types::Json<BTreeMap<String, String>>,
@@ -354,21 +353,21 @@ async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
     }
     let nodes = node_rows
         .into_iter()
-        .map(
-            |(id, state, cordoned, draining, labels, cpu_slots)| NodeView {
+        .map(|(id, state, cordoned, draining, labels, cpu_slots)| {
+            Ok(NodeView {
                 id,
-                state,
+                state: parse(&state)?,
                 cordoned,
                 draining,
                 labels: labels.0,
                 cpu_slots,
                 gpus: gpus.remove(&id).unwrap_or_default(),
-            },
-        )
-        .collect();
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
     type DeploymentRow = (
         Uuid,
-        DeploymentMode,
+        String,
         i32,
         i32,
         Option<i64>,
@@ -382,25 +381,19 @@ async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
     .await?
     .into_iter()
     .map(
-        |(id, mode, min_workers, max_workers, memory_bytes, constraints)| DeploymentView {
-            id,
-            mode,
-            min_workers,
-            max_workers,
-            memory_bytes,
-            constraints: constraints.0,
+        |(id, mode, min_workers, max_workers, memory_bytes, constraints)| {
+            Ok(DeploymentView {
+                id,
+                mode: parse(&mode)?,
+                min_workers,
+                max_workers,
+                memory_bytes,
+                constraints: constraints.0,
+            })
         },
     )
-    .collect();
-    type WorkerRow = (
-        i64,
-        Uuid,
-        Uuid,
-        Option<Uuid>,
-        WorkerRole,
-        DesiredWorkerState,
-        ObservedWorkerState,
-    );
+    .collect::<Result<_, sqlx::Error>>()?;
+    type WorkerRow = (i64, Uuid, Uuid, Option<Uuid>, String, String, String);
     let workers = sqlx::query_as::<_, WorkerRow>(
         "SELECT id, deployment_id, node_id, gpu_id, role, desired_state, observed_state
          FROM workers WHERE desired_state <> 'stopped'",
@@ -409,16 +402,18 @@ async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
     .await?
     .into_iter()
     .map(
-        |(id, deployment_id, node_id, gpu_id, role, desired, observed)| WorkerView {
-            id,
-            deployment_id,
-            node_id,
-            gpu_id,
-            role,
-            desired,
-            observed,
+        |(id, deployment_id, node_id, gpu_id, role, desired, observed)| {
+            Ok(WorkerView {
+                id,
+                deployment_id,
+                node_id,
+                gpu_id,
+                role: parse(&role)?,
+                desired: parse(&desired)?,
+                observed: parse(&observed)?,
+            })
         },
     )
-    .collect();
+    .collect::<Result<_, sqlx::Error>>()?;
     Ok((nodes, deployments, workers))
 }

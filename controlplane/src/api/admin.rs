@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::extract::{Admin, ApiJson, ApiQuery, Caller, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
+use super::rows;
 use super::types::{AuditEntry, CaInfo, CreatedToken, NewToken, Page, PageQuery, Status, Token};
 use super::{i64_cursor, page, page_limit, uuid_cursor};
 use crate::AppState;
@@ -53,11 +54,12 @@ pub async fn list_tokens(
     ApiQuery(paging): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<Token>>, ApiError> {
     let limit = page_limit(&paging)?;
-    let rows: Vec<Token> = sqlx::query_as(sql!(
+    let rows: Vec<Token> = sqlx::query(sql!(
         "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2"
     ))
     .bind(uuid_cursor(&paging)?)
     .bind(limit + 1)
+    .try_map(rows::token)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(page(rows, limit, |t| t.id.to_string())))
@@ -110,8 +112,9 @@ pub async fn create_token(
         None,
     )
     .await?;
-    let token: Token = sqlx::query_as(sql!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1"))
+    let token: Token = sqlx::query(sql!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1"))
         .bind(id)
+        .try_map(rows::token)
         .fetch_one(&mut *tx)
         .await?;
     store::audit(
@@ -142,18 +145,20 @@ pub async fn revoke_token(
 ) -> Result<Json<Token>, ApiError> {
     let id: Uuid = parse_uuid("token", &id)?;
     let mut tx = state.pool.begin().await?;
-    let before: Token = sqlx::query_as(sql!(
+    let before: Token = sqlx::query(sql!(
         "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1 FOR UPDATE"
     ))
     .bind(id)
+    .try_map(rows::token)
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::not_found("token", id))?;
-    let after: Token = sqlx::query_as(sql!(
+    let after: Token = sqlx::query(sql!(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
          RETURNING {TOKEN_COLUMNS}"
     ))
     .bind(id)
+    .try_map(rows::token)
     .fetch_one(&mut *tx)
     .await?;
     store::audit(
@@ -199,7 +204,7 @@ pub async fn list_audit(
         cursor: filter.cursor,
     };
     let limit = page_limit(&paging)?;
-    let rows: Vec<AuditEntry> = sqlx::query_as(
+    let rows: Vec<AuditEntry> = sqlx::query(
         "SELECT id, at, actor, actor_token, action, target_type, target_id, before, after
          FROM audit_log
          WHERE ($1::bigint IS NULL OR id < $1) AND ($2::text IS NULL OR target_type = $2)
@@ -211,6 +216,7 @@ pub async fn list_audit(
     .bind(filter.target_id)
     .bind(filter.action)
     .bind(limit + 1)
+    .try_map(rows::audit_entry)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(page(rows, limit, |a| a.id.to_string())))

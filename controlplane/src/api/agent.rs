@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::extract::{Agent, ApiJson, ApiQuery, Caller, Register};
 use super::problem::{ApiError, InvalidParam, Problem};
+use super::rows;
 use super::types::{
     AgentPublicKey, DesiredState, DesiredWorker, Heartbeat, HeartbeatResponse, IssuedCertificate,
     ModelSpec, NodeState, RegisterRequest, RegisterResponse, RenewRequest, WatchQuery,
@@ -350,7 +351,7 @@ pub async fn heartbeat(
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut *tx)
         .await?;
-    let row: Option<(NodeState, NodeState, i64)> = sqlx::query_as(
+    let row: Option<(String, String, i64)> = sqlx::query_as(
         "WITH old AS (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE)
          UPDATE nodes n SET last_heartbeat_at = now(),
              state = CASE WHEN old.state = 'removed' THEN 'removed' ELSE 'healthy' END,
@@ -362,6 +363,8 @@ pub async fn heartbeat(
     .fetch_optional(&mut *tx)
     .await?;
     let (before, after, generation) = row.ok_or_else(|| ApiError::not_found("node", node))?;
+    let before: NodeState = rows::parse(&before)?;
+    let after: NodeState = rows::parse(&after)?;
     if !beat.workers.is_empty() {
         let ids: Vec<i64> = beat.workers.iter().map(|w| w.worker_id).collect();
         let states: Vec<&str> = beat.workers.iter().map(|w| w.state.as_str()).collect();
@@ -420,26 +423,27 @@ pub async fn heartbeat(
 
 async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    let (generation, node_state, draining): (i64, NodeState, bool) =
+    let (generation, node_state, draining): (i64, String, bool) =
         sqlx::query_as("SELECT desired_generation, state, draining FROM nodes WHERE id = $1")
             .bind(node)
             .fetch_optional(&mut *conn)
             .await?
             .ok_or_else(|| ApiError::not_found("node", node))?;
+    let node_state: NodeState = rows::parse(&node_state)?;
     type Row = (
         i64,
         Uuid,
         String,
-        super::types::WorkerRole,
-        Option<Uuid>,
-        super::types::DesiredWorkerState,
         String,
-        super::types::ModelFormat,
+        Option<Uuid>,
+        String,
+        String,
+        String,
         String,
         i32,
         Option<i32>,
     );
-    let rows: Vec<Row> = sqlx::query_as(
+    let desired: Vec<Row> = sqlx::query_as(
         "SELECT w.id, d.id, d.name, w.role, w.gpu_id, w.desired_state,
                 m.name, m.format, m.path, m.block_size, m.context_length
          FROM workers w JOIN deployments d ON d.id = w.deployment_id JOIN models m ON m.id = d.model_id
@@ -453,24 +457,26 @@ async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiE
         generation,
         node_state,
         draining,
-        workers: rows
+        workers: desired
             .into_iter()
-            .map(|r| DesiredWorker {
-                worker_id: r.0,
-                deployment_id: r.1,
-                deployment: r.2,
-                role: r.3,
-                gpu_id: r.4,
-                desired_state: r.5,
-                model: ModelSpec {
-                    name: r.6,
-                    format: r.7,
-                    path: r.8,
-                    block_size: r.9,
-                    context_length: r.10,
-                },
+            .map(|r| {
+                Ok(DesiredWorker {
+                    worker_id: r.0,
+                    deployment_id: r.1,
+                    deployment: r.2,
+                    role: rows::parse(&r.3)?,
+                    gpu_id: r.4,
+                    desired_state: rows::parse(&r.5)?,
+                    model: ModelSpec {
+                        name: r.6,
+                        format: rows::parse(&r.7)?,
+                        path: r.8,
+                        block_size: r.9,
+                        context_length: r.10,
+                    },
+                })
             })
-            .collect(),
+            .collect::<Result<_, sqlx::Error>>()?,
     })
 }
 

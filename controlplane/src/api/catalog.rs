@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::extract::{ApiJson, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
+use super::rows;
 use super::types::{
     Deployment, DeploymentMode, DeploymentPatch, Model, NewDeployment, NewModel, Page, PageQuery,
     PlacementConstraints, SlaTargets,
@@ -141,19 +142,21 @@ pub async fn list_models(
     super::extract::ApiQuery(paging): super::extract::ApiQuery<PageQuery>,
 ) -> Result<Json<Page<Model>>, ApiError> {
     let limit = page_limit(&paging)?;
-    let rows: Vec<Model> = sqlx::query_as(sql!(
+    let rows: Vec<Model> = sqlx::query(sql!(
         "SELECT {MODEL_COLUMNS} FROM models WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2"
     ))
     .bind(uuid_cursor(&paging)?)
     .bind(limit + 1)
+    .try_map(rows::model)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(page(rows, limit, |m| m.id.to_string())))
 }
 
 async fn fetch_model(conn: &mut PgConnection, id: Uuid) -> Result<Model, ApiError> {
-    sqlx::query_as(sql!("SELECT {MODEL_COLUMNS} FROM models WHERE id = $1"))
+    sqlx::query(sql!("SELECT {MODEL_COLUMNS} FROM models WHERE id = $1"))
         .bind(id)
+        .try_map(rows::model)
         .fetch_optional(conn)
         .await?
         .ok_or_else(|| ApiError::not_found("model", id))
@@ -179,7 +182,7 @@ pub async fn create_model(
     )
     .bind(id)
     .bind(&new.name)
-    .bind(new.format)
+    .bind(new.format.as_str())
     .bind(&new.path)
     .bind(new.block_size.unwrap_or(16))
     .bind(new.context_length)
@@ -267,12 +270,13 @@ pub async fn list_deployments(
     super::extract::ApiQuery(paging): super::extract::ApiQuery<PageQuery>,
 ) -> Result<Json<Page<Deployment>>, ApiError> {
     let limit = page_limit(&paging)?;
-    let rows: Vec<Deployment> = sqlx::query_as(sql!(
+    let rows: Vec<Deployment> = sqlx::query(sql!(
         "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d JOIN models m ON m.id = d.model_id
          WHERE ($1::uuid IS NULL OR d.id > $1) ORDER BY d.id LIMIT $2"
     ))
     .bind(uuid_cursor(&paging)?)
     .bind(limit + 1)
+    .try_map(rows::deployment)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(page(rows, limit, |d| d.id.to_string())))
@@ -284,11 +288,12 @@ async fn fetch_deployment(
     lock: bool,
 ) -> Result<Deployment, ApiError> {
     let lock = if lock { "FOR UPDATE OF d" } else { "" };
-    sqlx::query_as(sql!(
+    sqlx::query(sql!(
         "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d JOIN models m ON m.id = d.model_id
          WHERE d.id = $1 {lock}"
     ))
     .bind(id)
+    .try_map(rows::deployment)
     .fetch_optional(conn)
     .await?
     .ok_or_else(|| ApiError::not_found("deployment", id))
@@ -339,7 +344,7 @@ pub async fn create_deployment(
     .bind(id)
     .bind(&new.name)
     .bind(model)
-    .bind(new.mode)
+    .bind(new.mode.as_str())
     .bind(new.sla.ttft_ms)
     .bind(new.sla.itl_ms)
     .bind(new.min_workers)
@@ -414,7 +419,7 @@ pub async fn update_deployment(
          WHERE id = $1",
     )
     .bind(id)
-    .bind(mode)
+    .bind(mode.as_str())
     .bind(sla.ttft_ms)
     .bind(sla.itl_ms)
     .bind(min_workers)

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::extract::{Admin, ApiQuery, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, Problem};
+use super::rows;
 use super::types::{Gpu, MetricsQuery, MetricsSeries, Node, NodeState, Page, PageQuery, Worker};
 use super::{i64_cursor, page, page_limit, uuid_cursor};
 use crate::AppState;
@@ -48,14 +49,15 @@ pub async fn list_nodes(
         cursor: filter.cursor,
     };
     let limit = page_limit(&paging)?;
-    let rows: Vec<Node> = sqlx::query_as(sql!(
+    let rows: Vec<Node> = sqlx::query(sql!(
         "SELECT {NODE_COLUMNS} FROM nodes n
          WHERE ($1::uuid IS NULL OR n.id > $1) AND ($2::text IS NULL OR n.state = $2)
          ORDER BY n.id LIMIT $3"
     ))
     .bind(uuid_cursor(&paging)?)
-    .bind(filter.state)
+    .bind(filter.state.map(NodeState::as_str))
     .bind(limit + 1)
+    .try_map(rows::node)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(page(rows, limit, |n| n.id.to_string())))
@@ -67,10 +69,11 @@ pub(crate) async fn fetch_node(
     lock: bool,
 ) -> Result<Node, ApiError> {
     let lock = if lock { "FOR UPDATE" } else { "" };
-    sqlx::query_as(sql!(
+    sqlx::query(sql!(
         "SELECT {NODE_COLUMNS} FROM nodes n WHERE n.id = $1 {lock}"
     ))
     .bind(id)
+    .try_map(rows::node)
     .fetch_optional(conn)
     .await?
     .ok_or_else(|| ApiError::not_found("node", id))
@@ -256,13 +259,14 @@ pub async fn list_gpus(
         cursor: filter.cursor,
     };
     let limit = page_limit(&paging)?;
-    let rows: Vec<Gpu> = sqlx::query_as(sql!(
+    let rows: Vec<Gpu> = sqlx::query(sql!(
         "SELECT {GPU_COLUMNS} FROM gpus WHERE ($1::uuid IS NULL OR id > $1)
          AND ($2::uuid IS NULL OR node_id = $2) ORDER BY id LIMIT $3"
     ))
     .bind(uuid_cursor(&paging)?)
     .bind(filter.node_id)
     .bind(limit + 1)
+    .try_map(rows::gpu)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(page(rows, limit, |g| g.id.to_string())))
@@ -277,8 +281,9 @@ pub async fn get_gpu(
     Path(id): Path<String>,
 ) -> Result<Json<Gpu>, ApiError> {
     let id = parse_uuid("gpu", &id)?;
-    sqlx::query_as(sql!("SELECT {GPU_COLUMNS} FROM gpus WHERE id = $1"))
+    sqlx::query(sql!("SELECT {GPU_COLUMNS} FROM gpus WHERE id = $1"))
         .bind(id)
+        .try_map(rows::gpu)
         .fetch_optional(&state.pool)
         .await?
         .map(Json)
@@ -309,7 +314,7 @@ pub async fn list_workers(
         cursor: filter.cursor,
     };
     let limit = page_limit(&paging)?;
-    let rows: Vec<Worker> = sqlx::query_as(sql!(
+    let rows: Vec<Worker> = sqlx::query(sql!(
         "SELECT {WORKER_COLUMNS} FROM workers WHERE ($1::bigint IS NULL OR id > $1)
          AND ($2::uuid IS NULL OR deployment_id = $2) AND ($3::uuid IS NULL OR node_id = $3)
          AND ($4 OR desired_state <> 'stopped') ORDER BY id LIMIT $5"
@@ -319,6 +324,7 @@ pub async fn list_workers(
     .bind(filter.node_id)
     .bind(filter.include_stopped.unwrap_or(false))
     .bind(limit + 1)
+    .try_map(rows::worker)
     .fetch_all(&state.pool)
     .await?;
     Ok(Json(page(rows, limit, |w| w.id.to_string())))
@@ -340,8 +346,9 @@ pub async fn get_worker(
     Path(id): Path<String>,
 ) -> Result<Json<Worker>, ApiError> {
     let id = parse_worker_id(&id)?;
-    sqlx::query_as(sql!("SELECT {WORKER_COLUMNS} FROM workers WHERE id = $1"))
+    sqlx::query(sql!("SELECT {WORKER_COLUMNS} FROM workers WHERE id = $1"))
         .bind(id)
+        .try_map(rows::worker)
         .fetch_optional(&state.pool)
         .await?
         .map(Json)

@@ -13,6 +13,7 @@ pub mod decisions;
 pub mod extract;
 pub mod fleet;
 pub mod problem;
+pub(crate) mod rows;
 pub mod session;
 pub mod types;
 

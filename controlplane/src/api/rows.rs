@@ -1,0 +1,149 @@
+//! Decoding the API's resources from Postgres rows.
+//!
+//! The resource types live in `kvfleet_proto::api`, which knows nothing of databases, so the
+//! `FromRow` glue is here: each function reads one row of the matching `*_COLUMNS` select and
+//! is passed to `sqlx::query(..).try_map(..)`. Text enums are stored as their `as_str` spelling;
+//! a value the binary does not know is a decode error naming the column, never a panic.
+
+use std::str::FromStr;
+
+use sqlx::Row as _;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+
+use super::types::{AuditEntry, Deployment, Gpu, Model, Node, SlaTargets, Token, Worker};
+
+/// A text column parsed into one of the API's text enums.
+pub(crate) fn text<T>(row: &PgRow, column: &str) -> Result<T, sqlx::Error>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let raw: String = row.try_get(column)?;
+    raw.parse().map_err(|e: T::Err| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(e),
+    })
+}
+
+/// A text value (from a tuple or scalar query) parsed into one of the API's text enums.
+pub(crate) fn parse<T>(raw: &str) -> Result<T, sqlx::Error>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    raw.parse()
+        .map_err(|e: T::Err| sqlx::Error::Decode(Box::new(e)))
+}
+
+pub(crate) fn node(row: PgRow) -> Result<Node, sqlx::Error> {
+    Ok(Node {
+        id: row.try_get("id")?,
+        hostname: row.try_get("hostname")?,
+        state: text(&row, "state")?,
+        cordoned: row.try_get("cordoned")?,
+        draining: row.try_get("draining")?,
+        labels: row.try_get::<Json<_>, _>("labels")?.0,
+        frontend_addr: row.try_get("frontend_addr")?,
+        peer_addr: row.try_get("peer_addr")?,
+        addresses: row.try_get::<Json<_>, _>("addresses")?.0,
+        agent_version: row.try_get("agent_version")?,
+        cpu_slots: row.try_get("cpu_slots")?,
+        gpu_count: row.try_get("gpu_count")?,
+        desired_generation: row.try_get("desired_generation")?,
+        last_heartbeat_at: row.try_get("last_heartbeat_at")?,
+        state_changed_at: row.try_get("state_changed_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+pub(crate) fn gpu(row: PgRow) -> Result<Gpu, sqlx::Error> {
+    Ok(Gpu {
+        id: row.try_get("id")?,
+        node_id: row.try_get("node_id")?,
+        device_index: row.try_get("device_index")?,
+        name: row.try_get("name")?,
+        memory_total_bytes: row.try_get("memory_total_bytes")?,
+        memory_used_bytes: row.try_get("memory_used_bytes")?,
+        utilization: row.try_get("utilization")?,
+        pci_bus_id: row.try_get("pci_bus_id")?,
+    })
+}
+
+pub(crate) fn model(row: PgRow) -> Result<Model, sqlx::Error> {
+    Ok(Model {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        format: text(&row, "format")?,
+        path: row.try_get("path")?,
+        block_size: row.try_get("block_size")?,
+        context_length: row.try_get("context_length")?,
+        memory_bytes: row.try_get("memory_bytes")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+pub(crate) fn deployment(row: PgRow) -> Result<Deployment, sqlx::Error> {
+    Ok(Deployment {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        model_id: row.try_get("model_id")?,
+        model: row.try_get("model")?,
+        mode: text(&row, "mode")?,
+        sla: SlaTargets {
+            ttft_ms: row.try_get("ttft_target_ms")?,
+            itl_ms: row.try_get("itl_target_ms")?,
+        },
+        min_workers: row.try_get("min_workers")?,
+        max_workers: row.try_get("max_workers")?,
+        placement: row.try_get::<Json<_>, _>("placement")?.0,
+        generation: row.try_get("generation")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+pub(crate) fn worker(row: PgRow) -> Result<Worker, sqlx::Error> {
+    Ok(Worker {
+        id: row.try_get("id")?,
+        deployment_id: row.try_get("deployment_id")?,
+        node_id: row.try_get("node_id")?,
+        gpu_id: row.try_get("gpu_id")?,
+        role: text(&row, "role")?,
+        desired_state: text(&row, "desired_state")?,
+        observed_state: text(&row, "observed_state")?,
+        observed_at: row.try_get("observed_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+pub(crate) fn token(row: PgRow) -> Result<Token, sqlx::Error> {
+    Ok(Token {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: text(&row, "role")?,
+        prefix: row.try_get("prefix")?,
+        node_id: row.try_get("node_id")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        last_used_at: row.try_get("last_used_at")?,
+    })
+}
+
+pub(crate) fn audit_entry(row: PgRow) -> Result<AuditEntry, sqlx::Error> {
+    Ok(AuditEntry {
+        id: row.try_get("id")?,
+        at: row.try_get("at")?,
+        actor: row.try_get("actor")?,
+        actor_token: row.try_get("actor_token")?,
+        action: row.try_get("action")?,
+        target_type: row.try_get("target_type")?,
+        target_id: row.try_get("target_id")?,
+        before: row.try_get("before")?,
+        after: row.try_get("after")?,
+    })
+}

@@ -1,0 +1,724 @@
+//! The JSON bodies of the control plane's `/api/v1`: what the CLI, the web UI, automation and
+//! agents send and get. One definition, shared by the control plane (which serves them), the
+//! agent's control-plane client and the `kvfleet` admin CLI.
+//!
+//! Request bodies reject unknown fields, so a typo (`min_worker`) is an error naming the field
+//! rather than a silently ignored setting. Response bodies may gain fields; clients must ignore
+//! what they do not know.
+//!
+//! Enums that the control plane stores as Postgres `text` ([`NodeState`], [`Role`], ...) spell
+//! themselves with `as_str` and parse with `FromStr`/`TryFrom<String>`; the store converts at its
+//! edge, so this module stays free of database types. The OpenAPI schema derives (`utoipa`) are
+//! behind this crate's `openapi` feature, which only the control plane enables.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A text that names no variant of a text enum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} {text:?}")]
+pub struct UnknownVariant {
+    /// The enum's name, e.g. `NodeState`.
+    pub kind: &'static str,
+    pub text: String,
+}
+
+/// An enum stored as text and spelled in snake_case on the wire.
+macro_rules! text_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vdoc])* $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownVariant;
+
+            fn from_str(s: &str) -> Result<Self, UnknownVariant> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownVariant { kind: stringify!($name), text: other.to_owned() }),
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = UnknownVariant;
+
+            fn try_from(s: String) -> Result<Self, UnknownVariant> {
+                s.parse()
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = UnknownVariant;
+
+            fn try_from(s: &str) -> Result<Self, UnknownVariant> {
+                s.parse()
+            }
+        }
+    };
+}
+
+text_enum!(
+    /// A token's role.
+    Role {
+        Admin => "admin",
+        Operator => "operator",
+        Viewer => "viewer",
+        /// A node's agent credential (one per node, minted at registration).
+        Agent => "agent",
+        /// A join token: lets new nodes register, nothing else.
+        Join => "join",
+    }
+);
+
+/// What a route needs (every control-plane route names one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    Read,
+    Operate,
+    Admin,
+    Agent,
+    Register,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        text.parse().ok()
+    }
+
+    /// The authorization matrix: admin reads, operates and administers; operator reads and
+    /// operates; viewer reads; an agent credential speaks the agent protocol (and re-registers);
+    /// a join token only registers.
+    pub fn allows(self, permission: Permission) -> bool {
+        use Permission as P;
+        use Role as R;
+        matches!(
+            (self, permission),
+            (R::Admin, P::Read | P::Operate | P::Admin)
+                | (R::Operator, P::Read | P::Operate)
+                | (R::Viewer, P::Read)
+                | (R::Agent, P::Agent | P::Register)
+                | (R::Join, P::Register)
+        )
+    }
+}
+
+text_enum!(
+    /// A node's lifecycle: `joining` until its first heartbeat, `healthy` while heartbeats
+    /// arrive, `unhealthy` after a silence (no new work), `lost` after a longer one (its workers
+    /// are replaced elsewhere), `removed` by an admin.
+    NodeState {
+        Joining => "joining",
+        Healthy => "healthy",
+        Unhealthy => "unhealthy",
+        Lost => "lost",
+        Removed => "removed",
+    }
+);
+
+text_enum!(
+    /// How a deployment serves: every worker does prefill and decode, or they are split.
+    DeploymentMode {
+        Aggregated => "aggregated",
+        Disaggregated => "disaggregated",
+    }
+);
+
+text_enum!(
+    WorkerRole {
+        Aggregated => "aggregated",
+        Prefill => "prefill",
+        Decode => "decode",
+    }
+);
+
+text_enum!(
+    /// What the control plane wants a worker to do.
+    DesiredWorkerState {
+        Running => "running",
+        Draining => "draining",
+        Stopped => "stopped",
+    }
+);
+
+text_enum!(
+    /// What the agent last reported a worker doing (`lost`: its node went silent).
+    ObservedWorkerState {
+        Pending => "pending",
+        Starting => "starting",
+        Ready => "ready",
+        Draining => "draining",
+        Stopped => "stopped",
+        Failed => "failed",
+        Lost => "lost",
+    }
+);
+
+text_enum!(
+    ModelFormat {
+        Gguf => "gguf",
+        Safetensors => "safetensors",
+        /// The mock engine: a timing model, no weights.
+        Mock => "mock",
+    }
+);
+
+/// One page of a list. Pass `next_cursor` back as `cursor` for the next page; absent at the end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Paging parameters shared by every list endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct PageQuery {
+    /// Items per page: default 100, at most 500.
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Node {
+    pub id: Uuid,
+    pub hostname: String,
+    pub state: NodeState,
+    /// No new workers are placed on a cordoned node.
+    pub cordoned: bool,
+    /// A draining node's workers are being moved elsewhere (implies cordoned).
+    pub draining: bool,
+    pub labels: BTreeMap<String, String>,
+    pub frontend_addr: Option<String>,
+    pub peer_addr: Option<String>,
+    pub addresses: Vec<String>,
+    pub agent_version: Option<String>,
+    pub cpu_slots: i32,
+    pub gpu_count: i64,
+    pub desired_generation: i64,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+    pub state_changed_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Gpu {
+    pub id: Uuid,
+    pub node_id: Uuid,
+    pub device_index: i32,
+    pub name: String,
+    pub memory_total_bytes: i64,
+    pub memory_used_bytes: Option<i64>,
+    /// 0..=1, from the last heartbeat.
+    pub utilization: Option<f32>,
+    pub pci_bus_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Model {
+    pub id: Uuid,
+    pub name: String,
+    pub format: ModelFormat,
+    pub path: String,
+    pub block_size: i32,
+    pub context_length: Option<i32>,
+    /// GPU memory one worker needs; absent: fits any GPU.
+    pub memory_bytes: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `POST /api/v1/models`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewModel {
+    /// `[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}`
+    pub name: String,
+    pub format: ModelFormat,
+    /// Where the weights are on every node.
+    pub path: String,
+    /// Tokens per KV block, 1..=1024 (default 16).
+    #[serde(default)]
+    pub block_size: Option<i32>,
+    #[serde(default)]
+    pub context_length: Option<i32>,
+    #[serde(default)]
+    pub memory_bytes: Option<i64>,
+}
+
+/// Latency targets the planner sizes the deployment for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SlaTargets {
+    /// Time to first token, milliseconds (> 0).
+    #[serde(default)]
+    pub ttft_ms: Option<i32>,
+    /// Inter-token latency, milliseconds (> 0).
+    #[serde(default)]
+    pub itl_ms: Option<i32>,
+}
+
+/// Where a deployment's workers may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConstraints {
+    /// Only nodes carrying all of these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
+    /// Only these nodes (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<Uuid>,
+    /// Only GPUs whose name contains this text (e.g. `H100`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_name: Option<String>,
+    /// May run in CPU slots when no GPU fits (default: GPUs only).
+    #[serde(default)]
+    pub allow_cpu: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Deployment {
+    pub id: Uuid,
+    pub name: String,
+    pub model_id: Uuid,
+    pub model: String,
+    pub mode: DeploymentMode,
+    pub sla: SlaTargets,
+    pub min_workers: i32,
+    pub max_workers: i32,
+    pub placement: PlacementConstraints,
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `POST /api/v1/deployments`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewDeployment {
+    /// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`
+    pub name: String,
+    /// The model's name or id.
+    pub model: String,
+    #[serde(default = "default_mode")]
+    pub mode: DeploymentMode,
+    #[serde(default)]
+    pub sla: SlaTargets,
+    #[serde(default = "one")]
+    pub min_workers: i32,
+    #[serde(default = "one")]
+    pub max_workers: i32,
+    #[serde(default)]
+    pub placement: PlacementConstraints,
+}
+
+fn default_mode() -> DeploymentMode {
+    DeploymentMode::Aggregated
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// `PATCH /api/v1/deployments/{id}`: absent fields keep their value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentPatch {
+    #[serde(default)]
+    pub mode: Option<DeploymentMode>,
+    #[serde(default)]
+    pub sla: Option<SlaTargets>,
+    #[serde(default)]
+    pub min_workers: Option<i32>,
+    #[serde(default)]
+    pub max_workers: Option<i32>,
+    #[serde(default)]
+    pub placement: Option<PlacementConstraints>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Worker {
+    /// The compact worker id KV events carry.
+    pub id: i64,
+    pub deployment_id: Uuid,
+    pub node_id: Uuid,
+    /// Absent: a CPU slot.
+    pub gpu_id: Option<Uuid>,
+    pub role: WorkerRole,
+    pub desired_state: DesiredWorkerState,
+    pub observed_state: ObservedWorkerState,
+    pub observed_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Token {
+    pub id: Uuid,
+    pub name: String,
+    pub role: Role,
+    /// The token's public first characters (`kvf_` + 12).
+    pub prefix: String,
+    pub node_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /api/v1/tokens`. Agent credentials are minted by registration, not here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    pub name: String,
+    /// `admin`, `operator`, `viewer` or `join`.
+    pub role: Role,
+    /// Lifetime in seconds; absent: no expiry.
+    #[serde(default)]
+    pub expires_in_s: Option<i64>,
+}
+
+/// The only response that ever contains a token's secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedToken {
+    pub token: Token,
+    /// The bearer token. Shown once; only its hash is stored.
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub actor_token: Option<Uuid>,
+    /// `<resource>.<verb>`, e.g. `deployment.create`.
+    pub action: String,
+    pub target_type: String,
+    pub target_id: Option<String>,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+/// The node CA certificate and the serials revoked so far (peers refuse them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CaInfo {
+    pub cert_pem: String,
+    pub revoked_serials: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent protocol
+// ---------------------------------------------------------------------------------------------
+
+/// One GPU as the agent's NVML inventory reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GpuInventory {
+    /// The NVML UUID without its `GPU-` prefix (or a UUID the agent persisted for fake GPUs).
+    pub id: Uuid,
+    pub index: i32,
+    pub name: String,
+    pub memory_total_bytes: i64,
+    #[serde(default)]
+    pub pci_bus_id: Option<String>,
+}
+
+text_enum!(
+    KeyAlgorithm {
+        EcdsaP256 => "ecdsa_p256",
+        Ed25519 => "ed25519",
+    }
+);
+
+/// The agent's peer key. The agent keeps the private half; the control plane signs a
+/// certificate for this public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AgentPublicKey {
+    pub algorithm: KeyAlgorithm,
+    /// The raw public key (SubjectPublicKeyInfo's BIT STRING: the uncompressed point for
+    /// ECDSA P-256, 32 bytes for Ed25519), base64 standard encoding. rcgen's
+    /// `KeyPair::public_key_raw()` gives exactly this.
+    pub public_key: String,
+}
+
+/// `POST /api/v1/agent/register`, with a join token (a new node) or the node's agent
+/// credential (a restart: inventory refreshed, same node id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub hostname: String,
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    /// The OpenAI frontend, `host:port`.
+    #[serde(default)]
+    pub frontend_addr: Option<String>,
+    /// The QUIC peer endpoint, `host:port`.
+    #[serde(default)]
+    pub peer_addr: Option<String>,
+    /// Every address of the node (become certificate SANs when they are IPs).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub cpu_slots: i32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gpus: Vec<GpuInventory>,
+    /// Absent: the control plane generates the key pair and returns the private key (simpler,
+    /// but the key crosses the network; send a public key in production).
+    #[serde(default)]
+    pub public_key: Option<AgentPublicKey>,
+}
+
+/// A peer certificate issued by the node CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct IssuedCertificate {
+    /// Lowercase hex, 32 digits.
+    pub serial: String,
+    pub cert_pem: String,
+    pub ca_cert_pem: String,
+    /// Only when the request carried no public key.
+    pub private_key_pem: Option<String>,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegisterResponse {
+    pub node_id: Uuid,
+    /// The node's agent credential (bearer token for every later call). Present when
+    /// registering with a join token; shown once.
+    pub credential: Option<String>,
+    pub certificate: IssuedCertificate,
+    pub heartbeat_interval_ms: u64,
+    pub desired_generation: i64,
+}
+
+/// `POST /api/v1/agent/certificate`: renew the peer certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    #[serde(default)]
+    pub public_key: Option<AgentPublicKey>,
+}
+
+/// Serving metrics of one worker over the last heartbeat interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WorkerMetrics {
+    /// Requests per second.
+    pub request_rate: f32,
+    #[serde(default)]
+    pub ttft_p50_ms: Option<f32>,
+    #[serde(default)]
+    pub ttft_p99_ms: Option<f32>,
+    #[serde(default)]
+    pub itl_p50_ms: Option<f32>,
+    #[serde(default)]
+    pub itl_p99_ms: Option<f32>,
+    /// Generated tokens per second.
+    pub tokens_per_s: f32,
+    pub kv_blocks_used: i64,
+    pub kv_blocks_total: i64,
+    /// 0..=1
+    #[serde(default)]
+    pub prefix_hit_rate: Option<f32>,
+    /// 0..=1
+    #[serde(default)]
+    pub gpu_utilization: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ObservedWorker {
+    pub worker_id: i64,
+    pub state: ObservedWorkerState,
+    #[serde(default)]
+    pub metrics: Option<WorkerMetrics>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GpuStatus {
+    pub id: Uuid,
+    pub utilization: Option<f32>,
+    pub memory_used_bytes: Option<i64>,
+}
+
+/// `POST /api/v1/agent/heartbeat`: what the node observes now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    #[serde(default)]
+    pub workers: Vec<ObservedWorker>,
+    #[serde(default)]
+    pub gpus: Vec<GpuStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HeartbeatResponse {
+    pub node_state: NodeState,
+    /// When above the generation the agent holds, fetch the desired state.
+    pub desired_generation: i64,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// What one worker on this node should be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DesiredWorker {
+    pub worker_id: i64,
+    pub deployment_id: Uuid,
+    pub deployment: String,
+    pub model: ModelSpec,
+    pub role: WorkerRole,
+    /// Absent: a CPU slot.
+    pub gpu_id: Option<Uuid>,
+    pub desired_state: DesiredWorkerState,
+}
+
+/// What an engine needs to load a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ModelSpec {
+    pub name: String,
+    pub format: ModelFormat,
+    pub path: String,
+    pub block_size: i32,
+    pub context_length: Option<i32>,
+}
+
+/// `GET /api/v1/agent/desired-state`: the node's whole desired state at `generation`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DesiredState {
+    pub node_id: Uuid,
+    pub generation: i64,
+    pub node_state: NodeState,
+    pub draining: bool,
+    pub workers: Vec<DesiredWorker>,
+}
+
+/// Long-poll parameters of `GET /api/v1/agent/desired-state`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct WatchQuery {
+    /// The generation the agent holds: the call returns as soon as the node's generation
+    /// differs from it (normally: is above it), or after `wait_s` with the current state.
+    /// Absent: return at once.
+    pub after_generation: Option<i64>,
+    /// Seconds to wait (capped by the server's `watch.max_wait`).
+    pub wait_s: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fleet metrics
+// ---------------------------------------------------------------------------------------------
+
+/// A time window and resolution for metrics queries.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct MetricsQuery {
+    /// Start (RFC 3339); default: one hour ago.
+    pub since: Option<DateTime<Utc>>,
+    /// End (RFC 3339); default: now.
+    pub until: Option<DateTime<Utc>>,
+    /// Bucket width in seconds (default 60, at least 1).
+    pub step_s: Option<i64>,
+}
+
+/// One bucket of metrics. For a deployment: rates, tokens/s and KV blocks are summed over
+/// workers; p50s are averaged over workers and p99s are the worst worker's (an upper bound, not
+/// a true fleet percentile); hit rate and utilization are averaged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MetricsPoint {
+    pub at: DateTime<Utc>,
+    pub request_rate: f64,
+    pub ttft_p50_ms: Option<f64>,
+    pub ttft_p99_ms: Option<f64>,
+    pub itl_p50_ms: Option<f64>,
+    pub itl_p99_ms: Option<f64>,
+    pub tokens_per_s: f64,
+    pub kv_blocks_used: f64,
+    pub kv_blocks_total: f64,
+    pub prefix_hit_rate: Option<f64>,
+    pub gpu_utilization: Option<f64>,
+    pub workers: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MetricsSeries {
+    /// `raw` (heartbeat samples) or `rollup` (downsampled buckets, for windows reaching past
+    /// raw retention).
+    pub source: String,
+    pub step_s: i64,
+    pub points: Vec<MetricsPoint>,
+}
+
+/// `GET /api/v1/status`: this replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Status {
+    pub version: String,
+    /// Whether this replica holds the leader lock (runs placement and liveness).
+    pub leader: bool,
+    pub schema_version: i64,
+}
