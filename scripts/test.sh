@@ -19,3 +19,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --no-fail-fast
 fi
+
+# The packages (issue 9): .deb/.rpm from the debug binaries above, installed, upgraded and purged
+# in a clean Debian 12 root. Needs root; skips with the reason otherwise.
+log "package install test"
+bash packaging/test-install.sh
