@@ -13,9 +13,10 @@
 //! - [`placement`] and [`liveness`]: pure decisions; [`leader`]: the election and the loops
 //!   that apply them; [`metrics`]: fleet metrics from heartbeats.
 //! - [`systemd`]: `READY=1` / `WATCHDOG=1` / `STOPPING=1` for the `Type=notify` unit.
+//! - [`kv_index`]: the KV index authority: event uploads, the sequenced stream, snapshots.
 //! - [`ui`]: the admin web UI's static files (from `web-ui/`), served under `/ui/`.
 //!
-//! Not here yet: the KV index authority, the planner loop (placement sizes deployments at
+//! Not here yet: the planner loop (placement sizes deployments at
 //! `min_workers` until it exists), TLS on the HTTP listener (terminate TLS in a
 //! proxy in front for now).
 
@@ -31,6 +32,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod config;
+pub mod kv_index;
 pub mod leader;
 pub mod liveness;
 pub mod metrics;
@@ -64,6 +66,8 @@ pub struct Inner {
     pub desired_changed: broadcast::Sender<uuid::Uuid>,
     /// Flips to true when the replica starts shutting down; long polls return at once.
     pub stopping: watch::Sender<bool>,
+    /// The fleet-wide KV block index, rebuilt from Postgres at start.
+    pub kv: kv_index::KvIndex,
     leader: AtomicBool,
 }
 
@@ -78,6 +82,18 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Builds the state from a migrated pool (loads or creates the node CA).
     pub async fn new(pool: PgPool, config: Config) -> anyhow::Result<Self> {
+        Self::with_kv_config(pool, config, kv_index::KvIndexConfig::default()).await
+    }
+
+    /// [`AppState::new`] with KV index tuning (tests shorten its retention and intervals).
+    pub async fn with_kv_config(
+        pool: PgPool,
+        config: Config,
+        kv: kv_index::KvIndexConfig,
+    ) -> anyhow::Result<Self> {
+        let kv = kv_index::KvIndex::load(&pool, kv)
+            .await
+            .context("rebuilding the KV index from Postgres")?;
         let ca = ca::load_or_create(&pool, config.ca.ca_validity)
             .await
             .context("loading the node CA")?;
@@ -89,6 +105,7 @@ impl AppState {
             ca,
             desired_changed,
             stopping: watch::channel(false).0,
+            kv,
             leader: AtomicBool::new(false),
         })))
     }
@@ -171,6 +188,7 @@ async fn serve_notifying(
         state.clone(),
         stop_rx.clone(),
     ));
+    tasks.spawn(kv_index::run(state.clone(), stop_rx.clone()));
 
     let app = api::router(state.clone());
     let local = listener.local_addr().ok();

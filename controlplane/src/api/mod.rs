@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::AppState;
+use crate::{AppState, kv_index};
 use problem::ApiError;
 use types::{Page, PageQuery};
 
@@ -81,6 +81,13 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/heartbeat", post(agent::heartbeat))
         .route("/agent/desired-state", get(agent::desired_state))
         .route("/agent/certificate", post(agent::renew_certificate))
+        .route(
+            "/agent/kv-events",
+            post(kv_index::upload).layer(DefaultBodyLimit::max(kv_index::MAX_UPLOAD_BYTES)),
+        )
+        .route("/agent/kv-stream", get(kv_index::stream))
+        .route("/agent/kv-snapshot", get(kv_index::snapshot))
+        .route("/kv/stats", get(kv_index::stats))
         .fallback(not_found);
     Router::new()
         .nest("/api/v1", v1)
@@ -250,6 +257,7 @@ impl utoipa::Modify for BearerAuth {
         admin::list_tokens, admin::create_token, admin::revoke_token, admin::list_audit,
         session::whoami, decisions::list_decisions,
         agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
+        kv_index::upload, kv_index::stream, kv_index::snapshot, kv_index::stats,
     ),
     components(schemas(problem::Problem, problem::InvalidParam)),
     modifiers(&BearerAuth),

@@ -213,6 +213,14 @@ impl Router {
         &self.config
     }
 
+    /// Switches the routing mode, keeping workers, index and load. The agent falls back to
+    /// `approximate` while the control plane's event stream is unreachable (predictions then
+    /// sit on top of the last known index) and switches back after re-syncing from a snapshot,
+    /// which replaces the predicted blocks of every worker it names.
+    pub fn set_mode(&mut self, mode: RoutingMode) {
+        self.config.mode = mode;
+    }
+
     /// Restarts the router's random choices from `seed` (for replaying a simulation).
     pub fn reseed(&mut self, seed: u64) {
         self.rng = SplitMix64::new(seed);
