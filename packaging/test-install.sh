@@ -78,7 +78,13 @@ overlay=0
 # The root lives in memory: deleting a used root from this disk took 20 s, unmounting takes none.
 tmpfs=0
 if mount -t tmpfs -o size=3g,mode=0755 kvfleet-install-test "$work" 2>/dev/null; then tmpfs=1; fi
+proc_mounted=0
+agent_pid=
+dbus_pid=
 cleanup() {
+    if [ -n "$agent_pid" ]; then kill -KILL "$agent_pid" 2>/dev/null || true; fi
+    if [ -n "$dbus_pid" ]; then kill -TERM "$dbus_pid" 2>/dev/null || true; fi
+    if [ "$proc_mounted" = 1 ]; then umount "$root/proc" 2>/dev/null || umount -l "$root/proc" 2>/dev/null || true; fi
     if [ "$overlay" = 1 ]; then umount "$root" 2>/dev/null || umount -l "$root" 2>/dev/null || true; fi
     if [ "$tmpfs" = 1 ]; then umount "$work" 2>/dev/null || umount -l "$work" 2>/dev/null || true; fi
     rm -rf --one-file-system "$work"
@@ -181,6 +187,52 @@ assert "upgrade: still root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/agent.tom
 assert "upgrade: state kept" [ -f "$root/var/lib/kvfleet/marker" ]
 assert "upgrade: still enabled" [ -L "$(wants kvfleet-agent.service)" ]
 assert "kvfleet-agent check-config accepts the edited file" in_root kvfleet-agent check-config /etc/kvfleet/agent.toml
+
+step "the packaged agent runs as kvfleet on a system bus with the packaged D-Bus policy"
+# What the unit does, by hand (no systemd as PID 1 here): user kvfleet with its groups, the
+# runtime directory, journald's environment (no terminal: NO_COLOR), the system bus at its
+# usual address, run by dbus-daemon --system from the root with our policy file in system.d.
+mount -t proc proc "$root/proc"
+proc_mounted=1
+mkdir -p "$root/run/dbus" "$root/run/kvfleet"
+in_root chown kvfleet:kvfleet /run/kvfleet
+in_root dbus-daemon --system --fork >/dev/null || fail "dbus-daemon --system does not start with the policy installed"
+dbus_pid="$(cat "$root/run/dbus/pid")"
+kv_uid="$(in_root id -u kvfleet)"
+kv_gid="$(in_root id -g kvfleet)"
+kv_gids="$(in_root id -G kvfleet | tr ' ' ',')"
+chroot --userspec="$kv_uid:$kv_gid" --groups="$kv_gids" "$root" env -i PATH=/usr/bin:/bin NO_COLOR=1 \
+    kvfleet-agent run --config /etc/kvfleet/agent.toml --listen 127.0.0.1:0 >"$work/agent.log" 2>&1 &
+agent_pid=$!
+busctl_as() { local user="$1"; shift; chroot --userspec="$(in_root id -u "$user"):$(in_root id -g "$user")" "$root" env -i PATH=/usr/bin:/bin busctl --system "$@"; }
+ready=0
+for _ in $(seq 1 100); do
+    status="$(busctl_as nobody call org.kvfleet.Agent /org/kvfleet/Agent org.kvfleet.Agent1 Status 2>/dev/null || true)"
+    if grep -q '\\"ready\\":true' <<<"$status"; then
+        ready=1
+        break
+    fi
+    kill -0 "$agent_pid" 2>/dev/null || break
+    sleep 0.2
+done
+[ "$ready" = 1 ] || { cat "$work/agent.log" >&2; fail "the agent did not become ready on the bus"; }
+ok "kvfleet-agent (user kvfleet, shipped config) owns org.kvfleet.Agent and is ready"
+assert "anyone may read Status and the Ready property" busctl_as nobody get-property org.kvfleet.Agent /org/kvfleet/Agent org.kvfleet.Agent1 Ready
+denied="$(busctl_as nobody call org.kvfleet.Agent /org/kvfleet/Agent org.kvfleet.Agent1 Drain 2>&1 || true)"
+assert "others may not Drain (policy: $denied)" grep -q 'Access denied' <<<"$denied"
+assert "root may Drain" busctl_as root call org.kvfleet.Agent /org/kvfleet/Agent org.kvfleet.Agent1 Drain
+assert "the agent is draining" sh -c "chroot '$root' busctl --system call org.kvfleet.Agent /org/kvfleet/Agent org.kvfleet.Agent1 Status | grep -q 'draining[^,]*:true'"
+denied="$(busctl_as nobody call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus RequestName su org.kvfleet.Agent 0 2>&1 || true)"
+assert "others may not own org.kvfleet.Agent ($denied)" grep -q 'Access denied' <<<"$denied"
+assert_not "no ANSI colour codes in the log (journald is no terminal)" grep -q $'\e\\[' "$work/agent.log"
+kill -TERM "$agent_pid"
+wait "$agent_pid" || { agent_pid=; fail "the agent did not exit cleanly on SIGTERM: $(tail -n 5 "$work/agent.log")"; }
+agent_pid=
+ok "SIGTERM: the agent drained and exited 0"
+kill -TERM "$dbus_pid"
+dbus_pid=
+umount "$root/proc"
+proc_mounted=0
 
 step "dpkg -i kvfleet-controlplane"
 dpkg_install "$cp_deb"
