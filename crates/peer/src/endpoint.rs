@@ -1,0 +1,509 @@
+//! The endpoint: one UDP socket, one quinn endpoint acting as both server (for peers that
+//! connect to us) and client (for peers we connect to), both under the node's mTLS identity.
+//!
+//! [`PeerEndpoint::serve`] is the accept loop: each connection gets a task (owned by a
+//! `JoinSet`), each stream a task under its connection; the first frame of a stream says what
+//! it is (a generate `Request` or a KV `KvLayout` handshake). Whatever goes wrong goes wrong for
+//! one stream or one connection and is counted in [`PeerMetrics`]; the loop only stops on the
+//! shutdown future, then drains in-flight streams until [`PeerConfig::drain_timeout`].
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kvfleet_proto::NodeId;
+use kvfleet_proto::frame::{FrameCodec, FrameKind};
+use kvfleet_proto::peer::{ErrorCode, ErrorMessage, PeerMessage};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::error::PeerError;
+use crate::generate::{self, GenerateHandler};
+use crate::metrics::{ErrorKind, PeerMetrics};
+use crate::tls::{self, PeerIdentity, PeerInfo, node_server_name};
+use crate::transfer::{self, BlockSink};
+use crate::wire::{self, ReadFailure, codes};
+
+/// How an endpoint is built. [`PeerConfig::new`] gives production defaults.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Where to bind (the agent's default is `0.0.0.0:7500`; tests use `127.0.0.1:0`).
+    pub bind: SocketAddr,
+    /// The node's certificates.
+    pub identity: PeerIdentity,
+    /// Receive window of one stream, bytes: how much a sender may have in flight on one stream
+    /// before the receiver's application reads it.
+    pub stream_window: u32,
+    /// Receive window of one connection (all its streams together), bytes. The bound on what a
+    /// peer can make us buffer, whatever it sends.
+    pub connection_window: u32,
+    /// Bytes a sender buffers per connection before writes wait (unsent plus unacknowledged).
+    pub send_window: u64,
+    /// Concurrent bidirectional streams a peer may open on one connection.
+    pub max_streams: u32,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Keep-alive interval, well below `idle_timeout`.
+    pub keep_alive: Duration,
+    /// How long in-flight streams get to finish after shutdown.
+    pub drain_timeout: Duration,
+    /// How long a KV sender waits for the receiver's handshake answer and final receipt.
+    pub ack_timeout: Duration,
+}
+
+impl PeerConfig {
+    /// Defaults sized for 2 MiB KV blocks on a datacenter link: 8 MiB per stream (a few blocks
+    /// in flight per stream), 64 MiB per connection.
+    pub fn new(bind: SocketAddr, identity: PeerIdentity) -> Self {
+        Self {
+            bind,
+            identity,
+            stream_window: 8 * 1024 * 1024,
+            connection_window: 64 * 1024 * 1024,
+            send_window: 64 * 1024 * 1024,
+            max_streams: 256,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn transport(&self) -> Result<TransportConfig, PeerError> {
+        let mut transport = TransportConfig::default();
+        transport
+            .stream_receive_window(VarInt::from_u32(self.stream_window))
+            .receive_window(VarInt::from_u32(self.connection_window))
+            .send_window(self.send_window)
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_idle_timeout(Some(IdleTimeout::try_from(self.idle_timeout).map_err(
+                |_| PeerError::Identity("idle timeout out of range".to_owned()),
+            )?));
+        Ok(transport)
+    }
+}
+
+/// Shared by the endpoint, its connections and their stream tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) metrics: Arc<PeerMetrics>,
+    pub(crate) config: PeerConfig,
+    pub(crate) kv_codec: FrameCodec,
+    pub(crate) generate_codec: FrameCodec,
+    revoked: Mutex<HashSet<String>>,
+    connections: Mutex<HashMap<(SocketAddr, NodeId), quinn::Connection>>,
+}
+
+impl Shared {
+    fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(serial)
+    }
+}
+
+/// One node's peer endpoint. Cheap to clone; clones share the socket, the metrics and the
+/// connection cache.
+#[derive(Debug, Clone)]
+pub struct PeerEndpoint {
+    endpoint: quinn::Endpoint,
+    node_id: NodeId,
+    shared: Arc<Shared>,
+}
+
+impl PeerEndpoint {
+    /// Binds the UDP socket and loads the identity. Needs a tokio runtime.
+    pub fn bind(config: PeerConfig) -> Result<Self, PeerError> {
+        let credentials = config.identity.credentials()?;
+        let transport = Arc::new(config.transport()?);
+        let server_crypto = QuicServerConfig::try_from(credentials.server)
+            .map_err(|e| PeerError::Identity(format!("QUIC server crypto: {e}")))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        let client_crypto = QuicClientConfig::try_from(credentials.client)
+            .map_err(|e| PeerError::Identity(format!("QUIC client crypto: {e}")))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+        let mut endpoint =
+            quinn::Endpoint::server(server, config.bind).map_err(|source| PeerError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+        endpoint.set_default_client_config(client);
+        let shared = Arc::new(Shared {
+            metrics: Arc::new(PeerMetrics::default()),
+            kv_codec: FrameCodec::default(),
+            generate_codec: FrameCodec::new(wire::GENERATE_MAX_PAYLOAD),
+            config,
+            revoked: Mutex::new(HashSet::new()),
+            connections: Mutex::new(HashMap::new()),
+        });
+        Ok(Self {
+            endpoint,
+            node_id: credentials.node_id,
+            shared,
+        })
+    }
+
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, PeerError> {
+        self.endpoint.local_addr().map_err(|source| PeerError::Bind {
+            addr: self.shared.config.bind,
+            source,
+        })
+    }
+
+    /// This node's id, from its own certificate.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The endpoint's counters.
+    pub fn metrics(&self) -> Arc<PeerMetrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Replaces the set of revoked certificate serials (lowercase hex, as `GET /api/v1/ca`
+    /// lists them). New connections presenting one are closed after the handshake; existing
+    /// connections from them are not torn down here.
+    pub fn set_revoked_serials(&self, serials: impl IntoIterator<Item = String>) {
+        let serials = serials.into_iter().map(|s| s.to_ascii_lowercase()).collect();
+        *self
+            .shared
+            .revoked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = serials;
+    }
+
+    /// Opens a new connection to `node` at `addr`, verifying that its certificate names `node`.
+    pub async fn connect(&self, addr: SocketAddr, node: NodeId) -> Result<PeerConnection, PeerError> {
+        let connecting = self
+            .endpoint
+            .connect(addr, &node_server_name(node))
+            .map_err(|source| PeerError::Connect { addr, source })?;
+        let connection = match connecting.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                let refused = tls::is_tls_refusal(&error);
+                self.shared.metrics.count_error(if refused {
+                    ErrorKind::TlsRefused
+                } else {
+                    ErrorKind::Handshake
+                });
+                return Err(if refused {
+                    PeerError::HandshakeRefused {
+                        addr,
+                        reason: error.to_string(),
+                    }
+                } else {
+                    PeerError::Connection {
+                        addr,
+                        source: error,
+                    }
+                });
+            }
+        };
+        let peer = match tls::peer_info(&connection) {
+            Ok(peer) if peer.node_id != node => Err(format!(
+                "certificate names node {}, expected {node}",
+                peer.node_id
+            )),
+            Ok(peer) if self.shared.is_revoked(&peer.serial) => {
+                Err(format!("certificate serial {} is revoked", peer.serial))
+            }
+            other => other,
+        };
+        let peer = match peer {
+            Ok(peer) => peer,
+            Err(reason) => {
+                self.shared.metrics.count_error(ErrorKind::TlsRefused);
+                connection.close(codes::IDENTITY, reason.as_bytes());
+                return Err(PeerError::PeerIdentity { addr, reason });
+            }
+        };
+        crate::metrics::add(&self.shared.metrics.connections_opened, 1);
+        Ok(PeerConnection {
+            connection,
+            peer,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// A connection to `node` at `addr`: the cached one while it is open, else a new one (then
+    /// cached). Agents call this per request; QUIC multiplexes every request and transfer to one
+    /// peer over one connection.
+    pub async fn connection(&self, addr: SocketAddr, node: NodeId) -> Result<PeerConnection, PeerError> {
+        let cached = self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(addr, node))
+            .filter(|c| c.close_reason().is_none())
+            .cloned();
+        if let Some(connection) = cached
+            && let Ok(peer) = tls::peer_info(&connection)
+        {
+            return Ok(PeerConnection {
+                connection,
+                peer,
+                shared: self.shared.clone(),
+            });
+        }
+        let fresh = self.connect(addr, node).await?;
+        self.shared
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((addr, node), fresh.connection.clone());
+        Ok(fresh)
+    }
+
+    /// Serves peers until `shutdown` resolves: forwarded generate requests go to `generate`, KV
+    /// transfers to `blocks`. Then stops accepting, gives in-flight streams
+    /// [`PeerConfig::drain_timeout`] to finish, and closes every connection.
+    pub async fn serve<G, S>(
+        &self,
+        generate: Arc<G>,
+        blocks: Arc<S>,
+        shutdown: impl Future<Output = ()>,
+    ) where
+        G: GenerateHandler,
+        S: BlockSink,
+    {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let task = ConnectionTask {
+                        shared: self.shared.clone(),
+                        generate: generate.clone(),
+                        blocks: blocks.clone(),
+                        stop: stop_rx.clone(),
+                    };
+                    connections.spawn(task.run(incoming));
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        self.endpoint.set_server_config(None);
+        let _ = stop_tx.send(true);
+        let deadline = self.shared.config.drain_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(deadline, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            connections.abort_all();
+        }
+        self.endpoint.close(codes::SHUTDOWN, b"shutdown");
+    }
+
+    /// Closes every connection at once (no drain) and waits until peers were told.
+    pub async fn close(&self) {
+        self.endpoint.close(codes::SHUTDOWN, b"shutdown");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+struct ConnectionTask<G, S> {
+    shared: Arc<Shared>,
+    generate: Arc<G>,
+    blocks: Arc<S>,
+    stop: watch::Receiver<bool>,
+}
+
+impl<G: GenerateHandler, S: BlockSink> ConnectionTask<G, S> {
+    async fn run(mut self, incoming: quinn::Incoming) {
+        let addr = incoming.remote_address();
+        let metrics = &self.shared.metrics;
+        let connection = match incoming.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                let kind = if tls::is_tls_refusal(&error) {
+                    ErrorKind::TlsRefused
+                } else {
+                    ErrorKind::Handshake
+                };
+                metrics.count_error(kind);
+                tracing::warn!(%addr, %error, kind = kind.as_str(), "peer connection refused");
+                return;
+            }
+        };
+        let peer = match tls::peer_info(&connection) {
+            Ok(peer) if self.shared.is_revoked(&peer.serial) => {
+                Err(format!("certificate serial {} is revoked", peer.serial))
+            }
+            other => other,
+        };
+        let peer = match peer {
+            Ok(peer) => Arc::new(peer),
+            Err(reason) => {
+                metrics.count_error(ErrorKind::TlsRefused);
+                tracing::warn!(%addr, %reason, "peer identity refused");
+                connection.close(codes::IDENTITY, reason.as_bytes());
+                return;
+            }
+        };
+        crate::metrics::add(&metrics.connections_accepted, 1);
+        tracing::debug!(%addr, node = %peer.node_id, "peer connected");
+        let mut streams = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = self.stop.wait_for(|stop| *stop) => break,
+                accepted = connection.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        let shared = self.shared.clone();
+                        let (generate, blocks, peer) =
+                            (self.generate.clone(), self.blocks.clone(), peer.clone());
+                        streams.spawn(async move {
+                            serve_stream(&shared, &*generate, &*blocks, &peer, send, recv).await;
+                        });
+                    }
+                    Err(error) => {
+                        tracing::debug!(%addr, %error, "peer connection ended");
+                        break;
+                    }
+                },
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            }
+        }
+        let drain = self.shared.config.drain_timeout;
+        if tokio::time::timeout(drain, async { while streams.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            streams.abort_all();
+        }
+        connection.close(codes::SHUTDOWN, b"shutdown");
+    }
+}
+
+/// One stream: its first frame says what it is.
+async fn serve_stream<G: GenerateHandler, S: BlockSink>(
+    shared: &Shared,
+    generate: &G,
+    blocks: &S,
+    peer: &PeerInfo,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let metrics = &shared.metrics;
+    // The larger (KV) limit: the kind is not known yet. A generate request over its own limit
+    // is refused below.
+    let first = wire::read_frame(&mut recv, &shared.kv_codec).await;
+    let (kind, payload) = match first {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return, // opened and finished without a word: nothing to do
+        Err(failure) => {
+            let kind = match &failure {
+                ReadFailure::Frame(kvfleet_proto::FrameError::Truncated { .. }) => {
+                    ErrorKind::Truncated
+                }
+                ReadFailure::Frame(_) => ErrorKind::Malformed,
+                ReadFailure::Reset(_) | ReadFailure::Lost(_) => ErrorKind::Stream,
+            };
+            metrics.count_error(kind);
+            tracing::debug!(node = %peer.node_id, %failure, "bad first frame on a peer stream");
+            refuse(
+                &mut send,
+                &mut recv,
+                &shared.generate_codec,
+                ErrorCode::Malformed,
+                failure.to_string(),
+            )
+            .await;
+            return;
+        }
+    };
+    match kind {
+        FrameKind::Request if payload.len() <= shared.generate_codec.max_payload() as usize => {
+            generate::serve(shared, generate, peer, &payload, send, recv).await;
+        }
+        FrameKind::KvLayout => {
+            transfer::serve(shared, blocks, peer, &payload, send, recv).await;
+        }
+        other => {
+            metrics.count_error(ErrorKind::BadRequest);
+            refuse(
+                &mut send,
+                &mut recv,
+                &shared.generate_codec,
+                ErrorCode::BadRequest,
+                format!("a peer stream cannot start with a {other:?} frame of {} bytes", payload.len()),
+            )
+            .await;
+        }
+    }
+}
+
+/// Sends an Error frame (best effort), ends our side and stops reading theirs.
+pub(crate) async fn refuse(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    codec: &FrameCodec,
+    code: ErrorCode,
+    message: String,
+) {
+    let error = PeerMessage::Error(ErrorMessage::new(code, message));
+    let _ = wire::write_message(send, codec, &error).await;
+    let _ = send.finish();
+    let _ = recv.stop(codes::REFUSED);
+}
+
+/// An established, verified connection to one peer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PeerConnection {
+    pub(crate) connection: quinn::Connection,
+    pub(crate) peer: PeerInfo,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl PeerConnection {
+    /// The node at the other end.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// Round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.connection.rtt()
+    }
+
+    /// Why the connection closed, or `None` while it is open.
+    pub fn close_reason(&self) -> Option<String> {
+        self.connection.close_reason().map(|e| e.to_string())
+    }
+
+    /// Closes the connection (every stream on it fails).
+    pub fn close(&self) {
+        self.connection.close(codes::SHUTDOWN, b"closed");
+    }
+
+    pub(crate) fn connection_error(&self, source: quinn::ConnectionError) -> PeerError {
+        if tls::is_tls_refusal(&source) {
+            self.shared.metrics.count_error(ErrorKind::TlsRefused);
+            PeerError::HandshakeRefused {
+                addr: self.peer.addr,
+                reason: source.to_string(),
+            }
+        } else {
+            PeerError::Connection {
+                addr: self.peer.addr,
+                source,
+            }
+        }
+    }
+}
