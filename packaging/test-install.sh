@@ -18,6 +18,7 @@
 #   KVFLEET_PACKAGING_NO_BUILD=1  package target/debug as it is (no cargo build first)
 #   KVFLEET_TEST_ROOT_CACHE       cached root tarball (default /var/cache/kvfleet-test/...)
 #   KVFLEET_DEBIAN_MIRROR         default http://deb.debian.org/debian
+#   KVFLEET_TEST_ROOT=overlay     use the fallback root below even when debootstrap works
 # Without debootstrap (or without the network on the first run) the root is an overlay of the
 # host's own file system instead (a Debian 12 host), and the test says so.
 set -euo pipefail
@@ -93,7 +94,9 @@ trap cleanup EXIT
 
 cache="${KVFLEET_TEST_ROOT_CACHE:-/var/cache/kvfleet-test/debian-bookworm-minbase-systemd.tar}"
 mirror="${KVFLEET_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-if [ ! -f "$cache" ] && command -v debootstrap >/dev/null; then
+if [ "${KVFLEET_TEST_ROOT:-}" = overlay ]; then
+    cache=/nonexistent
+elif [ ! -f "$cache" ] && command -v debootstrap >/dev/null; then
     log "debootstrap --variant=minbase bookworm (once; cached in $cache)"
     if debootstrap --variant=minbase --include=systemd,dbus bookworm "$work/fresh" "$mirror" \
         >"$work/debootstrap.log" 2>&1; then
