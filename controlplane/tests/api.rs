@@ -168,6 +168,8 @@ fn routes() -> Vec<Route> {
             Prep::FreshToken,
         ),
         route(Method::GET, "/audit", Some(Admin), 200, None),
+        route(Method::GET, "/whoami", Some(Read), 200, None),
+        route(Method::GET, "/decisions", Some(Read), 200, None),
         route(
             Method::GET,
             "/metrics/workers/{worker}",

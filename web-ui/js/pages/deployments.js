@@ -1,0 +1,195 @@
+// Deployments: the list with live worker counts, create / edit / delete (operators), and a
+// detail page with workers, metrics charts and the decisions about the deployment. Validation
+// errors from the API (problem JSON `invalid_params`) appear at the field they name.
+
+import { get, post, patch as apiPatch, del, all, metrics } from '/ui/js/api.js';
+import { h, patch, table, badge, field, formError, showProblem, clearErrors, announce } from '/ui/js/dom.js';
+import { lineChart, pointsOf } from '/ui/js/chart.js';
+import { workersTable } from '/ui/js/pages/overview.js';
+import { timeline } from '/ui/js/pages/decisions.js';
+import { ms, num, pct, ago, time } from '/ui/js/format.js';
+
+export const title = 'Deployments';
+
+function slaText(d) {
+  const parts = [];
+  if (d.sla.ttft_ms) parts.push(`TTFT ≤ ${d.sla.ttft_ms} ms`);
+  if (d.sla.itl_ms) parts.push(`ITL ≤ ${d.sla.itl_ms} ms`);
+  return parts.join(', ') || '—';
+}
+
+function readyText(d, workers) {
+  const mine = workers.filter((w) => w.deployment_id === d.id && w.desired_state !== 'stopped');
+  return `${mine.filter((w) => w.observed_state === 'ready').length}/${mine.length} ready`;
+}
+
+export async function mount(ctx) {
+  const list = h('div', {});
+  const formSlot = h('div', {});
+  ctx.root.append(h('h1', {}, 'Deployments'), formSlot, h('section', { 'aria-labelledby': 'h-list' }, h('h2', { id: 'h-list' }, 'All deployments'), list));
+
+  let state = { deployments: [], workers: [], models: [] };
+  let rates = {};
+  let form = null;
+
+  const openForm = (deployment) => {
+    form = deploymentForm(ctx, state.models, deployment, async () => {
+      openForm(null);
+      await refresh();
+    });
+    formSlot.replaceChildren(form);
+    if (deployment) form.querySelector('input:not([disabled]), select:not([disabled])')?.focus();
+  };
+
+  const draw = () => {
+    const canOperate = ctx.can('operate');
+    const cols = [
+      { label: 'Name', key: 'name', value: (d) => h('a', { href: `/ui/deployments/${d.id}`, 'data-link': true }, d.name) },
+      { label: 'Model', key: 'model', value: (d) => d.model },
+      { label: 'Mode', key: 'mode', value: (d) => d.mode },
+      { label: 'Workers', key: 'workers', value: (d) => readyText(d, state.workers) },
+      { label: 'Min–max', key: 'range', value: (d) => `${d.min_workers}–${d.max_workers}` },
+      { label: 'SLA', key: 'sla', value: slaText },
+      { label: 'Requests/s', key: 'rps', num: true, value: (d) => num(rates[d.id], 2) },
+      { label: 'Updated', key: 'updated', value: (d) => ago(d.updated_at) },
+    ];
+    if (canOperate) {
+      cols.push({ label: 'Actions', key: 'actions', value: (d) => h('div', { class: 'actions' },
+        h('button', { type: 'button', class: 'secondary', 'aria-label': `Edit ${d.name}`, onclick: () => openForm(d) }, 'Edit'),
+        h('button', { type: 'button', class: 'danger', 'aria-label': `Delete ${d.name}`, onclick: async () => {
+          // eslint-disable-next-line no-alert
+          if (!window.confirm(`Delete deployment ${d.name}? Its workers stop.`)) return;
+          try { await del(`/deployments/${d.id}`); announce(`Deleted ${d.name}`); await refresh(); } catch (e) { ctx.root.querySelector('.list-error').textContent = e.message; }
+        } }, 'Delete')) });
+    }
+    // Rows with buttons are rebuilt only when their text changes (patch compares markup).
+    patch(list, h('div', {}, h('p', { class: 'form-error list-error', role: 'alert' }),
+      table(cols, state.deployments, { caption: 'Deployments', empty: 'No deployments yet.', rowAttrs: (d) => ({ 'data-deployment': d.name }) })));
+  };
+
+  const refresh = async () => {
+    const [deployments, workers, models] = await Promise.all([all('/deployments'), all('/workers'), all('/models')]);
+    const modelsChanged = JSON.stringify(models.map((m) => m.name)) !== JSON.stringify(state.models.map((m) => m.name));
+    state = { deployments, workers, models };
+    if (ctx.can('operate') && (!form || (modelsChanged && !form.dataset.editing))) openForm(null);
+    draw();
+  };
+  await ctx.poll(refresh);
+  ctx.poll(async () => {
+    const series = await Promise.all(state.deployments.map((d) => metrics('deployments', d.id, 5)));
+    rates = Object.fromEntries(state.deployments.map((d, i) => [d.id, series[i].points.at(-1)?.request_rate ?? null]));
+    draw();
+  }, 5000);
+}
+
+function deploymentForm(ctx, models, existing, done) {
+  const editing = Boolean(existing);
+  const d = existing || { name: '', model: models[0]?.name || '', mode: 'aggregated', min_workers: 1, max_workers: 1, sla: {}, placement: {} };
+  const labels = Object.entries(d.placement.node_labels || {}).map(([k, v]) => `${k}=${v}`).join(', ');
+  const form = h('form', { class: 'card', novalidate: true, 'aria-labelledby': 'h-form', dataset: editing ? { editing: d.id } : {} },
+    h('h2', { id: 'h-form' }, editing ? `Edit deployment ${d.name}` : 'Create a deployment'),
+    h('div', { class: 'fields' },
+      field({ label: 'Name', name: 'name', value: d.name, hint: 'lowercase letters, digits, dashes', disabled: editing }),
+      field({ label: 'Model', name: 'model', value: d.model, options: models.length ? models.map((m) => m.name) : [['', 'no models yet']], disabled: editing }),
+      field({ label: 'Mode', name: 'mode', value: d.mode, options: ['aggregated', 'disaggregated'] }),
+      field({ label: 'Min workers', name: 'min_workers', type: 'number', value: String(d.min_workers), min: 0 }),
+      field({ label: 'Max workers', name: 'max_workers', type: 'number', value: String(d.max_workers), min: 1 })),
+    h('fieldset', {}, h('legend', {}, 'SLA targets'), h('div', { class: 'fields' },
+      field({ label: 'TTFT target (ms)', name: 'sla.ttft_ms', type: 'number', value: d.sla.ttft_ms ? String(d.sla.ttft_ms) : '', hint: 'time to first token; empty: none' }),
+      field({ label: 'ITL target (ms)', name: 'sla.itl_ms', type: 'number', value: d.sla.itl_ms ? String(d.sla.itl_ms) : '', hint: 'inter-token latency; empty: none' }))),
+    h('fieldset', {}, h('legend', {}, 'Placement'), h('div', { class: 'fields' },
+      field({ label: 'GPU name contains', name: 'placement.gpu_name', value: d.placement.gpu_name || '', hint: 'e.g. H100; empty: any' }),
+      field({ label: 'Node labels', name: 'placement.node_labels', value: labels, hint: 'key=value, comma separated' }),
+      field({ label: 'May run on CPU slots', name: 'placement.allow_cpu', type: 'checkbox', value: Boolean(d.placement.allow_cpu) }))),
+    formError(),
+    h('div', { class: 'actions' },
+      h('button', { type: 'submit' }, editing ? 'Save changes' : 'Create deployment'),
+      editing ? h('button', { type: 'button', class: 'secondary', onclick: () => done(false) }, 'Cancel') : null));
+
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    clearErrors(form);
+    const el = form.elements;
+    const int = (name) => {
+      const v = el[name].value.trim();
+      return v === '' ? null : Number(v);
+    };
+    const nodeLabels = {};
+    const labelErrors = [];
+    for (const part of el['placement.node_labels'].value.split(',').map((x) => x.trim()).filter(Boolean)) {
+      const i = part.indexOf('=');
+      if (i < 0) labelErrors.push(part); else nodeLabels[part.slice(0, i).trim()] = part.slice(i + 1).trim();
+    }
+    if (labelErrors.length) {
+      showProblem(form, { message: '', invalidParams: [{ name: 'placement.node_labels', reason: `write key=value (not ${JSON.stringify(labelErrors[0])})` }] });
+      return;
+    }
+    const body = {
+      mode: el.mode.value,
+      min_workers: int('min_workers'),
+      max_workers: int('max_workers'),
+      sla: { ttft_ms: int('sla.ttft_ms'), itl_ms: int('sla.itl_ms') },
+      placement: {
+        node_labels: nodeLabels,
+        nodes: d.placement.nodes || [],
+        gpu_name: el['placement.gpu_name'].value.trim() || null,
+        allow_cpu: el['placement.allow_cpu'].checked,
+      },
+    };
+    // Absent means "the default" for create; the server says which values it cannot take.
+    for (const k of ['min_workers', 'max_workers']) if (body[k] === null) delete body[k];
+    if (body.placement.gpu_name === null) delete body.placement.gpu_name;
+    try {
+      if (editing) {
+        await apiPatch(`/deployments/${d.id}`, body);
+        announce(`Saved ${d.name}`);
+      } else {
+        body.name = el.namedItem('name').value.trim();
+        body.model = el.model.value;
+        await post('/deployments', body);
+        announce(`Created ${body.name}`);
+      }
+      await done(true);
+    } catch (e) {
+      showProblem(form, e);
+    }
+  });
+  return form;
+}
+
+export async function mountDetail(ctx) {
+  const [id] = ctx.params;
+  const slots = { head: h('div', {}), info: h('div', {}), charts: h('div', { class: 'grid' }), workers: h('div', {}), decisions: h('div', {}) };
+  ctx.root.append(h('p', {}, h('a', { href: '/ui/deployments', 'data-link': true }, '← Deployments')),
+    slots.head, slots.info, slots.charts,
+    h('section', { 'aria-labelledby': 'h-workers' }, h('h2', { id: 'h-workers' }, 'Workers'), slots.workers),
+    h('section', { 'aria-labelledby': 'h-dec' }, h('h2', { id: 'h-dec' }, 'Placement decisions'), slots.decisions));
+  await ctx.poll(async () => {
+    const [d, workers, nodes, gpus, decisions] = await Promise.all([
+      get(`/deployments/${encodeURIComponent(id)}`), all(`/workers?deployment_id=${encodeURIComponent(id)}`),
+      all('/nodes'), all('/gpus'), get(`/decisions?deployment_id=${encodeURIComponent(id)}&limit=30`)]);
+    ctx.setTitle(d.name);
+    patch(slots.head, h('h1', {}, `Deployment ${d.name}`));
+    patch(slots.info, h('dl', { class: 'kv panel' },
+      h('dt', {}, 'Model'), h('dd', {}, d.model),
+      h('dt', {}, 'Mode'), h('dd', {}, d.mode),
+      h('dt', {}, 'Workers'), h('dd', {}, `${readyText(d, workers)} (min ${d.min_workers}, max ${d.max_workers})`),
+      h('dt', {}, 'SLA'), h('dd', {}, slaText(d)),
+      h('dt', {}, 'Placement'), h('dd', { class: 'mono' }, JSON.stringify(d.placement)),
+      h('dt', {}, 'Generation'), h('dd', {}, String(d.generation)),
+      h('dt', {}, 'Created'), h('dd', {}, time(d.created_at))));
+    patch(slots.workers, workersTable(workers, { nodes, gpus, deployments: [d] }));
+    patch(slots.decisions, timeline(decisions.items, { deployments: [d], nodes }));
+  });
+  ctx.poll(async () => {
+    const m = await metrics('deployments', id, 15);
+    patch(slots.charts, h('div', { class: 'grid' },
+      lineChart('Throughput', [{ name: 'requests/s', points: pointsOf(m, 'request_rate') }, { name: 'tokens/s ÷ 10', points: pointsOf(m, 'tokens_per_s', 0.1) }], { yFormat: (v) => num(v, 1) }),
+      lineChart('Latency', [
+        { name: 'TTFT p50', points: pointsOf(m, 'ttft_p50_ms') }, { name: 'TTFT p99', points: pointsOf(m, 'ttft_p99_ms') },
+        { name: 'ITL p50', points: pointsOf(m, 'itl_p50_ms') }, { name: 'ITL p99', points: pointsOf(m, 'itl_p99_ms') }], { yFormat: ms }),
+      lineChart('KV cache', [
+        { name: 'blocks used', points: (m.points || []).map((p) => ({ t: new Date(p.at).getTime(), v: p.kv_blocks_total ? p.kv_blocks_used / p.kv_blocks_total : null })) },
+        { name: 'prefix hit rate', points: pointsOf(m, 'prefix_hit_rate') }], { yFormat: pct, yMax: 1 })));
+  }, 5000);
+}

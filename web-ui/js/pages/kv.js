@@ -1,0 +1,51 @@
+// KV cache: per-worker block usage and prefix-cache hit rate, now and over the last 15
+// minutes, from the metrics API (what the agents report in their heartbeats).
+
+import { all, metrics } from '/ui/js/api.js';
+import { h, patch, table } from '/ui/js/dom.js';
+import { lineChart, pointsOf } from '/ui/js/chart.js';
+import { pct, shortId } from '/ui/js/format.js';
+
+export const title = 'KV cache';
+
+// Metrics requests per refresh are bounded; the busiest workers of a big fleet still show.
+const MAX_WORKERS = 24;
+
+export async function mount(ctx) {
+  const slots = { table: h('div', {}), charts: h('div', { class: 'grid' }) };
+  const minutes = h('select', { id: 'kv-window', name: 'window' },
+    [5, 15, 60].map((m) => h('option', { value: String(m), selected: m === 15 }, `last ${m} min`)));
+  ctx.root.append(h('h1', {}, 'KV cache'),
+    h('div', { class: 'toolbar' }, h('div', { class: 'field' }, h('label', { for: 'kv-window' }, 'Window'), minutes)),
+    slots.charts,
+    h('section', { 'aria-labelledby': 'h-kv-now' }, h('h2', { id: 'h-kv-now' }, 'Per worker, now'), slots.table));
+
+  const refresh = async () => {
+    const [workers, deployments, nodes] = await Promise.all([all('/workers'), all('/deployments'), all('/nodes')]);
+    const dep = Object.fromEntries(deployments.map((d) => [d.id, d.name]));
+    const host = Object.fromEntries(nodes.map((n) => [n.id, n.hostname]));
+    const shown = workers.filter((w) => w.desired_state !== 'stopped').slice(0, MAX_WORKERS);
+    const series = await Promise.all(shown.map((w) => metrics('workers', w.id, Number(minutes.value))));
+    const name = (w) => `w${w.id} ${dep[w.deployment_id] || shortId(w.deployment_id)}`;
+    const usage = (m) => (m.points || []).map((p) => ({ t: new Date(p.at).getTime(), v: p.kv_blocks_total ? p.kv_blocks_used / p.kv_blocks_total : null }));
+    const now = Date.now();
+    const from = now - Number(minutes.value) * 60_000;
+    patch(slots.charts, h('div', { class: 'grid' },
+      lineChart('KV blocks in use (share of each worker\u2019s cache)', shown.map((w, i) => ({ name: name(w), points: usage(series[i]) })), { yFormat: pct, yMax: 1, from, to: now }),
+      lineChart('Prefix-cache hit rate', shown.map((w, i) => ({ name: name(w), points: pointsOf(series[i], 'prefix_hit_rate') })), { yFormat: pct, yMax: 1, from, to: now })));
+    const last = (i) => series[i].points.at(-1) || null;
+    const rows = shown.map((w, i) => ({ w, p: last(i) }));
+    patch(slots.table, table([
+      { label: 'Worker', key: 'worker', value: ({ w }) => h('span', { class: 'mono' }, `w${w.id}`) },
+      { label: 'Deployment', value: ({ w }) => h('a', { href: `/ui/deployments/${w.deployment_id}`, 'data-link': true }, dep[w.deployment_id] || shortId(w.deployment_id)) },
+      { label: 'Node', value: ({ w }) => h('a', { href: `/ui/nodes/${w.node_id}`, 'data-link': true }, host[w.node_id] || shortId(w.node_id)) },
+      { label: 'Role', value: ({ w }) => w.role },
+      { label: 'Blocks used', key: 'blocks', value: ({ p }) => (p && p.kv_blocks_total
+        ? [h('meter', { min: 0, max: p.kv_blocks_total, high: p.kv_blocks_total * 0.9, value: p.kv_blocks_used, 'aria-label': `${Math.round(p.kv_blocks_used)} of ${Math.round(p.kv_blocks_total)} blocks` }), ' ', `${Math.round(p.kv_blocks_used)} / ${Math.round(p.kv_blocks_total)}`]
+        : '—') },
+      { label: 'Hit rate', key: 'hit', num: true, value: ({ p }) => pct(p?.prefix_hit_rate) },
+    ], rows, { caption: 'KV cache per worker', empty: 'No live workers.', rowAttrs: ({ w }) => ({ 'data-worker': w.id }) }));
+  };
+  minutes.addEventListener('change', () => refresh().catch(() => {}));
+  await ctx.poll(refresh, 5000);
+}
