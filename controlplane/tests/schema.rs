@@ -62,6 +62,8 @@ async fn migrations_create_every_table(pool: PgPool) {
             "audit_log",
             "deployments",
             "gpus",
+            "kv_checkpoints",
+            "kv_log",
             "metrics_rollup_state",
             "models",
             "node_ca",
