@@ -48,63 +48,77 @@ struct Layer {
     post_ffn_norm: Option<Vec<f32>>,
 }
 
-/// Inverse frequencies of one RoPE variant.
+/// One RoPE variant, evaluated the way ggml's `ggml_rope_cache_init` does: the angle of pair `i`
+/// at position `p` is `freq_scale · (p · θ^i / ff_i)` with `θ = base^(-2/d)` raised by repeated
+/// f32 multiplication, not `powf` per pair. The two differ in the last bits, and last bits matter
+/// here: every matmul requantizes its input to 8 bits, so a one-ulp change that crosses a
+/// rounding boundary moves a whole quantization step (see `qmatmul`).
 #[derive(Debug, Clone)]
 struct Rope {
-    inv_freq: Vec<f32>,
-    position_scale: f32,
+    theta_scale: f32,
+    /// Per-pair divisors (`rope_freqs.weight`, or Llama 3 scaling expressed as divisors).
+    freq_factors: Option<Vec<f32>>,
+    freq_scale: f32,
 }
 
 impl Rope {
     fn new(theta: f32, head_dim: usize, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
-        let mut inv_freq: Vec<f32> = (0..half)
-            .map(|i| theta.powf(-2.0 * i as f32 / head_dim as f32))
-            .collect();
-        let mut position_scale = 1.0;
+        let theta_scale = theta.powf(-2.0 / head_dim as f32);
+        let mut freq_factors = None;
+        let mut freq_scale = 1.0;
         match scaling {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => position_scale = 1.0 / factor,
-            RopeScaling::Factors(f) => {
-                for (x, d) in inv_freq.iter_mut().zip(f) {
-                    *x /= d;
-                }
-            }
+            RopeScaling::Linear { factor } => freq_scale = 1.0 / factor,
+            RopeScaling::Factors(f) => freq_factors = Some(f.clone()),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position,
             } => {
+                // As llama.cpp's converter bakes it into `rope_freqs.weight`.
                 let orig = *original_max_position as f32;
                 let low_wavelen = orig / low_freq_factor;
                 let high_wavelen = orig / high_freq_factor;
-                for x in &mut inv_freq {
-                    let wavelen = 2.0 * std::f32::consts::PI / *x;
-                    if wavelen > low_wavelen {
-                        *x /= factor;
-                    } else if wavelen >= high_wavelen {
-                        let smooth = (orig / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        *x = (1.0 - smooth) * *x / factor + smooth * *x;
-                    }
-                }
+                let f = (0..half)
+                    .map(|i| {
+                        let inv = theta.powf(-2.0 * i as f32 / head_dim as f32);
+                        let wavelen = 2.0 * std::f32::consts::PI / inv;
+                        if wavelen < high_wavelen {
+                            1.0
+                        } else if wavelen > low_wavelen {
+                            *factor
+                        } else {
+                            let smooth = (orig / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            1.0 / ((1.0 - smooth) / factor + smooth)
+                        }
+                    })
+                    .collect();
+                freq_factors = Some(f);
             }
         }
         Self {
-            inv_freq,
-            position_scale,
+            theta_scale,
+            freq_factors,
+            freq_scale,
         }
     }
 
     /// cos and sin for one position, `head_dim / 2` each.
-    fn cos_sin(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
-        let p = pos as f32 * self.position_scale;
-        self.inv_freq
-            .iter()
-            .map(|f| (p * f).sin_cos())
-            .map(|(s, c)| (c, s))
-            .unzip()
+    fn cos_sin(&self, pos: usize, half: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut theta = pos as f32;
+        let mut cos = Vec::with_capacity(half);
+        let mut sin = Vec::with_capacity(half);
+        for i in 0..half {
+            let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+            let t = self.freq_scale * (theta / ff);
+            cos.push(t.cos());
+            sin.push(t.sin());
+            theta *= self.theta_scale;
+        }
+        (cos, sin)
     }
 }
 
@@ -135,12 +149,16 @@ struct TokenMeta {
     pos: usize,
 }
 
+/// RMSNorm with ggml's exact rounding (f32 squares summed in f64, mean and scale in f32, then
+/// `x · scale` and `· w` as two f32 products): the output feeds an 8-bit requantization, where
+/// a one-ulp difference can move a whole step.
 fn rms_norm_rows(x: &mut [f32], width: usize, w: &[f32], eps: f32, offset: f32) {
     for row in x.chunks_exact_mut(width) {
-        let ss: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-        let scale = (1.0 / (ss / width as f64 + f64::from(eps)).sqrt()) as f32;
+        let ss: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+        let mean = (ss / width as f64) as f32;
+        let scale = 1.0f32 / (mean + eps).sqrt();
         for (v, &g) in row.iter_mut().zip(w) {
-            *v = *v * scale * (g + offset);
+            *v = (*v * scale) * (g + offset);
         }
     }
 }
@@ -151,47 +169,20 @@ fn rms_norm_copy(x: &[f32], width: usize, w: &[f32], eps: f32, offset: f32) -> V
     out
 }
 
-/// Dot product with eight independent accumulators so the compiler can vectorise it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-#[inline]
-fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o += a * v;
-    }
-}
-
+/// Rotates one head. The products are fused as GCC fuses ggml's `x0*cos - x1*sin` (measured
+/// bit-equal against llama.cpp's RoPE output).
 fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
     let half = cos.len();
+    let rot = |a: f32, b: f32, c: f32, s: f32| (a.mul_add(c, -(b * s)), a.mul_add(s, b * c));
     match style {
         RopeStyle::Interleaved => {
             for i in 0..half {
-                let (a, b) = (x[2 * i], x[2 * i + 1]);
-                x[2 * i] = a * cos[i] - b * sin[i];
-                x[2 * i + 1] = a * sin[i] + b * cos[i];
+                (x[2 * i], x[2 * i + 1]) = rot(x[2 * i], x[2 * i + 1], cos[i], sin[i]);
             }
         }
         RopeStyle::Half => {
             for i in 0..half {
-                let (a, b) = (x[i], x[i + half]);
-                x[i] = a * cos[i] - b * sin[i];
-                x[i + half] = a * sin[i] + b * cos[i];
+                (x[i], x[i + half]) = rot(x[i], x[i + half], cos[i], sin[i]);
             }
         }
     }
@@ -203,6 +194,118 @@ fn round_f16(x: &mut [f32]) {
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// ggml's AVX2 `hsum_float_8` / llamafile's `hsum`: `((a4+a0)+(a6+a2)) + ((a5+a1)+(a7+a3))`.
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let r = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// ggml's `GGML_F32x8_REDUCE` over four 8-lane accumulators (`ggml_vec_dot_f16`'s ending).
+#[inline(always)]
+fn reduce_4x8(acc: &[f32]) -> f32 {
+    let mut x = [0f32; 8];
+    for (l, xl) in x.iter_mut().enumerate() {
+        *xl = (acc[l] + acc[16 + l]) + (acc[8 + l] + acc[24 + l]);
+    }
+    let t0 = [x[0] + x[4], x[1] + x[5], x[2] + x[6], x[3] + x[7]];
+    (t0[0] + t0[1]) + (t0[2] + t0[3])
+}
+
+/// A dot product as llamafile's tinyBLAS computes one output (f16 inputs widened to f32): one
+/// eight-lane accumulator of fused multiply-adds over the row, then [`hsum8`].
+#[inline]
+fn dot_lanes8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] = x[j].mul_add(y[j], acc[j]);
+        }
+    }
+    let mut s = hsum8(&acc);
+    let rem = a.len() - a.len() % 8;
+    for (x, y) in a[rem..].iter().zip(&b[rem..]) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+/// `ggml_vec_dot_f16` (AVX2): four eight-lane accumulators over 32-element steps, reduced by
+/// [`reduce_4x8`]; a tail shorter than 32 is added in f64.
+#[inline]
+fn dot_f16_vec(a: &[f32], b: &[f32]) -> f32 {
+    let np = a.len() & !31;
+    let mut acc = [0f32; 32];
+    for (x, y) in a[..np].chunks_exact(32).zip(b[..np].chunks_exact(32)) {
+        for j in 0..32 {
+            acc[j] = x[j].mul_add(y[j], acc[j]);
+        }
+    }
+    let mut s = f64::from(reduce_4x8(&acc));
+    for (x, y) in a[np..].iter().zip(&b[np..]) {
+        s += f64::from(x * y);
+    }
+    s as f32
+}
+
+/// ggml's vectorised `expf` (`ggml_v_expf`, AVX2 + FMA), lane by lane: a range reduction
+/// and a degree-5 polynomial, within about 1.5 ulp of `expf` but not equal to it. Used where
+/// llama.cpp uses it (softmax, SiLU) so that results round the same way.
+#[inline]
+fn ggml_expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35BF_BE8E),                  // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3F31_7200), x), // 0x1.62e4p-1
+    );
+    let e = z.to_bits().wrapping_shl(23);
+    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
+    let c = n.abs() > 126.0;
+    let u = b * b;
+    let j = f32::from_bits(0x3C07_2010) // 0x1.0e4020p-7
+        .mul_add(b, f32::from_bits(0x3D2B_9F17)) // 0x1.573e2ep-5
+        .mul_add(
+            u,
+            f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+        )
+        .mul_add(u, f32::from_bits(0x3F7F_FFF6) * b); // 0x1.ffffecp-1
+    if !c {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7F00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
+}
+
+/// SiLU as ggml's `ggml_v_silu`: `x / (1 + expf(0 - x))` with [`ggml_expf`].
+#[inline]
+fn ggml_silu(x: f32) -> f32 {
+    x / (1.0 + ggml_expf(0.0 - x))
+}
+
+/// GELU (tanh form) as ggml evaluates it on CPU: through a table indexed by the f16 input and
+/// holding f16 outputs (`GGML_GELU_FP16`), saturating outside ±10.
+#[inline]
+fn ggml_gelu(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        let h = f16::from_f32(x).to_f32();
+        let inner = (0.044_715 * h).mul_add(h, 1.0);
+        let y = 0.5 * h * (1.0 + (0.797_884_6 * h * inner).tanh());
+        f16::from_f32(y).to_f32()
+    }
 }
 
 impl Model {
@@ -362,6 +465,19 @@ impl Model {
         batch: &[SeqInput<'_>],
         cache: &mut PagedKvCache,
     ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.forward_traced(batch, cache, &mut |_, _, _| {})
+    }
+
+    /// [`Model::forward`] that also hands every intermediate activation to `trace` as
+    /// (name, layer, values `[tokens, width]`), named as llama.cpp's graph names them
+    /// (`attn_norm`, `Qcur`, `kqv_out`, `ffn_inp`, `ffn_out`, `l_out`, `result_norm`), so a
+    /// disagreement with llama.cpp can be located layer by layer (crates/model/tools/).
+    pub fn forward_traced(
+        &self,
+        batch: &[SeqInput<'_>],
+        cache: &mut PagedKvCache,
+        trace: &mut dyn FnMut(&str, usize, &[f32]),
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         self.validate(batch, cache)?;
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -382,9 +498,10 @@ impl Model {
         if let Some(scale) = c.embedding_scale {
             x.iter_mut().for_each(|v| *v *= scale);
         }
+        trace("inp_embd", 0, &x);
         // cos/sin per token, shared by all layers of a kind.
         let rope_of = |rope: &Rope| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-            meta.iter().map(|m| rope.cos_sin(m.pos)).unzip()
+            meta.iter().map(|m| rope.cos_sin(m.pos, hd / 2)).unzip()
         };
         let global = rope_of(&self.rope_global);
         let local = if c.sliding_window.is_some() && c.global_every > 0 {
@@ -399,15 +516,18 @@ impl Model {
 
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm_copy(&x, h, &layer.attn_norm, eps, off);
+            trace("attn_norm", li, &hn);
             let mut q = layer.q.forward(&hn, t)?;
             let mut k = layer.k.forward(&hn, t)?;
             let v = layer.v.forward(&hn, t)?;
+            trace("Vcur", li, &v);
             if let Some(w) = &layer.q_norm {
                 rms_norm_rows(&mut q, hd, w, eps, off);
             }
             if let Some(w) = &layer.k_norm {
                 rms_norm_rows(&mut k, hd, w, eps, off);
             }
+            trace("Qcur_pre", li, &q);
             let (cos, sin) = match (&local, c.is_sliding(li)) {
                 (Some(l), true) => (&l.0, &l.1),
                 _ => (&global.0, &global.1),
@@ -420,6 +540,8 @@ impl Model {
                     apply_rope(head, &cos[ti], &sin[ti], c.rope_style);
                 }
             }
+            trace("Qcur", li, &q);
+            trace("Kcur", li, &k);
             // Queries meet f16 keys at f16 precision, as in llama.cpp's f16 K·Q matmul.
             round_f16(&mut q);
             // Write this step's K/V into their slots.
@@ -438,30 +560,38 @@ impl Model {
             }
             let mut attn = vec![0.0f32; t * nh * hd];
             self.attention(li, &q, cache, &meta, &tables, &mut attn);
+            trace("kqv_out", li, &attn);
             let mut o = layer.o.forward(&attn, t)?;
+            trace("attn_out", li, &o);
             if let Some(w) = &layer.post_attn_norm {
                 rms_norm_rows(&mut o, h, w, eps, off);
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            trace("ffn_inp", li, &x);
 
             let hn = rms_norm_copy(&x, h, &layer.ffn_norm, eps, off);
+            trace("ffn_norm", li, &hn);
             let g = layer.gate.forward(&hn, t)?;
             let mut u = layer.up.forward(&hn, t)?;
             match c.activation {
+                // silu(g)·u and gelu(g)·u, each rounded as ggml's fused GLU kernels round them.
                 Activation::Silu => u
                     .iter_mut()
                     .zip(&g)
-                    .for_each(|(u, &g)| *u *= g / (1.0 + (-g).exp())),
-                Activation::GeluTanh => u.iter_mut().zip(&g).for_each(|(u, &g)| {
-                    let inner = 0.797_884_6 * (g + 0.044_715 * g * g * g);
-                    *u *= 0.5 * g * (1.0 + inner.tanh());
-                }),
+                    .for_each(|(u, &g)| *u = ggml_silu(g) * *u),
+                Activation::GeluTanh => u
+                    .iter_mut()
+                    .zip(&g)
+                    .for_each(|(u, &g)| *u = ggml_gelu(g) * *u),
             }
+            trace("ffn_act", li, &u);
             let mut d = layer.down.forward(&u, t)?;
+            trace("ffn_out", li, &d);
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_rows(&mut d, h, w, eps, off);
             }
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+            trace("l_out", li, &x);
         }
 
         // Logits only for the last token of each sequence that asked.
@@ -480,7 +610,9 @@ impl Model {
             return Ok(out);
         }
         rms_norm_rows(&mut rows, h, &self.final_norm, eps, off);
+        trace("result_norm", 0, &rows);
         let logits = self.lm_head.forward(&rows, which.len())?;
+        trace("result_output", 0, &logits);
         let vocab = self.lm_head.out;
         for (i, si) in which.into_iter().enumerate() {
             out[si] = Some(logits[i * vocab..(i + 1) * vocab].to_vec());
@@ -488,6 +620,12 @@ impl Model {
         Ok(out)
     }
 
+    /// Attention for every (token, head), rounded as llama.cpp's CPU graph rounds it (without
+    /// flash attention): Q and the probabilities meet the f16 cache at f16 precision; the K·Q
+    /// and P·V dot products accumulate in the lane order of the kernel llama.cpp picks for the
+    /// step (llamafile's tinyBLAS when the step has two or more tokens, `ggml_vec_dot_f16`
+    /// for one); the softmax uses ggml's vectorised `expf` and sums eight-lane groups in f64.
+    /// Masked positions contribute exact zeros, as llama.cpp's padded cells do.
     fn attention(
         &self,
         layer: usize,
@@ -503,6 +641,7 @@ impl Model {
         let bs = cache.block_size().tokens();
         let window = c.window(layer);
         let scale = c.attn_scale;
+        let gemm = meta.len() >= 2;
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
         out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
             let (ti, head) = (idx / nh, idx % nh);
@@ -515,20 +654,52 @@ impl Model {
                 None => 0,
             };
             let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * nkv + g) * hd;
-            let mut scores: Vec<f32> = (lo..=m.pos)
-                .map(|p| dot(qv, &kc[at(p)..at(p) + hd]) * scale)
-                .collect();
+            // Scores for positions 0..=pos (masked ones stay -inf), padded to whole lanes.
+            let n = (m.pos + 1).next_multiple_of(32);
+            let mut scores = vec![f32::NEG_INFINITY; n];
+            for (p, s) in scores.iter_mut().enumerate().take(m.pos + 1).skip(lo) {
+                let k = &kc[at(p)..at(p) + hd];
+                *s = if gemm {
+                    dot_lanes8(qv, k)
+                } else {
+                    dot_f16_vec(qv, k)
+                } * scale;
+            }
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f64;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                sum += f64::from(*s);
+            for grp in scores.chunks_exact_mut(8) {
+                let mut e = [0f32; 8];
+                for (x, s) in e.iter_mut().zip(grp.iter()) {
+                    *x = ggml_expf(*s - max);
+                }
+                sum += f64::from(hsum8(&e));
+                grp.copy_from_slice(&e);
             }
-            // Probabilities meet f16 values at f16 precision (llama.cpp's softmax(KQ)·V).
             let inv = (1.0 / sum) as f32;
-            for (j, p) in (lo..=m.pos).enumerate() {
-                let pr = f16::from_f32(scores[j] * inv).to_f32();
-                axpy(o, pr, &vc[at(p)..at(p) + hd]);
+            // P·V: lane l of block b accumulates positions p with p % 8 == l (and, for
+            // ggml_vec_dot_f16, (p / 8) % 4 == b), in position order, with fused multiply-adds.
+            let blocks = if gemm { 1 } else { 4 };
+            let mut acc = vec![0f32; hd * blocks * 8];
+            for p in lo..=m.pos {
+                let pr = f16::from_f32(scores[p] * inv).to_f32();
+                let slot = if gemm {
+                    p % 8
+                } else {
+                    ((p / 8) % 4) * 8 + p % 8
+                };
+                let v = &vc[at(p)..at(p) + hd];
+                for (i, &vi) in v.iter().enumerate() {
+                    let a = &mut acc[i * blocks * 8 + slot];
+                    *a = pr.mul_add(vi, *a);
+                }
+            }
+            for (i, oi) in o.iter_mut().enumerate() {
+                let lanes = &acc[i * blocks * 8..(i + 1) * blocks * 8];
+                *oi = if gemm {
+                    hsum8(lanes.try_into().unwrap_or(&[0.0; 8]))
+                } else {
+                    reduce_4x8(lanes)
+                };
             }
         });
     }

@@ -138,9 +138,14 @@ impl BlockQ8Matrix {
                         *o = row_dot(wq, wd, aq, ad);
                     }
                     if let Some(wm) = wm {
+                        // llama.cpp: `summs += m·s` block by block, added after the lanes.
                         for (ti, o) in out_row.iter_mut().enumerate() {
                             let asum = &act.s[ti * nb..(ti + 1) * nb];
-                            *o += wm.iter().zip(asum).map(|(m, s)| m * s).sum::<f32>();
+                            let summs = wm
+                                .iter()
+                                .zip(asum)
+                                .fold(0f32, |acc, (&m, &s)| m.mul_add(s, acc));
+                            *o += summs;
                         }
                     }
                 }
@@ -161,25 +166,46 @@ impl BlockQ8Matrix {
     }
 }
 
-/// Σ_b wd[b]·ad[b]·(wq_b · aq_b) with eight f32 lanes carried across blocks, so there is
-/// no horizontal reduction per block (the shape llama.cpp's AVX2 kernels have).
+/// ggml's AVX2 horizontal sum of eight lanes (`hsum_float_8`), in its order.
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let r = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// One block's integer dot product as ggml's AVX2 kernels lay it out: lane `j` holds the sum of
+/// elements `4j..4j+4` (`maddubs` + `madd`), exact in i32 and in f32.
+#[inline(always)]
+fn block_lanes(w: &[i8; QK], a: &[i8; QK]) -> [f32; 8] {
+    let mut s = [0f32; 8];
+    for (j, lane) in s.iter_mut().enumerate() {
+        let mut t = 0i32;
+        for k in 0..4 {
+            t += i32::from(w[4 * j + k]) * i32::from(a[4 * j + k]);
+        }
+        *lane = t as f32;
+    }
+    s
+}
+
+/// Σ_b wd[b]·ad[b]·(wq_b · aq_b), rounded exactly as llama.cpp's AVX2 `ggml_vec_dot_q*_q8_*`
+/// (and llamafile's tinyBLAS) round it: per block `acc_j = fma(d_w·d_a, lane_j, acc_j)` over
+/// eight lanes, then `hsum_float_8`. Bit-equal results keep the next layer's 8-bit
+/// requantization on the same side of every rounding boundary as llama.cpp's.
 #[inline(always)]
 fn row_dot(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     for (((w, a), &dw), &da) in wq.chunks_exact(QK).zip(aq.chunks_exact(QK)).zip(wd).zip(ad) {
-        let mut s = [0i32; 8];
+        let (Ok(w), Ok(a)) = (<&[i8; QK]>::try_from(w), <&[i8; QK]>::try_from(a)) else {
+            continue;
+        };
+        let lanes = block_lanes(w, a);
+        let d = dw * da;
         for j in 0..8 {
-            s[j] = i32::from(w[j]) * i32::from(a[j])
-                + i32::from(w[j + 8]) * i32::from(a[j + 8])
-                + i32::from(w[j + 16]) * i32::from(a[j + 16])
-                + i32::from(w[j + 24]) * i32::from(a[j + 24]);
-        }
-        let scale = dw * da;
-        for j in 0..8 {
-            acc[j] += s[j] as f32 * scale;
+            acc[j] = d.mul_add(lanes[j], acc[j]);
         }
     }
-    acc.iter().sum()
+    hsum8(&acc)
 }
 
 /// Activations quantized to i8 per 32-element block, as llama.cpp's Q8_0/Q8_1 do.
@@ -218,7 +244,8 @@ impl QuantizedActs {
     }
 }
 
-/// [`row_dot`] for four activation rows at once.
+/// [`row_dot`] for four activation rows at once (each row's arithmetic is identical to
+/// `row_dot`'s; only the weight loads are shared).
 #[inline(always)]
 fn row_dot4(wq: &[i8], wd: &[f32], a: [&[i8]; 4], ad: [&[f32]; 4]) -> [f32; 4] {
     let mut acc = [[0f32; 8]; 4];
@@ -228,33 +255,23 @@ fn row_dot4(wq: &[i8], wd: &[f32], a: [&[i8]; 4], ad: [&[f32]; 4]) -> [f32; 4] {
             Ok(w) => w,
             Err(_) => return [0.0; 4],
         };
-        let mut w16 = [0i16; QK];
-        for j in 0..QK {
-            w16[j] = i16::from(w[j]);
-        }
         for u in 0..4 {
             let x: &[i8; QK] = match a[u][b * QK..(b + 1) * QK].try_into() {
                 Ok(x) => x,
                 Err(_) => return [0.0; 4],
             };
-            let mut s = [0i32; 8];
+            let lanes = block_lanes(w, x);
+            let d = wd[b] * ad[u][b];
             for j in 0..8 {
-                s[j] = i32::from(w16[j]) * i32::from(x[j])
-                    + i32::from(w16[j + 8]) * i32::from(x[j + 8])
-                    + i32::from(w16[j + 16]) * i32::from(x[j + 16])
-                    + i32::from(w16[j + 24]) * i32::from(x[j + 24]);
-            }
-            let scale = wd[b] * ad[u][b];
-            for j in 0..8 {
-                acc[u][j] += s[j] as f32 * scale;
+                acc[u][j] = d.mul_add(lanes[j], acc[u][j]);
             }
         }
     }
     [
-        acc[0].iter().sum(),
-        acc[1].iter().sum(),
-        acc[2].iter().sum(),
-        acc[3].iter().sum(),
+        hsum8(&acc[0]),
+        hsum8(&acc[1]),
+        hsum8(&acc[2]),
+        hsum8(&acc[3]),
     ]
 }
 
