@@ -11,6 +11,16 @@ ensure_default_model
 ensure_gemma3_model
 ensure_pip openai
 
+# The web UI's browser tests: headless Chromium (Debian's package) driven by playwright-core
+# from npm (no browser download), against the control-plane binary this run builds.
+apt_install chromium
+command -v node >/dev/null || apt_install nodejs
+command -v npm >/dev/null || apt_install npm
+if [ ! -f web-ui/node_modules/playwright-core/package.json ]; then
+    log "installing the web UI test dependencies (npm ci)"
+    (cd web-ui && npm ci --no-audit --no-fund --silent)
+fi
+
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast --failure-output final
@@ -24,3 +34,8 @@ fi
 # in a clean Debian 12 root. Needs root; skips with the reason otherwise.
 log "package install test"
 bash packaging/test-install.sh
+
+log "running the web UI browser tests (screenshots in target/webui-artifacts/)"
+cargo build -p kvfleet-controlplane --bin kvfleet-controlplane --quiet
+# Required here: a missing prerequisite fails the run instead of skipping the browser tests.
+(cd web-ui && KVFLEET_WEBUI_REQUIRE=1 node --test tests/)

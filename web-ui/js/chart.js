@@ -31,7 +31,8 @@ export function lineChart(title, series, { yFormat = (v) => String(v), yMin = 0,
       s('text', { x: PAD.l - 6, y: y(v) + 4, 'text-anchor': 'end' }, yFormat(v)));
   }
   if (all.length && Number.isFinite(t0) && Number.isFinite(t1)) {
-    for (const [t, anchor] of [[t0, 'start'], [t1, 'end']]) {
+    const ends = t1 - t0 >= 60_000 ? [[t0, 'start'], [t1, 'end']] : [[t1, x(t1) < W / 2 ? 'start' : 'end']];
+    for (const [t, anchor] of ends) {
       svg.append(s('text', { x: x(t), y: H - 6, 'text-anchor': anchor },
         new Date(t).toLocaleTimeString(undefined, { hour12: false, hour: '2-digit', minute: '2-digit' })));
     }

@@ -69,11 +69,21 @@ export class ThrowawayDb {
   }
 }
 
+// The control plane reads every KVFLEET_<SECTION>__<KEY> variable as configuration and
+// refuses unknown ones, so the test's own KVFLEET_* variables (and the model paths the test
+// script exports) must not reach it; its configuration comes from flags only.
+function childEnv() {
+  const env = Object.fromEntries(Object.entries(process.env)
+    .filter(([k]) => !k.startsWith('KVFLEET_') && k !== 'DATABASE_URL'));
+  env.RUST_LOG = process.env.RUST_LOG || 'info';
+  return env;
+}
+
 export class ControlPlane {
   constructor(dbUrl) {
     this.dbUrl = dbUrl;
     this.bin = controlPlaneBin();
-    this.adminToken = execFileSync(this.bin, ['token', 'generate'], { encoding: 'utf8' }).trim();
+    this.adminToken = execFileSync(this.bin, ['token', 'generate'], { encoding: 'utf8', env: childEnv() }).trim();
   }
 
   async start() {
@@ -88,7 +98,7 @@ export class ControlPlane {
       '--set', 'placement.interval=300ms', '--set', 'leader.retry_interval=300ms',
       '--set', 'liveness.heartbeat_interval=500ms', '--set', 'liveness.check_interval=500ms',
       '--set', 'watch.max_wait=5s'],
-    { stdio: ['ignore', log, log], env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' } });
+    { stdio: ['ignore', log, log], env: childEnv() });
     this.exited = new Promise((resolve) => this.proc.once('exit', (code, signal) => resolve({ code, signal })));
     const deadline = Date.now() + 30_000;
     while (Date.now() < deadline) {

@@ -19,6 +19,9 @@ function skipReason() {
   return null;
 }
 const skip = skipReason();
+if (skip && process.env.KVFLEET_WEBUI_REQUIRE === '1') {
+  throw new Error(`the web UI browser tests cannot run: ${skip}`);
+}
 if (skip) console.log(`# skipping the web UI browser tests: ${skip}`);
 
 describe('admin web UI', { skip: skip || false }, () => {

@@ -159,7 +159,7 @@ function deploymentForm(ctx, models, existing, done) {
 
 export async function mountDetail(ctx) {
   const [id] = ctx.params;
-  const slots = { head: h('div', {}), info: h('div', {}), charts: h('div', { class: 'grid' }), workers: h('div', {}), decisions: h('div', {}) };
+  const slots = { head: h('div', {}), info: h('div', {}), charts: h('div', {}), workers: h('div', {}), decisions: h('div', {}) };
   ctx.root.append(h('p', {}, h('a', { href: '/ui/deployments', 'data-link': true }, '← Deployments')),
     slots.head, slots.info, slots.charts,
     h('section', { 'aria-labelledby': 'h-workers' }, h('h2', { id: 'h-workers' }, 'Workers'), slots.workers),

@@ -12,7 +12,7 @@ export const title = 'KV cache';
 const MAX_WORKERS = 24;
 
 export async function mount(ctx) {
-  const slots = { table: h('div', {}), charts: h('div', { class: 'grid' }) };
+  const slots = { table: h('div', {}), charts: h('div', {}) };
   const minutes = h('select', { id: 'kv-window', name: 'window' },
     [5, 15, 60].map((m) => h('option', { value: String(m), selected: m === 15 }, `last ${m} min`)));
   ctx.root.append(h('h1', {}, 'KV cache'),

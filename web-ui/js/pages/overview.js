@@ -11,7 +11,7 @@ export const title = 'Fleet overview';
 export async function mount(ctx) {
   const slots = {
     tiles: h('div', { class: 'tiles', 'aria-label': 'Fleet summary', role: 'group' }),
-    charts: h('div', { class: 'grid' }),
+    charts: h('div', {}),
     nodes: h('div', {}), gpus: h('div', {}), workers: h('div', {}),
   };
   ctx.root.append(
