@@ -10,6 +10,8 @@
 //! - [`systemd`]: `sd_notify` readiness, watchdog and status.
 //! - [`dbus`]: `org.kvfleet.Agent1` (status, drain, resume) and a logind shutdown inhibitor.
 //! - [`logging`]: `tracing` output, text or JSON.
+//! - [`kv_sync`]: the KV event pipeline's agent side (batched uploads, following the control
+//!   plane's stream into a router), as state machines the control-plane client drives.
 //!
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
 //! inventory and the built binary as the worker program. Not here yet: the peer transport
@@ -21,6 +23,7 @@ pub mod config;
 pub mod dbus;
 pub mod frontend;
 pub mod gpu;
+pub mod kv_sync;
 pub mod logging;
 pub mod metrics;
 pub mod systemd;

@@ -1,0 +1,1049 @@
+//! The agent's side of the KV event pipeline, as two state machines without IO: the
+//! [`Uploader`] batches this node's engines' KV events for `POST /api/v1/agent/kv-events`, and
+//! the [`Follower`] applies the control plane's sequenced stream (`GET /api/v1/agent/kv-stream`,
+//! `GET /api/v1/agent/kv-snapshot`) to a router.
+//!
+//! The control-plane client owns the HTTP calls and the clock and drives these: it feeds them
+//! what arrived (events, answers, pages, failures) with the current time and asks what to send
+//! next. Nothing here spawns, sleeps or reads a clock, so every decision is unit-tested with a
+//! manual clock. Wire types are [`kvfleet_proto::kv_stream`]; the control plane's half is
+//! `kvfleet_controlplane::kv_index`.
+//!
+//! Driving the uploader: [`Uploader::push`] every event a worker reports, [`Uploader::set_epoch`]
+//! when an engine (re)starts; loop { `poll(now)` → send the batch → `on_sent(result)` or
+//! `on_failed(retryable)`; sleep until `next_wakeup()` or the next event }.
+//!
+//! Driving the follower: loop { match `next_request()` { `Snapshot` → GET kv-snapshot →
+//! `on_snapshot`, `Stream { after }` → GET kv-stream?after=..&wait_s=.. → `on_page` }; on any
+//! transport error or 5xx → `on_unreachable(now)` and wait `retry_delay()` }.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use kvfleet_kv_router::{
+    EventError, IndexSnapshot, Router, RoutingMode, TierBlocks, WorkerCapacity, WorkerSnapshot,
+};
+use kvfleet_proto::kv_stream::{
+    KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, WorkerEpoch,
+};
+use kvfleet_proto::{KvEvent, WorkerId};
+use serde::{Deserialize, Serialize};
+
+// ----- uploader ------------------------------------------------------------------------------
+
+/// How the uploader batches and retries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploaderConfig {
+    /// Events per upload (at most `kvfleet_proto::kv_stream::MAX_BATCH_EVENTS`).
+    pub max_batch_events: usize,
+    /// Events held while the control plane is slow or unreachable. When full, the oldest
+    /// event not yet in flight is dropped (and counted): the control plane then sees a gap in
+    /// that worker's ids and applies what follows, so the index misses a few blocks (a routing
+    /// miss, never a wrong answer) instead of the agent growing without bound.
+    pub max_buffered_events: usize,
+    /// How long an event may wait for a batch to fill before it is sent anyway.
+    pub linger: Duration,
+    /// First retry delay after a failed upload; doubles per failure...
+    pub retry_base: Duration,
+    /// ...up to this.
+    pub retry_max: Duration,
+}
+
+impl Default for UploaderConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_events: 500,
+            max_buffered_events: 100_000,
+            linger: Duration::from_millis(20),
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the uploader did, for the agent's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UploaderCounters {
+    /// Batches the control plane answered.
+    pub batches: u64,
+    /// Events in those batches that it applied.
+    pub applied: u64,
+    /// Events it ignored as already applied (retries after a lost answer).
+    pub duplicate: u64,
+    /// Events it rejected (unknown worker, broken chain, out of order, stale epoch).
+    pub rejected: u64,
+    /// Events dropped because the buffer was full.
+    pub dropped_overflow: u64,
+    /// Events dropped because their batch was refused for good (4xx).
+    pub dropped_refused: u64,
+    /// Failed attempts that will be retried.
+    pub retries: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Queued {
+    at: Duration,
+    epoch: u64,
+    event: KvEvent,
+}
+
+/// Batches KV events for upload with bounded memory, one batch in flight at a time (so each
+/// worker's events reach the control plane in order, retries included). See the module docs.
+#[derive(Debug)]
+pub struct Uploader {
+    config: UploaderConfig,
+    queue: VecDeque<Queued>,
+    /// Events at the head of `queue` that belong to the batch in flight.
+    in_flight: Option<usize>,
+    /// The current engine incarnation of each local worker.
+    epochs: BTreeMap<WorkerId, u64>,
+    /// Queued events per worker.
+    queued: HashMap<WorkerId, usize>,
+    /// Bumped by every epoch change; `announced` is the version the last answered batch
+    /// carried, so a change made while a batch was in flight is still announced.
+    epochs_version: u64,
+    announced: u64,
+    /// The version the batch in flight carries.
+    sending: u64,
+    failures: u32,
+    retry_at: Option<Duration>,
+    counters: UploaderCounters,
+}
+
+impl Uploader {
+    /// An empty uploader.
+    pub fn new(config: UploaderConfig) -> Self {
+        Self {
+            config,
+            queue: VecDeque::new(),
+            in_flight: None,
+            epochs: BTreeMap::new(),
+            queued: HashMap::new(),
+            epochs_version: 0,
+            announced: 0,
+            sending: 0,
+            failures: 0,
+            retry_at: None,
+            counters: UploaderCounters::default(),
+        }
+    }
+
+    /// A worker's engine (re)started with incarnation `epoch` (a number that grows with every
+    /// start, e.g. its start time in milliseconds since the Unix epoch). Events pushed from now
+    /// on belong to it; the control plane drops the worker's old blocks when it sees it.
+    pub fn set_epoch(&mut self, worker: WorkerId, epoch: u64) {
+        if self.epochs.insert(worker, epoch) != Some(epoch) {
+            self.epochs_version += 1;
+        }
+    }
+
+    /// The worker is gone from this node: stop announcing its epoch (queued events still go).
+    pub fn forget_worker(&mut self, worker: WorkerId) {
+        self.epochs.remove(&worker);
+    }
+
+    /// Queues one event, received at `now`.
+    pub fn push(&mut self, event: KvEvent, now: Duration) {
+        let max = self.config.max_buffered_events.max(1);
+        while self.queue.len() >= max {
+            // The oldest event that is not part of the batch in flight.
+            let index = self.in_flight.unwrap_or(0);
+            let Some(dropped) = self.queue.remove(index) else {
+                break;
+            };
+            self.unqueue(dropped.event.worker);
+            self.counters.dropped_overflow += 1;
+        }
+        let epoch = self.epochs.get(&event.worker).copied().unwrap_or(0);
+        *self.queued.entry(event.worker).or_default() += 1;
+        self.queue.push_back(Queued {
+            at: now,
+            epoch,
+            event,
+        });
+    }
+
+    fn unqueue(&mut self, worker: WorkerId) {
+        if let Some(count) = self.queued.get_mut(&worker) {
+            *count -= 1;
+            if *count == 0 {
+                self.queued.remove(&worker);
+            }
+        }
+    }
+
+    /// Events held (in flight included).
+    pub fn buffered(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// What happened so far.
+    pub fn counters(&self) -> UploaderCounters {
+        self.counters
+    }
+
+    /// Whether a batch is out and unanswered.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// The batch to send now, if one is due: when enough events wait, the oldest has waited
+    /// `linger`, an epoch change is unannounced, or a retry is due. `None` while a batch is in
+    /// flight or a retry is pending.
+    pub fn poll(&mut self, now: Duration) -> Option<KvEventBatch> {
+        if self.in_flight.is_some() || self.retry_at.is_some_and(|at| now < at) {
+            return None;
+        }
+        let full = self.queue.len() >= self.config.max_batch_events.max(1);
+        let lingered = self
+            .queue
+            .front()
+            .is_some_and(|q| now.saturating_sub(q.at) >= self.config.linger);
+        let retrying = self.retry_at.is_some() && !self.queue.is_empty();
+        if !(full || lingered || self.epochs_dirty() || retrying) {
+            return None;
+        }
+        // Each worker's events in one batch belong to one incarnation: stop at the first event
+        // of a newer one (it goes in the next batch, after the epoch that resets the worker).
+        let mut batch_epochs: BTreeMap<WorkerId, u64> = BTreeMap::new();
+        let mut events = Vec::new();
+        for queued in self.queue.iter().take(self.config.max_batch_events.max(1)) {
+            let epoch = *batch_epochs
+                .entry(queued.event.worker)
+                .or_insert(queued.epoch);
+            if epoch != queued.epoch {
+                break;
+            }
+            events.push(queued.event.clone());
+        }
+        // Workers with nothing queued announce their current epoch (an engine that restarted
+        // but has stored nothing yet must still lose its old blocks).
+        for (worker, epoch) in &self.epochs {
+            if !self.queued.contains_key(worker) {
+                batch_epochs.insert(*worker, *epoch);
+            }
+        }
+        self.in_flight = Some(events.len());
+        self.sending = self.epochs_version;
+        Some(KvEventBatch {
+            epochs: batch_epochs
+                .into_iter()
+                .map(|(worker, epoch)| WorkerEpoch { worker, epoch })
+                .collect(),
+            events,
+        })
+    }
+
+    /// The batch from the last [`Uploader::poll`] was answered.
+    pub fn on_sent(&mut self, result: &KvEventBatchResult) {
+        self.finish_in_flight();
+        self.failures = 0;
+        self.retry_at = None;
+        self.announced = self.sending;
+        let c = &mut self.counters;
+        c.batches += 1;
+        c.applied += u64::from(result.applied);
+        c.duplicate += u64::from(result.duplicate);
+        c.rejected += u64::from(
+            result.unknown_worker + result.broken_chain + result.out_of_order + result.stale_epoch,
+        );
+    }
+
+    /// The batch from the last [`Uploader::poll`] failed. `retryable` (transport errors,
+    /// timeouts, 5xx, 429): the same events go again after a backoff, which is safe because the
+    /// control plane ignores events it already has. Otherwise (4xx: the batch itself is bad)
+    /// the batch is dropped and counted.
+    pub fn on_failed(&mut self, retryable: bool, now: Duration) {
+        if retryable {
+            self.in_flight = None;
+            self.failures = self.failures.saturating_add(1);
+            self.counters.retries += 1;
+            self.retry_at = Some(now + self.retry_delay());
+        } else {
+            let dropped = self.in_flight.unwrap_or(0) as u64;
+            self.finish_in_flight();
+            self.counters.dropped_refused += dropped;
+            self.retry_at = None;
+        }
+    }
+
+    /// An epoch changed that no answered batch has carried yet.
+    fn epochs_dirty(&self) -> bool {
+        self.epochs_version != self.announced
+    }
+
+    fn finish_in_flight(&mut self) {
+        let count = self.in_flight.take().unwrap_or(0);
+        for _ in 0..count {
+            if let Some(done) = self.queue.pop_front() {
+                self.unqueue(done.event.worker);
+            }
+        }
+    }
+
+    fn retry_delay(&self) -> Duration {
+        let factor = 1u32 << self.failures.saturating_sub(1).min(16);
+        self.config
+            .retry_base
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+
+    /// When [`Uploader::poll`] may next return a batch without new input (`None`: only after a
+    /// push, an epoch change or an answer).
+    pub fn next_wakeup(&self) -> Option<Duration> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        if let Some(at) = self.retry_at {
+            return (!self.queue.is_empty() || self.epochs_dirty()).then_some(at);
+        }
+        if self.epochs_dirty() {
+            return Some(Duration::ZERO);
+        }
+        self.queue.front().map(|q| q.at + self.config.linger)
+    }
+}
+
+// ----- follower ------------------------------------------------------------------------------
+
+/// What a follower applies the stream to: one [`Router`], or the agent's set of per-model
+/// routers (which then dispatches by worker).
+pub trait KvSink {
+    /// Applies an event the control plane applied. A per-worker gap is expected (the control
+    /// plane accepted it too) and is not an error here.
+    fn apply_event(&mut self, event: &KvEvent, now: Duration) -> Result<(), EventError>;
+    /// The worker's engine restarted: its blocks are gone, its event ids restart at 0.
+    fn reset_worker(&mut self, worker: WorkerId);
+    /// The worker is gone (its node was lost or removed, or it was stopped).
+    fn remove_worker(&mut self, worker: WorkerId);
+    /// Replaces the index with the snapshot's: named workers get its blocks and positions,
+    /// every other worker loses its blocks.
+    fn restore(&mut self, snapshot: &KvSnapshot);
+    /// The routing mode in force.
+    fn mode(&self) -> RoutingMode;
+    /// Switches the routing mode (index, load and workers kept).
+    fn set_mode(&mut self, mode: RoutingMode);
+}
+
+/// Capacity for a worker first heard of through the stream. The agent's worker directory
+/// updates it with [`Router::add_worker`] when it knows more; 0 means unknown (never
+/// "overloaded").
+fn unknown_capacity() -> WorkerCapacity {
+    WorkerCapacity {
+        kv_blocks: 0,
+        max_queue_depth: None,
+    }
+}
+
+fn ensure_worker(router: &mut Router, worker: WorkerId) {
+    if router.next_event_id(worker).is_none() {
+        // Only fails beyond 2^27 workers; the event is then dropped as from an unknown worker.
+        let _ = router.add_worker(worker, unknown_capacity());
+    }
+}
+
+impl KvSink for Router {
+    fn apply_event(&mut self, event: &KvEvent, now: Duration) -> Result<(), EventError> {
+        ensure_worker(self, event.worker);
+        match self.apply(event, now) {
+            Err(EventError::Gap { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn reset_worker(&mut self, worker: WorkerId) {
+        ensure_worker(self, worker);
+        let _ = Router::reset_worker(self, worker);
+    }
+
+    fn remove_worker(&mut self, worker: WorkerId) {
+        Router::remove_worker(self, worker);
+    }
+
+    fn restore(&mut self, snapshot: &KvSnapshot) {
+        let named: std::collections::HashSet<WorkerId> =
+            snapshot.workers.iter().map(|w| w.worker).collect();
+        let others: Vec<WorkerId> = self.workers().filter(|w| !named.contains(w)).collect();
+        for worker in others {
+            let _ = Router::reset_worker(self, worker);
+        }
+        let mut index = IndexSnapshot::default();
+        for worker in &snapshot.workers {
+            ensure_worker(self, worker.worker);
+            index.workers.push(WorkerSnapshot {
+                worker: worker.worker,
+                next_event_id: worker.next_event_id,
+                tiers: worker
+                    .tiers
+                    .iter()
+                    .map(|t| TierBlocks {
+                        tier: t.tier,
+                        blocks: t.blocks.clone(),
+                    })
+                    .collect(),
+            });
+        }
+        Router::restore(self, &index);
+    }
+
+    fn mode(&self) -> RoutingMode {
+        self.config().mode
+    }
+
+    fn set_mode(&mut self, mode: RoutingMode) {
+        Router::set_mode(self, mode);
+    }
+}
+
+/// How the follower reacts to an unreachable control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FollowerConfig {
+    /// After this long without a successful answer the router falls back to `approximate`
+    /// (a short blip does not: the stream just continues where it was).
+    pub fallback_after: Duration,
+    /// First retry delay after a failure; doubles per failure...
+    pub retry_base: Duration,
+    /// ...up to this.
+    pub retry_max: Duration,
+}
+
+impl Default for FollowerConfig {
+    fn default() -> Self {
+        Self {
+            fallback_after: Duration::from_secs(3),
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the follower wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowerRequest {
+    /// `GET /api/v1/agent/kv-snapshot`, then [`Follower::on_snapshot`].
+    Snapshot,
+    /// `GET /api/v1/agent/kv-stream?after=..` (with a `wait_s`), then [`Follower::on_page`].
+    Stream {
+        /// The last sequence number applied.
+        after: u64,
+    },
+}
+
+/// What [`Follower::on_page`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageOutcome {
+    /// This many items were applied (0: nothing new).
+    Applied(usize),
+    /// The page could not be applied; the next request is a snapshot.
+    Resync(ResyncReason),
+}
+
+/// Why the follower needs a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// The control plane said so (the position is older than it retains, or newer than it has).
+    Requested,
+    /// The page's sequence numbers do not continue from the last one applied.
+    Gap {
+        /// The sequence number expected.
+        expected: u64,
+        /// The one that came.
+        got: u64,
+    },
+}
+
+/// What the follower did, for the agent's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FollowerCounters {
+    /// Stream items applied.
+    pub items: u64,
+    /// Snapshots loaded.
+    pub snapshots: u64,
+    /// Re-syncs the control plane asked for.
+    pub resyncs_requested: u64,
+    /// Holes in sequence numbers detected.
+    pub gaps: u64,
+    /// Events the router refused (duplicate, out of order, broken chain: its state differed
+    /// from the stream's; the next snapshot repairs it).
+    pub event_errors: u64,
+    /// Times the router fell back to approximate mode.
+    pub fallbacks: u64,
+    /// Failed requests.
+    pub failures: u64,
+}
+
+/// Follows the control plane's KV stream into a router: snapshot, then pages in sequence;
+/// any hole → snapshot again; control plane unreachable for `fallback_after` → approximate
+/// mode (the index is kept), and back to the configured mode after the next snapshot.
+#[derive(Debug)]
+pub struct Follower {
+    config: FollowerConfig,
+    /// The last sequence number applied; `None` until a snapshot is loaded.
+    after: Option<u64>,
+    /// When the control plane last answered.
+    last_ok: Option<Duration>,
+    /// The mode to return to, while fallen back.
+    saved_mode: Option<RoutingMode>,
+    fallen_back: bool,
+    failures: u32,
+    counters: FollowerCounters,
+}
+
+impl Follower {
+    /// A follower that starts by loading a snapshot.
+    pub fn new(config: FollowerConfig) -> Self {
+        Self {
+            config,
+            after: None,
+            last_ok: None,
+            saved_mode: None,
+            fallen_back: false,
+            failures: 0,
+            counters: FollowerCounters::default(),
+        }
+    }
+
+    /// The request to make next.
+    pub fn next_request(&self) -> FollowerRequest {
+        match self.after {
+            None => FollowerRequest::Snapshot,
+            Some(after) => FollowerRequest::Stream { after },
+        }
+    }
+
+    /// The last sequence number applied (`None` before the first snapshot or after a hole).
+    pub fn position(&self) -> Option<u64> {
+        self.after
+    }
+
+    /// Whether the router is running on its own predictions because the control plane is away.
+    pub fn is_fallen_back(&self) -> bool {
+        self.fallen_back
+    }
+
+    /// What happened so far.
+    pub fn counters(&self) -> FollowerCounters {
+        self.counters
+    }
+
+    fn answered(&mut self, now: Duration) {
+        self.last_ok = Some(now);
+        self.failures = 0;
+    }
+
+    /// A snapshot arrived: the router's index becomes exactly the snapshot (predictions made
+    /// while fallen back are dropped), the configured mode returns, and the stream continues
+    /// from `snapshot.seq`.
+    pub fn on_snapshot(&mut self, sink: &mut impl KvSink, snapshot: &KvSnapshot, now: Duration) {
+        self.answered(now);
+        sink.restore(snapshot);
+        if let Some(mode) = self.saved_mode.take() {
+            sink.set_mode(mode);
+        }
+        self.fallen_back = false;
+        self.after = Some(snapshot.seq);
+        self.counters.snapshots += 1;
+    }
+
+    /// A stream page arrived.
+    pub fn on_page(
+        &mut self,
+        sink: &mut impl KvSink,
+        page: &KvStreamPage,
+        now: Duration,
+    ) -> PageOutcome {
+        self.answered(now);
+        let Some(after) = self.after else {
+            // Not synced yet (a page for an old request): the snapshot comes first.
+            return PageOutcome::Resync(ResyncReason::Requested);
+        };
+        if page.resync {
+            self.counters.resyncs_requested += 1;
+            self.after = None;
+            return PageOutcome::Resync(ResyncReason::Requested);
+        }
+        // Items already applied (a repeated answer) are skipped; the rest must continue
+        // without holes. Checked before anything is applied, so a bad page changes nothing.
+        let fresh: Vec<_> = page.items.iter().filter(|i| i.seq > after).collect();
+        for (k, item) in fresh.iter().enumerate() {
+            let expected = after + 1 + k as u64;
+            if item.seq != expected {
+                self.counters.gaps += 1;
+                self.after = None;
+                return PageOutcome::Resync(ResyncReason::Gap {
+                    expected,
+                    got: item.seq,
+                });
+            }
+        }
+        for item in &fresh {
+            match &item.item {
+                KvStreamItem::Event { event } => {
+                    if sink.apply_event(event, now).is_err() {
+                        self.counters.event_errors += 1;
+                    }
+                }
+                KvStreamItem::WorkerReset { worker, .. } => sink.reset_worker(*worker),
+                KvStreamItem::WorkerRemoved { worker } => sink.remove_worker(*worker),
+            }
+            self.after = Some(item.seq);
+        }
+        self.counters.items += fresh.len() as u64;
+        PageOutcome::Applied(fresh.len())
+    }
+
+    /// A request failed (transport error, timeout, 5xx). Once the control plane has been away
+    /// for `fallback_after` (at once if it never answered), a router in `kv` mode switches to
+    /// `approximate`, keeping its index; when it answers again, the follower re-syncs from a
+    /// snapshot, which also drops the predictions.
+    pub fn on_unreachable(&mut self, sink: &mut impl KvSink, now: Duration) {
+        self.failures = self.failures.saturating_add(1);
+        self.counters.failures += 1;
+        let away_long_enough = self
+            .last_ok
+            .is_none_or(|ok| now.saturating_sub(ok) >= self.config.fallback_after);
+        if away_long_enough && !self.fallen_back {
+            self.fallen_back = true;
+            self.counters.fallbacks += 1;
+            if sink.mode() == RoutingMode::Kv {
+                self.saved_mode = Some(RoutingMode::Kv);
+                sink.set_mode(RoutingMode::Approximate);
+            }
+            self.after = None;
+        }
+    }
+
+    /// How long to wait before the next request after a failure (0 after a success).
+    pub fn retry_delay(&self) -> Duration {
+        if self.failures == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32 << (self.failures - 1).min(16);
+        self.config
+            .retry_base
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvfleet_kv_router::{RequestId, RouteRequest, RouterConfig};
+    use kvfleet_proto::hash::{BlockSize, block_hashes};
+    use kvfleet_proto::kv_stream::{KvTierBlocks, KvWorkerSnapshot, SequencedItem};
+    use kvfleet_proto::{KvEventData, SequenceHash, Tier};
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn tokens(first: u32) -> Vec<u32> {
+        (first..first + 64).collect()
+    }
+
+    fn stored(worker: u64, event_id: u64, first: u32) -> KvEvent {
+        KvEvent {
+            worker: WorkerId(worker),
+            event_id,
+            tier: Tier::G1,
+            data: KvEventData::Stored {
+                parent: None,
+                blocks: block_hashes(&tokens(first), BlockSize::default()),
+            },
+        }
+    }
+
+    fn hashes(first: u32) -> Vec<SequenceHash> {
+        block_hashes(&tokens(first), BlockSize::default())
+            .iter()
+            .map(|b| b.sequence)
+            .collect()
+    }
+
+    fn event_item(seq: u64, event: KvEvent) -> SequencedItem {
+        SequencedItem {
+            seq,
+            item: KvStreamItem::Event { event },
+        }
+    }
+
+    fn page(items: Vec<SequencedItem>, head: u64) -> KvStreamPage {
+        let next_after = items.last().map_or(0, |i| i.seq);
+        KvStreamPage {
+            items,
+            next_after,
+            head_seq: head,
+            resync: false,
+        }
+    }
+
+    fn snapshot(seq: u64, workers: &[(u64, u64, u32)]) -> KvSnapshot {
+        KvSnapshot {
+            seq,
+            workers: workers
+                .iter()
+                .map(|&(worker, next, first)| KvWorkerSnapshot {
+                    worker: WorkerId(worker),
+                    epoch: 0,
+                    next_event_id: next,
+                    tiers: vec![KvTierBlocks {
+                        tier: Tier::G1,
+                        blocks: hashes(first),
+                    }],
+                })
+                .collect(),
+        }
+    }
+
+    fn router() -> Router {
+        let mut router = Router::new(RouterConfig::default());
+        for id in [1, 2] {
+            router
+                .add_worker(
+                    WorkerId(id),
+                    WorkerCapacity {
+                        kv_blocks: 1000,
+                        max_queue_depth: None,
+                    },
+                )
+                .unwrap();
+        }
+        router
+    }
+
+    /// Which worker a request for the prompt starting at `first` goes to.
+    fn route(router: &mut Router, id: u128, first: u32, now: Duration) -> WorkerId {
+        let h = hashes(first);
+        let decision = router
+            .select(&RouteRequest::new(RequestId(id), &h, 64), now)
+            .unwrap();
+        router.finished(RequestId(id), now);
+        decision.worker
+    }
+
+    #[test]
+    fn follows_a_snapshot_then_pages_in_sequence() {
+        let mut router = router();
+        let mut follower = Follower::new(FollowerConfig::default());
+        assert_eq!(follower.next_request(), FollowerRequest::Snapshot);
+        follower.on_snapshot(&mut router, &snapshot(10, &[(2, 5, 0)]), ms(0));
+        assert_eq!(
+            follower.next_request(),
+            FollowerRequest::Stream { after: 10 }
+        );
+        assert_eq!(route(&mut router, 1, 0, ms(1)), WorkerId(2));
+        assert_eq!(router.next_event_id(WorkerId(2)), Some(5));
+
+        let outcome = follower.on_page(
+            &mut router,
+            &page(
+                vec![
+                    event_item(11, stored(1, 0, 1000)),
+                    event_item(12, stored(3, 0, 2000)),
+                ],
+                12,
+            ),
+            ms(2),
+        );
+        assert_eq!(outcome, PageOutcome::Applied(2));
+        assert_eq!(follower.position(), Some(12));
+        assert_eq!(route(&mut router, 2, 1000, ms(3)), WorkerId(1));
+        // Worker 3 was first heard of through the stream: registered with unknown capacity.
+        assert_eq!(route(&mut router, 3, 2000, ms(4)), WorkerId(3));
+        // A repeated page changes nothing.
+        let again = follower.on_page(
+            &mut router,
+            &page(vec![event_item(12, stored(3, 0, 2000))], 12),
+            ms(5),
+        );
+        assert_eq!(again, PageOutcome::Applied(0));
+        assert_eq!(follower.counters().event_errors, 0);
+        // Resets and removals.
+        follower.on_page(
+            &mut router,
+            &page(
+                vec![
+                    SequencedItem {
+                        seq: 13,
+                        item: KvStreamItem::WorkerReset {
+                            worker: WorkerId(1),
+                            epoch: 2,
+                        },
+                    },
+                    SequencedItem {
+                        seq: 14,
+                        item: KvStreamItem::WorkerRemoved {
+                            worker: WorkerId(3),
+                        },
+                    },
+                ],
+                14,
+            ),
+            ms(6),
+        );
+        assert_eq!(router.worker_blocks(WorkerId(1)), Some([0; 4]));
+        assert_eq!(router.next_event_id(WorkerId(3)), None);
+    }
+
+    #[test]
+    fn a_hole_in_sequence_numbers_asks_for_a_snapshot_and_applies_nothing() {
+        let mut router = router();
+        let mut follower = Follower::new(FollowerConfig::default());
+        follower.on_snapshot(&mut router, &snapshot(10, &[]), ms(0));
+        let outcome = follower.on_page(
+            &mut router,
+            &page(
+                vec![
+                    event_item(11, stored(1, 0, 0)),
+                    event_item(13, stored(1, 2, 500)),
+                ],
+                13,
+            ),
+            ms(1),
+        );
+        assert_eq!(
+            outcome,
+            PageOutcome::Resync(ResyncReason::Gap {
+                expected: 12,
+                got: 13
+            })
+        );
+        assert_eq!(follower.next_request(), FollowerRequest::Snapshot);
+        assert_eq!(router.worker_blocks(WorkerId(1)), Some([0; 4]));
+        assert_eq!(follower.counters().gaps, 1);
+        // The snapshot brings the router to the control plane's state and the stream resumes.
+        follower.on_snapshot(&mut router, &snapshot(13, &[(1, 3, 500)]), ms(2));
+        assert_eq!(
+            follower.next_request(),
+            FollowerRequest::Stream { after: 13 }
+        );
+        assert!(router.holds(WorkerId(1), hashes(500)[0], Tier::G1));
+
+        // The control plane's own resync marker does the same.
+        let marker = KvStreamPage {
+            resync: true,
+            next_after: 13,
+            head_seq: 90,
+            items: vec![],
+        };
+        assert_eq!(
+            follower.on_page(&mut router, &marker, ms(3)),
+            PageOutcome::Resync(ResyncReason::Requested)
+        );
+        assert_eq!(follower.next_request(), FollowerRequest::Snapshot);
+    }
+
+    #[test]
+    fn a_snapshot_replaces_stale_blocks_of_workers_it_does_not_name() {
+        let mut router = router();
+        let mut follower = Follower::new(FollowerConfig::default());
+        follower.on_snapshot(&mut router, &snapshot(1, &[(1, 1, 0), (2, 1, 800)]), ms(0));
+        follower.on_snapshot(&mut router, &snapshot(5, &[(2, 3, 900)]), ms(1));
+        assert_eq!(router.worker_blocks(WorkerId(1)), Some([0; 4]));
+        assert!(!router.holds(WorkerId(2), hashes(800)[0], Tier::G1));
+        assert!(router.holds(WorkerId(2), hashes(900)[0], Tier::G1));
+    }
+
+    #[test]
+    fn control_plane_away_falls_back_to_approximate_and_resyncs_on_return() {
+        let mut router = router();
+        let config = FollowerConfig {
+            fallback_after: ms(3000),
+            ..FollowerConfig::default()
+        };
+        let mut follower = Follower::new(config);
+        follower.on_snapshot(&mut router, &snapshot(7, &[(2, 4, 0)]), ms(0));
+        // A blip shorter than `fallback_after`: still `kv`, the stream continues where it was.
+        follower.on_unreachable(&mut router, ms(1000));
+        assert_eq!(router.config().mode, RoutingMode::Kv);
+        assert_eq!(
+            follower.next_request(),
+            FollowerRequest::Stream { after: 7 }
+        );
+        assert!(follower.retry_delay() > Duration::ZERO);
+        follower.on_unreachable(&mut router, ms(2000));
+        assert!(follower.retry_delay() > ms(100), "backs off");
+        // Away for longer: approximate mode, the known index kept.
+        follower.on_unreachable(&mut router, ms(3500));
+        assert!(follower.is_fallen_back());
+        assert_eq!(router.config().mode, RoutingMode::Approximate);
+        assert_eq!(
+            route(&mut router, 1, 0, ms(3600)),
+            WorkerId(2),
+            "index kept"
+        );
+        // New prompts are predicted on the worker they were sent to.
+        let sent_to = route(&mut router, 2, 5000, ms(3700));
+        assert_eq!(route(&mut router, 3, 5000, ms(3800)), sent_to);
+        follower.on_unreachable(&mut router, ms(5000));
+        assert_eq!(follower.counters().fallbacks, 1);
+        // Back: a snapshot (not the old position) replaces the predictions; `kv` again.
+        assert_eq!(follower.next_request(), FollowerRequest::Snapshot);
+        follower.on_snapshot(&mut router, &snapshot(20, &[(1, 9, 6000)]), ms(6000));
+        assert!(!follower.is_fallen_back());
+        assert_eq!(router.config().mode, RoutingMode::Kv);
+        assert_eq!(follower.retry_delay(), Duration::ZERO);
+        assert!(router.holds(WorkerId(1), hashes(6000)[0], Tier::G1));
+        assert!(
+            !router.holds(sent_to, hashes(5000)[0], Tier::G1),
+            "prediction dropped"
+        );
+        assert!(
+            !router.holds(WorkerId(2), hashes(0)[0], Tier::G1),
+            "snapshot says gone"
+        );
+    }
+
+    #[test]
+    fn a_router_in_another_mode_is_left_alone_and_a_never_reached_cp_falls_back_at_once() {
+        let mut router = Router::new(RouterConfig {
+            mode: RoutingMode::RoundRobin,
+            ..RouterConfig::default()
+        });
+        let mut follower = Follower::new(FollowerConfig::default());
+        follower.on_unreachable(&mut router, ms(0));
+        assert!(follower.is_fallen_back());
+        assert_eq!(router.config().mode, RoutingMode::RoundRobin);
+        follower.on_snapshot(&mut router, &snapshot(1, &[]), ms(10));
+        assert_eq!(router.config().mode, RoutingMode::RoundRobin);
+    }
+
+    fn uploader(max_batch: usize, max_buffered: usize) -> Uploader {
+        Uploader::new(UploaderConfig {
+            max_batch_events: max_batch,
+            max_buffered_events: max_buffered,
+            linger: ms(20),
+            retry_base: ms(100),
+            retry_max: ms(1000),
+        })
+    }
+
+    fn ids(batch: &KvEventBatch) -> Vec<(u64, u64)> {
+        batch
+            .events
+            .iter()
+            .map(|e| (e.worker.0, e.event_id))
+            .collect()
+    }
+
+    fn ok(applied: u32) -> KvEventBatchResult {
+        KvEventBatchResult {
+            applied,
+            ..KvEventBatchResult::default()
+        }
+    }
+
+    #[test]
+    fn batches_by_size_or_linger_one_at_a_time() {
+        let mut up = uploader(3, 100);
+        assert!(up.poll(ms(0)).is_none());
+        up.push(stored(1, 0, 0), ms(0));
+        up.push(stored(1, 1, 0), ms(1));
+        assert!(up.poll(ms(5)).is_none(), "neither full nor lingered");
+        assert_eq!(up.next_wakeup(), Some(ms(20)));
+        let batch = up.poll(ms(20)).unwrap();
+        assert_eq!(ids(&batch), vec![(1, 0), (1, 1)]);
+        // One batch in flight at a time, even when the next is full.
+        for i in 2..8 {
+            up.push(stored(1, i, 0), ms(21));
+        }
+        assert!(up.poll(ms(100)).is_none());
+        up.on_sent(&ok(2));
+        let batch = up.poll(ms(100)).unwrap();
+        assert_eq!(ids(&batch), vec![(1, 2), (1, 3), (1, 4)]);
+        up.on_sent(&ok(3));
+        assert_eq!(up.buffered(), 3);
+        assert_eq!(up.counters().applied, 5);
+    }
+
+    #[test]
+    fn failures_retry_the_same_events_with_backoff_and_refusals_drop_them() {
+        let mut up = uploader(10, 100);
+        up.push(stored(1, 0, 0), ms(0));
+        up.push(stored(2, 0, 0), ms(0));
+        let first = up.poll(ms(30)).unwrap();
+        up.push(stored(1, 1, 0), ms(31));
+        up.on_failed(true, ms(40));
+        assert!(up.poll(ms(100)).is_none(), "backing off");
+        assert_eq!(up.next_wakeup(), Some(ms(140)));
+        let retry = up.poll(ms(140)).unwrap();
+        // The same events first (so the control plane can recognise them), then the new one.
+        assert_eq!(ids(&retry)[..2], ids(&first)[..]);
+        assert_eq!(ids(&retry), vec![(1, 0), (2, 0), (1, 1)]);
+        up.on_failed(true, ms(150));
+        assert!(up.poll(ms(300)).is_none(), "the backoff doubled");
+        assert!(up.poll(ms(350)).is_some_and(|b| b.events.len() == 3));
+        // A 4xx: that batch is dropped for good and counted.
+        up.on_failed(false, ms(360));
+        assert_eq!(up.buffered(), 0);
+        assert_eq!(up.counters().dropped_refused, 3);
+        assert_eq!(up.counters().retries, 2);
+        assert!(up.poll(ms(400)).is_none());
+    }
+
+    #[test]
+    fn memory_is_bounded_by_dropping_the_oldest_unsent_events() {
+        let mut up = uploader(2, 4);
+        for i in 0..3 {
+            up.push(stored(1, i, 0), ms(0));
+        }
+        let in_flight = up.poll(ms(0)).unwrap();
+        assert_eq!(ids(&in_flight), vec![(1, 0), (1, 1)]);
+        for i in 3..7 {
+            up.push(stored(1, i, 0), ms(1));
+        }
+        assert_eq!(up.buffered(), 4);
+        assert_eq!(up.counters().dropped_overflow, 3);
+        up.on_sent(&ok(2));
+        // The in-flight events were kept; events 2..4 were dropped (the control plane will see
+        // a gap from 2 to 5 and apply what follows).
+        let next = up.poll(ms(50)).unwrap();
+        assert_eq!(ids(&next), vec![(1, 5), (1, 6)]);
+    }
+
+    #[test]
+    fn an_engine_restart_splits_batches_at_the_new_epoch() {
+        let mut up = uploader(10, 100);
+        up.set_epoch(WorkerId(1), 100);
+        up.set_epoch(WorkerId(2), 7);
+        up.push(stored(1, 5, 0), ms(0));
+        up.push(stored(2, 0, 0), ms(0));
+        up.set_epoch(WorkerId(1), 200);
+        up.push(stored(1, 0, 0), ms(0));
+        let first = up.poll(ms(0)).unwrap();
+        assert_eq!(ids(&first), vec![(1, 5), (2, 0)]);
+        let epochs: Vec<(u64, u64)> = first.epochs.iter().map(|e| (e.worker.0, e.epoch)).collect();
+        assert_eq!(epochs, vec![(1, 100), (2, 7)]);
+        up.on_sent(&ok(2));
+        let second = up.poll(ms(30)).unwrap();
+        assert_eq!(ids(&second), vec![(1, 0)]);
+        let epochs: Vec<(u64, u64)> = second
+            .epochs
+            .iter()
+            .map(|e| (e.worker.0, e.epoch))
+            .collect();
+        assert_eq!(epochs, vec![(1, 200), (2, 7)]);
+        up.on_sent(&ok(1));
+        // A restart with nothing stored yet is still announced (its old blocks must go).
+        up.set_epoch(WorkerId(2), 8);
+        assert_eq!(up.next_wakeup(), Some(Duration::ZERO));
+        let announce = up.poll(ms(40)).unwrap();
+        assert!(announce.events.is_empty());
+        assert!(announce.epochs.contains(&WorkerEpoch {
+            worker: WorkerId(2),
+            epoch: 8
+        }));
+        // An epoch change while a batch is in flight is announced by the next one.
+        up.set_epoch(WorkerId(1), 300);
+        up.on_sent(&ok(0));
+        let later = up.poll(ms(50)).unwrap();
+        assert!(later.epochs.contains(&WorkerEpoch {
+            worker: WorkerId(1),
+            epoch: 300
+        }));
+        up.on_sent(&ok(0));
+        assert!(up.poll(ms(60)).is_none());
+    }
+}
