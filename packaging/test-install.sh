@@ -6,10 +6,16 @@
 #   - installs kvfleet-agent and checks files, the kvfleet user and groups, directories, the
 #     config file's owner and mode, the conffile, the enabled-but-not-started unit,
 #     `systemd-analyze verify` against that root and `kvfleet-agent check-config` on the default;
+#   - runs the packaged agent as kvfleet against the root's own dbus-daemon --system: the
+#     packaged D-Bus policy lets it own org.kvfleet.Agent, lets anyone read Status and only root
+#     Drain;
 #   - edits the config, reinstalls the same package and upgrades to a newer version: edit kept;
-#   - installs kvfleet-controlplane (+ the kvfleet CLI), removes and purges the agent (the shared
-#     user and state stay while the control plane is there), purges the control plane: state,
-#     cache, logs, /etc/kvfleet, the user and the unit links are gone;
+#   - installs kvfleet-controlplane (+ the kvfleet CLI); boots the root with systemd-nspawn
+#     and starts both units for real (Type=notify readiness, HTTP answers, the sandbox seen in
+#     /proc, journald fields, a clean stop), the control plane on the test PostgreSQL cluster;
+#   - removes and purges the agent (the shared user and state stay while the control plane is
+#     there), purges the control plane: state, cache, logs, /etc/kvfleet, the user and the unit
+#     links are gone;
 #   - installs and erases the .rpm in the same root with rpm --root (its scriptlets for real);
 # and on the host: lintian (no errors), `systemd-analyze security` exposure, and the .rpm's
 # file list, config files, modes and scriptlets against the .deb's.
@@ -34,7 +40,7 @@ step() { log "install test: $*"; }
 [ "$(id -u)" = 0 ] || skip "needs root (dpkg and rpm into a throwaway root, chroot)"
 command -v dpkg >/dev/null || skip "not a Debian host (no dpkg)"
 
-apt_install lintian rpm debootstrap systemd || log "could not install every tool; going on with what is there"
+apt_install lintian rpm debootstrap systemd systemd-container || log "could not install every tool; going on with what is there"
 command -v lintian >/dev/null || fail "lintian is missing"
 command -v rpm >/dev/null || fail "rpm is missing"
 
@@ -251,6 +257,103 @@ assert "the kvfleet CLI runs" in_root kvfleet --version
 verify="$(systemd-analyze verify --root="$root" kvfleet-controlplane.service 2>&1)" || fail "systemd-analyze verify: $verify"
 [ -z "$verify" ] || fail "systemd-analyze verify kvfleet-controlplane.service is not clean: $verify"
 ok "systemd-analyze verify --root kvfleet-controlplane.service: clean"
+
+step "both services under systemd (systemd-nspawn --boot of the root)"
+# The units for real: systemd as PID 1 in the root, private network, the test PostgreSQL
+# cluster's socket directory bound in for the control plane. A probe unit starts both
+# services (Type=notify: `systemctl start` returns once READY=1 came), asks their HTTP ports,
+# reads the sandbox off /proc, stops them (the agent drains) and powers off.
+boot_stage() {
+    command -v systemd-nspawn >/dev/null || apt_install systemd-container >/dev/null 2>&1 ||
+        { log "SKIP the systemd stage: no systemd-nspawn (package systemd-container)"; return 0; }
+    ensure_test_postgres >/dev/null 2>&1 || { log "SKIP the systemd stage: no test PostgreSQL cluster"; return 0; }
+    local pgdir="${KVFLEET_TEST_PG_DIR:-/var/tmp/kvfleet-test-pg}" pgport="${KVFLEET_TEST_PG_PORT:-55432}"
+    local db=kvfleet_pkgtest
+    PGOPTIONS="-c client_min_messages=warning" "$(pg_bindir)/psql" -q -h 127.0.0.1 -p "$pgport" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+        -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db OWNER kvfleet" >/dev/null
+    sed -i "s|^url = .*|url = \"postgres://kvfleet@localhost/$db?host=/run/kvfleet-test-pg\&port=$pgport\"|" \
+        "$root/etc/kvfleet/controlplane.toml"
+    cat >"$root/usr/local/sbin/kvfleet-probe" <<'EOF'
+#!/bin/bash
+# Runs inside the booted root; the test reads /probe.out afterwards.
+http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHost: probe\r\n\r\n' "$2" >&3 && head -n 1 <&3 | cut -d ' ' -f 2; exec 3>&-; }
+{
+    systemctl start kvfleet-agent.service kvfleet-controlplane.service
+    for unit in kvfleet-agent kvfleet-controlplane; do
+        systemctl show -p ActiveState -p SubState -p StatusText "$unit.service" | sed "s/^/$unit /"
+        pid="$(systemctl show -p MainPID --value "$unit.service")"
+        grep -E '^(Uid|Groups|NoNewPrivs|Seccomp|CapBnd|CapEff):' "/proc/$pid/status" | tr -s '\t ' ' ' | sed "s/^/$unit /"
+        journalctl -o verbose -u "$unit.service" | grep -m 1 KVFLEET_COMPONENT | tr -d ' ' | sed "s/^/$unit journal /"
+    done
+    # The agent's port is the one the edit above set.
+    echo "agent http $(http_status 8100 /ready)"
+    echo "controlplane http $(http_status 8080 /api/v1/status)"
+    systemctl stop kvfleet-agent.service kvfleet-controlplane.service
+    for unit in kvfleet-agent kvfleet-controlplane; do
+        systemctl show -p Result -p ExecMainStatus "$unit.service" | sed "s/^/$unit stopped /"
+    done
+    journalctl --no-pager -u kvfleet-agent -u kvfleet-controlplane | tail -n 40
+} >/probe.out 2>&1
+systemctl poweroff
+EOF
+    chmod 755 "$root/usr/local/sbin/kvfleet-probe"
+    cat >"$root/etc/systemd/system/kvfleet-probe.service" <<'EOF'
+[Unit]
+Description=kvfleet install test probe
+After=multi-user.target dbus.service
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/kvfleet-probe
+[Install]
+WantedBy=multi-user.target
+EOF
+    ln -sf /etc/systemd/system/kvfleet-probe.service "$root/etc/systemd/system/multi-user.target.wants/"
+    timeout 180 systemd-nspawn --quiet -D "$root" --boot --register=no --keep-unit --private-network \
+        --bind="$pgdir:/run/kvfleet-test-pg" --console=pipe >"$work/boot.log" 2>&1 || true
+    rm -f "$root/etc/systemd/system/multi-user.target.wants/kvfleet-probe.service" \
+        "$root/etc/systemd/system/kvfleet-probe.service" "$root/usr/local/sbin/kvfleet-probe"
+    PGOPTIONS="-c client_min_messages=warning" "$(pg_bindir)/psql" -q -h 127.0.0.1 -p "$pgport" -U postgres -d postgres -c "DROP DATABASE IF EXISTS $db" >/dev/null || true
+    if [ ! -s "$root/probe.out" ]; then
+        tail -n 15 "$work/boot.log" >&2
+        log "SKIP the systemd stage: systemd-nspawn could not boot the root here (log above)"
+        return 0
+    fi
+    local probe
+    probe="$(cat "$root/probe.out")"
+    rm -f "$root/probe.out"
+    local expect
+    while IFS= read -r expect; do
+        [ -n "$expect" ] || continue
+        grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
+        ok "under systemd: $expect"
+    done <<EOF
+kvfleet-agent ActiveState=active
+kvfleet-agent SubState=running
+kvfleet-agent StatusText=1/1 workers ready, 0 requests in flight
+kvfleet-agent Uid: $kv_uid $kv_uid $kv_uid $kv_uid
+kvfleet-agent NoNewPrivs: 1
+kvfleet-agent Seccomp: 2
+kvfleet-agent CapBnd: 0000000000000000
+kvfleet-agent journal KVFLEET_COMPONENT=agent
+kvfleet-controlplane ActiveState=active
+kvfleet-controlplane SubState=running
+kvfleet-controlplane NoNewPrivs: 1
+kvfleet-controlplane Seccomp: 2
+kvfleet-controlplane CapBnd: 0000000000000000
+kvfleet-controlplane journal KVFLEET_COMPONENT=controlplane
+agent http 200
+controlplane http 200
+kvfleet-agent stopped Result=success
+kvfleet-agent stopped ExecMainStatus=0
+kvfleet-controlplane stopped Result=success
+kvfleet-controlplane stopped ExecMainStatus=0
+EOF
+    local video_gid
+    video_gid="$(in_root getent group video | cut -d: -f3)"
+    grep -Eq "^kvfleet-agent Groups: .*\\b$video_gid\\b" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: the agent is not in the video group ($video_gid)"; }
+    ok "under systemd: the agent runs with the video group ($video_gid)"
+}
+boot_stage
 
 step "remove and purge"
 in_root dpkg -r kvfleet-agent >/dev/null
