@@ -1,7 +1,7 @@
 // KV cache: per-worker block usage and prefix-cache hit rate, now and over the last 15
 // minutes, from the metrics API (what the agents report in their heartbeats).
 
-import { all, metrics } from '/ui/js/api.js';
+import { all, get, metrics } from '/ui/js/api.js';
 import { h, patch, table } from '/ui/js/dom.js';
 import { lineChart, pointsOf } from '/ui/js/chart.js';
 import { pct, shortId } from '/ui/js/format.js';
@@ -12,16 +12,24 @@ export const title = 'KV cache';
 const MAX_WORKERS = 24;
 
 export async function mount(ctx) {
-  const slots = { table: h('div', {}), charts: h('div', {}) };
+  const slots = { index: h('div', {}), table: h('div', {}), charts: h('div', {}) };
   const minutes = h('select', { id: 'kv-window', name: 'window' },
     [5, 15, 60].map((m) => h('option', { value: String(m), selected: m === 15 }, `last ${m} min`)));
   ctx.root.append(h('h1', {}, 'KV cache'),
     h('div', { class: 'toolbar' }, h('div', { class: 'field' }, h('label', { for: 'kv-window' }, 'Window'), minutes)),
+    slots.index,
     slots.charts,
     h('section', { 'aria-labelledby': 'h-kv-now' }, h('h2', { id: 'h-kv-now' }, 'Per worker, now'), slots.table));
 
   const refresh = async () => {
-    const [workers, deployments, nodes] = await Promise.all([all('/workers'), all('/deployments'), all('/nodes')]);
+    // The control plane's fleet-wide index (what routers are fed); absent on an older server.
+    const [workers, deployments, nodes, index] = await Promise.all([all('/workers'), all('/deployments'), all('/nodes'),
+      get('/kv/stats').catch((e) => (e.status === 404 ? null : Promise.reject(e)))]);
+    const tile = (label, value, key) => h('div', { class: 'tile', 'data-tile': key }, h('div', { class: 'label' }, label), h('div', { class: 'value' }, value));
+    patch(slots.index, index ? h('div', { class: 'tiles', role: 'group', 'aria-label': 'KV index' },
+      tile('Blocks in the fleet index', String(index.blocks), 'kv-blocks'),
+      tile('Workers in the index', String(index.workers), 'kv-workers'),
+      tile('Event sequence', String(index.head_seq), 'kv-seq')) : h('div', {}));
     const dep = Object.fromEntries(deployments.map((d) => [d.id, d.name]));
     const host = Object.fromEntries(nodes.map((n) => [n.id, n.hostname]));
     const shown = workers.filter((w) => w.desired_state !== 'stopped').slice(0, MAX_WORKERS);
