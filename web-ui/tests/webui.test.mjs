@@ -35,9 +35,14 @@ describe('admin web UI', { skip: skip || false }, () => {
   const text = async (selector, p = page) => (await p.locator(selector).first().textContent()) || '';
   const waitText = (selector, re, what, p = page, timeout = 20_000) =>
     waitFor(async () => re.test(await text(selector, p).catch(() => '')), { what: what || `${selector} ~ ${re}`, timeout });
+  // Every form control has a label a screen reader announces.
+  const unlabelled = (p = page) => p.evaluate(() => [...document.querySelectorAll('input, select, textarea')]
+    .filter((el) => !(el.labels?.length || el.getAttribute('aria-label') || el.getAttribute('aria-labelledby')))
+    .map((el) => el.outerHTML));
   const goNav = async (label) => {
     await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: label, exact: true }).click();
     await page.getByRole('heading', { level: 1 }).first().waitFor();
+    assert.deepEqual(await unlabelled(), [], `${label}: unlabelled controls`);
   };
 
   before(async () => {
