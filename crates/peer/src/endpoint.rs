@@ -154,10 +154,12 @@ impl PeerEndpoint {
 
     /// The bound address (the real port when bound to port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, PeerError> {
-        self.endpoint.local_addr().map_err(|source| PeerError::Bind {
-            addr: self.shared.config.bind,
-            source,
-        })
+        self.endpoint
+            .local_addr()
+            .map_err(|source| PeerError::Bind {
+                addr: self.shared.config.bind,
+                source,
+            })
     }
 
     /// This node's id, from its own certificate.
@@ -174,7 +176,10 @@ impl PeerEndpoint {
     /// lists them). New connections presenting one are closed after the handshake; existing
     /// connections from them are not torn down here.
     pub fn set_revoked_serials(&self, serials: impl IntoIterator<Item = String>) {
-        let serials = serials.into_iter().map(|s| s.to_ascii_lowercase()).collect();
+        let serials = serials
+            .into_iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
         *self
             .shared
             .revoked
@@ -183,7 +188,11 @@ impl PeerEndpoint {
     }
 
     /// Opens a new connection to `node` at `addr`, verifying that its certificate names `node`.
-    pub async fn connect(&self, addr: SocketAddr, node: NodeId) -> Result<PeerConnection, PeerError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        node: NodeId,
+    ) -> Result<PeerConnection, PeerError> {
         let connecting = self
             .endpoint
             .connect(addr, &node_server_name(node))
@@ -239,7 +248,11 @@ impl PeerEndpoint {
     /// A connection to `node` at `addr`: the cached one while it is open, else a new one (then
     /// cached). Agents call this per request; QUIC multiplexes every request and transfer to one
     /// peer over one connection.
-    pub async fn connection(&self, addr: SocketAddr, node: NodeId) -> Result<PeerConnection, PeerError> {
+    pub async fn connection(
+        &self,
+        addr: SocketAddr,
+        node: NodeId,
+    ) -> Result<PeerConnection, PeerError> {
         let cached = self
             .shared
             .connections
@@ -381,9 +394,11 @@ impl<G: GenerateHandler, S: BlockSink> ConnectionTask<G, S> {
             }
         }
         let drain = self.shared.config.drain_timeout;
-        if tokio::time::timeout(drain, async { while streams.join_next().await.is_some() {} })
-            .await
-            .is_err()
+        if tokio::time::timeout(drain, async {
+            while streams.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
         {
             streams.abort_all();
         }
@@ -407,6 +422,8 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
     let (kind, payload) = match first {
         Ok(Some(frame)) => frame,
         Ok(None) => return, // opened and finished without a word: nothing to do
+        // The requester gave up before we read its request: nothing was started.
+        Err(ReadFailure::Reset(code)) if code == codes::CANCELLED => return,
         Err(failure) => {
             let kind = match &failure {
                 ReadFailure::Frame(kvfleet_proto::FrameError::Truncated { .. }) => {
@@ -442,7 +459,10 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
                 &mut recv,
                 &shared.generate_codec,
                 ErrorCode::BadRequest,
-                format!("a peer stream cannot start with a {other:?} frame of {} bytes", payload.len()),
+                format!(
+                    "a peer stream cannot start with a {other:?} frame of {} bytes",
+                    payload.len()
+                ),
             )
             .await;
         }

@@ -64,25 +64,20 @@ enum ClientSide {
 /// Reads the client's half after the request: only a Cancel frame (or nothing) may follow.
 /// Pends forever when the client finished its half cleanly, since that does not cancel.
 async fn watch_client(mut recv: RecvStream, shared: &Shared) -> ClientSide {
-    loop {
-        match wire::read_frame(&mut recv, &shared.generate_codec).await {
-            Ok(Some((FrameKind::Cancel, payload))) => {
-                let reason = wire::decode(FrameKind::Cancel, &payload)
-                    .ok()
-                    .and_then(|m| match m {
-                        PeerMessage::Cancel(CancelMessage { reason }) => Some(reason),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                return ClientSide::Cancelled(format!("cancel frame: {reason}"));
-            }
-            Ok(Some((kind, _))) => {
-                return ClientSide::Malformed(format!("unexpected {kind:?} frame after the request"));
-            }
-            Ok(None) => return std::future::pending().await,
-            Err(ReadFailure::Frame(error)) => return ClientSide::Malformed(error.to_string()),
-            Err(failure) => return ClientSide::Cancelled(failure.to_string()),
+    match wire::read_frame(&mut recv, &shared.generate_codec).await {
+        Ok(Some((FrameKind::Cancel, payload))) => {
+            let reason = match wire::decode(FrameKind::Cancel, &payload) {
+                Ok(PeerMessage::Cancel(CancelMessage { reason })) => reason,
+                _ => String::new(),
+            };
+            ClientSide::Cancelled(format!("cancel frame: {reason}"))
         }
+        Ok(Some((kind, _))) => {
+            ClientSide::Malformed(format!("unexpected {kind:?} frame after the request"))
+        }
+        Ok(None) => std::future::pending().await,
+        Err(ReadFailure::Frame(error)) => ClientSide::Malformed(error.to_string()),
+        Err(failure) => ClientSide::Cancelled(failure.to_string()),
     }
 }
 
@@ -178,8 +173,12 @@ pub(crate) async fn serve<G: GenerateHandler>(
             }
             Err(failure) => {
                 drop(events);
-                finish_cancelled(shared, &mut send, &request_id,
-                    ClientSide::Cancelled(failure.to_string()));
+                finish_cancelled(
+                    shared,
+                    &mut send,
+                    &request_id,
+                    ClientSide::Cancelled(failure.to_string()),
+                );
                 return;
             }
         }
@@ -280,16 +279,22 @@ impl GenerateStream {
                 "the serving node closed the stream before the finish".to_owned(),
             )),
             Err(ReadFailure::Frame(error)) => Err(PeerError::Protocol(error.into())),
-            Err(ReadFailure::Reset(code)) if code == codes::CANCELLED => Err(PeerError::Remote(
-                ErrorMessage::new(ErrorCode::Cancelled, "the serving node cancelled the request"),
-            )),
+            Err(ReadFailure::Reset(code)) if code == codes::CANCELLED => {
+                Err(PeerError::Remote(ErrorMessage::new(
+                    ErrorCode::Cancelled,
+                    "the serving node cancelled the request",
+                )))
+            }
             Err(failure) => match self.connection.connection.close_reason() {
                 Some(reason) => Err(self.connection.connection_error(reason)),
                 None => Err(PeerError::Stream(failure.to_string())),
             },
         };
         if let Err(PeerError::Protocol(_)) = &result {
-            self.connection.shared.metrics.count_error(ErrorKind::Malformed);
+            self.connection
+                .shared
+                .metrics
+                .count_error(ErrorKind::Malformed);
         }
         self.done = true;
         let _ = self.send.finish();
@@ -309,7 +314,10 @@ impl GenerateStream {
                 .collect(),
         });
         let codec = self.connection.shared.generate_codec;
-        if wire::write_message(&mut self.send, &codec, &cancel).await.is_ok() {
+        if wire::write_message(&mut self.send, &codec, &cancel)
+            .await
+            .is_ok()
+        {
             // Finish rather than reset, so that the Cancel frame (and its reason) arrives.
             self.done = true;
             let _ = self.send.finish();

@@ -80,7 +80,9 @@ fn certificates(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, P
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PeerError::Identity(format!("{what}: {e}")))?;
     if certs.is_empty() {
-        return Err(PeerError::Identity(format!("{what}: no certificate in the PEM")));
+        return Err(PeerError::Identity(format!(
+            "{what}: no certificate in the PEM"
+        )));
     }
     Ok(certs)
 }
@@ -154,7 +156,9 @@ pub(crate) fn peer_info(connection: &quinn::Connection) -> Result<PeerInfo, Stri
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| "unexpected peer identity type".to_owned())?;
-    let leaf = chain.first().ok_or("the peer's certificate chain is empty")?;
+    let leaf = chain
+        .first()
+        .ok_or("the peer's certificate chain is empty")?;
     let (node_id, serial) = leaf_identity(leaf)?;
     Ok(PeerInfo {
         node_id,

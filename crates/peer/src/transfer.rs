@@ -198,14 +198,27 @@ impl PeerConnection {
             request_id: request_id.to_owned(),
             layout: layout.clone(),
         };
-        let hello = PeerMessage::KvHandshake(handshake.clone())
-            .to_frame_bytes(&self.shared.kv_codec)?;
+        let hello =
+            PeerMessage::KvHandshake(handshake.clone()).to_frame_bytes(&self.shared.kv_codec)?;
         let block_bytes = checked_block_bytes(layout)
             .ok_or_else(|| PeerError::Identity("the KV layout has no valid block size".into()))?;
         let source = Mutex::new(blocks);
         let streams = options.streams.max(1);
-        let writers = (0..streams).map(|_| self.send_stream(&hello, &handshake, block_bytes, &source));
-        let result = futures_util::future::try_join_all(writers).await;
+        // Every stream is accepted before any block is pulled: a refusal costs the producer
+        // nothing, and no early stream takes every block while the others are handshaking.
+        let opened = futures_util::future::try_join_all(
+            (0..streams).map(|_| self.open_transfer_stream(&hello, &handshake)),
+        )
+        .await;
+        let result = match opened {
+            Ok(opened) => {
+                let writers = opened
+                    .into_iter()
+                    .map(|stream| self.send_stream(stream, block_bytes, &source));
+                futures_util::future::try_join_all(writers).await
+            }
+            Err(error) => Err(error),
+        };
         let done = match result {
             Ok(done) => done,
             Err(error) => {
@@ -230,18 +243,12 @@ impl PeerConnection {
         })
     }
 
-    async fn send_stream<S>(
+    /// Opens one transfer stream and completes its handshake.
+    async fn open_transfer_stream(
         &self,
         hello: &[u8],
         handshake: &KvHandshake,
-        block_bytes: u64,
-        source: &Mutex<S>,
-    ) -> Result<KvDone, PeerError>
-    where
-        S: Stream<Item = KvBlock> + Send + Unpin,
-    {
-        let codec = self.shared.kv_codec;
-        let metrics = &self.shared.metrics;
+    ) -> Result<StreamGuard, PeerError> {
         let (send, recv) = self
             .connection
             .open_bi()
@@ -255,10 +262,29 @@ impl PeerConnection {
         if let Err(error) = stream.send.write_all(hello).await {
             return Err(self.after_write_error(&mut stream.recv, error).await);
         }
-        match self.read_answer(&mut stream.recv, "the KV handshake answer").await? {
+        match self
+            .read_answer(&mut stream.recv, "the KV handshake answer")
+            .await?
+        {
             PeerMessage::KvHandshake(echo) if echo == *handshake => {}
             other => return Err(unexpected(&other, "KvLayout echo")),
         }
+        Ok(stream)
+    }
+
+    /// Sends blocks on one accepted stream until the source is exhausted, then waits for the
+    /// receipt.
+    async fn send_stream<S>(
+        &self,
+        mut stream: StreamGuard,
+        block_bytes: u64,
+        source: &Mutex<S>,
+    ) -> Result<KvDone, PeerError>
+    where
+        S: Stream<Item = KvBlock> + Send + Unpin,
+    {
+        let codec = self.shared.kv_codec;
+        let metrics = &self.shared.metrics;
         let mut sent = KvDone::default();
         loop {
             // Hold the lock while waiting for the producer: writers take blocks in order, and
@@ -284,13 +310,19 @@ impl PeerConnection {
             sent.bytes += len;
             add(&metrics.kv_blocks_sent, 1);
             add(&metrics.kv_bytes_sent, len);
+            // Writes that never wait (a fast receiver) would let this writer take every block;
+            // yielding lets the other streams (polled by the same join) take their turn.
+            tokio::task::yield_now().await;
         }
         let done = PeerMessage::KvDone(sent).to_frame_bytes(&codec)?;
         if let Err(error) = stream.send.write_all(&done).await {
             return Err(self.after_write_error(&mut stream.recv, error).await);
         }
         let _ = stream.send.finish();
-        match self.read_answer(&mut stream.recv, "the KV transfer receipt").await? {
+        match self
+            .read_answer(&mut stream.recv, "the KV transfer receipt")
+            .await?
+        {
             PeerMessage::KvDone(receipt) if receipt == sent => {}
             PeerMessage::KvDone(receipt) => {
                 return Err(PeerError::Truncated(format!(
@@ -331,7 +363,11 @@ impl PeerConnection {
 
     /// A write failed: if the receiver stopped the stream it sent an Error frame first; read it
     /// for the reason.
-    async fn after_write_error(&self, recv: &mut RecvStream, error: quinn::WriteError) -> PeerError {
+    async fn after_write_error(
+        &self,
+        recv: &mut RecvStream,
+        error: quinn::WriteError,
+    ) -> PeerError {
         match error {
             quinn::WriteError::Stopped(_) => {
                 match self.read_answer(recv, "the receiver's error").await {
@@ -377,7 +413,14 @@ pub(crate) async fn serve<S: BlockSink>(
         Ok(_) => return,
         Err(error) => {
             metrics.count_error(ErrorKind::Malformed);
-            refuse(&mut send, &mut recv, codec, ErrorCode::Malformed, error.to_string()).await;
+            refuse(
+                &mut send,
+                &mut recv,
+                codec,
+                ErrorCode::Malformed,
+                error.to_string(),
+            )
+            .await;
             return;
         }
     };
@@ -386,16 +429,34 @@ pub(crate) async fn serve<S: BlockSink>(
         metrics.count_error(ErrorKind::UnknownRequest);
         tracing::warn!(node = %peer.node_id, request_id, "KV transfer for an unknown request refused");
         let message = format!("no KV transfer is expected for request {request_id:?}");
-        refuse(&mut send, &mut recv, codec, ErrorCode::UnknownRequest, message).await;
+        refuse(
+            &mut send,
+            &mut recv,
+            codec,
+            ErrorCode::UnknownRequest,
+            message,
+        )
+        .await;
         return;
     };
     if let Some((field, mine, theirs)) = ours.mismatch(&handshake.layout) {
         metrics.count_error(ErrorKind::LayoutMismatch);
-        let message =
-            format!("KV layout mismatch on {field}: this receiver stores {mine}, the sender {theirs}");
+        let message = format!(
+            "KV layout mismatch on {field}: this receiver stores {mine}, the sender {theirs}"
+        );
         tracing::warn!(node = %peer.node_id, request_id, %message, "KV transfer refused");
-        refuse(&mut send, &mut recv, codec, ErrorCode::LayoutMismatch, message.clone()).await;
-        sink.stream_finished(request_id, Err(ErrorMessage::new(ErrorCode::LayoutMismatch, message)));
+        refuse(
+            &mut send,
+            &mut recv,
+            codec,
+            ErrorCode::LayoutMismatch,
+            message.clone(),
+        )
+        .await;
+        sink.stream_finished(
+            request_id,
+            Err(ErrorMessage::new(ErrorCode::LayoutMismatch, message)),
+        );
         return;
     }
     // The handshake was validated on decode, so this is Some.
@@ -449,7 +510,10 @@ async fn receive_blocks<S: BlockSink>(
                 return fail(
                     ErrorKind::Truncated,
                     ErrorCode::Truncated,
-                    format!("the stream ended after {} blocks without KvDone", received.blocks),
+                    format!(
+                        "the stream ended after {} blocks without KvDone",
+                        received.blocks
+                    ),
                 );
             }
             Err(ReadFailure::Frame(FrameError::Truncated { have, need })) => {
@@ -463,7 +527,11 @@ async fn receive_blocks<S: BlockSink>(
                 );
             }
             Err(ReadFailure::Frame(error)) => {
-                return fail(ErrorKind::Malformed, ErrorCode::Malformed, error.to_string());
+                return fail(
+                    ErrorKind::Malformed,
+                    ErrorCode::Malformed,
+                    error.to_string(),
+                );
             }
             Err(ReadFailure::Reset(code)) if code == codes::CANCELLED => {
                 return Err((
@@ -480,7 +548,11 @@ async fn receive_blocks<S: BlockSink>(
                 let header = match KvBlockHeader::parse(&payload) {
                     Ok((header, _)) => header,
                     Err(error) => {
-                        return fail(ErrorKind::Malformed, ErrorCode::Malformed, error.to_string());
+                        return fail(
+                            ErrorKind::Malformed,
+                            ErrorCode::Malformed,
+                            error.to_string(),
+                        );
                     }
                 };
                 let data = payload.slice(KV_BLOCK_HEADER_LEN..);
@@ -523,7 +595,11 @@ async fn receive_blocks<S: BlockSink>(
                 let sent = match wire::decode(kind, &payload) {
                     Ok(PeerMessage::KvDone(sent)) => sent,
                     Ok(_) | Err(_) => {
-                        return fail(ErrorKind::Malformed, ErrorCode::Malformed, "bad KvDone".into());
+                        return fail(
+                            ErrorKind::Malformed,
+                            ErrorCode::Malformed,
+                            "bad KvDone".into(),
+                        );
                     }
                 };
                 if sent != received {
