@@ -1,7 +1,7 @@
 //! Dumps every intermediate activation of one prefill, for layer-by-layer comparison with
 //! llama.cpp (crates/model/tools/compare_llama_cpp.py drives it).
 //!
-//! `cargo run -p kvfleet-model --example trace -- <model.gguf> <id,id,...> <out-dir>`
+//! `cargo run -p kvfleet-model --example trace -- <model.gguf> <id,id,...> <out-dir> [avx2|avx512]`
 //!
 //! Writes `<out-dir>/<name>-<layer>.f32` (raw little-endian f32, `[tokens, width]`).
 #![allow(clippy::print_stdout)]
@@ -22,7 +22,12 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let out = std::path::PathBuf::from(args.next().context(usage)?);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let m = kvfleet_model::load(std::path::Path::new(&path)).context("loading model")?;
+    let mut m = kvfleet_model::load(std::path::Path::new(&path)).context("loading model")?;
+    match args.next().as_deref() {
+        None | Some("avx512") => {}
+        Some("avx2") => m.model.set_rounding(kvfleet_model::Rounding::LlamaCppAvx2),
+        Some(other) => anyhow::bail!("unknown rounding `{other}` (avx2 or avx512)"),
+    }
     let bs = BlockSize::default();
     let blocks = bs.blocks_for(ids.len()).max(1);
     let mut cache = m.model.new_cache(blocks, bs)?;

@@ -7,9 +7,10 @@
 //! tables, samples with a [`Sampler`] per sequence and measures the step. It is the driver-side
 //! boundary of the engine: reading the clock here is what lets the scheduler core stay pure.
 //!
-//! It does not schedule, allocate blocks or hash prompts: that is the scheduler's business. The
-//! scheduler never tells the executor the vocabulary, so token ids are checked here, before
-//! anything runs, and a bad one fails the step with an [`ExecError`] naming the request.
+//! It does not schedule, allocate blocks or hash prompts: that is the scheduler's business. It
+//! reports the vocabulary (`Executor::vocab_size`), so the scheduler refuses a prompt with an
+//! unknown token id at submit; the ids of each batch are still checked here, before anything
+//! runs, as a second line of defence.
 //!
 //! [`native_engine`] loads a model (GGUF file or Hugging Face directory) and builds a
 //! [`NativeEngine`]; [`KvBudget`] turns "so many bytes" or "this share of available memory" into
@@ -358,6 +359,10 @@ impl Executor for NativeExecutor {
 
     fn release(&mut self, request: RequestId) {
         self.sampling.remove(&request);
+    }
+
+    fn vocab_size(&self) -> Option<u32> {
+        u32::try_from(self.model.model.config().vocab_size).ok()
     }
 }
 

@@ -13,16 +13,23 @@
 //! - [`model`]: Llama-family (Llama 2/3, Mistral, Qwen 2/3) and Gemma 3 forward passes;
 //! - `qmatmul` (private): our i8 matmul for the 32-element GGML block types (Q4_0, Q4_1,
 //!   Q5_0, Q5_1, Q8_0), which candle runs with scalar code on x86; K-quants go to candle;
+//! - `ggml_math` (private, [`Rounding`] public): llama.cpp's CPU rounding reproduced bit for
+//!   bit (f16 dot-product lane orders, vectorised `expf`, GELU table), because 8-bit
+//!   requantization between layers turns last-bit differences into different tokens;
 //! - [`kv_cache`]: paged K/V storage and block bytes for transfer;
 //! - [`sampler`]: greedy / temperature / top-k / top-p with per-request seeds;
 //! - [`executor`]: [`NativeExecutor`], the model behind `kvfleet-engine`'s scheduler, and
 //!   [`native_engine`], which loads a model into a [`NativeEngine`];
 //! - [`tiny`]: writes a tiny random Llama model for tests; [`inspect`]: a summary of a model.
+//!
+//! [`load`] builds a [`LoadedModel`] (weights included); [`load_text`] only the [`TextModel`]
+//! (tokenizer, chat template, architecture) that a frontend needs.
 
 pub mod chat;
 pub mod config;
 pub mod error;
 pub mod executor;
+mod ggml_math;
 pub mod gguf;
 pub mod inspect;
 pub mod kv_cache;
@@ -43,6 +50,7 @@ pub use error::{ModelError, Result};
 pub use executor::{
     KvBudget, NativeEngine, NativeError, NativeExecutor, native_engine, native_engine_from,
 };
+pub use ggml_math::Rounding;
 pub use inspect::ModelInfo;
 pub use kv_cache::PagedKvCache;
 pub use model::{Model, SeqInput};
@@ -81,19 +89,96 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
+/// What serving a model needs besides its weights: the tokenizer, the chat template and the
+/// architecture description (context window, vocabulary). The agent's frontend holds one per
+/// model it serves, while the weights live in worker processes.
+#[derive(Debug)]
+pub struct TextModel {
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The chat template, when the model ships one.
+    pub chat_template: Option<ChatTemplate>,
+    /// The architecture (context length, vocabulary size, ...).
+    pub config: ModelConfig,
+}
+
+impl TextModel {
+    /// Prompt ids for `text`, with BOS when the model wants one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, true)
+    }
+
+    /// Renders `messages` with the chat template (generation prompt appended) and tokenizes it,
+    /// exactly as [`LoadedModel::chat_prompt`] does.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>)> {
+        render_chat(&self.tokenizer, self.chat_template.as_ref(), messages)
+    }
+}
+
+/// Loads what [`TextModel`] holds from a `.gguf` file or a Hugging Face directory, without
+/// building the weights. (A GGUF file is still read whole: the parser works on bytes in memory.)
+pub fn load_text(path: &Path) -> Result<TextModel> {
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let config = ModelConfig::from_hf_json(&text)?;
+        let (tokenizer, chat_template) = hf_text(path)?;
+        Ok(TextModel {
+            tokenizer,
+            chat_template,
+            config,
+        })
+    } else {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let chat_template = gguf_chat_template(&file, &tokenizer)?;
+        Ok(TextModel {
+            tokenizer,
+            chat_template,
+            config,
+        })
+    }
+}
+
+fn gguf_chat_template(file: &GgufFile, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>> {
+    Ok(
+        match file.get("tokenizer.chat_template").and_then(Value::as_str) {
+            Some(src) => {
+                let text =
+                    |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default();
+                let eos = text(tokenizer.eos_ids().first().copied());
+                Some(ChatTemplate::new(src, &text(tokenizer.bos_id()), &eos)?)
+            }
+            None => None,
+        },
+    )
+}
+
+fn render_chat(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    messages: &[ChatMessage],
+) -> Result<(String, Vec<u32>)> {
+    let template = template
+        .ok_or_else(|| ModelError::ChatTemplate("this model has no chat template".into()))?;
+    let mut text = template.render(messages, true)?;
+    let bos = template.bos_token();
+    if tokenizer.adds_bos() && !bos.is_empty() && text.starts_with(bos) {
+        text = text[bos.len()..].to_string();
+    }
+    let ids = tokenizer.encode(&text, true)?;
+    Ok((text, ids))
+}
+
 fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
     let config = ModelConfig::from_gguf(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let chat_template = match file.get("tokenizer.chat_template").and_then(Value::as_str) {
-        Some(src) => {
-            let text =
-                |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default();
-            let eos = text(tokenizer.eos_ids().first().copied());
-            Some(ChatTemplate::new(src, &text(tokenizer.bos_id()), &eos)?)
-        }
-        None => None,
-    };
+    let chat_template = gguf_chat_template(&file, &tokenizer)?;
     let info = inspect::from_gguf(&file, &config, chat_template.as_ref());
     let weights = Weights::Gguf(file);
     let model = Model::from_weights(config, file_name(path), &weights)?;
@@ -112,6 +197,20 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         source,
     })?;
     let config = ModelConfig::from_hf_json(&text)?;
+    let (tokenizer, chat_template) = hf_text(dir)?;
+    let weights = Weights::Safetensors(SafetensorsDir::open(dir, config.architecture)?);
+    let info = inspect::from_weights(&weights, &config, "safetensors", chat_template.as_ref());
+    let model = Model::from_weights(config, file_name(dir), &weights)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        info,
+    })
+}
+
+/// The tokenizer and chat template of a Hugging Face directory.
+fn hf_text(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let tok_cfg: Option<serde_json::Value> =
         match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
@@ -141,15 +240,7 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         )?),
         None => None,
     };
-    let weights = Weights::Safetensors(SafetensorsDir::open(dir, config.architecture)?);
-    let info = inspect::from_weights(&weights, &config, "safetensors", chat_template.as_ref());
-    let model = Model::from_weights(config, file_name(dir), &weights)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-        info,
-    })
+    Ok((tokenizer, chat_template))
 }
 
 /// The result of [`LoadedModel::generate`].
@@ -170,17 +261,7 @@ impl LoadedModel {
     /// Renders `messages` with the chat template (generation prompt appended) and tokenizes it.
     /// Returns the text (without a leading BOS string when BOS is added as a token) and ids.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>)> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| ModelError::ChatTemplate("this model has no chat template".into()))?;
-        let mut text = template.render(messages, true)?;
-        let bos = template.bos_token();
-        if self.tokenizer.adds_bos() && !bos.is_empty() && text.starts_with(bos) {
-            text = text[bos.len()..].to_string();
-        }
-        let ids = self.tokenizer.encode(&text, true)?;
-        Ok((text, ids))
+        render_chat(&self.tokenizer, self.chat_template.as_ref(), messages)
     }
 
     /// Generates for one prompt on a private cache: the simplest driver of [`Model::forward`]

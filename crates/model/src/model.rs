@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::config::{Activation, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
+use crate::ggml_math::{Rounding, gelu};
 use crate::kv_cache::PagedKvCache;
 use crate::weights::{Embedding, Linear, Weights};
 
@@ -132,6 +133,7 @@ pub struct Model {
     lm_head: Linear,
     rope_global: Rope,
     rope_local: Rope,
+    rounding: Rounding,
 }
 
 impl std::fmt::Debug for Model {
@@ -194,118 +196,6 @@ fn round_f16(x: &mut [f32]) {
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// ggml's AVX2 `hsum_float_8` / llamafile's `hsum`: `((a4+a0)+(a6+a2)) + ((a5+a1)+(a7+a3))`.
-#[inline(always)]
-fn hsum8(a: &[f32; 8]) -> f32 {
-    let r = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
-    (r[0] + r[2]) + (r[1] + r[3])
-}
-
-/// ggml's `GGML_F32x8_REDUCE` over four 8-lane accumulators (`ggml_vec_dot_f16`'s ending).
-#[inline(always)]
-fn reduce_4x8(acc: &[f32]) -> f32 {
-    let mut x = [0f32; 8];
-    for (l, xl) in x.iter_mut().enumerate() {
-        *xl = (acc[l] + acc[16 + l]) + (acc[8 + l] + acc[24 + l]);
-    }
-    let t0 = [x[0] + x[4], x[1] + x[5], x[2] + x[6], x[3] + x[7]];
-    (t0[0] + t0[1]) + (t0[2] + t0[3])
-}
-
-/// A dot product as llamafile's tinyBLAS computes one output (f16 inputs widened to f32): one
-/// eight-lane accumulator of fused multiply-adds over the row, then [`hsum8`].
-#[inline]
-fn dot_lanes8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for j in 0..8 {
-            acc[j] = x[j].mul_add(y[j], acc[j]);
-        }
-    }
-    let mut s = hsum8(&acc);
-    let rem = a.len() - a.len() % 8;
-    for (x, y) in a[rem..].iter().zip(&b[rem..]) {
-        s = x.mul_add(*y, s);
-    }
-    s
-}
-
-/// `ggml_vec_dot_f16` (AVX2): four eight-lane accumulators over 32-element steps, reduced by
-/// [`reduce_4x8`]; a tail shorter than 32 is added in f64.
-#[inline]
-fn dot_f16_vec(a: &[f32], b: &[f32]) -> f32 {
-    let np = a.len() & !31;
-    let mut acc = [0f32; 32];
-    for (x, y) in a[..np].chunks_exact(32).zip(b[..np].chunks_exact(32)) {
-        for j in 0..32 {
-            acc[j] = x[j].mul_add(y[j], acc[j]);
-        }
-    }
-    let mut s = f64::from(reduce_4x8(&acc));
-    for (x, y) in a[np..].iter().zip(&b[np..]) {
-        s += f64::from(x * y);
-    }
-    s as f32
-}
-
-/// ggml's vectorised `expf` (`ggml_v_expf`, AVX2 + FMA), lane by lane: a range reduction
-/// and a degree-5 polynomial, within about 1.5 ulp of `expf` but not equal to it. Used where
-/// llama.cpp uses it (softmax, SiLU) so that results round the same way.
-#[inline]
-fn ggml_expf(x: f32) -> f32 {
-    let r = f32::from_bits(0x4B40_0000); // 0x1.8p23
-    let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // log2(e)
-    let n = z - r;
-    let b = (-n).mul_add(
-        f32::from_bits(0x35BF_BE8E),                  // 0x1.7f7d1cp-20
-        (-n).mul_add(f32::from_bits(0x3F31_7200), x), // 0x1.62e4p-1
-    );
-    let e = z.to_bits().wrapping_shl(23);
-    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
-    let c = n.abs() > 126.0;
-    let u = b * b;
-    let j = f32::from_bits(0x3C07_2010) // 0x1.0e4020p-7
-        .mul_add(b, f32::from_bits(0x3D2B_9F17)) // 0x1.573e2ep-5
-        .mul_add(
-            u,
-            f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)), // 0x1.555e66p-3, 0x1.fffdb6p-2
-        )
-        .mul_add(u, f32::from_bits(0x3F7F_FFF6) * b); // 0x1.ffffecp-1
-    if !c {
-        return j.mul_add(k, k);
-    }
-    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
-    let s1 = f32::from_bits(g.wrapping_add(0x7F00_0000));
-    let s2 = f32::from_bits(e.wrapping_sub(g));
-    if n.abs() > 192.0 {
-        s1 * s1
-    } else {
-        s2.mul_add(j, s2) * s1
-    }
-}
-
-/// SiLU as ggml's `ggml_v_silu`: `x / (1 + expf(0 - x))` with [`ggml_expf`].
-#[inline]
-fn ggml_silu(x: f32) -> f32 {
-    x / (1.0 + ggml_expf(0.0 - x))
-}
-
-/// GELU (tanh form) as ggml evaluates it on CPU: through a table indexed by the f16 input and
-/// holding f16 outputs (`GGML_GELU_FP16`), saturating outside ±10.
-#[inline]
-fn ggml_gelu(x: f32) -> f32 {
-    if x <= -10.0 {
-        0.0
-    } else if x >= 10.0 {
-        x
-    } else {
-        let h = f16::from_f32(x).to_f32();
-        let inner = (0.044_715 * h).mul_add(h, 1.0);
-        let y = 0.5 * h * (1.0 + (0.797_884_6 * h * inner).tanh());
-        f16::from_f32(y).to_f32()
-    }
 }
 
 impl Model {
@@ -380,7 +270,19 @@ impl Model {
             lm_head,
             rope_global,
             rope_local,
+            rounding: Rounding::default(),
         })
+    }
+
+    /// Which llama.cpp build's rounding the forward pass reproduces (see [`Rounding`]);
+    /// AVX-512 unless changed.
+    pub fn rounding(&self) -> Rounding {
+        self.rounding
+    }
+
+    /// Reproduces another llama.cpp build's rounding (comparison tools use this).
+    pub fn set_rounding(&mut self, rounding: Rounding) {
+        self.rounding = rounding;
     }
 
     /// The configuration.
@@ -575,14 +477,16 @@ impl Model {
             let mut u = layer.up.forward(&hn, t)?;
             match c.activation {
                 // silu(g)·u and gelu(g)·u, each rounded as ggml's fused GLU kernels round them.
-                Activation::Silu => u
-                    .iter_mut()
-                    .zip(&g)
-                    .for_each(|(u, &g)| *u = ggml_silu(g) * *u),
-                Activation::GeluTanh => u
-                    .iter_mut()
-                    .zip(&g)
-                    .for_each(|(u, &g)| *u = ggml_gelu(g) * *u),
+                Activation::Silu => {
+                    let r = self.rounding;
+                    let n = c.intermediate_size;
+                    for (row_u, row_g) in u.chunks_exact_mut(n).zip(g.chunks_exact(n)) {
+                        for (i, (u, &g)) in row_u.iter_mut().zip(row_g).enumerate() {
+                            *u = r.silu(g, i, n) * *u;
+                        }
+                    }
+                }
+                Activation::GeluTanh => u.iter_mut().zip(&g).for_each(|(u, &g)| *u = gelu(g) * *u),
             }
             trace("ffn_act", li, &u);
             let mut d = layer.down.forward(&u, t)?;
@@ -642,6 +546,8 @@ impl Model {
         let window = c.window(layer);
         let scale = c.attn_scale;
         let gemm = meta.len() >= 2;
+        let r = self.rounding;
+        let w = r.lanes();
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
         out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
             let (ti, head) = (idx / nh, idx % nh);
@@ -654,51 +560,51 @@ impl Model {
                 None => 0,
             };
             let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * nkv + g) * hd;
-            // Scores for positions 0..=pos (masked ones stay -inf), padded to whole lanes.
-            let n = (m.pos + 1).next_multiple_of(32);
+            // Scores for positions 0..=pos (masked ones stay -inf), padded to whole
+            // `ggml_vec_dot_f16` steps (llama.cpp pads its cells to 256).
+            let n = (m.pos + 1).next_multiple_of(4 * w);
             let mut scores = vec![f32::NEG_INFINITY; n];
             for (p, s) in scores.iter_mut().enumerate().take(m.pos + 1).skip(lo) {
                 let k = &kc[at(p)..at(p) + hd];
                 *s = if gemm {
-                    dot_lanes8(qv, k)
+                    r.dot_gemm(qv, k)
                 } else {
-                    dot_f16_vec(qv, k)
+                    r.dot_vec(qv, k)
                 } * scale;
             }
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f64;
-            for grp in scores.chunks_exact_mut(8) {
-                let mut e = [0f32; 8];
-                for (x, s) in e.iter_mut().zip(grp.iter()) {
-                    *x = ggml_expf(*s - max);
+            for grp in scores.chunks_exact_mut(w) {
+                for x in grp.iter_mut() {
+                    *x = r.expf(*x - max);
                 }
-                sum += f64::from(hsum8(&e));
-                grp.copy_from_slice(&e);
+                sum += f64::from(r.hsum(grp));
             }
             let inv = (1.0 / sum) as f32;
-            // P·V: lane l of block b accumulates positions p with p % 8 == l (and, for
-            // ggml_vec_dot_f16, (p / 8) % 4 == b), in position order, with fused multiply-adds.
+            // P·V: lane l of block b accumulates positions p with p % w == l (and, for
+            // ggml_vec_dot_f16, (p / w) % 4 == b), in position order, with fused multiply-adds.
             let blocks = if gemm { 1 } else { 4 };
-            let mut acc = vec![0f32; hd * blocks * 8];
+            let span = blocks * w;
+            let mut acc = vec![0f32; hd * span];
             for p in lo..=m.pos {
                 let pr = f16::from_f32(scores[p] * inv).to_f32();
                 let slot = if gemm {
-                    p % 8
+                    p % w
                 } else {
-                    ((p / 8) % 4) * 8 + p % 8
+                    ((p / w) % 4) * w + p % w
                 };
                 let v = &vc[at(p)..at(p) + hd];
                 for (i, &vi) in v.iter().enumerate() {
-                    let a = &mut acc[i * blocks * 8 + slot];
+                    let a = &mut acc[i * span + slot];
                     *a = pr.mul_add(vi, *a);
                 }
             }
             for (i, oi) in o.iter_mut().enumerate() {
-                let lanes = &acc[i * blocks * 8..(i + 1) * blocks * 8];
+                let lanes = &acc[i * span..(i + 1) * span];
                 *oi = if gemm {
-                    hsum8(lanes.try_into().unwrap_or(&[0.0; 8]))
+                    r.hsum(lanes)
                 } else {
-                    reduce_4x8(lanes)
+                    r.reduce4(lanes)
                 };
             }
         });

@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--ours", help="an existing trace directory (else run the example)")
     ap.add_argument("--layers", default="0,1,2,15,29")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounding", default="avx512", help="avx2 or avx512: the llama.cpp build imported")
     ap.add_argument("--save", help="also write llama.cpp's activations to this directory (.npy)")
     ap.add_argument("--names", default="attn_norm,Qcur,Kcur,Vcur,kqv_out,attn_out,ffn_inp,ffn_norm,ffn_out,l_out")
     args = ap.parse_args()
@@ -113,7 +114,7 @@ def main():
     if ours_dir is None or not os.path.isdir(ours_dir) or not os.listdir(ours_dir):
         ours_dir = ours_dir or tempfile.mkdtemp(prefix="kvfleet-trace-")
         subprocess.run(
-            ["cargo", "run", "-q", "-p", "kvfleet-model", "--example", "trace", "--", args.model, args.ids, ours_dir],
+            ["cargo", "run", "-q", "-p", "kvfleet-model", "--example", "trace", "--", args.model, args.ids, ours_dir, args.rounding],
             check=True,
         )
     ref, logits = llama_cpp_trace(args.model, ids, args.threads)
