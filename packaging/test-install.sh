@@ -142,7 +142,9 @@ dpkg_install() {
         log "dpkg -i failed; trying apt-get -f install for missing dependencies"
         cat "$work/dpkg.log" >&2
         cp /etc/resolv.conf "$root/etc/resolv.conf"
-        in_root apt-get update -qq && in_root apt-get -f install -y -qq >&2 || fail "dpkg -i ${args[*]} failed"
+        if ! { in_root apt-get update -qq && in_root apt-get -f install -y -qq >&2; }; then
+            fail "dpkg -i ${args[*]} failed"
+        fi
     fi
 }
 status_of() { in_root dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || echo not-installed; }
@@ -308,7 +310,7 @@ ExecStart=/usr/local/sbin/kvfleet-probe
 WantedBy=multi-user.target
 EOF
     ln -sf /etc/systemd/system/kvfleet-probe.service "$root/etc/systemd/system/multi-user.target.wants/"
-    timeout 180 systemd-nspawn --quiet -D "$root" --boot --register=no --keep-unit --private-network \
+    timeout 90 systemd-nspawn --quiet -D "$root" --boot --register=no --keep-unit --private-network \
         --bind="$pgdir:/run/kvfleet-test-pg" --console=pipe >"$work/boot.log" 2>&1 || true
     rm -f "$root/etc/systemd/system/multi-user.target.wants/kvfleet-probe.service" \
         "$root/etc/systemd/system/kvfleet-probe.service" "$root/usr/local/sbin/kvfleet-probe"
@@ -381,6 +383,7 @@ step "the .rpm against the .deb"
 deb_files() { dpkg-deb -c "$1" | awk '$1 !~ /^d/ {sub(/^\./, "", $6); print $6}' | grep -Ev '/usr/share/doc/[^/]+/(copyright|changelog\.Debian\.gz)$' | sort; }
 rpm_files() { rpm -qlp "$1" 2>/dev/null | sort; }
 for pair in "$agent_deb $agent_rpm" "$cp_deb $cp_rpm"; do
+    # shellcheck disable=SC2086 # two paths without spaces, split on purpose
     set -- $pair
     name="$(dpkg-deb -f "$1" Package)"
     diff <(deb_files "$1") <(rpm_files "$2") >&2 || fail "$name: rpm -qlp differs from dpkg-deb -c (above)"
