@@ -38,11 +38,27 @@ pub enum EndReason {
     Stop,
 }
 
+/// A generated token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct TokenLogprob {
+    /// log P(token).
+    pub logprob: f32,
+    /// `(token id, log-probability)`, most likely first; as many as the request asked for
+    /// (the mock engine gives none).
+    #[serde(default)]
+    pub top: Vec<(u32, f32)>,
+}
+
 /// What a generation produces, in order: tokens, then exactly one `Finished` or `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
     /// Newly generated token ids.
-    Tokens(Vec<u32>),
+    Tokens {
+        /// The ids, in order.
+        ids: Vec<u32>,
+        /// One per id, when the request asked for logprobs.
+        logprobs: Option<Vec<TokenLogprob>>,
+    },
     /// Done.
     Finished(EndReason),
     /// The worker failed; the message says what happened.

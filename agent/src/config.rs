@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kvfleet_model::KvBudget;
 use kvfleet_proto::BlockSize;
 use serde::Deserialize;
 use toml::Spanned;
@@ -261,7 +262,17 @@ pub enum RoutingMode {
 pub enum EngineKind {
     /// Pseudo-tokens with a timing model: no weights, no GPU. See `worker::engine`.
     Mock,
+    /// The real model (`kvfleet-model`) from [`ModelConfig::path`]: its tokenizer and chat
+    /// template in the frontend, its weights in each worker process.
+    Native,
 }
+
+/// The default KV budget of a native model's worker: a tenth of the memory available once the
+/// weights are loaded (the CPU counterpart of a GPU's free memory).
+pub const DEFAULT_NATIVE_KV_MEMORY: KvBudget = KvBudget::FractionOfAvailable(0.10);
+/// A native model's context cap when the file gives none: larger than any model's window, so
+/// the model's own window applies.
+pub const NATIVE_CONTEXT_UNCAPPED: u32 = 1 << 24;
 
 /// One model this node serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -274,8 +285,14 @@ pub struct ModelConfig {
     pub context_length: u32,
     /// Tokens per KV block (for block hashing and KV accounting).
     pub block_size: BlockSize,
-    /// KV blocks each worker's pool holds.
+    /// KV blocks each worker's pool holds (the mock; a native model uses `kv_memory`).
     pub kv_blocks: u32,
+    /// Native engine: the model, a `.gguf` file or a Hugging Face directory (relative paths in
+    /// the file are resolved against the file's directory). `None` for the mock.
+    pub path: Option<PathBuf>,
+    /// Native engine: memory for each worker's KV cache (`kv_memory = "512MiB"`, `"10%"`, or
+    /// `kv_blocks = N`); `None` for the mock.
+    pub kv_memory: Option<KvBudget>,
     /// Mock engine: time per generated token (zero: as fast as the loop runs).
     pub mock_token_time: Duration,
     /// Mock engine: time to prefill one prompt token.
@@ -388,6 +405,20 @@ impl ModelConfig {
             kv_blocks: 4096,
             mock_token_time: Duration::ZERO,
             mock_prefill_time_per_token: Duration::ZERO,
+            path: None,
+            kv_memory: None,
+        }
+    }
+
+    /// A native model at `path` with defaults: the model's own context window, blocks of
+    /// 16 tokens, [`DEFAULT_NATIVE_KV_MEMORY`] for the KV cache.
+    pub fn native(name: &str, path: impl Into<PathBuf>) -> Self {
+        Self {
+            engine: EngineKind::Native,
+            context_length: NATIVE_CONTEXT_UNCAPPED,
+            path: Some(path.into()),
+            kv_memory: Some(DEFAULT_NATIVE_KV_MEMORY),
+            ..Self::mock(name)
         }
     }
 }
@@ -466,6 +497,8 @@ struct RawModel {
     context_length: Option<Spanned<i64>>,
     block_size: Option<Spanned<i64>>,
     kv_blocks: Option<Spanned<i64>>,
+    path: Option<Spanned<String>>,
+    kv_memory: Option<Spanned<String>>,
     mock_token_time_us: Option<Spanned<i64>>,
     mock_prefill_time_per_token_us: Option<Spanned<i64>>,
 }
@@ -535,6 +568,73 @@ impl Checker<'_> {
             None
         }
     }
+}
+
+impl Checker<'_> {
+    /// A path from the file: relative paths are taken from the file's directory, so a config
+    /// and its models can move together.
+    fn resolve(&self, path: &str) -> PathBuf {
+        let path = Path::new(path.trim());
+        match self.file.and_then(|f| f.path.parent()) {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+}
+
+/// What `check-config` adds to [`Config::from_sources`]: every native model's `path` exists, is
+/// readable and parses (its tokenizer, chat template and architecture are read; the weights
+/// are not built). Kept apart because it reads model files, which can be large.
+pub fn check_model_files(sources: &Sources, config: &Config) -> Result<(), Problems> {
+    let raw: Option<RawConfig> = sources
+        .file
+        .as_ref()
+        .and_then(|f| toml::from_str(&f.text).ok());
+    let mut problems = Vec::new();
+    for model in &config.models {
+        let Some(path) = &model.path else { continue };
+        let location = raw
+            .as_ref()
+            .and_then(|r| {
+                r.models
+                    .iter()
+                    .find(|m| m.name.get_ref().trim() == model.name)
+            })
+            .and_then(|m| m.path.as_ref())
+            .and_then(|p| {
+                sources
+                    .file
+                    .as_ref()
+                    .map(|f| file_location(f, p.span().start))
+            })
+            .unwrap_or(Location::Default);
+        if let Err(message) = check_model_file(path) {
+            problems.push(Problem::new(
+                location,
+                format!("model {:?}: {message}", model.name),
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Problems(problems))
+    }
+}
+
+fn check_model_file(path: &Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Ok(meta) if !meta.is_dir() => {
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(format!("cannot read {}: {e}", path.display()));
+            }
+        }
+        Ok(_) => {}
+    }
+    kvfleet_model::load_text(path)
+        .map(drop)
+        .map_err(|e| format!("{} is not a usable model: {e}", path.display()))
 }
 
 fn file_location(file: &ConfigFile, offset: usize) -> Location {
@@ -788,15 +888,25 @@ impl Checker<'_> {
         if let Some(engine) = &raw.engine {
             match engine.get_ref().as_str() {
                 "mock" => model.engine = EngineKind::Mock,
-                "native" => {
-                    let location = self.at(engine);
-                    self.problem(
-                        location,
-                        "engine \"native\" is not wired into the agent yet (the model crate is in \
-                         progress): use \"mock\"",
-                    );
-                    ok = false;
-                }
+                "native" => match &raw.path {
+                    Some(path) if !path.get_ref().trim().is_empty() => {
+                        let mut native = ModelConfig::native(name, self.resolve(path.get_ref()));
+                        // Blocks of the default size unless the file says otherwise, below.
+                        native.block_size = model.block_size;
+                        model = native;
+                    }
+                    _ => {
+                        let location = self.at(engine);
+                        self.problem(
+                            location,
+                            format!(
+                                "model {name:?}: engine \"native\" needs `path`, a .gguf file or \
+                                 a Hugging Face model directory"
+                            ),
+                        );
+                        ok = false;
+                    }
+                },
                 other => {
                     let location = self.at(engine);
                     self.problem(
@@ -824,9 +934,48 @@ impl Checker<'_> {
         }
         if let Some(v) = &raw.kv_blocks {
             match self.int("models.kv_blocks", v, 1..=1 << 24) {
-                Some(n) => model.kv_blocks = n as u32,
+                Some(n) => {
+                    model.kv_blocks = n as u32;
+                    if model.engine == EngineKind::Native {
+                        model.kv_memory = Some(KvBudget::Blocks(n as u32));
+                    }
+                }
                 None => ok = false,
             }
+        }
+        if let Some(v) = &raw.kv_memory {
+            let location = self.at(v);
+            if model.engine != EngineKind::Native {
+                self.problem(
+                    location,
+                    "models.kv_memory is for engine \"native\": the mock takes kv_blocks",
+                );
+                ok = false;
+            } else if raw.kv_blocks.is_some() {
+                self.problem(
+                    location,
+                    "give models.kv_memory or models.kv_blocks, not both",
+                );
+                ok = false;
+            } else {
+                match v.get_ref().parse::<KvBudget>() {
+                    Ok(budget) => model.kv_memory = Some(budget),
+                    Err(e) => {
+                        self.problem(location, format!("models.kv_memory: {e}"));
+                        ok = false;
+                    }
+                }
+            }
+        }
+        if let Some(v) = &raw.path
+            && model.engine != EngineKind::Native
+        {
+            let location = self.at(v);
+            self.problem(
+                location,
+                "models.path is for engine \"native\" (the mock has no weights)",
+            );
+            ok = false;
         }
         if let Some(v) = &raw.mock_token_time_us {
             match self.int("models.mock_token_time_us", v, 0..=10_000_000) {
@@ -1132,6 +1281,103 @@ role = "decode"
                 );
             }
         }
+    }
+
+    /// `engine = "native"`: the path (relative to the file), defaults, the KV budget, and the
+    /// mistakes a file can make about them.
+    #[test]
+    fn native_models_are_read_and_checked() {
+        let config = Config::from_sources(&Sources::from_text(
+            "/etc/kvfleet/agent.toml",
+            "[[models]]\nname = \"a\"\nengine = \"native\"\npath = \"models/a.gguf\"\n\
+             kv_memory = \"512MiB\"\ncontext_length = 2048\n",
+        ))
+        .unwrap();
+        let m = &config.models[0];
+        assert_eq!(m.engine, EngineKind::Native);
+        assert_eq!(m.path, Some(PathBuf::from("/etc/kvfleet/models/a.gguf")));
+        assert_eq!(m.kv_memory, Some(KvBudget::Bytes(512 << 20)));
+        assert_eq!(m.context_length, 2048);
+        let config = load(
+            "[[models]]\nname = \"a\"\nengine = \"native\"\npath = \"/m.gguf\"\nkv_blocks = 9\n",
+        )
+        .unwrap();
+        assert_eq!(config.models[0].kv_memory, Some(KvBudget::Blocks(9)));
+        assert_eq!(config.models[0].context_length, NATIVE_CONTEXT_UNCAPPED);
+        let config =
+            load("[[models]]\nname = \"a\"\nengine = \"native\"\npath = \"/m.gguf\"\n").unwrap();
+        assert_eq!(config.models[0].kv_memory, Some(DEFAULT_NATIVE_KV_MEMORY));
+
+        let cases: &[(&str, &str)] = &[
+            (
+                "[[models]]\nname = \"a\"\nengine = \"native\"\n",
+                "agent.toml:3:10: model \"a\": engine \"native\" needs `path`",
+            ),
+            (
+                "[[models]]\nname = \"a\"\npath = \"/m.gguf\"\n",
+                "agent.toml:3:8: models.path is for engine \"native\"",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nkv_memory = \"1GiB\"\n",
+                "agent.toml:3:13: models.kv_memory is for engine \"native\"",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"native\"\npath = \"/m\"\nkv_blocks = 4\n\
+                 kv_memory = \"1GiB\"\n",
+                "agent.toml:6:13: give models.kv_memory or models.kv_blocks, not both",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"native\"\npath = \"/m\"\nkv_memory = \"lots\"\n",
+                "agent.toml:5:13: models.kv_memory: KV memory budget `lots`",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = problems(text);
+            assert_eq!(got.len(), 1, "{text}: {got:?}");
+            assert!(
+                got[0].starts_with(want),
+                "{got:?} should start with {want:?}"
+            );
+        }
+    }
+
+    /// `check-config` reads native models' files: a missing or unparsable one is a located
+    /// problem; a good one (the tiny generated model) passes.
+    #[test]
+    fn check_model_files_reads_native_models() {
+        let dir = std::env::temp_dir().join(format!("kvfleet-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("junk.gguf"), b"not a gguf file at all").unwrap();
+        kvfleet_model::tiny::write_tiny_llama(
+            &dir.join("tiny"),
+            kvfleet_model::tiny::TinySpec::default(),
+            1,
+        )
+        .unwrap();
+        let text = "[[models]]\nname = \"gone\"\nengine = \"native\"\npath = \"missing.gguf\"\n\
+                    [[models]]\nname = \"junk\"\nengine = \"native\"\npath = \"junk.gguf\"\n\
+                    [[models]]\nname = \"tiny\"\nengine = \"native\"\npath = \"tiny\"\n\
+                    [[workers]]\nmodel = \"gone\"\n[[workers]]\nmodel = \"junk\"\n\
+                    [[workers]]\nmodel = \"tiny\"\n";
+        let sources = Sources::from_text(dir.join("agent.toml"), text);
+        let config = Config::from_sources(&sources).unwrap();
+        let got: Vec<String> = check_model_files(&sources, &config)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(
+            got[0].contains("agent.toml:4:8: model \"gone\": cannot read"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].contains("agent.toml:8:8: model \"junk\": "),
+            "{got:?}"
+        );
+        assert!(got[1].contains("is not a usable model"), "{got:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

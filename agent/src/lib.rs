@@ -39,7 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Device, Role, WorkerConfig};
 use crate::frontend::Frontend;
-use crate::frontend::text::{ByteTokenizer, PlainChatTemplate, Tokenizer};
+use crate::frontend::models::ModelRegistry;
+use crate::frontend::text::{ByteTokenizer, Tokenizer};
 use crate::gpu::Inventory;
 use crate::systemd::Notifier;
 use crate::worker::{WorkerCommand, WorkerPool};
@@ -124,6 +125,8 @@ pub struct Running {
     pub frontend: Arc<Frontend>,
     /// The worker pool.
     pub pool: Arc<WorkerPool>,
+    /// The models the frontend serves (register more at runtime).
+    pub models: Arc<ModelRegistry>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
@@ -150,9 +153,14 @@ pub async fn serve_with(
         .local_addr()
         .context("reading the listener's address")?;
     let workers = plan_workers(&config, deps.inventory.as_ref());
-    tracing::info!(node = %config.node_name, %addr, workers = workers.len(),
-        "kvfleet-agent starting (tokenizer: byte-level test stand-in; engine: kvfleet-engine mock)");
-    let tokenizer = Arc::new(ByteTokenizer);
+    tracing::info!(node = %config.node_name, %addr, workers = workers.len(), "kvfleet-agent starting");
+    // Tokenizers and chat templates first: a model file that does not load stops the start
+    // with its name and path, before any worker is spawned.
+    let models = Arc::new(ModelRegistry::new());
+    for model in &config.models {
+        models.register(model.clone()).await?;
+    }
+    let tokenizer = ByteTokenizer;
     let pool = WorkerPool::start(
         &workers,
         &config.models,
@@ -162,18 +170,13 @@ pub async fn serve_with(
         deps.worker.clone(),
         tokenizer.vocab_size(),
     );
-    let mut frontend = Frontend::new(
-        config.frontend.clone(),
-        config.models.clone(),
-        pool.clone(),
-        tokenizer,
-        Arc::new(PlainChatTemplate),
-    );
+    let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), pool.clone());
     frontend.inventory = Some(deps.inventory.clone());
     let frontend = Arc::new(frontend);
     started(Running {
         frontend: frontend.clone(),
         pool: pool.clone(),
+        models,
     });
 
     let stop_http = CancellationToken::new();

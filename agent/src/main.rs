@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kvfleet_agent::cli::{Cli, Command, RunArgs};
-use kvfleet_agent::config::{Config, FlagOverrides, LogConfig, LogFormat, Sources};
+use kvfleet_agent::config::{
+    Config, FlagOverrides, LogConfig, LogFormat, Sources, check_model_files,
+};
 use kvfleet_agent::{gpu, logging};
 
 fn main() -> ExitCode {
@@ -77,7 +79,9 @@ fn check_config(path: Option<std::path::PathBuf>) -> ExitCode {
         || "defaults (no config file)".to_owned(),
         |f| f.path.display().to_string(),
     );
-    match Config::from_sources(&sources) {
+    match Config::from_sources(&sources)
+        .and_then(|config| check_model_files(&sources, &config).map(|()| config))
+    {
         Ok(config) => {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(

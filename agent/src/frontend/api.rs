@@ -4,7 +4,7 @@
 //! | condition | status | `type` | `code` |
 //! | --- | --- | --- | --- |
 //! | body not UTF-8, not JSON, wrong field type, missing field | 400 | `invalid_request_error` | `invalid_json` / `invalid_type` / `missing_field` |
-//! | field out of range (`n`, `max_tokens`, `temperature`, …), empty `messages` | 400 | `invalid_request_error` | `invalid_value` |
+//! | field out of range (`n`, `max_tokens`, `temperature`, `top_logprobs`, …), empty `messages`, a chat template that refuses the messages | 400 | `invalid_request_error` | `invalid_value` |
 //! | prompt plus `max_tokens` over the model's context | 400 | `invalid_request_error` | `context_length_exceeded` |
 //! | missing or wrong API key | 401 | `invalid_request_error` | `invalid_api_key` |
 //! | unknown model | 404 | `invalid_request_error` | `model_not_found` |
@@ -360,9 +360,12 @@ pub struct ChatCompletionRequest {
     pub model: String,
     /// The conversation.
     pub messages: Vec<ChatMessage>,
-    /// Token log-probabilities (not served yet: `true` is refused with a clear 400).
+    /// Return each generated token's log-probability.
     #[serde(default)]
     pub logprobs: Option<bool>,
+    /// With `logprobs`, also this many most likely alternatives per token (0 to 20).
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
 }
 
 /// `prompt`: a string, a one-element list of strings, or token ids.
@@ -384,7 +387,7 @@ pub struct CompletionRequest {
     pub model: String,
     /// The prompt.
     pub prompt: PromptSpec,
-    /// Token log-probabilities (not served yet: a value is refused with a clear 400).
+    /// Return each generated token's log-probability and this many alternatives (0 to 20).
     #[serde(default)]
     pub logprobs: Option<u32>,
     /// Echo the prompt (not served: `true` is refused).

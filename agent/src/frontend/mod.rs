@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP frontend every node runs (axum).
 //!
 //! A request goes: authenticate → read the body (bounded) → parse and validate ([`api`]) →
-//! chat template and tokenize ([`text`]) → block hashes (`kvfleet_proto::hash`) → admission
+//! look the model up ([`models`]: its tokenizer, chat template and limits) → chat template and
+//! tokenize → block hashes (`kvfleet_proto::hash`) → admission
 //! ([`admission`]: bounded queue) → a worker ([`Backend`]) → detokenize and cut at stop strings
 //! → JSON or SSE. Every failure on the way is an OpenAI error body with the status [`api`]
 //! documents. A client that disconnects drops its response stream, which drops the
@@ -9,9 +10,18 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `/health`
 //! (the process is up), `/ready` (workers can serve and the node is not draining), `/metrics`.
+//!
+//! Logprobs: `logprobs`/`top_logprobs` (chat) and `logprobs: N` (completions, N ≤ 20) are
+//! served from what the engine sampled with. A native model gives the real log-probabilities
+//! under the model's unmodified distribution; the mock engine gives synthetic ones (0.0 for
+//! every token, no alternatives), documented as such in `docs/`.
+//!
+//! Accepted sockets get `TCP_NODELAY`: SSE writes are small, and Nagle's algorithm held each
+//! one back until the client's delayed ACK (~40 ms per stream start).
 
 pub mod admission;
 pub mod api;
+pub mod models;
 pub mod text;
 
 use std::collections::VecDeque;
@@ -38,9 +48,12 @@ use self::api::{
     ApiError, ChatCompletionRequest, CommonParams, CompletionRequest, FinishReason, ModelCard,
     PromptSpec, StopSpec, Usage,
 };
-use self::text::{ChatTemplate, StopMatcher, Tokenizer, Utf8Stream};
-use crate::backend::{Backend, EndReason, GenEvent, GenerateRequest, Generation, WorkerState};
-use crate::config::{FrontendConfig, ModelConfig};
+use self::models::{ModelRegistry, ServedModel, TextCodec};
+use self::text::{StopMatcher, Utf8Stream};
+use crate::backend::{
+    Backend, EndReason, GenEvent, GenerateRequest, Generation, TokenLogprob, WorkerState,
+};
+use crate::config::FrontendConfig;
 use crate::gpu::Inventory;
 use crate::metrics::Metrics;
 
@@ -49,14 +62,10 @@ use crate::metrics::Metrics;
 pub struct Frontend {
     /// Settings.
     pub config: FrontendConfig,
-    /// Models served.
-    pub models: Vec<ModelConfig>,
+    /// Models served, with their tokenizers and chat templates; may change at runtime.
+    pub models: Arc<ModelRegistry>,
     /// Where tokens come from.
     pub backend: Arc<dyn Backend>,
-    /// Tokenizer (see [`text`] for which one).
-    pub tokenizer: Arc<dyn Tokenizer>,
-    /// Chat template.
-    pub template: Arc<dyn ChatTemplate>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// GPU figures for `/metrics`, when there are GPUs.
@@ -69,13 +78,11 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// A frontend over `backend`.
+    /// A frontend serving the models in `models` over `backend`.
     pub fn new(
         config: FrontendConfig,
-        models: Vec<ModelConfig>,
+        models: Arc<ModelRegistry>,
         backend: Arc<dyn Backend>,
-        tokenizer: Arc<dyn Tokenizer>,
-        template: Arc<dyn ChatTemplate>,
     ) -> Self {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -90,8 +97,6 @@ impl Frontend {
             config,
             models,
             backend,
-            tokenizer,
-            template,
             metrics: Arc::new(Metrics::default()),
             inventory: None,
             admission,
@@ -128,11 +133,12 @@ impl Frontend {
             return false;
         }
         let workers = self.backend.workers();
-        !self.models.is_empty()
-            && self.models.iter().all(|m| {
+        let names = self.models.names();
+        !names.is_empty()
+            && names.iter().all(|name| {
                 workers
                     .iter()
-                    .any(|w| w.model == m.name && w.state == WorkerState::Ready)
+                    .any(|w| &w.model == name && w.state == WorkerState::Ready)
             })
     }
 
@@ -178,9 +184,10 @@ impl Frontend {
         }
     }
 
-    fn model(&self, name: &str) -> Result<&ModelConfig, ApiError> {
-        self.models.iter().find(|m| m.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+    fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+        self.models.get(name).ok_or_else(|| {
+            let names = self.models.names();
+            let known: Vec<&str> = names.iter().map(String::as_str).collect();
             ApiError::model_not_found(name, &known)
         })
     }
@@ -231,6 +238,9 @@ struct Prepared {
     endpoint: Endpoint,
     id: String,
     model: String,
+    text: Arc<dyn TextCodec>,
+    /// Alternatives per token when logprobs were asked for (`Some(0)`: the token's own only).
+    logprobs: Option<u32>,
     prompt: Vec<u32>,
     block_size: kvfleet_proto::BlockSize,
     sampling: SamplingParams,
@@ -358,19 +368,23 @@ fn prepare(
     id: String,
     bytes: &[u8],
 ) -> Result<Prepared, ApiError> {
-    let tokenizer = &frontend.tokenizer;
-    let (model_name, prompt, common, default_max) = match endpoint {
+    let value = api::parse_json(bytes)?;
+    let common: CommonParams;
+    let (model, prompt, logprobs, default_max) = match endpoint {
         Endpoint::Chat => {
-            let value = api::parse_json(bytes)?;
             let request: ChatCompletionRequest = api::typed(&value)?;
-            let common: CommonParams = api::typed(&value)?;
-            frontend.model(&request.model)?;
-            if request.logprobs == Some(true) {
-                return Err(ApiError::invalid_value(
-                    "logprobs",
-                    "logprobs are not served by this version of kvfleet; omit the field",
-                ));
-            }
+            common = api::typed(&value)?;
+            let model = frontend.model(&request.model)?;
+            let logprobs = match (request.logprobs, request.top_logprobs) {
+                (Some(true), top) => Some(top.unwrap_or(0)),
+                (_, Some(_)) => {
+                    return Err(ApiError::invalid_value(
+                        "top_logprobs",
+                        "top_logprobs needs logprobs: true",
+                    ));
+                }
+                _ => None,
+            };
             if request.messages.is_empty() {
                 return Err(ApiError::invalid_value(
                     "messages",
@@ -391,26 +405,29 @@ fn prepare(
                 texts.push((message.role.as_str(), api::message_text(message, i)?));
             }
             let pairs: Vec<(&str, &str)> = texts.iter().map(|(r, t)| (*r, t.as_ref())).collect();
-            let prompt = tokenizer.encode(&frontend.template.render(&pairs));
-            (request.model, prompt, common, None)
+            let prompt = model.text.chat(&pairs).map_err(|e| {
+                ApiError::invalid_value(
+                    "messages",
+                    format!("the model's chat template refused these messages: {e}"),
+                )
+            })?;
+            (model, prompt, logprobs, None)
         }
         Endpoint::Completion => {
-            let value = api::parse_json(bytes)?;
             let request: CompletionRequest = api::typed(&value)?;
-            let common: CommonParams = api::typed(&value)?;
-            frontend.model(&request.model)?;
-            if request.logprobs.is_some() {
-                return Err(ApiError::invalid_value(
-                    "logprobs",
-                    "logprobs are not served by this version of kvfleet; omit the field",
-                ));
-            }
+            common = api::typed(&value)?;
+            let model = frontend.model(&request.model)?;
             if request.echo == Some(true) {
                 return Err(ApiError::invalid_value("echo", "echo is not supported"));
             }
+            let encode = |text: &str| {
+                model.text.encode(text).map_err(|e| {
+                    ApiError::invalid_value("prompt", format!("tokenizing the prompt: {e}"))
+                })
+            };
             let prompt = match &request.prompt {
-                PromptSpec::Text(text) => tokenizer.encode(text),
-                PromptSpec::Texts(texts) if texts.len() == 1 => tokenizer.encode(&texts[0]),
+                PromptSpec::Text(text) => encode(text)?,
+                PromptSpec::Texts(texts) if texts.len() == 1 => encode(&texts[0])?,
                 PromptSpec::Texts(texts) => {
                     return Err(ApiError::invalid_value(
                         "prompt",
@@ -421,7 +438,7 @@ fn prepare(
                     ));
                 }
                 PromptSpec::Tokens(tokens) => {
-                    let vocab = tokenizer.vocab_size();
+                    let vocab = model.text.vocab_size();
                     if let Some(bad) = tokens.iter().find(|t| **t >= vocab) {
                         return Err(ApiError::invalid_value(
                             "prompt",
@@ -432,10 +449,24 @@ fn prepare(
                 }
             };
             // OpenAI's legacy completions default.
-            (request.model, prompt, common, Some(16))
+            (model, prompt, request.logprobs, Some(16))
         }
     };
-    let model = frontend.model(&model_name)?;
+    if let Some(n) = logprobs
+        && n > SamplingParams::MAX_LOGPROBS
+    {
+        let param = match endpoint {
+            Endpoint::Chat => "top_logprobs",
+            Endpoint::Completion => "logprobs",
+        };
+        return Err(ApiError::invalid_value(
+            param,
+            format!(
+                "{param} = {n} is out of range: expected 0 to {}",
+                SamplingParams::MAX_LOGPROBS
+            ),
+        ));
+    }
     let prompt_param = match endpoint {
         Endpoint::Chat => "messages",
         Endpoint::Completion => "prompt",
@@ -456,11 +487,14 @@ fn prepare(
         .with_param(prompt_param));
     }
     let room = (context - prompt.len()) as u32;
-    let checked = check_common(&common, room, default_max)?;
+    let mut checked = check_common(&common, room, default_max)?;
+    checked.sampling.logprobs = logprobs;
     Ok(Prepared {
         endpoint,
         id,
-        model: model_name,
+        model: model.config.name.clone(),
+        text: model.text.clone(),
+        logprobs,
         prompt,
         block_size: model.block_size,
         sampling: checked.sampling,
@@ -582,7 +616,7 @@ fn check_common(
 /// Turns token ids into text: bytes → whole characters → cut at stop strings.
 #[derive(Debug)]
 struct Assembler {
-    tokenizer: Arc<dyn Tokenizer>,
+    text: Arc<dyn TextCodec>,
     utf8: Utf8Stream,
     stop: StopMatcher,
     completion_tokens: u32,
@@ -597,7 +631,7 @@ impl Assembler {
         self.completion_tokens += tokens.len() as u32;
         let mut bytes = Vec::new();
         for token in tokens {
-            bytes.extend_from_slice(&self.tokenizer.token_bytes(*token));
+            bytes.extend_from_slice(self.text.token_bytes(*token));
         }
         let text = self.utf8.push(&bytes);
         let step = self.stop.push(&text);
@@ -629,6 +663,8 @@ struct Run {
     start: Instant,
     last_token: Option<Instant>,
     finished: bool,
+    /// Completions logprobs: bytes of text before the next token.
+    text_offset: usize,
 }
 
 impl std::fmt::Debug for Run {
@@ -639,9 +675,13 @@ impl std::fmt::Debug for Run {
     }
 }
 
+/// A generated token with its log-probabilities.
+type Scored = (u32, TokenLogprob);
+
 /// What the next generation event meant.
 enum Step {
-    Text(String),
+    /// New text (possibly empty: held back) and, when asked for, the tokens' logprobs.
+    Text(String, Vec<Scored>),
     Done(FinishReason),
     Failed(String),
 }
@@ -655,7 +695,7 @@ impl Run {
         start: Instant,
     ) -> Self {
         let assembler = Assembler {
-            tokenizer: frontend.tokenizer.clone(),
+            text: prepared.text.clone(),
             utf8: Utf8Stream::default(),
             stop: StopMatcher::new(prepared.stops.clone()),
             completion_tokens: 0,
@@ -670,6 +710,7 @@ impl Run {
             start,
             last_token: None,
             finished: false,
+            text_offset: 0,
         }
     }
 
@@ -678,7 +719,10 @@ impl Run {
         let event = self.generation.events.recv().await;
         let now = Instant::now();
         match event {
-            Some(GenEvent::Tokens(tokens)) => {
+            Some(GenEvent::Tokens {
+                ids: tokens,
+                logprobs,
+            }) => {
                 let metrics = &self.frontend.metrics;
                 match self.last_token {
                     None => metrics.ttft.observe(now - self.start),
@@ -693,7 +737,11 @@ impl Run {
                     // A stop string ended it; dropping the generation cancels the rest.
                     self.finish_ok();
                 }
-                Step::Text(text)
+                let scored = match (self.prepared.logprobs, logprobs) {
+                    (Some(_), Some(lps)) => tokens.iter().copied().zip(lps).collect(),
+                    _ => Vec::new(),
+                };
+                Step::Text(text, scored)
             }
             Some(GenEvent::Finished(reason)) => {
                 self.generation.done();
@@ -747,13 +795,67 @@ impl Run {
         }
     }
 
+    /// The `logprobs` object of a choice or chunk for `scored` tokens, in the endpoint's
+    /// format; `null` when the request did not ask.
+    fn logprobs_json(&mut self, scored: &[Scored]) -> serde_json::Value {
+        if self.prepared.logprobs.is_none() {
+            return serde_json::Value::Null;
+        }
+        let text = self.prepared.text.clone();
+        let token_text = |t: u32| String::from_utf8_lossy(text.token_bytes(t)).into_owned();
+        match self.prepared.endpoint {
+            Endpoint::Chat => {
+                let content: Vec<serde_json::Value> = scored
+                    .iter()
+                    .map(|(token, lp)| {
+                        let top: Vec<serde_json::Value> = lp
+                            .top
+                            .iter()
+                            .map(|&(t, l)| {
+                                json!({"token": token_text(t), "logprob": l,
+                                    "bytes": text.token_bytes(t)})
+                            })
+                            .collect();
+                        json!({"token": token_text(*token), "logprob": lp.logprob,
+                            "bytes": text.token_bytes(*token), "top_logprobs": top})
+                    })
+                    .collect();
+                json!({"content": content})
+            }
+            Endpoint::Completion => {
+                let mut offsets = Vec::with_capacity(scored.len());
+                for (token, _) in scored {
+                    offsets.push(self.text_offset);
+                    self.text_offset += token_text(*token).len();
+                }
+                let top: Vec<serde_json::Map<String, serde_json::Value>> = scored
+                    .iter()
+                    .map(|(_, lp)| {
+                        lp.top
+                            .iter()
+                            .map(|&(t, l)| (token_text(t), json!(l)))
+                            .collect()
+                    })
+                    .collect();
+                json!({
+                    "tokens": scored.iter().map(|(t, _)| token_text(*t)).collect::<Vec<_>>(),
+                    "token_logprobs": scored.iter().map(|(_, lp)| lp.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
     /// Non-streaming: gathers the whole completion.
     async fn collect(mut self) -> Result<Response, ApiError> {
         let mut text = String::new();
+        let mut all_scored = Vec::new();
         let reason = loop {
             match self.step().await {
-                Step::Text(piece) => {
+                Step::Text(piece, scored) => {
                     text.push_str(&piece);
+                    all_scored.extend(scored);
                     if self.assembler.stopped {
                         break FinishReason::Stop;
                     }
@@ -773,11 +875,12 @@ impl Run {
             }
         };
         let usage = self.usage();
+        let logprobs = self.logprobs_json(&all_scored);
         let choice = match self.prepared.endpoint {
             Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": null, "finish_reason": reason}),
+                "logprobs": logprobs, "finish_reason": reason}),
             Endpoint::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})
+                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason})
             }
         };
         let body = json!({"id": self.response_id(), "object": self.object(false),
@@ -795,17 +898,27 @@ impl Run {
             .into_response())
     }
 
-    fn chunk(&self, delta: Option<&str>, reason: Option<FinishReason>) -> Event {
+    fn chunk(
+        &mut self,
+        delta: Option<&str>,
+        reason: Option<FinishReason>,
+        scored: &[Scored],
+    ) -> Event {
+        let logprobs = if scored.is_empty() {
+            serde_json::Value::Null
+        } else {
+            self.logprobs_json(scored)
+        };
         let choice = match self.prepared.endpoint {
             Endpoint::Chat => {
                 let delta = match delta {
                     Some(text) => json!({"content": text}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason})
             }
             Endpoint::Completion => json!({"index": 0, "text": delta.unwrap_or(""),
-                "logprobs": null, "finish_reason": reason}),
+                "logprobs": logprobs, "finish_reason": reason}),
         };
         let body = json!({"id": self.response_id(), "object": self.object(true),
             "created": self.prepared.created, "model": self.prepared.model,
@@ -865,9 +978,9 @@ impl Streamer {
                 return None;
             }
             match self.run.step().await {
-                Step::Text(text) => {
-                    if !text.is_empty() {
-                        let event = self.run.chunk(Some(&text), None);
+                Step::Text(text, scored) => {
+                    if !text.is_empty() || !scored.is_empty() {
+                        let event = self.run.chunk(Some(&text), None, &scored);
                         self.out.push_back(event);
                     }
                     if self.run.assembler.stopped {
@@ -877,7 +990,7 @@ impl Streamer {
                 Step::Done(reason) => {
                     let tail = self.run.assembler.finish();
                     if !tail.is_empty() {
-                        let event = self.run.chunk(Some(&tail), None);
+                        let event = self.run.chunk(Some(&tail), None, &[]);
                         self.out.push_back(event);
                     }
                     let reason = if self.run.assembler.stopped {
@@ -898,7 +1011,7 @@ impl Streamer {
     }
 
     fn end(&mut self, reason: FinishReason) {
-        let event = self.run.chunk(None, Some(reason));
+        let event = self.run.chunk(None, Some(reason), &[]);
         self.out.push_back(event);
         if self.run.prepared.include_usage {
             let body = json!({"id": self.run.response_id(), "object": self.run.object(true),
@@ -917,11 +1030,11 @@ async fn models(State(frontend): State<Arc<Frontend>>, headers: HeaderMap) -> Re
     if let Err(e) = frontend.check_auth(&headers) {
         return e.into_response();
     }
-    let data: Vec<ModelCard<'_>> = frontend
-        .models
+    let models = frontend.models.list();
+    let data: Vec<ModelCard<'_>> = models
         .iter()
         .map(|m| ModelCard {
-            id: &m.name,
+            id: m.name(),
             object: "model",
             created: frontend.started,
             owned_by: "kvfleet",
@@ -974,6 +1087,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+        }
+    });
     axum::serve(listener, router(frontend))
         .with_graceful_shutdown(shutdown)
         .await

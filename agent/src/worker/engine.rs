@@ -1,34 +1,41 @@
-//! The worker's engine: `kvfleet-engine`'s mock engine (the real scheduler core, paged KV block
-//! pool with prefix caching, and a timing model instead of math), behind the small interface the
-//! worker loop needs.
+//! The worker's engine: `kvfleet-engine`'s scheduler core (continuous batching, paged KV block
+//! pool with prefix caching) over either executor, behind the small interface the worker loop
+//! needs:
+//! - mock: a timing model instead of math (a profile from the configured per-token costs; "zero
+//!   cost" becomes a 1 ns step, the least the profile accepts);
+//! - native: the real model (`kvfleet_model::NativeExecutor`), loaded from the spec's path.
+//!   The weights load before the worker says hello, so the agent sees it ready only once it
+//!   can generate. Steps run on the worker's thread (they block it for the step's compute).
 //!
-//! The adapter's jobs: build the engine from the agent's [`EngineSpec`] (a timing profile from
-//! the configured per-token costs; "zero cost" becomes a 1 ns step, the least the profile
-//! accepts), map the agent's per-connection `seq` numbers to engine request ids and back, group
-//! a step's tokens into one output per request, and turn finishes and aborts into outputs.
-//! Pure like the engine: time is passed in as a `Duration` since the worker's start.
+//! The adapter's other jobs: map the agent's per-connection `seq` numbers to engine request ids
+//! and back, group a step's tokens (and their logprobs) into one output per request, turn
+//! finishes and aborts into outputs, and hand the engine's KV events to the caller. Time is
+//! passed in as a `Duration` since the worker's start.
 //!
 //! The mock's tokens are pseudo-random ids below the tokenizer's vocabulary size; through the
 //! byte-level test tokenizer they are random bytes, which also exercises the frontend's
 //! UTF-8-safe detokenization (invalid sequences come out as U+FFFD).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use kvfleet_engine::{
     DecodeModel, Engine, EngineOutput, FinishReason, MockEngine, MockExecutor, MockProfile,
-    PoolSizing, Quadratic, Request, RequestId, SchedulerConfig,
+    PoolSizing, Quadratic, Request, RequestId, Scheduler, SchedulerConfig,
 };
-use kvfleet_proto::{KvDtype, KvLayout, WorkerId};
+use kvfleet_model::{KvBudget, NativeExecutor};
+use kvfleet_proto::{KvDtype, KvEvent, KvLayout, WorkerId};
 
-use super::protocol::{EngineSpec, WireRequest, WireStatus};
-use crate::backend::EndReason;
+use super::protocol::{EngineSpec, WireEngine, WireRequest, WireStatus};
+use crate::backend::{EndReason, TokenLogprob};
 
 /// The shortest step the mock profile accepts (its times must be positive): 1 ns.
 const MIN_STEP_MS: f64 = 1e-6;
 
 /// What a step produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// New tokens for a request.
     Tokens {
@@ -36,6 +43,8 @@ pub enum Output {
         seq: u64,
         /// Token ids, in order.
         tokens: Vec<u32>,
+        /// One per token, when the request asked for logprobs.
+        logprobs: Option<Vec<TokenLogprob>>,
     },
     /// A request ended; its blocks are released.
     Finished {
@@ -76,13 +85,27 @@ pub enum SubmitError {
 }
 
 /// The worker's engine and its request bookkeeping.
-#[derive(Debug)]
 pub struct WorkerEngine {
-    engine: MockEngine,
+    engine: Box<dyn Engine>,
+    name: String,
     by_seq: HashMap<u64, (RequestId, String)>,
     by_id: HashMap<RequestId, u64>,
-    kv_events: u64,
+    kv_events: Vec<KvEvent>,
+    kv_events_total: u64,
 }
+
+impl std::fmt::Debug for WorkerEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerEngine")
+            .field("engine", &self.name)
+            .field("requests", &self.by_seq.len())
+            .finish()
+    }
+}
+
+/// Tokens per step of a native engine on CPU: a long prompt is prefilled in chunks of this, so
+/// running decodes get a step (and the worker reads its socket) between chunks.
+const NATIVE_MAX_BATCHED_TOKENS: usize = 512;
 
 /// The mock timing profile for a spec.
 pub fn profile(spec: &EngineSpec) -> MockProfile {
@@ -114,10 +137,9 @@ pub fn profile(spec: &EngineSpec) -> MockProfile {
 }
 
 impl WorkerEngine {
-    /// Builds the mock engine for `spec`.
+    /// Builds the engine `spec` asks for; a native one loads its model first (seconds for a
+    /// real model; progress is logged).
     pub fn new(worker: WorkerId, spec: &EngineSpec) -> anyhow::Result<Self> {
-        let profile = profile(spec);
-        profile.validate()?;
         let config = SchedulerConfig {
             worker,
             max_model_len: spec.context_length as usize,
@@ -126,13 +148,31 @@ impl WorkerEngine {
             realtime: true,
             ..SchedulerConfig::default()
         };
-        let engine = MockEngine::new(config, MockExecutor::new(profile))?;
+        let (engine, name): (Box<dyn Engine>, String) = match spec.engine {
+            WireEngine::Mock => {
+                let profile = profile(spec);
+                profile.validate()?;
+                let engine = MockEngine::new(config, MockExecutor::new(profile))?;
+                (Box::new(engine), "kvfleet-engine mock".into())
+            }
+            WireEngine::Native => {
+                let engine = native(spec, config)?;
+                (Box::new(engine), "kvfleet-model native (CPU)".into())
+            }
+        };
         Ok(Self {
             engine,
+            name,
             by_seq: HashMap::new(),
             by_id: HashMap::new(),
-            kv_events: 0,
+            kv_events: Vec::new(),
+            kv_events_total: 0,
         })
+    }
+
+    /// The engine's name, for logs and the worker's hello.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Queues a request.
@@ -164,11 +204,12 @@ impl WorkerEngine {
 
     /// Advances to `now` and collects what the finished steps produced.
     pub fn step(&mut self, now: Duration) -> anyhow::Result<Vec<Output>> {
-        self.engine.step_until(now)?;
-        // No consumer in the agent yet (the router and control-plane client come later):
-        // drain so the engine's bounded event buffer never overflows, and count.
-        self.kv_events += self.engine.drain_events().len() as u64;
-        let mut tokens: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        // An executor failure aborts that step's requests (they come out as `Aborted` below)
+        // and leaves the engine usable: the worker carries on.
+        if let Err(e) = self.engine.step_until(now) {
+            tracing::warn!(error = %e, "a step failed: its requests are aborted");
+        }
+        let mut tokens: BTreeMap<u64, (Vec<u32>, Option<Vec<TokenLogprob>>)> = BTreeMap::new();
         let mut ends = Vec::new();
         for output in self.engine.drain_outputs() {
             let Some(&seq) = self.by_id.get(&output.request()) else {
@@ -176,7 +217,14 @@ impl WorkerEngine {
             };
             match output {
                 EngineOutput::Token(token) => {
-                    tokens.entry(seq).or_default().push(token.token);
+                    let entry = tokens.entry(seq).or_default();
+                    entry.0.push(token.token);
+                    if let Some(logprob) = token.logprob {
+                        entry.1.get_or_insert_with(Vec::new).push(TokenLogprob {
+                            logprob,
+                            top: token.top_logprobs,
+                        });
+                    }
                     if let Some(finish) = token.finish {
                         let reason = match finish.reason {
                             FinishReason::Length => EndReason::Length,
@@ -195,7 +243,11 @@ impl WorkerEngine {
         }
         let mut out: Vec<Output> = tokens
             .into_iter()
-            .map(|(seq, tokens)| Output::Tokens { seq, tokens })
+            .map(|(seq, (tokens, logprobs))| Output::Tokens {
+                seq,
+                tokens,
+                logprobs,
+            })
             .collect();
         for end in &ends {
             if let Some((id, _)) = self.by_seq.remove(&end.seq()) {
@@ -222,10 +274,60 @@ impl WorkerEngine {
         }
     }
 
-    /// KV events the engine emitted so far.
-    pub fn kv_events(&self) -> u64 {
-        self.kv_events
+    /// Takes the KV events the engine emitted since the last call (after steps and cancels).
+    pub fn drain_kv_events(&mut self) -> Vec<KvEvent> {
+        let mut events = std::mem::take(&mut self.kv_events);
+        events.extend(self.engine.drain_events());
+        self.kv_events_total += events.len() as u64;
+        events
     }
+
+    /// KV events drained so far.
+    pub fn kv_events_total(&self) -> u64 {
+        self.kv_events_total
+    }
+}
+
+/// Loads the model at `spec.path` and builds the native engine over it.
+fn native(
+    spec: &EngineSpec,
+    mut config: SchedulerConfig,
+) -> anyhow::Result<Scheduler<NativeExecutor>> {
+    let path = spec
+        .path
+        .as_deref()
+        .context("a native engine needs the model's path")?;
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    tracing::info!(path = %path.display(), mb = size as f64 / 1e6, "loading model");
+    let start = Instant::now();
+    let model =
+        kvfleet_model::load(path).with_context(|| format!("loading model {}", path.display()))?;
+    tracing::info!(
+        path = %path.display(),
+        architecture = %model.info.architecture,
+        parameters_m = model.info.parameters as f64 / 1e6,
+        secs = start.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    let budget: KvBudget = spec
+        .kv_memory
+        .map(KvBudget::from)
+        .unwrap_or(KvBudget::Blocks(spec.kv_blocks));
+    config.kv_memory = budget.sizing().context("sizing the KV cache")?;
+    config.max_batched_tokens = NATIVE_MAX_BATCHED_TOKENS;
+    // Caps the context at the model's window and takes its EOS tokens.
+    let config = kvfleet_model::executor::engine_config(&model, config);
+    let executor = NativeExecutor::new(Arc::new(model), &config, spec.block_size)
+        .context("allocating the KV cache")?;
+    let engine = Scheduler::new(config, executor).context("building the engine")?;
+    let m = engine.metrics();
+    tracing::info!(
+        kv_blocks = m.kv_blocks_total,
+        kv_mb = f64::from(m.kv_blocks_total) * m.kv_block_bytes as f64 / 1e6,
+        max_model_len = engine.config().max_model_len,
+        "KV cache allocated"
+    );
+    Ok(engine)
 }
 
 #[cfg(test)]
@@ -236,6 +338,9 @@ mod tests {
     fn spec(kv_blocks: u32, token_time_us: u64) -> EngineSpec {
         EngineSpec {
             model: "m".into(),
+            engine: WireEngine::Mock,
+            path: None,
+            kv_memory: None,
             context_length: 1024,
             block_size: BlockSize::new(4).unwrap(),
             kv_blocks,
@@ -293,7 +398,7 @@ mod tests {
         );
         assert_eq!(engine.status().kv_blocks_used, 0);
         assert!(
-            engine.kv_events() > 0,
+            !engine.drain_kv_events().is_empty(),
             "the prompt's blocks entered the prefix cache"
         );
         assert_eq!(engine.request_id(1), None);

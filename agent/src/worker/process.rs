@@ -1,6 +1,7 @@
 //! The worker process (`kvfleet-agent worker --socket PATH`): connects to the agent, builds its
-//! engine from the spec the agent sends, then drives it, turning frames into engine calls and
-//! engine outputs into frames. It exits when the agent says stop or closes the socket, so an
+//! engine from the spec the agent sends (loading the model for a native one, before it says
+//! hello), then drives it, turning frames into engine calls and engine outputs (tokens, finishes,
+//! KV events) into frames. It exits when the agent says stop or closes the socket, so an
 //! agent that dies never leaves workers behind.
 
 use std::path::Path;
@@ -15,8 +16,8 @@ use tracing::Instrument;
 
 use super::engine::{Output, WorkerEngine};
 use super::protocol::{
-    Control, FrameStream, WireCancel, WireError, WireFinish, WireRequest, WireTokens, WorkerHello,
-    WorkerSpec, encode_json, write_json,
+    Control, FrameStream, WireCancel, WireError, WireFinish, WireKvEvents, WireRequest, WireTokens,
+    WorkerHello, WorkerSpec, encode_json, write_json,
 };
 
 /// How often the worker reports its load.
@@ -51,15 +52,16 @@ async fn serve(
     mut writer: BufWriter<tokio::net::unix::OwnedWriteHalf>,
 ) -> anyhow::Result<()> {
     let mut engine = WorkerEngine::new(spec.worker, &spec.engine)?;
-    tracing::info!(device = %spec.device, role = %spec.role, engine = "kvfleet-engine mock", "worker ready");
+    let kv_blocks_total = engine.status().kv_blocks_total;
+    tracing::info!(device = %spec.device, role = %spec.role, engine = engine.name(), kv_blocks_total, "worker ready");
     write_json(
         &mut writer,
         FrameKind::Hello,
         &WorkerHello {
             worker: spec.worker,
             pid: std::process::id(),
-            engine: "kvfleet-engine mock".into(),
-            kv_blocks_total: u64::from(spec.engine.kv_blocks),
+            engine: engine.name().to_owned(),
+            kv_blocks_total,
         },
     )
     .await?;
@@ -106,8 +108,8 @@ async fn serve(
             () = sleep_until(wake), if wake.is_some() => {
                 for output in engine.step(epoch.elapsed())? {
                     match output {
-                        Output::Tokens { seq, tokens } => {
-                            encode_json(FrameKind::Token, &WireTokens { seq, tokens }, &mut out)?;
+                        Output::Tokens { seq, tokens, logprobs } => {
+                            encode_json(FrameKind::Token, &WireTokens { seq, tokens, logprobs }, &mut out)?;
                         }
                         Output::Finished { seq, reason } => {
                             encode_json(FrameKind::Finish, &WireFinish { seq, reason }, &mut out)?;
@@ -122,6 +124,16 @@ async fn serve(
             _ = status_tick.tick() => {
                 encode_json(FrameKind::Status, &engine.status(), &mut out)?;
             }
+        }
+        // In frames of at most 1024 events, far below the payload limit.
+        for events in engine.drain_kv_events().chunks(1024) {
+            encode_json(
+                FrameKind::KvEvents,
+                &WireKvEvents {
+                    events: events.to_vec(),
+                },
+                &mut out,
+            )?;
         }
         if !out.is_empty() {
             writer.write_all(&out).await?;

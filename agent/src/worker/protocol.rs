@@ -10,20 +10,27 @@
 //!   ◀──────────────────── Finish(WireFinish) | Error(WireError)
 //!   ── Cancel(WireCancel) ───────────────▶   (client went away: free the KV blocks)
 //!   ◀──────────────────── Status(WireStatus)  (every 250 ms)
+//!   ◀──────────────────── KvEvents(WireKvEvents) (after a step that changed the prefix cache)
 //!   ── Control(Stop) ────────────────────▶   (shutdown)
 //! ```
+//!
+//! The worker answers `Hello` only once its engine is built: for a native model that is after
+//! the weights are loaded, so "ready" means "can generate now".
 //!
 //! Each request gets a `seq` from the agent, unique on the connection. [`FrameStream`] reads
 //! frames from any async reader; a malformed frame is an error that closes the connection (and
 //! so restarts the worker), never a panic.
 
+use std::path::PathBuf;
+
+use kvfleet_model::KvBudget;
 use kvfleet_proto::frame::{Frame, FrameCodec, FrameKind, FrameReader};
-use kvfleet_proto::{BlockSize, SamplingParams, SequenceHash, WorkerId};
+use kvfleet_proto::{BlockSize, KvEvent, SamplingParams, SequenceHash, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::backend::EndReason;
-use crate::config::Role;
+use crate::backend::{EndReason, GenEvent, TokenLogprob};
+use crate::config::{EngineKind, ModelConfig, Role};
 
 /// Payload limit on worker sockets: a long prompt's JSON fits many times over.
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
@@ -33,11 +40,63 @@ pub fn codec() -> FrameCodec {
     FrameCodec::new(MAX_PAYLOAD)
 }
 
+/// Which engine a worker runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireEngine {
+    /// The mock engine (timing model, pseudo-tokens).
+    #[default]
+    Mock,
+    /// The real model at [`EngineSpec::path`].
+    Native,
+}
+
+/// A KV cache budget on the wire (see [`KvBudget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireKvBudget {
+    /// Exactly this many blocks.
+    Blocks(u32),
+    /// As many blocks as fit in this many bytes.
+    Bytes(u64),
+    /// This fraction of the memory available after loading the weights.
+    FractionOfAvailable(f64),
+}
+
+impl From<KvBudget> for WireKvBudget {
+    fn from(b: KvBudget) -> Self {
+        match b {
+            KvBudget::Blocks(n) => WireKvBudget::Blocks(n),
+            KvBudget::Bytes(n) => WireKvBudget::Bytes(n),
+            KvBudget::FractionOfAvailable(f) => WireKvBudget::FractionOfAvailable(f),
+        }
+    }
+}
+
+impl From<WireKvBudget> for KvBudget {
+    fn from(b: WireKvBudget) -> Self {
+        match b {
+            WireKvBudget::Blocks(n) => KvBudget::Blocks(n),
+            WireKvBudget::Bytes(n) => KvBudget::Bytes(n),
+            WireKvBudget::FractionOfAvailable(f) => KvBudget::FractionOfAvailable(f),
+        }
+    }
+}
+
 /// Which engine a worker builds, and its parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineSpec {
     /// The model's name.
     pub model: String,
+    /// Mock or native.
+    #[serde(default)]
+    pub engine: WireEngine,
+    /// Native: the model file or directory.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Native: the KV cache budget (the mock uses `kv_blocks`).
+    #[serde(default)]
+    pub kv_memory: Option<WireKvBudget>,
     /// Prompt plus completion tokens, at most.
     pub context_length: u32,
     /// Tokens per KV block.
@@ -50,6 +109,28 @@ pub struct EngineSpec {
     pub token_time_us: u64,
     /// Mock timing: microseconds per prompt token.
     pub prefill_time_per_token_us: u64,
+}
+
+impl EngineSpec {
+    /// The spec of a worker serving `model`; `vocab_size` is what the mock draws tokens from
+    /// (the mock frontend tokenizer's vocabulary; a native worker uses its model's).
+    pub fn for_model(model: &ModelConfig, vocab_size: u32) -> Self {
+        Self {
+            model: model.name.clone(),
+            engine: match model.engine {
+                EngineKind::Mock => WireEngine::Mock,
+                EngineKind::Native => WireEngine::Native,
+            },
+            path: model.path.clone(),
+            kv_memory: model.kv_memory.map(WireKvBudget::from),
+            context_length: model.context_length,
+            block_size: model.block_size,
+            kv_blocks: model.kv_blocks,
+            vocab_size,
+            token_time_us: model.mock_token_time.as_micros() as u64,
+            prefill_time_per_token_us: model.mock_prefill_time_per_token.as_micros() as u64,
+        }
+    }
 }
 
 /// Agent → worker, first frame.
@@ -100,6 +181,26 @@ pub struct WireTokens {
     pub seq: u64,
     /// Token ids, in order.
     pub tokens: Vec<u32>,
+    /// One entry per token when the request asked for logprobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+impl From<WireTokens> for GenEvent {
+    fn from(t: WireTokens) -> Self {
+        GenEvent::Tokens {
+            ids: t.tokens,
+            logprobs: t.logprobs,
+        }
+    }
+}
+
+/// Worker → agent: KV events from the worker's engine (prefix cache changes), oldest first,
+/// stamped with the worker id and per-worker event ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireKvEvents {
+    /// The events.
+    pub events: Vec<KvEvent>,
 }
 
 /// Worker → agent: the request is done.

@@ -15,18 +15,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use kvfleet_proto::WorkerId;
 use kvfleet_proto::frame::{Frame, FrameKind};
+use kvfleet_proto::{KvEvent, WorkerId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
-    Control, EngineSpec, FrameStream, WireCancel, WireError, WireFinish, WireRequest, WireStatus,
-    WireTokens, WorkerHello, WorkerSpec, codec, write_json,
+    Control, EngineSpec, FrameStream, WireCancel, WireError, WireFinish, WireKvEvents, WireRequest,
+    WireStatus, WireTokens, WorkerHello, WorkerSpec, codec, write_json,
 };
 use crate::backend::{
     Backend, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState, WorkerStatus,
@@ -46,6 +46,8 @@ pub struct WorkerCommand {
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// How long a stopping worker gets before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// KV events kept for a slow subscriber of [`WorkerPool::subscribe_kv_events`].
+pub const KV_EVENT_BUFFER: usize = 4096;
 
 /// One worker's live connection.
 #[derive(Debug)]
@@ -150,16 +152,7 @@ impl Slot {
             worker: self.id,
             role: self.config.role,
             device: self.config.device.to_string(),
-            engine: EngineSpec {
-                model: self.model.name.clone(),
-                context_length: self.model.context_length,
-                block_size: self.model.block_size,
-                kv_blocks: self.model.kv_blocks,
-                vocab_size,
-                token_time_us: self.model.mock_token_time.as_micros() as u64,
-                prefill_time_per_token_us: self.model.mock_prefill_time_per_token.as_micros()
-                    as u64,
-            },
+            engine: EngineSpec::for_model(&self.model, vocab_size),
         }
     }
 }
@@ -172,6 +165,7 @@ pub struct WorkerPool {
     next: AtomicUsize,
     shutdown: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
+    kv_events: broadcast::Sender<KvEvent>,
 }
 
 /// Everything a supervisor task needs besides its slot.
@@ -182,6 +176,7 @@ struct Launch {
     log: LogConfig,
     vocab_size: u32,
     shutdown: CancellationToken,
+    kv_events: broadcast::Sender<KvEvent>,
 }
 
 impl WorkerPool {
@@ -217,12 +212,14 @@ impl WorkerPool {
                 }),
             }));
         }
+        let (kv_events, _) = broadcast::channel(KV_EVENT_BUFFER);
         let launch = Launch {
             command,
             supervisor,
             log,
             vocab_size,
             shutdown: shutdown.clone(),
+            kv_events: kv_events.clone(),
         };
         let mut tasks = JoinSet::new();
         for slot in &slots {
@@ -234,7 +231,16 @@ impl WorkerPool {
             next: AtomicUsize::new(0),
             shutdown,
             tasks: Mutex::new(tasks),
+            kv_events,
         })
+    }
+
+    /// The KV events of every worker, as they arrive (each stamped with its worker id and
+    /// per-worker event id). A subscriber that falls more than [`KV_EVENT_BUFFER`] events
+    /// behind gets `RecvError::Lagged`: a gap, after which it re-syncs like any consumer that
+    /// lost events. A restarted worker's ids start again from 0.
+    pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
+        self.kv_events.subscribe()
     }
 
     /// Whether every worker is ready.
@@ -479,7 +485,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
         tokio::select! {
             frame = frames.next() => match frame {
                 Ok(Some(frame)) => {
-                    if let Err(e) = dispatch(slot, &conn, &frame) {
+                    if let Err(e) = dispatch(slot, &conn, &frame, &launch.kv_events) {
                         break format!("protocol error: {e}");
                     }
                 }
@@ -514,11 +520,24 @@ async fn stop(child: &mut Child) {
     }
 }
 
-fn dispatch(slot: &Slot, conn: &Conn, frame: &Frame) -> anyhow::Result<()> {
+fn dispatch(
+    slot: &Slot,
+    conn: &Conn,
+    frame: &Frame,
+    kv_events: &broadcast::Sender<KvEvent>,
+) -> anyhow::Result<()> {
     match frame.kind {
         FrameKind::Token => {
             let tokens: WireTokens = frame.parse_json()?;
-            conn.deliver(tokens.seq, GenEvent::Tokens(tokens.tokens), false);
+            let seq = tokens.seq;
+            conn.deliver(seq, tokens.into(), false);
+        }
+        FrameKind::KvEvents => {
+            let batch: WireKvEvents = frame.parse_json()?;
+            for event in batch.events {
+                // No subscriber is not an error: the events are for whoever listens.
+                let _ = kv_events.send(event);
+            }
         }
         FrameKind::Finish => {
             let finish: WireFinish = frame.parse_json()?;

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kvfleet_engine::{
-    Engine, EngineOutput, ExecError, ImportError, PoolSizing, Request, RequestId, RequestStats,
+    Engine, EngineOutput, ImportError, PoolSizing, Request, RequestId, RequestStats,
     SchedulerConfig, SubmitError,
 };
 use kvfleet_model::{KvBudget, LoadedModel, NativeEngine, NativeError, native_engine_from};
@@ -291,27 +291,18 @@ fn bad_input_gives_typed_errors(m: &Arc<LoadedModel>) {
         Err(SubmitError::InvalidSampling(_))
     ));
 
-    // A token id outside the vocabulary fails the step with an error naming it; nothing
-    // panics and the engine keeps serving.
-    let bad = e
-        .submit(
-            Request::new(vec![1, 2, vocab + 5], greedy(2)),
-            Duration::ZERO,
-        )
-        .expect("the scheduler cannot know the vocabulary");
-    let t = e.next_event_time().expect("work");
-    match e.step_until(t) {
-        Err(ExecError::Failed(msg)) => {
-            assert!(msg.contains("outside the vocabulary"), "{msg}");
-            assert!(msg.contains(&(vocab + 5).to_string()), "{msg}");
+    // A token id outside the vocabulary is refused at submit, naming it (the executor reports
+    // its vocabulary to the scheduler); nothing panics and the engine keeps serving.
+    match e.submit(
+        Request::new(vec![1, 2, vocab + 5], greedy(2)),
+        Duration::ZERO,
+    ) {
+        Err(err @ SubmitError::TokenOutOfVocab { position: 2, .. }) => {
+            assert!(err.to_string().contains(&(vocab + 5).to_string()), "{err}");
         }
-        other => panic!("expected ExecError::Failed, got {other:?}"),
+        other => panic!("expected TokenOutOfVocab, got {other:?}"),
     }
-    let outs = e.drain_outputs();
-    assert!(
-        matches!(&outs[..], [EngineOutput::Aborted { request, .. }] if *request == bad),
-        "{outs:?}"
-    );
+    assert!(e.drain_outputs().is_empty());
     let ok = one(&mut e, Request::new(prompt(m, 2), greedy(3)));
     assert_eq!(ok.tokens.len(), 3);
 

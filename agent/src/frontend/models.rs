@@ -1,0 +1,430 @@
+//! The models this node serves, by name, and what the frontend needs of each: a [`TextCodec`]
+//! (prompt text → token ids with the model's own tokenizer and chat template; token ids → bytes
+//! for detokenization), the context length requests are checked against and the KV block size
+//! prompts are hashed with.
+//!
+//! The [`ModelRegistry`] can change while the agent runs: the control-plane client registers a
+//! model when its desired state names one and removes it when it goes away; in standalone mode
+//! the config's `[[models]]` are registered once at start. Registering a native model reads its
+//! file (tokenizer, chat template, architecture; not the weights, which live in the worker
+//! processes), so [`ModelRegistry::register`] runs the load on the blocking pool.
+//!
+//! Two codecs: [`MockText`] for `engine = "mock"` (the byte-level test tokenizer and plain
+//! template of [`super::text`]), and [`NativeText`] for `engine = "native"` (the model's BPE or
+//! SentencePiece tokenizer and Jinja chat template from `kvfleet-model`, with a per-token byte
+//! table so that streamed text goes through [`super::text::Utf8Stream`] like the mock's).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use kvfleet_model::{ChatMessage, TextModel};
+use kvfleet_proto::BlockSize;
+
+use super::text::{ByteTokenizer, ChatTemplate, PlainChatTemplate, Tokenizer};
+use crate::config::{EngineKind, ModelConfig};
+
+/// Text in and out for one model.
+pub trait TextCodec: Send + Sync + std::fmt::Debug {
+    /// Token ids of a completion prompt (with BOS when the model wants one).
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
+    /// Token ids of a conversation of `(role, content)` messages rendered with the model's chat
+    /// template, ending where the assistant's reply begins. Errors say why the template refused.
+    fn chat(&self, messages: &[(&str, &str)]) -> Result<Vec<u32>, String>;
+    /// The bytes a generated token stands for; empty for special tokens (EOS, end of turn).
+    fn token_bytes(&self, token: u32) -> &[u8];
+    /// Token ids are `0..vocab_size`.
+    fn vocab_size(&self) -> u32;
+    /// What tokenizes, for logs.
+    fn describe(&self) -> String;
+}
+
+/// The mock engine's codec: one token per byte, a plain `<|role|>` template.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MockText;
+
+/// `ByteTokenizer`'s pieces: byte `b` is token `b`.
+static BYTES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+impl TextCodec for MockText {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        Ok(ByteTokenizer.encode(text))
+    }
+
+    fn chat(&self, messages: &[(&str, &str)]) -> Result<Vec<u32>, String> {
+        Ok(ByteTokenizer.encode(&PlainChatTemplate.render(messages)))
+    }
+
+    fn token_bytes(&self, token: u32) -> &[u8] {
+        match usize::try_from(token) {
+            Ok(i) if i < 256 => &BYTES[i..=i],
+            _ => &[],
+        }
+    }
+
+    fn vocab_size(&self) -> u32 {
+        ByteTokenizer.vocab_size()
+    }
+
+    fn describe(&self) -> String {
+        "byte-level test tokenizer (mock)".into()
+    }
+}
+
+/// A real model's tokenizer and chat template.
+pub struct NativeText {
+    model: TextModel,
+    /// The bytes of every token id; empty for special tokens.
+    pieces: Vec<Box<[u8]>>,
+    kind: PieceKind,
+}
+
+impl std::fmt::Debug for NativeText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NativeText")
+            .field("vocab", &self.pieces.len())
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// How a vocabulary string spells bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceKind {
+    /// GPT-2 byte-level BPE: every byte is one printable character (`Ġ` is a space).
+    ByteLevel,
+    /// SentencePiece: `▁` is a space, `<0xAB>` is a raw byte (byte fallback).
+    SentencePiece,
+}
+
+/// GPT-2's `bytes_to_unicode`, inverted: the character that stands for each byte → the byte.
+fn byte_level_alphabet() -> HashMap<char, u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut map = HashMap::with_capacity(256);
+    let mut n = 0;
+    for b in 0u32..256 {
+        let c = if printable(b) {
+            b
+        } else {
+            n += 1;
+            255 + n
+        };
+        if let Some(c) = char::from_u32(c) {
+            map.insert(c, b as u8);
+        }
+    }
+    map
+}
+
+fn sentencepiece_byte(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+}
+
+impl NativeText {
+    /// The codec of a loaded [`TextModel`]: builds the byte table once.
+    pub fn new(model: TextModel) -> Self {
+        let inner = model.tokenizer.inner();
+        // The decoder says how pieces spell text; serialized, its type names are stable.
+        let decoder = inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .unwrap_or_default();
+        let kind = if decoder.contains("\"ByteLevel\"") {
+            PieceKind::ByteLevel
+        } else {
+            PieceKind::SentencePiece
+        };
+        let specials: std::collections::HashSet<u32> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let alphabet = byte_level_alphabet();
+        let vocab = model.tokenizer.vocab_size();
+        let pieces = (0..vocab as u32)
+            .map(|id| {
+                if specials.contains(&id) {
+                    return Box::default();
+                }
+                let Some(piece) = inner.id_to_token(id) else {
+                    return Box::default();
+                };
+                let bytes: Vec<u8> = match kind {
+                    PieceKind::ByteLevel => {
+                        let mut out = Vec::with_capacity(piece.len());
+                        for c in piece.chars() {
+                            match alphabet.get(&c) {
+                                Some(&b) => out.push(b),
+                                // Not byte-level (an added, non-special token): as written.
+                                None => out.extend_from_slice(c.to_string().as_bytes()),
+                            }
+                        }
+                        out
+                    }
+                    PieceKind::SentencePiece => match sentencepiece_byte(&piece) {
+                        Some(b) => vec![b],
+                        None => piece.replace('\u{2581}', " ").into_bytes(),
+                    },
+                };
+                bytes.into_boxed_slice()
+            })
+            .collect();
+        Self {
+            model,
+            pieces,
+            kind,
+        }
+    }
+
+    /// The model's context window.
+    pub fn context_length(&self) -> usize {
+        self.model.config.context_length
+    }
+}
+
+impl TextCodec for NativeText {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.model.encode_prompt(text).map_err(|e| e.to_string())
+    }
+
+    fn chat(&self, messages: &[(&str, &str)]) -> Result<Vec<u32>, String> {
+        let messages: Vec<ChatMessage> = messages
+            .iter()
+            .map(|(role, content)| ChatMessage::new(*role, *content))
+            .collect();
+        self.model
+            .chat_prompt(&messages)
+            .map(|(_, ids)| ids)
+            .map_err(|e| e.to_string())
+    }
+
+    fn token_bytes(&self, token: u32) -> &[u8] {
+        self.pieces.get(token as usize).map_or(&[], |p| p)
+    }
+
+    fn vocab_size(&self) -> u32 {
+        u32::try_from(self.pieces.len()).unwrap_or(u32::MAX)
+    }
+
+    fn describe(&self) -> String {
+        let kind = match self.kind {
+            PieceKind::ByteLevel => "byte-level BPE",
+            PieceKind::SentencePiece => "SentencePiece",
+        };
+        format!(
+            "{kind} tokenizer, {} tokens, {}",
+            self.pieces.len(),
+            if self.model.chat_template.is_some() {
+                "chat template from the model"
+            } else {
+                "no chat template"
+            }
+        )
+    }
+}
+
+/// One model the frontend serves.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// Its configuration (name, engine, limits).
+    pub config: ModelConfig,
+    /// Prompt plus completion tokens, at most: the configured value capped by the model's own
+    /// window for a native model.
+    pub context_length: u32,
+    /// Tokens per KV block, for block hashing.
+    pub block_size: BlockSize,
+    /// Its tokenizer and chat template.
+    pub text: Arc<dyn TextCodec>,
+}
+
+impl ServedModel {
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Builds what the frontend needs for `config`. For a native model this reads the model
+    /// file (blocking: seconds for a large GGUF); see [`ModelRegistry::register`].
+    pub fn load(config: ModelConfig) -> Result<Self, RegistryError> {
+        let (text, context_length): (Arc<dyn TextCodec>, u32) = match config.engine {
+            EngineKind::Mock => (Arc::new(MockText), config.context_length),
+            EngineKind::Native => {
+                let path = config
+                    .path
+                    .clone()
+                    .ok_or_else(|| RegistryError::NoPath(config.name.clone()))?;
+                let model =
+                    kvfleet_model::load_text(&path).map_err(|source| RegistryError::Load {
+                        model: config.name.clone(),
+                        path: path.clone(),
+                        source: Box::new(source),
+                    })?;
+                let text = NativeText::new(model);
+                let window = u32::try_from(text.context_length()).unwrap_or(u32::MAX);
+                (Arc::new(text), config.context_length.min(window))
+            }
+        };
+        Ok(Self {
+            context_length,
+            block_size: config.block_size,
+            text,
+            config,
+        })
+    }
+}
+
+/// Why a model could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A native model without a path.
+    #[error("model {0:?}: engine \"native\" needs a path")]
+    NoPath(String),
+    /// Its tokenizer, chat template or architecture could not be read.
+    #[error("model {model:?}: loading {}: {source}", path.display())]
+    Load {
+        /// The model.
+        model: String,
+        /// Its file.
+        path: PathBuf,
+        /// What failed (boxed: model errors are large).
+        #[source]
+        source: Box<kvfleet_model::ModelError>,
+    },
+    /// The blocking load task panicked or was cancelled.
+    #[error("model {0:?}: the load task failed: {1}")]
+    Task(String, String),
+}
+
+/// The models served, by name; shared by the frontend's handlers and whoever changes the set.
+#[derive(Debug, Default)]
+pub struct ModelRegistry {
+    models: RwLock<BTreeMap<String, Arc<ServedModel>>>,
+}
+
+impl ModelRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads `config`'s tokenizer and template on the blocking pool and adds (or replaces) the
+    /// model. Requests already running keep the entry they started with.
+    pub async fn register(&self, config: ModelConfig) -> Result<Arc<ServedModel>, RegistryError> {
+        let name = config.name.clone();
+        let served = tokio::task::spawn_blocking(move || ServedModel::load(config))
+            .await
+            .map_err(|e| RegistryError::Task(name, e.to_string()))??;
+        Ok(self.insert(served))
+    }
+
+    /// Adds (or replaces) an already loaded model.
+    pub fn insert(&self, model: ServedModel) -> Arc<ServedModel> {
+        let model = Arc::new(model);
+        tracing::info!(model = model.name(), engine = ?model.config.engine,
+            context_length = model.context_length, text = %model.text.describe(), "model registered");
+        if let Ok(mut models) = self.models.write() {
+            models.insert(model.config.name.clone(), model.clone());
+        }
+        model
+    }
+
+    /// Removes a model: new requests for it get 404; running ones finish.
+    pub fn remove(&self, name: &str) -> Option<Arc<ServedModel>> {
+        let removed = self.models.write().ok()?.remove(name);
+        if removed.is_some() {
+            tracing::info!(model = name, "model removed");
+        }
+        removed
+    }
+
+    /// The model called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<ServedModel>> {
+        self.models.read().ok()?.get(name).cloned()
+    }
+
+    /// Every model, by name.
+    pub fn list(&self) -> Vec<Arc<ServedModel>> {
+        self.models
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every model's name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.models
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_alphabet_covers_every_byte_once() {
+        let alphabet = byte_level_alphabet();
+        assert_eq!(alphabet.len(), 256);
+        assert_eq!(alphabet.get(&'Ġ'), Some(&b' '));
+        assert_eq!(alphabet.get(&'Ċ'), Some(&b'\n'));
+        assert_eq!(alphabet.get(&'a'), Some(&b'a'));
+        let mut bytes: Vec<u8> = alphabet.values().copied().collect();
+        bytes.sort_unstable();
+        bytes.dedup();
+        assert_eq!(bytes.len(), 256);
+    }
+
+    #[test]
+    fn sentencepiece_byte_pieces_parse() {
+        assert_eq!(sentencepiece_byte("<0x0A>"), Some(b'\n'));
+        assert_eq!(sentencepiece_byte("<0xE2>"), Some(0xe2));
+        assert_eq!(sentencepiece_byte("<0xZZ>"), None);
+        assert_eq!(sentencepiece_byte("<0x0>"), None);
+        assert_eq!(sentencepiece_byte("hello"), None);
+    }
+
+    /// The tiny model's real (byte-level BPE) tokenizer: the pieces of a prompt's tokens spell
+    /// the prompt's bytes exactly (multi-byte characters split across tokens included), and
+    /// special tokens spell nothing.
+    #[test]
+    fn native_pieces_spell_the_encoded_text() {
+        let dir = std::env::temp_dir().join(format!("kvfleet-agent-pieces-{}", std::process::id()));
+        kvfleet_model::tiny::write_tiny_llama(&dir, kvfleet_model::tiny::TinySpec::default(), 1)
+            .unwrap();
+        let text = NativeText::new(kvfleet_model::load_text(&dir).unwrap());
+        assert_eq!(text.kind, PieceKind::ByteLevel);
+        for s in [
+            "the cat sat on the mat",
+            "héllo wörld €5 😀\n\tok",
+            "  two  spaces",
+        ] {
+            let ids = text.encode(s).unwrap();
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&t| text.token_bytes(t).to_vec())
+                .collect();
+            assert_eq!(String::from_utf8(bytes).unwrap(), s);
+        }
+        let chat = text.chat(&[("user", "hi")]).unwrap();
+        let spelled: Vec<u8> = chat
+            .iter()
+            .flat_map(|&t| text.token_bytes(t).to_vec())
+            .collect();
+        // `<|im_start|>` and `<|im_end|>` are special: only the text between them remains.
+        assert_eq!(String::from_utf8(spelled).unwrap(), "user\nhi\nassistant\n");
+        assert_eq!(text.token_bytes(u32::MAX), b"");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

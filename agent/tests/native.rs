@@ -1,0 +1,379 @@
+//! The agent serving real models (`engine = "native"`): a tiny generated Llama with a real
+//! byte-level BPE tokenizer and ChatML template (always), and SmolLM2-135M-Instruct when
+//! `KVFLEET_SMOLLM2_GGUF` names it (skipped with a printed reason otherwise).
+//!
+//! What is checked: the real tokenizer and chat template are used (usage counts, logprob token
+//! texts), streaming equals non-streaming, stop strings, logprobs, KV events reaching the agent,
+//! bad requests against the model's real vocabulary and context, a killed native worker coming
+//! back, and the acceptance questions on SmolLM2.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{TestAgent, sse_events};
+use kvfleet_proto::KvEventData;
+use serde_json::{Value, json};
+
+/// A tiny Llama written once per test binary (a Hugging Face directory: `config.json`,
+/// `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` with a ChatML template).
+fn tiny_model() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kvfleet-agent-tiny-{}", std::process::id()));
+        let spec = kvfleet_model::tiny::TinySpec {
+            context_length: 4096,
+            ..Default::default()
+        };
+        kvfleet_model::tiny::write_tiny_llama(&dir, spec, 7).unwrap();
+        dir
+    })
+    .clone()
+}
+
+fn native_model(name: &str, path: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\nengine = \"native\"\npath = {:?}\nkv_blocks = 512\n{extra}",
+        path.display().to_string()
+    )
+}
+
+fn chat(model: &str, content: &str, max_tokens: u32) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn python_openai() -> bool {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "SKIPPED: python3 with the `openai` package is not installed (pip install openai)"
+        );
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_works_against_a_native_model() {
+    if !python_openai() {
+        return;
+    }
+    let agent = TestAgent::start(&native_model("tiny", &tiny_model(), "")).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/openai_sdk_native.py"
+    );
+    let output = tokio::process::Command::new("python3")
+        .args([script, &format!("http://{}", agent.addr), "tiny"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "SDK checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The frontend tokenizes with the model's own tokenizer and template: the prompt token count
+/// is what `kvfleet-model` computes for the ChatML-rendered conversation, and the generated
+/// text is the detokenized greedy output of the model itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_use_the_models_tokenizer_and_template_and_outputs_match_the_model() {
+    let path = tiny_model();
+    let agent = TestAgent::start(&native_model("tiny", &path, "")).await;
+    let mut kv_events = agent.running.pool.subscribe_kv_events();
+
+    let text = kvfleet_model::load_text(&path).unwrap();
+    let content = "the quick brown fox jumps over the lazy dog and then the cat";
+    let (_, ids) = text
+        .chat_prompt(&[kvfleet_model::ChatMessage::new("user", content)])
+        .unwrap();
+    let response = agent
+        .post("/v1/chat/completions", chat("tiny", content, 10))
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["prompt_tokens"], ids.len(), "{body}");
+
+    // The same greedy generation straight from the model, decoded by its tokenizer.
+    let model = kvfleet_model::load(&path).unwrap();
+    let generated = model
+        .generate(&ids, &kvfleet_proto::SamplingParams::greedy(10), 64)
+        .unwrap();
+    let eos = model.tokenizer.eos_ids().to_vec();
+    let n = body["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(n, generated.tokens.len(), "{body}");
+    let expected = model.tokenizer.decode(&generated.tokens, true).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], expected, "{body}");
+    let finish = if generated.tokens.last().is_some_and(|t| eos.contains(t)) {
+        "stop"
+    } else {
+        "length"
+    };
+    assert_eq!(body["choices"][0]["finish_reason"], finish);
+
+    // The prompt's full blocks entered the worker's prefix cache: a Stored event from worker 1
+    // reached the agent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let stored = loop {
+        let event = tokio::time::timeout_at(deadline, kv_events.recv())
+            .await
+            .expect("a KV event within 5 s")
+            .unwrap();
+        if let KvEventData::Stored { blocks, .. } = &event.data {
+            break (event.worker, blocks.len());
+        }
+    };
+    assert_eq!(stored.0, kvfleet_proto::WorkerId(1));
+    assert_eq!(stored.1, ids.len() / 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_streams_equal_whole_answers_and_carry_logprobs() {
+    let agent = TestAgent::start(&native_model("tiny", &tiny_model(), "")).await;
+    let mut request = json!({"model": "tiny", "prompt": "once upon a time there was",
+        "max_tokens": 20, "temperature": 0, "logprobs": 2});
+    let whole: Value = agent
+        .post("/v1/completions", request.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let n = whole["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let lp = &whole["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n, "{whole}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
+    assert!(
+        lp["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_f64().is_some_and(|x| x <= 0.0)),
+        "{lp}"
+    );
+    // The token texts spell the completion.
+    let spelled: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let text = whole["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        spelled.starts_with(text.trim_end_matches('\u{fffd}')),
+        "{spelled:?} vs {text:?}"
+    );
+
+    request["stream"] = json!(true);
+    request["stream_options"] = json!({"include_usage": true});
+    let events = sse_events(agent.post("/v1/completions", request).await).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let streamed_tokens: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array())
+        .map(Vec::len)
+        .sum();
+    assert_eq!(streamed_tokens, n);
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["completion_tokens"],
+        n as u64
+    );
+}
+
+/// Bad requests judged against the real model: its vocabulary, its context window (the
+/// configured cap below the model's), its chat template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_against_a_native_model() {
+    let agent = TestAgent::start(&native_model(
+        "tiny",
+        &tiny_model(),
+        "context_length = 64\n",
+    ))
+    .await;
+    let vocab = kvfleet_model::load_text(&tiny_model())
+        .unwrap()
+        .tokenizer
+        .vocab_size();
+    let long = "the cat ".repeat(40);
+    /// (case, path, body, status, code, param)
+    type Row = (
+        &'static str,
+        &'static str,
+        Value,
+        u16,
+        &'static str,
+        Option<&'static str>,
+    );
+    let cases: Vec<Row> = vec![
+        (
+            "token id over the vocabulary",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": [1, 2, vocab]}),
+            400,
+            "invalid_value",
+            Some("prompt"),
+        ),
+        (
+            "prompt over the context",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": long}),
+            400,
+            "context_length_exceeded",
+            Some("prompt"),
+        ),
+        (
+            "max_tokens over the context",
+            "/v1/chat/completions",
+            chat("tiny", "hi", 64),
+            400,
+            "context_length_exceeded",
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens zero",
+            "/v1/chat/completions",
+            chat("tiny", "hi", 0),
+            400,
+            "invalid_value",
+            Some("max_tokens"),
+        ),
+        (
+            "unknown model",
+            "/v1/chat/completions",
+            chat("nope", "hi", 4),
+            404,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            "empty messages",
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": []}),
+            400,
+            "invalid_value",
+            Some("messages"),
+        ),
+    ];
+    for (name, path, body, status, code, param) in cases {
+        let response = agent.post(path, body).await;
+        assert_eq!(response.status().as_u16(), status, "case {name}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], code, "case {name}: {error}");
+        assert_eq!(
+            error["error"]["param"].as_str(),
+            param,
+            "case {name}: {error}"
+        );
+    }
+    // /v1/models reports the capped context.
+    let models: Value = agent
+        .client
+        .get(agent.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 64);
+    // Still serving.
+    let response = agent
+        .post("/v1/chat/completions", chat("tiny", "hi", 4))
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_native_worker_reloads_its_model_and_serves_again() {
+    let agent = TestAgent::start_with_backoff(&native_model("tiny", &tiny_model(), ""), 1000).await;
+    let (_, ready) = agent.ready_status().await;
+    let pid = ready["workers"][0]["pid"].as_u64().unwrap();
+    // A long generation, in flight when the worker dies.
+    let mut request = chat("tiny", "tell me a long story", 4000);
+    request["stream"] = json!(true);
+    let mut streaming = agent.post("/v1/chat/completions", request).await;
+    assert_eq!(streaming.status(), 200);
+    streaming.chunk().await.unwrap().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    while let Some(chunk) = streaming.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // Either it ended before the kill landed ([DONE]) or it reports the worker's failure.
+    assert!(
+        rest.contains("[DONE]") || rest.contains("worker_failed"),
+        "{rest}"
+    );
+    let (status, body) = agent.ready_status().await;
+    assert_eq!(status, 503, "{body}");
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let (_, body) = agent.ready_status().await;
+    assert_eq!(body["workers"][0]["starts"], 2);
+    let response = agent
+        .post("/v1/chat/completions", chat("tiny", "after", 3))
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+/// The acceptance questions, asked the way `curl` would, of SmolLM2-135M-Instruct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_knows_the_capital_of_france() {
+    let Ok(path) = std::env::var("KVFLEET_SMOLLM2_GGUF") else {
+        eprintln!(
+            "SKIPPED: KVFLEET_SMOLLM2_GGUF is not set (source scripts/lib/common.sh && \
+             ensure_default_model)"
+        );
+        return;
+    };
+    let agent = TestAgent::start(&format!(
+        "[[models]]\nname = \"smollm2\"\nengine = \"native\"\npath = {path:?}\nkv_memory = \"256MiB\"\n"
+    ))
+    .await;
+    let response = agent
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "smollm2", "temperature": 0, "max_tokens": 16,
+                "messages": [{"role": "user",
+                    "content": "What is the capital city of France? Answer in one word."}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let answer = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{body}");
+    // A one-word answer ends at the model's end-of-turn token, not at max_tokens.
+    assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "smollm2", "prompt": "The capital of France is",
+                "temperature": 0, "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with(" Paris"), "{body}");
+}
