@@ -37,5 +37,6 @@ bash packaging/test-install.sh
 
 log "running the web UI browser tests (screenshots in target/webui-artifacts/)"
 cargo build -p kvfleet-controlplane --bin kvfleet-controlplane --quiet
+cargo build -p kvfleet-agent --bin kvfleet-agent --quiet
 # Required here: a missing prerequisite fails the run instead of skipping the browser tests.
 (cd web-ui && KVFLEET_WEBUI_REQUIRE=1 node --test tests/)

@@ -12,7 +12,8 @@ export function lineChart(title, series, { yFormat = (v) => String(v), yMin = 0,
   const all = series.flatMap((x) => x.points).filter((p) => p.v !== null && p.v !== undefined && !Number.isNaN(p.v));
   const t0 = from ?? Math.min(...all.map((p) => p.t));
   const t1 = to ?? Math.max(...all.map((p) => p.t));
-  let hi = yMax ?? Math.max(...all.map((p) => p.v), yMin + 1e-9);
+  let hi = yMax ?? Math.max(...all.map((p) => p.v), yMin);
+  // All zero (or no data): a unit scale rather than five labels reading 0.
   if (!Number.isFinite(hi) || hi <= yMin) hi = yMin + 1;
   if (yMax === undefined) hi = niceCeil(hi);
   const x = (t) => PAD.l + ((t - t0) / Math.max(1, t1 - t0)) * (W - PAD.l - PAD.r);

@@ -1,14 +1,15 @@
 // What the browser tests run against: a real kvfleet-controlplane binary over a throwaway
-// Postgres database, and an agent. The agent is simulated over the documented agent protocol
-// (register with a join token, then heartbeats reporting the workers the desired state asks
-// for: starting, then ready, with serving and KV metrics), because it stands in for
-// kvfleet-agent's control-plane client (SimAgent below); KVFLEET_WEBUI_REAL_AGENT=1 is not
-// wired yet.
+// Postgres database, and an agent: either the real kvfleet-agent binary joined with a join
+// token (RealAgent: CPU slots only on a machine without GPUs, mock-engine workers), or
+// SimAgent, which speaks the documented agent protocol itself (register with a join token,
+// heartbeats reporting the desired workers as starting, then ready, with serving and KV
+// metrics) and reports two fake H100s, so the GPU views have something to show.
 
-import { spawn, execFileSync } from 'node:child_process';
+import { spawn, execFileSync, spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -252,4 +253,74 @@ export async function waitFor(fn, { timeout = 20_000, interval = 200, what = 'co
     await sleep(interval);
   }
   throw new Error(`timed out waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`);
+}
+
+export function agentBin() {
+  return process.env.KVFLEET_AGENT_BIN || path.join(repoRoot, 'target/debug/kvfleet-agent');
+}
+
+// The real node agent, configured to join the control plane with a join token.
+export class RealAgent {
+  constructor(cp, joinToken, { hostname = 'cpu-node-1', cpuSlots = 2 } = {}) {
+    this.cp = cp;
+    this.joinToken = joinToken;
+    this.hostname = hostname;
+    this.cpuSlots = cpuSlots;
+    this.bin = agentBin();
+  }
+
+  async writeConfig() {
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kvfleet-webui-agent-'));
+    this.port = await freePort();
+    this.configPath = path.join(this.dir, 'agent.toml');
+    fs.writeFileSync(this.configPath, [
+      '[node]', `name = "${this.hostname}"`, '',
+      '[frontend]', `listen = "127.0.0.1:${this.port}"`, '',
+      '[supervisor]', `socket_dir = "${path.join(this.dir, 'run')}"`, '',
+      '[control_plane]', `url = "${this.cp.base}"`, `join_token = "${this.joinToken}"`,
+      `state_dir = "${path.join(this.dir, 'state')}"`, `cpu_slots = ${this.cpuSlots}`,
+      'heartbeat_interval_ms = 500', 'watch_wait_secs = 5', 'labels = { zone = "test-a" }', '',
+    ].join('\n'));
+    return this.configPath;
+  }
+
+  // Why this agent binary cannot join a control plane, or null when it can. An agent built
+  // before its control-plane client existed refuses the [control_plane] section.
+  async unsupported() {
+    if (!fs.existsSync(this.bin)) return `no agent binary at ${this.bin}`;
+    await this.writeConfig();
+    const r = spawnSync(this.bin, ['check-config', this.configPath], { encoding: 'utf8', env: childEnv() });
+    if (r.status === 0) return null;
+    const out = `${r.stdout}${r.stderr}`;
+    if (/control_plane/.test(out) && /unknown/.test(out)) return 'this kvfleet-agent has no control-plane client yet';
+    throw new Error(`kvfleet-agent check-config failed:\n${out}`);
+  }
+
+  async start() {
+    if (!this.configPath) await this.writeConfig();
+    this.logPath = path.join(artifacts, `agent-${this.hostname}.log`);
+    const log = fs.openSync(this.logPath, 'w');
+    this.proc = spawn(this.bin, ['run', '--config', this.configPath], { stdio: ['ignore', log, log], env: childEnv() });
+    this.exited = new Promise((resolve) => this.proc.once('exit', (code, signal) => resolve({ code, signal })));
+    await waitFor(async () => {
+      if (this.proc.exitCode !== null) throw new Error(`kvfleet-agent exited; see ${this.logPath}`);
+      const nodes = await this.cp.api('GET', '/nodes');
+      const node = nodes.items.find((n) => n.hostname === this.hostname);
+      if (node) this.nodeId = node.id;
+      return node;
+    }, { what: 'the agent to register', timeout: 30_000 }).catch((e) => {
+      throw new Error(`${e.message}\n${fs.readFileSync(this.logPath, 'utf8').slice(-3000)}`);
+    });
+    return this;
+  }
+
+  async stop() {
+    if (this.proc && this.proc.exitCode === null) {
+      this.proc.kill('SIGTERM');
+      const t = setTimeout(() => this.proc.kill('SIGKILL'), 20_000);
+      await this.exited;
+      clearTimeout(t);
+    }
+    if (this.dir) fs.rmSync(this.dir, { recursive: true, force: true });
+  }
 }
