@@ -12,7 +12,8 @@
 #   - edits the config, reinstalls the same package and upgrades to a newer version: edit kept;
 #   - installs kvfleet-controlplane (+ the kvfleet CLI); boots the root with systemd-nspawn
 #     and starts both units for real (Type=notify readiness, HTTP answers, the sandbox seen in
-#     /proc, journald fields, a clean stop), the control plane on the test PostgreSQL cluster;
+#     /proc, journald fields, an upgrade restarting the running agent, a clean stop), the
+#     control plane on the test PostgreSQL cluster;
 #   - removes and purges the agent (the shared user and state stay while the control plane is
 #     there), purges the control plane: state, cache, logs, /etc/kvfleet, the user and the unit
 #     links are gone;
@@ -290,6 +291,12 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     # The agent's port is the one the edit above set.
     echo "agent http $(http_status 8100 /ready)"
     echo "controlplane http $(http_status 8080 /api/v1/status)"
+    # An upgrade (here: the same version again) restarts the running service, config kept.
+    before="$(systemctl show -p MainPID --value kvfleet-agent.service)"
+    dpkg -i --force-confold /root/kvfleet-agent_upgrade.deb >/dev/null
+    after="$(systemctl show -p MainPID --value kvfleet-agent.service)"
+    [ "$before" != "$after" ] && [ "$after" != 0 ] && echo "kvfleet-agent restarted by the upgrade"
+    systemctl show -p ActiveState kvfleet-agent.service | sed "s/^/kvfleet-agent after upgrade /"
     systemctl stop kvfleet-agent.service kvfleet-controlplane.service
     for unit in kvfleet-agent kvfleet-controlplane; do
         systemctl show -p Result -p ExecMainStatus "$unit.service" | sed "s/^/$unit stopped /"
@@ -299,6 +306,8 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
 systemctl poweroff
 EOF
     chmod 755 "$root/usr/local/sbin/kvfleet-probe"
+    # (/tmp is a fresh tmpfs once systemd boots the root.)
+    cp "$root/tmp/pkgs/kvfleet-agent_upgrade.deb" "$root/root/"
     cat >"$root/etc/systemd/system/kvfleet-probe.service" <<'EOF'
 [Unit]
 Description=kvfleet install test probe
@@ -313,7 +322,8 @@ EOF
     timeout 90 systemd-nspawn --quiet -D "$root" --boot --register=no --keep-unit --private-network \
         --bind="$pgdir:/run/kvfleet-test-pg" --console=pipe >"$work/boot.log" 2>&1 || true
     rm -f "$root/etc/systemd/system/multi-user.target.wants/kvfleet-probe.service" \
-        "$root/etc/systemd/system/kvfleet-probe.service" "$root/usr/local/sbin/kvfleet-probe"
+        "$root/etc/systemd/system/kvfleet-probe.service" "$root/usr/local/sbin/kvfleet-probe" \
+        "$root/root/kvfleet-agent_upgrade.deb"
     PGOPTIONS="-c client_min_messages=warning" "$(pg_bindir)/psql" -q -h 127.0.0.1 -p "$pgport" -U postgres -d postgres -c "DROP DATABASE IF EXISTS $db" >/dev/null || true
     if [ ! -s "$root/probe.out" ]; then
         tail -n 15 "$work/boot.log" >&2
@@ -345,6 +355,8 @@ kvfleet-controlplane CapBnd: 0000000000000000
 kvfleet-controlplane journal KVFLEET_COMPONENT=controlplane
 agent http 200
 controlplane http 200
+kvfleet-agent restarted by the upgrade
+kvfleet-agent after upgrade ActiveState=active
 kvfleet-agent stopped Result=success
 kvfleet-agent stopped ExecMainStatus=0
 kvfleet-controlplane stopped Result=success
