@@ -267,6 +267,8 @@ step "both services under systemd (systemd-nspawn --boot of the root)"
 # services (Type=notify: `systemctl start` returns once READY=1 came), asks their HTTP ports,
 # reads the sandbox off /proc, stops them (the agent drains) and powers off.
 boot_stage() {
+    # Booting an overlay of the host would start the host's own services in a container.
+    [ "$overlay" = 0 ] || { log "SKIP the systemd stage: the root is an overlay of the host"; return 0; }
     command -v systemd-nspawn >/dev/null || apt_install systemd-container >/dev/null 2>&1 ||
         { log "SKIP the systemd stage: no systemd-nspawn (package systemd-container)"; return 0; }
     ensure_test_postgres >/dev/null 2>&1 || { log "SKIP the systemd stage: no test PostgreSQL cluster"; return 0; }
