@@ -13,7 +13,8 @@
 #   - installs kvfleet-controlplane (+ the kvfleet CLI); boots the root with systemd-nspawn
 #     and starts both units for real (Type=notify readiness, HTTP answers, the sandbox seen in
 #     /proc, journald fields, an upgrade restarting the running agent, a clean stop), the
-#     control plane on the test PostgreSQL cluster;
+#     control plane on the test PostgreSQL cluster, and a chat completion from the real model
+#     (SmolLM2 on a CPU worker) when KVFLEET_SMOLLM2_GGUF is set (scripts/test.sh sets it);
 #   - removes and purges the agent (the shared user and state stay while the control plane is
 #     there), purges the control plane: state, cache, logs, /etc/kvfleet, the user and the unit
 #     links are gone;
@@ -293,6 +294,16 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     # The agent's port is the one the edit above set.
     echo "agent http $(http_status 8100 /ready)"
     echo "controlplane http $(http_status 8080 /api/v1/status)"
+    if [ -f /var/lib/kvfleet/models/smollm2.gguf ]; then
+        body='{"model":"smollm2-135m","messages":[{"role":"user","content":"Say hi."}],"max_tokens":4,"temperature":0}'
+        exec 3<>/dev/tcp/127.0.0.1/8100
+        printf 'POST /v1/chat/completions HTTP/1.0\r\nHost: probe\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s' "${#body}" "$body" >&3
+        reply="$(cat <&3)"
+        exec 3>&-
+        echo "native http $(head -n 1 <<<"$reply" | cut -d ' ' -f 2)"
+        grep -q '"choices"' <<<"$reply" && echo "native reply has choices"
+        tail -n 1 <<<"$reply" | cut -c 1-300 | sed 's/^/native body /'
+    fi
     # An upgrade (here: the same version again) restarts the running service, config kept.
     before="$(systemctl show -p MainPID --value kvfleet-agent.service)"
     dpkg -i --force-confold /root/kvfleet-agent_upgrade.deb >/dev/null
@@ -308,6 +319,29 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
 systemctl poweroff
 EOF
     chmod 755 "$root/usr/local/sbin/kvfleet-probe"
+    # The real model too, when the suite has it (scripts/test.sh installs it): a native CPU
+    # worker must load and answer inside the sandbox.
+    native=0
+    if [ -n "${KVFLEET_SMOLLM2_GGUF:-}" ] && [ -f "$KVFLEET_SMOLLM2_GGUF" ]; then
+        native=1
+        mkdir -p "$root/var/lib/kvfleet/models"
+        cp "$KVFLEET_SMOLLM2_GGUF" "$root/var/lib/kvfleet/models/smollm2.gguf"
+        cat >>"$root/etc/kvfleet/agent.toml" <<'EOF'
+
+# Added by the install test: the real model in a second CPU worker.
+[[models]]
+name = "smollm2-135m"
+engine = "native"
+path = "/var/lib/kvfleet/models/smollm2.gguf"
+kv_memory = "128MiB"
+
+[[workers]]
+model = "smollm2-135m"
+device = "cpu"
+EOF
+    else
+        log "the systemd stage runs without the real model: KVFLEET_SMOLLM2_GGUF is not set"
+    fi
     # (/tmp is a fresh tmpfs once systemd boots the root.)
     cp "$root/tmp/pkgs/kvfleet-agent_upgrade.deb" "$root/root/"
     cat >"$root/etc/systemd/system/kvfleet-probe.service" <<'EOF'
@@ -335,7 +369,7 @@ EOF
     local probe
     probe="$(cat "$root/probe.out")"
     rm -f "$root/probe.out"
-    local expect
+    local expect workers=$((1 + native))
     while IFS= read -r expect; do
         [ -n "$expect" ] || continue
         grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
@@ -343,7 +377,7 @@ EOF
     done <<EOF
 kvfleet-agent ActiveState=active
 kvfleet-agent SubState=running
-kvfleet-agent StatusText=1/1 workers ready, 0 requests in flight
+kvfleet-agent StatusText=$workers/$workers workers ready, 0 requests in flight
 kvfleet-agent Uid: $kv_uid $kv_uid $kv_uid $kv_uid
 kvfleet-agent NoNewPrivs: 1
 kvfleet-agent Seccomp: 2
@@ -364,6 +398,13 @@ kvfleet-agent stopped ExecMainStatus=0
 kvfleet-controlplane stopped Result=success
 kvfleet-controlplane stopped ExecMainStatus=0
 EOF
+    if [ "$native" = 1 ]; then
+        for expect in "native http 200" "native reply has choices"; do
+            grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
+            ok "under systemd, the real model (SmolLM2, CPU worker): $expect"
+        done
+        grep '^native body ' <<<"$probe" | sed 's/^native body /    /' >&2 || true
+    fi
     local video_gid
     video_gid="$(in_root getent group video | cut -d: -f3)"
     grep -Eq "^kvfleet-agent Groups: .*\\b$video_gid\\b" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: the agent is not in the video group ($video_gid)"; }
