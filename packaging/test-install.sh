@@ -294,6 +294,8 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     # The agent's port is the one the edit above set.
     echo "agent http $(http_status 8100 /ready)"
     echo "controlplane http $(http_status 8080 /api/v1/status)"
+    # The web UI is compiled into the binary: the package has no other assets to carry.
+    echo "controlplane ui $(http_status 8080 /ui/)"
     if [ -f /var/lib/kvfleet/models/smollm2.gguf ]; then
         body='{"model":"smollm2-135m","messages":[{"role":"user","content":"Say hi."}],"max_tokens":4,"temperature":0}'
         exec 3<>/dev/tcp/127.0.0.1/8100
@@ -391,6 +393,7 @@ kvfleet-controlplane CapBnd: 0000000000000000
 kvfleet-controlplane journal KVFLEET_COMPONENT=controlplane
 agent http 200
 controlplane http 200
+controlplane ui 200
 kvfleet-agent restarted by the upgrade
 kvfleet-agent after upgrade ActiveState=active
 kvfleet-agent stopped Result=success
