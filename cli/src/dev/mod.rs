@@ -364,8 +364,9 @@ async fn start_and_serve(
         std::fs::create_dir_all(agent_dir.join("run"))
             .with_context(|| format!("creating {}", agent_dir.display()))?;
         let config_path = agent_dir.join("agent.toml");
-        let config = agent_config(args, model, &api_base, &join_token, &agent_dir);
-        write_private(&config_path, &config)?;
+        write_private(&agent_dir.join("join-token"), &format!("{join_token}\n"))?;
+        write_private(&config_path, &agent_config(args, &api_base, &agent_dir))?;
+        check_agent_config(agent_bin, &config_path)?;
         let mut command = tokio::process::Command::new(agent_bin);
         command.arg("run").arg("--config").arg(&config_path);
         running.agent = Some(children::spawn("kvfleet-agent", command, state)?);
@@ -608,21 +609,10 @@ async fn register(client: &Client, model: &ModelChoice) -> anyhow::Result<Deploy
     Ok(deployment)
 }
 
-/// The agent's configuration: this node's frontend and peer addresses, the control plane to
-/// join, and where it keeps its credential.
-fn agent_config(
-    args: &DevArgs,
-    model: &ModelChoice,
-    api_base: &str,
-    join_token: &str,
-    agent_dir: &Path,
-) -> String {
-    let _ = (api_base, join_token, args.peer_port);
-    let engine = if model.format == "mock" {
-        "mock"
-    } else {
-        "native"
-    };
+/// The agent's configuration: this node's frontend, the control plane to join (with the join
+/// token in a file beside it) and where the agent keeps its credential. The control plane
+/// decides the workers, and the model comes from its registration (format and path).
+fn agent_config(args: &DevArgs, api_base: &str, agent_dir: &Path) -> String {
     format!(
         r#"# Written by `kvfleet dev` at every start; edits are lost.
 drain_grace_secs = 5
@@ -636,19 +626,36 @@ listen = "127.0.0.1:{openai_port}"
 [supervisor]
 socket_dir = "{run}"
 
-[[models]]
-name = "{name}"
-engine = "{engine}"
-block_size = 16
-
-[[workers]]
-model = "{name}"
-device = "cpu"
+[control_plane]
+url = "{api_base}"
+join_token_file = "{join}"
+state_dir = "{state}"
+cpu_slots = 1
 "#,
         openai_port = args.openai_port,
         run = agent_dir.join("run").display(),
-        name = model.name,
+        join = agent_dir.join("join-token").display(),
+        state = agent_dir.join("state").display(),
     )
+}
+
+/// `kvfleet-agent check-config`: a config this agent cannot run is reported as such, not as a
+/// worker that never becomes ready.
+fn check_agent_config(agent_bin: &Path, config: &Path) -> anyhow::Result<()> {
+    let output = std::process::Command::new(agent_bin)
+        .arg("check-config")
+        .arg(config)
+        .output()
+        .with_context(|| format!("running {} check-config", agent_bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "the agent refuses the configuration kvfleet dev wrote ({}):\n{}{}",
+            config.display(),
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Until the control plane reports a ready worker of the deployment and the agent's `/ready`
