@@ -382,7 +382,9 @@ async fn uploads_stream_in_order_and_retries_are_idempotent(pool: PgPool) {
         .iter()
         .map(|w| (w.worker.0, w.next_event_id))
         .collect();
-    assert_eq!(next, vec![(wa, 4), (wb, 1)]);
+    let mut expected = vec![(wa, 4), (wb, 1)];
+    expected.sort_unstable();
+    assert_eq!(next, expected, "in worker-id order");
 
     // Persisted: one kv_log row per change.
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM kv_log")
@@ -596,6 +598,60 @@ async fn a_follower_too_far_behind_resyncs_from_a_consistent_snapshot(pool: PgPo
     );
     // A position ahead of the control plane (a restored database) also re-syncs.
     assert!(stream(&cp, &agent_b, 1_000, 0).await.resync);
+
+    // A checkpoint prunes the log behind the retained stream (4 changes)...
+    let checkpoint = cp.state.kv.checkpoint(&cp.state.pool, None).await.unwrap();
+    assert_eq!(checkpoint, Some(9));
+    let kept: Vec<i64> = sqlx::query_scalar("SELECT seq FROM kv_log ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, vec![6, 7, 8, 9]);
+    // ...and a replica that never reads the log on its own (it would normally tail it) and so
+    // falls behind the pruned part rebuilds from the checkpoint when it next writes.
+    let lagging = start_replica(
+        &pool,
+        test_config(),
+        KvIndexConfig {
+            stream_retention: 4,
+            poll_interval: Duration::from_secs(3600),
+            ..kv_config()
+        },
+    )
+    .await;
+    assert_eq!(snapshot(&lagging, &agent_a).await.seq, 9);
+    for i in 0..6 {
+        upload(
+            &cp,
+            &agent_a,
+            &batch(vec![stored(wa, 3 + i, 3000 + i as u32)]),
+        )
+        .await;
+    }
+    cp.state.kv.checkpoint(&cp.state.pool, None).await.unwrap();
+    assert_eq!(snapshot(&lagging, &agent_a).await.seq, 9, "not tailing");
+    let (_, result) = upload(&lagging, &agent_b, &batch(vec![stored(wb, 6, 4242)])).await;
+    assert_eq!((result.applied, result.head_seq), (1, 16));
+    let (a, b) = (
+        snapshot(&lagging, &agent_a).await,
+        snapshot(&cp, &agent_a).await,
+    );
+    assert_eq!(a.seq, 16);
+    let b = if b.seq == 16 {
+        b
+    } else {
+        eventually(
+            Duration::from_secs(5),
+            "the first replica to catch up",
+            || async {
+                let snap = snapshot(&cp, &agent_a).await;
+                (snap.seq == 16).then_some(snap)
+            },
+        )
+        .await
+    };
+    assert_eq!(a, b);
+    lagging.stop().await;
     cp.stop().await;
 }
 
