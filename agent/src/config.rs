@@ -208,6 +208,80 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// How long SIGTERM waits for in-flight requests before stopping anyway.
     pub drain_grace: Duration,
+    /// The control plane to join; `None`: standalone (the configured workers, nothing else).
+    pub control_plane: Option<ControlPlaneConfig>,
+}
+
+/// Where the agent's join token comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum JoinToken {
+    /// Given in the config or the environment.
+    Inline(String),
+    /// Read from this file when the agent registers (keep it 0600, or in a systemd credential).
+    File(PathBuf),
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Never in logs.
+            JoinToken::Inline(_) => f.write_str("Inline(<redacted>)"),
+            JoinToken::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// `[control_plane]`: the fleet's control plane and how this node joins it. With it, the
+/// control plane decides which workers run here (`[[workers]]` is ignored; `[[models]]` entries
+/// supply local engine settings for the models it names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlPlaneConfig {
+    /// Base URL, `http://host:port`.
+    pub url: String,
+    /// The join token for the first registration; afterwards the agent uses the credential it
+    /// got, stored in `state_dir`. `None`: the node must have registered before.
+    pub join_token: Option<JoinToken>,
+    /// Where the credential, the peer certificate and key, and the last desired state live.
+    pub state_dir: PathBuf,
+    /// Heartbeat period; `None`: what the control plane says (its `heartbeat_interval_ms`).
+    pub heartbeat_interval: Option<Duration>,
+    /// How long one desired-state long poll waits.
+    pub watch_wait: Duration,
+    /// Timeout of each call (long polls get `watch_wait` on top).
+    pub request_timeout: Duration,
+    /// First retry delay when the control plane is unreachable (jittered, doubling).
+    pub retry_backoff_initial: Duration,
+    /// Retry delays double up to this.
+    pub retry_backoff_max: Duration,
+    /// The frontend address other nodes and clients reach (`host:port`); `None`: the listen
+    /// address (with an unspecified IP, the node name).
+    pub advertise_addr: Option<String>,
+    /// CPU slots offered for CPU workers; `None`: 1 on a node without GPUs, else 0.
+    pub cpu_slots: Option<u32>,
+    /// Labels for placement constraints.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The default `[control_plane] state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvfleet/agent";
+
+impl ControlPlaneConfig {
+    /// Defaults for a control plane at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            join_token: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            heartbeat_interval: None,
+            watch_wait: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            retry_backoff_initial: Duration::from_millis(500),
+            retry_backoff_max: Duration::from_secs(30),
+            advertise_addr: None,
+            cpu_slots: None,
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 /// The OpenAI frontend's settings.
@@ -390,6 +464,7 @@ impl Default for Config {
                 start_timeout: Duration::from_secs(60),
             },
             drain_grace: Duration::from_secs(30),
+            control_plane: None,
         }
     }
 }
@@ -447,6 +522,24 @@ struct RawConfig {
     models: Vec<RawModel>,
     #[serde(default)]
     workers: Vec<RawWorker>,
+    control_plane: Option<RawControlPlane>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlPlane {
+    url: Option<Spanned<String>>,
+    join_token: Option<Spanned<String>>,
+    join_token_file: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    heartbeat_interval_ms: Option<Spanned<i64>>,
+    watch_wait_secs: Option<Spanned<i64>>,
+    request_timeout_secs: Option<Spanned<f64>>,
+    retry_backoff_initial_ms: Option<Spanned<i64>>,
+    retry_backoff_max_ms: Option<Spanned<i64>>,
+    advertise_addr: Option<Spanned<String>>,
+    cpu_slots: Option<Spanned<i64>>,
+    labels: Option<BTreeMap<String, Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -692,6 +785,73 @@ fn parse_device(text: &str) -> Result<Device, String> {
         })
 }
 
+fn parse_cp_url(text: &str) -> Result<String, String> {
+    let text = text.trim().trim_end_matches('/');
+    let rest = if let Some(rest) = text.strip_prefix("http://") {
+        rest
+    } else if text.starts_with("https://") {
+        return Err(format!(
+            "{text:?}: https is not supported yet (the control plane serves plain HTTP; keep it \
+             on a trusted network)"
+        ));
+    } else {
+        return Err(format!(
+            "{text:?} is not a control-plane URL: expected http://host:port"
+        ));
+    };
+    if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
+        return Err(format!(
+            "{text:?} is not a control-plane URL: expected http://host:port with no path"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_join_token(text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.starts_with("kvf_") && token.len() > 8 && !token.contains(char::is_whitespace) {
+        Ok(token.to_owned())
+    } else {
+        Err(
+            "a join token looks like kvf_<prefix>_<secret> (`kvfleet tokens create --role join`)"
+                .into(),
+        )
+    }
+}
+
+fn parse_advertise(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(text.to_owned())
+        }
+        _ => Err(format!(
+            "advertise_addr {text:?}: expected host:port, e.g. \"10.0.0.5:8000\""
+        )),
+    }
+}
+
+fn absolute(key: &str, text: &str) -> Result<PathBuf, String> {
+    let path = Path::new(text.trim());
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(format!("{key} {text:?} must be an absolute path"))
+    }
+}
+
+/// What the control plane accepts as a hostname.
+fn valid_hostname(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
+}
+
 fn parse_role(text: &str) -> Result<Role, String> {
     match text {
         "aggregated" => Ok(Role::Aggregated),
@@ -874,6 +1034,103 @@ impl Checker<'_> {
             config.models = raw.models.iter().filter_map(|m| self.model(m)).collect();
         }
         config.workers = raw.workers.iter().filter_map(|w| self.worker(w)).collect();
+        if let Some(cp) = &raw.control_plane {
+            config.control_plane = self.control_plane(cp);
+        }
+    }
+
+    fn control_plane(&mut self, raw: &RawControlPlane) -> Option<ControlPlaneConfig> {
+        let Some(url) = &raw.url else {
+            self.problem(
+                Location::Default,
+                "[control_plane] needs url, e.g. url = \"http://controlplane:8080\"",
+            );
+            return None;
+        };
+        let url = self.parsed(url, parse_cp_url)?;
+        let mut cp = ControlPlaneConfig::new(url);
+        match (&raw.join_token, &raw.join_token_file) {
+            (Some(token), Some(_)) => {
+                let location = self.at(token);
+                self.problem(
+                    location,
+                    "give control_plane.join_token or join_token_file, not both",
+                );
+            }
+            (Some(token), None) => {
+                if let Some(token) = self.parsed(token, parse_join_token) {
+                    cp.join_token = Some(JoinToken::Inline(token));
+                }
+            }
+            (None, Some(file)) => {
+                if let Some(path) =
+                    self.parsed(file, |p| absolute("control_plane.join_token_file", p))
+                {
+                    cp.join_token = Some(JoinToken::File(path));
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(dir) = &raw.state_dir
+            && let Some(path) = self.parsed(dir, |p| absolute("control_plane.state_dir", p))
+        {
+            cp.state_dir = path;
+        }
+        if let Some(v) = &raw.heartbeat_interval_ms
+            && let Some(n) = self.int("control_plane.heartbeat_interval_ms", v, 100..=600_000)
+        {
+            cp.heartbeat_interval = Some(Duration::from_millis(n as u64));
+        }
+        if let Some(v) = &raw.watch_wait_secs
+            && let Some(n) = self.int("control_plane.watch_wait_secs", v, 1..=300)
+        {
+            cp.watch_wait = Duration::from_secs(n as u64);
+        }
+        if let Some(v) = &raw.request_timeout_secs
+            && let Some(d) = self.secs("control_plane.request_timeout_secs", v, 300.0)
+        {
+            cp.request_timeout = d;
+        }
+        if let Some(v) = &raw.retry_backoff_initial_ms
+            && let Some(n) = self.int("control_plane.retry_backoff_initial_ms", v, 1..=600_000)
+        {
+            cp.retry_backoff_initial = Duration::from_millis(n as u64);
+        }
+        if let Some(v) = &raw.retry_backoff_max_ms
+            && let Some(n) = self.int("control_plane.retry_backoff_max_ms", v, 1..=3_600_000)
+        {
+            cp.retry_backoff_max = Duration::from_millis(n as u64);
+        }
+        if cp.retry_backoff_initial > cp.retry_backoff_max {
+            self.problem(
+                Location::Default,
+                "control_plane.retry_backoff_initial_ms is larger than retry_backoff_max_ms",
+            );
+        }
+        if let Some(v) = &raw.advertise_addr
+            && let Some(addr) = self.parsed(v, parse_advertise)
+        {
+            cp.advertise_addr = Some(addr);
+        }
+        if let Some(v) = &raw.cpu_slots
+            && let Some(n) = self.int("control_plane.cpu_slots", v, 0..=1024)
+        {
+            cp.cpu_slots = Some(n as u32);
+        }
+        if let Some(labels) = &raw.labels {
+            for (key, value) in labels {
+                if key.is_empty() || value.get_ref().is_empty() {
+                    let location = self.at(value);
+                    self.problem(
+                        location,
+                        "control_plane.labels: keys and values must not be empty",
+                    );
+                } else {
+                    cp.labels.insert(key.clone(), value.get_ref().clone());
+                }
+            }
+        }
+        Some(cp)
     }
 
     fn model(&mut self, raw: &RawModel) -> Option<ModelConfig> {
@@ -1035,13 +1292,69 @@ impl Checker<'_> {
                 }
                 // Read by `Sources::from_process` before parsing.
                 "CONFIG" => Ok(()),
+                "CONTROL_PLANE_URL" => {
+                    parse_cp_url(value).map(|url| match &mut config.control_plane {
+                        Some(cp) => cp.url = url,
+                        None => config.control_plane = Some(ControlPlaneConfig::new(url)),
+                    })
+                }
+                "JOIN_TOKEN" | "JOIN_TOKEN_FILE" | "STATE_DIR" => {
+                    // Applied below, once the URL (file or environment) is known.
+                    Ok(())
+                }
                 _ => Err(format!(
                     "unknown variable: the agent reads {ENV_PREFIX}{{CONFIG,LISTEN,LOG_FORMAT,\
-                     LOG_LEVEL,ROUTING,NODE_NAME,API_KEYS}}"
+                     LOG_LEVEL,ROUTING,NODE_NAME,API_KEYS,CONTROL_PLANE_URL,JOIN_TOKEN,\
+                     JOIN_TOKEN_FILE,STATE_DIR}}"
                 )),
             };
             if let Err(message) = result {
                 self.problem(location, message);
+            }
+        }
+        self.apply_control_plane_env(env, config);
+    }
+
+    /// `KVFLEET_AGENT_{JOIN_TOKEN,JOIN_TOKEN_FILE,STATE_DIR}`: they refine a control plane set
+    /// in the file or by `KVFLEET_AGENT_CONTROL_PLANE_URL`, and are an error without one (a
+    /// token the agent silently ignores would be a puzzle).
+    fn apply_control_plane_env(&mut self, env: &BTreeMap<String, String>, config: &mut Config) {
+        let var = |name: &str| {
+            let key = format!("{ENV_PREFIX}{name}");
+            env.get(&key).map(|v| (key, v.clone()))
+        };
+        let token = var("JOIN_TOKEN");
+        let token_file = var("JOIN_TOKEN_FILE");
+        let state_dir = var("STATE_DIR");
+        let Some(cp) = &mut config.control_plane else {
+            for (key, _) in [&token, &token_file, &state_dir].into_iter().flatten() {
+                self.problem(
+                    Location::Env(key.clone()),
+                    "set without a control plane: give [control_plane] url or \
+                     KVFLEET_AGENT_CONTROL_PLANE_URL",
+                );
+            }
+            return;
+        };
+        match (token, token_file) {
+            (Some((key, _)), Some(_)) => self.problem(
+                Location::Env(key),
+                "give KVFLEET_AGENT_JOIN_TOKEN or KVFLEET_AGENT_JOIN_TOKEN_FILE, not both",
+            ),
+            (Some((key, value)), None) => match parse_join_token(&value) {
+                Ok(token) => cp.join_token = Some(JoinToken::Inline(token)),
+                Err(m) => self.problem(Location::Env(key), m),
+            },
+            (None, Some((key, value))) => match absolute("KVFLEET_AGENT_JOIN_TOKEN_FILE", &value) {
+                Ok(path) => cp.join_token = Some(JoinToken::File(path)),
+                Err(m) => self.problem(Location::Env(key), m),
+            },
+            (None, None) => {}
+        }
+        if let Some((key, value)) = state_dir {
+            match absolute("KVFLEET_AGENT_STATE_DIR", &value) {
+                Ok(path) => cp.state_dir = path,
+                Err(m) => self.problem(Location::Env(key), m),
             }
         }
     }
@@ -1109,7 +1422,27 @@ impl Checker<'_> {
             }
         }
         // A model without a worker would keep /ready at 503 forever.
-        if raw.workers.is_empty() && config.models.len() > 1 {
+        if config.control_plane.is_some() {
+            // The control plane decides the workers; [[workers]] would be ignored.
+            if let Some(model) = raw.workers.first().and_then(|w| w.model.as_ref()) {
+                let location = self.at(model);
+                self.problem(
+                    location,
+                    "[[workers]] with [control_plane]: the control plane decides which workers \
+                     run here; remove the [[workers]] entries",
+                );
+            }
+            if !valid_hostname(&config.node_name) {
+                self.problem(
+                    Location::Default,
+                    format!(
+                        "node name {:?} is the node's hostname at the control plane: use letters, \
+                         digits, '.' and '-' (set [node] name)",
+                        config.node_name
+                    ),
+                );
+            }
+        } else if raw.workers.is_empty() && config.models.len() > 1 {
             self.problem(
                 Location::Default,
                 "several models are defined but no [[workers]]: say which worker serves which model",
@@ -1420,5 +1753,126 @@ role = "decode"
         assert_eq!(got.len(), 2, "{got:?}");
         assert!(got[0].starts_with("environment variable KVFLEET_AGENT_LISTN: unknown variable"));
         assert!(got[1].starts_with("flag --log-format: log format \"yaml\" is unknown"));
+    }
+
+    #[test]
+    fn control_plane_section() {
+        let config = load(
+            "[node]\nname = \"gpu-07\"\n[[models]]\nname = \"a\"\n[[models]]\nname = \"b\"\n\
+             [control_plane]\nurl = \"http://cp.example:8080/\"\njoin_token = \"kvf_abc_def\"\n\
+             state_dir = \"/var/lib/x\"\nheartbeat_interval_ms = 2000\nwatch_wait_secs = 10\n\
+             request_timeout_secs = 2.5\nretry_backoff_initial_ms = 100\nretry_backoff_max_ms = 5000\n\
+             advertise_addr = \"10.0.0.7:8000\"\ncpu_slots = 2\nlabels = { zone = \"a\" }\n",
+        )
+        .unwrap();
+        let cp = config.control_plane.unwrap();
+        assert_eq!(cp.url, "http://cp.example:8080");
+        assert_eq!(cp.join_token, Some(JoinToken::Inline("kvf_abc_def".into())));
+        assert_eq!(format!("{:?}", cp.join_token), "Some(Inline(<redacted>))");
+        assert_eq!(cp.state_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(cp.heartbeat_interval, Some(Duration::from_secs(2)));
+        assert_eq!(cp.watch_wait, Duration::from_secs(10));
+        assert_eq!(cp.request_timeout, Duration::from_millis(2500));
+        assert_eq!(cp.retry_backoff_initial, Duration::from_millis(100));
+        assert_eq!(cp.retry_backoff_max, Duration::from_secs(5));
+        assert_eq!(cp.advertise_addr.as_deref(), Some("10.0.0.7:8000"));
+        assert_eq!(cp.cpu_slots, Some(2));
+        assert_eq!(cp.labels.get("zone").map(String::as_str), Some("a"));
+        // Several models without [[workers]] are fine: the control plane picks.
+        assert_eq!(config.models.len(), 2);
+        // Without the section: standalone.
+        assert!(load("").unwrap().control_plane.is_none());
+    }
+
+    #[test]
+    fn control_plane_problems_are_located() {
+        let rows = [
+            ("[control_plane]\njoin_token = \"kvf_a_b\"\n", "needs url"),
+            (
+                "[control_plane]\nurl = \"https://cp:8080\"\n",
+                "https is not supported",
+            ),
+            (
+                "[control_plane]\nurl = \"cp:8080\"\n",
+                "expected http://host:port",
+            ),
+            ("[control_plane]\nurl = \"http://cp:8080/api\"\n", "no path"),
+            (
+                "[control_plane]\nurl = \"http://cp\"\njoin_token = \"kvf_a_b\"\njoin_token_file = \"/t\"\n",
+                "not both",
+            ),
+            (
+                "[control_plane]\nurl = \"http://cp\"\njoin_token = \"secret\"\n",
+                "join token looks like",
+            ),
+            (
+                "[control_plane]\nurl = \"http://cp\"\nstate_dir = \"rel\"\n",
+                "absolute path",
+            ),
+            (
+                "[control_plane]\nurl = \"http://cp\"\nheartbeat_interval_ms = 5\n",
+                "out of range",
+            ),
+            (
+                "[control_plane]\nurl = \"http://cp\"\nadvertise_addr = \"x\"\n",
+                "host:port",
+            ),
+            (
+                "[control_plane]\nurl = \"http://cp\"\nbogus = 1\n",
+                "unknown field",
+            ),
+            (
+                "[[models]]\nname = \"m\"\n[[workers]]\nmodel = \"m\"\n[control_plane]\nurl = \"http://cp\"\n",
+                "the control plane decides",
+            ),
+            (
+                "[node]\nname = \"bad_name\"\n[control_plane]\nurl = \"http://cp\"\n",
+                "hostname",
+            ),
+        ];
+        for (text, expected) in rows {
+            let problems = load(text).expect_err(text).to_string();
+            assert!(problems.contains(expected), "{text}: {problems}");
+        }
+    }
+
+    #[test]
+    fn control_plane_from_the_environment() {
+        let env = |pairs: &[(&str, &str)]| Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| (format!("{ENV_PREFIX}{k}"), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        };
+        let config = Config::from_sources(&env(&[
+            ("CONTROL_PLANE_URL", "http://10.0.0.1:8080"),
+            ("JOIN_TOKEN_FILE", "/run/credentials/join"),
+            ("STATE_DIR", "/tmp/agent-state"),
+        ]))
+        .unwrap();
+        let cp = config.control_plane.unwrap();
+        assert_eq!(cp.url, "http://10.0.0.1:8080");
+        assert_eq!(
+            cp.join_token,
+            Some(JoinToken::File("/run/credentials/join".into()))
+        );
+        assert_eq!(cp.state_dir, PathBuf::from("/tmp/agent-state"));
+        // The environment refines the file's section.
+        let mut sources = env(&[("JOIN_TOKEN", "kvf_abc_xyz")]);
+        sources.file = Some(ConfigFile {
+            path: "a.toml".into(),
+            text: "[control_plane]\nurl = \"http://cp:1\"\n".into(),
+        });
+        let cp = Config::from_sources(&sources)
+            .unwrap()
+            .control_plane
+            .unwrap();
+        assert_eq!(cp.join_token, Some(JoinToken::Inline("kvf_abc_xyz".into())));
+        // A token with no control plane is an error, not silently ignored.
+        let problems = Config::from_sources(&env(&[("JOIN_TOKEN", "kvf_abc_xyz")]))
+            .unwrap_err()
+            .to_string();
+        assert!(problems.contains("without a control plane"), "{problems}");
     }
 }

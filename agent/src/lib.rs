@@ -1,5 +1,6 @@
 //! The kvfleet node agent as a library; `main.rs` stays thin (parse → build → run → drain).
 //!
+//! - [`cp_client`]: joining a control plane (register, heartbeat, desired state → workers).
 //! - [`config`]: the typed configuration, from file + environment + flags, validated in one place.
 //! - [`cli`]: the command line.
 //! - [`gpu`]: the GPU inventory (NVML, or a fake; no driver means CPU-only, never a crash).
@@ -14,12 +15,14 @@
 //!   plane's stream into a router), as state machines the control-plane client drives.
 //!
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
-//! inventory and the built binary as the worker program. Not here yet: the peer transport
-//! (QUIC) and the control-plane client.
+//! inventory and the built binary as the worker program. With `[control_plane]` the
+//! [`cp_client`] runs beside the frontend and reconciles the worker pool to the control plane's
+//! desired state. Not here yet: the peer transport (QUIC).
 
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod cp_client;
 pub mod dbus;
 pub mod frontend;
 pub mod gpu;
@@ -127,6 +130,8 @@ pub struct Running {
     pub pool: Arc<WorkerPool>,
     /// The models the frontend serves (register more at runtime).
     pub models: Arc<ModelRegistry>,
+    /// The control-plane client, in control-plane mode.
+    pub control_plane: Option<cp_client::Handle>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
@@ -152,13 +157,21 @@ pub async fn serve_with(
     let addr = listener
         .local_addr()
         .context("reading the listener's address")?;
-    let workers = plan_workers(&config, deps.inventory.as_ref());
+    // With a control plane, it decides the workers (cp_client starts them); standalone, the
+    // config does.
+    let workers = if config.control_plane.is_some() {
+        Vec::new()
+    } else {
+        plan_workers(&config, deps.inventory.as_ref())
+    };
     tracing::info!(node = %config.node_name, %addr, workers = workers.len(), "kvfleet-agent starting");
     // Tokenizers and chat templates first: a model file that does not load stops the start
     // with its name and path, before any worker is spawned.
     let models = Arc::new(ModelRegistry::new());
-    for model in &config.models {
-        models.register(model.clone()).await?;
+    if config.control_plane.is_none() {
+        for model in &config.models {
+            models.register(model.clone()).await?;
+        }
     }
     let tokenizer = ByteTokenizer;
     let pool = WorkerPool::start(
@@ -173,10 +186,23 @@ pub async fn serve_with(
     let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), pool.clone());
     frontend.inventory = Some(deps.inventory.clone());
     let frontend = Arc::new(frontend);
+    let cp_stop = CancellationToken::new();
+    let control_plane = match &config.control_plane {
+        Some(cp) => {
+            let node = control_plane_node(&config, cp, addr, &deps, &pool, &models);
+            let (handle, client) = cp_client::start(cp.clone(), node, cp_stop.clone())
+                .context("starting the control-plane client")?;
+            tracing::info!(url = %cp.url, state_dir = %cp.state_dir.display(),
+                "control-plane mode: the control plane decides this node's workers");
+            Some((handle, tokio::spawn(client)))
+        }
+        None => None,
+    };
     started(Running {
         frontend: frontend.clone(),
         pool: pool.clone(),
         models,
+        control_plane: control_plane.as_ref().map(|(handle, _)| handle.clone()),
     });
 
     let stop_http = CancellationToken::new();
@@ -230,6 +256,10 @@ pub async fn serve_with(
     }
     background.cancel();
     let _ = readiness.await;
+    cp_stop.cancel();
+    if let Some((_, client)) = control_plane {
+        let _ = client.await;
+    }
     pool.shutdown().await;
     if let Some(bus) = &bus {
         bus.release_inhibitor();
@@ -237,6 +267,39 @@ pub async fn serve_with(
     notifier.status("stopped");
     tracing::info!("kvfleet-agent stopped");
     Ok(())
+}
+
+/// What the control-plane client is told about this node.
+fn control_plane_node(
+    config: &Config,
+    cp: &config::ControlPlaneConfig,
+    addr: std::net::SocketAddr,
+    deps: &Deps,
+    pool: &Arc<WorkerPool>,
+    models: &Arc<ModelRegistry>,
+) -> cp_client::Node {
+    let frontend_addr = cp.advertise_addr.clone().unwrap_or_else(|| {
+        if addr.ip().is_unspecified() {
+            format!("{}:{}", config.node_name, addr.port())
+        } else {
+            addr.to_string()
+        }
+    });
+    let addresses = if addr.ip().is_unspecified() {
+        Vec::new()
+    } else {
+        vec![addr.ip().to_string()]
+    };
+    cp_client::Node {
+        hostname: config.node_name.clone(),
+        frontend_addr,
+        addresses,
+        local_models: config.models.clone(),
+        drain_grace: config.drain_grace,
+        pool: pool.clone(),
+        models: models.clone(),
+        inventory: deps.inventory.clone(),
+    }
 }
 
 /// Sends READY=1 once every worker is ready, STATUS= whenever the picture changes, and

@@ -6,12 +6,19 @@
 //! `failed` (so `/ready` and the router see it), and its task restarts the process after the
 //! backoff. The pool implements [`Backend`], routing among ready workers by least-loaded or
 //! round-robin.
+//!
+//! The set of workers can change while the agent runs: the control-plane client calls
+//! [`WorkerPool::start_worker`], [`WorkerPool::stop_worker`] and [`WorkerPool::set_draining`]
+//! to reconcile to the desired state (the decisions are in `cp_client::reconcile`). A stopped
+//! worker leaves the routing set at once, its process gets a `Stop` frame and
+//! `STOP_GRACE` before it is killed, and its in-flight requests fail with a message that says
+//! to retry. Standalone agents start their configured workers once and never change them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -104,6 +111,17 @@ struct Slot {
     config: WorkerConfig,
     model: ModelConfig,
     state: Mutex<SlotState>,
+    /// Cancelled to stop this worker (a child of the pool's shutdown token).
+    stop: CancellationToken,
+    /// Draining: serving what it has, taking nothing new.
+    draining: AtomicBool,
+    /// Makes the socket path unique per incarnation, so a worker restarted under the same id
+    /// (a role change) never races its predecessor's socket cleanup.
+    tag: u64,
+    /// Requests handed to this worker, ever.
+    requests: AtomicU64,
+    /// Tokens it generated, ever.
+    tokens: AtomicU64,
 }
 
 impl Slot {
@@ -123,9 +141,13 @@ impl Slot {
 
     fn status(&self) -> WorkerStatus {
         let s = self.state.lock();
+        let draining = self.draining.load(Ordering::Acquire);
         let (state, pid, status, starts, outstanding) = match &s {
             Ok(s) => (
-                s.state,
+                match s.state {
+                    WorkerState::Ready | WorkerState::Starting if draining => WorkerState::Draining,
+                    other => other,
+                },
                 s.pid,
                 s.status,
                 s.starts,
@@ -160,12 +182,36 @@ impl Slot {
 /// The node's workers.
 #[derive(Debug)]
 pub struct WorkerPool {
-    slots: Vec<Arc<Slot>>,
+    slots: RwLock<Vec<Arc<Slot>>>,
     routing: RoutingMode,
     next: AtomicUsize,
     shutdown: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
     kv_events: broadcast::Sender<KvEvent>,
+    launch: Launch,
+    next_tag: AtomicU64,
+}
+
+/// A worker the pool runs, as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolWorker {
+    /// Its id (the control plane's worker id in control-plane mode).
+    pub id: WorkerId,
+    /// What it runs.
+    pub config: WorkerConfig,
+    /// Whether it was told to drain.
+    pub draining: bool,
+}
+
+/// One worker's cumulative counters (for rates over a heartbeat interval).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Its id.
+    pub id: WorkerId,
+    /// Requests handed to it.
+    pub requests: u64,
+    /// Tokens it generated.
+    pub tokens: u64,
 }
 
 /// Everything a supervisor task needs besides its slot.
@@ -175,7 +221,6 @@ struct Launch {
     supervisor: SupervisorConfig,
     log: LogConfig,
     vocab_size: u32,
-    shutdown: CancellationToken,
     kv_events: broadcast::Sender<KvEvent>,
 }
 
@@ -193,16 +238,51 @@ impl WorkerPool {
         vocab_size: u32,
     ) -> Arc<Self> {
         let shutdown = CancellationToken::new();
-        let mut slots = Vec::new();
+        let (kv_events, _) = broadcast::channel(KV_EVENT_BUFFER);
+        let launch = Launch {
+            command,
+            supervisor,
+            log,
+            vocab_size,
+            kv_events: kv_events.clone(),
+        };
+        let pool = Arc::new(Self {
+            slots: RwLock::new(Vec::new()),
+            routing,
+            next: AtomicUsize::new(0),
+            shutdown,
+            tasks: Mutex::new(JoinSet::new()),
+            kv_events,
+            launch,
+            next_tag: AtomicU64::new(0),
+        });
         for (i, config) in workers.iter().enumerate() {
             let Some(model) = models.iter().find(|m| m.name == config.model) else {
                 tracing::error!(model = %config.model, "worker skipped: unknown model");
                 continue;
             };
-            slots.push(Arc::new(Slot {
-                id: WorkerId(i as u64 + 1),
-                config: config.clone(),
-                model: model.clone(),
+            pool.start_worker(WorkerId(i as u64 + 1), config.clone(), model.clone());
+        }
+        pool
+    }
+
+    /// Starts (and from then on supervises) a worker with this id; `false` when one with the
+    /// id already runs (stop it first to change what it runs) or the pool is shutting down.
+    pub fn start_worker(&self, id: WorkerId, config: WorkerConfig, model: ModelConfig) -> bool {
+        if self.shutdown.is_cancelled() {
+            return false;
+        }
+        let slot = {
+            let Ok(mut slots) = self.slots.write() else {
+                return false;
+            };
+            if slots.iter().any(|s| s.id == id) {
+                return false;
+            }
+            let slot = Arc::new(Slot {
+                id,
+                config,
+                model,
                 state: Mutex::new(SlotState {
                     state: WorkerState::Starting,
                     pid: None,
@@ -210,29 +290,127 @@ impl WorkerPool {
                     status: WireStatus::default(),
                     starts: 0,
                 }),
-            }));
-        }
-        let (kv_events, _) = broadcast::channel(KV_EVENT_BUFFER);
-        let launch = Launch {
-            command,
-            supervisor,
-            log,
-            vocab_size,
-            shutdown: shutdown.clone(),
-            kv_events: kv_events.clone(),
+                stop: self.shutdown.child_token(),
+                draining: AtomicBool::new(false),
+                tag: self.next_tag.fetch_add(1, Ordering::Relaxed),
+                requests: AtomicU64::new(0),
+                tokens: AtomicU64::new(0),
+            });
+            slots.push(slot.clone());
+            slot
         };
-        let mut tasks = JoinSet::new();
-        for slot in &slots {
-            tasks.spawn(supervise(slot.clone(), launch.clone()));
+        if let Ok(mut tasks) = self.tasks.lock() {
+            // Reap supervisors of workers stopped earlier, so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+            tasks.spawn(supervise(slot, self.launch.clone()));
         }
-        Arc::new(Self {
-            slots,
-            routing,
-            next: AtomicUsize::new(0),
-            shutdown,
-            tasks: Mutex::new(tasks),
-            kv_events,
-        })
+        true
+    }
+
+    /// Stops the worker with this id: out of the routing set now, its process stopped in the
+    /// background (in-flight requests fail and may be retried elsewhere). `false` if unknown.
+    pub fn stop_worker(&self, id: WorkerId) -> bool {
+        let removed = self.slots.write().ok().and_then(|mut slots| {
+            let i = slots.iter().position(|s| s.id == id)?;
+            Some(slots.remove(i))
+        });
+        match removed {
+            Some(slot) => {
+                slot.stop.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops a worker gracefully: draining at once, stopped when its last request finishes or
+    /// after `grace`, whichever comes first. Marking it serving again ([`Self::set_draining`]
+    /// with `false`) before then keeps it. `false` if unknown.
+    pub fn retire_worker(self: &Arc<Self>, id: WorkerId, grace: Duration) -> bool {
+        let Some(slot) = self.slot(id) else {
+            return false;
+        };
+        if slot.draining.swap(true, Ordering::AcqRel) {
+            // Already draining (or retiring): one retirement at a time.
+            return true;
+        }
+        let pool = Arc::downgrade(self);
+        let Ok(mut tasks) = self.tasks.lock() else {
+            return false;
+        };
+        tasks.spawn(async move {
+            let deadline = tokio::time::Instant::now() + grace;
+            loop {
+                let idle = slot.state.lock().map_or(true, |s| {
+                    s.conn.as_ref().is_none_or(|c| c.outstanding() == 0)
+                });
+                if idle || tokio::time::Instant::now() >= deadline || slot.stop.is_cancelled() {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = slot.stop.cancelled() => break,
+                }
+            }
+            if !slot.draining.load(Ordering::Acquire) {
+                return;
+            }
+            if let Some(pool) = pool.upgrade()
+                && let Ok(mut slots) = pool.slots.write()
+            {
+                // This incarnation only: a worker started since under the same id stays.
+                slots.retain(|s| !Arc::ptr_eq(s, &slot));
+            }
+            slot.stop.cancel();
+        });
+        true
+    }
+
+    /// Marks a worker draining (no new requests; running ones finish) or serving again.
+    /// `false` if unknown.
+    pub fn set_draining(&self, id: WorkerId, draining: bool) -> bool {
+        match self.slot(id) {
+            Some(slot) => {
+                slot.draining.store(draining, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The workers the pool runs now, in start order.
+    pub fn running(&self) -> Vec<PoolWorker> {
+        self.slots_snapshot()
+            .iter()
+            .map(|s| PoolWorker {
+                id: s.id,
+                config: s.config.clone(),
+                draining: s.draining.load(Ordering::Acquire),
+            })
+            .collect()
+    }
+
+    /// Every running worker's cumulative counters.
+    pub fn counters(&self) -> Vec<WorkerCounters> {
+        self.slots_snapshot()
+            .iter()
+            .map(|s| WorkerCounters {
+                id: s.id,
+                requests: s.requests.load(Ordering::Relaxed),
+                tokens: s.tokens.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    fn slot(&self, id: WorkerId) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .ok()
+            .and_then(|slots| slots.iter().find(|s| s.id == id).cloned())
+    }
+
+    fn slots_snapshot(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// The KV events of every worker, as they arrive (each stamped with its worker id and
@@ -245,7 +423,7 @@ impl WorkerPool {
 
     /// Whether every worker is ready.
     pub fn all_ready(&self) -> bool {
-        self.slots
+        self.slots_snapshot()
             .iter()
             .all(|s| s.status().state == WorkerState::Ready)
     }
@@ -264,12 +442,13 @@ impl WorkerPool {
         }
     }
 
-    fn choose(&self, model: &str) -> Option<(WorkerId, Arc<Conn>)> {
-        let candidates: Vec<(WorkerId, Arc<Conn>)> = self
-            .slots
-            .iter()
+    fn choose(&self, model: &str) -> Option<(WorkerId, Arc<Conn>, Arc<Slot>)> {
+        let candidates: Vec<(WorkerId, Arc<Conn>, Arc<Slot>)> = self
+            .slots_snapshot()
+            .into_iter()
             .filter(|s| s.model.name == model && s.config.role != Role::Prefill)
-            .filter_map(|s| s.conn().map(|c| (s.id, c)))
+            .filter(|s| !s.draining.load(Ordering::Acquire))
+            .filter_map(|s| s.conn().map(|c| (s.id, c, s)))
             .collect();
         if candidates.is_empty() {
             return None;
@@ -285,7 +464,7 @@ impl WorkerPool {
                 let n = candidates.len();
                 (0..n)
                     .map(|k| &candidates[(start + k) % n])
-                    .min_by_key(|(_, c)| c.outstanding())
+                    .min_by_key(|(_, c, _)| c.outstanding())
                     .cloned()
             }
         }
@@ -294,9 +473,10 @@ impl WorkerPool {
 
 impl Backend for WorkerPool {
     fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
-        let (worker, conn) = self
+        let (worker, conn, slot) = self
             .choose(&request.model)
             .ok_or_else(|| SubmitError::NoReadyWorker(request.model.clone()))?;
+        slot.requests.fetch_add(1, Ordering::Relaxed);
         let seq = conn.next_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         if let Ok(mut pending) = conn.pending.lock() {
@@ -334,7 +514,7 @@ impl Backend for WorkerPool {
     }
 
     fn workers(&self) -> Vec<WorkerStatus> {
-        self.slots.iter().map(|s| s.status()).collect()
+        self.slots_snapshot().iter().map(|s| s.status()).collect()
     }
 }
 
@@ -355,7 +535,7 @@ async fn supervise(slot: Arc<Slot>, launch: Launch) {
             s.pid = None;
             s.status = WireStatus::default();
         });
-        if launch.shutdown.is_cancelled() {
+        if slot.stop.is_cancelled() {
             slot.set(|s| s.state = WorkerState::Stopped);
             tracing::info!(worker = %slot.id, "worker stopped");
             return;
@@ -372,7 +552,7 @@ async fn supervise(slot: Arc<Slot>, launch: Launch) {
             "worker failed; restarting after backoff");
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = launch.shutdown.cancelled() => {
+            () = slot.stop.cancelled() => {
                 slot.set(|s| s.state = WorkerState::Stopped);
                 return;
             }
@@ -381,8 +561,8 @@ async fn supervise(slot: Arc<Slot>, launch: Launch) {
     }
 }
 
-fn socket_path(dir: &Path, id: WorkerId) -> PathBuf {
-    dir.join(format!("worker-{}-{}.sock", std::process::id(), id.0))
+fn socket_path(dir: &Path, id: WorkerId, tag: u64) -> PathBuf {
+    dir.join(format!("worker-{}-{}-{tag}.sock", std::process::id(), id.0))
 }
 
 /// Starts the process, serves it until it dies or shutdown; returns why it ended.
@@ -390,7 +570,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
     let dir = &launch.supervisor.socket_dir;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating the socket directory {}", dir.display()))?;
-    let path = socket_path(dir, slot.id);
+    let path = socket_path(dir, slot.id, slot.tag);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -431,7 +611,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
             Err(_) => anyhow::bail!("the worker did not connect within {start_timeout:?}"),
         },
         status = child.wait() => anyhow::bail!("the worker exited before connecting: {}", describe(status)),
-        () = launch.shutdown.cancelled() => return Ok("shutdown".into()),
+        () = slot.stop.cancelled() => return Ok("shutdown".into()),
     };
     let (reader, mut writer) = stream.into_split();
     let mut frames = FrameStream::new(reader);
@@ -445,7 +625,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
             Err(_) => anyhow::bail!("the worker did not finish loading within {start_timeout:?}"),
         },
         status = child.wait() => anyhow::bail!("the worker exited while loading: {}", describe(status)),
-        () = launch.shutdown.cancelled() => return Ok("shutdown".into()),
+        () = slot.stop.cancelled() => return Ok("shutdown".into()),
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
@@ -493,7 +673,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
                 Err(e) => break format!("reading from the worker: {e}"),
             },
             status = child.wait() => break format!("the worker process exited: {}", describe(status)),
-            () = launch.shutdown.cancelled() => {
+            () = slot.stop.cancelled() => {
                 conn.fail_all(&format!("worker {} is shutting down", slot.id));
                 if let Ok(frame) = Frame::json(FrameKind::Control, &Control::Stop) {
                     let _ = conn.tx.send(frame);
@@ -530,6 +710,8 @@ fn dispatch(
         FrameKind::Token => {
             let tokens: WireTokens = frame.parse_json()?;
             let seq = tokens.seq;
+            slot.tokens
+                .fetch_add(tokens.tokens.len() as u64, Ordering::Relaxed);
             conn.deliver(seq, tokens.into(), false);
         }
         FrameKind::KvEvents => {

@@ -1,0 +1,224 @@
+//! The control plane's agent endpoints over HTTP (`/api/v1/agent/*`), with the wire types of
+//! `kvfleet_proto::api` and one error type the driver branches on.
+
+use std::time::Duration;
+
+use kvfleet_proto::api::{
+    DesiredState, Heartbeat, HeartbeatResponse, IssuedCertificate, RegisterRequest,
+    RegisterResponse, RenewRequest,
+};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpError {
+    /// No answer: connection refused, reset, timed out. Retry with backoff.
+    #[error("control plane unreachable: {0}")]
+    Unreachable(String),
+    /// 401: the bearer token is not (or no longer) valid: the node was removed or the
+    /// credential revoked.
+    #[error("the control plane refused the credential (401): {0}")]
+    Unauthorized(String),
+    /// 409 on registration: a live node already has this hostname.
+    #[error("conflict (409): {0}")]
+    Conflict(String),
+    /// Any other error status, with the problem's detail.
+    #[error("the control plane answered {status}: {detail}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The problem JSON's `detail` (or `title`, or the body).
+        detail: String,
+    },
+    /// A 2xx whose body is not what the protocol says.
+    #[error("unexpected response from the control plane: {0}")]
+    BadResponse(String),
+}
+
+impl CpError {
+    /// Whether retrying later may help without changing anything (server errors and
+    /// unreachability); 4xx other than 401 mean this agent sends something wrong.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CpError::Unreachable(_) | CpError::BadResponse(_) => true,
+            CpError::Rejected { status, .. } => *status >= 500 || *status == 429,
+            CpError::Unauthorized(_) | CpError::Conflict(_) => false,
+        }
+    }
+}
+
+/// A client for one control plane.
+#[derive(Debug, Clone)]
+pub struct Api {
+    client: reqwest::Client,
+    base: String,
+    timeout: Duration,
+}
+
+impl Api {
+    /// A client for the control plane at `url` (`http://host:port`, no path), each call limited
+    /// to `timeout` (long polls get their wait on top).
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, CpError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| CpError::Unreachable(format!("building the HTTP client: {e}")))?;
+        Ok(Self {
+            client,
+            base: url.trim_end_matches('/').to_owned(),
+            timeout,
+        })
+    }
+
+    /// `POST /api/v1/agent/register` with a join token or the node's credential.
+    pub async fn register(
+        &self,
+        bearer: &str,
+        request: &RegisterRequest,
+    ) -> Result<RegisterResponse, CpError> {
+        let call = self
+            .client
+            .post(self.url("/api/v1/agent/register"))
+            .bearer_auth(bearer)
+            .timeout(self.timeout)
+            .json(request);
+        self.send(call).await
+    }
+
+    /// `POST /api/v1/agent/heartbeat`.
+    pub async fn heartbeat(
+        &self,
+        bearer: &str,
+        beat: &Heartbeat,
+    ) -> Result<HeartbeatResponse, CpError> {
+        let call = self
+            .client
+            .post(self.url("/api/v1/agent/heartbeat"))
+            .bearer_auth(bearer)
+            .timeout(self.timeout)
+            .json(beat);
+        self.send(call).await
+    }
+
+    /// `GET /api/v1/agent/desired-state`: at once without `after`, else a long poll of up to
+    /// `wait` for a generation other than `after`.
+    pub async fn desired_state(
+        &self,
+        bearer: &str,
+        after: Option<i64>,
+        wait: Duration,
+    ) -> Result<DesiredState, CpError> {
+        let url = match after {
+            Some(generation) => format!(
+                "{}?after_generation={generation}&wait_s={}",
+                self.url("/api/v1/agent/desired-state"),
+                wait.as_secs()
+            ),
+            None => self.url("/api/v1/agent/desired-state"),
+        };
+        let call = self
+            .client
+            .get(url)
+            .bearer_auth(bearer)
+            .timeout(self.timeout + wait);
+        self.send(call).await
+    }
+
+    /// `POST /api/v1/agent/certificate`.
+    pub async fn renew(
+        &self,
+        bearer: &str,
+        request: &RenewRequest,
+    ) -> Result<IssuedCertificate, CpError> {
+        let call = self
+            .client
+            .post(self.url("/api/v1/agent/certificate"))
+            .bearer_auth(bearer)
+            .timeout(self.timeout)
+            .json(request);
+        self.send(call).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, call: reqwest::RequestBuilder) -> Result<T, CpError> {
+        let response = call
+            .send()
+            .await
+            .map_err(|e| CpError::Unreachable(describe(&e)))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| CpError::Unreachable(describe(&e)))?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|e| CpError::BadResponse(e.to_string()));
+        }
+        let detail = problem_detail(&body);
+        Err(match status {
+            StatusCode::UNAUTHORIZED => CpError::Unauthorized(detail),
+            StatusCode::CONFLICT => CpError::Conflict(detail),
+            _ => CpError::Rejected {
+                status: status.as_u16(),
+                detail,
+            },
+        })
+    }
+}
+
+/// The problem JSON's `detail` (or `title`), or the start of the body.
+fn problem_detail(body: &[u8]) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    parsed
+        .as_ref()
+        .and_then(|v| v.get("detail").or_else(|| v.get("title")))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
+}
+
+/// reqwest's error with its causes (the top level alone says only "error sending request").
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_details_and_transience() {
+        assert_eq!(
+            problem_detail(br#"{"title":"Conflict","detail":"a live node named \"a\" exists"}"#),
+            "a live node named \"a\" exists"
+        );
+        assert_eq!(problem_detail(br#"{"title":"Not Found"}"#), "Not Found");
+        assert_eq!(problem_detail(b"plain"), "plain");
+        assert!(CpError::Unreachable("x".into()).is_transient());
+        assert!(
+            CpError::Rejected {
+                status: 503,
+                detail: String::new()
+            }
+            .is_transient()
+        );
+        assert!(
+            !CpError::Rejected {
+                status: 422,
+                detail: String::new()
+            }
+            .is_transient()
+        );
+        assert!(!CpError::Unauthorized(String::new()).is_transient());
+    }
+}
