@@ -194,6 +194,10 @@ describe('admin web UI', { skip: skip || false }, () => {
     await waitFor(async () => (await page.locator('section[aria-labelledby="h-kv-now"] tbody tr').count()) === 2, { what: 'two KV rows' });
     await waitFor(async () => (await page.locator('svg.chart path.line').count()) >= 4, { what: 'usage and hit-rate lines for both workers', timeout: 20_000 });
     assert.match(await text('section[aria-labelledby="h-kv-now"] tbody'), /\d+ \/ 4096/);
+    // Over time: with a 5-minute window (5 s buckets) each worker's usage becomes a line.
+    await page.getByLabel('Window', { exact: true }).selectOption('5');
+    await waitFor(async () => (await page.locator('svg.chart path.line').evaluateAll((ps) => ps.filter((p) => p.getAttribute('d').includes('L')).length)) >= 2,
+      { what: 'lines (two or more buckets) in the KV charts', timeout: 30_000 });
     await shot('07-kv-cache');
   });
 
