@@ -26,10 +26,11 @@ export function lineChart(title, series, { yFormat = (v) => String(v), yMin = 0,
 
   const svg = s('svg', { class: 'chart', viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': label },
     s('title', {}, label));
-  for (let i = 0; i <= 4; i++) {
+  // Without data a scale would only invent numbers: draw the baseline alone.
+  for (let i = 0; i <= (all.length ? 4 : 0); i++) {
     const v = yMin + ((hi - yMin) * i) / 4;
-    svg.append(s('line', { class: i ? 'grid-line' : 'axis', x1: PAD.l, x2: W - PAD.r, y1: y(v), y2: y(v) }),
-      s('text', { x: PAD.l - 6, y: y(v) + 4, 'text-anchor': 'end' }, yFormat(v)));
+    svg.append(s('line', { class: i ? 'grid-line' : 'axis', x1: PAD.l, x2: W - PAD.r, y1: y(v), y2: y(v) }));
+    if (all.length) svg.append(s('text', { x: PAD.l - 6, y: y(v) + 4, 'text-anchor': 'end' }, yFormat(v)));
   }
   if (all.length && Number.isFinite(t0) && Number.isFinite(t1)) {
     const ends = t1 - t0 >= 60_000 ? [[t0, 'start'], [t1, 'end']] : [[t1, x(t1) < W / 2 ? 'start' : 'end']];

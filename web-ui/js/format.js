@@ -18,7 +18,8 @@ export function num(x, digits = 1) {
 
 export function ms(x) {
   if (x === null || x === undefined || Number.isNaN(x)) return '—';
-  return x >= 1000 ? `${(x / 1000).toFixed(2)} s` : `${Number(x).toFixed(0)} ms`;
+  if (x >= 1000) return `${(x / 1000).toFixed(2)} s`;
+  return `${Number(x).toFixed(x < 10 ? 1 : 0)} ms`;
 }
 
 export function ago(iso, now = Date.now()) {
