@@ -8,9 +8,8 @@
 //! other by that much (crates/model/tools/).
 //!
 //! What llama.cpp's result depends on besides the model is which SIMD kernels ggml was built
-//! with: the f16 dot products (llamafile's tinyBLAS for steps of two or more tokens,
-//! `ggml_vec_dot_f16` for one), the softmax and SiLU `expf`, and their horizontal sums differ
-//! between the AVX2 and AVX-512 builds. [`Rounding`] names the two; the default is AVX-512,
+//! with: the f16 attention dot products (llamafile's tinyBLAS), the softmax and SiLU `expf`,
+//! and their horizontal sums differ between the AVX2 and AVX-512 builds. [`Rounding`] names the two; the default is AVX-512,
 //! the build that produced the golden outputs in ../shared/golden (an AVX-512 llama.cpp
 //! reproduces them exactly; an AVX2 one does not).
 
@@ -51,60 +50,26 @@ impl Rounding {
         }
     }
 
-    /// The final reduction of `ggml_vec_dot_f16`'s four accumulators (`4 × lanes()` values).
+    /// One output of llamafile's tinyBLAS f16 GEMM, which llama.cpp uses for the attention
+    /// products of every step with two or more tokens: a single `lanes()`-wide accumulator of
+    /// fused multiply-adds along the row, then [`Rounding::hsum`]. (A row that is not a whole
+    /// number of vectors is treated as zero-padded, which leaves every lane's sum unchanged.)
+    ///
+    /// llama.cpp switches to `ggml_vec_dot_f16` (four accumulators, another reduction order)
+    /// when a step has a single token. We do not: a token's arithmetic would then depend on
+    /// what else shares its step, and results must not change when a sequence is batched,
+    /// chunked or recomputed after preemption. The golden outputs still match exactly
+    /// (their first-position log-probabilities come from multi-token prefills).
     #[inline]
-    pub(crate) fn reduce4(self, acc: &[f32]) -> f32 {
+    pub(crate) fn dot(self, a: &[f32], b: &[f32]) -> f32 {
         let w = self.lanes();
-        let mut x = [0f32; 16];
-        for (l, xl) in x.iter_mut().enumerate().take(w) {
-            *xl = (acc[l] + acc[2 * w + l]) + (acc[w + l] + acc[3 * w + l]);
-        }
-        match self {
-            // GGML_F32x8_REDUCE: low + high halves, then two `hadd`s.
-            Rounding::LlamaCppAvx2 => {
-                let t = [x[0] + x[4], x[1] + x[5], x[2] + x[6], x[3] + x[7]];
-                (t[0] + t[1]) + (t[2] + t[3])
-            }
-            Rounding::LlamaCppAvx512 => self.hsum(&x),
-        }
-    }
-
-    /// One output of llamafile's tinyBLAS f16 GEMM: a single `lanes()`-wide accumulator of
-    /// fused multiply-adds along the row, then [`Rounding::hsum`]. Rows whose length is not a
-    /// multiple of the lanes are not taken by tinyBLAS; llama.cpp falls back to
-    /// `ggml_vec_dot_f16`, and so do we.
-    #[inline]
-    pub(crate) fn dot_gemm(self, a: &[f32], b: &[f32]) -> f32 {
-        let w = self.lanes();
-        if !a.len().is_multiple_of(w) {
-            return self.dot_vec(a, b);
-        }
         let mut acc = [0f32; 16];
-        for (x, y) in a.chunks_exact(w).zip(b.chunks_exact(w)) {
-            for j in 0..w {
+        for (x, y) in a.chunks(w).zip(b.chunks(w)) {
+            for j in 0..x.len().min(y.len()) {
                 acc[j] = x[j].mul_add(y[j], acc[j]);
             }
         }
         self.hsum(&acc[..w])
-    }
-
-    /// `ggml_vec_dot_f16`: four accumulators over steps of `4 × lanes()`, [`Rounding::reduce4`],
-    /// and a shorter tail added in f64.
-    #[inline]
-    pub(crate) fn dot_vec(self, a: &[f32], b: &[f32]) -> f32 {
-        let step = 4 * self.lanes();
-        let np = a.len() - a.len() % step;
-        let mut acc = [0f32; 64];
-        for (x, y) in a[..np].chunks_exact(step).zip(b[..np].chunks_exact(step)) {
-            for j in 0..step {
-                acc[j] = x[j].mul_add(y[j], acc[j]);
-            }
-        }
-        let mut s = f64::from(self.reduce4(&acc[..step]));
-        for (x, y) in a[np..].iter().zip(&b[np..]) {
-            s += f64::from(x * y);
-        }
-        s as f32
     }
 
     /// ggml's vectorised `expf` (`ggml_v_expf`) of this build, lane by lane.
@@ -237,10 +202,9 @@ mod tests {
         for r in [Rounding::LlamaCppAvx2, Rounding::LlamaCppAvx512] {
             let w = r.lanes();
             assert_eq!(r.hsum(&a[..w]), a[..w].iter().sum::<f32>());
-            assert_eq!(r.reduce4(&a[..4 * w]), a[..4 * w].iter().sum::<f32>());
-            let ones = vec![1.0f32; 96];
-            assert_eq!(r.dot_gemm(&a[..64], &ones[..64]), 2016.0);
-            assert_eq!(r.dot_vec(&ones, &ones), 96.0);
+            let ones = vec![1.0f32; 64];
+            assert_eq!(r.dot(&a, &ones), 2016.0);
+            assert_eq!(r.dot(&a[..37], &ones[..37]), 666.0);
         }
     }
 }

@@ -526,10 +526,10 @@ impl Model {
 
     /// Attention for every (token, head), rounded as llama.cpp's CPU graph rounds it (without
     /// flash attention): Q and the probabilities meet the f16 cache at f16 precision; the K·Q
-    /// and P·V dot products accumulate in the lane order of the kernel llama.cpp picks for the
-    /// step (llamafile's tinyBLAS when the step has two or more tokens, `ggml_vec_dot_f16`
-    /// for one); the softmax uses ggml's vectorised `expf` and sums eight-lane groups in f64.
-    /// Masked positions contribute exact zeros, as llama.cpp's padded cells do.
+    /// and P·V dot products accumulate in tinyBLAS's lane order ([`Rounding::dot`], which
+    /// explains why single-token steps use it too); the softmax uses ggml's vectorised `expf`
+    /// and sums one vector of lanes at a time in f64. Masked positions contribute exact zeros,
+    /// as llama.cpp's padded cells do, so a token's result does not depend on its step.
     fn attention(
         &self,
         layer: usize,
@@ -545,7 +545,6 @@ impl Model {
         let bs = cache.block_size().tokens();
         let window = c.window(layer);
         let scale = c.attn_scale;
-        let gemm = meta.len() >= 2;
         let r = self.rounding;
         let w = r.lanes();
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
@@ -560,17 +559,13 @@ impl Model {
                 None => 0,
             };
             let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * nkv + g) * hd;
-            // Scores for positions 0..=pos (masked ones stay -inf), padded to whole
-            // `ggml_vec_dot_f16` steps (llama.cpp pads its cells to 256).
-            let n = (m.pos + 1).next_multiple_of(4 * w);
+            // Scores for positions 0..=pos (masked ones stay -inf), padded to whole vectors
+            // (llama.cpp pads its cells to 256; the padding adds exact zeros).
+            let n = (m.pos + 1).next_multiple_of(w);
             let mut scores = vec![f32::NEG_INFINITY; n];
             for (p, s) in scores.iter_mut().enumerate().take(m.pos + 1).skip(lo) {
                 let k = &kc[at(p)..at(p) + hd];
-                *s = if gemm {
-                    r.dot_gemm(qv, k)
-                } else {
-                    r.dot_vec(qv, k)
-                } * scale;
+                *s = r.dot(qv, k) * scale;
             }
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f64;
@@ -581,31 +576,20 @@ impl Model {
                 sum += f64::from(r.hsum(grp));
             }
             let inv = (1.0 / sum) as f32;
-            // P·V: lane l of block b accumulates positions p with p % w == l (and, for
-            // ggml_vec_dot_f16, (p / w) % 4 == b), in position order, with fused multiply-adds.
-            let blocks = if gemm { 1 } else { 4 };
-            let span = blocks * w;
-            let mut acc = vec![0f32; hd * span];
+            // P·V: lane l accumulates positions p with p % w == l, in position order, with
+            // fused multiply-adds (tinyBLAS over the position axis).
+            let mut acc = vec![0f32; hd * w];
             for p in lo..=m.pos {
                 let pr = f16::from_f32(scores[p] * inv).to_f32();
-                let slot = if gemm {
-                    p % w
-                } else {
-                    ((p / w) % 4) * w + p % w
-                };
+                let slot = p % w;
                 let v = &vc[at(p)..at(p) + hd];
                 for (i, &vi) in v.iter().enumerate() {
-                    let a = &mut acc[i * span + slot];
+                    let a = &mut acc[i * w + slot];
                     *a = pr.mul_add(vi, *a);
                 }
             }
             for (i, oi) in o.iter_mut().enumerate() {
-                let lanes = &acc[i * span..(i + 1) * span];
-                *oi = if gemm {
-                    r.hsum(lanes)
-                } else {
-                    r.reduce4(lanes)
-                };
+                *oi = r.hsum(&acc[i * w..(i + 1) * w]);
             }
         });
     }

@@ -1,18 +1,20 @@
 //! The real models against llama.cpp's golden outputs (../shared/golden).
 //!
-//! Tokenization and chat rendering must match exactly. The arithmetic cannot: candle's and
-//! llama.cpp's quantized kernels round differently, and these small models are sensitive
-//! enough that rounding alone moves tail log-probabilities by up to ~0.3 nats (measured: our
-//! own f32-vs-f16 KV cache variants differ by that much). So, per case:
+//! Tokenization and chat rendering must match exactly. So, for SmolLM2, must the arithmetic:
+//! the forward pass reproduces the rounding of the AVX-512 llama.cpp build that produced the
+//! golden files (`ggml_math`), and every case's greedy tokens and first-position top-5
+//! log-probabilities equal the golden ones (to the golden file's printed precision).
+//!
+//! Gemma 3's K-quant matmuls (Q4_K, Q6_K) still run in candle, whose kernels round differently
+//! from llama.cpp's repacked ones, so its figures are the measured level, as a regression
+//! guard: per case,
 //! - the first greedy token equals llama.cpp's, except where llama.cpp's own top two are a
 //!   near-tie (< `NEAR_TIE` nats apart), where ours must be its runner-up;
-//! - the first 8 greedy tokens equal llama.cpp's in at least a per-model number of cases (the
-//!   measured level, as a regression guard: later tokens follow whichever side of a close
-//!   call the arithmetic landed on);
-//! - first-position top-5 log-probabilities are within `LOGPROB_TOL` nats.
+//! - the first 8 greedy tokens equal llama.cpp's in at least a per-model number of cases;
+//! - first-position top-5 log-probabilities are within a per-model tolerance.
 //!
 //! The targets are 80 % and 0.25 nats; the measured figures (printed by these tests,
-//! recorded in docs/benchmarks.md) are SmolLM2 3/8 and max 0.35, Gemma 3 4/5 and max 0.45.
+//! recorded in docs/benchmarks.md) are SmolLM2 8/8 and max 0.000, Gemma 3 5/5 and max 0.47.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod common;
@@ -22,7 +24,6 @@ use kvfleet_proto::SamplingParams;
 use serde_json::Value;
 
 const NEAR_TIE: f64 = 0.1;
-const LOGPROB_TOL: f32 = 0.5;
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
@@ -63,7 +64,25 @@ fn check_prompts(model: &LoadedModel, golden: &Value) {
     }
 }
 
-fn check_generation(model: &LoadedModel, golden: &Value, min_first8: usize) {
+/// What one model must reach against the golden file.
+struct Expect {
+    /// Cases whose first `tokens` greedy tokens must all equal llama.cpp's.
+    min_cases: usize,
+    /// Greedy tokens compared per case (the golden files hold up to 32).
+    tokens: usize,
+    /// Largest first-position log-probability difference, nats.
+    logprob_tol: f32,
+    /// Accept llama.cpp's runner-up as the first token where its top two are a near-tie.
+    near_tie_ok: bool,
+}
+
+fn check_generation(model: &LoadedModel, golden: &Value, expect: &Expect) {
+    let Expect {
+        min_cases: min_first8,
+        tokens,
+        logprob_tol,
+        near_tie_ok,
+    } = *expect;
     let cases = golden["cases"].as_array().expect("cases");
     let mut first8_ok = 0;
     let mut logprob_misses = Vec::new();
@@ -74,10 +93,10 @@ fn check_generation(model: &LoadedModel, golden: &Value, min_first8: usize) {
         let want = ids(&case["greedy_ids"]);
         let params = SamplingParams {
             logprobs: Some(10),
-            ..SamplingParams::greedy(8)
+            ..SamplingParams::greedy(tokens as u32)
         };
         let r#gen = model.generate(&prompt, &params, 64).expect("generate");
-        let n = want.len().min(8);
+        let n = want.len().min(tokens);
         println!(
             "{:?}\n  want {:?}\n  got  {:?}",
             case["prompt_text"].as_str(),
@@ -96,7 +115,7 @@ fn check_generation(model: &LoadedModel, golden: &Value, min_first8: usize) {
         };
         let near_tie = golden_top.len() >= 2 && golden_top[0].1 - golden_top[1].1 < NEAR_TIE;
         let ours_text = model.tokenizer.token_text(r#gen.tokens[0]);
-        let tie_ok = near_tie && ours_text == golden_top[1].0;
+        let tie_ok = near_tie_ok && near_tie && ours_text == golden_top[1].0;
         if tie_ok {
             println!("  near-tie in llama.cpp: we took its runner-up {ours_text:?}");
         }
@@ -124,13 +143,13 @@ fn check_generation(model: &LoadedModel, golden: &Value, min_first8: usize) {
                 max_err = max_err.max((l - lp).abs());
             }
             match ours {
-                Some(l) if (l - lp).abs() <= LOGPROB_TOL => {}
+                Some(l) if (l - lp).abs() <= logprob_tol => {}
                 _ => logprob_misses.push(format!("{text:?}: ours {ours:?} vs llama.cpp {lp:.4}")),
             }
         }
     }
     println!(
-        "first 8 tokens equal in {first8_ok}/{} cases; max first-position log-prob error {max_err:.3} nats",
+        "first {tokens} tokens equal in {first8_ok}/{} cases; max first-position log-prob error {max_err:.3} nats",
         cases.len()
     );
     assert!(
@@ -139,11 +158,11 @@ fn check_generation(model: &LoadedModel, golden: &Value, min_first8: usize) {
     );
     assert!(
         logprob_misses.is_empty(),
-        "log-probabilities off by more than {LOGPROB_TOL} nats: {logprob_misses:#?}"
+        "log-probabilities off by more than {logprob_tol} nats: {logprob_misses:#?}"
     );
     assert!(
         first8_ok >= min_first8,
-        "first 8 greedy tokens match in only {first8_ok}/{} cases",
+        "first {tokens} greedy tokens match in only {first8_ok}/{} cases",
         cases.len()
     );
 }
@@ -167,7 +186,17 @@ fn smollm2_greedy_and_logprobs_match_llama_cpp() {
     ) else {
         return;
     };
-    check_generation(model, &golden, 3);
+    // Bit-equal arithmetic: every case, and log-probabilities to the file's 4 decimals. (Over
+    // the whole 32-token continuations 6/8 cases match: two part after 9-10 tokens, where
+    // llama.cpp's single-token decode steps use a dot-product kernel we deliberately do not
+    // mirror; see `Rounding::dot`.)
+    let expect = Expect {
+        min_cases: 8,
+        tokens: 8,
+        logprob_tol: 1e-3,
+        near_tie_ok: false,
+    };
+    check_generation(model, &golden, &expect);
 }
 
 #[test]
@@ -187,5 +216,11 @@ fn gemma3_greedy_and_logprobs_match_llama_cpp() {
     else {
         return;
     };
-    check_generation(model, &golden, 4);
+    let expect = Expect {
+        min_cases: 5,
+        tokens: 8,
+        logprob_tol: 0.5,
+        near_tie_ok: true,
+    };
+    check_generation(model, &golden, &expect);
 }
