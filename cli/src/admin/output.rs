@@ -107,11 +107,13 @@ pub(crate) fn age(at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
     } else {
         (seconds, false)
     };
+    // Rounded to the nearest unit: a token made to last 30 days reads "in 30d", not "in 29d".
+    let round = |unit: i64| (n + unit / 2) / unit;
     let span = match n {
         0..=119 => format!("{n}s"),
-        120..=7_199 => format!("{}m", n / 60),
-        7_200..=172_799 => format!("{}h", n / 3600),
-        _ => format!("{}d", n / 86_400),
+        120..=7_199 => format!("{}m", round(60)),
+        7_200..=172_799 => format!("{}h", round(3600)),
+        _ => format!("{}d", round(86_400)),
     };
     if future {
         format!("in {span}")
@@ -173,6 +175,7 @@ mod tests {
         assert_eq!(ago(3 * 3600), "3h ago");
         assert_eq!(ago(3 * 86_400), "3d ago");
         assert_eq!(ago(-300), "in 5m");
+        assert_eq!(ago(-(30 * 86_400 - 1)), "in 30d");
         assert_eq!(age(None, now), "-");
     }
 }

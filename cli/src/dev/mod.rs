@@ -33,7 +33,7 @@ use children::Supervised;
 
 pub(crate) const DEV_HELP: &str = "\
 What it runs (all on 127.0.0.1, ports as in DESIGN.md unless overridden):
-  PostgreSQL      $DATABASE_URL if set, else a private cluster in STATE_DIR/pg (port 55433)
+  PostgreSQL      $DATABASE_URL if set, else a private cluster in STATE_DIR/pg (port 55380)
   control plane   http://127.0.0.1:8080 (REST API /api/v1, web UI /ui/)
   agent           http://127.0.0.1:8000 (OpenAI API /v1), serving the deployment `dev`
 
@@ -83,7 +83,7 @@ pub(crate) struct DevArgs {
     #[arg(long, default_value_t = 7500)]
     peer_port: u16,
     /// Port of the private PostgreSQL cluster (unused with $DATABASE_URL).
-    #[arg(long, default_value_t = 55433)]
+    #[arg(long, default_value_t = 55380)]
     pg_port: u16,
     /// Leave the private PostgreSQL cluster running on exit (the next start is faster).
     #[arg(long)]
@@ -408,32 +408,31 @@ fn print_summary(
     admin_token: &str,
     state: &Path,
 ) -> anyhow::Result<()> {
-    let body = json!({
-        "model": model.name,
-        "messages": [{"role": "user", "content": "Say hello in five words."}],
-        "max_tokens": 32,
-    });
-    let text = format!(
-        "\n\
-kvfleet dev is running a one-node fleet (Ctrl-C stops it).\n\
-\n\
-  OpenAI API   {frontend}/v1   (model \"{name}\")\n\
-  Web UI       {api_base}/ui/\n\
-  REST API     {api_base}/api/v1\n\
-  Admin token  {admin_token}\n\
-\n\
-Try it:\n\
-  curl -s {frontend}/v1/chat/completions -H 'content-type: application/json' \\\n\
-    -d '{body}'\n\
-  export KVFLEET_URL={api_base} KVFLEET_TOKEN={admin_token}\n\
-  kvfleet nodes; kvfleet workers; kvfleet deployments\n\
-\n\
-Logs: {state}/kvfleet-controlplane.log, {state}/kvfleet-agent.log\n",
-        name = model.name,
-        state = state.display(),
+    let name = &model.name;
+    let state = state.display();
+    // Field order as a person would write it (serde_json sorts keys).
+    let body = format!(
+        r#"{{"model": "{name}", "messages": [{{"role": "user", "content": "Say hello in five words."}}], "max_tokens": 32}}"#
     );
+    let lines = [
+        String::new(),
+        "kvfleet dev is running a one-node fleet (Ctrl-C stops it).".to_owned(),
+        String::new(),
+        format!("  OpenAI API   {frontend}/v1   (model \"{name}\")"),
+        format!("  Web UI       {api_base}/ui/"),
+        format!("  REST API     {api_base}/api/v1"),
+        format!("  Admin token  {admin_token}"),
+        String::new(),
+        "Try it:".to_owned(),
+        format!("  curl -s {frontend}/v1/chat/completions -H 'content-type: application/json' \\"),
+        format!("    -d '{body}'"),
+        format!("  export KVFLEET_URL={api_base} KVFLEET_TOKEN={admin_token}"),
+        "  kvfleet nodes; kvfleet workers; kvfleet deployments".to_owned(),
+        String::new(),
+        format!("Logs: {state}/kvfleet-controlplane.log, {state}/kvfleet-agent.log"),
+    ];
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
+    out.write_all(format!("{}\n", lines.join("\n")).as_bytes())?;
     out.flush()?;
     Ok(())
 }

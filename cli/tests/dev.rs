@@ -1,0 +1,240 @@
+//! `kvfleet dev` end to end: the real binaries (kvfleet, kvfleet-controlplane, kvfleet-agent)
+//! on a private PostgreSQL cluster, the mock engine: wait for the printed URLs, get a chat
+//! completion, look at the fleet with the admin commands, stop with SIGTERM, start again (the
+//! cluster, the token and the node are reused) and stop again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// Why this machine cannot run the test, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_kvfleet"))
+        .parent()?
+        .to_path_buf();
+    for name in ["kvfleet-controlplane", "kvfleet-agent"] {
+        if !bin_dir.join(name).is_file() {
+            return Some(format!(
+                "{name} is not built next to kvfleet ({}): cargo build -p kvfleet-controlplane \
+                 -p kvfleet-agent (scripts/test.sh builds the whole workspace)",
+                bin_dir.display()
+            ));
+        }
+    }
+    let has_postgres = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|v| v.path().join("bin/initdb").exists());
+    if !has_postgres {
+        return Some(
+            "no PostgreSQL server binaries under /usr/lib/postgresql (apt install postgresql)"
+                .to_owned(),
+        );
+    }
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `kvfleet dev`; dropped without `stop`, it is terminated (so a failing test leaves
+/// nothing behind).
+struct Dev {
+    child: Option<Child>,
+}
+
+impl Dev {
+    fn start(state: &Path, ports: &Ports) -> Dev {
+        let child = Command::new(env!("CARGO_BIN_EXE_kvfleet"))
+            .args(["dev", "--mock", "--ready-timeout", "120"])
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--openai-port", &ports.openai.to_string()])
+            .args(["--api-port", &ports.api.to_string()])
+            .args(["--peer-port", &ports.peer.to_string()])
+            .args(["--pg-port", &ports.pg.to_string()])
+            // The private cluster, not a database the test run may have set.
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Dev { child: Some(child) }
+    }
+
+    /// Reads stdout until the summary is printed: (OpenAI base URL, admin token).
+    async fn wait_for_summary(&mut self) -> (String, String) {
+        let child = self.child.as_mut().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut openai = None;
+        let read = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["OpenAI", "API", url, ..] => openai = Some((*url).to_owned()),
+                    ["Admin", "token", token] => return Some((*token).to_owned()),
+                    _ => {}
+                }
+            }
+            None
+        };
+        let token = tokio::time::timeout(Duration::from_secs(240), read).await;
+        match (token, openai) {
+            (Ok(Some(token)), Some(url)) => {
+                // Keep draining stderr so the child never blocks on a full pipe.
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
+                });
+                (url, token)
+            }
+            (outcome, _) => {
+                let _ = child.start_kill();
+                let mut err = String::new();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err),
+                )
+                .await;
+                panic!("kvfleet dev did not print its summary ({outcome:?}); stderr:\n{err}");
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status within 90 s.
+    async fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(90), child.wait())
+            .await
+            .expect("kvfleet dev stops within 90 s of SIGTERM")
+            .unwrap()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child
+            && let Some(pid) = child.id()
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(10));
+        }
+    }
+}
+
+struct Ports {
+    openai: u16,
+    api: u16,
+    peer: u16,
+    pg: u16,
+}
+
+async fn chat(openai: &str) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{openai}/chat/completions"))
+        .json(&serde_json::json!({
+            "model": "mock",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8,
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    body
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("skipped dev_runs_a_one_node_fleet_and_restarts_idempotently: {reason}");
+        return;
+    }
+    let state: PathBuf = std::env::temp_dir().join(format!(
+        "kvfleet-dev-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&state).unwrap();
+    let ports = Ports {
+        openai: free_port(),
+        api: free_port(),
+        peer: free_port(),
+        pg: free_port(),
+    };
+
+    let mut dev = Dev::start(&state, &ports);
+    let (openai, token) = dev.wait_for_summary().await;
+    assert_eq!(openai, format!("http://127.0.0.1:{}/v1", ports.openai));
+    let completion = chat(&openai).await;
+    assert_eq!(completion["object"], "chat.completion", "{completion}");
+    assert!(completion["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // The admin commands see the fleet kvfleet dev made.
+    let api = format!("http://127.0.0.1:{}", ports.api);
+    let env = [
+        ("KVFLEET_URL", api.as_str()),
+        ("KVFLEET_TOKEN", token.as_str()),
+    ];
+    let login = state.join("cli.toml");
+    let nodes = common::kvfleet_with(&login, &["nodes", "--json"], &env, "").await;
+    let nodes = nodes.expect(0).json();
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+    assert_eq!(nodes[0]["state"], "healthy");
+    let workers = common::kvfleet_with(&login, &["workers", "--json"], &env, "").await;
+    let workers = workers.expect(0).json();
+    assert_eq!(workers[0]["observed_state"], "ready", "{workers}");
+    let node_id = nodes[0]["id"].clone();
+
+    let status = dev.stop().await;
+    assert!(status.success(), "kvfleet dev exits 0 on SIGTERM: {status}");
+    for port in [ports.openai, ports.api, ports.pg] {
+        assert!(
+            port_is_free(port),
+            "port {port} is still held after stopping"
+        );
+    }
+
+    // Again: the same cluster (the data survived), the same admin token, the same node.
+    let mut dev = Dev::start(&state, &ports);
+    let (openai_again, token_again) = dev.wait_for_summary().await;
+    assert_eq!((openai_again, &token_again), (openai.clone(), &token));
+    chat(&openai).await;
+    let nodes = common::kvfleet_with(&login, &["nodes", "--json"], &env, "").await;
+    let nodes = nodes.expect(0).json();
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+    assert_eq!(
+        nodes[0]["id"], node_id,
+        "the agent rejoined as the same node"
+    );
+    let status = dev.stop().await;
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&state);
+}
