@@ -282,6 +282,19 @@ describe('admin web UI', { skip: skip || false }, () => {
     await narrow.close();
   });
 
+  it('drains a node and its page shows why its workers move', async () => {
+    await goNav('Overview');
+    await page.locator('tr[data-node="gpu-node-1"] a').click();
+    await page.getByRole('button', { name: 'Drain', exact: true }).click();
+    await waitText('h1', /draining/, 'the draining badge');
+    // Placement reacts within its interval; the node page's timeline updates by itself.
+    await waitFor(async () => /node draining/.test(await text('li[data-action="worker.drain"], li[data-action="worker.stop"]')),
+      { what: 'a drain decision with its reason on the node page', timeout: 20_000 });
+    await shot('02-node-draining');
+    await page.getByRole('button', { name: 'Stop draining (uncordon)' }).click();
+    await waitFor(async () => !/draining|cordoned/.test(await text('h1')), { what: 'the node to take work again' });
+  });
+
   it('deletes a deployment and its workers stop', async () => {
     await goNav('Deployments');
     page.once('dialog', (d) => d.accept());

@@ -12,7 +12,7 @@ export const title = 'Node';
 export async function mount(ctx) {
   const [id] = ctx.params;
   const slots = { head: h('div', {}), info: h('div', {}), gpus: h('div', {}), workers: h('div', {}), decisions: h('div', {}) };
-  const actions = h('div', { class: 'actions', role: 'group', 'aria-label': 'Node actions' });
+  const actions = h('div', { class: 'actions page-actions', role: 'group', 'aria-label': 'Node actions' });
   const status = h('p', { class: 'form-error', role: 'alert', hidden: true });
   ctx.root.append(
     h('p', {}, h('a', { href: '/ui/', 'data-link': true }, '← Fleet overview')),
