@@ -336,6 +336,7 @@ async fn start_and_serve(
         let api_base = format!("http://{api_addr}");
         progress(&format!("starting the control plane on {api_base}"));
         let mut command = tokio::process::Command::new(controlplane_bin);
+        scrub_env(command.as_std_mut());
         command
             .args([
                 "serve",
@@ -368,6 +369,7 @@ async fn start_and_serve(
         write_private(&config_path, &agent_config(args, &api_base, &agent_dir))?;
         check_agent_config(agent_bin, &config_path)?;
         let mut command = tokio::process::Command::new(agent_bin);
+        scrub_env(command.as_std_mut());
         command.arg("run").arg("--config").arg(&config_path);
         running.agent = Some(children::spawn("kvfleet-agent", command, state)?);
 
@@ -638,10 +640,25 @@ cpu_slots = 1
     )
 }
 
+/// Removes the `KVFLEET_*` variables of this shell that are not control-plane settings
+/// (`KVFLEET_SECTION__KEY`): the control plane refuses unknown ones (`KVFLEET_URL`,
+/// `KVFLEET_TOKEN` of the CLI, `KVFLEET_SMOLLM2_GGUF` of scripts/dev.sh), and the agent's own
+/// (`KVFLEET_AGENT_LISTEN`, ...) would override the configuration written for it.
+fn scrub_env(command: &mut std::process::Command) {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("KVFLEET_") && !name.contains("__") {
+            command.env_remove(name);
+        }
+    }
+}
+
 /// `kvfleet-agent check-config`: a config this agent cannot run is reported as such, not as a
 /// worker that never becomes ready.
 fn check_agent_config(agent_bin: &Path, config: &Path) -> anyhow::Result<()> {
-    let output = std::process::Command::new(agent_bin)
+    let mut command = std::process::Command::new(agent_bin);
+    scrub_env(&mut command);
+    let output = command
         .arg("check-config")
         .arg(config)
         .output()
