@@ -122,6 +122,8 @@ struct Book {
     unrunnable: BTreeMap<WorkerId, String>,
     /// Workers stopped since the control plane last heard about them.
     stopped: BTreeSet<WorkerId>,
+    /// Models the desired state's workers use.
+    wanted_models: BTreeSet<String>,
 }
 
 struct Client {
@@ -386,6 +388,7 @@ impl Client {
         let mut rates = Rates::default();
         let mut failures = 0u32;
         loop {
+            self.prune_models();
             let beat = self.heartbeat(&mut rates);
             let reported_stops: Vec<WorkerId> = self
                 .book
@@ -551,19 +554,12 @@ impl Client {
                 }
             }
         }
-        // Models no worker serves any more leave the frontend (requests get 404, not 503).
-        let wanted: BTreeSet<&str> = runnable.iter().map(|t| t.model.name.as_str()).collect();
-        let draining: BTreeSet<String> =
-            pool.running().into_iter().map(|w| w.config.model).collect();
-        for name in self.node.models.names() {
-            if !wanted.contains(name.as_str()) && !draining.contains(&name) {
-                self.node.models.remove(&name);
-            }
-        }
         if let Ok(mut book) = self.book.lock() {
             book.unrunnable = unrunnable;
             book.stopped.extend(stopped);
+            book.wanted_models = runnable.iter().map(|t| t.model.name.clone()).collect();
         }
+        self.prune_models();
         self.handle
             .update(|s| s.generation = Some(desired.generation));
         tracing::info!(
@@ -572,6 +568,28 @@ impl Client {
             workers = runnable.len(),
             "desired state applied"
         );
+    }
+
+    /// Models that no desired worker uses and no running (draining) worker still serves leave
+    /// the frontend: their requests get 404 instead of 503. Called after each reconcile and
+    /// with each heartbeat, since retiring workers finish in the background.
+    fn prune_models(&self) {
+        let wanted = match self.book.lock() {
+            Ok(book) => book.wanted_models.clone(),
+            Err(_) => return,
+        };
+        let serving: BTreeSet<String> = self
+            .node
+            .pool
+            .running()
+            .into_iter()
+            .map(|w| w.config.model)
+            .collect();
+        for name in self.node.models.names() {
+            if !wanted.contains(&name) && !serving.contains(&name) {
+                self.node.models.remove(&name);
+            }
+        }
     }
 
     async fn ensure_model(&self, model: &ModelConfig) -> Result<(), String> {
