@@ -268,6 +268,25 @@ describe('admin web UI', { skip: skip || false }, () => {
     await vctx.close();
   });
 
+  it('ends a session whose token an admin revokes', async () => {
+    const token = await cp.token('operator', 'webui-revoked');
+    const octx = await browser.newContext();
+    const o = await octx.newPage();
+    await o.goto(`${cp.base}/ui/`);
+    await o.getByLabel('API token', { exact: true }).fill(token);
+    await o.getByRole('button', { name: 'Sign in' }).click();
+    await o.locator('tr[data-node="gpu-node-1"]').waitFor();
+    await goNav('Tokens');
+    page.once('dialog', (d) => d.accept());
+    await page.getByRole('button', { name: 'Revoke token webui-revoked' }).click();
+    await waitText('tr[data-token="webui-revoked"] [data-col="status"]', /revoked/, 'the revoked badge');
+    // The operator's next poll gets 401: back to sign-in, saying why, token forgotten.
+    await o.getByRole('heading', { name: 'Sign in to kvfleet' }).waitFor({ timeout: 10_000 });
+    assert.match(await text('.form-error', o), /session ended/);
+    assert.equal(await o.evaluate(() => sessionStorage.getItem('kvfleet.token')), null);
+    await octx.close();
+  });
+
   it('is usable on a narrow screen', async () => {
     const narrow = await browser.newContext({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2 });
     const n = await narrow.newPage();
