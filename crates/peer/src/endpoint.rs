@@ -17,7 +17,7 @@ use kvfleet_proto::NodeId;
 use kvfleet_proto::frame::{FrameCodec, FrameKind};
 use kvfleet_proto::peer::{ErrorCode, ErrorMessage, PeerMessage};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
+use quinn::{IdleTimeout, MtuDiscoveryConfig, RecvStream, SendStream, TransportConfig, VarInt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -53,6 +53,10 @@ pub struct PeerConfig {
     pub drain_timeout: Duration,
     /// How long a KV sender waits for the receiver's handshake answer and final receipt.
     pub ack_timeout: Duration,
+    /// Largest UDP payload that path MTU discovery probes for. 1452 (quinn's default) fits any
+    /// Ethernet path; on jumbo-frame fabrics (MTU 9000, usual between GPU servers) 8952 cuts
+    /// per-packet work about sixfold. Discovery falls back if the path does not carry it.
+    pub max_udp_payload: u16,
 }
 
 impl PeerConfig {
@@ -70,12 +74,16 @@ impl PeerConfig {
             keep_alive: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(10),
+            max_udp_payload: 1452,
         }
     }
 
     fn transport(&self) -> Result<TransportConfig, PeerError> {
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload.max(1200));
         let mut transport = TransportConfig::default();
         transport
+            .mtu_discovery_config(Some(mtu))
             .stream_receive_window(VarInt::from_u32(self.stream_window))
             .receive_window(VarInt::from_u32(self.connection_window))
             .send_window(self.send_window)
