@@ -427,4 +427,34 @@ mod tests {
         assert_eq!(text.token_bytes(u32::MAX), b"");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// The same on the real models' tokenizers: SmolLM2 (byte-level BPE from GGUF) and Gemma 3
+    /// (SentencePiece with byte fallback from GGUF), when their files are named.
+    #[test]
+    fn real_tokenizer_pieces_spell_the_encoded_text() {
+        let cases = [
+            ("KVFLEET_SMOLLM2_GGUF", PieceKind::ByteLevel),
+            ("KVFLEET_GEMMA3_GGUF", PieceKind::SentencePiece),
+        ];
+        for (var, kind) in cases {
+            let Ok(path) = std::env::var(var) else {
+                eprintln!("SKIPPED ({var} is not set): the real tokenizer's byte pieces");
+                continue;
+            };
+            let text =
+                NativeText::new(kvfleet_model::load_text(std::path::Path::new(&path)).unwrap());
+            assert_eq!(text.kind, kind, "{var}");
+            for s in [
+                "The capital of France is Paris.",
+                "héllo wörld €5 😀 日本語\n\tok  two  spaces",
+            ] {
+                let ids = text.encode(s).unwrap();
+                let bytes: Vec<u8> = ids
+                    .iter()
+                    .flat_map(|&t| text.token_bytes(t).to_vec())
+                    .collect();
+                assert_eq!(String::from_utf8(bytes).unwrap(), s, "{var}");
+            }
+        }
+    }
 }
