@@ -2,7 +2,8 @@
 //!
 //! Placement (start, drain and stop workers) and liveness (nodes going unhealthy or lost)
 //! record each change as an audit row in the transaction that makes it, with the actor
-//! `placement` or `liveness` (the planner loop will write `planner` rows the same way). The
+//! `placement` or `liveness`; rows of a `planner` actor are included too (no planner loop
+//! writes them yet). The
 //! audit log is admin-only because it also holds who changed tokens; these rows are about
 //! the fleet, so viewers may read them here, newest first, each with a one-line reason and
 //! the deployment and node it concerns (resolved from the worker where the row names one).
