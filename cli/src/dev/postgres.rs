@@ -32,7 +32,7 @@ pub(crate) fn find_bindir() -> Option<PathBuf> {
         .find(|dir| dir.join("pg_ctl").exists() && dir.join("initdb").exists())
 }
 
-/// A cluster this process may have started.
+/// The private cluster (running once [`Cluster::ensure`] returns).
 #[derive(Debug)]
 pub(crate) struct Cluster {
     bindir: PathBuf,
@@ -40,8 +40,6 @@ pub(crate) struct Cluster {
     port: u16,
     /// Whether server commands go through `runuser -u postgres`.
     as_postgres: bool,
-    /// Whether this run started it (and so stops it on exit).
-    pub(crate) started_here: bool,
 }
 
 fn is_root() -> bool {
@@ -57,12 +55,11 @@ impl Cluster {
     /// The cluster under `dir` on `port`, started if needed; its database `kvfleet` exists.
     pub(crate) fn ensure(bindir: PathBuf, dir: &Path, port: u16) -> anyhow::Result<Cluster> {
         let as_postgres = is_root();
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             bindir,
             dir: dir.to_path_buf(),
             port,
             as_postgres,
-            started_here: false,
         };
         let data = cluster.data();
         std::fs::create_dir_all(&cluster.dir)
@@ -113,7 +110,6 @@ impl Cluster {
                     cluster.dir.join("server.log").display()
                 )
             })?;
-            cluster.started_here = true;
         }
         cluster.create_database()?;
         Ok(cluster)
