@@ -71,6 +71,13 @@ async fn forwarded_generate_streams_tokens_and_finish_and_names_both_nodes() -> 
         let first = chunks[0].tokens[0];
         assert_eq!(first, i as u32 + 2, "request {i} got its own answer");
     }
+    let again = client.connection(server.addr, server.node).await?;
+    assert_eq!(again.peer().node_id, server.node);
+    assert_eq!(
+        client.metrics().snapshot().connections_opened,
+        2,
+        "the second call reuses the cached connection"
+    );
     assert_eq!(server.metrics().generate_served, 21);
     assert_eq!(client.metrics().snapshot().generate_forwarded, 21);
     assert_eq!(server.metrics().connections_accepted, 2);
@@ -827,4 +834,50 @@ async fn a_slow_receiver_bounds_what_the_sender_pulls() -> anyhow::Result<()> {
         u64::from(TOTAL)
     );
     server.shutdown().await
+}
+
+/// Shutdown stops accepting, gives in-flight streams the drain deadline, then closes: `serve`
+/// returns even when a generation would never end, and its client sees the connection close.
+#[tokio::test]
+async fn shutdown_drains_with_a_deadline() -> anyhow::Result<()> {
+    let ca = TestCa::new("fleet CA");
+    let server_cert = ca.issue(new_node());
+    let server = Server::start(&server_cert).await?; // drain_timeout: 2 s
+    let client = client(&ca.issue(new_node()))?;
+    let connection = client.connect(server.addr, server.node).await?;
+    let mut stream = connection.generate(&request("endless", vec![1])).await?;
+    assert!(matches!(
+        stream.next().await?,
+        Some(GenerateEvent::Tokens(_))
+    ));
+    let dropped = server.handler.dropped.clone();
+    let started = std::time::Instant::now();
+    server.shutdown().await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "serve returned after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the handler's stream was dropped"
+    );
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.next().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await?;
+    assert!(
+        matches!(
+            ended,
+            Err(PeerError::Connection { .. } | PeerError::Stream(_))
+        ),
+        "{ended:?}"
+    );
+    Ok(())
 }
