@@ -15,6 +15,8 @@
 #     /proc, journald fields, an upgrade restarting the running agent, a clean stop), the
 #     control plane on the test PostgreSQL cluster, and a chat completion from the real model
 #     (SmolLM2 on a CPU worker) when KVFLEET_SMOLLM2_GGUF is set (scripts/test.sh sets it);
+#     then the agent joins the control plane with a join token, and a deployment applied with
+#     the packaged kvfleet CLI is served by the agent (the guide's first deployment and request);
 #   - removes and purges the agent (the shared user and state stay while the control plane is
 #     there), purges the control plane: state, cache, logs, /etc/kvfleet, the user and the unit
 #     links are gone;
@@ -312,6 +314,42 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     after="$(systemctl show -p MainPID --value kvfleet-agent.service)"
     [ "$before" != "$after" ] && [ "$after" != 0 ] && echo "kvfleet-agent restarted by the upgrade"
     systemctl show -p ActiveState kvfleet-agent.service | sed "s/^/kvfleet-agent after upgrade /"
+    if [ -f /root/join-probe ]; then
+        token() { runuser -u kvfleet -- kvfleet-controlplane token create --role "$1" --name "probe-$1" 2>/dev/null; }
+        admin="$(token admin)"
+        # [control_plane] replaces [[workers]] (check-config refuses both).
+        sed -i '/^\[\[workers\]\]/,/^$/d' /etc/kvfleet/agent.toml
+        printf '\n[control_plane]\nurl = "http://127.0.0.1:8080"\njoin_token = "%s"\n' "$(token join)" >>/etc/kvfleet/agent.toml
+        systemctl restart kvfleet-agent.service
+        for _ in $(seq 1 50); do
+            exec 3<>/dev/tcp/127.0.0.1/8080
+            printf 'GET /api/v1/nodes HTTP/1.0\r\nHost: probe\r\nAuthorization: Bearer %s\r\n\r\n' "$admin" >&3
+            nodes="$(cat <&3)"
+            exec 3>&-
+            grep -q '"hostname"' <<<"$nodes" && break
+            sleep 0.2
+        done
+        grep -q '"hostname"' <<<"$nodes" && echo "join node registered"
+        [ -n "$(ls -A /var/lib/kvfleet/agent 2>/dev/null)" ] && echo "join state saved"
+        systemctl show -p ActiveState kvfleet-agent.service | sed "s/^/kvfleet-agent joined /"
+        # The guide's first deployment and first request, with the packaged CLI.
+        export KVFLEET_URL=http://127.0.0.1:8080 KVFLEET_TOKEN="$admin"
+        printf 'name = "probe-mock"\nformat = "mock"\npath = "mock"\n' >/root/model.toml
+        printf 'name = "probe"\nmodel = "probe-mock"\n[placement]\nallow_cpu = true\n' >/root/deployment.toml
+        kvfleet models apply -f /root/model.toml >/dev/null && kvfleet deployments apply -f /root/deployment.toml >/dev/null &&
+            echo "deployment applied with the kvfleet CLI"
+        body='{"model":"probe-mock","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
+        code=
+        for _ in $(seq 1 100); do
+            exec 3<>/dev/tcp/127.0.0.1/8100
+            printf 'POST /v1/chat/completions HTTP/1.0\r\nHost: probe\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s' "${#body}" "$body" >&3
+            code="$(head -n 1 <&3 | cut -d ' ' -f 2)"
+            exec 3>&-
+            [ "$code" = 200 ] && break
+            sleep 0.3
+        done
+        echo "deployment served http $code"
+    fi
     systemctl stop kvfleet-agent.service kvfleet-controlplane.service
     for unit in kvfleet-agent kvfleet-controlplane; do
         systemctl show -p Result -p ExecMainStatus "$unit.service" | sed "s/^/$unit stopped /"
@@ -344,6 +382,17 @@ EOF
     else
         log "the systemd stage runs without the real model: KVFLEET_SMOLLM2_GGUF is not set"
     fi
+    # Joining the control plane, when this agent build has the client ([control_plane] passes
+    # check-config): registration and the node's saved credential under the sandbox.
+    join=0
+    printf '[control_plane]\nurl = "http://127.0.0.1:8080"\njoin_token = "kvf_aaaaaaaaaaaa_%s"\n' \
+        "$(printf 'b%.0s' $(seq 43))" >"$root/tmp/cp-probe.toml"
+    if in_root kvfleet-agent check-config /tmp/cp-probe.toml >/dev/null 2>&1; then
+        join=1
+        touch "$root/root/join-probe"
+    else
+        log "the systemd stage does not join the control plane: this agent build has no [control_plane]"
+    fi
     # (/tmp is a fresh tmpfs once systemd boots the root.)
     cp "$root/tmp/pkgs/kvfleet-agent_upgrade.deb" "$root/root/"
     cat >"$root/etc/systemd/system/kvfleet-probe.service" <<'EOF'
@@ -361,7 +410,7 @@ EOF
         --bind="$pgdir:/run/kvfleet-test-pg" --console=pipe >"$work/boot.log" 2>&1 || true
     rm -f "$root/etc/systemd/system/multi-user.target.wants/kvfleet-probe.service" \
         "$root/etc/systemd/system/kvfleet-probe.service" "$root/usr/local/sbin/kvfleet-probe" \
-        "$root/root/kvfleet-agent_upgrade.deb"
+        "$root/root/kvfleet-agent_upgrade.deb" "$root/root/join-probe" "$root/tmp/cp-probe.toml"
     PGOPTIONS="-c client_min_messages=warning" "$(pg_bindir)/psql" -q -h 127.0.0.1 -p "$pgport" -U postgres -d postgres -c "DROP DATABASE IF EXISTS $db" >/dev/null || true
     if [ ! -s "$root/probe.out" ]; then
         tail -n 15 "$work/boot.log" >&2
@@ -401,6 +450,13 @@ kvfleet-agent stopped ExecMainStatus=0
 kvfleet-controlplane stopped Result=success
 kvfleet-controlplane stopped ExecMainStatus=0
 EOF
+    if [ "$join" = 1 ]; then
+        for expect in "join node registered" "join state saved" "kvfleet-agent joined ActiveState=active" \
+            "deployment applied with the kvfleet CLI" "deployment served http 200"; do
+            grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
+            ok "under systemd, joining the control plane: $expect"
+        done
+    fi
     if [ "$native" = 1 ]; then
         for expect in "native http 200" "native reply has choices"; do
             grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
