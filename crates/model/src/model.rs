@@ -577,19 +577,22 @@ impl Model {
             }
             let inv = (1.0 / sum) as f32;
             // P·V: lane l accumulates positions p with p % w == l, in position order, with
-            // fused multiply-adds (tinyBLAS over the position axis).
-            let mut acc = vec![0f32; hd * w];
+            // fused multiply-adds (tinyBLAS over the position axis). Stored lane-major so
+            // each position is one contiguous (vectorisable) multiply-add over the head.
+            let mut acc = vec![0f32; w * hd];
             for p in lo..=m.pos {
                 let pr = f16::from_f32(scores[p] * inv).to_f32();
-                let slot = p % w;
-                let v = &vc[at(p)..at(p) + hd];
-                for (i, &vi) in v.iter().enumerate() {
-                    let a = &mut acc[i * w + slot];
+                let lane = &mut acc[(p % w) * hd..(p % w + 1) * hd];
+                for (a, &vi) in lane.iter_mut().zip(&vc[at(p)..at(p) + hd]) {
                     *a = pr.mul_add(vi, *a);
                 }
             }
+            let mut lanes = [0f32; 16];
             for (i, oi) in o.iter_mut().enumerate() {
-                *oi = r.hsum(&acc[i * w..(i + 1) * w]);
+                for (l, x) in lanes.iter_mut().enumerate().take(w) {
+                    *x = acc[l * hd + i];
+                }
+                *oi = r.hsum(&lanes[..w]);
             }
         });
     }

@@ -92,6 +92,9 @@ impl BlockQ8Matrix {
                 }
             }
         }
+        for blk in q.chunks_exact_mut(QK) {
+            permute_block(blk);
+        }
         Some(Self {
             rows,
             cols,
@@ -173,16 +176,33 @@ fn hsum8(a: &[f32; 8]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-/// One block's integer dot product as ggml's AVX2 kernels lay it out: lane `j` holds the sum of
-/// elements `4j..4j+4` (`maddubs` + `madd`), exact in i32 and in f32.
+/// Where element `i` of a 32-element block is stored: ggml's AVX2 kernels sum elements
+/// `4j..4j+4` into lane `j` (`maddubs` + `madd`); storing element `4j + k` at `j + 8k` (weights
+/// at load, activations when quantized) lets [`block_lanes`] form exactly those lane sums with
+/// plain strided arithmetic that LLVM vectorises.
+#[inline(always)]
+fn permute_block(b: &mut [i8]) {
+    let src: [i8; QK] = match <[i8; QK]>::try_from(&*b) {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    for j in 0..8 {
+        for k in 0..4 {
+            b[j + 8 * k] = src[4 * j + k];
+        }
+    }
+}
+
+/// One block's integer dot product in ggml's lane layout (see [`permute_block`]): lane `j`
+/// holds the exact sum over original elements `4j..4j+4`, exactly representable in f32.
 #[inline(always)]
 fn block_lanes(w: &[i8; QK], a: &[i8; QK]) -> [f32; 8] {
     let mut s = [0f32; 8];
     for (j, lane) in s.iter_mut().enumerate() {
-        let mut t = 0i32;
-        for k in 0..4 {
-            t += i32::from(w[4 * j + k]) * i32::from(a[4 * j + k]);
-        }
+        let t = i32::from(w[j]) * i32::from(a[j])
+            + i32::from(w[j + 8]) * i32::from(a[j + 8])
+            + i32::from(w[j + 16]) * i32::from(a[j + 16])
+            + i32::from(w[j + 24]) * i32::from(a[j + 24]);
         *lane = t as f32;
     }
     s
@@ -239,6 +259,7 @@ impl QuantizedActs {
             }
             *dd = f16::from_f32(scale).to_f32();
             *ss = f16::from_f32(scale * sum as f32).to_f32();
+            permute_block(qs);
         }
         Self { q, d, s }
     }
