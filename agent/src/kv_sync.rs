@@ -36,6 +36,10 @@ use serde::{Deserialize, Serialize};
 pub struct UploaderConfig {
     /// Events per upload (at most `kvfleet_proto::kv_stream::MAX_BATCH_EVENTS`).
     pub max_batch_events: usize,
+    /// Blocks per upload: a batch closes early once its events name this many blocks, so
+    /// long prompts stay under the control plane's 16 MiB body limit (a batch always carries at
+    /// least one event).
+    pub max_batch_blocks: usize,
     /// Events held while the control plane is slow or unreachable. When full, the oldest
     /// event not yet in flight is dropped (and counted): the control plane then sees a gap in
     /// that worker's ids and applies what follows, so the index misses a few blocks (a routing
@@ -53,6 +57,7 @@ impl Default for UploaderConfig {
     fn default() -> Self {
         Self {
             max_batch_events: 500,
+            max_batch_blocks: kvfleet_proto::kv_stream::MAX_PAGE_BLOCKS,
             max_buffered_events: 100_000,
             linger: Duration::from_millis(20),
             retry_base: Duration::from_millis(100),
@@ -207,13 +212,19 @@ impl Uploader {
         // of a newer one (it goes in the next batch, after the epoch that resets the worker).
         let mut batch_epochs: BTreeMap<WorkerId, u64> = BTreeMap::new();
         let mut events = Vec::new();
+        let mut blocks = 0usize;
         for queued in self.queue.iter().take(self.config.max_batch_events.max(1)) {
+            let size = queued.event.data.block_count();
+            if !events.is_empty() && blocks + size > self.config.max_batch_blocks {
+                break;
+            }
             let epoch = *batch_epochs
                 .entry(queued.event.worker)
                 .or_insert(queued.epoch);
             if epoch != queued.epoch {
                 break;
             }
+            blocks += size;
             events.push(queued.event.clone());
         }
         // Workers with nothing queued announce their current epoch (an engine that restarted
@@ -913,6 +924,7 @@ mod tests {
     fn uploader(max_batch: usize, max_buffered: usize) -> Uploader {
         Uploader::new(UploaderConfig {
             max_batch_events: max_batch,
+            max_batch_blocks: 1_000,
             max_buffered_events: max_buffered,
             linger: ms(20),
             retry_base: ms(100),
@@ -1001,6 +1013,19 @@ mod tests {
         // a gap from 2 to 5 and apply what follows).
         let next = up.poll(ms(50)).unwrap();
         assert_eq!(ids(&next), vec![(1, 5), (1, 6)]);
+    }
+
+    #[test]
+    fn batches_close_early_at_the_block_budget() {
+        // 64-token prompts: 4 blocks per event; the budget is 1,000 blocks.
+        let mut up = uploader(500, 1000);
+        for i in 0..300 {
+            up.push(stored(1, i, 0), ms(0));
+        }
+        let first = up.poll(ms(30)).unwrap();
+        assert_eq!(first.events.len(), 250);
+        up.on_sent(&ok(250));
+        assert_eq!(up.poll(ms(30)).unwrap().events.len(), 50);
     }
 
     #[test]

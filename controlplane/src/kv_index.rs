@@ -57,7 +57,8 @@ use kvfleet_kv_router::{Router, RouterConfig, WorkerCapacity};
 use kvfleet_proto::hash::chain;
 use kvfleet_proto::kv_stream::{
     KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, KvStreamQuery,
-    KvTierBlocks, KvWorkerSnapshot, MAX_BATCH_EVENTS, MAX_STREAM_PAGE, SequencedItem,
+    KvTierBlocks, KvWorkerSnapshot, MAX_BATCH_EVENTS, MAX_PAGE_BLOCKS, MAX_STREAM_PAGE,
+    SequencedItem,
 };
 use kvfleet_proto::{KvEventData, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -407,13 +408,20 @@ impl Core {
             return page;
         }
         let skip = usize::try_from(after - self.oldest_after()).unwrap_or(usize::MAX);
-        page.items = self
-            .log
-            .iter()
-            .skip(skip)
-            .take(limit.max(1))
-            .cloned()
-            .collect();
+        let mut blocks = 0usize;
+        for item in self.log.range(skip.min(self.log.len())..) {
+            let size = match &item.item {
+                KvStreamItem::Event { event } => event.data.block_count(),
+                _ => 0,
+            };
+            if page.items.len() >= limit.max(1)
+                || (!page.items.is_empty() && blocks + size > MAX_PAGE_BLOCKS)
+            {
+                break;
+            }
+            blocks += size;
+            page.items.push(item.clone());
+        }
         if let Some(last) = page.items.last() {
             page.next_after = last.seq;
         }
@@ -1078,6 +1086,7 @@ mod tests {
         );
         assert_eq!((page.next_after, page.head_seq, page.resync), (5, 5, false));
         assert_eq!(core.page(2, 1).items[0].seq, 3);
+        assert_eq!(core.page(2, 1).items.len(), 1);
         assert!(core.page(1, 10).resync, "seq 2 is no longer retained");
         assert!(core.page(6, 10).resync, "ahead of the head");
         let caught_up = core.page(5, 10);
@@ -1100,6 +1109,40 @@ mod tests {
             ),
             Ok(false)
         );
+    }
+
+    #[test]
+    fn pages_are_bounded_by_blocks() {
+        let mut core = Core::new(1_000);
+        // Three events of 10,000 tokens of prompt each: 625 blocks apiece.
+        let long = |event_id: u64| {
+            let tokens: Vec<u32> = (0..10_000).map(|t| t + event_id as u32 * 10_000).collect();
+            KvEvent {
+                worker: WorkerId(1),
+                event_id,
+                tier: Tier::G1,
+                data: KvEventData::Stored {
+                    parent: None,
+                    blocks: block_hashes(&tokens, BlockSize::default()),
+                },
+            }
+        };
+        let per_event = long(0).data.block_count();
+        let fit = MAX_PAGE_BLOCKS / per_event;
+        let events: Vec<KvEvent> = (0..fit as u64 + 2).map(long).collect();
+        let (items, _) = core.plan(
+            &KvEventBatch {
+                epochs: vec![],
+                events,
+            },
+            &live(&[1]),
+        );
+        commit(&mut core, items);
+        let page = core.page(0, MAX_STREAM_PAGE);
+        assert_eq!(page.items.len(), fit);
+        assert_eq!(page.next_after, fit as u64);
+        let rest = core.page(page.next_after, MAX_STREAM_PAGE);
+        assert_eq!(rest.items.len(), 2);
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub const MAX_BATCH_EVENTS: usize = 10_000;
 /// The most items one stream page carries (`limit` is capped to it).
 pub const MAX_STREAM_PAGE: usize = 10_000;
 
+/// A stream page stops early once its events name this many blocks (about 10 MB of JSON), so
+/// long prompts cannot make a page unbounded; it always carries at least one item. Uploads
+/// should stay under it too (the upload body limit is 16 MiB).
+pub const MAX_PAGE_BLOCKS: usize = 200_000;
+
 /// The body of `POST /api/v1/agent/kv-events`: events from the calling node's workers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
