@@ -482,11 +482,11 @@ impl Model {
                     let n = c.intermediate_size;
                     for (row_u, row_g) in u.chunks_exact_mut(n).zip(g.chunks_exact(n)) {
                         for (i, (u, &g)) in row_u.iter_mut().zip(row_g).enumerate() {
-                            *u = r.silu(g, i, n) * *u;
+                            *u *= r.silu(g, i, n);
                         }
                     }
                 }
-                Activation::GeluTanh => u.iter_mut().zip(&g).for_each(|(u, &g)| *u = gelu(g) * *u),
+                Activation::GeluTanh => u.iter_mut().zip(&g).for_each(|(u, &g)| *u *= gelu(g)),
             }
             trace("ffn_act", li, &u);
             let mut d = layer.down.forward(&u, t)?;
