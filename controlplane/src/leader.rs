@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -116,8 +117,24 @@ async fn placement_loop(state: AppState, mut stop: watch::Receiver<bool>) {
 }
 
 async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    // Silence is only counted from when this replica started watching: after an outage of the
+    // whole control plane every node's last heartbeat is old, but the nodes did nothing wrong.
+    let watching_since = loop {
+        match sqlx::query_scalar::<_, DateTime<Utc>>("SELECT now()")
+            .fetch_one(&state.pool)
+            .await
+        {
+            Ok(now) => break now,
+            Err(error) => tracing::warn!(%error, "liveness: reading the database clock failed"),
+        }
+        if sleep_or_shutdown(state.config.liveness.check_interval, &mut stop).await {
+            return;
+        }
+    };
     loop {
-        if let Err(error) = liveness_pass(&state.pool, &state.config.liveness).await {
+        if let Err(error) =
+            liveness_pass(&state.pool, &state.config.liveness, watching_since).await
+        {
             tracing::warn!(%error, "liveness pass failed");
         }
         if sleep_or_shutdown(state.config.liveness.check_interval, &mut stop).await {
@@ -138,15 +155,21 @@ async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
 }
 
 /// Applies liveness transitions; returns how many nodes changed state.
+///
+/// Silence is measured from the later of the node's last heartbeat and `watching_since` (when
+/// the calling leader started watching, on the database clock): a control plane that was down
+/// could not have received heartbeats, so its outage must not make every node lost.
 pub async fn liveness_pass(
     pool: &PgPool,
     config: &crate::config::LivenessConfig,
+    watching_since: DateTime<Utc>,
 ) -> Result<usize, sqlx::Error> {
     let rows: Vec<(Uuid, String, f64)> = sqlx::query_as(
         "SELECT id, state,
-                EXTRACT(EPOCH FROM now() - coalesce(last_heartbeat_at, state_changed_at))::float8
+                EXTRACT(EPOCH FROM now() - greatest(coalesce(last_heartbeat_at, state_changed_at), $1))::float8
          FROM nodes WHERE state NOT IN ('removed', 'lost')",
     )
+    .bind(watching_since)
     .fetch_all(pool)
     .await?;
     let mut changed = 0;
@@ -162,12 +185,14 @@ pub async fn liveness_pass(
         let updated = sqlx::query(
             "UPDATE nodes SET state = $3, state_changed_at = now(), updated_at = now()
              WHERE id = $1 AND state = $2
-               AND now() - coalesce(last_heartbeat_at, state_changed_at) >= make_interval(secs => $4)",
+               AND now() - greatest(coalesce(last_heartbeat_at, state_changed_at), $5)
+                   >= make_interval(secs => $4)",
         )
         .bind(node)
         .bind(current.as_str())
         .bind(next.as_str())
         .bind(threshold.as_secs_f64())
+        .bind(watching_since)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -235,6 +235,35 @@ async fn silent_nodes_become_unhealthy_then_lost_and_their_workers_move(pool: Pg
 }
 
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn a_control_plane_outage_does_not_make_every_node_lost(pool: PgPool) {
+    let mut config = test_config();
+    short_liveness(&mut config);
+    let server = start(&pool, config.clone()).await;
+    let join = token(&pool, Role::Join).await;
+    let operator = token(&pool, Role::Operator).await;
+    let (node, agent, _) = register(&server, &join, "patient", 1).await;
+    post(&server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(node_state(&server, &operator, &node).await, "healthy");
+    server.stop().await;
+    // The whole control plane was down for an hour: the node's last heartbeat is that old.
+    sqlx::query("UPDATE nodes SET last_heartbeat_at = now() - interval '1 hour'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let server = start(&pool, config).await;
+    // Several liveness passes run in this time (every 100 ms), well before `unhealthy_after`
+    // counted from the restart; silence from the old heartbeat would say "lost" at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(node_state(&server, &operator, &node).await, "healthy");
+    // A node that stays silent after the restart still goes unhealthy, then lost.
+    eventually(Duration::from_secs(5), "lost after the restart", || async {
+        (node_state(&server, &operator, &node).await == "lost").then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn drain_moves_workers_and_remove_revokes_the_node(pool: PgPool) {
     let server = start(&pool, test_config()).await;
     let join = token(&pool, Role::Join).await;
