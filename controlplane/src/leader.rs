@@ -132,8 +132,7 @@ async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         }
     };
     loop {
-        if let Err(error) =
-            liveness_pass(&state.pool, &state.config.liveness, watching_since).await
+        if let Err(error) = liveness_pass(&state.pool, &state.config.liveness, watching_since).await
         {
             tracing::warn!(%error, "liveness pass failed");
         }
