@@ -11,7 +11,12 @@
 //! drops its own): `source scripts/lib/common.sh && ensure_test_postgres`. Without it the tests
 //! print why and skip.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    unreachable_pub
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -486,6 +491,25 @@ async fn a_deployment_applied_through_the_api_runs_on_both_agents() {
         openai_sdk(&b).await;
     }
 
+    // The workers' KV events reach the control plane's index (the prompt fills several
+    // 16-token blocks).
+    let long = "a prompt long enough to fill a few KV blocks of sixteen tokens each ".repeat(2);
+    for agent in [&a, &b] {
+        assert_completion(&agent.name, &complete(agent.addr, &long).await);
+    }
+    wait_for(
+        "KV blocks in the control plane's index",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) =
+                api(reqwest::Method::GET, &cp.url("/kv/stats"), &admin, None).await;
+            status == StatusCode::OK
+                && body["workers"].as_u64() >= Some(2)
+                && body["blocks"].as_u64() > Some(0)
+        },
+    )
+    .await;
+
     // Heartbeat metrics reach the control plane (request rate, KV blocks) for the workers.
     let worker_id = workers[0]["id"].as_i64().unwrap();
     wait_for(
@@ -521,12 +545,16 @@ async fn a_deployment_applied_through_the_api_runs_on_both_agents() {
         || async { a.workers() == 0 && b.workers() == 0 },
     )
     .await;
-    for agent in [&a, &b] {
-        assert_eq!(
-            complete(agent.addr, "still there?").await.0,
-            StatusCode::NOT_FOUND
-        );
-    }
+    // Then the model leaves the frontends (within a heartbeat): 404, not 503.
+    wait_for(
+        "the model to leave both frontends",
+        Duration::from_secs(10),
+        || async {
+            complete(a.addr, "still there?").await.0 == StatusCode::NOT_FOUND
+                && complete(b.addr, "still there?").await.0 == StatusCode::NOT_FOUND
+        },
+    )
+    .await;
 
     a.stop().await;
     b.stop().await;

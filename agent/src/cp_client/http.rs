@@ -7,6 +7,7 @@ use kvfleet_proto::api::{
     DesiredState, Heartbeat, HeartbeatResponse, IssuedCertificate, RegisterRequest,
     RegisterResponse, RenewRequest,
 };
+use kvfleet_proto::kv_stream::{KvEventBatch, KvEventBatchResult};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
@@ -137,6 +138,21 @@ impl Api {
             .bearer_auth(bearer)
             .timeout(self.timeout)
             .json(request);
+        self.send(call).await
+    }
+
+    /// `POST /api/v1/agent/kv-events`: one batch of this node's KV events.
+    pub async fn upload_kv_events(
+        &self,
+        bearer: &str,
+        batch: &KvEventBatch,
+    ) -> Result<KvEventBatchResult, CpError> {
+        let call = self
+            .client
+            .post(self.url("/api/v1/agent/kv-events"))
+            .bearer_auth(bearer)
+            .timeout(self.timeout)
+            .json(batch);
         self.send(call).await
     }
 

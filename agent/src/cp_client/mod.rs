@@ -11,7 +11,10 @@
 //! kept here), and run a session of two concurrent loops — heartbeats every few seconds (worker
 //! states, request and token rates, KV blocks, GPU figures; certificate renewal when two thirds
 //! of its lifetime have passed) and the desired-state long poll, whose every new generation is
-//! reconciled into the [`WorkerPool`] and saved. Any failure to reach the control plane is
+//! reconciled into the [`WorkerPool`] and saved. A third loop uploads the workers' KV events
+//! (the [`crate::kv_sync::Uploader`] state machine: bounded batches, one in flight, in-order
+//! retries, an engine epoch per worker start) so the control plane's KV index knows what every
+//! worker caches. Any failure to reach the control plane is
 //! retried with jittered exponential backoff while the workers keep serving; a refused
 //! credential (the node was removed) ends the session and, with a join token at hand, the node
 //! joins again as a new node.
@@ -138,6 +141,19 @@ struct Client {
     wake: Notify,
     /// Serializes reconciles (the watch loop and the boot-time apply).
     apply_lock: tokio::sync::Mutex<()>,
+    /// The KV upload state, kept across sessions so events queued during an outage go out
+    /// when the control plane returns.
+    kv: tokio::sync::Mutex<KvUpload>,
+}
+
+/// The KV event uploader and the pool subscription that feeds it.
+struct KvUpload {
+    uploader: crate::kv_sync::Uploader,
+    events: tokio::sync::broadcast::Receiver<kvfleet_proto::KvEvent>,
+    /// Per worker: the process start count last seen and the epoch announced for it.
+    epochs: BTreeMap<WorkerId, (u64, u64)>,
+    /// The uploader's clock starts here.
+    origin: tokio::time::Instant,
 }
 
 /// Prepares the client (state directory, peer key, HTTP client) and returns the future that
@@ -152,9 +168,10 @@ pub fn start(
     let key = load_or_create_key(&state)?;
     let api = Api::new(&config.url, config.request_timeout)?;
     let handle = Handle::default();
+    let kv_events = node.pool.subscribe_kv_events();
     let client = Arc::new(Client {
         config,
-        node,
+        node: node.clone(),
         api,
         state,
         key,
@@ -162,6 +179,12 @@ pub fn start(
         book: Mutex::new(Book::default()),
         wake: Notify::new(),
         apply_lock: tokio::sync::Mutex::new(()),
+        kv: tokio::sync::Mutex::new(KvUpload {
+            uploader: crate::kv_sync::Uploader::new(crate::kv_sync::UploaderConfig::default()),
+            events: kv_events,
+            epochs: BTreeMap::new(),
+            origin: tokio::time::Instant::now(),
+        }),
     });
     Ok((handle, run(client, stop)))
 }
@@ -215,6 +238,7 @@ async fn run(client: Arc<Client>, stop: CancellationToken) {
         let ended = tokio::select! {
             ended = client.heartbeat_loop(&identity) => ended,
             ended = client.watch_loop(&identity) => ended,
+            ended = client.kv_upload_loop(&identity) => ended,
             () = stop.cancelled() => return,
         };
         // The credential was refused: the node was removed (or its credential revoked).
@@ -470,6 +494,98 @@ impl Client {
                     }
                 }
             }
+        }
+    }
+
+    /// Uploads the workers' KV events until the credential is refused (the returned error).
+    async fn kv_upload_loop(&self, identity: &Identity) -> CpError {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let mut kv = self.kv.lock().await;
+        loop {
+            let now = kv.origin.elapsed();
+            self.refresh_epochs(&mut kv);
+            loop {
+                match kv.events.try_recv() {
+                    Ok(event) => kv.uploader.push(event, now),
+                    // Lost events show up as a gap in the worker's ids at the control plane,
+                    // which applies what follows: a few blocks missing from the index.
+                    Err(TryRecvError::Lagged(n)) => {
+                        tracing::warn!(lost = n, "KV events dropped: the upload fell behind");
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                }
+            }
+            if let Some(batch) = kv.uploader.poll(now) {
+                match self
+                    .api
+                    .upload_kv_events(&identity.credential, &batch)
+                    .await
+                {
+                    Ok(result) => kv.uploader.on_sent(&result),
+                    Err(e @ CpError::Unauthorized(_)) => return e,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "KV event upload failed; retrying");
+                        let now = kv.origin.elapsed();
+                        kv.uploader.on_failed(e.is_transient(), now);
+                    }
+                }
+                continue;
+            }
+            let wait = kv
+                .uploader
+                .next_wakeup()
+                .map_or(Duration::from_millis(500), |at| {
+                    at.saturating_sub(kv.origin.elapsed())
+                })
+                .clamp(Duration::from_millis(5), Duration::from_millis(500));
+            // Wake for the next event, or when a batch or retry falls due; the 500 ms cap
+            // also picks up engine restarts (new epochs) without events.
+            let KvUpload {
+                uploader,
+                events,
+                origin,
+                ..
+            } = &mut *kv;
+            tokio::select! {
+                received = events.recv() => match received {
+                    Ok(event) => uploader.push(event, origin.elapsed()),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(lost = n, "KV events dropped: the upload fell behind");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep(wait).await;
+                    }
+                },
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Announces a new engine epoch for every worker whose process (re)started, and forgets
+    /// workers that left the pool. Epochs are wall-clock milliseconds, so they grow across
+    /// agent restarts too.
+    fn refresh_epochs(&self, kv: &mut KvUpload) {
+        let statuses = self.node.pool.workers();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for w in &statuses {
+            let known = kv.epochs.get(&w.id).copied();
+            if known.is_none_or(|(starts, _)| starts != w.starts) && w.starts > 0 {
+                let epoch = known.map_or(now_ms, |(_, e)| now_ms.max(e + 1));
+                kv.epochs.insert(w.id, (w.starts, epoch));
+                kv.uploader.set_epoch(w.id, epoch);
+            }
+        }
+        let gone: Vec<WorkerId> = kv
+            .epochs
+            .keys()
+            .filter(|id| !statuses.iter().any(|w| w.id == **id))
+            .copied()
+            .collect();
+        for id in gone {
+            kv.epochs.remove(&id);
+            kv.uploader.forget_worker(id);
         }
     }
 
