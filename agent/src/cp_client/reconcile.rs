@@ -157,7 +157,10 @@ pub fn targets(
                 role: role(worker.role),
             },
             model,
-            draining: worker.desired_state == DesiredWorkerState::Draining || desired.draining,
+            // Per worker only: a draining node's workers keep serving until the control plane
+            // drains each one, after its replacement elsewhere is up (this node's frontend has
+            // no other worker to send their requests to).
+            draining: worker.desired_state == DesiredWorkerState::Draining,
         });
     }
     (targets, unrunnable)
@@ -402,7 +405,10 @@ mod tests {
         let mut desired = state(vec![desired_worker(1, WorkerRole::Aggregated, None)]);
         desired.draining = true;
         let (t, _) = targets(&desired, &[], &[]);
-        assert!(t[0].draining, "a draining node drains every worker");
+        assert!(!t[0].draining, "a draining node's workers drain one by one, when told");
+        desired.workers[0].desired_state = DesiredWorkerState::Draining;
+        let (t, _) = targets(&desired, &[], &[]);
+        assert!(t[0].draining);
         desired.draining = false;
         desired.workers[0].desired_state = DesiredWorkerState::Stopped;
         let (t, u) = targets(&desired, &[], &[]);
