@@ -114,3 +114,51 @@ async fn workers_start_stop_drain_and_change_role_at_runtime() {
     assert_eq!(chat_status(&agent).await, 200);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_worker_finishes_its_requests_first() {
+    // 20 ms per token: a 30-token answer takes about 600 ms.
+    let agent = TestAgent::start(&format!(
+        "{}[[workers]]\nmodel = \"m\"\ndevice = \"cpu\"\n",
+        model("m", 20_000, 256)
+    ))
+    .await;
+    let pool = agent.running.pool.clone();
+    let request = {
+        let client = agent.client.clone();
+        let url = format!("http://{}/v1/chat/completions", agent.addr);
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .json(
+                    &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 30}),
+                )
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap();
+            (status, body)
+        })
+    };
+    wait("the request to reach the worker", || {
+        agent
+            .running
+            .pool
+            .workers()
+            .first()
+            .is_some_and(|w| w.outstanding == 1)
+    })
+    .await;
+    assert!(pool.retire_worker(WorkerId(1), Duration::from_secs(30)));
+    // Draining at once: no new work...
+    assert_eq!(state(&agent, 1).map(|s| s.0), Some(WorkerState::Draining));
+    assert_eq!(chat_status(&agent).await, 503);
+    // ...but the request in flight completes, and only then does the worker go.
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 30, "{body}");
+    wait("worker 1 gone", || state(&agent, 1).is_none()).await;
+    agent.stop().await.unwrap();
+}
