@@ -32,6 +32,7 @@ pub mod executor;
 mod ggml_math;
 pub mod gguf;
 pub mod inspect;
+mod kquant;
 pub mod kv_cache;
 pub mod model;
 mod qmatmul;

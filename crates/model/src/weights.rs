@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Architecture;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::kquant::KQuantMatrix;
 use crate::qmatmul::BlockQ8Matrix;
 
 struct StTensor {
@@ -182,6 +183,8 @@ pub(crate) enum LinearKind {
     Candle(QMatMul),
     /// Our kernel for the 32-element block types.
     Blocks(BlockQ8Matrix),
+    /// Our Q4_K / Q6_K kernel (llama.cpp's rounding).
+    KQuant(KQuantMatrix),
 }
 
 /// A weight matrix `[out, in]` ready for `x @ W^T`, plus an optional bias.
@@ -199,6 +202,7 @@ impl Linear {
         debug_assert_eq!(x.len(), t * self.inp);
         let mut y = match &self.kind {
             LinearKind::Blocks(b) => b.matmul(x, t),
+            LinearKind::KQuant(b) => b.matmul(x, t),
             LinearKind::Candle(w) => {
                 let xt = Tensor::from_slice(x, (t, self.inp), &Device::Cpu)?;
                 let y = candle_core::Module::forward(w, &xt)?;
@@ -255,9 +259,12 @@ impl Weights {
             Weights::Gguf(g) => {
                 let (info, bytes) = g.raw(name)?;
                 check_shape(name, &info.shape, &[out, inp])?;
-                match BlockQ8Matrix::from_ggml(info.type_id, bytes, out, inp) {
-                    Some(b) => LinearKind::Blocks(b),
-                    None => LinearKind::Candle(QMatMul::from_arc(g.qtensor(name)?)?),
+                if let Some(b) = BlockQ8Matrix::from_ggml(info.type_id, bytes, out, inp) {
+                    LinearKind::Blocks(b)
+                } else if let Some(b) = KQuantMatrix::from_ggml(info.type_id, bytes, out, inp) {
+                    LinearKind::KQuant(b)
+                } else {
+                    LinearKind::Candle(QMatMul::from_arc(g.qtensor(name)?)?)
                 }
             }
             Weights::Safetensors(s) => {

@@ -5,8 +5,8 @@
 //! golden files (`ggml_math`), and every case's greedy tokens and first-position top-5
 //! log-probabilities equal the golden ones (to the golden file's printed precision).
 //!
-//! Gemma 3's K-quant matmuls (Q4_K, Q6_K) still run in candle, whose kernels round differently
-//! from llama.cpp's repacked ones, so its figures are the measured level, as a regression
+//! Gemma 3's K-quant matmuls (Q4_K, Q6_K) are not yet bit-equal to llama.cpp's in every case
+//! (see crates/model/src/kquant.rs), so its figures are the measured level, as a regression
 //! guard: per case,
 //! - the first greedy token equals llama.cpp's, except where llama.cpp's own top two are a
 //!   near-tie (< `NEAR_TIE` nats apart), where ours must be its runner-up;
@@ -14,7 +14,7 @@
 //! - first-position top-5 log-probabilities are within a per-model tolerance.
 //!
 //! The targets are 80 % and 0.25 nats; the measured figures (printed by these tests,
-//! recorded in docs/benchmarks.md) are SmolLM2 8/8 and max 0.000, Gemma 3 5/5 and max 0.47.
+//! recorded in docs/benchmarks.md) are SmolLM2 8/8 and max 0.000, Gemma 3 5/5 and max 0.31.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod common;
@@ -219,7 +219,7 @@ fn gemma3_greedy_and_logprobs_match_llama_cpp() {
     let expect = Expect {
         min_cases: 5,
         tokens: 8,
-        logprob_tol: 0.5,
+        logprob_tol: 0.35,
         near_tie_ok: true,
     };
     check_generation(model, &golden, &expect);
