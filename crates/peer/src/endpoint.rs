@@ -54,8 +54,9 @@ pub struct PeerConfig {
     /// How long a KV sender waits for the receiver's handshake answer and final receipt.
     pub ack_timeout: Duration,
     /// Largest UDP payload that path MTU discovery probes for. 1452 (quinn's default) fits any
-    /// Ethernet path; on jumbo-frame fabrics (MTU 9000, usual between GPU servers) 8952 cuts
-    /// per-packet work about sixfold. Discovery falls back if the path does not carry it.
+    /// Ethernet path; jumbo-frame fabrics (MTU 9000) may carry 8952 with fewer packets per
+    /// byte, but on loopback it showed no gain (docs/benchmarks.md): measure before raising it.
+    /// Discovery falls back if the path does not carry it.
     pub max_udp_payload: u16,
 }
 
