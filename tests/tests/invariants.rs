@@ -45,6 +45,8 @@ fn nothing_depends_on_sim_or_tests() {
         "kvfleet-engine",
         "kvfleet-kv-router",
         "kvfleet-planner",
+        "kvfleet-peer",
+        "kvfleet-model",
         "kvfleet-agent",
         "kvfleet-controlplane",
     ] {

@@ -30,7 +30,7 @@ use futures_util::{Stream, StreamExt};
 use kvfleet_proto::frame::{FrameError, FrameKind};
 use kvfleet_proto::peer::{
     ErrorCode, ErrorMessage, GenerateRequest, KV_BLOCK_HEADER_LEN, KvBlockHeader, KvDone,
-    KvHandshake, PeerMessage, checked_block_bytes, kv_block_frame_prefix,
+    KvHandshake, PeerMessage, kv_block_frame_prefix,
 };
 use kvfleet_proto::{KvLayout, SequenceHash};
 use quinn::{RecvStream, SendStream};
@@ -200,7 +200,8 @@ impl PeerConnection {
         };
         let hello =
             PeerMessage::KvHandshake(handshake.clone()).to_frame_bytes(&self.shared.kv_codec)?;
-        let block_bytes = checked_block_bytes(layout)
+        let block_bytes = layout
+            .checked_block_bytes()
             .ok_or_else(|| PeerError::Identity("the KV layout has no valid block size".into()))?;
         let source = Mutex::new(blocks);
         let streams = options.streams.max(1);
@@ -460,7 +461,7 @@ pub(crate) async fn serve<S: BlockSink>(
         return;
     }
     // The handshake was validated on decode, so this is Some.
-    let block_bytes = checked_block_bytes(&ours).unwrap_or(0);
+    let block_bytes = ours.checked_block_bytes().unwrap_or(0);
     let echo = PeerMessage::KvHandshake(handshake.clone());
     if let Err(failure) = wire::write_message(&mut send, codec, &echo).await {
         metrics.count_error(ErrorKind::Stream);

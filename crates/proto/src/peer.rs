@@ -59,20 +59,6 @@ pub fn block_checksum(data: &[u8]) -> u64 {
     xxh3_64_with_seed(data, BLOCK_CHECKSUM_SEED)
 }
 
-/// Bytes of one block in `layout`, or `None` when the layout is degenerate (a zero dimension) or
-/// so large that computing it overflows. [`KvLayout::block_bytes`] trusts its input; a layout
-/// from a peer goes through this instead.
-pub fn checked_block_bytes(layout: &KvLayout) -> Option<u64> {
-    if layout.layers == 0 || layout.kv_heads == 0 || layout.head_dim == 0 {
-        return None;
-    }
-    2u64.checked_mul(u64::from(layout.layers))?
-        .checked_mul(u64::from(layout.kv_heads))?
-        .checked_mul(u64::from(layout.head_dim))?
-        .checked_mul(u64::from(layout.block_size.get()))?
-        .checked_mul(layout.dtype.size() as u64)
-}
-
 /// Why bytes from a peer are not a valid peer message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PeerWireError {
@@ -375,7 +361,7 @@ impl KvHandshake {
         let kind = FrameKind::KvLayout;
         check_len(kind, "request_id", &self.request_id, MAX_ID_LEN)?;
         check_len(kind, "layout.model", &self.layout.model, MAX_MODEL_LEN)?;
-        match checked_block_bytes(&self.layout) {
+        match self.layout.checked_block_bytes() {
             Some(bytes) if bytes <= u64::from(u32::MAX) => Ok(()),
             Some(bytes) => Err(invalid(
                 kind,

@@ -156,13 +156,23 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// Bytes of one block: K and V, every layer.
+    /// Bytes of one block: K and V, every layer. Saturates instead of overflowing; a layout that
+    /// came from outside (a peer's handshake) is checked with [`KvLayout::checked_block_bytes`].
     pub fn block_bytes(&self) -> usize {
-        2 * self.layers as usize
-            * self.kv_heads as usize
-            * self.head_dim as usize
-            * self.block_size.tokens()
-            * self.dtype.size()
+        self.checked_block_bytes()
+            .map_or(0, |bytes| usize::try_from(bytes).unwrap_or(usize::MAX))
+    }
+
+    /// Bytes of one block, or `None` when a dimension is zero or the product overflows `u64`.
+    pub fn checked_block_bytes(&self) -> Option<u64> {
+        if self.layers == 0 || self.kv_heads == 0 || self.head_dim == 0 {
+            return None;
+        }
+        2u64.checked_mul(u64::from(self.layers))?
+            .checked_mul(u64::from(self.kv_heads))?
+            .checked_mul(u64::from(self.head_dim))?
+            .checked_mul(self.block_size.tokens() as u64)?
+            .checked_mul(self.dtype.size() as u64)
     }
 
     /// The first field in which `other` differs, with both values, or `None` when they match.
