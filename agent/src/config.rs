@@ -840,18 +840,6 @@ fn absolute(key: &str, text: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// What the control plane accepts as a hostname.
-fn valid_hostname(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 253
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
-}
-
 fn parse_role(text: &str) -> Result<Role, String> {
     match text {
         "aggregated" => Ok(Role::Aggregated),
@@ -1432,7 +1420,7 @@ impl Checker<'_> {
                      run here; remove the [[workers]] entries",
                 );
             }
-            if !valid_hostname(&config.node_name) {
+            if !kvfleet_proto::api::valid_hostname(&config.node_name) {
                 self.problem(
                     Location::Default,
                     format!(

@@ -30,20 +30,9 @@ use crate::auth::{self, Principal, Role};
 use crate::ca::{CaError, Subject};
 use crate::store::{self, AuditEntry};
 
-fn valid_hostname(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 253
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
-}
-
 fn validate_register(request: &RegisterRequest) -> Vec<InvalidParam> {
     let mut problems = Vec::new();
-    if !valid_hostname(&request.hostname) {
+    if !kvfleet_proto::api::valid_hostname(&request.hostname) {
         problems.push(InvalidParam::new("hostname", "must be a DNS hostname"));
     }
     if request.cpu_slots < 0 {
@@ -654,7 +643,7 @@ mod tests {
                 "gpus[1].memory_total_bytes"
             ]
         );
-        assert!(valid_hostname("gpu-node-01.dc1"));
-        assert!(!valid_hostname("-x"));
+        assert!(kvfleet_proto::api::valid_hostname("gpu-node-01.dc1"));
+        assert!(!kvfleet_proto::api::valid_hostname("-x"));
     }
 }

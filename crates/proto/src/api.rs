@@ -486,6 +486,20 @@ pub struct AgentPublicKey {
     pub public_key: String,
 }
 
+/// Whether `name` is acceptable as a node's hostname ([`RegisterRequest::hostname`]): 1–253
+/// letters, digits, `.` and `-`, starting and ending with a letter or digit. The agent checks its
+/// configured name with this before registering, the control plane checks what it receives.
+pub fn valid_hostname(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
+}
+
 /// `POST /api/v1/agent/register`, with a join token (a new node) or the node's agent
 /// credential (a restart: inventory refreshed, same node id).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
