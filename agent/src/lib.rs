@@ -13,6 +13,7 @@
 //! - [`logging`]: `tracing` output, text or JSON.
 //! - [`kv_sync`]: the KV event pipeline's agent side (batched uploads, following the control
 //!   plane's stream into a router), as state machines the control-plane client drives.
+//! - [`fleet`]: the fleet-wide KV router the control-plane client keeps current.
 //!
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
 //! inventory and the built binary as the worker program. With `[control_plane]` the
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod cp_client;
 pub mod dbus;
+pub mod fleet;
 pub mod frontend;
 pub mod gpu;
 pub mod kv_sync;
@@ -132,6 +134,8 @@ pub struct Running {
     pub models: Arc<ModelRegistry>,
     /// The control-plane client, in control-plane mode.
     pub control_plane: Option<cp_client::Handle>,
+    /// The fleet-wide KV router, in control-plane mode.
+    pub fleet: Option<Arc<fleet::FleetRouter>>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
@@ -183,13 +187,20 @@ pub async fn serve_with(
         deps.worker.clone(),
         tokenizer.vocab_size(),
     );
+    // With a control plane, every frontend routes over the whole fleet's KV index.
+    let fleet = config
+        .control_plane
+        .as_ref()
+        .map(|_| Arc::new(fleet::FleetRouter::new(kvfleet_kv_router::RoutingMode::Kv)));
     let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), pool.clone());
     frontend.inventory = Some(deps.inventory.clone());
+    frontend.fleet = fleet.clone();
     let frontend = Arc::new(frontend);
     let cp_stop = CancellationToken::new();
     let control_plane = match &config.control_plane {
         Some(cp) => {
-            let node = control_plane_node(&config, cp, addr, &deps, &pool, &models);
+            let mut node = control_plane_node(&config, cp, addr, &deps, &pool, &models);
+            node.fleet = fleet.clone();
             let (handle, client) = cp_client::start(cp.clone(), node, cp_stop.clone())
                 .context("starting the control-plane client")?;
             tracing::info!(url = %cp.url, state_dir = %cp.state_dir.display(),
@@ -203,6 +214,7 @@ pub async fn serve_with(
         pool: pool.clone(),
         models,
         control_plane: control_plane.as_ref().map(|(handle, _)| handle.clone()),
+        fleet: fleet.clone(),
     });
 
     let stop_http = CancellationToken::new();
@@ -299,6 +311,7 @@ fn control_plane_node(
         pool: pool.clone(),
         models: models.clone(),
         inventory: deps.inventory.clone(),
+        fleet: None,
     }
 }
 

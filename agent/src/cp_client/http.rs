@@ -7,7 +7,7 @@ use kvfleet_proto::api::{
     DesiredState, Heartbeat, HeartbeatResponse, IssuedCertificate, RegisterRequest,
     RegisterResponse, RenewRequest,
 };
-use kvfleet_proto::kv_stream::{KvEventBatch, KvEventBatchResult};
+use kvfleet_proto::kv_stream::{KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamPage};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
@@ -153,6 +153,38 @@ impl Api {
             .bearer_auth(bearer)
             .timeout(self.timeout)
             .json(batch);
+        self.send(call).await
+    }
+
+    /// `GET /api/v1/agent/kv-snapshot`: the whole fleet KV index as of one stream position.
+    pub async fn kv_snapshot(&self, bearer: &str) -> Result<KvSnapshot, CpError> {
+        let call = self
+            .client
+            .get(self.url("/api/v1/agent/kv-snapshot"))
+            .bearer_auth(bearer)
+            // A snapshot of a large fleet is big: give it the long-poll allowance too.
+            .timeout(self.timeout * 4);
+        self.send(call).await
+    }
+
+    /// `GET /api/v1/agent/kv-stream?after=..&wait_s=..`: the changes after `after`, waiting up
+    /// to `wait` when there are none.
+    pub async fn kv_stream(
+        &self,
+        bearer: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<KvStreamPage, CpError> {
+        let url = format!(
+            "{}?after={after}&wait_s={}",
+            self.url("/api/v1/agent/kv-stream"),
+            wait.as_secs()
+        );
+        let call = self
+            .client
+            .get(url)
+            .bearer_auth(bearer)
+            .timeout(self.timeout + wait);
         self.send(call).await
     }
 

@@ -48,6 +48,9 @@ use crate::frontend::models::ModelRegistry;
 use crate::gpu::{GpuInfo, Inventory};
 use crate::worker::WorkerPool;
 
+/// How long one KV stream request waits for news at the control plane.
+const KV_STREAM_WAIT: Duration = Duration::from_secs(5);
+
 /// What the client needs from the rest of the agent.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -67,6 +70,9 @@ pub struct Node {
     pub models: Arc<ModelRegistry>,
     /// The GPUs.
     pub inventory: Arc<dyn Inventory>,
+    /// The fleet router to keep current from the control plane's KV stream (`None`: no
+    /// follower runs).
+    pub fleet: Option<Arc<crate::fleet::FleetRouter>>,
 }
 
 /// What the client observed, for tests and status output.
@@ -144,6 +150,8 @@ struct Client {
     /// The KV upload state, kept across sessions so events queued during an outage go out
     /// when the control plane returns.
     kv: tokio::sync::Mutex<KvUpload>,
+    /// The KV stream follower; kept across sessions so a re-registration continues the stream.
+    follower: tokio::sync::Mutex<crate::kv_sync::Follower>,
 }
 
 /// The KV event uploader and the pool subscription that feeds it.
@@ -185,6 +193,9 @@ pub fn start(
             epochs: BTreeMap::new(),
             origin: tokio::time::Instant::now(),
         }),
+        follower: tokio::sync::Mutex::new(crate::kv_sync::Follower::new(
+            crate::kv_sync::FollowerConfig::default(),
+        )),
     });
     Ok((handle, run(client, stop)))
 }
@@ -239,6 +250,7 @@ async fn run(client: Arc<Client>, stop: CancellationToken) {
             ended = client.heartbeat_loop(&identity) => ended,
             ended = client.watch_loop(&identity) => ended,
             ended = client.kv_upload_loop(&identity) => ended,
+            ended = client.kv_follow_loop(&identity) => ended,
             () = stop.cancelled() => return,
         };
         // The credential was refused: the node was removed (or its credential revoked).
@@ -558,6 +570,68 @@ impl Client {
                 },
                 () = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// Follows the control plane's KV stream into the fleet router (snapshot, then the
+    /// sequenced stream; approximate routing while the control plane is away), and keeps this
+    /// node's workers registered in it, until the credential is refused (the returned error).
+    /// Without a fleet router it waits forever.
+    async fn kv_follow_loop(&self, identity: &Identity) -> CpError {
+        use crate::kv_sync::{Follower, FollowerRequest, PageOutcome};
+        let Some(fleet) = self.node.fleet.clone() else {
+            return std::future::pending().await;
+        };
+        let mut follower = self.follower.lock().await;
+        let follower: &mut Follower = &mut follower;
+        loop {
+            fleet.sync_local(&self.node.pool.workers());
+            let answer = match follower.next_request() {
+                FollowerRequest::Snapshot => {
+                    self.api
+                        .kv_snapshot(&identity.credential)
+                        .await
+                        .map(|snapshot| {
+                            fleet.with_router(|r| follower.on_snapshot(r, &snapshot, fleet.now()));
+                            tracing::info!(
+                                seq = snapshot.seq,
+                                workers = snapshot.workers.len(),
+                                blocks = snapshot.block_count(),
+                                "fleet router loaded a KV snapshot"
+                            );
+                        })
+                }
+                FollowerRequest::Stream { after } => self
+                    .api
+                    .kv_stream(&identity.credential, after, KV_STREAM_WAIT)
+                    .await
+                    .map(|page| {
+                        let outcome =
+                            fleet.with_router(|r| follower.on_page(r, &page, fleet.now()));
+                        if let PageOutcome::Resync(reason) = outcome {
+                            tracing::info!(?reason, "fleet router re-syncs from a snapshot");
+                        }
+                    }),
+            };
+            match answer {
+                Ok(()) => {}
+                Err(e @ CpError::Unauthorized(_)) => return e,
+                Err(e) => {
+                    let was = follower.is_fallen_back();
+                    fleet.with_router(|r| follower.on_unreachable(r, fleet.now()));
+                    if follower.is_fallen_back() && !was {
+                        tracing::warn!(error = %e,
+                            "KV stream unreachable: the fleet router predicts on its own \
+                             (approximate) until the control plane is back");
+                    } else {
+                        tracing::debug!(error = %e, "KV stream request failed; retrying");
+                    }
+                    fleet.record_follower(follower);
+                    tokio::time::sleep(follower.retry_delay().max(Duration::from_millis(50))).await;
+                    continue;
+                }
+            }
+            fleet.record_follower(follower);
         }
     }
 

@@ -405,7 +405,10 @@ mod tests {
         let mut desired = state(vec![desired_worker(1, WorkerRole::Aggregated, None)]);
         desired.draining = true;
         let (t, _) = targets(&desired, &[], &[]);
-        assert!(!t[0].draining, "a draining node's workers drain one by one, when told");
+        assert!(
+            !t[0].draining,
+            "a draining node's workers drain one by one, when told"
+        );
         desired.workers[0].desired_state = DesiredWorkerState::Draining;
         let (t, _) = targets(&desired, &[], &[]);
         assert!(t[0].draining);

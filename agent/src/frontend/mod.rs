@@ -70,6 +70,8 @@ pub struct Frontend {
     pub metrics: Arc<Metrics>,
     /// GPU figures for `/metrics`, when there are GPUs.
     pub inventory: Option<Arc<dyn Inventory>>,
+    /// The fleet-wide KV router, in control-plane mode (its figures go to `/metrics`).
+    pub fleet: Option<Arc<crate::fleet::FleetRouter>>,
     admission: Admission,
     draining: AtomicBool,
     next_id: AtomicU64,
@@ -99,6 +101,7 @@ impl Frontend {
             backend,
             metrics: Arc::new(Metrics::default()),
             inventory: None,
+            fleet: None,
             admission,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
@@ -1069,7 +1072,10 @@ async fn metrics(State(frontend): State<Arc<Frontend>>) -> Response {
             .flatten(),
         None => None,
     };
-    let body = frontend.metrics.render(&workers, gpus.as_ref());
+    let mut body = frontend.metrics.render(&workers, gpus.as_ref());
+    if let Some(fleet) = &frontend.fleet {
+        body.push_str(&fleet.render_metrics());
+    }
     (
         [(
             header::CONTENT_TYPE,
