@@ -1,24 +1,27 @@
-//! Q4_K and Q6_K matmuls (Gemma 3's `attn_output` and `ffn_down`) rounded after llama.cpp's
-//! x86 kernels, so that their outputs, and the 8-bit requantizations downstream, match
-//! llama.cpp's (see `ggml_math`); candle's kernels accumulate in another order.
-//!
-//! Where this is not yet bit-equal (measured with crates/model/tools/ on the golden prompts):
-//! - llama.cpp sends the first `t - t % 4` tokens of a multi-token step through its repacked
-//!   four-row Q4_K GEMM, which adds per 64 elements rather than per super-block and rounds
-//!   the activation product to f32 before quantizing it. We always use the one-row (GEMV)
-//!   arithmetic, deliberately: a token's result must not depend on what shares its step.
-//!   (Mirroring the split was tried: it did not close the remaining gap, see the next point.)
-//! - Q6_K agrees bit for bit on some prompts and in the last ulp only on others; the kernel
-//!   llama.cpp runs there has not been identified.
+//! Q4_K and Q6_K matmuls (Gemma 3's `attn_output` and `ffn_down`) rounded as llama.cpp's x86
+//! kernels round them, so that their outputs, and the 8-bit requantizations downstream, match
+//! llama.cpp's bit for bit (see `ggml_math`); candle's kernels accumulate in another order.
 //!
 //! Activations are quantized per 256 elements as `quantize_row_q8_K` does (`-127/max`,
-//! round-half-even, f32 scale, 16-element sums). Then, per output:
-//! - Q4_K (llama.cpp repacks it into 8×8 interleaved blocks on x86): per super-block, the
-//!   exact integer sums `Σ sc·q4·q8` and `Σ min·bsum` are accumulated with one fused
-//!   multiply-add each (`d_w·d_a`, `dmin_w·d_a`) into two f32 sums, subtracted at the end;
-//! - Q6_K (`ggml_vec_dot_q6_K_q8_K`, AVX2): eight i32 lanes per super-block, lane `j` holding
-//!   elements `32g + 4j .. +4` of every 32-element group with their scales minus its share of
-//!   the `32·Σ sc·bsum` offset, each lane `fma(d_w·d_a, lane, acc)`, `hsum_float_8` at the end.
+//! round-half-even of the f32 product, f32 scale, 16-element sums). llama.cpp then picks a
+//! kernel by the shape of the step, and each rounds differently, so we pick the same way:
+//! - Q4_K is repacked into 8×8 interleaved blocks on x86. The first `t - t % 4` rows of a step
+//!   go through the four-row GEMM, which adds the exact integer sums `Σ sc·q4·q8` and
+//!   `Σ min·bsum` into two f32 accumulators with a fused multiply-add (`d_w·d_a`,
+//!   `dmin_w·d_a`) every 64 elements; the remaining rows through the GEMV, which does the
+//!   same once per 256-element super-block. The result is the difference.
+//! - Q6_K goes through ggml's tiled K-quant matmul when the step has 8 rows or more (per
+//!   super-block `fma(f32(Σ sc·(q−32)·q8)·d_w, d_a, acc)`), and otherwise through
+//!   `ggml_vec_dot_q6_K_q8_K` (eight i32 lanes, lane `j` holding elements `32g+4j..+4` of
+//!   every 32-element group, each lane `fma(d_w·d_a, lane, acc)`, then `hsum_float_8`).
+//!
+//! "Step" means one sequence's chunk here (llama.cpp runs one sequence per step in the golden
+//! runs): decode rows, one per sequence, always take the one-row kernels, so batching
+//! sequences together does not change their results. A chunked prefill, or recomputing a
+//! preempted sequence as one prefill, does change which kernel some tokens take, exactly as a
+//! different batch size does in llama.cpp; for models with K-quant weights the last bits (and
+//! rarely a greedy token) can then differ. Block-quant models (SmolLM2's Q4_1/Q8_0) are
+//! unaffected.
 
 use half::f16;
 use rayon::prelude::*;
@@ -126,8 +129,14 @@ impl KQuantMatrix {
         })
     }
 
-    /// `x [t, cols] → [t, rows]`.
-    pub(crate) fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
+    /// `x [t, cols] → [t, rows]`; `chunks` are the lengths of the sequences' runs of rows.
+    pub(crate) fn matmul(&self, x: &[f32], chunks: &[usize]) -> Vec<f32> {
+        let t: usize = chunks.iter().sum();
+        // (index within its sequence's chunk, chunk length) per row.
+        let pos: Vec<(usize, usize)> = chunks
+            .iter()
+            .flat_map(|&len| (0..len).map(move |i| (i, len)))
+            .collect();
         let (k, n) = (self.cols, self.rows);
         let nb = k / QK_K;
         let acts: Vec<Q8K> = x.chunks_exact(k).map(Q8K::new).collect();
@@ -139,8 +148,16 @@ impl KQuantMatrix {
                 let d = &self.d[r * nb..(r + 1) * nb];
                 let sc = &self.scales[r * nb * 16..(r + 1) * nb * 16];
                 acts.iter()
-                    .map(|a| match self.kind {
-                        Kind::Q4K => q4k_dot(q, d, &self.dmin[r * nb..(r + 1) * nb], sc, a),
+                    .zip(&pos)
+                    .map(|(a, &(i, len))| match self.kind {
+                        // llama.cpp's repacked Q4_K: four-row GEMM for the first
+                        // `len - len % 4` rows, one-row GEMV for the rest.
+                        Kind::Q4K => {
+                            let dmin = &self.dmin[r * nb..(r + 1) * nb];
+                            q4k_dot(q, d, dmin, sc, a, i < len - len % 4)
+                        }
+                        // ggml's tiled K-quant matmul from 8 rows, `vec_dot` below.
+                        Kind::Q6K if len >= 8 => q6k_dot_tiled(q, d, sc, a),
                         Kind::Q6K => q6k_dot(q, d, sc, a),
                     })
                     .collect()
@@ -163,8 +180,6 @@ struct Q8K {
 }
 
 impl Q8K {
-    /// `iscale·x` is rounded exactly, not after rounding to f32: GCC fuses the product into
-    /// `nearest_int`'s magic-number addition.
     fn new(x: &[f32]) -> Self {
         let mut q = vec![0i8; x.len()];
         let mut d = Vec::with_capacity(x.len() / QK_K);
@@ -184,8 +199,7 @@ impl Q8K {
             }
             let iscale = -127.0 / max;
             for (o, &v) in qs.iter_mut().zip(xs) {
-                let r = (f64::from(iscale) * f64::from(v)).round_ties_even();
-                *o = (r as i32).min(127) as i8;
+                *o = ((iscale * v).round_ties_even() as i32).min(127) as i8;
             }
             bsums.extend(
                 qs.chunks_exact(16)
@@ -197,7 +211,7 @@ impl Q8K {
     }
 }
 
-fn q4k_dot(q: &[u8], d: &[f32], dmin: &[f32], sc: &[i32], a: &Q8K) -> f32 {
+fn q4k_dot(q: &[u8], d: &[f32], dmin: &[f32], sc: &[i32], a: &Q8K, per64: bool) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
     for (b, ((&dw, &mw), (qb, ab))) in d
         .iter()
@@ -220,11 +234,42 @@ fn q4k_dot(q: &[u8], d: &[f32], dmin: &[f32], sc: &[i32], a: &Q8K) -> f32 {
             }
             isum += s8[sb] * s;
             imin += m8[sb] * (bs[2 * sb] + bs[2 * sb + 1]);
+            if per64 && sb % 2 == 1 {
+                acc = (isum as f32).mul_add(dw * da, acc);
+                acc_min = (imin as f32).mul_add(mw * da, acc_min);
+                (isum, imin) = (0, 0);
+            }
         }
-        acc = (isum as f32).mul_add(dw * da, acc);
-        acc_min = (imin as f32).mul_add(mw * da, acc_min);
+        if !per64 {
+            acc = (isum as f32).mul_add(dw * da, acc);
+            acc_min = (imin as f32).mul_add(mw * da, acc_min);
+        }
     }
     acc - acc_min
+}
+
+/// ggml's tiled K-quant matmul (AVX-512): per super-block the exact integer
+/// `Σ sc·(q − 32)·q8`, times `d_w`, times `d_a`, added in block order without fusing.
+fn q6k_dot_tiled(q: &[u8], d: &[f32], sc: &[i32], a: &Q8K) -> f32 {
+    let mut out = 0f32;
+    for (b, (&dw, (qb, ab))) in d
+        .iter()
+        .zip(q.chunks_exact(QK_K).zip(a.q.chunks_exact(QK_K)))
+        .enumerate()
+    {
+        let s = &sc[b * 16..(b + 1) * 16];
+        let mut isum = 0i32;
+        for (g, (qg, ag)) in qb.chunks_exact(16).zip(ab.chunks_exact(16)).enumerate() {
+            let raw: i32 = qg
+                .iter()
+                .zip(ag)
+                .map(|(&w, &x)| i32::from(w) * i32::from(x))
+                .sum();
+            isum += s[g] * (raw - 32 * a.bsums[b * 16 + g]);
+        }
+        out = (isum as f32 * dw).mul_add(a.d[b], out);
+    }
+    out
 }
 
 fn q6k_dot(q: &[u8], d: &[f32], sc: &[i32], a: &Q8K) -> f32 {
@@ -290,7 +335,7 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let got = ours.matmul(&x, t);
+            let got = ours.matmul(&x, &[1; 3]);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() < 1e-4 * (1.0 + w.abs()),

@@ -396,6 +396,7 @@ impl Model {
             }));
         }
         let t = ids.len();
+        let chunks: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
         let mut x = to_vec(&self.embed.lookup(&ids)?)?;
         if let Some(scale) = c.embedding_scale {
             x.iter_mut().for_each(|v| *v *= scale);
@@ -419,9 +420,9 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm_copy(&x, h, &layer.attn_norm, eps, off);
             trace("attn_norm", li, &hn);
-            let mut q = layer.q.forward(&hn, t)?;
-            let mut k = layer.k.forward(&hn, t)?;
-            let v = layer.v.forward(&hn, t)?;
+            let mut q = layer.q.forward(&hn, &chunks)?;
+            let mut k = layer.k.forward(&hn, &chunks)?;
+            let v = layer.v.forward(&hn, &chunks)?;
             trace("Vcur", li, &v);
             if let Some(w) = &layer.q_norm {
                 rms_norm_rows(&mut q, hd, w, eps, off);
@@ -463,7 +464,7 @@ impl Model {
             let mut attn = vec![0.0f32; t * nh * hd];
             self.attention(li, &q, cache, &meta, &tables, &mut attn);
             trace("kqv_out", li, &attn);
-            let mut o = layer.o.forward(&attn, t)?;
+            let mut o = layer.o.forward(&attn, &chunks)?;
             trace("attn_out", li, &o);
             if let Some(w) = &layer.post_attn_norm {
                 rms_norm_rows(&mut o, h, w, eps, off);
@@ -473,8 +474,8 @@ impl Model {
 
             let hn = rms_norm_copy(&x, h, &layer.ffn_norm, eps, off);
             trace("ffn_norm", li, &hn);
-            let g = layer.gate.forward(&hn, t)?;
-            let mut u = layer.up.forward(&hn, t)?;
+            let g = layer.gate.forward(&hn, &chunks)?;
+            let mut u = layer.up.forward(&hn, &chunks)?;
             match c.activation {
                 // silu(g)·u and gelu(g)·u, each rounded as ggml's fused GLU kernels round them.
                 Activation::Silu => {
@@ -489,7 +490,7 @@ impl Model {
                 Activation::GeluTanh => u.iter_mut().zip(&g).for_each(|(u, &g)| *u *= gelu(g)),
             }
             trace("ffn_act", li, &u);
-            let mut d = layer.down.forward(&u, t)?;
+            let mut d = layer.down.forward(&u, &chunks)?;
             trace("ffn_out", li, &d);
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_rows(&mut d, h, w, eps, off);
@@ -515,7 +516,7 @@ impl Model {
         }
         rms_norm_rows(&mut rows, h, &self.final_norm, eps, off);
         trace("result_norm", 0, &rows);
-        let logits = self.lm_head.forward(&rows, which.len())?;
+        let logits = self.lm_head.forward(&rows, &vec![1; which.len()])?;
         trace("result_output", 0, &logits);
         let vocab = self.lm_head.out;
         for (i, si) in which.into_iter().enumerate() {

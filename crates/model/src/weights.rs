@@ -197,12 +197,15 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    /// `x [t, in] → [t, out]`.
-    pub(crate) fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+    /// `x [t, in] → [t, out]`, where the `t` rows are the step's tokens grouped into one
+    /// chunk per sequence (`chunks` holds their lengths; the K-quant kernels round like
+    /// llama.cpp would for a step of that one sequence).
+    pub(crate) fn forward(&self, x: &[f32], chunks: &[usize]) -> Result<Vec<f32>> {
+        let t: usize = chunks.iter().sum();
         debug_assert_eq!(x.len(), t * self.inp);
         let mut y = match &self.kind {
             LinearKind::Blocks(b) => b.matmul(x, t),
-            LinearKind::KQuant(b) => b.matmul(x, t),
+            LinearKind::KQuant(b) => b.matmul(x, chunks),
             LinearKind::Candle(w) => {
                 let xt = Tensor::from_slice(x, (t, self.inp), &Device::Cpu)?;
                 let y = candle_core::Module::forward(w, &xt)?;
