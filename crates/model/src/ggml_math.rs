@@ -9,9 +9,10 @@
 //!
 //! What llama.cpp's result depends on besides the model is which SIMD kernels ggml was built
 //! with: the f16 attention dot products (llamafile's tinyBLAS), the softmax and SiLU `expf`,
-//! and their horizontal sums differ between the AVX2 and AVX-512 builds. [`Rounding`] names the two; the default is AVX-512,
-//! the build that produced the golden outputs in ../shared/golden (an AVX-512 llama.cpp
-//! reproduces them exactly; an AVX2 one does not).
+//! and their horizontal sums differ between the AVX2 and AVX-512 builds. [`Rounding`] names
+//! the two; the default is AVX-512, the build that produced the golden outputs in
+//! ../shared/golden (an AVX-512 llama.cpp reproduces them exactly; an AVX2 one does not). The
+//! K-quant kernels (`kquant`) follow the AVX-512 build whatever [`Rounding`] says.
 
 use half::f16;
 
