@@ -12,7 +12,8 @@
 //! - [`tokenizer`], [`chat`]: text to prompt ids the way llama.cpp / transformers do it;
 //! - [`model`]: Llama-family (Llama 2/3, Mistral, Qwen 2/3) and Gemma 3 forward passes;
 //! - `qmatmul` (private): our i8 matmul for the 32-element GGML block types (Q4_0, Q4_1,
-//!   Q5_0, Q5_1, Q8_0), which candle runs with scalar code on x86; K-quants go to candle;
+//!   Q5_0, Q5_1, Q8_0), which candle runs with scalar code on x86; `kquant` (private): Q4_K
+//!   and Q6_K with llama.cpp's rounding; other K-quants go to candle;
 //! - `ggml_math` (private, [`Rounding`] public): llama.cpp's CPU rounding reproduced bit for
 //!   bit (f16 dot-product lane orders, vectorised `expf`, GELU table), because 8-bit
 //!   requantization between layers turns last-bit differences into different tokens;
