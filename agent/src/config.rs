@@ -210,6 +210,19 @@ pub struct Config {
     pub drain_grace: Duration,
     /// The control plane to join; `None`: standalone (the configured workers, nothing else).
     pub control_plane: Option<ControlPlaneConfig>,
+    /// `[peer]`: the QUIC endpoint other agents forward requests to (control-plane mode only:
+    /// its certificate comes from the control plane's node CA).
+    pub peer: PeerSettings,
+}
+
+/// `[peer]`: this agent's QUIC endpoint for forwarded requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSettings {
+    /// UDP address to listen on (`0.0.0.0:7500`; port 0 picks a free port, for tests).
+    pub listen: SocketAddr,
+    /// The address other agents reach it at (`host:port`, reported to the control plane);
+    /// `None`: the listen address, with the node's first address when it listens on all.
+    pub advertise: Option<String>,
 }
 
 /// Where the agent's join token comes from.
@@ -465,6 +478,10 @@ impl Default for Config {
             },
             drain_grace: Duration::from_secs(30),
             control_plane: None,
+            peer: PeerSettings {
+                listen: SocketAddr::from(([0, 0, 0, 0], 7500)),
+                advertise: None,
+            },
         }
     }
 }
@@ -523,6 +540,14 @@ struct RawConfig {
     #[serde(default)]
     workers: Vec<RawWorker>,
     control_plane: Option<RawControlPlane>,
+    peer: Option<RawPeer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    listen: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -914,6 +939,16 @@ impl Checker<'_> {
                 self.problem(location, "node.name is empty");
             } else {
                 config.node_name = name.get_ref().clone();
+            }
+        }
+        if let Some(p) = &raw.peer {
+            if let Some(v) = &p.listen
+                && let Some(addr) = self.parsed(v, parse_listen)
+            {
+                config.peer.listen = addr;
+            }
+            if let Some(v) = &p.advertise {
+                config.peer.advertise = Some(v.get_ref().clone());
             }
         }
         if let Some(f) = &raw.frontend {
@@ -1464,6 +1499,19 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, Problems> {
         Config::from_sources(&Sources::from_text("agent.toml", text))
+    }
+
+    #[test]
+    fn peer_endpoint_defaults_to_port_7500_and_takes_listen_and_advertise() {
+        let config = load("").unwrap();
+        assert_eq!(config.peer.listen, "0.0.0.0:7500".parse().unwrap());
+        assert_eq!(config.peer.advertise, None);
+        let config =
+            load("[peer]\nlisten = \"127.0.0.1:0\"\nadvertise = \"node-a:7501\"\n").unwrap();
+        assert_eq!(config.peer.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(config.peer.advertise.as_deref(), Some("node-a:7501"));
+        let problems = load("[peer]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(problems.to_string().contains("agent.toml:2"), "{problems}");
     }
 
     fn problems(text: &str) -> Vec<String> {

@@ -14,11 +14,13 @@
 //! - [`kv_sync`]: the KV event pipeline's agent side (batched uploads, following the control
 //!   plane's stream into a router), as state machines the control-plane client drives.
 //! - [`fleet`]: the fleet-wide KV router the control-plane client keeps current.
+//! - [`peer`]: the QUIC peer endpoint (node-CA mTLS) serving requests other agents forward.
 //!
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
 //! inventory and the built binary as the worker program. With `[control_plane]` the
 //! [`cp_client`] runs beside the frontend and reconciles the worker pool to the control plane's
-//! desired state. Not here yet: the peer transport (QUIC).
+//! desired state, and the [`peer`] endpoint serves requests forwarded by other agents (not yet:
+//! forwarding from this node's frontend).
 
 pub mod backend;
 pub mod cli;
@@ -31,6 +33,7 @@ pub mod gpu;
 pub mod kv_sync;
 pub mod logging;
 pub mod metrics;
+pub mod peer;
 pub mod systemd;
 pub mod worker;
 
@@ -136,6 +139,9 @@ pub struct Running {
     pub control_plane: Option<cp_client::Handle>,
     /// The fleet-wide KV router, in control-plane mode.
     pub fleet: Option<Arc<fleet::FleetRouter>>,
+    /// The peer endpoint (bound once registration saved the node certificate), in
+    /// control-plane mode.
+    pub peer: Option<peer::PeerHandle>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
@@ -197,6 +203,20 @@ pub async fn serve_with(
     frontend.fleet = fleet.clone();
     let frontend = Arc::new(frontend);
     let cp_stop = CancellationToken::new();
+    let peer_handle = config
+        .control_plane
+        .as_ref()
+        .map(|_| peer::PeerHandle::default());
+    let peer_task = match (&config.control_plane, &peer_handle) {
+        (Some(cp), Some(handle)) => Some(tokio::spawn(peer::run(
+            config.peer.clone(),
+            cp.state_dir.clone(),
+            pool.clone(),
+            handle.clone(),
+            cp_stop.clone(),
+        ))),
+        _ => None,
+    };
     let control_plane = match &config.control_plane {
         Some(cp) => {
             let mut node = control_plane_node(&config, cp, addr, &deps, &pool, &models);
@@ -215,6 +235,7 @@ pub async fn serve_with(
         models,
         control_plane: control_plane.as_ref().map(|(handle, _)| handle.clone()),
         fleet: fleet.clone(),
+        peer: peer_handle.clone(),
     });
 
     let stop_http = CancellationToken::new();
@@ -271,6 +292,9 @@ pub async fn serve_with(
     cp_stop.cancel();
     if let Some((_, client)) = control_plane {
         let _ = client.await;
+    }
+    if let Some(task) = peer_task {
+        let _ = task.await;
     }
     pool.shutdown().await;
     if let Some(bus) = &bus {

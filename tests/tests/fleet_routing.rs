@@ -27,7 +27,9 @@ use kvfleet_agent::systemd::Notifier;
 use kvfleet_agent::worker::WorkerCommand;
 use kvfleet_agent::{Deps, Running};
 use kvfleet_controlplane::auth::Role;
-use kvfleet_proto::WorkerId;
+use kvfleet_peer::{GenerateEvent, PeerConfig, PeerEndpoint, PeerIdentity};
+use kvfleet_proto::hash::{BlockSize, sequence_hashes};
+use kvfleet_proto::{NodeId, SamplingParams, Tier, WorkerId};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -200,10 +202,11 @@ impl Agent {
              [log]\nlevel = \"warn\"\n\
              [supervisor]\nsocket_dir = {sockets:?}\nrestart_backoff_initial_ms = 100\n\
              [[models]]\nname = \"{MODEL}\"\nengine = \"mock\"\ncontext_length = 256\n\
-             block_size = 16\nkv_blocks = 256\n\
+             block_size = 16\nkv_blocks = 256\nmock_token_time_us = 10000\n\
              [control_plane]\nurl = \"{}\"\njoin_token = \"{join_token}\"\nstate_dir = {state_dir:?}\n\
              watch_wait_secs = 2\nrequest_timeout_secs = 2\n\
-             retry_backoff_initial_ms = 100\nretry_backoff_max_ms = 500\ncpu_slots = 1\n",
+             retry_backoff_initial_ms = 100\nretry_backoff_max_ms = 500\ncpu_slots = 1\n\
+             [peer]\nlisten = \"127.0.0.1:0\"\n",
             cp.base()
         );
         Self::launch(name, toml).await
@@ -401,6 +404,41 @@ async fn metrics(agent: &Agent) -> String {
         .unwrap()
 }
 
+/// Node `agent`'s peer endpoint address and node id, once it is up.
+async fn wait_peer(agent: &Agent) -> (SocketAddr, NodeId) {
+    let mut found = None;
+    wait_for(
+        "the peer endpoint and node id",
+        Duration::from_secs(20),
+        || {
+            let addr = agent.running.peer.as_ref().and_then(|p| p.local_addr());
+            let node = agent
+                .running
+                .control_plane
+                .as_ref()
+                .and_then(|h| h.status().node_id);
+            if let (Some(addr), Some(node)) = (addr, node) {
+                found = Some((addr, NodeId(node)));
+            }
+            let ok = found.is_some();
+            async move { ok }
+        },
+    )
+    .await;
+    found.unwrap()
+}
+
+fn outstanding(agent: &Agent) -> usize {
+    use kvfleet_agent::backend::Backend as _;
+    agent
+        .running
+        .pool
+        .workers()
+        .iter()
+        .map(|w| w.outstanding)
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
     let Some(db) = TestDb::create().await else {
@@ -472,6 +510,68 @@ async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
         );
         assert!(fleet(agent).follower_counters().snapshots >= 1);
     }
+
+    // Node b forwards a request to node a's peer endpoint with its own node certificate: node
+    // a's worker generates it, the tokens come back over QUIC.
+    let (a_peer, a_node) = wait_peer(&agents[0]).await;
+    let b_identity = PeerIdentity {
+        ca_pem: std::fs::read_to_string(dirs[1].join("ca.crt")).unwrap(),
+        cert_pem: std::fs::read_to_string(dirs[1].join("node.crt")).unwrap(),
+        key_pem: std::fs::read_to_string(dirs[1].join("node.key")).unwrap(),
+    };
+    let forwarded_hashes =
+        sequence_hashes(&(1..60).collect::<Vec<u32>>(), BlockSize::new(16).unwrap());
+    let client =
+        PeerEndpoint::bind(PeerConfig::new("127.0.0.1:0".parse().unwrap(), b_identity)).unwrap();
+    let connection = client.connection(a_peer, a_node).await.unwrap();
+    let request = kvfleet_peer::GenerateRequest {
+        request_id: "fwd-1".into(),
+        model: MODEL.into(),
+        worker: None,
+        prompt: (1..60).collect(),
+        block_hashes: forwarded_hashes.clone(),
+        sampling: SamplingParams::greedy(8),
+    };
+    let mut stream = connection.generate(&request).await.unwrap();
+    let mut tokens = 0;
+    let finish = loop {
+        match stream.next().await.unwrap() {
+            Some(GenerateEvent::Tokens(chunk)) => tokens += chunk.tokens.len(),
+            Some(GenerateEvent::Finished(finish)) => break finish,
+            None => panic!("the stream ended without a finish"),
+        }
+    };
+    assert_eq!(tokens, 8);
+    assert_eq!(finish.usage.completion_tokens, 8);
+    assert_eq!(finish.usage.prompt_tokens, 59);
+    wait_for(
+        "the forwarded prompt's blocks on node a's worker, in node b's router",
+        Duration::from_secs(10),
+        || async {
+            fleet(&agents[1]).with_router(|r| {
+                forwarded_hashes
+                    .iter()
+                    .all(|h| r.holds(ids[0], *h, Tier::G1))
+            })
+        },
+    )
+    .await;
+    // A forwarded request cancelled mid-way frees node a's worker.
+    let mut long = request.clone();
+    long.request_id = "fwd-2".into();
+    // 190 tokens at 10 ms each: about 2 s if it ran to the end.
+    long.sampling = SamplingParams::greedy(190);
+    let mut stream = connection.generate(&long).await.unwrap();
+    let _ = stream.next().await.unwrap();
+    assert_eq!(outstanding(&agents[0]), 1, "generating on node a");
+    stream.cancel("client went away").await;
+    wait_for(
+        "node a's worker to drop the cancelled request",
+        Duration::from_millis(1000),
+        || async { outstanding(&agents[0]) == 0 },
+    )
+    .await;
+    client.close().await;
 
     // Node a goes away: its worker leaves the other routers within seconds (node lost after
     // 2 s here, the control plane's sweep, the stream).
