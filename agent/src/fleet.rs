@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use kvfleet_kv_router::{
     Decision, RequestId, RouteRequest, Router, RouterConfig, RoutingMode, WorkerCapacity,
 };
-use kvfleet_proto::{SequenceHash, WorkerId};
+use kvfleet_proto::api::{FleetDirectory, ObservedWorkerState, WorkerRole};
+use kvfleet_proto::{NodeId, SequenceHash, WorkerId};
+use std::net::SocketAddr;
 
 use crate::backend::{WorkerState, WorkerStatus};
 use crate::kv_sync::{Follower, FollowerCounters};
@@ -34,10 +36,38 @@ struct LocalWorker {
     ready: bool,
 }
 
+/// A worker on another node, from the control plane's fleet directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteWorker {
+    /// Its node.
+    pub node: NodeId,
+    /// The model it serves.
+    pub model: String,
+    /// Whether it reported `ready`.
+    pub ready: bool,
+    /// The node's peer endpoint, once reported and resolvable.
+    pub peer_addr: Option<SocketAddr>,
+}
+
+/// Where a fleet-wide pick runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// On this node's worker.
+    Local,
+    /// On another node's worker, reached through its peer endpoint.
+    Remote {
+        /// The node.
+        node: NodeId,
+        /// Its peer endpoint.
+        addr: SocketAddr,
+    },
+}
+
 #[derive(Debug)]
 struct Inner {
     router: Router,
     local: BTreeMap<WorkerId, LocalWorker>,
+    remote: BTreeMap<WorkerId, RemoteWorker>,
     follower: FollowerCounters,
     position: Option<u64>,
     fallen_back: bool,
@@ -63,6 +93,7 @@ impl FleetRouter {
             inner: Mutex::new(Inner {
                 router: Router::new(config),
                 local: BTreeMap::new(),
+                remote: BTreeMap::new(),
                 follower: FollowerCounters::default(),
                 position: None,
                 fallen_back: false,
@@ -128,6 +159,96 @@ impl FleetRouter {
             local.remove(&id);
             router.remove_worker(id);
         }
+    }
+
+    /// Replaces the remote workers with the control plane's directory (this node's own
+    /// entries, `own_node`, are skipped: the pool knows them better). Remote workers enter the
+    /// router if the stream has not named them yet; ones gone from the directory stop being
+    /// candidates (the stream removes their blocks).
+    pub fn set_directory(&self, directory: &FleetDirectory, own_node: uuid::Uuid) {
+        // Names are resolved before the lock is taken: routing never waits on DNS.
+        let entries: Vec<_> = directory
+            .workers
+            .iter()
+            .filter(|w| w.node_id != own_node && w.role == WorkerRole::Aggregated)
+            .filter_map(|w| {
+                let id = WorkerId(u64::try_from(w.worker_id).ok()?);
+                Some((id, w, w.peer_addr.as_deref().and_then(resolve)))
+            })
+            .collect();
+        let mut inner = self.lock();
+        let Inner { router, remote, .. } = &mut *inner;
+        remote.clear();
+        for (id, w, peer_addr) in entries {
+            if router.next_event_id(id).is_none() {
+                let capacity = WorkerCapacity {
+                    kv_blocks: 0,
+                    max_queue_depth: None,
+                };
+                if router.add_worker(id, capacity).is_err() {
+                    continue;
+                }
+            }
+            remote.insert(
+                id,
+                RemoteWorker {
+                    node: NodeId(w.node_id),
+                    model: w.model.clone(),
+                    ready: w.observed_state == ObservedWorkerState::Ready,
+                    peer_addr,
+                },
+            );
+        }
+    }
+
+    /// Chooses among every ready worker of the fleet serving `model` (this node's, and other
+    /// nodes' whose peer endpoint is known), by the fleet index. `None` when there is none.
+    /// The decision stays counted in the worker's load until [`FleetRouter::finished`].
+    pub fn select(
+        &self,
+        model: &str,
+        hashes: &[SequenceHash],
+        prompt_tokens: u32,
+    ) -> Option<(Decision, Target)> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let mut candidates: Vec<WorkerId> = inner
+            .local
+            .iter()
+            .filter(|(_, w)| w.ready && w.model == model)
+            .map(|(id, _)| *id)
+            .collect();
+        candidates.extend(
+            inner
+                .remote
+                .iter()
+                .filter(|(_, w)| w.ready && w.model == model && w.peer_addr.is_some())
+                .map(|(id, _)| *id),
+        );
+        if candidates.is_empty() {
+            return None;
+        }
+        inner.next_request = inner.next_request.wrapping_add(1);
+        let id = RequestId(inner.next_request);
+        let request = RouteRequest::new(id, hashes, prompt_tokens).with_candidates(&candidates);
+        let decision = inner.router.select(&request, now).ok()?;
+        let target = match inner.remote.get(&decision.worker) {
+            Some(RemoteWorker {
+                node,
+                peer_addr: Some(addr),
+                ..
+            }) => Target::Remote {
+                node: *node,
+                addr: *addr,
+            },
+            _ => Target::Local,
+        };
+        Some((decision, target))
+    }
+
+    /// The remote workers the directory named last.
+    pub fn remote_workers(&self) -> BTreeMap<WorkerId, RemoteWorker> {
+        self.lock().remote.clone()
     }
 
     /// Chooses among this node's ready workers serving `model`, by the fleet index (prefix
@@ -249,6 +370,16 @@ impl FleetRouter {
     }
 }
 
+/// `host:port` → an address (a name is resolved once, here; the directory is re-read every
+/// second, so a changed address is picked up).
+fn resolve(text: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = text.parse() {
+        return Some(addr);
+    }
+    use std::net::ToSocketAddrs as _;
+    text.to_socket_addrs().ok()?.next()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +465,50 @@ mod tests {
         );
         assert!(metrics.contains("kvfleet_fleet_router_stream_position 7"));
         assert!(metrics.contains("kvfleet_fleet_router_stream_total{what=\"snapshots\"} 1"));
+
+        // The directory names worker 9 (node n2, peer endpoint known, ready) and worker 8
+        // (no peer address yet): a fleet-wide pick of the prefix goes to worker 9, remotely.
+        let own = uuid::Uuid::from_u128(1);
+        let n2 = uuid::Uuid::from_u128(2);
+        let entry = |id: i64, node, addr: Option<&str>| kvfleet_proto::api::FleetWorker {
+            worker_id: id,
+            node_id: node,
+            model: "a".into(),
+            role: WorkerRole::Aggregated,
+            observed_state: ObservedWorkerState::Ready,
+            peer_addr: addr.map(str::to_owned),
+        };
+        fleet.set_directory(
+            &FleetDirectory {
+                workers: vec![
+                    entry(1, own, Some("127.0.0.1:1")),
+                    entry(9, n2, Some("127.0.0.1:7500")),
+                    entry(8, n2, None),
+                ],
+            },
+            own,
+        );
+        assert_eq!(fleet.remote_workers().len(), 2, "own node skipped");
+        // Worker 2 (the local holder of the prefix) left the pool: the remote holder wins.
+        fleet.sync_local(&[
+            status(1, "a", WorkerState::Ready),
+            status(3, "b", WorkerState::Ready),
+        ]);
+        let (d, target) = fleet.select("a", &hashes(0), 256).expect("a pick");
+        assert_eq!(d.worker, WorkerId(9));
+        assert_eq!(
+            target,
+            Target::Remote {
+                node: NodeId(n2),
+                addr: "127.0.0.1:7500".parse().unwrap()
+            }
+        );
+        fleet.finished(d.request);
+        let (d, target) = fleet.select("a", &hashes(5000), 256).expect("a pick");
+        assert_ne!(d.worker, WorkerId(8), "no peer address: never picked");
+        if d.worker == WorkerId(1) {
+            assert_eq!(target, Target::Local);
+        }
 
         // Worker 2 leaves the pool: it leaves the router too.
         fleet.sync_local(&[status(1, "a", WorkerState::Ready)]);

@@ -210,6 +210,11 @@ pub async fn serve_with(
     let peer_task = match (&config.control_plane, &peer_handle) {
         (Some(cp), Some(handle)) => Some(tokio::spawn(peer::run(
             config.peer.clone(),
+            if addr.ip().is_unspecified() {
+                config.node_name.clone()
+            } else {
+                addr.ip().to_string()
+            },
             cp.state_dir.clone(),
             pool.clone(),
             handle.clone(),
@@ -221,6 +226,7 @@ pub async fn serve_with(
         Some(cp) => {
             let mut node = control_plane_node(&config, cp, addr, &deps, &pool, &models);
             node.fleet = fleet.clone();
+            node.peer = peer_handle.clone();
             let (handle, client) = cp_client::start(cp.clone(), node, cp_stop.clone())
                 .context("starting the control-plane client")?;
             tracing::info!(url = %cp.url, state_dir = %cp.state_dir.display(),
@@ -336,6 +342,7 @@ fn control_plane_node(
         models: models.clone(),
         inventory: deps.inventory.clone(),
         fleet: None,
+        peer: None,
     }
 }
 

@@ -138,9 +138,16 @@ impl GenerateHandler for LocalGenerate {
 #[derive(Debug, Clone, Default)]
 pub struct PeerHandle {
     inner: Arc<Mutex<Option<Arc<PeerEndpoint>>>>,
+    advertised: Arc<Mutex<Option<String>>>,
 }
 
 impl PeerHandle {
+    /// The address other agents reach the endpoint at (reported to the control plane), once
+    /// it is bound.
+    pub fn advertised(&self) -> Option<String> {
+        self.advertised.lock().ok().and_then(|a| a.clone())
+    }
+
     /// The endpoint, once bound.
     pub fn endpoint(&self) -> Option<Arc<PeerEndpoint>> {
         self.inner.lock().ok().and_then(|e| e.clone())
@@ -163,9 +170,12 @@ fn read_identity(state: &StateDir) -> Option<PeerIdentity> {
 
 /// Waits for the node certificate in `state_dir` (registration writes it), binds the endpoint
 /// on `settings.listen`, publishes it in `handle`, and serves forwarded requests on `backend`
-/// until `stop`. A certificate renewed later is picked up at the next start.
+/// until `stop`. A certificate renewed later is picked up at the next start. `host` names this
+/// node in the advertised address when the endpoint listens on all interfaces and
+/// `[peer] advertise` is not set.
 pub async fn run(
     settings: PeerSettings,
+    host: String,
     state_dir: std::path::PathBuf,
     backend: Arc<dyn Backend>,
     handle: PeerHandle,
@@ -197,6 +207,17 @@ pub async fn run(
     };
     tracing::info!(addr = ?endpoint.local_addr().ok(), node = %endpoint.node_id(),
         "peer endpoint listening");
+    let advertised = settings.advertise.clone().or_else(|| {
+        let addr = endpoint.local_addr().ok()?;
+        Some(if addr.ip().is_unspecified() {
+            format!("{host}:{}", addr.port())
+        } else {
+            addr.to_string()
+        })
+    });
+    if let Ok(mut slot) = handle.advertised.lock() {
+        *slot = advertised;
+    }
     if let Ok(mut slot) = handle.inner.lock() {
         *slot = Some(endpoint.clone());
     }

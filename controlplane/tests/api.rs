@@ -193,6 +193,7 @@ fn routes() -> Vec<Route> {
         ),
         route(Method::POST, "/agent/heartbeat", Some(Agent), 200, None),
         route(Method::GET, "/agent/desired-state", Some(Agent), 200, None),
+        route(Method::GET, "/agent/fleet", Some(Agent), 200, None),
         route(
             Method::POST,
             "/agent/certificate",

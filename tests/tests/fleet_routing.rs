@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use kvfleet_agent::config::{Config as AgentConfig, Sources};
 use kvfleet_agent::dbus::Bus;
+use kvfleet_agent::fleet::Target;
 use kvfleet_agent::gpu::NoGpus;
 use kvfleet_agent::systemd::Notifier;
 use kvfleet_agent::worker::WorkerCommand;
@@ -556,6 +557,33 @@ async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
         },
     )
     .await;
+    // Node c's router, fed by the directory (peer addresses from heartbeats) and the stream,
+    // sends that prefix to node a's worker, over the peer endpoint.
+    wait_for(
+        "peer addresses in the directory",
+        Duration::from_secs(10),
+        || async {
+            agents.iter().all(|a| {
+                let remote = fleet(a).remote_workers();
+                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
+            })
+        },
+    )
+    .await;
+    let (decision, target) = fleet(&agents[2])
+        .select(MODEL, &forwarded_hashes, 59)
+        .expect("a worker for the model");
+    fleet(&agents[2]).finished(decision.request);
+    assert_eq!(decision.worker, ids[0]);
+    assert_eq!(decision.overlap_blocks, 3);
+    assert_eq!(
+        target,
+        Target::Remote {
+            node: a_node,
+            addr: a_peer
+        }
+    );
+
     // A forwarded request cancelled mid-way frees node a's worker.
     let mut long = request.clone();
     long.request_id = "fwd-2".into();

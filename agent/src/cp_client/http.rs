@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kvfleet_proto::api::{
-    DesiredState, Heartbeat, HeartbeatResponse, IssuedCertificate, RegisterRequest,
+    DesiredState, FleetDirectory, Heartbeat, HeartbeatResponse, IssuedCertificate, RegisterRequest,
     RegisterResponse, RenewRequest,
 };
 use kvfleet_proto::kv_stream::{KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamPage};
@@ -153,6 +153,16 @@ impl Api {
             .bearer_auth(bearer)
             .timeout(self.timeout)
             .json(batch);
+        self.send(call).await
+    }
+
+    /// `GET /api/v1/agent/fleet`: every running worker with its model and node's peer address.
+    pub async fn fleet_directory(&self, bearer: &str) -> Result<FleetDirectory, CpError> {
+        let call = self
+            .client
+            .get(self.url("/api/v1/agent/fleet"))
+            .bearer_auth(bearer)
+            .timeout(self.timeout);
         self.send(call).await
     }
 

@@ -51,6 +51,9 @@ use crate::worker::WorkerPool;
 /// How long one KV stream request waits for news at the control plane.
 const KV_STREAM_WAIT: Duration = Duration::from_secs(5);
 
+/// How often the fleet directory is read.
+const DIRECTORY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the client needs from the rest of the agent.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -73,6 +76,8 @@ pub struct Node {
     /// The fleet router to keep current from the control plane's KV stream (`None`: no
     /// follower runs).
     pub fleet: Option<Arc<crate::fleet::FleetRouter>>,
+    /// The peer endpoint, whose address heartbeats report.
+    pub peer: Option<crate::peer::PeerHandle>,
 }
 
 /// What the client observed, for tests and status output.
@@ -251,6 +256,7 @@ async fn run(client: Arc<Client>, stop: CancellationToken) {
             ended = client.watch_loop(&identity) => ended,
             ended = client.kv_upload_loop(&identity) => ended,
             ended = client.kv_follow_loop(&identity) => ended,
+            ended = client.directory_loop(&identity) => ended,
             () = stop.cancelled() => return,
         };
         // The credential was refused: the node was removed (or its credential revoked).
@@ -351,7 +357,7 @@ impl Client {
             hostname: self.node.hostname.clone(),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             frontend_addr: Some(self.node.frontend_addr.clone()),
-            peer_addr: None,
+            peer_addr: self.node.peer.as_ref().and_then(|p| p.advertised()),
             addresses: self.node.addresses.clone(),
             cpu_slots: self
                 .config
@@ -570,6 +576,24 @@ impl Client {
                 },
                 () = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// Reads the fleet directory (every running worker, its model and its node's peer address)
+    /// into the fleet router every [`DIRECTORY_INTERVAL`], until the credential is refused.
+    /// Without a fleet router it waits forever.
+    async fn directory_loop(&self, identity: &Identity) -> CpError {
+        let Some(fleet) = self.node.fleet.clone() else {
+            return std::future::pending().await;
+        };
+        loop {
+            match self.api.fleet_directory(&identity.credential).await {
+                Ok(directory) => fleet.set_directory(&directory, identity.node_id),
+                Err(e @ CpError::Unauthorized(_)) => return e,
+                // The last directory stays in force; the stream still removes lost workers.
+                Err(e) => tracing::debug!(error = %e, "fleet directory unavailable; retrying"),
+            }
+            tokio::time::sleep(DIRECTORY_INTERVAL).await;
         }
     }
 
@@ -858,6 +882,7 @@ impl Client {
             }
         }
         Heartbeat {
+            peer_addr: self.node.peer.as_ref().and_then(|p| p.advertised()),
             workers,
             gpus: gpus
                 .iter()

@@ -1,6 +1,7 @@
 //! The agent protocol: register (join token → agent credential + peer certificate), heartbeat
 //! (observed worker states and metrics), watch the desired state (long poll on a generation
-//! number), renew the certificate.
+//! number), renew the certificate, read the fleet directory (every running worker with its
+//! model and its node's peer address, for the agents' fleet routers).
 //!
 //! An agent's loop: register once (or again after a restart, with its credential); heartbeat
 //! every `heartbeat_interval_ms`; keep one `GET /agent/desired-state?after_generation=G` open
@@ -22,8 +23,9 @@ use super::extract::{Agent, ApiJson, ApiQuery, Caller, Register};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::rows;
 use super::types::{
-    AgentPublicKey, DesiredState, DesiredWorker, Heartbeat, HeartbeatResponse, IssuedCertificate,
-    ModelSpec, NodeState, RegisterRequest, RegisterResponse, RenewRequest, WatchQuery,
+    AgentPublicKey, DesiredState, DesiredWorker, FleetDirectory, FleetWorker, Heartbeat,
+    HeartbeatResponse, IssuedCertificate, ModelSpec, NodeState, RegisterRequest, RegisterResponse,
+    RenewRequest, WatchQuery,
 };
 use crate::AppState;
 use crate::auth::{self, Principal, Role};
@@ -329,6 +331,11 @@ pub async fn heartbeat(
             ));
         }
     }
+    if let Some(addr) = &beat.peer_addr
+        && (addr.is_empty() || addr.len() > 300 || !addr.contains(':'))
+    {
+        problems.push(InvalidParam::new("peer_addr", "must be host:port"));
+    }
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
@@ -344,11 +351,13 @@ pub async fn heartbeat(
         "WITH old AS (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE)
          UPDATE nodes n SET last_heartbeat_at = now(),
              state = CASE WHEN old.state = 'removed' THEN 'removed' ELSE 'healthy' END,
-             state_changed_at = CASE WHEN old.state IN ('healthy', 'removed') THEN n.state_changed_at ELSE now() END
+             state_changed_at = CASE WHEN old.state IN ('healthy', 'removed') THEN n.state_changed_at ELSE now() END,
+             peer_addr = COALESCE($2, n.peer_addr)
          FROM old WHERE n.id = old.id
          RETURNING old.state, n.state, n.desired_generation",
     )
     .bind(node)
+    .bind(beat.peer_addr.as_deref())
     .fetch_optional(&mut *tx)
     .await?;
     let (before, after, generation) = row.ok_or_else(|| ApiError::not_found("node", node))?;
@@ -602,6 +611,40 @@ pub async fn forward_notifications(state: AppState, mut shutdown: watch::Receive
             }
         }
     }
+}
+
+/// The fleet directory: every worker that should be running on a healthy node, with its model
+/// and its node's peer address, for the agents' fleet routers.
+#[utoipa::path(get, path = "/api/v1/agent/fleet", tag = "agent",
+    responses((status = 200, body = FleetDirectory), (status = 401, body = Problem)))]
+pub async fn fleet_directory(
+    _caller: Caller<Agent>,
+    State(state): State<AppState>,
+) -> Result<Json<FleetDirectory>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let found: Vec<(i64, Uuid, String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT w.id, w.node_id, m.name, w.role, w.observed_state, n.peer_addr
+         FROM workers w
+         JOIN nodes n ON n.id = w.node_id
+         JOIN deployments d ON d.id = w.deployment_id
+         JOIN models m ON m.id = d.model_id
+         WHERE w.desired_state = 'running' AND n.state = 'healthy'
+         ORDER BY w.id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut workers = Vec::with_capacity(found.len());
+    for (worker_id, node_id, model, role, observed, peer_addr) in found {
+        workers.push(FleetWorker {
+            worker_id,
+            node_id,
+            model,
+            role: rows::parse(&role)?,
+            observed_state: rows::parse(&observed)?,
+            peer_addr,
+        });
+    }
+    Ok(Json(FleetDirectory { workers }))
 }
 
 #[cfg(test)]

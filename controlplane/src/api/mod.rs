@@ -81,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/heartbeat", post(agent::heartbeat))
         .route("/agent/desired-state", get(agent::desired_state))
         .route("/agent/certificate", post(agent::renew_certificate))
+        .route("/agent/fleet", get(agent::fleet_directory))
         .route(
             "/agent/kv-events",
             post(kv_index::upload).layer(DefaultBodyLimit::max(kv_index::MAX_UPLOAD_BYTES)),
@@ -257,6 +258,7 @@ impl utoipa::Modify for BearerAuth {
         admin::list_tokens, admin::create_token, admin::revoke_token, admin::list_audit,
         session::whoami, decisions::list_decisions,
         agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
+        agent::fleet_directory,
         kv_index::upload, kv_index::stream, kv_index::snapshot, kv_index::stats,
     ),
     components(schemas(problem::Problem, problem::InvalidParam)),

@@ -620,6 +620,33 @@ pub struct Heartbeat {
     pub workers: Vec<ObservedWorker>,
     #[serde(default)]
     pub gpus: Vec<GpuStatus>,
+    /// Where other agents reach this node's QUIC peer endpoint (`host:port`), once it listens.
+    /// Absent: unchanged (older agents never send it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
+}
+
+/// `GET /api/v1/agent/fleet`: every running worker of the fleet and how to reach its node, so
+/// each agent's router can send a request to any worker.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetDirectory {
+    pub workers: Vec<FleetWorker>,
+}
+
+/// One worker in the [`FleetDirectory`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetWorker {
+    pub worker_id: i64,
+    pub node_id: Uuid,
+    /// The model's name, as requests name it.
+    pub model: String,
+    pub role: WorkerRole,
+    /// `ready` when it serves.
+    pub observed_state: ObservedWorkerState,
+    /// The node's QUIC peer endpoint; absent until its agent reports one.
+    pub peer_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
