@@ -223,6 +223,9 @@ pub struct PeerSettings {
     /// The address other agents reach it at (`host:port`, reported to the control plane);
     /// `None`: the listen address, with the node's first address when it listens on all.
     pub advertise: Option<String>,
+    /// Whether this node's frontend routes over the whole fleet (KV-aware, forwarding to
+    /// peers); `false`: only among its own workers, as standalone.
+    pub forward: bool,
 }
 
 /// Where the agent's join token comes from.
@@ -481,6 +484,7 @@ impl Default for Config {
             peer: PeerSettings {
                 listen: SocketAddr::from(([0, 0, 0, 0], 7500)),
                 advertise: None,
+                forward: true,
             },
         }
     }
@@ -548,6 +552,7 @@ struct RawConfig {
 struct RawPeer {
     listen: Option<Spanned<String>>,
     advertise: Option<Spanned<String>>,
+    forward: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -949,6 +954,9 @@ impl Checker<'_> {
             }
             if let Some(v) = &p.advertise {
                 config.peer.advertise = Some(v.get_ref().clone());
+            }
+            if let Some(v) = p.forward {
+                config.peer.forward = v;
             }
         }
         if let Some(f) = &raw.frontend {
@@ -1510,6 +1518,8 @@ mod tests {
             load("[peer]\nlisten = \"127.0.0.1:0\"\nadvertise = \"node-a:7501\"\n").unwrap();
         assert_eq!(config.peer.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(config.peer.advertise.as_deref(), Some("node-a:7501"));
+        assert!(config.peer.forward);
+        assert!(!load("[peer]\nforward = false\n").unwrap().peer.forward);
         let problems = load("[peer]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(problems.to_string().contains("agent.toml:2"), "{problems}");
     }

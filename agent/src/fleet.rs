@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvfleet_kv_router::{
@@ -68,6 +69,8 @@ struct Inner {
     router: Router,
     local: BTreeMap<WorkerId, LocalWorker>,
     remote: BTreeMap<WorkerId, RemoteWorker>,
+    /// Picks per worker, for `/metrics`.
+    picked: BTreeMap<WorkerId, u64>,
     follower: FollowerCounters,
     position: Option<u64>,
     fallen_back: bool,
@@ -80,6 +83,8 @@ struct Inner {
 pub struct FleetRouter {
     inner: Mutex<Inner>,
     origin: Instant,
+    /// Picks served here, picks forwarded to a peer, forwards retried locally.
+    picks: [AtomicU64; 3],
 }
 
 impl FleetRouter {
@@ -94,13 +99,40 @@ impl FleetRouter {
                 router: Router::new(config),
                 local: BTreeMap::new(),
                 remote: BTreeMap::new(),
+                picked: BTreeMap::new(),
                 follower: FollowerCounters::default(),
                 position: None,
                 fallen_back: false,
                 next_request: 0,
             }),
             origin: Instant::now(),
+            picks: Default::default(),
         }
+    }
+
+    /// A pick ran on this node.
+    pub fn count_local(&self) {
+        self.picks[0].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A pick was forwarded to a peer.
+    pub fn count_remote(&self) {
+        self.picks[1].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A forward failed before the first token and ran on this node instead.
+    pub fn count_fallback(&self) {
+        self.picks[2].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(local, forwarded, fallbacks)` so far.
+    pub fn pick_counts(&self) -> (u64, u64, u64) {
+        let [a, b, c] = &self.picks;
+        (
+            a.load(Ordering::Relaxed),
+            b.load(Ordering::Relaxed),
+            c.load(Ordering::Relaxed),
+        )
     }
 
     /// The router's clock: time since this router was made.
@@ -232,6 +264,7 @@ impl FleetRouter {
         let id = RequestId(inner.next_request);
         let request = RouteRequest::new(id, hashes, prompt_tokens).with_candidates(&candidates);
         let decision = inner.router.select(&request, now).ok()?;
+        *inner.picked.entry(decision.worker).or_default() += 1;
         let target = match inner.remote.get(&decision.worker) {
             Some(RemoteWorker {
                 node,
@@ -351,6 +384,27 @@ impl FleetRouter {
              kvfleet_fleet_router_stream_position {}",
             inner.position.unwrap_or(0)
         );
+        let (local, forwarded, fallbacks) = self.pick_counts();
+        let _ = writeln!(
+            out,
+            "# HELP kvfleet_fleet_route_total Fleet router picks: served here, forwarded to a \
+             peer, forwards that failed and were retried here.\n\
+             # TYPE kvfleet_fleet_route_total counter\n\
+             kvfleet_fleet_route_total{{target=\"local\"}} {local}\n\
+             kvfleet_fleet_route_total{{target=\"remote\"}} {forwarded}\n\
+             kvfleet_fleet_route_total{{target=\"fallback_local\"}} {fallbacks}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kvfleet_fleet_route_worker_total Fleet router picks by worker.\n\
+             # TYPE kvfleet_fleet_route_worker_total counter"
+        );
+        for (worker, n) in &inner.picked {
+            let _ = writeln!(
+                out,
+                "kvfleet_fleet_route_worker_total{{worker=\"{worker}\"}} {n}"
+            );
+        }
         let _ = writeln!(out, "# TYPE kvfleet_fleet_router_stream_total counter");
         for (what, n) in [
             ("items", f.items),

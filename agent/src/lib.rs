@@ -14,6 +14,7 @@
 //! - [`kv_sync`]: the KV event pipeline's agent side (batched uploads, following the control
 //!   plane's stream into a router), as state machines the control-plane client drives.
 //! - [`fleet`]: the fleet-wide KV router the control-plane client keeps current.
+//! - [`forward`]: the frontend's backend in control-plane mode: local or forwarded to a peer.
 //! - [`peer`]: the QUIC peer endpoint (node-CA mTLS) serving requests other agents forward.
 //!
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
@@ -28,6 +29,7 @@ pub mod config;
 pub mod cp_client;
 pub mod dbus;
 pub mod fleet;
+pub mod forward;
 pub mod frontend;
 pub mod gpu;
 pub mod kv_sync;
@@ -198,15 +200,23 @@ pub async fn serve_with(
         .control_plane
         .as_ref()
         .map(|_| Arc::new(fleet::FleetRouter::new(kvfleet_kv_router::RoutingMode::Kv)));
-    let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), pool.clone());
-    frontend.inventory = Some(deps.inventory.clone());
-    frontend.fleet = fleet.clone();
-    let frontend = Arc::new(frontend);
-    let cp_stop = CancellationToken::new();
     let peer_handle = config
         .control_plane
         .as_ref()
         .map(|_| peer::PeerHandle::default());
+    // In control-plane mode the frontend asks the fleet router and may forward to a peer.
+    let backend: Arc<dyn backend::Backend> =
+        match (&fleet, &peer_handle) {
+            (Some(fleet), Some(peer)) if config.peer.forward => Arc::new(
+                forward::FleetBackend::new(pool.clone(), fleet.clone(), peer.clone()),
+            ),
+            _ => pool.clone(),
+        };
+    let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), backend);
+    frontend.inventory = Some(deps.inventory.clone());
+    frontend.fleet = fleet.clone();
+    let frontend = Arc::new(frontend);
+    let cp_stop = CancellationToken::new();
     let peer_task = match (&config.control_plane, &peer_handle) {
         (Some(cp), Some(handle)) => Some(tokio::spawn(peer::run(
             config.peer.clone(),

@@ -15,6 +15,7 @@
     unreachable_pub
 )]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -625,6 +626,187 @@ async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
     for agent in &agents {
         assert_completion(&agent.name, &complete(agent.addr, "still serving").await);
     }
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    cp.stop().await;
+    db.drop_now().await;
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// `name{label}` counters summed from one `/metrics` text, keyed by the label's value.
+fn counters(text: &str, name: &str, label: &str) -> std::collections::BTreeMap<String, u64> {
+    let prefix = format!("{name}{{{label}=\"");
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(&prefix)
+            && let Some((key, value)) = rest.split_once("\"} ")
+        {
+            *out.entry(key.to_owned()).or_default() += value.trim().parse::<u64>().unwrap();
+        }
+    }
+    out
+}
+
+async fn route_counts(agents: &[Agent]) -> (Vec<BTreeMap<String, u64>>, BTreeMap<String, u64>) {
+    let mut per_agent = Vec::new();
+    let mut per_worker = BTreeMap::new();
+    for agent in agents {
+        let text = metrics(agent).await;
+        per_agent.push(counters(&text, "kvfleet_fleet_route_total", "target"));
+        for (worker, n) in counters(&text, "kvfleet_fleet_route_worker_total", "worker") {
+            *per_worker.entry(worker).or_default() += n;
+        }
+    }
+    (per_agent, per_worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap()).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let names = ["kvf-node-a", "kvf-node-b", "kvf-node-c"];
+    let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
+    let mut agents = Vec::new();
+    for (name, dir) in names.iter().zip(&dirs) {
+        agents.push(Agent::start(name, &cp, &join, dir).await);
+    }
+    wait_nodes_healthy(&cp, &admin, &names).await;
+    deploy(&cp, &admin).await;
+    wait_for(
+        "a ready worker on each agent",
+        Duration::from_secs(60),
+        || async { agents.iter().all(|a| a.ready_workers() == 1) },
+    )
+    .await;
+    let ids: Vec<WorkerId> = agents.iter().map(|a| worker_ids(a)[0]).collect();
+    wait_for(
+        "every router to know every worker and peer",
+        Duration::from_secs(20),
+        || async {
+            agents.iter().all(|a| {
+                let remote = fleet(a).remote_workers();
+                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
+            })
+        },
+    )
+    .await;
+
+    // A long prefix, first served wherever node a's router sends it; every router learns
+    // which worker holds it.
+    let prefix = "You are a careful assistant for the kvfleet project. Answer briefly. ".repeat(2);
+    assert_completion("node a", &complete(agents[0].addr, &prefix).await);
+    let holds = |a: &Agent| -> Option<usize> {
+        ids.iter()
+            .position(|id| fleet(a).worker_blocks(*id).is_some_and(|b| b >= 5))
+    };
+    wait_for(
+        "the prefix blocks in every router",
+        Duration::from_secs(20),
+        || async {
+            let seen: Vec<Option<usize>> = agents.iter().map(&holds).collect();
+            seen[0].is_some() && seen.iter().all(|s| *s == seen[0])
+        },
+    )
+    .await;
+    let h = holds(&agents[0]).unwrap();
+    println!("the prefix is held by {}'s worker", agents[h].name);
+    let (before, _) = route_counts(&agents).await;
+    // The same prefix with different questions, entering every frontend: all go to the
+    // holder's worker (the other nodes forward them), and all succeed.
+    for round in 0..2 {
+        for (k, agent) in agents.iter().enumerate() {
+            let prompt = format!("{prefix}Question {round}-{k}?");
+            assert_completion(&agent.name, &complete(agent.addr, &prompt).await);
+        }
+    }
+    let (after, _) = route_counts(&agents).await;
+    let delta = |k: usize, target: &str| {
+        after[k].get(target).copied().unwrap_or(0) - before[k].get(target).copied().unwrap_or(0)
+    };
+    println!("prefix picks: {after:?} (before {before:?})");
+    for (k, agent) in agents.iter().enumerate() {
+        if k == h {
+            assert_eq!(delta(k, "local"), 2, "the holder's node serves its own");
+            assert_eq!(delta(k, "remote"), 0);
+        } else {
+            assert_eq!(
+                delta(k, "remote"),
+                2,
+                "{} forwards to the holder",
+                agent.name
+            );
+            assert_eq!(delta(k, "local"), 0);
+        }
+        assert_eq!(delta(k, "fallback_local"), 0);
+    }
+
+    // Unrelated prompts (no shared prefix), 10 at once into each frontend: no worker gets
+    // more than 1.5x its fair share.
+    let (_, workers_before) = route_counts(&agents).await;
+    let mut tasks = Vec::new();
+    for (k, agent) in agents.iter().enumerate() {
+        for i in 0..10 {
+            let addr = agent.addr;
+            let prompt = format!(
+                "{} unrelated request {k}-{i} with enough text to fill a block or two",
+                uuid::Uuid::new_v4()
+            );
+            tasks.push(tokio::spawn(async move { complete(addr, &prompt).await }));
+        }
+    }
+    for task in tasks {
+        assert_completion("unrelated", &task.await.unwrap());
+    }
+    let (_, workers_after) = route_counts(&agents).await;
+    let spread: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let key = id.to_string();
+            workers_after.get(&key).copied().unwrap_or(0)
+                - workers_before.get(&key).copied().unwrap_or(0)
+        })
+        .collect();
+    println!("unrelated requests per worker: {spread:?}");
+    assert_eq!(
+        spread.iter().sum::<u64>(),
+        30,
+        "every request was routed by the fleet router"
+    );
+    assert!(
+        spread.iter().all(|&n| n <= 15),
+        "no worker over 1.5x its fair share of 10: {spread:?}"
+    );
+
+    // The holder's node goes away: requests with its prefix keep succeeding from the others
+    // (a local retry while their routers still name it, then the directory and the stream
+    // drop it).
+    let a = agents.remove(h);
+    let gone = ids[h];
+    a.stop().await;
+    for round in 0..3 {
+        for agent in &agents {
+            let prompt = format!("{prefix}After the loss {round}?");
+            assert_completion(&agent.name, &complete(agent.addr, &prompt).await);
+        }
+    }
+    wait_for(
+        "the holder's worker to leave the other routers",
+        Duration::from_secs(15),
+        || async {
+            agents
+                .iter()
+                .all(|a| fleet(a).worker_blocks(gone).is_none())
+        },
+    )
+    .await;
 
     for agent in agents {
         agent.stop().await;
