@@ -748,6 +748,45 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
         assert_eq!(delta(k, "fallback_local"), 0);
     }
 
+    // A streamed request with the prefix enters a non-holder's frontend and is forwarded; the
+    // client goes away after the first chunk: the holder's worker stops generating at once
+    // (80 tokens at 10 ms would take 0.8 s).
+    let entry = &agents[(h + 1) % 3];
+    let mut response = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", entry.addr))
+        .json(&json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": format!("{prefix}Stream?")}],
+            "max_tokens": 80,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let first = response.chunk().await.unwrap();
+    assert!(first.is_some_and(|c| !c.is_empty()));
+    // The first chunk may be the frontend's role chunk, sent before the peer answers.
+    wait_for(
+        "the forwarded request generating on the holder",
+        Duration::from_millis(500),
+        || async { outstanding(&agents[h]) == 1 },
+    )
+    .await;
+    assert_eq!(outstanding(entry), 0, "not on the entry node");
+    let dropped = std::time::Instant::now();
+    drop(response);
+    wait_for(
+        "the holder's worker to drop the abandoned request",
+        Duration::from_millis(600),
+        || async { outstanding(&agents[h]) == 0 },
+    )
+    .await;
+    println!(
+        "remote generation cancelled {:.0} ms after the client left",
+        dropped.elapsed().as_secs_f64() * 1000.0
+    );
+
     // Unrelated prompts (no shared prefix), 10 at once into each frontend: no worker gets
     // more than 1.5x its fair share.
     let (_, workers_before) = route_counts(&agents).await;
@@ -797,6 +836,18 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
             assert_completion(&agent.name, &complete(agent.addr, &prompt).await);
         }
     }
+    // The first of those picked the lost holder (its routers had not heard yet) and was
+    // retried locally.
+    let (counts, _) = route_counts(&agents).await;
+    let fallbacks: u64 = counts
+        .iter()
+        .map(|c| c.get("fallback_local").copied().unwrap_or(0))
+        .sum();
+    println!("after the loss: {counts:?}");
+    assert!(
+        fallbacks >= 1,
+        "a failed forward was retried locally: {counts:?}"
+    );
     wait_for(
         "the holder's worker to leave the other routers",
         Duration::from_secs(15),
