@@ -199,6 +199,10 @@ pub struct Config {
     pub log: LogConfig,
     /// How the frontend picks among this node's workers.
     pub routing: RoutingMode,
+    /// `[routing] fleet_mode`: how the fleet router picks among every worker of the fleet, in
+    /// control-plane mode (`kv` by default; `round-robin`, `random`, `least-loaded`,
+    /// `approximate`).
+    pub fleet_routing: kvfleet_kv_router::RoutingMode,
     /// Models this node can serve.
     pub models: Vec<ModelConfig>,
     /// Workers to run. Empty means "one per GPU found, or one CPU worker", serving the first
@@ -471,6 +475,7 @@ impl Default for Config {
                 level: "info".into(),
             },
             routing: RoutingMode::LeastLoaded,
+            fleet_routing: kvfleet_kv_router::RoutingMode::Kv,
             models: vec![ModelConfig::mock("kvfleet-mock")],
             workers: Vec::new(),
             supervisor: SupervisorConfig {
@@ -601,6 +606,7 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawRouting {
     mode: Option<Spanned<String>>,
+    fleet_mode: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1023,6 +1029,14 @@ impl Checker<'_> {
             && let Some(mode) = self.parsed(mode, parse_routing)
         {
             config.routing = mode;
+        }
+        if let Some(mode) = raw.routing.as_ref().and_then(|r| r.fleet_mode.as_ref())
+            && let Some(mode) = self.parsed(mode, |text| {
+                text.parse::<kvfleet_kv_router::RoutingMode>()
+                    .map_err(|e| format!("routing.fleet_mode: {e}"))
+            })
+        {
+            config.fleet_routing = mode;
         }
         if let Some(s) = &raw.supervisor {
             let sc = &mut config.supervisor;
@@ -1519,6 +1533,13 @@ mod tests {
         assert_eq!(config.peer.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(config.peer.advertise.as_deref(), Some("node-a:7501"));
         assert!(config.peer.forward);
+        assert_eq!(config.fleet_routing, kvfleet_kv_router::RoutingMode::Kv);
+        let config = load("[routing]\nfleet_mode = \"round-robin\"\n").unwrap();
+        assert_eq!(
+            config.fleet_routing,
+            kvfleet_kv_router::RoutingMode::RoundRobin
+        );
+        assert!(load("[routing]\nfleet_mode = \"psychic\"\n").is_err());
         assert!(!load("[peer]\nforward = false\n").unwrap().peer.forward);
         let problems = load("[peer]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(problems.to_string().contains("agent.toml:2"), "{problems}");

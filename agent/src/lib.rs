@@ -199,7 +199,7 @@ pub async fn serve_with(
     let fleet = config
         .control_plane
         .as_ref()
-        .map(|_| Arc::new(fleet::FleetRouter::new(kvfleet_kv_router::RoutingMode::Kv)));
+        .map(|_| Arc::new(fleet::FleetRouter::new(config.fleet_routing)));
     let peer_handle = config
         .control_plane
         .as_ref()
