@@ -228,10 +228,10 @@ fn bad_input_fails_cleanly() {
         let out = kvfleet(&args);
         assert_clean_failure(&out, needle);
     }
-    // `dev` still says it is not there yet.
-    let out = kvfleet(&["dev"]);
+    // `dev` refuses contradictory flags before starting anything (usage: exit 2).
+    let out = kvfleet(&["dev", "--mock", "--model", &tiny]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("not available yet"));
+    assert!(text(&out.stderr).contains("cannot be used with"));
     // --help explains the commands.
     let help = text(&kvfleet(&["generate", "--help"]).stdout);
     for flag in [

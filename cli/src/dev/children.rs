@@ -59,15 +59,23 @@ pub(crate) fn spawn(
     let log = state.join(format!("{name}.log"));
     let pid_file = state.join(format!("{name}.pid"));
     stop_leftover(name, &pid_file);
+    // One log per run (the previous one kept as .log.1), so the tail shown on failure is
+    // this run's.
+    if log.exists() {
+        let _ = std::fs::rename(&log, state.join(format!("{name}.log.1")));
+    }
     let out = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(true)
         .open(&log)
         .with_context(|| format!("opening {}", log.display()))?;
     let err = out
         .try_clone()
         .with_context(|| format!("opening {}", log.display()))?;
     command
+        // Plain log files, without terminal colour codes.
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -86,6 +94,13 @@ pub(crate) fn spawn(
         log,
         pid_file,
     })
+}
+
+/// Stops what an earlier `kvfleet dev` that was killed left running in `state`.
+pub(crate) fn stop_leftovers(state: &Path, names: &[&str]) {
+    for name in names {
+        stop_leftover(name, &state.join(format!("{name}.pid")));
+    }
 }
 
 /// A process left by an earlier `kvfleet dev` that was killed: stop it if it still runs the

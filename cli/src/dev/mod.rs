@@ -278,6 +278,19 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let state = args.state_dir.clone().unwrap_or_else(default_state_dir);
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     let state = std::fs::canonicalize(&state)?;
+    // Leftovers of a killed run first: they hold the ports checked next.
+    children::stop_leftovers(&state, &["kvfleet-agent", "kvfleet-controlplane"]);
+    for (port, flag) in [
+        (args.api_port, "--api-port"),
+        (args.openai_port, "--openai-port"),
+    ] {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            bail!(
+                "127.0.0.1:{port} is in use by another program (another kvfleet dev with another \
+                 --state-dir?): stop it or pass {flag}"
+            );
+        }
+    }
 
     let mut running = Running {
         keep_postgres: args.keep_postgres,
