@@ -195,10 +195,20 @@ impl Config {
                 }),
             }
         }
+        let top_level: Vec<String> = Self::known_keys()
+            .into_iter()
+            .filter(|key| !key.contains('.'))
+            .collect();
         for (name, text) in &source.env {
             let key = if name == "DATABASE_URL" {
                 "database.url".to_owned()
-            } else if let Some(rest) = name.strip_prefix("KVFLEET_") {
+            } else if let Some(rest) = name.strip_prefix("KVFLEET_").filter(|rest| {
+                rest.contains("__") || top_level.contains(&rest.to_ascii_lowercase())
+            }) {
+                // Only `KVFLEET_<SECTION>__<KEY>` and top-level keys (`KVFLEET_LISTEN`) are
+                // ours: the CLI (`KVFLEET_URL`), the agent (`KVFLEET_AGENT_*`) and the tests set
+                // other `KVFLEET_*` variables in the same shells. A typo inside a section is
+                // still reported as an unknown setting.
                 rest.to_ascii_lowercase().replace("__", ".")
             } else {
                 continue;
@@ -664,11 +674,16 @@ lost_after = "1m"
             ("DATABASE_URL".into(), "postgres://env/db".into()),
             ("KVFLEET_WATCH__MAX_WAIT".into(), "5s".into()),
             ("HOME".into(), "/root".into()),
+            // Other programs' variables in the same shell are not settings of ours.
+            ("KVFLEET_URL".into(), "http://127.0.0.1:8080".into()),
+            ("KVFLEET_AGENT_LISTEN".into(), "127.0.0.1:8000".into()),
+            ("KVFLEET_LISTEN".into(), "127.0.0.1:9091".into()),
         ];
         source.flags = vec![("watch.max_wait".into(), "7s".into())];
         let config = Config::load(&source).unwrap();
         assert_eq!(config.database.url, "postgres://env/db");
         assert_eq!(config.watch.max_wait, Duration::from_secs(7));
+        assert_eq!(config.listen, "127.0.0.1:9091".parse().unwrap());
     }
 
     #[test]
@@ -676,7 +691,10 @@ lost_after = "1m"
         let mut source = file(
             "listen = \"nowhere\"\n[database]\nurl = \"mysql://x\"\nmax_connections = 0\n[liveness]\nlost_after = \"soon\"\ncolour = \"blue\"\n",
         );
-        source.env = vec![("KVFLEET_PLACEMENT__INTERVAL".into(), "3 parsecs".into())];
+        source.env = vec![
+            ("KVFLEET_PLACEMENT__INTERVAL".into(), "3 parsecs".into()),
+            ("KVFLEET_PLACEMENT__INTERVALL".into(), "3s".into()),
+        ];
         let errors = Config::load(&source).unwrap_err();
         let text: Vec<String> = errors.problems.iter().map(ToString::to_string).collect();
         let expect = [
@@ -686,6 +704,7 @@ lost_after = "1m"
             "/etc/kvfleet/controlplane.toml:6: liveness.lost_after: \"soon\" is not a duration",
             "/etc/kvfleet/controlplane.toml:7: liveness.colour: unknown setting",
             "environment variable KVFLEET_PLACEMENT__INTERVAL: placement.interval: \"3 parsecs\"",
+            "environment variable KVFLEET_PLACEMENT__INTERVALL: placement.intervall: unknown setting",
         ];
         for want in expect {
             assert!(
