@@ -647,8 +647,12 @@ url = "{api_base}"
 join_token_file = "{join}"
 state_dir = "{state}"
 cpu_slots = 1
+
+[peer]
+listen = "127.0.0.1:{peer_port}"
 "#,
         openai_port = args.openai_port,
+        peer_port = args.peer_port,
         run = agent_dir.join("run").display(),
         join = agent_dir.join("join-token").display(),
         state = agent_dir.join("state").display(),
@@ -656,9 +660,9 @@ cpu_slots = 1
 }
 
 /// Removes the `KVFLEET_*` variables of this shell that are not control-plane settings
-/// (`KVFLEET_SECTION__KEY`): the control plane refuses unknown ones (`KVFLEET_URL`,
-/// `KVFLEET_TOKEN` of the CLI, `KVFLEET_SMOLLM2_GGUF` of scripts/dev.sh), and the agent's own
-/// (`KVFLEET_AGENT_LISTEN`, ...) would override the configuration written for it.
+/// (`KVFLEET_SECTION__KEY`): the CLI's (`KVFLEET_URL`, `KVFLEET_TOKEN`) mean nothing to the
+/// children, and the agent's own (`KVFLEET_AGENT_LISTEN`, ...) would override the configuration
+/// written for it.
 fn scrub_env(command: &mut std::process::Command) {
     for (name, _) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
