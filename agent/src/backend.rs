@@ -159,6 +159,10 @@ pub struct WorkerStatus {
     pub kv_blocks_used: u64,
     /// KV blocks in the pool.
     pub kv_blocks_total: u64,
+    /// Prompt tokens looked up in the prefix cache since the worker process started.
+    pub prefix_query_tokens: u64,
+    /// Of those, tokens found in the cache.
+    pub prefix_hit_tokens: u64,
     /// Times the process was (re)started.
     pub starts: u64,
     /// The OS process id, while running.

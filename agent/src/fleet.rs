@@ -453,6 +453,8 @@ mod tests {
             outstanding: 0,
             kv_blocks_used: 0,
             kv_blocks_total: 1000,
+            prefix_query_tokens: 0,
+            prefix_hit_tokens: 0,
             starts: 1,
             pid: None,
         }

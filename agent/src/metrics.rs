@@ -205,7 +205,17 @@ impl Metrics {
 
 fn render_workers(out: &mut String, workers: &[WorkerStatus]) {
     type Field = fn(&WorkerStatus) -> f64;
-    let families: [(&str, &str, Field); 5] = [
+    let families: [(&str, &str, Field); 7] = [
+        (
+            "kvfleet_worker_prefix_query_tokens_total",
+            "Prompt tokens looked up in the worker's prefix cache since its process started.",
+            |w| w.prefix_query_tokens as f64,
+        ),
+        (
+            "kvfleet_worker_prefix_hit_tokens_total",
+            "Prompt tokens found in the worker's prefix cache (not recomputed) since its process started.",
+            |w| w.prefix_hit_tokens as f64,
+        ),
         (
             "kvfleet_worker_kv_blocks_used",
             "KV blocks in use, per worker.",
@@ -231,7 +241,12 @@ fn render_workers(out: &mut String, workers: &[WorkerStatus]) {
         }),
     ];
     for (name, help, field) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for w in workers {
             let _ = writeln!(
                 out,

@@ -651,6 +651,14 @@ fn counters(text: &str, name: &str, label: &str) -> std::collections::BTreeMap<S
     out
 }
 
+/// The prefix-cache hit tokens of an agent's workers, summed, from its `/metrics`.
+async fn prefix_hit_tokens(agent: &Agent) -> u64 {
+    let text = metrics(agent).await;
+    counters(&text, "kvfleet_worker_prefix_hit_tokens_total", "worker")
+        .values()
+        .sum()
+}
+
 async fn route_counts(agents: &[Agent]) -> (Vec<BTreeMap<String, u64>>, BTreeMap<String, u64>) {
     let mut per_agent = Vec::new();
     let mut per_worker = BTreeMap::new();
@@ -719,6 +727,10 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
     let h = holds(&agents[0]).unwrap();
     println!("the prefix is held by {}'s worker", agents[h].name);
     let (before, _) = route_counts(&agents).await;
+    let mut hits_before = Vec::new();
+    for agent in &agents {
+        hits_before.push(prefix_hit_tokens(agent).await);
+    }
     // The same prefix with different questions, entering every frontend: all go to the
     // holder's worker (the other nodes forward them), and all succeed.
     for round in 0..2 {
@@ -746,6 +758,25 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
             assert_eq!(delta(k, "local"), 0);
         }
         assert_eq!(delta(k, "fallback_local"), 0);
+    }
+    // The workers' own prefix-cache counters agree: the holder's worker found the prefix in
+    // its cache for all six requests (at least 4 blocks of 16 tokens each); the others were
+    // asked nothing.
+    wait_for(
+        "the holder's worker to report its prefix-cache hits",
+        Duration::from_secs(10),
+        || async { prefix_hit_tokens(&agents[h]).await >= hits_before[h] + 6 * 4 * 16 },
+    )
+    .await;
+    for (k, agent) in agents.iter().enumerate() {
+        if k != h {
+            assert_eq!(
+                prefix_hit_tokens(agent).await,
+                hits_before[k],
+                "{}'s worker served none of the prefix requests",
+                agent.name
+            );
+        }
     }
 
     // A streamed request with the prefix enters a non-holder's frontend and is forwarded; the

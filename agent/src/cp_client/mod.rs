@@ -858,7 +858,10 @@ impl Client {
                         tokens_per_s,
                         kv_blocks_used: w.kv_blocks_used.try_into().unwrap_or(i64::MAX),
                         kv_blocks_total: w.kv_blocks_total.try_into().unwrap_or(i64::MAX),
-                        prefix_hit_rate: None,
+                        // Since the worker process started (its engine's counters).
+                        prefix_hit_rate: (w.prefix_query_tokens > 0).then(|| {
+                            (w.prefix_hit_tokens as f64 / w.prefix_query_tokens as f64) as f32
+                        }),
                         gpu_utilization,
                     }),
                 }

@@ -271,6 +271,8 @@ impl WorkerEngine {
             waiting: m.waiting as u32,
             kv_blocks_used: u64::from(m.kv_blocks_used),
             kv_blocks_total: u64::from(m.kv_blocks_total),
+            prefix_query_tokens: m.prefix_query_tokens,
+            prefix_hit_tokens: m.prefix_hit_tokens,
         }
     }
 

@@ -239,6 +239,12 @@ pub struct WireStatus {
     pub kv_blocks_used: u64,
     /// KV blocks in the pool.
     pub kv_blocks_total: u64,
+    /// Prompt tokens looked up in the prefix cache since the worker started.
+    #[serde(default)]
+    pub prefix_query_tokens: u64,
+    /// Of those, tokens found in the cache (not recomputed).
+    #[serde(default)]
+    pub prefix_hit_tokens: u64,
 }
 
 /// Agent → worker instructions.

@@ -164,6 +164,8 @@ impl Slot {
             outstanding,
             kv_blocks_used: status.kv_blocks_used,
             kv_blocks_total: status.kv_blocks_total,
+            prefix_query_tokens: status.prefix_query_tokens,
+            prefix_hit_tokens: status.prefix_hit_tokens,
             starts,
             pid,
         }
