@@ -26,6 +26,19 @@ struct Cluster {
 
 impl Cluster {
     fn pg_ctl(&self, args: &[&str]) {
+        let status = self.pg_ctl_status(args);
+        assert!(
+            status.success(),
+            "pg_ctl {args:?} failed; its log:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    fn pg_ctl_status(&self, args: &[&str]) -> std::process::ExitStatus {
         let data = self.dir.join("data");
         let log = self.dir.join("server.log");
         let options = format!(
@@ -46,12 +59,7 @@ impl Cluster {
         if args.first() == Some(&"start") {
             command.args(["-o", &options]);
         }
-        let status = command.status().unwrap();
-        assert!(
-            status.success(),
-            "pg_ctl {args:?} failed; see {}",
-            log.display()
-        );
+        command.status().unwrap()
     }
 
     fn url(&self) -> String {
@@ -88,10 +96,6 @@ fn private_cluster() -> Result<Cluster, String> {
         .filter(|p| p.join("initdb").exists())
         .max()
         .ok_or("no initdb under /usr/lib/postgresql/*/bin")?;
-    let port = {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        socket.local_addr().map_err(|e| e.to_string())?.port()
-    };
     let dir = PathBuf::from(format!(
         "/var/tmp/kvfleet-cp-resilience-{}",
         std::process::id()
@@ -111,9 +115,24 @@ fn private_cluster() -> Result<Cluster, String> {
     if !status.success() {
         return Err("initdb failed".into());
     }
-    let cluster = Cluster { bin, dir, port };
-    cluster.pg_ctl(&["start"]);
-    Ok(cluster)
+    let mut cluster = Cluster { bin, dir, port: 0 };
+    // The port is free when picked but other tests bind ephemeral ports concurrently, so one
+    // may take it before the server does: pick again when the start fails.
+    for _ in 0..5 {
+        cluster.port = {
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            socket.local_addr().map_err(|e| e.to_string())?.port()
+        };
+        if cluster.pg_ctl_status(&["start"]).success() {
+            return Ok(cluster);
+        }
+        eprintln!(
+            "private PostgreSQL did not start on port {}; its log:\n{}",
+            cluster.port,
+            cluster.log_text()
+        );
+    }
+    panic!("private PostgreSQL did not start in 5 tries (logs above)");
 }
 
 fn chown_postgres(dir: &Path) -> Result<(), String> {
