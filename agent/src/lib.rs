@@ -20,8 +20,9 @@
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
 //! inventory and the built binary as the worker program. With `[control_plane]` the
 //! [`cp_client`] runs beside the frontend and reconciles the worker pool to the control plane's
-//! desired state, and the [`peer`] endpoint serves requests forwarded by other agents (not yet:
-//! forwarding from this node's frontend).
+//! desired state, the [`peer`] endpoint serves requests forwarded by other agents, and the
+//! frontend routes through [`forward`]: to the worker holding the prompt's prefix, here or on a
+//! peer.
 
 pub mod backend;
 pub mod cli;
