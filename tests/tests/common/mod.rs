@@ -1,0 +1,403 @@
+//! The fleet end-to-end harness shared by `fleet.rs` and `fleet_routing.rs`: a throwaway
+//! database on the `DATABASE_URL` server, a control-plane replica (library `run`), agents in
+//! control-plane mode (library `serve_with`, CPU only, mock workers), and the REST and OpenAI
+//! calls the tests make.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvfleet_agent::config::{Config as AgentConfig, Sources};
+use kvfleet_agent::dbus::Bus;
+use kvfleet_agent::gpu::NoGpus;
+use kvfleet_agent::systemd::Notifier;
+use kvfleet_agent::worker::WorkerCommand;
+use kvfleet_agent::{Deps, Running};
+use kvfleet_controlplane::auth::Role;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const MODEL: &str = "tiny-mock";
+
+/// A database of its own on the `DATABASE_URL` server, dropped at the end.
+pub struct TestDb {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Option<Self> {
+        let Ok(admin_url) = std::env::var("DATABASE_URL") else {
+            println!(
+                "SKIPPED: DATABASE_URL is not set (source scripts/lib/common.sh && ensure_test_postgres)"
+            );
+            return None;
+        };
+        let name = format!("kvfleet_e2e_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = match admin_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => panic!("DATABASE_URL has no database part: {admin_url}"),
+        };
+        Some(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    pub async fn drop_now(self) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+/// One control-plane replica (library `run`), on `addr` (port 0 the first time).
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ControlPlane {
+    /// A replica on `addr` whose liveness calls a silent node unhealthy after half of
+    /// `lost_after` and lost after `lost_after`.
+    pub async fn start(db: &TestDb, addr: SocketAddr, lost_after: Duration) -> Self {
+        let mut config = kvfleet_controlplane::Config::new(db.url.clone());
+        config.database.max_connections = 8;
+        config.leader.retry_interval = Duration::from_millis(200);
+        config.placement.interval = Duration::from_millis(200);
+        config.liveness.heartbeat_interval = Duration::from_millis(200);
+        config.liveness.unhealthy_after = lost_after / 2;
+        config.liveness.lost_after = lost_after;
+        config.liveness.check_interval = Duration::from_millis(100);
+        config.watch.max_wait = Duration::from_secs(2);
+        // A restarted replica takes the port its agents know; it was just freed, so retry
+        // briefly.
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("binding {addr}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("binding {addr}: {e}"),
+            }
+        };
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(kvfleet_controlplane::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let cp = Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        let client = reqwest::Client::new();
+        wait_for(
+            "the control plane to answer",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                let url = cp.url("/status");
+                async move {
+                    client
+                        .get(url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                }
+            },
+        )
+        .await;
+        cp
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/api/v1{path}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the control plane stops within 30 s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+/// Creates a token directly in the database, as `kvfleet-controlplane token create` does.
+pub async fn token(db: &TestDb, role: Role) -> String {
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let token = kvfleet_controlplane::create_token(&mut tx, &format!("e2e {role}"), role, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    token
+}
+
+/// One agent in control-plane mode (library `serve_with`), CPU only.
+pub struct Agent {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub running: Running,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    toml: String,
+}
+
+pub fn temp_dir(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "kvfleet-e2e-{what}-{}",
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// What differs between the agents of different tests.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentSetup {
+    /// The mock engine's time per generated token.
+    pub mock_token_time_us: u32,
+    /// Bind the peer endpoint to a free loopback port (otherwise the default `0.0.0.0:7500`).
+    pub peer_on_loopback: bool,
+}
+
+impl Agent {
+    pub async fn start(
+        name: &str,
+        cp: &ControlPlane,
+        join_token: &str,
+        state_dir: &PathBuf,
+        setup: AgentSetup,
+    ) -> Self {
+        let sockets = temp_dir("sockets");
+        let peer = if setup.peer_on_loopback {
+            "[peer]\nlisten = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
+        let toml = format!(
+            "[node]\nname = \"{name}\"\n\
+             [log]\nlevel = \"warn\"\n\
+             [supervisor]\nsocket_dir = {sockets:?}\nrestart_backoff_initial_ms = 100\n\
+             [[models]]\nname = \"{MODEL}\"\nengine = \"mock\"\ncontext_length = 256\n\
+             block_size = 16\nkv_blocks = 256\nmock_token_time_us = {token_time}\n\
+             [control_plane]\nurl = \"{}\"\njoin_token = \"{join_token}\"\nstate_dir = {state_dir:?}\n\
+             watch_wait_secs = 2\nrequest_timeout_secs = 2\n\
+             retry_backoff_initial_ms = 100\nretry_backoff_max_ms = 500\ncpu_slots = 1\n\
+             {peer}",
+            cp.base(),
+            token_time = setup.mock_token_time_us,
+        );
+        Self::launch(name, toml).await
+    }
+
+    pub async fn launch(name: &str, toml: String) -> Self {
+        let config = AgentConfig::from_sources(&Sources::from_text("e2e-agent.toml", &toml))
+            .unwrap_or_else(|problems| panic!("agent config:\n{problems}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let deps = Deps {
+            inventory: Arc::new(NoGpus),
+            worker: WorkerCommand {
+                program: env!("CARGO_BIN_EXE_kvfleet-e2e-agent").into(),
+            },
+            notifier: Notifier::default(),
+            dbus: Bus::Off,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(kvfleet_agent::serve_with(
+            config,
+            listener,
+            deps,
+            async move {
+                let _ = stopped.await;
+            },
+            move |running| {
+                let _ = started_tx.send(running);
+            },
+        ));
+        let running = started_rx.await.expect("the agent starts");
+        Self {
+            name: name.to_owned(),
+            addr,
+            running,
+            stop: Some(stop),
+            task: Some(task),
+            toml,
+        }
+    }
+
+    pub fn ready_workers(&self) -> usize {
+        use kvfleet_agent::backend::{Backend as _, WorkerState};
+        self.running
+            .pool
+            .workers()
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.running.pool.running().len()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.running
+            .control_plane
+            .as_ref()
+            .is_some_and(|h| h.status().connected)
+    }
+
+    pub async fn stop(mut self) -> String {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("the agent stops within 60 s")
+                .unwrap()
+                .unwrap();
+        }
+        self.toml.clone()
+    }
+}
+
+/// Polls `check` every 100 ms until it holds; panics naming `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn api(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// A chat completion from one agent's frontend: its status and body.
+pub async fn complete(agent_addr: SocketAddr, content: &str) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{agent_addr}/v1/chat/completions"))
+        .json(&json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 8,
+        }))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+pub fn assert_completion(who: &str, (status, body): &(StatusCode, Value)) {
+    assert_eq!(*status, StatusCode::OK, "{who}: {body}");
+    assert_eq!(body["object"], "chat.completion", "{who}: {body}");
+    assert_eq!(body["usage"]["completion_tokens"], 8, "{who}: {body}");
+    assert!(
+        body["choices"][0]["message"]["content"].is_string(),
+        "{who}: {body}"
+    );
+}
+
+/// Registers the model and applies a CPU deployment of `workers` workers; returns its id.
+pub async fn deploy(cp: &ControlPlane, admin: &str, workers: usize) -> String {
+    let (status, body) = api(
+        reqwest::Method::POST,
+        &cp.url("/models"),
+        admin,
+        Some(
+            json!({"name": MODEL, "format": "mock", "path": "mock", "block_size": 16,
+                    "context_length": 256}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api(
+        reqwest::Method::POST,
+        &cp.url("/deployments"),
+        admin,
+        Some(
+            json!({"name": "tiny", "model": MODEL, "min_workers": workers, "max_workers": workers,
+                    "placement": {"allow_cpu": true}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// Both nodes registered and healthy at the control plane.
+pub async fn wait_nodes_healthy(cp: &ControlPlane, admin: &str, names: &[&str]) {
+    wait_for("both nodes healthy", Duration::from_secs(30), || async {
+        let (status, body) = api(reqwest::Method::GET, &cp.url("/nodes"), admin, None).await;
+        status == StatusCode::OK
+            && names.iter().all(|name| {
+                body["items"].as_array().is_some_and(|nodes| {
+                    nodes
+                        .iter()
+                        .any(|n| n["hostname"] == *name && n["state"] == "healthy")
+                })
+            })
+    })
+    .await;
+}
