@@ -9,6 +9,7 @@ use kvfleet_proto::api::{
 };
 use kvfleet_proto::kv_stream::{KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamPage};
 use reqwest::StatusCode;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Why a call failed.
@@ -78,13 +79,7 @@ impl Api {
         bearer: &str,
         request: &RegisterRequest,
     ) -> Result<RegisterResponse, CpError> {
-        let call = self
-            .client
-            .post(self.url("/api/v1/agent/register"))
-            .bearer_auth(bearer)
-            .timeout(self.timeout)
-            .json(request);
-        self.send(call).await
+        self.post("/api/v1/agent/register", bearer, request).await
     }
 
     /// `POST /api/v1/agent/heartbeat`.
@@ -93,13 +88,7 @@ impl Api {
         bearer: &str,
         beat: &Heartbeat,
     ) -> Result<HeartbeatResponse, CpError> {
-        let call = self
-            .client
-            .post(self.url("/api/v1/agent/heartbeat"))
-            .bearer_auth(bearer)
-            .timeout(self.timeout)
-            .json(beat);
-        self.send(call).await
+        self.post("/api/v1/agent/heartbeat", bearer, beat).await
     }
 
     /// `GET /api/v1/agent/desired-state`: at once without `after`, else a long poll of up to
@@ -110,20 +99,14 @@ impl Api {
         after: Option<i64>,
         wait: Duration,
     ) -> Result<DesiredState, CpError> {
-        let url = match after {
+        let path = match after {
             Some(generation) => format!(
-                "{}?after_generation={generation}&wait_s={}",
-                self.url("/api/v1/agent/desired-state"),
+                "/api/v1/agent/desired-state?after_generation={generation}&wait_s={}",
                 wait.as_secs()
             ),
-            None => self.url("/api/v1/agent/desired-state"),
+            None => "/api/v1/agent/desired-state".to_owned(),
         };
-        let call = self
-            .client
-            .get(url)
-            .bearer_auth(bearer)
-            .timeout(self.timeout + wait);
-        self.send(call).await
+        self.get(&path, bearer, self.timeout + wait).await
     }
 
     /// `POST /api/v1/agent/certificate`.
@@ -132,13 +115,8 @@ impl Api {
         bearer: &str,
         request: &RenewRequest,
     ) -> Result<IssuedCertificate, CpError> {
-        let call = self
-            .client
-            .post(self.url("/api/v1/agent/certificate"))
-            .bearer_auth(bearer)
-            .timeout(self.timeout)
-            .json(request);
-        self.send(call).await
+        self.post("/api/v1/agent/certificate", bearer, request)
+            .await
     }
 
     /// `POST /api/v1/agent/kv-events`: one batch of this node's KV events.
@@ -147,34 +125,19 @@ impl Api {
         bearer: &str,
         batch: &KvEventBatch,
     ) -> Result<KvEventBatchResult, CpError> {
-        let call = self
-            .client
-            .post(self.url("/api/v1/agent/kv-events"))
-            .bearer_auth(bearer)
-            .timeout(self.timeout)
-            .json(batch);
-        self.send(call).await
+        self.post("/api/v1/agent/kv-events", bearer, batch).await
     }
 
     /// `GET /api/v1/agent/fleet`: every running worker with its model and node's peer address.
     pub async fn fleet_directory(&self, bearer: &str) -> Result<FleetDirectory, CpError> {
-        let call = self
-            .client
-            .get(self.url("/api/v1/agent/fleet"))
-            .bearer_auth(bearer)
-            .timeout(self.timeout);
-        self.send(call).await
+        self.get("/api/v1/agent/fleet", bearer, self.timeout).await
     }
 
     /// `GET /api/v1/agent/kv-snapshot`: the whole fleet KV index as of one stream position.
     pub async fn kv_snapshot(&self, bearer: &str) -> Result<KvSnapshot, CpError> {
-        let call = self
-            .client
-            .get(self.url("/api/v1/agent/kv-snapshot"))
-            .bearer_auth(bearer)
-            // A snapshot of a large fleet is big: give it the long-poll allowance too.
-            .timeout(self.timeout * 4);
-        self.send(call).await
+        // A snapshot of a large fleet is big: give it the long-poll allowance too.
+        self.get("/api/v1/agent/kv-snapshot", bearer, self.timeout * 4)
+            .await
     }
 
     /// `GET /api/v1/agent/kv-stream?after=..&wait_s=..`: the changes after `after`, waiting up
@@ -185,16 +148,41 @@ impl Api {
         after: u64,
         wait: Duration,
     ) -> Result<KvStreamPage, CpError> {
-        let url = format!(
-            "{}?after={after}&wait_s={}",
-            self.url("/api/v1/agent/kv-stream"),
+        let path = format!(
+            "/api/v1/agent/kv-stream?after={after}&wait_s={}",
             wait.as_secs()
         );
+        self.get(&path, bearer, self.timeout + wait).await
+    }
+
+    /// `POST path` with `bearer` and a JSON body, within the call timeout.
+    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        bearer: &str,
+        body: &B,
+    ) -> Result<T, CpError> {
         let call = self
             .client
-            .get(url)
+            .post(self.url(path))
             .bearer_auth(bearer)
-            .timeout(self.timeout + wait);
+            .timeout(self.timeout)
+            .json(body);
+        self.send(call).await
+    }
+
+    /// `GET path` (with its query) with `bearer`, answered within `timeout`.
+    async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        bearer: &str,
+        timeout: Duration,
+    ) -> Result<T, CpError> {
+        let call = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(bearer)
+            .timeout(timeout);
         self.send(call).await
     }
 
