@@ -807,7 +807,12 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     let mut last_sweep = tokio::time::Instant::now();
     let mut last_checkpoint = tokio::time::Instant::now();
     let mut checkpointed: Option<u64> = None;
+    // The index was rebuilt from Postgres when the state was built, so the first read of the
+    // log is due one interval from now, not at once.
     loop {
+        if sleep_or_shutdown(config.poll_interval, &mut shutdown).await {
+            return;
+        }
         match state.pool.acquire().await {
             Ok(mut conn) => {
                 if let Err(error) = index.catch_up(&mut conn).await {
@@ -830,9 +835,6 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "KV checkpoint failed"),
             }
-        }
-        if sleep_or_shutdown(config.poll_interval, &mut shutdown).await {
-            return;
         }
     }
 }
