@@ -26,6 +26,9 @@ pub struct GenerateRequest {
     pub block_hashes: Vec<SequenceHash>,
     /// Sampling, validated.
     pub sampling: SamplingParams,
+    /// The worker a router picked for it; `None` lets the pool choose. A named worker that is
+    /// not ready (or serves another model) is ignored and the pool chooses.
+    pub worker: Option<WorkerId>,
 }
 
 /// Why a generation ended.

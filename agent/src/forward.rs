@@ -134,6 +134,8 @@ impl Backend for FleetBackend {
                 prompt: request.prompt.clone(),
                 block_hashes: request.block_hashes.clone(),
                 sampling: request.sampling.clone(),
+                prefill: None,
+                kv_push: None,
             };
             // A peer that is gone leaves QUIC waiting for its idle timeout: give up sooner and
             // run the request here.

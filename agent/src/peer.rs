@@ -79,6 +79,7 @@ impl GenerateHandler for LocalGenerate {
                 prompt: request.prompt,
                 block_hashes: request.block_hashes,
                 sampling: request.sampling,
+                worker: request.worker,
             })
             .map_err(|e| match e {
                 SubmitError::NoReadyWorker(_) => {
@@ -116,6 +117,7 @@ impl GenerateHandler for LocalGenerate {
                                 completion_tokens: completion,
                                 cached_tokens: 0,
                             },
+                            kv_push: None,
                         }))
                     }
                     Some(GenEvent::Failed(message)) => {

@@ -190,6 +190,8 @@ async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
         prompt: (1..60).collect(),
         block_hashes: forwarded_hashes.clone(),
         sampling: SamplingParams::greedy(8),
+        prefill: None,
+        kv_push: None,
     };
     let mut stream = connection.generate(&request).await.unwrap();
     let mut tokens = 0;

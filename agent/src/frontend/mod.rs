@@ -300,6 +300,7 @@ async fn handle(
             block_hashes: sequence_hashes(&prepared.prompt, prepared.block_size),
             prompt: prepared.prompt.clone(),
             sampling: prepared.sampling.clone(),
+            worker: None,
         };
         let generation = frontend.backend.submit(request).map_err(|e| {
             ApiError::unavailable("no_ready_worker", e.to_string(), frontend.config.retry_after)

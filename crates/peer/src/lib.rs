@@ -32,8 +32,8 @@ pub use endpoint::{PeerConfig, PeerConnection, PeerEndpoint};
 pub use error::PeerError;
 pub use generate::{EventStream, GenerateEvent, GenerateHandler, GenerateStream};
 pub use kvfleet_proto::peer::{
-    ErrorCode, ErrorMessage, Finish, FinishReason, GenerateRequest, KvDone, TokenChunk,
-    TokenLogprob, TopLogprob, Usage,
+    ErrorCode, ErrorMessage, Finish, FinishReason, GenerateRequest, KvDone, KvPush, KvPushReport,
+    PrefillPlan, TokenChunk, TokenLogprob, TopLogprob, Usage,
 };
 pub use metrics::{ErrorKind, MetricsSnapshot, PeerMetrics};
 pub use tls::{PeerIdentity, PeerInfo, node_server_name};

@@ -131,6 +131,51 @@ pub struct GenerateRequest {
     pub block_hashes: Vec<SequenceHash>,
     /// Sampling parameters; validated on decode.
     pub sampling: SamplingParams,
+    /// Disaggregated serving, sent to the decode worker's node: prefill this prompt on that
+    /// prefill worker first and import its KV blocks here. `None`: prefill locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<PrefillPlan>,
+    /// Disaggregated serving, sent to the prefill worker's node: run the prompt (the first
+    /// token comes back on this stream) and push its KV blocks to that decode node as they are
+    /// computed. `None`: an ordinary request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_push: Option<KvPush>,
+}
+
+/// Where a request's prompt is prefilled when it is not the decode worker's own job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefillPlan {
+    /// The prefill worker.
+    pub worker: WorkerId,
+    /// Its node's id (the server name its certificate must carry).
+    pub node: uuid::Uuid,
+    /// Its node's peer endpoint, `host:port`.
+    pub addr: String,
+}
+
+/// Where a prefill worker's KV blocks go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvPush {
+    /// Names the transfer on the receiving node (the KV handshake's `request_id`).
+    pub transfer_id: String,
+    /// The decode worker that imports the blocks.
+    pub worker: WorkerId,
+    /// The decode node's id.
+    pub node: uuid::Uuid,
+    /// The decode node's peer endpoint, `host:port`.
+    pub addr: String,
+}
+
+/// What a prefill node pushed, reported in its [`Finish`] once the transfer ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvPushReport {
+    /// Leading prompt blocks the receiver acknowledged, counted from block 0.
+    pub blocks: u32,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 impl GenerateRequest {
@@ -152,6 +197,20 @@ impl GenerateRequest {
                     self.prompt.len()
                 ),
             ));
+        }
+        if self.prefill.is_some() && self.kv_push.is_some() {
+            return Err(invalid(
+                kind,
+                "kv_push",
+                "a request is either the decode leg (prefill) or the prefill leg (kv_push)",
+            ));
+        }
+        if let Some(plan) = &self.prefill {
+            check_len(kind, "prefill.addr", &plan.addr, MAX_MODEL_LEN)?;
+        }
+        if let Some(push) = &self.kv_push {
+            check_len(kind, "kv_push.transfer_id", &push.transfer_id, MAX_ID_LEN)?;
+            check_len(kind, "kv_push.addr", &push.addr, MAX_MODEL_LEN)?;
         }
         self.sampling
             .validate()
@@ -283,6 +342,9 @@ pub struct Finish {
     pub reason: FinishReason,
     /// Token counts.
     pub usage: Usage,
+    /// The prefill leg of a disaggregated request: the KV blocks pushed to the decode node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_push: Option<KvPushReport>,
 }
 
 /// What went wrong, as one peer tells another. The receiving agent maps it to its own surface
@@ -668,6 +730,8 @@ mod tests {
             prompt: vec![1, 2, 3, 4, 5],
             block_hashes: vec![SequenceHash(42)],
             sampling: SamplingParams::greedy(8),
+            prefill: None,
+            kv_push: None,
         }
     }
 
@@ -703,6 +767,7 @@ mod tests {
                     completion_tokens: 8,
                     cached_tokens: 0,
                 },
+                kv_push: None,
             }),
             PeerMessage::Cancel(CancelMessage::default()),
             PeerMessage::Error(ErrorMessage::new(ErrorCode::Overloaded, "busy")),

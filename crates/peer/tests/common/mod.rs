@@ -362,6 +362,7 @@ impl GenerateHandler for TestHandler {
                         completion_tokens: tokens.len() as u32,
                         cached_tokens: 0,
                     },
+                    kv_push: None,
                 })));
                 Ok(events_from(events))
             }
@@ -377,6 +378,8 @@ pub fn request(model: &str, prompt: Vec<u32>) -> GenerateRequest {
         prompt,
         block_hashes: Vec::new(),
         sampling: kvfleet_proto::SamplingParams::greedy(16),
+        prefill: None,
+        kv_push: None,
     }
 }
 
