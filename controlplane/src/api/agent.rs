@@ -644,7 +644,10 @@ pub async fn fleet_directory(
             peer_addr,
         });
     }
-    Ok(Json(FleetDirectory { workers }))
+    Ok(Json(FleetDirectory {
+        workers,
+        models: Vec::new(),
+    }))
 }
 
 #[cfg(test)]

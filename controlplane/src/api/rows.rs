@@ -99,6 +99,7 @@ pub(crate) fn deployment(row: PgRow) -> Result<Deployment, sqlx::Error> {
         min_workers: row.try_get("min_workers")?,
         max_workers: row.try_get("max_workers")?,
         placement: row.try_get::<Json<_>, _>("placement")?.0,
+        disaggregation: Default::default(),
         generation: row.try_get("generation")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

@@ -320,9 +320,76 @@ pub struct Deployment {
     pub min_workers: i32,
     pub max_workers: i32,
     pub placement: PlacementConstraints,
+    /// How prefill is split from decode; ignored (but kept) while `mode` is `aggregated`.
+    pub disaggregation: DisaggregationPolicy,
     pub generation: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// How a `disaggregated` deployment splits prefill from decode (ignored when aggregated).
+///
+/// Every field has a default, so `{}` (or an absent `[disaggregation]` table) is the default
+/// policy and a partial object overrides only what it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct DisaggregationPolicy {
+    /// A request is prefilled on a prefill worker only when the part of its prompt the chosen
+    /// decode worker does not already cache is at least this many tokens; shorter ones are
+    /// prefilled by the decode worker. 0: always disaggregate. Default 256.
+    pub min_remote_prefill_tokens: u32,
+    /// ...and only while the chosen prefill worker's queued prefill tokens plus this prompt stay
+    /// below this (at least 1). Default 16384.
+    pub max_prefill_queue_tokens: u32,
+    /// The decode worker prefills itself when the prefill leg has not finished (first token and
+    /// KV blocks) within this long, 100..=600000 ms. Default 30000.
+    pub prefill_timeout_ms: u32,
+}
+
+impl DisaggregationPolicy {
+    /// Default of [`DisaggregationPolicy::min_remote_prefill_tokens`].
+    pub const DEFAULT_MIN_REMOTE_PREFILL_TOKENS: u32 = 256;
+    /// Default of [`DisaggregationPolicy::max_prefill_queue_tokens`].
+    pub const DEFAULT_MAX_PREFILL_QUEUE_TOKENS: u32 = 16384;
+    /// Default of [`DisaggregationPolicy::prefill_timeout_ms`].
+    pub const DEFAULT_PREFILL_TIMEOUT_MS: u32 = 30_000;
+    /// The accepted range of [`DisaggregationPolicy::prefill_timeout_ms`].
+    pub const PREFILL_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u32> = 100..=600_000;
+
+    /// The first field that is out of range, as `(field, what is wrong)`; `None` when valid.
+    /// The field is named as in the JSON body (`disaggregation.prefill_timeout_ms`), so the
+    /// control plane's problem JSON and the CLI point at it.
+    pub fn invalid_field(&self) -> Option<(&'static str, String)> {
+        if !Self::PREFILL_TIMEOUT_MS_RANGE.contains(&self.prefill_timeout_ms) {
+            return Some((
+                "disaggregation.prefill_timeout_ms",
+                format!(
+                    "must be {}..={} milliseconds, got {}",
+                    Self::PREFILL_TIMEOUT_MS_RANGE.start(),
+                    Self::PREFILL_TIMEOUT_MS_RANGE.end(),
+                    self.prefill_timeout_ms
+                ),
+            ));
+        }
+        if self.max_prefill_queue_tokens == 0 {
+            return Some((
+                "disaggregation.max_prefill_queue_tokens",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        None
+    }
+}
+
+impl Default for DisaggregationPolicy {
+    fn default() -> Self {
+        DisaggregationPolicy {
+            min_remote_prefill_tokens: Self::DEFAULT_MIN_REMOTE_PREFILL_TOKENS,
+            max_prefill_queue_tokens: Self::DEFAULT_MAX_PREFILL_QUEUE_TOKENS,
+            prefill_timeout_ms: Self::DEFAULT_PREFILL_TIMEOUT_MS,
+        }
+    }
 }
 
 /// `POST /api/v1/deployments`
@@ -344,6 +411,9 @@ pub struct NewDeployment {
     pub max_workers: i32,
     #[serde(default)]
     pub placement: PlacementConstraints,
+    /// Absent: the default policy.
+    #[serde(default)]
+    pub disaggregation: DisaggregationPolicy,
 }
 
 fn default_mode() -> DeploymentMode {
@@ -369,6 +439,9 @@ pub struct DeploymentPatch {
     pub max_workers: Option<i32>,
     #[serde(default)]
     pub placement: Option<PlacementConstraints>,
+    /// Replaces the whole policy; fields absent from the object take their defaults.
+    #[serde(default)]
+    pub disaggregation: Option<DisaggregationPolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -632,6 +705,20 @@ pub struct Heartbeat {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FleetDirectory {
     pub workers: Vec<FleetWorker>,
+    /// One entry per deployed model: how it is served. Absent from older control planes.
+    #[serde(default)]
+    pub models: Vec<FleetModel>,
+}
+
+/// How one model of the [`FleetDirectory`] is served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FleetModel {
+    /// The model's name, as requests name it.
+    pub model: String,
+    pub mode: DeploymentMode,
+    /// The deployment's policy (meaningful when `mode` is `disaggregated`).
+    pub disaggregation: DisaggregationPolicy,
 }
 
 /// One worker in the [`FleetDirectory`].
@@ -762,4 +849,58 @@ pub struct Status {
     /// Whether this replica holds the leader lock (runs placement and liveness).
     pub leader: bool,
     pub schema_version: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disaggregation_policy_defaults_fill_absent_fields() {
+        let new: NewDeployment =
+            serde_json::from_str(r#"{"name":"d","model":"m"}"#).expect("no policy given");
+        assert_eq!(new.disaggregation, DisaggregationPolicy::default());
+        assert_eq!(new.disaggregation.min_remote_prefill_tokens, 256);
+        assert_eq!(new.disaggregation.max_prefill_queue_tokens, 16384);
+        assert_eq!(new.disaggregation.prefill_timeout_ms, 30_000);
+
+        let partial: DisaggregationPolicy =
+            serde_json::from_str(r#"{"min_remote_prefill_tokens":0}"#).expect("partial");
+        assert_eq!(partial.min_remote_prefill_tokens, 0);
+        assert_eq!(partial.prefill_timeout_ms, 30_000);
+
+        let typo = serde_json::from_str::<DisaggregationPolicy>(r#"{"min_remote_prefill":1}"#);
+        assert!(typo.unwrap_err().to_string().contains("min_remote_prefill"));
+    }
+
+    #[test]
+    fn disaggregation_policy_validation_names_the_field() {
+        let ok = DisaggregationPolicy::default();
+        assert_eq!(ok.invalid_field(), None);
+        let rows = [
+            (99, 1, Some("disaggregation.prefill_timeout_ms")),
+            (100, 1, None),
+            (600_000, 1, None),
+            (600_001, 1, Some("disaggregation.prefill_timeout_ms")),
+            (1000, 0, Some("disaggregation.max_prefill_queue_tokens")),
+        ];
+        for (timeout, queue, expected) in rows {
+            let policy = DisaggregationPolicy {
+                prefill_timeout_ms: timeout,
+                max_prefill_queue_tokens: queue,
+                ..ok
+            };
+            assert_eq!(
+                policy.invalid_field().map(|(field, _)| field),
+                expected,
+                "{policy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fleet_directory_without_models_still_parses() {
+        let old: FleetDirectory = serde_json::from_str(r#"{"workers":[]}"#).expect("old body");
+        assert!(old.models.is_empty());
+    }
 }
