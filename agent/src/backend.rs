@@ -4,10 +4,17 @@
 //! [`GenEvent`]s). Dropping a `Generation` before it finished cancels the sequence, which frees
 //! its KV blocks in the worker: that is how a client disconnect reaches the engine. The worker
 //! pool implements this over Unix sockets; tests implement it in-process.
+//!
+//! Disaggregated serving adds two calls: [`Backend::submit_prefill`] runs a request on a
+//! (normally prefill-role) worker and streams the KV blocks of its prompt as they are computed
+//! ([`ExportedBlock`]s), and [`Backend::submit_with_kv`] runs a request with such blocks attached,
+//! imported into the worker's prefix cache before it is scheduled. Both have defaults
+//! (`Unsupported`, and a plain `submit` that recomputes) so in-process test backends need not
+//! implement them.
 
 use std::fmt;
 
-use kvfleet_proto::{SamplingParams, SequenceHash, WorkerId};
+use kvfleet_proto::{KvLayout, SamplingParams, SequenceHash, WorkerId};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -27,7 +34,9 @@ pub struct GenerateRequest {
     /// Sampling, validated.
     pub sampling: SamplingParams,
     /// The worker a router picked for it; `None` lets the pool choose. A named worker that is
-    /// not ready (or serves another model) is ignored and the pool chooses.
+    /// ready, not draining and serves the model is used whatever its role (a prefill worker is
+    /// only ever reached this way); otherwise the name is ignored and the pool chooses (never a
+    /// prefill worker).
     pub worker: Option<WorkerId>,
 }
 
@@ -77,6 +86,24 @@ pub enum SubmitError {
     /// The chosen worker went away while the request was sent.
     #[error("worker {0} is gone")]
     WorkerGone(WorkerId),
+    /// This backend cannot do what was asked (e.g. export KV blocks).
+    #[error("this backend does not support that operation")]
+    Unsupported,
+    /// The request cannot be sent as asked (e.g. a KV block larger than a worker frame).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// One KV block a prefill worker exported: its position in the prompt, its sequence hash, its
+/// bytes (`layout.block_bytes()` long, in the worker's [`KvLayout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedBlock {
+    /// The block's index in the prompt (block 0 holds tokens `0..block_size`).
+    pub index: u32,
+    /// Its sequence hash (`kvfleet_proto::hash`).
+    pub hash: SequenceHash,
+    /// Its bytes.
+    pub data: bytes::Bytes,
 }
 
 /// A running generation. Dropping it before the final event cancels the sequence.
@@ -166,6 +193,11 @@ pub struct WorkerStatus {
     pub prefix_query_tokens: u64,
     /// Of those, tokens found in the cache.
     pub prefix_hit_tokens: u64,
+    /// Prompt tokens admitted or waiting and not yet computed (prefill work queued), as last
+    /// reported.
+    pub prefill_tokens: u64,
+    /// Requests waiting for admission, as last reported.
+    pub waiting: u32,
     /// Times the process was (re)started.
     pub starts: u64,
     /// The OS process id, while running.
@@ -178,4 +210,35 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError>;
     /// Every worker's status.
     fn workers(&self) -> Vec<WorkerStatus>;
+
+    /// Runs `request` (normally on the worker it names, whatever its role: a prefill worker is
+    /// only ever reached this way) and streams the KV blocks of its prompt as the worker
+    /// computes them, in prompt order from block 0, each once. The receiver ends after the
+    /// request ended (finished, failed or cancelled by dropping the [`Generation`]).
+    fn submit_prefill(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<(Generation, mpsc::UnboundedReceiver<ExportedBlock>), SubmitError> {
+        let _ = request;
+        Err(SubmitError::Unsupported)
+    }
+
+    /// Runs `request` with `blocks[i]` = the bytes of its prompt's block `i` (contiguous from
+    /// block 0) imported into the worker's prefix cache first. Blocks the worker cannot import
+    /// (layout, length, pool full) are recomputed: the request never fails because of them.
+    fn submit_with_kv(
+        &self,
+        request: GenerateRequest,
+        blocks: Vec<bytes::Bytes>,
+    ) -> Result<Generation, SubmitError> {
+        let _ = blocks;
+        self.submit(request)
+    }
+
+    /// The KV block layout of `worker`'s engine (from its hello), for transfer handshakes;
+    /// `None` for an unknown worker or one that has not said hello.
+    fn kv_layout(&self, worker: WorkerId) -> Option<KvLayout> {
+        let _ = worker;
+        None
+    }
 }

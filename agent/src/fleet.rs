@@ -455,6 +455,8 @@ mod tests {
             kv_blocks_total: 1000,
             prefix_query_tokens: 0,
             prefix_hit_tokens: 0,
+            prefill_tokens: 0,
+            waiting: 0,
             starts: 1,
             pid: None,
         }
@@ -541,6 +543,7 @@ mod tests {
                     entry(9, n2, Some("127.0.0.1:7500")),
                     entry(8, n2, None),
                 ],
+                models: Vec::new(),
             },
             own,
         );

@@ -85,7 +85,9 @@ impl GenerateHandler for LocalGenerate {
                 SubmitError::NoReadyWorker(_) => {
                     ErrorMessage::new(ErrorCode::Unavailable, e.to_string())
                 }
-                SubmitError::WorkerGone(_) => ErrorMessage::new(ErrorCode::Internal, e.to_string()),
+                SubmitError::WorkerGone(_) | SubmitError::Unsupported | SubmitError::Invalid(_) => {
+                    ErrorMessage::new(ErrorCode::Internal, e.to_string())
+                }
             })?;
         // The generation travels inside the stream's state: dropping the stream drops it, which
         // cancels the sequence in the worker.

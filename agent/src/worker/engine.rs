@@ -170,6 +170,11 @@ impl WorkerEngine {
         })
     }
 
+    /// The layout of the engine's KV blocks.
+    pub fn kv_layout(&self) -> &KvLayout {
+        self.engine.kv_layout()
+    }
+
     /// The engine's name, for logs and the worker's hello.
     pub fn name(&self) -> &str {
         &self.name
@@ -273,6 +278,7 @@ impl WorkerEngine {
             kv_blocks_total: u64::from(m.kv_blocks_total),
             prefix_query_tokens: m.prefix_query_tokens,
             prefix_hit_tokens: m.prefix_hit_tokens,
+            prefill_tokens: m.prefill_tokens_pending,
         }
     }
 

@@ -62,6 +62,7 @@ async fn serve(
             pid: std::process::id(),
             engine: engine.name().to_owned(),
             kv_blocks_total,
+            kv_layout: Some(engine.kv_layout().clone()),
         },
     )
     .await?;

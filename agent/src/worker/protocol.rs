@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 use kvfleet_model::KvBudget;
 use kvfleet_proto::frame::{Frame, FrameCodec, FrameKind, FrameReader};
-use kvfleet_proto::{BlockSize, KvEvent, SamplingParams, SequenceHash, WorkerId};
+use kvfleet_proto::{BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -157,6 +157,10 @@ pub struct WorkerHello {
     pub engine: String,
     /// KV blocks in its pool.
     pub kv_blocks_total: u64,
+    /// The layout of its engine's KV blocks (what an import must match); absent from workers
+    /// built before disaggregated serving.
+    #[serde(default)]
+    pub kv_layout: Option<KvLayout>,
 }
 
 /// Agent → worker: generate.
@@ -245,6 +249,9 @@ pub struct WireStatus {
     /// Of those, tokens found in the cache (not recomputed).
     #[serde(default)]
     pub prefix_hit_tokens: u64,
+    /// Prefill tokens queued: prompt tokens admitted or waiting whose KV is not computed yet.
+    #[serde(default)]
+    pub prefill_tokens: u64,
 }
 
 /// Agent → worker instructions.

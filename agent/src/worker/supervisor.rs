@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kvfleet_proto::frame::{Frame, FrameKind};
-use kvfleet_proto::{KvEvent, WorkerId};
+use kvfleet_proto::{KvEvent, KvLayout, WorkerId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
@@ -102,6 +102,8 @@ struct SlotState {
     conn: Option<Arc<Conn>>,
     status: WireStatus,
     starts: u64,
+    /// The engine's KV layout, from the current incarnation's hello.
+    kv_layout: Option<KvLayout>,
 }
 
 /// One configured worker and its supervision state.
@@ -166,6 +168,8 @@ impl Slot {
             kv_blocks_total: status.kv_blocks_total,
             prefix_query_tokens: status.prefix_query_tokens,
             prefix_hit_tokens: status.prefix_hit_tokens,
+            prefill_tokens: status.prefill_tokens,
+            waiting: status.waiting,
             starts,
             pid,
         }
@@ -291,6 +295,7 @@ impl WorkerPool {
                     conn: None,
                     status: WireStatus::default(),
                     starts: 0,
+                    kv_layout: None,
                 }),
                 stop: self.shutdown.child_token(),
                 draining: AtomicBool::new(false),
@@ -444,7 +449,21 @@ impl WorkerPool {
         }
     }
 
-    fn choose(&self, model: &str) -> Option<(WorkerId, Arc<Conn>, Arc<Slot>)> {
+    /// The worker for a request: the one it names when that one is ready, not draining and
+    /// serves `model` (any role), else the pool's own choice among the non-prefill workers.
+    fn choose(
+        &self,
+        model: &str,
+        named: Option<WorkerId>,
+    ) -> Option<(WorkerId, Arc<Conn>, Arc<Slot>)> {
+        if let Some(id) = named
+            && let Some(slot) = self.slot(id)
+            && slot.model.name == model
+            && !slot.draining.load(Ordering::Acquire)
+            && let Some(conn) = slot.conn()
+        {
+            return Some((id, conn, slot));
+        }
         let candidates: Vec<(WorkerId, Arc<Conn>, Arc<Slot>)> = self
             .slots_snapshot()
             .into_iter()
@@ -476,7 +495,7 @@ impl WorkerPool {
 impl Backend for WorkerPool {
     fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
         let (worker, conn, slot) = self
-            .choose(&request.model)
+            .choose(&request.model, request.worker)
             .ok_or_else(|| SubmitError::NoReadyWorker(request.model.clone()))?;
         slot.requests.fetch_add(1, Ordering::Relaxed);
         let seq = conn.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -518,6 +537,11 @@ impl Backend for WorkerPool {
     fn workers(&self) -> Vec<WorkerStatus> {
         self.slots_snapshot().iter().map(|s| s.status()).collect()
     }
+
+    fn kv_layout(&self, worker: WorkerId) -> Option<KvLayout> {
+        self.slot(worker)
+            .and_then(|s| s.state.lock().ok().and_then(|s| s.kv_layout.clone()))
+    }
 }
 
 /// Restarts one worker forever (with backoff) until shutdown.
@@ -536,6 +560,7 @@ async fn supervise(slot: Arc<Slot>, launch: Launch) {
             }
             s.pid = None;
             s.status = WireStatus::default();
+            s.kv_layout = None;
         });
         if slot.stop.is_cancelled() {
             slot.set(|s| s.state = WorkerState::Stopped);
@@ -660,6 +685,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
         s.conn = Some(conn.clone());
         s.state = WorkerState::Ready;
         s.status.kv_blocks_total = hello.kv_blocks_total;
+        s.kv_layout = hello.kv_layout.clone();
     });
     tracing::info!(worker = %slot.id, pid = hello.pid, engine = %hello.engine, "worker ready");
 

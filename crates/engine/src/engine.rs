@@ -257,6 +257,11 @@ pub struct EngineMetrics {
     pub waiting: usize,
     /// Requests admitted and holding KV blocks.
     pub running: usize,
+    /// Prefill work queued: tokens of waiting and running sequences whose KV is not computed
+    /// yet, except a decoding sequence's one next token (a preempted sequence counts its
+    /// generated tokens too: they are recomputed like its prompt). Cache hits a waiting
+    /// request will get at admission are not subtracted.
+    pub prefill_tokens_pending: u64,
     /// Blocks in the pool.
     pub kv_blocks_total: u32,
     /// Blocks referenced by running requests.

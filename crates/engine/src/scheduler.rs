@@ -823,9 +823,24 @@ impl<E: Executor> Engine for Scheduler<E> {
                 0.0
             }
         };
+        let prefill_tokens_pending = self
+            .seqs
+            .values()
+            .map(|seq| {
+                // A sequence that has sampled feeds back its last token as a decode; a
+                // sequence that has not must still compute its whole prompt.
+                let end = if seq.generated() == 0 {
+                    seq.tokens.len()
+                } else {
+                    seq.tokens.len() - 1
+                };
+                end.saturating_sub(seq.num_computed) as u64
+            })
+            .sum();
         EngineMetrics {
             waiting: self.waiting.len(),
             running: self.running.len(),
+            prefill_tokens_pending,
             kv_blocks_total: usage.total,
             kv_blocks_used: usage.used,
             kv_blocks_cached: usage.cached,
