@@ -121,12 +121,16 @@ impl EngineOutput {
     }
 }
 
-/// The KV blocks of a prompt prefix, ready to move to another engine with the same layout.
+/// The KV blocks of a prompt prefix (or, from [`Engine::export_kv_from`], of the part of one
+/// that starts at block `first_block`), ready to move to another engine with the same layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvExport {
     /// The exporting executor's block layout; an importer with a different one refuses.
     pub layout: KvLayout,
-    /// The blocks' hashes, in prompt order, starting at the prompt's first block.
+    /// The prompt block index of `blocks[0]`. Only exports from block 0 can be imported; an
+    /// incremental exporter sends later parts and the receiver joins them.
+    pub first_block: usize,
+    /// The blocks' hashes, in prompt order, starting at the prompt's block `first_block`.
     pub blocks: Vec<BlockHash>,
     /// `blocks.len() * layout.block_bytes()` bytes, block after block.
     pub data: Vec<u8>,
@@ -234,6 +238,12 @@ pub enum ImportError {
         /// Bytes given.
         got: usize,
     },
+    /// The export does not start at the prompt's first block, so its chain cannot be joined.
+    #[error("KV export starts at block {first_block}; imports must start at block 0")]
+    NotFromStart {
+        /// The export's first block index.
+        first_block: usize,
+    },
     /// This engine runs without a prefix cache, so imported blocks could never be used.
     #[error("prefix caching is disabled on this engine; KV imports need it")]
     PrefixCachingDisabled,
@@ -336,7 +346,16 @@ pub trait Engine {
     /// Copies out the KV blocks of the longest cached prefix of `tokens` (full blocks only).
     /// After a prefill-only request (`max_tokens = 1`) finishes, its prompt's blocks are cached
     /// until evicted, so export right after it finishes.
-    fn export_kv(&self, tokens: &[u32]) -> Result<KvExport, ExportError>;
+    fn export_kv(&self, tokens: &[u32]) -> Result<KvExport, ExportError> {
+        self.export_kv_from(tokens, 0)
+    }
+
+    /// Like [`Engine::export_kv`], but copies only the blocks of that longest cached prefix
+    /// from block `first_block` on (none when the prefix is shorter). A running request's
+    /// blocks enter the prefix cache as each step computes them, so calling this after every
+    /// step with the count already sent streams a prefill's blocks out as they are computed,
+    /// each copied once.
+    fn export_kv_from(&self, tokens: &[u32], first_block: usize) -> Result<KvExport, ExportError>;
 
     /// Puts exported blocks into this engine's prefix cache (as many as fit).
     fn import_kv(&mut self, export: &KvExport) -> Result<ImportReport, ImportError>;

@@ -1,7 +1,8 @@
 //! The engine: what turns token ids into more token ids on one GPU or CPU slot.
 //!
 //! - [`engine`]: the [`Engine`] trait (submit, cancel, step, token outputs, KV events, KV
-//!   export/import, metrics) and its request, output and error types.
+//!   export/import — whole prefixes, or incrementally from a block index while a prefill runs —
+//!   metrics) and its request, output and error types.
 //! - [`scheduler`]: [`Scheduler`], the one scheduler core every engine uses: continuous
 //!   batching with chunked prefill, preemption by recompute, generic over an [`Executor`].
 //! - [`block_pool`]: the paged KV block pool with prefix caching (sequence hash → block,

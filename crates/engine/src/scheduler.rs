@@ -613,6 +613,12 @@ impl<E: Executor> Engine for Scheduler<E> {
         self.validate(&request)?;
         let hashes = block_hashes(&request.prompt, self.block_size);
         if let Some(kv) = &request.kv {
+            if kv.first_block != 0 {
+                return Err(ImportError::NotFromStart {
+                    first_block: kv.first_block,
+                }
+                .into());
+            }
             let ours = hashes
                 .iter()
                 .map(|h| Some(h.sequence))
@@ -708,20 +714,24 @@ impl<E: Executor> Engine for Scheduler<E> {
         self.events.drain(..).collect()
     }
 
-    fn export_kv(&self, tokens: &[u32]) -> Result<KvExport, ExportError> {
+    fn export_kv_from(&self, tokens: &[u32], first_block: usize) -> Result<KvExport, ExportError> {
         let mut blocks = block_hashes(tokens, self.block_size);
+        // The chain must be cached from block 0: a block whose parent is gone is unusable.
         let ids: Vec<BlockId> = blocks
             .iter()
             .map_while(|h| self.pool.cached_block(h.sequence))
             .collect();
+        let first = first_block.min(ids.len());
         blocks.truncate(ids.len());
-        let data = if ids.is_empty() {
+        blocks.drain(..first);
+        let data = if first == ids.len() {
             Vec::new()
         } else {
-            self.executor.copy_blocks_out(&ids)?
+            self.executor.copy_blocks_out(&ids[first..])?
         };
         Ok(KvExport {
             layout: self.layout.clone(),
+            first_block: first,
             blocks,
             data,
         })
@@ -730,6 +740,11 @@ impl<E: Executor> Engine for Scheduler<E> {
     fn import_kv(&mut self, export: &KvExport) -> Result<ImportReport, ImportError> {
         if !self.config.enable_prefix_caching {
             return Err(ImportError::PrefixCachingDisabled);
+        }
+        if export.first_block != 0 {
+            return Err(ImportError::NotFromStart {
+                first_block: export.first_block,
+            });
         }
         if let Some((field, ours, theirs)) = self.layout.mismatch(&export.layout) {
             return Err(ImportError::LayoutMismatch {

@@ -296,6 +296,7 @@ fn bad_input_is_a_typed_error_table() {
             "KV with the wrong layout",
             Request {
                 kv: Some(KvExport {
+                    first_block: 0,
                     layout: other_layout,
                     blocks: vec![],
                     data: vec![],
@@ -308,6 +309,7 @@ fn bad_input_is_a_typed_error_table() {
             "KV of another prompt",
             Request {
                 kv: Some(KvExport {
+                    first_block: 0,
                     layout: toy_layout(4),
                     blocks: kvfleet_proto::hash::block_hashes(&[9; 8], BlockSize::new(4).unwrap()),
                     data: vec![0; 64],
@@ -320,6 +322,7 @@ fn bad_input_is_a_typed_error_table() {
             "KV data of the wrong length",
             Request {
                 kv: Some(KvExport {
+                    first_block: 0,
                     layout: toy_layout(4),
                     blocks: kvfleet_proto::hash::block_hashes(&[1; 8], BlockSize::new(4).unwrap()),
                     data: vec![0; 63],
@@ -1526,6 +1529,7 @@ fn prefix_cache_on_and_off_give_identical_outputs() {
     let mut off = toy_engine(16, 4, |c| c.enable_prefix_caching = false);
     let export = KvExport {
         layout: toy_layout(4),
+        first_block: 0,
         blocks: vec![],
         data: vec![],
     };
@@ -1562,6 +1566,7 @@ proptest! {
         };
         let kv = kv.map(|(head_dim, blocks, bytes, seed)| KvExport {
             layout: KvLayout { head_dim, ..toy_layout(4) },
+            first_block: 0,
             blocks: kvfleet_proto::hash::block_hashes(
                 &(0..(blocks * 4) as u32).map(|t| t ^ (seed as u32 & 1)).collect::<Vec<_>>(),
                 BlockSize::new(4).unwrap(),
@@ -1581,4 +1586,108 @@ proptest! {
         run_to_idle(&mut engine, &mut streams);
         prop_assert_eq!(streams[&id].tokens.len(), 3);
     }
+}
+
+#[test]
+fn incremental_export_streams_a_chunked_prefill_block_by_block() {
+    let p = prompt(90, 30);
+    let hashes = kvfleet_proto::hash::block_hashes(&p, BlockSize::new(4).unwrap());
+    let mut engine = toy_engine(100, 4, |c| c.max_batched_tokens = 8);
+    let id = engine
+        .submit(
+            Request::new(p.clone(), SamplingParams::greedy(1)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    assert_eq!(engine.metrics().prefill_tokens_pending, 30);
+    let mut streams = HashMap::new();
+    let (mut sent, mut data, mut calls, mut parts_before_finish) = (0, Vec::new(), 0, 0);
+    while let Some(t) = engine.next_event_time() {
+        engine.step_until(t).unwrap();
+        calls += 1;
+        collect(engine.drain_outputs(), &mut streams);
+        // Each call finishes the previous step (8 more prompt tokens) and starts the next.
+        let computed = (8 * (calls - 1)).min(30);
+        if streams.get(&id).is_none_or(|s| s.finish.is_none()) {
+            assert_eq!(
+                engine.metrics().prefill_tokens_pending,
+                30 - computed as u64
+            );
+        }
+        let part = engine.export_kv_from(&p, sent).unwrap();
+        assert_eq!(part.first_block, sent);
+        assert_eq!(
+            part.blocks,
+            hashes[sent..computed / 4],
+            "exactly the blocks computed so far, after step {}",
+            calls - 1
+        );
+        assert_eq!(
+            part.data.len(),
+            part.blocks.len() * toy_layout(4).block_bytes()
+        );
+        if !part.blocks.is_empty() && streams.get(&id).is_none_or(|s| s.finish.is_none()) {
+            parts_before_finish += 1;
+        }
+        sent += part.blocks.len();
+        data.extend_from_slice(&part.data);
+    }
+    assert!(streams[&id].finish.is_some());
+    assert_eq!(engine.metrics().prefill_tokens_pending, 0);
+    assert_eq!(sent, 7, "30 tokens = 7 full blocks of 4");
+    assert!(
+        parts_before_finish >= 3,
+        "blocks came out while the prefill ran: {parts_before_finish}"
+    );
+    // The parts joined are the whole-prefix export, byte for byte.
+    let whole = engine.export_kv(&p).unwrap();
+    assert_eq!((whole.first_block, whole.blocks.len()), (0, 7));
+    assert_eq!(whole.data, data);
+    // Past the cached prefix there is nothing; a part that does not start at block 0 cannot
+    // be imported.
+    assert!(engine.export_kv_from(&p, 9).unwrap().blocks.is_empty());
+    let tail = engine.export_kv_from(&p, 3).unwrap();
+    assert_eq!((tail.first_block, tail.blocks.len()), (3, 4));
+    let mut other = toy_engine(100, 4, |_| {});
+    assert_eq!(
+        other.import_kv(&tail),
+        Err(ImportError::NotFromStart { first_block: 3 })
+    );
+    assert!(matches!(
+        other.submit(
+            Request {
+                kv: Some(tail),
+                ..Request::new(p.clone(), SamplingParams::greedy(1))
+            },
+            Duration::ZERO
+        ),
+        Err(SubmitError::Import(ImportError::NotFromStart { .. }))
+    ));
+}
+
+#[test]
+fn pending_prefill_counts_waiting_prompts_but_not_a_decode_token() {
+    let mut engine = toy_engine(100, 4, |_| {});
+    engine
+        .submit(
+            Request::new(prompt(91, 10), SamplingParams::greedy(5)),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    // Step 1 prefills the prompt and samples; from then on the sequence decodes.
+    let t = engine.next_event_time().unwrap();
+    engine.step_until(t).unwrap();
+    let t = engine.next_event_time().unwrap();
+    engine.step_until(t).unwrap();
+    collect(engine.drain_outputs(), &mut streams);
+    assert_eq!(streams.values().next().unwrap().tokens.len(), 1);
+    assert_eq!(engine.metrics().prefill_tokens_pending, 0);
+    engine
+        .submit(
+            Request::new(prompt(92, 7), SamplingParams::greedy(5)),
+            engine.now(),
+        )
+        .unwrap();
+    assert_eq!(engine.metrics().prefill_tokens_pending, 7);
 }
