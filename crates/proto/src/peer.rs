@@ -152,6 +152,13 @@ pub struct PrefillPlan {
     pub node: uuid::Uuid,
     /// Its node's peer endpoint, `host:port`.
     pub addr: String,
+    /// The decode node prefills itself when the prefill leg has not finished within this.
+    #[serde(default = "default_prefill_timeout_ms")]
+    pub timeout_ms: u32,
+}
+
+fn default_prefill_timeout_ms() -> u32 {
+    30_000
 }
 
 /// Where a prefill worker's KV blocks go.
