@@ -102,11 +102,32 @@ impl PeerConfig {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) metrics: Arc<PeerMetrics>,
+    /// The client side of the current identity (replaced by `reload_identity`).
+    client: Mutex<quinn::ClientConfig>,
     pub(crate) config: PeerConfig,
     pub(crate) kv_codec: FrameCodec,
     pub(crate) generate_codec: FrameCodec,
     revoked: Mutex<HashSet<String>>,
     connections: Mutex<HashMap<(SocketAddr, NodeId), quinn::Connection>>,
+}
+
+/// The QUIC server and client configurations of `identity`, with `config`'s transport
+/// settings, and the node id its certificate names.
+fn quic_configs(
+    config: &PeerConfig,
+    identity: &PeerIdentity,
+) -> Result<(NodeId, quinn::ServerConfig, quinn::ClientConfig), PeerError> {
+    let credentials = identity.credentials()?;
+    let transport = Arc::new(config.transport()?);
+    let server_crypto = QuicServerConfig::try_from(credentials.server)
+        .map_err(|e| PeerError::Identity(format!("QUIC server crypto: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport.clone());
+    let client_crypto = QuicClientConfig::try_from(credentials.client)
+        .map_err(|e| PeerError::Identity(format!("QUIC client crypto: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport);
+    Ok((credentials.node_id, server, client))
 }
 
 impl Shared {
@@ -130,23 +151,14 @@ pub struct PeerEndpoint {
 impl PeerEndpoint {
     /// Binds the UDP socket and loads the identity. Needs a tokio runtime.
     pub fn bind(config: PeerConfig) -> Result<Self, PeerError> {
-        let credentials = config.identity.credentials()?;
-        let transport = Arc::new(config.transport()?);
-        let server_crypto = QuicServerConfig::try_from(credentials.server)
-            .map_err(|e| PeerError::Identity(format!("QUIC server crypto: {e}")))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport.clone());
-        let client_crypto = QuicClientConfig::try_from(credentials.client)
-            .map_err(|e| PeerError::Identity(format!("QUIC client crypto: {e}")))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport);
-        let mut endpoint =
+        let (node_id, server, client) = quic_configs(&config, &config.identity)?;
+        let endpoint =
             quinn::Endpoint::server(server, config.bind).map_err(|source| PeerError::Bind {
                 addr: config.bind,
                 source,
             })?;
-        endpoint.set_default_client_config(client);
         let shared = Arc::new(Shared {
+            client: Mutex::new(client),
             metrics: Arc::new(PeerMetrics::default()),
             kv_codec: FrameCodec::default(),
             generate_codec: FrameCodec::new(wire::GENERATE_MAX_PAYLOAD),
@@ -156,9 +168,29 @@ impl PeerEndpoint {
         });
         Ok(Self {
             endpoint,
-            node_id: credentials.node_id,
+            node_id,
             shared,
         })
+    }
+
+    /// Switches to a renewed certificate (same node, same CA) without a restart: connections
+    /// accepted or opened from now on present it; open connections keep the one they started
+    /// with until they close. A certificate for another node is refused.
+    pub fn reload_identity(&self, identity: &PeerIdentity) -> Result<(), PeerError> {
+        let (node_id, server, client) = quic_configs(&self.shared.config, identity)?;
+        if node_id != self.node_id {
+            return Err(PeerError::Identity(format!(
+                "the new certificate names node {node_id}, this endpoint is node {}",
+                self.node_id
+            )));
+        }
+        self.endpoint.set_server_config(Some(server));
+        *self
+            .shared
+            .client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = client;
+        Ok(())
     }
 
     /// The bound address (the real port when bound to port 0).
@@ -202,9 +234,15 @@ impl PeerEndpoint {
         addr: SocketAddr,
         node: NodeId,
     ) -> Result<PeerConnection, PeerError> {
+        let client = self
+            .shared
+            .client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let connecting = self
             .endpoint
-            .connect(addr, &node_server_name(node))
+            .connect_with(client, addr, &node_server_name(node))
             .map_err(|source| PeerError::Connect { addr, source })?;
         let connection = match connecting.await {
             Ok(connection) => connection,

@@ -881,3 +881,33 @@ async fn shutdown_drains_with_a_deadline() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() -> anyhow::Result<()> {
+    let ca = TestCa::new("fleet CA");
+    let first = ca.issue(new_node());
+    let server = Server::start(&first).await?;
+    let seen = |serial: &str| serial.to_ascii_lowercase();
+
+    let before = client(&ca.issue(new_node()))?;
+    let connection = before.connect(server.addr, server.node).await?;
+    assert_eq!(seen(&connection.peer().serial), seen(&first.serial));
+
+    // Renewal: the same node, a new certificate; the old one is then revoked fleet-wide.
+    let renewed = ca.issue(server.node);
+    server.endpoint.reload_identity(&renewed.identity)?;
+    let after = client(&ca.issue(new_node()))?;
+    after.set_revoked_serials([first.serial.clone()]);
+    let connection = after.connect(server.addr, server.node).await?;
+    assert_eq!(seen(&connection.peer().serial), seen(&renewed.serial));
+    let (chunks, _) = collect(&mut connection.generate(&request_of(1)).await?).await?;
+    assert!(!chunks.is_empty(), "the renewed endpoint serves");
+
+    // Another node's certificate is refused and the current one stays.
+    let foreign = ca.issue(new_node());
+    assert!(server.endpoint.reload_identity(&foreign.identity).is_err());
+    let again = client(&ca.issue(new_node()))?;
+    let connection = again.connect(server.addr, server.node).await?;
+    assert_eq!(seen(&connection.peer().serial), seen(&renewed.serial));
+    server.shutdown().await
+}
