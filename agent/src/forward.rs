@@ -9,124 +9,187 @@
 //! sequence. A peer that cannot be reached, or that refuses or fails before the first token,
 //! is logged and counted, and the request runs on a local worker instead.
 //!
-//! Known limits: a local pick runs on whichever local worker the pool chooses (the router's
-//! choice among several local workers is not passed down), and a remote failure after the
-//! first token ends the request with an error (tokens already streamed cannot be replayed).
+//! Disaggregated models: when the router's plan has a prefill pick, a local decode pick runs
+//! through [`Disagg::submit_decode`] and a remote one is forwarded with its [`PrefillPlan`], so
+//! the decode node runs the legs (see `crate::disagg`). The router's decisions are released as
+//! the request goes: the prefill pick at the first token, the decode pick at the end.
+//!
+//! The picked worker is named in the request (`GenerateRequest::worker`), so the pool or the
+//! serving node runs it on that worker. Known limit: a remote failure after the first token ends
+//! the request with an error (tokens already streamed cannot be replayed).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use kvfleet_peer::{GenerateEvent, PeerError};
+use kvfleet_kv_router::RequestId;
+use kvfleet_peer::{GenerateEvent, PeerError, PrefillPlan};
 use tokio::sync::mpsc;
 
-use crate::backend::{
-    Backend, EndReason, GenEvent, GenerateRequest, Generation, SubmitError, TokenLogprob,
-    WorkerStatus,
-};
-use crate::fleet::{FleetRouter, Target};
-use crate::peer::PeerHandle;
+use crate::backend::{Backend, GenEvent, GenerateRequest, Generation, SubmitError, WorkerStatus};
+use crate::disagg::{Disagg, PrefillTarget, end_reason, tokens_event};
+use crate::fleet::{FleetRouter, Pick, Target};
 
 /// How long connecting to a peer and starting the stream may take before the request runs
 /// locally instead.
-const FORWARD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const FORWARD_START_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The prefill leg's deadline when the directory names no policy.
+const DEFAULT_PREFILL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Routes over the whole fleet; see the module docs.
 #[derive(Debug)]
 pub struct FleetBackend {
     local: Arc<dyn Backend>,
     fleet: Arc<FleetRouter>,
-    peer: PeerHandle,
+    disagg: Arc<Disagg>,
 }
 
 impl FleetBackend {
     /// A backend choosing with `fleet`, running local picks on `local` and forwarding remote
-    /// ones through `peer`'s endpoint.
-    pub fn new(local: Arc<dyn Backend>, fleet: Arc<FleetRouter>, peer: PeerHandle) -> Self {
-        Self { local, fleet, peer }
+    /// ones (and disaggregated legs) through `disagg`'s peer endpoint.
+    pub fn new(local: Arc<dyn Backend>, fleet: Arc<FleetRouter>, disagg: Arc<Disagg>) -> Self {
+        Self {
+            local,
+            fleet,
+            disagg,
+        }
     }
 }
 
-/// Runs `inner` to its end on a task, passing its events on and telling the router when it
-/// ended; dropping the returned generation aborts the task (and so drops, i.e. cancels,
-/// `inner`).
-fn tracked(
-    inner: Generation,
-    fleet: Arc<FleetRouter>,
-    request: kvfleet_kv_router::RequestId,
-) -> Generation {
+/// The router decisions a request holds: the decode pick until the request ends, the prefill
+/// pick until its first token.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    decode: RequestId,
+    prefill: Option<RequestId>,
+}
+
+impl Held {
+    fn first_token(&mut self, fleet: &FleetRouter) {
+        if let Some(prefill) = self.prefill.take() {
+            fleet.finished(prefill);
+        }
+    }
+
+    fn release(&mut self, fleet: &FleetRouter) {
+        self.first_token(fleet);
+        fleet.finished(self.decode);
+    }
+}
+
+/// Runs `inner` to its end on a task, passing its events on and releasing the router's
+/// decisions as it goes; dropping the returned generation aborts the task (and so drops, i.e.
+/// cancels, `inner`).
+fn tracked(inner: Generation, fleet: Arc<FleetRouter>, held: Held) -> Generation {
     let worker = inner.worker;
     let cancel_fleet = fleet.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         let mut inner = inner;
+        let mut held = held;
         while let Some(event) = inner.events.recv().await {
             let last = matches!(event, GenEvent::Finished(_) | GenEvent::Failed(_));
             if last {
                 inner.done();
             }
+            held.first_token(&fleet);
             if tx.send(event).is_err() || last {
                 break;
             }
         }
-        fleet.finished(request);
+        held.release(&fleet);
     });
     let abort = task.abort_handle();
     Generation::new(worker, rx, move || {
         abort.abort();
-        cancel_fleet.finished(request);
+        let mut held = held;
+        held.release(&cancel_fleet);
     })
 }
 
 fn gen_event(event: GenerateEvent) -> GenEvent {
     match event {
-        GenerateEvent::Tokens(chunk) => GenEvent::Tokens {
-            logprobs: chunk.logprobs.map(|lp| {
-                lp.into_iter()
-                    .map(|l| TokenLogprob {
-                        logprob: l.logprob,
-                        top: l.top.into_iter().map(|t| (t.token, t.logprob)).collect(),
-                    })
-                    .collect()
+        GenerateEvent::Tokens(chunk) => tokens_event(chunk),
+        GenerateEvent::Finished(finish) => GenEvent::Finished(end_reason(finish.reason)),
+    }
+}
+
+impl FleetBackend {
+    /// Where a prefill pick runs, as the decode node will reach it; `None` when this node's
+    /// endpoint is not up yet (the decode worker then prefills itself).
+    fn prefill_target(&self, pick: &Pick) -> Option<PrefillTarget> {
+        let worker = pick.decision.worker;
+        match &pick.target {
+            Target::Remote { node, addr } => Some(PrefillTarget {
+                worker,
+                node: *node,
+                addr: *addr,
             }),
-            ids: chunk.tokens,
-        },
-        GenerateEvent::Finished(finish) => GenEvent::Finished(match finish.reason {
-            kvfleet_peer::FinishReason::Length => EndReason::Length,
-            kvfleet_peer::FinishReason::Stop => EndReason::Stop,
-        }),
+            Target::Local => {
+                let endpoint = self.disagg.peer().endpoint()?;
+                let addr = crate::disagg::resolve(&self.disagg.peer().advertised()?)?;
+                Some(PrefillTarget {
+                    worker,
+                    node: endpoint.node_id(),
+                    addr,
+                })
+            }
+        }
     }
 }
 
 impl Backend for FleetBackend {
-    fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
+    fn submit(&self, mut request: GenerateRequest) -> Result<Generation, SubmitError> {
         if request.block_hashes.is_empty() {
             return self.local.submit(request);
         }
         let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
-        let picked = self
+        let planned = self
             .fleet
-            .select(&request.model, &request.block_hashes, prompt_tokens);
-        let Some((decision, target)) = picked else {
+            .plan(&request.model, &request.block_hashes, prompt_tokens);
+        let Some(plan) = planned else {
             return self.local.submit(request);
         };
-        let (node, addr, endpoint) = match (target, self.peer.endpoint()) {
-            (Target::Remote { node, addr }, Some(endpoint)) => (node, addr, endpoint),
+        let deadline = plan.policy.map_or(DEFAULT_PREFILL_TIMEOUT, |p| {
+            Duration::from_millis(u64::from(p.prefill_timeout_ms))
+        });
+        let prefill = plan.prefill.as_ref().and_then(|pick| {
+            let target = self.prefill_target(pick);
+            if target.is_none() {
+                self.fleet.finished(pick.decision.request);
+            }
+            target
+        });
+        let held = Held {
+            decode: plan.decode.decision.request,
+            prefill: prefill.and(plan.prefill.as_ref().map(|p| p.decision.request)),
+        };
+        let worker = plan.decode.decision.worker;
+        request.worker = Some(worker);
+        let (node, addr, endpoint) = match (&plan.decode.target, self.disagg.peer().endpoint()) {
+            (Target::Remote { node, addr }, Some(endpoint)) => (*node, *addr, endpoint),
             (Target::Remote { .. }, None) | (Target::Local, _) => {
                 self.fleet.count_local();
-                return match self.local.submit(request) {
-                    Ok(g) => Ok(tracked(g, self.fleet.clone(), decision.request)),
+                let submitted = match prefill {
+                    Some(target) => self.disagg.submit_decode(request, target, deadline),
+                    None => self.local.submit(request),
+                };
+                return match submitted {
+                    Ok(g) => Ok(tracked(g, self.fleet.clone(), held)),
                     Err(e) => {
-                        self.fleet.finished(decision.request);
+                        let mut held = held;
+                        held.release(&self.fleet);
                         Err(e)
                     }
                 };
             }
         };
         self.fleet.count_remote();
-        let worker = decision.worker;
         let (tx, rx) = mpsc::unbounded_channel();
         let local = self.local.clone();
         let fleet = self.fleet.clone();
         let task = tokio::spawn(async move {
+            let mut held = held;
             let forwarded = kvfleet_peer::GenerateRequest {
                 request_id: request.request_id.clone(),
                 model: request.model.clone(),
@@ -134,7 +197,12 @@ impl Backend for FleetBackend {
                 prompt: request.prompt.clone(),
                 block_hashes: request.block_hashes.clone(),
                 sampling: request.sampling.clone(),
-                prefill: None,
+                prefill: prefill.map(|p| PrefillPlan {
+                    worker: p.worker,
+                    node: p.node.0,
+                    addr: p.addr.to_string(),
+                    timeout_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
+                }),
                 kv_push: None,
             };
             // A peer that is gone leaves QUIC waiting for its idle timeout: give up sooner and
@@ -155,8 +223,9 @@ impl Backend for FleetBackend {
                             Ok(Some(event)) => {
                                 let last = matches!(event, GenerateEvent::Finished(_));
                                 sent_any = true;
+                                held.first_token(&fleet);
                                 if tx.send(gen_event(event)).is_err() || last {
-                                    fleet.finished(decision.request);
+                                    held.release(&fleet);
                                     return;
                                 }
                             }
@@ -175,17 +244,18 @@ impl Backend for FleetBackend {
                         tracing::warn!(request = %request.request_id, %addr, %reason,
                             "forwarded request failed mid-stream");
                         let _ = tx.send(GenEvent::Failed(format!("peer {addr}: {reason}")));
-                        fleet.finished(decision.request);
+                        held.release(&fleet);
                         return;
                     }
                 }
                 Err(e) => first_error = Some(e),
             }
-            fleet.finished(decision.request);
+            held.release(&fleet);
             fleet.count_fallback();
             tracing::warn!(request = %request.request_id, %addr, %node,
                 error = first_error.as_deref().unwrap_or(""),
                 "peer unavailable: retrying the request on a local worker");
+            request.worker = None;
             match local.submit(request) {
                 Ok(mut generation) => {
                     while let Some(event) = generation.events.recv().await {
@@ -205,10 +275,10 @@ impl Backend for FleetBackend {
         });
         let abort = task.abort_handle();
         let fleet = self.fleet.clone();
-        let id = decision.request;
         Ok(Generation::new(worker, rx, move || {
             abort.abort();
-            fleet.finished(id);
+            let mut held = held;
+            held.release(&fleet);
         }))
     }
 

@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod cp_client;
 pub mod dbus;
+pub mod disagg;
 pub mod fleet;
 pub mod forward;
 pub mod frontend;
@@ -145,6 +146,8 @@ pub struct Running {
     /// The peer endpoint (bound once registration saved the node certificate), in
     /// control-plane mode.
     pub peer: Option<peer::PeerHandle>,
+    /// Disaggregated serving (both legs, and the transfers), in control-plane mode.
+    pub disagg: Option<Arc<disagg::Disagg>>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
@@ -205,21 +208,26 @@ pub async fn serve_with(
         .control_plane
         .as_ref()
         .map(|_| peer::PeerHandle::default());
+    // Both legs of disaggregated requests run through the peer endpoint.
+    let disagg = peer_handle
+        .as_ref()
+        .map(|peer| Arc::new(disagg::Disagg::new(pool.clone(), peer.clone())));
     // In control-plane mode the frontend asks the fleet router and may forward to a peer.
     let backend: Arc<dyn backend::Backend> =
-        match (&fleet, &peer_handle) {
-            (Some(fleet), Some(peer)) if config.peer.forward => Arc::new(
-                forward::FleetBackend::new(pool.clone(), fleet.clone(), peer.clone()),
+        match (&fleet, &disagg) {
+            (Some(fleet), Some(disagg)) if config.peer.forward => Arc::new(
+                forward::FleetBackend::new(pool.clone(), fleet.clone(), disagg.clone()),
             ),
             _ => pool.clone(),
         };
     let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), backend);
     frontend.inventory = Some(deps.inventory.clone());
     frontend.fleet = fleet.clone();
+    frontend.disagg = disagg.clone();
     let frontend = Arc::new(frontend);
     let cp_stop = CancellationToken::new();
-    let peer_task = match (&config.control_plane, &peer_handle) {
-        (Some(cp), Some(handle)) => Some(tokio::spawn(peer::run(
+    let peer_task = match (&config.control_plane, &peer_handle, &disagg) {
+        (Some(cp), Some(handle), Some(disagg)) => Some(tokio::spawn(peer::run(
             config.peer.clone(),
             if addr.ip().is_unspecified() {
                 config.node_name.clone()
@@ -228,6 +236,7 @@ pub async fn serve_with(
             },
             cp.state_dir.clone(),
             pool.clone(),
+            disagg.clone(),
             handle.clone(),
             cp_stop.clone(),
         ))),
@@ -253,6 +262,7 @@ pub async fn serve_with(
         control_plane: control_plane.as_ref().map(|(handle, _)| handle.clone()),
         fleet: fleet.clone(),
         peer: peer_handle.clone(),
+        disagg: disagg.clone(),
     });
 
     let stop_http = CancellationToken::new();

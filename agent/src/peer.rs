@@ -7,9 +7,11 @@
 //!   which cancels the sequence in the worker.
 //! - [`run`]: waits until registration has put the certificate, key and CA in the state
 //!   directory, binds the endpoint, publishes its address, and serves until shutdown.
+//! - Disaggregated requests: a request with `kv_push` is the prefill leg and one with `prefill`
+//!   the decode leg; both are served by [`crate::disagg::Disagg`], whose transfer table is also
+//!   the endpoint's KV block sink.
 //!
-//! Not here yet: forwarding from the frontend (the client side), and blocks transfers (every
-//! transfer is refused).
+//! A certificate the control-plane client renews is loaded within seconds, without a restart.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,36 +19,58 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use kvfleet_peer::{
     ErrorCode, ErrorMessage, EventStream, Finish, FinishReason, GenerateEvent, GenerateHandler,
-    GenerateRequest, PeerConfig, PeerEndpoint, PeerIdentity, PeerInfo, RefuseAll, TokenChunk,
-    TokenLogprob, TopLogprob, Usage,
+    GenerateRequest, PeerConfig, PeerEndpoint, PeerIdentity, PeerInfo, TokenChunk, TokenLogprob,
+    TopLogprob, Usage,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, Backend, EndReason, GenEvent, SubmitError};
 use crate::config::PeerSettings;
 use crate::cp_client::state::StateDir;
+use crate::disagg::{Disagg, PrefillTarget, resolve};
 
 /// Serves forwarded generate requests on this node's workers.
 #[derive(Debug, Clone)]
 pub struct LocalGenerate {
     backend: Arc<dyn Backend>,
+    disagg: Option<Arc<Disagg>>,
 }
 
 impl LocalGenerate {
-    /// A handler submitting to `backend`.
+    /// A handler submitting to `backend`; the legs of disaggregated requests are refused.
     pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
+        Self {
+            backend,
+            disagg: None,
+        }
+    }
+
+    /// Also serves both legs of disaggregated requests through `disagg`.
+    pub fn with_disagg(mut self, disagg: Arc<Disagg>) -> Self {
+        self.disagg = Some(disagg);
+        self
+    }
+
+    fn disagg(&self) -> Result<&Arc<Disagg>, ErrorMessage> {
+        self.disagg.as_ref().ok_or_else(|| {
+            ErrorMessage::new(
+                ErrorCode::Unavailable,
+                "this node does not serve disaggregated requests",
+            )
+        })
     }
 }
 
-fn finish_reason(reason: EndReason) -> FinishReason {
+/// The peer protocol's finish reason for the backend's.
+pub(crate) fn finish_reason(reason: EndReason) -> FinishReason {
     match reason {
         EndReason::Length => FinishReason::Length,
         EndReason::Stop => FinishReason::Stop,
     }
 }
 
-fn logprobs(items: Vec<backend::TokenLogprob>, ids: &[u32]) -> Vec<TokenLogprob> {
+/// The peer protocol's logprobs for the backend's.
+pub(crate) fn logprobs(items: Vec<backend::TokenLogprob>, ids: &[u32]) -> Vec<TokenLogprob> {
     items
         .into_iter()
         .zip(ids)
@@ -70,25 +94,47 @@ impl GenerateHandler for LocalGenerate {
     ) -> Result<EventStream, ErrorMessage> {
         let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
         tracing::debug!(request = %request.request_id, node = %peer.node_id,
+            prefill_leg = request.kv_push.is_some(), decode_leg = request.prefill.is_some(),
             "serving a forwarded request");
-        let generation = self
-            .backend
-            .submit(backend::GenerateRequest {
-                request_id: request.request_id,
-                model: request.model,
-                prompt: request.prompt,
-                block_hashes: request.block_hashes,
-                sampling: request.sampling,
-                worker: request.worker,
-            })
-            .map_err(|e| match e {
-                SubmitError::NoReadyWorker(_) => {
-                    ErrorMessage::new(ErrorCode::Unavailable, e.to_string())
-                }
-                SubmitError::WorkerGone(_) | SubmitError::Unsupported | SubmitError::Invalid(_) => {
-                    ErrorMessage::new(ErrorCode::Internal, e.to_string())
-                }
-            })?;
+        if let Some(push) = request.kv_push.clone() {
+            return self.disagg()?.serve_prefill(request, push);
+        }
+        let prefill = match &request.prefill {
+            Some(plan) => Some((
+                PrefillTarget {
+                    worker: plan.worker,
+                    node: kvfleet_proto::NodeId(plan.node),
+                    addr: resolve(&plan.addr).ok_or_else(|| {
+                        ErrorMessage::new(
+                            ErrorCode::BadRequest,
+                            format!("cannot resolve the prefill node's address {:?}", plan.addr),
+                        )
+                    })?,
+                },
+                Duration::from_millis(u64::from(plan.timeout_ms)),
+            )),
+            None => None,
+        };
+        let local = backend::GenerateRequest {
+            request_id: request.request_id,
+            model: request.model,
+            prompt: request.prompt,
+            block_hashes: request.block_hashes,
+            sampling: request.sampling,
+            worker: request.worker,
+        };
+        let submitted = match prefill {
+            Some((target, deadline)) => self.disagg()?.submit_decode(local, target, deadline),
+            None => self.backend.submit(local),
+        };
+        let generation = submitted.map_err(|e| match e {
+            SubmitError::NoReadyWorker(_) => {
+                ErrorMessage::new(ErrorCode::Unavailable, e.to_string())
+            }
+            SubmitError::WorkerGone(_) | SubmitError::Unsupported | SubmitError::Invalid(_) => {
+                ErrorMessage::new(ErrorCode::Internal, e.to_string())
+            }
+        })?;
         // The generation travels inside the stream's state: dropping the stream drops it, which
         // cancels the sequence in the worker.
         let stream = futures_util::stream::unfold(
@@ -174,7 +220,7 @@ fn read_identity(state: &StateDir) -> Option<PeerIdentity> {
 
 /// Waits for the node certificate in `state_dir` (registration writes it), binds the endpoint
 /// on `settings.listen`, publishes it in `handle`, and serves forwarded requests on `backend`
-/// until `stop`. A certificate renewed later is picked up at the next start. `host` names this
+/// until `stop`. A renewed certificate is switched to within seconds. `host` names this
 /// node in the advertised address when the endpoint listens on all interfaces and
 /// `[peer] advertise` is not set.
 pub async fn run(
@@ -182,6 +228,7 @@ pub async fn run(
     host: String,
     state_dir: std::path::PathBuf,
     backend: Arc<dyn Backend>,
+    disagg: Arc<Disagg>,
     handle: PeerHandle,
     stop: CancellationToken,
 ) {
@@ -201,7 +248,7 @@ pub async fn run(
             () = stop.cancelled() => return,
         }
     };
-    let endpoint = match PeerEndpoint::bind(PeerConfig::new(settings.listen, identity)) {
+    let endpoint = match PeerEndpoint::bind(PeerConfig::new(settings.listen, identity.clone())) {
         Ok(endpoint) => Arc::new(endpoint),
         Err(e) => {
             tracing::error!(listen = %settings.listen, error = %e,
@@ -225,11 +272,55 @@ pub async fn run(
     if let Ok(mut slot) = handle.inner.lock() {
         *slot = Some(endpoint.clone());
     }
+    let watcher = tokio::spawn(reload_renewed_certificates(
+        endpoint.clone(),
+        state,
+        identity,
+        stop.clone(),
+    ));
     endpoint
         .serve(
-            Arc::new(LocalGenerate::new(backend)),
-            Arc::new(RefuseAll),
+            Arc::new(LocalGenerate::new(backend).with_disagg(disagg.clone())),
+            disagg.transfers(),
             async move { stop.cancelled().await },
         )
         .await;
+    watcher.abort();
+}
+
+/// How often the state directory is checked for a renewed certificate.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(10);
+
+/// Switches the endpoint to the certificate the control-plane client renews into the state
+/// directory, so a long-running agent never presents an expired one.
+async fn reload_renewed_certificates(
+    endpoint: Arc<PeerEndpoint>,
+    state: StateDir,
+    mut current: PeerIdentity,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(CERTIFICATE_CHECK) => {}
+            () = stop.cancelled() => return,
+        }
+        let Some(identity) = read_identity(&state) else {
+            continue;
+        };
+        let unchanged = identity.cert_pem == current.cert_pem
+            && identity.key_pem == current.key_pem
+            && identity.ca_pem == current.ca_pem;
+        if unchanged {
+            continue;
+        }
+        match endpoint.reload_identity(&identity) {
+            Ok(()) => {
+                tracing::info!("peer endpoint: switched to the renewed node certificate");
+                current = identity;
+            }
+            // A half-written pair (certificate renewed, key not yet) fixes itself next time.
+            Err(e) => tracing::warn!(error = %e,
+                "peer endpoint: the renewed certificate does not load yet; keeping the current one"),
+        }
+    }
 }

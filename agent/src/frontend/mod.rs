@@ -72,6 +72,8 @@ pub struct Frontend {
     pub inventory: Option<Arc<dyn Inventory>>,
     /// The fleet-wide KV router, in control-plane mode (its figures go to `/metrics`).
     pub fleet: Option<Arc<crate::fleet::FleetRouter>>,
+    /// Disaggregated serving, in control-plane mode (its figures go in `/metrics`).
+    pub disagg: Option<Arc<crate::disagg::Disagg>>,
     admission: Admission,
     draining: AtomicBool,
     next_id: AtomicU64,
@@ -102,6 +104,7 @@ impl Frontend {
             metrics: Arc::new(Metrics::default()),
             inventory: None,
             fleet: None,
+            disagg: None,
             admission,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
@@ -1076,6 +1079,9 @@ async fn metrics(State(frontend): State<Arc<Frontend>>) -> Response {
     let mut body = frontend.metrics.render(&workers, gpus.as_ref());
     if let Some(fleet) = &frontend.fleet {
         body.push_str(&fleet.render_metrics());
+    }
+    if let Some(disagg) = &frontend.disagg {
+        body.push_str(&disagg.render_metrics());
     }
     (
         [(

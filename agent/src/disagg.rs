@@ -1,0 +1,850 @@
+//! Disaggregated prefill and decode, the agent's part: a request's prompt is prefilled on a
+//! prefill worker (usually on another node), its KV blocks stream over the peer transport into
+//! the decode worker's node, and the decode worker generates the rest.
+//!
+//! ```text
+//! decode node (this module's `Disagg::submit_decode`)     prefill node (`Disagg::serve_prefill`)
+//!   register transfer T (expected sender, layout, hashes)
+//!   ── peer Request{prompt, max_tokens 1, kv_push: T} ───▶  prefill worker runs the prompt,
+//!                                                          exporting blocks as chunks complete
+//!   ◀══ KV blocks of T (kvfleet-peer transfer streams) ══  (overlaps the prefill compute)
+//!   ◀── Token(first token) ────────────────────────────── streamed to the client at once: TTFT
+//!                                                          does not wait for the transfer
+//!   ◀── Finish{kv_push: blocks acknowledged} ─────────────  once the transfer ended
+//!   decode worker: prompt + first token, the blocks received (contiguous from block 0)
+//!   imported into its prefix cache; it prefills only the tail and decodes
+//! ```
+//!
+//! Failure handling, all on the decode node: a prefill leg that cannot start, fails or has not
+//! produced its first token by the deadline falls back to the decode worker prefilling the whole
+//! prompt; one that fails after the first token continues from prompt + first token with
+//! whatever contiguous blocks had arrived (the rest are recomputed). The answer is the same
+//! tokens either way (greedy), only slower. Dropping the [`Generation`] (the client went away)
+//! drops the prefill stream (the prefill node cancels its sequence and its transfer) and the
+//! transfer's registration (late blocks are refused as an unknown request).
+//!
+//! [`Transfers`] is the peer endpoint's [`BlockSink`]: a transfer is accepted only from the
+//! prefill node it was registered for, with the decode worker's layout, and only blocks whose
+//! index and sequence hash match the prompt's; every refusal is counted by the peer metrics.
+//! Memory per transfer is bounded by the prompt's full blocks.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use kvfleet_peer::{
+    BlockSink, ErrorCode, ErrorMessage, EventStream, Finish, GenerateEvent, KvBlock, KvDone,
+    KvPush, KvPushReport, PeerInfo, TransferOptions, Usage,
+};
+use kvfleet_proto::{KvLayout, NodeId, SequenceHash, WorkerId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::{
+    Backend, EndReason, GenEvent, GenerateRequest, Generation, SubmitError, TokenLogprob,
+};
+use crate::peer::PeerHandle;
+
+/// How long connecting to the prefill node and starting its stream may take.
+const PREFILL_START_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The prefill worker a decode leg asks, resolved to an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillTarget {
+    /// The prefill worker.
+    pub worker: WorkerId,
+    /// Its node.
+    pub node: NodeId,
+    /// Its node's peer endpoint.
+    pub addr: SocketAddr,
+}
+
+/// How a disaggregated request's prefill ended, as counted on the decode node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillOutcome {
+    /// The prefill worker produced the first token and its blocks were imported.
+    Remote,
+    /// The prefill leg failed or timed out before its first token: the decode worker prefilled
+    /// the whole prompt.
+    FallbackBeforeFirstToken,
+    /// The prefill leg failed after its first token: the decode worker continued with the
+    /// blocks that had arrived and recomputed the rest.
+    FallbackAfterFirstToken,
+}
+
+impl PrefillOutcome {
+    const ALL: [PrefillOutcome; 3] = [
+        PrefillOutcome::Remote,
+        PrefillOutcome::FallbackBeforeFirstToken,
+        PrefillOutcome::FallbackAfterFirstToken,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            PrefillOutcome::Remote => "remote",
+            PrefillOutcome::FallbackBeforeFirstToken => "fallback_before_first_token",
+            PrefillOutcome::FallbackAfterFirstToken => "fallback_after_first_token",
+        }
+    }
+}
+
+/// One transfer this node expects.
+#[derive(Debug)]
+struct Incoming {
+    /// The only node allowed to send it.
+    from: NodeId,
+    layout: KvLayout,
+    /// The prompt's full blocks, in order: block `i` must carry `hashes[i]`.
+    hashes: Vec<SequenceHash>,
+    blocks: Vec<Option<Bytes>>,
+    first_block_at: Option<Instant>,
+    streams_failed: u32,
+}
+
+/// Counters of the receiving side.
+#[derive(Debug, Default)]
+struct TransferCounters {
+    blocks: AtomicU64,
+    bytes: AtomicU64,
+    micros: AtomicU64,
+    transfers: AtomicU64,
+    refused_blocks: AtomicU64,
+    failed_streams: AtomicU64,
+}
+
+/// The transfers this node expects: the peer endpoint's [`BlockSink`]. See the module docs.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    inner: Mutex<HashMap<String, Incoming>>,
+    counters: TransferCounters,
+}
+
+/// A registered transfer; dropping it forgets the transfer (late blocks are refused).
+#[derive(Debug)]
+pub struct TransferGuard {
+    transfers: Arc<Transfers>,
+    id: String,
+}
+
+impl Drop for TransferGuard {
+    fn drop(&mut self) {
+        self.transfers.lock().remove(&self.id);
+    }
+}
+
+/// What a finished transfer delivered: the blocks contiguous from block 0.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Block `i`'s bytes at index `i`.
+    pub blocks: Vec<Bytes>,
+    /// Their total bytes.
+    pub bytes: u64,
+}
+
+impl Transfers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Incoming>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Expects transfer `id` from `from`, of blocks with `hashes` (the prompt's full blocks) in
+    /// `layout`. The registration lasts as long as the returned guard.
+    pub fn register(
+        self: &Arc<Self>,
+        id: String,
+        from: NodeId,
+        layout: KvLayout,
+        hashes: Vec<SequenceHash>,
+    ) -> TransferGuard {
+        let incoming = Incoming {
+            from,
+            layout,
+            blocks: vec![None; hashes.len()],
+            hashes,
+            first_block_at: None,
+            streams_failed: 0,
+        };
+        self.lock().insert(id.clone(), incoming);
+        TransferGuard {
+            transfers: self.clone(),
+            id,
+        }
+    }
+
+    /// Takes the blocks of `guard`'s transfer received so far, contiguous from block 0, and
+    /// forgets the transfer.
+    pub fn take(&self, guard: TransferGuard) -> Received {
+        let Some(incoming) = self.lock().remove(&guard.id) else {
+            return Received::default();
+        };
+        let blocks: Vec<Bytes> = incoming.blocks.into_iter().map_while(|b| b).collect();
+        let bytes = blocks.iter().map(|b| b.len() as u64).sum();
+        let c = &self.counters;
+        c.transfers.fetch_add(1, Ordering::Relaxed);
+        c.blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(at) = incoming.first_block_at {
+            let micros = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+            c.micros.fetch_add(micros, Ordering::Relaxed);
+        }
+        Received { blocks, bytes }
+    }
+
+    /// Transfers registered and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn render(&self, out: &mut String) {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let counters = [
+            (
+                "kvfleet_disagg_transfers_total",
+                "KV transfers received and handed to a decode worker.",
+                get(&c.transfers),
+            ),
+            (
+                "kvfleet_disagg_transfer_blocks_total",
+                "KV blocks received and imported by decode workers.",
+                get(&c.blocks),
+            ),
+            (
+                "kvfleet_disagg_transfer_bytes_total",
+                "Bytes of those blocks.",
+                get(&c.bytes),
+            ),
+            (
+                "kvfleet_disagg_transfer_refused_blocks_total",
+                "Blocks refused: beyond the prompt, or a sequence hash other than the prompt's.",
+                get(&c.refused_blocks),
+            ),
+            (
+                "kvfleet_disagg_transfer_failed_streams_total",
+                "Transfer streams that ended in an error or were cancelled.",
+                get(&c.failed_streams),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        let seconds = get(&c.micros) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "# HELP kvfleet_disagg_transfer_seconds_total Time from a transfer's first block to \
+             its hand-off to the decode worker, summed.\n\
+             # TYPE kvfleet_disagg_transfer_seconds_total counter\n\
+             kvfleet_disagg_transfer_seconds_total {seconds}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kvfleet_disagg_transfers_pending Transfers expected and not yet handed off.\n\
+             # TYPE kvfleet_disagg_transfers_pending gauge\n\
+             kvfleet_disagg_transfers_pending {}",
+            self.pending()
+        );
+    }
+}
+
+impl BlockSink for Transfers {
+    fn expect(&self, peer: &PeerInfo, request_id: &str) -> Option<KvLayout> {
+        let inner = self.lock();
+        let incoming = inner.get(request_id)?;
+        (incoming.from == peer.node_id).then(|| incoming.layout.clone())
+    }
+
+    async fn import(&self, request_id: &str, block: KvBlock) -> Result<(), ErrorMessage> {
+        let mut inner = self.lock();
+        let Some(incoming) = inner.get_mut(request_id) else {
+            return Err(ErrorMessage::new(
+                ErrorCode::UnknownRequest,
+                format!("transfer {request_id} is no longer expected (cancelled or timed out)"),
+            ));
+        };
+        let index = block.index as usize;
+        let refuse = |message: String| {
+            self.counters.refused_blocks.fetch_add(1, Ordering::Relaxed);
+            Err(ErrorMessage::new(ErrorCode::ImportFailed, message))
+        };
+        match incoming.hashes.get(index) {
+            None => refuse(format!(
+                "block {index} is beyond the prompt's {} full blocks",
+                incoming.hashes.len()
+            )),
+            Some(&expected) if expected != block.hash => refuse(format!(
+                "block {index} has sequence hash {:016x}, the prompt's is {:016x}",
+                block.hash.0, expected.0
+            )),
+            Some(_) => {
+                incoming.first_block_at.get_or_insert_with(Instant::now);
+                incoming.blocks[index] = Some(block.data);
+                Ok(())
+            }
+        }
+    }
+
+    fn stream_finished(&self, request_id: &str, outcome: Result<KvDone, ErrorMessage>) {
+        if let Err(error) = outcome {
+            self.counters.failed_streams.fetch_add(1, Ordering::Relaxed);
+            if let Some(incoming) = self.lock().get_mut(request_id) {
+                incoming.streams_failed += 1;
+            }
+            tracing::debug!(transfer = request_id, code = ?error.code, message = %error.message,
+                "a KV transfer stream failed");
+        }
+    }
+}
+
+/// Disaggregated serving on this node: the decode leg's orchestration, the prefill leg's
+/// serving, and the transfers in between. See the module docs.
+#[derive(Debug)]
+pub struct Disagg {
+    local: Arc<dyn Backend>,
+    peer: PeerHandle,
+    transfers: Arc<Transfers>,
+    outcomes: [AtomicU64; 3],
+    prefill_served: AtomicU64,
+    next_transfer: AtomicU64,
+    options: TransferOptions,
+}
+
+/// Converts the peer's token chunk to the backend's event.
+pub fn tokens_event(chunk: kvfleet_peer::TokenChunk) -> GenEvent {
+    GenEvent::Tokens {
+        logprobs: chunk.logprobs.map(|lp| {
+            lp.into_iter()
+                .map(|l| TokenLogprob {
+                    logprob: l.logprob,
+                    top: l.top.into_iter().map(|t| (t.token, t.logprob)).collect(),
+                })
+                .collect()
+        }),
+        ids: chunk.tokens,
+    }
+}
+
+/// The backend's end reason for the peer's.
+pub fn end_reason(reason: kvfleet_peer::FinishReason) -> EndReason {
+    match reason {
+        kvfleet_peer::FinishReason::Length => EndReason::Length,
+        kvfleet_peer::FinishReason::Stop => EndReason::Stop,
+    }
+}
+
+/// How the prefill leg went, as the decode leg saw it.
+struct PrefillLeg {
+    /// The first token(s), already passed to the client.
+    tokens: Vec<u32>,
+    /// The prefill node's finish, when the leg completed.
+    finish: Option<Finish>,
+    /// Why it failed, when it did.
+    error: Option<String>,
+}
+
+impl Disagg {
+    /// Disaggregated serving over this node's workers (`local`) and peer endpoint.
+    pub fn new(local: Arc<dyn Backend>, peer: PeerHandle) -> Self {
+        Self {
+            local,
+            peer,
+            transfers: Arc::new(Transfers::default()),
+            outcomes: Default::default(),
+            prefill_served: AtomicU64::new(0),
+            next_transfer: AtomicU64::new(0),
+            options: TransferOptions::default(),
+        }
+    }
+
+    /// The peer endpoint's handle.
+    pub fn peer(&self) -> &PeerHandle {
+        &self.peer
+    }
+
+    /// The block sink the peer endpoint serves transfers into.
+    pub fn transfers(&self) -> Arc<Transfers> {
+        self.transfers.clone()
+    }
+
+    /// Requests whose prefill ended with `outcome` on this node (as the decode node).
+    pub fn outcome_count(&self, outcome: PrefillOutcome) -> u64 {
+        let i = PrefillOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.outcomes[i].load(Ordering::Relaxed)
+    }
+
+    fn count(&self, outcome: PrefillOutcome) {
+        if let Some(i) = PrefillOutcome::ALL.iter().position(|o| *o == outcome) {
+            self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `request` on this node's decode worker (`request.worker`), its prompt prefilled on
+    /// `prefill` first; see the module docs. Falls back to a plain local submit when this node
+    /// cannot take a transfer (no peer endpoint yet, no layout for the worker).
+    pub fn submit_decode(
+        self: &Arc<Self>,
+        request: GenerateRequest,
+        prefill: PrefillTarget,
+        deadline: Duration,
+    ) -> Result<Generation, SubmitError> {
+        let own = self
+            .peer
+            .endpoint()
+            .map(|e| e.node_id())
+            .zip(self.peer.advertised());
+        let layout = request.worker.and_then(|w| self.local.kv_layout(w));
+        let (Some(decode_worker), Some((own_node, own_addr)), Some(layout)) =
+            (request.worker, own, layout)
+        else {
+            tracing::debug!(request = %request.request_id,
+                "no transfer possible here (no peer endpoint or worker layout): prefilling locally");
+            self.count(PrefillOutcome::FallbackBeforeFirstToken);
+            return self.local.submit(request);
+        };
+        // Unique among this node's transfers, which is where it is looked up.
+        let n = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        let transfer_id = format!("{}/{n}", request.request_id);
+        let guard = self.transfers.register(
+            transfer_id.clone(),
+            prefill.node,
+            layout.clone(),
+            request.block_hashes.clone(),
+        );
+        let leg_request = kvfleet_peer::GenerateRequest {
+            request_id: request.request_id.clone(),
+            model: request.model.clone(),
+            worker: Some(prefill.worker),
+            prompt: request.prompt.clone(),
+            block_hashes: request.block_hashes.clone(),
+            sampling: kvfleet_proto::SamplingParams {
+                max_tokens: 1,
+                ..request.sampling.clone()
+            },
+            prefill: None,
+            kv_push: Some(KvPush {
+                transfer_id,
+                worker: decode_worker,
+                node: own_node.0,
+                addr: own_addr,
+            }),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let leg = this.prefill_leg(&leg_request, prefill, deadline, &tx).await;
+            let received = this.transfers.take(guard);
+            this.decode_leg(request, leg, received, layout, tx).await;
+        });
+        let abort = task.abort_handle();
+        Ok(Generation::new(decode_worker, rx, move || abort.abort()))
+    }
+
+    /// Runs the prefill leg until its finish, its failure or `deadline`, passing its first
+    /// token(s) to `tx` as they come.
+    async fn prefill_leg(
+        &self,
+        request: &kvfleet_peer::GenerateRequest,
+        prefill: PrefillTarget,
+        deadline: Duration,
+        tx: &mpsc::UnboundedSender<GenEvent>,
+    ) -> PrefillLeg {
+        let mut leg = PrefillLeg {
+            tokens: Vec::new(),
+            finish: None,
+            error: None,
+        };
+        let Some(endpoint) = self.peer.endpoint() else {
+            leg.error = Some("this node's peer endpoint is not up".into());
+            return leg;
+        };
+        let until = tokio::time::Instant::now() + deadline;
+        let started = tokio::time::timeout(PREFILL_START_TIMEOUT.min(deadline), async {
+            let connection = endpoint.connection(prefill.addr, prefill.node).await?;
+            connection.generate(request).await
+        })
+        .await;
+        let mut stream = match started {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                leg.error = Some(e.to_string());
+                return leg;
+            }
+            Err(_) => {
+                leg.error = Some(format!("no answer within {PREFILL_START_TIMEOUT:?}"));
+                return leg;
+            }
+        };
+        loop {
+            match tokio::time::timeout_at(until, stream.next()).await {
+                Ok(Ok(Some(GenerateEvent::Tokens(chunk)))) => {
+                    leg.tokens.extend_from_slice(&chunk.tokens);
+                    let _ = tx.send(tokens_event(chunk));
+                }
+                Ok(Ok(Some(GenerateEvent::Finished(finish)))) => {
+                    leg.finish = Some(finish);
+                    return leg;
+                }
+                Ok(Ok(None)) => {
+                    leg.error = Some("the prefill node ended the stream early".into());
+                    return leg;
+                }
+                Ok(Err(e)) => {
+                    leg.error = Some(e.to_string());
+                    return leg;
+                }
+                Err(_) => {
+                    leg.error = Some(format!("the prefill leg took longer than {deadline:?}"));
+                    return leg;
+                }
+            }
+        }
+    }
+
+    /// Finishes the request after its prefill leg: ends it when the first token ended it,
+    /// otherwise decodes on the local worker from the prompt plus the first token with the
+    /// blocks received (or the whole prompt when the leg produced nothing).
+    async fn decode_leg(
+        &self,
+        request: GenerateRequest,
+        leg: PrefillLeg,
+        received: Received,
+        layout: KvLayout,
+        tx: mpsc::UnboundedSender<GenEvent>,
+    ) {
+        let request_id = request.request_id.clone();
+        if leg.tokens.is_empty() {
+            self.count(PrefillOutcome::FallbackBeforeFirstToken);
+            tracing::warn!(request = %request_id, error = leg.error.as_deref().unwrap_or(""),
+                "prefill leg failed before its first token: the decode worker prefills the prompt");
+            return pipe(self.local.submit(request), tx).await;
+        }
+        if let Some(finish) = &leg.finish
+            && finish.reason == kvfleet_peer::FinishReason::Stop
+        {
+            self.count(PrefillOutcome::Remote);
+            let _ = tx.send(GenEvent::Finished(EndReason::Stop));
+            return;
+        }
+        let generated = u32::try_from(leg.tokens.len()).unwrap_or(u32::MAX);
+        if generated >= request.sampling.max_tokens {
+            self.count(PrefillOutcome::Remote);
+            let _ = tx.send(GenEvent::Finished(EndReason::Length));
+            return;
+        }
+        let mut blocks = received.blocks;
+        match (&leg.finish, &leg.error) {
+            (Some(finish), _) => {
+                // Only what the prefill node saw acknowledged is known complete.
+                let acknowledged = finish.kv_push.map_or(0, |r| r.blocks as usize);
+                blocks.truncate(acknowledged);
+                self.count(PrefillOutcome::Remote);
+            }
+            (None, error) => {
+                self.count(PrefillOutcome::FallbackAfterFirstToken);
+                tracing::warn!(request = %request_id, blocks = blocks.len(),
+                    error = error.as_deref().unwrap_or(""),
+                    "prefill leg failed after its first token: decoding with the blocks received");
+            }
+        }
+        let mut prompt = request.prompt;
+        prompt.extend_from_slice(&leg.tokens);
+        let block_hashes = kvfleet_proto::hash::sequence_hashes(&prompt, layout.block_size);
+        let decode = GenerateRequest {
+            request_id: request.request_id,
+            model: request.model,
+            block_hashes,
+            prompt,
+            sampling: kvfleet_proto::SamplingParams {
+                max_tokens: request.sampling.max_tokens - generated,
+                ..request.sampling
+            },
+            worker: request.worker,
+        };
+        tracing::debug!(request = %request_id, blocks = blocks.len(), bytes = received.bytes,
+            "decoding with the prefill node's KV blocks");
+        pipe(self.local.submit_with_kv(decode, blocks), tx).await;
+    }
+
+    /// Serves the prefill leg of a disaggregated request on this node (a peer asked, with
+    /// `kv_push`): runs the prompt on the named prefill worker, streams its first token back,
+    /// pushes its KV blocks to the decode node as they are computed, and finishes with what the
+    /// decode node acknowledged.
+    pub fn serve_prefill(
+        self: &Arc<Self>,
+        request: kvfleet_peer::GenerateRequest,
+        push: KvPush,
+    ) -> Result<EventStream, ErrorMessage> {
+        let unavailable = |m: String| ErrorMessage::new(ErrorCode::Unavailable, m);
+        let endpoint = self
+            .peer
+            .endpoint()
+            .ok_or_else(|| unavailable("this node's peer endpoint is not up".into()))?;
+        let worker = request
+            .worker
+            .ok_or_else(|| ErrorMessage::new(ErrorCode::BadRequest, "kv_push names no worker"))?;
+        let layout = self
+            .local
+            .kv_layout(worker)
+            .ok_or_else(|| unavailable(format!("worker {worker} is not ready here")))?;
+        let addr: SocketAddr = resolve(&push.addr).ok_or_else(|| {
+            ErrorMessage::new(
+                ErrorCode::BadRequest,
+                format!("cannot resolve the decode node's address {:?}", push.addr),
+            )
+        })?;
+        let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
+        let (generation, blocks) = self
+            .local
+            .submit_prefill(GenerateRequest {
+                request_id: request.request_id.clone(),
+                model: request.model,
+                prompt: request.prompt,
+                block_hashes: request.block_hashes,
+                sampling: request.sampling,
+                worker: Some(worker),
+            })
+            .map_err(|e| unavailable(e.to_string()))?;
+        self.prefill_served.fetch_add(1, Ordering::Relaxed);
+        let (report_tx, report_rx) = oneshot::channel();
+        let options = self.options.clone();
+        let request_id = request.request_id;
+        let transfer = tokio::spawn(async move {
+            let source = block_stream(blocks);
+            let sent = async {
+                let connection = endpoint.connection(addr, NodeId(push.node)).await?;
+                connection
+                    .send_blocks(&push.transfer_id, &layout, source, &options)
+                    .await
+            }
+            .await;
+            let report = match sent {
+                Ok(report) => KvPushReport {
+                    blocks: u32::try_from(report.blocks).unwrap_or(u32::MAX),
+                    bytes: report.bytes,
+                },
+                Err(e) => {
+                    tracing::warn!(request = %request_id, error = %e,
+                        "pushing KV blocks to the decode node failed");
+                    KvPushReport::default()
+                }
+            };
+            let _ = report_tx.send(report);
+        });
+        let state = PrefillStream {
+            generation,
+            transfer: AbortOnDrop(transfer),
+            report: Some(report_rx),
+            completion: 0,
+            ended: false,
+        };
+        let stream = futures_util::stream::unfold(state, move |mut s| async move {
+            if s.ended {
+                return None;
+            }
+            let item = match s.generation.events.recv().await {
+                Some(GenEvent::Tokens { ids, logprobs }) => {
+                    s.completion += u32::try_from(ids.len()).unwrap_or(u32::MAX);
+                    let logprobs = logprobs.map(|lp| crate::peer::logprobs(lp, &ids));
+                    return Some((
+                        Ok(GenerateEvent::Tokens(kvfleet_peer::TokenChunk {
+                            tokens: ids,
+                            logprobs,
+                        })),
+                        s,
+                    ));
+                }
+                Some(GenEvent::Finished(reason)) => {
+                    s.generation.done();
+                    // The transfer ends once the worker sent its last block (at the finish).
+                    let report = match s.report.take() {
+                        Some(rx) => rx.await.unwrap_or_default(),
+                        None => KvPushReport::default(),
+                    };
+                    Ok(GenerateEvent::Finished(Finish {
+                        reason: crate::peer::finish_reason(reason),
+                        usage: Usage {
+                            prompt_tokens,
+                            completion_tokens: s.completion,
+                            cached_tokens: 0,
+                        },
+                        kv_push: Some(report),
+                    }))
+                }
+                Some(GenEvent::Failed(message)) => {
+                    s.generation.done();
+                    Err(ErrorMessage::new(ErrorCode::Internal, message))
+                }
+                None => Err(ErrorMessage::new(
+                    ErrorCode::Internal,
+                    "the prefill worker went away mid-request",
+                )),
+            };
+            s.ended = true;
+            Some((item, s))
+        });
+        Ok(stream.boxed())
+    }
+
+    /// The `/metrics` lines of disaggregated serving and of the peer transport.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let _ = writeln!(
+            out,
+            "# HELP kvfleet_disagg_prefill_total Disaggregated requests decoded here, by how \
+             their prefill ended.\n# TYPE kvfleet_disagg_prefill_total counter"
+        );
+        for outcome in PrefillOutcome::ALL {
+            let _ = writeln!(
+                out,
+                "kvfleet_disagg_prefill_total{{outcome=\"{}\"}} {}",
+                outcome.label(),
+                self.outcome_count(outcome)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP kvfleet_disagg_prefill_served_total Prefill legs this node's prefill workers \
+             ran for other nodes' decode workers.\n\
+             # TYPE kvfleet_disagg_prefill_served_total counter\n\
+             kvfleet_disagg_prefill_served_total {}",
+            self.prefill_served.load(Ordering::Relaxed)
+        );
+        self.transfers.render(&mut out);
+        if let Some(endpoint) = self.peer.endpoint() {
+            render_peer(&mut out, &endpoint.metrics().snapshot());
+        }
+        out
+    }
+}
+
+/// The prefill leg's event stream state; dropping it cancels the worker's sequence (the
+/// generation) and the transfer.
+struct PrefillStream {
+    generation: Generation,
+    transfer: AbortOnDrop,
+    report: Option<oneshot::Receiver<KvPushReport>>,
+    completion: u32,
+    ended: bool,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The prefill worker's exported blocks as the transfer's source.
+fn block_stream(
+    blocks: mpsc::UnboundedReceiver<crate::backend::ExportedBlock>,
+) -> impl futures_util::Stream<Item = KvBlock> + Send + Unpin {
+    Box::pin(futures_util::stream::unfold(blocks, |mut rx| async move {
+        let block = rx.recv().await?;
+        let block = KvBlock {
+            index: block.index,
+            hash: block.hash,
+            data: block.data,
+        };
+        Some((block, rx))
+    }))
+}
+
+/// Resolves `host:port` (a literal address, or a name through the system resolver).
+pub fn resolve(addr: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.parse()
+        .ok()
+        .or_else(|| addr.to_socket_addrs().ok()?.next())
+}
+
+/// Passes a local generation's events to `tx` until its end.
+async fn pipe(submitted: Result<Generation, SubmitError>, tx: mpsc::UnboundedSender<GenEvent>) {
+    match submitted {
+        Ok(mut generation) => {
+            while let Some(event) = generation.events.recv().await {
+                let last = matches!(event, GenEvent::Finished(_) | GenEvent::Failed(_));
+                if last {
+                    generation.done();
+                }
+                if tx.send(event).is_err() || last {
+                    return;
+                }
+            }
+            let _ = tx.send(GenEvent::Failed("the decode worker went away".into()));
+        }
+        Err(e) => {
+            let _ = tx.send(GenEvent::Failed(e.to_string()));
+        }
+    }
+}
+
+/// The peer transport's counters in Prometheus text.
+fn render_peer(out: &mut String, m: &kvfleet_peer::MetricsSnapshot) {
+    let counters = [
+        (
+            "kvfleet_peer_kv_blocks_sent_total",
+            "KV blocks pushed to other nodes.",
+            m.kv_blocks_sent,
+        ),
+        (
+            "kvfleet_peer_kv_bytes_sent_total",
+            "Bytes of KV blocks pushed to other nodes.",
+            m.kv_bytes_sent,
+        ),
+        (
+            "kvfleet_peer_kv_blocks_received_total",
+            "KV blocks received from other nodes (verified).",
+            m.kv_blocks_received,
+        ),
+        (
+            "kvfleet_peer_kv_bytes_received_total",
+            "Bytes of KV blocks received from other nodes.",
+            m.kv_bytes_received,
+        ),
+        (
+            "kvfleet_peer_kv_transfers_sent_total",
+            "KV transfers completed as the sender.",
+            m.kv_transfers_sent,
+        ),
+        (
+            "kvfleet_peer_generate_served_total",
+            "Forwarded generate requests served here.",
+            m.generate_served,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kvfleet_peer_kv_send_seconds_total Time spent sending KV transfers.\n\
+         # TYPE kvfleet_peer_kv_send_seconds_total counter\n\
+         kvfleet_peer_kv_send_seconds_total {}",
+        m.kv_send_micros as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kvfleet_peer_errors_total Peer transport refusals and failures, by kind.\n\
+         # TYPE kvfleet_peer_errors_total counter"
+    );
+    for (kind, count) in &m.errors {
+        let _ = writeln!(
+            out,
+            "kvfleet_peer_errors_total{{kind=\"{}\"}} {count}",
+            kind.as_str()
+        );
+    }
+}
