@@ -528,6 +528,30 @@ async fn invalid_deployments_name_the_field_and_change_nothing(pool: PgPool) {
             422,
             vec!["name", "model", "min_workers"],
         ),
+        (
+            json!({"name": "x", "model": "base-model",
+                   "disaggregation": {"prefill_timeout_ms": 99, "max_prefill_queue_tokens": 0}}),
+            422,
+            vec![
+                "disaggregation.prefill_timeout_ms",
+                "disaggregation.max_prefill_queue_tokens",
+            ],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "disaggregation": {"prefill_timeout_ms": 600_001}}),
+            422,
+            vec!["disaggregation.prefill_timeout_ms"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "disaggregation": {"min_remote_prefill_tokens": -1}}),
+            422,
+            vec!["disaggregation.min_remote_prefill_tokens"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "disaggregation": {"threshold": 5}}),
+            422,
+            vec!["disaggregation.threshold"],
+        ),
         (json!({"model": "base-model"}), 422, vec!["name"]),
         (json!({"name": "base", "model": "base-model"}), 409, vec![]),
     ];
@@ -600,6 +624,141 @@ async fn invalid_deployments_name_the_field_and_change_nothing(pool: PgPool) {
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(r.content_type, "application/problem+json");
     }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_directory(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let operator = token(&pool, Role::Operator).await;
+    let join = token(&pool, Role::Join).await;
+    for model in ["split-model", "plain-model"] {
+        let r = post(
+            &server,
+            "/models",
+            &operator,
+            json!({"name": model, "format": "mock", "path": "/models/mock"}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    }
+    let defaults = json!({
+        "min_remote_prefill_tokens": 256,
+        "max_prefill_queue_tokens": 16384,
+        "prefill_timeout_ms": 30000,
+    });
+    // A policy given in part: the rest are defaults; the whole u32 range is stored.
+    let created = post(
+        &server,
+        "/deployments",
+        &operator,
+        json!({"name": "split", "model": "split-model", "mode": "disaggregated", "min_workers": 0,
+               "disaggregation": {"min_remote_prefill_tokens": u32::MAX, "prefill_timeout_ms": 100}}),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let split = created.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        created.body["disaggregation"],
+        json!({"min_remote_prefill_tokens": u32::MAX, "max_prefill_queue_tokens": 16384,
+               "prefill_timeout_ms": 100})
+    );
+    // No policy: the defaults.
+    let plain = post(
+        &server,
+        "/deployments",
+        &operator,
+        json!({"name": "plain", "model": "plain-model", "min_workers": 0}),
+    )
+    .await;
+    assert_eq!(plain.status, StatusCode::CREATED, "{plain:?}");
+    assert_eq!(plain.body["disaggregation"], defaults);
+
+    // A PATCH replaces the policy (absent keys take their defaults), bumps the generation and
+    // is audited with the policy before and after.
+    let generation = created.body["generation"].as_i64().unwrap();
+    let patched = call(
+        Method::PATCH,
+        &server.url(&format!("/deployments/{split}")),
+        Some(&operator),
+        Some(&json!({"disaggregation": {"min_remote_prefill_tokens": 0, "max_prefill_queue_tokens": 1}})),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{patched:?}");
+    let policy = json!({"min_remote_prefill_tokens": 0, "max_prefill_queue_tokens": 1,
+                        "prefill_timeout_ms": 30000});
+    assert_eq!(patched.body["disaggregation"], policy);
+    assert_eq!(patched.body["generation"], generation + 1);
+    let (before, after): (Value, Value) = sqlx::query_as(
+        "SELECT before, after FROM audit_log WHERE action = 'deployment.update' AND target_id = $1",
+    )
+    .bind(&split)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(before["disaggregation"]["prefill_timeout_ms"], 100);
+    assert_eq!(after["disaggregation"], policy);
+    // A PATCH of another field keeps the policy; a bad one names the field and changes nothing.
+    let other = call(
+        Method::PATCH,
+        &server.url(&format!("/deployments/{split}")),
+        Some(&operator),
+        Some(&json!({"max_workers": 2})),
+    )
+    .await;
+    assert_eq!(other.body["disaggregation"], policy, "{other:?}");
+    let bad = call(
+        Method::PATCH,
+        &server.url(&format!("/deployments/{split}")),
+        Some(&operator),
+        Some(&json!({"disaggregation": {"prefill_timeout_ms": 600_001}})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad:?}");
+    assert_eq!(
+        bad.body["invalid_params"][0]["name"],
+        "disaggregation.prefill_timeout_ms"
+    );
+    let now = get(&server, &format!("/deployments/{split}"), &operator).await;
+    assert_eq!(now.body["disaggregation"], policy);
+    assert_eq!(now.body["generation"], generation + 2);
+
+    // A row written without the policy columns (as before migration 0004) reads as defaults.
+    let model: uuid::Uuid = sqlx::query_scalar("SELECT id FROM models WHERE name = 'plain-model'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let legacy = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO deployments (id, name, model_id, min_workers) VALUES ($1, 'legacy', $2, 0)",
+    )
+    .bind(legacy)
+    .bind(model)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let legacy = get(&server, &format!("/deployments/{legacy}"), &operator).await;
+    assert_eq!(legacy.body["disaggregation"], defaults, "{legacy:?}");
+    // The schema refuses what the API refuses.
+    let refused =
+        sqlx::query("UPDATE deployments SET prefill_timeout_ms = 50 WHERE name = 'legacy'")
+            .execute(&pool)
+            .await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // Agents see each model's mode and policy in the fleet directory.
+    let (_, agent, _) = register(&server, &join, "gpu-a", 0).await;
+    let directory = get(&server, "/agent/fleet", &agent).await;
+    assert_eq!(directory.status, StatusCode::OK, "{directory:?}");
+    let mut models = directory.body["models"].as_array().unwrap().clone();
+    models.sort_by_key(|m| m["model"].as_str().unwrap().to_owned());
+    assert_eq!(
+        models,
+        vec![
+            json!({"model": "plain-model", "mode": "aggregated", "disaggregation": defaults}),
+            json!({"model": "split-model", "mode": "disaggregated", "disaggregation": policy}),
+        ]
+    );
     server.stop().await;
 }
 

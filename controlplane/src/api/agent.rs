@@ -23,9 +23,9 @@ use super::extract::{Agent, ApiJson, ApiQuery, Caller, Register};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::rows;
 use super::types::{
-    AgentPublicKey, DesiredState, DesiredWorker, FleetDirectory, FleetWorker, Heartbeat,
-    HeartbeatResponse, IssuedCertificate, ModelSpec, NodeState, RegisterRequest, RegisterResponse,
-    RenewRequest, WatchQuery,
+    AgentPublicKey, DesiredState, DesiredWorker, FleetDirectory, FleetModel, FleetWorker,
+    Heartbeat, HeartbeatResponse, IssuedCertificate, ModelSpec, NodeState, RegisterRequest,
+    RegisterResponse, RenewRequest, WatchQuery,
 };
 use crate::AppState;
 use crate::auth::{self, Principal, Role};
@@ -614,7 +614,8 @@ pub async fn forward_notifications(state: AppState, mut shutdown: watch::Receive
 }
 
 /// The fleet directory: every worker that should be running on a healthy node, with its model
-/// and its node's peer address, for the agents' fleet routers.
+/// and its node's peer address, and how each deployed model is served (mode, disaggregation
+/// policy), for the agents' fleet routers.
 #[utoipa::path(get, path = "/api/v1/agent/fleet", tag = "agent",
     responses((status = 200, body = FleetDirectory), (status = 401, body = Problem)))]
 pub async fn fleet_directory(
@@ -644,10 +645,27 @@ pub async fn fleet_directory(
             peer_addr,
         });
     }
-    Ok(Json(FleetDirectory {
-        workers,
-        models: Vec::new(),
-    }))
+    // One entry per model. A model may have several deployments; its requests are routed across
+    // all of their workers, so it is served disaggregated as soon as one of them is (that one
+    // has prefill workers), under the oldest such deployment's policy.
+    let models = sqlx::query(
+        "SELECT DISTINCT ON (m.name) m.name AS model, d.mode, d.min_remote_prefill_tokens,
+             d.max_prefill_queue_tokens, d.prefill_timeout_ms
+         FROM deployments d
+         JOIN models m ON m.id = d.model_id
+         ORDER BY m.name, d.mode = 'disaggregated' DESC, d.created_at, d.id",
+    )
+    .try_map(|row: sqlx::postgres::PgRow| {
+        use sqlx::Row as _;
+        Ok(FleetModel {
+            model: row.try_get("model")?,
+            mode: rows::text(&row, "mode")?,
+            disaggregation: rows::disaggregation(&row)?,
+        })
+    })
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Json(FleetDirectory { workers, models }))
 }
 
 #[cfg(test)]

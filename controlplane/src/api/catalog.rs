@@ -11,8 +11,8 @@ use super::extract::{ApiJson, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::rows;
 use super::types::{
-    Deployment, DeploymentMode, DeploymentPatch, Model, NewDeployment, NewModel, Page, PageQuery,
-    PlacementConstraints, SlaTargets,
+    Deployment, DeploymentMode, DeploymentPatch, DisaggregationPolicy, Model, NewDeployment,
+    NewModel, Page, PageQuery, PlacementConstraints, SlaTargets,
 };
 use super::{page, page_limit, uuid_cursor};
 use crate::AppState;
@@ -22,7 +22,8 @@ use crate::store::{self, AuditEntry};
 const MODEL_COLUMNS: &str =
     "id, name, format, path, block_size, context_length, memory_bytes, created_at, updated_at";
 const DEPLOYMENT_COLUMNS: &str = "d.id, d.name, d.model_id, m.name AS model, d.mode, d.ttft_target_ms,
-    d.itl_target_ms, d.min_workers, d.max_workers, d.placement, d.generation, d.created_at, d.updated_at";
+    d.itl_target_ms, d.min_workers, d.max_workers, d.placement, d.min_remote_prefill_tokens, d.max_prefill_queue_tokens, d.prefill_timeout_ms,
+    d.generation, d.created_at, d.updated_at";
 
 fn valid_model_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -73,6 +74,7 @@ pub fn validate_deployment_fields(
     max_workers: i32,
     sla: &SlaTargets,
     placement: &PlacementConstraints,
+    disaggregation: &DisaggregationPolicy,
 ) -> Vec<InvalidParam> {
     let mut problems = Vec::new();
     if min_workers < 0 {
@@ -105,6 +107,9 @@ pub fn validate_deployment_fields(
             "placement.node_labels",
             "label names must not be empty",
         ));
+    }
+    for (field, reason) in disaggregation.invalid_fields() {
+        problems.push(InvalidParam::new(field, reason));
     }
     problems
 }
@@ -331,6 +336,7 @@ pub async fn create_deployment(
         new.max_workers,
         &new.sla,
         &new.placement,
+        &new.disaggregation,
     ));
     let Some(model) = model.filter(|_| problems.is_empty()) else {
         return Err(ApiError::Validation(problems));
@@ -338,8 +344,9 @@ pub async fn create_deployment(
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO deployments (id, name, model_id, mode, ttft_target_ms, itl_target_ms,
-             min_workers, max_workers, placement)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             min_workers, max_workers, placement, min_remote_prefill_tokens,
+             max_prefill_queue_tokens, prefill_timeout_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(id)
     .bind(&new.name)
@@ -350,6 +357,9 @@ pub async fn create_deployment(
     .bind(new.min_workers)
     .bind(new.max_workers)
     .bind(sqlx::types::Json(&new.placement))
+    .bind(i64::from(new.disaggregation.min_remote_prefill_tokens))
+    .bind(i64::from(new.disaggregation.max_prefill_queue_tokens))
+    .bind(i64::from(new.disaggregation.prefill_timeout_ms))
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -388,7 +398,8 @@ pub async fn get_deployment(
     Ok(Json(fetch_deployment(&mut conn, id, false).await?))
 }
 
-/// Change a deployment's mode, SLA targets, worker bounds or placement (operator+).
+/// Change a deployment's mode, SLA targets, worker bounds, placement or disaggregation policy
+/// (operator+).
 #[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, params(("id" = String, Path, description = "The resource id")), tag = "deployments",
     responses((status = 200, body = Deployment), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn update_deployment(
@@ -408,14 +419,17 @@ pub async fn update_deployment(
         .placement
         .clone()
         .unwrap_or_else(|| before.placement.clone());
-    let problems = validate_deployment_fields(min_workers, max_workers, &sla, &placement);
+    let disaggregation = patch.disaggregation.unwrap_or(before.disaggregation);
+    let problems =
+        validate_deployment_fields(min_workers, max_workers, &sla, &placement, &disaggregation);
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
     sqlx::query(
         "UPDATE deployments SET mode = $2, ttft_target_ms = $3, itl_target_ms = $4,
-             min_workers = $5, max_workers = $6, placement = $7, generation = generation + 1,
-             updated_at = now()
+             min_workers = $5, max_workers = $6, placement = $7,
+             min_remote_prefill_tokens = $8, max_prefill_queue_tokens = $9,
+             prefill_timeout_ms = $10, generation = generation + 1, updated_at = now()
          WHERE id = $1",
     )
     .bind(id)
@@ -425,6 +439,9 @@ pub async fn update_deployment(
     .bind(min_workers)
     .bind(max_workers)
     .bind(sqlx::types::Json(&placement))
+    .bind(i64::from(disaggregation.min_remote_prefill_tokens))
+    .bind(i64::from(disaggregation.max_prefill_queue_tokens))
+    .bind(i64::from(disaggregation.prefill_timeout_ms))
     .execute(&mut *tx)
     .await?;
     let after = fetch_deployment(&mut tx, id, false).await?;
@@ -532,7 +549,8 @@ mod tests {
             ),
         ];
         for (min, max, sla, want) in cases {
-            let got: Vec<String> = validate_deployment_fields(min, max, &sla, &none)
+            let policy = DisaggregationPolicy::default();
+            let got: Vec<String> = validate_deployment_fields(min, max, &sla, &none, &policy)
                 .into_iter()
                 .map(|p| p.name)
                 .collect();

@@ -11,7 +11,9 @@ use sqlx::Row as _;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
-use super::types::{AuditEntry, Deployment, Gpu, Model, Node, SlaTargets, Token, Worker};
+use super::types::{
+    AuditEntry, Deployment, DisaggregationPolicy, Gpu, Model, Node, SlaTargets, Token, Worker,
+};
 
 /// A text column parsed into one of the API's text enums.
 pub(crate) fn text<T>(row: &PgRow, column: &str) -> Result<T, sqlx::Error>
@@ -99,10 +101,31 @@ pub(crate) fn deployment(row: PgRow) -> Result<Deployment, sqlx::Error> {
         min_workers: row.try_get("min_workers")?,
         max_workers: row.try_get("max_workers")?,
         placement: row.try_get::<Json<_>, _>("placement")?.0,
-        disaggregation: Default::default(),
+        disaggregation: disaggregation(&row)?,
         generation: row.try_get("generation")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// The policy columns of a deployment row (`DISAGGREGATION_COLUMNS`); the schema bounds the
+/// token counts to the u32 range, a value outside it is a decode error naming the column.
+pub(crate) fn disaggregation(row: &PgRow) -> Result<DisaggregationPolicy, sqlx::Error> {
+    let u32_column = |column: &str| -> Result<u32, sqlx::Error> {
+        let value: i64 = row.try_get(column)?;
+        u32::try_from(value).map_err(|e| sqlx::Error::ColumnDecode {
+            index: column.to_owned(),
+            source: Box::new(e),
+        })
+    };
+    let timeout: i32 = row.try_get("prefill_timeout_ms")?;
+    Ok(DisaggregationPolicy {
+        min_remote_prefill_tokens: u32_column("min_remote_prefill_tokens")?,
+        max_prefill_queue_tokens: u32_column("max_prefill_queue_tokens")?,
+        prefill_timeout_ms: u32::try_from(timeout).map_err(|e| sqlx::Error::ColumnDecode {
+            index: "prefill_timeout_ms".to_owned(),
+            source: Box::new(e),
+        })?,
     })
 }
 

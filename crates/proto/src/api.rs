@@ -357,28 +357,28 @@ impl DisaggregationPolicy {
     /// The accepted range of [`DisaggregationPolicy::prefill_timeout_ms`].
     pub const PREFILL_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u32> = 100..=600_000;
 
-    /// The first field that is out of range, as `(field, what is wrong)`; `None` when valid.
-    /// The field is named as in the JSON body (`disaggregation.prefill_timeout_ms`), so the
-    /// control plane's problem JSON and the CLI point at it.
-    pub fn invalid_field(&self) -> Option<(&'static str, String)> {
+    /// Every field that is out of range, as `(field, what is wrong)`; empty when valid. Fields
+    /// are named as in the JSON body (`disaggregation.prefill_timeout_ms`), so the control
+    /// plane's problem JSON and the CLI point at them.
+    pub fn invalid_fields(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
         if !Self::PREFILL_TIMEOUT_MS_RANGE.contains(&self.prefill_timeout_ms) {
-            return Some((
+            problems.push((
                 "disaggregation.prefill_timeout_ms",
                 format!(
-                    "must be {}..={} milliseconds, got {}",
+                    "must be from {} to {} milliseconds",
                     Self::PREFILL_TIMEOUT_MS_RANGE.start(),
                     Self::PREFILL_TIMEOUT_MS_RANGE.end(),
-                    self.prefill_timeout_ms
                 ),
             ));
         }
         if self.max_prefill_queue_tokens == 0 {
-            return Some((
+            problems.push((
                 "disaggregation.max_prefill_queue_tokens",
-                "must be at least 1".to_owned(),
+                "must be 1 or more".to_owned(),
             ));
         }
-        None
+        problems
     }
 }
 
@@ -876,13 +876,20 @@ mod tests {
     #[test]
     fn disaggregation_policy_validation_names_the_field() {
         let ok = DisaggregationPolicy::default();
-        assert_eq!(ok.invalid_field(), None);
-        let rows = [
-            (99, 1, Some("disaggregation.prefill_timeout_ms")),
-            (100, 1, None),
-            (600_000, 1, None),
-            (600_001, 1, Some("disaggregation.prefill_timeout_ms")),
-            (1000, 0, Some("disaggregation.max_prefill_queue_tokens")),
+        assert!(ok.invalid_fields().is_empty());
+        let rows: [(u32, u32, &[&str]); 5] = [
+            (99, 1, &["disaggregation.prefill_timeout_ms"]),
+            (100, 1, &[]),
+            (600_000, 1, &[]),
+            (1000, 0, &["disaggregation.max_prefill_queue_tokens"]),
+            (
+                600_001,
+                0,
+                &[
+                    "disaggregation.prefill_timeout_ms",
+                    "disaggregation.max_prefill_queue_tokens",
+                ],
+            ),
         ];
         for (timeout, queue, expected) in rows {
             let policy = DisaggregationPolicy {
@@ -890,11 +897,8 @@ mod tests {
                 max_prefill_queue_tokens: queue,
                 ..ok
             };
-            assert_eq!(
-                policy.invalid_field().map(|(field, _)| field),
-                expected,
-                "{policy:?}"
-            );
+            let fields: Vec<&str> = policy.invalid_fields().into_iter().map(|p| p.0).collect();
+            assert_eq!(fields, expected, "{policy:?}");
         }
     }
 
