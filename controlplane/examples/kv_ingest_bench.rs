@@ -196,6 +196,7 @@ fn run(
                     let batch = KvEventBatch {
                         epochs: vec![],
                         events: (0..batch_size as u64).map(|k| event(worker, next_id + k, blocks)).collect(),
+                        loads: vec![],
                     };
                     let body = serde_json::to_vec(&batch)?;
                     let sent = Instant::now();

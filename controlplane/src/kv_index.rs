@@ -40,6 +40,22 @@
 //! counted ([`KvCounters`], `GET /api/v1/kv/stats`) and answered per batch. KV events are
 //! observations, like heartbeats: they write no audit rows.
 //!
+//! # Live loads
+//!
+//! Uploads also carry the node's workers' live loads (in-flight prefill tokens, decode blocks,
+//! queue depth), every half second or so with or without events. They are validated like
+//! events (a worker that is not a live worker of the uploading node → rejected and counted),
+//! but they are not changes: no sequence number, no Postgres, no snapshot. Each replica keeps
+//! the latest report per worker in memory, numbered by a per-replica load version, and every
+//! stream page carries the reports newer than the version the follower last saw. A long poll
+//! with nothing else to say returns for new loads, but no sooner than `load_page_interval`
+//! after it arrived, so a follower reads loads at most a few times a second however many
+//! agents report. A report older than `load_ttl` is no longer served (its agent is gone or cut
+//! off), and a removed worker's report goes with it. An upload that carries only loads (and
+//! epochs the index already has) takes no lock and no transaction: one `SELECT` of the live
+//! workers. Loads go to the replica the agent uploads to: with several replicas behind a
+//! balancer, a follower sees only the loads its own replica received.
+//!
 //! # Lost nodes
 //!
 //! The leader sweeps every `sweep_interval`: workers in the index that are no longer live
@@ -49,7 +65,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
@@ -57,8 +73,8 @@ use kvfleet_kv_router::{Router, RouterConfig, WorkerCapacity};
 use kvfleet_proto::hash::chain;
 use kvfleet_proto::kv_stream::{
     KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, KvStreamQuery,
-    KvTierBlocks, KvWorkerSnapshot, MAX_BATCH_EVENTS, MAX_PAGE_BLOCKS, MAX_STREAM_PAGE,
-    SequencedItem,
+    KvTierBlocks, KvWorkerSnapshot, MAX_BATCH_EVENTS, MAX_BATCH_LOADS, MAX_PAGE_BLOCKS,
+    MAX_STREAM_PAGE, SequencedItem, WorkerLoadReport,
 };
 use kvfleet_proto::{KvEventData, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -95,6 +111,10 @@ pub struct KvIndexConfig {
     pub checkpoint_interval: Duration,
     /// The longest a stream long poll is held open.
     pub max_wait: Duration,
+    /// A long poll woken only by new loads returns no sooner than this after it arrived.
+    pub load_page_interval: Duration,
+    /// A worker's load report is served this long after it was measured, and no longer.
+    pub load_ttl: Duration,
 }
 
 impl Default for KvIndexConfig {
@@ -105,6 +125,8 @@ impl Default for KvIndexConfig {
             sweep_interval: Duration::from_secs(1),
             checkpoint_interval: Duration::from_secs(60),
             max_wait: Duration::from_secs(30),
+            load_page_interval: Duration::from_millis(250),
+            load_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -132,6 +154,12 @@ pub struct KvCounters {
     pub resets: u64,
     /// Workers removed by the sweep (lost or removed nodes, stopped workers).
     pub removed: u64,
+    /// Load reports taken.
+    #[serde(default)]
+    pub loads_received: u64,
+    /// Load reports of workers that are not live workers of the uploading node, rejected.
+    #[serde(default)]
+    pub loads_rejected: u64,
 }
 
 /// `GET /api/v1/kv/stats`.
@@ -145,6 +173,9 @@ pub struct KvIndexStats {
     pub workers: usize,
     /// Distinct blocks in the index.
     pub blocks: u64,
+    /// Workers with a current load report on this replica.
+    #[serde(default)]
+    pub loads: usize,
     /// This replica's counters.
     pub counters: KvCounters,
 }
@@ -169,6 +200,19 @@ pub struct Core {
     log: VecDeque<SequencedItem>,
     retention: usize,
     counters: KvCounters,
+    /// The latest load report per worker (in memory only; see the module docs).
+    loads: HashMap<WorkerId, HeldLoad>,
+    /// The version of the newest report in `loads`.
+    loads_version: u64,
+}
+
+/// A load report as a replica holds it.
+#[derive(Debug, Clone, Copy)]
+struct HeldLoad {
+    report: WorkerLoadReport,
+    /// When the figures were measured, on the caller's clock (receipt minus the report's age).
+    measured: Duration,
+    version: u64,
 }
 
 /// A worker's position while a batch is validated.
@@ -190,6 +234,8 @@ impl Core {
             log: VecDeque::new(),
             retention: retention.max(1),
             counters: KvCounters::default(),
+            loads: HashMap::new(),
+            loads_version: 0,
         }
     }
 
@@ -364,6 +410,8 @@ impl Core {
             KvStreamItem::WorkerRemoved { worker } => {
                 self.index.remove_worker(*worker);
                 self.epochs.remove(worker);
+                // A removed worker's load must not steer routers either.
+                self.loads.remove(worker);
             }
         }
         self.seq = seq;
@@ -390,6 +438,80 @@ impl Core {
             .count() as u64;
     }
 
+    /// Takes `loads` reported at `now` by a node whose live workers are `live`: each accepted
+    /// report replaces its worker's previous one under a new load version. Returns how many
+    /// were taken, how many rejected, and the rejected workers. Reports older than `ttl` (by
+    /// `now`) are dropped on the way, so the map holds only workers that still report.
+    pub fn take_loads(
+        &mut self,
+        loads: &[WorkerLoadReport],
+        live: &HashSet<WorkerId>,
+        now: Duration,
+        ttl: Duration,
+    ) -> (u32, u32, Vec<WorkerId>) {
+        let (mut taken, mut rejected, mut unknown) = (0u32, 0u32, Vec::new());
+        for report in loads {
+            if !live.contains(&report.worker) {
+                rejected += 1;
+                unknown.push(report.worker);
+                continue;
+            }
+            let measured = now.saturating_sub(Duration::from_millis(report.age_ms));
+            // A retried upload may bring figures older than ones already held.
+            if self
+                .loads
+                .get(&report.worker)
+                .is_some_and(|held| held.measured > measured)
+            {
+                continue;
+            }
+            self.loads_version += 1;
+            self.loads.insert(
+                report.worker,
+                HeldLoad {
+                    report: WorkerLoadReport {
+                        age_ms: 0,
+                        ..*report
+                    },
+                    measured,
+                    version: self.loads_version,
+                },
+            );
+            taken += 1;
+        }
+        self.loads
+            .retain(|_, held| now.saturating_sub(held.measured) < ttl);
+        self.counters.loads_received += u64::from(taken);
+        self.counters.loads_rejected += u64::from(rejected);
+        (taken, rejected, unknown)
+    }
+
+    /// The load reports newer than version `after` (every current one when `after` is not a
+    /// version this replica has issued), no older than `ttl` at `now`, each dated with its age;
+    /// and the version to ask with next.
+    pub fn loads_since(
+        &self,
+        after: u64,
+        now: Duration,
+        ttl: Duration,
+    ) -> (Vec<WorkerLoadReport>, u64) {
+        let after = if after > self.loads_version { 0 } else { after };
+        let mut loads: Vec<WorkerLoadReport> = self
+            .loads
+            .values()
+            .filter(|held| held.version > after)
+            .filter_map(|held| {
+                let age = now.saturating_sub(held.measured);
+                (age < ttl).then(|| WorkerLoadReport {
+                    age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                    ..held.report
+                })
+            })
+            .collect();
+        loads.sort_unstable_by_key(|l| l.worker);
+        (loads, self.loads_version)
+    }
+
     /// The oldest `after` a stream can continue from.
     fn oldest_after(&self) -> u64 {
         self.log.front().map_or(self.seq, |first| first.seq - 1)
@@ -401,7 +523,7 @@ impl Core {
             items: Vec::new(),
             next_after: after,
             head_seq: self.seq,
-            resync: false,
+            ..KvStreamPage::default()
         };
         if after > self.seq || after < self.oldest_after() {
             page.resync = true;
@@ -466,6 +588,7 @@ impl Core {
             oldest_seq: self.oldest_after() + 1,
             workers: self.index.workers().len(),
             blocks: self.index.index_stats().blocks,
+            loads: self.loads.len(),
             counters: self.counters,
         }
     }
@@ -492,6 +615,10 @@ pub struct KvIndex {
     config: KvIndexConfig,
     core: Mutex<Core>,
     head: watch::Sender<u64>,
+    /// The load version, bumped by every upload that brought loads.
+    loads: watch::Sender<u64>,
+    /// The clock load reports are dated on.
+    origin: Instant,
 }
 
 fn db_i64(value: u64, what: &str) -> Result<i64, ApiError> {
@@ -505,6 +632,8 @@ impl KvIndex {
         let core = load_checkpoint(&mut conn, config.stream_retention).await?;
         let index = KvIndex {
             head: watch::channel(core.seq()).0,
+            loads: watch::channel(0).0,
+            origin: Instant::now(),
             core: Mutex::new(core),
             config,
         };
@@ -541,9 +670,17 @@ impl KvIndex {
         self.core().stats()
     }
 
-    /// Items after `after` (see [`Core::page`]).
-    pub fn page(&self, after: u64, limit: usize) -> KvStreamPage {
-        self.core().page(after, limit)
+    /// Items after `after` (see [`Core::page`]) and the loads reported since load version
+    /// `loads_after` (see [`Core::loads_since`]).
+    pub fn page(&self, after: u64, loads_after: u64, limit: usize) -> KvStreamPage {
+        let now = self.origin.elapsed();
+        let core = self.core();
+        let mut page = core.page(after, limit);
+        if !page.resync {
+            (page.loads, page.loads_version) =
+                core.loads_since(loads_after, now, self.config.load_ttl);
+        }
+        page
     }
 
     fn apply_all(&self, rows: Vec<(u64, KvStreamItem)>) -> Result<(), SeqHole> {
@@ -588,9 +725,14 @@ impl KvIndex {
                         .map_err(|e| {
                             ApiError::Internal(format!("loading the KV checkpoint: {e}"))
                         })?;
-                    let counters = self.core().counters();
                     let mut core = core;
-                    core.counters = counters;
+                    {
+                        // Counters and loads are this replica's own, not the log's.
+                        let mut old = self.core();
+                        core.counters = old.counters;
+                        core.loads = std::mem::take(&mut old.loads);
+                        core.loads_version = old.loads_version;
+                    }
                     *self.core() = core;
                     rebuilt = true;
                     continue;
@@ -680,6 +822,7 @@ impl KvIndex {
             .iter()
             .map(|e| e.worker)
             .chain(batch.epochs.iter().map(|e| e.worker))
+            .chain(batch.loads.iter().map(|l| l.worker))
         {
             // Ids beyond bigint cannot name a worker row: they stay out of `live`.
             if let Ok(id) = i64::try_from(worker.0) {
@@ -692,7 +835,40 @@ impl KvIndex {
             .await?
             .into_iter()
             .collect();
-        self.write(pool, |core| core.plan(batch, &live)).await
+        // Loads only (epochs the index already has): nothing to log, so no lock and no
+        // transaction. An epoch this replica has not applied yet plans a reset and takes the
+        // write path below, which catches up first.
+        let quiet = batch.events.is_empty() && {
+            let core = self.core();
+            let (items, _) = core.plan(batch, &live);
+            items.is_empty()
+        };
+        let mut result = if quiet {
+            let mut core = self.core();
+            core.counters.batches += 1;
+            KvEventBatchResult {
+                head_seq: core.seq(),
+                ..KvEventBatchResult::default()
+            }
+        } else {
+            self.write(pool, |core| core.plan(batch, &live)).await?
+        };
+        if !batch.loads.is_empty() {
+            let now = self.origin.elapsed();
+            let (taken, rejected, unknown) = {
+                let mut core = self.core();
+                core.take_loads(&batch.loads, &live, now, self.config.load_ttl)
+            };
+            result.loads_applied = taken;
+            result.loads_rejected = rejected;
+            result.unknown_workers.extend(unknown);
+            result.unknown_workers.sort_unstable();
+            result.unknown_workers.dedup();
+            if taken > 0 {
+                self.loads.send_modify(|v| *v = v.wrapping_add(1));
+            }
+        }
+        Ok(result)
     }
 
     /// Removes workers that are no longer live from the index (the leader's sweep). Returns how
@@ -845,10 +1021,11 @@ fn node_of(caller: &crate::auth::Principal) -> Result<Uuid, ApiError> {
         .ok_or_else(|| ApiError::Internal("agent token without a node".into()))
 }
 
-/// Upload a batch of the node's workers' KV events (agent credential). Body: `KvEventBatch`
-/// (at most 10,000 events, 16 MiB); answer: `KvEventBatchResult`. Safe to retry.
+/// Upload a batch of the node's workers' KV events and live loads (agent credential). Body:
+/// `KvEventBatch` (at most 10,000 events and 4,096 loads, 16 MiB); answer:
+/// `KvEventBatchResult`. Safe to retry.
 #[utoipa::path(post, path = "/api/v1/agent/kv-events", tag = "agent",
-    request_body(content = String, content_type = "application/json", description = "KvEventBatch: {\"epochs\": [{\"worker\", \"epoch\"}], \"events\": [KvEvent]}"),
+    request_body(content = String, content_type = "application/json", description = "KvEventBatch: {\"epochs\": [{\"worker\", \"epoch\"}], \"events\": [KvEvent], \"loads\": [{\"worker\", \"prefill_tokens\", \"decode_blocks\", \"queue_depth\", \"age_ms\"}]}"),
     responses((status = 200, description = "KvEventBatchResult: counts per outcome, unknown_workers, head_seq"),
         (status = 422, description = "too many events or a malformed event"), (status = 503, description = "database unavailable; retry")))]
 pub async fn upload(
@@ -863,22 +1040,32 @@ pub async fn upload(
             format!("at most {MAX_BATCH_EVENTS} events per batch"),
         ));
     }
+    if batch.loads.len() > MAX_BATCH_LOADS {
+        return Err(ApiError::invalid(
+            "loads",
+            format!("at most {MAX_BATCH_LOADS} load reports per batch"),
+        ));
+    }
     let result = state.kv.ingest(&state.pool, node, &batch).await?;
-    if result.unknown_worker > 0 {
+    if result.unknown_worker > 0 || result.loads_rejected > 0 {
         tracing::warn!(%node, workers = ?result.unknown_workers, events = result.unknown_worker,
-            "rejected KV events from workers that are not live on this node");
+            loads = result.loads_rejected,
+            "rejected KV events or loads from workers that are not live on this node");
     }
     Ok(Json(result))
 }
 
-/// The sequenced stream of index changes after `after` (long poll: waits up to `wait_s`,
-/// capped by the server, when there is nothing newer). Answer: `KvStreamPage`; `resync: true`
-/// means load `GET /agent/kv-snapshot` and continue from its `seq`.
+/// The sequenced stream of index changes after `after`, with the workers' loads reported since
+/// load version `loads_after` (long poll: waits up to `wait_s`, capped by the server, when
+/// there is nothing newer; new loads alone end it after `load_page_interval`). Answer:
+/// `KvStreamPage`; `resync: true` means load `GET /agent/kv-snapshot` and continue from its
+/// `seq`.
 #[utoipa::path(get, path = "/api/v1/agent/kv-stream", tag = "agent",
     params(("after" = Option<u64>, Query, description = "last applied sequence number (0: from the start)"),
+        ("loads_after" = Option<u64>, Query, description = "load version last seen (the previous page's loads_version; 0: every current load)"),
         ("wait_s" = Option<u64>, Query, description = "long-poll wait when nothing is newer"),
         ("limit" = Option<u32>, Query, description = "most items (max 10000)")),
-    responses((status = 200, description = "KvStreamPage: items [{seq, kind, ...}], next_after, head_seq, resync")))]
+    responses((status = 200, description = "KvStreamPage: items [{seq, kind, ...}], next_after, head_seq, resync, loads [{worker, prefill_tokens, decode_blocks, queue_depth, age_ms}], loads_version")))]
 pub async fn stream(
     _caller: Caller<Agent>,
     State(state): State<AppState>,
@@ -889,27 +1076,42 @@ pub async fn stream(
         .map_or(MAX_STREAM_PAGE, |l| (l as usize).clamp(1, MAX_STREAM_PAGE));
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut head = state.kv.head.subscribe();
-    let page = state.kv.page(query.after, limit);
+    let mut loads = state.kv.loads.subscribe();
+    let arrived = tokio::time::Instant::now();
+    let page = state.kv.page(query.after, query.loads_after, limit);
     let wait = Duration::from_secs(query.wait_s.unwrap_or(0)).min(state.kv.config.max_wait);
     if !page.items.is_empty() || page.resync || wait.is_zero() {
         return Ok(Json(page));
     }
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = arrived + wait;
+    // New loads end the poll, but not before `load_page_interval` after it arrived: a follower
+    // polls again at once, so this caps how often loads alone make it read a page.
+    let loads_due = |now: tokio::time::Instant| {
+        (arrived + state.kv.config.load_page_interval)
+            .max(now)
+            .min(deadline)
+    };
+    let mut due = (!page.loads.is_empty()).then(|| loads_due(arrived));
     let mut stopping = state.stopping.subscribe();
     loop {
         if *stopping.borrow_and_update() {
             break;
         }
+        let until = due.unwrap_or(deadline);
         tokio::select! {
-            changed = tokio::time::timeout_at(deadline, head.changed()) => match changed {
+            changed = tokio::time::timeout_at(until, head.changed()) => match changed {
                 Ok(Ok(())) if *head.borrow_and_update() > query.after => break,
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) | Err(_) => break,
             },
+            changed = loads.changed(), if due.is_none() => match changed {
+                Ok(()) => due = Some(loads_due(tokio::time::Instant::now())),
+                Err(_) => break,
+            },
             _ = stopping.changed() => break,
         }
     }
-    Ok(Json(state.kv.page(query.after, limit)))
+    Ok(Json(state.kv.page(query.after, query.loads_after, limit)))
 }
 
 /// The whole index as of one sequence number (`KvSnapshot`): follow the stream from its `seq`.
@@ -976,6 +1178,7 @@ mod tests {
                 stored(1, 1, 100),
                 stored(1, 4, 200),
             ],
+            loads: vec![],
         };
         let (items, result) = core.plan(&batch, &live(&[1, 2]));
         assert_eq!(
@@ -1008,6 +1211,7 @@ mod tests {
             &KvEventBatch {
                 epochs: vec![],
                 events: vec![event],
+                loads: vec![],
             },
             &live(&[1]),
         );
@@ -1025,6 +1229,7 @@ mod tests {
                     epoch: 5,
                 }],
                 events: vec![stored(1, 0, 0), stored(1, 1, 100)],
+                loads: vec![],
             },
             &live(&[1]),
         );
@@ -1041,6 +1246,7 @@ mod tests {
                     epoch: 6,
                 }],
                 events: vec![stored(1, 0, 500)],
+                loads: vec![],
             },
             &live(&[1]),
         );
@@ -1061,6 +1267,7 @@ mod tests {
                     epoch: 5,
                 }],
                 events: vec![stored(1, 2, 0)],
+                loads: vec![],
             },
             &live(&[1]),
         );
@@ -1076,6 +1283,7 @@ mod tests {
             &KvEventBatch {
                 epochs: vec![],
                 events,
+                loads: vec![],
             },
             &live(&[1]),
         );
@@ -1136,6 +1344,7 @@ mod tests {
             &KvEventBatch {
                 epochs: vec![],
                 events,
+                loads: vec![],
             },
             &live(&[1]),
         );
@@ -1145,6 +1354,63 @@ mod tests {
         assert_eq!(page.next_after, fit as u64);
         let rest = core.page(page.next_after, MAX_STREAM_PAGE);
         assert_eq!(rest.items.len(), 2);
+    }
+
+    fn load(worker: u64, decode_blocks: u64, age_ms: u64) -> WorkerLoadReport {
+        WorkerLoadReport {
+            worker: WorkerId(worker),
+            prefill_tokens: 0,
+            decode_blocks,
+            queue_depth: 0,
+            age_ms,
+        }
+    }
+
+    #[test]
+    fn loads_are_validated_versioned_and_expire() {
+        let ttl = Duration::from_secs(5);
+        let s = Duration::from_secs;
+        let mut core = Core::new(10);
+        let (taken, rejected, unknown) =
+            core.take_loads(&[load(1, 10, 0), load(9, 5, 0)], &live(&[1, 2]), s(1), ttl);
+        assert_eq!((taken, rejected, unknown), (1, 1, vec![WorkerId(9)]));
+        let (loads, v1) = core.loads_since(0, s(1), ttl);
+        assert_eq!(loads, vec![load(1, 10, 0)]);
+        // Nothing new since v1; a newer report of worker 2 is.
+        assert!(core.loads_since(v1, s(2), ttl).0.is_empty());
+        core.take_loads(&[load(2, 7, 300)], &live(&[1, 2]), s(2), ttl);
+        let (loads, v2) = core.loads_since(v1, s(3), ttl);
+        assert_eq!(loads, vec![load(2, 7, 1300)], "dated with its age");
+        // A version this replica never issued (another replica's, or before a restart):
+        // everything current.
+        assert_eq!(core.loads_since(v2 + 100, s(3), ttl).0.len(), 2);
+        // Older figures than the held ones (a retried upload) do not replace them.
+        core.take_loads(&[load(2, 99, 2000)], &live(&[2]), s(3), ttl);
+        assert_eq!(core.loads_since(0, s(3), ttl).0[1].decode_blocks, 7);
+        // Worker 1 stops reporting: past the TTL it is no longer served, then dropped.
+        core.take_loads(&[load(2, 8, 0)], &live(&[2]), s(6), ttl);
+        let (loads, _) = core.loads_since(0, s(6), ttl);
+        assert_eq!(
+            loads.iter().map(|l| l.worker.0).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(core.stats().loads, 1);
+        assert_eq!(
+            (
+                core.counters().loads_received,
+                core.counters().loads_rejected
+            ),
+            (3, 1)
+        );
+        // A removed worker's load goes with it.
+        core.apply(
+            1,
+            KvStreamItem::WorkerRemoved {
+                worker: WorkerId(2),
+            },
+        )
+        .unwrap();
+        assert!(core.loads_since(0, s(6), ttl).0.is_empty());
     }
 
     #[test]
@@ -1157,6 +1423,7 @@ mod tests {
                     epoch: 3,
                 }],
                 events: vec![stored(1, 0, 0), stored(2, 0, 64)],
+                loads: vec![],
             },
             &live(&[1, 2]),
         );

@@ -1,7 +1,8 @@
 //! The KV event pipeline through the control plane, over real HTTP and a real Postgres:
 //! uploads → sequenced stream and snapshot; idempotent retries; rejected and counted bad input;
 //! re-sync after falling out of the retained stream; the index rebuilt from Postgres by a
-//! restarted (or second) replica; a lost node's blocks leaving the index.
+//! restarted (or second) replica; a lost node's blocks leaving the index; workers' live loads
+//! passed from one agent's upload to every other agent's stream page.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,6 +18,7 @@ use kvfleet_controlplane::{AppState, Config};
 use kvfleet_proto::hash::{BlockSize, block_hashes};
 use kvfleet_proto::kv_stream::{
     KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, WorkerEpoch,
+    WorkerLoadReport,
 };
 use kvfleet_proto::{KvEvent, KvEventData, SequenceHash, Tier, WorkerId};
 use reqwest::StatusCode;
@@ -124,6 +126,44 @@ async fn stream(replica: &Replica, agent: &str, after: u64, wait_s: u64) -> KvSt
     serde_json::from_value(body).unwrap()
 }
 
+async fn stream_loads(
+    replica: &Replica,
+    agent: &str,
+    after: u64,
+    loads_after: u64,
+    wait_s: u64,
+) -> KvStreamPage {
+    let (status, body) = send(
+        reqwest::Method::GET,
+        replica.url(&format!(
+            "/agent/kv-stream?after={after}&loads_after={loads_after}&wait_s={wait_s}"
+        )),
+        agent,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    serde_json::from_value(body).unwrap()
+}
+
+fn load(worker: u64, decode_blocks: u64) -> WorkerLoadReport {
+    WorkerLoadReport {
+        worker: WorkerId(worker),
+        prefill_tokens: 512,
+        decode_blocks,
+        queue_depth: 3,
+        age_ms: 0,
+    }
+}
+
+fn loads(loads: Vec<WorkerLoadReport>) -> KvEventBatch {
+    KvEventBatch {
+        epochs: vec![],
+        events: vec![],
+        loads,
+    }
+}
+
 async fn snapshot(replica: &Replica, agent: &str) -> KvSnapshot {
     let (status, body) = send(
         reqwest::Method::GET,
@@ -161,6 +201,7 @@ fn batch(events: Vec<KvEvent>) -> KvEventBatch {
     KvEventBatch {
         epochs: vec![],
         events,
+        loads: vec![],
     }
 }
 
@@ -458,6 +499,7 @@ async fn bad_input_is_rejected_and_counted(pool: PgPool) {
             epoch: 2,
         }],
         events: vec![stored(wa, 0, 900)],
+        loads: vec![],
     };
     let (_, result) = upload(&cp, &agent_a, &restart).await;
     assert_eq!(result.applied, 1);
@@ -467,6 +509,7 @@ async fn bad_input_is_rejected_and_counted(pool: PgPool) {
             epoch: 1,
         }],
         events: vec![stored(wa, 1, 0)],
+        loads: vec![],
     };
     let (_, result) = upload(&cp, &agent_a, &stale).await;
     assert_eq!((result.applied, result.stale_epoch), (0, 1));
@@ -780,5 +823,121 @@ async fn a_lost_nodes_blocks_leave_the_index(pool: PgPool) {
     let (_, result) = upload(&cp, &agent_b, &batch(vec![stored(wb, 2, 200)])).await;
     assert_eq!(result.unknown_worker, 1);
     beating.abort();
+    cp.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn loads_from_one_agent_reach_the_others_stream_and_bad_ones_are_counted(pool: PgPool) {
+    let cp = start_replica(&pool, test_config(), kv_config()).await;
+    let fleet = fleet(&cp, &pool).await;
+    let (_, agent_a, wa) = fleet.nodes[0].clone();
+    let (_, agent_b, wb) = fleet.nodes[1].clone();
+    upload(&cp, &agent_a, &batch(vec![stored(wa, 0, 0)])).await;
+    let caught_up = stream_loads(&cp, &agent_b, 0, 0, 0).await;
+    assert_eq!(caught_up.next_after, 1);
+    assert!(caught_up.loads.is_empty());
+
+    // Node B's router waits at the head of the stream; node A posts loads and no events: the
+    // long poll returns with them (no sooner than the load page interval), well before its
+    // 10 s are up.
+    let waiting = {
+        let url = cp.url(&format!(
+            "/agent/kv-stream?after=1&loads_after={}&wait_s=10",
+            caught_up.loads_version
+        ));
+        let agent = agent_b.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let answer = send(reqwest::Method::GET, url, &agent, None).await;
+            (answer, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "nothing new yet: the poll waits");
+    let (_, result) = upload(&cp, &agent_a, &loads(vec![load(wa, 40)])).await;
+    assert_eq!(
+        (result.applied, result.loads_applied, result.loads_rejected),
+        (0, 1, 0)
+    );
+    assert_eq!(result.head_seq, 1);
+    let ((status, body), took) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the long poll returns when loads arrive")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let page: KvStreamPage = serde_json::from_value(body).unwrap();
+    assert!(page.items.is_empty() && !page.resync);
+    assert_eq!(page.next_after, 1);
+    assert_eq!(page.loads.len(), 1, "{page:?}");
+    let got = page.loads[0];
+    assert_eq!(
+        (
+            got.worker,
+            got.prefill_tokens,
+            got.decode_blocks,
+            got.queue_depth
+        ),
+        (WorkerId(wa), 512, 40, 3)
+    );
+    assert!(got.age_ms < 3_000, "dated by the control plane: {got:?}");
+
+    // Seen: the next page has no loads until new ones come; a router that never saw any
+    // (or asks another replica's version) gets every current one.
+    let quiet = stream_loads(&cp, &agent_b, 1, page.loads_version, 0).await;
+    assert!(quiet.loads.is_empty(), "{quiet:?}");
+    let fresh = stream_loads(&cp, &agent_a, 1, 0, 0).await;
+    assert_eq!(fresh.loads.len(), 1);
+    let foreign = stream_loads(&cp, &agent_a, 1, page.loads_version + 1_000, 0).await;
+    assert_eq!(foreign.loads.len(), 1);
+
+    // Loads of a worker that does not exist or belongs to another node are rejected and
+    // counted; the good one in the same upload is taken.
+    let (_, result) = upload(
+        &cp,
+        &agent_a,
+        &loads(vec![load(wa, 41), load(wb, 7), load(999_999, 1)]),
+    )
+    .await;
+    assert_eq!((result.loads_applied, result.loads_rejected), (1, 2));
+    assert_eq!(
+        result.unknown_workers,
+        vec![WorkerId(wb), WorkerId(999_999)]
+    );
+    let stats = stats(&cp, &fleet.viewer).await;
+    assert_eq!(
+        (
+            stats.counters.loads_received,
+            stats.counters.loads_rejected,
+            stats.loads
+        ),
+        (2, 2, 1)
+    );
+    let newer = stream_loads(&cp, &agent_b, 1, page.loads_version, 0).await;
+    assert_eq!(
+        newer
+            .loads
+            .iter()
+            .map(|l| (l.worker.0, l.decode_blocks))
+            .collect::<Vec<_>>(),
+        vec![(wa, 41)]
+    );
+    // Too many reports in one upload: refused whole.
+    let flood = loads((0..4_097).map(|_| load(wa, 1)).collect());
+    let (status, _) = send(
+        reqwest::Method::POST,
+        cp.url("/agent/kv-events"),
+        &agent_a,
+        Some(&serde_json::to_value(&flood).unwrap()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Loads are not changes: nothing was logged for them, and the sequence did not move.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM kv_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    assert_eq!(snapshot(&cp, &agent_b).await.seq, 1);
     cp.stop().await;
 }

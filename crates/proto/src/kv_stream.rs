@@ -2,18 +2,24 @@
 //!
 //! Three exchanges, all under `/api/v1/agent/` with the node's agent credential:
 //!
-//! - `POST kv-events` with a [`KvEventBatch`] (one node's workers' events, in order) →
-//!   [`KvEventBatchResult`]: what the control plane did with each kind of event. Retrying a batch
-//!   whose answer was lost is safe: events the index already has are ignored (and counted).
-//! - `GET kv-stream?after=SEQ[&wait_s=S][&limit=N]` → [`KvStreamPage`]: the changes the control
-//!   plane applied after sequence number `SEQ`, each a [`SequencedItem`] numbered `SEQ+1`,
-//!   `SEQ+2`, ... without holes; a long poll that waits up to `wait_s` when there is nothing new.
-//!   `resync: true` means `SEQ` is no longer (or not yet) known: load a snapshot.
+//! - `POST kv-events` with a [`KvEventBatch`] (one node's workers' events, in order, and their
+//!   live loads) → [`KvEventBatchResult`]: what the control plane did with each kind of event.
+//!   Retrying a batch whose answer was lost is safe: events the index already has are ignored
+//!   (and counted).
+//! - `GET kv-stream?after=SEQ[&loads_after=V][&wait_s=S][&limit=N]` → [`KvStreamPage`]: the
+//!   changes the control plane applied after sequence number `SEQ`, each a [`SequencedItem`]
+//!   numbered `SEQ+1`, `SEQ+2`, ... without holes, plus the workers' loads reported since load
+//!   version `V`; a long poll that waits up to `wait_s` when there is nothing new (new loads end
+//!   it too, at most a few times a second). `resync: true` means `SEQ` is no longer (or not
+//!   yet) known: load a snapshot.
 //! - `GET kv-snapshot` → [`KvSnapshot`]: the whole index as of one sequence number; follow the
 //!   stream from `after = snapshot.seq`.
 //!
 //! Sequence numbers are global to the fleet (one order for every router), start at 1, and only
 //! ever name applied changes. Event ids stay per worker and per engine incarnation (`epoch`).
+//! Loads ([`WorkerLoadReport`]) are not changes: they are not numbered, not persisted and not
+//! in snapshots; the control plane keeps each worker's latest in memory and passes it on, and
+//! a newer report simply replaces an older one.
 //! This module is data only: the state machines that speak it live in the agent (`kv_sync`) and
 //! the control plane (`kv_index`).
 
@@ -28,6 +34,9 @@ pub const MAX_BATCH_EVENTS: usize = 10_000;
 
 /// The most items one stream page carries (`limit` is capped to it).
 pub const MAX_STREAM_PAGE: usize = 10_000;
+
+/// The most load reports one upload may carry (one per worker of the node); 422 above it.
+pub const MAX_BATCH_LOADS: usize = 4_096;
 
 /// A stream page stops early once its events name this many blocks (about 10 MB of JSON), so
 /// long prompts cannot make a page unbounded; it always carries at least one item. Uploads
@@ -47,6 +56,33 @@ pub struct KvEventBatch {
     pub epochs: Vec<WorkerEpoch>,
     /// Events in the order the engines emitted them (per worker, ids increasing).
     pub events: Vec<KvEvent>,
+    /// The live load of each of the node's serving workers, sampled just before sending
+    /// (agents post them every half second or so, with or without events). Loads of workers
+    /// that are not live workers of the calling node are rejected and counted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loads: Vec<WorkerLoadReport>,
+}
+
+/// One worker's live load, as its agent measured it: what a router needs to avoid piling
+/// requests onto a worker that other frontends already keep busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerLoadReport {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Prompt tokens admitted but not yet prefilled.
+    #[serde(default)]
+    pub prefill_tokens: u64,
+    /// KV blocks held by its running requests.
+    #[serde(default)]
+    pub decode_blocks: u64,
+    /// Requests waiting to be scheduled.
+    #[serde(default)]
+    pub queue_depth: u32,
+    /// How old the figures were when this message was sent, in milliseconds (an upload that
+    /// was retried, a report the control plane held): receivers date the report `now - age`.
+    #[serde(default)]
+    pub age_ms: u64,
 }
 
 /// One worker's engine incarnation. Agents use a number that grows with every engine start,
@@ -79,9 +115,16 @@ pub struct KvEventBatchResult {
     pub broken_chain: u32,
     /// Events from an engine incarnation older than the one the control plane knows: ignored.
     pub stale_epoch: u32,
-    /// The workers behind `unknown_worker` (sorted, each once), so the agent can stop sending.
+    /// The workers behind `unknown_worker` and `loads_rejected` (sorted, each once), so the
+    /// agent can stop sending.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unknown_workers: Vec<WorkerId>,
+    /// Load reports taken (each replaces its worker's previous one).
+    #[serde(default)]
+    pub loads_applied: u32,
+    /// Load reports of workers that are not live workers of the calling node: rejected.
+    #[serde(default)]
+    pub loads_rejected: u32,
     /// The sequence number of the last change applied fleet-wide when this batch committed.
     pub head_seq: u64,
 }
@@ -141,6 +184,11 @@ pub struct KvStreamQuery {
     /// page's `next_after`). 0: from the beginning, if the control plane still has it.
     #[serde(default)]
     pub after: u64,
+    /// The load version the caller has seen (the previous page's `loads_version`; 0: none).
+    /// The page carries the loads reported since; a version the server does not know (another
+    /// replica's, or from before it restarted) gets every current load.
+    #[serde(default)]
+    pub loads_after: u64,
     /// How long to wait, in seconds, when nothing is newer than `after` (capped by the server;
     /// 0 or absent: answer at once).
     #[serde(default)]
@@ -163,6 +211,15 @@ pub struct KvStreamPage {
     /// has: a restored database): load [`KvSnapshot`] and continue from its `seq`.
     #[serde(default)]
     pub resync: bool,
+    /// The latest load of every worker that reported since the request's `loads_after`, each
+    /// worker once, `age_ms` counting the time the control plane held it. Workers whose
+    /// reports stopped (an agent gone or cut off) are left out once their last report is a
+    /// few seconds old.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loads: Vec<WorkerLoadReport>,
+    /// The `loads_after` to ask with next.
+    #[serde(default)]
+    pub loads_version: u64,
 }
 
 /// The whole index as of one point of the stream (`GET /api/v1/agent/kv-snapshot`).
@@ -272,6 +329,7 @@ mod tests {
         let batch = KvEventBatch {
             epochs: vec![],
             events: vec![stored(1, 0)],
+            loads: vec![],
         };
         let text = serde_json::to_string(&batch).unwrap();
         assert!(!text.contains("epochs"), "{text}");
@@ -283,6 +341,42 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn loads_ride_along_optionally_in_batches_and_pages() {
+        let load = WorkerLoadReport {
+            worker: WorkerId(7),
+            prefill_tokens: 300,
+            decode_blocks: 42,
+            queue_depth: 2,
+            age_ms: 15,
+        };
+        let batch = KvEventBatch {
+            epochs: vec![],
+            events: vec![],
+            loads: vec![load],
+        };
+        let json = serde_json::to_value(&batch).unwrap();
+        assert_eq!(json["loads"][0]["worker"], 7);
+        assert_eq!(json["loads"][0]["decode_blocks"], 42);
+        assert_eq!(serde_json::from_value::<KvEventBatch>(json).unwrap(), batch);
+        // Absent figures are zero; unknown fields are refused, as everywhere in uploads.
+        let sparse: WorkerLoadReport = serde_json::from_str(r#"{"worker":3}"#).unwrap();
+        assert_eq!((sparse.decode_blocks, sparse.age_ms), (0, 0));
+        assert!(serde_json::from_str::<WorkerLoadReport>(r#"{"worker":3,"x":1}"#).is_err());
+        // Pages and answers from a control plane that knows nothing of loads still parse.
+        let page: KvStreamPage =
+            serde_json::from_str(r#"{"items":[],"next_after":3,"head_seq":9}"#).unwrap();
+        assert!(page.loads.is_empty() && page.loads_version == 0);
+        let result: KvEventBatchResult = serde_json::from_str(
+            r#"{"applied":1,"gaps":0,"duplicate":0,"out_of_order":0,"unknown_worker":0,
+                "broken_chain":0,"stale_epoch":0,"head_seq":4}"#,
+        )
+        .unwrap();
+        assert_eq!((result.loads_applied, result.loads_rejected), (0, 0));
+        let query: KvStreamQuery = serde_json::from_str(r#"{"after":4,"loads_after":9}"#).unwrap();
+        assert_eq!(query.loads_after, 9);
     }
 
     #[test]
