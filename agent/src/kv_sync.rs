@@ -10,21 +10,31 @@
 //! `kvfleet_controlplane::kv_index`.
 //!
 //! Driving the uploader: [`Uploader::push`] every event a worker reports, [`Uploader::set_epoch`]
-//! when an engine (re)starts; loop { `poll(now)` → send the batch → `on_sent(result)` or
-//! `on_failed(retryable)`; sleep until `next_wakeup()` or the next event }.
+//! when an engine (re)starts, and when [`Uploader::loads_due`] sample the local workers' live
+//! loads into [`Uploader::set_loads`]; loop { `poll(now)` → send the batch → `on_sent(result)`
+//! or `on_failed(retryable)`; sleep until `next_wakeup()` or the next event }. Loads go out
+//! every `load_interval` whether or not events do, in the same upload.
 //!
 //! Driving the follower: loop { match `next_request()` { `Snapshot` → GET kv-snapshot →
-//! `on_snapshot`, `Stream { after }` → GET kv-stream?after=..&wait_s=.. → `on_page` }; on any
-//! transport error or 5xx → `on_unreachable(now)` and wait `retry_delay()` }.
+//! `on_snapshot`, `Stream { after, loads_after }` → GET
+//! kv-stream?after=..&loads_after=..&wait_s=.. → `on_page` }; on any transport error or 5xx →
+//! `on_unreachable(now)` and wait `retry_delay()` }. Each page's loads go to the router with
+//! [`Router::apply_load`], dated by their age, so the router blends them with its own
+//! decisions made since; every worker's, this node's included (the local pool's figures would
+//! be a little fresher, but one path for all keeps the blend the same everywhere, and the
+//! router's own decisions cover the round trip). A worker whose reports stop for `load_ttl`
+//! stops counting: its last report is replaced by an empty one dated as it was.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use kvfleet_kv_router::{
-    EventError, IndexSnapshot, Router, RoutingMode, TierBlocks, WorkerCapacity, WorkerSnapshot,
+    EventError, IndexSnapshot, Router, RoutingMode, TierBlocks, WorkerCapacity, WorkerLoad,
+    WorkerSnapshot,
 };
 use kvfleet_proto::kv_stream::{
     KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, WorkerEpoch,
+    WorkerLoadReport,
 };
 use kvfleet_proto::{KvEvent, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -51,6 +61,9 @@ pub struct UploaderConfig {
     pub retry_base: Duration,
     /// ...up to this.
     pub retry_max: Duration,
+    /// How often the local workers' loads are sampled and sent (with the events due then, or
+    /// alone).
+    pub load_interval: Duration,
 }
 
 impl Default for UploaderConfig {
@@ -62,6 +75,7 @@ impl Default for UploaderConfig {
             linger: Duration::from_millis(20),
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
+            load_interval: Duration::from_millis(500),
         }
     }
 }
@@ -83,6 +97,10 @@ pub struct UploaderCounters {
     pub dropped_refused: u64,
     /// Failed attempts that will be retried.
     pub retries: u64,
+    /// Load reports the control plane took.
+    pub loads_sent: u64,
+    /// Load reports it rejected (workers it does not know as this node's).
+    pub loads_rejected: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +131,14 @@ pub struct Uploader {
     failures: u32,
     retry_at: Option<Duration>,
     counters: UploaderCounters,
+    /// The latest load sample not yet answered, when it was taken, and its number.
+    loads: Option<(Vec<WorkerLoadReport>, Duration, u64)>,
+    /// The number of the sample the batch in flight carries.
+    loads_sending: Option<u64>,
+    /// Samples taken so far (numbers them).
+    samples: u64,
+    /// When the next sample is due (`None`: none taken yet, due now).
+    next_sample: Option<Duration>,
 }
 
 impl Uploader {
@@ -130,7 +156,28 @@ impl Uploader {
             failures: 0,
             retry_at: None,
             counters: UploaderCounters::default(),
+            loads: None,
+            loads_sending: None,
+            samples: 0,
+            next_sample: None,
         }
+    }
+
+    /// Whether the local workers' loads should be sampled now (then [`Uploader::set_loads`]).
+    pub fn loads_due(&self, now: Duration) -> bool {
+        self.next_sample.is_none_or(|at| now >= at)
+    }
+
+    /// The local workers' live loads, sampled at `now`: they go out with the next batch,
+    /// replacing any older sample not yet answered (only the latest figures matter). An
+    /// empty sample (no serving workers) sends nothing.
+    pub fn set_loads(&mut self, loads: Vec<WorkerLoadReport>, now: Duration) {
+        self.next_sample = Some(now + self.config.load_interval.max(Duration::from_millis(1)));
+        if loads.is_empty() {
+            return;
+        }
+        self.samples += 1;
+        self.loads = Some((loads, now, self.samples));
     }
 
     /// A worker's engine (re)started with incarnation `epoch` (a number that grows with every
@@ -205,7 +252,8 @@ impl Uploader {
             .front()
             .is_some_and(|q| now.saturating_sub(q.at) >= self.config.linger);
         let retrying = self.retry_at.is_some() && !self.queue.is_empty();
-        if !(full || lingered || self.epochs_dirty() || retrying) {
+        let loads_pending = self.loads.is_some();
+        if !(full || lingered || self.epochs_dirty() || retrying || loads_pending) {
             return None;
         }
         // Each worker's events in one batch belong to one incarnation: stop at the first event
@@ -236,13 +284,39 @@ impl Uploader {
         }
         self.in_flight = Some(events.len());
         self.sending = self.epochs_version;
+        let loads = match &self.loads {
+            Some((loads, sampled, number)) => {
+                self.loads_sending = Some(*number);
+                let age_ms =
+                    u64::try_from(now.saturating_sub(*sampled).as_millis()).unwrap_or(u64::MAX);
+                loads
+                    .iter()
+                    .map(|l| WorkerLoadReport { age_ms, ..*l })
+                    .collect()
+            }
+            None => {
+                self.loads_sending = None;
+                Vec::new()
+            }
+        };
         Some(KvEventBatch {
             epochs: batch_epochs
                 .into_iter()
                 .map(|(worker, epoch)| WorkerEpoch { worker, epoch })
                 .collect(),
             events,
+            loads,
         })
+    }
+
+    /// The sample the answered (or refused) batch carried is done with, unless a newer one
+    /// replaced it meanwhile.
+    fn finish_loads(&mut self) {
+        if let Some(sent) = self.loads_sending.take()
+            && self.loads.as_ref().is_some_and(|(_, _, n)| *n == sent)
+        {
+            self.loads = None;
+        }
     }
 
     /// The batch from the last [`Uploader::poll`] was answered.
@@ -258,6 +332,9 @@ impl Uploader {
         c.rejected += u64::from(
             result.unknown_worker + result.broken_chain + result.out_of_order + result.stale_epoch,
         );
+        c.loads_sent += u64::from(result.loads_applied);
+        c.loads_rejected += u64::from(result.loads_rejected);
+        self.finish_loads();
     }
 
     /// The batch from the last [`Uploader::poll`] failed. `retryable` (transport errors,
@@ -266,6 +343,8 @@ impl Uploader {
     /// the batch is dropped and counted.
     pub fn on_failed(&mut self, retryable: bool, now: Duration) {
         if retryable {
+            // The same sample goes again (older by then, and said so) unless a newer one comes.
+            self.loads_sending = None;
             self.in_flight = None;
             self.failures = self.failures.saturating_add(1);
             self.counters.retries += 1;
@@ -273,6 +352,7 @@ impl Uploader {
         } else {
             let dropped = self.in_flight.unwrap_or(0) as u64;
             self.finish_in_flight();
+            self.finish_loads();
             self.counters.dropped_refused += dropped;
             self.retry_at = None;
         }
@@ -300,19 +380,26 @@ impl Uploader {
             .min(self.config.retry_max)
     }
 
-    /// When [`Uploader::poll`] may next return a batch without new input (`None`: only after a
-    /// push, an epoch change or an answer).
+    /// When [`Uploader::poll`] may next return a batch, or loads are next due, without new
+    /// input (`None`: only after an answer).
     pub fn next_wakeup(&self) -> Option<Duration> {
         if self.in_flight.is_some() {
             return None;
         }
+        let earliest = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if let Some(at) = self.retry_at {
-            return (!self.queue.is_empty() || self.epochs_dirty()).then_some(at);
+            // Whatever waits goes with the retry; otherwise only the next sample is due.
+            let waiting = !self.queue.is_empty() || self.epochs_dirty() || self.loads.is_some();
+            return if waiting { Some(at) } else { self.next_sample };
         }
-        if self.epochs_dirty() {
+        if self.epochs_dirty() || self.loads.is_some() {
             return Some(Duration::ZERO);
         }
-        self.queue.front().map(|q| q.at + self.config.linger)
+        let linger = self.queue.front().map(|q| q.at + self.config.linger);
+        earliest(linger, self.next_sample)
     }
 }
 
@@ -335,6 +422,11 @@ pub trait KvSink {
     fn mode(&self) -> RoutingMode;
     /// Switches the routing mode (index, load and workers kept).
     fn set_mode(&mut self, mode: RoutingMode);
+    /// Takes in a worker's published load, measured at `at` (on the sink's clock): own
+    /// decisions made since still count on top of it. `false` (nothing changed) for a worker
+    /// the sink does not know: it enters through events or the fleet directory, not through
+    /// loads, so an expiring report never brings a removed worker back.
+    fn apply_load(&mut self, worker: WorkerId, load: WorkerLoad, at: Duration) -> bool;
 }
 
 /// Capacity for a worker first heard of through the stream. The agent's worker directory
@@ -405,6 +497,10 @@ impl KvSink for Router {
     fn set_mode(&mut self, mode: RoutingMode) {
         Router::set_mode(self, mode);
     }
+
+    fn apply_load(&mut self, worker: WorkerId, load: WorkerLoad, at: Duration) -> bool {
+        Router::apply_load(self, worker, load, at).is_ok()
+    }
 }
 
 /// How the follower reacts to an unreachable control plane.
@@ -417,6 +513,10 @@ pub struct FollowerConfig {
     pub retry_base: Duration,
     /// ...up to this.
     pub retry_max: Duration,
+    /// A worker's load report stops counting this long after it was measured, unless a newer
+    /// one came (its agent stopped reporting, or the control plane is away). Workers report
+    /// every half second.
+    pub load_ttl: Duration,
 }
 
 impl Default for FollowerConfig {
@@ -425,6 +525,7 @@ impl Default for FollowerConfig {
             fallback_after: Duration::from_secs(3),
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
+            load_ttl: Duration::from_secs(3),
         }
     }
 }
@@ -434,10 +535,13 @@ impl Default for FollowerConfig {
 pub enum FollowerRequest {
     /// `GET /api/v1/agent/kv-snapshot`, then [`Follower::on_snapshot`].
     Snapshot,
-    /// `GET /api/v1/agent/kv-stream?after=..` (with a `wait_s`), then [`Follower::on_page`].
+    /// `GET /api/v1/agent/kv-stream?after=..&loads_after=..` (with a `wait_s`), then
+    /// [`Follower::on_page`].
     Stream {
         /// The last sequence number applied.
         after: u64,
+        /// The last load version seen.
+        loads_after: u64,
     },
 }
 
@@ -482,6 +586,12 @@ pub struct FollowerCounters {
     pub fallbacks: u64,
     /// Failed requests.
     pub failures: u64,
+    /// Worker load reports applied to the router.
+    #[serde(default)]
+    pub loads: u64,
+    /// Load reports that stopped counting because no newer one came within `load_ttl`.
+    #[serde(default)]
+    pub loads_expired: u64,
 }
 
 /// Follows the control plane's KV stream into a router: snapshot, then pages in sequence;
@@ -499,6 +609,10 @@ pub struct Follower {
     fallen_back: bool,
     failures: u32,
     counters: FollowerCounters,
+    /// The load version of the last page.
+    loads_after: u64,
+    /// When each worker's last applied load report was measured.
+    loads: HashMap<WorkerId, Duration>,
 }
 
 impl Follower {
@@ -512,6 +626,8 @@ impl Follower {
             fallen_back: false,
             failures: 0,
             counters: FollowerCounters::default(),
+            loads_after: 0,
+            loads: HashMap::new(),
         }
     }
 
@@ -519,7 +635,10 @@ impl Follower {
     pub fn next_request(&self) -> FollowerRequest {
         match self.after {
             None => FollowerRequest::Snapshot,
-            Some(after) => FollowerRequest::Stream { after },
+            Some(after) => FollowerRequest::Stream {
+                after,
+                loads_after: self.loads_after,
+            },
         }
     }
 
@@ -596,12 +715,65 @@ impl Follower {
                     }
                 }
                 KvStreamItem::WorkerReset { worker, .. } => sink.reset_worker(*worker),
-                KvStreamItem::WorkerRemoved { worker } => sink.remove_worker(*worker),
+                KvStreamItem::WorkerRemoved { worker } => {
+                    sink.remove_worker(*worker);
+                    self.loads.remove(worker);
+                }
             }
             self.after = Some(item.seq);
         }
         self.counters.items += fresh.len() as u64;
+        self.apply_loads(sink, &page.loads, now);
+        self.loads_after = page.loads_version;
+        self.expire_loads(sink, now);
         PageOutcome::Applied(fresh.len())
+    }
+
+    /// Applies a page's load reports, each dated `now - age`; a report no newer than the one
+    /// applied last for its worker (a repeated page, another replica's older copy), already
+    /// past `load_ttl`, or of a worker the router does not know (yet) is skipped.
+    fn apply_loads(&mut self, sink: &mut impl KvSink, loads: &[WorkerLoadReport], now: Duration) {
+        for report in loads {
+            let age = Duration::from_millis(report.age_ms);
+            if age >= self.config.load_ttl {
+                continue;
+            }
+            let at = now.saturating_sub(age);
+            if self
+                .loads
+                .get(&report.worker)
+                .is_some_and(|last| *last >= at)
+            {
+                continue;
+            }
+            let load = WorkerLoad {
+                prefill_tokens: report.prefill_tokens,
+                decode_blocks: report.decode_blocks,
+                queue_depth: report.queue_depth,
+            };
+            if sink.apply_load(report.worker, load, at) {
+                self.loads.insert(report.worker, at);
+                self.counters.loads += 1;
+            }
+        }
+    }
+
+    /// Reports older than `load_ttl` stop counting: each is replaced by an empty report dated
+    /// as it was, so the router's own decisions since still count and nothing else does.
+    fn expire_loads(&mut self, sink: &mut impl KvSink, now: Duration) {
+        let ttl = self.config.load_ttl;
+        let stale: Vec<(WorkerId, Duration)> = self
+            .loads
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) >= ttl)
+            .map(|(w, at)| (*w, *at))
+            .collect();
+        for (worker, at) in stale {
+            self.loads.remove(&worker);
+            if sink.apply_load(worker, WorkerLoad::default(), at) {
+                self.counters.loads_expired += 1;
+            }
+        }
     }
 
     /// A request failed (transport error, timeout, 5xx). Once the control plane has been away
@@ -611,6 +783,7 @@ impl Follower {
     pub fn on_unreachable(&mut self, sink: &mut impl KvSink, now: Duration) {
         self.failures = self.failures.saturating_add(1);
         self.counters.failures += 1;
+        self.expire_loads(sink, now);
         let away_long_enough = self
             .last_ok
             .is_none_or(|ok| now.saturating_sub(ok) >= self.config.fallback_after);
@@ -686,7 +859,7 @@ mod tests {
             items,
             next_after,
             head_seq: head,
-            resync: false,
+            ..KvStreamPage::default()
         }
     }
 
@@ -742,7 +915,10 @@ mod tests {
         follower.on_snapshot(&mut router, &snapshot(10, &[(2, 5, 0)]), ms(0));
         assert_eq!(
             follower.next_request(),
-            FollowerRequest::Stream { after: 10 }
+            FollowerRequest::Stream {
+                after: 10,
+                loads_after: 0
+            }
         );
         assert_eq!(route(&mut router, 1, 0, ms(1)), WorkerId(2));
         assert_eq!(router.next_event_id(WorkerId(2)), Some(5));
@@ -828,7 +1004,10 @@ mod tests {
         follower.on_snapshot(&mut router, &snapshot(13, &[(1, 3, 500)]), ms(2));
         assert_eq!(
             follower.next_request(),
-            FollowerRequest::Stream { after: 13 }
+            FollowerRequest::Stream {
+                after: 13,
+                loads_after: 0
+            }
         );
         assert!(router.holds(WorkerId(1), hashes(500)[0], Tier::G1));
 
@@ -838,6 +1017,7 @@ mod tests {
             next_after: 13,
             head_seq: 90,
             items: vec![],
+            ..KvStreamPage::default()
         };
         assert_eq!(
             follower.on_page(&mut router, &marker, ms(3)),
@@ -871,7 +1051,10 @@ mod tests {
         assert_eq!(router.config().mode, RoutingMode::Kv);
         assert_eq!(
             follower.next_request(),
-            FollowerRequest::Stream { after: 7 }
+            FollowerRequest::Stream {
+                after: 7,
+                loads_after: 0
+            }
         );
         assert!(follower.retry_delay() > Duration::ZERO);
         follower.on_unreachable(&mut router, ms(2000));
@@ -921,6 +1104,175 @@ mod tests {
         assert_eq!(router.config().mode, RoutingMode::RoundRobin);
     }
 
+    fn report(worker: u64, decode_blocks: u64, age_ms: u64) -> WorkerLoadReport {
+        WorkerLoadReport {
+            worker: WorkerId(worker),
+            prefill_tokens: 160,
+            decode_blocks,
+            queue_depth: 1,
+            age_ms,
+        }
+    }
+
+    fn load_page(after: u64, loads: Vec<WorkerLoadReport>, version: u64) -> KvStreamPage {
+        KvStreamPage {
+            next_after: after,
+            head_seq: after,
+            loads,
+            loads_version: version,
+            ..KvStreamPage::default()
+        }
+    }
+
+    #[test]
+    fn page_loads_reach_the_router_dated_by_age_and_blend_with_own_decisions() {
+        let mut router = router();
+        let mut follower = Follower::new(FollowerConfig::default());
+        follower.on_snapshot(&mut router, &snapshot(4, &[]), ms(0));
+        // Worker 1 is busy elsewhere (measured 200 ms before the page arrives); worker 9 is
+        // not known to this router: its load is skipped, not registered.
+        let page = load_page(4, vec![report(1, 50, 200), report(9, 5, 0)], 17);
+        assert_eq!(
+            follower.on_page(&mut router, &page, ms(1000)),
+            PageOutcome::Applied(0)
+        );
+        assert_eq!(
+            router.worker_load(WorkerId(1)),
+            Some(WorkerLoad {
+                prefill_tokens: 160,
+                decode_blocks: 50,
+                queue_depth: 1
+            })
+        );
+        assert_eq!(router.next_event_id(WorkerId(9)), None);
+        assert_eq!(follower.counters().loads, 1);
+        assert_eq!(
+            follower.next_request(),
+            FollowerRequest::Stream {
+                after: 4,
+                loads_after: 17
+            }
+        );
+        // So an unrelated request goes to worker 2, and stays counted there on top of
+        // whatever worker 2 reports later.
+        let h = hashes(7000);
+        let decision = router
+            .select(&RouteRequest::new(RequestId(1), &h, 64), ms(1100))
+            .unwrap();
+        assert_eq!(decision.worker, WorkerId(2));
+        // A report measured before that decision does not cover it: it adds on top.
+        follower.on_page(
+            &mut router,
+            &load_page(4, vec![report(2, 10, 50)], 18),
+            ms(1120),
+        );
+        assert_eq!(
+            router.worker_load(WorkerId(2)).unwrap().decode_blocks,
+            10 + 4
+        );
+        // The same report again (a repeated page) or an older copy changes nothing.
+        follower.on_page(
+            &mut router,
+            &load_page(4, vec![report(2, 99, 80)], 18),
+            ms(1130),
+        );
+        assert_eq!(router.worker_load(WorkerId(2)).unwrap().decode_blocks, 14);
+        // A report already past the TTL is not applied.
+        follower.on_page(
+            &mut router,
+            &load_page(4, vec![report(2, 77, 3000)], 19),
+            ms(1140),
+        );
+        assert_eq!(router.worker_load(WorkerId(2)).unwrap().decode_blocks, 14);
+        assert_eq!(follower.counters().loads, 2);
+    }
+
+    #[test]
+    fn loads_stop_counting_when_reports_stop() {
+        let mut router = router();
+        let mut follower = Follower::new(FollowerConfig::default());
+        follower.on_snapshot(&mut router, &snapshot(1, &[]), ms(0));
+        follower.on_page(
+            &mut router,
+            &load_page(1, vec![report(1, 80, 0)], 1),
+            ms(100),
+        );
+        let h = hashes(100);
+        router
+            .select(
+                &RouteRequest::new(RequestId(5), &h, 64).with_candidates(&[WorkerId(1)]),
+                ms(2000),
+            )
+            .unwrap();
+        assert_eq!(router.worker_load(WorkerId(1)).unwrap().decode_blocks, 84);
+        // Within the TTL an empty page keeps it; past it (the control plane away, or the
+        // worker's agent silent) only the own decision made since still counts.
+        follower.on_page(&mut router, &load_page(1, vec![], 1), ms(3000));
+        assert_eq!(router.worker_load(WorkerId(1)).unwrap().decode_blocks, 84);
+        follower.on_unreachable(&mut router, ms(3200));
+        assert_eq!(
+            router.worker_load(WorkerId(1)),
+            Some(WorkerLoad {
+                prefill_tokens: 64,
+                decode_blocks: 4,
+                queue_depth: 0
+            })
+        );
+        assert_eq!(follower.counters().loads_expired, 1);
+        // A removed worker's expiry does not bring it back.
+        follower.on_page(
+            &mut router,
+            &load_page(1, vec![report(2, 5, 0)], 2),
+            ms(3300),
+        );
+        router.remove_worker(WorkerId(2));
+        follower.on_unreachable(&mut router, ms(9000));
+        assert_eq!(router.next_event_id(WorkerId(2)), None);
+    }
+
+    #[test]
+    fn loads_are_sampled_every_interval_and_sent_with_or_without_events() {
+        let mut up = uploader(10, 100);
+        assert!(up.loads_due(ms(0)), "the first sample is due at once");
+        up.set_loads(vec![report(1, 3, 0), report(2, 0, 0)], ms(0));
+        assert!(!up.loads_due(ms(499)));
+        assert_eq!(up.next_wakeup(), Some(Duration::ZERO), "loads wait");
+        // No events: the loads go alone, aged by the time since sampling.
+        let batch = up.poll(ms(5)).unwrap();
+        assert!(batch.events.is_empty());
+        assert_eq!(batch.loads, vec![report(1, 3, 5), report(2, 0, 5)]);
+        // A newer sample taken while that batch is in flight is kept for the next one.
+        up.set_loads(vec![report(1, 9, 0)], ms(500));
+        up.on_sent(&KvEventBatchResult {
+            loads_applied: 2,
+            ..KvEventBatchResult::default()
+        });
+        assert_eq!(up.counters().loads_sent, 2);
+        let next = up.poll(ms(510)).unwrap();
+        assert_eq!(next.loads, vec![report(1, 9, 10)]);
+        // A failed upload sends the same sample again with the retry, older by then; events
+        // pushed meanwhile ride along.
+        up.on_failed(true, ms(520));
+        up.push(stored(1, 0, 0), ms(530));
+        assert!(up.poll(ms(600)).is_none(), "backing off");
+        let retry = up.poll(ms(620)).unwrap();
+        assert_eq!(retry.loads, vec![report(1, 9, 120)]);
+        assert_eq!(retry.events.len(), 1);
+        up.on_sent(&ok(1));
+        // Nothing waits now: the next wakeup is the next sample.
+        assert!(up.poll(ms(630)).is_none());
+        assert_eq!(up.next_wakeup(), Some(ms(1000)));
+        // A node with no serving worker sends no empty load batches.
+        up.set_loads(vec![], ms(1000));
+        assert!(up.poll(ms(1000)).is_none());
+        assert_eq!(up.next_wakeup(), Some(ms(1500)));
+        // A refused batch (4xx) drops its sample too.
+        up.set_loads(vec![report(2, 1, 0)], ms(1500));
+        assert!(up.poll(ms(1500)).is_some());
+        up.on_failed(false, ms(1510));
+        assert!(up.poll(ms(1520)).is_none());
+    }
+
     fn uploader(max_batch: usize, max_buffered: usize) -> Uploader {
         Uploader::new(UploaderConfig {
             max_batch_events: max_batch,
@@ -929,6 +1281,7 @@ mod tests {
             linger: ms(20),
             retry_base: ms(100),
             retry_max: ms(1000),
+            load_interval: ms(500),
         })
     }
 

@@ -119,7 +119,7 @@ impl Api {
             .await
     }
 
-    /// `POST /api/v1/agent/kv-events`: one batch of this node's KV events.
+    /// `POST /api/v1/agent/kv-events`: one batch of this node's KV events and workers' loads.
     pub async fn upload_kv_events(
         &self,
         bearer: &str,
@@ -140,16 +140,18 @@ impl Api {
             .await
     }
 
-    /// `GET /api/v1/agent/kv-stream?after=..&wait_s=..`: the changes after `after`, waiting up
-    /// to `wait` when there are none.
+    /// `GET /api/v1/agent/kv-stream?after=..&loads_after=..&wait_s=..`: the changes after
+    /// `after` and the loads reported since load version `loads_after`, waiting up to `wait`
+    /// when there are none.
     pub async fn kv_stream(
         &self,
         bearer: &str,
         after: u64,
+        loads_after: u64,
         wait: Duration,
     ) -> Result<KvStreamPage, CpError> {
         let path = format!(
-            "/api/v1/agent/kv-stream?after={after}&wait_s={}",
+            "/api/v1/agent/kv-stream?after={after}&loads_after={loads_after}&wait_s={}",
             wait.as_secs()
         );
         self.get(&path, bearer, self.timeout + wait).await

@@ -14,7 +14,8 @@
 //! reconciled into the [`WorkerPool`] and saved. A third loop uploads the workers' KV events
 //! (the [`crate::kv_sync::Uploader`] state machine: bounded batches, one in flight, in-order
 //! retries, an engine epoch per worker start) so the control plane's KV index knows what every
-//! worker caches. Any failure to reach the control plane is
+//! worker caches, and, every half second with or without events, the serving workers' live
+//! loads, which the control plane passes on to every fleet router. Any failure to reach the control plane is
 //! retried with jittered exponential backoff while the workers keep serving; a refused
 //! credential (the node was removed) ends the session and, with a join token at hand, the node
 //! joins again as a new node.
@@ -37,6 +38,7 @@ use kvfleet_proto::api::{
     AgentPublicKey, DesiredState, GpuInventory, GpuStatus, Heartbeat, KeyAlgorithm, ObservedWorker,
     ObservedWorkerState, RegisterRequest, RenewRequest, WorkerMetrics,
 };
+use kvfleet_proto::kv_stream::WorkerLoadReport;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -522,6 +524,16 @@ impl Client {
         loop {
             let now = kv.origin.elapsed();
             self.refresh_epochs(&mut kv);
+            if kv.uploader.loads_due(now) {
+                let loads = self
+                    .node
+                    .pool
+                    .workers()
+                    .iter()
+                    .filter_map(load_report)
+                    .collect();
+                kv.uploader.set_loads(loads, now);
+            }
             loop {
                 match kv.events.try_recv() {
                     Ok(event) => kv.uploader.push(event, now),
@@ -556,8 +568,8 @@ impl Client {
                     at.saturating_sub(kv.origin.elapsed())
                 })
                 .clamp(Duration::from_millis(5), Duration::from_millis(500));
-            // Wake for the next event, or when a batch or retry falls due; the 500 ms cap
-            // also picks up engine restarts (new epochs) without events.
+            // Wake for the next event, or when a batch, a retry or a load sample falls due; the
+            // 500 ms cap also picks up engine restarts (new epochs) without events.
             let KvUpload {
                 uploader,
                 events,
@@ -625,9 +637,9 @@ impl Client {
                             );
                         })
                 }
-                FollowerRequest::Stream { after } => self
+                FollowerRequest::Stream { after, loads_after } => self
                     .api
-                    .kv_stream(&identity.credential, after, KV_STREAM_WAIT)
+                    .kv_stream(&identity.credential, after, loads_after, KV_STREAM_WAIT)
                     .await
                     .map(|page| {
                         let outcome =
@@ -901,6 +913,21 @@ impl Client {
                 .collect(),
         }
     }
+}
+
+/// A serving worker's live load as the pool last heard it, for the KV upload (`None` for
+/// workers that serve nothing: starting, stopped, failed).
+fn load_report(w: &crate::backend::WorkerStatus) -> Option<WorkerLoadReport> {
+    if !matches!(w.state, WorkerState::Ready | WorkerState::Draining) {
+        return None;
+    }
+    Some(WorkerLoadReport {
+        worker: w.id,
+        prefill_tokens: w.prefill_tokens,
+        decode_blocks: w.kv_blocks_used,
+        queue_depth: w.waiting,
+        age_ms: 0,
+    })
 }
 
 fn observed_state(state: WorkerState) -> ObservedWorkerState {
