@@ -1,16 +1,18 @@
 //! Workers: one engine per GPU (or CPU slot), each in its own OS process, so a fault kills one
 //! worker and not the node.
 //!
-//! - [`protocol`]: the frames spoken over each worker's Unix socket.
+//! - [`protocol`]: the frames spoken over each worker's Unix socket (JSON, and binary KV block
+//!   frames for disaggregated serving).
 //! - [`supervisor`]: the [`WorkerPool`]: starts, watches and restarts worker processes; routes
-//!   requests to them (least-loaded or round-robin).
+//!   requests to them (least-loaded or round-robin, or the worker a request names), streams a
+//!   prefill's exported KV blocks back and sends attached blocks with a request.
 //! - [`process`]: the worker side (`kvfleet-agent worker --socket PATH`).
-//! - [`engine`]: the stand-in mock engine the worker runs until `kvfleet-engine`'s mock engine
-//!   is wired in.
+//! - [`engine`]: the worker's engine adapter: `kvfleet-engine`'s scheduler over the mock or the
+//!   native executor, request bookkeeping, KV export after each step and attached-KV import.
 
 pub mod engine;
 pub mod process;
 pub mod protocol;
 pub mod supervisor;
 
-pub use supervisor::{WorkerCommand, WorkerPool};
+pub use supervisor::{KvTransferCounters, WorkerCommand, WorkerPool};

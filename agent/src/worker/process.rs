@@ -1,7 +1,8 @@
 //! The worker process (`kvfleet-agent worker --socket PATH`): connects to the agent, builds its
 //! engine from the spec the agent sends (loading the model for a native one, before it says
 //! hello), then drives it, turning frames into engine calls and engine outputs (tokens, finishes,
-//! KV events) into frames. It exits when the agent says stop or closes the socket, so an
+//! KV events, exported KV blocks) into frames; import `KvBlock` frames go to the engine adapter,
+//! which holds them for the request that follows them. It exits when the agent says stop or closes the socket, so an
 //! agent that dies never leaves workers behind.
 
 use std::path::Path;
@@ -16,8 +17,8 @@ use tracing::Instrument;
 
 use super::engine::{Output, WorkerEngine};
 use super::protocol::{
-    Control, FrameStream, WireCancel, WireError, WireFinish, WireKvEvents, WireRequest, WireTokens,
-    WorkerHello, WorkerSpec, encode_json, write_json,
+    Control, FrameStream, KvBlockHeader, WireCancel, WireError, WireFinish, WireKvEvents,
+    WireRequest, WireTokens, WorkerHello, WorkerSpec, encode_json, write_json,
 };
 
 /// How often the worker reports its load.
@@ -89,6 +90,15 @@ async fn serve(
                             encode_json(FrameKind::Error, &WireError { seq, message: e.to_string() }, &mut out)?;
                         }
                     }
+                    FrameKind::KvBlock => match KvBlockHeader::parse(&frame.payload) {
+                        Ok((header, data)) => {
+                            if let Err(e) = engine.add_import_block(header.seq, header.index, data) {
+                                tracing::warn!(seq = header.seq, index = header.index, error = %e,
+                                    "attached KV block dropped: it will be recomputed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "malformed KV block frame dropped"),
+                    },
                     FrameKind::Cancel => {
                         let cancel: WireCancel = frame.parse_json()?;
                         if let Some(request_id) = engine.cancel(cancel.seq) {
@@ -114,6 +124,9 @@ async fn serve(
                         }
                         Output::Finished { seq, reason } => {
                             encode_json(FrameKind::Finish, &WireFinish { seq, reason }, &mut out)?;
+                        }
+                        Output::KvBlocks { seq, first_block, hashes, data } => {
+                            encode_blocks(seq, first_block, &hashes, &data, engine.block_bytes(), &mut out)?;
                         }
                         Output::Failed { seq, message } => {
                             tracing::warn!(seq, %message, "the engine aborted a request");
@@ -142,6 +155,26 @@ async fn serve(
             out.clear();
         }
     }
+}
+
+/// One binary `KvBlock` frame per block (the engine adapter refused layouts whose blocks do not
+/// fit a frame at submit).
+fn encode_blocks(
+    seq: u64,
+    first_block: u32,
+    hashes: &[kvfleet_proto::SequenceHash],
+    data: &[u8],
+    block_bytes: usize,
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    for ((index, &hash), block) in (first_block..)
+        .zip(hashes)
+        .zip(data.chunks(block_bytes.max(1)))
+    {
+        let header = KvBlockHeader { seq, index, hash };
+        codec_frame(FrameKind::KvBlock, &header.payload(block), out)?;
+    }
+    Ok(())
 }
 
 fn codec_frame(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {

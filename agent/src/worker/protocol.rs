@@ -1,11 +1,16 @@
 //! What the agent and a worker process say to each other over the worker's Unix socket: frames
-//! of the proto codec (`kvfleet_proto::frame`) with JSON payloads.
+//! of the proto codec (`kvfleet_proto::frame`) with JSON payloads, except KV blocks, which are
+//! binary (`KvBlock` frames: a fixed [`KvBlockHeader`] then the block's bytes).
 //!
 //! ```text
 //! agent                                   worker
 //!   ── Hello(WorkerSpec) ────────────────▶   (builds its engine)
-//!   ◀──────────────────── Hello(WorkerHello)
+//!   ◀──────────────────── Hello(WorkerHello)  (with its KV layout)
+//!   ── KvBlock(seq, i, bytes) ───────────▶   (0..kv_blocks import frames, before their request)
 //!   ── Request(WireRequest) ─────────────▶
+//!   ◀──────────────────── KvBlock(seq, i, hash, bytes) (export_kv requests: after each step,
+//!                                              the prompt blocks it newly computed, in order,
+//!                                              before that step's Token/Finish)
 //!   ◀──────────────────── Token(WireTokens)   (any number)
 //!   ◀──────────────────── Finish(WireFinish) | Error(WireError)
 //!   ── Cancel(WireCancel) ───────────────▶   (client went away: free the KV blocks)
@@ -17,9 +22,12 @@
 //! The worker answers `Hello` only once its engine is built: for a native model that is after
 //! the weights are loaded, so "ready" means "can generate now".
 //!
-//! Each request gets a `seq` from the agent, unique on the connection. [`FrameStream`] reads
-//! frames from any async reader; a malformed frame is an error that closes the connection (and
-//! so restarts the worker), never a panic.
+//! Each request gets a `seq` from the agent, unique and increasing on the connection; the agent
+//! sends a request's import frames and the request itself in one go, in `seq` order, so import
+//! frames for a `seq` the worker has already seen a request for are stale and dropped.
+//! [`FrameStream`] reads frames from any async reader; a malformed frame is an error that closes
+//! the connection (and so restarts the worker), never a panic; a `KvBlock` frame too short for
+//! its header is dropped with a warning.
 
 use std::path::PathBuf;
 
@@ -34,6 +42,60 @@ use crate::config::{EngineKind, ModelConfig, Role};
 
 /// Payload limit on worker sockets: a long prompt's JSON fits many times over.
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
+
+/// Bytes of a `KvBlock` frame's header: seq (u64), block index (u32), sequence hash (u64), all
+/// little-endian.
+pub const KV_BLOCK_HEADER_LEN: usize = 20;
+
+/// The largest KV block a worker socket carries (one block per frame): a layout with bigger
+/// blocks cannot export or import over it, and such requests are refused.
+pub const MAX_KV_BLOCK_BYTES: usize = MAX_PAYLOAD as usize - KV_BLOCK_HEADER_LEN;
+
+/// The fixed header of a binary `KvBlock` frame; the block's bytes follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBlockHeader {
+    /// The request it belongs to.
+    pub seq: u64,
+    /// The block's index in the request's prompt.
+    pub index: u32,
+    /// Its sequence hash: set by the worker on export; the agent sends the request's hash on
+    /// import (or 0), and the worker uses the hashes of the prompt it receives, never this.
+    pub hash: SequenceHash,
+}
+
+/// A `KvBlock` payload shorter than its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("KvBlock frame of {0} bytes is shorter than its {KV_BLOCK_HEADER_LEN}-byte header")]
+pub struct ShortKvBlock(pub usize);
+
+impl KvBlockHeader {
+    /// The payload of a `KvBlock` frame: this header, then `data`.
+    pub fn payload(&self, data: &[u8]) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(KV_BLOCK_HEADER_LEN + data.len());
+        payload.extend_from_slice(&self.seq.to_le_bytes());
+        payload.extend_from_slice(&self.index.to_le_bytes());
+        payload.extend_from_slice(&self.hash.0.to_le_bytes());
+        payload.extend_from_slice(data);
+        payload
+    }
+
+    /// Splits a `KvBlock` payload into its header and the block's bytes.
+    pub fn parse(payload: &[u8]) -> Result<(Self, &[u8]), ShortKvBlock> {
+        let (Some(seq), Some(index), Some(hash)) = (
+            payload.get(0..8).and_then(|b| b.try_into().ok()),
+            payload.get(8..12).and_then(|b| b.try_into().ok()),
+            payload.get(12..20).and_then(|b| b.try_into().ok()),
+        ) else {
+            return Err(ShortKvBlock(payload.len()));
+        };
+        let header = Self {
+            seq: u64::from_le_bytes(seq),
+            index: u32::from_le_bytes(index),
+            hash: SequenceHash(u64::from_le_bytes(hash)),
+        };
+        Ok((header, &payload[KV_BLOCK_HEADER_LEN..]))
+    }
+}
 
 /// The codec both ends use.
 pub fn codec() -> FrameCodec {
@@ -176,6 +238,18 @@ pub struct WireRequest {
     pub block_hashes: Vec<SequenceHash>,
     /// Sampling.
     pub sampling: SamplingParams,
+    /// Send the prompt's KV blocks up as they are computed (`KvBlock` frames), then whatever
+    /// prompt blocks remain cached when it finishes: a prefill worker's request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub export_kv: bool,
+    /// How many `KvBlock` import frames (prompt blocks 0..kv_blocks) the agent sent for this
+    /// `seq` before this frame: they go into the prefix cache before the request is queued.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kv_blocks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Worker → agent: generated tokens.
@@ -252,6 +326,16 @@ pub struct WireStatus {
     /// Prefill tokens queued: prompt tokens admitted or waiting whose KV is not computed yet.
     #[serde(default)]
     pub prefill_tokens: u64,
+    /// KV blocks sent up for `export_kv` requests since the worker started.
+    #[serde(default)]
+    pub kv_blocks_exported: u64,
+    /// Attached KV blocks handed to the engine for import since the worker started.
+    #[serde(default)]
+    pub kv_blocks_imported: u64,
+    /// Requests that ran with less of their attached KV than the agent announced (bad or
+    /// missing blocks, or the engine refused the import): the rest was recomputed.
+    #[serde(default)]
+    pub kv_import_fallbacks: u64,
 }
 
 /// Agent → worker instructions.
@@ -344,6 +428,8 @@ mod tests {
             prompt: (0..100).collect(),
             block_hashes: vec![SequenceHash(1)],
             sampling: SamplingParams::greedy(4),
+            export_kv: false,
+            kv_blocks: 0,
         };
         let sent = request.clone();
         let writer = tokio::spawn(async move {
@@ -356,5 +442,46 @@ mod tests {
         assert_eq!(frame.parse_json::<WireRequest>().unwrap(), request);
         assert!(matches!(stream.next().await, Err(StreamError::Frame(_))));
         writer.await.unwrap();
+    }
+
+    #[test]
+    fn kv_block_headers_round_trip_and_short_payloads_are_errors() {
+        let header = KvBlockHeader {
+            seq: u64::MAX - 3,
+            index: 7,
+            hash: SequenceHash(0x0123_4567_89ab_cdef),
+        };
+        let payload = header.payload(b"block bytes");
+        assert_eq!(payload.len(), KV_BLOCK_HEADER_LEN + 11);
+        assert_eq!(
+            KvBlockHeader::parse(&payload),
+            Ok((header, &b"block bytes"[..]))
+        );
+        assert_eq!(
+            KvBlockHeader::parse(&header.payload(&[])),
+            Ok((header, &[][..]))
+        );
+        for len in 0..KV_BLOCK_HEADER_LEN {
+            assert_eq!(
+                KvBlockHeader::parse(&payload[..len]),
+                Err(ShortKvBlock(len))
+            );
+        }
+        // Agents from before disaggregation leave the new request fields out.
+        let request = WireRequest {
+            seq: 1,
+            request_id: "r".into(),
+            prompt: vec![1, 2],
+            block_hashes: Vec::new(),
+            sampling: SamplingParams::greedy(1),
+            export_kv: false,
+            kv_blocks: 0,
+        };
+        let json = serde_json::to_value(&request).unwrap();
+        assert!(json.get("export_kv").is_none() && json.get("kv_blocks").is_none());
+        assert_eq!(
+            serde_json::from_value::<WireRequest>(json).unwrap(),
+            request
+        );
     }
 }

@@ -5,7 +5,16 @@
 //! worker (the frontend turns it into a 502 or an SSE error event), the worker is marked
 //! `failed` (so `/ready` and the router see it), and its task restarts the process after the
 //! backoff. The pool implements [`Backend`], routing among ready workers by least-loaded or
-//! round-robin.
+//! round-robin, or to the worker a request names (any role: that is how prefill workers are
+//! reached).
+//!
+//! Disaggregated serving: [`Backend::submit_prefill`] sends an `export_kv` request and routes
+//! the worker's binary `KvBlock` frames for it to an [`ExportedBlock`] receiver, closed when
+//! the request ends, fails or is cancelled, or the worker dies; [`Backend::submit_with_kv`]
+//! sends the blocks as import frames right before the request (under the connection's send
+//! lock, so `seq`s reach the worker in order and its stale-frame rule holds). Each block costs
+//! one copy into its frame. Each worker's KV layout comes from its hello
+//! ([`Backend::kv_layout`]).
 //!
 //! The set of workers can change while the agent runs: the control-plane client calls
 //! [`WorkerPool::start_worker`], [`WorkerPool::stop_worker`] and [`WorkerPool::set_draining`]
@@ -32,11 +41,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
-    Control, EngineSpec, FrameStream, WireCancel, WireError, WireFinish, WireKvEvents, WireRequest,
-    WireStatus, WireTokens, WorkerHello, WorkerSpec, codec, write_json,
+    Control, EngineSpec, FrameStream, KvBlockHeader, MAX_KV_BLOCK_BYTES, WireCancel, WireError,
+    WireFinish, WireKvEvents, WireRequest, WireStatus, WireTokens, WorkerHello, WorkerSpec, codec,
+    write_json,
 };
 use crate::backend::{
-    Backend, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState, WorkerStatus,
+    Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState,
+    WorkerStatus,
 };
 use crate::config::{
     LogConfig, LogFormat, ModelConfig, Role, RoutingMode, SupervisorConfig, WorkerConfig,
@@ -56,12 +67,24 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// KV events kept for a slow subscriber of [`WorkerPool::subscribe_kv_events`].
 pub const KV_EVENT_BUFFER: usize = 4096;
 
+/// Where a running request's output goes.
+#[derive(Debug)]
+struct Pending {
+    events: mpsc::UnboundedSender<GenEvent>,
+    /// `submit_prefill` requests: their exported KV blocks. Dropped with the entry, which
+    /// closes the receiver.
+    blocks: Option<mpsc::UnboundedSender<ExportedBlock>>,
+}
+
 /// One worker's live connection.
 #[derive(Debug)]
 struct Conn {
     tx: mpsc::UnboundedSender<Frame>,
-    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<GenEvent>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     next_seq: AtomicU64,
+    /// Held while a request's `seq` is allocated and its frames queued, so requests (with their
+    /// import frames) reach the worker whole and in `seq` order.
+    send: Mutex<()>,
     alive: AtomicBool,
 }
 
@@ -77,20 +100,32 @@ impl Conn {
             Ok(mut p) => p.drain().collect(),
             Err(_) => Vec::new(),
         };
-        for (_, tx) in pending {
-            let _ = tx.send(GenEvent::Failed(message.to_owned()));
+        for (_, p) in pending {
+            let _ = p.events.send(GenEvent::Failed(message.to_owned()));
         }
     }
 
     fn deliver(&self, seq: u64, event: GenEvent, last: bool) {
         let tx = match self.pending.lock() {
-            Ok(mut p) if last => p.remove(&seq),
-            Ok(p) => p.get(&seq).cloned(),
+            Ok(mut p) if last => p.remove(&seq).map(|p| p.events),
+            Ok(p) => p.get(&seq).map(|p| p.events.clone()),
             Err(_) => None,
         };
         // A missing entry is a request the client already cancelled.
         if let Some(tx) = tx {
             let _ = tx.send(event);
+        }
+    }
+
+    /// Hands an exported block to its request's receiver; a block for a request that is gone
+    /// (cancelled) or did not ask for blocks is dropped.
+    fn deliver_block(&self, seq: u64, block: ExportedBlock) {
+        let tx = match self.pending.lock() {
+            Ok(p) => p.get(&seq).and_then(|p| p.blocks.clone()),
+            Err(_) => None,
+        };
+        if let Some(tx) = tx {
+            let _ = tx.send(block);
         }
     }
 }
@@ -218,6 +253,17 @@ pub struct WorkerCounters {
     pub requests: u64,
     /// Tokens it generated.
     pub tokens: u64,
+}
+
+/// One worker's KV transfer counters since its process started (as last reported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvTransferCounters {
+    /// Blocks it sent up for `submit_prefill` requests.
+    pub blocks_exported: u64,
+    /// Attached blocks it handed to its engine for import.
+    pub blocks_imported: u64,
+    /// Requests that ran with less of their attached KV than was sent (the rest recomputed).
+    pub import_fallbacks: u64,
 }
 
 /// Everything a supervisor task needs besides its slot.
@@ -409,6 +455,17 @@ impl WorkerPool {
             .collect()
     }
 
+    /// A worker's KV transfer counters, as of its last status report; `None` if unknown.
+    pub fn kv_transfers(&self, id: WorkerId) -> Option<KvTransferCounters> {
+        let slot = self.slot(id)?;
+        let status = slot.state.lock().ok()?.status;
+        Some(KvTransferCounters {
+            blocks_exported: status.kv_blocks_exported,
+            blocks_imported: status.kv_blocks_imported,
+            import_fallbacks: status.kv_import_fallbacks,
+        })
+    }
+
     fn slot(&self, id: WorkerId) -> Option<Arc<Slot>> {
         self.slots
             .read()
@@ -492,34 +549,98 @@ impl WorkerPool {
     }
 }
 
-impl Backend for WorkerPool {
-    fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
+impl WorkerPool {
+    /// Sends `request` (after `blocks` as import frames) to the worker it names or the pool
+    /// picks; with `export`, the worker streams the prompt's KV blocks back.
+    fn send(
+        &self,
+        request: GenerateRequest,
+        export: bool,
+        mut blocks: Vec<bytes::Bytes>,
+    ) -> Result<(Generation, Option<mpsc::UnboundedReceiver<ExportedBlock>>), SubmitError> {
         let (worker, conn, slot) = self
             .choose(&request.model, request.worker)
             .ok_or_else(|| SubmitError::NoReadyWorker(request.model.clone()))?;
-        slot.requests.fetch_add(1, Ordering::Relaxed);
-        let seq = conn.next_seq.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Ok(mut pending) = conn.pending.lock() {
-            pending.insert(seq, tx);
-        }
-        let wire = WireRequest {
-            seq,
-            request_id: request.request_id,
-            prompt: request.prompt,
-            block_hashes: request.block_hashes,
-            sampling: request.sampling,
-        };
-        let frame =
-            Frame::json(FrameKind::Request, &wire).map_err(|_| SubmitError::WorkerGone(worker))?;
-        if !conn.alive.load(Ordering::Acquire) || conn.tx.send(frame).is_err() {
-            if let Ok(mut pending) = conn.pending.lock() {
-                pending.remove(&seq);
+        if export {
+            let layout = slot.state.lock().ok().and_then(|s| s.kv_layout.clone());
+            if let Some(layout) = layout
+                && layout.block_bytes() > MAX_KV_BLOCK_BYTES
+            {
+                return Err(SubmitError::Invalid(format!(
+                    "worker {worker}'s KV blocks are {} bytes; a worker socket frame carries at \
+                     most {MAX_KV_BLOCK_BYTES}",
+                    layout.block_bytes()
+                )));
             }
-            return Err(SubmitError::WorkerGone(worker));
         }
+        // A block that cannot travel in a frame ends the attached run: the worker recomputes
+        // from there (the request never fails because of its KV).
+        if let Some(i) = blocks.iter().position(|b| b.len() > MAX_KV_BLOCK_BYTES) {
+            tracing::warn!(request_id = %request.request_id, block = i, bytes = blocks[i].len(),
+                "attached KV block too large for a worker frame: recomputing from it");
+            blocks.truncate(i);
+        }
+        let mut frames = Vec::with_capacity(blocks.len() + 1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (blocks_tx, blocks_rx) = if export {
+            let (t, r) = mpsc::unbounded_channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        let seq = {
+            let _order = conn
+                .send
+                .lock()
+                .map_err(|_| SubmitError::WorkerGone(worker))?;
+            let seq = conn.next_seq.fetch_add(1, Ordering::Relaxed);
+            for (index, block) in (0u32..).zip(&blocks) {
+                let hash = request
+                    .block_hashes
+                    .get(index as usize)
+                    .copied()
+                    .unwrap_or(kvfleet_proto::SequenceHash(0));
+                let header = KvBlockHeader { seq, index, hash };
+                frames.push(Frame {
+                    kind: FrameKind::KvBlock,
+                    payload: header.payload(block),
+                });
+            }
+            let wire = WireRequest {
+                seq,
+                request_id: request.request_id,
+                prompt: request.prompt,
+                block_hashes: request.block_hashes,
+                sampling: request.sampling,
+                export_kv: export,
+                kv_blocks: blocks.len() as u32,
+            };
+            frames.push(
+                Frame::json(FrameKind::Request, &wire)
+                    .map_err(|_| SubmitError::WorkerGone(worker))?,
+            );
+            if let Ok(mut pending) = conn.pending.lock() {
+                pending.insert(
+                    seq,
+                    Pending {
+                        events: tx,
+                        blocks: blocks_tx,
+                    },
+                );
+            }
+            let sent = conn.alive.load(Ordering::Acquire)
+                && frames.into_iter().all(|f| conn.tx.send(f).is_ok());
+            if !sent {
+                if let Ok(mut pending) = conn.pending.lock() {
+                    pending.remove(&seq);
+                }
+                return Err(SubmitError::WorkerGone(worker));
+            }
+            seq
+        };
+        slot.requests.fetch_add(1, Ordering::Relaxed);
         let cancel_conn = conn.clone();
-        Ok(Generation::new(worker, rx, move || {
+        let generation = Generation::new(worker, rx, move || {
             let was_pending = cancel_conn
                 .pending
                 .lock()
@@ -531,7 +652,33 @@ impl Backend for WorkerPool {
             {
                 let _ = cancel_conn.tx.send(frame);
             }
-        }))
+        });
+        Ok((generation, blocks_rx))
+    }
+}
+
+impl Backend for WorkerPool {
+    fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
+        self.send(request, false, Vec::new()).map(|(g, _)| g)
+    }
+
+    fn submit_prefill(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<(Generation, mpsc::UnboundedReceiver<ExportedBlock>), SubmitError> {
+        match self.send(request, true, Vec::new())? {
+            (generation, Some(blocks)) => Ok((generation, blocks)),
+            // `send` makes a receiver whenever it exports.
+            (_, None) => Err(SubmitError::Unsupported),
+        }
+    }
+
+    fn submit_with_kv(
+        &self,
+        request: GenerateRequest,
+        blocks: Vec<bytes::Bytes>,
+    ) -> Result<Generation, SubmitError> {
+        self.send(request, false, blocks).map(|(g, _)| g)
     }
 
     fn workers(&self) -> Vec<WorkerStatus> {
@@ -660,6 +807,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
         tx,
         pending: Mutex::new(HashMap::new()),
         next_seq: AtomicU64::new(1),
+        send: Mutex::new(()),
         alive: AtomicBool::new(true),
     });
     // The outgoing queue holds at most a Request and a Cancel per admitted request (admission
@@ -693,7 +841,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
         tokio::select! {
             frame = frames.next() => match frame {
                 Ok(Some(frame)) => {
-                    if let Err(e) = dispatch(slot, &conn, &frame, &launch.kv_events) {
+                    if let Err(e) = dispatch(slot, &conn, frame, &launch.kv_events) {
                         break format!("protocol error: {e}");
                     }
                 }
@@ -731,10 +879,28 @@ async fn stop(child: &mut Child) {
 fn dispatch(
     slot: &Slot,
     conn: &Conn,
-    frame: &Frame,
+    frame: Frame,
     kv_events: &broadcast::Sender<KvEvent>,
 ) -> anyhow::Result<()> {
     match frame.kind {
+        FrameKind::KvBlock => match KvBlockHeader::parse(&frame.payload) {
+            Ok((header, _)) => {
+                // The block's bytes are the payload after the header: shared, not copied.
+                let data =
+                    bytes::Bytes::from(frame.payload).slice(super::protocol::KV_BLOCK_HEADER_LEN..);
+                conn.deliver_block(
+                    header.seq,
+                    ExportedBlock {
+                        index: header.index,
+                        hash: header.hash,
+                        data,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(worker = %slot.id, error = %e, "malformed KV block frame dropped")
+            }
+        },
         FrameKind::Token => {
             let tokens: WireTokens = frame.parse_json()?;
             let seq = tokens.seq;
