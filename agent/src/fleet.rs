@@ -3,16 +3,20 @@
 //!
 //! In control-plane mode the control-plane client drives a [`crate::kv_sync::Follower`] into
 //! it (snapshot, then the sequenced stream; approximate fallback while the control plane is
-//! away), and registers this node's ready workers with their KV capacity. Remote workers enter
-//! the router when the stream first names them (capacity unknown) and leave it when the control
-//! plane removes them (their node lost or removed).
+//! away), and registers this node's ready workers with their KV capacity and role. Remote
+//! workers enter the router when the stream first names them (capacity unknown) and leave it
+//! when the control plane removes them (their node lost or removed); the fleet directory gives
+//! their model, role and node's peer address, and how each model is served (mode and
+//! disaggregation policy).
 //!
 //! One router serves every model: a request is restricted to the workers serving its model with
 //! [`RouteRequest::with_candidates`], so equal block hashes of two models never mix.
 //!
-//! Not here yet: the frontend does not ask this router (it routes among local workers through
-//! [`crate::backend`]), and remote workers' models and peer addresses are not known to the
-//! agent, so selection is offered among local workers only ([`FleetRouter::select_local`]).
+//! [`FleetRouter::plan`] decides where a request runs: a decode worker (aggregated or decode
+//! role, KV-aware) and, for a disaggregated model whose prompt is long enough past what that
+//! decode worker caches and whose chosen prefill worker is not saturated, a prefill worker
+//! (KV-aware among prefill-role workers). The decision is pure bookkeeping under one lock;
+//! executing it (forwarding, KV transfer, timeouts) is [`crate::forward`]'s.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,17 +27,22 @@ use std::time::{Duration, Instant};
 use kvfleet_kv_router::{
     Decision, RequestId, RouteRequest, Router, RouterConfig, RoutingMode, WorkerCapacity,
 };
-use kvfleet_proto::api::{FleetDirectory, ObservedWorkerState, WorkerRole};
+use kvfleet_proto::api::{
+    DeploymentMode, DisaggregationPolicy, FleetDirectory, FleetModel, ObservedWorkerState,
+    WorkerRole,
+};
 use kvfleet_proto::{NodeId, SequenceHash, WorkerId};
 use std::net::SocketAddr;
 
 use crate::backend::{WorkerState, WorkerStatus};
+use crate::config::Role;
 use crate::kv_sync::{Follower, FollowerCounters};
 
 /// A local worker as the fleet router knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct LocalWorker {
     model: String,
+    role: WorkerRole,
     ready: bool,
 }
 
@@ -44,6 +53,8 @@ pub struct RemoteWorker {
     pub node: NodeId,
     /// The model it serves.
     pub model: String,
+    /// What part of serving it does.
+    pub role: WorkerRole,
     /// Whether it reported `ready`.
     pub ready: bool,
     /// The node's peer endpoint, once reported and resolvable.
@@ -64,17 +75,168 @@ pub enum Target {
     },
 }
 
+/// A pick: the router's decision and where the worker is.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    /// The router's decision; `decision.request` ends it ([`FleetRouter::finished`]).
+    pub decision: Decision,
+    /// Where the worker is.
+    pub target: Target,
+}
+
+/// Where a request runs: `decode` generates its tokens; `prefill`, when set, prefills the
+/// prompt on another worker and pushes the KV blocks to `decode` (disaggregated serving).
+///
+/// Both picks stay counted in their workers' load until [`FleetRouter::finished`] with their
+/// `decision.request`.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    /// The worker that generates the tokens (aggregated or decode role).
+    pub decode: Pick,
+    /// The worker that prefills the prompt first (prefill role), when worth it.
+    pub prefill: Option<Pick>,
+    /// The model's policy when it is served disaggregated.
+    pub policy: Option<DisaggregationPolicy>,
+    /// Why `prefill` is set or not, for a disaggregated model; `None` when aggregated.
+    pub prefill_decision: Option<PrefillDecision>,
+}
+
+/// How a disaggregated model's request was prefilled, as counted in
+/// `kvfleet_fleet_prefill_decisions_total{decision}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrefillDecision {
+    /// On a prefill worker.
+    Remote,
+    /// By the decode worker: the uncached part of the prompt is below
+    /// `min_remote_prefill_tokens`.
+    LocalShort,
+    /// By the decode worker: the chosen prefill worker's queue would exceed
+    /// `max_prefill_queue_tokens`.
+    LocalQueueFull,
+    /// By the decode worker: no ready prefill worker of the model is reachable.
+    LocalNoPrefillWorker,
+}
+
+impl PrefillDecision {
+    /// Every decision, in metric order.
+    pub const ALL: [PrefillDecision; 4] = [
+        PrefillDecision::Remote,
+        PrefillDecision::LocalShort,
+        PrefillDecision::LocalQueueFull,
+        PrefillDecision::LocalNoPrefillWorker,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefillDecision::Remote => "remote",
+            PrefillDecision::LocalShort => "local_short",
+            PrefillDecision::LocalQueueFull => "local_queue_full",
+            PrefillDecision::LocalNoPrefillWorker => "local_no_prefill_worker",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            PrefillDecision::Remote => 0,
+            PrefillDecision::LocalShort => 1,
+            PrefillDecision::LocalQueueFull => 2,
+            PrefillDecision::LocalNoPrefillWorker => 3,
+        }
+    }
+}
+
+/// The agent config's role as the control plane spells it.
+fn worker_role(role: Role) -> WorkerRole {
+    match role {
+        Role::Aggregated => WorkerRole::Aggregated,
+        Role::Prefill => WorkerRole::Prefill,
+        Role::Decode => WorkerRole::Decode,
+    }
+}
+
+/// Whether a worker of `role` can generate a request's tokens.
+fn decodes(role: WorkerRole) -> bool {
+    matches!(role, WorkerRole::Aggregated | WorkerRole::Decode)
+}
+
 #[derive(Debug)]
 struct Inner {
     router: Router,
     local: BTreeMap<WorkerId, LocalWorker>,
     remote: BTreeMap<WorkerId, RemoteWorker>,
+    /// How each model is served, from the directory.
+    models: BTreeMap<String, FleetModel>,
+    /// Prefill decisions so far, indexed by [`PrefillDecision::index`].
+    prefill_decisions: [u64; 4],
     /// Picks per worker, for `/metrics`.
     picked: BTreeMap<WorkerId, u64>,
     follower: FollowerCounters,
     position: Option<u64>,
     fallen_back: bool,
     next_request: u128,
+}
+
+impl Inner {
+    /// The ready workers of `model` whose role passes `role`: local ones, and remote ones whose
+    /// peer endpoint is known.
+    fn candidates(&self, model: &str, role: impl Fn(WorkerRole) -> bool) -> Vec<WorkerId> {
+        let mut candidates: Vec<WorkerId> = self
+            .local
+            .iter()
+            .filter(|(_, w)| w.ready && w.model == model && role(w.role))
+            .map(|(id, _)| *id)
+            .collect();
+        candidates.extend(
+            self.remote
+                .iter()
+                .filter(|(_, w)| {
+                    w.ready && w.model == model && role(w.role) && w.peer_addr.is_some()
+                })
+                .map(|(id, _)| *id),
+        );
+        candidates
+    }
+
+    /// A KV-aware pick among `candidates(model, role)`, counted in the worker's load (and in
+    /// the per-worker pick metric). `None` when there is no candidate.
+    fn pick(
+        &mut self,
+        model: &str,
+        hashes: &[SequenceHash],
+        prompt_tokens: u32,
+        role: impl Fn(WorkerRole) -> bool,
+        now: Duration,
+    ) -> Option<Pick> {
+        let candidates = self.candidates(model, role);
+        if candidates.is_empty() {
+            return None;
+        }
+        self.next_request = self.next_request.wrapping_add(1);
+        let id = RequestId(self.next_request);
+        let request = RouteRequest::new(id, hashes, prompt_tokens).with_candidates(&candidates);
+        let decision = self.router.select(&request, now).ok()?;
+        *self.picked.entry(decision.worker).or_default() += 1;
+        let target = match self.remote.get(&decision.worker) {
+            Some(RemoteWorker {
+                node,
+                peer_addr: Some(addr),
+                ..
+            }) => Target::Remote {
+                node: *node,
+                addr: *addr,
+            },
+            _ => Target::Local,
+        };
+        Some(Pick { decision, target })
+    }
+
+    /// Takes back the per-worker pick count of a pick released before it ran.
+    fn unpick(&mut self, worker: WorkerId) {
+        if let Some(n) = self.picked.get_mut(&worker) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// The fleet-wide router, shared by the control-plane client (which feeds it) and whoever
@@ -99,6 +261,8 @@ impl FleetRouter {
                 router: Router::new(config),
                 local: BTreeMap::new(),
                 remote: BTreeMap::new(),
+                models: BTreeMap::new(),
+                prefill_decisions: [0; 4],
                 picked: BTreeMap::new(),
                 follower: FollowerCounters::default(),
                 position: None,
@@ -159,8 +323,9 @@ impl FleetRouter {
         inner.fallen_back = follower.is_fallen_back();
     }
 
-    /// Registers this node's workers: each one gets its KV capacity, and only ready ones are
-    /// offered by [`FleetRouter::select_local`]. A worker gone from the pool leaves the router.
+    /// Registers this node's workers: each one gets its KV capacity and role, and only ready
+    /// ones are offered by [`FleetRouter::plan`] and [`FleetRouter::select_local`]. A worker
+    /// gone from the pool leaves the router.
     pub fn sync_local(&self, workers: &[WorkerStatus]) {
         let mut inner = self.lock();
         let Inner { router, local, .. } = &mut *inner;
@@ -178,6 +343,7 @@ impl FleetRouter {
                 w.id,
                 LocalWorker {
                     model: w.model.clone(),
+                    role: worker_role(w.role),
                     ready: w.state == WorkerState::Ready,
                 },
             );
@@ -193,22 +359,28 @@ impl FleetRouter {
         }
     }
 
-    /// Replaces the remote workers with the control plane's directory (this node's own
-    /// entries, `own_node`, are skipped: the pool knows them better). Remote workers enter the
-    /// router if the stream has not named them yet; ones gone from the directory stop being
-    /// candidates (the stream removes their blocks).
+    /// Replaces the remote workers (every role) and the models' serving modes with the control
+    /// plane's directory (this node's own entries, `own_node`, are skipped: the pool knows them
+    /// better). Remote workers enter the router if the stream has not named them yet; ones gone
+    /// from the directory stop being candidates (the stream removes their blocks).
     pub fn set_directory(&self, directory: &FleetDirectory, own_node: uuid::Uuid) {
         // Names are resolved before the lock is taken: routing never waits on DNS.
         let entries: Vec<_> = directory
             .workers
             .iter()
-            .filter(|w| w.node_id != own_node && w.role == WorkerRole::Aggregated)
+            .filter(|w| w.node_id != own_node)
             .filter_map(|w| {
                 let id = WorkerId(u64::try_from(w.worker_id).ok()?);
                 Some((id, w, w.peer_addr.as_deref().and_then(resolve)))
             })
             .collect();
+        let models = directory
+            .models
+            .iter()
+            .map(|m| (m.model.clone(), m.clone()))
+            .collect();
         let mut inner = self.lock();
+        inner.models = models;
         let Inner { router, remote, .. } = &mut *inner;
         remote.clear();
         for (id, w, peer_addr) in entries {
@@ -226,6 +398,7 @@ impl FleetRouter {
                 RemoteWorker {
                     node: NodeId(w.node_id),
                     model: w.model.clone(),
+                    role: w.role,
                     ready: w.observed_state == ObservedWorkerState::Ready,
                     peer_addr,
                 },
@@ -233,9 +406,11 @@ impl FleetRouter {
         }
     }
 
-    /// Chooses among every ready worker of the fleet serving `model` (this node's, and other
-    /// nodes' whose peer endpoint is known), by the fleet index. `None` when there is none.
-    /// The decision stays counted in the worker's load until [`FleetRouter::finished`].
+    /// Chooses among every ready aggregated or decode worker of the fleet serving `model` (this
+    /// node's, and other nodes' whose peer endpoint is known), by the fleet index; a prefill
+    /// worker is never chosen. `None` when there is none. The decision stays counted in the
+    /// worker's load until [`FleetRouter::finished`]. No prefill worker is planned: callers
+    /// that serve disaggregated use [`FleetRouter::plan`].
     pub fn select(
         &self,
         model: &str,
@@ -244,39 +419,100 @@ impl FleetRouter {
     ) -> Option<(Decision, Target)> {
         let now = self.now();
         let mut inner = self.lock();
-        let mut candidates: Vec<WorkerId> = inner
-            .local
-            .iter()
-            .filter(|(_, w)| w.ready && w.model == model)
-            .map(|(id, _)| *id)
-            .collect();
-        candidates.extend(
-            inner
-                .remote
-                .iter()
-                .filter(|(_, w)| w.ready && w.model == model && w.peer_addr.is_some())
-                .map(|(id, _)| *id),
-        );
-        if candidates.is_empty() {
-            return None;
-        }
-        inner.next_request = inner.next_request.wrapping_add(1);
-        let id = RequestId(inner.next_request);
-        let request = RouteRequest::new(id, hashes, prompt_tokens).with_candidates(&candidates);
-        let decision = inner.router.select(&request, now).ok()?;
-        *inner.picked.entry(decision.worker).or_default() += 1;
-        let target = match inner.remote.get(&decision.worker) {
-            Some(RemoteWorker {
-                node,
-                peer_addr: Some(addr),
-                ..
-            }) => Target::Remote {
-                node: *node,
-                addr: *addr,
-            },
-            _ => Target::Local,
+        let decode = inner.pick(model, hashes, prompt_tokens, decodes, now)?;
+        Some((decode.decision, decode.target))
+    }
+
+    /// Plans where a request for `model` runs (see [`RoutePlan`]):
+    ///
+    /// - the decode worker: KV-aware among the model's ready aggregated and decode workers;
+    /// - for a model the directory says is disaggregated, a prefill worker when the prompt's
+    ///   part the decode worker does not cache (`prompt_tokens` minus its overlap in blocks of
+    ///   the router's block size) is at least `min_remote_prefill_tokens`, a ready prefill
+    ///   worker exists (KV-aware pick: the one caching most of the prompt wins, load-balanced
+    ///   otherwise), and that worker's prefill load (published and own in-flight) plus the
+    ///   uncached tokens stays within `max_prefill_queue_tokens`; otherwise the decode worker
+    ///   prefills and a prefill pick made is released at once.
+    ///
+    /// `None` when no decode worker is ready. Counted in
+    /// `kvfleet_fleet_prefill_decisions_total` for disaggregated models.
+    pub fn plan(
+        &self,
+        model: &str,
+        hashes: &[SequenceHash],
+        prompt_tokens: u32,
+    ) -> Option<RoutePlan> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let decode = inner.pick(model, hashes, prompt_tokens, decodes, now)?;
+        let policy = inner
+            .models
+            .get(model)
+            .filter(|m| m.mode == DeploymentMode::Disaggregated)
+            .map(|m| m.disaggregation);
+        let Some(policy) = policy else {
+            return Some(RoutePlan {
+                decode,
+                prefill: None,
+                policy: None,
+                prefill_decision: None,
+            });
         };
-        Some((decision, target))
+        let block_size = inner.router.config().block_size.get();
+        let cached = u64::from(decode.decision.overlap_blocks) * u64::from(block_size);
+        let uncached = u64::from(prompt_tokens).saturating_sub(cached);
+        let (prefill, decision) = if uncached < u64::from(policy.min_remote_prefill_tokens) {
+            (None, PrefillDecision::LocalShort)
+        } else {
+            // Each prefill candidate's load before this request: the pick itself adds to it.
+            let loads: BTreeMap<WorkerId, u64> = inner
+                .candidates(model, |role| role == WorkerRole::Prefill)
+                .into_iter()
+                .map(|id| {
+                    let load = inner.router.worker_load(id).map_or(0, |l| l.prefill_tokens);
+                    (id, load)
+                })
+                .collect();
+            match inner.pick(
+                model,
+                hashes,
+                prompt_tokens,
+                |role| role == WorkerRole::Prefill,
+                now,
+            ) {
+                None => (None, PrefillDecision::LocalNoPrefillWorker),
+                Some(pick) => {
+                    let queued = loads.get(&pick.decision.worker).copied().unwrap_or(0);
+                    if queued.saturating_add(uncached) > u64::from(policy.max_prefill_queue_tokens)
+                    {
+                        inner.router.finished(pick.decision.request, now);
+                        inner.unpick(pick.decision.worker);
+                        (None, PrefillDecision::LocalQueueFull)
+                    } else {
+                        (Some(pick), PrefillDecision::Remote)
+                    }
+                }
+            }
+        };
+        inner.prefill_decisions[decision.index()] += 1;
+        Some(RoutePlan {
+            decode,
+            prefill,
+            policy: Some(policy),
+            prefill_decision: Some(decision),
+        })
+    }
+
+    /// How the directory says `model` is served (mode, policy); `None` when it names no such
+    /// model (served aggregated).
+    pub fn model_serving(&self, model: &str) -> Option<FleetModel> {
+        self.lock().models.get(model).cloned()
+    }
+
+    /// Prefill decisions for disaggregated models so far, per kind.
+    pub fn prefill_decision_counts(&self) -> [(PrefillDecision, u64); 4] {
+        let counts = self.lock().prefill_decisions;
+        PrefillDecision::ALL.map(|d| (d, counts[d.index()]))
     }
 
     /// The remote workers the directory named last.
@@ -298,7 +534,7 @@ impl FleetRouter {
         let candidates: Vec<WorkerId> = inner
             .local
             .iter()
-            .filter(|(_, w)| w.ready && w.model == model)
+            .filter(|(_, w)| w.ready && w.model == model && decodes(w.role))
             .map(|(id, _)| *id)
             .collect();
         if candidates.is_empty() {
@@ -310,10 +546,20 @@ impl FleetRouter {
         inner.router.select(&request, now).ok()
     }
 
-    /// A request chosen by [`FleetRouter::select_local`] ended.
+    /// A request chosen by [`FleetRouter::plan`], [`FleetRouter::select`] or
+    /// [`FleetRouter::select_local`] ended: its load stops counting. Call it for each pick of
+    /// a plan (decode and prefill).
     pub fn finished(&self, request: RequestId) {
         let now = self.now();
         self.lock().router.finished(request, now);
+    }
+
+    /// The prefill part of a pick is over (the decode worker received the prompt's KV blocks,
+    /// or its first token came back), in case its KV events have not said so yet: its queued
+    /// prefill tokens stop counting. Returns whether the request was in flight.
+    pub fn prefill_done(&self, request: RequestId) -> bool {
+        let now = self.now();
+        self.lock().router.prefill_done(request, now)
     }
 
     /// Every worker in the router (local and remote).
@@ -396,6 +642,21 @@ impl FleetRouter {
         );
         let _ = writeln!(
             out,
+            "# HELP kvfleet_fleet_prefill_decisions_total How disaggregated models' requests \
+             were prefilled: on a prefill worker, or by the decode worker because the uncached \
+             prompt was short, the prefill worker's queue was full or none was ready.\n\
+             # TYPE kvfleet_fleet_prefill_decisions_total counter"
+        );
+        for decision in PrefillDecision::ALL {
+            let _ = writeln!(
+                out,
+                "kvfleet_fleet_prefill_decisions_total{{decision=\"{}\"}} {}",
+                decision.as_str(),
+                inner.prefill_decisions[decision.index()]
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP kvfleet_fleet_route_worker_total Fleet router picks by worker.\n\
              # TYPE kvfleet_fleet_route_worker_total counter"
         );
@@ -420,6 +681,43 @@ impl FleetRouter {
                 "kvfleet_fleet_router_stream_total{{what=\"{what}\"}} {n}"
             );
         }
+        out
+    }
+
+    /// Prometheus text for `/metrics`: every worker's load as this router weighs it (the
+    /// workers' published reports blended with this router's own decisions since), and how
+    /// many load reports the KV stream brought.
+    pub fn render_load_metrics(&self) -> String {
+        let inner = self.lock();
+        let mut out = String::from(
+            "# HELP kvfleet_fleet_router_worker_load A worker's load as this router weighs it: \
+             its last published report plus this router's decisions since.\n\
+             # TYPE kvfleet_fleet_router_worker_load gauge\n",
+        );
+        for worker in inner.router.workers() {
+            let Some(load) = inner.router.worker_load(worker) else {
+                continue;
+            };
+            for (kind, value) in [
+                ("prefill_tokens", load.prefill_tokens),
+                ("decode_blocks", load.decode_blocks),
+                ("queue_depth", u64::from(load.queue_depth)),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "kvfleet_fleet_router_worker_load{{worker=\"{worker}\",kind=\"{kind}\"}} {value}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP kvfleet_fleet_router_load_reports_total Worker load reports from the KV \
+             stream: applied, and expired (no newer report in time).\n\
+             # TYPE kvfleet_fleet_router_load_reports_total counter\n\
+             kvfleet_fleet_router_load_reports_total{{what=\"applied\"}} {}\n\
+             kvfleet_fleet_router_load_reports_total{{what=\"expired\"}} {}",
+            inner.follower.loads, inner.follower.loads_expired
+        );
         out
     }
 }
@@ -574,5 +872,443 @@ mod tests {
         assert_eq!(fleet.worker_blocks(WorkerId(2)), None);
         let d = fleet.select_local("a", &hashes(0), 256).expect("worker 1");
         assert_eq!(d.worker, WorkerId(1));
+    }
+
+    // ----- plan: the prefill/decode decision -------------------------------------------------
+
+    const OWN: uuid::Uuid = uuid::Uuid::from_u128(1);
+    const N2: uuid::Uuid = uuid::Uuid::from_u128(2);
+
+    fn worker(id: u64, model: &str, role: Role, state: WorkerState) -> WorkerStatus {
+        WorkerStatus {
+            role,
+            ..status(id, model, state)
+        }
+    }
+
+    fn remote(id: i64, role: WorkerRole, addr: Option<&str>) -> kvfleet_proto::api::FleetWorker {
+        kvfleet_proto::api::FleetWorker {
+            worker_id: id,
+            node_id: N2,
+            model: "a".into(),
+            role,
+            observed_state: ObservedWorkerState::Ready,
+            peer_addr: addr.map(str::to_owned),
+        }
+    }
+
+    fn policy(min: u32, max_queue: u32) -> DisaggregationPolicy {
+        DisaggregationPolicy {
+            min_remote_prefill_tokens: min,
+            max_prefill_queue_tokens: max_queue,
+            prefill_timeout_ms: 2000,
+        }
+    }
+
+    /// Model "a" served `mode` under `policy`, with these remote workers.
+    fn set_directory(
+        fleet: &FleetRouter,
+        mode: DeploymentMode,
+        policy: DisaggregationPolicy,
+        workers: Vec<kvfleet_proto::api::FleetWorker>,
+    ) {
+        fleet.set_directory(
+            &FleetDirectory {
+                workers,
+                models: vec![FleetModel {
+                    model: "a".into(),
+                    mode,
+                    disaggregation: policy,
+                }],
+            },
+            OWN,
+        );
+    }
+
+    /// `n` prompt tokens starting at `first` (distinct prompts for distinct `first`).
+    fn prompt(first: u32, n: u32) -> Vec<u32> {
+        (first..first + n).collect()
+    }
+
+    fn seq(tokens: &[u32]) -> Vec<SequenceHash> {
+        sequence_hashes(tokens, BlockSize::new(16).expect("valid"))
+    }
+
+    /// `worker` reports the full blocks of `tokens` stored in its G1 tier.
+    fn store(fleet: &FleetRouter, worker: u64, tokens: &[u32]) {
+        let blocks = kvfleet_proto::hash::block_hashes(tokens, BlockSize::new(16).expect("valid"));
+        fleet.with_router(|r| {
+            let event_id = r.next_event_id(WorkerId(worker)).expect("a known worker");
+            let event = kvfleet_proto::KvEvent {
+                worker: WorkerId(worker),
+                event_id,
+                tier: Tier::G1,
+                data: kvfleet_proto::kv_event::KvEventData::Stored {
+                    parent: None,
+                    blocks,
+                },
+            };
+            r.apply(&event, Duration::ZERO).expect("a valid event");
+        });
+    }
+
+    fn prefill_load(fleet: &FleetRouter, worker: u64) -> u64 {
+        fleet.with_router(|r| {
+            r.worker_load(WorkerId(worker))
+                .map_or(0, |l| l.prefill_tokens)
+        })
+    }
+
+    fn count(fleet: &FleetRouter, decision: PrefillDecision) -> u64 {
+        fleet
+            .prefill_decision_counts()
+            .into_iter()
+            .find(|(d, _)| *d == decision)
+            .map_or(0, |(_, n)| n)
+    }
+
+    /// Local decode worker 1 and local prefill worker 2 of model "a", disaggregated.
+    fn disaggregated(policy: DisaggregationPolicy) -> FleetRouter {
+        let fleet = FleetRouter::new(RoutingMode::Kv);
+        fleet.sync_local(&[
+            worker(1, "a", Role::Decode, WorkerState::Ready),
+            worker(2, "a", Role::Prefill, WorkerState::Ready),
+        ]);
+        set_directory(&fleet, DeploymentMode::Disaggregated, policy, Vec::new());
+        fleet
+    }
+
+    #[test]
+    fn an_aggregated_model_plans_no_prefill_worker() {
+        let fleet = FleetRouter::new(RoutingMode::Kv);
+        fleet.sync_local(&[
+            worker(1, "a", Role::Aggregated, WorkerState::Ready),
+            worker(2, "a", Role::Prefill, WorkerState::Ready),
+        ]);
+        set_directory(
+            &fleet,
+            DeploymentMode::Aggregated,
+            policy(0, 100_000),
+            Vec::new(),
+        );
+        let tokens = prompt(0, 1024);
+        let plan = fleet.plan("a", &seq(&tokens), 1024).expect("a plan");
+        assert_eq!(plan.decode.decision.worker, WorkerId(1));
+        assert!(plan.prefill.is_none());
+        assert_eq!(plan.policy, None);
+        assert_eq!(plan.prefill_decision, None);
+        assert_eq!(prefill_load(&fleet, 2), 0, "no prefill pick made");
+        assert!(fleet.prefill_decision_counts().iter().all(|(_, n)| *n == 0));
+        // A model the directory does not name is served aggregated too.
+        fleet.sync_local(&[worker(3, "b", Role::Decode, WorkerState::Ready)]);
+        let plan = fleet.plan("b", &seq(&tokens), 1024).expect("a plan");
+        assert!(plan.prefill.is_none() && plan.policy.is_none());
+        assert_eq!(fleet.model_serving("b"), None);
+        assert_eq!(
+            fleet.model_serving("a").map(|m| m.mode),
+            Some(DeploymentMode::Aggregated)
+        );
+    }
+
+    #[test]
+    fn prefill_decisions_table() {
+        // (what, policy, prompt tokens, tokens the decode worker caches, expected decision)
+        let rows = [
+            (
+                "short prompt",
+                policy(256, 16384),
+                128,
+                0,
+                PrefillDecision::LocalShort,
+            ),
+            (
+                "at the threshold",
+                policy(256, 16384),
+                256,
+                0,
+                PrefillDecision::Remote,
+            ),
+            (
+                "long prompt",
+                policy(256, 16384),
+                1024,
+                0,
+                PrefillDecision::Remote,
+            ),
+            (
+                "long, but the decode worker caches most of it",
+                policy(256, 16384),
+                1024,
+                800,
+                PrefillDecision::LocalShort,
+            ),
+            (
+                "long, the decode worker caches a little",
+                policy(256, 16384),
+                1024,
+                512,
+                PrefillDecision::Remote,
+            ),
+            (
+                "0: always remote",
+                policy(0, 16384),
+                16,
+                0,
+                PrefillDecision::Remote,
+            ),
+            (
+                "queue too small",
+                policy(0, 1000),
+                1024,
+                0,
+                PrefillDecision::LocalQueueFull,
+            ),
+            (
+                "queue just fits",
+                policy(0, 1024),
+                1024,
+                0,
+                PrefillDecision::Remote,
+            ),
+        ];
+        for (what, policy, tokens, cached, expected) in rows {
+            let fleet = disaggregated(policy);
+            let tokens = prompt(0, tokens);
+            store(&fleet, 1, &tokens[..cached]);
+            let plan = fleet
+                .plan("a", &seq(&tokens), tokens.len() as u32)
+                .expect("a plan");
+            assert_eq!(plan.decode.decision.worker, WorkerId(1), "{what}");
+            assert_eq!(plan.decode.target, Target::Local, "{what}");
+            assert_eq!(plan.policy, Some(policy), "{what}");
+            assert_eq!(plan.prefill_decision, Some(expected), "{what}");
+            assert_eq!(count(&fleet, expected), 1, "{what}");
+            match &plan.prefill {
+                Some(p) => {
+                    assert_eq!(expected, PrefillDecision::Remote, "{what}");
+                    assert_eq!(p.decision.worker, WorkerId(2), "{what}");
+                    assert_eq!(p.target, Target::Local, "{what}");
+                    assert_ne!(p.decision.request, plan.decode.decision.request, "{what}");
+                    assert_eq!(prefill_load(&fleet, 2), tokens.len() as u64, "{what}");
+                    fleet.finished(p.decision.request);
+                }
+                None => assert_ne!(expected, PrefillDecision::Remote, "{what}"),
+            }
+            // Nothing left counted on the prefill worker once the plan's picks are finished.
+            fleet.finished(plan.decode.decision.request);
+            assert_eq!(prefill_load(&fleet, 2), 0, "{what}");
+            assert_eq!(prefill_load(&fleet, 1), 0, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_full_prefill_queue_keeps_prefill_local_and_releases_the_prefill_pick() {
+        let fleet = disaggregated(policy(0, 1500));
+        let first = prompt(0, 1024);
+        let plan = fleet.plan("a", &seq(&first), 1024).expect("a plan");
+        let held = plan
+            .prefill
+            .expect("remote prefill while the queue is empty");
+        assert_eq!(prefill_load(&fleet, 2), 1024);
+        // The second prompt would take the prefill queue to 2048 > 1500: local, and the
+        // prefill worker's load is what it was (its pick was released at once).
+        let second = prompt(5000, 1024);
+        let plan = fleet.plan("a", &seq(&second), 1024).expect("a plan");
+        assert!(plan.prefill.is_none());
+        assert_eq!(plan.prefill_decision, Some(PrefillDecision::LocalQueueFull));
+        assert_eq!(prefill_load(&fleet, 2), 1024);
+        assert_eq!(count(&fleet, PrefillDecision::LocalQueueFull), 1);
+        // The decode worker prefills the second prompt itself: it counts there.
+        assert!(prefill_load(&fleet, 1) >= 1024);
+        // A published load counts as well: the queue stays full after the first pick ends.
+        fleet.finished(held.decision.request);
+        assert_eq!(prefill_load(&fleet, 2), 0);
+        fleet.with_router(|r| {
+            let load = kvfleet_kv_router::WorkerLoad {
+                prefill_tokens: 1000,
+                decode_blocks: 0,
+                queue_depth: 0,
+            };
+            r.apply_load(WorkerId(2), load, Duration::ZERO)
+                .expect("a known worker")
+        });
+        let plan = fleet
+            .plan("a", &seq(&prompt(9000, 1024)), 1024)
+            .expect("a plan");
+        assert_eq!(plan.prefill_decision, Some(PrefillDecision::LocalQueueFull));
+        assert_eq!(
+            prefill_load(&fleet, 2),
+            1000,
+            "the released pick left no load"
+        );
+        // Once the worker reports its queue drained, prefill goes remote again.
+        fleet.with_router(|r| {
+            r.apply_load(WorkerId(2), Default::default(), Duration::ZERO)
+                .expect("a known worker")
+        });
+        let plan = fleet
+            .plan("a", &seq(&prompt(9000, 1024)), 1024)
+            .expect("a plan");
+        assert_eq!(plan.prefill_decision, Some(PrefillDecision::Remote));
+        let metrics = fleet.render_metrics();
+        for line in [
+            "kvfleet_fleet_prefill_decisions_total{decision=\"remote\"} 2",
+            "kvfleet_fleet_prefill_decisions_total{decision=\"local_short\"} 0",
+            "kvfleet_fleet_prefill_decisions_total{decision=\"local_queue_full\"} 2",
+            "kvfleet_fleet_prefill_decisions_total{decision=\"local_no_prefill_worker\"} 0",
+            "# TYPE kvfleet_fleet_prefill_decisions_total counter",
+        ] {
+            assert!(metrics.contains(line), "{line} in\n{metrics}");
+        }
+        // Released picks are not counted as picks of the prefill worker.
+        assert!(
+            metrics.contains("kvfleet_fleet_route_worker_total{worker=\"w2\"} 2"),
+            "{metrics}"
+        );
+    }
+
+    #[test]
+    fn no_reachable_ready_prefill_worker_means_local_prefill() {
+        let fleet = FleetRouter::new(RoutingMode::Kv);
+        fleet.sync_local(&[
+            worker(1, "a", Role::Decode, WorkerState::Ready),
+            worker(2, "a", Role::Prefill, WorkerState::Starting),
+            worker(3, "b", Role::Prefill, WorkerState::Ready),
+        ]);
+        // A remote prefill worker with no peer address cannot be reached.
+        set_directory(
+            &fleet,
+            DeploymentMode::Disaggregated,
+            policy(0, 16384),
+            vec![remote(9, WorkerRole::Prefill, None)],
+        );
+        let plan = fleet
+            .plan("a", &seq(&prompt(0, 1024)), 1024)
+            .expect("a plan");
+        assert!(plan.prefill.is_none());
+        assert_eq!(
+            plan.prefill_decision,
+            Some(PrefillDecision::LocalNoPrefillWorker)
+        );
+        assert_eq!(count(&fleet, PrefillDecision::LocalNoPrefillWorker), 1);
+        // Once it has one, it is used, remotely.
+        set_directory(
+            &fleet,
+            DeploymentMode::Disaggregated,
+            policy(0, 16384),
+            vec![remote(9, WorkerRole::Prefill, Some("127.0.0.1:7500"))],
+        );
+        let plan = fleet
+            .plan("a", &seq(&prompt(0, 1024)), 1024)
+            .expect("a plan");
+        let prefill = plan.prefill.expect("the remote prefill worker");
+        assert_eq!(prefill.decision.worker, WorkerId(9));
+        assert_eq!(
+            prefill.target,
+            Target::Remote {
+                node: NodeId(N2),
+                addr: "127.0.0.1:7500".parse().expect("an address")
+            }
+        );
+    }
+
+    #[test]
+    fn a_prefill_worker_is_never_a_decode_pick() {
+        let fleet = FleetRouter::new(RoutingMode::Kv);
+        fleet.sync_local(&[worker(2, "a", Role::Prefill, WorkerState::Ready)]);
+        set_directory(
+            &fleet,
+            DeploymentMode::Disaggregated,
+            policy(0, 16384),
+            vec![remote(9, WorkerRole::Prefill, Some("127.0.0.1:7500"))],
+        );
+        let tokens = prompt(0, 512);
+        store(&fleet, 2, &tokens);
+        // Only prefill workers: nothing can decode.
+        assert!(fleet.plan("a", &seq(&tokens), 512).is_none());
+        assert!(fleet.select("a", &seq(&tokens), 512).is_none());
+        assert!(fleet.select_local("a", &seq(&tokens), 512).is_none());
+        // With a decode worker holding nothing, it decodes although prefill worker 2 holds the
+        // whole prompt; `select` makes no prefill pick.
+        fleet.sync_local(&[
+            worker(2, "a", Role::Prefill, WorkerState::Ready),
+            worker(1, "a", Role::Decode, WorkerState::Ready),
+        ]);
+        for _ in 0..4 {
+            let (d, target) = fleet.select("a", &seq(&tokens), 512).expect("worker 1");
+            assert_eq!((d.worker, target), (WorkerId(1), Target::Local));
+            let d = fleet
+                .select_local("a", &seq(&tokens), 512)
+                .expect("worker 1");
+            assert_eq!(d.worker, WorkerId(1));
+        }
+        assert_eq!(
+            (prefill_load(&fleet, 2), prefill_load(&fleet, 9)),
+            (0, 0),
+            "select plans no prefill"
+        );
+        assert!(fleet.prefill_decision_counts().iter().all(|(_, n)| *n == 0));
+        for _ in 0..4 {
+            let plan = fleet.plan("a", &seq(&tokens), 512).expect("a plan");
+            assert_eq!(plan.decode.decision.worker, WorkerId(1));
+            let prefill = plan.prefill.expect("a prefill pick");
+            assert_ne!(prefill.decision.worker, WorkerId(1));
+        }
+        assert_eq!(count(&fleet, PrefillDecision::Remote), 4);
+    }
+
+    #[test]
+    fn the_prefill_worker_holding_the_prefix_wins() {
+        let fleet = FleetRouter::new(RoutingMode::Kv);
+        fleet.sync_local(&[
+            worker(1, "a", Role::Decode, WorkerState::Ready),
+            worker(2, "a", Role::Prefill, WorkerState::Ready),
+        ]);
+        set_directory(
+            &fleet,
+            DeploymentMode::Disaggregated,
+            policy(256, 16384),
+            vec![remote(9, WorkerRole::Prefill, Some("127.0.0.1:7500"))],
+        );
+        // Remote prefill worker 9 holds the first 768 tokens of prompt A, local prefill worker
+        // 2 the first 768 of prompt B; the decode worker holds neither.
+        let (a, b) = (prompt(0, 1024), prompt(7000, 1024));
+        fleet.with_router(|r| {
+            r.add_worker(WorkerId(9), WorkerCapacity::default())
+                .expect("room for a worker")
+        });
+        store(&fleet, 9, &a[..768]);
+        store(&fleet, 2, &b[..768]);
+        for _ in 0..3 {
+            let plan = fleet.plan("a", &seq(&a), 1024).expect("a plan");
+            let p = plan.prefill.expect("remote prefill");
+            assert_eq!(p.decision.worker, WorkerId(9));
+            assert_eq!(p.decision.overlap_blocks, 48);
+            assert!(matches!(p.target, Target::Remote { .. }));
+            let plan = fleet.plan("a", &seq(&b), 1024).expect("a plan");
+            let p = plan.prefill.expect("remote prefill");
+            assert_eq!((p.decision.worker, p.target), (WorkerId(2), Target::Local));
+        }
+        // Unrelated prompts spread over both prefill workers by load.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..4 {
+            let tokens = prompt(20_000 + i * 2000, 1024);
+            let plan = fleet.plan("a", &seq(&tokens), 1024).expect("a plan");
+            seen.insert(plan.prefill.expect("remote prefill").decision.worker);
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+    }
+
+    #[test]
+    fn prefill_done_ends_the_prefill_part_of_a_decode_pick() {
+        let fleet = disaggregated(policy(0, 16384));
+        let tokens = prompt(0, 1024);
+        let plan = fleet.plan("a", &seq(&tokens), 1024).expect("a plan");
+        assert!(plan.prefill.is_some());
+        assert_eq!(prefill_load(&fleet, 1), 1024);
+        assert!(fleet.prefill_done(plan.decode.decision.request));
+        assert_eq!(prefill_load(&fleet, 1), 0);
+        fleet.finished(plan.decode.decision.request);
+        assert!(!fleet.prefill_done(plan.decode.decision.request), "ended");
     }
 }
