@@ -176,6 +176,54 @@ async fn deployments_apply_creates_updates_and_names_refused_fields() {
         (1.into(), 500.into())
     );
 
+    // The disaggregation policy comes from a `[disaggregation]` table; a bad value is refused
+    // with its field and line, a good one is applied.
+    let policy = |timeout: u32| {
+        DEPLOYMENT.replacen(
+            "max_workers = 2\n",
+            &format!(
+                "max_workers = 2\nmode = \"disaggregated\"\n\n[disaggregation]\n\
+                 min_remote_prefill_tokens = 64\nprefill_timeout_ms = {timeout}\n"
+            ),
+            1,
+        )
+    };
+    let too_short = cp.file("too-short.toml", &policy(5));
+    let run = cp.admin(&["deployments", "apply", "-f", &too_short]).await;
+    run.expect(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "{too_short}:10: disaggregation.prefill_timeout_ms:"
+        )),
+        "{run:?}"
+    );
+    let disaggregated = cp.file("disaggregated.toml", &policy(2000));
+    let run = cp
+        .admin(&["deployments", "apply", "-f", &disaggregated])
+        .await;
+    run.expect(0);
+    assert!(run.stderr.contains("deployment chat configured"), "{run:?}");
+    let got = cp
+        .admin(&["deployments", "get", "chat", "--json"])
+        .await
+        .json();
+    assert_eq!(got["mode"], "disaggregated");
+    assert_eq!(
+        got["disaggregation"],
+        serde_json::json!({
+            "min_remote_prefill_tokens": 64,
+            "max_prefill_queue_tokens": 16384,
+            "prefill_timeout_ms": 2000,
+        })
+    );
+    let run = cp.admin(&["deployments", "get", "chat"]).await;
+    run.expect(0);
+    assert!(
+        run.stdout
+            .contains("remote prefill from 64 uncached tokens"),
+        "{run:?}"
+    );
+
     // An unknown field (a typo) is refused by the server, by name.
     let typo = cp.file(
         "typo.toml",

@@ -6,7 +6,7 @@
 //! is printed with its line in the file.
 
 use clap::{Args, Subcommand};
-use kvfleet_proto::api::{Deployment, Model, ObservedWorkerState, Worker};
+use kvfleet_proto::api::{Deployment, DeploymentMode, Model, ObservedWorkerState, Worker};
 use reqwest::Method;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -52,9 +52,15 @@ POST /api/v1/deployments in TOML:
   allow_cpu = true              # may run in CPU slots (default: GPUs only)
   # gpu_name = "H100"
   # node_labels = { zone = "a" }
+  [disaggregation]              # optional; used when mode = "disaggregated"
+  min_remote_prefill_tokens = 256   # prefill on a prefill worker only when at least this many
+                                    # prompt tokens are not cached on the decode worker (0: always)
+  max_prefill_queue_tokens = 16384  # ...and the prefill worker's queue stays below this
+  prefill_timeout_ms = 30000        # 100..=600000; the decode worker prefills itself after this
 
 `apply` creates the deployment, or updates the one with the same name (the fields given;
-the model of a deployment cannot change). Only TOML syntax is checked here: the control
+a `[disaggregation]` table given replaces the whole policy, its absent keys taking their
+defaults; the model of a deployment cannot change). Only TOML syntax is checked here: the control
 plane validates the fields and every refused field is printed with its line.
 
 Examples:
@@ -274,6 +280,21 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
                 .await?;
             let (ready, live) = ready_count(&workers, d.id);
             let placement = serde_json::to_string(&d.placement).unwrap_or_default();
+            let policy = d.disaggregation;
+            // The policy only matters when the deployment is disaggregated; shown always, so a
+            // mode switch holds no surprise.
+            let disaggregation = format!(
+                "remote prefill from {} uncached tokens, prefill queue below {} tokens, \
+                 prefill timeout {} ms{}",
+                policy.min_remote_prefill_tokens,
+                policy.max_prefill_queue_tokens,
+                policy.prefill_timeout_ms,
+                if d.mode == DeploymentMode::Aggregated {
+                    " (unused: aggregated)"
+                } else {
+                    ""
+                }
+            );
             print_fields(&[
                 ("id", d.id.to_string()),
                 ("name", d.name.clone()),
@@ -287,6 +308,7 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
                 ("sla ttft", opt(d.sla.ttft_ms.map(|v| format!("{v} ms")))),
                 ("sla itl", opt(d.sla.itl_ms.map(|v| format!("{v} ms")))),
                 ("placement", placement),
+                ("disaggregation", disaggregation),
                 ("generation", d.generation.to_string()),
                 ("updated", output::timestamp(Some(d.updated_at))),
             ])?;
@@ -409,12 +431,14 @@ async fn apply_deployment(client: &Client, file: &Path, json: bool) -> Result<()
         after.min_workers,
         after.max_workers,
         &after.placement,
+        after.disaggregation,
     ) != (
         before.mode,
         before.sla,
         before.min_workers,
         before.max_workers,
         &before.placement,
+        before.disaggregation,
     );
     if changed {
         eprintln!("deployment {} configured", after.name);
@@ -499,5 +523,7 @@ mod tests {
         assert_eq!(locate(text, "min_workers"), None);
         let inline = "name = \"chat\"\nsla = { ttft_ms = 0 }\n";
         assert_eq!(locate(inline, "sla.ttft_ms"), Some(2));
+        let policy = "name = \"chat\"\n[disaggregation]\nmin_remote_prefill_tokens = 0\nprefill_timeout_ms = 5\n";
+        assert_eq!(locate(policy, "disaggregation.prefill_timeout_ms"), Some(4));
     }
 }

@@ -339,8 +339,8 @@ pub struct DisaggregationPolicy {
     /// decode worker does not already cache is at least this many tokens; shorter ones are
     /// prefilled by the decode worker. 0: always disaggregate. Default 256.
     pub min_remote_prefill_tokens: u32,
-    /// ...and only while the chosen prefill worker's queued prefill tokens plus this prompt stay
-    /// below this (at least 1). Default 16384.
+    /// ...and only while the chosen prefill worker's queued prefill tokens plus that uncached
+    /// part do not exceed this (at least 1). Default 16384.
     pub max_prefill_queue_tokens: u32,
     /// The decode worker prefills itself when the prefill leg has not finished (first token and
     /// KV blocks) within this long, 100..=600000 ms. Default 30000.
