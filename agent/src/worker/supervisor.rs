@@ -139,6 +139,8 @@ struct SlotState {
     starts: u64,
     /// The engine's KV layout, from the current incarnation's hello.
     kv_layout: Option<KvLayout>,
+    /// Status reports received, ever (all incarnations).
+    reports: u64,
 }
 
 /// One configured worker and its supervision state.
@@ -342,6 +344,7 @@ impl WorkerPool {
                     status: WireStatus::default(),
                     starts: 0,
                     kv_layout: None,
+                    reports: 0,
                 }),
                 stop: self.shutdown.child_token(),
                 draining: AtomicBool::new(false),
@@ -464,6 +467,14 @@ impl WorkerPool {
             blocks_imported: status.kv_blocks_imported,
             import_fallbacks: status.kv_import_fallbacks,
         })
+    }
+
+    /// How many status reports a worker has sent (every 250 ms while it runs): a caller that
+    /// needs a status taken after some moment waits for this to grow by two.
+    pub fn status_reports(&self, id: WorkerId) -> Option<u64> {
+        let slot = self.slot(id)?;
+        let reports = slot.state.lock().ok()?.reports;
+        Some(reports)
     }
 
     fn slot(&self, id: WorkerId) -> Option<Arc<Slot>> {
@@ -925,7 +936,10 @@ fn dispatch(
         }
         FrameKind::Status => {
             let status: WireStatus = frame.parse_json()?;
-            slot.set(|s| s.status = status);
+            slot.set(|s| {
+                s.status = status;
+                s.reports += 1;
+            });
         }
         FrameKind::Pong => {}
         other => anyhow::bail!("unexpected {other:?} frame from the worker"),
