@@ -470,6 +470,60 @@ async fn a_cancelled_prefill_frees_its_blocks_and_the_worker_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_crash_fails_the_generation_and_closes_the_block_receiver() {
+    let agent = mock_agent().await;
+    let pool = agent.running.pool.clone();
+    let p = prompt(9, 10_000);
+    let (mut generation, mut rx) = pool.submit_prefill(request("m", &p, 1, PREFILL)).unwrap();
+    // Killed during its second step, after the first step's blocks came.
+    let first = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .unwrap()
+        .expect("a first block");
+    assert_eq!(first.index, 0);
+    let pid = status(&pool, PREFILL).pid.expect("a running worker");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut received = 1;
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while rx.recv().await.is_some() {
+            received += 1;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the block receiver closes when the worker dies"
+    );
+    assert!(
+        received < p.len() / BLOCK,
+        "{received} blocks before the crash"
+    );
+    let mut failed = None;
+    while let Some(event) = generation.events.recv().await {
+        if let GenEvent::Failed(message) = event {
+            failed = Some(message);
+        }
+    }
+    let message = failed.expect("the generation fails");
+    assert!(message.contains("worker w1"), "{message}");
+    generation.done();
+    // The worker comes back and serves prefills again.
+    wait(&pool, "the prefill worker restarted", |p| {
+        status(p, PREFILL).state == kvfleet_agent::backend::WorkerState::Ready
+            && status(p, PREFILL).starts == 2
+    })
+    .await;
+    let q = prompt(10, 40);
+    let next = prefill(&pool, "m", &q).await;
+    check_blocks(&pool, &q, &next.blocks);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handoff_works_on_the_mock_engine() {
     let agent = mock_agent().await;
     let pool = agent.running.pool.clone();

@@ -460,10 +460,16 @@ impl WorkerEngine {
     fn exports(&mut self) -> (Vec<Output>, Vec<Output>) {
         let mut parts = Vec::new();
         let mut failed = Vec::new();
+        let block_size = self.engine.kv_layout().block_size.tokens();
+        // Requests with prompt blocks still to send (a decoding one has sent them all).
         let mut seqs: Vec<u64> = self
             .by_seq
             .iter()
-            .filter(|(_, r)| r.export.is_some())
+            .filter(|(_, r)| {
+                r.export
+                    .as_ref()
+                    .is_some_and(|e| e.sent < e.prompt.len() / block_size)
+            })
             .map(|(&seq, _)| seq)
             .collect();
         // Deterministic order across requests (within one, blocks are always in order).
