@@ -640,7 +640,7 @@ impl Disagg {
         });
         let state = PrefillStream {
             generation,
-            transfer: AbortOnDrop(transfer),
+            _transfer: AbortOnDrop(transfer),
             report: Some(report_rx),
             completion: 0,
             ended: false,
@@ -729,7 +729,8 @@ impl Disagg {
 /// generation) and the transfer.
 struct PrefillStream {
     generation: Generation,
-    transfer: AbortOnDrop,
+    /// Held for its drop: the transfer ends with the stream.
+    _transfer: AbortOnDrop,
     report: Option<oneshot::Receiver<KvPushReport>>,
     completion: u32,
     ended: bool,
@@ -846,5 +847,98 @@ fn render_peer(out: &mut String, m: &kvfleet_peer::MetricsSnapshot) {
             "kvfleet_peer_errors_total{{kind=\"{}\"}} {count}",
             kind.as_str()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvfleet_proto::{BlockSize, KvDtype};
+
+    fn layout() -> KvLayout {
+        KvLayout {
+            model: "m".into(),
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            dtype: KvDtype::F32,
+            block_size: BlockSize::new(4).unwrap(),
+        }
+    }
+
+    fn peer(node: NodeId) -> PeerInfo {
+        PeerInfo {
+            node_id: node,
+            serial: "01".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    fn block(index: u32, hash: u64) -> KvBlock {
+        KvBlock {
+            index,
+            hash: SequenceHash(hash),
+            data: Bytes::from(vec![index as u8; layout().block_bytes()]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transfer_takes_only_its_prompts_blocks_from_its_prefill_node() {
+        let transfers = Arc::new(Transfers::default());
+        let prefill = NodeId::from_uuid(uuid::Uuid::from_u128(1));
+        let stranger = NodeId::from_uuid(uuid::Uuid::from_u128(2));
+        let hashes = vec![SequenceHash(10), SequenceHash(11), SequenceHash(12)];
+        let guard = transfers.register("t".into(), prefill, layout(), hashes);
+
+        assert_eq!(transfers.expect(&peer(prefill), "t"), Some(layout()));
+        assert_eq!(transfers.expect(&peer(stranger), "t"), None, "another node");
+        assert_eq!(
+            transfers.expect(&peer(prefill), "other"),
+            None,
+            "unknown id"
+        );
+
+        // Out of order across streams is fine; what is kept is contiguous from block 0.
+        transfers.import("t", block(1, 11)).await.unwrap();
+        transfers.import("t", block(0, 10)).await.unwrap();
+        let wrong_hash = transfers.import("t", block(2, 99)).await.unwrap_err();
+        assert_eq!(wrong_hash.code, ErrorCode::ImportFailed);
+        let beyond = transfers.import("t", block(3, 13)).await.unwrap_err();
+        assert_eq!(beyond.code, ErrorCode::ImportFailed);
+        let unknown = transfers.import("nope", block(0, 10)).await.unwrap_err();
+        assert_eq!(unknown.code, ErrorCode::UnknownRequest);
+        transfers.stream_finished("t", Err(ErrorMessage::new(ErrorCode::Truncated, "cut")));
+
+        let received = transfers.take(guard);
+        assert_eq!(received.blocks.len(), 2);
+        assert_eq!(received.blocks[1][0], 1);
+        assert_eq!(received.bytes, 2 * layout().block_bytes() as u64);
+        assert_eq!(transfers.pending(), 0);
+        let mut text = String::new();
+        transfers.render(&mut text);
+        assert!(
+            text.contains("kvfleet_disagg_transfer_refused_blocks_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvfleet_disagg_transfer_failed_streams_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvfleet_disagg_transfer_blocks_total 2"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_registration_refuses_late_blocks() {
+        let transfers = Arc::new(Transfers::default());
+        let node = NodeId::from_uuid(uuid::Uuid::from_u128(1));
+        let guard = transfers.register("t".into(), node, layout(), vec![SequenceHash(10)]);
+        drop(guard);
+        assert_eq!(transfers.pending(), 0);
+        assert_eq!(transfers.expect(&peer(node), "t"), None);
+        let late = transfers.import("t", block(0, 10)).await.unwrap_err();
+        assert_eq!(late.code, ErrorCode::UnknownRequest);
     }
 }

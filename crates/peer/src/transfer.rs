@@ -203,7 +203,8 @@ impl PeerConnection {
         let block_bytes = layout
             .checked_block_bytes()
             .ok_or_else(|| PeerError::Identity("the KV layout has no valid block size".into()))?;
-        let source = Mutex::new(blocks);
+        // Several writers pull from it, and each one asks again after another saw the end.
+        let source = Mutex::new(blocks.fuse());
         let streams = options.streams.max(1);
         // Every stream is accepted before any block is pulled: a refusal costs the producer
         // nothing, and no early stream takes every block while the others are handshaking.
