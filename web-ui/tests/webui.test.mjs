@@ -123,10 +123,12 @@ describe('admin web UI', { skip: skip || false }, () => {
     await page.getByLabel('Min workers', { exact: true }).fill('3');
     await page.getByLabel('Max workers', { exact: true }).fill('1');
     await page.getByLabel('TTFT target (ms)', { exact: true }).fill('-5');
+    await page.getByLabel('Prefill timeout (ms)', { exact: true }).fill('50');
     await page.getByRole('button', { name: 'Create deployment' }).click();
     await waitText('#f-min-workers-error', /must not exceed max_workers/, 'the min_workers error');
     assert.match(await text('#f-name-error'), /must match/);
     assert.match(await text('#f-sla-ttft-ms-error'), /above 0/);
+    assert.match(await text('#f-disaggregation-prefill-timeout-ms-error'), /from 100 to 600000/);
     for (const label of ['Name', 'Min workers', 'TTFT target (ms)']) {
       assert.equal(await page.getByLabel(label, { exact: true }).getAttribute('aria-invalid'), 'true', label);
     }
@@ -144,6 +146,7 @@ describe('admin web UI', { skip: skip || false }, () => {
     await page.getByLabel('Max workers', { exact: true }).fill('3');
     await page.getByLabel('TTFT target (ms)', { exact: true }).fill('500');
     await page.getByLabel('ITL target (ms)', { exact: true }).fill('50');
+    await page.getByLabel('Prefill timeout (ms)', { exact: true }).fill('2000');
     await page.getByRole('button', { name: 'Create deployment' }).click();
     await page.locator('tr[data-deployment="chat"]').waitFor();
     assert.equal(await page.locator('.field-error:not([hidden])').count(), 0);
@@ -169,6 +172,8 @@ describe('admin web UI', { skip: skip || false }, () => {
   it('shows a deployment with charts and placement decisions', async () => {
     await page.locator('tr[data-deployment="chat"] a').first().click();
     await page.getByRole('heading', { name: 'Deployment chat' }).waitFor();
+    // The policy set in the form, with the defaults for the fields left empty.
+    assert.match(await text('dl.kv'), /remote prefill from 256 uncached tokens, prefill queue ≤ 16384 tokens, timeout 2000 ms \(unused while aggregated\)/);
     await waitFor(async () => (await page.locator('svg.chart path.line').count()) >= 3, { what: 'deployment charts', timeout: 20_000 });
     await page.locator('li[data-action="worker.create"]').first().waitFor();
     await shot('06-deployment-detail');

@@ -82,10 +82,20 @@ export async function mount(ctx) {
   }, 5000);
 }
 
+function disaggregationText(d) {
+  const p = d.disaggregation;
+  if (!p) return '—';
+  const text = `remote prefill from ${p.min_remote_prefill_tokens} uncached tokens, prefill queue ≤ ${p.max_prefill_queue_tokens} tokens, timeout ${p.prefill_timeout_ms} ms`;
+  return d.mode === 'disaggregated' ? text : `${text} (unused while aggregated)`;
+}
+
 function deploymentForm(ctx, models, existing, done) {
   const editing = Boolean(existing);
   const d = existing || { name: '', model: models[0]?.name || '', mode: 'aggregated', min_workers: 1, max_workers: 1, sla: {}, placement: {} };
   const labels = Object.entries(d.placement.node_labels || {}).map(([k, v]) => `${k}=${v}`).join(', ');
+  // Older control planes send no policy: the fields start empty (the server's defaults).
+  const policy = d.disaggregation || {};
+  const policyValue = (key) => (policy[key] === undefined ? '' : String(policy[key]));
   const form = h('form', { class: 'card', novalidate: true, 'aria-labelledby': 'h-form', dataset: editing ? { editing: d.id } : {} },
     h('h2', { id: 'h-form' }, editing ? `Edit deployment ${d.name}` : 'Create a deployment'),
     h('div', { class: 'fields' },
@@ -101,6 +111,10 @@ function deploymentForm(ctx, models, existing, done) {
       field({ label: 'GPU name contains', name: 'placement.gpu_name', value: d.placement.gpu_name || '', hint: 'e.g. H100; empty: any' }),
       field({ label: 'Node labels', name: 'placement.node_labels', value: labels, hint: 'key=value, comma separated' }),
       field({ label: 'May run on CPU slots', name: 'placement.allow_cpu', type: 'checkbox', value: Boolean(d.placement.allow_cpu) }))),
+    h('fieldset', {}, h('legend', {}, 'Disaggregation (disaggregated mode)'), h('div', { class: 'fields' },
+      field({ label: 'Remote prefill from (tokens)', name: 'disaggregation.min_remote_prefill_tokens', type: 'number', value: policyValue('min_remote_prefill_tokens'), min: 0, hint: 'uncached prompt tokens; 0: always; empty: 256' }),
+      field({ label: 'Prefill queue limit (tokens)', name: 'disaggregation.max_prefill_queue_tokens', type: 'number', value: policyValue('max_prefill_queue_tokens'), min: 1, hint: 'empty: 16384' }),
+      field({ label: 'Prefill timeout (ms)', name: 'disaggregation.prefill_timeout_ms', type: 'number', value: policyValue('prefill_timeout_ms'), min: 100, hint: '100 to 600000; empty: 30000' }))),
     formError(),
     h('div', { class: 'actions' },
       h('button', { type: 'submit' }, editing ? 'Save changes' : 'Create deployment'),
@@ -135,10 +149,16 @@ function deploymentForm(ctx, models, existing, done) {
         gpu_name: el['placement.gpu_name'].value.trim() || null,
         allow_cpu: el['placement.allow_cpu'].checked,
       },
+      disaggregation: {
+        min_remote_prefill_tokens: int('disaggregation.min_remote_prefill_tokens'),
+        max_prefill_queue_tokens: int('disaggregation.max_prefill_queue_tokens'),
+        prefill_timeout_ms: int('disaggregation.prefill_timeout_ms'),
+      },
     };
     // Absent means "the default" for create; the server says which values it cannot take.
     for (const k of ['min_workers', 'max_workers']) if (body[k] === null) delete body[k];
     if (body.placement.gpu_name === null) delete body.placement.gpu_name;
+    for (const k of Object.keys(body.disaggregation)) if (body.disaggregation[k] === null) delete body.disaggregation[k];
     try {
       if (editing) {
         await apiPatch(`/deployments/${d.id}`, body);
@@ -176,6 +196,7 @@ export async function mountDetail(ctx) {
       h('dt', {}, 'Workers'), h('dd', {}, `${readyText(d, workers)} (min ${d.min_workers}, max ${d.max_workers})`),
       h('dt', {}, 'SLA'), h('dd', {}, slaText(d)),
       h('dt', {}, 'Placement'), h('dd', { class: 'mono' }, JSON.stringify(d.placement)),
+      h('dt', {}, 'Disaggregation'), h('dd', {}, disaggregationText(d)),
       h('dt', {}, 'Generation'), h('dd', {}, String(d.generation)),
       h('dt', {}, 'Created'), h('dd', {}, time(d.created_at))));
     patch(slots.workers, workersTable(workers, { nodes, gpus, deployments: [d] }));
