@@ -13,7 +13,8 @@
 //! when an engine (re)starts, and when [`Uploader::loads_due`] sample the local workers' live
 //! loads into [`Uploader::set_loads`]; loop { `poll(now)` → send the batch → `on_sent(result)`
 //! or `on_failed(retryable)`; sleep until `next_wakeup()` or the next event }. Loads go out
-//! every `load_interval` whether or not events do, in the same upload.
+//! every `load_interval` whether or not events do, in the same upload, and at once when a
+//! worker goes idle.
 //!
 //! Driving the follower: loop { match `next_request()` { `Snapshot` → GET kv-snapshot →
 //! `on_snapshot`, `Stream { after, loads_after }` → GET
@@ -25,7 +26,7 @@
 //! router's own decisions cover the round trip). A worker whose reports stop for `load_ttl`
 //! stops counting: its last report is replaced by an empty one dated as it was.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use kvfleet_kv_router::{
@@ -61,9 +62,11 @@ pub struct UploaderConfig {
     pub retry_base: Duration,
     /// ...up to this.
     pub retry_max: Duration,
-    /// How often the local workers' loads are sampled and sent (with the events due then, or
-    /// alone).
+    /// How often the local workers' loads are sent (with the events due then, or alone).
     pub load_interval: Duration,
+    /// How often they are sampled: a sample in which a worker went idle is sent at once
+    /// rather than at the next `load_interval`, so routers stop counting finished work soon.
+    pub load_probe: Duration,
 }
 
 impl Default for UploaderConfig {
@@ -76,6 +79,7 @@ impl Default for UploaderConfig {
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             load_interval: Duration::from_millis(500),
+            load_probe: Duration::from_millis(50),
         }
     }
 }
@@ -139,6 +143,9 @@ pub struct Uploader {
     samples: u64,
     /// When the next sample is due (`None`: none taken yet, due now).
     next_sample: Option<Duration>,
+    /// When the last sample was taken for sending, and which workers were busy in it.
+    last_taken: Option<Duration>,
+    busy: HashSet<WorkerId>,
 }
 
 impl Uploader {
@@ -160,6 +167,8 @@ impl Uploader {
             loads_sending: None,
             samples: 0,
             next_sample: None,
+            last_taken: None,
+            busy: HashSet::new(),
         }
     }
 
@@ -168,14 +177,34 @@ impl Uploader {
         self.next_sample.is_none_or(|at| now >= at)
     }
 
-    /// The local workers' live loads, sampled at `now`: they go out with the next batch,
-    /// replacing any older sample not yet answered (only the latest figures matter). An
-    /// empty sample (no serving workers) sends nothing.
+    /// The local workers' live loads, sampled at `now`. Taken for sending every
+    /// `load_interval`, or at once when a worker that was busy in the last sample taken is idle
+    /// in this one (a router would otherwise go on counting work that has ended); a sample
+    /// taken goes out with the next batch, replacing any older one not yet answered (only the
+    /// latest figures matter). An empty sample (no serving workers) sends nothing.
     pub fn set_loads(&mut self, loads: Vec<WorkerLoadReport>, now: Duration) {
-        self.next_sample = Some(now + self.config.load_interval.max(Duration::from_millis(1)));
+        self.next_sample = Some(now + self.config.load_probe.max(Duration::from_millis(1)));
         if loads.is_empty() {
             return;
         }
+        let is_idle = |l: &WorkerLoadReport| {
+            l.prefill_tokens == 0 && l.decode_blocks == 0 && l.queue_depth == 0
+        };
+        let went_idle = loads
+            .iter()
+            .any(|l| is_idle(l) && self.busy.contains(&l.worker));
+        let due = self
+            .last_taken
+            .is_none_or(|at| now.saturating_sub(at) >= self.config.load_interval);
+        if !(due || went_idle) {
+            return;
+        }
+        self.busy = loads
+            .iter()
+            .filter(|l| !is_idle(l))
+            .map(|l| l.worker)
+            .collect();
+        self.last_taken = Some(now);
         self.samples += 1;
         self.loads = Some((loads, now, self.samples));
     }
@@ -1231,11 +1260,12 @@ mod tests {
     }
 
     #[test]
-    fn loads_are_sampled_every_interval_and_sent_with_or_without_events() {
+    fn loads_are_sent_every_interval_with_or_without_events() {
         let mut up = uploader(10, 100);
         assert!(up.loads_due(ms(0)), "the first sample is due at once");
         up.set_loads(vec![report(1, 3, 0), report(2, 0, 0)], ms(0));
-        assert!(!up.loads_due(ms(499)));
+        assert!(!up.loads_due(ms(99)));
+        assert!(up.loads_due(ms(100)), "sampled every probe interval");
         assert_eq!(up.next_wakeup(), Some(Duration::ZERO), "loads wait");
         // No events: the loads go alone, aged by the time since sampling.
         let batch = up.poll(ms(5)).unwrap();
@@ -1259,18 +1289,44 @@ mod tests {
         assert_eq!(retry.loads, vec![report(1, 9, 120)]);
         assert_eq!(retry.events.len(), 1);
         up.on_sent(&ok(1));
-        // Nothing waits now: the next wakeup is the next sample.
         assert!(up.poll(ms(630)).is_none());
-        assert_eq!(up.next_wakeup(), Some(ms(1000)));
         // A node with no serving worker sends no empty load batches.
         up.set_loads(vec![], ms(1000));
         assert!(up.poll(ms(1000)).is_none());
-        assert_eq!(up.next_wakeup(), Some(ms(1500)));
+        assert_eq!(up.next_wakeup(), Some(ms(1100)), "the next probe");
         // A refused batch (4xx) drops its sample too.
-        up.set_loads(vec![report(2, 1, 0)], ms(1500));
-        assert!(up.poll(ms(1500)).is_some());
-        up.on_failed(false, ms(1510));
-        assert!(up.poll(ms(1520)).is_none());
+        up.set_loads(vec![report(2, 1, 0)], ms(1100));
+        assert!(up.poll(ms(1100)).is_some());
+        up.on_failed(false, ms(1110));
+        assert!(up.poll(ms(1120)).is_none());
+    }
+
+    #[test]
+    fn a_worker_going_idle_is_reported_at_once() {
+        let idle = |worker| WorkerLoadReport {
+            worker: WorkerId(worker),
+            prefill_tokens: 0,
+            decode_blocks: 0,
+            queue_depth: 0,
+            age_ms: 0,
+        };
+        let mut up = uploader(10, 100);
+        up.set_loads(vec![report(1, 5, 0), idle(2)], ms(1000));
+        up.poll(ms(1000)).unwrap();
+        up.on_sent(&ok(0));
+        // Figures that merely change wait for the interval...
+        up.set_loads(vec![report(1, 6, 0), idle(2)], ms(1100));
+        assert!(up.poll(ms(1100)).is_none());
+        // ...but worker 1 finishing its work goes out at the next probe.
+        up.set_loads(vec![idle(1), idle(2)], ms(1200));
+        let batch = up.poll(ms(1200)).unwrap();
+        assert_eq!(batch.loads, vec![idle(1), idle(2)]);
+        up.on_sent(&ok(0));
+        // Idle stays idle: nothing new until the interval.
+        up.set_loads(vec![idle(1), idle(2)], ms(1300));
+        assert!(up.poll(ms(1300)).is_none());
+        up.set_loads(vec![idle(1), idle(2)], ms(1700));
+        assert!(up.poll(ms(1700)).is_some(), "every interval regardless");
     }
 
     fn uploader(max_batch: usize, max_buffered: usize) -> Uploader {
@@ -1282,6 +1338,7 @@ mod tests {
             retry_base: ms(100),
             retry_max: ms(1000),
             load_interval: ms(500),
+            load_probe: ms(100),
         })
     }
 

@@ -921,6 +921,18 @@ fn load_report(w: &crate::backend::WorkerStatus) -> Option<WorkerLoadReport> {
     if !matches!(w.state, WorkerState::Ready | WorkerState::Draining) {
         return None;
     }
+    // The pool knows at once when a worker's last request ended; the worker's own figures
+    // catch up only with its next status (every 250 ms). Idle is idle: report it exactly, so
+    // routers stop counting finished work as soon as possible.
+    if w.outstanding == 0 {
+        return Some(WorkerLoadReport {
+            worker: w.id,
+            prefill_tokens: 0,
+            decode_blocks: 0,
+            queue_depth: 0,
+            age_ms: 0,
+        });
+    }
     Some(WorkerLoadReport {
         worker: w.id,
         prefill_tokens: w.prefill_tokens,

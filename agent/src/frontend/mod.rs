@@ -1079,6 +1079,7 @@ async fn metrics(State(frontend): State<Arc<Frontend>>) -> Response {
     let mut body = frontend.metrics.render(&workers, gpus.as_ref());
     if let Some(fleet) = &frontend.fleet {
         body.push_str(&fleet.render_metrics());
+        body.push_str(&fleet.render_load_metrics());
     }
     if let Some(disagg) = &frontend.disagg {
         body.push_str(&disagg.render_metrics());
