@@ -296,6 +296,27 @@ async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
     }
 }
 
+/// Waits until every router sees `worker` idle: its published load and the router's own
+/// decisions since both at zero. Requests sent back to back otherwise meet a load report
+/// taken while the previous one ran (reports lag up to about a second), and the router
+/// rightly weighs that running request against the prefix it holds.
+async fn wait_idle_everywhere(agents: &[Agent], worker: WorkerId) {
+    wait_for(
+        "every router to see the worker idle",
+        Duration::from_secs(5),
+        || async {
+            agents.iter().all(|a| {
+                fleet(a)
+                    .with_router(|r| r.worker_load(worker))
+                    .is_none_or(|l| {
+                        l.prefill_tokens + l.decode_blocks + u64::from(l.queue_depth) == 0
+                    })
+            })
+        },
+    )
+    .await;
+}
+
 /// `name{label}` counters summed from one `/metrics` text, keyed by the label's value.
 fn counters(text: &str, name: &str, label: &str) -> std::collections::BTreeMap<String, u64> {
     let prefix = format!("{name}{{{label}=\"");
@@ -390,10 +411,12 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
     for agent in &agents {
         hits_before.push(prefix_hit_tokens(agent).await);
     }
-    // The same prefix with different questions, entering every frontend: all go to the
-    // holder's worker (the other nodes forward them), and all succeed.
+    // The same prefix with different questions, entering every frontend one after the other:
+    // with the holder idle, all go to its worker (the other nodes forward them), and all
+    // succeed.
     for round in 0..2 {
         for (k, agent) in agents.iter().enumerate() {
+            wait_idle_everywhere(&agents, ids[h]).await;
             let prompt = format!("{prefix}Question {round}-{k}?");
             assert_completion(&agent.name, &complete(agent.addr, &prompt).await);
         }
@@ -442,6 +465,7 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
     // client goes away after the first chunk: the holder's worker stops generating at once
     // (80 tokens at 10 ms would take 0.8 s).
     let entry = &agents[(h + 1) % 3];
+    wait_idle_everywhere(&agents, ids[h]).await;
     let mut response = reqwest::Client::new()
         .post(format!("http://{}/v1/chat/completions", entry.addr))
         .json(&json!({
@@ -557,4 +581,213 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// A chat completion of `max_tokens` from `agent_addr`'s frontend, allowed `timeout`.
+async fn chat(
+    agent_addr: SocketAddr,
+    content: &str,
+    max_tokens: u32,
+    timeout: Duration,
+) -> (StatusCode, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{agent_addr}/v1/chat/completions"))
+        .json(&json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+        }))
+        .timeout(timeout)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// `name{worker="W",kind="K"} value` gauges from one `/metrics` text.
+fn worker_gauge(text: &str, name: &str, worker: WorkerId, kind: &str) -> Option<u64> {
+    let prefix = format!("{name}{{worker=\"{worker}\",kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workers_published_load_steers_other_frontends_away_from_it() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // Tokens take 40 ms: the busy requests below run for about 5 s.
+    let setup = AgentSetup {
+        mock_token_time_us: 40_000,
+        peer_on_loopback: true,
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let names = ["kvl-node-a", "kvl-node-b", "kvl-node-c"];
+    let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
+    let mut agents = Vec::new();
+    for (k, (name, dir)) in names.iter().zip(&dirs).enumerate() {
+        let mut toml = Agent::config(name, &cp, &join, dir, setup);
+        if k == 0 {
+            // Node a's frontend serves on its own worker only: its clients keep that worker
+            // busy where the other nodes' routers cannot see it except through its load.
+            toml = toml.replace("[peer]\n", "[peer]\nforward = false\n");
+        }
+        agents.push(Agent::launch(name, toml).await);
+    }
+    wait_nodes_healthy(&cp, &admin, &names).await;
+    deploy(&cp, &admin, 3).await;
+    wait_for(
+        "a ready worker on each agent",
+        Duration::from_secs(60),
+        || async { agents.iter().all(|a| a.ready_workers() == 1) },
+    )
+    .await;
+    let ids: Vec<WorkerId> = agents.iter().map(|a| worker_ids(a)[0]).collect();
+    let busy_worker = ids[0];
+    wait_for(
+        "every router to know every worker and peer",
+        Duration::from_secs(20),
+        || async {
+            agents.iter().all(|a| {
+                let remote = fleet(a).remote_workers();
+                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
+            })
+        },
+    )
+    .await;
+
+    // Six long, slow requests from node a's clients keep its worker busy.
+    const BUSY: usize = 6;
+    const BUSY_TOKENS: u32 = 120;
+    let mut busy = Vec::new();
+    for i in 0..BUSY {
+        let addr = agents[0].addr;
+        busy.push(tokio::spawn(async move {
+            let prompt = format!(
+                "busy request {i}: {}",
+                "tell a story about the fleet. ".repeat(3)
+            );
+            chat(addr, &prompt, BUSY_TOKENS, Duration::from_secs(30)).await
+        }));
+    }
+    wait_for(
+        "node a's worker to run the busy requests",
+        Duration::from_secs(5),
+        || async { outstanding(&agents[0]) == BUSY || busy.iter().any(|t| t.is_finished()) },
+    )
+    .await;
+    if let Some(done) = busy.iter_mut().find(|t| t.is_finished()) {
+        panic!("a busy request ended early: {:?}", done.await.unwrap());
+    }
+    // Nodes b and c routed none of them, yet their routers learn the worker's load from the
+    // KV stream within about a second (500 ms reports, pages at most every 250 ms).
+    let published = std::time::Instant::now();
+    for agent in &agents[1..] {
+        wait_for(
+            "the busy worker's published load in the other routers",
+            Duration::from_secs(5),
+            || async {
+                fleet(agent)
+                    .with_router(|r| r.worker_load(busy_worker))
+                    .is_some_and(|load| load.decode_blocks >= 2 * BUSY as u64)
+            },
+        )
+        .await;
+    }
+    println!(
+        "the busy worker's load reached nodes b and c {:.0} ms after the busy requests ran",
+        published.elapsed().as_secs_f64() * 1000.0
+    );
+    let text = metrics(&agents[1]).await;
+    let gauge = worker_gauge(
+        &text,
+        "kvfleet_fleet_router_worker_load",
+        busy_worker,
+        "decode_blocks",
+    );
+    assert!(
+        gauge.is_some_and(|blocks| blocks >= 2 * BUSY as u64),
+        "node b's /metrics shows the busy worker's load: {gauge:?}"
+    );
+    let applied = counters(&text, "kvfleet_fleet_router_load_reports_total", "what");
+    assert!(
+        applied.get("applied").is_some_and(|n| *n > 0),
+        "{applied:?}"
+    );
+
+    println!(
+        "the busy worker's load in node b's router: {:?}",
+        fleet(&agents[1]).with_router(|r| r.worker_load(busy_worker))
+    );
+    // Unrelated requests, 8 at once into each of nodes b and c: they avoid the busy worker.
+    let (_, before) = route_counts(&agents).await;
+    let mut tasks = Vec::new();
+    for (k, agent) in agents.iter().enumerate().skip(1) {
+        for i in 0..8 {
+            let addr = agent.addr;
+            let prompt = format!(
+                "{} unrelated request {k}-{i} with enough text to fill a block or two",
+                uuid::Uuid::new_v4()
+            );
+            tasks.push(tokio::spawn(async move { complete(addr, &prompt).await }));
+        }
+    }
+    for task in tasks {
+        assert_completion("unrelated", &task.await.unwrap());
+    }
+    let (_, after) = route_counts(&agents).await;
+    let spread: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let key = id.to_string();
+            after.get(&key).copied().unwrap_or(0) - before.get(&key).copied().unwrap_or(0)
+        })
+        .collect();
+    println!("unrelated requests per worker (node a's first): {spread:?}");
+    assert_eq!(
+        spread.iter().sum::<u64>(),
+        16,
+        "all routed by b's and c's routers"
+    );
+    // Its fair share would be 16 / 3, about 5; blind to its load, b and c would each send
+    // it about a third of theirs.
+    assert!(
+        spread[0] <= 1,
+        "the busy worker got {} of 16 unrelated requests: {spread:?}",
+        spread[0]
+    );
+    assert!(
+        outstanding(&agents[0]) >= BUSY,
+        "the busy requests were still running while the others were routed"
+    );
+    for task in busy {
+        let answer = task.await.unwrap();
+        println!("busy request usage: {}", answer.1["usage"]);
+        assert_completion_of("busy", &answer, u64::from(BUSY_TOKENS));
+    }
+    let stats = api(reqwest::Method::GET, &cp.url("/kv/stats"), &admin, None).await;
+    assert!(
+        stats.1["counters"]["loads_received"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        stats.1
+    );
+    assert_eq!(stats.1["counters"]["loads_rejected"], 0, "{}", stats.1);
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    cp.stop().await;
+    db.drop_now().await;
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn assert_completion_of(who: &str, (status, body): &(StatusCode, serde_json::Value), n: u64) {
+    assert_eq!(*status, StatusCode::OK, "{who}: {body}");
+    assert_eq!(body["usage"]["completion_tokens"], n, "{who}: {body}");
 }

@@ -159,8 +159,8 @@ async fn follow_once(
 ) -> bool {
     let url = match follower.next_request() {
         FollowerRequest::Snapshot => format!("{base}/agent/kv-snapshot"),
-        FollowerRequest::Stream { after } => {
-            format!("{base}/agent/kv-stream?after={after}&wait_s=1")
+        FollowerRequest::Stream { after, loads_after } => {
+            format!("{base}/agent/kv-stream?after={after}&loads_after={loads_after}&wait_s=1")
         }
     };
     let response = client

@@ -200,13 +200,25 @@ impl Agent {
         state_dir: &PathBuf,
         setup: AgentSetup,
     ) -> Self {
+        Self::launch(name, Self::config(name, cp, join_token, state_dir, setup)).await
+    }
+
+    /// The configuration [`Agent::start`] runs with, for tests that change a line of it
+    /// before [`Agent::launch`] (the `[peer]` table, when present, is its last).
+    pub fn config(
+        name: &str,
+        cp: &ControlPlane,
+        join_token: &str,
+        state_dir: &PathBuf,
+        setup: AgentSetup,
+    ) -> String {
         let sockets = temp_dir("sockets");
         let peer = if setup.peer_on_loopback {
             "[peer]\nlisten = \"127.0.0.1:0\"\n"
         } else {
             ""
         };
-        let toml = format!(
+        format!(
             "[node]\nname = \"{name}\"\n\
              [log]\nlevel = \"warn\"\n\
              [supervisor]\nsocket_dir = {sockets:?}\nrestart_backoff_initial_ms = 100\n\
@@ -218,8 +230,7 @@ impl Agent {
              {peer}",
             cp.base(),
             token_time = setup.mock_token_time_us,
-        );
-        Self::launch(name, toml).await
+        )
     }
 
     pub async fn launch(name: &str, toml: String) -> Self {
