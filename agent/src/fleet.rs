@@ -432,7 +432,8 @@ impl FleetRouter {
     ///   worker exists (KV-aware pick: the one caching most of the prompt wins, load-balanced
     ///   otherwise), and that worker's prefill load (published and own in-flight) plus the
     ///   uncached tokens stays within `max_prefill_queue_tokens`; otherwise the decode worker
-    ///   prefills and a prefill pick made is released at once.
+    ///   prefills and a prefill pick made is released at once (none is made when every prefill
+    ///   worker is that full).
     ///
     /// `None` when no decode worker is ready. Counted in
     /// `kvfleet_fleet_prefill_decisions_total` for disaggregated models.
@@ -473,24 +474,31 @@ impl FleetRouter {
                     (id, load)
                 })
                 .collect();
-            match inner.pick(
-                model,
-                hashes,
-                prompt_tokens,
-                |role| role == WorkerRole::Prefill,
-                now,
-            ) {
-                None => (None, PrefillDecision::LocalNoPrefillWorker),
-                Some(pick) => {
-                    let queued = loads.get(&pick.decision.worker).copied().unwrap_or(0);
-                    if queued.saturating_add(uncached) > u64::from(policy.max_prefill_queue_tokens)
-                    {
+            let full = |queued: u64| {
+                queued.saturating_add(uncached) > u64::from(policy.max_prefill_queue_tokens)
+            };
+            if !loads.is_empty() && loads.values().all(|q| full(*q)) {
+                // Whichever the router picked would be full: no pick at all, so nothing is
+                // counted or (in approximate mode) predicted on a worker that will not run it.
+                (None, PrefillDecision::LocalQueueFull)
+            } else {
+                match inner.pick(
+                    model,
+                    hashes,
+                    prompt_tokens,
+                    |role| role == WorkerRole::Prefill,
+                    now,
+                ) {
+                    None => (None, PrefillDecision::LocalNoPrefillWorker),
+                    Some(pick) if full(loads.get(&pick.decision.worker).copied().unwrap_or(0)) => {
+                        // The router's choice (cheapest, e.g. for the prefix it caches) is
+                        // full, though another may have room: the decode worker prefills, and
+                        // the pick is released at once.
                         inner.router.finished(pick.decision.request, now);
                         inner.unpick(pick.decision.worker);
                         (None, PrefillDecision::LocalQueueFull)
-                    } else {
-                        (Some(pick), PrefillDecision::Remote)
                     }
+                    Some(pick) => (Some(pick), PrefillDecision::Remote),
                 }
             }
         };
@@ -1165,6 +1173,54 @@ mod tests {
             metrics.contains("kvfleet_fleet_route_worker_total{worker=\"w2\"} 2"),
             "{metrics}"
         );
+    }
+
+    #[test]
+    fn a_full_prefill_worker_picked_for_its_prefix_is_released() {
+        // Prefill worker 2 caches 768 of the prompt's 1024 tokens and has 64 tokens queued;
+        // worker 3 caches nothing and is idle. The router prefers 2 (16 blocks to prefill plus
+        // 4 queued, against 64), but 64 + 1024 uncached on the decode worker > 1050.
+        let fleet = FleetRouter::new(RoutingMode::Kv);
+        fleet.sync_local(&[
+            worker(1, "a", Role::Decode, WorkerState::Ready),
+            worker(2, "a", Role::Prefill, WorkerState::Ready),
+            worker(3, "a", Role::Prefill, WorkerState::Ready),
+        ]);
+        set_directory(
+            &fleet,
+            DeploymentMode::Disaggregated,
+            policy(0, 1050),
+            Vec::new(),
+        );
+        let tokens = prompt(0, 1024);
+        store(&fleet, 2, &tokens[..768]);
+        fleet.with_router(|r| {
+            let load = kvfleet_kv_router::WorkerLoad {
+                prefill_tokens: 64,
+                decode_blocks: 0,
+                queue_depth: 0,
+            };
+            r.apply_load(WorkerId(2), load, Duration::ZERO)
+                .expect("a known worker")
+        });
+        let plan = fleet.plan("a", &seq(&tokens), 1024).expect("a plan");
+        assert_eq!(plan.prefill_decision, Some(PrefillDecision::LocalQueueFull));
+        assert!(plan.prefill.is_none());
+        assert_eq!((prefill_load(&fleet, 2), prefill_load(&fleet, 3)), (64, 0));
+        let metrics = fleet.render_metrics();
+        assert!(
+            !metrics.contains("kvfleet_fleet_route_worker_total{worker=\"w2\"}")
+                || metrics.contains("kvfleet_fleet_route_worker_total{worker=\"w2\"} 0"),
+            "{metrics}"
+        );
+        // With room on worker 2 the same prompt goes there.
+        fleet.with_router(|r| {
+            r.apply_load(WorkerId(2), Default::default(), Duration::ZERO)
+                .expect("a known worker")
+        });
+        let plan = fleet.plan("a", &seq(&tokens), 1024).expect("a plan");
+        let prefill = plan.prefill.expect("remote prefill");
+        assert_eq!(prefill.decision.worker, WorkerId(2));
     }
 
     #[test]
