@@ -28,12 +28,13 @@ use kvfleet_agent::config::Role as WorkerRole;
 use kvfleet_agent::disagg::PrefillOutcome;
 use kvfleet_controlplane::auth::Role;
 use reqwest::StatusCode;
+use kvfleet_peer::{ErrorCode, KvBlock, PeerConfig, PeerEndpoint, PeerIdentity, TransferOptions};
 use serde_json::{Value, json};
 
 const MODEL: &str = "split-model";
 /// Tokens per KV block: a 50-token prompt moves 3 blocks.
 const BLOCK: u32 = 16;
-const MAX_TOKENS: u32 = 6;
+const MAX_TOKENS: u32 = 4;
 
 /// The model file and its control-plane format: SmolLM2 when present, else a tiny Llama.
 fn model() -> (PathBuf, &'static str) {
@@ -71,9 +72,14 @@ fn model_toml(path: &std::path::Path) -> String {
 }
 
 /// A control-plane agent serving the native model locally defined.
-async fn fleet_agent(name: &str, cp: &ControlPlane, join: &str, path: &std::path::Path) -> Agent {
+async fn fleet_agent(
+    name: &str,
+    cp: &ControlPlane,
+    join: &str,
+    path: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> Agent {
     let sockets = temp_dir("sockets");
-    let state_dir = temp_dir(&format!("state-{name}"));
     let toml = format!(
         "[node]\nname = \"{name}\"\n\
          [log]\nlevel = \"warn\"\n\
@@ -100,7 +106,7 @@ async fn reference_agent(path: &std::path::Path) -> Agent {
     Agent::launch("reference", toml).await
 }
 
-/// Deterministic prompts of 20..90 token ids (1 to 5 full blocks plus a partial one).
+/// Deterministic prompts of 20..70 token ids (1 to 4 full blocks plus a partial one).
 fn prompts(n: usize) -> Vec<Vec<u32>> {
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = move || {
@@ -111,7 +117,7 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
     };
     (0..n)
         .map(|i| {
-            let len = 20 + (i * 7) % 71;
+            let len = 20 + (i * 7) % 51;
             // Ids every test model has (the tiny one has 271), past the special ones.
             (0..len).map(|_| 8 + (next() % 240) as u32).collect()
         })
@@ -179,6 +185,8 @@ struct Split {
     cp: ControlPlane,
     prefill: Agent,
     decode: Agent,
+    /// The prefill node's state directory (its node certificate).
+    prefill_state: PathBuf,
 }
 
 async fn split_fleet(path: &std::path::Path, format: &str) -> Option<Split> {
@@ -186,8 +194,9 @@ async fn split_fleet(path: &std::path::Path, format: &str) -> Option<Split> {
     let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), Duration::from_secs(4)).await;
     let admin = token(&db, Role::Admin).await;
     let join = token(&db, Role::Join).await;
-    let a = fleet_agent("split-a", &cp, &join, path).await;
-    let b = fleet_agent("split-b", &cp, &join, path).await;
+    let dirs = [temp_dir("state-split-a"), temp_dir("state-split-b")];
+    let a = fleet_agent("split-a", &cp, &join, path, &dirs[0]).await;
+    let b = fleet_agent("split-b", &cp, &join, path, &dirs[1]).await;
     wait_nodes_healthy(&cp, &admin, &["split-a", "split-b"]).await;
     let (status, body) = api(
         reqwest::Method::POST,
@@ -228,10 +237,11 @@ async fn split_fleet(path: &std::path::Path, format: &str) -> Option<Split> {
         },
     )
     .await;
-    let (prefill, decode) = if worker(&a).unwrap().role == WorkerRole::Prefill {
-        (a, b)
+    let [dir_a, dir_b] = dirs;
+    let (prefill, decode, prefill_state) = if worker(&a).unwrap().role == WorkerRole::Prefill {
+        (a, b, dir_a)
     } else {
-        (b, a)
+        (b, a, dir_b)
     };
     // Both routers know both workers (the directory names the other node's with its address).
     wait_for(
@@ -253,6 +263,7 @@ async fn split_fleet(path: &std::path::Path, format: &str) -> Option<Split> {
         cp,
         prefill,
         decode,
+        prefill_state,
     })
 }
 
@@ -334,6 +345,53 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
     println!("blocks moved: {received} (prompts' full blocks: {full_blocks})");
     assert_eq!(received, full_blocks as f64, "{metrics}");
     split.assert_no_blocks_held().await;
+
+    // Bad input at the decode node: a transfer nobody expects, sent with a real fleet node's
+    // certificate, is refused and counted; the decode worker keeps serving.
+    let identity = PeerIdentity {
+        ca_pem: std::fs::read_to_string(split.prefill_state.join("ca.crt")).unwrap(),
+        cert_pem: std::fs::read_to_string(split.prefill_state.join("node.crt")).unwrap(),
+        key_pem: std::fs::read_to_string(split.prefill_state.join("node.key")).unwrap(),
+    };
+    let client = PeerEndpoint::bind(PeerConfig::new("127.0.0.1:0".parse().unwrap(), identity))
+        .unwrap();
+    let decode_peer = split.decode.running.peer.as_ref().unwrap().endpoint().unwrap();
+    let connection = client
+        .connection(decode_peer.local_addr().unwrap(), decode_peer.node_id())
+        .await
+        .unwrap();
+    let decode_worker = worker(&split.decode).unwrap().id;
+    let layout = split.decode.running.pool.kv_layout(decode_worker).unwrap();
+    let stray = KvBlock {
+        index: 0,
+        hash: kvfleet_proto::SequenceHash(42),
+        data: bytes::Bytes::from(vec![0u8; layout.block_bytes()]),
+    };
+    let refused = connection
+        .send_blocks(
+            "nobody-expects-this",
+            &layout,
+            futures_util::stream::iter(vec![stray]),
+            &TransferOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.remote_code(), Some(ErrorCode::UnknownRequest), "{refused}");
+    let metrics = reqwest::get(format!("http://{}/metrics", split.decode.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kvfleet_peer_errors_total{kind=\"unknown_request\"}")
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let again = complete_ids(split.decode.addr, &prompts[0]).await;
+    assert_eq!(answer("after the refusal", &again), answer("reference #0", &expected[0]));
     reference.stop().await;
     split.stop().await;
 }
@@ -350,25 +408,18 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
         reference.ready_workers() == 1
     })
     .await;
-    let prompts = prompts(24);
+    let prompts = prompts(16);
     let expected = answers(&[reference.addr], &prompts, 4).await;
     let entry = [split.prefill.addr, split.decode.addr];
-    let calls = prompts.iter().enumerate().map(|(i, prompt)| {
-        let target = entry[i % 2];
-        async move { complete_ids(target, prompt).await }
-    });
     let pid = worker(&split.prefill)
         .and_then(|w| w.pid)
         .expect("the prefill worker runs");
-    let killer = async {
-        // Kill once the prefill node has started pushing blocks: transfers are in flight.
+    let prefill_peer = split.prefill.running.peer.clone().unwrap();
+    // Kill once the prefill node has started pushing blocks: transfers are in flight.
+    let killer = tokio::spawn(async move {
         wait_for("blocks in flight", Duration::from_secs(60), || async {
-            split
-                .prefill
-                .running
-                .peer
-                .as_ref()
-                .and_then(|p| p.endpoint())
+            prefill_peer
+                .endpoint()
                 .is_some_and(|e| e.metrics().snapshot().kv_blocks_sent > 0)
         })
         .await;
@@ -378,17 +429,33 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
             .unwrap();
         assert!(status.success());
         println!("killed the prefill worker (pid {pid})");
-    };
-    let (got, ()) = tokio::join!(futures_util::future::join_all(calls), killer);
-    for (i, (want, got)) in expected.iter().zip(&got).enumerate() {
-        let want = answer(&format!("reference #{i}"), want);
-        let got = answer(&format!("disaggregated #{i}"), got);
-        assert_eq!(got, want, "prompt #{i}");
+    });
+    // Traffic in waves until two waves after the kill (the tiny model answers in
+    // milliseconds, so one wave may be over before the kill lands).
+    let mut after_kill = 0;
+    let mut served = 0;
+    while after_kill < 2 {
+        if killer.is_finished() {
+            after_kill += 1;
+        }
+        let calls = prompts.iter().enumerate().map(|(i, prompt)| {
+            let target = entry[i % 2];
+            async move { complete_ids(target, prompt).await }
+        });
+        let got = futures_util::future::join_all(calls).await;
+        for (i, (want, got)) in expected.iter().zip(&got).enumerate() {
+            let want = answer(&format!("reference #{i}"), want);
+            let got = answer(&format!("disaggregated #{i} (wave {served})"), got);
+            assert_eq!(got, want, "prompt #{i}");
+        }
+        served += 1;
+        assert!(served < 200, "the kill never happened");
     }
+    killer.await.unwrap();
     let fallbacks = split.outcome(PrefillOutcome::FallbackBeforeFirstToken)
         + split.outcome(PrefillOutcome::FallbackAfterFirstToken);
     println!(
-        "remote prefills: {}, fallbacks: {fallbacks}",
+        "waves: {served}, remote prefills: {}, fallbacks: {fallbacks}",
         split.outcome(PrefillOutcome::Remote)
     );
     assert!(fallbacks > 0, "the kill hit no request");
