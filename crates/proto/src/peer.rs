@@ -572,6 +572,9 @@ pub struct CancelMessage {
 }
 
 /// One decoded peer message. KV block bytes borrow from the frame.
+// A message is decoded, handled and dropped one at a time, never stored in bulk: boxing the
+// request would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeerMessage<'a> {
     /// `Request`: forwarded generate.
