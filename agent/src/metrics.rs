@@ -205,7 +205,17 @@ impl Metrics {
 
 fn render_workers(out: &mut String, workers: &[WorkerStatus]) {
     type Field = fn(&WorkerStatus) -> f64;
-    let families: [(&str, &str, Field); 7] = [
+    let families: [(&str, &str, Field); 9] = [
+        (
+            "kvfleet_worker_prefill_tokens_pending",
+            "Prompt tokens admitted or waiting and not yet computed (the prefill queue), per worker.",
+            |w| w.prefill_tokens as f64,
+        ),
+        (
+            "kvfleet_worker_waiting_requests",
+            "Requests waiting for admission into the worker's batch.",
+            |w| f64::from(w.waiting),
+        ),
         (
             "kvfleet_worker_prefix_query_tokens_total",
             "Prompt tokens looked up in the worker's prefix cache since its process started.",

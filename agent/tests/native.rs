@@ -433,3 +433,43 @@ async fn smollm2_knows_the_capital_of_france() {
     let text = body["choices"][0]["text"].as_str().unwrap();
     assert!(text.starts_with(" Paris"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_eos_generates_past_the_end_of_sequence() {
+    let agent = TestAgent::start(&native_model("tiny", &tiny_model(), "")).await;
+    // Find a prompt the tiny model ends early (EOS) at temperature 0, then ask again past it.
+    let mut ended_early = None;
+    for seed_word in ["a", "the", "once", "hello", "x", "yes", "no", "why"] {
+        let body: Value = agent
+            .post(
+                "/v1/completions",
+                json!({"model": "tiny", "prompt": seed_word, "max_tokens": 400,
+                    "temperature": 0}),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        if body["choices"][0]["finish_reason"] == "stop" {
+            ended_early = Some((seed_word, body));
+            break;
+        }
+    }
+    let Some((prompt, early)) = ended_early else {
+        panic!("no prompt of the tiny model reached EOS within 400 tokens");
+    };
+    let early_tokens = early["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(early_tokens < 400, "{early}");
+    let body: Value = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": prompt, "max_tokens": 400,
+                "temperature": 0, "ignore_eos": true}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 400, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+}

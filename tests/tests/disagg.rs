@@ -27,8 +27,8 @@ use kvfleet_agent::backend::{Backend as _, WorkerStatus};
 use kvfleet_agent::config::Role as WorkerRole;
 use kvfleet_agent::disagg::PrefillOutcome;
 use kvfleet_controlplane::auth::Role;
-use reqwest::StatusCode;
 use kvfleet_peer::{ErrorCode, KvBlock, PeerConfig, PeerEndpoint, PeerIdentity, TransferOptions};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const MODEL: &str = "split-model";
@@ -344,6 +344,57 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
     let received = metric(&metrics, "kvfleet_disagg_transfer_blocks_total");
     println!("blocks moved: {received} (prompts' full blocks: {full_blocks})");
     assert_eq!(received, full_blocks as f64, "{metrics}");
+    assert!(
+        metrics.contains("kvfleet_worker_prefill_tokens_pending{"),
+        "{metrics}"
+    );
+    let decisions: f64 = [&split.prefill, &split.decode]
+        .iter()
+        .map(|a| a.running.fleet.as_ref().unwrap().prefill_decision_counts())
+        .map(|counts| {
+            counts
+                .iter()
+                .filter(|(d, _)| d.as_str() == "remote")
+                .map(|(_, n)| *n as f64)
+                .sum::<f64>()
+        })
+        .sum();
+    assert_eq!(
+        decisions, 100.0,
+        "both routers planned every request with a remote prefill"
+    );
+    split.assert_no_blocks_held().await;
+
+    // A client that goes away mid-stream frees the blocks on both workers: the request enters
+    // the prefill node, so its decode leg is forwarded and both legs are cancelled across hops.
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", split.prefill.addr))
+        .json(
+            &json!({"model": MODEL, "prompt": prompts[99], "max_tokens": 400,
+            "temperature": 0, "stream": true, "ignore_eos": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut response = response;
+    let first = response.chunk().await.unwrap();
+    assert!(
+        first.is_some_and(|c| !c.is_empty()),
+        "a first streamed chunk"
+    );
+    drop(response);
+    let decode_peer = split.decode.running.peer.clone().unwrap();
+    wait_for(
+        "the forwarded decode leg to be cancelled on the decode node",
+        Duration::from_secs(10),
+        || async {
+            decode_peer
+                .endpoint()
+                .is_some_and(|e| e.metrics().snapshot().generate_cancelled >= 1)
+        },
+    )
+    .await;
     split.assert_no_blocks_held().await;
 
     // Bad input at the decode node: a transfer nobody expects, sent with a real fleet node's
@@ -353,9 +404,16 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
         cert_pem: std::fs::read_to_string(split.prefill_state.join("node.crt")).unwrap(),
         key_pem: std::fs::read_to_string(split.prefill_state.join("node.key")).unwrap(),
     };
-    let client = PeerEndpoint::bind(PeerConfig::new("127.0.0.1:0".parse().unwrap(), identity))
+    let client =
+        PeerEndpoint::bind(PeerConfig::new("127.0.0.1:0".parse().unwrap(), identity)).unwrap();
+    let decode_peer = split
+        .decode
+        .running
+        .peer
+        .as_ref()
+        .unwrap()
+        .endpoint()
         .unwrap();
-    let decode_peer = split.decode.running.peer.as_ref().unwrap().endpoint().unwrap();
     let connection = client
         .connection(decode_peer.local_addr().unwrap(), decode_peer.node_id())
         .await
@@ -376,7 +434,11 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
         )
         .await
         .unwrap_err();
-    assert_eq!(refused.remote_code(), Some(ErrorCode::UnknownRequest), "{refused}");
+    assert_eq!(
+        refused.remote_code(),
+        Some(ErrorCode::UnknownRequest),
+        "{refused}"
+    );
     let metrics = reqwest::get(format!("http://{}/metrics", split.decode.addr))
         .await
         .unwrap()
@@ -384,14 +446,16 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
         .await
         .unwrap();
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("kvfleet_peer_errors_total{kind=\"unknown_request\"}")
-                && !l.ends_with(" 0")),
+        metrics.lines().any(|l| l
+            .starts_with("kvfleet_peer_errors_total{kind=\"unknown_request\"}")
+            && !l.ends_with(" 0")),
         "{metrics}"
     );
     let again = complete_ids(split.decode.addr, &prompts[0]).await;
-    assert_eq!(answer("after the refusal", &again), answer("reference #0", &expected[0]));
+    assert_eq!(
+        answer("after the refusal", &again),
+        answer("reference #0", &expected[0])
+    );
     reference.stop().await;
     split.stop().await;
 }

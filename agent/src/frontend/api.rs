@@ -342,6 +342,10 @@ pub struct CommonParams {
     /// RNG seed.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Keep generating past the model's end-of-sequence token until `max_tokens` (vLLM's
+    /// extension; for benchmarks and load tests).
+    #[serde(default)]
+    pub ignore_eos: bool,
     /// Accepted and ignored (the engines do not implement penalties yet).
     #[serde(default)]
     pub presence_penalty: Option<f64>,

@@ -603,7 +603,7 @@ fn check_common(
         seed: common.seed,
         max_tokens,
         stop_token_ids: Vec::new(),
-        ignore_eos: false,
+        ignore_eos: common.ignore_eos,
         logprobs: None,
     };
     sampling
