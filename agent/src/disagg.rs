@@ -533,6 +533,19 @@ impl Disagg {
             let _ = tx.send(GenEvent::Finished(EndReason::Stop));
             return;
         }
+        // The prefill node's finish, which says Stop, comes only after its transfer: a leg that
+        // failed in between must not decode past a stop token it already streamed. (The model's
+        // EOS is known to the workers only, so it cannot be checked here.)
+        if leg.finish.is_none()
+            && leg
+                .tokens
+                .last()
+                .is_some_and(|t| request.sampling.stop_token_ids.contains(t))
+        {
+            self.count(PrefillOutcome::FallbackAfterFirstToken);
+            let _ = tx.send(GenEvent::Finished(EndReason::Stop));
+            return;
+        }
         let generated = u32::try_from(leg.tokens.len()).unwrap_or(u32::MAX);
         if generated >= request.sampling.max_tokens {
             self.count(PrefillOutcome::Remote);
@@ -940,5 +953,76 @@ mod tests {
         assert_eq!(transfers.expect(&peer(node), "t"), None);
         let late = transfers.import("t", block(0, 10)).await.unwrap_err();
         assert_eq!(late.code, ErrorCode::UnknownRequest);
+    }
+
+    /// A backend that records what it was given and ends every generation at once.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        submitted: Mutex<Vec<GenerateRequest>>,
+    }
+
+    impl Backend for Recorder {
+        fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
+            self.submitted.lock().unwrap().push(request);
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(GenEvent::Finished(EndReason::Length)).unwrap();
+            Ok(Generation::new(kvfleet_proto::WorkerId(1), rx, || {}))
+        }
+
+        fn workers(&self) -> Vec<crate::backend::WorkerStatus> {
+            Vec::new()
+        }
+    }
+
+    fn failed_leg(first: u32) -> PrefillLeg {
+        PrefillLeg {
+            tokens: vec![first],
+            finish: None,
+            error: Some("the prefill node went away".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leg_failing_after_a_stop_token_ends_the_request_there() {
+        let recorder = Arc::new(Recorder::default());
+        let disagg = Disagg::new(recorder.clone(), PeerHandle::default());
+        let request = GenerateRequest {
+            request_id: "r".into(),
+            model: "m".into(),
+            prompt: (1..=9).collect(),
+            block_hashes: Vec::new(),
+            sampling: kvfleet_proto::SamplingParams {
+                stop_token_ids: vec![7],
+                ..kvfleet_proto::SamplingParams::greedy(5)
+            },
+            worker: Some(kvfleet_proto::WorkerId(1)),
+        };
+
+        // The first token was the stop token: nothing more is decoded.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let leg = failed_leg(7);
+        let received = Received::default();
+        disagg
+            .decode_leg(request.clone(), leg, received, layout(), tx)
+            .await;
+        assert_eq!(rx.recv().await, Some(GenEvent::Finished(EndReason::Stop)));
+        assert!(recorder.submitted.lock().unwrap().is_empty());
+
+        // Any other first token: the decode worker continues from prompt + that token.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let leg = failed_leg(8);
+        let received = Received::default();
+        disagg
+            .decode_leg(request, leg, received, layout(), tx)
+            .await;
+        assert_eq!(rx.recv().await, Some(GenEvent::Finished(EndReason::Length)));
+        let submitted = recorder.submitted.lock().unwrap();
+        assert_eq!(submitted.len(), 1);
+        assert_eq!(submitted[0].prompt.last(), Some(&8));
+        assert_eq!(submitted[0].sampling.max_tokens, 4);
+        assert_eq!(
+            disagg.outcome_count(PrefillOutcome::FallbackAfterFirstToken),
+            2
+        );
     }
 }
