@@ -485,6 +485,15 @@ impl Disagg {
         loop {
             match tokio::time::timeout_at(until, stream.next()).await {
                 Ok(Ok(Some(GenerateEvent::Tokens(chunk)))) => {
+                    // More tokens than the leg asked for never reach the client (they could
+                    // pass its max_tokens); the decode worker continues from what was asked.
+                    let asked = request.sampling.max_tokens as usize;
+                    if leg.tokens.len().saturating_add(chunk.tokens.len()) > asked {
+                        leg.error = Some(format!(
+                            "the prefill node sent more than the {asked} token(s) asked for"
+                        ));
+                        return leg;
+                    }
                     leg.tokens.extend_from_slice(&chunk.tokens);
                     let _ = tx.send(tokens_event(chunk));
                 }
