@@ -68,6 +68,9 @@ impl Held {
     fn first_token(&mut self, fleet: &FleetRouter) {
         if let Some(prefill) = self.prefill.take() {
             fleet.finished(prefill);
+            // The decode worker imports the prompt instead of computing it: its pick stops
+            // counting the prompt as prefill load.
+            fleet.prefill_done(self.decode);
         }
     }
 
