@@ -52,15 +52,16 @@ use crate::peer::PeerHandle;
 /// How long connecting to the prefill node and starting its stream may take.
 const PREFILL_START_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The prefill worker a decode leg asks, resolved to an address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The prefill worker a decode leg asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefillTarget {
     /// The prefill worker.
     pub worker: WorkerId,
     /// Its node.
     pub node: NodeId,
-    /// Its node's peer endpoint.
-    pub addr: SocketAddr,
+    /// Its node's peer endpoint, `host:port` as the fleet directory names it (resolved when
+    /// the leg starts, off the request path).
+    pub addr: String,
 }
 
 /// How a disaggregated request's prefill ended, as counted on the decode node.
@@ -102,7 +103,6 @@ struct Incoming {
     hashes: Vec<SequenceHash>,
     blocks: Vec<Option<Bytes>>,
     first_block_at: Option<Instant>,
-    streams_failed: u32,
 }
 
 /// Counters of the receiving side.
@@ -143,6 +143,8 @@ pub struct Received {
     pub blocks: Vec<Bytes>,
     /// Their total bytes.
     pub bytes: u64,
+    /// When the transfer's first block arrived.
+    pub first_block_at: Option<Instant>,
 }
 
 impl Transfers {
@@ -165,7 +167,6 @@ impl Transfers {
             blocks: vec![None; hashes.len()],
             hashes,
             first_block_at: None,
-            streams_failed: 0,
         };
         self.lock().insert(id.clone(), incoming);
         TransferGuard {
@@ -182,15 +183,29 @@ impl Transfers {
         };
         let blocks: Vec<Bytes> = incoming.blocks.into_iter().map_while(|b| b).collect();
         let bytes = blocks.iter().map(|b| b.len() as u64).sum();
+        Received {
+            blocks,
+            bytes,
+            first_block_at: incoming.first_block_at,
+        }
+    }
+
+    /// Counts `received`'s first `blocks` as handed to a decode worker.
+    fn count_handed_off(&self, received: &Received, blocks: usize) {
         let c = &self.counters;
+        let bytes: u64 = received
+            .blocks
+            .iter()
+            .take(blocks)
+            .map(|b| b.len() as u64)
+            .sum();
         c.transfers.fetch_add(1, Ordering::Relaxed);
-        c.blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        c.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
         c.bytes.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(at) = incoming.first_block_at {
+        if let Some(at) = received.first_block_at {
             let micros = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
             c.micros.fetch_add(micros, Ordering::Relaxed);
         }
-        Received { blocks, bytes }
     }
 
     /// Transfers registered and not yet taken.
@@ -292,9 +307,6 @@ impl BlockSink for Transfers {
     fn stream_finished(&self, request_id: &str, outcome: Result<KvDone, ErrorMessage>) {
         if let Err(error) = outcome {
             self.counters.failed_streams.fetch_add(1, Ordering::Relaxed);
-            if let Some(incoming) = self.lock().get_mut(request_id) {
-                incoming.streams_failed += 1;
-            }
             tracing::debug!(transfer = request_id, code = ?error.code, message = %error.message,
                 "a KV transfer stream failed");
         }
@@ -467,18 +479,28 @@ impl Disagg {
         };
         let until = tokio::time::Instant::now() + deadline;
         let started = tokio::time::timeout(PREFILL_START_TIMEOUT.min(deadline), async {
-            let connection = endpoint.connection(prefill.addr, prefill.node).await?;
-            connection.generate(request).await
+            let addr = lookup(&prefill.addr).await.map_err(|e| e.to_string())?;
+            let connection = endpoint
+                .connection(addr, prefill.node)
+                .await
+                .map_err(|e| e.to_string())?;
+            connection
+                .generate(request)
+                .await
+                .map_err(|e| e.to_string())
         })
         .await;
         let mut stream = match started {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                leg.error = Some(e.to_string());
+                leg.error = Some(e);
                 return leg;
             }
             Err(_) => {
-                leg.error = Some(format!("no answer within {PREFILL_START_TIMEOUT:?}"));
+                leg.error = Some(format!(
+                    "no answer within {:?}",
+                    PREFILL_START_TIMEOUT.min(deadline)
+                ));
                 return leg;
             }
         };
@@ -561,21 +583,29 @@ impl Disagg {
             let _ = tx.send(GenEvent::Finished(EndReason::Length));
             return;
         }
-        let mut blocks = received.blocks;
-        match (&leg.finish, &leg.error) {
+        let usable = match (&leg.finish, &leg.error) {
             (Some(finish), _) => {
                 // Only what the prefill node saw acknowledged is known complete.
                 let acknowledged = finish.kv_push.map_or(0, |r| r.blocks as usize);
-                blocks.truncate(acknowledged);
-                self.count(PrefillOutcome::Remote);
+                let usable = received.blocks.len().min(acknowledged);
+                self.count(if usable > 0 || request.block_hashes.is_empty() {
+                    PrefillOutcome::Remote
+                } else {
+                    PrefillOutcome::FallbackAfterFirstToken
+                });
+                usable
             }
             (None, error) => {
                 self.count(PrefillOutcome::FallbackAfterFirstToken);
-                tracing::warn!(request = %request_id, blocks = blocks.len(),
+                tracing::warn!(request = %request_id, blocks = received.blocks.len(),
                     error = error.as_deref().unwrap_or(""),
                     "prefill leg failed after its first token: decoding with the blocks received");
+                received.blocks.len()
             }
-        }
+        };
+        self.transfers.count_handed_off(&received, usable);
+        let mut blocks = received.blocks;
+        blocks.truncate(usable);
         let mut prompt = request.prompt;
         prompt.extend_from_slice(&leg.tokens);
         let block_hashes = kvfleet_proto::hash::sequence_hashes(&prompt, layout.block_size);
@@ -590,7 +620,7 @@ impl Disagg {
             },
             worker: request.worker,
         };
-        tracing::debug!(request = %request_id, blocks = blocks.len(), bytes = received.bytes,
+        tracing::debug!(request = %request_id, blocks = blocks.len(),
             "decoding with the prefill node's KV blocks");
         pipe(self.local.submit_with_kv(decode, blocks), tx).await;
     }
@@ -616,12 +646,6 @@ impl Disagg {
             .local
             .kv_layout(worker)
             .ok_or_else(|| unavailable(format!("worker {worker} is not ready here")))?;
-        let addr: SocketAddr = resolve(&push.addr).ok_or_else(|| {
-            ErrorMessage::new(
-                ErrorCode::BadRequest,
-                format!("cannot resolve the decode node's address {:?}", push.addr),
-            )
-        })?;
         let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
         let (generation, blocks) = self
             .local
@@ -641,10 +665,15 @@ impl Disagg {
         let transfer = tokio::spawn(async move {
             let source = block_stream(blocks);
             let sent = async {
-                let connection = endpoint.connection(addr, NodeId(push.node)).await?;
+                let addr = lookup(&push.addr).await.map_err(|e| e.to_string())?;
+                let connection = endpoint
+                    .connection(addr, NodeId(push.node))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 connection
                     .send_blocks(&push.transfer_id, &layout, source, &options)
                     .await
+                    .map_err(|e| e.to_string())
             }
             .await;
             let report = match sent {
@@ -685,10 +714,13 @@ impl Disagg {
                 }
                 Some(GenEvent::Finished(reason)) => {
                     s.generation.done();
-                    // The transfer ends once the worker sent its last block (at the finish).
-                    let report = match s.report.take() {
-                        Some(rx) => rx.await.unwrap_or_default(),
-                        None => KvPushReport::default(),
+                    // A stop ends the request: say so at once, the blocks are not needed.
+                    // Otherwise the transfer ends once the worker sent its last block (at the
+                    // finish), and the decode node needs to know how many arrived.
+                    let report = match (reason, s.report.take()) {
+                        (EndReason::Stop, _) => None,
+                        (_, Some(rx)) => Some(rx.await.unwrap_or_default()),
+                        (_, None) => Some(KvPushReport::default()),
                     };
                     Ok(GenerateEvent::Finished(Finish {
                         reason: crate::peer::finish_reason(reason),
@@ -697,7 +729,7 @@ impl Disagg {
                             completion_tokens: s.completion,
                             cached_tokens: 0,
                         },
-                        kv_push: Some(report),
+                        kv_push: report,
                     }))
                 }
                 Some(GenEvent::Failed(message)) => {
@@ -782,12 +814,17 @@ fn block_stream(
     }))
 }
 
-/// Resolves `host:port` (a literal address, or a name through the system resolver).
-pub fn resolve(addr: &str) -> Option<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    addr.parse()
-        .ok()
-        .or_else(|| addr.to_socket_addrs().ok()?.next())
+/// Resolves `host:port`: a literal address at once, a name through the system resolver on
+/// tokio's blocking pool (never on the request path's threads).
+pub async fn lookup(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(literal) = addr.parse() {
+        return Ok(literal);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
 }
 
 /// Passes a local generation's events to `tx` until its end.
@@ -936,6 +973,8 @@ mod tests {
         assert_eq!(received.blocks[1][0], 1);
         assert_eq!(received.bytes, 2 * layout().block_bytes() as u64);
         assert_eq!(transfers.pending(), 0);
+        // Counted only once handed to the decode worker, and only what it got.
+        transfers.count_handed_off(&received, 1);
         let mut text = String::new();
         transfers.render(&mut text);
         assert!(
@@ -947,9 +986,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("kvfleet_disagg_transfer_blocks_total 2"),
+            text.contains("kvfleet_disagg_transfer_blocks_total 1"),
             "{text}"
         );
+        assert!(text.contains("kvfleet_disagg_transfers_total 1"), "{text}");
     }
 
     #[tokio::test]

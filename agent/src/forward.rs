@@ -126,17 +126,14 @@ impl FleetBackend {
             Target::Remote { node, addr } => Some(PrefillTarget {
                 worker,
                 node: *node,
-                addr: *addr,
+                addr: addr.to_string(),
             }),
-            Target::Local => {
-                let endpoint = self.disagg.peer().endpoint()?;
-                let addr = crate::disagg::resolve(&self.disagg.peer().advertised()?)?;
-                Some(PrefillTarget {
-                    worker,
-                    node: endpoint.node_id(),
-                    addr,
-                })
-            }
+            // As the fleet directory advertises this node, so that the decode node reaches it.
+            Target::Local => Some(PrefillTarget {
+                worker,
+                node: self.disagg.peer().endpoint()?.node_id(),
+                addr: self.disagg.peer().advertised()?,
+            }),
         }
     }
 }
@@ -165,7 +162,9 @@ impl Backend for FleetBackend {
         });
         let held = Held {
             decode: plan.decode.decision.request,
-            prefill: prefill.and(plan.prefill.as_ref().map(|p| p.decision.request)),
+            prefill: prefill
+                .as_ref()
+                .and(plan.prefill.as_ref().map(|p| p.decision.request)),
         };
         let worker = plan.decode.decision.worker;
         request.worker = Some(worker);
@@ -203,7 +202,7 @@ impl Backend for FleetBackend {
                 prefill: prefill.map(|p| PrefillPlan {
                     worker: p.worker,
                     node: p.node.0,
-                    addr: p.addr.to_string(),
+                    addr: p.addr,
                     timeout_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
                 }),
                 kv_push: None,

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{self, Backend, EndReason, GenEvent, SubmitError};
 use crate::config::PeerSettings;
 use crate::cp_client::state::StateDir;
-use crate::disagg::{Disagg, PrefillTarget, resolve};
+use crate::disagg::{Disagg, PrefillTarget};
 
 /// Serves forwarded generate requests on this node's workers.
 #[derive(Debug, Clone)]
@@ -99,22 +99,14 @@ impl GenerateHandler for LocalGenerate {
         if let Some(push) = request.kv_push.clone() {
             return self.disagg()?.serve_prefill(request, push);
         }
-        let prefill = match &request.prefill {
-            Some(plan) => Some((
-                PrefillTarget {
-                    worker: plan.worker,
-                    node: kvfleet_proto::NodeId(plan.node),
-                    addr: resolve(&plan.addr).ok_or_else(|| {
-                        ErrorMessage::new(
-                            ErrorCode::BadRequest,
-                            format!("cannot resolve the prefill node's address {:?}", plan.addr),
-                        )
-                    })?,
-                },
-                Duration::from_millis(u64::from(plan.timeout_ms)),
-            )),
-            None => None,
-        };
+        let prefill = request.prefill.as_ref().map(|plan| {
+            let target = PrefillTarget {
+                worker: plan.worker,
+                node: kvfleet_proto::NodeId(plan.node),
+                addr: plan.addr.clone(),
+            };
+            (target, Duration::from_millis(u64::from(plan.timeout_ms)))
+        });
         let local = backend::GenerateRequest {
             request_id: request.request_id,
             model: request.model,

@@ -152,7 +152,9 @@ pub struct PrefillPlan {
     pub node: uuid::Uuid,
     /// Its node's peer endpoint, `host:port`.
     pub addr: String,
-    /// The decode node prefills itself when the prefill leg has not finished within this.
+    /// The prefill leg's deadline, transfer included: a leg with no first token by then means
+    /// the decode node prefills the prompt itself; one past its first token means it continues
+    /// with the blocks that arrived.
     #[serde(default = "default_prefill_timeout_ms")]
     pub timeout_ms: u32,
 }
@@ -179,7 +181,8 @@ pub struct KvPush {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvPushReport {
-    /// Leading prompt blocks the receiver acknowledged, counted from block 0.
+    /// Blocks the receiver acknowledged over every stream of the transfer (the decode node
+    /// keeps at most this many of the contiguous blocks it holds from block 0).
     pub blocks: u32,
     /// Their bytes.
     pub bytes: u64,
@@ -350,6 +353,8 @@ pub struct Finish {
     /// Token counts.
     pub usage: Usage,
     /// The prefill leg of a disaggregated request: the KV blocks pushed to the decode node.
+    /// Absent when the first token ended the request (`Stop`), which the prefill node reports
+    /// at once instead of waiting for its transfer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_push: Option<KvPushReport>,
 }
