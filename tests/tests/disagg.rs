@@ -78,6 +78,7 @@ async fn fleet_agent(
     join: &str,
     path: &std::path::Path,
     state_dir: &std::path::Path,
+    cpu_slots: u32,
 ) -> Agent {
     let sockets = temp_dir("sockets");
     let toml = format!(
@@ -87,7 +88,7 @@ async fn fleet_agent(
          {models}\
          [control_plane]\nurl = \"{}\"\njoin_token = \"{join}\"\nstate_dir = {state_dir:?}\n\
          watch_wait_secs = 2\nrequest_timeout_secs = 2\n\
-         retry_backoff_initial_ms = 100\nretry_backoff_max_ms = 500\ncpu_slots = 1\n\
+         retry_backoff_initial_ms = 100\nretry_backoff_max_ms = 500\ncpu_slots = {cpu_slots}\n\
          [peer]\nlisten = \"127.0.0.1:0\"\n",
         cp.base(),
         models = model_toml(path),
@@ -178,6 +179,34 @@ fn worker(agent: &Agent) -> Option<WorkerStatus> {
     agent.running.pool.workers().into_iter().next()
 }
 
+/// Registers the model and applies a disaggregated deployment of one prefill and one decode
+/// worker that prefills every prompt remotely.
+async fn deploy_split(cp: &ControlPlane, admin: &str, path: &std::path::Path, format: &str) {
+    let (status, body) = api(
+        reqwest::Method::POST,
+        &cp.url("/models"),
+        admin,
+        Some(
+            json!({"name": MODEL, "format": format, "path": path.display().to_string(),
+            "block_size": BLOCK, "context_length": 1024}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api(
+        reqwest::Method::POST,
+        &cp.url("/deployments"),
+        admin,
+        Some(
+            json!({"name": "split", "model": MODEL, "mode": "disaggregated",
+            "min_workers": 2, "max_workers": 2, "placement": {"allow_cpu": true},
+            "disaggregation": {"min_remote_prefill_tokens": 0, "prefill_timeout_ms": 60000}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
 /// A fleet of two agents with a disaggregated deployment, ready to serve: (cp, agents with the
 /// prefill node first).
 struct Split {
@@ -195,32 +224,10 @@ async fn split_fleet(path: &std::path::Path, format: &str) -> Option<Split> {
     let admin = token(&db, Role::Admin).await;
     let join = token(&db, Role::Join).await;
     let dirs = [temp_dir("state-split-a"), temp_dir("state-split-b")];
-    let a = fleet_agent("split-a", &cp, &join, path, &dirs[0]).await;
-    let b = fleet_agent("split-b", &cp, &join, path, &dirs[1]).await;
+    let a = fleet_agent("split-a", &cp, &join, path, &dirs[0], 1).await;
+    let b = fleet_agent("split-b", &cp, &join, path, &dirs[1], 1).await;
     wait_nodes_healthy(&cp, &admin, &["split-a", "split-b"]).await;
-    let (status, body) = api(
-        reqwest::Method::POST,
-        &cp.url("/models"),
-        &admin,
-        Some(
-            json!({"name": MODEL, "format": format, "path": path.display().to_string(),
-            "block_size": BLOCK, "context_length": 1024}),
-        ),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (status, body) = api(
-        reqwest::Method::POST,
-        &cp.url("/deployments"),
-        &admin,
-        Some(
-            json!({"name": "split", "model": MODEL, "mode": "disaggregated",
-            "min_workers": 2, "max_workers": 2, "placement": {"allow_cpu": true},
-            "disaggregation": {"min_remote_prefill_tokens": 0, "prefill_timeout_ms": 60000}}),
-        ),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    deploy_split(&cp, &admin, path, format).await;
     wait_for(
         "a ready prefill worker on one node and a decode worker on the other",
         Duration::from_secs(120),
@@ -536,4 +543,78 @@ fn metric(text: &str, name: &str) -> f64 {
             rest.strip_prefix(' ')?.trim().parse().ok()
         })
         .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_with_both_roles_moves_blocks_to_itself() {
+    let (path, format) = model();
+    let Some(db) = TestDb::create().await else {
+        eprintln!("SKIPPED: DATABASE_URL is not set");
+        return;
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), Duration::from_secs(4)).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let state = temp_dir("state-solo");
+    let node = fleet_agent("solo", &cp, &join, &path, &state, 2).await;
+    wait_nodes_healthy(&cp, &admin, &["solo"]).await;
+    deploy_split(&cp, &admin, &path, format).await;
+    wait_for(
+        "a ready prefill and a ready decode worker on the one node",
+        Duration::from_secs(120),
+        || async {
+            let workers = node.running.pool.workers();
+            let ready = |role| {
+                workers.iter().any(|w| {
+                    w.role == role && w.state == kvfleet_agent::backend::WorkerState::Ready
+                })
+            };
+            ready(WorkerRole::Prefill) && ready(WorkerRole::Decode)
+        },
+    )
+    .await;
+    wait_for(
+        "the fleet directory to say the model is disaggregated",
+        Duration::from_secs(30),
+        || async {
+            node.running
+                .fleet
+                .as_ref()
+                .and_then(|f| f.model_serving(MODEL))
+                .is_some_and(|m| m.mode == kvfleet_proto::api::DeploymentMode::Disaggregated)
+        },
+    )
+    .await;
+    let reference = reference_agent(&path).await;
+    wait_for("the reference worker", Duration::from_secs(60), || async {
+        reference.ready_workers() == 1
+    })
+    .await;
+    let prompts = prompts(12);
+    let expected = answers(&[reference.addr], &prompts, 4).await;
+    let got = answers(&[node.addr], &prompts, 4).await;
+    for (i, (want, got)) in expected.iter().zip(&got).enumerate() {
+        let want = answer(&format!("reference #{i}"), want);
+        let got = answer(&format!("one node #{i}"), got);
+        assert_eq!(got, want, "prompt #{i}");
+    }
+    let disagg = node.running.disagg.as_ref().unwrap();
+    assert_eq!(disagg.outcome_count(PrefillOutcome::Remote), 12);
+    let served = node
+        .running
+        .peer
+        .as_ref()
+        .and_then(|p| p.endpoint())
+        .unwrap()
+        .metrics()
+        .snapshot();
+    let full_blocks: u64 = prompts
+        .iter()
+        .map(|p| (p.len() as u64) / u64::from(BLOCK))
+        .sum();
+    assert_eq!(served.kv_blocks_received, full_blocks, "{served:?}");
+    reference.stop().await;
+    node.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
 }
