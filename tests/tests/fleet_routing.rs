@@ -540,7 +540,9 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
 
     // The holder's node goes away: requests with its prefix keep succeeding from the others
     // (a local retry while their routers still name it, then the directory and the stream
-    // drop it).
+    // drop it). Every router sees it idle first: a load report from the burst above could
+    // otherwise still keep them away from it, and there would be nothing to retry.
+    wait_idle_everywhere(&agents, ids[h]).await;
     let a = agents.remove(h);
     let gone = ids[h];
     a.stop().await;

@@ -570,23 +570,28 @@ impl Client {
                 .clamp(Duration::from_millis(5), Duration::from_millis(500));
             // Wake for the next event, or when a batch, a retry or a load sample falls due; the
             // 500 ms cap also picks up engine restarts (new epochs) without events.
-            let KvUpload {
-                uploader,
-                events,
-                origin,
-                ..
-            } = &mut *kv;
-            tokio::select! {
-                received = events.recv() => match received {
-                    Ok(event) => uploader.push(event, origin.elapsed()),
+            let received = tokio::select! {
+                received = kv.events.recv() => match received {
+                    Ok(event) => Some(event),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "KV events dropped: the upload fell behind");
+                        None
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         tokio::time::sleep(wait).await;
+                        None
                     }
                 },
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep(wait) => None,
+            };
+            if let Some(event) = received {
+                // A worker that just started can store blocks before this loop next looks at
+                // the pool: give it its epoch first, or its first events would go out under
+                // epoch 0 and the announcement that follows would reset the worker, dropping
+                // those very blocks from every router.
+                self.refresh_epochs(&mut kv);
+                let now = kv.origin.elapsed();
+                kv.uploader.push(event, now);
             }
         }
     }
