@@ -258,22 +258,7 @@ impl Backend for FleetBackend {
                 error = first_error.as_deref().unwrap_or(""),
                 "peer unavailable: retrying the request on a local worker");
             request.worker = None;
-            match local.submit(request) {
-                Ok(mut generation) => {
-                    while let Some(event) = generation.events.recv().await {
-                        let last = matches!(event, GenEvent::Finished(_) | GenEvent::Failed(_));
-                        if last {
-                            generation.done();
-                        }
-                        if tx.send(event).is_err() || last {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(GenEvent::Failed(e.to_string()));
-                }
-            }
+            crate::disagg::pipe(local.submit(request), tx).await;
         });
         let abort = task.abort_handle();
         let fleet = self.fleet.clone();

@@ -104,7 +104,12 @@ async fn reference_agent(path: &std::path::Path) -> Agent {
          [supervisor]\nsocket_dir = {sockets:?}\n{}",
         model_toml(path)
     );
-    Agent::launch("reference", toml).await
+    let agent = Agent::launch("reference", toml).await;
+    wait_for("the reference worker", Duration::from_secs(60), || async {
+        agent.ready_workers() == 1
+    })
+    .await;
+    agent
 }
 
 /// Deterministic prompts of 20..70 token ids (1 to 4 full blocks plus a partial one).
@@ -313,10 +318,6 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
         return;
     };
     let reference = reference_agent(&path).await;
-    wait_for("the reference worker", Duration::from_secs(60), || async {
-        reference.ready_workers() == 1
-    })
-    .await;
     let prompts = prompts(100);
     let started = std::time::Instant::now();
     let expected = answers(&[reference.addr], &prompts, 4).await;
@@ -475,10 +476,6 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
         return;
     };
     let reference = reference_agent(&path).await;
-    wait_for("the reference worker", Duration::from_secs(60), || async {
-        reference.ready_workers() == 1
-    })
-    .await;
     let prompts = prompts(16);
     let expected = answers(&[reference.addr], &prompts, 4).await;
     let entry = [split.prefill.addr, split.decode.addr];
@@ -586,10 +583,6 @@ async fn one_node_with_both_roles_moves_blocks_to_itself() {
     )
     .await;
     let reference = reference_agent(&path).await;
-    wait_for("the reference worker", Duration::from_secs(60), || async {
-        reference.ready_workers() == 1
-    })
-    .await;
     let prompts = prompts(12);
     let expected = answers(&[reference.addr], &prompts, 4).await;
     let got = answers(&[node.addr], &prompts, 4).await;
