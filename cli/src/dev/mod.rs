@@ -950,8 +950,8 @@ async fn check_free_slots(
     bail!(
         "--disaggregated needs {DISAGGREGATED_WORKERS} free worker slots on this machine (a \
          prefill and a decode worker), but only {free} of its {} CPU slot(s) and {} GPU(s) are \
-         free (other deployments hold the rest: {}); remove those deployments (kvfleet \
-         deployments) or run without --disaggregated",
+         free (other deployments hold the rest: {}): remove them (`kvfleet deployments rm \
+         NAME`) or run without --disaggregated",
         node.cpu_slots,
         node.gpu_count,
         if names.is_empty() {
