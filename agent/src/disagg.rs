@@ -828,7 +828,10 @@ pub async fn lookup(addr: &str) -> Result<SocketAddr, String> {
 }
 
 /// Passes a local generation's events to `tx` until its end.
-pub(crate) async fn pipe(submitted: Result<Generation, SubmitError>, tx: mpsc::UnboundedSender<GenEvent>) {
+pub(crate) async fn pipe(
+    submitted: Result<Generation, SubmitError>,
+    tx: mpsc::UnboundedSender<GenEvent>,
+) {
     match submitted {
         Ok(mut generation) => {
             while let Some(event) = generation.events.recv().await {
