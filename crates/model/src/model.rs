@@ -420,9 +420,8 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm_copy(&x, h, &layer.attn_norm, eps, off);
             trace("attn_norm", li, &hn);
-            let mut q = layer.q.forward(&hn, &chunks)?;
-            let mut k = layer.k.forward(&hn, &chunks)?;
-            let v = layer.v.forward(&hn, &chunks)?;
+            let [mut q, mut k, v] =
+                Linear::forward_group([&layer.q, &layer.k, &layer.v], &hn, &chunks)?;
             trace("Vcur", li, &v);
             if let Some(w) = &layer.q_norm {
                 rms_norm_rows(&mut q, hd, w, eps, off);
@@ -474,8 +473,7 @@ impl Model {
 
             let hn = rms_norm_copy(&x, h, &layer.ffn_norm, eps, off);
             trace("ffn_norm", li, &hn);
-            let g = layer.gate.forward(&hn, &chunks)?;
-            let mut u = layer.up.forward(&hn, &chunks)?;
+            let [g, mut u] = Linear::forward_group([&layer.gate, &layer.up], &hn, &chunks)?;
             match c.activation {
                 // silu(g)·u and gelu(g)·u, each rounded as ggml's fused GLU kernels round them.
                 Activation::Silu => {

@@ -106,58 +106,39 @@ impl BlockQ8Matrix {
 
     /// `x [t, cols] → [t, rows]`.
     pub(crate) fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
-        let (k, n) = (self.cols, self.rows);
-        let nb = k / QK;
+        Self::matmul_group(&[self], x, t).pop().unwrap_or_default()
+    }
+
+    /// [`BlockQ8Matrix::matmul`] of several matrices over the same input (q/k/v, gate/up):
+    /// the input is quantized once and all their rows go through one parallel region, so a
+    /// decode step pays rayon's wake-up and join once per group instead of once per matrix.
+    /// Every output is bit-identical to `matmul`'s. Matrices whose `cols` differ from the
+    /// first one's are multiplied on their own.
+    pub(crate) fn matmul_group(mats: &[&Self], x: &[f32], t: usize) -> Vec<Vec<f32>> {
+        let Some(k) = mats.first().map(|m| m.cols) else {
+            return Vec::new();
+        };
+        if mats.iter().any(|m| m.cols != k) {
+            return mats.iter().map(|m| m.matmul(x, t)).collect();
+        }
         let act = QuantizedActs::new(x, t, k);
         // Rows in chunks: each chunk's weights stay in cache while every token passes. A
         // decode step (t = 1) is small work per row, so use few chunks there: rayon's per-task
         // overhead otherwise dominates (thousands of tasks per step).
-        let tasks = (rayon::current_num_threads() * 4).max(1);
-        let chunk = n.div_ceil(tasks).max(16 / t.max(1)).max(1);
-        let parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .map(|c| {
-                let r0 = c * chunk;
-                let r1 = (r0 + chunk).min(n);
-                let mut part = vec![0f32; (r1 - r0) * t];
-                for r in r0..r1 {
-                    let wq = &self.q[r * k..(r + 1) * k];
-                    let wd = &self.d[r * nb..(r + 1) * nb];
-                    let wm = self.m.as_ref().map(|m| &m[r * nb..(r + 1) * nb]);
-                    let out_row = &mut part[(r - r0) * t..(r - r0 + 1) * t];
-                    // Four tokens at a time share each loaded weight block.
-                    let mut ti = 0;
-                    while ti + 4 <= t {
-                        let a = |u: usize| &act.q[(ti + u) * k..(ti + u + 1) * k];
-                        let d = |u: usize| &act.d[(ti + u) * nb..(ti + u + 1) * nb];
-                        let acc =
-                            row_dot4(wq, wd, [a(0), a(1), a(2), a(3)], [d(0), d(1), d(2), d(3)]);
-                        out_row[ti..ti + 4].copy_from_slice(&acc);
-                        ti += 4;
-                    }
-                    for (tj, o) in out_row.iter_mut().enumerate().skip(ti) {
-                        let aq = &act.q[tj * k..(tj + 1) * k];
-                        let ad = &act.d[tj * nb..(tj + 1) * nb];
-                        *o = row_dot(wq, wd, aq, ad);
-                    }
-                    if let Some(wm) = wm {
-                        // llama.cpp: `summs += m·s` block by block, added after the lanes.
-                        for (ti, o) in out_row.iter_mut().enumerate() {
-                            let asum = &act.s[ti * nb..(ti + 1) * nb];
-                            let summs = wm
-                                .iter()
-                                .zip(asum)
-                                .fold(0f32, |acc, (&m, &s)| m.mul_add(s, acc));
-                            *o += summs;
-                        }
-                    }
-                }
-                part
-            })
+        let tasks_per = (rayon::current_num_threads() * 4).max(1);
+        let mut tasks = Vec::new();
+        for (mi, m) in mats.iter().enumerate() {
+            let n = m.rows;
+            let chunk = n.div_ceil(tasks_per).max(16 / t.max(1)).max(1);
+            tasks.extend((0..n.div_ceil(chunk)).map(|c| (mi, c * chunk, ((c + 1) * chunk).min(n))));
+        }
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(mi, r0, r1)| mats[mi].rows_part(&act, t, r0, r1))
             .collect();
-        let mut out = vec![0f32; t * n];
-        for (c, part) in parts.iter().enumerate() {
-            let r0 = c * chunk;
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; t * m.rows]).collect();
+        for (&(mi, r0, _), part) in tasks.iter().zip(&parts) {
+            let (out, n) = (&mut outs[mi], mats[mi].rows);
             let rows = part.len() / t.max(1);
             for i in 0..rows {
                 for ti in 0..t {
@@ -165,7 +146,46 @@ impl BlockQ8Matrix {
                 }
             }
         }
-        out
+        outs
+    }
+
+    /// Output rows `r0..r1` for every token, as `[row][token]`.
+    fn rows_part(&self, act: &QuantizedActs, t: usize, r0: usize, r1: usize) -> Vec<f32> {
+        let k = self.cols;
+        let nb = k / QK;
+        let mut part = vec![0f32; (r1 - r0) * t];
+        for r in r0..r1 {
+            let wq = &self.q[r * k..(r + 1) * k];
+            let wd = &self.d[r * nb..(r + 1) * nb];
+            let wm = self.m.as_ref().map(|m| &m[r * nb..(r + 1) * nb]);
+            let out_row = &mut part[(r - r0) * t..(r - r0 + 1) * t];
+            // Four tokens at a time share each loaded weight block.
+            let mut ti = 0;
+            while ti + 4 <= t {
+                let a = |u: usize| &act.q[(ti + u) * k..(ti + u + 1) * k];
+                let d = |u: usize| &act.d[(ti + u) * nb..(ti + u + 1) * nb];
+                let acc = row_dot4(wq, wd, [a(0), a(1), a(2), a(3)], [d(0), d(1), d(2), d(3)]);
+                out_row[ti..ti + 4].copy_from_slice(&acc);
+                ti += 4;
+            }
+            for (tj, o) in out_row.iter_mut().enumerate().skip(ti) {
+                let aq = &act.q[tj * k..(tj + 1) * k];
+                let ad = &act.d[tj * nb..(tj + 1) * nb];
+                *o = row_dot(wq, wd, aq, ad);
+            }
+            if let Some(wm) = wm {
+                // llama.cpp: `summs += m·s` block by block, added after the lanes.
+                for (ti, o) in out_row.iter_mut().enumerate() {
+                    let asum = &act.s[ti * nb..(ti + 1) * nb];
+                    let summs = wm
+                        .iter()
+                        .zip(asum)
+                        .fold(0f32, |acc, (&m, &s)| m.mul_add(s, acc));
+                    *o += summs;
+                }
+            }
+        }
+        part
     }
 }
 
@@ -346,5 +366,39 @@ mod tests {
             }
         }
         assert!(BlockQ8Matrix::from_ggml(12, &[0; 144], 1, 256).is_none());
+    }
+
+    /// Grouped matmuls (one activation quantization, one parallel region) give exactly the
+    /// bits of separate ones, for decode-sized and prefill-sized steps and mixed block types.
+    #[test]
+    fn grouped_matmul_is_bit_identical() {
+        let cols = 96;
+        let w = |rows: usize, seed: usize| -> Tensor {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|i| (((i + seed) * 37 % 101) as f32 - 50.0) / 40.0)
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+        };
+        let mats: Vec<BlockQ8Matrix> = [(GgmlDType::Q4_1, 3, 40, 1), (GgmlDType::Q8_0, 8, 13, 2)]
+            .into_iter()
+            .chain([(GgmlDType::Q4_0, 2, 7, 3)])
+            .map(|(dtype, id, rows, seed)| {
+                let qt = QTensor::quantize(&w(rows, seed), dtype).unwrap();
+                BlockQ8Matrix::from_ggml(id, &qt.data().unwrap(), rows, cols).unwrap()
+            })
+            .collect();
+        let refs: Vec<&BlockQ8Matrix> = mats.iter().collect();
+        for t in [1, 3, 9] {
+            let x: Vec<f32> = (0..t * cols)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                .collect();
+            let grouped = BlockQ8Matrix::matmul_group(&refs, &x, t);
+            assert_eq!(grouped.len(), mats.len());
+            for (m, g) in mats.iter().zip(&grouped) {
+                let alone = m.matmul(&x, t);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(g), bits(&alone), "t = {t}, rows = {}", m.rows);
+            }
+        }
     }
 }

@@ -221,6 +221,44 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// [`Linear::forward`] of several weights over the same input (q/k/v, gate/up). When all
+    /// are our block kernel the input is quantized once and their rows share one parallel
+    /// region ([`BlockQ8Matrix::matmul_group`]); the results are bit-identical to calling
+    /// `forward` on each.
+    pub(crate) fn forward_group<const N: usize>(
+        group: [&Linear; N],
+        x: &[f32],
+        chunks: &[usize],
+    ) -> Result<[Vec<f32>; N]> {
+        let blocks: Vec<&BlockQ8Matrix> = group
+            .iter()
+            .filter_map(|l| match &l.kind {
+                LinearKind::Blocks(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        if blocks.len() < N {
+            let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+            for (o, l) in out.iter_mut().zip(group) {
+                *o = l.forward(x, chunks)?;
+            }
+            return Ok(out);
+        }
+        let t: usize = chunks.iter().sum();
+        let mut ys = BlockQ8Matrix::matmul_group(&blocks, x, t).into_iter();
+        let mut out: [Vec<f32>; N] = std::array::from_fn(|_| ys.next().unwrap_or_default());
+        for (y, l) in out.iter_mut().zip(group) {
+            if let Some(b) = &l.bias {
+                for row in y.chunks_exact_mut(l.out) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The token embedding: quantized rows are dequantized on lookup.
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
