@@ -141,29 +141,39 @@ impl KQuantMatrix {
         let nb = k / QK_K;
         let acts: Vec<Q8K> = x.chunks_exact(k).map(Q8K::new).collect();
         let mut out = vec![0f32; t * n];
-        let cols: Vec<Vec<f32>> = (0..n)
-            .into_par_iter()
-            .map(|r| {
-                let q = &self.q[r * k..(r + 1) * k];
-                let d = &self.d[r * nb..(r + 1) * nb];
-                let sc = &self.scales[r * nb * 16..(r + 1) * nb * 16];
-                acts.iter()
-                    .zip(&pos)
-                    .map(|(a, &(i, len))| match self.kind {
-                        // llama.cpp's repacked Q4_K: four-row GEMM for the first
-                        // `len - len % 4` rows, one-row GEMV for the rest.
-                        Kind::Q4K => {
-                            let dmin = &self.dmin[r * nb..(r + 1) * nb];
-                            q4k_dot(q, d, dmin, sc, a, i < len - len % 4)
-                        }
-                        // ggml's tiled K-quant matmul from 8 rows, `vec_dot` below.
-                        Kind::Q6K if len >= 8 => q6k_dot_tiled(q, d, sc, a),
-                        Kind::Q6K => q6k_dot(q, d, sc, a),
-                    })
-                    .collect()
-            })
-            .collect();
-        for (r, col) in cols.iter().enumerate() {
+        if t == 0 || n == 0 {
+            return out;
+        }
+        // Results as [row][token], filled in chunks of rows: one task per chunk rather than a
+        // small Vec per row (a decode step's LM-sized matrices have thousands of rows). Each
+        // output's arithmetic is the same whatever the chunking.
+        let chunk = n.div_ceil((rayon::current_num_threads() * 4).max(1)).max(1);
+        let mut by_row = vec![0f32; n * t];
+        by_row
+            .par_chunks_mut(chunk * t)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (i, row_out) in rows.chunks_exact_mut(t).enumerate() {
+                    let r = c * chunk + i;
+                    let q = &self.q[r * k..(r + 1) * k];
+                    let d = &self.d[r * nb..(r + 1) * nb];
+                    let sc = &self.scales[r * nb * 16..(r + 1) * nb * 16];
+                    for ((o, a), &(i, len)) in row_out.iter_mut().zip(&acts).zip(&pos) {
+                        *o = match self.kind {
+                            // llama.cpp's repacked Q4_K: four-row GEMM for the first
+                            // `len - len % 4` rows, one-row GEMV for the rest.
+                            Kind::Q4K => {
+                                let dmin = &self.dmin[r * nb..(r + 1) * nb];
+                                q4k_dot(q, d, dmin, sc, a, i < len - len % 4)
+                            }
+                            // ggml's tiled K-quant matmul from 8 rows, `vec_dot` below.
+                            Kind::Q6K if len >= 8 => q6k_dot_tiled(q, d, sc, a),
+                            Kind::Q6K => q6k_dot(q, d, sc, a),
+                        };
+                    }
+                }
+            });
+        for (r, col) in by_row.chunks_exact(t).enumerate() {
             for (ti, v) in col.iter().enumerate() {
                 out[ti * n + r] = *v;
             }
