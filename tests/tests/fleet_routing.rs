@@ -98,29 +98,94 @@ fn outstanding(agent: &Agent) -> usize {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
-    let Some(db) = TestDb::create().await else {
-        return;
-    };
-    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
-    let admin = token(&db, Role::Admin).await;
-    let join = token(&db, Role::Join).await;
-    let names = ["kvr-node-a", "kvr-node-b", "kvr-node-c"];
-    let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
-    let mut agents = Vec::new();
-    for (name, dir) in names.iter().zip(&dirs) {
-        agents.push(Agent::start(name, &cp, &join, dir, SETUP).await);
+/// A control plane and three agents, each running one ready mock worker of a three-worker
+/// deployment. `config` may edit agent `k`'s TOML before it starts.
+struct ThreeNodes {
+    db: TestDb,
+    cp: ControlPlane,
+    admin: String,
+    agents: Vec<Agent>,
+    dirs: Vec<PathBuf>,
+    ids: Vec<WorkerId>,
+}
+
+impl ThreeNodes {
+    async fn start(
+        names: [&str; 3],
+        setup: AgentSetup,
+        config: impl Fn(usize, String) -> String,
+    ) -> Option<Self> {
+        let db = TestDb::create().await?;
+        let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+        let admin = token(&db, Role::Admin).await;
+        let join = token(&db, Role::Join).await;
+        let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
+        let mut agents = Vec::new();
+        for (k, (name, dir)) in names.iter().zip(&dirs).enumerate() {
+            let toml = config(k, Agent::config(name, &cp, &join, dir, setup));
+            agents.push(Agent::launch(name, toml).await);
+        }
+        wait_nodes_healthy(&cp, &admin, &names).await;
+        deploy(&cp, &admin, 3).await;
+        wait_for(
+            "a ready worker on each agent",
+            Duration::from_secs(60),
+            || async { agents.iter().all(|a| a.ready_workers() == 1) },
+        )
+        .await;
+        let ids = agents.iter().map(|a| worker_ids(a)[0]).collect();
+        Some(Self {
+            db,
+            cp,
+            admin,
+            agents,
+            dirs,
+            ids,
+        })
     }
-    wait_nodes_healthy(&cp, &admin, &names).await;
-    deploy(&cp, &admin, 3).await;
+
+    async fn stop(self) {
+        for agent in self.agents {
+            agent.stop().await;
+        }
+        self.cp.stop().await;
+        self.db.drop_now().await;
+        for dir in self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Waits until every agent's router knows the two other nodes' workers, ready, with their peer
+/// addresses.
+async fn wait_routers_know_everyone(agents: &[Agent]) {
     wait_for(
-        "a ready worker on each agent",
-        Duration::from_secs(60),
-        || async { agents.iter().all(|a| a.ready_workers() == 1) },
+        "every router to know every worker and peer",
+        Duration::from_secs(20),
+        || async {
+            agents.iter().all(|a| {
+                let remote = fleet(a).remote_workers();
+                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
+            })
+        },
     )
     .await;
-    let ids: Vec<WorkerId> = agents.iter().map(|a| worker_ids(a)[0]).collect();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
+    let names = ["kvr-node-a", "kvr-node-b", "kvr-node-c"];
+    let Some(nodes) = ThreeNodes::start(names, SETUP, |_, toml| toml).await else {
+        return;
+    };
+    let ThreeNodes {
+        db,
+        cp,
+        admin,
+        mut agents,
+        dirs,
+        ids,
+    } = nodes;
 
     // A long prompt served on node a: its worker's blocks reach every node's router.
     let long = "a prompt long enough to fill a few KV blocks of sixteen tokens each ".repeat(2);
@@ -286,14 +351,16 @@ async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
         assert_completion(&agent.name, &complete(agent.addr, "still serving").await);
     }
 
-    for agent in agents {
-        agent.stop().await;
+    ThreeNodes {
+        db,
+        cp,
+        admin,
+        agents,
+        dirs,
+        ids,
     }
-    cp.stop().await;
-    db.drop_now().await;
-    for dir in dirs {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    .stop()
+    .await;
 }
 
 /// Waits until every router sees `worker` idle: its published load and the router's own
@@ -354,38 +421,19 @@ async fn route_counts(agents: &[Agent]) -> (Vec<BTreeMap<String, u64>>, BTreeMap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise() {
-    let Some(db) = TestDb::create().await else {
+    let names = ["kvf-node-a", "kvf-node-b", "kvf-node-c"];
+    let Some(nodes) = ThreeNodes::start(names, SETUP, |_, toml| toml).await else {
         return;
     };
-    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
-    let admin = token(&db, Role::Admin).await;
-    let join = token(&db, Role::Join).await;
-    let names = ["kvf-node-a", "kvf-node-b", "kvf-node-c"];
-    let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
-    let mut agents = Vec::new();
-    for (name, dir) in names.iter().zip(&dirs) {
-        agents.push(Agent::start(name, &cp, &join, dir, SETUP).await);
-    }
-    wait_nodes_healthy(&cp, &admin, &names).await;
-    deploy(&cp, &admin, 3).await;
-    wait_for(
-        "a ready worker on each agent",
-        Duration::from_secs(60),
-        || async { agents.iter().all(|a| a.ready_workers() == 1) },
-    )
-    .await;
-    let ids: Vec<WorkerId> = agents.iter().map(|a| worker_ids(a)[0]).collect();
-    wait_for(
-        "every router to know every worker and peer",
-        Duration::from_secs(20),
-        || async {
-            agents.iter().all(|a| {
-                let remote = fleet(a).remote_workers();
-                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
-            })
-        },
-    )
-    .await;
+    let ThreeNodes {
+        db,
+        cp,
+        admin,
+        mut agents,
+        dirs,
+        ids,
+    } = nodes;
+    wait_routers_know_everyone(&agents).await;
 
     // A long prefix, first served wherever node a's router sends it; every router learns
     // which worker holds it.
@@ -575,14 +623,16 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
     )
     .await;
 
-    for agent in agents {
-        agent.stop().await;
+    ThreeNodes {
+        db,
+        cp,
+        admin,
+        agents,
+        dirs,
+        ids,
     }
-    cp.stop().await;
-    db.drop_now().await;
-    for dir in dirs {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    .stop()
+    .await;
 }
 
 /// A chat completion of `max_tokens` from `agent_addr`'s frontend, allowed `timeout`.
@@ -617,50 +667,35 @@ fn worker_gauge(text: &str, name: &str, worker: WorkerId, kind: &str) -> Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_workers_published_load_steers_other_frontends_away_from_it() {
-    let Some(db) = TestDb::create().await else {
-        return;
-    };
     // Tokens take 40 ms: the busy requests below run for about 5 s.
     let setup = AgentSetup {
         mock_token_time_us: 40_000,
         peer_on_loopback: true,
     };
-    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
-    let admin = token(&db, Role::Admin).await;
-    let join = token(&db, Role::Join).await;
     let names = ["kvl-node-a", "kvl-node-b", "kvl-node-c"];
-    let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
-    let mut agents = Vec::new();
-    for (k, (name, dir)) in names.iter().zip(&dirs).enumerate() {
-        let mut toml = Agent::config(name, &cp, &join, dir, setup);
+    let started = ThreeNodes::start(names, setup, |k, toml| {
         if k == 0 {
             // Node a's frontend serves on its own worker only: its clients keep that worker
             // busy where the other nodes' routers cannot see it except through its load.
-            toml = toml.replace("[peer]\n", "[peer]\nforward = false\n");
+            toml.replace("[peer]\n", "[peer]\nforward = false\n")
+        } else {
+            toml
         }
-        agents.push(Agent::launch(name, toml).await);
-    }
-    wait_nodes_healthy(&cp, &admin, &names).await;
-    deploy(&cp, &admin, 3).await;
-    wait_for(
-        "a ready worker on each agent",
-        Duration::from_secs(60),
-        || async { agents.iter().all(|a| a.ready_workers() == 1) },
-    )
+    })
     .await;
-    let ids: Vec<WorkerId> = agents.iter().map(|a| worker_ids(a)[0]).collect();
+    let Some(nodes) = started else {
+        return;
+    };
+    let ThreeNodes {
+        db,
+        cp,
+        admin,
+        agents,
+        dirs,
+        ids,
+    } = nodes;
     let busy_worker = ids[0];
-    wait_for(
-        "every router to know every worker and peer",
-        Duration::from_secs(20),
-        || async {
-            agents.iter().all(|a| {
-                let remote = fleet(a).remote_workers();
-                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
-            })
-        },
-    )
-    .await;
+    wait_routers_know_everyone(&agents).await;
 
     // Six long, slow requests from node a's clients keep its worker busy.
     const BUSY: usize = 6;
@@ -779,14 +814,16 @@ async fn a_workers_published_load_steers_other_frontends_away_from_it() {
     );
     assert_eq!(stats.1["counters"]["loads_rejected"], 0, "{}", stats.1);
 
-    for agent in agents {
-        agent.stop().await;
+    ThreeNodes {
+        db,
+        cp,
+        admin,
+        agents,
+        dirs,
+        ids,
     }
-    cp.stop().await;
-    db.drop_now().await;
-    for dir in dirs {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    .stop()
+    .await;
 }
 
 fn assert_completion_of(who: &str, (status, body): &(StatusCode, serde_json::Value), n: u64) {
