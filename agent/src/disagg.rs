@@ -47,6 +47,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backend::{
     Backend, EndReason, GenEvent, GenerateRequest, Generation, SubmitError, TokenLogprob,
 };
+use crate::metrics::write_metric;
 use crate::peer::PeerHandle;
 
 /// How long connecting to the prefill node and starting its stream may take.
@@ -244,25 +245,21 @@ impl Transfers {
             ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+            write_metric(out, "counter", name, help, value);
         }
-        let seconds = get(&c.micros) as f64 / 1e6;
-        let _ = writeln!(
+        write_metric(
             out,
-            "# HELP kvfleet_disagg_transfer_seconds_total Time from a transfer's first block to \
-             its hand-off to the decode worker, summed.\n\
-             # TYPE kvfleet_disagg_transfer_seconds_total counter\n\
-             kvfleet_disagg_transfer_seconds_total {seconds}"
+            "counter",
+            "kvfleet_disagg_transfer_seconds_total",
+            "Time from a transfer's first block to its hand-off to the decode worker, summed.",
+            get(&c.micros) as f64 / 1e6,
         );
-        let _ = writeln!(
+        write_metric(
             out,
-            "# HELP kvfleet_disagg_transfers_pending Transfers expected and not yet handed off.\n\
-             # TYPE kvfleet_disagg_transfers_pending gauge\n\
-             kvfleet_disagg_transfers_pending {}",
-            self.pending()
+            "gauge",
+            "kvfleet_disagg_transfers_pending",
+            "Transfers expected and not yet handed off.",
+            self.pending(),
         );
     }
 }
@@ -763,13 +760,12 @@ impl Disagg {
                 self.outcome_count(outcome)
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_disagg_prefill_served_total Prefill legs this node's prefill workers \
-             ran for other nodes' decode workers.\n\
-             # TYPE kvfleet_disagg_prefill_served_total counter\n\
-             kvfleet_disagg_prefill_served_total {}",
-            self.prefill_served.load(Ordering::Relaxed)
+        write_metric(
+            &mut out,
+            "counter",
+            "kvfleet_disagg_prefill_served_total",
+            "Prefill legs this node's prefill workers ran for other nodes' decode workers.",
+            self.prefill_served.load(Ordering::Relaxed),
         );
         self.transfers.render(&mut out);
         if let Some(endpoint) = self.peer.endpoint() {
@@ -886,17 +882,14 @@ fn render_peer(out: &mut String, m: &kvfleet_peer::MetricsSnapshot) {
         ),
     ];
     for (name, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
+        write_metric(out, "counter", name, help, value);
     }
-    let _ = writeln!(
+    write_metric(
         out,
-        "# HELP kvfleet_peer_kv_send_seconds_total Time spent sending KV transfers.\n\
-         # TYPE kvfleet_peer_kv_send_seconds_total counter\n\
-         kvfleet_peer_kv_send_seconds_total {}",
-        m.kv_send_micros as f64 / 1e6
+        "counter",
+        "kvfleet_peer_kv_send_seconds_total",
+        "Time spent sending KV transfers.",
+        m.kv_send_micros as f64 / 1e6,
     );
     let _ = writeln!(
         out,

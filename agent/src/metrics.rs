@@ -172,10 +172,7 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+            write_metric(&mut out, "counter", name, help, value);
         }
         let gauges = [
             (
@@ -190,10 +187,7 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+            write_metric(&mut out, "gauge", name, help, value);
         }
         render_workers(&mut out, workers);
         if let Some(gpus) = gpus {
@@ -201,6 +195,20 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Writes one unlabelled sample with its family's `# HELP` and `# TYPE` (`counter`, `gauge`).
+pub(crate) fn write_metric(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 fn render_workers(out: &mut String, workers: &[WorkerStatus]) {
