@@ -427,15 +427,7 @@ async fn streaming_matches_non_streaming_and_reports_usage() {
         body["usage"],
         json!({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
     );
-    let models: Value = agent
-        .client
-        .get(agent.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = agent.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "m");
 }
 

@@ -283,15 +283,7 @@ async fn bad_requests_against_a_native_model() {
         );
     }
     // /v1/models reports the capped context.
-    let models: Value = agent
-        .client
-        .get(agent.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = agent.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["max_model_len"], 64);
     // Still serving.
     let response = agent
@@ -347,15 +339,7 @@ async fn models_can_be_registered_and_removed_at_runtime() {
         .await
         .unwrap();
     assert_eq!(served.context_length, 4096);
-    let models: Value = agent
-        .client
-        .get(agent.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = agent.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

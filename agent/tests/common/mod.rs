@@ -143,6 +143,18 @@ impl TestAgent {
             .unwrap()
     }
 
+    /// GETs `path` and parses the JSON body.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Reads a metric's value (first sample whose line starts with `prefix`).
     pub async fn metric(&self, prefix: &str) -> f64 {
         let text = self
