@@ -187,29 +187,16 @@ fn worker(agent: &Agent) -> Option<WorkerStatus> {
 /// Registers the model and applies a disaggregated deployment of one prefill and one decode
 /// worker that prefills every prompt remotely.
 async fn deploy_split(cp: &ControlPlane, admin: &str, path: &std::path::Path, format: &str) {
-    let (status, body) = api(
-        reqwest::Method::POST,
-        &cp.url("/models"),
+    register_and_deploy(
+        cp,
         admin,
-        Some(
-            json!({"name": MODEL, "format": format, "path": path.display().to_string(),
+        json!({"name": MODEL, "format": format, "path": path.display().to_string(),
             "block_size": BLOCK, "context_length": 1024}),
-        ),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (status, body) = api(
-        reqwest::Method::POST,
-        &cp.url("/deployments"),
-        admin,
-        Some(
-            json!({"name": "split", "model": MODEL, "mode": "disaggregated",
+        json!({"name": "split", "model": MODEL, "mode": "disaggregated",
             "min_workers": 2, "max_workers": 2, "placement": {"allow_cpu": true},
             "disaggregation": {"min_remote_prefill_tokens": 0, "prefill_timeout_ms": 60000}}),
-        ),
     )
     .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 
 /// A fleet of two agents with a disaggregated deployment, ready to serve: (cp, agents with the

@@ -372,14 +372,30 @@ pub fn assert_completion(who: &str, (status, body): &(StatusCode, Value)) {
 
 /// Registers the model and applies a CPU deployment of `workers` workers; returns its id.
 pub async fn deploy(cp: &ControlPlane, admin: &str, workers: usize) -> String {
+    register_and_deploy(
+        cp,
+        admin,
+        json!({"name": MODEL, "format": "mock", "path": "mock", "block_size": 16,
+                "context_length": 256}),
+        json!({"name": "tiny", "model": MODEL, "min_workers": workers, "max_workers": workers,
+                "placement": {"allow_cpu": true}}),
+    )
+    .await
+}
+
+/// `POST /models` with `model`, then `POST /deployments` with `deployment`, each asserted
+/// created; returns the deployment's id.
+pub async fn register_and_deploy(
+    cp: &ControlPlane,
+    admin: &str,
+    model: Value,
+    deployment: Value,
+) -> String {
     let (status, body) = api(
         reqwest::Method::POST,
         &cp.url("/models"),
         admin,
-        Some(
-            json!({"name": MODEL, "format": "mock", "path": "mock", "block_size": 16,
-                    "context_length": 256}),
-        ),
+        Some(model),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -387,10 +403,7 @@ pub async fn deploy(cp: &ControlPlane, admin: &str, workers: usize) -> String {
         reqwest::Method::POST,
         &cp.url("/deployments"),
         admin,
-        Some(
-            json!({"name": "tiny", "model": MODEL, "min_workers": workers, "max_workers": workers,
-                    "placement": {"allow_cpu": true}}),
-        ),
+        Some(deployment),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
