@@ -191,16 +191,8 @@ async fn chat(openai: &str, model: &str) -> serde_json::Value {
     body
 }
 
-fn port_is_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
-    if let Some(reason) = missing_prerequisite() {
-        eprintln!("skipped dev_runs_a_one_node_fleet_and_restarts_idempotently: {reason}");
-        return;
-    }
+/// A new state directory and free ports for one `kvfleet dev` run.
+fn fresh_state_and_ports() -> (PathBuf, Ports) {
     let state: PathBuf = std::env::temp_dir().join(format!(
         "kvfleet-dev-test-{}",
         uuid::Uuid::new_v4().simple()
@@ -212,6 +204,20 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
         peer: free_port(),
         pg: free_port(),
     };
+    (state, ports)
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
+    if let Some(reason) = missing_prerequisite() {
+        eprintln!("skipped dev_runs_a_one_node_fleet_and_restarts_idempotently: {reason}");
+        return;
+    }
+    let (state, ports) = fresh_state_and_ports();
 
     let mock = ["--mock"];
     let mut dev = Dev::start(&state, &ports, &mock);
@@ -301,17 +307,7 @@ async fn dev_serves_the_default_smollm2_model() {
         );
         return;
     }
-    let state: PathBuf = std::env::temp_dir().join(format!(
-        "kvfleet-dev-test-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&state).unwrap();
-    let ports = Ports {
-        openai: free_port(),
-        api: free_port(),
-        peer: free_port(),
-        pg: free_port(),
-    };
+    let (state, ports) = fresh_state_and_ports();
     // No --model: kvfleet dev finds the default model through KVFLEET_SMOLLM2_GGUF.
     let mut dev = Dev::start(&state, &ports, &[]);
     let (openai, _token) = dev.wait_for_summary().await;
@@ -414,17 +410,7 @@ async fn dev_disaggregated_prefills_remotely_and_a_rerun_converges_back() {
         );
         return;
     }
-    let state: PathBuf = std::env::temp_dir().join(format!(
-        "kvfleet-dev-test-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&state).unwrap();
-    let ports = Ports {
-        openai: free_port(),
-        api: free_port(),
-        peer: free_port(),
-        pg: free_port(),
-    };
+    let (state, ports) = fresh_state_and_ports();
     let frontend = format!("http://127.0.0.1:{}", ports.openai);
     let api = format!("http://127.0.0.1:{}", ports.api);
 
