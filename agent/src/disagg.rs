@@ -317,7 +317,8 @@ pub struct Disagg {
     local: Arc<dyn Backend>,
     peer: PeerHandle,
     transfers: Arc<Transfers>,
-    outcomes: [AtomicU64; 3],
+    /// Per [`PrefillOutcome`], indexed by its discriminant (declaration order).
+    outcomes: [AtomicU64; PrefillOutcome::ALL.len()],
     prefill_served: AtomicU64,
     next_transfer: AtomicU64,
     options: TransferOptions,
@@ -382,17 +383,11 @@ impl Disagg {
 
     /// Requests whose prefill ended with `outcome` on this node (as the decode node).
     pub fn outcome_count(&self, outcome: PrefillOutcome) -> u64 {
-        let i = PrefillOutcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(0);
-        self.outcomes[i].load(Ordering::Relaxed)
+        self.outcomes[outcome as usize].load(Ordering::Relaxed)
     }
 
     fn count(&self, outcome: PrefillOutcome) {
-        if let Some(i) = PrefillOutcome::ALL.iter().position(|o| *o == outcome) {
-            self.outcomes[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Runs `request` on this node's decode worker (`request.worker`), its prompt prefilled on
