@@ -69,7 +69,7 @@ pub use executor::{
     ExecError, Executor, RequestId, ScheduledBatch, ScheduledSeq, StepOutput, StepResult,
 };
 pub use mock::{
-    DecodeModel, FitError, MockEngine, MockExecutor, MockProfile, ProfileError, Quadratic,
-    expected_output, prompt_digest, pseudo_token,
+    DEFAULT_PERF_PROFILE_TOML, DecodeModel, FitError, MockEngine, MockExecutor, MockProfile,
+    ProfileError, Quadratic, expected_output, prompt_digest, pseudo_token,
 };
 pub use scheduler::Scheduler;

@@ -24,6 +24,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kvfleet_proto::hash::{chain, local_block_hash};
+use kvfleet_proto::profile::{DecodeTable, PROFILE_FORMAT, PerfProfile, PrefillTable};
 use kvfleet_proto::{KvLayout, LocalBlockHash, SequenceHash};
 use serde::{Deserialize, Serialize};
 
@@ -236,6 +237,11 @@ pub struct MockProfile {
 /// The default profile's file, shipped with the crate.
 pub const DEFAULT_PROFILE_TOML: &str = include_str!("../profiles/llama-3.1-8b-h100.toml");
 
+/// The performance profile of the default mock (an 8B model on one H100, with the scheduler's
+/// default `max_num_seqs` and `max_batched_tokens`), as [`MockProfile::perf_profile`] computes
+/// it; shipped so the simulator, the planner and mock fleets have one out of the box.
+pub const DEFAULT_PERF_PROFILE_TOML: &str = include_str!("../profiles/llama-3.1-8b-h100.perf.toml");
+
 /// A profile file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -372,6 +378,96 @@ impl MockProfile {
         let ms = self.prefill_ms(prefill_tokens) + self.decode_ms(kv_fraction, decode_seqs);
         // A profile with huge coefficients saturates instead of panicking.
         Duration::try_from_secs_f64(ms.max(0.0) / 1000.0).unwrap_or(Duration::MAX)
+    }
+}
+
+/// The prompt lengths and decode grid at which [`MockProfile::perf_profile`] samples the
+/// timing model (and `kvfleet profile` sweeps a real worker by default).
+pub const PROFILE_PREFILL_TOKENS: [u32; 10] =
+    [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
+/// Decode batch sizes sampled into a performance profile.
+pub const PROFILE_DECODE_BATCH: [u32; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+/// Decode context lengths (tokens per sequence) sampled into a performance profile.
+pub const PROFILE_DECODE_CONTEXT: [u32; 7] = [128, 512, 1024, 2048, 4096, 8192, 16384];
+
+impl MockProfile {
+    /// The performance profile this timing model implies for an engine with `config`'s
+    /// `max_num_seqs` and `max_batched_tokens`, computed from the formulas (exact for the mock):
+    /// a prompt longer than a step is prefilled in chunks of `max_batched_tokens`, and a decode
+    /// step's KV fraction counts each sequence's blocks of context plus its next token. The
+    /// planner, the router's cost and the simulator read it like a measured one.
+    pub fn perf_profile(&self, config: &crate::SchedulerConfig) -> PerfProfile {
+        let block_size = u64::from(self.layout.block_size.get());
+        let block_bytes = self.layout.block_bytes() as u64;
+        let total_blocks = (self.kv_cache_bytes / block_bytes.max(1)).max(1);
+        let step = config.max_batched_tokens.max(1) as u64;
+        let prefill_ms = |tokens: u64| -> f64 {
+            let full = tokens / step;
+            let rest = tokens % step;
+            full as f64 * self.prefill_ms(step as usize) + self.prefill_ms(rest as usize)
+        };
+        let itl = |batch: u32, context: u32| -> f64 {
+            let blocks = u64::from(batch) * (u64::from(context) + 1).div_ceil(block_size);
+            let p = blocks as f64 / total_blocks as f64;
+            self.decode_ms(p, batch as usize)
+        };
+        let max_seqs = u32::try_from(config.max_num_seqs).unwrap_or(u32::MAX);
+        let batch: Vec<u32> = PROFILE_DECODE_BATCH
+            .into_iter()
+            .filter(|&b| b <= max_seqs)
+            .collect();
+        // A decode step past a full pool cannot happen (the scheduler preempts); the model's
+        // curve may bend down there, so the table holds the last value instead.
+        // Rounded to 0.1 µs so the file reads well; far below any timing that matters.
+        let monotone = |row: Vec<f64>| -> Vec<f64> {
+            row.into_iter()
+                .scan(0.0f64, |high, v| {
+                    *high = high.max((v * 1e4).round() / 1e4);
+                    Some(*high)
+                })
+                .collect()
+        };
+        let mut itl_ms: Vec<Vec<f64>> = batch
+            .iter()
+            .map(|&b| monotone(PROFILE_DECODE_CONTEXT.iter().map(|&c| itl(b, c)).collect()))
+            .collect();
+        for i in 1..itl_ms.len() {
+            let (done, rest) = itl_ms.split_at_mut(i);
+            for (cell, below) in rest[0].iter_mut().zip(&done[i - 1]) {
+                *cell = cell.max(*below);
+            }
+        }
+        PerfProfile {
+            format: PROFILE_FORMAT,
+            model: self.layout.model.clone(),
+            device: self.name.clone(),
+            engine: "mock".into(),
+            kernel_path: None,
+            source: format!(
+                "computed from mock profile `{}` (max_num_seqs {}, max_batched_tokens {})",
+                self.name, config.max_num_seqs, config.max_batched_tokens
+            ),
+            block_size: u32::try_from(block_size).unwrap_or(u32::MAX),
+            kv_block_bytes: block_bytes,
+            kv_blocks: total_blocks,
+            max_num_seqs: max_seqs,
+            max_batched_tokens: u32::try_from(config.max_batched_tokens).unwrap_or(u32::MAX),
+            prefill: PrefillTable {
+                tokens: PROFILE_PREFILL_TOKENS.to_vec(),
+                ms: monotone(
+                    PROFILE_PREFILL_TOKENS
+                        .iter()
+                        .map(|&t| prefill_ms(u64::from(t)))
+                        .collect(),
+                ),
+            },
+            decode: DecodeTable {
+                batch,
+                context: PROFILE_DECODE_CONTEXT.to_vec(),
+                itl_ms,
+            },
+            tiers: Vec::new(),
+        }
     }
 }
 

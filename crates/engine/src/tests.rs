@@ -1691,3 +1691,77 @@ fn pending_prefill_counts_waiting_prompts_but_not_a_decode_token() {
         .unwrap();
     assert_eq!(engine.metrics().prefill_tokens_pending, 7);
 }
+
+#[test]
+fn the_mock_perf_profile_predicts_what_the_mock_engine_does() {
+    let profile = MockProfile::default_8b_h100();
+    let config = SchedulerConfig {
+        kv_memory: profile.pool_sizing(),
+        ..Default::default()
+    };
+    let perf = profile.perf_profile(&config);
+    perf.validate().unwrap();
+    // Idle TTFT, one chunk and several chunks of max_batched_tokens.
+    for len in [300usize, 5000, 20_000] {
+        let mut engine =
+            MockEngine::new(config.clone(), MockExecutor::new(profile.clone())).unwrap();
+        let id = engine
+            .submit(
+                Request::new(prompt(len as u64, len), SamplingParams::greedy(9)),
+                Duration::ZERO,
+            )
+            .unwrap();
+        let mut streams = HashMap::new();
+        run_to_idle(&mut engine, &mut streams);
+        let times = &streams[&id].times;
+        let ttft_ms = times[0].as_secs_f64() * 1000.0;
+        let predicted = perf.prefill_ms(len as u64, 0);
+        // Linear interpolation between table points of a convex curve: within 2%.
+        assert!(
+            (ttft_ms - predicted).abs() / predicted < 0.02,
+            "{len} tokens: engine {ttft_ms:.2} ms, profile {predicted:.2} ms"
+        );
+    }
+    // Decode: 16 sequences of ~1,000 tokens decoding together.
+    let mut engine = MockEngine::new(config.clone(), MockExecutor::new(profile.clone())).unwrap();
+    let ids: Vec<RequestId> = (0..16)
+        .map(|i| {
+            engine
+                .submit(
+                    Request::new(prompt(100 + i, 1000), SamplingParams::greedy(8)),
+                    Duration::ZERO,
+                )
+                .unwrap()
+        })
+        .collect();
+    let mut streams = HashMap::new();
+    run_to_idle(&mut engine, &mut streams);
+    let gap = |id: &RequestId| {
+        let t = &streams[id].times;
+        (t[7] - t[6]).as_secs_f64() * 1000.0
+    };
+    let itl = gap(&ids[0]);
+    let predicted = perf.itl_ms(16, 1006);
+    assert!(
+        (itl - predicted).abs() / predicted < 0.02,
+        "engine ITL {itl:.3} ms, profile {predicted:.3} ms"
+    );
+}
+
+#[test]
+fn the_shipped_perf_profile_is_the_default_mocks() {
+    let profile = MockProfile::default_8b_h100();
+    let config = SchedulerConfig {
+        kv_memory: profile.pool_sizing(),
+        ..Default::default()
+    };
+    let computed = profile.perf_profile(&config);
+    let shipped = kvfleet_proto::profile::PerfProfile::from_toml_str(DEFAULT_PERF_PROFILE_TOML)
+        .expect("the shipped perf profile parses");
+    assert_eq!(
+        shipped,
+        computed,
+        "regenerate crates/engine/profiles/llama-3.1-8b-h100.perf.toml:\n{}",
+        computed.to_toml_string().unwrap()
+    );
+}

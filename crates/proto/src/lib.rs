@@ -4,6 +4,7 @@
 //!   schema derives behind the `openapi` feature.
 //! - [`ids`]: node, GPU, worker, model and deployment ids as distinct types.
 //! - [`hash`]: block hashing, the single definition of a shared prompt prefix.
+//! - [`histogram`]: mergeable latency histograms with the fixed buckets every component shares.
 //! - [`kv_event`]: the `Stored` / `Removed` / `Cleared` events that engines emit and routers index.
 //! - [`kv_stream`]: the KV event pipeline's wire types (agent uploads, the control plane's
 //!   sequenced stream and snapshots).
@@ -11,6 +12,8 @@
 //! - [`frame`]: the versioned, length-prefixed, checksummed frame codec spoken between agents,
 //!   workers and peers.
 //! - [`peer`]: the messages of the peer transport (forwarded generate, KV block transfer).
+//! - [`profile`]: performance profiles (prefill, decode and onboarding cost tables per worker
+//!   class), the one format the router's cost, the planner and the KV tiers read.
 //!
 //! This crate must stay free of IO (no tokio, sockets, files or clocks): the router, the planner
 //! and the simulator depend on it, and `tests/tests/invariants.rs` fails the build if it drifts.
@@ -34,10 +37,12 @@
 pub mod api;
 pub mod frame;
 pub mod hash;
+pub mod histogram;
 pub mod ids;
 pub mod kv_event;
 pub mod kv_stream;
 pub mod peer;
+pub mod profile;
 pub mod request;
 
 pub use frame::{Frame, FrameCodec, FrameError, FrameKind, FrameReader};
