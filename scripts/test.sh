@@ -10,6 +10,8 @@ ensure_test_postgres
 ensure_default_model
 ensure_gemma3_model
 ensure_pip openai
+# promtool checks the agent's /metrics exposition (agent tests).
+apt_install prometheus
 
 # The web UI's browser tests: headless Chromium (Debian's package) driven by playwright-core
 # from npm (no browser download), against the control-plane binary this run builds.

@@ -14,11 +14,10 @@
 
 use std::fmt;
 
+use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::{KvLayout, SamplingParams, SequenceHash, WorkerId};
 use serde::Serialize;
 use tokio::sync::mpsc;
-
-use crate::config::Role;
 
 /// A tokenized request, ready for a worker.
 #[derive(Debug, Clone)]
@@ -110,6 +109,9 @@ pub struct ExportedBlock {
 pub struct Generation {
     /// The worker running it.
     pub worker: WorkerId,
+    /// The role of the worker that produces its first token (a disaggregated request's prefill
+    /// worker), for the latency metrics.
+    pub role: WorkerRole,
     /// Events, ending with `Finished` or `Failed`. Unbounded on purpose: a request produces
     /// at most `max_tokens` events, so its memory is bounded by the context length, and a slow
     /// client must not stall the worker connection shared by every other request.
@@ -121,6 +123,7 @@ impl fmt::Debug for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Generation")
             .field("worker", &self.worker)
+            .field("role", &self.role)
             .field("armed", &self.cancel.is_some())
             .finish()
     }
@@ -130,11 +133,13 @@ impl Generation {
     /// A generation whose `cancel` runs if it is dropped before [`Generation::done`].
     pub fn new(
         worker: WorkerId,
+        role: WorkerRole,
         events: mpsc::UnboundedReceiver<GenEvent>,
         cancel: impl FnOnce() + Send + 'static,
     ) -> Self {
         Self {
             worker,
+            role,
             events,
             cancel: Some(Box::new(cancel)),
         }
@@ -180,7 +185,7 @@ pub struct WorkerStatus {
     /// `cpu` or `gpu:N`.
     pub device: String,
     /// Role.
-    pub role: Role,
+    pub role: WorkerRole,
     /// State.
     pub state: WorkerState,
     /// Requests sent and not finished.

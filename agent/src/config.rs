@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use kvfleet_model::KvBudget;
 use kvfleet_proto::BlockSize;
+use kvfleet_proto::api::WorkerRole;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -411,28 +412,6 @@ impl fmt::Display for Device {
     }
 }
 
-/// What part of serving a worker does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Prefill and decode.
-    Aggregated,
-    /// Prefill only, handing KV blocks to a decode worker.
-    Prefill,
-    /// Decode only.
-    Decode,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Aggregated => "aggregated",
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        })
-    }
-}
-
 /// One worker the config asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
@@ -441,7 +420,7 @@ pub struct WorkerConfig {
     /// Where it runs.
     pub device: Device,
     /// What it does.
-    pub role: Role,
+    pub role: WorkerRole,
 }
 
 /// Worker process supervision.
@@ -876,15 +855,10 @@ fn absolute(key: &str, text: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn parse_role(text: &str) -> Result<Role, String> {
-    match text {
-        "aggregated" => Ok(Role::Aggregated),
-        "prefill" => Ok(Role::Prefill),
-        "decode" => Ok(Role::Decode),
-        other => Err(format!(
-            "role {other:?} is unknown: expected \"aggregated\", \"prefill\" or \"decode\""
-        )),
-    }
+fn parse_role(text: &str) -> Result<WorkerRole, String> {
+    text.parse().map_err(|_| {
+        format!("role {text:?} is unknown: expected \"aggregated\", \"prefill\" or \"decode\"")
+    })
 }
 
 impl Config {
@@ -1301,7 +1275,7 @@ impl Checker<'_> {
         };
         let role = match &raw.role {
             Some(v) => self.parsed(v, parse_role)?,
-            None => Role::Aggregated,
+            None => WorkerRole::Aggregated,
         };
         Some(WorkerConfig {
             model: raw
@@ -1611,7 +1585,7 @@ role = "decode"
             vec![WorkerConfig {
                 model: "m".into(),
                 device: Device::Gpu(0),
-                role: Role::Decode
+                role: WorkerRole::Decode
             }]
         );
         assert_eq!(config.drain_grace, Duration::from_secs(5));

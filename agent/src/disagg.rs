@@ -29,7 +29,6 @@
 //! Memory per transfer is bounded by the prompt's full blocks.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,13 +40,16 @@ use kvfleet_peer::{
     BlockSink, ErrorCode, ErrorMessage, EventStream, Finish, GenerateEvent, KvBlock, KvDone,
     KvPush, KvPushReport, PeerInfo, TransferOptions, Usage,
 };
+use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::{KvLayout, NodeId, SequenceHash, WorkerId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{
     Backend, EndReason, GenEvent, GenerateRequest, Generation, SubmitError, TokenLogprob,
 };
-use crate::metrics::write_metric;
+use crate::metrics::Registry;
 use crate::peer::PeerHandle;
 
 /// How long connecting to the prefill node and starting its stream may take.
@@ -85,6 +87,10 @@ impl PrefillOutcome {
         PrefillOutcome::FallbackAfterFirstToken,
     ];
 
+    fn labels(self) -> [(&'static str, &'static str); 1] {
+        [("outcome", self.label())]
+    }
+
     fn label(self) -> &'static str {
         match self {
             PrefillOutcome::Remote => "remote",
@@ -109,12 +115,12 @@ struct Incoming {
 /// Counters of the receiving side.
 #[derive(Debug, Default)]
 struct TransferCounters {
-    blocks: AtomicU64,
-    bytes: AtomicU64,
-    micros: AtomicU64,
-    transfers: AtomicU64,
-    refused_blocks: AtomicU64,
-    failed_streams: AtomicU64,
+    blocks: Counter,
+    bytes: Counter,
+    seconds: Counter<f64, AtomicU64>,
+    transfers: Counter,
+    refused_blocks: Counter,
+    failed_streams: Counter,
 }
 
 /// The transfers this node expects: the peer endpoint's [`BlockSink`]. See the module docs.
@@ -200,12 +206,11 @@ impl Transfers {
             .take(blocks)
             .map(|b| b.len() as u64)
             .sum();
-        c.transfers.fetch_add(1, Ordering::Relaxed);
-        c.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
-        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        c.transfers.inc();
+        c.blocks.inc_by(blocks as u64);
+        c.bytes.inc_by(bytes);
         if let Some(at) = received.first_block_at {
-            let micros = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
-            c.micros.fetch_add(micros, Ordering::Relaxed);
+            c.seconds.inc_by(at.elapsed().as_secs_f64());
         }
     }
 
@@ -214,53 +219,53 @@ impl Transfers {
         self.lock().len()
     }
 
-    fn render(&self, out: &mut String) {
+    /// Registers the receiving side's counters and its pending transfers.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
         let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let counters = [
             (
-                "kvfleet_disagg_transfers_total",
-                "KV transfers received and handed to a decode worker.",
-                get(&c.transfers),
+                "kvfleet_disagg_transfers",
+                "KV transfers received and handed to a decode worker",
+                &c.transfers,
             ),
             (
-                "kvfleet_disagg_transfer_blocks_total",
-                "KV blocks received and imported by decode workers.",
-                get(&c.blocks),
+                "kvfleet_disagg_transfer_blocks",
+                "KV blocks received and imported by decode workers",
+                &c.blocks,
             ),
             (
-                "kvfleet_disagg_transfer_bytes_total",
-                "Bytes of those blocks.",
-                get(&c.bytes),
+                "kvfleet_disagg_transfer_bytes",
+                "Bytes of those blocks",
+                &c.bytes,
             ),
             (
-                "kvfleet_disagg_transfer_refused_blocks_total",
-                "Blocks refused: beyond the prompt, or a sequence hash other than the prompt's.",
-                get(&c.refused_blocks),
+                "kvfleet_disagg_transfer_refused_blocks",
+                "Blocks refused: beyond the prompt, or a sequence hash other than the prompt's",
+                &c.refused_blocks,
             ),
             (
-                "kvfleet_disagg_transfer_failed_streams_total",
-                "Transfer streams that ended in an error or were cancelled.",
-                get(&c.failed_streams),
+                "kvfleet_disagg_transfer_failed_streams",
+                "Transfer streams that ended in an error or were cancelled",
+                &c.failed_streams,
             ),
         ];
-        for (name, help, value) in counters {
-            write_metric(out, "counter", name, help, value);
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
-        write_metric(
-            out,
-            "counter",
-            "kvfleet_disagg_transfer_seconds_total",
-            "Time from a transfer's first block to its hand-off to the decode worker, summed.",
-            get(&c.micros) as f64 / 1e6,
+        registry.register(
+            "kvfleet_disagg_transfer_seconds",
+            "Time from a transfer's first block to its hand-off to the decode worker, summed",
+            c.seconds.clone(),
         );
-        write_metric(
-            out,
-            "gauge",
-            "kvfleet_disagg_transfers_pending",
-            "Transfers expected and not yet handed off.",
-            self.pending(),
-        );
+        let transfers = Arc::downgrade(self);
+        registry.register_collector(crate::metrics::collector("transfers", move |s| {
+            let pending = transfers.upgrade().map_or(0, |t| t.pending() as u64);
+            s.gauge(
+                "kvfleet_disagg_transfers_pending",
+                "Transfers expected and not yet handed off",
+                pending,
+            )
+        }));
     }
 }
 
@@ -281,7 +286,7 @@ impl BlockSink for Transfers {
         };
         let index = block.index as usize;
         let refuse = |message: String| {
-            self.counters.refused_blocks.fetch_add(1, Ordering::Relaxed);
+            self.counters.refused_blocks.inc();
             Err(ErrorMessage::new(ErrorCode::ImportFailed, message))
         };
         match incoming.hashes.get(index) {
@@ -303,7 +308,7 @@ impl BlockSink for Transfers {
 
     fn stream_finished(&self, request_id: &str, outcome: Result<KvDone, ErrorMessage>) {
         if let Err(error) = outcome {
-            self.counters.failed_streams.fetch_add(1, Ordering::Relaxed);
+            self.counters.failed_streams.inc();
             tracing::debug!(transfer = request_id, code = ?error.code, message = %error.message,
                 "a KV transfer stream failed");
         }
@@ -317,9 +322,9 @@ pub struct Disagg {
     local: Arc<dyn Backend>,
     peer: PeerHandle,
     transfers: Arc<Transfers>,
-    /// Per [`PrefillOutcome`], indexed by its discriminant (declaration order).
-    outcomes: [AtomicU64; PrefillOutcome::ALL.len()],
-    prefill_served: AtomicU64,
+    /// Requests decoded here by how their prefill ended (`kvfleet_disagg_prefill_total`).
+    outcomes: Family<[(&'static str, &'static str); 1], Counter>,
+    prefill_served: Counter,
     next_transfer: AtomicU64,
     options: TransferOptions,
 }
@@ -364,8 +369,8 @@ impl Disagg {
             local,
             peer,
             transfers: Arc::new(Transfers::default()),
-            outcomes: Default::default(),
-            prefill_served: AtomicU64::new(0),
+            outcomes: Family::default(),
+            prefill_served: Counter::default(),
             next_transfer: AtomicU64::new(0),
             options: TransferOptions::default(),
         }
@@ -383,11 +388,11 @@ impl Disagg {
 
     /// Requests whose prefill ended with `outcome` on this node (as the decode node).
     pub fn outcome_count(&self, outcome: PrefillOutcome) -> u64 {
-        self.outcomes[outcome as usize].load(Ordering::Relaxed)
+        self.outcomes.get_or_create(&outcome.labels()).get()
     }
 
     fn count(&self, outcome: PrefillOutcome) {
-        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.outcomes.get_or_create(&outcome.labels()).inc();
     }
 
     /// Runs `request` on this node's decode worker (`request.worker`), its prompt prefilled on
@@ -448,7 +453,11 @@ impl Disagg {
             this.decode_leg(request, leg, received, layout, tx).await;
         });
         let abort = task.abort_handle();
-        Ok(Generation::new(decode_worker, rx, move || abort.abort()))
+        // The prefill worker answers first (unless its leg fails, then the decode worker does).
+        let role = WorkerRole::Prefill;
+        Ok(Generation::new(decode_worker, role, rx, move || {
+            abort.abort()
+        }))
     }
 
     /// Runs the prefill leg until its finish, its failure or `deadline`, passing its first
@@ -650,7 +659,7 @@ impl Disagg {
                 worker: Some(worker),
             })
             .map_err(|e| unavailable(e.to_string()))?;
-        self.prefill_served.fetch_add(1, Ordering::Relaxed);
+        self.prefill_served.inc();
         let (report_tx, report_rx) = oneshot::channel();
         let options = self.options.clone();
         let request_id = request.request_id;
@@ -739,34 +748,23 @@ impl Disagg {
         Ok(stream.boxed())
     }
 
-    /// The `/metrics` lines of disaggregated serving and of the peer transport.
-    pub fn render_metrics(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_disagg_prefill_total Disaggregated requests decoded here, by how \
-             their prefill ended.\n# TYPE kvfleet_disagg_prefill_total counter"
-        );
+    /// Registers disaggregated serving's counters: outcomes, prefill legs served, transfers.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        // Every outcome from the start, so a dashboard sees zeros rather than nothing.
         for outcome in PrefillOutcome::ALL {
-            let _ = writeln!(
-                out,
-                "kvfleet_disagg_prefill_total{{outcome=\"{}\"}} {}",
-                outcome.label(),
-                self.outcome_count(outcome)
-            );
+            let _ = self.outcomes.get_or_create(&outcome.labels());
         }
-        write_metric(
-            &mut out,
-            "counter",
-            "kvfleet_disagg_prefill_served_total",
-            "Prefill legs this node's prefill workers ran for other nodes' decode workers.",
-            self.prefill_served.load(Ordering::Relaxed),
+        registry.register(
+            "kvfleet_disagg_prefill",
+            "Disaggregated requests decoded here, by how their prefill ended",
+            self.outcomes.clone(),
         );
-        self.transfers.render(&mut out);
-        if let Some(endpoint) = self.peer.endpoint() {
-            render_peer(&mut out, &endpoint.metrics().snapshot());
-        }
-        out
+        registry.register(
+            "kvfleet_disagg_prefill_served",
+            "Prefill legs this node's prefill workers ran for other nodes' decode workers",
+            self.prefill_served.clone(),
+        );
+        self.transfers.register_metrics(registry);
     }
 }
 
@@ -842,64 +840,6 @@ pub(crate) async fn pipe(
     }
 }
 
-/// The peer transport's counters in Prometheus text.
-fn render_peer(out: &mut String, m: &kvfleet_peer::MetricsSnapshot) {
-    let counters = [
-        (
-            "kvfleet_peer_kv_blocks_sent_total",
-            "KV blocks pushed to other nodes.",
-            m.kv_blocks_sent,
-        ),
-        (
-            "kvfleet_peer_kv_bytes_sent_total",
-            "Bytes of KV blocks pushed to other nodes.",
-            m.kv_bytes_sent,
-        ),
-        (
-            "kvfleet_peer_kv_blocks_received_total",
-            "KV blocks received from other nodes (verified).",
-            m.kv_blocks_received,
-        ),
-        (
-            "kvfleet_peer_kv_bytes_received_total",
-            "Bytes of KV blocks received from other nodes.",
-            m.kv_bytes_received,
-        ),
-        (
-            "kvfleet_peer_kv_transfers_sent_total",
-            "KV transfers completed as the sender.",
-            m.kv_transfers_sent,
-        ),
-        (
-            "kvfleet_peer_generate_served_total",
-            "Forwarded generate requests served here.",
-            m.generate_served,
-        ),
-    ];
-    for (name, help, value) in counters {
-        write_metric(out, "counter", name, help, value);
-    }
-    write_metric(
-        out,
-        "counter",
-        "kvfleet_peer_kv_send_seconds_total",
-        "Time spent sending KV transfers.",
-        m.kv_send_micros as f64 / 1e6,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP kvfleet_peer_errors_total Peer transport refusals and failures, by kind.\n\
-         # TYPE kvfleet_peer_errors_total counter"
-    );
-    for (kind, count) in &m.errors {
-        let _ = writeln!(
-            out,
-            "kvfleet_peer_errors_total{{kind=\"{}\"}} {count}",
-            kind.as_str()
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -966,8 +906,9 @@ mod tests {
         assert_eq!(transfers.pending(), 0);
         // Counted only once handed to the decode worker, and only what it got.
         transfers.count_handed_off(&received, 1);
-        let mut text = String::new();
-        transfers.render(&mut text);
+        let mut registry = Registry::default();
+        transfers.register_metrics(&mut registry);
+        let text = crate::metrics::encode(&registry);
         assert!(
             text.contains("kvfleet_disagg_transfer_refused_blocks_total 2"),
             "{text}"
@@ -1006,7 +947,7 @@ mod tests {
             self.submitted.lock().unwrap().push(request);
             let (tx, rx) = mpsc::unbounded_channel();
             tx.send(GenEvent::Finished(EndReason::Length)).unwrap();
-            Ok(Generation::new(kvfleet_proto::WorkerId(1), rx, || {}))
+            Ok(Generation::new(WorkerId(1), WorkerRole::Decode, rx, || {}))
         }
 
         fn workers(&self) -> Vec<crate::backend::WorkerStatus> {

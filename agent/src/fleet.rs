@@ -19,9 +19,8 @@
 //! executing it (forwarding, KV transfer, timeouts) is [`crate::forward`]'s.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvfleet_kv_router::{
@@ -35,7 +34,6 @@ use kvfleet_proto::{NodeId, SequenceHash, WorkerId};
 use std::net::SocketAddr;
 
 use crate::backend::{WorkerState, WorkerStatus};
-use crate::config::Role;
 use crate::kv_sync::{Follower, FollowerCounters};
 
 /// A local worker as the fleet router knows it.
@@ -82,6 +80,8 @@ pub struct Pick {
     pub decision: Decision,
     /// Where the worker is.
     pub target: Target,
+    /// The worker's role.
+    pub role: WorkerRole,
 }
 
 /// Where a request runs: `decode` generates its tokens; `prefill`, when set, prefills the
@@ -143,15 +143,6 @@ impl PrefillDecision {
             PrefillDecision::LocalQueueFull => 2,
             PrefillDecision::LocalNoPrefillWorker => 3,
         }
-    }
-}
-
-/// The agent config's role as the control plane spells it.
-fn worker_role(role: Role) -> WorkerRole {
-    match role {
-        Role::Aggregated => WorkerRole::Aggregated,
-        Role::Prefill => WorkerRole::Prefill,
-        Role::Decode => WorkerRole::Decode,
     }
 }
 
@@ -217,18 +208,29 @@ impl Inner {
         let request = RouteRequest::new(id, hashes, prompt_tokens).with_candidates(&candidates);
         let decision = self.router.select(&request, now).ok()?;
         *self.picked.entry(decision.worker).or_default() += 1;
-        let target = match self.remote.get(&decision.worker) {
+        let (target, role) = match self.remote.get(&decision.worker) {
             Some(RemoteWorker {
                 node,
                 peer_addr: Some(addr),
+                role,
                 ..
-            }) => Target::Remote {
-                node: *node,
-                addr: *addr,
-            },
-            _ => Target::Local,
+            }) => (
+                Target::Remote {
+                    node: *node,
+                    addr: *addr,
+                },
+                *role,
+            ),
+            _ => {
+                let role = self.local.get(&decision.worker).map(|w| w.role);
+                (Target::Local, role.unwrap_or(WorkerRole::Aggregated))
+            }
         };
-        Some(Pick { decision, target })
+        Some(Pick {
+            decision,
+            target,
+            role,
+        })
     }
 
     /// Takes back the per-worker pick count of a pick released before it ran.
@@ -343,7 +345,7 @@ impl FleetRouter {
                 w.id,
                 LocalWorker {
                     model: w.model.clone(),
-                    role: worker_role(w.role),
+                    role: w.role,
                     ready: w.state == WorkerState::Ready,
                 },
             );
@@ -593,140 +595,124 @@ impl FleetRouter {
         self.lock().router.config().mode
     }
 
-    /// Prometheus text for `/metrics`.
-    pub fn render_metrics(&self) -> String {
-        let inner = self.lock();
-        let mut out = String::new();
-        let stats = inner.router.index_stats();
-        let f = inner.follower;
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_fleet_router_workers Workers in the fleet router (all nodes).\n\
-             # TYPE kvfleet_fleet_router_workers gauge\n\
-             kvfleet_fleet_router_workers {}",
-            inner.router.workers().len()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_fleet_router_blocks Distinct KV blocks in the fleet index.\n\
-             # TYPE kvfleet_fleet_router_blocks gauge\n\
-             kvfleet_fleet_router_blocks {}",
-            stats.blocks
-        );
-        for (worker, blocks) in inner.router.workers().filter_map(|w| {
-            inner
-                .router
-                .worker_blocks(w)
-                .map(|t| (w, t.iter().sum::<u64>()))
-        }) {
-            let _ = writeln!(
-                out,
-                "kvfleet_fleet_router_worker_blocks{{worker=\"{worker}\"}} {blocks}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_fleet_router_fallen_back 1 while the control plane is away and the \
-             router predicts on its own.\n\
-             # TYPE kvfleet_fleet_router_fallen_back gauge\n\
-             kvfleet_fleet_router_fallen_back {}",
-            u8::from(inner.fallen_back)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kvfleet_fleet_router_stream_position gauge\n\
-             kvfleet_fleet_router_stream_position {}",
-            inner.position.unwrap_or(0)
-        );
-        let (local, forwarded, fallbacks) = self.pick_counts();
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_fleet_route_total Fleet router picks: served here, forwarded to a \
-             peer, forwards that failed and were retried here.\n\
-             # TYPE kvfleet_fleet_route_total counter\n\
-             kvfleet_fleet_route_total{{target=\"local\"}} {local}\n\
-             kvfleet_fleet_route_total{{target=\"remote\"}} {forwarded}\n\
-             kvfleet_fleet_route_total{{target=\"fallback_local\"}} {fallbacks}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_fleet_prefill_decisions_total How disaggregated models' requests \
-             were prefilled: on a prefill worker, or by the decode worker because the uncached \
-             prompt was short, the prefill worker's queue was full or none was ready.\n\
-             # TYPE kvfleet_fleet_prefill_decisions_total counter"
-        );
-        for decision in PrefillDecision::ALL {
-            let _ = writeln!(
-                out,
-                "kvfleet_fleet_prefill_decisions_total{{decision=\"{}\"}} {}",
-                decision.as_str(),
-                inner.prefill_decisions[decision.index()]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_fleet_route_worker_total Fleet router picks by worker.\n\
-             # TYPE kvfleet_fleet_route_worker_total counter"
-        );
-        for (worker, n) in &inner.picked {
-            let _ = writeln!(
-                out,
-                "kvfleet_fleet_route_worker_total{{worker=\"{worker}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# TYPE kvfleet_fleet_router_stream_total counter");
-        for (what, n) in [
-            ("items", f.items),
-            ("snapshots", f.snapshots),
-            ("resyncs_requested", f.resyncs_requested),
-            ("gaps", f.gaps),
-            ("event_errors", f.event_errors),
-            ("fallbacks", f.fallbacks),
-            ("failures", f.failures),
-        ] {
-            let _ = writeln!(
-                out,
-                "kvfleet_fleet_router_stream_total{{what=\"{what}\"}} {n}"
-            );
-        }
-        out
+    /// Registers the router's figures (read under its lock at every scrape).
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut crate::metrics::Registry) {
+        let fleet = Arc::downgrade(self);
+        registry.register_collector(crate::metrics::collector("fleet", move |s| {
+            match fleet.upgrade() {
+                Some(fleet) => fleet.write_metrics(s),
+                None => Ok(()),
+            }
+        }));
     }
 
-    /// Prometheus text for `/metrics`: every worker's load as this router weighs it (the
-    /// workers' published reports blended with this router's own decisions since), and how
-    /// many load reports the KV stream brought.
-    pub fn render_load_metrics(&self) -> String {
+    fn write_metrics(&self, s: &mut crate::metrics::Scrape<'_>) -> std::fmt::Result {
+        let (local, forwarded, fallbacks) = self.pick_counts();
         let inner = self.lock();
-        let mut out = String::from(
-            "# HELP kvfleet_fleet_router_worker_load A worker's load as this router weighs it: \
-             its last published report plus this router's decisions since.\n\
-             # TYPE kvfleet_fleet_router_worker_load gauge\n",
-        );
-        for worker in inner.router.workers() {
-            let Some(load) = inner.router.worker_load(worker) else {
-                continue;
-            };
-            for (kind, value) in [
-                ("prefill_tokens", load.prefill_tokens),
-                ("decode_blocks", load.decode_blocks),
-                ("queue_depth", u64::from(load.queue_depth)),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "kvfleet_fleet_router_worker_load{{worker=\"{worker}\",kind=\"{kind}\"}} {value}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_fleet_router_load_reports_total Worker load reports from the KV \
-             stream: applied, and expired (no newer report in time).\n\
-             # TYPE kvfleet_fleet_router_load_reports_total counter\n\
-             kvfleet_fleet_router_load_reports_total{{what=\"applied\"}} {}\n\
-             kvfleet_fleet_router_load_reports_total{{what=\"expired\"}} {}",
-            inner.follower.loads, inner.follower.loads_expired
-        );
-        out
+        let router = &inner.router;
+        let worker = |w: WorkerId| [("worker", w.to_string())];
+        s.gauge(
+            "kvfleet_fleet_router_workers",
+            "Workers in the fleet router (all nodes)",
+            router.workers().len() as u64,
+        )?;
+        s.gauge(
+            "kvfleet_fleet_router_blocks",
+            "Distinct KV blocks in the fleet index",
+            router.index_stats().blocks as u64,
+        )?;
+        s.gauges(
+            "kvfleet_fleet_router_worker_blocks",
+            "KV blocks the fleet index holds for each worker, summed over tiers",
+            router.workers().filter_map(|w| {
+                let blocks = router.worker_blocks(w)?.iter().sum::<u64>();
+                Some((worker(w), blocks))
+            }),
+        )?;
+        s.gauge(
+            "kvfleet_fleet_router_fallen_back",
+            "1 while the control plane is away and the router predicts on its own",
+            u64::from(inner.fallen_back),
+        )?;
+        s.gauge(
+            "kvfleet_fleet_router_stream_position",
+            "Sequence number of the last KV stream item the router applied",
+            inner.position.unwrap_or(0),
+        )?;
+        s.counters(
+            "kvfleet_fleet_route",
+            "Fleet router picks: served here, forwarded to a peer, forwards that failed and \
+             were retried here",
+            [
+                ([("target", "local")], local),
+                ([("target", "remote")], forwarded),
+                ([("target", "fallback_local")], fallbacks),
+            ],
+        )?;
+        s.counters(
+            "kvfleet_fleet_prefill_decisions",
+            "How disaggregated models' requests were prefilled: on a prefill worker, or by the \
+             decode worker because the uncached prompt was short, the prefill worker's queue \
+             was full or none was ready",
+            PrefillDecision::ALL.map(|d| {
+                (
+                    [("decision", d.as_str())],
+                    inner.prefill_decisions[d.index()],
+                )
+            }),
+        )?;
+        s.counters(
+            "kvfleet_fleet_route_worker",
+            "Fleet router picks by worker",
+            inner.picked.iter().map(|(w, n)| (worker(*w), *n)),
+        )?;
+        let f = inner.follower;
+        s.counters(
+            "kvfleet_fleet_router_stream",
+            "The fleet router's KV stream: items applied, snapshots loaded, re-syncs asked \
+             for, gaps, events refused, fallbacks to approximate routing, failed polls",
+            [
+                ("items", f.items),
+                ("snapshots", f.snapshots),
+                ("resyncs_requested", f.resyncs_requested),
+                ("gaps", f.gaps),
+                ("event_errors", f.event_errors),
+                ("fallbacks", f.fallbacks),
+                ("failures", f.failures),
+            ]
+            .map(|(what, n)| ([("what", what)], n)),
+        )?;
+        let loads: Vec<_> = router
+            .workers()
+            .filter_map(|w| Some((w, router.worker_load(w)?)))
+            .collect();
+        s.gauges(
+            "kvfleet_fleet_router_worker_load",
+            "A worker's load as this router weighs it: its last published report plus this \
+             router's decisions since",
+            loads.iter().flat_map(|(w, load)| {
+                [
+                    ("prefill_tokens", load.prefill_tokens),
+                    ("decode_blocks", load.decode_blocks),
+                    ("queue_depth", u64::from(load.queue_depth)),
+                ]
+                .map(|(kind, value)| {
+                    (
+                        [("worker", w.to_string()), ("kind", kind.to_owned())],
+                        value,
+                    )
+                })
+            }),
+        )?;
+        s.counters(
+            "kvfleet_fleet_router_load_reports",
+            "Worker load reports from the KV stream: applied, and expired (no newer report in \
+             time)",
+            [
+                ([("what", "applied")], f.loads),
+                ([("what", "expired")], f.loads_expired),
+            ],
+        )
     }
 }
 
@@ -743,8 +729,8 @@ fn resolve(text: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Role;
     use crate::kv_sync::FollowerConfig;
+    use crate::metrics::{Registry, encode};
     use kvfleet_proto::hash::{BlockSize, sequence_hashes};
     use kvfleet_proto::kv_stream::{KvSnapshot, KvTierBlocks, KvWorkerSnapshot};
     use kvfleet_proto::{Tier, WorkerId};
@@ -754,7 +740,7 @@ mod tests {
             id: WorkerId(id),
             model: model.into(),
             device: "cpu".into(),
-            role: Role::Aggregated,
+            role: WorkerRole::Aggregated,
             state,
             outstanding: 0,
             kv_blocks_used: 0,
@@ -774,9 +760,18 @@ mod tests {
         sequence_hashes(&tokens, size)
     }
 
+    impl FleetRouter {
+        /// This router's families alone, as `/metrics` shows them.
+        fn render_metrics(self: &Arc<Self>) -> String {
+            let mut registry = Registry::default();
+            self.register_metrics(&mut registry);
+            encode(&registry)
+        }
+    }
+
     #[test]
     fn a_snapshot_steers_local_picks_to_the_prefix_holder_of_the_model() {
-        let fleet = FleetRouter::new(RoutingMode::Kv);
+        let fleet = Arc::new(FleetRouter::new(RoutingMode::Kv));
         fleet.sync_local(&[
             status(1, "a", WorkerState::Ready),
             status(2, "a", WorkerState::Ready),
@@ -887,7 +882,7 @@ mod tests {
     const OWN: uuid::Uuid = uuid::Uuid::from_u128(1);
     const N2: uuid::Uuid = uuid::Uuid::from_u128(2);
 
-    fn worker(id: u64, model: &str, role: Role, state: WorkerState) -> WorkerStatus {
+    fn worker(id: u64, model: &str, role: WorkerRole, state: WorkerState) -> WorkerStatus {
         WorkerStatus {
             role,
             ..status(id, model, state)
@@ -976,11 +971,11 @@ mod tests {
     }
 
     /// Local decode worker 1 and local prefill worker 2 of model "a", disaggregated.
-    fn disaggregated(policy: DisaggregationPolicy) -> FleetRouter {
-        let fleet = FleetRouter::new(RoutingMode::Kv);
+    fn disaggregated(policy: DisaggregationPolicy) -> Arc<FleetRouter> {
+        let fleet = Arc::new(FleetRouter::new(RoutingMode::Kv));
         fleet.sync_local(&[
-            worker(1, "a", Role::Decode, WorkerState::Ready),
-            worker(2, "a", Role::Prefill, WorkerState::Ready),
+            worker(1, "a", WorkerRole::Decode, WorkerState::Ready),
+            worker(2, "a", WorkerRole::Prefill, WorkerState::Ready),
         ]);
         set_directory(&fleet, DeploymentMode::Disaggregated, policy, Vec::new());
         fleet
@@ -988,10 +983,10 @@ mod tests {
 
     #[test]
     fn an_aggregated_model_plans_no_prefill_worker() {
-        let fleet = FleetRouter::new(RoutingMode::Kv);
+        let fleet = Arc::new(FleetRouter::new(RoutingMode::Kv));
         fleet.sync_local(&[
-            worker(1, "a", Role::Aggregated, WorkerState::Ready),
-            worker(2, "a", Role::Prefill, WorkerState::Ready),
+            worker(1, "a", WorkerRole::Aggregated, WorkerState::Ready),
+            worker(2, "a", WorkerRole::Prefill, WorkerState::Ready),
         ]);
         set_directory(
             &fleet,
@@ -1008,7 +1003,7 @@ mod tests {
         assert_eq!(prefill_load(&fleet, 2), 0, "no prefill pick made");
         assert!(fleet.prefill_decision_counts().iter().all(|(_, n)| *n == 0));
         // A model the directory does not name is served aggregated too.
-        fleet.sync_local(&[worker(3, "b", Role::Decode, WorkerState::Ready)]);
+        fleet.sync_local(&[worker(3, "b", WorkerRole::Decode, WorkerState::Ready)]);
         let plan = fleet.plan("b", &seq(&tokens), 1024).expect("a plan");
         assert!(plan.prefill.is_none() && plan.policy.is_none());
         assert_eq!(fleet.model_serving("b"), None);
@@ -1180,11 +1175,11 @@ mod tests {
         // Prefill worker 2 caches 768 of the prompt's 1024 tokens and has 64 tokens queued;
         // worker 3 caches nothing and is idle. The router prefers 2 (16 blocks to prefill plus
         // 4 queued, against 64), but 64 + 1024 uncached on the decode worker > 1050.
-        let fleet = FleetRouter::new(RoutingMode::Kv);
+        let fleet = Arc::new(FleetRouter::new(RoutingMode::Kv));
         fleet.sync_local(&[
-            worker(1, "a", Role::Decode, WorkerState::Ready),
-            worker(2, "a", Role::Prefill, WorkerState::Ready),
-            worker(3, "a", Role::Prefill, WorkerState::Ready),
+            worker(1, "a", WorkerRole::Decode, WorkerState::Ready),
+            worker(2, "a", WorkerRole::Prefill, WorkerState::Ready),
+            worker(3, "a", WorkerRole::Prefill, WorkerState::Ready),
         ]);
         set_directory(
             &fleet,
@@ -1225,11 +1220,11 @@ mod tests {
 
     #[test]
     fn no_reachable_ready_prefill_worker_means_local_prefill() {
-        let fleet = FleetRouter::new(RoutingMode::Kv);
+        let fleet = Arc::new(FleetRouter::new(RoutingMode::Kv));
         fleet.sync_local(&[
-            worker(1, "a", Role::Decode, WorkerState::Ready),
-            worker(2, "a", Role::Prefill, WorkerState::Starting),
-            worker(3, "b", Role::Prefill, WorkerState::Ready),
+            worker(1, "a", WorkerRole::Decode, WorkerState::Ready),
+            worker(2, "a", WorkerRole::Prefill, WorkerState::Starting),
+            worker(3, "b", WorkerRole::Prefill, WorkerState::Ready),
         ]);
         // A remote prefill worker with no peer address cannot be reached.
         set_directory(
@@ -1270,8 +1265,8 @@ mod tests {
 
     #[test]
     fn a_prefill_worker_is_never_a_decode_pick() {
-        let fleet = FleetRouter::new(RoutingMode::Kv);
-        fleet.sync_local(&[worker(2, "a", Role::Prefill, WorkerState::Ready)]);
+        let fleet = Arc::new(FleetRouter::new(RoutingMode::Kv));
+        fleet.sync_local(&[worker(2, "a", WorkerRole::Prefill, WorkerState::Ready)]);
         set_directory(
             &fleet,
             DeploymentMode::Disaggregated,
@@ -1287,8 +1282,8 @@ mod tests {
         // With a decode worker holding nothing, it decodes although prefill worker 2 holds the
         // whole prompt; `select` makes no prefill pick.
         fleet.sync_local(&[
-            worker(2, "a", Role::Prefill, WorkerState::Ready),
-            worker(1, "a", Role::Decode, WorkerState::Ready),
+            worker(2, "a", WorkerRole::Prefill, WorkerState::Ready),
+            worker(1, "a", WorkerRole::Decode, WorkerState::Ready),
         ]);
         for _ in 0..4 {
             let (d, target) = fleet.select("a", &seq(&tokens), 512).expect("worker 1");
@@ -1315,10 +1310,10 @@ mod tests {
 
     #[test]
     fn the_prefill_worker_holding_the_prefix_wins() {
-        let fleet = FleetRouter::new(RoutingMode::Kv);
+        let fleet = Arc::new(FleetRouter::new(RoutingMode::Kv));
         fleet.sync_local(&[
-            worker(1, "a", Role::Decode, WorkerState::Ready),
-            worker(2, "a", Role::Prefill, WorkerState::Ready),
+            worker(1, "a", WorkerRole::Decode, WorkerState::Ready),
+            worker(2, "a", WorkerRole::Prefill, WorkerState::Ready),
         ]);
         set_directory(
             &fleet,

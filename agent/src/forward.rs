@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use kvfleet_kv_router::RequestId;
 use kvfleet_peer::{GenerateEvent, PeerError, PrefillPlan};
+use kvfleet_proto::api::WorkerRole;
 use tokio::sync::mpsc;
 
 use crate::backend::{Backend, GenEvent, GenerateRequest, Generation, SubmitError, WorkerStatus};
@@ -84,7 +85,7 @@ impl Held {
 /// decisions as it goes; dropping the returned generation aborts the task (and so drops, i.e.
 /// cancels, `inner`).
 fn tracked(inner: Generation, fleet: Arc<FleetRouter>, held: Held) -> Generation {
-    let worker = inner.worker;
+    let (worker, role) = (inner.worker, inner.role);
     let cancel_fleet = fleet.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
@@ -103,7 +104,7 @@ fn tracked(inner: Generation, fleet: Arc<FleetRouter>, held: Held) -> Generation
         held.release(&fleet);
     });
     let abort = task.abort_handle();
-    Generation::new(worker, rx, move || {
+    Generation::new(worker, role, rx, move || {
         abort.abort();
         let mut held = held;
         held.release(&cancel_fleet);
@@ -167,6 +168,11 @@ impl Backend for FleetBackend {
                 .and(plan.prefill.as_ref().map(|p| p.decision.request)),
         };
         let worker = plan.decode.decision.worker;
+        let role = if prefill.is_some() {
+            WorkerRole::Prefill
+        } else {
+            plan.decode.role
+        };
         request.worker = Some(worker);
         let (node, addr, endpoint) = match (&plan.decode.target, self.disagg.peer().endpoint()) {
             (Target::Remote { node, addr }, Some(endpoint)) => (*node, *addr, endpoint),
@@ -262,7 +268,7 @@ impl Backend for FleetBackend {
         });
         let abort = task.abort_handle();
         let fleet = self.fleet.clone();
-        Ok(Generation::new(worker, rx, move || {
+        Ok(Generation::new(worker, role, rx, move || {
             abort.abort();
             let mut held = held;
             held.release(&fleet);

@@ -6,6 +6,7 @@
 //! inventory, and the agent runs CPU-only workers.
 
 use std::fmt;
+use std::sync::Arc;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
@@ -33,6 +34,49 @@ pub struct GpuInfo {
     pub power_mw: Option<u32>,
     /// PCI bus id, e.g. `00000000:3B:00.0`.
     pub pci_bus_id: Option<String>,
+}
+
+/// Registers the GPUs' figures, read from `inventory` at every scrape (nothing when it finds
+/// no GPU or no driver).
+pub fn register_metrics(registry: &mut crate::metrics::Registry, inventory: Arc<dyn Inventory>) {
+    registry.register_collector(crate::metrics::collector("gpus", move |s| {
+        let gpus = inventory
+            .snapshot()
+            .map(|snap| snap.gpus)
+            .unwrap_or_default();
+        type Field = fn(&GpuInfo) -> Option<f64>;
+        let families: [(&str, &str, Field); 5] = [
+            ("kvfleet_gpu_memory_used_bytes", "GPU memory in use", |g| {
+                Some(g.memory_used_bytes as f64)
+            }),
+            (
+                "kvfleet_gpu_memory_total_bytes",
+                "GPU memory installed",
+                |g| Some(g.memory_total_bytes as f64),
+            ),
+            (
+                "kvfleet_gpu_utilization_ratio",
+                "GPU busy fraction over the driver's last sample",
+                |g| g.utilization_percent.map(|u| f64::from(u) / 100.0),
+            ),
+            (
+                "kvfleet_gpu_temperature_celsius",
+                "GPU die temperature",
+                |g| g.temperature_c.map(f64::from),
+            ),
+            ("kvfleet_gpu_power_watts", "GPU power draw", |g| {
+                g.power_mw.map(|p| f64::from(p) / 1000.0)
+            }),
+        ];
+        for (name, help, field) in families {
+            let samples = gpus.iter().filter_map(|g| {
+                let labels = [("gpu", g.index.to_string()), ("uuid", g.uuid.clone())];
+                field(g).map(|value| (labels, value))
+            });
+            s.gauges(name, help, samples)?;
+        }
+        Ok(())
+    }));
 }
 
 /// The node's accelerators and driver.

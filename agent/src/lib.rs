@@ -7,7 +7,7 @@
 //! - [`worker`]: worker processes over Unix sockets, supervised and restarted with backoff.
 //! - [`frontend`]: the OpenAI-compatible HTTP API, admission control, streaming.
 //! - [`backend`]: the seam between the frontend and token generation.
-//! - [`metrics`]: Prometheus text exposition.
+//! - [`metrics`]: the one metrics registry every module registers into.
 //! - [`systemd`]: `sd_notify` readiness, watchdog and status.
 //! - [`dbus`]: `org.kvfleet.Agent1` (status, drain, resume) and a logind shutdown inhibitor.
 //! - [`logging`]: `tracing` output, text or JSON.
@@ -49,7 +49,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Device, Role, WorkerConfig};
+use kvfleet_proto::api::WorkerRole;
+
+use crate::config::{Config, Device, WorkerConfig};
 use crate::frontend::Frontend;
 use crate::frontend::models::ModelRegistry;
 use crate::frontend::text::{ByteTokenizer, Tokenizer};
@@ -125,7 +127,7 @@ pub fn plan_workers(config: &Config, inventory: &dyn Inventory) -> Vec<WorkerCon
         .map(|device| WorkerConfig {
             model: model.name.clone(),
             device,
-            role: Role::Aggregated,
+            role: WorkerRole::Aggregated,
         })
         .collect()
 }
@@ -220,11 +222,25 @@ pub async fn serve_with(
             ),
             _ => pool.clone(),
         };
-    let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), backend);
-    frontend.inventory = Some(deps.inventory.clone());
-    frontend.fleet = fleet.clone();
-    frontend.disagg = disagg.clone();
-    let frontend = Arc::new(frontend);
+    // One registry: every module adds its families, the frontend serves the whole.
+    let mut registry = metrics::Registry::default();
+    pool.register_metrics(&mut registry);
+    gpu::register_metrics(&mut registry, deps.inventory.clone());
+    if let Some(fleet) = &fleet {
+        fleet.register_metrics(&mut registry);
+    }
+    if let Some(disagg) = &disagg {
+        disagg.register_metrics(&mut registry);
+    }
+    if let Some(peer) = &peer_handle {
+        peer.register_metrics(&mut registry);
+    }
+    let frontend = Arc::new(Frontend::new(
+        config.frontend.clone(),
+        models.clone(),
+        backend,
+        registry,
+    ));
     let cp_stop = CancellationToken::new();
     let peer_task = match (&config.control_plane, &peer_handle, &disagg) {
         (Some(cp), Some(handle), Some(disagg)) => Some(tokio::spawn(peer::run(

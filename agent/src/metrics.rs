@@ -1,352 +1,238 @@
-//! The agent's Prometheus metrics, written in the text exposition format by hand: a few
-//! histograms and counters do not need a metrics framework.
+//! The agent's metrics: one [`Registry`] (the `prometheus-client` crate) that every module
+//! registers into while the agent is built, encoded as Prometheus text (0.0.4) on `/metrics`.
 //!
-//! Recording is lock-free (atomics) except for the per-status request counter (a small mutexed
-//! map, touched once per request).
+//! A module that counts as it goes registers `prometheus-client` families (counters, gauges,
+//! histograms) and keeps the handles; a module whose figures live in its own state (the worker
+//! pool, the fleet router, the GPU inventory, the peer endpoint) registers a [`collector`]
+//! that reads that state at scrape time. The frontend serves the registry without knowing who
+//! registered what.
+//!
+//! Names: counters are registered without their `_total` suffix (the encoder adds it), and help
+//! texts without their final full stop (the registry adds it). Latency histograms share the
+//! bounds of [`LATENCY_BUCKETS_SECONDS`], so any two of them (frontend, worker, another node)
+//! add up bucket by bucket.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::fmt;
 
-use crate::backend::{WorkerState, WorkerStatus};
-use crate::gpu::Snapshot;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::exemplar::Exemplar;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+pub use prometheus_client::registry::Registry;
 
-/// A histogram with fixed bucket bounds, in seconds.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
+/// The `Content-Type` of [`encode`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// Bounds for latencies from sub-millisecond to a minute.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
+/// Upper bounds of the latency histograms' finite buckets, in seconds: from 1 ms to a minute,
+/// about four per factor of ten at the bottom.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 22] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
+    0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-impl Histogram {
-    /// An empty histogram over `bounds` (ascending).
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
+/// A latency histogram (seconds) over [`LATENCY_BUCKETS_SECONDS`].
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_SECONDS)
+}
 
-    /// Records one observation.
-    pub fn observe(&self, value: Duration) {
-        let secs = value.as_secs_f64();
-        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_micros
-            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
+/// A family of latency histograms, one per label set.
+pub type LatencyFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
+/// An empty [`LatencyFamily`].
+pub fn latency_family<L: Clone + std::hash::Hash + Eq>() -> LatencyFamily<L> {
+    Family::new_with_constructor(latency_histogram)
+}
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+/// The whole exposition of `registry`, Prometheus text format 0.0.4.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "encoding the metrics failed part way");
+    }
+    out
+}
+
+/// A [`Collector`] that writes its families from `write` at every scrape.
+pub fn collector<F>(what: &'static str, write: F) -> Box<dyn Collector>
+where
+    F: Fn(&mut Scrape<'_>) -> fmt::Result + Send + Sync + 'static,
+{
+    Box::new(FnCollector { what, write })
+}
+
+struct FnCollector<F> {
+    what: &'static str,
+    write: F,
+}
+
+impl<F> fmt::Debug for FnCollector<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Collector")
+            .field("what", &self.what)
+            .finish()
     }
 }
 
-/// Everything the frontend records.
+impl<F> Collector for FnCollector<F>
+where
+    F: Fn(&mut Scrape<'_>) -> fmt::Result + Send + Sync + 'static,
+{
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        (self.write)(&mut Scrape { encoder })
+    }
+}
+
+/// `help` as the registry writes it: one sentence with its full stop.
+fn sentence(help: &str) -> String {
+    format!("{help}.")
+}
+
+/// What a [`collector`] writes into: whole families, each with its help text.
 #[derive(Debug)]
-pub struct Metrics {
-    /// Time to first token.
-    pub ttft: Histogram,
-    /// Time between streamed tokens.
-    pub itl: Histogram,
-    /// Request start to last byte.
-    pub e2e: Histogram,
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    /// Prompt tokens accepted.
-    pub tokens_in: AtomicU64,
-    /// Tokens generated.
-    pub tokens_out: AtomicU64,
-    /// Requests waiting for an in-flight slot.
-    pub queue_depth: AtomicI64,
-    /// Requests generating.
-    pub in_flight: AtomicI64,
-    /// Generations cancelled because the client went away.
-    pub cancelled: AtomicU64,
+pub struct Scrape<'a> {
+    encoder: DescriptorEncoder<'a>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self {
-            ttft: Histogram::new(LATENCY_BUCKETS),
-            itl: Histogram::new(LATENCY_BUCKETS),
-            e2e: Histogram::new(LATENCY_BUCKETS),
-            requests: Mutex::new(BTreeMap::new()),
-            tokens_in: AtomicU64::new(0),
-            tokens_out: AtomicU64::new(0),
-            queue_depth: AtomicI64::new(0),
-            in_flight: AtomicI64::new(0),
-            cancelled: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Metrics {
-    /// Counts a finished request by endpoint and HTTP status.
-    pub fn request(&self, endpoint: &'static str, status: u16) {
-        if let Ok(mut map) = self.requests.lock() {
-            *map.entry((endpoint, status)).or_insert(0) += 1;
-        }
+impl Scrape<'_> {
+    /// One unlabelled gauge.
+    pub fn gauge(&mut self, name: &str, help: &str, value: impl EncodeGaugeValue) -> fmt::Result {
+        self.encoder
+            .encode_descriptor(name, &sentence(help), None, MetricType::Gauge)?
+            .encode_gauge(&value)
     }
 
-    /// Requests counted for `endpoint` with `status`.
-    pub fn requests_with(&self, endpoint: &'static str, status: u16) -> u64 {
-        self.requests
-            .lock()
-            .map(|map| map.get(&(endpoint, status)).copied().unwrap_or(0))
-            .unwrap_or(0)
+    /// One unlabelled counter (`name` without `_total`).
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> fmt::Result {
+        let counter = ConstCounter::new(value);
+        let encoder =
+            self.encoder
+                .encode_descriptor(name, &sentence(help), None, counter.metric_type())?;
+        counter.encode(encoder)
     }
 
-    /// The whole exposition.
-    pub fn render(&self, workers: &[WorkerStatus], gpus: Option<&Snapshot>) -> String {
-        let mut out = String::with_capacity(8192);
-        self.ttft.render(
-            &mut out,
-            "kvfleet_time_to_first_token_seconds",
-            "Time from request arrival to the first generated token.",
-        );
-        self.itl.render(
-            &mut out,
-            "kvfleet_inter_token_latency_seconds",
-            "Time between consecutive streamed tokens.",
-        );
-        self.e2e.render(
-            &mut out,
-            "kvfleet_request_duration_seconds",
-            "Time from request arrival to the end of the response.",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP kvfleet_requests_total Requests by endpoint and HTTP status.\n\
-             # TYPE kvfleet_requests_total counter"
-        );
-        if let Ok(map) = self.requests.lock() {
-            for ((endpoint, status), count) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "kvfleet_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {count}"
-                );
-            }
-        }
-        let counters = [
-            (
-                "kvfleet_prompt_tokens_total",
-                "Prompt tokens of accepted requests.",
-                self.tokens_in.load(Ordering::Relaxed),
-            ),
-            (
-                "kvfleet_generated_tokens_total",
-                "Tokens generated.",
-                self.tokens_out.load(Ordering::Relaxed),
-            ),
-            (
-                "kvfleet_cancelled_requests_total",
-                "Generations cancelled because the client disconnected.",
-                self.cancelled.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, value) in counters {
-            write_metric(&mut out, "counter", name, help, value);
-        }
-        let gauges = [
-            (
-                "kvfleet_queue_depth",
-                "Requests waiting for an in-flight slot.",
-                self.queue_depth.load(Ordering::Relaxed),
-            ),
-            (
-                "kvfleet_requests_in_flight",
-                "Requests generating.",
-                self.in_flight.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            write_metric(&mut out, "gauge", name, help, value);
-        }
-        render_workers(&mut out, workers);
-        if let Some(gpus) = gpus {
-            render_gpus(&mut out, gpus);
-        }
-        out
+    /// One unlabelled counter of seconds (`name` without `_total`).
+    pub fn counter_seconds(&mut self, name: &str, help: &str, value: f64) -> fmt::Result {
+        let counter = ConstCounter::new(value);
+        let encoder =
+            self.encoder
+                .encode_descriptor(name, &sentence(help), None, counter.metric_type())?;
+        counter.encode(encoder)
     }
-}
 
-/// Writes one unlabelled sample with its family's `# HELP` and `# TYPE` (`counter`, `gauge`).
-pub(crate) fn write_metric(
-    out: &mut String,
-    kind: &str,
-    name: &str,
-    help: &str,
-    value: impl std::fmt::Display,
-) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
-}
-
-fn render_workers(out: &mut String, workers: &[WorkerStatus]) {
-    type Field = fn(&WorkerStatus) -> f64;
-    let families: [(&str, &str, Field); 9] = [
-        (
-            "kvfleet_worker_prefill_tokens_pending",
-            "Prompt tokens admitted or waiting and not yet computed (the prefill queue), per worker.",
-            |w| w.prefill_tokens as f64,
-        ),
-        (
-            "kvfleet_worker_waiting_requests",
-            "Requests waiting for admission into the worker's batch.",
-            |w| f64::from(w.waiting),
-        ),
-        (
-            "kvfleet_worker_prefix_query_tokens_total",
-            "Prompt tokens looked up in the worker's prefix cache since its process started.",
-            |w| w.prefix_query_tokens as f64,
-        ),
-        (
-            "kvfleet_worker_prefix_hit_tokens_total",
-            "Prompt tokens found in the worker's prefix cache (not recomputed) since its process started.",
-            |w| w.prefix_hit_tokens as f64,
-        ),
-        (
-            "kvfleet_worker_kv_blocks_used",
-            "KV blocks in use, per worker.",
-            |w| w.kv_blocks_used as f64,
-        ),
-        (
-            "kvfleet_worker_kv_blocks_total",
-            "KV blocks in the pool, per worker.",
-            |w| w.kv_blocks_total as f64,
-        ),
-        (
-            "kvfleet_worker_outstanding_requests",
-            "Requests sent to the worker and not finished.",
-            |w| w.outstanding as f64,
-        ),
-        (
-            "kvfleet_worker_starts_total",
-            "Times the worker process was started.",
-            |w| w.starts as f64,
-        ),
-        ("kvfleet_worker_ready", "1 when the worker is ready.", |w| {
-            f64::from(u8::from(w.state == WorkerState::Ready))
-        }),
-    ];
-    for (name, help, field) in families {
-        let kind = if name.ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for w in workers {
-            let _ = writeln!(
-                out,
-                "{name}{{worker=\"{}\",model=\"{}\",device=\"{}\",role=\"{}\"}} {}",
-                w.id,
-                w.model,
-                w.device,
-                w.role,
-                field(w)
-            );
+    /// A gauge family: one sample per `(labels, value)`.
+    pub fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (L, V)>,
+    ) -> fmt::Result {
+        let mut family =
+            self.encoder
+                .encode_descriptor(name, &sentence(help), None, MetricType::Gauge)?;
+        for (labels, value) in samples {
+            family.encode_family(&labels)?.encode_gauge(&value)?;
         }
+        Ok(())
     }
-}
 
-fn render_gpus(out: &mut String, snapshot: &Snapshot) {
-    type Field = fn(&crate::gpu::GpuInfo) -> Option<f64>;
-    let families: [(&str, &str, Field); 5] = [
-        ("kvfleet_gpu_memory_used_bytes", "GPU memory in use.", |g| {
-            Some(g.memory_used_bytes as f64)
-        }),
-        (
-            "kvfleet_gpu_memory_total_bytes",
-            "GPU memory installed.",
-            |g| Some(g.memory_total_bytes as f64),
-        ),
-        (
-            "kvfleet_gpu_utilization_ratio",
-            "GPU busy fraction over the driver's last sample.",
-            |g| g.utilization_percent.map(|u| f64::from(u) / 100.0),
-        ),
-        (
-            "kvfleet_gpu_temperature_celsius",
-            "GPU die temperature.",
-            |g| g.temperature_c.map(f64::from),
-        ),
-        ("kvfleet_gpu_power_watts", "GPU power draw.", |g| {
-            g.power_mw.map(|p| f64::from(p) / 1000.0)
-        }),
-    ];
-    for (name, help, field) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for gpu in &snapshot.gpus {
-            if let Some(value) = field(gpu) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{gpu=\"{}\",uuid=\"{}\"}} {value}",
-                    gpu.index, gpu.uuid
-                );
-            }
+    /// A counter family (`name` without `_total`): one sample per `(labels, value)`.
+    pub fn counters<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (L, u64)>,
+    ) -> fmt::Result {
+        let mut family =
+            self.encoder
+                .encode_descriptor(name, &sentence(help), None, MetricType::Counter)?;
+        for (labels, value) in samples {
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }
+        Ok(())
+    }
+
+    /// A histogram family from buckets counted elsewhere (a worker process): per sample its
+    /// labels, the count of each bucket of [`LATENCY_BUCKETS_SECONDS`] then the `+Inf` one (not
+    /// cumulative), and the sum of the values.
+    pub fn histograms<'h, L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (L, &'h [u64], f64)>,
+    ) -> fmt::Result {
+        let mut family =
+            self.encoder
+                .encode_descriptor(name, &sentence(help), None, MetricType::Histogram)?;
+        let bounds = LATENCY_BUCKETS_SECONDS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY]);
+        for (labels, counts, sum) in samples {
+            let buckets: Vec<(f64, u64)> = bounds.clone().zip(counts.iter().copied()).collect();
+            let count = counts.iter().sum();
+            family.encode_family(&labels)?.encode_histogram(
+                sum,
+                count,
+                &buckets,
+                None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
+            )?;
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::counter::Counter;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[0.01, 0.1]);
-        h.observe(Duration::from_millis(5));
-        h.observe(Duration::from_millis(50));
-        h.observe(Duration::from_secs(3));
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.01\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.1\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_count 3\n"), "{out}");
-        assert!(out.contains("x_sum 3.055\n"), "{out}");
-    }
-
-    #[test]
-    fn exposition_has_requests_workers_and_gpus() {
-        let m = Metrics::default();
-        m.request("chat", 200);
-        m.request("chat", 200);
-        m.request("chat", 429);
-        let gpus = crate::gpu::FakeInventory::gpus(1).snapshot;
-        let out = m.render(&[], Some(&gpus));
-        assert!(out.contains("kvfleet_requests_total{endpoint=\"chat\",status=\"200\"} 2"));
-        assert!(out.contains("kvfleet_requests_total{endpoint=\"chat\",status=\"429\"} 1"));
-        assert!(out.contains("kvfleet_gpu_power_watts{gpu=\"0\""), "{out}");
+    fn families_and_collectors_encode_with_help_and_type() {
+        let mut registry = Registry::default();
+        let requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register("kvfleet_things", "Things done", requests.clone());
+        requests.get_or_create(&[("kind", "a")]).inc_by(2);
+        let latency = latency_histogram();
+        registry.register("kvfleet_wait_seconds", "Waits", latency.clone());
+        latency.observe(0.004);
+        latency.observe(3.0);
+        registry.register_collector(collector("test", |s| {
+            s.gauge("kvfleet_level", "A level", 7u64)?;
+            s.counters("kvfleet_events", "Events", [([("what", "x")], 3)])?;
+            let mut counts = vec![0u64; LATENCY_BUCKETS_SECONDS.len() + 1];
+            counts[0] = 1;
+            counts[LATENCY_BUCKETS_SECONDS.len()] = 1;
+            s.histograms(
+                "kvfleet_remote_seconds",
+                "Remote waits",
+                [([("worker", "w1")], counts.as_slice(), 100.0)],
+            )
+        }));
+        let text = encode(&registry);
+        for line in [
+            "# HELP kvfleet_things_total Things done.",
+            "# TYPE kvfleet_things_total counter",
+            "kvfleet_things_total{kind=\"a\"} 2",
+            "# TYPE kvfleet_wait_seconds histogram",
+            "kvfleet_wait_seconds_bucket{le=\"0.003\"} 0",
+            "kvfleet_wait_seconds_bucket{le=\"0.005\"} 1",
+            "kvfleet_wait_seconds_bucket{le=\"+Inf\"} 2",
+            "kvfleet_wait_seconds_count 2",
+            "# HELP kvfleet_level A level.",
+            "kvfleet_level 7",
+            "kvfleet_events_total{what=\"x\"} 3",
+            "kvfleet_remote_seconds_bucket{worker=\"w1\",le=\"0.001\"} 1",
+            "kvfleet_remote_seconds_bucket{worker=\"w1\",le=\"60\"} 1",
+            "kvfleet_remote_seconds_bucket{worker=\"w1\",le=\"+Inf\"} 2",
+            "kvfleet_remote_seconds_count{worker=\"w1\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 }

@@ -201,6 +201,67 @@ impl PeerHandle {
     }
 }
 
+impl PeerHandle {
+    /// Registers the peer transport's counters (read from the endpoint at every scrape, once
+    /// it is bound).
+    pub fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
+        let handle = self.clone();
+        registry.register_collector(crate::metrics::collector("peer", move |s| {
+            let Some(endpoint) = handle.endpoint() else {
+                return Ok(());
+            };
+            let m = endpoint.metrics().snapshot();
+            let counters = [
+                (
+                    "kvfleet_peer_kv_blocks_sent",
+                    "KV blocks pushed to other nodes",
+                    m.kv_blocks_sent,
+                ),
+                (
+                    "kvfleet_peer_kv_bytes_sent",
+                    "Bytes of KV blocks pushed to other nodes",
+                    m.kv_bytes_sent,
+                ),
+                (
+                    "kvfleet_peer_kv_blocks_received",
+                    "KV blocks received from other nodes (verified)",
+                    m.kv_blocks_received,
+                ),
+                (
+                    "kvfleet_peer_kv_bytes_received",
+                    "Bytes of KV blocks received from other nodes",
+                    m.kv_bytes_received,
+                ),
+                (
+                    "kvfleet_peer_kv_transfers_sent",
+                    "KV transfers completed as the sender",
+                    m.kv_transfers_sent,
+                ),
+                (
+                    "kvfleet_peer_generate_served",
+                    "Forwarded generate requests served here",
+                    m.generate_served,
+                ),
+            ];
+            for (name, help, value) in counters {
+                s.counter(name, help, value)?;
+            }
+            s.counter_seconds(
+                "kvfleet_peer_kv_send_seconds",
+                "Time spent sending KV transfers",
+                m.kv_send_micros as f64 / 1e6,
+            )?;
+            s.counters(
+                "kvfleet_peer_errors",
+                "Peer transport refusals and failures, by kind",
+                m.errors
+                    .iter()
+                    .map(|(kind, n)| ([("kind", kind.as_str())], *n)),
+            )
+        }));
+    }
+}
+
 fn read_identity(state: &StateDir) -> Option<PeerIdentity> {
     let read = |path: std::path::PathBuf| std::fs::read_to_string(path).ok();
     Some(PeerIdentity {

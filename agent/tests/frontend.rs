@@ -837,3 +837,80 @@ async fn the_dbus_interface_reports_drains_and_resumes() {
     let _ = std::process::Command::new("kill").arg(&pid).status();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `/metrics` is one registry's exposition: every family has its help text and type (checked
+/// here, and by Prometheus's own `promtool check metrics` when it is installed), and the
+/// latency histograms by model and role count what the requests did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_help_text_and_per_model_latency_histograms() {
+    let agent = TestAgent::start(&model("m", 1_000, 4096)).await;
+    let mut streamed = chat("stream this", 6);
+    streamed["stream"] = json!(true);
+    let response = agent.post("/v1/chat/completions", streamed).await;
+    assert_eq!(response.status(), 200);
+    assert!(sse_events(response).await.len() > 2);
+    let response = agent.post("/v1/chat/completions", chat("whole", 6)).await;
+    assert_eq!(response.status(), 200);
+    let text = agent
+        .client
+        .get(agent.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let labels = "{model=\"m\",role=\"aggregated\"}";
+    for family in ["ttft", "queue", "e2e"] {
+        let line = format!("kvfleet_request_{family}_seconds_count{labels} 2");
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    let itl = format!("kvfleet_request_itl_seconds_count{labels} ");
+    let gaps: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&itl)?.parse().ok())
+        .unwrap_or_else(|| panic!("{itl} in\n{text}"));
+    assert!(gaps >= 2, "two six-token requests stream gaps: {gaps}");
+    // Every sample belongs to a family announced with its help text and type.
+    let helped: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP ")?.split(' ').next())
+        .collect();
+    let typed: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    assert_eq!(helped, typed, "{text}");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|f| helped.contains(f)))
+            .unwrap_or(name);
+        assert!(helped.contains(family), "{name} has no # HELP in\n{text}");
+    }
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut promtool) = promtool else {
+        eprintln!("SKIPPED the promtool half: promtool is not installed (apt install prometheus)");
+        return;
+    };
+    use std::io::Write as _;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

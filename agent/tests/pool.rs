@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use common::{TestAgent, model};
 use kvfleet_agent::backend::{Backend as _, WorkerState};
-use kvfleet_agent::config::{Device, ModelConfig, Role, WorkerConfig};
+use kvfleet_agent::config::{Device, ModelConfig, WorkerConfig};
 use kvfleet_proto::WorkerId;
+use kvfleet_proto::api::WorkerRole;
 use serde_json::json;
 
-fn worker(role: Role) -> WorkerConfig {
+fn worker(role: WorkerRole) -> WorkerConfig {
     WorkerConfig {
         model: "m".into(),
         device: Device::Cpu,
@@ -20,7 +21,7 @@ fn worker(role: Role) -> WorkerConfig {
     }
 }
 
-fn state(agent: &TestAgent, id: u64) -> Option<(WorkerState, Role, u64)> {
+fn state(agent: &TestAgent, id: u64) -> Option<(WorkerState, WorkerRole, u64)> {
     agent
         .running
         .pool
@@ -62,9 +63,9 @@ async fn workers_start_stop_drain_and_change_role_at_runtime() {
     mock.kv_blocks = 4096;
 
     // A second worker under a control-plane id.
-    assert!(pool.start_worker(WorkerId(42), worker(Role::Aggregated), mock.clone()));
+    assert!(pool.start_worker(WorkerId(42), worker(WorkerRole::Aggregated), mock.clone()));
     assert!(
-        !pool.start_worker(WorkerId(42), worker(Role::Aggregated), mock.clone()),
+        !pool.start_worker(WorkerId(42), worker(WorkerRole::Aggregated), mock.clone()),
         "one worker per id"
     );
     wait("worker 42 ready", || {
@@ -96,9 +97,9 @@ async fn workers_start_stop_drain_and_change_role_at_runtime() {
 
     // A role change: stopped and started again under the same id.
     assert!(pool.stop_worker(WorkerId(42)));
-    assert!(pool.start_worker(WorkerId(42), worker(Role::Decode), mock.clone()));
+    assert!(pool.start_worker(WorkerId(42), worker(WorkerRole::Decode), mock.clone()));
     wait("worker 42 ready as decode", || {
-        state(&agent, 42).is_some_and(|s| s.0 == WorkerState::Ready && s.1 == Role::Decode)
+        state(&agent, 42).is_some_and(|s| s.0 == WorkerState::Ready && s.1 == WorkerRole::Decode)
     })
     .await;
     assert_eq!(state(&agent, 42).map(|s| s.2), Some(1), "a new incarnation");

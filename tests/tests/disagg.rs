@@ -24,10 +24,10 @@ use std::time::Duration;
 
 use common::*;
 use kvfleet_agent::backend::{Backend as _, WorkerStatus};
-use kvfleet_agent::config::Role as WorkerRole;
 use kvfleet_agent::disagg::PrefillOutcome;
 use kvfleet_controlplane::auth::Role;
 use kvfleet_peer::{ErrorCode, KvBlock, PeerConfig, PeerEndpoint, PeerIdentity, TransferOptions};
+use kvfleet_proto::api::WorkerRole;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

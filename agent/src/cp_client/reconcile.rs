@@ -13,11 +13,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use kvfleet_proto::api::{DesiredState, DesiredWorkerState, ModelFormat, ModelSpec, WorkerRole};
+use kvfleet_proto::api::{DesiredState, DesiredWorkerState, ModelFormat, ModelSpec};
 use kvfleet_proto::{BlockSize, WorkerId};
 use uuid::Uuid;
 
-use crate::config::{Device, ModelConfig, Role, WorkerConfig};
+use crate::config::{Device, ModelConfig, WorkerConfig};
 use crate::gpu::GpuInfo;
 use crate::worker::supervisor::PoolWorker;
 
@@ -56,15 +56,6 @@ pub enum Step {
     Drain(WorkerId),
     /// Route to it again.
     Undrain(WorkerId),
-}
-
-/// The local role of a control-plane role.
-pub fn role(role: WorkerRole) -> Role {
-    match role {
-        WorkerRole::Aggregated => Role::Aggregated,
-        WorkerRole::Prefill => Role::Prefill,
-        WorkerRole::Decode => Role::Decode,
-    }
 }
 
 /// The UUID the control plane knows a GPU by: its NVML UUID without the `GPU-` prefix.
@@ -154,7 +145,7 @@ pub fn targets(
             config: WorkerConfig {
                 model: model.name.clone(),
                 device,
-                role: role(worker.role),
+                role: worker.role,
             },
             model,
             // Per worker only: a draining node's workers keep serving until the control plane
@@ -210,6 +201,7 @@ mod tests {
     use crate::config::EngineKind;
 
     use super::*;
+    use kvfleet_proto::api::WorkerRole;
 
     fn spec(name: &str, format: ModelFormat) -> ModelSpec {
         ModelSpec {
@@ -257,7 +249,7 @@ mod tests {
         }
     }
 
-    fn target(id: u64, role: Role, device: Device) -> Target {
+    fn target(id: u64, role: WorkerRole, device: Device) -> Target {
         let mut model = ModelConfig::mock("m");
         model.context_length = 2048;
         Target {
@@ -272,7 +264,7 @@ mod tests {
         }
     }
 
-    fn running(id: u64, role: Role, device: Device, draining: bool) -> PoolWorker {
+    fn running(id: u64, role: WorkerRole, device: Device, draining: bool) -> PoolWorker {
         PoolWorker {
             id: WorkerId(id),
             config: WorkerConfig {
@@ -287,7 +279,7 @@ mod tests {
     #[test]
     fn plan_table() {
         use Device::{Cpu, Gpu};
-        use Role::{Aggregated as Agg, Decode, Prefill};
+        use WorkerRole::{Aggregated as Agg, Decode, Prefill};
         let drained = |mut t: Target| {
             t.draining = true;
             t
@@ -361,7 +353,7 @@ mod tests {
 
     #[test]
     fn plan_is_idempotent_once_applied() {
-        let targets = vec![target(1, Role::Aggregated, Device::Cpu)];
+        let targets = vec![target(1, WorkerRole::Aggregated, Device::Cpu)];
         let after: Vec<PoolWorker> = targets
             .iter()
             .map(|t| PoolWorker {
@@ -387,9 +379,9 @@ mod tests {
         assert_eq!(targets.len(), 2);
         assert_eq!(targets[0].id, WorkerId(10));
         assert_eq!(targets[0].config.device, Device::Gpu(1));
-        assert_eq!(targets[0].config.role, Role::Prefill);
+        assert_eq!(targets[0].config.role, WorkerRole::Prefill);
         assert_eq!(targets[1].config.device, Device::Cpu);
-        assert_eq!(targets[1].config.role, Role::Decode);
+        assert_eq!(targets[1].config.role, WorkerRole::Decode);
         assert_eq!(targets[1].model.context_length, 2048);
         assert_eq!(unrunnable.len(), 1);
         assert_eq!(unrunnable[0].id, WorkerId(12));

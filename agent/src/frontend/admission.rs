@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::api::ApiError;
-use crate::metrics::Metrics;
 
 /// The node's request slots and waiting queue.
 #[derive(Debug)]
@@ -23,42 +23,58 @@ pub struct Admission {
     capacity: usize,
     timeout: Duration,
     retry_after: Duration,
+    gauges: Gauges,
+}
+
+/// The occupancy the admission keeps current (the frontend's metrics).
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Requests holding a slot.
+    pub in_flight: Gauge,
+    /// Requests waiting for one.
+    pub queue_depth: Gauge,
 }
 
 /// A request's right to generate; gives the slot back when dropped.
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
-    metrics: Arc<Metrics>,
+    in_flight: Gauge,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.dec();
     }
 }
 
 struct Waiting<'a> {
     admission: &'a Admission,
-    metrics: &'a Metrics,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.admission.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        self.admission.gauges.queue_depth.dec();
     }
 }
 
 impl Admission {
-    /// `slots` generating at once, `capacity` waiting.
-    pub fn new(slots: usize, capacity: usize, timeout: Duration, retry_after: Duration) -> Self {
+    /// `slots` generating at once, `capacity` waiting; occupancy kept in `gauges`.
+    pub fn new(
+        slots: usize,
+        capacity: usize,
+        timeout: Duration,
+        retry_after: Duration,
+        gauges: Gauges,
+    ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(slots)),
             waiting: AtomicUsize::new(0),
             capacity,
             timeout,
             retry_after,
+            gauges,
         }
     }
 
@@ -68,12 +84,12 @@ impl Admission {
     }
 
     /// Waits for a slot: 429 when the queue is full, 503 when the wait times out.
-    pub async fn admit(&self, metrics: &Arc<Metrics>) -> Result<Slot, ApiError> {
+    pub async fn admit(&self) -> Result<Slot, ApiError> {
         let slot = |permit| {
-            metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.gauges.in_flight.inc();
             Slot {
                 _permit: permit,
-                metrics: metrics.clone(),
+                in_flight: self.gauges.in_flight.clone(),
             }
         };
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
@@ -83,11 +99,8 @@ impl Admission {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::queue_full(self.retry_after));
         }
-        metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let _waiting = Waiting {
-            admission: self,
-            metrics,
-        };
+        self.gauges.queue_depth.inc();
+        let _waiting = Waiting { admission: self };
         match tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(slot(permit)),
             Ok(Err(_closed)) => Err(ApiError::unavailable(
@@ -114,22 +127,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_queue_rejects_and_waiting_times_out() {
-        let metrics = Arc::new(Metrics::default());
+        let gauges = Gauges::default();
         let admission = Arc::new(Admission::new(
             1,
             1,
             Duration::from_secs(5),
             Duration::from_secs(2),
+            gauges.clone(),
         ));
-        let first = admission.admit(&metrics).await.unwrap();
+        let first = admission.admit().await.unwrap();
         // The second waits in the queue.
         let a = admission.clone();
-        let m = metrics.clone();
-        let second = tokio::spawn(async move { a.admit(&m).await.map(|_| ()) });
+        let second = tokio::spawn(async move { a.admit().await.map(|_| ()) });
         tokio::task::yield_now().await;
         assert_eq!(admission.waiting(), 1);
         // The third finds the queue full.
-        let third = admission.admit(&metrics).await.unwrap_err();
+        let third = admission.admit().await.unwrap_err();
         assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(third.retry_after, Some(Duration::from_secs(2)));
         // The second times out with 503.
@@ -138,24 +151,23 @@ mod tests {
         assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(second.code, "queue_timeout");
         assert_eq!(admission.waiting(), 0);
-        assert_eq!(metrics.queue_depth.load(Ordering::Relaxed), 0);
+        assert_eq!(gauges.queue_depth.get(), 0);
         drop(first);
-        assert_eq!(metrics.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(gauges.in_flight.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_freed_slot_goes_to_the_waiter() {
-        let metrics = Arc::new(Metrics::default());
         let admission = Arc::new(Admission::new(
             1,
             4,
             Duration::from_secs(5),
             Duration::from_secs(1),
+            Gauges::default(),
         ));
-        let first = admission.admit(&metrics).await.unwrap();
+        let first = admission.admit().await.unwrap();
         let a = admission.clone();
-        let m = metrics.clone();
-        let second = tokio::spawn(async move { a.admit(&m).await.is_ok() });
+        let second = tokio::spawn(async move { a.admit().await.is_ok() });
         tokio::task::yield_now().await;
         drop(first);
         assert!(second.await.unwrap());

@@ -21,6 +21,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod metrics;
 pub mod models;
 pub mod text;
 
@@ -28,6 +29,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -43,19 +45,19 @@ use kvfleet_proto::hash::sequence_hashes;
 use serde_json::json;
 use tracing::Instrument;
 
-use self::admission::{Admission, Slot};
+use self::admission::{Admission, Gauges, Slot};
 use self::api::{
     ApiError, ChatCompletionRequest, CommonParams, CompletionRequest, FinishReason, ModelCard,
     PromptSpec, StopSpec, Usage,
 };
+use self::metrics::{FrontendMetrics, ModelRole, RequestLatencies};
 use self::models::{ModelRegistry, ServedModel, TextCodec};
 use self::text::{StopMatcher, Utf8Stream};
 use crate::backend::{
     Backend, EndReason, GenEvent, GenerateRequest, Generation, TokenLogprob, WorkerState,
 };
 use crate::config::FrontendConfig;
-use crate::gpu::Inventory;
-use crate::metrics::Metrics;
+use crate::metrics::Registry;
 
 /// Everything the handlers share.
 #[derive(Debug)]
@@ -66,14 +68,10 @@ pub struct Frontend {
     pub models: Arc<ModelRegistry>,
     /// Where tokens come from.
     pub backend: Arc<dyn Backend>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// GPU figures for `/metrics`, when there are GPUs.
-    pub inventory: Option<Arc<dyn Inventory>>,
-    /// The fleet-wide KV router, in control-plane mode (its figures go to `/metrics`).
-    pub fleet: Option<Arc<crate::fleet::FleetRouter>>,
-    /// Disaggregated serving, in control-plane mode (its figures go in `/metrics`).
-    pub disagg: Option<Arc<crate::disagg::Disagg>>,
+    /// What the frontend measures (registered in `registry`).
+    pub metrics: FrontendMetrics,
+    /// The agent's metrics, every module's, served on `/metrics`.
+    registry: Arc<Registry>,
     admission: Admission,
     draining: AtomicBool,
     next_id: AtomicU64,
@@ -82,29 +80,34 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// A frontend serving the models in `models` over `backend`.
+    /// A frontend serving the models in `models` over `backend`; it adds its own metrics to
+    /// `registry` (which the other modules have registered into) and serves the whole.
     pub fn new(
         config: FrontendConfig,
         models: Arc<ModelRegistry>,
         backend: Arc<dyn Backend>,
+        mut registry: Registry,
     ) -> Self {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
+        let metrics = FrontendMetrics::register(&mut registry);
         let admission = Admission::new(
             config.max_in_flight,
             config.queue_capacity,
             config.queue_timeout,
             config.retry_after,
+            Gauges {
+                in_flight: metrics.in_flight.clone(),
+                queue_depth: metrics.queue_depth.clone(),
+            },
         );
         Self {
             config,
             models,
             backend,
-            metrics: Arc::new(Metrics::default()),
-            inventory: None,
-            fleet: None,
-            disagg: None,
+            metrics,
+            registry: Arc::new(registry),
             admission,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
@@ -130,7 +133,7 @@ impl Frontend {
 
     /// Requests generating now.
     pub fn in_flight(&self) -> i64 {
-        self.metrics.in_flight.load(Ordering::Relaxed)
+        self.metrics.in_flight.get()
     }
 
     /// Whether every model has a ready worker and the node is not draining.
@@ -296,7 +299,9 @@ async fn handle(
         if frontend.is_draining() {
             return Err(draining(&frontend));
         }
-        let slot = frontend.admission.admit(&frontend.metrics).await?;
+        let admitting = Instant::now();
+        let slot = frontend.admission.admit().await?;
+        let queued = admitting.elapsed();
         let request = GenerateRequest {
             request_id: prepared.id.clone(),
             model: prepared.model.clone(),
@@ -312,8 +317,8 @@ async fn handle(
         frontend
             .metrics
             .tokens_in
-            .fetch_add(prepared.prompt.len() as u64, Ordering::Relaxed);
-        let run = Run::new(frontend.clone(), prepared, generation, slot, start);
+            .inc_by(prepared.prompt.len() as u64);
+        let run = Run::new(frontend.clone(), prepared, generation, slot, start, queued);
         if run.prepared.stream {
             Ok(run.into_sse())
         } else {
@@ -668,7 +673,11 @@ struct Run {
     _slot: Slot,
     assembler: Assembler,
     start: Instant,
+    /// How long it waited for admission.
+    queued: Duration,
     last_token: Option<Instant>,
+    /// Its histograms, once the first token named the role that produced it.
+    latencies: Option<RequestLatencies>,
     finished: bool,
     /// Completions logprobs: bytes of text before the next token.
     text_offset: usize,
@@ -700,6 +709,7 @@ impl Run {
         generation: Generation,
         slot: Slot,
         start: Instant,
+        queued: Duration,
     ) -> Self {
         let assembler = Assembler {
             text: prepared.text.clone(),
@@ -715,7 +725,9 @@ impl Run {
             _slot: slot,
             assembler,
             start,
+            queued,
             last_token: None,
+            latencies: None,
             finished: false,
             text_offset: 0,
         }
@@ -730,15 +742,17 @@ impl Run {
                 ids: tokens,
                 logprobs,
             }) => {
-                let metrics = &self.frontend.metrics;
-                match self.last_token {
-                    None => metrics.ttft.observe(now - self.start),
-                    Some(last) => metrics.itl.observe(now - last),
+                match (self.last_token, &self.latencies) {
+                    (Some(last), Some(latencies)) => latencies.inter_token(now - last),
+                    _ => {
+                        let labels = self.labels();
+                        let metrics = &self.frontend.metrics;
+                        metrics.first_token(&labels, now - self.start, self.queued);
+                        self.latencies = Some(metrics.for_request(&labels));
+                    }
                 }
                 self.last_token = Some(now);
-                metrics
-                    .tokens_out
-                    .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+                self.frontend.metrics.tokens_out.inc_by(tokens.len() as u64);
                 let text = self.assembler.push(&tokens);
                 if self.assembler.stopped {
                     // A stop string ended it; dropping the generation cancels the rest.
@@ -773,10 +787,19 @@ impl Run {
         }
     }
 
+    /// The request's `{model, role}`: the role of the worker its first token came from.
+    fn labels(&self) -> ModelRole {
+        ModelRole::new(&self.prepared.model, self.generation.role)
+    }
+
     fn finish_ok(&mut self) {
         if !self.finished {
             self.finished = true;
-            self.frontend.metrics.e2e.observe(self.start.elapsed());
+            let latencies = match self.latencies.take() {
+                Some(latencies) => latencies,
+                None => self.frontend.metrics.for_request(&self.labels()),
+            };
+            latencies.end_to_end(self.start.elapsed());
         }
     }
 
@@ -960,10 +983,7 @@ impl Run {
 impl Drop for Run {
     fn drop(&mut self) {
         if !self.finished {
-            self.frontend
-                .metrics
-                .cancelled
-                .fetch_add(1, Ordering::Relaxed);
+            self.frontend.metrics.cancelled.inc();
             tracing::info!(request_id = %self.prepared.id, "client went away: generation cancelled");
         }
     }
@@ -1067,31 +1087,17 @@ async fn ready(State(frontend): State<Arc<Frontend>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// The agent's registry as Prometheus text. Encoded off the async threads: collectors read
+/// state that may block (the GPU inventory asks the driver).
 async fn metrics(State(frontend): State<Arc<Frontend>>) -> Response {
-    let workers = frontend.backend.workers();
-    let gpus = match frontend.inventory.clone() {
-        Some(inventory) => tokio::task::spawn_blocking(move || inventory.snapshot().ok())
-            .await
-            .ok()
-            .flatten(),
-        None => None,
-    };
-    let mut body = frontend.metrics.render(&workers, gpus.as_ref());
-    if let Some(fleet) = &frontend.fleet {
-        body.push_str(&fleet.render_metrics());
-        body.push_str(&fleet.render_load_metrics());
+    let registry = frontend.registry.clone();
+    match tokio::task::spawn_blocking(move || crate::metrics::encode(&registry)).await {
+        Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding the metrics panicked");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
-    if let Some(disagg) = &frontend.disagg {
-        body.push_str(&disagg.render_metrics());
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
 }
 
 /// Serves the frontend on `listener` until `shutdown` completes, then waits for in-flight

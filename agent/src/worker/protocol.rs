@@ -32,13 +32,14 @@
 use std::path::PathBuf;
 
 use kvfleet_model::KvBudget;
+use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameCodec, FrameKind, FrameReader};
 use kvfleet_proto::{BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::{EndReason, GenEvent, TokenLogprob};
-use crate::config::{EngineKind, ModelConfig, Role};
+use crate::config::{EngineKind, ModelConfig};
 
 /// Payload limit on worker sockets: a long prompt's JSON fits many times over.
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
@@ -201,7 +202,7 @@ pub struct WorkerSpec {
     /// The worker's id.
     pub worker: WorkerId,
     /// Its role.
-    pub role: Role,
+    pub role: WorkerRole,
     /// `cpu` or `gpu:N`.
     pub device: String,
     /// Its engine.

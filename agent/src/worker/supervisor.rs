@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameKind};
 use kvfleet_proto::{KvEvent, KvLayout, WorkerId};
 use tokio::io::AsyncWriteExt;
@@ -50,7 +51,7 @@ use crate::backend::{
     WorkerStatus,
 };
 use crate::config::{
-    LogConfig, LogFormat, ModelConfig, Role, RoutingMode, SupervisorConfig, WorkerConfig,
+    LogConfig, LogFormat, ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig,
 };
 
 /// How to start a worker process: the agent's own binary with the `worker` subcommand.
@@ -535,7 +536,7 @@ impl WorkerPool {
         let candidates: Vec<(WorkerId, Arc<Conn>, Arc<Slot>)> = self
             .slots_snapshot()
             .into_iter()
-            .filter(|s| s.model.name == model && s.config.role != Role::Prefill)
+            .filter(|s| s.model.name == model && s.config.role != WorkerRole::Prefill)
             .filter(|s| !s.draining.load(Ordering::Acquire))
             .filter_map(|s| s.conn().map(|c| (s.id, c, s)))
             .collect();
@@ -557,6 +558,104 @@ impl WorkerPool {
                     .cloned()
             }
         }
+    }
+}
+
+/// `{worker, model, device, role}` of the per-worker families.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+    model: String,
+    device: String,
+    role: &'static str,
+}
+
+impl WorkerLabels {
+    fn of(w: &WorkerStatus) -> Self {
+        Self {
+            worker: w.id.to_string(),
+            model: w.model.clone(),
+            device: w.device.clone(),
+            role: w.role.as_str(),
+        }
+    }
+}
+
+impl WorkerPool {
+    /// Registers the workers' figures (their last status reports, read at every scrape).
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut crate::metrics::Registry) {
+        let pool = Arc::downgrade(self);
+        registry.register_collector(crate::metrics::collector("workers", move |s| {
+            let workers = pool.upgrade().map(|p| p.workers()).unwrap_or_default();
+            type Field = fn(&WorkerStatus) -> u64;
+            let gauges: [(&str, &str, Field); 5] = [
+                (
+                    "kvfleet_worker_prefill_tokens_pending",
+                    "Prompt tokens admitted or waiting and not yet computed (the prefill \
+                     queue), per worker",
+                    |w| w.prefill_tokens,
+                ),
+                (
+                    "kvfleet_worker_waiting_requests",
+                    "Requests waiting for admission into the worker's batch",
+                    |w| u64::from(w.waiting),
+                ),
+                (
+                    "kvfleet_worker_kv_blocks_used",
+                    "KV blocks in use, per worker",
+                    |w| w.kv_blocks_used,
+                ),
+                (
+                    "kvfleet_worker_outstanding_requests",
+                    "Requests sent to the worker and not finished",
+                    |w| w.outstanding as u64,
+                ),
+                ("kvfleet_worker_ready", "1 when the worker is ready", |w| {
+                    u64::from(w.state == WorkerState::Ready)
+                }),
+            ];
+            for (name, help, field) in gauges {
+                s.gauges(
+                    name,
+                    help,
+                    workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
+                )?;
+            }
+            // The pool's size is typed a counter, as it always was: Prometheus allows the
+            // `_total` name of the family dashboards already read only on counters.
+            let counters: [(&str, &str, Field); 4] = [
+                (
+                    "kvfleet_worker_kv_blocks",
+                    "KV blocks in the pool, per worker",
+                    |w| w.kv_blocks_total,
+                ),
+                (
+                    "kvfleet_worker_prefix_query_tokens",
+                    "Prompt tokens looked up in the worker's prefix cache since its process \
+                     started",
+                    |w| w.prefix_query_tokens,
+                ),
+                (
+                    "kvfleet_worker_prefix_hit_tokens",
+                    "Prompt tokens found in the worker's prefix cache (not recomputed) since its \
+                     process started",
+                    |w| w.prefix_hit_tokens,
+                ),
+                (
+                    "kvfleet_worker_starts",
+                    "Times the worker process was started",
+                    |w| w.starts,
+                ),
+            ];
+            for (name, help, field) in counters {
+                s.counters(
+                    name,
+                    help,
+                    workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
+                )?;
+            }
+            Ok(())
+        }));
     }
 }
 
@@ -651,7 +750,7 @@ impl WorkerPool {
         };
         slot.requests.fetch_add(1, Ordering::Relaxed);
         let cancel_conn = conn.clone();
-        let generation = Generation::new(worker, rx, move || {
+        let generation = Generation::new(worker, slot.config.role, rx, move || {
             let was_pending = cancel_conn
                 .pending
                 .lock()
