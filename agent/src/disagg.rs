@@ -309,7 +309,7 @@ impl BlockSink for Transfers {
     fn stream_finished(&self, request_id: &str, outcome: Result<KvDone, ErrorMessage>) {
         if let Err(error) = outcome {
             self.counters.failed_streams.inc();
-            tracing::debug!(transfer = request_id, code = ?error.code, message = %error.message,
+            tracing::debug!(transfer_id = request_id, code = ?error.code, message = %error.message,
                 "a KV transfer stream failed");
         }
     }
@@ -413,7 +413,7 @@ impl Disagg {
         let (Some(decode_worker), Some((own_node, own_addr)), Some(layout)) =
             (request.worker, own, layout)
         else {
-            tracing::debug!(request = %request.request_id,
+            tracing::debug!(request_id = %request.request_id,
                 "no transfer possible here (no peer endpoint or worker layout): prefilling locally");
             self.count(PrefillOutcome::FallbackBeforeFirstToken);
             return self.local.submit(request);
@@ -554,7 +554,7 @@ impl Disagg {
         let request_id = request.request_id.clone();
         if leg.tokens.is_empty() {
             self.count(PrefillOutcome::FallbackBeforeFirstToken);
-            tracing::warn!(request = %request_id, error = leg.error.as_deref().unwrap_or(""),
+            tracing::warn!(request_id = %request_id, error = leg.error.as_deref().unwrap_or(""),
                 "prefill leg failed before its first token: the decode worker prefills the prompt");
             return pipe(self.local.submit(request), tx).await;
         }
@@ -598,7 +598,7 @@ impl Disagg {
             }
             (None, error) => {
                 self.count(PrefillOutcome::FallbackAfterFirstToken);
-                tracing::warn!(request = %request_id, blocks = received.blocks.len(),
+                tracing::warn!(request_id = %request_id, blocks = received.blocks.len(),
                     error = error.as_deref().unwrap_or(""),
                     "prefill leg failed after its first token: decoding with the blocks received");
                 received.blocks.len()
@@ -621,7 +621,7 @@ impl Disagg {
             },
             worker: request.worker,
         };
-        tracing::debug!(request = %request_id, blocks = blocks.len(),
+        tracing::debug!(request_id = %request_id, blocks = blocks.len(),
             "decoding with the prefill node's KV blocks");
         pipe(self.local.submit_with_kv(decode, blocks), tx).await;
     }
@@ -683,7 +683,7 @@ impl Disagg {
                     bytes: report.bytes,
                 },
                 Err(e) => {
-                    tracing::warn!(request = %request_id, error = %e,
+                    tracing::warn!(request_id = %request_id, error = %e,
                         "pushing KV blocks to the decode node failed");
                     KvPushReport::default()
                 }

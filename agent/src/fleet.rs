@@ -619,7 +619,7 @@ impl FleetRouter {
         s.gauge(
             "kvfleet_fleet_router_blocks",
             "Distinct KV blocks in the fleet index",
-            router.index_stats().blocks as u64,
+            router.index_stats().blocks,
         )?;
         s.gauges(
             "kvfleet_fleet_router_worker_blocks",

@@ -249,7 +249,7 @@ impl Backend for FleetBackend {
                     }
                     if sent_any {
                         let reason = first_error.unwrap_or_default();
-                        tracing::warn!(request = %request.request_id, %addr, %reason,
+                        tracing::warn!(request_id = %request.request_id, %addr, %reason,
                             "forwarded request failed mid-stream");
                         let _ = tx.send(GenEvent::Failed(format!("peer {addr}: {reason}")));
                         held.release(&fleet);
@@ -260,7 +260,7 @@ impl Backend for FleetBackend {
             }
             held.release(&fleet);
             fleet.count_fallback();
-            tracing::warn!(request = %request.request_id, %addr, %node,
+            tracing::warn!(request_id = %request.request_id, %addr, %node,
                 error = first_error.as_deref().unwrap_or(""),
                 "peer unavailable: retrying the request on a local worker");
             request.worker = None;

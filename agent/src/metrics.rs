@@ -15,6 +15,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
+pub use kvfleet_proto::histogram::LATENCY_BUCKETS_SECONDS;
+use kvfleet_proto::histogram::LatencyHistogram;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric, NoLabelSet,
@@ -28,13 +30,6 @@ pub use prometheus_client::registry::Registry;
 
 /// The `Content-Type` of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
-/// Upper bounds of the latency histograms' finite buckets, in seconds: from 1 ms to a minute,
-/// about four per factor of ten at the bottom.
-pub const LATENCY_BUCKETS_SECONDS: [f64; 22] = [
-    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
-    0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
 
 /// A latency histogram (seconds) over [`LATENCY_BUCKETS_SECONDS`].
 pub fn latency_histogram() -> Histogram {
@@ -157,14 +152,13 @@ impl Scrape<'_> {
         Ok(())
     }
 
-    /// A histogram family from buckets counted elsewhere (a worker process): per sample its
-    /// labels, the count of each bucket of [`LATENCY_BUCKETS_SECONDS`] then the `+Inf` one (not
-    /// cumulative), and the sum of the values.
+    /// A histogram family from histograms counted elsewhere (worker processes): one sample
+    /// per `(labels, histogram)`.
     pub fn histograms<'h, L: EncodeLabelSet>(
         &mut self,
         name: &str,
         help: &str,
-        samples: impl IntoIterator<Item = (L, &'h [u64], f64)>,
+        samples: impl IntoIterator<Item = (L, &'h LatencyHistogram)>,
     ) -> fmt::Result {
         let mut family =
             self.encoder
@@ -173,12 +167,14 @@ impl Scrape<'_> {
             .iter()
             .copied()
             .chain([f64::INFINITY]);
-        for (labels, counts, sum) in samples {
-            let buckets: Vec<(f64, u64)> = bounds.clone().zip(counts.iter().copied()).collect();
-            let count = counts.iter().sum();
+        for (labels, histogram) in samples {
+            let buckets: Vec<(f64, u64)> = bounds
+                .clone()
+                .zip(histogram.counts().iter().copied())
+                .collect();
             family.encode_family(&labels)?.encode_histogram(
-                sum,
-                count,
+                histogram.sum_seconds(),
+                histogram.count(),
                 &buckets,
                 None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
             )?;
@@ -205,13 +201,13 @@ mod tests {
         registry.register_collector(collector("test", |s| {
             s.gauge("kvfleet_level", "A level", 7u64)?;
             s.counters("kvfleet_events", "Events", [([("what", "x")], 3)])?;
-            let mut counts = vec![0u64; LATENCY_BUCKETS_SECONDS.len() + 1];
-            counts[0] = 1;
-            counts[LATENCY_BUCKETS_SECONDS.len()] = 1;
+            let mut remote = LatencyHistogram::default();
+            remote.observe_seconds(0.0005);
+            remote.observe_seconds(100.0);
             s.histograms(
                 "kvfleet_remote_seconds",
                 "Remote waits",
-                [([("worker", "w1")], counts.as_slice(), 100.0)],
+                [([("worker", "w1")], &remote)],
             )
         }));
         let text = encode(&registry);
@@ -221,7 +217,7 @@ mod tests {
             "kvfleet_things_total{kind=\"a\"} 2",
             "# TYPE kvfleet_wait_seconds histogram",
             "kvfleet_wait_seconds_bucket{le=\"0.003\"} 0",
-            "kvfleet_wait_seconds_bucket{le=\"0.005\"} 1",
+            "kvfleet_wait_seconds_bucket{le=\"0.004\"} 1",
             "kvfleet_wait_seconds_bucket{le=\"+Inf\"} 2",
             "kvfleet_wait_seconds_count 2",
             "# HELP kvfleet_level A level.",
@@ -231,6 +227,7 @@ mod tests {
             "kvfleet_remote_seconds_bucket{worker=\"w1\",le=\"60\"} 1",
             "kvfleet_remote_seconds_bucket{worker=\"w1\",le=\"+Inf\"} 2",
             "kvfleet_remote_seconds_count{worker=\"w1\"} 2",
+            "kvfleet_remote_seconds_sum{worker=\"w1\"} 100.0005",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

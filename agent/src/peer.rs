@@ -93,7 +93,7 @@ impl GenerateHandler for LocalGenerate {
         request: GenerateRequest,
     ) -> Result<EventStream, ErrorMessage> {
         let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
-        tracing::debug!(request = %request.request_id, node = %peer.node_id,
+        tracing::info!(request_id = %request.request_id, from = %peer.node_id,
             prefill_leg = request.kv_push.is_some(), decode_leg = request.prefill.is_some(),
             "serving a forwarded request");
         if let Some(push) = request.kv_push.clone() {

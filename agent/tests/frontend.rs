@@ -851,15 +851,37 @@ async fn metrics_have_help_text_and_per_model_latency_histograms() {
     assert!(sse_events(response).await.len() > 2);
     let response = agent.post("/v1/chat/completions", chat("whole", 6)).await;
     assert_eq!(response.status(), 200);
-    let text = agent
-        .client
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The worker's own histograms arrive with its next status report (every 250 ms).
+    let worker_ttft =
+        "kvfleet_worker_ttft_seconds_count{worker=\"w1\",model=\"m\",role=\"aggregated\"} 2";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = agent
+            .client
+            .get(agent.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.lines().any(|l| l == worker_ttft) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{worker_ttft} in\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for family in ["queue_seconds_count", "itl_seconds_bucket"] {
+        let prefix =
+            format!("kvfleet_worker_{family}{{worker=\"w1\",model=\"m\",role=\"aggregated\"");
+        assert!(
+            text.lines().any(|l| l.starts_with(&prefix)),
+            "{prefix} in\n{text}"
+        );
+    }
     let labels = "{model=\"m\",role=\"aggregated\"}";
     for family in ["ttft", "queue", "e2e"] {
         let line = format!("kvfleet_request_{family}_seconds_count{labels} 2");

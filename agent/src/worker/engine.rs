@@ -42,7 +42,9 @@ use kvfleet_model::{KvBudget, NativeExecutor};
 use kvfleet_proto::hash::block_hashes;
 use kvfleet_proto::{KvDtype, KvEvent, KvLayout, SequenceHash, WorkerId};
 
-use super::protocol::{EngineSpec, MAX_KV_BLOCK_BYTES, WireEngine, WireRequest, WireStatus};
+use super::protocol::{
+    EngineSpec, MAX_KV_BLOCK_BYTES, WireEngine, WireRequest, WireStatus, WorkerLatencies,
+};
 use crate::backend::{EndReason, TokenLogprob};
 
 /// The shortest step the mock profile accepts (its times must be positive): 1 ns.
@@ -166,6 +168,10 @@ struct Running {
     id: RequestId,
     request_id: String,
     export: Option<Export>,
+    /// When it was submitted, in engine time.
+    arrival: Duration,
+    /// When its last token came out, in engine time.
+    last_token: Option<Duration>,
 }
 
 /// The worker's engine and its request bookkeeping.
@@ -188,6 +194,7 @@ pub struct WorkerEngine {
     kv_blocks_exported: u64,
     kv_blocks_imported: u64,
     kv_import_fallbacks: u64,
+    latencies: WorkerLatencies,
 }
 
 impl std::fmt::Debug for WorkerEngine {
@@ -275,6 +282,7 @@ impl WorkerEngine {
             kv_blocks_exported: 0,
             kv_blocks_imported: 0,
             kv_import_fallbacks: 0,
+            latencies: WorkerLatencies::default(),
         })
     }
 
@@ -434,6 +442,8 @@ impl WorkerEngine {
                 id,
                 request_id: request.request_id,
                 export,
+                arrival: now,
+                last_token: None,
             },
         );
         self.by_id.insert(id, request.seq);
@@ -514,6 +524,20 @@ impl WorkerEngine {
             };
             match output {
                 EngineOutput::Token(token) => {
+                    if let Some(running) = self.by_seq.get_mut(&seq) {
+                        let since = running.last_token.unwrap_or(running.arrival);
+                        let gap = token.time.saturating_sub(since).as_secs_f64();
+                        match running.last_token {
+                            None => self.latencies.ttft.observe_seconds(gap),
+                            Some(_) => self.latencies.itl.observe_seconds(gap),
+                        }
+                        running.last_token = Some(token.time);
+                    }
+                    if let Some(finish) = &token.finish {
+                        let stats = finish.stats;
+                        let queued = stats.admitted.saturating_sub(stats.arrival);
+                        self.latencies.queue.observe_seconds(queued.as_secs_f64());
+                    }
                     let entry = tokens.entry(seq).or_default();
                     entry.0.push(token.token);
                     if let Some(logprob) = token.logprob {
@@ -561,6 +585,10 @@ impl WorkerEngine {
         for end in &ends {
             if let Some(running) = self.by_seq.remove(&end.seq()) {
                 self.by_id.remove(&running.id);
+                if let Output::Failed { message, .. } = end {
+                    tracing::warn!(request_id = %running.request_id, %message,
+                        "the engine aborted a request");
+                }
             }
         }
         out.extend(ends);
@@ -586,6 +614,7 @@ impl WorkerEngine {
             kv_blocks_exported: self.kv_blocks_exported,
             kv_blocks_imported: self.kv_blocks_imported,
             kv_import_fallbacks: self.kv_import_fallbacks,
+            latencies: self.latencies.clone(),
         }
     }
 

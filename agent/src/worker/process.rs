@@ -129,7 +129,6 @@ async fn serve(
                             encode_blocks(seq, first_block, &hashes, &data, engine.block_bytes(), &mut out)?;
                         }
                         Output::Failed { seq, message } => {
-                            tracing::warn!(seq, %message, "the engine aborted a request");
                             encode_json(FrameKind::Error, &WireError { seq, message }, &mut out)?;
                         }
                     }

@@ -34,6 +34,7 @@ use std::path::PathBuf;
 use kvfleet_model::KvBudget;
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameCodec, FrameKind, FrameReader};
+use kvfleet_proto::histogram::LatencyHistogram;
 use kvfleet_proto::{BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -307,8 +308,21 @@ pub struct WireCancel {
     pub seq: u64,
 }
 
+/// What a worker measured of its requests since its process started, in engine time: time to
+/// first token and between tokens from the scheduler's clock, queue time from arrival to the
+/// first admission into a batch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerLatencies {
+    /// Arrival to first token.
+    pub ttft: LatencyHistogram,
+    /// Between consecutive tokens of a request.
+    pub itl: LatencyHistogram,
+    /// Arrival to the first admission into a batch (observed when the request finishes).
+    pub queue: LatencyHistogram,
+}
+
 /// Worker → agent: load and KV use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WireStatus {
     /// Requests generating.
     pub running: u32,
@@ -337,6 +351,9 @@ pub struct WireStatus {
     /// missing blocks, or the engine refused the import): the rest was recomputed.
     #[serde(default)]
     pub kv_import_fallbacks: u64,
+    /// Its requests' latencies, cumulative.
+    #[serde(default)]
+    pub latencies: WorkerLatencies,
 }
 
 /// Agent → worker instructions.

@@ -33,6 +33,7 @@ use std::time::Duration;
 use anyhow::Context;
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameKind};
+use kvfleet_proto::histogram::LatencyHistogram;
 use kvfleet_proto::{KvEvent, KvLayout, WorkerId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
@@ -43,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
     Control, EngineSpec, FrameStream, KvBlockHeader, MAX_KV_BLOCK_BYTES, WireCancel, WireError,
-    WireFinish, WireKvEvents, WireRequest, WireStatus, WireTokens, WorkerHello, WorkerSpec, codec,
-    write_json,
+    WireFinish, WireKvEvents, WireRequest, WireStatus, WireTokens, WorkerHello, WorkerLatencies,
+    WorkerSpec, codec, write_json,
 };
 use crate::backend::{
     Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState,
@@ -144,6 +145,25 @@ struct SlotState {
     reports: u64,
 }
 
+impl SlotState {
+    fn new(state: WorkerState) -> Self {
+        Self {
+            state,
+            pid: None,
+            conn: None,
+            status: WireStatus::default(),
+            starts: 0,
+            kv_layout: None,
+            reports: 0,
+        }
+    }
+
+    /// What a slot whose lock is poisoned shows.
+    fn failed() -> Self {
+        Self::new(WorkerState::Failed)
+    }
+}
+
 /// One configured worker and its supervision state.
 #[derive(Debug)]
 struct Slot {
@@ -182,19 +202,14 @@ impl Slot {
     fn status(&self) -> WorkerStatus {
         let s = self.state.lock();
         let draining = self.draining.load(Ordering::Acquire);
-        let (state, pid, status, starts, outstanding) = match &s {
-            Ok(s) => (
-                match s.state {
-                    WorkerState::Ready | WorkerState::Starting if draining => WorkerState::Draining,
-                    other => other,
-                },
-                s.pid,
-                s.status,
-                s.starts,
-                s.conn.as_ref().map_or(0, |c| c.outstanding()),
-            ),
-            Err(_) => (WorkerState::Failed, None, WireStatus::default(), 0, 0),
+        let failed = SlotState::failed();
+        let s = s.as_deref().unwrap_or(&failed);
+        let state = match s.state {
+            WorkerState::Ready | WorkerState::Starting if draining => WorkerState::Draining,
+            other => other,
         };
+        let (pid, status, starts) = (s.pid, &s.status, s.starts);
+        let outstanding = s.conn.as_ref().map_or(0, |c| c.outstanding());
         WorkerStatus {
             id: self.id,
             model: self.model.name.clone(),
@@ -338,15 +353,7 @@ impl WorkerPool {
                 id,
                 config,
                 model,
-                state: Mutex::new(SlotState {
-                    state: WorkerState::Starting,
-                    pid: None,
-                    conn: None,
-                    status: WireStatus::default(),
-                    starts: 0,
-                    kv_layout: None,
-                    reports: 0,
-                }),
+                state: Mutex::new(SlotState::new(WorkerState::Starting)),
                 stop: self.shutdown.child_token(),
                 draining: AtomicBool::new(false),
                 tag: self.next_tag.fetch_add(1, Ordering::Relaxed),
@@ -462,7 +469,8 @@ impl WorkerPool {
     /// A worker's KV transfer counters, as of its last status report; `None` if unknown.
     pub fn kv_transfers(&self, id: WorkerId) -> Option<KvTransferCounters> {
         let slot = self.slot(id)?;
-        let status = slot.state.lock().ok()?.status;
+        let state = slot.state.lock().ok()?;
+        let status = &state.status;
         Some(KvTransferCounters {
             blocks_exported: status.kv_blocks_exported,
             blocks_imported: status.kv_blocks_imported,
@@ -654,8 +662,53 @@ impl WorkerPool {
                     workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
                 )?;
             }
+            let latencies = pool.upgrade().map(|p| p.latencies()).unwrap_or_default();
+            type Pick = fn(&WorkerLatencies) -> &LatencyHistogram;
+            let histograms: [(&str, &str, Pick); 3] = [
+                (
+                    "kvfleet_worker_ttft_seconds",
+                    "Time to first token in the worker's engine (arrival to first token), since \
+                     its process started",
+                    |l| &l.ttft,
+                ),
+                (
+                    "kvfleet_worker_itl_seconds",
+                    "Time between consecutive tokens in the worker's engine, since its process \
+                     started",
+                    |l| &l.itl,
+                ),
+                (
+                    "kvfleet_worker_queue_seconds",
+                    "Time from arrival to the first admission into the worker's batch, since its \
+                     process started",
+                    |l| &l.queue,
+                ),
+            ];
+            for (name, help, pick) in histograms {
+                s.histograms(
+                    name,
+                    help,
+                    latencies.iter().map(|(l, h)| (l.as_slice(), pick(h))),
+                )?;
+            }
             Ok(())
         }));
+    }
+
+    /// Every worker's latency histograms as last reported, labelled `{worker, model, role}`.
+    fn latencies(&self) -> Vec<([(&'static str, String); 3], WorkerLatencies)> {
+        self.slots_snapshot()
+            .iter()
+            .filter_map(|slot| {
+                let state = slot.state.lock().ok()?;
+                let labels = [
+                    ("worker", slot.id.to_string()),
+                    ("model", slot.model.name.clone()),
+                    ("role", slot.config.role.as_str().to_owned()),
+                ];
+                Some((labels, state.status.latencies.clone()))
+            })
+            .collect()
     }
 }
 

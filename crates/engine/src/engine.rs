@@ -53,6 +53,9 @@ pub enum FinishReason {
 pub struct RequestStats {
     /// When `submit` was called.
     pub arrival: Duration,
+    /// When the scheduler first admitted it into a batch (its queue time is
+    /// `admitted - arrival`).
+    pub admitted: Duration,
     /// When the first token was produced (TTFT = `first_token - arrival`).
     pub first_token: Duration,
     /// When the last token was produced.

@@ -46,6 +46,8 @@ struct Sequence {
     arrival: Duration,
     first_token: Option<Duration>,
     admitted_once: bool,
+    /// When it was first admitted (its arrival until then).
+    admitted: Duration,
     cached_tokens: u32,
     preemptions: u32,
 }
@@ -408,6 +410,7 @@ impl<E: Executor> Scheduler<E> {
             seq.num_registered = computed / bs.tokens();
             if !seq.admitted_once {
                 seq.admitted_once = true;
+                seq.admitted = self.now;
                 seq.cached_tokens = computed as u32;
                 self.counters.prefix_query_tokens += seq.prompt_len as u64;
                 self.counters.prefix_hit_tokens += computed.min(seq.prompt_len) as u64;
@@ -561,6 +564,7 @@ impl<E: Executor> Scheduler<E> {
                 reason,
                 stats: RequestStats {
                     arrival: seq.arrival,
+                    admitted: seq.admitted,
                     first_token: first,
                     finished: end,
                     prompt_tokens: seq.prompt_len as u32,
@@ -655,6 +659,7 @@ impl<E: Executor> Engine for Scheduler<E> {
                 arrival: now,
                 first_token: None,
                 admitted_once: false,
+                admitted: now,
                 cached_tokens: 0,
                 preemptions: 0,
             },

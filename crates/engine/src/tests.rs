@@ -470,6 +470,7 @@ fn one_request_streams_its_tokens_with_times_and_stats() {
         finish.stats,
         RequestStats {
             arrival: Duration::from_millis(100),
+            admitted: Duration::from_millis(100),
             first_token: Duration::from_millis(110),
             finished: Duration::from_millis(150),
             prompt_tokens: 10,
