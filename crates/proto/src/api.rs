@@ -147,6 +147,16 @@ text_enum!(
 );
 
 text_enum!(
+    /// What the SLA planner does for a deployment: nothing (`off`: it stays at its minimum
+    /// worker counts), record what it would do (`advise`), or act on it (`auto`).
+    PlannerMode {
+        Off => "off",
+        Advise => "advise",
+        Auto => "auto",
+    }
+);
+
+text_enum!(
     WorkerRole {
         Aggregated => "aggregated",
         Prefill => "prefill",
