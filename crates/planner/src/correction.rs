@@ -10,7 +10,8 @@
 //!   corrected mean service time (how much longer the slow prompts are than the mean one);
 //! - `decode_speed` is the observed ITL percentile over the model's at the observed load.
 //!
-//! Each raw factor is clamped to [`CorrectionConfig::min`]..=[`CorrectionConfig::max`] (the
+//! Intervals that end with more than two requests per worker waiting teach nothing: the
+//! fleet was not in a steady state. Each raw factor is clamped to [`CorrectionConfig::min`]..=[`CorrectionConfig::max`] (the
 //! spread to `1..=max_spread`) and blended into the previous one with weight
 //! [`CorrectionConfig::weight`], so one odd interval moves the planner a little and a lasting
 //! difference moves it all the way within a few intervals.
@@ -93,6 +94,12 @@ pub fn fit(model: &Model<'_>, obs: &Observation, config: &CorrectionConfig) -> R
         hit_rate: hit,
     };
     let (ttft_role, itl_role) = serving_roles(obs);
+    // An interval that ended with a queue is not in a steady state (a backlog is building or
+    // draining): its latencies say more about the backlog than about the workers' speed.
+    let serving = obs.workers.total().max(1);
+    if obs.queue_depth > 2 * u64::from(serving) {
+        return raw;
+    }
     let mut prefill_speed = model.corrections.prefill_speed;
     if let Some(role) = ttft_role
         && obs.ttft.count() >= config.min_samples

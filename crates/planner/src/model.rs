@@ -120,6 +120,8 @@ pub enum Binding {
     Itl,
     /// Neither target is set; enough workers not to saturate.
     Throughput,
+    /// A target no number of workers can meet: sized to within 10% of the best possible.
+    Unreachable,
 }
 
 impl Binding {
@@ -130,9 +132,13 @@ impl Binding {
             Binding::Ttft => "the TTFT target",
             Binding::Itl => "the ITL target",
             Binding::Throughput => "throughput",
+            Binding::Unreachable => "an unreachable target (within 10% of the best possible)",
         }
     }
 }
+
+/// A target below the best achievable latency is sized as this multiple of that latency.
+const UNREACHABLE_SLACK: f64 = 1.1;
 
 /// The most workers of one role the model ever proposes (a guard, far above any fleet).
 pub const MAX_MODEL_WORKERS: u32 = 100_000;
@@ -339,6 +345,18 @@ impl Model<'_> {
         }
     }
 
+    /// The best TTFT and ITL percentiles any number of `role` workers can reach under `load`,
+    /// ms: an idle worker's service (times the spread) and a lone stream's ITL.
+    pub fn floors(&self, role: WorkerRole, load: &Load) -> (f64, f64) {
+        let itl = self.idle_itl_ms(load);
+        let ttft = if role == WorkerRole::Decode {
+            0.0
+        } else {
+            self.corrections.ttft_spread.max(1.0) * self.service_s(role, load, itl) * 1000.0
+        };
+        (ttft, itl)
+    }
+
     /// Whether `estimate` meets the targets that apply to `role`.
     pub fn meets(&self, role: WorkerRole, estimate: &Estimate) -> bool {
         let ttft_ok = role == WorkerRole::Decode
@@ -399,6 +417,27 @@ pub fn workers_needed(model: &Model<'_>, role: WorkerRole, load: &Load) -> Need 
             below: None,
         };
     }
+    // A target no number of workers can meet (even idle workers are slower) is relaxed to
+    // 10% above the best the model can do, so the fleet still grows to where more workers
+    // stop helping instead of to the maximum.
+    let (ttft_floor, itl_floor) = model.floors(role, load);
+    let mut relaxed = false;
+    let mut targets = model.targets;
+    if let Some(t) = targets.ttft_ms
+        && role != WorkerRole::Decode
+        && t < ttft_floor * UNREACHABLE_SLACK
+    {
+        targets.ttft_ms = Some(ttft_floor * UNREACHABLE_SLACK);
+        relaxed = true;
+    }
+    if let Some(t) = targets.itl_ms
+        && role != WorkerRole::Prefill
+        && t < itl_floor * UNREACHABLE_SLACK
+    {
+        targets.itl_ms = Some(itl_floor * UNREACHABLE_SLACK);
+        relaxed = true;
+    }
+    let model = &Model { targets, ..*model };
     // Exponential search for a count that meets, then bisection (meeting is monotone in n).
     let mut hi = 1u32;
     while !model.meets(role, &model.estimate(role, load, hi)) {
@@ -417,10 +456,14 @@ pub fn workers_needed(model: &Model<'_>, role: WorkerRole, load: &Load) -> Need 
         }
     }
     let below = (hi > 1).then(|| model.estimate(role, load, hi - 1));
-    let binding = below.map_or_else(
-        || model.failing(role, &model.estimate(role, load, 0)),
-        |b| model.failing(role, &b),
-    );
+    let binding = if relaxed {
+        Binding::Unreachable
+    } else {
+        below.map_or_else(
+            || model.failing(role, &model.estimate(role, load, 0)),
+            |b| model.failing(role, &b),
+        )
+    };
     Need {
         workers: hi,
         binding,

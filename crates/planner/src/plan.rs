@@ -6,8 +6,9 @@
 //!    and blend them into the ones the previous decision carried.
 //! 2. **Predict** request rate, prompt length and output length `lookahead` intervals ahead
 //!    with the configured predictor, refitted over the history ([`crate::predict`]); the prefix
-//!    hit rate is smoothed. Prompt tokens queued beyond what the model expects at that load
-//!    (a backlog) are added as extra rate to clear within one interval.
+//!    hit rate is smoothed. (A backlog is not added as extra rate: requests already queued on
+//!    a worker stay there, so workers started for them arrive after they are served — the
+//!    simulator's spike runs measured no gain and a third more GPU-hours.)
 //! 3. **Size** each role from the profile ([`crate::model`]): the fewest workers that meet the
 //!    targets, and the fewest at `(1 + scale_down_margin)` × the load (for the hysteresis).
 //! 4. **Stabilise** each role: scale up at once; scale down only when even the margin load
@@ -37,7 +38,14 @@ use crate::dynamo;
 use crate::model::{Binding, Corrections, Estimate, Load, Model, Targets, workers_needed};
 use crate::observe::{Observation, PerRole, RoleCounts};
 use crate::policy::{Algorithm, DeploymentPolicy, FleetPolicy, PlannerConfig, Sla};
-use crate::predict::{PredictorKind, forecast_ahead};
+use crate::predict::{PredictorKind, forecast_ahead, recent_noise};
+
+/// Intervals whose rate noise sizes the scale-down margin.
+const NOISE_WINDOW: usize = 60;
+/// The scale-down margin is at least this multiple of the measured noise (σ).
+const NOISE_MARGIN: f64 = 2.0;
+/// The largest scale-down margin the noise can ask for.
+const MAX_MARGIN: f64 = 0.5;
 use crate::secs;
 
 /// What the planner knows of one deployment at a round.
@@ -77,8 +85,8 @@ pub struct RoleMemory {
     /// When this role last scaled up.
     #[serde(default, with = "secs::option")]
     pub last_scale_up: Option<Duration>,
-    /// The rounds of the last cooldown, oldest first: `(when, workers the load needed with
-    /// the scale-down margin)`.
+    /// The rounds of the last cooldown, oldest first: when, and the workers the load needed
+    /// with the scale-down margin.
     #[serde(default)]
     pub recent: Vec<RecentNeed>,
 }
@@ -149,10 +157,11 @@ pub struct DeploymentDecision {
 /// [`PlannerConfig::scale_down_margin`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stability {
-    /// How long a lower need must last, and a scale-up age, before a scale-down.
+    /// How long a lower need must last before a scale-down (the whole of it for a small step).
     #[serde(with = "secs")]
     pub cooldown: Duration,
-    /// The headroom a scale-down keeps.
+    /// The headroom a scale-down keeps this round: the configured minimum or twice the load's
+    /// measured noise, whichever is larger.
     pub scale_down_margin: f64,
 }
 
@@ -218,16 +227,17 @@ pub struct Prediction {
     pub predictor: PredictorKind,
     /// Intervals ahead.
     pub lookahead: u32,
-    /// Predicted requests per second (backlog included).
+    /// Predicted requests per second.
     pub rate: f64,
-    /// The part of `rate` that clears a backlog.
-    pub backlog_rate: f64,
     /// Predicted mean prompt tokens.
     pub isl: f64,
     /// Predicted mean output tokens.
     pub osl: f64,
     /// Smoothed prefix hit rate.
     pub hit_rate: f64,
+    /// The recent rate's noise around the predictions (relative, robust σ): the scale-down
+    /// margin is at least twice this.
+    pub noise: f64,
 }
 
 /// The correction factors of a round.
@@ -258,6 +268,9 @@ pub struct RoleNeed {
     pub below: Option<Estimate>,
     /// After stabilising, before bounds and budget.
     pub stabilised: u32,
+    /// When this round scaled down: how long the load had needed at most `stabilised`.
+    #[serde(default, with = "secs::option")]
+    pub quiet_for: Option<Duration>,
 }
 
 /// Something that held a target away from the need.
@@ -396,10 +409,10 @@ fn plan_deployment(
             predictor: config.predictor,
             lookahead: config.lookahead.max(1),
             rate: 0.0,
-            backlog_rate: 0.0,
             isl: 0.0,
             osl: 0.0,
             hit_rate: 0.0,
+            noise: 0.0,
         },
         corrections: CorrectionReport {
             before: previous.corrections,
@@ -461,18 +474,15 @@ fn plan_deployment(
         targets,
     };
     // 2. Prediction.
-    let load = predict(history, config, &model, policy, &mut decision.prediction);
+    let load = predict(history, config, &mut decision.prediction);
     let p = &decision.prediction;
     let mut line = format!(
         "load: {} req/s predicted {} interval(s) ahead by {} (observed {} req/s)",
-        num(p.rate - p.backlog_rate),
+        num(p.rate),
         p.lookahead,
         p.predictor,
         num(decision.inputs.rate),
     );
-    if p.backlog_rate > 0.0 {
-        let _ = write!(line, " + {} req/s to clear a backlog", num(p.backlog_rate));
-    }
     let _ = write!(
         line,
         "; prompts {} tokens ({:.0}% cached), outputs {} tokens",
@@ -496,11 +506,13 @@ fn plan_deployment(
     // 3. Sizing per role, 4. stability.
     // The scale-down test sizes for the larger of the prediction and what the last interval
     // saw (the predictors smooth noise away; a scale-down must survive it), plus the margin.
+    let margin = config
+        .scale_down_margin
+        .max(NOISE_MARGIN * decision.prediction.noise)
+        .clamp(0.0, MAX_MARGIN);
+    decision.stability.scale_down_margin = margin;
     let margin_load = Load {
-        rate: load
-            .rate
-            .max(decision.inputs.rate + decision.prediction.backlog_rate)
-            * (1.0 + config.scale_down_margin.max(0.0)),
+        rate: load.rate.max(decision.inputs.rate) * (1.0 + margin),
         ..load
     };
     let mut stabilised = RoleCounts::default();
@@ -535,16 +547,20 @@ fn plan_deployment(
         let target = match config.algorithm {
             Algorithm::Kvfleet => stabilise(
                 role,
-                bounds.clamp(need.workers),
-                bounds.clamp(with_margin),
+                (
+                    bounds.clamp(need.workers),
+                    bounds.clamp(with_margin),
+                    margin,
+                ),
                 current,
                 memory_roles.get_mut(role),
                 config,
                 now,
                 &mut decision.limits,
             ),
-            Algorithm::Dynamo => need.workers,
+            Algorithm::Dynamo => (need.workers, None),
         };
+        let (target, quiet) = target;
         *stabilised.get_mut(role) = target;
         decision.needs.push(RoleNeed {
             role,
@@ -554,6 +570,7 @@ fn plan_deployment(
             estimate: need.at,
             below: need.below,
             stabilised: target,
+            quiet_for: quiet,
         });
     }
     // 5. Bounds.
@@ -599,25 +616,15 @@ fn inputs(history: &[Observation], quantile: f64, policy: &DeploymentPolicy) -> 
 }
 
 /// Predicts the load `lookahead` intervals ahead and fills `out`.
-fn predict(
-    history: &[Observation],
-    config: &PlannerConfig,
-    model: &Model<'_>,
-    policy: &DeploymentPolicy,
-    out: &mut Prediction,
-) -> Load {
+fn predict(history: &[Observation], config: &PlannerConfig, out: &mut Prediction) -> Load {
     let season = config.season_intervals();
     let ahead = config.lookahead.max(1) as usize;
     let series = |f: &dyn Fn(&Observation) -> Option<f64>| -> Vec<f64> {
         history.iter().filter_map(f).collect()
     };
-    let rate = forecast_ahead(
-        config.predictor,
-        season,
-        &series(&|o| Some(o.request_rate())),
-        ahead,
-    )
-    .unwrap_or(0.0);
+    let rates = series(&|o| Some(o.request_rate()));
+    let rate = forecast_ahead(config.predictor, season, &rates, ahead).unwrap_or(0.0);
+    let noise = recent_noise(config.predictor, season, &rates, NOISE_WINDOW);
     // Means of empty intervals are skipped; without any, a neutral guess that the profile
     // can size (the rate is then 0 anyway).
     let isl = forecast_ahead(
@@ -644,62 +651,42 @@ fn predict(
     )
     .unwrap_or(0.0)
     .clamp(0.0, 0.99);
-    let mut load = Load {
+    let load = Load {
         rate,
         isl,
         osl,
         hit_rate,
     };
-    // A backlog beyond what the model expects to be queued at the observed load is extra
-    // work for the next interval.
-    let mut backlog_rate = 0.0;
-    if config.algorithm == Algorithm::Kvfleet
-        && let Some(last) = history.last()
-        && last.pending_prefill_tokens > 0
-    {
-        let role = policy.roles_in_use()[0];
-        let observed = Load {
-            rate: last.request_rate(),
-            ..load
-        };
-        let n = last.workers.get(role).max(1);
-        let expected_wait = model.ttft_mean_s(role, &observed, n).unwrap_or(0.0);
-        let expected_tokens = observed.rate * expected_wait * load.new_tokens();
-        let excess = last.pending_prefill_tokens as f64 - expected_tokens;
-        if excess > 0.0 {
-            backlog_rate = excess / load.new_tokens() / config.interval.as_secs_f64().max(1.0);
-        }
-    }
-    load.rate += backlog_rate;
     *out = Prediction {
         predictor: config.predictor,
         lookahead: ahead as u32,
         rate: load.rate,
-        backlog_rate,
         isl,
         osl,
         hit_rate,
+        noise,
     };
     load
 }
 
 /// Step 4 for one role; returns the stabilised count and notes what held it.
 ///
-/// Scale-up is immediate. A scale-down goes to the most any round of the last cooldown
-/// needed (with the margin), and only once the rounds span the whole cooldown, all of them
-/// needed fewer than are running, and the last scale-up is a cooldown old: a load that keeps
-/// falling is followed round by round, a dip shorter than the cooldown changes nothing.
+/// Scale-up is immediate. A scale-down needs a quiet period: the newest rounds, all needing
+/// fewer workers (with the margin) than are running, lasting at least `cooldown × (m / n)²`
+/// where `m` is the most any of them needed and `n` the running count — and at least two
+/// rounds — and then goes to `m`. A dip of noise (`m` close to `n`) waits nearly the whole
+/// cooldown; the end of a spike (`m` a fraction of `n`) is followed within a minute; a load
+/// that keeps falling is followed step by step.
 #[allow(clippy::too_many_arguments)]
 fn stabilise(
     role: WorkerRole,
-    need: u32,
-    with_margin: u32,
+    (need, with_margin, margin): (u32, u32, f64),
     current: u32,
     memory: &mut RoleMemory,
     config: &PlannerConfig,
     now: Duration,
     limits: &mut Vec<Limit>,
-) -> u32 {
+) -> (u32, Option<Duration>) {
     let cutoff = now.saturating_sub(config.cooldown);
     memory.recent.retain(|r| r.at >= cutoff && r.at < now);
     memory.recent.push(RecentNeed {
@@ -707,45 +694,41 @@ fn stabilise(
         workers: with_margin.max(need),
     });
     if need >= current {
-        return need;
+        return (need, None);
     }
     if with_margin >= current {
         limits.push(Limit::Hysteresis {
             role,
             needs: need,
-            margin: config.scale_down_margin,
+            margin,
         });
-        return current;
+        return (current, None);
     }
-    let window_max = memory.recent.iter().map(|r| r.workers).max().unwrap_or(0);
-    let oldest = memory.recent.first().map_or(now, |r| r.at);
-    // When each obstacle clears: the last scale-up ages a cooldown; the newest round that
-    // needed the running count leaves the window; the window spans a cooldown (one interval
-    // of slack for timing jitter).
-    let up_clear = memory
-        .last_scale_up
-        .map_or(Duration::ZERO, |t| t + config.cooldown);
-    let high_clear = memory
-        .recent
-        .iter()
-        .filter(|r| r.workers >= current)
-        .map(|r| r.at + config.cooldown)
-        .max()
-        .unwrap_or(Duration::ZERO);
-    let span_clear = oldest + config.cooldown.saturating_sub(config.interval);
-    let ready_at = up_clear.max(high_clear).max(span_clear);
-    if now >= ready_at && window_max < current {
-        window_max
-    } else {
-        limits.push(Limit::Cooldown {
-            role,
-            needs: with_margin,
-            remaining: ready_at
-                .saturating_sub(now)
-                .max(config.interval.min(config.cooldown)),
-        });
-        current
+    let quiet_for = |m: u32| -> Duration {
+        let ratio = f64::from(m) / f64::from(current.max(1));
+        config.cooldown.mul_f64((ratio * ratio).clamp(0.0, 1.0))
+    };
+    let mut most = 0u32;
+    let mut longest_wait = Duration::ZERO;
+    for (k, r) in memory.recent.iter().rev().enumerate() {
+        if r.workers >= current {
+            break;
+        }
+        most = most.max(r.workers);
+        // The rounds from `r` on cover their intervals.
+        let covered = now.saturating_sub(r.at) + config.interval;
+        let wanted = quiet_for(most);
+        if k >= 1 && covered >= wanted {
+            return (most, Some(covered));
+        }
+        longest_wait = wanted.saturating_sub(covered);
     }
+    limits.push(Limit::Cooldown {
+        role,
+        needs: with_margin,
+        remaining: longest_wait.max(config.interval.min(config.cooldown)),
+    });
+    (current, None)
 }
 
 /// Applies role and deployment bounds to `wanted`.

@@ -234,12 +234,13 @@ pub struct PlannerConfig {
     /// How far ahead to size the fleet, in intervals (a worker started now serves only after
     /// its start-up time: size for when it will be ready). At least 1.
     pub lookahead: u32,
-    /// A scale-down waits until this long has passed since the last scale-up and since the
-    /// load first needed fewer workers.
+    /// How long the load must have needed fewer workers before a scale-down: the whole of it
+    /// for a small step down, a fraction for a large one (see `plan::stabilise`).
     #[serde(with = "secs")]
     pub cooldown: Duration,
     /// Hysteresis: a scale-down is only considered while even `(1 + margin)` × the load (the
-    /// larger of predicted and last observed) needs fewer workers than are running.
+    /// larger of predicted and last observed) needs fewer workers than are running. This is
+    /// the least margin; the planner uses twice the load's measured noise when that is more.
     pub scale_down_margin: f64,
     /// The correction factors' bounds and smoothing.
     pub correction: CorrectionConfig,
@@ -250,11 +251,12 @@ impl Default for PlannerConfig {
         Self {
             algorithm: Algorithm::Kvfleet,
             interval: Duration::from_secs(30),
-            predictor: PredictorKind::Holt,
+            // The lowest one-step error on the shaped Mooncake traces (docs/benchmarks.md).
+            predictor: PredictorKind::Ewma,
             season: Duration::from_secs(86_400),
             lookahead: 2,
             cooldown: Duration::from_secs(300),
-            scale_down_margin: 0.2,
+            scale_down_margin: 0.05,
             correction: CorrectionConfig::default(),
         }
     }

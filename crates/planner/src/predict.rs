@@ -129,6 +129,43 @@ pub fn forecast_ahead(
         .reduce(f64::max)
 }
 
+/// The noise of the newest `last` points of `history` around `kind`'s one-step predictions,
+/// relative to their level: the median absolute residual × 1.4826 (σ for normal noise) over
+/// the median value. Robust: a spike of a few intervals does not read as noise. 0 with fewer
+/// than five scored points.
+pub fn recent_noise(kind: PredictorKind, season: usize, history: &[f64], last: usize) -> f64 {
+    let mut predictor = kind.build(season);
+    let start = history.len().saturating_sub(last);
+    let mut residuals = Vec::new();
+    let mut values = Vec::new();
+    for (i, &v) in history.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+        if i >= start
+            && let Some(p) = predictor.predict()
+        {
+            residuals.push((v - p).abs());
+            values.push(v);
+        }
+        predictor.observe(v.max(0.0));
+    }
+    if residuals.len() < 5 {
+        return 0.0;
+    }
+    let median = |xs: &mut Vec<f64>| {
+        xs.sort_unstable_by(f64::total_cmp);
+        let n = xs.len();
+        if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            0.5 * (xs[n / 2 - 1] + xs[n / 2])
+        }
+    };
+    let level = median(&mut values);
+    if level <= 0.0 {
+        return 0.0;
+    }
+    1.4826 * median(&mut residuals) / level
+}
+
 /// One-step-ahead prediction errors of a method on a series.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PredictionError {
@@ -294,6 +331,10 @@ impl LoadPredictor for Holt {
     }
 }
 
+fn indices_last(indices: &[f64]) -> &f64 {
+    indices.last().unwrap_or(&0.0)
+}
+
 /// `φ + φ² + … + φ^steps` (at least one step).
 fn damped_sum(phi: f64, steps: usize) -> f64 {
     let mut term = 1.0;
@@ -305,9 +346,13 @@ fn damped_sum(phi: f64, steps: usize) -> f64 {
     sum
 }
 
-/// Additive Holt–Winters with a damped trend and a season of `season` intervals. The first
-/// season is observed by a [`Holt`] (which predicts meanwhile); at its end the seasonal
-/// indices are that season's values minus their mean, the level is the mean and the trend 0.
+/// Additive Holt–Winters with a damped trend and a season of `season` intervals, its seasonal
+/// indices kept per *slot* of several intervals ([`Seasonal::SLOTS`] slots per season, e.g.
+/// 10 minutes of a day), so that a noisy 30-second interval does not become next day's
+/// shape. During the first season a [`Holt`] predicts (and learns the level); at its end each
+/// slot's index is its mean minus the season's mean. Afterwards every value updates the level
+/// and trend with the index of its slot removed, and moves its slot's index a little
+/// (`gamma / slot length`).
 #[derive(Debug, Clone)]
 pub struct Seasonal {
     season: usize,
@@ -317,23 +362,35 @@ pub struct Seasonal {
     phi: f64,
     warmup: Holt,
     first: Vec<f64>,
-    /// (level, trend, seasonal indices, position of the next value in the season)
+    /// (level, trend, slot indices, position of the next value in the season)
     state: Option<(f64, f64, Vec<f64>, usize)>,
 }
 
 impl Seasonal {
+    /// Slots per season.
+    pub const SLOTS: usize = 144;
+
     /// A seasonal predictor whose season is `season` intervals (≤ 1: plain [`Holt`]).
     pub fn new(season: usize) -> Self {
         Self {
             season,
-            alpha: 0.5,
-            beta: 0.3,
+            alpha: 0.3,
+            beta: 0.05,
             gamma: 0.3,
             phi: 0.9,
             warmup: Holt::default(),
             first: Vec::new(),
             state: None,
         }
+    }
+
+    fn slots(&self) -> usize {
+        Self::SLOTS.min(self.season).max(1)
+    }
+
+    /// The slot of position `p` in the season.
+    fn slot(&self, p: usize) -> usize {
+        (p * self.slots() / self.season.max(1)).min(self.slots() - 1)
     }
 }
 
@@ -343,25 +400,46 @@ impl LoadPredictor for Seasonal {
             self.warmup.observe(value);
             return;
         }
+        let slots = self.slots();
+        let slot_len = (self.season as f64 / slots as f64).max(1.0);
+        let (alpha, beta, gamma, phi) = (self.alpha, self.beta, self.gamma, self.phi);
+        let position = match &self.state {
+            Some((_, _, _, position)) => *position,
+            None => 0,
+        };
+        let slot = self.slot(position);
         match &mut self.state {
             None => {
                 self.warmup.observe(value);
                 self.first.push(value);
                 if self.first.len() == self.season {
                     let mean = self.first.iter().sum::<f64>() / self.season as f64;
-                    let indices = self.first.iter().map(|v| v - mean).collect();
-                    self.state = Some((mean, 0.0, indices, 0));
+                    let mut sums = vec![(0.0f64, 0usize); slots];
+                    for (p, v) in self.first.iter().enumerate() {
+                        let s = (p * slots / self.season).min(slots - 1);
+                        sums[s].0 += v;
+                        sums[s].1 += 1;
+                    }
+                    let indices: Vec<f64> = sums
+                        .iter()
+                        .map(|(sum, n)| if *n > 0 { sum / *n as f64 - mean } else { 0.0 })
+                        .collect();
+                    // The warm-up's level is where the season ended, the last slot's index in
+                    // it: take that out.
+                    let (level, trend) = self.warmup.state.unwrap_or((mean, 0.0));
+                    let last_index: f64 = *indices_last(&indices);
+                    self.state = Some((level - last_index, trend, indices, 0));
                     self.first = Vec::new();
                 }
             }
             Some((level, trend, indices, position)) => {
-                let s = indices[*position];
-                let next =
-                    self.alpha * (value - s) + (1.0 - self.alpha) * (*level + self.phi * *trend);
-                *trend = self.beta * (next - *level) + (1.0 - self.beta) * self.phi * *trend;
-                indices[*position] = self.gamma * (value - next) + (1.0 - self.gamma) * s;
+                let s = indices[slot];
+                let next = alpha * (value - s) + (1.0 - alpha) * (*level + phi * *trend);
+                *trend = beta * (next - *level) + (1.0 - beta) * phi * *trend;
+                let w = gamma / slot_len;
+                indices[slot] = w * (value - next) + (1.0 - w) * s;
                 *level = next;
-                *position = (*position + 1) % indices.len();
+                *position = (*position + 1) % self.season;
             }
         }
     }
@@ -374,7 +452,7 @@ impl LoadPredictor for Seasonal {
         match &self.state {
             None => self.warmup.predict_ahead(steps),
             Some((level, trend, indices, position)) => {
-                let at = (*position + steps.max(1) - 1) % indices.len();
+                let at = self.slot((*position + steps.max(1) - 1) % self.season);
                 Some((level + damped_sum(self.phi, steps) * trend + indices[at]).max(0.0))
             }
         }
@@ -419,23 +497,45 @@ mod tests {
 
     #[test]
     fn seasonal_learns_a_repeating_shape() {
-        let season = 24;
+        // A daily shape with sudden changes (a morning surge, an evening drop) and ±10% noise:
+        // what no trend method can see coming and a season can.
+        let season = 288;
         let shape = |i: usize| {
-            50.0 + 40.0 * ((i % season) as f64 / season as f64 * std::f64::consts::TAU).sin()
+            let p = i % season;
+            let base = if (96..216).contains(&p) { 80.0 } else { 30.0 };
+            let noise = ((i as f64 * 12.9898).sin() * 43_758.545).fract() - 0.5;
+            base * (1.0 + 0.2 * noise)
         };
-        let series: Vec<f64> = (0..season * 4).map(shape).collect();
-        let seasonal = evaluate(PredictorKind::Seasonal, season, &series[..]);
-        let holt = evaluate(PredictorKind::Holt, season, &series[..]);
+        let series: Vec<f64> = (0..season * 5).map(shape).collect();
+        // The error at the first interval of each surge, from the second season on.
+        let surge_error = |kind: PredictorKind| {
+            let mut p = kind.build(season);
+            let mut error = 0.0;
+            for (i, &v) in series.iter().enumerate() {
+                if i >= season && i % season == 96 {
+                    error += (p.predict().unwrap() - v).abs();
+                }
+                p.observe(v);
+            }
+            error
+        };
+        let seasonal = surge_error(PredictorKind::Seasonal);
+        for other in [
+            PredictorKind::Holt,
+            PredictorKind::Ewma,
+            PredictorKind::Last,
+        ] {
+            let e = surge_error(other);
+            assert!(seasonal < e / 3.0, "{other}: {e} vs seasonal {seasonal}");
+        }
+        let mut p = PredictorKind::Seasonal.build(season);
+        for &v in &series[..season * 4 + 96] {
+            p.observe(v);
+        }
+        let before_surge = p.predict_ahead(1).unwrap();
         assert!(
-            seasonal.relative_mae < holt.relative_mae,
-            "{seasonal:?} vs {holt:?}"
-        );
-        // After four seasons the next value is predicted closely.
-        let p = forecast(PredictorKind::Seasonal, season, &series).unwrap();
-        assert!(
-            (p - shape(season * 4)).abs() < 3.0,
-            "{p} vs {}",
-            shape(season * 4)
+            before_surge > 60.0,
+            "the surge is anticipated: {before_surge}"
         );
     }
 
@@ -462,6 +562,24 @@ mod tests {
             assert!(forecast(kind, 5, &falling).unwrap() >= 0.0, "{kind}");
             assert_eq!(forecast(kind, 5, &[f64::NAN, 3.0]), Some(3.0), "{kind}");
         }
+    }
+
+    #[test]
+    fn noise_is_measured_around_the_predictions() {
+        let flat = [10.0; 30];
+        assert_eq!(recent_noise(PredictorKind::Ewma, 0, &flat, 20), 0.0);
+        let noisy: Vec<f64> = (0..40)
+            .map(|i| if i % 2 == 0 { 9.0 } else { 11.0 })
+            .collect();
+        // Every one-step residual of `last` is 2 around a median of 10.
+        let n = recent_noise(PredictorKind::Last, 0, &noisy, 20);
+        assert!((n - 1.4826 * 0.2).abs() < 1e-9, "{n}");
+        assert_eq!(recent_noise(PredictorKind::Last, 0, &noisy[..4], 20), 0.0);
+        // A spike of two intervals in sixty is not noise.
+        let mut spiky = vec![10.0; 60];
+        spiky[30] = 40.0;
+        spiky[31] = 40.0;
+        assert_eq!(recent_noise(PredictorKind::Last, 0, &spiky, 60), 0.0);
     }
 
     #[test]

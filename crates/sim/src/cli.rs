@@ -62,6 +62,9 @@ pub struct SimArgs {
     /// figures do not depend on it; only the wall times do).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub jobs: usize,
+    /// Planner runs and shaped traces.
+    #[command(flatten)]
+    pub planner: crate::planner::cli::PlannerArgs,
 }
 
 fn millis(value: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -122,6 +125,12 @@ pub fn cli_run(args: SimArgs, out: &mut impl std::io::Write) -> anyhow::Result<(
     let mut trace = load_trace(&args.trace)?;
     if let Some(limit) = args.limit {
         trace.truncate(limit);
+    }
+    let trace = args.planner.shape_trace(trace)?;
+    let p = &args.planner;
+    if p.wanted() || p.write_trace.is_some() || p.predictor_errors {
+        let config = config.with_mode(modes[0]);
+        return crate::planner::cli::run(&args, config, trace, out);
     }
     let jobs = args.jobs.clamp(1, modes.len().max(1));
     let mut runs = Vec::with_capacity(modes.len());

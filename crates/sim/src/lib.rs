@@ -9,6 +9,12 @@
 //! - [`report`]: [`SimReport`] (serde JSON) and the Markdown table of a [`Comparison`].
 //! - [`plot`]: the SVG of a comparison, written by hand.
 //! - [`cli`]: [`SimArgs`] and [`cli_main`], the `kvfleet sim` command.
+//! - [`shape`]: time-varying traces — a base trace replayed at a rate that follows a ramp, a
+//!   day or a spike.
+//! - [`planner`]: `kvfleet sim --planner`: the SLA planner (or Dynamo's algorithm, or a static
+//!   fleet) sizing the fleet in virtual time, workers that take time to start and drain before
+//!   they stop, speed errors against the profile, SLA attainment per interval, GPU-hours and a
+//!   timeline SVG.
 //!
 //! Everything runs on one thread with no clock but the one measuring the run's wall time:
 //! the same config and trace give the same report. It uses the engine (`kvfleet-engine`'s
@@ -34,8 +40,10 @@
 //! ```
 
 pub mod cli;
+pub mod planner;
 pub mod plot;
 pub mod report;
+pub mod shape;
 pub mod sim;
 pub mod stats;
 pub mod trace;

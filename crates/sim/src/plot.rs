@@ -24,7 +24,7 @@ fn color(mode: RoutingMode) -> &'static str {
 }
 
 /// Escapes text for an SVG text node or attribute.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -32,15 +32,15 @@ fn escape(text: &str) -> String {
 }
 
 /// A plot area: data coordinates map into the rectangle `(x, y, w, h)` (SVG y grows down).
-struct Panel {
-    x: f64,
-    y: f64,
-    w: f64,
-    h: f64,
+pub(crate) struct Panel {
+    pub(crate) x: f64,
+    pub(crate) y: f64,
+    pub(crate) w: f64,
+    pub(crate) h: f64,
 }
 
 impl Panel {
-    fn frame(&self, out: &mut String, title: &str) {
+    pub(crate) fn frame(&self, out: &mut String, title: &str) {
         let _ = writeln!(
             out,
             r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#888"/>"##,
@@ -56,7 +56,7 @@ impl Panel {
     }
 
     /// A horizontal grid line with its label at data height `frac` (0 bottom, 1 top).
-    fn y_tick(&self, out: &mut String, frac: f64, label: &str) {
+    pub(crate) fn y_tick(&self, out: &mut String, frac: f64, label: &str) {
         let y = self.y + self.h * (1.0 - frac);
         let _ = writeln!(
             out,
@@ -89,7 +89,7 @@ impl Panel {
         }
     }
 
-    fn x_label(&self, out: &mut String, x: f64, text: &str) {
+    pub(crate) fn x_label(&self, out: &mut String, x: f64, text: &str) {
         let _ = writeln!(
             out,
             r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}</text>"#,
@@ -101,13 +101,13 @@ impl Panel {
 }
 
 /// A log scale over `[lo, hi]` ms with decade ticks (1-2-5 within each decade).
-struct LogScale {
-    lo: f64,
-    hi: f64,
+pub(crate) struct LogScale {
+    pub(crate) lo: f64,
+    pub(crate) hi: f64,
 }
 
 impl LogScale {
-    fn covering(values: impl Iterator<Item = f64>) -> Self {
+    pub(crate) fn covering(values: impl Iterator<Item = f64>) -> Self {
         let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
         for v in values.filter(|v| *v > 0.0 && v.is_finite()) {
             lo = lo.min(v);
@@ -121,14 +121,14 @@ impl LogScale {
         Self { lo, hi }
     }
 
-    fn frac(&self, v: f64) -> f64 {
+    pub(crate) fn frac(&self, v: f64) -> f64 {
         if v <= self.lo {
             return 0.0;
         }
         (v / self.lo).log10() / (self.hi / self.lo).log10()
     }
 
-    fn ticks(&self) -> Vec<f64> {
+    pub(crate) fn ticks(&self) -> Vec<f64> {
         let mut ticks = Vec::new();
         let mut decade = self.lo;
         let dense = (self.hi / self.lo).log10() <= 3.0;
@@ -345,7 +345,7 @@ pub fn render_svg(comparison: &Comparison) -> String {
 }
 
 /// An axis label for a round number of ms: "20 ms", "5 s".
-fn tick_label(v: f64) -> String {
+pub(crate) fn tick_label(v: f64) -> String {
     if v >= 1000.0 {
         format!("{} s", v / 1000.0)
     } else if v >= 1.0 {
@@ -356,7 +356,7 @@ fn tick_label(v: f64) -> String {
 }
 
 /// The smallest 1, 2 or 5 × 10^k at or above `v`.
-fn nice_ceiling(v: f64) -> f64 {
+pub(crate) fn nice_ceiling(v: f64) -> f64 {
     let decade = 10f64.powf(v.log10().floor());
     [1.0, 2.0, 5.0, 10.0]
         .into_iter()

@@ -28,6 +28,7 @@ use kvfleet_kv_router::{
 use kvfleet_proto::hash::sequence_hashes;
 use kvfleet_proto::{KvEvent, SamplingParams, WorkerId};
 
+use crate::planner::IntervalStats;
 use crate::report::{Rejection, SimReport, WorkerReport};
 use crate::stats::{LogHistogram, percentiles, quantile};
 use crate::trace::{TraceRequest, synthesize_prompt};
@@ -131,23 +132,68 @@ enum ToRouter {
 
 /// A request between routing and its last token.
 #[derive(Debug, Clone, Copy)]
-struct Live {
-    trace_index: usize,
+pub(crate) struct Live {
+    pub(crate) trace_index: usize,
     /// The router's estimate of the prompt tokens the worker must compute (for load reports).
     prefill_estimate: u64,
     last_token: Option<Duration>,
 }
 
+/// Where a worker is in its life. Without a planner every worker serves from the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Allocated, loading; serves from `ready_at`.
+    Starting {
+        /// When it starts serving.
+        ready_at: Duration,
+    },
+    /// Takes new requests.
+    Serving,
+    /// Finishes what it has, takes nothing new.
+    Draining,
+    /// Gone (its GPU is free).
+    Stopped,
+}
+
 #[derive(Debug)]
-struct Worker {
-    id: WorkerId,
-    engine: MockEngine,
+pub(crate) struct Worker {
+    pub(crate) id: WorkerId,
+    pub(crate) engine: MockEngine,
+    pub(crate) phase: Phase,
+    /// When its GPU was allocated and, once stopped, released.
+    pub(crate) allocated: (Duration, Option<Duration>),
     /// The time of this worker's live entry in the engine heap.
     scheduled: Option<Duration>,
-    live: HashMap<EngineRequestId, Live>,
+    pub(crate) live: HashMap<EngineRequestId, Live>,
     /// Sum of `prefill_estimate` over live requests without a first token.
-    pending_prefill: u64,
+    pub(crate) pending_prefill: u64,
     report: WorkerReport,
+}
+
+impl Worker {
+    /// A worker allocated at `now` in `phase`.
+    pub(crate) fn new(id: WorkerId, engine: MockEngine, phase: Phase, now: Duration) -> Self {
+        Worker {
+            id,
+            engine,
+            phase,
+            allocated: (now, None),
+            scheduled: None,
+            live: HashMap::new(),
+            pending_prefill: 0,
+            report: WorkerReport {
+                worker: id.0,
+                requests: 0,
+                prompt_tokens: 0,
+                cached_tokens: 0,
+                computed_prompt_tokens: 0,
+                output_tokens: 0,
+                prefix_hit_rate: 0.0,
+                steps: 0,
+                preemptions: 0,
+            },
+        }
+    }
 }
 
 /// Per-run accumulators.
@@ -167,29 +213,39 @@ struct Totals {
     last_finish: Duration,
 }
 
-struct Sim<'a> {
-    config: &'a SimConfig,
-    trace: &'a [TraceRequest],
-    router: Router,
-    workers: Vec<Worker>,
+/// The simulation state. `crate::planner` drives it interval by interval with
+/// [`Sim::run_until`] and changes the fleet between intervals.
+pub(crate) struct Sim<'a> {
+    pub(crate) config: &'a SimConfig,
+    pub(crate) trace: &'a [TraceRequest],
+    pub(crate) router: Router,
+    pub(crate) workers: Vec<Worker>,
     heap: BinaryHeap<Reverse<(Duration, usize)>>,
+    /// Starting workers by the time they start serving.
+    pub(crate) starting: BinaryHeap<Reverse<(Duration, usize)>>,
+    /// The workers new requests may go to; `None`: every registered one.
+    pub(crate) candidates: Option<Vec<WorkerId>>,
     to_router: VecDeque<(Duration, ToRouter)>,
     /// Requests that found every worker overloaded, oldest first.
-    backlog: VecDeque<usize>,
+    pub(crate) backlog: VecDeque<usize>,
     max_prompt_blocks: usize,
     totals: Totals,
+    /// Per-interval measurements for the planner (`None`: not collected).
+    pub(crate) interval: Option<Box<IntervalStats>>,
+    next_arrival: usize,
+    next_tick: Duration,
 }
 
 /// Replays `trace` on the fleet `config` describes and reports what happened.
 pub fn run(config: &SimConfig, trace: &[TraceRequest]) -> Result<SimReport, SimError> {
     let started = Instant::now();
     let mut sim = Sim::new(config, trace)?;
-    sim.run()?;
+    sim.run_until(Duration::MAX)?;
     Ok(sim.report(started.elapsed()))
 }
 
 impl<'a> Sim<'a> {
-    fn new(config: &'a SimConfig, trace: &'a [TraceRequest]) -> Result<Self, SimError> {
+    pub(crate) fn new(config: &'a SimConfig, trace: &'a [TraceRequest]) -> Result<Self, SimError> {
         if config.workers == 0 {
             return Err(SimError::NoWorkers);
         }
@@ -218,24 +274,7 @@ impl<'a> Sim<'a> {
                     max_queue_depth: None,
                 },
             )?;
-            workers.push(Worker {
-                id,
-                engine,
-                scheduled: None,
-                live: HashMap::new(),
-                pending_prefill: 0,
-                report: WorkerReport {
-                    worker: id.0,
-                    requests: 0,
-                    prompt_tokens: 0,
-                    cached_tokens: 0,
-                    computed_prompt_tokens: 0,
-                    output_tokens: 0,
-                    prefix_hit_rate: 0.0,
-                    steps: 0,
-                    preemptions: 0,
-                },
-            });
+            workers.push(Worker::new(id, engine, Phase::Serving, Duration::ZERO));
         }
         let pool_blocks = workers
             .first()
@@ -246,14 +285,19 @@ impl<'a> Sim<'a> {
             router,
             workers,
             heap: BinaryHeap::new(),
+            starting: BinaryHeap::new(),
+            candidates: None,
             to_router: VecDeque::new(),
             backlog: VecDeque::new(),
             max_prompt_blocks: pool_blocks,
             totals: Totals::default(),
+            interval: None,
+            next_arrival: 0,
+            next_tick: Duration::ZERO,
         })
     }
 
-    fn arrival_time(&self, index: usize) -> Duration {
+    pub(crate) fn arrival_time(&self, index: usize) -> Duration {
         let at = self.trace[index].arrival.as_secs_f64() * self.config.time_scale;
         Duration::try_from_secs_f64(at).unwrap_or(Duration::MAX)
     }
@@ -272,50 +316,62 @@ impl<'a> Sim<'a> {
     /// Whether load reports are still needed: an engine has work or a request waits for a
     /// retry. Messages in transit do not count: they are delivered without ticks, and counting
     /// them would keep a fleet whose reports take longer than the interval ticking forever.
-    fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         !self.backlog.is_empty() || self.workers.iter().any(|w| w.engine.has_work())
     }
 
-    fn run(&mut self) -> Result<(), SimError> {
-        let mut next_arrival = 0usize;
-        let mut next_tick = Duration::ZERO;
+    /// Whether every request of the trace has arrived.
+    pub(crate) fn arrivals_done(&self) -> bool {
+        self.next_arrival >= self.trace.len()
+    }
+
+    /// Handles every event before `until` (all of them for `Duration::MAX`); returns whether
+    /// any remain.
+    pub(crate) fn run_until(&mut self, until: Duration) -> Result<bool, SimError> {
         loop {
             let engine = self.next_engine();
             let delivery = self.to_router.front().map(|(at, _)| *at);
-            let arrival =
-                (next_arrival < self.trace.len()).then(|| self.arrival_time(next_arrival));
+            let ready = self.starting.peek().map(|Reverse((at, _))| *at);
+            let arrival = (self.next_arrival < self.trace.len())
+                .then(|| self.arrival_time(self.next_arrival));
             // Load reports run while anything is going on; an idle fleet has nothing to report.
-            let tick = (arrival.is_some() || self.busy()).then_some(next_tick);
-            let Some(now) = [engine.map(|e| e.0), delivery, tick, arrival]
+            let tick = (arrival.is_some() || self.busy()).then_some(self.next_tick);
+            let Some(now) = [engine.map(|e| e.0), delivery, ready, tick, arrival]
                 .into_iter()
                 .flatten()
                 .min()
             else {
-                break;
+                return Ok(false);
             };
+            if now >= until {
+                return Ok(true);
+            }
             if let Some((at, w)) = engine.filter(|e| e.0 == now) {
                 self.heap.pop();
                 self.workers[w].scheduled = None;
                 self.step(w, at)?;
             } else if delivery == Some(now) {
                 self.deliver(now);
+            } else if ready == Some(now) {
+                if let Some(Reverse((_, w))) = self.starting.pop() {
+                    self.start_serving(w, now)?;
+                }
             } else if tick == Some(now) {
                 self.tick(now)?;
-                next_tick = now
+                self.next_tick = now
                     + self
                         .config
                         .load_report_interval
                         .max(Duration::from_micros(1));
             } else {
-                self.arrive(next_arrival, now)?;
-                next_arrival += 1;
+                self.arrive(self.next_arrival, now)?;
+                self.next_arrival += 1;
             }
         }
-        Ok(())
     }
 
     /// Puts the worker's next event time in the heap if it changed.
-    fn reschedule(&mut self, w: usize, now: Duration) -> Result<(), SimError> {
+    pub(crate) fn reschedule(&mut self, w: usize, now: Duration) -> Result<(), SimError> {
         let worker = &mut self.workers[w];
         let next = worker.engine.next_event_time();
         if let Some(at) = next {
@@ -363,6 +419,9 @@ impl<'a> Sim<'a> {
                 at: now,
             });
         }
+        if self.workers[w].phase == Phase::Draining && !self.workers[w].engine.has_work() {
+            self.stop_worker(w, now);
+        }
         self.reschedule(w, now)
     }
 
@@ -381,11 +440,19 @@ impl<'a> Sim<'a> {
                         worker.pending_prefill =
                             worker.pending_prefill.saturating_sub(live.prefill_estimate);
                         self.router.prefill_done(router_id, token.time);
+                        if let Some(stats) = &mut self.interval {
+                            let at = self.trace[trace_index].arrival.as_secs_f64()
+                                * self.config.time_scale;
+                            stats.first_token(token.time.as_secs_f64() - at);
+                        }
                     }
-                    Some(last) => self
-                        .totals
-                        .itl_us
-                        .record(token.time.saturating_sub(last).as_secs_f64() * 1e6),
+                    Some(last) => {
+                        let gap = token.time.saturating_sub(last).as_secs_f64();
+                        self.totals.itl_us.record(gap * 1e6);
+                        if let Some(stats) = &mut self.interval {
+                            stats.token(gap);
+                        }
+                    }
                 }
                 live.last_token = Some(token.time);
                 if let Some(finish) = token.finish {
@@ -402,6 +469,9 @@ impl<'a> Sim<'a> {
                     t.e2e_ms
                         .push(s.finished.saturating_sub(s.arrival).as_secs_f64() * 1e3);
                     t.last_finish = t.last_finish.max(s.finished);
+                    if let Some(stats) = &mut self.interval {
+                        stats.finished(u64::from(s.output_tokens));
+                    }
                     let r = &mut worker.report;
                     r.requests += 1;
                     r.prompt_tokens += u64::from(s.prompt_tokens);
@@ -447,7 +517,11 @@ impl<'a> Sim<'a> {
     /// Every worker publishes its load (it reaches the router `event_delay` later), and
     /// requests waiting at the frontend are retried.
     fn tick(&mut self, now: Duration) -> Result<(), SimError> {
-        for worker in &self.workers {
+        for worker in self
+            .workers
+            .iter()
+            .filter(|w| matches!(w.phase, Phase::Serving | Phase::Draining))
+        {
             let metrics = worker.engine.metrics();
             let load = WorkerLoad {
                 prefill_tokens: worker.pending_prefill,
@@ -479,6 +553,9 @@ impl<'a> Sim<'a> {
         self.totals.first_arrival.get_or_insert(now);
         let trace = self.trace;
         let request = &trace[index];
+        if let Some(stats) = &mut self.interval {
+            stats.arrived(u64::from(request.input_length));
+        }
         let scheduler = &self.config.scheduler;
         let total = request.input_length as usize + request.output_length as usize;
         // What a frontend checks before routing (the engine would refuse these at submit).
@@ -509,11 +586,22 @@ impl<'a> Sim<'a> {
         let request = &trace[index];
         let prompt = synthesize_prompt(request, self.config.profile.vocab_size);
         let hashes = sequence_hashes(&prompt, self.config.profile.layout.block_size);
-        let route = RouteRequest::new(RequestId(index as u128), &hashes, request.input_length);
+        let mut route = RouteRequest::new(RequestId(index as u128), &hashes, request.input_length);
+        if let Some(candidates) = &self.candidates {
+            route = route.with_candidates(candidates);
+        }
         let decision = match self.router.select(&route, now) {
             Ok(decision) => decision,
             Err(RouteError::Overloaded { .. }) if !give_up_if_overloaded => {
                 self.totals.overload_retries += 1;
+                self.backlog.push_back(index);
+                return Ok(());
+            }
+            // A fleet whose workers are all starting (or draining) holds the request until
+            // one serves.
+            Err(RouteError::NoWorkers)
+                if self.candidates.is_some() && !self.starting.is_empty() =>
+            {
                 self.backlog.push_back(index);
                 return Ok(());
             }
@@ -532,6 +620,9 @@ impl<'a> Sim<'a> {
         let block_tokens = u64::from(self.config.profile.layout.block_size.get());
         let prefill_estimate = u64::from(request.input_length)
             .saturating_sub(u64::from(decision.overlap_blocks) * block_tokens);
+        if let Some(stats) = &mut self.interval {
+            stats.routed(u64::from(request.input_length) - prefill_estimate);
+        }
         let worker = &mut self.workers[w];
         match worker.engine.submit(Request::new(prompt, sampling), now) {
             Ok(engine_id) => {
@@ -554,7 +645,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn report(mut self, wall: Duration) -> SimReport {
+    pub(crate) fn report(mut self, wall: Duration) -> SimReport {
         let t = &mut self.totals;
         let ttft_ms = percentiles(&mut t.ttft_ms);
         let ttft_cdf_ms = (0..=100)

@@ -88,10 +88,19 @@ fn reason(d: &DeploymentDecision) -> String {
         .copied();
     let because = main
         .map(|n| {
-            if d.targets.get(n.role) < d.current.get(n.role) {
+            if d.algorithm == Algorithm::Dynamo {
+                format!(
+                    "Dynamo's throughput formula gives {} {} for the predicted {} req/s",
+                    n.workers,
+                    n.role,
+                    num(d.prediction.rate)
+                )
+            } else if let (true, Some(quiet)) =
+                (d.targets.get(n.role) < d.current.get(n.role), n.quiet_for)
+            {
                 format!(
                     "for the last {} the load, with {:.0}% headroom, needed at most {} {} ({} now for the predicted {} req/s)",
-                    human_duration(d.stability.cooldown),
+                    human_duration(quiet),
                     d.stability.scale_down_margin * 100.0,
                     n.stabilised,
                     n.role,
@@ -221,6 +230,13 @@ fn why(d: &DeploymentDecision, need: &RoleNeed) -> String {
         Binding::Throughput => format!(
             "the predicted {rate} req/s needs {} {} not to saturate",
             need.workers, need.role
+        ),
+        Binding::Unreachable => format!(
+            "no number of workers meets the {pct} targets (model: TTFT {} ms, ITL {} ms at best), so the predicted {rate} req/s gets {} {}, within 10% of the best possible",
+            num(need.estimate.ttft_ms),
+            num(need.estimate.itl_ms),
+            need.workers,
+            need.role
         ),
     }
 }
