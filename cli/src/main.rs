@@ -1,8 +1,9 @@
 //! `kvfleet`: the admin CLI. The fleet commands (`login`, `nodes`, `gpus`, `workers`,
-//! `models`, `deployments`, `tokens`, `audit`, `status`) talk to the control plane's REST API
-//! ([`admin`]); `kvfleet dev` runs a one-node fleet on this machine ([`dev`]); the local model
-//! tools run the native engine in-process: `kvfleet model init-tiny|inspect`, `kvfleet
-//! generate` and `kvfleet bench engine`; `kvfleet sim` is the fleet simulator.
+//! `models`, `deployments`, `tokens`, `audit`, `status`, `decisions`, `planner`, `profiles`)
+//! talk to the control plane's REST API ([`admin`]); `kvfleet dev` runs a one-node fleet on
+//! this machine ([`dev`]); the local model tools run the native engine in-process: `kvfleet
+//! model init-tiny|inspect`, `kvfleet generate`, `kvfleet bench engine` and `kvfleet profile`
+//! (which also runs the mock); `kvfleet sim` is the fleet simulator.
 //!
 //! This file only parses arguments and maps errors to exit codes; each command lives in its
 //! own module.
@@ -13,6 +14,7 @@ mod dev;
 mod generate;
 mod load;
 mod model;
+mod profile;
 
 use std::process::ExitCode;
 
@@ -58,9 +60,14 @@ enum Command {
     /// Measure throughput on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Measure a worker's performance profile (prefill TTFT by prompt length, decode ITL by
+    /// batch × context) on the native engine or the mock, write it as TOML, and --upload it
+    /// to the control plane for the SLA planner.
+    Profile(Box<profile::ProfileArgs>),
     /// Replay a request trace (Mooncake format) on simulated workers in virtual time and
-    /// compare routing modes: prefix hit rate, TTFT/ITL percentiles, per-worker load.
-    Sim(kvfleet_sim::SimArgs),
+    /// compare routing modes: prefix hit rate, TTFT/ITL percentiles, per-worker load; with
+    /// --planner, size the fleet with the SLA planner over a shaped trace.
+    Sim(Box<kvfleet_sim::SimArgs>),
 }
 
 fn main() -> ExitCode {
@@ -70,7 +77,8 @@ fn main() -> ExitCode {
         Command::Model(cmd) => model::run(cmd),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Sim(args) => kvfleet_sim::cli_main(args),
+        Command::Sim(args) => kvfleet_sim::cli_main(*args),
+        Command::Profile(args) => profile::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -33,6 +33,8 @@ pub struct Config {
     pub watch: WatchConfig,
     pub ca: CaConfig,
     pub metrics: MetricsConfig,
+    /// `[planner]`: the SLA planner loop (interval, predictor, scale-down rules).
+    pub planner: kvfleet_planner::PlannerConfig,
 }
 
 /// `[database]`
@@ -162,6 +164,7 @@ impl Config {
                 rollup_retention: Duration::from_secs(30 * 86_400),
                 maintenance_interval: Duration::from_secs(60),
             },
+            planner: kvfleet_planner::PlannerConfig::default(),
         }
     }
 
@@ -329,6 +332,32 @@ impl Config {
             "metrics.maintenance_interval",
             &mut config.metrics.maintenance_interval,
         );
+        reader.duration("planner.interval", &mut config.planner.interval);
+        reader.duration("planner.cooldown", &mut config.planner.cooldown);
+        reader.u32_in("planner.lookahead", 1..=100, &mut config.planner.lookahead);
+        if let Some((value, origin)) = reader.take("planner.predictor") {
+            match value
+                .as_str()
+                .map(str::parse::<kvfleet_planner::PredictorKind>)
+            {
+                Some(Ok(kind)) => config.planner.predictor = kind,
+                _ => reader.problem(
+                    origin,
+                    "planner.predictor",
+                    "must be one of last, ewma, holt, seasonal",
+                ),
+            }
+        }
+        if let Some((value, origin)) = reader.take("planner.scale_down_margin") {
+            match value.as_float().or(value.as_integer().map(|i| i as f64)) {
+                Some(m) if (0.0..=1.0).contains(&m) => config.planner.scale_down_margin = m,
+                _ => reader.problem(
+                    origin,
+                    "planner.scale_down_margin",
+                    "must be a number from 0 to 1 (0.05 = 5% headroom)",
+                ),
+            }
+        }
 
         config
     }
@@ -365,6 +394,7 @@ impl Config {
             ("liveness.check_interval", l.check_interval),
             ("leader.retry_interval", self.leader.retry_interval),
             ("placement.interval", self.placement.interval),
+            ("planner.interval", self.planner.interval),
             ("watch.max_wait", self.watch.max_wait),
             ("metrics.rollup_bucket", self.metrics.rollup_bucket),
             (

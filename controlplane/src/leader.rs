@@ -2,7 +2,7 @@
 //!
 //! Every replica keeps trying `pg_try_advisory_lock` on a dedicated connection (not a pool
 //! connection: a session lock belongs to the connection, and a pool would hand it to someone
-//! else). The holder runs placement, liveness and metrics maintenance; it checks the
+//! else). The holder runs placement, liveness, metrics maintenance and the SLA planner; it checks the
 //! connection every `leader.retry_interval` and stops its loops the moment the check fails.
 //! When a leader process dies its connection closes and Postgres frees the lock, so a follower
 //! takes over within one retry interval. (A leader cut off by a network partition keeps the
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::api::rows::parse;
-use crate::api::types::{DesiredWorkerState, NodeState, PlacementConstraints};
+use crate::api::types::{DesiredWorkerState, NodeState, PlacementConstraints, RoleCountsView};
 use crate::liveness;
 use crate::placement::{self, Action, DeploymentView, GpuView, NodeView, WorkerView};
 use crate::store::{self, AuditEntry, sleep_or_shutdown};
@@ -83,7 +83,8 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
         let mut loops = tokio::task::JoinSet::new();
         loops.spawn(placement_loop(state.clone(), stop_rx.clone()));
         loops.spawn(liveness_loop(state.clone(), stop_rx.clone()));
-        loops.spawn(metrics_loop(state.clone(), stop_rx));
+        loops.spawn(metrics_loop(state.clone(), stop_rx.clone()));
+        loops.spawn(crate::planner::planner_loop(state.clone(), stop_rx));
         let shutting_down = loop {
             if sleep_or_shutdown(retry, &mut shutdown).await {
                 break true;
@@ -243,6 +244,25 @@ pub async fn placement_pass(pool: &PgPool) -> Result<Vec<Action>, sqlx::Error> {
         .await?;
     let (nodes, deployments, workers) = snapshot(&mut tx).await?;
     let actions = placement::plan(&nodes, &deployments, &workers);
+    // Lock the nodes the actions touch before their workers, in id order: a heartbeat locks
+    // its node and then its workers, so taking them the other way round could deadlock.
+    let nodes_to_lock: Vec<Uuid> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start { node, .. } | Action::Drain { node, .. } | Action::Stop { node, .. } => {
+                Some(*node)
+            }
+            Action::Unplaceable { .. } => None,
+        })
+        .collect::<BTreeSet<Uuid>>()
+        .into_iter()
+        .collect();
+    if !nodes_to_lock.is_empty() {
+        sqlx::query("SELECT id FROM nodes WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&nodes_to_lock)
+            .execute(&mut *tx)
+            .await?;
+    }
     let mut touched = BTreeSet::new();
     for action in &actions {
         match action {
@@ -396,23 +416,28 @@ async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
         i32,
         Option<i64>,
         sqlx::types::Json<PlacementConstraints>,
+        Option<sqlx::types::Json<RoleCountsView>>,
     );
+    // The planner's targets count only in `auto` mode.
     let deployments = sqlx::query_as::<_, DeploymentRow>(
-        "SELECT d.id, d.mode, d.min_workers, d.max_workers, m.memory_bytes, d.placement
+        "SELECT d.id, d.mode, d.min_workers, d.max_workers, m.memory_bytes, d.placement,
+                CASE WHEN d.planner = 'auto' THEN d.planner_targets END
          FROM deployments d JOIN models m ON m.id = d.model_id",
     )
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
     .map(
-        |(id, mode, min_workers, max_workers, memory_bytes, constraints)| {
+        |(id, mode, min_workers, max_workers, memory_bytes, constraints, targets)| {
+            let mode = parse(&mode)?;
             Ok(DeploymentView {
                 id,
-                mode: parse(&mode)?,
+                mode,
                 min_workers,
                 max_workers,
                 memory_bytes,
                 constraints: constraints.0,
+                targets: targets.map(|t| crate::planner::role_targets_of(mode, &t.0)),
             })
         },
     )

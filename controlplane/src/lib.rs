@@ -37,6 +37,7 @@ pub mod leader;
 pub mod liveness;
 pub mod metrics;
 pub mod placement;
+pub mod planner;
 pub mod store;
 pub mod systemd;
 pub mod ui;

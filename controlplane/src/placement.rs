@@ -10,9 +10,15 @@
 //! - A running worker whose slot no longer satisfies its deployment (constraints changed, or
 //!   its GPU left the node's inventory) is drained and replaced, like a drain.
 //! - A running worker the agent reports `failed` is stopped and replaced.
-//! - Each deployment runs `min_workers` (the planner will later choose between min and max);
-//!   disaggregated deployments split them into prefill (half, rounded down, at least one when
-//!   there are two or more) and decode workers. Extras are stopped, not-ready ones first.
+//! - Each deployment runs the SLA planner's targets per role when its planner is `auto` and has
+//!   decided (`planner_targets`, clamped into `min_workers..=max_workers`), otherwise
+//!   `min_workers`, which disaggregated deployments split into prefill (half, rounded down, at
+//!   least one when there are two or more) and decode workers.
+//! - Extras go not-ready first (stopped at once: they serve nothing), then ready ones from the
+//!   most crowded node, newest first, which are *drained*: they finish what they serve and are
+//!   stopped only once their agent reports them stopped, so a scale-down fails no request. A
+//!   role that shrinks while another grows is a role flip: the surplus worker drains and the
+//!   new role starts on the first free GPU — the drained one when the fleet has no other.
 //! - New workers go on healthy, uncordoned, undraining nodes that satisfy the deployment's
 //!   constraints, on a free GPU whose memory fits the model (the smallest that fits), or in a
 //!   free CPU slot when the deployment allows it and no GPU fits. Nodes already running fewer
@@ -57,6 +63,29 @@ pub struct DeploymentView {
     /// GPU memory one worker needs; `None` fits any GPU.
     pub memory_bytes: Option<i64>,
     pub constraints: PlacementConstraints,
+    /// The planner's workers per role (`auto` mode); `None`: `min_workers`.
+    pub targets: Option<Vec<(WorkerRole, u32)>>,
+}
+
+impl DeploymentView {
+    /// Workers per role this deployment should run (see the module docs).
+    pub fn wanted(&self) -> Vec<(WorkerRole, u32)> {
+        let min = u32::try_from(self.min_workers.clamp(0, self.max_workers.max(0))).unwrap_or(0);
+        let max = u32::try_from(self.max_workers.max(0)).unwrap_or(0);
+        match &self.targets {
+            Some(t) => {
+                let total: u32 = t.iter().map(|(_, n)| *n).sum();
+                if total > max {
+                    role_targets(self.mode, max)
+                } else if total < min {
+                    role_targets(self.mode, min)
+                } else {
+                    t.clone()
+                }
+            }
+            None => role_targets(self.mode, min),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -257,8 +286,7 @@ pub fn plan(
     let mut deployments: Vec<&DeploymentView> = deployments.iter().collect();
     deployments.sort_by_key(|d| d.id);
     for d in deployments {
-        let target = u32::try_from(d.min_workers.clamp(0, d.max_workers.max(0))).unwrap_or(0);
-        let wanted: HashMap<WorkerRole, u32> = role_targets(d.mode, target).into_iter().collect();
+        let wanted: HashMap<WorkerRole, u32> = d.wanted().into_iter().collect();
         // Roles the mode no longer uses (a mode change) want zero.
         let mut roles: Vec<WorkerRole> = WorkerRole::ALL.to_vec();
         roles.sort_by_key(|r| r.as_str());
@@ -276,10 +304,19 @@ pub fn plan(
                     )
                 });
                 for w in have.iter().take((have_n - want) as usize) {
-                    actions.push(Action::Stop {
-                        worker: w.id,
-                        node: w.node_id,
-                        reason: "scale down",
+                    // A ready worker may be serving: it drains first.
+                    actions.push(if w.observed == ObservedWorkerState::Ready {
+                        Action::Drain {
+                            worker: w.id,
+                            node: w.node_id,
+                            reason: "scale down",
+                        }
+                    } else {
+                        Action::Stop {
+                            worker: w.id,
+                            node: w.node_id,
+                            reason: "scale down",
+                        }
                     });
                     if let Some(n) = per_node.get_mut(&(d.id, w.node_id)) {
                         *n = n.saturating_sub(1);
@@ -402,6 +439,7 @@ mod tests {
             max_workers: workers.max(1),
             memory_bytes: None,
             constraints: PlacementConstraints::default(),
+            targets: None,
         }
     }
 
@@ -609,7 +647,7 @@ mod tests {
     }
 
     #[test]
-    fn scale_down_stops_not_ready_workers_first() {
+    fn scale_down_stops_not_ready_workers_first_and_at_once() {
         let nodes = [node(1, &[(11, 80 * GB), (12, 80 * GB)])];
         let mut starting = worker(2, 100, 1, Some(12));
         starting.observed = ObservedWorkerState::Starting;
@@ -625,6 +663,102 @@ mod tests {
                 node: id(1),
                 reason: "scale down"
             }]
+        );
+    }
+
+    #[test]
+    fn scale_down_drains_ready_workers_instead_of_stopping_them() {
+        let nodes = [node(1, &[(11, 80 * GB), (12, 80 * GB)])];
+        let actions = plan(
+            &nodes,
+            &[deployment(100, 1)],
+            &[worker(1, 100, 1, Some(11)), worker(2, 100, 1, Some(12))],
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Drain {
+                worker: 2,
+                node: id(1),
+                reason: "scale down"
+            }]
+        );
+        // Once drained (the agent reports it stopped) it is stopped, and nothing replaces it.
+        let mut drained = worker(2, 100, 1, Some(12));
+        drained.desired = DesiredWorkerState::Draining;
+        drained.observed = ObservedWorkerState::Stopped;
+        let actions = plan(
+            &nodes,
+            &[deployment(100, 1)],
+            &[worker(1, 100, 1, Some(11)), drained],
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Stop {
+                worker: 2,
+                node: id(1),
+                reason: "drained"
+            }]
+        );
+    }
+
+    #[test]
+    fn planner_targets_replace_min_workers_within_the_bounds() {
+        let nodes = [node(1, &[(11, 80 * GB), (12, 80 * GB), (13, 80 * GB)])];
+        let mut d = deployment(100, 1);
+        d.max_workers = 3;
+        d.mode = DeploymentMode::Disaggregated;
+        d.targets = Some(vec![(WorkerRole::Prefill, 2), (WorkerRole::Decode, 1)]);
+        let mut roles: Vec<WorkerRole> = plan(&nodes, &[d.clone()], &[])
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { role, .. } => Some(*role),
+                _ => None,
+            })
+            .collect();
+        roles.sort_by_key(|r| r.as_str());
+        assert_eq!(
+            roles,
+            [WorkerRole::Decode, WorkerRole::Prefill, WorkerRole::Prefill]
+        );
+        // Targets above max_workers (the bounds changed since) fall back to the bounds.
+        d.max_workers = 2;
+        assert_eq!(d.wanted(), role_targets(DeploymentMode::Disaggregated, 2));
+        d.targets = Some(vec![]);
+        assert_eq!(d.wanted(), role_targets(DeploymentMode::Disaggregated, 1));
+    }
+
+    #[test]
+    fn a_role_flip_drains_one_role_and_starts_the_other_on_the_freed_gpu() {
+        let nodes = [node(1, &[(11, 80 * GB), (12, 80 * GB)])];
+        let mut d = deployment(100, 2);
+        d.max_workers = 2;
+        d.mode = DeploymentMode::Disaggregated;
+        d.targets = Some(vec![(WorkerRole::Prefill, 0), (WorkerRole::Decode, 2)]);
+        let mut prefill = worker(1, 100, 1, Some(11));
+        prefill.role = WorkerRole::Prefill;
+        let mut decode = worker(2, 100, 1, Some(12));
+        decode.role = WorkerRole::Decode;
+        let actions = plan(&nodes, &[d.clone()], &[prefill.clone(), decode.clone()]);
+        assert!(actions.contains(&Action::Drain {
+            worker: 1,
+            node: id(1),
+            reason: "scale down"
+        }));
+        // No GPU is free while it drains: the decode worker waits for it.
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Unplaceable {
+                role: WorkerRole::Decode,
+                missing: 1,
+                ..
+            }
+        )));
+        prefill.desired = DesiredWorkerState::Stopped;
+        let actions = plan(&nodes, &[d], &[prefill, decode]);
+        assert_eq!(
+            starts(&actions),
+            vec![(id(1), Some(id(11)))],
+            "the freed GPU takes the new role"
         );
     }
 

@@ -61,6 +61,7 @@ assets! {
     "js/pages/models.js" => "text/javascript; charset=utf-8",
     "js/pages/kv.js" => "text/javascript; charset=utf-8",
     "js/pages/decisions.js" => "text/javascript; charset=utf-8",
+    "js/pages/planner.js" => "text/javascript; charset=utf-8",
     "js/pages/audit.js" => "text/javascript; charset=utf-8",
     "js/pages/tokens.js" => "text/javascript; charset=utf-8",
 }

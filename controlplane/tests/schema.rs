@@ -69,8 +69,13 @@ async fn migrations_create_every_table(pool: PgPool) {
             "node_ca",
             "node_certificates",
             "nodes",
+            "perf_profiles",
+            "planner_decisions",
+            "planner_observations",
+            "planner_settings",
             "worker_metrics",
             "worker_metrics_rollup",
+            "worker_windows",
             "workers"
         ]
     );

@@ -881,6 +881,7 @@ impl Client {
                         }),
                         gpu_utilization,
                     }),
+                    window: None,
                 }
             })
             .collect();
@@ -891,6 +892,7 @@ impl Client {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Failed,
                     metrics: None,
+                    window: None,
                 });
             }
             for id in book.stopped.iter().filter(|id| !running.contains(id)) {
@@ -898,6 +900,7 @@ impl Client {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Stopped,
                     metrics: None,
+                    window: None,
                 });
             }
         }

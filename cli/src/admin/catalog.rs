@@ -45,9 +45,14 @@ POST /api/v1/deployments in TOML:
   mode = "aggregated"           # aggregated | disaggregated
   min_workers = 1
   max_workers = 4
+  planner = "auto"              # off (run min_workers) | advise (record decisions) | auto (act)
   [sla]
   ttft_ms = 500                 # time to first token target
   itl_ms = 50                   # inter-token latency target
+  percentile = 90               # the targets hold at this percentile (default p90)
+  # [roles.prefill]             # disaggregated only: per-role bounds
+  # min = 1
+  # max = 8
   [placement]
   allow_cpu = true              # may run in CPU slots (default: GPUs only)
   # gpu_name = "H100"
@@ -253,7 +258,7 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
             }
             let workers: Vec<Worker> = client.list("/workers", &[], None).await?;
             let mut table = Table::new(&[
-                "ID", "NAME", "MODEL", "MODE", "WORKERS", "READY", "TTFT", "ITL",
+                "ID", "NAME", "MODEL", "MODE", "WORKERS", "READY", "TTFT", "ITL", "PLANNER",
             ]);
             for d in &deployments {
                 let (ready, live) = ready_count(&workers, d.id);
@@ -266,6 +271,7 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
                     format!("{ready}/{live}"),
                     opt(d.sla.ttft_ms.map(|v| format!("{v}ms"))),
                     opt(d.sla.itl_ms.map(|v| format!("{v}ms"))),
+                    d.planner.to_string(),
                 ]);
             }
             output::print_table(&table, "deployments")
@@ -307,6 +313,12 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
                 ("ready", format!("{ready} of {live}")),
                 ("sla ttft", opt(d.sla.ttft_ms.map(|v| format!("{v} ms")))),
                 ("sla itl", opt(d.sla.itl_ms.map(|v| format!("{v} ms")))),
+                (
+                    "sla percentile",
+                    format!("p{}", d.sla.percentile_or_default()),
+                ),
+                ("planner", d.planner.to_string()),
+                ("role bounds", role_bounds(&d)),
                 ("placement", placement),
                 ("disaggregation", disaggregation),
                 ("generation", d.generation.to_string()),
@@ -339,6 +351,20 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
             eprintln!("deployment {} removed; its workers stop", d.name);
             Ok(())
         }
+    }
+}
+
+fn role_bounds(d: &Deployment) -> String {
+    let mut parts = Vec::new();
+    for (name, b) in [("prefill", d.roles.prefill), ("decode", d.roles.decode)] {
+        if let Some(b) = b {
+            parts.push(format!("{name} {}..{}", b.min, b.max));
+        }
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -430,6 +456,8 @@ async fn apply_deployment(client: &Client, file: &Path, json: bool) -> Result<()
         after.sla,
         after.min_workers,
         after.max_workers,
+        after.roles,
+        after.planner,
         &after.placement,
         after.disaggregation,
     ) != (
@@ -437,6 +465,8 @@ async fn apply_deployment(client: &Client, file: &Path, json: bool) -> Result<()
         before.sla,
         before.min_workers,
         before.max_workers,
+        before.roles,
+        before.planner,
         &before.placement,
         before.disaggregation,
     );

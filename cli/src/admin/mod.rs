@@ -11,7 +11,8 @@
 //!   `~/.config/kvfleet/cli.toml`).
 //! - [`output`]: tables, JSON, durations and sizes for people.
 //! - [`fleet`]: nodes, GPUs, workers. [`catalog`]: models and deployments (`apply -f`).
-//!   [`access`]: login, tokens, the audit log, status.
+//!   [`access`]: login, tokens, the audit log, status. [`planner`]: the SLA planner's
+//!   decisions, the GPU budget, performance profiles.
 
 pub(crate) mod access;
 pub(crate) mod catalog;
@@ -19,6 +20,7 @@ pub(crate) mod client;
 pub(crate) mod config;
 pub(crate) mod fleet;
 pub(crate) mod output;
+pub(crate) mod planner;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -151,6 +153,16 @@ pub(crate) enum AdminCommand {
     /// The audit log, newest first: who changed what, when (admin role).
     #[command(after_help = EXIT_CODES_HELP)]
     Audit(access::AuditArgs),
+    /// The SLA planner's decisions, newest first, each with its reason (--explain: the
+    /// arithmetic).
+    #[command(after_help = planner::DECISIONS_HELP)]
+    Decisions(planner::DecisionsArgs),
+    /// The planner's fleet-wide settings: the GPU budget.
+    #[command(after_help = planner::PLANNER_HELP)]
+    Planner(planner::PlannerArgs),
+    /// Performance profiles: list a model's, upload, show, delete.
+    #[command(after_help = planner::PROFILES_HELP)]
+    Profiles(planner::ProfilesArgs),
 }
 
 /// Runs one admin command on a small runtime of its own.
@@ -186,6 +198,9 @@ async fn dispatch(command: AdminCommand) -> Result<(), CliError> {
         AdminCommand::Deployments(args) => catalog::deployments(args).await,
         AdminCommand::Tokens(args) => access::tokens(args).await,
         AdminCommand::Audit(args) => access::audit(args).await,
+        AdminCommand::Decisions(args) => planner::decisions(args).await,
+        AdminCommand::Planner(args) => planner::planner(args).await,
+        AdminCommand::Profiles(args) => planner::profiles(args).await,
     }
 }
 

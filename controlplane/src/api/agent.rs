@@ -321,6 +321,11 @@ pub async fn heartbeat(
             }
         }
     }
+    for (i, w) in beat.workers.iter().enumerate() {
+        if let Some(reason) = w.window.as_ref().and_then(|win| win.invalid_reason()) {
+            problems.push(InvalidParam::new(format!("workers[{i}].window"), reason));
+        }
+    }
     for (i, g) in beat.gpus.iter().enumerate() {
         if g.utilization.is_some_and(|u| !(0.0..=1.0).contains(&u))
             || g.memory_used_bytes.is_some_and(|m| m < 0)
@@ -378,6 +383,7 @@ pub async fn heartbeat(
         .execute(&mut *tx)
         .await?;
         crate::metrics::record(&mut tx, node, &beat.workers).await?;
+        crate::planner::windows::record(&mut tx, node, &beat.workers).await?;
     }
     if !beat.gpus.is_empty() {
         let ids: Vec<Uuid> = beat.gpus.iter().map(|g| g.id).collect();

@@ -12,7 +12,7 @@ use super::problem::{ApiError, InvalidParam, Problem};
 use super::rows;
 use super::types::{
     Deployment, DeploymentMode, DeploymentPatch, DisaggregationPolicy, Model, NewDeployment,
-    NewModel, Page, PageQuery, PlacementConstraints, SlaTargets,
+    NewModel, Page, PageQuery, PlacementConstraints, PlannerMode, RoleWorkerBounds, SlaTargets,
 };
 use super::{page, page_limit, uuid_cursor};
 use crate::AppState;
@@ -21,9 +21,20 @@ use crate::store::{self, AuditEntry};
 
 const MODEL_COLUMNS: &str =
     "id, name, format, path, block_size, context_length, memory_bytes, created_at, updated_at";
-const DEPLOYMENT_COLUMNS: &str = "d.id, d.name, d.model_id, m.name AS model, d.mode, d.ttft_target_ms,
-    d.itl_target_ms, d.min_workers, d.max_workers, d.placement, d.min_remote_prefill_tokens, d.max_prefill_queue_tokens, d.prefill_timeout_ms,
+pub(crate) const DEPLOYMENT_COLUMNS: &str =
+    "d.id, d.name, d.model_id, m.name AS model, d.mode, d.ttft_target_ms,
+    d.itl_target_ms, d.sla_percentile, d.min_workers, d.max_workers, d.min_prefill_workers,
+    d.max_prefill_workers, d.min_decode_workers, d.max_decode_workers, d.planner, d.placement,
+    d.min_remote_prefill_tokens, d.max_prefill_queue_tokens, d.prefill_timeout_ms,
     d.generation, d.created_at, d.updated_at";
+
+/// Every deployment with its model's name, in id order.
+pub(crate) fn sql_select_deployments() -> sqlx::AssertSqlSafe<String> {
+    sql!(
+        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d JOIN models m ON m.id = d.model_id
+         ORDER BY d.id"
+    )
+}
 
 fn valid_model_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -68,14 +79,45 @@ fn validate_model(new: &NewModel) -> Vec<InvalidParam> {
     problems
 }
 
+/// A deployment's settable fields, as a create or a patch leaves them.
+#[derive(Debug, Clone)]
+pub struct DeploymentFields {
+    pub mode: DeploymentMode,
+    pub sla: SlaTargets,
+    pub min_workers: i32,
+    pub max_workers: i32,
+    pub roles: RoleWorkerBounds,
+    pub planner: PlannerMode,
+    pub placement: PlacementConstraints,
+    pub disaggregation: DisaggregationPolicy,
+}
+
+impl DeploymentFields {
+    /// The deployment as the planner sees it (named `name`).
+    pub fn policy(&self, name: &str) -> kvfleet_planner::DeploymentPolicy {
+        crate::planner::policy::deployment_policy(
+            name,
+            self.mode,
+            self.planner,
+            &self.sla,
+            self.min_workers,
+            self.max_workers,
+            &self.roles,
+        )
+    }
+}
+
 /// The deployment rules that do not need the database.
-pub fn validate_deployment_fields(
-    min_workers: i32,
-    max_workers: i32,
-    sla: &SlaTargets,
-    placement: &PlacementConstraints,
-    disaggregation: &DisaggregationPolicy,
-) -> Vec<InvalidParam> {
+pub fn validate_deployment_fields(fields: &DeploymentFields) -> Vec<InvalidParam> {
+    let DeploymentFields {
+        min_workers,
+        max_workers,
+        sla,
+        placement,
+        disaggregation,
+        ..
+    } = fields;
+    let (min_workers, max_workers) = (*min_workers, *max_workers);
     let mut problems = Vec::new();
     if min_workers < 0 {
         problems.push(InvalidParam::new("min_workers", "must be 0 or more"));
@@ -89,11 +131,11 @@ pub fn validate_deployment_fields(
             "must not exceed max_workers",
         ));
     }
-    if sla.ttft_ms.is_some_and(|v| v <= 0) {
-        problems.push(InvalidParam::new("sla.ttft_ms", "must be above 0"));
+    for (field, reason) in sla.invalid_fields() {
+        problems.push(InvalidParam::new(field, reason));
     }
-    if sla.itl_ms.is_some_and(|v| v <= 0) {
-        problems.push(InvalidParam::new("sla.itl_ms", "must be above 0"));
+    for (field, reason) in fields.roles.invalid_fields(fields.mode, max_workers) {
+        problems.push(InvalidParam::new(field, reason));
     }
     if placement
         .gpu_name
@@ -331,35 +373,47 @@ pub async fn create_deployment(
             format!("no model named {:?}", new.model),
         ));
     }
-    problems.extend(validate_deployment_fields(
-        new.min_workers,
-        new.max_workers,
-        &new.sla,
-        &new.placement,
-        &new.disaggregation,
-    ));
+    let fields = DeploymentFields {
+        mode: new.mode,
+        sla: new.sla,
+        min_workers: new.min_workers,
+        max_workers: new.max_workers,
+        roles: new.roles,
+        planner: new.planner,
+        placement: new.placement.clone(),
+        disaggregation: new.disaggregation,
+    };
+    problems.extend(validate_deployment_fields(&fields));
     let Some(model) = model.filter(|_| problems.is_empty()) else {
         return Err(ApiError::Validation(problems));
     };
+    crate::planner::policy::check_budget_with(&mut tx, None, &fields.policy(&new.name)).await?;
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO deployments (id, name, model_id, mode, ttft_target_ms, itl_target_ms,
-             min_workers, max_workers, placement, min_remote_prefill_tokens,
-             max_prefill_queue_tokens, prefill_timeout_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             sla_percentile, min_workers, max_workers, min_prefill_workers, max_prefill_workers,
+             min_decode_workers, max_decode_workers, planner, placement,
+             min_remote_prefill_tokens, max_prefill_queue_tokens, prefill_timeout_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
     )
     .bind(id)
     .bind(&new.name)
     .bind(model)
-    .bind(new.mode.as_str())
-    .bind(new.sla.ttft_ms)
-    .bind(new.sla.itl_ms)
-    .bind(new.min_workers)
-    .bind(new.max_workers)
-    .bind(sqlx::types::Json(&new.placement))
-    .bind(i64::from(new.disaggregation.min_remote_prefill_tokens))
-    .bind(i64::from(new.disaggregation.max_prefill_queue_tokens))
-    .bind(i64::from(new.disaggregation.prefill_timeout_ms))
+    .bind(fields.mode.as_str())
+    .bind(fields.sla.ttft_ms)
+    .bind(fields.sla.itl_ms)
+    .bind(fields.sla.percentile_or_default())
+    .bind(fields.min_workers)
+    .bind(fields.max_workers)
+    .bind(fields.roles.prefill.map(|b| b.min))
+    .bind(fields.roles.prefill.map(|b| b.max))
+    .bind(fields.roles.decode.map(|b| b.min))
+    .bind(fields.roles.decode.map(|b| b.max))
+    .bind(fields.planner.as_str())
+    .bind(sqlx::types::Json(&fields.placement))
+    .bind(i64::from(fields.disaggregation.min_remote_prefill_tokens))
+    .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
+    .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -398,8 +452,8 @@ pub async fn get_deployment(
     Ok(Json(fetch_deployment(&mut conn, id, false).await?))
 }
 
-/// Change a deployment's mode, SLA targets, worker bounds, placement or disaggregation policy
-/// (operator+).
+/// Change a deployment's mode, SLA targets and percentile, worker bounds (per role too),
+/// planner mode, placement or disaggregation policy (operator+).
 #[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, params(("id" = String, Path, description = "The resource id")), tag = "deployments",
     responses((status = 200, body = Deployment), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn update_deployment(
@@ -411,37 +465,58 @@ pub async fn update_deployment(
     let id = parse_uuid("deployment", &id)?;
     let mut tx = state.pool.begin().await?;
     let before = fetch_deployment(&mut tx, id, true).await?;
-    let mode: DeploymentMode = patch.mode.unwrap_or(before.mode);
-    let sla = patch.sla.unwrap_or(before.sla);
-    let min_workers = patch.min_workers.unwrap_or(before.min_workers);
-    let max_workers = patch.max_workers.unwrap_or(before.max_workers);
-    let placement = patch
-        .placement
-        .clone()
-        .unwrap_or_else(|| before.placement.clone());
-    let disaggregation = patch.disaggregation.unwrap_or(before.disaggregation);
-    let problems =
-        validate_deployment_fields(min_workers, max_workers, &sla, &placement, &disaggregation);
+    let fields = DeploymentFields {
+        mode: patch.mode.unwrap_or(before.mode),
+        // A patched SLA without a percentile keeps the deployment's.
+        sla: patch.sla.map_or(before.sla, |sla| SlaTargets {
+            percentile: sla.percentile.or(before.sla.percentile),
+            ..sla
+        }),
+        min_workers: patch.min_workers.unwrap_or(before.min_workers),
+        max_workers: patch.max_workers.unwrap_or(before.max_workers),
+        roles: patch.roles.unwrap_or(before.roles),
+        planner: patch.planner.unwrap_or(before.planner),
+        placement: patch
+            .placement
+            .clone()
+            .unwrap_or_else(|| before.placement.clone()),
+        disaggregation: patch.disaggregation.unwrap_or(before.disaggregation),
+    };
+    let problems = validate_deployment_fields(&fields);
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
+    crate::planner::policy::check_budget_with(&mut tx, Some(id), &fields.policy(&before.name))
+        .await?;
+    // Placement follows the planner's targets only in `auto`: leaving it drops them.
+    let keep_targets = fields.planner == PlannerMode::Auto;
     sqlx::query(
         "UPDATE deployments SET mode = $2, ttft_target_ms = $3, itl_target_ms = $4,
-             min_workers = $5, max_workers = $6, placement = $7,
-             min_remote_prefill_tokens = $8, max_prefill_queue_tokens = $9,
-             prefill_timeout_ms = $10, generation = generation + 1, updated_at = now()
+             sla_percentile = $5, min_workers = $6, max_workers = $7, min_prefill_workers = $8,
+             max_prefill_workers = $9, min_decode_workers = $10, max_decode_workers = $11,
+             planner = $12, placement = $13, min_remote_prefill_tokens = $14,
+             max_prefill_queue_tokens = $15, prefill_timeout_ms = $16,
+             planner_targets = CASE WHEN $17 THEN planner_targets END,
+             generation = generation + 1, updated_at = now()
          WHERE id = $1",
     )
     .bind(id)
-    .bind(mode.as_str())
-    .bind(sla.ttft_ms)
-    .bind(sla.itl_ms)
-    .bind(min_workers)
-    .bind(max_workers)
-    .bind(sqlx::types::Json(&placement))
-    .bind(i64::from(disaggregation.min_remote_prefill_tokens))
-    .bind(i64::from(disaggregation.max_prefill_queue_tokens))
-    .bind(i64::from(disaggregation.prefill_timeout_ms))
+    .bind(fields.mode.as_str())
+    .bind(fields.sla.ttft_ms)
+    .bind(fields.sla.itl_ms)
+    .bind(fields.sla.percentile_or_default())
+    .bind(fields.min_workers)
+    .bind(fields.max_workers)
+    .bind(fields.roles.prefill.map(|b| b.min))
+    .bind(fields.roles.prefill.map(|b| b.max))
+    .bind(fields.roles.decode.map(|b| b.min))
+    .bind(fields.roles.decode.map(|b| b.max))
+    .bind(fields.planner.as_str())
+    .bind(sqlx::types::Json(&fields.placement))
+    .bind(i64::from(fields.disaggregation.min_remote_prefill_tokens))
+    .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
+    .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
+    .bind(keep_targets)
     .execute(&mut *tx)
     .await?;
     let after = fetch_deployment(&mut tx, id, false).await?;
@@ -534,6 +609,7 @@ mod tests {
         let sla = |t, i| SlaTargets {
             ttft_ms: t,
             itl_ms: i,
+            percentile: None,
         };
         let none = PlacementConstraints::default();
         let cases: Vec<(i32, i32, SlaTargets, Vec<&str>)> = vec![
@@ -549,8 +625,17 @@ mod tests {
             ),
         ];
         for (min, max, sla, want) in cases {
-            let policy = DisaggregationPolicy::default();
-            let got: Vec<String> = validate_deployment_fields(min, max, &sla, &none, &policy)
+            let fields = DeploymentFields {
+                mode: DeploymentMode::Aggregated,
+                sla,
+                min_workers: min,
+                max_workers: max,
+                roles: RoleWorkerBounds::default(),
+                planner: PlannerMode::Off,
+                placement: none.clone(),
+                disaggregation: DisaggregationPolicy::default(),
+            };
+            let got: Vec<String> = validate_deployment_fields(&fields)
                 .into_iter()
                 .map(|p| p.name)
                 .collect();

@@ -12,7 +12,9 @@ pub mod catalog;
 pub mod decisions;
 pub mod extract;
 pub mod fleet;
+pub mod planner;
 pub mod problem;
+pub mod profiles;
 pub(crate) mod rows;
 pub mod session;
 pub mod types;
@@ -69,6 +71,20 @@ pub fn router(state: AppState) -> Router {
             get(catalog::get_deployment)
                 .patch(catalog::update_deployment)
                 .delete(catalog::delete_deployment),
+        )
+        .route("/deployments/{id}/planner", get(planner::deployment_series))
+        .route(
+            "/planner",
+            get(planner::get_settings).patch(planner::update_settings),
+        )
+        .route("/planner/decisions", get(planner::list_decisions))
+        .route(
+            "/models/{id}/profiles",
+            get(profiles::list).post(profiles::upload),
+        )
+        .route(
+            "/profiles/{id}",
+            get(profiles::get).delete(profiles::delete),
         )
         .route("/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
@@ -246,7 +262,7 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document, generated from the handlers and wire types.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "kvfleet control plane", description = "Fleet inventory, deployments, agents. Errors are RFC 7807 problem JSON; lists page with limit (max 500) and cursor."),
+    info(title = "kvfleet control plane", description = "Fleet inventory, deployments, the SLA planner and performance profiles, agents. Errors are RFC 7807 problem JSON; lists page with limit (max 500) and cursor."),
     paths(
         admin::status, admin::ca,
         fleet::list_nodes, fleet::get_node, fleet::cordon_node, fleet::uncordon_node,
@@ -257,6 +273,9 @@ impl utoipa::Modify for BearerAuth {
         catalog::update_deployment, catalog::delete_deployment,
         admin::list_tokens, admin::create_token, admin::revoke_token, admin::list_audit,
         session::whoami, decisions::list_decisions,
+        planner::get_settings, planner::update_settings, planner::list_decisions,
+        planner::deployment_series,
+        profiles::upload, profiles::list, profiles::get, profiles::delete,
         agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
         agent::fleet_directory,
         kv_index::upload, kv_index::stream, kv_index::snapshot, kv_index::stats,

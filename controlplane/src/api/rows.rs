@@ -12,7 +12,8 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
 use super::types::{
-    AuditEntry, Deployment, DisaggregationPolicy, Gpu, Model, Node, SlaTargets, Token, Worker,
+    AuditEntry, Deployment, DisaggregationPolicy, Gpu, Model, Node, RoleWorkerBounds, SlaTargets,
+    Token, Worker, WorkerBounds,
 };
 
 /// A text column parsed into one of the API's text enums.
@@ -97,14 +98,31 @@ pub(crate) fn deployment(row: PgRow) -> Result<Deployment, sqlx::Error> {
         sla: SlaTargets {
             ttft_ms: row.try_get("ttft_target_ms")?,
             itl_ms: row.try_get("itl_target_ms")?,
+            percentile: Some(row.try_get("sla_percentile")?),
         },
         min_workers: row.try_get("min_workers")?,
         max_workers: row.try_get("max_workers")?,
+        roles: role_bounds(&row)?,
+        planner: text(&row, "planner")?,
         placement: row.try_get::<Json<_>, _>("placement")?.0,
         disaggregation: disaggregation(&row)?,
         generation: row.try_get("generation")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// The per-role bound columns of a deployment row (a role has bounds when both are set; the
+/// API writes both or neither).
+fn role_bounds(row: &PgRow) -> Result<RoleWorkerBounds, sqlx::Error> {
+    let pair = |min: &str, max: &str| -> Result<Option<WorkerBounds>, sqlx::Error> {
+        let min: Option<i32> = row.try_get(min)?;
+        let max: Option<i32> = row.try_get(max)?;
+        Ok(min.zip(max).map(|(min, max)| WorkerBounds { min, max }))
+    };
+    Ok(RoleWorkerBounds {
+        prefill: pair("min_prefill_workers", "max_prefill_workers")?,
+        decode: pair("min_decode_workers", "max_decode_workers")?,
     })
 }
 

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use kvfleet_proto::api::{DeploymentMode, PlannerMode, WorkerRole};
+use kvfleet_proto::api::{
+    DeploymentMode, PlannerMode, RoleWorkerBounds, SlaTargets, WorkerBounds, WorkerRole,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::correction::CorrectionConfig;
@@ -131,25 +133,28 @@ impl DeploymentPolicy {
     }
 
     /// Every field that makes this policy unusable, as `(field, what is wrong)`; empty when
-    /// valid. Fields are named as in the REST body.
+    /// valid. The rules are the REST API's (`kvfleet_proto::api`), fields named as there.
     pub fn invalid_fields(&self) -> Vec<(String, String)> {
-        let mut problems = Vec::new();
-        for (field, value) in [
-            ("sla.ttft_ms", self.sla.ttft_ms),
-            ("sla.itl_ms", self.sla.itl_ms),
-        ] {
-            if let Some(v) = value
-                && !(v.is_finite() && v > 0.0)
-            {
-                problems.push((field.to_owned(), format!("{v} must be above 0")));
-            }
-        }
-        if !(self.sla.percentile.is_finite() && (50.0..=99.99).contains(&self.sla.percentile)) {
-            problems.push((
-                "sla.percentile".to_owned(),
-                format!("{} must be from 50 to 99.99", self.sla.percentile),
-            ));
-        }
+        let ms = |v: Option<f64>| {
+            v.map(|v| {
+                if v.is_finite() {
+                    v.ceil().clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
+                } else {
+                    0
+                }
+            })
+        };
+        let sla = SlaTargets {
+            ttft_ms: ms(self.sla.ttft_ms),
+            itl_ms: ms(self.sla.itl_ms),
+            percentile: Some(self.sla.percentile),
+        };
+        let mut problems: Vec<(String, String)> = sla
+            .invalid_fields()
+            .into_iter()
+            .map(|(f, r)| (f.to_owned(), r))
+            .collect();
+        let count = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
         if self.workers.min > self.workers.max {
             problems.push((
                 "min_workers".to_owned(),
@@ -159,40 +164,17 @@ impl DeploymentPolicy {
                 ),
             ));
         }
-        for (name, bounds) in [
-            ("prefill", self.roles.prefill),
-            ("decode", self.roles.decode),
-        ] {
-            let Some(b) = bounds else { continue };
-            if b.min > b.max {
-                problems.push((
-                    format!("roles.{name}.min"),
-                    format!("{} exceeds roles.{name}.max {}", b.min, b.max),
-                ));
-            }
-            if b.max > self.workers.max {
-                problems.push((
-                    format!("roles.{name}.max"),
-                    format!("{} exceeds max_workers {}", b.max, self.workers.max),
-                ));
-            }
-            if self.mode == DeploymentMode::Aggregated {
-                problems.push((
-                    format!("roles.{name}"),
-                    "only a disaggregated deployment has prefill and decode workers".to_owned(),
-                ));
-            }
-        }
-        if self.mode == DeploymentMode::Disaggregated && self.minimum() > self.workers.max {
-            problems.push((
-                "roles".to_owned(),
-                format!(
-                    "the roles' minimums add up to {}, above max_workers {}",
-                    self.minimum(),
-                    self.workers.max
-                ),
-            ));
-        }
+        let bounds = |b: Option<Bounds>| {
+            b.map(|b| WorkerBounds {
+                min: count(b.min),
+                max: count(b.max),
+            })
+        };
+        let roles = RoleWorkerBounds {
+            prefill: bounds(self.roles.prefill),
+            decode: bounds(self.roles.decode),
+        };
+        problems.extend(roles.invalid_fields(self.mode, count(self.workers.max)));
         problems
     }
 }
@@ -369,7 +351,6 @@ mod tests {
                 "sla.itl_ms",
                 "sla.percentile",
                 "min_workers",
-                "roles.prefill.max",
                 "roles.prefill"
             ]
         );

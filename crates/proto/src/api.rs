@@ -297,6 +297,121 @@ pub struct SlaTargets {
     /// Inter-token latency, milliseconds (> 0).
     #[serde(default)]
     pub itl_ms: Option<i32>,
+    /// The percentile both targets hold at, 50..=99.99 (absent: 90, i.e. p90).
+    #[serde(default)]
+    pub percentile: Option<f64>,
+}
+
+impl SlaTargets {
+    /// The percentile when none is given.
+    pub const DEFAULT_PERCENTILE: f64 = 90.0;
+    /// The accepted percentiles.
+    pub const PERCENTILE_RANGE: std::ops::RangeInclusive<f64> = 50.0..=99.99;
+
+    /// The percentile, defaulted.
+    pub fn percentile_or_default(&self) -> f64 {
+        self.percentile.unwrap_or(Self::DEFAULT_PERCENTILE)
+    }
+
+    /// Every field that is out of range, as `(field, what is wrong)`, named as in the body.
+    pub fn invalid_fields(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        for (field, value) in [("sla.ttft_ms", self.ttft_ms), ("sla.itl_ms", self.itl_ms)] {
+            if let Some(v) = value
+                && v <= 0
+            {
+                problems.push((field, format!("{v} must be above 0 ms")));
+            }
+        }
+        if let Some(p) = self.percentile
+            && !(p.is_finite() && Self::PERCENTILE_RANGE.contains(&p))
+        {
+            problems.push((
+                "sla.percentile",
+                format!(
+                    "{p} must be from {} to {}",
+                    Self::PERCENTILE_RANGE.start(),
+                    Self::PERCENTILE_RANGE.end()
+                ),
+            ));
+        }
+        problems
+    }
+}
+
+/// A range of worker counts for one role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WorkerBounds {
+    /// Fewest workers of the role (≥ 0).
+    pub min: i32,
+    /// Most workers of the role (≥ min).
+    pub max: i32,
+}
+
+/// Per-role worker bounds of a disaggregated deployment; an absent role is bounded only by the
+/// deployment's `min_workers`/`max_workers`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RoleWorkerBounds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<WorkerBounds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<WorkerBounds>,
+}
+
+impl RoleWorkerBounds {
+    /// Whether no role has bounds.
+    pub fn is_empty(&self) -> bool {
+        self.prefill.is_none() && self.decode.is_none()
+    }
+
+    /// Every problem with these bounds for a deployment of `mode` with at most `max_workers`,
+    /// as `(field, what is wrong)` named as in the body (`roles.prefill.max`).
+    pub fn invalid_fields(&self, mode: DeploymentMode, max_workers: i32) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut minimums = 0i64;
+        for (name, bounds) in [("prefill", self.prefill), ("decode", self.decode)] {
+            let Some(b) = bounds else { continue };
+            if mode == DeploymentMode::Aggregated {
+                problems.push((
+                    format!("roles.{name}"),
+                    "only a disaggregated deployment has prefill and decode workers".to_owned(),
+                ));
+                continue;
+            }
+            if b.min < 0 {
+                problems.push((
+                    format!("roles.{name}.min"),
+                    format!("{} must be 0 or more", b.min),
+                ));
+            }
+            if b.max < b.min {
+                problems.push((
+                    format!("roles.{name}.max"),
+                    format!("{} is below roles.{name}.min {}", b.max, b.min),
+                ));
+            }
+            if b.max > max_workers {
+                problems.push((
+                    format!("roles.{name}.max"),
+                    format!("{} exceeds max_workers {max_workers}", b.max),
+                ));
+            }
+            minimums += i64::from(b.min.max(0));
+        }
+        if mode == DeploymentMode::Disaggregated && minimums > i64::from(max_workers) {
+            problems.push((
+                "roles".to_owned(),
+                format!(
+                    "the roles' minimums add up to {minimums}, above max_workers {max_workers}"
+                ),
+            ));
+        }
+        problems
+    }
 }
 
 /// Where a deployment's workers may run.
@@ -329,6 +444,12 @@ pub struct Deployment {
     pub sla: SlaTargets,
     pub min_workers: i32,
     pub max_workers: i32,
+    /// Per-role bounds (disaggregated deployments).
+    #[serde(default, skip_serializing_if = "RoleWorkerBounds::is_empty")]
+    pub roles: RoleWorkerBounds,
+    /// What the SLA planner does for this deployment.
+    #[serde(default = "planner_off")]
+    pub planner: PlannerMode,
     pub placement: PlacementConstraints,
     /// How prefill is split from decode; ignored (but kept) while `mode` is `aggregated`.
     pub disaggregation: DisaggregationPolicy,
@@ -419,6 +540,12 @@ pub struct NewDeployment {
     pub min_workers: i32,
     #[serde(default = "one")]
     pub max_workers: i32,
+    /// Per-role bounds (disaggregated deployments).
+    #[serde(default)]
+    pub roles: RoleWorkerBounds,
+    /// `off` (default: the deployment runs `min_workers`), `advise` or `auto`.
+    #[serde(default = "planner_off")]
+    pub planner: PlannerMode,
     #[serde(default)]
     pub placement: PlacementConstraints,
     /// Absent: the default policy.
@@ -428,6 +555,10 @@ pub struct NewDeployment {
 
 fn default_mode() -> DeploymentMode {
     DeploymentMode::Aggregated
+}
+
+fn planner_off() -> PlannerMode {
+    PlannerMode::Off
 }
 
 fn one() -> i32 {
@@ -447,6 +578,11 @@ pub struct DeploymentPatch {
     pub min_workers: Option<i32>,
     #[serde(default)]
     pub max_workers: Option<i32>,
+    /// Replaces every role's bounds (`{}` clears them).
+    #[serde(default)]
+    pub roles: Option<RoleWorkerBounds>,
+    #[serde(default)]
+    pub planner: Option<PlannerMode>,
     #[serde(default)]
     pub placement: Option<PlacementConstraints>,
     /// Replaces the whole policy; fields absent from the object take their defaults.
@@ -529,6 +665,162 @@ pub struct AuditEntry {
 pub struct CaInfo {
     pub cert_pem: String,
     pub revoked_serials: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// SLA planner
+// ---------------------------------------------------------------------------------------------
+
+/// `GET /api/v1/planner`: the fleet-wide planner settings and where the loop stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlannerSettings {
+    /// The most workers (GPUs or CPU slots) all deployments may hold together; absent: no
+    /// fleet-wide limit.
+    pub gpu_budget: Option<i32>,
+    /// Seconds between planning rounds (the control plane's `planner.interval`).
+    pub interval_s: f64,
+    /// What the deployments' minimums add up to (the least budget accepted).
+    pub minimums: i32,
+    /// When the last round ran (any replica: the loop runs on the leader).
+    pub last_round_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// `PATCH /api/v1/planner`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PlannerSettingsPatch {
+    /// The new budget; `null` removes it. Must cover the deployments' minimums.
+    #[serde(default, with = "double_option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i32>))]
+    pub gpu_budget: Option<Option<i32>>,
+}
+
+/// `Option<Option<T>>` that tells an absent field (`None`) from an explicit `null`
+/// (`Some(None)`).
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<T: Serialize, S: Serializer>(
+        value: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+/// Workers per role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RoleCountsView {
+    #[serde(default)]
+    pub aggregated: i64,
+    #[serde(default)]
+    pub prefill: i64,
+    #[serde(default)]
+    pub decode: i64,
+}
+
+/// One planner decision (`GET /api/v1/planner/decisions`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlannerDecision {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub deployment_id: Uuid,
+    pub deployment: String,
+    /// `advise` (recorded only) or `auto` (acted on).
+    pub mode: PlannerMode,
+    /// `hold`, `scale_up`, `scale_down` or `rebalance`.
+    pub action: String,
+    /// One sentence.
+    pub reason: String,
+    /// Workers that counted when the round started.
+    pub current: RoleCountsView,
+    /// Workers the deployment should have.
+    pub targets: RoleCountsView,
+    /// Whether placement was asked to reach `targets` (auto mode, targets changed).
+    pub applied: bool,
+    /// The leader replica that decided (its hostname and process).
+    pub decided_by: String,
+    /// Everything the planner saw and computed: inputs, predictions, corrections, per-role
+    /// sizing, limits, the arithmetic lines (kvfleet_planner::DeploymentDecision).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub detail: serde_json::Value,
+}
+
+/// Query of `GET /api/v1/planner/decisions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct PlannerDecisionQuery {
+    /// Only this deployment's (id or name).
+    pub deployment: Option<String>,
+    /// Leave out `hold` decisions.
+    pub changes_only: Option<bool>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// One interval of one deployment as the planner saw it, with what it decided then
+/// (`GET /api/v1/deployments/{id}/planner`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlannerPoint {
+    /// The interval's end.
+    pub at: DateTime<Utc>,
+    /// Requests per second.
+    pub rate: f64,
+    /// The rate the planner predicted at this point (absent: no decision).
+    pub predicted_rate: Option<f64>,
+    /// TTFT at the deployment's percentile, ms.
+    pub ttft_ms: Option<f64>,
+    /// ITL at the deployment's percentile, ms.
+    pub itl_ms: Option<f64>,
+    /// The targets then.
+    pub ttft_target_ms: Option<f64>,
+    pub itl_target_ms: Option<f64>,
+    pub percentile: f64,
+    /// Workers that served in the interval.
+    pub workers: RoleCountsView,
+    /// The planner's targets after it (absent: no decision).
+    pub targets: Option<RoleCountsView>,
+    pub action: Option<String>,
+}
+
+/// A stored performance profile, without its tables (`GET /api/v1/models/{id}/profiles`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProfileInfo {
+    pub id: Uuid,
+    pub model_id: Uuid,
+    pub model: String,
+    /// The device kind it was measured on (`profile.device`).
+    pub device: String,
+    pub engine: String,
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A stored performance profile with its tables (`GET /api/v1/profiles/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StoredProfile {
+    #[serde(flatten)]
+    pub info: ProfileInfo,
+    pub profile: crate::profile::PerfProfile,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -683,6 +975,62 @@ pub struct ObservedWorker {
     pub state: ObservedWorkerState,
     #[serde(default)]
     pub metrics: Option<WorkerMetrics>,
+    /// What the worker served since the previous heartbeat, as sums and mergeable
+    /// histograms (the planner's input). Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WorkerWindow>,
+}
+
+/// One worker's serving over one heartbeat window: sums and latency histograms with the
+/// shared bounds of [`crate::histogram`], never percentiles, so the control plane can add up
+/// any set of workers and windows. Rates and means follow from the sums: request rate =
+/// `requests / seconds`, mean ISL = `prompt_tokens / requests`, mean OSL = `output_tokens /
+/// finished`, prefix hit rate = `cached_tokens / prompt_tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WorkerWindow {
+    /// The window's length, seconds (> 0).
+    pub seconds: f64,
+    /// Requests admitted.
+    pub requests: u64,
+    /// Their prompt tokens.
+    pub prompt_tokens: u64,
+    /// Of those, tokens found in the prefix cache.
+    pub cached_tokens: u64,
+    /// Requests finished.
+    pub finished: u64,
+    /// Their output tokens.
+    pub output_tokens: u64,
+    /// Time to first token of the first tokens in the window.
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::histogram::RawHistogram))]
+    pub ttft: crate::histogram::LatencyHistogram,
+    /// Gaps between consecutive tokens in the window.
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::histogram::RawHistogram))]
+    pub itl: crate::histogram::LatencyHistogram,
+    /// Requests waiting for admission at the end.
+    pub queue_depth: u64,
+    /// Prompt tokens admitted but not yet prefilled at the end.
+    pub pending_prefill_tokens: u64,
+    /// KV blocks in use and in all at the end.
+    pub kv_blocks_used: u64,
+    pub kv_blocks_total: u64,
+}
+
+impl WorkerWindow {
+    /// What is wrong with the window, if anything (the histograms were checked when parsed).
+    pub fn invalid_reason(&self) -> Option<&'static str> {
+        if !(self.seconds.is_finite() && self.seconds > 0.0 && self.seconds <= 3600.0) {
+            return Some("seconds must be above 0 and at most 3600");
+        }
+        if self.cached_tokens > self.prompt_tokens {
+            return Some("cached_tokens must not exceed prompt_tokens");
+        }
+        if self.kv_blocks_used > self.kv_blocks_total {
+            return Some("kv_blocks_used must not exceed kv_blocks_total");
+        }
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

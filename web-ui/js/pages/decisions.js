@@ -1,9 +1,11 @@
-// Placement and planner decisions as a timeline with their reasons (GET /decisions: the rows
-// the control plane's loops write, readable by every role).
+// Decisions as timelines with their reasons: the SLA planner's (GET /planner/decisions: reason,
+// inputs, outcome, arithmetic; the fleet's GPU budget above them) and every loop's changes
+// (GET /decisions: the audit rows placement, liveness and the planner write).
 
 import { get, all } from '/ui/js/api.js';
 import { h, patch, badge } from '/ui/js/dom.js';
 import { time, shortId } from '/ui/js/format.js';
+import { plannerTimeline, budgetPanel, loadDecisions } from '/ui/js/pages/planner.js';
 
 export const title = 'Decisions';
 
@@ -29,10 +31,24 @@ export async function mount(ctx) {
     [['', 'all loops'], ['placement', 'placement'], ['liveness', 'liveness'], ['planner', 'planner']].map(([v, t]) => h('option', { value: v }, t)));
   const slot = h('div', {});
   const more = h('button', { type: 'button', class: 'secondary', hidden: true }, 'Show older');
+  const budget = h('div', {});
+  const planner = h('div', {});
+  const changesOnly = h('input', { type: 'checkbox', id: 'planner-changes', checked: true });
   ctx.root.append(h('h1', {}, 'Placement and planner decisions'),
     h('p', { class: 'muted' }, 'What the control plane decided on its own, newest first, and why.'),
-    h('div', { class: 'toolbar' }, h('div', { class: 'field' }, h('label', { for: 'dec-source' }, 'Source'), source)),
-    slot, more);
+    h('section', { 'aria-labelledby': 'h-planner' }, h('h2', { id: 'h-planner' }, 'SLA planner'), budget,
+      h('div', { class: 'toolbar' }, h('div', { class: 'field' }, changesOnly, h('label', { for: 'planner-changes' }, 'Only rounds that changed something'))),
+      planner),
+    h('section', { 'aria-labelledby': 'h-changes' }, h('h2', { id: 'h-changes' }, 'Changes by placement, liveness and the planner'),
+      h('div', { class: 'toolbar' }, h('div', { class: 'field' }, h('label', { for: 'dec-source' }, 'Source'), source)),
+      slot, more));
+  const refreshPlanner = async () => {
+    const [settings, items] = await Promise.all([get('/planner'), loadDecisions(null, 30, changesOnly.checked)]);
+    if (!budget.contains(document.activeElement)) patch(budget, budgetPanel(ctx, settings, refreshPlanner));
+    patch(planner, plannerTimeline(items));
+  };
+  changesOnly.addEventListener('change', () => refreshPlanner().catch(() => {}));
+  ctx.poll(refreshPlanner, 3000);
   let limit = 50;
   const refresh = async () => {
     const q = `limit=${limit}${source.value ? `&source=${source.value}` : ''}`;

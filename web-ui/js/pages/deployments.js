@@ -8,6 +8,7 @@ import { lineChart, pointsOf } from '/ui/js/chart.js';
 import { workersTable } from '/ui/js/pages/overview.js';
 import { timeline } from '/ui/js/pages/decisions.js';
 import { ms, num, pct, ago, time } from '/ui/js/format.js';
+import { plannerTimeline, plannerCharts, loadDecisions, loadSeries, counts } from '/ui/js/pages/planner.js';
 
 export const title = 'Deployments';
 
@@ -15,6 +16,13 @@ function slaText(d) {
   const parts = [];
   if (d.sla.ttft_ms) parts.push(`TTFT ≤ ${d.sla.ttft_ms} ms`);
   if (d.sla.itl_ms) parts.push(`ITL ≤ ${d.sla.itl_ms} ms`);
+  if (!parts.length) return '—';
+  return `${parts.join(', ')} at p${d.sla.percentile ?? 90}`;
+}
+
+function rolesText(d) {
+  const r = d.roles || {};
+  const parts = ['prefill', 'decode'].filter((k) => r[k]).map((k) => `${k} ${r[k].min}–${r[k].max}`);
   return parts.join(', ') || '—';
 }
 
@@ -50,6 +58,7 @@ export async function mount(ctx) {
       { label: 'Workers', key: 'workers', value: (d) => readyText(d, state.workers) },
       { label: 'Min–max', key: 'range', value: (d) => `${d.min_workers}–${d.max_workers}` },
       { label: 'SLA', key: 'sla', value: slaText },
+      { label: 'Planner', key: 'planner', value: (d) => d.planner || 'off' },
       { label: 'Requests/s', key: 'rps', num: true, value: (d) => num(rates[d.id], 2) },
       { label: 'Updated', key: 'updated', value: (d) => ago(d.updated_at) },
     ];
@@ -91,7 +100,9 @@ function disaggregationText(d) {
 
 function deploymentForm(ctx, models, existing, done) {
   const editing = Boolean(existing);
-  const d = existing || { name: '', model: models[0]?.name || '', mode: 'aggregated', min_workers: 1, max_workers: 1, sla: {}, placement: {} };
+  const d = existing || { name: '', model: models[0]?.name || '', mode: 'aggregated', min_workers: 1, max_workers: 1, sla: {}, placement: {}, planner: 'off', roles: {} };
+  const roles = d.roles || {};
+  const roleValue = (role, key) => (roles[role] ? String(roles[role][key]) : '');
   const labels = Object.entries(d.placement.node_labels || {}).map(([k, v]) => `${k}=${v}`).join(', ');
   // Older control planes send no policy: the fields start empty (the server's defaults).
   const policy = d.disaggregation || {};
@@ -103,10 +114,17 @@ function deploymentForm(ctx, models, existing, done) {
       field({ label: 'Model', name: 'model', value: d.model, options: models.length ? models.map((m) => m.name) : [['', 'no models yet']], disabled: editing }),
       field({ label: 'Mode', name: 'mode', value: d.mode, options: ['aggregated', 'disaggregated'] }),
       field({ label: 'Min workers', name: 'min_workers', type: 'number', value: String(d.min_workers), min: 0 }),
-      field({ label: 'Max workers', name: 'max_workers', type: 'number', value: String(d.max_workers), min: 1 })),
+      field({ label: 'Max workers', name: 'max_workers', type: 'number', value: String(d.max_workers), min: 1 }),
+      field({ label: 'SLA planner', name: 'planner', value: d.planner || 'off', options: [['off', 'off: run min workers'], ['advise', 'advise: record decisions'], ['auto', 'auto: scale to the SLA']] })),
     h('fieldset', {}, h('legend', {}, 'SLA targets'), h('div', { class: 'fields' },
       field({ label: 'TTFT target (ms)', name: 'sla.ttft_ms', type: 'number', value: d.sla.ttft_ms ? String(d.sla.ttft_ms) : '', hint: 'time to first token; empty: none' }),
-      field({ label: 'ITL target (ms)', name: 'sla.itl_ms', type: 'number', value: d.sla.itl_ms ? String(d.sla.itl_ms) : '', hint: 'inter-token latency; empty: none' }))),
+      field({ label: 'ITL target (ms)', name: 'sla.itl_ms', type: 'number', value: d.sla.itl_ms ? String(d.sla.itl_ms) : '', hint: 'inter-token latency; empty: none' }),
+      field({ label: 'Percentile', name: 'sla.percentile', type: 'number', value: d.sla.percentile ? String(d.sla.percentile) : '', step: 'any', hint: 'the targets hold at; empty: 90' }))),
+    h('fieldset', {}, h('legend', {}, 'Workers per role (disaggregated mode)'), h('div', { class: 'fields' },
+      field({ label: 'Prefill min', name: 'roles.prefill.min', type: 'number', value: roleValue('prefill', 'min'), min: 0, hint: 'empty: no role bound' }),
+      field({ label: 'Prefill max', name: 'roles.prefill.max', type: 'number', value: roleValue('prefill', 'max'), min: 0 }),
+      field({ label: 'Decode min', name: 'roles.decode.min', type: 'number', value: roleValue('decode', 'min'), min: 0 }),
+      field({ label: 'Decode max', name: 'roles.decode.max', type: 'number', value: roleValue('decode', 'max'), min: 0 }))),
     h('fieldset', {}, h('legend', {}, 'Placement'), h('div', { class: 'fields' },
       field({ label: 'GPU name contains', name: 'placement.gpu_name', value: d.placement.gpu_name || '', hint: 'e.g. H100; empty: any' }),
       field({ label: 'Node labels', name: 'placement.node_labels', value: labels, hint: 'key=value, comma separated' }),
@@ -138,11 +156,19 @@ function deploymentForm(ctx, models, existing, done) {
       showProblem(form, { message: '', invalidParams: [{ name: 'placement.node_labels', reason: `write key=value (not ${JSON.stringify(labelErrors[0])})` }] });
       return;
     }
+    const roleBounds = {};
+    for (const role of ['prefill', 'decode']) {
+      const min = int(`roles.${role}.min`);
+      const max = int(`roles.${role}.max`);
+      if (min !== null || max !== null) roleBounds[role] = { min: min ?? 0, max: max ?? int('max_workers') ?? 1 };
+    }
     const body = {
       mode: el.mode.value,
+      planner: el.planner.value,
       min_workers: int('min_workers'),
       max_workers: int('max_workers'),
-      sla: { ttft_ms: int('sla.ttft_ms'), itl_ms: int('sla.itl_ms') },
+      roles: roleBounds,
+      sla: { ttft_ms: int('sla.ttft_ms'), itl_ms: int('sla.itl_ms'), percentile: int('sla.percentile') },
       placement: {
         node_labels: nodeLabels,
         nodes: d.placement.nodes || [],
@@ -157,6 +183,7 @@ function deploymentForm(ctx, models, existing, done) {
     };
     // Absent means "the default" for create; the server says which values it cannot take.
     for (const k of ['min_workers', 'max_workers']) if (body[k] === null) delete body[k];
+    if (body.sla.percentile === null) delete body.sla.percentile;
     if (body.placement.gpu_name === null) delete body.placement.gpu_name;
     for (const k of Object.keys(body.disaggregation)) if (body.disaggregation[k] === null) delete body.disaggregation[k];
     try {
@@ -179,9 +206,11 @@ function deploymentForm(ctx, models, existing, done) {
 
 export async function mountDetail(ctx) {
   const [id] = ctx.params;
-  const slots = { head: h('div', {}), info: h('div', {}), charts: h('div', {}), workers: h('div', {}), decisions: h('div', {}) };
+  const slots = { head: h('div', {}), info: h('div', {}), charts: h('div', {}), workers: h('div', {}), decisions: h('div', {}), planner: h('div', {}), plannerCharts: h('div', {}) };
   ctx.root.append(h('p', {}, h('a', { href: '/ui/deployments', 'data-link': true }, '← Deployments')),
-    slots.head, slots.info, slots.charts,
+    slots.head, slots.info,
+    h('section', { 'aria-labelledby': 'h-planner' }, h('h2', { id: 'h-planner' }, 'SLA planner'), slots.plannerCharts, slots.planner),
+    slots.charts,
     h('section', { 'aria-labelledby': 'h-workers' }, h('h2', { id: 'h-workers' }, 'Workers'), slots.workers),
     h('section', { 'aria-labelledby': 'h-dec' }, h('h2', { id: 'h-dec' }, 'Placement decisions'), slots.decisions));
   await ctx.poll(async () => {
@@ -195,6 +224,8 @@ export async function mountDetail(ctx) {
       h('dt', {}, 'Mode'), h('dd', {}, d.mode),
       h('dt', {}, 'Workers'), h('dd', {}, `${readyText(d, workers)} (min ${d.min_workers}, max ${d.max_workers})`),
       h('dt', {}, 'SLA'), h('dd', {}, slaText(d)),
+      h('dt', {}, 'Planner'), h('dd', { 'data-planner': d.planner || 'off' }, d.planner || 'off'),
+      h('dt', {}, 'Role bounds'), h('dd', {}, rolesText(d)),
       h('dt', {}, 'Placement'), h('dd', { class: 'mono' }, JSON.stringify(d.placement)),
       h('dt', {}, 'Disaggregation'), h('dd', {}, disaggregationText(d)),
       h('dt', {}, 'Generation'), h('dd', {}, String(d.generation)),
@@ -202,6 +233,14 @@ export async function mountDetail(ctx) {
     patch(slots.workers, workersTable(workers, { nodes, gpus, deployments: [d] }));
     patch(slots.decisions, timeline(decisions.items, { deployments: [d], nodes }));
   });
+  ctx.poll(async () => {
+    const [decisions, points] = await Promise.all([loadDecisions(id, 20), loadSeries(id, 60)]);
+    const last = decisions[0];
+    patch(slots.planner, h('div', {},
+      last ? h('p', { class: 'planner-now' }, `Now: ${counts(last.targets)} (${last.mode}) — ${last.reason}`) : null,
+      h('h3', {}, 'Planner decisions'), plannerTimeline(decisions, { withDeployment: false })));
+    patch(slots.plannerCharts, plannerCharts(points));
+  }, 3000);
   ctx.poll(async () => {
     const m = await metrics('deployments', id, 15);
     patch(slots.charts, h('div', { class: 'grid' },

@@ -283,7 +283,7 @@ pub struct PlannerComparison {
 pub struct StaticPeak {
     /// Workers.
     pub workers: u32,
-    /// `workers` × the trace's span.
+    /// `workers` × the trace's span after the warm-up.
     pub gpu_hours: f64,
     /// Its attainment over the busiest hour.
     pub peak_attainment: f64,
@@ -338,8 +338,15 @@ pub fn run(
                 format!("static/{n}"),
             ),
             Spec::StaticPeak => {
-                let found =
-                    search_static_peak(p, &base_config, &perf, &trace, startup, speed_error)?;
+                let found = search_static_peak(
+                    p,
+                    &base_config,
+                    &perf,
+                    &trace,
+                    startup,
+                    speed_error,
+                    warmup,
+                )?;
                 static_peak = Some(found);
                 continue;
             }
@@ -472,6 +479,7 @@ fn busiest_hour(trace: &[TraceRequest]) -> (Duration, Vec<TraceRequest>) {
 }
 
 /// The fewest static workers whose SLA attainment over the busiest hour is ≥ 95%.
+#[allow(clippy::too_many_arguments)]
 fn search_static_peak(
     p: &PlannerArgs,
     base: &SimConfig,
@@ -479,6 +487,7 @@ fn search_static_peak(
     trace: &[TraceRequest],
     startup: Duration,
     speed_error: SpeedError,
+    warmup: Duration,
 ) -> anyhow::Result<StaticPeak> {
     let (from, window) = busiest_hour(trace);
     let attainment = |n: u32| -> anyhow::Result<f64> {
@@ -523,7 +532,10 @@ fn search_static_peak(
             lo = mid;
         }
     }
-    let span = trace.last().map_or(0.0, |r| r.arrival.as_secs_f64());
+    // Over the same span as the other runs' GPU-hours (after the warm-up).
+    let span = trace
+        .last()
+        .map_or(0.0, |r| r.arrival.saturating_sub(warmup).as_secs_f64());
     Ok(StaticPeak {
         workers: hi,
         gpu_hours: f64::from(hi) * span / 3600.0,
