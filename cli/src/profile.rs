@@ -331,6 +331,7 @@ pub(crate) fn run(args: &ProfileArgs) -> anyhow::Result<()> {
         let engine: MockEngine = MockEngine::new(config.clone(), MockExecutor::new(mock.clone()))?;
         let context = u32::try_from(config.max_model_len).unwrap_or(u32::MAX);
         let grid = grid(args, context);
+        let kv_blocks = u64::from(engine.pool().usage().total);
         let mut sweep = Sweep::new(engine, mock.vocab_size);
         measure(
             &mut sweep,
@@ -343,14 +344,14 @@ pub(crate) fn run(args: &ProfileArgs) -> anyhow::Result<()> {
                 kernel_path: None,
                 block_size: mock.layout.block_size.get(),
                 kv_block_bytes: mock.layout.block_bytes() as u64,
-                kv_blocks: u64::from(sweep.engine.pool().usage().total),
+                kv_blocks,
                 config: &config,
             },
         )?
     } else {
         let path = PathBuf::from(&args.engine);
         let m = crate::load::model(&path)?;
-        let vocab = m.model.config().vocab_size;
+        let vocab = u32::try_from(m.model.config().vocab_size).unwrap_or(u32::MAX);
         let context = u32::try_from(m.model.config().context_length).unwrap_or(u32::MAX);
         let grid = grid(args, context);
         let longest = grid

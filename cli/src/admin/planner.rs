@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use kvfleet_proto::api::{
     PlannerDecision, PlannerSettings, PlannerSettingsPatch, ProfileInfo, RoleCountsView,
     StoredProfile,
