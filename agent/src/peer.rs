@@ -25,9 +25,31 @@ use kvfleet_peer::{
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, Backend, EndReason, GenEvent, SubmitError};
-use crate::config::PeerSettings;
-use crate::cp_client::state::StateDir;
 use crate::disagg::{Disagg, PrefillTarget};
+use crate::state_dir::StateDir;
+
+/// `[peer]`: this agent's QUIC endpoint for forwarded requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSettings {
+    /// UDP address to listen on (`0.0.0.0:7500`; port 0 picks a free port, for tests).
+    pub listen: std::net::SocketAddr,
+    /// The address other agents reach it at (`host:port`, reported to the control plane);
+    /// `None`: the listen address, with the node's first address when it listens on all.
+    pub advertise: Option<String>,
+    /// Whether this node's frontend routes over the whole fleet (KV-aware, forwarding to
+    /// peers); `false`: only among its own workers, as standalone.
+    pub forward: bool,
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 7500)),
+            advertise: None,
+            forward: true,
+        }
+    }
+}
 
 /// Serves forwarded generate requests on this node's workers.
 #[derive(Debug, Clone)]

@@ -56,8 +56,41 @@ use self::text::{StopMatcher, Utf8Stream};
 use crate::backend::{
     Backend, EndReason, GenEvent, GenerateRequest, Generation, TokenLogprob, WorkerState,
 };
-use crate::config::FrontendConfig;
 use crate::metrics::Registry;
+
+/// The OpenAI frontend's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontendConfig {
+    /// Address to listen on (`0.0.0.0:8000`; port 0 picks a free port, for tests).
+    pub listen: std::net::SocketAddr,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests generating at once across the node's workers.
+    pub max_in_flight: usize,
+    /// Requests waiting for an in-flight slot. When full, new requests get 429 at once: the queue
+    /// never grows without bound.
+    pub queue_capacity: usize,
+    /// How long a request may wait in the queue before it gets 503.
+    pub queue_timeout: Duration,
+    /// The `Retry-After` value sent with 429 and 503.
+    pub retry_after: Duration,
+    /// Bearer tokens accepted on `/v1/*`; empty means no authentication.
+    pub api_keys: Vec<String>,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 8000)),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_in_flight: 256,
+            queue_capacity: 1024,
+            queue_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
+            api_keys: Vec::new(),
+        }
+    }
+}
 
 /// Everything the handlers share.
 #[derive(Debug)]

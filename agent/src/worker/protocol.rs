@@ -39,8 +39,8 @@ use kvfleet_proto::{BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::config::{EngineKind, ModelConfig};
 use crate::backend::{EndReason, GenEvent, TokenLogprob};
-use crate::config::{EngineKind, ModelConfig};
 
 /// Payload limit on worker sockets: a long prompt's JSON fits many times over.
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;

@@ -42,6 +42,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::config::{ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig};
 use super::protocol::{
     Control, EngineSpec, FrameStream, KvBlockHeader, MAX_KV_BLOCK_BYTES, WireCancel, WireError,
     WireFinish, WireKvEvents, WireRequest, WireStatus, WireTokens, WorkerHello, WorkerLatencies,
@@ -51,9 +52,7 @@ use crate::backend::{
     Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState,
     WorkerStatus,
 };
-use crate::config::{
-    LogConfig, LogFormat, ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig,
-};
+use crate::logging::{LogConfig, LogFormat};
 
 /// How to start a worker process: the agent's own binary with the `worker` subcommand.
 #[derive(Debug, Clone)]

@@ -286,9 +286,8 @@ impl Agent {
 
     pub fn connected(&self) -> bool {
         self.running
-            .control_plane
-            .as_ref()
-            .is_some_and(|h| h.status().connected)
+            .fleet()
+            .is_some_and(|f| f.control_plane.status().connected)
     }
 
     pub async fn stop(mut self) -> String {
