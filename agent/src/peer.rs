@@ -203,6 +203,8 @@ impl GenerateHandler for LocalGenerate {
 pub struct PeerHandle {
     inner: Arc<Mutex<Option<Arc<PeerEndpoint>>>>,
     advertised: Arc<Mutex<Option<String>>>,
+    /// When the certificate the endpoint presents expires (Unix seconds), once it is known.
+    certificate_expiry: Arc<Mutex<Option<i64>>>,
 }
 
 impl PeerHandle {
@@ -221,6 +223,17 @@ impl PeerHandle {
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.endpoint().and_then(|e| e.local_addr().ok())
     }
+
+    /// Records the expiry of the certificate the endpoint now presents.
+    fn presenting(&self, identity: &PeerIdentity) {
+        let expiry = identity
+            .not_after()
+            .map_err(|e| tracing::warn!(error = %e, "peer endpoint: cannot read the certificate's expiry"))
+            .ok();
+        if let Ok(mut slot) = self.certificate_expiry.lock() {
+            *slot = expiry;
+        }
+    }
 }
 
 impl PeerHandle {
@@ -232,6 +245,14 @@ impl PeerHandle {
             let Some(endpoint) = handle.endpoint() else {
                 return Ok(());
             };
+            if let Some(expiry) = handle.certificate_expiry.lock().ok().and_then(|e| *e) {
+                s.gauge(
+                    "kvfleet_peer_certificate_expiry_timestamp_seconds",
+                    "When the node certificate the peer endpoint presents expires (Unix time); \
+                     the control-plane client renews it with a third of its lifetime left",
+                    expiry,
+                )?;
+            }
             let m = endpoint.metrics().snapshot();
             let counters = [
                 (
@@ -347,10 +368,12 @@ pub async fn run(
     if let Ok(mut slot) = handle.inner.lock() {
         *slot = Some(endpoint.clone());
     }
+    handle.presenting(&identity);
     let watcher = tokio::spawn(reload_renewed_certificates(
         endpoint.clone(),
         state,
         identity,
+        handle.clone(),
         stop.clone(),
     ));
     endpoint
@@ -372,6 +395,7 @@ async fn reload_renewed_certificates(
     endpoint: Arc<PeerEndpoint>,
     state: StateDir,
     mut current: PeerIdentity,
+    handle: PeerHandle,
     stop: CancellationToken,
 ) {
     loop {
@@ -391,6 +415,7 @@ async fn reload_renewed_certificates(
         match endpoint.reload_identity(&identity) {
             Ok(()) => {
                 tracing::info!("peer endpoint: switched to the renewed node certificate");
+                handle.presenting(&identity);
                 current = identity;
             }
             // A half-written pair (certificate renewed, key not yet) fixes itself next time.
