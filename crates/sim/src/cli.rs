@@ -9,18 +9,28 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use kvfleet_engine::{MockProfile, PoolSizing};
-use kvfleet_kv_router::RoutingMode;
+use kvfleet_kv_router::{RouterConfig, RoutingMode};
 
 use crate::report::{Comparison, SimReport};
 use crate::sim::{SimConfig, run};
-use crate::trace::load_trace;
+use crate::sweep::{self, SweepArgs};
+use crate::trace::TraceRequest;
+use crate::workload::WorkloadArgs;
 
-/// Replay a request trace (Mooncake JSONL) on a fleet of mock engines in virtual time.
+/// Replay a request trace (Mooncake JSONL), or generated chat or agent traffic, on a fleet of
+/// mock engines in virtual time.
 #[derive(Debug, Clone, Args)]
 pub struct SimArgs {
-    /// The trace: one `{"timestamp", "input_length", "output_length", "hash_ids"}` per line.
+    /// The trace: one `{"timestamp", "input_length", "output_length", "hash_ids"}` per line
+    /// (needed with `--workload trace`, the default).
     #[arg(long, value_name = "FILE")]
-    pub trace: PathBuf,
+    pub trace: Option<PathBuf>,
+    /// Generated workloads instead of a trace (boxed: the CLI's command enum stays small).
+    #[command(flatten)]
+    pub workload: Box<WorkloadArgs>,
+    /// Several fleet sizes and request rates in one run.
+    #[command(flatten)]
+    pub sweep: Box<SweepArgs>,
     /// Workers in the fleet (one mock engine each).
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
@@ -58,6 +68,10 @@ pub struct SimArgs {
     /// Seed of the router's random choices (`random` mode, softmax).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Sets one router setting, as `NAME=VALUE` with the names of `kvfleet_kv_router::RouterConfig`
+    /// (e.g. `--router itl_weight=0.05 --router tie_fraction=0.05`); repeatable.
+    #[arg(long = "router", value_name = "NAME=VALUE")]
+    pub router_settings: Vec<String>,
     /// Modes to simulate at once, each on its own thread (runs are independent, so the
     /// figures do not depend on it; only the wall times do).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -105,8 +119,35 @@ impl SimArgs {
         if let Some(seed) = self.seed {
             config.router.seed = seed;
         }
+        config.router = apply_router_settings(&config.router, &self.router_settings)?;
         Ok(config)
     }
+}
+
+/// `config` with each `NAME=VALUE` applied (the value as JSON, or else as a string), through the
+/// config's own deserializer so every field is checked as in a config file.
+fn apply_router_settings(
+    config: &RouterConfig,
+    settings: &[String],
+) -> anyhow::Result<RouterConfig> {
+    if settings.is_empty() {
+        return Ok(config.clone());
+    }
+    let mut value = serde_json::to_value(config).context("serializing the router config")?;
+    for setting in settings {
+        let Some((name, text)) = setting.split_once('=') else {
+            bail!("--router {setting}: expected NAME=VALUE");
+        };
+        let parsed = serde_json::from_str(text)
+            .unwrap_or_else(|_| serde_json::Value::String(text.to_owned()));
+        match value.as_object_mut() {
+            Some(fields) if fields.contains_key(name.trim()) => {
+                fields.insert(name.trim().to_owned(), parsed);
+            }
+            _ => bail!("--router {setting}: the router has no setting `{name}`"),
+        }
+    }
+    serde_json::from_value(value).context("--router: a value does not fit its setting")
 }
 
 /// Runs `kvfleet sim`: every requested mode over the trace, then prints the table (or JSON)
@@ -117,20 +158,41 @@ pub fn cli_main(args: SimArgs) -> anyhow::Result<()> {
 
 /// [`cli_main`] writing its table or JSON to `out`.
 pub fn cli_run(args: SimArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    if args.sweep.is_sweep() {
+        return sweep::run_sweep(&args, out);
+    }
     let modes = args.modes()?;
     let config = args.config()?;
-    let mut trace = load_trace(&args.trace)?;
-    if let Some(limit) = args.limit {
-        trace.truncate(limit);
+    let (name, trace) = sweep::workload(&args, 1.0)?;
+    let runs = run_modes(&config, &trace, &modes, args.jobs)?;
+    let comparison = Comparison { trace: name, runs };
+    if let Some(path) = &args.plot {
+        std::fs::write(path, crate::plot::render_svg(&comparison))
+            .with_context(|| format!("writing plot {}", path.display()))?;
     }
-    let jobs = args.jobs.clamp(1, modes.len().max(1));
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &comparison).context("writing JSON")?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", comparison.markdown_table())?;
+    }
+    Ok(())
+}
+
+/// Runs `config` once per mode over `trace`, `jobs` runs at a time, and logs each to stderr.
+pub(crate) fn run_modes(
+    config: &SimConfig,
+    trace: &[TraceRequest],
+    modes: &[RoutingMode],
+    jobs: usize,
+) -> anyhow::Result<Vec<SimReport>> {
+    let jobs = jobs.clamp(1, modes.len().max(1));
     let mut runs = Vec::with_capacity(modes.len());
     for chunk in modes.chunks(jobs) {
         let reports: Vec<anyhow::Result<SimReport>> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk
                 .iter()
                 .map(|&mode| {
-                    let (config, trace) = (&config, &trace);
                     scope.spawn(move || {
                         run(&config.clone().with_mode(mode), trace)
                             .with_context(|| format!("simulating mode {mode}"))
@@ -148,32 +210,22 @@ pub fn cli_run(args: SimArgs, out: &mut impl std::io::Write) -> anyhow::Result<(
         for report in reports {
             let report = report?;
             eprintln!(
-                "{}: {} of {} requests completed, hit rate {:.1} %, {:.1} s of virtual time in {:.1} s",
+                "{} workers, {}: {} of {} requests completed, hit rate {:.1} %, mean TTFT {:.0} ms \
+                 (predicted within {:.1} % at the median), {:.1} s of virtual time in {:.1} s",
+                report.workers,
                 report.mode,
                 report.completed,
                 report.requests,
                 report.prefix_hit_rate * 100.0,
+                report.ttft_ms.mean,
+                report.ttft_prediction.rel_p50 * 100.0,
                 report.virtual_duration_s,
                 report.wall_time_s
             );
             runs.push(report);
         }
     }
-    let comparison = Comparison {
-        trace: args.trace.display().to_string(),
-        runs,
-    };
-    if let Some(path) = &args.plot {
-        std::fs::write(path, crate::plot::render_svg(&comparison))
-            .with_context(|| format!("writing plot {}", path.display()))?;
-    }
-    if args.json {
-        serde_json::to_writer_pretty(&mut *out, &comparison).context("writing JSON")?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", comparison.markdown_table())?;
-    }
-    Ok(())
+    Ok(runs)
 }
 
 #[cfg(test)]

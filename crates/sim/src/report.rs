@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use kvfleet_kv_router::{EventCounters, RouteCounters, RoutingMode};
+use kvfleet_kv_router::{EventCounters, PredictionSummary, RouteCounters, RoutingMode};
 use serde::{Deserialize, Serialize};
 
 use crate::stats::Percentiles;
@@ -70,6 +70,9 @@ pub struct SimReport {
     pub router_routes: RouteCounters,
     /// The router's KV event counters (gaps or broken chains would be a simulator bug).
     pub router_events: EventCounters,
+    /// How the TTFT the router predicted for each request (from routing to first token, on the
+    /// worker it chose) compared with the actual one.
+    pub ttft_prediction: PredictionSummary,
 }
 
 /// Requests refused for one reason.
@@ -118,19 +121,24 @@ impl Comparison {
     pub fn markdown_table(&self) -> String {
         let mut out = String::new();
         out.push_str(
-            "| mode | prefix hit rate | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | \
-             E2E p50 | E2E p99 | output tok/s | requests per worker (min–max) | computed prompt \
-             tokens per worker (min–max) | wall time |\n",
+            "| mode | prefix hit rate | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | \
+             ITL p99 | E2E p50 | E2E p99 | TTFT prediction error p50 / p90 | output tok/s | \
+             requests per worker (min–max) | computed prompt tokens per worker (min–max) | \
+             wall time |\n",
         );
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str(
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | \
+             ---: | ---: | ---: |\n",
+        );
         for r in &self.runs {
             let requests = min_max(r.per_worker.iter().map(|w| w.requests));
             let computed = min_max(r.per_worker.iter().map(|w| w.computed_prompt_tokens));
             let _ = writeln!(
                 out,
-                "| {} | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {:.0} | {}–{} | {:.1}M–{:.1}M | {:.1} s |",
+                "| {} | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} % / {:.1} % | {:.0} | {}–{} | {:.1}M–{:.1}M | {:.1} s |",
                 r.mode,
                 r.prefix_hit_rate * 100.0,
+                ms(r.ttft_ms.mean),
                 ms(r.ttft_ms.p50),
                 ms(r.ttft_ms.p90),
                 ms(r.ttft_ms.p99),
@@ -138,6 +146,8 @@ impl Comparison {
                 ms(r.itl_ms.p99),
                 ms(r.e2e_ms.p50),
                 ms(r.e2e_ms.p99),
+                r.ttft_prediction.rel_p50 * 100.0,
+                r.ttft_prediction.rel_p90 * 100.0,
                 r.output_tokens_per_s,
                 requests.0,
                 requests.1,

@@ -15,6 +15,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvfleet_engine::{
@@ -22,10 +23,11 @@ use kvfleet_engine::{
     RequestId as EngineRequestId, SchedulerConfig,
 };
 use kvfleet_kv_router::{
-    RequestId, RouteError, RouteRequest, Router, RouterConfig, RoutingMode, TooManyWorkers,
-    WorkerCapacity, WorkerLoad,
+    PredictionSummary, RequestId, RouteError, RouteRequest, Router, RouterConfig, RoutingMode,
+    TooManyWorkers, WorkerCapacity, WorkerLoad,
 };
 use kvfleet_proto::hash::sequence_hashes;
+use kvfleet_proto::profile::ProfileError;
 use kvfleet_proto::{KvEvent, SamplingParams, WorkerId};
 
 use crate::report::{Rejection, SimReport, WorkerReport};
@@ -102,6 +104,9 @@ pub enum SimError {
     /// More workers than the router can track.
     #[error(transparent)]
     Router(#[from] TooManyWorkers),
+    /// The mock's performance profile is unusable for the router.
+    #[error("performance profile: {0}")]
+    Profile(#[from] ProfileError),
     /// A mock engine's step failed (the mock executor never fails; kept for other executors).
     #[error("worker {worker} at {at:?}: {source}")]
     Exec {
@@ -133,6 +138,9 @@ enum ToRouter {
 #[derive(Debug, Clone, Copy)]
 struct Live {
     trace_index: usize,
+    /// When the router placed it, and the TTFT it predicted from then, ms.
+    routed_at: Duration,
+    predicted_ttft_ms: f64,
     /// The router's estimate of the prompt tokens the worker must compute (for load reports).
     prefill_estimate: u64,
     last_token: Option<Duration>,
@@ -162,6 +170,8 @@ struct Totals {
     output_tokens: u64,
     ttft_ms: Vec<f64>,
     e2e_ms: Vec<f64>,
+    /// (predicted, actual) TTFT from routing, ms, per request that got its first token.
+    predictions: Vec<(f64, f64)>,
     itl_us: LogHistogram,
     first_arrival: Option<Duration>,
     last_finish: Duration,
@@ -240,6 +250,12 @@ impl<'a> Sim<'a> {
         let pool_blocks = workers
             .first()
             .map_or(0, |w| w.engine.pool().usage().total as usize);
+        // Every worker runs the same mock, so they share its performance profile (for the pool
+        // they really have, which `--kv-blocks` may have resized): what the agent hands the
+        // router for a fleet of mock workers.
+        let mut mock = config.profile.clone();
+        mock.kv_cache_bytes = pool_blocks as u64 * mock.layout.block_bytes() as u64;
+        router.set_default_profile(Arc::new(mock.perf_profile(&config.scheduler)))?;
         Ok(Self {
             config,
             trace,
@@ -381,6 +397,10 @@ impl<'a> Sim<'a> {
                         worker.pending_prefill =
                             worker.pending_prefill.saturating_sub(live.prefill_estimate);
                         self.router.prefill_done(router_id, token.time);
+                        let actual = token.time.saturating_sub(live.routed_at);
+                        self.totals
+                            .predictions
+                            .push((live.predicted_ttft_ms, actual.as_secs_f64() * 1e3));
                     }
                     Some(last) => self
                         .totals
@@ -509,7 +529,8 @@ impl<'a> Sim<'a> {
         let request = &trace[index];
         let prompt = synthesize_prompt(request, self.config.profile.vocab_size);
         let hashes = sequence_hashes(&prompt, self.config.profile.layout.block_size);
-        let route = RouteRequest::new(RequestId(index as u128), &hashes, request.input_length);
+        let route = RouteRequest::new(RequestId(index as u128), &hashes, request.input_length)
+            .with_output_tokens(request.output_length);
         let decision = match self.router.select(&route, now) {
             Ok(decision) => decision,
             Err(RouteError::Overloaded { .. }) if !give_up_if_overloaded => {
@@ -539,6 +560,8 @@ impl<'a> Sim<'a> {
                     engine_id,
                     Live {
                         trace_index: index,
+                        routed_at: now,
+                        predicted_ttft_ms: decision.predicted_ttft_ms,
                         prefill_estimate,
                         last_token: None,
                     },
@@ -628,6 +651,30 @@ impl<'a> Sim<'a> {
             per_worker,
             router_routes: self.router.route_counters(),
             router_events: self.router.event_counters(),
+            ttft_prediction: prediction_summary(&t.predictions),
         }
+    }
+}
+
+/// Bias and absolute errors (exact percentiles) of predicted TTFTs against the actual ones.
+fn prediction_summary(pairs: &[(f64, f64)]) -> PredictionSummary {
+    if pairs.is_empty() {
+        return PredictionSummary::default();
+    }
+    let n = pairs.len() as f64;
+    let mut absolute: Vec<f64> = pairs.iter().map(|(p, a)| (p - a).abs()).collect();
+    let mut relative: Vec<f64> = pairs
+        .iter()
+        .map(|(p, a)| (p - a).abs() / a.max(1e-3))
+        .collect();
+    absolute.sort_unstable_by(f64::total_cmp);
+    relative.sort_unstable_by(f64::total_cmp);
+    PredictionSummary {
+        count: pairs.len() as u64,
+        bias_ms: pairs.iter().map(|(p, a)| p - a).sum::<f64>() / n,
+        abs_p50_ms: quantile(&absolute, 0.5),
+        abs_p90_ms: quantile(&absolute, 0.9),
+        rel_p50: quantile(&relative, 0.5),
+        rel_p90: quantile(&relative, 0.9),
     }
 }

@@ -134,20 +134,95 @@ fn kv_routing_beats_round_robin_on_hit_rate_and_ttft() {
 }
 
 #[test]
+fn every_run_reports_how_good_its_ttft_predictions_were() {
+    let trace = grouped_trace(120, 6, 3, 40);
+    for mode in [
+        RoutingMode::Kv,
+        RoutingMode::KvBlocks,
+        RoutingMode::RoundRobin,
+    ] {
+        let report = run(&config(3, mode), &trace).unwrap();
+        let p = report.ttft_prediction;
+        // Every completed request had its prediction checked at its first token.
+        assert_eq!(p.count, report.completed, "{mode}");
+        // The mock's profile is exact, so predictions on a lightly loaded fleet are close.
+        assert!(p.rel_p50 < 0.2, "{mode}: {p:?}");
+        assert!(p.abs_p90_ms < report.ttft_ms.p90, "{mode}: {p:?}");
+    }
+}
+
+#[test]
+fn time_based_kv_beats_kv_blocks_where_decode_blocks_mislead_it() {
+    // Long shared prefixes whose requests decode for long: the block cost counts each worker's
+    // decode blocks as if they were prefill work, and moves requests away from their cached
+    // prefixes; the time cost knows decoding is cheap next to recomputing 4k tokens.
+    let mut trace = grouped_trace(160, 8, 8, 60);
+    for r in &mut trace {
+        r.output_length = 400;
+    }
+    let kv = run(&config(4, RoutingMode::Kv), &trace).unwrap();
+    let blocks = run(&config(4, RoutingMode::KvBlocks), &trace).unwrap();
+    assert!(
+        kv.prefix_hit_rate > blocks.prefix_hit_rate,
+        "{} vs {}",
+        kv.prefix_hit_rate,
+        blocks.prefix_hit_rate
+    );
+    assert!(
+        kv.ttft_ms.mean < blocks.ttft_ms.mean,
+        "{:?} vs {:?}",
+        kv.ttft_ms,
+        blocks.ttft_ms
+    );
+}
+
+#[test]
+fn generated_workloads_replay_and_multi_turn_sessions_hit_their_cache() {
+    use crate::workload::{AgentConfig, ChatConfig};
+    let chat = ChatConfig {
+        sessions: 60,
+        ..ChatConfig::default()
+    }
+    .generate()
+    .unwrap();
+    let agent = AgentConfig {
+        runs: 15,
+        ..AgentConfig::default()
+    }
+    .generate()
+    .unwrap();
+    for (name, trace) in [("chat", chat), ("agent", agent)] {
+        let kv = run(&config(4, RoutingMode::Kv), &trace).unwrap();
+        assert_conserved(&kv, &trace);
+        assert_eq!(kv.completed, trace.len() as u64, "{name}");
+        let rr = run(&config(4, RoutingMode::RoundRobin), &trace).unwrap();
+        // Later turns and burst siblings find their prefix where kv sent the earlier ones.
+        assert!(kv.prefix_hit_rate > 0.5, "{name}: {}", kv.prefix_hit_rate);
+        assert!(
+            kv.prefix_hit_rate > rr.prefix_hit_rate,
+            "{name}: {} vs {}",
+            kv.prefix_hit_rate,
+            rr.prefix_hit_rate
+        );
+    }
+}
+
+#[test]
 fn kv_events_reach_the_router_only_after_the_delay() {
     // The 124 arrivals span 6.2 s. With events 5 ms late the router sees each prefix cached
-    // before the group's next request; with events 10 s late it learns nothing before the last
-    // arrival, so it never predicts an overlap (the engines may still hit by chance).
+    // before the group's next request; with events 10 s late a kv-blocks router learns nothing
+    // before the last arrival, so it never predicts an overlap (the engines may still hit by
+    // chance). The time-based kv router counts the prompts it sent as held by their workers
+    // from the start, so it does not depend on the events' delay to find them.
     let trace = grouped_trace(124, 31, 4, 50);
-    let prompt = run(&config(4, RoutingMode::Kv), &trace).unwrap();
-    let late = run(
-        &SimConfig {
-            event_delay: Duration::from_secs(10),
-            ..config(4, RoutingMode::Kv)
-        },
-        &trace,
-    )
-    .unwrap();
+    let prompt = run(&config(4, RoutingMode::KvBlocks), &trace).unwrap();
+    let late_config = SimConfig {
+        event_delay: Duration::from_secs(10),
+        ..config(4, RoutingMode::KvBlocks)
+    };
+    let late = run(&late_config, &trace).unwrap();
+    let late_kv = run(&late_config.clone().with_mode(RoutingMode::Kv), &trace).unwrap();
+    assert!(late_kv.router_routes.hit_blocks > 0);
     assert_conserved(&late, &trace);
     assert_eq!(late.completed, 124);
     assert_eq!(late.router_routes.hit_blocks, 0);
