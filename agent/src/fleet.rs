@@ -1332,13 +1332,19 @@ mod tests {
         store(&fleet, 2, &b[..768]);
         for _ in 0..3 {
             let plan = fleet.plan("a", &seq(&a), 1024).expect("a plan");
-            let p = plan.prefill.expect("remote prefill");
+            let p = plan.prefill.clone().expect("remote prefill");
             assert_eq!(p.decision.worker, WorkerId(9));
             assert_eq!(p.decision.overlap_blocks, 48);
             assert!(matches!(p.target, Target::Remote { .. }));
+            // Released before their prefill: the decode worker was to import the prompt's
+            // blocks, and a `kv` router counts them there until then.
+            fleet.finished(p.decision.request);
+            fleet.finished(plan.decode.decision.request);
             let plan = fleet.plan("a", &seq(&b), 1024).expect("a plan");
-            let p = plan.prefill.expect("remote prefill");
+            let p = plan.prefill.clone().expect("remote prefill");
             assert_eq!((p.decision.worker, p.target), (WorkerId(2), Target::Local));
+            fleet.finished(p.decision.request);
+            fleet.finished(plan.decode.decision.request);
         }
         // Unrelated prompts spread over both prefill workers by load.
         let mut seen = std::collections::BTreeSet::new();

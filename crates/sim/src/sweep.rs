@@ -13,7 +13,7 @@ use kvfleet_kv_router::RoutingMode;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{SimArgs, run_modes};
-use crate::report::{SimReport, ms};
+use crate::report::{Comparison, SimReport, ms};
 use crate::trace::{TraceRequest, load_trace};
 use crate::workload::{WorkloadKind, WorkloadStats, write_trace};
 
@@ -174,41 +174,24 @@ pub(crate) fn run_sweep(args: &SimArgs, out: &mut impl std::io::Write) -> anyhow
 }
 
 impl Sweep {
-    /// Two Markdown tables: every run, and per cell how `kv` compares with the other modes.
+    /// Markdown: per cell the table of every mode ([`Comparison::markdown_table`]), then one
+    /// table of how `kv` compares with the other modes in each cell.
     pub fn markdown(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        out.push_str(
-            "| workers | rate | mode | hit rate | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | \
-             ITL p50 | ITL p99 | TTFT prediction error p50 / p90 (bias) |\n",
-        );
-        out.push_str(
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-        );
         for cell in &self.cells {
-            for r in &cell.runs {
-                let p = &r.ttft_prediction;
-                let bold = if r.mode == RoutingMode::Kv { "**" } else { "" };
-                let _ = writeln!(
-                    out,
-                    "| {} | {}× | {bold}{}{bold} | {:.1} % | {bold}{}{bold} | {} | {} | {} | {} | {} | {:.1} % / {:.1} % ({:+.1} ms) |",
-                    cell.workers,
-                    cell.rate,
-                    r.mode,
-                    r.prefix_hit_rate * 100.0,
-                    ms(r.ttft_ms.mean),
-                    ms(r.ttft_ms.p50),
-                    ms(r.ttft_ms.p90),
-                    ms(r.ttft_ms.p99),
-                    ms(r.itl_ms.p50),
-                    ms(r.itl_ms.p99),
-                    p.rel_p50 * 100.0,
-                    p.rel_p90 * 100.0,
-                    p.bias_ms,
-                );
-            }
+            let _ = writeln!(
+                out,
+                "{} workers, {}× the base rate ({} requests):\n",
+                cell.workers, cell.rate, cell.workload.requests
+            );
+            let comparison = Comparison {
+                trace: self.workload.clone(),
+                runs: cell.runs.clone(),
+            };
+            out.push_str(&comparison.markdown_table());
+            out.push('\n');
         }
-        out.push('\n');
         out.push_str(
             "| workers | rate | requests | kv mean TTFT | best other mode | kv vs kv-blocks (mean TTFT) | \
              ITL p99 kv / kv-blocks |\n",

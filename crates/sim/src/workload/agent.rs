@@ -23,7 +23,7 @@
 use crate::trace::{TRACE_BLOCK_TOKENS, TraceRequest};
 
 use super::rng::{Rng, zipf};
-use super::{Chunks, Stream, WorkloadError, finish, positive};
+use super::{Chunks, Stream, WorkloadError, at_least_one, finish, positive, seconds};
 
 /// The agent generator's knobs; [`AgentConfig::default`] is what docs/benchmarks.md measures.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,21 +117,8 @@ impl AgentConfig {
         positive("request_tokens", self.request_tokens)?;
         positive("result_tokens", self.result_tokens)?;
         positive("output_tokens", self.output_tokens)?;
-        if !(self.tool_time_s.is_finite() && self.tool_time_s >= 0.0) {
-            return Err(WorkloadError {
-                field: "think-time",
-                reason: format!(
-                    "{} must be a finite number of seconds, ≥ 0",
-                    self.tool_time_s
-                ),
-            });
-        }
-        if self.system_prompts == 0 {
-            return Err(WorkloadError {
-                field: "system_prompts",
-                reason: "needs at least one".into(),
-            });
-        }
+        seconds("think-time", self.tool_time_s)?;
+        at_least_one("system_prompts", self.system_prompts)?;
         Ok(())
     }
 

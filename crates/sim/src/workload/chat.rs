@@ -22,7 +22,7 @@
 use crate::trace::{TRACE_BLOCK_TOKENS, TraceRequest};
 
 use super::rng::{Rng, zipf};
-use super::{Chunks, Stream, WorkloadError, finish, positive};
+use super::{Chunks, Stream, WorkloadError, at_least_one, finish, positive, seconds};
 
 /// The chat generator's knobs; [`ChatConfig::default`] is what docs/benchmarks.md measures.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,27 +98,14 @@ impl ChatConfig {
         positive("user_tokens", self.user_tokens)?;
         positive("answer_tokens", self.answer_tokens)?;
         positive("document_tokens", self.document_tokens)?;
-        if !(self.think_time_s.is_finite() && self.think_time_s >= 0.0) {
-            return Err(WorkloadError {
-                field: "think-time",
-                reason: format!(
-                    "{} must be a finite number of seconds, ≥ 0",
-                    self.think_time_s
-                ),
-            });
-        }
+        seconds("think-time", self.think_time_s)?;
         if !(0.0..=1.0).contains(&self.document_share) {
             return Err(WorkloadError {
                 field: "document_share",
                 reason: format!("{} must be between 0 and 1", self.document_share),
             });
         }
-        if self.system_prompts == 0 {
-            return Err(WorkloadError {
-                field: "system_prompts",
-                reason: "needs at least one".into(),
-            });
-        }
+        at_least_one("system_prompts", self.system_prompts)?;
         Ok(())
     }
 

@@ -144,6 +144,30 @@ pub struct WorkloadError {
     pub reason: String,
 }
 
+/// A duration knob, seconds: finite and not negative.
+pub(crate) fn seconds(field: &'static str, value: f64) -> Result<(), WorkloadError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(WorkloadError {
+            field,
+            reason: format!("{value} must be a finite number of seconds, ≥ 0"),
+        })
+    }
+}
+
+/// A count knob that needs at least one.
+pub(crate) fn at_least_one(field: &'static str, value: u32) -> Result<(), WorkloadError> {
+    if value >= 1 {
+        Ok(())
+    } else {
+        Err(WorkloadError {
+            field,
+            reason: "needs at least one".into(),
+        })
+    }
+}
+
 pub(crate) fn positive(field: &'static str, value: f64) -> Result<(), WorkloadError> {
     if value.is_finite() && value > 0.0 {
         Ok(())
