@@ -977,9 +977,9 @@ impl Router {
 
     /// Lowest predicted time wins. Candidates within [`RouterConfig::tie_fraction`] /
     /// [`RouterConfig::tie_ms`] of the cheapest tie, and ties are spread instead of going to the
-    /// lowest id: a request nobody caches goes where its blocks displace the least (the most
-    /// free KV blocks), and otherwise to the tied worker that ranks highest for the prompt's
-    /// first block (rendezvous hashing). Requests sharing a prefix thus agree on where it
+    /// lowest id: to the tied worker holding the longest prefix of the prompt, a request nobody
+    /// caches to where its blocks displace the least (the most free KV blocks), and otherwise
+    /// to the tied worker that ranks highest for the prompt's first block (rendezvous hashing). Requests sharing a prefix thus agree on where it
     /// lives while it is cheap there, spill to a second worker when its holder's queue makes
     /// that faster (replication by routing), and come back to the first when the load cools;
     /// requests with different prefixes spread evenly. A positive temperature samples a
@@ -1002,7 +1002,7 @@ impl Router {
         let cold = eligible.iter().all(|&i| costs[i].overlap_blocks == 0);
         let key = mix64(request.hashes.first().map_or(request.id.0 as u64, |h| h.0));
         let mut chosen = eligible[0];
-        let mut chosen_rank = (0u64, 0u64);
+        let mut chosen_rank = (0u64, 0u64, 0u64);
         let mut first = true;
         for &i in eligible {
             if costs[i].cost > best + slack {
@@ -1018,7 +1018,13 @@ impl Router {
             } else {
                 0
             };
-            let rank = (headroom, mix64(key ^ costs[i].worker.0));
+            // Among near-ties the deepest cached prefix first (its blocks are already there:
+            // going elsewhere would store a second copy), then the free room for a cold one.
+            let rank = (
+                u64::from(costs[i].overlap_blocks),
+                headroom,
+                mix64(key ^ costs[i].worker.0),
+            );
             if first || rank > chosen_rank {
                 chosen = i;
                 chosen_rank = rank;
