@@ -121,7 +121,10 @@ pub struct RouterConfig {
     pub tie_ms: f64,
     /// `kv`: how fast a worker without a performance profile learns the scale of its times
     /// (an exponential average of `ln(actual / predicted)` TTFTs, weight of each new sample) on
-    /// top of the nominal placeholder; 0 never learns. Workers with a profile keep its figures.
+    /// top of the nominal placeholder; 0 (the default) never learns. Off by default because the
+    /// factor is learned per worker from the requests it served, so a worker that has served
+    /// nothing yet keeps the placeholder's scale and looks faster than the measured ones.
+    /// Workers with a profile keep its figures.
     pub learn_rate: f64,
     /// Softmax temperature over normalised costs; 0 always picks the cheapest.
     pub temperature: f64,
@@ -166,7 +169,7 @@ impl Default for RouterConfig {
             default_output_tokens: 128,
             tie_fraction: 0.02,
             tie_ms: 1.0,
-            learn_rate: 0.05,
+            learn_rate: 0.0,
             temperature: 0.0,
             tier_weights: [1.0, 0.8, 0.6, 0.4],
             seed: 0x6b76_666c_6565_7472,
