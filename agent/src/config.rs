@@ -212,8 +212,8 @@ pub struct Config {
     /// How the frontend picks among this node's workers.
     pub routing: RoutingMode,
     /// `[routing] fleet_mode`: how the fleet router picks among every worker of the fleet, in
-    /// control-plane mode (`kv` by default; `round-robin`, `random`, `least-loaded`,
-    /// `approximate`).
+    /// control-plane mode (`kv-blocks` by default for now; `kv`, `round-robin`, `random`,
+    /// `least-loaded`, `approximate`).
     pub fleet_routing: kvfleet_kv_router::RoutingMode,
     /// Models this node can serve.
     pub models: Vec<ModelConfig>,
@@ -238,7 +238,10 @@ impl Default for Config {
             frontend: FrontendConfig::default(),
             log: LogConfig::default(),
             routing: RoutingMode::LeastLoaded,
-            fleet_routing: kvfleet_kv_router::RoutingMode::Kv,
+            // `kv-blocks` until the fleet router is given its workers' performance profiles:
+            // the time-based `kv` on the nominal placeholder profile undervalues a worker's
+            // running decodes (tests/fleet_routing.rs, the published-load test).
+            fleet_routing: kvfleet_kv_router::RoutingMode::KvBlocks,
             models: vec![ModelConfig::mock("kvfleet-mock")],
             workers: Vec::new(),
             supervisor: SupervisorConfig::default(),
@@ -1254,7 +1257,7 @@ mod tests {
         assert_eq!(config.peer.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(config.peer.advertise.as_deref(), Some("node-a:7501"));
         assert!(config.peer.forward);
-        assert_eq!(config.fleet_routing, kvfleet_kv_router::RoutingMode::Kv);
+        assert_eq!(config.fleet_routing, kvfleet_kv_router::RoutingMode::KvBlocks);
         let config = load("[routing]\nfleet_mode = \"round-robin\"\n").unwrap();
         assert_eq!(
             config.fleet_routing,
