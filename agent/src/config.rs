@@ -1257,7 +1257,10 @@ mod tests {
         assert_eq!(config.peer.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(config.peer.advertise.as_deref(), Some("node-a:7501"));
         assert!(config.peer.forward);
-        assert_eq!(config.fleet_routing, kvfleet_kv_router::RoutingMode::KvBlocks);
+        assert_eq!(
+            config.fleet_routing,
+            kvfleet_kv_router::RoutingMode::KvBlocks
+        );
         let config = load("[routing]\nfleet_mode = \"round-robin\"\n").unwrap();
         assert_eq!(
             config.fleet_routing,
