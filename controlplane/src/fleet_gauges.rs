@@ -13,15 +13,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kvfleet_proto::api::NodeState;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::AppState;
 use crate::store::sleep_or_shutdown;
-use crate::telemetry::encode_gauges;
+use crate::telemetry::{Registry, Scrape, collector};
 
 /// How often each replica re-reads the inventory.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
@@ -68,7 +65,14 @@ impl FleetGauges {
     /// gauges.
     pub fn register(registry: &mut Registry) -> Self {
         let gauges = Self::default();
-        registry.register_collector(Box::new(gauges.clone()));
+        let inventory = Arc::clone(&gauges.0);
+        registry.register_collector(collector("fleet_gauges", move |s| {
+            let inventory = inventory
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            encode_inventory(s, &inventory)
+        }));
         gauges
     }
 
@@ -163,90 +167,80 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-impl Collector for FleetGauges {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let inventory = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        encode_gauges(
-            &mut encoder,
-            "kvfleet_cp_nodes",
-            "Nodes by state (joining, healthy, unhealthy, lost, removed).",
+/// The snapshot as gauge families.
+fn encode_inventory(s: &mut Scrape<'_>, inventory: &Inventory) -> std::fmt::Result {
+    s.gauges(
+        "kvfleet_cp_nodes",
+        "Nodes by state (joining, healthy, unhealthy, lost, removed)",
+        inventory
+            .nodes
+            .iter()
+            .map(|(state, n)| ([("state", state.as_str())], *n)),
+    )?;
+    s.gauges(
+        "kvfleet_cp_workers",
+        "Workers placed to run (desired state not stopped), by deployment, model, role and \
+         the state their agent last reported",
+        inventory.workers.iter().map(|w| {
+            (
+                [
+                    ("deployment", w.deployment.as_str()),
+                    ("model", w.model.as_str()),
+                    ("role", w.role.as_str()),
+                    ("state", w.state.as_str()),
+                ],
+                w.count,
+            )
+        }),
+    )?;
+    let per_deployment = |d: &DeploymentTargets| {
+        [
+            ("deployment", d.deployment.clone()),
+            ("model", d.model.clone()),
+        ]
+    };
+    type Figure = fn(&DeploymentTargets) -> Option<f64>;
+    let figures: [(&str, &str, Figure); 4] = [
+        (
+            "kvfleet_cp_deployment_min_workers",
+            "A deployment's lower bound on workers",
+            |d| Some(f64::from(d.min_workers)),
+        ),
+        (
+            "kvfleet_cp_deployment_max_workers",
+            "A deployment's upper bound on workers",
+            |d| Some(f64::from(d.max_workers)),
+        ),
+        (
+            "kvfleet_cp_deployment_ttft_target_seconds",
+            "A deployment's time-to-first-token target (its SLA), for deployments that set one",
+            |d| d.ttft_ms.map(|ms| f64::from(ms) / 1000.0),
+        ),
+        (
+            "kvfleet_cp_deployment_itl_target_seconds",
+            "A deployment's inter-token latency target (its SLA), for deployments that set one",
+            |d| d.itl_ms.map(|ms| f64::from(ms) / 1000.0),
+        ),
+    ];
+    for (name, help, figure) in figures {
+        s.gauges(
+            name,
+            help,
             inventory
-                .nodes
+                .deployments
                 .iter()
-                .map(|(state, n)| ([("state", state.as_str())], *n as f64)),
+                .filter_map(|d| Some((per_deployment(d), figure(d)?))),
         )?;
-        encode_gauges(
-            &mut encoder,
-            "kvfleet_cp_workers",
-            "Workers placed to run (desired state not stopped), by deployment, model, role and \
-             the state their agent last reported.",
-            inventory.workers.iter().map(|w| {
-                (
-                    [
-                        ("deployment", w.deployment.as_str()),
-                        ("model", w.model.as_str()),
-                        ("role", w.role.as_str()),
-                        ("state", w.state.as_str()),
-                    ],
-                    w.count as f64,
-                )
-            }),
-        )?;
-        let per_deployment = |d: &DeploymentTargets| {
-            [
-                ("deployment", d.deployment.clone()),
-                ("model", d.model.clone()),
-            ]
-        };
-        type Figure = fn(&DeploymentTargets) -> Option<f64>;
-        let figures: [(&str, &str, Figure); 4] = [
-            (
-                "kvfleet_cp_deployment_min_workers",
-                "A deployment's lower bound on workers.",
-                |d| Some(f64::from(d.min_workers)),
-            ),
-            (
-                "kvfleet_cp_deployment_max_workers",
-                "A deployment's upper bound on workers.",
-                |d| Some(f64::from(d.max_workers)),
-            ),
-            (
-                "kvfleet_cp_deployment_ttft_target_seconds",
-                "A deployment's time-to-first-token target (its SLA), for deployments that set one.",
-                |d| d.ttft_ms.map(|ms| f64::from(ms) / 1000.0),
-            ),
-            (
-                "kvfleet_cp_deployment_itl_target_seconds",
-                "A deployment's inter-token latency target (its SLA), for deployments that set one.",
-                |d| d.itl_ms.map(|ms| f64::from(ms) / 1000.0),
-            ),
-        ];
-        for (name, help, figure) in figures {
-            encode_gauges(
-                &mut encoder,
-                name,
-                help,
-                inventory
-                    .deployments
-                    .iter()
-                    .filter_map(|d| Some((per_deployment(d), figure(d)?))),
-            )?;
-        }
-        encode_gauges(
-            &mut encoder,
-            "kvfleet_cp_node_certificate_expiry_timestamp_seconds",
-            "When a node's newest unrevoked peer certificate expires (Unix time); agents renew \
-             after two thirds of its lifetime.",
-            inventory
-                .certificates
-                .iter()
-                .map(|(node, at)| ([("node", node.as_str())], at.timestamp() as f64)),
-        )
     }
+    s.gauges(
+        "kvfleet_cp_node_certificate_expiry_timestamp_seconds",
+        "When a node's newest unrevoked peer certificate expires (Unix time); agents renew \
+         after two thirds of its lifetime",
+        inventory
+            .certificates
+            .iter()
+            .map(|(node, at)| ([("node", node.as_str())], at.timestamp())),
+    )
 }
 
 #[cfg(test)]

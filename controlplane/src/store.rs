@@ -7,18 +7,15 @@
 
 use std::time::Duration;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
 use serde_json::Value;
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::telemetry::{NoLabels, encode_gauges};
+use crate::telemetry::{Registry, collector};
 
 /// Every migration this build knows, in order.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -156,7 +153,24 @@ impl DbMetrics {
         for source in DB_ERROR_SOURCES {
             errors.get_or_create_owned(&[("source", source)]);
         }
-        registry.register_collector(Box::new(PoolCollector(pool.clone())));
+        let pool = pool.clone();
+        registry.register_collector(collector("db_pool", move |s| {
+            let size = pool.size();
+            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+            s.gauges(
+                "kvfleet_cp_db_pool_connections",
+                "Connections of this replica's Postgres pool, in use and idle",
+                [
+                    ([("state", "in_use")], size.saturating_sub(idle)),
+                    ([("state", "idle")], idle),
+                ],
+            )?;
+            s.gauge(
+                "kvfleet_cp_db_pool_max_connections",
+                "The most connections this replica's pool opens (database.max_connections)",
+                pool.options().get_max_connections(),
+            )
+        }));
         Self { errors }
     }
 
@@ -169,34 +183,6 @@ impl DbMetrics {
 /// The `source` label values of `kvfleet_cp_db_errors_total`.
 pub const DB_ERROR_SOURCES: [&str; 5] =
     ["api", "kv_index", "leader", "notifications", "fleet_gauges"];
-
-#[derive(Debug)]
-struct PoolCollector(PgPool);
-
-impl Collector for PoolCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let size = self.0.size();
-        let idle = u32::try_from(self.0.num_idle()).unwrap_or(u32::MAX);
-        encode_gauges(
-            &mut encoder,
-            "kvfleet_cp_db_pool_connections",
-            "Connections of this replica's Postgres pool, in use and idle.",
-            [
-                ([("state", "in_use")], f64::from(size.saturating_sub(idle))),
-                ([("state", "idle")], f64::from(idle)),
-            ],
-        )?;
-        encode_gauges(
-            &mut encoder,
-            "kvfleet_cp_db_pool_max_connections",
-            "The most connections this replica's pool opens (database.max_connections).",
-            [(
-                NoLabels::default(),
-                f64::from(self.0.options().get_max_connections()),
-            )],
-        )
-    }
-}
 
 /// Whether an error means "the database is unreachable right now" (→ 503, retry) rather than
 /// a bug or bad input.

@@ -5,8 +5,14 @@ use std::path::Path;
 use kvfleet_tests::deps::Graph;
 use kvfleet_tests::modules::ModuleGraph;
 
-/// The pure crates: decision logic that the simulator runs on virtual time.
-const PURE: &[&str] = &["kvfleet-proto", "kvfleet-kv-router", "kvfleet-planner"];
+/// The pure crates: decision logic that the simulator runs on virtual time, and the metrics
+/// plumbing (it only formats what callers hand it).
+const PURE: &[&str] = &[
+    "kvfleet-proto",
+    "kvfleet-kv-router",
+    "kvfleet-planner",
+    "kvfleet-metrics",
+];
 
 /// Crates that mean IO (a runtime, sockets, a database, a web server, a driver).
 const IO: &[&str] = &[
@@ -47,6 +53,7 @@ fn nothing_depends_on_sim_or_tests() {
         "kvfleet-kv-router",
         "kvfleet-planner",
         "kvfleet-peer",
+        "kvfleet-metrics",
         "kvfleet-model",
         "kvfleet-agent",
         "kvfleet-controlplane",

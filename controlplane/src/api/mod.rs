@@ -22,16 +22,14 @@ pub mod types;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use utoipa::OpenApi;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::AppState;
+use crate::telemetry::{LatencyFamily, Registry, latency_family};
 use problem::{ApiError, DatabaseFailed};
 use types::{Page, PageQuery};
 
@@ -114,7 +112,7 @@ pub fn router(state: AppState) -> Router {
 #[derive(Debug, Clone)]
 pub struct HttpMetrics {
     requests: Family<HttpLabels, Counter>,
-    seconds: Family<RouteLabels, Histogram>,
+    seconds: LatencyFamily<RouteLabels>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,9 +142,7 @@ impl HttpMetrics {
              for unknown paths), method and status",
             requests.clone(),
         );
-        let seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(crate::telemetry::latency_buckets())
-        });
+        let seconds = latency_family();
         registry.register(
             "kvfleet_cp_http_request_seconds",
             "Time from a request's arrival to its response head, by route template and method \

@@ -80,9 +80,6 @@ use kvfleet_proto::WorkerId;
 use kvfleet_proto::kv_stream::{
     KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage,
 };
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::registry::Registry;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -91,7 +88,7 @@ pub use memory::{Core, KvCounters, KvIndexStats, SeqHole};
 
 use crate::AppState;
 use crate::store::sleep_or_shutdown;
-use crate::telemetry::{NoLabels, encode_counters, encode_gauges};
+use crate::telemetry::{Registry, Scrape, collector};
 
 /// Why a KV index operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +180,11 @@ impl KvIndex {
     /// Registers this index's counters and sizes (read from it at each scrape) as
     /// `kvfleet_cp_kv_*`.
     pub fn register_metrics(&self, registry: &mut Registry) {
-        registry.register_collector(Box::new(KvCollector(Arc::clone(&self.core))));
+        let core = Arc::clone(&self.core);
+        registry.register_collector(collector("kv_index", move |s| {
+            let stats = core.lock().unwrap_or_else(PoisonError::into_inner).stats();
+            encode_stats(s, &stats)
+        }));
     }
 
     /// The configuration it runs with.
@@ -607,101 +608,84 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// The index's counters and sizes at scrape time.
-#[derive(Debug)]
-struct KvCollector(Arc<Mutex<Core>>);
-
-impl Collector for KvCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let stats = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .stats();
-        let c = stats.counters;
-        let one = |value: u64| [(NoLabels::default(), value)];
-        encode_counters(
-            &mut encoder,
-            "kvfleet_cp_kv_batches",
-            "KV event and load uploads this replica took, and the leader's sweeps.",
-            one(c.batches),
-        )?;
-        encode_counters(
-            &mut encoder,
-            "kvfleet_cp_kv_events",
-            "KV events by outcome: applied (logged and indexed), duplicate and out_of_order \
-             (redelivered, ignored), unknown_worker and broken_chain (rejected), stale_epoch \
-             (from an older engine incarnation, ignored).",
-            [
-                ("applied", c.applied),
-                ("duplicate", c.duplicate),
-                ("out_of_order", c.out_of_order),
-                ("unknown_worker", c.unknown_worker),
-                ("broken_chain", c.broken_chain),
-                ("stale_epoch", c.stale_epoch),
-            ]
-            .map(|(outcome, n)| ([("outcome", outcome)], n)),
-        )?;
-        encode_counters(
-            &mut encoder,
-            "kvfleet_cp_kv_event_gaps",
-            "Applied KV events whose id skipped ahead of the worker's next expected id (events \
-             lost between the engine and the control plane).",
-            one(c.gaps),
-        )?;
-        encode_counters(
-            &mut encoder,
-            "kvfleet_cp_kv_worker_resets",
-            "Engine restarts (new epochs) applied to the index.",
-            one(c.resets),
-        )?;
-        encode_counters(
-            &mut encoder,
-            "kvfleet_cp_kv_workers_removed",
-            "Workers removed from the index by the leader's sweep (node lost or removed, worker \
-             stopped).",
-            one(c.removed),
-        )?;
-        encode_counters(
-            &mut encoder,
-            "kvfleet_cp_kv_load_reports",
-            "Worker load reports by outcome: received, or rejected (not a live worker of the \
-             uploading node).",
-            [
-                ([("outcome", "received")], c.loads_received),
-                ([("outcome", "rejected")], c.loads_rejected),
-            ],
-        )?;
-        let gauges: [(&str, &str, f64); 5] = [
-            (
-                "kvfleet_cp_kv_head_seq",
-                "The newest KV stream sequence number this replica applied.",
-                stats.head_seq as f64,
-            ),
-            (
-                "kvfleet_cp_kv_oldest_seq",
-                "The oldest sequence number a router can still continue the stream from.",
-                stats.oldest_seq as f64,
-            ),
-            (
-                "kvfleet_cp_kv_index_workers",
-                "Workers in the fleet-wide KV index.",
-                stats.workers as f64,
-            ),
-            (
-                "kvfleet_cp_kv_index_blocks",
-                "Distinct KV blocks in the fleet-wide index.",
-                stats.blocks as f64,
-            ),
-            (
-                "kvfleet_cp_kv_loads_held",
-                "Workers with a current load report on this replica.",
-                stats.loads as f64,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            encode_gauges(&mut encoder, name, help, [(NoLabels::default(), value)])?;
-        }
-        Ok(())
+/// The index's counters and sizes as `kvfleet_cp_kv_*` families.
+fn encode_stats(s: &mut Scrape<'_>, stats: &KvIndexStats) -> std::fmt::Result {
+    let c = &stats.counters;
+    s.counter(
+        "kvfleet_cp_kv_batches",
+        "KV event and load uploads this replica took, and the leader's sweeps",
+        c.batches,
+    )?;
+    s.counters(
+        "kvfleet_cp_kv_events",
+        "KV events by outcome: applied (logged and indexed), duplicate and out_of_order \
+         (redelivered, ignored), unknown_worker and broken_chain (rejected), stale_epoch (from \
+         an older engine incarnation, ignored)",
+        [
+            ("applied", c.applied),
+            ("duplicate", c.duplicate),
+            ("out_of_order", c.out_of_order),
+            ("unknown_worker", c.unknown_worker),
+            ("broken_chain", c.broken_chain),
+            ("stale_epoch", c.stale_epoch),
+        ]
+        .map(|(outcome, n)| ([("outcome", outcome)], n)),
+    )?;
+    s.counter(
+        "kvfleet_cp_kv_event_gaps",
+        "Applied KV events whose id skipped ahead of the worker's next expected id (events \
+         lost between the engine and the control plane)",
+        c.gaps,
+    )?;
+    s.counter(
+        "kvfleet_cp_kv_worker_resets",
+        "Engine restarts (new epochs) applied to the index",
+        c.resets,
+    )?;
+    s.counter(
+        "kvfleet_cp_kv_workers_removed",
+        "Workers removed from the index by the leader's sweep (node lost or removed, worker \
+         stopped)",
+        c.removed,
+    )?;
+    s.counters(
+        "kvfleet_cp_kv_load_reports",
+        "Worker load reports by outcome: received, or rejected (not a live worker of the \
+         uploading node)",
+        [
+            ([("outcome", "received")], c.loads_received),
+            ([("outcome", "rejected")], c.loads_rejected),
+        ],
+    )?;
+    let gauges: [(&str, &str, u64); 5] = [
+        (
+            "kvfleet_cp_kv_head_seq",
+            "The newest KV stream sequence number this replica applied",
+            stats.head_seq,
+        ),
+        (
+            "kvfleet_cp_kv_oldest_seq",
+            "The oldest sequence number a router can still continue the stream from",
+            stats.oldest_seq,
+        ),
+        (
+            "kvfleet_cp_kv_index_workers",
+            "Workers in the fleet-wide KV index",
+            stats.workers as u64,
+        ),
+        (
+            "kvfleet_cp_kv_index_blocks",
+            "Distinct KV blocks in the fleet-wide index",
+            stats.blocks,
+        ),
+        (
+            "kvfleet_cp_kv_loads_held",
+            "Workers with a current load report on this replica",
+            stats.loads as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        s.gauge(name, help, value)?;
     }
+    Ok(())
 }
