@@ -13,7 +13,9 @@
 //!   decisions made since ([`load`]);
 //! - requests ending ([`Router::finished`], optionally [`Router::prefill_done`]);
 //! - and: where should this request go? ([`Router::select`] → [`Decision`] or [`RouteError`]),
-//!   or just: how much of this prompt does each worker hold? ([`Router::overlaps`]).
+//!   or just: how much of this prompt does each worker hold? ([`Router::overlaps`]);
+//! - for a model served disaggregated, also: is the prompt prefilled on a prefill worker, and
+//!   which? ([`choose_prefill`], in [`disagg`]).
 //!
 //! Selection in `kv` mode minimises, over the candidate workers,
 //! `cost = overlap_weight × new_prefill_blocks + active_decode_blocks
@@ -56,6 +58,7 @@
 //! ```
 
 pub mod config;
+pub mod disagg;
 pub mod error;
 pub mod index;
 pub mod load;
@@ -67,6 +70,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use config::{RouterConfig, RoutingMode, UnknownMode};
+pub use disagg::{PrefillChoice, PrefillDecision, choose_prefill};
 pub use error::{EventCounters, EventError, RouteCounters, RouteError};
 pub use index::IndexStats;
 pub use load::{WorkerCapacity, WorkerLoad};

@@ -58,6 +58,16 @@ pub struct SimArgs {
     /// Seed of the router's random choices (`random` mode, softmax).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Serve disaggregated: this many of the workers prefill, the rest decode, and each
+    /// request's prompt goes to a prefill worker when the agent's decision says so (the same
+    /// function the agent runs; see --min-remote-prefill-tokens).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub prefill_workers: usize,
+    /// With --prefill-workers: prompts whose part the decode worker does not cache is shorter
+    /// than this are prefilled by the decode worker (the deployment's
+    /// `min_remote_prefill_tokens`).
+    #[arg(long, default_value_t = 256, value_name = "TOKENS")]
+    pub min_remote_prefill_tokens: u32,
     /// Modes to simulate at once, each on its own thread (runs are independent, so the
     /// figures do not depend on it; only the wall times do).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -105,6 +115,15 @@ impl SimArgs {
         if let Some(seed) = self.seed {
             config.router.seed = seed;
         }
+        config.prefill_workers = self.prefill_workers;
+        config.disaggregation.min_remote_prefill_tokens = self.min_remote_prefill_tokens;
+        if self.prefill_workers >= self.workers {
+            bail!(
+                "--prefill-workers {} leaves none of the {} workers to decode",
+                self.prefill_workers,
+                self.workers
+            );
+        }
         Ok(config)
     }
 }
@@ -148,13 +167,17 @@ pub fn cli_run(args: SimArgs, out: &mut impl std::io::Write) -> anyhow::Result<(
         for report in reports {
             let report = report?;
             eprintln!(
-                "{}: {} of {} requests completed, hit rate {:.1} %, {:.1} s of virtual time in {:.1} s",
+                "{}: {} of {} requests completed, hit rate {:.1} %, {:.1} s of virtual time in {:.1} s{}",
                 report.mode,
                 report.completed,
                 report.requests,
                 report.prefix_hit_rate * 100.0,
                 report.virtual_duration_s,
-                report.wall_time_s
+                report.wall_time_s,
+                match report.prefill_workers {
+                    0 => String::new(),
+                    n => format!(", {n} prefill workers: {:?}", report.prefill_decisions),
+                }
             );
             runs.push(report);
         }

@@ -1,5 +1,6 @@
 //! What a simulation run reports, as serde types (the `--json` output) and a text table.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use kvfleet_kv_router::{EventCounters, RouteCounters, RoutingMode};
@@ -70,6 +71,13 @@ pub struct SimReport {
     pub router_routes: RouteCounters,
     /// The router's KV event counters (gaps or broken chains would be a simulator bug).
     pub router_events: EventCounters,
+    /// Prefill workers among `workers` (0: every worker serves aggregated).
+    #[serde(default)]
+    pub prefill_workers: usize,
+    /// How many requests the disaggregation decision prefilled where, by decision
+    /// (`remote`, `local_short`, ...); empty when the fleet is aggregated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefill_decisions: BTreeMap<String, u64>,
 }
 
 /// Requests refused for one reason.
