@@ -6,7 +6,12 @@ use kvfleet_tests::deps::Graph;
 use kvfleet_tests::modules::ModuleGraph;
 
 /// The pure crates: decision logic that the simulator runs on virtual time.
-const PURE: &[&str] = &["kvfleet-proto", "kvfleet-kv-router", "kvfleet-planner"];
+const PURE: &[&str] = &[
+    "kvfleet-proto",
+    "kvfleet-kv-router",
+    "kvfleet-planner",
+    "kvfleet-serving",
+];
 
 /// Crates that mean IO (a runtime, sockets, a database, a web server, a driver).
 const IO: &[&str] = &[
@@ -46,6 +51,7 @@ fn nothing_depends_on_sim_or_tests() {
         "kvfleet-engine",
         "kvfleet-kv-router",
         "kvfleet-planner",
+        "kvfleet-serving",
         "kvfleet-peer",
         "kvfleet-model",
         "kvfleet-agent",
