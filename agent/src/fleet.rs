@@ -16,7 +16,7 @@
 //! role, KV-aware) and, for a disaggregated model whose prompt is long enough past what that
 //! decode worker caches and whose chosen prefill worker is not saturated, a prefill worker
 //! (KV-aware among prefill-role workers). The decision is pure bookkeeping under one lock;
-//! executing it (forwarding, KV transfer, timeouts) is [`crate::forward`]'s.
+//! executing it (forwarding, KV transfer, timeouts) is [`crate::serving`]'s.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,19 +61,7 @@ pub struct RemoteWorker {
     pub peer_addr: Option<SocketAddr>,
 }
 
-/// Where a fleet-wide pick runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// On this node's worker.
-    Local,
-    /// On another node's worker, reached through its peer endpoint.
-    Remote {
-        /// The node.
-        node: NodeId,
-        /// Its peer endpoint.
-        addr: SocketAddr,
-    },
-}
+pub use kvfleet_serving::Target;
 
 /// A pick: the router's decision and where the worker is.
 #[derive(Debug, Clone)]

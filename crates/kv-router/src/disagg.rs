@@ -226,16 +226,17 @@ mod tests {
         // (what, policy, prompt tokens, tokens the decode worker caches, queued on A and B,
         // candidates, expected decision, expected prefill worker)
         let both = [PREFILL_A, PREFILL_B];
-        let rows: [(
-            &str,
+        type Row<'a> = (
+            &'a str,
             DisaggregationPolicy,
             u32,
             usize,
             (u64, u64),
-            &[WorkerId],
-            _,
-            _,
-        ); 11] = [
+            &'a [WorkerId],
+            PrefillDecision,
+            Option<WorkerId>,
+        );
+        let rows: [Row<'_>; 11] = [
             (
                 "short prompt",
                 policy(256, 16384),
