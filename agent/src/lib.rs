@@ -31,15 +31,14 @@ pub mod cli;
 pub mod config;
 pub mod cp_client;
 pub mod dbus;
-pub mod disagg;
 pub mod fleet;
-pub mod forward;
 pub mod frontend;
 pub mod gpu;
 pub mod kv_sync;
 pub mod logging;
 pub mod metrics;
 pub mod peer;
+pub mod serving;
 pub mod state_dir;
 pub mod systemd;
 pub mod worker;
@@ -178,8 +177,9 @@ pub struct FleetMode {
     pub router: Arc<fleet::FleetRouter>,
     /// The peer endpoint (bound once registration saved the node certificate).
     pub peer: peer::PeerHandle,
-    /// Disaggregated serving (both legs, and the transfers).
-    pub disagg: Arc<disagg::Disagg>,
+    /// Serving beyond this node's workers: forwarded requests, both legs of disaggregated
+    /// ones, the KV transfers in between.
+    pub serving: Arc<serving::Serving>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
@@ -357,17 +357,13 @@ fn start_fleet(
 ) -> anyhow::Result<StartedFleet> {
     let router = Arc::new(fleet::FleetRouter::new(config.fleet_routing));
     let peer = peer::PeerHandle::default();
-    // Both legs of disaggregated requests run through the peer endpoint.
-    let disagg = Arc::new(disagg::Disagg::new(pool.clone(), peer.clone()));
+    // Forwarded requests and both legs of disaggregated ones run through the peer endpoint.
+    let serving = Arc::new(serving::Serving::new(pool.clone(), peer.clone()));
     router.register_metrics(registry);
-    disagg.register_metrics(registry);
+    serving.register_metrics(registry);
     peer.register_metrics(registry);
     let backend: Arc<dyn backend::Backend> = if config.peer.forward {
-        Arc::new(forward::FleetBackend::new(
-            pool.clone(),
-            router.clone(),
-            disagg.clone(),
-        ))
+        Arc::new(serving::FleetBackend::new(serving.clone(), router.clone()))
     } else {
         pool.clone()
     };
@@ -379,8 +375,10 @@ fn start_fleet(
             addr.ip().to_string()
         },
         cp.state_dir.clone(),
-        pool.clone(),
-        disagg.clone(),
+        (
+            Arc::new(serving::forwarded::Forwarded::new(serving.clone())),
+            serving.transfers(),
+        ),
         peer.clone(),
         stop.clone(),
     ));
@@ -416,7 +414,7 @@ fn start_fleet(
         control_plane,
         router,
         peer,
-        disagg,
+        serving,
     };
     Ok(StartedFleet {
         fleet,

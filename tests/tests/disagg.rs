@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use common::*;
 use kvfleet_agent::backend::{Backend as _, WorkerStatus};
-use kvfleet_agent::disagg::PrefillOutcome;
+use kvfleet_agent::serving::PrefillOutcome;
 use kvfleet_controlplane::auth::Role;
 use kvfleet_peer::{ErrorCode, KvBlock, PeerConfig, PeerEndpoint, PeerIdentity, TransferOptions};
 use kvfleet_proto::api::WorkerRole;
@@ -278,7 +278,7 @@ impl Split {
     fn outcome(&self, outcome: PrefillOutcome) -> u64 {
         [&self.prefill, &self.decode]
             .iter()
-            .filter_map(|a| a.running.fleet().map(|f| &f.disagg))
+            .filter_map(|a| a.running.fleet().map(|f| &f.serving))
             .map(|d| d.outcome_count(outcome))
             .sum()
     }
@@ -578,7 +578,7 @@ async fn one_node_with_both_roles_moves_blocks_to_itself() {
         let got = answer(&format!("one node #{i}"), got);
         assert_eq!(got, want, "prompt #{i}");
     }
-    let disagg = &node.running.fleet().unwrap().disagg;
+    let disagg = &node.running.fleet().unwrap().serving;
     assert_eq!(disagg.outcome_count(PrefillOutcome::Remote), 12);
     let served = node
         .running

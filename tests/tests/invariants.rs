@@ -12,6 +12,7 @@ const PURE: &[&str] = &[
     "kvfleet-kv-router",
     "kvfleet-planner",
     "kvfleet-metrics",
+    "kvfleet-serving",
 ];
 
 /// Crates that mean IO (a runtime, sockets, a database, a web server, a driver).
@@ -52,6 +53,7 @@ fn nothing_depends_on_sim_or_tests() {
         "kvfleet-engine",
         "kvfleet-kv-router",
         "kvfleet-planner",
+        "kvfleet-serving",
         "kvfleet-peer",
         "kvfleet-metrics",
         "kvfleet-model",

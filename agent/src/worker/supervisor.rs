@@ -1067,7 +1067,7 @@ fn dispatch(
             let tokens: WireTokens = frame.parse_json()?;
             let seq = tokens.seq;
             slot.tokens
-                .fetch_add(tokens.tokens.len() as u64, Ordering::Relaxed);
+                .fetch_add(tokens.chunk.tokens.len() as u64, Ordering::Relaxed);
             conn.deliver(seq, tokens.into(), false);
         }
         FrameKind::KvEvents => {

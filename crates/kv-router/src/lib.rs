@@ -13,7 +13,9 @@
 //!   decisions made since ([`load`]);
 //! - requests ending ([`Router::finished`], optionally [`Router::prefill_done`]);
 //! - and: where should this request go? ([`Router::select`] → [`Decision`] or [`RouteError`]),
-//!   or just: how much of this prompt does each worker hold? ([`Router::overlaps`]).
+//!   or just: how much of this prompt does each worker hold? ([`Router::overlaps`]);
+//! - for a model served disaggregated, also: is the prompt prefilled on a prefill worker, and
+//!   which? ([`choose_prefill`], in [`disagg`]).
 //!
 //! Selection in `kv` mode (the default) minimises predicted time ([`cost`]): for each candidate,
 //! its prefill queue at its profile's rate, the prefill of the part of the prompt it does not
@@ -70,6 +72,7 @@
 
 pub mod config;
 pub mod cost;
+pub mod disagg;
 pub mod error;
 pub mod index;
 pub mod load;
@@ -83,6 +86,7 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{RouterConfig, RoutingMode, UnknownMode};
 pub use cost::{TimeCost, TimeModel};
+pub use disagg::{PrefillChoice, PrefillDecision, choose_prefill};
 pub use error::{EventCounters, EventError, RouteCounters, RouteError};
 pub use index::IndexStats;
 pub use load::{WorkerCapacity, WorkerLoad};

@@ -72,6 +72,16 @@ pub struct SimArgs {
     /// (e.g. `--router itl_weight=0.05 --router tie_fraction=0.05`); repeatable.
     #[arg(long = "router", value_name = "NAME=VALUE")]
     pub router_settings: Vec<String>,
+    /// Serve disaggregated: this many of the workers prefill, the rest decode, and each
+    /// request's prompt goes to a prefill worker when the agent's decision says so (the same
+    /// function the agent runs; see --min-remote-prefill-tokens).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub prefill_workers: usize,
+    /// With --prefill-workers: prompts whose part the decode worker does not cache is shorter
+    /// than this are prefilled by the decode worker (the deployment's
+    /// `min_remote_prefill_tokens`).
+    #[arg(long, default_value_t = 256, value_name = "TOKENS")]
+    pub min_remote_prefill_tokens: u32,
     /// Modes to simulate at once, each on its own thread (runs are independent, so the
     /// figures do not depend on it; only the wall times do).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -120,6 +130,15 @@ impl SimArgs {
             config.router.seed = seed;
         }
         config.router = apply_router_settings(&config.router, &self.router_settings)?;
+        config.prefill_workers = self.prefill_workers;
+        config.disaggregation.min_remote_prefill_tokens = self.min_remote_prefill_tokens;
+        if self.prefill_workers >= self.workers {
+            bail!(
+                "--prefill-workers {} leaves none of the {} workers to decode",
+                self.prefill_workers,
+                self.workers
+            );
+        }
         Ok(config)
     }
 }
@@ -211,7 +230,7 @@ pub(crate) fn run_modes(
             let report = report?;
             eprintln!(
                 "{} workers, {}: {} of {} requests completed, hit rate {:.1} %, mean TTFT {:.0} ms \
-                 (predicted within {:.1} % at the median), {:.1} s of virtual time in {:.1} s",
+                 (predicted within {:.1} % at the median), {:.1} s of virtual time in {:.1} s{}",
                 report.workers,
                 report.mode,
                 report.completed,
@@ -220,7 +239,11 @@ pub(crate) fn run_modes(
                 report.ttft_ms.mean,
                 report.ttft_prediction.rel_p50 * 100.0,
                 report.virtual_duration_s,
-                report.wall_time_s
+                report.wall_time_s,
+                match report.prefill_workers {
+                    0 => String::new(),
+                    n => format!(", {n} prefill workers: {:?}", report.prefill_decisions),
+                }
             );
             runs.push(report);
         }

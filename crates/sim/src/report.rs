@@ -1,5 +1,6 @@
 //! What a simulation run reports, as serde types (the `--json` output) and a text table.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use kvfleet_kv_router::{EventCounters, PredictionSummary, RouteCounters, RoutingMode};
@@ -73,6 +74,13 @@ pub struct SimReport {
     /// How the TTFT the router predicted for each request (from routing to first token, on the
     /// worker it chose) compared with the actual one.
     pub ttft_prediction: PredictionSummary,
+    /// Prefill workers among `workers` (0: every worker serves aggregated).
+    #[serde(default)]
+    pub prefill_workers: usize,
+    /// How many requests the disaggregation decision prefilled where, by decision
+    /// (`remote`, `local_short`, ...); empty when the fleet is aggregated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefill_decisions: BTreeMap<String, u64>,
 }
 
 /// Requests refused for one reason.

@@ -391,3 +391,49 @@ proptest! {
         prop_assert_eq!(report.output_tokens, output);
     }
 }
+
+#[test]
+fn a_disaggregated_fleet_prefills_on_prefill_workers_and_decodes_on_the_others() {
+    let trace = grouped_trace(60, 4, 3, 40);
+    let config = SimConfig {
+        workers: 4,
+        prefill_workers: 2,
+        ..SimConfig::default()
+    }
+    .with_mode(RoutingMode::Kv);
+    let report = run(&config, &trace).unwrap();
+    assert_eq!(report.completed, 60);
+    assert_eq!((report.rejected, report.aborted), (0, 0));
+    let expected_output: u64 = trace.iter().map(|r| u64::from(r.output_length)).sum();
+    assert_eq!(report.output_tokens, expected_output);
+    // Every prompt is long (3 shared blocks + 1 of 512 tokens): all are prefilled remotely.
+    assert_eq!(report.prefill_decisions["remote"], 60);
+    let (prefill, decode) = report.per_worker.split_at(2);
+    // Prefill workers ran each prompt for its first token only.
+    let prefill_requests: u64 = prefill.iter().map(|w| w.requests).sum();
+    let prefill_outputs: u64 = prefill.iter().map(|w| w.output_tokens).sum();
+    assert_eq!((prefill_requests, prefill_outputs), (60, 60));
+    // Decode workers generated the rest and computed next to nothing of the prompts: their
+    // blocks were imported (only each prompt's partial last block and first token remain).
+    let decode_outputs: u64 = decode.iter().map(|w| w.output_tokens).sum();
+    assert_eq!(decode_outputs, expected_output - 60);
+    let decode_computed: u64 = decode.iter().map(|w| w.computed_prompt_tokens).sum();
+    let prompts: u64 = trace.iter().map(|r| u64::from(r.input_length)).sum();
+    assert!(
+        decode_computed * 50 < prompts,
+        "decode workers computed {decode_computed} of {prompts} prompt tokens"
+    );
+    assert!(decode.iter().all(|w| w.requests > 0), "{decode:?}");
+    // The same fleet with a threshold above every prompt prefills nothing remotely.
+    let local = SimConfig {
+        disaggregation: kvfleet_proto::api::DisaggregationPolicy {
+            min_remote_prefill_tokens: 1_000_000,
+            ..Default::default()
+        },
+        ..config.clone()
+    };
+    let report = run(&local, &trace).unwrap();
+    assert_eq!(report.prefill_decisions["local_short"], 60);
+    assert!(report.per_worker[..2].iter().all(|w| w.requests == 0));
+    assert_eq!(report.completed, 60);
+}
