@@ -223,8 +223,16 @@ mod tests {
     #[test]
     fn decisions_table() {
         use PrefillDecision::*;
+        /// The prefill worker a row expects.
+        enum Pick {
+            No,
+            Any,
+            Is(WorkerId),
+        }
+        use Pick::*;
         // (what, policy, prompt tokens, tokens the decode worker caches, queued on A and B,
-        // candidates, expected decision, expected prefill worker)
+        // candidates, expected decision, expected prefill worker: `Any` where both prefill
+        // workers are equally good and the router's rendezvous tie-break picks one)
         let both = [PREFILL_A, PREFILL_B];
         type Row<'a> = (
             &'a str,
@@ -234,7 +242,7 @@ mod tests {
             (u64, u64),
             &'a [WorkerId],
             PrefillDecision,
-            Option<WorkerId>,
+            Pick,
         );
         let rows: [Row<'_>; 11] = [
             (
@@ -245,7 +253,7 @@ mod tests {
                 (0, 0),
                 &both,
                 LocalShort,
-                None,
+                No,
             ),
             (
                 "at the threshold",
@@ -255,7 +263,7 @@ mod tests {
                 (0, 0),
                 &both,
                 Remote,
-                Some(PREFILL_A),
+                Any,
             ),
             (
                 "cached mostly",
@@ -265,7 +273,7 @@ mod tests {
                 (0, 0),
                 &both,
                 LocalShort,
-                None,
+                No,
             ),
             (
                 "cached a little",
@@ -275,7 +283,7 @@ mod tests {
                 (0, 0),
                 &both,
                 Remote,
-                Some(PREFILL_A),
+                Any,
             ),
             (
                 "0: always remote",
@@ -285,7 +293,7 @@ mod tests {
                 (0, 0),
                 &both,
                 Remote,
-                Some(PREFILL_A),
+                Any,
             ),
             (
                 "queue too small",
@@ -295,7 +303,7 @@ mod tests {
                 (0, 0),
                 &both,
                 LocalQueueFull,
-                None,
+                No,
             ),
             (
                 "queue just fits",
@@ -305,7 +313,7 @@ mod tests {
                 (0, 0),
                 &both,
                 Remote,
-                Some(PREFILL_A),
+                Any,
             ),
             (
                 "both queues full",
@@ -315,7 +323,7 @@ mod tests {
                 (600, 700),
                 &both,
                 LocalQueueFull,
-                None,
+                No,
             ),
             (
                 "the idle one",
@@ -325,7 +333,7 @@ mod tests {
                 (600, 0),
                 &both,
                 Remote,
-                Some(PREFILL_B),
+                Is(PREFILL_B),
             ),
             (
                 "no candidate",
@@ -335,7 +343,7 @@ mod tests {
                 (0, 0),
                 &[],
                 LocalNoPrefillWorker,
-                None,
+                No,
             ),
             (
                 "one full candidate",
@@ -345,7 +353,7 @@ mod tests {
                 (600, 0),
                 &[PREFILL_A],
                 LocalQueueFull,
-                None,
+                No,
             ),
         ];
         for (what, policy, len, cached, (qa, qb), candidates, decision, worker) in rows {
@@ -356,12 +364,20 @@ mod tests {
             queue(&mut router, PREFILL_B, qb);
             let choice = decide(&mut router, &tokens, policy, candidates);
             assert_eq!(choice.decision, decision, "{what}");
-            assert_eq!(choice.pick.as_ref().map(|p| p.worker), worker, "{what}");
+            let picked = choice.pick.as_ref().map(|p| p.worker);
+            match worker {
+                No => assert_eq!(picked, None, "{what}"),
+                Is(expected) => assert_eq!(picked, Some(expected), "{what}"),
+                Any => assert!(
+                    picked.is_some_and(|w| candidates.contains(&w)),
+                    "{what}: {picked:?}"
+                ),
+            }
             // A pick stays counted on its worker; no decision leaves load behind otherwise.
             let loads =
                 [PREFILL_A, PREFILL_B].map(|w| router.worker_load(w).unwrap().prefill_tokens);
             let expected = [(PREFILL_A, qa), (PREFILL_B, qb)]
-                .map(|(w, q)| q + if worker == Some(w) { u64::from(len) } else { 0 });
+                .map(|(w, q)| q + if picked == Some(w) { u64::from(len) } else { 0 });
             assert_eq!(loads, expected, "{what}");
         }
     }
