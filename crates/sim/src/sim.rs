@@ -23,8 +23,8 @@ use kvfleet_engine::{
     PoolSizing, Request, RequestId as EngineRequestId, SchedulerConfig,
 };
 use kvfleet_kv_router::{
-    PredictionSummary, PrefillDecision, RequestId, RouteError, RouteRequest, Router,
-    RouterConfig, RoutingMode, TooManyWorkers, WorkerCapacity, WorkerLoad, choose_prefill,
+    PredictionSummary, PrefillDecision, RequestId, RouteError, RouteRequest, Router, RouterConfig,
+    RoutingMode, TooManyWorkers, WorkerCapacity, WorkerLoad, choose_prefill,
 };
 use kvfleet_proto::api::DisaggregationPolicy;
 use kvfleet_proto::hash::{block_hashes, sequence_hashes};
