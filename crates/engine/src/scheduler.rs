@@ -366,24 +366,16 @@ impl<E: Executor> Scheduler<E> {
         Ok(())
     }
 
+    /// Numbers the cache changes of the pool (G1) and then of the lower tiers, and queues them
+    /// for the caller.
     fn push_pool_events(&mut self) {
-        for data in self.pool.take_events() {
-            if self.events.len() >= self.config.max_pending_events {
-                self.events.pop_front();
-                self.counters.events_dropped += 1;
-            }
-            self.events.push_back(KvEvent {
-                worker: self.config.worker,
-                event_id: self.next_event_id,
-                tier: Tier::G1,
-                data,
-            });
-            self.next_event_id += 1;
-        }
-        let Some(tiers) = &mut self.tiers else {
-            return;
-        };
-        for (tier, data) in tiers.take_events() {
+        let lower = self
+            .tiers
+            .as_mut()
+            .map(TierStore::take_events)
+            .unwrap_or_default();
+        let g1 = self.pool.take_events().into_iter().map(|d| (Tier::G1, d));
+        for (tier, data) in g1.chain(lower) {
             if self.events.len() >= self.config.max_pending_events {
                 self.events.pop_front();
                 self.counters.events_dropped += 1;
