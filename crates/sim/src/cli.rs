@@ -310,7 +310,14 @@ mod tests {
         assert_eq!(tiers.disk_bytes, 8000 * block_bytes);
         assert_eq!(tiers.admission, Admission::Reused);
         assert_eq!(tiers.storage, TierStorage::Modelled);
-        assert!(!parse(&["--trace", "t"]).config().unwrap().scheduler.tiers.enabled());
+        assert!(
+            !parse(&["--trace", "t"])
+                .config()
+                .unwrap()
+                .scheduler
+                .tiers
+                .enabled()
+        );
         assert!(parse(&["--trace", "t"]).config().unwrap().pool_from_profile);
     }
 

@@ -631,7 +631,10 @@ impl<'a> Sim<'a> {
             tier_blocks_per_worker: {
                 let tiers = &self.config.scheduler.tiers;
                 let block_bytes = (self.config.profile.layout.block_bytes() as u64).max(1);
-                [tiers.host_bytes / block_bytes, tiers.disk_bytes / block_bytes]
+                [
+                    tiers.host_bytes / block_bytes,
+                    tiers.disk_bytes / block_bytes,
+                ]
             },
             tier_hit_blocks,
             block_size: self.config.profile.layout.block_size.get(),
