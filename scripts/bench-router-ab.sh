@@ -5,9 +5,9 @@
 #
 # Builds the kv-router `router` bench of BASE (a commit, default: main) in a copy of that commit
 # under $KVFLEET_AB_DIR (default /var/tmp/kvfleet-router-ab) with its own target directory, and the
-# bench of this checkout; then runs their `select` cases ROUNDS times (default 3), alternating
-# old and new, so both see the same machine load, and prints each case's best time for each
-# build and the ratio new / old. Criterion's own output is kept in $KVFLEET_AB_DIR/*.log.
+# bench of this checkout; then runs their `select/` cases (the default `kv` mode) ROUNDS times
+# (default 3), alternating old and new, so both see the same machine load, and prints each
+# case's best time for each build and the ratio new / old. Criterion's own output is kept in $KVFLEET_AB_DIR/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
@@ -41,7 +41,7 @@ log "building the new bench"
 new_bin="$(bench_binary .)"
 [ -x "$old_bin" ] && [ -x "$new_bin" ] || { log "a bench did not build"; exit 1; }
 
-args=(--bench select --warm-up-time 1 --measurement-time 3)
+args=(--bench '^select/' --warm-up-time 1 --measurement-time 3)
 for round in $(seq 1 "$rounds"); do
     for side in old new; do
         bin="$old_bin"; [ "$side" = new ] && bin="$new_bin"

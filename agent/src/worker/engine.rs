@@ -234,6 +234,7 @@ pub fn profile(spec: &EngineSpec) -> MockProfile {
             c2: 0.0,
             per_seq: 0.0,
         },
+        tiers: Vec::new(),
     }
 }
 

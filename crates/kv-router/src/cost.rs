@@ -153,7 +153,7 @@ impl TimeModel {
 }
 
 /// What the router knows about one candidate when it costs a request there.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Candidate {
     /// Prompt tokens queued ahead (reported plus own decisions since).
     pub(crate) queued_tokens: u64,
@@ -210,13 +210,16 @@ impl TimeCost {
     }
 }
 
-/// Prefill times already computed during one selection: most candidates share an overlap (none,
-/// or the whole shared prefix) and a profile, so the curve is read once per distinct pair, not
-/// once per worker.
+/// Work already done during one selection. Most candidates of a large fleet look alike to the
+/// cost (idle, holding none of the prompt or the same shared prefix, one profile), so the last
+/// candidate's prediction is reused when the next one is the same, and prefill times are read
+/// from the curve once per distinct `(new, cached)` pair, not once per worker.
 #[derive(Debug, Default)]
 pub(crate) struct PrefillMemo {
     /// `(model address, new tokens, cached tokens, ms)`, most recent last.
     entries: Vec<(usize, u64, u64, f64)>,
+    /// The last candidate predicted, with its model's address, and the prediction.
+    last: Option<(usize, Candidate, TimeCost)>,
 }
 
 impl PrefillMemo {
@@ -241,8 +244,28 @@ impl PrefillMemo {
     }
 }
 
-/// Predicts `shape` on `candidate` with `model`.
+/// Predicts `shape` on `candidate` with `model`, reusing the prediction for the previous
+/// candidate when this one is the same (`shape` is the same for a whole selection).
 pub(crate) fn predict(
+    model: &TimeModel,
+    shape: &Shape,
+    candidate: &Candidate,
+    memo: &mut PrefillMemo,
+) -> TimeCost {
+    let address = std::ptr::from_ref(model) as usize;
+    if let Some((a, c, cost)) = &memo.last
+        && *a == address
+        && c == candidate
+    {
+        return *cost;
+    }
+    let cost = compute(model, shape, candidate, memo);
+    memo.last = Some((address, *candidate, cost));
+    cost
+}
+
+/// The prediction itself (see the module docs).
+fn compute(
     model: &TimeModel,
     shape: &Shape,
     candidate: &Candidate,
@@ -462,6 +485,27 @@ mod tests {
         );
         assert!((a.ttft_ms - b.ttft_ms - b.prefill_ms).abs() < 1e-9);
         assert_eq!(a.onboard_ms, b.onboard_ms);
+    }
+
+    #[test]
+    fn the_memo_reuses_only_an_identical_candidates_prediction() {
+        let m = model();
+        let other = TimeModel::nominal(16);
+        let mut memo = PrefillMemo::default();
+        let busy = Candidate {
+            queued_tokens: 1024,
+            ..idle()
+        };
+        for (model, candidate) in [
+            (&m, idle()),
+            (&m, idle()),
+            (&m, busy),
+            (&other, busy),
+            (&m, idle()),
+        ] {
+            let fresh = compute(model, &shape(1024), &candidate, &mut PrefillMemo::default());
+            assert_eq!(predict(model, &shape(1024), &candidate, &mut memo), fresh);
+        }
     }
 
     #[test]

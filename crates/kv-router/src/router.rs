@@ -852,10 +852,12 @@ impl Router {
         let costs: Vec<CandidateCost> = slots
             .iter()
             .filter_map(|&slot| {
+                let worker = self.slots[slot as usize].as_ref()?;
                 let held = self.scratch.overlap(slot);
-                let mut cost = self.block_cost(slot, held, request_blocks)?;
+                let load = worker.load.effective();
+                let mut cost = self.block_cost(worker, held, load, request_blocks);
                 if timed {
-                    let time = self.time_cost(slot, held, &shape, &mut memo)?;
+                    let time = self.time_cost(worker, held, load, &shape, &mut memo);
                     cost.cost = time.cost(shape.itl_weight);
                     cost.time = Some(time);
                 }
@@ -891,9 +893,12 @@ impl Router {
         };
         let slot = slots[chosen];
         let mut costs = costs;
-        if costs[chosen].time.is_none() {
+        if costs[chosen].time.is_none()
+            && let Some(worker) = self.slots[slot as usize].as_ref()
+        {
             let held = self.scratch.overlap(slot);
-            costs[chosen].time = self.time_cost(slot, held, &shape, &mut memo);
+            let load = worker.load.effective();
+            costs[chosen].time = Some(self.time_cost(worker, held, load, &shape, &mut memo));
         }
         let predicted_ttft_ms = costs[chosen].time.map_or(0.0, |t| t.ttft_ms);
         let overlap_blocks = costs[chosen].overlap_blocks;
@@ -919,11 +924,15 @@ impl Router {
     }
 
     /// The `kv-blocks` terms of one candidate and whether it is overloaded.
-    fn block_cost(&self, slot: u32, held: Held, request_blocks: u32) -> Option<CandidateCost> {
+    fn block_cost(
+        &self,
+        worker: &Worker,
+        held: Held,
+        load: WorkerLoad,
+        request_blocks: u32,
+    ) -> CandidateCost {
         let config = &self.config;
-        let worker = self.slots[slot as usize].as_ref()?;
         let cached_blocks = held.weighted(&config.tier_weights);
-        let load = worker.load.effective();
         let new_prefill_blocks = (f64::from(request_blocks) - cached_blocks).max(0.0);
         let queued_prefill_blocks = load.prefill_tokens as f64 / f64::from(config.block_size.get());
         let cost = config.overlap_weight * new_prefill_blocks
@@ -937,7 +946,7 @@ impl Router {
         let queue_full = capacity
             .max_queue_depth
             .is_some_and(|max| load.queue_depth >= max);
-        Some(CandidateCost {
+        CandidateCost {
             worker: worker.id,
             overlap_blocks: held.blocks,
             cached_blocks,
@@ -948,20 +957,20 @@ impl Router {
             time: None,
             cost,
             overloaded: full || queue_full,
-        })
+        }
     }
 
-    /// The predicted time of the request on one candidate ([`crate::cost`]).
+    /// The predicted time of the request on one candidate ([`crate::cost`]), given its blended
+    /// load.
     fn time_cost(
         &self,
-        slot: u32,
+        worker: &Worker,
         held: Held,
+        load: WorkerLoad,
         shape: &Shape,
         memo: &mut PrefillMemo,
-    ) -> Option<TimeCost> {
-        let worker = self.slots[slot as usize].as_ref()?;
+    ) -> TimeCost {
         let model = worker.model.as_ref().unwrap_or(&self.default_model);
-        let load = worker.load.effective();
         let candidate = Candidate {
             queued_tokens: load.prefill_tokens,
             decode_blocks: load.decode_blocks,
@@ -972,7 +981,7 @@ impl Router {
             overlap_blocks: held.blocks,
             lower_tier_blocks: held.lower,
         };
-        Some(crate::cost::predict(model, shape, &candidate, memo))
+        crate::cost::predict(model, shape, &candidate, memo)
     }
 
     /// Lowest predicted time wins. Candidates within [`RouterConfig::tie_fraction`] /
@@ -1078,19 +1087,31 @@ impl Router {
         best
     }
 
-    fn breakdown(&self, mut costs: Vec<CandidateCost>, chosen: usize) -> Vec<CandidateCost> {
+    fn breakdown(&self, costs: Vec<CandidateCost>, chosen: usize) -> Vec<CandidateCost> {
         let limit = self.config.breakdown_limit.max(1);
-        let chosen_cost = costs.swap_remove(chosen);
-        let by_cost = |a: &CandidateCost, b: &CandidateCost| {
-            a.cost.total_cmp(&b.cost).then(a.worker.cmp(&b.worker))
-        };
-        if costs.len() > limit {
-            costs.select_nth_unstable_by(limit - 1, by_cost);
-            costs.truncate(limit - 1);
+        if costs.len() <= limit {
+            let mut costs = costs;
+            costs.sort_unstable_by(|a, b| a.cost.total_cmp(&b.cost).then(a.worker.cmp(&b.worker)));
+            return costs;
         }
-        costs.push(chosen_cost);
-        costs.sort_unstable_by(by_cost);
-        costs
+        // The cheapest `limit - 1` others and the chosen one, selected by small keys rather
+        // than by moving the breakdowns themselves (a fleet has many more candidates than
+        // the breakdown keeps).
+        let mut keys: Vec<(f64, WorkerId, u32)> = costs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != chosen)
+            .map(|(i, c)| (c.cost, c.worker, i as u32))
+            .collect();
+        let by_key = |a: &(f64, WorkerId, u32), b: &(f64, WorkerId, u32)| {
+            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+        };
+        keys.select_nth_unstable_by(limit - 1, by_key);
+        keys.truncate(limit - 1);
+        let c = &costs[chosen];
+        keys.push((c.cost, c.worker, chosen as u32));
+        keys.sort_unstable_by(by_key);
+        keys.iter().map(|k| costs[k.2 as usize].clone()).collect()
     }
 
     /// Counts the decision in the worker's load and, in `approximate` mode, predicts the

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kvfleet_engine::{MockProfile, PoolSizing};
+use kvfleet_engine::{Admission, MockProfile, PoolSizing, TierConfig, TierStorage};
 use kvfleet_kv_router::{RouterConfig, RoutingMode};
 
 use crate::report::{Comparison, SimReport};
@@ -65,6 +65,16 @@ pub struct SimArgs {
     /// such as host-memory offload, would buy).
     #[arg(long, value_name = "BLOCKS")]
     pub kv_blocks: Option<u32>,
+    /// G2 (host memory) blocks per worker: what the device pool evicts is kept there and
+    /// onboarded at the profile's `tiers` bandwidth instead of recomputed. 0 = off.
+    #[arg(long, default_value_t = 0, value_name = "BLOCKS")]
+    pub g2_blocks: u64,
+    /// G3 (local disk) blocks per worker, below G2 (or below the device pool without G2).
+    #[arg(long, default_value_t = 0, value_name = "BLOCKS")]
+    pub g3_blocks: u64,
+    /// Which evicted blocks enter G2/G3: `all`, or `reused` (only blocks a later prompt hit).
+    #[arg(long, default_value = "all", value_name = "POLICY", value_parser = parse_admission)]
+    pub tier_admission: Admission,
     /// Seed of the router's random choices (`random` mode, softmax).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -86,6 +96,14 @@ pub struct SimArgs {
     /// figures do not depend on it; only the wall times do).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub jobs: usize,
+}
+
+fn parse_admission(text: &str) -> Result<Admission, String> {
+    match text {
+        "all" => Ok(Admission::All),
+        "reused" => Ok(Admission::Reused),
+        other => Err(format!("`{other}`: expected `all` or `reused`")),
+    }
 }
 
 fn millis(value: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -126,6 +144,14 @@ impl SimArgs {
             config.profile = MockProfile::from_file(path)
                 .with_context(|| format!("loading mock profile {}", path.display()))?;
         }
+        let block_bytes = config.profile.layout.block_bytes() as u64;
+        config.scheduler.tiers = TierConfig {
+            host_bytes: self.g2_blocks.saturating_mul(block_bytes),
+            disk_bytes: self.g3_blocks.saturating_mul(block_bytes),
+            admission: self.tier_admission,
+            storage: TierStorage::Modelled,
+            ..TierConfig::default()
+        };
         if let Some(seed) = self.seed {
             config.router.seed = seed;
         }
@@ -283,6 +309,12 @@ mod tests {
             "2.5",
             "--kv-blocks",
             "1000",
+            "--g2-blocks",
+            "4000",
+            "--g3-blocks",
+            "8000",
+            "--tier-admission",
+            "reused",
         ]);
         assert_eq!(
             args.modes().unwrap(),
@@ -295,6 +327,20 @@ mod tests {
         assert_eq!(config.scheduler.max_model_len, 131_072);
         assert!(!config.pool_from_profile);
         assert_eq!(config.scheduler.kv_memory, PoolSizing::Blocks(1000));
+        let block_bytes = config.profile.layout.block_bytes() as u64;
+        let tiers = &config.scheduler.tiers;
+        assert_eq!(tiers.host_bytes, 4000 * block_bytes);
+        assert_eq!(tiers.disk_bytes, 8000 * block_bytes);
+        assert_eq!(tiers.admission, Admission::Reused);
+        assert_eq!(tiers.storage, TierStorage::Modelled);
+        assert!(
+            !parse(&["--trace", "t"])
+                .config()
+                .unwrap()
+                .scheduler
+                .tiers
+                .enabled()
+        );
         assert!(parse(&["--trace", "t"]).config().unwrap().pool_from_profile);
     }
 

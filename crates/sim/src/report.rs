@@ -19,6 +19,13 @@ pub struct SimReport {
     pub profile: String,
     /// KV blocks per worker (the engine's pool).
     pub kv_blocks_per_worker: u32,
+    /// Blocks per worker in the lower KV tiers: G2 (host memory) and G3 (disk); 0 when off.
+    #[serde(default)]
+    pub tier_blocks_per_worker: [u64; 2],
+    /// Prompt blocks onboarded from G2 and G3 over every worker: hits that were not
+    /// recomputed (they are part of `cached_tokens`).
+    #[serde(default)]
+    pub tier_hit_blocks: [u64; 2],
     /// Tokens per KV block.
     pub block_size: u32,
     /// Delay of KV events and load reports on their way to the router, ms.

@@ -858,12 +858,15 @@ impl<'a> Sim<'a> {
         };
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let mut preemptions = 0;
+        let mut tier_hit_blocks = [0u64; 2];
         let per_worker = self
             .workers
             .iter()
             .map(|w| {
                 let metrics = w.engine.metrics();
                 preemptions += metrics.preemptions;
+                tier_hit_blocks[0] += metrics.tiers.g2.hits;
+                tier_hit_blocks[1] += metrics.tiers.g3.hits;
                 WorkerReport {
                     computed_prompt_tokens: w.report.prompt_tokens - w.report.cached_tokens,
                     prefix_hit_rate: ratio(w.report.cached_tokens, w.report.prompt_tokens),
@@ -886,6 +889,15 @@ impl<'a> Sim<'a> {
             workers: self.workers.len(),
             profile: self.config.profile.name.clone(),
             kv_blocks_per_worker: self.max_prompt_blocks as u32,
+            tier_blocks_per_worker: {
+                let tiers = &self.config.scheduler.tiers;
+                let block_bytes = (self.config.profile.layout.block_bytes() as u64).max(1);
+                [
+                    tiers.host_bytes / block_bytes,
+                    tiers.disk_bytes / block_bytes,
+                ]
+            },
+            tier_hit_blocks,
             block_size: self.config.profile.layout.block_size.get(),
             event_delay_ms: self.config.event_delay.as_secs_f64() * 1e3,
             load_report_interval_ms: self.config.load_report_interval.as_secs_f64() * 1e3,

@@ -437,3 +437,42 @@ fn a_disaggregated_fleet_prefills_on_prefill_workers_and_decodes_on_the_others()
     assert!(report.per_worker[..2].iter().all(|w| w.requests == 0));
     assert_eq!(report.completed, 60);
 }
+
+#[test]
+fn host_memory_tier_recovers_the_hits_a_small_device_pool_loses() {
+    // 30 prefixes of 4 × 512 tokens (128 blocks each) cycling over 2 workers whose device pools
+    // hold 1,200 blocks: each worker sees 15 prefixes (1,920 blocks), so G1 alone evicts a
+    // prefix before it comes back; a G2 of 4,000 blocks keeps them all.
+    let trace = grouped_trace(150, 30, 4, 60);
+    let small = |g2_blocks: u64| {
+        let mut c = config(2, RoutingMode::Kv);
+        c.pool_from_profile = false;
+        c.scheduler.kv_memory = PoolSizing::Blocks(1200);
+        let block_bytes = c.profile.layout.block_bytes() as u64;
+        c.scheduler.tiers = kvfleet_engine::TierConfig {
+            host_bytes: g2_blocks * block_bytes,
+            storage: kvfleet_engine::TierStorage::Modelled,
+            ..Default::default()
+        };
+        c
+    };
+    let g1 = run(&small(0), &trace).unwrap();
+    let g2 = run(&small(4000), &trace).unwrap();
+    assert_conserved(&g1, &trace);
+    assert_conserved(&g2, &trace);
+    assert_eq!(g1.tier_hit_blocks, [0, 0]);
+    assert_eq!(g2.tier_blocks_per_worker, [4000, 0]);
+    assert!(g2.tier_hit_blocks[0] > 0, "{:?}", g2.tier_hit_blocks);
+    assert!(
+        g2.prefix_hit_rate > g1.prefix_hit_rate + 0.1,
+        "G2 {} vs G1 alone {}",
+        g2.prefix_hit_rate,
+        g1.prefix_hit_rate
+    );
+    assert!(
+        g2.ttft_ms.mean < g1.ttft_ms.mean,
+        "{:?} vs {:?}",
+        g2.ttft_ms,
+        g1.ttft_ms
+    );
+}
