@@ -8,10 +8,11 @@ use kvfleet_proto::profile::PerfProfile;
 use super::*;
 
 /// The default mock's profile (Llama 3.1 8B on one H100, block size 16, 8,192 tokens a step),
-/// with host memory (G2) onboarding at 25 GB/s.
+/// with host memory (G2) onboarding at 25 GB/s (the figures below are computed from that).
 fn mock_profile() -> Arc<PerfProfile> {
     let mut profile =
         PerfProfile::from_toml_str(kvfleet_engine::DEFAULT_PERF_PROFILE_TOML).unwrap();
+    profile.tiers.retain(|t| t.tier != Tier::G2);
     profile.tiers.push(kvfleet_proto::profile::TierCost {
         tier: Tier::G2,
         bytes_per_second: 25e9,
