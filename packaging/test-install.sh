@@ -252,9 +252,16 @@ proc_mounted=0
 step "dpkg -i kvfleet-controlplane"
 dpkg_install "$cp_deb"
 for f in /usr/bin/kvfleet-controlplane /usr/bin/kvfleet /usr/lib/systemd/system/kvfleet-controlplane.service \
-    /etc/kvfleet/controlplane.toml; do
+    /etc/kvfleet/controlplane.toml /usr/share/kvfleet/grafana/kvfleet-fleet.json \
+    /usr/share/kvfleet/prometheus/kvfleet-alerts.yml /usr/share/kvfleet/prometheus/prometheus.example.yml \
+    /usr/share/doc/kvfleet-controlplane/observability.md; do
     assert "$f is there" [ -f "$root$f" ]
 done
+assert "the packaged Grafana dashboard is JSON" python3 -m json.tool "$root/usr/share/kvfleet/grafana/kvfleet-fleet.json"
+if command -v promtool >/dev/null; then
+    assert "the packaged alert rules pass promtool check rules" \
+        promtool check rules "$root/usr/share/kvfleet/prometheus/kvfleet-alerts.yml"
+fi
 assert "controlplane.toml is root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/controlplane.toml)" = "640 root:kvfleet" ]
 assert "the control plane unit is enabled" [ -L "$(wants kvfleet-controlplane.service)" ]
 assert "kvfleet-controlplane check-config accepts the shipped default" \

@@ -10,6 +10,10 @@ ensure_test_postgres
 ensure_default_model
 ensure_gemma3_model
 ensure_pip openai
+# tests/tests/observability.rs scrapes a test fleet with a real Prometheus and runs promtool;
+# here a missing Prometheus is a failure, not a skip.
+apt_install prometheus
+export KVFLEET_REQUIRE_PROMETHEUS=1
 # promtool checks the agent's /metrics exposition (agent tests).
 apt_install prometheus
 

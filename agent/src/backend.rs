@@ -13,8 +13,11 @@
 //! implement them.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 
 use kvfleet_proto::api::WorkerRole;
+pub use kvfleet_proto::peer::{FinishReason, TokenChunk, TokenLogprob, TopLogprob};
 use kvfleet_proto::{KvLayout, SamplingParams, SequenceHash, WorkerId};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -39,41 +42,24 @@ pub struct GenerateRequest {
     pub worker: Option<WorkerId>,
 }
 
-/// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EndReason {
-    /// `max_tokens` reached.
-    Length,
-    /// EOS or a stop token.
-    Stop,
-}
-
-/// A generated token's log-probability and the most likely alternatives.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct TokenLogprob {
-    /// log P(token).
-    pub logprob: f32,
-    /// `(token id, log-probability)`, most likely first; as many as the request asked for
-    /// (the mock engine gives none).
-    #[serde(default)]
-    pub top: Vec<(u32, f32)>,
-}
-
-/// What a generation produces, in order: tokens, then exactly one `Finished` or `Failed`.
+/// What a generation produces, in order: token chunks, then exactly one `Finished` or
+/// `Failed`. A chunk is the proto's [`TokenChunk`] from the worker protocol to the SSE writer
+/// (and across the peer transport), never reshaped on the way.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
-    /// Newly generated token ids.
-    Tokens {
-        /// The ids, in order.
-        ids: Vec<u32>,
-        /// One per id, when the request asked for logprobs.
-        logprobs: Option<Vec<TokenLogprob>>,
-    },
+    /// Newly generated tokens (with their logprobs, when the request asked).
+    Tokens(TokenChunk),
     /// Done.
-    Finished(EndReason),
+    Finished(FinishReason),
     /// The worker failed; the message says what happened.
     Failed(String),
+}
+
+impl GenEvent {
+    /// Whether it is the generation's last event.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, GenEvent::Tokens(_))
+    }
 }
 
 /// Why a request could not be handed to a worker.
@@ -105,32 +91,49 @@ pub struct ExportedBlock {
     pub data: bytes::Bytes,
 }
 
-/// A running generation. Dropping it before the final event cancels the sequence.
+/// A running generation. Dropping it before its final event cancels it: the worker frees the
+/// sequence, a peer's stream is reset, the router's picks are released.
 pub struct Generation {
-    /// The worker running it.
+    /// The worker running it (the decode worker of a request served in legs).
     pub worker: WorkerId,
-    /// The role of the worker that produces its first token (a disaggregated request's prefill
-    /// worker), for the latency metrics.
-    pub role: WorkerRole,
-    /// Events, ending with `Finished` or `Failed`. Unbounded on purpose: a request produces
-    /// at most `max_tokens` events, so its memory is bounded by the context length, and a slow
-    /// client must not stall the worker connection shared by every other request.
-    pub events: mpsc::UnboundedReceiver<GenEvent>,
-    cancel: Option<Box<dyn FnOnce() + Send>>,
+    source: Source,
+}
+
+enum Source {
+    /// A worker of this node's pool, through its channel (the only channel between a worker
+    /// and the client); `cancel` runs on a drop before the final event.
+    Channel {
+        events: mpsc::UnboundedReceiver<GenEvent>,
+        role: WorkerRole,
+        cancel: Option<Box<dyn FnOnce() + Send>>,
+    },
+    /// A request served in legs (forwarded, disaggregated): the serving driver, polled in the
+    /// caller's task.
+    Driven(Box<dyn Events>),
+}
+
+/// The events of a request served in legs (the agent's serving driver).
+pub trait Events: Send + 'static {
+    /// The next event; `None` after the final one.
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Option<GenEvent>> + Send + '_>>;
+    /// The role of the worker whose tokens reached (or will reach) the client first.
+    fn role(&self) -> WorkerRole;
 }
 
 impl fmt::Debug for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Generation")
-            .field("worker", &self.worker)
-            .field("role", &self.role)
-            .field("armed", &self.cancel.is_some())
-            .finish()
+        let mut d = f.debug_struct("Generation");
+        d.field("worker", &self.worker).field("role", &self.role());
+        if let Source::Channel { cancel, .. } = &self.source {
+            d.field("armed", &cancel.is_some());
+        }
+        d.finish()
     }
 }
 
 impl Generation {
-    /// A generation whose `cancel` runs if it is dropped before [`Generation::done`].
+    /// A generation on a pool worker of `role`: its events from `events`; `cancel` runs if it
+    /// is dropped before its final event.
     pub fn new(
         worker: WorkerId,
         role: WorkerRole,
@@ -139,21 +142,51 @@ impl Generation {
     ) -> Self {
         Self {
             worker,
-            role,
-            events,
-            cancel: Some(Box::new(cancel)),
+            source: Source::Channel {
+                events,
+                role,
+                cancel: Some(Box::new(cancel)),
+            },
         }
     }
 
-    /// The final event arrived: dropping no longer cancels.
-    pub fn done(&mut self) {
-        self.cancel = None;
+    /// A generation served in legs by `events`.
+    pub fn driven(worker: WorkerId, events: Box<dyn Events>) -> Self {
+        Self {
+            worker,
+            source: Source::Driven(events),
+        }
+    }
+
+    /// The next event; `None` after the final one, or when the worker went away without one.
+    pub async fn next(&mut self) -> Option<GenEvent> {
+        match &mut self.source {
+            Source::Channel { events, cancel, .. } => {
+                let event = events.recv().await;
+                if event.as_ref().is_none_or(GenEvent::is_final) {
+                    *cancel = None;
+                }
+                event
+            }
+            Source::Driven(events) => events.next().await,
+        }
+    }
+
+    /// The role of the worker that produces its first token (a disaggregated request's prefill
+    /// worker, unless its leg failed), for the latency metrics.
+    pub fn role(&self) -> WorkerRole {
+        match &self.source {
+            Source::Channel { role, .. } => *role,
+            Source::Driven(events) => events.role(),
+        }
     }
 }
 
 impl Drop for Generation {
     fn drop(&mut self) {
-        if let Some(cancel) = self.cancel.take() {
+        if let Source::Channel { cancel, .. } = &mut self.source
+            && let Some(cancel) = cancel.take()
+        {
             cancel();
         }
     }

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, FlagOverrides, LogConfig, LogFormat, Sources, check_model_files};
+use crate::config::{Config, FlagOverrides, Sources, check_model_files};
+use crate::logging::{LogConfig, LogFormat};
 use crate::{gpu, logging};
 
 /// kvfleet-agent: the kvfleet node agent (OpenAI frontend, GPU inventory, supervised workers).

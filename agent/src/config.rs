@@ -1,6 +1,9 @@
-//! The agent's configuration: parsed in exactly one place, from an abstract [`Sources`] (the
-//! TOML file's text, the `KVFLEET_AGENT_*` environment variables and the command-line flags), into
-//! the typed [`Config`] the rest of the agent uses.
+//! The agent's configuration file: parsed in exactly one place, from an abstract [`Sources`]
+//! (the TOML file's text, the `KVFLEET_AGENT_*` environment variables and the command-line
+//! flags), into the typed [`Config`]. Each section's type belongs to the module it configures
+//! (`[frontend]` → `frontend::FrontendConfig`, `[[models]]`/`[[workers]]`/`[supervisor]` →
+//! `worker`, `[control_plane]` → `cp_client`, `[peer]` → `peer`, `[log]` → `logging`); this file
+//! only reads the file into them and checks it.
 //!
 //! Precedence, lowest first: built-in defaults, the file, the environment, the flags. Tests build
 //! a [`Sources`] by hand, so nothing here reads the process environment or the disk except
@@ -22,6 +25,14 @@ use kvfleet_proto::BlockSize;
 use kvfleet_proto::api::WorkerRole;
 use serde::Deserialize;
 use toml::Spanned;
+
+// Each section's type belongs to the module it configures; this file only reads the file into
+// them.
+use crate::cp_client::{ControlPlaneConfig, JoinToken};
+use crate::frontend::FrontendConfig;
+use crate::logging::{LogConfig, LogFormat};
+use crate::peer::PeerSettings;
+use crate::worker::{Device, EngineKind, ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig};
 
 /// Where the agent looks for its file when neither `--config` nor `KVFLEET_AGENT_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvfleet/agent.toml";
@@ -201,8 +212,8 @@ pub struct Config {
     /// How the frontend picks among this node's workers.
     pub routing: RoutingMode,
     /// `[routing] fleet_mode`: how the fleet router picks among every worker of the fleet, in
-    /// control-plane mode (`kv` by default; `round-robin`, `random`, `least-loaded`,
-    /// `approximate`).
+    /// control-plane mode (`kv-blocks` by default for now; `kv`, `round-robin`, `random`,
+    /// `least-loaded`, `approximate`).
     pub fleet_routing: kvfleet_kv_router::RoutingMode,
     /// Models this node can serve.
     pub models: Vec<ModelConfig>,
@@ -220,285 +231,23 @@ pub struct Config {
     pub peer: PeerSettings,
 }
 
-/// `[peer]`: this agent's QUIC endpoint for forwarded requests.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PeerSettings {
-    /// UDP address to listen on (`0.0.0.0:7500`; port 0 picks a free port, for tests).
-    pub listen: SocketAddr,
-    /// The address other agents reach it at (`host:port`, reported to the control plane);
-    /// `None`: the listen address, with the node's first address when it listens on all.
-    pub advertise: Option<String>,
-    /// Whether this node's frontend routes over the whole fleet (KV-aware, forwarding to
-    /// peers); `false`: only among its own workers, as standalone.
-    pub forward: bool,
-}
-
-/// Where the agent's join token comes from.
-#[derive(Clone, PartialEq, Eq)]
-pub enum JoinToken {
-    /// Given in the config or the environment.
-    Inline(String),
-    /// Read from this file when the agent registers (keep it 0600, or in a systemd credential).
-    File(PathBuf),
-}
-
-impl fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            // Never in logs.
-            JoinToken::Inline(_) => f.write_str("Inline(<redacted>)"),
-            JoinToken::File(path) => f.debug_tuple("File").field(path).finish(),
-        }
-    }
-}
-
-/// `[control_plane]`: the fleet's control plane and how this node joins it. With it, the
-/// control plane decides which workers run here (`[[workers]]` is ignored; `[[models]]` entries
-/// supply local engine settings for the models it names).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ControlPlaneConfig {
-    /// Base URL, `http://host:port`.
-    pub url: String,
-    /// The join token for the first registration; afterwards the agent uses the credential it
-    /// got, stored in `state_dir`. `None`: the node must have registered before.
-    pub join_token: Option<JoinToken>,
-    /// Where the credential, the peer certificate and key, and the last desired state live.
-    pub state_dir: PathBuf,
-    /// Heartbeat period; `None`: what the control plane says (its `heartbeat_interval_ms`).
-    pub heartbeat_interval: Option<Duration>,
-    /// How long one desired-state long poll waits.
-    pub watch_wait: Duration,
-    /// Timeout of each call (long polls get `watch_wait` on top).
-    pub request_timeout: Duration,
-    /// First retry delay when the control plane is unreachable (jittered, doubling).
-    pub retry_backoff_initial: Duration,
-    /// Retry delays double up to this.
-    pub retry_backoff_max: Duration,
-    /// The frontend address other nodes and clients reach (`host:port`); `None`: the listen
-    /// address (with an unspecified IP, the node name).
-    pub advertise_addr: Option<String>,
-    /// CPU slots offered for CPU workers; `None`: 1 on a node without GPUs, else 0.
-    pub cpu_slots: Option<u32>,
-    /// Labels for placement constraints.
-    pub labels: BTreeMap<String, String>,
-}
-
-/// The default `[control_plane] state_dir`.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvfleet/agent";
-
-impl ControlPlaneConfig {
-    /// Defaults for a control plane at `url`.
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            join_token: None,
-            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            heartbeat_interval: None,
-            watch_wait: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(10),
-            retry_backoff_initial: Duration::from_millis(500),
-            retry_backoff_max: Duration::from_secs(30),
-            advertise_addr: None,
-            cpu_slots: None,
-            labels: BTreeMap::new(),
-        }
-    }
-}
-
-/// The OpenAI frontend's settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FrontendConfig {
-    /// Address to listen on (`0.0.0.0:8000`; port 0 picks a free port, for tests).
-    pub listen: SocketAddr,
-    /// Largest request body accepted; larger bodies get 413.
-    pub max_body_bytes: usize,
-    /// Requests generating at once across the node's workers.
-    pub max_in_flight: usize,
-    /// Requests waiting for an in-flight slot. When full, new requests get 429 at once: the queue
-    /// never grows without bound.
-    pub queue_capacity: usize,
-    /// How long a request may wait in the queue before it gets 503.
-    pub queue_timeout: Duration,
-    /// The `Retry-After` value sent with 429 and 503.
-    pub retry_after: Duration,
-    /// Bearer tokens accepted on `/v1/*`; empty means no authentication.
-    pub api_keys: Vec<String>,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable, for a terminal (and journald, which adds its own timestamps).
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Logging settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// Output format.
-    pub format: LogFormat,
-    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `kvfleet_agent=debug`.
-    pub level: String,
-}
-
-/// Worker selection among the node's own workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoutingMode {
-    /// The ready worker with the fewest outstanding requests.
-    LeastLoaded,
-    /// Ready workers in turn.
-    RoundRobin,
-}
-
-/// What computes tokens in a worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    /// Pseudo-tokens with a timing model: no weights, no GPU. See `worker::engine`.
-    Mock,
-    /// The real model (`kvfleet-model`) from [`ModelConfig::path`]: its tokenizer and chat
-    /// template in the frontend, its weights in each worker process.
-    Native,
-}
-
-/// The default KV budget of a native model's worker: a tenth of the memory available once the
-/// weights are loaded (the CPU counterpart of a GPU's free memory).
-pub const DEFAULT_NATIVE_KV_MEMORY: KvBudget = KvBudget::FractionOfAvailable(0.10);
-/// A native model's context cap when the file gives none: larger than any model's window, so
-/// the model's own window applies.
-pub const NATIVE_CONTEXT_UNCAPPED: u32 = 1 << 24;
-
-/// One model this node serves.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelConfig {
-    /// The name clients put in `"model"`.
-    pub name: String,
-    /// What runs it.
-    pub engine: EngineKind,
-    /// Prompt plus completion tokens, at most.
-    pub context_length: u32,
-    /// Tokens per KV block (for block hashing and KV accounting).
-    pub block_size: BlockSize,
-    /// KV blocks each worker's pool holds (the mock; a native model uses `kv_memory`).
-    pub kv_blocks: u32,
-    /// Native engine: the model, a `.gguf` file or a Hugging Face directory (relative paths in
-    /// the file are resolved against the file's directory). `None` for the mock.
-    pub path: Option<PathBuf>,
-    /// Native engine: memory for each worker's KV cache (`kv_memory = "512MiB"`, `"10%"`, or
-    /// `kv_blocks = N`); `None` for the mock.
-    pub kv_memory: Option<KvBudget>,
-    /// Mock engine: time per generated token (zero: as fast as the loop runs).
-    pub mock_token_time: Duration,
-    /// Mock engine: time to prefill one prompt token.
-    pub mock_prefill_time_per_token: Duration,
-}
-
-/// Where a worker runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// A CPU slot.
-    Cpu,
-    /// The GPU with this NVML index.
-    Gpu(u32),
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Gpu(index) => write!(f, "gpu:{index}"),
-        }
-    }
-}
-
-/// One worker the config asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerConfig {
-    /// The model's name (one of [`Config::models`]).
-    pub model: String,
-    /// Where it runs.
-    pub device: Device,
-    /// What it does.
-    pub role: WorkerRole,
-}
-
-/// Worker process supervision.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SupervisorConfig {
-    /// Directory for the workers' Unix sockets.
-    pub socket_dir: PathBuf,
-    /// First restart delay after a worker fails.
-    pub restart_backoff_initial: Duration,
-    /// Restart delays double up to this.
-    pub restart_backoff_max: Duration,
-    /// A worker that has not said hello within this is killed and restarted.
-    pub start_timeout: Duration,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
             node_name: default_node_name(),
-            frontend: FrontendConfig {
-                listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
-                max_body_bytes: 4 * 1024 * 1024,
-                max_in_flight: 256,
-                queue_capacity: 1024,
-                queue_timeout: Duration::from_secs(30),
-                retry_after: Duration::from_secs(1),
-                api_keys: Vec::new(),
-            },
-            log: LogConfig {
-                format: LogFormat::Text,
-                level: "info".into(),
-            },
+            frontend: FrontendConfig::default(),
+            log: LogConfig::default(),
             routing: RoutingMode::LeastLoaded,
-            fleet_routing: kvfleet_kv_router::RoutingMode::Kv,
+            // `kv-blocks` until the fleet router is given its workers' performance profiles:
+            // the time-based `kv` on the nominal placeholder profile undervalues a worker's
+            // running decodes (tests/fleet_routing.rs, the published-load test).
+            fleet_routing: kvfleet_kv_router::RoutingMode::KvBlocks,
             models: vec![ModelConfig::mock("kvfleet-mock")],
             workers: Vec::new(),
-            supervisor: SupervisorConfig {
-                socket_dir: std::env::temp_dir().join("kvfleet-agent"),
-                restart_backoff_initial: Duration::from_millis(500),
-                restart_backoff_max: Duration::from_secs(30),
-                start_timeout: Duration::from_secs(60),
-            },
+            supervisor: SupervisorConfig::default(),
             drain_grace: Duration::from_secs(30),
             control_plane: None,
-            peer: PeerSettings {
-                listen: SocketAddr::from(([0, 0, 0, 0], 7500)),
-                advertise: None,
-                forward: true,
-            },
-        }
-    }
-}
-
-impl ModelConfig {
-    /// A mock model with defaults: zero cost per token, 4096 tokens of context.
-    pub fn mock(name: &str) -> Self {
-        Self {
-            name: name.into(),
-            engine: EngineKind::Mock,
-            context_length: 4096,
-            block_size: BlockSize::default(),
-            kv_blocks: 4096,
-            mock_token_time: Duration::ZERO,
-            mock_prefill_time_per_token: Duration::ZERO,
-            path: None,
-            kv_memory: None,
-        }
-    }
-
-    /// A native model at `path` with defaults: the model's own context window, blocks of
-    /// 16 tokens, [`DEFAULT_NATIVE_KV_MEMORY`] for the KV cache.
-    pub fn native(name: &str, path: impl Into<PathBuf>) -> Self {
-        Self {
-            engine: EngineKind::Native,
-            context_length: NATIVE_CONTEXT_UNCAPPED,
-            path: Some(path.into()),
-            kv_memory: Some(DEFAULT_NATIVE_KV_MEMORY),
-            ..Self::mock(name)
+            peer: PeerSettings::default(),
         }
     }
 }
@@ -1492,6 +1241,7 @@ impl Checker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::{DEFAULT_NATIVE_KV_MEMORY, NATIVE_CONTEXT_UNCAPPED};
 
     fn load(text: &str) -> Result<Config, Problems> {
         Config::from_sources(&Sources::from_text("agent.toml", text))
@@ -1507,7 +1257,10 @@ mod tests {
         assert_eq!(config.peer.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(config.peer.advertise.as_deref(), Some("node-a:7501"));
         assert!(config.peer.forward);
-        assert_eq!(config.fleet_routing, kvfleet_kv_router::RoutingMode::Kv);
+        assert_eq!(
+            config.fleet_routing,
+            kvfleet_kv_router::RoutingMode::KvBlocks
+        );
         let config = load("[routing]\nfleet_mode = \"round-robin\"\n").unwrap();
         assert_eq!(
             config.fleet_routing,

@@ -16,15 +16,17 @@
 //! role, KV-aware) and, for a disaggregated model whose prompt is long enough past what that
 //! decode worker caches and whose chosen prefill worker is not saturated, a prefill worker
 //! (KV-aware among prefill-role workers). The decision is pure bookkeeping under one lock;
-//! executing it (forwarding, KV transfer, timeouts) is [`crate::forward`]'s.
+//! executing it (forwarding, KV transfer, timeouts) is [`crate::serving`]'s.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use kvfleet_kv_router::PrefillDecision;
 use kvfleet_kv_router::{
     Decision, RequestId, RouteRequest, Router, RouterConfig, RoutingMode, WorkerCapacity,
+    choose_prefill,
 };
 use kvfleet_proto::api::{
     DeploymentMode, DisaggregationPolicy, FleetDirectory, FleetModel, ObservedWorkerState,
@@ -59,19 +61,7 @@ pub struct RemoteWorker {
     pub peer_addr: Option<SocketAddr>,
 }
 
-/// Where a fleet-wide pick runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// On this node's worker.
-    Local,
-    /// On another node's worker, reached through its peer endpoint.
-    Remote {
-        /// The node.
-        node: NodeId,
-        /// Its peer endpoint.
-        addr: SocketAddr,
-    },
-}
+pub use kvfleet_serving::Target;
 
 /// A pick: the router's decision and where the worker is.
 #[derive(Debug, Clone)]
@@ -99,51 +89,6 @@ pub struct RoutePlan {
     pub policy: Option<DisaggregationPolicy>,
     /// Why `prefill` is set or not, for a disaggregated model; `None` when aggregated.
     pub prefill_decision: Option<PrefillDecision>,
-}
-
-/// How a disaggregated model's request was prefilled, as counted in
-/// `kvfleet_fleet_prefill_decisions_total{decision}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PrefillDecision {
-    /// On a prefill worker.
-    Remote,
-    /// By the decode worker: the uncached part of the prompt is below
-    /// `min_remote_prefill_tokens`.
-    LocalShort,
-    /// By the decode worker: the chosen prefill worker's queue would exceed
-    /// `max_prefill_queue_tokens`.
-    LocalQueueFull,
-    /// By the decode worker: no ready prefill worker of the model is reachable.
-    LocalNoPrefillWorker,
-}
-
-impl PrefillDecision {
-    /// Every decision, in metric order.
-    pub const ALL: [PrefillDecision; 4] = [
-        PrefillDecision::Remote,
-        PrefillDecision::LocalShort,
-        PrefillDecision::LocalQueueFull,
-        PrefillDecision::LocalNoPrefillWorker,
-    ];
-
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PrefillDecision::Remote => "remote",
-            PrefillDecision::LocalShort => "local_short",
-            PrefillDecision::LocalQueueFull => "local_queue_full",
-            PrefillDecision::LocalNoPrefillWorker => "local_no_prefill_worker",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            PrefillDecision::Remote => 0,
-            PrefillDecision::LocalShort => 1,
-            PrefillDecision::LocalQueueFull => 2,
-            PrefillDecision::LocalNoPrefillWorker => 3,
-        }
-    }
 }
 
 /// Whether a worker of `role` can generate a request's tokens.
@@ -207,6 +152,11 @@ impl Inner {
         let id = RequestId(self.next_request);
         let request = RouteRequest::new(id, hashes, prompt_tokens).with_candidates(&candidates);
         let decision = self.router.select(&request, now).ok()?;
+        Some(self.picked_worker(decision))
+    }
+
+    /// A decision as a [`Pick`]: where its worker is, counted in the per-worker pick metric.
+    fn picked_worker(&mut self, decision: Decision) -> Pick {
         *self.picked.entry(decision.worker).or_default() += 1;
         let (target, role) = match self.remote.get(&decision.worker) {
             Some(RemoteWorker {
@@ -226,17 +176,10 @@ impl Inner {
                 (Target::Local, role.unwrap_or(WorkerRole::Aggregated))
             }
         };
-        Some(Pick {
+        Pick {
             decision,
             target,
             role,
-        })
-    }
-
-    /// Takes back the per-worker pick count of a pick released before it ran.
-    fn unpick(&mut self, worker: WorkerId) {
-        if let Some(n) = self.picked.get_mut(&worker) {
-            *n = n.saturating_sub(1);
         }
     }
 }
@@ -461,49 +404,21 @@ impl FleetRouter {
                 prefill_decision: None,
             });
         };
-        let block_size = inner.router.config().block_size.get();
-        let cached = u64::from(decode.decision.overlap_blocks) * u64::from(block_size);
-        let uncached = u64::from(prompt_tokens).saturating_sub(cached);
-        let (prefill, decision) = if uncached < u64::from(policy.min_remote_prefill_tokens) {
-            (None, PrefillDecision::LocalShort)
-        } else {
-            // Each prefill candidate's load before this request: the pick itself adds to it.
-            let loads: BTreeMap<WorkerId, u64> = inner
-                .candidates(model, |role| role == WorkerRole::Prefill)
-                .into_iter()
-                .map(|id| {
-                    let load = inner.router.worker_load(id).map_or(0, |l| l.prefill_tokens);
-                    (id, load)
-                })
-                .collect();
-            let full = |queued: u64| {
-                queued.saturating_add(uncached) > u64::from(policy.max_prefill_queue_tokens)
-            };
-            if !loads.is_empty() && loads.values().all(|q| full(*q)) {
-                // Whichever the router picked would be full: no pick at all, so nothing is
-                // counted or (in approximate mode) predicted on a worker that will not run it.
-                (None, PrefillDecision::LocalQueueFull)
-            } else {
-                match inner.pick(
-                    model,
-                    hashes,
-                    prompt_tokens,
-                    |role| role == WorkerRole::Prefill,
-                    now,
-                ) {
-                    None => (None, PrefillDecision::LocalNoPrefillWorker),
-                    Some(pick) if full(loads.get(&pick.decision.worker).copied().unwrap_or(0)) => {
-                        // The router's choice (cheapest, e.g. for the prefix it caches) is
-                        // full, though another may have room: the decode worker prefills, and
-                        // the pick is released at once.
-                        inner.router.finished(pick.decision.request, now);
-                        inner.unpick(pick.decision.worker);
-                        (None, PrefillDecision::LocalQueueFull)
-                    }
-                    Some(pick) => (Some(pick), PrefillDecision::Remote),
-                }
-            }
-        };
+        let candidates = inner.candidates(model, |role| role == WorkerRole::Prefill);
+        inner.next_request = inner.next_request.wrapping_add(1);
+        let prefill_request = RequestId(inner.next_request);
+        let request = RouteRequest::new(decode.decision.request, hashes, prompt_tokens);
+        let choice = choose_prefill(
+            &mut inner.router,
+            &request,
+            &decode.decision,
+            &policy,
+            &candidates,
+            prefill_request,
+            now,
+        );
+        let decision = choice.decision;
+        let prefill = choice.pick.map(|pick| inner.picked_worker(pick));
         inner.prefill_decisions[decision.index()] += 1;
         Some(RoutePlan {
             decode,
@@ -1332,13 +1247,19 @@ mod tests {
         store(&fleet, 2, &b[..768]);
         for _ in 0..3 {
             let plan = fleet.plan("a", &seq(&a), 1024).expect("a plan");
-            let p = plan.prefill.expect("remote prefill");
+            let p = plan.prefill.clone().expect("remote prefill");
             assert_eq!(p.decision.worker, WorkerId(9));
             assert_eq!(p.decision.overlap_blocks, 48);
             assert!(matches!(p.target, Target::Remote { .. }));
+            // Released before their prefill: the decode worker was to import the prompt's
+            // blocks, and a `kv` router counts them there until then.
+            fleet.finished(p.decision.request);
+            fleet.finished(plan.decode.decision.request);
             let plan = fleet.plan("a", &seq(&b), 1024).expect("a plan");
-            let p = plan.prefill.expect("remote prefill");
+            let p = plan.prefill.clone().expect("remote prefill");
             assert_eq!((p.decision.worker, p.target), (WorkerId(2), Target::Local));
+            fleet.finished(p.decision.request);
+            fleet.finished(plan.decode.decision.request);
         }
         // Unrelated prompts spread over both prefill workers by load.
         let mut seen = std::collections::BTreeSet::new();

@@ -16,6 +16,8 @@
 //! - [`fleet`]: the fleet-wide KV router the control-plane client keeps current.
 //! - [`forward`]: the frontend's backend in control-plane mode: local or forwarded to a peer.
 //! - [`peer`]: the QUIC peer endpoint (node-CA mTLS) serving requests other agents forward.
+//! - [`state_dir`]: what the agent keeps on disk between runs in control-plane mode (identity,
+//!   certificate, last desired state).
 //!
 //! [`run`] is the whole agent: tests call [`serve`] with a listener bound to port 0, a fake GPU
 //! inventory and the built binary as the worker program. With `[control_plane]` the
@@ -29,15 +31,15 @@ pub mod cli;
 pub mod config;
 pub mod cp_client;
 pub mod dbus;
-pub mod disagg;
 pub mod fleet;
-pub mod forward;
 pub mod frontend;
 pub mod gpu;
 pub mod kv_sync;
 pub mod logging;
 pub mod metrics;
 pub mod peer;
+pub mod serving;
+pub mod state_dir;
 pub mod systemd;
 pub mod worker;
 
@@ -47,16 +49,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use kvfleet_proto::api::WorkerRole;
 
-use crate::config::{Config, Device, WorkerConfig};
+use crate::config::Config;
 use crate::frontend::Frontend;
 use crate::frontend::models::ModelRegistry;
 use crate::frontend::text::{ByteTokenizer, Tokenizer};
 use crate::gpu::Inventory;
 use crate::systemd::Notifier;
+use crate::worker::{Device, WorkerConfig};
 use crate::worker::{WorkerCommand, WorkerPool};
 
 /// What the agent needs from its surroundings, injectable for tests.
@@ -132,7 +136,7 @@ pub fn plan_workers(config: &Config, inventory: &dyn Inventory) -> Vec<WorkerCon
         .collect()
 }
 
-/// Handles to a running agent, for `serve_until` callers.
+/// Handles to a running agent, for `serve_with` callers.
 #[derive(Debug, Clone)]
 pub struct Running {
     /// The frontend (drain, resume, readiness).
@@ -141,15 +145,41 @@ pub struct Running {
     pub pool: Arc<WorkerPool>,
     /// The models the frontend serves (register more at runtime).
     pub models: Arc<ModelRegistry>,
-    /// The control-plane client, in control-plane mode.
-    pub control_plane: Option<cp_client::Handle>,
-    /// The fleet-wide KV router, in control-plane mode.
-    pub fleet: Option<Arc<fleet::FleetRouter>>,
-    /// The peer endpoint (bound once registration saved the node certificate), in
-    /// control-plane mode.
-    pub peer: Option<peer::PeerHandle>,
-    /// Disaggregated serving (both legs, and the transfers), in control-plane mode.
-    pub disagg: Option<Arc<disagg::Disagg>>,
+    /// What the node does beyond its own workers.
+    pub mode: Mode,
+}
+
+impl Running {
+    /// The fleet parts, in control-plane mode.
+    pub fn fleet(&self) -> Option<&FleetMode> {
+        match &self.mode {
+            Mode::Standalone => None,
+            Mode::Fleet(fleet) => Some(fleet),
+        }
+    }
+}
+
+/// What a node does beyond serving its own workers.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// The configured workers, for this node's frontend only.
+    Standalone,
+    /// A member of a control plane's fleet (`[control_plane]`).
+    Fleet(FleetMode),
+}
+
+/// Everything control-plane mode adds to a node.
+#[derive(Debug, Clone)]
+pub struct FleetMode {
+    /// The control-plane client.
+    pub control_plane: cp_client::Handle,
+    /// The fleet-wide KV router.
+    pub router: Arc<fleet::FleetRouter>,
+    /// The peer endpoint (bound once registration saved the node certificate).
+    pub peer: peer::PeerHandle,
+    /// Serving beyond this node's workers: forwarded requests, both legs of disaggregated
+    /// ones, the KV transfers in between.
+    pub serving: Arc<serving::Serving>,
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: stop accepting, finish
@@ -201,84 +231,42 @@ pub async fn serve_with(
         deps.worker.clone(),
         tokenizer.vocab_size(),
     );
-    // With a control plane, every frontend routes over the whole fleet's KV index.
-    let fleet = config
-        .control_plane
-        .as_ref()
-        .map(|_| Arc::new(fleet::FleetRouter::new(config.fleet_routing)));
-    let peer_handle = config
-        .control_plane
-        .as_ref()
-        .map(|_| peer::PeerHandle::default());
-    // Both legs of disaggregated requests run through the peer endpoint.
-    let disagg = peer_handle
-        .as_ref()
-        .map(|peer| Arc::new(disagg::Disagg::new(pool.clone(), peer.clone())));
-    // In control-plane mode the frontend asks the fleet router and may forward to a peer.
-    let backend: Arc<dyn backend::Backend> =
-        match (&fleet, &disagg) {
-            (Some(fleet), Some(disagg)) if config.peer.forward => Arc::new(
-                forward::FleetBackend::new(pool.clone(), fleet.clone(), disagg.clone()),
-            ),
-            _ => pool.clone(),
-        };
     // One registry: every module adds its families, the frontend serves the whole.
     let mut registry = metrics::Registry::default();
     pool.register_metrics(&mut registry);
     gpu::register_metrics(&mut registry, deps.inventory.clone());
-    if let Some(fleet) = &fleet {
-        fleet.register_metrics(&mut registry);
-    }
-    if let Some(disagg) = &disagg {
-        disagg.register_metrics(&mut registry);
-    }
-    if let Some(peer) = &peer_handle {
-        peer.register_metrics(&mut registry);
-    }
+    let cp_stop = CancellationToken::new();
+    let (mode, backend, fleet_tasks): (Mode, Arc<dyn backend::Backend>, _) =
+        match &config.control_plane {
+            None => (Mode::Standalone, pool.clone(), None),
+            Some(cp) => {
+                let StartedFleet {
+                    fleet,
+                    backend,
+                    tasks,
+                } = start_fleet(
+                    (&config, cp),
+                    addr,
+                    &deps,
+                    &pool,
+                    &models,
+                    &mut registry,
+                    cp_stop.clone(),
+                )?;
+                (Mode::Fleet(fleet), backend, Some(tasks))
+            }
+        };
     let frontend = Arc::new(Frontend::new(
         config.frontend.clone(),
         models.clone(),
         backend,
         registry,
     ));
-    let cp_stop = CancellationToken::new();
-    let peer_task = match (&config.control_plane, &peer_handle, &disagg) {
-        (Some(cp), Some(handle), Some(disagg)) => Some(tokio::spawn(peer::run(
-            config.peer.clone(),
-            if addr.ip().is_unspecified() {
-                config.node_name.clone()
-            } else {
-                addr.ip().to_string()
-            },
-            cp.state_dir.clone(),
-            pool.clone(),
-            disagg.clone(),
-            handle.clone(),
-            cp_stop.clone(),
-        ))),
-        _ => None,
-    };
-    let control_plane = match &config.control_plane {
-        Some(cp) => {
-            let mut node = control_plane_node(&config, cp, addr, &deps, &pool, &models);
-            node.fleet = fleet.clone();
-            node.peer = peer_handle.clone();
-            let (handle, client) = cp_client::start(cp.clone(), node, cp_stop.clone())
-                .context("starting the control-plane client")?;
-            tracing::info!(url = %cp.url, state_dir = %cp.state_dir.display(),
-                "control-plane mode: the control plane decides this node's workers");
-            Some((handle, tokio::spawn(client)))
-        }
-        None => None,
-    };
     started(Running {
         frontend: frontend.clone(),
         pool: pool.clone(),
         models,
-        control_plane: control_plane.as_ref().map(|(handle, _)| handle.clone()),
-        fleet: fleet.clone(),
-        peer: peer_handle.clone(),
-        disagg: disagg.clone(),
+        mode,
     });
 
     let stop_http = CancellationToken::new();
@@ -333,11 +321,10 @@ pub async fn serve_with(
     background.cancel();
     let _ = readiness.await;
     cp_stop.cancel();
-    if let Some((_, client)) = control_plane {
-        let _ = client.await;
-    }
-    if let Some(task) = peer_task {
-        let _ = task.await;
+    if let Some(tasks) = fleet_tasks {
+        for task in tasks {
+            let _ = task.await;
+        }
     }
     pool.shutdown().await;
     if let Some(bus) = &bus {
@@ -348,15 +335,53 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// What the control-plane client is told about this node.
-fn control_plane_node(
-    config: &Config,
-    cp: &config::ControlPlaneConfig,
+/// What [`start_fleet`] started.
+struct StartedFleet {
+    fleet: FleetMode,
+    backend: Arc<dyn backend::Backend>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+/// Control-plane mode: the fleet router, the peer endpoint and disaggregated serving, and the
+/// control-plane client that keeps them (and the pool) current. Returns the fleet parts, the
+/// frontend's backend (routing over the whole fleet, unless `[peer] forward = false`), and the
+/// client's and the endpoint's tasks, which end when `stop` is cancelled.
+fn start_fleet(
+    (config, cp): (&Config, &cp_client::ControlPlaneConfig),
     addr: std::net::SocketAddr,
     deps: &Deps,
     pool: &Arc<WorkerPool>,
     models: &Arc<ModelRegistry>,
-) -> cp_client::Node {
+    registry: &mut metrics::Registry,
+    stop: CancellationToken,
+) -> anyhow::Result<StartedFleet> {
+    let router = Arc::new(fleet::FleetRouter::new(config.fleet_routing));
+    let peer = peer::PeerHandle::default();
+    // Forwarded requests and both legs of disaggregated ones run through the peer endpoint.
+    let serving = Arc::new(serving::Serving::new(pool.clone(), peer.clone()));
+    router.register_metrics(registry);
+    serving.register_metrics(registry);
+    peer.register_metrics(registry);
+    let backend: Arc<dyn backend::Backend> = if config.peer.forward {
+        Arc::new(serving::FleetBackend::new(serving.clone(), router.clone()))
+    } else {
+        pool.clone()
+    };
+    let peer_task = tokio::spawn(peer::run(
+        config.peer.clone(),
+        if addr.ip().is_unspecified() {
+            config.node_name.clone()
+        } else {
+            addr.ip().to_string()
+        },
+        cp.state_dir.clone(),
+        (
+            Arc::new(serving::forwarded::Forwarded::new(serving.clone())),
+            serving.transfers(),
+        ),
+        peer.clone(),
+        stop.clone(),
+    ));
     let frontend_addr = cp.advertise_addr.clone().unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
             format!("{}:{}", config.node_name, addr.port())
@@ -369,7 +394,7 @@ fn control_plane_node(
     } else {
         vec![addr.ip().to_string()]
     };
-    cp_client::Node {
+    let node = cp_client::Node {
         hostname: config.node_name.clone(),
         frontend_addr,
         addresses,
@@ -378,9 +403,24 @@ fn control_plane_node(
         pool: pool.clone(),
         models: models.clone(),
         inventory: deps.inventory.clone(),
-        fleet: None,
-        peer: None,
-    }
+        fleet: router.clone(),
+        peer: peer.clone(),
+    };
+    let (control_plane, client) =
+        cp_client::start(cp.clone(), node, stop).context("starting the control-plane client")?;
+    tracing::info!(url = %cp.url, state_dir = %cp.state_dir.display(),
+        "control-plane mode: the control plane decides this node's workers");
+    let fleet = FleetMode {
+        control_plane,
+        router,
+        peer,
+        serving,
+    };
+    Ok(StartedFleet {
+        fleet,
+        backend,
+        tasks: [tokio::spawn(client), peer_task],
+    })
 }
 
 /// Sends READY=1 once every worker is ready, STATUS= whenever the picture changes, and

@@ -2,7 +2,32 @@
 //! Worker processes log the same way to the same stderr, so journald collects one stream; every
 //! line about a request carries its `request_id`.
 
-use crate::config::{LogConfig, LogFormat};
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable, for a terminal (and journald, which adds its own timestamps).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `kvfleet_agent=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
 
 /// Installs the global subscriber. Call once, from `main`. An invalid filter was already refused
 /// by config validation; should one slip through, `info` is used.

@@ -1,178 +1,42 @@
 //! The agent's peer transport: one QUIC endpoint (`kvfleet-peer`) with the node certificate the
-//! control plane issued, serving generate requests that other agents' frontends forward here.
+//! control plane issued.
 //!
-//! - [`LocalGenerate`]: the [`GenerateHandler`] — a forwarded request is submitted to this
-//!   node's workers through the [`Backend`], exactly as a local request is; dropping the event
-//!   stream (the peer cancelled, or its connection died) drops the [`crate::backend::Generation`],
-//!   which cancels the sequence in the worker.
 //! - [`run`]: waits until registration has put the certificate, key and CA in the state
-//!   directory, binds the endpoint, publishes its address, and serves until shutdown.
-//! - Disaggregated requests: a request with `kv_push` is the prefill leg and one with `prefill`
-//!   the decode leg; both are served by [`crate::disagg::Disagg`], whose transfer table is also
-//!   the endpoint's KV block sink.
+//!   directory, binds the endpoint, publishes it in the [`PeerHandle`], and serves the handler
+//!   and block sink it is given (the `serving` module's) until shutdown.
+//! - [`PeerHandle`]: the endpoint once bound, for whoever forwards or pushes blocks, and its
+//!   counters in `/metrics`.
 //!
 //! A certificate the control-plane client renews is loaded within seconds, without a restart.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use kvfleet_peer::{
-    ErrorCode, ErrorMessage, EventStream, Finish, FinishReason, GenerateEvent, GenerateHandler,
-    GenerateRequest, PeerConfig, PeerEndpoint, PeerIdentity, PeerInfo, TokenChunk, TokenLogprob,
-    TopLogprob, Usage,
-};
+use kvfleet_peer::{BlockSink, GenerateHandler, PeerConfig, PeerEndpoint, PeerIdentity};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{self, Backend, EndReason, GenEvent, SubmitError};
-use crate::config::PeerSettings;
-use crate::cp_client::state::StateDir;
-use crate::disagg::{Disagg, PrefillTarget};
+use crate::state_dir::StateDir;
 
-/// Serves forwarded generate requests on this node's workers.
-#[derive(Debug, Clone)]
-pub struct LocalGenerate {
-    backend: Arc<dyn Backend>,
-    disagg: Option<Arc<Disagg>>,
+/// `[peer]`: this agent's QUIC endpoint for forwarded requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSettings {
+    /// UDP address to listen on (`0.0.0.0:7500`; port 0 picks a free port, for tests).
+    pub listen: std::net::SocketAddr,
+    /// The address other agents reach it at (`host:port`, reported to the control plane);
+    /// `None`: the listen address, with the node's first address when it listens on all.
+    pub advertise: Option<String>,
+    /// Whether this node's frontend routes over the whole fleet (KV-aware, forwarding to
+    /// peers); `false`: only among its own workers, as standalone.
+    pub forward: bool,
 }
 
-impl LocalGenerate {
-    /// A handler submitting to `backend`; the legs of disaggregated requests are refused.
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
+impl Default for PeerSettings {
+    fn default() -> Self {
         Self {
-            backend,
-            disagg: None,
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 7500)),
+            advertise: None,
+            forward: true,
         }
-    }
-
-    /// Also serves both legs of disaggregated requests through `disagg`.
-    pub fn with_disagg(mut self, disagg: Arc<Disagg>) -> Self {
-        self.disagg = Some(disagg);
-        self
-    }
-
-    fn disagg(&self) -> Result<&Arc<Disagg>, ErrorMessage> {
-        self.disagg.as_ref().ok_or_else(|| {
-            ErrorMessage::new(
-                ErrorCode::Unavailable,
-                "this node does not serve disaggregated requests",
-            )
-        })
-    }
-}
-
-/// The peer protocol's finish reason for the backend's.
-pub(crate) fn finish_reason(reason: EndReason) -> FinishReason {
-    match reason {
-        EndReason::Length => FinishReason::Length,
-        EndReason::Stop => FinishReason::Stop,
-    }
-}
-
-/// The peer protocol's logprobs for the backend's.
-pub(crate) fn logprobs(items: Vec<backend::TokenLogprob>, ids: &[u32]) -> Vec<TokenLogprob> {
-    items
-        .into_iter()
-        .zip(ids)
-        .map(|(item, &token)| TokenLogprob {
-            token,
-            logprob: item.logprob,
-            top: item
-                .top
-                .into_iter()
-                .map(|(token, logprob)| TopLogprob { token, logprob })
-                .collect(),
-        })
-        .collect()
-}
-
-impl GenerateHandler for LocalGenerate {
-    async fn generate(
-        &self,
-        peer: &PeerInfo,
-        request: GenerateRequest,
-    ) -> Result<EventStream, ErrorMessage> {
-        let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
-        tracing::info!(request_id = %request.request_id, from = %peer.node_id,
-            prefill_leg = request.kv_push.is_some(), decode_leg = request.prefill.is_some(),
-            "serving a forwarded request");
-        if let Some(push) = request.kv_push.clone() {
-            return self.disagg()?.serve_prefill(request, push);
-        }
-        let prefill = request.prefill.as_ref().map(|plan| {
-            let target = PrefillTarget {
-                worker: plan.worker,
-                node: kvfleet_proto::NodeId(plan.node),
-                addr: plan.addr.clone(),
-            };
-            (target, Duration::from_millis(u64::from(plan.timeout_ms)))
-        });
-        let local = backend::GenerateRequest {
-            request_id: request.request_id,
-            model: request.model,
-            prompt: request.prompt,
-            block_hashes: request.block_hashes,
-            sampling: request.sampling,
-            worker: request.worker,
-        };
-        let submitted = match prefill {
-            Some((target, deadline)) => self.disagg()?.submit_decode(local, target, deadline),
-            None => self.backend.submit(local),
-        };
-        let generation = submitted.map_err(|e| match e {
-            SubmitError::NoReadyWorker(_) => {
-                ErrorMessage::new(ErrorCode::Unavailable, e.to_string())
-            }
-            SubmitError::WorkerGone(_) | SubmitError::Unsupported | SubmitError::Invalid(_) => {
-                ErrorMessage::new(ErrorCode::Internal, e.to_string())
-            }
-        })?;
-        // The generation travels inside the stream's state: dropping the stream drops it, which
-        // cancels the sequence in the worker.
-        let stream = futures_util::stream::unfold(
-            (generation, 0u32, false),
-            move |(mut generation, completion, ended)| async move {
-                if ended {
-                    return None;
-                }
-                let item = match generation.events.recv().await {
-                    Some(GenEvent::Tokens { ids, logprobs: lp }) => {
-                        let n = u32::try_from(ids.len()).unwrap_or(u32::MAX);
-                        let logprobs = lp.map(|lp| logprobs(lp, &ids));
-                        let chunk = TokenChunk {
-                            tokens: ids,
-                            logprobs,
-                        };
-                        return Some((
-                            Ok(GenerateEvent::Tokens(chunk)),
-                            (generation, completion.saturating_add(n), false),
-                        ));
-                    }
-                    Some(GenEvent::Finished(reason)) => {
-                        generation.done();
-                        Ok(GenerateEvent::Finished(Finish {
-                            reason: finish_reason(reason),
-                            usage: Usage {
-                                prompt_tokens,
-                                completion_tokens: completion,
-                                cached_tokens: 0,
-                            },
-                            kv_push: None,
-                        }))
-                    }
-                    Some(GenEvent::Failed(message)) => {
-                        generation.done();
-                        Err(ErrorMessage::new(ErrorCode::Internal, message))
-                    }
-                    None => Err(ErrorMessage::new(
-                        ErrorCode::Internal,
-                        "the worker went away mid-generation",
-                    )),
-                };
-                Some((item, (generation, completion, true)))
-            },
-        );
-        Ok(stream.boxed())
     }
 }
 
@@ -181,6 +45,8 @@ impl GenerateHandler for LocalGenerate {
 pub struct PeerHandle {
     inner: Arc<Mutex<Option<Arc<PeerEndpoint>>>>,
     advertised: Arc<Mutex<Option<String>>>,
+    /// When the certificate the endpoint presents expires (Unix seconds), once it is known.
+    certificate_expiry: Arc<Mutex<Option<i64>>>,
 }
 
 impl PeerHandle {
@@ -199,6 +65,17 @@ impl PeerHandle {
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.endpoint().and_then(|e| e.local_addr().ok())
     }
+
+    /// Records the expiry of the certificate the endpoint now presents.
+    fn presenting(&self, identity: &PeerIdentity) {
+        let expiry = identity
+            .not_after()
+            .map_err(|e| tracing::warn!(error = %e, "peer endpoint: cannot read the certificate's expiry"))
+            .ok();
+        if let Ok(mut slot) = self.certificate_expiry.lock() {
+            *slot = expiry;
+        }
+    }
 }
 
 impl PeerHandle {
@@ -210,6 +87,14 @@ impl PeerHandle {
             let Some(endpoint) = handle.endpoint() else {
                 return Ok(());
             };
+            if let Some(expiry) = handle.certificate_expiry.lock().ok().and_then(|e| *e) {
+                s.gauge(
+                    "kvfleet_peer_certificate_expiry_timestamp_seconds",
+                    "When the node certificate the peer endpoint presents expires (Unix time); \
+                     the control-plane client renews it with a third of its lifetime left",
+                    expiry,
+                )?;
+            }
             let m = endpoint.metrics().snapshot();
             let counters = [
                 (
@@ -272,16 +157,15 @@ fn read_identity(state: &StateDir) -> Option<PeerIdentity> {
 }
 
 /// Waits for the node certificate in `state_dir` (registration writes it), binds the endpoint
-/// on `settings.listen`, publishes it in `handle`, and serves forwarded requests on `backend`
-/// until `stop`. A renewed certificate is switched to within seconds. `host` names this
-/// node in the advertised address when the endpoint listens on all interfaces and
-/// `[peer] advertise` is not set.
-pub async fn run(
+/// on `settings.listen`, publishes it in `handle`, and serves forwarded requests with
+/// `generate` and KV transfers into `blocks` until `stop`. A renewed certificate is switched to
+/// within seconds. `host` names this node in the advertised address when the endpoint listens
+/// on all interfaces and `[peer] advertise` is not set.
+pub async fn run<G: GenerateHandler, S: BlockSink>(
     settings: PeerSettings,
     host: String,
     state_dir: std::path::PathBuf,
-    backend: Arc<dyn Backend>,
-    disagg: Arc<Disagg>,
+    (generate, blocks): (Arc<G>, Arc<S>),
     handle: PeerHandle,
     stop: CancellationToken,
 ) {
@@ -325,18 +209,16 @@ pub async fn run(
     if let Ok(mut slot) = handle.inner.lock() {
         *slot = Some(endpoint.clone());
     }
+    handle.presenting(&identity);
     let watcher = tokio::spawn(reload_renewed_certificates(
         endpoint.clone(),
         state,
         identity,
+        handle.clone(),
         stop.clone(),
     ));
     endpoint
-        .serve(
-            Arc::new(LocalGenerate::new(backend).with_disagg(disagg.clone())),
-            disagg.transfers(),
-            async move { stop.cancelled().await },
-        )
+        .serve(generate, blocks, async move { stop.cancelled().await })
         .await;
     watcher.abort();
 }
@@ -350,6 +232,7 @@ async fn reload_renewed_certificates(
     endpoint: Arc<PeerEndpoint>,
     state: StateDir,
     mut current: PeerIdentity,
+    handle: PeerHandle,
     stop: CancellationToken,
 ) {
     loop {
@@ -369,6 +252,7 @@ async fn reload_renewed_certificates(
         match endpoint.reload_identity(&identity) {
             Ok(()) => {
                 tracing::info!("peer endpoint: switched to the renewed node certificate");
+                handle.presenting(&identity);
                 current = identity;
             }
             // A half-written pair (certificate renewed, key not yet) fixes itself next time.

@@ -97,9 +97,9 @@ fn request(model: &str, prompt: &[u32], max_tokens: u32, worker: WorkerId) -> Ge
 async fn tokens(mut generation: Generation) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
     let result = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(event) = generation.events.recv().await {
+        while let Some(event) = generation.next().await {
             match event {
-                GenEvent::Tokens { ids, .. } => out.extend(ids),
+                GenEvent::Tokens(chunk) => out.extend(chunk.tokens),
                 GenEvent::Finished(_) => return Ok(()),
                 GenEvent::Failed(message) => return Err(message),
             }
@@ -108,7 +108,6 @@ async fn tokens(mut generation: Generation) -> Result<Vec<u32>, String> {
     })
     .await
     .unwrap_or_else(|_| Err("timed out".into()));
-    generation.done();
     result.map(|()| out)
 }
 
@@ -152,10 +151,10 @@ async fn prefill(pool: &WorkerPool, model: &str, prompt: &[u32]) -> Prefill {
                 blocks.push(block);
                 arrivals.push(tokio::time::Instant::now());
             }
-            event = generation.events.recv() => match event {
-                Some(GenEvent::Tokens { ids, .. }) => {
+            event = generation.next() => match event {
+                Some(GenEvent::Tokens(chunk)) => {
                     token_at = token_at.or(Some(tokio::time::Instant::now()));
-                    first_token = first_token.or(ids.first().copied());
+                    first_token = first_token.or(chunk.tokens.first().copied());
                 }
                 Some(GenEvent::Finished(_)) => finished = true,
                 other => panic!("prefill failed: {other:?}"),
@@ -163,7 +162,6 @@ async fn prefill(pool: &WorkerPool, model: &str, prompt: &[u32]) -> Prefill {
             () = &mut deadline => panic!("prefill timed out"),
         }
     }
-    generation.done();
     // The receiver closes once the request ended; every block was sent before the finish.
     while let Some(block) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
@@ -503,14 +501,13 @@ async fn a_prefill_worker_crash_fails_the_generation_and_closes_the_block_receiv
         "{received} blocks before the crash"
     );
     let mut failed = None;
-    while let Some(event) = generation.events.recv().await {
+    while let Some(event) = generation.next().await {
         if let GenEvent::Failed(message) = event {
             failed = Some(message);
         }
     }
     let message = failed.expect("the generation fails");
     assert!(message.contains("worker w1"), "{message}");
-    generation.done();
     // The worker comes back and serves prefills again.
     wait(&pool, "the prefill worker restarted", |p| {
         status(p, PREFILL).state == kvfleet_agent::backend::WorkerState::Ready

@@ -331,7 +331,7 @@ async fn a_killed_native_worker_reloads_its_model_and_serves_again() {
 /// one is 404 again, and the others keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_can_be_registered_and_removed_at_runtime() {
-    use kvfleet_agent::config::ModelConfig;
+    use kvfleet_agent::worker::ModelConfig;
     let agent = TestAgent::start(&native_model("tiny", &tiny_model(), "")).await;
     let registry = agent.running.models.clone();
     let served = registry

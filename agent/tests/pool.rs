@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{TestAgent, model};
 use kvfleet_agent::backend::{Backend as _, WorkerState};
-use kvfleet_agent::config::{Device, ModelConfig, WorkerConfig};
+use kvfleet_agent::worker::{Device, ModelConfig, WorkerConfig};
 use kvfleet_proto::WorkerId;
 use kvfleet_proto::api::WorkerRole;
 use serde_json::json;

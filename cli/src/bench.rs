@@ -50,6 +50,12 @@ pub(crate) struct EngineArgs {
     /// batch needs.
     #[arg(long, value_parser = crate::generate::parse_budget)]
     kv_memory: Option<KvBudget>,
+    /// Print one JSON object per batch size instead of the table (for scripts, e.g.
+    /// scripts/bench-vs-llamacpp.sh).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    kernels: crate::load::KernelArgs,
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -83,7 +89,8 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
     if args.prompt_tokens == 0 || args.decode_tokens == 0 || args.batches.contains(&0) {
         bail!("--prompt-tokens, --decode-tokens and every batch size must be at least 1");
     }
-    let m = crate::load::model(&args.model)?;
+    let m = crate::load::model(&args.model, args.kernels.path())?;
+    let kernels = m.model.kernel_path();
     let vocab = m.model.config().vocab_size;
     let context = m.model.config().context_length;
     let per_seq = args.prompt_tokens + args.decode_tokens as usize + 1;
@@ -104,17 +111,19 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
     };
     let mut engine = crate::load::engine(&m, config)?;
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "model {} ({}), prompt {} tokens, decode {} tokens, KV cache {} blocks",
-        args.model.display(),
-        m.info.architecture,
-        args.prompt_tokens,
-        args.decode_tokens,
-        engine.executor().num_blocks()
-    )?;
-    writeln!(out, "| batch | prefill tok/s | decode tok/s |")?;
-    writeln!(out, "| ---: | ---: | ---: |")?;
+    if !args.json {
+        writeln!(
+            out,
+            "model {} ({}), prompt {} tokens, decode {} tokens, KV cache {} blocks, kernels {kernels}",
+            args.model.display(),
+            m.info.architecture,
+            args.prompt_tokens,
+            args.decode_tokens,
+            engine.executor().num_blocks()
+        )?;
+        writeln!(out, "| batch | prefill tok/s | decode tok/s |")?;
+        writeln!(out, "| ---: | ---: | ---: |")?;
+    }
     // Ordinary tokens: skip the low ids, where vocabularies keep their control tokens.
     let low = (vocab / 8) as u64;
     let span = vocab as u64 - low;
@@ -157,19 +166,29 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
         let decode_start = decode.iter().map(|r| r.1).max().unwrap_or_default();
         let decode_end = decode.iter().map(|r| r.2).max().unwrap_or_default();
         let decode_secs = decode_end.saturating_sub(decode_start).as_secs_f64();
-        let per_s = |tokens: usize, secs: f64| {
-            if secs > 0.0 {
-                format!("{:.1}", tokens as f64 / secs)
-            } else {
-                "n/a".to_string()
-            }
-        };
-        writeln!(
-            out,
-            "| {batch} | {} | {} |",
-            per_s(batch * args.prompt_tokens, prefill_secs),
-            per_s(batch * args.decode_tokens as usize, decode_secs)
-        )?;
+        let rate = |tokens: usize, secs: f64| (secs > 0.0).then(|| tokens as f64 / secs);
+        let prefill_rate = rate(batch * args.prompt_tokens, prefill_secs);
+        let decode_rate = rate(batch * args.decode_tokens as usize, decode_secs);
+        if args.json {
+            let line = serde_json::json!({
+                "model": args.model.display().to_string(),
+                "kernels": kernels.name(),
+                "batch": batch,
+                "prompt_tokens": args.prompt_tokens,
+                "decode_tokens": args.decode_tokens,
+                "prefill_tok_s": prefill_rate,
+                "decode_tok_s": decode_rate,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            let show = |r: Option<f64>| r.map_or_else(|| "n/a".to_string(), |r| format!("{r:.1}"));
+            writeln!(
+                out,
+                "| {batch} | {} | {} |",
+                show(prefill_rate),
+                show(decode_rate)
+            )?;
+        }
         out.flush()?;
     }
     Ok(())

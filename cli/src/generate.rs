@@ -45,6 +45,8 @@ pub(crate) struct GenerateArgs {
     /// or blocks (`4096blocks`). Default: exactly what this request needs.
     #[arg(long, value_parser = parse_budget)]
     pub(crate) kv_memory: Option<KvBudget>,
+    #[command(flatten)]
+    pub(crate) kernels: crate::load::KernelArgs,
 }
 
 pub(crate) fn parse_budget(s: &str) -> Result<KvBudget, String> {
@@ -103,7 +105,7 @@ pub(crate) fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         logprobs: None,
     };
     sampling.validate().context("invalid sampling options")?;
-    let m = crate::load::model(&args.model)?;
+    let m = crate::load::model(&args.model, args.kernels.path())?;
     let prompt = prompt_ids(&m, args)?;
     let context = m.model.config().context_length;
     let total = (prompt.len() + args.max_tokens as usize).min(context);

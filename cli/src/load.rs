@@ -8,10 +8,40 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvfleet_engine::{PoolSizing, SchedulerConfig};
-use kvfleet_model::{KvBudget, LoadedModel, NativeEngine};
+use kvfleet_model::{KernelPath, KvBudget, LoadedModel, NativeEngine};
 
-/// Loads the model at `path` (a `.gguf` file or a Hugging Face directory) with a spinner.
-pub(crate) fn model(path: &Path) -> anyhow::Result<Arc<LoadedModel>> {
+/// Which kernels a command runs, as its `--kernels` / `--exact` flags say.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct KernelArgs {
+    /// The arithmetic kernels: `auto` (the fastest this CPU runs: `avx512-vnni`, `avx2` or
+    /// `portable`), `exact` (llama.cpp's rounding, bit for bit: slower), or one instruction set
+    /// by name. Default: `KVFLEET_KERNELS`, else `auto`.
+    #[arg(long, value_parser = parse_kernels, conflicts_with = "exact")]
+    pub(crate) kernels: Option<KernelPath>,
+    /// Shorthand for `--kernels exact`: reproduce llama.cpp's outputs bit for bit.
+    #[arg(long)]
+    pub(crate) exact: bool,
+}
+
+impl KernelArgs {
+    /// The path asked for; `None`: the default (`KVFLEET_KERNELS`, else the fastest).
+    pub(crate) fn path(&self) -> Option<KernelPath> {
+        if self.exact {
+            Some(KernelPath::exact())
+        } else {
+            self.kernels
+        }
+    }
+}
+
+fn parse_kernels(s: &str) -> Result<KernelPath, String> {
+    s.parse()
+        .map_err(|e: kvfleet_model::KernelChoiceError| e.to_string())
+}
+
+/// Loads the model at `path` (a `.gguf` file or a Hugging Face directory) with a spinner, on
+/// `kernels` (`None`: `KVFLEET_KERNELS`, else the fastest this CPU runs).
+pub(crate) fn model(path: &Path, kernels: Option<KernelPath>) -> anyhow::Result<Arc<LoadedModel>> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("loading model {}", path.display()))?;
     let size = if meta.is_dir() {
@@ -37,15 +67,19 @@ pub(crate) fn model(path: &Path) -> anyhow::Result<Arc<LoadedModel>> {
     }
     spinner.enable_steady_tick(Duration::from_millis(100));
     let start = Instant::now();
-    let loaded = kvfleet_model::load(path);
+    let loaded = match kernels {
+        Some(k) => kvfleet_model::load_with(path, k),
+        None => kvfleet_model::load(path),
+    };
     spinner.finish_and_clear();
     let loaded = loaded.with_context(|| format!("loading model {}", path.display()))?;
     eprintln!(
-        "loaded {} ({}, {:.1} M parameters) in {:.2} s",
+        "loaded {} ({}, {:.1} M parameters) in {:.2} s; kernels {}",
         path.display(),
         loaded.info.architecture,
         loaded.info.parameters as f64 / 1e6,
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        loaded.model.kernel_path()
     );
     Ok(Arc::new(loaded))
 }

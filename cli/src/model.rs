@@ -48,7 +48,7 @@ pub(crate) fn run(cmd: ModelCommand) -> anyhow::Result<()> {
 }
 
 fn inspect(path: &std::path::Path, template: bool) -> anyhow::Result<()> {
-    let m = crate::load::model(path)?;
+    let m = crate::load::model(path, None)?;
     let mut out = std::io::stdout().lock();
     write!(out, "{}", m.info)?;
     let tok = &m.tokenizer;

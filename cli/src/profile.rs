@@ -350,7 +350,8 @@ pub(crate) fn run(args: &ProfileArgs) -> anyhow::Result<()> {
         )?
     } else {
         let path = PathBuf::from(&args.engine);
-        let m = crate::load::model(&path)?;
+        let m = crate::load::model(&path, None)?;
+        let kernel_path = m.model.kernel_path().to_string();
         let vocab = u32::try_from(m.model.config().vocab_size).unwrap_or(u32::MAX);
         let context = u32::try_from(m.model.config().context_length).unwrap_or(u32::MAX);
         let grid = grid(args, context);
@@ -378,7 +379,7 @@ pub(crate) fn run(args: &ProfileArgs) -> anyhow::Result<()> {
             Header {
                 device: args.device.clone().unwrap_or_else(|| "cpu".to_owned()),
                 engine: "native",
-                kernel_path: None,
+                kernel_path: Some(kernel_path),
                 block_size: layout.block_size.get(),
                 kv_block_bytes: layout.block_bytes() as u64,
                 kv_blocks: u64::from(blocks),

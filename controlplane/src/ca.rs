@@ -24,7 +24,7 @@ use rcgen::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::api::types::{AgentPublicKey, KeyAlgorithm};
+use kvfleet_proto::api::{AgentPublicKey, KeyAlgorithm};
 
 /// Why a certificate could not be made.
 #[derive(Debug, thiserror::Error)]

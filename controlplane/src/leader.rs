@@ -15,16 +15,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::api::rows::parse;
-use crate::api::types::{DesiredWorkerState, NodeState, PlacementConstraints, RoleCountsView};
 use crate::liveness;
 use crate::placement::{self, Action, DeploymentView, GpuView, NodeView, WorkerView};
 use crate::store::{self, AuditEntry, sleep_or_shutdown};
+use kvfleet_proto::api::{DesiredWorkerState, NodeState, PlacementConstraints, RoleCountsView};
 
 /// Session lock held by the leader ("kvfleet" + 1).
 pub const LEADER_LOCK_KEY: i64 = 0x6b76_666c_6565_7401;
@@ -32,6 +36,63 @@ pub const LEADER_LOCK_KEY: i64 = 0x6b76_666c_6565_7401;
 pub const PLACEMENT_LOCK_KEY: i64 = 0x6b76_666c_6565_7402;
 /// Transaction lock around the first-admin bootstrap.
 pub const BOOTSTRAP_LOCK_KEY: i64 = 0x6b76_666c_6565_7403;
+
+/// Whether this replica leads and how the leader's loops fare, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct LeaderMetrics {
+    leading: Gauge,
+    passes: Family<[(&'static str, &'static str); 2], Counter>,
+}
+
+/// The `loop` label values of `kvfleet_cp_leader_passes_total`.
+const LOOPS: [&str; 3] = ["placement", "liveness", "metrics_maintenance"];
+
+impl LeaderMetrics {
+    /// Registers `kvfleet_cp_leader` and `kvfleet_cp_leader_passes_total{loop, outcome}`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            leading: Gauge::default(),
+            passes: Family::default(),
+        };
+        registry.register(
+            "kvfleet_cp_leader",
+            "1 while this replica holds the leader lock and runs placement, liveness and \
+             metrics maintenance; 0 otherwise",
+            metrics.leading.clone(),
+        );
+        registry.register(
+            "kvfleet_cp_leader_passes",
+            "Passes of the leader's loops (placement, liveness, metrics_maintenance) by \
+             outcome (ok, error)",
+            metrics.passes.clone(),
+        );
+        for name in LOOPS {
+            for outcome in ["ok", "error"] {
+                metrics
+                    .passes
+                    .get_or_create_owned(&[("loop", name), ("outcome", outcome)]);
+            }
+        }
+        metrics
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.set(i64::from(leading));
+    }
+
+    /// Counts one pass of `name`; a failed one also counts as a database error (every pass is
+    /// database work).
+    fn pass(&self, name: &'static str, ok: bool, db: &store::DbMetrics) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.passes
+            .get_or_create(&[("loop", name), ("outcome", outcome)])
+            .inc();
+        if !ok {
+            db.count("leader");
+        }
+    }
+}
 
 /// Campaigns for leadership until `shutdown`; while leading, runs the background loops.
 pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>) {
@@ -46,6 +107,7 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
             Ok(conn) => conn,
             Err(error) => {
                 tracing::warn!(%error, "leader election: cannot connect; retrying");
+                state.db.count("leader");
                 if sleep_or_shutdown(retry, &mut shutdown).await {
                     return;
                 }
@@ -67,6 +129,7 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
                 }
                 Err(error) => {
                     tracing::warn!(%error, "leader election: lock attempt failed; reconnecting");
+                    state.db.count("leader");
                     break false;
                 }
             }
@@ -91,6 +154,7 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
             }
             if let Err(error) = sqlx::query("SELECT 1").execute(&mut conn).await {
                 tracing::warn!(%error, "lost the leader connection; stepping down");
+                state.db.count("leader");
                 break false;
             }
         };
@@ -108,9 +172,13 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
 
 async fn placement_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Err(error) = placement_pass(&state.pool).await {
+        let outcome = placement_pass(&state.pool).await;
+        if let Err(error) = &outcome {
             tracing::warn!(%error, "placement pass failed");
         }
+        state
+            .leader_metrics
+            .pass("placement", outcome.is_ok(), &state.db);
         if sleep_or_shutdown(state.config.placement.interval, &mut stop).await {
             return;
         }
@@ -126,17 +194,23 @@ async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
             .await
         {
             Ok(now) => break now,
-            Err(error) => tracing::warn!(%error, "liveness: reading the database clock failed"),
+            Err(error) => {
+                tracing::warn!(%error, "liveness: reading the database clock failed");
+                state.leader_metrics.pass("liveness", false, &state.db);
+            }
         }
         if sleep_or_shutdown(state.config.liveness.check_interval, &mut stop).await {
             return;
         }
     };
     loop {
-        if let Err(error) = liveness_pass(&state.pool, &state.config.liveness, watching_since).await
-        {
+        let outcome = liveness_pass(&state.pool, &state.config.liveness, watching_since).await;
+        if let Err(error) = &outcome {
             tracing::warn!(%error, "liveness pass failed");
         }
+        state
+            .leader_metrics
+            .pass("liveness", outcome.is_ok(), &state.db);
         if sleep_or_shutdown(state.config.liveness.check_interval, &mut stop).await {
             return;
         }
@@ -145,9 +219,13 @@ async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
 
 async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Err(error) = crate::metrics::maintain(&state.pool, &state.config.metrics).await {
+        let outcome = crate::metrics::maintain(&state.pool, &state.config.metrics).await;
+        if let Err(error) = &outcome {
             tracing::warn!(%error, "metrics maintenance failed");
         }
+        state
+            .leader_metrics
+            .pass("metrics_maintenance", outcome.is_ok(), &state.db);
         if sleep_or_shutdown(state.config.metrics.maintenance_interval, &mut stop).await {
             return;
         }

@@ -15,6 +15,8 @@
 //! - [`systemd`]: `READY=1` / `WATCHDOG=1` / `STOPPING=1` for the `Type=notify` unit.
 //! - [`kv_index`]: the KV index authority: event uploads, the sequenced stream, snapshots.
 //! - [`ui`]: the admin web UI's static files (from `web-ui/`), served under `/ui/`.
+//! - [`telemetry`]: the one Prometheus registry every module registers into, served at
+//!   `/metrics`; [`fleet_gauges`]: the inventory and SLA targets as gauges.
 //!
 //! Not here yet: the planner loop (placement sizes deployments at
 //! `min_workers` until it exists), TLS on the HTTP listener (terminate TLS in a
@@ -32,6 +34,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod config;
+pub mod fleet_gauges;
 pub mod kv_index;
 pub mod leader;
 pub mod liveness;
@@ -40,6 +43,7 @@ pub mod placement;
 pub mod planner;
 pub mod store;
 pub mod systemd;
+pub mod telemetry;
 pub mod ui;
 
 use std::future::{Future, IntoFuture as _};
@@ -70,6 +74,13 @@ pub struct Inner {
     /// The fleet-wide KV block index, rebuilt from Postgres at start.
     pub kv: kv_index::KvIndex,
     leader: AtomicBool,
+    /// The registry behind `/metrics`, and the handles each module records through.
+    pub telemetry: telemetry::Telemetry,
+    pub http: api::HttpMetrics,
+    pub agents: api::agent::AgentMetrics,
+    pub db: store::DbMetrics,
+    pub leader_metrics: leader::LeaderMetrics,
+    pub fleet_gauges: fleet_gauges::FleetGauges,
 }
 
 impl std::ops::Deref for AppState {
@@ -100,6 +111,14 @@ impl AppState {
             .context("loading the node CA")?;
         // Watchers that fall behind re-read the database, so a small buffer is enough.
         let (desired_changed, _) = broadcast::channel(4096);
+        // Each module registers its metrics; the registry is frozen before serving.
+        let mut registry = telemetry::registry();
+        let http = api::HttpMetrics::register(&mut registry);
+        let agents = api::agent::AgentMetrics::register(&mut registry);
+        let db = store::DbMetrics::register(&mut registry, &pool);
+        let leader_metrics = leader::LeaderMetrics::register(&mut registry);
+        let fleet_gauges = fleet_gauges::FleetGauges::register(&mut registry);
+        kv.register_metrics(&mut registry);
         Ok(AppState(Arc::new(Inner {
             pool,
             config,
@@ -108,6 +127,12 @@ impl AppState {
             stopping: watch::channel(false).0,
             kv,
             leader: AtomicBool::new(false),
+            telemetry: telemetry::Telemetry::new(registry),
+            http,
+            agents,
+            db,
+            leader_metrics,
+            fleet_gauges,
         })))
     }
 
@@ -118,6 +143,7 @@ impl AppState {
 
     fn set_leader(&self, leader: bool) {
         self.leader.store(leader, Ordering::Relaxed);
+        self.leader_metrics.set_leading(leader);
     }
 }
 
@@ -190,6 +216,7 @@ async fn serve_notifying(
         stop_rx.clone(),
     ));
     tasks.spawn(kv_index::run(state.clone(), stop_rx.clone()));
+    tasks.spawn(fleet_gauges::run(state.clone(), stop_rx.clone()));
 
     let app = api::router(state.clone());
     let local = listener.local_addr().ok();

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use crate::api::types::NodeState;
 use crate::config::LivenessConfig;
+use kvfleet_proto::api::NodeState;
 
 /// The state `current` should move to after `silence` without a heartbeat, if any.
 pub fn assess(current: NodeState, silence: Duration, config: &LivenessConfig) -> Option<NodeState> {

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::api::types::{MetricsPoint, MetricsSeries, ObservedWorker};
 use crate::config::MetricsConfig;
+use kvfleet_proto::api::{MetricsPoint, MetricsSeries, ObservedWorker};
 
 /// Inserts the samples of one heartbeat; workers that are not on `node` are ignored (an agent
 /// reports only its own workers).

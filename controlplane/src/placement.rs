@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use uuid::Uuid;
 
-use crate::api::types::{
+use kvfleet_proto::api::{
     DeploymentMode, DesiredWorkerState, NodeState, ObservedWorkerState, PlacementConstraints,
     WorkerRole,
 };

@@ -7,11 +7,15 @@
 
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::Value;
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::telemetry::{Registry, collector};
 
 /// Every migration this build knows, in order.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -128,6 +132,57 @@ pub async fn bump_generation(conn: &mut PgConnection, node: Uuid) -> Result<i64,
         .await?;
     Ok(generation)
 }
+
+/// Database errors by where they surfaced, and the pool's connections, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct DbMetrics {
+    errors: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl DbMetrics {
+    /// Registers `kvfleet_cp_db_errors_total{source}` and the pool's connection gauges.
+    pub fn register(registry: &mut Registry, pool: &PgPool) -> Self {
+        let errors = Family::default();
+        registry.register(
+            "kvfleet_cp_db_errors",
+            "Database errors (unreachable, timed out, failed statements) by where they surfaced: \
+             api (a request answered 500/503), kv_index, leader, notifications, fleet_gauges",
+            errors.clone(),
+        );
+        // Every source appears from the start, so a rate over it is 0 rather than absent.
+        for source in DB_ERROR_SOURCES {
+            errors.get_or_create_owned(&[("source", source)]);
+        }
+        let pool = pool.clone();
+        registry.register_collector(collector("db_pool", move |s| {
+            let size = pool.size();
+            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+            s.gauges(
+                "kvfleet_cp_db_pool_connections",
+                "Connections of this replica's Postgres pool, in use and idle",
+                [
+                    ([("state", "in_use")], size.saturating_sub(idle)),
+                    ([("state", "idle")], idle),
+                ],
+            )?;
+            s.gauge(
+                "kvfleet_cp_db_pool_max_connections",
+                "The most connections this replica's pool opens (database.max_connections)",
+                pool.options().get_max_connections(),
+            )
+        }));
+        Self { errors }
+    }
+
+    /// Counts one database error seen by `source` (one of [`DB_ERROR_SOURCES`]).
+    pub fn count(&self, source: &'static str) {
+        self.errors.get_or_create(&[("source", source)]).inc();
+    }
+}
+
+/// The `source` label values of `kvfleet_cp_db_errors_total`.
+pub const DB_ERROR_SOURCES: [&str; 5] =
+    ["api", "kv_index", "leader", "notifications", "fleet_gauges"];
 
 /// Whether an error means "the database is unreachable right now" (→ 503, retry) rather than
 /// a bug or bad input.

@@ -1059,3 +1059,96 @@ async fn request_ids_are_echoed_and_audited(pool: PgPool) {
     }
     server.stop().await;
 }
+
+/// `GET /metrics`: no token, Prometheus text 0.0.4, HELP on every family, and the figures the
+/// modules registered: requests by route template, leadership, the inventory's SLA targets,
+/// database errors per source (zero, present from the start), the KV index.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn metrics_come_from_one_registry_with_help_for_every_family(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let operator = token(&pool, Role::Operator).await;
+    let client = reqwest::Client::new();
+    let created = client
+        .post(server.url("/models"))
+        .bearer_auth(&operator)
+        .json(&json!({"name": "m", "format": "mock", "path": "/m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created = client
+        .post(server.url("/deployments"))
+        .bearer_auth(&operator)
+        .json(&json!({"name": "chat", "model": "m", "sla": {"ttft_ms": 300, "itl_ms": 40}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let missing = client
+        .get(format!("http://{}/no/such/path/42", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let metrics_url = format!("http://{}/metrics", server.addr);
+    // The inventory is re-read every 5 s and leadership takes a retry interval.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let text = loop {
+        let response = client.get(&metrics_url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let text = response.text().await.unwrap();
+        if text.contains("kvfleet_cp_deployment_ttft_target_seconds{")
+            && text.contains("kvfleet_cp_leader 1")
+        {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no SLA target or leadership in\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for line in [
+        "kvfleet_cp_http_requests_total{route=\"/api/v1/models\",method=\"POST\",status=\"201\"} 1",
+        "kvfleet_cp_http_requests_total{route=\"unmatched\",method=\"GET\",status=\"404\"} 1",
+        "kvfleet_cp_http_request_seconds_bucket{route=\"/api/v1/deployments\",method=\"POST\",le=\"+Inf\"} 1",
+        "kvfleet_cp_deployment_ttft_target_seconds{deployment=\"chat\",model=\"m\"} 0.3",
+        "kvfleet_cp_deployment_itl_target_seconds{deployment=\"chat\",model=\"m\"} 0.04",
+        "kvfleet_cp_db_errors_total{source=\"api\"} 0",
+        "kvfleet_cp_db_errors_total{source=\"leader\"} 0",
+        "kvfleet_cp_leader_passes_total{loop=\"placement\",outcome=\"error\"} 0",
+        "kvfleet_cp_agent_heartbeats_total 0",
+        "kvfleet_cp_kv_head_seq 0",
+        "kvfleet_cp_kv_events_total{outcome=\"applied\"} 0",
+        "kvfleet_cp_nodes{state=\"healthy\"} 0",
+        "kvfleet_cp_build_info{version=",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    // Every family has HELP text, and every sample belongs to a family with both.
+    let named = |prefix: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(prefix)?.split(' ').next().map(str::to_owned))
+            .collect()
+    };
+    let (help, types) = (named("# HELP "), named("# TYPE "));
+    assert_eq!(help, types);
+    assert!(help.len() > 20, "{help:?}");
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains(*f)))
+            .unwrap_or(name);
+        assert!(types.contains(family), "{line} has no HELP/TYPE");
+        assert!(family.starts_with("kvfleet_cp_"), "{line}");
+    }
+    server.stop().await;
+}

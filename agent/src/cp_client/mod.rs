@@ -23,9 +23,9 @@
 //! The data plane never waits on any of this: the frontend and the workers run whatever the
 //! last reconcile left in place.
 
+mod config;
 pub mod http;
 pub mod reconcile;
-pub mod state;
 pub mod timing;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,12 +42,13 @@ use kvfleet_proto::kv_stream::WorkerLoadReport;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use self::config::{ControlPlaneConfig, DEFAULT_STATE_DIR, JoinToken};
 use self::http::{Api, CpError};
-use self::state::{Identity, StateDir};
 use crate::backend::{Backend as _, WorkerState};
-use crate::config::{ControlPlaneConfig, JoinToken, ModelConfig};
 use crate::frontend::models::ModelRegistry;
 use crate::gpu::{GpuInfo, Inventory};
+use crate::state_dir::{self as state, Identity, StateDir};
+use crate::worker::ModelConfig;
 use crate::worker::WorkerPool;
 
 /// How long one KV stream request waits for news at the control plane.
@@ -75,11 +76,10 @@ pub struct Node {
     pub models: Arc<ModelRegistry>,
     /// The GPUs.
     pub inventory: Arc<dyn Inventory>,
-    /// The fleet router to keep current from the control plane's KV stream (`None`: no
-    /// follower runs).
-    pub fleet: Option<Arc<crate::fleet::FleetRouter>>,
+    /// The fleet router to keep current from the control plane's KV stream and directory.
+    pub fleet: Arc<crate::fleet::FleetRouter>,
     /// The peer endpoint, whose address heartbeats report.
-    pub peer: Option<crate::peer::PeerHandle>,
+    pub peer: crate::peer::PeerHandle,
 }
 
 /// What the client observed, for tests and status output.
@@ -359,7 +359,7 @@ impl Client {
             hostname: self.node.hostname.clone(),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             frontend_addr: Some(self.node.frontend_addr.clone()),
-            peer_addr: self.node.peer.as_ref().and_then(|p| p.advertised()),
+            peer_addr: self.node.peer.advertised(),
             addresses: self.node.addresses.clone(),
             cpu_slots: self
                 .config
@@ -598,11 +598,8 @@ impl Client {
 
     /// Reads the fleet directory (every running worker, its model and its node's peer address)
     /// into the fleet router every [`DIRECTORY_INTERVAL`], until the credential is refused.
-    /// Without a fleet router it waits forever.
     async fn directory_loop(&self, identity: &Identity) -> CpError {
-        let Some(fleet) = self.node.fleet.clone() else {
-            return std::future::pending().await;
-        };
+        let fleet = &self.node.fleet;
         loop {
             match self.api.fleet_directory(&identity.credential).await {
                 Ok(directory) => fleet.set_directory(&directory, identity.node_id),
@@ -617,12 +614,9 @@ impl Client {
     /// Follows the control plane's KV stream into the fleet router (snapshot, then the
     /// sequenced stream; approximate routing while the control plane is away), and keeps this
     /// node's workers registered in it, until the credential is refused (the returned error).
-    /// Without a fleet router it waits forever.
     async fn kv_follow_loop(&self, identity: &Identity) -> CpError {
         use crate::kv_sync::{Follower, FollowerRequest, PageOutcome};
-        let Some(fleet) = self.node.fleet.clone() else {
-            return std::future::pending().await;
-        };
+        let fleet = &self.node.fleet;
         let mut follower = self.follower.lock().await;
         let follower: &mut Follower = &mut follower;
         loop {
@@ -905,7 +899,7 @@ impl Client {
             }
         }
         Heartbeat {
-            peer_addr: self.node.peer.as_ref().and_then(|p| p.advertised()),
+            peer_addr: self.node.peer.advertised(),
             workers,
             gpus: gpus
                 .iter()

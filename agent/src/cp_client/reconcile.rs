@@ -17,9 +17,9 @@ use kvfleet_proto::api::{DesiredState, DesiredWorkerState, ModelFormat, ModelSpe
 use kvfleet_proto::{BlockSize, WorkerId};
 use uuid::Uuid;
 
-use crate::config::{Device, ModelConfig, WorkerConfig};
 use crate::gpu::GpuInfo;
 use crate::worker::supervisor::PoolWorker;
+use crate::worker::{Device, ModelConfig, WorkerConfig};
 
 /// One worker the control plane wants here, resolved to local terms.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,7 +198,7 @@ mod tests {
 
     use kvfleet_proto::api::{DesiredWorker, NodeState};
 
-    use crate::config::EngineKind;
+    use crate::worker::EngineKind;
 
     use super::*;
     use kvfleet_proto::api::WorkerRole;

@@ -54,10 +54,43 @@ use self::metrics::{FrontendMetrics, ModelRole, RequestLatencies};
 use self::models::{ModelRegistry, ServedModel, TextCodec};
 use self::text::{StopMatcher, Utf8Stream};
 use crate::backend::{
-    Backend, EndReason, GenEvent, GenerateRequest, Generation, TokenLogprob, WorkerState,
+    self, Backend, GenEvent, GenerateRequest, Generation, TokenLogprob, WorkerState,
 };
-use crate::config::FrontendConfig;
 use crate::metrics::Registry;
+
+/// The OpenAI frontend's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontendConfig {
+    /// Address to listen on (`0.0.0.0:8000`; port 0 picks a free port, for tests).
+    pub listen: std::net::SocketAddr,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Requests generating at once across the node's workers.
+    pub max_in_flight: usize,
+    /// Requests waiting for an in-flight slot. When full, new requests get 429 at once: the queue
+    /// never grows without bound.
+    pub queue_capacity: usize,
+    /// How long a request may wait in the queue before it gets 503.
+    pub queue_timeout: Duration,
+    /// The `Retry-After` value sent with 429 and 503.
+    pub retry_after: Duration,
+    /// Bearer tokens accepted on `/v1/*`; empty means no authentication.
+    pub api_keys: Vec<String>,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 8000)),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_in_flight: 256,
+            queue_capacity: 1024,
+            queue_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
+            api_keys: Vec::new(),
+        }
+    }
+}
 
 /// Everything the handlers share.
 #[derive(Debug)]
@@ -692,7 +725,7 @@ impl std::fmt::Debug for Run {
 }
 
 /// A generated token with its log-probabilities.
-type Scored = (u32, TokenLogprob);
+type Scored = TokenLogprob;
 
 /// What the next generation event meant.
 enum Step {
@@ -735,13 +768,10 @@ impl Run {
 
     /// Waits for the next event from the worker.
     async fn step(&mut self) -> Step {
-        let event = self.generation.events.recv().await;
+        let event = self.generation.next().await;
         let now = Instant::now();
         match event {
-            Some(GenEvent::Tokens {
-                ids: tokens,
-                logprobs,
-            }) => {
+            Some(GenEvent::Tokens(chunk)) => {
                 match (self.last_token, &self.latencies) {
                     (Some(last), Some(latencies)) => latencies.inter_token(now - last),
                     _ => {
@@ -752,28 +782,29 @@ impl Run {
                     }
                 }
                 self.last_token = Some(now);
-                self.frontend.metrics.tokens_out.inc_by(tokens.len() as u64);
-                let text = self.assembler.push(&tokens);
+                self.frontend
+                    .metrics
+                    .tokens_out
+                    .inc_by(chunk.tokens.len() as u64);
+                let text = self.assembler.push(&chunk.tokens);
                 if self.assembler.stopped {
                     // A stop string ended it; dropping the generation cancels the rest.
                     self.finish_ok();
                 }
-                let scored = match (self.prepared.logprobs, logprobs) {
-                    (Some(_), Some(lps)) => tokens.iter().copied().zip(lps).collect(),
+                let scored = match (self.prepared.logprobs, chunk.logprobs) {
+                    (Some(_), Some(lps)) => lps,
                     _ => Vec::new(),
                 };
                 Step::Text(text, scored)
             }
             Some(GenEvent::Finished(reason)) => {
-                self.generation.done();
                 self.finish_ok();
                 Step::Done(match reason {
-                    EndReason::Length => FinishReason::Length,
-                    EndReason::Stop => FinishReason::Stop,
+                    backend::FinishReason::Length => FinishReason::Length,
+                    backend::FinishReason::Stop => FinishReason::Stop,
                 })
             }
             Some(GenEvent::Failed(message)) => {
-                self.generation.done();
                 self.finished = true;
                 Step::Failed(message)
             }
@@ -789,7 +820,7 @@ impl Run {
 
     /// The request's `{model, role}`: the role of the worker its first token came from.
     fn labels(&self) -> ModelRole {
-        ModelRole::new(&self.prepared.model, self.generation.role)
+        ModelRole::new(&self.prepared.model, self.generation.role())
     }
 
     fn finish_ok(&mut self) {
@@ -837,39 +868,39 @@ impl Run {
             Endpoint::Chat => {
                 let content: Vec<serde_json::Value> = scored
                     .iter()
-                    .map(|(token, lp)| {
+                    .map(|lp| {
                         let top: Vec<serde_json::Value> = lp
                             .top
                             .iter()
-                            .map(|&(t, l)| {
-                                json!({"token": token_text(t), "logprob": l,
-                                    "bytes": text.token_bytes(t)})
+                            .map(|t| {
+                                json!({"token": token_text(t.token), "logprob": t.logprob,
+                                    "bytes": text.token_bytes(t.token)})
                             })
                             .collect();
-                        json!({"token": token_text(*token), "logprob": lp.logprob,
-                            "bytes": text.token_bytes(*token), "top_logprobs": top})
+                        json!({"token": token_text(lp.token), "logprob": lp.logprob,
+                            "bytes": text.token_bytes(lp.token), "top_logprobs": top})
                     })
                     .collect();
                 json!({"content": content})
             }
             Endpoint::Completion => {
                 let mut offsets = Vec::with_capacity(scored.len());
-                for (token, _) in scored {
+                for lp in scored {
                     offsets.push(self.text_offset);
-                    self.text_offset += token_text(*token).len();
+                    self.text_offset += token_text(lp.token).len();
                 }
                 let top: Vec<serde_json::Map<String, serde_json::Value>> = scored
                     .iter()
-                    .map(|(_, lp)| {
+                    .map(|lp| {
                         lp.top
                             .iter()
-                            .map(|&(t, l)| (token_text(t), json!(l)))
+                            .map(|t| (token_text(t.token), json!(t.logprob)))
                             .collect()
                     })
                     .collect();
                 json!({
-                    "tokens": scored.iter().map(|(t, _)| token_text(*t)).collect::<Vec<_>>(),
-                    "token_logprobs": scored.iter().map(|(_, lp)| lp.logprob).collect::<Vec<_>>(),
+                    "tokens": scored.iter().map(|lp| token_text(lp.token)).collect::<Vec<_>>(),
+                    "token_logprobs": scored.iter().map(|lp| lp.logprob).collect::<Vec<_>>(),
                     "top_logprobs": top,
                     "text_offset": offsets,
                 })

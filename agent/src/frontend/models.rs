@@ -22,7 +22,7 @@ use kvfleet_model::{ChatMessage, TextModel};
 use kvfleet_proto::BlockSize;
 
 use super::text::{ByteTokenizer, ChatTemplate, PlainChatTemplate, Tokenizer};
-use crate::config::{EngineKind, ModelConfig};
+use crate::worker::{EngineKind, ModelConfig};
 
 /// Text in and out for one model.
 pub trait TextCodec: Send + Sync + std::fmt::Debug {

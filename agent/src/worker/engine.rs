@@ -45,7 +45,7 @@ use kvfleet_proto::{KvDtype, KvEvent, KvLayout, SequenceHash, WorkerId};
 use super::protocol::{
     EngineSpec, MAX_KV_BLOCK_BYTES, WireEngine, WireRequest, WireStatus, WorkerLatencies,
 };
-use crate::backend::{EndReason, TokenLogprob};
+use crate::backend::{FinishReason as EndReason, TokenChunk, TokenLogprob, TopLogprob};
 
 /// The shortest step the mock profile accepts (its times must be positive): 1 ns.
 const MIN_STEP_MS: f64 = 1e-6;
@@ -57,10 +57,8 @@ pub enum Output {
     Tokens {
         /// The agent's sequence number.
         seq: u64,
-        /// Token ids, in order.
-        tokens: Vec<u32>,
-        /// One per token, when the request asked for logprobs.
-        logprobs: Option<Vec<TokenLogprob>>,
+        /// The tokens, with their logprobs when the request asked.
+        chunk: TokenChunk,
     },
     /// A request ended; its blocks are released.
     Finished {
@@ -236,6 +234,7 @@ pub fn profile(spec: &EngineSpec) -> MockProfile {
             c2: 0.0,
             per_seq: 0.0,
         },
+        tiers: Vec::new(),
     }
 }
 
@@ -516,7 +515,7 @@ impl WorkerEngine {
         if let Err(e) = self.engine.step_until(now) {
             tracing::warn!(error = %e, "a step failed: its requests are aborted");
         }
-        let mut tokens: BTreeMap<u64, (Vec<u32>, Option<Vec<TokenLogprob>>)> = BTreeMap::new();
+        let mut tokens: BTreeMap<u64, TokenChunk> = BTreeMap::new();
         let mut ends = Vec::new();
         for output in self.engine.drain_outputs() {
             let Some(&seq) = self.by_id.get(&output.request()) else {
@@ -538,13 +537,23 @@ impl WorkerEngine {
                         let queued = stats.admitted.saturating_sub(stats.arrival);
                         self.latencies.queue.observe_seconds(queued.as_secs_f64());
                     }
-                    let entry = tokens.entry(seq).or_default();
-                    entry.0.push(token.token);
+                    let chunk = tokens
+                        .entry(seq)
+                        .or_insert_with(|| TokenChunk::tokens(Vec::new()));
+                    chunk.tokens.push(token.token);
                     if let Some(logprob) = token.logprob {
-                        entry.1.get_or_insert_with(Vec::new).push(TokenLogprob {
-                            logprob,
-                            top: token.top_logprobs,
-                        });
+                        chunk
+                            .logprobs
+                            .get_or_insert_with(Vec::new)
+                            .push(TokenLogprob {
+                                token: token.token,
+                                logprob,
+                                top: token
+                                    .top_logprobs
+                                    .into_iter()
+                                    .map(|(token, logprob)| TopLogprob { token, logprob })
+                                    .collect(),
+                            });
                     }
                     if let Some(finish) = token.finish {
                         let reason = match finish.reason {
@@ -576,11 +585,7 @@ impl WorkerEngine {
         out.extend(
             tokens
                 .into_iter()
-                .map(|(seq, (tokens, logprobs))| Output::Tokens {
-                    seq,
-                    tokens,
-                    logprobs,
-                }),
+                .map(|(seq, chunk)| Output::Tokens { seq, chunk }),
         );
         for end in &ends {
             if let Some(running) = self.by_seq.remove(&end.seq()) {
@@ -729,7 +734,7 @@ mod tests {
         let tokens: Vec<u32> = outputs
             .iter()
             .flat_map(|o| match o {
-                Output::Tokens { tokens, .. } => tokens.clone(),
+                Output::Tokens { chunk, .. } => chunk.tokens.clone(),
                 _ => Vec::new(),
             })
             .collect();

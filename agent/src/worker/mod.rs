@@ -10,9 +10,14 @@
 //! - [`engine`]: the worker's engine adapter: `kvfleet-engine`'s scheduler over the mock or the
 //!   native executor, request bookkeeping, KV export after each step and attached-KV import.
 
+mod config;
 pub mod engine;
 pub mod process;
 pub mod protocol;
 pub mod supervisor;
 
+pub use config::{
+    DEFAULT_NATIVE_KV_MEMORY, Device, EngineKind, ModelConfig, NATIVE_CONTEXT_UNCAPPED,
+    RoutingMode, SupervisorConfig, WorkerConfig,
+};
 pub use supervisor::{KvTransferCounters, WorkerCommand, WorkerPool};

@@ -119,8 +119,8 @@ async fn serve(
             () = sleep_until(wake), if wake.is_some() => {
                 for output in engine.step(epoch.elapsed())? {
                     match output {
-                        Output::Tokens { seq, tokens, logprobs } => {
-                            encode_json(FrameKind::Token, &WireTokens { seq, tokens, logprobs }, &mut out)?;
+                        Output::Tokens { seq, chunk } => {
+                            encode_json(FrameKind::Token, &WireTokens { seq, chunk }, &mut out)?;
                         }
                         Output::Finished { seq, reason } => {
                             encode_json(FrameKind::Finish, &WireFinish { seq, reason }, &mut out)?;

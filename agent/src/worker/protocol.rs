@@ -39,8 +39,8 @@ use kvfleet_proto::{BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::backend::{EndReason, GenEvent, TokenLogprob};
-use crate::config::{EngineKind, ModelConfig};
+use super::config::{EngineKind, ModelConfig};
+use crate::backend::{FinishReason, GenEvent, TokenChunk};
 
 /// Payload limit on worker sockets: a long prompt's JSON fits many times over.
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
@@ -254,24 +254,18 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-/// Worker → agent: generated tokens.
+/// Worker → agent: generated tokens, in the chunk the client's stream carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireTokens {
     /// Which request.
     pub seq: u64,
-    /// Token ids, in order.
-    pub tokens: Vec<u32>,
-    /// One entry per token when the request asked for logprobs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// The tokens (and their logprobs, when the request asked).
+    pub chunk: TokenChunk,
 }
 
 impl From<WireTokens> for GenEvent {
     fn from(t: WireTokens) -> Self {
-        GenEvent::Tokens {
-            ids: t.tokens,
-            logprobs: t.logprobs,
-        }
+        GenEvent::Tokens(t.chunk)
     }
 }
 
@@ -289,7 +283,7 @@ pub struct WireFinish {
     /// Which request.
     pub seq: u64,
     /// Why.
-    pub reason: EndReason,
+    pub reason: FinishReason,
 }
 
 /// Worker → agent: the request failed.

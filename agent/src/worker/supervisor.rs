@@ -42,6 +42,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::config::{ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig};
 use super::protocol::{
     Control, EngineSpec, FrameStream, KvBlockHeader, MAX_KV_BLOCK_BYTES, WireCancel, WireError,
     WireFinish, WireKvEvents, WireRequest, WireStatus, WireTokens, WorkerHello, WorkerLatencies,
@@ -51,9 +52,7 @@ use crate::backend::{
     Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState,
     WorkerStatus,
 };
-use crate::config::{
-    LogConfig, LogFormat, ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig,
-};
+use crate::logging::{LogConfig, LogFormat};
 
 /// How to start a worker process: the agent's own binary with the `worker` subcommand.
 #[derive(Debug, Clone)]
@@ -1068,7 +1067,7 @@ fn dispatch(
             let tokens: WireTokens = frame.parse_json()?;
             let seq = tokens.seq;
             slot.tokens
-                .fetch_add(tokens.tokens.len() as u64, Ordering::Relaxed);
+                .fetch_add(tokens.chunk.tokens.len() as u64, Ordering::Relaxed);
             conn.deliver(seq, tokens.into(), false);
         }
         FrameKind::KvEvents => {

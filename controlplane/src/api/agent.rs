@@ -14,11 +14,15 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use chrono::Utc;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use sqlx::PgConnection;
 use sqlx::postgres::PgListener;
 use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
+use super::change::Change;
 use super::extract::{Agent, ApiJson, ApiQuery, Caller, Register};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::rows;
@@ -31,6 +35,54 @@ use crate::AppState;
 use crate::auth::{self, Principal, Role};
 use crate::ca::{CaError, Subject};
 use crate::store::{self, AuditEntry};
+
+/// What the agent protocol counts, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    heartbeats: Counter,
+    registrations: Family<[(&'static str, &'static str); 1], Counter>,
+    certificates_renewed: Counter,
+}
+
+impl AgentMetrics {
+    /// Registers the heartbeat, registration and renewal counters.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            heartbeats: Counter::default(),
+            registrations: Family::default(),
+            certificates_renewed: Counter::default(),
+        };
+        registry.register(
+            "kvfleet_cp_agent_heartbeats",
+            "Agent heartbeats accepted (observed worker states and metrics written)",
+            metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "kvfleet_cp_agent_registrations",
+            "Agent registrations accepted: kind=new (a join token made a node) or \
+             kind=returning (a node's agent registered again with its credential)",
+            metrics.registrations.clone(),
+        );
+        for kind in ["new", "returning"] {
+            metrics.registrations.get_or_create_owned(&[("kind", kind)]);
+        }
+        registry.register(
+            "kvfleet_cp_agent_certificate_renewals",
+            "Node certificates renewed at an agent's request",
+            metrics.certificates_renewed.clone(),
+        );
+        metrics
+    }
+
+    fn registered(&self, action: &str) {
+        let kind = if action == "node.register" {
+            "new"
+        } else {
+            "returning"
+        };
+        self.registrations.get_or_create(&[("kind", kind)]).inc();
+    }
+}
 
 fn validate_register(request: &RegisterRequest) -> Vec<InvalidParam> {
     let mut problems = Vec::new();
@@ -132,7 +184,7 @@ pub async fn register(
         return Err(ApiError::Validation(problems));
     }
     let principal = &caller.principal;
-    let mut tx = state.pool.begin().await?;
+    let mut change = Change::begin(&state, principal).await?;
     let labels = sqlx::types::Json(&request.labels);
     let addresses = sqlx::types::Json(&request.addresses);
     let (node, credential, action) = match (principal.role, principal.node_id) {
@@ -150,7 +202,7 @@ pub async fn register(
             .bind(addresses)
             .bind(request.cpu_slots)
             .bind(labels)
-            .execute(&mut *tx)
+            .execute(&mut *change)
             .await?;
             if updated.rows_affected() == 0 {
                 return Err(ApiError::Conflict(format!(
@@ -174,7 +226,7 @@ pub async fn register(
             .bind(addresses)
             .bind(request.cpu_slots)
             .bind(labels)
-            .execute(&mut *tx)
+            .execute(&mut *change)
             .await
             .map_err(|e| match ApiError::from(e) {
                 ApiError::Conflict(_) => ApiError::Conflict(format!(
@@ -185,7 +237,7 @@ pub async fn register(
             })?;
             let name = format!("agent {}", request.hostname);
             let (_, token) = auth::insert_token(
-                &mut tx,
+                &mut change,
                 &auth::NewToken {
                     name: &name,
                     role: Role::Agent,
@@ -203,7 +255,7 @@ pub async fn register(
     sqlx::query("DELETE FROM gpus WHERE node_id = $1 AND NOT (id = ANY($2))")
         .bind(node)
         .bind(&gpu_ids)
-        .execute(&mut *tx)
+        .execute(&mut *change)
         .await?;
     for gpu in &request.gpus {
         sqlx::query(
@@ -220,12 +272,12 @@ pub async fn register(
         .bind(&gpu.name)
         .bind(gpu.memory_total_bytes)
         .bind(&gpu.pci_bus_id)
-        .execute(&mut *tx)
+        .execute(&mut *change)
         .await?;
     }
     let certificate = issue_certificate(
         &state,
-        &mut tx,
+        &mut change,
         node,
         &request.hostname,
         &request.addresses,
@@ -234,7 +286,7 @@ pub async fn register(
     .await?;
     let generation: i64 = sqlx::query_scalar("SELECT desired_generation FROM nodes WHERE id = $1")
         .bind(node)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *change)
         .await?;
     let mut after = serde_json::to_value(&request).unwrap_or_default();
     if let Some(object) = after.as_object_mut() {
@@ -244,21 +296,10 @@ pub async fn register(
             certificate.serial.clone().into(),
         );
     }
-    store::audit(
-        &mut tx,
-        AuditEntry {
-            actor_token: Some(principal.token_id),
-            request_id: principal.request_id.clone(),
-            actor: &principal.actor,
-            action,
-            target_type: "node",
-            target_id: Some(node.to_string()),
-            before: None,
-            after: Some(after),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    change
+        .commit(action, "node", node, None, Some(after))
+        .await?;
+    state.agents.registered(action);
     Ok(Json(RegisterResponse {
         node_id: node,
         credential,
@@ -272,7 +313,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn node_of(principal: &Principal) -> Result<Uuid, ApiError> {
+pub(super) fn node_of(principal: &Principal) -> Result<Uuid, ApiError> {
     principal
         .node_id
         .ok_or_else(|| ApiError::Internal("agent token without a node".into()))
@@ -418,6 +459,7 @@ pub async fn heartbeat(
         .await?;
     }
     tx.commit().await?;
+    state.agents.heartbeats.inc();
     Ok(Json(HeartbeatResponse {
         node_state: after,
         desired_generation: generation,
@@ -543,38 +585,29 @@ pub async fn renew_certificate(
     ApiJson(request): ApiJson<RenewRequest>,
 ) -> Result<Json<IssuedCertificate>, ApiError> {
     let node = node_of(&caller.principal)?;
-    let mut tx = state.pool.begin().await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
     let (hostname, addresses): (String, sqlx::types::Json<Vec<String>>) = sqlx::query_as(
         "SELECT hostname, addresses FROM nodes WHERE id = $1 AND state <> 'removed'",
     )
     .bind(node)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *change)
     .await?
     .ok_or_else(|| ApiError::not_found("node", node))?;
     let certificate = issue_certificate(
         &state,
-        &mut tx,
+        &mut change,
         node,
         &hostname,
         &addresses.0,
         request.public_key.as_ref(),
     )
     .await?;
-    store::audit(
-        &mut tx,
-        AuditEntry {
-            actor_token: Some(caller.principal.token_id),
-            request_id: caller.principal.request_id.clone(),
-            actor: &caller.principal.actor,
-            action: "certificate.renew",
-            target_type: "node",
-            target_id: Some(node.to_string()),
-            before: None,
-            after: Some(serde_json::json!({ "serial": certificate.serial, "not_after": certificate.not_after })),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    let after =
+        serde_json::json!({ "serial": certificate.serial, "not_after": certificate.not_after });
+    change
+        .commit("certificate.renew", "node", node, None, Some(after))
+        .await?;
+    state.agents.certificates_renewed.inc();
     Ok(Json(certificate))
 }
 
@@ -587,6 +620,7 @@ pub async fn forward_notifications(state: AppState, mut shutdown: watch::Receive
             Ok(listener) => listener,
             Err(error) => {
                 tracing::warn!(%error, "cannot listen for desired-state changes; retrying");
+                state.db.count("notifications");
                 if store::sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
                     return;
                 }
@@ -595,6 +629,7 @@ pub async fn forward_notifications(state: AppState, mut shutdown: watch::Receive
         };
         if let Err(error) = listener.listen(store::DESIRED_STATE_CHANNEL).await {
             tracing::warn!(%error, "LISTEN failed; retrying");
+            state.db.count("notifications");
             if store::sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
                 return;
             }
@@ -611,6 +646,7 @@ pub async fn forward_notifications(state: AppState, mut shutdown: watch::Receive
                     }
                     Err(error) => {
                         tracing::warn!(%error, "lost the notification connection; reconnecting");
+                        state.db.count("notifications");
                         break;
                     }
                 }

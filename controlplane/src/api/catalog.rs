@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::change::{Change, json};
 use super::extract::{ApiJson, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::rows;
@@ -16,8 +17,7 @@ use super::types::{
 };
 use super::{page, page_limit, uuid_cursor};
 use crate::AppState;
-use crate::auth::Principal;
-use crate::store::{self, AuditEntry};
+use crate::store;
 
 const MODEL_COLUMNS: &str =
     "id, name, format, path, block_size, context_length, memory_bytes, created_at, updated_at";
@@ -156,30 +156,6 @@ pub fn validate_deployment_fields(fields: &DeploymentFields) -> Vec<InvalidParam
     problems
 }
 
-fn audit_entry<'a>(
-    caller: &'a Principal,
-    action: &'a str,
-    target_type: &'a str,
-    id: Uuid,
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
-) -> AuditEntry<'a> {
-    AuditEntry {
-        actor_token: Some(caller.token_id),
-        request_id: caller.request_id.clone(),
-        actor: &caller.actor,
-        action,
-        target_type,
-        target_id: Some(id.to_string()),
-        before,
-        after,
-    }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Option<serde_json::Value> {
-    serde_json::to_value(value).ok()
-}
-
 /// List models (viewer+).
 #[utoipa::path(get, path = "/api/v1/models", params(PageQuery), tag = "models",
     responses((status = 200, body = Page<Model>), (status = 401, body = Problem)))]
@@ -222,7 +198,7 @@ pub async fn create_model(
         return Err(ApiError::Validation(problems));
     }
     let id = Uuid::new_v4();
-    let mut tx = state.pool.begin().await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
     sqlx::query(
         "INSERT INTO models (id, name, format, path, block_size, context_length, memory_bytes)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -234,26 +210,16 @@ pub async fn create_model(
     .bind(new.block_size.unwrap_or(16))
     .bind(new.context_length)
     .bind(new.memory_bytes)
-    .execute(&mut *tx)
+    .execute(&mut *change)
     .await
     .map_err(|e| match ApiError::from(e) {
         ApiError::Conflict(_) => ApiError::Conflict(format!("a model named {:?} exists", new.name)),
         other => other,
     })?;
-    let model = fetch_model(&mut tx, id).await?;
-    store::audit(
-        &mut tx,
-        audit_entry(
-            &caller.principal,
-            "model.create",
-            "model",
-            id,
-            None,
-            to_json(&model),
-        ),
-    )
-    .await?;
-    tx.commit().await?;
+    let model = fetch_model(&mut change, id).await?;
+    change
+        .commit("model.create", "model", id, None, json(&model))
+        .await?;
     Ok((StatusCode::CREATED, Json(model)))
 }
 
@@ -279,11 +245,11 @@ pub async fn delete_model(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_uuid("model", &id)?;
-    let mut tx = state.pool.begin().await?;
-    let before = fetch_model(&mut tx, id).await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch_model(&mut change, id).await?;
     sqlx::query("DELETE FROM models WHERE id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut *change)
         .await
         .map_err(|e| match ApiError::from(e) {
             ApiError::Conflict(_) => ApiError::Conflict(format!(
@@ -292,19 +258,9 @@ pub async fn delete_model(
             )),
             other => other,
         })?;
-    store::audit(
-        &mut tx,
-        audit_entry(
-            &caller.principal,
-            "model.delete",
-            "model",
-            id,
-            to_json(&before),
-            None,
-        ),
-    )
-    .await?;
-    tx.commit().await?;
+    change
+        .commit("model.delete", "model", id, json(&before), None)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -361,11 +317,11 @@ pub async fn create_deployment(
             "must match [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
         ));
     }
-    let mut tx = state.pool.begin().await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
     let model: Option<Uuid> =
         sqlx::query_scalar("SELECT id FROM models WHERE name = $1 OR id::text = $1")
             .bind(&new.model)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *change)
             .await?;
     if model.is_none() {
         problems.push(InvalidParam::new(
@@ -387,7 +343,7 @@ pub async fn create_deployment(
     let Some(model) = model.filter(|_| problems.is_empty()) else {
         return Err(ApiError::Validation(problems));
     };
-    crate::planner::policy::check_budget_with(&mut tx, None, &fields.policy(&new.name)).await?;
+    crate::planner::policy::check_budget_with(&mut change, None, &fields.policy(&new.name)).await?;
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO deployments (id, name, model_id, mode, ttft_target_ms, itl_target_ms,
@@ -414,7 +370,7 @@ pub async fn create_deployment(
     .bind(i64::from(fields.disaggregation.min_remote_prefill_tokens))
     .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
     .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
-    .execute(&mut *tx)
+    .execute(&mut *change)
     .await
     .map_err(|e| match ApiError::from(e) {
         ApiError::Conflict(_) => {
@@ -422,20 +378,16 @@ pub async fn create_deployment(
         }
         other => other,
     })?;
-    let deployment = fetch_deployment(&mut tx, id, false).await?;
-    store::audit(
-        &mut tx,
-        audit_entry(
-            &caller.principal,
+    let deployment = fetch_deployment(&mut change, id, false).await?;
+    change
+        .commit(
             "deployment.create",
             "deployment",
             id,
             None,
-            to_json(&deployment),
-        ),
-    )
-    .await?;
-    tx.commit().await?;
+            json(&deployment),
+        )
+        .await?;
     Ok((StatusCode::CREATED, Json(deployment)))
 }
 
@@ -463,8 +415,8 @@ pub async fn update_deployment(
     ApiJson(patch): ApiJson<DeploymentPatch>,
 ) -> Result<Json<Deployment>, ApiError> {
     let id = parse_uuid("deployment", &id)?;
-    let mut tx = state.pool.begin().await?;
-    let before = fetch_deployment(&mut tx, id, true).await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch_deployment(&mut change, id, true).await?;
     let fields = DeploymentFields {
         mode: patch.mode.unwrap_or(before.mode),
         // A patched SLA without a percentile keeps the deployment's.
@@ -486,7 +438,7 @@ pub async fn update_deployment(
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
-    crate::planner::policy::check_budget_with(&mut tx, Some(id), &fields.policy(&before.name))
+    crate::planner::policy::check_budget_with(&mut change, Some(id), &fields.policy(&before.name))
         .await?;
     // Placement follows the planner's targets only in `auto`: leaving it drops them.
     let keep_targets = fields.planner == PlannerMode::Auto;
@@ -517,22 +469,18 @@ pub async fn update_deployment(
     .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
     .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
     .bind(keep_targets)
-    .execute(&mut *tx)
+    .execute(&mut *change)
     .await?;
-    let after = fetch_deployment(&mut tx, id, false).await?;
-    store::audit(
-        &mut tx,
-        audit_entry(
-            &caller.principal,
+    let after = fetch_deployment(&mut change, id, false).await?;
+    change
+        .commit(
             "deployment.update",
             "deployment",
             id,
-            to_json(&before),
-            to_json(&after),
-        ),
-    )
-    .await?;
-    tx.commit().await?;
+            json(&before),
+            json(&after),
+        )
+        .await?;
     Ok(Json(after))
 }
 
@@ -546,34 +494,24 @@ pub async fn delete_deployment(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_uuid("deployment", &id)?;
-    let mut tx = state.pool.begin().await?;
-    let before = fetch_deployment(&mut tx, id, true).await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch_deployment(&mut change, id, true).await?;
     let nodes: Vec<Uuid> = sqlx::query_scalar(
         "SELECT DISTINCT node_id FROM workers WHERE deployment_id = $1 AND desired_state <> 'stopped'",
     )
     .bind(id)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *change)
     .await?;
     sqlx::query("DELETE FROM deployments WHERE id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut *change)
         .await?;
     for node in nodes {
-        store::bump_generation(&mut tx, node).await?;
+        store::bump_generation(&mut change, node).await?;
     }
-    store::audit(
-        &mut tx,
-        audit_entry(
-            &caller.principal,
-            "deployment.delete",
-            "deployment",
-            id,
-            to_json(&before),
-            None,
-        ),
-    )
-    .await?;
-    tx.commit().await?;
+    change
+        .commit("deployment.delete", "deployment", id, json(&before), None)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::change::Change;
 use super::extract::{Admin, ApiQuery, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, Problem};
 use super::rows;
@@ -14,7 +15,7 @@ use super::types::{Gpu, MetricsQuery, MetricsSeries, Node, NodeState, Page, Page
 use super::{i64_cursor, page, page_limit, uuid_cursor};
 use crate::AppState;
 use crate::metrics::{self, Scope};
-use crate::store::{self, AuditEntry};
+use crate::store;
 
 /// The columns of [`Node`], for every query that returns nodes.
 pub(crate) const NODE_COLUMNS: &str = "n.id, n.hostname, n.state, n.cordoned, n.draining, n.labels,
@@ -92,7 +93,7 @@ pub async fn get_node(
     Ok(Json(fetch_node(&mut conn, id, false).await?))
 }
 
-/// Applies `change` (a SET clause) to a node, with its audit row, in one transaction.
+/// Applies `set` (a SET clause) to a node, with its audit row, in one transaction.
 async fn change_node(
     state: &AppState,
     caller: &crate::auth::Principal,
@@ -102,8 +103,8 @@ async fn change_node(
     bump: bool,
 ) -> Result<Json<Node>, ApiError> {
     let id = parse_uuid("node", id)?;
-    let mut tx = state.pool.begin().await?;
-    let before = fetch_node(&mut tx, id, true).await?;
+    let mut change = Change::begin(state, caller).await?;
+    let before = fetch_node(&mut change, id, true).await?;
     if before.state == NodeState::Removed {
         return Err(ApiError::Conflict(format!("node {id} has been removed")));
     }
@@ -111,40 +112,33 @@ async fn change_node(
         "UPDATE nodes SET {set}, updated_at = now() WHERE id = $1"
     ))
     .bind(id)
-    .execute(&mut *tx)
+    .execute(&mut *change)
     .await?;
     if bump {
-        store::bump_generation(&mut tx, id).await?;
+        store::bump_generation(&mut change, id).await?;
     }
-    let after = fetch_node(&mut tx, id, false).await?;
-    audit_node(&mut tx, caller, action, &before, &after).await?;
-    tx.commit().await?;
+    let after = fetch_node(&mut change, id, false).await?;
+    commit_node(change, action, &before, &after).await?;
     Ok(Json(after))
 }
 
-async fn audit_node(
-    tx: &mut PgConnection,
-    caller: &crate::auth::Principal,
+/// Commits a change of a node with its audit row (state, cordon and drain before and after).
+async fn commit_node(
+    change: Change<'_>,
     action: &str,
     before: &Node,
     after: &Node,
 ) -> Result<(), ApiError> {
     let summary = |n: &Node| serde_json::json!({ "state": n.state, "cordoned": n.cordoned, "draining": n.draining });
-    store::audit(
-        tx,
-        AuditEntry {
-            actor_token: Some(caller.token_id),
-            request_id: caller.request_id.clone(),
-            actor: &caller.actor,
+    change
+        .commit(
             action,
-            target_type: "node",
-            target_id: Some(after.id.to_string()),
-            before: Some(summary(before)),
-            after: Some(summary(after)),
-        },
-    )
-    .await?;
-    Ok(())
+            "node",
+            after.id,
+            Some(summary(before)),
+            Some(summary(after)),
+        )
+        .await
 }
 
 /// Cordon: place no new workers on the node (operator+).
@@ -214,8 +208,8 @@ pub async fn remove_node(
     Path(id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     let id = parse_uuid("node", &id)?;
-    let mut tx = state.pool.begin().await?;
-    let before = fetch_node(&mut tx, id, true).await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch_node(&mut change, id, true).await?;
     if before.state == NodeState::Removed {
         return Ok(Json(before));
     }
@@ -229,12 +223,14 @@ pub async fn remove_node(
         "UPDATE node_certificates SET revoked_at = now() WHERE node_id = $1 AND revoked_at IS NULL",
         "DELETE FROM gpus WHERE node_id = $1",
     ] {
-        sqlx::query(statement).bind(id).execute(&mut *tx).await?;
+        sqlx::query(statement)
+            .bind(id)
+            .execute(&mut *change)
+            .await?;
     }
-    store::bump_generation(&mut tx, id).await?;
-    let after = fetch_node(&mut tx, id, false).await?;
-    audit_node(&mut tx, &caller.principal, "node.remove", &before, &after).await?;
-    tx.commit().await?;
+    store::bump_generation(&mut change, id).await?;
+    let after = fetch_node(&mut change, id, false).await?;
+    commit_node(change, "node.remove", &before, &after).await?;
     Ok(Json(after))
 }
 

@@ -9,9 +9,11 @@
 pub mod admin;
 pub mod agent;
 pub mod catalog;
+pub mod change;
 pub mod decisions;
 pub mod extract;
 pub mod fleet;
+pub mod kv;
 pub mod planner;
 pub mod problem;
 pub mod profiles;
@@ -22,11 +24,15 @@ pub mod types;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::{AppState, kv_index};
-use problem::ApiError;
+use crate::AppState;
+use crate::telemetry::{LatencyFamily, Registry, latency_family};
+use problem::{ApiError, DatabaseFailed};
 use types::{Page, PageQuery};
 
 /// The largest `limit` a list accepts.
@@ -100,20 +106,120 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/fleet", get(agent::fleet_directory))
         .route(
             "/agent/kv-events",
-            post(kv_index::upload).layer(DefaultBodyLimit::max(kv_index::MAX_UPLOAD_BYTES)),
+            post(kv::upload).layer(DefaultBodyLimit::max(kv::MAX_UPLOAD_BYTES)),
         )
-        .route("/agent/kv-stream", get(kv_index::stream))
-        .route("/agent/kv-snapshot", get(kv_index::snapshot))
-        .route("/kv/stats", get(kv_index::stats))
+        .route("/agent/kv-stream", get(kv::stream))
+        .route("/agent/kv-snapshot", get(kv::snapshot))
+        .route("/kv/stats", get(kv::stats))
         .fallback(not_found);
     Router::new()
         .nest("/api/v1", v1)
         .merge(crate::ui::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response(problem_for_plain_errors))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// Request counts and latencies by route, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct HttpMetrics {
+    requests: Family<HttpLabels, Counter>,
+    seconds: LatencyFamily<RouteLabels>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    method: String,
+}
+
+/// The `route` label of a request that matched no route (one label value for every unknown
+/// path, so scanners cannot blow up the series count).
+const UNMATCHED_ROUTE: &str = "unmatched";
+
+impl HttpMetrics {
+    /// Registers `kvfleet_cp_http_requests_total` and `kvfleet_cp_http_request_seconds`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let requests = Family::default();
+        registry.register(
+            "kvfleet_cp_http_requests",
+            "HTTP requests answered, by route template (e.g. /api/v1/nodes/{id}; `unmatched` \
+             for unknown paths), method and status",
+            requests.clone(),
+        );
+        let seconds = latency_family();
+        registry.register(
+            "kvfleet_cp_http_request_seconds",
+            "Time from a request's arrival to its response head, by route template and method \
+             (long polls such as /agent/desired-state and /agent/kv-stream include their wait)",
+            seconds.clone(),
+        );
+        Self { requests, seconds }
+    }
+}
+
+/// Counts and times every request, and counts the database errors behind error responses.
+async fn measure(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or(UNMATCHED_ROUTE, axum::extract::MatchedPath::as_str)
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    state
+        .http
+        .seconds
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+            method: method.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .http
+        .requests
+        .get_or_create(&HttpLabels {
+            route,
+            method,
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    if response.extensions().get::<DatabaseFailed>().is_some() {
+        state.db.count("api");
+    }
+    response
+}
+
+/// `GET /metrics`: every metric this replica's modules registered, in the Prometheus text
+/// format (no token: counts and timings only, no fleet secrets).
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::telemetry::CONTENT_TYPE,
+        )],
+        state.telemetry.encode(),
+    )
+        .into_response()
 }
 
 /// The id of one request: the client's `x-request-id` when it sends a sane one (printable
@@ -278,7 +384,7 @@ impl utoipa::Modify for BearerAuth {
         profiles::upload, profiles::list, profiles::get, profiles::delete,
         agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
         agent::fleet_directory,
-        kv_index::upload, kv_index::stream, kv_index::snapshot, kv_index::stats,
+        kv::upload, kv::stream, kv::snapshot, kv::stats,
     ),
     components(schemas(problem::Problem, problem::InvalidParam)),
     modifiers(&BearerAuth),

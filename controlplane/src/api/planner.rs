@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use kvfleet_planner::{DeploymentDecision, Observation};
 use uuid::Uuid;
 
+use super::change::Change;
 use super::extract::{ApiJson, ApiQuery, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, Problem};
 use super::types::{
@@ -18,7 +19,6 @@ use super::types::{
 use super::{i64_cursor, page, page_limit};
 use crate::AppState;
 use crate::planner::policy;
-use crate::store::{self, AuditEntry};
 
 async fn settings(state: &AppState) -> Result<PlannerSettings, ApiError> {
     let mut conn = state.pool.acquire().await?;
@@ -66,33 +66,27 @@ pub async fn update_settings(
     let Some(budget) = patch.gpu_budget else {
         return Ok(Json(settings(&state).await?));
     };
-    let mut tx = state.pool.begin().await?;
-    let before = policy::budget(&mut tx, true).await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = policy::budget(&mut change, true).await?;
     if let Some(b) = budget {
-        policy::check_new_budget(&mut tx, b).await?;
+        policy::check_new_budget(&mut change, b).await?;
     }
     sqlx::query(
         "INSERT INTO planner_settings (id, gpu_budget, updated_at) VALUES (1, $1, now())
          ON CONFLICT (id) DO UPDATE SET gpu_budget = EXCLUDED.gpu_budget, updated_at = now()",
     )
     .bind(budget)
-    .execute(&mut *tx)
+    .execute(&mut *change)
     .await?;
-    store::audit(
-        &mut tx,
-        AuditEntry {
-            actor_token: Some(caller.principal.token_id),
-            actor: &caller.principal.actor,
-            action: "planner.update",
-            target_type: "planner",
-            target_id: None,
-            before: Some(serde_json::json!({ "gpu_budget": before })),
-            after: Some(serde_json::json!({ "gpu_budget": budget })),
-            request_id: caller.principal.request_id.clone(),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    change
+        .commit(
+            "planner.update",
+            "planner",
+            "settings",
+            Some(serde_json::json!({ "gpu_budget": before })),
+            Some(serde_json::json!({ "gpu_budget": budget })),
+        )
+        .await?;
     Ok(Json(settings(&state).await?))
 }
 

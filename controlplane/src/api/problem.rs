@@ -62,9 +62,17 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
+    /// A statement failed for a reason that is not the caller's (answered like
+    /// [`ApiError::Internal`], counted as a database error).
+    #[error("database error: {0}")]
+    Database(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// Marks a response whose error came from the database, for the request metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct DatabaseFailed;
 
 impl ApiError {
     pub fn not_found(kind: &'static str, id: impl ToString) -> Self {
@@ -105,7 +113,7 @@ impl ApiError {
                 "unavailable",
                 "Service unavailable",
             ),
-            ApiError::Internal(_) => (
+            ApiError::Database(_) | ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "Internal error",
@@ -125,7 +133,7 @@ impl ApiError {
                 params.clone(),
             ),
             // Internal details go to the log, not to the caller.
-            ApiError::Internal(_) => (
+            ApiError::Database(_) | ApiError::Internal(_) => (
                 "an internal error occurred; the control plane log has details".to_owned(),
                 Vec::new(),
             ),
@@ -143,7 +151,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(message) = &self {
+        if let ApiError::Database(message) | ApiError::Internal(message) = &self {
             tracing::error!(%message, "request failed");
         }
         let problem = self.to_problem();
@@ -159,6 +167,9 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if matches!(self, ApiError::Unavailable | ApiError::Database(_)) {
+            response.extensions_mut().insert(DatabaseFailed);
         }
         response
     }
@@ -191,7 +202,7 @@ impl From<sqlx::Error> for ApiError {
                 _ => {}
             }
         }
-        ApiError::Internal(error.to_string())
+        ApiError::Database(error.to_string())
     }
 }
 
@@ -202,6 +213,15 @@ fn field_of_constraint(constraint: &str) -> String {
     match trimmed.split_once('_') {
         Some((_table, field)) => field.to_owned(),
         None => trimmed.to_owned(),
+    }
+}
+
+impl From<crate::kv_index::KvIndexError> for ApiError {
+    fn from(error: crate::kv_index::KvIndexError) -> Self {
+        match error {
+            crate::kv_index::KvIndexError::Database(error) => error.into(),
+            crate::kv_index::KvIndexError::Internal(message) => ApiError::Internal(message),
+        }
     }
 }
 
@@ -252,6 +272,11 @@ mod tests {
             (ApiError::Unavailable, 503, "/api/v1/problems/unavailable"),
             (
                 ApiError::Internal("secret sql".into()),
+                500,
+                "/api/v1/problems/internal",
+            ),
+            (
+                ApiError::Database("secret sql".into()),
                 500,
                 "/api/v1/problems/internal",
             ),

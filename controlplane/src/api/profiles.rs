@@ -12,11 +12,11 @@ use kvfleet_proto::profile::{PerfProfile, ProfileError};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::change::Change;
 use super::extract::{ApiJson, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::types::{ProfileInfo, StoredProfile};
 use crate::AppState;
-use crate::store::{self, AuditEntry};
 
 const COLUMNS: &str =
     "p.id, p.model_id, m.name AS model, p.device, p.profile, p.created_at, p.updated_at";
@@ -92,8 +92,8 @@ pub async fn upload(
     Path(model): Path<String>,
     ApiJson(profile): ApiJson<PerfProfile>,
 ) -> Result<(StatusCode, Json<StoredProfile>), ApiError> {
-    let mut tx = state.pool.begin().await?;
-    let (model_id, model_name) = model_of(&mut tx, &model).await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let (model_id, model_name) = model_of(&mut change, &model).await?;
     profile
         .validate()
         .and_then(|()| profile.check_model(&model_name))
@@ -103,7 +103,7 @@ pub async fn upload(
     )
     .bind(model_id)
     .bind(&profile.device)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *change)
     .await?;
     let id = before.as_ref().map_or_else(Uuid::new_v4, |b| b.0);
     sqlx::query(
@@ -114,37 +114,28 @@ pub async fn upload(
     .bind(model_id)
     .bind(&profile.device)
     .bind(sqlx::types::Json(&profile))
-    .execute(&mut *tx)
+    .execute(&mut *change)
     .await?;
-    let stored = fetch(&mut tx, id).await?;
+    let stored = fetch(&mut change, id).await?;
     let status = if before.is_some() {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    store::audit(
-        &mut tx,
-        AuditEntry {
-            actor_token: Some(caller.principal.token_id),
-            actor: &caller.principal.actor,
-            action: if before.is_some() {
-                "profile.update"
-            } else {
-                "profile.create"
-            },
-            target_type: "profile",
-            target_id: Some(id.to_string()),
-            before: before
-                .map(|b| serde_json::json!({"device": b.1.0.device, "source": b.1.0.source})),
-            after: Some(serde_json::json!({
-                "model": model_name, "device": profile.device, "engine": profile.engine,
-                "source": profile.source,
-            })),
-            request_id: caller.principal.request_id.clone(),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    let action = if before.is_some() {
+        "profile.update"
+    } else {
+        "profile.create"
+    };
+    let before =
+        before.map(|b| serde_json::json!({"device": b.1.0.device, "source": b.1.0.source}));
+    let after = serde_json::json!({
+        "model": model_name, "device": profile.device, "engine": profile.engine,
+        "source": profile.source,
+    });
+    change
+        .commit(action, "profile", id, before, Some(after))
+        .await?;
     Ok((status, Json(stored)))
 }
 
@@ -191,28 +182,17 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_uuid("profile", &id)?;
-    let mut tx = state.pool.begin().await?;
-    let before = fetch(&mut tx, id).await?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch(&mut change, id).await?;
     sqlx::query("DELETE FROM perf_profiles WHERE id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut *change)
         .await?;
-    store::audit(
-        &mut tx,
-        AuditEntry {
-            actor_token: Some(caller.principal.token_id),
-            actor: &caller.principal.actor,
-            action: "profile.delete",
-            target_type: "profile",
-            target_id: Some(id.to_string()),
-            before: Some(serde_json::json!({
-                "model": before.info.model, "device": before.info.device,
-            })),
-            after: None,
-            request_id: caller.principal.request_id.clone(),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    let before = serde_json::json!({
+        "model": before.info.model, "device": before.info.device,
+    });
+    change
+        .commit("profile.delete", "profile", id, Some(before), None)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -17,7 +17,7 @@
 //! The pool knows nothing about tokens or time: keys are [`SequenceHash`]es computed by
 //! `kvfleet_proto::hash`, and the LRU order is the order of release.
 
-use kvfleet_proto::{BlockHash, KvEventData, SequenceHash};
+use kvfleet_proto::{BlockHash, KvEventData, LocalBlockHash, SequenceHash};
 
 use crate::fast_hash::FastMap;
 
@@ -30,6 +30,12 @@ const NIL: u32 = u32::MAX;
 struct Meta {
     refs: u32,
     hash: Option<SequenceHash>,
+    /// With `hash`: the block's own hash and its parent, so an evicted block can be announced
+    /// in a lower tier as a verifiable chain link.
+    local: LocalBlockHash,
+    parent: Option<SequenceHash>,
+    /// Acquired again after it entered the prefix cache: some later prompt hit it.
+    reused: bool,
     // Intrusive doubly linked LRU list of cached (unreferenced, hashed) blocks: O(1) touch.
     prev: u32,
     next: u32,
@@ -49,6 +55,20 @@ pub struct PoolUsage {
     pub free: u32,
 }
 
+/// A cached block evicted from the pool, recorded (when tracking is on) so that the lower KV
+/// tiers can take its content before the block is overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// The block, still holding the evicted content until the executor next writes it.
+    pub block: BlockId,
+    /// Its hashes.
+    pub hash: BlockHash,
+    /// Its parent in the chain (`None` for a prompt's first block).
+    pub parent: Option<SequenceHash>,
+    /// Whether a later prompt hit it while it was cached.
+    pub reused: bool,
+}
+
 /// The pool: reference counts, a free list, the prefix-cache map and its LRU list.
 #[derive(Debug, Clone)]
 pub struct BlockPool {
@@ -61,6 +81,8 @@ pub struct BlockPool {
     used: u32,
     block_bytes: u64,
     events: Vec<KvEventData>,
+    track_evictions: bool,
+    evicted: Vec<Evicted>,
 }
 
 /// Not enough free or evictable blocks for an allocation; nothing was allocated.
@@ -81,6 +103,9 @@ impl BlockPool {
             .map(|_| Meta {
                 refs: 0,
                 hash: None,
+                local: LocalBlockHash(0),
+                parent: None,
+                reused: false,
                 prev: NIL,
                 next: NIL,
                 in_lru: false,
@@ -98,7 +123,23 @@ impl BlockPool {
             used: 0,
             block_bytes,
             events: Vec::new(),
+            track_evictions: false,
+            evicted: Vec::new(),
         }
+    }
+
+    /// Records every evicted block for [`BlockPool::take_evicted`] (the KV tiers turn this on).
+    pub fn track_evictions(&mut self, on: bool) {
+        self.track_evictions = on;
+        if !on {
+            self.evicted.clear();
+        }
+    }
+
+    /// Takes the blocks evicted since the last call, in eviction order. Their content is intact
+    /// until the executor writes them, so callers copy them out before the next step runs.
+    pub fn take_evicted(&mut self) -> Vec<Evicted> {
+        std::mem::take(&mut self.evicted)
     }
 
     /// Number of blocks in the pool.
@@ -164,7 +205,9 @@ impl BlockPool {
             self.lru_unlink(block);
             self.used += 1;
         }
-        self.meta[block as usize].refs += 1;
+        let meta = &mut self.meta[block as usize];
+        meta.refs += 1;
+        meta.reused |= meta.hash.is_some();
         true
     }
 
@@ -185,10 +228,23 @@ impl BlockPool {
                 None => {
                     let block = self.lru_head;
                     self.lru_unlink(block);
-                    if let Some(hash) = self.meta[block as usize].hash.take() {
+                    let meta = &mut self.meta[block as usize];
+                    if let Some(hash) = meta.hash.take() {
                         self.by_hash.remove(&hash);
                         evicted.push(hash);
+                        if self.track_evictions {
+                            self.evicted.push(Evicted {
+                                block,
+                                hash: BlockHash {
+                                    local: meta.local,
+                                    sequence: hash,
+                                },
+                                parent: meta.parent,
+                                reused: meta.reused,
+                            });
+                        }
                     }
+                    meta.reused = false;
                     block
                 }
             };
@@ -243,7 +299,11 @@ impl BlockPool {
                 _ => false,
             };
             if fresh {
-                self.meta[block as usize].hash = Some(hash.sequence);
+                let meta = &mut self.meta[block as usize];
+                meta.hash = Some(hash.sequence);
+                meta.local = hash.local;
+                meta.parent = parent;
+                meta.reused = false;
                 self.by_hash.insert(hash.sequence, block);
                 if run.is_empty() {
                     run_parent = parent;
@@ -276,6 +336,7 @@ impl BlockPool {
         }
         for meta in &mut self.meta {
             meta.hash = None;
+            meta.reused = false;
         }
         self.by_hash.clear();
         self.events.push(KvEventData::Cleared);

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use kvfleet_proto::WorkerId;
+
+use crate::tiers::{TierConfig, TierError};
 use serde::{Deserialize, Serialize};
 
 /// How much memory the KV block pool gets.
@@ -93,6 +95,9 @@ pub struct SchedulerConfig {
     /// starts at `until`, so a late driver shows up as latency, as it would on real hardware,
     /// and a measuring executor's timestamps do not drift behind the wall clock.
     pub realtime: bool,
+    /// The lower KV tiers (G2 host memory, G3 local disk) that take what the pool evicts; off
+    /// by default.
+    pub tiers: TierConfig,
 }
 
 impl Default for SchedulerConfig {
@@ -110,6 +115,7 @@ impl Default for SchedulerConfig {
             max_pending_events: 65536,
             metrics_window: Duration::from_secs(5),
             realtime: false,
+            tiers: TierConfig::default(),
         }
     }
 }
@@ -159,6 +165,9 @@ pub enum ConfigError {
     /// More blocks than a u32 block id can name.
     #[error("KV memory holds {0} blocks; at most 4294967294 are supported")]
     TooManyBlocks(u64),
+    /// The lower KV tiers could not be opened.
+    #[error(transparent)]
+    Tiers(#[from] TierError),
 }
 
 #[cfg(test)]

@@ -309,6 +309,8 @@ pub struct EngineMetrics {
     pub prefix_hit_tokens: u64,
     /// KV events dropped because the caller did not drain them in time.
     pub events_dropped: u64,
+    /// The lower KV tiers (all zero when they are off).
+    pub tiers: crate::tiers::TierStats,
 }
 
 /// An inference engine on one GPU or CPU slot.

@@ -63,6 +63,10 @@ pub struct ScheduledBatch<'a> {
     pub kv_blocks_used: u32,
     /// Blocks in the pool.
     pub kv_blocks_total: u32,
+    /// Blocks brought into the pool from G2, G3 and G4 (in that order) for this step's newly
+    /// admitted sequences. Their bytes are already in place; an executor that models time
+    /// charges their copy (the native one measured it).
+    pub onboarded_blocks: [u32; 3],
 }
 
 /// The token sampled for one sequence.

@@ -11,6 +11,8 @@
 //! - [`mock`]: [`MockExecutor`] and [`MockProfile`]: pseudo-tokens and a timing model, so fleets
 //!   of mock engines run on one machine in real or virtual time.
 //! - [`config`]: [`SchedulerConfig`] and the KV pool's [`PoolSizing`].
+//! - [`tiers`]: the lower KV tiers (G2 host memory, G3 local disk) that take what the pool
+//!   evicts and give it back at admission: [`TierStore`] over the pure [`TierBook`].
 //!
 //! The core is synchronous and never reads a clock: callers pass time as a [`Duration`](std::time::Duration) since
 //! an epoch they choose. Async drivers (the agent) and virtual-time drivers (the simulator) wrap
@@ -55,11 +57,12 @@ pub mod executor;
 mod fast_hash;
 pub mod mock;
 pub mod scheduler;
+pub mod tiers;
 
 #[cfg(test)]
 mod tests;
 
-pub use block_pool::{BlockId, BlockPool, PoolExhausted, PoolUsage};
+pub use block_pool::{BlockId, BlockPool, Evicted, PoolExhausted, PoolUsage};
 pub use config::{ConfigError, PoolSizing, SchedulerConfig};
 pub use engine::{
     Engine, EngineMetrics, EngineOutput, ExportError, Finish, FinishReason, ImportError,
@@ -73,3 +76,6 @@ pub use mock::{
     ProfileError, Quadratic, expected_output, prompt_digest, pseudo_token,
 };
 pub use scheduler::Scheduler;
+pub use tiers::{
+    Admission, TierBook, TierConfig, TierCounters, TierError, TierStats, TierStorage, TierStore,
+};

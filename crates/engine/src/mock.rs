@@ -24,8 +24,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use kvfleet_proto::hash::{chain, local_block_hash};
-use kvfleet_proto::profile::{DecodeTable, PROFILE_FORMAT, PerfProfile, PrefillTable};
-use kvfleet_proto::{KvLayout, LocalBlockHash, SequenceHash};
+use kvfleet_proto::profile::{DecodeTable, PROFILE_FORMAT, PerfProfile, PrefillTable, TierCost};
+use kvfleet_proto::{KvLayout, LocalBlockHash, SequenceHash, Tier};
 use serde::{Deserialize, Serialize};
 
 use crate::block_pool::BlockId;
@@ -232,6 +232,11 @@ pub struct MockProfile {
     pub prefill: Quadratic,
     /// Decode-step time in ms.
     pub decode: DecodeModel,
+    /// Onboarding from the lower KV tiers into the pool (`kvfleet_proto::profile`'s table,
+    /// copied into [`MockProfile::perf_profile`]); a step that onboards blocks takes that much
+    /// longer. Empty: onboarding is free.
+    #[serde(default)]
+    pub tiers: Vec<TierCost>,
 }
 
 /// The default profile's file, shipped with the crate.
@@ -330,6 +335,8 @@ impl MockProfile {
                 )));
             }
         }
+        kvfleet_proto::profile::validate_tiers(&self.tiers)
+            .map_err(|e| ProfileError::Invalid(e.to_string()))?;
         // Time must not run backwards anywhere in the domain a scheduler can reach.
         if self.decode.eval(0.0, 1) <= 0.0 || self.decode.eval(1.0, 1) <= 0.0 {
             return Err(ProfileError::Invalid(
@@ -466,8 +473,24 @@ impl MockProfile {
                 context: PROFILE_DECODE_CONTEXT.to_vec(),
                 itl_ms,
             },
-            tiers: Vec::new(),
+            tiers: self.tiers.clone(),
         }
+    }
+
+    /// Time to bring `blocks` blocks from G2, G3 and G4 (in that order) into the pool, from
+    /// the `tiers` table; a tier without a figure costs nothing.
+    pub fn onboard_time(&self, blocks: [u32; 3]) -> Duration {
+        let block_bytes = self.layout.block_bytes() as u64;
+        let ms: f64 = [Tier::G2, Tier::G3, Tier::G4]
+            .into_iter()
+            .zip(blocks)
+            .filter(|&(_, n)| n > 0)
+            .filter_map(|(tier, n)| {
+                let cost = self.tiers.iter().find(|t| t.tier == tier)?;
+                Some(cost.onboard_ms(u64::from(n) * block_bytes))
+            })
+            .sum();
+        Duration::from_secs_f64(ms / 1000.0)
     }
 }
 
@@ -522,11 +545,12 @@ impl Executor for MockExecutor {
         };
         Ok(StepResult {
             outputs,
+            // Onboarding is charged on the step it feeds (no overlap with compute modelled).
             elapsed: self.profile.step_time(
                 batch.num_prefill_tokens,
                 batch.num_decode_seqs,
                 kv_fraction,
-            ),
+            ) + self.profile.onboard_time(batch.onboarded_blocks),
         })
     }
 

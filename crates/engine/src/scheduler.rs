@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use kvfleet_proto::hash::{block_hashes, hash_block};
-use kvfleet_proto::{BlockHash, BlockSize, KvEvent, KvLayout, SamplingParams, Tier};
+use kvfleet_proto::{BlockHash, BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, Tier};
 
 use crate::block_pool::{BlockId, BlockPool, PoolUsage};
 use crate::config::{ConfigError, SchedulerConfig};
@@ -28,6 +28,7 @@ use crate::engine::{
 };
 use crate::executor::{ExecError, Executor, RequestId, ScheduledBatch, ScheduledSeq, StepOutput};
 use crate::fast_hash::FastMap;
+use crate::tiers::TierStore;
 
 #[derive(Debug)]
 struct Sequence {
@@ -113,6 +114,10 @@ pub struct Scheduler<E> {
     counters: Counters,
     window: VecDeque<StepRecord>,
     first_step_start: Option<Duration>,
+    /// The lower KV tiers, when configured.
+    tiers: Option<TierStore>,
+    /// Blocks onboarded from G2, G3, G4 for the step being planned.
+    step_onboard: [u32; 3],
 }
 
 impl<E: Executor> Scheduler<E> {
@@ -123,10 +128,21 @@ impl<E: Executor> Scheduler<E> {
         let layout = executor.kv_layout();
         let block_bytes = layout.block_bytes() as u64;
         let num_blocks = config.kv_memory.blocks(block_bytes)?;
-        Ok(Self {
+        let tiers = if config.tiers.enabled() {
+            Some(TierStore::open(
+                &config.tiers,
+                layout.fingerprint(),
+                block_bytes,
+            )?)
+        } else {
+            None
+        };
+        let mut pool = BlockPool::new(num_blocks, block_bytes);
+        pool.track_evictions(tiers.is_some());
+        let mut scheduler = Self {
             block_size: layout.block_size,
             layout,
-            pool: BlockPool::new(num_blocks, block_bytes),
+            pool,
             executor,
             config,
             seqs: FastMap::default(),
@@ -141,7 +157,99 @@ impl<E: Executor> Scheduler<E> {
             counters: Counters::default(),
             window: VecDeque::new(),
             first_step_start: None,
-        })
+            tiers,
+            step_onboard: [0; 3],
+        };
+        // A disk tier that survived a restart announces what it holds.
+        scheduler.push_pool_events();
+        Ok(scheduler)
+    }
+
+    /// The lower KV tiers, when configured.
+    pub fn tiers(&self) -> Option<&TierStore> {
+        self.tiers.as_ref()
+    }
+
+    /// Waits until every queued disk write is done (tests, and a clean shutdown that wants
+    /// its offloaded blocks on disk; dropping the engine also does it).
+    pub fn flush_tiers(&mut self) {
+        if let Some(tiers) = &mut self.tiers {
+            tiers.flush();
+        }
+        self.push_pool_events();
+    }
+
+    /// Hands the blocks the pool evicted since the last call to the lower tiers, copying out
+    /// the bytes they keep. Called before anything can overwrite an evicted block.
+    fn offload_evicted(&mut self) {
+        let Some(tiers) = &mut self.tiers else {
+            return;
+        };
+        let evicted = self.pool.take_evicted();
+        if evicted.is_empty() {
+            return;
+        }
+        let blocks = tiers.plan_offload(&evicted);
+        if blocks.is_empty() {
+            tiers.offload(&[], &[]);
+            return;
+        }
+        // A failed copy leaves those blocks out of the lower tiers (counted as missing).
+        let data = self.executor.copy_blocks_out(&blocks).unwrap_or_default();
+        if data.is_empty() {
+            tiers.offload(&[], &[]);
+        } else {
+            tiers.offload(&blocks, &data);
+        }
+    }
+
+    /// Brings `lower` (the prompt's next blocks after its G1 hits, each with the tier holding
+    /// it) into the fresh blocks `targets`, stopping at the first that cannot be read. Returns
+    /// how many were onboarded and registered in the prefix cache after `parent`.
+    fn onboard(
+        &mut self,
+        lower: &[(BlockHash, Tier)],
+        targets: &[BlockId],
+        parent: Option<SequenceHash>,
+    ) -> usize {
+        let Some(tiers) = &mut self.tiers else {
+            return 0;
+        };
+        let mut data = Vec::new();
+        let mut got = 0;
+        for &(hash, tier) in lower {
+            match tiers.fetch(hash.sequence, tier) {
+                Ok(Some(bytes)) => data.extend_from_slice(&bytes),
+                Ok(None) => {}
+                Err(_) => break,
+            }
+            got += 1;
+        }
+        if got > 0
+            && tiers.stores_bytes()
+            && self
+                .executor
+                .copy_blocks_in(&targets[..got], &data)
+                .is_err()
+        {
+            return 0;
+        }
+        for &(hash, tier) in &lower[..got] {
+            tiers.onboarded(hash.sequence, tier);
+            let slot = match tier {
+                Tier::G2 => 0,
+                Tier::G3 => 1,
+                Tier::G1 | Tier::G4 => 2,
+            };
+            self.step_onboard[slot] += 1;
+        }
+        let pairs: Vec<(BlockId, BlockHash)> = targets[..got]
+            .iter()
+            .zip(lower)
+            .map(|(&b, &(h, _))| (b, h))
+            .collect();
+        self.pool.register(parent, &pairs);
+        got
     }
 
     /// The configuration in force.
@@ -258,8 +366,16 @@ impl<E: Executor> Scheduler<E> {
         Ok(())
     }
 
+    /// Numbers the cache changes of the pool (G1) and then of the lower tiers, and queues them
+    /// for the caller.
     fn push_pool_events(&mut self) {
-        for data in self.pool.take_events() {
+        let lower = self
+            .tiers
+            .as_mut()
+            .map(TierStore::take_events)
+            .unwrap_or_default();
+        let g1 = self.pool.take_events().into_iter().map(|d| (Tier::G1, d));
+        for (tier, data) in g1.chain(lower) {
             if self.events.len() >= self.config.max_pending_events {
                 self.events.pop_front();
                 self.counters.events_dropped += 1;
@@ -267,7 +383,7 @@ impl<E: Executor> Scheduler<E> {
             self.events.push_back(KvEvent {
                 worker: self.config.worker,
                 event_id: self.next_event_id,
-                tier: Tier::G1,
+                tier,
                 data,
             });
             self.next_event_id += 1;
@@ -366,7 +482,7 @@ impl<E: Executor> Scheduler<E> {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let Some(seq) = self.seqs.get_mut(&id) else {
+            let Some(seq) = self.seqs.get(&id) else {
                 self.waiting.pop_front();
                 continue;
             };
@@ -387,25 +503,64 @@ impl<E: Executor> Scheduler<E> {
                     None => break,
                 }
             }
-            let computed = hit_blocks.len() * bs.tokens();
-            let remaining = seq.tokens.len() - computed;
+            // Then the longest continuation held in a lower tier (G2 before G3).
+            let hits = hit_blocks.len();
+            let mut lower: Vec<(BlockHash, Tier)> = Vec::new();
+            if let Some(tiers) = &self.tiers {
+                for h in &seq.hashes[hits..max_hits] {
+                    match tiers.lookup(h.sequence) {
+                        Some(tier) => lower.push((*h, tier)),
+                        None => break,
+                    }
+                }
+            }
+            let parent = hits.checked_sub(1).map(|i| seq.hashes[i].sequence);
+            let total_tokens = seq.tokens.len();
+            let mut computed = (hits + lower.len()) * bs.tokens();
+            let remaining = total_tokens - computed;
             if !self.config.chunked_prefill && remaining > budget {
                 break;
             }
-            let n = remaining.min(budget);
-            let need = bs.blocks_for(computed + n) - hit_blocks.len();
+            let mut n = remaining.min(budget);
+            let need = bs.blocks_for(computed + n) - hits;
             if need + evictable_hits > self.pool.available() {
                 break;
             }
             for &b in &hit_blocks {
                 self.pool.acquire(b);
             }
-            seq.blocks = hit_blocks;
-            if self.pool.allocate(need, &mut seq.blocks).is_err() {
+            let mut blocks = hit_blocks;
+            if self.pool.allocate(need, &mut blocks).is_err() {
                 // Unreachable (checked above); undo and stop admitting.
-                self.pool.release(seq.blocks.drain(..).rev());
+                self.pool.release(blocks.drain(..).rev());
                 break;
             }
+            if !lower.is_empty() {
+                // The fresh blocks may have evicted cached ones: save those before writing.
+                self.offload_evicted();
+                let targets = blocks[hits..hits + lower.len()].to_vec();
+                let onboarded = self.onboard(&lower, &targets, parent);
+                if onboarded < lower.len() {
+                    // A block could not be read: compute from there on.
+                    computed = (hits + onboarded) * bs.tokens();
+                    let remaining = total_tokens - computed;
+                    if !self.config.chunked_prefill && remaining > budget {
+                        // Leave it waiting; the unreadable block is gone from its tier, so the
+                        // next attempt plans without it.
+                        self.pool.release(blocks.drain(..).rev());
+                        break;
+                    }
+                    n = remaining.min(budget);
+                    let keep = bs.blocks_for(computed + n);
+                    self.pool.release(blocks.drain(keep..).rev());
+                }
+            }
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                self.pool.release(blocks.drain(..).rev());
+                self.waiting.pop_front();
+                continue;
+            };
+            seq.blocks = blocks;
             seq.num_computed = computed;
             seq.num_registered = computed / bs.tokens();
             if !seq.admitted_once {
@@ -429,7 +584,12 @@ impl<E: Executor> Scheduler<E> {
 
     /// Starts a step at `start`. Returns false when nothing could be scheduled.
     fn start_step(&mut self, start: Duration) -> Result<bool, ExecError> {
+        if let Some(tiers) = &mut self.tiers {
+            tiers.poll();
+        }
+        self.step_onboard = [0; 3];
         let plan = self.plan();
+        self.offload_evicted();
         // Preemption and eviction events happen at the start of the step.
         self.push_pool_events();
         if plan.is_empty() {
@@ -443,6 +603,7 @@ impl<E: Executor> Scheduler<E> {
             num_decode_seqs: 0,
             kv_blocks_used: usage.used,
             kv_blocks_total: usage.total,
+            onboarded_blocks: std::mem::take(&mut self.step_onboard),
         };
         for p in &plan {
             let Some(seq) = self.seqs.get(&p.id) else {
@@ -786,6 +947,8 @@ impl<E: Executor> Engine for Scheduler<E> {
             chain.push((one[0], *hash));
             fresh.push((one[0], i));
         }
+        // Blocks the import's allocations evicted keep their bytes in the lower tiers.
+        self.offload_evicted();
         if !fresh.is_empty() {
             let ids: Vec<BlockId> = fresh.iter().map(|&(b, _)| b).collect();
             let mut data = Vec::with_capacity(fresh.len() * block_bytes);
@@ -882,6 +1045,11 @@ impl<E: Executor> Engine for Scheduler<E> {
             prefix_query_tokens: self.counters.prefix_query_tokens,
             prefix_hit_tokens: self.counters.prefix_hit_tokens,
             events_dropped: self.counters.events_dropped,
+            tiers: self
+                .tiers
+                .as_ref()
+                .map(TierStore::stats)
+                .unwrap_or_default(),
         }
     }
 }

@@ -1766,3 +1766,469 @@ fn the_shipped_perf_profile_is_the_default_mocks() {
         computed.to_toml_string().unwrap()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lower KV tiers: G2 host memory and G3 files in a temporary directory, under the toy executor
+// (whose tokens depend on the KV bytes read back, so a wrong onboarded block shows).
+
+/// A directory under the system's temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "kvfleet-tiers-{name}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const TIER_BS: u32 = 4;
+/// The toy's block bytes: one f32 K and V per token.
+const TIER_BLOCK_BYTES: u64 = 8 * TIER_BS as u64;
+
+/// A toy engine with 8 G1 blocks and the given lower tiers (in blocks).
+fn tiered_engine(g2_blocks: u64, g3_blocks: u64, dir: &TempDir) -> Scheduler<ToyExecutor> {
+    toy_engine(8, TIER_BS, |c| {
+        c.tiers = TierConfig {
+            host_bytes: g2_blocks * TIER_BLOCK_BYTES,
+            disk_bytes: g3_blocks * TIER_BLOCK_BYTES,
+            disk_dir: dir.0.clone(),
+            ..TierConfig::default()
+        };
+    })
+}
+
+/// Runs one greedy request to the end; returns its tokens and the prompt tokens it found cached.
+fn run_one(engine: &mut Scheduler<ToyExecutor>, prompt: &[u32], n: u32) -> (Vec<u32>, u32) {
+    let id = engine
+        .submit(
+            Request::new(prompt.to_vec(), SamplingParams::greedy(n)),
+            engine.now(),
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    run_to_idle(engine, &mut streams);
+    let s = &streams[&id];
+    assert!(!s.aborted, "a tier fault must never fail the request");
+    (s.tokens.clone(), s.finish.unwrap().stats.cached_tokens)
+}
+
+/// Fills G1 with `a`, then evicts it with two other prompts.
+fn evict_through(engine: &mut Scheduler<ToyExecutor>, a: &[u32]) {
+    let (tokens, _) = run_one(engine, a, 2);
+    assert_eq!(tokens, toy_reference(a, 2));
+    for seed in [101, 102] {
+        let p = prompt(seed, 24);
+        assert_eq!(run_one(engine, &p, 2).0, toy_reference(&p, 2));
+    }
+}
+
+fn block_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for layout in std::fs::read_dir(dir).unwrap() {
+        for f in std::fs::read_dir(layout.unwrap().path()).unwrap() {
+            files.push(f.unwrap().path());
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn an_evicted_prefix_comes_back_from_host_memory_with_the_cold_tokens() {
+    let dir = TempDir::new("g2");
+    let mut engine = tiered_engine(64, 0, &dir);
+    let a = prompt(100, 17); // 4 full blocks, the last token computed
+    evict_through(&mut engine, &a);
+    assert_eq!(
+        engine.pool().lookup_prefix(&sequence_hashes(&a)),
+        0,
+        "A left G1"
+    );
+    let events = engine.drain_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.tier == Tier::G2 && matches!(e.data, KvEventData::Stored { .. }))
+    );
+    let (tokens, cached) = run_one(&mut engine, &a, 4);
+    assert_eq!(
+        tokens,
+        toy_reference(&a, 4),
+        "onboarded KV gives the cold run's tokens"
+    );
+    assert_eq!(cached, 16, "all four blocks onboarded, not recomputed");
+    let stats = engine.metrics().tiers.g2;
+    assert_eq!(stats.hits, 4);
+    assert_eq!(stats.onboard_bytes, 4 * TIER_BLOCK_BYTES);
+    assert!(stats.offload_blocks >= 4);
+    // Without tiers the same sequence recomputes A.
+    let mut plain = toy_engine(8, TIER_BS, |_| {});
+    evict_through(&mut plain, &a);
+    assert_eq!(run_one(&mut plain, &a, 4).1, 0);
+}
+
+fn sequence_hashes(tokens: &[u32]) -> Vec<SequenceHash> {
+    kvfleet_proto::hash::sequence_hashes(tokens, BlockSize::new(TIER_BS).unwrap())
+}
+
+#[test]
+fn disk_blocks_survive_a_restart_are_announced_and_hit_again() {
+    let dir = TempDir::new("g3");
+    let a = prompt(200, 17);
+    {
+        let mut engine = tiered_engine(0, 64, &dir);
+        evict_through(&mut engine, &a);
+        engine.flush_tiers();
+        assert!(engine.metrics().tiers.g3.blocks >= 4);
+    } // dropped: the worker stops
+    let files = block_files(&dir.0);
+    assert!(files.len() >= 4, "{files:?}");
+    let mut engine = tiered_engine(0, 64, &dir);
+    // The restarted engine announces what its disk holds, as G3 blocks.
+    let announced: HashSet<SequenceHash> = engine
+        .drain_events()
+        .into_iter()
+        .filter(|e| e.tier == Tier::G3)
+        .flat_map(|e| match e.data {
+            KvEventData::Stored { blocks, .. } => blocks.into_iter().map(|b| b.sequence).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    for h in sequence_hashes(&a) {
+        assert!(announced.contains(&h), "block {h:?} not announced");
+    }
+    let (tokens, cached) = run_one(&mut engine, &a, 4);
+    assert_eq!(tokens, toy_reference(&a, 4));
+    assert_eq!(cached, 16);
+    assert_eq!(engine.metrics().tiers.g3.hits, 4);
+}
+
+#[test]
+fn g2_spills_to_g3_and_a_prefix_is_onboarded_across_both() {
+    let dir = TempDir::new("g2g3");
+    let mut engine = tiered_engine(2, 64, &dir);
+    let a = prompt(300, 17);
+    evict_through(&mut engine, &a);
+    engine.flush_tiers();
+    let (tokens, cached) = run_one(&mut engine, &a, 3);
+    assert_eq!(tokens, toy_reference(&a, 3));
+    assert_eq!(cached, 16);
+    let t = engine.metrics().tiers;
+    assert_eq!(t.g2.hits + t.g3.hits, 4);
+    assert!(t.g3.hits > 0, "{t:?}");
+    assert!(t.g2.evictions > 0);
+}
+
+#[test]
+fn damaged_block_files_are_counted_and_recomputed_never_failed() {
+    let dir = TempDir::new("faults");
+    let mut engine = tiered_engine(0, 64, &dir);
+    let a = prompt(400, 25); // 6 full blocks
+    let (tokens, _) = run_one(&mut engine, &a, 2);
+    assert_eq!(tokens, toy_reference(&a, 2));
+    for seed in [401, 402] {
+        run_one(&mut engine, &prompt(seed, 32), 1);
+    }
+    engine.flush_tiers();
+    let layout_dir = tiers::disk::layout_dir(&dir.0, toy_layout(TIER_BS).fingerprint());
+    let hashes = sequence_hashes(&a);
+    let path = |i: usize| tiers::disk::block_path(&layout_dir, hashes[i]);
+    assert!(path(1).exists() && path(2).exists() && path(3).exists());
+    // One payload byte of block 1 flipped: the walk stops at the first bad block, so block 0
+    // is onboarded and blocks 1.. are recomputed.
+    let mut bytes = std::fs::read(path(1)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(path(1), &bytes).unwrap();
+    let (tokens, cached) = run_one(&mut engine, &a, 3);
+    assert_eq!(tokens, toy_reference(&a, 3));
+    assert_eq!(cached, 4, "only block 0 onboarded");
+    let g3 = engine.metrics().tiers.g3;
+    assert_eq!((g3.faults, g3.checksum_faults), (1, 1));
+    engine.flush_tiers();
+    assert!(!path(1).exists(), "the bad file is deleted");
+
+    // Truncated, and written for another layout: evict `b`, damage its files, ask again.
+    let b = prompt(500, 17);
+    run_one(&mut engine, &b, 1);
+    for seed in [501, 502] {
+        run_one(&mut engine, &prompt(seed, 32), 1);
+    }
+    engine.flush_tiers();
+    let hb = sequence_hashes(&b);
+    let bpath = |i: usize| tiers::disk::block_path(&layout_dir, hb[i]);
+    let whole = std::fs::read(bpath(0)).unwrap();
+    std::fs::write(bpath(0), &whole[..whole.len() - 5]).unwrap();
+    let (tokens, cached) = run_one(&mut engine, &b, 2);
+    assert_eq!(tokens, toy_reference(&b, 2));
+    assert_eq!(cached, 0);
+    assert_eq!(engine.metrics().tiers.g3.truncated_faults, 1);
+
+    let c = prompt(600, 17);
+    run_one(&mut engine, &c, 1);
+    for seed in [601, 602] {
+        run_one(&mut engine, &prompt(seed, 32), 1);
+    }
+    engine.flush_tiers();
+    let hc = sequence_hashes(&c);
+    let payload = vec![7u8; TIER_BLOCK_BYTES as usize];
+    let hc_full = kvfleet_proto::hash::block_hashes(&c, BlockSize::new(TIER_BS).unwrap());
+    let foreign = tiers::disk::encode(12345, hc_full[0], None, &payload);
+    std::fs::write(tiers::disk::block_path(&layout_dir, hc[0]), foreign).unwrap();
+    let (tokens, cached) = run_one(&mut engine, &c, 2);
+    assert_eq!(tokens, toy_reference(&c, 2));
+    assert_eq!(cached, 0);
+    assert_eq!(engine.metrics().tiers.g3.layout_faults, 1);
+    assert_eq!(engine.metrics().tiers.g3.faults, 3);
+}
+
+#[test]
+fn a_restart_deletes_unusable_files_and_keeps_the_rest() {
+    let dir = TempDir::new("scan");
+    let a = prompt(700, 17);
+    {
+        let mut engine = tiered_engine(0, 64, &dir);
+        evict_through(&mut engine, &a);
+        engine.flush_tiers();
+    }
+    let layout_dir = tiers::disk::layout_dir(&dir.0, toy_layout(TIER_BS).fingerprint());
+    let h = sequence_hashes(&a);
+    let p3 = tiers::disk::block_path(&layout_dir, h[3]);
+    let bytes = std::fs::read(&p3).unwrap();
+    std::fs::write(&p3, &bytes[..30]).unwrap();
+    std::fs::write(layout_dir.join("junk.kvb"), b"not a block").unwrap();
+    std::fs::write(layout_dir.join("0000000000000001.tmp"), b"half").unwrap();
+    let mut engine = tiered_engine(0, 64, &dir);
+    assert_eq!(engine.tiers().unwrap().deleted_at_start(), 3);
+    assert!(!p3.exists());
+    let (tokens, cached) = run_one(&mut engine, &a, 2);
+    assert_eq!(tokens, toy_reference(&a, 2));
+    assert_eq!(cached, 12, "blocks 0..3 from disk, block 3 recomputed");
+}
+
+#[test]
+fn the_disk_budget_holds_and_a_failing_disk_is_counted_not_fatal() {
+    let dir = TempDir::new("budget");
+    let mut engine = tiered_engine(0, 3, &dir);
+    for seed in 800..806 {
+        let p = prompt(seed, 17);
+        assert_eq!(run_one(&mut engine, &p, 1).0, toy_reference(&p, 1));
+    }
+    engine.flush_tiers();
+    let g3 = engine.metrics().tiers.g3;
+    assert_eq!(g3.blocks, 3);
+    assert_eq!(g3.bytes, 3 * TIER_BLOCK_BYTES);
+    assert!(g3.evictions > 0);
+    assert_eq!(block_files(&dir.0).len(), 3, "evicted files are deleted");
+
+    // The directory disappears under the engine (a failed disk, an operator's rm -rf): writes
+    // fail, are counted, and requests still complete.
+    std::fs::remove_dir_all(&dir.0).unwrap();
+    std::fs::write(&dir.0, b"a file where the directory was").unwrap();
+    for seed in 810..814 {
+        let p = prompt(seed, 17);
+        assert_eq!(run_one(&mut engine, &p, 1).0, toy_reference(&p, 1));
+    }
+    engine.flush_tiers();
+    assert!(engine.metrics().tiers.g3.write_faults > 0);
+    let _ = std::fs::remove_file(&dir.0);
+}
+
+#[test]
+fn reused_admission_keeps_one_off_prompts_out_of_the_tiers() {
+    let dir = TempDir::new("admission");
+    let mut engine = toy_engine(8, TIER_BS, |c| {
+        c.tiers = TierConfig {
+            host_bytes: 64 * TIER_BLOCK_BYTES,
+            admission: Admission::Reused,
+            ..TierConfig::default()
+        };
+    });
+    let _ = &dir;
+    let a = prompt(900, 17);
+    // A is hit once in G1 (second run), so its blocks are reused when evicted.
+    run_one(&mut engine, &a, 1);
+    assert_eq!(run_one(&mut engine, &a, 1).1, 16);
+    for seed in [901, 902] {
+        run_one(&mut engine, &prompt(seed, 24), 1);
+    }
+    let t = engine.metrics().tiers.g2;
+    assert!(t.refusals > 0, "the one-off prompts were refused: {t:?}");
+    let (tokens, cached) = run_one(&mut engine, &a, 2);
+    assert_eq!(tokens, toy_reference(&a, 2));
+    assert_eq!(cached, 16);
+}
+
+#[test]
+fn the_mock_charges_onboarding_from_its_profile_and_models_capacity() {
+    let profile = MockProfile::default_8b_h100();
+    let block_bytes = profile.layout.block_bytes() as u64;
+    let config = |g2: u64| SchedulerConfig {
+        kv_memory: PoolSizing::Blocks(300),
+        tiers: TierConfig {
+            host_bytes: g2 * block_bytes,
+            storage: TierStorage::Modelled,
+            ..TierConfig::default()
+        },
+        ..Default::default()
+    };
+    let a: Vec<u32> = (0..2049).collect();
+    let ttft = |engine: &mut MockEngine| {
+        let id = engine
+            .submit(
+                Request::new(a.clone(), SamplingParams::greedy(1)),
+                engine.now(),
+            )
+            .unwrap();
+        let start = engine.now();
+        let mut first = None;
+        while let Some(t) = engine.next_event_time() {
+            engine.step_until(t).unwrap();
+            for out in engine.drain_outputs() {
+                if let EngineOutput::Token(tok) = out
+                    && tok.request == id
+                {
+                    first.get_or_insert(tok.time);
+                }
+            }
+        }
+        first.unwrap() - start
+    };
+    let mut tiered = MockEngine::new(config(1000), MockExecutor::new(profile.clone())).unwrap();
+    let cold = ttft(&mut tiered);
+    for base in [10_000u32, 20_000] {
+        let other: Vec<u32> = (base..base + 2400).collect();
+        tiered
+            .submit(Request::new(other, SamplingParams::greedy(1)), tiered.now())
+            .unwrap();
+        while let Some(t) = tiered.next_event_time() {
+            tiered.step_until(t).unwrap();
+        }
+    }
+    let warm = ttft(&mut tiered);
+    let g2 = tiered.metrics().tiers.g2;
+    assert_eq!(g2.hits, 128);
+    // 128 blocks of 2 MiB over 50 GB/s plus 0.01 ms, on top of a 1-token prefill step.
+    let onboard = profile.onboard_time([128, 0, 0]);
+    assert!((onboard.as_secs_f64() * 1000.0 - (0.01 + 128.0 * 2097152.0 / 50e6)).abs() < 1e-6);
+    let one_token = profile.step_time(1, 0, 0.5);
+    assert!(
+        warm > onboard && warm < onboard + one_token * 2,
+        "{warm:?} vs {onboard:?}"
+    );
+    assert!(
+        warm * 2 < cold,
+        "onboarding beats recompute: {warm:?} vs {cold:?}"
+    );
+    // A G2 of 10 blocks holds only the tail of what was evicted: capacity is modelled.
+    let mut small = MockEngine::new(config(10), MockExecutor::new(profile)).unwrap();
+    ttft(&mut small);
+    assert!(small.metrics().tiers.g2.blocks <= 10);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Random request streams over a small G1 with a small G2 and a G3 of real files: every
+    /// finished request's tokens equal the reference (so every onboarded block held the right
+    /// KV), no request fails, and each tier's events mirror what the tier holds.
+    #[test]
+    fn random_streams_through_the_tiers_give_the_reference_tokens(
+        actions in prop::collection::vec(action(), 1..60),
+        blocks in 24u32..48,
+        g2 in 0u64..12,
+        g3 in 0u64..24,
+        reused in prop::bool::weighted(0.3),
+    ) {
+        let dir = TempDir::new("prop");
+        let mut engine = toy_engine(blocks, TIER_BS, |c| {
+            c.max_waiting = 16;
+            c.tiers = TierConfig {
+                host_bytes: g2 * TIER_BLOCK_BYTES,
+                disk_bytes: g3 * TIER_BLOCK_BYTES,
+                disk_dir: dir.0.clone(),
+                admission: if reused { Admission::Reused } else { Admission::All },
+                ..TierConfig::default()
+            };
+        });
+        let mut now = Duration::ZERO;
+        let mut prompts: HashMap<RequestId, (Vec<u32>, u32)> = HashMap::new();
+        let mut streams = HashMap::new();
+        let mut mirror: HashSet<(Tier, SequenceHash)> = HashSet::new();
+        let apply = |engine: &mut Scheduler<ToyExecutor>, mirror: &mut HashSet<(Tier, SequenceHash)>| -> Result<(), TestCaseError> {
+            for e in engine.drain_events() {
+                match e.data {
+                    KvEventData::Stored { blocks, .. } => for b in blocks {
+                        prop_assert!(mirror.insert((e.tier, b.sequence)), "stored twice in {:?}", e.tier);
+                    },
+                    KvEventData::Removed { blocks } => for b in blocks {
+                        prop_assert!(mirror.remove(&(e.tier, b)), "removed unknown from {:?}", e.tier);
+                    },
+                    KvEventData::Cleared => mirror.retain(|(t, _)| *t != e.tier),
+                }
+            }
+            let g1: HashSet<SequenceHash> = engine.pool().cached_hashes().collect();
+            let mirrored: HashSet<SequenceHash> = mirror.iter().filter(|(t, _)| *t == Tier::G1).map(|(_, h)| *h).collect();
+            prop_assert_eq!(g1, mirrored);
+            if let Some(tiers) = engine.tiers() {
+                let g3: HashSet<SequenceHash> = tiers.g3_blocks().into_iter().collect();
+                let mirrored: HashSet<SequenceHash> = mirror.iter().filter(|(t, _)| *t == Tier::G3).map(|(_, h)| *h).collect();
+                prop_assert_eq!(g3, mirrored);
+                let g2 = mirror.iter().filter(|(t, _)| *t == Tier::G2).count() as u64;
+                prop_assert_eq!(tiers.stats().g2.blocks, g2);
+                prop_assert!(g2 <= 12);
+            }
+            Ok(())
+        };
+        for a in actions {
+            match a {
+                Action::Submit { prefix, prefix_len, suffix_len, max_tokens } => {
+                    let mut p = prompt(u64::from(prefix), prefix_len);
+                    p.extend(prompt(now.as_nanos() as u64 + 7919, suffix_len));
+                    match engine.submit(Request::new(p.clone(), SamplingParams::greedy(max_tokens)), now) {
+                        Ok(id) => { prompts.insert(id, (p, max_tokens)); }
+                        Err(SubmitError::ExceedsPool { .. } | SubmitError::Overloaded { .. }) => {}
+                        Err(e) => prop_assert!(false, "unexpected {e}"),
+                    }
+                }
+                Action::Advance(ms) => {
+                    now += Duration::from_millis(ms);
+                    engine.step_until(now).unwrap();
+                }
+                Action::Cancel(_) => {}
+                Action::ClearCache => engine.clear_prefix_cache(),
+            }
+            collect(engine.drain_outputs(), &mut streams);
+            engine.check_invariants().map_err(TestCaseError::fail)?;
+            apply(&mut engine, &mut mirror)?;
+        }
+        while let Some(t) = engine.next_event_time() {
+            engine.step_until(t).unwrap();
+            collect(engine.drain_outputs(), &mut streams);
+            engine.check_invariants().map_err(TestCaseError::fail)?;
+            apply(&mut engine, &mut mirror)?;
+        }
+        engine.flush_tiers();
+        apply(&mut engine, &mut mirror)?;
+        for (id, (p, n)) in &prompts {
+            let s = &streams[id];
+            prop_assert!(!s.aborted);
+            prop_assert_eq!(&s.tokens, &toy_reference(p, *n as usize), "request {:?}", id);
+        }
+        let t = engine.metrics().tiers;
+        prop_assert_eq!(t.g2.faults + t.g3.faults, 0, "{:?}", t);
+    }
+}

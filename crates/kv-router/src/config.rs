@@ -14,9 +14,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutingMode {
-    /// Lowest cost from the KV event index and live load (the default).
+    /// Lowest predicted time (the default): each candidate's queue, the prefill of the part of
+    /// the prompt it does not cache and the onboarding of what it holds in lower tiers, from its
+    /// performance profile, plus the decode slowdown the request causes there. See
+    /// [`crate::cost`].
     #[default]
     Kv,
+    /// Dynamo's cost, in blocks: `overlap_weight × new_prefill_blocks + active_decode_blocks`
+    /// (plus queued prefill blocks and queue depth); ties to the less loaded, then the lower id.
+    /// Kept so that the comparison with the time-based `kv` stays one flag away.
+    KvBlocks,
     /// Each candidate in turn, in worker-id order.
     RoundRobin,
     /// Uniformly at random (seeded).
@@ -31,8 +38,9 @@ pub enum RoutingMode {
 
 impl RoutingMode {
     /// Every mode, in the order of the docs.
-    pub const ALL: [RoutingMode; 5] = [
+    pub const ALL: [RoutingMode; 6] = [
         RoutingMode::Kv,
+        RoutingMode::KvBlocks,
         RoutingMode::RoundRobin,
         RoutingMode::Random,
         RoutingMode::LeastLoaded,
@@ -43,6 +51,7 @@ impl RoutingMode {
     pub const fn as_str(self) -> &'static str {
         match self {
             RoutingMode::Kv => "kv",
+            RoutingMode::KvBlocks => "kv-blocks",
             RoutingMode::RoundRobin => "round-robin",
             RoutingMode::Random => "random",
             RoutingMode::LeastLoaded => "least-loaded",
@@ -60,7 +69,8 @@ impl fmt::Display for RoutingMode {
 /// A routing mode name that is not one of [`RoutingMode::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown routing mode {0:?}: expected kv, round-robin, random, least-loaded or approximate"
+    "unknown routing mode {0:?}: expected kv, kv-blocks, round-robin, random, least-loaded or \
+     approximate"
 )]
 pub struct UnknownMode(pub String);
 
@@ -74,6 +84,14 @@ impl FromStr for RoutingMode {
     }
 }
 
+impl RoutingMode {
+    /// Whether the mode routes by predicted time ([`crate::cost`]) rather than by blocks, load
+    /// or turn.
+    pub const fn is_time_based(self) -> bool {
+        matches!(self, RoutingMode::Kv | RoutingMode::Approximate)
+    }
+}
+
 /// Everything the router needs to know up front.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -82,18 +100,38 @@ pub struct RouterConfig {
     pub mode: RoutingMode,
     /// Tokens per KV block of the model this router serves.
     pub block_size: BlockSize,
-    /// Cost of one block of prefill relative to one active decode block.
+    /// `kv-blocks`: cost of one block of prefill relative to one active decode block.
     pub overlap_weight: f64,
-    /// Cost of one block of prefill already queued on a worker (other requests' uncached
-    /// prompt tokens, from load reports and own decisions); it delays this request's first token
-    /// just like its own prefill does.
+    /// `kv-blocks`: cost of one block of prefill already queued on a worker (other requests'
+    /// uncached prompt tokens, from load reports and own decisions).
     pub prefill_queue_weight: f64,
-    /// Cost, in blocks, of each request waiting in a worker's queue (from load reports).
+    /// `kv-blocks`: cost, in blocks, of each request waiting in a worker's queue.
     pub queue_depth_weight: f64,
+    /// `kv`: how much one millisecond of delay that the request adds to the streams already
+    /// decoding on a worker (its prefill stalls their next token; its decode slows every step)
+    /// counts against one millisecond of its own time to first token. 0 routes on TTFT alone.
+    pub itl_weight: f64,
+    /// `kv`: output tokens to assume for a request that does not say how many it expects
+    /// ([`crate::RouteRequest::with_output_tokens`]); it sizes the decode slowdown term.
+    pub default_output_tokens: u32,
+    /// `kv`: candidates whose predicted cost is within this fraction of the cheapest one's are
+    /// treated as tied, and the tie is broken so that requests spread (see [`crate::cost`]).
+    pub tie_fraction: f64,
+    /// `kv`: ... or within this many milliseconds of it.
+    pub tie_ms: f64,
+    /// `kv`: how fast a worker without a performance profile learns the scale of its times
+    /// (an exponential average of `ln(actual / predicted)` TTFTs, weight of each new sample) on
+    /// top of the nominal placeholder; 0 (the default) never learns. Off by default because the
+    /// factor is learned per worker from the requests it served, so a worker that has served
+    /// nothing yet keeps the placeholder's scale and looks faster than the measured ones.
+    /// Workers with a profile keep its figures.
+    pub learn_rate: f64,
     /// Softmax temperature over normalised costs; 0 always picks the cheapest.
     pub temperature: f64,
-    /// How much a cached block in each tier (G1..G4) is worth relative to recomputing it (1.0):
-    /// a block that must first be copied up from host memory, disk or a peer saves less.
+    /// `kv-blocks`: how much a cached block in each tier (G1..G4) is worth relative to
+    /// recomputing it (1.0): a block that must first be copied up from host memory, disk or a
+    /// peer saves less. (`kv` uses the profile's onboarding cost per tier instead; a tier the
+    /// profile has no figure for is weighted by this.)
     pub tier_weights: [f64; 4],
     /// Seeds the router's random choices (softmax, `random` mode) and keys its index hash.
     /// Tests fix it; a production driver passes a random value.
@@ -127,6 +165,11 @@ impl Default for RouterConfig {
             overlap_weight: 1.0,
             prefill_queue_weight: 1.0,
             queue_depth_weight: 1.0,
+            itl_weight: 0.01,
+            default_output_tokens: 128,
+            tie_fraction: 0.02,
+            tie_ms: 1.0,
+            learn_rate: 0.0,
             temperature: 0.0,
             tier_weights: [1.0, 0.8, 0.6, 0.4],
             seed: 0x6b76_666c_6565_7472,

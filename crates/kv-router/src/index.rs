@@ -257,10 +257,33 @@ pub(crate) struct Scratch {
 struct SlotScratch {
     /// Equals the generation when the slot is a candidate in this walk.
     candidate: u32,
-    /// Equals the generation when `depth` and `credit` belong to this walk.
+    /// Equals the generation when `depth` and `lower` belong to this walk.
     stamp: u32,
     depth: u32,
-    credit: f64,
+    /// Of the `depth` blocks, how many are held in G2, G3, G4 only (the rest are in G1).
+    lower: [u32; 3],
+}
+
+/// How much of a prompt one worker holds, from a walk: `blocks` leading blocks, of which
+/// `lower[i]` are held no higher than tier G2+i.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Held {
+    pub(crate) blocks: u32,
+    pub(crate) lower: [u32; 3],
+}
+
+impl Held {
+    /// The blocks weighted by the best tier each is in.
+    pub(crate) fn weighted(&self, weights: &[f64; 4]) -> f64 {
+        let lower: u32 = self.lower.iter().sum();
+        f64::from(self.blocks - lower) * weights[0]
+            + self
+                .lower
+                .iter()
+                .zip(&weights[1..])
+                .map(|(&n, w)| f64::from(n) * w)
+                .sum::<f64>()
+    }
 }
 
 impl Scratch {
@@ -282,11 +305,14 @@ impl Scratch {
         self.slots[slot as usize].candidate = self.generation;
     }
 
-    /// `(blocks, tier-weighted blocks)` of the longest prefix `slot` holds, after a walk.
-    pub(crate) fn overlap(&self, slot: u32) -> (u32, f64) {
+    /// The longest prefix `slot` holds, after a walk.
+    pub(crate) fn overlap(&self, slot: u32) -> Held {
         match self.slots.get(slot as usize) {
-            Some(s) if s.stamp == self.generation => (s.depth, s.credit),
-            _ => (0, 0.0),
+            Some(s) if s.stamp == self.generation => Held {
+                blocks: s.depth,
+                lower: s.lower,
+            },
+            _ => Held::default(),
         }
     }
 }
@@ -534,7 +560,7 @@ impl BlockIndex {
     /// Walks `hashes` in order and records, for every candidate in `scratch`, how many leading
     /// blocks it holds (in any tier) and their tier-weighted sum. Stops at the first block no
     /// candidate still in the race holds: later blocks cannot extend anyone's prefix.
-    pub(crate) fn walk(&self, hashes: &[SequenceHash], weights: &[f64; 4], scratch: &mut Scratch) {
+    pub(crate) fn walk(&self, hashes: &[SequenceHash], scratch: &mut Scratch) {
         // Lookups are done a batch at a time: they do not depend on each other, so the CPU can
         // overlap their cache misses (a large index is one or two DRAM misses per block).
         const BATCH: usize = 8;
@@ -563,13 +589,16 @@ impl BlockIndex {
                         }
                         s.stamp = generation;
                         s.depth = 0;
-                        s.credit = 0.0;
+                        s.lower = [0; 3];
                         scratch.touched.push(slot);
                     } else if s.depth != i {
                         return;
                     }
                     s.depth = i + 1;
-                    s.credit += weights[best_tier(mask)];
+                    let best = best_tier(mask);
+                    if best > 0 {
+                        s.lower[best - 1] += 1;
+                    }
                     advanced = true;
                 });
                 if !advanced {
@@ -732,17 +761,22 @@ mod tests {
             scratch.add_candidate(slot);
         }
         let hashes: Vec<_> = (0..4).map(h).collect();
-        idx.walk(&hashes, &[1.0, 0.5, 0.25, 0.125], &mut scratch);
-        assert_eq!(scratch.overlap(0), (2, 2.0));
-        assert_eq!(scratch.overlap(1), (4, 3.5));
-        assert_eq!(scratch.overlap(2), (0, 0.0));
-        assert_eq!(scratch.overlap(3), (0, 0.0), "not a candidate");
+        idx.walk(&hashes, &mut scratch);
+        let weights = [1.0, 0.5, 0.25, 0.125];
+        let held = |slot| {
+            let held = scratch.overlap(slot);
+            (held.blocks, held.lower, held.weighted(&weights))
+        };
+        assert_eq!(held(0), (2, [0; 3], 2.0));
+        assert_eq!(held(1), (4, [1, 0, 0], 3.5));
+        assert_eq!(held(2), (0, [0; 3], 0.0));
+        assert_eq!(held(3), (0, [0; 3], 0.0), "not a candidate");
         // A new walk forgets the old one.
         scratch.begin(4);
         scratch.add_candidate(3);
-        idx.walk(&hashes, &[1.0; 4], &mut scratch);
-        assert_eq!(scratch.overlap(0), (0, 0.0));
-        assert_eq!(scratch.overlap(3), (4, 4.0));
+        idx.walk(&hashes, &mut scratch);
+        assert_eq!(scratch.overlap(0), Held::default());
+        assert_eq!(scratch.overlap(3).blocks, 4);
     }
 
     #[test]

@@ -13,14 +13,29 @@
 //!   decisions made since ([`load`]);
 //! - requests ending ([`Router::finished`], optionally [`Router::prefill_done`]);
 //! - and: where should this request go? ([`Router::select`] → [`Decision`] or [`RouteError`]),
-//!   or just: how much of this prompt does each worker hold? ([`Router::overlaps`]).
+//!   or just: how much of this prompt does each worker hold? ([`Router::overlaps`]);
+//! - for a model served disaggregated, also: is the prompt prefilled on a prefill worker, and
+//!   which? ([`choose_prefill`], in [`disagg`]).
 //!
-//! Selection in `kv` mode minimises, over the candidate workers,
-//! `cost = overlap_weight × new_prefill_blocks + active_decode_blocks
+//! Selection in `kv` mode (the default) minimises predicted time ([`cost`]): for each candidate,
+//! its prefill queue at its profile's rate, the prefill of the part of the prompt it does not
+//! cache (non-linear in length, from its [`kvfleet_proto::profile::PerfProfile`]), onboarding of
+//! prefix blocks it holds in lower tiers, decode steps interleaved with that prefill, a wait for
+//! KV memory when it is full, and — weighted by [`RouterConfig::itl_weight`] — the delay the
+//! request adds to the streams already decoding there. Candidates within a small margin of the
+//! cheapest tie, and ties are spread by rendezvous hashing on the prompt's first block (a cold
+//! request first goes where it displaces the fewest cached blocks), so no worker becomes the
+//! sink for cold requests, a hot prefix spills to a second worker when its holder's queue makes
+//! that faster and comes back when it cools. A prompt being computed counts as held by its
+//! worker from the decision on. Every decision's predicted TTFT is checked against the actual
+//! one ([`Router::prefill_done`], [`prediction`]) and teaches each worker's correction factor.
+//!
+//! `kv-blocks` mode keeps Dynamo's block cost for comparison:
+//! `overlap_weight × new_prefill_blocks + active_decode_blocks
 //!  + prefill_queue_weight × queued_prefill_blocks + queue_depth_weight × queue_depth`,
 //! where `new_prefill_blocks` is the request's blocks minus the (tier-weighted) length of the
-//! longest prefix the worker already holds. Ties go to the less loaded worker, then the lower
-//! id; a positive temperature samples from a softmax instead. See [`RoutingMode`] for the other
+//! longest prefix the worker already holds; ties go to the less loaded worker, then the lower
+//! id. A positive temperature samples from a softmax instead. See [`RoutingMode`] for the other
 //! modes. The index itself is in [`index`]; its memory layout is described there.
 //!
 //! ```
@@ -56,9 +71,12 @@
 //! ```
 
 pub mod config;
+pub mod cost;
+pub mod disagg;
 pub mod error;
 pub mod index;
 pub mod load;
+pub mod prediction;
 pub mod router;
 pub mod snapshot;
 
@@ -67,10 +85,15 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use config::{RouterConfig, RoutingMode, UnknownMode};
+pub use cost::{TimeCost, TimeModel};
+pub use disagg::{PrefillChoice, PrefillDecision, choose_prefill};
 pub use error::{EventCounters, EventError, RouteCounters, RouteError};
 pub use index::IndexStats;
 pub use load::{WorkerCapacity, WorkerLoad};
-pub use router::{CandidateCost, Decision, RouteRequest, Router, TooManyWorkers, UnknownWorker};
+pub use prediction::{PredictionErrors, PredictionSummary};
+pub use router::{
+    CandidateCost, Decision, RouteRequest, Router, SetProfileError, TooManyWorkers, UnknownWorker,
+};
 pub use snapshot::{IndexSnapshot, RestoreReport, TierBlocks, WorkerSnapshot};
 
 /// A request's id, unique among requests in flight. 128 bits so a driver can use a UUID's
@@ -85,6 +108,14 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// SplitMix64's output function: a cheap, well-mixed bijection on u64 (rendezvous scores).
+pub(crate) const fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64: a tiny seeded generator, enough for softmax sampling and `random` mode, and
 /// deterministic across platforms so simulations replay exactly.
 #[derive(Debug, Clone)]
@@ -96,11 +127,9 @@ impl SplitMix64 {
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
+        let z = self.0;
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        mix64(z)
     }
 
     /// Uniform in [0, 1).

@@ -7,18 +7,24 @@
 //! [`RouterConfig::approx_ttl`]) happens lazily at the start of each call that takes `now`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvfleet_proto::hash::chain;
+use kvfleet_proto::profile::{PerfProfile, ProfileError};
 use kvfleet_proto::{KvEvent, KvEventData, SequenceHash, Tier, WorkerId};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{RouterConfig, RoutingMode};
+use crate::cost::{Candidate, PrefillMemo, Shape, TimeCost, TimeModel};
 use crate::error::{EventCounters, EventError, RouteCounters, RouteError};
-use crate::index::{BlockIndex, IndexStats, KeyedBuild, MAX_SLOTS, Scratch, tier_bit, tier_index};
+use crate::index::{
+    BlockIndex, Held, IndexStats, KeyedBuild, MAX_SLOTS, Scratch, tier_bit, tier_index,
+};
 use crate::load::{Contribution, LoadState, WorkerCapacity, WorkerLoad};
+use crate::prediction::{Correction, PredictionErrors};
 use crate::snapshot::{IndexSnapshot, RestoreReport, TierBlocks, WorkerSnapshot};
-use crate::{RequestId, SplitMix64};
+use crate::{RequestId, SplitMix64, mix64};
 
 /// The router's maps are keyed with its seed rather than `RandomState`: no OS entropy in a pure
 /// crate, the same layout on every replay, and a cheaper hash for integer keys.
@@ -36,6 +42,9 @@ pub struct RouteRequest<'a> {
     /// The workers that may serve it (those serving the model, in the right role); `None` for
     /// every registered worker. Unknown ids are ignored.
     pub candidates: Option<&'a [WorkerId]>,
+    /// Output tokens it is expected to generate (its `max_tokens`, or a better guess); `None`
+    /// for [`RouterConfig::default_output_tokens`]. Sizes the decode slowdown it causes.
+    pub output_tokens: Option<u32>,
 }
 
 impl<'a> RouteRequest<'a> {
@@ -46,7 +55,14 @@ impl<'a> RouteRequest<'a> {
             hashes,
             prompt_tokens,
             candidates: None,
+            output_tokens: None,
         }
+    }
+
+    /// Says how many output tokens the request is expected to generate.
+    pub fn with_output_tokens(mut self, tokens: u32) -> Self {
+        self.output_tokens = Some(tokens);
+        self
     }
 
     /// Restricts the request to `candidates`.
@@ -56,9 +72,10 @@ impl<'a> RouteRequest<'a> {
     }
 }
 
-/// Why a candidate cost what it did: the terms of
-/// `cost = overlap_weight × new_prefill_blocks + active_decode_blocks
-///        + prefill_queue_weight × queued_prefill_blocks + queue_depth_weight × queue_depth`.
+/// Why a candidate cost what it did. In `kv` (and `approximate`) mode the cost is the predicted
+/// time in `time` (ms, see [`crate::cost`]); in `kv-blocks` mode it is
+/// `overlap_weight × new_prefill_blocks + active_decode_blocks
+///  + prefill_queue_weight × queued_prefill_blocks + queue_depth_weight × queue_depth`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CandidateCost {
     /// The candidate.
@@ -75,6 +92,9 @@ pub struct CandidateCost {
     pub active_decode_blocks: u64,
     /// Requests waiting in its queue (from its last load report).
     pub queue_depth: u32,
+    /// The predicted time terms (time-based modes: every candidate; other modes: the chosen
+    /// worker only).
+    pub time: Option<TimeCost>,
     /// The total; the lowest wins.
     pub cost: f64,
     /// Left out of the choice because it is at capacity.
@@ -101,6 +121,9 @@ pub struct Decision {
     pub overlap_blocks: u32,
     /// Blocks the prompt occupies (full and partial).
     pub request_blocks: u32,
+    /// The time to first token the router predicts on the chosen worker, ms (in every mode:
+    /// it is checked against the actual one, see [`Router::prediction_errors`]).
+    pub predicted_ttft_ms: f64,
     /// Cost breakdowns, cheapest first, at most [`RouterConfig::breakdown_limit`] of them; the
     /// chosen worker is always among them.
     pub candidates: Vec<CandidateCost>,
@@ -127,13 +150,72 @@ pub struct TooManyWorkers(pub WorkerId);
 #[error("worker {0} is not registered with this router")]
 pub struct UnknownWorker(pub WorkerId);
 
+/// Why [`Router::set_profile`] refused a profile.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SetProfileError {
+    /// The worker is not registered.
+    #[error(transparent)]
+    UnknownWorker(#[from] UnknownWorker),
+    /// The profile is invalid or does not fit the router.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+}
+
 #[derive(Debug)]
 struct Worker {
     id: WorkerId,
     capacity: WorkerCapacity,
     next_event_id: u64,
     load: LoadState,
+    /// Its performance profile; `None` for the router's default.
+    model: Option<Arc<TimeModel>>,
+    /// The learned factor on its predicted compute times.
+    correction: Correction,
+    /// Exponential average of its requests' first-to-last-token time, ms.
+    decode_time_ms: Option<f64>,
+    /// Own decisions in flight on it, and the blocks their prompts occupy.
+    own_requests: u32,
+    own_blocks: u64,
 }
+
+impl Worker {
+    fn new(id: WorkerId, capacity: WorkerCapacity) -> Self {
+        Self {
+            id,
+            capacity,
+            next_event_id: 0,
+            load: LoadState::default(),
+            model: None,
+            correction: Correction::default(),
+            decode_time_ms: None,
+            own_requests: 0,
+            own_blocks: 0,
+        }
+    }
+
+    /// Sequences running there: the router's own decisions, or more when the reported decode
+    /// blocks say so (other frontends route there too), sized like the own ones.
+    fn running(&self, decode_blocks: u64, model: &TimeModel) -> u32 {
+        if decode_blocks == 0 {
+            return self.own_requests.min(1);
+        }
+        let per_request = if self.own_requests > 0 {
+            (self.own_blocks / u64::from(self.own_requests)).max(1)
+        } else {
+            DEFAULT_REQUEST_BLOCKS
+        };
+        let from_blocks = u32::try_from(decode_blocks.div_ceil(per_request)).unwrap_or(u32::MAX);
+        from_blocks
+            .max(self.own_requests)
+            .min(model.profile().max_num_seqs.max(1))
+    }
+}
+
+/// Blocks a request is taken to hold when there is nothing to size it by (1,024 tokens at 16).
+const DEFAULT_REQUEST_BLOCKS: u64 = 64;
+
+/// Weight of each finished request in a worker's mean decode time.
+const DECODE_TIME_WEIGHT: f64 = 0.05;
 
 /// An own decision still counted in its worker's load.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +227,12 @@ struct InFlight {
     reported: bool,
     /// The prompt's last full block: once the worker reports it stored, prefill is over.
     prefill_until: Option<SequenceHash>,
+    /// The TTFT predicted when it was routed, ms.
+    predicted_ms: f64,
+    /// When its first token came (prefill done), once it has.
+    first_token: Option<Duration>,
+    /// Blocks its prompt occupies (counted in the worker's `own_blocks`).
+    blocks: u32,
 }
 
 /// Blocks predicted on a worker in `approximate` mode, expiring together.
@@ -171,6 +259,9 @@ pub struct Router {
     timeouts: VecDeque<(Duration, RequestId)>,
     /// Requests whose prefill ends when their worker stores this block.
     awaiting_prefill: Map<(u32, SequenceHash), Vec<RequestId>>,
+    /// `kv` mode: blocks of in-flight prompts that their worker is still computing, entered in
+    /// the index at the decision (see [`Router::select`]), by request.
+    pending_blocks: Map<RequestId, (u32, Box<[SequenceHash]>)>,
     predictions: VecDeque<Prediction>,
     /// The expiry of each predicted (slot, block); a later prediction of the same block pushes
     /// it back, and the older [`Prediction`] then leaves the block alone.
@@ -181,12 +272,18 @@ pub struct Router {
     round_robin: usize,
     events: EventCounters,
     routes: RouteCounters,
+    /// The profile of workers that have none of their own.
+    default_model: Arc<TimeModel>,
+    /// Whether `default_model` is still the nominal placeholder.
+    default_nominal: bool,
+    ttft_errors: PredictionErrors,
 }
 
 impl Router {
     /// A router with no workers.
     pub fn new(config: RouterConfig) -> Self {
         let hasher = KeyedBuild(config.seed ^ 0x6d61_7073_0000_0002);
+        let default_model = Arc::new(TimeModel::nominal(config.block_size.get()));
         Self {
             index: BlockIndex::new(config.seed ^ 0x5eed_1de5_0000_0001),
             rng: SplitMix64::new(config.seed),
@@ -198,6 +295,7 @@ impl Router {
             inflight: Map::with_hasher(hasher),
             timeouts: VecDeque::new(),
             awaiting_prefill: Map::with_hasher(hasher),
+            pending_blocks: Map::with_hasher(hasher),
             predictions: VecDeque::new(),
             predicted: Map::with_hasher(hasher),
             scratch: Scratch::default(),
@@ -205,6 +303,9 @@ impl Router {
             round_robin: 0,
             events: EventCounters::default(),
             routes: RouteCounters::default(),
+            default_model,
+            default_nominal: true,
+            ttft_errors: PredictionErrors::default(),
         }
     }
 
@@ -224,6 +325,60 @@ impl Router {
     /// Restarts the router's random choices from `seed` (for replaying a simulation).
     pub fn reseed(&mut self, seed: u64) {
         self.rng = SplitMix64::new(seed);
+    }
+
+    /// The performance profile of workers without one of their own ([`Router::set_profile`]);
+    /// until one is set, a nominal placeholder ([`TimeModel::nominal`]). Refused when invalid or
+    /// measured with another block size than the router's.
+    pub fn set_default_profile(&mut self, profile: Arc<PerfProfile>) -> Result<(), ProfileError> {
+        self.default_model = Arc::new(self.prepare(profile)?);
+        self.default_nominal = false;
+        for worker in self.slots.iter_mut().flatten() {
+            worker.correction = Correction::default();
+        }
+        Ok(())
+    }
+
+    /// One worker's performance profile (for a fleet of mixed devices); `None` goes back to the
+    /// default profile. Its learned correction starts again.
+    pub fn set_profile(
+        &mut self,
+        id: WorkerId,
+        profile: Option<Arc<PerfProfile>>,
+    ) -> Result<(), SetProfileError> {
+        let model = profile.map(|p| self.prepare(p).map(Arc::new)).transpose()?;
+        let slot = self.slot(id).ok_or(UnknownWorker(id))?;
+        if let Some(worker) = self.slots[slot as usize].as_mut() {
+            worker.model = model;
+            worker.correction = Correction::default();
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, profile: Arc<PerfProfile>) -> Result<TimeModel, ProfileError> {
+        let ours = self.config.block_size.get();
+        if profile.block_size != ours {
+            return Err(ProfileError::Invalid {
+                field: "block_size".into(),
+                reason: format!(
+                    "{} tokens per block, but this router's model uses {ours}",
+                    profile.block_size
+                ),
+            });
+        }
+        TimeModel::new(profile)
+    }
+
+    /// The factor the router has learned to multiply a worker's predicted compute times by: 1
+    /// for a worker with a profile (its own or the default), else learned from its TTFTs at
+    /// [`RouterConfig::learn_rate`].
+    pub fn worker_correction(&self, id: WorkerId) -> Option<f64> {
+        self.worker(id).map(|w| w.correction.factor())
+    }
+
+    /// How the predicted TTFTs compared with the actual ones so far.
+    pub fn prediction_errors(&self) -> &PredictionErrors {
+        &self.ttft_errors
     }
 
     // ----- workers ---------------------------------------------------------------------------
@@ -249,12 +404,7 @@ impl Router {
             }
             None => return Err(TooManyWorkers(id)),
         };
-        self.slots[slot as usize] = Some(Worker {
-            id,
-            capacity,
-            next_event_id: 0,
-            load: LoadState::default(),
-        });
+        self.slots[slot as usize] = Some(Worker::new(id, capacity));
         self.index.ensure_slot(slot);
         self.by_id.insert(id, slot);
         let at = self.order.partition_point(|(other, _)| *other < id);
@@ -272,6 +422,7 @@ impl Router {
         self.index.clear_slot(slot, 0xF);
         self.inflight.retain(|_, request| request.slot != slot);
         self.awaiting_prefill.retain(|(s, _), _| *s != slot);
+        self.pending_blocks.retain(|_, (s, _)| *s != slot);
         self.predicted.retain(|(s, _), _| *s != slot);
         self.order.retain(|(_, s)| *s != slot);
         self.slots[slot as usize] = None;
@@ -284,6 +435,7 @@ impl Router {
         let slot = self.slot(id).ok_or(UnknownWorker(id))?;
         self.index.clear_slot(slot, 0xF);
         self.predicted.retain(|(s, _), _| *s != slot);
+        self.pending_blocks.retain(|_, (s, _)| *s != slot);
         if let Some(worker) = self.slots[slot as usize].as_mut() {
             worker.next_event_id = 0;
         }
@@ -441,12 +593,49 @@ impl Router {
     /// Returns the worker it was on, or `None` for an unknown (or timed-out) request.
     pub fn finished(&mut self, id: RequestId, now: Duration) -> Option<WorkerId> {
         self.expire(now);
-        self.end_request(id, false)
+        self.end_request(id, false, now)
     }
 
     /// The request's prefill is over (its first token came back), in case the worker's KV
-    /// events have not said so already. Returns whether the request was in flight.
+    /// events have not said so already; its predicted TTFT is checked against the time since
+    /// it was routed. Returns whether the request was in flight.
     pub fn prefill_done(&mut self, id: RequestId, now: Duration) -> bool {
+        let actual = self
+            .inflight
+            .get(&id)
+            .map(|r| now.saturating_sub(r.decided_at));
+        self.first_token(id, actual, now)
+    }
+
+    /// Like [`Router::prefill_done`], with the TTFT the worker's engine measured (which leaves
+    /// out the hops between router and engine) to check the prediction against.
+    pub fn prefill_done_with_ttft(&mut self, id: RequestId, ttft: Duration, now: Duration) -> bool {
+        self.first_token(id, Some(ttft), now)
+    }
+
+    fn first_token(&mut self, id: RequestId, ttft: Option<Duration>, now: Duration) -> bool {
+        if let Some(request) = self.inflight.get_mut(&id)
+            && request.first_token.is_none()
+        {
+            request.first_token = Some(now);
+            if let Some(actual) = ttft {
+                let actual_ms = actual.as_secs_f64() * 1e3;
+                self.ttft_errors.record(request.predicted_ms, actual_ms);
+                let rate = self.config.learn_rate;
+                let default_nominal = self.default_nominal;
+                if let Some(worker) = self.slots[request.slot as usize].as_mut()
+                    && worker.model.is_none()
+                    && default_nominal
+                {
+                    // Only a worker costed with the nominal placeholder learns its scale: a
+                    // profile is a measurement, and the errors against it are queueing noise
+                    // that a learned factor would only chase.
+                    worker
+                        .correction
+                        .learn(request.predicted_ms, actual_ms, rate);
+                }
+            }
+        }
         self.expire(now);
         if let Some(key) = self
             .inflight
@@ -471,6 +660,8 @@ impl Router {
         let Some(request) = self.inflight.get_mut(&id) else {
             return false;
         };
+        // Its blocks are computed: from here on the worker's events speak for them.
+        self.pending_blocks.remove(&id);
         request.prefill_until = None;
         let prefill = Contribution {
             prefill_tokens: request.contribution.prefill_tokens,
@@ -484,8 +675,14 @@ impl Router {
         true
     }
 
-    fn end_request(&mut self, id: RequestId, timed_out: bool) -> Option<WorkerId> {
+    fn end_request(&mut self, id: RequestId, timed_out: bool, now: Duration) -> Option<WorkerId> {
         let request = self.inflight.remove(&id)?;
+        if let Some((slot, hashes)) = self.pending_blocks.remove(&id) {
+            // It ended before its prefill did: the blocks it was to compute are not coming.
+            for hash in hashes.iter() {
+                self.index.remove(*hash, slot, Tier::G1);
+            }
+        }
         if timed_out {
             self.routes.timed_out += 1;
         }
@@ -496,6 +693,15 @@ impl Router {
         worker
             .load
             .retire(request.contribution, request.reported, true);
+        worker.own_requests = worker.own_requests.saturating_sub(1);
+        worker.own_blocks = worker.own_blocks.saturating_sub(u64::from(request.blocks));
+        if let (Some(first), false) = (request.first_token, timed_out) {
+            let decode_ms = now.saturating_sub(first).as_secs_f64() * 1e3;
+            worker.decode_time_ms = Some(match worker.decode_time_ms {
+                Some(mean) => mean + DECODE_TIME_WEIGHT * (decode_ms - mean),
+                None => decode_ms,
+            });
+        }
         Some(worker.id)
     }
 
@@ -508,7 +714,7 @@ impl Router {
             }
             self.timeouts.pop_front();
             if self.inflight.get(&id).is_some_and(|r| r.decided_at == at) {
-                self.end_request(id, true);
+                self.end_request(id, true, now);
             }
         }
         if self.timeouts.len() > 64 && self.timeouts.len() > 2 * self.inflight.len() {
@@ -557,16 +763,15 @@ impl Router {
         for &(_, slot) in &slots {
             self.scratch.add_candidate(slot);
         }
-        self.index
-            .walk(hashes, &self.config.tier_weights, &mut self.scratch);
+        self.index.walk(hashes, &mut self.scratch);
         slots
             .into_iter()
             .map(|(worker, slot)| {
-                let (blocks, cached_blocks) = self.scratch.overlap(slot);
+                let held = self.scratch.overlap(slot);
                 Overlap {
                     worker,
-                    blocks,
-                    cached_blocks,
+                    blocks: held.blocks,
+                    cached_blocks: held.weighted(&self.config.tier_weights),
                 }
             })
             .collect()
@@ -624,47 +829,39 @@ impl Router {
         for &slot in candidates {
             self.scratch.add_candidate(slot);
         }
-        self.index
-            .walk(request.hashes, &self.config.tier_weights, &mut self.scratch);
+        self.index.walk(request.hashes, &mut self.scratch);
 
-        let config = &self.config;
+        let mode = self.config.mode;
+        let timed = mode.is_time_based();
+        let shape = Shape {
+            prompt_tokens: u64::from(request.prompt_tokens),
+            request_blocks,
+            output_tokens: request
+                .output_tokens
+                .unwrap_or(self.config.default_output_tokens),
+            block_size: block_size.get(),
+            itl_weight: self.config.itl_weight,
+        };
         // Candidates come from `by_id`, so every slot is occupied; `costs[i]` is `slots[i]`'s.
         let slots: Vec<u32> = candidates
             .iter()
             .copied()
             .filter(|&slot| self.slots[slot as usize].is_some())
             .collect();
+        let mut memo = PrefillMemo::default();
         let costs: Vec<CandidateCost> = slots
             .iter()
             .filter_map(|&slot| {
                 let worker = self.slots[slot as usize].as_ref()?;
-                let (overlap_blocks, cached_blocks) = self.scratch.overlap(slot);
+                let held = self.scratch.overlap(slot);
                 let load = worker.load.effective();
-                let new_prefill_blocks = (f64::from(request_blocks) - cached_blocks).max(0.0);
-                let queued_prefill_blocks =
-                    load.prefill_tokens as f64 / f64::from(block_size.get());
-                let cost = config.overlap_weight * new_prefill_blocks
-                    + load.decode_blocks as f64
-                    + config.prefill_queue_weight * queued_prefill_blocks
-                    + config.queue_depth_weight * f64::from(load.queue_depth);
-                let capacity = worker.capacity;
-                let full = capacity.kv_blocks > 0
-                    && (load.decode_blocks + u64::from(request_blocks)) as f64
-                        > capacity.kv_blocks as f64 * config.overload_fraction;
-                let queue_full = capacity
-                    .max_queue_depth
-                    .is_some_and(|max| load.queue_depth >= max);
-                Some(CandidateCost {
-                    worker: worker.id,
-                    overlap_blocks,
-                    cached_blocks,
-                    new_prefill_blocks,
-                    queued_prefill_blocks,
-                    active_decode_blocks: load.decode_blocks,
-                    queue_depth: load.queue_depth,
-                    cost,
-                    overloaded: full || queue_full,
-                })
+                let mut cost = self.block_cost(worker, held, load, request_blocks);
+                if timed {
+                    let time = self.time_cost(worker, held, load, &shape, &mut memo);
+                    cost.cost = time.cost(shape.itl_weight);
+                    cost.time = Some(time);
+                }
+                Some(cost)
             })
             .collect();
         let eligible: Vec<usize> = (0..costs.len()).filter(|&i| !costs[i].overloaded).collect();
@@ -673,8 +870,11 @@ impl Router {
                 candidates: costs.len(),
             });
         }
-        let chosen = match self.config.mode {
-            RoutingMode::Kv | RoutingMode::Approximate => self.pick_by_cost(&costs, &eligible),
+        let chosen = match mode {
+            RoutingMode::Kv | RoutingMode::Approximate => {
+                self.pick_by_time(request, &slots, &costs, &eligible)
+            }
+            RoutingMode::KvBlocks => self.pick_by_cost(&costs, &eligible),
             RoutingMode::LeastLoaded => eligible
                 .iter()
                 .copied()
@@ -692,18 +892,155 @@ impl Router {
             RoutingMode::Random => eligible[self.rng.below(eligible.len())],
         };
         let slot = slots[chosen];
+        let mut costs = costs;
+        if costs[chosen].time.is_none()
+            && let Some(worker) = self.slots[slot as usize].as_ref()
+        {
+            let held = self.scratch.overlap(slot);
+            let load = worker.load.effective();
+            costs[chosen].time = Some(self.time_cost(worker, held, load, &shape, &mut memo));
+        }
+        let predicted_ttft_ms = costs[chosen].time.map_or(0.0, |t| t.ttft_ms);
         let overlap_blocks = costs[chosen].overlap_blocks;
-        self.record(request, slot, overlap_blocks, request_blocks, now);
+        self.record(
+            request,
+            slot,
+            overlap_blocks,
+            request_blocks,
+            predicted_ttft_ms,
+            now,
+        );
         self.routes.hit_blocks += u64::from(overlap_blocks);
         self.routes.blocks += request.hashes.len() as u64;
         Ok(Decision {
             request: request.id,
             worker: costs[chosen].worker,
-            mode: self.config.mode,
+            mode,
             overlap_blocks,
             request_blocks,
+            predicted_ttft_ms,
             candidates: self.breakdown(costs, chosen),
         })
+    }
+
+    /// The `kv-blocks` terms of one candidate and whether it is overloaded.
+    fn block_cost(
+        &self,
+        worker: &Worker,
+        held: Held,
+        load: WorkerLoad,
+        request_blocks: u32,
+    ) -> CandidateCost {
+        let config = &self.config;
+        let cached_blocks = held.weighted(&config.tier_weights);
+        let new_prefill_blocks = (f64::from(request_blocks) - cached_blocks).max(0.0);
+        let queued_prefill_blocks = load.prefill_tokens as f64 / f64::from(config.block_size.get());
+        let cost = config.overlap_weight * new_prefill_blocks
+            + load.decode_blocks as f64
+            + config.prefill_queue_weight * queued_prefill_blocks
+            + config.queue_depth_weight * f64::from(load.queue_depth);
+        let capacity = worker.capacity;
+        let full = capacity.kv_blocks > 0
+            && (load.decode_blocks + u64::from(request_blocks)) as f64
+                > capacity.kv_blocks as f64 * config.overload_fraction;
+        let queue_full = capacity
+            .max_queue_depth
+            .is_some_and(|max| load.queue_depth >= max);
+        CandidateCost {
+            worker: worker.id,
+            overlap_blocks: held.blocks,
+            cached_blocks,
+            new_prefill_blocks,
+            queued_prefill_blocks,
+            active_decode_blocks: load.decode_blocks,
+            queue_depth: load.queue_depth,
+            time: None,
+            cost,
+            overloaded: full || queue_full,
+        }
+    }
+
+    /// The predicted time of the request on one candidate ([`crate::cost`]), given its blended
+    /// load.
+    fn time_cost(
+        &self,
+        worker: &Worker,
+        held: Held,
+        load: WorkerLoad,
+        shape: &Shape,
+        memo: &mut PrefillMemo,
+    ) -> TimeCost {
+        let model = worker.model.as_ref().unwrap_or(&self.default_model);
+        let candidate = Candidate {
+            queued_tokens: load.prefill_tokens,
+            decode_blocks: load.decode_blocks,
+            running: worker.running(load.decode_blocks, model),
+            kv_blocks: worker.capacity.kv_blocks,
+            decode_time_ms: worker.decode_time_ms,
+            correction: worker.correction.factor(),
+            overlap_blocks: held.blocks,
+            lower_tier_blocks: held.lower,
+        };
+        crate::cost::predict(model, shape, &candidate, memo)
+    }
+
+    /// Lowest predicted time wins. Candidates within [`RouterConfig::tie_fraction`] /
+    /// [`RouterConfig::tie_ms`] of the cheapest tie, and ties are spread instead of going to the
+    /// lowest id: to the tied worker holding the longest prefix of the prompt, a request nobody
+    /// caches to where its blocks displace the least (the most free KV blocks), and otherwise
+    /// to the tied worker that ranks highest for the prompt's first block (rendezvous hashing). Requests sharing a prefix thus agree on where it
+    /// lives while it is cheap there, spill to a second worker when its holder's queue makes
+    /// that faster (replication by routing), and come back to the first when the load cools;
+    /// requests with different prefixes spread evenly. A positive temperature samples a
+    /// softmax over the costs instead.
+    fn pick_by_time(
+        &mut self,
+        request: &RouteRequest<'_>,
+        slots: &[u32],
+        costs: &[CandidateCost],
+        eligible: &[usize],
+    ) -> usize {
+        if self.config.temperature > 0.0 {
+            return self.pick_by_cost(costs, eligible);
+        }
+        let best = eligible
+            .iter()
+            .map(|&i| costs[i].cost)
+            .fold(f64::INFINITY, f64::min);
+        let slack = (best * self.config.tie_fraction).max(self.config.tie_ms);
+        let cold = eligible.iter().all(|&i| costs[i].overlap_blocks == 0);
+        let key = mix64(request.hashes.first().map_or(request.id.0 as u64, |h| h.0));
+        let mut chosen = eligible[0];
+        let mut chosen_rank = (0u64, 0u64, 0u64);
+        let mut first = true;
+        for &i in eligible {
+            if costs[i].cost > best + slack {
+                continue;
+            }
+            let headroom = if cold {
+                self.slots[slots[i] as usize].as_ref().map_or(0, |w| {
+                    let cached = self.index.counts(slots[i])[0];
+                    w.capacity
+                        .kv_blocks
+                        .saturating_sub(cached.max(costs[i].active_decode_blocks))
+                })
+            } else {
+                0
+            };
+            // Among near-ties the deepest cached prefix first (its blocks are already there:
+            // going elsewhere would store a second copy), then the free room for a cold one.
+            let rank = (
+                u64::from(costs[i].overlap_blocks),
+                headroom,
+                mix64(key ^ costs[i].worker.0),
+            );
+            if first || rank > chosen_rank {
+                chosen = i;
+                chosen_rank = rank;
+                first = false;
+            }
+        }
+        chosen
     }
 
     /// Lowest cost wins; equal costs go to the less loaded, then the lower id (candidates are
@@ -750,19 +1087,31 @@ impl Router {
         best
     }
 
-    fn breakdown(&self, mut costs: Vec<CandidateCost>, chosen: usize) -> Vec<CandidateCost> {
+    fn breakdown(&self, costs: Vec<CandidateCost>, chosen: usize) -> Vec<CandidateCost> {
         let limit = self.config.breakdown_limit.max(1);
-        let chosen_cost = costs.swap_remove(chosen);
-        let by_cost = |a: &CandidateCost, b: &CandidateCost| {
-            a.cost.total_cmp(&b.cost).then(a.worker.cmp(&b.worker))
-        };
-        if costs.len() > limit {
-            costs.select_nth_unstable_by(limit - 1, by_cost);
-            costs.truncate(limit - 1);
+        if costs.len() <= limit {
+            let mut costs = costs;
+            costs.sort_unstable_by(|a, b| a.cost.total_cmp(&b.cost).then(a.worker.cmp(&b.worker)));
+            return costs;
         }
-        costs.push(chosen_cost);
-        costs.sort_unstable_by(by_cost);
-        costs
+        // The cheapest `limit - 1` others and the chosen one, selected by small keys rather
+        // than by moving the breakdowns themselves (a fleet has many more candidates than
+        // the breakdown keeps).
+        let mut keys: Vec<(f64, WorkerId, u32)> = costs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != chosen)
+            .map(|(i, c)| (c.cost, c.worker, i as u32))
+            .collect();
+        let by_key = |a: &(f64, WorkerId, u32), b: &(f64, WorkerId, u32)| {
+            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+        };
+        keys.select_nth_unstable_by(limit - 1, by_key);
+        keys.truncate(limit - 1);
+        let c = &costs[chosen];
+        keys.push((c.cost, c.worker, chosen as u32));
+        keys.sort_unstable_by(by_key);
+        keys.iter().map(|k| costs[k.2 as usize].clone()).collect()
     }
 
     /// Counts the decision in the worker's load and, in `approximate` mode, predicts the
@@ -773,6 +1122,7 @@ impl Router {
         slot: u32,
         overlap_blocks: u32,
         request_blocks: u32,
+        predicted_ms: f64,
         now: Duration,
     ) {
         let block_size = self.config.block_size.get();
@@ -792,6 +1142,9 @@ impl Router {
                 contribution,
                 reported: false,
                 prefill_until,
+                predicted_ms,
+                first_token: None,
+                blocks: request_blocks,
             },
         );
         if let Some(hash) = prefill_until {
@@ -802,7 +1155,21 @@ impl Router {
         }
         self.timeouts.push_back((now, request.id));
         let inflight = &self.inflight;
+        if self.config.mode == RoutingMode::Kv && prefill_until.is_some() {
+            // The worker will hold the whole prompt once it has computed it; a request that
+            // shares the prefix and arrives meanwhile should queue behind this prefill there
+            // rather than compute the prefix again elsewhere. Events confirm the blocks as they
+            // are computed; if this request ends first, they are taken out again.
+            let computing = &request.hashes[overlap_blocks as usize..];
+            for hash in computing {
+                self.index.insert(*hash, slot, Tier::G1);
+            }
+            self.pending_blocks
+                .insert(request.id, (slot, computing.into()));
+        }
         if let Some(worker) = self.slots[slot as usize].as_mut() {
+            worker.own_requests += 1;
+            worker.own_blocks += u64::from(request_blocks);
             worker.load.decided(request.id, contribution, now);
             worker.load.compact(|r| {
                 inflight
@@ -905,6 +1272,8 @@ impl Router {
         }
         self.index.clear_slots(&masks);
         self.predicted.retain(|(s, _), _| masks[*s as usize] == 0);
+        self.pending_blocks
+            .retain(|_, (s, _)| masks.get(*s as usize).is_none_or(|m| *m == 0));
         for (slot, worker) in known {
             for tier in &worker.tiers {
                 for hash in &tier.blocks {

@@ -4,6 +4,9 @@
 //!
 //! Prints one line per measurement: prefill of a 512-token prompt at batch 1, batched prefill
 //! (128-token prompts) and decode (32 steps after a 64-token prompt) at batch 1, 8 and 32.
+//! Each line also gives the CPU time of the calling thread (`/proc/thread-self/schedstat`):
+//! with `KVFLEET_THREADS=1` that is all the work, and a busy machine disturbs it far less than
+//! wall time.
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;
@@ -11,6 +14,14 @@ use std::time::Instant;
 use anyhow::Context;
 use kvfleet_model::{SeqInput, sampler::top_k};
 use kvfleet_proto::BlockSize;
+
+/// CPU time this thread has run, in seconds (Linux).
+fn thread_cpu() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9)
+}
 
 fn main() -> anyhow::Result<()> {
     let path = std::env::args()
@@ -25,10 +36,10 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let m = kvfleet_model::load(std::path::Path::new(&path)).context("loading model")?;
     println!(
-        "loaded {} in {:.2}s ({} threads)",
+        "loaded {} in {:.2}s (kernels {})",
         path,
         t0.elapsed().as_secs_f64(),
-        rayon::current_num_threads()
+        m.model.kernel_path()
     );
     let model = &m.model;
     let bs = BlockSize::default();
@@ -45,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         let nb = bs.blocks_for(512);
         let mut cache = model.new_cache(nb, bs)?;
         let table: Vec<u32> = (0..nb as u32).collect();
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), thread_cpu());
         model.forward(
             &[SeqInput {
                 tokens: &p,
@@ -57,8 +68,9 @@ fn main() -> anyhow::Result<()> {
         )?;
         let s = t.elapsed().as_secs_f64();
         println!(
-            "prefill batch 1 x 512 tokens: {:.1} tok/s ({s:.2}s)",
-            512.0 / s
+            "prefill batch 1 x 512 tokens: {:.1} tok/s ({s:.2}s; {:.0} ms CPU on the calling thread)",
+            512.0 / s,
+            (thread_cpu() - c) * 1e3
         );
     }
     for &b in &batches {
@@ -77,12 +89,13 @@ fn main() -> anyhow::Result<()> {
                 want_logits: true,
             })
             .collect();
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), thread_cpu());
         model.forward(&batch, &mut cache)?;
         let s = t.elapsed().as_secs_f64();
         println!(
-            "prefill batch {b} x {plen} tokens: {:.1} tok/s ({s:.2}s)",
-            (b * plen) as f64 / s
+            "prefill batch {b} x {plen} tokens: {:.1} tok/s ({s:.2}s; {:.0} ms CPU on the calling thread)",
+            (b * plen) as f64 / s,
+            (thread_cpu() - c) * 1e3
         );
     }
     for &b in &batches {
@@ -106,7 +119,7 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .map(|l| [top_k(l.as_ref().map_or(&[][..], |v| v), 1)[0].0])
             .collect();
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), thread_cpu());
         for step in 0..steps {
             let batch: Vec<SeqInput<'_>> = (0..b)
                 .map(|i| SeqInput {
@@ -124,9 +137,10 @@ fn main() -> anyhow::Result<()> {
         }
         let s = t.elapsed().as_secs_f64();
         println!(
-            "decode batch {b}: {:.1} tok/s ({:.1} ms/step)",
+            "decode batch {b}: {:.1} tok/s ({:.1} ms/step; {:.2} ms CPU/step on the calling thread)",
             (b * steps) as f64 / s,
-            s * 1000.0 / steps as f64
+            s * 1000.0 / steps as f64,
+            (thread_cpu() - c) * 1e3 / steps as f64
         );
     }
     Ok(())

@@ -5,6 +5,8 @@
 //! Prefills a 64-token prompt, then decodes `steps` tokens (greedy) `rounds` times from the same
 //! prompt and prints each round's rate and the median. The last line also prints a checksum of
 //! the generated ids, so two builds that must agree bit for bit can be compared at a glance.
+//! With `KVFLEET_THREADS=1` it also prints the CPU time per token of the one thread (from
+//! `/proc/thread-self/schedstat`), which a busy machine disturbs far less than wall time.
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;
@@ -12,6 +14,14 @@ use std::time::Instant;
 use anyhow::Context;
 use kvfleet_model::{SeqInput, sampler::top_k};
 use kvfleet_proto::BlockSize;
+
+/// CPU time this thread has run, in seconds (Linux).
+fn thread_cpu() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9)
+}
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -31,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     let per = bs.blocks_for(plen + steps);
     let table: Vec<u32> = (0..per as u32).collect();
     let mut rates = Vec::new();
+    let mut cpu = Vec::new();
     let mut ids = Vec::new();
     for round in 0..rounds {
         let mut cache = model.new_cache(per, bs)?;
@@ -47,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         let mut last = [top_k(first, 1)[0].0];
         ids.clear();
         let t = Instant::now();
+        let c0 = thread_cpu();
         for step in 0..steps {
             let out = model.forward(
                 &[SeqInput {
@@ -62,17 +74,23 @@ fn main() -> anyhow::Result<()> {
             ids.push(last[0]);
         }
         let rate = steps as f64 / t.elapsed().as_secs_f64();
-        println!("round {round}: decode batch 1: {rate:.1} tok/s");
+        let ms = (thread_cpu() - c0) * 1e3 / steps as f64;
+        println!(
+            "round {round}: decode batch 1: {rate:.1} tok/s, {ms:.2} ms CPU/token on the calling thread"
+        );
         rates.push(rate);
+        cpu.push(ms);
     }
     rates.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     let checksum = ids.iter().fold(0u64, |h, &id| {
         h.wrapping_mul(1_000_003).wrapping_add(u64::from(id))
     });
     println!(
-        "median decode batch 1: {:.1} tok/s over {rounds} rounds of {steps} steps (ids checksum {checksum:016x}, {} threads)",
+        "median decode batch 1: {:.1} tok/s, {:.2} ms CPU/token on the calling thread, over {rounds} rounds of {steps} steps (ids checksum {checksum:016x}, kernels {})",
         rates[rates.len() / 2],
-        rayon::current_num_threads()
+        cpu[cpu.len() / 2],
+        model.kernel_path()
     );
     Ok(())
 }

@@ -3,7 +3,8 @@
 //!
 //! `cargo run -p kvfleet-model --example trace -- <model.gguf> <id,id,...> <out-dir> [avx2|avx512]`
 //!
-//! Writes `<out-dir>/<name>-<layer>.f32` (raw little-endian f32, `[tokens, width]`).
+//! Writes `<out-dir>/<name>-<layer>.f32` (raw little-endian f32, `[tokens, width]`). Runs the
+//! exact arithmetic (llama.cpp's rounding) unless `KVFLEET_KERNELS` names another path.
 #![allow(clippy::print_stdout)]
 
 use anyhow::Context;
@@ -22,7 +23,12 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let out = std::path::PathBuf::from(args.next().context(usage)?);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let mut m = kvfleet_model::load(std::path::Path::new(&path)).context("loading model")?;
+    let kernels = match std::env::var("KVFLEET_KERNELS") {
+        Ok(_) => kvfleet_model::KernelPath::from_env()?,
+        Err(_) => kvfleet_model::KernelPath::exact(),
+    };
+    let mut m =
+        kvfleet_model::load_with(std::path::Path::new(&path), kernels).context("loading model")?;
     match args.next().as_deref() {
         None | Some("avx512") => {}
         Some("avx2") => m.model.set_rounding(kvfleet_model::Rounding::LlamaCppAvx2),

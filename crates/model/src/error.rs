@@ -85,6 +85,9 @@ pub enum ModelError {
     /// KV bytes do not match the cache's layout.
     #[error("KV block transfer: {0}")]
     KvTransfer(String),
+    /// The kernels asked for (`KVFLEET_KERNELS`) are unknown or cannot run on this CPU.
+    #[error("KVFLEET_KERNELS: {0}")]
+    Kernels(#[from] crate::kernels::KernelChoiceError),
     /// An error inside candle (should not happen for validated input; reported, never panicked).
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),

@@ -219,6 +219,13 @@ impl NativeExecutor {
         &self.model
     }
 
+    /// The kernels the model runs on: what a worker advertises (`avx512-vnni`, `avx2`,
+    /// `portable` or `exact`), so that a request's legs and migrations can stay on workers that
+    /// compute the same bits.
+    pub fn kernel_path(&self) -> crate::KernelPath {
+        self.model.model.kernel_path()
+    }
+
     /// Blocks in the KV cache.
     pub fn num_blocks(&self) -> usize {
         self.cache.num_blocks()

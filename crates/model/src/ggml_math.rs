@@ -124,8 +124,8 @@ fn exp_reduce(x: f32) -> (f32, f32, f32) {
     (z, n, b)
 }
 
-/// `ggml_v_expf` for AVX2 + FMA, one lane.
-fn expf_avx2(x: f32) -> f32 {
+/// `ggml_v_expf` for AVX2 + FMA, one lane. Also the fast path's `exp` (no f64, no table).
+pub(crate) fn expf_avx2(x: f32) -> f32 {
     let (z, n, b) = exp_reduce(x);
     let e = z.to_bits().wrapping_shl(23);
     let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
@@ -164,19 +164,31 @@ fn expf_avx512(x: f32) -> f32 {
 
 /// GELU (tanh form) as ggml evaluates it on CPU: through a table indexed by the f16 input and
 /// holding f16 outputs (`GGML_GELU_FP16`), saturating outside ±10; the table entry is
-/// computed with GCC's contraction of `1 + a·x·x` into a fused multiply-add.
+/// computed with GCC's contraction of `1 + a·x·x` into a fused multiply-add. The table (64 Ki
+/// entries, built once) is what makes it cheap, as in ggml.
 #[inline]
 pub(crate) fn gelu(x: f32) -> f32 {
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
     if x <= -10.0 {
         0.0
     } else if x >= 10.0 {
         x
     } else {
-        let h = f16::from_f32(x).to_f32();
-        let inner = (0.044_715 * h).mul_add(h, 1.0);
-        let y = 0.5 * h * (1.0 + (0.797_884_6 * h * inner).tanh());
-        f16::from_f32(y).to_f32()
+        let table = TABLE.get_or_init(|| {
+            (0..=u16::MAX)
+                .map(|b| gelu_entry(f16::from_bits(b)))
+                .collect()
+        });
+        table[usize::from(f16::from_f32(x).to_bits())].to_f32()
     }
+}
+
+/// One entry of [`gelu`]'s table.
+fn gelu_entry(h: f16) -> f16 {
+    let h = h.to_f32();
+    let inner = (0.044_715 * h).mul_add(h, 1.0);
+    let y = 0.5 * h * (1.0 + (0.797_884_6 * h * inner).tanh());
+    f16::from_f32(y)
 }
 
 #[cfg(test)]
@@ -195,6 +207,22 @@ mod tests {
             assert_eq!(r.expf(f32::NEG_INFINITY), 0.0);
             assert_eq!(r.expf(-200.0), 0.0);
         }
+    }
+
+    #[test]
+    fn gelu_table_matches_the_formula() {
+        for i in -12_000..12_000 {
+            let x = i as f32 * 0.001 + 0.000_37;
+            let want = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                gelu_entry(f16::from_f32(x)).to_f32()
+            };
+            assert_eq!(gelu(x).to_bits(), want.to_bits(), "gelu({x})");
+        }
+        assert!((gelu(1.0) - 0.8412).abs() < 1e-3);
     }
 
     #[test]

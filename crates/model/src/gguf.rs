@@ -1,20 +1,19 @@
 //! A bounds-checked GGUF reader.
 //!
-//! candle's own GGUF reader trusts lengths from the file (a corrupt string length allocates
-//! whatever it says) and its tensor constructors assert on sizes; this module parses the header
-//! itself, checks every length and offset against the file size, and only then hands candle
-//! byte slices of exactly the right size. It owns the file's metadata and tensor directory, not
-//! the interpretation of either (that is `config` and `weights`).
+//! The file is memory-mapped (`mmap`) and its header parsed here, with every length and offset
+//! checked against the file size (a corrupt string length must not allocate whatever it says),
+//! so the weights can then be used in place as byte views of exactly the right size. It owns
+//! the file's metadata and tensor directory, not the interpretation of either (that is `config`
+//! and `weights`).
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use candle_core::Device;
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::GgmlDType;
 
 use crate::error::{ModelError, Result};
+use crate::kernels::quant::{WType, dequantize_row};
+use crate::mmap::Bytes;
 
 /// One metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,7 +89,7 @@ pub struct TensorInfo {
 /// A parsed GGUF file: metadata, tensor directory and the mapped bytes.
 pub struct GgufFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: Bytes,
     /// Metadata key → value.
     pub metadata: BTreeMap<String, Value>,
     /// Tensor name → location, in file order of names.
@@ -252,24 +251,31 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     /// Maps and parses `path`. Errors name the file and what is malformed.
+    ///
+    /// The weights are used in place from the mapping (shared with every other process that
+    /// maps the same file): the file must not be modified while a model built from it is
+    /// served (replace it by renaming a new file over it).
     pub fn open(path: &Path) -> Result<Self> {
-        // Read, not mapped: the workspace forbids `unsafe`, and mapping a file is unsafe in Rust
-        // (another process may truncate it). The bytes are dropped once the weights are built.
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        let bytes = Bytes::map(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             source,
         })?;
         Self::parse(path.to_path_buf(), bytes)
     }
 
-    pub(crate) fn parse(path: PathBuf, bytes: Vec<u8>) -> Result<Self> {
+    /// Parses bytes already in memory (tests, fuzzing).
+    pub fn from_bytes(path: PathBuf, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path, Bytes::from_vec(bytes))
+    }
+
+    pub(crate) fn parse(path: PathBuf, bytes: Bytes) -> Result<Self> {
         let corrupt = |detail: String| ModelError::Corrupt {
             path: path.clone(),
             format: "GGUF",
             detail,
         };
         let mut cur = Cursor {
-            bytes: &bytes,
+            bytes: bytes.as_slice(),
             pos: 0,
         };
         let magic = cur.array::<4>("magic").map_err(corrupt)?;
@@ -381,40 +387,44 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    /// Loads one tensor as a candle `QTensor` (one copy out of the mapping).
-    pub fn qtensor(&self, name: &str) -> Result<Arc<QTensor>> {
+    /// A tensor's directory entry and a view of its bytes (bounds-checked at parse time).
+    pub(crate) fn tensor_bytes(&self, name: &str) -> Result<(&TensorInfo, Bytes)> {
         let info = self
             .tensors
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        let dtype = ggml_dtype(info.type_id).ok_or_else(|| ModelError::UnsupportedQuant {
-            tensor: name.to_string(),
-            kind: ggml_type_name(info.type_id),
-        })?;
-        let slice = &self.bytes[info.offset..info.offset + info.size];
-        // candle asserts on alignment; GGUF data is 32-byte aligned in a page-aligned map, but a
-        // file with an odd `general.alignment` gets a copy instead of a panic.
-        let data: Cow<'_, [u8]> = if (slice.as_ptr() as usize).is_multiple_of(8) {
-            Cow::Borrowed(slice)
-        } else {
-            Cow::Owned(slice.to_vec())
-        };
-        let storage = QStorage::from_data(data, &Device::Cpu, dtype)?;
-        Ok(Arc::new(QTensor::new(storage, info.shape.as_slice())?))
+        let bytes = self
+            .bytes
+            .slice(info.offset..info.offset + info.size)
+            .ok_or_else(|| ModelError::Corrupt {
+                path: self.path.clone(),
+                format: "GGUF",
+                detail: format!("tensor `{name}` lies outside the file"),
+            })?;
+        Ok((info, bytes))
     }
 
-    /// A tensor's directory entry and its raw bytes (already bounds-checked at parse time).
-    pub(crate) fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        Ok((info, &self.bytes[info.offset..info.offset + info.size]))
+    /// Whether the tensor data is used in place from a file mapping.
+    pub fn is_mapped(&self) -> bool {
+        self.bytes.is_mapped()
     }
 
     /// A tensor dequantized to f32 values (norm weights, biases).
     pub fn f32_vec(&self, name: &str) -> Result<Vec<f32>> {
-        let t = self.qtensor(name)?.dequantize(&Device::Cpu)?;
-        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        let (info, bytes) = self.tensor_bytes(name)?;
+        let wtype = WType::from_ggml(info.type_id).ok_or_else(|| ModelError::UnsupportedQuant {
+            tensor: name.to_string(),
+            kind: ggml_type_name(info.type_id),
+        })?;
+        let elems: usize = info.shape.iter().product();
+        let mut out = vec![0f32; elems];
+        let row = *info.shape.last().unwrap_or(&0);
+        if row > 0 {
+            let rb = wtype.row_bytes(row).unwrap_or(0);
+            for (r, o) in out.chunks_exact_mut(row).enumerate() {
+                dequantize_row(wtype, &bytes.as_slice()[r * rb..(r + 1) * rb], o);
+            }
+        }
+        Ok(out)
     }
 }

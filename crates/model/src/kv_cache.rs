@@ -1,9 +1,10 @@
 //! The paged KV cache: for every layer, K and V storage for `num_blocks` blocks of
-//! `block_size` tokens, laid out `[block, slot, kv_head, head_dim]`. Values have IEEE half
-//! precision (llama.cpp's default cache precision, which keeps our outputs close to its; the
-//! golden tests compare against llama.cpp) and are exchanged as f16, but are held as f32 in
-//! memory: converting on every attention read cost more than the matmuls (profiled), and a
-//! CPU worker's memory goes further than its compute.
+//! `block_size` tokens, in IEEE half precision (llama.cpp's default cache precision; the golden
+//! tests compare against llama.cpp). In memory each block is head-major, K as
+//! `[kv_head, head_dim, slot]` and V as `[kv_head, slot, head_dim]`, the layout the attention
+//! kernels read fastest (`kernels::attention`; the SIMD kernels convert f16 in registers).
+//! Blocks are exchanged in the canonical layout `[slot, kv_head, head_dim]` (see
+//! [`PagedKvCache::read_block`]), whatever the memory layout.
 //!
 //! The cache owns storage only. Which block belongs to which sequence (allocation, prefix
 //! sharing, eviction) is the engine's block pool's business; the forward pass receives each
@@ -15,12 +16,13 @@ use half::f16;
 use kvfleet_proto::{BlockSize, KvDtype, KvLayout};
 
 use crate::error::{ModelError, Result};
+use crate::kernels::attention::Shape;
 
 /// Per-layer paged K/V storage.
 #[derive(Debug, Clone)]
 pub struct PagedKvCache {
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) k: Vec<Vec<f16>>,
+    pub(crate) v: Vec<Vec<f16>>,
     num_blocks: usize,
     block_size: BlockSize,
     kv_heads: usize,
@@ -42,15 +44,15 @@ impl PagedKvCache {
             .checked_mul(block_size.tokens())
             .and_then(|n| n.checked_mul(kv_heads))
             .and_then(|n| n.checked_mul(head_dim))
-            .filter(|&n| n <= isize::MAX as usize / 4)
+            .filter(|&n| n <= isize::MAX as usize / 2)
             .ok_or_else(|| {
                 ModelError::BadInput(format!(
                     "a KV cache of {num_blocks} blocks overflows memory"
                 ))
             })?;
         Ok(Self {
-            k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            k: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
             num_blocks,
             block_size,
             kv_heads,
@@ -102,23 +104,60 @@ impl PagedKvCache {
         Ok(b)
     }
 
-    /// Writes f32 values into `dst` at f16 precision.
-    pub(crate) fn store_f16(dst: &mut [f32], src: &[f32]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = f16::from_f32(s).to_f32();
+    /// The attention kernels' view of the cache's geometry for one layer.
+    pub(crate) fn shape(&self, heads: usize, scale: f32, window: Option<usize>) -> Shape {
+        Shape {
+            heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size.tokens(),
+            scale,
+            window,
         }
     }
 
-    /// One block's K and V for every layer, as `layout().block_bytes()` bytes.
+    /// Stores one token's K and V (`[kv_head, head_dim]` each, rounded to f16) of `layer` at
+    /// slot `slot` of block `block`.
+    pub(crate) fn store(&mut self, layer: usize, block: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let shape = self.shape(self.kv_heads, 1.0, None);
+        for g in 0..self.kv_heads {
+            for d in 0..self.head_dim {
+                let i = g * self.head_dim + d;
+                self.k[layer][shape.k_index(block, slot, g, d)] = f16::from_f32(k[i]);
+                self.v[layer][shape.v_index(block, slot, g, d)] = f16::from_f32(v[i]);
+            }
+        }
+    }
+
+    /// Memory index of each canonical (`[slot, kv_head, head_dim]`) element of one block of
+    /// K and of V, relative to the block's start.
+    fn canonical_order(&self) -> (Vec<usize>, Vec<usize>) {
+        let shape = self.shape(self.kv_heads, 1.0, None);
+        let mut k = Vec::with_capacity(self.block_elems());
+        let mut v = Vec::with_capacity(self.block_elems());
+        for slot in 0..self.block_size.tokens() {
+            for g in 0..self.kv_heads {
+                for d in 0..self.head_dim {
+                    k.push(shape.k_index(0, slot, g, d));
+                    v.push(shape.v_index(0, slot, g, d));
+                }
+            }
+        }
+        (k, v)
+    }
+
+    /// One block's K and V for every layer, as `layout().block_bytes()` bytes: layer by layer,
+    /// K then V, each `[slot, kv_head, head_dim]` little-endian f16.
     pub fn read_block(&self, block: u32) -> Result<Vec<u8>> {
         let b = self.check_block(block)?;
         let n = self.block_elems();
+        let (ko, vo) = self.canonical_order();
         let mut out = Vec::with_capacity(2 * self.layers() * n * 2);
         for layer in 0..self.layers() {
-            for store in [&self.k[layer], &self.v[layer]] {
-                for &x in &store[b * n..(b + 1) * n] {
-                    // Exact: stored values are f16-representable (see `store_f16`).
-                    out.extend_from_slice(&f16::from_f32(x).to_le_bytes());
+            for (store, order) in [(&self.k[layer], &ko), (&self.v[layer], &vo)] {
+                let blk = &store[b * n..(b + 1) * n];
+                for &i in order {
+                    out.extend_from_slice(&blk[i].to_le_bytes());
                 }
             }
         }
@@ -137,13 +176,15 @@ impl PagedKvCache {
                 bytes.len()
             )));
         }
-        let mut chunks = bytes
+        let (ko, vo) = self.canonical_order();
+        let mut values = bytes
             .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32());
+            .map(|c| f16::from_le_bytes([c[0], c[1]]));
         for layer in 0..self.layers() {
-            for store in [&mut self.k[layer], &mut self.v[layer]] {
-                for (dst, src) in store[b * n..(b + 1) * n].iter_mut().zip(&mut chunks) {
-                    *dst = src;
+            for (store, order) in [(&mut self.k[layer], &ko), (&mut self.v[layer], &vo)] {
+                let blk = &mut store[b * n..(b + 1) * n];
+                for (&i, x) in order.iter().zip(&mut values) {
+                    blk[i] = x;
                 }
             }
         }
@@ -174,10 +215,9 @@ mod tests {
     proptest! {
         #[test]
         fn block_bytes_round_trip(values in proptest::collection::vec(-1e3f32..1e3, 2 * 2 * 24), src in 0u32..4, dst in 0u32..4) {
-            let values: Vec<f32> = values.into_iter().map(|v| f16::from_f32(v).to_f32()).collect();
             let mut a = cache(4);
             let n = a.block_elems();
-            let mut it = values.iter().copied();
+            let mut it = values.iter().map(|&v| f16::from_f32(v));
             for layer in 0..2 {
                 for x in &mut a.k[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
                 for x in &mut a.v[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
@@ -187,6 +227,24 @@ mod tests {
             let mut b = cache(4);
             b.write_block(dst, &bytes).unwrap();
             prop_assert_eq!(b.read_block(dst).unwrap(), bytes);
+        }
+
+        /// The transfer layout is `[slot, kv_head, head_dim]` whatever the memory layout.
+        #[test]
+        fn transfer_layout_is_slot_major(k in proptest::collection::vec(-8f32..8.0, 3 * 2 * 4), v in proptest::collection::vec(-8f32..8.0, 3 * 2 * 4), block in 0u32..4) {
+            let mut a = cache(4);
+            for slot in 0..3 {
+                let row = 2 * 4;
+                a.store(1, block as usize, slot, &k[slot * row..(slot + 1) * row], &v[slot * row..(slot + 1) * row]);
+            }
+            let bytes = a.read_block(block).unwrap();
+            // Values per block of one layer's K (or V); layer 1's K follows layer 0's K and V.
+            let n = 3 * 2 * 4;
+            let half = |i: usize| f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32();
+            for i in 0..n {
+                prop_assert_eq!(half(2 * n + i), f16::from_f32(k[i]).to_f32());
+                prop_assert_eq!(half(3 * n + i), f16::from_f32(v[i]).to_f32());
+            }
         }
     }
 

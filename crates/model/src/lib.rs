@@ -1,7 +1,7 @@
-//! Native LLM execution on candle, on CPU.
+//! Native LLM execution on CPU.
 //!
-//! This crate owns the math of a model and nothing about scheduling: it loads weights (GGUF with
-//! candle's quantized types, or Hugging Face safetensors), builds the tokenizer and chat template
+//! This crate owns the math of a model and nothing about scheduling: it loads weights (GGUF,
+//! memory-mapped and used in place, or Hugging Face safetensors), builds the tokenizer and chat template
 //! the model ships with, and runs a batched forward step over a [`PagedKvCache`] addressed
 //! through per-sequence block tables. The engine (`kvfleet-engine`) decides which sequences run
 //! each step, allocates and shares blocks (prefix caching), and calls [`Model::forward`]; only
@@ -11,9 +11,10 @@
 //! - [`config`]: architecture description from GGUF metadata or `config.json`;
 //! - [`tokenizer`], [`chat`]: text to prompt ids the way llama.cpp / transformers do it;
 //! - [`model`]: Llama-family (Llama 2/3, Mistral, Qwen 2/3) and Gemma 3 forward passes;
-//! - `qmatmul` (private): our i8 matmul for the 32-element GGML block types (Q4_0, Q4_1,
-//!   Q5_0, Q5_1, Q8_0), which candle runs with scalar code on x86; `kquant` (private): Q4_K
-//!   and Q6_K with llama.cpp's rounding; other K-quants go to candle;
+//! - [`kernels`]: the matmul and attention kernels, chosen at run time by CPU feature detection
+//!   (AVX-512 VNNI, AVX2, portable), with the fast (batch-invariant) or the exact (llama.cpp,
+//!   bit for bit) arithmetic ([`KernelPath`]); the only module with `unsafe` besides `mmap`
+//!   (the memory map of model files);
 //! - `ggml_math` (private, [`Rounding`] public): llama.cpp's CPU rounding reproduced bit for
 //!   bit (f16 dot-product lane orders, vectorised `expf`, GELU table), because 8-bit
 //!   requantization between layers turns last-bit differences into different tokens;
@@ -33,10 +34,10 @@ pub mod executor;
 mod ggml_math;
 pub mod gguf;
 pub mod inspect;
-mod kquant;
+pub mod kernels;
 pub mod kv_cache;
+mod mmap;
 pub mod model;
-mod qmatmul;
 pub mod sampler;
 pub mod tiny;
 pub mod tokenizer;
@@ -54,6 +55,7 @@ pub use executor::{
 };
 pub use ggml_math::Rounding;
 pub use inspect::ModelInfo;
+pub use kernels::{Arithmetic, Isa, KernelChoiceError, KernelPath};
 pub use kv_cache::PagedKvCache;
 pub use model::{Model, SeqInput};
 pub use sampler::{Sampled, Sampler};
@@ -76,13 +78,21 @@ pub struct LoadedModel {
 }
 
 /// Loads a model from a `.gguf` file or a Hugging Face directory (`config.json`,
-/// `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json`).
+/// `*.safetensors`, `tokenizer.json`, optionally `tokenizer_config.json`), on the kernels
+/// `KVFLEET_KERNELS` names (default: the fastest this CPU runs; see [`KernelPath::from_env`]).
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    if path.is_dir() {
-        load_hf_dir(path)
+    load_with(path, KernelPath::from_env()?)
+}
+
+/// [`load`] on the given kernels.
+pub fn load_with(path: &Path, kernels: KernelPath) -> Result<LoadedModel> {
+    let mut m = if path.is_dir() {
+        load_hf_dir(path)?
     } else {
-        load_gguf(path)
-    }
+        load_gguf(path)?
+    };
+    m.model.set_kernel_path(kernels);
+    Ok(m)
 }
 
 fn file_name(path: &Path) -> String {

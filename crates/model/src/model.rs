@@ -7,16 +7,18 @@
 //! block table. New K/V are written into the cache before attention, so a chunk attends to
 //! itself causally and to everything cached before it.
 //!
-//! Matmuls run in candle (quantized `QMatMul` for GGUF, dense f32 for safetensors); norms, RoPE,
-//! attention and activations are plain Rust over f32 slices, parallel over heads with rayon.
+//! Matmuls and attention run in [`crate::kernels`] (SIMD chosen at run time, on the kernels'
+//! thread pool); norms, RoPE and activations are plain Rust over f32 slices here. Which
+//! arithmetic runs is the model's [`KernelPath`]: the fast path (one fixed reduction order per
+//! output, tiled attention) or the exact one (llama.cpp's rounding, bit for bit).
 
-use candle_core::Tensor;
 use half::f16;
-use rayon::prelude::*;
 
 use crate::config::{Activation, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::ggml_math::{Rounding, gelu};
+use crate::ggml_math::{Rounding, expf_avx2, gelu};
+use crate::kernels::KernelPath;
+use crate::kernels::attention::{self, SeqSpan, TokenAt};
 use crate::kv_cache::PagedKvCache;
 use crate::weights::{Embedding, Linear, Weights};
 
@@ -53,7 +55,7 @@ struct Layer {
 /// at position `p` is `freq_scale · (p · θ^i / ff_i)` with `θ = base^(-2/d)` raised by repeated
 /// f32 multiplication, not `powf` per pair. The two differ in the last bits, and last bits matter
 /// here: every matmul requantizes its input to 8 bits, so a one-ulp change that crosses a
-/// rounding boundary moves a whole quantization step (see `qmatmul`).
+/// rounding boundary moves a whole quantization step (see `ggml_math`).
 #[derive(Debug, Clone)]
 struct Rope {
     theta_scale: f32,
@@ -134,6 +136,7 @@ pub struct Model {
     rope_global: Rope,
     rope_local: Rope,
     rounding: Rounding,
+    kernels: KernelPath,
 }
 
 impl std::fmt::Debug for Model {
@@ -165,10 +168,10 @@ fn rms_norm_rows(x: &mut [f32], width: usize, w: &[f32], eps: f32, offset: f32) 
     }
 }
 
-fn rms_norm_copy(x: &[f32], width: usize, w: &[f32], eps: f32, offset: f32) -> Vec<f32> {
-    let mut out = x.to_vec();
-    rms_norm_rows(&mut out, width, w, eps, offset);
-    out
+fn rms_norm_into(x: &[f32], width: usize, w: &[f32], eps: f32, offset: f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend_from_slice(x);
+    rms_norm_rows(out, width, w, eps, offset);
 }
 
 /// Rotates one head. The products are fused as GCC fuses ggml's `x0*cos - x1*sin` (measured
@@ -192,10 +195,6 @@ fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
 
 fn round_f16(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
-}
-
-fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Model {
@@ -271,6 +270,7 @@ impl Model {
             rope_global,
             rope_local,
             rounding: Rounding::default(),
+            kernels: KernelPath::detect(),
         })
     }
 
@@ -283,6 +283,16 @@ impl Model {
     /// Reproduces another llama.cpp build's rounding (comparison tools use this).
     pub fn set_rounding(&mut self, rounding: Rounding) {
         self.rounding = rounding;
+    }
+
+    /// The kernels the forward pass runs (what a worker advertises).
+    pub fn kernel_path(&self) -> KernelPath {
+        self.kernels
+    }
+
+    /// Runs the forward pass on `path` from now on (e.g. [`KernelPath::exact`]).
+    pub fn set_kernel_path(&mut self, path: KernelPath) {
+        self.kernels = path;
     }
 
     /// The configuration.
@@ -397,7 +407,9 @@ impl Model {
         }
         let t = ids.len();
         let chunks: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
-        let mut x = to_vec(&self.embed.lookup(&ids)?)?;
+        let path = self.kernels;
+        let exact = path.is_exact();
+        let mut x = self.embed.lookup(&ids);
         if let Some(scale) = c.embedding_scale {
             x.iter_mut().for_each(|v| *v *= scale);
         }
@@ -413,15 +425,35 @@ impl Model {
             None
         };
         let tables: Vec<&[u32]> = batch.iter().map(|s| s.block_table).collect();
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut first = 0;
+        for s in batch {
+            spans.push(SeqSpan {
+                first,
+                len: s.tokens.len(),
+                start: s.start_pos,
+                table: s.block_table,
+            });
+            first += s.tokens.len();
+        }
         let bs = cache.block_size().tokens();
         let eps = c.rms_eps;
         let off = c.norm_weight_offset;
 
+        // Buffers reused by every layer (no allocation, no page faults, per layer).
+        let (mut hn, mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut o, mut g, mut u, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut attn = vec![0.0f32; t * nh * hd];
         for (li, layer) in self.layers.iter().enumerate() {
-            let hn = rms_norm_copy(&x, h, &layer.attn_norm, eps, off);
+            rms_norm_into(&x, h, &layer.attn_norm, eps, off, &mut hn);
             trace("attn_norm", li, &hn);
-            let [mut q, mut k, v] =
-                Linear::forward_group([&layer.q, &layer.k, &layer.v], &hn, &chunks)?;
+            Linear::forward_group_into(
+                path,
+                [&layer.q, &layer.k, &layer.v],
+                &hn,
+                &chunks,
+                [&mut q, &mut k, &mut v],
+            );
             trace("Vcur", li, &v);
             if let Some(w) = &layer.q_norm {
                 rms_norm_rows(&mut q, hd, w, eps, off);
@@ -444,26 +476,36 @@ impl Model {
             }
             trace("Qcur", li, &q);
             trace("Kcur", li, &k);
-            // Queries meet f16 keys at f16 precision, as in llama.cpp's f16 K·Q matmul.
-            round_f16(&mut q);
             // Write this step's K/V into their slots.
             let row = nkv * hd;
             for (ti, m) in meta.iter().enumerate() {
                 let block = tables[m.seq][m.pos / bs] as usize;
-                let base = (block * bs + m.pos % bs) * row;
-                PagedKvCache::store_f16(
-                    &mut cache.k[li][base..base + row],
+                cache.store(
+                    li,
+                    block,
+                    m.pos % bs,
                     &k[ti * row..(ti + 1) * row],
-                );
-                PagedKvCache::store_f16(
-                    &mut cache.v[li][base..base + row],
                     &v[ti * row..(ti + 1) * row],
                 );
             }
-            let mut attn = vec![0.0f32; t * nh * hd];
-            self.attention(li, &q, cache, &meta, &tables, &mut attn);
+            let shape = cache.shape(nh, c.attn_scale, c.window(li));
+            let (kc, vc) = (&cache.k[li], &cache.v[li]);
+            if exact {
+                // Queries meet f16 keys at f16 precision, as in llama.cpp's f16 K·Q matmul.
+                round_f16(&mut q);
+                let tokens: Vec<TokenAt<'_>> = meta
+                    .iter()
+                    .map(|m| TokenAt {
+                        pos: m.pos,
+                        table: tables[m.seq],
+                    })
+                    .collect();
+                attention::exact(self.rounding, &shape, &q, kc, vc, &tokens, &mut attn);
+            } else {
+                attention::fast(path.isa, &shape, &q, kc, vc, &spans, &mut attn);
+            }
             trace("kqv_out", li, &attn);
-            let mut o = layer.o.forward(&attn, &chunks)?;
+            Linear::forward_group_into(path, [&layer.o], &attn, &chunks, [&mut o]);
             trace("attn_out", li, &o);
             if let Some(w) = &layer.post_attn_norm {
                 rms_norm_rows(&mut o, h, w, eps, off);
@@ -471,12 +513,19 @@ impl Model {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             trace("ffn_inp", li, &x);
 
-            let hn = rms_norm_copy(&x, h, &layer.ffn_norm, eps, off);
+            rms_norm_into(&x, h, &layer.ffn_norm, eps, off, &mut hn);
             trace("ffn_norm", li, &hn);
-            let [g, mut u] = Linear::forward_group([&layer.gate, &layer.up], &hn, &chunks)?;
+            Linear::forward_group_into(
+                path,
+                [&layer.gate, &layer.up],
+                &hn,
+                &chunks,
+                [&mut g, &mut u],
+            );
             match c.activation {
-                // silu(g)·u and gelu(g)·u, each rounded as ggml's fused GLU kernels round them.
-                Activation::Silu => {
+                // silu(g)·u and gelu(g)·u, each rounded as ggml's fused GLU kernels round them
+                // (the fast path: one `exp` for every element, without the build's lane split).
+                Activation::Silu if exact => {
                     let r = self.rounding;
                     let n = c.intermediate_size;
                     for (row_u, row_g) in u.chunks_exact_mut(n).zip(g.chunks_exact(n)) {
@@ -485,10 +534,15 @@ impl Model {
                         }
                     }
                 }
+                Activation::Silu => {
+                    u.iter_mut()
+                        .zip(&g)
+                        .for_each(|(u, &g)| *u *= g / (1.0 + expf_avx2(0.0 - g)));
+                }
                 Activation::GeluTanh => u.iter_mut().zip(&g).for_each(|(u, &g)| *u *= gelu(g)),
             }
             trace("ffn_act", li, &u);
-            let mut d = layer.down.forward(&u, &chunks)?;
+            Linear::forward_group_into(path, [&layer.down], &u, &chunks, [&mut d]);
             trace("ffn_out", li, &d);
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_rows(&mut d, h, w, eps, off);
@@ -514,85 +568,12 @@ impl Model {
         }
         rms_norm_rows(&mut rows, h, &self.final_norm, eps, off);
         trace("result_norm", 0, &rows);
-        let logits = self.lm_head.forward(&rows, &vec![1; which.len()])?;
+        let logits = self.lm_head.forward(path, &rows, &vec![1; which.len()]);
         trace("result_output", 0, &logits);
         let vocab = self.lm_head.out;
         for (i, si) in which.into_iter().enumerate() {
             out[si] = Some(logits[i * vocab..(i + 1) * vocab].to_vec());
         }
         Ok(out)
-    }
-
-    /// Attention for every (token, head), rounded as llama.cpp's CPU graph rounds it (without
-    /// flash attention): Q and the probabilities meet the f16 cache at f16 precision; the K·Q
-    /// and P·V dot products accumulate in tinyBLAS's lane order ([`Rounding::dot`], which
-    /// explains why single-token steps use it too); the softmax uses ggml's vectorised `expf`
-    /// and sums one vector of lanes at a time in f64. Masked positions contribute exact zeros,
-    /// as llama.cpp's padded cells do, so a token's result does not depend on its step.
-    fn attention(
-        &self,
-        layer: usize,
-        q: &[f32],
-        cache: &PagedKvCache,
-        meta: &[TokenMeta],
-        tables: &[&[u32]],
-        out: &mut [f32],
-    ) {
-        let c = &self.config;
-        let (hd, nh, nkv) = (c.head_dim, c.num_heads, c.num_kv_heads);
-        let group = nh / nkv;
-        let bs = cache.block_size().tokens();
-        let window = c.window(layer);
-        let scale = c.attn_scale;
-        let r = self.rounding;
-        let w = r.lanes();
-        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
-        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-            let (ti, head) = (idx / nh, idx % nh);
-            let m = meta[ti];
-            let g = head / group;
-            let table = tables[m.seq];
-            let qv = &q[idx * hd..(idx + 1) * hd];
-            let lo = match window {
-                Some(w) => (m.pos + 1).saturating_sub(w),
-                None => 0,
-            };
-            let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * nkv + g) * hd;
-            // Scores for positions 0..=pos (masked ones stay -inf), padded to whole vectors
-            // (llama.cpp pads its cells to 256; the padding adds exact zeros).
-            let n = (m.pos + 1).next_multiple_of(w);
-            let mut scores = vec![f32::NEG_INFINITY; n];
-            for (p, s) in scores.iter_mut().enumerate().take(m.pos + 1).skip(lo) {
-                let k = &kc[at(p)..at(p) + hd];
-                *s = r.dot(qv, k) * scale;
-            }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f64;
-            for grp in scores.chunks_exact_mut(w) {
-                for x in grp.iter_mut() {
-                    *x = r.expf(*x - max);
-                }
-                sum += f64::from(r.hsum(grp));
-            }
-            let inv = (1.0 / sum) as f32;
-            // P·V: lane l accumulates positions p with p % w == l, in position order, with
-            // fused multiply-adds (tinyBLAS over the position axis). Stored lane-major so
-            // each position is one contiguous (vectorisable) multiply-add over the head.
-            let mut acc = vec![0f32; w * hd];
-            for p in lo..=m.pos {
-                let pr = f16::from_f32(scores[p] * inv).to_f32();
-                let lane = &mut acc[(p % w) * hd..(p % w + 1) * hd];
-                for (a, &vi) in lane.iter_mut().zip(&vc[at(p)..at(p) + hd]) {
-                    *a = pr.mul_add(vi, *a);
-                }
-            }
-            let mut lanes = [0f32; 16];
-            for (i, oi) in o.iter_mut().enumerate() {
-                for (l, x) in lanes.iter_mut().enumerate().take(w) {
-                    *x = acc[l * hd + i];
-                }
-                *oi = r.hsum(&lanes[..w]);
-            }
-        });
     }
 }

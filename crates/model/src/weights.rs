@@ -1,21 +1,21 @@
-//! Where tensors come from: a GGUF file (quantized or not) or a directory of Hugging Face
-//! safetensors files (f32/f16/bf16). Both are addressed by llama.cpp's tensor names
-//! (`blk.3.attn_q.weight`); the safetensors side maps them to Hugging Face names. Every tensor
-//! is checked against the shape the configuration implies before candle sees it, because
-//! candle panics rather than errors on some shape mismatches.
+//! Where tensors come from: a GGUF file (quantized or not, used in place from its memory map)
+//! or a directory of Hugging Face safetensors files (f32/f16/bf16, converted to f32 at load).
+//! Both are addressed by llama.cpp's tensor names (`blk.3.attn_q.weight`); the safetensors side
+//! maps them to Hugging Face names. Every tensor is checked against the shape the
+//! configuration implies before a kernel sees it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Architecture;
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
-use crate::kquant::KQuantMatrix;
-use crate::qmatmul::BlockQ8Matrix;
+use crate::gguf::{GgufFile, ggml_type_name};
+use crate::kernels::KernelPath;
+use crate::kernels::matmul::matmul_into;
+use crate::kernels::quant::{QMatrix, WType};
+use crate::mmap::Bytes;
 
 struct StTensor {
     file: usize,
@@ -176,103 +176,71 @@ pub(crate) enum Weights {
     Safetensors(SafetensorsDir),
 }
 
-/// How a weight matrix is multiplied.
-#[derive(Debug, Clone)]
-pub(crate) enum LinearKind {
-    /// candle: dense f32, or K-quants (which have SIMD kernels there).
-    Candle(QMatMul),
-    /// Our kernel for the 32-element block types.
-    Blocks(BlockQ8Matrix),
-    /// Our Q4_K / Q6_K kernel (llama.cpp's rounding).
-    KQuant(KQuantMatrix),
-}
-
 /// A weight matrix `[out, in]` ready for `x @ W^T`, plus an optional bias.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    pub(crate) kind: LinearKind,
+    pub(crate) w: QMatrix,
     pub(crate) bias: Option<Vec<f32>>,
     pub(crate) out: usize,
-    pub(crate) inp: usize,
 }
 
 impl Linear {
     /// `x [t, in] → [t, out]`, where the `t` rows are the step's tokens grouped into one
-    /// chunk per sequence (`chunks` holds their lengths; the K-quant kernels round like
-    /// llama.cpp would for a step of that one sequence).
-    pub(crate) fn forward(&self, x: &[f32], chunks: &[usize]) -> Result<Vec<f32>> {
-        let t: usize = chunks.iter().sum();
-        debug_assert_eq!(x.len(), t * self.inp);
-        let mut y = match &self.kind {
-            LinearKind::Blocks(b) => b.matmul(x, t),
-            LinearKind::KQuant(b) => b.matmul(x, chunks),
-            LinearKind::Candle(w) => {
-                let xt = Tensor::from_slice(x, (t, self.inp), &Device::Cpu)?;
-                let y = candle_core::Module::forward(w, &xt)?;
-                y.flatten_all()?.to_vec1::<f32>()?
-            }
-        };
-        if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(self.out) {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-            }
-        }
-        Ok(y)
+    /// chunk per sequence (`chunks` holds their lengths; the exact arithmetic picks
+    /// llama.cpp's K-quant kernel for each token from them).
+    pub(crate) fn forward(&self, path: KernelPath, x: &[f32], chunks: &[usize]) -> Vec<f32> {
+        let [y] = Linear::forward_group(path, [self], x, chunks);
+        y
     }
-}
 
-impl Linear {
-    /// [`Linear::forward`] of several weights over the same input (q/k/v, gate/up). When all
-    /// are our block kernel the input is quantized once and their rows share one parallel
-    /// region ([`BlockQ8Matrix::matmul_group`]); the results are bit-identical to calling
-    /// `forward` on each.
+    /// [`Linear::forward`] of several weights over the same input (q/k/v, gate/up): the input
+    /// is quantized once per activation kind and all their tiles share one parallel region.
+    /// Each output is bit-identical to `forward`'s.
     pub(crate) fn forward_group<const N: usize>(
+        path: KernelPath,
         group: [&Linear; N],
         x: &[f32],
         chunks: &[usize],
-    ) -> Result<[Vec<f32>; N]> {
-        let blocks: Vec<&BlockQ8Matrix> = group
-            .iter()
-            .filter_map(|l| match &l.kind {
-                LinearKind::Blocks(b) => Some(b),
-                _ => None,
-            })
-            .collect();
-        if blocks.len() < N {
-            let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-            for (o, l) in out.iter_mut().zip(group) {
-                *o = l.forward(x, chunks)?;
-            }
-            return Ok(out);
-        }
-        let t: usize = chunks.iter().sum();
-        let mut ys = BlockQ8Matrix::matmul_group(&blocks, x, t).into_iter();
-        let mut out: [Vec<f32>; N] = std::array::from_fn(|_| ys.next().unwrap_or_default());
-        for (y, l) in out.iter_mut().zip(group) {
+    ) -> [Vec<f32>; N] {
+        let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        let outs: [&mut Vec<f32>; N] = out.each_mut();
+        Linear::forward_group_into(path, group, x, chunks, outs);
+        out
+    }
+
+    /// [`Linear::forward_group`] into existing buffers (resized; their capacity is reused).
+    pub(crate) fn forward_group_into<const N: usize>(
+        path: KernelPath,
+        group: [&Linear; N],
+        x: &[f32],
+        chunks: &[usize],
+        mut outs: [&mut Vec<f32>; N],
+    ) {
+        let mats: Vec<&QMatrix> = group.iter().map(|l| &l.w).collect();
+        matmul_into(path, &mats, x, chunks, &mut outs);
+        for (y, l) in outs.into_iter().zip(group) {
             if let Some(b) = &l.bias {
                 for row in y.chunks_exact_mut(l.out) {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
             }
         }
-        Ok(out)
     }
 }
 
-/// The token embedding: quantized rows are dequantized on lookup.
+/// The token embedding, rows dequantized on lookup.
 #[derive(Debug, Clone)]
-pub(crate) enum Embedding {
-    Quantized(Arc<QTensor>),
-    Dense(Tensor),
-}
+pub(crate) struct Embedding(pub(crate) QMatrix);
 
 impl Embedding {
-    pub(crate) fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
-        let ids_t = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
-        Ok(match self {
-            Embedding::Quantized(q) => q.embedding(&ids_t)?,
-            Embedding::Dense(t) => t.index_select(&ids_t, 0)?,
-        })
+    /// `[ids.len(), hidden]` f32 rows.
+    pub(crate) fn lookup(&self, ids: &[u32]) -> Vec<f32> {
+        let h = self.0.cols;
+        let mut out = vec![0f32; ids.len() * h];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(h)) {
+            self.0.dequantize_row(id as usize, o);
+        }
+        out
     }
 }
 
@@ -295,39 +263,41 @@ impl Weights {
         }
     }
 
-    pub(crate) fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        let kind = match self {
+    /// A `[rows, cols]` matrix, in place for GGUF.
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+        match self {
             Weights::Gguf(g) => {
-                let (info, bytes) = g.raw(name)?;
-                check_shape(name, &info.shape, &[out, inp])?;
-                if let Some(b) = BlockQ8Matrix::from_ggml(info.type_id, bytes, out, inp) {
-                    LinearKind::Blocks(b)
-                } else if let Some(b) = KQuantMatrix::from_ggml(info.type_id, bytes, out, inp) {
-                    LinearKind::KQuant(b)
-                } else {
-                    LinearKind::Candle(QMatMul::from_arc(g.qtensor(name)?)?)
-                }
+                let (info, bytes) = g.tensor_bytes(name)?;
+                check_shape(name, &info.shape, &[rows, cols])?;
+                let unsupported = || ModelError::UnsupportedQuant {
+                    tensor: name.to_string(),
+                    kind: ggml_type_name(info.type_id),
+                };
+                let wtype = WType::from_ggml(info.type_id).ok_or_else(unsupported)?;
+                QMatrix::new(wtype, rows, cols, bytes).ok_or_else(unsupported)
             }
             Weights::Safetensors(s) => {
                 let t = s
                     .tensor(name)?
                     .ok_or_else(|| ModelError::MissingTensor(s.hf_name(name)))?;
-                check_shape(name, t.dims(), &[out, inp])?;
-                LinearKind::Candle(QMatMul::Tensor(t))
+                check_shape(name, t.dims(), &[rows, cols])?;
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                let bytes = Bytes::from_vec(v.iter().flat_map(|f| f.to_le_bytes()).collect());
+                QMatrix::new(WType::F32, rows, cols, bytes)
+                    .ok_or_else(|| ModelError::BadInput(format!("tensor `{name}`: size")))
             }
-        };
+        }
+    }
+
+    pub(crate) fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        let w = self.matrix(name, out, inp)?;
         let bias_name = name.replace(".weight", ".bias");
         let bias = if bias_name != name && self.has(&bias_name) {
             Some(self.vector(&bias_name, out)?)
         } else {
             None
         };
-        Ok(Linear {
-            kind,
-            bias,
-            out,
-            inp,
-        })
+        Ok(Linear { w, bias, out })
     }
 
     pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -352,44 +322,15 @@ impl Weights {
         Ok(v)
     }
 
-    /// The embedding table and, when the LM head is tied to it, the head built from the same
-    /// storage.
+    /// The embedding table and, when the LM head is tied to it, the head over the same bytes.
     pub(crate) fn embedding(&self, vocab: usize, hidden: usize) -> Result<(Embedding, Linear)> {
-        let name = "token_embd.weight";
-        let (emb, kind) = match self {
-            Weights::Gguf(g) => {
-                let q = g.qtensor(name)?;
-                check_shape(name, q.shape().dims(), &[vocab, hidden])?;
-                let (info, bytes) = g.raw(name)?;
-                let head = QMatMul::from_arc(q.clone())?;
-                let emb = match &head {
-                    QMatMul::Tensor(t) => Embedding::Dense(t.clone()),
-                    _ => Embedding::Quantized(q),
-                };
-                let kind = match BlockQ8Matrix::from_ggml(info.type_id, bytes, vocab, hidden) {
-                    Some(b) => LinearKind::Blocks(b),
-                    None => LinearKind::Candle(head),
-                };
-                (emb, kind)
-            }
-            Weights::Safetensors(s) => {
-                let t = s
-                    .tensor(name)?
-                    .ok_or_else(|| ModelError::MissingTensor(s.hf_name(name)))?;
-                check_shape(name, t.dims(), &[vocab, hidden])?;
-                (
-                    Embedding::Dense(t.clone()),
-                    LinearKind::Candle(QMatMul::Tensor(t)),
-                )
-            }
-        };
+        let m = self.matrix("token_embd.weight", vocab, hidden)?;
         Ok((
-            emb,
+            Embedding(m.clone()),
             Linear {
-                kind,
+                w: m,
                 bias: None,
                 out: vocab,
-                inp: hidden,
             },
         ))
     }

@@ -126,13 +126,13 @@ fn unsupported_architecture_and_quantization_are_named() {
         Err(ModelError::UnsupportedArchitecture(a)) => assert_eq!(a, "bert"),
         other => panic!("expected UnsupportedArchitecture, got {other:?}"),
     }
-    // IQ4_NL (type 20): 32 elements in 18 bytes; candle cannot compute with it.
+    // IQ4_NL (type 20): 32 elements in 18 bytes; no kernel computes with it.
     let iq = gguf_bytes(
         &[("general.architecture", "llama")],
         &[("blk.0.attn_q.weight", vec![32], 20, vec![0; 18])],
     );
     let f = GgufFile::open(&write(&dir, "iq.gguf", &iq)).unwrap();
-    match f.qtensor("blk.0.attn_q.weight") {
+    match f.f32_vec("blk.0.attn_q.weight") {
         Err(e @ ModelError::UnsupportedQuant { .. }) => {
             let msg = e.to_string();
             assert!(
@@ -143,7 +143,7 @@ fn unsupported_architecture_and_quantization_are_named() {
         other => panic!("expected UnsupportedQuant, got {other:?}"),
     }
     assert!(matches!(
-        f.qtensor("nope"),
+        f.f32_vec("nope"),
         Err(ModelError::MissingTensor(_))
     ));
     // A Q4_0 row that is not a whole number of blocks.

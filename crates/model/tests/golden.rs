@@ -63,6 +63,10 @@ struct Expect {
     tokens: usize,
     /// Largest first-position log-probability difference, nats.
     logprob_tol: f32,
+    /// `None`: every first greedy token equals llama.cpp's. `Some(tie)`: where ours differs,
+    /// llama.cpp rates our token within `tie` nats of its own choice (a near tie that any
+    /// last-bit difference may flip, as it flips between llama.cpp's own builds).
+    first_token_tie: Option<f32>,
 }
 
 fn check_generation(model: &LoadedModel, golden: &Value, expect: &Expect) {
@@ -70,6 +74,7 @@ fn check_generation(model: &LoadedModel, golden: &Value, expect: &Expect) {
         min_cases: min_first8,
         tokens,
         logprob_tol,
+        first_token_tie,
     } = *expect;
     let cases = golden["cases"].as_array().expect("cases");
     let mut first8_ok = 0;
@@ -92,12 +97,30 @@ fn check_generation(model: &LoadedModel, golden: &Value, expect: &Expect) {
             &r#gen.tokens[..n.min(r#gen.tokens.len())]
         );
         if r#gen.tokens[0] != want[0] {
-            first_misses.push(format!(
-                "{:?}: first token {} (llama.cpp {})",
-                case["prompt_text"].as_str(),
-                r#gen.tokens[0],
-                want[0]
-            ));
+            // How llama.cpp itself rates the token we chose (its top 5 are in the file).
+            let theirs = case["top5_logprobs_first4"][0].as_object().expect("top5");
+            let best = theirs
+                .values()
+                .filter_map(Value::as_f64)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let ours = model.tokenizer.token_text(r#gen.tokens[0]);
+            let gap = theirs
+                .get(&ours)
+                .and_then(Value::as_f64)
+                .map(|lp| best - lp);
+            println!(
+                "  first token differs: ours {ours:?} is {gap:?} nats below llama.cpp's choice in llama.cpp's log-probabilities"
+            );
+            let tie =
+                matches!((first_token_tie, gap), (Some(tie), Some(gap)) if gap <= f64::from(tie));
+            if !tie {
+                first_misses.push(format!(
+                    "{:?}: first token {} {ours:?} (llama.cpp {}; llama.cpp rates ours {gap:?} nats below its choice)",
+                    case["prompt_text"].as_str(),
+                    r#gen.tokens[0],
+                    want[0]
+                ));
+            }
         }
         if r#gen.tokens.len() >= n && r#gen.tokens[..n] == want[..n] {
             first8_ok += 1;
@@ -153,7 +176,7 @@ fn smollm2_prompts_match_llama_cpp() {
 #[test]
 fn smollm2_greedy_and_logprobs_match_llama_cpp() {
     let (Some(model), Some(golden)) = (
-        common::smollm2(),
+        common::smollm2_exact(),
         common::golden("smollm2-135m-instruct-q4_1.json"),
     ) else {
         return;
@@ -166,6 +189,7 @@ fn smollm2_greedy_and_logprobs_match_llama_cpp() {
         min_cases: 8,
         tokens: 8,
         logprob_tol: 1e-3,
+        first_token_tie: None,
     };
     check_generation(model, &golden, &expect);
 }
@@ -182,15 +206,59 @@ fn gemma3_prompts_match_llama_cpp() {
 
 #[test]
 fn gemma3_greedy_and_logprobs_match_llama_cpp() {
-    let (Some(model), Some(golden)) =
-        (common::gemma3(), common::golden("gemma-3-270m-q4_k_m.json"))
-    else {
+    let (Some(model), Some(golden)) = (
+        common::gemma3_exact(),
+        common::golden("gemma-3-270m-q4_k_m.json"),
+    ) else {
         return;
     };
     let expect = Expect {
         min_cases: 5,
         tokens: 8,
         logprob_tol: 1e-3,
+        first_token_tie: None,
+    };
+    check_generation(model, &golden, &expect);
+}
+
+/// The fast path's deviation from llama.cpp, measured on the same golden cases and bounded:
+/// the first-position top-5 log-probabilities within 0.5 nats, every first greedy token equal
+/// or a near tie (llama.cpp rates ours within 0.1 nats of its choice), and at least half the
+/// cases with their first 8 tokens equal. For scale: llama.cpp's own AVX2 build differs from the AVX-512
+/// build that made the golden files by 0.31 nats (SmolLM2, 5/8 cases equal over 8 tokens), a
+/// plain f64 forward pass by 0.38 (docs/benchmarks.md, "Native model").
+#[test]
+fn smollm2_fast_path_stays_close_to_llama_cpp() {
+    let (Some(model), Some(golden)) = (
+        common::smollm2(),
+        common::golden("smollm2-135m-instruct-q4_1.json"),
+    ) else {
+        return;
+    };
+    println!("kernels: {}", model.model.kernel_path());
+    let expect = Expect {
+        min_cases: 4,
+        tokens: 8,
+        logprob_tol: 0.5,
+        first_token_tie: Some(0.1),
+    };
+    check_generation(model, &golden, &expect);
+}
+
+/// As above, for Gemma 3.
+#[test]
+fn gemma3_fast_path_stays_close_to_llama_cpp() {
+    let (Some(model), Some(golden)) =
+        (common::gemma3(), common::golden("gemma-3-270m-q4_k_m.json"))
+    else {
+        return;
+    };
+    println!("kernels: {}", model.model.kernel_path());
+    let expect = Expect {
+        min_cases: 3,
+        tokens: 8,
+        logprob_tol: 0.5,
+        first_token_tie: Some(0.1),
     };
     check_generation(model, &golden, &expect);
 }

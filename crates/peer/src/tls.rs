@@ -88,6 +88,14 @@ fn certificates(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, P
 }
 
 impl PeerIdentity {
+    /// When this node's certificate (the chain's first) stops being valid, in Unix seconds.
+    pub fn not_after(&self) -> Result<i64, PeerError> {
+        let chain = certificates(&self.cert_pem, "node certificate")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&chain[0])
+            .map_err(|e| PeerError::Identity(format!("node certificate: {e}")))?;
+        Ok(cert.validity().not_after.timestamp())
+    }
+
     /// Parses the PEM and builds both TLS configurations.
     pub(crate) fn credentials(&self) -> Result<Credentials, PeerError> {
         let ca = certificates(&self.ca_pem, "CA certificate")?;

@@ -911,3 +911,22 @@ async fn a_renewed_certificate_is_served_without_a_restart() -> anyhow::Result<(
     assert_eq!(seen(&connection.peer().serial), seen(&renewed.serial));
     server.shutdown().await
 }
+
+/// The expiry the agent exports for alerting is read from the certificate itself.
+#[test]
+fn an_identity_knows_when_its_certificate_expires() {
+    let ca = TestCa::new("expiry CA");
+    let node = ca.issue(new_node());
+    // rcgen's default validity ends on 4096-01-01T00:00:00Z.
+    assert_eq!(node.identity.not_after().unwrap(), 67_090_118_400);
+    let broken = PeerIdentity {
+        cert_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+        ..node.identity
+    };
+    assert!(broken.not_after().is_err());
+    let empty = PeerIdentity {
+        cert_pem: String::new(),
+        ..broken
+    };
+    assert!(empty.not_after().is_err());
+}

@@ -163,6 +163,36 @@ pub enum ProfileError {
     },
 }
 
+/// Checks a `tiers` table (no G1, no tier twice, positive finite bandwidth, non-negative
+/// latency), naming the field at fault. Also what other files carrying tier costs use (the
+/// mock engine's timing profile).
+pub fn validate_tiers(tiers: &[TierCost]) -> Result<(), ProfileError> {
+    for (i, tier) in tiers.iter().enumerate() {
+        if tier.tier == Tier::G1 {
+            return Err(invalid(
+                format!("tiers[{i}].tier"),
+                "G1 needs no onboarding cost",
+            ));
+        }
+        if tiers[..i].iter().any(|t| t.tier == tier.tier) {
+            return Err(invalid(format!("tiers[{i}].tier"), "tier listed twice"));
+        }
+        if !(tier.bytes_per_second.is_finite() && tier.bytes_per_second > 0.0) {
+            return Err(invalid(
+                format!("tiers[{i}].bytes_per_second"),
+                format!("{} must be finite and positive", tier.bytes_per_second),
+            ));
+        }
+        if !(tier.latency_ms.is_finite() && tier.latency_ms >= 0.0) {
+            return Err(invalid(
+                format!("tiers[{i}].latency_ms"),
+                format!("{} must be finite and not negative", tier.latency_ms),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ProfileError {
     ProfileError::Invalid {
         field: field.into(),
@@ -230,30 +260,7 @@ impl PerfProfile {
         }
         self.validate_prefill()?;
         self.validate_decode()?;
-        for (i, tier) in self.tiers.iter().enumerate() {
-            if tier.tier == Tier::G1 {
-                return Err(invalid(
-                    format!("tiers[{i}].tier"),
-                    "G1 needs no onboarding cost",
-                ));
-            }
-            if self.tiers[..i].iter().any(|t| t.tier == tier.tier) {
-                return Err(invalid(format!("tiers[{i}].tier"), "tier listed twice"));
-            }
-            if !(tier.bytes_per_second.is_finite() && tier.bytes_per_second > 0.0) {
-                return Err(invalid(
-                    format!("tiers[{i}].bytes_per_second"),
-                    format!("{} must be finite and positive", tier.bytes_per_second),
-                ));
-            }
-            if !(tier.latency_ms.is_finite() && tier.latency_ms >= 0.0) {
-                return Err(invalid(
-                    format!("tiers[{i}].latency_ms"),
-                    format!("{} must be finite and not negative", tier.latency_ms),
-                ));
-            }
-        }
-        Ok(())
+        validate_tiers(&self.tiers)
     }
 
     fn validate_prefill(&self) -> Result<(), ProfileError> {
@@ -413,7 +420,15 @@ impl PerfProfile {
         self.tiers
             .iter()
             .find(|t| t.tier == tier)
-            .map(|t| t.latency_ms + bytes as f64 * 1000.0 / t.bytes_per_second)
+            .map(|t| t.onboard_ms(bytes))
+    }
+}
+
+impl TierCost {
+    /// Time to onboard `bytes` from this tier into G1, ms: `latency_ms + bytes /
+    /// bytes_per_second`.
+    pub fn onboard_ms(&self, bytes: u64) -> f64 {
+        self.latency_ms + bytes as f64 * 1000.0 / self.bytes_per_second
     }
 }
 

@@ -203,6 +203,17 @@ impl KvLayout {
         ];
         pairs.into_iter().find(|(_, a, b)| a != b)
     }
+
+    /// A stable 64-bit name for this layout: XXH3-64 (seed "kvlayout") of its JSON encoding
+    /// (fields in declaration order). Stored KV (the disk tier's directories and block files)
+    /// is keyed by it, so blocks of one layout are never read back into another. Not a block
+    /// hash; equal fingerprints with unequal layouts are still told apart by [`KvLayout::mismatch`]
+    /// wherever the full layout travels.
+    pub fn fingerprint(&self) -> u64 {
+        const LAYOUT_SEED: u64 = u64::from_le_bytes(*b"kvlayout");
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        xxhash_rust::xxh3::xxh3_64_with_seed(&json, LAYOUT_SEED)
+    }
 }
 
 #[cfg(test)]
@@ -299,5 +310,13 @@ mod tests {
             layout.mismatch(&other),
             Some(("head_dim", "128".to_owned(), "64".to_owned()))
         );
+        // The fingerprint is stable (stored files are keyed by it) and tells layouts apart.
+        assert_eq!(layout.fingerprint(), layout.clone().fingerprint());
+        assert_ne!(layout.fingerprint(), other.fingerprint());
+        let other_model = KvLayout {
+            model: "llama-3-8b-instruct".into(),
+            ..layout.clone()
+        };
+        assert_ne!(layout.fingerprint(), other_model.fingerprint());
     }
 }

@@ -8,19 +8,29 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kvfleet_engine::{MockProfile, PoolSizing};
-use kvfleet_kv_router::RoutingMode;
+use kvfleet_engine::{Admission, MockProfile, PoolSizing, TierConfig, TierStorage};
+use kvfleet_kv_router::{RouterConfig, RoutingMode};
 
 use crate::report::{Comparison, SimReport};
 use crate::sim::{SimConfig, run};
-use crate::trace::load_trace;
+use crate::sweep::{self, SweepArgs};
+use crate::trace::TraceRequest;
+use crate::workload::WorkloadArgs;
 
-/// Replay a request trace (Mooncake JSONL) on a fleet of mock engines in virtual time.
+/// Replay a request trace (Mooncake JSONL), or generated chat or agent traffic, on a fleet of
+/// mock engines in virtual time.
 #[derive(Debug, Clone, Args)]
 pub struct SimArgs {
-    /// The trace: one `{"timestamp", "input_length", "output_length", "hash_ids"}` per line.
+    /// The trace: one `{"timestamp", "input_length", "output_length", "hash_ids"}` per line
+    /// (needed with `--workload trace`, the default).
     #[arg(long, value_name = "FILE")]
-    pub trace: PathBuf,
+    pub trace: Option<PathBuf>,
+    /// Generated workloads instead of a trace (boxed: the CLI's command enum stays small).
+    #[command(flatten)]
+    pub workload: Box<WorkloadArgs>,
+    /// Several fleet sizes and request rates in one run.
+    #[command(flatten)]
+    pub sweep: Box<SweepArgs>,
     /// Workers in the fleet (one mock engine each).
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
@@ -55,9 +65,33 @@ pub struct SimArgs {
     /// such as host-memory offload, would buy).
     #[arg(long, value_name = "BLOCKS")]
     pub kv_blocks: Option<u32>,
+    /// G2 (host memory) blocks per worker: what the device pool evicts is kept there and
+    /// onboarded at the profile's `tiers` bandwidth instead of recomputed. 0 = off.
+    #[arg(long, default_value_t = 0, value_name = "BLOCKS")]
+    pub g2_blocks: u64,
+    /// G3 (local disk) blocks per worker, below G2 (or below the device pool without G2).
+    #[arg(long, default_value_t = 0, value_name = "BLOCKS")]
+    pub g3_blocks: u64,
+    /// Which evicted blocks enter G2/G3: `all`, or `reused` (only blocks a later prompt hit).
+    #[arg(long, default_value = "all", value_name = "POLICY", value_parser = parse_admission)]
+    pub tier_admission: Admission,
     /// Seed of the router's random choices (`random` mode, softmax).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Sets one router setting, as `NAME=VALUE` with the names of `kvfleet_kv_router::RouterConfig`
+    /// (e.g. `--router itl_weight=0.05 --router tie_fraction=0.05`); repeatable.
+    #[arg(long = "router", value_name = "NAME=VALUE")]
+    pub router_settings: Vec<String>,
+    /// Serve disaggregated: this many of the workers prefill, the rest decode, and each
+    /// request's prompt goes to a prefill worker when the agent's decision says so (the same
+    /// function the agent runs; see --min-remote-prefill-tokens).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub prefill_workers: usize,
+    /// With --prefill-workers: prompts whose part the decode worker does not cache is shorter
+    /// than this are prefilled by the decode worker (the deployment's
+    /// `min_remote_prefill_tokens`).
+    #[arg(long, default_value_t = 256, value_name = "TOKENS")]
+    pub min_remote_prefill_tokens: u32,
     /// Modes to simulate at once, each on its own thread (runs are independent, so the
     /// figures do not depend on it; only the wall times do).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -65,6 +99,14 @@ pub struct SimArgs {
     /// Planner runs and shaped traces.
     #[command(flatten)]
     pub planner: crate::planner::cli::PlannerArgs,
+}
+
+fn parse_admission(text: &str) -> Result<Admission, String> {
+    match text {
+        "all" => Ok(Admission::All),
+        "reused" => Ok(Admission::Reused),
+        other => Err(format!("`{other}`: expected `all` or `reused`")),
+    }
 }
 
 fn millis(value: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -105,11 +147,55 @@ impl SimArgs {
             config.profile = MockProfile::from_file(path)
                 .with_context(|| format!("loading mock profile {}", path.display()))?;
         }
+        let block_bytes = config.profile.layout.block_bytes() as u64;
+        config.scheduler.tiers = TierConfig {
+            host_bytes: self.g2_blocks.saturating_mul(block_bytes),
+            disk_bytes: self.g3_blocks.saturating_mul(block_bytes),
+            admission: self.tier_admission,
+            storage: TierStorage::Modelled,
+            ..TierConfig::default()
+        };
         if let Some(seed) = self.seed {
             config.router.seed = seed;
         }
+        config.router = apply_router_settings(&config.router, &self.router_settings)?;
+        config.prefill_workers = self.prefill_workers;
+        config.disaggregation.min_remote_prefill_tokens = self.min_remote_prefill_tokens;
+        if self.prefill_workers >= self.workers {
+            bail!(
+                "--prefill-workers {} leaves none of the {} workers to decode",
+                self.prefill_workers,
+                self.workers
+            );
+        }
         Ok(config)
     }
+}
+
+/// `config` with each `NAME=VALUE` applied (the value as JSON, or else as a string), through the
+/// config's own deserializer so every field is checked as in a config file.
+fn apply_router_settings(
+    config: &RouterConfig,
+    settings: &[String],
+) -> anyhow::Result<RouterConfig> {
+    if settings.is_empty() {
+        return Ok(config.clone());
+    }
+    let mut value = serde_json::to_value(config).context("serializing the router config")?;
+    for setting in settings {
+        let Some((name, text)) = setting.split_once('=') else {
+            bail!("--router {setting}: expected NAME=VALUE");
+        };
+        let parsed = serde_json::from_str(text)
+            .unwrap_or_else(|_| serde_json::Value::String(text.to_owned()));
+        match value.as_object_mut() {
+            Some(fields) if fields.contains_key(name.trim()) => {
+                fields.insert(name.trim().to_owned(), parsed);
+            }
+            _ => bail!("--router {setting}: the router has no setting `{name}`"),
+        }
+    }
+    serde_json::from_value(value).context("--router: a value does not fit its setting")
 }
 
 /// Runs `kvfleet sim`: every requested mode over the trace, then prints the table (or JSON)
@@ -120,26 +206,56 @@ pub fn cli_main(args: SimArgs) -> anyhow::Result<()> {
 
 /// [`cli_main`] writing its table or JSON to `out`.
 pub fn cli_run(args: SimArgs, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    if args.sweep.is_sweep() {
+        if args.planner.wanted() {
+            bail!("--planner runs one fleet over time: leave out the sweep flags");
+        }
+        return sweep::run_sweep(&args, out);
+    }
     let modes = args.modes()?;
     let config = args.config()?;
-    let mut trace = load_trace(&args.trace)?;
-    if let Some(limit) = args.limit {
-        trace.truncate(limit);
-    }
-    let trace = args.planner.shape_trace(trace)?;
+    let (name, trace) = sweep::workload(&args, 1.0)?;
     let p = &args.planner;
-    if p.wanted() || p.write_trace.is_some() || p.predictor_errors {
+    if p.wanted() || p.predictor_errors {
+        if config.prefill_workers > 0 {
+            bail!("--planner sizes an aggregated fleet: leave out --prefill-workers");
+        }
         let config = config.with_mode(modes[0]);
-        return crate::planner::cli::run(&args, config, trace, out);
+        return crate::planner::cli::run(&args, config, &name, trace, out);
     }
-    let jobs = args.jobs.clamp(1, modes.len().max(1));
+    if p.curve.is_some() && args.workload.write_trace.is_some() {
+        // Shaping a trace to a curve is a tool of its own: the shaped trace is the product.
+        return Ok(());
+    }
+    let runs = run_modes(&config, &trace, &modes, args.jobs)?;
+    let comparison = Comparison { trace: name, runs };
+    if let Some(path) = &args.plot {
+        std::fs::write(path, crate::plot::render_svg(&comparison))
+            .with_context(|| format!("writing plot {}", path.display()))?;
+    }
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &comparison).context("writing JSON")?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", comparison.markdown_table())?;
+    }
+    Ok(())
+}
+
+/// Runs `config` once per mode over `trace`, `jobs` runs at a time, and logs each to stderr.
+pub(crate) fn run_modes(
+    config: &SimConfig,
+    trace: &[TraceRequest],
+    modes: &[RoutingMode],
+    jobs: usize,
+) -> anyhow::Result<Vec<SimReport>> {
+    let jobs = jobs.clamp(1, modes.len().max(1));
     let mut runs = Vec::with_capacity(modes.len());
     for chunk in modes.chunks(jobs) {
         let reports: Vec<anyhow::Result<SimReport>> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk
                 .iter()
                 .map(|&mode| {
-                    let (config, trace) = (&config, &trace);
                     scope.spawn(move || {
                         run(&config.clone().with_mode(mode), trace)
                             .with_context(|| format!("simulating mode {mode}"))
@@ -157,32 +273,26 @@ pub fn cli_run(args: SimArgs, out: &mut impl std::io::Write) -> anyhow::Result<(
         for report in reports {
             let report = report?;
             eprintln!(
-                "{}: {} of {} requests completed, hit rate {:.1} %, {:.1} s of virtual time in {:.1} s",
+                "{} workers, {}: {} of {} requests completed, hit rate {:.1} %, mean TTFT {:.0} ms \
+                 (predicted within {:.1} % at the median), {:.1} s of virtual time in {:.1} s{}",
+                report.workers,
                 report.mode,
                 report.completed,
                 report.requests,
                 report.prefix_hit_rate * 100.0,
+                report.ttft_ms.mean,
+                report.ttft_prediction.rel_p50 * 100.0,
                 report.virtual_duration_s,
-                report.wall_time_s
+                report.wall_time_s,
+                match report.prefill_workers {
+                    0 => String::new(),
+                    n => format!(", {n} prefill workers: {:?}", report.prefill_decisions),
+                }
             );
             runs.push(report);
         }
     }
-    let comparison = Comparison {
-        trace: args.trace.display().to_string(),
-        runs,
-    };
-    if let Some(path) = &args.plot {
-        std::fs::write(path, crate::plot::render_svg(&comparison))
-            .with_context(|| format!("writing plot {}", path.display()))?;
-    }
-    if args.json {
-        serde_json::to_writer_pretty(&mut *out, &comparison).context("writing JSON")?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", comparison.markdown_table())?;
-    }
-    Ok(())
+    Ok(runs)
 }
 
 #[cfg(test)]
@@ -217,6 +327,12 @@ mod tests {
             "2.5",
             "--kv-blocks",
             "1000",
+            "--g2-blocks",
+            "4000",
+            "--g3-blocks",
+            "8000",
+            "--tier-admission",
+            "reused",
         ]);
         assert_eq!(
             args.modes().unwrap(),
@@ -229,6 +345,20 @@ mod tests {
         assert_eq!(config.scheduler.max_model_len, 131_072);
         assert!(!config.pool_from_profile);
         assert_eq!(config.scheduler.kv_memory, PoolSizing::Blocks(1000));
+        let block_bytes = config.profile.layout.block_bytes() as u64;
+        let tiers = &config.scheduler.tiers;
+        assert_eq!(tiers.host_bytes, 4000 * block_bytes);
+        assert_eq!(tiers.disk_bytes, 8000 * block_bytes);
+        assert_eq!(tiers.admission, Admission::Reused);
+        assert_eq!(tiers.storage, TierStorage::Modelled);
+        assert!(
+            !parse(&["--trace", "t"])
+                .config()
+                .unwrap()
+                .scheduler
+                .tiers
+                .enabled()
+        );
         assert!(parse(&["--trace", "t"]).config().unwrap().pool_from_profile);
     }
 

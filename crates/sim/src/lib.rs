@@ -7,7 +7,10 @@
 //! - [`sim`]: [`SimConfig`] and [`run`], the discrete-event loop that plays the agent's part:
 //!   arrivals, routing, engine steps, KV events and load reports delivered after a delay.
 //! - [`report`]: [`SimReport`] (serde JSON) and the Markdown table of a [`Comparison`].
-//! - [`plot`]: the SVG of a comparison, written by hand.
+//! - [`plot`]: the SVG of a comparison (and of a sweep), written by hand.
+//! - [`workload`]: generators of multi-turn chat and agent-burst traffic, the stand-ins for real
+//!   traffic, with knobs for sessions, turns, think time and rate.
+//! - [`sweep`]: every mode on several fleet sizes at several multiples of the base rate.
 //! - [`cli`]: [`SimArgs`] and [`cli_main`], the `kvfleet sim` command.
 //! - [`shape`]: time-varying traces — a base trace replayed at a rate that follows a ramp, a
 //!   day or a spike.
@@ -46,7 +49,9 @@ pub mod report;
 pub mod shape;
 pub mod sim;
 pub mod stats;
+pub mod sweep;
 pub mod trace;
+pub mod workload;
 
 #[cfg(test)]
 mod tests;

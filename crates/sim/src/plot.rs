@@ -16,6 +16,7 @@ const PANEL_H: f64 = 270.0;
 fn color(mode: RoutingMode) -> &'static str {
     match mode {
         RoutingMode::Kv => "#1f77b4",
+        RoutingMode::KvBlocks => "#17becf",
         RoutingMode::RoundRobin => "#ff7f0e",
         RoutingMode::Random => "#2ca02c",
         RoutingMode::LeastLoaded => "#d62728",
@@ -339,6 +340,114 @@ pub fn render_svg(comparison: &Comparison) -> String {
             );
         }
         load.x_label(&mut out, slot * (i as f64 + 0.5), r.mode.as_str());
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The SVG of a sweep: for each fleet size a column with mean TTFT (top) and ITL p99 (bottom)
+/// against the request rate, one line per mode.
+pub fn render_sweep_svg(sweep: &crate::sweep::Sweep) -> String {
+    let mut fleets: Vec<usize> = sweep.cells.iter().map(|c| c.workers).collect();
+    fleets.dedup();
+    let mut modes: Vec<RoutingMode> = Vec::new();
+    for run in sweep.cells.iter().flat_map(|c| &c.runs) {
+        if !modes.contains(&run.mode) {
+            modes.push(run.mode);
+        }
+    }
+    let (panel_w, panel_h) = (420.0, 240.0);
+    let width = 80.0 + fleets.len().max(1) as f64 * (panel_w + 90.0);
+    let height = 130.0 + 2.0 * (panel_h + 100.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="30" y="28" font-size="18" font-weight="bold">kvfleet sim: {} — routing modes across load</text><text x="30" y="48" font-size="13">x: multiple of the base rate (which grows with the fleet, so each worker sees the same load)</text>"#,
+        escape(&sweep.workload)
+    );
+    for (i, mode) in modes.iter().enumerate() {
+        let x = 30.0 + i as f64 * 150.0;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{x:.1}" y="60" width="14" height="14" fill="{}"/><text x="{:.1}" y="72" font-size="13">{mode}</text>"#,
+            color(*mode),
+            x + 20.0,
+        );
+    }
+    type Metric = fn(&crate::report::SimReport) -> f64;
+    let metrics: [(&str, Metric); 2] = [
+        ("mean TTFT", |r| r.ttft_ms.mean),
+        ("ITL p99", |r| r.itl_ms.p99),
+    ];
+    for (col, &workers) in fleets.iter().enumerate() {
+        let cells: Vec<&crate::sweep::Cell> = sweep
+            .cells
+            .iter()
+            .filter(|c| c.workers == workers)
+            .collect();
+        for (row, (name, metric)) in metrics.iter().enumerate() {
+            let panel = Panel {
+                x: 80.0 + col as f64 * (panel_w + 90.0),
+                y: 120.0 + row as f64 * (panel_h + 100.0),
+                w: panel_w,
+                h: panel_h,
+            };
+            panel.frame(&mut out, &format!("{name}, {workers} workers"));
+            let top = nice_ceiling(
+                cells
+                    .iter()
+                    .flat_map(|c| c.runs.iter().map(metric))
+                    .fold(1.0, f64::max),
+            );
+            for k in 0..=4 {
+                let v = top * f64::from(k) / 4.0;
+                panel.y_tick(&mut out, v / top, &tick_label(v));
+            }
+            let n = cells.len().max(1) as f64;
+            let x_of = |i: usize| panel.w * (i as f64 + 0.5) / n;
+            for (i, cell) in cells.iter().enumerate() {
+                panel.x_label(&mut out, x_of(i), &format!("{}×", cell.rate));
+            }
+            for mode in &modes {
+                let points: Vec<(f64, f64, f64)> = cells
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| {
+                        let r = c.runs.iter().find(|r| r.mode == *mode)?;
+                        let v = metric(r);
+                        Some((
+                            panel.x + x_of(i),
+                            panel.y + panel.h * (1.0 - (v / top).clamp(0.0, 1.0)),
+                            v,
+                        ))
+                    })
+                    .collect();
+                let stroke = if *mode == RoutingMode::Kv { 3.5 } else { 1.8 };
+                let line: Vec<String> = points
+                    .iter()
+                    .map(|(x, y, _)| format!("{x:.1},{y:.1}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    r#"<polyline fill="none" stroke="{}" stroke-width="{stroke}" points="{}"/>"#,
+                    color(*mode),
+                    line.join(" ")
+                );
+                for (x, y, v) in points {
+                    let _ = writeln!(
+                        out,
+                        r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{}"><title>{mode}: {}</title></circle>"#,
+                        color(*mode),
+                        ms(v)
+                    );
+                }
+            }
+        }
     }
     out.push_str("</svg>\n");
     out

@@ -1,8 +1,9 @@
 //! What a simulation run reports, as serde types (the `--json` output) and a text table.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use kvfleet_kv_router::{EventCounters, RouteCounters, RoutingMode};
+use kvfleet_kv_router::{EventCounters, PredictionSummary, RouteCounters, RoutingMode};
 use serde::{Deserialize, Serialize};
 
 use crate::stats::Percentiles;
@@ -18,6 +19,13 @@ pub struct SimReport {
     pub profile: String,
     /// KV blocks per worker (the engine's pool).
     pub kv_blocks_per_worker: u32,
+    /// Blocks per worker in the lower KV tiers: G2 (host memory) and G3 (disk); 0 when off.
+    #[serde(default)]
+    pub tier_blocks_per_worker: [u64; 2],
+    /// Prompt blocks onboarded from G2 and G3 over every worker: hits that were not
+    /// recomputed (they are part of `cached_tokens`).
+    #[serde(default)]
+    pub tier_hit_blocks: [u64; 2],
     /// Tokens per KV block.
     pub block_size: u32,
     /// Delay of KV events and load reports on their way to the router, ms.
@@ -70,6 +78,16 @@ pub struct SimReport {
     pub router_routes: RouteCounters,
     /// The router's KV event counters (gaps or broken chains would be a simulator bug).
     pub router_events: EventCounters,
+    /// How the TTFT the router predicted for each request (from routing to first token, on the
+    /// worker it chose) compared with the actual one.
+    pub ttft_prediction: PredictionSummary,
+    /// Prefill workers among `workers` (0: every worker serves aggregated).
+    #[serde(default)]
+    pub prefill_workers: usize,
+    /// How many requests the disaggregation decision prefilled where, by decision
+    /// (`remote`, `local_short`, ...); empty when the fleet is aggregated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefill_decisions: BTreeMap<String, u64>,
 }
 
 /// Requests refused for one reason.
@@ -118,19 +136,24 @@ impl Comparison {
     pub fn markdown_table(&self) -> String {
         let mut out = String::new();
         out.push_str(
-            "| mode | prefix hit rate | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | \
-             E2E p50 | E2E p99 | output tok/s | requests per worker (min–max) | computed prompt \
-             tokens per worker (min–max) | wall time |\n",
+            "| mode | prefix hit rate | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | \
+             ITL p99 | E2E p50 | E2E p99 | TTFT prediction error p50 / p90 | output tok/s | \
+             requests per worker (min–max) | computed prompt tokens per worker (min–max) | \
+             wall time |\n",
         );
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str(
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | \
+             ---: | ---: | ---: |\n",
+        );
         for r in &self.runs {
             let requests = min_max(r.per_worker.iter().map(|w| w.requests));
             let computed = min_max(r.per_worker.iter().map(|w| w.computed_prompt_tokens));
             let _ = writeln!(
                 out,
-                "| {} | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {:.0} | {}–{} | {:.1}M–{:.1}M | {:.1} s |",
+                "| {} | {:.1} % | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} % / {:.1} % | {:.0} | {}–{} | {:.1}M–{:.1}M | {:.1} s |",
                 r.mode,
                 r.prefix_hit_rate * 100.0,
+                ms(r.ttft_ms.mean),
                 ms(r.ttft_ms.p50),
                 ms(r.ttft_ms.p90),
                 ms(r.ttft_ms.p99),
@@ -138,6 +161,8 @@ impl Comparison {
                 ms(r.itl_ms.p99),
                 ms(r.e2e_ms.p50),
                 ms(r.e2e_ms.p99),
+                r.ttft_prediction.rel_p50 * 100.0,
+                r.ttft_prediction.rel_p90 * 100.0,
                 r.output_tokens_per_s,
                 requests.0,
                 requests.1,

@@ -405,26 +405,11 @@ pub fn shape(
     Ok(out)
 }
 
-/// Writes a trace in the Mooncake JSONL format (timestamps in whole ms).
-pub fn write_trace(trace: &[TraceRequest], out: &mut impl std::io::Write) -> std::io::Result<()> {
-    for r in trace {
-        let ids: Vec<String> = r.hash_ids.iter().map(u64::to_string).collect();
-        writeln!(
-            out,
-            "{{\"timestamp\": {}, \"input_length\": {}, \"output_length\": {}, \"hash_ids\": [{}]}}",
-            r.arrival.as_millis(),
-            r.input_length,
-            r.output_length,
-            ids.join(", ")
-        )?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::trace::parse_trace;
+    use crate::workload::write_trace;
 
     fn base() -> Vec<TraceRequest> {
         // 100 requests 100 ms apart: 10 req/s, ids 0..3 each.

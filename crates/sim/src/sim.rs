@@ -15,18 +15,21 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvfleet_engine::{
-    ConfigError, Engine, EngineOutput, ExecError, MockEngine, MockExecutor, MockProfile, Request,
-    RequestId as EngineRequestId, SchedulerConfig,
+    ConfigError, Engine, EngineOutput, ExecError, KvExport, MockEngine, MockExecutor, MockProfile,
+    PoolSizing, Request, RequestId as EngineRequestId, SchedulerConfig,
 };
 use kvfleet_kv_router::{
-    RequestId, RouteError, RouteRequest, Router, RouterConfig, RoutingMode, TooManyWorkers,
-    WorkerCapacity, WorkerLoad,
+    PredictionSummary, PrefillDecision, RequestId, RouteError, RouteRequest, Router, RouterConfig,
+    RoutingMode, TooManyWorkers, WorkerCapacity, WorkerLoad, choose_prefill,
 };
-use kvfleet_proto::hash::sequence_hashes;
-use kvfleet_proto::{KvEvent, SamplingParams, WorkerId};
+use kvfleet_proto::api::DisaggregationPolicy;
+use kvfleet_proto::hash::{block_hashes, sequence_hashes};
+use kvfleet_proto::profile::ProfileError;
+use kvfleet_proto::{KvDtype, KvEvent, KvLayout, SamplingParams, WorkerId};
 
 use crate::planner::IntervalStats;
 use crate::report::{Rejection, SimReport, WorkerReport};
@@ -53,6 +56,14 @@ pub struct SimConfig {
     pub load_report_interval: Duration,
     /// Trace timestamps are multiplied by this: 0.5 replays the trace at twice its request rate.
     pub time_scale: f64,
+    /// Of the `workers`, how many are prefill workers (ids `1..=prefill_workers`). With any,
+    /// the model is served disaggregated: the rest decode, and the agent's decision
+    /// (`kvfleet_kv_router::choose_prefill`, under `disaggregation`) sends a prompt to a prefill
+    /// worker, whose first token ends its leg; its KV blocks reach the decode worker
+    /// `event_delay` later, which decodes the rest.
+    pub prefill_workers: usize,
+    /// The disaggregation policy when `prefill_workers > 0`.
+    pub disaggregation: DisaggregationPolicy,
 }
 
 impl Default for SimConfig {
@@ -70,6 +81,8 @@ impl Default for SimConfig {
             event_delay: Duration::from_millis(5),
             load_report_interval: Duration::from_millis(100),
             time_scale: 1.0,
+            prefill_workers: 0,
+            disaggregation: DisaggregationPolicy::default(),
         }
     }
 }
@@ -85,8 +98,8 @@ impl SimConfig {
 /// A run that could not be carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    /// `workers` is 0.
-    #[error("the fleet needs at least one worker")]
+    /// `workers` is 0, or no worker is left to decode after the prefill workers.
+    #[error("the fleet needs at least one worker that decodes")]
     NoWorkers,
     /// `time_scale` is not a positive finite number.
     #[error("time scale {0} must be a positive finite number")]
@@ -103,6 +116,9 @@ pub enum SimError {
     /// More workers than the router can track.
     #[error(transparent)]
     Router(#[from] TooManyWorkers),
+    /// The mock's performance profile is unusable for the router.
+    #[error("performance profile: {0}")]
+    Profile(#[from] ProfileError),
     /// A mock engine's step failed (the mock executor never fails; kept for other executors).
     #[error("worker {worker} at {at:?}: {source}")]
     Exec {
@@ -134,9 +150,61 @@ enum ToRouter {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Live {
     pub(crate) trace_index: usize,
+    /// When the router placed it, and the TTFT it predicted from then, ms.
+    routed_at: Duration,
+    predicted_ttft_ms: f64,
     /// The router's estimate of the prompt tokens the worker must compute (for load reports).
     prefill_estimate: u64,
     last_token: Option<Duration>,
+    leg: Leg,
+}
+
+/// Which part of a request an engine runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Leg {
+    /// All of it.
+    Whole,
+    /// A disaggregated request's prefill (its first token), for the decode worker at this index.
+    Prefill { decode: usize },
+    /// A disaggregated request's decode, after a prefill leg that ended at `first_token` with
+    /// `cached_tokens` of its prompt found in the prefill worker's cache.
+    Decode {
+        arrival: Duration,
+        first_token: Duration,
+        cached_tokens: u32,
+    },
+}
+
+/// A decode leg to submit once its prefill leg's blocks arrive.
+#[derive(Debug)]
+struct Handoff {
+    at: Duration,
+    trace_index: usize,
+    decode: usize,
+    first_token: u32,
+    arrival: Duration,
+    first_token_at: Duration,
+    cached_tokens: u32,
+}
+
+/// `profile` with a layout of a few bytes per token: the same block size and timing, KV blocks
+/// the simulator can move between engines without copying the real model's bytes.
+fn compact(profile: &MockProfile) -> MockProfile {
+    MockProfile {
+        layout: KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 1,
+            dtype: KvDtype::F16,
+            ..profile.layout.clone()
+        },
+        ..profile.clone()
+    }
+}
+
+/// The router's id of a request's prefill pick (its decode pick has the trace index).
+fn prefill_request(trace_index: usize) -> RequestId {
+    RequestId(trace_index as u128 | 1 << 64)
 }
 
 /// Where a worker is in its life. Without a planner every worker serves from the start.
@@ -208,6 +276,8 @@ struct Totals {
     output_tokens: u64,
     ttft_ms: Vec<f64>,
     e2e_ms: Vec<f64>,
+    /// (predicted, actual) TTFT from routing, ms, per request that got its first token.
+    predictions: Vec<(f64, f64)>,
     itl_us: LogHistogram,
     first_arrival: Option<Duration>,
     last_finish: Duration,
@@ -234,6 +304,12 @@ pub(crate) struct Sim<'a> {
     pub(crate) interval: Option<Box<IntervalStats>>,
     next_arrival: usize,
     next_tick: Duration,
+    /// Disaggregated serving: the prefill and the decode workers' ids, decode legs waiting for
+    /// their blocks (in time order), the decisions made.
+    prefill_ids: Vec<WorkerId>,
+    decode_ids: Vec<WorkerId>,
+    handoffs: VecDeque<Handoff>,
+    prefill_decisions: [u64; 4],
 }
 
 /// Replays `trace` on the fleet `config` describes and reports what happened.
@@ -246,7 +322,7 @@ pub fn run(config: &SimConfig, trace: &[TraceRequest]) -> Result<SimReport, SimE
 
 impl<'a> Sim<'a> {
     pub(crate) fn new(config: &'a SimConfig, trace: &'a [TraceRequest]) -> Result<Self, SimError> {
-        if config.workers == 0 {
+        if config.workers <= config.prefill_workers {
             return Err(SimError::NoWorkers);
         }
         if !(config.time_scale.is_finite() && config.time_scale > 0.0) {
@@ -259,14 +335,35 @@ impl<'a> Sim<'a> {
         router_config.block_size = config.profile.layout.block_size;
         let mut router = Router::new(router_config);
         let mut workers = Vec::with_capacity(config.workers);
+        // Disaggregated, blocks really move from engine to engine: in a layout of a few bytes
+        // per token (the mock holds no data) with pools as many blocks as the real layout
+        // gives, a transfer costs no gigabytes of zeros.
+        let (profile, pool) = if config.prefill_workers > 0 {
+            let pool = match config.pool_from_profile {
+                true => config.profile.pool_sizing(),
+                false => config.scheduler.kv_memory,
+            };
+            let pool = match pool {
+                PoolSizing::Bytes(bytes) => {
+                    let blocks = bytes / (config.profile.layout.block_bytes() as u64).max(1);
+                    PoolSizing::Blocks(u32::try_from(blocks).unwrap_or(u32::MAX))
+                }
+                other => other,
+            };
+            (compact(&config.profile), Some(pool))
+        } else {
+            (config.profile.clone(), None)
+        };
         for i in 0..config.workers {
             let id = WorkerId(i as u64 + 1);
             let mut scheduler = config.scheduler.clone();
             scheduler.worker = id;
-            if config.pool_from_profile {
+            if let Some(pool) = pool {
+                scheduler.kv_memory = pool;
+            } else if config.pool_from_profile {
                 scheduler.kv_memory = config.profile.pool_sizing();
             }
-            let engine = MockEngine::new(scheduler, MockExecutor::new(config.profile.clone()))?;
+            let engine = MockEngine::new(scheduler, MockExecutor::new(profile.clone()))?;
             router.add_worker(
                 id,
                 WorkerCapacity {
@@ -279,6 +376,12 @@ impl<'a> Sim<'a> {
         let pool_blocks = workers
             .first()
             .map_or(0, |w| w.engine.pool().usage().total as usize);
+        // Every worker runs the same mock, so they share its performance profile (for the pool
+        // they really have, which `--kv-blocks` may have resized): what the agent hands the
+        // router for a fleet of mock workers.
+        let mut mock = config.profile.clone();
+        mock.kv_cache_bytes = pool_blocks as u64 * mock.layout.block_bytes() as u64;
+        router.set_default_profile(Arc::new(mock.perf_profile(&config.scheduler)))?;
         Ok(Self {
             config,
             trace,
@@ -294,6 +397,12 @@ impl<'a> Sim<'a> {
             interval: None,
             next_arrival: 0,
             next_tick: Duration::ZERO,
+            prefill_ids: (1..=config.prefill_workers as u64).map(WorkerId).collect(),
+            decode_ids: (config.prefill_workers as u64 + 1..=config.workers as u64)
+                .map(WorkerId)
+                .collect(),
+            handoffs: VecDeque::new(),
+            prefill_decisions: [0; 4],
         })
     }
 
@@ -317,7 +426,9 @@ impl<'a> Sim<'a> {
     /// retry. Messages in transit do not count: they are delivered without ticks, and counting
     /// them would keep a fleet whose reports take longer than the interval ticking forever.
     pub(crate) fn busy(&self) -> bool {
-        !self.backlog.is_empty() || self.workers.iter().any(|w| w.engine.has_work())
+        !self.backlog.is_empty()
+            || !self.handoffs.is_empty()
+            || self.workers.iter().any(|w| w.engine.has_work())
     }
 
     /// Whether every request of the trace has arrived.
@@ -330,13 +441,14 @@ impl<'a> Sim<'a> {
     pub(crate) fn run_until(&mut self, until: Duration) -> Result<bool, SimError> {
         loop {
             let engine = self.next_engine();
+            let handoff = self.handoffs.front().map(|h| h.at);
             let delivery = self.to_router.front().map(|(at, _)| *at);
             let ready = self.starting.peek().map(|Reverse((at, _))| *at);
             let arrival = (self.next_arrival < self.trace.len())
                 .then(|| self.arrival_time(self.next_arrival));
             // Load reports run while anything is going on; an idle fleet has nothing to report.
             let tick = (arrival.is_some() || self.busy()).then_some(self.next_tick);
-            let Some(now) = [engine.map(|e| e.0), delivery, ready, tick, arrival]
+            let Some(now) = [engine.map(|e| e.0), handoff, delivery, ready, tick, arrival]
                 .into_iter()
                 .flatten()
                 .min()
@@ -350,6 +462,8 @@ impl<'a> Sim<'a> {
                 self.heap.pop();
                 self.workers[w].scheduled = None;
                 self.step(w, at)?;
+            } else if handoff == Some(now) {
+                self.hand_off(now)?;
             } else if delivery == Some(now) {
                 self.deliver(now);
             } else if ready == Some(now) {
@@ -432,7 +546,11 @@ impl<'a> Sim<'a> {
             return;
         };
         let trace_index = live.trace_index;
-        let router_id = RequestId(trace_index as u128);
+        let decode_id = RequestId(trace_index as u128);
+        let router_id = match live.leg {
+            Leg::Prefill { .. } => prefill_request(trace_index),
+            Leg::Whole | Leg::Decode { .. } => decode_id,
+        };
         match output {
             EngineOutput::Token(token) => {
                 match live.last_token {
@@ -440,7 +558,22 @@ impl<'a> Sim<'a> {
                         worker.pending_prefill =
                             worker.pending_prefill.saturating_sub(live.prefill_estimate);
                         self.router.prefill_done(router_id, token.time);
-                        if let Some(stats) = &mut self.interval {
+                        if live.leg == Leg::Whole {
+                            // The router predicts the TTFT of a worker serving the whole
+                            // request; a prefill leg's first token is not that.
+                            let actual = token.time.saturating_sub(live.routed_at);
+                            self.totals
+                                .predictions
+                                .push((live.predicted_ttft_ms, actual.as_secs_f64() * 1e3));
+                        }
+                        if let Leg::Prefill { .. } = live.leg {
+                            // The decode worker imports the prompt instead of computing it.
+                            self.router.prefill_done(decode_id, token.time);
+                        }
+                        // A decode leg's first output is the request's second token.
+                        if let (Some(stats), Leg::Whole | Leg::Prefill { .. }) =
+                            (&mut self.interval, live.leg)
+                        {
                             let at = self.trace[trace_index].arrival.as_secs_f64()
                                 * self.config.time_scale;
                             stats.first_token(token.time.as_secs_f64() - at);
@@ -455,28 +588,73 @@ impl<'a> Sim<'a> {
                     }
                 }
                 live.last_token = Some(token.time);
-                if let Some(finish) = token.finish {
-                    worker.live.remove(&engine_id);
-                    self.router.finished(router_id, token.time);
-                    let s = finish.stats;
-                    let t = &mut self.totals;
-                    t.completed += 1;
-                    t.prompt_tokens += u64::from(s.prompt_tokens);
-                    t.cached_tokens += u64::from(s.cached_tokens);
-                    t.output_tokens += u64::from(s.output_tokens);
-                    t.ttft_ms
-                        .push(s.first_token.saturating_sub(s.arrival).as_secs_f64() * 1e3);
-                    t.e2e_ms
-                        .push(s.finished.saturating_sub(s.arrival).as_secs_f64() * 1e3);
-                    t.last_finish = t.last_finish.max(s.finished);
-                    if let Some(stats) = &mut self.interval {
-                        stats.finished(u64::from(s.output_tokens));
+                let leg = live.leg;
+                let Some(finish) = token.finish else {
+                    return;
+                };
+                worker.live.remove(&engine_id);
+                self.router.finished(router_id, token.time);
+                let s = finish.stats;
+                let r = &mut worker.report;
+                r.requests += 1;
+                r.prompt_tokens += u64::from(s.prompt_tokens);
+                r.cached_tokens += u64::from(s.cached_tokens);
+                r.output_tokens += u64::from(s.output_tokens);
+                let output_length = self.trace[trace_index].output_length;
+                let (arrival, first_token, cached, prompt, outputs) = match leg {
+                    Leg::Whole => (
+                        s.arrival,
+                        s.first_token,
+                        s.cached_tokens,
+                        s.prompt_tokens,
+                        s.output_tokens,
+                    ),
+                    Leg::Prefill { decode } if output_length > 1 => {
+                        self.handoffs.push_back(Handoff {
+                            at: token.time + self.config.event_delay,
+                            trace_index,
+                            decode,
+                            first_token: token.token,
+                            arrival: s.arrival,
+                            first_token_at: s.first_token,
+                            cached_tokens: s.cached_tokens,
+                        });
+                        return;
                     }
-                    let r = &mut worker.report;
-                    r.requests += 1;
-                    r.prompt_tokens += u64::from(s.prompt_tokens);
-                    r.cached_tokens += u64::from(s.cached_tokens);
-                    r.output_tokens += u64::from(s.output_tokens);
+                    Leg::Prefill { .. } => {
+                        self.router.finished(decode_id, token.time);
+                        (
+                            s.arrival,
+                            s.first_token,
+                            s.cached_tokens,
+                            s.prompt_tokens,
+                            s.output_tokens,
+                        )
+                    }
+                    Leg::Decode {
+                        arrival,
+                        first_token,
+                        cached_tokens,
+                    } => (
+                        arrival,
+                        first_token,
+                        cached_tokens,
+                        s.prompt_tokens.saturating_sub(1),
+                        s.output_tokens + 1,
+                    ),
+                };
+                let t = &mut self.totals;
+                t.completed += 1;
+                t.prompt_tokens += u64::from(prompt);
+                t.cached_tokens += u64::from(cached);
+                t.output_tokens += u64::from(outputs);
+                t.ttft_ms
+                    .push(first_token.saturating_sub(arrival).as_secs_f64() * 1e3);
+                t.e2e_ms
+                    .push(s.finished.saturating_sub(arrival).as_secs_f64() * 1e3);
+                t.last_finish = t.last_finish.max(s.finished);
+                if let Some(stats) = &mut self.interval {
+                    stats.finished(u64::from(outputs));
                 }
             }
             EngineOutput::Aborted { time, .. } => {
@@ -484,11 +662,72 @@ impl<'a> Sim<'a> {
                     worker.pending_prefill =
                         worker.pending_prefill.saturating_sub(live.prefill_estimate);
                 }
+                if let Leg::Prefill { .. } = live.leg {
+                    self.router.finished(decode_id, time);
+                }
                 worker.live.remove(&engine_id);
                 self.router.finished(router_id, time);
                 self.totals.aborted += 1;
             }
         }
+    }
+
+    /// Submits the decode legs whose blocks arrived by `now`: prompt + first token, the
+    /// prompt's full blocks imported (the decode worker computes only the tail).
+    fn hand_off(&mut self, now: Duration) -> Result<(), SimError> {
+        while self.handoffs.front().is_some_and(|h| h.at <= now) {
+            let Some(h) = self.handoffs.pop_front() else {
+                break;
+            };
+            let request = &self.trace[h.trace_index];
+            let mut prompt = synthesize_prompt(request, self.config.profile.vocab_size);
+            let worker = &mut self.workers[h.decode];
+            let layout = worker.engine.kv_layout().clone();
+            let blocks = block_hashes(&prompt, layout.block_size);
+            let kv = KvExport {
+                data: vec![0; blocks.len() * layout.block_bytes()],
+                layout,
+                first_block: 0,
+                blocks,
+            };
+            prompt.push(h.first_token);
+            let mut sampling = SamplingParams::greedy(request.output_length - 1);
+            sampling.ignore_eos = true;
+            let leg = Leg::Decode {
+                arrival: h.arrival,
+                first_token: h.first_token_at,
+                cached_tokens: h.cached_tokens,
+            };
+            let submitted = worker.engine.submit(
+                Request {
+                    kv: Some(kv),
+                    ..Request::new(prompt, sampling)
+                },
+                now,
+            );
+            match submitted {
+                Ok(engine_id) => {
+                    worker.live.insert(
+                        engine_id,
+                        Live {
+                            trace_index: h.trace_index,
+                            routed_at: h.arrival,
+                            // Not compared: the first token came from the prefill leg.
+                            predicted_ttft_ms: f64::NAN,
+                            prefill_estimate: 0,
+                            last_token: Some(h.first_token_at),
+                            leg,
+                        },
+                    );
+                    self.reschedule(h.decode, now)?;
+                }
+                Err(e) => {
+                    self.router.finished(RequestId(h.trace_index as u128), now);
+                    self.reject(format!("decode engine: {e}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn deliver(&mut self, now: Duration) {
@@ -586,11 +825,16 @@ impl<'a> Sim<'a> {
         let request = &trace[index];
         let prompt = synthesize_prompt(request, self.config.profile.vocab_size);
         let hashes = sequence_hashes(&prompt, self.config.profile.layout.block_size);
-        let mut route = RouteRequest::new(RequestId(index as u128), &hashes, request.input_length);
-        if let Some(candidates) = &self.candidates {
-            route = route.with_candidates(candidates);
-        }
-        let decision = match self.router.select(&route, now) {
+        let route = RouteRequest::new(RequestId(index as u128), &hashes, request.input_length)
+            .with_output_tokens(request.output_length);
+        let decode_ids = std::mem::take(&mut self.decode_ids);
+        let selected = match (&self.candidates, self.config.prefill_workers) {
+            (Some(candidates), _) => self.router.select(&route.with_candidates(candidates), now),
+            (None, 0) => self.router.select(&route, now),
+            (None, _) => self.router.select(&route.with_candidates(&decode_ids), now),
+        };
+        self.decode_ids = decode_ids;
+        let decision = match selected {
             Ok(decision) => decision,
             Err(RouteError::Overloaded { .. }) if !give_up_if_overloaded => {
                 self.totals.overload_retries += 1;
@@ -617,9 +861,19 @@ impl<'a> Sim<'a> {
         };
         let mut sampling = SamplingParams::greedy(request.output_length);
         sampling.ignore_eos = true;
+        let (w, leg, overlap) = match self.prefill_pick(&route, &decision, index, now) {
+            // The prefill leg runs first; the decode worker gets the rest once it is over.
+            Some(pick) => {
+                sampling.max_tokens = 1;
+                let p = self.workers.iter().position(|w| w.id == pick.worker);
+                let p = p.unwrap_or(w);
+                (p, Leg::Prefill { decode: w }, pick.overlap_blocks)
+            }
+            None => (w, Leg::Whole, decision.overlap_blocks),
+        };
         let block_tokens = u64::from(self.config.profile.layout.block_size.get());
-        let prefill_estimate = u64::from(request.input_length)
-            .saturating_sub(u64::from(decision.overlap_blocks) * block_tokens);
+        let prefill_estimate =
+            u64::from(request.input_length).saturating_sub(u64::from(overlap) * block_tokens);
         if let Some(stats) = &mut self.interval {
             stats.routed(u64::from(request.input_length) - prefill_estimate);
         }
@@ -630,8 +884,11 @@ impl<'a> Sim<'a> {
                     engine_id,
                     Live {
                         trace_index: index,
+                        routed_at: now,
+                        predicted_ttft_ms: decision.predicted_ttft_ms,
                         prefill_estimate,
                         last_token: None,
+                        leg,
                     },
                 );
                 worker.pending_prefill += prefill_estimate;
@@ -639,10 +896,38 @@ impl<'a> Sim<'a> {
             }
             Err(e) => {
                 self.router.finished(RequestId(index as u128), now);
+                if leg != Leg::Whole {
+                    self.router.finished(prefill_request(index), now);
+                }
                 self.reject(format!("engine: {e}"));
                 Ok(())
             }
         }
+    }
+
+    /// In a disaggregated fleet, the agent's decision for this request: its prefill worker's
+    /// pick, or `None` when the decode worker prefills (or the fleet is not disaggregated).
+    fn prefill_pick(
+        &mut self,
+        route: &RouteRequest<'_>,
+        decode: &kvfleet_kv_router::Decision,
+        index: usize,
+        now: Duration,
+    ) -> Option<kvfleet_kv_router::Decision> {
+        if self.config.prefill_workers == 0 {
+            return None;
+        }
+        let choice = choose_prefill(
+            &mut self.router,
+            route,
+            decode,
+            &self.config.disaggregation,
+            &self.prefill_ids,
+            prefill_request(index),
+            now,
+        );
+        self.prefill_decisions[choice.decision.index()] += 1;
+        choice.pick
     }
 
     pub(crate) fn report(mut self, wall: Duration) -> SimReport {
@@ -665,12 +950,15 @@ impl<'a> Sim<'a> {
         };
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let mut preemptions = 0;
+        let mut tier_hit_blocks = [0u64; 2];
         let per_worker = self
             .workers
             .iter()
             .map(|w| {
                 let metrics = w.engine.metrics();
                 preemptions += metrics.preemptions;
+                tier_hit_blocks[0] += metrics.tiers.g2.hits;
+                tier_hit_blocks[1] += metrics.tiers.g3.hits;
                 WorkerReport {
                     computed_prompt_tokens: w.report.prompt_tokens - w.report.cached_tokens,
                     prefix_hit_rate: ratio(w.report.cached_tokens, w.report.prompt_tokens),
@@ -693,6 +981,15 @@ impl<'a> Sim<'a> {
             workers: self.workers.len(),
             profile: self.config.profile.name.clone(),
             kv_blocks_per_worker: self.max_prompt_blocks as u32,
+            tier_blocks_per_worker: {
+                let tiers = &self.config.scheduler.tiers;
+                let block_bytes = (self.config.profile.layout.block_bytes() as u64).max(1);
+                [
+                    tiers.host_bytes / block_bytes,
+                    tiers.disk_bytes / block_bytes,
+                ]
+            },
+            tier_hit_blocks,
             block_size: self.config.profile.layout.block_size.get(),
             event_delay_ms: self.config.event_delay.as_secs_f64() * 1e3,
             load_report_interval_ms: self.config.load_report_interval.as_secs_f64() * 1e3,
@@ -719,6 +1016,38 @@ impl<'a> Sim<'a> {
             per_worker,
             router_routes: self.router.route_counters(),
             router_events: self.router.event_counters(),
+            ttft_prediction: prediction_summary(&t.predictions),
+            prefill_workers: self.config.prefill_workers,
+            prefill_decisions: match self.config.prefill_workers {
+                0 => BTreeMap::new(),
+                _ => PrefillDecision::ALL
+                    .iter()
+                    .map(|d| (d.as_str().to_owned(), self.prefill_decisions[d.index()]))
+                    .collect(),
+            },
         }
+    }
+}
+
+/// Bias and absolute errors (exact percentiles) of predicted TTFTs against the actual ones.
+fn prediction_summary(pairs: &[(f64, f64)]) -> PredictionSummary {
+    if pairs.is_empty() {
+        return PredictionSummary::default();
+    }
+    let n = pairs.len() as f64;
+    let mut absolute: Vec<f64> = pairs.iter().map(|(p, a)| (p - a).abs()).collect();
+    let mut relative: Vec<f64> = pairs
+        .iter()
+        .map(|(p, a)| (p - a).abs() / a.max(1e-3))
+        .collect();
+    absolute.sort_unstable_by(f64::total_cmp);
+    relative.sort_unstable_by(f64::total_cmp);
+    PredictionSummary {
+        count: pairs.len() as u64,
+        bias_ms: pairs.iter().map(|(p, a)| p - a).sum::<f64>() / n,
+        abs_p50_ms: quantile(&absolute, 0.5),
+        abs_p90_ms: quantile(&absolute, 0.9),
+        rel_p50: quantile(&relative, 0.5),
+        rel_p90: quantile(&relative, 0.9),
     }
 }

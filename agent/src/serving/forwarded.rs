@@ -1,0 +1,250 @@
+//! What other nodes forward here, served through the peer endpoint ([`Forwarded`] is its
+//! [`GenerateHandler`]):
+//!
+//! - a whole request: submitted to this node's workers exactly as a local request is;
+//! - a decode leg (`prefill` set): served by the driver like a local disaggregated request,
+//!   the prefill leg asked of the node the plan names;
+//! - a prefill leg (`kv_push` set): the prompt on the named prefill worker for one token, its KV
+//!   blocks pushed to the decode node as they are computed, the finish reporting what the
+//!   decode node acknowledged.
+//!
+//! Every kind answers with one [`event_stream`] of the generation's events; dropping it (the
+//! peer cancelled, or its connection died) drops the generation, which cancels the sequence in
+//! the worker (and, for a prefill leg, the transfer).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use kvfleet_peer::{
+    ErrorCode, ErrorMessage, EventStream, Finish, GenerateEvent, GenerateHandler, GenerateRequest,
+    KvBlock, KvPush, KvPushReport, PeerInfo, Usage,
+};
+use kvfleet_proto::NodeId;
+use kvfleet_serving::PrefillPick;
+use tokio::sync::{mpsc, oneshot};
+
+use super::driver::Driver;
+use super::{Serving, decode_leg_plan, lookup};
+use crate::backend::{self, ExportedBlock, FinishReason, GenEvent, Generation, SubmitError};
+
+/// Serves forwarded generate requests on this node; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    serving: Arc<Serving>,
+}
+
+impl Forwarded {
+    /// A handler serving through `serving`.
+    pub fn new(serving: Arc<Serving>) -> Self {
+        Self { serving }
+    }
+}
+
+impl GenerateHandler for Forwarded {
+    async fn generate(
+        &self,
+        peer: &PeerInfo,
+        request: GenerateRequest,
+    ) -> Result<EventStream, ErrorMessage> {
+        let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
+        tracing::info!(request_id = %request.request_id, from = %peer.node_id,
+            prefill_leg = request.kv_push.is_some(), decode_leg = request.prefill.is_some(),
+            "serving a forwarded request");
+        if let Some(push) = request.kv_push.clone() {
+            return prefill_leg(&self.serving, request, push);
+        }
+        let plan = request
+            .prefill
+            .as_ref()
+            .zip(request.worker)
+            .map(|(plan, worker)| {
+                let prefill = PrefillPick {
+                    worker: plan.worker,
+                    node: NodeId(plan.node),
+                    addr: plan.addr.clone(),
+                    hold: None,
+                };
+                let deadline = Duration::from_millis(u64::from(plan.timeout_ms));
+                decode_leg_plan(worker, prefill, deadline)
+            });
+        let local = backend::GenerateRequest {
+            request_id: request.request_id,
+            model: request.model,
+            prompt: request.prompt,
+            block_hashes: request.block_hashes,
+            sampling: request.sampling,
+            worker: request.worker,
+        };
+        let submitted = match plan {
+            Some(plan) => Driver::start(self.serving.clone(), None, local, plan),
+            None => self.serving.local.submit(local),
+        };
+        let generation = submitted.map_err(|e| match e {
+            SubmitError::NoReadyWorker(_) => {
+                ErrorMessage::new(ErrorCode::Unavailable, e.to_string())
+            }
+            SubmitError::WorkerGone(_) | SubmitError::Unsupported | SubmitError::Invalid(_) => {
+                ErrorMessage::new(ErrorCode::Internal, e.to_string())
+            }
+        })?;
+        Ok(event_stream(generation, prompt_tokens, None))
+    }
+}
+
+/// Serves the prefill leg of a disaggregated request (a peer asked, with `kv_push`): runs the
+/// prompt on the named prefill worker, streams its first token back, pushes its KV blocks to
+/// the decode node as they are computed, and finishes with what the decode node acknowledged.
+fn prefill_leg(
+    serving: &Arc<Serving>,
+    request: GenerateRequest,
+    push: KvPush,
+) -> Result<EventStream, ErrorMessage> {
+    let unavailable = |m: String| ErrorMessage::new(ErrorCode::Unavailable, m);
+    let endpoint = serving
+        .peer
+        .endpoint()
+        .ok_or_else(|| unavailable("this node's peer endpoint is not up".into()))?;
+    let worker = request
+        .worker
+        .ok_or_else(|| ErrorMessage::new(ErrorCode::BadRequest, "kv_push names no worker"))?;
+    let layout = serving
+        .local
+        .kv_layout(worker)
+        .ok_or_else(|| unavailable(format!("worker {worker} is not ready here")))?;
+    let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
+    let (generation, blocks) = serving
+        .local
+        .submit_prefill(backend::GenerateRequest {
+            request_id: request.request_id.clone(),
+            model: request.model,
+            prompt: request.prompt,
+            block_hashes: request.block_hashes,
+            sampling: request.sampling,
+            worker: Some(worker),
+        })
+        .map_err(|e| unavailable(e.to_string()))?;
+    serving.prefill_served.inc();
+    let (report_tx, report_rx) = oneshot::channel();
+    let options = serving.options.clone();
+    let request_id = request.request_id;
+    let transfer = tokio::spawn(async move {
+        let source = block_stream(blocks);
+        let sent = async {
+            let addr = lookup(&push.addr).await?;
+            let connection = endpoint
+                .connection(addr, NodeId(push.node))
+                .await
+                .map_err(|e| e.to_string())?;
+            connection
+                .send_blocks(&push.transfer_id, &layout, source, &options)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        let report = match sent {
+            Ok(report) => KvPushReport {
+                blocks: u32::try_from(report.blocks).unwrap_or(u32::MAX),
+                bytes: report.bytes,
+            },
+            Err(e) => {
+                tracing::warn!(request_id = %request_id, error = %e,
+                    "pushing KV blocks to the decode node failed");
+                KvPushReport::default()
+            }
+        };
+        let _ = report_tx.send(report);
+    });
+    let push = Push {
+        report: report_rx,
+        _transfer: AbortOnDrop(transfer),
+    };
+    Ok(event_stream(generation, prompt_tokens, Some(push)))
+}
+
+/// A prefill leg's transfer: its report, and the task pushing the blocks (aborted with the
+/// stream).
+struct Push {
+    report: oneshot::Receiver<KvPushReport>,
+    _transfer: AbortOnDrop,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The generation's events as the peer protocol's: token chunks as they are, then the finish
+/// with the usage (and for a prefill leg, once its transfer ended, the blocks the decode node
+/// acknowledged) or the failure. Dropping the stream drops the generation (and the push).
+fn event_stream(generation: Generation, prompt_tokens: u32, push: Option<Push>) -> EventStream {
+    struct State {
+        generation: Generation,
+        push: Option<Push>,
+        completion: u32,
+        ended: bool,
+    }
+    let state = State {
+        generation,
+        push,
+        completion: 0,
+        ended: false,
+    };
+    let stream = futures_util::stream::unfold(state, move |mut s| async move {
+        if s.ended {
+            return None;
+        }
+        let item = match s.generation.next().await {
+            Some(GenEvent::Tokens(chunk)) => {
+                let n = u32::try_from(chunk.tokens.len()).unwrap_or(u32::MAX);
+                s.completion = s.completion.saturating_add(n);
+                return Some((Ok(GenerateEvent::Tokens(chunk)), s));
+            }
+            Some(GenEvent::Finished(reason)) => {
+                // A stop ends the request: say so at once, the blocks are not needed.
+                // Otherwise a prefill leg's transfer ends once the worker sent its last block
+                // (at the finish), and the decode node needs to know how many arrived.
+                let kv_push = match (reason, s.push.take()) {
+                    (FinishReason::Stop, _) | (_, None) => None,
+                    (_, Some(push)) => Some(push.report.await.unwrap_or_default()),
+                };
+                Ok(GenerateEvent::Finished(Finish {
+                    reason,
+                    usage: Usage {
+                        prompt_tokens,
+                        completion_tokens: s.completion,
+                        cached_tokens: 0,
+                    },
+                    kv_push,
+                }))
+            }
+            Some(GenEvent::Failed(message)) => Err(ErrorMessage::new(ErrorCode::Internal, message)),
+            None => Err(ErrorMessage::new(
+                ErrorCode::Internal,
+                "the worker went away mid-request",
+            )),
+        };
+        s.ended = true;
+        Some((item, s))
+    });
+    stream.boxed()
+}
+
+/// The prefill worker's exported blocks as the transfer's source.
+fn block_stream(
+    blocks: mpsc::UnboundedReceiver<ExportedBlock>,
+) -> impl futures_util::Stream<Item = KvBlock> + Send + Unpin {
+    Box::pin(futures_util::stream::unfold(blocks, |mut rx| async move {
+        let block = rx.recv().await?;
+        let block = KvBlock {
+            index: block.index,
+            hash: block.hash,
+            data: block.data,
+        };
+        Some((block, rx))
+    }))
+}

@@ -1,0 +1,329 @@
+//! The KV transfers this node expects as the decode side of disaggregated requests: the peer
+//! endpoint's [`BlockSink`]. A transfer is accepted only from the prefill node it was
+//! registered for, with the decode worker's layout, and only blocks whose index and sequence
+//! hash match the prompt's; every refusal is counted by the peer metrics. Memory per transfer is
+//! bounded by the prompt's full blocks.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use kvfleet_peer::{BlockSink, ErrorCode, ErrorMessage, KvBlock, KvDone, PeerInfo};
+use kvfleet_proto::{KvLayout, NodeId, SequenceHash};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::metrics::Registry;
+
+/// One transfer this node expects.
+#[derive(Debug)]
+struct Incoming {
+    /// The only node allowed to send it.
+    from: NodeId,
+    layout: KvLayout,
+    /// The prompt's full blocks, in order: block `i` must carry `hashes[i]`.
+    hashes: Vec<SequenceHash>,
+    blocks: Vec<Option<Bytes>>,
+    first_block_at: Option<Instant>,
+}
+
+/// Counters of the receiving side.
+#[derive(Debug, Default)]
+struct TransferCounters {
+    blocks: Counter,
+    bytes: Counter,
+    seconds: Counter<f64, AtomicU64>,
+    transfers: Counter,
+    refused_blocks: Counter,
+    failed_streams: Counter,
+}
+
+/// The transfers this node expects: the peer endpoint's [`BlockSink`]. See the module docs.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    inner: Mutex<HashMap<String, Incoming>>,
+    counters: TransferCounters,
+}
+
+/// A registered transfer; dropping it forgets the transfer (late blocks are refused).
+#[derive(Debug)]
+pub struct TransferGuard {
+    transfers: Arc<Transfers>,
+    id: String,
+}
+
+impl Drop for TransferGuard {
+    fn drop(&mut self) {
+        self.transfers.lock().remove(&self.id);
+    }
+}
+
+/// What a finished transfer delivered: the blocks contiguous from block 0.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Block `i`'s bytes at index `i`.
+    pub blocks: Vec<Bytes>,
+    /// Their total bytes.
+    pub bytes: u64,
+    /// When the transfer's first block arrived.
+    pub first_block_at: Option<Instant>,
+}
+
+impl Transfers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Incoming>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Expects transfer `id` from `from`, of blocks with `hashes` (the prompt's full blocks) in
+    /// `layout`. The registration lasts as long as the returned guard.
+    pub fn register(
+        self: &Arc<Self>,
+        id: String,
+        from: NodeId,
+        layout: KvLayout,
+        hashes: Vec<SequenceHash>,
+    ) -> TransferGuard {
+        let incoming = Incoming {
+            from,
+            layout,
+            blocks: vec![None; hashes.len()],
+            hashes,
+            first_block_at: None,
+        };
+        self.lock().insert(id.clone(), incoming);
+        TransferGuard {
+            transfers: self.clone(),
+            id,
+        }
+    }
+
+    /// Takes the blocks of `guard`'s transfer received so far, contiguous from block 0, and
+    /// forgets the transfer.
+    pub fn take(&self, guard: TransferGuard) -> Received {
+        let Some(incoming) = self.lock().remove(&guard.id) else {
+            return Received::default();
+        };
+        let blocks: Vec<Bytes> = incoming.blocks.into_iter().map_while(|b| b).collect();
+        let bytes = blocks.iter().map(|b| b.len() as u64).sum();
+        Received {
+            blocks,
+            bytes,
+            first_block_at: incoming.first_block_at,
+        }
+    }
+
+    /// Counts `received`'s first `blocks` as handed to a decode worker.
+    pub(crate) fn count_handed_off(&self, received: &Received, blocks: usize) {
+        let c = &self.counters;
+        let bytes: u64 = received
+            .blocks
+            .iter()
+            .take(blocks)
+            .map(|b| b.len() as u64)
+            .sum();
+        c.transfers.inc();
+        c.blocks.inc_by(blocks as u64);
+        c.bytes.inc_by(bytes);
+        if let Some(at) = received.first_block_at {
+            c.seconds.inc_by(at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Transfers registered and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Registers the receiving side's counters and its pending transfers.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        let c = &self.counters;
+        let counters = [
+            (
+                "kvfleet_disagg_transfers",
+                "KV transfers received and handed to a decode worker",
+                &c.transfers,
+            ),
+            (
+                "kvfleet_disagg_transfer_blocks",
+                "KV blocks received and imported by decode workers",
+                &c.blocks,
+            ),
+            (
+                "kvfleet_disagg_transfer_bytes",
+                "Bytes of those blocks",
+                &c.bytes,
+            ),
+            (
+                "kvfleet_disagg_transfer_refused_blocks",
+                "Blocks refused: beyond the prompt, or a sequence hash other than the prompt's",
+                &c.refused_blocks,
+            ),
+            (
+                "kvfleet_disagg_transfer_failed_streams",
+                "Transfer streams that ended in an error or were cancelled",
+                &c.failed_streams,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "kvfleet_disagg_transfer_seconds",
+            "Time from a transfer's first block to its hand-off to the decode worker, summed",
+            c.seconds.clone(),
+        );
+        let transfers = Arc::downgrade(self);
+        registry.register_collector(crate::metrics::collector("transfers", move |s| {
+            let pending = transfers.upgrade().map_or(0, |t| t.pending() as u64);
+            s.gauge(
+                "kvfleet_disagg_transfers_pending",
+                "Transfers expected and not yet handed off",
+                pending,
+            )
+        }));
+    }
+}
+
+impl BlockSink for Transfers {
+    fn expect(&self, peer: &PeerInfo, request_id: &str) -> Option<KvLayout> {
+        let inner = self.lock();
+        let incoming = inner.get(request_id)?;
+        (incoming.from == peer.node_id).then(|| incoming.layout.clone())
+    }
+
+    async fn import(&self, request_id: &str, block: KvBlock) -> Result<(), ErrorMessage> {
+        let mut inner = self.lock();
+        let Some(incoming) = inner.get_mut(request_id) else {
+            return Err(ErrorMessage::new(
+                ErrorCode::UnknownRequest,
+                format!("transfer {request_id} is no longer expected (cancelled or timed out)"),
+            ));
+        };
+        let index = block.index as usize;
+        let refuse = |message: String| {
+            self.counters.refused_blocks.inc();
+            Err(ErrorMessage::new(ErrorCode::ImportFailed, message))
+        };
+        match incoming.hashes.get(index) {
+            None => refuse(format!(
+                "block {index} is beyond the prompt's {} full blocks",
+                incoming.hashes.len()
+            )),
+            Some(&expected) if expected != block.hash => refuse(format!(
+                "block {index} has sequence hash {:016x}, the prompt's is {:016x}",
+                block.hash.0, expected.0
+            )),
+            Some(_) => {
+                incoming.first_block_at.get_or_insert_with(Instant::now);
+                incoming.blocks[index] = Some(block.data);
+                Ok(())
+            }
+        }
+    }
+
+    fn stream_finished(&self, request_id: &str, outcome: Result<KvDone, ErrorMessage>) {
+        if let Err(error) = outcome {
+            self.counters.failed_streams.inc();
+            tracing::debug!(transfer_id = request_id, code = ?error.code, message = %error.message,
+                "a KV transfer stream failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvfleet_proto::{BlockSize, KvDtype};
+
+    fn layout() -> KvLayout {
+        KvLayout {
+            model: "m".into(),
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            dtype: KvDtype::F32,
+            block_size: BlockSize::new(4).unwrap(),
+        }
+    }
+
+    fn peer(node: NodeId) -> PeerInfo {
+        PeerInfo {
+            node_id: node,
+            serial: "01".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    fn block(index: u32, hash: u64) -> KvBlock {
+        KvBlock {
+            index,
+            hash: SequenceHash(hash),
+            data: Bytes::from(vec![index as u8; layout().block_bytes()]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transfer_takes_only_its_prompts_blocks_from_its_prefill_node() {
+        let transfers = Arc::new(Transfers::default());
+        let prefill = NodeId::from_uuid(uuid::Uuid::from_u128(1));
+        let stranger = NodeId::from_uuid(uuid::Uuid::from_u128(2));
+        let hashes = vec![SequenceHash(10), SequenceHash(11), SequenceHash(12)];
+        let guard = transfers.register("t".into(), prefill, layout(), hashes);
+
+        assert_eq!(transfers.expect(&peer(prefill), "t"), Some(layout()));
+        assert_eq!(transfers.expect(&peer(stranger), "t"), None, "another node");
+        assert_eq!(
+            transfers.expect(&peer(prefill), "other"),
+            None,
+            "unknown id"
+        );
+
+        // Out of order across streams is fine; what is kept is contiguous from block 0.
+        transfers.import("t", block(1, 11)).await.unwrap();
+        transfers.import("t", block(0, 10)).await.unwrap();
+        let wrong_hash = transfers.import("t", block(2, 99)).await.unwrap_err();
+        assert_eq!(wrong_hash.code, ErrorCode::ImportFailed);
+        let beyond = transfers.import("t", block(3, 13)).await.unwrap_err();
+        assert_eq!(beyond.code, ErrorCode::ImportFailed);
+        let unknown = transfers.import("nope", block(0, 10)).await.unwrap_err();
+        assert_eq!(unknown.code, ErrorCode::UnknownRequest);
+        transfers.stream_finished("t", Err(ErrorMessage::new(ErrorCode::Truncated, "cut")));
+
+        let received = transfers.take(guard);
+        assert_eq!(received.blocks.len(), 2);
+        assert_eq!(received.blocks[1][0], 1);
+        assert_eq!(received.bytes, 2 * layout().block_bytes() as u64);
+        assert_eq!(transfers.pending(), 0);
+        // Counted only once handed to the decode worker, and only what it got.
+        transfers.count_handed_off(&received, 1);
+        let mut registry = Registry::default();
+        transfers.register_metrics(&mut registry);
+        let text = crate::metrics::encode(&registry);
+        assert!(
+            text.contains("kvfleet_disagg_transfer_refused_blocks_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvfleet_disagg_transfer_failed_streams_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvfleet_disagg_transfer_blocks_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("kvfleet_disagg_transfers_total 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_registration_refuses_late_blocks() {
+        let transfers = Arc::new(Transfers::default());
+        let node = NodeId::from_uuid(uuid::Uuid::from_u128(1));
+        let guard = transfers.register("t".into(), node, layout(), vec![SequenceHash(10)]);
+        drop(guard);
+        assert_eq!(transfers.pending(), 0);
+        assert_eq!(transfers.expect(&peer(node), "t"), None);
+        let late = transfers.import("t", block(0, 10)).await.unwrap_err();
+        assert_eq!(late.code, ErrorCode::UnknownRequest);
+    }
+}

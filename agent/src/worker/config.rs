@@ -1,0 +1,144 @@
+//! What this node's workers run and how they are supervised: the models (`[[models]]`), the
+//! workers (`[[workers]]`), their supervision (`[supervisor]`) and how the pool picks among them
+//! (`[routing] mode`).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kvfleet_model::KvBudget;
+use kvfleet_proto::BlockSize;
+use kvfleet_proto::api::WorkerRole;
+
+/// Worker selection among the node's own workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingMode {
+    /// The ready worker with the fewest outstanding requests.
+    LeastLoaded,
+    /// Ready workers in turn.
+    RoundRobin,
+}
+
+/// What computes tokens in a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Pseudo-tokens with a timing model: no weights, no GPU. See `worker::engine`.
+    Mock,
+    /// The real model (`kvfleet-model`) from [`ModelConfig::path`]: its tokenizer and chat
+    /// template in the frontend, its weights in each worker process.
+    Native,
+}
+
+/// The default KV budget of a native model's worker: a tenth of the memory available once the
+/// weights are loaded (the CPU counterpart of a GPU's free memory).
+pub const DEFAULT_NATIVE_KV_MEMORY: KvBudget = KvBudget::FractionOfAvailable(0.10);
+/// A native model's context cap when the file gives none: larger than any model's window, so
+/// the model's own window applies.
+pub const NATIVE_CONTEXT_UNCAPPED: u32 = 1 << 24;
+
+/// One model this node serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// The name clients put in `"model"`.
+    pub name: String,
+    /// What runs it.
+    pub engine: EngineKind,
+    /// Prompt plus completion tokens, at most.
+    pub context_length: u32,
+    /// Tokens per KV block (for block hashing and KV accounting).
+    pub block_size: BlockSize,
+    /// KV blocks each worker's pool holds (the mock; a native model uses `kv_memory`).
+    pub kv_blocks: u32,
+    /// Native engine: the model, a `.gguf` file or a Hugging Face directory (relative paths in
+    /// the file are resolved against the file's directory). `None` for the mock.
+    pub path: Option<PathBuf>,
+    /// Native engine: memory for each worker's KV cache (`kv_memory = "512MiB"`, `"10%"`, or
+    /// `kv_blocks = N`); `None` for the mock.
+    pub kv_memory: Option<KvBudget>,
+    /// Mock engine: time per generated token (zero: as fast as the loop runs).
+    pub mock_token_time: Duration,
+    /// Mock engine: time to prefill one prompt token.
+    pub mock_prefill_time_per_token: Duration,
+}
+
+/// Where a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// A CPU slot.
+    Cpu,
+    /// The GPU with this NVML index.
+    Gpu(u32),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Gpu(index) => write!(f, "gpu:{index}"),
+        }
+    }
+}
+
+/// One worker the config asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// The model's name (one of [`Config::models`]).
+    pub model: String,
+    /// Where it runs.
+    pub device: Device,
+    /// What it does.
+    pub role: WorkerRole,
+}
+
+/// Worker process supervision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisorConfig {
+    /// Directory for the workers' Unix sockets.
+    pub socket_dir: PathBuf,
+    /// First restart delay after a worker fails.
+    pub restart_backoff_initial: Duration,
+    /// Restart delays double up to this.
+    pub restart_backoff_max: Duration,
+    /// A worker that has not said hello within this is killed and restarted.
+    pub start_timeout: Duration,
+}
+
+impl ModelConfig {
+    /// A mock model with defaults: zero cost per token, 4096 tokens of context.
+    pub fn mock(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            engine: EngineKind::Mock,
+            context_length: 4096,
+            block_size: BlockSize::default(),
+            kv_blocks: 4096,
+            mock_token_time: Duration::ZERO,
+            mock_prefill_time_per_token: Duration::ZERO,
+            path: None,
+            kv_memory: None,
+        }
+    }
+
+    /// A native model at `path` with defaults: the model's own context window, blocks of
+    /// 16 tokens, [`DEFAULT_NATIVE_KV_MEMORY`] for the KV cache.
+    pub fn native(name: &str, path: impl Into<PathBuf>) -> Self {
+        Self {
+            engine: EngineKind::Native,
+            context_length: NATIVE_CONTEXT_UNCAPPED,
+            path: Some(path.into()),
+            kv_memory: Some(DEFAULT_NATIVE_KV_MEMORY),
+            ..Self::mock(name)
+        }
+    }
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            socket_dir: std::env::temp_dir().join("kvfleet-agent"),
+            restart_backoff_initial: Duration::from_millis(500),
+            restart_backoff_max: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! The state machine without a socket: every leg outcome (success, peer refusal, transfer
+//! timeout, worker death before and after the first token) and every release of a router pick.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kvfleet_kv_router::RequestId;
+use kvfleet_proto::api::WorkerRole;
+use kvfleet_proto::peer::FinishReason;
+use kvfleet_proto::{NodeId, WorkerId};
+
+use crate::*;
+
+const DECODE_HOLD: RequestId = RequestId(1);
+const PREFILL_HOLD: RequestId = RequestId(2);
+const DECODE_WORKER: WorkerId = WorkerId(7);
+const PREFILL_WORKER: WorkerId = WorkerId(9);
+const DEADLINE: Duration = Duration::from_secs(30);
+const T0: Duration = Duration::from_secs(100);
+
+fn node(n: u128) -> NodeId {
+    NodeId::from_uuid(uuid::Uuid::from_u128(n))
+}
+
+fn peer_addr() -> SocketAddr {
+    "127.0.0.1:7500".parse().unwrap_or_else(|_| unreachable!())
+}
+
+fn decode(target: Target) -> Pick {
+    Pick {
+        worker: DECODE_WORKER,
+        role: WorkerRole::Decode,
+        target,
+        hold: Some(DECODE_HOLD),
+    }
+}
+
+fn prefill() -> PrefillPick {
+    PrefillPick {
+        worker: PREFILL_WORKER,
+        node: node(2),
+        addr: "prefill-node:7500".into(),
+        hold: Some(PREFILL_HOLD),
+    }
+}
+
+fn remote() -> Target {
+    Target::Remote {
+        node: node(3),
+        addr: peer_addr(),
+    }
+}
+
+fn plan(decode_target: Target, with_prefill: bool) -> Plan {
+    Plan {
+        decode: Some(decode(decode_target)),
+        prefill: with_prefill.then(prefill),
+        prefill_deadline: DEADLINE,
+        unused: Vec::new(),
+    }
+}
+
+fn prompt(max_tokens: u32) -> Prompt {
+    Prompt {
+        max_tokens,
+        stop_token_ids: vec![2],
+        full_blocks: 4,
+    }
+}
+
+/// What a driver would have done: every action, sorted by kind.
+#[derive(Debug, Default)]
+struct Seen {
+    started: Vec<LegStart>,
+    closed: Vec<LegId>,
+    collects: usize,
+    released: BTreeMap<RequestId, usize>,
+    prefill_done: Vec<RequestId>,
+    records: Vec<Record>,
+    ends: Vec<End>,
+}
+
+struct Run {
+    serve: Serve,
+    seen: Seen,
+}
+
+impl Run {
+    fn start(plan: Plan, prompt: Prompt) -> Self {
+        let mut serve = Serve::new(plan, prompt, Timeouts::default());
+        serve.start(T0);
+        let mut run = Self {
+            serve,
+            seen: Seen::default(),
+        };
+        run.drain();
+        run
+    }
+
+    fn drain(&mut self) {
+        while let Some(action) = self.serve.poll_action() {
+            let seen = &mut self.seen;
+            match action {
+                Action::Start(leg) => seen.started.push(leg),
+                Action::Close(leg) => seen.closed.push(leg),
+                Action::CollectTransfer => seen.collects += 1,
+                Action::Release(id) => *seen.released.entry(id).or_default() += 1,
+                Action::PrefillDone(id) => seen.prefill_done.push(id),
+                Action::Record(record) => seen.records.push(record),
+                Action::End(end) => seen.ends.push(end),
+            }
+        }
+    }
+
+    /// The leg started last.
+    fn leg(&self) -> &LegStart {
+        self.seen.started.last().unwrap_or_else(|| unreachable!())
+    }
+
+    fn id(&self) -> LegId {
+        self.leg().id
+    }
+
+    fn tokens(&mut self, tokens: &[u32]) -> bool {
+        let passed = self.serve.tokens(self.id(), tokens);
+        self.drain();
+        passed
+    }
+
+    fn finished(&mut self, reason: FinishReason, acknowledged: u32) {
+        self.serve.finished(self.id(), reason, acknowledged);
+        self.drain();
+    }
+
+    fn failed(&mut self, error: &str) {
+        self.serve.failed(self.id(), error.into());
+        self.drain();
+    }
+
+    fn timeout(&mut self, at: Duration) {
+        self.serve.handle_timeout(at);
+        self.drain();
+    }
+
+    fn collected(&mut self, received: usize) {
+        self.serve.collected(received);
+        self.drain();
+    }
+
+    /// Every router decision the plan held was released, exactly once.
+    fn assert_released(&self, holds: &[RequestId]) {
+        let expected: BTreeMap<RequestId, usize> = holds.iter().map(|h| (*h, 1)).collect();
+        assert_eq!(self.seen.released, expected);
+    }
+
+    fn assert_ended(&self, end: End) {
+        assert_eq!(self.seen.ends, vec![end]);
+        assert!(self.serve.is_done());
+        assert_eq!(self.serve.poll_timeout(), None);
+    }
+}
+
+fn prefill_record(outcome: PrefillOutcome, blocks: usize) -> impl Fn(&Record) -> bool {
+    move |r| matches!(r, Record::Prefill { outcome: o, blocks: b, .. } if *o == outcome && *b == blocks)
+}
+
+#[test]
+fn a_local_pick_runs_here_and_is_released_at_the_end() {
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert_eq!(run.seen.records, vec![Record::RoutedLocal]);
+    assert_eq!(
+        run.leg().leg,
+        Leg::Local {
+            worker: Some(DECODE_WORKER)
+        }
+    );
+    assert!(run.tokens(&[5, 6]));
+    assert_eq!(run.serve.first_role(), Some(WorkerRole::Decode));
+    assert_eq!(run.seen.released, BTreeMap::new(), "held until the end");
+    run.finished(FinishReason::Length, 0);
+    run.assert_released(&[DECODE_HOLD]);
+    run.assert_ended(End::Finished(FinishReason::Length));
+}
+
+#[test]
+fn without_a_plan_the_pool_chooses_and_nothing_is_held_or_counted() {
+    let mut run = Run::start(Plan::local(), prompt(8));
+    assert_eq!(run.leg().leg, Leg::Local { worker: None });
+    assert!(run.seen.records.is_empty());
+    assert_eq!(run.serve.first_role(), None, "the pool's worker says");
+    run.finished(FinishReason::Stop, 0);
+    run.assert_released(&[]);
+    run.assert_ended(End::Finished(FinishReason::Stop));
+}
+
+#[test]
+fn unused_picks_are_released_at_the_start() {
+    let mut plan = plan(Target::Local, false);
+    plan.unused = vec![RequestId(40)];
+    let mut run = Run::start(plan, prompt(8));
+    assert_eq!(run.seen.released.get(&RequestId(40)), Some(&1));
+    run.finished(FinishReason::Length, 0);
+    run.assert_released(&[RequestId(40), DECODE_HOLD]);
+}
+
+#[test]
+fn a_forwarded_request_streams_and_releases_the_prefill_pick_at_its_first_token() {
+    let mut run = Run::start(plan(remote(), true), prompt(8));
+    assert_eq!(run.seen.records, vec![Record::RoutedRemote]);
+    let Leg::Forward {
+        worker, prefill, ..
+    } = &run.leg().leg
+    else {
+        panic!("a forward leg: {:?}", run.leg());
+    };
+    assert_eq!(
+        (*worker, prefill.clone()),
+        (DECODE_WORKER, Some(crate::tests::prefill()))
+    );
+    assert_eq!(run.serve.poll_timeout(), Some(T0 + Duration::from_secs(2)));
+    run.serve.opened(run.id());
+    assert_eq!(
+        run.serve.poll_timeout(),
+        None,
+        "no timer once the peer answered"
+    );
+    assert!(run.tokens(&[5]));
+    assert_eq!(run.serve.first_role(), Some(WorkerRole::Prefill));
+    run.assert_released(&[PREFILL_HOLD]);
+    assert_eq!(run.seen.prefill_done, vec![DECODE_HOLD]);
+    assert!(run.tokens(&[6]));
+    run.finished(FinishReason::Length, 0);
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+    run.assert_ended(End::Finished(FinishReason::Length));
+}
+
+#[test]
+fn a_peer_that_refuses_before_the_first_token_means_a_local_run() {
+    let mut run = Run::start(plan(remote(), true), prompt(8));
+    let forward = run.id();
+    run.serve.opened(forward);
+    run.failed("unavailable: no ready worker");
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+    assert_eq!(run.seen.closed, vec![forward]);
+    assert!(run.seen.records.contains(&Record::ForwardFallback {
+        addr: peer_addr(),
+        reason: "unavailable: no ready worker".into()
+    }));
+    assert_eq!(run.leg().leg, Leg::Local { worker: None });
+    // The dead leg's late events change nothing.
+    assert!(!run.serve.tokens(forward, &[1]));
+    run.serve.finished(forward, FinishReason::Length, 0);
+    run.drain();
+    assert!(run.seen.ends.is_empty());
+    assert!(run.tokens(&[5]));
+    run.finished(FinishReason::Length, 0);
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+    run.assert_ended(End::Finished(FinishReason::Length));
+}
+
+#[test]
+fn a_peer_that_does_not_answer_in_time_means_a_local_run() {
+    let mut run = Run::start(plan(remote(), false), prompt(8));
+    run.timeout(T0 + Duration::from_millis(1999));
+    assert_eq!(run.seen.started.len(), 1, "not yet");
+    run.timeout(T0 + Duration::from_secs(2));
+    assert!(matches!(
+        &run.seen.records[1],
+        Record::ForwardFallback { reason, .. } if reason.contains("no answer within 2s")
+    ));
+    assert_eq!(run.leg().leg, Leg::Local { worker: None });
+    run.assert_released(&[DECODE_HOLD]);
+    run.failed("worker 3 is gone");
+    run.assert_ended(End::Failed("worker 3 is gone".into()));
+    run.assert_released(&[DECODE_HOLD]);
+}
+
+#[test]
+fn a_forwarded_request_whose_worker_dies_after_the_first_token_fails() {
+    let mut run = Run::start(plan(remote(), false), prompt(8));
+    run.serve.opened(run.id());
+    assert!(run.tokens(&[5]));
+    run.failed("the serving node closed the stream before the finish");
+    run.assert_ended(End::Failed(
+        "peer 127.0.0.1:7500: the serving node closed the stream before the finish".into(),
+    ));
+    run.assert_released(&[DECODE_HOLD]);
+    assert_eq!(run.seen.started.len(), 1, "no replay of streamed tokens");
+}
+
+#[test]
+fn a_local_worker_that_dies_before_or_after_the_first_token_fails_the_request() {
+    for tokens_first in [false, true] {
+        let mut run = Run::start(plan(Target::Local, false), prompt(8));
+        if tokens_first {
+            assert!(run.tokens(&[5]));
+        }
+        run.failed("worker 7 failed: the worker process exited");
+        run.assert_ended(End::Failed(
+            "worker 7 failed: the worker process exited".into(),
+        ));
+        run.assert_released(&[DECODE_HOLD]);
+    }
+}
+
+/// A disaggregated request on its decode node, up to its prefill leg's first token.
+fn disaggregated(max_tokens: u32) -> Run {
+    let mut run = Run::start(plan(Target::Local, true), prompt(max_tokens));
+    assert_eq!(run.seen.records, vec![Record::RoutedLocal]);
+    assert_eq!(run.leg().leg, Leg::Prefill { pick: prefill() });
+    assert_eq!(run.serve.first_role(), Some(WorkerRole::Prefill));
+    assert_eq!(run.serve.poll_timeout(), Some(T0 + Duration::from_secs(2)));
+    run.serve.opened(run.id());
+    assert_eq!(run.serve.poll_timeout(), Some(T0 + DEADLINE));
+    run
+}
+
+#[test]
+fn a_disaggregated_request_decodes_with_the_acknowledged_blocks() {
+    let mut run = disaggregated(8);
+    let prefill_leg = run.id();
+    assert!(run.tokens(&[5]));
+    run.assert_released(&[PREFILL_HOLD]);
+    assert_eq!(run.seen.prefill_done, vec![DECODE_HOLD]);
+    run.finished(FinishReason::Length, 3);
+    assert_eq!(
+        (run.seen.closed.clone(), run.seen.collects),
+        (vec![prefill_leg], 1)
+    );
+    // Four blocks arrived, the prefill node saw three acknowledged: three are known complete.
+    run.collected(4);
+    assert!(
+        run.seen
+            .records
+            .iter()
+            .any(prefill_record(PrefillOutcome::Remote, 3))
+    );
+    assert_eq!(
+        run.leg().leg,
+        Leg::Decode {
+            worker: Some(DECODE_WORKER),
+            tokens: vec![5],
+            blocks: 3,
+            max_tokens: 7
+        }
+    );
+    assert!(run.tokens(&[6, 7]));
+    assert_eq!(run.serve.first_role(), Some(WorkerRole::Prefill));
+    run.finished(FinishReason::Length, 0);
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+    run.assert_ended(End::Finished(FinishReason::Length));
+}
+
+#[test]
+fn a_refused_or_dead_prefill_leg_before_its_first_token_means_a_local_prefill() {
+    for error in [
+        "unavailable: worker 9 is not ready here",
+        "the prefill worker went away",
+    ] {
+        let mut run = disaggregated(8);
+        run.failed(error);
+        run.assert_released(&[PREFILL_HOLD]);
+        assert_eq!(run.seen.collects, 1);
+        run.collected(0);
+        assert!(run.seen.records.iter().any(|r| r
+            == &Record::Prefill {
+                outcome: PrefillOutcome::FallbackBeforeFirstToken,
+                reason: Some(error.into()),
+                blocks: 0
+            }));
+        assert_eq!(
+            run.leg().leg,
+            Leg::Local {
+                worker: Some(DECODE_WORKER)
+            }
+        );
+        assert_eq!(run.serve.first_role(), Some(WorkerRole::Decode));
+        run.finished(FinishReason::Length, 0);
+        run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+    }
+}
+
+#[test]
+fn a_prefill_node_that_does_not_answer_in_time_means_a_local_prefill() {
+    let mut run = Run::start(plan(Target::Local, true), prompt(8));
+    run.timeout(T0 + Duration::from_secs(2));
+    run.collected(0);
+    assert!(run.seen.records.iter().any(|r| matches!(r,
+        Record::Prefill { outcome: PrefillOutcome::FallbackBeforeFirstToken, reason: Some(why), .. }
+            if why.contains("no answer within 2s"))));
+    assert_eq!(
+        run.leg().leg,
+        Leg::Local {
+            worker: Some(DECODE_WORKER)
+        }
+    );
+}
+
+#[test]
+fn a_transfer_past_the_deadline_continues_with_the_blocks_that_arrived() {
+    let mut run = disaggregated(8);
+    assert!(run.tokens(&[5]));
+    run.timeout(T0 + DEADLINE - Duration::from_millis(1));
+    assert_eq!(run.seen.collects, 0, "not yet");
+    run.timeout(T0 + DEADLINE);
+    assert_eq!(run.seen.collects, 1);
+    run.collected(2);
+    assert!(run.seen.records.iter().any(|r| matches!(r,
+        Record::Prefill { outcome: PrefillOutcome::FallbackAfterFirstToken, reason: Some(why), blocks: 2 }
+            if why.contains("took longer than 30s"))));
+    assert_eq!(
+        run.leg().leg,
+        Leg::Decode {
+            worker: Some(DECODE_WORKER),
+            tokens: vec![5],
+            blocks: 2,
+            max_tokens: 7
+        }
+    );
+    run.finished(FinishReason::Length, 0);
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+}
+
+#[test]
+fn a_prefill_worker_that_dies_after_its_first_token_leaves_the_blocks_it_sent() {
+    let mut run = disaggregated(8);
+    assert!(run.tokens(&[5]));
+    run.failed("the prefill node ended the stream early");
+    run.collected(1);
+    assert!(
+        run.seen
+            .records
+            .iter()
+            .any(prefill_record(PrefillOutcome::FallbackAfterFirstToken, 1))
+    );
+    assert!(matches!(run.leg().leg, Leg::Decode { blocks: 1, .. }));
+    // Then the decode worker dies too: the request fails, with everything released.
+    assert!(run.tokens(&[6]));
+    run.failed("worker 7 failed");
+    run.assert_ended(End::Failed("worker 7 failed".into()));
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+}
+
+#[test]
+fn a_first_token_that_ends_the_request_needs_no_decode_leg() {
+    // The prefill node said Stop.
+    let mut run = disaggregated(8);
+    assert!(run.tokens(&[2]));
+    run.finished(FinishReason::Stop, 0);
+    run.collected(4);
+    assert!(
+        run.seen
+            .records
+            .iter()
+            .any(prefill_record(PrefillOutcome::Remote, 0))
+    );
+    run.assert_ended(End::Finished(FinishReason::Stop));
+    // It broke after streaming a stop token: no decoding past it.
+    let mut run = disaggregated(8);
+    assert!(run.tokens(&[2]));
+    run.failed("the prefill node went away");
+    run.collected(4);
+    assert!(
+        run.seen
+            .records
+            .iter()
+            .any(prefill_record(PrefillOutcome::FallbackAfterFirstToken, 0))
+    );
+    run.assert_ended(End::Finished(FinishReason::Stop));
+    // max_tokens = 1: the first token was all.
+    let mut run = disaggregated(1);
+    assert!(run.tokens(&[5]));
+    run.finished(FinishReason::Length, 4);
+    run.collected(4);
+    run.assert_ended(End::Finished(FinishReason::Length));
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+    assert_eq!(run.seen.started.len(), 1);
+}
+
+#[test]
+fn nothing_acknowledged_of_a_prompt_with_blocks_is_a_fallback() {
+    let mut run = disaggregated(8);
+    assert!(run.tokens(&[5]));
+    run.finished(FinishReason::Length, 0);
+    run.collected(4);
+    assert!(
+        run.seen
+            .records
+            .iter()
+            .any(prefill_record(PrefillOutcome::FallbackAfterFirstToken, 0))
+    );
+    assert!(matches!(run.leg().leg, Leg::Decode { blocks: 0, .. }));
+}
+
+#[test]
+fn a_prefill_leg_that_sends_more_than_it_was_asked_for_is_cut_off() {
+    let mut run = disaggregated(8);
+    let leg = run.id();
+    assert!(run.tokens(&[5]));
+    assert!(
+        !run.tokens(&[6]),
+        "the extra token never reaches the client"
+    );
+    assert_eq!(run.seen.closed, vec![leg]);
+    run.collected(4);
+    assert!(matches!(
+        run.leg().leg,
+        Leg::Decode { ref tokens, blocks: 4, .. } if tokens == &[5]
+    ));
+}
+
+#[test]
+fn a_client_that_goes_away_releases_whatever_is_held_exactly_once() {
+    // In every state: before anything, mid-forward, mid-prefill, collecting, decoding, ended.
+    let forward = Run::start(plan(remote(), true), prompt(8));
+    let mut prefilling = disaggregated(8);
+    assert!(prefilling.tokens(&[5]));
+    let mut collecting = disaggregated(8);
+    collecting.failed("gone");
+    let mut decoding = disaggregated(8);
+    assert!(decoding.tokens(&[5]));
+    decoding.finished(FinishReason::Length, 4);
+    decoding.collected(4);
+    let mut ended = Run::start(plan(Target::Local, true), prompt(8));
+    ended.failed("refused");
+    ended.collected(0);
+    ended.finished(FinishReason::Length, 0);
+    for mut run in [forward, prefilling, collecting, decoding, ended] {
+        run.serve.abort();
+        run.drain();
+        run.serve.abort();
+        run.drain();
+        run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+        assert!(run.serve.is_done());
+        assert!(!run.serve.tokens(run.id(), &[1]));
+    }
+}
