@@ -433,6 +433,7 @@ impl Client {
         let mut failures = 0u32;
         loop {
             self.prune_models();
+            self.retire_drained();
             let beat = self.heartbeat(&mut rates);
             let reported_stops: Vec<WorkerId> = self
                 .book
@@ -748,9 +749,16 @@ impl Client {
         for (id, reason) in &unrunnable {
             tracing::error!(worker = %id, %reason, "desired worker cannot run on this node");
         }
-        let steps = reconcile::plan(&runnable, &self.node.pool.running());
+        let running = self.node.pool.running();
+        let steps = reconcile::plan(&runnable, &running);
         let pool = &self.node.pool;
-        let mut stopped = Vec::new();
+        // A draining worker this node does not run (the agent restarted since) has nothing left
+        // to drain: it is reported stopped, so the control plane retires it and frees its slot.
+        let mut stopped: Vec<WorkerId> = runnable
+            .iter()
+            .filter(|t| t.draining && !running.iter().any(|w| w.id == t.id))
+            .map(|t| t.id)
+            .collect();
         for step in &steps {
             match step {
                 reconcile::Step::Start(t) => {
@@ -829,6 +837,26 @@ impl Client {
             .await
             .map(drop)
             .map_err(|e| e.to_string())
+    }
+
+    /// Stops each draining worker that has nothing left to serve and reports it stopped, so the
+    /// control plane retires it: a scale-down or a role flip ends without failing a request.
+    fn retire_drained(&self) {
+        let idle: Vec<WorkerId> = self
+            .node
+            .pool
+            .workers()
+            .iter()
+            .filter(|w| w.state == WorkerState::Draining && w.outstanding == 0)
+            .map(|w| w.id)
+            .collect();
+        for id in &idle {
+            tracing::info!(worker = %id, "stopping drained worker (nothing left to serve)");
+            self.node.pool.retire_worker(*id, self.node.drain_grace);
+        }
+        if let Ok(mut book) = self.book.lock() {
+            book.stopped.extend(idle);
+        }
     }
 
     /// The heartbeat body now.
