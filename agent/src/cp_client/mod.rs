@@ -852,7 +852,8 @@ impl Client {
             .collect();
         for id in &idle {
             tracing::info!(worker = %id, "stopping drained worker (nothing left to serve)");
-            self.node.pool.retire_worker(*id, self.node.drain_grace);
+            // Not retire_worker: it returns at once for a worker already draining.
+            self.node.pool.stop_worker(*id);
         }
         if let Ok(mut book) = self.book.lock() {
             book.stopped.extend(idle);
