@@ -23,6 +23,7 @@ use std::time::Duration;
 use kvfleet_model::KvBudget;
 use kvfleet_proto::BlockSize;
 use kvfleet_proto::api::WorkerRole;
+use kvfleet_proto::profile::PerfProfile;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -212,9 +213,13 @@ pub struct Config {
     /// How the frontend picks among this node's workers.
     pub routing: RoutingMode,
     /// `[routing] fleet_mode`: how the fleet router picks among every worker of the fleet, in
-    /// control-plane mode (`kv-blocks` by default for now; `kv`, `round-robin`, `random`,
-    /// `least-loaded`, `approximate`).
+    /// control-plane mode: `kv` when the fleet's performance profile is known
+    /// (`fleet_profile`), else `kv-blocks`; or `round-robin`, `random`, `least-loaded`,
+    /// `approximate`.
     pub fleet_routing: kvfleet_kv_router::RoutingMode,
+    /// `[routing] fleet_profile`: the performance profile of the fleet's workers (a
+    /// `.perf.toml` file, as the planner reads), which the time-based `kv` mode predicts with.
+    pub fleet_profile: Option<std::sync::Arc<PerfProfile>>,
     /// Models this node can serve.
     pub models: Vec<ModelConfig>,
     /// Workers to run. Empty means "one per GPU found, or one CPU worker", serving the first
@@ -242,6 +247,7 @@ impl Default for Config {
             // the time-based `kv` on the nominal placeholder profile undervalues a worker's
             // running decodes (tests/fleet_routing.rs, the published-load test).
             fleet_routing: kvfleet_kv_router::RoutingMode::KvBlocks,
+            fleet_profile: None,
             models: vec![ModelConfig::mock("kvfleet-mock")],
             workers: Vec::new(),
             supervisor: SupervisorConfig::default(),
@@ -335,6 +341,7 @@ struct RawLog {
 struct RawRouting {
     mode: Option<Spanned<String>>,
     fleet_mode: Option<Spanned<String>>,
+    fleet_profile: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -595,6 +602,18 @@ fn parse_advertise(text: &str) -> Result<String, String> {
     }
 }
 
+/// A performance profile file (TOML, or JSON by its extension), validated.
+fn read_profile(path: &Path) -> Result<PerfProfile, String> {
+    let what = |e: &dyn fmt::Display| format!("routing.fleet_profile {}: {e}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| what(&e))?;
+    let profile = if path.extension().is_some_and(|e| e == "json") {
+        PerfProfile::from_json_str(&text)
+    } else {
+        PerfProfile::from_toml_str(&text)
+    };
+    profile.map_err(|e| what(&e))
+}
+
 fn absolute(key: &str, text: &str) -> Result<PathBuf, String> {
     let path = Path::new(text.trim());
     if path.is_absolute() {
@@ -760,6 +779,16 @@ impl Checker<'_> {
             })
         {
             config.fleet_routing = mode;
+        }
+        if let Some(path) = raw.routing.as_ref().and_then(|r| r.fleet_profile.as_ref()) {
+            let resolved = self.resolve(path.get_ref());
+            if let Some(profile) = self.parsed(path, |_| read_profile(&resolved)) {
+                config.fleet_profile = Some(std::sync::Arc::new(profile));
+                // With the workers' times known, route by predicted time unless told otherwise.
+                if raw.routing.as_ref().is_some_and(|r| r.fleet_mode.is_none()) {
+                    config.fleet_routing = kvfleet_kv_router::RoutingMode::Kv;
+                }
+            }
         }
         if let Some(s) = &raw.supervisor {
             let sc = &mut config.supervisor;
@@ -1466,6 +1495,48 @@ role = "decode"
                 "{got:?} should start with {want:?}"
             );
         }
+    }
+
+    /// `[routing] fleet_profile` is read relative to the config file and makes `kv` the fleet
+    /// mode unless `fleet_mode` says otherwise; an unreadable or invalid one is a located problem.
+    #[test]
+    fn a_fleet_profile_is_read_and_makes_kv_the_fleet_default() {
+        let dir = std::env::temp_dir().join(format!("kvfleet-agent-prof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("fleet.perf.toml"),
+            kvfleet_engine::DEFAULT_PERF_PROFILE_TOML,
+        )
+        .unwrap();
+        std::fs::write(dir.join("bad.perf.toml"), "format = 1\n").unwrap();
+        let load_in =
+            |text: &str| Config::from_sources(&Sources::from_text(dir.join("agent.toml"), text));
+        let config = load_in("[routing]\nfleet_profile = \"fleet.perf.toml\"\n").unwrap();
+        assert_eq!(config.fleet_routing, kvfleet_kv_router::RoutingMode::Kv);
+        let profile = config.fleet_profile.expect("the profile is loaded");
+        assert_eq!(profile.block_size, 16);
+        let config =
+            load_in("[routing]\nfleet_profile = \"fleet.perf.toml\"\nfleet_mode = \"kv-blocks\"\n")
+                .unwrap();
+        assert_eq!(
+            config.fleet_routing,
+            kvfleet_kv_router::RoutingMode::KvBlocks
+        );
+        assert!(config.fleet_profile.is_some());
+        for (file, why) in [
+            ("gone.perf.toml", "gone.perf.toml: "),
+            ("bad.perf.toml", "bad.perf.toml: "),
+        ] {
+            let problems = load_in(&format!("[routing]\nfleet_profile = \"{file}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                problems.contains("agent.toml:2:17: routing.fleet_profile"),
+                "{problems}"
+            );
+            assert!(problems.contains(why), "{problems}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `check-config` reads native models' files: a missing or unparsable one is a located

@@ -356,6 +356,11 @@ fn start_fleet(
     stop: CancellationToken,
 ) -> anyhow::Result<StartedFleet> {
     let router = Arc::new(fleet::FleetRouter::new(config.fleet_routing));
+    if let Some(profile) = &config.fleet_profile {
+        router
+            .with_router(|r| r.set_default_profile(profile.clone()))
+            .context("routing.fleet_profile does not fit the fleet router")?;
+    }
     let peer = peer::PeerHandle::default();
     // Forwarded requests and both legs of disaggregated ones run through the peer endpoint.
     let serving = Arc::new(serving::Serving::new(pool.clone(), peer.clone()));
