@@ -277,6 +277,7 @@ struct RawConfig {
     log: Option<RawLog>,
     routing: Option<RawRouting>,
     supervisor: Option<RawSupervisor>,
+    kv_tiers: Option<RawKvTiers>,
     drain_grace_secs: Option<Spanned<f64>>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -351,6 +352,16 @@ struct RawSupervisor {
     restart_backoff_initial_ms: Option<Spanned<i64>>,
     restart_backoff_max_ms: Option<Spanned<i64>>,
     start_timeout_secs: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKvTiers {
+    host_memory: Option<Spanned<String>>,
+    disk: Option<Spanned<String>>,
+    disk_dir: Option<Spanned<String>>,
+    admission: Option<Spanned<String>>,
+    write_queue_blocks: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -670,6 +681,60 @@ impl Config {
 
 impl Checker<'_> {
     /// Applies `parse` to a spanned string, recording a problem at its location on failure.
+    /// `[kv_tiers]`: per-worker budgets of the lower KV tiers.
+    fn kv_tiers(&mut self, raw: &RawKvTiers, tiers: &mut kvfleet_engine::TierConfig) {
+        // Sizes are written like `models.kv_memory` ("64GiB", "0"); only bytes make sense here.
+        let bytes = |key: &'static str| {
+            move |text: &str| match text.parse::<KvBudget>() {
+                Ok(KvBudget::Bytes(n)) => Ok(n),
+                _ if text.trim() == "0" => Ok(0),
+                _ => Err(format!(
+                    "kv_tiers.{key} {text:?}: expected a size such as \"64GiB\" or \"0\" (off)"
+                )),
+            }
+        };
+        if let Some(v) = &raw.host_memory
+            && let Some(n) = self.parsed(v, bytes("host_memory"))
+        {
+            tiers.host_bytes = n;
+        }
+        if let Some(v) = &raw.disk
+            && let Some(n) = self.parsed(v, bytes("disk"))
+        {
+            tiers.disk_bytes = n;
+        }
+        if let Some(dir) = &raw.disk_dir {
+            if Path::new(dir.get_ref()).is_absolute() {
+                tiers.disk_dir = PathBuf::from(dir.get_ref());
+            } else {
+                let location = self.at(dir);
+                self.problem(
+                    location,
+                    format!(
+                        "kv_tiers.disk_dir {:?} must be an absolute path",
+                        dir.get_ref()
+                    ),
+                );
+            }
+        }
+        if let Some(v) = &raw.admission
+            && let Some(a) = self.parsed(v, |text| match text {
+                "all" => Ok(kvfleet_engine::Admission::All),
+                "reused" => Ok(kvfleet_engine::Admission::Reused),
+                other => Err(format!(
+                    "kv_tiers.admission {other:?}: expected \"all\" or \"reused\""
+                )),
+            })
+        {
+            tiers.admission = a;
+        }
+        if let Some(v) = &raw.write_queue_blocks
+            && let Some(n) = self.int("kv_tiers.write_queue_blocks", v, 1..=65_536)
+        {
+            tiers.write_queue_blocks = n as usize;
+        }
+    }
+
     fn parsed<T>(
         &mut self,
         value: &Spanned<String>,
@@ -821,6 +886,9 @@ impl Checker<'_> {
             {
                 sc.start_timeout = d;
             }
+        }
+        if let Some(t) = &raw.kv_tiers {
+            self.kv_tiers(t, &mut config.supervisor.kv_tiers);
         }
         if let Some(v) = &raw.drain_grace_secs
             && let Some(d) = self.secs("drain_grace_secs", v, 3600.0)
@@ -1739,5 +1807,37 @@ role = "decode"
             .unwrap_err()
             .to_string();
         assert!(problems.contains("without a control plane"), "{problems}");
+    }
+
+    #[test]
+    fn kv_tiers_are_parsed_with_located_problems() {
+        let config = load(
+            "[kv_tiers]\nhost_memory = \"2GiB\"\ndisk = \"100GB\"\ndisk_dir = \"/srv/kv\"\n\
+             admission = \"reused\"\nwrite_queue_blocks = 8\n",
+        )
+        .unwrap();
+        let t = &config.supervisor.kv_tiers;
+        assert_eq!(t.host_bytes, 2 << 30);
+        assert_eq!(t.disk_bytes, 100_000_000_000);
+        assert_eq!(t.disk_dir, PathBuf::from("/srv/kv"));
+        assert_eq!(t.admission, kvfleet_engine::Admission::Reused);
+        assert_eq!(t.write_queue_blocks, 8);
+        assert!(!load("").unwrap().supervisor.kv_tiers.enabled());
+        let problems = problems(
+            "[kv_tiers]\nhost_memory = \"10%\"\ndisk_dir = \"kv\"\nadmission = \"some\"\n",
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].contains("kv_tiers.host_memory \"10%\""),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("must be an absolute path"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].contains("expected \"all\" or \"reused\""),
+            "{problems:?}"
+        );
     }
 }

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use kvfleet_engine::{TierConfig, TierCounters};
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameKind};
 use kvfleet_proto::histogram::LatencyHistogram;
@@ -224,15 +225,25 @@ impl Slot {
             waiting: status.waiting,
             starts,
             pid,
+            kv_tiers: status.kv_tiers,
         }
     }
 
-    fn spec(&self, vocab_size: u32) -> WorkerSpec {
+    fn spec(&self, vocab_size: u32, kv_tiers: &TierConfig) -> WorkerSpec {
+        let mut engine = EngineSpec::for_model(&self.model, vocab_size);
+        if kv_tiers.enabled() {
+            // Each worker its own directory: two workers never evict each other's files, and
+            // a restarted worker (same id) finds its blocks again.
+            engine.kv_tiers = TierConfig {
+                disk_dir: kv_tiers.disk_dir.join(format!("worker-{}", self.id.0)),
+                ..kv_tiers.clone()
+            };
+        }
         WorkerSpec {
             worker: self.id,
             role: self.config.role,
             device: self.config.device.to_string(),
-            engine: EngineSpec::for_model(&self.model, vocab_size),
+            engine,
         }
     }
 }
@@ -577,6 +588,38 @@ struct WorkerLabels {
     role: &'static str,
 }
 
+/// `{worker, model, device, role, tier}` of the per-worker lower-KV-tier families.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct WorkerTierLabels {
+    worker: String,
+    model: String,
+    device: String,
+    role: &'static str,
+    tier: &'static str,
+}
+
+impl WorkerTierLabels {
+    /// One label set and counters per lower tier a worker has on.
+    fn of(w: &WorkerStatus) -> impl Iterator<Item = (Self, &TierCounters)> {
+        [("g2", &w.kv_tiers.g2), ("g3", &w.kv_tiers.g3)]
+            .into_iter()
+            .filter(|(_, c)| c.capacity_bytes > 0)
+            .map(move |(tier, c)| {
+                let l = WorkerLabels::of(w);
+                (
+                    Self {
+                        worker: l.worker,
+                        model: l.model,
+                        device: l.device,
+                        role: l.role,
+                        tier,
+                    },
+                    c,
+                )
+            })
+    }
+}
+
 impl WorkerLabels {
     fn of(w: &WorkerStatus) -> Self {
         Self {
@@ -659,6 +702,88 @@ impl WorkerPool {
                     name,
                     help,
                     workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
+                )?;
+            }
+            // The lower KV tiers, per worker and tier (only tiers a worker has on).
+            type TierField = fn(&TierCounters) -> u64;
+            let tier_gauges: [(&str, &str, TierField); 3] = [
+                (
+                    "kvfleet_worker_kv_tier_blocks",
+                    "KV blocks held in a lower tier (g2 host memory, g3 disk), per worker",
+                    |c| c.blocks,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_bytes",
+                    "Bytes of KV held in a lower tier, per worker",
+                    |c| c.bytes,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_capacity_bytes",
+                    "The byte budget of a lower KV tier, per worker",
+                    |c| c.capacity_bytes,
+                ),
+            ];
+            for (name, help, field) in tier_gauges {
+                s.gauges(
+                    name,
+                    help,
+                    workers
+                        .iter()
+                        .flat_map(WorkerTierLabels::of)
+                        .map(|(l, c)| (l, field(c))),
+                )?;
+            }
+            let tier_counters: [(&str, &str, TierField); 8] = [
+                (
+                    "kvfleet_worker_kv_tier_hits",
+                    "KV blocks onboarded from a lower tier instead of recomputed",
+                    |c| c.hits,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_onboard_bytes",
+                    "Bytes onboarded from a lower tier into the engine's pool",
+                    |c| c.onboard_bytes,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_offload_blocks",
+                    "KV blocks written into a lower tier",
+                    |c| c.offload_blocks,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_offload_bytes",
+                    "Bytes written into a lower tier",
+                    |c| c.offload_bytes,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_evictions",
+                    "KV blocks a lower tier evicted to stay within its budget",
+                    |c| c.evictions,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_refusals",
+                    "KV blocks refused by a lower tier (admission policy or a full write queue)",
+                    |c| c.refusals,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_faults",
+                    "KV blocks found unusable in a lower tier (checksum, truncation, other \
+                     layout, failed write), dropped and recomputed",
+                    |c| c.faults,
+                ),
+                (
+                    "kvfleet_worker_kv_tier_write_faults",
+                    "Failed writes to a lower tier (IO errors, a full disk)",
+                    |c| c.write_faults,
+                ),
+            ];
+            for (name, help, field) in tier_counters {
+                s.counters(
+                    name,
+                    help,
+                    workers
+                        .iter()
+                        .flat_map(WorkerTierLabels::of)
+                        .map(|(l, c)| (l, field(c))),
                 )?;
             }
             let latencies = pool.upgrade().map(|p| p.latencies()).unwrap_or_default();
@@ -951,7 +1076,12 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
     };
     let (reader, mut writer) = stream.into_split();
     let mut frames = FrameStream::new(reader);
-    write_json(&mut writer, FrameKind::Hello, &slot.spec(launch.vocab_size)).await?;
+    write_json(
+        &mut writer,
+        FrameKind::Hello,
+        &slot.spec(launch.vocab_size, &launch.supervisor.kv_tiers),
+    )
+    .await?;
     let hello = tokio::select! {
         frame = tokio::time::timeout(start_timeout, frames.next()) => match frame {
             Ok(Ok(Some(frame))) if frame.kind == FrameKind::Hello => frame.parse_json::<WorkerHello>()?,

@@ -216,15 +216,21 @@ impl<E: Executor> Scheduler<E> {
             return 0;
         };
         let mut data = Vec::new();
-        let mut got = 0;
-        for &(hash, tier) in lower {
+        let mut found: Vec<(BlockHash, Tier)> = Vec::with_capacity(lower.len());
+        for &(hash, _) in lower {
+            // Looked up again: offloading what this admission evicted may have moved a block
+            // down a tier (or off the last one) since the walk.
+            let Some(tier) = tiers.lookup(hash.sequence) else {
+                break;
+            };
             match tiers.fetch(hash.sequence, tier) {
                 Ok(Some(bytes)) => data.extend_from_slice(&bytes),
                 Ok(None) => {}
                 Err(_) => break,
             }
-            got += 1;
+            found.push((hash, tier));
         }
+        let got = found.len();
         if got > 0
             && tiers.stores_bytes()
             && self
@@ -234,7 +240,7 @@ impl<E: Executor> Scheduler<E> {
         {
             return 0;
         }
-        for &(hash, tier) in &lower[..got] {
+        for &(hash, tier) in &found {
             tiers.onboarded(hash.sequence, tier);
             let slot = match tier {
                 Tier::G2 => 0,
@@ -243,9 +249,9 @@ impl<E: Executor> Scheduler<E> {
             };
             self.step_onboard[slot] += 1;
         }
-        let pairs: Vec<(BlockId, BlockHash)> = targets[..got]
+        let pairs: Vec<(BlockId, BlockHash)> = targets
             .iter()
-            .zip(lower)
+            .zip(&found)
             .map(|(&b, &(h, _))| (b, h))
             .collect();
         self.pool.register(parent, &pairs);
