@@ -971,15 +971,7 @@ async fn kv_tiers_take_evicted_blocks_and_give_them_back() {
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let text = loop {
-        let text = agent
-            .client
-            .get(agent.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = agent.metrics_text().await;
         if hits(&text, "g2") + hits(&text, "g3") > 0.0 {
             break text;
         }
