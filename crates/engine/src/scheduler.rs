@@ -215,7 +215,6 @@ impl<E: Executor> Scheduler<E> {
         let Some(tiers) = &mut self.tiers else {
             return 0;
         };
-        let mut data = Vec::new();
         let mut found: Vec<(BlockHash, Tier)> = Vec::with_capacity(lower.len());
         for &(hash, _) in lower {
             // Looked up again: offloading what this admission evicted may have moved a block
@@ -224,22 +223,19 @@ impl<E: Executor> Scheduler<E> {
                 break;
             };
             match tiers.fetch(hash.sequence, tier) {
-                Ok(Some(bytes)) => data.extend_from_slice(&bytes),
+                // Block by block, straight from the tier's bytes: one copy each.
+                Ok(Some(bytes)) => {
+                    let target = targets[found.len()];
+                    if self.executor.copy_blocks_in(&[target], &bytes).is_err() {
+                        break;
+                    }
+                }
                 Ok(None) => {}
                 Err(_) => break,
             }
             found.push((hash, tier));
         }
         let got = found.len();
-        if got > 0
-            && tiers.stores_bytes()
-            && self
-                .executor
-                .copy_blocks_in(&targets[..got], &data)
-                .is_err()
-        {
-            return 0;
-        }
         for &(hash, tier) in &found {
             tiers.onboarded(hash.sequence, tier);
             let slot = match tier {
