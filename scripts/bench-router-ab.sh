@@ -7,7 +7,7 @@
 # under $KVFLEET_AB_DIR (default /var/tmp/kvfleet-router-ab) with its own target directory, and the
 # bench of this checkout; then runs their `select/` cases (the default `kv` mode) ROUNDS times
 # (default 3), alternating old and new, so both see the same machine load, and prints each
-# case's best time for each build and the ratio new / old. Criterion's own output is kept in $KVFLEET_AB_DIR/*.log.
+# case's median and best time over the rounds for each build and the ratios new / old. Criterion's own output is kept in $KVFLEET_AB_DIR/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
@@ -51,23 +51,24 @@ for round in $(seq 1 "$rounds"); do
 done
 
 python3 - "$dir" "$rounds" <<'EOF'
-import re, sys
+import re, statistics, sys
 dir, rounds = sys.argv[1], int(sys.argv[2])
 unit = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3, "s": 1e6}
-best = {}
+times = {}
 for side in ("old", "new"):
     for r in range(1, rounds + 1):
         text = open(f"{dir}/{side}.{r}.log").read()
         for m in re.finditer(r"^(select/\S+)\s+time:\s+\[([\d.]+) (\S+) ([\d.]+) (\S+)", text, re.M):
             name, median, u = m.group(1), float(m.group(4)), m.group(5)
-            us = median * unit[u]
-            key = (name, side)
-            best[key] = min(best.get(key, us), us)
-names = sorted({n for n, _ in best}, key=lambda n: (int(n.split("/")[1].split("_")[0]), int(n.split("/")[2].split("_")[0])))
-print("| case | old (µs, best of %d) | new (µs, best of %d) | new / old |" % (rounds, rounds))
-print("| --- | ---: | ---: | ---: |")
+            times.setdefault((name, side), []).append(median * unit[u])
+names = sorted({n for n, _ in times}, key=lambda n: (int(n.split("/")[1].split("_")[0]), int(n.split("/")[2].split("_")[0])))
+# On a shared machine one quiet minute can make a round's best; the median over the rounds is
+# the steadier comparison, the best is shown beside it.
+print(f"| case | old (µs): median / best of {rounds} | new (µs): median / best of {rounds} | new / old (median) | new / old (best) |")
+print("| --- | ---: | ---: | ---: | ---: |")
 for n in names:
-    o, w = best.get((n, "old")), best.get((n, "new"))
+    o, w = times.get((n, "old")), times.get((n, "new"))
     if o and w:
-        print(f"| {n} | {o:.1f} | {w:.1f} | {w / o:.2f} |")
+        om, wm = statistics.median(o), statistics.median(w)
+        print(f"| {n} | {om:.1f} / {min(o):.1f} | {wm:.1f} / {min(w):.1f} | {wm / om:.2f} | {min(w) / min(o):.2f} |")
 EOF

@@ -240,6 +240,8 @@ pub struct WorkerStatus {
     pub starts: u64,
     /// The OS process id, while running.
     pub pid: Option<u32>,
+    /// Its lower KV tiers' figures, from its last status report (zero when they are off).
+    pub kv_tiers: kvfleet_engine::TierStats,
 }
 
 /// Whatever generates tokens for the frontend.

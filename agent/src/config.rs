@@ -23,6 +23,7 @@ use std::time::Duration;
 use kvfleet_model::KvBudget;
 use kvfleet_proto::BlockSize;
 use kvfleet_proto::api::WorkerRole;
+use kvfleet_proto::profile::PerfProfile;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -212,9 +213,13 @@ pub struct Config {
     /// How the frontend picks among this node's workers.
     pub routing: RoutingMode,
     /// `[routing] fleet_mode`: how the fleet router picks among every worker of the fleet, in
-    /// control-plane mode (`kv-blocks` by default for now; `kv`, `round-robin`, `random`,
-    /// `least-loaded`, `approximate`).
+    /// control-plane mode: `kv` when the fleet's performance profile is known
+    /// (`fleet_profile`), else `kv-blocks`; or `round-robin`, `random`, `least-loaded`,
+    /// `approximate`.
     pub fleet_routing: kvfleet_kv_router::RoutingMode,
+    /// `[routing] fleet_profile`: the performance profile of the fleet's workers (a
+    /// `.perf.toml` file, as the planner reads), which the time-based `kv` mode predicts with.
+    pub fleet_profile: Option<std::sync::Arc<PerfProfile>>,
     /// Models this node can serve.
     pub models: Vec<ModelConfig>,
     /// Workers to run. Empty means "one per GPU found, or one CPU worker", serving the first
@@ -242,6 +247,7 @@ impl Default for Config {
             // the time-based `kv` on the nominal placeholder profile undervalues a worker's
             // running decodes (tests/fleet_routing.rs, the published-load test).
             fleet_routing: kvfleet_kv_router::RoutingMode::KvBlocks,
+            fleet_profile: None,
             models: vec![ModelConfig::mock("kvfleet-mock")],
             workers: Vec::new(),
             supervisor: SupervisorConfig::default(),
@@ -271,6 +277,7 @@ struct RawConfig {
     log: Option<RawLog>,
     routing: Option<RawRouting>,
     supervisor: Option<RawSupervisor>,
+    kv_tiers: Option<RawKvTiers>,
     drain_grace_secs: Option<Spanned<f64>>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -335,6 +342,7 @@ struct RawLog {
 struct RawRouting {
     mode: Option<Spanned<String>>,
     fleet_mode: Option<Spanned<String>>,
+    fleet_profile: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -344,6 +352,16 @@ struct RawSupervisor {
     restart_backoff_initial_ms: Option<Spanned<i64>>,
     restart_backoff_max_ms: Option<Spanned<i64>>,
     start_timeout_secs: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKvTiers {
+    host_memory: Option<Spanned<String>>,
+    disk: Option<Spanned<String>>,
+    disk_dir: Option<Spanned<String>>,
+    admission: Option<Spanned<String>>,
+    write_queue_blocks: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -595,6 +613,18 @@ fn parse_advertise(text: &str) -> Result<String, String> {
     }
 }
 
+/// A performance profile file (TOML, or JSON by its extension), validated.
+fn read_profile(path: &Path) -> Result<PerfProfile, String> {
+    let what = |e: &dyn fmt::Display| format!("routing.fleet_profile {}: {e}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| what(&e))?;
+    let profile = if path.extension().is_some_and(|e| e == "json") {
+        PerfProfile::from_json_str(&text)
+    } else {
+        PerfProfile::from_toml_str(&text)
+    };
+    profile.map_err(|e| what(&e))
+}
+
 fn absolute(key: &str, text: &str) -> Result<PathBuf, String> {
     let path = Path::new(text.trim());
     if path.is_absolute() {
@@ -651,6 +681,60 @@ impl Config {
 
 impl Checker<'_> {
     /// Applies `parse` to a spanned string, recording a problem at its location on failure.
+    /// `[kv_tiers]`: per-worker budgets of the lower KV tiers.
+    fn kv_tiers(&mut self, raw: &RawKvTiers, tiers: &mut kvfleet_engine::TierConfig) {
+        // Sizes are written like `models.kv_memory` ("64GiB", "0"); only bytes make sense here.
+        let bytes = |key: &'static str| {
+            move |text: &str| match text.parse::<KvBudget>() {
+                Ok(KvBudget::Bytes(n)) => Ok(n),
+                _ if text.trim() == "0" => Ok(0),
+                _ => Err(format!(
+                    "kv_tiers.{key} {text:?}: expected a size such as \"64GiB\" or \"0\" (off)"
+                )),
+            }
+        };
+        if let Some(v) = &raw.host_memory
+            && let Some(n) = self.parsed(v, bytes("host_memory"))
+        {
+            tiers.host_bytes = n;
+        }
+        if let Some(v) = &raw.disk
+            && let Some(n) = self.parsed(v, bytes("disk"))
+        {
+            tiers.disk_bytes = n;
+        }
+        if let Some(dir) = &raw.disk_dir {
+            if Path::new(dir.get_ref()).is_absolute() {
+                tiers.disk_dir = PathBuf::from(dir.get_ref());
+            } else {
+                let location = self.at(dir);
+                self.problem(
+                    location,
+                    format!(
+                        "kv_tiers.disk_dir {:?} must be an absolute path",
+                        dir.get_ref()
+                    ),
+                );
+            }
+        }
+        if let Some(v) = &raw.admission
+            && let Some(a) = self.parsed(v, |text| match text {
+                "all" => Ok(kvfleet_engine::Admission::All),
+                "reused" => Ok(kvfleet_engine::Admission::Reused),
+                other => Err(format!(
+                    "kv_tiers.admission {other:?}: expected \"all\" or \"reused\""
+                )),
+            })
+        {
+            tiers.admission = a;
+        }
+        if let Some(v) = &raw.write_queue_blocks
+            && let Some(n) = self.int("kv_tiers.write_queue_blocks", v, 1..=65_536)
+        {
+            tiers.write_queue_blocks = n as usize;
+        }
+    }
+
     fn parsed<T>(
         &mut self,
         value: &Spanned<String>,
@@ -761,6 +845,16 @@ impl Checker<'_> {
         {
             config.fleet_routing = mode;
         }
+        if let Some(path) = raw.routing.as_ref().and_then(|r| r.fleet_profile.as_ref()) {
+            let resolved = self.resolve(path.get_ref());
+            if let Some(profile) = self.parsed(path, |_| read_profile(&resolved)) {
+                config.fleet_profile = Some(std::sync::Arc::new(profile));
+                // With the workers' times known, route by predicted time unless told otherwise.
+                if raw.routing.as_ref().is_some_and(|r| r.fleet_mode.is_none()) {
+                    config.fleet_routing = kvfleet_kv_router::RoutingMode::Kv;
+                }
+            }
+        }
         if let Some(s) = &raw.supervisor {
             let sc = &mut config.supervisor;
             if let Some(dir) = &s.socket_dir {
@@ -792,6 +886,9 @@ impl Checker<'_> {
             {
                 sc.start_timeout = d;
             }
+        }
+        if let Some(t) = &raw.kv_tiers {
+            self.kv_tiers(t, &mut config.supervisor.kv_tiers);
         }
         if let Some(v) = &raw.drain_grace_secs
             && let Some(d) = self.secs("drain_grace_secs", v, 3600.0)
@@ -1468,6 +1565,48 @@ role = "decode"
         }
     }
 
+    /// `[routing] fleet_profile` is read relative to the config file and makes `kv` the fleet
+    /// mode unless `fleet_mode` says otherwise; an unreadable or invalid one is a located problem.
+    #[test]
+    fn a_fleet_profile_is_read_and_makes_kv_the_fleet_default() {
+        let dir = std::env::temp_dir().join(format!("kvfleet-agent-prof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("fleet.perf.toml"),
+            kvfleet_engine::DEFAULT_PERF_PROFILE_TOML,
+        )
+        .unwrap();
+        std::fs::write(dir.join("bad.perf.toml"), "format = 1\n").unwrap();
+        let load_in =
+            |text: &str| Config::from_sources(&Sources::from_text(dir.join("agent.toml"), text));
+        let config = load_in("[routing]\nfleet_profile = \"fleet.perf.toml\"\n").unwrap();
+        assert_eq!(config.fleet_routing, kvfleet_kv_router::RoutingMode::Kv);
+        let profile = config.fleet_profile.expect("the profile is loaded");
+        assert_eq!(profile.block_size, 16);
+        let config =
+            load_in("[routing]\nfleet_profile = \"fleet.perf.toml\"\nfleet_mode = \"kv-blocks\"\n")
+                .unwrap();
+        assert_eq!(
+            config.fleet_routing,
+            kvfleet_kv_router::RoutingMode::KvBlocks
+        );
+        assert!(config.fleet_profile.is_some());
+        for (file, why) in [
+            ("gone.perf.toml", "gone.perf.toml: "),
+            ("bad.perf.toml", "bad.perf.toml: "),
+        ] {
+            let problems = load_in(&format!("[routing]\nfleet_profile = \"{file}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                problems.contains("agent.toml:2:17: routing.fleet_profile"),
+                "{problems}"
+            );
+            assert!(problems.contains(why), "{problems}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// `check-config` reads native models' files: a missing or unparsable one is a located
     /// problem; a good one (the tiny generated model) passes.
     #[test]
@@ -1668,5 +1807,37 @@ role = "decode"
             .unwrap_err()
             .to_string();
         assert!(problems.contains("without a control plane"), "{problems}");
+    }
+
+    #[test]
+    fn kv_tiers_are_parsed_with_located_problems() {
+        let config = load(
+            "[kv_tiers]\nhost_memory = \"2GiB\"\ndisk = \"100GB\"\ndisk_dir = \"/srv/kv\"\n\
+             admission = \"reused\"\nwrite_queue_blocks = 8\n",
+        )
+        .unwrap();
+        let t = &config.supervisor.kv_tiers;
+        assert_eq!(t.host_bytes, 2 << 30);
+        assert_eq!(t.disk_bytes, 100_000_000_000);
+        assert_eq!(t.disk_dir, PathBuf::from("/srv/kv"));
+        assert_eq!(t.admission, kvfleet_engine::Admission::Reused);
+        assert_eq!(t.write_queue_blocks, 8);
+        assert!(!load("").unwrap().supervisor.kv_tiers.enabled());
+        let problems = problems(
+            "[kv_tiers]\nhost_memory = \"10%\"\ndisk_dir = \"kv\"\nadmission = \"some\"\n",
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].contains("kv_tiers.host_memory \"10%\""),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("must be an absolute path"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].contains("expected \"all\" or \"reused\""),
+            "{problems:?}"
+        );
     }
 }

@@ -666,6 +666,7 @@ mod tests {
             waiting: 0,
             starts: 1,
             pid: None,
+            kv_tiers: Default::default(),
         }
     }
 

@@ -14,8 +14,10 @@
 //! - [`kv_sync`]: the KV event pipeline's agent side (batched uploads, following the control
 //!   plane's stream into a router), as state machines the control-plane client drives.
 //! - [`fleet`]: the fleet-wide KV router the control-plane client keeps current.
-//! - [`forward`]: the frontend's backend in control-plane mode: local or forwarded to a peer.
-//! - [`peer`]: the QUIC peer endpoint (node-CA mTLS) serving requests other agents forward.
+//! - [`serving`]: how a request is served beyond one local worker (the driver of
+//!   `kvfleet-serving`'s state machine): the frontend's backend in control-plane mode, local,
+//!   forwarded to a peer, or in prefill and decode legs; and what peers forward here.
+//! - [`peer`]: the QUIC peer endpoint (node-CA mTLS); it runs only what [`serving`] gives it.
 //! - [`state_dir`]: what the agent keeps on disk between runs in control-plane mode (identity,
 //!   certificate, last desired state).
 //!
@@ -23,8 +25,8 @@
 //! inventory and the built binary as the worker program. With `[control_plane]` the
 //! [`cp_client`] runs beside the frontend and reconciles the worker pool to the control plane's
 //! desired state, the [`peer`] endpoint serves requests forwarded by other agents, and the
-//! frontend routes through [`forward`]: to the worker holding the prompt's prefix, here or on a
-//! peer.
+//! frontend routes through [`serving`]: to the worker holding the prompt's prefix, here or on a
+//! peer, or split into a prefill and a decode leg.
 
 pub mod backend;
 pub mod cli;
@@ -356,6 +358,11 @@ fn start_fleet(
     stop: CancellationToken,
 ) -> anyhow::Result<StartedFleet> {
     let router = Arc::new(fleet::FleetRouter::new(config.fleet_routing));
+    if let Some(profile) = &config.fleet_profile {
+        router
+            .with_router(|r| r.set_default_profile(profile.clone()))
+            .context("routing.fleet_profile does not fit the fleet router")?;
+    }
     let peer = peer::PeerHandle::default();
     // Forwarded requests and both legs of disaggregated ones run through the peer endpoint.
     let serving = Arc::new(serving::Serving::new(pool.clone(), peer.clone()));

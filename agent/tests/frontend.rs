@@ -936,3 +936,63 @@ async fn metrics_have_help_text_and_per_model_latency_histograms() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `[kv_tiers]` reaches the workers: a prompt pushed out of a small KV pool comes back from
+/// host memory or disk instead of being recomputed, the disk tier's files are in the worker's
+/// own directory, and every tier figure is in `/metrics` with a `tier` label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_tiers_take_evicted_blocks_and_give_them_back() {
+    let dir = std::env::temp_dir().join(format!("kvfleet-agent-tiers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // The mock's blocks are 64 bytes: G2 holds 16 blocks, G3 1024; the pool 32 (512 tokens).
+    let agent = TestAgent::start(&format!(
+        "[kv_tiers]\nhost_memory = \"1KiB\"\ndisk = \"64KiB\"\ndisk_dir = {dir:?}\n\
+         [[models]]\nname = \"m\"\ncontext_length = 512\nblock_size = 16\nkv_blocks = 32\n"
+    ))
+    .await;
+    let story = |i: usize| {
+        format!(
+            "{i} {}",
+            "the keeper counted ships before the storm ".repeat(5)
+        )
+    };
+    for i in [0, 1, 2, 3, 0] {
+        let response = agent.post("/v1/chat/completions", chat(&story(i), 2)).await;
+        assert_eq!(response.status(), 200);
+    }
+    let hits = |text: &str, tier: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("kvfleet_worker_kv_tier_hits_total{")
+                    && l.contains(&format!("tier=\"{tier}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = agent.metrics_text().await;
+        if hits(&text, "g2") + hits(&text, "g3") > 0.0 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no lower-tier hit reported:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for family in [
+        "# HELP kvfleet_worker_kv_tier_blocks ",
+        "# HELP kvfleet_worker_kv_tier_offload_bytes_total ",
+        "# HELP kvfleet_worker_kv_tier_faults_total ",
+        "kvfleet_worker_kv_tier_capacity_bytes{worker=\"w1\",model=\"m\",device=\"cpu\",role=\"aggregated\",tier=\"g2\"} 1024",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    let files = std::fs::read_dir(dir.join("worker-1"))
+        .map(|layouts| layouts.count())
+        .unwrap_or(0);
+    assert!(files > 0, "the disk tier is in the worker's own directory");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,33 +69,26 @@ fn nothing_depends_on_sim_or_tests() {
 }
 
 /// The crates whose top-level modules must not import each other around a loop (see
-/// `kvfleet_tests::modules` for what counts as an import), and whether that is enforced yet.
-const ACYCLIC_MODULES: &[(&str, bool)] = &[
-    ("controlplane", true),
-    // Off until the agent restructure (issue 16) removes its cycles; the agent's helper turns
-    // it on then. Its cycles are printed meanwhile.
-    ("agent", false),
-];
+/// `kvfleet_tests::modules` for what counts as an import).
+const ACYCLIC_MODULES: &[&str] = &["controlplane", "agent"];
 
 #[test]
 fn top_level_modules_import_each_other_without_cycles() {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut failures = Vec::new();
-    for &(krate, enforced) in ACYCLIC_MODULES {
+    for &krate in ACYCLIC_MODULES {
         let graph = ModuleGraph::from_crate(&workspace.join(krate).join("src"))
             .unwrap_or_else(|e| panic!("reading {krate}/src: {e}"));
         assert!(
             graph.modules().count() > 3,
             "{krate}: found too few top-level modules to check"
         );
-        for cycle in graph.cycles() {
-            let line = format!("{krate}: {cycle}");
-            if enforced {
-                failures.push(line);
-            } else {
-                println!("not enforced yet: {line}");
-            }
-        }
+        failures.extend(
+            graph
+                .cycles()
+                .iter()
+                .map(|cycle| format!("{krate}: {cycle}")),
+        );
     }
     assert!(
         failures.is_empty(),

@@ -4,6 +4,9 @@
 //! - [`timing`]: pure retry backoff (with jitter) and certificate-renewal timing.
 //! - [`state`]: the state directory (credential, peer key and certificate, last desired state).
 //! - [`http`]: the `/api/v1/agent/*` calls.
+//! - `heartbeat`: the heartbeat loop, its body (worker states, rates, GPU figures) and
+//!   certificate renewal.
+//! - `kv`: the KV event upload, the fleet directory and the KV stream follower loops.
 //!
 //! [`run`] is the driver. At start it applies the desired state saved by the previous run, so a
 //! node that reboots while the control plane is down serves again at once. Then, in a loop:
@@ -24,7 +27,9 @@
 //! last reconcile left in place.
 
 mod config;
+mod heartbeat;
 pub mod http;
+mod kv;
 pub mod reconcile;
 pub mod timing;
 
@@ -35,27 +40,19 @@ use std::time::Duration;
 use base64::Engine as _;
 use kvfleet_proto::WorkerId;
 use kvfleet_proto::api::{
-    AgentPublicKey, DesiredState, GpuInventory, GpuStatus, Heartbeat, KeyAlgorithm, ObservedWorker,
-    ObservedWorkerState, RegisterRequest, RenewRequest, WorkerMetrics,
+    AgentPublicKey, DesiredState, GpuInventory, KeyAlgorithm, RegisterRequest,
 };
-use kvfleet_proto::kv_stream::WorkerLoadReport;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use self::config::{ControlPlaneConfig, DEFAULT_STATE_DIR, JoinToken};
 use self::http::{Api, CpError};
-use crate::backend::{Backend as _, WorkerState};
+use self::kv::KvUpload;
 use crate::frontend::models::ModelRegistry;
 use crate::gpu::{GpuInfo, Inventory};
 use crate::state_dir::{self as state, Identity, StateDir};
 use crate::worker::ModelConfig;
 use crate::worker::WorkerPool;
-
-/// How long one KV stream request waits for news at the control plane.
-const KV_STREAM_WAIT: Duration = Duration::from_secs(5);
-
-/// How often the fleet directory is read.
-const DIRECTORY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the client needs from the rest of the agent.
 #[derive(Debug, Clone)]
@@ -159,16 +156,6 @@ struct Client {
     kv: tokio::sync::Mutex<KvUpload>,
     /// The KV stream follower; kept across sessions so a re-registration continues the stream.
     follower: tokio::sync::Mutex<crate::kv_sync::Follower>,
-}
-
-/// The KV event uploader and the pool subscription that feeds it.
-struct KvUpload {
-    uploader: crate::kv_sync::Uploader,
-    events: tokio::sync::broadcast::Receiver<kvfleet_proto::KvEvent>,
-    /// Per worker: the process start count last seen and the epoch announced for it.
-    epochs: BTreeMap<WorkerId, (u64, u64)>,
-    /// The uploader's clock starts here.
-    origin: tokio::time::Instant,
 }
 
 /// Prepares the client (state directory, peer key, HTTP client) and returns the future that
@@ -423,60 +410,6 @@ impl Client {
         Ok(identity)
     }
 
-    /// Heartbeats until the credential is refused (the returned error).
-    async fn heartbeat_loop(&self, identity: &Identity) -> CpError {
-        let mut interval = self
-            .config
-            .heartbeat_interval
-            .unwrap_or(Duration::from_secs(5));
-        let mut rates = Rates::default();
-        let mut failures = 0u32;
-        loop {
-            self.prune_models();
-            self.retire_drained();
-            let beat = self.heartbeat(&mut rates);
-            let reported_stops: Vec<WorkerId> = self
-                .book
-                .lock()
-                .map(|b| b.stopped.iter().copied().collect())
-                .unwrap_or_default();
-            let delay = match self.api.heartbeat(&identity.credential, &beat).await {
-                Ok(response) => {
-                    failures = 0;
-                    self.handle.update(|s| s.connected = true);
-                    if let Ok(mut book) = self.book.lock() {
-                        for id in &reported_stops {
-                            book.stopped.remove(id);
-                        }
-                    }
-                    if Some(response.desired_generation) != self.handle.status().generation {
-                        self.wake.notify_one();
-                    }
-                    if self.config.heartbeat_interval.is_none()
-                        && response.heartbeat_interval_ms > 0
-                    {
-                        interval = Duration::from_millis(
-                            response.heartbeat_interval_ms.clamp(100, 600_000),
-                        );
-                    }
-                    self.renew_if_due(identity).await;
-                    interval
-                }
-                Err(e @ CpError::Unauthorized(_)) => return e,
-                Err(e) => {
-                    self.handle.update(|s| s.connected = false);
-                    let delay = self
-                        .backoff(failures)
-                        .min(interval.max(self.config.retry_backoff_initial));
-                    failures = failures.saturating_add(1);
-                    log_failure("heartbeat", &e, failures, delay);
-                    delay
-                }
-            };
-            tokio::time::sleep(delay).await;
-        }
-    }
-
     /// Long-polls the desired state and reconciles every new generation, until the credential
     /// is refused (the returned error).
     async fn watch_loop(&self, identity: &Identity) -> CpError {
@@ -515,208 +448,6 @@ impl Client {
                     }
                 }
             }
-        }
-    }
-
-    /// Uploads the workers' KV events until the credential is refused (the returned error).
-    async fn kv_upload_loop(&self, identity: &Identity) -> CpError {
-        use tokio::sync::broadcast::error::TryRecvError;
-        let mut kv = self.kv.lock().await;
-        loop {
-            let now = kv.origin.elapsed();
-            self.refresh_epochs(&mut kv);
-            if kv.uploader.loads_due(now) {
-                let loads = self
-                    .node
-                    .pool
-                    .workers()
-                    .iter()
-                    .filter_map(load_report)
-                    .collect();
-                kv.uploader.set_loads(loads, now);
-            }
-            loop {
-                match kv.events.try_recv() {
-                    Ok(event) => kv.uploader.push(event, now),
-                    // Lost events show up as a gap in the worker's ids at the control plane,
-                    // which applies what follows: a few blocks missing from the index.
-                    Err(TryRecvError::Lagged(n)) => {
-                        tracing::warn!(lost = n, "KV events dropped: the upload fell behind");
-                    }
-                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
-                }
-            }
-            if let Some(batch) = kv.uploader.poll(now) {
-                match self
-                    .api
-                    .upload_kv_events(&identity.credential, &batch)
-                    .await
-                {
-                    Ok(result) => kv.uploader.on_sent(&result),
-                    Err(e @ CpError::Unauthorized(_)) => return e,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "KV event upload failed; retrying");
-                        let now = kv.origin.elapsed();
-                        kv.uploader.on_failed(e.is_transient(), now);
-                    }
-                }
-                continue;
-            }
-            let wait = kv
-                .uploader
-                .next_wakeup()
-                .map_or(Duration::from_millis(500), |at| {
-                    at.saturating_sub(kv.origin.elapsed())
-                })
-                .clamp(Duration::from_millis(5), Duration::from_millis(500));
-            // Wake for the next event, or when a batch, a retry or a load sample falls due; the
-            // 500 ms cap also picks up engine restarts (new epochs) without events.
-            let received = tokio::select! {
-                received = kv.events.recv() => match received {
-                    Ok(event) => Some(event),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(lost = n, "KV events dropped: the upload fell behind");
-                        None
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        tokio::time::sleep(wait).await;
-                        None
-                    }
-                },
-                () = tokio::time::sleep(wait) => None,
-            };
-            if let Some(event) = received {
-                // A worker that just started can store blocks before this loop next looks at
-                // the pool: give it its epoch first, or its first events would go out under
-                // epoch 0 and the announcement that follows would reset the worker, dropping
-                // those very blocks from every router.
-                self.refresh_epochs(&mut kv);
-                let now = kv.origin.elapsed();
-                kv.uploader.push(event, now);
-            }
-        }
-    }
-
-    /// Reads the fleet directory (every running worker, its model and its node's peer address)
-    /// into the fleet router every [`DIRECTORY_INTERVAL`], until the credential is refused.
-    async fn directory_loop(&self, identity: &Identity) -> CpError {
-        let fleet = &self.node.fleet;
-        loop {
-            match self.api.fleet_directory(&identity.credential).await {
-                Ok(directory) => fleet.set_directory(&directory, identity.node_id),
-                Err(e @ CpError::Unauthorized(_)) => return e,
-                // The last directory stays in force; the stream still removes lost workers.
-                Err(e) => tracing::debug!(error = %e, "fleet directory unavailable; retrying"),
-            }
-            tokio::time::sleep(DIRECTORY_INTERVAL).await;
-        }
-    }
-
-    /// Follows the control plane's KV stream into the fleet router (snapshot, then the
-    /// sequenced stream; approximate routing while the control plane is away), and keeps this
-    /// node's workers registered in it, until the credential is refused (the returned error).
-    async fn kv_follow_loop(&self, identity: &Identity) -> CpError {
-        use crate::kv_sync::{Follower, FollowerRequest, PageOutcome};
-        let fleet = &self.node.fleet;
-        let mut follower = self.follower.lock().await;
-        let follower: &mut Follower = &mut follower;
-        loop {
-            fleet.sync_local(&self.node.pool.workers());
-            let answer = match follower.next_request() {
-                FollowerRequest::Snapshot => {
-                    self.api
-                        .kv_snapshot(&identity.credential)
-                        .await
-                        .map(|snapshot| {
-                            fleet.with_router(|r| follower.on_snapshot(r, &snapshot, fleet.now()));
-                            tracing::info!(
-                                seq = snapshot.seq,
-                                workers = snapshot.workers.len(),
-                                blocks = snapshot.block_count(),
-                                "fleet router loaded a KV snapshot"
-                            );
-                        })
-                }
-                FollowerRequest::Stream { after, loads_after } => self
-                    .api
-                    .kv_stream(&identity.credential, after, loads_after, KV_STREAM_WAIT)
-                    .await
-                    .map(|page| {
-                        let outcome =
-                            fleet.with_router(|r| follower.on_page(r, &page, fleet.now()));
-                        if let PageOutcome::Resync(reason) = outcome {
-                            tracing::info!(?reason, "fleet router re-syncs from a snapshot");
-                        }
-                    }),
-            };
-            match answer {
-                Ok(()) => {}
-                Err(e @ CpError::Unauthorized(_)) => return e,
-                Err(e) => {
-                    let was = follower.is_fallen_back();
-                    fleet.with_router(|r| follower.on_unreachable(r, fleet.now()));
-                    if follower.is_fallen_back() && !was {
-                        tracing::warn!(error = %e,
-                            "KV stream unreachable: the fleet router predicts on its own \
-                             (approximate) until the control plane is back");
-                    } else {
-                        tracing::debug!(error = %e, "KV stream request failed; retrying");
-                    }
-                    fleet.record_follower(follower);
-                    tokio::time::sleep(follower.retry_delay().max(Duration::from_millis(50))).await;
-                    continue;
-                }
-            }
-            fleet.record_follower(follower);
-        }
-    }
-
-    /// Announces a new engine epoch for every worker whose process (re)started, and forgets
-    /// workers that left the pool. Epochs are wall-clock milliseconds, so they grow across
-    /// agent restarts too.
-    fn refresh_epochs(&self, kv: &mut KvUpload) {
-        let statuses = self.node.pool.workers();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        for w in &statuses {
-            let known = kv.epochs.get(&w.id).copied();
-            if known.is_none_or(|(starts, _)| starts != w.starts) && w.starts > 0 {
-                let epoch = known.map_or(now_ms, |(_, e)| now_ms.max(e + 1));
-                kv.epochs.insert(w.id, (w.starts, epoch));
-                kv.uploader.set_epoch(w.id, epoch);
-            }
-        }
-        let gone: Vec<WorkerId> = kv
-            .epochs
-            .keys()
-            .filter(|id| !statuses.iter().any(|w| w.id == **id))
-            .copied()
-            .collect();
-        for id in gone {
-            kv.epochs.remove(&id);
-            kv.uploader.forget_worker(id);
-        }
-    }
-
-    async fn renew_if_due(&self, identity: &Identity) {
-        let Ok(Some(cert)) = self.state.certificate() else {
-            return;
-        };
-        if !timing::renewal_due(cert.not_before, cert.not_after, chrono::Utc::now()) {
-            return;
-        }
-        let request = RenewRequest {
-            public_key: Some(self.public_key()),
-        };
-        match self.api.renew(&identity.credential, &request).await {
-            Ok(issued) => match self.state.save_certificate(&issued) {
-                Ok(()) => tracing::info!(serial = %issued.serial, not_after = %issued.not_after,
-                    "peer certificate renewed"),
-                Err(e) => tracing::error!(error = %e, "cannot store the renewed certificate"),
-            },
-            Err(e) => tracing::warn!(error = %e, not_after = %cert.not_after,
-                "certificate renewal failed; retrying with the next heartbeat"),
         }
     }
 
@@ -837,189 +568,5 @@ impl Client {
             .await
             .map(drop)
             .map_err(|e| e.to_string())
-    }
-
-    /// Stops each draining worker that has nothing left to serve and reports it stopped, so the
-    /// control plane retires it: a scale-down or a role flip ends without failing a request.
-    fn retire_drained(&self) {
-        let idle: Vec<WorkerId> = self
-            .node
-            .pool
-            .workers()
-            .iter()
-            .filter(|w| w.state == WorkerState::Draining && w.outstanding == 0)
-            .map(|w| w.id)
-            .collect();
-        for id in &idle {
-            tracing::info!(worker = %id, "stopping drained worker (nothing left to serve)");
-            // Not retire_worker: it returns at once for a worker already draining.
-            self.node.pool.stop_worker(*id);
-        }
-        if let Ok(mut book) = self.book.lock() {
-            book.stopped.extend(idle);
-        }
-    }
-
-    /// The heartbeat body now.
-    fn heartbeat(&self, rates: &mut Rates) -> Heartbeat {
-        let now = tokio::time::Instant::now();
-        let statuses = self.node.pool.workers();
-        let counters = self.node.pool.counters();
-        let gpus = self.gpus();
-        let gpu_util: BTreeMap<u32, f32> = gpus
-            .iter()
-            .filter_map(|g| {
-                Some((
-                    g.index,
-                    (g.utilization_percent? as f32 / 100.0).clamp(0.0, 1.0),
-                ))
-            })
-            .collect();
-        let per_second = rates.update(now, &counters);
-        let mut workers: Vec<ObservedWorker> = statuses
-            .iter()
-            .map(|w| {
-                let (request_rate, tokens_per_s) =
-                    per_second.get(&w.id).copied().unwrap_or_default();
-                let gpu_utilization =
-                    match w.device.strip_prefix("gpu:").and_then(|i| i.parse().ok()) {
-                        Some(index) => gpu_util.get(&index).copied(),
-                        None => None,
-                    };
-                ObservedWorker {
-                    worker_id: w.id.0 as i64,
-                    state: observed_state(w.state),
-                    metrics: Some(WorkerMetrics {
-                        request_rate,
-                        ttft_p50_ms: None,
-                        ttft_p99_ms: None,
-                        itl_p50_ms: None,
-                        itl_p99_ms: None,
-                        tokens_per_s,
-                        kv_blocks_used: w.kv_blocks_used.try_into().unwrap_or(i64::MAX),
-                        kv_blocks_total: w.kv_blocks_total.try_into().unwrap_or(i64::MAX),
-                        // Since the worker process started (its engine's counters).
-                        prefix_hit_rate: (w.prefix_query_tokens > 0).then(|| {
-                            (w.prefix_hit_tokens as f64 / w.prefix_query_tokens as f64) as f32
-                        }),
-                        gpu_utilization,
-                    }),
-                    window: None,
-                }
-            })
-            .collect();
-        let running: BTreeSet<WorkerId> = statuses.iter().map(|w| w.id).collect();
-        if let Ok(book) = self.book.lock() {
-            for id in book.unrunnable.keys().filter(|id| !running.contains(id)) {
-                workers.push(ObservedWorker {
-                    worker_id: id.0 as i64,
-                    state: ObservedWorkerState::Failed,
-                    metrics: None,
-                    window: None,
-                });
-            }
-            for id in book.stopped.iter().filter(|id| !running.contains(id)) {
-                workers.push(ObservedWorker {
-                    worker_id: id.0 as i64,
-                    state: ObservedWorkerState::Stopped,
-                    metrics: None,
-                    window: None,
-                });
-            }
-        }
-        Heartbeat {
-            peer_addr: self.node.peer.advertised(),
-            workers,
-            gpus: gpus
-                .iter()
-                .filter_map(|g| {
-                    Some(GpuStatus {
-                        id: reconcile::gpu_uuid(g)?,
-                        utilization: g
-                            .utilization_percent
-                            .map(|p| (p as f32 / 100.0).clamp(0.0, 1.0)),
-                        memory_used_bytes: i64::try_from(g.memory_used_bytes).ok(),
-                    })
-                })
-                .collect(),
-        }
-    }
-}
-
-/// A serving worker's live load as the pool last heard it, for the KV upload (`None` for
-/// workers that serve nothing: starting, stopped, failed).
-fn load_report(w: &crate::backend::WorkerStatus) -> Option<WorkerLoadReport> {
-    if !matches!(w.state, WorkerState::Ready | WorkerState::Draining) {
-        return None;
-    }
-    // The pool knows at once when a worker's last request ended; the worker's own figures
-    // catch up only with its next status (every 250 ms). Idle is idle: report it exactly, so
-    // routers stop counting finished work as soon as possible.
-    if w.outstanding == 0 {
-        return Some(WorkerLoadReport {
-            worker: w.id,
-            prefill_tokens: 0,
-            decode_blocks: 0,
-            queue_depth: 0,
-            age_ms: 0,
-        });
-    }
-    Some(WorkerLoadReport {
-        worker: w.id,
-        prefill_tokens: w.prefill_tokens,
-        decode_blocks: w.kv_blocks_used,
-        queue_depth: w.waiting,
-        age_ms: 0,
-    })
-}
-
-fn observed_state(state: WorkerState) -> ObservedWorkerState {
-    match state {
-        WorkerState::Starting => ObservedWorkerState::Starting,
-        WorkerState::Ready => ObservedWorkerState::Ready,
-        WorkerState::Draining => ObservedWorkerState::Draining,
-        WorkerState::Stopped => ObservedWorkerState::Stopped,
-        WorkerState::Failed => ObservedWorkerState::Failed,
-    }
-}
-
-/// Cumulative (requests, tokens) per worker.
-type Totals = BTreeMap<WorkerId, (u64, u64)>;
-
-/// Request and token rates from cumulative counters between two heartbeats.
-#[derive(Debug, Default)]
-struct Rates {
-    last: Option<(tokio::time::Instant, Totals)>,
-}
-
-impl Rates {
-    fn update(
-        &mut self,
-        now: tokio::time::Instant,
-        counters: &[crate::worker::supervisor::WorkerCounters],
-    ) -> BTreeMap<WorkerId, (f32, f32)> {
-        let current: Totals = counters
-            .iter()
-            .map(|c| (c.id, (c.requests, c.tokens)))
-            .collect();
-        let mut rates = BTreeMap::new();
-        if let Some((then, before)) = &self.last {
-            let secs = now.duration_since(*then).as_secs_f32();
-            if secs > 0.0 {
-                for (id, (requests, tokens)) in &current {
-                    // A worker restarted under the same id starts from zero: no negative rates.
-                    let (r0, t0) = before.get(id).copied().unwrap_or((0, 0));
-                    rates.insert(
-                        *id,
-                        (
-                            requests.saturating_sub(r0) as f32 / secs,
-                            tokens.saturating_sub(t0) as f32 / secs,
-                        ),
-                    );
-                }
-            }
-        }
-        self.last = Some((now, current));
-        rates
     }
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kvfleet_engine::TierConfig;
 use kvfleet_model::KvBudget;
 use kvfleet_proto::BlockSize;
 use kvfleet_proto::api::WorkerRole;
@@ -101,6 +102,9 @@ pub struct SupervisorConfig {
     pub restart_backoff_max: Duration,
     /// A worker that has not said hello within this is killed and restarted.
     pub start_timeout: Duration,
+    /// The lower KV tiers of every worker (`[kv_tiers]`): budgets per worker; each worker's
+    /// disk tier lives in `disk_dir/worker-<id>`, so a restarted worker finds its own blocks.
+    pub kv_tiers: TierConfig,
 }
 
 impl ModelConfig {
@@ -139,6 +143,7 @@ impl Default for SupervisorConfig {
             restart_backoff_initial: Duration::from_millis(500),
             restart_backoff_max: Duration::from_secs(30),
             start_timeout: Duration::from_secs(60),
+            kv_tiers: TierConfig::default(),
         }
     }
 }

@@ -248,6 +248,7 @@ impl WorkerEngine {
             kv_memory: PoolSizing::Blocks(spec.kv_blocks),
             // The caller passes the wall clock: a late driver shows up as latency.
             realtime: true,
+            tiers: spec.kv_tiers.clone(),
             ..SchedulerConfig::default()
         };
         let (engine, name): (Box<dyn Engine>, String) = match spec.engine {
@@ -620,6 +621,7 @@ impl WorkerEngine {
             kv_blocks_imported: self.kv_blocks_imported,
             kv_import_fallbacks: self.kv_import_fallbacks,
             latencies: self.latencies.clone(),
+            kv_tiers: m.tiers,
         }
     }
 
@@ -696,6 +698,7 @@ mod tests {
             vocab_size: 257,
             token_time_us,
             prefill_time_per_token_us: 0,
+            kv_tiers: Default::default(),
         }
     }
 

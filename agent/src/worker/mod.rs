@@ -3,9 +3,10 @@
 //!
 //! - [`protocol`]: the frames spoken over each worker's Unix socket (JSON, and binary KV block
 //!   frames for disaggregated serving).
-//! - [`supervisor`]: the [`WorkerPool`]: starts, watches and restarts worker processes; routes
-//!   requests to them (least-loaded or round-robin, or the worker a request names), streams a
-//!   prefill's exported KV blocks back and sends attached blocks with a request.
+//! - [`supervisor`]: the [`WorkerPool`]: routes requests to the workers (least-loaded or
+//!   round-robin, or the worker a request names), streams a prefill's exported KV blocks back
+//!   and sends attached blocks with a request; its `lifecycle` child supervises each worker's
+//!   process (start, connect, read frames, stop, restart with backoff).
 //! - [`process`]: the worker side (`kvfleet-agent worker --socket PATH`).
 //! - [`engine`]: the worker's engine adapter: `kvfleet-engine`'s scheduler over the mock or the
 //!   native executor, request bookkeeping, KV export after each step and attached-KV import.

@@ -31,6 +31,7 @@
 
 use std::path::PathBuf;
 
+use kvfleet_engine::{TierConfig, TierStats};
 use kvfleet_model::KvBudget;
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameCodec, FrameKind, FrameReader};
@@ -173,6 +174,9 @@ pub struct EngineSpec {
     pub token_time_us: u64,
     /// Mock timing: microseconds per prompt token.
     pub prefill_time_per_token_us: u64,
+    /// The lower KV tiers (G2 host memory, G3 disk) below the engine's pool; off by default.
+    #[serde(default)]
+    pub kv_tiers: TierConfig,
 }
 
 impl EngineSpec {
@@ -193,6 +197,7 @@ impl EngineSpec {
             vocab_size,
             token_time_us: model.mock_token_time.as_micros() as u64,
             prefill_time_per_token_us: model.mock_prefill_time_per_token.as_micros() as u64,
+            kv_tiers: TierConfig::default(),
         }
     }
 }
@@ -348,6 +353,9 @@ pub struct WireStatus {
     /// Its requests' latencies, cumulative.
     #[serde(default)]
     pub latencies: WorkerLatencies,
+    /// Its lower KV tiers' figures (zero when they are off).
+    #[serde(default)]
+    pub kv_tiers: TierStats,
 }
 
 /// Agent → worker instructions.

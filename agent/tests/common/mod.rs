@@ -155,17 +155,21 @@ impl TestAgent {
             .unwrap()
     }
 
-    /// Reads a metric's value (first sample whose line starts with `prefix`).
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = self
-            .client
+    /// The whole `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        self.client
             .get(self.url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Reads a metric's value (first sample whose line starts with `prefix`).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())

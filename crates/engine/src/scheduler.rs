@@ -215,26 +215,28 @@ impl<E: Executor> Scheduler<E> {
         let Some(tiers) = &mut self.tiers else {
             return 0;
         };
-        let mut data = Vec::new();
-        let mut got = 0;
-        for &(hash, tier) in lower {
+        let mut found: Vec<(BlockHash, Tier)> = Vec::with_capacity(lower.len());
+        for &(hash, _) in lower {
+            // Looked up again: offloading what this admission evicted may have moved a block
+            // down a tier (or off the last one) since the walk.
+            let Some(tier) = tiers.lookup(hash.sequence) else {
+                break;
+            };
             match tiers.fetch(hash.sequence, tier) {
-                Ok(Some(bytes)) => data.extend_from_slice(&bytes),
+                // Block by block, straight from the tier's bytes: one copy each.
+                Ok(Some(bytes)) => {
+                    let target = targets[found.len()];
+                    if self.executor.copy_blocks_in(&[target], &bytes).is_err() {
+                        break;
+                    }
+                }
                 Ok(None) => {}
                 Err(_) => break,
             }
-            got += 1;
+            found.push((hash, tier));
         }
-        if got > 0
-            && tiers.stores_bytes()
-            && self
-                .executor
-                .copy_blocks_in(&targets[..got], &data)
-                .is_err()
-        {
-            return 0;
-        }
-        for &(hash, tier) in &lower[..got] {
+        let got = found.len();
+        for &(hash, tier) in &found {
             tiers.onboarded(hash.sequence, tier);
             let slot = match tier {
                 Tier::G2 => 0,
@@ -243,9 +245,9 @@ impl<E: Executor> Scheduler<E> {
             };
             self.step_onboard[slot] += 1;
         }
-        let pairs: Vec<(BlockId, BlockHash)> = targets[..got]
+        let pairs: Vec<(BlockId, BlockHash)> = targets
             .iter()
-            .zip(lower)
+            .zip(&found)
             .map(|(&b, &(h, _))| (b, h))
             .collect();
         self.pool.register(parent, &pairs);

@@ -2232,3 +2232,59 @@ proptest! {
         prop_assert_eq!(t.g2.faults + t.g3.faults, 0, "{:?}", t);
     }
 }
+
+/// Regression: the admission that onboards a prefix also evicts blocks, whose offload can push
+/// that very prefix from G2 down to G3 before it is read; it must be read from where it went.
+#[test]
+fn an_admission_that_pushes_its_own_prefix_down_a_tier_still_onboards_it() {
+    let mut profile = MockProfile::default_8b_h100();
+    profile.layout = KvLayout {
+        model: "m".into(),
+        layers: 1,
+        kv_heads: 1,
+        head_dim: 1,
+        dtype: KvDtype::F16,
+        block_size: BlockSize::new(16).unwrap(),
+    };
+    let dir = TempDir::new("pushed-down");
+    let config = SchedulerConfig {
+        kv_memory: PoolSizing::Blocks(32),
+        max_model_len: 512,
+        // 64-byte blocks: G2 holds 16, G3 1024.
+        tiers: TierConfig {
+            host_bytes: 1024,
+            disk_bytes: 65536,
+            disk_dir: dir.0.clone(),
+            ..TierConfig::default()
+        },
+        ..Default::default()
+    };
+    let mut e = MockEngine::new(config, MockExecutor::new(profile)).unwrap();
+    let story = |i: u32| -> Vec<u32> {
+        let mut v = vec![i];
+        v.extend((0..235).map(|t| t % 200 + 1));
+        v
+    };
+    for i in [0, 1, 2, 3] {
+        e.submit(Request::new(story(i), SamplingParams::greedy(2)), e.now())
+            .unwrap();
+        while let Some(t) = e.next_event_time() {
+            e.step_until(t).unwrap();
+        }
+    }
+    let first = kvfleet_proto::hash::sequence_hashes(&story(0), BlockSize::new(16).unwrap())[0];
+    assert_eq!(e.tiers().unwrap().lookup(first), Some(Tier::G2));
+    e.submit(Request::new(story(0), SamplingParams::greedy(2)), e.now())
+        .unwrap();
+    while let Some(t) = e.next_event_time() {
+        e.step_until(t).unwrap();
+    }
+    let m = e.metrics();
+    assert_eq!(m.tiers.g2.hits + m.tiers.g3.hits, 14, "{:?}", m.tiers);
+    assert_eq!(m.prefix_hit_tokens, 14 * 16);
+    assert_eq!(
+        e.tiers().unwrap().lookup(first),
+        Some(Tier::G3),
+        "it was pushed down"
+    );
+}

@@ -113,9 +113,20 @@ impl PredictionErrors {
 /// `ln(actual / predicted)`, so a worker that turns out twice as slow as its profile says is
 /// costed twice as high after a few requests. Bounded to [¼, 4]: a single wild sample (a
 /// stall, a restart) cannot make a worker look free or unusable.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Correction {
     log_ratio: f64,
+    /// `exp(log_ratio)`, kept because selection reads it for every candidate.
+    factor: f64,
+}
+
+impl Default for Correction {
+    fn default() -> Self {
+        Self {
+            log_ratio: 0.0,
+            factor: 1.0,
+        }
+    }
 }
 
 impl Correction {
@@ -123,7 +134,7 @@ impl Correction {
 
     /// The factor to multiply predicted compute times by.
     pub(crate) fn factor(self) -> f64 {
-        self.log_ratio.exp()
+        self.factor
     }
 
     /// Learns from one outcome; `rate` is the weight of the new sample.
@@ -136,6 +147,7 @@ impl Correction {
         let sample =
             (self.log_ratio + (actual_ms / predicted_ms).ln()).clamp(-Self::LIMIT, Self::LIMIT);
         self.log_ratio += rate.min(1.0) * (sample - self.log_ratio);
+        self.factor = self.log_ratio.exp();
     }
 }
 

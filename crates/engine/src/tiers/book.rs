@@ -50,7 +50,8 @@ pub enum Fault {
 }
 
 /// A lower tier's figures, cumulative since start except `blocks`/`bytes`/`capacity_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TierCounters {
     /// Blocks held now.
     pub blocks: u64,
@@ -84,7 +85,8 @@ pub struct TierCounters {
 }
 
 /// The lower tiers' figures: G2 and G3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TierStats {
     /// Host memory.
     pub g2: TierCounters,

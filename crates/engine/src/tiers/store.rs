@@ -347,23 +347,21 @@ impl TierStore {
     /// Reads a block's bytes from `tier` for onboarding (`Ok(None)` when bytes are only
     /// modelled). On a fault the block is dropped from the tier, counted, and the caller
     /// recomputes it.
-    pub fn fetch(&mut self, hash: SequenceHash, tier: Tier) -> Result<Option<Vec<u8>>, Fault> {
+    pub fn fetch(&mut self, hash: SequenceHash, tier: Tier) -> Result<Option<Arc<Vec<u8>>>, Fault> {
         if !self.stores_bytes() {
             return Ok(None);
         }
         let result = match tier {
-            Tier::G2 => self
-                .host
-                .get(&hash)
-                .map(|b| b.as_ref().clone())
-                .ok_or(Fault::Missing),
+            // Shared, not copied: the one copy is the executor's, into its KV memory.
+            Tier::G2 => self.host.get(&hash).map(Arc::clone).ok_or(Fault::Missing),
             Tier::G3 => match &self.disk {
                 None => Err(Fault::Missing),
                 Some(disk) => match disk.pending(hash) {
-                    Some(file) => {
-                        disk::decode(&file, self.layout, hash, self.block_bytes).map(<[u8]>::to_vec)
+                    Some(file) => disk::decode(&file, self.layout, hash, self.block_bytes)
+                        .map(|payload| Arc::new(payload.to_vec())),
+                    None => {
+                        disk::read(&disk.dir, self.layout, hash, self.block_bytes).map(Arc::new)
                     }
-                    None => disk::read(&disk.dir, self.layout, hash, self.block_bytes),
                 },
             },
             Tier::G1 | Tier::G4 => Err(Fault::Missing),

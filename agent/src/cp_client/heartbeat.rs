@@ -1,0 +1,250 @@
+//! The heartbeat loop: every few seconds the node's worker states, request and token rates, KV
+//! blocks and GPU figures, and the peer certificate's renewal once two thirds of its lifetime
+//! have passed. A heartbeat that reports a newer desired generation wakes the watch loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kvfleet_proto::WorkerId;
+use kvfleet_proto::api::{
+    GpuStatus, Heartbeat, ObservedWorker, ObservedWorkerState, RenewRequest, WorkerMetrics,
+};
+
+use super::http::CpError;
+use super::{Client, log_failure, reconcile, timing};
+use crate::backend::{Backend as _, WorkerState};
+use crate::state_dir::Identity;
+
+/// Cumulative (requests, tokens) per worker.
+type Totals = BTreeMap<WorkerId, (u64, u64)>;
+
+impl Client {
+    /// Heartbeats until the credential is refused (the returned error).
+    pub(super) async fn heartbeat_loop(&self, identity: &Identity) -> CpError {
+        let mut interval = self
+            .config
+            .heartbeat_interval
+            .unwrap_or(Duration::from_secs(5));
+        let mut rates = Rates::default();
+        let mut failures = 0u32;
+        loop {
+            self.prune_models();
+            self.retire_drained();
+            let beat = self.heartbeat(&mut rates);
+            let reported_stops: Vec<WorkerId> = self
+                .book
+                .lock()
+                .map(|b| b.stopped.iter().copied().collect())
+                .unwrap_or_default();
+            let delay = match self.api.heartbeat(&identity.credential, &beat).await {
+                Ok(response) => {
+                    failures = 0;
+                    self.handle.update(|s| s.connected = true);
+                    if let Ok(mut book) = self.book.lock() {
+                        for id in &reported_stops {
+                            book.stopped.remove(id);
+                        }
+                    }
+                    if Some(response.desired_generation) != self.handle.status().generation {
+                        self.wake.notify_one();
+                    }
+                    if self.config.heartbeat_interval.is_none()
+                        && response.heartbeat_interval_ms > 0
+                    {
+                        interval = Duration::from_millis(
+                            response.heartbeat_interval_ms.clamp(100, 600_000),
+                        );
+                    }
+                    self.renew_if_due(identity).await;
+                    interval
+                }
+                Err(e @ CpError::Unauthorized(_)) => return e,
+                Err(e) => {
+                    self.handle.update(|s| s.connected = false);
+                    let delay = self
+                        .backoff(failures)
+                        .min(interval.max(self.config.retry_backoff_initial));
+                    failures = failures.saturating_add(1);
+                    log_failure("heartbeat", &e, failures, delay);
+                    delay
+                }
+            };
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn renew_if_due(&self, identity: &Identity) {
+        let Ok(Some(cert)) = self.state.certificate() else {
+            return;
+        };
+        if !timing::renewal_due(cert.not_before, cert.not_after, chrono::Utc::now()) {
+            return;
+        }
+        let request = RenewRequest {
+            public_key: Some(self.public_key()),
+        };
+        match self.api.renew(&identity.credential, &request).await {
+            Ok(issued) => match self.state.save_certificate(&issued) {
+                Ok(()) => tracing::info!(serial = %issued.serial, not_after = %issued.not_after,
+                    "peer certificate renewed"),
+                Err(e) => tracing::error!(error = %e, "cannot store the renewed certificate"),
+            },
+            Err(e) => tracing::warn!(error = %e, not_after = %cert.not_after,
+                "certificate renewal failed; retrying with the next heartbeat"),
+        }
+    }
+
+    /// Stops each draining worker that has nothing left to serve and reports it stopped, so the
+    /// control plane retires it: a scale-down or a role flip ends without failing a request.
+    fn retire_drained(&self) {
+        let idle: Vec<WorkerId> = self
+            .node
+            .pool
+            .workers()
+            .iter()
+            .filter(|w| w.state == WorkerState::Draining && w.outstanding == 0)
+            .map(|w| w.id)
+            .collect();
+        for id in &idle {
+            tracing::info!(worker = %id, "stopping drained worker (nothing left to serve)");
+            // Not retire_worker: it returns at once for a worker already draining.
+            self.node.pool.stop_worker(*id);
+        }
+        if let Ok(mut book) = self.book.lock() {
+            book.stopped.extend(idle);
+        }
+    }
+
+    /// The heartbeat body now.
+    fn heartbeat(&self, rates: &mut Rates) -> Heartbeat {
+        let now = tokio::time::Instant::now();
+        let statuses = self.node.pool.workers();
+        let counters = self.node.pool.counters();
+        let gpus = self.gpus();
+        let gpu_util: BTreeMap<u32, f32> = gpus
+            .iter()
+            .filter_map(|g| {
+                Some((
+                    g.index,
+                    (g.utilization_percent? as f32 / 100.0).clamp(0.0, 1.0),
+                ))
+            })
+            .collect();
+        let per_second = rates.update(now, &counters);
+        let mut workers: Vec<ObservedWorker> = statuses
+            .iter()
+            .map(|w| {
+                let (request_rate, tokens_per_s) =
+                    per_second.get(&w.id).copied().unwrap_or_default();
+                let gpu_utilization =
+                    match w.device.strip_prefix("gpu:").and_then(|i| i.parse().ok()) {
+                        Some(index) => gpu_util.get(&index).copied(),
+                        None => None,
+                    };
+                ObservedWorker {
+                    worker_id: w.id.0 as i64,
+                    state: observed_state(w.state),
+                    metrics: Some(WorkerMetrics {
+                        request_rate,
+                        ttft_p50_ms: None,
+                        ttft_p99_ms: None,
+                        itl_p50_ms: None,
+                        itl_p99_ms: None,
+                        tokens_per_s,
+                        kv_blocks_used: w.kv_blocks_used.try_into().unwrap_or(i64::MAX),
+                        kv_blocks_total: w.kv_blocks_total.try_into().unwrap_or(i64::MAX),
+                        // Since the worker process started (its engine's counters).
+                        prefix_hit_rate: (w.prefix_query_tokens > 0).then(|| {
+                            (w.prefix_hit_tokens as f64 / w.prefix_query_tokens as f64) as f32
+                        }),
+                        gpu_utilization,
+                    }),
+                    window: None,
+                }
+            })
+            .collect();
+        let running: BTreeSet<WorkerId> = statuses.iter().map(|w| w.id).collect();
+        if let Ok(book) = self.book.lock() {
+            for id in book.unrunnable.keys().filter(|id| !running.contains(id)) {
+                workers.push(ObservedWorker {
+                    worker_id: id.0 as i64,
+                    state: ObservedWorkerState::Failed,
+                    metrics: None,
+                    window: None,
+                });
+            }
+            for id in book.stopped.iter().filter(|id| !running.contains(id)) {
+                workers.push(ObservedWorker {
+                    worker_id: id.0 as i64,
+                    state: ObservedWorkerState::Stopped,
+                    metrics: None,
+                    window: None,
+                });
+            }
+        }
+        Heartbeat {
+            peer_addr: self.node.peer.advertised(),
+            workers,
+            gpus: gpus
+                .iter()
+                .filter_map(|g| {
+                    Some(GpuStatus {
+                        id: reconcile::gpu_uuid(g)?,
+                        utilization: g
+                            .utilization_percent
+                            .map(|p| (p as f32 / 100.0).clamp(0.0, 1.0)),
+                        memory_used_bytes: i64::try_from(g.memory_used_bytes).ok(),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+fn observed_state(state: WorkerState) -> ObservedWorkerState {
+    match state {
+        WorkerState::Starting => ObservedWorkerState::Starting,
+        WorkerState::Ready => ObservedWorkerState::Ready,
+        WorkerState::Draining => ObservedWorkerState::Draining,
+        WorkerState::Stopped => ObservedWorkerState::Stopped,
+        WorkerState::Failed => ObservedWorkerState::Failed,
+    }
+}
+
+/// Request and token rates from cumulative counters between two heartbeats.
+#[derive(Debug, Default)]
+struct Rates {
+    last: Option<(tokio::time::Instant, Totals)>,
+}
+
+impl Rates {
+    fn update(
+        &mut self,
+        now: tokio::time::Instant,
+        counters: &[crate::worker::supervisor::WorkerCounters],
+    ) -> BTreeMap<WorkerId, (f32, f32)> {
+        let current: Totals = counters
+            .iter()
+            .map(|c| (c.id, (c.requests, c.tokens)))
+            .collect();
+        let mut rates = BTreeMap::new();
+        if let Some((then, before)) = &self.last {
+            let secs = now.duration_since(*then).as_secs_f32();
+            if secs > 0.0 {
+                for (id, (requests, tokens)) in &current {
+                    // A worker restarted under the same id starts from zero: no negative rates.
+                    let (r0, t0) = before.get(id).copied().unwrap_or((0, 0));
+                    rates.insert(
+                        *id,
+                        (
+                            requests.saturating_sub(r0) as f32 / secs,
+                            tokens.saturating_sub(t0) as f32 / secs,
+                        ),
+                    );
+                }
+            }
+        }
+        self.last = Some((now, current));
+        rates
+    }
+}

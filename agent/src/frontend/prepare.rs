@@ -1,0 +1,335 @@
+//! Request preparation: from the client's bytes to a [`Prepared`] request a worker can run.
+//!
+//! The body is read within its limit, parsed and validated ([`super::api`]), the model looked
+//! up, the chat template applied and the prompt tokenized, and the sampling parameters checked
+//! against what the model's context leaves. Nothing here waits on a worker or takes an
+//! admission slot: a request that fails here costs no capacity.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use futures_util::StreamExt;
+use kvfleet_proto::SamplingParams;
+
+use super::Frontend;
+use super::api::{
+    self, ApiError, ChatCompletionRequest, CommonParams, CompletionRequest, PromptSpec, StopSpec,
+};
+use super::models::TextCodec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Endpoint {
+    Chat,
+    Completion,
+}
+
+impl Endpoint {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Completion => "completions",
+        }
+    }
+}
+
+/// A request that passed every check.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    pub(super) endpoint: Endpoint,
+    pub(super) id: String,
+    pub(super) model: String,
+    pub(super) text: Arc<dyn TextCodec>,
+    /// Alternatives per token when logprobs were asked for (`Some(0)`: the token's own only).
+    pub(super) logprobs: Option<u32>,
+    pub(super) prompt: Vec<u32>,
+    pub(super) block_size: kvfleet_proto::BlockSize,
+    pub(super) sampling: SamplingParams,
+    pub(super) stops: Vec<String>,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
+    pub(super) created: u64,
+}
+
+/// Reads the body, refusing one larger than `limit` bytes: at once when `Content-Length` says
+/// so, otherwise as soon as the bytes read pass it.
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("reading the request body: {e}"))
+        })?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// Parses and validates a request body into what the worker runs.
+pub(super) fn prepare(
+    frontend: &Frontend,
+    endpoint: Endpoint,
+    id: String,
+    bytes: &[u8],
+) -> Result<Prepared, ApiError> {
+    let value = api::parse_json(bytes)?;
+    let common: CommonParams;
+    let (model, prompt, logprobs, default_max) = match endpoint {
+        Endpoint::Chat => {
+            let request: ChatCompletionRequest = api::typed(&value)?;
+            common = api::typed(&value)?;
+            let model = frontend.model(&request.model)?;
+            let logprobs = match (request.logprobs, request.top_logprobs) {
+                (Some(true), top) => Some(top.unwrap_or(0)),
+                (_, Some(_)) => {
+                    return Err(ApiError::invalid_value(
+                        "top_logprobs",
+                        "top_logprobs needs logprobs: true",
+                    ));
+                }
+                _ => None,
+            };
+            if request.messages.is_empty() {
+                return Err(ApiError::invalid_value(
+                    "messages",
+                    "messages must contain at least one message",
+                ));
+            }
+            let mut texts = Vec::with_capacity(request.messages.len());
+            for (i, message) in request.messages.iter().enumerate() {
+                if !CHAT_ROLES.contains(&message.role.as_str()) {
+                    return Err(ApiError::invalid_value(
+                        &format!("messages[{i}].role"),
+                        format!(
+                            "role {:?} is unknown: expected one of {CHAT_ROLES:?}",
+                            message.role
+                        ),
+                    ));
+                }
+                texts.push((message.role.as_str(), api::message_text(message, i)?));
+            }
+            let pairs: Vec<(&str, &str)> = texts.iter().map(|(r, t)| (*r, t.as_ref())).collect();
+            let prompt = model.text.chat(&pairs).map_err(|e| {
+                ApiError::invalid_value(
+                    "messages",
+                    format!("the model's chat template refused these messages: {e}"),
+                )
+            })?;
+            (model, prompt, logprobs, None)
+        }
+        Endpoint::Completion => {
+            let request: CompletionRequest = api::typed(&value)?;
+            common = api::typed(&value)?;
+            let model = frontend.model(&request.model)?;
+            if request.echo == Some(true) {
+                return Err(ApiError::invalid_value("echo", "echo is not supported"));
+            }
+            let encode = |text: &str| {
+                model.text.encode(text).map_err(|e| {
+                    ApiError::invalid_value("prompt", format!("tokenizing the prompt: {e}"))
+                })
+            };
+            let prompt = match &request.prompt {
+                PromptSpec::Text(text) => encode(text)?,
+                PromptSpec::Texts(texts) if texts.len() == 1 => encode(&texts[0])?,
+                PromptSpec::Texts(texts) => {
+                    return Err(ApiError::invalid_value(
+                        "prompt",
+                        format!(
+                            "{} prompts were given: this server takes one prompt per request",
+                            texts.len()
+                        ),
+                    ));
+                }
+                PromptSpec::Tokens(tokens) => {
+                    let vocab = model.text.vocab_size();
+                    if let Some(bad) = tokens.iter().find(|t| **t >= vocab) {
+                        return Err(ApiError::invalid_value(
+                            "prompt",
+                            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+                        ));
+                    }
+                    tokens.clone()
+                }
+            };
+            // OpenAI's legacy completions default.
+            (model, prompt, request.logprobs, Some(16))
+        }
+    };
+    if let Some(n) = logprobs
+        && n > SamplingParams::MAX_LOGPROBS
+    {
+        let param = match endpoint {
+            Endpoint::Chat => "top_logprobs",
+            Endpoint::Completion => "logprobs",
+        };
+        return Err(ApiError::invalid_value(
+            param,
+            format!(
+                "{param} = {n} is out of range: expected 0 to {}",
+                SamplingParams::MAX_LOGPROBS
+            ),
+        ));
+    }
+    let prompt_param = match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completion => "prompt",
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_value(prompt_param, "the prompt is empty"));
+    }
+    let context = model.context_length as usize;
+    if prompt.len() >= context {
+        return Err(ApiError::bad_request(
+            "context_length_exceeded",
+            format!(
+                "the prompt is {} tokens; the model's context is {context} tokens and at least \
+                 one must remain for the completion",
+                prompt.len()
+            ),
+        )
+        .with_param(prompt_param));
+    }
+    let room = (context - prompt.len()) as u32;
+    let mut checked = check_common(&common, room, default_max)?;
+    checked.sampling.logprobs = logprobs;
+    Ok(Prepared {
+        endpoint,
+        id,
+        model: model.config.name.clone(),
+        text: model.text.clone(),
+        logprobs,
+        prompt,
+        block_size: model.block_size,
+        sampling: checked.sampling,
+        stops: checked.stops,
+        stream: checked.stream,
+        include_usage: checked.include_usage,
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(frontend.started),
+    })
+}
+
+struct Checked {
+    sampling: SamplingParams,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Validates the fields both endpoints share; `room` is the context left after the prompt.
+fn check_common(
+    common: &CommonParams,
+    room: u32,
+    default_max: Option<u32>,
+) -> Result<Checked, ApiError> {
+    if let Some(n) = common.n
+        && n != 1
+    {
+        return Err(ApiError::invalid_value(
+            "n",
+            format!("n = {n} is not supported: this server returns exactly one choice (n = 1)"),
+        ));
+    }
+    let (param, asked) = match (common.max_completion_tokens, common.max_tokens) {
+        (Some(v), _) => ("max_completion_tokens", Some(v)),
+        (None, Some(v)) => ("max_tokens", Some(v)),
+        (None, None) => ("max_tokens", None),
+    };
+    let max_tokens = match asked {
+        Some(v) if v <= 0 => {
+            return Err(ApiError::invalid_value(
+                param,
+                format!("{param} = {v} must be at least 1"),
+            ));
+        }
+        Some(v) if v > i64::from(room) => {
+            return Err(ApiError::bad_request(
+                "context_length_exceeded",
+                format!(
+                    "{param} = {v} does not fit: the prompt leaves {room} tokens of the model's \
+                     context"
+                ),
+            )
+            .with_param(param));
+        }
+        Some(v) => v as u32,
+        None => default_max.map_or(room, |d| d.min(room)),
+    };
+    let temperature = common.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid_value(
+            "temperature",
+            format!("temperature = {temperature} is out of range: expected 0 to 2"),
+        ));
+    }
+    let top_p = common.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid_value(
+            "top_p",
+            format!("top_p = {top_p} is out of range: expected more than 0 and at most 1"),
+        ));
+    }
+    let stops = match &common.stop {
+        None => Vec::new(),
+        Some(StopSpec::One(s)) => vec![s.clone()],
+        Some(StopSpec::Many(list)) => list.clone(),
+    };
+    if stops.len() > 4 {
+        return Err(ApiError::invalid_value(
+            "stop",
+            format!("{} stop sequences were given: at most 4", stops.len()),
+        ));
+    }
+    if stops.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_value("stop", "a stop sequence is empty"));
+    }
+    let stream = common.stream.unwrap_or(false);
+    if common.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid_value(
+            "stream_options",
+            "stream_options is only allowed when stream is true",
+        ));
+    }
+    let sampling = SamplingParams {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k: 0,
+        seed: common.seed,
+        max_tokens,
+        stop_token_ids: Vec::new(),
+        ignore_eos: common.ignore_eos,
+        logprobs: None,
+    };
+    sampling
+        .validate()
+        .map_err(|e| ApiError::invalid_value(e.field, e.to_string()))?;
+    Ok(Checked {
+        sampling,
+        stops,
+        stream,
+        include_usage: common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    })
+}
