@@ -481,7 +481,7 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
     // (transfers in flight), the prefill worker is killed. A kill can land between two
     // requests' prefills and hit none (the native engine answers a wave in milliseconds, and
     // the supervisor restarts the worker at once), so waves go on, killing the restarted
-    // worker again, until a kill has hit a request; then one more wave checks the fleet
+    // worker again, until a kill has hit a request; then two more waves check the fleet
     // serves on. Every answer of every wave must equal the reference.
     let mut served = 0;
     let mut kills = 0;
@@ -491,14 +491,14 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
             waves_after_a_hit += 1;
         }
         let sent_before = blocks_sent();
-        let kill_now = fallbacks() == 0;
         let calls = prompts.iter().enumerate().map(|(i, prompt)| {
             let target = entry[i % 2];
             async move { complete_ids(target, prompt).await }
         });
         let wave = futures_util::future::join_all(calls);
         tokio::pin!(wave);
-        let mut killed = !kill_now;
+        // Once a kill has hit a request, the worker is left alone.
+        let mut killed = fallbacks() > 0;
         let got = loop {
             tokio::select! {
                 got = &mut wave => break got,
