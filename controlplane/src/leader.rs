@@ -24,9 +24,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::api::rows::parse;
 use crate::liveness;
 use crate::placement::{self, Action, DeploymentView, GpuView, NodeView, WorkerView};
+use crate::rows::parse;
 use crate::store::{self, AuditEntry, sleep_or_shutdown};
 use kvfleet_proto::api::{DesiredWorkerState, NodeState, PlacementConstraints, RoleCountsView};
 
@@ -147,7 +147,7 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
         loops.spawn(placement_loop(state.clone(), stop_rx.clone()));
         loops.spawn(liveness_loop(state.clone(), stop_rx.clone()));
         loops.spawn(metrics_loop(state.clone(), stop_rx.clone()));
-        loops.spawn(crate::planner::planner_loop(state.clone(), stop_rx));
+        loops.spawn(planner_loop(state.clone(), stop_rx));
         let shutting_down = loop {
             if sleep_or_shutdown(retry, &mut shutdown).await {
                 break true;
@@ -227,6 +227,25 @@ async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
             .leader_metrics
             .pass("metrics_maintenance", outcome.is_ok(), &state.db);
         if sleep_or_shutdown(state.config.metrics.maintenance_interval, &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// The SLA planner: a round now, then one every `planner.interval` until `stop`; a round that
+/// changed placement's targets is acted on at once rather than at the next placement tick.
+async fn planner_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    loop {
+        match crate::planner::round(&state).await {
+            Ok(outcome) if outcome.applied > 0 => {
+                if let Err(error) = placement_pass(&state.pool).await {
+                    tracing::warn!(%error, "placement after a planner round failed");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "planner round failed"),
+        }
+        if sleep_or_shutdown(state.config.planner.interval, &mut stop).await {
             return;
         }
     }

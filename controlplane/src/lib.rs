@@ -14,13 +14,15 @@
 //!   that apply them; [`metrics`]: fleet metrics from heartbeats.
 //! - [`systemd`]: `READY=1` / `WATCHDOG=1` / `STOPPING=1` for the `Type=notify` unit.
 //! - [`kv_index`]: the KV index authority: event uploads, the sequenced stream, snapshots.
+//! - [`planner`]: the SLA planner's loop and the deployments' policies (the pure decisions are
+//!   in `kvfleet-planner`).
+//! - `rows`: decoding the API's resources from Postgres rows, shared by the API, the leader's
+//!   loops and the planner (so none of them imports another for it).
 //! - [`ui`]: the admin web UI's static files (from `web-ui/`), served under `/ui/`.
 //! - [`telemetry`]: the one Prometheus registry every module registers into, served at
 //!   `/metrics`; [`fleet_gauges`]: the inventory and SLA targets as gauges.
 //!
-//! Not here yet: the planner loop (placement sizes deployments at
-//! `min_workers` until it exists), TLS on the HTTP listener (terminate TLS in a
-//! proxy in front for now).
+//! Not here yet: TLS on the HTTP listener (terminate TLS in a proxy in front for now).
 
 /// A query string built with `format!` from compile-time constants only (column lists, lock
 /// clauses); never from input. Every value from a request is a bind parameter.
@@ -41,6 +43,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod placement;
 pub mod planner;
+pub(crate) mod rows;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;

@@ -9,11 +9,11 @@ use uuid::Uuid;
 use super::change::{Change, json};
 use super::extract::{Admin, ApiJson, ApiQuery, Caller, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
-use super::rows;
 use super::types::{AuditEntry, CaInfo, CreatedToken, NewToken, Page, PageQuery, Status, Token};
 use super::{i64_cursor, page, page_limit, uuid_cursor};
 use crate::AppState;
 use crate::auth::{self, Role};
+use crate::rows;
 use crate::store;
 
 const TOKEN_COLUMNS: &str =

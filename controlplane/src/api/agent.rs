@@ -25,7 +25,6 @@ use uuid::Uuid;
 use super::change::Change;
 use super::extract::{Agent, ApiJson, ApiQuery, Caller, Register};
 use super::problem::{ApiError, InvalidParam, Problem};
-use super::rows;
 use super::types::{
     AgentPublicKey, DesiredState, DesiredWorker, FleetDirectory, FleetModel, FleetWorker,
     Heartbeat, HeartbeatResponse, IssuedCertificate, ModelSpec, NodeState, RegisterRequest,
@@ -34,6 +33,7 @@ use super::types::{
 use crate::AppState;
 use crate::auth::{self, Principal, Role};
 use crate::ca::{CaError, Subject};
+use crate::rows;
 use crate::store::{self, AuditEntry};
 
 /// What the agent protocol counts, for `/metrics`.

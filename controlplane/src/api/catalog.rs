@@ -10,32 +10,18 @@ use uuid::Uuid;
 use super::change::{Change, json};
 use super::extract::{ApiJson, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
-use super::rows;
 use super::types::{
     Deployment, DeploymentMode, DeploymentPatch, DisaggregationPolicy, Model, NewDeployment,
     NewModel, Page, PageQuery, PlacementConstraints, PlannerMode, RoleWorkerBounds, SlaTargets,
 };
 use super::{page, page_limit, uuid_cursor};
 use crate::AppState;
+use crate::rows;
+use crate::rows::DEPLOYMENT_COLUMNS;
 use crate::store;
 
 const MODEL_COLUMNS: &str =
     "id, name, format, path, block_size, context_length, memory_bytes, created_at, updated_at";
-pub(crate) const DEPLOYMENT_COLUMNS: &str =
-    "d.id, d.name, d.model_id, m.name AS model, d.mode, d.ttft_target_ms,
-    d.itl_target_ms, d.sla_percentile, d.min_workers, d.max_workers, d.min_prefill_workers,
-    d.max_prefill_workers, d.min_decode_workers, d.max_decode_workers, d.planner, d.placement,
-    d.min_remote_prefill_tokens, d.max_prefill_queue_tokens, d.prefill_timeout_ms,
-    d.generation, d.created_at, d.updated_at";
-
-/// Every deployment with its model's name, in id order.
-pub(crate) fn sql_select_deployments() -> sqlx::AssertSqlSafe<String> {
-    sql!(
-        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d JOIN models m ON m.id = d.model_id
-         ORDER BY d.id"
-    )
-}
-
 fn valid_model_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
@@ -134,7 +120,10 @@ pub fn validate_deployment_fields(fields: &DeploymentFields) -> Vec<InvalidParam
     for (field, reason) in sla.invalid_fields() {
         problems.push(InvalidParam::new(field, reason));
     }
-    for (field, reason) in fields.roles.invalid_fields(fields.mode, max_workers) {
+    for (field, reason) in fields
+        .roles
+        .invalid_fields(fields.mode, min_workers, max_workers)
+    {
         problems.push(InvalidParam::new(field, reason));
     }
     if placement
@@ -343,7 +332,7 @@ pub async fn create_deployment(
     let Some(model) = model.filter(|_| problems.is_empty()) else {
         return Err(ApiError::Validation(problems));
     };
-    crate::planner::policy::check_budget_with(&mut change, None, &fields.policy(&new.name)).await?;
+    super::planner::check_budget_with(&mut change, None, &fields.policy(&new.name)).await?;
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO deployments (id, name, model_id, mode, ttft_target_ms, itl_target_ms,
@@ -438,8 +427,7 @@ pub async fn update_deployment(
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
-    crate::planner::policy::check_budget_with(&mut change, Some(id), &fields.policy(&before.name))
-        .await?;
+    super::planner::check_budget_with(&mut change, Some(id), &fields.policy(&before.name)).await?;
     // Placement follows the planner's targets only in `auto`: leaving it drops them.
     let keep_targets = fields.planner == PlannerMode::Auto;
     sqlx::query(

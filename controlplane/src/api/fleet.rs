@@ -10,11 +10,11 @@ use uuid::Uuid;
 use super::change::Change;
 use super::extract::{Admin, ApiQuery, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, Problem};
-use super::rows;
 use super::types::{Gpu, MetricsQuery, MetricsSeries, Node, NodeState, Page, PageQuery, Worker};
 use super::{i64_cursor, page, page_limit, uuid_cursor};
 use crate::AppState;
 use crate::metrics::{self, Scope};
+use crate::rows;
 use crate::store;
 
 /// The columns of [`Node`], for every query that returns nodes.

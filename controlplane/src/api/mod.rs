@@ -17,7 +17,6 @@ pub mod kv;
 pub mod planner;
 pub mod problem;
 pub mod profiles;
-pub(crate) mod rows;
 pub mod session;
 pub mod types;
 

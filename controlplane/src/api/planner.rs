@@ -6,12 +6,14 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
-use kvfleet_planner::{DeploymentDecision, Observation};
+use kvfleet_planner::policy::{BudgetTooSmall, check_budget};
+use kvfleet_planner::{DeploymentDecision, DeploymentPolicy, Observation};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::change::Change;
 use super::extract::{ApiJson, ApiQuery, Caller, Operate, Read, parse_uuid};
-use super::problem::{ApiError, Problem};
+use super::problem::{ApiError, InvalidParam, Problem};
 use super::types::{
     MetricsQuery, Page, PageQuery, PlannerDecision, PlannerDecisionQuery, PlannerPoint,
     PlannerSettings, PlannerSettingsPatch, RoleCountsView,
@@ -69,7 +71,7 @@ pub async fn update_settings(
     let mut change = Change::begin(&state, &caller.principal).await?;
     let before = policy::budget(&mut change, true).await?;
     if let Some(b) = budget {
-        policy::check_new_budget(&mut change, b).await?;
+        check_new_budget(&mut change, b).await?;
     }
     sqlx::query(
         "INSERT INTO planner_settings (id, gpu_budget, updated_at) VALUES (1, $1, now())
@@ -155,7 +157,7 @@ pub async fn list_decisions(
                 at: r.at,
                 deployment_id: r.deployment_id,
                 deployment: r.deployment,
-                mode: super::rows::parse(&r.mode)?,
+                mode: crate::rows::parse(&r.mode)?,
                 action: r.action,
                 reason: r.reason,
                 current: r.current.0,
@@ -246,4 +248,51 @@ pub async fn deployment_series(
         })
         .collect();
     Ok(Json(points))
+}
+
+fn budget_error(e: &BudgetTooSmall, field: &str) -> ApiError {
+    ApiError::Validation(vec![InvalidParam::new(field, e.to_string())])
+}
+
+/// Checks that the budget still covers every deployment's minimum once the deployment
+/// `replacing` (or a new one, for `None`) has the policy `changed`. The error names the
+/// deployment's `min_workers` and says how to raise the budget.
+pub async fn check_budget_with(
+    conn: &mut PgConnection,
+    replacing: Option<Uuid>,
+    changed: &DeploymentPolicy,
+) -> Result<(), ApiError> {
+    let Some(budget) = policy::budget(conn, true).await? else {
+        return Ok(());
+    };
+    let mut policies: Vec<DeploymentPolicy> = policy::all(conn)
+        .await?
+        .into_iter()
+        .filter(|(id, _)| Some(*id) != replacing)
+        .map(|(_, p)| p)
+        .collect();
+    policies.push(changed.clone());
+    check_budget(policy::count(budget), &policies).map_err(|e| {
+        let mut error = budget_error(&e, "min_workers");
+        if let ApiError::Validation(params) = &mut error {
+            params[0].reason = format!(
+                "{}; raise the budget with PATCH /api/v1/planner (kvfleet planner --gpu-budget N) or lower the minimums",
+                params[0].reason
+            );
+        }
+        error
+    })
+}
+
+/// Checks a new budget against the deployments as they are.
+pub async fn check_new_budget(conn: &mut PgConnection, budget: i32) -> Result<(), ApiError> {
+    if budget < 0 {
+        return Err(ApiError::invalid("gpu_budget", "must be 0 or more"));
+    }
+    let policies: Vec<DeploymentPolicy> = policy::all(conn)
+        .await?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    check_budget(policy::count(budget), &policies).map_err(|e| budget_error(&e, "gpu_budget"))
 }

@@ -15,7 +15,8 @@
 //! previous decision's memory (corrections, scale-down bookkeeping) — is in Postgres, so a new
 //! leader continues exactly where the old one stopped: a leader change loses no decision.
 //!
-//! - [`policy`]: deployments as the planner's policies; the GPU budget and its checks.
+//! - [`policy`]: deployments as the planner's policies; the GPU budget (its checks answer in
+//!   `api::planner`).
 //! - [`windows`]: heartbeat windows in, one observation per interval out.
 //! - [`profiles`]: which performance profile a deployment is planned with.
 
@@ -33,15 +34,14 @@ use kvfleet_planner::{
     RoleCounts, plan,
 };
 use sqlx::PgConnection;
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::api::rows::parse;
-use crate::api::types::{
+use crate::rows::parse;
+use crate::store::{self, AuditEntry};
+use kvfleet_proto::api::{
     Deployment, DeploymentMode, ModelFormat, PlannerMode, RoleCountsView, WorkerRole,
 };
-use crate::store::{self, AuditEntry, sleep_or_shutdown};
 
 /// Transaction lock around each planner round.
 pub const PLANNER_LOCK_KEY: i64 = 0x6b76_666c_6565_7404;
@@ -58,25 +58,6 @@ pub struct RoundOutcome {
     pub decisions: usize,
     /// Of those, `auto` decisions whose targets changed placement's.
     pub applied: usize,
-}
-
-/// The leader's loop: a round now, then one every interval until `stop`.
-pub async fn planner_loop(state: AppState, mut stop: watch::Receiver<bool>) {
-    loop {
-        match round(&state).await {
-            Ok(outcome) if outcome.applied > 0 => {
-                // Act at once rather than at the next placement tick.
-                if let Err(error) = crate::leader::placement_pass(&state.pool).await {
-                    tracing::warn!(%error, "placement after a planner round failed");
-                }
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "planner round failed"),
-        }
-        if sleep_or_shutdown(state.config.planner.interval, &mut stop).await {
-            return;
-        }
-    }
 }
 
 /// The worker roles and counts of `counts` a deployment of `mode` uses.
@@ -137,8 +118,8 @@ pub async fn round(state: &AppState) -> Result<RoundOutcome, sqlx::Error> {
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&mut *tx)
         .await?;
-    let deployments: Vec<Deployment> = sqlx::query(crate::api::catalog::sql_select_deployments())
-        .try_map(crate::api::rows::deployment)
+    let deployments: Vec<Deployment> = sqlx::query(crate::rows::sql_select_deployments())
+        .try_map(crate::rows::deployment)
         .fetch_all(&mut *tx)
         .await?;
     let running = running_counts(&mut tx).await?;

@@ -3,21 +3,21 @@
 //! A deployment's REST fields (`ttft_target_ms`, `itl_target_ms`, `sla_percentile`,
 //! `min_workers`, `max_workers`, per-role bounds, `planner`) become a
 //! [`kvfleet_planner::DeploymentPolicy`] here, in one place, for both the loop and the API's
-//! budget checks. The budget lives in `planner_settings` (one row); every change that could
+//! budget checks (the REST API turns a too-small budget into problem JSON). The budget lives in `planner_settings` (one row); every change that could
 //! push the deployments' minimums past it — a new or patched deployment, a new budget — is
 //! checked under a lock on that row, so two concurrent changes cannot together exceed it.
 
-use kvfleet_planner::policy::{Bounds, RoleBounds, Sla, check_budget};
-use kvfleet_planner::{DeploymentPolicy, policy::BudgetTooSmall};
+use kvfleet_planner::DeploymentPolicy;
+use kvfleet_planner::policy::{Bounds, RoleBounds, Sla};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::api::problem::{ApiError, InvalidParam};
-use crate::api::types::{
+use kvfleet_proto::api::{
     Deployment, DeploymentMode, PlannerMode, RoleWorkerBounds, SlaTargets, WorkerBounds,
 };
 
-fn count(v: i32) -> u32 {
+/// A non-negative count from the store (negative values, which validation refuses, read as 0).
+pub(crate) fn count(v: i32) -> u32 {
     u32::try_from(v).unwrap_or(0)
 }
 
@@ -87,54 +87,11 @@ pub async fn budget(conn: &mut PgConnection, lock: bool) -> Result<Option<i32>, 
 
 /// Every deployment's policy, in id order.
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<(Uuid, DeploymentPolicy)>, sqlx::Error> {
-    let rows: Vec<Deployment> = sqlx::query(crate::api::catalog::sql_select_deployments())
-        .try_map(crate::api::rows::deployment)
+    let rows: Vec<Deployment> = sqlx::query(crate::rows::sql_select_deployments())
+        .try_map(crate::rows::deployment)
         .fetch_all(conn)
         .await?;
     Ok(rows.iter().map(|d| (d.id, of(d))).collect())
-}
-
-fn budget_error(e: &BudgetTooSmall, field: &str) -> ApiError {
-    ApiError::Validation(vec![InvalidParam::new(field, e.to_string())])
-}
-
-/// Checks that the budget still covers every deployment's minimum once the deployment
-/// `replacing` (or a new one, for `None`) has the policy `changed`. The error names the
-/// deployment's `min_workers` and says how to raise the budget.
-pub async fn check_budget_with(
-    conn: &mut PgConnection,
-    replacing: Option<Uuid>,
-    changed: &DeploymentPolicy,
-) -> Result<(), ApiError> {
-    let Some(budget) = budget(conn, true).await? else {
-        return Ok(());
-    };
-    let mut policies: Vec<DeploymentPolicy> = all(conn)
-        .await?
-        .into_iter()
-        .filter(|(id, _)| Some(*id) != replacing)
-        .map(|(_, p)| p)
-        .collect();
-    policies.push(changed.clone());
-    check_budget(count(budget), &policies).map_err(|e| {
-        let mut error = budget_error(&e, "min_workers");
-        if let ApiError::Validation(params) = &mut error {
-            params[0].reason = format!(
-                "{}; raise the budget with PATCH /api/v1/planner (kvfleet planner --gpu-budget N) or lower the minimums",
-                params[0].reason
-            );
-        }
-        error
-    })
-}
-
-/// Checks a new budget against the deployments as they are.
-pub async fn check_new_budget(conn: &mut PgConnection, budget: i32) -> Result<(), ApiError> {
-    if budget < 0 {
-        return Err(ApiError::invalid("gpu_budget", "must be 0 or more"));
-    }
-    let policies: Vec<DeploymentPolicy> = all(conn).await?.into_iter().map(|(_, p)| p).collect();
-    check_budget(count(budget), &policies).map_err(|e| budget_error(&e, "gpu_budget"))
 }
 
 #[cfg(test)]

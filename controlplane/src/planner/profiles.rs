@@ -20,7 +20,7 @@ use kvfleet_proto::profile::PerfProfile;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::api::types::ModelFormat;
+use kvfleet_proto::api::ModelFormat;
 
 /// `NVIDIA H100 80GB HBM3` → `nvidia-h100-80gb-hbm3`.
 pub fn device_kind(name: &str) -> String {

@@ -14,8 +14,8 @@ use kvfleet_planner::Observation;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::api::rows;
-use crate::api::types::{ObservedWorker, WorkerRole, WorkerWindow};
+use crate::rows;
+use kvfleet_proto::api::{ObservedWorker, WorkerRole, WorkerWindow};
 
 /// Stores the windows of one heartbeat; workers that are not on `node` are ignored.
 pub async fn record(

@@ -174,7 +174,11 @@ impl DeploymentPolicy {
             prefill: bounds(self.roles.prefill),
             decode: bounds(self.roles.decode),
         };
-        problems.extend(roles.invalid_fields(self.mode, count(self.workers.max)));
+        problems.extend(roles.invalid_fields(
+            self.mode,
+            count(self.workers.min),
+            count(self.workers.max),
+        ));
         problems
     }
 }
@@ -359,6 +363,17 @@ mod tests {
         d.roles.decode = Some(Bounds { min: 2, max: 4 });
         let fields: Vec<String> = d.invalid_fields().into_iter().map(|f| f.0).collect();
         assert_eq!(fields, ["roles"]);
+        // An unset decode role still needs its one worker: prefill may not take them all
+        // (proptest found this one: the planner could not hold both bounds).
+        let mut full = policy("d", DeploymentMode::Disaggregated, 1, 2);
+        full.roles.prefill = Some(Bounds { min: 2, max: 2 });
+        let fields: Vec<String> = full.invalid_fields().into_iter().map(|f| f.0).collect();
+        assert_eq!(fields, ["roles"]);
+        full.workers.min = 0;
+        assert!(
+            full.invalid_fields().is_empty(),
+            "a deployment allowed to run nothing"
+        );
         assert!(
             policy("ok", DeploymentMode::Disaggregated, 2, 8)
                 .invalid_fields()

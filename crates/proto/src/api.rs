@@ -368,11 +368,21 @@ impl RoleWorkerBounds {
         self.prefill.is_none() && self.decode.is_none()
     }
 
-    /// Every problem with these bounds for a deployment of `mode` with at most `max_workers`,
-    /// as `(field, what is wrong)` named as in the body (`roles.prefill.max`).
-    pub fn invalid_fields(&self, mode: DeploymentMode, max_workers: i32) -> Vec<(String, String)> {
+    /// Every problem with these bounds for a deployment of `mode` with `min_workers` to
+    /// `max_workers` workers, as `(field, what is wrong)` named as in the body
+    /// (`roles.prefill.max`). A disaggregated deployment that runs at all needs a decode
+    /// worker, so an unset `decode` counts as a minimum of 1 when `min_workers` is 1 or more.
+    pub fn invalid_fields(
+        &self,
+        mode: DeploymentMode,
+        min_workers: i32,
+        max_workers: i32,
+    ) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut minimums = 0i64;
+        if mode == DeploymentMode::Disaggregated && self.decode.is_none() {
+            minimums += i64::from(min_workers.clamp(0, 1));
+        }
         for (name, bounds) in [("prefill", self.prefill), ("decode", self.decode)] {
             let Some(b) = bounds else { continue };
             if mode == DeploymentMode::Aggregated {

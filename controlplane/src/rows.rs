@@ -11,7 +11,7 @@ use sqlx::Row as _;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 
-use super::types::{
+use kvfleet_proto::api::{
     AuditEntry, Deployment, DisaggregationPolicy, Gpu, Model, Node, RoleWorkerBounds, SlaTargets,
     Token, Worker, WorkerBounds,
 };
@@ -188,4 +188,20 @@ pub(crate) fn audit_entry(row: PgRow) -> Result<AuditEntry, sqlx::Error> {
         before: row.try_get("before")?,
         after: row.try_get("after")?,
     })
+}
+
+/// The columns [`deployment`] reads (deployments joined with their model as `m`).
+pub(crate) const DEPLOYMENT_COLUMNS: &str =
+    "d.id, d.name, d.model_id, m.name AS model, d.mode, d.ttft_target_ms,
+    d.itl_target_ms, d.sla_percentile, d.min_workers, d.max_workers, d.min_prefill_workers,
+    d.max_prefill_workers, d.min_decode_workers, d.max_decode_workers, d.planner, d.placement,
+    d.min_remote_prefill_tokens, d.max_prefill_queue_tokens, d.prefill_timeout_ms,
+    d.generation, d.created_at, d.updated_at";
+
+/// Every deployment with its model's name, in id order.
+pub(crate) fn sql_select_deployments() -> sqlx::AssertSqlSafe<String> {
+    sql!(
+        "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d JOIN models m ON m.id = d.model_id
+         ORDER BY d.id"
+    )
 }
