@@ -187,7 +187,7 @@ async fn bad_requests_get_the_documented_status_and_body() {
             body(json!({"model": "m",
             "messages": [{"role": "user", "content": "hi"}], "n": 2})),
             400,
-            "invalid_value",
+            "unsupported_parameter",
             Some("n"),
         ),
         (
@@ -329,6 +329,88 @@ async fn bad_requests_get_the_documented_status_and_body() {
             .await,
         1.0
     );
+}
+
+/// Every refused field of the documented table, sent over HTTP with its example value, is a
+/// 400 `unsupported_parameter` naming it; a made-up field is a 400 `unknown_parameter`; and the
+/// neutral values a client sends by default are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_unknown_fields_are_named_never_ignored() {
+    use kvfleet_agent::frontend::fields::{FIELDS, MESSAGE_FIELDS, On, Treatment};
+    let agent = TestAgent::start(&model("m", 0, 256)).await;
+    let chat_body = || chat("hi", 4);
+    let completion_body = || json!({"model": "m", "prompt": "hi", "max_tokens": 4});
+    let mut refused = 0;
+    for field in FIELDS {
+        let Treatment::Refused { example, .. } = field.treatment else {
+            continue;
+        };
+        let paths: &[&str] = match field.on {
+            On::Chat => &["/v1/chat/completions"],
+            On::Completion => &["/v1/completions"],
+            On::Both => &["/v1/chat/completions", "/v1/completions"],
+        };
+        for path in paths {
+            let mut body = if *path == "/v1/completions" {
+                completion_body()
+            } else {
+                chat_body()
+            };
+            body[field.name] = serde_json::from_str(example).unwrap();
+            let response = agent.post(path, body).await;
+            assert_eq!(response.status(), 400, "{} on {path}", field.name);
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["error"]["code"], "unsupported_parameter", "{error}");
+            assert_eq!(error["error"]["param"], field.name, "{error}");
+            refused += 1;
+        }
+    }
+    for field in MESSAGE_FIELDS {
+        let Treatment::Refused { example, .. } = field.treatment else {
+            continue;
+        };
+        let mut body = chat_body();
+        body["messages"][0][field.name] = serde_json::from_str(example).unwrap();
+        let response = agent.post("/v1/chat/completions", body).await;
+        assert_eq!(response.status(), 400, "messages[0].{}", field.name);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(
+            error["error"]["param"],
+            format!("messages[0].{}", field.name),
+            "{error}"
+        );
+        refused += 1;
+    }
+    assert!(refused > 30, "only {refused} refusals were sent");
+    let mut typo = completion_body();
+    typo["max_token"] = json!(3);
+    let response = agent.post("/v1/completions", typo).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "unknown_parameter", "{error}");
+    assert_eq!(error["error"]["param"], "max_token", "{error}");
+    // What SDKs and frameworks send by default asks for nothing and is served.
+    let mut defaults = chat_body();
+    for (key, value) in [
+        ("n", json!(1)),
+        ("presence_penalty", json!(0)),
+        ("frequency_penalty", json!(0.0)),
+        ("logit_bias", json!({})),
+        ("tools", json!([])),
+        ("tool_choice", json!("none")),
+        ("response_format", json!({"type": "text"})),
+        ("store", json!(false)),
+        ("user", json!("u-1")),
+        ("metadata", json!({"team": "a"})),
+        ("reasoning_effort", Value::Null),
+        ("top_k", json!(-1)),
+    ] {
+        defaults[key] = value;
+    }
+    let response = agent.post("/v1/chat/completions", defaults).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

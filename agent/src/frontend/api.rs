@@ -4,6 +4,8 @@
 //! | condition | status | `type` | `code` |
 //! | --- | --- | --- | --- |
 //! | body not UTF-8, not JSON, wrong field type, missing field | 400 | `invalid_request_error` | `invalid_json` / `invalid_type` / `missing_field` |
+//! | a field this server does not know (see `fields.rs`, `docs/openai-api.md`) | 400 | `invalid_request_error` | `unknown_parameter` |
+//! | a known field it does not serve, with a value that asks for something | 400 | `invalid_request_error` | `unsupported_parameter` |
 //! | field out of range (`n`, `max_tokens`, `temperature`, `top_logprobs`, …), empty `messages`, a chat template that refuses the messages | 400 | `invalid_request_error` | `invalid_value` |
 //! | prompt plus `max_tokens` over the model's context | 400 | `invalid_request_error` | `context_length_exceeded` |
 //! | missing or wrong API key | 401 | `invalid_request_error` | `invalid_api_key` |
@@ -321,7 +323,7 @@ pub struct CommonParams {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Number of choices; only 1 is served.
+    /// Number of choices; only 1 is served (others are refused in `fields.rs`).
     #[serde(default)]
     pub n: Option<i64>,
     /// Stop strings (at most 4).
@@ -342,16 +344,13 @@ pub struct CommonParams {
     /// RNG seed.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Keep only the `top_k` most likely tokens (vLLM's extension); 0 or -1 disables it.
+    #[serde(default)]
+    pub top_k: Option<i64>,
     /// Keep generating past the model's end-of-sequence token until `max_tokens` (vLLM's
     /// extension; for benchmarks and load tests).
     #[serde(default)]
     pub ignore_eos: bool,
-    /// Accepted and ignored (the engines do not implement penalties yet).
-    #[serde(default)]
-    pub presence_penalty: Option<f64>,
-    /// Accepted and ignored (the engines do not implement penalties yet).
-    #[serde(default)]
-    pub frequency_penalty: Option<f64>,
     /// End-user id, for logs.
     #[serde(default)]
     pub user: Option<String>,

@@ -25,6 +25,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod fields;
 pub mod metrics;
 pub mod models;
 mod prepare;

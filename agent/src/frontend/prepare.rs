@@ -17,6 +17,7 @@ use super::Frontend;
 use super::api::{
     self, ApiError, ChatCompletionRequest, CommonParams, CompletionRequest, PromptSpec, StopSpec,
 };
+use super::fields;
 use super::models::TextCodec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,7 @@ pub(super) fn prepare(
     bytes: &[u8],
 ) -> Result<Prepared, ApiError> {
     let value = api::parse_json(bytes)?;
+    fields::check(endpoint, &value)?;
     let common: CommonParams;
     let (model, prompt, logprobs, default_max) = match endpoint {
         Endpoint::Chat => {
@@ -242,14 +244,6 @@ fn check_common(
     room: u32,
     default_max: Option<u32>,
 ) -> Result<Checked, ApiError> {
-    if let Some(n) = common.n
-        && n != 1
-    {
-        return Err(ApiError::invalid_value(
-            "n",
-            format!("n = {n} is not supported: this server returns exactly one choice (n = 1)"),
-        ));
-    }
     let (param, asked) = match (common.max_completion_tokens, common.max_tokens) {
         (Some(v), _) => ("max_completion_tokens", Some(v)),
         (None, Some(v)) => ("max_tokens", Some(v)),
@@ -289,6 +283,16 @@ fn check_common(
             format!("top_p = {top_p} is out of range: expected more than 0 and at most 1"),
         ));
     }
+    let top_k = match common.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if k > 0 => u32::try_from(k).unwrap_or(u32::MAX),
+        k => {
+            return Err(ApiError::invalid_value(
+                "top_k",
+                format!("top_k = {k} is out of range: expected -1 or 0 (off) or at least 1"),
+            ));
+        }
+    };
     let stops = match &common.stop {
         None => Vec::new(),
         Some(StopSpec::One(s)) => vec![s.clone()],
@@ -313,7 +317,7 @@ fn check_common(
     let sampling = SamplingParams {
         temperature: temperature as f32,
         top_p: top_p as f32,
-        top_k: 0,
+        top_k,
         seed: common.seed,
         max_tokens,
         stop_token_ids: Vec::new(),

@@ -62,6 +62,9 @@ for kwargs, error, param in [
     (dict(model=model, messages=[{"role": "user", "content": "x"}], n=2), openai.BadRequestError, "n"),
     (dict(model=model, messages=[]), openai.BadRequestError, "messages"),
     (dict(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=0), openai.BadRequestError, "max_tokens"),
+    # Fields the server does not serve are refused by name, never ignored (docs/openai-api.md).
+    (dict(model=model, messages=[{"role": "user", "content": "x"}], logit_bias={"5": 10}), openai.BadRequestError, "logit_bias"),
+    (dict(model=model, messages=[{"role": "user", "content": "x"}], extra_body={"max_token": 3}), openai.BadRequestError, "max_token"),
 ]:
     try:
         client.chat.completions.create(**kwargs)
