@@ -136,6 +136,65 @@ async fn prompts_use_the_models_tokenizer_and_template_and_outputs_match_the_mod
     assert_eq!(stored.1, ids.len() / 16);
 }
 
+/// `logit_bias` and the penalties reach the worker's sampler: a +100 bias makes every token the
+/// biased one, and greedy output with penalties is what the model's own reference generation
+/// gives with them (and not what it gives without).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_and_penalties_steer_the_native_sampler() {
+    let path = tiny_model();
+    let agent = TestAgent::start(&native_model("tiny", &path, "")).await;
+    let model = kvfleet_model::load(&path).unwrap();
+    let prompt: Vec<u32> = (3..40).collect();
+    let forced = 17u32;
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                "ignore_eos": true, "logit_bias": {forced.to_string(): 100}}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let expected = model.tokenizer.decode(&[forced; 6], true).unwrap();
+    assert_eq!(body["choices"][0]["text"], expected, "{body}");
+
+    let penalised = kvfleet_proto::SamplingParams {
+        presence_penalty: 1.5,
+        frequency_penalty: 2.0,
+        repetition_penalty: 1.5,
+        ignore_eos: true,
+        ..kvfleet_proto::SamplingParams::greedy(24)
+    };
+    let reference = model.generate(&prompt, &penalised, 64).unwrap().tokens;
+    let plain = model
+        .generate(
+            &prompt,
+            &kvfleet_proto::SamplingParams {
+                ignore_eos: true,
+                ..kvfleet_proto::SamplingParams::greedy(24)
+            },
+            64,
+        )
+        .unwrap()
+        .tokens;
+    assert_ne!(
+        reference, plain,
+        "the penalties change this model's greedy output"
+    );
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                "ignore_eos": true, "presence_penalty": 1.5, "frequency_penalty": 2.0,
+                "repetition_penalty": 1.5}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let expected = model.tokenizer.decode(&reference, true).unwrap();
+    assert_eq!(body["choices"][0]["text"], expected, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_streams_equal_whole_answers_and_carry_logprobs() {
     let agent = TestAgent::start(&native_model("tiny", &tiny_model(), "")).await;

@@ -99,10 +99,8 @@ pub(crate) fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed,
-        max_tokens: args.max_tokens,
-        stop_token_ids: Vec::new(),
         ignore_eos: args.ignore_eos,
-        logprobs: None,
+        ..SamplingParams::greedy(args.max_tokens)
     };
     sampling.validate().context("invalid sampling options")?;
     let m = crate::load::model(&args.model, args.kernels.path())?;

@@ -347,6 +347,21 @@ pub struct CommonParams {
     /// Keep only the `top_k` most likely tokens (vLLM's extension); 0 or -1 disables it.
     #[serde(default)]
     pub top_k: Option<i64>,
+    /// Min-p sampling (vLLM's extension), 0 to 1; 0 disables it.
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    /// Penalty per token already generated, -2 to 2.
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    /// Penalty per time a token was generated, -2 to 2.
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// vLLM's multiplicative penalty on every token of the prompt and output, (0, 2].
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) → bias added to its logit, -100 to 100.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// Keep generating past the model's end-of-sequence token until `max_tokens` (vLLM's
     /// extension; for benchmarks and load tests).
     #[serde(default)]

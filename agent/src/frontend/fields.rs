@@ -132,10 +132,6 @@ fn is_one(v: &Value) -> bool {
     v.as_f64() == Some(1.0)
 }
 
-fn is_zero(v: &Value) -> bool {
-    v.as_f64() == Some(0.0)
-}
-
 /// An empty string, list or object.
 fn is_empty(v: &Value) -> bool {
     match v {
@@ -165,7 +161,6 @@ fn is_default_tier(v: &Value) -> bool {
 
 const NO_TOOLS: &str = "tool calling is not served yet";
 const NO_STRUCTURED: &str = "structured output (grammar-constrained decoding) is not served yet";
-const NO_PENALTIES: &str = "the samplers do not apply penalties or biases yet";
 
 /// Every top-level field of the two request bodies.
 pub const FIELDS: &[Field] = &[
@@ -223,17 +218,11 @@ pub const FIELDS: &[Field] = &[
         "insertion (fill in the middle) is not served",
         r#""end""#,
     ),
-    refused("presence_penalty", On::Both, is_zero, NO_PENALTIES, "0.5"),
-    refused("frequency_penalty", On::Both, is_zero, NO_PENALTIES, "0.5"),
-    refused("repetition_penalty", On::Both, is_one, NO_PENALTIES, "1.2"),
-    refused("min_p", On::Both, is_zero, NO_PENALTIES, "0.1"),
-    refused(
-        "logit_bias",
-        On::Both,
-        is_empty,
-        NO_PENALTIES,
-        r#"{"15": -100}"#,
-    ),
+    honoured("min_p", On::Both),
+    honoured("presence_penalty", On::Both),
+    honoured("frequency_penalty", On::Both),
+    honoured("repetition_penalty", On::Both),
+    honoured("logit_bias", On::Both),
     refused(
         "response_format",
         On::Chat,
@@ -529,7 +518,7 @@ mod tests {
     #[test]
     fn neutral_values_pass_and_unknown_fields_are_named() {
         let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi", "tool_calls": []}],
-            "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+            "n": 1, "presence_penalty": 0.5, "frequency_penalty": 0.0, "logit_bias": {"3": 1},
             "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
             "modalities": ["text"], "store": false, "service_tier": "auto", "user": "u",
             "metadata": {"k": "v"}, "parallel_tool_calls": true,

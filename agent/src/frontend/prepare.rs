@@ -211,6 +211,18 @@ pub(super) fn prepare(
     }
     let room = (context - prompt.len()) as u32;
     let mut checked = check_common(&common, room, default_max)?;
+    let vocab = model.text.vocab_size();
+    if let Some(&(token, _)) = checked
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|(t, _)| *t >= vocab)
+    {
+        return Err(ApiError::invalid_value(
+            "logit_bias",
+            format!("token id {token} is outside the vocabulary (size {vocab})"),
+        ));
+    }
     checked.sampling.logprobs = logprobs;
     Ok(Prepared {
         endpoint,
@@ -307,6 +319,23 @@ fn check_common(
     if stops.iter().any(String::is_empty) {
         return Err(ApiError::invalid_value("stop", "a stop sequence is empty"));
     }
+    let mut logit_bias = Vec::new();
+    for (key, bias) in common.logit_bias.iter().flatten() {
+        let token: u32 = key.trim().parse().map_err(|_| {
+            ApiError::invalid_value(
+                "logit_bias",
+                format!("logit_bias key {key:?} is not a token id (a non-negative integer)"),
+            )
+        })?;
+        logit_bias.push((token, *bias as f32));
+    }
+    logit_bias.sort_by_key(|&(token, _)| token);
+    if let Some(pair) = logit_bias.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ApiError::invalid_value(
+            "logit_bias",
+            format!("token id {} is given twice", pair[0].0),
+        ));
+    }
     let stream = common.stream.unwrap_or(false);
     if common.stream_options.is_some() && !stream {
         return Err(ApiError::invalid_value(
@@ -323,6 +352,12 @@ fn check_common(
         stop_token_ids: Vec::new(),
         ignore_eos: common.ignore_eos,
         logprobs: None,
+        min_p: common.min_p.unwrap_or(0.0) as f32,
+        presence_penalty: common.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: common.frequency_penalty.unwrap_or(0.0) as f32,
+        repetition_penalty: common.repetition_penalty.unwrap_or(1.0) as f32,
+        logit_bias,
+        generated_in_prompt: 0,
     };
     sampling
         .validate()

@@ -246,6 +246,10 @@ impl Driver {
                 kv.truncate(blocks);
                 let mut prompt = self.request.prompt.clone();
                 prompt.extend_from_slice(&tokens);
+                // The prefill leg's tokens end the decode leg's prompt; penalties count them as
+                // output, so the decode worker samples what an aggregated run would.
+                let generated_in_prompt = self.request.sampling.generated_in_prompt
+                    + u32::try_from(tokens.len()).unwrap_or(u32::MAX);
                 let block_size = layout.block_size;
                 let decode = GenerateRequest {
                     request_id: self.request.request_id.clone(),
@@ -254,6 +258,7 @@ impl Driver {
                     prompt,
                     sampling: kvfleet_proto::SamplingParams {
                         max_tokens,
+                        generated_in_prompt,
                         ..self.request.sampling.clone()
                     },
                     worker,

@@ -63,7 +63,8 @@ for kwargs, error, param in [
     (dict(model=model, messages=[]), openai.BadRequestError, "messages"),
     (dict(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=0), openai.BadRequestError, "max_tokens"),
     # Fields the server does not serve are refused by name, never ignored (docs/openai-api.md).
-    (dict(model=model, messages=[{"role": "user", "content": "x"}], logit_bias={"5": 10}), openai.BadRequestError, "logit_bias"),
+    (dict(model=model, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}), openai.BadRequestError, "response_format"),
+    (dict(model=model, messages=[{"role": "user", "content": "x"}], logit_bias={"abc": 10}), openai.BadRequestError, "logit_bias"),
     (dict(model=model, messages=[{"role": "user", "content": "x"}], extra_body={"max_token": 3}), openai.BadRequestError, "max_token"),
 ]:
     try:

@@ -34,6 +34,8 @@ pub struct ScheduledSeq<'a> {
     pub block_table: &'a [BlockId],
     /// The original prompt (without generated tokens), for executors that key on it.
     pub prompt: &'a [u32],
+    /// The tokens generated so far (what output penalties look at).
+    pub generated: &'a [u32],
     /// How to sample.
     pub sampling: &'a SamplingParams,
     /// Whether a token must be sampled after the last of `tokens` (false for a prefill chunk

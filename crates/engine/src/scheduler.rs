@@ -617,6 +617,7 @@ impl<E: Executor> Scheduler<E> {
                 start_pos: seq.num_computed,
                 block_table: &seq.blocks,
                 prompt: &seq.tokens[..seq.prompt_len],
+                generated: &seq.tokens[seq.prompt_len..],
                 sampling: &seq.sampling,
                 sample: p.sample,
             };

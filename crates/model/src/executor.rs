@@ -23,13 +23,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvfleet_engine::{
-    ConfigError, ExecError, Executor, PoolSizing, RequestId, ScheduledBatch, Scheduler,
-    SchedulerConfig, StepOutput, StepResult,
+    ConfigError, ExecError, Executor, PoolSizing, RequestId, ScheduledBatch, ScheduledSeq,
+    Scheduler, SchedulerConfig, StepOutput, StepResult,
 };
 use kvfleet_proto::{BlockSize, KvLayout, SamplingParams};
 use rayon::prelude::*;
 
 use crate::LoadedModel;
+use crate::adjust::History;
 use crate::error::ModelError;
 use crate::kv_cache::PagedKvCache;
 use crate::model::SeqInput;
@@ -275,7 +276,8 @@ impl Executor for NativeExecutor {
             .model
             .forward(&inputs, &mut self.cache)
             .map_err(|e| ExecError::Failed(e.to_string()))?;
-        let mut jobs: Vec<(RequestId, u64, Vec<f32>)> = Vec::with_capacity(batch.seqs.len());
+        let mut jobs: Vec<(&ScheduledSeq<'_>, u64, Vec<f32>)> =
+            Vec::with_capacity(batch.seqs.len());
         for (s, logits) in batch.seqs.iter().zip(logits) {
             if !s.sample {
                 continue;
@@ -296,21 +298,24 @@ impl Executor for NativeExecutor {
                     seed,
                 }
             });
-            jobs.push((s.request, (s.start_pos + s.tokens.len()) as u64, logits));
+            jobs.push((s, (s.start_pos + s.tokens.len()) as u64, logits));
         }
         // A softmax and a top-k over the vocabulary per sequence (262k entries for Gemma 3):
         // worth spreading over the cores at large batches.
         let sampling = &self.sampling;
         let outputs = jobs
             .into_par_iter()
-            .filter_map(|(request, pos, logits)| {
+            .filter_map(|(seq, pos, logits)| {
+                let request = seq.request;
                 let state = sampling.get(&request)?;
+                let history =
+                    History::new(seq.prompt, state.params.generated_in_prompt, seq.generated);
                 // The RNG is seeded from the request's seed and the sampled token's absolute
                 // position, not drawn from a stream: a recompute after preemption, or a decode
                 // worker that received the prompt and first token from a prefill worker, draws
                 // exactly what an uninterrupted run would.
-                let sampled =
-                    Sampler::new(&state.params, mix(state.seed ^ mix(pos))).sample(&logits);
+                let sampled = Sampler::new(&state.params, mix(state.seed ^ mix(pos)))
+                    .sample_after(&logits, &history);
                 Some(StepOutput {
                     request,
                     token: sampled.token,

@@ -19,7 +19,8 @@
 //!   bit (f16 dot-product lane orders, vectorised `expf`, GELU table), because 8-bit
 //!   requantization between layers turns last-bit differences into different tokens;
 //! - [`kv_cache`]: paged K/V storage and block bytes for transfer;
-//! - [`sampler`]: greedy / temperature / top-k / top-p with per-request seeds;
+//! - [`sampler`]: greedy / temperature / top-k / top-p / min-p with per-request seeds, after
+//!   [`adjust`]: `logit_bias` and the repetition, presence and frequency penalties;
 //! - [`executor`]: [`NativeExecutor`], the model behind `kvfleet-engine`'s scheduler, and
 //!   [`native_engine`], which loads a model into a [`NativeEngine`];
 //! - [`tiny`]: writes a tiny random Llama model for tests; [`inspect`]: a summary of a model.
@@ -27,6 +28,7 @@
 //! [`load`] builds a [`LoadedModel`] (weights included); [`load_text`] only the [`TextModel`]
 //! (tokenizer, chat template, architecture) that a frontend needs.
 
+pub mod adjust;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -321,7 +323,8 @@ impl LoadedModel {
             logprobs: Vec::new(),
         };
         while let Some(logits) = last.take() {
-            let s = sampler.sample(&logits);
+            let history = adjust::History::new(prompt, params.generated_in_prompt, &out.tokens);
+            let s = sampler.sample_after(&logits, &history);
             let tok = s.token;
             out.tokens.push(tok);
             out.logprobs.push(s);

@@ -1,10 +1,16 @@
-//! Picking the next token from logits: greedy, temperature, top-k, top-p, with a per-request
-//! seeded RNG so the same seed and prompt give the same tokens on any worker. Stop tokens and
+//! Picking the next token from logits: greedy, temperature, top-k, top-p, min-p, with a
+//! per-request seeded RNG so the same seed and prompt give the same tokens on any worker. The
+//! logits are first biased and penalised ([`crate::adjust`]) when the request asks for it; log
+//! probabilities are always those of the model's unmodified distribution. Stop tokens and
 //! `max_tokens` are the caller's business (it sees every sampled token).
+
+use std::borrow::Cow;
 
 use kvfleet_proto::SamplingParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::adjust::{History, adjust};
 
 /// One sampled token with its log-probability and, when asked, the most likely alternatives.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,13 +64,26 @@ impl Sampler {
         }
     }
 
-    /// Samples from `logits` (one entry per vocabulary token).
+    /// Samples from `logits` (one entry per vocabulary token), with no penalties (as for a
+    /// sequence without history).
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        self.sample_after(logits, &History::default())
+    }
+
+    /// Samples from `logits` after the bias and penalties that `history` calls for.
+    pub fn sample_after(&mut self, logits: &[f32], history: &History<'_>) -> Sampled {
         let logprobs = log_softmax(logits);
-        let token = if self.params.is_greedy() || logits.len() <= 1 {
-            top_k(logits, 1).first().map_or(0, |&(i, _)| i)
+        let adjusted = if self.params.adjusts_logits() {
+            let mut adjusted = logits.to_vec();
+            adjust(&self.params, history, &mut adjusted);
+            Cow::Owned(adjusted)
         } else {
-            self.sample_stochastic(logits)
+            Cow::Borrowed(logits)
+        };
+        let token = if self.params.is_greedy() || logits.len() <= 1 {
+            top_k(&adjusted, 1).first().map_or(0, |&(i, _)| i)
+        } else {
+            self.sample_stochastic(&adjusted)
         };
         let top = match self.params.logprobs {
             Some(n) if n > 0 => top_k(&logprobs, n as usize),
@@ -97,6 +116,13 @@ impl Sampler {
             .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
+        if p.min_p > 0.0 {
+            // Best first: the most likely token is the first, and it always stays.
+            let floor = probs.first().copied().unwrap_or(0.0) * f64::from(p.min_p);
+            let keep = probs.iter().take_while(|&&pr| pr >= floor).count().max(1);
+            cands.truncate(keep);
+            probs.truncate(keep);
+        }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
             let mut keep = probs.len();
@@ -146,6 +172,22 @@ mod tests {
             (params(1.0, 0, 0.5, 7), vec![1, 3]),
             (params(0.01, 0, 1.0, 9), vec![1, 3]),
             (params(2.0, 0, 1.0, 3), vec![0, 1, 2, 3, 4]),
+            // min-p 0.5 at temperature 1: tokens 1 and 3 (e^3), not 2 (e^2 < e^3 / 2).
+            (
+                SamplingParams {
+                    min_p: 0.5,
+                    ..params(1.0, 0, 1.0, 5)
+                },
+                vec![1, 3],
+            ),
+            // A bias makes the least likely token the greedy choice.
+            (
+                SamplingParams {
+                    logit_bias: vec![(4, 10.0)],
+                    ..SamplingParams::greedy(4)
+                },
+                vec![4],
+            ),
         ];
         for (p, allowed) in cases {
             let mut s = Sampler::new(&p, 0);
@@ -176,5 +218,37 @@ mod tests {
             .map(|&l| f64::from(l).exp())
             .sum();
         assert!((total - 1.0).abs() < 1e-4);
+    }
+
+    /// Penalties change the choice (and only the choice: logprobs stay the model's), greedy and
+    /// sampled alike.
+    #[test]
+    fn penalties_steer_the_choice_but_not_the_logprobs() {
+        let logits = [1.0, 3.0, 2.0, 0.0];
+        let history = History {
+            prompt: &[],
+            carried: &[],
+            output: &[1, 1],
+        };
+        let penalised = SamplingParams {
+            frequency_penalty: 1.0,
+            logprobs: Some(0),
+            ..SamplingParams::greedy(4)
+        };
+        let plain = Sampler::new(&SamplingParams::greedy(4), 0).sample_after(&logits, &history);
+        let steered = Sampler::new(&penalised, 0).sample_after(&logits, &history);
+        assert_eq!((plain.token, steered.token), (1, 2));
+        assert_eq!(steered.logprob, log_softmax(&logits)[2]);
+        let mut hot = Sampler::new(
+            &SamplingParams {
+                presence_penalty: 2.0,
+                repetition_penalty: 2.0,
+                ..params(0.05, 0, 1.0, 11)
+            },
+            0,
+        );
+        for _ in 0..20 {
+            assert_eq!(hot.sample_after(&logits, &history).token, 2);
+        }
     }
 }

@@ -36,6 +36,32 @@ pub struct SamplingParams {
     /// Return the log-probability of each sampled token and this many alternatives (0..=20).
     #[serde(default)]
     pub logprobs: Option<u32>,
+    /// Min-p sampling: drop tokens less likely than `min_p` times the most likely one. In
+    /// [0, 1]; 0 disables it.
+    #[serde(default)]
+    pub min_p: f32,
+    /// Subtracted once from the logit of every token already generated (OpenAI's
+    /// `presence_penalty`). In [-2, 2].
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`). In [-2, 2].
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// Divides positive (multiplies negative) logits of every token of the prompt or the output
+    /// (vLLM's and Hugging Face's `repetition_penalty`). In (0, 2]; 1 disables it.
+    #[serde(default = "one")]
+    pub repetition_penalty: f32,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`), as (token, bias)
+    /// sorted by token, each token once, each bias in [-100, 100].
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// How many of the prompt's last tokens this request generated itself, on an earlier leg
+    /// (the first token a prefill worker sent before the decode leg, the tokens before a
+    /// migration): penalties count them as output, so the continuation samples exactly what an
+    /// uninterrupted run would.
+    #[serde(default)]
+    pub generated_in_prompt: u32,
 }
 
 fn one() -> f32 {
@@ -71,7 +97,26 @@ impl SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            generated_in_prompt: 0,
         }
+    }
+
+    /// The largest `|logit_bias|` (OpenAI's limit).
+    pub const MAX_LOGIT_BIAS: f32 = 100.0;
+    /// The largest `|presence_penalty|` and `|frequency_penalty|` (OpenAI's limit).
+    pub const MAX_PENALTY: f32 = 2.0;
+
+    /// True when a bias or penalty changes the logits before sampling.
+    pub fn adjusts_logits(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
     }
 
     /// True when every step takes the most likely token.
@@ -109,6 +154,42 @@ impl SamplingParams {
             && n > Self::MAX_LOGPROBS
         {
             return bad("logprobs", n.to_string(), "between 0 and 20");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p.to_string(), "between 0 and 1");
+        }
+        for (field, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-Self::MAX_PENALTY..=Self::MAX_PENALTY).contains(&value) {
+                return bad(field, value.to_string(), "between -2 and 2");
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 2.0) {
+            return bad(
+                "repetition_penalty",
+                self.repetition_penalty.to_string(),
+                "greater than 0 and at most 2",
+            );
+        }
+        if let Some((token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-Self::MAX_LOGIT_BIAS..=Self::MAX_LOGIT_BIAS).contains(b))
+        {
+            return bad(
+                "logit_bias",
+                format!("{bias} (token {token})"),
+                "a bias between -100 and 100",
+            );
+        }
+        if self.logit_bias.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return bad(
+                "logit_bias",
+                "unsorted or repeated tokens".to_owned(),
+                "each token once, sorted",
+            );
         }
         Ok(())
     }
@@ -271,6 +352,48 @@ mod tests {
                 "logprobs",
                 SamplingParams {
                     logprobs: Some(21),
+                    ..ok.clone()
+                },
+            ),
+            (
+                "min_p",
+                SamplingParams {
+                    min_p: 1.5,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "presence_penalty",
+                SamplingParams {
+                    presence_penalty: -2.5,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "frequency_penalty",
+                SamplingParams {
+                    frequency_penalty: f32::NAN,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "logit_bias",
+                SamplingParams {
+                    logit_bias: vec![(3, 101.0)],
+                    ..ok.clone()
+                },
+            ),
+            (
+                "logit_bias",
+                SamplingParams {
+                    logit_bias: vec![(3, 1.0), (3, 2.0)],
                     ..ok.clone()
                 },
             ),
