@@ -181,13 +181,13 @@ async fn bad_requests_get_the_documented_status_and_body() {
             Some("prompt"),
         ),
         (
-            "n = 2",
+            "n = 17",
             "POST",
             "/v1/chat/completions",
             body(json!({"model": "m",
-            "messages": [{"role": "user", "content": "hi"}], "n": 2})),
+            "messages": [{"role": "user", "content": "hi"}], "n": 17})),
             400,
-            "unsupported_parameter",
+            "invalid_value",
             Some("n"),
         ),
         (
@@ -411,6 +411,84 @@ async fn refused_and_unknown_fields_are_named_never_ignored() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["usage"]["completion_tokens"], 4);
+}
+
+/// `n = 4`: four choices, indexed, usage counting the prompt once; the prompt's full blocks
+/// are computed once (the other three choices find them in the worker's prefix cache, as its
+/// metrics show); streamed, every choice's chunks carry its index and the usage chunk and
+/// `[DONE]` come once, after all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_share_one_prefill() {
+    let agent = TestAgent::start(&model("m", 0, 4096)).await;
+    let content =
+        "a prompt long enough to fill several KV blocks of sixteen tokens each, twice over";
+    let response = agent
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": content}],
+                "max_tokens": 5, "n": 4}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let choices = body["choices"].as_array().unwrap();
+    let indexes: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, [0, 1, 2, 3], "{body}");
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt >= 64, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 20, "{body}");
+    // Prompt tokens the worker computed: the whole prompt once, and for each other choice only
+    // the tail past its last full block. The worker reports its counters every 250 ms.
+    let full = prompt / 16 * 16;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (query, hit) = loop {
+        let query = agent.metric("kvfleet_worker_prefix_query_tokens").await;
+        let hit = agent.metric("kvfleet_worker_prefix_hit_tokens").await;
+        if query >= (4 * prompt) as f64 || tokio::time::Instant::now() > deadline {
+            break (query, hit);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(query, (4 * prompt) as f64);
+    assert_eq!(
+        hit,
+        (3 * full) as f64,
+        "the three later choices reuse the prompt's blocks"
+    );
+
+    let events = sse_events(
+        agent
+            .post(
+                "/v1/completions",
+                json!({"model": "m", "prompt": content, "max_tokens": 3, "n": 3,
+                    "stream": true, "stream_options": {"include_usage": true}}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let usage: Vec<&Value> = chunks.iter().filter(|c| !c["usage"].is_null()).collect();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["usage"]["completion_tokens"], 9);
+    assert!(
+        chunks.last().unwrap()["usage"].is_object(),
+        "usage comes last"
+    );
+    for index in 0..3 {
+        let finishes = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap())
+            .filter(|c| c["index"] == index && !c["finish_reason"].is_null())
+            .count();
+        assert_eq!(finishes, 1, "choice {index}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,9 +129,12 @@ impl Prefill {
 /// Runs a prefill-only request on the prefill worker and collects its blocks until the
 /// receiver closes.
 async fn prefill(pool: &WorkerPool, model: &str, prompt: &[u32]) -> Prefill {
-    let (mut generation, mut rx) = pool
-        .submit_prefill(request(model, prompt, 1, PREFILL))
-        .unwrap();
+    prefill_with(pool, request(model, prompt, 1, PREFILL)).await
+}
+
+/// [`prefill`] of a given request (its worker must be [`PREFILL`]).
+async fn prefill_with(pool: &WorkerPool, request: GenerateRequest) -> Prefill {
+    let (mut generation, mut rx) = pool.submit_prefill(request).unwrap();
     assert_eq!(
         generation.worker, PREFILL,
         "the named prefill worker runs it"
@@ -294,6 +297,63 @@ async fn prefill_on_one_worker_and_decode_on_another_gives_the_aggregated_tokens
     assert_eq!(counters.import_fallbacks, 0);
     no_blocks_in_use(&pool).await;
     assert_eq!(pool.kv_transfers(PREFILL).unwrap().blocks_exported, total);
+    agent.stop().await.unwrap();
+}
+
+/// A seeded request with every sampler feature on (temperature, top-k, top-p, min-p, logit
+/// bias, presence, frequency and repetition penalties) samples the same tokens on two workers,
+/// and across a prefill → decode hand-off, where the decode leg counts the prefill leg's token
+/// as output (`generated_in_prompt`; `kvfleet_model::adjust`'s tests show what it changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_penalised_sample_is_the_same_on_any_worker_and_across_the_handoff() {
+    let agent = native_agent().await;
+    let pool = agent.running.pool.clone();
+    const N: u32 = 24;
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.02,
+        seed: Some(42),
+        presence_penalty: 0.6,
+        frequency_penalty: 0.8,
+        repetition_penalty: 1.2,
+        logit_bias: vec![(40, 3.0)],
+        ignore_eos: true,
+        ..SamplingParams::greedy(N)
+    };
+    let with = |worker: WorkerId, prompt: &[u32], max_tokens: u32, generated_in_prompt: u32| {
+        GenerateRequest {
+            sampling: SamplingParams {
+                max_tokens,
+                generated_in_prompt,
+                ..sampling.clone()
+            },
+            ..request("tiny", prompt, max_tokens, worker)
+        }
+    };
+    let p = prompt(7, 40);
+    let on_aggregated = tokens(pool.submit(with(AGGREGATED, &p, N, 0)).unwrap())
+        .await
+        .unwrap();
+    let on_decode = tokens(pool.submit(with(DECODE, &p, N, 0)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(on_aggregated, on_decode, "the same seed on two workers");
+
+    let prefill = prefill_with(&pool, with(PREFILL, &p, 1, 0)).await;
+    assert_eq!(prefill.first_token, on_aggregated[0]);
+    let mut decode_prompt = p.clone();
+    decode_prompt.push(prefill.first_token);
+    let data: Vec<Bytes> = prefill.blocks.iter().map(|b| b.data.clone()).collect();
+    let decode = with(DECODE, &decode_prompt, N - 1, 1);
+    let mut handed_off = vec![prefill.first_token];
+    handed_off.extend(
+        tokens(pool.submit_with_kv(decode, data).unwrap())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(handed_off, on_aggregated, "across the hand-off");
     agent.stop().await.unwrap();
 }
 

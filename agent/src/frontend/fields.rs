@@ -190,13 +190,7 @@ pub const FIELDS: &[Field] = &[
         "every request is served at one tier: send \"auto\" or \"default\"",
         r#""priority""#,
     ),
-    refused(
-        "n",
-        On::Both,
-        is_one,
-        "this server returns exactly one choice (n = 1)",
-        "2",
-    ),
+    honoured("n", On::Both),
     refused(
         "best_of",
         On::Completion,
@@ -518,7 +512,7 @@ mod tests {
     #[test]
     fn neutral_values_pass_and_unknown_fields_are_named() {
         let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi", "tool_calls": []}],
-            "n": 1, "presence_penalty": 0.5, "frequency_penalty": 0.0, "logit_bias": {"3": 1},
+            "n": 2, "presence_penalty": 0.5, "frequency_penalty": 0.0, "logit_bias": {"3": 1},
             "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
             "modalities": ["text"], "store": false, "service_tier": "auto", "user": "u",
             "metadata": {"k": "v"}, "parallel_tool_calls": true,

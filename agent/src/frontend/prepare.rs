@@ -51,7 +51,12 @@ pub(super) struct Prepared {
     pub(super) stream: bool,
     pub(super) include_usage: bool,
     pub(super) created: u64,
+    /// Choices to generate (`n`), each its own sequence; the prompt is prefilled once.
+    pub(super) n: u32,
 }
+
+/// The most choices one request may ask for.
+pub(super) const MAX_CHOICES: i64 = 16;
 
 /// Reads the body, refusing one larger than `limit` bytes: at once when `Content-Length` says
 /// so, otherwise as soon as the bytes read pass it.
@@ -236,6 +241,7 @@ pub(super) fn prepare(
         stops: checked.stops,
         stream: checked.stream,
         include_usage: checked.include_usage,
+        n: checked.n,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -244,6 +250,7 @@ pub(super) fn prepare(
 }
 
 struct Checked {
+    n: u32,
     sampling: SamplingParams,
     stops: Vec<String>,
     stream: bool,
@@ -256,6 +263,15 @@ fn check_common(
     room: u32,
     default_max: Option<u32>,
 ) -> Result<Checked, ApiError> {
+    let n = match common.n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => n as u32,
+        n => {
+            return Err(ApiError::invalid_value(
+                "n",
+                format!("n = {n} is out of range: expected 1 to {MAX_CHOICES}"),
+            ));
+        }
+    };
     let (param, asked) = match (common.max_completion_tokens, common.max_tokens) {
         (Some(v), _) => ("max_completion_tokens", Some(v)),
         (None, Some(v)) => ("max_tokens", Some(v)),
@@ -363,6 +379,7 @@ fn check_common(
         .validate()
         .map_err(|e| ApiError::invalid_value(e.field, e.to_string()))?;
     Ok(Checked {
+        n,
         sampling,
         stops,
         stream,

@@ -9,11 +9,13 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use kvfleet_proto::hash::sequence_hashes;
 use serde_json::json;
 
@@ -40,31 +42,111 @@ pub(super) async fn execute(
     let admitting = Instant::now();
     let slot = frontend.admission.admit().await?;
     let queued = admitting.elapsed();
+    let choices = prepared.n;
+    let mut first = submit(&frontend, &prepared, 0, None)?;
+    tracing::debug!(worker = %first.worker, prompt_tokens = prepared.prompt.len(), choices, "submitted");
+    frontend
+        .metrics
+        .tokens_in
+        .inc_by(prepared.prompt.len() as u64);
+    let prepared = Arc::new(prepared);
+    let mut runs = Vec::with_capacity(choices as usize);
+    if choices == 1 {
+        runs.push(Run::new(&frontend, &prepared, 0, first, start, queued));
+    } else {
+        // The other choices wait for the first one's first token: by then the prompt's full
+        // blocks are in its worker's prefix cache, and the others, sent to the same worker (or
+        // routed there by the fleet router, which counts the prompt as held by it), reuse them
+        // instead of prefilling again.
+        let event = first.next().await;
+        let worker = first.worker;
+        let mut run = Run::new(&frontend, &prepared, 0, first, start, queued);
+        run.pending = Some(event);
+        runs.push(run);
+        for index in 1..choices {
+            let generation = submit(&frontend, &prepared, index, Some(worker))?;
+            runs.push(Run::new(
+                &frontend, &prepared, index, generation, start, queued,
+            ));
+        }
+    }
+    let request = Request {
+        frontend,
+        prepared,
+        _slot: slot,
+    };
+    if request.prepared.stream {
+        Ok(into_sse(request, runs))
+    } else {
+        collect(request, runs).await
+    }
+}
+
+/// Submits choice `index` of `prepared` (pinned to `worker` when given). A seeded request's
+/// choice `i` samples with `seed + i`: the same seed gives the same choices on any worker, and
+/// choice 0 is what `n = 1` gives.
+fn submit(
+    frontend: &Frontend,
+    prepared: &Prepared,
+    index: u32,
+    worker: Option<kvfleet_proto::WorkerId>,
+) -> Result<Generation, ApiError> {
+    let mut sampling = prepared.sampling.clone();
+    sampling.seed = sampling
+        .seed
+        .map(|seed| seed.wrapping_add(u64::from(index)));
     let request = GenerateRequest {
-        request_id: prepared.id.clone(),
+        request_id: if index == 0 {
+            prepared.id.clone()
+        } else {
+            format!("{}-{index}", prepared.id)
+        },
         model: prepared.model.clone(),
         block_hashes: sequence_hashes(&prepared.prompt, prepared.block_size),
         prompt: prepared.prompt.clone(),
-        sampling: prepared.sampling.clone(),
-        worker: None,
+        sampling,
+        worker,
     };
-    let generation = frontend.backend.submit(request).map_err(|e| {
+    frontend.backend.submit(request).map_err(|e| {
         ApiError::unavailable(
             "no_ready_worker",
             e.to_string(),
             frontend.config.retry_after,
         )
-    })?;
-    tracing::debug!(worker = %generation.worker, prompt_tokens = prepared.prompt.len(), "submitted");
-    frontend
-        .metrics
-        .tokens_in
-        .inc_by(prepared.prompt.len() as u64);
-    let run = Run::new(frontend, prepared, generation, slot, start, queued);
-    if run.prepared.stream {
-        Ok(run.into_sse())
-    } else {
-        run.collect().await
+    })
+}
+
+/// What the choices of one request share: the request and its admission slot (one per request,
+/// whatever its `n`).
+struct Request {
+    frontend: Arc<Frontend>,
+    prepared: Arc<Prepared>,
+    _slot: Slot,
+}
+
+impl Request {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.prepared.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    fn response_id(&self) -> String {
+        response_id(&self.prepared)
+    }
+
+    /// Usage of the whole request: the prompt once, the completions of every choice.
+    fn usage(&self, completion_tokens: u32) -> Usage {
+        Usage::new(self.prepared.prompt.len() as u32, completion_tokens)
+    }
+}
+
+fn response_id(prepared: &Prepared) -> String {
+    match prepared.endpoint {
+        Endpoint::Chat => format!("chatcmpl-{}", prepared.id),
+        Endpoint::Completion => format!("cmpl-{}", prepared.id),
     }
 }
 
@@ -116,12 +198,15 @@ impl Assembler {
     }
 }
 
-/// One admitted request from submission to its last byte.
+/// One choice of an admitted request, from submission to its last byte.
 struct Run {
     frontend: Arc<Frontend>,
-    prepared: Prepared,
+    prepared: Arc<Prepared>,
+    /// The choice's `index`.
+    index: u32,
     generation: Generation,
-    _slot: Slot,
+    /// An event already taken from `generation` (the first choice's first, when `n > 1`).
+    pending: Option<Option<GenEvent>>,
     assembler: Assembler,
     start: Instant,
     /// How long it waited for admission.
@@ -138,6 +223,7 @@ impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Run")
             .field("id", &self.prepared.id)
+            .field("index", &self.index)
             .finish()
     }
 }
@@ -155,10 +241,10 @@ enum Step {
 
 impl Run {
     fn new(
-        frontend: Arc<Frontend>,
-        prepared: Prepared,
+        frontend: &Arc<Frontend>,
+        prepared: &Arc<Prepared>,
+        index: u32,
         generation: Generation,
-        slot: Slot,
         start: Instant,
         queued: Duration,
     ) -> Self {
@@ -170,10 +256,11 @@ impl Run {
             stopped: false,
         };
         Self {
-            frontend,
-            prepared,
+            frontend: frontend.clone(),
+            prepared: prepared.clone(),
+            index,
             generation,
-            _slot: slot,
+            pending: None,
             assembler,
             start,
             queued,
@@ -186,7 +273,10 @@ impl Run {
 
     /// Waits for the next event from the worker.
     async fn step(&mut self) -> Step {
-        let event = self.generation.next().await;
+        let event = match self.pending.take() {
+            Some(event) => event,
+            None => self.generation.next().await,
+        };
         let now = Instant::now();
         match event {
             Some(GenEvent::Tokens(chunk)) => {
@@ -252,25 +342,11 @@ impl Run {
         }
     }
 
-    fn usage(&self) -> Usage {
-        Usage::new(
-            self.prepared.prompt.len() as u32,
-            self.assembler.completion_tokens,
-        )
-    }
-
     fn object(&self, chunk: bool) -> &'static str {
         match (self.prepared.endpoint, chunk) {
             (Endpoint::Chat, false) => "chat.completion",
             (Endpoint::Chat, true) => "chat.completion.chunk",
             (Endpoint::Completion, _) => "text_completion",
-        }
-    }
-
-    fn response_id(&self) -> String {
-        match self.prepared.endpoint {
-            Endpoint::Chat => format!("chatcmpl-{}", self.prepared.id),
-            Endpoint::Completion => format!("cmpl-{}", self.prepared.id),
         }
     }
 
@@ -326,8 +402,8 @@ impl Run {
         }
     }
 
-    /// Non-streaming: gathers the whole completion.
-    async fn collect(mut self) -> Result<Response, ApiError> {
+    /// Non-streaming: gathers the whole choice, as its JSON object.
+    async fn gather(&mut self) -> Result<serde_json::Value, ApiError> {
         let mut text = String::new();
         let mut all_scored = Vec::new();
         let reason = loop {
@@ -348,33 +424,23 @@ impl Run {
                     };
                 }
                 Step::Failed(message) => {
-                    tracing::warn!(%message, "generation failed");
+                    tracing::warn!(%message, choice = self.index, "generation failed");
                     return Err(ApiError::worker_failed(message));
                 }
             }
         };
-        let usage = self.usage();
         let logprobs = self.logprobs_json(&all_scored);
-        let choice = match self.prepared.endpoint {
-            Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+        let index = self.index;
+        tracing::debug!(choice = index, completion_tokens = self.assembler.completion_tokens,
+            finish = ?reason, "choice complete");
+        Ok(match self.prepared.endpoint {
+            Endpoint::Chat => json!({"index": index,
+                "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs, "finish_reason": reason}),
             Endpoint::Completion => {
-                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason})
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
             }
-        };
-        let body = json!({"id": self.response_id(), "object": self.object(false),
-            "created": self.prepared.created, "model": self.prepared.model,
-            "choices": [choice], "usage": usage});
-        self.frontend
-            .metrics
-            .request(self.prepared.endpoint.label(), 200);
-        tracing::info!(completion_tokens = usage.completion_tokens, finish = ?reason, "completed");
-        Ok((
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response())
+        })
     }
 
     fn chunk(
@@ -394,39 +460,99 @@ impl Run {
                     Some(text) => json!({"content": text}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason})
+                json!({"index": self.index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": reason})
             }
-            Endpoint::Completion => json!({"index": 0, "text": delta.unwrap_or(""),
+            Endpoint::Completion => json!({"index": self.index, "text": delta.unwrap_or(""),
                 "logprobs": logprobs, "finish_reason": reason}),
         };
-        let body = json!({"id": self.response_id(), "object": self.object(true),
+        let body = json!({"id": response_id(&self.prepared), "object": self.object(true),
             "created": self.prepared.created, "model": self.prepared.model,
             "choices": [choice]});
         Event::default().data(body.to_string())
     }
+}
 
-    fn into_sse(self) -> Response {
-        self.frontend
-            .metrics
-            .request(self.prepared.endpoint.label(), 200);
+/// Non-streaming: every choice gathered (concurrently), then one body.
+async fn collect(request: Request, mut runs: Vec<Run>) -> Result<Response, ApiError> {
+    let choices = futures_util::future::try_join_all(runs.iter_mut().map(Run::gather)).await?;
+    let completion_tokens = runs.iter().map(|r| r.assembler.completion_tokens).sum();
+    let usage = request.usage(completion_tokens);
+    let body = json!({"id": request.response_id(), "object": request.object(false),
+        "created": request.prepared.created, "model": request.prepared.model,
+        "choices": choices, "usage": usage});
+    request
+        .frontend
+        .metrics
+        .request(request.prepared.endpoint.label(), 200);
+    tracing::info!(
+        completion_tokens = usage.completion_tokens,
+        choices = runs.len(),
+        "completed"
+    );
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response())
+}
+
+/// Streaming: each choice's chunks as they come (interleaved when `n > 1`), then the usage
+/// chunk when asked for and `[DONE]` — after every choice ended, and not after a failure.
+fn into_sse(request: Request, runs: Vec<Run>) -> Response {
+    request
+        .frontend
+        .metrics
+        .request(request.prepared.endpoint.label(), 200);
+    let tally = Arc::new(Tally::default());
+    let streams = runs.into_iter().map(|run| {
         let mut first = VecDeque::new();
-        if self.prepared.endpoint == Endpoint::Chat {
-            let body = json!({"id": self.response_id(), "object": self.object(true),
-                "created": self.prepared.created, "model": self.prepared.model,
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+        if run.prepared.endpoint == Endpoint::Chat {
+            let body = json!({"id": response_id(&run.prepared), "object": run.object(true),
+                "created": run.prepared.created, "model": run.prepared.model,
+                "choices": [{"index": run.index, "delta": {"role": "assistant", "content": ""},
                     "logprobs": null, "finish_reason": null}]});
             first.push_back(Event::default().data(body.to_string()));
         }
         let streamer = Streamer {
-            run: self,
+            run,
             out: first,
             done: false,
+            tally: tally.clone(),
         };
-        let stream = futures_util::stream::unfold(streamer, |mut s| async move {
-            s.next().await.map(|event| (Ok::<_, Infallible>(event), s))
-        });
-        Sse::new(stream).into_response()
-    }
+        futures_util::stream::unfold(streamer, |mut s| async move {
+            s.next().await.map(|event| (event, s))
+        })
+        .boxed()
+    });
+    let choices = futures_util::stream::select_all(streams);
+    let tail = futures_util::stream::once(async move {
+        let mut events = Vec::new();
+        if tally.failed.load(Ordering::Acquire) {
+            return futures_util::stream::iter(events);
+        }
+        if request.prepared.include_usage {
+            let usage = request.usage(tally.completion_tokens.load(Ordering::Acquire));
+            let body = json!({"id": request.response_id(), "object": request.object(true),
+                "created": request.prepared.created, "model": request.prepared.model,
+                "choices": [], "usage": usage});
+            events.push(Event::default().data(body.to_string()));
+        }
+        events.push(Event::default().data("[DONE]"));
+        // The request (and its admission slot) lives until the last event.
+        drop(request);
+        futures_util::stream::iter(events)
+    })
+    .flatten();
+    Sse::new(choices.chain(tail).map(Ok::<_, Infallible>)).into_response()
+}
+
+/// What the choices of a streamed request report for its last chunks.
+#[derive(Debug, Default)]
+struct Tally {
+    completion_tokens: AtomicU32,
+    failed: AtomicBool,
 }
 
 impl Drop for Run {
@@ -442,6 +568,7 @@ struct Streamer {
     run: Run,
     out: VecDeque<Event>,
     done: bool,
+    tally: Arc<Tally>,
 }
 
 impl Streamer {
@@ -480,6 +607,7 @@ impl Streamer {
                     tracing::warn!(request_id = %self.run.prepared.id, %message, "generation failed mid-stream");
                     let error = ApiError::worker_failed(message);
                     self.out.push_back(Event::default().data(error.body()));
+                    self.tally.failed.store(true, Ordering::Release);
                     self.done = true;
                 }
             }
@@ -489,15 +617,12 @@ impl Streamer {
     fn end(&mut self, reason: FinishReason) {
         let event = self.run.chunk(None, Some(reason), &[]);
         self.out.push_back(event);
-        if self.run.prepared.include_usage {
-            let body = json!({"id": self.run.response_id(), "object": self.run.object(true),
-                "created": self.run.prepared.created, "model": self.run.prepared.model,
-                "choices": [], "usage": self.run.usage()});
-            self.out.push_back(Event::default().data(body.to_string()));
-        }
-        self.out.push_back(Event::default().data("[DONE]"));
         self.done = true;
-        tracing::info!(request_id = %self.run.prepared.id,
-            completion_tokens = self.run.assembler.completion_tokens, finish = ?reason, "streamed");
+        let tokens = self.run.assembler.completion_tokens;
+        self.tally
+            .completion_tokens
+            .fetch_add(tokens, Ordering::AcqRel);
+        tracing::info!(request_id = %self.run.prepared.id, choice = self.run.index,
+            completion_tokens = tokens, finish = ?reason, "streamed");
     }
 }

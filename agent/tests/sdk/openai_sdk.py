@@ -49,6 +49,12 @@ assert "".join(pieces) == whole, ("".join(pieces), whole)
 assert finish == "length", finish
 assert usage is not None and usage.completion_tokens == 12, usage
 
+several = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=3, n=3, seed=5
+)
+assert [c.index for c in several.choices] == [0, 1, 2], several
+assert several.usage.completion_tokens == 9, several.usage
+
 completion = client.completions.create(model=model, prompt="once upon a time", max_tokens=5)
 assert completion.object == "text_completion"
 assert completion.usage.prompt_tokens == len("once upon a time".encode())
@@ -59,7 +65,7 @@ assert streamed[-1].choices[0].finish_reason == "length", streamed[-1]
 
 for kwargs, error, param in [
     (dict(model="no-such-model", messages=[{"role": "user", "content": "x"}]), openai.NotFoundError, "model"),
-    (dict(model=model, messages=[{"role": "user", "content": "x"}], n=2), openai.BadRequestError, "n"),
+    (dict(model=model, messages=[{"role": "user", "content": "x"}], n=17), openai.BadRequestError, "n"),
     (dict(model=model, messages=[]), openai.BadRequestError, "messages"),
     (dict(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=0), openai.BadRequestError, "max_tokens"),
     # Fields the server does not serve are refused by name, never ignored (docs/openai-api.md).
