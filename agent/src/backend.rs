@@ -51,8 +51,13 @@ pub enum GenEvent {
     Tokens(TokenChunk),
     /// Done.
     Finished(FinishReason),
-    /// The worker failed; the message says what happened.
+    /// The worker failed on the request or refused it; the message says what happened.
+    /// Trying it elsewhere would fail the same way.
     Failed(String),
+    /// The worker (or the node serving the request) went away mid-request — the process
+    /// exited, its connection broke, it missed its drain deadline: the request may resume
+    /// elsewhere (the serving driver migrates it; a frontend that gets one reports a failure).
+    Lost(String),
 }
 
 impl GenEvent {
@@ -158,7 +163,8 @@ impl Generation {
         }
     }
 
-    /// The next event; `None` after the final one, or when the worker went away without one.
+    /// The next event; `None` after the final one, or when the worker went away without one
+    /// (which the serving driver counts as [`GenEvent::Lost`]).
     pub async fn next(&mut self) -> Option<GenEvent> {
         match &mut self.source {
             Source::Channel { events, cancel, .. } => {

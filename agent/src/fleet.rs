@@ -89,6 +89,8 @@ pub struct RoutePlan {
     pub policy: Option<DisaggregationPolicy>,
     /// Why `prefill` is set or not, for a disaggregated model; `None` when aggregated.
     pub prefill_decision: Option<PrefillDecision>,
+    /// The model's deployment's `migration_limit`.
+    pub migration_limit: u32,
 }
 
 /// Whether a worker of `role` can generate a request's tokens.
@@ -114,6 +116,14 @@ struct Inner {
 }
 
 impl Inner {
+    fn migration_limit(&self, model: &str) -> u32 {
+        self.models
+            .get(model)
+            .map_or(kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT, |m| {
+                m.migration_limit
+            })
+    }
+
     /// The ready workers of `model` whose role passes `role`: local ones, and remote ones whose
     /// peer endpoint is known.
     fn candidates(&self, model: &str, role: impl Fn(WorkerRole) -> bool) -> Vec<WorkerId> {
@@ -391,6 +401,7 @@ impl FleetRouter {
         let now = self.now();
         let mut inner = self.lock();
         let decode = inner.pick(model, hashes, prompt_tokens, decodes, now)?;
+        let migration_limit = inner.migration_limit(model);
         let policy = inner
             .models
             .get(model)
@@ -402,6 +413,7 @@ impl FleetRouter {
                 prefill: None,
                 policy: None,
                 prefill_decision: None,
+                migration_limit,
             });
         };
         let candidates = inner.candidates(model, |role| role == WorkerRole::Prefill);
@@ -425,7 +437,14 @@ impl FleetRouter {
             prefill,
             policy: Some(policy),
             prefill_decision: Some(decision),
+            migration_limit,
         })
+    }
+
+    /// The `migration_limit` of `model`'s deployment (the default for a model the directory
+    /// does not name).
+    pub fn migration_limit(&self, model: &str) -> u32 {
+        self.lock().migration_limit(model)
     }
 
     /// How the directory says `model` is served (mode, policy); `None` when it names no such
@@ -836,6 +855,7 @@ mod tests {
                 workers,
                 models: vec![FleetModel {
                     model: "a".into(),
+                    migration_limit: kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT,
                     mode,
                     disaggregation: policy,
                 }],

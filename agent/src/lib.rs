@@ -240,7 +240,18 @@ pub async fn serve_with(
     let cp_stop = CancellationToken::new();
     let (mode, backend, fleet_tasks): (Mode, Arc<dyn backend::Backend>, _) =
         match &config.control_plane {
-            None => (Mode::Standalone, pool.clone(), None),
+            None => {
+                // The pool chooses each worker; the serving driver resumes what a lost worker
+                // was serving on another one.
+                let serving = Arc::new(serving::Serving::new(
+                    pool.clone(),
+                    peer::PeerHandle::default(),
+                ));
+                serving.register_metrics(&mut registry);
+                let backend =
+                    serving::PoolBackend::new(serving, kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT);
+                (Mode::Standalone, Arc::new(backend), None)
+            }
             Some(cp) => {
                 let StartedFleet {
                     fleet,
@@ -372,7 +383,10 @@ fn start_fleet(
     let backend: Arc<dyn backend::Backend> = if config.peer.forward {
         Arc::new(serving::FleetBackend::new(serving.clone(), router.clone()))
     } else {
-        pool.clone()
+        Arc::new(serving::PoolBackend::new(
+            serving.clone(),
+            kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT,
+        ))
     };
     let peer_task = tokio::spawn(peer::run(
         config.peer.clone(),

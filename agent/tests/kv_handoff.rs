@@ -101,7 +101,7 @@ async fn tokens(mut generation: Generation) -> Result<Vec<u32>, String> {
             match event {
                 GenEvent::Tokens(chunk) => out.extend(chunk.tokens),
                 GenEvent::Finished(_) => return Ok(()),
-                GenEvent::Failed(message) => return Err(message),
+                GenEvent::Failed(message) | GenEvent::Lost(message) => return Err(message),
             }
         }
         Err("the event stream ended without a final event".to_owned())
@@ -562,11 +562,11 @@ async fn a_prefill_worker_crash_fails_the_generation_and_closes_the_block_receiv
     );
     let mut failed = None;
     while let Some(event) = generation.next().await {
-        if let GenEvent::Failed(message) = event {
+        if let GenEvent::Lost(message) = event {
             failed = Some(message);
         }
     }
-    let message = failed.expect("the generation fails");
+    let message = failed.expect("the generation is lost (for the driver to migrate)");
     assert!(message.contains("worker w1"), "{message}");
     // The worker comes back and serves prefills again.
     wait(&pool, "the prefill worker restarted", |p| {

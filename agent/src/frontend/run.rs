@@ -312,7 +312,7 @@ impl Run {
                     backend::FinishReason::Stop => FinishReason::Stop,
                 })
             }
-            Some(GenEvent::Failed(message)) => {
+            Some(GenEvent::Failed(message) | GenEvent::Lost(message)) => {
                 self.finished = true;
                 Step::Failed(message)
             }

@@ -13,12 +13,12 @@ use kvfleet_peer::{GenerateEvent, GenerateStream, KvPush, PrefillPlan};
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::{KvLayout, NodeId, WorkerId};
 use kvfleet_serving::{
-    Action, End, Leg, LegId, LegStart, Plan, PrefillOutcome, Prompt, Record, Serve,
+    Action, End, Leg, LegId, LegStart, Plan, PrefillOutcome, Prompt, Record, Replan, Serve,
 };
 use tokio::time::Instant;
 
 use super::transfers::{Received, TransferGuard};
-use super::{Serving, lookup};
+use super::{Serving, lookup, plan_request};
 use crate::backend::{Events, GenEvent, GenerateRequest, Generation, SubmitError};
 use crate::fleet::FleetRouter;
 
@@ -37,7 +37,24 @@ enum LegEvent {
     Opened(GenerateStream),
     Tokens(kvfleet_proto::peer::TokenChunk),
     Finished(kvfleet_proto::peer::FinishReason, u32),
-    Failed(String),
+    /// Its worker, node or stream went away: the request may resume elsewhere.
+    Lost(String),
+    /// Its worker refused the request or failed on it.
+    Refused(String),
+}
+
+/// How a peer's answer counts: a refusal of the request itself, or a node that could not serve
+/// it (which another may).
+fn peer_failure(error: &kvfleet_peer::PeerError) -> LegEvent {
+    use kvfleet_peer::ErrorCode;
+    match error {
+        kvfleet_peer::PeerError::Remote(m)
+            if matches!(m.code, ErrorCode::BadRequest | ErrorCode::Internal) =>
+        {
+            LegEvent::Refused(error.to_string())
+        }
+        _ => LegEvent::Lost(error.to_string()),
+    }
 }
 
 /// One request served in legs; see the module docs.
@@ -62,6 +79,9 @@ pub struct Driver {
     start_error: Option<SubmitError>,
     /// The role of the worker whose tokens came first, once they came.
     first_role: Option<WorkerRole>,
+    /// Workers of this node's pool that lost this request (the pool chose them, so the
+    /// machine does not know them).
+    lost_here: Vec<WorkerId>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -102,6 +122,7 @@ impl Driver {
             starting: true,
             start_error: None,
             first_role: None,
+            lost_here: Vec::new(),
         };
         driver.serve.start(driver.now());
         driver.act();
@@ -154,6 +175,8 @@ impl Driver {
                     self.out.push_back(GenEvent::Finished(reason))
                 }
                 Action::End(End::Failed(message)) => self.out.push_back(GenEvent::Failed(message)),
+                Action::End(End::Lost(message)) => self.out.push_back(GenEvent::Lost(message)),
+                Action::Replan(replan) => self.replan(replan),
             }
         }
     }
@@ -167,6 +190,20 @@ impl Driver {
                 self.with_fleet(FleetRouter::count_fallback);
                 tracing::warn!(request_id = %request_id, %addr, error = %reason,
                     "peer unavailable: retrying the request on a local worker");
+            }
+            Record::Migrated {
+                attempt,
+                tokens,
+                reason,
+            } => {
+                self.serving.migrated.inc();
+                tracing::warn!(request_id = %request_id, attempt, tokens, error = %reason,
+                    "worker lost mid-request: resuming it elsewhere after the tokens delivered");
+            }
+            Record::Refused { reason } => {
+                self.serving.refused_legs.inc();
+                tracing::warn!(request_id = %request_id, error = %reason,
+                    "a leg sent what the request did not ask for: cut off");
             }
             Record::Prefill {
                 outcome,
@@ -195,13 +232,49 @@ impl Driver {
         }
     }
 
+    /// A migration: the fleet router plans the request again (never on a worker that lost it
+    /// already; then this node's pool chooses), and the machine starts the leg that resumes.
+    fn replan(&mut self, Replan { avoid, .. }: Replan) {
+        let now = self.now();
+        let pick = self.fleet.as_ref().and_then(|fleet| {
+            let plan = plan_request(&self.serving, fleet, &self.request)?;
+            // A migrated request is served whole by one worker: no second prefill leg.
+            let mut releases: Vec<_> = plan.unused;
+            releases.extend(plan.prefill.and_then(|p| p.hold));
+            let decode = plan.decode?;
+            let lost = avoid.contains(&decode.worker) || self.lost_here.contains(&decode.worker);
+            if lost {
+                releases.extend(decode.hold);
+            }
+            for hold in releases {
+                fleet.finished(hold);
+            }
+            (!lost).then_some(decode)
+        });
+        self.serve.replanned(pick, now);
+    }
+
+    /// The request a leg runs: the prompt followed by what the client already has, asking for
+    /// what is still missing. The block hashes stay the original prompt's (a prefix of the
+    /// longer sequence's: enough to route; workers hash what they cache themselves).
+    fn resumed(&self, worker: Option<WorkerId>, generated: &[u32]) -> GenerateRequest {
+        let mut request = GenerateRequest {
+            worker,
+            ..self.request.clone()
+        };
+        if !generated.is_empty() {
+            request.prompt.extend_from_slice(generated);
+            let n = u32::try_from(generated.len()).unwrap_or(u32::MAX);
+            request.sampling.max_tokens = request.sampling.max_tokens.saturating_sub(n);
+            request.sampling.generated_in_prompt = request.sampling.generated_in_prompt.saturating_add(n);
+        }
+        request
+    }
+
     fn start_leg(&mut self, LegStart { id, leg }: LegStart) {
         let stream = match leg {
-            Leg::Local { worker } => {
-                let request = GenerateRequest {
-                    worker,
-                    ..self.request.clone()
-                };
+            Leg::Local { worker, generated } => {
+                let request = self.resumed(worker, &generated);
                 self.local(id, self.serving.local.submit(request))
             }
             Leg::Forward {
@@ -210,14 +283,16 @@ impl Driver {
                 addr,
                 prefill,
                 prefill_deadline,
+                generated,
             } => {
+                let resumed = self.resumed(Some(worker), &generated);
                 let forwarded = kvfleet_peer::GenerateRequest {
-                    request_id: self.request.request_id.clone(),
-                    model: self.request.model.clone(),
+                    request_id: resumed.request_id,
+                    model: resumed.model,
                     worker: Some(worker),
-                    prompt: self.request.prompt.clone(),
-                    block_hashes: self.request.block_hashes.clone(),
-                    sampling: self.request.sampling.clone(),
+                    prompt: resumed.prompt,
+                    block_hashes: resumed.block_hashes,
+                    sampling: resumed.sampling,
                     prefill: prefill.map(|p| PrefillPlan {
                         worker: p.worker,
                         node: p.node.0,
@@ -283,7 +358,14 @@ impl Driver {
                 if self.starting {
                     self.start_error.get_or_insert(e.clone());
                 }
-                self.serve.failed(id, e.to_string());
+                let now = self.now();
+                match &e {
+                    SubmitError::NoReadyWorker(_) => self.serve.unavailable(id, e.to_string(), now),
+                    SubmitError::WorkerGone(_) => self.serve.failed(id, e.to_string()),
+                    SubmitError::Unsupported | SubmitError::Invalid(_) => {
+                        self.serve.refused(id, e.to_string())
+                    }
+                }
                 None
             }
         }
@@ -372,20 +454,21 @@ impl Driver {
             LegStream::Local(generation) => match generation.next().await {
                 Some(GenEvent::Tokens(chunk)) => LegEvent::Tokens(chunk),
                 Some(GenEvent::Finished(reason)) => LegEvent::Finished(reason, 0),
-                Some(GenEvent::Failed(message)) => LegEvent::Failed(message),
-                None => LegEvent::Failed("the worker went away mid-request".into()),
+                Some(GenEvent::Failed(message)) => LegEvent::Refused(message),
+                Some(GenEvent::Lost(message)) => LegEvent::Lost(message),
+                None => LegEvent::Lost("the worker went away mid-request".into()),
             },
             LegStream::Opening(opening) => match opening.await {
                 Ok(stream) => LegEvent::Opened(stream),
-                Err(e) => LegEvent::Failed(e),
+                Err(e) => LegEvent::Lost(e),
             },
             LegStream::Peer(stream) => match stream.next().await {
                 Ok(Some(GenerateEvent::Tokens(chunk))) => LegEvent::Tokens(chunk),
                 Ok(Some(GenerateEvent::Finished(finish))) => {
                     LegEvent::Finished(finish.reason, finish.kv_push.map_or(0, |r| r.blocks))
                 }
-                Ok(None) => LegEvent::Failed("the peer ended the stream early".into()),
-                Err(e) => LegEvent::Failed(e.to_string()),
+                Ok(None) => LegEvent::Lost("the peer ended the stream early".into()),
+                Err(e) => peer_failure(&e),
             },
         }
     }
@@ -400,9 +483,16 @@ impl Driver {
                 self.leg = None;
                 return None;
             }
-            let (id, stream) = self.leg.as_mut()?;
-            let id = *id;
             let deadline = self.serve.poll_timeout().map(|t| self.started + t);
+            let Some((id, stream)) = self.leg.as_mut() else {
+                // Between legs (a migration waiting for a worker): only the timer can move it.
+                deadline?;
+                sleep_until(deadline).await;
+                let now = self.now();
+                self.serve.handle_timeout(now);
+                continue;
+            };
+            let id = *id;
             let event = tokio::select! {
                 event = Self::leg_event(stream) => event,
                 () = sleep_until(deadline) => {
@@ -428,7 +518,15 @@ impl Driver {
                     self.first_role.get_or_insert(role);
                     self.serve.finished(id, reason, acknowledged);
                 }
-                LegEvent::Failed(message) => self.serve.failed(id, message),
+                LegEvent::Lost(message) => {
+                    if let Some((_, LegStream::Local(generation))) = &self.leg
+                        && !self.lost_here.contains(&generation.worker)
+                    {
+                        self.lost_here.push(generation.worker);
+                    }
+                    self.serve.failed(id, message)
+                }
+                LegEvent::Refused(message) => self.serve.refused(id, message),
             }
         }
     }
@@ -559,6 +657,7 @@ mod tests {
             }),
             prefill_deadline: Duration::from_secs(30),
             unused: Vec::new(),
+            migration_limit: kvfleet_serving::DEFAULT_MIGRATION_LIMIT,
         }
     }
 

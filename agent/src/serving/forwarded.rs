@@ -223,8 +223,12 @@ fn event_stream(generation: Generation, prompt_tokens: u32, push: Option<Push>) 
                 }))
             }
             Some(GenEvent::Failed(message)) => Err(ErrorMessage::new(ErrorCode::Internal, message)),
+            // The worker here went away: the asking node resumes the request elsewhere.
+            Some(GenEvent::Lost(message)) => {
+                Err(ErrorMessage::new(ErrorCode::Unavailable, message))
+            }
             None => Err(ErrorMessage::new(
-                ErrorCode::Internal,
+                ErrorCode::Unavailable,
                 "the worker went away mid-request",
             )),
         };

@@ -65,6 +65,10 @@ pub struct Serving {
     /// Requests decoded here by how their prefill ended (`kvfleet_disagg_prefill_total`).
     outcomes: Family<[(&'static str, &'static str); 1], Counter>,
     prefill_served: Counter,
+    /// Legs lost mid-request and resumed elsewhere (`kvfleet_request_migrations_total`).
+    migrated: Counter,
+    /// Legs cut off for sending what their request did not ask for.
+    refused_legs: Counter,
     next_transfer: AtomicU64,
     options: TransferOptions,
     timeouts: Timeouts,
@@ -79,6 +83,8 @@ impl Serving {
             transfers: Arc::new(Transfers::default()),
             outcomes: Family::default(),
             prefill_served: Counter::default(),
+            migrated: Counter::default(),
+            refused_legs: Counter::default(),
             next_transfer: AtomicU64::new(0),
             options: TransferOptions::default(),
             timeouts: Timeouts::default(),
@@ -120,7 +126,23 @@ impl Serving {
             "Prefill legs this node's prefill workers ran for other nodes' decode workers",
             self.prefill_served.clone(),
         );
+        registry.register(
+            "kvfleet_request_migrations",
+            "Request legs lost mid-request (worker exit, broken stream, drain deadline) and \
+             resumed on another worker after the tokens already delivered",
+            self.migrated.clone(),
+        );
+        registry.register(
+            "kvfleet_request_legs_refused",
+            "Request legs cut off for sending more than their request asked for",
+            self.refused_legs.clone(),
+        );
         self.transfers.register_metrics(registry);
+    }
+
+    /// Legs resumed elsewhere so far.
+    pub fn migrations(&self) -> u64 {
+        self.migrated.get()
     }
 
     /// A name for a transfer of `request_id`, unique among this node's transfers (where it is
@@ -148,81 +170,123 @@ impl FleetBackend {
     pub fn new(serving: Arc<Serving>, fleet: Arc<FleetRouter>) -> Self {
         Self { serving, fleet }
     }
+}
 
-    /// The serving plan of `request`: the router's picks, with where they run as this node
-    /// reaches them. `None`: no plan (the pool chooses).
-    fn plan(&self, request: &GenerateRequest) -> Option<Plan> {
-        if request.block_hashes.is_empty() {
-            return None;
-        }
-        let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
-        let planned = self
-            .fleet
-            .plan(&request.model, &request.block_hashes, prompt_tokens)?;
-        let peer = &self.serving.peer;
-        let endpoint = peer.endpoint();
-        let decode_target = match (&planned.decode.target, &endpoint) {
-            (Target::Remote { node, addr }, Some(_)) => Target::Remote {
-                node: *node,
-                addr: *addr,
-            },
-            // Without this node's endpoint up, the decode worker's node cannot be reached: the
-            // request runs here (the pool does not know the worker and chooses).
-            _ => Target::Local,
-        };
-        let mut unused = Vec::new();
-        let prefill = planned.prefill.and_then(|pick| {
-            let (node, addr) = match &pick.target {
-                Target::Remote { node, addr } => (*node, addr.to_string()),
-                // As the fleet directory advertises this node, so that the decode node
-                // reaches it; without this node's endpoint up, the decode worker prefills.
-                Target::Local => match (&endpoint, peer.advertised()) {
-                    (Some(endpoint), Some(advertised)) => (endpoint.node_id(), advertised),
-                    _ => {
-                        unused.push(pick.decision.request);
-                        return None;
-                    }
-                },
-            };
-            Some(PrefillPick {
-                worker: pick.decision.worker,
-                node,
-                addr,
-                hold: Some(pick.decision.request),
-            })
-        });
-        let deadline = planned.policy.map_or(DEFAULT_PREFILL_TIMEOUT, |p| {
-            Duration::from_millis(u64::from(p.prefill_timeout_ms))
-        });
-        Some(Plan {
-            decode: Some(Pick {
-                worker: planned.decode.decision.worker,
-                role: planned.decode.role,
-                target: decode_target,
-                hold: Some(planned.decode.decision.request),
-            }),
-            prefill,
-            prefill_deadline: deadline,
-            unused,
-        })
+/// The serving plan of `request`: the router's picks, with where they run as this node reaches
+/// them. `None`: no plan (the pool chooses).
+pub(super) fn plan_request(
+    serving: &Serving,
+    fleet: &FleetRouter,
+    request: &GenerateRequest,
+) -> Option<Plan> {
+    if request.block_hashes.is_empty() {
+        return None;
     }
+    let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
+    let planned = fleet.plan(&request.model, &request.block_hashes, prompt_tokens)?;
+    let peer = &serving.peer;
+    let endpoint = peer.endpoint();
+    let decode_target = match (&planned.decode.target, &endpoint) {
+        (Target::Remote { node, addr }, Some(_)) => Target::Remote {
+            node: *node,
+            addr: *addr,
+        },
+        // Without this node's endpoint up, the decode worker's node cannot be reached: the
+        // request runs here (the pool does not know the worker and chooses).
+        _ => Target::Local,
+    };
+    let mut unused = Vec::new();
+    let prefill = planned.prefill.and_then(|pick| {
+        let (node, addr) = match &pick.target {
+            Target::Remote { node, addr } => (*node, addr.to_string()),
+            // As the fleet directory advertises this node, so that the decode node
+            // reaches it; without this node's endpoint up, the decode worker prefills.
+            Target::Local => match (&endpoint, peer.advertised()) {
+                (Some(endpoint), Some(advertised)) => (endpoint.node_id(), advertised),
+                _ => {
+                    unused.push(pick.decision.request);
+                    return None;
+                }
+            },
+        };
+        Some(PrefillPick {
+            worker: pick.decision.worker,
+            node,
+            addr,
+            hold: Some(pick.decision.request),
+        })
+    });
+    let deadline = planned.policy.map_or(DEFAULT_PREFILL_TIMEOUT, |p| {
+        Duration::from_millis(u64::from(p.prefill_timeout_ms))
+    });
+    Some(Plan {
+        decode: Some(Pick {
+            worker: planned.decode.decision.worker,
+            role: planned.decode.role,
+            target: decode_target,
+            hold: Some(planned.decode.decision.request),
+        }),
+        prefill,
+        prefill_deadline: deadline,
+        unused,
+        migration_limit: planned.migration_limit,
+    })
 }
 
 impl Backend for FleetBackend {
     fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
-        match self.plan(&request) {
-            None => self.serving.local.submit(request),
-            Some(plan) => driver::Driver::start(
-                self.serving.clone(),
-                Some(self.fleet.clone()),
-                request,
-                plan,
-            ),
-        }
+        // Without a plan the pool chooses; the driver still migrates what its worker loses.
+        let plan = plan_request(&self.serving, &self.fleet, &request).unwrap_or_else(|| Plan {
+            migration_limit: self.fleet.migration_limit(&request.model),
+            ..Plan::local()
+        });
+        driver::Driver::start(
+            self.serving.clone(),
+            Some(self.fleet.clone()),
+            request,
+            plan,
+        )
     }
 
     fn workers(&self) -> Vec<WorkerStatus> {
         self.serving.local.workers()
+    }
+}
+
+/// The frontend's backend on a standalone node (and a fleet node that does not forward): this
+/// node's pool chooses each request's worker, and the driver resumes a request whose worker
+/// was lost on another worker of the pool (at most `migration_limit` times).
+#[derive(Debug)]
+pub struct PoolBackend {
+    serving: Arc<Serving>,
+    migration_limit: u32,
+}
+
+impl PoolBackend {
+    /// Serving through `serving`'s pool, migrating at most `migration_limit` times.
+    pub fn new(serving: Arc<Serving>, migration_limit: u32) -> Self {
+        Self {
+            serving,
+            migration_limit,
+        }
+    }
+}
+
+impl Backend for PoolBackend {
+    fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
+        let plan = Plan {
+            migration_limit: self.migration_limit,
+            ..Plan::local()
+        };
+        driver::Driver::start(self.serving.clone(), None, request, plan)
+    }
+
+    fn workers(&self) -> Vec<WorkerStatus> {
+        self.serving.local.workers()
+    }
+
+    fn kv_layout(&self, worker: kvfleet_proto::WorkerId) -> Option<kvfleet_proto::KvLayout> {
+        self.serving.local.kv_layout(worker)
     }
 }
 
@@ -243,6 +307,8 @@ fn decode_leg_plan(
         prefill: Some(prefill),
         prefill_deadline: deadline,
         unused: Vec::new(),
+        // The node that forwarded it owns the client's stream and migrates a lost leg.
+        migration_limit: 0,
     }
 }
 

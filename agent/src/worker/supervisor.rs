@@ -101,7 +101,7 @@ impl Conn {
             Err(_) => Vec::new(),
         };
         for (_, p) in pending {
-            let _ = p.events.send(GenEvent::Failed(message.to_owned()));
+            let _ = p.events.send(GenEvent::Lost(message.to_owned()));
         }
     }
 

@@ -703,6 +703,7 @@ pub async fn fleet_directory(
             model: row.try_get("model")?,
             mode: rows::text(&row, "mode")?,
             disaggregation: rows::disaggregation(&row)?,
+            migration_limit: kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT,
         })
     })
     .fetch_all(&mut *conn)

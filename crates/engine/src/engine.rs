@@ -156,6 +156,14 @@ pub enum SubmitError {
     /// The prompt has no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// `generated_in_prompt` says the whole prompt (or more) was generated: no original prompt left.
+    #[error("generated_in_prompt {generated_in_prompt} leaves nothing of a prompt of {prompt_tokens} tokens")]
+    GeneratedInPromptTooLong {
+        /// The claimed earlier output.
+        generated_in_prompt: u32,
+        /// Prompt length.
+        prompt_tokens: usize,
+    },
     /// A sampling parameter is out of range.
     #[error(transparent)]
     InvalidSampling(#[from] InvalidSampling),

@@ -529,7 +529,8 @@ impl Executor for MockExecutor {
             let digest = *self
                 .digests
                 .entry(seq.request)
-                .or_insert_with(|| prompt_digest(seq.prompt));
+                // Keyed on the original prompt: a resumed request continues what it began.
+                .or_insert_with(|| prompt_digest(seq.sampling.original_prompt(seq.prompt)));
             let position = seq.start_pos + seq.tokens.len();
             outputs.push(StepOutput {
                 request: seq.request,

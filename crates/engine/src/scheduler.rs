@@ -322,6 +322,12 @@ impl<E: Executor> Scheduler<E> {
             return Err(SubmitError::EmptyPrompt);
         }
         request.sampling.validate()?;
+        if request.sampling.generated_in_prompt as usize >= prompt_tokens {
+            return Err(SubmitError::GeneratedInPromptTooLong {
+                generated_in_prompt: request.sampling.generated_in_prompt,
+                prompt_tokens,
+            });
+        }
         if let Some(vocab_size) = self.executor.vocab_size()
             && let Some((position, &token)) = request
                 .prompt

@@ -898,6 +898,46 @@ fn mock_engine_matches_its_documented_tokens_under_preemption() {
 }
 
 #[test]
+fn a_resumed_mock_request_continues_exactly_where_the_unbroken_run_was() {
+    // A migration re-submits the prompt followed by the tokens the client has, with
+    // `generated_in_prompt` saying so: the continuation must be the unbroken run's tail.
+    let profile = MockProfile::default_8b_h100();
+    let mut engine = MockEngine::new(
+        SchedulerConfig::default(),
+        MockExecutor::new(profile.clone()),
+    )
+    .unwrap();
+    let p = prompt(77, 40);
+    let whole = expected_output(&p, 20, profile.vocab_size);
+    for cut in [1, 7, 19] {
+        let mut resumed = p.clone();
+        resumed.extend_from_slice(&whole[..cut]);
+        let sampling = SamplingParams {
+            generated_in_prompt: cut as u32,
+            ..SamplingParams::greedy(20 - cut as u32)
+        };
+        let id = engine
+            .submit(Request::new(resumed, sampling), Duration::ZERO)
+            .unwrap();
+        let mut streams = HashMap::new();
+        run_to_idle(&mut engine, &mut streams);
+        assert_eq!(streams[&id].tokens, whole[cut..], "cut after {cut} tokens");
+    }
+    // A prior output as long as the prompt leaves no prompt: refused at submit.
+    let sampling = SamplingParams {
+        generated_in_prompt: 40,
+        ..SamplingParams::greedy(4)
+    };
+    assert!(matches!(
+        engine.submit(Request::new(p, sampling), Duration::ZERO),
+        Err(SubmitError::GeneratedInPromptTooLong {
+            generated_in_prompt: 40,
+            prompt_tokens: 40
+        })
+    ));
+}
+
+#[test]
 fn disaggregated_prefill_export_import_gives_the_aggregated_output() {
     let p = prompt(80, 30);
     let n = 6;

@@ -1087,6 +1087,20 @@ pub struct FleetModel {
     pub mode: DeploymentMode,
     /// The deployment's policy (meaningful when `mode` is `disaggregated`).
     pub disaggregation: DisaggregationPolicy,
+    /// How many times a request whose worker is lost mid-stream may resume on another.
+    #[serde(default = "default_migration_limit")]
+    pub migration_limit: u32,
+}
+
+/// The `migration_limit` of a deployment that sets none: how many times a request whose worker
+/// (or node) is lost mid-stream resumes on another before it fails.
+pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
+
+/// The most a deployment's `migration_limit` may be.
+pub const MAX_MIGRATION_LIMIT: u32 = 20;
+
+fn default_migration_limit() -> u32 {
+    DEFAULT_MIGRATION_LIMIT
 }
 
 /// One worker in the [`FleetDirectory`].

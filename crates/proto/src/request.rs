@@ -106,6 +106,15 @@ impl SamplingParams {
         }
     }
 
+    /// The original prompt of `prompt`: without its last [`generated_in_prompt`] tokens,
+    /// which an earlier leg of the request generated.
+    ///
+    /// [`generated_in_prompt`]: SamplingParams::generated_in_prompt
+    pub fn original_prompt<'a>(&self, prompt: &'a [u32]) -> &'a [u32] {
+        let keep = prompt.len().saturating_sub(self.generated_in_prompt as usize);
+        &prompt[..keep]
+    }
+
     /// The largest `|logit_bias|` (OpenAI's limit).
     pub const MAX_LOGIT_BIAS: f32 = 100.0;
     /// The largest `|presence_penalty|` and `|frequency_penalty|` (OpenAI's limit).

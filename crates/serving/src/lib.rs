@@ -16,7 +16,23 @@
 //!               └─▶ Forward leg ──(fails before its first token)──▶ Local leg ▶ End
 //!               └─▶ Prefill leg ──(first token, finish, failure or deadline)──▶ CollectTransfer
 //!                                   ──collected(blocks)──▶ Decode leg (or Local leg) ▶ End
+//!
+//!   any Local, Forward or Decode leg ──(lost: worker exit, broken stream, drain deadline)──▶
+//!       Replan(prompt + tokens delivered) ──replanned(pick)──▶ Local or Forward leg that
+//!       resumes after the delivered tokens ▶ … (at most `migration_limit` times)
 //! ```
+//!
+//! Migration: a leg that is *lost* ([`Serve::failed`]: its worker exited, its stream or peer
+//! broke, it missed its drain deadline) does not end the request while the plan's
+//! `migration_limit` allows another try: the machine closes it and asks the driver to plan the
+//! request again ([`Action::Replan`], with the tokens the client already has); the next leg
+//! re-submits the prompt followed by those tokens (`SamplingParams::generated_in_prompt` says how
+//! many), asking only for the tokens still missing, so the client's stream goes on with nothing
+//! repeated or missing and `usage` counts each token once. A leg that cannot start because no
+//! worker is ready ([`Serve::unavailable`]) is tried again every `Timeouts::migration_retry`
+//! for up to `Timeouts::migration_wait`, without spending the limit. A request the worker
+//! refused or failed on its own ([`Serve::refused`]: invalid for the engine, a model error) ends:
+//! trying it elsewhere would fail the same way.
 //!
 //! The router decisions a request holds are released by the machine, never by hand: the
 //! prefill pick at the request's first event (its prefill is over, wherever it ran), the decode
@@ -30,7 +46,7 @@ mod machine;
 #[cfg(test)]
 mod tests;
 
-pub use machine::{Action, End, Leg, LegId, LegStart, PrefillOutcome, Record, Serve};
+pub use machine::{Action, End, Leg, LegId, LegStart, PrefillOutcome, Record, Replan, Serve};
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -102,7 +118,12 @@ pub struct Plan {
     pub prefill_deadline: Duration,
     /// Router decisions made for the request that it will not use (released at the start).
     pub unused: Vec<RequestId>,
+    /// How many times a lost leg may be resumed elsewhere (the deployment's
+    /// `migration_limit`); 0 turns migration off and a lost leg ends with [`End::Lost`].
+    pub migration_limit: u32,
 }
+
+pub use kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT;
 
 impl Plan {
     /// No plan: this node's pool chooses the worker.
@@ -112,6 +133,7 @@ impl Plan {
             prefill: None,
             prefill_deadline: Duration::ZERO,
             unused: Vec::new(),
+            migration_limit: DEFAULT_MIGRATION_LIMIT,
         }
     }
 }
@@ -125,6 +147,11 @@ pub struct Timeouts {
     pub forward_start: Duration,
     /// How long the prefill leg may take to reach the prefill node (capped by the deadline).
     pub prefill_start: Duration,
+    /// How long a migrating request waits for a worker to take it (the only one may be
+    /// restarting) before it fails.
+    pub migration_wait: Duration,
+    /// How often a migrating request that found no ready worker asks again.
+    pub migration_retry: Duration,
 }
 
 impl Default for Timeouts {
@@ -132,6 +159,8 @@ impl Default for Timeouts {
         Self {
             forward_start: Duration::from_secs(2),
             prefill_start: Duration::from_secs(2),
+            migration_wait: Duration::from_secs(30),
+            migration_retry: Duration::from_millis(200),
         }
     }
 }

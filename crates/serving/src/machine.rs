@@ -22,6 +22,9 @@ pub enum Leg {
     Local {
         /// The worker the router picked; `None`: the pool chooses.
         worker: Option<WorkerId>,
+        /// Tokens the client already has (a migrated request): the leg runs the prompt
+        /// followed by them and generates only what is still missing. Empty for a first leg.
+        generated: Vec<u32>,
     },
     /// On the decode worker's node: the whole request, its prefill leg included when
     /// `prefill` is set (that node runs the legs).
@@ -36,6 +39,8 @@ pub enum Leg {
         prefill: Option<PrefillPick>,
         /// The prefill leg's deadline there.
         prefill_deadline: Duration,
+        /// Tokens the client already has, as for [`Leg::Local`].
+        generated: Vec<u32>,
     },
     /// The prefill leg: the prompt on the prefill worker for one token, its KV blocks pushed
     /// to this node as they are computed.
@@ -111,6 +116,22 @@ pub enum Record {
         /// Why.
         reason: String,
     },
+    /// A leg was lost after `tokens` reached the client: the request is planned again and
+    /// resumes after them (the `attempt`th migration).
+    Migrated {
+        /// Which migration this is, from 1.
+        attempt: u32,
+        /// Tokens the client already had.
+        tokens: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A leg sent what the request never asked for (more tokens than `max_tokens`): cut off
+    /// and treated as lost.
+    Refused {
+        /// What it sent.
+        reason: String,
+    },
     /// How the prefill of a disaggregated request ended (with why, for a fallback).
     Prefill {
         /// The outcome.
@@ -129,6 +150,9 @@ pub enum End {
     Finished(FinishReason),
     /// Failed; the message says why.
     Failed(String),
+    /// Its leg was lost and this machine may not migrate it (`migration_limit` 0, as for a leg
+    /// another node planned): whoever asked may resume it elsewhere.
+    Lost(String),
 }
 
 /// What the driver must do next.
@@ -147,8 +171,20 @@ pub enum Action {
     PrefillDone(RequestId),
     /// Count and log this.
     Record(Record),
+    /// Plan the request again (a lost leg): answer with [`Serve::replanned`] before polling
+    /// the next action.
+    Replan(Replan),
     /// The request's last event for the client.
     End(End),
+}
+
+/// What a migration plans for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replan {
+    /// Tokens the client already has: the new leg runs the prompt followed by them.
+    pub tokens: Vec<u32>,
+    /// Workers that lost this request already (the router should not pick them again).
+    pub avoid: Vec<WorkerId>,
 }
 
 /// The router decisions the request still holds.
@@ -161,11 +197,11 @@ struct Held {
 #[derive(Debug)]
 enum State {
     Idle,
-    /// A leg on this node's workers (plain, a fallback, or the decode leg); `planned` when it
-    /// runs on the worker the plan named.
+    /// A leg on this node's workers (plain, a fallback, the decode leg or a migration);
+    /// `worker` when it runs on the worker the router named.
     Local {
         leg: LegId,
-        planned: bool,
+        worker: Option<WorkerId>,
     },
     Forwarding {
         leg: LegId,
@@ -174,6 +210,8 @@ enum State {
         open_by: Option<Duration>,
         /// Whether tokens reached the client (no fallback is possible after that).
         streamed: bool,
+        /// The worker it runs on there.
+        worker: WorkerId,
     },
     Prefilling {
         leg: LegId,
@@ -191,6 +229,12 @@ enum State {
         finish: Option<(FinishReason, u32)>,
         error: Option<String>,
     },
+    /// A lost leg: waiting for the driver's [`Serve::replanned`].
+    Replanning,
+    /// No worker could take the migrated request: asks again at `retry_at`.
+    Waiting {
+        retry_at: Duration,
+    },
     Done,
 }
 
@@ -206,6 +250,15 @@ pub struct Serve {
     actions: VecDeque<Action>,
     /// The role of the worker whose tokens reached the client first, once known.
     first_role: Option<WorkerRole>,
+    /// Every token the client was given, from every leg.
+    delivered: Vec<u32>,
+    /// Migrations so far.
+    migrations: u32,
+    /// Workers that lost this request.
+    avoid: Vec<WorkerId>,
+    /// Until when a migration that finds no ready worker may keep asking; set at the first
+    /// such answer, cleared when a leg delivers.
+    wait_until: Option<Duration>,
 }
 
 /// Tokens a prefill leg asks its worker for.
@@ -227,7 +280,21 @@ impl Serve {
             next_leg: 0,
             actions: VecDeque::new(),
             first_role: None,
+            delivered: Vec::new(),
+            migrations: 0,
+            avoid: Vec::new(),
+            wait_until: None,
         }
+    }
+
+    /// Tokens delivered to the client so far, from every leg.
+    pub fn delivered(&self) -> &[u32] {
+        &self.delivered
+    }
+
+    /// How many times the request was migrated.
+    pub fn migrations(&self) -> u32 {
+        self.migrations
     }
 
     /// Starts the first leg.
@@ -250,19 +317,7 @@ impl Serve {
         }
         match (decode.target, self.plan.prefill.clone()) {
             (Target::Remote { node, addr }, prefill) => {
-                let leg = self.leg(Leg::Forward {
-                    worker: decode.worker,
-                    node,
-                    addr,
-                    prefill,
-                    prefill_deadline: self.plan.prefill_deadline,
-                });
-                self.state = State::Forwarding {
-                    leg,
-                    addr,
-                    open_by: Some(now + self.timeouts.forward_start),
-                    streamed: false,
-                };
+                self.start_forward(decode.worker, node, addr, prefill, now);
             }
             (Target::Local, None) => self.start_local(Some(decode.worker)),
             (Target::Local, Some(pick)) => {
@@ -290,6 +345,7 @@ impl Serve {
             State::Prefilling { open_by, until, .. } => {
                 Some(open_by.map_or(*until, |o| o.min(*until)))
             }
+            State::Waiting { retry_at } => Some(*retry_at),
             _ => None,
         }
     }
@@ -308,9 +364,10 @@ impl Serve {
         match &self.state {
             State::Prefilling { .. } => Some(WorkerRole::Prefill),
             State::Forwarding { .. } if self.plan.prefill.is_some() => Some(WorkerRole::Prefill),
-            State::Forwarding { .. } | State::Local { planned: true, .. } => {
-                self.plan.decode.as_ref().map(|d| d.role)
-            }
+            State::Forwarding { .. }
+            | State::Local {
+                worker: Some(_), ..
+            } => self.plan.decode.as_ref().map(|d| d.role),
             _ => None,
         }
     }
@@ -336,6 +393,19 @@ impl Serve {
         if !self.is_current(leg) {
             return false;
         }
+        let asked = self.prompt.max_tokens as usize;
+        if self.delivered.len() + tokens.len() > asked {
+            let reason = format!(
+                "the leg sent {} tokens after {} of the {asked} asked for",
+                tokens.len(),
+                self.delivered.len()
+            );
+            self.actions.push_back(Action::Record(Record::Refused {
+                reason: reason.clone(),
+            }));
+            self.failed(leg, reason);
+            return false;
+        }
         let role = self.first_role();
         match &mut self.state {
             State::Prefilling { tokens: got, .. } => {
@@ -359,6 +429,8 @@ impl Serve {
         if let Some(role) = role {
             self.first_role.get_or_insert(role);
         }
+        self.delivered.extend_from_slice(tokens);
+        self.wait_until = None;
         self.first_event();
         true
     }
@@ -377,7 +449,10 @@ impl Serve {
         }
     }
 
-    /// `leg` failed (a refusal, a broken stream, a worker that died) before it finished.
+    /// `leg` was lost before it finished: its worker exited, its stream or its peer broke, it
+    /// missed a drain deadline. Before anything reached the client a forward runs here
+    /// instead and a prefill leg's decode worker prefills; otherwise the request migrates
+    /// while its `migration_limit` allows.
     pub fn failed(&mut self, leg: LegId, error: String) {
         if !self.is_current(leg) {
             return;
@@ -387,18 +462,99 @@ impl Serve {
                 addr,
                 streamed: false,
                 ..
-            } => {
+            } if self.can_fall_back() => {
                 let addr = *addr;
                 self.forward_fallback(leg, addr, error);
             }
+            State::Prefilling { .. } => self.prefill_over(None, Some(error)),
             State::Forwarding { addr, .. } => {
-                let message = format!("peer {addr}: {error}");
-                self.end(End::Failed(message));
+                let error = format!("peer {addr}: {error}");
+                self.lost(leg, error);
+            }
+            _ => self.lost(leg, error),
+        }
+    }
+
+    /// `leg`'s worker refused the request or failed on it (invalid for the engine, a model
+    /// error): the request ends, since it would fail the same way elsewhere. A peer's refusal
+    /// before anything reached the client still means a run here, as [`Serve::failed`].
+    pub fn refused(&mut self, leg: LegId, error: String) {
+        if !self.is_current(leg) {
+            return;
+        }
+        match &self.state {
+            State::Forwarding {
+                addr,
+                streamed: false,
+                ..
+            } if self.can_fall_back() => {
+                let addr = *addr;
+                self.forward_fallback(leg, addr, error);
             }
             State::Prefilling { .. } => self.prefill_over(None, Some(error)),
+            State::Forwarding { addr, .. } => {
+                let message = format!("peer {addr}: {error}");
+                self.first_event();
+                self.end(End::Failed(message));
+            }
             _ => {
                 self.first_event();
                 self.end(End::Failed(error));
+            }
+        }
+    }
+
+    /// `leg` could not start: no worker is ready for it. A first leg fails as
+    /// [`Serve::refused`] does (the client is told at once); a migrating request asks again
+    /// every `Timeouts::migration_retry` until `Timeouts::migration_wait` after the first such
+    /// answer, without spending its `migration_limit` (its only worker may be restarting).
+    pub fn unavailable(&mut self, leg: LegId, error: String, now: Duration) {
+        if !self.is_current(leg) {
+            return;
+        }
+        if self.migrations == 0 {
+            return self.refused(leg, error);
+        }
+        if let Some(worker) = self.leg_worker() {
+            self.avoid_worker(worker);
+        }
+        self.release_all();
+        self.actions.push_back(Action::Close(leg));
+        let wait = self.timeouts.migration_wait;
+        let until = *self.wait_until.get_or_insert(now + wait);
+        if now >= until {
+            let message =
+                format!("no worker took the request within {wait:?} of losing its worker: {error}");
+            return self.end(End::Failed(message));
+        }
+        self.state = State::Waiting {
+            retry_at: (now + self.timeouts.migration_retry).min(until),
+        };
+    }
+
+    /// The driver's answer to [`Action::Replan`]: the worker the router picked for the rest of
+    /// the request (`None`: this node's pool chooses).
+    pub fn replanned(&mut self, pick: Option<crate::Pick>, now: Duration) {
+        if !matches!(self.state, State::Replanning) {
+            if let Some(hold) = pick.and_then(|p| p.hold) {
+                self.actions.push_back(Action::Release(hold));
+            }
+            return;
+        }
+        let Some(pick) = pick else {
+            return self.start_local(None);
+        };
+        self.held.decode = pick.hold;
+        if pick.hold.is_some() {
+            self.actions.push_back(Action::Record(match pick.target {
+                Target::Local => Record::RoutedLocal,
+                Target::Remote { .. } => Record::RoutedRemote,
+            }));
+        }
+        match pick.target {
+            Target::Local => self.start_local(Some(pick.worker)),
+            Target::Remote { node, addr } => {
+                self.start_forward(pick.worker, node, addr, None, now);
             }
         }
     }
@@ -414,8 +570,12 @@ impl Serve {
             } if now >= *by => {
                 let (leg, addr) = (*leg, *addr);
                 let error = format!("no answer within {:?}", self.timeouts.forward_start);
-                self.forward_fallback(leg, addr, error);
+                match self.can_fall_back() {
+                    true => self.forward_fallback(leg, addr, error),
+                    false => self.lost(leg, format!("peer {addr}: {error}")),
+                }
             }
+            State::Waiting { retry_at } if now >= *retry_at => self.replan(),
             State::Prefilling {
                 open_by: Some(by),
                 until,
@@ -501,10 +661,7 @@ impl Serve {
             blocks,
             max_tokens: self.prompt.max_tokens - generated,
         });
-        self.state = State::Local {
-            leg,
-            planned: worker.is_some(),
-        };
+        self.state = State::Local { leg, worker };
     }
 
     /// The client went away: every router decision still held is released, nothing more is
@@ -523,12 +680,107 @@ impl Serve {
         id
     }
 
+    /// A leg on this node: the prompt and whatever the client already has.
     fn start_local(&mut self, worker: Option<WorkerId>) {
-        let leg = self.leg(Leg::Local { worker });
-        self.state = State::Local {
+        let generated = self.delivered.clone();
+        let leg = self.leg(Leg::Local { worker, generated });
+        self.state = State::Local { leg, worker };
+    }
+
+    /// A leg forwarded to `worker` on `node`: the prompt and whatever the client already has.
+    fn start_forward(
+        &mut self,
+        worker: WorkerId,
+        node: NodeId,
+        addr: SocketAddr,
+        prefill: Option<PrefillPick>,
+        now: Duration,
+    ) {
+        let leg = self.leg(Leg::Forward {
+            worker,
+            node,
+            addr,
+            prefill,
+            prefill_deadline: self.plan.prefill_deadline,
+            generated: self.delivered.clone(),
+        });
+        self.state = State::Forwarding {
             leg,
-            planned: worker.is_some(),
+            addr,
+            open_by: Some(now + self.timeouts.forward_start),
+            streamed: false,
+            worker,
         };
+    }
+
+    /// Whether a leg failing now may simply run here instead: nothing reached the client and
+    /// nothing was migrated.
+    fn can_fall_back(&self) -> bool {
+        self.delivered.is_empty() && self.migrations == 0
+    }
+
+    /// The worker the current leg runs on, where the machine knows it.
+    fn leg_worker(&self) -> Option<WorkerId> {
+        match &self.state {
+            State::Forwarding { worker, .. } => Some(*worker),
+            State::Local { worker, .. } => *worker,
+            _ => None,
+        }
+    }
+
+    fn avoid_worker(&mut self, worker: WorkerId) {
+        if !self.avoid.contains(&worker) {
+            self.avoid.push(worker);
+        }
+    }
+
+    /// The current leg was lost: the request ends if the client already has all of it,
+    /// migrates if its limit allows, and fails with a message saying so otherwise.
+    fn lost(&mut self, leg: LegId, error: String) {
+        if let Some(worker) = self.leg_worker() {
+            self.avoid_worker(worker);
+        }
+        self.actions.push_back(Action::Close(leg));
+        if self.delivered.len() >= self.prompt.max_tokens as usize {
+            return self.end(End::Finished(FinishReason::Length));
+        }
+        let stopped = self
+            .delivered
+            .last()
+            .is_some_and(|t| self.prompt.stop_token_ids.contains(t));
+        if stopped {
+            return self.end(End::Finished(FinishReason::Stop));
+        }
+        let limit = self.plan.migration_limit;
+        if limit == 0 {
+            self.first_event();
+            return self.end(End::Lost(error));
+        }
+        if self.migrations >= limit {
+            self.first_event();
+            let message = format!(
+                "the request lost its worker {} times, more than this deployment's \
+                 migration_limit ({limit}) allows: {error}",
+                self.migrations + 1
+            );
+            return self.end(End::Failed(message));
+        }
+        self.migrations += 1;
+        self.release_all();
+        self.actions.push_back(Action::Record(Record::Migrated {
+            attempt: self.migrations,
+            tokens: self.delivered.len(),
+            reason: error,
+        }));
+        self.replan();
+    }
+
+    fn replan(&mut self) {
+        self.state = State::Replanning;
+        self.actions.push_back(Action::Replan(Replan {
+            tokens: self.delivered.clone(),
+            avoid: self.avoid.clone(),
+        }));
     }
 
     fn is_current(&self, leg: LegId) -> bool {

@@ -58,6 +58,7 @@ fn plan(decode_target: Target, with_prefill: bool) -> Plan {
         prefill: with_prefill.then(prefill),
         prefill_deadline: DEADLINE,
         unused: Vec::new(),
+        migration_limit: DEFAULT_MIGRATION_LIMIT,
     }
 }
 
@@ -79,6 +80,7 @@ struct Seen {
     prefill_done: Vec<RequestId>,
     records: Vec<Record>,
     ends: Vec<End>,
+    replans: Vec<Replan>,
 }
 
 struct Run {
@@ -109,6 +111,7 @@ impl Run {
                 Action::PrefillDone(id) => seen.prefill_done.push(id),
                 Action::Record(record) => seen.records.push(record),
                 Action::End(end) => seen.ends.push(end),
+                Action::Replan(replan) => seen.replans.push(replan),
             }
         }
     }
@@ -136,6 +139,26 @@ impl Run {
     fn failed(&mut self, error: &str) {
         self.serve.failed(self.id(), error.into());
         self.drain();
+    }
+
+    fn refused(&mut self, error: &str) {
+        self.serve.refused(self.id(), error.into());
+        self.drain();
+    }
+
+    fn unavailable(&mut self, error: &str, at: Duration) {
+        self.serve.unavailable(self.id(), error.into(), at);
+        self.drain();
+    }
+
+    fn replanned(&mut self, pick: Option<Pick>, at: Duration) {
+        self.serve.replanned(pick, at);
+        self.drain();
+    }
+
+    /// Tokens the client received, in order (what the driver passed on).
+    fn client_text(&self) -> Vec<u32> {
+        self.serve.delivered().to_vec()
     }
 
     fn timeout(&mut self, at: Duration) {
@@ -172,7 +195,8 @@ fn a_local_pick_runs_here_and_is_released_at_the_end() {
     assert_eq!(
         run.leg().leg,
         Leg::Local {
-            worker: Some(DECODE_WORKER)
+            worker: Some(DECODE_WORKER),
+            generated: vec![]
         }
     );
     assert!(run.tokens(&[5, 6]));
@@ -186,7 +210,13 @@ fn a_local_pick_runs_here_and_is_released_at_the_end() {
 #[test]
 fn without_a_plan_the_pool_chooses_and_nothing_is_held_or_counted() {
     let mut run = Run::start(Plan::local(), prompt(8));
-    assert_eq!(run.leg().leg, Leg::Local { worker: None });
+    assert_eq!(
+        run.leg().leg,
+        Leg::Local {
+            worker: None,
+            generated: vec![]
+        }
+    );
     assert!(run.seen.records.is_empty());
     assert_eq!(run.serve.first_role(), None, "the pool's worker says");
     run.finished(FinishReason::Stop, 0);
@@ -247,7 +277,13 @@ fn a_peer_that_refuses_before_the_first_token_means_a_local_run() {
         addr: peer_addr(),
         reason: "unavailable: no ready worker".into()
     }));
-    assert_eq!(run.leg().leg, Leg::Local { worker: None });
+    assert_eq!(
+        run.leg().leg,
+        Leg::Local {
+            worker: None,
+            generated: vec![]
+        }
+    );
     // The dead leg's late events change nothing.
     assert!(!run.serve.tokens(forward, &[1]));
     run.serve.finished(forward, FinishReason::Length, 0);
@@ -269,39 +305,305 @@ fn a_peer_that_does_not_answer_in_time_means_a_local_run() {
         &run.seen.records[1],
         Record::ForwardFallback { reason, .. } if reason.contains("no answer within 2s")
     ));
-    assert_eq!(run.leg().leg, Leg::Local { worker: None });
+    assert_eq!(
+        run.leg().leg,
+        Leg::Local {
+            worker: None,
+            generated: vec![]
+        }
+    );
     run.assert_released(&[DECODE_HOLD]);
-    run.failed("worker 3 is gone");
-    run.assert_ended(End::Failed("worker 3 is gone".into()));
+    run.refused("prompt longer than the context");
+    run.assert_ended(End::Failed("prompt longer than the context".into()));
     run.assert_released(&[DECODE_HOLD]);
 }
 
 #[test]
-fn a_forwarded_request_whose_worker_dies_after_the_first_token_fails() {
+fn a_forwarded_request_whose_node_dies_after_the_first_token_migrates() {
     let mut run = Run::start(plan(remote(), false), prompt(8));
-    run.serve.opened(run.id());
+    let forward = run.id();
+    run.serve.opened(forward);
     assert!(run.tokens(&[5]));
     run.failed("the serving node closed the stream before the finish");
-    run.assert_ended(End::Failed(
-        "peer 127.0.0.1:7500: the serving node closed the stream before the finish".into(),
-    ));
+    assert_eq!(run.seen.closed, vec![forward]);
     run.assert_released(&[DECODE_HOLD]);
-    assert_eq!(run.seen.started.len(), 1, "no replay of streamed tokens");
+    assert_eq!(
+        run.seen.replans,
+        vec![Replan {
+            tokens: vec![5],
+            avoid: vec![DECODE_WORKER]
+        }]
+    );
+    assert!(run.seen.records.contains(&Record::Migrated {
+        attempt: 1,
+        tokens: 1,
+        reason: "peer 127.0.0.1:7500: the serving node closed the stream before the finish".into()
+    }));
+    // The router now picks a worker here, holding a new decision.
+    let again = Pick {
+        worker: WorkerId(11),
+        role: WorkerRole::Aggregated,
+        target: Target::Local,
+        hold: Some(RequestId(30)),
+    };
+    run.replanned(Some(again), T0);
+    assert_eq!(
+        run.leg().leg,
+        Leg::Local {
+            worker: Some(WorkerId(11)),
+            generated: vec![5]
+        }
+    );
+    // The dead leg's late tokens are not the client's.
+    assert!(!run.serve.tokens(forward, &[9]));
+    assert!(run.tokens(&[6, 7]));
+    run.finished(FinishReason::Length, 0);
+    assert_eq!(run.client_text(), vec![5, 6, 7]);
+    run.assert_released(&[DECODE_HOLD, RequestId(30)]);
+    run.assert_ended(End::Finished(FinishReason::Length));
+    assert_eq!(run.serve.migrations(), 1);
 }
 
 #[test]
-fn a_local_worker_that_dies_before_or_after_the_first_token_fails_the_request() {
-    for tokens_first in [false, true] {
+fn a_local_worker_lost_before_or_after_the_first_token_is_resumed_with_what_the_client_has() {
+    for first in [vec![], vec![5], vec![5, 6, 7]] {
         let mut run = Run::start(plan(Target::Local, false), prompt(8));
-        if tokens_first {
-            assert!(run.tokens(&[5]));
+        if !first.is_empty() {
+            assert!(run.tokens(&first));
         }
         run.failed("worker 7 failed: the worker process exited");
-        run.assert_ended(End::Failed(
-            "worker 7 failed: the worker process exited".into(),
-        ));
         run.assert_released(&[DECODE_HOLD]);
+        assert!(run.seen.ends.is_empty(), "not the end: {:?}", run.seen.ends);
+        assert_eq!(
+            run.seen.replans,
+            vec![Replan {
+                tokens: first.clone(),
+                avoid: vec![DECODE_WORKER]
+            }]
+        );
+        // No router pick: the pool chooses; the leg resumes after what the client has.
+        run.replanned(None, T0);
+        assert_eq!(
+            run.leg().leg,
+            Leg::Local {
+                worker: None,
+                generated: first.clone()
+            }
+        );
+        let rest: Vec<u32> = (100..100 + 8 - first.len() as u32).collect();
+        assert!(run.tokens(&rest));
+        run.finished(FinishReason::Length, 0);
+        let whole: Vec<u32> = first.iter().copied().chain(rest).collect();
+        assert_eq!(
+            run.client_text(),
+            whole,
+            "nothing repeated, nothing missing"
+        );
+        run.assert_ended(End::Finished(FinishReason::Length));
     }
+}
+
+#[test]
+fn a_request_that_keeps_losing_its_worker_fails_once_its_migration_limit_is_spent() {
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert!(run.tokens(&[5]));
+    for attempt in 1..=DEFAULT_MIGRATION_LIMIT {
+        run.failed("worker exited");
+        assert_eq!(run.seen.replans.len(), attempt as usize);
+        run.replanned(None, T0);
+        assert!(run.tokens(&[5 + attempt]));
+    }
+    run.failed("worker exited");
+    run.assert_ended(End::Failed(
+        "the request lost its worker 4 times, more than this deployment's migration_limit (3) \
+         allows: worker exited"
+            .into(),
+    ));
+    run.assert_released(&[DECODE_HOLD]);
+    assert_eq!(run.client_text(), vec![5, 6, 7, 8]);
+}
+
+#[test]
+fn without_migration_a_lost_leg_ends_lost_for_whoever_asked() {
+    let mut plan = plan(Target::Local, false);
+    plan.migration_limit = 0;
+    let mut run = Run::start(plan, prompt(8));
+    assert!(run.tokens(&[5]));
+    run.failed("worker exited");
+    run.assert_ended(End::Lost("worker exited".into()));
+    assert!(run.seen.replans.is_empty());
+}
+
+#[test]
+fn a_refusal_by_the_worker_is_not_migrated() {
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert!(run.tokens(&[5]));
+    run.refused("model error: NaN in the logits");
+    run.assert_ended(End::Failed("model error: NaN in the logits".into()));
+    assert!(run.seen.replans.is_empty());
+    run.assert_released(&[DECODE_HOLD]);
+}
+
+#[test]
+fn a_leg_lost_after_the_client_has_everything_just_ends() {
+    // max_tokens reached before the finish arrived.
+    let mut run = Run::start(plan(Target::Local, false), prompt(2));
+    assert!(run.tokens(&[5, 6]));
+    run.failed("worker exited");
+    run.assert_ended(End::Finished(FinishReason::Length));
+    // A stop token was the last thing delivered.
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert!(run.tokens(&[5, 2]));
+    run.failed("worker exited");
+    run.assert_ended(End::Finished(FinishReason::Stop));
+    assert!(run.seen.replans.is_empty());
+}
+
+#[test]
+fn a_migration_that_finds_no_ready_worker_waits_for_one_without_spending_its_limit() {
+    let timeouts = Timeouts::default();
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert!(run.tokens(&[5]));
+    run.failed("worker exited");
+    run.replanned(None, T0);
+    let leg = run.id();
+    run.unavailable("no ready worker serves model \"m\"", T0);
+    assert_eq!(run.seen.closed.last(), Some(&leg));
+    assert_eq!(
+        run.serve.poll_timeout(),
+        Some(T0 + timeouts.migration_retry)
+    );
+    run.timeout(T0 + timeouts.migration_retry);
+    assert_eq!(run.seen.replans.len(), 2, "asks again");
+    // The only worker restarted: the pool takes it.
+    run.replanned(None, T0 + timeouts.migration_retry);
+    assert!(run.tokens(&[6]));
+    assert_eq!(run.serve.migrations(), 1, "waiting spent nothing");
+    run.finished(FinishReason::Length, 0);
+    assert_eq!(run.client_text(), vec![5, 6]);
+    // Nobody comes back within the wait: a clear error.
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert!(run.tokens(&[5]));
+    run.failed("worker exited");
+    let mut now = T0;
+    while run.seen.ends.is_empty() {
+        run.replanned(None, now);
+        run.unavailable("no ready worker", now);
+        now = run.serve.poll_timeout().unwrap_or(now);
+        run.timeout(now);
+    }
+    assert!(now <= T0 + timeouts.migration_wait);
+    assert!(matches!(&run.seen.ends[0],
+        End::Failed(m) if m.contains("no worker took the request within 30s")));
+}
+
+#[test]
+fn a_first_leg_with_no_ready_worker_fails_at_once() {
+    let mut run = Run::start(Plan::local(), prompt(8));
+    run.unavailable("no ready worker", T0);
+    run.assert_ended(End::Failed("no ready worker".into()));
+}
+
+#[test]
+fn a_migration_to_another_node_forwards_the_delivered_tokens_and_a_dead_peer_migrates_again() {
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert!(run.tokens(&[5, 6]));
+    run.failed("worker exited");
+    let there = Pick {
+        worker: WorkerId(12),
+        role: WorkerRole::Aggregated,
+        target: remote(),
+        hold: Some(RequestId(31)),
+    };
+    run.replanned(Some(there), T0);
+    let Leg::Forward {
+        worker,
+        generated,
+        prefill,
+        ..
+    } = &run.leg().leg
+    else {
+        panic!("a forward: {:?}", run.leg());
+    };
+    assert_eq!(
+        (*worker, generated.clone(), prefill.clone()),
+        (WorkerId(12), vec![5, 6], None)
+    );
+    // It does not answer: no local fallback (tokens were streamed) but another migration.
+    run.timeout(T0 + Duration::from_secs(2));
+    assert_eq!(
+        run.seen.replans.last(),
+        Some(&Replan {
+            tokens: vec![5, 6],
+            avoid: vec![DECODE_WORKER, WorkerId(12)]
+        })
+    );
+    assert_eq!(run.serve.migrations(), 2);
+    run.replanned(None, T0 + Duration::from_secs(2));
+    assert!(run.tokens(&[7]));
+    run.finished(FinishReason::Stop, 0);
+    run.assert_released(&[DECODE_HOLD, RequestId(31)]);
+    assert_eq!(run.client_text(), vec![5, 6, 7]);
+}
+
+#[test]
+fn a_leg_that_sends_more_than_was_asked_is_refused_counted_and_migrated() {
+    let mut run = Run::start(plan(Target::Local, false), prompt(3));
+    assert!(run.tokens(&[5]));
+    assert!(!run.tokens(&[6, 7, 8]), "never reaches the client");
+    assert!(
+        run.seen
+            .records
+            .iter()
+            .any(|r| matches!(r, Record::Refused { .. }))
+    );
+    assert_eq!(run.seen.replans.len(), 1);
+    run.replanned(None, T0);
+    assert!(run.tokens(&[6, 7]));
+    run.finished(FinishReason::Length, 0);
+    assert_eq!(run.client_text(), vec![5, 6, 7]);
+}
+
+#[test]
+fn a_decode_leg_lost_after_a_prefill_leg_resumes_with_every_delivered_token() {
+    let mut run = disaggregated(8);
+    assert!(run.tokens(&[5]));
+    run.finished(FinishReason::Length, 4);
+    run.collected(4);
+    assert!(run.tokens(&[6]));
+    run.failed("worker 7 failed");
+    assert_eq!(
+        run.seen.replans,
+        vec![Replan {
+            tokens: vec![5, 6],
+            avoid: vec![DECODE_WORKER]
+        }]
+    );
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
+    run.replanned(None, T0);
+    assert!(run.tokens(&[7]));
+    run.finished(FinishReason::Length, 0);
+    assert_eq!(run.client_text(), vec![5, 6, 7]);
+}
+
+#[test]
+fn a_client_that_goes_away_during_a_migration_leaves_nothing_held() {
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    assert!(run.tokens(&[5]));
+    run.failed("worker exited");
+    run.serve.abort();
+    run.drain();
+    // A late answer to the replan is released, not started.
+    let late = Pick {
+        worker: WorkerId(11),
+        role: WorkerRole::Aggregated,
+        target: Target::Local,
+        hold: Some(RequestId(33)),
+    };
+    run.replanned(Some(late), T0);
+    run.assert_released(&[DECODE_HOLD, RequestId(33)]);
+    assert_eq!(run.seen.started.len(), 1);
+    assert_eq!(run.serve.poll_timeout(), None);
 }
 
 /// A disaggregated request on its decode node, up to its prefill leg's first token.
@@ -372,7 +674,8 @@ fn a_refused_or_dead_prefill_leg_before_its_first_token_means_a_local_prefill() 
         assert_eq!(
             run.leg().leg,
             Leg::Local {
-                worker: Some(DECODE_WORKER)
+                worker: Some(DECODE_WORKER),
+                generated: vec![]
             }
         );
         assert_eq!(run.serve.first_role(), Some(WorkerRole::Decode));
@@ -392,7 +695,8 @@ fn a_prefill_node_that_does_not_answer_in_time_means_a_local_prefill() {
     assert_eq!(
         run.leg().leg,
         Leg::Local {
-            worker: Some(DECODE_WORKER)
+            worker: Some(DECODE_WORKER),
+            generated: vec![]
         }
     );
 }
@@ -435,9 +739,9 @@ fn a_prefill_worker_that_dies_after_its_first_token_leaves_the_blocks_it_sent() 
             .any(prefill_record(PrefillOutcome::FallbackAfterFirstToken, 1))
     );
     assert!(matches!(run.leg().leg, Leg::Decode { blocks: 1, .. }));
-    // Then the decode worker dies too: the request fails, with everything released.
+    // Then the decode worker refuses it: the request fails, with everything released.
     assert!(run.tokens(&[6]));
-    run.failed("worker 7 failed");
+    run.refused("worker 7 failed");
     run.assert_ended(End::Failed("worker 7 failed".into()));
     run.assert_released(&[PREFILL_HOLD, DECODE_HOLD]);
 }
