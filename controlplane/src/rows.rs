@@ -106,6 +106,7 @@ pub(crate) fn deployment(row: PgRow) -> Result<Deployment, sqlx::Error> {
         planner: text(&row, "planner")?,
         placement: row.try_get::<Json<_>, _>("placement")?.0,
         disaggregation: disaggregation(&row)?,
+        migration_limit: migration_limit(&row)?,
         generation: row.try_get("generation")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -123,6 +124,15 @@ fn role_bounds(row: &PgRow) -> Result<RoleWorkerBounds, sqlx::Error> {
     Ok(RoleWorkerBounds {
         prefill: pair("min_prefill_workers", "max_prefill_workers")?,
         decode: pair("min_decode_workers", "max_decode_workers")?,
+    })
+}
+
+/// A deployment row's `migration_limit` (the schema bounds it to 0..=20).
+pub(crate) fn migration_limit(row: &PgRow) -> Result<u32, sqlx::Error> {
+    let value: i32 = row.try_get("migration_limit")?;
+    u32::try_from(value).map_err(|e| sqlx::Error::ColumnDecode {
+        index: "migration_limit".to_owned(),
+        source: Box::new(e),
     })
 }
 
@@ -196,7 +206,7 @@ pub(crate) const DEPLOYMENT_COLUMNS: &str =
     d.itl_target_ms, d.sla_percentile, d.min_workers, d.max_workers, d.min_prefill_workers,
     d.max_prefill_workers, d.min_decode_workers, d.max_decode_workers, d.planner, d.placement,
     d.min_remote_prefill_tokens, d.max_prefill_queue_tokens, d.prefill_timeout_ms,
-    d.generation, d.created_at, d.updated_at";
+    d.migration_limit, d.generation, d.created_at, d.updated_at";
 
 /// Every deployment with its model's name, in id order.
 pub(crate) fn sql_select_deployments() -> sqlx::AssertSqlSafe<String> {

@@ -673,6 +673,7 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
     .await;
     assert_eq!(plain.status, StatusCode::CREATED, "{plain:?}");
     assert_eq!(plain.body["disaggregation"], defaults);
+    assert_eq!(plain.body["migration_limit"], 3, "the default");
 
     // A PATCH replaces the policy (absent keys take their defaults), bumps the generation and
     // is audited with the policy before and after.
@@ -698,6 +699,61 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
     .unwrap();
     assert_eq!(before["disaggregation"]["prefill_timeout_ms"], 100);
     assert_eq!(after["disaggregation"], policy);
+    // The migration limit: patched and audited like the rest; out of range refused, named.
+    let limited = call(
+        Method::PATCH,
+        &server.url(&format!("/deployments/{split}")),
+        Some(&operator),
+        Some(&json!({"migration_limit": 0})),
+    )
+    .await;
+    assert_eq!(limited.status, StatusCode::OK, "{limited:?}");
+    assert_eq!(limited.body["migration_limit"], 0);
+    assert_eq!(limited.body["disaggregation"], policy);
+    let (before, after): (Value, Value) = sqlx::query_as(
+        "SELECT before, after FROM audit_log WHERE action = 'deployment.update' AND target_id = $1
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(&split)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (&before["migration_limit"], &after["migration_limit"]),
+        (&json!(3), &json!(0))
+    );
+    let too_many = call(
+        Method::PATCH,
+        &server.url(&format!("/deployments/{split}")),
+        Some(&operator),
+        Some(&json!({"migration_limit": 21})),
+    )
+    .await;
+    assert_eq!(
+        too_many.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{too_many:?}"
+    );
+    assert_eq!(
+        too_many.body["invalid_params"][0]["name"],
+        "migration_limit"
+    );
+    let created_bad = post(
+        &server,
+        "/deployments",
+        &operator,
+        json!({"name": "eager", "model": "plain-model", "min_workers": 0, "migration_limit": 99}),
+    )
+    .await;
+    assert_eq!(
+        created_bad.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{created_bad:?}"
+    );
+    assert_eq!(
+        created_bad.body["invalid_params"][0]["name"],
+        "migration_limit"
+    );
     // A PATCH of another field keeps the policy; a bad one names the field and changes nothing.
     let other = call(
         Method::PATCH,
@@ -721,7 +777,7 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
     );
     let now = get(&server, &format!("/deployments/{split}"), &operator).await;
     assert_eq!(now.body["disaggregation"], policy);
-    assert_eq!(now.body["generation"], generation + 2);
+    assert_eq!(now.body["generation"], generation + 3);
 
     // A row written without the policy columns (as before migration 0004) reads as defaults.
     let model: uuid::Uuid = sqlx::query_scalar("SELECT id FROM models WHERE name = 'plain-model'")
@@ -745,6 +801,10 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
             .execute(&pool)
             .await;
     assert!(refused.is_err(), "{refused:?}");
+    let refused = sqlx::query("UPDATE deployments SET migration_limit = 21 WHERE name = 'legacy'")
+        .execute(&pool)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
 
     // Agents see each model's mode and policy in the fleet directory.
     let (_, agent, _) = register(&server, &join, "gpu-a", 0).await;
@@ -755,8 +815,10 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
     assert_eq!(
         models,
         vec![
-            json!({"model": "plain-model", "mode": "aggregated", "disaggregation": defaults}),
-            json!({"model": "split-model", "mode": "disaggregated", "disaggregation": policy}),
+            json!({"model": "plain-model", "mode": "aggregated", "disaggregation": defaults,
+                   "migration_limit": 3}),
+            json!({"model": "split-model", "mode": "disaggregated", "disaggregation": policy,
+                   "migration_limit": 0}),
         ]
     );
     server.stop().await;

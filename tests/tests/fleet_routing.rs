@@ -19,12 +19,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 use kvfleet_agent::fleet::Target;
-use kvfleet_controlplane::auth::Role;
 use kvfleet_peer::{GenerateEvent, PeerConfig, PeerEndpoint, PeerIdentity};
 use kvfleet_proto::hash::{BlockSize, sequence_hashes};
 use kvfleet_proto::{NodeId, SamplingParams, Tier, WorkerId};
@@ -39,20 +37,6 @@ const SETUP: AgentSetup = AgentSetup {
     mock_token_time_us: 10_000,
     peer_on_loopback: true,
 };
-
-/// The worker ids of `agent`'s pool.
-fn worker_ids(agent: &Agent) -> Vec<WorkerId> {
-    use kvfleet_agent::backend::Backend as _;
-    agent.running.pool.workers().iter().map(|w| w.id).collect()
-}
-
-fn fleet(agent: &Agent) -> &kvfleet_agent::fleet::FleetRouter {
-    agent
-        .running
-        .fleet()
-        .map(|f| &*f.router)
-        .expect("control-plane mode has a fleet router")
-}
 
 async fn metrics(agent: &Agent) -> String {
     reqwest::get(format!("http://{}/metrics", agent.addr))
@@ -97,84 +81,10 @@ fn outstanding(agent: &Agent) -> usize {
         .sum()
 }
 
-/// A control plane and three agents, each running one ready mock worker of a three-worker
-/// deployment. `config` may edit agent `k`'s TOML before it starts.
-struct ThreeNodes {
-    db: TestDb,
-    cp: ControlPlane,
-    admin: String,
-    agents: Vec<Agent>,
-    dirs: Vec<PathBuf>,
-    ids: Vec<WorkerId>,
-}
-
-impl ThreeNodes {
-    async fn start(
-        names: [&str; 3],
-        setup: AgentSetup,
-        config: impl Fn(usize, String) -> String,
-    ) -> Option<Self> {
-        let db = TestDb::create().await?;
-        let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
-        let admin = token(&db, Role::Admin).await;
-        let join = token(&db, Role::Join).await;
-        let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
-        let mut agents = Vec::new();
-        for (k, (name, dir)) in names.iter().zip(&dirs).enumerate() {
-            let toml = config(k, Agent::config(name, &cp, &join, dir, setup));
-            agents.push(Agent::launch(name, toml).await);
-        }
-        wait_nodes_healthy(&cp, &admin, &names).await;
-        deploy(&cp, &admin, 3).await;
-        wait_for(
-            "a ready worker on each agent",
-            Duration::from_secs(60),
-            || async { agents.iter().all(|a| a.ready_workers() == 1) },
-        )
-        .await;
-        let ids = agents.iter().map(|a| worker_ids(a)[0]).collect();
-        Some(Self {
-            db,
-            cp,
-            admin,
-            agents,
-            dirs,
-            ids,
-        })
-    }
-
-    async fn stop(self) {
-        for agent in self.agents {
-            agent.stop().await;
-        }
-        self.cp.stop().await;
-        self.db.drop_now().await;
-        for dir in self.dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// Waits until every agent's router knows the two other nodes' workers, ready, with their peer
-/// addresses.
-async fn wait_routers_know_everyone(agents: &[Agent]) {
-    wait_for(
-        "every router to know every worker and peer",
-        Duration::from_secs(20),
-        || async {
-            agents.iter().all(|a| {
-                let remote = fleet(a).remote_workers();
-                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
-            })
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
     let names = ["kvr-node-a", "kvr-node-b", "kvr-node-c"];
-    let Some(nodes) = ThreeNodes::start(names, SETUP, |_, toml| toml).await else {
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await else {
         return;
     };
     let ThreeNodes {
@@ -421,7 +331,7 @@ async fn route_counts(agents: &[Agent]) -> (Vec<BTreeMap<String, u64>>, BTreeMap
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise() {
     let names = ["kvf-node-a", "kvf-node-b", "kvf-node-c"];
-    let Some(nodes) = ThreeNodes::start(names, SETUP, |_, toml| toml).await else {
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await else {
         return;
     };
     let ThreeNodes {
@@ -672,7 +582,7 @@ async fn a_workers_published_load_steers_other_frontends_away_from_it() {
         peer_on_loopback: true,
     };
     let names = ["kvl-node-a", "kvl-node-b", "kvl-node-c"];
-    let started = ThreeNodes::start(names, setup, |k, toml| {
+    let started = ThreeNodes::start(names, LOST_AFTER, setup, |k, toml| {
         if k == 0 {
             // Node a's frontend serves on its own worker only: its clients keep that worker
             // busy where the other nodes' routers cannot see it except through its load.

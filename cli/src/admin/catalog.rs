@@ -46,6 +46,8 @@ POST /api/v1/deployments in TOML:
   min_workers = 1
   max_workers = 4
   planner = "auto"              # off (run min_workers) | advise (record decisions) | auto (act)
+  migration_limit = 3           # 0..=20; times a request whose worker dies mid-stream resumes
+                                # on another worker before it fails (0: never)
   [sla]
   ttft_ms = 500                 # time to first token target
   itl_ms = 50                   # inter-token latency target
@@ -321,6 +323,7 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
                 ("role bounds", role_bounds(&d)),
                 ("placement", placement),
                 ("disaggregation", disaggregation),
+                ("migration limit", d.migration_limit.to_string()),
                 ("generation", d.generation.to_string()),
                 ("updated", output::timestamp(Some(d.updated_at))),
             ])?;

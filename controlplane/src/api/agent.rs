@@ -692,7 +692,7 @@ pub async fn fleet_directory(
     // has prefill workers), under the oldest such deployment's policy.
     let models = sqlx::query(
         "SELECT DISTINCT ON (m.name) m.name AS model, d.mode, d.min_remote_prefill_tokens,
-             d.max_prefill_queue_tokens, d.prefill_timeout_ms
+             d.max_prefill_queue_tokens, d.prefill_timeout_ms, d.migration_limit
          FROM deployments d
          JOIN models m ON m.id = d.model_id
          ORDER BY m.name, d.mode = 'disaggregated' DESC, d.created_at, d.id",
@@ -703,7 +703,7 @@ pub async fn fleet_directory(
             model: row.try_get("model")?,
             mode: rows::text(&row, "mode")?,
             disaggregation: rows::disaggregation(&row)?,
-            migration_limit: kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT,
+            migration_limit: rows::migration_limit(&row)?,
         })
     })
     .fetch_all(&mut *conn)

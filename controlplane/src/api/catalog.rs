@@ -76,6 +76,7 @@ pub struct DeploymentFields {
     pub planner: PlannerMode,
     pub placement: PlacementConstraints,
     pub disaggregation: DisaggregationPolicy,
+    pub migration_limit: u32,
 }
 
 impl DeploymentFields {
@@ -116,6 +117,10 @@ pub fn validate_deployment_fields(fields: &DeploymentFields) -> Vec<InvalidParam
             "min_workers",
             "must not exceed max_workers",
         ));
+    }
+    if let Some((field, reason)) = kvfleet_proto::api::invalid_migration_limit(fields.migration_limit)
+    {
+        problems.push(InvalidParam::new(field, reason));
     }
     for (field, reason) in sla.invalid_fields() {
         problems.push(InvalidParam::new(field, reason));
@@ -327,6 +332,7 @@ pub async fn create_deployment(
         planner: new.planner,
         placement: new.placement.clone(),
         disaggregation: new.disaggregation,
+        migration_limit: new.migration_limit,
     };
     problems.extend(validate_deployment_fields(&fields));
     let Some(model) = model.filter(|_| problems.is_empty()) else {
@@ -338,8 +344,10 @@ pub async fn create_deployment(
         "INSERT INTO deployments (id, name, model_id, mode, ttft_target_ms, itl_target_ms,
              sla_percentile, min_workers, max_workers, min_prefill_workers, max_prefill_workers,
              min_decode_workers, max_decode_workers, planner, placement,
-             min_remote_prefill_tokens, max_prefill_queue_tokens, prefill_timeout_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+             min_remote_prefill_tokens, max_prefill_queue_tokens, prefill_timeout_ms,
+             migration_limit)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+             $19)",
     )
     .bind(id)
     .bind(&new.name)
@@ -359,6 +367,7 @@ pub async fn create_deployment(
     .bind(i64::from(fields.disaggregation.min_remote_prefill_tokens))
     .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
     .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
+    .bind(i64::from(fields.migration_limit))
     .execute(&mut *change)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -394,7 +403,7 @@ pub async fn get_deployment(
 }
 
 /// Change a deployment's mode, SLA targets and percentile, worker bounds (per role too),
-/// planner mode, placement or disaggregation policy (operator+).
+/// planner mode, placement, disaggregation policy or migration limit (operator+).
 #[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, params(("id" = String, Path, description = "The resource id")), tag = "deployments",
     responses((status = 200, body = Deployment), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn update_deployment(
@@ -422,6 +431,7 @@ pub async fn update_deployment(
             .clone()
             .unwrap_or_else(|| before.placement.clone()),
         disaggregation: patch.disaggregation.unwrap_or(before.disaggregation),
+        migration_limit: patch.migration_limit.unwrap_or(before.migration_limit),
     };
     let problems = validate_deployment_fields(&fields);
     if !problems.is_empty() {
@@ -436,7 +446,7 @@ pub async fn update_deployment(
              max_prefill_workers = $9, min_decode_workers = $10, max_decode_workers = $11,
              planner = $12, placement = $13, min_remote_prefill_tokens = $14,
              max_prefill_queue_tokens = $15, prefill_timeout_ms = $16,
-             planner_targets = CASE WHEN $17 THEN planner_targets END,
+             planner_targets = CASE WHEN $17 THEN planner_targets END, migration_limit = $18,
              generation = generation + 1, updated_at = now()
          WHERE id = $1",
     )
@@ -457,6 +467,7 @@ pub async fn update_deployment(
     .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
     .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
     .bind(keep_targets)
+    .bind(i64::from(fields.migration_limit))
     .execute(&mut *change)
     .await?;
     let after = fetch_deployment(&mut change, id, false).await?;
@@ -560,6 +571,7 @@ mod tests {
                 planner: PlannerMode::Off,
                 placement: none.clone(),
                 disaggregation: DisaggregationPolicy::default(),
+                migration_limit: kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT,
             };
             let got: Vec<String> = validate_deployment_fields(&fields)
                 .into_iter()

@@ -463,6 +463,10 @@ pub struct Deployment {
     pub placement: PlacementConstraints,
     /// How prefill is split from decode; ignored (but kept) while `mode` is `aggregated`.
     pub disaggregation: DisaggregationPolicy,
+    /// How many times a request whose worker (or node) is lost mid-stream resumes on another
+    /// worker before it fails, 0..=20 (0: never). Default 3.
+    #[serde(default = "default_migration_limit")]
+    pub migration_limit: u32,
     pub generation: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -561,6 +565,19 @@ pub struct NewDeployment {
     /// Absent: the default policy.
     #[serde(default)]
     pub disaggregation: DisaggregationPolicy,
+    /// Absent: [`DEFAULT_MIGRATION_LIMIT`].
+    #[serde(default = "default_migration_limit")]
+    pub migration_limit: u32,
+}
+
+/// The problem with a deployment's `migration_limit`, if it has one (named as in the JSON body).
+pub fn invalid_migration_limit(limit: u32) -> Option<(&'static str, String)> {
+    (limit > MAX_MIGRATION_LIMIT).then(|| {
+        (
+            "migration_limit",
+            format!("must be between 0 and {MAX_MIGRATION_LIMIT}, not {limit}"),
+        )
+    })
 }
 
 fn default_mode() -> DeploymentMode {
@@ -598,6 +615,8 @@ pub struct DeploymentPatch {
     /// Replaces the whole policy; fields absent from the object take their defaults.
     #[serde(default)]
     pub disaggregation: Option<DisaggregationPolicy>,
+    #[serde(default)]
+    pub migration_limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,4 +1,5 @@
-//! The fleet end-to-end harness shared by `fleet.rs` and `fleet_routing.rs`: a throwaway
+//! The fleet end-to-end harness shared by the fleet tests (`fleet.rs`, `fleet_routing.rs`,
+//! `faults.rs`, ...): a throwaway
 //! database on the `DATABASE_URL` server, a control-plane replica (library `run`), agents in
 //! control-plane mode (library `serve_with`, CPU only, mock workers), and the REST and OpenAI
 //! calls the tests make.
@@ -17,6 +18,7 @@ use kvfleet_agent::systemd::Notifier;
 use kvfleet_agent::worker::WorkerCommand;
 use kvfleet_agent::{Deps, Running};
 use kvfleet_controlplane::auth::Role;
+use kvfleet_proto::WorkerId;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -427,5 +429,94 @@ pub async fn wait_nodes_healthy(cp: &ControlPlane, admin: &str, names: &[&str]) 
                 })
             })
     })
+    .await;
+}
+
+/// The worker ids of `agent`'s pool.
+pub fn worker_ids(agent: &Agent) -> Vec<WorkerId> {
+    use kvfleet_agent::backend::Backend as _;
+    agent.running.pool.workers().iter().map(|w| w.id).collect()
+}
+
+pub fn fleet(agent: &Agent) -> &kvfleet_agent::fleet::FleetRouter {
+    agent
+        .running
+        .fleet()
+        .map(|f| &*f.router)
+        .expect("control-plane mode has a fleet router")
+}
+
+/// A control plane and three agents, each running one ready mock worker of a three-worker
+/// deployment. `config` may edit agent `k`'s TOML before it starts.
+pub struct ThreeNodes {
+    pub db: TestDb,
+    pub cp: ControlPlane,
+    pub admin: String,
+    pub agents: Vec<Agent>,
+    pub dirs: Vec<PathBuf>,
+    pub ids: Vec<WorkerId>,
+}
+
+impl ThreeNodes {
+    pub async fn start(
+        names: [&str; 3],
+        lost_after: Duration,
+        setup: AgentSetup,
+        config: impl Fn(usize, String) -> String,
+    ) -> Option<Self> {
+        let db = TestDb::create().await?;
+        let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), lost_after).await;
+        let admin = token(&db, Role::Admin).await;
+        let join = token(&db, Role::Join).await;
+        let dirs: Vec<PathBuf> = names.iter().map(|n| temp_dir(n)).collect();
+        let mut agents = Vec::new();
+        for (k, (name, dir)) in names.iter().zip(&dirs).enumerate() {
+            let toml = config(k, Agent::config(name, &cp, &join, dir, setup));
+            agents.push(Agent::launch(name, toml).await);
+        }
+        wait_nodes_healthy(&cp, &admin, &names).await;
+        deploy(&cp, &admin, 3).await;
+        wait_for(
+            "a ready worker on each agent",
+            Duration::from_secs(60),
+            || async { agents.iter().all(|a| a.ready_workers() == 1) },
+        )
+        .await;
+        let ids = agents.iter().map(|a| worker_ids(a)[0]).collect();
+        Some(Self {
+            db,
+            cp,
+            admin,
+            agents,
+            dirs,
+            ids,
+        })
+    }
+
+    pub async fn stop(self) {
+        for agent in self.agents {
+            agent.stop().await;
+        }
+        self.cp.stop().await;
+        self.db.drop_now().await;
+        for dir in self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Waits until every agent's router knows the two other nodes' workers, ready, with their peer
+/// addresses.
+pub async fn wait_routers_know_everyone(agents: &[Agent]) {
+    wait_for(
+        "every router to know every worker and peer",
+        Duration::from_secs(20),
+        || async {
+            agents.iter().all(|a| {
+                let remote = fleet(a).remote_workers();
+                remote.len() == 2 && remote.values().all(|w| w.ready && w.peer_addr.is_some())
+            })
+        },
+    )
     .await;
 }

@@ -1,0 +1,360 @@
+//! The fault suite: a real Postgres, a control plane and three agents on loopback (each with
+//! one mock worker of a three-worker deployment), clients streaming chat completions through
+//! every agent throughout, and one part of the fleet killed under that load. Every case asserts
+//! that no client request failed and that every streamed text is complete and correct (equal
+//! to the same prompt's text served before the fault), and prints what it killed, when, how
+//! many requests were in flight and how many were migrated.
+//!
+//! Needs `DATABASE_URL` (`source scripts/lib/common.sh && ensure_test_postgres`); without it
+//! each case prints why and skips.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    unreachable_pub
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// A stopped agent's node is lost (and leaves the routers) within seconds.
+const LOST_AFTER: Duration = Duration::from_secs(2);
+
+/// Tokens take 15 ms: a request of [`MAX_TOKENS`] streams for about a second, so a kill lands
+/// in the middle of many of them.
+const SETUP: AgentSetup = AgentSetup {
+    mock_token_time_us: 15_000,
+    peer_on_loopback: true,
+};
+
+const MAX_TOKENS: u32 = 60;
+
+/// The prompts clients cycle through (distinct, so the router spreads them over the nodes).
+fn prompts() -> Vec<String> {
+    (0..9)
+        .map(|i| {
+            format!(
+                "fault suite prompt number {i}: tell me about node {}",
+                i % 3
+            )
+        })
+        .collect()
+}
+
+/// What one streamed request gave the client.
+#[derive(Debug)]
+enum Outcome {
+    /// Text and completion tokens, ended with `[DONE]`.
+    Done(String, u64),
+    /// Anything else: a status, an error event, a broken stream.
+    Failed(String),
+}
+
+/// One streamed chat completion from `agent`.
+async fn stream(client: &reqwest::Client, agent: SocketAddr, prompt: &str) -> Outcome {
+    let response = client
+        .post(format!("http://{agent}/v1/chat/completions"))
+        .json(&json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": MAX_TOKENS,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await;
+    let response = match response {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return Outcome::Failed(format!("status {}", r.status())),
+        Err(e) => return Outcome::Failed(format!("request: {e}")),
+    };
+    let body = match response.text().await {
+        Ok(body) => body,
+        Err(e) => return Outcome::Failed(format!("stream broke: {e}")),
+    };
+    let mut text = String::new();
+    let mut tokens = 0;
+    let mut done = false;
+    for event in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+        if event == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let Ok(chunk) = serde_json::from_str::<Value>(event) else {
+            return Outcome::Failed(format!("not JSON: {event}"));
+        };
+        if chunk.get("error").is_some() {
+            return Outcome::Failed(format!("error event: {chunk}"));
+        }
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+        }
+        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+            tokens = n;
+        }
+    }
+    match done {
+        true => Outcome::Done(text, tokens),
+        false => Outcome::Failed(format!("no [DONE]: {body}")),
+    }
+}
+
+/// Clients streaming through `agents` until stopped: every outcome, with its prompt.
+struct Load {
+    stop: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(String, Outcome)>>>,
+}
+
+impl Load {
+    /// `per_agent` clients on each of `agents`, each streaming one request after another.
+    fn start(agents: &[SocketAddr], per_agent: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let client = reqwest::Client::new();
+        let prompts = prompts();
+        let mut tasks = Vec::new();
+        for (a, agent) in agents.iter().enumerate() {
+            for c in 0..per_agent {
+                let (stop, in_flight, client) = (stop.clone(), in_flight.clone(), client.clone());
+                let (agent, prompts) = (*agent, prompts.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    let mut k = a * per_agent + c;
+                    while !stop.load(Ordering::Relaxed) {
+                        let prompt = &prompts[k % prompts.len()];
+                        in_flight.fetch_add(1, Ordering::Relaxed);
+                        let outcome = stream(&client, agent, prompt).await;
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                        outcomes.push((prompt.clone(), outcome));
+                        k += 1;
+                    }
+                    outcomes
+                }));
+            }
+        }
+        Self {
+            stop,
+            in_flight,
+            tasks,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    async fn finish(self) -> Vec<(String, Outcome)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for task in self.tasks {
+            all.extend(task.await.unwrap());
+        }
+        all
+    }
+}
+
+/// Each prompt's text and token count, served once before any fault.
+async fn baseline(agent: SocketAddr) -> BTreeMap<String, (String, u64)> {
+    let client = reqwest::Client::new();
+    let mut expected = BTreeMap::new();
+    for prompt in prompts() {
+        match stream(&client, agent, &prompt).await {
+            Outcome::Done(text, tokens) => {
+                assert_eq!(tokens, u64::from(MAX_TOKENS), "{prompt}");
+                expected.insert(prompt, (text, tokens));
+            }
+            Outcome::Failed(why) => panic!("the baseline failed: {why}"),
+        }
+    }
+    expected
+}
+
+/// Requests migrated so far, summed over the agents.
+async fn migrations(agents: &[SocketAddr]) -> f64 {
+    let mut total = 0.0;
+    for agent in agents {
+        let text = reqwest::get(format!("http://{agent}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        total += text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("kvfleet_request_migrations_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+    }
+    total
+}
+
+/// Asserts 0 failed requests and complete, correct text; prints the case's figures.
+fn check(
+    case: &str,
+    killed: &str,
+    at: Duration,
+    in_flight: usize,
+    migrated: f64,
+    outcomes: &[(String, Outcome)],
+    expected: &BTreeMap<String, (String, u64)>,
+) {
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter_map(|(prompt, o)| match o {
+            Outcome::Failed(why) => Some(format!("{prompt}: {why}")),
+            Outcome::Done(..) => None,
+        })
+        .collect();
+    println!(
+        "fault case {case}: killed {killed} at {:.2} s into the load; {in_flight} requests in \
+         flight; {migrated} migrated; {} requests, {} failed",
+        at.as_secs_f64(),
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{case}: failed requests:\n{}",
+        failed.join("\n")
+    );
+    for (prompt, outcome) in outcomes {
+        if let Outcome::Done(text, tokens) = outcome {
+            let (want, want_tokens) = &expected[prompt];
+            assert_eq!(tokens, want_tokens, "{case}: usage of {prompt:?}");
+            assert_eq!(text, want, "{case}: text of {prompt:?}");
+        }
+    }
+}
+
+/// The pid of `agent`'s (only) worker process, once it runs.
+fn worker_pid(agent: &Agent) -> u32 {
+    use kvfleet_agent::backend::Backend as _;
+    agent
+        .running
+        .pool
+        .workers()
+        .iter()
+        .find_map(|w| w.pid)
+        .expect("a running worker")
+}
+
+fn kill_9(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -9 {pid}");
+}
+
+/// Requests `agent`'s worker is generating.
+fn outstanding(agent: &Agent) -> usize {
+    use kvfleet_agent::backend::Backend as _;
+    agent
+        .running
+        .pool
+        .workers()
+        .iter()
+        .map(|w| w.outstanding)
+        .sum()
+}
+
+/// Three nodes serving, their routers knowing each other, and each prompt's unbroken text.
+async fn fleet(names: [&str; 3]) -> Option<(ThreeNodes, BTreeMap<String, (String, u64)>)> {
+    let nodes = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await?;
+    wait_routers_know_everyone(&nodes.agents).await;
+    let expected = baseline(nodes.agents[0].addr).await;
+    Some((nodes, expected))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_a_worker_in_decode_loses_no_request() {
+    let Some((nodes, expected)) = fleet(["fault-dec-a", "fault-dec-b", "fault-dec-c"]).await else {
+        return;
+    };
+    let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
+    let before = migrations(&addrs).await;
+    let load = Load::start(&addrs, 2);
+    let started = Instant::now();
+    // Once node b's worker is decoding requests (its own and forwarded ones), kill it.
+    wait_for("node b's worker busy", Duration::from_secs(10), || async {
+        outstanding(&nodes.agents[1]) >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let at = started.elapsed();
+    let in_flight = load.in_flight();
+    kill_9(worker_pid(&nodes.agents[1]));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcomes = load.finish().await;
+    let migrated = migrations(&addrs).await - before;
+    check(
+        "worker in decode",
+        "node b's worker (kill -9)",
+        at,
+        in_flight,
+        migrated,
+        &outcomes,
+        &expected,
+    );
+    assert!(
+        migrated >= 1.0,
+        "the kill hit requests, which were migrated"
+    );
+    nodes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_a_worker_in_prefill_loses_no_request() {
+    let Some((nodes, expected)) = fleet(["fault-pre-a", "fault-pre-b", "fault-pre-c"]).await else {
+        return;
+    };
+    let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
+    let before = migrations(&addrs).await;
+    // A burst of new requests on node b, its worker killed as they arrive: before their first
+    // token (their prefill), while other clients stream throughout.
+    let load = Load::start(&addrs, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let burst = Load::start(&[addrs[1]], 4);
+    let started = Instant::now();
+    wait_for(
+        "the burst at node b's worker",
+        Duration::from_secs(10),
+        || async { outstanding(&nodes.agents[1]) >= 3 },
+    )
+    .await;
+    let at = started.elapsed();
+    let in_flight = load.in_flight() + burst.in_flight();
+    kill_9(worker_pid(&nodes.agents[1]));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut outcomes = burst.finish().await;
+    outcomes.extend(load.finish().await);
+    let migrated = migrations(&addrs).await - before;
+    check(
+        "worker in prefill",
+        "node b's worker (kill -9) as a burst of requests reached it",
+        at,
+        in_flight,
+        migrated,
+        &outcomes,
+        &expected,
+    );
+    assert!(
+        migrated >= 1.0,
+        "the kill hit requests, which were migrated"
+    );
+    nodes.stop().await;
+}
