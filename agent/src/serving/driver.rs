@@ -266,7 +266,8 @@ impl Driver {
             request.prompt.extend_from_slice(generated);
             let n = u32::try_from(generated.len()).unwrap_or(u32::MAX);
             request.sampling.max_tokens = request.sampling.max_tokens.saturating_sub(n);
-            request.sampling.generated_in_prompt = request.sampling.generated_in_prompt.saturating_add(n);
+            request.sampling.generated_in_prompt =
+                request.sampling.generated_in_prompt.saturating_add(n);
         }
         request
     }

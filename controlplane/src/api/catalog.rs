@@ -118,7 +118,8 @@ pub fn validate_deployment_fields(fields: &DeploymentFields) -> Vec<InvalidParam
             "must not exceed max_workers",
         ));
     }
-    if let Some((field, reason)) = kvfleet_proto::api::invalid_migration_limit(fields.migration_limit)
+    if let Some((field, reason)) =
+        kvfleet_proto::api::invalid_migration_limit(fields.migration_limit)
     {
         problems.push(InvalidParam::new(field, reason));
     }

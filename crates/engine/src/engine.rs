@@ -157,7 +157,9 @@ pub enum SubmitError {
     #[error("the prompt is empty")]
     EmptyPrompt,
     /// `generated_in_prompt` says the whole prompt (or more) was generated: no original prompt left.
-    #[error("generated_in_prompt {generated_in_prompt} leaves nothing of a prompt of {prompt_tokens} tokens")]
+    #[error(
+        "generated_in_prompt {generated_in_prompt} leaves nothing of a prompt of {prompt_tokens} tokens"
+    )]
     GeneratedInPromptTooLong {
         /// The claimed earlier output.
         generated_in_prompt: u32,

@@ -111,7 +111,9 @@ impl SamplingParams {
     ///
     /// [`generated_in_prompt`]: SamplingParams::generated_in_prompt
     pub fn original_prompt<'a>(&self, prompt: &'a [u32]) -> &'a [u32] {
-        let keep = prompt.len().saturating_sub(self.generated_in_prompt as usize);
+        let keep = prompt
+            .len()
+            .saturating_sub(self.generated_in_prompt as usize);
         &prompt[..keep]
     }
 
