@@ -293,6 +293,7 @@ struct RawPeer {
     listen: Option<Spanned<String>>,
     advertise: Option<Spanned<String>>,
     forward: Option<bool>,
+    dead_after_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -770,6 +771,18 @@ impl Checker<'_> {
             }
             if let Some(v) = p.forward {
                 config.peer.forward = v;
+            }
+            if let Some(v) = &p.dead_after_ms {
+                match *v.get_ref() {
+                    ms @ 500..=600_000 => config.peer.dead_after = Duration::from_millis(ms),
+                    ms => {
+                        let location = self.at(v);
+                        self.problem(
+                            location,
+                            format!("peer.dead_after_ms = {ms}: must be between 500 and 600000"),
+                        );
+                    }
+                }
             }
         }
         if let Some(f) = &raw.frontend {
@@ -1365,6 +1378,14 @@ mod tests {
         );
         assert!(load("[routing]\nfleet_mode = \"psychic\"\n").is_err());
         assert!(!load("[peer]\nforward = false\n").unwrap().peer.forward);
+        assert_eq!(config.peer.dead_after, Duration::from_secs(10));
+        let quick = load("[peer]\ndead_after_ms = 2000\n").unwrap();
+        assert_eq!(quick.peer.dead_after, Duration::from_secs(2));
+        let problems = load("[peer]\ndead_after_ms = 10\n").unwrap_err();
+        assert!(
+            problems.to_string().contains("peer.dead_after_ms"),
+            "{problems}"
+        );
         let problems = load("[peer]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(problems.to_string().contains("agent.toml:2"), "{problems}");
     }

@@ -28,7 +28,14 @@ pub struct PeerSettings {
     /// Whether this node's frontend routes over the whole fleet (KV-aware, forwarding to
     /// peers); `false`: only among its own workers, as standalone.
     pub forward: bool,
+    /// How long a peer connection may stay silent before it is declared dead (the QUIC idle
+    /// timeout; keep-alives go every fifth of it). Requests forwarded over a dead connection
+    /// are migrated then, so this bounds how long a client waits after a node dies.
+    pub dead_after: std::time::Duration,
 }
+
+/// The default of [`PeerSettings::dead_after`].
+pub const DEFAULT_PEER_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for PeerSettings {
     fn default() -> Self {
@@ -36,6 +43,7 @@ impl Default for PeerSettings {
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], 7500)),
             advertise: None,
             forward: true,
+            dead_after: DEFAULT_PEER_DEAD_AFTER,
         }
     }
 }
@@ -185,7 +193,10 @@ pub async fn run<G: GenerateHandler, S: BlockSink>(
             () = stop.cancelled() => return,
         }
     };
-    let endpoint = match PeerEndpoint::bind(PeerConfig::new(settings.listen, identity.clone())) {
+    let mut peer_config = PeerConfig::new(settings.listen, identity.clone());
+    peer_config.idle_timeout = settings.dead_after;
+    peer_config.keep_alive = settings.dead_after / 5;
+    let endpoint = match PeerEndpoint::bind(peer_config) {
         Ok(endpoint) => Arc::new(endpoint),
         Err(e) => {
             tracing::error!(listen = %settings.listen, error = %e,

@@ -273,7 +273,7 @@ fn outstanding(agent: &Agent) -> usize {
 }
 
 /// Three nodes serving, their routers knowing each other, and each prompt's unbroken text.
-async fn fleet(names: [&str; 3]) -> Option<(ThreeNodes, BTreeMap<String, (String, u64)>)> {
+async fn three_nodes(names: [&str; 3]) -> Option<(ThreeNodes, BTreeMap<String, (String, u64)>)> {
     let nodes = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await?;
     wait_routers_know_everyone(&nodes.agents).await;
     let expected = baseline(nodes.agents[0].addr).await;
@@ -282,7 +282,8 @@ async fn fleet(names: [&str; 3]) -> Option<(ThreeNodes, BTreeMap<String, (String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_a_worker_in_decode_loses_no_request() {
-    let Some((nodes, expected)) = fleet(["fault-dec-a", "fault-dec-b", "fault-dec-c"]).await else {
+    let Some((nodes, expected)) = three_nodes(["fault-dec-a", "fault-dec-b", "fault-dec-c"]).await
+    else {
         return;
     };
     let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
@@ -319,7 +320,8 @@ async fn kill_9_a_worker_in_decode_loses_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_a_worker_in_prefill_loses_no_request() {
-    let Some((nodes, expected)) = fleet(["fault-pre-a", "fault-pre-b", "fault-pre-c"]).await else {
+    let Some((nodes, expected)) = three_nodes(["fault-pre-a", "fault-pre-b", "fault-pre-c"]).await
+    else {
         return;
     };
     let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
@@ -355,6 +357,177 @@ async fn kill_9_a_worker_in_prefill_loses_no_request() {
     assert!(
         migrated >= 1.0,
         "the kill hit requests, which were migrated"
+    );
+    nodes.stop().await;
+}
+
+/// How fast a silent peer connection is declared dead in this suite (`[peer] dead_after_ms`).
+const DEAD_AFTER_MS: u64 = 2000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_an_agent_serving_forwarded_requests_loses_no_request() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let names = ["fault-agent-a", "fault-agent-b", "fault-agent-c"];
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, kvfleet_controlplane::auth::Role::Admin).await;
+    let join = token(&db, kvfleet_controlplane::auth::Role::Join).await;
+    let dirs: Vec<_> = names.iter().map(|n| temp_dir(n)).collect();
+    let config = |k: usize| {
+        Agent::config(names[k], &cp, &join, &dirs[k], SETUP).replace(
+            "[peer]\n",
+            &format!("[peer]\ndead_after_ms = {DEAD_AFTER_MS}\n"),
+        )
+    };
+    // Node b runs as a process of its own (the agent binary), so that it can be killed -9.
+    std::fs::create_dir_all(&dirs[1]).unwrap();
+    let b_config = dirs[1].join("agent.toml");
+    std::fs::write(&b_config, config(1)).unwrap();
+    let mut b = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvfleet-e2e-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(&b_config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let a = Agent::launch(names[0], config(0)).await;
+    let c = Agent::launch(names[2], config(2)).await;
+    wait_nodes_healthy(&cp, &admin, &names).await;
+    deploy(&cp, &admin, 3).await;
+    let clients = [a, c];
+    wait_for(
+        "every node's worker ready, known to nodes a and c",
+        Duration::from_secs(60),
+        || async {
+            clients.iter().all(|n| {
+                let remote = fleet(n).remote_workers();
+                n.ready_workers() == 1
+                    && remote.len() == 2
+                    && remote.values().all(|w| w.ready && w.peer_addr.is_some())
+            })
+        },
+    )
+    .await;
+    let addrs: Vec<SocketAddr> = clients.iter().map(|n| n.addr).collect();
+    let expected = baseline(addrs[0]).await;
+    let before = migrations(&addrs).await;
+    // Clients on nodes a and c only (a client of node b dies with it: nothing can save a
+    // connection to a dead frontend); node b serves what their routers forward to it.
+    let load = Load::start(&addrs, 3);
+    let started = Instant::now();
+    wait_for(
+        "requests forwarded to node b",
+        Duration::from_secs(10),
+        || async {
+            clients
+                .iter()
+                .map(|n| fleet(n).pick_counts().1)
+                .sum::<u64>()
+                >= 4
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at = started.elapsed();
+    let in_flight = load.in_flight();
+    kill_9(b.id().unwrap());
+    let _ = b.wait().await;
+    // Long enough for the dead peer to be noticed and its requests resumed elsewhere.
+    tokio::time::sleep(Duration::from_millis(DEAD_AFTER_MS + 1500)).await;
+    let outcomes = load.finish().await;
+    let migrated = migrations(&addrs).await - before;
+    check(
+        "agent serving forwarded requests",
+        "node b's agent process (kill -9)",
+        at,
+        in_flight,
+        migrated,
+        &outcomes,
+        &expected,
+    );
+    assert!(
+        migrated >= 1.0,
+        "the kill hit forwarded requests, which were migrated"
+    );
+    for agent in clients {
+        agent.stop().await;
+    }
+    cp.stop().await;
+    db.drop_now().await;
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_a_node_loses_no_request() {
+    // Node a has a spare CPU slot: the drained node's worker is replaced there, then drained
+    // (its requests finish or, at the grace deadline, are migrated).
+    let names = ["fault-drain-a", "fault-drain-b", "fault-drain-c"];
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |k, toml| match k {
+        0 => toml.replace("cpu_slots = 1", "cpu_slots = 2"),
+        _ => toml,
+    })
+    .await
+    else {
+        return;
+    };
+    wait_routers_know_everyone(&nodes.agents).await;
+    let expected = baseline(nodes.agents[0].addr).await;
+    let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
+    let before = migrations(&addrs).await;
+    let load = Load::start(&addrs, 2);
+    let started = Instant::now();
+    wait_for("node b's worker busy", Duration::from_secs(10), || async {
+        outstanding(&nodes.agents[1]) >= 2
+    })
+    .await;
+    let (_, listed) = api(
+        reqwest::Method::GET,
+        &nodes.cp.url("/nodes"),
+        &nodes.admin,
+        None,
+    )
+    .await;
+    let b = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["hostname"] == names[1])
+        .and_then(|n| n["id"].as_str())
+        .unwrap()
+        .to_owned();
+    let at = started.elapsed();
+    let in_flight = load.in_flight();
+    let (status, body) = api(
+        reqwest::Method::POST,
+        &nodes.cp.url(&format!("/nodes/{b}/drain")),
+        &nodes.admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    wait_for(
+        "node b's worker drained away, its replacement on node a ready",
+        Duration::from_secs(30),
+        || async { nodes.agents[1].ready_workers() == 0 && nodes.agents[0].ready_workers() == 2 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outcomes = load.finish().await;
+    let migrated = migrations(&addrs).await - before;
+    check(
+        "drain a node",
+        "nothing: node b drained through the API",
+        at,
+        in_flight,
+        migrated,
+        &outcomes,
+        &expected,
     );
     nodes.stop().await;
 }
