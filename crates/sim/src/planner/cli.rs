@@ -30,7 +30,9 @@ pub struct PlannerArgs {
     /// `kvfleet` (the SLA planner) or `dynamo` (Dynamo's algorithm), each with an optional
     /// `/PREDICTOR` (last, ewma, holt, seasonal; `dynamo/all` runs every predictor),
     /// `static:N`, or `static-peak` (the fewest static workers that hold the SLA through the
-    /// busiest hour). E.g. `kvfleet,dynamo/all,static-peak`.
+    /// busiest hour). E.g. `kvfleet,dynamo/all,static-peak`. A planner may end in `@F`
+    /// (`dynamo@0.6`): it plans for the SLA targets times F while attainment is measured
+    /// against the targets as given, so controllers compare at equal attainment.
     #[arg(long, value_name = "CONTROLLERS")]
     pub planner: Option<String>,
     /// Replay the trace at a rate that follows this curve: `constant:rate=R`,
@@ -98,15 +100,34 @@ pub struct PlannerArgs {
 /// One controller to run.
 #[derive(Debug, Clone, PartialEq)]
 enum Spec {
-    Planner(Algorithm, PredictorKind),
+    /// The algorithm, its predictor, and the headroom it plans with.
+    Planner(Algorithm, PredictorKind, f64),
     Static(u32),
     StaticPeak,
 }
 
-/// Parses `kvfleet`, `kvfleet/holt`, `dynamo/all`, `static:8`, `static-peak`.
+/// Parses `kvfleet`, `kvfleet/holt`, `dynamo/all`, `dynamo@0.6`, `static:8`, `static-peak`.
 fn controllers(text: &str, default_predictor: PredictorKind) -> anyhow::Result<Vec<Spec>> {
     let mut out = Vec::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (item, headroom) = match item.split_once('@') {
+            None => (item, 1.0),
+            Some((name, factor)) => {
+                let f: f64 = factor
+                    .parse()
+                    .ok()
+                    .filter(|f: &f64| f.is_finite() && *f > 0.0 && *f <= 2.0)
+                    .with_context(|| {
+                        format!("--planner {item}: expected NAME@F with F above 0 and at most 2")
+                    })?;
+                if name.starts_with("static") {
+                    bail!(
+                        "--planner {item}: only a planner takes @F (a static fleet does not plan)"
+                    );
+                }
+                (name, f)
+            }
+        };
         if item == "static-peak" {
             out.push(Spec::StaticPeak);
             continue;
@@ -129,15 +150,16 @@ fn controllers(text: &str, default_predictor: PredictorKind) -> anyhow::Result<V
             ),
         };
         match predictor {
-            "" => out.push(Spec::Planner(algorithm, default_predictor)),
+            "" => out.push(Spec::Planner(algorithm, default_predictor, headroom)),
             "all" => out.extend(
                 PredictorKind::ALL
                     .into_iter()
-                    .map(|p| Spec::Planner(algorithm, p)),
+                    .map(|p| Spec::Planner(algorithm, p, headroom)),
             ),
             p => out.push(Spec::Planner(
                 algorithm,
                 p.parse().with_context(|| format!("--planner {item}"))?,
+                headroom,
             )),
         }
     }
@@ -316,16 +338,21 @@ pub fn run(
     let mut static_peak = None;
     let mut configs = Vec::new();
     for spec in &specs {
-        let (controller, policy, label) = match *spec {
-            Spec::Planner(algorithm, predictor) => (
+        let (controller, policy, label, headroom) = match *spec {
+            Spec::Planner(algorithm, predictor, headroom) => (
                 Controller::Planner,
                 p.policy(algorithm, predictor)?,
-                planner_label(algorithm, predictor),
+                match headroom {
+                    1.0 => planner_label(algorithm, predictor),
+                    f => format!("{}@{f}", planner_label(algorithm, predictor)),
+                },
+                headroom,
             ),
             Spec::Static(n) => (
                 Controller::Static(n),
                 p.policy(Algorithm::Kvfleet, default_predictor)?,
                 format!("static/{n}"),
+                1.0,
             ),
             Spec::StaticPeak => {
                 let found = search_static_peak(
@@ -357,6 +384,7 @@ pub fn run(
             speed_error,
             label,
             warmup,
+            headroom,
         });
     }
     let runs = run_all(&configs, &trace, args.jobs)?;
@@ -493,6 +521,7 @@ fn search_static_peak(
             speed_error,
             label: format!("static/{n}"),
             warmup: Duration::ZERO,
+            headroom: 1.0,
         };
         let r = run_planned(&config, &window)?;
         eprintln!(
@@ -640,15 +669,27 @@ mod tests {
         assert_eq!(specs.len(), 7);
         assert_eq!(
             specs[0],
-            Spec::Planner(Algorithm::Kvfleet, PredictorKind::Holt)
+            Spec::Planner(Algorithm::Kvfleet, PredictorKind::Holt, 1.0)
         );
         assert_eq!(
             specs[1],
-            Spec::Planner(Algorithm::Dynamo, PredictorKind::Last)
+            Spec::Planner(Algorithm::Dynamo, PredictorKind::Last, 1.0)
         );
         assert_eq!(specs[5], Spec::Static(8));
         assert_eq!(specs[6], Spec::StaticPeak);
-        for bad in ["hpa", "static:0", "kvfleet/arima", ""] {
+        assert_eq!(
+            controllers("dynamo/holt@0.6", PredictorKind::Ewma).unwrap(),
+            [Spec::Planner(Algorithm::Dynamo, PredictorKind::Holt, 0.6)]
+        );
+        for bad in [
+            "hpa",
+            "static:0",
+            "kvfleet/arima",
+            "",
+            "dynamo@0",
+            "dynamo@x",
+            "static:4@0.5",
+        ] {
             assert!(controllers(bad, PredictorKind::Holt).is_err(), "{bad}");
         }
     }

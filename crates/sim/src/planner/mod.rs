@@ -111,6 +111,10 @@ pub struct PlannerSimConfig {
     /// Intervals ending before this are left out of SLA attainment and GPU-hours (the fleet
     /// starts from `sim.workers`, not from what the load needs).
     pub warmup: Duration,
+    /// The controller plans for the deployment's SLA targets times this (1 = as given; 0.8 =
+    /// 20% tighter); attainment is always measured against the targets as given. Puts two
+    /// controllers at equal attainment so that their GPU-hours compare.
+    pub headroom: f64,
 }
 
 impl PlannerSimConfig {
@@ -242,6 +246,7 @@ pub fn run_planned(
         sim.arrival_time(trace.len() - 1)
     };
     let quantile = deployment.sla.quantile();
+    let planning = with_headroom(&config.policy, config.headroom);
     let profiles = BTreeMap::from([(deployment.name.clone(), config.profile.clone())]);
     let mut history: Vec<Observation> = Vec::new();
     let mut memory: Option<Memory> = None;
@@ -280,7 +285,7 @@ pub fn run_planned(
                     running: RoleCounts::default().with(role, running),
                     previous: memory.as_ref(),
                 }];
-                let mut decision = plan(&observations, &profiles, &config.policy, now);
+                let mut decision = plan(&observations, &profiles, &planning, now);
                 let d = decision.deployments.remove(0);
                 report.predicted_rate = Some(d.prediction.rate);
                 let c = d.corrections.after;
@@ -567,6 +572,16 @@ impl Sim<'_> {
 /// The label of a planner run: `kvfleet/holt`, `dynamo/last`.
 pub fn planner_label(algorithm: Algorithm, predictor: PredictorKind) -> String {
     format!("{}/{}", algorithm.as_str(), predictor)
+}
+
+/// `policy` with every deployment's SLA targets multiplied by `headroom`.
+fn with_headroom(policy: &FleetPolicy, headroom: f64) -> FleetPolicy {
+    let mut planning = policy.clone();
+    for d in &mut planning.deployments {
+        d.sla.ttft_ms = d.sla.ttft_ms.map(|t| t * headroom);
+        d.sla.itl_ms = d.sla.itl_ms.map(|t| t * headroom);
+    }
+    planning
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ fn config(controller: Controller, algorithm: Algorithm, error: f64) -> PlannerSi
         },
         label: "test".into(),
         warmup: Duration::ZERO,
+        headroom: 1.0,
     }
 }
 
@@ -152,6 +153,38 @@ fn the_fleet_follows_a_ramp_and_drains_without_losing_requests() {
     assert_eq!(dynamo.algorithm, "dynamo");
     assert!(dynamo.peak_workers >= 2);
     assert_eq!(dynamo.completed, dynamo.requests);
+}
+
+#[test]
+fn headroom_tightens_what_the_planner_plans_for_but_not_what_is_measured() {
+    let trace = ramp_trace();
+    let given = run_planned(
+        &config(Controller::Planner, Algorithm::Kvfleet, 0.0),
+        &trace,
+    )
+    .unwrap();
+    let tight = run_planned(
+        &PlannerSimConfig {
+            headroom: 0.5,
+            ..config(Controller::Planner, Algorithm::Kvfleet, 0.0)
+        },
+        &trace,
+    )
+    .unwrap();
+    assert_eq!(
+        tight.ttft_target_ms,
+        Some(500.0),
+        "measured against the given target"
+    );
+    assert_eq!(tight.itl_target_ms, Some(15.0));
+    assert!(
+        tight.gpu_hours > given.gpu_hours && tight.attainment >= given.attainment,
+        "half the targets: {} GPU-hours at {:.3} vs {} at {:.3}",
+        tight.gpu_hours,
+        tight.attainment,
+        given.gpu_hours,
+        given.attainment
+    );
 }
 
 #[test]
