@@ -1,6 +1,8 @@
 //! The heartbeat loop: every few seconds the node's worker states, request and token rates, KV
-//! blocks and GPU figures, and the peer certificate's renewal once two thirds of its lifetime
-//! have passed. A heartbeat that reports a newer desired generation wakes the watch loop.
+//! blocks and GPU figures, each serving worker's window (what it served since the last
+//! heartbeat the control plane took: [`super::window`]), and the peer certificate's renewal
+//! once two thirds of its lifetime have passed. A heartbeat that reports a newer desired
+//! generation wakes the watch loop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -8,9 +10,11 @@ use std::time::Duration;
 use kvfleet_proto::WorkerId;
 use kvfleet_proto::api::{
     GpuStatus, Heartbeat, ObservedWorker, ObservedWorkerState, RenewRequest, WorkerMetrics,
+    WorkerWindow,
 };
 
 use super::http::CpError;
+use super::window::{Sample, Windows};
 use super::{Client, log_failure, reconcile, timing};
 use crate::backend::{Backend as _, WorkerState};
 use crate::state_dir::Identity;
@@ -27,10 +31,14 @@ impl Client {
             .unwrap_or(Duration::from_secs(5));
         let mut rates = Rates::default();
         let mut failures = 0u32;
+        let mut windows = Windows::new(tokio::time::Instant::now());
         loop {
             self.prune_models();
+            // Sampled before drained workers stop, so their last window goes with their stop.
+            let samples = self.window_samples();
             self.retire_drained();
-            let beat = self.heartbeat(&mut rates);
+            let draft = windows.draft(tokio::time::Instant::now(), &samples);
+            let beat = self.heartbeat(&mut rates, &draft.windows);
             let reported_stops: Vec<WorkerId> = self
                 .book
                 .lock()
@@ -39,6 +47,7 @@ impl Client {
             let delay = match self.api.heartbeat(&identity.credential, &beat).await {
                 Ok(response) => {
                     failures = 0;
+                    windows.acknowledge(draft);
                     self.handle.update(|s| s.connected = true);
                     if let Ok(mut book) = self.book.lock() {
                         for id in &reported_stops {
@@ -60,6 +69,12 @@ impl Client {
                 }
                 Err(e @ CpError::Unauthorized(_)) => return e,
                 Err(e) => {
+                    if !e.is_transient() {
+                        // Refused as it is: sending the same windows again would be refused
+                        // again. They are dropped; a transient failure keeps them for the next.
+                        tracing::warn!(error = %e, "heartbeat refused: its windows are dropped");
+                        windows.acknowledge(draft);
+                    }
                     self.handle.update(|s| s.connected = false);
                     let delay = self
                         .backoff(failures)
@@ -115,8 +130,24 @@ impl Client {
         }
     }
 
-    /// The heartbeat body now.
-    fn heartbeat(&self, rates: &mut Rates) -> Heartbeat {
+    /// Every worker's window sample, from its last status report.
+    fn window_samples(&self) -> Vec<Sample> {
+        self.node
+            .pool
+            .reports()
+            .iter()
+            .map(|(id, incarnation, serving, status)| {
+                Sample::of(*id, *incarnation, *serving, status)
+            })
+            .collect()
+    }
+
+    /// The heartbeat body now, with `windows` (per worker, from [`Windows::draft`]).
+    fn heartbeat(
+        &self,
+        rates: &mut Rates,
+        windows: &BTreeMap<WorkerId, WorkerWindow>,
+    ) -> Heartbeat {
         let now = tokio::time::Instant::now();
         let statuses = self.node.pool.workers();
         let counters = self.node.pool.counters();
@@ -159,7 +190,7 @@ impl Client {
                         }),
                         gpu_utilization,
                     }),
-                    window: None,
+                    window: windows.get(&w.id).cloned(),
                 }
             })
             .collect();
@@ -178,7 +209,8 @@ impl Client {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Stopped,
                     metrics: None,
-                    window: None,
+                    // A retired worker's last window (sampled before it stopped).
+                    window: windows.get(id).cloned(),
                 });
             }
         }

@@ -6,6 +6,8 @@
 //! - [`http`]: the `/api/v1/agent/*` calls.
 //! - `heartbeat`: the heartbeat loop, its body (worker states, rates, GPU figures) and
 //!   certificate renewal.
+//! - [`window`]: pure bookkeeping of the heartbeat windows (what each worker served since the
+//!   last heartbeat the control plane took; a failed heartbeat's window merges into the next).
 //! - `kv`: the KV event upload, the fleet directory and the KV stream follower loops.
 //!
 //! [`run`] is the driver. At start it applies the desired state saved by the previous run, so a
@@ -32,6 +34,7 @@ pub mod http;
 mod kv;
 pub mod reconcile;
 pub mod timing;
+pub mod window;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

@@ -474,6 +474,23 @@ impl WorkerPool {
             .collect()
     }
 
+    /// Every running worker's last status report, with which start of its process sent it
+    /// (its cumulative figures restart with each start) and whether it serves (ready or
+    /// draining): what the heartbeat's windows are computed from.
+    pub fn reports(&self) -> Vec<(WorkerId, u64, bool, WireStatus)> {
+        self.slots_snapshot()
+            .iter()
+            .filter_map(|slot| {
+                let serving = matches!(
+                    slot.status().state,
+                    WorkerState::Ready | WorkerState::Draining
+                );
+                let s = slot.state.lock().ok()?;
+                Some((slot.id, s.starts, serving, s.status.clone()))
+            })
+            .collect()
+    }
+
     /// A worker's KV transfer counters, as of its last status report; `None` if unknown.
     pub fn kv_transfers(&self, id: WorkerId) -> Option<KvTransferCounters> {
         let slot = self.slot(id)?;

@@ -87,6 +87,8 @@ struct Counters {
     steps: u64,
     preemptions: u64,
     finished: u64,
+    output_tokens: u64,
+    admitted: u64,
     prefix_query_tokens: u64,
     prefix_hit_tokens: u64,
     events_dropped: u64,
@@ -575,6 +577,7 @@ impl<E: Executor> Scheduler<E> {
                 seq.admitted_once = true;
                 seq.admitted = self.now;
                 seq.cached_tokens = computed as u32;
+                self.counters.admitted += 1;
                 self.counters.prefix_query_tokens += seq.prompt_len as u64;
                 self.counters.prefix_hit_tokens += computed.min(seq.prompt_len) as u64;
             }
@@ -753,6 +756,7 @@ impl<E: Executor> Scheduler<E> {
                 finish,
             }));
             if finish.is_some() {
+                self.counters.output_tokens += generated as u64;
                 done.push(p.id);
             }
         }
@@ -1051,6 +1055,8 @@ impl<E: Executor> Engine for Scheduler<E> {
             steps: self.counters.steps,
             preemptions: self.counters.preemptions,
             finished: self.counters.finished,
+            output_tokens: self.counters.output_tokens,
+            admitted: self.counters.admitted,
             prefix_query_tokens: self.counters.prefix_query_tokens,
             prefix_hit_tokens: self.counters.prefix_hit_tokens,
             events_dropped: self.counters.events_dropped,

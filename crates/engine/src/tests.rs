@@ -613,6 +613,8 @@ fn prefix_cache_hits_skip_prefill_and_keep_outputs() {
     assert_eq!(streams[&ia2].finish.unwrap().stats.cached_tokens, 20);
     let m = engine.metrics();
     assert_eq!((m.prefix_query_tokens, m.prefix_hit_tokens), (69, 40));
+    // Three requests admitted and finished, four tokens each: the heartbeat window's sums.
+    assert_eq!((m.admitted, m.finished, m.output_tokens), (3, 3, 12));
 }
 
 #[test]
@@ -861,6 +863,11 @@ fn preemption_under_memory_pressure_keeps_outputs() {
         assert_eq!(solo_streams[&sid].tokens, streams[id].tokens);
     }
     assert_eq!(m.finished, 200);
+    // Readmissions after a preemption are not new admissions, nor their prompts new prompt
+    // tokens (what a heartbeat window counts).
+    assert_eq!(m.admitted, 200);
+    assert_eq!(m.prefix_query_tokens, 200 * prompt_len as u64);
+    assert_eq!(m.output_tokens, 200 * u64::from(max_tokens));
     engine.clear_prefix_cache();
     assert_eq!(engine.pool().usage().free, 250);
 }
