@@ -82,6 +82,16 @@ impl ControlPlane {
     /// A replica on `addr` whose liveness calls a silent node unhealthy after half of
     /// `lost_after` and lost after `lost_after`.
     pub async fn start(db: &TestDb, addr: SocketAddr, lost_after: Duration) -> Self {
+        Self::start_with(db, addr, lost_after, |_| {}).await
+    }
+
+    /// [`ControlPlane::start`] with `configure` applied last (the planner's interval, say).
+    pub async fn start_with(
+        db: &TestDb,
+        addr: SocketAddr,
+        lost_after: Duration,
+        configure: impl FnOnce(&mut kvfleet_controlplane::Config),
+    ) -> Self {
         let mut config = kvfleet_controlplane::Config::new(db.url.clone());
         config.database.max_connections = 8;
         config.leader.retry_interval = Duration::from_millis(200);
@@ -91,6 +101,7 @@ impl ControlPlane {
         config.liveness.lost_after = lost_after;
         config.liveness.check_interval = Duration::from_millis(100);
         config.watch.max_wait = Duration::from_secs(2);
+        configure(&mut config);
         // A restarted replica takes the port its agents know; it was just freed, so retry
         // briefly.
         let mut tries = 0;
@@ -141,6 +152,15 @@ impl ControlPlane {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}/api/v1{path}", self.addr)
+    }
+
+    /// Kills the replica as a crash would: its tasks are dropped mid-flight, its database
+    /// connections close (Postgres frees the leader lock), its listener goes away.
+    pub async fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     pub async fn stop(mut self) {
