@@ -537,9 +537,12 @@ impl Client {
         );
     }
 
-    /// Models that no desired worker uses and no running (draining) worker still serves leave
-    /// the frontend: their requests get 404 instead of 503. Called after each reconcile and
-    /// with each heartbeat, since retiring workers finish in the background.
+    /// Models that no desired worker uses, no running (draining) worker still serves and no
+    /// ready worker of another node serves leave the frontend: their requests get 404 instead
+    /// of 503. A model served elsewhere stays, so this frontend keeps forwarding it while its
+    /// own worker is replaced (a killed worker the control plane moves to another node).
+    /// Called after each reconcile and with each heartbeat, since retiring workers finish in
+    /// the background.
     fn prune_models(&self) {
         let wanted = match self.book.lock() {
             Ok(book) => book.wanted_models.clone(),
@@ -551,6 +554,14 @@ impl Client {
             .running()
             .into_iter()
             .map(|w| w.config.model)
+            .chain(
+                self.node
+                    .fleet
+                    .remote_workers()
+                    .into_values()
+                    .filter(|w| w.ready)
+                    .map(|w| w.model),
+            )
             .collect();
         for name in self.node.models.names() {
             if !wanted.contains(&name) && !serving.contains(&name) {

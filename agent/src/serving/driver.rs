@@ -127,7 +127,11 @@ impl Driver {
         driver.serve.start(driver.now());
         driver.act();
         driver.starting = false;
-        if let Some(error) = driver.start_error.take() {
+        // A first leg that could not start, with nothing else started since: its error.
+        if let Some(error) = driver.start_error.take()
+            && driver.leg.is_none()
+            && driver.serve.is_done()
+        {
             return Err(error);
         }
         let worker = match &driver.leg {
@@ -357,7 +361,8 @@ impl Driver {
             Ok(generation) => Some(LegStream::Local(generation)),
             Err(e) => {
                 if self.starting {
-                    self.start_error.get_or_insert(e.clone());
+                    // The submit error, should the request end before it started anywhere.
+                    self.start_error = Some(e.clone());
                 }
                 let now = self.now();
                 match &e {
@@ -658,7 +663,8 @@ mod tests {
             }),
             prefill_deadline: Duration::from_secs(30),
             unused: Vec::new(),
-            migration_limit: kvfleet_serving::DEFAULT_MIGRATION_LIMIT,
+            // As a decode leg forwarded here is planned: the node that forwarded it migrates.
+            migration_limit: 0,
         }
     }
 

@@ -513,7 +513,14 @@ impl Serve {
             return;
         }
         if self.migrations == 0 {
-            return self.refused(leg, error);
+            // The worker the router named here is not ready (it died since the router last
+            // heard): plan again without it. With no plan, the pool's answer is the client's.
+            return match self.state {
+                State::Local {
+                    worker: Some(_), ..
+                } => self.failed(leg, error),
+                _ => self.refused(leg, error),
+            };
         }
         if let Some(worker) = self.leg_worker() {
             self.avoid_worker(worker);

@@ -498,6 +498,25 @@ fn a_migration_that_finds_no_ready_worker_waits_for_one_without_spending_its_lim
 }
 
 #[test]
+fn a_planned_local_worker_that_is_not_ready_is_planned_around() {
+    // The router named a worker here that died since it last heard: plan again without it.
+    let mut run = Run::start(plan(Target::Local, false), prompt(8));
+    run.unavailable("worker 7 is not ready", T0);
+    assert!(run.seen.ends.is_empty());
+    assert_eq!(
+        run.seen.replans,
+        vec![Replan {
+            tokens: vec![],
+            avoid: vec![DECODE_WORKER]
+        }]
+    );
+    run.replanned(None, T0);
+    assert!(run.tokens(&[5]));
+    run.finished(FinishReason::Length, 0);
+    run.assert_ended(End::Finished(FinishReason::Length));
+}
+
+#[test]
 fn a_first_leg_with_no_ready_worker_fails_at_once() {
     let mut run = Run::start(Plan::local(), prompt(8));
     run.unavailable("no ready worker", T0);
