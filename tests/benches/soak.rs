@@ -37,6 +37,9 @@ use common::*;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
 
+/// Minutes in, this process's RSS (KiB), each worker's (who, KiB).
+type RssRow = (f64, u64, Vec<(String, u64)>);
+
 struct Args {
     minutes: f64,
     clients_per_agent: usize,
@@ -263,7 +266,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
     let mut next_fault = Duration::from_secs_f64(args.fault_every_s * rng.random_range(0.5..1.5));
     let mut next_sample = Duration::ZERO;
-    let mut rss_rows: Vec<(f64, u64, Vec<(String, u64)>)> = Vec::new();
+    let mut rss_rows: Vec<RssRow> = Vec::new();
     let me = std::process::id();
     while started.elapsed() < total {
         let now = started.elapsed();
@@ -320,7 +323,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         workers_end,
     ));
     let migrated = migrations(&addrs).await - migrations_before;
-    let mut t = tally.lock().unwrap();
+    let mut t = std::mem::take(&mut *tally.lock().unwrap());
     t.latency_ms.sort_by(f64::total_cmp);
     t.hit_latency_ms.sort_by(f64::total_cmp);
     let failed: u64 = t
@@ -362,7 +365,6 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             workers.join(", ")
         );
     }
-    drop(t);
     nodes.stop().await;
     Ok(())
 }
