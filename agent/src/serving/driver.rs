@@ -366,7 +366,12 @@ impl Driver {
                 }
                 let now = self.now();
                 match &e {
-                    SubmitError::NoReadyWorker(_) => self.serve.unavailable(id, e.to_string(), now),
+                    // Worth waiting for only if a worker of the model may come back (here,
+                    // restarting) or serves elsewhere; a model no longer deployed fails now.
+                    SubmitError::NoReadyWorker(_) if self.model_may_be_served() => {
+                        self.serve.unavailable(id, e.to_string(), now)
+                    }
+                    SubmitError::NoReadyWorker(_) => self.serve.refused(id, e.to_string()),
                     SubmitError::WorkerGone(_) => self.serve.failed(id, e.to_string()),
                     SubmitError::Unsupported | SubmitError::Invalid(_) => {
                         self.serve.refused(id, e.to_string())
@@ -375,6 +380,24 @@ impl Driver {
                 None
             }
         }
+    }
+
+    /// Whether a worker of the request's model runs here in any state but stopped (it may be
+    /// restarting), or is ready on another node.
+    fn model_may_be_served(&self) -> bool {
+        let model = &self.request.model;
+        let here = self
+            .serving
+            .local
+            .workers()
+            .iter()
+            .any(|w| &w.model == model && w.state != crate::backend::WorkerState::Stopped);
+        here || self.fleet.as_ref().is_some_and(|fleet| {
+            fleet
+                .remote_workers()
+                .values()
+                .any(|w| w.ready && &w.model == model)
+        })
     }
 
     /// A peer leg: connect to `node` at `addr` and send `request`, bounded by the machine's
