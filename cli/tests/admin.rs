@@ -387,3 +387,70 @@ async fn an_unreachable_control_plane_exits_5() {
     run.expect(3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kvfleet profiles MODEL --upload FILE`: a file that is malformed, not monotone or for another
+/// model is refused with the problem named, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_uploads_name_what_is_wrong_and_store_nothing() {
+    let Some(cp) =
+        ControlPlane::start("profile_uploads_name_what_is_wrong_and_store_nothing").await
+    else {
+        return;
+    };
+    let model = cp.file("model.toml", MODEL);
+    cp.admin(&["models", "apply", "-f", &model]).await.expect(0);
+    let shipped = kvfleet_engine::DEFAULT_PERF_PROFILE_TOML;
+    let good = shipped.replace(
+        "model = \"llama-3.1-8b-instruct\"",
+        "model = \"mock-model\"",
+    );
+    assert_ne!(good, shipped);
+    let stored = || async {
+        let list = cp.admin(&["profiles", "mock-model", "--json"]).await;
+        list.expect(0);
+        list.json().as_array().map_or(0, Vec::len)
+    };
+
+    // Malformed: the file and the parser's complaint (exit 2, nothing sent).
+    let broken = cp.file(
+        "broken.toml",
+        "format = 1\nmodel = \"mock-model\"\n[prefill\n",
+    );
+    let run = cp
+        .admin(&["profiles", "mock-model", "--upload", &broken])
+        .await;
+    run.expect(2);
+    assert!(
+        run.stderr.contains("broken.toml") && run.stderr.contains("does not parse"),
+        "{run:?}"
+    );
+    // Not monotone: a longer prompt prefilled faster (exit 2, the field named).
+    let faster = good.replace("ms = [17.4745, 18.4525,", "ms = [17.4745, 10.0,");
+    assert_ne!(faster, good);
+    let faster = cp.file("faster.toml", &faster);
+    let run = cp
+        .admin(&["profiles", "mock-model", "--upload", &faster])
+        .await;
+    run.expect(2);
+    assert!(
+        run.stderr.contains("prefill.ms") && run.stderr.contains("not monotone"),
+        "{run:?}"
+    );
+    // For another model: the control plane refuses it (exit 1), naming both models.
+    let other = cp.file("other.toml", shipped);
+    let run = cp
+        .admin(&["profiles", "mock-model", "--upload", &other])
+        .await;
+    run.expect(1);
+    assert!(
+        run.stderr.contains("llama-3.1-8b-instruct") && run.stderr.contains("mock-model"),
+        "{run:?}"
+    );
+    assert_eq!(stored().await, 0, "nothing stored");
+
+    let good = cp.file("good.toml", &good);
+    cp.admin(&["profiles", "mock-model", "--upload", &good])
+        .await
+        .expect(0);
+    assert_eq!(stored().await, 1);
+}

@@ -178,7 +178,7 @@ async fn the_gpu_budget_must_cover_the_minimums(pool: PgPool) {
     let server = start(&pool, test_config()).await;
     let operator = token(&pool, Role::Operator).await;
     let admin = token(&pool, Role::Admin).await;
-    model_and_deployment(&server, &operator, "a", 3).await;
+    let (_, a_id) = model_and_deployment(&server, &operator, "a", 3).await;
     post(
         &server,
         "/deployments",
@@ -204,8 +204,27 @@ async fn the_gpu_budget_must_cover_the_minimums(pool: PgPool) {
         Value::Null,
         "nothing changed"
     );
+    let negative = patch(&server, "/planner", &operator, json!({"gpu_budget": -1})).await;
+    assert_eq!(names(&negative), ["gpu_budget"], "{negative:?}");
     let ok = patch(&server, "/planner", &operator, json!({"gpu_budget": 6})).await;
     assert_eq!(ok.body["gpu_budget"], 6, "{ok:?}");
+    // A patch that would push the minimums past the budget is refused and changes nothing.
+    let a_path = format!("/deployments/{a_id}");
+    let a = get(&server, &a_path, &operator).await.body;
+    let over = patch(
+        &server,
+        &a_path,
+        &operator,
+        json!({"min_workers": 4, "max_workers": 4}),
+    )
+    .await;
+    assert_eq!(over.status, StatusCode::UNPROCESSABLE_ENTITY, "{over:?}");
+    assert_eq!(names(&over), ["min_workers"], "{over:?}");
+    assert_eq!(
+        get(&server, &a_path, &operator).await.body,
+        a,
+        "a refused patch changes nothing"
+    );
     // A deployment that would push the minimums past the budget is refused at min_workers.
     let over = post(
         &server,
@@ -264,11 +283,12 @@ async fn profiles_are_validated_stored_per_device_and_audited(pool: PgPool) {
     // Non-monotone: more work taking less time.
     let mut slower = mock_profile("p-model");
     slower.decode.itl_ms[3][1] = 0.5;
+    let slower = serde_json::to_value(&slower).unwrap();
     let r = post(
         &server,
         "/models/p-model/profiles",
         &operator,
-        serde_json::to_value(&slower).unwrap(),
+        slower.clone(),
     )
     .await;
     assert_eq!(names(&r), ["decode.itl_ms[3][1]"], "{r:?}");
@@ -296,6 +316,17 @@ async fn profiles_are_validated_stored_per_device_and_audited(pool: PgPool) {
     let r = post(&server, "/models/p-model/profiles", &operator, good.clone()).await;
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
     let id = r.body["id"].as_str().unwrap().to_owned();
+    // A bad replacement (same model and device) leaves the stored profile as it was.
+    let stored = get(&server, &format!("/profiles/{id}"), &viewer).await.body;
+    let r = post(&server, "/models/p-model/profiles", &operator, slower).await;
+    assert_eq!(names(&r), ["decode.itl_ms[3][1]"], "{r:?}");
+    assert_eq!(
+        get(&server, &format!("/profiles/{id}"), &viewer).await.body,
+        stored
+    );
+    // A profile for a model that is not registered: 404, nothing stored.
+    let r = post(&server, "/models/nobody/profiles", &operator, good.clone()).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
     let r = post(&server, "/models/p-model/profiles", &operator, good.clone()).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["id"], id.as_str());
