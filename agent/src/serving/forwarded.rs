@@ -32,12 +32,41 @@ use crate::backend::{self, ExportedBlock, FinishReason, GenEvent, Generation, Su
 #[derive(Debug, Clone)]
 pub struct Forwarded {
     serving: Arc<Serving>,
+    /// Resumed (migrated) requests running here, by the asking node and request id: a second
+    /// resume of one of them while it runs is refused (and counted), never run twice.
+    resuming: Arc<std::sync::Mutex<std::collections::HashSet<(NodeId, String)>>>,
 }
 
 impl Forwarded {
     /// A handler serving through `serving`.
     pub fn new(serving: Arc<Serving>) -> Self {
-        Self { serving }
+        Self {
+            serving,
+            resuming: Arc::default(),
+        }
+    }
+
+    /// Registers a resumed request from `peer`; `None` when it already runs here.
+    fn resume(&self, peer: NodeId, request_id: &str) -> Option<ResumeGuard> {
+        let key = (peer, request_id.to_owned());
+        let mut resuming = self.resuming.lock().unwrap_or_else(|e| e.into_inner());
+        resuming.insert(key.clone()).then(|| ResumeGuard {
+            resuming: self.resuming.clone(),
+            key,
+        })
+    }
+}
+
+/// A resumed request's place in [`Forwarded`]'s set, given up when its stream ends.
+struct ResumeGuard {
+    resuming: Arc<std::sync::Mutex<std::collections::HashSet<(NodeId, String)>>>,
+    key: (NodeId, String),
+}
+
+impl Drop for ResumeGuard {
+    fn drop(&mut self) {
+        let mut resuming = self.resuming.lock().unwrap_or_else(|e| e.into_inner());
+        resuming.remove(&self.key);
     }
 }
 
@@ -54,6 +83,25 @@ impl GenerateHandler for Forwarded {
         if let Some(push) = request.kv_push.clone() {
             return prefill_leg(&self.serving, request, push);
         }
+        // A resumed request (it carries tokens it generated elsewhere) runs here once at a time.
+        let guard = match request.sampling.generated_in_prompt {
+            0 => None,
+            _ => match self.resume(peer.node_id, &request.request_id) {
+                Some(guard) => Some(guard),
+                None => {
+                    self.serving.refused_legs.inc();
+                    tracing::warn!(request_id = %request.request_id, from = %peer.node_id,
+                        "refused: this request is already being resumed here");
+                    return Err(ErrorMessage::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "request {} is already being resumed here",
+                            request.request_id
+                        ),
+                    ));
+                }
+            },
+        };
         let plan = request
             .prefill
             .as_ref()
@@ -88,7 +136,17 @@ impl GenerateHandler for Forwarded {
                 ErrorMessage::new(ErrorCode::Internal, e.to_string())
             }
         })?;
-        Ok(event_stream(generation, prompt_tokens, None))
+        let events = event_stream(generation, prompt_tokens, None);
+        Ok(match guard {
+            None => events,
+            // The guard lives as long as the stream.
+            Some(guard) => events
+                .map(move |event| {
+                    let _ = &guard;
+                    event
+                })
+                .boxed(),
+        })
     }
 }
 
@@ -251,4 +309,49 @@ fn block_stream(
         };
         Some((block, rx))
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::PeerHandle;
+
+    #[derive(Debug)]
+    struct Nothing;
+
+    impl crate::backend::Backend for Nothing {
+        fn submit(
+            &self,
+            request: crate::backend::GenerateRequest,
+        ) -> Result<Generation, SubmitError> {
+            Err(SubmitError::NoReadyWorker(request.model))
+        }
+
+        fn workers(&self) -> Vec<crate::backend::WorkerStatus> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn a_request_is_resumed_here_once_at_a_time_per_asking_node() {
+        let serving = Arc::new(Serving::new(Arc::new(Nothing), PeerHandle::default()));
+        let forwarded = Forwarded::new(serving);
+        let (a, b) = (
+            NodeId(uuid::Uuid::from_u128(1)),
+            NodeId(uuid::Uuid::from_u128(2)),
+        );
+        let first = forwarded.resume(a, "chatcmpl-1");
+        assert!(first.is_some());
+        assert!(
+            forwarded.resume(a, "chatcmpl-1").is_none(),
+            "twice: refused"
+        );
+        assert!(
+            forwarded.resume(b, "chatcmpl-1").is_some(),
+            "another node's id"
+        );
+        assert!(forwarded.resume(a, "chatcmpl-2").is_some());
+        drop(first);
+        assert!(forwarded.resume(a, "chatcmpl-1").is_some(), "once it ended");
+    }
 }

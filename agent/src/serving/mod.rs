@@ -134,7 +134,8 @@ impl Serving {
         );
         registry.register(
             "kvfleet_request_legs_refused",
-            "Request legs cut off for sending more than their request asked for",
+            "Request legs refused as bad input: a leg that sent more tokens than its request \
+             asked for, or a peer resuming a request that is already being resumed here",
             self.refused_legs.clone(),
         );
         self.transfers.register_metrics(registry);
