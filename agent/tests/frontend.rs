@@ -381,7 +381,7 @@ async fn refused_and_unknown_fields_are_named_never_ignored() {
         );
         refused += 1;
     }
-    assert!(refused > 30, "only {refused} refusals were sent");
+    assert!(refused >= 20, "only {refused} refusals were sent");
     let mut typo = completion_body();
     typo["max_token"] = json!(3);
     let response = agent.post("/v1/completions", typo).await;

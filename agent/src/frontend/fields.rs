@@ -142,10 +142,6 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
-fn is_text_format(v: &Value) -> bool {
-    v.get("type").and_then(Value::as_str) == Some("text")
-}
-
 fn is_text_only(v: &Value) -> bool {
     v.as_array()
         .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text")))
@@ -160,7 +156,6 @@ fn is_default_tier(v: &Value) -> bool {
 }
 
 const NO_TOOLS: &str = "tool calling is not served yet";
-const NO_STRUCTURED: &str = "structured output (grammar-constrained decoding) is not served yet";
 
 /// Every top-level field of the two request bodies.
 pub const FIELDS: &[Field] = &[
@@ -217,48 +212,12 @@ pub const FIELDS: &[Field] = &[
     honoured("frequency_penalty", On::Both),
     honoured("repetition_penalty", On::Both),
     honoured("logit_bias", On::Both),
-    refused(
-        "response_format",
-        On::Chat,
-        is_text_format,
-        NO_STRUCTURED,
-        r#"{"type": "json_object"}"#,
-    ),
-    refused(
-        "guided_json",
-        On::Both,
-        never,
-        NO_STRUCTURED,
-        r#"{"type": "object"}"#,
-    ),
-    refused(
-        "guided_regex",
-        On::Both,
-        never,
-        NO_STRUCTURED,
-        r#""[a-z]+""#,
-    ),
-    refused(
-        "guided_choice",
-        On::Both,
-        never,
-        NO_STRUCTURED,
-        r#"["yes", "no"]"#,
-    ),
-    refused(
-        "guided_grammar",
-        On::Both,
-        never,
-        NO_STRUCTURED,
-        r#""root ::= \"x\"""#,
-    ),
-    refused(
-        "structured_outputs",
-        On::Both,
-        never,
-        NO_STRUCTURED,
-        r#"{"choice": ["yes", "no"]}"#,
-    ),
+    honoured("response_format", On::Chat),
+    honoured("guided_json", On::Both),
+    honoured("guided_regex", On::Both),
+    honoured("guided_choice", On::Both),
+    honoured("guided_grammar", On::Both),
+    honoured("structured_outputs", On::Both),
     refused(
         "tools",
         On::Chat,

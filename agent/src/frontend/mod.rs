@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod models;
 mod prepare;
 mod run;
+mod structured;
 pub mod text;
 
 use std::sync::Arc;

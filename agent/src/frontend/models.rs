@@ -14,12 +14,15 @@
 //! SentencePiece tokenizer and Jinja chat template from `kvfleet-model`, with a per-token byte
 //! table so that streamed text goes through [`super::text::Utf8Stream`] like the mock's).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use kvfleet_model::grammar::{GrammarEngine, GrammarError};
+use kvfleet_model::tokenizer::{PieceKind, TokenPiece};
 use kvfleet_model::{ChatMessage, TextModel};
 use kvfleet_proto::BlockSize;
+use kvfleet_proto::Constraint;
 
 use super::text::{ByteTokenizer, ChatTemplate, PlainChatTemplate, Tokenizer};
 use crate::worker::{EngineKind, ModelConfig};
@@ -37,6 +40,9 @@ pub trait TextCodec: Send + Sync + std::fmt::Debug {
     fn vocab_size(&self) -> u32;
     /// What tokenizes, for logs.
     fn describe(&self) -> String;
+    /// Compiles `constraint` for this model's tokenizer (structured output), or says why it
+    /// cannot be served: a bad grammar, or an engine that does not constrain its output.
+    fn check_constraint(&self, constraint: &Constraint) -> Result<(), String>;
 }
 
 /// The mock engine's codec: one token per byte, a plain `<|role|>` template.
@@ -77,6 +83,11 @@ impl TextCodec for MockText {
     fn describe(&self) -> String {
         "byte-level test tokenizer (mock)".into()
     }
+
+    fn check_constraint(&self, _: &Constraint) -> Result<(), String> {
+        Err("the mock engine makes pseudo-tokens and cannot constrain them: structured output              needs a real model (engine = \"native\")"
+            .into())
+    }
 }
 
 /// A real model's tokenizer and chat template.
@@ -85,6 +96,8 @@ pub struct NativeText {
     /// The bytes of every token id; empty for special tokens.
     pieces: Vec<Box<[u8]>>,
     kind: PieceKind,
+    /// The grammar compiler for this tokenizer, built by the first constrained request.
+    grammar: std::sync::OnceLock<Result<GrammarEngine, GrammarError>>,
 }
 
 impl std::fmt::Debug for NativeText {
@@ -96,93 +109,22 @@ impl std::fmt::Debug for NativeText {
     }
 }
 
-/// How a vocabulary string spells bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PieceKind {
-    /// GPT-2 byte-level BPE: every byte is one printable character (`Ġ` is a space).
-    ByteLevel,
-    /// SentencePiece: `▁` is a space, `<0xAB>` is a raw byte (byte fallback).
-    SentencePiece,
-}
-
-/// GPT-2's `bytes_to_unicode`, inverted: the character that stands for each byte → the byte.
-fn byte_level_alphabet() -> HashMap<char, u8> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    let mut map = HashMap::with_capacity(256);
-    let mut n = 0;
-    for b in 0u32..256 {
-        let c = if printable(b) {
-            b
-        } else {
-            n += 1;
-            255 + n
-        };
-        if let Some(c) = char::from_u32(c) {
-            map.insert(c, b as u8);
-        }
-    }
-    map
-}
-
-fn sentencepiece_byte(piece: &str) -> Option<u8> {
-    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
-}
-
 impl NativeText {
     /// The codec of a loaded [`TextModel`]: builds the byte table once.
     pub fn new(model: TextModel) -> Self {
-        let inner = model.tokenizer.inner();
-        // The decoder says how pieces spell text; serialized, its type names are stable.
-        let decoder = inner
-            .get_decoder()
-            .and_then(|d| serde_json::to_string(d).ok())
-            .unwrap_or_default();
-        let kind = if decoder.contains("\"ByteLevel\"") {
-            PieceKind::ByteLevel
-        } else {
-            PieceKind::SentencePiece
-        };
-        let specials: std::collections::HashSet<u32> = inner
-            .get_added_tokens_decoder()
+        let (pieces, kind) = model.tokenizer.token_pieces();
+        let pieces = pieces
             .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect();
-        let alphabet = byte_level_alphabet();
-        let vocab = model.tokenizer.vocab_size();
-        let pieces = (0..vocab as u32)
-            .map(|id| {
-                if specials.contains(&id) {
-                    return Box::default();
-                }
-                let Some(piece) = inner.id_to_token(id) else {
-                    return Box::default();
-                };
-                let bytes: Vec<u8> = match kind {
-                    PieceKind::ByteLevel => {
-                        let mut out = Vec::with_capacity(piece.len());
-                        for c in piece.chars() {
-                            match alphabet.get(&c) {
-                                Some(&b) => out.push(b),
-                                // Not byte-level (an added, non-special token): as written.
-                                None => out.extend_from_slice(c.to_string().as_bytes()),
-                            }
-                        }
-                        out
-                    }
-                    PieceKind::SentencePiece => match sentencepiece_byte(&piece) {
-                        Some(b) => vec![b],
-                        None => piece.replace('\u{2581}', " ").into_bytes(),
-                    },
-                };
-                bytes.into_boxed_slice()
+            .map(|piece| match piece {
+                TokenPiece::Bytes(bytes) => bytes,
+                TokenPiece::Special(_) => Box::default(),
             })
             .collect();
         Self {
             model,
             pieces,
             kind,
+            grammar: std::sync::OnceLock::new(),
         }
     }
 
@@ -214,6 +156,17 @@ impl TextCodec for NativeText {
 
     fn vocab_size(&self) -> u32 {
         u32::try_from(self.pieces.len()).unwrap_or(u32::MAX)
+    }
+
+    fn check_constraint(&self, constraint: &Constraint) -> Result<(), String> {
+        let engine = self
+            .grammar
+            .get_or_init(|| GrammarEngine::new(&self.model.tokenizer));
+        match engine {
+            Ok(engine) => engine.matcher(constraint).map(drop),
+            Err(e) => Err(e.clone()),
+        }
+        .map_err(|e| e.to_string())
     }
 
     fn describe(&self) -> String {
@@ -372,28 +325,6 @@ impl ModelRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_level_alphabet_covers_every_byte_once() {
-        let alphabet = byte_level_alphabet();
-        assert_eq!(alphabet.len(), 256);
-        assert_eq!(alphabet.get(&'Ġ'), Some(&b' '));
-        assert_eq!(alphabet.get(&'Ċ'), Some(&b'\n'));
-        assert_eq!(alphabet.get(&'a'), Some(&b'a'));
-        let mut bytes: Vec<u8> = alphabet.values().copied().collect();
-        bytes.sort_unstable();
-        bytes.dedup();
-        assert_eq!(bytes.len(), 256);
-    }
-
-    #[test]
-    fn sentencepiece_byte_pieces_parse() {
-        assert_eq!(sentencepiece_byte("<0x0A>"), Some(b'\n'));
-        assert_eq!(sentencepiece_byte("<0xE2>"), Some(0xe2));
-        assert_eq!(sentencepiece_byte("<0xZZ>"), None);
-        assert_eq!(sentencepiece_byte("<0x0>"), None);
-        assert_eq!(sentencepiece_byte("hello"), None);
-    }
 
     /// The tiny model's real (byte-level BPE) tokenizer: the pieces of a prompt's tokens spell
     /// the prompt's bytes exactly (multi-byte characters split across tokens included), and

@@ -17,8 +17,8 @@ use super::Frontend;
 use super::api::{
     self, ApiError, ChatCompletionRequest, CommonParams, CompletionRequest, PromptSpec, StopSpec,
 };
-use super::fields;
 use super::models::TextCodec;
+use super::{fields, structured};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Endpoint {
@@ -216,6 +216,20 @@ pub(super) fn prepare(
     }
     let room = (context - prompt.len()) as u32;
     let mut checked = check_common(&common, room, default_max)?;
+    if let Some((field, constraint)) = structured::constraint(&value)? {
+        model
+            .text
+            .check_constraint(&constraint)
+            .map_err(|e| ApiError::invalid_value(field, format!("{field}: {e}")))?;
+        checked.sampling.constraint = Some(constraint);
+    }
+    if let Some((field, constraint)) = structured::constraint(&value)? {
+        model
+            .text
+            .check_constraint(&constraint)
+            .map_err(|e| ApiError::invalid_value(field, format!("{field}: {e}")))?;
+        checked.sampling.constraint = Some(constraint);
+    }
     let vocab = model.text.vocab_size();
     if let Some(&(token, _)) = checked
         .sampling
@@ -374,6 +388,7 @@ fn check_common(
         repetition_penalty: common.repetition_penalty.unwrap_or(1.0) as f32,
         logit_bias,
         generated_in_prompt: 0,
+        constraint: None,
     };
     sampling
         .validate()

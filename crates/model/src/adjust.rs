@@ -31,7 +31,8 @@ impl<'a> History<'a> {
         }
     }
 
-    fn all_output(&self) -> impl Iterator<Item = u32> + '_ {
+    /// Every output token: the carried ones, then this worker's.
+    pub fn all_output(&self) -> impl Iterator<Item = u32> + '_ {
         self.carried.iter().chain(self.output).copied()
     }
 }

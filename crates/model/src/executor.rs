@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use crate::LoadedModel;
 use crate::adjust::History;
 use crate::error::ModelError;
+use crate::grammar::{Constrained, GrammarEngine, GrammarError};
 use crate::kv_cache::PagedKvCache;
 use crate::model::SeqInput;
 use crate::sampler::Sampler;
@@ -155,6 +156,8 @@ struct RequestSampling {
     params: SamplingParams,
     /// The request's seed, or one derived from its id when it has none.
     seed: u64,
+    /// Its grammar's state, once a constrained request sampled (or why it could not be built).
+    grammar: Option<Result<Constrained, GrammarError>>,
 }
 
 /// SplitMix64's finaliser: a cheap, well-mixed 64-bit hash.
@@ -170,6 +173,8 @@ pub struct NativeExecutor {
     model: Arc<LoadedModel>,
     cache: PagedKvCache,
     sampling: HashMap<RequestId, RequestSampling>,
+    /// The grammar compiler for the model's tokenizer, built by the first constrained request.
+    grammar: Option<Result<GrammarEngine, GrammarError>>,
 }
 
 impl std::fmt::Debug for NativeExecutor {
@@ -212,6 +217,7 @@ impl NativeExecutor {
             model,
             cache,
             sampling: HashMap::new(),
+            grammar: None,
         })
     }
 
@@ -296,9 +302,49 @@ impl Executor for NativeExecutor {
                         ..s.sampling.clone()
                     },
                     seed,
+                    grammar: None,
                 }
             });
             jobs.push((s, (s.start_pos + s.tokens.len()) as u64, logits));
+        }
+        // Structured output: the grammar masks what it does not allow next. Its state catches
+        // up with the output first (a new request, a recompute, a decode leg or a migrated
+        // request replays the tokens generated before it reached this state).
+        for (seq, _, logits) in &mut jobs {
+            let Some(state) = self.sampling.get_mut(&seq.request) else {
+                continue;
+            };
+            let Some(constraint) = &state.params.constraint else {
+                continue;
+            };
+            let grammar = state.grammar.get_or_insert_with(|| {
+                let model = &self.model;
+                let engine = self
+                    .grammar
+                    .get_or_insert_with(|| GrammarEngine::new(&model.tokenizer));
+                match engine {
+                    Ok(engine) => engine.matcher(constraint),
+                    Err(e) => Err(e.clone()),
+                }
+            });
+            let history = History::new(seq.prompt, state.params.generated_in_prompt, seq.generated);
+            let masked = match grammar {
+                Ok(grammar) => grammar
+                    .catch_up(history.all_output())
+                    .and_then(|()| grammar.mask(logits)),
+                Err(e) => Err(e.clone()),
+            };
+            if let Err(e) = masked {
+                // Ends this request (only this one) where it is: the frontend validated the
+                // grammar, so this is a grammar that allows nothing more.
+                tracing::warn!(request = seq.request.0, error = %e,
+                    "constrained decoding failed: ending the sequence");
+                let eos = self.model.tokenizer.eos_ids().first().copied().unwrap_or(0);
+                logits.iter_mut().for_each(|l| *l = f32::NEG_INFINITY);
+                if let Some(l) = logits.get_mut(eos as usize) {
+                    *l = 0.0;
+                }
+            }
         }
         // A softmax and a top-k over the vocabulary per sequence (262k entries for Gemma 3):
         // worth spreading over the cores at large batches.

@@ -35,6 +35,7 @@ pub mod error;
 pub mod executor;
 mod ggml_math;
 pub mod gguf;
+pub mod grammar;
 pub mod inspect;
 pub mod kernels;
 pub mod kv_cache;

@@ -107,7 +107,12 @@ impl Sampler {
             p.top_k as usize
         };
         // Candidates best first; top-k then top-p over the temperature-scaled distribution.
+        // Tokens masked to -inf (a grammar) are never candidates.
         let mut cands = top_k(logits, k);
+        cands.retain(|c| c.1.is_finite());
+        if cands.is_empty() {
+            return top_k(logits, 1).first().map_or(0, |&(i, _)| i);
+        }
         let t = p.temperature.max(1e-5);
         let max = cands.first().map_or(0.0, |c| c.1);
         let mut probs: Vec<f64> = cands

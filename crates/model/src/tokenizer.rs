@@ -379,10 +379,105 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// What every token id stands for, by id: the bytes it spells (the one byte table the
+    /// frontend's detokenizer and the grammar's token trie share), or, for a special token
+    /// (EOS, end of turn, chat markers), its name. Also says how the vocabulary spells bytes.
+    pub fn token_pieces(&self) -> (Vec<TokenPiece>, PieceKind) {
+        let inner = &self.inner;
+        // The decoder says how pieces spell text; serialized, its type names are stable.
+        let decoder = inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .unwrap_or_default();
+        let kind = if decoder.contains("\"ByteLevel\"") {
+            PieceKind::ByteLevel
+        } else {
+            PieceKind::SentencePiece
+        };
+        let specials: std::collections::HashSet<u32> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let alphabet = byte_level_alphabet();
+        let pieces = (0..self.vocab_size as u32)
+            .map(|id| {
+                let Some(piece) = inner.id_to_token(id) else {
+                    return TokenPiece::Bytes(Box::default());
+                };
+                if specials.contains(&id) {
+                    return TokenPiece::Special(piece);
+                }
+                let bytes: Vec<u8> = match kind {
+                    PieceKind::ByteLevel => {
+                        let mut out = Vec::with_capacity(piece.len());
+                        for c in piece.chars() {
+                            match alphabet.get(&c) {
+                                Some(&b) => out.push(b),
+                                // Not byte-level (an added, non-special token): as written.
+                                None => out.extend_from_slice(c.to_string().as_bytes()),
+                            }
+                        }
+                        out
+                    }
+                    PieceKind::SentencePiece => match sentencepiece_byte(&piece) {
+                        Some(b) => vec![b],
+                        None => piece.replace('\u{2581}', " ").into_bytes(),
+                    },
+                };
+                TokenPiece::Bytes(bytes.into_boxed_slice())
+            })
+            .collect();
+        (pieces, kind)
+    }
+
     /// The underlying `tokenizers` tokenizer (for streaming decode).
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// What one token id stands for ([`Tokenizer::token_pieces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenPiece {
+    /// The bytes of text it spells.
+    Bytes(Box<[u8]>),
+    /// A special token, by name; it spells no text.
+    Special(String),
+}
+
+/// How a vocabulary string spells bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceKind {
+    /// GPT-2 byte-level BPE: every byte is one printable character (`Ġ` is a space).
+    ByteLevel,
+    /// SentencePiece: `▁` is a space, `<0xAB>` is a raw byte (byte fallback).
+    SentencePiece,
+}
+
+/// GPT-2's `bytes_to_unicode`, inverted: the character that stands for each byte → the byte.
+fn byte_level_alphabet() -> HashMap<char, u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut map = HashMap::with_capacity(256);
+    let mut n = 0;
+    for b in 0u32..256 {
+        let c = if printable(b) {
+            b
+        } else {
+            n += 1;
+            255 + n
+        };
+        if let Some(c) = char::from_u32(c) {
+            map.insert(c, b as u8);
+        }
+    }
+    map
+}
+
+fn sentencepiece_byte(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -422,4 +517,31 @@ fn spm_merges(tokens: &[&str], types: &[u64], scores: &[f32]) -> Vec<(String, St
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_alphabet_covers_every_byte_once() {
+        let alphabet = byte_level_alphabet();
+        assert_eq!(alphabet.len(), 256);
+        assert_eq!(alphabet.get(&'Ġ'), Some(&b' '));
+        assert_eq!(alphabet.get(&'Ċ'), Some(&b'\n'));
+        assert_eq!(alphabet.get(&'a'), Some(&b'a'));
+        let mut bytes: Vec<u8> = alphabet.values().copied().collect();
+        bytes.sort_unstable();
+        bytes.dedup();
+        assert_eq!(bytes.len(), 256);
+    }
+
+    #[test]
+    fn sentencepiece_byte_pieces_parse() {
+        assert_eq!(sentencepiece_byte("<0x0A>"), Some(b'\n'));
+        assert_eq!(sentencepiece_byte("<0xE2>"), Some(0xe2));
+        assert_eq!(sentencepiece_byte("<0xZZ>"), None);
+        assert_eq!(sentencepiece_byte("<0x0>"), None);
+        assert_eq!(sentencepiece_byte("hello"), None);
+    }
 }

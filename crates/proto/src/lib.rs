@@ -49,4 +49,4 @@ pub use frame::{Frame, FrameCodec, FrameError, FrameKind, FrameReader};
 pub use hash::{BlockHash, BlockSize, LocalBlockHash, SequenceHash};
 pub use ids::{DeploymentId, GpuId, ModelId, NodeId, WorkerId};
 pub use kv_event::{KvEvent, KvEventData, Tier};
-pub use request::{InvalidSampling, KvDtype, KvLayout, SamplingParams};
+pub use request::{Constraint, InvalidSampling, KvDtype, KvLayout, SamplingParams};

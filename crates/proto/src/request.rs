@@ -62,6 +62,27 @@ pub struct SamplingParams {
     /// uninterrupted run would.
     #[serde(default)]
     pub generated_in_prompt: u32,
+    /// What the output must match (structured output): every sampled token is one the grammar
+    /// allows, and the sequence ends only where the grammar may. The grammar's state is not
+    /// carried: a worker rebuilds it from this and the output so far, so it survives
+    /// preemption, forwarding, the prefill → decode hand-off and migration.
+    #[serde(default)]
+    pub constraint: Option<Constraint>,
+}
+
+/// A grammar the output must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "spec", rename_all = "snake_case")]
+pub enum Constraint {
+    /// A JSON value valid against this JSON Schema (as JSON text). `{"type": "object"}` is
+    /// OpenAI's `json_object`.
+    JsonSchema(String),
+    /// Text matching this regular expression (the whole output).
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A Lark grammar (llguidance's dialect; `start` is the root rule).
+    Lark(String),
 }
 
 fn one() -> f32 {
@@ -103,6 +124,7 @@ impl SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: Vec::new(),
             generated_in_prompt: 0,
+            constraint: None,
         }
     }
 
