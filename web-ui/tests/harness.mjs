@@ -93,12 +93,12 @@ export class ControlPlane {
     fs.mkdirSync(artifacts, { recursive: true });
     this.logPath = path.join(artifacts, 'controlplane.log');
     const log = fs.openSync(this.logPath, 'w');
-    // Short intervals so placement and liveness act within the test's patience.
+    // Short intervals so placement, liveness and the planner act within the test's patience.
     this.proc = spawn(this.bin, ['serve', '--database-url', this.dbUrl, '--listen', `127.0.0.1:${this.port}`,
       '--set', `auth.bootstrap_admin_token=${this.adminToken}`,
       '--set', 'placement.interval=300ms', '--set', 'leader.retry_interval=300ms',
       '--set', 'liveness.heartbeat_interval=500ms', '--set', 'liveness.check_interval=500ms',
-      '--set', 'watch.max_wait=5s'],
+      '--set', 'watch.max_wait=5s', '--set', 'planner.interval=1s'],
     { stdio: ['ignore', log, log], env: childEnv() });
     this.exited = new Promise((resolve) => this.proc.once('exit', (code, signal) => resolve({ code, signal })));
     const deadline = Date.now() + 30_000;

@@ -179,6 +179,29 @@ describe('admin web UI', { skip: skip || false }, () => {
     await shot('06-deployment-detail');
   });
 
+  it("shows the SLA planner's decisions and charts on a deployment", async () => {
+    // Still on chat's page. `advise` makes the leader's planner record a decision every round
+    // (1 s here) without changing the fleet, so the later tests see the same workers.
+    const chat = (await cp.api('GET', '/deployments')).items.find((d) => d.name === 'chat');
+    await cp.api('PATCH', `/deployments/${chat.id}`, { planner: 'advise' });
+    const section = 'section[aria-labelledby="h-planner"]';
+    await page.locator(`${section} ol.planner-timeline li[data-action]`).first().waitFor({ timeout: 30_000 });
+    const entry = `${section} ol.planner-timeline li[data-action]`;
+    assert.ok((await text(`${entry} .reason`)).trim().length > 10, 'a decision says why');
+    assert.match(await text(`${entry} .inputs`), /observed \d+(\.\d+)? req\/s/);
+    assert.match(await text(`${entry} .outcome`), /→ \d+ aggregated/);
+    assert.match(await text(`${section} .planner-now`), /\(advise\)/);
+    const titles = await page.locator(`${section} .planner-charts`).innerText();
+    for (const title of ['TTFT p90 vs target', 'ITL p90 vs target', 'Workers per role', 'Load']) {
+      assert.ok(titles.includes(title), `the ${title} chart`);
+    }
+    // The same decisions through the API, the page's source.
+    const decisions = await cp.api('GET', `/planner/decisions?deployment=${chat.id}`);
+    assert.ok(decisions.items.length > 0 && decisions.items.every((d) => d.mode === 'advise' && !d.applied));
+    await shot('06b-deployment-planner');
+    await cp.api('PATCH', `/deployments/${chat.id}`, { planner: 'off' });
+  });
+
   it('cordons and uncordons a node from its page', async () => {
     await goNav('Overview');
     await page.locator('tr[data-node="gpu-node-1"] a').click();
