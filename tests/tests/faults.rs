@@ -332,10 +332,13 @@ async fn kill_9_a_worker_in_prefill_loses_no_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let burst = Load::start(&[addrs[1]], 4);
     let started = Instant::now();
+    // Node b's router may send a prompt to the worker holding its prefix on another node, so
+    // how many of the burst reach b's own worker at once varies: wait for any (the kill must
+    // hit at least one request, asserted below through the migration count).
     wait_for(
         "the burst at node b's worker",
-        Duration::from_secs(10),
-        || async { outstanding(&nodes.agents[1]) >= 3 },
+        Duration::from_secs(20),
+        || async { outstanding(&nodes.agents[1]) >= 1 },
     )
     .await;
     let at = started.elapsed();
