@@ -107,12 +107,19 @@ pub(crate) fn gemma3_exact() -> Option<&'static LoadedModel> {
     load_once(&M, gemma3_path, GEMMA3, KernelPath::exact())
 }
 
-/// A golden file from ../shared/golden (or `KVFLEET_GOLDEN_DIR`).
+/// A golden file from `KVFLEET_GOLDEN_DIR`, or from `shared/golden` beside the checkout or any
+/// directory above it: a clone in a CI scratch dir (`…/run/kvfleet`) must find the same files as
+/// the working copy (`…/main`), or the golden tests would skip silently.
 pub(crate) fn golden(name: &str) -> Option<serde_json::Value> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::var("KVFLEET_GOLDEN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden")
+            manifest
+                .ancestors()
+                .map(|a| a.join("shared/golden"))
+                .find(|d| d.is_dir())
+                .unwrap_or_else(|| manifest.join("../../../shared/golden"))
         });
     let p = dir.join(name);
     match std::fs::read_to_string(&p) {
