@@ -62,6 +62,8 @@ fn routes() -> Vec<Route> {
         route(Method::GET, "/status", None, 200, None),
         route(Method::GET, "/ca", None, 200, None),
         route(Method::GET, "/nodes", Some(Read), 200, None),
+        route(Method::GET, "/kv/stats", Some(Read), 200, None),
+        route(Method::GET, "/kv/workers", Some(Read), 200, None),
         route(Method::GET, "/nodes/{node}", Some(Read), 200, None),
         route(
             Method::POST,

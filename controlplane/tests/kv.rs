@@ -17,8 +17,8 @@ use kvfleet_controlplane::kv_index::{KvIndexConfig, KvIndexStats};
 use kvfleet_controlplane::{AppState, Config};
 use kvfleet_proto::hash::{BlockSize, block_hashes};
 use kvfleet_proto::kv_stream::{
-    KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, WorkerEpoch,
-    WorkerLoadReport,
+    KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, KvWorkerBlocks,
+    WorkerEpoch, WorkerLoadReport,
 };
 use kvfleet_proto::{KvEvent, KvEventData, SequenceHash, Tier, WorkerId};
 use reqwest::StatusCode;
@@ -939,5 +939,68 @@ async fn loads_from_one_agent_reach_the_others_stream_and_bad_ones_are_counted(p
         .unwrap();
     assert_eq!(rows, 1);
     assert_eq!(snapshot(&cp, &agent_b).await.seq, 1);
+    cp.stop().await;
+}
+
+/// `stored` in another tier.
+fn stored_in(tier: Tier, worker: u64, event_id: u64, first_token: u32) -> KvEvent {
+    KvEvent {
+        tier,
+        ..stored(worker, event_id, first_token)
+    }
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn each_workers_blocks_per_tier_are_listed_for_viewers(pool: PgPool) {
+    let cp = start_replica(&pool, test_config(), kv_config()).await;
+    let fleet = fleet(&cp, &pool).await;
+    let (_, agent_a, wa) = fleet.nodes[0].clone();
+    let (_, agent_b, wb) = fleet.nodes[1].clone();
+    // A: two prompts in G1, one offloaded to host memory, one of those also on disk.
+    upload(
+        &cp,
+        &agent_a,
+        &batch(vec![
+            stored(wa, 0, 0),
+            stored(wa, 1, 100),
+            stored_in(Tier::G2, wa, 2, 200),
+            stored_in(Tier::G3, wa, 3, 200),
+        ]),
+    )
+    .await;
+    // B: one prompt on disk only (its G1 copy evicted).
+    upload(
+        &cp,
+        &agent_b,
+        &batch(vec![
+            stored(wb, 0, 300),
+            stored_in(Tier::G3, wb, 1, 300),
+            KvEvent {
+                worker: WorkerId(wb),
+                event_id: 2,
+                tier: Tier::G1,
+                data: KvEventData::Cleared,
+            },
+        ]),
+    )
+    .await;
+    let (status, body) = send(
+        reqwest::Method::GET,
+        cp.url("/kv/workers"),
+        &fleet.viewer,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let listed: Vec<KvWorkerBlocks> = serde_json::from_value(body).unwrap();
+    let mut expected = vec![
+        KvWorkerBlocks::from_counts(WorkerId(wa), [4, 2, 2, 0]),
+        KvWorkerBlocks::from_counts(WorkerId(wb), [0, 0, 2, 0]),
+    ];
+    expected.sort_by_key(|w| w.worker);
+    assert_eq!(listed, expected, "in worker-id order");
+    // Not for anyone without a token.
+    let anonymous = call(reqwest::Method::GET, &cp.url("/kv/workers"), None, None).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     cp.stop().await;
 }

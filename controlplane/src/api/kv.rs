@@ -7,8 +7,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use kvfleet_proto::kv_stream::{
-    KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamPage, KvStreamQuery, MAX_BATCH_EVENTS,
-    MAX_BATCH_LOADS, MAX_STREAM_PAGE,
+    KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamPage, KvStreamQuery, KvWorkerBlocks,
+    MAX_BATCH_EVENTS, MAX_BATCH_LOADS, MAX_STREAM_PAGE,
 };
 
 use super::agent::node_of;
@@ -106,4 +106,15 @@ pub async fn stats(
     State(state): State<AppState>,
 ) -> Result<Json<KvIndexStats>, ApiError> {
     Ok(Json(state.kv.stats()))
+}
+
+/// Blocks per tier (G1 device, G2 host, G3 disk, G4 remote) of every worker in this replica's
+/// KV index, in worker-id order.
+#[utoipa::path(get, path = "/api/v1/kv/workers", tag = "fleet",
+    responses((status = 200, description = "[KvWorkerBlocks]: [{worker, g1, g2, g3, g4}]")))]
+pub async fn workers(
+    _caller: Caller<Read>,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<KvWorkerBlocks>>, ApiError> {
+    Ok(Json(state.kv.worker_blocks()))
 }

@@ -110,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/kv-stream", get(kv::stream))
         .route("/agent/kv-snapshot", get(kv::snapshot))
         .route("/kv/stats", get(kv::stats))
+        .route("/kv/workers", get(kv::workers))
         .fallback(not_found);
     Router::new()
         .nest("/api/v1", v1)
@@ -383,7 +384,7 @@ impl utoipa::Modify for BearerAuth {
         profiles::upload, profiles::list, profiles::get, profiles::delete,
         agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
         agent::fleet_directory,
-        kv::upload, kv::stream, kv::snapshot, kv::stats,
+        kv::upload, kv::stream, kv::snapshot, kv::stats, kv::workers,
     ),
     components(schemas(problem::Problem, problem::InvalidParam)),
     modifiers(&BearerAuth),

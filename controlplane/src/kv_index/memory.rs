@@ -12,7 +12,7 @@ use kvfleet_kv_router::{Router, RouterConfig, WorkerCapacity};
 use kvfleet_proto::hash::chain;
 use kvfleet_proto::kv_stream::{
     KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamItem, KvStreamPage, KvTierBlocks,
-    KvWorkerSnapshot, MAX_PAGE_BLOCKS, SequencedItem, WorkerLoadReport,
+    KvWorkerBlocks, KvWorkerSnapshot, MAX_PAGE_BLOCKS, SequencedItem, WorkerLoadReport,
 };
 use kvfleet_proto::{KvEventData, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -478,6 +478,19 @@ impl Core {
                 })
                 .collect(),
         }
+    }
+
+    /// Blocks per tier of every worker in the index, in id order (counts, not hashes: cheap
+    /// under the lock for any fleet size).
+    pub fn worker_blocks(&self) -> Vec<KvWorkerBlocks> {
+        self.index
+            .workers()
+            .filter_map(|w| {
+                self.index
+                    .worker_blocks(w)
+                    .map(|counts| KvWorkerBlocks::from_counts(w, counts))
+            })
+            .collect()
     }
 
     /// Workers in the index, in id order.

@@ -213,6 +213,11 @@ impl KvIndex {
         self.core().stats()
     }
 
+    /// Blocks per tier of every worker in the index.
+    pub fn worker_blocks(&self) -> Vec<kvfleet_proto::kv_stream::KvWorkerBlocks> {
+        self.core().worker_blocks()
+    }
+
     /// Items after `after` (see [`Core::page`]) and the loads reported since load version
     /// `loads_after` (see [`Core::loads_since`]).
     pub fn page(&self, after: u64, loads_after: u64, limit: usize) -> KvStreamPage {

@@ -222,6 +222,35 @@ pub struct KvStreamPage {
     pub loads_version: u64,
 }
 
+/// How many blocks one worker holds in each tier, as the fleet index knows it
+/// (`GET /api/v1/kv/workers`): what an operator reads to see whether offload is working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvWorkerBlocks {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Blocks in device memory (the engine's own pool).
+    pub g1: u64,
+    /// Blocks in host memory.
+    pub g2: u64,
+    /// Blocks on the node's local disk.
+    pub g3: u64,
+    /// Blocks announced as fetchable from other nodes.
+    pub g4: u64,
+}
+
+impl KvWorkerBlocks {
+    /// Counts in [`crate::Tier::ALL`] order.
+    pub fn from_counts(worker: WorkerId, [g1, g2, g3, g4]: [u64; 4]) -> Self {
+        Self {
+            worker,
+            g1,
+            g2,
+            g3,
+            g4,
+        }
+    }
+}
+
 /// The whole index as of one point of the stream (`GET /api/v1/agent/kv-snapshot`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct KvSnapshot {
