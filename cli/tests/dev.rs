@@ -242,6 +242,28 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
     let workers = common::kvfleet_with(&login, &["workers", "--json"], &env, "").await;
     let workers = workers.expect(0).json();
     assert_eq!(workers[0]["observed_state"], "ready", "{workers}");
+    // The table shows the blocks the chat left in the worker's cache, per tier, as the fleet
+    // KV index knows them (the agent uploads its events every half second).
+    let kv_column = |table: &str| -> Option<(u64, u64, u64)> {
+        let header = table.lines().next()?;
+        let at = header.find("KV G1/G2/G3")?;
+        let row = table.lines().nth(1)?;
+        let cell = row.get(at..)?.split_whitespace().next()?;
+        let mut parts = cell.split('/').map(|p| p.parse::<u64>().ok());
+        Some((parts.next()??, parts.next()??, parts.next()??))
+    };
+    let mut table = String::new();
+    let mut seen = None;
+    for _ in 0..40 {
+        let run = common::kvfleet_with(&login, &["workers"], &env, "").await;
+        table = run.expect(0).stdout.clone();
+        seen = kv_column(&table).filter(|(g1, _, _)| *g1 > 0);
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(seen.is_some(), "no G1 blocks in the KV column:\n{table}");
     let node_id = nodes[0]["id"].clone();
 
     let status = dev.stop("TERM").await;

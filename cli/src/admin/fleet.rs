@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use clap::{Args, Subcommand};
 use kvfleet_proto::api::{Deployment, Gpu, Node, NodeState, Worker};
+use kvfleet_proto::kv_stream::KvWorkerBlocks;
 use reqwest::Method;
 use uuid::Uuid;
 
@@ -294,6 +295,13 @@ pub(crate) async fn workers(args: WorkersArgs) -> Result<(), CliError> {
         .iter()
         .map(|d| (d.id, d.name.as_str()))
         .collect();
+    // Blocks per tier from the fleet KV index; a control plane without the route (older) or a
+    // token it refuses leaves the column blank rather than failing the listing.
+    let kv: HashMap<u64, KvWorkerBlocks> = client
+        .get::<Vec<KvWorkerBlocks>>("/kv/workers", &[])
+        .await
+        .map(|all| all.into_iter().map(|b| (b.worker.0, b)).collect())
+        .unwrap_or_default();
     let now = chrono::Utc::now();
     let mut table = Table::new(&[
         "ID",
@@ -303,6 +311,7 @@ pub(crate) async fn workers(args: WorkersArgs) -> Result<(), CliError> {
         "ROLE",
         "DESIRED",
         "OBSERVED",
+        "KV G1/G2/G3",
         "REPORTED",
     ]);
     for w in &workers {
@@ -325,6 +334,10 @@ pub(crate) async fn workers(args: WorkersArgs) -> Result<(), CliError> {
             w.role.to_string(),
             w.desired_state.to_string(),
             w.observed_state.to_string(),
+            u64::try_from(w.id)
+                .ok()
+                .and_then(|id| kv.get(&id))
+                .map_or_else(|| "-".to_owned(), |b| format!("{}/{}/{}", b.g1, b.g2, b.g3)),
             age(w.observed_at, now),
         ]);
     }
