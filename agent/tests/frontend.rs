@@ -1144,6 +1144,32 @@ async fn metrics_have_help_text_and_per_model_latency_histograms() {
     );
 }
 
+/// The sum of one per-tier metric family's samples for `tier` (`g1`..`g4`).
+fn tier_sum(text: &str, family: &str, tier: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(&format!("{family}{{")) && l.contains(&format!("tier=\"{tier}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The agent's `/metrics` text once `ready` holds for it (within 10 s).
+async fn metrics_until(agent: &TestAgent, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = agent.metrics_text().await;
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} within 10 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `[kv_tiers]` reaches the workers: a prompt pushed out of a small KV pool comes back from
 /// host memory or disk instead of being recomputed, the disk tier's files are in the worker's
 /// own directory, and every tier figure is in `/metrics` with a `tier` label.
@@ -1167,27 +1193,11 @@ async fn kv_tiers_take_evicted_blocks_and_give_them_back() {
         let response = agent.post("/v1/chat/completions", chat(&story(i), 2)).await;
         assert_eq!(response.status(), 200);
     }
-    let hits = |text: &str, tier: &str| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("kvfleet_worker_kv_tier_hits_total{")
-                    && l.contains(&format!("tier=\"{tier}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let text = loop {
-        let text = agent.metrics_text().await;
-        if hits(&text, "g2") + hits(&text, "g3") > 0.0 {
-            break text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no lower-tier hit reported:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let hits = |text: &str, tier: &str| tier_sum(text, "kvfleet_worker_kv_tier_hits_total", tier);
+    let text = metrics_until(&agent, "lower-tier hit", |text| {
+        hits(text, "g2") + hits(text, "g3") > 0.0
+    })
+    .await;
     for family in [
         "# HELP kvfleet_worker_kv_tier_blocks ",
         "# HELP kvfleet_worker_kv_tier_offload_bytes_total ",
@@ -1200,6 +1210,72 @@ async fn kv_tiers_take_evicted_blocks_and_give_them_back() {
         .map(|layouts| layouts.count())
         .unwrap_or(0);
     assert!(files > 0, "the disk tier is in the worker's own directory");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The disk tier outlives its worker: blocks a worker wrote to G3 before it was killed -9 are
+/// found again by its restarted process (which starts with empty G1 and G2), so the same
+/// prompt is onboarded from disk instead of recomputed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_disk_tier_is_hit_again_after_its_restart() {
+    let dir = std::env::temp_dir().join(format!("kvfleet-agent-g3-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let agent = TestAgent::start_with_backoff(
+        &format!(
+            "[kv_tiers]\nhost_memory = \"1KiB\"\ndisk = \"64KiB\"\ndisk_dir = {dir:?}\n\
+             [[models]]\nname = \"m\"\ncontext_length = 512\nblock_size = 16\nkv_blocks = 32\n"
+        ),
+        500,
+    )
+    .await;
+    let story = |i: usize| {
+        format!(
+            "{i} {}",
+            "the lighthouse logged every passing hull at dusk ".repeat(5)
+        )
+    };
+    // Four different prompts through a 32-block pool: the first ones are pushed down the tiers.
+    for i in 0..4 {
+        let response = agent.post("/v1/chat/completions", chat(&story(i), 2)).await;
+        assert_eq!(response.status(), 200);
+    }
+    let text = metrics_until(&agent, "blocks in the disk tier", |text| {
+        tier_sum(text, "kvfleet_worker_kv_tier_blocks", "g3") > 0.0
+    })
+    .await;
+    assert_eq!(
+        tier_sum(&text, "kvfleet_worker_kv_tier_hits_total", "g3"),
+        0.0,
+        "no disk hit before the kill (the test's premise):\n{text}"
+    );
+
+    let (_, ready) = agent.ready_status().await;
+    let pid = ready["workers"][0]["pid"].as_u64().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = agent.ready_status().await;
+        if code == 200 && body["workers"][0]["starts"] == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no restart: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The restarted worker has nothing in G1 or G2: a hit on these prompts is a disk hit.
+    for i in 0..4 {
+        let response = agent.post("/v1/chat/completions", chat(&story(i), 2)).await;
+        assert_eq!(response.status(), 200);
+    }
+    metrics_until(&agent, "a disk hit in the restarted worker", |text| {
+        tier_sum(text, "kvfleet_worker_kv_tier_hits_total", "g3") > 0.0
+    })
+    .await;
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
