@@ -94,6 +94,33 @@ impl DeploymentFields {
     }
 }
 
+impl DeploymentFields {
+    /// Binds the stored columns, `mode` through `migration_limit`, in the order in which both
+    /// the INSERT and the UPDATE name them (one list, so the two cannot drift apart).
+    fn bind_columns<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.mode.as_str())
+            .bind(self.sla.ttft_ms)
+            .bind(self.sla.itl_ms)
+            .bind(self.sla.percentile_or_default())
+            .bind(self.min_workers)
+            .bind(self.max_workers)
+            .bind(self.roles.prefill.map(|b| b.min))
+            .bind(self.roles.prefill.map(|b| b.max))
+            .bind(self.roles.decode.map(|b| b.min))
+            .bind(self.roles.decode.map(|b| b.max))
+            .bind(self.planner.as_str())
+            .bind(sqlx::types::Json(&self.placement))
+            .bind(i64::from(self.disaggregation.min_remote_prefill_tokens))
+            .bind(i64::from(self.disaggregation.max_prefill_queue_tokens))
+            .bind(i64::from(self.disaggregation.prefill_timeout_ms))
+            .bind(i64::from(self.migration_limit))
+    }
+}
+
 /// The deployment rules that do not need the database.
 pub fn validate_deployment_fields(fields: &DeploymentFields) -> Vec<InvalidParam> {
     let DeploymentFields {
@@ -341,7 +368,7 @@ pub async fn create_deployment(
     };
     super::planner::check_budget_with(&mut change, None, &fields.policy(&new.name)).await?;
     let id = Uuid::new_v4();
-    sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO deployments (id, name, model_id, mode, ttft_target_ms, itl_target_ms,
              sla_percentile, min_workers, max_workers, min_prefill_workers, max_prefill_workers,
              min_decode_workers, max_decode_workers, planner, placement,
@@ -352,31 +379,17 @@ pub async fn create_deployment(
     )
     .bind(id)
     .bind(&new.name)
-    .bind(model)
-    .bind(fields.mode.as_str())
-    .bind(fields.sla.ttft_ms)
-    .bind(fields.sla.itl_ms)
-    .bind(fields.sla.percentile_or_default())
-    .bind(fields.min_workers)
-    .bind(fields.max_workers)
-    .bind(fields.roles.prefill.map(|b| b.min))
-    .bind(fields.roles.prefill.map(|b| b.max))
-    .bind(fields.roles.decode.map(|b| b.min))
-    .bind(fields.roles.decode.map(|b| b.max))
-    .bind(fields.planner.as_str())
-    .bind(sqlx::types::Json(&fields.placement))
-    .bind(i64::from(fields.disaggregation.min_remote_prefill_tokens))
-    .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
-    .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
-    .bind(i64::from(fields.migration_limit))
-    .execute(&mut *change)
-    .await
-    .map_err(|e| match ApiError::from(e) {
-        ApiError::Conflict(_) => {
-            ApiError::Conflict(format!("a deployment named {:?} exists", new.name))
-        }
-        other => other,
-    })?;
+    .bind(model);
+    fields
+        .bind_columns(insert)
+        .execute(&mut *change)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError::Conflict(_) => {
+                ApiError::Conflict(format!("a deployment named {:?} exists", new.name))
+            }
+            other => other,
+        })?;
     let deployment = fetch_deployment(&mut change, id, false).await?;
     change
         .commit(
@@ -441,36 +454,22 @@ pub async fn update_deployment(
     super::planner::check_budget_with(&mut change, Some(id), &fields.policy(&before.name)).await?;
     // Placement follows the planner's targets only in `auto`: leaving it drops them.
     let keep_targets = fields.planner == PlannerMode::Auto;
-    sqlx::query(
+    let update = sqlx::query(
         "UPDATE deployments SET mode = $2, ttft_target_ms = $3, itl_target_ms = $4,
              sla_percentile = $5, min_workers = $6, max_workers = $7, min_prefill_workers = $8,
              max_prefill_workers = $9, min_decode_workers = $10, max_decode_workers = $11,
              planner = $12, placement = $13, min_remote_prefill_tokens = $14,
              max_prefill_queue_tokens = $15, prefill_timeout_ms = $16,
-             planner_targets = CASE WHEN $17 THEN planner_targets END, migration_limit = $18,
+             migration_limit = $17, planner_targets = CASE WHEN $18 THEN planner_targets END,
              generation = generation + 1, updated_at = now()
          WHERE id = $1",
     )
-    .bind(id)
-    .bind(fields.mode.as_str())
-    .bind(fields.sla.ttft_ms)
-    .bind(fields.sla.itl_ms)
-    .bind(fields.sla.percentile_or_default())
-    .bind(fields.min_workers)
-    .bind(fields.max_workers)
-    .bind(fields.roles.prefill.map(|b| b.min))
-    .bind(fields.roles.prefill.map(|b| b.max))
-    .bind(fields.roles.decode.map(|b| b.min))
-    .bind(fields.roles.decode.map(|b| b.max))
-    .bind(fields.planner.as_str())
-    .bind(sqlx::types::Json(&fields.placement))
-    .bind(i64::from(fields.disaggregation.min_remote_prefill_tokens))
-    .bind(i64::from(fields.disaggregation.max_prefill_queue_tokens))
-    .bind(i64::from(fields.disaggregation.prefill_timeout_ms))
-    .bind(keep_targets)
-    .bind(i64::from(fields.migration_limit))
-    .execute(&mut *change)
-    .await?;
+    .bind(id);
+    fields
+        .bind_columns(update)
+        .bind(keep_targets)
+        .execute(&mut *change)
+        .await?;
     let after = fetch_deployment(&mut change, id, false).await?;
     change
         .commit(
