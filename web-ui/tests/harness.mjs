@@ -226,6 +226,29 @@ export class SimAgent {
     });
     await this.cp.api('POST', '/agent/heartbeat', { workers, gpus }, this.credential);
     this.beats += 1;
+    await this.uploadKv(workers);
+  }
+
+  // Once a worker is ready, its cache as an engine with offload would announce it: three
+  // blocks in G1, two in host memory (G2), one on disk (G3). Each block starts a prompt (no
+  // parent), so its sequence hash is its local hash and the chain check holds.
+  async uploadKv(observed) {
+    const events = [];
+    for (const { worker_id: id, state } of observed) {
+      const w = this.workers.get(id);
+      if (state !== 'ready' || !w || w.kvSent) continue;
+      w.kvSent = true;
+      const tiers = [['g1', 3], ['g2', 2], ['g3', 1]];
+      let eventId = 0;
+      for (const [tier, blocks] of tiers) {
+        for (let i = 0; i < blocks; i += 1) {
+          const hash = id * 1000 + eventId + 1;
+          events.push({ worker: id, event_id: eventId, tier, type: 'stored', parent: null, blocks: [{ local: hash, sequence: hash }] });
+          eventId += 1;
+        }
+      }
+    }
+    if (events.length) await this.cp.api('POST', '/agent/kv-events', { epochs: [], events, loads: [] }, this.credential);
   }
 
   run() {

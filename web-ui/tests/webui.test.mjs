@@ -222,6 +222,16 @@ describe('admin web UI', { skip: skip || false }, () => {
     await waitFor(async () => (await page.locator('section[aria-labelledby="h-kv-now"] tbody tr').count()) === 2, { what: 'two KV rows' });
     await waitFor(async () => (await page.locator('svg.chart path.line').count()) >= 4, { what: 'usage and hit-rate lines for both workers', timeout: 20_000 });
     assert.match(await text('section[aria-labelledby="h-kv-now"] tbody'), /\d+ \/ 4096/);
+    // Blocks per tier from the fleet KV index: each simulated worker announced 3 / 2 / 1.
+    await waitFor(async () => (await page.locator('section[aria-labelledby="h-kv-now"] td[data-col="g3"]').allInnerTexts()).join(',') === '1,1',
+      { what: 'G3 blocks of both workers', timeout: 20_000 });
+    for (const [col, n] of [['g1', '3'], ['g2', '2'], ['g3', '1']]) {
+      assert.deepEqual(await page.locator(`section[aria-labelledby="h-kv-now"] td[data-col="${col}"]`).allInnerTexts(), [n, n], col);
+    }
+    // Fleet totals (workers stopped by earlier tests leave the index at its next sweep).
+    const tiles = async () => [await text('[data-tile="kv-g1"]'), await text('[data-tile="kv-g2"]'), await text('[data-tile="kv-g3"]')];
+    await waitFor(async () => (await tiles()).join('|') === 'G1 blocks (device)6|G2 blocks (host memory)4|G3 blocks (local disk)2',
+      { what: 'per-tier totals 6 / 4 / 2', timeout: 20_000 });
     // Over time: with a 5-minute window (5 s buckets) each worker's usage becomes a line.
     await page.getByLabel('Window', { exact: true }).selectOption('5');
     await waitFor(async () => (await page.locator('svg.chart path.line').evaluateAll((ps) => ps.filter((p) => p.getAttribute('d').includes('L')).length)) >= 2,

@@ -1,5 +1,6 @@
 // KV cache: per-worker block usage and prefix-cache hit rate, now and over the last 15
-// minutes, from the metrics API (what the agents report in their heartbeats).
+// minutes, from the metrics API (what the agents report in their heartbeats); blocks per tier
+// (G1 device, G2 host memory, G3 disk) from the fleet KV index.
 
 import { all, get, metrics } from '/ui/js/api.js';
 import { h, patch, table } from '/ui/js/dom.js';
@@ -23,13 +24,21 @@ export async function mount(ctx) {
 
   const refresh = async () => {
     // The control plane's fleet-wide index (what routers are fed); absent on an older server.
-    const [workers, deployments, nodes, index] = await Promise.all([all('/workers'), all('/deployments'), all('/nodes'),
-      get('/kv/stats').catch((e) => (e.status === 404 ? null : Promise.reject(e)))]);
+    const optional = (path) => get(path).catch((e) => (e.status === 404 ? null : Promise.reject(e)));
+    const [workers, deployments, nodes, index, perTier] = await Promise.all([all('/workers'), all('/deployments'), all('/nodes'),
+      optional('/kv/stats'), optional('/kv/workers')]);
+    // Blocks per tier and worker, as the index knows them: whether offload to host memory and
+    // disk is working shows here before it shows in hit rates.
+    const tiers = Object.fromEntries((perTier || []).map((b) => [b.worker, b]));
+    const total = (tier) => (perTier || []).reduce((sum, b) => sum + b[tier], 0);
     const tile = (label, value, key) => h('div', { class: 'tile', 'data-tile': key }, h('div', { class: 'label' }, label), h('div', { class: 'value' }, value));
     patch(slots.index, index ? h('div', { class: 'tiles', role: 'group', 'aria-label': 'KV index' },
       tile('Blocks in the fleet index', String(index.blocks), 'kv-blocks'),
       tile('Workers in the index', String(index.workers), 'kv-workers'),
-      tile('Event sequence', String(index.head_seq), 'kv-seq')) : h('div', {}));
+      tile('Event sequence', String(index.head_seq), 'kv-seq'),
+      ...(perTier ? [tile('G1 blocks (device)', String(total('g1')), 'kv-g1'),
+        tile('G2 blocks (host memory)', String(total('g2')), 'kv-g2'),
+        tile('G3 blocks (local disk)', String(total('g3')), 'kv-g3')] : [])) : h('div', {}));
     const dep = Object.fromEntries(deployments.map((d) => [d.id, d.name]));
     const host = Object.fromEntries(nodes.map((n) => [n.id, n.hostname]));
     const shown = workers.filter((w) => w.desired_state !== 'stopped').slice(0, MAX_WORKERS);
@@ -51,6 +60,9 @@ export async function mount(ctx) {
       { label: 'Blocks used', key: 'blocks', value: ({ p }) => (p && p.kv_blocks_total
         ? [h('meter', { min: 0, max: p.kv_blocks_total, high: p.kv_blocks_total * 0.9, value: p.kv_blocks_used, 'aria-label': `${Math.round(p.kv_blocks_used)} of ${Math.round(p.kv_blocks_total)} blocks` }), ' ', `${Math.round(p.kv_blocks_used)} / ${Math.round(p.kv_blocks_total)}`]
         : '—') },
+      { label: 'G1', key: 'g1', num: true, value: ({ w }) => String(tiers[w.id]?.g1 ?? '—') },
+      { label: 'G2', key: 'g2', num: true, value: ({ w }) => String(tiers[w.id]?.g2 ?? '—') },
+      { label: 'G3', key: 'g3', num: true, value: ({ w }) => String(tiers[w.id]?.g3 ?? '—') },
       { label: 'Hit rate', key: 'hit', num: true, value: ({ p }) => pct(p?.prefix_hit_rate) },
     ], rows, { caption: 'KV cache per worker', empty: 'No live workers.', rowAttrs: ({ w }) => ({ 'data-worker': w.id }) }));
   };
