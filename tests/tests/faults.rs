@@ -20,11 +20,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::load::*;
 use common::*;
-use serde_json::{Value, json};
 
 /// A stopped agent's node is lost (and leaves the routers) within seconds.
 const LOST_AFTER: Duration = Duration::from_secs(2);
@@ -39,167 +38,37 @@ const SETUP: AgentSetup = AgentSetup {
 const MAX_TOKENS: u32 = 60;
 
 /// The prompts clients cycle through (distinct, so the router spreads them over the nodes).
-fn prompts() -> Vec<String> {
-    (0..9)
-        .map(|i| {
-            format!(
-                "fault suite prompt number {i}: tell me about node {}",
-                i % 3
-            )
-        })
-        .collect()
-}
-
-/// What one streamed request gave the client.
-#[derive(Debug)]
-enum Outcome {
-    /// Text and completion tokens, ended with `[DONE]`.
-    Done(String, u64),
-    /// Anything else: a status, an error event, a broken stream.
-    Failed(String),
-}
-
-/// One streamed chat completion from `agent`.
-async fn stream(client: &reqwest::Client, agent: SocketAddr, prompt: &str) -> Outcome {
-    let response = client
-        .post(format!("http://{agent}/v1/chat/completions"))
-        .json(&json!({
-            "model": MODEL,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": MAX_TOKENS,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        }))
-        .timeout(Duration::from_secs(60))
-        .send()
-        .await;
-    let response = match response {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => return Outcome::Failed(format!("status {}", r.status())),
-        Err(e) => return Outcome::Failed(format!("request: {e}")),
-    };
-    let body = match response.text().await {
-        Ok(body) => body,
-        Err(e) => return Outcome::Failed(format!("stream broke: {e}")),
-    };
-    let mut text = String::new();
-    let mut tokens = 0;
-    let mut done = false;
-    for event in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
-        if event == "[DONE]" {
-            done = true;
-            continue;
-        }
-        let Ok(chunk) = serde_json::from_str::<Value>(event) else {
-            return Outcome::Failed(format!("not JSON: {event}"));
-        };
-        if chunk.get("error").is_some() {
-            return Outcome::Failed(format!("error event: {chunk}"));
-        }
-        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
-            text.push_str(piece);
-        }
-        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
-            tokens = n;
-        }
-    }
-    match done {
-        true => Outcome::Done(text, tokens),
-        false => Outcome::Failed(format!("no [DONE]: {body}")),
-    }
-}
-
-/// Clients streaming through `agents` until stopped: every outcome, with its prompt.
-struct Load {
-    stop: Arc<AtomicBool>,
-    in_flight: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<(String, Outcome)>>>,
-}
-
-impl Load {
-    /// `per_agent` clients on each of `agents`, each streaming one request after another.
-    fn start(agents: &[SocketAddr], per_agent: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let client = reqwest::Client::new();
-        let prompts = prompts();
-        let mut tasks = Vec::new();
-        for (a, agent) in agents.iter().enumerate() {
-            for c in 0..per_agent {
-                let (stop, in_flight, client) = (stop.clone(), in_flight.clone(), client.clone());
-                let (agent, prompts) = (*agent, prompts.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut outcomes = Vec::new();
-                    let mut k = a * per_agent + c;
-                    while !stop.load(Ordering::Relaxed) {
-                        let prompt = &prompts[k % prompts.len()];
-                        in_flight.fetch_add(1, Ordering::Relaxed);
-                        let outcome = stream(&client, agent, prompt).await;
-                        in_flight.fetch_sub(1, Ordering::Relaxed);
-                        outcomes.push((prompt.clone(), outcome));
-                        k += 1;
-                    }
-                    outcomes
-                }));
-            }
-        }
-        Self {
-            stop,
-            in_flight,
-            tasks,
-        }
-    }
-
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    async fn finish(self) -> Vec<(String, Outcome)> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for task in self.tasks {
-            all.extend(task.await.unwrap());
-        }
-        all
+fn requests() -> Requests {
+    Requests {
+        prompts: (0..9)
+            .map(|i| {
+                format!(
+                    "fault suite prompt number {i}: tell me about node {}",
+                    i % 3
+                )
+                .into()
+            })
+            .collect(),
+        max_tokens: MAX_TOKENS,
+        timeout: Duration::from_secs(60),
     }
 }
 
 /// Each prompt's text and token count, served once before any fault.
-async fn baseline(agent: SocketAddr) -> BTreeMap<String, (String, u64)> {
+async fn baseline(agent: SocketAddr) -> BTreeMap<Arc<str>, (String, u64)> {
     let client = reqwest::Client::new();
+    let requests = requests();
     let mut expected = BTreeMap::new();
-    for prompt in prompts() {
-        match stream(&client, agent, &prompt).await {
+    for prompt in requests.prompts.iter() {
+        match stream(&client, agent, prompt, MAX_TOKENS, requests.timeout).await {
             Outcome::Done(text, tokens) => {
                 assert_eq!(tokens, u64::from(MAX_TOKENS), "{prompt}");
-                expected.insert(prompt, (text, tokens));
+                expected.insert(prompt.clone(), (text, tokens));
             }
-            Outcome::Failed(why) => panic!("the baseline failed: {why}"),
+            Outcome::Failed { kind, detail } => panic!("the baseline failed: {kind}: {detail}"),
         }
     }
     expected
-}
-
-/// Requests migrated so far, summed over the agents.
-async fn migrations(agents: &[SocketAddr]) -> f64 {
-    let mut total = 0.0;
-    for agent in agents {
-        let text = reqwest::get(format!("http://{agent}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        total += text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("kvfleet_request_migrations_total ")?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0);
-    }
-    total
 }
 
 /// Asserts 0 failed requests and complete, correct text; prints the case's figures.
@@ -209,13 +78,13 @@ fn check(
     at: Duration,
     in_flight: usize,
     migrated: f64,
-    outcomes: &[(String, Outcome)],
-    expected: &BTreeMap<String, (String, u64)>,
+    outcomes: &[Record],
+    expected: &BTreeMap<Arc<str>, (String, u64)>,
 ) {
     let failed: Vec<_> = outcomes
         .iter()
-        .filter_map(|(prompt, o)| match o {
-            Outcome::Failed(why) => Some(format!("{prompt}: {why}")),
+        .filter_map(|r| match &r.outcome {
+            Outcome::Failed { kind, detail } => Some(format!("{}: {kind}: {detail}", r.prompt)),
             Outcome::Done(..) => None,
         })
         .collect();
@@ -231,7 +100,10 @@ fn check(
         "{case}: failed requests:\n{}",
         failed.join("\n")
     );
-    for (prompt, outcome) in outcomes {
+    for Record {
+        prompt, outcome, ..
+    } in outcomes
+    {
         if let Outcome::Done(text, tokens) = outcome {
             let (want, want_tokens) = &expected[prompt];
             assert_eq!(tokens, want_tokens, "{case}: usage of {prompt:?}");
@@ -273,7 +145,7 @@ fn outstanding(agent: &Agent) -> usize {
 }
 
 /// Three nodes serving, their routers knowing each other, and each prompt's unbroken text.
-async fn three_nodes(names: [&str; 3]) -> Option<(ThreeNodes, BTreeMap<String, (String, u64)>)> {
+async fn three_nodes(names: [&str; 3]) -> Option<(ThreeNodes, BTreeMap<Arc<str>, (String, u64)>)> {
     let nodes = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await?;
     wait_routers_know_everyone(&nodes.agents).await;
     let expected = baseline(nodes.agents[0].addr).await;
@@ -288,7 +160,7 @@ async fn kill_9_a_worker_in_decode_loses_no_request() {
     };
     let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
     let before = migrations(&addrs).await;
-    let load = Load::start(&addrs, 2);
+    let load = Load::start(&addrs, 2, &requests());
     let started = Instant::now();
     // Once node b's worker is decoding requests (its own and forwarded ones), kill it.
     wait_for("node b's worker busy", Duration::from_secs(10), || async {
@@ -328,9 +200,9 @@ async fn kill_9_a_worker_in_prefill_loses_no_request() {
     let before = migrations(&addrs).await;
     // A burst of new requests on node b, its worker killed as they arrive: before their first
     // token (their prefill), while other clients stream throughout.
-    let load = Load::start(&addrs, 1);
+    let load = Load::start(&addrs, 1, &requests());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let burst = Load::start(&[addrs[1]], 4);
+    let burst = Load::start(&[addrs[1]], 4, &requests());
     let started = Instant::now();
     // Node b's router may send a prompt to the worker holding its prefix on another node, so
     // how many of the burst reach b's own worker at once varies: wait for any (the kill must
@@ -420,7 +292,7 @@ async fn kill_9_an_agent_serving_forwarded_requests_loses_no_request() {
     let before = migrations(&addrs).await;
     // Clients on nodes a and c only (a client of node b dies with it: nothing can save a
     // connection to a dead frontend); node b serves what their routers forward to it.
-    let load = Load::start(&addrs, 3);
+    let load = Load::start(&addrs, 3, &requests());
     let started = Instant::now();
     wait_for(
         "requests forwarded to node b",
@@ -483,7 +355,7 @@ async fn draining_a_node_loses_no_request() {
     let expected = baseline(nodes.agents[0].addr).await;
     let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
     let before = migrations(&addrs).await;
-    let load = Load::start(&addrs, 2);
+    let load = Load::start(&addrs, 2, &requests());
     let started = Instant::now();
     wait_for("node b's worker busy", Duration::from_secs(10), || async {
         outstanding(&nodes.agents[1]) >= 2
