@@ -28,14 +28,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::load::*;
 use common::*;
 use rand::{Rng as _, SeedableRng as _};
-use serde_json::{Value, json};
 
 /// Minutes in, this process's RSS (KiB), each worker's (who, KiB).
 type RssRow = (f64, u64, Vec<(String, u64)>);
@@ -90,56 +89,20 @@ struct Tally {
     wrong_text: u64,
 }
 
-/// Kills since the start: a request that started before the latest kill and ended after it
-/// was in flight at a kill.
+/// When a worker was killed: a request that started before a kill and ended after it was in
+/// flight at that kill.
+#[derive(Default)]
 struct Kills {
-    count: AtomicU64,
+    at: Mutex<Vec<Instant>>,
 }
 
-async fn one(
-    client: &reqwest::Client,
-    agent: SocketAddr,
-    prompt: &str,
-    max_tokens: u32,
-) -> Result<String, String> {
-    let response = client
-        .post(format!("http://{agent}/v1/chat/completions"))
-        .json(
-            &json!({"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-                      "max_tokens": max_tokens, "stream": true}),
-        )
-        .timeout(Duration::from_secs(120))
-        .send()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
-        return Err("429".into());
-    }
-    if !response.status().is_success() {
-        return Err(format!("status {}", response.status().as_u16()));
-    }
-    let body = response
-        .text()
-        .await
-        .map_err(|_| "stream broke".to_owned())?;
-    let mut text = String::new();
-    let mut done = false;
-    for event in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
-        if event == "[DONE]" {
-            done = true;
-            continue;
-        }
-        let chunk: Value = serde_json::from_str(event).map_err(|_| "bad JSON".to_owned())?;
-        if let Some(code) = chunk["error"]["code"].as_str() {
-            return Err(format!("error event {code}"));
-        }
-        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
-            text.push_str(piece);
-        }
-    }
-    match done {
-        true => Ok(text),
-        false => Err("no [DONE]".into()),
+impl Kills {
+    fn hit(&self, record: &Record) -> bool {
+        self.at
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|k| (record.started..record.ended).contains(k))
     }
 }
 
@@ -172,27 +135,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn migrations(agents: &[SocketAddr]) -> f64 {
-    let mut total = 0.0;
-    for agent in agents {
-        let text = reqwest::get(format!("http://{agent}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        total += text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("kvfleet_request_migrations_total ")?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0);
-    }
-    total
-}
-
 async fn run(args: &Args) -> anyhow::Result<()> {
     let setup = AgentSetup {
         mock_token_time_us: 15_000,
@@ -204,62 +146,42 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         .context("DATABASE_URL is not set (scripts/soak.sh starts the test cluster)")?;
     wait_routers_know_everyone(&nodes.agents).await;
     let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
-    let prompts: Vec<String> = (0..24)
-        .map(|i| format!("soak prompt {i}: a question about topic {}", i % 5))
-        .collect();
+    let requests = Requests {
+        prompts: (0..24)
+            .map(|i| format!("soak prompt {i}: a question about topic {}", i % 5).into())
+            .collect(),
+        max_tokens: args.max_tokens,
+        timeout: Duration::from_secs(120),
+    };
     let client = reqwest::Client::new();
     let mut expected = BTreeMap::new();
-    for p in &prompts {
-        let text = one(&client, addrs[0], p, args.max_tokens)
-            .await
-            .map_err(|e| anyhow::anyhow!("baseline: {e}"))?;
-        expected.insert(p.clone(), text);
+    for p in requests.prompts.iter() {
+        match stream(&client, addrs[0], p, args.max_tokens, requests.timeout).await {
+            Outcome::Done(text, _) => expected.insert(p.clone(), text),
+            Outcome::Failed { kind, detail } => bail!("baseline: {kind}: {detail}"),
+        };
     }
-    let expected = Arc::new(expected);
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let kills = Arc::new(Kills {
-        count: AtomicU64::new(0),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (a, agent) in addrs.iter().enumerate() {
-        for c in 0..args.clients_per_agent {
-            let (client, agent, prompts) = (client.clone(), *agent, prompts.clone());
-            let (tally, kills, stop, expected) =
-                (tally.clone(), kills.clone(), stop.clone(), expected.clone());
-            let max_tokens = args.max_tokens;
-            tasks.push(tokio::spawn(async move {
-                let mut k = a * 31 + c * 7;
-                while !stop.load(Ordering::Relaxed) {
-                    let prompt = &prompts[k % prompts.len()];
-                    k += 1;
-                    let kills_before = kills.count.load(Ordering::Relaxed);
-                    let started = Instant::now();
-                    let result = one(&client, agent, prompt, max_tokens).await;
-                    let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    let hit = kills.count.load(Ordering::Relaxed) != kills_before;
-                    let backpressure = matches!(&result, Err(kind) if kind == "429");
-                    {
-                        let mut t = tally.lock().unwrap();
-                        match result {
-                            Ok(text) if text == expected[prompt] => {
-                                t.ok += 1;
-                                t.latency_ms.push(ms);
-                                if hit {
-                                    t.hit_latency_ms.push(ms);
-                                }
-                            }
-                            Ok(_) => t.wrong_text += 1,
-                            Err(kind) => *t.errors.entry(kind).or_default() += 1,
-                        }
-                    }
-                    if backpressure {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+    let kills = Arc::new(Kills::default());
+    let load = {
+        let (tally, kills) = (tally.clone(), kills.clone());
+        Load::start_with(&addrs, args.clients_per_agent, &requests, move |r| {
+            let ms = (r.ended - r.started).as_secs_f64() * 1000.0;
+            let hit = kills.hit(&r);
+            let mut t = tally.lock().unwrap();
+            match r.outcome {
+                Outcome::Done(text, _) if text == expected[&r.prompt] => {
+                    t.ok += 1;
+                    t.latency_ms.push(ms);
+                    if hit {
+                        t.hit_latency_ms.push(ms);
                     }
                 }
-            }));
-        }
-    }
+                Outcome::Done(..) => t.wrong_text += 1,
+                Outcome::Failed { kind, .. } => *t.errors.entry(kind).or_default() += 1,
+            }
+        })
+    };
     let migrations_before = migrations(&addrs).await;
     let started = Instant::now();
     let total = Duration::from_secs_f64(args.minutes * 60.0);
@@ -290,7 +212,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
                 let _ = std::process::Command::new("kill")
                     .args(["-9", &pid.to_string()])
                     .status();
-                kills.count.fetch_add(1, Ordering::Relaxed);
+                kills.at.lock().unwrap().push(Instant::now());
                 eprintln!(
                     "{:7.1} s: killed -9 {}'s worker (pid {pid})",
                     now.as_secs_f64(),
@@ -302,10 +224,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await?;
-    }
+    load.finish().await;
     let elapsed = started.elapsed();
     let workers_end = nodes
         .agents
@@ -338,7 +257,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         elapsed.as_secs_f64() / 60.0,
         addrs.len() * args.clients_per_agent,
         args.fault_every_s,
-        kills.count.load(Ordering::Relaxed)
+        kills.at.lock().unwrap().len()
     );
     println!(
         "requests ok {}, failed {failed} (wrong text {}), errors by kind {:?}, migrations {migrated}",

@@ -6,6 +6,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod load;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -401,12 +403,17 @@ pub async fn deploy(cp: &ControlPlane, admin: &str, workers: usize) -> String {
     register_and_deploy(
         cp,
         admin,
-        json!({"name": MODEL, "format": "mock", "path": "mock", "block_size": 16,
-                "context_length": 256}),
+        mock_model(),
         json!({"name": "tiny", "model": MODEL, "min_workers": workers, "max_workers": workers,
                 "placement": {"allow_cpu": true}}),
     )
     .await
+}
+
+/// The mock model as `POST /models` registers it.
+pub fn mock_model() -> Value {
+    json!({"name": MODEL, "format": "mock", "path": "mock", "block_size": 16,
+            "context_length": 256})
 }
 
 /// `POST /models` with `model`, then `POST /deployments` with `deployment`, each asserted
@@ -484,6 +491,19 @@ impl ThreeNodes {
         setup: AgentSetup,
         config: impl Fn(usize, String) -> String,
     ) -> Option<Self> {
+        let deployment = json!({"name": "tiny", "model": MODEL, "min_workers": 3,
+            "max_workers": 3, "placement": {"allow_cpu": true}});
+        Self::start_deployed(names, lost_after, setup, config, deployment).await
+    }
+
+    /// [`ThreeNodes::start`] with `deployment` (of the mock model, three workers) applied.
+    pub async fn start_deployed(
+        names: [&str; 3],
+        lost_after: Duration,
+        setup: AgentSetup,
+        config: impl Fn(usize, String) -> String,
+        deployment: Value,
+    ) -> Option<Self> {
         let db = TestDb::create().await?;
         let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), lost_after).await;
         let admin = token(&db, Role::Admin).await;
@@ -495,7 +515,7 @@ impl ThreeNodes {
             agents.push(Agent::launch(name, toml).await);
         }
         wait_nodes_healthy(&cp, &admin, &names).await;
-        deploy(&cp, &admin, 3).await;
+        register_and_deploy(&cp, &admin, mock_model(), deployment).await;
         wait_for(
             "a ready worker on each agent",
             Duration::from_secs(60),
