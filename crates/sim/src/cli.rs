@@ -249,29 +249,14 @@ pub(crate) fn run_modes(
     modes: &[RoutingMode],
     jobs: usize,
 ) -> anyhow::Result<Vec<SimReport>> {
-    let jobs = jobs.clamp(1, modes.len().max(1));
-    let mut runs = Vec::with_capacity(modes.len());
-    for chunk in modes.chunks(jobs) {
-        let reports: Vec<anyhow::Result<SimReport>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|&mode| {
-                    scope.spawn(move || {
-                        run(&config.clone().with_mode(mode), trace)
-                            .with_context(|| format!("simulating mode {mode}"))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a simulation thread panicked")))
-                })
-                .collect()
-        });
-        for report in reports {
-            let report = report?;
+    run_parallel(
+        modes,
+        jobs,
+        |&mode| {
+            run(&config.clone().with_mode(mode), trace)
+                .with_context(|| format!("simulating mode {mode}"))
+        },
+        |report| {
             eprintln!(
                 "{} workers, {}: {} of {} requests completed, hit rate {:.1} %, mean TTFT {:.0} ms \
                  (predicted within {:.1} % at the median), {:.1} s of virtual time in {:.1} s{}",
@@ -289,10 +274,42 @@ pub(crate) fn run_modes(
                     n => format!(", {n} prefill workers: {:?}", report.prefill_decisions),
                 }
             );
-            runs.push(report);
+        },
+    )
+}
+
+/// Runs `run` on every item, `jobs` at a time on scoped threads, and calls `done` on each
+/// result in item order as its chunk finishes. The first error (or a panicked thread) ends it.
+pub(crate) fn run_parallel<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    run: impl Fn(&T) -> anyhow::Result<R> + Sync,
+    mut done: impl FnMut(&R),
+) -> anyhow::Result<Vec<R>> {
+    let jobs = jobs.clamp(1, items.len().max(1));
+    let mut results = Vec::with_capacity(items.len());
+    let run = &run;
+    for chunk in items.chunks(jobs) {
+        let outcomes: Vec<anyhow::Result<R>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|item| scope.spawn(move || run(item)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a simulation thread panicked")))
+                })
+                .collect()
+        });
+        for outcome in outcomes {
+            let result = outcome?;
+            done(&result);
+            results.push(result);
         }
     }
-    Ok(runs)
+    Ok(results)
 }
 
 #[cfg(test)]

@@ -423,29 +423,11 @@ fn run_all(
     trace: &[TraceRequest],
     jobs: usize,
 ) -> anyhow::Result<Vec<PlannerReport>> {
-    let jobs = jobs.clamp(1, configs.len().max(1));
-    let mut runs = Vec::with_capacity(configs.len());
-    for chunk in configs.chunks(jobs) {
-        let reports: Vec<anyhow::Result<PlannerReport>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|config| {
-                    scope.spawn(move || {
-                        run_planned(config, trace)
-                            .with_context(|| format!("simulating {}", config.label))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a simulation thread panicked")))
-                })
-                .collect()
-        });
-        for report in reports {
-            let r = report?;
+    crate::cli::run_parallel(
+        configs,
+        jobs,
+        |config| run_planned(config, trace).with_context(|| format!("simulating {}", config.label)),
+        |r| {
             eprintln!(
                 "{}: SLA met in {:.1}% of {} intervals, {:.1} GPU-hours, peak {} workers, {:.0} s wall",
                 r.label,
@@ -455,10 +437,8 @@ fn run_all(
                 r.peak_workers,
                 r.wall_time_s
             );
-            runs.push(r);
-        }
-    }
-    Ok(runs)
+        },
+    )
 }
 
 /// The busiest hour of `trace` (by arrivals), shifted to start at 0.
