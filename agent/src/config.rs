@@ -377,6 +377,7 @@ struct RawModel {
     kv_memory: Option<Spanned<String>>,
     mock_token_time_us: Option<Spanned<i64>>,
     mock_prefill_time_per_token_us: Option<Spanned<i64>>,
+    mock_kv_head_dim: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1121,6 +1122,12 @@ impl Checker<'_> {
         if let Some(v) = &raw.mock_prefill_time_per_token_us {
             match self.int("models.mock_prefill_time_per_token_us", v, 0..=1_000_000) {
                 Some(n) => model.mock_prefill_time_per_token = Duration::from_micros(n as u64),
+                None => ok = false,
+            }
+        }
+        if let Some(v) = &raw.mock_kv_head_dim {
+            match self.int("models.mock_kv_head_dim", v, 1..=4096) {
+                Some(n) => model.mock_kv_head_dim = n as u32,
                 None => ok = false,
             }
         }

@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 
 use common::load::*;
 use common::*;
+use kvfleet_agent::serving::PrefillOutcome;
+use kvfleet_proto::api::WorkerRole;
+use serde_json::{Value, json};
 
 /// A stopped agent's node is lost (and leaves the routers) within seconds.
 const LOST_AFTER: Duration = Duration::from_secs(2);
@@ -404,5 +407,275 @@ async fn draining_a_node_loses_no_request() {
         &outcomes,
         &expected,
     );
+    nodes.stop().await;
+}
+
+/// Requests rescued from a lost worker so far, summed over `agents`: legs migrated, and
+/// disaggregated requests whose prefill leg failed (before or after its first token) and were
+/// prefilled again by their decode worker.
+fn rescued(agents: &[Agent]) -> Rescued {
+    let mut total = Rescued::default();
+    for serving in agents.iter().filter_map(|a| a.running.fleet()) {
+        let serving = &serving.serving;
+        total.migrated += serving.migrations();
+        total.before_first_token += serving.outcome_count(PrefillOutcome::FallbackBeforeFirstToken);
+        total.after_first_token += serving.outcome_count(PrefillOutcome::FallbackAfterFirstToken);
+    }
+    total
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Rescued {
+    migrated: u64,
+    /// Prefill legs that failed before their first token.
+    before_first_token: u64,
+    /// Prefill legs that failed after their first token, while their blocks were moving.
+    after_first_token: u64,
+}
+
+impl Rescued {
+    fn since(self, before: Rescued) -> Rescued {
+        Rescued {
+            migrated: self.migrated - before.migrated,
+            before_first_token: self.before_first_token - before.before_first_token,
+            after_first_token: self.after_first_token - before.after_first_token,
+        }
+    }
+}
+
+/// A disaggregated deployment of the mock model: one prefill and two decode workers, one per
+/// node, every prompt prefilled remotely.
+fn split_deployment() -> Value {
+    json!({"name": "split", "model": MODEL, "mode": "disaggregated",
+        "min_workers": 3, "max_workers": 3, "placement": {"allow_cpu": true},
+        "disaggregation": {"min_remote_prefill_tokens": 0, "prefill_timeout_ms": 60000}})
+}
+
+/// Three nodes serving [`split_deployment`] with prefills taking `prefill_us` per prompt
+/// token and KV blocks of `64 × kv_head_dim` bytes, their routers knowing each other: the nodes, the prefill node's index, and each
+/// prompt's unbroken text.
+async fn split_nodes(
+    names: [&str; 3],
+    prefill_us: u32,
+    kv_head_dim: u32,
+) -> Option<(ThreeNodes, usize, BTreeMap<Arc<str>, (String, u64)>)> {
+    let nodes = ThreeNodes::start_deployed(
+        names,
+        LOST_AFTER,
+        SETUP,
+        |_, toml| {
+            toml.replace(
+                "[control_plane]\n",
+                &format!(
+                    "mock_prefill_time_per_token_us = {prefill_us}\n\
+                     mock_kv_head_dim = {kv_head_dim}\n[control_plane]\n"
+                ),
+            )
+        },
+        split_deployment(),
+    )
+    .await?;
+    wait_routers_know_everyone(&nodes.agents).await;
+    let roles: Vec<WorkerRole> = nodes.agents.iter().map(role).collect();
+    let prefill = roles
+        .iter()
+        .position(|r| *r == WorkerRole::Prefill)
+        .unwrap_or_else(|| panic!("a prefill worker among {roles:?}"));
+    let expected = baseline(nodes.agents[0].addr).await;
+    Some((nodes, prefill, expected))
+}
+
+/// The role of `agent`'s (only) worker.
+fn role(agent: &Agent) -> WorkerRole {
+    use kvfleet_agent::backend::Backend as _;
+    agent.running.pool.workers()[0].role
+}
+
+/// Polls `check` every millisecond for up to `limit`; whether it held.
+async fn poll(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
+}
+
+/// What [`kill_until_hit`] did: when its last kill was (into the load), how many requests were
+/// in flight then, and how many kills it took.
+struct Kills {
+    at: Duration,
+    in_flight: usize,
+    count: u32,
+}
+
+/// Kills node `victim`'s worker (`kill -9`) as soon as `armed` holds, waits for the supervisor
+/// to restart it, and again, until a kill has hit a request the way `hit` says (by what was
+/// rescued since the kill).
+/// A kill can land between two requests (their legs are short here): waiting on the counters
+/// rather than on luck keeps the case robust.
+async fn kill_until_hit(
+    nodes: &ThreeNodes,
+    victim: usize,
+    load: &Load,
+    started: Instant,
+    mut armed: impl FnMut() -> bool,
+    hit: impl Fn(Rescued) -> bool,
+) -> Kills {
+    let agent = &nodes.agents[victim];
+    for count in 1..=10 {
+        let before = rescued(&nodes.agents);
+        assert!(
+            poll(Duration::from_secs(20), &mut armed).await,
+            "the kill's condition on node {victim} never held"
+        );
+        let (at, in_flight) = (started.elapsed(), load.in_flight());
+        let pid = worker_pid(agent);
+        kill_9(pid);
+        // The requests it held are rescued as soon as their legs break; the worker comes back
+        // after the supervisor's backoff.
+        wait_for(
+            "the killed worker restarted and ready",
+            Duration::from_secs(20),
+            || async {
+                use kvfleet_agent::backend::Backend as _;
+                agent
+                    .running
+                    .pool
+                    .workers()
+                    .iter()
+                    .any(|w| w.pid.is_some_and(|p| p != pid))
+                    && agent.ready_workers() == 1
+            },
+        )
+        .await;
+        if hit(rescued(&nodes.agents).since(before)) {
+            return Kills {
+                at,
+                in_flight,
+                count,
+            };
+        }
+        println!("kill {count} of node {victim}'s worker hit no request; again");
+    }
+    panic!("ten kills of node {victim}'s worker hit no request");
+}
+
+/// One disaggregated case: clients on every node, node `victim`'s worker killed whenever
+/// `armed` holds until a kill hits requests; then 0 failed requests and complete, correct text.
+async fn split_case(
+    case: &str,
+    nodes: &ThreeNodes,
+    victim: usize,
+    expected: &BTreeMap<Arc<str>, (String, u64)>,
+    armed: impl FnMut() -> bool,
+    hit: impl Fn(Rescued) -> bool,
+) {
+    let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|a| a.addr).collect();
+    let before = rescued(&nodes.agents);
+    let load = Load::start(&addrs, 2, &requests());
+    let started = Instant::now();
+    let kills = kill_until_hit(nodes, victim, &load, started, armed, hit).await;
+    // A moment of serving after the kill: the restarted worker back in the routers' plans.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let outcomes = load.finish().await;
+    let rescued = rescued(&nodes.agents).since(before);
+    let role = format!("{:?}", role(&nodes.agents[victim])).to_lowercase();
+    check(
+        case,
+        &format!(
+            "node {victim}'s {role} worker (kill -9, {} kills until one hit; prefill legs that \
+             fell back to their decode worker: {} before their first token, {} after it)",
+            kills.count, rescued.before_first_token, rescued.after_first_token
+        ),
+        kills.at,
+        kills.in_flight,
+        rescued.migrated as f64,
+        &outcomes,
+        expected,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_the_prefill_worker_in_its_prefill_loses_no_request() {
+    // Prefills of a few hundred ms: a kill while the prefill worker holds a request lands in
+    // that request's prefill leg, before its first token.
+    let Some((nodes, prefill, expected)) =
+        split_nodes(["fault-spre-a", "fault-spre-b", "fault-spre-c"], 4000, 1).await
+    else {
+        return;
+    };
+    let agent = &nodes.agents[prefill];
+    split_case(
+        "disaggregated prefill leg",
+        &nodes,
+        prefill,
+        &expected,
+        || outstanding(agent) >= 1,
+        |r| r.before_first_token > 0,
+    )
+    .await;
+    nodes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_a_decode_worker_during_kv_transfer_loses_no_request() {
+    // Blocks of 256 KiB (a mock's are 64 bytes by default and arrive in microseconds); the
+    // kill comes the moment blocks are seen arriving at a decode node (its peer endpoint's
+    // counter moves), while the rest of that request's blocks are on their way into the
+    // worker. The prefill worker is not the one killed here: once it has sent its last block
+    // to its agent (at once, for the mock), the transfer no longer needs it, and 20 kills of
+    // it as blocks moved hit no request.
+    let Some((nodes, prefill, expected)) =
+        split_nodes(["fault-sxfer-a", "fault-sxfer-b", "fault-sxfer-c"], 0, 4096).await
+    else {
+        return;
+    };
+    let decode = (prefill + 1) % 3;
+    let peer = nodes.agents[decode].running.fleet().unwrap().peer.clone();
+    let received = move || {
+        peer.endpoint()
+            .map_or(0, |e| e.metrics().snapshot().kv_blocks_received)
+    };
+    let mut last = received();
+    split_case(
+        "disaggregated KV transfer",
+        &nodes,
+        decode,
+        &expected,
+        || {
+            let now = received();
+            let arriving = now > last;
+            last = now;
+            arriving
+        },
+        |r| r.migrated > 0,
+    )
+    .await;
+    nodes.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_a_decode_worker_in_its_decode_loses_no_request() {
+    let Some((nodes, prefill, expected)) =
+        split_nodes(["fault-sdec-a", "fault-sdec-b", "fault-sdec-c"], 0, 1).await
+    else {
+        return;
+    };
+    let decode = (prefill + 1) % 3;
+    let agent = &nodes.agents[decode];
+    // Requests generate for about a second: 300 ms into the load, the first ones are decoding.
+    let started = Instant::now();
+    split_case(
+        "disaggregated decode leg",
+        &nodes,
+        decode,
+        &expected,
+        || started.elapsed() > Duration::from_millis(300) && outstanding(agent) >= 2,
+        |r| r.migrated > 0,
+    )
+    .await;
     nodes.stop().await;
 }

@@ -60,6 +60,10 @@ pub struct ModelConfig {
     pub mock_token_time: Duration,
     /// Mock engine: time to prefill one prompt token.
     pub mock_prefill_time_per_token: Duration,
+    /// Mock engine: the head dimension of its KV layout (one layer, one KV head, K and V in
+    /// f16), so the bytes a disaggregated transfer moves per block (`4 × block_size × this`);
+    /// 1 by default (tiny blocks that move in microseconds).
+    pub mock_kv_head_dim: u32,
 }
 
 /// Where a worker runs.
@@ -118,6 +122,7 @@ impl ModelConfig {
             kv_blocks: 4096,
             mock_token_time: Duration::ZERO,
             mock_prefill_time_per_token: Duration::ZERO,
+            mock_kv_head_dim: 1,
             path: None,
             kv_memory: None,
         }

@@ -219,7 +219,7 @@ pub fn profile(spec: &EngineSpec) -> MockProfile {
             model: spec.model.clone(),
             layers: 1,
             kv_heads: 1,
-            head_dim: 1,
+            head_dim: spec.mock_kv_head_dim.max(1),
             dtype: KvDtype::F16,
             block_size: spec.block_size,
         },
@@ -701,6 +701,7 @@ mod tests {
             vocab_size: 257,
             token_time_us,
             prefill_time_per_token_us: 0,
+            mock_kv_head_dim: 1,
             kv_tiers: Default::default(),
         }
     }

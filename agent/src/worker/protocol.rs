@@ -174,9 +174,17 @@ pub struct EngineSpec {
     pub token_time_us: u64,
     /// Mock timing: microseconds per prompt token.
     pub prefill_time_per_token_us: u64,
+    /// The mock's KV head dimension (its block size in bytes); see
+    /// [`ModelConfig::mock_kv_head_dim`].
+    #[serde(default = "one")]
+    pub mock_kv_head_dim: u32,
     /// The lower KV tiers (G2 host memory, G3 disk) below the engine's pool; off by default.
     #[serde(default)]
     pub kv_tiers: TierConfig,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl EngineSpec {
@@ -197,6 +205,7 @@ impl EngineSpec {
             vocab_size,
             token_time_us: model.mock_token_time.as_micros() as u64,
             prefill_time_per_token_us: model.mock_prefill_time_per_token.as_micros() as u64,
+            mock_kv_head_dim: model.mock_kv_head_dim,
             kv_tiers: TierConfig::default(),
         }
     }
