@@ -319,6 +319,7 @@ async fn run_mode(args: &Args, mode: &str, replays: &[Replay]) -> anyhow::Result
         vocab_size: 257,
         token_time_us: TOKEN_TIME_US,
         prefill_time_per_token_us: prefill_us,
+        mock_kv_head_dim: 1,
         kv_tiers: kvfleet_engine::TierConfig::default(),
         mock_kv_head_dim: 1,
     };

@@ -66,6 +66,7 @@ fn profile() -> PerfProfile {
         vocab_size: 257,
         token_time_us: u64::from(TOKEN_TIME_US),
         prefill_time_per_token_us: PREFILL_US_PER_TOKEN,
+        mock_kv_head_dim: 1,
         kv_tiers: Default::default(),
         mock_kv_head_dim: 1,
     };

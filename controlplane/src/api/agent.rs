@@ -391,13 +391,27 @@ pub async fn heartbeat(
         return Err(ApiError::Validation(problems));
     }
     let mut tx = state.pool.begin().await?;
-    // A heartbeat is an observation the next one repeats: losing the last few hundred
-    // milliseconds of them in a Postgres crash is harmless, so they skip the WAL flush that
-    // durable commits wait for (the audit row of a recovery is the one exception, and the
-    // next heartbeat would write it again).
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    // A heartbeat's liveness and states are an observation the next one repeats: losing the
+    // last few hundred milliseconds of them in a Postgres crash is harmless, so such a
+    // heartbeat skips the WAL flush that durable commits wait for (the audit row of a recovery
+    // is the one exception, and the next heartbeat would write it again). Windows are not
+    // repeated: the agent moves its baselines on once the heartbeat is answered, so a window
+    // acknowledged and then lost in a crash would be lost for good (the fault suite's
+    // Postgres restart lost 3 requests of 39 that way). A heartbeat whose windows count
+    // anything served commits durably.
+    let counts_served = |w: &kvfleet_proto::api::WorkerWindow| {
+        w.requests + w.prompt_tokens + w.finished + w.output_tokens > 0
+    };
+    if !beat
+        .workers
+        .iter()
+        .filter_map(|w| w.window.as_ref())
+        .any(counts_served)
+    {
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+    }
     let row: Option<(String, String, i64)> = sqlx::query_as(
         "WITH old AS (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE)
          UPDATE nodes n SET last_heartbeat_at = now(),

@@ -116,6 +116,7 @@ pub struct Requests {
 pub struct Load {
     stop: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
     records: Option<Arc<Mutex<Vec<Record>>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -143,12 +144,14 @@ impl Load {
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let ended = Arc::new(AtomicUsize::new(0));
         let sink = Arc::new(sink);
         let client = reqwest::Client::new();
         let mut tasks = Vec::new();
         for (a, agent) in agents.iter().enumerate() {
             for c in 0..per_agent {
                 let (stop, in_flight, client) = (stop.clone(), in_flight.clone(), client.clone());
+                let ended_count = ended.clone();
                 let (agent, requests, sink) = (*agent, requests.clone(), sink.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut k = a * per_agent + c;
@@ -167,6 +170,7 @@ impl Load {
                         .await;
                         let ended = Instant::now();
                         in_flight.fetch_sub(1, Ordering::Relaxed);
+                        ended_count.fetch_add(1, Ordering::Relaxed);
                         let backpressure =
                             matches!(&outcome, Outcome::Failed { kind, .. } if kind == "429");
                         sink(Record {
@@ -185,6 +189,7 @@ impl Load {
         Self {
             stop,
             in_flight,
+            ended,
             records: None,
             tasks,
         }
@@ -193,6 +198,18 @@ impl Load {
     /// Requests sent and not yet answered in full.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests ended so far (answered in full or failed).
+    pub fn ended(&self) -> usize {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have ended than had when called (a load going on, not a
+    /// clock, paces a fault); panics naming `what` after `limit`.
+    pub async fn wait_ended(&self, what: &str, n: usize, limit: Duration) {
+        let target = self.ended() + n;
+        super::wait_for(what, limit, || async { self.ended() >= target }).await;
     }
 
     /// Stops the clients (each ends the request it is in), then returns what

@@ -44,6 +44,11 @@ impl TestDb {
             );
             return None;
         };
+        Some(Self::create_on(admin_url).await)
+    }
+
+    /// A database of its own on the server `admin_url` names (a superuser's URL).
+    pub async fn create_on(admin_url: String) -> Self {
         let name = format!("kvfleet_e2e_{}", uuid::Uuid::new_v4().simple());
         let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -54,11 +59,11 @@ impl TestDb {
             Some((server, _)) => format!("{server}/{name}"),
             None => panic!("DATABASE_URL has no database part: {admin_url}"),
         };
-        Some(Self {
+        Self {
             admin_url,
             name,
             url,
-        })
+        }
     }
 
     pub async fn drop_now(self) {
@@ -511,6 +516,18 @@ impl ThreeNodes {
         deployment: Value,
     ) -> Option<Self> {
         let db = TestDb::create().await?;
+        Some(Self::start_on(db, names, lost_after, setup, config, deployment).await)
+    }
+
+    /// [`ThreeNodes::start_deployed`] on the database `db`.
+    pub async fn start_on(
+        db: TestDb,
+        names: [&str; 3],
+        lost_after: Duration,
+        setup: AgentSetup,
+        config: impl Fn(usize, String) -> String,
+        deployment: Value,
+    ) -> Self {
         let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), lost_after).await;
         let admin = token(&db, Role::Admin).await;
         let join = token(&db, Role::Join).await;
@@ -529,14 +546,14 @@ impl ThreeNodes {
         )
         .await;
         let ids = agents.iter().map(|a| worker_ids(a)[0]).collect();
-        Some(Self {
+        Self {
             db,
             cp,
             admin,
             agents,
             dirs,
             ids,
-        })
+        }
     }
 
     pub async fn stop(self) {
