@@ -9,7 +9,8 @@ source scripts/lib/common.sh
 ensure_test_postgres
 ensure_default_model
 ensure_gemma3_model
-ensure_pip openai
+# jsonschema: the SDK tool and structured-output checks validate every answer against its schema.
+ensure_pip openai jsonschema
 # tests/tests/observability.rs scrapes a test fleet with a real Prometheus and runs promtool;
 # here a missing Prometheus is a failure, not a skip.
 apt_install prometheus

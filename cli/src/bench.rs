@@ -50,6 +50,12 @@ pub(crate) struct EngineArgs {
     /// batch needs.
     #[arg(long, value_parser = crate::generate::parse_budget)]
     kv_memory: Option<KvBudget>,
+    /// Constrain the decoded tokens by this JSON Schema file (structured output, llguidance):
+    /// the grammar's mask and advance are then part of every decode step. Pick a schema whose
+    /// shortest valid value is longer than `--decode-tokens` (e.g. an array with a large
+    /// `minItems`), so every measured step is constrained.
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
     /// Print one JSON object per batch size instead of the table (for scripts, e.g.
     /// scripts/bench-vs-llamacpp.sh).
     #[arg(long)]
@@ -89,6 +95,13 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
     if args.prompt_tokens == 0 || args.decode_tokens == 0 || args.batches.contains(&0) {
         bail!("--prompt-tokens, --decode-tokens and every batch size must be at least 1");
     }
+    let constraint = match &args.json_schema {
+        Some(path) => Some(kvfleet_proto::Constraint::JsonSchema(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the JSON schema {}", path.display()))?,
+        )),
+        None => None,
+    };
     let m = crate::load::model(&args.model, args.kernels.path())?;
     let kernels = m.model.kernel_path();
     let vocab = m.model.config().vocab_size;
@@ -143,11 +156,15 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
                     .collect()
             })
             .collect();
-        let submit = |engine: &mut NativeEngine, max_tokens: u32| -> anyhow::Result<Duration> {
+        let submit = |engine: &mut NativeEngine,
+                      max_tokens: u32,
+                      constraint: Option<&kvfleet_proto::Constraint>|
+         -> anyhow::Result<Duration> {
             let start = engine.now();
             for p in &prompts {
                 let sampling = SamplingParams {
                     ignore_eos: true,
+                    constraint: constraint.cloned(),
                     ..SamplingParams::greedy(max_tokens)
                 };
                 engine
@@ -156,12 +173,12 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
             }
             Ok(start)
         };
-        let start = submit(&mut engine, 1)?;
+        let start = submit(&mut engine, 1, None)?;
         let prefill = drive(&mut engine)?;
         let prefill_end = prefill.iter().map(|r| r.1).max().unwrap_or(start);
         let prefill_secs = prefill_end.saturating_sub(start).as_secs_f64();
 
-        submit(&mut engine, args.decode_tokens + 1)?;
+        submit(&mut engine, args.decode_tokens + 1, constraint.as_ref())?;
         let decode = drive(&mut engine)?;
         let decode_start = decode.iter().map(|r| r.1).max().unwrap_or_default();
         let decode_end = decode.iter().map(|r| r.2).max().unwrap_or_default();
@@ -178,6 +195,7 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
                 "decode_tokens": args.decode_tokens,
                 "prefill_tok_s": prefill_rate,
                 "decode_tok_s": decode_rate,
+                "json_schema": args.json_schema.as_ref().map(|p| p.display().to_string()),
             });
             writeln!(out, "{line}")?;
         } else {

@@ -322,6 +322,13 @@ pub struct ChatMessage {
     /// What was said (`null` allowed for assistant messages).
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant message's tool calls (`[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`), checked in `tools.rs`.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool message's call id.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// The sampling fields both endpoints share.
@@ -431,6 +438,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length.
     Length,
+    /// The model called tools (it ended after a call).
+    ToolCalls,
 }
 
 /// Token counts.

@@ -147,15 +147,12 @@ fn is_text_only(v: &Value) -> bool {
         .is_some_and(|a| a.iter().all(|m| m.as_str() == Some("text")))
 }
 
-fn is_none_choice(v: &Value) -> bool {
-    v.as_str() == Some("none")
-}
-
 fn is_default_tier(v: &Value) -> bool {
     matches!(v.as_str(), Some("auto" | "default"))
 }
 
-const NO_TOOLS: &str = "tool calling is not served yet";
+const NO_TOOLS: &str =
+    "the deprecated function-calling fields are not served: use tools and tool_choice";
 
 /// Every top-level field of the two request bodies.
 pub const FIELDS: &[Field] = &[
@@ -218,22 +215,9 @@ pub const FIELDS: &[Field] = &[
     honoured("guided_choice", On::Both),
     honoured("guided_grammar", On::Both),
     honoured("structured_outputs", On::Both),
-    refused(
-        "tools",
-        On::Chat,
-        is_empty,
-        NO_TOOLS,
-        r#"[{"type": "function", "function": {"name": "f"}}]"#,
-    ),
-    refused(
-        "tool_choice",
-        On::Chat,
-        is_none_choice,
-        NO_TOOLS,
-        r#""required""#,
-    ),
-    // Only meaningful with `tools`, which are refused: without them it asks for nothing.
-    accepted("parallel_tool_calls", On::Chat),
+    honoured("tools", On::Chat),
+    honoured("tool_choice", On::Chat),
+    honoured("parallel_tool_calls", On::Chat),
     refused(
         "functions",
         On::Chat,
@@ -304,14 +288,8 @@ pub const MESSAGE_FIELDS: &[Field] = &[
         "the chat template renders a message's role and content only",
         r#""alice""#,
     ),
-    refused(
-        "tool_calls",
-        On::Chat,
-        is_empty,
-        NO_TOOLS,
-        r#"[{"id": "c1"}]"#,
-    ),
-    refused("tool_call_id", On::Chat, never, NO_TOOLS, r#""c1""#),
+    honoured("tool_calls", On::Chat),
+    honoured("tool_call_id", On::Chat),
     refused(
         "function_call",
         On::Chat,

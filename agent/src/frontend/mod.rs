@@ -34,6 +34,7 @@ mod prepare;
 mod run;
 mod structured;
 pub mod text;
+mod tools;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -31,9 +31,17 @@ use crate::worker::{EngineKind, ModelConfig};
 pub trait TextCodec: Send + Sync + std::fmt::Debug {
     /// Token ids of a completion prompt (with BOS when the model wants one).
     fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
-    /// Token ids of a conversation of `(role, content)` messages rendered with the model's chat
-    /// template, ending where the assistant's reply begins. Errors say why the template refused.
-    fn chat(&self, messages: &[(&str, &str)]) -> Result<Vec<u32>, String>;
+    /// Token ids of a conversation rendered with the model's chat template (with `tools` for a
+    /// template that [renders them](TextCodec::renders_tools)), ending where the assistant's
+    /// reply begins. Errors say why the template refused.
+    fn chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, String>;
+    /// Whether the chat template renders tool definitions and tool-call messages itself;
+    /// otherwise the frontend writes them into the messages' text (`tools.rs`).
+    fn renders_tools(&self) -> bool;
     /// The bytes a generated token stands for; empty for special tokens (EOS, end of turn).
     fn token_bytes(&self, token: u32) -> &[u8];
     /// Token ids are `0..vocab_size`.
@@ -65,8 +73,20 @@ impl TextCodec for MockText {
         Ok(ByteTokenizer.encode(text))
     }
 
-    fn chat(&self, messages: &[(&str, &str)]) -> Result<Vec<u32>, String> {
-        Ok(ByteTokenizer.encode(&PlainChatTemplate.render(messages)))
+    fn chat(
+        &self,
+        messages: &[ChatMessage],
+        _tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, String> {
+        let pairs: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        Ok(ByteTokenizer.encode(&PlainChatTemplate.render(&pairs)))
+    }
+
+    fn renders_tools(&self) -> bool {
+        false
     }
 
     fn token_bytes(&self, token: u32) -> &[u8] {
@@ -139,15 +159,22 @@ impl TextCodec for NativeText {
         self.model.encode_prompt(text).map_err(|e| e.to_string())
     }
 
-    fn chat(&self, messages: &[(&str, &str)]) -> Result<Vec<u32>, String> {
-        let messages: Vec<ChatMessage> = messages
-            .iter()
-            .map(|(role, content)| ChatMessage::new(*role, *content))
-            .collect();
+    fn chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, String> {
         self.model
-            .chat_prompt(&messages)
+            .chat_prompt_with_tools(messages, tools)
             .map(|(_, ids)| ids)
             .map_err(|e| e.to_string())
+    }
+
+    fn renders_tools(&self) -> bool {
+        self.model
+            .chat_template
+            .as_ref()
+            .is_some_and(|t| t.renders_tools())
     }
 
     fn token_bytes(&self, token: u32) -> &[u8] {
@@ -348,7 +375,7 @@ mod tests {
                 .collect();
             assert_eq!(String::from_utf8(bytes).unwrap(), s);
         }
-        let chat = text.chat(&[("user", "hi")]).unwrap();
+        let chat = text.chat(&[ChatMessage::new("user", "hi")], None).unwrap();
         let spelled: Vec<u8> = chat
             .iter()
             .flat_map(|&t| text.token_bytes(t).to_vec())

@@ -18,7 +18,7 @@ use super::api::{
     self, ApiError, ChatCompletionRequest, CommonParams, CompletionRequest, PromptSpec, StopSpec,
 };
 use super::models::TextCodec;
-use super::{fields, structured};
+use super::{fields, structured, tools};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Endpoint {
@@ -53,6 +53,8 @@ pub(super) struct Prepared {
     pub(super) created: u64,
     /// Choices to generate (`n`), each its own sequence; the prompt is prefilled once.
     pub(super) n: u32,
+    /// Whether the output is parsed for tool calls (`tools` given, `tool_choice` not `none`).
+    pub(super) tool_calls: bool,
 }
 
 /// The most choices one request may ask for.
@@ -98,6 +100,7 @@ pub(super) fn prepare(
     let value = api::parse_json(bytes)?;
     fields::check(endpoint, &value)?;
     let common: CommonParams;
+    let mut tool_set: Option<tools::ToolSet> = None;
     let (model, prompt, logprobs, default_max) = match endpoint {
         Endpoint::Chat => {
             let request: ChatCompletionRequest = api::typed(&value)?;
@@ -119,7 +122,6 @@ pub(super) fn prepare(
                     "messages must contain at least one message",
                 ));
             }
-            let mut texts = Vec::with_capacity(request.messages.len());
             for (i, message) in request.messages.iter().enumerate() {
                 if !CHAT_ROLES.contains(&message.role.as_str()) {
                     return Err(ApiError::invalid_value(
@@ -130,15 +132,23 @@ pub(super) fn prepare(
                         ),
                     ));
                 }
-                texts.push((message.role.as_str(), api::message_text(message, i)?));
             }
-            let pairs: Vec<(&str, &str)> = texts.iter().map(|(r, t)| (*r, t.as_ref())).collect();
-            let prompt = model.text.chat(&pairs).map_err(|e| {
-                ApiError::invalid_value(
-                    "messages",
-                    format!("the model's chat template refused these messages: {e}"),
-                )
-            })?;
+            tool_set = tools::read(&value)?;
+            let renders_tools = model.text.renders_tools();
+            let messages = tools::render(&request.messages, tool_set.as_ref(), renders_tools)?;
+            let definitions = tool_set
+                .as_ref()
+                .filter(|t| t.active() && renders_tools)
+                .map(tools::ToolSet::definitions);
+            let prompt = model
+                .text
+                .chat(&messages, definitions.as_ref())
+                .map_err(|e| {
+                    ApiError::invalid_value(
+                        "messages",
+                        format!("the model's chat template refused these messages: {e}"),
+                    )
+                })?;
             (model, prompt, logprobs, None)
         }
         Endpoint::Completion => {
@@ -223,11 +233,18 @@ pub(super) fn prepare(
             .map_err(|e| ApiError::invalid_value(field, format!("{field}: {e}")))?;
         checked.sampling.constraint = Some(constraint);
     }
-    if let Some((field, constraint)) = structured::constraint(&value)? {
+    if let Some(constraint) = tool_set.as_ref().and_then(tools::ToolSet::constraint) {
+        if checked.sampling.constraint.is_some() {
+            return Err(ApiError::invalid_value(
+                "tool_choice",
+                "a forced tool call (tool_choice \"required\" or a function) constrains the \
+                 output itself: it cannot be combined with response_format or guided_* fields",
+            ));
+        }
         model
             .text
             .check_constraint(&constraint)
-            .map_err(|e| ApiError::invalid_value(field, format!("{field}: {e}")))?;
+            .map_err(|e| ApiError::invalid_value("tool_choice", format!("tool_choice: {e}")))?;
         checked.sampling.constraint = Some(constraint);
     }
     let vocab = model.text.vocab_size();
@@ -256,6 +273,7 @@ pub(super) fn prepare(
         stream: checked.stream,
         include_usage: checked.include_usage,
         n: checked.n,
+        tool_calls: tool_set.as_ref().is_some_and(tools::ToolSet::active),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

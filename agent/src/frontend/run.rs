@@ -26,6 +26,7 @@ use super::metrics::{ModelRole, RequestLatencies};
 use super::models::TextCodec;
 use super::prepare::{Endpoint, Prepared};
 use super::text::{StopMatcher, Utf8Stream};
+use super::tools::{Piece, ToolStream};
 use crate::backend::{self, GenEvent, GenerateRequest, Generation, TokenLogprob};
 
 /// Waits for an admission slot (the bounded queue). The frontend takes it *before* it
@@ -227,6 +228,8 @@ struct Run {
     finished: bool,
     /// Completions logprobs: bytes of text before the next token.
     text_offset: usize,
+    /// The tool-call parser, when the request has active tools.
+    tools: Option<ToolStream>,
 }
 
 impl std::fmt::Debug for Run {
@@ -278,6 +281,39 @@ impl Run {
             latencies: None,
             finished: false,
             text_offset: 0,
+            tools: prepared.tool_calls.then(|| {
+                ToolStream::new(if prepared.n > 1 {
+                    format!("call_{}_{index}_", prepared.id)
+                } else {
+                    format!("call_{}_", prepared.id)
+                })
+            }),
+        }
+    }
+
+    /// Text as content and tool-call pieces (all content without tools); `last`: the
+    /// generation ended, so nothing more is held back.
+    fn pieces(&mut self, text: &str, last: bool) -> Vec<Piece> {
+        match &mut self.tools {
+            None if text.is_empty() => Vec::new(),
+            None => vec![Piece::Content(text.to_owned())],
+            Some(tools) => {
+                let mut pieces = tools.push(text);
+                if last {
+                    pieces.extend(tools.finish());
+                }
+                pieces
+            }
+        }
+    }
+
+    /// `tool_calls` when the model called a tool and ended on its own.
+    fn finish_reason(&self, reason: FinishReason) -> FinishReason {
+        match &self.tools {
+            Some(tools) if tools.calls() > 0 && reason == FinishReason::Stop => {
+                FinishReason::ToolCalls
+            }
+            _ => reason,
         }
     }
 
@@ -414,19 +450,21 @@ impl Run {
 
     /// Non-streaming: gathers the whole choice, as its JSON object.
     async fn gather(&mut self) -> Result<serde_json::Value, ApiError> {
-        let mut text = String::new();
+        let mut pieces = Vec::new();
         let mut all_scored = Vec::new();
         let reason = loop {
             match self.step().await {
                 Step::Text(piece, scored) => {
-                    text.push_str(&piece);
+                    let last = self.assembler.stopped;
+                    pieces.extend(self.pieces(&piece, last));
                     all_scored.extend(scored);
-                    if self.assembler.stopped {
+                    if last {
                         break FinishReason::Stop;
                     }
                 }
                 Step::Done(reason) => {
-                    text.push_str(&self.assembler.finish());
+                    let tail = self.assembler.finish();
+                    pieces.extend(self.pieces(&tail, true));
                     break if self.assembler.stopped {
                         FinishReason::Stop
                     } else {
@@ -439,18 +477,68 @@ impl Run {
                 }
             }
         };
+        let reason = self.finish_reason(reason);
+        let mut text = String::new();
+        let mut calls: Vec<serde_json::Value> = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Content(piece) => text.push_str(&piece),
+                Piece::Call { id, name, .. } => calls.push(
+                    json!({"id": id, "type": "function", "function": {"name": name, "arguments": ""}}),
+                ),
+                Piece::Arguments { index, text } => {
+                    if let Some(arguments) = calls
+                        .get_mut(index)
+                        .and_then(|c| c.pointer_mut("/function/arguments"))
+                    {
+                        *arguments = json!(format!("{}{text}", arguments.as_str().unwrap_or("")));
+                    }
+                }
+            }
+        }
         let logprobs = self.logprobs_json(&all_scored);
         let index = self.index;
         tracing::debug!(choice = index, completion_tokens = self.assembler.completion_tokens,
-            finish = ?reason, "choice complete");
+            tool_calls = calls.len(), finish = ?reason, "choice complete");
         Ok(match self.prepared.endpoint {
-            Endpoint::Chat => json!({"index": index,
+            Endpoint::Chat if calls.is_empty() => json!({"index": index,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs, "finish_reason": reason}),
+            Endpoint::Chat => {
+                let content = if text.is_empty() { None } else { Some(text) };
+                json!({"index": index,
+                    "message": {"role": "assistant", "content": content, "tool_calls": calls},
+                    "logprobs": logprobs, "finish_reason": reason})
+            }
             Endpoint::Completion => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
             }
         })
+    }
+
+    /// A chat chunk whose delta carries a piece of a tool call.
+    fn tool_chunk(&self, piece: &Piece) -> Event {
+        let call = match piece {
+            Piece::Call { index, id, name } => json!({"index": index, "id": id,
+                "type": "function", "function": {"name": name, "arguments": ""}}),
+            Piece::Arguments { index, text } => {
+                json!({"index": index, "function": {"arguments": text}})
+            }
+            Piece::Content(text) => {
+                return Event::default().data(
+                    json!({"id": response_id(&self.prepared), "object": self.object(true),
+                        "created": self.prepared.created, "model": self.prepared.model,
+                        "choices": [{"index": self.index, "delta": {"content": text},
+                            "logprobs": null, "finish_reason": null}]})
+                    .to_string(),
+                );
+            }
+        };
+        let body = json!({"id": response_id(&self.prepared), "object": self.object(true),
+            "created": self.prepared.created, "model": self.prepared.model,
+            "choices": [{"index": self.index, "delta": {"tool_calls": [call]},
+                "logprobs": null, "finish_reason": null}]});
+        Event::default().data(body.to_string())
     }
 
     fn chunk(
@@ -591,6 +679,13 @@ impl Streamer {
                 return None;
             }
             match self.run.step().await {
+                Step::Text(text, scored) if self.run.tools.is_some() => {
+                    let last = self.run.assembler.stopped;
+                    self.push_pieces(&text, &scored, last);
+                    if last {
+                        self.end(FinishReason::Stop);
+                    }
+                }
                 Step::Text(text, scored) => {
                     if !text.is_empty() || !scored.is_empty() {
                         let event = self.run.chunk(Some(&text), None, &scored);
@@ -602,7 +697,9 @@ impl Streamer {
                 }
                 Step::Done(reason) => {
                     let tail = self.run.assembler.finish();
-                    if !tail.is_empty() {
+                    if self.run.tools.is_some() {
+                        self.push_pieces(&tail, &[], true);
+                    } else if !tail.is_empty() {
                         let event = self.run.chunk(Some(&tail), None, &[]);
                         self.out.push_back(event);
                     }
@@ -624,7 +721,29 @@ impl Streamer {
         }
     }
 
+    /// With tools: content and tool-call deltas for `text`; the tokens' logprobs ride on a
+    /// content chunk (an empty one when the text was all tool call).
+    fn push_pieces(&mut self, text: &str, scored: &[Scored], last: bool) {
+        let pieces = self.run.pieces(text, last);
+        let mut scored = Some(scored).filter(|s| !s.is_empty());
+        for piece in &pieces {
+            let event = match (piece, scored.take()) {
+                (Piece::Content(text), Some(s)) => self.run.chunk(Some(text), None, s),
+                (piece, taken) => {
+                    scored = taken;
+                    self.run.tool_chunk(piece)
+                }
+            };
+            self.out.push_back(event);
+        }
+        if let Some(s) = scored {
+            let event = self.run.chunk(Some(""), None, s);
+            self.out.push_back(event);
+        }
+    }
+
     fn end(&mut self, reason: FinishReason) {
+        let reason = self.run.finish_reason(reason);
         let event = self.run.chunk(None, Some(reason), &[]);
         self.out.push_back(event);
         self.done = true;

@@ -1,7 +1,10 @@
 //! Chat templates: the Jinja template a model ships (`tokenizer.chat_template` in GGUF, or
 //! `chat_template` in `tokenizer_config.json`) rendered with minijinja the way Hugging Face
 //! `transformers` renders it (`trim_blocks`, `lstrip_blocks`, Python string methods through
-//! minijinja-contrib's pycompat, `raise_exception`, `strftime_now`).
+//! minijinja-contrib's pycompat, `raise_exception`, `strftime_now`). Tool definitions and
+//! tool-call messages are passed as `transformers` passes them (`tools`, `tool_calls`,
+//! `tool_call_id`) to templates that use them ([`ChatTemplate::renders_tools`]); for the others
+//! the caller renders tools into the messages' text itself.
 
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -15,6 +18,13 @@ pub struct ChatMessage {
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant message's tool calls, as `transformers` passes them to templates:
+    /// `[{"type": "function", "function": {"name", "arguments": {...}}, "id"}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool message's answer to this call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -23,6 +33,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -93,14 +105,36 @@ impl ChatTemplate {
 
     /// Renders `messages`; with `add_generation_prompt`, ends with the assistant's turn header.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders `messages` with tool definitions (`tools`, OpenAI's `[{"type": "function",
+    /// "function": {...}}]`) for templates that print them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(template_err)?;
+        let tools = tools.map(|t| minijinja::Value::from(minijinja::value::Serde(t)));
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         })
         .map_err(template_err)
+    }
+
+    /// Whether the template renders tool definitions itself (it reads a `tools` variable), as
+    /// llama.cpp and vLLM decide it; SmolLM2's plain ChatML does not.
+    pub fn renders_tools(&self) -> bool {
+        self.env
+            .get_template("chat")
+            .map(|t| t.undeclared_variables(false).contains("tools"))
+            .unwrap_or(false)
     }
 
     /// The BOS string the template may print.
@@ -146,6 +180,29 @@ mod tests {
             .render(&[ChatMessage::new("bad", "x")], false)
             .unwrap_err();
         assert!(err.to_string().contains("no bad roles"), "{err}");
+    }
+
+    #[test]
+    fn tools_reach_templates_that_read_them() {
+        let plain = ChatTemplate::new(CHATML, "", "").unwrap();
+        assert!(!plain.renders_tools());
+        let with_tools = ChatTemplate::new(
+            "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}{% for m in messages %}{{ m.role }}:{{ m.content }}{% if m.tool_calls %}{% for c in m.tool_calls %}<{{ c.function.name }} {{ c.function.arguments | tojson }}>{% endfor %}{% endif %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %};{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(with_tools.renders_tools());
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([{"type": "function",
+            "function": {"name": "f", "arguments": {"a": 1}}}]));
+        let mut answer = ChatMessage::new("tool", "2");
+        answer.tool_call_id = Some("c1".into());
+        let text = with_tools
+            .render_with_tools(&[call, answer], Some(&tools), false)
+            .unwrap();
+        assert_eq!(text, r#"[f]assistant:<f {"a": 1}>;tool:2#c1;"#);
     }
 
     #[test]

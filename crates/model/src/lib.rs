@@ -126,7 +126,22 @@ impl TextModel {
     /// Renders `messages` with the chat template (generation prompt appended) and tokenizes it,
     /// exactly as [`LoadedModel::chat_prompt`] does.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>)> {
-        render_chat(&self.tokenizer, self.chat_template.as_ref(), messages)
+        render_chat(&self.tokenizer, self.chat_template.as_ref(), messages, None)
+    }
+
+    /// [`TextModel::chat_prompt`] with tool definitions passed to the template (which must
+    /// read them: see [`ChatTemplate::renders_tools`]).
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<(String, Vec<u32>)> {
+        render_chat(
+            &self.tokenizer,
+            self.chat_template.as_ref(),
+            messages,
+            tools,
+        )
     }
 }
 
@@ -177,10 +192,11 @@ fn render_chat(
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
     messages: &[ChatMessage],
+    tools: Option<&serde_json::Value>,
 ) -> Result<(String, Vec<u32>)> {
     let template = template
         .ok_or_else(|| ModelError::ChatTemplate("this model has no chat template".into()))?;
-    let mut text = template.render(messages, true)?;
+    let mut text = template.render_with_tools(messages, tools, true)?;
     let bos = template.bos_token();
     if tokenizer.adds_bos() && !bos.is_empty() && text.starts_with(bos) {
         text = text[bos.len()..].to_string();
@@ -276,7 +292,7 @@ impl LoadedModel {
     /// Renders `messages` with the chat template (generation prompt appended) and tokenizes it.
     /// Returns the text (without a leading BOS string when BOS is added as a token) and ids.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>)> {
-        render_chat(&self.tokenizer, self.chat_template.as_ref(), messages)
+        render_chat(&self.tokenizer, self.chat_template.as_ref(), messages, None)
     }
 
     /// Generates for one prompt on a private cache: the simplest driver of [`Model::forward`]
