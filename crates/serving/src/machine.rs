@@ -256,6 +256,8 @@ pub struct Serve {
     migrations: u32,
     /// Workers that lost this request.
     avoid: Vec<WorkerId>,
+    /// Whether a forward fell back to a run here (its node could not serve it).
+    fell_back: bool,
     /// Until when a migration that finds no ready worker may keep asking; set at the first
     /// such answer, cleared when a leg delivers.
     wait_until: Option<Duration>,
@@ -283,6 +285,7 @@ impl Serve {
             delivered: Vec::new(),
             migrations: 0,
             avoid: Vec::new(),
+            fell_back: false,
             wait_until: None,
         }
     }
@@ -514,11 +517,14 @@ impl Serve {
         }
         if self.migrations == 0 {
             // The worker the router named here is not ready (it died since the router last
-            // heard): plan again without it. With no plan, the pool's answer is the client's.
+            // heard), or a forward fell back here and no worker here serves the request either
+            // (its node had lost the worker the router named there): plan again without them.
+            // With no plan, the pool's answer is the client's.
             return match self.state {
                 State::Local {
                     worker: Some(_), ..
                 } => self.failed(leg, error),
+                State::Local { worker: None, .. } if self.fell_back => self.failed(leg, error),
                 _ => self.refused(leg, error),
             };
         }
@@ -826,6 +832,10 @@ impl Serve {
     /// The forwarded request failed before its first token: it runs on a worker of this node
     /// the pool chooses, and the router's picks (for the other node) are released.
     fn forward_fallback(&mut self, leg: LegId, addr: SocketAddr, reason: String) {
+        if let State::Forwarding { worker, .. } = self.state {
+            self.avoid_worker(worker);
+        }
+        self.fell_back = true;
         self.release_all();
         self.actions.push_back(Action::Close(leg));
         self.actions

@@ -517,6 +517,41 @@ fn a_planned_local_worker_that_is_not_ready_is_planned_around() {
 }
 
 #[test]
+fn a_forward_whose_node_lost_the_worker_and_finds_none_here_is_planned_around_it() {
+    // The router named a decode worker on another node that has just died: that node answers
+    // unavailable, the request falls back here, and this node has no worker for it either (its
+    // only worker is a prefill worker). It is planned again without the dead worker, not failed.
+    let mut run = Run::start(plan(remote(), false), prompt(8));
+    run.unavailable("worker 7 is not ready", T0);
+    assert!(run.seen.ends.is_empty());
+    assert!(
+        matches!(run.leg().leg, Leg::Local { .. }),
+        "{:?}",
+        run.leg()
+    );
+    run.unavailable("no ready worker serves model \"m\"", T0);
+    assert!(run.seen.ends.is_empty(), "{:?}", run.seen.ends);
+    assert_eq!(
+        run.seen.replans,
+        vec![Replan {
+            tokens: vec![],
+            avoid: vec![DECODE_WORKER]
+        }]
+    );
+    let other = Pick {
+        worker: WorkerId(12),
+        role: WorkerRole::Decode,
+        target: remote(),
+        hold: Some(RequestId(31)),
+    };
+    run.replanned(Some(other), T0);
+    assert!(run.tokens(&[5]));
+    run.finished(FinishReason::Length, 0);
+    run.assert_ended(End::Finished(FinishReason::Length));
+    run.assert_released(&[DECODE_HOLD, RequestId(31)]);
+}
+
+#[test]
 fn a_first_leg_with_no_ready_worker_fails_at_once() {
     let mut run = Run::start(Plan::local(), prompt(8));
     run.unavailable("no ready worker", T0);
