@@ -135,6 +135,11 @@ impl PeerHandle {
                     "Forwarded generate requests served here",
                     m.generate_served,
                 ),
+                (
+                    "kvfleet_peer_connections_revoked",
+                    "Open peer connections closed because the peer's certificate was revoked",
+                    m.connections_revoked,
+                ),
             ];
             for (name, help, value) in counters {
                 s.counter(name, help, value)?;

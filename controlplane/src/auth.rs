@@ -16,7 +16,10 @@
 //! | `Agent` (heartbeat, watch, certificate renewal) | no | no | no | yes | no |
 //! | `Register` (agent registration) | no | no | no | yes | yes |
 //!
-//! No token, a malformed, unknown, expired or revoked token → 401; a valid token whose role
+//! Join tokens also carry a use count (single-use unless made with more; see
+//! [`take_join_use`]); a used-up join token is refused like a revoked one.
+//!
+//! No token, a malformed, unknown, expired, revoked or used-up token → 401; a valid token whose role
 //! lacks the permission → 403.
 
 use base64::Engine as _;
@@ -60,6 +63,11 @@ pub enum AuthError {
     Revoked,
     #[error("the bearer token has expired")]
     Expired,
+    /// A join token that has made all the registrations it was created for.
+    #[error(
+        "the join token has been used up (join tokens are single-use unless created with more uses)"
+    )]
+    UsedUp,
 }
 
 const PREFIX_ID_LEN: usize = 12;
@@ -131,6 +139,7 @@ pub async fn authenticate(
         bool,
         bool,
         bool,
+        Option<i32>,
     );
     // last_used_at is written at most once a minute: a heartbeat per second per agent must not
     // turn every authentication into a row update.
@@ -138,14 +147,15 @@ pub async fn authenticate(
         "SELECT id, name, role, secret_hash, node_id,
                 revoked_at IS NOT NULL,
                 expires_at IS NOT NULL AND expires_at <= now(),
-                last_used_at IS NULL OR last_used_at < now() - interval '1 minute'
+                last_used_at IS NULL OR last_used_at < now() - interval '1 minute',
+                uses_left
          FROM api_tokens WHERE prefix = $1",
     )
     .bind(parsed.prefix)
     .fetch_optional(&mut *conn)
     .await
     .map_err(AuthFailure::Database)?;
-    let (id, name, role, secret_hash, node_id, revoked, expired, stale) =
+    let (id, name, role, secret_hash, node_id, revoked, expired, stale, uses_left) =
         row.ok_or(AuthFailure::Denied(AuthError::Unknown))?;
     if !digests_equal(&secret_hash, &hash_token(parsed.full)) {
         return Err(AuthFailure::Denied(AuthError::Unknown));
@@ -155,6 +165,9 @@ pub async fn authenticate(
     }
     if expired {
         return Err(AuthFailure::Denied(AuthError::Expired));
+    }
+    if uses_left == Some(0) {
+        return Err(AuthFailure::Denied(AuthError::UsedUp));
     }
     if stale {
         sqlx::query("UPDATE api_tokens SET last_used_at = now() WHERE id = $1")
@@ -190,6 +203,33 @@ pub struct NewToken<'a> {
     pub node_id: Option<Uuid>,
     pub created_by: Option<Uuid>,
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Registrations a join token may make; `None`: unlimited.
+    pub uses: Option<i32>,
+}
+
+/// Takes one use of the join token `id` inside the registration's transaction. The row lock
+/// serializes concurrent registrations with the same token, so a single-use token makes one
+/// node even when two agents present it at once; the loser gets [`AuthError::UsedUp`].
+pub async fn take_join_use(conn: &mut PgConnection, id: Uuid) -> Result<(), AuthFailure> {
+    let left: Option<Option<i32>> =
+        sqlx::query_scalar("SELECT uses_left FROM api_tokens WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(AuthFailure::Database)?;
+    match left {
+        None => Err(AuthFailure::Denied(AuthError::Unknown)),
+        Some(None) => Ok(()),
+        Some(Some(0)) => Err(AuthFailure::Denied(AuthError::UsedUp)),
+        Some(Some(_)) => {
+            sqlx::query("UPDATE api_tokens SET uses_left = uses_left - 1 WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(AuthFailure::Database)?;
+            Ok(())
+        }
+    }
 }
 
 /// Inserts a token and returns `(id, plain token)`; the plain text is never stored.
@@ -204,8 +244,9 @@ pub async fn insert_token(
         .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     let id = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO api_tokens (id, name, role, prefix, secret_hash, node_id, created_by, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO api_tokens (id, name, role, prefix, secret_hash, node_id, created_by, expires_at,
+             uses_left)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(new.name)
@@ -215,6 +256,7 @@ pub async fn insert_token(
     .bind(new.node_id)
     .bind(new.created_by)
     .bind(new.expires_at)
+    .bind(new.uses)
     .execute(conn)
     .await?;
     Ok((id, token))

@@ -57,11 +57,26 @@ impl fmt::Debug for DatabaseConfig {
 }
 
 /// `[auth]`
-#[derive(Clone, PartialEq, Default)]
+#[derive(Clone, PartialEq)]
 pub struct AuthConfig {
     /// An admin token to create at start if no token with its prefix exists. When absent and the
     /// database holds no admin token, `serve` creates one and prints it once.
     pub bootstrap_admin_token: Option<String>,
+    /// Where a created first admin token is written (mode 0600, replacing a stale file). It is
+    /// never logged: logs travel (journald, shippers) and a file has an owner and a mode.
+    pub bootstrap_token_file: PathBuf,
+}
+
+/// The default [`AuthConfig::bootstrap_token_file`]: in the unit's `StateDirectory=`.
+pub const DEFAULT_BOOTSTRAP_TOKEN_FILE: &str = "/var/lib/kvfleet/controlplane-admin-token";
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_admin_token: None,
+            bootstrap_token_file: PathBuf::from(DEFAULT_BOOTSTRAP_TOKEN_FILE),
+        }
+    }
 }
 
 impl fmt::Debug for AuthConfig {
@@ -71,6 +86,7 @@ impl fmt::Debug for AuthConfig {
                 "bootstrap_admin_token",
                 &self.bootstrap_admin_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("bootstrap_token_file", &self.bootstrap_token_file)
             .finish()
     }
 }
@@ -155,7 +171,7 @@ impl Config {
                 max_wait: Duration::from_secs(30),
             },
             ca: CaConfig {
-                cert_validity: Duration::from_secs(30 * 86_400),
+                cert_validity: Duration::from_secs(7 * 86_400),
                 ca_validity: Duration::from_secs(3650 * 86_400),
             },
             metrics: MetricsConfig {
@@ -302,6 +318,18 @@ impl Config {
                     "is not a kvfleet token (make one with `kvfleet-controlplane token generate`)",
                 ),
                 _ => reader.problem(origin, "auth.bootstrap_admin_token", "must be a string"),
+            }
+        }
+        if let Some((value, origin)) = reader.take("auth.bootstrap_token_file") {
+            match value {
+                toml::Value::String(path) if path.starts_with('/') => {
+                    config.auth.bootstrap_token_file = PathBuf::from(path);
+                }
+                _ => reader.problem(
+                    origin,
+                    "auth.bootstrap_token_file",
+                    "must be an absolute path",
+                ),
             }
         }
         reader.duration(

@@ -174,10 +174,12 @@ pub async fn run_notifying(
     store::migrate(&pool)
         .await
         .context("migrating the database")?;
-    if let Some(token) = bootstrap_admin(&pool, &config).await? {
-        // Printed once: from now on an admin token exists, so this never happens again.
+    if bootstrap_admin(&pool, &config).await?.is_some() {
+        // The path only: the token itself never goes to a log line.
         tracing::warn!(
-            "created the first admin token; it is shown only now, store it safely:\n\n    {token}\n"
+            path = %config.auth.bootstrap_token_file.display(),
+            "created the first admin token and wrote it to this file (mode 0600); \
+             store it safely and delete the file"
         );
     }
     let state = AppState::new(pool, config).await?;
@@ -277,7 +279,8 @@ async fn watchdog(
 
 /// Makes sure an admin can get in. With `auth.bootstrap_admin_token` set, that token is
 /// inserted if its prefix is not known yet. Otherwise, when no live admin token exists, one is
-/// created and returned (for the caller to show once). Serialized by an advisory lock so
+/// created, written to `auth.bootstrap_token_file` (0600) before the transaction commits (a
+/// token nobody can read is not committed) and returned. Serialized by an advisory lock so
 /// replicas starting together create one token, not two.
 pub async fn bootstrap_admin(pool: &PgPool, config: &Config) -> anyhow::Result<Option<String>> {
     let mut tx = pool.begin().await?;
@@ -309,11 +312,35 @@ pub async fn bootstrap_admin(pool: &PgPool, config: &Config) -> anyhow::Result<O
         if any_admin {
             None
         } else {
-            Some(create_admin(&mut tx, "bootstrap", None).await?)
+            let token = create_admin(&mut tx, "bootstrap", None).await?;
+            let path = &config.auth.bootstrap_token_file;
+            write_private(path, &format!("{token}\n")).with_context(|| {
+                format!(
+                    "writing the first admin token to {} (auth.bootstrap_token_file)",
+                    path.display()
+                )
+            })?;
+            Some(token)
         }
     };
     tx.commit().await?;
     Ok(created)
+}
+
+/// Writes `text` to `path` readable by its owner only, replacing what was there. The file is
+/// created 0600 (never briefly wider) and an existing file's mode is narrowed too.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Creates an admin token (with its audit row) inside `tx`; returns the plain token.
@@ -342,6 +369,9 @@ pub async fn create_token(
         node_id: None,
         created_by: None,
         expires_at: None,
+        // The local operator's tokens (break-glass CLI, tests, benches) are unlimited; the
+        // REST API's join tokens are single-use by default.
+        uses: None,
     };
     let (id, token) = auth::insert_token(tx, &new, token).await?;
     store::audit(

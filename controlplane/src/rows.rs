@@ -183,6 +183,7 @@ pub(crate) fn token(row: PgRow) -> Result<Token, sqlx::Error> {
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
         last_used_at: row.try_get("last_used_at")?,
+        uses_left: row.try_get("uses_left")?,
     })
 }
 

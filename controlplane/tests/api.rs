@@ -995,6 +995,18 @@ async fn bootstrap_creates_one_admin_token_once(pool: PgPool) {
         .unwrap();
     let token = first.expect("the first start creates an admin token");
     assert!(kvfleet_controlplane::auth::parse_token(&token).is_ok());
+    // Written to the token file, readable by its owner only; never logged (see
+    // tests/tests/security.rs for the log grep).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = &config.auth.bootstrap_token_file;
+        assert_eq!(std::fs::read_to_string(path).unwrap().trim(), token);
+        assert_eq!(
+            std::fs::metadata(path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::remove_file(path).unwrap();
+    }
     assert_eq!(
         kvfleet_controlplane::bootstrap_admin(&pool, &config)
             .await
@@ -1212,5 +1224,104 @@ async fn metrics_come_from_one_registry_with_help_for_every_family(pool: PgPool)
         assert!(types.contains(family), "{line} has no HELP/TYPE");
         assert!(family.starts_with("kvfleet_cp_"), "{line}");
     }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn join_tokens_are_single_use_and_short_lived_by_default(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let admin = token(&pool, Role::Admin).await;
+    let r = post(
+        &server,
+        "/tokens",
+        &admin,
+        json!({"name": "j", "role": "join"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(r.body["token"]["uses_left"], 1);
+    let expires: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(r.body["token"]["expires_at"].clone()).unwrap();
+    let ttl = expires - chrono::Utc::now();
+    assert!(
+        ttl > chrono::Duration::minutes(59) && ttl <= chrono::Duration::hours(1),
+        "{ttl}"
+    );
+    let join = r.body["secret"].as_str().unwrap().to_owned();
+    let first = post(&server, "/agent/register", &join, register_body("a", 0)).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let second = post(&server, "/agent/register", &join, register_body("b", 0)).await;
+    assert_eq!(second.status, StatusCode::UNAUTHORIZED, "{second:?}");
+    assert_eq!(second.content_type, "application/problem+json");
+    assert!(
+        second.body["detail"].as_str().unwrap().contains("used up"),
+        "{second:?}"
+    );
+    // More uses when asked; `uses` is for join tokens only and bounded.
+    let r = post(
+        &server,
+        "/tokens",
+        &admin,
+        json!({"name": "rack", "role": "join", "uses": 2, "expires_in_s": 60}),
+    )
+    .await;
+    let rack = r.body["secret"].as_str().unwrap().to_owned();
+    for host in ["c", "d"] {
+        let r = post(&server, "/agent/register", &rack, register_body(host, 0)).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    }
+    let r = post(&server, "/agent/register", &rack, register_body("e", 0)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    for (body, field) in [
+        (json!({"name": "x", "role": "viewer", "uses": 2}), "uses"),
+        (json!({"name": "x", "role": "join", "uses": 0}), "uses"),
+        (json!({"name": "x", "role": "join", "uses": 10001}), "uses"),
+    ] {
+        let r = post(&server, "/tokens", &admin, body.clone()).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(r.body["invalid_params"][0]["name"], field, "{body}");
+    }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn the_last_live_admin_token_cannot_be_revoked(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let admin = token(&pool, Role::Admin).await;
+    let id_of = |secret: &str| {
+        let prefix = secret[..16].to_owned();
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM api_tokens WHERE prefix = $1")
+                .bind(prefix)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let own = id_of(&admin).await;
+    let revoke = |id: uuid::Uuid, with: String| {
+        let url = server.url(&format!("/tokens/{id}"));
+        async move { call(Method::DELETE, &url, Some(&with), None).await }
+    };
+    let refused = revoke(own, admin.clone()).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{refused:?}");
+    assert_eq!(refused.content_type, "application/problem+json");
+    let detail = refused.body["detail"].as_str().unwrap();
+    assert!(detail.contains("last live admin token"), "{detail}");
+    assert!(
+        detail.contains("kvfleet-controlplane token create"),
+        "{detail}"
+    );
+    // With a second admin, either may go; then the survivor is the last one again.
+    let second = token(&pool, Role::Admin).await;
+    let r = revoke(own, second.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let r = revoke(id_of(&second).await, second.clone()).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    assert_eq!(
+        get(&server, "/tokens", &second).await.status,
+        StatusCode::OK
+    );
     server.stop().await;
 }

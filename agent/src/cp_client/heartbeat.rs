@@ -54,6 +54,11 @@ impl Client {
                             book.stopped.remove(id);
                         }
                     }
+                    // Revocation bites here: every heartbeat carries the fleet's revoked
+                    // serials, and the endpoint closes what it holds from them.
+                    if let Some(endpoint) = self.node.peer.endpoint() {
+                        endpoint.set_revoked_serials(response.revoked_serials.iter().cloned());
+                    }
                     if Some(response.desired_generation) != self.handle.status().generation {
                         self.wake.notify_one();
                     }

@@ -34,7 +34,8 @@ cordon/drain), viewer (read only), join (lets a new node's agent register, nothi
 Examples:
   kvfleet tokens
   kvfleet tokens create --name ci --role operator --expires-in 30d
-  TOKEN=$(kvfleet tokens create --name gpu-07 --role join --expires-in 1h)   # secret on stdout
+  TOKEN=$(kvfleet tokens create --name gpu-07 --role join)   # single-use, 1 h; secret on stdout
+  kvfleet tokens create --name rack-3 --role join --uses 8 --ttl 4h
   kvfleet tokens revoke ci
 
 The secret is shown once, at creation; the control plane stores only its hash.
@@ -190,9 +191,12 @@ enum TokensCommand {
         /// admin, operator, viewer or join.
         #[arg(long)]
         role: Role,
-        /// Lifetime: 3600, 3600s, 90m, 12h, 30d (default: no expiry).
-        #[arg(long, value_parser = parse_lifetime, value_name = "DURATION")]
+        /// Lifetime: 3600, 3600s, 90m, 12h, 30d (default: no expiry; join tokens: 1h).
+        #[arg(long, visible_alias = "ttl", value_parser = parse_lifetime, value_name = "DURATION")]
         expires_in: Option<i64>,
+        /// Join tokens: how many nodes may register with it (default 1).
+        #[arg(long, value_name = "N")]
+        uses: Option<i32>,
     },
     /// Revoke a token at once (requests with it get 401).
     Revoke {
@@ -248,6 +252,8 @@ pub(crate) async fn tokens(args: TokensArgs) -> Result<(), CliError> {
                     "revoked"
                 } else if t.expires_at.is_some_and(|e| e <= now) {
                     "expired"
+                } else if t.uses_left == Some(0) {
+                    "used up"
                 } else {
                     "active"
                 };
@@ -268,6 +274,7 @@ pub(crate) async fn tokens(args: TokensArgs) -> Result<(), CliError> {
             name,
             role,
             expires_in,
+            uses,
         } => {
             let created: CreatedToken = client
                 .write(
@@ -277,6 +284,7 @@ pub(crate) async fn tokens(args: TokensArgs) -> Result<(), CliError> {
                         name,
                         role,
                         expires_in_s: expires_in,
+                        uses,
                     }),
                 )
                 .await?;

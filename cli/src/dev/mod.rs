@@ -609,6 +609,7 @@ async fn join_token(client: &Client) -> anyhow::Result<String> {
                 name: "kvfleet-dev-agent".to_owned(),
                 role: Role::Join,
                 expires_in_s: Some(3600),
+                uses: Some(1),
             }),
         )
         .await

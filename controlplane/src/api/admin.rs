@@ -17,7 +17,7 @@ use crate::rows;
 use crate::store;
 
 const TOKEN_COLUMNS: &str =
-    "id, name, role, prefix, node_id, created_at, expires_at, revoked_at, last_used_at";
+    "id, name, role, prefix, node_id, created_at, expires_at, revoked_at, last_used_at, uses_left";
 
 /// This replica's version and whether it leads (no token needed).
 #[utoipa::path(get, path = "/api/v1/status", tag = "status", security(()),
@@ -84,7 +84,26 @@ pub async fn create_token(
             "agent credentials come from registration; create a join token instead",
         ));
     }
-    let expires_at = match new.expires_in_s {
+    let join = new.role == Role::Join;
+    // A join token is a credential that mints nodes: single-use and short-lived unless the
+    // admin asks for more, so a leaked one cannot join machines for ever.
+    let expires_in_s = new
+        .expires_in_s
+        .or(join.then_some(kvfleet_proto::api::DEFAULT_JOIN_TOKEN_TTL_S));
+    let uses = match (join, new.uses) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            problems.push(InvalidParam::new("uses", "only join tokens have uses"));
+            None
+        }
+        (true, None) => Some(1),
+        (true, Some(n)) if (1..=kvfleet_proto::api::MAX_JOIN_TOKEN_USES).contains(&n) => Some(n),
+        (true, Some(_)) => {
+            problems.push(InvalidParam::new("uses", "must be from 1 to 10000"));
+            None
+        }
+    };
+    let expires_at = match expires_in_s {
         None => None,
         Some(s) if (1..=10 * 365 * 86_400).contains(&s) => {
             Some(chrono::Utc::now() + chrono::Duration::seconds(s))
@@ -109,6 +128,7 @@ pub async fn create_token(
             node_id: None,
             created_by: Some(caller.principal.token_id),
             expires_at,
+            uses,
         },
         None,
     )
@@ -124,9 +144,10 @@ pub async fn create_token(
     Ok((StatusCode::CREATED, Json(CreatedToken { token, secret })))
 }
 
-/// Revoke a token; it stops working at once (admin).
+/// Revoke a token; it stops working at once (admin). Revoking the last live admin token is
+/// refused (409): the fleet would have no one left to administer it.
 #[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(("id" = String, Path, description = "The resource id")), tag = "tokens",
-    responses((status = 200, body = Token), (status = 404, body = Problem)))]
+    responses((status = 200, body = Token), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn revoke_token(
     caller: Caller<Admin>,
     State(state): State<AppState>,
@@ -142,6 +163,23 @@ pub async fn revoke_token(
     .fetch_optional(&mut *change)
     .await?
     .ok_or_else(|| ApiError::not_found("token", id))?;
+    if before.role == Role::Admin && live(&before) {
+        // Every live admin row is locked, so two admins revoking each other's tokens at once
+        // cannot both succeed and leave none.
+        let live_admins: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL
+             AND (expires_at IS NULL OR expires_at > now()) ORDER BY id FOR UPDATE",
+        )
+        .fetch_all(&mut *change)
+        .await?;
+        if live_admins.iter().all(|admin| *admin == id) {
+            return Err(ApiError::Conflict(format!(
+                "token {id} is the last live admin token: create another admin token first \
+                 (or recover with `kvfleet-controlplane token create --role admin` on a \
+                 control-plane host)"
+            )));
+        }
+    }
     let after: Token = sqlx::query(sql!(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
          RETURNING {TOKEN_COLUMNS}"
@@ -154,6 +192,11 @@ pub async fn revoke_token(
         .commit("token.revoke", "token", id, json(&before), json(&after))
         .await?;
     Ok(Json(after))
+}
+
+/// Not revoked and not expired.
+fn live(token: &Token) -> bool {
+    token.revoked_at.is_none() && token.expires_at.is_none_or(|at| at > chrono::Utc::now())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

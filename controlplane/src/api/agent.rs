@@ -173,7 +173,7 @@ async fn issue_certificate(
 
 /// Register a node (join token) or refresh its inventory after a restart (its agent credential).
 #[utoipa::path(post, path = "/api/v1/agent/register", request_body = RegisterRequest, tag = "agent",
-    responses((status = 200, body = RegisterResponse), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = RegisterResponse), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn register(
     caller: Caller<Register>,
     State(state): State<AppState>,
@@ -212,6 +212,10 @@ pub async fn register(
             (node, None, "node.reregister")
         }
         _ => {
+            // A join token: take one of its uses in this transaction, so a single-use token
+            // makes exactly one node (and a removed node cannot come back with the token it
+            // joined with).
+            auth::take_join_use(&mut change, principal.token_id).await?;
             let node = Uuid::new_v4();
             sqlx::query(
                 "INSERT INTO nodes (id, hostname, agent_version, frontend_addr, peer_addr, addresses,
@@ -244,6 +248,7 @@ pub async fn register(
                     node_id: Some(node),
                     created_by: Some(principal.token_id),
                     expires_at: None,
+                    uses: None,
                 },
                 None,
             )
@@ -458,12 +463,20 @@ pub async fn heartbeat(
         )
         .await?;
     }
+    // Partial index on revoked_at: a handful of rows, read in the same transaction.
+    let revoked_serials: Vec<String> = sqlx::query_scalar(
+        "SELECT serial FROM node_certificates WHERE revoked_at IS NOT NULL AND not_after > now()
+         ORDER BY serial",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     state.agents.heartbeats.inc();
     Ok(Json(HeartbeatResponse {
         node_state: after,
         desired_generation: generation,
         heartbeat_interval_ms: millis(state.config.liveness.heartbeat_interval),
+        revoked_serials,
     }))
 }
 

@@ -55,7 +55,16 @@ pub fn test_config() -> Config {
     config.liveness.lost_after = Duration::from_secs(120);
     config.liveness.check_interval = Duration::from_millis(100);
     config.watch.max_wait = Duration::from_secs(5);
+    // A first admin token made by bootstrap goes here, not into the host's state directory.
+    config.auth.bootstrap_token_file = scratch_file("admin-token");
     config
+}
+
+/// A fresh path under the temporary directory (not created).
+pub fn scratch_file(what: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("kvfleet-test-{}-{n}-{what}", std::process::id()))
 }
 
 /// Silence thresholds short enough to watch a node go unhealthy, then lost, in a test.

@@ -108,6 +108,9 @@ pub(crate) struct Shared {
     pub(crate) kv_codec: FrameCodec,
     pub(crate) generate_codec: FrameCodec,
     revoked: Mutex<HashSet<String>>,
+    /// Bumped whenever the revoked set changes: every accepted connection's task watches it and
+    /// closes its connection if its peer's serial is now revoked.
+    revocations: watch::Sender<u64>,
     connections: Mutex<HashMap<(SocketAddr, NodeId), quinn::Connection>>,
 }
 
@@ -164,6 +167,7 @@ impl PeerEndpoint {
             generate_codec: FrameCodec::new(wire::GENERATE_MAX_PAYLOAD),
             config,
             revoked: Mutex::new(HashSet::new()),
+            revocations: watch::Sender::new(0),
             connections: Mutex::new(HashMap::new()),
         });
         Ok(Self {
@@ -214,18 +218,51 @@ impl PeerEndpoint {
     }
 
     /// Replaces the set of revoked certificate serials (lowercase hex, as `GET /api/v1/ca`
-    /// lists them). New connections presenting one are closed after the handshake; existing
-    /// connections from them are not torn down here.
+    /// and heartbeat responses list them). New connections presenting one are closed after the
+    /// handshake, and open ones are closed now: cached outgoing connections here, accepted
+    /// ones by their connection tasks, which are woken (each counted in
+    /// `connections_revoked`). The agent calls this with every heartbeat response, so a revoked
+    /// node is cut off within one heartbeat interval.
     pub fn set_revoked_serials(&self, serials: impl IntoIterator<Item = String>) {
-        let serials = serials
+        let serials: HashSet<String> = serials
             .into_iter()
             .map(|s| s.to_ascii_lowercase())
             .collect();
-        *self
-            .shared
-            .revoked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = serials;
+        {
+            let mut revoked = self
+                .shared
+                .revoked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if *revoked == serials {
+                return;
+            }
+            *revoked = serials;
+        }
+        let closed: Vec<quinn::Connection> = {
+            let mut cache = self
+                .shared
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let revoked: Vec<(SocketAddr, NodeId)> = cache
+                .iter()
+                .filter(|(_, c)| {
+                    tls::peer_info(c).is_ok_and(|peer| self.shared.is_revoked(&peer.serial))
+                })
+                .map(|(key, _)| *key)
+                .collect();
+            revoked.iter().filter_map(|key| cache.remove(key)).collect()
+        };
+        for connection in closed {
+            if connection.close_reason().is_none() {
+                crate::metrics::add(&self.shared.metrics.connections_revoked, 1);
+            }
+            connection.close(codes::IDENTITY, b"certificate revoked");
+        }
+        self.shared
+            .revocations
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Opens a new connection to `node` at `addr`, verifying that its certificate names `node`.
@@ -419,10 +456,23 @@ impl<G: GenerateHandler, S: BlockSink> ConnectionTask<G, S> {
         };
         crate::metrics::add(&metrics.connections_accepted, 1);
         tracing::debug!(%addr, node = %peer.node_id, "peer connected");
+        let mut revocations = self.shared.revocations.subscribe();
         let mut streams = JoinSet::new();
         loop {
             tokio::select! {
                 _ = self.stop.wait_for(|stop| *stop) => break,
+                Ok(()) = revocations.changed() => {
+                    if self.shared.is_revoked(&peer.serial) {
+                        // Closed at once, streams and all: a revoked node must not finish
+                        // what it started either.
+                        crate::metrics::add(&metrics.connections_revoked, 1);
+                        tracing::warn!(%addr, node = %peer.node_id, serial = %peer.serial,
+                            "peer certificate revoked: connection closed");
+                        connection.close(codes::IDENTITY, b"certificate revoked");
+                        streams.abort_all();
+                        return;
+                    }
+                }
                 accepted = connection.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         let shared = self.shared.clone();

@@ -81,6 +81,8 @@ pub struct PeerMetrics {
     pub connections_accepted: AtomicU64,
     /// Outgoing connections that passed mutual TLS.
     pub connections_opened: AtomicU64,
+    /// Open connections (either side) closed because their peer's certificate was revoked.
+    pub connections_revoked: AtomicU64,
     /// Forwarded generate requests this node served.
     pub generate_served: AtomicU64,
     /// Of those, cancelled by the requesting node.
@@ -111,6 +113,8 @@ pub struct MetricsSnapshot {
     pub connections_accepted: u64,
     /// See [`PeerMetrics::connections_opened`].
     pub connections_opened: u64,
+    /// See [`PeerMetrics::connections_revoked`].
+    pub connections_revoked: u64,
     /// See [`PeerMetrics::generate_served`].
     pub generate_served: u64,
     /// See [`PeerMetrics::generate_cancelled`].
@@ -166,6 +170,7 @@ impl PeerMetrics {
         MetricsSnapshot {
             connections_accepted: get(&self.connections_accepted),
             connections_opened: get(&self.connections_opened),
+            connections_revoked: get(&self.connections_revoked),
             generate_served: get(&self.generate_served),
             generate_cancelled: get(&self.generate_cancelled),
             generate_forwarded: get(&self.generate_forwarded),

@@ -930,3 +930,68 @@ fn an_identity_knows_when_its_certificate_expires() {
     };
     assert!(empty.not_after().is_err());
 }
+
+/// Revocation bites on open connections: the serving side closes a revoked peer's accepted
+/// connection (an endless stream on it included) as soon as the serials are set, the calling
+/// side drops and closes its cached connection to a revoked server, and both count it. Peers
+/// that were not revoked keep their connections.
+#[tokio::test]
+async fn revoking_a_serial_closes_open_connections_on_both_sides() -> anyhow::Result<()> {
+    let ca = TestCa::new("fleet CA");
+    let server_cert = ca.issue(new_node());
+    let server = Server::start(&server_cert).await?;
+    let bad_cert = ca.issue(new_node());
+    let good_cert = ca.issue(new_node());
+    let bad = client(&bad_cert)?;
+    let good = client(&good_cert)?;
+    let bad_connection = bad.connection(server.addr, server.node).await?;
+    let good_connection = good.connection(server.addr, server.node).await?;
+    let mut endless = bad_connection
+        .generate(&request("endless", vec![1]))
+        .await?;
+    assert!(matches!(
+        endless.next().await?,
+        Some(GenerateEvent::Tokens(_))
+    ));
+
+    // The server learns that `bad` is revoked (the agent does this on a heartbeat response).
+    server
+        .endpoint
+        .set_revoked_serials([bad_cert.serial.clone()]);
+    assert!(
+        eventually(WAIT, || bad_connection.close_reason().is_some()).await,
+        "the revoked peer's open connection is closed"
+    );
+    let drained = tokio::time::timeout(WAIT, async {
+        loop {
+            match endless.next().await {
+                Ok(Some(GenerateEvent::Tokens(_))) => continue,
+                other => break other.is_err(),
+            }
+        }
+    })
+    .await?;
+    assert!(drained, "the stream on it ends with an error, not a finish");
+    assert_eq!(server.metrics().connections_revoked, 1);
+    // New connections with it are refused too.
+    // (The handshake completes, then the server closes it: TLS cannot know about revocation.)
+    if let Ok(fresh) = bad.connect(server.addr, server.node).await {
+        assert!(eventually(WAIT, || fresh.close_reason().is_some()).await);
+    }
+    // The other peer is untouched.
+    assert!(good_connection.close_reason().is_none());
+    let (chunks, _) =
+        collect(&mut good_connection.generate(&request("echo", vec![4])).await?).await?;
+    assert!(!chunks.is_empty());
+
+    // The calling side: `good` learns the server's certificate is revoked and closes its cached
+    // connection; asking for a connection again is refused.
+    good.set_revoked_serials([server_cert.serial.clone()]);
+    assert!(good_connection.close_reason().is_some());
+    assert_eq!(good.metrics().snapshot().connections_revoked, 1);
+    assert!(good.connection(server.addr, server.node).await.is_err());
+    // Setting the same set again closes nothing more.
+    good.set_revoked_serials([server_cert.serial.clone()]);
+    assert_eq!(good.metrics().snapshot().connections_revoked, 1);
+    server.shutdown().await
+}

@@ -649,7 +649,15 @@ pub struct Token {
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// Join tokens: registrations it may still make (0: used up). Absent: unlimited.
+    #[serde(default)]
+    pub uses_left: Option<i32>,
 }
+
+/// Join tokens live one hour unless `expires_in_s` says otherwise.
+pub const DEFAULT_JOIN_TOKEN_TTL_S: i64 = 3600;
+/// The most uses a join token may be created with.
+pub const MAX_JOIN_TOKEN_USES: i32 = 10_000;
 
 /// `POST /api/v1/tokens`. Agent credentials are minted by registration, not here.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -659,9 +667,13 @@ pub struct NewToken {
     pub name: String,
     /// `admin`, `operator`, `viewer` or `join`.
     pub role: Role,
-    /// Lifetime in seconds; absent: no expiry.
+    /// Lifetime in seconds; absent: no expiry, except join tokens, which expire after
+    /// [`DEFAULT_JOIN_TOKEN_TTL_S`] (one hour).
     #[serde(default)]
     pub expires_in_s: Option<i64>,
+    /// Join tokens only: how many nodes may register with it (1 to 10,000); absent: 1.
+    #[serde(default)]
+    pub uses: Option<i32>,
 }
 
 /// The only response that ever contains a token's secret.
@@ -1144,6 +1156,11 @@ pub struct HeartbeatResponse {
     /// When above the generation the agent holds, fetch the desired state.
     pub desired_generation: i64,
     pub heartbeat_interval_ms: u64,
+    /// Every revoked node certificate serial that has not expired yet (lowercase hex). The
+    /// agent's peer endpoint refuses them and closes open connections from them, so a revoked
+    /// node is cut off within one heartbeat interval.
+    #[serde(default)]
+    pub revoked_serials: Vec<String>,
 }
 
 /// What one worker on this node should be.

@@ -101,6 +101,12 @@ impl ControlPlane {
         config.liveness.lost_after = lost_after;
         config.liveness.check_interval = Duration::from_millis(100);
         config.watch.max_wait = Duration::from_secs(2);
+        // A first admin token made by bootstrap goes here, not into the host's state directory.
+        config.auth.bootstrap_token_file = std::env::temp_dir().join(format!(
+            "kvfleet-test-{}-{}-admin-token",
+            std::process::id(),
+            addr.port()
+        ));
         configure(&mut config);
         // A restarted replica takes the port its agents know; it was just freed, so retry
         // briefly.
