@@ -185,8 +185,8 @@ verify="$(systemd-analyze verify --root="$root" kvfleet-agent.service 2>&1)" || 
 ok "systemd-analyze verify --root kvfleet-agent.service: clean"
 
 step "edited config survives a reinstall and an upgrade"
-sed -i 's/^listen = "0.0.0.0:8000"/listen = "0.0.0.0:8100"   # edited by the install test/' "$root/etc/kvfleet/agent.toml"
-grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml" || fail "could not edit agent.toml (is frontend.listen still 0.0.0.0:8000?)"
+sed -i 's/^listen = "127.0.0.1:8000"/listen = "127.0.0.1:8100"   # edited by the install test/' "$root/etc/kvfleet/agent.toml"
+grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml" || fail "could not edit agent.toml (is frontend.listen still 127.0.0.1:8000?)"
 echo "state that must survive upgrades" >"$root/var/lib/kvfleet/marker"
 dpkg_install "$agent_deb"
 assert "reinstall: the edit is kept" grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml"

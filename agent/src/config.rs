@@ -329,6 +329,10 @@ struct RawFrontend {
     queue_timeout_secs: Option<Spanned<f64>>,
     retry_after_secs: Option<Spanned<i64>>,
     api_keys: Option<Vec<Spanned<String>>>,
+    allow_unauthenticated: Option<Spanned<bool>>,
+    max_connections: Option<Spanned<i64>>,
+    header_read_timeout_secs: Option<Spanned<f64>>,
+    body_read_timeout_secs: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -830,7 +834,25 @@ impl Checker<'_> {
                         accepted.push(key.get_ref().clone());
                     }
                 }
-                fc.api_keys = accepted;
+                fc.api_keys = crate::frontend::ApiKeys::new(accepted);
+            }
+            if let Some(v) = &f.allow_unauthenticated {
+                fc.allow_unauthenticated = *v.get_ref();
+            }
+            if let Some(v) = &f.max_connections
+                && let Some(n) = self.int("frontend.max_connections", v, 1..=1_000_000)
+            {
+                fc.max_connections = n as usize;
+            }
+            if let Some(v) = &f.header_read_timeout_secs
+                && let Some(d) = self.secs("frontend.header_read_timeout_secs", v, 3600.0)
+            {
+                fc.header_read_timeout = d;
+            }
+            if let Some(v) = &f.body_read_timeout_secs
+                && let Some(d) = self.secs("frontend.body_read_timeout_secs", v, 3600.0)
+            {
+                fc.body_read_timeout = d;
             }
         }
         if let Some(log) = &raw.log {
@@ -1160,12 +1182,9 @@ impl Checker<'_> {
                     Ok(())
                 }
                 "API_KEYS" => {
-                    config.frontend.api_keys = value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|k| !k.is_empty())
-                        .map(str::to_owned)
-                        .collect();
+                    config.frontend.api_keys = crate::frontend::ApiKeys::new(
+                        value.split(',').map(str::trim).filter(|k| !k.is_empty()),
+                    );
                     Ok(())
                 }
                 // Read by `Sources::from_process` before parsing.
@@ -1259,6 +1278,26 @@ impl Checker<'_> {
     }
 
     fn cross_checks(&mut self, raw: &RawConfig, config: &Config) {
+        let frontend = &config.frontend;
+        if !frontend.listen.ip().is_loopback()
+            && frontend.api_keys.is_empty()
+            && !frontend.allow_unauthenticated
+        {
+            let location = raw
+                .frontend
+                .as_ref()
+                .and_then(|f| f.listen.as_ref())
+                .map_or(Location::Default, |listen| self.at(listen));
+            self.problem(
+                location,
+                format!(
+                    "frontend.listen = {} is not a loopback address, so the OpenAI API needs \
+                     frontend.api_keys (or KVFLEET_AGENT_API_KEYS); to serve it without \
+                     authentication anyway, set frontend.allow_unauthenticated = true",
+                    frontend.listen
+                ),
+            );
+        }
         let mut seen = BTreeMap::new();
         for model in &raw.models {
             if seen.insert(model.name.get_ref().trim(), ()).is_some() {
@@ -1402,7 +1441,7 @@ mod tests {
     #[test]
     fn no_file_gives_the_documented_defaults() {
         let config = Config::from_sources(&Sources::default()).unwrap();
-        assert_eq!(config.frontend.listen, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(config.frontend.listen, "127.0.0.1:8000".parse().unwrap());
         assert_eq!(config.log.format, LogFormat::Text);
         assert_eq!(config.routing, RoutingMode::LeastLoaded);
         assert_eq!(config.models.len(), 1);
@@ -1415,6 +1454,31 @@ mod tests {
         let config = load(text).unwrap();
         assert_eq!(config.models[0].name, "smollm2-135m-mock");
         assert_eq!(config.workers.len(), 1);
+    }
+
+    /// The OpenAI API beyond loopback needs keys unless explicitly opted out.
+    #[test]
+    fn a_non_loopback_frontend_needs_api_keys_or_an_explicit_opt_out() {
+        let refused = problems("[frontend]\nlisten = \"0.0.0.0:8000\"\n");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].starts_with("agent.toml:2:10: frontend.listen = 0.0.0.0:8000"));
+        assert!(refused[0].contains("frontend.api_keys"), "{refused:?}");
+        assert!(refused[0].contains("allow_unauthenticated"), "{refused:?}");
+        for ok in [
+            "[frontend]\nlisten = \"0.0.0.0:8000\"\napi_keys = [\"sk-0123456789\"]\n",
+            "[frontend]\nlisten = \"0.0.0.0:8000\"\nallow_unauthenticated = true\n",
+            "[frontend]\nlisten = \"127.0.0.1:8000\"\n",
+            "[frontend]\nlisten = \"[::1]:8000\"\n",
+        ] {
+            assert!(load(ok).is_ok(), "{ok}");
+        }
+        let tuned = load(
+            "[frontend]\nmax_connections = 7\nheader_read_timeout_secs = 2\nbody_read_timeout_secs = 3\n",
+        )
+        .unwrap();
+        assert_eq!(tuned.frontend.max_connections, 7);
+        assert_eq!(tuned.frontend.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(tuned.frontend.body_read_timeout, Duration::from_secs(3));
     }
 
     #[test]
@@ -1447,7 +1511,12 @@ role = "decode"
         assert_eq!(config.node_name, "gpu-07");
         assert_eq!(config.frontend.listen.port(), 9000);
         assert_eq!(config.frontend.queue_capacity, 7);
-        assert_eq!(config.frontend.api_keys, vec!["sk-test-12345"]);
+        assert!(config.frontend.api_keys.accepts("sk-test-12345"));
+        assert!(!config.frontend.api_keys.accepts("sk-test-1234"));
+        assert!(
+            !format!("{config:?}").contains("sk-test-12345"),
+            "keys are hashed and never in Debug output"
+        );
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.routing, RoutingMode::RoundRobin);
         assert_eq!(config.models[0].block_size.get(), 4);

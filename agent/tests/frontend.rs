@@ -1203,3 +1203,76 @@ async fn kv_tiers_take_evicted_blocks_and_give_them_back() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Slow clients cannot hold the frontend: at most `max_connections` are served at once, a
+/// connection whose request head does not arrive in time is closed, a body that does not arrive
+/// in time gets 408 — and a normal client is served as soon as a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let agent = TestAgent::start(&format!(
+        "[frontend]\nmax_connections = 2\nheader_read_timeout_secs = 1\n\
+         body_read_timeout_secs = 1\n{}",
+        model("m", 0, 4096)
+    ))
+    .await;
+    let addr = agent.url("").trim_start_matches("http://").to_owned();
+    // Two slow-loris connections: half a request line, then nothing.
+    let mut lorises = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        lorises.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A normal client waits for a slot (both are taken), then is served.
+    let started = std::time::Instant::now();
+    let client = reqwest::Client::new();
+    let response = client
+        .post(agent.url("/v1/chat/completions"))
+        .json(&chat("hi", 2))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(600),
+        "served after {waited:?}: the cap of 2 connections did not hold"
+    );
+    assert!(waited < Duration::from_secs(5), "served after {waited:?}");
+    // The lorises were closed by the server (EOF, maybe after a 408 it wrote).
+    for mut tcp in lorises {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a slow-loris connection is still open");
+    }
+    drop(response);
+    drop(client);
+    // A body that stalls gets 408 as an OpenAI error.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("request_timeout") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the stalled body is answered");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+}

@@ -88,6 +88,16 @@ impl ApiError {
         )
     }
 
+    /// 408: the body did not arrive within the deadline.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!("the request body did not arrive within {limit:?}"),
+        )
+    }
+
     /// 401.
     pub fn unauthorized() -> Self {
         Self::new(

@@ -25,6 +25,7 @@
 
 pub mod admission;
 pub mod api;
+mod conn;
 pub mod fields;
 pub mod metrics;
 pub mod models;
@@ -57,7 +58,8 @@ use crate::metrics::Registry;
 /// The OpenAI frontend's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FrontendConfig {
-    /// Address to listen on (`0.0.0.0:8000`; port 0 picks a free port, for tests).
+    /// Address to listen on (`127.0.0.1:8000`; port 0 picks a free port, for tests). Any
+    /// other than loopback needs `api_keys` or an explicit `allow_unauthenticated`.
     pub listen: std::net::SocketAddr,
     /// Largest request body accepted; larger bodies get 413.
     pub max_body_bytes: usize,
@@ -70,20 +72,74 @@ pub struct FrontendConfig {
     pub queue_timeout: Duration,
     /// The `Retry-After` value sent with 429 and 503.
     pub retry_after: Duration,
-    /// Bearer tokens accepted on `/v1/*`; empty means no authentication.
-    pub api_keys: Vec<String>,
+    /// Bearer tokens accepted on `/v1/*`, kept hashed; empty means no authentication.
+    pub api_keys: ApiKeys,
+    /// Serve `/v1/*` without keys on a non-loopback address (config validation refuses that
+    /// otherwise; the agent warns at every start).
+    pub allow_unauthenticated: bool,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's head.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body (then 408).
+    pub body_read_timeout: Duration,
+}
+
+/// The frontend's API keys, stored as SHA-256 digests: the plain keys leave memory once the
+/// config is parsed, and `Debug` (config dumps, logs) shows only how many there are.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct ApiKeys(Vec<[u8; 32]>);
+
+impl ApiKeys {
+    /// Hashes `keys`.
+    pub fn new<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Self {
+        Self(keys.into_iter().map(|k| digest(k.as_ref())).collect())
+    }
+
+    /// Whether no key is configured (no authentication).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether `key` is one of them. Compares digests without an early exit.
+    pub fn accepts(&self, key: &str) -> bool {
+        let given = digest(key);
+        self.0.iter().fold(false, |found, k| {
+            found | (k.iter().zip(&given).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0)
+        })
+    }
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} hashed)", self.0.len())
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(key.as_bytes()).into()
 }
 
 impl Default for FrontendConfig {
     fn default() -> Self {
         Self {
-            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 8000)),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_body_bytes: 4 * 1024 * 1024,
             max_in_flight: 256,
             queue_capacity: 1024,
             queue_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
-            api_keys: Vec::new(),
+            api_keys: ApiKeys::default(),
+            allow_unauthenticated: false,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -209,15 +265,7 @@ impl Frontend {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         match given {
-            Some(key)
-                if self
-                    .config
-                    .api_keys
-                    .iter()
-                    .any(|k| constant_time_eq(k, key)) =>
-            {
-                Ok(())
-            }
+            Some(key) if self.config.api_keys.accepts(key) => Ok(()),
             _ => Err(ApiError::unauthorized()),
         }
     }
@@ -229,14 +277,6 @@ impl Frontend {
             ApiError::model_not_found(name, &known)
         })
     }
-}
-
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 /// The axum router over a frontend.
@@ -282,7 +322,13 @@ async fn handle(
     let span = tracing::info_span!("request", request_id = %id, endpoint = endpoint.label());
     let result = async {
         frontend.check_auth(&headers)?;
-        let bytes = prepare::read_body(&headers, body, frontend.config.max_body_bytes).await?;
+        let limit = frontend.config.max_body_bytes;
+        let bytes = tokio::time::timeout(
+            frontend.config.body_read_timeout,
+            prepare::read_body(&headers, body, limit),
+        )
+        .await
+        .map_err(|_| ApiError::body_timeout(frontend.config.body_read_timeout))??;
         let prepared = prepare::prepare(&frontend, endpoint, id.clone(), &bytes)?;
         run::execute(frontend.clone(), prepared, start).await
     }
@@ -364,13 +410,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
-        }
-    });
-    axum::serve(listener, router(frontend))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = conn::ConnLimits {
+        max_connections: frontend.config.max_connections,
+        header_read_timeout: frontend.config.header_read_timeout,
+    };
+    if frontend.config.api_keys.is_empty()
+        && let Ok(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(%addr, "the OpenAI API is served WITHOUT authentication on a non-loopback \
+            address (frontend.allow_unauthenticated = true): anyone who can reach it can use it");
+    }
+    conn::serve(listener, router(frontend), limits, shutdown).await
 }

@@ -1,0 +1,330 @@
+//! The fleet attacked the way issue #22 lists it, end to end: a real Postgres, a control plane
+//! and agents on loopback (the harness in `common/`).
+//!
+//! - Join tokens: a used one and an expired one are refused; a removed node's agent, which
+//!   falls back to the join token it started with, cannot come back with it.
+//! - Revocation bites: a removed (revoked) node's open peer connections to another agent are
+//!   closed within one heartbeat interval of the removal, and new ones are refused.
+//! - Nothing in the logs: every log line the control plane and the agents write during all of
+//!   that (debug level for our crates) is captured and searched for the admin token, the join
+//!   token, the agent credential and the node's private key.
+//!
+//! Needs `DATABASE_URL` (see `fleet.rs`); without it the tests print why and skip.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    unreachable_pub
+)]
+
+mod common;
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kvfleet_controlplane::auth::Role;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// The control plane's heartbeat interval in this harness (`ControlPlane::start_with`).
+const HEARTBEAT: Duration = Duration::from_millis(200);
+const LOST_AFTER: Duration = Duration::from_secs(60);
+
+/// Every log line written in this process (one test per process under nextest).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Installs the process-wide subscriber: debug for our crates, info for the rest.
+    fn install() -> Self {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "info,kvfleet_agent=debug,kvfleet_controlplane=debug,kvfleet_peer=debug",
+            ))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        captured
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+async fn register(cp: &ControlPlane, token: &str, hostname: &str) -> (StatusCode, Value) {
+    api(
+        Method::POST,
+        &cp.url("/agent/register"),
+        token,
+        Some(json!({"hostname": hostname, "agent_version": "test", "cpu_slots": 1})),
+    )
+    .await
+}
+
+async fn new_join_token(cp: &ControlPlane, admin: &str, body: Value) -> String {
+    let (status, created) = api(Method::POST, &cp.url("/tokens"), admin, Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created["secret"].as_str().unwrap().to_owned()
+}
+
+async fn nodes(cp: &ControlPlane, admin: &str) -> Vec<Value> {
+    let (status, body) = api(Method::GET, &cp.url("/nodes"), admin, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["items"].as_array().unwrap().clone()
+}
+
+/// Join tokens are single-use with an expiry; a removed node stays out; no secret is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn used_or_expired_join_tokens_and_removed_nodes_stay_out_and_nothing_secret_is_logged() {
+    let logs = Captured::install();
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // No bootstrap token configured and an empty database: the control plane makes the first
+    // admin token and writes it to its token file (never to the log).
+    let token_file = temp_dir("admin-token");
+    let cp = ControlPlane::start_with(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER, |c| {
+        c.auth.bootstrap_token_file = token_file.clone();
+    })
+    .await;
+    let admin = std::fs::read_to_string(&token_file)
+        .expect("the bootstrap admin token is in its file")
+        .trim()
+        .to_owned();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is the owner's only");
+    }
+    assert_eq!(
+        api(Method::GET, &cp.url("/tokens"), &admin, None).await.0,
+        StatusCode::OK
+    );
+
+    // A node joins with a fresh (single-use, 1 h) join token.
+    let join = new_join_token(&cp, &admin, json!({"name": "node-a", "role": "join"})).await;
+    let dir = temp_dir("node-a");
+    let setup = AgentSetup {
+        mock_token_time_us: 1000,
+        peer_on_loopback: true,
+    };
+    let agent = Agent::start("node-a", &cp, &join, &dir, setup).await;
+    wait_nodes_healthy(&cp, &admin, &["node-a"]).await;
+
+    // The used token is refused for anyone else, with a reason.
+    let (status, body) = register(&cp, &join, "intruder").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("used up"),
+        "{body}"
+    );
+    // An expired one too.
+    let short = new_join_token(
+        &cp,
+        &admin,
+        json!({"name": "short", "role": "join", "expires_in_s": 1}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = register(&cp, &short, "late").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+
+    // Removing the node sticks: its agent's credential is refused, it falls back to its join
+    // token (as it would after a reinstall), and that is used up.
+    let identity = kvfleet_agent::state_dir::StateDir::open(&dir)
+        .unwrap()
+        .identity()
+        .unwrap()
+        .expect("the agent saved its identity");
+    let key_pem = std::fs::read_to_string(
+        kvfleet_agent::state_dir::StateDir::open(&dir)
+            .unwrap()
+            .key_path(),
+    )
+    .unwrap();
+    let (status, body) = api(
+        Method::DELETE,
+        &cp.url(&format!("/nodes/{}", identity.node_id)),
+        &admin,
+        None,
+    )
+    .await;
+    assert!(status.is_success(), "{status} {body}");
+    // Many heartbeats' worth: every retry the agent makes is refused.
+    tokio::time::sleep(HEARTBEAT * 15).await;
+    let all = nodes(&cp, &admin).await;
+    let named_a: Vec<&Value> = all.iter().filter(|n| n["hostname"] == "node-a").collect();
+    assert_eq!(named_a.len(), 1, "no second node-a joined: {all:?}");
+    assert_eq!(named_a[0]["state"], "removed", "{all:?}");
+    let (status, _) = api(
+        Method::POST,
+        &cp.url("/agent/heartbeat"),
+        &identity.credential,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    agent.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
+
+    // Nothing secret in any log line of all that.
+    let text = logs.text();
+    assert!(
+        text.contains("created the first admin token"),
+        "the capture works and saw the bootstrap"
+    );
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .join("");
+    let secrets = [
+        ("the admin token", admin.as_str()),
+        ("the join token", join.as_str()),
+        ("the expired join token", short.as_str()),
+        ("the agent credential", identity.credential.as_str()),
+        (
+            "the node's private key",
+            &key_body[..40.min(key_body.len())],
+        ),
+        ("a private key", "PRIVATE KEY"),
+    ];
+    for (what, secret) in secrets {
+        assert!(!secret.is_empty());
+        assert!(!text.contains(secret), "{what} is in the logs");
+    }
+    // The tokens' secret halves (after the public prefix) too.
+    for token in [&admin, &join, &identity.credential] {
+        assert!(
+            !text.contains(&token[17..]),
+            "a token's secret is in the logs"
+        );
+    }
+    let _ = std::io::stdout().write_all(
+        format!(
+            "captured {} log lines, no secret among them\n",
+            text.lines().count()
+        )
+        .as_bytes(),
+    );
+    let _ = std::fs::remove_file(&token_file);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A revoked node's open peer connections are closed within one heartbeat interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_nodes_open_peer_connections_close_within_one_heartbeat() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let setup = AgentSetup {
+        mock_token_time_us: 1000,
+        peer_on_loopback: true,
+    };
+    let dirs = [temp_dir("node-a"), temp_dir("node-b")];
+    let a = Agent::start("node-a", &cp, &join, &dirs[0], setup).await;
+    let b = Agent::start("node-b", &cp, &join, &dirs[1], setup).await;
+    wait_nodes_healthy(&cp, &admin, &["node-a", "node-b"]).await;
+    let peer = |agent: &Agent| agent.running.fleet().unwrap().peer.clone();
+    wait_for(
+        "both peer endpoints bound",
+        Duration::from_secs(20),
+        || async { peer(&a).endpoint().is_some() && peer(&b).endpoint().is_some() },
+    )
+    .await;
+    let a_end = peer(&a).endpoint().unwrap();
+    let b_addr = peer(&b).local_addr().unwrap();
+    let node = |agent: &Agent| {
+        agent
+            .running
+            .fleet()
+            .unwrap()
+            .control_plane
+            .status()
+            .node_id
+            .unwrap()
+    };
+    let (a_id, b_id) = (node(&a), node(&b));
+    let connection = a_end
+        .connection(b_addr, kvfleet_proto::NodeId(b_id))
+        .await
+        .expect("node-a connects to node-b");
+    let b_metrics = peer(&b).endpoint().unwrap().metrics();
+
+    let removed = Instant::now();
+    let (status, body) = api(
+        Method::DELETE,
+        &cp.url(&format!("/nodes/{a_id}")),
+        &admin,
+        None,
+    )
+    .await;
+    assert!(status.is_success(), "{status} {body}");
+    wait_for(
+        "node-b to close node-a's connection",
+        Duration::from_secs(10),
+        || async { connection.close_reason().is_some() },
+    )
+    .await;
+    let took = removed.elapsed();
+    println!("closed {took:?} after the removal (heartbeat every {HEARTBEAT:?})");
+    // One interval, plus the heartbeat's own round trip and this poll's 100 ms step.
+    assert!(
+        took < HEARTBEAT + Duration::from_millis(900),
+        "closed after {took:?}"
+    );
+    assert!(
+        connection.close_reason().unwrap().contains("revoked"),
+        "{:?}",
+        connection.close_reason()
+    );
+    assert_eq!(
+        b_metrics
+            .connections_revoked
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // A new connection from the revoked node is closed as well.
+    if let Ok(fresh) = a_end.connect(b_addr, kvfleet_proto::NodeId(b_id)).await {
+        wait_for(
+            "the fresh connection closed",
+            Duration::from_secs(5),
+            || async { fresh.close_reason().is_some() },
+        )
+        .await;
+    }
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
