@@ -1276,3 +1276,51 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
 }
+
+/// Admission comes before any parsing or tokenization: with every slot taken and no queue, even
+/// a request that would fail to parse gets 429 at once, without costing the frontend its
+/// template and tokenizer work (what a flood of large prompts would otherwise cost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_comes_before_tokenization() {
+    let agent = TestAgent::start(&format!(
+        "[frontend]\nmax_in_flight = 1\nqueue_capacity = 0\n{}",
+        model("m", 20_000, 4096)
+    ))
+    .await;
+    let mut request = chat("hold the only slot", 200);
+    request["stream"] = json!(true);
+    let mut holder = agent.post("/v1/chat/completions", request).await;
+    holder.chunk().await.unwrap().unwrap();
+    let response = agent
+        .client
+        .post(agent.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "queue_full", "{body}");
+    drop(holder);
+    // With the slot free again, the same body gets its parse error.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = agent
+            .client
+            .post(agent.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body("{\"model\": ")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 400 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

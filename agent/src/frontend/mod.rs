@@ -1,9 +1,10 @@
 //! The OpenAI-compatible HTTP frontend every node runs (axum).
 //!
-//! A request goes: authenticate → read the body (bounded) → parse and validate ([`api`]) →
-//! look the model up ([`models`]: its tokenizer, chat template and limits) → chat template and
-//! tokenize → block hashes (`kvfleet_proto::hash`) → admission
-//! ([`admission`]: bounded queue) → a worker ([`Backend`]) → detokenize and cut at stop strings
+//! A request goes: authenticate → read the body (bounded in size and time) → admission
+//! ([`admission`]: bounded queue; before any tokenization, so a flood waits or gets 429 instead
+//! of costing CPU) → on the blocking pool: parse and validate ([`api`]) → look the model up
+//! ([`models`]: its tokenizer, chat template and limits) → chat template and tokenize → block
+//! hashes (`kvfleet_proto::hash`) → a worker ([`Backend`]) → detokenize and cut at stop strings
 //! → JSON or SSE. Every failure on the way is an OpenAI error body with the status [`api`]
 //! documents. A client that disconnects drops its response stream, which drops the
 //! [`crate::backend::Generation`], which cancels the sequence in the worker.
@@ -329,8 +330,18 @@ async fn handle(
         )
         .await
         .map_err(|_| ApiError::body_timeout(frontend.config.body_read_timeout))??;
-        let prepared = prepare::prepare(&frontend, endpoint, id.clone(), &bytes)?;
-        run::execute(frontend.clone(), prepared, start).await
+        let admitted = run::admit(&frontend).await?;
+        // Templating and tokenizing cost CPU in proportion to the prompt: off the async
+        // threads, so a long prompt does not stall other connections.
+        let prepared = {
+            let (frontend, id, span) = (frontend.clone(), id.clone(), tracing::Span::current());
+            tokio::task::spawn_blocking(move || {
+                span.in_scope(|| prepare::prepare(&frontend, endpoint, id, &bytes))
+            })
+            .await
+            .map_err(|e| ApiError::worker_failed(format!("preparing the request failed: {e}")))??
+        };
+        run::execute(frontend.clone(), prepared, admitted, start).await
     }
     .instrument(span.clone())
     .await;

@@ -28,20 +28,30 @@ use super::prepare::{Endpoint, Prepared};
 use super::text::{StopMatcher, Utf8Stream};
 use crate::backend::{self, GenEvent, GenerateRequest, Generation, TokenLogprob};
 
-/// Admits `prepared` (waiting in the bounded queue), submits it to a worker and answers it:
-/// streamed when it asked to be, otherwise once the completion is whole. `start` is when the
-/// request arrived.
+/// Waits for an admission slot (the bounded queue). The frontend takes it *before* it
+/// templates and tokenizes a request, so a flood queues or gets 429 instead of costing
+/// tokenization each; returns the slot and how long it waited.
+pub(super) async fn admit(frontend: &Frontend) -> Result<(Slot, Duration), ApiError> {
+    if frontend.is_draining() {
+        return Err(draining(frontend));
+    }
+    let admitting = Instant::now();
+    let slot = frontend.admission.admit().await?;
+    Ok((slot, admitting.elapsed()))
+}
+
+/// Submits an admitted `prepared` (its `slot` from [`admit`], which waited `queued`) to a
+/// worker and answers it: streamed when it asked to be, otherwise once the completion is
+/// whole. `start` is when the request arrived.
 pub(super) async fn execute(
     frontend: Arc<Frontend>,
     prepared: Prepared,
+    (slot, queued): (Slot, Duration),
     start: Instant,
 ) -> Result<Response, ApiError> {
     if frontend.is_draining() {
         return Err(draining(&frontend));
     }
-    let admitting = Instant::now();
-    let slot = frontend.admission.admit().await?;
-    let queued = admitting.elapsed();
     let choices = prepared.n;
     let mut first = submit(&frontend, &prepared, 0, None)?;
     tracing::debug!(worker = %first.worker, prompt_tokens = prepared.prompt.len(), choices, "submitted");
