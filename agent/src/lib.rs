@@ -275,6 +275,10 @@ pub async fn serve_with(
         backend,
         registry,
     ));
+    if let Mode::Fleet(fleet) = &mode {
+        // Requests other nodes forward here take this node's admission slots too.
+        fleet.serving.admit_through(frontend.clone());
+    }
     started(Running {
         frontend: frontend.clone(),
         pool: pool.clone(),

@@ -328,3 +328,119 @@ async fn a_removed_nodes_open_peer_connections_close_within_one_heartbeat() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A request another node forwards takes a slot of the serving node's admission like a local
+/// one: with node-b's only slot taken (and no queue), a request forwarded from node-a is refused
+/// `Overloaded` before anything runs (node-a then serves it elsewhere); once the slot is free,
+/// the same forwarded request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_requests_go_through_the_serving_nodes_admission() {
+    use futures_util::StreamExt as _;
+    use kvfleet_peer::{ErrorCode, GenerateEvent, GenerateRequest};
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let setup = AgentSetup {
+        mock_token_time_us: 20_000,
+        peer_on_loopback: true,
+    };
+    let dirs = [temp_dir("node-a"), temp_dir("node-b")];
+    let a = Agent::start("node-a", &cp, &join, &dirs[0], setup).await;
+    let b_config = Agent::config("node-b", &cp, &join, &dirs[1], setup).replacen(
+        "[log]",
+        "[frontend]\nmax_in_flight = 1\nqueue_capacity = 0\n[log]",
+        1,
+    );
+    let b = Agent::launch("node-b", b_config).await;
+    wait_nodes_healthy(&cp, &admin, &["node-a", "node-b"]).await;
+    deploy(&cp, &admin, 2).await;
+    wait_for(
+        "a ready worker on each agent",
+        Duration::from_secs(60),
+        || async { a.ready_workers() == 1 && b.ready_workers() == 1 },
+    )
+    .await;
+    let peer = |agent: &Agent| agent.running.fleet().unwrap().peer.clone();
+    wait_for(
+        "both peer endpoints bound",
+        Duration::from_secs(20),
+        || async { peer(&a).endpoint().is_some() && peer(&b).endpoint().is_some() },
+    )
+    .await;
+    let b_id = b
+        .running
+        .fleet()
+        .unwrap()
+        .control_plane
+        .status()
+        .node_id
+        .unwrap();
+    let connection = peer(&a)
+        .endpoint()
+        .unwrap()
+        .connection(peer(&b).local_addr().unwrap(), kvfleet_proto::NodeId(b_id))
+        .await
+        .unwrap();
+    let forwarded = GenerateRequest {
+        request_id: "chatcmpl-forwarded".into(),
+        model: MODEL.into(),
+        worker: Some(worker_ids(&b)[0]),
+        prompt: vec![1, 2, 3],
+        block_hashes: Vec::new(),
+        sampling: kvfleet_proto::SamplingParams::greedy(2),
+        prefill: None,
+        kv_push: None,
+    };
+
+    // node-b's one slot is taken by a local streaming request.
+    let holder = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", b.addr))
+        .json(
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hold"}],
+            "max_tokens": 200, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holder.status(), StatusCode::OK);
+    let mut holder = holder.bytes_stream();
+    holder.next().await.unwrap().unwrap();
+    let mut stream = connection.generate(&forwarded).await.unwrap();
+    let error = stream
+        .next()
+        .await
+        .expect_err("refused while the slot is taken");
+    assert_eq!(error.remote_code(), Some(ErrorCode::Overloaded), "{error}");
+
+    drop(holder);
+    let mut served = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !served {
+        assert!(
+            Instant::now() < deadline,
+            "the forwarded request was never served"
+        );
+        let mut stream = connection.generate(&forwarded).await.unwrap();
+        loop {
+            match stream.next().await {
+                Ok(Some(GenerateEvent::Finished(_))) => {
+                    served = true;
+                    break;
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -217,6 +217,13 @@ impl Frontend {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// Takes an admission slot for a request another node forwarded here (held until its
+    /// stream ends): the same bounded queue as this node's own clients, so forwarding cannot
+    /// bypass a node's limits.
+    pub async fn admit_forwarded(&self) -> Result<admission::Slot, ApiError> {
+        run::admit(self).await.map(|(slot, _)| slot)
+    }
+
     /// Requests generating now.
     pub fn in_flight(&self) -> i64 {
         self.metrics.in_flight.get()

@@ -102,6 +102,18 @@ impl GenerateHandler for Forwarded {
                 }
             },
         };
+        // A whole request or a decode leg takes one of this node's admission slots, as a local
+        // request would; a full queue answers `Overloaded` before anything is submitted (the
+        // asking node then serves it elsewhere). Prefill legs belong to a request admitted on
+        // its decode node and take none.
+        let slot = self.serving.admit().await.map_err(|e| {
+            let code = if e.status.as_u16() == 429 {
+                ErrorCode::Overloaded
+            } else {
+                ErrorCode::Unavailable
+            };
+            ErrorMessage::new(code, e.message)
+        })?;
         let plan = request
             .prefill
             .as_ref()
@@ -137,12 +149,12 @@ impl GenerateHandler for Forwarded {
             }
         })?;
         let events = event_stream(generation, prompt_tokens, None);
-        Ok(match guard {
-            None => events,
-            // The guard lives as long as the stream.
-            Some(guard) => events
+        Ok(match (guard, slot) {
+            (None, None) => events,
+            // The guard and the slot live as long as the stream.
+            (guard, slot) => events
                 .map(move |event| {
-                    let _ = &guard;
+                    let _ = (&guard, &slot);
                     event
                 })
                 .boxed(),

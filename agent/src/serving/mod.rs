@@ -72,9 +72,26 @@ pub struct Serving {
     next_transfer: AtomicU64,
     options: TransferOptions,
     timeouts: Timeouts,
+    /// The frontend whose admission forwarded requests go through (set once it exists).
+    admission: std::sync::OnceLock<Arc<crate::frontend::Frontend>>,
 }
 
 impl Serving {
+    /// Makes requests forwarded here take a slot of `frontend`'s admission.
+    pub fn admit_through(&self, frontend: Arc<crate::frontend::Frontend>) {
+        let _ = self.admission.set(frontend);
+    }
+
+    /// A slot for a forwarded request (none before the frontend exists, at start-up).
+    async fn admit(
+        &self,
+    ) -> Result<Option<crate::frontend::admission::Slot>, crate::frontend::api::ApiError> {
+        match self.admission.get() {
+            Some(frontend) => frontend.admit_forwarded().await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Serving over this node's workers (`local`) and peer endpoint.
     pub fn new(local: Arc<dyn Backend>, peer: PeerHandle) -> Self {
         Self {
@@ -88,6 +105,7 @@ impl Serving {
             next_transfer: AtomicU64::new(0),
             options: TransferOptions::default(),
             timeouts: Timeouts::default(),
+            admission: std::sync::OnceLock::new(),
         }
     }
 
