@@ -282,6 +282,42 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
     assert!(progress.contains("left by an earlier run"), "{progress}");
     chat(&openai, "mock").await;
 
+    // Another admin revokes the token dev saved (the last live one cannot be revoked, so a
+    // second comes first); the next run notices and makes itself a new one.
+    let other = common::kvfleet_with(
+        &login,
+        &["tokens", "create", "--name", "other", "--role", "admin"],
+        &env,
+        "",
+    )
+    .await;
+    let other = other.expect(0).stdout.trim().to_owned();
+    let other_env = [
+        ("KVFLEET_URL", api.as_str()),
+        ("KVFLEET_TOKEN", other.as_str()),
+    ];
+    common::kvfleet_with(&login, &["tokens", "revoke", &token[..16]], &other_env, "")
+        .await
+        .expect(0);
+    dev.stop("INT").await;
+    let mut dev = Dev::start(&state, &ports, &mock);
+    let (_, recovered) = dev.wait_for_summary().await;
+    assert_ne!(recovered, token, "a new admin token");
+    assert!(
+        dev.stderr()
+            .contains("the saved admin token no longer works"),
+        "{}",
+        dev.stderr()
+    );
+    let recovered_env = [
+        ("KVFLEET_URL", api.as_str()),
+        ("KVFLEET_TOKEN", recovered.as_str()),
+    ];
+    common::kvfleet_with(&login, &["nodes", "--json"], &recovered_env, "")
+        .await
+        .expect(0);
+    chat(&openai, "mock").await;
+
     // Ctrl-C sends SIGINT: the same clean stop.
     let status = dev.stop("INT").await;
     assert!(status.success(), "kvfleet dev exits 0 on SIGINT: {status}");

@@ -400,6 +400,20 @@ async fn start_and_serve(
         let client = Client::new(api_base.clone(), Some(admin_token.clone()))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         wait_for_controlplane(&client, running).await?;
+        // The saved token may have been revoked since (another admin did, through the API or
+        // the UI): make a new one the break-glass way, with the database access dev has.
+        let (admin_token, client) = match client.get::<serde_json::Value>("/whoami", &[]).await {
+            Err(crate::admin::client::ApiError::Status { status, .. })
+                if status == reqwest::StatusCode::UNAUTHORIZED =>
+            {
+                progress("the saved admin token no longer works: making a new one");
+                let token = recover_admin_token(controlplane_bin, &database_url, state)?;
+                let client = Client::new(api_base.clone(), Some(token.clone()))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                (token, client)
+            }
+            _ => (admin_token, client),
+        };
 
         let join_token = join_token(&client).await?;
         let deployment = register(&client, model, args.disaggregated).await?;
@@ -561,6 +575,38 @@ fn admin_token(controlplane_bin: &Path, state: &Path) -> anyhow::Result<String> 
     }
     let token = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     write_private(&path, &format!("{token}\n"))?;
+    Ok(token)
+}
+
+/// A new admin token made with `kvfleet-controlplane token create` straight in the database
+/// (the documented break-glass way), saved as `<state>/admin-token` for the next runs.
+fn recover_admin_token(
+    controlplane_bin: &Path,
+    database_url: &str,
+    state: &Path,
+) -> anyhow::Result<String> {
+    let mut command = std::process::Command::new(controlplane_bin);
+    scrub_env(&mut command);
+    let output = command
+        .args([
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "kvfleet-dev",
+        ])
+        .args(["--database-url", database_url])
+        .output()
+        .with_context(|| format!("running {} token create", controlplane_bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "kvfleet-controlplane token create failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let token = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    write_private(&state.join("admin-token"), &format!("{token}\n"))?;
     Ok(token)
 }
 
