@@ -103,6 +103,16 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
         None => None,
     };
     let m = crate::load::model(&args.model, args.kernels.path())?;
+    if let Some(constraint) = &constraint
+        && !args.json
+    {
+        let (per_token, tokens) = grammar_cost(&m, constraint, args.decode_tokens)?;
+        writeln!(
+            std::io::stdout().lock(),
+            "grammar alone: {:.0} µs per token (advance + mask over the vocabulary), {tokens} tokens",
+            per_token * 1e6
+        )?;
+    }
     let kernels = m.model.kernel_path();
     let vocab = m.model.config().vocab_size;
     let context = m.model.config().context_length;
@@ -210,4 +220,46 @@ fn engine(args: &EngineArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// The grammar's own time per token, without the model: `tokens` steps of masking pseudo-random
+/// logits, taking the best allowed token and advancing over it (what the executor adds to each
+/// constrained decode step, plus a copy of the logits and an arg-max). Returns seconds per
+/// token and the steps taken.
+fn grammar_cost(
+    m: &kvfleet_model::LoadedModel,
+    constraint: &kvfleet_proto::Constraint,
+    tokens: u32,
+) -> anyhow::Result<(f64, usize)> {
+    let engine = kvfleet_model::grammar::GrammarEngine::new(&m.tokenizer)?;
+    let mut grammar = engine.matcher(constraint)?;
+    let vocab = m.model.config().vocab_size;
+    let mut output: Vec<u32> = Vec::new();
+    let mut seed = 0x1234_5678_u64;
+    // One set of logits for every step (made before the clock starts): the mask, which changes
+    // with the grammar's state, decides what is picked.
+    let logits: Vec<f32> = (0..vocab)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 1000) as f32 / 100.0
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for _ in 0..tokens {
+        grammar.catch_up(output.iter().copied())?;
+        let mut logits = logits.clone();
+        grammar.mask(&mut logits)?;
+        let best = kvfleet_model::sampler::top_k(&logits, 1);
+        let Some(&(token, _)) = best.first() else {
+            break;
+        };
+        if m.tokenizer.eos_ids().contains(&token) {
+            break;
+        }
+        output.push(token);
+    }
+    let steps = output.len().max(1);
+    Ok((started.elapsed().as_secs_f64() / steps as f64, output.len()))
 }
