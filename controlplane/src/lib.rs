@@ -331,7 +331,15 @@ pub async fn bootstrap_admin(pool: &PgPool, config: &Config) -> anyhow::Result<O
 /// created 0600 (never briefly wider) and an existing file's mode is narrowed too.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    // systemd's StateDirectory= makes the default directory; started by hand (or on a host
+    // without the unit) it may not exist yet: make it, owner-only like the file.
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -189,6 +189,14 @@ async fn serve_speaks_the_systemd_notify_protocol(pool: PgPool) {
             &format!("127.0.0.1:{port}"),
         ])
         .args(["--database-url", &url_of(&pool)])
+        // The first admin token goes to a file (0600); not to /var/lib/kvfleet from a test.
+        .args([
+            "--set",
+            &format!(
+                "auth.bootstrap_token_file={}",
+                dir.join("admin-token").display()
+            ),
+        ])
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "400000")
         .stdout(std::process::Stdio::null())
