@@ -327,28 +327,35 @@ pub async fn bootstrap_admin(pool: &PgPool, config: &Config) -> anyhow::Result<O
     Ok(created)
 }
 
-/// Writes `text` to `path` readable by its owner only, replacing what was there. The file is
-/// created 0600 (never briefly wider) and an existing file's mode is narrowed too.
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to `path` readable by its owner only, replacing what was there: the one writer
+/// of token files for the control plane and the `kvfleet` CLI. A missing parent directory is
+/// made owner-only (0700); the text goes to a temporary file created 0600 (never briefly wider,
+/// its mode narrowed again in case a crashed run left one wider) that is synced and renamed over
+/// `path`, so a reader sees the old file or the whole new one.
+pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     // systemd's StateDirectory= makes the default directory; started by hand (or on a host
-    // without the unit) it may not exist yet: make it, owner-only like the file.
+    // without the unit) it may not exist yet.
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(parent)?;
     }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)?;
+        .open(&tmp)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(text.as_bytes())?;
-    file.sync_all()
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Creates an admin token (with its audit row) inside `tx`; returns the plain token.

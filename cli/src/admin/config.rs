@@ -56,38 +56,46 @@ pub(crate) fn load() -> Result<CliFile, CliError> {
     }
 }
 
-/// Writes the login file (0600), creating its directory (0700).
-pub(crate) fn save(file: &CliFile) -> Result<PathBuf, CliError> {
-    let path = path()?;
-    let io =
-        |what: &str, e: std::io::Error| CliError::usage(format!("{what} {}: {e}", path.display()));
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io("restricting the directory of", e))?;
+/// Writes `text` to `path` readable by its owner only, replacing what was there: the CLI's one
+/// writer of files that hold a token (the login file, `kvfleet dev`'s tokens and configs). A
+/// missing parent directory is made owner-only (0700); the text goes to a temporary file created
+/// 0600 (its mode narrowed again in case a crashed run left one wider) that is synced and renamed
+/// over `path`, so a reader sees the old file or the whole new one.
+pub(crate) fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
     }
-    let text = toml::to_string(file)
-        .map_err(|e| CliError::new(ExitCodeKind::Api, format!("encoding the login: {e}")))?;
-    let tmp = path.with_extension(format!("toml.tmp{}", std::process::id()));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io("writing", e))?;
-    out.write_all(
-        b"# Written by `kvfleet login`. KVFLEET_URL / KVFLEET_TOKEN and --url / --token override it.\n",
+        .open(&tmp)?;
+    out.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    out.write_all(text.as_bytes())?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes the login file (0600), creating its directory (0700).
+pub(crate) fn save(file: &CliFile) -> Result<PathBuf, CliError> {
+    let path = path()?;
+    let text = toml::to_string(file)
+        .map_err(|e| CliError::new(ExitCodeKind::Api, format!("encoding the login: {e}")))?;
+    write_private(
+        &path,
+        &format!(
+            "# Written by `kvfleet login`. KVFLEET_URL / KVFLEET_TOKEN and --url / --token override it.\n{text}"
+        ),
     )
-    .and_then(|()| out.write_all(text.as_bytes()))
-    .and_then(|()| out.sync_all())
-    .map_err(|e| io("writing", e))?;
-    // The mode only applies at creation; a stale temp file from a crash could be wider.
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| io("restricting", e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io("replacing", e))?;
+    .map_err(|e| CliError::usage(format!("writing {}: {e}", path.display())))?;
     Ok(path)
 }
 

@@ -612,19 +612,8 @@ fn recover_admin_token(
 
 /// Writes a file only its owner can read (it holds a token).
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(())
+    crate::admin::config::write_private(path, text)
+        .with_context(|| format!("writing {} (owner-only)", path.display()))
 }
 
 async fn wait_for_controlplane(client: &Client, running: &mut Running) -> anyhow::Result<()> {
