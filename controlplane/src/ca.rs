@@ -176,6 +176,18 @@ impl NodeCa {
         &self.cert_pem
     }
 
+    /// The CA certificate's SHA-256 fingerprint: what agents pin (`control_plane.ca_fingerprint`).
+    pub fn fingerprint(&self) -> kvfleet_proto::CaFingerprint {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        // The PEM is the one this CA wrote or loaded; an unreadable one fingerprints its bytes,
+        // which then matches no certificate a client sees (a loud failure, not a silent trust).
+        match CertificateDer::from_pem_slice(self.cert_pem.as_bytes()) {
+            Ok(der) => kvfleet_proto::CaFingerprint::of_der(&der),
+            Err(_) => kvfleet_proto::CaFingerprint::of_der(self.cert_pem.as_bytes()),
+        }
+    }
+
     /// Signs a node certificate for `public_key`, or for a key generated here (returned).
     pub fn issue(
         &self,
@@ -184,11 +196,6 @@ impl NodeCa {
         now: DateTime<Utc>,
         validity: Duration,
     ) -> Result<Issued, CaError> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "kvfleet");
-        dn.push(DnType::CommonName, subject.node_id.to_string());
-        params.distinguished_name = dn;
         let mut sans = vec![SanType::DnsName(
             format!("{}.node.kvfleet", subject.node_id).try_into()?,
         )];
@@ -207,16 +214,74 @@ impl NodeCa {
                 sans.push(SanType::IpAddress(ip));
             }
         }
+        // Peers are both clients and servers of each other.
+        let usages = [
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let public_key = public_key.map(decode_public_key).transpose()?;
+        self.sign(
+            &subject.node_id.to_string(),
+            sans,
+            &usages,
+            public_key.as_ref(),
+            now,
+            validity,
+        )
+    }
+
+    /// Signs the control plane's own HTTPS certificate for `names` (DNS names or IP
+    /// addresses), with a key generated here (returned): what `[tls] mode = "fleet-ca"` serves,
+    /// so agents and the CLI that pin the fleet CA trust it.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        now: DateTime<Utc>,
+        validity: Duration,
+    ) -> Result<Issued, CaError> {
+        let mut sans = Vec::new();
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into()?),
+            };
+            if !sans.contains(&san) {
+                sans.push(san);
+            }
+        }
+        let common_name = names
+            .first()
+            .map_or("kvfleet control plane", String::as_str);
+        self.sign(
+            common_name,
+            sans,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
+            None,
+            now,
+            validity,
+        )
+    }
+
+    fn sign(
+        &self,
+        common_name: &str,
+        sans: Vec<SanType>,
+        usages: &[ExtendedKeyUsagePurpose],
+        public_key: Option<&RawPublicKey>,
+        now: DateTime<Utc>,
+        validity: Duration,
+    ) -> Result<Issued, CaError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "kvfleet");
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
         params.subject_alt_names = sans;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        // Peers are both clients and servers of each other.
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages.to_vec();
         params.use_authority_key_identifier_extension = true;
         let serial = new_serial();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
@@ -226,10 +291,7 @@ impl NodeCa {
         params.not_before = to_offset(not_before)?;
         params.not_after = to_offset(not_after)?;
         let (cert, private_key_pem) = match public_key {
-            Some(key) => (
-                params.signed_by(&decode_public_key(key)?, &self.issuer)?,
-                None,
-            ),
+            Some(key) => (params.signed_by(key, &self.issuer)?, None),
             None => {
                 let key = KeyPair::generate()?;
                 (

@@ -32,6 +32,7 @@ pub struct Config {
     pub placement: PlacementConfig,
     pub watch: WatchConfig,
     pub ca: CaConfig,
+    pub tls: TlsConfig,
     pub metrics: MetricsConfig,
     /// `[planner]`: the SLA planner loop (interval, predictor, scale-down rules).
     pub planner: kvfleet_planner::PlannerConfig,
@@ -131,6 +132,23 @@ pub struct CaConfig {
     pub ca_validity: Duration,
 }
 
+/// `[tls]`: how the REST API and the web UI are served.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum TlsConfig {
+    /// Plain HTTP: for loopback (`kvfleet dev`) or behind a proxy that terminates TLS.
+    #[default]
+    Off,
+    /// The operator's certificate chain and private key (PEM files).
+    Files {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+    /// A certificate issued from the fleet CA at each start for these DNS names and IP
+    /// addresses (the host's name, `localhost` and 127.0.0.1 when none are given). Agents pin the
+    /// CA by its fingerprint (`control_plane.ca_fingerprint`), the CLI by its file (`--ca-file`).
+    FleetCa { names: Vec<String> },
+}
+
 /// `[metrics]`: fleet metrics kept from heartbeats.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
@@ -174,6 +192,7 @@ impl Config {
                 cert_validity: Duration::from_secs(7 * 86_400),
                 ca_validity: Duration::from_secs(3650 * 86_400),
             },
+            tls: TlsConfig::Off,
             metrics: MetricsConfig {
                 raw_retention: Duration::from_secs(2 * 3600),
                 rollup_bucket: Duration::from_secs(60),
@@ -350,6 +369,7 @@ impl Config {
         reader.duration("watch.max_wait", &mut config.watch.max_wait);
         reader.duration("ca.cert_validity", &mut config.ca.cert_validity);
         reader.duration("ca.ca_validity", &mut config.ca.ca_validity);
+        config.tls = reader.tls();
         reader.duration("metrics.raw_retention", &mut config.metrics.raw_retention);
         reader.duration("metrics.rollup_bucket", &mut config.metrics.rollup_bucket);
         reader.duration(
@@ -586,6 +606,62 @@ impl Reader {
         }
     }
 
+    fn absolute_path(&mut self, key: &str) -> Option<PathBuf> {
+        let (value, origin) = self.take(key)?;
+        match value.as_str() {
+            Some(path) if path.starts_with('/') => Some(PathBuf::from(path)),
+            _ => {
+                self.problem(origin, key, "must be an absolute path");
+                None
+            }
+        }
+    }
+
+    /// `[tls]`: `mode` ("off", "files", "fleet-ca") and the keys that mode needs.
+    fn tls(&mut self) -> TlsConfig {
+        let mode = self.take("tls.mode");
+        let cert_file = self.absolute_path("tls.cert_file");
+        let key_file = self.absolute_path("tls.key_file");
+        let mut names = Vec::new();
+        if let Some((value, origin)) = self.take("tls.names") {
+            match value.as_array().map(|a| a.iter().map(toml::Value::as_str).collect::<Option<Vec<_>>>()) {
+                Some(Some(list)) if list.iter().all(|n| !n.trim().is_empty()) => {
+                    names = list.into_iter().map(str::to_owned).collect();
+                }
+                _ => self.problem(
+                    origin,
+                    "tls.names",
+                    "must be a list of DNS names or IP addresses, e.g. [\"cp.example.com\", \"10.0.0.2\"]",
+                ),
+            }
+        }
+        let Some((mode, origin)) = mode else {
+            return TlsConfig::Off;
+        };
+        match mode.as_str() {
+            Some("off") => TlsConfig::Off,
+            Some("fleet-ca") => TlsConfig::FleetCa { names },
+            Some("files") => match (cert_file, key_file) {
+                (Some(cert_file), Some(key_file)) => TlsConfig::Files {
+                    cert_file,
+                    key_file,
+                },
+                _ => {
+                    self.problem(
+                        origin,
+                        "tls.mode",
+                        "\"files\" needs tls.cert_file and tls.key_file (PEM)",
+                    );
+                    TlsConfig::Off
+                }
+            },
+            _ => {
+                self.problem(origin, "tls.mode", "must be one of off, files, fleet-ca");
+                TlsConfig::Off
+            }
+        }
+    }
+
     fn socket_addr(&mut self, key: &str, out: &mut SocketAddr) {
         if let Some((value, origin)) = self.take(key) {
             match value.as_str().map(str::parse::<SocketAddr>) {
@@ -810,6 +886,59 @@ lost_after = "1m"
         in_file.sort();
         known.sort();
         assert_eq!(in_file, known);
+    }
+
+    #[test]
+    fn tls_modes_parse_and_name_what_is_missing() {
+        let load = |text: &str| {
+            Config::load(&Source {
+                file: Some(FileSource {
+                    path: "/etc/kvfleet/controlplane.toml".into(),
+                    text: format!("[database]\nurl = \"postgres://x\"\n{text}"),
+                }),
+                env: Vec::new(),
+                flags: Vec::new(),
+            })
+        };
+        assert_eq!(load("").unwrap().tls, TlsConfig::Off);
+        assert_eq!(
+            load("[tls]\nmode = \"fleet-ca\"\nnames = [\"cp.example\", \"10.0.0.2\"]")
+                .unwrap()
+                .tls,
+            TlsConfig::FleetCa {
+                names: vec!["cp.example".into(), "10.0.0.2".into()]
+            }
+        );
+        assert_eq!(
+            load("[tls]\nmode = \"files\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"")
+                .unwrap()
+                .tls,
+            TlsConfig::Files {
+                cert_file: "/c.pem".into(),
+                key_file: "/k.pem".into()
+            }
+        );
+        for (text, needle) in [
+            (
+                "[tls]\nmode = \"files\"\ncert_file = \"/c.pem\"",
+                "needs tls.cert_file and tls.key_file",
+            ),
+            (
+                "[tls]\nmode = \"https\"",
+                "must be one of off, files, fleet-ca",
+            ),
+            (
+                "[tls]\nmode = \"files\"\ncert_file = \"c.pem\"\nkey_file = \"/k.pem\"",
+                "absolute path",
+            ),
+            (
+                "[tls]\nmode = \"fleet-ca\"\nnames = \"cp\"",
+                "list of DNS names",
+            ),
+        ] {
+            let errors = load(text).unwrap_err().to_string();
+            assert!(errors.contains(needle), "{text}: {errors}");
+        }
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! - [`telemetry`]: the one Prometheus registry every module registers into, served at
 //!   `/metrics`; [`fleet_gauges`]: the inventory and SLA targets as gauges.
 //!
-//! Not here yet: TLS on the HTTP listener (terminate TLS in a proxy in front for now).
+//! - [`tls`]: HTTPS for the API and the UI (`[tls]`): the operator's certificate or one the
+//!   fleet CA issues (and renews), and a listener with concurrent, time-limited handshakes.
 
 /// A query string built with `format!` from compile-time constants only (column lists, lock
 /// clauses); never from input. Every value from a request is a bind parameter.
@@ -47,6 +48,7 @@ pub(crate) mod rows;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 pub mod ui;
 
 use std::future::{Future, IntoFuture as _};
@@ -69,6 +71,8 @@ pub struct Inner {
     pub pool: PgPool,
     pub config: Config,
     pub ca: ca::NodeCa,
+    /// The API's HTTPS identity; `None` serves plain HTTP (`[tls] mode = "off"`).
+    pub tls: Option<tls::ServerTls>,
     /// Node ids whose desired-state generation changed (fed from Postgres NOTIFY, so changes
     /// made by any replica wake this replica's watchers).
     pub desired_changed: broadcast::Sender<uuid::Uuid>,
@@ -112,6 +116,13 @@ impl AppState {
         let ca = ca::load_or_create(&pool, config.ca.ca_validity)
             .await
             .context("loading the node CA")?;
+        let tls = tls::ServerTls::new(
+            &config.tls,
+            &ca,
+            config.ca.cert_validity,
+            chrono::Utc::now(),
+        )
+        .context("setting up HTTPS ([tls])")?;
         // Watchers that fall behind re-read the database, so a small buffer is enough.
         let (desired_changed, _) = broadcast::channel(4096);
         // Each module registers its metrics; the registry is frozen before serving.
@@ -126,6 +137,7 @@ impl AppState {
             pool,
             config,
             ca,
+            tls,
             desired_changed,
             stopping: watch::channel(false).0,
             kv,
@@ -225,12 +237,12 @@ async fn serve_notifying(
 
     let app = api::router(state.clone());
     let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "serving /api/v1");
+    let ca_fingerprint = state.ca.fingerprint();
     let mut http_stop = stop_rx.clone();
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let stopping = state.clone();
     let stop_notifier = notifier.clone();
-    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let graceful = async move {
         tokio::select! {
             () = shutdown => {}
             _ = http_stop.changed() => {}
@@ -241,11 +253,45 @@ async fn serve_notifying(
             let _ = notifier.notify("STOPPING=1");
         }
         let _ = fired_tx.send(());
-    });
-    let served = tokio::select! {
+    };
+    let served = match &state.tls {
+        Some(server_tls) => {
+            tracing::info!(addr = ?local, %ca_fingerprint, "serving /api/v1 over HTTPS (agents pin this fleet CA fingerprint)");
+            tasks.spawn(renew_certificate(
+                state.clone(),
+                server_tls.clone(),
+                stop_rx.clone(),
+            ));
+            serve_until_drained(server_tls.listener(listener), app, graceful, fired_rx).await
+        }
+        None => {
+            tracing::info!(addr = ?local, "serving /api/v1 over plain HTTP ([tls] mode = \"off\": loopback or behind a TLS proxy only)");
+            serve_until_drained(listener, app, graceful, fired_rx).await
+        }
+    };
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    state.pool.close().await;
+    served.context("serving HTTP")
+}
+
+/// Serves `app` on `listener` until `graceful` completes, then lets requests finish for at most
+/// [`DRAIN_DEADLINE`] (counted from when `fired` says the drain began).
+async fn serve_until_drained<L>(
+    listener: L,
+    app: axum::Router,
+    graceful: impl Future<Output = ()> + Send + 'static,
+    fired: tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let serving = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    tokio::select! {
         served = serving.into_future() => served,
         () = async {
-            if fired_rx.await.is_ok() {
+            if fired.await.is_ok() {
                 tokio::time::sleep(DRAIN_DEADLINE).await;
             } else {
                 std::future::pending::<()>().await;
@@ -254,11 +300,27 @@ async fn serve_notifying(
             tracing::warn!("requests still running after the {DRAIN_DEADLINE:?} drain deadline; closing");
             Ok(())
         }
-    };
-    let _ = stop_tx.send(true);
-    while tasks.join_next().await.is_some() {}
-    state.pool.close().await;
-    served.context("serving HTTP")
+    }
+}
+
+/// Reissues the fleet-CA HTTPS certificate when it is due (checked hourly).
+async fn renew_certificate(
+    state: AppState,
+    server_tls: tls::ServerTls,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match server_tls.renew(&state.ca, state.config.ca.cert_validity, chrono::Utc::now()) {
+            Ok(true) => tracing::info!("renewed the control plane's HTTPS certificate"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::error!(%error, "renewing the control plane's HTTPS certificate failed; retrying in an hour")
+            }
+        }
+        if store::sleep_or_shutdown(std::time::Duration::from_secs(3600), &mut stop).await {
+            return;
+        }
+    }
 }
 
 /// Pings the systemd watchdog while the server runs.

@@ -1327,3 +1327,156 @@ async fn the_last_live_admin_token_cannot_be_revoked(pool: PgPool) {
     );
     server.stop().await;
 }
+
+/// `[tls]`: HTTPS from a certificate the fleet CA issues, and from the operator's PEM files.
+mod https {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kvfleet_controlplane::config::TlsConfig;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use sqlx::PgPool;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::common::*;
+
+    fn roots(pem: &str) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    }
+
+    /// `GET path` over TLS trusting only `roots`, as `name`; the status line and body.
+    async fn https_get(
+        addr: std::net::SocketAddr,
+        roots: rustls::RootCertStore,
+        name: &str,
+        path: &str,
+    ) -> std::io::Result<String> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let server_name = ServerName::try_from(name.to_owned()).unwrap();
+        let mut tls = connector.connect(server_name, tcp).await?;
+        tls.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut response = String::new();
+        tls.read_to_string(&mut response).await?;
+        Ok(response)
+    }
+
+    #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+    async fn fleet_ca_https_is_trusted_through_the_ca_alone_and_survives_bad_clients(pool: PgPool) {
+        let mut config = test_config();
+        config.tls = TlsConfig::FleetCa {
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+        };
+        let server = start(&pool, config).await;
+        let ca_pem = server.state.ca.cert_pem().to_owned();
+
+        // A silent client and a plain-HTTP client hold no accept slot: they are handshaking
+        // (or failing to) on their own tasks while a real client is served.
+        let _silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut plain = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        plain
+            .write_all(b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer))
+            .await
+            .expect("a plain-HTTP client is dropped, not left hanging");
+        assert!(
+            read.is_err() || !String::from_utf8_lossy(&answer).contains("openapi"),
+            "plain HTTP must not be served on an HTTPS port"
+        );
+
+        for name in ["localhost", "127.0.0.1"] {
+            let response = tokio::time::timeout(
+                Duration::from_secs(10),
+                https_get(server.addr, roots(&ca_pem), name, "/api/v1/openapi.json"),
+            )
+            .await
+            .expect("served while a silent client is still handshaking")
+            .unwrap();
+            assert!(
+                response.starts_with("HTTP/1.1 200"),
+                "{name}: {response:.200}"
+            );
+            assert!(response.contains("\"openapi\""), "{response:.200}");
+        }
+
+        // Another fleet's CA does not vouch for this control plane, and a name the certificate
+        // was not issued for is refused.
+        let now = chrono::Utc::now();
+        let (other_ca, _) =
+            kvfleet_controlplane::ca::NodeCa::generate("other", now, Duration::from_secs(3600))
+                .unwrap();
+        let refused = https_get(server.addr, roots(other_ca.cert_pem()), "localhost", "/").await;
+        assert!(
+            refused.is_err(),
+            "trusted through a foreign CA: {refused:?}"
+        );
+        let refused = https_get(server.addr, roots(&ca_pem), "evil.example", "/").await;
+        assert!(refused.is_err(), "trusted for a name it was not issued for");
+        server.stop().await;
+    }
+
+    #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+    async fn operator_pem_files_are_served_and_bad_ones_name_the_file(pool: PgPool) {
+        // The operator's certificate: here issued from a CA the test makes, written as PEM.
+        let now = chrono::Utc::now();
+        let (operator_ca, _) =
+            kvfleet_controlplane::ca::NodeCa::generate("operator", now, Duration::from_secs(3600))
+                .unwrap();
+        let issued = operator_ca
+            .issue_server(&["localhost".into()], now, Duration::from_secs(3600))
+            .unwrap();
+        let cert_file = scratch_file("cert.pem");
+        let key_file = scratch_file("key.pem");
+        std::fs::write(&cert_file, &issued.cert_pem).unwrap();
+        std::fs::write(&key_file, issued.private_key_pem.unwrap()).unwrap();
+
+        let mut config = test_config();
+        config.tls = TlsConfig::Files {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+        };
+        let server = start(&pool, config).await;
+        let response = https_get(
+            server.addr,
+            roots(operator_ca.cert_pem()),
+            "localhost",
+            "/api/v1/openapi.json",
+        )
+        .await
+        .unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response:.200}");
+        server.stop().await;
+
+        // A key file that holds a certificate: the error names the file and what was missing.
+        let mut config = test_config();
+        config.database.url = "postgres://unused".into();
+        config.tls = TlsConfig::Files {
+            cert_file: cert_file.clone(),
+            key_file: cert_file.clone(),
+        };
+        let state = kvfleet_controlplane::AppState::new(pool.clone(), config).await;
+        let error = format!("{:#}", state.expect_err("a certificate is not a key"));
+        assert!(
+            error.contains(&cert_file.display().to_string()) && error.contains("PRIVATE KEY"),
+            "{error}"
+        );
+    }
+}

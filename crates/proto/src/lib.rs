@@ -9,6 +9,7 @@
 //! - [`kv_stream`]: the KV event pipeline's wire types (agent uploads, the control plane's
 //!   sequenced stream and snapshots).
 //! - [`request`]: sampling parameters and the KV layout two workers must share.
+//! - [`fingerprint`]: the fleet CA's SHA-256 fingerprint, what agents and the CLI pin.
 //! - [`frame`]: the versioned, length-prefixed, checksummed frame codec spoken between agents,
 //!   workers and peers.
 //! - [`peer`]: the messages of the peer transport (forwarded generate, KV block transfer).
@@ -35,6 +36,7 @@
 //! ```
 
 pub mod api;
+pub mod fingerprint;
 pub mod frame;
 pub mod hash;
 pub mod histogram;
@@ -45,6 +47,7 @@ pub mod peer;
 pub mod profile;
 pub mod request;
 
+pub use fingerprint::CaFingerprint;
 pub use frame::{Frame, FrameCodec, FrameError, FrameKind, FrameReader};
 pub use hash::{BlockHash, BlockSize, LocalBlockHash, SequenceHash};
 pub use ids::{DeploymentId, GpuId, ModelId, NodeId, WorkerId};
