@@ -880,7 +880,15 @@ lost_after = "1m"
         want.listen = "0.0.0.0:8080".parse().unwrap();
         assert_eq!(config, want);
         let table: toml::Table = text.parse().unwrap();
-        let mut in_file = vec!["auth.bootstrap_admin_token".to_owned()]; // commented out
+        // Commented out: their defaults are "unset" (or depend on the mode).
+        let mut in_file: Vec<String> = [
+            "auth.bootstrap_admin_token",
+            "tls.names",
+            "tls.cert_file",
+            "tls.key_file",
+        ]
+        .map(str::to_owned)
+        .to_vec();
         flatten(&table, "", &mut |key, _| in_file.push(key));
         let mut known = Config::known_keys();
         in_file.sort();
