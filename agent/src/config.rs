@@ -302,6 +302,8 @@ struct RawControlPlane {
     url: Option<Spanned<String>>,
     join_token: Option<Spanned<String>>,
     join_token_file: Option<Spanned<String>>,
+    ca_fingerprint: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     heartbeat_interval_ms: Option<Spanned<i64>>,
     watch_wait_secs: Option<Spanned<i64>>,
@@ -575,16 +577,13 @@ fn parse_device(text: &str) -> Result<Device, String> {
 
 fn parse_cp_url(text: &str) -> Result<String, String> {
     let text = text.trim().trim_end_matches('/');
-    let rest = if let Some(rest) = text.strip_prefix("http://") {
-        rest
-    } else if text.starts_with("https://") {
+    let Some(rest) = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+    else {
         return Err(format!(
-            "{text:?}: https is not supported yet (the control plane serves plain HTTP; keep it \
-             on a trusted network)"
-        ));
-    } else {
-        return Err(format!(
-            "{text:?} is not a control-plane URL: expected http://host:port"
+            "{text:?} is not a control-plane URL: expected https://host:port (or http:// on a \
+             trusted network)"
         ));
     };
     if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
@@ -948,8 +947,45 @@ impl Checker<'_> {
             );
             return None;
         };
+        let url_at = self.at(url);
         let url = self.parsed(url, parse_cp_url)?;
         let mut cp = ControlPlaneConfig::new(url);
+        match (&raw.ca_fingerprint, &raw.ca_file) {
+            (Some(fp), Some(_)) => {
+                let location = self.at(fp);
+                self.problem(
+                    location,
+                    "give control_plane.ca_fingerprint or ca_file, not both",
+                );
+            }
+            (Some(fp), None) => {
+                cp.ca = self
+                    .parsed(fp, |t| {
+                        t.parse::<kvfleet_proto::CaFingerprint>()
+                            .map_err(|e| e.to_string())
+                    })
+                    .map(crate::cp_client::CaTrust::Fingerprint);
+            }
+            (None, Some(file)) => {
+                cp.ca = self
+                    .parsed(file, |p| absolute("control_plane.ca_file", p))
+                    .map(crate::cp_client::CaTrust::File);
+            }
+            (None, None) => {}
+        }
+        let https = cp.url.starts_with("https://");
+        if https && cp.ca.is_none() && raw.ca_fingerprint.is_none() && raw.ca_file.is_none() {
+            self.problem(
+                url_at,
+                "an https control plane needs control_plane.ca_fingerprint (the sha256:… the \
+                 control plane logs at start) or ca_file (its CA certificate, PEM)",
+            );
+        } else if !https && (raw.ca_fingerprint.is_some() || raw.ca_file.is_some()) {
+            self.problem(
+                url_at,
+                "control_plane.ca_fingerprint / ca_file need an https:// url",
+            );
+        }
         match (&raw.join_token, &raw.join_token_file) {
             (Some(token), Some(_)) => {
                 let location = self.at(token);
@@ -1812,6 +1848,18 @@ role = "decode"
         assert_eq!(config.models.len(), 2);
         // Without the section: standalone.
         assert!(load("").unwrap().control_plane.is_none());
+        // https with the fleet CA pinned.
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let cp = load(&format!(
+            "[control_plane]\nurl = \"https://cp:8443\"\nca_fingerprint = \"{pin}\"\n"
+        ))
+        .unwrap()
+        .control_plane
+        .unwrap();
+        assert_eq!(
+            cp.ca,
+            Some(crate::cp_client::CaTrust::Fingerprint(pin.parse().unwrap()))
+        );
     }
 
     #[test]
@@ -1820,11 +1868,23 @@ role = "decode"
             ("[control_plane]\njoin_token = \"kvf_a_b\"\n", "needs url"),
             (
                 "[control_plane]\nurl = \"https://cp:8080\"\n",
-                "https is not supported",
+                "an https control plane needs control_plane.ca_fingerprint",
+            ),
+            (
+                "[control_plane]\nurl = \"https://cp:8080\"\nca_fingerprint = \"sha256:00\"\n",
+                "is not a CA fingerprint",
+            ),
+            (
+                "[control_plane]\nurl = \"http://cp:8080\"\nca_file = \"/etc/kvfleet/ca.pem\"\n",
+                "need an https:// url",
+            ),
+            (
+                "[control_plane]\nurl = \"https://cp:8080\"\nca_file = \"/ca.pem\"\nca_fingerprint = \"sha256:00\"\n",
+                "not both",
             ),
             (
                 "[control_plane]\nurl = \"cp:8080\"\n",
-                "expected http://host:port",
+                "expected https://host:port",
             ),
             ("[control_plane]\nurl = \"http://cp:8080/api\"\n", "no path"),
             (

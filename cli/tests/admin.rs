@@ -5,6 +5,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
 
 use common::{ControlPlane, kvfleet_with};
 
@@ -453,4 +454,56 @@ async fn profile_uploads_name_what_is_wrong_and_store_nothing() {
         .await
         .expect(0);
     assert_eq!(stored().await, 1);
+}
+
+/// An https control plane is reached through its fleet CA (`--ca-file`, saved by `login`), and
+/// without it the CLI says what to pass instead of failing obscurely.
+#[tokio::test]
+async fn https_control_planes_are_trusted_through_the_ca_file() {
+    let Some(cp) = ControlPlane::start_with("https_control_planes", true).await else {
+        return;
+    };
+    let url = cp.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let ca_file = cp.file("fleet-ca.pem", cp.ca_pem.as_deref().unwrap());
+    let env = [
+        ("KVFLEET_URL", url.as_str()),
+        ("KVFLEET_TOKEN", cp.admin_token.as_str()),
+    ];
+
+    let run = cp.kvfleet(&["nodes"], &env, "").await;
+    run.expect(5);
+    assert!(run.stderr.contains("--ca-file"), "{run:?}");
+
+    // Another CA's certificate does not vouch for it.
+    let (other, _) = kvfleet_controlplane::ca::NodeCa::generate(
+        "another fleet",
+        chrono::Utc::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let other_file = cp.file("other-ca.pem", other.cert_pem());
+    let run = cp
+        .kvfleet(&["nodes", "--ca-file", &other_file], &env, "")
+        .await;
+    run.expect(5);
+
+    let run = cp
+        .kvfleet(&["nodes", "--ca-file", &ca_file], &env, "")
+        .await;
+    run.expect(0);
+
+    // `login` saves the CA file with the URL and the token; later commands need neither flag.
+    let token_line = format!("{}\n", cp.admin_token);
+    let run = cp
+        .kvfleet(
+            &["login", &url, "--token-stdin", "--ca-file", &ca_file],
+            &[],
+            &token_line,
+        )
+        .await;
+    run.expect(0);
+    let run = cp.kvfleet(&["nodes", "--json"], &[], "").await;
+    run.expect(0);
+    cp.stop().await;
 }

@@ -9,6 +9,9 @@
 //!   that (debug level for our crates) is captured and searched for the admin token, the join
 //!   token, the agent credential and the node's private key.
 //!
+//! - HTTPS: an agent that pins the fleet CA by fingerprint joins a control plane serving a
+//!   fleet-CA certificate; one pinning another fleet's CA is refused with an error that says so.
+//!
 //! Needs `DATABASE_URL` (see `fleet.rs`); without it the tests print why and skip.
 
 #![allow(
@@ -443,4 +446,78 @@ async fn forwarded_requests_go_through_the_serving_nodes_admission() {
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+const TLS_SETUP: AgentSetup = AgentSetup {
+    mock_token_time_us: 0,
+    peer_on_loopback: true,
+};
+
+/// An agent reaches an https control plane through the pinned fleet CA only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_join_an_https_control_plane_through_the_pinned_fleet_ca_only() {
+    let logs = Captured::install();
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // The fleet CA exists before the control plane starts (the first start would make it), so
+    // the test knows the fingerprint an operator reads from the start-up log.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    kvfleet_controlplane::store::migrate(&pool).await.unwrap();
+    let ca = kvfleet_controlplane::ca::load_or_create(&pool, Duration::from_secs(86_400))
+        .await
+        .unwrap();
+    let pin = ca.fingerprint();
+    let cp = ControlPlane::start_with(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER, |c| {
+        c.tls = kvfleet_controlplane::config::TlsConfig::FleetCa {
+            names: vec!["127.0.0.1".into()],
+        };
+    })
+    .await;
+    assert!(cp.base().starts_with("https://"));
+
+    // Pinned to another fleet's CA: never connects, and says why.
+    let (other_ca, _) = kvfleet_controlplane::ca::NodeCa::generate(
+        "another fleet",
+        chrono::Utc::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let join = token(&db, Role::Join).await;
+    let wrong = Agent::config("tls-wrong", &cp, &join, &temp_dir("state-wrong"), TLS_SETUP)
+        .replace(
+            "[control_plane]\n",
+            &format!(
+                "[control_plane]\nca_fingerprint = \"{}\"\n",
+                other_ca.fingerprint()
+            ),
+        );
+    let wrong = Agent::launch("tls-wrong", wrong).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!wrong.connected(), "joined through a CA it did not pin");
+    assert!(
+        logs.text().contains("does not carry the fleet CA pinned"),
+        "the refusal names the pin"
+    );
+    wrong.stop().await;
+
+    // Pinned right: joins over https and stays connected.
+    let good = Agent::config("tls-good", &cp, &join, &temp_dir("state-good"), TLS_SETUP).replace(
+        "[control_plane]\n",
+        &format!("[control_plane]\nca_fingerprint = \"{pin}\"\n"),
+    );
+    let good = Agent::launch("tls-good", good).await;
+    wait_for(
+        "the pinned agent to join over https",
+        Duration::from_secs(30),
+        || {
+            let connected = good.connected();
+            async move { connected }
+        },
+    )
+    .await;
+    good.stop().await;
+    cp.stop().await;
+    pool.close().await;
+    db.drop_now().await;
 }

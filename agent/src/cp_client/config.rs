@@ -29,8 +29,11 @@ impl fmt::Debug for JoinToken {
 /// supply local engine settings for the models it names).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlPlaneConfig {
-    /// Base URL, `http://host:port`.
+    /// Base URL, `http://host:port` or `https://host:port`.
     pub url: String,
+    /// What an `https` control plane is trusted through (required for one; see
+    /// `cp_client::trust`). `None` with `http`.
+    pub ca: Option<super::CaTrust>,
     /// The join token for the first registration; afterwards the agent uses the credential it
     /// got, stored in `state_dir`. `None`: the node must have registered before.
     pub join_token: Option<JoinToken>,
@@ -63,6 +66,7 @@ impl ControlPlaneConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca: None,
             join_token: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             heartbeat_interval: None,

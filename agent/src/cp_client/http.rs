@@ -59,11 +59,20 @@ pub struct Api {
 }
 
 impl Api {
-    /// A client for the control plane at `url` (`http://host:port`, no path), each call limited
-    /// to `timeout` (long polls get their wait on top).
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, CpError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeout)
+    /// A client for the control plane at `url` (`http://host:port` or `https://…`, no path),
+    /// each call limited to `timeout` (long polls get their wait on top). `tls`: the config an
+    /// `https` control plane is verified with (see `trust`); without it only `http` works.
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, CpError> {
+        let mut builder = reqwest::Client::builder().connect_timeout(timeout);
+        builder = match tls {
+            Some(tls) => builder.tls_backend_preconfigured(tls).https_only(true),
+            None => builder.tls_certs_only([]),
+        };
+        let client = builder
             .build()
             .map_err(|e| CpError::Unreachable(format!("building the HTTP client: {e}")))?;
         Ok(Self {

@@ -34,6 +34,7 @@ pub mod http;
 mod kv;
 pub mod reconcile;
 pub mod timing;
+pub mod trust;
 pub mod window;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::config::{ControlPlaneConfig, DEFAULT_STATE_DIR, JoinToken};
 use self::http::{Api, CpError};
 use self::kv::KvUpload;
+pub use self::trust::CaTrust;
 use crate::frontend::models::ModelRegistry;
 use crate::gpu::{GpuInfo, Inventory};
 use crate::state_dir::{self as state, Identity, StateDir};
@@ -129,6 +131,9 @@ pub enum ClientError {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Http(#[from] CpError),
+    /// The CA to trust an `https` control plane with is unusable.
+    #[error(transparent)]
+    Trust(#[from] trust::TrustError),
 }
 
 /// Reconcile bookkeeping shared by the two loops.
@@ -171,7 +176,8 @@ pub fn start(
 ) -> Result<(Handle, impl Future<Output = ()> + Send + 'static), ClientError> {
     let state = StateDir::open(&config.state_dir)?;
     let key = load_or_create_key(&state)?;
-    let api = Api::new(&config.url, config.request_timeout)?;
+    let tls = config.ca.as_ref().map(trust::client_config).transpose()?;
+    let api = Api::new(&config.url, config.request_timeout, tls)?;
     let handle = Handle::default();
     let kv_events = node.pool.subscribe_kv_events();
     let client = Arc::new(Client {

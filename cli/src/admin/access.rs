@@ -74,12 +74,18 @@ pub(crate) async fn login(args: LoginArgs) -> Result<(), CliError> {
     if token.is_empty() {
         return Err(CliError::usage("the token is empty"));
     }
-    let client = Client::new(url.clone(), Some(token.clone()))?;
+    let ca_file = args
+        .api
+        .ca_file
+        .map(|p| std::path::absolute(&p).unwrap_or(p));
+    let ca_pem = config::read_ca_file(ca_file.as_deref())?;
+    let client = Client::new(url.clone(), Some(token.clone()), ca_pem.as_deref())?;
     let status: Status = client.get("/status", &[]).await?;
     let role = probe_role(&client).await?;
     let path = config::save(&config::CliFile {
         url: Some(url.clone()),
         token: Some(token),
+        ca_file,
     })?;
     eprintln!(
         "logged in to {url} (control plane {}, {role}); saved to {}",

@@ -148,17 +148,10 @@ pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
         format!("http://{raw}")
     };
     let parsed = reqwest::Url::parse(&with_scheme).map_err(|e| format!("{url:?}: {e}"))?;
-    match parsed.scheme() {
-        "http" => {}
-        // reqwest is built without TLS here: say so rather than fail obscurely later.
-        "https" => {
-            return Err(format!(
-                "{url:?}: https is not supported by this build; use the control plane's \
-                 plain-HTTP address (or a local TLS proxy)"
-            ));
-        }
+    let scheme = match parsed.scheme() {
+        scheme @ ("http" | "https") => scheme,
         other => return Err(format!("{url:?}: unsupported scheme {other:?}")),
-    }
+    };
     let host = parsed
         .host_str()
         .filter(|h| !h.is_empty())
@@ -167,20 +160,40 @@ pub(crate) fn normalize_url(url: &str) -> Result<String, String> {
     let path = parsed.path().trim_end_matches('/');
     let path = path.strip_suffix("/api/v1").unwrap_or(path);
     let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
-    Ok(format!("http://{host}{port}{path}"))
+    Ok(format!("{scheme}://{host}{port}{path}"))
 }
 
 impl Client {
-    pub(crate) fn new(base: String, token: Option<String>) -> Result<Self, ApiError> {
-        let http = reqwest::Client::builder()
+    /// A client for `base`. An `https` control plane is trusted through `ca_pem` (the fleet
+    /// CA's certificate, `--ca-file`) alone, never the system's roots: it is this fleet's CA
+    /// that vouches for it.
+    pub(crate) fn new(
+        base: String,
+        token: Option<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ApiError> {
+        let unreachable = |reason: String| ApiError::Unreachable {
+            url: base.clone(),
+            reason,
+        };
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
-            .user_agent(concat!("kvfleet-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ApiError::Unreachable {
-                url: base.clone(),
-                reason: e.to_string(),
-            })?;
+            .user_agent(concat!("kvfleet-cli/", env!("CARGO_PKG_VERSION")));
+        let roots = match ca_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| unreachable(format!("the CA file (--ca-file) is not PEM: {e}")))?,
+            None => Vec::new(),
+        };
+        if base.starts_with("https://") && roots.is_empty() {
+            return Err(unreachable(
+                "an https control plane needs its CA certificate: pass --ca-file (or set \
+                 KVFLEET_CA_FILE) with the PEM from GET /api/v1/ca or the control plane's [tls] files"
+                    .into(),
+            ));
+        }
+        builder = builder.tls_certs_only(roots);
+        let http = builder.build().map_err(|e| unreachable(e.to_string()))?;
         Ok(Client { http, base, token })
     }
 
@@ -355,7 +368,11 @@ mod tests {
         ] {
             assert_eq!(normalize_url(input).as_deref(), Ok(want), "{input}");
         }
-        for bad in ["https://cp.example", "ftp://x", "http://", ""] {
+        assert_eq!(
+            normalize_url("https://cp.example:8443/").unwrap(),
+            "https://cp.example:8443"
+        );
+        for bad in ["ftp://x", "http://", ""] {
             assert!(normalize_url(bad).is_err(), "{bad}");
         }
     }

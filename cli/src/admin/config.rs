@@ -20,6 +20,9 @@ use super::{ApiOpts, CliError, ExitCodeKind};
 pub(crate) struct CliFile {
     pub(crate) url: Option<String>,
     pub(crate) token: Option<String>,
+    /// The CA file an https control plane is trusted through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 /// The config file's path.
@@ -112,7 +115,7 @@ pub(crate) fn remove() -> Result<bool, CliError> {
 /// A client from the flags, the environment and the saved login. A token is required unless
 /// `token_optional` (e.g. `status`, which needs none).
 pub(crate) fn client(opts: &ApiOpts, token_optional: bool) -> Result<Client, CliError> {
-    let saved = if opts.url.is_some() && opts.token.is_some() {
+    let saved = if opts.url.is_some() && opts.token.is_some() && opts.ca_file.is_some() {
         CliFile::default()
     } else {
         load()?
@@ -130,5 +133,16 @@ pub(crate) fn client(opts: &ApiOpts, token_optional: bool) -> Result<Client, Cli
             "no token: run `kvfleet login`, or pass --token / set KVFLEET_TOKEN",
         ));
     }
-    Client::new(url, token).map_err(CliError::from)
+    let ca_file = opts.ca_file.clone().or(saved.ca_file);
+    let ca_pem = read_ca_file(ca_file.as_deref())?;
+    Client::new(url, token, ca_pem.as_deref()).map_err(CliError::from)
+}
+
+/// The CA file's bytes, with an error that names it.
+pub(crate) fn read_ca_file(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, CliError> {
+    path.map(|path| {
+        std::fs::read(path)
+            .map_err(|e| CliError::usage(format!("reading the CA file {}: {e}", path.display())))
+    })
+    .transpose()
 }

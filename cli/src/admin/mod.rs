@@ -116,6 +116,10 @@ pub(crate) struct ApiOpts {
         value_name = "TOKEN"
     )]
     pub(crate) token: Option<String>,
+    /// The fleet CA's certificate (PEM) an https control plane is trusted through (default: the
+    /// one `kvfleet login` saved). Get it from the control-plane host (GET /api/v1/ca).
+    #[arg(long, env = "KVFLEET_CA_FILE", global = true, value_name = "PEM")]
+    pub(crate) ca_file: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of a table (lists: a JSON array of every item).
     #[arg(long, global = true)]
     pub(crate) json: bool,

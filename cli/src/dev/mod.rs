@@ -397,7 +397,7 @@ async fn start_and_serve(
             .env("KVFLEET_LIVENESS__HEARTBEAT_INTERVAL", "1s")
             .env("KVFLEET_PLACEMENT__INTERVAL", "1s");
         running.controlplane = Some(children::spawn("kvfleet-controlplane", command, state)?);
-        let client = Client::new(api_base.clone(), Some(admin_token.clone()))
+        let client = Client::new(api_base.clone(), Some(admin_token.clone()), None)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         wait_for_controlplane(&client, running).await?;
         // The saved token may have been revoked since (another admin did, through the API or
@@ -408,7 +408,7 @@ async fn start_and_serve(
             {
                 progress("the saved admin token no longer works: making a new one");
                 let token = recover_admin_token(controlplane_bin, &database_url, state)?;
-                let client = Client::new(api_base.clone(), Some(token.clone()))
+                let client = Client::new(api_base.clone(), Some(token.clone()), None)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 (token, client)
             }
@@ -510,7 +510,7 @@ fn print_summary(
     }
     lines.extend([
         format!("  Web UI       {api_base}/ui/"),
-        format!("  REST API     {api_base}/api/v1"),
+        format!("  REST API     {api_base}/api/v1   (plain HTTP: dev binds loopback only; a real fleet serves https, see docs/security.md)"),
         format!("  Admin token  {admin_token}"),
         String::new(),
         "Try it:".to_owned(),

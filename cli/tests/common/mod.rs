@@ -21,6 +21,8 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     admin_url: String,
     database: String,
+    /// Serving https from a fleet-CA certificate; the CA's PEM (what `--ca-file` names).
+    pub ca_pem: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -39,6 +41,11 @@ fn with_database(url: &str, database: &str) -> String {
 impl ControlPlane {
     /// Starts one, or returns `None` (after printing why) when `$DATABASE_URL` is not set.
     pub async fn start(test: &str) -> Option<ControlPlane> {
+        Self::start_with(test, false).await
+    }
+
+    /// [`ControlPlane::start`], serving https (`[tls] mode = "fleet-ca"`) when `https`.
+    pub async fn start_with(test: &str, https: bool) -> Option<ControlPlane> {
         let Some(admin_url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
             eprintln!(
                 "skipped {test}: DATABASE_URL is not set (source scripts/lib/common.sh && \
@@ -60,6 +67,12 @@ impl ControlPlane {
         let mut config = kvfleet_controlplane::Config::new(with_database(&admin_url, &database));
         config.auth.bootstrap_admin_token = Some(admin_token.clone());
         config.database.max_connections = 8;
+        if https {
+            config.tls = kvfleet_controlplane::config::TlsConfig::FleetCa {
+                names: vec!["127.0.0.1".into()],
+            };
+        }
+        let database_url = config.database.url.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -74,9 +87,30 @@ impl ControlPlane {
             dir,
             admin_url,
             database,
+            ca_pem: None,
             stop: Some(stop),
             task: Some(task),
         };
+        if https {
+            // Started when its CA is in the database and its port answers TLS.
+            let mut cp = cp;
+            let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+            for _ in 0..200 {
+                let ca: Option<(String,)> = sqlx::query_as("SELECT cert_pem FROM node_ca LIMIT 1")
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap_or(None);
+                if let Some((pem,)) = ca
+                    && tokio::net::TcpStream::connect(cp.addr).await.is_ok()
+                {
+                    cp.ca_pem = Some(pem);
+                    pool.close().await;
+                    return Some(cp);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the https control plane did not start");
+        }
         let client = reqwest::Client::new();
         for _ in 0..200 {
             if client
@@ -93,7 +127,12 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The login file the CLI uses in this test.

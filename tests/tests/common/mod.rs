@@ -81,6 +81,8 @@ impl TestDb {
 /// One control-plane replica (library `run`), on `addr` (port 0 the first time).
 pub struct ControlPlane {
     pub addr: SocketAddr,
+    /// Serving https (`[tls]` on): `base()` and `url()` say so.
+    pub https: bool,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -115,6 +117,7 @@ impl ControlPlane {
             addr.port()
         ));
         configure(&mut config);
+        let https = config.tls != kvfleet_controlplane::config::TlsConfig::Off;
         // A restarted replica takes the port its agents know; it was just freed, so retry
         // briefly.
         let mut tries = 0;
@@ -136,9 +139,14 @@ impl ControlPlane {
         }));
         let cp = Self {
             addr,
+            https,
             stop: Some(stop),
             task: Some(task),
         };
+        if https {
+            // Its clients are the agents under test, which retry until it answers.
+            return cp;
+        }
         let client = reqwest::Client::new();
         wait_for(
             "the control plane to answer",
@@ -160,11 +168,12 @@ impl ControlPlane {
     }
 
     pub fn base(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}/api/v1{path}", self.addr)
+        format!("{}/api/v1{path}", self.base())
     }
 
     /// Kills the replica as a crash would: its tasks are dropped mid-flight, its database
