@@ -739,3 +739,145 @@ fn assert_completion_of(who: &str, (status, body): &(StatusCode, serde_json::Val
     assert_eq!(*status, StatusCode::OK, "{who}: {body}");
     assert_eq!(body["usage"]["completion_tokens"], n, "{who}: {body}");
 }
+
+/// Runs `tokens` on `agent`'s worker `worker` (straight into its pool, so no router chooses
+/// another node) to its end.
+async fn run_on(agent: &Agent, worker: WorkerId, tokens: &[u32]) {
+    use kvfleet_agent::backend::{Backend as _, GenEvent, GenerateRequest};
+    let request = GenerateRequest {
+        request_id: format!("chatcmpl-restart-{}", tokens[0]),
+        model: MODEL.into(),
+        prompt: tokens.to_vec(),
+        block_hashes: sequence_hashes(tokens, BlockSize::new(16).unwrap()),
+        sampling: SamplingParams::greedy(4),
+        worker: Some(worker),
+    };
+    let mut generation = agent.running.pool.submit(request).unwrap();
+    assert_eq!(generation.worker, worker, "the named worker runs it");
+    loop {
+        match generation.next().await {
+            Some(GenEvent::Tokens(_)) => {}
+            Some(GenEvent::Finished(_)) => return,
+            other => panic!("the request on {worker} did not finish: {other:?}"),
+        }
+    }
+}
+
+/// Blocks per tier of `worker` in the control plane's KV index (`GET /api/v1/kv/workers`).
+async fn cp_blocks(nodes: &ThreeNodes, worker: WorkerId) -> Option<u64> {
+    let (status, body) = api(
+        reqwest::Method::GET,
+        &nodes.cp.url("/kv/workers"),
+        &nodes.admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body.as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker"].as_u64() == Some(worker.0))
+        .map(|w| {
+            ["g1", "g2", "g3", "g4"]
+                .iter()
+                .map(|t| w[t].as_u64().unwrap())
+                .sum()
+        })
+}
+
+/// The control plane's count of engine restarts (new epochs) applied to its KV index.
+async fn cp_resets(nodes: &ThreeNodes) -> u64 {
+    let (status, body) = api(
+        reqwest::Method::GET,
+        &nodes.cp.url("/kv/stats"),
+        &nodes.admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["counters"]["resets"].as_u64().unwrap()
+}
+
+/// A worker process killed with `kill -9` is restarted by its agent's supervisor under the same
+/// worker id and a new engine epoch: every router and the control plane's index drop the blocks
+/// of its old incarnation and credit the ones it computes after the restart. (A restarted
+/// worker once vanished from the index: see the commit that added this test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_restarted_after_kill_9_is_credited_again_by_every_router() {
+    use kvfleet_agent::backend::Backend as _;
+    let names = ["kvr-restart-a", "kvr-restart-b", "kvr-restart-c"];
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await else {
+        return;
+    };
+    wait_routers_know_everyone(&nodes.agents).await;
+    let (a, worker) = (&nodes.agents[0], nodes.ids[0]);
+    let before: Vec<u32> = (1000..1064).collect();
+    let after: Vec<u32> = (5000..5064).collect();
+    let held = |agent: &Agent, tokens: &[u32]| {
+        let hashes = sequence_hashes(tokens, BlockSize::new(16).unwrap());
+        fleet(agent).with_router(|r| hashes.iter().all(|h| r.holds(worker, *h, Tier::G1)))
+    };
+    let others = || nodes.agents.iter().skip(1);
+
+    run_on(a, worker, &before).await;
+    wait_for(
+        "the first incarnation's blocks in every other router and the control plane",
+        Duration::from_secs(20),
+        || async {
+            others().all(|b| held(b, &before)) && cp_blocks(&nodes, worker).await >= Some(4)
+        },
+    )
+    .await;
+    let resets = cp_resets(&nodes).await;
+
+    let pid = a.running.pool.workers()[0].pid.unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success(), "kill -9 {pid}");
+    wait_for(
+        "the killed worker restarted and ready",
+        Duration::from_secs(20),
+        || async {
+            a.running
+                .pool
+                .workers()
+                .iter()
+                .any(|w| w.pid.is_some_and(|p| p != pid))
+                && a.ready_workers() == 1
+        },
+    )
+    .await;
+    // A few heartbeats and placement rounds: the restarted worker stays the node's worker.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        worker_ids(a),
+        vec![worker],
+        "the supervisor restarted worker {worker}; it was not replaced"
+    );
+    wait_for(
+        "the new epoch in the control plane's index",
+        Duration::from_secs(10),
+        || async { cp_resets(&nodes).await > resets },
+    )
+    .await;
+
+    run_on(a, worker, &after).await;
+    let started = std::time::Instant::now();
+    wait_for(
+        "the restarted worker's new blocks in every other router and the control plane",
+        Duration::from_secs(20),
+        || async {
+            others().all(|b| held(b, &after) && !held(b, &before))
+                && cp_blocks(&nodes, worker).await >= Some(4)
+        },
+    )
+    .await;
+    println!(
+        "worker {worker} restarted after kill -9: its new blocks reached every router {:.2} s \
+         after its request ended",
+        started.elapsed().as_secs_f64()
+    );
+    nodes.stop().await;
+}
