@@ -763,8 +763,9 @@ async fn run_on(agent: &Agent, worker: WorkerId, tokens: &[u32]) {
     }
 }
 
-/// Blocks per tier of `worker` in the control plane's KV index (`GET /api/v1/kv/workers`).
-async fn cp_blocks(nodes: &ThreeNodes, worker: WorkerId) -> Option<u64> {
+/// Blocks per tier (G1..G4) of `worker` in the control plane's KV index
+/// (`GET /api/v1/kv/workers`); `None` when the index does not list it.
+async fn cp_blocks(nodes: &ThreeNodes, worker: WorkerId) -> Option<[u64; 4]> {
     let (status, body) = api(
         reqwest::Method::GET,
         &nodes.cp.url("/kv/workers"),
@@ -777,12 +778,7 @@ async fn cp_blocks(nodes: &ThreeNodes, worker: WorkerId) -> Option<u64> {
         .unwrap()
         .iter()
         .find(|w| w["worker"].as_u64() == Some(worker.0))
-        .map(|w| {
-            ["g1", "g2", "g3", "g4"]
-                .iter()
-                .map(|t| w[t].as_u64().unwrap())
-                .sum()
-        })
+        .map(|w| ["g1", "g2", "g3", "g4"].map(|t| w[t].as_u64().unwrap()))
 }
 
 /// The control plane's count of engine restarts (new epochs) applied to its KV index.
@@ -800,31 +796,57 @@ async fn cp_resets(nodes: &ThreeNodes) -> u64 {
 
 /// A worker process killed with `kill -9` is restarted by its agent's supervisor under the same
 /// worker id and a new engine epoch: every router and the control plane's index drop the blocks
-/// of its old incarnation and credit the ones it computes after the restart. (A restarted
-/// worker once vanished from the index: see the commit that added this test.)
+/// of its old incarnation and credit what the new one announces, the blocks it finds in its
+/// disk tier (G3) and the ones it computes. It once vanished instead: the control plane, told
+/// by a heartbeat that the worker was `failed` during its restart backoff, stopped and replaced
+/// it (about 6 runs in 10 here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_restarted_after_kill_9_is_credited_again_by_every_router() {
     use kvfleet_agent::backend::Backend as _;
     let names = ["kvr-restart-a", "kvr-restart-b", "kvr-restart-c"];
-    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await else {
+    let disk = temp_dir("kvr-restart-g3");
+    // Node a: a 32-block pool over 16 blocks of host memory and a disk tier, so sixteen
+    // prompts push blocks down to disk.
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |k, toml| {
+        if k != 0 {
+            return toml;
+        }
+        toml.replace(
+            "[[models]]\n",
+            &format!(
+                "[kv_tiers]\nhost_memory = \"1KiB\"\ndisk = \"64KiB\"\ndisk_dir = {disk:?}\n\
+                 [[models]]\n"
+            ),
+        )
+        .replace("kv_blocks = 256", "kv_blocks = 32")
+    })
+    .await
+    else {
         return;
     };
     wait_routers_know_everyone(&nodes.agents).await;
     let (a, worker) = (&nodes.agents[0], nodes.ids[0]);
-    let before: Vec<u32> = (1000..1064).collect();
-    let after: Vec<u32> = (5000..5064).collect();
+    let prompt = |first: u32| (first..first + 64).collect::<Vec<u32>>();
     let held = |agent: &Agent, tokens: &[u32]| {
         let hashes = sequence_hashes(tokens, BlockSize::new(16).unwrap());
         fleet(agent).with_router(|r| hashes.iter().all(|h| r.holds(worker, *h, Tier::G1)))
     };
+    let g3 = |agent: &Agent| fleet(agent).with_router(|r| r.worker_blocks(worker).unwrap()[2]);
     let others = || nodes.agents.iter().skip(1);
 
-    run_on(a, worker, &before).await;
+    for k in 0..16 {
+        run_on(a, worker, &prompt(1000 + 100 * k)).await;
+    }
+    // The last prompt is still in G1; earlier ones went down to disk.
+    let before = prompt(1000 + 100 * 15);
     wait_for(
-        "the first incarnation's blocks in every other router and the control plane",
+        "the first incarnation's G1 and G3 blocks in every other router and the control plane",
         Duration::from_secs(20),
         || async {
-            others().all(|b| held(b, &before)) && cp_blocks(&nodes, worker).await >= Some(4)
+            others().all(|b| held(b, &before) && g3(b) > 0)
+                && cp_blocks(&nodes, worker)
+                    .await
+                    .is_some_and(|t| t[0] >= 4 && t[2] > 0)
         },
     )
     .await;
@@ -863,21 +885,28 @@ async fn a_worker_restarted_after_kill_9_is_credited_again_by_every_router() {
     )
     .await;
 
+    let after = prompt(5000);
     run_on(a, worker, &after).await;
     let started = std::time::Instant::now();
     wait_for(
-        "the restarted worker's new blocks in every other router and the control plane",
+        "the restarted worker's disk blocks and new blocks in every other router and the \
+         control plane",
         Duration::from_secs(20),
         || async {
-            others().all(|b| held(b, &after) && !held(b, &before))
-                && cp_blocks(&nodes, worker).await >= Some(4)
+            // Not `before` in G1: the reset of the old incarnation was applied.
+            others().all(|b| held(b, &after) && !held(b, &before) && g3(b) > 0)
+                && cp_blocks(&nodes, worker)
+                    .await
+                    .is_some_and(|t| t[0] >= 4 && t[2] > 0)
         },
     )
     .await;
     println!(
-        "worker {worker} restarted after kill -9: its new blocks reached every router {:.2} s \
-         after its request ended",
+        "worker {worker} restarted after kill -9: its disk blocks ({} in G3) and new blocks \
+         reached every router {:.2} s after its first request ended",
+        g3(&nodes.agents[1]),
         started.elapsed().as_secs_f64()
     );
     nodes.stop().await;
+    let _ = std::fs::remove_dir_all(disk);
 }
