@@ -107,6 +107,14 @@ pub struct UploaderCounters {
     pub loads_rejected: u64,
 }
 
+/// A worker's previous incarnation, whose last events can reach the uploader after the new
+/// epoch was set: its epoch and the id of its last event pushed.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    epoch: u64,
+    last: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Queued {
     at: Duration,
@@ -124,6 +132,11 @@ pub struct Uploader {
     in_flight: Option<usize>,
     /// The current engine incarnation of each local worker.
     epochs: BTreeMap<WorkerId, u64>,
+    /// The id of the last event pushed under each worker's current epoch.
+    last_ids: HashMap<WorkerId, u64>,
+    /// Per restarted worker, the incarnation before the current one while its last events may
+    /// still arrive (see [`Uploader::push`]).
+    tails: HashMap<WorkerId, Tail>,
     /// Queued events per worker.
     queued: HashMap<WorkerId, usize>,
     /// Bumped by every epoch change; `announced` is the version the last answered batch
@@ -156,6 +169,8 @@ impl Uploader {
             queue: VecDeque::new(),
             in_flight: None,
             epochs: BTreeMap::new(),
+            last_ids: HashMap::new(),
+            tails: HashMap::new(),
             queued: HashMap::new(),
             epochs_version: 0,
             announced: 0,
@@ -213,14 +228,36 @@ impl Uploader {
     /// start, e.g. its start time in milliseconds since the Unix epoch). Events pushed from now
     /// on belong to it; the control plane drops the worker's old blocks when it sees it.
     pub fn set_epoch(&mut self, worker: WorkerId, epoch: u64) {
-        if self.epochs.insert(worker, epoch) != Some(epoch) {
-            self.epochs_version += 1;
+        let old = self.epochs.insert(worker, epoch);
+        if old == Some(epoch) {
+            return;
+        }
+        self.epochs_version += 1;
+        // The old incarnation's last events may still be on their way (the agent learns of a
+        // restart from the pool, not from the event stream): they keep its epoch.
+        match (old, self.last_ids.remove(&worker)) {
+            (Some(old), Some(last)) => {
+                self.tails.insert(worker, Tail { epoch: old, last });
+            }
+            _ => {
+                self.tails.remove(&worker);
+            }
         }
     }
 
     /// The worker is gone from this node: stop announcing its epoch (queued events still go).
     pub fn forget_worker(&mut self, worker: WorkerId) {
         self.epochs.remove(&worker);
+        self.last_ids.remove(&worker);
+        self.tails.remove(&worker);
+    }
+
+    /// Events were lost before they reached [`Uploader::push`] (the agent's subscription
+    /// lagged). A restarted worker's new incarnation is then told from its old one by the epoch
+    /// alone: its first events may have been among those lost, so an id above the old
+    /// incarnation's last no longer proves the event is the old one's.
+    pub fn events_lost(&mut self) {
+        self.tails.clear();
     }
 
     /// Queues one event, received at `now`.
@@ -235,7 +272,28 @@ impl Uploader {
             self.unqueue(dropped.event.worker);
             self.counters.dropped_overflow += 1;
         }
-        let epoch = self.epochs.get(&event.worker).copied().unwrap_or(0);
+        let worker = event.worker;
+        let current = self.epochs.get(&worker).copied().unwrap_or(0);
+        // A worker's event ids restart at 0 with each incarnation. After a restart, events whose
+        // ids continue the old incarnation's are its last ones (sent before it died, read only
+        // now): tagged with the new epoch they would be applied after the reset, and would push
+        // the worker's position past the ids its new incarnation then sends, which the control
+        // plane would refuse as out of order. The first id that does not continue them is the
+        // new incarnation's.
+        let epoch = match self.tails.get_mut(&worker) {
+            Some(tail) if event.event_id > tail.last => {
+                tail.last = event.event_id;
+                tail.epoch
+            }
+            Some(_) => {
+                self.tails.remove(&worker);
+                current
+            }
+            None => current,
+        };
+        if epoch == current {
+            self.last_ids.insert(worker, event.event_id);
+        }
         *self.queued.entry(event.worker).or_default() += 1;
         self.queue.push_back(Queued {
             at: now,
@@ -1480,5 +1538,96 @@ mod tests {
         }));
         up.on_sent(&ok(0));
         assert!(up.poll(ms(60)).is_none());
+    }
+
+    fn epochs_of(batch: &KvEventBatch) -> Vec<(u64, u64)> {
+        batch.epochs.iter().map(|e| (e.worker.0, e.epoch)).collect()
+    }
+
+    /// The bug behind a restarted worker's new blocks going uncredited: its old incarnation's
+    /// last events, read after the restart was seen, went out under the new epoch; the control
+    /// plane applied them after the reset (a gap), which moved the worker's position past the
+    /// ids its new incarnation then sent, and refused those as out of order.
+    #[test]
+    fn an_old_incarnations_late_events_keep_its_epoch() {
+        let mut up = uploader(10, 100);
+        up.set_epoch(WorkerId(1), 100);
+        for id in 0..3 {
+            up.push(stored(1, id, 0), ms(0));
+        }
+        let first = up.poll(ms(30)).unwrap();
+        assert_eq!(epochs_of(&first), vec![(1, 100)]);
+        up.on_sent(&ok(3));
+        // The engine dies and restarts; the agent sees the restart before it reads the old
+        // incarnation's last two events, then the new one's first.
+        up.set_epoch(WorkerId(1), 200);
+        up.push(stored(1, 3, 0), ms(40));
+        up.push(stored(1, 4, 0), ms(40));
+        up.push(stored(1, 0, 64), ms(40));
+        up.push(stored(1, 1, 64), ms(40));
+        let late = up.poll(ms(70)).unwrap();
+        assert_eq!(ids(&late), vec![(1, 3), (1, 4)]);
+        assert_eq!(
+            epochs_of(&late),
+            vec![(1, 100)],
+            "the old incarnation's events"
+        );
+        up.on_sent(&ok(2));
+        let new = up.poll(ms(70)).unwrap();
+        assert_eq!(ids(&new), vec![(1, 0), (1, 1)]);
+        assert_eq!(
+            epochs_of(&new),
+            vec![(1, 200)],
+            "the new incarnation's, after its reset"
+        );
+        up.on_sent(&ok(2));
+        // Its ids now pass the old incarnation's last: still the new epoch.
+        for id in 2..7 {
+            up.push(stored(1, id, 128), ms(80));
+        }
+        let later = up.poll(ms(110)).unwrap();
+        assert_eq!(ids(&later).len(), 5);
+        assert_eq!(epochs_of(&later), vec![(1, 200)]);
+    }
+
+    #[test]
+    fn a_restart_without_late_events_or_after_lost_ones_tags_everything_new() {
+        let mut up = uploader(10, 100);
+        up.set_epoch(WorkerId(1), 100);
+        up.push(stored(1, 0, 0), ms(0));
+        up.set_epoch(WorkerId(1), 200);
+        // The new incarnation's first event (id 0) ends the old one's tail at once.
+        up.push(stored(1, 0, 64), ms(0));
+        up.push(stored(1, 1, 64), ms(0));
+        let old = up.poll(ms(30)).unwrap();
+        assert_eq!((ids(&old), epochs_of(&old)), (vec![(1, 0)], vec![(1, 100)]));
+        up.on_sent(&ok(1));
+        let new = up.poll(ms(30)).unwrap();
+        assert_eq!(
+            (ids(&new), epochs_of(&new)),
+            (vec![(1, 0), (1, 1)], vec![(1, 200)])
+        );
+        up.on_sent(&ok(2));
+        // A worker that stored nothing before its restart has no tail.
+        up.set_epoch(WorkerId(2), 7);
+        up.set_epoch(WorkerId(2), 8);
+        up.push(stored(2, 5, 0), ms(40));
+        let batch = up.poll(ms(70)).unwrap();
+        assert_eq!(epochs_of(&batch), vec![(1, 200), (2, 8)]);
+        up.on_sent(&ok(1));
+        // Lost events: the new incarnation's first ids may be among them, so an id above the
+        // old incarnation's last proves nothing; the new epoch wins.
+        up.push(stored(1, 2, 64), ms(80));
+        up.set_epoch(WorkerId(1), 300);
+        up.events_lost();
+        up.push(stored(1, 9, 0), ms(80));
+        let after_loss = up.poll(ms(110)).unwrap();
+        assert_eq!(ids(&after_loss), vec![(1, 2)]);
+        up.on_sent(&ok(1));
+        let after_loss = up.poll(ms(110)).unwrap();
+        assert_eq!(
+            (ids(&after_loss), epochs_of(&after_loss)),
+            (vec![(1, 9)], vec![(1, 300), (2, 8)])
+        );
     }
 }

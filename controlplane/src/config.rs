@@ -116,6 +116,9 @@ pub struct LeaderConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlacementConfig {
     pub interval: Duration,
+    /// How long a running worker must be reported `failed` before it is stopped and replaced;
+    /// shorter failures are the agent's supervisor restarting it in place.
+    pub replace_failed_after: Duration,
 }
 
 /// `[watch]`: the agents' desired-state long poll.
@@ -184,6 +187,7 @@ impl Config {
             },
             placement: PlacementConfig {
                 interval: Duration::from_secs(2),
+                replace_failed_after: Duration::from_secs(10),
             },
             watch: WatchConfig {
                 max_wait: Duration::from_secs(30),
@@ -366,6 +370,10 @@ impl Config {
         );
         reader.duration("leader.retry_interval", &mut config.leader.retry_interval);
         reader.duration("placement.interval", &mut config.placement.interval);
+        reader.duration(
+            "placement.replace_failed_after",
+            &mut config.placement.replace_failed_after,
+        );
         reader.duration("watch.max_wait", &mut config.watch.max_wait);
         reader.duration("ca.cert_validity", &mut config.ca.cert_validity);
         reader.duration("ca.ca_validity", &mut config.ca.ca_validity);

@@ -172,7 +172,7 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
 
 async fn placement_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
-        let outcome = placement_pass(&state.pool).await;
+        let outcome = placement_pass(&state.pool, &state.config.placement).await;
         if let Err(error) = &outcome {
             tracing::warn!(%error, "placement pass failed");
         }
@@ -238,7 +238,7 @@ async fn planner_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
         match crate::planner::round(&state).await {
             Ok(outcome) if outcome.applied > 0 => {
-                if let Err(error) = placement_pass(&state.pool).await {
+                if let Err(error) = placement_pass(&state.pool, &state.config.placement).await {
                     tracing::warn!(%error, "placement after a planner round failed");
                 }
             }
@@ -333,14 +333,17 @@ pub async fn liveness_pass(
 }
 
 /// One placement pass: snapshot, plan, apply, notify. Returns the actions taken.
-pub async fn placement_pass(pool: &PgPool) -> Result<Vec<Action>, sqlx::Error> {
+pub async fn placement_pass(
+    pool: &PgPool,
+    config: &crate::config::PlacementConfig,
+) -> Result<Vec<Action>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(PLACEMENT_LOCK_KEY)
         .execute(&mut *tx)
         .await?;
     let (nodes, deployments, workers) = snapshot(&mut tx).await?;
-    let actions = placement::plan(&nodes, &deployments, &workers);
+    let actions = placement::plan(&nodes, &deployments, &workers, config.replace_failed_after);
     // Lock the nodes the actions touch before their workers, in id order: a heartbeat locks
     // its node and then its workers, so taking them the other way round could deadlock.
     let nodes_to_lock: Vec<Uuid> = actions
@@ -539,16 +542,19 @@ async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
         },
     )
     .collect::<Result<_, sqlx::Error>>()?;
-    type WorkerRow = (i64, Uuid, Uuid, Option<Uuid>, String, String, String);
+    type WorkerRow = (i64, Uuid, Uuid, Option<Uuid>, String, String, String, f64);
+    // `updated_at` is when the observed state last changed: a heartbeat that reports the same
+    // state leaves it (a desired-state change moves it too, which only lengthens a grace).
     let workers = sqlx::query_as::<_, WorkerRow>(
-        "SELECT id, deployment_id, node_id, gpu_id, role, desired_state, observed_state
+        "SELECT id, deployment_id, node_id, gpu_id, role, desired_state, observed_state,
+                GREATEST(EXTRACT(EPOCH FROM now() - updated_at), 0)::float8
          FROM workers WHERE desired_state <> 'stopped'",
     )
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
     .map(
-        |(id, deployment_id, node_id, gpu_id, role, desired, observed)| {
+        |(id, deployment_id, node_id, gpu_id, role, desired, observed, observed_s)| {
             Ok(WorkerView {
                 id,
                 deployment_id,
@@ -557,6 +563,7 @@ async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
                 role: parse(&role)?,
                 desired: parse(&desired)?,
                 observed: parse(&observed)?,
+                observed_for: Duration::try_from_secs_f64(observed_s).unwrap_or_default(),
             })
         },
     )

@@ -9,7 +9,12 @@
 //!   deployment's size, so their replacements start at once.
 //! - A running worker whose slot no longer satisfies its deployment (constraints changed, or
 //!   its GPU left the node's inventory) is drained and replaced, like a drain.
-//! - A running worker the agent reports `failed` is stopped and replaced.
+//! - A running worker the agent has reported `failed` for `replace_failed_after` (10 s by
+//!   default) is stopped and replaced. A shorter failure is the agent's supervisor restarting
+//!   the process in place (its backoff starts at half a second): the worker keeps its id, its
+//!   slot, its KV disk tier and its place in every router's index, where a replacement would
+//!   start cold under a new id while the restarted one is stopped. A crash loop's backoff
+//!   grows past the grace within a few restarts, and then it is replaced.
 //! - Each deployment runs the SLA planner's targets per role when its planner is `auto` and has
 //!   decided (`planner_targets`, clamped into `min_workers..=max_workers`), otherwise
 //!   `min_workers`, which disaggregated deployments split into prefill (half, rounded down, at
@@ -28,6 +33,7 @@
 //!   worker never lands on a GPU whose old worker may still hold its memory.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -97,6 +103,8 @@ pub struct WorkerView {
     pub role: WorkerRole,
     pub desired: DesiredWorkerState,
     pub observed: ObservedWorkerState,
+    /// How long the agent has reported `observed` (since the heartbeat that changed it).
+    pub observed_for: Duration,
 }
 
 /// What placement decided.
@@ -190,6 +198,7 @@ pub fn plan(
     nodes: &[NodeView],
     deployments: &[DeploymentView],
     workers: &[WorkerView],
+    replace_failed_after: Duration,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let nodes_by_id: HashMap<Uuid, &NodeView> = nodes.iter().map(|n| (n.id, n)).collect();
@@ -266,7 +275,10 @@ pub fn plan(
                 });
                 continue;
             }
-            DesiredWorkerState::Running if w.observed == ObservedWorkerState::Failed => {
+            DesiredWorkerState::Running
+                if w.observed == ObservedWorkerState::Failed
+                    && w.observed_for >= replace_failed_after =>
+            {
                 actions.push(Action::Stop {
                     worker: w.id,
                     node: w.node_id,
@@ -408,6 +420,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The default `placement.replace_failed_after`.
+    const GRACE: Duration = Duration::from_secs(10);
+
+    fn plan(
+        nodes: &[NodeView],
+        deployments: &[DeploymentView],
+        workers: &[WorkerView],
+    ) -> Vec<Action> {
+        super::plan(nodes, deployments, workers, GRACE)
+    }
+
     fn id(n: u128) -> Uuid {
         Uuid::from_u128(n)
     }
@@ -452,6 +475,7 @@ mod tests {
             role: WorkerRole::Aggregated,
             desired: DesiredWorkerState::Running,
             observed: ObservedWorkerState::Ready,
+            observed_for: Duration::ZERO,
         }
     }
 
@@ -605,6 +629,53 @@ mod tests {
                 node: id(1),
                 reason: "drained"
             }]
+        );
+    }
+
+    /// A worker killed and restarted by its agent's supervisor is reported `failed` for its
+    /// backoff: it keeps its slot and id (replacing it stopped the restarted worker and dropped
+    /// it from the KV index). Failed for the whole grace (a crash loop, an unrunnable model), it
+    /// is stopped and replaced.
+    #[test]
+    fn a_failed_worker_is_replaced_only_after_the_grace() {
+        let nodes = [node(1, &[(11, 80 * GB)]), node(2, &[(21, 80 * GB)])];
+        let d = [deployment(100, 1)];
+        let failed = |for_: Duration| WorkerView {
+            observed: ObservedWorkerState::Failed,
+            observed_for: for_,
+            ..worker(7, 100, 1, Some(11))
+        };
+        for for_ in [
+            Duration::ZERO,
+            Duration::from_millis(500),
+            GRACE - Duration::from_millis(1),
+        ] {
+            assert_eq!(
+                plan(&nodes, &d, &[failed(for_)]),
+                vec![],
+                "failed for {for_:?}"
+            );
+        }
+        assert_eq!(
+            plan(&nodes, &d, &[failed(GRACE)]),
+            vec![
+                Action::Stop {
+                    worker: 7,
+                    node: id(1),
+                    reason: "worker failed"
+                },
+                Action::Start {
+                    deployment: id(100),
+                    node: id(2),
+                    gpu: Some(id(21)),
+                    role: WorkerRole::Aggregated
+                },
+            ]
+        );
+        // The grace is the caller's: none replaces at the first report.
+        assert_eq!(
+            super::plan(&nodes, &d, &[failed(Duration::ZERO)], Duration::ZERO).len(),
+            2
         );
     }
 
@@ -875,6 +946,7 @@ mod tests {
                         role: *role,
                         desired: DesiredWorkerState::Running,
                         observed: ObservedWorkerState::Ready,
+                        observed_for: Duration::ZERO,
                     });
                     next += 1;
                 }

@@ -739,3 +739,174 @@ fn assert_completion_of(who: &str, (status, body): &(StatusCode, serde_json::Val
     assert_eq!(*status, StatusCode::OK, "{who}: {body}");
     assert_eq!(body["usage"]["completion_tokens"], n, "{who}: {body}");
 }
+
+/// Runs `tokens` on `agent`'s worker `worker` (straight into its pool, so no router chooses
+/// another node) to its end.
+async fn run_on(agent: &Agent, worker: WorkerId, tokens: &[u32]) {
+    use kvfleet_agent::backend::{Backend as _, GenEvent, GenerateRequest};
+    let request = GenerateRequest {
+        request_id: format!("chatcmpl-restart-{}", tokens[0]),
+        model: MODEL.into(),
+        prompt: tokens.to_vec(),
+        block_hashes: sequence_hashes(tokens, BlockSize::new(16).unwrap()),
+        sampling: SamplingParams::greedy(4),
+        worker: Some(worker),
+    };
+    let mut generation = agent.running.pool.submit(request).unwrap();
+    assert_eq!(generation.worker, worker, "the named worker runs it");
+    loop {
+        match generation.next().await {
+            Some(GenEvent::Tokens(_)) => {}
+            Some(GenEvent::Finished(_)) => return,
+            other => panic!("the request on {worker} did not finish: {other:?}"),
+        }
+    }
+}
+
+/// Blocks per tier (G1..G4) of `worker` in the control plane's KV index
+/// (`GET /api/v1/kv/workers`); `None` when the index does not list it.
+async fn cp_blocks(nodes: &ThreeNodes, worker: WorkerId) -> Option<[u64; 4]> {
+    let (status, body) = api(
+        reqwest::Method::GET,
+        &nodes.cp.url("/kv/workers"),
+        &nodes.admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body.as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker"].as_u64() == Some(worker.0))
+        .map(|w| ["g1", "g2", "g3", "g4"].map(|t| w[t].as_u64().unwrap()))
+}
+
+/// The control plane's count of engine restarts (new epochs) applied to its KV index.
+async fn cp_resets(nodes: &ThreeNodes) -> u64 {
+    let (status, body) = api(
+        reqwest::Method::GET,
+        &nodes.cp.url("/kv/stats"),
+        &nodes.admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["counters"]["resets"].as_u64().unwrap()
+}
+
+/// A worker process killed with `kill -9` is restarted by its agent's supervisor under the same
+/// worker id and a new engine epoch: every router and the control plane's index drop the blocks
+/// of its old incarnation and credit what the new one announces, the blocks it finds in its
+/// disk tier (G3) and the ones it computes. It once vanished instead: the control plane, told
+/// by a heartbeat that the worker was `failed` during its restart backoff, stopped and replaced
+/// it (about 6 runs in 10 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_restarted_after_kill_9_is_credited_again_by_every_router() {
+    use kvfleet_agent::backend::Backend as _;
+    let names = ["kvr-restart-a", "kvr-restart-b", "kvr-restart-c"];
+    let disk = temp_dir("kvr-restart-g3");
+    // Node a: a 32-block pool over 16 blocks of host memory and a disk tier, so sixteen
+    // prompts push blocks down to disk.
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |k, toml| {
+        if k != 0 {
+            return toml;
+        }
+        toml.replace(
+            "[[models]]\n",
+            &format!(
+                "[kv_tiers]\nhost_memory = \"1KiB\"\ndisk = \"64KiB\"\ndisk_dir = {disk:?}\n\
+                 [[models]]\n"
+            ),
+        )
+        .replace("kv_blocks = 256", "kv_blocks = 32")
+    })
+    .await
+    else {
+        return;
+    };
+    wait_routers_know_everyone(&nodes.agents).await;
+    let (a, worker) = (&nodes.agents[0], nodes.ids[0]);
+    let prompt = |first: u32| (first..first + 64).collect::<Vec<u32>>();
+    let held = |agent: &Agent, tokens: &[u32]| {
+        let hashes = sequence_hashes(tokens, BlockSize::new(16).unwrap());
+        fleet(agent).with_router(|r| hashes.iter().all(|h| r.holds(worker, *h, Tier::G1)))
+    };
+    let g3 = |agent: &Agent| fleet(agent).with_router(|r| r.worker_blocks(worker).unwrap()[2]);
+    let others = || nodes.agents.iter().skip(1);
+
+    for k in 0..16 {
+        run_on(a, worker, &prompt(1000 + 100 * k)).await;
+    }
+    // The last prompt is still in G1; earlier ones went down to disk.
+    let before = prompt(1000 + 100 * 15);
+    wait_for(
+        "the first incarnation's G1 and G3 blocks in every other router and the control plane",
+        Duration::from_secs(20),
+        || async {
+            others().all(|b| held(b, &before) && g3(b) > 0)
+                && cp_blocks(&nodes, worker)
+                    .await
+                    .is_some_and(|t| t[0] >= 4 && t[2] > 0)
+        },
+    )
+    .await;
+    let resets = cp_resets(&nodes).await;
+
+    let pid = a.running.pool.workers()[0].pid.unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success(), "kill -9 {pid}");
+    wait_for(
+        "the killed worker restarted and ready",
+        Duration::from_secs(20),
+        || async {
+            a.running
+                .pool
+                .workers()
+                .iter()
+                .any(|w| w.pid.is_some_and(|p| p != pid))
+                && a.ready_workers() == 1
+        },
+    )
+    .await;
+    // A few heartbeats and placement rounds: the restarted worker stays the node's worker.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        worker_ids(a),
+        vec![worker],
+        "the supervisor restarted worker {worker}; it was not replaced"
+    );
+    wait_for(
+        "the new epoch in the control plane's index",
+        Duration::from_secs(10),
+        || async { cp_resets(&nodes).await > resets },
+    )
+    .await;
+
+    let after = prompt(5000);
+    run_on(a, worker, &after).await;
+    let started = std::time::Instant::now();
+    wait_for(
+        "the restarted worker's disk blocks and new blocks in every other router and the \
+         control plane",
+        Duration::from_secs(20),
+        || async {
+            // Not `before` in G1: the reset of the old incarnation was applied.
+            others().all(|b| held(b, &after) && !held(b, &before) && g3(b) > 0)
+                && cp_blocks(&nodes, worker)
+                    .await
+                    .is_some_and(|t| t[0] >= 4 && t[2] > 0)
+        },
+    )
+    .await;
+    println!(
+        "worker {worker} restarted after kill -9: its disk blocks ({} in G3) and new blocks \
+         reached every router {:.2} s after its first request ended",
+        g3(&nodes.agents[1]),
+        started.elapsed().as_secs_f64()
+    );
+    nodes.stop().await;
+    let _ = std::fs::remove_dir_all(disk);
+}

@@ -2,7 +2,7 @@
 //! control plane over HTTP and a real Postgres: node A's `Uploader` sends its worker's events,
 //! node B's `Follower` keeps a `Router` in step with the stream; requests with A's prefix route
 //! to A's worker; the control plane going away switches B's router to approximate mode and its
-//! return re-syncs it; node A going silent removes its worker from B's router within seconds.
+//! return re-syncs it; A's engine restarting is credited under its new epoch; node A going silent removes its worker from B's router within seconds.
 //!
 //! The HTTP driving here is a minimal stand-in for the agent's control-plane client.
 
@@ -417,6 +417,44 @@ async fn events_flow_from_one_agent_to_another_agents_router(pool: PgPool) {
     assert_eq!(router.config().mode, RoutingMode::Kv);
     assert_eq!(route(&mut router, 5, 30_000, epoch), (wa, 8));
     assert_eq!(follower.counters().fallbacks, 1);
+
+    // Node A's engine restarts (kill -9, the supervisor starts it again). The agent sees the
+    // restart (a new epoch) before it reads the old incarnation's last event (id 4); the new
+    // incarnation numbers its events from 0. The late event keeps the old epoch, so it is
+    // applied before the reset rather than after it, where it would leave the worker past the
+    // new incarnation's ids and get those refused (its new blocks never credited).
+    uploader.set_epoch(wa, 2);
+    uploader.push(stored(wa.0, 4, 40_000), now(epoch));
+    uploader.push(stored(wa.0, 0, 50_000), now(epoch));
+    let result = flush(&client, &base, &credentials[0], &mut uploader, epoch).await;
+    assert_eq!(
+        (result.head_seq, result.out_of_order),
+        (8, 0),
+        "the late event, the reset, the new incarnation's event"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while follower.position() != Some(8) {
+        assert!(Instant::now() < deadline, "the restart reached node B");
+        follow_once(
+            &client,
+            &base,
+            &credentials[1],
+            &mut follower,
+            &mut router,
+            epoch,
+        )
+        .await;
+    }
+    assert_eq!(
+        route(&mut router, 7, 50_000, epoch),
+        (wa, 8),
+        "the new incarnation's blocks are credited"
+    );
+    assert_eq!(
+        route(&mut router, 8, 40_000, epoch).1,
+        0,
+        "the old incarnation's blocks are gone"
+    );
 
     // Node A goes silent: its worker leaves B's router within seconds.
     heartbeats_a.abort();

@@ -124,8 +124,10 @@ describe('admin web UI', { skip: skip || false }, () => {
     await page.getByLabel('Max workers', { exact: true }).fill('1');
     await page.getByLabel('TTFT target (ms)', { exact: true }).fill('-5');
     await page.getByLabel('Prefill timeout (ms)', { exact: true }).fill('50');
+    await page.getByLabel('Migration limit', { exact: true }).fill('21');
     await page.getByRole('button', { name: 'Create deployment' }).click();
     await waitText('#f-min-workers-error', /must not exceed max_workers/, 'the min_workers error');
+    assert.match(await text('#f-migration-limit-error'), /between 0 and 20, not 21/);
     assert.match(await text('#f-name-error'), /must match/);
     assert.match(await text('#f-sla-ttft-ms-error'), /above 0/);
     assert.match(await text('#f-disaggregation-prefill-timeout-ms-error'), /from 100 to 600000/);
@@ -147,8 +149,11 @@ describe('admin web UI', { skip: skip || false }, () => {
     await page.getByLabel('TTFT target (ms)', { exact: true }).fill('500');
     await page.getByLabel('ITL target (ms)', { exact: true }).fill('50');
     await page.getByLabel('Prefill timeout (ms)', { exact: true }).fill('2000');
+    await page.getByLabel('Migration limit', { exact: true }).fill('');
     await page.getByRole('button', { name: 'Create deployment' }).click();
     await page.locator('tr[data-deployment="chat"]').waitFor();
+    // Left empty: the server's default.
+    assert.equal(await text('tr[data-deployment="chat"] [data-col="migration"]'), '3');
     assert.equal(await page.locator('.field-error:not([hidden])').count(), 0);
     // Placement puts two workers on the node; the agent starts them; the page updates itself.
     await waitText('tr[data-deployment="chat"] [data-col="workers"]', /^2\/2 ready$/, 'two ready workers', page, 30_000);
@@ -164,9 +169,14 @@ describe('admin web UI', { skip: skip || false }, () => {
     await goNav('Deployments');
     await page.getByRole('button', { name: 'Edit chat' }).click();
     assert.equal(await page.getByLabel('Name', { exact: true }).isDisabled(), true);
+    assert.equal(await page.getByLabel('Migration limit', { exact: true }).inputValue(), '3');
     await page.getByLabel('Max workers', { exact: true }).fill('4');
+    await page.getByLabel('Migration limit', { exact: true }).fill('5');
     await page.getByRole('button', { name: 'Save changes' }).click();
     await waitText('tr[data-deployment="chat"] [data-col="range"]', /^2–4$/, 'the new range');
+    await waitText('tr[data-deployment="chat"] [data-col="migration"]', /^5$/, 'the new migration limit');
+    const chat = (await cp.api('GET', '/deployments')).items.find((d) => d.name === 'chat');
+    assert.equal(chat.migration_limit, 5, 'saved through the API');
   });
 
   it('shows a deployment with charts and placement decisions', async () => {
@@ -174,6 +184,7 @@ describe('admin web UI', { skip: skip || false }, () => {
     await page.getByRole('heading', { name: 'Deployment chat' }).waitFor();
     // The policy set in the form, with the defaults for the fields left empty.
     assert.match(await text('dl.kv'), /remote prefill from 256 uncached tokens, prefill queue ≤ 16384 tokens, timeout 2000 ms \(unused while aggregated\)/);
+    assert.match(await text('dd[data-migration-limit="5"]'), /moves to another worker at most 5 times/);
     await waitFor(async () => (await page.locator('svg.chart path.line').count()) >= 3, { what: 'deployment charts', timeout: 20_000 });
     await page.locator('li[data-action="worker.create"]').first().waitFor();
     await shot('06-deployment-detail');

@@ -55,6 +55,7 @@ impl Client {
                     // which applies what follows: a few blocks missing from the index.
                     Err(TryRecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "KV events dropped: the upload fell behind");
+                        kv.uploader.events_lost();
                     }
                     Err(TryRecvError::Empty | TryRecvError::Closed) => break,
                 }
@@ -89,6 +90,7 @@ impl Client {
                     Ok(event) => Some(event),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "KV events dropped: the upload fell behind");
+                        kv.uploader.events_lost();
                         None
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {

@@ -59,6 +59,7 @@ export async function mount(ctx) {
       { label: 'Min–max', key: 'range', value: (d) => `${d.min_workers}–${d.max_workers}` },
       { label: 'SLA', key: 'sla', value: slaText },
       { label: 'Planner', key: 'planner', value: (d) => d.planner || 'off' },
+      { label: 'Migrations', key: 'migration', num: true, value: (d) => String(d.migration_limit ?? 3) },
       { label: 'Requests/s', key: 'rps', num: true, value: (d) => num(rates[d.id], 2) },
       { label: 'Updated', key: 'updated', value: (d) => ago(d.updated_at) },
     ];
@@ -98,6 +99,13 @@ function disaggregationText(d) {
   return d.mode === 'disaggregated' ? text : `${text} (unused while aggregated)`;
 }
 
+// Older control planes send no `migration_limit`: shown as the server default then.
+function migrationText(d) {
+  const limit = d.migration_limit ?? 3;
+  if (limit === 0) return '0 (a request whose worker fails mid-stream ends with an error)';
+  return `${limit} (a request whose worker fails mid-stream moves to another worker at most ${limit === 1 ? 'once' : `${limit} times`})`;
+}
+
 function deploymentForm(ctx, models, existing, done) {
   const editing = Boolean(existing);
   const d = existing || { name: '', model: models[0]?.name || '', mode: 'aggregated', min_workers: 1, max_workers: 1, sla: {}, placement: {}, planner: 'off', roles: {} };
@@ -115,7 +123,8 @@ function deploymentForm(ctx, models, existing, done) {
       field({ label: 'Mode', name: 'mode', value: d.mode, options: ['aggregated', 'disaggregated'] }),
       field({ label: 'Min workers', name: 'min_workers', type: 'number', value: String(d.min_workers), min: 0 }),
       field({ label: 'Max workers', name: 'max_workers', type: 'number', value: String(d.max_workers), min: 1 }),
-      field({ label: 'SLA planner', name: 'planner', value: d.planner || 'off', options: [['off', 'off: run min workers'], ['advise', 'advise: record decisions'], ['auto', 'auto: scale to the SLA']] })),
+      field({ label: 'SLA planner', name: 'planner', value: d.planner || 'off', options: [['off', 'off: run min workers'], ['advise', 'advise: record decisions'], ['auto', 'auto: scale to the SLA']] }),
+      field({ label: 'Migration limit', name: 'migration_limit', type: 'number', value: d.migration_limit === undefined ? '' : String(d.migration_limit), min: 0, hint: 'moves of a request whose worker fails mid-stream; 0: none; empty: 3' })),
     h('fieldset', {}, h('legend', {}, 'SLA targets'), h('div', { class: 'fields' },
       field({ label: 'TTFT target (ms)', name: 'sla.ttft_ms', type: 'number', value: d.sla.ttft_ms ? String(d.sla.ttft_ms) : '', hint: 'time to first token; empty: none' }),
       field({ label: 'ITL target (ms)', name: 'sla.itl_ms', type: 'number', value: d.sla.itl_ms ? String(d.sla.itl_ms) : '', hint: 'inter-token latency; empty: none' }),
@@ -167,6 +176,7 @@ function deploymentForm(ctx, models, existing, done) {
       planner: el.planner.value,
       min_workers: int('min_workers'),
       max_workers: int('max_workers'),
+      migration_limit: int('migration_limit'),
       roles: roleBounds,
       sla: { ttft_ms: int('sla.ttft_ms'), itl_ms: int('sla.itl_ms'), percentile: int('sla.percentile') },
       placement: {
@@ -182,7 +192,7 @@ function deploymentForm(ctx, models, existing, done) {
       },
     };
     // Absent means "the default" for create; the server says which values it cannot take.
-    for (const k of ['min_workers', 'max_workers']) if (body[k] === null) delete body[k];
+    for (const k of ['min_workers', 'max_workers', 'migration_limit']) if (body[k] === null) delete body[k];
     if (body.sla.percentile === null) delete body.sla.percentile;
     if (body.placement.gpu_name === null) delete body.placement.gpu_name;
     for (const k of Object.keys(body.disaggregation)) if (body.disaggregation[k] === null) delete body.disaggregation[k];
@@ -228,6 +238,7 @@ export async function mountDetail(ctx) {
       h('dt', {}, 'Role bounds'), h('dd', {}, rolesText(d)),
       h('dt', {}, 'Placement'), h('dd', { class: 'mono' }, JSON.stringify(d.placement)),
       h('dt', {}, 'Disaggregation'), h('dd', {}, disaggregationText(d)),
+      h('dt', {}, 'Migration limit'), h('dd', { 'data-migration-limit': String(d.migration_limit ?? 3) }, migrationText(d)),
       h('dt', {}, 'Generation'), h('dd', {}, String(d.generation)),
       h('dt', {}, 'Created'), h('dd', {}, time(d.created_at))));
     patch(slots.workers, workersTable(workers, { nodes, gpus, deployments: [d] }));
