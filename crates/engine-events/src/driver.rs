@@ -138,12 +138,13 @@ impl Subscriber {
                     Vec::new()
                 }
             };
-            self.counters.send_replace(self.translator.counters());
             for event in out {
                 if events.send(event).await.is_err() {
                     return Ok(());
                 }
             }
+            // After the events: a reader that sees a batch counted finds its events queued.
+            self.counters.send_replace(self.translator.counters());
         }
     }
 
@@ -161,14 +162,12 @@ impl Subscriber {
             Outcome::Gap { expected } => {
                 tracing::info!(worker = %self.config.worker, expected, got = seq, "KV event gap; resynchronising");
                 events = self.resync(expected).await;
-                // The batch that showed the gap: applied now, or already part of the replay.
-                let mut output = self.translator.accept(seq, payload);
-                if matches!(output.outcome, Outcome::Gap { .. }) {
-                    // The replay ended short of it: the rest is lost.
+                if self.translator.expected_seq() < seq {
+                    // No replay, or it ended short of this batch: the rest is lost.
                     events.extend(self.translator.skip_to(seq));
-                    output = self.translator.accept(seq, payload);
                 }
-                events.extend(output.events);
+                // The batch that showed the gap: applied now, or stale if the replay had it.
+                events.extend(self.translator.accept(seq, payload).events);
             }
         }
         events
