@@ -11,11 +11,13 @@
 //! per-worker state machine: hashes, block sizes, sequence gaps and resyncs, counters) are pure;
 //! [`driver`] is the thin tokio task that owns the sockets (SUB, and DEALER for the engine's
 //! replay ROUTER) and hands events out on a bounded channel. [`encode`] writes batches the way
-//! msgspec does, for tests, fixtures and the mock publisher.
+//! msgspec does, and [`publisher`] publishes them as vLLM's `ZmqEventPublisher` does (PUB and
+//! replay ROUTER), for tests and the mock engine's vLLM mode.
 
 pub mod decode;
 pub mod driver;
 pub mod encode;
+pub mod publisher;
 pub mod translate;
 
 pub use decode::{DecodeError, EngineBlockHash, EngineEvent, EventBatch, decode_batch};

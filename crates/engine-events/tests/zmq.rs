@@ -501,3 +501,85 @@ async fn an_engine_restart_clears_the_worker() {
     let counters = running.stop().await;
     assert_eq!((counters.restarts, counters.resets), (1, 1));
 }
+
+#[tokio::test]
+async fn a_late_subscriber_catches_up_from_the_publishers_replay() {
+    use kvfleet_engine_events::decode::EventBatch;
+    use kvfleet_engine_events::encode::Flavor;
+    use kvfleet_engine_events::publisher::{Publisher, block_removed, block_stored};
+
+    let mut publisher = Publisher::bind(
+        "tcp://127.0.0.1:0",
+        Some("tcp://127.0.0.1:0"),
+        "kv",
+        100,
+        Flavor::VllmArrayLike,
+    )
+    .await
+    .unwrap();
+    let batch = |events| EventBatch {
+        ts: 1.0,
+        events,
+        data_parallel_rank: Some(0),
+    };
+    let (a, b) = (a(), b());
+    // Published before anyone subscribed: dropped by the PUB socket, kept for replay.
+    publisher
+        .publish(&batch(vec![block_stored(&a, 16, 0, 5, None)]))
+        .await
+        .unwrap();
+    publisher
+        .publish(&batch(vec![block_stored(&b, 16, 2, 4, None)]))
+        .await
+        .unwrap();
+    publisher
+        .publish(&batch(vec![block_removed(&a, 16, &[4], None)]))
+        .await
+        .unwrap();
+    let config = SubscriberConfig {
+        endpoint: publisher.endpoint().to_owned(),
+        replay_endpoint: publisher.replay_endpoint().map(str::to_owned),
+        topic: "kv".into(),
+        worker: WorkerId(4),
+        block_size: BlockSize::new(32).unwrap(),
+        replay_timeout: Duration::from_secs(5),
+    };
+    let subscriber = Subscriber::connect(config).await.unwrap();
+    let mut counters = subscriber.counters();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(subscriber.run(tx, async {
+        let _ = stopped.await;
+    }));
+    // Empty batches until one gets through (the subscription reaches the PUB socket
+    // asynchronously); the first one seen is a gap from 0, answered by the replay.
+    let caught_up = async {
+        loop {
+            publisher.publish(&batch(vec![])).await.unwrap();
+            let waited = tokio::time::timeout(
+                Duration::from_millis(50),
+                counters.wait_for(|c| c.batches >= 4),
+            )
+            .await;
+            if waited.is_ok() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), caught_up)
+        .await
+        .expect("caught up within 10 s");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let mut events = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        events.push(event);
+    }
+    let mut index = Index::default();
+    index.apply(&events);
+    assert_eq!(index.tier(Tier::G1), oracle(&[&a[..64], &b[..64]], 32));
+    let counters = *counters.borrow();
+    assert_eq!(counters.gaps, 1);
+    assert_eq!(counters.resets, 0);
+    assert!(counters.replayed >= 4, "{counters:?}");
+}
