@@ -54,7 +54,7 @@
 //! follows. A batch numbered 0 after others is an engine restart: the worker is cleared. A
 //! batch that does not decode is a lost batch whose number arrived: cleared, counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kvfleet_proto::hash::{BlockHash, BlockSize, SequenceHash, hash_block};
 use kvfleet_proto::ids::WorkerId;
@@ -134,7 +134,10 @@ struct EngineBlock {
     chain: Option<Chain>,
     /// Blocks further down the chain whose kvfleet blocks span tokens of this one: removing
     /// this block removes their credit too.
-    covered_by: Vec<EngineBlockHash>,
+    covered_by: HashSet<EngineBlockHash>,
+    /// The reverse: earlier blocks whose tokens this one's kvfleet blocks span. When this block
+    /// goes, it leaves their `covered_by`, so a hot prefix's set holds only live descendants.
+    owners: Vec<EngineBlockHash>,
     /// Tiers that hold the block (bit per [`Tier`]).
     tiers: u8,
     /// Tiers in which `chain.completed` is credited.
@@ -227,6 +230,12 @@ impl Translator {
     /// Engine blocks the translator tracks.
     pub fn engine_blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Descendant links held (memory that must not outlive the descendants).
+    #[cfg(test)]
+    fn links(&self) -> usize {
+        self.blocks.values().map(|b| b.covered_by.len()).sum()
     }
 
     /// Offers one live batch.
@@ -420,14 +429,18 @@ impl Translator {
                 current = existing.chain.clone();
             } else {
                 let tainted = lora || stored.extra_keys.get(index).copied().unwrap_or(false);
+                let mut owners = Vec::new();
                 let chain = match current.take() {
                     Some(previous) if !tainted => {
-                        let (chain, owners) = self.advance(previous, tokens, &hash);
-                        for owner in owners {
-                            if let Some(block) = self.blocks.get_mut(&owner) {
-                                block.covered_by.push(hash.clone());
+                        let chain;
+                        (chain, owners) = self.advance(previous, tokens, &hash);
+                        owners.retain(|owner| match self.blocks.get_mut(owner) {
+                            Some(block) => {
+                                block.covered_by.insert(hash.clone());
+                                true
                             }
-                        }
+                            None => false,
+                        });
                         Some(chain)
                     }
                     _ => {
@@ -442,7 +455,8 @@ impl Translator {
                     hash.clone(),
                     EngineBlock {
                         chain,
-                        covered_by: Vec::new(),
+                        covered_by: HashSet::new(),
+                        owners,
                         tiers: bit(tier),
                         credited: 0,
                     },
@@ -582,14 +596,18 @@ impl Translator {
                 continue;
             }
             block.tiers &= !bit(tier);
-            let covered_by = block.covered_by.clone();
+            let covered_by: Vec<EngineBlockHash> = block.covered_by.iter().cloned().collect();
             let empty = block.tiers == 0;
             self.uncredit(tier, &hash, &mut gone);
             for descendant in &covered_by {
                 self.uncredit(tier, descendant, &mut gone);
             }
-            if empty {
-                self.blocks.remove(&hash);
+            if empty && let Some(block) = self.blocks.remove(&hash) {
+                for owner in &block.owners {
+                    if let Some(owner) = self.blocks.get_mut(owner) {
+                        owner.covered_by.remove(&hash);
+                    }
+                }
             }
         }
         if !gone.is_empty() {
@@ -735,6 +753,28 @@ mod tests {
         run(&mut t, &mut index, 3, vec![removed(&a, 16, &[2])]);
         assert_eq!(index.tier(Tier::G1), expected(&[&a[..32]], 32));
         assert_eq!(t.counters().batches, 4);
+    }
+
+    #[test]
+    fn a_hot_prefix_holds_no_links_to_evicted_descendants() {
+        // One shared first engine block, a thousand different second blocks stored and
+        // evicted: kvfleet blocks of 32 span both, so each child links to the prefix while live.
+        let mut t = Translator::new(WorkerId(1), BlockSize::new(32).unwrap());
+        let mut index = Index::default();
+        let mut seq = 0;
+        let prefix: Vec<u32> = (0..16).collect();
+        run(&mut t, &mut index, seq, vec![stored(&prefix, 16, 0, 1)]);
+        for child in 0..1000u32 {
+            let mut tokens = prefix.clone();
+            tokens.extend((0..16).map(|i| 10_000 + child * 16 + i));
+            seq += 1;
+            run(&mut t, &mut index, seq, vec![stored(&tokens, 16, 1, 2)]);
+            assert_eq!(index.tier(Tier::G1), expected(&[&tokens], 32));
+            seq += 1;
+            run(&mut t, &mut index, seq, vec![removed(&tokens, 16, &[1])]);
+        }
+        assert!(index.tier(Tier::G1).is_empty());
+        assert_eq!((t.engine_blocks(), t.links()), (1, 0));
     }
 
     #[test]
