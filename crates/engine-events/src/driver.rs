@@ -13,11 +13,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use kvfleet_proto::hash::BlockSize;
 use kvfleet_proto::ids::WorkerId;
 use kvfleet_proto::kv_event::KvEvent;
 use tokio::sync::{mpsc, watch};
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{DealerSocket, Socket, SocketEvent, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::decode::{decode_message, decode_seq};
 use crate::translate::{Outcome, Output, Translator, TranslatorCounters};
@@ -68,6 +69,8 @@ pub enum SubscriberError {
 pub struct Subscriber {
     config: SubscriberConfig,
     sub: SubSocket,
+    /// The SUB socket's connection events: a disconnect means a resync.
+    monitor: Option<futures_util::stream::BoxStream<'static, SocketEvent>>,
     replay: Option<DealerSocket>,
     translator: Translator,
     counters: watch::Sender<TranslatorCounters>,
@@ -84,9 +87,11 @@ impl std::fmt::Debug for Subscriber {
 
 impl Subscriber {
     /// Connects to the publisher (and its replay socket) and subscribes. Waits for the engine
-    /// to listen; the caller bounds that with its own timeout.
+    /// to listen, up to zeromq's connect timeout (30 s); after that the socket reconnects by
+    /// itself whenever the engine goes away and comes back.
     pub async fn connect(config: SubscriberConfig) -> Result<Self, SubscriberError> {
         let mut sub = SubSocket::new();
+        let monitor = sub.monitor().boxed();
         let connect_error = |source| SubscriberError::Connect {
             endpoint: config.endpoint.clone(),
             source,
@@ -102,6 +107,7 @@ impl Subscriber {
         Ok(Self {
             config,
             sub,
+            monitor: Some(monitor),
             replay,
             translator,
             counters,
@@ -122,19 +128,40 @@ impl Subscriber {
     ) -> Result<(), SubscriberError> {
         tokio::pin!(shutdown);
         loop {
-            let message = tokio::select! {
+            let monitor = async {
+                match self.monitor.as_mut() {
+                    Some(monitor) => monitor.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let received = tokio::select! {
                 () = &mut shutdown => return Ok(()),
-                message = self.sub.recv() => message.map_err(|source| SubscriberError::Recv {
+                event = monitor => Err(event),
+                message = self.sub.recv() => Ok(message.map_err(|source| SubscriberError::Recv {
                     endpoint: self.config.endpoint.clone(),
                     source,
-                })?,
+                })?),
             };
-            let frames = message.into_vec();
-            let out = match decode_message(&frames) {
-                Ok((seq, payload)) => self.offer(seq, payload).await,
-                Err(error) => {
-                    tracing::warn!(worker = %self.config.worker, %error, "malformed KV event message");
-                    self.translator.note_malformed_message();
+            let out = match received {
+                Ok(message) => {
+                    let frames = message.into_vec();
+                    match decode_message(&frames) {
+                        Ok((seq, payload)) => self.offer(seq, payload).await,
+                        Err(error) => {
+                            tracing::warn!(worker = %self.config.worker, %error, "malformed KV event message");
+                            self.translator.note_malformed_message();
+                            Vec::new()
+                        }
+                    }
+                }
+                Err(Some(SocketEvent::Disconnected(_))) => {
+                    // zeromq reconnects by itself; until then nothing says what was missed.
+                    tracing::info!(worker = %self.config.worker, "KV event publisher disconnected; worker's blocks cleared until it is back");
+                    self.translator.disconnected()
+                }
+                Err(Some(_)) => Vec::new(),
+                Err(None) => {
+                    self.monitor = None;
                     Vec::new()
                 }
             };

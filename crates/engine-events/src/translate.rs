@@ -82,8 +82,10 @@ pub struct TranslatorCounters {
     /// Times the worker's blocks were cleared to resynchronise (gap without replay, restart,
     /// malformed batch).
     pub resets: u64,
-    /// Engine restarts seen (sequence back to 0).
+    /// Engine restarts seen (sequence back to 0, or the driver said so).
     pub restarts: u64,
+    /// Times the publisher's connection dropped (each one resync).
+    pub disconnects: u64,
     /// Batches that did not decode.
     pub malformed: u64,
     /// Stored blocks whose parent was unknown (not creditable).
@@ -323,6 +325,17 @@ impl Translator {
     /// number is unknown, so a lost batch shows as a gap at the next one.
     pub fn note_malformed_message(&mut self) {
         self.counters.malformed += 1;
+    }
+
+    /// The connection to the publisher dropped: what it published meanwhile is unknown, and it
+    /// may come back as a new process numbering from 0. Clears the worker and expects 0; a
+    /// publisher that kept its numbers shows a gap at its next batch (replayed, or skipped to).
+    pub fn disconnected(&mut self) -> Vec<KvEvent> {
+        self.counters.disconnects += 1;
+        let events = self.clear();
+        self.expected_seq = 0;
+        self.seen_any = false;
+        events
     }
 
     fn apply_in_order(&mut self, seq: u64, payload: &[u8]) -> Output {

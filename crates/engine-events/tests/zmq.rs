@@ -162,8 +162,12 @@ struct Engine {
 
 impl Engine {
     async fn start(replay: bool) -> Self {
+        Self::start_at("tcp://127.0.0.1:0", replay).await
+    }
+
+    async fn start_at(endpoint: &str, replay: bool) -> Self {
         let mut xpub = XPubSocket::new();
-        let endpoint = xpub.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+        let endpoint = xpub.bind(endpoint).await.unwrap().to_string();
         let buffer: ReplayBuffer = Arc::default();
         let replay_endpoint = if replay {
             let mut router = RouterSocket::new();
@@ -582,4 +586,35 @@ async fn a_late_subscriber_catches_up_from_the_publishers_replay() {
     assert_eq!(counters.gaps, 1);
     assert_eq!(counters.resets, 0);
     assert!(counters.replayed >= 4, "{counters:?}");
+}
+
+#[tokio::test]
+async fn an_engine_restarted_behind_the_same_port_is_followed_across_the_reconnect() {
+    let batches = fixture("vllm-current.stream");
+    let mut engine = Engine::start(false).await;
+    let endpoint = engine.endpoint.clone();
+    let mut running = Running::start(&mut engine, 16).await;
+    for (seq, payload) in &batches[..3] {
+        engine.publish(*seq, payload).await;
+    }
+    let mut events = running.until(|c| c.batches == 3).await;
+    // The engine process dies: the subscriber notices and clears the worker.
+    drop(engine);
+    events.extend(running.until(|c| c.disconnects == 1).await);
+    assert_eq!(events.last().map(|e| &e.data), Some(&KvEventData::Cleared));
+    // The new process binds the same port and numbers from 0. Its batch 0 went out before the
+    // subscriber was back; batch 1 is the first seen: below the old process's next number (3),
+    // so without the disconnect it would have been dropped as stale.
+    let mut engine = Engine::start_at(&endpoint, false).await;
+    engine.subscribed().await;
+    engine.publish(1, &batches[6].1).await;
+    events.extend(running.until(|c| c.batches == 4).await);
+    let mut index = Index::default();
+    index.apply(&events);
+    assert_eq!(index.tier(Tier::G1), oracle(&[&c()[..48]], 16));
+    let counters = running.stop().await;
+    assert_eq!(
+        (counters.disconnects, counters.gaps, counters.stale),
+        (1, 1, 0)
+    );
 }
