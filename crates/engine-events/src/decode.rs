@@ -347,7 +347,7 @@ fn event(value: Value, at: &str) -> Result<EngineEvent, DecodeError> {
             let parent = fields
                 .take(1, "parent_block_hash")
                 .filter(|value| !value.is_nil())
-                .map(|value| hash(value, &format!("{at}.parent_block_hash")))
+                .map(|value| hash(value, || format!("{at}.parent_block_hash")))
                 .transpose()?;
             // `parent_block_hash` has no default, so msgspec always writes it; a payload
             // without it has lost fields.
@@ -355,7 +355,11 @@ fn event(value: Value, at: &str) -> Result<EngineEvent, DecodeError> {
                 Value::Array(tokens) => tokens
                     .iter()
                     .enumerate()
-                    .map(|(n, token)| u32_field(token, &format!("{at}.token_ids[{n}]")))
+                    // The place is formatted only for an error: a batch carries thousands.
+                    .map(|(n, token)| match token.as_u64().map(u32::try_from) {
+                        Some(Ok(token)) => Ok(token),
+                        _ => u32_field(token, &format!("{at}.token_ids[{n}]")),
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
                 other => return Err(type_error(&format!("{at}.token_ids"), "array", &other)),
             };
@@ -453,22 +457,23 @@ fn hashes(value: Value, at: &str) -> Result<Vec<EngineBlockHash>, DecodeError> {
         Value::Array(values) => values
             .into_iter()
             .enumerate()
-            .map(|(n, value)| hash(value, &format!("{at}.block_hashes[{n}]")))
+            .map(|(n, value)| hash(value, || format!("{at}.block_hashes[{n}]")))
             .collect(),
         other => Err(type_error(&format!("{at}.block_hashes"), "array", &other)),
     }
 }
 
-fn hash(value: Value, at: &str) -> Result<EngineBlockHash, DecodeError> {
+/// `at` is called only for an error: a batch carries thousands of hashes.
+fn hash(value: Value, at: impl FnOnce() -> String) -> Result<EngineBlockHash, DecodeError> {
     match value {
         Value::Integer(n) => n
             .as_i64()
             .map(i128::from)
             .or_else(|| n.as_u64().map(i128::from))
             .map(EngineBlockHash::Int)
-            .ok_or_else(|| type_error(at, "integer or bytes", &Value::Integer(n))),
+            .ok_or_else(|| type_error(&at(), "integer or bytes", &Value::Integer(n))),
         Value::Binary(bytes) => Ok(EngineBlockHash::Bytes(bytes.into_boxed_slice())),
-        other => Err(type_error(at, "integer or bytes", &other)),
+        other => Err(type_error(&at(), "integer or bytes", &other)),
     }
 }
 
