@@ -98,6 +98,85 @@ pub struct TranslatorCounters {
     pub ignored_events: u64,
 }
 
+impl TranslatorCounters {
+    /// Every counter as `(Prometheus name without `_total`, help, value)`, for the agent's
+    /// `/metrics` collector (one family per name, labelled by worker).
+    pub fn families(&self) -> [(&'static str, &'static str, u64); 14] {
+        [
+            (
+                "kvfleet_engine_events_batches",
+                "Engine KV event batches applied (live or replayed)",
+                self.batches,
+            ),
+            (
+                "kvfleet_engine_events_engine_events",
+                "Engine KV events in applied batches",
+                self.engine_events,
+            ),
+            (
+                "kvfleet_engine_events_kv_events",
+                "kvfleet KV events emitted from engine events",
+                self.kv_events,
+            ),
+            (
+                "kvfleet_engine_events_gaps",
+                "Engine event batches that arrived after a missing one",
+                self.gaps,
+            ),
+            (
+                "kvfleet_engine_events_stale",
+                "Engine event batches dropped as older than the next expected",
+                self.stale,
+            ),
+            (
+                "kvfleet_engine_events_replayed",
+                "Engine event batches applied from the engine's replay socket",
+                self.replayed,
+            ),
+            (
+                "kvfleet_engine_events_resets",
+                "Times a worker's translated blocks were cleared to resynchronise",
+                self.resets,
+            ),
+            (
+                "kvfleet_engine_events_restarts",
+                "Engine restarts seen in the event stream",
+                self.restarts,
+            ),
+            (
+                "kvfleet_engine_events_disconnects",
+                "Times the connection to the engine's event publisher dropped",
+                self.disconnects,
+            ),
+            (
+                "kvfleet_engine_events_malformed",
+                "Engine event messages or batches that did not decode",
+                self.malformed,
+            ),
+            (
+                "kvfleet_engine_events_orphan_blocks",
+                "Stored engine blocks whose parent was unknown (no credit)",
+                self.orphan_blocks,
+            ),
+            (
+                "kvfleet_engine_events_uncredited_blocks",
+                "Stored engine blocks under a LoRA adapter or extra hash keys (no credit)",
+                self.uncredited_blocks,
+            ),
+            (
+                "kvfleet_engine_events_unknown_removals",
+                "Removals of engine blocks the translator did not hold",
+                self.unknown_removals,
+            ),
+            (
+                "kvfleet_engine_events_ignored_events",
+                "Engine events ignored (other KV cache groups, unknown media)",
+                self.ignored_events,
+            ),
+        ]
+    }
+}
+
 /// What became of one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -766,6 +845,36 @@ mod tests {
         run(&mut t, &mut index, 3, vec![removed(&a, 16, &[2])]);
         assert_eq!(index.tier(Tier::G1), expected(&[&a[..32]], 32));
         assert_eq!(t.counters().batches, 4);
+    }
+
+    #[test]
+    fn every_counter_has_one_metric_family() {
+        let counters = TranslatorCounters {
+            batches: 1,
+            engine_events: 2,
+            kv_events: 3,
+            gaps: 4,
+            stale: 5,
+            replayed: 6,
+            resets: 7,
+            restarts: 8,
+            disconnects: 9,
+            malformed: 10,
+            orphan_blocks: 11,
+            uncredited_blocks: 12,
+            unknown_removals: 13,
+            ignored_events: 14,
+        };
+        let families = counters.families();
+        let names: BTreeSet<&str> = families.iter().map(|(name, _, _)| *name).collect();
+        assert_eq!(names.len(), families.len());
+        let values: Vec<u64> = families.iter().map(|(_, _, value)| *value).collect();
+        assert_eq!(values, (1..=14).collect::<Vec<u64>>());
+        assert!(families.iter().all(|(name, help, _)| {
+            name.starts_with("kvfleet_engine_events_")
+                && !name.ends_with("_total")
+                && !help.ends_with('.')
+        }));
     }
 
     #[test]
