@@ -566,6 +566,36 @@ mod tests {
         assert_eq!(back.events.len(), 3);
     }
 
+    #[test]
+    fn an_array_batch_of_map_events_decodes() {
+        // vLLM releases between the two layouts: the batch still array-like, events maps.
+        let event = Value::Map(vec![
+            (Value::from("type"), Value::from("BlockRemoved")),
+            (
+                Value::from("block_hashes"),
+                Value::Array(vec![Value::from(9)]),
+            ),
+            (Value::from("medium"), Value::from("CPU")),
+        ]);
+        let payload = encode(Value::Array(vec![
+            Value::F64(2.0),
+            Value::Array(vec![event]),
+            Value::from(1),
+        ]));
+        assert_eq!(
+            decode_batch(&payload).unwrap(),
+            EventBatch {
+                ts: 2.0,
+                events: vec![EngineEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![EngineBlockHash::Int(9)],
+                    medium: Some("CPU".into()),
+                    group_idx: None,
+                })],
+                data_parallel_rank: Some(1),
+            }
+        );
+    }
+
     fn encode(value: Value) -> Vec<u8> {
         let mut bytes = Vec::new();
         rmpv::encode::write_value(&mut bytes, &value).unwrap();
