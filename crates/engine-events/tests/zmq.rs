@@ -225,6 +225,24 @@ impl Engine {
         }
     }
 
+    /// A new engine on the port of one just dropped: the old listener closes on a task of its
+    /// own, so the bind is retried for a while.
+    async fn restart_at(endpoint: &str) -> Self {
+        for _ in 0..100 {
+            let mut xpub = XPubSocket::new();
+            if let Ok(bound) = xpub.bind(endpoint).await {
+                return Self {
+                    xpub,
+                    endpoint: bound.to_string(),
+                    replay_endpoint: None,
+                    buffer: ReplayBuffer::default(),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{endpoint} still taken 5 s after its engine was dropped");
+    }
+
     /// Waits for the subscriber's subscription (a PUB drops what it sends before that).
     async fn subscribed(&mut self) {
         tokio::time::timeout(Duration::from_secs(10), self.xpub.recv())
@@ -605,7 +623,7 @@ async fn an_engine_restarted_behind_the_same_port_is_followed_across_the_reconne
     // The new process binds the same port and numbers from 0. Its batch 0 went out before the
     // subscriber was back; batch 1 is the first seen: below the old process's next number (3),
     // so without the disconnect it would have been dropped as stale.
-    let mut engine = Engine::start_at(&endpoint, false).await;
+    let mut engine = Engine::restart_at(&endpoint).await;
     engine.subscribed().await;
     engine.publish(1, &batches[6].1).await;
     events.extend(running.until(|c| c.batches == 4).await);
