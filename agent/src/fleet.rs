@@ -686,6 +686,9 @@ mod tests {
             starts: 1,
             pid: None,
             kv_tiers: Default::default(),
+            engine: "mock",
+            endpoint: None,
+            last_error: None,
         }
     }
 

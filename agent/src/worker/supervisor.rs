@@ -141,6 +141,10 @@ struct SlotState {
     kv_layout: Option<KvLayout>,
     /// Status reports received, ever (all incarnations).
     reports: u64,
+    /// An external engine's server URL, from the current incarnation's hello.
+    endpoint: Option<String>,
+    /// Why the process last failed, until it is ready again.
+    last_error: Option<String>,
 }
 
 impl SlotState {
@@ -153,6 +157,8 @@ impl SlotState {
             starts: 0,
             kv_layout: None,
             reports: 0,
+            endpoint: None,
+            last_error: None,
         }
     }
 
@@ -224,11 +230,21 @@ impl Slot {
             starts,
             pid,
             kv_tiers: status.kv_tiers,
+            engine: self.model.engine.name(),
+            endpoint: s.endpoint.clone(),
+            last_error: s.last_error.clone(),
         }
     }
 
-    fn spec(&self, vocab_size: u32, kv_tiers: &TierConfig) -> WorkerSpec {
+    fn spec(&self, vocab_size: u32, supervisor: &SupervisorConfig) -> WorkerSpec {
+        let kv_tiers = &supervisor.kv_tiers;
         let mut engine = EngineSpec::for_model(&self.model, vocab_size);
+        if let Some(external) = engine.external.as_mut() {
+            // The worker gives up a little before the agent would kill it, so its reason (the
+            // server's exit, its last output) reaches the agent.
+            let timeout = supervisor.start_timeout.mul_f64(0.9);
+            external.start_timeout_ms = timeout.as_millis().max(1) as u64;
+        }
         if kv_tiers.enabled() {
             // Each worker its own directory: two workers never evict each other's files, and
             // a restarted worker (same id) finds its blocks again.
