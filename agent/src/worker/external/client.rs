@@ -98,23 +98,38 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
     body
 }
 
-/// Why the adapter cannot run `sampling` on `engine` faithfully, if it cannot: the request is
-/// refused with this (naming the engine) rather than served differently from what it asked.
-pub fn unsupported(engine: WireEngine, sampling: &SamplingParams) -> Option<String> {
+/// The field the adapter cannot pass to `engine` faithfully, and why, if any: the frontend
+/// refuses such a request with a 400 naming the engine (and the worker again, should one reach
+/// it) rather than serve something other than what was asked.
+pub fn unsupported(
+    engine: WireEngine,
+    sampling: &SamplingParams,
+) -> Option<(&'static str, String)> {
     let name = super::server::engine_name(engine);
+    let refuse = |field: &'static str| {
+        Some((
+            field,
+            format!("`{field}` is not supported on workers of engine \"{name}\""),
+        ))
+    };
     if sampling.constraint.is_some() {
-        return Some(format!(
-            "structured output (response_format / tools) is not supported on engine {name}"
-        ));
+        return refuse("response_format");
     }
     if engine == WireEngine::OpenAi {
-        if sampling.top_k != 0 || sampling.min_p != 0.0 || sampling.repetition_penalty != 1.0 {
-            return Some(format!(
-                "top_k, min_p and repetition_penalty are not passed to engine {name}"
-            ));
+        if sampling.top_k != 0 {
+            return refuse("top_k");
+        }
+        if sampling.min_p != 0.0 {
+            return refuse("min_p");
+        }
+        if sampling.repetition_penalty != 1.0 {
+            return refuse("repetition_penalty");
         }
         if sampling.ignore_eos {
-            return Some(format!("ignore_eos is not passed to engine {name}"));
+            return refuse("ignore_eos");
+        }
+        if !sampling.stop_token_ids.is_empty() {
+            return refuse("stop_token_ids");
         }
     }
     None

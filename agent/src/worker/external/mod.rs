@@ -131,7 +131,7 @@ pub async fn serve(
                     FrameKind::Request => {
                         let request: WireRequest = frame.parse_json()?;
                         let seq = request.seq;
-                        if let Some(why) = client::unsupported(kind, &request.sampling)
+                        if let Some(why) = client::unsupported(kind, &request.sampling).map(|(_, why)| why)
                             .or_else(|| (request.export_kv || request.kv_blocks > 0).then(||
                                 format!("KV export and import are not supported on engine {name}")))
                         {
