@@ -215,7 +215,12 @@ pub async fn serve(
                 for r in running.values() {
                     r.task.abort();
                 }
-                tracing::error!(error = %format!("{error:#}"), "the engine server exited: the worker exits");
+                let message = format!("{error:#}");
+                tracing::error!(error = %message, "the engine server exited: the worker exits");
+                // The agent records it as the reason the worker failed.
+                encode_json(FrameKind::Error, &WireError { seq: 0, message }, &mut out)?;
+                writer.write_all(&out).await?;
+                writer.flush().await?;
                 return Err(error);
             }
             _ = tick.tick() => {

@@ -198,6 +198,13 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
     let reason = loop {
         tokio::select! {
             frame = frames.next() => match frame {
+                // Sequence 0 is no request's: the worker's last word before it exits (an
+                // external engine's server died), the reason this incarnation ended.
+                Ok(Some(frame)) if frame.kind == FrameKind::Error
+                    && frame.parse_json::<WireError>().is_ok_and(|e| e.seq == 0) =>
+                {
+                    break frame.parse_json::<WireError>().map(|e| e.message).unwrap_or_default();
+                }
                 Ok(Some(frame)) => {
                     if let Err(e) = dispatch(slot, &conn, frame, &launch.kv_events) {
                         break format!("protocol error: {e}");
