@@ -305,3 +305,77 @@ async fn llamacpp_servers_that_are_missing_exit_stall_or_babble_fail_clearly() {
     assert_eq!(ready, 200, "{body}");
     agent.stop().await.unwrap();
 }
+
+/// The `openai` engine against a fake OpenAI server that returns token ids (as vLLM's
+/// `return_token_ids` does): a request is served through it, with the prompt sent as token ids;
+/// a field the engine cannot take is a 400 naming the engine, before any worker is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_refused() {
+    let server = script(
+        "openai.py",
+        "#!/usr/bin/env python3\n\
+         import sys, json, http.server\n\
+         port = int(sys.argv[sys.argv.index('--port') + 1])\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.end_headers()\n\
+         \x20   def do_POST(self):\n\
+         \x20       body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))\n\
+         \x20       assert self.path == '/v1/completions' and body['return_token_ids']\n\
+         \x20       assert all(isinstance(t, int) for t in body['prompt'])\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.send_header('Content-Type', 'text/event-stream')\n\
+         \x20       self.end_headers()\n\
+         \x20       n = body['max_tokens']\n\
+         \x20       for i in range(n):\n\
+         \x20           end = 'length' if i == n - 1 else None\n\
+         \x20           c = {'choices': [{'index': 0, 'text': 'x', 'token_ids': [40 + i], 'finish_reason': end}]}\n\
+         \x20           self.wfile.write(('data: ' + json.dumps(c) + '\\n\\n').encode())\n\
+         \x20       self.wfile.write(b'data: [DONE]\\n\\n')\n\
+         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n",
+    );
+    let agent = TestAgent::start_unready(
+        &format!(
+            "[[models]]\nname = \"x\"\nengine = \"openai\"\npath = {:?}\n\
+             command = \"python3\"\nargs = [{server:?}, \"--port\", \"{{port}}\"]\n\
+             context_length = 256\nblock_size = 16\n\
+             [[workers]]\nmodel = \"x\"\ndevice = \"cpu\"\n",
+            tiny_model_dir().display().to_string()
+        ),
+        100,
+    )
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "x", "prompt": "hello there", "max_tokens": 3}),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+    let (_, ready) = agent.ready_status().await;
+    assert_eq!(ready["workers"][0]["engine"], "openai", "{ready}");
+
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "x", "prompt": "hello", "max_tokens": 3, "top_k": 5}),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unsupported_parameter", "{body}");
+    assert_eq!(body["error"]["param"], "top_k", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"openai\""),
+        "{body}"
+    );
+    agent.stop().await.unwrap();
+}
