@@ -79,8 +79,8 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
         "frequency_penalty": s.frequency_penalty,
         "repeat_penalty": s.repetition_penalty,
         // Penalties over the whole sequence, as the native engine applies them (llama.cpp's
-        // default is the last 64 tokens).
-        "repeat_last_n": -1,
+        // default is the last 64 tokens; it takes no -1 here).
+        "repeat_last_n": request.prompt.len() + s.max_tokens as usize,
         "ignore_eos": s.ignore_eos,
         "seed": seed.map_or(json!(-1), |v| json!(v)),
     });

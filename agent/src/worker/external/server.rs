@@ -114,14 +114,14 @@ impl Server {
                 anyhow::bail!(
                     "{}: the server exited at start ({status}){}",
                     self.engine,
-                    self.tail_text()
+                    self.tail_text(TAIL_LINES)
                 );
             }
             if tokio::time::Instant::now() >= deadline {
                 anyhow::bail!(
                     "{}: the server did not become healthy within {timeout:?} ({last}){}",
                     self.engine,
-                    self.tail_text()
+                    self.tail_text(TAIL_LINES)
                 );
             }
             tokio::time::sleep(HEALTH_POLL).await;
@@ -140,7 +140,7 @@ impl Server {
         anyhow::anyhow!(
             "{}: the server process exited ({status}){}",
             self.engine,
-            self.tail_text()
+            self.tail_text(3)
         )
     }
 
@@ -152,12 +152,14 @@ impl Server {
         }
     }
 
-    fn tail_text(&self) -> String {
+    /// Its last `lines` output lines, for an error message.
+    fn tail_text(&self, lines: usize) -> String {
         let tail = self.tail.lock().map(|t| t.clone()).unwrap_or_default();
-        if tail.is_empty() {
+        let skip = tail.len().saturating_sub(lines);
+        let lines: Vec<_> = tail.into_iter().skip(skip).collect();
+        if lines.is_empty() {
             String::new()
         } else {
-            let lines: Vec<_> = tail.into_iter().collect();
             format!("; its last output: {}", lines.join(" | "))
         }
     }
