@@ -834,6 +834,11 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
     );
     let toml = format!("{}{local}{}", &toml[..start], &toml[end..])
         .replace("cpu_slots = 1", "cpu_slots = 2")
+        // A killed server's worker stays down a while: requests meanwhile go elsewhere.
+        .replace(
+            "restart_backoff_initial_ms = 100",
+            "restart_backoff_initial_ms = 2000",
+        )
         .replace("[supervisor]\n", "[supervisor]\nstart_timeout_secs = 120\n");
     let agent = Agent::launch("llama-node", toml).await;
     wait_nodes_healthy(&cp, &admin, &["llama-node"]).await;
@@ -888,6 +893,14 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
     for (_, endpoint) in &endpoints {
         before.push(llama_metric(endpoint, "prompt_tokens_cached_total").await);
     }
+    // The SDK's prompts are in the router already: wait for this prompt's own blocks.
+    let blocks = |agent: &Agent| -> Vec<u64> {
+        endpoints
+            .iter()
+            .map(|(id, _)| fleet(agent).worker_blocks(*id).unwrap_or(0))
+            .collect()
+    };
+    let blocks_before = blocks(&agent);
     let first = chat(
         agent.addr,
         &format!("{prefix} Question 0?"),
@@ -900,9 +913,10 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
         "the first prompt's blocks in the fleet router",
         Duration::from_secs(20),
         || async {
-            endpoints
+            blocks(&agent)
                 .iter()
-                .any(|(id, _)| fleet(&agent).worker_blocks(*id).is_some_and(|b| b > 0))
+                .zip(&blocks_before)
+                .any(|(now, before)| now > before)
         },
     )
     .await;
@@ -944,7 +958,7 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
             .counters()
             .into_iter()
             .find(|c| c.id == id)
-            .map_or(0, |c| c.requests)
+            .map(|c| c.requests)
     };
     let killed = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -957,7 +971,29 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
         || async { !llama_endpoints(&agent).iter().any(|(id, _)| *id == victim) },
     )
     .await;
+    // From here until its worker is ready again (the pool restarts it), nothing may be sent to
+    // it; the control plane may instead stop it (it saw it failed) and start another worker.
+    let back = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        use kvfleet_agent::backend::{Backend as _, WorkerState};
+        let (pool, back) = (agent.running.pool.clone(), back.clone());
+        tokio::spawn(async move {
+            loop {
+                let state = pool
+                    .workers()
+                    .into_iter()
+                    .find(|w| w.id == victim)
+                    .map(|w| w.state);
+                if state == Some(WorkerState::Ready) {
+                    back.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
     let sent_before = requests_of(victim);
+    let mut while_down = 0;
     for i in 0..3 {
         let answer = chat(
             agent.addr,
@@ -967,28 +1003,50 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
         )
         .await;
         assert_eq!(answer.0, StatusCode::OK, "{}", answer.1);
-        if llama_endpoints(&agent).iter().any(|(id, _)| *id == victim) {
-            break; // Already back: later requests may go to it.
+        if back.load(std::sync::atomic::Ordering::SeqCst) {
+            break; // Back (or replaced): later requests may go to it.
         }
-        assert_eq!(
-            requests_of(victim),
-            sent_before,
-            "a request went to the downed worker"
+        let sent = requests_of(victim);
+        assert!(
+            sent.is_none() || sent == sent_before,
+            "a request went to the downed worker ({sent:?}, {sent_before:?} before)"
         );
+        while_down += 1;
     }
+    poller.abort();
+    assert!(
+        while_down >= 1,
+        "the killed server's worker was back at once"
+    );
     wait_for(
-        "the killed server's worker back",
+        "two ready llamacpp workers again",
         Duration::from_secs(120),
         || async { llama_endpoints(&agent).len() == 2 },
     )
     .await;
-    {
+    let restarted = {
         use kvfleet_agent::backend::Backend as _;
         let status = agent.running.pool.workers();
-        let victim = status.iter().find(|w| w.id == victim).unwrap();
-        assert!(victim.starts >= 2, "{victim:?}");
-        assert_eq!(victim.engine, "llamacpp");
-    }
+        assert!(status.iter().all(|w| w.engine == "llamacpp"), "{status:?}");
+        status
+            .iter()
+            .find(|w| w.id == victim)
+            .is_some_and(|w| w.starts >= 2)
+    };
+    assert!(
+        llama_endpoints(&agent)
+            .iter()
+            .all(|(_, url)| *url != victim_url),
+        "the killed server's URL is still served"
+    );
+    println!(
+        "killed llama-server: {while_down} requests served while it was down; its worker {}",
+        if restarted {
+            "restarted by the pool"
+        } else {
+            "replaced by the control plane"
+        }
+    );
     let answer = chat(
         agent.addr,
         &format!("{prefix} After?"),
