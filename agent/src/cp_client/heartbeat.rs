@@ -180,6 +180,10 @@ impl Client {
                 ObservedWorker {
                     worker_id: w.id.0 as i64,
                     state: observed_state(w.state),
+                    error: match w.state {
+                        WorkerState::Ready | WorkerState::Draining | WorkerState::Stopped => None,
+                        WorkerState::Starting | WorkerState::Failed => w.last_error.clone(),
+                    },
                     metrics: Some(WorkerMetrics {
                         request_rate,
                         ttft_p50_ms: None,
@@ -201,10 +205,15 @@ impl Client {
             .collect();
         let running: BTreeSet<WorkerId> = statuses.iter().map(|w| w.id).collect();
         if let Ok(book) = self.book.lock() {
-            for id in book.unrunnable.keys().filter(|id| !running.contains(id)) {
+            for (id, unrunnable) in book
+                .unrunnable
+                .iter()
+                .filter(|(id, _)| !running.contains(id))
+            {
                 workers.push(ObservedWorker {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Failed,
+                    error: Some(unrunnable.clone()),
                     metrics: None,
                     window: None,
                 });
@@ -213,6 +222,7 @@ impl Client {
                 workers.push(ObservedWorker {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Stopped,
+                    error: None,
                     metrics: None,
                     // A retired worker's last window (sampled before it stopped).
                     window: windows.get(id).cloned(),
