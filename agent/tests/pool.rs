@@ -359,6 +359,11 @@ async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_ref
     assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
     let (_, ready) = agent.ready_status().await;
     assert_eq!(ready["workers"][0]["engine"], "openai", "{ready}");
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("kvfleet_worker_engine_info{worker=\"w1\",engine=\"openai\"} 1"),
+        "{metrics}"
+    );
 
     let response = agent
         .post(

@@ -619,6 +619,13 @@ struct WorkerLabels {
     role: &'static str,
 }
 
+/// `{worker, engine}` of `kvfleet_worker_engine_info`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct WorkerEngineLabels {
+    worker: String,
+    engine: &'static str,
+}
+
 /// `{worker, model, device, role, tier}` of the per-worker lower-KV-tier families.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct WorkerTierLabels {
@@ -702,6 +709,17 @@ impl WorkerPool {
                     workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
                 )?;
             }
+            s.gauges(
+                "kvfleet_worker_engine_info",
+                "1 per worker, labelled with its engine (mock, native, llamacpp, openai)",
+                workers.iter().map(|w| {
+                    let labels = WorkerEngineLabels {
+                        worker: w.id.to_string(),
+                        engine: w.engine,
+                    };
+                    (labels, 1u64)
+                }),
+            )?;
             // The pool's size is typed a counter, as it always was: Prometheus allows the
             // `_total` name of the family dashboards already read only on counters.
             let counters: [(&str, &str, Field); 4] = [
