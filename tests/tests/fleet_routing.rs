@@ -922,6 +922,9 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
     .await;
     const REPEATS: usize = 4;
     for i in 1..=REPEATS {
+        // Idle workers when each repeat is routed (loads are published every 500 ms): the
+        // prefix alone decides.
+        tokio::time::sleep(Duration::from_millis(600)).await;
         let answer = chat(
             agent.addr,
             &format!("{prefix} Question {i}?"),
