@@ -252,6 +252,9 @@ pub struct WorkerStatus {
     pub engine: &'static str,
     /// An external engine's server URL (its own `/health` and `/metrics`), while it runs.
     pub endpoint: Option<String>,
+    /// The engine and its version as the worker said at its last start (`llamacpp b1-0c1e570`,
+    /// `kvfleet-model native (CPU)`).
+    pub engine_version: Option<String>,
     /// Why its process last failed (cleared when it is ready again).
     pub last_error: Option<String>,
 }

@@ -688,6 +688,7 @@ mod tests {
             kv_tiers: Default::default(),
             engine: "mock",
             endpoint: None,
+            engine_version: None,
             last_error: None,
         }
     }

@@ -858,6 +858,29 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
     )
     .await;
 
+    // The control plane (so `kvfleet workers` and the web UI) shows each one's engine and
+    // version, from llama-server's own /props.
+    wait_for(
+        "the workers' engine and version at the control plane",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = api(reqwest::Method::GET, &cp.url("/workers"), &admin, None).await;
+            body["items"].as_array().is_some_and(|workers| {
+                workers
+                    .iter()
+                    .filter(|w| {
+                        w["observed_state"] == "ready"
+                            && w["observed_engine"]
+                                .as_str()
+                                .is_some_and(|e| e.starts_with("llamacpp b"))
+                    })
+                    .count()
+                    == 2
+            })
+        },
+    )
+    .await;
+
     // The official SDK, streaming included, through kvfleet's frontend.
     let probe = std::process::Command::new("python3")
         .args(["-c", "import openai"])

@@ -180,6 +180,7 @@ impl Client {
                 ObservedWorker {
                     worker_id: w.id.0 as i64,
                     state: observed_state(w.state),
+                    engine: w.engine_version.clone(),
                     error: match w.state {
                         WorkerState::Ready | WorkerState::Draining | WorkerState::Stopped => None,
                         WorkerState::Starting | WorkerState::Failed => w.last_error.clone(),
@@ -213,6 +214,7 @@ impl Client {
                 workers.push(ObservedWorker {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Failed,
+                    engine: None,
                     error: Some(unrunnable.clone()),
                     metrics: None,
                     window: None,
@@ -222,6 +224,7 @@ impl Client {
                 workers.push(ObservedWorker {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Stopped,
+                    engine: None,
                     error: None,
                     metrics: None,
                     // A retired worker's last window (sampled before it stopped).

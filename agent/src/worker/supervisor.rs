@@ -143,6 +143,8 @@ struct SlotState {
     reports: u64,
     /// An external engine's server URL, from the current incarnation's hello.
     endpoint: Option<String>,
+    /// The engine and its version, from the last hello.
+    engine_version: Option<String>,
     /// Why the process last failed, until it is ready again.
     last_error: Option<String>,
 }
@@ -158,6 +160,7 @@ impl SlotState {
             kv_layout: None,
             reports: 0,
             endpoint: None,
+            engine_version: None,
             last_error: None,
         }
     }
@@ -232,6 +235,7 @@ impl Slot {
             kv_tiers: status.kv_tiers,
             engine: self.model.engine.name(),
             endpoint: s.endpoint.clone(),
+            engine_version: s.engine_version.clone(),
             last_error: s.last_error.clone(),
         }
     }

@@ -119,6 +119,7 @@ export function workersTable(workers, { nodes, gpus, deployments }) {
       ? h('span', {}, badge(w.observed_state, stateTone(w.observed_state)), ' ',
         h('span', { class: 'muted', 'data-error': true, title: w.observed_error }, w.observed_error))
       : badge(w.observed_state, stateTone(w.observed_state))) },
+    { label: 'Engine', value: (w) => w.observed_engine || '—' },
     { label: 'Since', value: (w) => ago(w.observed_at || w.created_at) },
   ], workers, { caption: 'Workers', empty: 'No workers. Create a deployment to place some.', rowAttrs: (w) => ({ 'data-worker': w.id, 'data-state': w.observed_state }) });
 }

@@ -97,7 +97,10 @@ pub async fn serve(
         &WorkerHello {
             worker: spec.worker,
             pid: std::process::id(),
-            engine: format!("{name} ({})", external.command),
+            engine: match server.version().await {
+                Some(version) => format!("{name} {version}"),
+                None => name.to_owned(),
+            },
             kv_blocks_total: capacity,
             kv_layout: None,
             endpoint: Some(server.base.clone()),

@@ -128,6 +128,26 @@ impl Server {
         }
     }
 
+    /// The server's version, where it says: llama-server's `/props` `build_info`, else an
+    /// OpenAI server's `/version` (vLLM, SGLang).
+    pub async fn version(&self) -> Option<String> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?;
+        for (path, field) in [("/props", "build_info"), ("/version", "version")] {
+            let Ok(response) = client.get(format!("{}{path}", self.base)).send().await else {
+                continue;
+            };
+            if let Ok(body) = response.json::<serde_json::Value>().await
+                && let Some(version) = body.get(field).and_then(|v| v.as_str())
+            {
+                return Some(version.chars().take(64).collect());
+            }
+        }
+        None
+    }
+
     /// Waits for the server to exit; the error names the engine, its exit status and its
     /// last output lines.
     pub async fn exited(&mut self) -> anyhow::Error {

@@ -191,6 +191,7 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
         s.status.kv_blocks_total = hello.kv_blocks_total;
         s.kv_layout = hello.kv_layout.clone();
         s.endpoint = hello.endpoint.clone();
+        s.engine_version = Some(hello.engine.clone());
         s.last_error = None;
     });
     tracing::info!(worker = %slot.id, pid = hello.pid, engine = %hello.engine, "worker ready");
