@@ -52,9 +52,6 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
         if let Some(seed) = seed {
             body["seed"] = json!(seed);
         }
-        if let Some(n) = s.logprobs {
-            body["logprobs"] = json!(n);
-        }
         if !s.logit_bias.is_empty() {
             let bias: serde_json::Map<String, Value> = s
                 .logit_bias
@@ -130,6 +127,10 @@ pub fn unsupported(
         }
         if !sampling.stop_token_ids.is_empty() {
             return refuse("stop_token_ids");
+        }
+        // OpenAI servers give logprobs keyed by token text, not ids: not mapped yet.
+        if sampling.logprobs.is_some() {
+            return refuse("logprobs");
         }
     }
     None
