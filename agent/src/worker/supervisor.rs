@@ -244,9 +244,13 @@ impl Slot {
         let kv_tiers = &supervisor.kv_tiers;
         let mut engine = EngineSpec::for_model(&self.model, vocab_size);
         if let Some(external) = engine.external.as_mut() {
-            // The worker gives up a little before the agent would kill it, so its reason (the
-            // server's exit, its last output) reaches the agent.
-            let timeout = supervisor.start_timeout.mul_f64(0.9);
+            // The worker gives up before the agent would kill it (a tenth of the timeout, at
+            // least a second, at most half), so its reason (the server's exit, its last
+            // output) reaches the agent.
+            let margin = (supervisor.start_timeout / 10)
+                .max(Duration::from_secs(1))
+                .min(supervisor.start_timeout / 2);
+            let timeout = supervisor.start_timeout.saturating_sub(margin);
             external.start_timeout_ms = timeout.as_millis().max(1) as u64;
         }
         if kv_tiers.enabled() {

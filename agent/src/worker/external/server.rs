@@ -104,10 +104,15 @@ impl Server {
         let url = format!("{}/health", self.base);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let last = match client.get(&url).send().await {
-                Ok(r) if r.status().is_success() => return Ok(()),
-                Ok(r) => format!("/health answered {}", r.status()),
-                Err(e) => format!("/health: {:#}", anyhow::Error::new(e)),
+            // Each poll within what is left, so a server that accepts and never answers
+            // cannot hold the worker past its deadline.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let poll = tokio::time::timeout(left, client.get(&url).send()).await;
+            let last = match poll {
+                Ok(Ok(r)) if r.status().is_success() => return Ok(()),
+                Ok(Ok(r)) => format!("/health answered {}", r.status()),
+                Ok(Err(e)) => format!("/health: {:#}", anyhow::Error::new(e)),
+                Err(_) => "/health did not answer".to_owned(),
             };
             if let Some(status) = self.child.try_wait()? {
                 self.drain_logs().await;
