@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use tracing::Instrument as _;
 
 use super::super::protocol::{EngineSpec, WireEngine, WireExternal};
 
@@ -81,10 +82,15 @@ impl Server {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let mut logs = Vec::new();
         if let Some(out) = child.stdout.take() {
-            logs.push(tokio::spawn(log_lines(out, engine, tail.clone())));
+            logs.push(tokio::spawn(
+                log_lines(out, engine, tail.clone()).instrument(tracing::Span::current()),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            logs.push(tokio::spawn(log_lines(err, engine, tail.clone())));
+            logs.push(tokio::spawn(
+                // In the worker's span: each line names its worker and model.
+                log_lines(err, engine, tail.clone()).instrument(tracing::Span::current()),
+            ));
         }
         let mut server = Self {
             base: format!("http://127.0.0.1:{port}"),
