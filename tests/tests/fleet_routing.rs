@@ -986,6 +986,7 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
             .find(|c| c.id == id)
             .map(|c| c.requests)
     };
+    let kill_time = std::time::Instant::now();
     let killed = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
@@ -997,6 +998,7 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
         || async { !llama_endpoints(&agent).iter().any(|(id, _)| *id == victim) },
     )
     .await;
+    let noticed = kill_time.elapsed();
     // From here until its worker is ready again (the pool restarts it), nothing may be sent to
     // it; the control plane may instead stop it (it saw it failed) and start another worker.
     let back = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1050,6 +1052,7 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
         || async { llama_endpoints(&agent).len() == 2 },
     )
     .await;
+    let recovered = kill_time.elapsed();
     let restarted = {
         use kvfleet_agent::backend::Backend as _;
         let status = agent.running.pool.workers();
@@ -1066,7 +1069,8 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
         "the killed server's URL is still served"
     );
     println!(
-        "killed llama-server: {while_down} requests served while it was down; its worker {}",
+        "killed llama-server: out of routing after {noticed:?}, two ready workers again after \
+         {recovered:?}, {while_down} requests served meanwhile; its worker {}",
         if restarted {
             "restarted by the pool"
         } else {
