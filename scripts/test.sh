@@ -9,6 +9,9 @@ source scripts/lib/common.sh
 ensure_test_postgres
 ensure_default_model
 ensure_gemma3_model
+# llama.cpp's llama-server (built once, cached outside the clone): the `llamacpp` engine's
+# acceptance test (tests/tests/fleet_routing.rs) runs two of them as kvfleet workers.
+ensure_llama_server
 # jsonschema: the SDK tool and structured-output checks validate every answer against its schema.
 ensure_pip openai jsonschema
 # tests/tests/observability.rs scrapes a test fleet with a real Prometheus and runs promtool;

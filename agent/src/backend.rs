@@ -248,6 +248,15 @@ pub struct WorkerStatus {
     pub pid: Option<u32>,
     /// Its lower KV tiers' figures, from its last status report (zero when they are off).
     pub kv_tiers: kvfleet_engine::TierStats,
+    /// Its engine kind: `mock`, `native`, `llamacpp` or `openai`.
+    pub engine: &'static str,
+    /// An external engine's server URL (its own `/health` and `/metrics`), while it runs.
+    pub endpoint: Option<String>,
+    /// The engine and its version as the worker said at its last start (`llamacpp b1-0c1e570`,
+    /// `kvfleet-model native (CPU)`).
+    pub engine_version: Option<String>,
+    /// Why its process last failed (cleared when it is ready again).
+    pub last_error: Option<String>,
 }
 
 /// Whatever generates tokens for the frontend.

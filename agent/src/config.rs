@@ -384,6 +384,10 @@ struct RawModel {
     mock_token_time_us: Option<Spanned<i64>>,
     mock_prefill_time_per_token_us: Option<Spanned<i64>>,
     mock_kv_head_dim: Option<Spanned<i64>>,
+    command: Option<Spanned<String>>,
+    args: Option<Spanned<Vec<String>>>,
+    slots: Option<Spanned<i64>>,
+    kv_ttl_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1082,20 +1086,28 @@ impl Checker<'_> {
         if let Some(engine) = &raw.engine {
             match engine.get_ref().as_str() {
                 "mock" => model.engine = EngineKind::Mock,
-                "native" => match &raw.path {
+                kind @ ("native" | "llamacpp" | "openai") => match &raw.path {
                     Some(path) if !path.get_ref().trim().is_empty() => {
-                        let mut native = ModelConfig::native(name, self.resolve(path.get_ref()));
+                        let path = self.resolve(path.get_ref());
+                        let mut loaded = match kind {
+                            "native" => ModelConfig::native(name, path),
+                            "llamacpp" => ModelConfig::llamacpp(name, path),
+                            _ => ModelConfig {
+                                engine: EngineKind::OpenAi,
+                                ..ModelConfig::llamacpp(name, path)
+                            },
+                        };
                         // Blocks of the default size unless the file says otherwise, below.
-                        native.block_size = model.block_size;
-                        model = native;
+                        loaded.block_size = model.block_size;
+                        model = loaded;
                     }
                     _ => {
                         let location = self.at(engine);
                         self.problem(
                             location,
                             format!(
-                                "model {name:?}: engine \"native\" needs `path`, a .gguf file or \
-                                 a Hugging Face model directory"
+                                "model {name:?}: engine {kind:?} needs `path`, a .gguf file or \
+                                 a Hugging Face model directory (its tokenizer and chat template)"
                             ),
                         );
                         ok = false;
@@ -1105,7 +1117,10 @@ impl Checker<'_> {
                     let location = self.at(engine);
                     self.problem(
                         location,
-                        format!("engine {other:?} is unknown: expected \"mock\" or \"native\""),
+                        format!(
+                            "engine {other:?} is unknown: expected \"mock\", \"native\", \
+                             \"llamacpp\" or \"openai\""
+                        ),
                     );
                     ok = false;
                 }
@@ -1162,15 +1177,17 @@ impl Checker<'_> {
             }
         }
         if let Some(v) = &raw.path
-            && model.engine != EngineKind::Native
+            && !model.engine.has_model_file()
         {
             let location = self.at(v);
             self.problem(
                 location,
-                "models.path is for engine \"native\" (the mock has no weights)",
+                "models.path is for engine \"native\" (or \"llamacpp\", \"openai\"; the mock \
+                 has no weights)",
             );
             ok = false;
         }
+        ok &= self.external(raw, &mut model);
         if let Some(v) = &raw.mock_token_time_us {
             match self.int("models.mock_token_time_us", v, 0..=10_000_000) {
                 Some(n) => model.mock_token_time = Duration::from_micros(n as u64),
@@ -1190,6 +1207,74 @@ impl Checker<'_> {
             }
         }
         ok.then_some(model)
+    }
+
+    /// The external engine's keys (`command`, `args`, `slots`, `kv_ttl_secs`); false when one
+    /// is wrong or given to an engine that has no server to start.
+    fn external(&mut self, raw: &RawModel, model: &mut ModelConfig) -> bool {
+        let engine = model.engine;
+        let Some(external) = model.external.as_mut() else {
+            let given = [
+                raw.command.as_ref().map(|v| v.span()),
+                raw.args.as_ref().map(|v| v.span()),
+                raw.slots.as_ref().map(|v| v.span()),
+                raw.kv_ttl_secs.as_ref().map(|v| v.span()),
+            ];
+            if let Some(span) = given.into_iter().flatten().next() {
+                let location = match self.file {
+                    Some(file) => file_location(file, span.start),
+                    None => Location::Default,
+                };
+                self.problem(
+                    location,
+                    "models.command, args, slots and kv_ttl_secs are for engines \"llamacpp\" \
+                     and \"openai\"",
+                );
+                return false;
+            }
+            return true;
+        };
+        let mut ok = true;
+        if let Some(v) = &raw.command {
+            if v.get_ref().trim().is_empty() {
+                let location = self.at(v);
+                self.problem(location, "models.command is empty");
+                ok = false;
+            } else {
+                external.command = v.get_ref().trim().to_owned();
+            }
+        } else if engine == EngineKind::OpenAi {
+            let location = self.at(&raw.name);
+            self.problem(
+                location,
+                "engine \"openai\" needs `command` (and `args` with {port}): the server to start",
+            );
+            ok = false;
+        }
+        if let Some(v) = &raw.args {
+            external.args = v.get_ref().clone();
+            if engine == EngineKind::OpenAi && !external.args.iter().any(|a| a.contains("{port}")) {
+                let location = self.at(v);
+                self.problem(
+                    location,
+                    "models.args of engine \"openai\" must contain {port}: the worker picks the port",
+                );
+                ok = false;
+            }
+        }
+        if let Some(v) = &raw.slots {
+            match self.int("models.slots", v, 1..=1024) {
+                Some(n) => external.slots = n as u32,
+                None => ok = false,
+            }
+        }
+        if let Some(v) = &raw.kv_ttl_secs {
+            match self.int("models.kv_ttl_secs", v, 1..=86_400) {
+                Some(n) => external.kv_ttl = Duration::from_secs(n as u64),
+                None => ok = false,
+            }
+        }
+        ok
     }
 
     fn worker(&mut self, raw: &RawWorker) -> Option<WorkerConfig> {
@@ -1664,6 +1749,26 @@ role = "decode"
         let config =
             load("[[models]]\nname = \"a\"\nengine = \"native\"\npath = \"/m.gguf\"\n").unwrap();
         assert_eq!(config.models[0].kv_memory, Some(DEFAULT_NATIVE_KV_MEMORY));
+        // External engines: llama-server on PATH by default; the keys override.
+        let config = load(
+            "[[models]]\nname = \"a\"\nengine = \"llamacpp\"\npath = \"/m.gguf\"\n\
+             command = \"/opt/llama/llama-server\"\nargs = [\"-t\", \"4\"]\nslots = 8\n\
+             kv_ttl_secs = 30\n",
+        )
+        .unwrap();
+        let m = &config.models[0];
+        assert_eq!(m.engine, EngineKind::LlamaCpp);
+        assert_eq!(m.context_length, crate::worker::DEFAULT_EXTERNAL_CONTEXT);
+        let external = m.external.as_ref().unwrap();
+        assert_eq!(external.command, "/opt/llama/llama-server");
+        assert_eq!(external.args, ["-t", "4"]);
+        assert_eq!((external.slots, external.kv_ttl.as_secs()), (8, 30));
+        let config = load(
+            "[[models]]\nname = \"a\"\nengine = \"openai\"\npath = \"/m\"\ncommand = \"vllm\"\n\
+             args = [\"serve\", \"{model}\", \"--port\", \"{port}\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.models[0].engine, EngineKind::OpenAi);
 
         let cases: &[(&str, &str)] = &[
             (
@@ -1686,6 +1791,27 @@ role = "decode"
             (
                 "[[models]]\nname = \"a\"\nengine = \"native\"\npath = \"/m\"\nkv_memory = \"lots\"\n",
                 "agent.toml:5:13: models.kv_memory: KV memory budget `lots`",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"llamacpp\"\n",
+                "agent.toml:3:10: model \"a\": engine \"llamacpp\" needs `path`",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nslots = 2\n",
+                "agent.toml:3:9: models.command, args, slots and kv_ttl_secs are for engines",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"llamacpp\"\npath = \"/m\"\nslots = 0\n",
+                "agent.toml:5:9: models.slots",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"openai\"\npath = \"/m\"\n",
+                "agent.toml:2:8: engine \"openai\" needs `command`",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"openai\"\npath = \"/m\"\ncommand = \"vllm\"\n\
+                 args = [\"serve\"]\n",
+                "agent.toml:6:8: models.args of engine \"openai\" must contain {port}",
             ),
         ];
         for (text, want) in cases {

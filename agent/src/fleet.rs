@@ -686,6 +686,10 @@ mod tests {
             starts: 1,
             pid: None,
             kv_tiers: Default::default(),
+            engine: "mock",
+            endpoint: None,
+            engine_version: None,
+            last_error: None,
         }
     }
 

@@ -2,6 +2,8 @@
 //! retired (drained, then stopped), drained and undrained, and restarted under the same id
 //! with another role. Real worker processes.
 
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
 mod common;
 
 use std::time::Duration;
@@ -161,5 +163,224 @@ async fn a_retired_worker_finishes_its_requests_first() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 30, "{body}");
     wait("worker 1 gone", || state(&agent, 1).is_none()).await;
+    agent.stop().await.unwrap();
+}
+
+// ----- external engines that fail: each a clear worker state and error, no hanging request --
+
+/// A tokenizer for the frontend (the fake servers below never read the model).
+fn tiny_model_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kvfleet-pool-tiny-{}", std::process::id()));
+        kvfleet_model::tiny::write_tiny_llama(&dir, kvfleet_model::tiny::TinySpec::default(), 3)
+            .unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// An executable script at a fresh path.
+fn script(name: &str, text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("kvfleet-pool-engines-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+/// An agent whose one worker runs `command` as its llama-server (3 s start timeout).
+async fn llamacpp_agent(command: &str) -> TestAgent {
+    // The first lines land in the `[supervisor]` table the harness opens.
+    TestAgent::start_unready(
+        &format!(
+            "start_timeout_secs = 3\n\
+             [[models]]\nname = \"x\"\nengine = \"llamacpp\"\npath = {:?}\ncommand = {command:?}\n\
+             context_length = 256\nblock_size = 16\n\
+             [[workers]]\nmodel = \"x\"\ndevice = \"cpu\"\n",
+            tiny_model_dir().display().to_string()
+        ),
+        100,
+    )
+    .await
+}
+
+/// Waits until the worker's `last_error` (the agent's `/ready` body) contains `what`.
+async fn wait_error(agent: &TestAgent, what: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = agent.ready_status().await;
+        let worker = body["workers"][0].clone();
+        if worker["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(what))
+        {
+            assert_eq!(worker["engine"], "llamacpp", "{worker}");
+            assert_ne!(worker["state"], "ready", "{worker}");
+            return worker;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no worker error containing {what:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A chat request, bounded: it must be answered (with an error here) well within 20 s.
+async fn chat_error(agent: &TestAgent) -> (u16, serde_json::Value) {
+    let response = tokio::time::timeout(
+        Duration::from_secs(20),
+        agent.post(
+            "/v1/chat/completions",
+            json!({"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+        ),
+    )
+    .await
+    .expect("the request hung");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llamacpp_servers_that_are_missing_exit_stall_or_babble_fail_clearly() {
+    // Missing binary.
+    let agent = llamacpp_agent("/nonexistent/llama-server").await;
+    let worker = wait_error(&agent, "cannot start \"/nonexistent/llama-server\"").await;
+    println!("missing binary: {worker}");
+    let (status, body) = chat_error(&agent).await;
+    assert_eq!(status, 503, "{body}");
+    agent.stop().await.unwrap();
+
+    // Exits at start, saying why on stderr.
+    let exits = script(
+        "exits.sh",
+        "#!/bin/sh\necho 'error: failed to load model' >&2\nexit 3\n",
+    );
+    let agent = llamacpp_agent(&exits).await;
+    let worker = wait_error(&agent, "exited at start").await;
+    let error = worker["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("failed to load model") && error.contains("exit status: 3"),
+        "{error}"
+    );
+    agent.stop().await.unwrap();
+
+    // Never healthy: the worker gives up before the agent's start timeout, saying so.
+    let stalls = script("stalls.sh", "#!/bin/sh\nexec sleep 600\n");
+    let agent = llamacpp_agent(&stalls).await;
+    let worker = wait_error(&agent, "did not become healthy within").await;
+    println!("never healthy: {worker}");
+    agent.stop().await.unwrap();
+
+    // Healthy, but its completions are garbage: the request fails at once, naming the engine;
+    // the worker stays ready.
+    let babbles = script(
+        "babbles.py",
+        "#!/usr/bin/env python3\n\
+         import sys, http.server\n\
+         port = int(sys.argv[sys.argv.index('--port') + 1])\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def reply(self, body):\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.send_header('Content-Length', str(len(body)))\n\
+         \x20       self.end_headers()\n\
+         \x20       self.wfile.write(body)\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.reply(b'{\"status\": \"ok\"}')\n\
+         \x20   def do_POST(self):\n\
+         \x20       self.rfile.read(int(self.headers['Content-Length']))\n\
+         \x20       self.reply(b'<html>this is not an event stream</html>\\n')\n\
+         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n",
+    );
+    let agent = llamacpp_agent(&babbles).await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let (status, body) = chat_error(&agent).await;
+    assert_eq!(status, 502, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("llamacpp answered garbage"), "{body}");
+    let (ready, body) = agent.ready_status().await;
+    assert_eq!(ready, 200, "{body}");
+    agent.stop().await.unwrap();
+}
+
+/// The `openai` engine against a fake OpenAI server that returns token ids (as vLLM's
+/// `return_token_ids` does): a request is served through it, with the prompt sent as token ids;
+/// a field the engine cannot take is a 400 naming the engine, before any worker is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_refused() {
+    let server = script(
+        "openai.py",
+        "#!/usr/bin/env python3\n\
+         import sys, json, http.server\n\
+         port = int(sys.argv[sys.argv.index('--port') + 1])\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.end_headers()\n\
+         \x20   def do_POST(self):\n\
+         \x20       body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))\n\
+         \x20       assert self.path == '/v1/completions' and body['return_token_ids']\n\
+         \x20       assert all(isinstance(t, int) for t in body['prompt'])\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.send_header('Content-Type', 'text/event-stream')\n\
+         \x20       self.end_headers()\n\
+         \x20       n = body['max_tokens']\n\
+         \x20       for i in range(n):\n\
+         \x20           end = 'length' if i == n - 1 else None\n\
+         \x20           c = {'choices': [{'index': 0, 'text': 'x', 'token_ids': [40 + i], 'finish_reason': end}]}\n\
+         \x20           self.wfile.write(('data: ' + json.dumps(c) + '\\n\\n').encode())\n\
+         \x20       self.wfile.write(b'data: [DONE]\\n\\n')\n\
+         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n",
+    );
+    let agent = TestAgent::start_unready(
+        &format!(
+            "[[models]]\nname = \"x\"\nengine = \"openai\"\npath = {:?}\n\
+             command = \"python3\"\nargs = [{server:?}, \"--port\", \"{{port}}\"]\n\
+             context_length = 256\nblock_size = 16\n\
+             [[workers]]\nmodel = \"x\"\ndevice = \"cpu\"\n",
+            tiny_model_dir().display().to_string()
+        ),
+        100,
+    )
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "x", "prompt": "hello there", "max_tokens": 3}),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+    let (_, ready) = agent.ready_status().await;
+    assert_eq!(ready["workers"][0]["engine"], "openai", "{ready}");
+    let metrics = agent.metrics_text().await;
+    assert!(
+        metrics.contains("kvfleet_worker_engine_info{worker=\"w1\",engine=\"openai\"} 1"),
+        "{metrics}"
+    );
+
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "x", "prompt": "hello", "max_tokens": 3, "top_k": 5}),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unsupported_parameter", "{body}");
+    assert_eq!(body["error"]["param"], "top_k", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"openai\""),
+        "{body}"
+    );
     agent.stop().await.unwrap();
 }

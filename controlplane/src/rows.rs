@@ -166,6 +166,8 @@ pub(crate) fn worker(row: PgRow) -> Result<Worker, sqlx::Error> {
         role: text(&row, "role")?,
         desired_state: text(&row, "desired_state")?,
         observed_state: text(&row, "observed_state")?,
+        observed_error: row.try_get("observed_error")?,
+        observed_engine: row.try_get("observed_engine")?,
         observed_at: row.try_get("observed_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

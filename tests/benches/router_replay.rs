@@ -321,6 +321,7 @@ async fn run_mode(args: &Args, mode: &str, replays: &[Replay]) -> anyhow::Result
         prefill_time_per_token_us: prefill_us,
         mock_kv_head_dim: 1,
         kv_tiers: kvfleet_engine::TierConfig::default(),
+        external: None,
     };
     let scheduler = kvfleet_engine::SchedulerConfig {
         max_model_len: context as usize,

@@ -296,3 +296,63 @@ async fn agents_keep_serving_without_the_control_plane_and_reconcile_when_it_ret
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A worker whose engine cannot start (issue 24: a `llamacpp` model whose `llama-server` is
+/// missing) is `failed` at the control plane with its agent's reason, which `kvfleet workers`
+/// and the web UI show (`observed_error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_whose_engine_cannot_start_reports_why_to_the_control_plane() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let state = temp_dir("state-engine-error");
+    let tokenizer = temp_dir("tiny-llama-engine-error");
+    kvfleet_model::tiny::write_tiny_llama(&tokenizer, Default::default(), 5).unwrap();
+    let toml = Agent::config("e2e-node-engine", &cp, &join, &state, SETUP);
+    let start = toml.find("[[models]]").unwrap();
+    let end = toml.find("[control_plane]").unwrap();
+    let local = format!(
+        "[[models]]\nname = \"{MODEL}\"\nengine = \"llamacpp\"\npath = {:?}\n\
+         command = \"/nonexistent/llama-server\"\ncontext_length = 256\nblock_size = 16\n",
+        tokenizer.display().to_string()
+    );
+    let agent = Agent::launch(
+        "e2e-node-engine",
+        format!("{}{local}{}", &toml[..start], &toml[end..]),
+    )
+    .await;
+    wait_nodes_healthy(&cp, &admin, &["e2e-node-engine"]).await;
+    deploy(&cp, &admin, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let (_, body) = api(reqwest::Method::GET, &cp.url("/workers"), &admin, None).await;
+        let failed = body["items"].as_array().and_then(|workers| {
+            workers
+                .iter()
+                .find(|w| {
+                    w["observed_state"] == "failed"
+                        && w["observed_error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains("llamacpp: cannot start"))
+                })
+                .cloned()
+        });
+        if let Some(worker) = failed {
+            break worker;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed worker with its reason: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("{seen}");
+    agent.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
+    let _ = std::fs::remove_dir_all(state);
+    let _ = std::fs::remove_dir_all(tokenizer);
+}

@@ -68,6 +68,7 @@ fn profile() -> PerfProfile {
         prefill_time_per_token_us: PREFILL_US_PER_TOKEN,
         mock_kv_head_dim: 1,
         kv_tiers: Default::default(),
+        external: None,
     };
     let mut mock = kvfleet_agent::worker::engine::profile(&spec);
     mock.kv_cache_bytes = u64::from(KV_BLOCKS) * mock.layout.block_bytes() as u64;

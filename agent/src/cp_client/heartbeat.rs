@@ -180,6 +180,11 @@ impl Client {
                 ObservedWorker {
                     worker_id: w.id.0 as i64,
                     state: observed_state(w.state),
+                    engine: w.engine_version.clone(),
+                    error: match w.state {
+                        WorkerState::Ready | WorkerState::Draining | WorkerState::Stopped => None,
+                        WorkerState::Starting | WorkerState::Failed => w.last_error.clone(),
+                    },
                     metrics: Some(WorkerMetrics {
                         request_rate,
                         ttft_p50_ms: None,
@@ -201,10 +206,16 @@ impl Client {
             .collect();
         let running: BTreeSet<WorkerId> = statuses.iter().map(|w| w.id).collect();
         if let Ok(book) = self.book.lock() {
-            for id in book.unrunnable.keys().filter(|id| !running.contains(id)) {
+            for (id, unrunnable) in book
+                .unrunnable
+                .iter()
+                .filter(|(id, _)| !running.contains(id))
+            {
                 workers.push(ObservedWorker {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Failed,
+                    engine: None,
+                    error: Some(unrunnable.clone()),
                     metrics: None,
                     window: None,
                 });
@@ -213,6 +224,8 @@ impl Client {
                 workers.push(ObservedWorker {
                     worker_id: id.0 as i64,
                     state: ObservedWorkerState::Stopped,
+                    engine: None,
+                    error: None,
                     metrics: None,
                     // A retired worker's last window (sampled before it stopped).
                     window: windows.get(id).cloned(),

@@ -19,6 +19,8 @@ use super::api::{
 };
 use super::models::TextCodec;
 use super::{fields, structured, tools};
+use crate::worker::EngineKind;
+use crate::worker::protocol::WireEngine;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Endpoint {
@@ -260,6 +262,16 @@ pub(super) fn prepare(
         ));
     }
     checked.sampling.logprobs = logprobs;
+    let engine = match model.config.engine {
+        EngineKind::LlamaCpp => Some(WireEngine::LlamaCpp),
+        EngineKind::OpenAi => Some(WireEngine::OpenAi),
+        EngineKind::Mock | EngineKind::Native => None,
+    };
+    if let Some((field, why)) =
+        engine.and_then(|e| crate::worker::external::client::unsupported(e, &checked.sampling))
+    {
+        return Err(ApiError::bad_request("unsupported_parameter", why).with_param(field));
+    }
     Ok(Prepared {
         endpoint,
         id,

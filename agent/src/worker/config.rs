@@ -28,6 +28,64 @@ pub enum EngineKind {
     /// The real model (`kvfleet-model`) from [`ModelConfig::path`]: its tokenizer and chat
     /// template in the frontend, its weights in each worker process.
     Native,
+    /// llama.cpp's own `llama-server`, started and supervised by each worker process (see
+    /// `worker::external`); the frontend loads the tokenizer and chat template from
+    /// [`ModelConfig::path`] as for `Native`.
+    LlamaCpp,
+    /// Any OpenAI-compatible server at a command line the operator gives
+    /// ([`ExternalEngine`]); tokenizer and chat template from [`ModelConfig::path`].
+    OpenAi,
+}
+
+impl EngineKind {
+    /// The word the config file and logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Mock => "mock",
+            EngineKind::Native => "native",
+            EngineKind::LlamaCpp => "llamacpp",
+            EngineKind::OpenAi => "openai",
+        }
+    }
+
+    /// Whether the model's tokenizer (and for a native model, its weights) come from
+    /// [`ModelConfig::path`].
+    pub fn has_model_file(self) -> bool {
+        !matches!(self, EngineKind::Mock)
+    }
+}
+
+/// How a worker starts an external engine's server (`engine = "llamacpp"` or `"openai"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalEngine {
+    /// The program: `llama-server` (found on PATH) unless the config names one.
+    pub command: String,
+    /// llamacpp: arguments appended after the worker's own (`-m PATH --port N --host
+    /// 127.0.0.1 -np SLOTS -c SLOTS×CONTEXT --metrics`). openai: the whole argument list, with
+    /// `{port}` and `{model}` replaced by the worker's port and the model's path.
+    pub args: Vec<String>,
+    /// Requests the server runs at once (llama-server's `-np`); the rest wait in its queue.
+    pub slots: u32,
+    /// The approximate KV record's time to live: a prefix not reused for this long is
+    /// assumed evicted by the server.
+    pub kv_ttl: Duration,
+}
+
+/// The default llama-server slots per worker.
+pub const DEFAULT_EXTERNAL_SLOTS: u32 = 4;
+/// An external model's context when the config gives none: per slot.
+pub const DEFAULT_EXTERNAL_CONTEXT: u32 = 4096;
+
+impl ExternalEngine {
+    /// `llama-server` on PATH, [`DEFAULT_EXTERNAL_SLOTS`] slots, a 10-minute KV TTL.
+    pub fn llama_server() -> Self {
+        Self {
+            command: "llama-server".into(),
+            args: Vec::new(),
+            slots: DEFAULT_EXTERNAL_SLOTS,
+            kv_ttl: Duration::from_secs(600),
+        }
+    }
 }
 
 /// The default KV budget of a native model's worker: a tenth of the memory available once the
@@ -60,6 +118,8 @@ pub struct ModelConfig {
     pub mock_token_time: Duration,
     /// Mock engine: time to prefill one prompt token.
     pub mock_prefill_time_per_token: Duration,
+    /// External engines (`llamacpp`, `openai`): how the server is started.
+    pub external: Option<ExternalEngine>,
     /// Mock engine: the head dimension of its KV layout (one layer, one KV head, K and V in
     /// f16), so the bytes a disaggregated transfer moves per block (`4 × block_size × this`);
     /// 1 by default (tiny blocks that move in microseconds).
@@ -125,6 +185,7 @@ impl ModelConfig {
             mock_kv_head_dim: 1,
             path: None,
             kv_memory: None,
+            external: None,
         }
     }
 
@@ -136,6 +197,18 @@ impl ModelConfig {
             context_length: NATIVE_CONTEXT_UNCAPPED,
             path: Some(path.into()),
             kv_memory: Some(DEFAULT_NATIVE_KV_MEMORY),
+            ..Self::mock(name)
+        }
+    }
+
+    /// A model served by llama.cpp's `llama-server` from the GGUF at `path`, with defaults:
+    /// [`ExternalEngine::llama_server`], [`DEFAULT_EXTERNAL_CONTEXT`] tokens per slot.
+    pub fn llamacpp(name: &str, path: impl Into<PathBuf>) -> Self {
+        Self {
+            engine: EngineKind::LlamaCpp,
+            context_length: DEFAULT_EXTERNAL_CONTEXT,
+            path: Some(path.into()),
+            external: Some(ExternalEngine::llama_server()),
             ..Self::mock(name)
         }
     }

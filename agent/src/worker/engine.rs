@@ -262,6 +262,9 @@ impl WorkerEngine {
                 let engine = native(spec, config)?;
                 (Box::new(engine), "kvfleet-model native (CPU)".into())
             }
+            WireEngine::LlamaCpp | WireEngine::OpenAi => {
+                anyhow::bail!("external engines are served by worker::external, not WorkerEngine")
+            }
         };
         let layout = engine.kv_layout();
         let block_bytes = layout.block_bytes();
@@ -703,6 +706,7 @@ mod tests {
             prefill_time_per_token_us: 0,
             mock_kv_head_dim: 1,
             kv_tiers: Default::default(),
+            external: None,
         }
     }
 

@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use super::engine::{Output, WorkerEngine};
 use super::protocol::{
-    Control, FrameStream, KvBlockHeader, WireCancel, WireError, WireFinish, WireKvEvents,
-    WireRequest, WireTokens, WorkerHello, WorkerSpec, encode_json, write_json,
+    Control, FrameStream, KvBlockHeader, WireCancel, WireEngine, WireError, WireFinish,
+    WireKvEvents, WireRequest, WireTokens, WorkerHello, WorkerSpec, encode_json, write_json,
 };
 
 /// How often the worker reports its load.
@@ -44,6 +44,14 @@ pub async fn run(socket: &Path) -> anyhow::Result<()> {
     );
     let spec: WorkerSpec = first.parse_json()?;
     let span = tracing::info_span!("worker", worker = %spec.worker, model = %spec.engine.model);
+    if matches!(
+        spec.engine.engine,
+        WireEngine::LlamaCpp | WireEngine::OpenAi
+    ) {
+        return super::external::serve(spec, frames, writer)
+            .instrument(span)
+            .await;
+    }
     serve(spec, frames, writer).instrument(span).await
 }
 
@@ -64,6 +72,7 @@ async fn serve(
             engine: engine.name().to_owned(),
             kv_blocks_total,
             kv_layout: Some(engine.kv_layout().clone()),
+            endpoint: None,
         },
     )
     .await?;

@@ -40,7 +40,7 @@ use kvfleet_proto::{BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::config::{EngineKind, ModelConfig};
+use super::config::{EngineKind, ExternalEngine, ModelConfig};
 use crate::backend::{FinishReason, GenEvent, TokenChunk};
 
 /// Payload limit on worker sockets: a long prompt's JSON fits many times over.
@@ -114,6 +114,41 @@ pub enum WireEngine {
     Mock,
     /// The real model at [`EngineSpec::path`].
     Native,
+    /// llama.cpp's `llama-server`, started by the worker ([`EngineSpec::external`]).
+    #[serde(rename = "llamacpp")]
+    LlamaCpp,
+    /// An OpenAI-compatible server, started by the worker ([`EngineSpec::external`]).
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+/// How the worker starts an external engine's server (see [`ExternalEngine`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireExternal {
+    /// The program.
+    pub command: String,
+    /// Its arguments (llamacpp: after the worker's own; openai: all, with placeholders).
+    pub args: Vec<String>,
+    /// Requests it runs at once.
+    pub slots: u32,
+    /// Seconds a prefix the approximate KV record holds lives without reuse.
+    pub kv_ttl_secs: u64,
+    /// How long the server may take to become healthy (the agent's start timeout, less a
+    /// margin so the worker's own error reaches it); 0: the worker's default.
+    #[serde(default)]
+    pub start_timeout_ms: u64,
+}
+
+impl From<&ExternalEngine> for WireExternal {
+    fn from(e: &ExternalEngine) -> Self {
+        Self {
+            command: e.command.clone(),
+            args: e.args.clone(),
+            slots: e.slots,
+            kv_ttl_secs: e.kv_ttl.as_secs(),
+            start_timeout_ms: 0,
+        }
+    }
 }
 
 /// A KV cache budget on the wire (see [`KvBudget`]).
@@ -181,6 +216,9 @@ pub struct EngineSpec {
     /// The lower KV tiers (G2 host memory, G3 disk) below the engine's pool; off by default.
     #[serde(default)]
     pub kv_tiers: TierConfig,
+    /// External engines: the server to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<WireExternal>,
 }
 
 fn one() -> u32 {
@@ -196,6 +234,8 @@ impl EngineSpec {
             engine: match model.engine {
                 EngineKind::Mock => WireEngine::Mock,
                 EngineKind::Native => WireEngine::Native,
+                EngineKind::LlamaCpp => WireEngine::LlamaCpp,
+                EngineKind::OpenAi => WireEngine::OpenAi,
             },
             path: model.path.clone(),
             kv_memory: model.kv_memory.map(WireKvBudget::from),
@@ -207,6 +247,7 @@ impl EngineSpec {
             prefill_time_per_token_us: model.mock_prefill_time_per_token.as_micros() as u64,
             mock_kv_head_dim: model.mock_kv_head_dim,
             kv_tiers: TierConfig::default(),
+            external: model.external.as_ref().map(WireExternal::from),
         }
     }
 }
@@ -236,9 +277,12 @@ pub struct WorkerHello {
     /// KV blocks in its pool.
     pub kv_blocks_total: u64,
     /// The layout of its engine's KV blocks (what an import must match); absent from workers
-    /// built before disaggregated serving.
+    /// built before disaggregated serving, and from external engines (no KV import or export).
     #[serde(default)]
     pub kv_layout: Option<KvLayout>,
+    /// External engines: the URL of the server the worker started (its own `/metrics` there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// Agent → worker: generate.

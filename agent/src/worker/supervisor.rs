@@ -141,6 +141,12 @@ struct SlotState {
     kv_layout: Option<KvLayout>,
     /// Status reports received, ever (all incarnations).
     reports: u64,
+    /// An external engine's server URL, from the current incarnation's hello.
+    endpoint: Option<String>,
+    /// The engine and its version, from the last hello.
+    engine_version: Option<String>,
+    /// Why the process last failed, until it is ready again.
+    last_error: Option<String>,
 }
 
 impl SlotState {
@@ -153,6 +159,9 @@ impl SlotState {
             starts: 0,
             kv_layout: None,
             reports: 0,
+            endpoint: None,
+            engine_version: None,
+            last_error: None,
         }
     }
 
@@ -224,11 +233,26 @@ impl Slot {
             starts,
             pid,
             kv_tiers: status.kv_tiers,
+            engine: self.model.engine.name(),
+            endpoint: s.endpoint.clone(),
+            engine_version: s.engine_version.clone(),
+            last_error: s.last_error.clone(),
         }
     }
 
-    fn spec(&self, vocab_size: u32, kv_tiers: &TierConfig) -> WorkerSpec {
+    fn spec(&self, vocab_size: u32, supervisor: &SupervisorConfig) -> WorkerSpec {
+        let kv_tiers = &supervisor.kv_tiers;
         let mut engine = EngineSpec::for_model(&self.model, vocab_size);
+        if let Some(external) = engine.external.as_mut() {
+            // The worker gives up before the agent would kill it (a tenth of the timeout, at
+            // least a second, at most half), so its reason (the server's exit, its last
+            // output) reaches the agent.
+            let margin = (supervisor.start_timeout / 10)
+                .max(Duration::from_secs(1))
+                .min(supervisor.start_timeout / 2);
+            let timeout = supervisor.start_timeout.saturating_sub(margin);
+            external.start_timeout_ms = timeout.as_millis().max(1) as u64;
+        }
         if kv_tiers.enabled() {
             // Each worker its own directory: two workers never evict each other's files, and
             // a restarted worker (same id) finds its blocks again.
@@ -603,6 +627,13 @@ struct WorkerLabels {
     role: &'static str,
 }
 
+/// `{worker, engine}` of `kvfleet_worker_engine_info`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct WorkerEngineLabels {
+    worker: String,
+    engine: &'static str,
+}
+
 /// `{worker, model, device, role, tier}` of the per-worker lower-KV-tier families.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct WorkerTierLabels {
@@ -686,6 +717,17 @@ impl WorkerPool {
                     workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
                 )?;
             }
+            s.gauges(
+                "kvfleet_worker_engine_info",
+                "1 per worker, labelled with its engine (mock, native, llamacpp, openai)",
+                workers.iter().map(|w| {
+                    let labels = WorkerEngineLabels {
+                        worker: w.id.to_string(),
+                        engine: w.engine,
+                    };
+                    (labels, 1u64)
+                }),
+            )?;
             // The pool's size is typed a counter, as it always was: Prometheus allows the
             // `_total` name of the family dashboards already read only on counters.
             let counters: [(&str, &str, Field); 4] = [

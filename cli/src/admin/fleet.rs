@@ -313,6 +313,8 @@ pub(crate) async fn workers(args: WorkersArgs) -> Result<(), CliError> {
         "OBSERVED",
         "KV G1/G2/G3",
         "REPORTED",
+        "ENGINE",
+        "ERROR",
     ]);
     for w in &workers {
         let device = match w.gpu_id {
@@ -339,6 +341,12 @@ pub(crate) async fn workers(args: WorkersArgs) -> Result<(), CliError> {
                 .and_then(|id| kv.get(&id))
                 .map_or_else(|| "-".to_owned(), |b| format!("{}/{}/{}", b.g1, b.g2, b.g3)),
             age(w.observed_at, now),
+            w.observed_engine.clone().unwrap_or_else(|| "-".to_owned()),
+            // The agent's reason for a failed (or restarting) worker, on one line.
+            w.observed_error.as_deref().map_or_else(
+                || "-".to_owned(),
+                |e| e.chars().take(120).collect::<String>().replace('\n', " "),
+            ),
         ]);
     }
     output::print_table(&table, "workers")

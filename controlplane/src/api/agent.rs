@@ -431,15 +431,29 @@ pub async fn heartbeat(
     if !beat.workers.is_empty() {
         let ids: Vec<i64> = beat.workers.iter().map(|w| w.worker_id).collect();
         let states: Vec<&str> = beat.workers.iter().map(|w| w.state.as_str()).collect();
+        // Clipped: a reason is a line for people, not a log.
+        let errors: Vec<Option<String>> = beat
+            .workers
+            .iter()
+            .map(|w| w.error.as_ref().map(|e| e.chars().take(1000).collect()))
+            .collect();
+        let engines: Vec<Option<String>> = beat
+            .workers
+            .iter()
+            .map(|w| w.engine.as_ref().map(|e| e.chars().take(100).collect()))
+            .collect();
         sqlx::query(
-            "UPDATE workers w SET observed_state = u.state, observed_at = now(),
+            "UPDATE workers w SET observed_state = u.state, observed_error = u.error,
+                 observed_engine = COALESCE(u.engine, w.observed_engine), observed_at = now(),
                  updated_at = CASE WHEN w.observed_state = u.state THEN w.updated_at ELSE now() END
-             FROM UNNEST($2::bigint[], $3::text[]) AS u(id, state)
+             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[]) AS u(id, state, error, engine)
              WHERE w.id = u.id AND w.node_id = $1",
         )
         .bind(node)
         .bind(&ids)
         .bind(&states)
+        .bind(&errors)
+        .bind(&engines)
         .execute(&mut *tx)
         .await?;
         crate::metrics::record(&mut tx, node, &beat.workers).await?;

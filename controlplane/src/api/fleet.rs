@@ -26,7 +26,7 @@ pub(crate) const NODE_COLUMNS: &str = "n.id, n.hostname, n.state, n.cordoned, n.
 const GPU_COLUMNS: &str = "id, node_id, device_index, name, memory_total_bytes, memory_used_bytes, utilization, pci_bus_id";
 
 pub(crate) const WORKER_COLUMNS: &str = "id, deployment_id, node_id, gpu_id, role, desired_state,
-    observed_state, observed_at, created_at, updated_at";
+    observed_state, observed_error, observed_engine, observed_at, created_at, updated_at";
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -631,6 +631,12 @@ pub struct Worker {
     pub role: WorkerRole,
     pub desired_state: DesiredWorkerState,
     pub observed_state: ObservedWorkerState,
+    /// Why it last failed, as its agent reported (cleared once it is ready).
+    #[serde(default)]
+    pub observed_error: Option<String>,
+    /// Its engine and version as its agent last reported (`llamacpp b1-0c1e570`).
+    #[serde(default)]
+    pub observed_engine: Option<String>,
     pub observed_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -1014,6 +1020,14 @@ pub struct WorkerMetrics {
 pub struct ObservedWorker {
     pub worker_id: i64,
     pub state: ObservedWorkerState,
+    /// Why it is `failed` or `starting` again: the agent's last reason (an engine server that
+    /// does not start, a worker process that died). Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its engine and version (`llamacpp b1-0c1e570`), once it has started. Absent from older
+    /// agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     #[serde(default)]
     pub metrics: Option<WorkerMetrics>,
     /// What the worker served since the previous heartbeat, as sums and mergeable

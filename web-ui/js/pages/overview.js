@@ -114,7 +114,12 @@ export function workersTable(workers, { nodes, gpus, deployments }) {
     { label: 'Slot', value: (w) => (w.gpu_id ? (gpu[w.gpu_id] ? `GPU ${gpu[w.gpu_id].device_index}` : 'GPU') : 'CPU') },
     { label: 'Role', key: 'role', value: (w) => w.role },
     { label: 'Desired', key: 'desired', value: (w) => w.desired_state },
-    { label: 'State', key: 'state', value: (w) => badge(w.observed_state, stateTone(w.observed_state)) },
+    { label: 'State', key: 'state', value: (w) => (w.observed_error
+      // Why it failed, as its agent reported (an engine server that does not start, say).
+      ? h('span', {}, badge(w.observed_state, stateTone(w.observed_state)), ' ',
+        h('span', { class: 'muted', 'data-error': true, title: w.observed_error }, w.observed_error))
+      : badge(w.observed_state, stateTone(w.observed_state))) },
+    { label: 'Engine', value: (w) => w.observed_engine || '—' },
     { label: 'Since', value: (w) => ago(w.observed_at || w.created_at) },
   ], workers, { caption: 'Workers', empty: 'No workers. Create a deployment to place some.', rowAttrs: (w) => ({ 'data-worker': w.id, 'data-state': w.observed_state }) });
 }

@@ -50,6 +50,7 @@ pub(super) async fn supervise(slot: Arc<Slot>, launch: Launch) {
             s.pid = None;
             s.status = WireStatus::default();
             s.kv_layout = None;
+            s.endpoint = None;
         });
         if slot.stop.is_cancelled() {
             slot.set(|s| s.state = WorkerState::Stopped);
@@ -63,7 +64,10 @@ pub(super) async fn supervise(slot: Arc<Slot>, launch: Launch) {
         if started.elapsed() >= HEALTHY_RUN {
             backoff = initial;
         }
-        slot.set(|s| s.state = WorkerState::Failed);
+        slot.set(|s| {
+            s.state = WorkerState::Failed;
+            s.last_error = Some(reason.clone());
+        });
         tracing::error!(worker = %slot.id, %reason, restart_in_ms = backoff.as_millis() as u64,
             "worker failed; restarting after backoff");
         tokio::select! {
@@ -134,12 +138,17 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
     write_json(
         &mut writer,
         FrameKind::Hello,
-        &slot.spec(launch.vocab_size, &launch.supervisor.kv_tiers),
+        &slot.spec(launch.vocab_size, &launch.supervisor),
     )
     .await?;
     let hello = tokio::select! {
         frame = tokio::time::timeout(start_timeout, frames.next()) => match frame {
             Ok(Ok(Some(frame))) if frame.kind == FrameKind::Hello => frame.parse_json::<WorkerHello>()?,
+            // The worker could not build its engine (an external server that did not start)
+            // and says why before it exits.
+            Ok(Ok(Some(frame))) if frame.kind == FrameKind::Error => {
+                anyhow::bail!("{}", frame.parse_json::<WireError>()?.message)
+            }
             Ok(Ok(Some(frame))) => anyhow::bail!("expected Hello from the worker, got {:?}", frame.kind),
             Ok(Ok(None)) => anyhow::bail!("the worker closed its socket during the handshake"),
             Ok(Err(e)) => return Err(e).context("reading the worker's Hello"),
@@ -181,12 +190,22 @@ async fn run_once(slot: &Arc<Slot>, launch: &Launch) -> anyhow::Result<String> {
         s.state = WorkerState::Ready;
         s.status.kv_blocks_total = hello.kv_blocks_total;
         s.kv_layout = hello.kv_layout.clone();
+        s.endpoint = hello.endpoint.clone();
+        s.engine_version = Some(hello.engine.clone());
+        s.last_error = None;
     });
     tracing::info!(worker = %slot.id, pid = hello.pid, engine = %hello.engine, "worker ready");
 
     let reason = loop {
         tokio::select! {
             frame = frames.next() => match frame {
+                // Sequence 0 is no request's: the worker's last word before it exits (an
+                // external engine's server died), the reason this incarnation ended.
+                Ok(Some(frame)) if frame.kind == FrameKind::Error
+                    && frame.parse_json::<WireError>().is_ok_and(|e| e.seq == 0) =>
+                {
+                    break frame.parse_json::<WireError>().map(|e| e.message).unwrap_or_default();
+                }
                 Ok(Some(frame)) => {
                     if let Err(e) = dispatch(slot, &conn, frame, &launch.kv_events) {
                         break format!("protocol error: {e}");
