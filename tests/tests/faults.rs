@@ -342,6 +342,133 @@ async fn kill_9_an_agent_serving_forwarded_requests_loses_no_request() {
     }
 }
 
+/// Forwarded generate requests node `agent`'s peer endpoint has taken so far.
+fn generate_served(agent: &Agent) -> u64 {
+    agent
+        .running
+        .fleet()
+        .and_then(|f| f.peer.endpoint())
+        .map_or(0, |e| e.metrics().snapshot().generate_served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioning_a_nodes_peer_traffic_loses_no_request() {
+    use common::partition::{Relay, Switch};
+    // Each node's peer endpoint behind a UDP relay it advertises, so that the switch can cut
+    // node b off from its peers (both ways) while its control-plane link stays up: to the
+    // control plane, b is healthy throughout.
+    let switch = Switch::new();
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        relays.push(Relay::start(switch.clone()).await);
+    }
+    let relay_addrs: Vec<SocketAddr> = relays.iter().map(|r| r.addr).collect();
+    let names = ["fault-part-a", "fault-part-b", "fault-part-c"];
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |k, toml| {
+        toml.replace(
+            "[peer]\n",
+            &format!(
+                "[peer]\nadvertise = \"{}\"\ndead_after_ms = {DEAD_AFTER_MS}\n",
+                relay_addrs[k]
+            ),
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    let mut peers = Vec::new();
+    for (relay, agent) in relays.iter().zip(&nodes.agents) {
+        let handle = &agent.running.fleet().unwrap().peer;
+        wait_for(
+            "the peer endpoint bound",
+            Duration::from_secs(20),
+            || async { handle.local_addr().is_some() },
+        )
+        .await;
+        let peer = handle.local_addr().unwrap();
+        relay.forward_to(peer);
+        peers.push(peer);
+    }
+    wait_routers_know_everyone(&nodes.agents).await;
+    for agent in &nodes.agents {
+        for worker in fleet(agent).remote_workers().values() {
+            let addr = worker.peer_addr.unwrap();
+            assert!(
+                relay_addrs.contains(&addr),
+                "{}: a peer reached at {addr}, not through its relay",
+                agent.name
+            );
+        }
+    }
+    let (a, b) = (&nodes.agents[0], &nodes.agents[1]);
+    let expected = baseline(a.addr).await;
+    let addrs: Vec<SocketAddr> = nodes.agents.iter().map(|n| n.addr).collect();
+    let before = migrations(&addrs).await;
+    let fallbacks_before = fleet(a).pick_counts().2;
+    // Clients on node a only: whatever node b's worker generates was forwarded to it by a.
+    let load = Load::start(&[a.addr], 4, &requests());
+    let started = Instant::now();
+    wait_for(
+        "node b streaming requests forwarded to it",
+        Duration::from_secs(10),
+        || async { outstanding(b) >= 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let at = started.elapsed();
+    let in_flight = load.in_flight();
+    let at_b = outstanding(b);
+    switch.partition(&relays[1], peers[1]);
+    // Long enough for a's connection to b to be declared dead (its streams migrated) and for
+    // requests routed to b meanwhile to fall back.
+    tokio::time::sleep(Duration::from_millis(DEAD_AFTER_MS + 2000)).await;
+    let dropped = switch.dropped();
+    switch.heal();
+    let healed = started.elapsed();
+    // Node b is still healthy and ready to the control plane, so a's router never dropped it:
+    // once its peer traffic flows, a dials it anew and forwards to it again.
+    let served = generate_served(b);
+    wait_for(
+        "node b serving forwarded requests again after the heal",
+        Duration::from_secs(15),
+        || async { generate_served(b) >= served + 2 },
+    )
+    .await;
+    let back_after = started.elapsed() - healed;
+    load.wait_ended("requests after the heal", 4, Duration::from_secs(15))
+        .await;
+    let outcomes = load.finish().await;
+    let migrated = migrations(&addrs).await - before;
+    let fell_back = fleet(a).pick_counts().2 - fallbacks_before;
+    println!(
+        "fault case partition: node b ({}, behind relay {}) cut off from its peers for {:.2} s \
+         ({dropped} datagrams dropped), {at_b} requests streaming on b when cut; {fell_back} \
+         forwards fell back to node a; b took {} forwarded requests {:.2} s after the heal",
+        peers[1],
+        relay_addrs[1],
+        (healed - at).as_secs_f64(),
+        generate_served(b) - served,
+        back_after.as_secs_f64(),
+    );
+    check(
+        "partition a node's peer traffic",
+        "nothing: node b's peer traffic partitioned (UDP relays dropping it both ways)",
+        at,
+        in_flight,
+        migrated,
+        &outcomes,
+        &expected,
+    );
+    assert!(dropped > 0, "the partition dropped b's peer traffic");
+    assert!(
+        migrated >= 1.0,
+        "the partition caught requests streaming from node b, which were migrated"
+    );
+    nodes.stop().await;
+    drop(relays);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_a_node_loses_no_request() {
     // Node a has a spare CPU slot: the drained node's worker is replaced there, then drained

@@ -7,6 +7,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod load;
+pub mod partition;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
