@@ -1820,6 +1820,24 @@ role = "decode"
         )
         .unwrap();
         assert_eq!(config.models[0].engine, EngineKind::OpenAi);
+        let config = load(
+            "[[models]]\nname = \"a\"\nengine = \"vllm\"\npath = \"/m\"\ncommand = \"vllm\"\n\
+             args = [\"serve\", \"{model}\", \"--port\", \"{port}\"]\n\
+             kv_events = \"tcp://127.0.0.1:{kv_port}\"\n\
+             kv_events_replay = \"tcp://127.0.0.1:{kv_replay_port}\"\n",
+        )
+        .unwrap();
+        let m = &config.models[0];
+        assert_eq!(m.engine, EngineKind::Vllm);
+        let external = m.external.as_ref().unwrap();
+        assert_eq!(
+            external.kv_events.as_deref(),
+            Some("tcp://127.0.0.1:{kv_port}")
+        );
+        assert_eq!(
+            external.kv_events_replay.as_deref(),
+            Some("tcp://127.0.0.1:{kv_replay_port}")
+        );
 
         let cases: &[(&str, &str)] = &[
             (
@@ -1849,7 +1867,8 @@ role = "decode"
             ),
             (
                 "[[models]]\nname = \"a\"\nslots = 2\n",
-                "agent.toml:3:9: models.command, args, slots and kv_ttl_secs are for engines",
+                "agent.toml:3:9: models.command, args, slots, kv_ttl_secs and kv_events are for \
+                 engines",
             ),
             (
                 "[[models]]\nname = \"a\"\nengine = \"llamacpp\"\npath = \"/m\"\nslots = 0\n",
@@ -1863,6 +1882,25 @@ role = "decode"
                 "[[models]]\nname = \"a\"\nengine = \"openai\"\npath = \"/m\"\ncommand = \"vllm\"\n\
                  args = [\"serve\"]\n",
                 "agent.toml:6:8: models.args of engine \"openai\" must contain {port}",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"sglang\"\npath = \"/m\"\n",
+                "agent.toml:2:8: engine \"sglang\" needs `command`",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"openai\"\npath = \"/m\"\ncommand = \"v\"\n\
+                 args = [\"{port}\"]\nkv_events = \"tcp://127.0.0.1:1\"\n",
+                "agent.toml:7:13: models.kv_events is for engines \"vllm\" and \"sglang\"",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"vllm\"\npath = \"/m\"\ncommand = \"v\"\n\
+                 args = [\"{port}\"]\nkv_events = \"127.0.0.1:1\"\n",
+                "agent.toml:7:13: models.kv_events must be a ZeroMQ tcp:// endpoint",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"vllm\"\npath = \"/m\"\ncommand = \"v\"\n\
+                 args = [\"{port}\"]\nkv_events_replay = \"tcp://127.0.0.1:1\"\n",
+                "agent.toml:2:8: models.kv_events_replay needs models.kv_events",
             ),
         ];
         for (text, want) in cases {
