@@ -306,14 +306,8 @@ async fn llamacpp_servers_that_are_missing_exit_stall_or_babble_fail_clearly() {
     agent.stop().await.unwrap();
 }
 
-/// The `openai` engine against a fake OpenAI server that returns token ids (as vLLM's
-/// `return_token_ids` does): a request is served through it, with the prompt sent as token ids;
-/// a field the engine cannot take is a 400 naming the engine, before any worker is asked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_refused() {
-    let server = script(
-        "openai.py",
-        "#!/usr/bin/env python3\n\
+/// A fake OpenAI server that returns token ids (as vLLM's `return_token_ids` does).
+const OPENAI_SERVER: &str = "#!/usr/bin/env python3\n\
          import sys, json, http.server\n\
          port = int(sys.argv[sys.argv.index('--port') + 1])\n\
          class H(http.server.BaseHTTPRequestHandler):\n\
@@ -333,8 +327,14 @@ async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_ref
          \x20           c = {'choices': [{'index': 0, 'text': 'x', 'token_ids': [40 + i], 'finish_reason': end}]}\n\
          \x20           self.wfile.write(('data: ' + json.dumps(c) + '\\n\\n').encode())\n\
          \x20       self.wfile.write(b'data: [DONE]\\n\\n')\n\
-         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n",
-    );
+         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n";
+
+/// The `openai` engine against a fake OpenAI server that returns token ids (as vLLM's
+/// `return_token_ids` does): a request is served through it, with the prompt sent as token ids;
+/// a field the engine cannot take is a 400 naming the engine, before any worker is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_refused() {
+    let server = script("openai.py", OPENAI_SERVER);
     let agent = TestAgent::start_unready(
         &format!(
             "[[models]]\nname = \"x\"\nengine = \"openai\"\npath = {:?}\n\
@@ -561,6 +561,44 @@ async fn a_vllm_engine_with_kv_events_sends_the_translated_events_not_approximat
             .metric("kvfleet_engine_events_malformed_total{worker=\"w1\"")
             .await,
         0.0
+    );
+    agent.stop().await.unwrap();
+}
+
+/// A `vllm` worker without `kv_events` falls back to the approximate record: after a request it
+/// credits the blocks of the prompt and the output it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_engine_without_kv_events_is_routed_approximately() {
+    let server = script("openai-approx.py", OPENAI_SERVER);
+    let agent = TestAgent::start_unready(
+        &format!(
+            "[[models]]\nname = \"x\"\nengine = \"vllm\"\npath = {:?}\n\
+             command = \"python3\"\nargs = [{server:?}, \"--port\", \"{{port}}\"]\n\
+             context_length = 256\nblock_size = 16\n\
+             [[workers]]\nmodel = \"x\"\ndevice = \"cpu\"\n",
+            tiny_model_dir().display().to_string()
+        ),
+        100,
+    )
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let mut kv = agent.running.pool.subscribe_kv_events();
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "x", "prompt": "the quick brown fox jumps over the lazy dog ".repeat(3), "max_tokens": 16}),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let events = kv_events_until(&mut kv, |e| !e.is_empty()).await;
+    let (hashes, cleared) = stored(&events);
+    assert!(!hashes.is_empty() && !cleared, "{events:?}");
+    assert!(
+        !agent
+            .metrics_text()
+            .await
+            .contains("kvfleet_engine_events_"),
+        "no translator without kv_events"
     );
     agent.stop().await.unwrap();
 }

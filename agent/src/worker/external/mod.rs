@@ -267,11 +267,29 @@ pub async fn serve(
                 writer.flush().await?;
                 return Err(error);
             }
-            Some(event) = recv_some(&mut translated) => {
+            event = recv_some(&mut translated) => {
                 // Already numbered and tiered by the translator; the approximate record is off.
-                let mut batch = vec![event];
-                while let Some(Ok(event)) = translated.as_mut().map(mpsc::Receiver::try_recv) {
-                    batch.push(event);
+                let batch = match event {
+                    Some(event) => {
+                        let mut batch = vec![event];
+                        while let Some(Ok(event)) = translated.as_mut().map(mpsc::Receiver::try_recv) {
+                            batch.push(event);
+                        }
+                        batch
+                    }
+                    None => {
+                        // The subscriber gave up (it logged why): what it credited can no longer
+                        // be withdrawn, so it is withdrawn now, and this worker gets no credit.
+                        translated = None;
+                        tracing::warn!(engine = name, "the engine's KV event stream ended: its blocks cleared, no more KV events from this worker");
+                        [Tier::G1, Tier::G2, Tier::G3].into_iter().map(|tier| {
+                            next_event += 1;
+                            KvEvent { worker: spec.worker, event_id: next_event - 1, tier, data: KvEventData::Cleared }
+                        }).collect()
+                    }
+                };
+                if let Some(last) = batch.last() {
+                    next_event = last.event_id + 1;
                 }
                 for event in &batch {
                     if event.tier == Tier::G1 {

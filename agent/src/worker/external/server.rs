@@ -45,7 +45,9 @@ impl Server {
             .as_ref()
             .context("an external engine's spec has no server command")?;
         let engine = engine_name(spec.engine);
-        let port = free_port()?;
+        // Three distinct free ports (each listener held until all are picked); the KV event
+        // ones are used only where a placeholder names them.
+        let [port, kv_port, kv_replay_port] = free_ports()?;
         let model = spec
             .path
             .as_deref()
@@ -60,9 +62,9 @@ impl Server {
         };
         let ports = Ports {
             http: port,
-            kv: if named("{kv_port}") { free_port()? } else { 0 },
+            kv: if named("{kv_port}") { kv_port } else { 0 },
             kv_replay: if named("{kv_replay_port}") {
-                free_port()?
+                kv_replay_port
             } else {
                 0
             },
@@ -299,11 +301,17 @@ fn cuda_devices(device: &str) -> String {
     device.strip_prefix("gpu:").unwrap_or("").to_owned()
 }
 
-/// A loopback port free now (the server binds it a moment later).
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(listener.local_addr()?.port())
+/// Three distinct loopback ports free now (the server binds them a moment later).
+fn free_ports() -> anyhow::Result<[u16; 3]> {
+    let bind =
+        || std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port");
+    let listeners = [bind()?, bind()?, bind()?];
+    let port = |l: &std::net::TcpListener| l.local_addr().map(|a| a.port());
+    Ok([
+        port(&listeners[0])?,
+        port(&listeners[1])?,
+        port(&listeners[2])?,
+    ])
 }
 
 /// The program's path: `command` itself when it names a path, else the first executable of
