@@ -562,6 +562,11 @@ async fn a_vllm_engine_with_kv_events_sends_the_translated_events_not_approximat
             .await,
         0.0
     );
+    let (_, ready) = agent.ready_status().await;
+    assert_eq!(
+        ready["workers"][0]["engine_events"]["kvfleet_engine_events_gaps"], 1,
+        "{ready}"
+    );
     agent.stop().await.unwrap();
 }
 
