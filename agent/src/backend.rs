@@ -248,7 +248,7 @@ pub struct WorkerStatus {
     pub pid: Option<u32>,
     /// Its lower KV tiers' figures, from its last status report (zero when they are off).
     pub kv_tiers: kvfleet_engine::TierStats,
-    /// Its engine kind: `mock`, `native`, `llamacpp` or `openai`.
+    /// Its engine kind: `mock`, `native`, `llamacpp`, `openai`, `vllm` or `sglang`.
     pub engine: &'static str,
     /// An external engine's server URL (its own `/health` and `/metrics`), while it runs.
     pub endpoint: Option<String>,
@@ -257,6 +257,10 @@ pub struct WorkerStatus {
     pub engine_version: Option<String>,
     /// Why its process last failed (cleared when it is ready again).
     pub last_error: Option<String>,
+    /// A vllm/sglang worker's KV event translator counters, by metric family name
+    /// (`kvfleet_engine_events_gaps`, …), as last reported; `None` without an event stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_events: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// Whatever generates tokens for the frontend.

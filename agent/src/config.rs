@@ -388,6 +388,8 @@ struct RawModel {
     args: Option<Spanned<Vec<String>>>,
     slots: Option<Spanned<i64>>,
     kv_ttl_secs: Option<Spanned<i64>>,
+    kv_events: Option<Spanned<String>>,
+    kv_events_replay: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1086,14 +1088,18 @@ impl Checker<'_> {
         if let Some(engine) = &raw.engine {
             match engine.get_ref().as_str() {
                 "mock" => model.engine = EngineKind::Mock,
-                kind @ ("native" | "llamacpp" | "openai") => match &raw.path {
+                kind @ ("native" | "llamacpp" | "openai" | "vllm" | "sglang") => match &raw.path {
                     Some(path) if !path.get_ref().trim().is_empty() => {
                         let path = self.resolve(path.get_ref());
                         let mut loaded = match kind {
                             "native" => ModelConfig::native(name, path),
                             "llamacpp" => ModelConfig::llamacpp(name, path),
-                            _ => ModelConfig {
-                                engine: EngineKind::OpenAi,
+                            other => ModelConfig {
+                                engine: match other {
+                                    "vllm" => EngineKind::Vllm,
+                                    "sglang" => EngineKind::Sglang,
+                                    _ => EngineKind::OpenAi,
+                                },
                                 ..ModelConfig::llamacpp(name, path)
                             },
                         };
@@ -1119,7 +1125,7 @@ impl Checker<'_> {
                         location,
                         format!(
                             "engine {other:?} is unknown: expected \"mock\", \"native\", \
-                             \"llamacpp\" or \"openai\""
+                             \"llamacpp\", \"openai\", \"vllm\" or \"sglang\""
                         ),
                     );
                     ok = false;
@@ -1219,6 +1225,8 @@ impl Checker<'_> {
                 raw.args.as_ref().map(|v| v.span()),
                 raw.slots.as_ref().map(|v| v.span()),
                 raw.kv_ttl_secs.as_ref().map(|v| v.span()),
+                raw.kv_events.as_ref().map(|v| v.span()),
+                raw.kv_events_replay.as_ref().map(|v| v.span()),
             ];
             if let Some(span) = given.into_iter().flatten().next() {
                 let location = match self.file {
@@ -1227,8 +1235,8 @@ impl Checker<'_> {
                 };
                 self.problem(
                     location,
-                    "models.command, args, slots and kv_ttl_secs are for engines \"llamacpp\" \
-                     and \"openai\"",
+                    "models.command, args, slots, kv_ttl_secs and kv_events are for engines \
+                     \"llamacpp\", \"openai\", \"vllm\" and \"sglang\"",
                 );
                 return false;
             }
@@ -1243,21 +1251,28 @@ impl Checker<'_> {
             } else {
                 external.command = v.get_ref().trim().to_owned();
             }
-        } else if engine == EngineKind::OpenAi {
+        } else if engine != EngineKind::LlamaCpp {
             let location = self.at(&raw.name);
             self.problem(
                 location,
-                "engine \"openai\" needs `command` (and `args` with {port}): the server to start",
+                format!(
+                    "engine {:?} needs `command` (and `args` with {{port}}): the server to start",
+                    engine.name()
+                ),
             );
             ok = false;
         }
         if let Some(v) = &raw.args {
             external.args = v.get_ref().clone();
-            if engine == EngineKind::OpenAi && !external.args.iter().any(|a| a.contains("{port}")) {
+            if engine != EngineKind::LlamaCpp && !external.args.iter().any(|a| a.contains("{port}"))
+            {
                 let location = self.at(v);
                 self.problem(
                     location,
-                    "models.args of engine \"openai\" must contain {port}: the worker picks the port",
+                    format!(
+                        "models.args of engine {:?} must contain {{port}}: the worker picks the port",
+                        engine.name()
+                    ),
                 );
                 ok = false;
             }
@@ -1273,6 +1288,42 @@ impl Checker<'_> {
                 Some(n) => external.kv_ttl = Duration::from_secs(n as u64),
                 None => ok = false,
             }
+        }
+        for (key, raw, field) in [
+            ("kv_events", &raw.kv_events, &mut external.kv_events),
+            (
+                "kv_events_replay",
+                &raw.kv_events_replay,
+                &mut external.kv_events_replay,
+            ),
+        ] {
+            let Some(v) = raw else { continue };
+            let endpoint = v.get_ref().trim();
+            if !matches!(engine, EngineKind::Vllm | EngineKind::Sglang) {
+                let location = self.at(v);
+                self.problem(
+                    location,
+                    format!("models.{key} is for engines \"vllm\" and \"sglang\""),
+                );
+                ok = false;
+            } else if !endpoint.starts_with("tcp://") {
+                let location = self.at(v);
+                self.problem(
+                    location,
+                    format!(
+                        "models.{key} must be a ZeroMQ tcp:// endpoint to connect to, e.g. \
+                         \"tcp://127.0.0.1:{{kv_port}}\""
+                    ),
+                );
+                ok = false;
+            } else {
+                *field = Some(endpoint.to_owned());
+            }
+        }
+        if external.kv_events_replay.is_some() && external.kv_events.is_none() {
+            let location = self.at(&raw.name);
+            self.problem(location, "models.kv_events_replay needs models.kv_events");
+            ok = false;
         }
         ok
     }
@@ -1769,6 +1820,24 @@ role = "decode"
         )
         .unwrap();
         assert_eq!(config.models[0].engine, EngineKind::OpenAi);
+        let config = load(
+            "[[models]]\nname = \"a\"\nengine = \"vllm\"\npath = \"/m\"\ncommand = \"vllm\"\n\
+             args = [\"serve\", \"{model}\", \"--port\", \"{port}\"]\n\
+             kv_events = \"tcp://127.0.0.1:{kv_port}\"\n\
+             kv_events_replay = \"tcp://127.0.0.1:{kv_replay_port}\"\n",
+        )
+        .unwrap();
+        let m = &config.models[0];
+        assert_eq!(m.engine, EngineKind::Vllm);
+        let external = m.external.as_ref().unwrap();
+        assert_eq!(
+            external.kv_events.as_deref(),
+            Some("tcp://127.0.0.1:{kv_port}")
+        );
+        assert_eq!(
+            external.kv_events_replay.as_deref(),
+            Some("tcp://127.0.0.1:{kv_replay_port}")
+        );
 
         let cases: &[(&str, &str)] = &[
             (
@@ -1798,7 +1867,8 @@ role = "decode"
             ),
             (
                 "[[models]]\nname = \"a\"\nslots = 2\n",
-                "agent.toml:3:9: models.command, args, slots and kv_ttl_secs are for engines",
+                "agent.toml:3:9: models.command, args, slots, kv_ttl_secs and kv_events are for \
+                 engines",
             ),
             (
                 "[[models]]\nname = \"a\"\nengine = \"llamacpp\"\npath = \"/m\"\nslots = 0\n",
@@ -1812,6 +1882,25 @@ role = "decode"
                 "[[models]]\nname = \"a\"\nengine = \"openai\"\npath = \"/m\"\ncommand = \"vllm\"\n\
                  args = [\"serve\"]\n",
                 "agent.toml:6:8: models.args of engine \"openai\" must contain {port}",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"sglang\"\npath = \"/m\"\n",
+                "agent.toml:2:8: engine \"sglang\" needs `command`",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"openai\"\npath = \"/m\"\ncommand = \"v\"\n\
+                 args = [\"{port}\"]\nkv_events = \"tcp://127.0.0.1:1\"\n",
+                "agent.toml:7:13: models.kv_events is for engines \"vllm\" and \"sglang\"",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"vllm\"\npath = \"/m\"\ncommand = \"v\"\n\
+                 args = [\"{port}\"]\nkv_events = \"127.0.0.1:1\"\n",
+                "agent.toml:7:13: models.kv_events must be a ZeroMQ tcp:// endpoint",
+            ),
+            (
+                "[[models]]\nname = \"a\"\nengine = \"vllm\"\npath = \"/m\"\ncommand = \"v\"\n\
+                 args = [\"{port}\"]\nkv_events_replay = \"tcp://127.0.0.1:1\"\n",
+                "agent.toml:2:8: models.kv_events_replay needs models.kv_events",
             ),
         ];
         for (text, want) in cases {

@@ -690,6 +690,7 @@ mod tests {
             endpoint: None,
             engine_version: None,
             last_error: None,
+            engine_events: None,
         }
     }
 

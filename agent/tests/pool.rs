@@ -306,14 +306,8 @@ async fn llamacpp_servers_that_are_missing_exit_stall_or_babble_fail_clearly() {
     agent.stop().await.unwrap();
 }
 
-/// The `openai` engine against a fake OpenAI server that returns token ids (as vLLM's
-/// `return_token_ids` does): a request is served through it, with the prompt sent as token ids;
-/// a field the engine cannot take is a 400 naming the engine, before any worker is asked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_refused() {
-    let server = script(
-        "openai.py",
-        "#!/usr/bin/env python3\n\
+/// A fake OpenAI server that returns token ids (as vLLM's `return_token_ids` does).
+const OPENAI_SERVER: &str = "#!/usr/bin/env python3\n\
          import sys, json, http.server\n\
          port = int(sys.argv[sys.argv.index('--port') + 1])\n\
          class H(http.server.BaseHTTPRequestHandler):\n\
@@ -333,8 +327,14 @@ async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_ref
          \x20           c = {'choices': [{'index': 0, 'text': 'x', 'token_ids': [40 + i], 'finish_reason': end}]}\n\
          \x20           self.wfile.write(('data: ' + json.dumps(c) + '\\n\\n').encode())\n\
          \x20       self.wfile.write(b'data: [DONE]\\n\\n')\n\
-         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n",
-    );
+         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n";
+
+/// The `openai` engine against a fake OpenAI server that returns token ids (as vLLM's
+/// `return_token_ids` does): a request is served through it, with the prompt sent as token ids;
+/// a field the engine cannot take is a 400 naming the engine, before any worker is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_refused() {
+    let server = script("openai.py", OPENAI_SERVER);
     let agent = TestAgent::start_unready(
         &format!(
             "[[models]]\nname = \"x\"\nengine = \"openai\"\npath = {:?}\n\
@@ -381,6 +381,229 @@ async fn an_openai_engine_server_serves_token_ids_and_unsupported_fields_are_ref
             .unwrap()
             .contains("\"openai\""),
         "{body}"
+    );
+    agent.stop().await.unwrap();
+}
+
+/// Sequence hashes of the G1 blocks `events` stored, and whether one cleared the worker.
+fn stored(events: &[kvfleet_proto::KvEvent]) -> (Vec<kvfleet_proto::hash::SequenceHash>, bool) {
+    use kvfleet_proto::kv_event::KvEventData;
+    let mut hashes = Vec::new();
+    let mut cleared = false;
+    for event in events {
+        assert_eq!(event.worker, WorkerId(1), "{event:?}");
+        match &event.data {
+            KvEventData::Stored { blocks, .. } => {
+                hashes.extend(blocks.iter().map(|b| b.sequence));
+            }
+            KvEventData::Cleared => cleared = true,
+            KvEventData::Removed { .. } => panic!("nothing was removed: {event:?}"),
+        }
+    }
+    (hashes, cleared)
+}
+
+/// Receives the pool's KV events until `done` holds of them (10 s at most), then any that
+/// follow within 300 ms (there must be none the check did not expect).
+async fn kv_events_until(
+    rx: &mut tokio::sync::broadcast::Receiver<kvfleet_proto::KvEvent>,
+    done: impl Fn(&[kvfleet_proto::KvEvent]) -> bool,
+) -> Vec<kvfleet_proto::KvEvent> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(&events) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(event)) => events.push(event),
+            other => panic!("KV events so far {events:?}; then {other:?}"),
+        }
+    }
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        events.push(event);
+    }
+    events
+}
+
+/// The `vllm` engine with `kv_events`: a fake vLLM (OpenAI server plus, through the test, a
+/// vLLM-style ZMQ event stream from `kvfleet_engine_events::publisher` for each prompt it
+/// serves, engine blocks of 8 tokens) behind a worker with 16-token blocks. The worker's KV
+/// events are exactly the router's own hashes of the prompt's full blocks (the approximate
+/// record would also credit the output's block), and a batch lost on the wire is a gap: the
+/// worker is cleared and rebuilt, counted on `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_engine_with_kv_events_sends_the_translated_events_not_approximate_ones() {
+    use kvfleet_engine_events::encode::Flavor;
+    use kvfleet_engine_events::publisher::{Publisher, block_stored};
+    use kvfleet_engine_events::{EngineEvent, EventBatch};
+    use kvfleet_proto::hash::{BlockSize, sequence_hashes};
+    use tokio::io::AsyncBufReadExt as _;
+
+    const ENGINE_BLOCK: usize = 8;
+    let mut publisher = Publisher::bind("tcp://127.0.0.1:0", None, "", 16, Flavor::VllmMap)
+        .await
+        .unwrap();
+    // The fake server tells the test each prompt it served (a line of JSON token ids).
+    let callback = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let callback_port = callback.local_addr().unwrap().port();
+    let (prompts_tx, mut prompts) = tokio::sync::mpsc::unbounded_channel::<Vec<u32>>();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = callback.accept().await {
+            let mut lines = tokio::io::BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = prompts_tx.send(serde_json::from_str(&line).unwrap());
+            }
+        }
+    });
+    let server = script(
+        "vllm.py",
+        "#!/usr/bin/env python3\n\
+         import sys, json, socket, http.server\n\
+         port = int(sys.argv[sys.argv.index('--port') + 1])\n\
+         events = int(sys.argv[sys.argv.index('--events') + 1])\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.end_headers()\n\
+         \x20   def do_POST(self):\n\
+         \x20       body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.send_header('Content-Type', 'text/event-stream')\n\
+         \x20       self.end_headers()\n\
+         \x20       n = body['max_tokens']\n\
+         \x20       for i in range(n):\n\
+         \x20           end = 'length' if i == n - 1 else None\n\
+         \x20           c = {'choices': [{'index': 0, 'text': 'x', 'token_ids': [40 + i], 'finish_reason': end}]}\n\
+         \x20           self.wfile.write(('data: ' + json.dumps(c) + '\\n\\n').encode())\n\
+         \x20       self.wfile.write(b'data: [DONE]\\n\\n')\n\
+         \x20       socket.create_connection(('127.0.0.1', events)).sendall((json.dumps(body['prompt']) + '\\n').encode())\n\
+         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n",
+    );
+    let agent = TestAgent::start_unready(
+        &format!(
+            "[[models]]\nname = \"x\"\nengine = \"vllm\"\npath = {:?}\n\
+             command = \"python3\"\n\
+             args = [{server:?}, \"--port\", \"{{port}}\", \"--events\", \"{callback_port}\"]\n\
+             kv_events = {:?}\n\
+             context_length = 256\nblock_size = 16\n\
+             [[workers]]\nmodel = \"x\"\ndevice = \"cpu\"\n",
+            tiny_model_dir().display().to_string(),
+            publisher.endpoint(),
+        ),
+        100,
+    )
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    // The worker has subscribed once its status carries the translator's counters.
+    let gaps = "kvfleet_engine_events_gaps_total{worker=\"w1\"";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !agent.metrics_text().await.contains(gaps) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no translator counters on /metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The SUB socket's subscription reaches the PUB socket just after the connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, ready) = agent.ready_status().await;
+    assert_eq!(ready["workers"][0]["engine"], "vllm", "{ready}");
+
+    let mut kv = agent.running.pool.subscribe_kv_events();
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "x", "prompt": "the quick brown fox jumps over the lazy dog ".repeat(3), "max_tokens": 16}),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let prompt = tokio::time::timeout(Duration::from_secs(10), prompts.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(prompt.len() >= 32, "{prompt:?}");
+    let blocks = prompt.len() / ENGINE_BLOCK;
+    let batch = |events: Vec<EngineEvent>| EventBatch {
+        ts: 0.0,
+        events,
+        data_parallel_rank: None,
+    };
+    let stored_prompt = batch(vec![block_stored(&prompt, ENGINE_BLOCK, 0, blocks, None)]);
+    publisher.publish(&stored_prompt).await.unwrap();
+    let expected = sequence_hashes(&prompt, BlockSize::new(16).unwrap());
+    let events = kv_events_until(&mut kv, |e| stored(e).0.len() >= expected.len()).await;
+    assert_eq!(stored(&events), (expected.clone(), false), "{events:?}");
+
+    // A batch lost on the wire (no replay configured): the next batch shows the gap, the
+    // worker's blocks are cleared and rebuilt from what follows.
+    publisher.lose(&stored_prompt);
+    publisher.publish(&stored_prompt).await.unwrap();
+    let events = kv_events_until(&mut kv, |e| stored(e).0.len() >= expected.len()).await;
+    assert_eq!(stored(&events), (expected, true), "{events:?}");
+    // The status (every 250 ms) brings the counters to /metrics.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while agent.metric(gaps).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "gap not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        agent
+            .metric("kvfleet_engine_events_resets_total{worker=\"w1\"")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        agent
+            .metric("kvfleet_engine_events_batches_total{worker=\"w1\"")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        agent
+            .metric("kvfleet_engine_events_malformed_total{worker=\"w1\"")
+            .await,
+        0.0
+    );
+    let (_, ready) = agent.ready_status().await;
+    assert_eq!(
+        ready["workers"][0]["engine_events"]["kvfleet_engine_events_gaps"], 1,
+        "{ready}"
+    );
+    agent.stop().await.unwrap();
+}
+
+/// A `vllm` worker without `kv_events` falls back to the approximate record: after a request it
+/// credits the blocks of the prompt and the output it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_engine_without_kv_events_is_routed_approximately() {
+    let server = script("openai-approx.py", OPENAI_SERVER);
+    let agent = TestAgent::start_unready(
+        &format!(
+            "[[models]]\nname = \"x\"\nengine = \"vllm\"\npath = {:?}\n\
+             command = \"python3\"\nargs = [{server:?}, \"--port\", \"{{port}}\"]\n\
+             context_length = 256\nblock_size = 16\n\
+             [[workers]]\nmodel = \"x\"\ndevice = \"cpu\"\n",
+            tiny_model_dir().display().to_string()
+        ),
+        100,
+    )
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let mut kv = agent.running.pool.subscribe_kv_events();
+    let response = agent
+        .post(
+            "/v1/completions",
+            json!({"model": "x", "prompt": "the quick brown fox jumps over the lazy dog ".repeat(3), "max_tokens": 16}),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let events = kv_events_until(&mut kv, |e| !e.is_empty()).await;
+    let (hashes, cleared) = stored(&events);
+    assert!(!hashes.is_empty() && !cleared, "{events:?}");
+    assert!(
+        !agent
+            .metrics_text()
+            .await
+            .contains("kvfleet_engine_events_"),
+        "no translator without kv_events"
     );
     agent.stop().await.unwrap();
 }

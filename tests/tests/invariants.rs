@@ -57,6 +57,7 @@ fn nothing_depends_on_sim_or_tests() {
         "kvfleet-peer",
         "kvfleet-metrics",
         "kvfleet-model",
+        "kvfleet-engine-events",
         "kvfleet-agent",
         "kvfleet-controlplane",
     ] {

@@ -238,7 +238,11 @@ impl ServedModel {
     pub fn load(config: ModelConfig) -> Result<Self, RegistryError> {
         let (text, context_length): (Arc<dyn TextCodec>, u32) = match config.engine {
             EngineKind::Mock => (Arc::new(MockText), config.context_length),
-            EngineKind::Native | EngineKind::LlamaCpp | EngineKind::OpenAi => {
+            EngineKind::Native
+            | EngineKind::LlamaCpp
+            | EngineKind::OpenAi
+            | EngineKind::Vllm
+            | EngineKind::Sglang => {
                 let path = config
                     .path
                     .clone()

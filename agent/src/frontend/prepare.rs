@@ -265,6 +265,8 @@ pub(super) fn prepare(
     let engine = match model.config.engine {
         EngineKind::LlamaCpp => Some(WireEngine::LlamaCpp),
         EngineKind::OpenAi => Some(WireEngine::OpenAi),
+        EngineKind::Vllm => Some(WireEngine::Vllm),
+        EngineKind::Sglang => Some(WireEngine::Sglang),
         EngineKind::Mock | EngineKind::Native => None,
     };
     if let Some((field, why)) =

@@ -35,6 +35,11 @@ pub enum EngineKind {
     /// Any OpenAI-compatible server at a command line the operator gives
     /// ([`ExternalEngine`]); tokenizer and chat template from [`ModelConfig::path`].
     OpenAi,
+    /// vLLM: the `OpenAi` adapter, plus its KV event stream (`--kv-events-config`) translated
+    /// into exact KV events where [`ExternalEngine::kv_events`] is set.
+    Vllm,
+    /// SGLang: as [`EngineKind::Vllm`] (`--kv-events-config` too).
+    Sglang,
 }
 
 impl EngineKind {
@@ -45,6 +50,8 @@ impl EngineKind {
             EngineKind::Native => "native",
             EngineKind::LlamaCpp => "llamacpp",
             EngineKind::OpenAi => "openai",
+            EngineKind::Vllm => "vllm",
+            EngineKind::Sglang => "sglang",
         }
     }
 
@@ -69,6 +76,12 @@ pub struct ExternalEngine {
     /// The approximate KV record's time to live: a prefix not reused for this long is
     /// assumed evicted by the server.
     pub kv_ttl: Duration,
+    /// vllm/sglang: the engine's KV event PUB endpoint (`tcp://127.0.0.1:{kv_port}`: the
+    /// worker picks `{kv_port}` and puts it into `args` too). Unset: approximate KV events.
+    pub kv_events: Option<String>,
+    /// vllm/sglang: the engine's replay ROUTER endpoint (`{kv_replay_port}` likewise), where
+    /// its `--kv-events-config` has a `replay_endpoint`.
+    pub kv_events_replay: Option<String>,
 }
 
 /// The default llama-server slots per worker.
@@ -84,6 +97,8 @@ impl ExternalEngine {
             args: Vec::new(),
             slots: DEFAULT_EXTERNAL_SLOTS,
             kv_ttl: Duration::from_secs(600),
+            kv_events: None,
+            kv_events_replay: None,
         }
     }
 }

@@ -262,7 +262,7 @@ impl WorkerEngine {
                 let engine = native(spec, config)?;
                 (Box::new(engine), "kvfleet-model native (CPU)".into())
             }
-            WireEngine::LlamaCpp | WireEngine::OpenAi => {
+            WireEngine::LlamaCpp | WireEngine::OpenAi | WireEngine::Vllm | WireEngine::Sglang => {
                 anyhow::bail!("external engines are served by worker::external, not WorkerEngine")
             }
         };
@@ -628,6 +628,7 @@ impl WorkerEngine {
             kv_import_fallbacks: self.kv_import_fallbacks,
             latencies: self.latencies.clone(),
             kv_tiers: m.tiers,
+            engine_events: None,
         }
     }
 

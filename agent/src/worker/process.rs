@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use super::engine::{Output, WorkerEngine};
 use super::protocol::{
-    Control, FrameStream, KvBlockHeader, WireCancel, WireEngine, WireError, WireFinish,
-    WireKvEvents, WireRequest, WireTokens, WorkerHello, WorkerSpec, encode_json, write_json,
+    Control, FrameStream, KvBlockHeader, WireCancel, WireError, WireFinish, WireKvEvents,
+    WireRequest, WireTokens, WorkerHello, WorkerSpec, encode_json, write_json,
 };
 
 /// How often the worker reports its load.
@@ -44,10 +44,7 @@ pub async fn run(socket: &Path) -> anyhow::Result<()> {
     );
     let spec: WorkerSpec = first.parse_json()?;
     let span = tracing::info_span!("worker", worker = %spec.worker, model = %spec.engine.model);
-    if matches!(
-        spec.engine.engine,
-        WireEngine::LlamaCpp | WireEngine::OpenAi
-    ) {
+    if spec.engine.engine.external() {
         return super::external::serve(spec, frames, writer)
             .instrument(span)
             .await;

@@ -120,6 +120,25 @@ pub enum WireEngine {
     /// An OpenAI-compatible server, started by the worker ([`EngineSpec::external`]).
     #[serde(rename = "openai")]
     OpenAi,
+    /// vLLM: the OpenAI adapter, and its KV event stream where configured.
+    Vllm,
+    /// SGLang: as vLLM.
+    Sglang,
+}
+
+impl WireEngine {
+    /// Whether the worker speaks the server's OpenAI `/v1/completions` (openai, vllm, sglang).
+    pub fn openai_api(self) -> bool {
+        matches!(
+            self,
+            WireEngine::OpenAi | WireEngine::Vllm | WireEngine::Sglang
+        )
+    }
+
+    /// Whether an external server is started by the worker.
+    pub fn external(self) -> bool {
+        !matches!(self, WireEngine::Mock | WireEngine::Native)
+    }
 }
 
 /// How the worker starts an external engine's server (see [`ExternalEngine`]).
@@ -137,6 +156,13 @@ pub struct WireExternal {
     /// margin so the worker's own error reaches it); 0: the worker's default.
     #[serde(default)]
     pub start_timeout_ms: u64,
+    /// vllm/sglang: the engine's KV event endpoint, `{kv_port}` allowed (see
+    /// [`ExternalEngine::kv_events`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_events: Option<String>,
+    /// vllm/sglang: its replay endpoint, `{kv_replay_port}` allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_events_replay: Option<String>,
 }
 
 impl From<&ExternalEngine> for WireExternal {
@@ -147,6 +173,8 @@ impl From<&ExternalEngine> for WireExternal {
             slots: e.slots,
             kv_ttl_secs: e.kv_ttl.as_secs(),
             start_timeout_ms: 0,
+            kv_events: e.kv_events.clone(),
+            kv_events_replay: e.kv_events_replay.clone(),
         }
     }
 }
@@ -236,6 +264,8 @@ impl EngineSpec {
                 EngineKind::Native => WireEngine::Native,
                 EngineKind::LlamaCpp => WireEngine::LlamaCpp,
                 EngineKind::OpenAi => WireEngine::OpenAi,
+                EngineKind::Vllm => WireEngine::Vllm,
+                EngineKind::Sglang => WireEngine::Sglang,
             },
             path: model.path.clone(),
             kv_memory: model.kv_memory.map(WireKvBudget::from),
@@ -419,6 +449,10 @@ pub struct WireStatus {
     /// Its lower KV tiers' figures (zero when they are off).
     #[serde(default)]
     pub kv_tiers: TierStats,
+    /// vllm/sglang with a KV event stream: the translator's counters, by metric family name
+    /// (`kvfleet_engine_events_*`, without `_total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_events: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// Agent → worker instructions.

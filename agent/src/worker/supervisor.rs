@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use kvfleet_engine::{TierConfig, TierCounters};
+use kvfleet_engine_events::TranslatorCounters;
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameKind};
 use kvfleet_proto::histogram::LatencyHistogram;
@@ -237,6 +238,7 @@ impl Slot {
             endpoint: s.endpoint.clone(),
             engine_version: s.engine_version.clone(),
             last_error: s.last_error.clone(),
+            engine_events: status.engine_events.clone(),
         }
     }
 
@@ -719,7 +721,8 @@ impl WorkerPool {
             }
             s.gauges(
                 "kvfleet_worker_engine_info",
-                "1 per worker, labelled with its engine (mock, native, llamacpp, openai)",
+                "1 per worker, labelled with its engine (mock, native, llamacpp, openai, vllm, \
+                 sglang)",
                 workers.iter().map(|w| {
                     let labels = WorkerEngineLabels {
                         worker: w.id.to_string(),
@@ -760,6 +763,22 @@ impl WorkerPool {
                     help,
                     workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
                 )?;
+            }
+            // vllm/sglang workers' KV event translation (only workers with an event stream).
+            let translated: Vec<_> = workers
+                .iter()
+                .filter_map(|w| w.engine_events.as_ref().map(|c| (WorkerLabels::of(w), c)))
+                .collect();
+            if !translated.is_empty() {
+                for (name, help, _) in TranslatorCounters::default().families() {
+                    s.counters(
+                        name,
+                        help,
+                        translated
+                            .iter()
+                            .map(|(l, c)| (l.clone(), c.get(name).copied().unwrap_or(0))),
+                    )?;
+                }
             }
             // The lower KV tiers, per worker and tier (only tiers a worker has on).
             type TierField = fn(&TierCounters) -> u64;

@@ -113,16 +113,7 @@ impl Publisher {
     /// it does not wait for subscribers: a batch nobody is subscribed for is dropped (and
     /// replayable).
     pub async fn publish(&mut self, batch: &EventBatch) -> Result<u64, PublisherError> {
-        let payload = Bytes::from(encode_batch(batch, self.flavor));
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        {
-            let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
-            buffer.push_back((seq, payload.clone()));
-            while buffer.len() > self.buffer_steps {
-                buffer.pop_front();
-            }
-        }
+        let (seq, payload) = self.buffer(batch);
         let message = ZmqMessage::try_from(vec![
             self.topic.clone(),
             Bytes::copy_from_slice(&seq.to_be_bytes()),
@@ -140,6 +131,25 @@ impl Publisher {
                 source,
             })?;
         Ok(seq)
+    }
+
+    /// A batch the PUB socket dropped (as at its high-water mark): it takes the next sequence
+    /// number and is kept for replay, but never sent. For tests of the subscriber's resync.
+    pub fn lose(&mut self, batch: &EventBatch) -> u64 {
+        self.buffer(batch).0
+    }
+
+    /// Numbers, encodes and buffers `batch` for replay.
+    fn buffer(&mut self, batch: &EventBatch) -> (u64, Bytes) {
+        let payload = Bytes::from(encode_batch(batch, self.flavor));
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+        buffer.push_back((seq, payload.clone()));
+        while buffer.len() > self.buffer_steps {
+            buffer.pop_front();
+        }
+        (seq, payload)
     }
 }
 

@@ -38,7 +38,7 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
     let s: &SamplingParams = &request.sampling;
     // A 32-bit seed: llama.cpp's sampler seed is a `uint32_t` (and -1 is "random").
     let seed = s.seed.map(|v| v % u64::from(u32::MAX));
-    if engine == WireEngine::OpenAi {
+    if engine.openai_api() {
         let mut body = json!({
             "prompt": request.prompt,
             "max_tokens": s.max_tokens,
@@ -112,7 +112,7 @@ pub fn unsupported(
     if sampling.constraint.is_some() {
         return refuse("response_format");
     }
-    if engine == WireEngine::OpenAi {
+    if engine.openai_api() {
         if sampling.top_k != 0 {
             return refuse("top_k");
         }
@@ -146,7 +146,7 @@ pub async fn stream(
     mut on: impl FnMut(Update),
 ) -> Result<(), String> {
     let name = super::server::engine_name(engine);
-    let path = if engine == WireEngine::OpenAi {
+    let path = if engine.openai_api() {
         "/v1/completions"
     } else {
         "/completion"
@@ -202,9 +202,10 @@ pub async fn stream(
             if value.get("error").is_some() {
                 return Err(format!("{name}: {}", error_message(data)));
             }
-            let parsed = match engine {
-                WireEngine::OpenAi => parse_openai(&value),
-                _ => parse_llamacpp(&value),
+            let parsed = if engine.openai_api() {
+                parse_openai(&value)
+            } else {
+                parse_llamacpp(&value)
             }
             .map_err(|e| format!("{name} answered garbage ({e}): {}", clip(data)))?;
             let (mut chunk, mut end) = parsed;

@@ -1,4 +1,5 @@
-//! A worker whose engine is an external server (`engine = "llamacpp"` or `"openai"`): the
+//! A worker whose engine is an external server (`engine = "llamacpp"`, `"openai"`, `"vllm"` or
+//! `"sglang"`): the
 //! worker process starts and supervises the server and speaks its HTTP API, and says the same
 //! frames to the agent as a native worker. So the pool, admission, forwarding, migration,
 //! metrics, heartbeats, the KV index and the CLI and UI treat it like any worker.
@@ -6,6 +7,9 @@
 //! - [`server`]: start the server (port, GPU, logs, `/health`), notice its exit.
 //! - [`client`]: one request as one streamed HTTP call; errors name the engine.
 //! - [`approx_kv`]: the KV events the server does not publish, guessed from what it served.
+//! - vllm/sglang with `kv_events`: the engine's own KV event stream instead, translated into
+//!   kvfleet's block hashes by `kvfleet_engine_events::Subscriber` (exact, not approximate);
+//!   its counters go into the worker's status and so the agent's `/metrics`.
 //!
 //! The worker says hello only once the server is healthy; a server that cannot start, exits
 //! at start or never becomes healthy is an `Error` frame instead of the hello (the agent logs
@@ -18,28 +22,37 @@ pub mod client;
 pub mod server;
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use kvfleet_engine_events::{Subscriber, SubscriberConfig, TranslatorCounters};
 use kvfleet_proto::frame::FrameKind;
 use kvfleet_proto::hash::block_hashes;
+use kvfleet_proto::kv_event::KvEventData;
 use kvfleet_proto::{KvEvent, Tier};
 use tokio::io::{AsyncWriteExt as _, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 use self::approx_kv::ApproxKv;
 use self::client::Update;
 use self::server::{Server, engine_name};
 use super::protocol::{
-    Control, FrameStream, WireCancel, WireError, WireFinish, WireKvEvents, WireRequest, WireStatus,
-    WireTokens, WorkerHello, WorkerSpec, encode_json, write_json,
+    Control, FrameStream, WireCancel, WireEngine, WireError, WireFinish, WireKvEvents, WireRequest,
+    WireStatus, WireTokens, WorkerHello, WorkerSpec, encode_json, write_json,
 };
 
 /// How often the worker reports its load (as a native worker does).
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the server gets to become healthy when the agent does not say.
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Translated KV events queued for the worker loop; when full, the subscriber waits and the
+/// engine's PUB socket drops (a gap, resynchronised).
+const EVENT_CHANNEL: usize = 4096;
+/// How long a replay from the engine may take before the translator clears the worker.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Running {
     request_id: String,
@@ -87,6 +100,30 @@ pub async fn serve(
         }
     };
     let block_size = spec.engine.block_size;
+    // The engine's own KV events where it publishes them; else the approximate record.
+    let (engine_events, mut translated) = match &server.kv_events {
+        Some((endpoint, replay)) => {
+            let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
+            let config = SubscriberConfig {
+                endpoint: endpoint.clone(),
+                replay_endpoint: replay.clone(),
+                topic: String::new(),
+                worker: spec.worker,
+                block_size,
+                replay_timeout: REPLAY_TIMEOUT,
+            };
+            (Some(subscribe(config, tx)), Some(rx))
+        }
+        None => {
+            if matches!(kind, WireEngine::Vllm | WireEngine::Sglang) {
+                tracing::info!(
+                    engine = name,
+                    "no kv_events endpoint configured: KV events are approximate"
+                );
+            }
+            (None, None)
+        }
+    };
     let capacity = u64::from(external.slots.max(1)) * u64::from(spec.engine.context_length)
         / block_size.get() as u64;
     tracing::info!(engine = name, url = %server.base, device = %spec.device, kv_blocks_total = capacity,
@@ -115,6 +152,8 @@ pub async fn serve(
     let mut running: HashMap<u64, Running> = HashMap::new();
     let mut kv = ApproxKv::new(capacity as usize, Duration::from_secs(external.kv_ttl_secs));
     let mut next_event = 0u64;
+    // With translated events: G1 blocks the engine holds, by its events.
+    let mut engine_blocks: u64 = 0;
     let mut status = WireStatus {
         kv_blocks_total: capacity,
         ..WireStatus::default()
@@ -198,10 +237,12 @@ pub async fn serve(
                             status.output_tokens += r.output.len() as u64;
                             status.prefix_query_tokens += r.prompt.len() as u64;
                             status.prefix_hit_tokens += cached_tokens.min(r.prompt.len() as u64);
-                            let mut sequence = r.prompt;
-                            sequence.extend_from_slice(&r.output);
-                            for data in kv.record(&block_hashes(&sequence, block_size), now) {
-                                events.push(data);
+                            if translated.is_none() {
+                                let mut sequence = r.prompt;
+                                sequence.extend_from_slice(&r.output);
+                                for data in kv.record(&block_hashes(&sequence, block_size), now) {
+                                    events.push(data);
+                                }
                             }
                             encode_json(FrameKind::Finish, &WireFinish { seq, reason }, &mut out)?;
                         }
@@ -226,12 +267,57 @@ pub async fn serve(
                 writer.flush().await?;
                 return Err(error);
             }
+            event = recv_some(&mut translated) => {
+                // Already numbered and tiered by the translator; the approximate record is off.
+                let batch = match event {
+                    Some(event) => {
+                        let mut batch = vec![event];
+                        while let Some(Ok(event)) = translated.as_mut().map(mpsc::Receiver::try_recv) {
+                            batch.push(event);
+                        }
+                        batch
+                    }
+                    None => {
+                        // The subscriber gave up (it logged why): what it credited can no longer
+                        // be withdrawn, so it is withdrawn now, and this worker gets no credit.
+                        translated = None;
+                        tracing::warn!(engine = name, "the engine's KV event stream ended: its blocks cleared, no more KV events from this worker");
+                        [Tier::G1, Tier::G2, Tier::G3].into_iter().map(|tier| {
+                            next_event += 1;
+                            KvEvent { worker: spec.worker, event_id: next_event - 1, tier, data: KvEventData::Cleared }
+                        }).collect()
+                    }
+                };
+                if let Some(last) = batch.last() {
+                    next_event = last.event_id + 1;
+                }
+                for event in &batch {
+                    if event.tier == Tier::G1 {
+                        engine_blocks = match &event.data {
+                            KvEventData::Stored { blocks, .. } => engine_blocks + blocks.len() as u64,
+                            KvEventData::Removed { blocks } => engine_blocks.saturating_sub(blocks.len() as u64),
+                            KvEventData::Cleared => 0,
+                        };
+                    }
+                }
+                encode_json(FrameKind::KvEvents, &WireKvEvents { events: batch }, &mut out)?;
+            }
             _ = tick.tick() => {
-                events.extend(kv.expire(Instant::now()));
                 let inflight = running.len() as u32;
                 status.running = inflight.min(slots);
                 status.waiting = inflight.saturating_sub(slots);
-                status.kv_blocks_used = kv.len() as u64;
+                match &engine_events {
+                    Some(counters) => {
+                        status.kv_blocks_used = engine_blocks;
+                        status.engine_events = Some(counters.get().map(|c| {
+                            c.borrow().families().iter().map(|(n, _, v)| ((*n).to_owned(), *v)).collect()
+                        }).unwrap_or_default());
+                    }
+                    None => {
+                        events.extend(kv.expire(Instant::now()));
+                        status.kv_blocks_used = kv.len() as u64;
+                    }
+                }
                 encode_json(FrameKind::Status, &status, &mut out)?;
             }
         }
@@ -256,6 +342,44 @@ pub async fn serve(
             out.clear();
         }
     }
+}
+
+/// The next translated event, where there is a stream (never, where there is none).
+async fn recv_some(rx: &mut Option<mpsc::Receiver<KvEvent>>) -> Option<KvEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The translator's counters, once the subscriber has connected.
+type Counters = Arc<OnceLock<watch::Receiver<TranslatorCounters>>>;
+
+/// Connects to the engine's KV event publisher and translates its stream into `events` until
+/// the worker exits (the task ends with the receiver). Connecting waits for the engine to
+/// listen, so it runs beside the worker loop.
+fn subscribe(config: SubscriberConfig, events: mpsc::Sender<KvEvent>) -> Counters {
+    let counters = Counters::default();
+    let published = counters.clone();
+    tokio::spawn(
+        async move {
+            let endpoint = config.endpoint.clone();
+            let subscriber = match Subscriber::connect(config).await {
+                Ok(subscriber) => subscriber,
+                Err(error) => {
+                    tracing::warn!(%error, "no KV events from the engine: its routing credit is lost");
+                    return;
+                }
+            };
+            let _ = published.set(subscriber.counters());
+            tracing::info!(%endpoint, "subscribed to the engine's KV events");
+            if let Err(error) = subscriber.run(events, std::future::pending()).await {
+                tracing::warn!(%error, "the engine's KV event stream ended");
+            }
+        }
+        .in_current_span(),
+    );
+    counters
 }
 
 async fn run_request(

@@ -27,8 +27,10 @@ const HEALTH_POLL: Duration = Duration::from_millis(200);
 pub struct Server {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    /// `llamacpp` or `openai`.
+    /// `llamacpp`, `openai`, `vllm` or `sglang`.
     pub engine: &'static str,
+    /// vllm/sglang: the engine's KV event endpoint and replay endpoint, placeholders filled.
+    pub kv_events: Option<(String, Option<String>)>,
     child: Child,
     tail: Arc<Mutex<VecDeque<String>>>,
     logs: Vec<tokio::task::JoinHandle<()>>,
@@ -43,12 +45,41 @@ impl Server {
             .as_ref()
             .context("an external engine's spec has no server command")?;
         let engine = engine_name(spec.engine);
-        let port = free_port()?;
+        // Three distinct free ports (each listener held until all are picked); the KV event
+        // ones are used only where a placeholder names them.
+        let [port, kv_port, kv_replay_port] = free_ports()?;
         let model = spec
             .path
             .as_deref()
             .context("an external engine needs the model's path")?;
-        let args = arguments(spec.engine, external, model, port, spec.context_length);
+        // A KV event port only where the command line or the endpoint names one.
+        let named = |placeholder: &str| {
+            external.args.iter().any(|a| a.contains(placeholder))
+                || [&external.kv_events, &external.kv_events_replay]
+                    .into_iter()
+                    .flatten()
+                    .any(|e| e.contains(placeholder))
+        };
+        let ports = Ports {
+            http: port,
+            kv: if named("{kv_port}") { kv_port } else { 0 },
+            kv_replay: if named("{kv_replay_port}") {
+                kv_replay_port
+            } else {
+                0
+            },
+        };
+        let args = arguments(spec.engine, external, model, ports, spec.context_length);
+        let model_text = model.display().to_string();
+        let kv_events = external.kv_events.as_ref().map(|endpoint| {
+            (
+                fill(endpoint, ports, &model_text),
+                external
+                    .kv_events_replay
+                    .as_ref()
+                    .map(|r| fill(r, ports, &model_text)),
+            )
+        });
         let program = resolve(&external.command).ok_or_else(|| {
             anyhow::anyhow!(
                 "{engine}: cannot start {:?}: no such executable (set `command` in the model's \
@@ -95,6 +126,7 @@ impl Server {
         let mut server = Self {
             base: format!("http://127.0.0.1:{port}"),
             engine,
+            kv_events,
             child,
             tail,
             logs,
@@ -200,28 +232,48 @@ impl Server {
 pub fn engine_name(engine: WireEngine) -> &'static str {
     match engine {
         WireEngine::OpenAi => "openai",
+        WireEngine::Vllm => "vllm",
+        WireEngine::Sglang => "sglang",
         _ => "llamacpp",
     }
 }
 
+/// The ports a server's command line names: its HTTP port, and its KV event ports where the
+/// operator wrote `{kv_port}` / `{kv_replay_port}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ports {
+    /// `{port}`.
+    pub http: u16,
+    /// `{kv_port}`.
+    pub kv: u16,
+    /// `{kv_replay_port}`.
+    pub kv_replay: u16,
+}
+
+/// `text` with the worker's placeholders filled in.
+pub fn fill(text: &str, ports: Ports, model: &str) -> String {
+    text.replace("{port}", &ports.http.to_string())
+        .replace("{kv_port}", &ports.kv.to_string())
+        .replace("{kv_replay_port}", &ports.kv_replay.to_string())
+        .replace("{model}", model)
+}
+
 /// The server's arguments: llama-server's own then the operator's, or the operator's with
-/// `{port}` and `{model}` replaced.
+/// `{port}`, `{kv_port}`, `{kv_replay_port}` and `{model}` replaced.
 fn arguments(
     engine: WireEngine,
     external: &WireExternal,
     model: &Path,
-    port: u16,
+    ports: Ports,
     context: u32,
 ) -> Vec<String> {
     let model = model.display().to_string();
-    if engine == WireEngine::OpenAi {
+    let port = ports.http;
+    if engine.openai_api() {
         return external
             .args
             .iter()
-            .map(|a| {
-                a.replace("{port}", &port.to_string())
-                    .replace("{model}", &model)
-            })
+            .map(|a| fill(a, ports, &model))
             .collect();
     }
     let slots = external.slots.max(1);
@@ -249,11 +301,17 @@ fn cuda_devices(device: &str) -> String {
     device.strip_prefix("gpu:").unwrap_or("").to_owned()
 }
 
-/// A loopback port free now (the server binds it a moment later).
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(listener.local_addr()?.port())
+/// Three distinct loopback ports free now (the server binds them a moment later).
+fn free_ports() -> anyhow::Result<[u16; 3]> {
+    let bind =
+        || std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port");
+    let listeners = [bind()?, bind()?, bind()?];
+    let port = |l: &std::net::TcpListener| l.local_addr().map(|a| a.port());
+    Ok([
+        port(&listeners[0])?,
+        port(&listeners[1])?,
+        port(&listeners[2])?,
+    ])
 }
 
 /// The program's path: `command` itself when it names a path, else the first executable of
@@ -312,12 +370,19 @@ mod tests {
             slots: 2,
             kv_ttl_secs: 60,
             start_timeout_ms: 0,
+            kv_events: None,
+            kv_events_replay: None,
+        };
+        let ports = |http| Ports {
+            http,
+            kv: 7000,
+            kv_replay: 7001,
         };
         let args = arguments(
             WireEngine::LlamaCpp,
             &external,
             Path::new("/m.gguf"),
-            9000,
+            ports(9000),
             512,
         );
         assert_eq!(
@@ -328,8 +393,30 @@ mod tests {
             args: vec!["serve".into(), "{model}".into(), "--port={port}".into()],
             ..external
         };
-        let args = arguments(WireEngine::OpenAi, &openai, Path::new("/m"), 9001, 512);
+        let args = arguments(
+            WireEngine::OpenAi,
+            &openai,
+            Path::new("/m"),
+            ports(9001),
+            512,
+        );
         assert_eq!(args, ["serve", "/m", "--port=9001"]);
+        let vllm = WireExternal {
+            args: vec![
+                "--port={port}".into(),
+                r#"{"endpoint":"tcp://*:{kv_port}","replay_endpoint":"tcp://*:{kv_replay_port}"}"#
+                    .into(),
+            ],
+            ..openai
+        };
+        let args = arguments(WireEngine::Vllm, &vllm, Path::new("/m"), ports(9002), 512);
+        assert_eq!(
+            args,
+            [
+                "--port=9002",
+                r#"{"endpoint":"tcp://*:7000","replay_endpoint":"tcp://*:7001"}"#
+            ]
+        );
         assert_eq!(cuda_devices("gpu:3"), "3");
         assert_eq!(cuda_devices("cpu"), "");
     }
