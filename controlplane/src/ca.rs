@@ -178,14 +178,10 @@ impl NodeCa {
 
     /// The CA certificate's SHA-256 fingerprint: what agents pin (`control_plane.ca_fingerprint`).
     pub fn fingerprint(&self) -> kvfleet_proto::CaFingerprint {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject as _;
-        // The PEM is the one this CA wrote or loaded; an unreadable one fingerprints its bytes,
-        // which then matches no certificate a client sees (a loud failure, not a silent trust).
-        match CertificateDer::from_pem_slice(self.cert_pem.as_bytes()) {
-            Ok(der) => kvfleet_proto::CaFingerprint::of_der(&der),
-            Err(_) => kvfleet_proto::CaFingerprint::of_der(self.cert_pem.as_bytes()),
-        }
+        // The PEM is the one this CA wrote or loaded; were it unreadable, its bytes'
+        // fingerprint matches no certificate a client sees (a loud failure, not silent trust).
+        kvfleet_proto::CaFingerprint::of_pem(&self.cert_pem)
+            .unwrap_or_else(|| kvfleet_proto::CaFingerprint::of_der(self.cert_pem.as_bytes()))
     }
 
     /// Signs a node certificate for `public_key`, or for a key generated here (returned).

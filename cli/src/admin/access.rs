@@ -308,6 +308,16 @@ pub(crate) async fn tokens(args: TokensArgs) -> Result<(), CliError> {
                     .map(|e| format!(", expires {}", output::timestamp(Some(e))))
                     .unwrap_or_default()
             );
+            if created.token.role == Role::Join && client.base().starts_with("https://") {
+                // What the new node's agent pins the control plane with, beside the token.
+                let ca: kvfleet_proto::api::CaInfo = client.get("/ca", &[]).await?;
+                if let Some(pin) = kvfleet_proto::CaFingerprint::of_pem(&ca.cert_pem) {
+                    eprintln!(
+                        "the agent pins this fleet's CA with, in [control_plane]: \
+                         ca_fingerprint = \"{pin}\""
+                    );
+                }
+            }
             let mut out = std::io::stdout().lock();
             std::io::Write::write_all(&mut out, format!("{}\n", created.secret).as_bytes())?;
             Ok(())

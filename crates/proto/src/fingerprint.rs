@@ -24,6 +24,20 @@ impl CaFingerprint {
     pub fn of_der(der: &[u8]) -> Self {
         Self(Sha256::digest(der).into())
     }
+
+    /// The fingerprint of the first certificate in `pem` (`-----BEGIN CERTIFICATE-----` …);
+    /// `None` when it holds none that decodes.
+    pub fn of_pem(pem: &str) -> Option<Self> {
+        use base64::Engine as _;
+        let body = pem
+            .split("-----BEGIN CERTIFICATE-----")
+            .nth(1)?
+            .split("-----END CERTIFICATE-----")
+            .next()?;
+        let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+        let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        Some(Self::of_der(&der))
+    }
 }
 
 impl fmt::Display for CaFingerprint {
@@ -85,6 +99,15 @@ mod tests {
         ] {
             assert!(bad.parse::<CaFingerprint>().is_err(), "{bad:?} parsed");
         }
+        // PEM is base64 of the DER, wrapped: the same fingerprint; text without a certificate
+        // has none.
+        let pem = "-----BEGIN CERTIFICATE-----\nbm90IHJlYWxseSBhIGNl\ncnRpZmljYXRl\n-----END CERTIFICATE-----\n";
+        assert_eq!(CaFingerprint::of_pem(pem), Some(fp));
+        assert_eq!(CaFingerprint::of_pem("no certificate here"), None);
+        assert_eq!(
+            CaFingerprint::of_pem("-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----"),
+            None
+        );
         // The empty input's SHA-256, a known answer.
         assert_eq!(
             CaFingerprint::of_der(b"").to_string(),
