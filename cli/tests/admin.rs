@@ -493,6 +493,47 @@ async fn https_control_planes_are_trusted_through_the_ca_file() {
         .await;
     run.expect(0);
 
+    // A service's environment (no HOME, no login file) with the URL and token given: the
+    // login file is not looked for (what packaging/test-install.sh runs under systemd).
+    let mut bare = env.to_vec();
+    bare.extend([
+        ("KVFLEET_CLI_CONFIG", ""),
+        ("HOME", ""),
+        ("XDG_CONFIG_HOME", ""),
+    ]);
+    let run = cp
+        .kvfleet(&["nodes", "--ca-file", &ca_file], &bare, "")
+        .await;
+    run.expect(0);
+    let run = cp.kvfleet(&["nodes"], &bare, "").await;
+    run.expect(5);
+    assert!(run.stderr.contains("--ca-file"), "{run:?}");
+
+    // A join token comes with the fingerprint its agent pins: the CA's own.
+    let run = cp
+        .kvfleet(
+            &[
+                "tokens",
+                "create",
+                "--name",
+                "gpu-07",
+                "--role",
+                "join",
+                "--ca-file",
+                &ca_file,
+            ],
+            &env,
+            "",
+        )
+        .await;
+    run.expect(0);
+    let pin = kvfleet_proto::CaFingerprint::of_pem(cp.ca_pem.as_deref().unwrap()).unwrap();
+    assert!(
+        run.stderr.contains(&format!("ca_fingerprint = \"{pin}\"")),
+        "{run:?}"
+    );
+    assert!(run.stdout.trim().starts_with("kvf_"), "{run:?}");
+
     // `login` saves the CA file with the URL and the token; later commands need neither flag.
     let token_line = format!("{}\n", cp.admin_token);
     let run = cp

@@ -115,11 +115,14 @@ pub(crate) fn remove() -> Result<bool, CliError> {
 /// A client from the flags, the environment and the saved login. A token is required unless
 /// `token_optional` (e.g. `status`, which needs none).
 pub(crate) fn client(opts: &ApiOpts, token_optional: bool) -> Result<Client, CliError> {
-    let saved = if opts.url.is_some() && opts.token.is_some() && opts.ca_file.is_some() {
+    // With the URL and the token given, the login file is not read at all (a service without
+    // HOME has none); its CA file goes with its URL, so it is not wanted then either.
+    let saved = if opts.url.is_some() && opts.token.is_some() {
         CliFile::default()
     } else {
         load()?
     };
+    let saved_url = saved.url.as_deref().and_then(|u| normalize_url(u).ok());
     let url = opts.url.clone().or(saved.url).ok_or_else(|| {
         CliError::usage(
             "no control plane configured: run `kvfleet login URL`, or pass --url / set KVFLEET_URL",
@@ -133,7 +136,9 @@ pub(crate) fn client(opts: &ApiOpts, token_optional: bool) -> Result<Client, Cli
             "no token: run `kvfleet login`, or pass --token / set KVFLEET_TOKEN",
         ));
     }
-    let ca_file = opts.ca_file.clone().or(saved.ca_file);
+    // The saved CA file vouches for the saved URL only.
+    let saved_ca = saved.ca_file.filter(|_| saved_url.as_ref() == Some(&url));
+    let ca_file = opts.ca_file.clone().or(saved_ca);
     let ca_pem = read_ca_file(ca_file.as_deref())?;
     Client::new(url, token, ca_pem.as_deref()).map_err(CliError::from)
 }
