@@ -980,13 +980,14 @@ impl Checker<'_> {
             (None, None) => {}
         }
         let https = cp.url.starts_with("https://");
-        if https && cp.ca.is_none() && raw.ca_fingerprint.is_none() && raw.ca_file.is_none() {
+        let ca_given = raw.ca_fingerprint.is_some() || raw.ca_file.is_some();
+        if https && !ca_given {
             self.problem(
                 url_at,
                 "an https control plane needs control_plane.ca_fingerprint (the sha256:… the \
                  control plane logs at start) or ca_file (its CA certificate, PEM)",
             );
-        } else if !https && (raw.ca_fingerprint.is_some() || raw.ca_file.is_some()) {
+        } else if !https && ca_given {
             self.problem(
                 url_at,
                 "control_plane.ca_fingerprint / ca_file need an https:// url",

@@ -66,10 +66,17 @@ impl ResolvesServerCert for CurrentCert {
 pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
     current: Arc<CurrentCert>,
-    /// `Some` for a certificate issued from the fleet CA: its names, for renewal.
-    issued_for: Option<Vec<String>>,
-    /// When the served certificate should be replaced (issued certificates only).
-    renew_at: Arc<RwLock<Option<DateTime<Utc>>>>,
+    /// `Some` for a certificate issued from the fleet CA (renewed here); `None` for the
+    /// operator's files.
+    issued: Option<Arc<Reissue>>,
+}
+
+/// What renewing an issued certificate needs.
+#[derive(Debug)]
+struct Reissue {
+    names: Vec<String>,
+    /// When the served certificate should be replaced.
+    renew_at: RwLock<DateTime<Utc>>,
 }
 
 impl ServerTls {
@@ -80,12 +87,12 @@ impl ServerTls {
         validity: Duration,
         now: DateTime<Utc>,
     ) -> Result<Option<Self>, TlsError> {
-        let (key, issued_for, renew_at) = match config {
+        let (key, issued) = match config {
             TlsConfig::Off => return Ok(None),
             TlsConfig::Files {
                 cert_file,
                 key_file,
-            } => (load_files(cert_file, key_file)?, None, None),
+            } => (load_files(cert_file, key_file)?, None),
             TlsConfig::FleetCa { names } => {
                 let names = if names.is_empty() {
                     default_names()
@@ -93,7 +100,8 @@ impl ServerTls {
                     names.clone()
                 };
                 let (key, renew_at) = issue(ca, &names, validity, now)?;
-                (key, Some(names), Some(renew_at))
+                let renew_at = RwLock::new(renew_at);
+                (key, Some(Arc::new(Reissue { names, renew_at })))
             }
         };
         let current = Arc::new(CurrentCert(RwLock::new(Arc::new(key))));
@@ -107,8 +115,7 @@ impl ServerTls {
         Ok(Some(Self {
             config: Arc::new(server),
             current,
-            issued_for,
-            renew_at: Arc::new(RwLock::new(renew_at)),
+            issued,
         }))
     }
 
@@ -120,20 +127,15 @@ impl ServerTls {
         validity: Duration,
         now: DateTime<Utc>,
     ) -> Result<bool, TlsError> {
-        let Some(names) = &self.issued_for else {
+        let Some(issued) = &self.issued else {
             return Ok(false);
         };
-        let due = self
-            .renew_at
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| now >= at);
-        if !due {
+        if now < *issued.renew_at.read().unwrap_or_else(|e| e.into_inner()) {
             return Ok(false);
         }
-        let (key, renew_at) = issue(ca, names, validity, now)?;
+        let (key, renew_at) = issue(ca, &issued.names, validity, now)?;
         *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
-        *self.renew_at.write().unwrap_or_else(|e| e.into_inner()) = Some(renew_at);
+        *issued.renew_at.write().unwrap_or_else(|e| e.into_inner()) = renew_at;
         Ok(true)
     }
 
@@ -169,7 +171,10 @@ fn issue(
     let issued = ca.issue_server(names, now, validity)?;
     let key_pem = issued.private_key_pem.unwrap_or_default();
     let chain_pem = format!("{}{}", issued.cert_pem, ca.cert_pem());
-    let key = certified_key(chain_pem.as_bytes(), key_pem.as_bytes(), "issued")?;
+    let key = certified_key(
+        (chain_pem.as_bytes(), "the issued certificate"),
+        (key_pem.as_bytes(), "the issued key"),
+    )?;
     let life = (issued.not_after - issued.not_before).num_seconds().max(0);
     let renew_at = issued.not_before + chrono::Duration::seconds(life * 2 / 3);
     Ok((key, renew_at))
@@ -184,31 +189,28 @@ fn load_files(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsErro
     };
     let chain = read(cert_file)?;
     let key = read(key_file)?;
-    certified_key(&chain, &key, "").map_err(|e| match e {
-        TlsError::Pem { what, .. } if what == "CERTIFICATE" => TlsError::Pem {
-            path: cert_file.display().to_string(),
-            what,
-        },
-        TlsError::Pem { what, .. } => TlsError::Pem {
-            path: key_file.display().to_string(),
-            what,
-        },
-        other => other,
-    })
+    certified_key(
+        (&chain, &cert_file.display().to_string()),
+        (&key, &key_file.display().to_string()),
+    )
 }
 
-fn certified_key(chain_pem: &[u8], key_pem: &[u8], path: &str) -> Result<CertifiedKey, TlsError> {
+/// A chain and its key, each given with where it came from (for the error).
+fn certified_key(
+    (chain_pem, chain_source): (&[u8], &str),
+    (key_pem, key_source): (&[u8], &str),
+) -> Result<CertifiedKey, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
         .filter_map(Result::ok)
         .collect();
     if chain.is_empty() {
         return Err(TlsError::Pem {
-            path: path.to_owned(),
+            path: chain_source.to_owned(),
             what: "CERTIFICATE",
         });
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::Pem {
-        path: path.to_owned(),
+        path: key_source.to_owned(),
         what: "PRIVATE KEY",
     })?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(TlsError::Key)?;
