@@ -102,6 +102,9 @@ fn run(
 ) -> anyhow::Result<()> {
     let mut config = Config::new(url);
     config.database.max_connections = 32;
+    // The CA's sealing key goes to a scratch file, not the host's state directory.
+    config.ca.key_file =
+        std::env::temp_dir().join(format!("kvfleet-bench-{}-ca.key", std::process::id()));
     config.liveness.heartbeat_interval = Duration::from_secs(1);
     config.liveness.unhealthy_after = Duration::from_secs(10);
     config.liveness.lost_after = Duration::from_secs(60);

@@ -122,6 +122,9 @@ fn run(
 ) -> anyhow::Result<()> {
     let mut config = Config::new(url);
     config.database.max_connections = 32;
+    // The CA's sealing key goes to a scratch file, not the host's state directory.
+    config.ca.key_file =
+        std::env::temp_dir().join(format!("kvfleet-bench-{}-ca.key", std::process::id()));
     config.placement.interval = Duration::from_millis(200);
     let (addr, join, admin) = server_rt.block_on(async {
         let pool = kvfleet_controlplane::store::connect(&config.database).await?;

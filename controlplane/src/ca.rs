@@ -2,13 +2,12 @@
 //! QUIC mTLS.
 //!
 //! One CA per fleet, created by the first control plane that starts and stored in the
-//! `node_ca` table (key in the clear: protect the database and its backups; encryption at rest
-//! is not implemented). A certificate names its node (`CN = <node id>`, SANs
+//! `node_ca` table, its private key sealed under `ca.key_file` ([`crate::ca_key`]). A certificate names its node (`CN = <node id>`, SANs
 //! `<node id>.node.kvfleet`, the hostname and the node's IP addresses) and is valid for
 //! `ca.cert_validity`; agents renew before expiry. Removing a node revokes its certificates;
 //! the revoked serials are published at `GET /api/v1/ca` for peers to refuse.
 //!
-//! Signing is pure (time is passed in); [`load_or_create`] is the only IO.
+//! Signing is pure (time is passed in); [`crate::ca_key::load_or_create`] is the IO.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -21,7 +20,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SignatureAlgorithm,
 };
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use kvfleet_proto::api::{AgentPublicKey, KeyAlgorithm};
@@ -39,6 +37,8 @@ pub enum CaError {
     Time,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Sealing(#[from] crate::ca_key::SealError),
 }
 
 /// The CA's name, key and certificate.
@@ -304,34 +304,6 @@ impl NodeCa {
             not_after: DateTime::from_timestamp(not_after.timestamp(), 0).ok_or(CaError::Time)?,
         })
     }
-}
-
-/// Loads the fleet's CA, creating it if this is the first control plane to start. Concurrent
-/// first starts race on the insert; the loser reads the winner's CA.
-pub async fn load_or_create(pool: &PgPool, validity: Duration) -> Result<NodeCa, CaError> {
-    type Row = (String, String, String);
-    let load =
-        || sqlx::query_as::<_, Row>("SELECT name, cert_pem, key_pem FROM node_ca WHERE id = 1");
-    if let Some((name, cert, key)) = load().fetch_optional(pool).await? {
-        return NodeCa::from_stored(&name, &cert, &key);
-    }
-    let name = format!(
-        "kvfleet node CA {}",
-        &Uuid::new_v4().simple().to_string()[..8]
-    );
-    let (ca, key_pem) = NodeCa::generate(&name, Utc::now(), validity)?;
-    sqlx::query(
-        "INSERT INTO node_ca (id, name, cert_pem, key_pem) VALUES (1, $1, $2, $3)
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(&name)
-    .bind(ca.cert_pem())
-    .bind(&key_pem)
-    .execute(pool)
-    .await?;
-    // Read back: another replica may have won the race.
-    let (name, cert, key) = load().fetch_one(pool).await?;
-    NodeCa::from_stored(&name, &cert, &key)
 }
 
 #[cfg(test)]

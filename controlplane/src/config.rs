@@ -133,7 +133,13 @@ pub struct WatchConfig {
 pub struct CaConfig {
     pub cert_validity: Duration,
     pub ca_validity: Duration,
+    /// The key (0600) that seals the CA's private key in Postgres. Created with the CA by the
+    /// first control plane; every other control-plane host needs a copy.
+    pub key_file: PathBuf,
 }
+
+/// The default [`CaConfig::key_file`]: in the unit's `StateDirectory=`.
+pub const DEFAULT_CA_KEY_FILE: &str = "/var/lib/kvfleet/controlplane-ca.key";
 
 /// `[tls]`: how the REST API and the web UI are served.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -195,6 +201,7 @@ impl Config {
             ca: CaConfig {
                 cert_validity: Duration::from_secs(7 * 86_400),
                 ca_validity: Duration::from_secs(3650 * 86_400),
+                key_file: PathBuf::from(DEFAULT_CA_KEY_FILE),
             },
             tls: TlsConfig::Off,
             metrics: MetricsConfig {
@@ -343,17 +350,8 @@ impl Config {
                 _ => reader.problem(origin, "auth.bootstrap_admin_token", "must be a string"),
             }
         }
-        if let Some((value, origin)) = reader.take("auth.bootstrap_token_file") {
-            match value {
-                toml::Value::String(path) if path.starts_with('/') => {
-                    config.auth.bootstrap_token_file = PathBuf::from(path);
-                }
-                _ => reader.problem(
-                    origin,
-                    "auth.bootstrap_token_file",
-                    "must be an absolute path",
-                ),
-            }
+        if let Some(path) = reader.absolute_path("auth.bootstrap_token_file") {
+            config.auth.bootstrap_token_file = path;
         }
         reader.duration(
             "liveness.heartbeat_interval",
@@ -377,6 +375,9 @@ impl Config {
         reader.duration("watch.max_wait", &mut config.watch.max_wait);
         reader.duration("ca.cert_validity", &mut config.ca.cert_validity);
         reader.duration("ca.ca_validity", &mut config.ca.ca_validity);
+        if let Some(path) = reader.absolute_path("ca.key_file") {
+            config.ca.key_file = path;
+        }
         config.tls = reader.tls();
         reader.duration("metrics.raw_retention", &mut config.metrics.raw_retention);
         reader.duration("metrics.rollup_bucket", &mut config.metrics.rollup_bucket);

@@ -9,7 +9,8 @@
 //!   desired-state generations.
 //! - [`auth`]: bearer tokens, roles, the authorization matrix.
 //! - [`api`]: `/api/v1` handlers, problem JSON, the OpenAPI document, wire types.
-//! - [`ca`]: the node CA issuing agents' peer certificates.
+//! - [`ca`]: the node CA issuing agents' peer certificates; [`ca_key`]: its private key sealed
+//!   at rest under a key file on the control-plane hosts.
 //! - [`placement`] and [`liveness`]: pure decisions; [`leader`]: the election and the loops
 //!   that apply them; [`metrics`]: fleet metrics from heartbeats.
 //! - [`systemd`]: `READY=1` / `WATCHDOG=1` / `STOPPING=1` for the `Type=notify` unit.
@@ -36,6 +37,7 @@ macro_rules! sql {
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod ca_key;
 pub mod config;
 pub mod fleet_gauges;
 pub mod kv_index;
@@ -113,7 +115,7 @@ impl AppState {
         let kv = kv_index::KvIndex::load(&pool, kv)
             .await
             .context("rebuilding the KV index from Postgres")?;
-        let ca = ca::load_or_create(&pool, config.ca.ca_validity)
+        let ca = ca_key::load_or_create(&pool, &config.ca.key_file, config.ca.ca_validity)
             .await
             .context("loading the node CA")?;
         let tls = tls::ServerTls::new(

@@ -1041,6 +1041,96 @@ async fn bootstrap_creates_one_admin_token_once(pool: PgPool) {
     server.stop().await;
 }
 
+/// The node CA's private key is never in the database in the clear: it is sealed under
+/// `ca.key_file`, which every replica needs; a key stored in the clear by an older version is
+/// sealed on the next start, and the CA stays the same.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn the_node_ca_key_is_sealed_at_rest_under_the_key_file(pool: PgPool) {
+    let stored = |pool: PgPool| async move {
+        sqlx::query_as::<_, (String, String)>("SELECT cert_pem, key_pem FROM node_ca WHERE id = 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let mut config = test_config();
+    config.ca.key_file = scratch_file("ca.key");
+    let first = start(&pool, config.clone()).await;
+    let fingerprint = first.state.ca.fingerprint();
+    first.stop().await;
+    let (cert, key) = stored(pool.clone()).await;
+    assert!(key.starts_with("kvfleet-sealed:v1:"), "{key}");
+    assert!(!key.contains("PRIVATE KEY"));
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&config.ca.key_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // A second replica with the same key file signs with the same CA.
+    let again = start(&pool, config.clone()).await;
+    assert_eq!(again.state.ca.fingerprint(), fingerprint);
+    again.stop().await;
+
+    // Without the key file, or with another one, the replica does not start, and says which
+    // file to copy from where.
+    let own_pool = || async {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .unwrap()
+    };
+    let mut missing = config.clone();
+    missing.ca.key_file = scratch_file("absent.key");
+    let err = kvfleet_controlplane::AppState::new(own_pool().await, missing)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("copy that file from the control-plane host"),
+        "{err:#}"
+    );
+    let mut other = config.clone();
+    other.ca.key_file = scratch_file("other.key");
+    std::fs::copy(&config.ca.key_file, &other.ca.key_file).unwrap();
+    let mut text = std::fs::read_to_string(&other.ca.key_file).unwrap();
+    let last = text.trim_end().len() - 1;
+    let flipped = if &text[last..=last] == "0" { "1" } else { "0" };
+    text.replace_range(last..=last, flipped);
+    std::fs::write(&other.ca.key_file, text).unwrap();
+    let err = kvfleet_controlplane::AppState::new(own_pool().await, other)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("sealed with another key file"),
+        "{err:#}"
+    );
+
+    // A database from before sealing (the key in the clear) is sealed in place at start.
+    let (ca, clear_key) = kvfleet_controlplane::ca::NodeCa::generate(
+        "legacy CA",
+        chrono::Utc::now(),
+        std::time::Duration::from_secs(86_400 * 30),
+    )
+    .unwrap();
+    sqlx::query("UPDATE node_ca SET name = 'legacy CA', cert_pem = $1, key_pem = $2 WHERE id = 1")
+        .bind(ca.cert_pem())
+        .bind(&clear_key)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let legacy = start(&pool, config.clone()).await;
+    assert_eq!(legacy.state.ca.fingerprint(), ca.fingerprint());
+    legacy.stop().await;
+    let (cert_after, key_after) = stored(pool.clone()).await;
+    assert_eq!(cert_after, ca.cert_pem());
+    assert_ne!(cert_after, cert);
+    assert!(key_after.starts_with("kvfleet-sealed:v1:"));
+    assert!(!key_after.contains("PRIVATE KEY"));
+}
+
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn a_newer_schema_is_refused_with_a_clear_message(pool: PgPool) {
     let known = kvfleet_controlplane::store::known_version();

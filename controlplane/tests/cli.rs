@@ -197,6 +197,10 @@ async fn serve_speaks_the_systemd_notify_protocol(pool: PgPool) {
                 dir.join("admin-token").display()
             ),
         ])
+        .args([
+            "--set",
+            &format!("ca.key_file={}", dir.join("ca.key").display()),
+        ])
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "400000")
         .stdout(std::process::Stdio::null())

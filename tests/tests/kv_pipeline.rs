@@ -39,6 +39,8 @@ async fn start(pool: &PgPool, port: u16) -> ControlPlane {
     config.liveness.unhealthy_after = Duration::from_millis(2000);
     config.liveness.lost_after = Duration::from_millis(5000);
     config.liveness.check_interval = Duration::from_millis(100);
+    config.ca.key_file =
+        std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
     let own = PgPoolOptions::new()
         .max_connections(16)
         .connect_with((*pool.connect_options()).clone())

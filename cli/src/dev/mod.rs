@@ -393,6 +393,8 @@ async fn start_and_serve(
                 &api_addr,
             ])
             .env("KVFLEET_AUTH__BOOTSTRAP_ADMIN_TOKEN", &admin_token)
+            // The node CA's key is sealed under a key file beside the dev cluster.
+            .env("KVFLEET_CA__KEY_FILE", state.join("controlplane-ca.key"))
             // Quicker feedback on one machine than the production defaults.
             .env("KVFLEET_LIVENESS__HEARTBEAT_INTERVAL", "1s")
             .env("KVFLEET_PLACEMENT__INTERVAL", "1s");

@@ -57,6 +57,9 @@ pub fn test_config() -> Config {
     config.watch.max_wait = Duration::from_secs(5);
     // A first admin token made by bootstrap goes here, not into the host's state directory.
     config.auth.bootstrap_token_file = scratch_file("admin-token");
+    // One CA sealing key per test process: the control planes of one test share a database.
+    config.ca.key_file =
+        std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
     config
 }
 

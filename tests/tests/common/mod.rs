@@ -117,6 +117,9 @@ impl ControlPlane {
             std::process::id(),
             addr.port()
         ));
+        // One CA sealing key per test process: its control planes share one database.
+        config.ca.key_file =
+            std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
         configure(&mut config);
         let https = config.tls != kvfleet_controlplane::config::TlsConfig::Off;
         // A restarted replica takes the port its agents know; it was just freed, so retry
