@@ -297,3 +297,132 @@ fn sample(text: &str, series: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// Postgres over TLS, verified (`sslmode=verify-full` with the operator's CA in `sslrootcert`):
+/// the control plane connects, migrates and serves over it; a server whose certificate is not
+/// from that CA is refused, and so is a plain connection to a server that allows only TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_talks_to_postgres_over_verified_tls() {
+    let cluster = match private_cluster() {
+        Ok(cluster) => cluster,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+    // The database's certificate comes from an operator's CA (a fresh one here), for
+    // `localhost` and 127.0.0.1.
+    let now = chrono::Utc::now();
+    let day = Duration::from_secs(86_400);
+    let (pg_ca, _) = kvfleet_controlplane::ca::NodeCa::generate("db CA", now, day * 30).unwrap();
+    let server_cert = pg_ca
+        .issue_server(&["localhost".into(), "127.0.0.1".into()], now, day)
+        .unwrap();
+    let (foreign_ca, _) =
+        kvfleet_controlplane::ca::NodeCa::generate("another CA", now, day * 30).unwrap();
+    let data = cluster.dir.join("data");
+    std::fs::write(data.join("server.crt"), &server_cert.cert_pem).unwrap();
+    std::fs::write(
+        data.join("server.key"),
+        server_cert.private_key_pem.as_deref().unwrap(),
+    )
+    .unwrap();
+    let root = cluster.dir.join("db-ca.pem");
+    std::fs::write(&root, pg_ca.cert_pem()).unwrap();
+    let foreign = cluster.dir.join("foreign-ca.pem");
+    std::fs::write(&foreign, foreign_ca.cert_pem()).unwrap();
+    for file in ["server.crt", "server.key"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = data.join(file);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    // TCP only over TLS, with a password (scram); the socket stays trusted for the set-up.
+    let password = "tls-test-password";
+    let psql = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(cluster.bin.join("psql"))
+        .arg("-h")
+        .arg(&cluster.dir)
+        .args(["-p", &cluster.port.to_string(), "-q", "-c"])
+        .arg(format!("ALTER ROLE postgres PASSWORD '{password}'"))
+        .status()
+        .unwrap();
+    assert!(psql.success());
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .unwrap();
+    std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+    drop(conf);
+    cluster.pg_ctl(&["-m", "fast", "restart"]);
+
+    let url = |host: &str, mode: &str, root: &Path| {
+        format!(
+            "postgres://postgres:{password}@{host}:{}/postgres?sslmode={mode}&sslrootcert={}",
+            cluster.port,
+            root.display()
+        )
+    };
+    let connect = |url: String| async move {
+        let mut config = test_config();
+        config.database.url = url;
+        config.database.max_connections = 2;
+        config.database.connect_timeout = Duration::from_secs(5);
+        kvfleet_controlplane::store::connect(&config.database).await
+    };
+
+    let pool = connect(url("localhost", "verify-full", &root))
+        .await
+        .expect("verify-full with the database's CA connects");
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ssl, "the connection is encrypted");
+    pool.close().await;
+
+    let err = connect(url("localhost", "verify-full", &foreign))
+        .await
+        .expect_err("a certificate from another CA is refused");
+    assert!(
+        format!("{err}").to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    let err = connect(url("127.0.0.1", "disable", &root))
+        .await
+        .expect_err("a plain connection is refused by a TLS-only server");
+    assert!(format!("{err}").contains("no encryption"), "{err}");
+
+    // The control plane itself: migrates and serves over the verified connection.
+    let mut config = test_config();
+    config.database.url = url("localhost", "verify-full", &root);
+    let admin = kvfleet_controlplane::auth::generate_token();
+    config.auth.bootstrap_admin_token = Some(admin.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(kvfleet_controlplane::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    eventually(Duration::from_secs(15), "the API to answer", || async {
+        (call(Method::GET, &format!("{base}/nodes"), Some(&admin), None)
+            .await
+            .status
+            == StatusCode::OK)
+            .then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
