@@ -227,6 +227,38 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
     assert_eq!(completion["object"], "chat.completion", "{completion}");
     assert!(completion["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     assert!(dev.stderr().contains("creating a PostgreSQL cluster"));
+    // The cluster trusts nobody: TCP needs the kvfleet role's password (kept 0600 beside it),
+    // and the password is not on any process's command line.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let pg = state.join("pg");
+        let hba = std::fs::read_to_string(pg.join("data/pg_hba.conf")).unwrap();
+        assert!(!hba.contains("trust"), "{hba}");
+        assert!(hba.contains("scram-sha-256"), "{hba}");
+        let password_file = pg.join("kvfleet-password");
+        let mode = std::fs::metadata(&password_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let password = std::fs::read_to_string(&password_file).unwrap();
+        let password = password.trim();
+        let url = |auth: &str| format!("postgres://{auth}@127.0.0.1:{}/kvfleet", ports.pg);
+        let refused = <sqlx::PgConnection as sqlx::Connection>::connect(&url("kvfleet")).await;
+        assert!(refused.is_err(), "no password, no connection");
+        let accepted =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&url(&format!("kvfleet:{password}")))
+                .await;
+        assert!(accepted.is_ok(), "{:?}", accepted.err());
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            assert!(
+                !cmdline.contains(password),
+                "the password is on a command line: {cmdline}"
+            );
+        }
+    }
 
     // The admin commands see the fleet kvfleet dev made.
     let api = format!("http://127.0.0.1:{}", ports.api);

@@ -385,13 +385,10 @@ async fn start_and_serve(
         let mut command = tokio::process::Command::new(controlplane_bin);
         scrub_env(command.as_std_mut());
         command
-            .args([
-                "serve",
-                "--database-url",
-                &database_url,
-                "--listen",
-                &api_addr,
-            ])
+            .args(["serve", "--listen", &api_addr])
+            // The URL may hold a password: the environment, not the command line, carries it.
+            .env_remove("DATABASE_URL")
+            .env("KVFLEET_DATABASE__URL", &database_url)
             .env("KVFLEET_AUTH__BOOTSTRAP_ADMIN_TOKEN", &admin_token)
             // The node CA's key is sealed under a key file beside the dev cluster.
             .env("KVFLEET_CA__KEY_FILE", state.join("controlplane-ca.key"))
@@ -598,7 +595,8 @@ fn recover_admin_token(
             "--name",
             "kvfleet-dev",
         ])
-        .args(["--database-url", database_url])
+        .env_remove("DATABASE_URL")
+        .env("KVFLEET_DATABASE__URL", database_url)
         .output()
         .with_context(|| format!("running {} token create", controlplane_bin.display()))?;
     if !output.status.success() {

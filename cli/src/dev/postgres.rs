@@ -1,9 +1,16 @@
 //! The private PostgreSQL cluster of `kvfleet dev`, under `<state>/pg`.
 //!
-//! Created once with `initdb` (trust authentication, listening on 127.0.0.1 only), started with
-//! `pg_ctl`, and reused when it is already running (a previous `kvfleet dev` that was killed,
-//! or `--keep-postgres`). PostgreSQL refuses to run as root, so as root every server command
-//! runs as the `postgres` user through `runuser`, and the cluster's directory belongs to it.
+//! Created once with `initdb`, listening on 127.0.0.1 only, started with `pg_ctl`, and reused
+//! when it is already running (a previous `kvfleet dev` that was killed, or `--keep-postgres`).
+//! PostgreSQL refuses to run as root, so as root every server command runs as the `postgres`
+//! user through `runuser`, and the cluster's directory belongs to it.
+//!
+//! Authentication (never `trust`): TCP connections need the `kvfleet` role's scram password,
+//! generated once into `<state>/pg/kvfleet-password` (0600) and carried in the URL handed to the
+//! control plane through its environment, not its command line; the superuser is reached only
+//! through the cluster's own socket directory with `peer` authentication (set-up SQL, run as the
+//! superuser's own Unix user). A cluster made by an older `kvfleet dev` with `trust` is switched
+//! over at its next start.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,13 +40,65 @@ pub(crate) fn find_bindir() -> Option<PathBuf> {
 }
 
 /// The private cluster (running once [`Cluster::ensure`] returns).
-#[derive(Debug)]
 pub(crate) struct Cluster {
     bindir: PathBuf,
     dir: PathBuf,
     port: u16,
     /// Whether server commands go through `runuser -u postgres`.
     as_postgres: bool,
+    /// The database superuser: `postgres` when run as root (through `runuser`), else the Unix
+    /// user running `kvfleet dev`, so that `peer` authentication maps one to the other.
+    superuser: String,
+    /// The `kvfleet` role's password.
+    password: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("dir", &self.dir)
+            .field("port", &self.port)
+            .field("superuser", &self.superuser)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who may connect how: the superuser over the socket as its own Unix user, everyone else over
+/// TCP with a scram password. Written at every start, so an old `trust` cluster is switched over.
+const PG_HBA: &str = "\
+# Written by kvfleet dev at every start; edits are replaced.
+local all all peer
+host all all 127.0.0.1/32 scram-sha-256
+";
+
+fn current_user() -> anyhow::Result<String> {
+    let output = Command::new("id")
+        .arg("-un")
+        .output()
+        .context("running id -un")?;
+    let name = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    anyhow::ensure!(!name.is_empty(), "id -un printed no user name");
+    Ok(name)
+}
+
+/// The `kvfleet` role's password: made once (random, URL-safe) and kept at `path`, 0600.
+fn password(path: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let text = text.trim();
+        if !text.is_empty() {
+            return Ok(text.to_owned());
+        }
+    }
+    let mut bytes = [0u8; 24];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?,
+        &mut bytes,
+    )
+    .context("reading /dev/urandom")?;
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    crate::admin::config::write_private(path, &format!("{password}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(password)
 }
 
 fn is_root() -> bool {
@@ -55,15 +114,20 @@ impl Cluster {
     /// The cluster under `dir` on `port`, started if needed; its database `kvfleet` exists.
     pub(crate) fn ensure(bindir: PathBuf, dir: &Path, port: u16) -> anyhow::Result<Cluster> {
         let as_postgres = is_root();
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cluster = Cluster {
             bindir,
             dir: dir.to_path_buf(),
             port,
             as_postgres,
+            superuser: if as_postgres {
+                "postgres".to_owned()
+            } else {
+                current_user()?
+            },
+            password: password(&dir.join("kvfleet-password"))?,
         };
         let data = cluster.data();
-        std::fs::create_dir_all(&cluster.dir)
-            .with_context(|| format!("creating {}", cluster.dir.display()))?;
         if as_postgres {
             // The server runs as postgres: it owns its directory and must reach it.
             run_quiet(Command::new("chown").arg("postgres:").arg(&cluster.dir))
@@ -79,6 +143,11 @@ impl Cluster {
             crate::dev::progress(&format!(
                 "reusing the running PostgreSQL cluster on port {port}"
             ));
+            if cluster.write_hba()? {
+                let mut reload = cluster.server_command("pg_ctl");
+                reload.arg("-D").arg(&data).arg("reload");
+                run_quiet(&mut reload).context("reloading PostgreSQL's pg_hba.conf")?;
+            }
         } else {
             if !data.join("PG_VERSION").exists() {
                 crate::dev::progress(&format!(
@@ -89,9 +158,11 @@ impl Cluster {
                 initdb
                     .arg("-D")
                     .arg(&data)
-                    .args(["--auth=trust", "-U", "postgres", "-E", "UTF8"]);
+                    .args(["--auth-local=peer", "--auth-host=scram-sha-256"])
+                    .args(["-U", &cluster.superuser, "-E", "UTF8"]);
                 run_quiet(&mut initdb).context("initdb")?;
             }
+            cluster.write_hba()?;
             crate::dev::progress(&format!("starting PostgreSQL on 127.0.0.1:{port}"));
             let mut start = cluster.server_command("pg_ctl");
             start
@@ -119,8 +190,24 @@ impl Cluster {
         self.dir.join("data")
     }
 
+    /// The `kvfleet` role's URL. It holds the password: hand it to children through their
+    /// environment, never their command line (which every local user can read).
     pub(crate) fn url(&self) -> String {
-        format!("postgres://kvfleet@127.0.0.1:{}/kvfleet", self.port)
+        format!(
+            "postgres://kvfleet:{}@127.0.0.1:{}/kvfleet",
+            self.password, self.port
+        )
+    }
+
+    /// Puts [`PG_HBA`] in place; whether it changed (a running server then reloads it).
+    fn write_hba(&self) -> anyhow::Result<bool> {
+        let path = self.data().join("pg_hba.conf");
+        if std::fs::read_to_string(&path).is_ok_and(|text| text == PG_HBA) {
+            return Ok(false);
+        }
+        // The file exists (initdb made it) and keeps its owner; only its text is replaced.
+        std::fs::write(&path, PG_HBA).with_context(|| format!("writing {}", path.display()))?;
+        Ok(true)
     }
 
     fn server_command(&self, program: &str) -> Command {
@@ -141,24 +228,40 @@ impl Cluster {
             .is_ok_and(|s| s.success())
     }
 
-    /// The `kvfleet` role and database, created when missing (idempotent).
+    /// The `kvfleet` role (with its password, set at every start) and database, created when
+    /// missing (idempotent). Run as the superuser over the socket; the SQL (and the password in
+    /// it) goes through stdin.
     fn create_database(&self) -> anyhow::Result<()> {
-        const SQL: &str = "\
+        let sql = format!(
+            "\
 SELECT 'CREATE ROLE kvfleet LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kvfleet')
 \\gexec
+ALTER ROLE kvfleet PASSWORD '{}';
 SELECT 'CREATE DATABASE kvfleet OWNER kvfleet' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'kvfleet')
 \\gexec
-";
-        let mut child = Command::new(self.bindir.join("psql"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
+",
+            self.password
+        );
+        let mut child = self
+            .server_command("psql")
+            .args(["-q", "-h"])
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string()])
+            .args([
+                "-U",
+                &self.superuser,
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("running psql")?;
         if let Some(mut stdin) = child.stdin.take() {
-            std::io::Write::write_all(&mut stdin, SQL.as_bytes()).context("writing to psql")?;
+            std::io::Write::write_all(&mut stdin, sql.as_bytes()).context("writing to psql")?;
         }
         let output = child.wait_with_output().context("running psql")?;
         if !output.status.success() {
