@@ -302,9 +302,20 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     done
     # The agent's port is the one the edit above set.
     echo "agent http $(http_status 8100 /ready)"
-    echo "controlplane http $(http_status 8080 /api/v1/status)"
+    # The packaged control plane serves HTTPS from the fleet CA: the CLI trusts it through the
+    # CA certificate `kvfleet-controlplane ca` prints; plain HTTP gets no HTTP answer.
+    runuser -u kvfleet -- kvfleet-controlplane ca >/root/fleet-ca.pem 2>/root/fleet-ca.txt
+    fingerprint="$(sed -n 's/^ca_fingerprint = "\(.*\)"$/\1/p' /root/fleet-ca.txt)"
+    [ -n "$fingerprint" ] && echo "controlplane ca printed with its fingerprint"
+    # (HOME as in an admin's shell: the CLI looks for its login file there.)
+    export HOME=/root KVFLEET_URL=https://127.0.0.1:8080 KVFLEET_CA_FILE=/root/fleet-ca.pem
+    kvfleet api /api/v1/status | grep -q '"schema_version"' && echo "controlplane https status"
     # The web UI is compiled into the binary: the package has no other assets to carry.
-    echo "controlplane ui $(http_status 8080 /ui/)"
+    kvfleet api /ui/ | grep -qi '<html' && echo "controlplane https ui"
+    case "$(http_status 8080 /api/v1/status 2>/dev/null)" in
+        [0-9][0-9][0-9]) ;;
+        *) echo "controlplane plain http not served" ;;
+    esac
     if [ -f /var/lib/kvfleet/models/smollm2.gguf ]; then
         body='{"model":"smollm2-135m","messages":[{"role":"user","content":"Say hi."}],"max_tokens":4,"temperature":0}'
         exec 3<>/dev/tcp/127.0.0.1/8100
@@ -326,13 +337,11 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
         admin="$(token admin)"
         # [control_plane] replaces [[workers]] (check-config refuses both).
         sed -i '/^\[\[workers\]\]/,/^$/d' /etc/kvfleet/agent.toml
-        printf '\n[control_plane]\nurl = "http://127.0.0.1:8080"\njoin_token = "%s"\n' "$(token join)" >>/etc/kvfleet/agent.toml
+        printf '\n[control_plane]\nurl = "https://127.0.0.1:8080"\nca_fingerprint = "%s"\njoin_token = "%s"\n' \
+            "$fingerprint" "$(token join)" >>/etc/kvfleet/agent.toml
         systemctl restart kvfleet-agent.service
         for _ in $(seq 1 50); do
-            exec 3<>/dev/tcp/127.0.0.1/8080
-            printf 'GET /api/v1/nodes HTTP/1.0\r\nHost: probe\r\nAuthorization: Bearer %s\r\n\r\n' "$admin" >&3
-            nodes="$(cat <&3)"
-            exec 3>&-
+            nodes="$(KVFLEET_TOKEN="$admin" kvfleet nodes --json 2>&1)"
             grep -q '"hostname"' <<<"$nodes" && break
             sleep 0.2
         done
@@ -340,7 +349,7 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
         [ -n "$(ls -A /var/lib/kvfleet/agent 2>/dev/null)" ] && echo "join state saved"
         systemctl show -p ActiveState kvfleet-agent.service | sed "s/^/kvfleet-agent joined /"
         # The guide's first deployment and first request, with the packaged CLI.
-        export KVFLEET_URL=http://127.0.0.1:8080 KVFLEET_TOKEN="$admin"
+        export KVFLEET_TOKEN="$admin"
         printf 'name = "probe-mock"\nformat = "mock"\npath = "mock"\n' >/root/model.toml
         printf 'name = "probe"\nmodel = "probe-mock"\n[placement]\nallow_cpu = true\n' >/root/deployment.toml
         kvfleet models apply -f /root/model.toml >/dev/null && kvfleet deployments apply -f /root/deployment.toml >/dev/null &&
@@ -392,8 +401,8 @@ EOF
     # Joining the control plane, when this agent build has the client ([control_plane] passes
     # check-config): registration and the node's saved credential under the sandbox.
     join=0
-    printf '[control_plane]\nurl = "http://127.0.0.1:8080"\njoin_token = "kvf_aaaaaaaaaaaa_%s"\n' \
-        "$(printf 'b%.0s' $(seq 43))" >"$root/tmp/cp-probe.toml"
+    printf '[control_plane]\nurl = "https://127.0.0.1:8080"\nca_fingerprint = "sha256:%s"\njoin_token = "kvf_aaaaaaaaaaaa_%s"\n' \
+        "$(printf 'c%.0s' $(seq 64))" "$(printf 'b%.0s' $(seq 43))" >"$root/tmp/cp-probe.toml"
     if in_root kvfleet-agent check-config /tmp/cp-probe.toml >/dev/null 2>&1; then
         join=1
         touch "$root/root/join-probe"
@@ -448,8 +457,10 @@ kvfleet-controlplane Seccomp: 2
 kvfleet-controlplane CapBnd: 0000000000000000
 kvfleet-controlplane journal KVFLEET_COMPONENT=controlplane
 agent http 200
-controlplane http 200
-controlplane ui 200
+controlplane ca printed with its fingerprint
+controlplane https status
+controlplane https ui
+controlplane plain http not served
 kvfleet-agent restarted by the upgrade
 kvfleet-agent after upgrade ActiveState=active
 kvfleet-agent stopped Result=success

@@ -534,6 +534,26 @@ async fn https_control_planes_are_trusted_through_the_ca_file() {
     );
     assert!(run.stdout.trim().starts_with("kvf_"), "{run:?}");
 
+    // `kvfleet api` GETs any path through the same URL, token and CA: the API and the UI.
+    let run = cp
+        .kvfleet(&["api", "/api/v1/status", "--ca-file", &ca_file], &env, "")
+        .await;
+    run.expect(0);
+    assert!(run.stdout.contains("\"schema_version\""), "{run:?}");
+    let run = cp
+        .kvfleet(&["api", "/ui/", "--ca-file", &ca_file], &env, "")
+        .await;
+    run.expect(0);
+    assert!(run.stdout.to_lowercase().contains("<html"), "{run:?}");
+    let run = cp
+        .kvfleet(&["api", "/api/v1/nope", "--ca-file", &ca_file], &env, "")
+        .await;
+    run.expect(4);
+    let run = cp
+        .kvfleet(&["api", "status", "--ca-file", &ca_file], &env, "")
+        .await;
+    run.expect(2);
+
     // `login` saves the CA file with the URL and the token; later commands need neither flag.
     let token_line = format!("{}\n", cp.admin_token);
     let run = cp

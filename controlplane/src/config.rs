@@ -887,6 +887,9 @@ lost_after = "1m"
         let config = Config::load(&file(text)).unwrap();
         let mut want = Config::new("postgres://kvfleet@127.0.0.1:5432/kvfleet");
         want.listen = "0.0.0.0:8080".parse().unwrap();
+        // The one deliberate difference: installed control planes serve HTTPS from the fleet CA,
+        // while `Config::new` (tests, `kvfleet dev` on loopback) serves plain HTTP.
+        want.tls = TlsConfig::FleetCa { names: Vec::new() };
         assert_eq!(config, want);
         let table: toml::Table = text.parse().unwrap();
         // Commented out: their defaults are "unset" (or depend on the mode).

@@ -36,6 +36,11 @@ enum Command {
     Migrate,
     /// Check the configuration and print every problem with where it came from.
     CheckConfig,
+    /// Print the fleet CA's certificate (PEM, on stdout) and, on stderr, the
+    /// `ca_fingerprint = "sha256:…"` line agents pin: what the CLI's --ca-file and every agent
+    /// need to trust an https control plane. Reads the database; the CA exists once the control
+    /// plane has started.
+    Ca,
     /// Manage API tokens directly in the database (for the first admin, or a lost one).
     Token {
         #[command(subcommand)]
@@ -198,6 +203,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             match print_line(&token) {
                 ExitCode::SUCCESS => Ok(()),
                 _ => anyhow::bail!("could not write the token to stdout"),
+            }
+        }
+        Command::Ca => {
+            let pool = connect(&config).await?;
+            let cert: Option<String> =
+                sqlx::query_scalar("SELECT cert_pem FROM node_ca WHERE id = 1")
+                    .fetch_optional(&pool)
+                    .await
+                    .context("reading the fleet CA (is the schema migrated?)")?;
+            let cert = cert.context(
+                "this fleet has no CA yet: start the control plane once (systemctl start \
+                 kvfleet-controlplane), then ask again",
+            )?;
+            let fingerprint = kvfleet_proto::CaFingerprint::of_pem(&cert)
+                .context("the stored CA certificate is not PEM")?;
+            eprintln!("# the fleet CA; agents pin it with this line in [control_plane]:");
+            eprintln!("ca_fingerprint = \"{fingerprint}\"");
+            match print_line(cert.trim_end()) {
+                ExitCode::SUCCESS => Ok(()),
+                _ => anyhow::bail!("could not write the certificate to stdout"),
             }
         }
         Command::Token {

@@ -158,6 +158,33 @@ async fn migrate_and_token_create_work_against_a_database(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(audited, 1);
+
+    // `ca`: before the first start there is no CA, and it says what to do.
+    let ca = || {
+        binary()
+            .args(["ca", "--config", "/dev/null"])
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let output = ca();
+    assert!(!output.status.success());
+    assert!(text(&output).1.contains("start the control plane once"));
+    // Once the CA exists: its certificate on stdout, the line agents pin on stderr.
+    let mut config = kvfleet_controlplane::Config::new(url.clone());
+    config.ca.key_file =
+        std::env::temp_dir().join(format!("kvfleet-cli-ca-{}.key", std::process::id()));
+    let state = kvfleet_controlplane::AppState::new(pool.clone(), config)
+        .await
+        .unwrap();
+    let output = ca();
+    assert!(output.status.success(), "{:?}", text(&output));
+    let (stdout, stderr) = text(&output);
+    assert_eq!(stdout.trim(), state.ca.cert_pem().trim());
+    assert!(
+        stderr.contains(&format!("ca_fingerprint = \"{}\"", state.ca.fingerprint())),
+        "{stderr}"
+    );
 }
 
 /// `serve` under a stand-in for systemd: READY=1 once it accepts requests, WATCHDOG=1 pings,

@@ -141,6 +141,26 @@ pub(crate) fn logout() -> Result<(), CliError> {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct RawArgs {
+    /// A path from the server's root, starting with `/`.
+    path: String,
+    #[command(flatten)]
+    api: ApiOpts,
+}
+
+pub(crate) async fn raw(args: RawArgs) -> Result<(), CliError> {
+    if !args.path.starts_with('/') {
+        return Err(CliError::usage(format!(
+            "{:?}: give a path from the server's root, such as /api/v1/status",
+            args.path
+        )));
+    }
+    let client = config::client(&args.api, true)?;
+    let body = client.get_raw(&args.path).await?;
+    output::print_text(&body)
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
     #[command(flatten)]
     api: ApiOpts,

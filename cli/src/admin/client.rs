@@ -221,7 +221,35 @@ impl Client {
             url.query_pairs_mut().extend_pairs(query);
         }
         let url = url.to_string();
-        let mut request = self.http.request(method, &url);
+        let (status, bytes) = self.exchange(method, &url, body).await?;
+        if status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ApiError::Decode {
+                url,
+                reason: format!("{e} (is this a kvfleet control plane of a compatible version?)"),
+            })
+    }
+
+    /// GET of any path under the server's root (`/api/v1/status`, `/ui/`, `/metrics`): the
+    /// body as text, for `kvfleet api`.
+    pub(crate) async fn get_raw(&self, path: &str) -> Result<String, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let (_, bytes) = self.exchange::<()>(Method::GET, &url, None).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// One request and its whole answer; an error status becomes [`ApiError::Status`] with the
+    /// problem JSON it carried (or one made from the body).
+    async fn exchange<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&B>,
+    ) -> Result<(StatusCode, Vec<u8>), ApiError> {
+        let mut request = self.http.request(method, url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -262,15 +290,7 @@ impl Client {
                 request_id,
             });
         }
-        if status == StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ApiError::Decode {
-                url,
-                reason: format!("{e} (is this a kvfleet control plane of a compatible version?)"),
-            })
+        Ok((status, bytes.to_vec()))
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(

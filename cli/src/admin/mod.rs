@@ -167,6 +167,11 @@ pub(crate) enum AdminCommand {
     /// Performance profiles: list a model's, upload, show, delete.
     #[command(after_help = planner::PROFILES_HELP)]
     Profiles(planner::ProfilesArgs),
+    /// GET any path of the control plane and print the body (`kvfleet api /api/v1/status`,
+    /// `/ui/`, `/metrics`): for scripts and checks, through the same URL, token and CA as the
+    /// other commands.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Api(access::RawArgs),
 }
 
 /// Runs one admin command on a small runtime of its own.
@@ -205,6 +210,7 @@ async fn dispatch(command: AdminCommand) -> Result<(), CliError> {
         AdminCommand::Decisions(args) => planner::decisions(args).await,
         AdminCommand::Planner(args) => planner::planner(args).await,
         AdminCommand::Profiles(args) => planner::profiles(args).await,
+        AdminCommand::Api(args) => access::raw(args).await,
     }
 }
 

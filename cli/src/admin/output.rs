@@ -81,6 +81,13 @@ pub(crate) fn print_json(value: &impl Serialize) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Prints text as it came, ending with one newline.
+pub(crate) fn print_text(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", text.trim_end_matches('\n'))?;
+    Ok(())
+}
+
 /// Prints `key: value` lines with the keys aligned.
 pub(crate) fn print_fields(fields: &[(&str, String)]) -> Result<(), CliError> {
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
