@@ -329,6 +329,61 @@ const OPENAI_SERVER: &str = "#!/usr/bin/env python3\n\
          \x20       self.wfile.write(b'data: [DONE]\\n\\n')\n\
          http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n";
 
+/// A vLLM engine's load comes from its own `/metrics`: a fake vLLM that says 3 requests run and
+/// 7 wait, with half its KV cache in use, while this worker has sent it nothing. The worker
+/// reports the engine's figures (its own count alone would say 0 and 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_engines_load_is_read_from_its_metrics() {
+    let server = script(
+        "vllm_metrics.py",
+        "#!/usr/bin/env python3\n\
+         import sys, http.server\n\
+         port = int(sys.argv[sys.argv.index('--port') + 1])\n\
+         PAGE = b'# TYPE vllm:num_requests_running gauge\\n' \\\n\
+         \x20   b'vllm:num_requests_running{engine=\"0\",model_name=\"x\"} 3.0\\n' \\\n\
+         \x20   b'vllm:num_requests_waiting{engine=\"0\",model_name=\"x\"} 7.0\\n' \\\n\
+         \x20   b'vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"x\"} 0.5\\n'\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.end_headers()\n\
+         \x20       if self.path == '/metrics':\n\
+         \x20           self.wfile.write(PAGE)\n\
+         http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n",
+    );
+    let agent = TestAgent::start_unready(
+        &format!(
+            "[[models]]\nname = \"x\"\nengine = \"vllm\"\npath = {:?}\n\
+             command = \"python3\"\n\
+             args = [{server:?}, \"--port\", \"{{port}}\"]\n\
+             context_length = 256\nblock_size = 16\nslots = 4\n\
+             [[workers]]\nmodel = \"x\"\ndevice = \"cpu\"\n",
+            tiny_model_dir().display().to_string(),
+        ),
+        100,
+    )
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let waiting = "kvfleet_worker_waiting_requests{worker=\"w1\"";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while agent.metric(waiting).await != 7.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the engine's waiting requests never reached the worker's status:\n{}",
+            agent.metrics_text().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Half of 4 slots x 256 tokens / 16-token blocks = 32 of 64 blocks.
+    assert_eq!(
+        agent
+            .metric("kvfleet_worker_kv_blocks_used{worker=\"w1\"")
+            .await,
+        32.0
+    );
+    agent.stop().await.unwrap();
+}
+
 /// The `openai` engine against a fake OpenAI server that returns token ids (as vLLM's
 /// `return_token_ids` does): a request is served through it, with the prompt sent as token ids;
 /// a field the engine cannot take is a 400 naming the engine, before any worker is asked.

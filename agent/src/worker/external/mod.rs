@@ -7,6 +7,8 @@
 //! - [`server`]: start the server (port, GPU, logs, `/health`), notice its exit.
 //! - [`client`]: one request as one streamed HTTP call; errors name the engine.
 //! - [`approx_kv`]: the KV events the server does not publish, guessed from what it served.
+//! - [`load`]: running and waiting requests and KV use, read from the server's own `/metrics`
+//!   (vLLM, SGLang, llama.cpp), blended with this worker's count.
 //! - vllm/sglang with `kv_events`: the engine's own KV event stream instead, translated into
 //!   kvfleet's block hashes by `kvfleet_engine_events::Subscriber` (exact, not approximate);
 //!   its counters go into the worker's status and so the agent's `/metrics`.
@@ -19,6 +21,7 @@
 
 pub mod approx_kv;
 pub mod client;
+pub mod load;
 pub mod server;
 
 use std::collections::HashMap;
@@ -148,6 +151,8 @@ pub async fn serve(
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()?;
+    let engine_load =
+        load::has_metrics(kind).then(|| load::poll(client.clone(), server.base.clone(), kind));
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Msg)>();
     let mut running: HashMap<u64, Running> = HashMap::new();
     let mut kv = ApproxKv::new(capacity as usize, Duration::from_secs(external.kv_ttl_secs));
@@ -303,9 +308,9 @@ pub async fn serve(
                 encode_json(FrameKind::KvEvents, &WireKvEvents { events: batch }, &mut out)?;
             }
             _ = tick.tick() => {
-                let inflight = running.len() as u32;
-                status.running = inflight.min(slots);
-                status.waiting = inflight.saturating_sub(slots);
+                let reading = engine_load.as_ref().and_then(|latest| *latest.borrow());
+                let now = Instant::now();
+                (status.running, status.waiting) = load::blend(reading, now, running.len() as u32, slots);
                 match &engine_events {
                     Some(counters) => {
                         status.kv_blocks_used = engine_blocks;
@@ -314,8 +319,13 @@ pub async fn serve(
                         }).unwrap_or_default());
                     }
                     None => {
-                        events.extend(kv.expire(Instant::now()));
-                        status.kv_blocks_used = kv.len() as u64;
+                        events.extend(kv.expire(now));
+                        // The engine's own fill where it says (it also holds what it evicts
+                        // late, which the approximate record cannot know).
+                        status.kv_blocks_used = match reading.and_then(|(_, l)| l.kv_usage) {
+                            Some(usage) => (usage * capacity as f64).round() as u64,
+                            None => kv.len() as u64,
+                        };
                     }
                 }
                 encode_json(FrameKind::Status, &status, &mut out)?;
