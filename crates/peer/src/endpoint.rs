@@ -53,6 +53,15 @@ pub struct PeerConfig {
     pub drain_timeout: Duration,
     /// How long a KV sender waits for the receiver's handshake answer and final receipt.
     pub ack_timeout: Duration,
+    /// How long the receiving side waits for a stream's next frame: a stream's first frame,
+    /// and each frame of a KV transfer. A peer that opens a stream and then sends nothing is
+    /// refused after this (counted as `stalled`), so it cannot hold a stream slot or a
+    /// transfer's buffers for longer.
+    pub stall_timeout: Duration,
+    /// Concurrent streams one peer node may have open here, over all its connections
+    /// together (QUIC's `max_streams` bounds one connection only). Streams past it are refused
+    /// with `Overloaded` and counted as `peer_limit`.
+    pub max_streams_per_peer: u32,
     /// Largest UDP payload that path MTU discovery probes for. 1452 (quinn's default) fits any
     /// Ethernet path; jumbo-frame fabrics (MTU 9000) may carry 8952 with fewer packets per
     /// byte, but on loopback it showed no gain (docs/benchmarks.md): measure before raising it.
@@ -75,6 +84,8 @@ impl PeerConfig {
             keep_alive: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+            max_streams_per_peer: 64,
             max_udp_payload: 1452,
         }
     }
@@ -112,6 +123,26 @@ pub(crate) struct Shared {
     /// closes its connection if its peer's serial is now revoked.
     revocations: watch::Sender<u64>,
     connections: Mutex<HashMap<(SocketAddr, NodeId), quinn::Connection>>,
+    /// Streams open here per peer node, for [`PeerConfig::max_streams_per_peer`].
+    peer_streams: Arc<Mutex<HashMap<NodeId, u32>>>,
+}
+
+/// One of a peer's stream slots; given back when dropped.
+struct StreamSlot {
+    counts: Arc<Mutex<HashMap<NodeId, u32>>>,
+    node: NodeId,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// The QUIC server and client configurations of `identity`, with `config`'s transport
@@ -134,6 +165,23 @@ fn quic_configs(
 }
 
 impl Shared {
+    /// Takes one of `node`'s stream slots, or `None` when it has all of them.
+    fn stream_slot(&self, node: NodeId) -> Option<StreamSlot> {
+        let mut counts = self
+            .peer_streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(node).or_insert(0);
+        if *n >= self.config.max_streams_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            counts: self.peer_streams.clone(),
+            node,
+        })
+    }
+
     fn is_revoked(&self, serial: &str) -> bool {
         self.revoked
             .lock()
@@ -169,6 +217,7 @@ impl PeerEndpoint {
             revoked: Mutex::new(HashSet::new()),
             revocations: watch::Sender::new(0),
             connections: Mutex::new(HashMap::new()),
+            peer_streams: Arc::default(),
         });
         Ok(Self {
             endpoint,
@@ -470,15 +519,33 @@ impl<G: GenerateHandler, S: BlockSink> ConnectionTask<G, S> {
                             "peer certificate revoked: connection closed");
                         connection.close(codes::IDENTITY, b"certificate revoked");
                         streams.abort_all();
+                        // What it already delivered goes too: its transfers' buffered blocks.
+                        self.blocks.peer_revoked(&peer);
                         return;
                     }
                 }
                 accepted = connection.accept_bi() => match accepted {
-                    Ok((send, recv)) => {
+                    Ok((mut send, mut recv)) => {
                         let shared = self.shared.clone();
+                        let Some(slot) = shared.stream_slot(peer.node_id) else {
+                            metrics.count_error(ErrorKind::PeerLimit);
+                            tracing::warn!(%addr, node = %peer.node_id,
+                                limit = shared.config.max_streams_per_peer,
+                                "peer stream refused: the peer has its limit of streams open here");
+                            streams.spawn(async move {
+                                let message = format!(
+                                    "this node serves at most {} concurrent streams per peer",
+                                    shared.config.max_streams_per_peer
+                                );
+                                refuse(&mut send, &mut recv, &shared.generate_codec,
+                                    ErrorCode::Overloaded, message).await;
+                            });
+                            continue;
+                        };
                         let (generate, blocks, peer) =
                             (self.generate.clone(), self.blocks.clone(), peer.clone());
                         streams.spawn(async move {
+                            let _slot = slot;
                             serve_stream(&shared, &*generate, &*blocks, &peer, send, recv).await;
                         });
                     }
@@ -515,7 +582,23 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
     let metrics = &shared.metrics;
     // The larger (KV) limit: the kind is not known yet. A generate request over its own limit
     // is refused below.
-    let first = wire::read_frame(&mut recv, &shared.kv_codec).await;
+    let stall = shared.config.stall_timeout;
+    let Ok(first) =
+        tokio::time::timeout(stall, wire::read_frame(&mut recv, &shared.kv_codec)).await
+    else {
+        metrics.count_error(ErrorKind::Stalled);
+        tracing::warn!(node = %peer.node_id, timeout = ?stall,
+            "peer stream refused: no first frame in time");
+        refuse(
+            &mut send,
+            &mut recv,
+            &shared.generate_codec,
+            ErrorCode::Truncated,
+            format!("stalled: no frame for {stall:?}"),
+        )
+        .await;
+        return;
+    };
     let (kind, payload) = match first {
         Ok(Some(frame)) => frame,
         Ok(None) => return, // opened and finished without a word: nothing to do
