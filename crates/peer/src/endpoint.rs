@@ -613,7 +613,7 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
                 ReadFailure::Reset(_) | ReadFailure::Lost(_) => ErrorKind::Stream,
             };
             metrics.count_error(kind);
-            tracing::debug!(node = %peer.node_id, %failure, "bad first frame on a peer stream");
+            tracing::warn!(node = %peer.node_id, %failure, "bad first frame on a peer stream");
             refuse(
                 &mut send,
                 &mut recv,
