@@ -634,6 +634,8 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
         }
         other => {
             metrics.count_error(ErrorKind::BadRequest);
+            tracing::warn!(node = %peer.node_id, kind = ?other, bytes = payload.len(),
+                "peer stream refused: it starts with a frame no stream starts with");
             refuse(
                 &mut send,
                 &mut recv,

@@ -428,6 +428,7 @@ pub(crate) async fn serve<S: BlockSink>(
         Ok(_) => return,
         Err(error) => {
             metrics.count_error(ErrorKind::Malformed);
+            tracing::warn!(node = %peer.node_id, %error, "KV transfer handshake refused");
             refuse(
                 &mut send,
                 &mut recv,
