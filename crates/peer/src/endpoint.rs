@@ -62,6 +62,11 @@ pub struct PeerConfig {
     /// together (QUIC's `max_streams` bounds one connection only). Streams past it are refused
     /// with `Overloaded` and counted as `peer_limit`.
     pub max_streams_per_peer: u32,
+    /// Connections one peer node may have open to this endpoint at once. With the connection
+    /// receive window this bounds what one node can make this one buffer in QUIC
+    /// (`max_connections_per_peer × connection_window`). An agent keeps one connection per
+    /// peer; connections past it are closed after the handshake and counted as `peer_limit`.
+    pub max_connections_per_peer: u32,
     /// Largest UDP payload that path MTU discovery probes for. 1452 (quinn's default) fits any
     /// Ethernet path; jumbo-frame fabrics (MTU 9000) may carry 8952 with fewer packets per
     /// byte, but on loopback it showed no gain (docs/benchmarks.md): measure before raising it.
@@ -86,6 +91,7 @@ impl PeerConfig {
             ack_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
             max_streams_per_peer: 64,
+            max_connections_per_peer: 8,
             max_udp_payload: 1452,
         }
     }
@@ -125,9 +131,11 @@ pub(crate) struct Shared {
     connections: Mutex<HashMap<(SocketAddr, NodeId), quinn::Connection>>,
     /// Streams open here per peer node, for [`PeerConfig::max_streams_per_peer`].
     peer_streams: Arc<Mutex<HashMap<NodeId, u32>>>,
+    /// Accepted connections per peer node, for [`PeerConfig::max_connections_per_peer`].
+    peer_connections: Arc<Mutex<HashMap<NodeId, u32>>>,
 }
 
-/// One of a peer's stream slots; given back when dropped.
+/// One of a peer's stream or connection slots; given back when dropped.
 struct StreamSlot {
     counts: Arc<Mutex<HashMap<NodeId, u32>>>,
     node: NodeId,
@@ -164,22 +172,39 @@ fn quic_configs(
     Ok((credentials.node_id, server, client))
 }
 
+fn take_slot(
+    counts: &Arc<Mutex<HashMap<NodeId, u32>>>,
+    node: NodeId,
+    max: u32,
+) -> Option<StreamSlot> {
+    let mut map = counts.lock().unwrap_or_else(PoisonError::into_inner);
+    let n = map.entry(node).or_insert(0);
+    if *n >= max {
+        if *n == 0 {
+            map.remove(&node);
+        }
+        return None;
+    }
+    *n += 1;
+    Some(StreamSlot {
+        counts: counts.clone(),
+        node,
+    })
+}
+
 impl Shared {
     /// Takes one of `node`'s stream slots, or `None` when it has all of them.
     fn stream_slot(&self, node: NodeId) -> Option<StreamSlot> {
-        let mut counts = self
-            .peer_streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let n = counts.entry(node).or_insert(0);
-        if *n >= self.config.max_streams_per_peer {
-            return None;
-        }
-        *n += 1;
-        Some(StreamSlot {
-            counts: self.peer_streams.clone(),
+        take_slot(&self.peer_streams, node, self.config.max_streams_per_peer)
+    }
+
+    /// Takes one of `node`'s connection slots, or `None` when it has all of them.
+    fn connection_slot(&self, node: NodeId) -> Option<StreamSlot> {
+        take_slot(
+            &self.peer_connections,
             node,
-        })
+            self.config.max_connections_per_peer,
+        )
     }
 
     fn is_revoked(&self, serial: &str) -> bool {
@@ -218,6 +243,7 @@ impl PeerEndpoint {
             revocations: watch::Sender::new(0),
             connections: Mutex::new(HashMap::new()),
             peer_streams: Arc::default(),
+            peer_connections: Arc::default(),
         });
         Ok(Self {
             endpoint,
@@ -502,6 +528,14 @@ impl<G: GenerateHandler, S: BlockSink> ConnectionTask<G, S> {
                 connection.close(codes::IDENTITY, reason.as_bytes());
                 return;
             }
+        };
+        let Some(_connection_slot) = self.shared.connection_slot(peer.node_id) else {
+            metrics.count_error(ErrorKind::PeerLimit);
+            tracing::warn!(%addr, node = %peer.node_id,
+                limit = self.shared.config.max_connections_per_peer,
+                "peer connection refused: the peer has its limit of connections open here");
+            connection.close(codes::REFUSED, b"too many connections from this node");
+            return;
         };
         crate::metrics::add(&metrics.connections_accepted, 1);
         tracing::debug!(%addr, node = %peer.node_id, "peer connected");

@@ -1013,6 +1013,7 @@ async fn a_hostile_peer_is_refused_and_counted_and_an_honest_peer_is_not_affecte
     let server = Server::start_with(&server_cert, TestSink::new(layout()), |c| {
         c.stall_timeout = STALL;
         c.max_streams_per_peer = PER_PEER;
+        c.max_connections_per_peer = 2;
     })
     .await?;
     server.sink.expect_request("honest");
@@ -1210,6 +1211,18 @@ async fn a_hostile_peer_is_refused_and_counted_and_an_honest_peer_is_not_affecte
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(accepted, "the stalled streams gave their slots back");
+
+    // Its share of connections: a second one is served, a third is closed after its handshake.
+    let limited_before = server.metrics().error(ErrorKind::PeerLimit);
+    let second = raw_connection(&server, &ca.cert_pem, Some(&rogue.identity)).await?;
+    let third = raw_connection(&server, &ca.cert_pem, Some(&rogue.identity)).await?;
+    assert!(eventually(WAIT, || third.close_reason().is_some()).await);
+    assert_eq!(
+        server.metrics().error(ErrorKind::PeerLimit),
+        limited_before + 1
+    );
+    assert!(second.close_reason().is_none());
+    drop(second);
 
     // The honest transfer was not disturbed; nothing of the hostile one was imported.
     let report = tokio::time::timeout(Duration::from_secs(20), transfer).await???;
