@@ -294,6 +294,10 @@ struct RawPeer {
     advertise: Option<Spanned<String>>,
     forward: Option<bool>,
     dead_after_ms: Option<Spanned<u64>>,
+    stall_timeout_secs: Option<Spanned<u64>>,
+    transfer_timeout_secs: Option<Spanned<u64>>,
+    max_streams_per_peer: Option<Spanned<u64>>,
+    max_buffered_mib_per_peer: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -792,6 +796,40 @@ impl Checker<'_> {
                             format!("peer.dead_after_ms = {ms}: must be between 500 and 600000"),
                         );
                     }
+                }
+            }
+            // Limits on what one peer node can hold here; seconds, never the 49 days a u32 of
+            // milliseconds reaches.
+            let bounded = [
+                ("stall_timeout_secs", &p.stall_timeout_secs, 1, 600),
+                ("transfer_timeout_secs", &p.transfer_timeout_secs, 1, 600),
+                ("max_streams_per_peer", &p.max_streams_per_peer, 1, 256),
+                (
+                    "max_buffered_mib_per_peer",
+                    &p.max_buffered_mib_per_peer,
+                    1,
+                    1 << 20,
+                ),
+            ];
+            for (key, value, min, max) in bounded {
+                let Some(value) = value else { continue };
+                let v = *value.get_ref();
+                if !(min..=max).contains(&v) {
+                    let location = self.at(value);
+                    self.problem(
+                        location,
+                        format!("peer.{key} = {v}: must be between {min} and {max}"),
+                    );
+                    continue;
+                }
+                let peer = &mut config.peer;
+                match key {
+                    "stall_timeout_secs" => peer.stall_timeout = Duration::from_secs(v),
+                    "transfer_timeout_secs" => peer.transfer_timeout = Duration::from_secs(v),
+                    "max_streams_per_peer" => {
+                        peer.max_streams_per_peer = u32::try_from(v).unwrap_or(u32::MAX);
+                    }
+                    _ => peer.max_buffered_bytes_per_peer = v << 20,
                 }
             }
         }
@@ -1600,6 +1638,33 @@ mod tests {
         assert_eq!(config.peer.dead_after, Duration::from_secs(10));
         let quick = load("[peer]\ndead_after_ms = 2000\n").unwrap();
         assert_eq!(quick.peer.dead_after, Duration::from_secs(2));
+        assert_eq!(config.peer.stall_timeout, Duration::from_secs(30));
+        assert_eq!(config.peer.transfer_timeout, Duration::from_secs(30));
+        assert_eq!(config.peer.max_streams_per_peer, 64);
+        assert_eq!(config.peer.max_buffered_bytes_per_peer, 4 << 30);
+        let limited = load(
+            "[peer]\nstall_timeout_secs = 5\ntransfer_timeout_secs = 60\n\
+             max_streams_per_peer = 8\nmax_buffered_mib_per_peer = 512\n",
+        )
+        .unwrap();
+        assert_eq!(limited.peer.stall_timeout, Duration::from_secs(5));
+        assert_eq!(limited.peer.transfer_timeout, Duration::from_secs(60));
+        assert_eq!(limited.peer.max_streams_per_peer, 8);
+        assert_eq!(limited.peer.max_buffered_bytes_per_peer, 512 << 20);
+        // A 49-day timeout (u32::MAX ms, in seconds here) is refused at load, as is no limit.
+        for bad in [
+            "transfer_timeout_secs = 4294967",
+            "stall_timeout_secs = 0",
+            "max_streams_per_peer = 0",
+            "max_buffered_mib_per_peer = 0",
+        ] {
+            let problems = load(&format!("[peer]\n{bad}\n")).unwrap_err();
+            let key = bad.split(' ').next().unwrap();
+            assert!(
+                problems.to_string().contains(&format!("peer.{key}")),
+                "{bad}: {problems}"
+            );
+        }
         let problems = load("[peer]\ndead_after_ms = 10\n").unwrap_err();
         assert!(
             problems.to_string().contains("peer.dead_after_ms"),

@@ -380,7 +380,8 @@ fn start_fleet(
     }
     let peer = peer::PeerHandle::default();
     // Forwarded requests and both legs of disaggregated ones run through the peer endpoint.
-    let serving = Arc::new(serving::Serving::new(pool.clone(), peer.clone()));
+    let serving =
+        Arc::new(serving::Serving::new(pool.clone(), peer.clone()).with_peer_limits(&config.peer));
     router.register_metrics(registry);
     serving.register_metrics(registry);
     peer.register_metrics(registry);

@@ -32,6 +32,16 @@ pub struct PeerSettings {
     /// timeout; keep-alives go every fifth of it). Requests forwarded over a dead connection
     /// are migrated then, so this bounds how long a client waits after a node dies.
     pub dead_after: std::time::Duration,
+    /// How long a peer's stream may send nothing while this node waits for its next frame
+    /// (its first frame, or the next block of a KV transfer) before it is refused as stalled.
+    pub stall_timeout: std::time::Duration,
+    /// The longest prefill deadline (transfer included) this node accepts in a peer's plan for
+    /// a decode leg; a longer one is cut to it. Bounds how long a transfer's buffers live.
+    pub transfer_timeout: std::time::Duration,
+    /// Concurrent streams one peer node may have open here, over all its connections.
+    pub max_streams_per_peer: u32,
+    /// Bytes of KV blocks one peer node may have buffered here, over all its transfers.
+    pub max_buffered_bytes_per_peer: u64,
 }
 
 /// The default of [`PeerSettings::dead_after`].
@@ -44,6 +54,11 @@ impl Default for PeerSettings {
             advertise: None,
             forward: true,
             dead_after: DEFAULT_PEER_DEAD_AFTER,
+            stall_timeout: std::time::Duration::from_secs(30),
+            transfer_timeout: std::time::Duration::from_secs(30),
+            max_streams_per_peer: 64,
+            max_buffered_bytes_per_peer:
+                crate::serving::transfers::DEFAULT_MAX_BUFFERED_BYTES_PER_PEER,
         }
     }
 }
@@ -201,6 +216,8 @@ pub async fn run<G: GenerateHandler, S: BlockSink>(
     let mut peer_config = PeerConfig::new(settings.listen, identity.clone());
     peer_config.idle_timeout = settings.dead_after;
     peer_config.keep_alive = settings.dead_after / 5;
+    peer_config.stall_timeout = settings.stall_timeout;
+    peer_config.max_streams_per_peer = settings.max_streams_per_peer;
     let endpoint = match PeerEndpoint::bind(peer_config) {
         Ok(endpoint) => Arc::new(endpoint),
         Err(e) => {

@@ -447,6 +447,54 @@ async fn a_hundred_prompts_served_disaggregated_give_the_aggregated_tokens() {
             && !l.ends_with(" 0")),
         "{metrics}"
     );
+    // A decode leg from a fleet member (the prefill node's certificate) asking the decode node
+    // to import blocks under hashes that are not its prompt's: refused before anything is
+    // allocated, and counted.
+    let prefill_peer = split
+        .prefill
+        .running
+        .fleet()
+        .unwrap()
+        .peer
+        .endpoint()
+        .unwrap();
+    let leg = kvfleet_peer::GenerateRequest {
+        request_id: "chatcmpl-hostile".into(),
+        model: MODEL.into(),
+        worker: Some(decode_worker),
+        prompt: prompts[0].clone(),
+        block_hashes: vec![kvfleet_proto::SequenceHash(42)],
+        sampling: kvfleet_proto::SamplingParams::greedy(4),
+        prefill: Some(kvfleet_peer::PrefillPlan {
+            worker: worker(&split.prefill).unwrap().id,
+            node: prefill_peer.node_id().0,
+            addr: prefill_peer.local_addr().unwrap().to_string(),
+            timeout_ms: 1000,
+        }),
+        kv_push: None,
+    };
+    let refused = match connection.generate(&leg).await {
+        Err(e) => e,
+        Ok(mut stream) => stream.next().await.unwrap_err(),
+    };
+    assert_eq!(
+        refused.remote_code(),
+        Some(ErrorCode::BadRequest),
+        "{refused}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", split.decode.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("kvfleet_peer_errors_total{kind=\"hash_mismatch\"}")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
     let again = complete_ids(split.decode.addr, &prompts[0]).await;
     assert_eq!(
         answer("after the refusal", &again),

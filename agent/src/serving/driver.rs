@@ -302,7 +302,10 @@ impl Driver {
                         worker: p.worker,
                         node: p.node.0,
                         addr: p.addr,
-                        timeout_ms: u32::try_from(prefill_deadline.as_millis()).unwrap_or(u32::MAX),
+                        // A receiver refuses longer plans (no 49-day transfers).
+                        timeout_ms: u32::try_from(prefill_deadline.as_millis())
+                            .unwrap_or(u32::MAX)
+                            .clamp(1, kvfleet_proto::peer::MAX_PREFILL_TIMEOUT_MS),
                     }),
                     kv_push: None,
                 };
@@ -448,12 +451,15 @@ impl Driver {
             return None;
         };
         let transfer_id = self.serving.transfer_id(&self.request.request_id);
-        let guard = self.serving.transfers.register(
-            transfer_id.clone(),
-            pick.node,
-            layout.clone(),
-            self.request.block_hashes.clone(),
-        );
+        // The slots are this node's hashes of the prompt's full blocks, computed here from its
+        // tokens with the decode worker's block size: whatever hashes the request came with (a
+        // peer may have sent them), a block is only ever kept under the hash of the tokens it
+        // is for.
+        let hashes = kvfleet_proto::hash::sequence_hashes(&self.request.prompt, layout.block_size);
+        let guard =
+            self.serving
+                .transfers
+                .register(transfer_id.clone(), pick.node, layout.clone(), hashes);
         self.transfer = Some((guard, layout));
         let leg = kvfleet_peer::GenerateRequest {
             request_id: self.request.request_id.clone(),

@@ -83,6 +83,11 @@ impl GenerateHandler for Forwarded {
         if let Some(push) = request.kv_push.clone() {
             return prefill_leg(&self.serving, request, push);
         }
+        // A decode leg's plan is checked before anything is allocated for it (an admission
+        // slot, a transfer's buffers).
+        if request.prefill.is_some() {
+            check_decode_leg(&self.serving, peer, &request)?;
+        }
         // A resumed request (it carries tokens it generated elsewhere) runs here once at a time.
         let guard = match request.sampling.generated_in_prompt {
             0 => None,
@@ -125,7 +130,10 @@ impl GenerateHandler for Forwarded {
                     addr: plan.addr.clone(),
                     hold: None,
                 };
-                let deadline = Duration::from_millis(u64::from(plan.timeout_ms));
+                // Bounded by this node's config, whatever the plan asks: the transfer's buffers
+                // live no longer than this.
+                let deadline = Duration::from_millis(u64::from(plan.timeout_ms))
+                    .min(self.serving.max_prefill_deadline);
                 decode_leg_plan(worker, prefill, deadline)
             });
         let local = backend::GenerateRequest {
@@ -160,6 +168,47 @@ impl GenerateHandler for Forwarded {
                 .boxed(),
         })
     }
+}
+
+/// Refuses a decode leg whose block hashes are not this node's hashes of its own prompt (with
+/// the decode worker's block size): a peer must not have blocks imported here under the hashes
+/// of a prefix it was not asked to compute. The transfer's slots are this node's hashes anyway
+/// (the driver computes them); this check says so to the sender, and counts it, before any
+/// slot or buffer is taken. A resumed request carries its original prompt's hashes, a prefix
+/// of its longer prompt's. Skipped when the worker's layout is not known yet: the submission
+/// fails then anyway.
+fn check_decode_leg(
+    serving: &Serving,
+    peer: &PeerInfo,
+    request: &GenerateRequest,
+) -> Result<(), ErrorMessage> {
+    let Some(layout) = request.worker.and_then(|w| serving.local.kv_layout(w)) else {
+        return Ok(());
+    };
+    let ours = kvfleet_proto::hash::sequence_hashes(&request.prompt, layout.block_size);
+    let theirs = &request.block_hashes;
+    let mismatch = match ours.get(..theirs.len()) {
+        None => Some(format!(
+            "{} block hashes for a prompt of {} full blocks",
+            theirs.len(),
+            ours.len()
+        )),
+        Some(prefix) => prefix
+            .iter()
+            .zip(theirs)
+            .position(|(a, b)| a != b)
+            .map(|i| format!("block {i}'s hash is not this node's hash of the prompt's tokens")),
+    };
+    let Some(reason) = mismatch else {
+        return Ok(());
+    };
+    serving.count_peer_refusal(kvfleet_peer::ErrorKind::HashMismatch);
+    tracing::warn!(request_id = %request.request_id, from = %peer.node_id, %reason,
+        "refused a decode leg: its block hashes are not its prompt's");
+    Err(ErrorMessage::new(
+        ErrorCode::BadRequest,
+        format!("refused: {reason}"),
+    ))
 }
 
 /// Serves the prefill leg of a disaggregated request (a peer asked, with `kv_push`): runs the
@@ -341,6 +390,85 @@ mod tests {
 
         fn workers(&self) -> Vec<crate::backend::WorkerStatus> {
             Vec::new()
+        }
+    }
+
+    /// A backend whose workers have a KV layout (block size 4) but never run anything.
+    #[derive(Debug)]
+    struct Laid;
+
+    impl crate::backend::Backend for Laid {
+        fn submit(
+            &self,
+            request: crate::backend::GenerateRequest,
+        ) -> Result<Generation, SubmitError> {
+            Err(SubmitError::NoReadyWorker(request.model))
+        }
+
+        fn workers(&self) -> Vec<crate::backend::WorkerStatus> {
+            Vec::new()
+        }
+
+        fn kv_layout(&self, _: kvfleet_proto::WorkerId) -> Option<kvfleet_proto::KvLayout> {
+            Some(kvfleet_proto::KvLayout {
+                model: "m".into(),
+                layers: 1,
+                kv_heads: 1,
+                head_dim: 4,
+                dtype: kvfleet_proto::KvDtype::F16,
+                block_size: kvfleet_proto::BlockSize::new(4).unwrap(),
+            })
+        }
+    }
+
+    /// A decode leg whose block hashes are another prompt's (or more than its prompt has) is
+    /// refused as a bad request before admission or any transfer; its own hashes, or a prefix
+    /// of them (a resumed request's), pass.
+    #[tokio::test]
+    async fn a_decode_leg_under_another_prompts_hashes_is_refused() {
+        let serving = Arc::new(Serving::new(Arc::new(Laid), PeerHandle::default()));
+        let forwarded = Forwarded::new(serving);
+        let bs = kvfleet_proto::BlockSize::new(4).unwrap();
+        let prompt: Vec<u32> = (0..10).collect();
+        let ours = kvfleet_proto::hash::sequence_hashes(&prompt, bs);
+        assert_eq!(ours.len(), 2);
+        let leg = |block_hashes| GenerateRequest {
+            request_id: "chatcmpl-1".into(),
+            model: "m".into(),
+            worker: Some(kvfleet_proto::WorkerId(3)),
+            prompt: prompt.clone(),
+            block_hashes,
+            sampling: kvfleet_proto::SamplingParams::greedy(4),
+            prefill: Some(kvfleet_peer::PrefillPlan {
+                worker: kvfleet_proto::WorkerId(9),
+                node: uuid::Uuid::from_u128(9),
+                addr: "127.0.0.1:1".into(),
+                timeout_ms: 1000,
+            }),
+            kv_push: None,
+        };
+        let peer = PeerInfo {
+            node_id: NodeId(uuid::Uuid::from_u128(1)),
+            serial: "01".into(),
+            addr: "127.0.0.1:2".parse().unwrap(),
+        };
+        let mut longer = ours.clone();
+        longer.push(kvfleet_proto::SequenceHash(7));
+        let hostile = [
+            kvfleet_proto::hash::sequence_hashes(&[5; 10], bs),
+            vec![ours[0], kvfleet_proto::SequenceHash(7)],
+            longer,
+        ];
+        for hashes in hostile {
+            let Err(error) = forwarded.generate(&peer, leg(hashes.clone())).await else {
+                panic!("{hashes:?} accepted");
+            };
+            assert_eq!(error.code, ErrorCode::BadRequest, "{}", error.message);
+        }
+        for hashes in [ours.clone(), ours[..1].to_vec(), Vec::new()] {
+            if let Err(error) = forwarded.generate(&peer, leg(hashes)).await {
+                assert_ne!(error.code, ErrorCode::BadRequest, "{}", error.message);
+            }
         }
     }
 

@@ -74,6 +74,9 @@ pub struct Serving {
     timeouts: Timeouts,
     /// The frontend whose admission forwarded requests go through (set once it exists).
     admission: std::sync::OnceLock<Arc<crate::frontend::Frontend>>,
+    /// The longest prefill deadline a peer's plan may ask of this node
+    /// (`[peer] transfer_timeout_secs`).
+    max_prefill_deadline: Duration,
 }
 
 impl Serving {
@@ -106,6 +109,23 @@ impl Serving {
             options: TransferOptions::default(),
             timeouts: Timeouts::default(),
             admission: std::sync::OnceLock::new(),
+            max_prefill_deadline: crate::peer::PeerSettings::default().transfer_timeout,
+        }
+    }
+
+    /// Applies `[peer]`'s limits on what one peer can ask of this node: the bytes its
+    /// transfers may buffer here and the longest prefill deadline its plans may carry.
+    pub fn with_peer_limits(mut self, settings: &crate::peer::PeerSettings) -> Self {
+        self.transfers = Arc::new(Transfers::with_budget(settings.max_buffered_bytes_per_peer));
+        self.max_prefill_deadline = settings.transfer_timeout;
+        self
+    }
+
+    /// Counts a peer's request refused under `kind` in the peer endpoint's counters (exported
+    /// with the transport's own, `kvfleet_peer_errors_total{kind=...}`).
+    fn count_peer_refusal(&self, kind: kvfleet_peer::ErrorKind) {
+        if let Some(endpoint) = self.peer.endpoint() {
+            endpoint.metrics().count_error(kind);
         }
     }
 

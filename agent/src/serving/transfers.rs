@@ -2,7 +2,15 @@
 //! endpoint's [`BlockSink`]. A transfer is accepted only from the prefill node it was
 //! registered for, with the decode worker's layout, and only blocks whose index and sequence
 //! hash match the prompt's; every refusal is counted by the peer metrics. Memory per transfer is
-//! bounded by the prompt's full blocks.
+//! bounded by the prompt's full blocks, and memory per sending node by
+//! `[peer] max_buffered_mib_per_peer` over all its transfers together.
+//!
+//! The hashes a transfer expects are the ones this node computed from the request's own tokens
+//! (the driver registers them), never hashes a peer sent: a peer can only fill the slots of a
+//! prompt this node asked it to prefill. Buffered blocks remember the node they came from, and
+//! when that node's certificate is revoked ([`BlockSink::peer_revoked`]) they are dropped
+//! before any worker imports them. Blocks already handed to a decode worker stay in its prefix
+//! cache: the worker's pool does not record where a block came from (docs/security.md).
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -26,7 +34,40 @@ struct Incoming {
     hashes: Vec<SequenceHash>,
     blocks: Vec<Option<Bytes>>,
     first_block_at: Option<Instant>,
+    /// Bytes held in `blocks` (counted against `from`'s budget).
+    bytes: u64,
+    /// The sender's certificate was revoked: what it sent is gone and nothing more is taken.
+    revoked: bool,
 }
+
+/// Transfers expected, and the bytes each sending node has buffered here.
+#[derive(Debug, Default)]
+struct Inner {
+    incoming: HashMap<String, Incoming>,
+    held: HashMap<NodeId, u64>,
+}
+
+impl Inner {
+    /// Forgets transfer `id`, giving its bytes back to its sender's budget.
+    fn remove(&mut self, id: &str) -> Option<Incoming> {
+        let incoming = self.incoming.remove(id)?;
+        self.release(incoming.from, incoming.bytes);
+        Some(incoming)
+    }
+
+    fn release(&mut self, node: NodeId, bytes: u64) {
+        if let Some(held) = self.held.get_mut(&node) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                self.held.remove(&node);
+            }
+        }
+    }
+}
+
+/// The default of `[peer] max_buffered_mib_per_peer`: 4 GiB, a 32k-token prompt of an 8B model
+/// with a bf16 KV cache.
+pub const DEFAULT_MAX_BUFFERED_BYTES_PER_PEER: u64 = 4 << 30;
 
 /// Counters of the receiving side.
 #[derive(Debug, Default)]
@@ -40,10 +81,18 @@ struct TransferCounters {
 }
 
 /// The transfers this node expects: the peer endpoint's [`BlockSink`]. See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Transfers {
-    inner: Mutex<HashMap<String, Incoming>>,
+    inner: Mutex<Inner>,
     counters: TransferCounters,
+    /// The most bytes one sending node may have buffered here, over all its transfers.
+    max_bytes_per_peer: u64,
+}
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Self::with_budget(DEFAULT_MAX_BUFFERED_BYTES_PER_PEER)
+    }
 }
 
 /// A registered transfer; dropping it forgets the transfer (late blocks are refused).
@@ -59,6 +108,17 @@ impl Drop for TransferGuard {
     }
 }
 
+impl Transfers {
+    /// Transfers whose senders may each buffer at most `max_bytes_per_peer` here.
+    pub fn with_budget(max_bytes_per_peer: u64) -> Self {
+        Self {
+            inner: Mutex::default(),
+            counters: TransferCounters::default(),
+            max_bytes_per_peer,
+        }
+    }
+}
+
 /// What a finished transfer delivered: the blocks contiguous from block 0.
 #[derive(Debug, Default)]
 pub struct Received {
@@ -71,7 +131,7 @@ pub struct Received {
 }
 
 impl Transfers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Incoming>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -90,8 +150,14 @@ impl Transfers {
             blocks: vec![None; hashes.len()],
             hashes,
             first_block_at: None,
+            bytes: 0,
+            revoked: false,
         };
-        self.lock().insert(id.clone(), incoming);
+        let mut inner = self.lock();
+        // An id is never reused; were it, the old transfer's bytes go back to its sender.
+        inner.remove(&id);
+        inner.incoming.insert(id.clone(), incoming);
+        drop(inner);
         TransferGuard {
             transfers: self.clone(),
             id,
@@ -104,6 +170,9 @@ impl Transfers {
         let Some(incoming) = self.lock().remove(&guard.id) else {
             return Received::default();
         };
+        if incoming.revoked {
+            return Received::default();
+        }
         let blocks: Vec<Bytes> = incoming.blocks.into_iter().map_while(|b| b).collect();
         let bytes = blocks.iter().map(|b| b.len() as u64).sum();
         Received {
@@ -132,7 +201,12 @@ impl Transfers {
 
     /// Transfers registered and not yet taken.
     pub fn pending(&self) -> usize {
-        self.lock().len()
+        self.lock().incoming.len()
+    }
+
+    /// Bytes `node` has buffered here, over all its transfers.
+    pub fn buffered_by(&self, node: NodeId) -> u64 {
+        self.lock().held.get(&node).copied().unwrap_or(0)
     }
 
     /// Registers the receiving side's counters and its pending transfers.
@@ -188,37 +262,84 @@ impl Transfers {
 impl BlockSink for Transfers {
     fn expect(&self, peer: &PeerInfo, request_id: &str) -> Option<KvLayout> {
         let inner = self.lock();
-        let incoming = inner.get(request_id)?;
-        (incoming.from == peer.node_id).then(|| incoming.layout.clone())
+        let incoming = inner.incoming.get(request_id)?;
+        (incoming.from == peer.node_id && !incoming.revoked).then(|| incoming.layout.clone())
     }
 
     async fn import(&self, request_id: &str, block: KvBlock) -> Result<(), ErrorMessage> {
-        let mut inner = self.lock();
-        let Some(incoming) = inner.get_mut(request_id) else {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(incoming) = inner.incoming.get_mut(request_id).filter(|i| !i.revoked) else {
             return Err(ErrorMessage::new(
                 ErrorCode::UnknownRequest,
                 format!("transfer {request_id} is no longer expected (cancelled or timed out)"),
             ));
         };
         let index = block.index as usize;
-        let refuse = |message: String| {
+        let refuse = |code: ErrorCode, message: String| {
             self.counters.refused_blocks.inc();
-            Err(ErrorMessage::new(ErrorCode::ImportFailed, message))
+            Err(ErrorMessage::new(code, message))
         };
         match incoming.hashes.get(index) {
-            None => refuse(format!(
-                "block {index} is beyond the prompt's {} full blocks",
-                incoming.hashes.len()
-            )),
-            Some(&expected) if expected != block.hash => refuse(format!(
-                "block {index} has sequence hash {:016x}, the prompt's is {:016x}",
-                block.hash.0, expected.0
-            )),
+            None => refuse(
+                ErrorCode::ImportFailed,
+                format!(
+                    "block {index} is beyond the prompt's {} full blocks",
+                    incoming.hashes.len()
+                ),
+            ),
+            // The expected hash is this node's, from the request's tokens: a block is never
+            // kept under a hash the sender chose.
+            Some(&expected) if expected != block.hash => refuse(
+                ErrorCode::HashMismatch,
+                format!(
+                    "block {index} has sequence hash {:016x}, the prompt's is {:016x}",
+                    block.hash.0, expected.0
+                ),
+            ),
             Some(_) => {
+                let len = block.data.len() as u64;
+                let replaced = incoming.blocks[index]
+                    .as_ref()
+                    .map_or(0, |b| b.len() as u64);
+                let held = inner.held.get(&incoming.from).copied().unwrap_or(0);
+                if held.saturating_sub(replaced).saturating_add(len) > self.max_bytes_per_peer {
+                    return refuse(
+                        ErrorCode::Overloaded,
+                        format!(
+                            "the sending node has {held} bytes buffered here, at most {} \
+                             (peer.max_buffered_mib_per_peer)",
+                            self.max_bytes_per_peer
+                        ),
+                    );
+                }
                 incoming.first_block_at.get_or_insert_with(Instant::now);
                 incoming.blocks[index] = Some(block.data);
+                incoming.bytes = incoming.bytes - replaced + len;
+                let held = inner.held.entry(incoming.from).or_insert(0);
+                *held = held.saturating_sub(replaced) + len;
                 Ok(())
             }
+        }
+    }
+
+    fn peer_revoked(&self, peer: &PeerInfo) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut dropped = 0u64;
+        for incoming in inner.incoming.values_mut() {
+            if incoming.from == peer.node_id && !incoming.revoked {
+                incoming.revoked = true;
+                incoming.blocks.iter_mut().for_each(|b| *b = None);
+                dropped += incoming.bytes;
+                incoming.bytes = 0;
+            }
+        }
+        inner.held.remove(&peer.node_id);
+        drop(guard);
+        if dropped > 0 {
+            tracing::warn!(node = %peer.node_id, bytes = dropped,
+                "peer certificate revoked: the KV blocks it sent and not yet used are dropped");
         }
     }
 
@@ -283,7 +404,7 @@ mod tests {
         transfers.import("t", block(1, 11)).await.unwrap();
         transfers.import("t", block(0, 10)).await.unwrap();
         let wrong_hash = transfers.import("t", block(2, 99)).await.unwrap_err();
-        assert_eq!(wrong_hash.code, ErrorCode::ImportFailed);
+        assert_eq!(wrong_hash.code, ErrorCode::HashMismatch);
         let beyond = transfers.import("t", block(3, 13)).await.unwrap_err();
         assert_eq!(beyond.code, ErrorCode::ImportFailed);
         let unknown = transfers.import("nope", block(0, 10)).await.unwrap_err();
@@ -313,6 +434,66 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kvfleet_disagg_transfers_total 1"), "{text}");
+    }
+
+    /// One sending node's blocks, over all its transfers, stay within its budget; what a
+    /// transfer held goes back to the budget when it is taken or dropped.
+    #[tokio::test]
+    async fn a_sending_node_buffers_at_most_its_budget() {
+        let block_bytes = layout().block_bytes() as u64;
+        let transfers = Arc::new(Transfers::with_budget(3 * block_bytes));
+        let (greedy, other) = (
+            NodeId::from_uuid(uuid::Uuid::from_u128(1)),
+            NodeId::from_uuid(uuid::Uuid::from_u128(2)),
+        );
+        let hashes = || (10..14).map(SequenceHash).collect::<Vec<_>>();
+        let a = transfers.register("a".into(), greedy, layout(), hashes());
+        let b = transfers.register("b".into(), greedy, layout(), hashes());
+        let c = transfers.register("c".into(), other, layout(), hashes());
+        transfers.import("a", block(0, 10)).await.unwrap();
+        transfers.import("a", block(1, 11)).await.unwrap();
+        // The same block again replaces it: no double count.
+        transfers.import("a", block(1, 11)).await.unwrap();
+        transfers.import("b", block(0, 10)).await.unwrap();
+        let over = transfers.import("b", block(1, 11)).await.unwrap_err();
+        assert_eq!(over.code, ErrorCode::Overloaded, "{}", over.message);
+        assert_eq!(transfers.buffered_by(greedy), 3 * block_bytes);
+        // Another node's budget is its own.
+        for i in 0..3 {
+            transfers
+                .import("c", block(i, 10 + u64::from(i)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(transfers.take(a).blocks.len(), 2);
+        assert_eq!(transfers.buffered_by(greedy), block_bytes);
+        transfers.import("b", block(1, 11)).await.unwrap();
+        drop(b);
+        assert_eq!(transfers.buffered_by(greedy), 0);
+        drop(c);
+        assert_eq!(transfers.buffered_by(other), 0);
+    }
+
+    /// A revoked sender's buffered blocks are dropped before any worker sees them, and its
+    /// transfers take nothing more; other senders' transfers are untouched.
+    #[tokio::test]
+    async fn a_revoked_senders_blocks_are_dropped() {
+        let transfers = Arc::new(Transfers::default());
+        let (revoked, honest) = (
+            NodeId::from_uuid(uuid::Uuid::from_u128(1)),
+            NodeId::from_uuid(uuid::Uuid::from_u128(2)),
+        );
+        let bad = transfers.register("bad".into(), revoked, layout(), vec![SequenceHash(10)]);
+        let good = transfers.register("good".into(), honest, layout(), vec![SequenceHash(10)]);
+        transfers.import("bad", block(0, 10)).await.unwrap();
+        transfers.import("good", block(0, 10)).await.unwrap();
+        transfers.peer_revoked(&peer(revoked));
+        assert_eq!(transfers.buffered_by(revoked), 0);
+        assert_eq!(transfers.expect(&peer(revoked), "bad"), None);
+        let late = transfers.import("bad", block(0, 10)).await.unwrap_err();
+        assert_eq!(late.code, ErrorCode::UnknownRequest);
+        assert!(transfers.take(bad).blocks.is_empty());
+        assert_eq!(transfers.take(good).blocks.len(), 1);
     }
 
     #[tokio::test]

@@ -53,6 +53,20 @@ pub struct PeerConfig {
     pub drain_timeout: Duration,
     /// How long a KV sender waits for the receiver's handshake answer and final receipt.
     pub ack_timeout: Duration,
+    /// How long the receiving side waits for a stream's next frame: a stream's first frame,
+    /// and each frame of a KV transfer. A peer that opens a stream and then sends nothing is
+    /// refused after this (counted as `stalled`), so it cannot hold a stream slot or a
+    /// transfer's buffers for longer.
+    pub stall_timeout: Duration,
+    /// Concurrent streams one peer node may have open here, over all its connections
+    /// together (QUIC's `max_streams` bounds one connection only). Streams past it are refused
+    /// with `Overloaded` and counted as `peer_limit`.
+    pub max_streams_per_peer: u32,
+    /// Connections one peer node may have open to this endpoint at once. With the connection
+    /// receive window this bounds what one node can make this one buffer in QUIC
+    /// (`max_connections_per_peer × connection_window`). An agent keeps one connection per
+    /// peer; connections past it are closed after the handshake and counted as `peer_limit`.
+    pub max_connections_per_peer: u32,
     /// Largest UDP payload that path MTU discovery probes for. 1452 (quinn's default) fits any
     /// Ethernet path; jumbo-frame fabrics (MTU 9000) may carry 8952 with fewer packets per
     /// byte, but on loopback it showed no gain (docs/benchmarks.md): measure before raising it.
@@ -75,6 +89,9 @@ impl PeerConfig {
             keep_alive: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+            max_streams_per_peer: 64,
+            max_connections_per_peer: 8,
             max_udp_payload: 1452,
         }
     }
@@ -112,6 +129,28 @@ pub(crate) struct Shared {
     /// closes its connection if its peer's serial is now revoked.
     revocations: watch::Sender<u64>,
     connections: Mutex<HashMap<(SocketAddr, NodeId), quinn::Connection>>,
+    /// Streams open here per peer node, for [`PeerConfig::max_streams_per_peer`].
+    peer_streams: Arc<Mutex<HashMap<NodeId, u32>>>,
+    /// Accepted connections per peer node, for [`PeerConfig::max_connections_per_peer`].
+    peer_connections: Arc<Mutex<HashMap<NodeId, u32>>>,
+}
+
+/// One of a peer's stream or connection slots; given back when dropped.
+struct StreamSlot {
+    counts: Arc<Mutex<HashMap<NodeId, u32>>>,
+    node: NodeId,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// The QUIC server and client configurations of `identity`, with `config`'s transport
@@ -133,7 +172,41 @@ fn quic_configs(
     Ok((credentials.node_id, server, client))
 }
 
+fn take_slot(
+    counts: &Arc<Mutex<HashMap<NodeId, u32>>>,
+    node: NodeId,
+    max: u32,
+) -> Option<StreamSlot> {
+    let mut map = counts.lock().unwrap_or_else(PoisonError::into_inner);
+    let n = map.entry(node).or_insert(0);
+    if *n >= max {
+        if *n == 0 {
+            map.remove(&node);
+        }
+        return None;
+    }
+    *n += 1;
+    Some(StreamSlot {
+        counts: counts.clone(),
+        node,
+    })
+}
+
 impl Shared {
+    /// Takes one of `node`'s stream slots, or `None` when it has all of them.
+    fn stream_slot(&self, node: NodeId) -> Option<StreamSlot> {
+        take_slot(&self.peer_streams, node, self.config.max_streams_per_peer)
+    }
+
+    /// Takes one of `node`'s connection slots, or `None` when it has all of them.
+    fn connection_slot(&self, node: NodeId) -> Option<StreamSlot> {
+        take_slot(
+            &self.peer_connections,
+            node,
+            self.config.max_connections_per_peer,
+        )
+    }
+
     fn is_revoked(&self, serial: &str) -> bool {
         self.revoked
             .lock()
@@ -169,6 +242,8 @@ impl PeerEndpoint {
             revoked: Mutex::new(HashSet::new()),
             revocations: watch::Sender::new(0),
             connections: Mutex::new(HashMap::new()),
+            peer_streams: Arc::default(),
+            peer_connections: Arc::default(),
         });
         Ok(Self {
             endpoint,
@@ -454,6 +529,14 @@ impl<G: GenerateHandler, S: BlockSink> ConnectionTask<G, S> {
                 return;
             }
         };
+        let Some(_connection_slot) = self.shared.connection_slot(peer.node_id) else {
+            metrics.count_error(ErrorKind::PeerLimit);
+            tracing::warn!(%addr, node = %peer.node_id,
+                limit = self.shared.config.max_connections_per_peer,
+                "peer connection refused: the peer has its limit of connections open here");
+            connection.close(codes::REFUSED, b"too many connections from this node");
+            return;
+        };
         crate::metrics::add(&metrics.connections_accepted, 1);
         tracing::debug!(%addr, node = %peer.node_id, "peer connected");
         let mut revocations = self.shared.revocations.subscribe();
@@ -470,15 +553,33 @@ impl<G: GenerateHandler, S: BlockSink> ConnectionTask<G, S> {
                             "peer certificate revoked: connection closed");
                         connection.close(codes::IDENTITY, b"certificate revoked");
                         streams.abort_all();
+                        // What it already delivered goes too: its transfers' buffered blocks.
+                        self.blocks.peer_revoked(&peer);
                         return;
                     }
                 }
                 accepted = connection.accept_bi() => match accepted {
-                    Ok((send, recv)) => {
+                    Ok((mut send, mut recv)) => {
                         let shared = self.shared.clone();
+                        let Some(slot) = shared.stream_slot(peer.node_id) else {
+                            metrics.count_error(ErrorKind::PeerLimit);
+                            tracing::warn!(%addr, node = %peer.node_id,
+                                limit = shared.config.max_streams_per_peer,
+                                "peer stream refused: the peer has its limit of streams open here");
+                            streams.spawn(async move {
+                                let message = format!(
+                                    "this node serves at most {} concurrent streams per peer",
+                                    shared.config.max_streams_per_peer
+                                );
+                                refuse(&mut send, &mut recv, &shared.generate_codec,
+                                    ErrorCode::Overloaded, message).await;
+                            });
+                            continue;
+                        };
                         let (generate, blocks, peer) =
                             (self.generate.clone(), self.blocks.clone(), peer.clone());
                         streams.spawn(async move {
+                            let _slot = slot;
                             serve_stream(&shared, &*generate, &*blocks, &peer, send, recv).await;
                         });
                     }
@@ -515,7 +616,23 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
     let metrics = &shared.metrics;
     // The larger (KV) limit: the kind is not known yet. A generate request over its own limit
     // is refused below.
-    let first = wire::read_frame(&mut recv, &shared.kv_codec).await;
+    let stall = shared.config.stall_timeout;
+    let Ok(first) =
+        tokio::time::timeout(stall, wire::read_frame(&mut recv, &shared.kv_codec)).await
+    else {
+        metrics.count_error(ErrorKind::Stalled);
+        tracing::warn!(node = %peer.node_id, timeout = ?stall,
+            "peer stream refused: no first frame in time");
+        refuse(
+            &mut send,
+            &mut recv,
+            &shared.generate_codec,
+            ErrorCode::Truncated,
+            format!("stalled: no frame for {stall:?}"),
+        )
+        .await;
+        return;
+    };
     let (kind, payload) = match first {
         Ok(Some(frame)) => frame,
         Ok(None) => return, // opened and finished without a word: nothing to do
@@ -530,7 +647,7 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
                 ReadFailure::Reset(_) | ReadFailure::Lost(_) => ErrorKind::Stream,
             };
             metrics.count_error(kind);
-            tracing::debug!(node = %peer.node_id, %failure, "bad first frame on a peer stream");
+            tracing::warn!(node = %peer.node_id, %failure, "bad first frame on a peer stream");
             refuse(
                 &mut send,
                 &mut recv,
@@ -551,6 +668,8 @@ async fn serve_stream<G: GenerateHandler, S: BlockSink>(
         }
         other => {
             metrics.count_error(ErrorKind::BadRequest);
+            tracing::warn!(node = %peer.node_id, kind = ?other, bytes = payload.len(),
+                "peer stream refused: it starts with a frame no stream starts with");
             refuse(
                 &mut send,
                 &mut recv,

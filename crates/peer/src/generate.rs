@@ -100,7 +100,7 @@ pub(crate) async fn serve<G: GenerateHandler>(
                 Ok(_) => "not a generate request".to_owned(),
             };
             metrics.count_error(ErrorKind::BadRequest);
-            tracing::debug!(node = %peer.node_id, %reason, "bad forwarded request");
+            tracing::warn!(node = %peer.node_id, %reason, "bad forwarded request refused");
             refuse(&mut send, &mut recv, codec, ErrorCode::BadRequest, reason).await;
             return;
         }

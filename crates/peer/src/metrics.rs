@@ -32,11 +32,23 @@ pub enum ErrorKind {
     ImportFailed,
     /// A stream was reset or a connection lost mid-stream (not a client's cancellation).
     Stream,
+    /// A KV block carried a sequence hash other than the one the receiver computed from the
+    /// request's own tokens (the receiver never registers a block under a peer's hash).
+    HashMismatch,
+    /// A peer went over a per-peer budget: concurrent streams (`PeerConfig::max_streams_per_peer`)
+    /// or bytes buffered for its transfers (the block sink's budget).
+    PeerLimit,
+    /// A stream sent nothing for `PeerConfig::stall_timeout` while the receiver waited for its
+    /// next frame.
+    Stalled,
+    /// A forwarded request's plan was refused before anything was allocated for it (a prefill
+    /// plan with hashes, lengths or a deadline the receiver does not accept).
+    BadPlan,
 }
 
 impl ErrorKind {
     /// Every kind, in counter order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::TlsRefused,
         ErrorKind::Handshake,
         ErrorKind::Malformed,
@@ -49,6 +61,10 @@ impl ErrorKind {
         ErrorKind::UnknownRequest,
         ErrorKind::ImportFailed,
         ErrorKind::Stream,
+        ErrorKind::HashMismatch,
+        ErrorKind::PeerLimit,
+        ErrorKind::Stalled,
+        ErrorKind::BadPlan,
     ];
 
     /// The label value for metrics (`kind="checksum_mismatch"`).
@@ -66,6 +82,10 @@ impl ErrorKind {
             ErrorKind::UnknownRequest => "unknown_request",
             ErrorKind::ImportFailed => "import_failed",
             ErrorKind::Stream => "stream",
+            ErrorKind::HashMismatch => "hash_mismatch",
+            ErrorKind::PeerLimit => "peer_limit",
+            ErrorKind::Stalled => "stalled",
+            ErrorKind::BadPlan => "bad_plan",
         }
     }
 

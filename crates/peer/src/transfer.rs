@@ -20,7 +20,10 @@
 //! side plus `send_window` on the sending side, plus one block per stream at each end.
 //!
 //! Every refusal is an Error frame with its [`ErrorCode`] (the sender gets
-//! [`PeerError::Remote`]), counted on both sides; the receiving endpoint keeps serving.
+//! [`PeerError::Remote`]), counted on both sides and logged once on the receiver with the
+//! peer's node id; the receiving endpoint keeps serving. A receiver waits at most
+//! `PeerConfig::stall_timeout` for each frame, so a sender that stops mid-transfer holds its
+//! stream (and what the sink buffered for it) no longer than that.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -64,7 +67,9 @@ pub trait BlockSink: Send + Sync + 'static {
 
     /// Imports one block whose size and checksum were verified. The stream reads no further
     /// until this returns: a slow import slows the sender, it does not grow a queue. An `Err`
-    /// refuses the rest of the stream with that message.
+    /// refuses the rest of the stream with that message; its code says how it is counted:
+    /// [`ErrorCode::HashMismatch`] as `hash_mismatch`, [`ErrorCode::Overloaded`] (a per-peer
+    /// budget) as `peer_limit`, any other as `import_failed`.
     fn import(
         &self,
         request_id: &str,
@@ -74,6 +79,13 @@ pub trait BlockSink: Send + Sync + 'static {
     /// One stream of `request_id` ended: `Ok` with what it carried when complete, `Err` when it
     /// failed or was cancelled (free or distrust what it imported).
     fn stream_finished(&self, request_id: &str, outcome: Result<KvDone, ErrorMessage>);
+
+    /// `peer`'s certificate was revoked and its connections here closed (their streams
+    /// aborted, so `stream_finished` is not called for them): forget what it delivered and
+    /// still buffers, so nothing a revoked node supplied is used after its revocation.
+    fn peer_revoked(&self, peer: &PeerInfo) {
+        let _ = peer;
+    }
 }
 
 /// A handler and sink that refuse everything: for a node without workers of that role.
@@ -154,6 +166,7 @@ fn kind_of(code: ErrorCode) -> ErrorKind {
         ErrorCode::Malformed => ErrorKind::Malformed,
         ErrorCode::BadRequest => ErrorKind::BadRequest,
         ErrorCode::Cancelled => ErrorKind::Stream,
+        ErrorCode::HashMismatch => ErrorKind::HashMismatch,
         ErrorCode::UnknownModel
         | ErrorCode::Overloaded
         | ErrorCode::Unavailable
@@ -415,6 +428,7 @@ pub(crate) async fn serve<S: BlockSink>(
         Ok(_) => return,
         Err(error) => {
             metrics.count_error(ErrorKind::Malformed);
+            tracing::warn!(node = %peer.node_id, %error, "KV transfer handshake refused");
             refuse(
                 &mut send,
                 &mut recv,
@@ -505,8 +519,20 @@ async fn receive_blocks<S: BlockSink>(
         Err((Some(kind), ErrorMessage::new(code, message)))
     };
     let mut received = KvDone::default();
+    let stall = shared.config.stall_timeout;
     loop {
-        let (kind, payload) = match wire::read_frame(recv, &shared.kv_codec).await {
+        let Ok(read) = tokio::time::timeout(stall, wire::read_frame(recv, &shared.kv_codec)).await
+        else {
+            return fail(
+                ErrorKind::Stalled,
+                ErrorCode::Truncated,
+                format!(
+                    "stalled: no frame for {stall:?} after {} blocks",
+                    received.blocks
+                ),
+            );
+        };
+        let (kind, payload) = match read {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 return fail(
@@ -585,8 +611,12 @@ async fn receive_blocks<S: BlockSink>(
                     data,
                 };
                 if let Err(error) = sink.import(request_id, block).await {
-                    let message = ErrorMessage::new(ErrorCode::ImportFailed, error.message);
-                    return Err((Some(ErrorKind::ImportFailed), message));
+                    let (code, kind) = match error.code {
+                        ErrorCode::HashMismatch => (error.code, ErrorKind::HashMismatch),
+                        ErrorCode::Overloaded => (error.code, ErrorKind::PeerLimit),
+                        _ => (ErrorCode::ImportFailed, ErrorKind::ImportFailed),
+                    };
+                    return Err((Some(kind), ErrorMessage::new(code, error.message)));
                 }
                 received.blocks += 1;
                 received.bytes += len;

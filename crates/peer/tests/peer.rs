@@ -973,6 +973,8 @@ async fn revoking_a_serial_closes_open_connections_on_both_sides() -> anyhow::Re
     .await?;
     assert!(drained, "the stream on it ends with an error, not a finish");
     assert_eq!(server.metrics().connections_revoked, 1);
+    // The sink heard, so it can drop what that node supplied.
+    assert_eq!(*server.sink.revoked.lock().unwrap(), vec![bad_cert.node]);
     // New connections with it are refused too.
     // (The handshake completes, then the server closes it: TLS cannot know about revocation.)
     if let Ok(fresh) = bad.connect(server.addr, server.node).await {
@@ -993,5 +995,247 @@ async fn revoking_a_serial_closes_open_connections_on_both_sides() -> anyhow::Re
     // Setting the same set again closes nothing more.
     good.set_revoked_serials([server_cert.serial.clone()]);
     assert_eq!(good.metrics().snapshot().connections_revoked, 1);
+    server.shutdown().await
+}
+
+/// A node with a valid fleet certificate that sends what no honest peer sends — blocks under
+/// another prompt's hashes, an oversized frame, a truncated frame, a layout for another model,
+/// streams that stall, more streams than its share — has each stream refused with its code and
+/// counted under its kind, while an honest peer's transfer and forwarded request on the same
+/// node run to completion meanwhile.
+#[tokio::test]
+async fn a_hostile_peer_is_refused_and_counted_and_an_honest_peer_is_not_affected()
+-> anyhow::Result<()> {
+    const STALL: Duration = Duration::from_millis(400);
+    const PER_PEER: u32 = 4;
+    let ca = TestCa::new("fleet CA");
+    let server_cert = ca.issue(new_node());
+    let server = Server::start_with(&server_cert, TestSink::new(layout()), |c| {
+        c.stall_timeout = STALL;
+        c.max_streams_per_peer = PER_PEER;
+        c.max_connections_per_peer = 2;
+    })
+    .await?;
+    server.sink.expect_request("honest");
+    server.sink.expect_request("hostile");
+    let layout = layout();
+
+    // The honest peer's transfer: blocks produced slowly, so it spans everything below.
+    let honest = client(&ca.issue(new_node()))?;
+    let honest_connection = honest.connect(server.addr, server.node).await?;
+    let transfer = tokio::spawn({
+        let (connection, layout) = (honest_connection.clone(), layout.clone());
+        async move {
+            let produced = futures_util::stream::iter(0..24u32).then(|i| {
+                let layout = layout.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    block(&layout, i)
+                }
+            });
+            connection
+                .send_blocks(
+                    "honest",
+                    &layout,
+                    Box::pin(produced),
+                    &TransferOptions { streams: 2 },
+                )
+                .await
+        }
+    });
+
+    let rogue = ca.issue(new_node());
+    let raw = raw_connection(&server, &ca.cert_pem, Some(&rogue.identity)).await?;
+    let hello = |layout: &kvfleet_proto::KvLayout| {
+        frame(&PeerMessage::KvHandshake(KvHandshake {
+            request_id: "hostile".into(),
+            layout: layout.clone(),
+        }))
+    };
+    let good = block(&layout, 0);
+    let block_frame = |index: u32, hash: u64| {
+        frame(&PeerMessage::KvBlock {
+            header: KvBlockHeader::for_block(index, kvfleet_proto::SequenceHash(hash), &good.data),
+            data: &good.data,
+        })
+    };
+    let mut oversized = block_frame(0, 0x1000);
+    oversized[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut cut = block_frame(0, 0x1000);
+    cut.truncate(cut.len() / 2);
+    let other_model = kvfleet_proto::KvLayout {
+        model: "another-model".into(),
+        ..layout.clone()
+    };
+    let hostile_hello = hello(&layout);
+    /// One hostile stream: what it sends, whether it finishes, how it must be refused.
+    struct Case {
+        name: &'static str,
+        frames: Vec<Vec<u8>>,
+        finish: bool,
+        code: ErrorCode,
+        kind: ErrorKind,
+        /// Whether its handshake is accepted before the refusal.
+        accepted: bool,
+    }
+    let cases = vec![
+        Case {
+            name: "a block under another prompt's hash",
+            frames: vec![hostile_hello.clone(), block_frame(0, 0xdead_beef)],
+            finish: true,
+            code: ErrorCode::HashMismatch,
+            kind: ErrorKind::HashMismatch,
+            accepted: true,
+        },
+        Case {
+            name: "an oversized frame",
+            frames: vec![hostile_hello.clone(), oversized],
+            finish: false,
+            code: ErrorCode::Malformed,
+            kind: ErrorKind::Malformed,
+            accepted: true,
+        },
+        Case {
+            name: "a truncated frame",
+            frames: vec![hostile_hello.clone(), cut],
+            finish: true,
+            code: ErrorCode::Truncated,
+            kind: ErrorKind::Truncated,
+            accepted: true,
+        },
+        Case {
+            name: "a layout for another model",
+            frames: vec![hello(&other_model)],
+            finish: false,
+            code: ErrorCode::LayoutMismatch,
+            kind: ErrorKind::LayoutMismatch,
+            accepted: false,
+        },
+        Case {
+            name: "a stream that stalls after its handshake",
+            frames: vec![hostile_hello.clone()],
+            finish: false,
+            code: ErrorCode::Truncated,
+            kind: ErrorKind::Stalled,
+            accepted: true,
+        },
+        Case {
+            name: "a stream that stalls inside its first frame",
+            frames: vec![hostile_hello[..5].to_vec()],
+            finish: false,
+            code: ErrorCode::Truncated,
+            kind: ErrorKind::Stalled,
+            accepted: false,
+        },
+    ];
+    for Case {
+        name,
+        frames,
+        finish,
+        code,
+        kind,
+        accepted,
+    } in cases
+    {
+        let before = server.metrics().error(kind);
+        let (mut send, mut recv) = raw.open_bi().await?;
+        for frame in frames {
+            send.write_all(&frame).await?;
+        }
+        if finish {
+            send.finish()?;
+        }
+        let answer = read_answer(&mut recv).await;
+        assert_eq!(error_code(&answer), Some(code), "{name}: {answer:?}");
+        assert_eq!(
+            answer.first().map(|(k, _)| *k) == Some(FrameKind::KvLayout),
+            accepted,
+            "{name}: handshake answer {answer:?}"
+        );
+        assert!(
+            eventually(WAIT, || server.metrics().error(kind) == before + 1).await,
+            "{name}: counted once as {kind:?}"
+        );
+    }
+
+    // Its share of streams: PER_PEER stalled transfers hold them all, the next is refused at
+    // once. The honest peer, another node, is served meanwhile.
+    let limited_before = server.metrics().error(ErrorKind::PeerLimit);
+    let mut held = Vec::new();
+    for _ in 0..PER_PEER {
+        let (mut send, mut recv) = raw.open_bi().await?;
+        send.write_all(&hostile_hello).await?;
+        // The echo is the handshake itself: read all of it, so the refusal is the next frame.
+        let mut echo = vec![0u8; hostile_hello.len()];
+        recv.read_exact(&mut echo).await?;
+        held.push((send, recv));
+    }
+    let (mut send, mut recv) = raw.open_bi().await?;
+    send.write_all(&hostile_hello).await?;
+    let answer = read_answer(&mut recv).await;
+    assert_eq!(
+        error_code(&answer),
+        Some(ErrorCode::Overloaded),
+        "{answer:?}"
+    );
+    assert_eq!(
+        server.metrics().error(ErrorKind::PeerLimit),
+        limited_before + 1
+    );
+    let (chunks, _) = collect(
+        &mut honest_connection
+            .generate(&request("echo", vec![7, 8]))
+            .await?,
+    )
+    .await?;
+    assert!(!chunks.is_empty(), "the honest peer's request completed");
+    // The held streams stall out and give their slots back.
+    for (_send, mut recv) in held {
+        let answer = read_answer(&mut recv).await;
+        assert_eq!(
+            error_code(&answer),
+            Some(ErrorCode::Truncated),
+            "{answer:?}"
+        );
+    }
+    // (A slot is given back just after its refusal is sent: allow a few tries.)
+    let mut accepted = false;
+    for _ in 0..20 {
+        let (mut send, mut recv) = raw.open_bi().await?;
+        send.write_all(&hostile_hello).await?;
+        let mut first = vec![0u8; hostile_hello.len()];
+        if recv.read_exact(&mut first).await.is_ok() && first == hostile_hello {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted, "the stalled streams gave their slots back");
+
+    // Its share of connections: a second one is served, a third is closed after its handshake.
+    let limited_before = server.metrics().error(ErrorKind::PeerLimit);
+    let second = raw_connection(&server, &ca.cert_pem, Some(&rogue.identity)).await?;
+    let third = raw_connection(&server, &ca.cert_pem, Some(&rogue.identity)).await?;
+    assert!(eventually(WAIT, || third.close_reason().is_some()).await);
+    assert_eq!(
+        server.metrics().error(ErrorKind::PeerLimit),
+        limited_before + 1
+    );
+    assert!(second.close_reason().is_none());
+    drop(second);
+
+    // The honest transfer was not disturbed; nothing of the hostile one was imported.
+    let report = tokio::time::timeout(Duration::from_secs(20), transfer).await???;
+    assert_eq!(report.blocks, 24);
+    let imported = server.sink.blocks.lock().unwrap().clone();
+    assert_eq!(imported.iter().filter(|(id, _)| id == "honest").count(), 24);
+    assert!(
+        imported.iter().all(|(id, _)| id == "honest"),
+        "no hostile block"
+    );
+    assert!(
+        raw.close_reason().is_none(),
+        "refusals end streams, not the connection"
+    );
     server.shutdown().await
 }

@@ -47,6 +47,9 @@ pub const PEER_ALPN: &[u8] = b"kvfleet-peer/1";
 pub const MAX_ID_LEN: usize = 256;
 /// Longest model name accepted (bytes).
 pub const MAX_MODEL_LEN: usize = 256;
+/// Longest prefill deadline a [`PrefillPlan`] may carry (10 minutes). The receiving agent
+/// bounds it further by its own `[peer] transfer_timeout_secs`.
+pub const MAX_PREFILL_TIMEOUT_MS: u32 = 600_000;
 /// Longest error message accepted (bytes); [`ErrorMessage::new`] truncates to it.
 pub const MAX_MESSAGE_LEN: usize = 4096;
 /// Bytes of the binary header in front of a KV block's bytes.
@@ -217,6 +220,18 @@ impl GenerateRequest {
         }
         if let Some(plan) = &self.prefill {
             check_len(kind, "prefill.addr", &plan.addr, MAX_MODEL_LEN)?;
+            // A u32 of milliseconds reaches 49 days: a plan could hold a transfer (and the
+            // buffers it fills) that long.
+            if !(1..=MAX_PREFILL_TIMEOUT_MS).contains(&plan.timeout_ms) {
+                return Err(invalid(
+                    kind,
+                    "prefill.timeout_ms",
+                    format!(
+                        "{} ms, must be 1 to {MAX_PREFILL_TIMEOUT_MS}",
+                        plan.timeout_ms
+                    ),
+                ));
+            }
         }
         if let Some(push) = &self.kv_push {
             check_len(kind, "kv_push.transfer_id", &push.transfer_id, MAX_ID_LEN)?;
@@ -390,6 +405,9 @@ pub enum ErrorCode {
     Malformed,
     /// The receiver could not import a block (pool full, request gone).
     ImportFailed,
+    /// A KV block's sequence hash is not the one the receiver computed from the request's own
+    /// tokens for that position.
+    HashMismatch,
 }
 
 /// An error sent on a stream before it is closed.
@@ -899,6 +917,17 @@ mod tests {
                     serde_json::json!({"max_tokens": 0}),
                 ),
                 "sampling",
+            ),
+            (
+                "a 49-day prefill deadline",
+                FrameKind::Request,
+                with(
+                    request.clone(),
+                    "prefill",
+                    serde_json::json!({"worker": 1, "node": "00000000-0000-0000-0000-000000000001",
+                        "addr": "n:7500", "timeout_ms": u32::MAX}),
+                ),
+                "prefill.timeout_ms",
             ),
             (
                 "empty tokens",

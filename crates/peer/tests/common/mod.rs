@@ -235,6 +235,8 @@ pub struct TestSink {
     pub imported: AtomicU64,
     /// When set, each import takes a permit first: tests hold the receiver back.
     pub gate: Option<Arc<Semaphore>>,
+    /// Peers whose revocation the endpoint reported.
+    pub revoked: Mutex<Vec<NodeId>>,
 }
 
 impl TestSink {
@@ -246,6 +248,7 @@ impl TestSink {
             finished: Mutex::new(Vec::new()),
             imported: AtomicU64::new(0),
             gate: None,
+            revoked: Mutex::new(Vec::new()),
         }
     }
 
@@ -274,6 +277,14 @@ impl BlockSink for TestSink {
         if block.index == 666 {
             return Err(ErrorMessage::new(ErrorCode::ImportFailed, "pool full"));
         }
+        // As the agent does: the hash block `i` must carry is the receiver's own (here the
+        // one `block` gives it), never the one the sender names.
+        if block.hash.0 != 0x1000 + u64::from(block.index) {
+            return Err(ErrorMessage::new(
+                ErrorCode::HashMismatch,
+                format!("block {} carries another prompt's hash", block.index),
+            ));
+        }
         self.imported.fetch_add(1, Ordering::SeqCst);
         self.blocks
             .lock()
@@ -287,6 +298,10 @@ impl BlockSink for TestSink {
             .lock()
             .unwrap()
             .push((request_id.to_owned(), outcome));
+    }
+
+    fn peer_revoked(&self, peer: &PeerInfo) {
+        self.revoked.lock().unwrap().push(peer.node_id);
     }
 }
 
