@@ -93,8 +93,7 @@ impl Deps {
 
 /// Runs the agent until `shutdown` completes, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.frontend.listen)
-        .await
+    let listener = frontend::bind(config.frontend.listen)
         .with_context(|| format!("binding the frontend to {}", config.frontend.listen))?;
     serve(config, listener, Deps::detect()?, shutdown).await
 }
@@ -213,8 +212,7 @@ pub async fn serve_with(
     // Bound first, so a taken port stops the start with its address before any worker runs.
     let metrics_listener = match config.frontend.metrics_listen {
         Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
+            frontend::bind(addr)
                 .with_context(|| format!("binding frontend.metrics_listen to {addr}"))?,
         ),
         None => None,

@@ -540,6 +540,13 @@ pub async fn serve(
     conn::serve(listener, router(frontend), limits, shutdown).await
 }
 
+/// A listener for the frontend (or its metrics address) on `addr`, with a listen backlog deep
+/// enough for bursts of connections (4096; tokio's own `bind` gives 1024). Call it inside the
+/// runtime.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    conn::bind(addr)
+}
+
 /// Serves [`metrics_router`] on `listener` (`frontend.metrics_listen`) until `shutdown`
 /// completes, with the API port's connection cap and header timeout.
 pub async fn serve_metrics(

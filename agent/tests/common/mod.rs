@@ -72,7 +72,7 @@ impl TestAgent {
 
     async fn launch(toml: &str, backoff_ms: u64, notifier: Notifier, dbus: Bus) -> Self {
         let (config, dir) = config(toml, backoff_ms);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = kvfleet_agent::frontend::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let deps = Deps {
             inventory: Arc::new(FakeInventory::default()),
