@@ -339,6 +339,27 @@ struct RawFrontend {
     max_connections: Option<Spanned<i64>>,
     header_read_timeout_secs: Option<Spanned<f64>>,
     body_read_timeout_secs: Option<Spanned<f64>>,
+    rate_limit: Option<RawRateLimit>,
+    keys: Option<Vec<RawApiKey>>,
+    metrics_listen: Option<Spanned<String>>,
+}
+
+/// `[frontend.rate_limit]`, or a limit inside a `[[frontend.keys]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    requests_per_sec: Option<Spanned<f64>>,
+    burst: Option<Spanned<i64>>,
+}
+
+/// `[[frontend.keys]]`: a named key with its own limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    name: Spanned<String>,
+    key: Spanned<String>,
+    requests_per_sec: Option<Spanned<f64>>,
+    burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -750,6 +771,52 @@ impl Checker<'_> {
         }
     }
 
+    /// A rate limit from its two settings (`what` names them in problems); `None` when neither
+    /// is set or one is wrong. The burst defaults to one second's worth (at least 1).
+    fn rate_limit(
+        &mut self,
+        what: &str,
+        rate: Option<&Spanned<f64>>,
+        burst: Option<&Spanned<i64>>,
+    ) -> Option<crate::frontend::ratelimit::RateLimit> {
+        let rate = match rate {
+            Some(v) => {
+                let r = *v.get_ref();
+                if r.is_finite() && r > 0.0 && r <= 1_000_000.0 {
+                    r
+                } else {
+                    let location = self.at(v);
+                    self.problem(
+                        location,
+                        format!(
+                            "{what}.requests_per_sec = {r} is out of range: expected more than 0 \
+                             and at most 1000000"
+                        ),
+                    );
+                    return None;
+                }
+            }
+            None => {
+                if let Some(b) = burst {
+                    let location = self.at(b);
+                    self.problem(
+                        location,
+                        format!("{what}.burst needs {what}.requests_per_sec beside it"),
+                    );
+                }
+                return None;
+            }
+        };
+        let burst = match burst {
+            Some(b) => self.int(&format!("{what}.burst"), b, 1..=1_000_000)? as u32,
+            None => (rate.ceil() as u32).max(1),
+        };
+        Some(crate::frontend::ratelimit::RateLimit {
+            requests_per_sec: rate,
+            burst,
+        })
+    }
+
     fn parsed<T>(
         &mut self,
         value: &Spanned<String>,
@@ -879,6 +946,60 @@ impl Checker<'_> {
                     }
                 }
                 fc.api_keys = crate::frontend::ApiKeys::new(accepted);
+            }
+            if let Some(keys) = &f.keys {
+                for entry in keys {
+                    let name = entry.name.get_ref();
+                    let key = entry.key.get_ref();
+                    let taken = fc.api_keys.entries().any(|k| &k.label == name);
+                    if name.is_empty()
+                        || name.len() > 64
+                        || !name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                        || taken
+                    {
+                        let location = self.at(&entry.name);
+                        self.problem(
+                            location,
+                            format!(
+                                "frontend.keys: name {name:?} must be unique, 1 to 64 characters \
+                                 of letters, digits, '-', '_' and '.' (it labels the key's \
+                                 metrics)"
+                            ),
+                        );
+                        continue;
+                    }
+                    if key.len() < 8 || key.contains(char::is_whitespace) {
+                        let location = self.at(&entry.key);
+                        self.problem(
+                            location,
+                            format!(
+                                "frontend.keys ({name}): a key must be at least 8 characters \
+                                 with no whitespace"
+                            ),
+                        );
+                        continue;
+                    }
+                    let limit = self.rate_limit(
+                        "frontend.keys",
+                        entry.requests_per_sec.as_ref(),
+                        entry.burst.as_ref(),
+                    );
+                    fc.api_keys.push(key, name.clone(), limit);
+                }
+            }
+            if let Some(r) = &f.rate_limit {
+                fc.rate_limit = self.rate_limit(
+                    "frontend.rate_limit",
+                    r.requests_per_sec.as_ref(),
+                    r.burst.as_ref(),
+                );
+            }
+            if let Some(v) = &f.metrics_listen
+                && let Some(addr) = self.parsed(v, parse_listen)
+            {
+                fc.metrics_listen = Some(addr);
             }
             if let Some(v) = &f.allow_unauthenticated {
                 fc.allow_unauthenticated = *v.get_ref();
@@ -1516,6 +1637,23 @@ impl Checker<'_> {
                 ),
             );
         }
+        if let Some(metrics) = frontend.metrics_listen
+            && metrics == frontend.listen
+            && metrics.port() != 0
+        {
+            let location = raw
+                .frontend
+                .as_ref()
+                .and_then(|f| f.metrics_listen.as_ref())
+                .map_or(Location::Default, |v| self.at(v));
+            self.problem(
+                location,
+                format!(
+                    "frontend.metrics_listen = {metrics} is frontend.listen itself: leave it \
+                     out to serve /metrics and /ready on the API port, or give another address"
+                ),
+            );
+        }
         let mut seen = BTreeMap::new();
         for model in &raw.models {
             if seen.insert(model.name.get_ref().trim(), ()).is_some() {
@@ -1681,6 +1819,107 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    /// Per-key rate limits (a default and named keys' own), and the metrics address: read,
+    /// and every wrong value named with its place.
+    #[test]
+    fn rate_limits_and_the_metrics_address_are_read_and_checked() {
+        use crate::frontend::ratelimit::RateLimit;
+        let config = load(
+            r#"
+[frontend]
+api_keys = ["sk-plain-0123"]
+metrics_listen = "127.0.0.1:9100"
+[frontend.rate_limit]
+requests_per_sec = 2.5
+[[frontend.keys]]
+name = "team-a"
+key = "sk-team-a-0123"
+requests_per_sec = 10
+burst = 40
+[[frontend.keys]]
+name = "team-b"
+key = "sk-team-b-0123"
+"#,
+        )
+        .unwrap();
+        let f = &config.frontend;
+        assert_eq!(f.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        // The burst defaults to one second's worth, rounded up.
+        assert_eq!(
+            f.rate_limit,
+            Some(RateLimit {
+                requests_per_sec: 2.5,
+                burst: 3
+            })
+        );
+        let keys: Vec<_> = f
+            .api_keys
+            .entries()
+            .map(|k| (k.label.as_str(), k.limit))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("key-0", None),
+                (
+                    "team-a",
+                    Some(RateLimit {
+                        requests_per_sec: 10.0,
+                        burst: 40
+                    })
+                ),
+                ("team-b", None),
+            ]
+        );
+        assert_eq!(f.api_keys.find("sk-team-b-0123"), Some(2));
+        assert!(!format!("{config:?}").contains("sk-team-a-0123"));
+
+        let refused = problems(
+            r#"[frontend]
+metrics_listen = "127.0.0.1:8000"
+[frontend.rate_limit]
+requests_per_sec = 0
+[[frontend.keys]]
+name = "has space"
+key = "sk-0123456789"
+[[frontend.keys]]
+name = "short"
+key = "sk"
+[[frontend.keys]]
+name = "burst-only"
+key = "sk-burst-only"
+burst = 4
+"#,
+        );
+        assert_eq!(refused.len(), 5, "{refused:?}");
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.contains("requests_per_sec = 0 is out of range"))
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.contains("\"has space\" must be unique"))
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.contains("(short): a key must be at least 8"))
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.contains("burst needs frontend.keys.requests_per_sec"))
+        );
+        assert!(
+            refused.iter().any(|p| p.starts_with(
+                "agent.toml:2:18: frontend.metrics_listen = 127.0.0.1:8000 is frontend.listen"
+            )),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -93,8 +93,7 @@ impl Deps {
 
 /// Runs the agent until `shutdown` completes, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.frontend.listen)
-        .await
+    let listener = frontend::bind(config.frontend.listen)
         .with_context(|| format!("binding the frontend to {}", config.frontend.listen))?;
     serve(config, listener, Deps::detect()?, shutdown).await
 }
@@ -149,6 +148,9 @@ pub struct Running {
     pub models: Arc<ModelRegistry>,
     /// What the node does beyond its own workers.
     pub mode: Mode,
+    /// Where `/metrics` and `/ready` are served when `frontend.metrics_listen` moves them off
+    /// the API port (the bound address: port 0 in the config picks one).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Running {
@@ -207,6 +209,22 @@ pub async fn serve_with(
     let addr = listener
         .local_addr()
         .context("reading the listener's address")?;
+    // Bound first, so a taken port stops the start with its address before any worker runs.
+    let metrics_listener = match config.frontend.metrics_listen {
+        Some(addr) => Some(
+            frontend::bind(addr)
+                .with_context(|| format!("binding frontend.metrics_listen to {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(
+            listener
+                .local_addr()
+                .context("reading the metrics listener's address")?,
+        ),
+        None => None,
+    };
     // With a control plane, it decides the workers (cp_client starts them); standalone, the
     // config does.
     let workers = if config.control_plane.is_some() {
@@ -284,6 +302,7 @@ pub async fn serve_with(
         pool: pool.clone(),
         models,
         mode,
+        metrics_addr,
     });
 
     let stop_http = CancellationToken::new();
@@ -296,6 +315,17 @@ pub async fn serve_with(
         )
     });
     let background = CancellationToken::new();
+    // The metrics address stays up through the drain (`/ready` says 503 there meanwhile) and
+    // stops with the background tasks.
+    let metrics_http =
+        metrics_listener.map(|listener| {
+            tokio::spawn({
+                let stop = background.clone();
+                frontend::serve_metrics(frontend.clone(), listener, async move {
+                    stop.cancelled().await
+                })
+            })
+        });
     let notifier = deps.notifier.clone();
     let readiness = tokio::spawn(watch_readiness(
         pool.clone(),
@@ -336,6 +366,14 @@ pub async fn serve_with(
         ),
     }
     background.cancel();
+    if let Some(task) = metrics_http {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the metrics server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the metrics server task failed"),
+            Err(_) => tracing::warn!("the metrics server did not stop within 5 s"),
+        }
+    }
     let _ = readiness.await;
     cp_stop.cancel();
     if let Some(tasks) = fleet_tasks {

@@ -318,6 +318,33 @@ async fn bad_requests_get_the_documented_status_and_body() {
         );
         assert_eq!(error["param"].as_str(), param, "case {name}: {error}");
     }
+    // The body must be declared as JSON (a UTF-8 charset allowed): 415 otherwise, before the
+    // body is read.
+    let json_body = serde_json::to_vec(&chat("hi", 1)).unwrap();
+    for (content_type, status) in [
+        (None, 415),
+        (Some("text/plain"), 415),
+        (Some("application/x-www-form-urlencoded"), 415),
+        (Some("application/json; charset=latin1"), 415),
+        (Some("application/jsonx"), 415),
+        (Some("application/json; charset=utf-8"), 200),
+        (Some("Application/JSON;charset=\"UTF-8\""), 200),
+    ] {
+        let mut request = agent
+            .client
+            .post(agent.url("/v1/chat/completions"))
+            .body(json_body.clone());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status, "Content-Type {content_type:?}");
+        let body: Value = response.json().await.unwrap();
+        if status == 415 {
+            assert_eq!(body["error"]["code"], "unsupported_media_type", "{body}");
+            assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        }
+    }
     // Still serving.
     let response = agent.post("/v1/chat/completions", chat("hello", 8)).await;
     assert_eq!(response.status(), 200);
@@ -864,6 +891,125 @@ async fn api_keys_guard_the_v1_routes() {
     assert_eq!(response.status(), 200);
     let health = agent.client.get(agent.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// Each key has its own token bucket: after its burst a key gets 429 `rate_limit_exceeded`
+/// with `Retry-After` (the time to its next token, rounded up), while another key keeps being
+/// served; refusals are counted by the key's name, never the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_have_their_own_rate_limits() {
+    const SLOW: &str = "sk-slow-0123456789";
+    const OTHER: &str = "sk-other-0123456789";
+    let agent = TestAgent::start(&format!(
+        "[frontend]\napi_keys = [\"{OTHER}\"]\n\
+         [frontend.rate_limit]\nrequests_per_sec = 1000\nburst = 1000\n\
+         [[frontend.keys]]\nname = \"slow\"\nkey = \"{SLOW}\"\n\
+         requests_per_sec = 0.2\nburst = 2\n{}",
+        model("m", 0, 4096)
+    ))
+    .await;
+    let send = |key: &'static str| {
+        agent
+            .client
+            .post(agent.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat("hi", 1))
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(send(SLOW).await.unwrap().status(), 200);
+    }
+    let refused = send(SLOW).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    // 0.2 tokens/s: the next one is 5 s away.
+    assert_eq!(
+        refused.headers()["retry-after"].to_str().unwrap(),
+        "5",
+        "{:?}",
+        refused.headers()
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    // The other key is untouched by the first one's spending.
+    for _ in 0..5 {
+        assert_eq!(send(OTHER).await.unwrap().status(), 200);
+    }
+    // Cheap routes count too; the slow key is still out.
+    let models = agent
+        .client
+        .get(agent.url("/v1/models"))
+        .bearer_auth(SLOW)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 429);
+    let text = agent.metrics_text().await;
+    assert!(
+        text.contains("kvfleet_rate_limited_total{key=\"slow\"} 2"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("key-0\"} "),
+        "the other key was never limited: {text}"
+    );
+    assert!(!text.contains(SLOW) && !text.contains(OTHER));
+}
+
+/// With `metrics_listen`, `/metrics` and `/ready` are served there and not on the API port
+/// (which keeps `/v1/*` and `/health`); the metrics address serves nothing of the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_ready_can_have_their_own_address() {
+    let agent = TestAgent::start(&format!(
+        "[frontend]\nmetrics_listen = \"127.0.0.1:0\"\n{}",
+        model("m", 0, 4096)
+    ))
+    .await;
+    let metrics_addr = agent.running.metrics_addr.expect("metrics_listen is bound");
+    assert_ne!(metrics_addr, agent.addr);
+    let get = |url: String| agent.client.get(url).send();
+    // The API port: the API and /health, no /metrics or /ready.
+    assert_eq!(
+        agent
+            .post("/v1/chat/completions", chat("hi", 2))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(get(agent.url("/health")).await.unwrap().status(), 200);
+    for path in ["/metrics", "/ready"] {
+        let response = get(agent.url(path)).await.unwrap();
+        assert_eq!(response.status(), 404, "{path} on the API port");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unknown_url", "{body}");
+    }
+    // The metrics address: /metrics (counting the request above), /ready, nothing of the API.
+    let text = get(agent.metrics_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("kvfleet_requests_total{endpoint=\"chat_completions\",status=\"200\"} 1"),
+        "{text}"
+    );
+    assert_eq!(
+        get(agent.metrics_url("/ready")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        get(agent.metrics_url("/v1/models")).await.unwrap().status(),
+        404
+    );
+    let response = agent
+        .client
+        .post(agent.metrics_url("/v1/chat/completions"))
+        .json(&chat("hi", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

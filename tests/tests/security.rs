@@ -334,8 +334,9 @@ async fn a_removed_nodes_open_peer_connections_close_within_one_heartbeat() {
 
 /// A request another node forwards takes a slot of the serving node's admission like a local
 /// one: with node-b's only slot taken (and no queue), a request forwarded from node-a is refused
-/// `Overloaded` before anything runs (node-a then serves it elsewhere); once the slot is free,
-/// the same forwarded request is served.
+/// `Overloaded` before anything runs (node-a then serves it elsewhere), and so is the prefill leg
+/// of a disaggregated request (it takes a slot there too, without queueing); once the slot is
+/// free, the same forwarded request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forwarded_requests_go_through_the_serving_nodes_admission() {
     use futures_util::StreamExt as _;
@@ -416,6 +417,31 @@ async fn forwarded_requests_go_through_the_serving_nodes_admission() {
         .next()
         .await
         .expect_err("refused while the slot is taken");
+    assert_eq!(error.remote_code(), Some(ErrorCode::Overloaded), "{error}");
+    let a_id = a
+        .running
+        .fleet()
+        .unwrap()
+        .control_plane
+        .status()
+        .node_id
+        .unwrap();
+    let prefill_leg = GenerateRequest {
+        request_id: "chatcmpl-prefill-leg".into(),
+        sampling: kvfleet_proto::SamplingParams::greedy(1),
+        kv_push: Some(kvfleet_proto::peer::KvPush {
+            transfer_id: "chatcmpl-prefill-leg-0".into(),
+            worker: worker_ids(&a)[0],
+            node: a_id,
+            addr: peer(&a).local_addr().unwrap().to_string(),
+        }),
+        ..forwarded.clone()
+    };
+    let mut stream = connection.generate(&prefill_leg).await.unwrap();
+    let error = stream
+        .next()
+        .await
+        .expect_err("a prefill leg is refused while the slot is taken");
     assert_eq!(error.remote_code(), Some(ErrorCode::Overloaded), "{error}");
 
     drop(holder);

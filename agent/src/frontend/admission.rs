@@ -83,15 +83,27 @@ impl Admission {
         self.waiting.load(Ordering::Acquire)
     }
 
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        self.gauges.in_flight.inc();
+        Slot {
+            _permit: permit,
+            in_flight: self.gauges.in_flight.clone(),
+        }
+    }
+
+    /// A slot if one is free now, without queueing: 429 otherwise. A free slot is never taken
+    /// ahead of a waiting request (the fair semaphore gives freed slots to waiters first).
+    pub fn try_admit(&self) -> Result<Slot, ApiError> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map(|permit| self.slot(permit))
+            .map_err(|_| ApiError::queue_full(self.retry_after))
+    }
+
     /// Waits for a slot: 429 when the queue is full, 503 when the wait times out.
     pub async fn admit(&self) -> Result<Slot, ApiError> {
-        let slot = |permit| {
-            self.gauges.in_flight.inc();
-            Slot {
-                _permit: permit,
-                in_flight: self.gauges.in_flight.clone(),
-            }
-        };
+        let slot = |permit| self.slot(permit);
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(slot(permit));
         }
@@ -154,6 +166,32 @@ mod tests {
         assert_eq!(gauges.queue_depth.get(), 0);
         drop(first);
         assert_eq!(gauges.in_flight.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn try_admit_takes_a_free_slot_and_never_queues() {
+        let gauges = Gauges::default();
+        let admission = Arc::new(Admission::new(
+            1,
+            4,
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            gauges.clone(),
+        ));
+        let first = admission.try_admit().unwrap();
+        assert_eq!(gauges.in_flight.get(), 1);
+        // Every slot taken: refused at once, nothing queued.
+        let refused = admission.try_admit().unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(admission.waiting(), 0);
+        // A queued request gets the freed slot, not a later try.
+        let a = admission.clone();
+        let waiter = tokio::spawn(async move { a.admit().await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        drop(first);
+        assert!(admission.try_admit().is_err());
+        assert!(waiter.await.unwrap().is_ok());
+        assert!(admission.try_admit().is_ok());
     }
 
     #[tokio::test(start_paused = true)]

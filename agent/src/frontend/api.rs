@@ -13,6 +13,8 @@
 //! | unknown path | 404 | `invalid_request_error` | `unknown_url` |
 //! | wrong method | 405 | `invalid_request_error` | `method_not_allowed` |
 //! | body over `frontend.max_body_bytes` | 413 | `invalid_request_error` | `request_too_large` |
+//! | a POST body whose `Content-Type` is not `application/json` (a `charset` other than UTF-8 included) | 415 | `invalid_request_error` | `unsupported_media_type` |
+//! | the API key is over its rate limit (`ratelimit.rs`) | 429 (+ `Retry-After`) | `rate_limit_error` | `rate_limit_exceeded` |
 //! | queue full | 429 (+ `Retry-After`) | `rate_limit_error` | `queue_full` |
 //! | no ready worker, draining, queue wait timed out | 503 (+ `Retry-After`) | `service_unavailable` | `no_ready_worker` / `draining` / `queue_timeout` |
 //! | the worker failed during the request | 502 | `server_error` | `worker_failed` |
@@ -147,6 +149,39 @@ impl ApiError {
             "request_too_large",
             format!("request body is larger than the limit of {limit} bytes"),
         )
+    }
+
+    /// 415: the body is not declared as JSON.
+    pub fn unsupported_media_type(given: Option<&str>) -> Self {
+        let given = match given {
+            Some(value) => format!("Content-Type {value:?}"),
+            None => "no Content-Type".to_owned(),
+        };
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            format!(
+                "the request body must be JSON sent with `Content-Type: application/json` \
+                 (a charset, if any, must be utf-8); got {given}"
+            ),
+        )
+    }
+
+    /// 429: the API key has spent its rate limit; a token is back after `retry_after`.
+    pub fn rate_limited(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                format!(
+                    "this API key is over its rate limit; retry after {}s (Retry-After)",
+                    retry_after.as_secs()
+                ),
+            )
+        }
     }
 
     /// 429: the queue is full.

@@ -19,6 +19,25 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+/// The listen backlog: connections the kernel completes before `accept` takes them. Tokio's
+/// `TcpListener::bind` asks for 1024; a burst of reconnects larger than that (thousands of
+/// attack connections cut at the header timeout together, and reopened) overflowed it, and a
+/// normal client's SYN dropped there waits a second or more for its retransmission. The
+/// kernel caps it at `net.core.somaxconn` (4096 by default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio's `bind` sets).
+pub(super) fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct ConnLimits {

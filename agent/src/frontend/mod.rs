@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP frontend every node runs (axum).
 //!
-//! A request goes: authenticate → read the body (bounded in size and time) → admission
+//! A request goes: authenticate → its key's rate limit ([`ratelimit`]) → `Content-Type` must be
+//! JSON → read the body (bounded in size and time) → admission
 //! ([`admission`]: bounded queue; before any tokenization, so a flood waits or gets 429 instead
 //! of costing CPU) → on the blocking pool: parse and validate ([`api`]) → look the model up
 //! ([`models`]: its tokenizer, chat template and limits) → chat template and tokenize → block
@@ -15,6 +16,7 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `/health`
 //! (the process is up), `/ready` (workers can serve and the node is not draining), `/metrics`.
+//! With `metrics_listen` set, `/metrics` and `/ready` are served only there ([`serve_metrics`]).
 //!
 //! Logprobs: `logprobs`/`top_logprobs` (chat) and `logprobs: N` (completions, N ≤ 20) are
 //! served from what the engine sampled with. A native model gives the real log-probabilities
@@ -31,6 +33,7 @@ pub mod fields;
 pub mod metrics;
 pub mod models;
 mod prepare;
+pub mod ratelimit;
 mod run;
 mod structured;
 pub mod text;
@@ -85,17 +88,47 @@ pub struct FrontendConfig {
     pub header_read_timeout: Duration,
     /// How long a client may take to send a request's body (then 408).
     pub body_read_timeout: Duration,
+    /// Every key's rate limit unless the key has its own; `None`: keys are not limited.
+    pub rate_limit: Option<ratelimit::RateLimit>,
+    /// Where `/metrics` and `/ready` are served instead of `listen` (`None`: on `listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The frontend's API keys, stored as SHA-256 digests: the plain keys leave memory once the
-/// config is parsed, and `Debug` (config dumps, logs) shows only how many there are.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct ApiKeys(Vec<[u8; 32]>);
+/// config is parsed, and `Debug` (config dumps, logs) shows only how many there are. Each key
+/// has a label for metrics (its configured `name`, else `key-N` by its position) and may have
+/// its own rate limit.
+#[derive(Clone, PartialEq, Default)]
+pub struct ApiKeys(Vec<ApiKey>);
+
+/// One accepted key.
+#[derive(Clone, PartialEq)]
+pub struct ApiKey {
+    digest: [u8; 32],
+    /// What metrics and logs call it: never the key.
+    pub label: String,
+    /// Its own limit (else `frontend.rate_limit`, else none).
+    pub limit: Option<ratelimit::RateLimit>,
+}
 
 impl ApiKeys {
-    /// Hashes `keys`.
+    /// Hashes `keys`, labelled `key-0`, `key-1`, … by position.
     pub fn new<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Self {
-        Self(keys.into_iter().map(|k| digest(k.as_ref())).collect())
+        let mut all = Self::default();
+        for key in keys {
+            let label = format!("key-{}", all.0.len());
+            all.push(key.as_ref(), label, None);
+        }
+        all
+    }
+
+    /// Adds `key` under `label`, with its own limit if any.
+    pub fn push(&mut self, key: &str, label: String, limit: Option<ratelimit::RateLimit>) {
+        self.0.push(ApiKey {
+            digest: digest(key),
+            label,
+            limit,
+        });
     }
 
     /// Whether no key is configured (no authentication).
@@ -108,11 +141,27 @@ impl ApiKeys {
         self.0.len()
     }
 
-    /// Whether `key` is one of them. Compares digests without an early exit.
+    /// The keys, in order.
+    pub fn entries(&self) -> impl Iterator<Item = &ApiKey> {
+        self.0.iter()
+    }
+
+    /// Whether `key` is one of them.
     pub fn accepts(&self, key: &str) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// The position of `key` among them. Compares every digest without an early exit.
+    pub fn find(&self, key: &str) -> Option<usize> {
         let given = digest(key);
-        self.0.iter().fold(false, |found, k| {
-            found | (k.iter().zip(&given).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0)
+        self.0.iter().enumerate().fold(None, |found, (i, k)| {
+            let equal = k
+                .digest
+                .iter()
+                .zip(&given)
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                == 0;
+            found.or(equal.then_some(i))
         })
     }
 }
@@ -120,6 +169,15 @@ impl ApiKeys {
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ApiKeys({} hashed)", self.0.len())
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("label", &self.label)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
     }
 }
 
@@ -142,6 +200,8 @@ impl Default for FrontendConfig {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            rate_limit: None,
+            metrics_listen: None,
         }
     }
 }
@@ -160,6 +220,7 @@ pub struct Frontend {
     /// The agent's metrics, every module's, served on `/metrics`.
     registry: Arc<Registry>,
     admission: Admission,
+    limiter: ratelimit::RateLimiter,
     draining: AtomicBool,
     next_id: AtomicU64,
     id_prefix: u64,
@@ -179,6 +240,8 @@ impl Frontend {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let metrics = FrontendMetrics::register(&mut registry);
+        let limiter =
+            ratelimit::RateLimiter::new(&config.api_keys, config.rate_limit, &mut registry);
         let admission = Admission::new(
             config.max_in_flight,
             config.queue_capacity,
@@ -196,6 +259,7 @@ impl Frontend {
             metrics,
             registry: Arc::new(registry),
             admission,
+            limiter,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             id_prefix: u64::from(now.subsec_nanos()) ^ (now.as_secs() << 20),
@@ -223,6 +287,22 @@ impl Frontend {
     /// bypass a node's limits.
     pub async fn admit_forwarded(&self) -> Result<admission::Slot, ApiError> {
         run::admit(self).await.map(|(slot, _)| slot)
+    }
+
+    /// A slot for the prefill leg of a request another node admitted, only if one is free now
+    /// (429 `queue_full` otherwise, and the asking node prefills on its decode worker). It does
+    /// not queue: the asking node already holds a slot for the request, and a leg waiting in
+    /// this queue while this node's own requests wait on prefill legs elsewhere could hold
+    /// slots across nodes in a cycle until the queue timeout.
+    pub fn admit_prefill_leg(&self) -> Result<admission::Slot, ApiError> {
+        if self.is_draining() {
+            return Err(ApiError::unavailable(
+                "draining",
+                "the server is shutting down",
+                self.config.retry_after,
+            ));
+        }
+        self.admission.try_admit()
     }
 
     /// Requests generating now.
@@ -264,6 +344,8 @@ impl Frontend {
         }
     }
 
+    /// Authenticates the request (401 without a valid key), then takes a token from its key's
+    /// rate limit (429 when it has none left).
     fn check_auth(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if self.config.api_keys.is_empty() {
             return Ok(());
@@ -273,9 +355,9 @@ impl Frontend {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        match given {
-            Some(key) if self.config.api_keys.accepts(key) => Ok(()),
-            _ => Err(ApiError::unauthorized()),
+        match given.and_then(|key| self.config.api_keys.find(key)) {
+            Some(index) => self.limiter.check(index),
+            None => Err(ApiError::unauthorized()),
         }
     }
 
@@ -288,19 +370,33 @@ impl Frontend {
     }
 }
 
-/// The axum router over a frontend.
+/// The axum router of the API port. `/metrics` and `/ready` are on it unless
+/// `metrics_listen` moves them to [`metrics_router`]'s address (then they are 404 here).
 pub fn router(frontend: Arc<Frontend>) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/health", get(health));
+    let api = if frontend.config.metrics_listen.is_none() {
+        api.route("/ready", get(ready))
+            .route("/metrics", get(metrics))
+    } else {
+        api
+    };
+    api.fallback(|request: Request| async move {
+        ApiError::unknown_url(request.uri().path()).into_response()
+    })
+    .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
+    .with_state(frontend)
+}
+
+/// The router of `metrics_listen`: `/metrics`, `/ready` and `/health`, nothing of the API.
+pub fn metrics_router(frontend: Arc<Frontend>) -> Router {
+    Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .fallback(|request: Request| async move {
-            ApiError::unknown_url(request.uri().path()).into_response()
-        })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
         .with_state(frontend)
 }
 
@@ -331,6 +427,7 @@ async fn handle(
     let span = tracing::info_span!("request", request_id = %id, endpoint = endpoint.label());
     let result = async {
         frontend.check_auth(&headers)?;
+        prepare::check_content_type(&headers)?;
         let limit = frontend.config.max_body_bytes;
         let bytes = tokio::time::timeout(
             frontend.config.body_read_timeout,
@@ -441,4 +538,28 @@ pub async fn serve(
             address (frontend.allow_unauthenticated = true): anyone who can reach it can use it");
     }
     conn::serve(listener, router(frontend), limits, shutdown).await
+}
+
+/// A listener for the frontend (or its metrics address) on `addr`, with a listen backlog deep
+/// enough for bursts of connections (4096; tokio's own `bind` gives 1024). Call it inside the
+/// runtime.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    conn::bind(addr)
+}
+
+/// Serves [`metrics_router`] on `listener` (`frontend.metrics_listen`) until `shutdown`
+/// completes, with the API port's connection cap and header timeout.
+pub async fn serve_metrics(
+    frontend: Arc<Frontend>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = conn::ConnLimits {
+        max_connections: frontend.config.max_connections,
+        header_read_timeout: frontend.config.header_read_timeout,
+    };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics and /ready on their own address");
+    }
+    conn::serve(listener, metrics_router(frontend), limits, shutdown).await
 }

@@ -62,6 +62,35 @@ pub(super) struct Prepared {
 /// The most choices one request may ask for.
 pub(super) const MAX_CHOICES: i64 = 16;
 
+/// Checks that the body is declared as JSON: `application/json`, any parameters, a `charset`
+/// only if UTF-8 (the body is parsed as UTF-8). Anything else, or nothing, is 415 before a byte
+/// of the body is read: a form post or a stray upload is refused as what it is, not as a JSON
+/// syntax error.
+pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::unsupported_media_type(None));
+    };
+    let text = value.to_str().unwrap_or("");
+    let mut parts = text.split(';').map(str::trim);
+    let essence_ok = parts
+        .next()
+        .is_some_and(|m| m.eq_ignore_ascii_case("application/json"));
+    let params_ok = parts.all(|param| match param.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let value = value.trim().trim_matches('"');
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
+        }
+        _ => true,
+    });
+    if essence_ok && params_ok {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(Some(
+            &String::from_utf8_lossy(value.as_bytes()),
+        )))
+    }
+}
+
 /// Reads the body, refusing one larger than `limit` bytes: at once when `Content-Length` says
 /// so, otherwise as soon as the bytes read pass it.
 pub(super) async fn read_body(

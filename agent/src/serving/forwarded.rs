@@ -109,16 +109,9 @@ impl GenerateHandler for Forwarded {
         };
         // A whole request or a decode leg takes one of this node's admission slots, as a local
         // request would; a full queue answers `Overloaded` before anything is submitted (the
-        // asking node then serves it elsewhere). Prefill legs belong to a request admitted on
-        // its decode node and take none.
-        let slot = self.serving.admit().await.map_err(|e| {
-            let code = if e.status.as_u16() == 429 {
-                ErrorCode::Overloaded
-            } else {
-                ErrorCode::Unavailable
-            };
-            ErrorMessage::new(code, e.message)
-        })?;
+        // asking node then serves it elsewhere). Prefill legs take one too, without queueing
+        // (`prefill_leg`).
+        let slot = self.serving.admit().await.map_err(refusal)?;
         let plan = request
             .prefill
             .as_ref()
@@ -211,15 +204,30 @@ fn check_decode_leg(
     ))
 }
 
+/// An admission refusal as the peer protocol's: a full node is `Overloaded` (the asking node
+/// goes elsewhere), anything else `Unavailable`.
+fn refusal(e: crate::frontend::api::ApiError) -> ErrorMessage {
+    let code = if e.status.as_u16() == 429 {
+        ErrorCode::Overloaded
+    } else {
+        ErrorCode::Unavailable
+    };
+    ErrorMessage::new(code, e.message)
+}
+
 /// Serves the prefill leg of a disaggregated request (a peer asked, with `kv_push`): runs the
 /// prompt on the named prefill worker, streams its first token back, pushes its KV blocks to
 /// the decode node as they are computed, and finishes with what the decode node acknowledged.
+///
+/// The leg holds one of this node's admission slots while it runs, taken only if one is free
+/// at once: a full node answers `Overloaded` and the decode node prefills the prompt itself.
 fn prefill_leg(
     serving: &Arc<Serving>,
     request: GenerateRequest,
     push: KvPush,
 ) -> Result<EventStream, ErrorMessage> {
     let unavailable = |m: String| ErrorMessage::new(ErrorCode::Unavailable, m);
+    let slot = serving.admit_prefill_leg().map_err(refusal)?;
     let endpoint = serving
         .peer
         .endpoint()
@@ -278,7 +286,17 @@ fn prefill_leg(
         report: report_rx,
         _transfer: AbortOnDrop(transfer),
     };
-    Ok(event_stream(generation, prompt_tokens, Some(push)))
+    let events = event_stream(generation, prompt_tokens, Some(push));
+    Ok(match slot {
+        None => events,
+        // The slot lives as long as the stream.
+        Some(slot) => events
+            .map(move |event| {
+                let _ = &slot;
+                event
+            })
+            .boxed(),
+    })
 }
 
 /// A prefill leg's transfer: its report, and the task pushing the blocks (aborted with the

@@ -95,6 +95,16 @@ impl Serving {
         }
     }
 
+    /// A slot for a prefill leg, only if one is free now (none before the frontend exists).
+    fn admit_prefill_leg(
+        &self,
+    ) -> Result<Option<crate::frontend::admission::Slot>, crate::frontend::api::ApiError> {
+        match self.admission.get() {
+            Some(frontend) => frontend.admit_prefill_leg().map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Serving over this node's workers (`local`) and peer endpoint.
     pub fn new(local: Arc<dyn Backend>, peer: PeerHandle) -> Self {
         Self {

@@ -72,7 +72,7 @@ impl TestAgent {
 
     async fn launch(toml: &str, backoff_ms: u64, notifier: Notifier, dbus: Bus) -> Self {
         let (config, dir) = config(toml, backoff_ms);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = kvfleet_agent::frontend::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let deps = Deps {
             inventory: Arc::new(FakeInventory::default()),
@@ -113,8 +113,20 @@ impl TestAgent {
         format!("http://{}{path}", self.addr)
     }
 
+    /// A URL on the address serving `/metrics` and `/ready` (the API's unless
+    /// `frontend.metrics_listen` moved them).
+    pub fn metrics_url(&self, path: &str) -> String {
+        let addr = self.running.metrics_addr.unwrap_or(self.addr);
+        format!("http://{addr}{path}")
+    }
+
     pub async fn ready_status(&self) -> (u16, serde_json::Value) {
-        let response = self.client.get(self.url("/ready")).send().await.unwrap();
+        let response = self
+            .client
+            .get(self.metrics_url("/ready"))
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap())
     }
@@ -158,7 +170,7 @@ impl TestAgent {
     /// The whole `/metrics` exposition.
     pub async fn metrics_text(&self) -> String {
         self.client
-            .get(self.url("/metrics"))
+            .get(self.metrics_url("/metrics"))
             .send()
             .await
             .unwrap()
