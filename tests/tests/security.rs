@@ -490,9 +490,12 @@ async fn agents_join_an_https_control_plane_through_the_pinned_fleet_ca_only() {
     // the test knows the fingerprint an operator reads from the start-up log.
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     kvfleet_controlplane::store::migrate(&pool).await.unwrap();
-    let ca = kvfleet_controlplane::ca::load_or_create(&pool, Duration::from_secs(86_400))
-        .await
-        .unwrap();
+    // The same sealing key file as the harness's control planes (one per test process).
+    let key_file = std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
+    let ca =
+        kvfleet_controlplane::ca_key::load_or_create(&pool, &key_file, Duration::from_secs(86_400))
+            .await
+            .unwrap();
     let pin = ca.fingerprint();
     let cp = ControlPlane::start_with(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER, |c| {
         c.tls = kvfleet_controlplane::config::TlsConfig::FleetCa {
