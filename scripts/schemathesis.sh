@@ -103,6 +103,13 @@ parameters = { "path.id" = "${KVFLEET_ST_SPARE_NODE}" }
 include-name = "DELETE /api/v1/tokens/{id}"
 parameters = { "path.id" = "${KVFLEET_ST_SPARE_TOKEN}" }
 
+# A removed node stays readable as a tombstone (`state: removed`; the web UI's node page shows
+# it), which use_after_free reports as a deleted resource still available. Whether removed
+# nodes should 404 instead is open (issue 22's closing note); until decided, not checked here.
+[[operations]]
+include-name = "GET /api/v1/nodes/{id}"
+checks = { use_after_free = { enabled = false } }
+
 [[operations]]
 include-method-regex = "^(POST|PATCH)$"
 checks = { positive_data_acceptance = { enabled = false } }
