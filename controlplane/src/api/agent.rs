@@ -173,6 +173,7 @@ async fn issue_certificate(
 
 /// Register a node (join token) or refresh its inventory after a restart (its agent credential).
 #[utoipa::path(post, path = "/api/v1/agent/register", request_body = RegisterRequest, tag = "agent",
+    extensions(("x-kvfleet-permission" = json!("register"))),
     responses((status = 200, body = RegisterResponse), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn register(
     caller: Caller<Register>,
@@ -328,6 +329,7 @@ pub(super) fn node_of(principal: &Principal) -> Result<Uuid, ApiError> {
 /// liveness, observed worker states and metrics, and write no audit row (a node's return to
 /// health after a silence does).
 #[utoipa::path(post, path = "/api/v1/agent/heartbeat", request_body = Heartbeat, tag = "agent",
+    extensions(("x-kvfleet-permission" = json!("agent"))),
     responses((status = 200, body = HeartbeatResponse), (status = 401, body = Problem), (status = 422, body = Problem)))]
 pub async fn heartbeat(
     caller: Caller<Agent>,
@@ -571,12 +573,14 @@ async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiE
 /// server) until the generation differs from it. A generation lower than the agent's (a
 /// database restored from a backup) is returned at once and is authoritative.
 #[utoipa::path(get, path = "/api/v1/agent/desired-state", params(WatchQuery), tag = "agent",
+    extensions(("x-kvfleet-permission" = json!("agent"))),
     responses((status = 200, body = DesiredState), (status = 401, body = Problem)))]
 pub async fn desired_state(
     caller: Caller<Agent>,
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<WatchQuery>,
 ) -> Result<Json<DesiredState>, ApiError> {
+    super::kv::check_wait(query.wait_s)?;
     let node = node_of(&caller.principal)?;
     // Subscribe before reading, so a change between the read and the wait is not missed.
     let mut changes = state.desired_changed.subscribe();
@@ -619,6 +623,7 @@ pub async fn desired_state(
 /// Renew the node's peer certificate (before it expires). Old certificates stay valid until
 /// their own expiry, so peers holding them keep working during the rollover.
 #[utoipa::path(post, path = "/api/v1/agent/certificate", request_body = RenewRequest, tag = "agent",
+    extensions(("x-kvfleet-permission" = json!("agent"))),
     responses((status = 200, body = IssuedCertificate), (status = 422, body = Problem)))]
 pub async fn renew_certificate(
     caller: Caller<Agent>,
@@ -700,6 +705,7 @@ pub async fn forward_notifications(state: AppState, mut shutdown: watch::Receive
 /// and its node's peer address, and how each deployed model is served (mode, disaggregation
 /// policy), for the agents' fleet routers.
 #[utoipa::path(get, path = "/api/v1/agent/fleet", tag = "agent",
+    extensions(("x-kvfleet-permission" = json!("agent"))),
     responses((status = 200, body = FleetDirectory), (status = 401, body = Problem)))]
 pub async fn fleet_directory(
     _caller: Caller<Agent>,

@@ -180,6 +180,7 @@ pub fn validate_deployment_fields(fields: &DeploymentFields) -> Vec<InvalidParam
 
 /// List models (viewer+).
 #[utoipa::path(get, path = "/api/v1/models", params(PageQuery), tag = "models",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Page<Model>), (status = 401, body = Problem)))]
 pub async fn list_models(
     _caller: Caller<Read>,
@@ -209,6 +210,7 @@ async fn fetch_model(conn: &mut PgConnection, id: Uuid) -> Result<Model, ApiErro
 
 /// Register a model (operator+).
 #[utoipa::path(post, path = "/api/v1/models", request_body = NewModel, tag = "models",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 201, body = Model), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create_model(
     caller: Caller<Operate>,
@@ -247,6 +249,7 @@ pub async fn create_model(
 
 /// Get one model (viewer+).
 #[utoipa::path(get, path = "/api/v1/models/{id}", params(("id" = String, Path, description = "The resource id")), tag = "models",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Model), (status = 404, body = Problem)))]
 pub async fn get_model(
     _caller: Caller<Read>,
@@ -260,6 +263,7 @@ pub async fn get_model(
 
 /// Delete a model no deployment uses (operator+).
 #[utoipa::path(delete, path = "/api/v1/models/{id}", params(("id" = String, Path, description = "The resource id")), tag = "models",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn delete_model(
     caller: Caller<Operate>,
@@ -288,6 +292,7 @@ pub async fn delete_model(
 
 /// List deployments (viewer+).
 #[utoipa::path(get, path = "/api/v1/deployments", params(PageQuery), tag = "deployments",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Page<Deployment>), (status = 401, body = Problem)))]
 pub async fn list_deployments(
     _caller: Caller<Read>,
@@ -326,6 +331,7 @@ async fn fetch_deployment(
 
 /// Create a deployment (operator+). `model` is a model's name or id.
 #[utoipa::path(post, path = "/api/v1/deployments", request_body = NewDeployment, tag = "deployments",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 201, body = Deployment), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create_deployment(
     caller: Caller<Operate>,
@@ -405,6 +411,7 @@ pub async fn create_deployment(
 
 /// Get one deployment (viewer+).
 #[utoipa::path(get, path = "/api/v1/deployments/{id}", params(("id" = String, Path, description = "The resource id")), tag = "deployments",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Deployment), (status = 404, body = Problem)))]
 pub async fn get_deployment(
     _caller: Caller<Read>,
@@ -419,6 +426,7 @@ pub async fn get_deployment(
 /// Change a deployment's mode, SLA targets and percentile, worker bounds (per role too),
 /// planner mode, placement, disaggregation policy or migration limit (operator+).
 #[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, params(("id" = String, Path, description = "The resource id")), tag = "deployments",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 200, body = Deployment), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn update_deployment(
     caller: Caller<Operate>,
@@ -486,6 +494,7 @@ pub async fn update_deployment(
 /// Delete a deployment; its workers disappear from their nodes' desired state, so agents stop
 /// them (operator+).
 #[utoipa::path(delete, path = "/api/v1/deployments/{id}", params(("id" = String, Path, description = "The resource id")), tag = "deployments",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 204), (status = 404, body = Problem)))]
 pub async fn delete_deployment(
     caller: Caller<Operate>,

@@ -51,10 +51,14 @@ pub struct Decision {
 #[into_params(parameter_in = Query)]
 pub struct DecisionFilter {
     /// Only this loop's decisions: `placement`, `liveness` or `planner`.
+    #[param(pattern = "^(placement|liveness|planner)$")]
     pub source: Option<String>,
     pub deployment_id: Option<Uuid>,
     pub node_id: Option<Uuid>,
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page (a row id: decimal digits).
+    #[param(pattern = r"^[0-9]{1,18}$")]
     pub cursor: Option<String>,
 }
 
@@ -74,6 +78,7 @@ struct Row {
 
 /// Decisions of the placement, liveness and planner loops, newest first (viewer+).
 #[utoipa::path(get, path = "/api/v1/decisions", params(DecisionFilter), tag = "decisions",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Page<Decision>), (status = 401, body = Problem), (status = 422, body = Problem)))]
 pub async fn list_decisions(
     _caller: Caller<Read>,

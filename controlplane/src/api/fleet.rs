@@ -33,12 +33,16 @@ pub(crate) const WORKER_COLUMNS: &str = "id, deployment_id, node_id, gpu_id, rol
 pub struct NodeFilter {
     /// Only nodes in this state.
     pub state: Option<NodeState>,
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page (a node, GPU, model, deployment or token id).
+    #[param(format = Uuid)]
     pub cursor: Option<String>,
 }
 
 /// List nodes (viewer+).
 #[utoipa::path(get, path = "/api/v1/nodes", params(NodeFilter), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Page<Node>), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn list_nodes(
     _caller: Caller<Read>,
@@ -82,6 +86,7 @@ pub(crate) async fn fetch_node(
 
 /// Get one node (viewer+).
 #[utoipa::path(get, path = "/api/v1/nodes/{id}", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Node), (status = 404, body = Problem)))]
 pub async fn get_node(
     _caller: Caller<Read>,
@@ -143,6 +148,7 @@ async fn commit_node(
 
 /// Cordon: place no new workers on the node (operator+).
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/cordon", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn cordon_node(
     caller: Caller<Operate>,
@@ -162,6 +168,7 @@ pub async fn cordon_node(
 
 /// Uncordon: the node takes new workers again; ends a drain (operator+).
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/uncordon", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn uncordon_node(
     caller: Caller<Operate>,
@@ -181,6 +188,7 @@ pub async fn uncordon_node(
 
 /// Drain: cordon, and move the node's workers elsewhere (operator+).
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 200, body = Node), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn drain_node(
     caller: Caller<Operate>,
@@ -201,6 +209,7 @@ pub async fn drain_node(
 /// Remove a node: its workers stop (and are replaced elsewhere), its agent credential and
 /// certificates are revoked, its GPUs forgotten (admin). Removing a removed node is a no-op.
 #[utoipa::path(delete, path = "/api/v1/nodes/{id}", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 200, body = Node), (status = 404, body = Problem)))]
 pub async fn remove_node(
     caller: Caller<Admin>,
@@ -238,12 +247,16 @@ pub async fn remove_node(
 #[into_params(parameter_in = Query)]
 pub struct GpuFilter {
     pub node_id: Option<Uuid>,
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page (a node, GPU, model, deployment or token id).
+    #[param(format = Uuid)]
     pub cursor: Option<String>,
 }
 
 /// List GPUs (viewer+).
 #[utoipa::path(get, path = "/api/v1/gpus", params(GpuFilter), tag = "gpus",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Page<Gpu>), (status = 401, body = Problem)))]
 pub async fn list_gpus(
     _caller: Caller<Read>,
@@ -270,6 +283,7 @@ pub async fn list_gpus(
 
 /// Get one GPU (viewer+).
 #[utoipa::path(get, path = "/api/v1/gpus/{id}", params(("id" = String, Path, description = "The resource id")), tag = "gpus",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Gpu), (status = 404, body = Problem)))]
 pub async fn get_gpu(
     _caller: Caller<Read>,
@@ -293,12 +307,16 @@ pub struct WorkerFilter {
     pub node_id: Option<Uuid>,
     /// Include stopped workers (default: only live ones).
     pub include_stopped: Option<bool>,
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page (a row id: decimal digits).
+    #[param(pattern = r"^[0-9]{1,18}$")]
     pub cursor: Option<String>,
 }
 
 /// List workers (viewer+).
 #[utoipa::path(get, path = "/api/v1/workers", params(WorkerFilter), tag = "workers",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Page<Worker>), (status = 401, body = Problem)))]
 pub async fn list_workers(
     _caller: Caller<Read>,
@@ -335,6 +353,7 @@ fn parse_worker_id(text: &str) -> Result<i64, ApiError> {
 
 /// Get one worker (viewer+).
 #[utoipa::path(get, path = "/api/v1/workers/{id}", params(("id" = String, Path, description = "The resource id")), tag = "workers",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Worker), (status = 404, body = Problem)))]
 pub async fn get_worker(
     _caller: Caller<Read>,
@@ -384,6 +403,7 @@ fn window(
 
 /// A worker's metrics over time (viewer+).
 #[utoipa::path(get, path = "/api/v1/metrics/workers/{id}", params(("id" = String, Path, description = "The resource id"), MetricsQuery), tag = "metrics",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = MetricsSeries), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn worker_metrics(
     _caller: Caller<Read>,
@@ -417,6 +437,7 @@ pub async fn worker_metrics(
 
 /// A deployment's metrics over time, aggregated over its workers (viewer+).
 #[utoipa::path(get, path = "/api/v1/metrics/deployments/{id}", params(("id" = String, Path, description = "The resource id"), MetricsQuery), tag = "metrics",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = MetricsSeries), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn deployment_metrics(
     _caller: Caller<Read>,

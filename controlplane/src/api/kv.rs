@@ -16,6 +16,7 @@ use super::extract::{Agent, ApiJson, ApiQuery, Caller, Read};
 use super::problem::ApiError;
 use crate::AppState;
 use crate::kv_index::KvIndexStats;
+use kvfleet_proto::api::MAX_WAIT_S;
 
 /// Upload bodies may be this large (a batch of long prompts' blocks is bigger than the API's
 /// default body limit).
@@ -26,6 +27,7 @@ pub const MAX_UPLOAD_BYTES: usize = 16 << 20;
 /// `KvEventBatchResult`. Safe to retry.
 #[utoipa::path(post, path = "/api/v1/agent/kv-events", tag = "agent",
     request_body(content = String, content_type = "application/json", description = "KvEventBatch: {\"epochs\": [{\"worker\", \"epoch\"}], \"events\": [KvEvent], \"loads\": [{\"worker\", \"prefill_tokens\", \"decode_blocks\", \"queue_depth\", \"age_ms\"}]}"),
+    extensions(("x-kvfleet-permission" = json!("agent"))),
     responses((status = 200, description = "KvEventBatchResult: counts per outcome, unknown_workers, head_seq"),
         (status = 422, description = "too many events or a malformed event"), (status = 503, description = "database unavailable; retry")))]
 pub async fn upload(
@@ -63,14 +65,16 @@ pub async fn upload(
 #[utoipa::path(get, path = "/api/v1/agent/kv-stream", tag = "agent",
     params(("after" = Option<u64>, Query, description = "last applied sequence number (0: from the start)"),
         ("loads_after" = Option<u64>, Query, description = "load version last seen (the previous page's loads_version; 0: every current load)"),
-        ("wait_s" = Option<u64>, Query, description = "long-poll wait when nothing is newer"),
+        ("wait_s" = Option<u64>, Query, maximum = 3600, description = "long-poll wait when nothing is newer (seconds, at most 3600; capped by the server)"),
         ("limit" = Option<u32>, Query, description = "most items (max 10000)")),
+    extensions(("x-kvfleet-permission" = json!("agent"))),
     responses((status = 200, description = "KvStreamPage: items [{seq, kind, ...}], next_after, head_seq, resync, loads [{worker, prefill_tokens, decode_blocks, queue_depth, age_ms}], loads_version")))]
 pub async fn stream(
     _caller: Caller<Agent>,
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<KvStreamQuery>,
 ) -> Result<Json<KvStreamPage>, ApiError> {
+    check_wait(query.wait_s)?;
     let limit = query
         .limit
         .map_or(MAX_STREAM_PAGE, |l| (l as usize).clamp(1, MAX_STREAM_PAGE));
@@ -88,8 +92,20 @@ pub async fn stream(
     Ok(Json(page))
 }
 
+/// Refuses a long-poll `wait_s` above the documented [`MAX_WAIT_S`].
+pub fn check_wait(wait_s: Option<u64>) -> Result<(), ApiError> {
+    match wait_s {
+        Some(s) if s > MAX_WAIT_S => Err(ApiError::invalid(
+            "wait_s",
+            format!("must be at most {MAX_WAIT_S}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The whole index as of one sequence number (`KvSnapshot`): follow the stream from its `seq`.
 #[utoipa::path(get, path = "/api/v1/agent/kv-snapshot", tag = "agent",
+    extensions(("x-kvfleet-permission" = json!("agent"))),
     responses((status = 200, description = "KvSnapshot: seq, workers [{worker, epoch, next_event_id, tiers [{tier, blocks}]}]")))]
 pub async fn snapshot(
     _caller: Caller<Agent>,
@@ -100,6 +116,7 @@ pub async fn snapshot(
 
 /// This replica's KV index: head sequence number, sizes, and counters of rejected events.
 #[utoipa::path(get, path = "/api/v1/kv/stats", tag = "fleet",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, description = "KvIndexStats: head_seq, oldest_seq, workers, blocks, counters")))]
 pub async fn stats(
     _caller: Caller<Read>,
@@ -111,6 +128,7 @@ pub async fn stats(
 /// Blocks per tier (G1 device, G2 host, G3 disk, G4 remote) of every worker in this replica's
 /// KV index, in worker-id order.
 #[utoipa::path(get, path = "/api/v1/kv/workers", tag = "fleet",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, description = "[KvWorkerBlocks]: [{worker, g1, g2, g3, g4}]")))]
 pub async fn workers(
     _caller: Caller<Read>,

@@ -30,6 +30,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::AppState;
+use crate::auth::{Permission, Role};
 use crate::telemetry::{LatencyFamily, Registry, latency_family};
 use problem::{ApiError, DatabaseFailed};
 use types::{Page, PageQuery};
@@ -293,8 +294,182 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found("route", uri.path())
 }
 
-async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
+async fn openapi_json() -> axum::Json<serde_json::Value> {
+    axum::Json(document().clone())
+}
+
+/// The extension every route's `#[utoipa::path]` carries: the permission its `Caller<_>`
+/// extractor checks, spelled `read`, `operate`, `admin`, `agent`, `register`, or `public` for
+/// the routes that take no token.
+pub const PERMISSION_EXTENSION: &str = "x-kvfleet-permission";
+/// The roles a route admits, which [`document`] derives from [`PERMISSION_EXTENSION`] through
+/// [`Role::allows`] (empty for public routes). The same list is the route's `bearer` security
+/// requirement: OpenAPI 3.1 lets a non-OAuth scheme's requirement name roles.
+pub const ROLES_EXTENSION: &str = "x-kvfleet-roles";
+
+/// The OpenAPI document as served: [`ApiDoc`] completed by [`complete`], built once.
+pub fn document() -> &'static serde_json::Value {
+    static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        complete(&mut doc);
+        doc
+    })
+}
+
+/// utoipa writes a `u32` or `u64` parameter as `format: int32`/`int64` with `minimum: 0`, which
+/// says the largest value is `i32::MAX`/`i64::MAX`; the server takes up to `u32::MAX`/`u64::MAX`.
+/// Says so (the format goes, the true maximum comes), unless a tighter maximum is documented.
+fn unsigned_bounds(schema: &mut serde_json::Value) {
+    let Some(schema) = schema.as_object_mut() else {
+        return;
+    };
+    // utoipa's own mark of an unsigned type is `minimum: 0`; a documented `minimum = 1` (as
+    // on `step_s`, an `i64`) is not one.
+    let unsigned = schema
+        .get("minimum")
+        .and_then(serde_json::Value::as_f64)
+        .is_some_and(|m| m == 0.0);
+    let max = match schema.get("format").and_then(serde_json::Value::as_str) {
+        Some("int32") => u64::from(u32::MAX),
+        Some("int64") => u64::MAX,
+        _ => return,
+    };
+    if !unsigned {
+        return;
+    }
+    schema.remove("format");
+    schema.entry("maximum").or_insert_with(|| max.into());
+}
+
+/// The permission a [`PERMISSION_EXTENSION`] value names; `Some(None)` for `public`.
+fn parse_permission(text: &str) -> Option<Option<Permission>> {
+    Some(Some(match text {
+        "public" => return Some(None),
+        "read" => Permission::Read,
+        "operate" => Permission::Operate,
+        "admin" => Permission::Admin,
+        "agent" => Permission::Agent,
+        "register" => Permission::Register,
+        _ => return None,
+    }))
+}
+
+/// Adds to every operation what the shared layers answer, so each handler's annotation lists
+/// only its own outcomes: the roles and security requirement from its permission; 401 and 403
+/// where a token is needed (the [`extract::Caller`] extractor); 404 where the path has an id
+/// (a malformed id is a 404 too, [`extract::parse_uuid`]); 422 where there is a query string
+/// ([`extract::ApiQuery`]); 400, 413, 415 and 422 where there is a JSON body
+/// ([`extract::ApiJson`] and the body limit). Every 4xx/5xx is `application/problem+json`
+/// with the `Problem` schema, as [`problem::ApiError`] and `problem_for_plain_errors` send it.
+/// An operation whose permission is missing or unknown is left without roles; the unit test
+/// and the authorization matrix (`controlplane/tests/api.rs`) fail on it.
+fn complete(doc: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if !matches!(method.as_str(), "get" | "post" | "put" | "patch" | "delete") {
+                continue;
+            }
+            let Some(op) = op.as_object_mut() else {
+                continue;
+            };
+            let permission = op
+                .get("extensions")
+                .and_then(|e| e.get(PERMISSION_EXTENSION))
+                .or_else(|| op.get(PERMISSION_EXTENSION))
+                .and_then(Value::as_str)
+                .and_then(parse_permission);
+            let params: Vec<String> = op
+                .get("parameters")
+                .and_then(Value::as_array)
+                .map(|ps| {
+                    ps.iter()
+                        .filter_map(|p| p.get("in").and_then(Value::as_str))
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(parameters) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                parameters
+                    .iter_mut()
+                    .filter_map(|p| p.get_mut("schema"))
+                    .for_each(unsigned_bounds);
+            }
+            let has_body = op.contains_key("requestBody");
+            let mut added: Vec<(u16, &str)> = Vec::new();
+            match permission {
+                Some(Some(permission)) => {
+                    let roles: Vec<&str> = Role::ALL
+                        .iter()
+                        .filter(|r| r.allows(permission))
+                        .map(|r| r.as_str())
+                        .collect();
+                    op.insert(ROLES_EXTENSION.to_owned(), json!(roles));
+                    op.insert("security".to_owned(), json!([{ "bearer": roles }]));
+                    added.push((
+                        401,
+                        "No token, or a malformed, unknown, expired, revoked or used-up one",
+                    ));
+                    added.push((
+                        403,
+                        "The token's role does not include this route's permission",
+                    ));
+                }
+                Some(None) => {
+                    op.insert(ROLES_EXTENSION.to_owned(), json!([]));
+                    op.insert("security".to_owned(), json!([]));
+                }
+                None => {}
+            }
+            if params.iter().any(|p| p == "path") {
+                added.push((404, "No such resource (a malformed id names none either)"));
+            }
+            if params.iter().any(|p| p == "query") {
+                added.push((422, "A query parameter is out of range or does not parse"));
+            }
+            if has_body {
+                added.push((400, "The body is not valid JSON"));
+                added.push((413, "The body is larger than the route's limit"));
+                added.push((415, "The body is not sent as application/json"));
+                added.push((
+                    422,
+                    "The body does not fit the schema (invalid_params names the field)",
+                ));
+            }
+            let responses = op.entry("responses").or_insert_with(|| json!({}));
+            let Some(responses) = responses.as_object_mut() else {
+                continue;
+            };
+            for (status, description) in added {
+                responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| json!({ "description": description }));
+            }
+            for (status, response) in responses.iter_mut() {
+                if !(status.starts_with('4') || status.starts_with('5')) {
+                    continue;
+                }
+                if let Some(response) = response.as_object_mut() {
+                    response.insert(
+                        "content".to_owned(),
+                        json!({ "application/problem+json": {
+                            "schema": { "$ref": "#/components/schemas/Problem" }
+                        }}),
+                    );
+                    response
+                        .entry("description")
+                        .or_insert_with(|| json!("An error, as RFC 7807 problem JSON"));
+                }
+            }
+        }
+    }
 }
 
 /// The page size a query asks for, checked against the documented maximum.
@@ -309,26 +484,38 @@ pub fn page_limit(query: &PageQuery) -> Result<i64, ApiError> {
     }
 }
 
-/// A cursor for lists keyed by UUID.
+/// A cursor for lists keyed by UUID: the hyphenated form this API issues, as the document
+/// says (`format: uuid`); the other spellings `Uuid` parses (braced, simple, URN) are refused.
 pub fn uuid_cursor(query: &PageQuery) -> Result<Option<uuid::Uuid>, ApiError> {
     query
         .cursor
         .as_deref()
         .map(|c| {
-            c.parse()
-                .map_err(|_| ApiError::invalid("cursor", "not a cursor this API issued"))
+            c.parse::<uuid::Uuid>()
+                .ok()
+                .filter(|u| c.len() == 36 && u.hyphenated().to_string() == c.to_ascii_lowercase())
+                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this API issued"))
         })
         .transpose()
 }
 
-/// A cursor for lists keyed by a number.
+/// The most digits a numeric cursor has (the document's `pattern`): every row id fits.
+const MAX_CURSOR_DIGITS: usize = 18;
+
+/// A cursor for lists keyed by a number: decimal digits only, as the document's pattern says
+/// (`i64::from_str` would also take a sign).
 pub fn i64_cursor(query: &PageQuery) -> Result<Option<i64>, ApiError> {
     query
         .cursor
         .as_deref()
         .map(|c| {
-            c.parse()
-                .map_err(|_| ApiError::invalid("cursor", "not a cursor this API issued"))
+            Some(c)
+                .filter(|c| {
+                    (1..=MAX_CURSOR_DIGITS).contains(&c.len())
+                        && c.bytes().all(|b| b.is_ascii_digit())
+                })
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this API issued"))
         })
         .transpose()
 }
@@ -412,10 +599,91 @@ mod tests {
         }
     }
 
+    /// Every operation says who may call it and documents what the shared layers answer:
+    /// problem JSON for every error, 401/403 where a token is needed, the paging bounds.
+    #[test]
+    fn every_operation_has_roles_and_documented_errors() {
+        let doc = document();
+        let mut operations = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                operations += 1;
+                let name = format!("{method} {path}");
+                let roles = op[ROLES_EXTENSION].as_array().expect(&name);
+                let public = op[PERMISSION_EXTENSION] == "public";
+                assert_eq!(public, roles.is_empty(), "{name}");
+                let responses = op["responses"].as_object().unwrap();
+                if !public {
+                    assert_eq!(op["security"][0]["bearer"], op[ROLES_EXTENSION], "{name}");
+                    assert!(responses.contains_key("401") && responses.contains_key("403"));
+                }
+                for (status, response) in responses {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let content = response["content"].as_object().unwrap();
+                        assert_eq!(
+                            content.keys().collect::<Vec<_>>(),
+                            ["application/problem+json"],
+                            "{name} {status}"
+                        );
+                    }
+                }
+                for param in op["parameters"].as_array().into_iter().flatten() {
+                    if param["name"] == "limit" && path != "/api/v1/agent/kv-stream" {
+                        assert_eq!(param["schema"]["minimum"], 1, "{name}");
+                        assert_eq!(param["schema"]["maximum"], MAX_PAGE_SIZE, "{name}");
+                    }
+                    if param["name"] == "cursor" {
+                        let schema = &param["schema"];
+                        assert!(
+                            schema["format"] == "uuid" || schema["pattern"].is_string(),
+                            "{name}: {schema}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(operations >= 47, "{operations}");
+        // Only the two public routes take no token.
+        let public: Vec<&str> = ["/api/v1/status", "/api/v1/ca"].to_vec();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for op in item.as_object().unwrap().values() {
+                assert_eq!(
+                    op[PERMISSION_EXTENSION] == "public",
+                    public.contains(&path.as_str()),
+                    "{path}"
+                );
+            }
+        }
+    }
+
+    /// Cursors are taken only in the form the API issues (what the document's pattern or
+    /// format says).
+    #[test]
+    fn cursors_are_strict() {
+        let q = |c: &str| PageQuery {
+            limit: None,
+            cursor: Some(c.to_owned()),
+        };
+        assert_eq!(i64_cursor(&q("42")).unwrap(), Some(42));
+        for bad in ["-1", "+1", "", "1e3", "9999999999999999999"] {
+            assert!(i64_cursor(&q(bad)).is_err(), "{bad}");
+        }
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(uuid_cursor(&q(&id.to_string())).unwrap(), Some(id));
+        for bad in [
+            id.simple().to_string(),
+            id.braced().to_string(),
+            id.urn().to_string(),
+            "x".to_owned(),
+        ] {
+            assert!(uuid_cursor(&q(&bad)).is_err(), "{bad}");
+        }
+    }
+
     /// Every `$ref` in the document points at a schema the document defines.
     #[test]
     fn openapi_has_no_dangling_references() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let doc = document().clone();
         let schemas = doc["components"]["schemas"].as_object().unwrap();
         let mut found = Vec::new();
         refs(&doc, &mut found);

@@ -48,6 +48,7 @@ async fn settings(state: &AppState) -> Result<PlannerSettings, ApiError> {
 
 /// The planner's fleet-wide settings (viewer+).
 #[utoipa::path(get, path = "/api/v1/planner", tag = "planner",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = PlannerSettings), (status = 401, body = Problem)))]
 pub async fn get_settings(
     _caller: Caller<Read>,
@@ -59,6 +60,7 @@ pub async fn get_settings(
 /// Set or clear the fleet-wide GPU budget (operator+). A budget below what the deployments'
 /// minimums add up to is refused, naming each deployment's share.
 #[utoipa::path(patch, path = "/api/v1/planner", request_body = PlannerSettingsPatch, tag = "planner",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 200, body = PlannerSettings), (status = 422, body = Problem)))]
 pub async fn update_settings(
     caller: Caller<Operate>,
@@ -112,6 +114,7 @@ struct DecisionRow {
 /// its inputs and predictions, the sizing arithmetic and whether placement acted on it
 /// (viewer+).
 #[utoipa::path(get, path = "/api/v1/planner/decisions", params(PlannerDecisionQuery), tag = "planner",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Page<PlannerDecision>), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn list_decisions(
     _caller: Caller<Read>,
@@ -175,6 +178,7 @@ pub async fn list_decisions(
 /// and TTFT/ITL at the deployment's percentile against its targets, the workers that served,
 /// and what the planner predicted and decided then (viewer+).
 #[utoipa::path(get, path = "/api/v1/deployments/{id}/planner", params(("id" = String, Path, description = "The resource id"), MetricsQuery), tag = "planner",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Vec<PlannerPoint>), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn deployment_series(
     _caller: Caller<Read>,

@@ -84,6 +84,7 @@ async fn fetch(conn: &mut PgConnection, id: Uuid) -> Result<StoredProfile, ApiEr
 /// name; the profile must be for that model.
 #[utoipa::path(post, path = "/api/v1/models/{id}/profiles", request_body = PerfProfile,
     params(("id" = String, Path, description = "The model's id or name")), tag = "profiles",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 201, body = StoredProfile), (status = 200, body = StoredProfile),
         (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn upload(
@@ -142,6 +143,7 @@ pub async fn upload(
 /// A model's profiles, one per device kind, without their tables (viewer+).
 #[utoipa::path(get, path = "/api/v1/models/{id}/profiles",
     params(("id" = String, Path, description = "The model's id or name")), tag = "profiles",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = Vec<ProfileInfo>), (status = 404, body = Problem)))]
 pub async fn list(
     _caller: Caller<Read>,
@@ -162,6 +164,7 @@ pub async fn list(
 
 /// One profile with its tables (viewer+).
 #[utoipa::path(get, path = "/api/v1/profiles/{id}", params(("id" = String, Path, description = "The resource id")), tag = "profiles",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = StoredProfile), (status = 404, body = Problem)))]
 pub async fn get(
     _caller: Caller<Read>,
@@ -175,6 +178,7 @@ pub async fn get(
 
 /// Delete a profile (operator+).
 #[utoipa::path(delete, path = "/api/v1/profiles/{id}", params(("id" = String, Path, description = "The resource id")), tag = "profiles",
+    extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 204), (status = 404, body = Problem)))]
 pub async fn delete(
     caller: Caller<Operate>,

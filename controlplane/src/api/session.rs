@@ -26,6 +26,7 @@ pub struct WhoAmI {
 
 /// The caller's identity and permissions (viewer+; agent and join tokens get 403).
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "tokens",
+    extensions(("x-kvfleet-permission" = json!("read"))),
     responses((status = 200, body = WhoAmI), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn whoami(caller: Caller<Read>) -> Json<WhoAmI> {
     let role = caller.principal.role;

@@ -209,8 +209,11 @@ pub struct Page<T> {
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct PageQuery {
     /// Items per page: default 100, at most 500.
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
     pub limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (every list taking these parameters alone is
+    /// keyed by a UUID).
+    #[cfg_attr(feature = "openapi", param(format = Uuid))]
     pub cursor: Option<String>,
 }
 
@@ -273,16 +276,24 @@ pub struct Model {
 #[serde(deny_unknown_fields)]
 pub struct NewModel {
     /// `[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}`
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    )]
     pub name: String,
     pub format: ModelFormat,
     /// Where the weights are on every node.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"\S"))]
     pub path: String,
     /// Tokens per KV block, 1..=1024 (default 16).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1024))]
     pub block_size: Option<i32>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub context_length: Option<i32>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub memory_bytes: Option<i64>,
 }
 
@@ -670,15 +681,18 @@ pub const MAX_JOIN_TOKEN_USES: i32 = 10_000;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub name: String,
     /// `admin`, `operator`, `viewer` or `join`.
     pub role: Role,
     /// Lifetime in seconds; absent: no expiry, except join tokens, which expire after
     /// [`DEFAULT_JOIN_TOKEN_TTL_S`] (one hour).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub expires_in_s: Option<i64>,
     /// Join tokens only: how many nodes may register with it (1 to 10,000); absent: 1.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10_000))]
     pub uses: Option<i32>,
 }
 
@@ -741,7 +755,7 @@ pub struct PlannerSettings {
 pub struct PlannerSettingsPatch {
     /// The new budget; `null` removes it. Must cover the deployments' minimums.
     #[serde(default, with = "double_option")]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<i32>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i32>, minimum = 0))]
     pub gpu_budget: Option<Option<i32>>,
 }
 
@@ -816,7 +830,11 @@ pub struct PlannerDecisionQuery {
     pub deployment: Option<String>,
     /// Leave out `hold` decisions.
     pub changes_only: Option<bool>,
+    /// Items per page: default 100, at most 500.
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
     pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page (a row id: decimal digits).
+    #[cfg_attr(feature = "openapi", param(pattern = r"^[0-9]{1,18}$"))]
     pub cursor: Option<String>,
 }
 
@@ -1222,9 +1240,14 @@ pub struct WatchQuery {
     /// differs from it (normally: is above it), or after `wait_s` with the current state.
     /// Absent: return at once.
     pub after_generation: Option<i64>,
-    /// Seconds to wait (capped by the server's `watch.max_wait`).
+    /// Seconds to wait, at most [`MAX_WAIT_S`] (and capped by the server's `watch.max_wait`).
+    #[cfg_attr(feature = "openapi", param(maximum = 3600))]
     pub wait_s: Option<u64>,
 }
+
+/// The longest `wait_s` a long poll (`/agent/desired-state`, `/agent/kv-stream`) accepts; a
+/// larger one is refused (422) instead of silently meaning "the server's cap".
+pub const MAX_WAIT_S: u64 = 3600;
 
 // ---------------------------------------------------------------------------------------------
 // Fleet metrics
@@ -1240,6 +1263,7 @@ pub struct MetricsQuery {
     /// End (RFC 3339); default: now.
     pub until: Option<DateTime<Utc>>,
     /// Bucket width in seconds (default 60, at least 1).
+    #[cfg_attr(feature = "openapi", param(minimum = 1))]
     pub step_s: Option<i64>,
 }
 
