@@ -41,6 +41,29 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 /// Request bodies above this are refused (413): inventories and heartbeats are small.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// The peer address of a request's connection, for the failed-authentication budget
+/// ([`crate::auth_gate`]); served through `into_make_service_with_connect_info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
 /// All routes, ready to serve.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
