@@ -1673,5 +1673,17 @@ async fn an_unauthenticated_flood_does_not_reach_the_database_or_starve_heartbea
         },
     )
     .await;
+
+    // The 429 is in the OpenAPI document for every route that takes a token, and only those.
+    let doc = call(Method::GET, &server.url("/openapi.json"), None, None).await;
+    let paths = &doc.body["paths"];
+    let limited = &paths["/api/v1/agent/heartbeat"]["post"]["responses"]["429"];
+    assert!(
+        limited["content"]["application/problem+json"].is_object(),
+        "{limited}"
+    );
+    assert!(limited["headers"]["Retry-After"].is_object(), "{limited}");
+    assert!(paths["/api/v1/nodes"]["get"]["responses"]["429"].is_object());
+    assert!(paths["/api/v1/status"]["get"]["responses"]["429"].is_null());
     server.stop().await;
 }
