@@ -11,6 +11,13 @@
 //! percentiles as the agents see them, and CPU time of the control plane's runtime threads,
 //! of the simulated agents' threads, and of the Postgres server on the URL's port (its
 //! postmaster and children: on a shared cluster that includes other users' backends).
+//!
+//! With `--flood 256`, the measured window is two phases of `--seconds` each: an idle baseline,
+//! then the same heartbeats while 256 concurrent connections send unauthenticated requests
+//! (no token, a malformed one, a well-formed unknown one; to `/nodes` and `/agent/heartbeat`)
+//! as fast as they can. Each phase reports heartbeat latency and errors, how many nodes the
+//! liveness loop marked unhealthy or lost (from the audit log), and the flood's rate and
+//! answers; at the end, how many token lookups reached the database.
 
 #![allow(clippy::print_stdout)]
 
@@ -38,6 +45,9 @@ struct Args {
     /// Control-plane runtime threads.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
+    /// Concurrent flood connections in a second phase (0: no flood, one phase).
+    #[arg(long, default_value_t = 0)]
+    flood: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -109,7 +119,7 @@ fn run(
     config.liveness.unhealthy_after = Duration::from_secs(10);
     config.liveness.lost_after = Duration::from_secs(60);
     config.placement.interval = Duration::from_secs(1);
-    let (addr, join, admin) = server_rt.block_on(async {
+    let (addr, join, admin, state) = server_rt.block_on(async {
         let pool = kvfleet_controlplane::store::connect(&config.database).await?;
         kvfleet_controlplane::store::migrate(&pool).await?;
         let mut tx = pool.begin().await?;
@@ -122,14 +132,22 @@ fn run(
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         tokio::spawn(kvfleet_controlplane::serve(
-            state,
+            state.clone(),
             listener,
             std::future::pending(),
         ));
-        anyhow::Ok((addr, join, admin))
+        anyhow::Ok((addr, join, admin, state))
     })?;
+    let flood_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-flood")
+        .enable_all()
+        .build()?;
+    let flood_handle = flood_rt.handle().clone();
+    let flood = args.flood;
+    let url = url.to_owned();
     let base = format!("http://{addr}/api/v1");
-    let pg_port = pg_port(url);
+    let pg_port = pg_port(&url);
     let agents = args.agents;
     let seconds = args.seconds;
     client_rt.block_on(async move {
@@ -195,11 +213,14 @@ fn run(
                 }
             }
         }
-        eprintln!("placed {agents} workers; heartbeating for 5 s warm-up + {seconds} s");
+        let phases: u64 = if flood > 0 { 2 } else { 1 };
+        eprintln!("placed {agents} workers; heartbeating for 5 s warm-up + {phases} x {seconds} s");
 
         let measure_from = Instant::now() + Duration::from_secs(5);
-        let measure_until = measure_from + Duration::from_secs(seconds);
-        let latencies = Arc::new(Mutex::new(Vec::<Duration>::with_capacity(agents * seconds as usize)));
+        let measure_until = measure_from + Duration::from_secs(seconds * phases);
+        let flood_from = measure_from + Duration::from_secs(seconds);
+        // (sent at, latency, ok)
+        let latencies = Arc::new(Mutex::new(Vec::<(Instant, Duration, bool)>::with_capacity(agents * (seconds * phases) as usize)));
         let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for (credential, worker) in worker_of {
@@ -228,44 +249,108 @@ fn run(
                     };
                     let took = sent.elapsed();
                     if sent >= measure_from {
-                        if ok {
-                            latencies.lock().await.push(took);
-                        } else {
+                        latencies.lock().await.push((sent, took, ok));
+                        if !ok {
                             errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
                 }
             });
         }
+        let mut db = sqlx::PgConnection::connect(&url).await?;
         tokio::time::sleep_until(measure_from.into()).await;
-        let (cpu_before, _) = cpu_snapshot(pg_port);
-        let wall = Instant::now();
-        tokio::time::sleep_until(measure_until.into()).await;
-        let (cpu_after, own_cluster) = cpu_snapshot(pg_port);
-        let wall = wall.elapsed().as_secs_f64();
+        let mut marks = vec![(Instant::now(), cpu_snapshot(pg_port).0, liveness_marks(&mut db).await?)];
+        // (requests, 401, 429, other)
+        let counts = Arc::new([0, 1, 2, 3].map(|_| std::sync::atomic::AtomicU64::new(0)));
+        if flood > 0 {
+            tokio::time::sleep_until(flood_from.into()).await;
+            marks.push((Instant::now(), cpu_snapshot(pg_port).0, liveness_marks(&mut db).await?));
+            let mut flooders = Vec::with_capacity(flood);
+            for i in 0..flood {
+                let counts = counts.clone();
+                let (nodes, heartbeat) = (format!("{base}/nodes"), format!("{base}/agent/heartbeat"));
+                flooders.push(flood_handle.spawn(async move {
+                    // One client each: one connection each, as 256 attackers would have.
+                    let Ok(client) = reqwest::Client::builder().pool_max_idle_per_host(1).build() else {
+                        return;
+                    };
+                    let mut n = i;
+                    while Instant::now() < measure_until {
+                        n += 1;
+                        let request = if n % 2 == 0 { client.get(&nodes) } else { client.post(&heartbeat).json(&json!({})) };
+                        let request = match n % 3 {
+                            0 => request,
+                            1 => request.header("authorization", "Bearer not-a-token"),
+                            _ => request.bearer_auth(kvfleet_controlplane::auth::generate_token()),
+                        };
+                        let slot = match request.send().await {
+                            Ok(r) if r.status() == 401 => 1,
+                            Ok(r) if r.status() == 429 => 2,
+                            _ => 3,
+                        };
+                        counts[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        counts[slot].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }));
+            }
+            tokio::time::sleep_until(measure_until.into()).await;
+            for flooder in flooders {
+                let _ = flooder.await;
+            }
+        } else {
+            tokio::time::sleep_until(measure_until.into()).await;
+        }
+        marks.push((Instant::now(), cpu_snapshot(pg_port).0, liveness_marks(&mut db).await?));
+        let own_cluster = cpu_snapshot(pg_port).1;
         while tasks.join_next().await.is_some() {}
-        let mut latencies = latencies.lock().await.clone();
-        latencies.sort();
-        let pct = |p: f64| {
-            let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-            latencies.get(index).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
-        };
-        let cpu = |key: &str| (cpu_after.get(key).copied().unwrap_or(0.0) - cpu_before.get(key).copied().unwrap_or(0.0)) / wall * 100.0;
-        println!("agents: {agents}, measured: {wall:.1} s, heartbeats: {} ({:.0}/s), errors: {}",
-            latencies.len(), latencies.len() as f64 / wall, errors.load(std::sync::atomic::Ordering::Relaxed));
-        println!(
-            "heartbeat latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-            pct(0.50), pct(0.90), pct(0.99), pct(1.0)
-        );
-        println!(
-            "CPU (% of one core): control plane {:.1}, simulated agents {:.1}, postgres {:.1} ({})",
-            cpu("cp-server"),
-            cpu("bench-agents"),
-            cpu("postgres"),
-            if own_cluster { "the server on this port" } else { "every postgres process: postmaster not found" }
-        );
+        let latencies = latencies.lock().await.clone();
+        println!("agents: {agents}, heartbeat errors in all: {}", errors.load(std::sync::atomic::Ordering::Relaxed));
+        for (phase, pair) in marks.windows(2).enumerate() {
+            let ((from, cpu_before, marks_before), (until, cpu_after, marks_after)) = (&pair[0], &pair[1]);
+            let wall = until.duration_since(*from).as_secs_f64();
+            let mut ok: Vec<Duration> = latencies.iter().filter(|(sent, _, ok)| *ok && sent >= from && sent < until).map(|(_, took, _)| *took).collect();
+            let failed = latencies.iter().filter(|(sent, _, ok)| !*ok && sent >= from && sent < until).count();
+            ok.sort();
+            let pct = |p: f64| {
+                let index = ((ok.len() as f64 - 1.0) * p).round() as usize;
+                ok.get(index).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+            };
+            let cpu = |key: &str| (cpu_after.get(key).copied().unwrap_or(0.0) - cpu_before.get(key).copied().unwrap_or(0.0)) / wall * 100.0;
+            let name = if phase == 0 { "idle baseline" } else { "under the flood" };
+            println!("== {name}: {wall:.1} s");
+            println!("heartbeats: {} ok ({:.0}/s), {failed} errors", ok.len(), ok.len() as f64 / wall);
+            println!("heartbeat latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}", pct(0.50), pct(0.90), pct(0.99), pct(1.0));
+            println!("nodes marked unhealthy: {}, lost: {}", marks_after.0 - marks_before.0, marks_after.1 - marks_before.1);
+            if phase == 1 {
+                let count = |i: usize| counts[i].load(std::sync::atomic::Ordering::Relaxed);
+                println!("flood: {flood} connections, {} requests ({:.0}/s): {} x 401, {} x 429, {} other", count(0), count(0) as f64 / wall, count(1), count(2), count(3));
+            }
+            println!(
+                "CPU (% of one core): control plane {:.1}, simulated agents {:.1}, flood {:.1}, postgres {:.1} ({})",
+                cpu("cp-server"),
+                cpu("bench-agents"),
+                cpu("bench-flood"),
+                cpu("postgres"),
+                if own_cluster { "the server on this port" } else { "every postgres process: postmaster not found" }
+            );
+        }
+        let metrics = state.telemetry.encode();
+        for line in metrics.lines().filter(|l| l.starts_with("kvfleet_cp_auth_") || l.starts_with("kvfleet_cp_db_errors_total")) {
+            println!("{line}");
+        }
         anyhow::Ok(())
     })
+}
+
+/// Liveness transitions so far: (nodes marked unhealthy, nodes marked lost), from the audit log.
+async fn liveness_marks(db: &mut sqlx::PgConnection) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE action = 'node.unhealthy'),
+                count(*) FILTER (WHERE action = 'node.lost')
+         FROM audit_log",
+    )
+    .fetch_one(db)
+    .await?)
 }
 
 /// CPU seconds used so far: this process's threads grouped by name prefix, plus the Postgres
@@ -296,6 +381,8 @@ fn cpu_snapshot(pg_port: u16) -> (HashMap<String, f64>, bool) {
                     "cp-server"
                 } else if name.starts_with("bench-agents") {
                     "bench-agents"
+                } else if name.starts_with("bench-flood") {
+                    "bench-flood"
                 } else {
                     "other"
                 };

@@ -118,18 +118,33 @@ fn digests_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token from an `Authorization` header, checked for shape only: a missing or malformed
+/// credential is refused here, before anything asks the database.
+pub fn parse_bearer(header: Option<&str>) -> Result<ParsedToken<'_>, AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(AuthError::Malformed)?
+        .trim();
+    parse_token(token)
+}
+
 /// Looks a token up and checks it is live.
 pub async fn authenticate(
     conn: &mut PgConnection,
     header: Option<&str>,
 ) -> Result<Principal, AuthFailure> {
-    let header = header.ok_or(AuthFailure::Denied(AuthError::Missing))?;
-    let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
-        .ok_or(AuthFailure::Denied(AuthError::Malformed))?
-        .trim();
-    let parsed = parse_token(token).map_err(AuthFailure::Denied)?;
+    let parsed = parse_bearer(header).map_err(AuthFailure::Denied)?;
+    lookup(conn, &parsed).await.map(|(principal, _)| principal)
+}
+
+/// Looks a well-formed token up and checks it is live; returns the caller and when the token
+/// expires (for the cache, which must not outlive it).
+pub async fn lookup(
+    conn: &mut PgConnection,
+    parsed: &ParsedToken<'_>,
+) -> Result<(Principal, Option<chrono::DateTime<chrono::Utc>>), AuthFailure> {
     type Row = (
         Uuid,
         String,
@@ -140,6 +155,7 @@ pub async fn authenticate(
         bool,
         bool,
         Option<i32>,
+        Option<chrono::DateTime<chrono::Utc>>,
     );
     // last_used_at is written at most once a minute: a heartbeat per second per agent must not
     // turn every authentication into a row update.
@@ -148,14 +164,14 @@ pub async fn authenticate(
                 revoked_at IS NOT NULL,
                 expires_at IS NOT NULL AND expires_at <= now(),
                 last_used_at IS NULL OR last_used_at < now() - interval '1 minute',
-                uses_left
+                uses_left, expires_at
          FROM api_tokens WHERE prefix = $1",
     )
     .bind(parsed.prefix)
     .fetch_optional(&mut *conn)
     .await
     .map_err(AuthFailure::Database)?;
-    let (id, name, role, secret_hash, node_id, revoked, expired, stale, uses_left) =
+    let (id, name, role, secret_hash, node_id, revoked, expired, stale, uses_left, expires_at) =
         row.ok_or(AuthFailure::Denied(AuthError::Unknown))?;
     if !digests_equal(&secret_hash, &hash_token(parsed.full)) {
         return Err(AuthFailure::Denied(AuthError::Unknown));
@@ -177,13 +193,16 @@ pub async fn authenticate(
             .map_err(AuthFailure::Database)?;
     }
     let role = Role::parse(&role).ok_or(AuthFailure::Denied(AuthError::Unknown))?;
-    Ok(Principal {
-        token_id: id,
-        actor: format!("{name} ({})", parsed.prefix),
-        role,
-        node_id,
-        request_id: None,
-    })
+    Ok((
+        Principal {
+            token_id: id,
+            actor: format!("{name} ({})", parsed.prefix),
+            role,
+            node_id,
+            request_id: None,
+        },
+        expires_at,
+    ))
 }
 
 /// Authentication failed because of the token, or because the database could not be asked.

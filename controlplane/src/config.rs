@@ -43,7 +43,15 @@ pub struct Config {
 pub struct DatabaseConfig {
     /// Postgres connection URL (may carry a password: never printed in full).
     pub url: String,
+    /// The admin pool: REST API and web UI requests (everything that is not agent traffic).
     pub max_connections: u32,
+    /// The agent pool: join, heartbeat, desired state, KV events, certificate renewal. Separate
+    /// from the admin pool so a flood of API requests cannot starve heartbeats (and the other
+    /// way round).
+    pub agent_max_connections: u32,
+    /// The leader's loops (placement, liveness, metrics maintenance, planner): a small pool of
+    /// their own, so neither kind of request traffic can stall them.
+    pub leader_max_connections: u32,
     pub connect_timeout: Duration,
 }
 
@@ -52,6 +60,8 @@ impl fmt::Debug for DatabaseConfig {
         f.debug_struct("DatabaseConfig")
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
+            .field("agent_max_connections", &self.agent_max_connections)
+            .field("leader_max_connections", &self.leader_max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
@@ -66,6 +76,15 @@ pub struct AuthConfig {
     /// Where a created first admin token is written (mode 0600, replacing a stale file). It is
     /// never logged: logs travel (journald, shippers) and a file has an owner and a mode.
     pub bootstrap_token_file: PathBuf,
+    /// How long a verified token is trusted without asking Postgres again (`0s`: always ask).
+    /// Revoking a token drops it from this replica's cache at once; other replicas keep
+    /// accepting it for at most this long.
+    pub cache_ttl: Duration,
+    /// Failed authentications a client address may make in a burst before its token lookups
+    /// are refused with 429 (a token bucket per address, refilled at `failed_per_minute`).
+    pub failed_burst: u32,
+    /// The bucket's refill rate: failed authentications per minute per address.
+    pub failed_per_minute: u32,
 }
 
 /// The default [`AuthConfig::bootstrap_token_file`]: in the unit's `StateDirectory=`.
@@ -76,6 +95,9 @@ impl Default for AuthConfig {
         Self {
             bootstrap_admin_token: None,
             bootstrap_token_file: PathBuf::from(DEFAULT_BOOTSTRAP_TOKEN_FILE),
+            cache_ttl: Duration::from_secs(30),
+            failed_burst: 20,
+            failed_per_minute: 60,
         }
     }
 }
@@ -88,6 +110,9 @@ impl fmt::Debug for AuthConfig {
                 &self.bootstrap_admin_token.as_ref().map(|_| "<redacted>"),
             )
             .field("bootstrap_token_file", &self.bootstrap_token_file)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("failed_burst", &self.failed_burst)
+            .field("failed_per_minute", &self.failed_per_minute)
             .finish()
     }
 }
@@ -110,6 +135,10 @@ pub struct LivenessConfig {
 pub struct LeaderConfig {
     /// How often a follower tries to take the lock, and the leader checks it still holds it.
     pub retry_interval: Duration,
+    /// The most a leader cut off from Postgres keeps leading: its lock check must answer within
+    /// this, and its lock connection asks Postgres (TCP keepalives and `tcp_user_timeout`) to
+    /// drop it, releasing the lock, once the leader has been silent about this long.
+    pub lease: Duration,
 }
 
 /// `[placement]`
@@ -178,7 +207,9 @@ impl Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             database: DatabaseConfig {
                 url: database_url.into(),
-                max_connections: 32,
+                max_connections: 16,
+                agent_max_connections: 16,
+                leader_max_connections: 4,
                 connect_timeout: Duration::from_secs(5),
             },
             auth: AuthConfig::default(),
@@ -190,6 +221,7 @@ impl Config {
             },
             leader: LeaderConfig {
                 retry_interval: Duration::from_secs(2),
+                lease: Duration::from_secs(15),
             },
             placement: PlacementConfig {
                 interval: Duration::from_secs(2),
@@ -333,6 +365,16 @@ impl Config {
             1..=10_000,
             &mut config.database.max_connections,
         );
+        reader.u32_in(
+            "database.agent_max_connections",
+            1..=10_000,
+            &mut config.database.agent_max_connections,
+        );
+        reader.u32_in(
+            "database.leader_max_connections",
+            1..=1_000,
+            &mut config.database.leader_max_connections,
+        );
         reader.duration(
             "database.connect_timeout",
             &mut config.database.connect_timeout,
@@ -353,6 +395,17 @@ impl Config {
         if let Some(path) = reader.absolute_path("auth.bootstrap_token_file") {
             config.auth.bootstrap_token_file = path;
         }
+        reader.duration("auth.cache_ttl", &mut config.auth.cache_ttl);
+        reader.u32_in(
+            "auth.failed_burst",
+            1..=1_000_000,
+            &mut config.auth.failed_burst,
+        );
+        reader.u32_in(
+            "auth.failed_per_minute",
+            1..=1_000_000,
+            &mut config.auth.failed_per_minute,
+        );
         reader.duration(
             "liveness.heartbeat_interval",
             &mut config.liveness.heartbeat_interval,
@@ -367,6 +420,7 @@ impl Config {
             &mut config.liveness.check_interval,
         );
         reader.duration("leader.retry_interval", &mut config.leader.retry_interval);
+        reader.duration("leader.lease", &mut config.leader.lease);
         reader.duration("placement.interval", &mut config.placement.interval);
         reader.duration(
             "placement.replace_failed_after",
@@ -447,9 +501,16 @@ impl Config {
             "liveness.lost_after",
             "must be longer than liveness.unhealthy_after",
         );
+        // A lease shorter than the check interval would expire between two checks.
+        check(
+            self.leader.lease > self.leader.retry_interval,
+            "leader.lease",
+            "must be longer than leader.retry_interval",
+        );
         for (key, value) in [
             ("liveness.check_interval", l.check_interval),
             ("leader.retry_interval", self.leader.retry_interval),
+            ("leader.lease", self.leader.lease),
             ("placement.interval", self.placement.interval),
             ("planner.interval", self.planner.interval),
             ("watch.max_wait", self.watch.max_wait),

@@ -5,10 +5,23 @@
 //! else). The holder runs placement, liveness, metrics maintenance and the SLA planner; it checks the
 //! connection every `leader.retry_interval` and stops its loops the moment the check fails.
 //! When a leader process dies its connection closes and Postgres frees the lock, so a follower
-//! takes over within one retry interval. (A leader cut off by a network partition keeps the
-//! lock until Postgres notices the dead TCP connection: keepalive settings bound that.)
+//! takes over within one retry interval.
 //!
-//! As a second fence, each placement pass runs under a transaction-scoped advisory lock, so
+//! The lock keeps itself alive only as long as both ends hear each other, bounded by
+//! `leader.lease`: the leader's check must answer within the lease or it steps down, and the
+//! lock connection asks Postgres for TCP keepalives and a `tcp_user_timeout` that drop a silent
+//! leader's session (freeing the lock) within about the same time. So a partition stalls the
+//! loops for at most a lease, not until the kernel gives up on the connection (hours).
+//!
+//! Fencing: taking the lock bumps the epoch in `leader_epoch` (migration 0010), and every write
+//! transaction of the leader's loops (placement, liveness, planner) first reads that row
+//! `FOR SHARE` and refuses to go on ([`LeaderError::Deposed`]) unless it still holds the
+//! epoch it was elected with. The shared lock makes a new leader's bump wait for a write in
+//! flight, so a write either commits before the takeover or is refused: a deposed leader that
+//! has not noticed yet can never run the loops a second time alongside the new one. (Metrics
+//! maintenance is not fenced: rolling up and pruning twice gives the same rows.)
+//!
+//! As a further guard, each placement pass runs under a transaction-scoped advisory lock, so
 //! even two replicas that briefly both believe they lead never interleave placement writes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,6 +49,43 @@ pub const LEADER_LOCK_KEY: i64 = 0x6b76_666c_6565_7401;
 pub const PLACEMENT_LOCK_KEY: i64 = 0x6b76_666c_6565_7402;
 /// Transaction lock around the first-admin bootstrap.
 pub const BOOTSTRAP_LOCK_KEY: i64 = 0x6b76_666c_6565_7403;
+
+pub use crate::store::{Fence, LeaderError};
+
+/// Asks Postgres to drop the lock connection's session once the leader has been silent for
+/// about `lease` (keepalives from the server, and `tcp_user_timeout` for unacknowledged data),
+/// so a partitioned leader's lock is freed within the lease. Best effort: over a Unix socket
+/// these settings do nothing, and there a dead process closes the socket anyway.
+async fn bound_session(conn: &mut PgConnection, lease: Duration) {
+    let idle = (lease.as_secs() / 3).max(1);
+    let interval = (lease.as_secs() / 6).max(1);
+    let user_timeout_ms = lease.as_millis().min(i32::MAX as u128);
+    for setting in [
+        format!("SET tcp_keepalives_idle = {idle}"),
+        format!("SET tcp_keepalives_interval = {interval}"),
+        "SET tcp_keepalives_count = 2".to_owned(),
+        format!("SET tcp_user_timeout = {user_timeout_ms}"),
+    ] {
+        if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(setting))
+            .execute(&mut *conn)
+            .await
+        {
+            tracing::debug!(%error, "leader lock connection: a TCP setting was not accepted");
+        }
+    }
+}
+
+/// Takes the next epoch for a replica that has just taken the lock.
+async fn next_epoch(conn: &mut PgConnection) -> Result<Fence, sqlx::Error> {
+    let epoch: i64 = sqlx::query_scalar(
+        "UPDATE leader_epoch SET epoch = epoch + 1, acquired_at = now(),
+             holder = coalesce(current_setting('application_name', true), '')
+         WHERE id RETURNING epoch",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Fence { epoch })
+}
 
 /// Whether this replica leads and how the leader's loops fare, for `/metrics`.
 #[derive(Debug, Clone)]
@@ -104,7 +154,10 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
         // Same server and credentials as the pool, but a connection of its own.
         let options = state.pool.connect_options();
         let mut conn = match PgConnection::connect_with(&options).await {
-            Ok(conn) => conn,
+            Ok(mut conn) => {
+                bound_session(&mut conn, state.config.leader.lease).await;
+                conn
+            }
             Err(error) => {
                 tracing::warn!(%error, "leader election: cannot connect; retrying");
                 state.db.count("leader");
@@ -140,27 +193,64 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
             }
             continue;
         }
-        tracing::info!("this replica is now the leader");
-        state.set_leader(true);
+        let fence = match next_epoch(&mut conn).await {
+            Ok(fence) => fence,
+            Err(error) => {
+                tracing::warn!(%error, "leader election: cannot take the next epoch; reconnecting");
+                state.db.count("leader");
+                let _ = conn.close().await;
+                if sleep_or_shutdown(retry, &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        tracing::info!(epoch = fence.epoch, "this replica is now the leader");
+        state.set_leader(Some(fence));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut loops = tokio::task::JoinSet::new();
-        loops.spawn(placement_loop(state.clone(), stop_rx.clone()));
-        loops.spawn(liveness_loop(state.clone(), stop_rx.clone()));
+        loops.spawn(placement_loop(state.clone(), fence, stop_rx.clone()));
+        loops.spawn(liveness_loop(state.clone(), fence, stop_rx.clone()));
         loops.spawn(metrics_loop(state.clone(), stop_rx.clone()));
-        loops.spawn(planner_loop(state.clone(), stop_rx));
+        loops.spawn(planner_loop(state.clone(), fence, stop_rx));
+        let lease = state.config.leader.lease;
         let shutting_down = loop {
             if sleep_or_shutdown(retry, &mut shutdown).await {
                 break true;
             }
-            if let Err(error) = sqlx::query("SELECT 1").execute(&mut conn).await {
-                tracing::warn!(%error, "lost the leader connection; stepping down");
-                state.db.count("leader");
-                break false;
+            // The lock is ours while this session lives and the epoch is still ours; a check
+            // that does not answer within the lease counts as lost (a partition).
+            let check = sqlx::query_scalar::<_, i64>("SELECT epoch FROM leader_epoch WHERE id")
+                .fetch_one(&mut conn);
+            match tokio::time::timeout(lease, check).await {
+                Ok(Ok(epoch)) if epoch == fence.epoch => {}
+                Ok(Ok(epoch)) => {
+                    tracing::warn!(
+                        held = fence.epoch,
+                        epoch,
+                        "another replica took the leader epoch; stepping down"
+                    );
+                    break false;
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "lost the leader connection; stepping down");
+                    state.db.count("leader");
+                    break false;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        ?lease,
+                        "the leader lock check did not answer within the lease; stepping down"
+                    );
+                    state.db.count("leader");
+                    break false;
+                }
             }
         };
+        // Stop the loops first: from here their writes would be refused anyway.
+        state.set_leader(None);
         let _ = stop_tx.send(true);
         while loops.join_next().await.is_some() {}
-        state.set_leader(false);
         // Closing the session releases the lock for the next leader.
         let _ = conn.close().await;
         tracing::info!("this replica stepped down");
@@ -170,9 +260,9 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-async fn placement_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+async fn placement_loop(state: AppState, fence: Fence, mut stop: watch::Receiver<bool>) {
     loop {
-        let outcome = placement_pass(&state.pool, &state.config.placement).await;
+        let outcome = placement_pass(&state.leader_pool, &state.config.placement, &fence).await;
         if let Err(error) = &outcome {
             tracing::warn!(%error, "placement pass failed");
         }
@@ -185,12 +275,12 @@ async fn placement_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+async fn liveness_loop(state: AppState, fence: Fence, mut stop: watch::Receiver<bool>) {
     // Silence is only counted from when this replica started watching: after an outage of the
     // whole control plane every node's last heartbeat is old, but the nodes did nothing wrong.
     let watching_since = loop {
         match sqlx::query_scalar::<_, DateTime<Utc>>("SELECT now()")
-            .fetch_one(&state.pool)
+            .fetch_one(&state.leader_pool)
             .await
         {
             Ok(now) => break now,
@@ -204,7 +294,13 @@ async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         }
     };
     loop {
-        let outcome = liveness_pass(&state.pool, &state.config.liveness, watching_since).await;
+        let outcome = liveness_pass(
+            &state.leader_pool,
+            &state.config.liveness,
+            watching_since,
+            &fence,
+        )
+        .await;
         if let Err(error) = &outcome {
             tracing::warn!(%error, "liveness pass failed");
         }
@@ -219,7 +315,7 @@ async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
 
 async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
-        let outcome = crate::metrics::maintain(&state.pool, &state.config.metrics).await;
+        let outcome = crate::metrics::maintain(&state.leader_pool, &state.config.metrics).await;
         if let Err(error) = &outcome {
             tracing::warn!(%error, "metrics maintenance failed");
         }
@@ -234,11 +330,13 @@ async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
 
 /// The SLA planner: a round now, then one every `planner.interval` until `stop`; a round that
 /// changed placement's targets is acted on at once rather than at the next placement tick.
-async fn planner_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+async fn planner_loop(state: AppState, fence: Fence, mut stop: watch::Receiver<bool>) {
     loop {
-        match crate::planner::round(&state).await {
+        match crate::planner::round(&state, &fence).await {
             Ok(outcome) if outcome.applied > 0 => {
-                if let Err(error) = placement_pass(&state.pool, &state.config.placement).await {
+                if let Err(error) =
+                    placement_pass(&state.leader_pool, &state.config.placement, &fence).await
+                {
                     tracing::warn!(%error, "placement after a planner round failed");
                 }
             }
@@ -260,7 +358,8 @@ pub async fn liveness_pass(
     pool: &PgPool,
     config: &crate::config::LivenessConfig,
     watching_since: DateTime<Utc>,
-) -> Result<usize, sqlx::Error> {
+    fence: &Fence,
+) -> Result<usize, LeaderError> {
     let rows: Vec<(Uuid, String, f64)> = sqlx::query_as(
         "SELECT id, state,
                 EXTRACT(EPOCH FROM now() - greatest(coalesce(last_heartbeat_at, state_changed_at), $1))::float8
@@ -278,6 +377,7 @@ pub async fn liveness_pass(
         };
         let threshold = liveness::threshold(next, config);
         let mut tx = pool.begin().await?;
+        fence.check(&mut tx).await?;
         // Re-checked here: a heartbeat that arrived since the read wins.
         let updated = sqlx::query(
             "UPDATE nodes SET state = $3, state_changed_at = now(), updated_at = now()
@@ -333,15 +433,18 @@ pub async fn liveness_pass(
 }
 
 /// One placement pass: snapshot, plan, apply, notify. Returns the actions taken.
+/// Fenced: refused with [`LeaderError::Deposed`] unless `fence` is still the current epoch.
 pub async fn placement_pass(
     pool: &PgPool,
     config: &crate::config::PlacementConfig,
-) -> Result<Vec<Action>, sqlx::Error> {
+    fence: &Fence,
+) -> Result<Vec<Action>, LeaderError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(PLACEMENT_LOCK_KEY)
         .execute(&mut *tx)
         .await?;
+    fence.check(&mut tx).await?;
     let (nodes, deployments, workers) = snapshot(&mut tx).await?;
     let actions = placement::plan(&nodes, &deployments, &workers, config.replace_failed_after);
     // Lock the nodes the actions touch before their workers, in id order: a heartbeat locks

@@ -7,7 +7,8 @@
 //! - [`config`]: typed configuration from file + environment + flags.
 //! - [`store`]: the Postgres schema (migrations embedded from `migrations/`), audit rows,
 //!   desired-state generations.
-//! - [`auth`]: bearer tokens, roles, the authorization matrix.
+//! - [`auth`]: bearer tokens, roles, the authorization matrix; [`auth_gate`]: the verified-token
+//!   cache and the per-address failed-authentication budget in front of the token lookup.
 //! - [`api`]: `/api/v1` handlers, problem JSON, the OpenAPI document, wire types.
 //! - [`ca`]: the node CA issuing agents' peer certificates; [`ca_key`]: its private key sealed
 //!   at rest under a key file on the control-plane hosts.
@@ -36,6 +37,7 @@ macro_rules! sql {
 
 pub mod api;
 pub mod auth;
+pub mod auth_gate;
 pub mod ca;
 pub mod ca_key;
 pub mod config;
@@ -70,7 +72,17 @@ pub struct AppState(Arc<Inner>);
 
 #[derive(Debug)]
 pub struct Inner {
+    /// The admin pool: REST API and web UI requests (`database.max_connections`).
     pub pool: PgPool,
+    /// The agent pool: join, heartbeat, desired state, KV events, certificate renewal
+    /// (`database.agent_max_connections`), so an API flood cannot starve heartbeats.
+    pub agent_pool: PgPool,
+    /// The leader's loops (`database.leader_max_connections`).
+    pub leader_pool: PgPool,
+    /// The verified-token cache and failed-authentication budget in front of token lookups.
+    pub auth_gate: auth_gate::AuthGate,
+    /// The leader epoch this replica holds while it leads (the fence its loops' writes check).
+    pub fence: std::sync::Mutex<Option<leader::Fence>>,
     pub config: Config,
     pub ca: ca::NodeCa,
     /// The API's HTTPS identity; `None` serves plain HTTP (`[tls] mode = "off"`).
@@ -135,8 +147,24 @@ impl AppState {
         let leader_metrics = leader::LeaderMetrics::register(&mut registry);
         let fleet_gauges = fleet_gauges::FleetGauges::register(&mut registry);
         kv.register_metrics(&mut registry);
+        let auth_gate = auth_gate::AuthGate::new(&config.auth, &mut registry);
+        // Same server and credentials as the admin pool; opened lazily, as traffic arrives.
+        let side_pool = |max: u32| {
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(config.database.connect_timeout)
+                .connect_lazy_with((*pool.connect_options()).clone())
+        };
+        let agent_pool = side_pool(config.database.agent_max_connections);
+        let leader_pool = side_pool(config.database.leader_max_connections);
+        store::register_pool_metrics(&mut registry, "agent", &agent_pool);
+        store::register_pool_metrics(&mut registry, "leader", &leader_pool);
         Ok(AppState(Arc::new(Inner {
             pool,
+            agent_pool,
+            leader_pool,
+            auth_gate,
+            fence: std::sync::Mutex::new(None),
             config,
             ca,
             tls,
@@ -158,9 +186,39 @@ impl AppState {
         self.leader.load(Ordering::Relaxed)
     }
 
-    fn set_leader(&self, leader: bool) {
+    fn set_leader(&self, fence: Option<leader::Fence>) {
+        let leader = fence.is_some();
+        *self
+            .fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fence;
         self.leader.store(leader, Ordering::Relaxed);
         self.leader_metrics.set_leading(leader);
+    }
+
+    /// The fence this replica's leader loops write under; `None` unless it leads.
+    pub fn fence(&self) -> Option<leader::Fence> {
+        *self
+            .fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The pool a request needing `permission` uses: agent traffic (`Agent`, `Register`) the
+    /// agent pool, everything else the admin pool.
+    pub fn pool_for_permission(&self, permission: auth::Permission) -> &PgPool {
+        match permission {
+            auth::Permission::Agent | auth::Permission::Register => &self.agent_pool,
+            _ => &self.pool,
+        }
+    }
+
+    /// The pool for a caller of `role` (agents and join tokens: the agent pool).
+    pub fn pool_for(&self, role: auth::Role) -> &PgPool {
+        match role {
+            auth::Role::Agent | auth::Role::Join => &self.agent_pool,
+            _ => &self.pool,
+        }
     }
 }
 
@@ -274,6 +332,8 @@ async fn serve_notifying(
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     state.pool.close().await;
+    state.agent_pool.close().await;
+    state.leader_pool.close().await;
     served.context("serving HTTP")
 }
 
@@ -288,7 +348,11 @@ async fn serve_until_drained<L>(
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
+    for<'a> api::ClientAddr:
+        axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
+    // The peer address rides along for the failed-authentication budget.
+    let app = app.into_make_service_with_connect_info::<api::ClientAddr>();
     let serving = axum::serve(listener, app).with_graceful_shutdown(graceful);
     tokio::select! {
         served = serving.into_future() => served,

@@ -133,6 +133,69 @@ pub async fn bump_generation(conn: &mut PgConnection, node: Uuid) -> Result<i64,
     Ok(generation)
 }
 
+/// Registers the connection gauges of one of the replica's other pools
+/// (`kvfleet_cp_db_<name>_pool_connections{state}` and `..._max_connections`).
+pub fn register_pool_metrics(registry: &mut Registry, name: &'static str, pool: &PgPool) {
+    let pool = pool.clone();
+    let connections = format!("kvfleet_cp_db_{name}_pool_connections");
+    let max = format!("kvfleet_cp_db_{name}_pool_max_connections");
+    registry.register_collector(collector("db_pool", move |s| {
+        let size = pool.size();
+        let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+        s.gauges(
+            &connections,
+            "Connections of this replica's agent (or leader) Postgres pool, in use and idle",
+            [
+                ([("state", "in_use")], size.saturating_sub(idle)),
+                ([("state", "idle")], idle),
+            ],
+        )?;
+        s.gauge(
+            &max,
+            "The most connections this pool opens (database.agent_max_connections or \
+             database.leader_max_connections)",
+            pool.options().get_max_connections(),
+        )
+    }));
+}
+
+/// The leader epoch a replica was elected with: what its loops' writes are fenced by (here,
+/// not in `leader`, because the planner's round is fenced too and `leader` imports `planner`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub epoch: i64,
+}
+
+/// Why a fenced write of the leader's loops did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error(
+        "refused: this replica led with epoch {held}, but another replica has taken over \
+         (epoch {current})"
+    )]
+    Deposed { held: i64, current: i64 },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl Fence {
+    /// Checks, inside the write's transaction, that the epoch is still this one. The row lock
+    /// (`FOR SHARE`) holds off a new leader's epoch bump until the transaction ends.
+    pub async fn check(&self, conn: &mut PgConnection) -> Result<(), LeaderError> {
+        let current: i64 = sqlx::query_scalar("SELECT epoch FROM leader_epoch WHERE id FOR SHARE")
+            .fetch_one(&mut *conn)
+            .await?;
+        if current == self.epoch {
+            Ok(())
+        } else {
+            Err(LeaderError::Deposed {
+                held: self.epoch,
+                current,
+            })
+        }
+    }
+}
+
 /// Database errors by where they surfaced, and the pool's connections, for `/metrics`.
 #[derive(Debug, Clone)]
 pub struct DbMetrics {

@@ -700,3 +700,75 @@ async fn a_watch_from_the_future_returns_at_once(pool: PgPool) {
     assert_eq!(r.body["generation"], generation);
     server.stop().await;
 }
+
+/// The leader's lock connection killed from the database side (what Postgres does to a
+/// partitioned leader once its keepalives fail): a replica takes over within the lease with a
+/// higher epoch, and the old leader's fenced writes are refused, whatever it still believes.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn a_deposed_leaders_writes_are_refused(pool: PgPool) {
+    use kvfleet_controlplane::leader::{self, LeaderError};
+
+    let config = test_config();
+    let first = start(&pool, config.clone()).await;
+    let old = eventually(Duration::from_secs(5), "a leader", || async {
+        first.state.fence()
+    })
+    .await;
+    let second = start(&pool, config.clone()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(second.state.fence(), None, "one leader at a time");
+
+    // The session holding the leader's advisory lock (a bigint key: classid is its high half,
+    // objid its low half) in this test's database.
+    let key = leader::LEADER_LOCK_KEY;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1
+               AND classid::int8 = $1 AND objid::int8 = $2
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ) t",
+    )
+    .bind(key >> 32)
+    .bind(key & 0xffff_ffff)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the leader's lock session");
+    let killed_at = tokio::time::Instant::now();
+
+    // Whichever replica wins the lock next, it leads with a newer epoch, within the lease.
+    let new = eventually(Duration::from_secs(5), "a new leader", || async {
+        [first.state.fence(), second.state.fence()]
+            .into_iter()
+            .flatten()
+            .find(|f| f.epoch > old.epoch)
+    })
+    .await;
+    assert!(
+        killed_at.elapsed() < config.leader.lease,
+        "took {:?}",
+        killed_at.elapsed()
+    );
+
+    // The old leader's writes: refused in their own transaction.
+    let refused = leader::placement_pass(&pool, &config.placement, &old).await;
+    assert!(
+        matches!(refused, Err(LeaderError::Deposed { held, current })
+            if held == old.epoch && current == new.epoch),
+        "{refused:?}"
+    );
+    // The new leader's go through.
+    leader::placement_pass(&pool, &config.placement, &new)
+        .await
+        .unwrap();
+    // The old one may still believe it leads for up to a check interval (exactly the window
+    // the fence covers); then it steps down and one replica leads.
+    eventually(Duration::from_secs(3), "a single leader", || async {
+        let leaders = [first.state.is_leader(), second.state.is_leader()];
+        (leaders.iter().filter(|l| **l).count() == 1).then_some(())
+    })
+    .await;
+    first.stop().await;
+    second.stop().await;
+}

@@ -1031,7 +1031,10 @@ async fn openapi_document_covers_every_route(pool: PgPool) {
 
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn tokens_are_shown_once_stored_hashed_and_revocable(pool: PgPool) {
-    let server = start(&pool, test_config()).await;
+    let mut config = test_config();
+    // Short, so the expiry written behind the replica's back below is seen within the test.
+    config.auth.cache_ttl = std::time::Duration::from_secs(1);
+    let server = start(&pool, config).await;
     let admin = token(&pool, Role::Admin).await;
     let r = post(
         &server,
@@ -1088,12 +1091,22 @@ async fn tokens_are_shown_once_stored_hashed_and_revocable(pool: PgPool) {
     .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(r.body["invalid_params"][0]["name"], "role");
-    // An expired token is refused.
+    // An expired token is refused. The expiry is written behind the replica's back (as the CLI
+    // or another replica would), so this replica sees it once its cached verification is
+    // auth.cache_ttl old; revoking through the API (above) took effect at once.
     sqlx::query("UPDATE api_tokens SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 hour' WHERE role = 'admin'")
         .execute(&pool)
         .await
         .unwrap();
-    let r = get(&server, "/models", &admin).await;
+    let r = eventually(
+        std::time::Duration::from_secs(3),
+        "the expiry seen past the cache TTL",
+        || async {
+            let r = get(&server, "/models", &admin).await;
+            (r.status != StatusCode::OK).then_some(r)
+        },
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(r.body["detail"].as_str().unwrap().contains("expired"));
     server.stop().await;
@@ -1679,4 +1692,198 @@ mod https {
             "{error}"
         );
     }
+}
+
+/// One sample of `series` (exact name with labels) from Prometheus text; 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// An unauthenticated flood (missing, malformed and well-formed but unknown tokens, many at
+/// once, against admin and agent routes) neither reaches Postgres beyond the address's
+/// failed-authentication budget nor disturbs a healthy agent: its heartbeats keep succeeding
+/// from the verified-token cache and the agent pool, and still do while every connection of
+/// the admin pool is taken. Removing the node stops its cached credential at once.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn an_unauthenticated_flood_does_not_reach_the_database_or_starve_heartbeats(pool: PgPool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let mut config = test_config();
+    config.database.max_connections = 4;
+    config.database.agent_max_connections = 4;
+    config.auth.failed_burst = 5;
+    // 10 a second: the budget the flood drove below zero comes back within the test.
+    config.auth.failed_per_minute = 600;
+    let server = start(&pool, config).await;
+    let admin = token(&pool, Role::Admin).await;
+    let join = token(&pool, Role::Join).await;
+    let (node, agent, _) = register(&server, &join, "gpu-a", 1).await;
+    let r = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    // The admin's token is verified (and cached) before the flood spends 127.0.0.1's budget.
+    assert_eq!(get(&server, "/nodes", &admin).await.status, StatusCode::OK);
+    let before = server.state.telemetry.encode();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
+    let client = reqwest::Client::new();
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..64_u64 {
+        let (stop, sent, limited, client) =
+            (stop.clone(), sent.clone(), limited.clone(), client.clone());
+        let (nodes, heartbeat) = (server.url("/nodes"), server.url("/agent/heartbeat"));
+        flood.spawn(async move {
+            let mut n = 0_u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let request = if (i + n).is_multiple_of(2) {
+                    client.get(&nodes)
+                } else {
+                    client.post(&heartbeat).json(&json!({}))
+                };
+                let request = match (i + n) % 3 {
+                    0 => request,
+                    1 => request.header("authorization", "Bearer not-a-token"),
+                    _ => request.bearer_auth(kvfleet_controlplane::auth::generate_token()),
+                };
+                let response = request.send().await.unwrap();
+                sent.fetch_add(1, Ordering::Relaxed);
+                match response.status() {
+                    StatusCode::UNAUTHORIZED => {}
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        let retry_after: u64 = response.headers()["retry-after"]
+                            .to_str()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        assert!(retry_after >= 1);
+                        assert_eq!(
+                            response.headers()["content-type"],
+                            "application/problem+json"
+                        );
+                        limited.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => panic!("a bad credential got {other}"),
+                }
+            }
+        });
+    }
+    // Heartbeats while the flood runs: every one succeeds, promptly.
+    let started = std::time::Instant::now();
+    let mut beats = 0;
+    while started.elapsed() < std::time::Duration::from_secs(3) {
+        let at = std::time::Instant::now();
+        let r = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "heartbeat during the flood: {r:?}"
+        );
+        assert!(
+            at.elapsed() < std::time::Duration::from_secs(2),
+            "heartbeat took {:?}",
+            at.elapsed()
+        );
+        beats += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    while let Some(done) = flood.join_next().await {
+        done.unwrap();
+    }
+    let flood_s = started.elapsed().as_secs_f64();
+
+    let after = server.state.telemetry.encode();
+    let delta = |series: &str| metric(&after, series) - metric(&before, series);
+    let sent = sent.load(Ordering::Relaxed) as f64;
+    // (A loaded CI box serves a heartbeat in a few hundred ms under the flood.)
+    assert!(beats >= 3, "{beats} heartbeats");
+    assert!(sent > 300.0, "the flood sent only {sent}");
+    assert!(limited.load(Ordering::Relaxed) > 0, "no 429 seen");
+    // Missing and malformed credentials are refused by shape; only well-formed unknown tokens
+    // are looked up, and only as many as the budget allows: the burst, plus the lookups already
+    // in flight when it ran out (at most one per flooding connection), plus the refill.
+    let looked_up = delta("kvfleet_cp_auth_lookups_total{result=\"denied\"}")
+        + delta("kvfleet_cp_auth_lookups_total{result=\"error\"}");
+    let budget = 5.0 + 64.0 + 10.0 * flood_s + 1.0;
+    eprintln!("{sent} bad requests in {flood_s:.1} s, {looked_up} looked up (budget {budget})");
+    assert!(
+        looked_up <= budget,
+        "{looked_up} lookups for {sent} bad requests (budget {budget})"
+    );
+    assert!(delta("kvfleet_cp_auth_failures_total{reason=\"missing\"}") > 50.0);
+    assert!(delta("kvfleet_cp_auth_failures_total{reason=\"malformed\"}") > 50.0);
+    assert!(delta("kvfleet_cp_auth_rate_limited_total") > 50.0);
+    assert!(delta("kvfleet_cp_auth_cache_hits_total") >= f64::from(beats));
+    assert_eq!(
+        delta("kvfleet_cp_db_errors_total{source=\"api\"}"),
+        0.0,
+        "no request failed on the database"
+    );
+
+    // The admin pool exhausted (every connection taken): agent traffic has a pool of its own.
+    // (The replica's own background tasks hold some of them already.)
+    let mut held = Vec::new();
+    while let Ok(Ok(conn)) = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        server.state.pool.acquire(),
+    )
+    .await
+    {
+        held.push(conn);
+    }
+    assert!(!held.is_empty());
+    assert_eq!(server.state.pool.size(), 4);
+    assert_eq!(server.state.pool.num_idle(), 0);
+    for _ in 0..5 {
+        let r = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "heartbeat with the admin pool taken: {r:?}"
+        );
+    }
+    drop(held);
+
+    // Removing the node revokes its credential, and this replica's cache forgets it at once.
+    let r = call(
+        Method::DELETE,
+        &server.url(&format!("/nodes/{node}")),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    // (Not cached any more, its lookup spends 127.0.0.1's budget, which the flood emptied: 429
+    // until the bucket refills a unit, then the lookup says 401. Never 200.)
+    eventually(
+        std::time::Duration::from_secs(15),
+        "the removed node's credential refused",
+        || async {
+            let r = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+            assert!(
+                [StatusCode::UNAUTHORIZED, StatusCode::TOO_MANY_REQUESTS].contains(&r.status),
+                "{r:?}"
+            );
+            (r.status == StatusCode::UNAUTHORIZED).then_some(())
+        },
+    )
+    .await;
+
+    // The 429 is in the OpenAPI document for every route that takes a token, and only those.
+    let doc = call(Method::GET, &server.url("/openapi.json"), None, None).await;
+    let paths = &doc.body["paths"];
+    let limited = &paths["/api/v1/agent/heartbeat"]["post"]["responses"]["429"];
+    assert!(
+        limited["content"]["application/problem+json"].is_object(),
+        "{limited}"
+    );
+    assert!(limited["headers"]["Retry-After"].is_object(), "{limited}");
+    assert!(paths["/api/v1/nodes"]["get"]["responses"]["429"].is_object());
+    assert!(paths["/api/v1/status"]["get"]["responses"]["429"].is_null());
+    server.stop().await;
 }

@@ -64,6 +64,7 @@ async fn migrations_create_every_table(pool: PgPool) {
             "gpus",
             "kv_checkpoints",
             "kv_log",
+            "leader_epoch",
             "metrics_rollup_state",
             "models",
             "node_ca",

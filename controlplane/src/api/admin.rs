@@ -196,6 +196,8 @@ pub async fn revoke_token(
     change
         .commit("token.revoke", "token", id, json(&before), json(&after))
         .await?;
+    // Stops working on this replica at once; other replicas within auth.cache_ttl.
+    state.auth_gate.forget_token(id);
     Ok(Json(after))
 }
 

@@ -392,7 +392,7 @@ pub async fn heartbeat(
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.agent_pool.begin().await?;
     // A heartbeat's liveness and states are an observation the next one repeats: losing the
     // last few hundred milliseconds of them in a Postgres crash is harmless, so such a
     // heartbeat skips the WAL flush that durable commits wait for (the audit row of a recovery
@@ -511,7 +511,7 @@ pub async fn heartbeat(
 }
 
 async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiError> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.agent_pool.acquire().await?;
     let (generation, node_state, draining): (i64, String, bool) =
         sqlx::query_as("SELECT desired_generation, state, draining FROM nodes WHERE id = $1")
             .bind(node)
@@ -711,7 +711,7 @@ pub async fn fleet_directory(
     _caller: Caller<Agent>,
     State(state): State<AppState>,
 ) -> Result<Json<FleetDirectory>, ApiError> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.agent_pool.acquire().await?;
     let found: Vec<(i64, Uuid, String, String, String, Option<String>)> = sqlx::query_as(
         "SELECT w.id, w.node_id, m.name, w.role, w.observed_state, n.peer_addr
          FROM workers w

@@ -25,7 +25,7 @@ impl<'a> Change<'a> {
     /// Opens the change's transaction.
     pub async fn begin(state: &AppState, caller: &'a Principal) -> Result<Self, ApiError> {
         Ok(Self {
-            tx: state.pool.begin().await?,
+            tx: state.pool_for(caller.role).begin().await?,
             caller,
         })
     }

@@ -50,8 +50,52 @@ impl<N: Needs> FromRequestParts<AppState> for Caller<N> {
                     .map_err(|_| ApiError::Unauthorized(auth::AuthError::Malformed))
             })
             .transpose()?;
-        let mut conn = state.pool.acquire().await?;
-        let mut principal = auth::authenticate(&mut conn, header).await?;
+        // Shape first: a missing or malformed credential never reaches the database.
+        let parsed = auth::parse_bearer(header).map_err(|error| {
+            state.auth_gate.refused(error);
+            ApiError::Unauthorized(error)
+        })?;
+        let hash = auth::hash_token(parsed.full);
+        let mut principal = match state.auth_gate.cached(&hash) {
+            crate::auth_gate::Cached::Fresh(principal) => principal,
+            known_or_not => {
+                let admitted = match known_or_not {
+                    crate::auth_gate::Cached::Stale(admitted) => admitted,
+                    _ => {
+                        let client = parts
+                            .extensions
+                            .get::<axum::extract::ConnectInfo<super::ClientAddr>>()
+                            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.0.ip());
+                        state.auth_gate.admit(client).map_err(|retry_after_s| {
+                            ApiError::TooManyAuthFailures { retry_after_s }
+                        })?
+                    }
+                };
+                // Agent traffic authenticates on the agent pool, everything else on the admin
+                // pool: a flood against one cannot take the other's connections.
+                let pool = state.pool_for_permission(N::PERMISSION);
+                let looked_up = match pool.acquire().await {
+                    Ok(mut conn) => auth::lookup(&mut conn, &parsed).await,
+                    Err(error) => Err(auth::AuthFailure::Database(error)),
+                };
+                match looked_up {
+                    Ok((principal, expires_at)) => {
+                        state
+                            .auth_gate
+                            .verified(admitted, hash, &principal, expires_at);
+                        principal
+                    }
+                    Err(auth::AuthFailure::Denied(error)) => {
+                        state.auth_gate.denied(admitted, &hash, error);
+                        return Err(ApiError::Unauthorized(error));
+                    }
+                    Err(auth::AuthFailure::Database(error)) => {
+                        state.auth_gate.errored(admitted);
+                        return Err(error.into());
+                    }
+                }
+            }
+        };
         principal.request_id = parts
             .extensions
             .get::<super::RequestId>()

@@ -240,6 +240,9 @@ pub async fn remove_node(
     store::bump_generation(&mut change, id).await?;
     let after = fetch_node(&mut change, id, false).await?;
     commit_node(change, "node.remove", &before, &after).await?;
+    // Its revoked agent credential stops working on this replica at once (others within
+    // auth.cache_ttl).
+    state.auth_gate.forget_node(id);
     Ok(Json(after))
 }
 

@@ -48,7 +48,7 @@ pub async fn upload(
             format!("at most {MAX_BATCH_LOADS} load reports per batch"),
         ));
     }
-    let result = state.kv.ingest(&state.pool, node, &batch).await?;
+    let result = state.kv.ingest(&state.agent_pool, node, &batch).await?;
     if result.unknown_worker > 0 || result.loads_rejected > 0 {
         tracing::warn!(%node, workers = ?result.unknown_workers, events = result.unknown_worker,
             loads = result.loads_rejected,

@@ -42,6 +42,29 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 /// Request bodies above this are refused (413): inventories and heartbeats are small.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// The peer address of a request's connection, for the failed-authentication budget
+/// ([`crate::auth_gate`]); served through `into_make_service_with_connect_info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
 /// All routes, ready to serve.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
@@ -552,6 +575,53 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Every route that takes a token may answer 429: its lookup would spend a client address's
+/// spent failed-authentication budget (`crate::auth_gate`). Added here once rather than on
+/// each handler; routes with their own `security(())` (no token) are left alone.
+struct RateLimited;
+
+impl utoipa::Modify for RateLimited {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Header, ObjectBuilder, Ref, ResponseBuilder, Type};
+        let mut retry_after = Header::new(ObjectBuilder::new().schema_type(Type::Integer));
+        retry_after.description =
+            Some("Seconds until a failed authentication is allowed again".into());
+        let response = ResponseBuilder::new()
+            .description(
+                "Too many failed authentications from this client address; retry after \
+                 Retry-After seconds",
+            )
+            .header("Retry-After", retry_after)
+            .content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if operation.security.is_none() {
+                    operation
+                        .responses
+                        .responses
+                        .entry("429".to_owned())
+                        .or_insert_with(|| response.clone().into());
+                }
+            }
+        }
+    }
+}
+
 /// The OpenAPI document, generated from the handlers and wire types.
 #[derive(OpenApi)]
 #[openapi(
@@ -574,7 +644,7 @@ impl utoipa::Modify for BearerAuth {
         kv::upload, kv::stream, kv::snapshot, kv::stats, kv::workers,
     ),
     components(schemas(problem::Problem, problem::InvalidParam)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimited),
     security(("bearer" = [])),
 )]
 #[derive(Debug)]

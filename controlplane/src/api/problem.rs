@@ -62,6 +62,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
+    /// The client address spent its failed-authentication budget (see `auth_gate`).
+    #[error("too many failed authentications from this address; retry in {retry_after_s} s")]
+    TooManyAuthFailures { retry_after_s: u64 },
     /// A statement failed for a reason that is not the caller's (answered like
     /// [`ApiError::Internal`], counted as a database error).
     #[error("database error: {0}")]
@@ -107,6 +110,11 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload-too-large",
                 "Payload too large",
+            ),
+            ApiError::TooManyAuthFailures { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-requests",
+                "Too many requests",
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -167,6 +175,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::TooManyAuthFailures { retry_after_s } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         if matches!(self, ApiError::Unavailable | ApiError::Database(_)) {
             response.extensions_mut().insert(DatabaseFailed);

@@ -108,13 +108,19 @@ struct Planned {
 }
 
 /// One planner round (see the module docs).
-pub async fn round(state: &AppState) -> Result<RoundOutcome, sqlx::Error> {
+///
+/// Fenced: the round's transaction checks `fence`, so a deposed leader's round writes nothing.
+pub async fn round(
+    state: &AppState,
+    fence: &crate::store::Fence,
+) -> Result<RoundOutcome, crate::store::LeaderError> {
     let config = &state.config.planner;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.leader_pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(PLANNER_LOCK_KEY)
         .execute(&mut *tx)
         .await?;
+    fence.check(&mut tx).await?;
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&mut *tx)
         .await?;

@@ -47,6 +47,10 @@ impl Server {
 pub fn test_config() -> Config {
     let mut config = Config::new("postgres://unused");
     config.leader.retry_interval = Duration::from_millis(200);
+    config.leader.lease = Duration::from_secs(3);
+    // The authorization tests make hundreds of failed authentications from 127.0.0.1 on
+    // purpose; the budget has a test of its own that sets it low.
+    config.auth.failed_burst = 1_000_000;
     config.placement.interval = Duration::from_millis(200);
     config.liveness.heartbeat_interval = Duration::from_millis(200);
     // Long enough that a slow CI machine never sees a node go silent by accident; the liveness
