@@ -47,6 +47,16 @@ pub(super) struct ConnLimits {
     pub(super) header_read_timeout: Duration,
 }
 
+impl ConnLimits {
+    /// The limits the frontend's configuration sets (the API port and the metrics port alike).
+    pub(super) fn of(config: &super::FrontendConfig) -> Self {
+        Self {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and waits for
 /// open connections to finish their in-flight requests (the caller bounds that wait).
 pub(super) async fn serve(

@@ -526,10 +526,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let limits = conn::ConnLimits {
-        max_connections: frontend.config.max_connections,
-        header_read_timeout: frontend.config.header_read_timeout,
-    };
+    let limits = conn::ConnLimits::of(&frontend.config);
     if frontend.config.api_keys.is_empty()
         && let Ok(addr) = listener.local_addr()
         && !addr.ip().is_loopback()
@@ -554,10 +551,7 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let limits = conn::ConnLimits {
-        max_connections: frontend.config.max_connections,
-        header_read_timeout: frontend.config.header_read_timeout,
-    };
+    let limits = conn::ConnLimits::of(&frontend.config);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics and /ready on their own address");
     }
