@@ -50,7 +50,8 @@ trap cleanup EXIT
     || { cat "$work/migrate.log" >&2; exit 1; }
 token="$("$cp_bin" token create --database-url "$db_url" --role admin --name schemathesis 2>/dev/null)"
 "$cp_bin" serve --database-url "$db_url" --listen "127.0.0.1:$port" \
-    --set auth.bootstrap_token_file="$work/bootstrap-token" >"$work/controlplane.log" 2>&1 &
+    --set auth.bootstrap_token_file="$work/bootstrap-token" \
+    --set ca.key_file="$work/ca.key" >"$work/controlplane.log" 2>&1 &
 cp_pid=$!
 base="http://127.0.0.1:$port/api/v1"
 for _ in $(seq 1 100); do

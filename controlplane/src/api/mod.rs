@@ -365,6 +365,23 @@ fn unsigned_bounds(schema: &mut serde_json::Value) {
     schema.entry("maximum").or_insert_with(|| max.into());
 }
 
+/// A free-form string parameter takes no NUL character (Postgres text cannot hold one;
+/// `extract::ApiQuery` answers 422 naming the parameter), which the document says with a
+/// pattern. Strings with a format, a pattern or a set of values already say what they take.
+fn no_nul(schema: &mut serde_json::Value) {
+    let Some(schema) = schema.as_object_mut() else {
+        return;
+    };
+    let is_string = match schema.get("type") {
+        Some(serde_json::Value::String(t)) => t == "string",
+        Some(serde_json::Value::Array(ts)) => ts.iter().any(|t| t == "string"),
+        _ => false,
+    };
+    if is_string && !["format", "pattern", "enum"].iter().any(|k| schema.contains_key(*k)) {
+        schema.insert("pattern".to_owned(), "^[^\\x00]*$".into());
+    }
+}
+
 /// The permission a [`PERMISSION_EXTENSION`] value names; `Some(None)` for `public`.
 fn parse_permission(text: &str) -> Option<Option<Permission>> {
     Some(Some(match text {
@@ -423,7 +440,10 @@ fn complete(doc: &mut serde_json::Value) {
                 parameters
                     .iter_mut()
                     .filter_map(|p| p.get_mut("schema"))
-                    .for_each(unsigned_bounds);
+                    .for_each(|schema| {
+                        unsigned_bounds(schema);
+                        no_nul(schema);
+                    });
             }
             let has_body = op.contains_key("requestBody");
             let mut added: Vec<(u16, &str)> = Vec::new();
