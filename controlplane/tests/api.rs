@@ -972,6 +972,20 @@ async fn lists_page_with_a_cursor_and_a_documented_maximum(pool: PgPool) {
     let r = get(&server, "/audit?action=a%00b", &admin).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{r:?}");
     assert_eq!(r.body["invalid_params"][0]["name"], "action", "{r:?}");
+    // A query parameter the route does not take is refused by name, not ignored (a typo such
+    // as `node=` would otherwise list everything).
+    for path in [
+        "/nodes?colour=red",
+        "/workers?node=x",
+        "/models?limit=5&sort=name",
+    ] {
+        let r = get(&server, path, &admin).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {r:?}");
+        let name = r.body["invalid_params"][0]["name"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(["colour", "node", "sort"].contains(&name), "{path}: {r:?}");
+    }
     // A NUL in a JSON string, and a body that is not an object: 422 naming the field (the NUL
     // was a 500 from the insert; the array was read as an empty struct).
     let r = post(

@@ -208,6 +208,7 @@ fn live(token: &Token) -> bool {
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct AuditFilter {
     /// `node`, `deployment`, `model`, `token`, `worker`.
     pub target_type: Option<String>,

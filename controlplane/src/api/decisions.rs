@@ -49,6 +49,7 @@ pub struct Decision {
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct DecisionFilter {
     /// Only this loop's decisions: `placement`, `liveness` or `planner`.
     #[param(pattern = "^(placement|liveness|planner)$")]

@@ -30,6 +30,7 @@ pub(crate) const WORKER_COLUMNS: &str = "id, deployment_id, node_id, gpu_id, rol
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct NodeFilter {
     /// Only nodes in this state.
     pub state: Option<NodeState>,
@@ -248,6 +249,7 @@ pub async fn remove_node(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct GpuFilter {
     pub node_id: Option<Uuid>,
     #[param(minimum = 1, maximum = 500)]
@@ -305,6 +307,7 @@ pub async fn get_gpu(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct WorkerFilter {
     pub deployment_id: Option<Uuid>,
     pub node_id: Option<Uuid>,

@@ -377,7 +377,11 @@ fn no_nul(schema: &mut serde_json::Value) {
         Some(serde_json::Value::Array(ts)) => ts.iter().any(|t| t == "string"),
         _ => false,
     };
-    if is_string && !["format", "pattern", "enum"].iter().any(|k| schema.contains_key(*k)) {
+    if is_string
+        && !["format", "pattern", "enum"]
+            .iter()
+            .any(|k| schema.contains_key(*k))
+    {
         schema.insert("pattern".to_owned(), "^[^\\x00]*$".into());
     }
 }

@@ -207,6 +207,7 @@ pub struct Page<T> {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Items per page: default 100, at most 500.
     #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 500))]
@@ -825,6 +826,7 @@ pub struct PlannerDecision {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
 pub struct PlannerDecisionQuery {
     /// Only this deployment's (id or name).
     pub deployment: Option<String>,
@@ -1235,6 +1237,7 @@ pub struct DesiredState {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
 pub struct WatchQuery {
     /// The generation the agent holds: the call returns as soon as the node's generation
     /// differs from it (normally: is above it), or after `wait_s` with the current state.
@@ -1257,6 +1260,7 @@ pub const MAX_WAIT_S: u64 = 3600;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
 pub struct MetricsQuery {
     /// Start (RFC 3339); default: one hour ago.
     pub since: Option<DateTime<Utc>>,
