@@ -27,6 +27,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
+    pub join: JoinConfig,
     pub liveness: LivenessConfig,
     pub leader: LeaderConfig,
     pub placement: PlacementConfig,
@@ -90,6 +91,14 @@ impl fmt::Debug for AuthConfig {
             .field("bootstrap_token_file", &self.bootstrap_token_file)
             .finish()
     }
+}
+
+/// `[join]`: how nodes are let into the fleet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JoinConfig {
+    /// Admit every node a join token registers at once instead of leaving it `pending` until
+    /// an admin approves it. Off by default; `kvfleet dev` and labs turn it on.
+    pub auto_approve: bool,
 }
 
 /// `[liveness]`: how agents heartbeat and when silence makes a node unhealthy, then lost.
@@ -176,6 +185,7 @@ impl Config {
                 connect_timeout: Duration::from_secs(5),
             },
             auth: AuthConfig::default(),
+            join: JoinConfig::default(),
             liveness: LivenessConfig {
                 heartbeat_interval: Duration::from_secs(2),
                 unhealthy_after: Duration::from_secs(10),
@@ -355,6 +365,7 @@ impl Config {
                 ),
             }
         }
+        reader.bool("join.auto_approve", &mut config.join.auto_approve);
         reader.duration(
             "liveness.heartbeat_interval",
             &mut config.liveness.heartbeat_interval,
@@ -593,6 +604,15 @@ impl Reader {
                     Err(message) => self.problem(origin, key, &message),
                 },
                 _ => self.problem(origin, key, "must be a duration string such as \"500ms\", \"10s\", \"2m\", \"1h\" or \"30d\""),
+            }
+        }
+    }
+
+    fn bool(&mut self, key: &str, out: &mut bool) {
+        if let Some((value, origin)) = self.take(key) {
+            match value.as_bool() {
+                Some(b) => *out = b,
+                None => self.problem(origin, key, "must be true or false"),
             }
         }
     }

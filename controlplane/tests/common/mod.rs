@@ -57,6 +57,9 @@ pub fn test_config() -> Config {
     config.watch.max_wait = Duration::from_secs(5);
     // A first admin token made by bootstrap goes here, not into the host's state directory.
     config.auth.bootstrap_token_file = scratch_file("admin-token");
+    // Most tests are about what a node does once in the fleet; the approval tests turn this
+    // off (`approval_required`).
+    config.join.auto_approve = true;
     config
 }
 

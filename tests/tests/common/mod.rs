@@ -117,6 +117,9 @@ impl ControlPlane {
             std::process::id(),
             addr.port()
         ));
+        // The fleet tests are about nodes in the fleet; the security suite turns this off to
+        // show a join waiting for an admin.
+        config.join.auto_approve = true;
         configure(&mut config);
         let https = config.tls != kvfleet_controlplane::config::TlsConfig::Off;
         // A restarted replica takes the port its agents know; it was just freed, so retry
