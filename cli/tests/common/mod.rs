@@ -67,6 +67,8 @@ impl ControlPlane {
         let mut config = kvfleet_controlplane::Config::new(with_database(&admin_url, &database));
         config.auth.bootstrap_admin_token = Some(admin_token.clone());
         config.database.max_connections = 8;
+        // Approval required: the CLI tests approve and reject joins themselves.
+        config.join.auto_approve = false;
         if https {
             config.tls = kvfleet_controlplane::config::TlsConfig::FleetCa {
                 names: vec!["127.0.0.1".into()],
