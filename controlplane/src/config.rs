@@ -846,6 +846,17 @@ lost_after = "1m"
         assert_eq!(config.database.url, "postgres://env/db");
         assert_eq!(config.watch.max_wait, Duration::from_secs(7));
         assert_eq!(config.listen, "127.0.0.1:9091".parse().unwrap());
+        assert!(
+            !config.join.auto_approve,
+            "joins wait for an admin by default"
+        );
+        // What `kvfleet dev` sets; a value that is not a bool is named.
+        source.env = vec![("KVFLEET_JOIN__AUTO_APPROVE".into(), "true".into())];
+        assert!(Config::load(&source).unwrap().join.auto_approve);
+        source.env = vec![("KVFLEET_JOIN__AUTO_APPROVE".into(), "yes".into())];
+        let errors = Config::load(&source).unwrap_err();
+        assert_eq!(errors.problems[0].key, "join.auto_approve");
+        assert!(errors.problems[0].message.contains("true or false"));
     }
 
     #[test]
