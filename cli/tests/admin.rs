@@ -551,6 +551,7 @@ async fn https_control_planes_are_trusted_through_the_ca_file() {
 }
 
 /// Registers a node as its agent would (with a join token); returns (node id, credential).
+#[allow(clippy::unwrap_used)] // a test helper: a failed call fails the test
 async fn join(cp: &ControlPlane, token: &str, hostname: &str) -> (String, String) {
     let response = reqwest::Client::new()
         .post(format!("{}/api/v1/agent/register", cp.url()))
