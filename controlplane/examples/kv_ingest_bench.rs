@@ -123,6 +123,8 @@ fn run(
     let mut config = Config::new(url);
     config.database.max_connections = 32;
     config.placement.interval = Duration::from_millis(200);
+    // The bench's nodes are placed on at once, as in a lab (joins otherwise wait for an admin).
+    config.join.auto_approve = true;
     let (addr, join, admin) = server_rt.block_on(async {
         let pool = kvfleet_controlplane::store::connect(&config.database).await?;
         kvfleet_controlplane::store::migrate(&pool).await?;
