@@ -186,7 +186,9 @@ pub struct FakeInventory {
 }
 
 impl FakeInventory {
-    /// `count` identical 80 GB GPUs with a driver.
+    /// `count` identical 80 GB GPUs with a driver. Each has a UUID of its own, as real ones do:
+    /// the control plane refuses a GPU UUID another node owns, so two fake nodes must not share
+    /// them.
     pub fn gpus(count: u32) -> Self {
         Self {
             snapshot: Snapshot {
@@ -195,7 +197,7 @@ impl FakeInventory {
                 gpus: (0..count)
                     .map(|index| GpuInfo {
                         index,
-                        uuid: format!("GPU-00000000-0000-0000-0000-{index:012}"),
+                        uuid: format!("GPU-{}", uuid::Uuid::new_v4()),
                         name: "Fake GPU 80GB".into(),
                         memory_total_bytes: 80 << 30,
                         memory_used_bytes: 1 << 30,

@@ -1,6 +1,7 @@
 //! The admin commands against a real control plane (library on 127.0.0.1:0, real Postgres via
 //! `$DATABASE_URL`): login, models and deployments from TOML (valid, invalid with the field
-//! named, exit codes), tokens, `--json` output, and an unreachable server.
+//! named, exit codes), tokens, `--json` output, and an unreachable server; joins approved,
+//! rejected and labelled (this harness requires approval, as production does).
 
 mod common;
 
@@ -566,5 +567,112 @@ async fn https_control_planes_are_trusted_through_the_ca_file() {
     run.expect(0);
     let run = cp.kvfleet(&["nodes", "--json"], &[], "").await;
     run.expect(0);
+    cp.stop().await;
+}
+
+/// Registers a node as its agent would (with a join token); returns (node id, credential).
+#[allow(clippy::unwrap_used)] // a test helper: a failed call fails the test
+async fn join(cp: &ControlPlane, token: &str, hostname: &str) -> (String, String) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/agent/register", cp.url()))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"hostname": hostname, "labels": {"zone": "reported"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["approval"], "pending", "{body}");
+    (
+        body["node_id"].as_str().unwrap().to_owned(),
+        body["credential"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Issue #22 from the CLI: `nodes list` shows pending joins (and says how to decide), `approve`
+/// lets one in, `reject` turns one away for good, `label` sets and removes admin labels that
+/// sit beside the reported ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_joins_are_approved_rejected_and_labelled() {
+    let Some(cp) = ControlPlane::start("pending_joins_are_approved_rejected_and_labelled").await
+    else {
+        return;
+    };
+    let token = cp
+        .admin(&[
+            "tokens", "create", "--name", "rack", "--role", "join", "--uses", "2",
+        ])
+        .await;
+    token.expect(0);
+    let token = token.stdout.trim().to_owned();
+    let (a, _) = join(&cp, &token, "node-a").await;
+    let (b, b_credential) = join(&cp, &token, "node-b").await;
+
+    let run = cp.admin(&["nodes"]).await;
+    run.expect(0);
+    assert!(run.stdout.contains("APPROVAL"), "{run:?}");
+    assert_eq!(run.stdout.matches("pending").count(), 2, "{run:?}");
+    assert!(
+        run.stderr.contains("2 node(s) wait for approval")
+            && run.stderr.contains("kvfleet nodes approve"),
+        "{run:?}"
+    );
+    let pending = cp.admin(&["nodes", "list", "--pending", "--json"]).await;
+    pending.expect(0);
+    assert_eq!(pending.json().as_array().unwrap().len(), 2);
+
+    let run = cp.admin(&["nodes", "approve", "node-a"]).await;
+    run.expect(0);
+    assert!(run.stderr.contains("approved"), "{run:?}");
+    let run = cp.admin(&["nodes", "get", &a, "--json"]).await;
+    assert_eq!(run.json()["approval"], "approved");
+
+    let run = cp.admin(&["nodes", "reject", &b, "--json"]).await;
+    run.expect(0);
+    assert_eq!(run.json()["approval"], "rejected");
+    assert_eq!(run.json()["state"], "removed");
+    // Its agent is out: its credential is refused.
+    let beat = reqwest::Client::new()
+        .post(format!("{}/api/v1/agent/heartbeat", cp.url()))
+        .bearer_auth(&b_credential)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beat.status(), 401);
+    // Deciding again is refused with the reason (exit 1).
+    let run = cp.admin(&["nodes", "approve", &b]).await;
+    run.expect(1);
+    assert!(run.stderr.contains("rejected"), "{run:?}");
+    let run = cp.admin(&["nodes", "reject", "node-a"]).await;
+    run.expect(1);
+    assert!(run.stderr.contains("nodes remove"), "{run:?}");
+
+    // Admin labels: set two, override the reported zone, then remove one.
+    let run = cp
+        .admin(&["nodes", "label", "node-a", "zone=admin", "tier=gold"])
+        .await;
+    run.expect(0);
+    assert!(run.stderr.contains("tier=gold"), "{run:?}");
+    let run = cp
+        .admin(&["nodes", "label", "node-a", "tier-", "--json"])
+        .await;
+    run.expect(0);
+    let node = run.json();
+    assert_eq!(node["admin_labels"], serde_json::json!({"zone": "admin"}));
+    assert_eq!(
+        node["reported_labels"],
+        serde_json::json!({"zone": "reported"})
+    );
+    assert_eq!(node["labels"], serde_json::json!({"zone": "admin"}));
+    let run = cp.admin(&["nodes", "get", "node-a"]).await;
+    assert!(
+        run.stdout.contains("admin labels") && run.stdout.contains("zone=reported"),
+        "{run:?}"
+    );
+    // A malformed argument is a usage error before anything is sent.
+    cp.admin(&["nodes", "label", "node-a", "no equals sign"])
+        .await
+        .expect(2);
     cp.stop().await;
 }

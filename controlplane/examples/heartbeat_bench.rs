@@ -119,6 +119,8 @@ fn run(
     config.liveness.unhealthy_after = Duration::from_secs(10);
     config.liveness.lost_after = Duration::from_secs(60);
     config.placement.interval = Duration::from_secs(1);
+    // The bench's nodes are placed on at once, as in a lab (joins otherwise wait for an admin).
+    config.join.auto_approve = true;
     let (addr, join, admin, state) = server_rt.block_on(async {
         let pool = kvfleet_controlplane::store::connect(&config.database).await?;
         kvfleet_controlplane::store::migrate(&pool).await?;

@@ -126,6 +126,8 @@ fn run(
     config.ca.key_file =
         std::env::temp_dir().join(format!("kvfleet-bench-{}-ca.key", std::process::id()));
     config.placement.interval = Duration::from_millis(200);
+    // The bench's nodes are placed on at once, as in a lab (joins otherwise wait for an admin).
+    config.join.auto_approve = true;
     let (addr, join, admin) = server_rt.block_on(async {
         let pool = kvfleet_controlplane::store::connect(&config.database).await?;
         kvfleet_controlplane::store::migrate(&pool).await?;

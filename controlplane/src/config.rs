@@ -27,6 +27,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
+    pub join: JoinConfig,
     pub liveness: LivenessConfig,
     pub leader: LeaderConfig,
     pub placement: PlacementConfig,
@@ -115,6 +116,14 @@ impl fmt::Debug for AuthConfig {
             .field("failed_per_minute", &self.failed_per_minute)
             .finish()
     }
+}
+
+/// `[join]`: how nodes are let into the fleet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JoinConfig {
+    /// Admit every node a join token registers at once instead of leaving it `pending` until
+    /// an admin approves it. Off by default; `kvfleet dev` and labs turn it on.
+    pub auto_approve: bool,
 }
 
 /// `[liveness]`: how agents heartbeat and when silence makes a node unhealthy, then lost.
@@ -213,6 +222,7 @@ impl Config {
                 connect_timeout: Duration::from_secs(5),
             },
             auth: AuthConfig::default(),
+            join: JoinConfig::default(),
             liveness: LivenessConfig {
                 heartbeat_interval: Duration::from_secs(2),
                 unhealthy_after: Duration::from_secs(10),
@@ -406,6 +416,7 @@ impl Config {
             1..=1_000_000,
             &mut config.auth.failed_per_minute,
         );
+        reader.bool("join.auto_approve", &mut config.join.auto_approve);
         reader.duration(
             "liveness.heartbeat_interval",
             &mut config.liveness.heartbeat_interval,
@@ -659,6 +670,15 @@ impl Reader {
         }
     }
 
+    fn bool(&mut self, key: &str, out: &mut bool) {
+        if let Some((value, origin)) = self.take(key) {
+            match value.as_bool() {
+                Some(b) => *out = b,
+                None => self.problem(origin, key, "must be true or false"),
+            }
+        }
+    }
+
     fn u32_in(&mut self, key: &str, range: std::ops::RangeInclusive<u32>, out: &mut u32) {
         if let Some((value, origin)) = self.take(key) {
             match value.as_integer().and_then(|v| u32::try_from(v).ok()) {
@@ -888,6 +908,17 @@ lost_after = "1m"
         assert_eq!(config.database.url, "postgres://env/db");
         assert_eq!(config.watch.max_wait, Duration::from_secs(7));
         assert_eq!(config.listen, "127.0.0.1:9091".parse().unwrap());
+        assert!(
+            !config.join.auto_approve,
+            "joins wait for an admin by default"
+        );
+        // What `kvfleet dev` sets; a value that is not a bool is named.
+        source.env = vec![("KVFLEET_JOIN__AUTO_APPROVE".into(), "true".into())];
+        assert!(Config::load(&source).unwrap().join.auto_approve);
+        source.env = vec![("KVFLEET_JOIN__AUTO_APPROVE".into(), "yes".into())];
+        let errors = Config::load(&source).unwrap_err();
+        assert_eq!(errors.problems[0].key, "join.auto_approve");
+        assert!(errors.problems[0].message.contains("true or false"));
     }
 
     #[test]

@@ -581,7 +581,10 @@ async fn snapshot(tx: &mut PgConnection) -> Result<Snapshot, sqlx::Error> {
         i32,
     );
     let node_rows: Vec<NodeRow> = sqlx::query_as(
-        "SELECT id, state, cordoned, draining, labels, cpu_slots FROM nodes WHERE state <> 'removed'",
+        // Pending nodes are not offered to placement at all: no worker lands on a machine an
+        // admin has not let in. Labels: what the node reports, an admin's value on top.
+        "SELECT id, state, cordoned, draining, labels || admin_labels, cpu_slots FROM nodes
+         WHERE state <> 'removed' AND approval = 'approved'",
     )
     .fetch_all(&mut *tx)
     .await?;

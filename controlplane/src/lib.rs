@@ -254,6 +254,13 @@ pub async fn run_notifying(
              store it safely and delete the file"
         );
     }
+    if config.join.auto_approve {
+        // Said at every start: with it, a leaked join token alone puts a machine in the fleet.
+        tracing::warn!(
+            "[join] auto_approve is on: every node a join token registers is admitted without \
+             an admin's approval (labs and `kvfleet dev` only)"
+        );
+    }
     let state = AppState::new(pool, config).await?;
     serve_notifying(state, listener, shutdown, notifier).await
 }

@@ -17,6 +17,8 @@ enum Prep {
     None,
     /// A node nobody else uses (for removal).
     FreshNode,
+    /// A fresh node waiting for an admin's approval (to approve or reject).
+    PendingNode,
     FreshModel,
     FreshDeployment,
     FreshToken,
@@ -76,6 +78,30 @@ fn routes() -> Vec<Route> {
         with(
             route(Method::DELETE, "/nodes/{fresh}", 200, Some("node.remove")),
             Prep::FreshNode,
+        ),
+        with(
+            route(
+                Method::POST,
+                "/nodes/{fresh}/approve",
+                200,
+                Some("node.approve"),
+            ),
+            Prep::PendingNode,
+        ),
+        with(
+            route(
+                Method::POST,
+                "/nodes/{fresh}/reject",
+                200,
+                Some("node.reject"),
+            ),
+            Prep::PendingNode,
+        ),
+        route(
+            Method::POST,
+            "/nodes/{node}/labels",
+            200,
+            Some("node.labels"),
         ),
         route(Method::GET, "/gpus", 200, None),
         route(Method::GET, "/gpus/{gpu}", 200, None),
@@ -280,12 +306,23 @@ async fn fixture(pool: &PgPool, server: &Server) -> Fixture {
 }
 
 /// Makes whatever a route consumes and returns the id to put in `{fresh}`.
-async fn prepare(server: &Server, fx: &Fixture, prep: Prep, n: usize) -> String {
+async fn prepare(pool: &PgPool, server: &Server, fx: &Fixture, prep: Prep, n: usize) -> String {
     let admin = &fx.tokens[0].1;
     let join = &fx.tokens[3].1;
     match prep {
         Prep::None => String::new(),
         Prep::FreshNode => register(server, join, &format!("spare-{n}"), 0).await.0,
+        Prep::PendingNode => {
+            // The matrix's server auto-approves; this node is put back to what a join makes
+            // when approval is required (the approval tests below run that way).
+            let node = register(server, join, &format!("pending-{n}"), 0).await.0;
+            sqlx::query("UPDATE nodes SET approval = 'pending' WHERE id = $1::uuid")
+                .bind(&node)
+                .execute(pool)
+                .await
+                .unwrap();
+            node
+        }
         Prep::FreshModel => {
             let r = post(
                 server,
@@ -353,6 +390,7 @@ fn body_for(route: &Route, who: Who, fx: &Fixture, n: usize) -> Option<Value> {
         ("POST", "/agent/certificate") => Some(json!({})),
         ("POST", "/agent/kv-events") => Some(json!({"events": []})),
         ("POST", "/models/{model}/profiles") => Some(profile_body(&format!("device-{n}"))),
+        ("POST", "/nodes/{node}/labels") => Some(json!({"set": {"zone": format!("z{n}")}})),
         _ => None,
     }
 }
@@ -456,7 +494,7 @@ async fn authorization_matrix(pool: PgPool) {
     for (route, public, roles, statuses) in &matrix {
         for &who in &callers {
             n += 1;
-            let fresh = prepare(&server, &fx, route.prep, n).await;
+            let fresh = prepare(&pool, &server, &fx, route.prep, n).await;
             let path = route
                 .path
                 .replace("{node}", &fx.node)
@@ -1899,5 +1937,406 @@ async fn an_unauthenticated_flood_does_not_reach_the_database_or_starve_heartbea
     assert!(limited["headers"]["Retry-After"].is_object(), "{limited}");
     assert!(paths["/api/v1/nodes"]["get"]["responses"]["429"].is_object());
     assert!(paths["/api/v1/status"]["get"]["responses"]["429"].is_null());
+    server.stop().await;
+}
+
+/// The control plane as production runs it: every join waits for an admin.
+fn approval_required() -> kvfleet_controlplane::Config {
+    let mut config = test_config();
+    config.join.auto_approve = false;
+    config
+}
+
+async fn post_empty(server: &Server, path: &str, token: &str) -> common::Response {
+    call(Method::POST, &server.url(path), Some(token), None).await
+}
+
+/// Issue #22: with approval required, a joined node is `pending`: it may heartbeat, but gets no
+/// peer certificate and no workers; an admin (not an operator) approves it, and then it gets
+/// both.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn a_joined_node_is_pending_until_an_admin_approves_it(pool: PgPool) {
+    let server = start(&pool, approval_required()).await;
+    let admin = token(&pool, Role::Admin).await;
+    let operator = token(&pool, Role::Operator).await;
+    let join = token(&pool, Role::Join).await;
+    let (node, agent, body) = register(&server, &join, "newcomer", 1).await;
+    assert_eq!(body["approval"], "pending", "{body}");
+    assert!(
+        body["certificate"].is_null(),
+        "a pending node got a certificate: {body}"
+    );
+    assert_eq!(
+        audit_count(&pool, "node.register").await,
+        1,
+        "the join itself is audited"
+    );
+    let beat = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(beat.status, StatusCode::OK, "{beat:?}");
+    assert_eq!(beat.body["approval"], "pending");
+    assert_eq!(
+        beat.body["node_state"], "healthy",
+        "alive, just not admitted"
+    );
+    let renew = post(&server, "/agent/certificate", &agent, json!({})).await;
+    assert_eq!(renew.status, StatusCode::CONFLICT, "{renew:?}");
+    assert_eq!(renew.content_type, "application/problem+json");
+    assert!(
+        renew.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("kvfleet nodes approve {node}")),
+        "{renew:?}"
+    );
+    let pending = get(&server, "/nodes?approval=pending", &admin).await;
+    assert_eq!(
+        pending.body["items"].as_array().unwrap().len(),
+        1,
+        "{pending:?}"
+    );
+    assert_eq!(pending.body["items"][0]["id"], node.as_str());
+    // A deployment wants a worker and the pending node's GPU is the only one: placement (every
+    // 200 ms) leaves it alone.
+    model_and_deployment(&server, &admin, "chat", 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let workers = get(&server, "/workers", &admin).await;
+    assert_eq!(workers.body["items"], json!([]), "{workers:?}");
+    let desired = get(&server, "/agent/desired-state", &agent).await;
+    assert_eq!(desired.body["workers"], json!([]), "{desired:?}");
+
+    let refused = post_empty(&server, &format!("/nodes/{node}/approve"), &operator).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+    let approved = post_empty(&server, &format!("/nodes/{node}/approve"), &admin).await;
+    assert_eq!(approved.status, StatusCode::OK, "{approved:?}");
+    assert_eq!(approved.body["approval"], "approved");
+    // Approving again changes nothing and writes no second audit row.
+    let again = post_empty(&server, &format!("/nodes/{node}/approve"), &admin).await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    assert_eq!(audit_count(&pool, "node.approve").await, 1);
+    let beat = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(beat.body["approval"], "approved", "{beat:?}");
+    let issued = post(&server, "/agent/certificate", &agent, json!({})).await;
+    assert_eq!(issued.status, StatusCode::OK, "{issued:?}");
+    assert!(
+        issued.body["cert_pem"]
+            .as_str()
+            .unwrap()
+            .contains("CERTIFICATE")
+    );
+    eventually(
+        std::time::Duration::from_secs(10),
+        "a worker on the approved node",
+        || async {
+            let workers = get(&server, "/workers", &admin).await;
+            (workers.body["items"][0]["node_id"] == node.as_str()).then_some(())
+        },
+    )
+    .await;
+    // Its agent restarting re-registers with its credential and gets a certificate at once.
+    let again = post(
+        &server,
+        "/agent/register",
+        &agent,
+        register_body("newcomer", 0),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    assert_eq!(again.body["approval"], "approved");
+    assert!(again.body["certificate"]["serial"].is_string(), "{again:?}");
+    server.stop().await;
+}
+
+/// Issue #22: a rejected node is out for good: its credential is refused, the join token it
+/// used is spent, an admin cannot approve it later, and its GPUs are free for another node.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn a_rejected_node_cannot_join(pool: PgPool) {
+    let server = start(&pool, approval_required()).await;
+    let admin = token(&pool, Role::Admin).await;
+    let r = post(
+        &server,
+        "/tokens",
+        &admin,
+        json!({"name": "j", "role": "join"}),
+    )
+    .await;
+    let join = r.body["secret"].as_str().unwrap().to_owned();
+    let body = register_body("intruder", 1);
+    let r = post(&server, "/agent/register", &join, body.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["approval"], "pending");
+    let node = r.body["node_id"].as_str().unwrap().to_owned();
+    let agent = r.body["credential"].as_str().unwrap().to_owned();
+    let rejected = post_empty(&server, &format!("/nodes/{node}/reject"), &admin).await;
+    assert_eq!(rejected.status, StatusCode::OK, "{rejected:?}");
+    assert_eq!(rejected.body["approval"], "rejected");
+    assert_eq!(rejected.body["state"], "removed");
+    for (path, body) in [
+        ("/agent/heartbeat", json!({})),
+        ("/agent/register", body.clone()),
+    ] {
+        let r = post(&server, path, &agent, body).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}: {r:?}");
+    }
+    let r = post(&server, "/agent/register", &join, body.clone()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+    let r = post_empty(&server, &format!("/nodes/{node}/approve"), &admin).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    assert_eq!(r.content_type, "application/problem+json");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("rejected"),
+        "{r:?}"
+    );
+    // An admitted node is removed, not rejected.
+    let other = token(&pool, Role::Join).await;
+    let (admitted, _, _) = register(&server, &other, "admitted", 0).await;
+    post_empty(&server, &format!("/nodes/{admitted}/approve"), &admin).await;
+    let r = post_empty(&server, &format!("/nodes/{admitted}/reject"), &admin).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("nodes remove"),
+        "{r:?}"
+    );
+    // The rejected node's GPU was released: a real node with it may join.
+    let mut legit = register_body("legit", 0);
+    legit["gpus"] = body["gpus"].clone();
+    let r = post(&server, "/agent/register", &other, legit).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    server.stop().await;
+}
+
+/// Issue #22, for labs: `[join] auto_approve` admits a join at once, certificate included.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn auto_approve_admits_joins_at_once(pool: PgPool) {
+    let mut config = test_config();
+    config.join.auto_approve = true;
+    let server = start(&pool, config).await;
+    let join = token(&pool, Role::Join).await;
+    let (_, agent, body) = register(&server, &join, "lab-node", 0).await;
+    assert_eq!(body["approval"], "approved", "{body}");
+    assert!(body["certificate"]["cert_pem"].is_string(), "{body}");
+    let beat = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(beat.body["approval"], "approved");
+    let loaded = kvfleet_controlplane::Config::load(&kvfleet_controlplane::config::Source {
+        file: Some(kvfleet_controlplane::config::FileSource {
+            path: "/etc/kvfleet/controlplane.toml".into(),
+            text: "[database]\nurl = \"postgres://x\"\n[join]\nauto_approve = true\n".into(),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(loaded.join.auto_approve);
+    assert!(
+        !kvfleet_controlplane::Config::new("postgres://x")
+            .join
+            .auto_approve,
+        "off by default"
+    );
+    server.stop().await;
+}
+
+/// Issue #22: a GPU UUID has one owner. Another node reporting it, at registration or in a
+/// heartbeat, is refused with a 409 naming the owner, counted, and changes nothing.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn a_gpu_uuid_another_node_owns_is_refused(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let admin = token(&pool, Role::Admin).await;
+    let join = token(&pool, Role::Join).await;
+    let (owner, owner_agent, _) = register(&server, &join, "owner", 1).await;
+    let listed = get(&server, &format!("/gpus?node_id={owner}"), &admin).await;
+    let gpu_id = listed.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let mut thief = register_body("thief", 0);
+    thief["gpus"] = json!([{"id": gpu_id, "index": 0, "name": "NVIDIA H100 80GB HBM3",
+        "memory_total_bytes": 80_i64 << 30}]);
+    let r = post(&server, "/agent/register", &join, thief.clone()).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{r:?}");
+    assert_eq!(r.content_type, "application/problem+json");
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&gpu_id) && detail.contains(&owner) && detail.contains("gpus[0].id"),
+        "{detail}"
+    );
+    // Nothing was made: no node, and the GPU still belongs to its owner.
+    let nodes = get(&server, "/nodes", &admin).await;
+    assert_eq!(
+        nodes.body["items"].as_array().unwrap().len(),
+        1,
+        "{nodes:?}"
+    );
+    let g = get(&server, &format!("/gpus/{gpu_id}"), &admin).await;
+    assert_eq!(g.body["node_id"], owner.as_str());
+    // A node that joined without it cannot report it in a heartbeat either.
+    let (_, thief_agent, _) = register(&server, &join, "thief", 0).await;
+    let beat = post(
+        &server,
+        "/agent/heartbeat",
+        &thief_agent,
+        json!({"gpus": [{"id": gpu_id, "utilization": 0.5, "memory_used_bytes": 1}]}),
+    )
+    .await;
+    assert_eq!(beat.status, StatusCode::CONFLICT, "{beat:?}");
+    assert_eq!(beat.content_type, "application/problem+json");
+    // Its owner reports it as before, in registrations and heartbeats.
+    let again = post(&server, "/agent/register", &owner_agent, {
+        let mut b = register_body("owner", 0);
+        b["gpus"] = thief["gpus"].clone();
+        b
+    })
+    .await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    let beat = post(
+        &server,
+        "/agent/heartbeat",
+        &owner_agent,
+        json!({"gpus": [{"id": gpu_id, "utilization": 0.5, "memory_used_bytes": 1}]}),
+    )
+    .await;
+    assert_eq!(beat.status, StatusCode::OK, "{beat:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("kvfleet_cp_agent_gpu_claims_refused_total 2"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+/// Issue #22: labels an admin sets are kept apart from the ones a node reports. Both are
+/// visible, placement matches them merged with the admin's value winning on a shared key, and
+/// the node's next report (its agent re-registering) leaves the admin's alone.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn admin_labels_survive_a_nodes_report_and_win_in_placement(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let admin = token(&pool, Role::Admin).await;
+    let operator = token(&pool, Role::Operator).await;
+    let join = token(&pool, Role::Join).await;
+    // b claims tier=gold itself; the admin says otherwise. a reports nothing; the admin makes
+    // it gold. Only a may serve a gold deployment.
+    let mut body_a = register_body("node-a", 1);
+    body_a["labels"] = json!({"zone": "a"});
+    let a = post(&server, "/agent/register", &join, body_a.clone()).await;
+    let (a, a_agent) = (
+        a.body["node_id"].as_str().unwrap().to_owned(),
+        a.body["credential"].as_str().unwrap().to_owned(),
+    );
+    let mut body_b = register_body("node-b", 1);
+    body_b["labels"] = json!({"tier": "gold"});
+    let b = post(&server, "/agent/register", &join, body_b).await;
+    let (b, b_agent) = (
+        b.body["node_id"].as_str().unwrap().to_owned(),
+        b.body["credential"].as_str().unwrap().to_owned(),
+    );
+    let r = post(
+        &server,
+        &format!("/nodes/{a}/labels"),
+        &admin,
+        json!({"set": {"tier": "gold", "rack": "r1"}}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(
+        r.body["labels"],
+        json!({"zone": "a", "tier": "gold", "rack": "r1"})
+    );
+    assert_eq!(r.body["reported_labels"], json!({"zone": "a"}));
+    assert_eq!(
+        r.body["admin_labels"],
+        json!({"tier": "gold", "rack": "r1"})
+    );
+    let r = post(
+        &server,
+        &format!("/nodes/{b}/labels"),
+        &admin,
+        json!({"set": {"tier": "silver"}}),
+    )
+    .await;
+    assert_eq!(r.body["labels"], json!({"tier": "silver"}), "{r:?}");
+    assert_eq!(r.body["reported_labels"], json!({"tier": "gold"}));
+    // Operators cannot; bad keys and a key both set and removed are 422 naming the field.
+    let r = post(
+        &server,
+        &format!("/nodes/{a}/labels"),
+        &operator,
+        json!({"set": {"x": "y"}}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{r:?}");
+    for (bad, field) in [
+        (json!({"set": {"bad key": "v"}}), "set.bad key"),
+        (json!({"set": {"k": "v"}, "remove": ["k"]}), "remove.k"),
+    ] {
+        let r = post(&server, &format!("/nodes/{a}/labels"), &admin, bad.clone()).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {r:?}");
+        assert_eq!(r.body["invalid_params"][0]["name"], field, "{bad}: {r:?}");
+    }
+    // The node's agent reports again (a restart): its labels change, the admin's stay.
+    body_a["labels"] = json!({"zone": "c", "tier": "bronze"});
+    let r = post(&server, "/agent/register", &a_agent, body_a).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let node = get(&server, &format!("/nodes/{a}"), &admin).await;
+    assert_eq!(
+        node.body["admin_labels"],
+        json!({"tier": "gold", "rack": "r1"})
+    );
+    assert_eq!(
+        node.body["reported_labels"],
+        json!({"zone": "c", "tier": "bronze"})
+    );
+    assert_eq!(
+        node.body["labels"],
+        json!({"zone": "c", "tier": "gold", "rack": "r1"})
+    );
+    // Placement: a gold deployment lands on a (admin gold over reported bronze), never on b
+    // (reported gold under admin silver).
+    for agent in [&a_agent, &b_agent] {
+        post(&server, "/agent/heartbeat", agent, json!({})).await;
+    }
+    let model = post(
+        &server,
+        "/models",
+        &admin,
+        json!({"name": "gold-model", "format": "mock", "path": "/m"}),
+    )
+    .await;
+    assert_eq!(model.status, StatusCode::CREATED, "{model:?}");
+    let d = post(
+        &server,
+        "/deployments",
+        &admin,
+        json!({"name": "gold", "model": "gold-model", "min_workers": 2, "max_workers": 2,
+            "placement": {"node_labels": {"tier": "gold"}}}),
+    )
+    .await;
+    assert_eq!(d.status, StatusCode::CREATED, "{d:?}");
+    eventually(
+        std::time::Duration::from_secs(10),
+        "a worker on a",
+        || async {
+            let w = get(&server, "/workers", &admin).await;
+            w.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["node_id"] == a.as_str())
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let w = get(&server, &format!("/workers?node_id={b}"), &admin).await;
+    assert_eq!(w.body["items"], json!([]), "b is silver: {w:?}");
+    // Removing an admin label gives the reported value back.
+    let r = post(
+        &server,
+        &format!("/nodes/{b}/labels"),
+        &admin,
+        json!({"remove": ["tier"]}),
+    )
+    .await;
+    assert_eq!(r.body["labels"], json!({"tier": "gold"}), "{r:?}");
+    assert_eq!(audit_count(&pool, "node.labels").await, 3);
     server.stop().await;
 }

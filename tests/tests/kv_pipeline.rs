@@ -32,6 +32,8 @@ async fn start(pool: &PgPool, port: u16) -> ControlPlane {
     let mut config = Config::new("postgres://unused");
     config.leader.retry_interval = Duration::from_millis(200);
     config.placement.interval = Duration::from_millis(200);
+    // The two nodes below are placed on as they join (joins otherwise wait for an admin).
+    config.join.auto_approve = true;
     config.liveness.heartbeat_interval = Duration::from_millis(200);
     // Longer than the control-plane outage below: liveness counts silence from the last
     // heartbeat received, so an outage longer than `lost_after` would make every node lost

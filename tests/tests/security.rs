@@ -9,6 +9,10 @@
 //!   that (debug level for our crates) is captured and searched for the admin token, the join
 //!   token, the agent credential and the node's private key.
 //!
+//! - Joins an admin approves: with approval required, a real agent's node waits `pending` (its
+//!   agent says so and names the command), runs nothing and holds no peer certificate; once an
+//!   admin approves it, it gets its certificate and its worker.
+//!
 //! - HTTPS: an agent that pins the fleet CA by fingerprint joins a control plane serving a
 //!   fleet-CA certificate; one pinning another fleet's CA is refused with an error that says so.
 //!
@@ -549,4 +553,72 @@ async fn agents_join_an_https_control_plane_through_the_pinned_fleet_ca_only() {
     cp.stop().await;
     pool.close().await;
     db.drop_now().await;
+}
+
+/// Issue #22: with approval required (the default outside labs), a real agent's node waits for
+/// an admin: its agent logs that it waits and the command that lets it in, it runs no worker
+/// and has no peer certificate; approved, it gets both within a few heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joined_node_waits_for_an_admin_and_runs_nothing_until_approved() {
+    let logs = Captured::install();
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let cp = ControlPlane::start_with(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER, |c| {
+        c.join.auto_approve = false;
+    })
+    .await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    deploy(&cp, &admin, 1).await;
+    let dir = temp_dir("pending");
+    let setup = AgentSetup {
+        mock_token_time_us: 1000,
+        peer_on_loopback: true,
+    };
+    let agent = Agent::start("node-p", &cp, &join, &dir, setup).await;
+    wait_nodes_healthy(&cp, &admin, &["node-p"]).await;
+    let node = nodes(&cp, &admin).await[0].clone();
+    assert_eq!(node["approval"], "pending", "{node}");
+    let id = node["id"].as_str().unwrap().to_owned();
+    // Many placement passes (200 ms) and heartbeats: nothing runs, no certificate is held.
+    tokio::time::sleep(HEARTBEAT * 10).await;
+    assert_eq!(agent.workers(), 0, "a pending node runs nothing");
+    let state = kvfleet_agent::state_dir::StateDir::open(&dir).unwrap();
+    assert!(
+        state.certificate().unwrap().is_none(),
+        "a pending node holds no peer certificate"
+    );
+    let text = logs.text();
+    assert!(
+        text.contains("waits for an admin's approval")
+            && text.contains(&format!("kvfleet nodes approve {id}")),
+        "the agent says it waits and how to let it in"
+    );
+    let (status, body) = api(
+        Method::POST,
+        &cp.url(&format!("/nodes/{id}/approve")),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The worker comes by the desired-state watch, the certificate with the next heartbeat:
+    // either may be first.
+    wait_for(
+        "the approved node's ready worker and its peer certificate",
+        Duration::from_secs(30),
+        || async { agent.ready_workers() == 1 && state.certificate().unwrap().is_some() },
+    )
+    .await;
+    assert!(
+        logs.text()
+            .contains("approved by an admin: got the peer certificate")
+    );
+    let (status, body) = complete(agent.addr, "hello").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    agent.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

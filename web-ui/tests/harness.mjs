@@ -81,8 +81,11 @@ function childEnv() {
 }
 
 export class ControlPlane {
-  constructor(dbUrl) {
+  // autoApprove: admit joins at once ([join] auto_approve, as a lab would); by default every
+  // join waits for an admin, as in production.
+  constructor(dbUrl, { autoApprove = false } = {}) {
     this.dbUrl = dbUrl;
+    this.autoApprove = autoApprove;
     this.bin = controlPlaneBin();
     this.adminToken = execFileSync(this.bin, ['token', 'generate'], { encoding: 'utf8', env: childEnv() }).trim();
   }
@@ -98,7 +101,8 @@ export class ControlPlane {
       '--set', `auth.bootstrap_admin_token=${this.adminToken}`,
       '--set', 'placement.interval=300ms', '--set', 'leader.retry_interval=300ms',
       '--set', 'liveness.heartbeat_interval=500ms', '--set', 'liveness.check_interval=500ms',
-      '--set', 'watch.max_wait=5s', '--set', 'planner.interval=1s'],
+      '--set', 'watch.max_wait=5s', '--set', 'planner.interval=1s',
+      '--set', `join.auto_approve=${this.autoApprove}`],
     { stdio: ['ignore', log, log], env: childEnv() });
     this.exited = new Promise((resolve) => this.proc.once('exit', (code, signal) => resolve({ code, signal })));
     const deadline = Date.now() + 30_000;

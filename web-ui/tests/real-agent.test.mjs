@@ -34,7 +34,8 @@ describe('admin web UI with the real kvfleet-agent', { skip: skip || false }, ()
     fs.mkdirSync(artifacts, { recursive: true });
     db = new ThrowawayDb(process.env.DATABASE_URL);
     db.create();
-    cp = await new ControlPlane(db.url).start();
+    // A lab: the agent is admitted as it joins (the approval buttons are webui.test.mjs's).
+    cp = await new ControlPlane(db.url, { autoApprove: true }).start();
     agent = await new RealAgent(cp, await cp.token('join', 'real-agent-join'), { hostname: 'cpu-node-1', cpuSlots: 2 }).start();
     browser = await chromium.launch({ executablePath: findChromium(), headless: true, args: process.getuid?.() === 0 ? ['--no-sandbox'] : [] });
     page = await (await browser.newContext({ viewport: { width: 1440, height: 900 } })).newPage();

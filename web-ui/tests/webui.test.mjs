@@ -52,6 +52,9 @@ describe('admin web UI', { skip: skip || false }, () => {
     cp = await new ControlPlane(db.url).start();
     const join = await cp.token('join', 'webui-join');
     agent = await new SimAgent(cp, join, { hostname: 'gpu-node-1', gpus: 2 }).register();
+    // Joins wait for an admin here, as in production; this one is let in through the API (the
+    // Approve and Reject buttons have their own test below).
+    await cp.api('POST', `/nodes/${agent.nodeId}/approve`);
     agent.run();
     browser = await chromium.launch({
       executablePath: findChromium(),
@@ -369,6 +372,43 @@ describe('admin web UI', { skip: skip || false }, () => {
     await page.getByRole('button', { name: 'Delete chat' }).click();
     await waitFor(async () => (await page.locator('tr[data-deployment="chat"]').count()) === 0, { what: 'the row to go' });
     await waitFor(async () => (await cp.api('GET', '/workers')).items.length === 0, { what: 'no live workers' });
+  });
+
+  it('approves and rejects pending joins from the node page', async () => {
+    const join = (await cp.api('POST', '/tokens', { name: 'webui-pending', role: 'join', uses: 2 })).secret;
+    // No GPUs and no CPU slots: nothing is placed on them, so the other tests' counts hold.
+    const newcomer = await new SimAgent(cp, join, { hostname: 'new-node', gpus: 0, cpuSlots: 0 }).register();
+    const stranger = await new SimAgent(cp, join, { hostname: 'stranger', gpus: 0, cpuSlots: 0 }).register();
+    await goNav('Overview');
+    await waitText('tr[data-node="new-node"] [data-col="state"]', /pending approval/, 'the pending badge in the table');
+    assert.doesNotMatch(await text('tr[data-node="gpu-node-1"] [data-col="state"]'), /pending/);
+    await page.locator('tr[data-node="new-node"] a').click();
+    await page.getByRole('heading', { name: /new-node/ }).waitFor();
+    assert.match(await text('h1'), /pending approval/);
+    // A pending node offers the decision, not cordon or remove.
+    assert.equal(await page.getByRole('button', { name: 'Cordon', exact: true }).count(), 0);
+    await shot('15-node-pending');
+    await page.getByRole('button', { name: 'Approve', exact: true }).click();
+    await waitFor(async () => !/pending/.test(await text('h1')), { what: 'the pending badge to go' });
+    await page.getByRole('button', { name: 'Cordon', exact: true }).waitFor();
+    assert.equal((await cp.api('GET', `/nodes/${newcomer.nodeId}`)).approval, 'approved');
+    await page.goto(`${cp.base}/ui/nodes/${stranger.nodeId}`);
+    await page.getByRole('heading', { name: /stranger/ }).waitFor();
+    page.once('dialog', (d) => d.accept());
+    await page.getByRole('button', { name: 'Reject', exact: true }).click();
+    await waitText('h1', /rejected/, 'the rejected badge');
+    const rejected = await cp.api('GET', `/nodes/${stranger.nodeId}`);
+    assert.equal(rejected.approval, 'rejected');
+    assert.equal(rejected.state, 'removed');
+    // Its credential is dead: the agent's next call is refused.
+    const beat = await fetch(`${cp.base}/api/v1/agent/heartbeat`, {
+      method: 'POST', headers: { Authorization: `Bearer ${stranger.credential}`, 'Content-Type': 'application/json' }, body: '{}' });
+    assert.equal(beat.status, 401);
+    // Each decision is audited against its node (gpu-node-1's approval, through the API, too).
+    for (const [action, node] of [['node.approve', newcomer], ['node.reject', stranger]]) {
+      const rows = (await cp.api('GET', `/audit?action=${action}`)).items;
+      assert.equal(rows.filter((r) => r.target_id === node.nodeId).length, 1, action);
+    }
   });
 
   it('raised no script errors', () => {

@@ -2,15 +2,16 @@
 //! blocks and GPU figures, each serving worker's window (what it served since the last
 //! heartbeat the control plane took: [`super::window`]), and the peer certificate's renewal
 //! once two thirds of its lifetime have passed. A heartbeat that reports a newer desired
-//! generation wakes the watch loop.
+//! generation wakes the watch loop. While the node waits for an admin's approval the loop says
+//! so once a minute; once a heartbeat says `approved` it fetches the node's first certificate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use kvfleet_proto::WorkerId;
 use kvfleet_proto::api::{
-    GpuStatus, Heartbeat, ObservedWorker, ObservedWorkerState, RenewRequest, WorkerMetrics,
-    WorkerWindow,
+    GpuStatus, Heartbeat, NodeApproval, ObservedWorker, ObservedWorkerState, RenewRequest,
+    WorkerMetrics, WorkerWindow,
 };
 
 use super::http::CpError;
@@ -18,6 +19,9 @@ use super::window::{Sample, Windows};
 use super::{Client, log_failure, reconcile, timing};
 use crate::backend::{Backend as _, WorkerState};
 use crate::state_dir::Identity;
+
+/// How often a pending node says again that it waits for an admin's approval.
+const APPROVAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Cumulative (requests, tokens) per worker.
 type Totals = BTreeMap<WorkerId, (u64, u64)>;
@@ -32,6 +36,8 @@ impl Client {
         let mut rates = Rates::default();
         let mut failures = 0u32;
         let mut windows = Windows::new(tokio::time::Instant::now());
+        // When the waiting-for-approval line was last logged: once a minute while pending.
+        let mut waiting_logged: Option<tokio::time::Instant> = None;
         loop {
             self.prune_models();
             // Sampled before drained workers stop, so their last window goes with their stop.
@@ -69,7 +75,32 @@ impl Client {
                             response.heartbeat_interval_ms.clamp(100, 600_000),
                         );
                     }
-                    self.renew_if_due(identity).await;
+                    self.handle.update(|s| s.approval = Some(response.approval));
+                    match response.approval {
+                        NodeApproval::Pending => {
+                            let now = tokio::time::Instant::now();
+                            if waiting_logged
+                                .is_none_or(|at| now.duration_since(at) >= APPROVAL_LOG_EVERY)
+                            {
+                                if waiting_logged.is_some() {
+                                    super::log_waiting_for_approval(identity.node_id);
+                                }
+                                waiting_logged = Some(now);
+                            }
+                        }
+                        NodeApproval::Approved => {
+                            if self
+                                .needs_certificate
+                                .load(std::sync::atomic::Ordering::Relaxed)
+                            {
+                                self.first_certificate(identity).await;
+                            } else {
+                                self.renew_if_due(identity).await;
+                            }
+                        }
+                        // A rejected node's credential is revoked: the next call gets 401.
+                        NodeApproval::Rejected => {}
+                    }
                     interval
                 }
                 Err(e @ CpError::Unauthorized(_)) => return e,
@@ -90,6 +121,29 @@ impl Client {
                 }
             };
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The node was approved after it registered: ask for its peer certificate (the peer
+    /// endpoint waits for it in the state directory). A failure is retried with the next
+    /// heartbeat.
+    async fn first_certificate(&self, identity: &Identity) {
+        let request = RenewRequest {
+            public_key: Some(self.public_key()),
+        };
+        match self.api.renew(&identity.credential, &request).await {
+            Ok(issued) => match self.state.save_certificate(&issued) {
+                Ok(()) => {
+                    self.needs_certificate
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(node = %identity.node_id, serial = %issued.serial,
+                        not_after = %issued.not_after,
+                        "approved by an admin: got the peer certificate");
+                }
+                Err(e) => tracing::error!(error = %e, "cannot store the peer certificate"),
+            },
+            Err(e) => tracing::warn!(error = %e,
+                "approved, but getting the peer certificate failed; retrying with the next heartbeat"),
         }
     }
 

@@ -44,7 +44,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use kvfleet_proto::WorkerId;
 use kvfleet_proto::api::{
-    AgentPublicKey, DesiredState, GpuInventory, KeyAlgorithm, RegisterRequest,
+    AgentPublicKey, DesiredState, GpuInventory, KeyAlgorithm, NodeApproval, RegisterRequest,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +93,8 @@ pub struct Status {
     pub generation: Option<i64>,
     /// Whether the last call to the control plane succeeded.
     pub connected: bool,
+    /// Whether an admin let the node in (`pending`: no workers, no peer certificate yet).
+    pub approval: Option<NodeApproval>,
 }
 
 /// A handle on the running client.
@@ -164,6 +166,9 @@ struct Client {
     kv: tokio::sync::Mutex<KvUpload>,
     /// The KV stream follower; kept across sessions so a re-registration continues the stream.
     follower: tokio::sync::Mutex<crate::kv_sync::Follower>,
+    /// Registration returned no certificate (the node waits for an admin's approval): the
+    /// heartbeat loop asks for one once a heartbeat says the node was approved.
+    needs_certificate: std::sync::atomic::AtomicBool,
 }
 
 /// Prepares the client (state directory, peer key, HTTP client) and returns the future that
@@ -199,6 +204,7 @@ pub fn start(
         follower: tokio::sync::Mutex::new(crate::kv_sync::Follower::new(
             crate::kv_sync::FollowerConfig::default(),
         )),
+        needs_certificate: std::sync::atomic::AtomicBool::new(false),
     });
     Ok((handle, run(client, stop)))
 }
@@ -271,6 +277,14 @@ async fn run(client: Arc<Client>, stop: CancellationToken) {
         }
         attempt = attempt.saturating_add(1);
     }
+}
+
+/// Says, at warn, that the node runs nothing until an admin approves it, and how.
+fn log_waiting_for_approval(node: uuid::Uuid) {
+    tracing::warn!(%node,
+        "this node waits for an admin's approval: it runs no workers and has no peer \
+         certificate until then. An admin runs `kvfleet nodes approve {node}` (or `kvfleet nodes \
+         reject {node}`), or uses the Nodes page of the web UI");
 }
 
 /// Sleeps; `true` when `stop` was cancelled first.
@@ -406,15 +420,30 @@ impl Client {
             // with this node's hostname): loud, but serving goes on.
             tracing::error!(error = %e, "cannot store the agent credential");
         }
-        if let Err(e) = self.state.save_certificate(&response.certificate) {
-            tracing::error!(error = %e, "cannot store the peer certificate");
+        match &response.certificate {
+            Some(certificate) => {
+                self.needs_certificate
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = self.state.save_certificate(certificate) {
+                    tracing::error!(error = %e, "cannot store the peer certificate");
+                }
+                tracing::info!(node = %identity.node_id, hostname = %self.node.hostname,
+                    serial = %certificate.serial, not_after = %certificate.not_after,
+                    desired_generation = response.desired_generation,
+                    "registered with the control plane");
+            }
+            None => {
+                self.needs_certificate
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(node = %identity.node_id, hostname = %self.node.hostname,
+                    approval = %response.approval, "registered with the control plane");
+                log_waiting_for_approval(identity.node_id);
+            }
         }
-        tracing::info!(node = %identity.node_id, hostname = %self.node.hostname,
-            serial = %response.certificate.serial, not_after = %response.certificate.not_after,
-            desired_generation = response.desired_generation, "registered with the control plane");
         self.handle.update(|s| {
             s.node_id = Some(identity.node_id);
             s.connected = true;
+            s.approval = Some(response.approval);
         });
         Ok(identity)
     }

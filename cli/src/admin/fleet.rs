@@ -3,7 +3,11 @@
 use std::collections::HashMap;
 
 use clap::{Args, Subcommand};
-use kvfleet_proto::api::{Deployment, Gpu, Node, NodeState, Worker};
+use std::collections::BTreeMap;
+
+use kvfleet_proto::api::{
+    Deployment, Gpu, Node, NodeApproval, NodeLabelsChange, NodeState, Worker, valid_label_key,
+};
 use kvfleet_proto::kv_stream::KvWorkerBlocks;
 use reqwest::Method;
 use uuid::Uuid;
@@ -16,8 +20,12 @@ pub(crate) const NODES_HELP: &str = "\
 A NODE is its id, an id prefix (the 8 characters tables show) or its hostname.
 
 Examples:
-  kvfleet nodes                          # every node: state, GPUs, last heartbeat
+  kvfleet nodes                          # every node: state, approval, GPUs, last heartbeat
   kvfleet nodes list --state healthy --json | jq -r '.[].hostname'
+  kvfleet nodes list --pending           # joins waiting for an admin
+  kvfleet nodes approve gpu-01           # let a pending node in: workers, peer certificate
+  kvfleet nodes reject gpu-01            # turn it away: it cannot come back without a new token
+  kvfleet nodes label gpu-01 zone=a rack-  # set zone, remove rack (admin labels)
   kvfleet nodes get gpu-01               # one node in full
   kvfleet nodes cordon gpu-01            # no new workers there
   kvfleet nodes drain gpu-01             # cordon and move its workers elsewhere
@@ -43,6 +51,9 @@ enum NodesCommand {
         /// Only nodes in this state: joining, healthy, unhealthy, lost, removed.
         #[arg(long)]
         state: Option<NodeState>,
+        /// Only nodes waiting for an admin's approval.
+        #[arg(long)]
+        pending: bool,
     },
     /// Show one node in full.
     Get { node: String },
@@ -57,17 +68,74 @@ enum NodesCommand {
     /// revoked (admin role). The agent must `register` with a join token to come back.
     #[command(visible_alias = "remove")]
     Rm { node: String },
+    /// Let a pending node in: placement may give it workers and its agent gets a peer
+    /// certificate at its next heartbeat (admin role).
+    Approve { node: String },
+    /// Turn a pending node away: it is removed and its credential revoked, so its agent cannot
+    /// come back without a new join token (admin role).
+    Reject { node: String },
+    /// Set (`key=value`) or remove (`key-`) admin labels (admin role). They sit beside the
+    /// labels the node's agent reports; placement matches both, and an admin label wins on a
+    /// shared key. The agent cannot change them.
+    Label {
+        node: String,
+        /// `key=value` to set, `key-` to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        labels: Vec<String>,
+    },
+}
+
+/// `key=value` and `key-` arguments as a labels change.
+fn parse_label_args(args: &[String]) -> Result<NodeLabelsChange, CliError> {
+    let mut change = NodeLabelsChange::default();
+    for arg in args {
+        if let Some((key, value)) = arg.split_once('=') {
+            if !valid_label_key(key) {
+                return Err(CliError::usage(format!(
+                    "{arg:?}: a label key is 1 to 63 of A-Za-z0-9._/- and starts with a letter \
+                     or digit"
+                )));
+            }
+            change.set.insert(key.to_owned(), value.to_owned());
+        } else if let Some(key) = arg.strip_suffix('-').filter(|k| valid_label_key(k)) {
+            change.remove.push(key.to_owned());
+        } else {
+            return Err(CliError::usage(format!(
+                "{arg:?}: write key=value to set a label or key- to remove one"
+            )));
+        }
+    }
+    Ok(change)
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        "-".to_owned()
+    } else {
+        labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 pub(crate) async fn nodes(args: NodesArgs) -> Result<(), CliError> {
     let client = config::client(&args.api, false)?;
     let json = args.api.json;
-    match args.command.unwrap_or(NodesCommand::List { state: None }) {
-        NodesCommand::List { state } => {
-            let query: Vec<(&str, String)> = state
+    let list_all = NodesCommand::List {
+        state: None,
+        pending: false,
+    };
+    match args.command.unwrap_or(list_all) {
+        NodesCommand::List { state, pending } => {
+            let mut query: Vec<(&str, String)> = state
                 .map(|s| ("state", s.as_str().to_owned()))
                 .into_iter()
                 .collect();
+            if pending {
+                query.push(("approval", NodeApproval::Pending.as_str().to_owned()));
+            }
             let nodes: Vec<Node> = client.list("/nodes", &query, None).await?;
             if json {
                 return print_json(&nodes);
@@ -77,6 +145,7 @@ pub(crate) async fn nodes(args: NodesArgs) -> Result<(), CliError> {
                 "ID",
                 "HOSTNAME",
                 "STATE",
+                "APPROVAL",
                 "SCHEDULING",
                 "GPUS",
                 "CPU SLOTS",
@@ -89,6 +158,7 @@ pub(crate) async fn nodes(args: NodesArgs) -> Result<(), CliError> {
                     short_id(&n.id),
                     n.hostname.clone(),
                     n.state.to_string(),
+                    n.approval.to_string(),
                     scheduling(n).to_owned(),
                     n.gpu_count.to_string(),
                     n.cpu_slots.to_string(),
@@ -97,7 +167,18 @@ pub(crate) async fn nodes(args: NodesArgs) -> Result<(), CliError> {
                     opt(n.agent_version.as_deref()),
                 ]);
             }
-            output::print_table(&table, "nodes")
+            output::print_table(&table, "nodes")?;
+            let waiting = nodes
+                .iter()
+                .filter(|n| n.approval == NodeApproval::Pending)
+                .count();
+            if waiting > 0 {
+                eprintln!(
+                    "{waiting} node(s) wait for approval: `kvfleet nodes approve NODE` lets one \
+                     in, `kvfleet nodes reject NODE` turns it away"
+                );
+            }
+            Ok(())
         }
         NodesCommand::Get { node } => {
             let node = find_node(&client, &node).await?;
@@ -124,7 +205,58 @@ pub(crate) async fn nodes(args: NodesArgs) -> Result<(), CliError> {
             );
             Ok(())
         }
+        NodesCommand::Approve { node } => {
+            let node = post_node::<()>(&client, &node, "approve", None).await?;
+            if json {
+                return print_json(&node);
+            }
+            eprintln!(
+                "node {} ({}) approved: it may get workers, and its agent gets its peer \
+                 certificate at its next heartbeat",
+                node.hostname, node.id
+            );
+            Ok(())
+        }
+        NodesCommand::Reject { node } => {
+            let node = post_node::<()>(&client, &node, "reject", None).await?;
+            if json {
+                return print_json(&node);
+            }
+            eprintln!(
+                "node {} ({}) rejected: its credential is revoked; it needs a new join token to \
+                 ask again",
+                node.hostname, node.id
+            );
+            Ok(())
+        }
+        NodesCommand::Label { node, labels } => {
+            let change = parse_label_args(&labels)?;
+            let node = post_node(&client, &node, "labels", Some(&change)).await?;
+            if json {
+                return print_json(&node);
+            }
+            eprintln!(
+                "node {} ({}): admin labels {}; placement matches {}",
+                node.hostname,
+                short_id(&node.id),
+                labels_text(&node.admin_labels),
+                labels_text(&node.labels)
+            );
+            Ok(())
+        }
     }
+}
+
+async fn post_node<B: serde::Serialize>(
+    client: &Client,
+    query: &str,
+    verb: &str,
+    body: Option<&B>,
+) -> Result<Node, CliError> {
+    let found = find_node(client, query).await?;
+    Ok(client
+        .write(Method::POST, &format!("/nodes/{}/{verb}", found.id), body)
+        .await?)
 }
 
 fn scheduling(node: &Node) -> &'static str {
@@ -171,15 +303,6 @@ pub(crate) async fn find_node(client: &Client, query: &str) -> Result<Node, CliE
 }
 
 fn print_node(n: &Node) -> Result<(), CliError> {
-    let labels = if n.labels.is_empty() {
-        "-".to_owned()
-    } else {
-        n.labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let now = chrono::Utc::now();
     print_fields(&[
         ("id", n.id.to_string()),
@@ -188,8 +311,11 @@ fn print_node(n: &Node) -> Result<(), CliError> {
             "state",
             format!("{} (since {})", n.state, age(Some(n.state_changed_at), now)),
         ),
+        ("approval", n.approval.to_string()),
         ("scheduling", scheduling(n).to_owned()),
-        ("labels", labels),
+        ("labels", labels_text(&n.labels)),
+        ("reported labels", labels_text(&n.reported_labels)),
+        ("admin labels", labels_text(&n.admin_labels)),
         ("addresses", n.addresses.join(", ")),
         ("frontend", opt(n.frontend_addr.as_deref())),
         ("peer", opt(n.peer_addr.as_deref())),

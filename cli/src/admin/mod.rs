@@ -136,7 +136,7 @@ pub(crate) enum AdminCommand {
     /// The control plane's version, schema and leadership, and who the token is.
     #[command(after_help = EXIT_CODES_HELP)]
     Status(access::StatusArgs),
-    /// Nodes: list, get, cordon, uncordon, drain, remove.
+    /// Nodes: list, get, approve, reject, label, cordon, uncordon, drain, remove.
     #[command(after_help = fleet::NODES_HELP)]
     Nodes(fleet::NodesArgs),
     /// GPUs of every node, with memory and utilization from the last heartbeat.

@@ -392,6 +392,9 @@ async fn start_and_serve(
             .env("KVFLEET_AUTH__BOOTSTRAP_ADMIN_TOKEN", &admin_token)
             // The node CA's key is sealed under a key file beside the dev cluster.
             .env("KVFLEET_CA__KEY_FILE", state.join("controlplane-ca.key"))
+            // A one-machine dev fleet starts by itself: its own agent is admitted without an
+            // admin's approval (the control plane warns about it at start).
+            .env("KVFLEET_JOIN__AUTO_APPROVE", "true")
             // Quicker feedback on one machine than the production defaults.
             .env("KVFLEET_LIVENESS__HEARTBEAT_INTERVAL", "1s")
             .env("KVFLEET_PLACEMENT__INTERVAL", "1s");

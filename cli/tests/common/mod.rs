@@ -69,6 +69,8 @@ impl ControlPlane {
         config.database.max_connections = 8;
         config.ca.key_file =
             std::env::temp_dir().join(format!("kvfleet-cli-test-{database}-ca.key"));
+        // Approval required: the CLI tests approve and reject joins themselves.
+        config.join.auto_approve = false;
         if https {
             config.tls = kvfleet_controlplane::config::TlsConfig::FleetCa {
                 names: vec!["127.0.0.1".into()],

@@ -27,8 +27,8 @@ use super::extract::{Agent, ApiJson, ApiQuery, Caller, Register};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::types::{
     AgentPublicKey, DesiredState, DesiredWorker, FleetDirectory, FleetModel, FleetWorker,
-    Heartbeat, HeartbeatResponse, IssuedCertificate, ModelSpec, NodeState, RegisterRequest,
-    RegisterResponse, RenewRequest, WatchQuery,
+    Heartbeat, HeartbeatResponse, IssuedCertificate, ModelSpec, NodeApproval, NodeState,
+    RegisterRequest, RegisterResponse, RenewRequest, WatchQuery,
 };
 use crate::AppState;
 use crate::auth::{self, Principal, Role};
@@ -42,6 +42,7 @@ pub struct AgentMetrics {
     heartbeats: Counter,
     registrations: Family<[(&'static str, &'static str); 1], Counter>,
     certificates_renewed: Counter,
+    gpu_claims_refused: Counter,
 }
 
 impl AgentMetrics {
@@ -51,6 +52,7 @@ impl AgentMetrics {
             heartbeats: Counter::default(),
             registrations: Family::default(),
             certificates_renewed: Counter::default(),
+            gpu_claims_refused: Counter::default(),
         };
         registry.register(
             "kvfleet_cp_agent_heartbeats",
@@ -70,6 +72,12 @@ impl AgentMetrics {
             "kvfleet_cp_agent_certificate_renewals",
             "Node certificates renewed at an agent's request",
             metrics.certificates_renewed.clone(),
+        );
+        registry.register(
+            "kvfleet_cp_agent_gpu_claims_refused",
+            "Registrations and heartbeats refused because they reported a GPU UUID another node \
+             owns",
+            metrics.gpu_claims_refused.clone(),
         );
         metrics
     }
@@ -172,6 +180,8 @@ async fn issue_certificate(
 }
 
 /// Register a node (join token) or refresh its inventory after a restart (its agent credential).
+/// A new node is `pending` (no certificate in the response) unless `[join] auto_approve` is on.
+/// 409: the hostname is taken by a live node, or a reported GPU UUID belongs to another node.
 #[utoipa::path(post, path = "/api/v1/agent/register", request_body = RegisterRequest, tag = "agent",
     extensions(("x-kvfleet-permission" = json!("register"))),
     responses((status = 200, body = RegisterResponse), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
@@ -188,12 +198,15 @@ pub async fn register(
     let mut change = Change::begin(&state, principal).await?;
     let labels = sqlx::types::Json(&request.labels);
     let addresses = sqlx::types::Json(&request.addresses);
-    let (node, credential, action) = match (principal.role, principal.node_id) {
+    let (node, credential, action, approval) = match (principal.role, principal.node_id) {
         (Role::Agent, Some(node)) => {
-            let updated = sqlx::query(
+            // `labels` is the reported set only: the admin's (`admin_labels`) are never
+            // written by an agent call.
+            let approval: Option<String> = sqlx::query_scalar(
                 "UPDATE nodes SET hostname = $2, agent_version = $3, frontend_addr = $4,
                      peer_addr = $5, addresses = $6, cpu_slots = $7, labels = $8, updated_at = now()
-                 WHERE id = $1 AND state <> 'removed'",
+                 WHERE id = $1 AND state <> 'removed'
+                 RETURNING approval",
             )
             .bind(node)
             .bind(&request.hostname)
@@ -203,14 +216,14 @@ pub async fn register(
             .bind(addresses)
             .bind(request.cpu_slots)
             .bind(labels)
-            .execute(&mut *change)
+            .fetch_optional(&mut *change)
             .await?;
-            if updated.rows_affected() == 0 {
+            let Some(approval) = approval else {
                 return Err(ApiError::Conflict(format!(
                     "node {node} has been removed; join again"
                 )));
-            }
-            (node, None, "node.reregister")
+            };
+            (node, None, "node.reregister", rows::parse(&approval)?)
         }
         _ => {
             // A join token: take one of its uses in this transaction, so a single-use token
@@ -218,10 +231,15 @@ pub async fn register(
             // joined with).
             auth::take_join_use(&mut change, principal.token_id).await?;
             let node = Uuid::new_v4();
+            let approval = if state.config.join.auto_approve {
+                NodeApproval::Approved
+            } else {
+                NodeApproval::Pending
+            };
             sqlx::query(
                 "INSERT INTO nodes (id, hostname, agent_version, frontend_addr, peer_addr, addresses,
-                     cpu_slots, labels, last_heartbeat_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())",
+                     cpu_slots, labels, approval, last_heartbeat_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
             )
             .bind(node)
             .bind(&request.hostname)
@@ -231,6 +249,7 @@ pub async fn register(
             .bind(addresses)
             .bind(request.cpu_slots)
             .bind(labels)
+            .bind(approval.as_str())
             .execute(&mut *change)
             .await
             .map_err(|e| match ApiError::from(e) {
@@ -254,7 +273,7 @@ pub async fn register(
                 None,
             )
             .await?;
-            (node, Some(token), "node.register")
+            (node, Some(token), "node.register", approval)
         }
     };
     let gpu_ids: Vec<Uuid> = request.gpus.iter().map(|g| g.id).collect();
@@ -263,14 +282,19 @@ pub async fn register(
         .bind(&gpu_ids)
         .execute(&mut *change)
         .await?;
-    for gpu in &request.gpus {
-        sqlx::query(
+    for (i, gpu) in request.gpus.iter().enumerate() {
+        // A GPU's UUID belongs to one node: the upsert only refreshes a row this node owns, so
+        // a node cannot take over another's GPU (and the workers placed on it) by reporting
+        // its UUID. The row lock the upsert takes makes two joins racing for one UUID end
+        // with one owner. Removing or rejecting a node releases its GPUs.
+        let claimed = sqlx::query(
             "INSERT INTO gpus (id, node_id, device_index, name, memory_total_bytes, pci_bus_id)
              VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET node_id = EXCLUDED.node_id,
+             ON CONFLICT (id) DO UPDATE SET
                  device_index = EXCLUDED.device_index, name = EXCLUDED.name,
                  memory_total_bytes = EXCLUDED.memory_total_bytes,
-                 pci_bus_id = EXCLUDED.pci_bus_id, updated_at = now()",
+                 pci_bus_id = EXCLUDED.pci_bus_id, updated_at = now()
+             WHERE gpus.node_id = EXCLUDED.node_id",
         )
         .bind(gpu.id)
         .bind(node)
@@ -280,16 +304,28 @@ pub async fn register(
         .bind(&gpu.pci_bus_id)
         .execute(&mut *change)
         .await?;
+        if claimed.rows_affected() == 0 {
+            // The transaction is dropped uncommitted: no node, no token use, no GPU moved.
+            return Err(gpu_owned_elsewhere(&state, &mut change, node, i, gpu.id).await);
+        }
     }
-    let certificate = issue_certificate(
-        &state,
-        &mut change,
-        node,
-        &request.hostname,
-        &request.addresses,
-        request.public_key.as_ref(),
-    )
-    .await?;
+    // A pending node gets no certificate: with one it could open peer connections to every
+    // node of the fleet before anyone let it in. Its agent asks once a heartbeat says it was
+    // approved.
+    let certificate = match approval {
+        NodeApproval::Approved => Some(
+            issue_certificate(
+                &state,
+                &mut change,
+                node,
+                &request.hostname,
+                &request.addresses,
+                request.public_key.as_ref(),
+            )
+            .await?,
+        ),
+        NodeApproval::Pending | NodeApproval::Rejected => None,
+    };
     let generation: i64 = sqlx::query_scalar("SELECT desired_generation FROM nodes WHERE id = $1")
         .bind(node)
         .fetch_one(&mut *change)
@@ -297,22 +333,59 @@ pub async fn register(
     let mut after = serde_json::to_value(&request).unwrap_or_default();
     if let Some(object) = after.as_object_mut() {
         object.remove("public_key");
-        object.insert(
-            "certificate_serial".into(),
-            certificate.serial.clone().into(),
-        );
+        object.insert("approval".into(), approval.as_str().into());
+        if let Some(certificate) = &certificate {
+            object.insert(
+                "certificate_serial".into(),
+                certificate.serial.clone().into(),
+            );
+        }
     }
     change
         .commit(action, "node", node, None, Some(after))
         .await?;
     state.agents.registered(action);
+    if approval == NodeApproval::Pending && action == "node.register" {
+        tracing::info!(%node, hostname = %request.hostname,
+            "a node joined and waits for approval: `kvfleet nodes approve {node}` lets it in");
+    }
     Ok(Json(RegisterResponse {
         node_id: node,
         credential,
         certificate,
+        approval,
         heartbeat_interval_ms: millis(state.config.liveness.heartbeat_interval),
         desired_generation: generation,
     }))
+}
+
+/// The refusal of a registration or heartbeat that reported the GPU `id` (at `gpus[index]`),
+/// which another node owns: counted, logged with both nodes, and a 409 naming the owner and
+/// the way out.
+async fn gpu_owned_elsewhere(
+    state: &AppState,
+    conn: &mut PgConnection,
+    node: Uuid,
+    index: usize,
+    id: Uuid,
+) -> ApiError {
+    let owner: Option<(Uuid, String)> = sqlx::query_as(
+        "SELECT n.id, n.hostname FROM gpus g JOIN nodes n ON n.id = g.node_id WHERE g.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+    .unwrap_or_default();
+    let owner = owner.map_or_else(
+        || "another node".to_owned(),
+        |(id, hostname)| format!("node {id} ({hostname})"),
+    );
+    state.agents.gpu_claims_refused.inc();
+    tracing::warn!(%node, gpu = %id, %owner, "refused a GPU UUID another node owns");
+    ApiError::Conflict(format!(
+        "gpus[{index}].id: GPU {id} belongs to {owner}; a GPU has one owner (remove that node \
+         first if the GPU moved)"
+    ))
 }
 
 fn millis(d: Duration) -> u64 {
@@ -330,7 +403,7 @@ pub(super) fn node_of(principal: &Principal) -> Result<Uuid, ApiError> {
 /// health after a silence does).
 #[utoipa::path(post, path = "/api/v1/agent/heartbeat", request_body = Heartbeat, tag = "agent",
     extensions(("x-kvfleet-permission" = json!("agent"))),
-    responses((status = 200, body = HeartbeatResponse), (status = 401, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = HeartbeatResponse), (status = 401, body = Problem), (status = 409, body = Problem, description = "A reported GPU belongs to another node"), (status = 422, body = Problem)))]
 pub async fn heartbeat(
     caller: Caller<Agent>,
     State(state): State<AppState>,
@@ -393,6 +466,23 @@ pub async fn heartbeat(
         return Err(ApiError::Validation(problems));
     }
     let mut tx = state.agent_pool.begin().await?;
+    if !beat.gpus.is_empty() {
+        // Heartbeats only update GPUs this node owns; one that reports another node's GPU is
+        // refused as its registration would be (a GPU with two reporters is a clone, a
+        // spoof or a misconfiguration, and both nodes' figures would be wrong).
+        let ids: Vec<Uuid> = beat.gpus.iter().map(|g| g.id).collect();
+        let foreign: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM gpus WHERE id = ANY($1) AND node_id <> $2 ORDER BY id LIMIT 1",
+        )
+        .bind(&ids)
+        .bind(node)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = foreign {
+            let index = ids.iter().position(|g| *g == id).unwrap_or_default();
+            return Err(gpu_owned_elsewhere(&state, &mut tx, node, index, id).await);
+        }
+    }
     // A heartbeat's liveness and states are an observation the next one repeats: losing the
     // last few hundred milliseconds of them in a Postgres crash is harmless, so such a
     // heartbeat skips the WAL flush that durable commits wait for (the audit row of a recovery
@@ -414,20 +504,22 @@ pub async fn heartbeat(
             .execute(&mut *tx)
             .await?;
     }
-    let row: Option<(String, String, i64)> = sqlx::query_as(
+    let row: Option<(String, String, i64, String)> = sqlx::query_as(
         "WITH old AS (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE)
          UPDATE nodes n SET last_heartbeat_at = now(),
              state = CASE WHEN old.state = 'removed' THEN 'removed' ELSE 'healthy' END,
              state_changed_at = CASE WHEN old.state IN ('healthy', 'removed') THEN n.state_changed_at ELSE now() END,
              peer_addr = COALESCE($2, n.peer_addr)
          FROM old WHERE n.id = old.id
-         RETURNING old.state, n.state, n.desired_generation",
+         RETURNING old.state, n.state, n.desired_generation, n.approval",
     )
     .bind(node)
     .bind(beat.peer_addr.as_deref())
     .fetch_optional(&mut *tx)
     .await?;
-    let (before, after, generation) = row.ok_or_else(|| ApiError::not_found("node", node))?;
+    let (before, after, generation, approval) =
+        row.ok_or_else(|| ApiError::not_found("node", node))?;
+    let approval: NodeApproval = rows::parse(&approval)?;
     let before: NodeState = rows::parse(&before)?;
     let after: NodeState = rows::parse(&after)?;
     if !beat.workers.is_empty() {
@@ -504,6 +596,7 @@ pub async fn heartbeat(
     state.agents.heartbeats.inc();
     Ok(Json(HeartbeatResponse {
         node_state: after,
+        approval,
         desired_generation: generation,
         heartbeat_interval_ms: millis(state.config.liveness.heartbeat_interval),
         revoked_serials,
@@ -620,11 +713,12 @@ pub async fn desired_state(
     }
 }
 
-/// Renew the node's peer certificate (before it expires). Old certificates stay valid until
+/// Renew the node's peer certificate (before it expires), or get its first one once an admin
+/// approved the node (409 while it is pending). Old certificates stay valid until
 /// their own expiry, so peers holding them keep working during the rollover.
 #[utoipa::path(post, path = "/api/v1/agent/certificate", request_body = RenewRequest, tag = "agent",
     extensions(("x-kvfleet-permission" = json!("agent"))),
-    responses((status = 200, body = IssuedCertificate), (status = 422, body = Problem)))]
+    responses((status = 200, body = IssuedCertificate), (status = 401, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem, description = "The node waits for an admin's approval"), (status = 422, body = Problem)))]
 pub async fn renew_certificate(
     caller: Caller<Agent>,
     State(state): State<AppState>,
@@ -632,13 +726,20 @@ pub async fn renew_certificate(
 ) -> Result<Json<IssuedCertificate>, ApiError> {
     let node = node_of(&caller.principal)?;
     let mut change = Change::begin(&state, &caller.principal).await?;
-    let (hostname, addresses): (String, sqlx::types::Json<Vec<String>>) = sqlx::query_as(
-        "SELECT hostname, addresses FROM nodes WHERE id = $1 AND state <> 'removed'",
-    )
-    .bind(node)
-    .fetch_optional(&mut *change)
-    .await?
-    .ok_or_else(|| ApiError::not_found("node", node))?;
+    let (hostname, addresses, approval): (String, sqlx::types::Json<Vec<String>>, String) =
+        sqlx::query_as(
+            "SELECT hostname, addresses, approval FROM nodes WHERE id = $1 AND state <> 'removed'",
+        )
+        .bind(node)
+        .fetch_optional(&mut *change)
+        .await?
+        .ok_or_else(|| ApiError::not_found("node", node))?;
+    if rows::parse::<NodeApproval>(&approval)? != NodeApproval::Approved {
+        return Err(ApiError::Conflict(format!(
+            "node {node} waits for an admin's approval (`kvfleet nodes approve {node}`): it gets \
+             a peer certificate once approved"
+        )));
+    }
     let certificate = issue_certificate(
         &state,
         &mut change,

@@ -8,9 +8,13 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::change::Change;
-use super::extract::{Admin, ApiQuery, Caller, Operate, Read, parse_uuid};
+use super::extract::{Admin, ApiJson, ApiQuery, Caller, Operate, Read, parse_uuid};
+use super::problem::InvalidParam;
 use super::problem::{ApiError, Problem};
-use super::types::{Gpu, MetricsQuery, MetricsSeries, Node, NodeState, Page, PageQuery, Worker};
+use super::types::{
+    Gpu, MetricsQuery, MetricsSeries, Node, NodeApproval, NodeLabelsChange, NodeState, Page,
+    PageQuery, Worker,
+};
 use super::{i64_cursor, page, page_limit, uuid_cursor};
 use crate::AppState;
 use crate::metrics::{self, Scope};
@@ -18,7 +22,9 @@ use crate::rows;
 use crate::store;
 
 /// The columns of [`Node`], for every query that returns nodes.
-pub(crate) const NODE_COLUMNS: &str = "n.id, n.hostname, n.state, n.cordoned, n.draining, n.labels,
+pub(crate) const NODE_COLUMNS: &str =
+    "n.id, n.hostname, n.state, n.cordoned, n.draining, n.approval,
+    n.labels || n.admin_labels AS labels, n.labels AS reported_labels, n.admin_labels,
     n.frontend_addr, n.peer_addr, n.addresses, n.agent_version, n.cpu_slots,
     (SELECT count(*) FROM gpus g WHERE g.node_id = n.id) AS gpu_count, n.desired_generation,
     n.last_heartbeat_at, n.state_changed_at, n.created_at, n.updated_at";
@@ -34,6 +40,8 @@ pub(crate) const WORKER_COLUMNS: &str = "id, deployment_id, node_id, gpu_id, rol
 pub struct NodeFilter {
     /// Only nodes in this state.
     pub state: Option<NodeState>,
+    /// Only nodes with this approval (`pending`: the joins waiting for an admin).
+    pub approval: Option<NodeApproval>,
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page (a node, GPU, model, deployment or token id).
@@ -58,11 +66,13 @@ pub async fn list_nodes(
     let rows: Vec<Node> = sqlx::query(sql!(
         "SELECT {NODE_COLUMNS} FROM nodes n
          WHERE ($1::uuid IS NULL OR n.id > $1) AND ($2::text IS NULL OR n.state = $2)
+             AND ($4::text IS NULL OR n.approval = $4)
          ORDER BY n.id LIMIT $3"
     ))
     .bind(uuid_cursor(&paging)?)
     .bind(filter.state.map(NodeState::as_str))
     .bind(limit + 1)
+    .bind(filter.approval.map(NodeApproval::as_str))
     .try_map(rows::node)
     .fetch_all(&state.pool)
     .await?;
@@ -135,7 +145,7 @@ async fn commit_node(
     before: &Node,
     after: &Node,
 ) -> Result<(), ApiError> {
-    let summary = |n: &Node| serde_json::json!({ "state": n.state, "cordoned": n.cordoned, "draining": n.draining });
+    let summary = |n: &Node| serde_json::json!({ "state": n.state, "approval": n.approval, "cordoned": n.cordoned, "draining": n.draining, "admin_labels": n.admin_labels });
     change
         .commit(
             action,
@@ -207,6 +217,20 @@ pub async fn drain_node(
     .await
 }
 
+/// What removing (or rejecting) a node does in its transaction: the node is `removed`, its
+/// workers stop (and are replaced elsewhere), its agent credential and certificates are
+/// revoked, and its GPUs are released (another node may claim their UUIDs).
+const REMOVE_STATEMENTS: [&str; 5] = [
+    "UPDATE nodes SET state = 'removed', state_changed_at = now(), cordoned = true,
+         draining = false, updated_at = now() WHERE id = $1",
+    "UPDATE workers SET desired_state = 'stopped',
+         observed_state = CASE WHEN observed_state = 'stopped' THEN 'stopped' ELSE 'lost' END,
+         updated_at = now() WHERE node_id = $1 AND desired_state <> 'stopped'",
+    "UPDATE api_tokens SET revoked_at = now() WHERE node_id = $1 AND revoked_at IS NULL",
+    "UPDATE node_certificates SET revoked_at = now() WHERE node_id = $1 AND revoked_at IS NULL",
+    "DELETE FROM gpus WHERE node_id = $1",
+];
+
 /// Remove a node: its workers stop (and are replaced elsewhere), its agent credential and
 /// certificates are revoked, its GPUs forgotten (admin). Removing a removed node is a no-op.
 #[utoipa::path(delete, path = "/api/v1/nodes/{id}", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
@@ -223,16 +247,7 @@ pub async fn remove_node(
     if before.state == NodeState::Removed {
         return Ok(Json(before));
     }
-    for statement in [
-        "UPDATE nodes SET state = 'removed', state_changed_at = now(), cordoned = true,
-             draining = false, updated_at = now() WHERE id = $1",
-        "UPDATE workers SET desired_state = 'stopped',
-             observed_state = CASE WHEN observed_state = 'stopped' THEN 'stopped' ELSE 'lost' END,
-             updated_at = now() WHERE node_id = $1 AND desired_state <> 'stopped'",
-        "UPDATE api_tokens SET revoked_at = now() WHERE node_id = $1 AND revoked_at IS NULL",
-        "UPDATE node_certificates SET revoked_at = now() WHERE node_id = $1 AND revoked_at IS NULL",
-        "DELETE FROM gpus WHERE node_id = $1",
-    ] {
+    for statement in REMOVE_STATEMENTS {
         sqlx::query(statement)
             .bind(id)
             .execute(&mut *change)
@@ -244,6 +259,156 @@ pub async fn remove_node(
     // Its revoked agent credential stops working on this replica at once (others within
     // auth.cache_ttl).
     state.auth_gate.forget_node(id);
+    Ok(Json(after))
+}
+
+/// Approve a pending node (admin): placement may give it workers, and its agent gets a peer
+/// certificate at its next heartbeat. Approving an approved node changes nothing; a rejected or
+/// removed node cannot be approved (409: it joins again with a new token).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/approve", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    responses((status = 200, body = Node), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn approve_node(
+    caller: Caller<Admin>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    let id = parse_uuid("node", &id)?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch_node(&mut change, id, true).await?;
+    match (before.approval, before.state) {
+        (NodeApproval::Approved, NodeState::Removed) | (NodeApproval::Rejected, _) => {
+            return Err(ApiError::Conflict(format!(
+                "node {id} was {}: it joins again with a new join token",
+                if before.approval == NodeApproval::Rejected {
+                    "rejected"
+                } else {
+                    "removed"
+                }
+            )));
+        }
+        (NodeApproval::Approved, _) => return Ok(Json(before)),
+        (NodeApproval::Pending, _) => {}
+    }
+    sqlx::query("UPDATE nodes SET approval = 'approved', updated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *change)
+        .await?;
+    // Wakes the agent's desired-state watch and the leader's next placement pass.
+    store::bump_generation(&mut change, id).await?;
+    let after = fetch_node(&mut change, id, false).await?;
+    commit_node(change, "node.approve", &before, &after).await?;
+    Ok(Json(after))
+}
+
+/// Reject a pending node (admin): it is removed as `DELETE /nodes/{id}` removes a node (its
+/// credential revoked, its GPUs released), so its agent cannot come back without a new join
+/// token. Only pending nodes are rejected (409 otherwise: an admitted node is removed).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/reject", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    responses((status = 200, body = Node), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn reject_node(
+    caller: Caller<Admin>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    let id = parse_uuid("node", &id)?;
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch_node(&mut change, id, true).await?;
+    match before.approval {
+        NodeApproval::Rejected => return Ok(Json(before)),
+        NodeApproval::Approved => {
+            return Err(ApiError::Conflict(format!(
+                "node {id} was approved already: remove it instead (`kvfleet nodes remove {id}`)"
+            )));
+        }
+        NodeApproval::Pending => {}
+    }
+    for statement in REMOVE_STATEMENTS {
+        sqlx::query(statement)
+            .bind(id)
+            .execute(&mut *change)
+            .await?;
+    }
+    sqlx::query("UPDATE nodes SET approval = 'rejected' WHERE id = $1")
+        .bind(id)
+        .execute(&mut *change)
+        .await?;
+    store::bump_generation(&mut change, id).await?;
+    let after = fetch_node(&mut change, id, false).await?;
+    commit_node(change, "node.reject", &before, &after).await?;
+    Ok(Json(after))
+}
+
+/// How many admin labels one node may carry.
+const MAX_ADMIN_LABELS: usize = 64;
+
+fn validate_labels(change: &NodeLabelsChange) -> Vec<InvalidParam> {
+    let mut problems = Vec::new();
+    for (key, value) in &change.set {
+        if !kvfleet_proto::api::valid_label_key(key) {
+            problems.push(InvalidParam::new(
+                format!("set.{key}"),
+                "a key is 1 to 63 of A-Za-z0-9._/- and starts with a letter or digit",
+            ));
+        }
+        if value.len() > 253 {
+            problems.push(InvalidParam::new(
+                format!("set.{key}"),
+                "a value is at most 253 bytes",
+            ));
+        }
+        if change.remove.contains(key) {
+            problems.push(InvalidParam::new(format!("remove.{key}"), "is also in set"));
+        }
+    }
+    if change.set.len() + change.remove.len() > MAX_ADMIN_LABELS {
+        problems.push(InvalidParam::new(
+            "set",
+            format!("at most {MAX_ADMIN_LABELS} labels at once"),
+        ));
+    }
+    problems
+}
+
+/// Set or remove a node's admin labels (admin). They sit beside the labels its agent reports:
+/// placement matches both, an admin label wins on a shared key, and no agent call changes them.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/labels", params(("id" = String, Path, description = "The resource id")), request_body = NodeLabelsChange, tag = "nodes",
+    responses((status = 200, body = Node), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn label_node(
+    caller: Caller<Admin>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<NodeLabelsChange>,
+) -> Result<Json<Node>, ApiError> {
+    let id = parse_uuid("node", &id)?;
+    let problems = validate_labels(&request);
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+    let mut change = Change::begin(&state, &caller.principal).await?;
+    let before = fetch_node(&mut change, id, true).await?;
+    if before.state == NodeState::Removed {
+        return Err(ApiError::Conflict(format!("node {id} has been removed")));
+    }
+    let mut labels = before.admin_labels.clone();
+    for key in &request.remove {
+        labels.remove(key);
+    }
+    labels.extend(request.set.clone());
+    if labels.len() > MAX_ADMIN_LABELS {
+        return Err(ApiError::invalid(
+            "set",
+            format!("a node carries at most {MAX_ADMIN_LABELS} admin labels"),
+        ));
+    }
+    sqlx::query("UPDATE nodes SET admin_labels = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(sqlx::types::Json(&labels))
+        .execute(&mut *change)
+        .await?;
+    // Labels steer placement: a deployment's constraints may now match (or stop matching).
+    store::bump_generation(&mut change, id).await?;
+    let after = fetch_node(&mut change, id, false).await?;
+    commit_node(change, "node.labels", &before, &after).await?;
     Ok(Json(after))
 }
 

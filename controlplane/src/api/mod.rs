@@ -79,6 +79,9 @@ pub fn router(state: AppState) -> Router {
         .route("/nodes/{id}/cordon", post(fleet::cordon_node))
         .route("/nodes/{id}/uncordon", post(fleet::uncordon_node))
         .route("/nodes/{id}/drain", post(fleet::drain_node))
+        .route("/nodes/{id}/approve", post(fleet::approve_node))
+        .route("/nodes/{id}/reject", post(fleet::reject_node))
+        .route("/nodes/{id}/labels", post(fleet::label_node))
         .route("/gpus", get(fleet::list_gpus))
         .route("/gpus/{id}", get(fleet::get_gpu))
         .route("/workers", get(fleet::list_workers))
@@ -653,7 +656,8 @@ impl utoipa::Modify for RateLimited {
     paths(
         admin::status, admin::ca,
         fleet::list_nodes, fleet::get_node, fleet::cordon_node, fleet::uncordon_node,
-        fleet::drain_node, fleet::remove_node, fleet::list_gpus, fleet::get_gpu,
+        fleet::drain_node, fleet::remove_node, fleet::approve_node, fleet::reject_node,
+        fleet::label_node, fleet::list_gpus, fleet::get_gpu,
         fleet::list_workers, fleet::get_worker, fleet::worker_metrics, fleet::deployment_metrics,
         catalog::list_models, catalog::create_model, catalog::get_model, catalog::delete_model,
         catalog::list_deployments, catalog::create_deployment, catalog::get_deployment,

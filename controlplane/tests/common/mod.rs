@@ -64,6 +64,9 @@ pub fn test_config() -> Config {
     // One CA sealing key per test process: the control planes of one test share a database.
     config.ca.key_file =
         std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
+    // Most tests are about what a node does once in the fleet; the approval tests turn this
+    // off (`approval_required`).
+    config.join.auto_approve = true;
     config
 }
 

@@ -139,6 +139,26 @@ text_enum!(
 );
 
 text_enum!(
+    /// Whether an admin let a node in (issue #22). A node made by a join token is `pending`
+    /// unless the control plane auto-approves joins (`[join] auto_approve`, for labs): it may
+    /// heartbeat, but gets no peer certificate and no workers until an admin approves it.
+    /// `rejected` nodes are removed: their credential is revoked and they cannot come back
+    /// without a new join token.
+    NodeApproval {
+        Pending => "pending",
+        Approved => "approved",
+        Rejected => "rejected",
+    }
+);
+
+impl NodeApproval {
+    /// What a control plane that predates approval means: every node it knows is admitted.
+    pub fn approved() -> Self {
+        NodeApproval::Approved
+    }
+}
+
+text_enum!(
     /// How a deployment serves: every worker does prefill and decode, or they are split.
     DeploymentMode {
         Aggregated => "aggregated",
@@ -228,7 +248,18 @@ pub struct Node {
     pub cordoned: bool,
     /// A draining node's workers are being moved elsewhere (implies cordoned).
     pub draining: bool,
+    /// `pending` nodes get no workers and no peer certificate until an admin approves them.
+    #[serde(default = "NodeApproval::approved")]
+    pub approval: NodeApproval,
+    /// The labels placement matches: `reported_labels` with `admin_labels` on top (an admin's
+    /// value wins on a shared key).
     pub labels: BTreeMap<String, String>,
+    /// What the node's agent reports (`[control_plane] labels`); replaced at every registration.
+    #[serde(default)]
+    pub reported_labels: BTreeMap<String, String>,
+    /// What an admin set (`kvfleet nodes label`); no agent call changes them.
+    #[serde(default)]
+    pub admin_labels: BTreeMap<String, String>,
     pub frontend_addr: Option<String>,
     pub peer_addr: Option<String>,
     pub addresses: Vec<String>,
@@ -240,6 +271,29 @@ pub struct Node {
     pub state_changed_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// `POST /api/v1/nodes/{id}/labels`: change a node's admin labels (admin). `set` adds or
+/// replaces, `remove` deletes (a key in both is an error); the node's reported labels are not
+/// touched, and no agent call changes admin labels.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NodeLabelsChange {
+    /// Keys: 1 to 63 characters of `A-Za-z0-9._/-`; values: at most 253 characters.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Whether `key` may name a label: 1 to 63 of `A-Za-z0-9._/-`, starting with a letter or digit.
+pub fn valid_label_key(key: &str) -> bool {
+    (1..=63).contains(&key.len())
+        && key.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -993,7 +1047,12 @@ pub struct RegisterResponse {
     /// The node's agent credential (bearer token for every later call). Present when
     /// registering with a join token; shown once.
     pub credential: Option<String>,
-    pub certificate: IssuedCertificate,
+    /// The peer certificate; absent while the node waits for an admin's approval (the agent
+    /// asks for one through `POST /agent/certificate` once a heartbeat says `approved`).
+    #[serde(default)]
+    pub certificate: Option<IssuedCertificate>,
+    #[serde(default = "NodeApproval::approved")]
+    pub approval: NodeApproval,
     pub heartbeat_interval_ms: u64,
     pub desired_generation: i64,
 }
@@ -1187,6 +1246,10 @@ pub struct FleetWorker {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     pub node_state: NodeState,
+    /// `pending`: the node waits for an admin (`kvfleet nodes approve <id>`); it runs nothing
+    /// and has no peer certificate meanwhile.
+    #[serde(default = "NodeApproval::approved")]
+    pub approval: NodeApproval,
     /// When above the generation the agent holds, fetch the desired state.
     pub desired_generation: i64,
     pub heartbeat_interval_ms: u64,

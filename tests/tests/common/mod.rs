@@ -120,6 +120,9 @@ impl ControlPlane {
         // One CA sealing key per test process: its control planes share one database.
         config.ca.key_file =
             std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
+        // The fleet tests are about nodes in the fleet; the security suite turns this off to
+        // show a join waiting for an admin.
+        config.join.auto_approve = true;
         configure(&mut config);
         let https = config.tls != kvfleet_controlplane::config::TlsConfig::Off;
         // A restarted replica takes the port its agents know; it was just freed, so retry

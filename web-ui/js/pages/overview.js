@@ -71,7 +71,9 @@ export async function mount(ctx) {
 export function nodesTable(nodes, workers, gpus) {
   return table([
     { label: 'Node', key: 'hostname', value: (n) => h('a', { href: `/ui/nodes/${n.id}`, 'data-link': true }, n.hostname) },
-    { label: 'State', key: 'state', value: (n) => [badge(n.state, stateTone(n.state)), n.draining ? [' ', badge('draining', 'info')] : n.cordoned ? [' ', badge('cordoned', 'warn')] : null] },
+    { label: 'State', key: 'state', value: (n) => [badge(n.state, stateTone(n.state)),
+      n.approval === 'pending' ? [' ', badge('pending approval', 'warn')] : null,
+      n.draining ? [' ', badge('draining', 'info')] : n.cordoned ? [' ', badge('cordoned', 'warn')] : null] },
     { label: 'GPUs', key: 'gpus', num: true, value: (n) => String(gpus.filter((g) => g.node_id === n.id).length) },
     { label: 'CPU slots', key: 'cpu', num: true, value: (n) => String(n.cpu_slots) },
     { label: 'Workers', key: 'workers', num: true, value: (n) => {
