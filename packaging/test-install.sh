@@ -346,6 +346,9 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
             sleep 0.2
         done
         grep -q '"hostname"' <<<"$nodes" && echo "join node registered"
+        # A join waits for an admin (the package's default): the guide approves it.
+        grep -q '"pending"' <<<"$nodes" && echo "join node pending approval"
+        KVFLEET_TOKEN="$admin" kvfleet nodes approve "$(hostname)" >/dev/null && echo "join node approved"
         [ -n "$(ls -A /var/lib/kvfleet/agent 2>/dev/null)" ] && echo "join state saved"
         systemctl show -p ActiveState kvfleet-agent.service | sed "s/^/kvfleet-agent joined /"
         # The guide's first deployment and first request, with the packaged CLI.
@@ -469,7 +472,8 @@ kvfleet-controlplane stopped Result=success
 kvfleet-controlplane stopped ExecMainStatus=0
 EOF
     if [ "$join" = 1 ]; then
-        for expect in "join node registered" "join state saved" "kvfleet-agent joined ActiveState=active" \
+        for expect in "join node registered" "join node pending approval" "join node approved" \
+            "join state saved" "kvfleet-agent joined ActiveState=active" \
             "deployment applied with the kvfleet CLI" "deployment served http 200"; do
             grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
             ok "under systemd, joining the control plane: $expect"

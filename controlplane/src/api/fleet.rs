@@ -266,6 +266,7 @@ pub async fn remove_node(
 /// certificate at its next heartbeat. Approving an approved node changes nothing; a rejected or
 /// removed node cannot be approved (409: it joins again with a new token).
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/approve", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 200, body = Node), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn approve_node(
     caller: Caller<Admin>,
@@ -304,6 +305,7 @@ pub async fn approve_node(
 /// credential revoked, its GPUs released), so its agent cannot come back without a new join
 /// token. Only pending nodes are rejected (409 otherwise: an admitted node is removed).
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/reject", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 200, body = Node), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn reject_node(
     caller: Caller<Admin>,
@@ -372,6 +374,7 @@ fn validate_labels(change: &NodeLabelsChange) -> Vec<InvalidParam> {
 /// Set or remove a node's admin labels (admin). They sit beside the labels its agent reports:
 /// placement matches both, an admin label wins on a shared key, and no agent call changes them.
 #[utoipa::path(post, path = "/api/v1/nodes/{id}/labels", params(("id" = String, Path, description = "The resource id")), request_body = NodeLabelsChange, tag = "nodes",
+    extensions(("x-kvfleet-permission" = json!("admin"))),
     responses((status = 200, body = Node), (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn label_node(
     caller: Caller<Admin>,
