@@ -47,6 +47,11 @@ pub struct PeerSettings {
 /// The default of [`PeerSettings::dead_after`].
 pub const DEFAULT_PEER_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The default of `[peer] max_buffered_mib_per_peer`: 4 GiB, a 32k-token prompt of an 8B model
+/// with a bf16 KV cache. (Here, not in `serving::transfers` which applies it: `serving`
+/// imports `peer`, never the other way.)
+pub const DEFAULT_MAX_BUFFERED_BYTES_PER_PEER: u64 = 4 << 30;
+
 impl Default for PeerSettings {
     fn default() -> Self {
         Self {
@@ -57,8 +62,7 @@ impl Default for PeerSettings {
             stall_timeout: std::time::Duration::from_secs(30),
             transfer_timeout: std::time::Duration::from_secs(30),
             max_streams_per_peer: 64,
-            max_buffered_bytes_per_peer:
-                crate::serving::transfers::DEFAULT_MAX_BUFFERED_BYTES_PER_PEER,
+            max_buffered_bytes_per_peer: DEFAULT_MAX_BUFFERED_BYTES_PER_PEER,
         }
     }
 }

@@ -2,12 +2,12 @@
 //! QUIC mTLS.
 //!
 //! One CA per fleet, created by the first control plane that starts and stored in the
-//! `node_ca` table, its private key sealed under `ca.key_file` ([`crate::ca_key`]). A certificate names its node (`CN = <node id>`, SANs
+//! `node_ca` table, its private key sealed under `ca.key_file` (by `ca_key`, which loads it). A certificate names its node (`CN = <node id>`, SANs
 //! `<node id>.node.kvfleet`, the hostname and the node's IP addresses) and is valid for
 //! `ca.cert_validity`; agents renew before expiry. Removing a node revokes its certificates;
 //! the revoked serials are published at `GET /api/v1/ca` for peers to refuse.
 //!
-//! Signing is pure (time is passed in); [`crate::ca_key::load_or_create`] is the IO.
+//! Signing is pure (time is passed in); `ca_key::load_or_create` does the IO.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -37,8 +37,6 @@ pub enum CaError {
     Time,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Sealing(#[from] crate::ca_key::SealError),
 }
 
 /// The CA's name, key and certificate.

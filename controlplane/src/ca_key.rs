@@ -60,6 +60,17 @@ pub enum SealError {
     UnknownFormat,
 }
 
+/// Why the fleet's CA could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Sealing(#[from] SealError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
 /// The key that seals the CA key, read from (or created at) `ca.key_file`.
 pub struct SealingKey {
     key: LessSafeKey,
@@ -229,7 +240,7 @@ pub async fn load_or_create(
     pool: &PgPool,
     key_file: &Path,
     ca_validity: std::time::Duration,
-) -> Result<NodeCa, CaError> {
+) -> Result<NodeCa, LoadError> {
     type Row = (String, String, String);
     let load =
         || sqlx::query_as::<_, Row>("SELECT name, cert_pem, key_pem FROM node_ca WHERE id = 1");
@@ -265,12 +276,12 @@ pub async fn load_or_create(
             "the node CA key was stored in the clear; it is sealed now with ca.key_file (old \
              database backups still hold it in the clear: treat them as secret)"
         );
-        return NodeCa::from_stored(&name, &cert, &stored);
+        return Ok(NodeCa::from_stored(&name, &cert, &stored)?);
     }
     let sealing =
         SealingKey::read(key_file)?.ok_or_else(|| SealError::KeyFileMissing(key_file.into()))?;
     let key_pem = sealing.open(&stored, &cert)?;
-    NodeCa::from_stored(&name, &cert, &key_pem)
+    Ok(NodeCa::from_stored(&name, &cert, &key_pem)?)
 }
 
 #[cfg(test)]

@@ -65,9 +65,7 @@ impl Inner {
     }
 }
 
-/// The default of `[peer] max_buffered_mib_per_peer`: 4 GiB, a 32k-token prompt of an 8B model
-/// with a bf16 KV cache.
-pub const DEFAULT_MAX_BUFFERED_BYTES_PER_PEER: u64 = 4 << 30;
+pub use crate::peer::DEFAULT_MAX_BUFFERED_BYTES_PER_PEER;
 
 /// Counters of the receiving side.
 #[derive(Debug, Default)]
