@@ -128,9 +128,11 @@ esac
 mkdir -p target/schemathesis
 log "schemathesis ($mode) against $base/openapi.json"
 status=0
+# One worker: with two threads, CPython 3.11's ast.parse (inside hypothesis) once crashed with
+# "AST constructor recursion depth mismatch", an internal error that failed a CI run.
 "$SCHEMATHESIS" --config-file "$work/schemathesis.toml" run "$base/openapi.json" \
     --phases examples,coverage,fuzzing,stateful \
-    --workers 2 \
+    --workers 1 \
     --seed 22 \
     --suppress-health-check all \
     --report junit,ndjson --report-dir target/schemathesis \
