@@ -510,6 +510,13 @@ pub async fn delete_deployment(
     .bind(id)
     .fetch_all(&mut *change)
     .await?;
+    // The nodes first, in id order, then (by the cascade) their workers: the order heartbeats
+    // and placement take them in. Deleting first locked the workers, then the nodes, and could
+    // deadlock with a heartbeat (a 500 seen in CI).
+    sqlx::query("SELECT id FROM nodes WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&nodes)
+        .execute(&mut *change)
+        .await?;
     sqlx::query("DELETE FROM deployments WHERE id = $1")
         .bind(id)
         .execute(&mut *change)
