@@ -101,7 +101,7 @@ fn new_serial() -> [u8; 16] {
     serial
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -20,7 +20,7 @@ use base64::Engine as _;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use sqlx::PgPool;
 
-use crate::ca::{CaError, NodeCa};
+use crate::ca::{CaError, NodeCa, hex};
 
 /// What a sealed key starts with, naming the format so a later one can be told apart.
 const SEALED_PREFIX: &str = "kvfleet-sealed:v1:aes-256-gcm:";
@@ -227,10 +227,6 @@ fn parse_hex_key(text: &str) -> Option<[u8; KEY_LEN]> {
         *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
     }
     Some(key)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Loads the fleet's CA, creating it (and the key file) if this is the first control plane to
