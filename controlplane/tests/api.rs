@@ -2066,6 +2066,9 @@ async fn a_rejected_node_cannot_join(pool: PgPool) {
     assert_eq!(r.body["approval"], "pending");
     let node = r.body["node_id"].as_str().unwrap().to_owned();
     let agent = r.body["credential"].as_str().unwrap().to_owned();
+    // A pending node heartbeats: its credential is verified, and cached, before the rejection.
+    let beat = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(beat.status, StatusCode::OK, "{beat:?}");
     let rejected = post_empty(&server, &format!("/nodes/{node}/reject"), &admin).await;
     assert_eq!(rejected.status, StatusCode::OK, "{rejected:?}");
     assert_eq!(rejected.body["approval"], "rejected");

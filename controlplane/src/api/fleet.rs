@@ -231,6 +231,17 @@ const REMOVE_STATEMENTS: [&str; 5] = [
     "DELETE FROM gpus WHERE node_id = $1",
 ];
 
+/// Runs [`REMOVE_STATEMENTS`] for node `id` in the change's transaction and wakes its agent's
+/// watch. The caller commits, then drops the node's cached credential
+/// (`AuthGate::forget_node`).
+async fn remove_in(conn: &mut PgConnection, id: Uuid) -> Result<(), ApiError> {
+    for statement in REMOVE_STATEMENTS {
+        sqlx::query(statement).bind(id).execute(&mut *conn).await?;
+    }
+    store::bump_generation(conn, id).await?;
+    Ok(())
+}
+
 /// Remove a node: its workers stop (and are replaced elsewhere), its agent credential and
 /// certificates are revoked, its GPUs forgotten (admin). Removing a removed node is a no-op.
 #[utoipa::path(delete, path = "/api/v1/nodes/{id}", params(("id" = String, Path, description = "The resource id")), tag = "nodes",
@@ -247,13 +258,7 @@ pub async fn remove_node(
     if before.state == NodeState::Removed {
         return Ok(Json(before));
     }
-    for statement in REMOVE_STATEMENTS {
-        sqlx::query(statement)
-            .bind(id)
-            .execute(&mut *change)
-            .await?;
-    }
-    store::bump_generation(&mut change, id).await?;
+    remove_in(&mut change, id).await?;
     let after = fetch_node(&mut change, id, false).await?;
     commit_node(change, "node.remove", &before, &after).await?;
     // Its revoked agent credential stops working on this replica at once (others within
@@ -324,19 +329,15 @@ pub async fn reject_node(
         }
         NodeApproval::Pending => {}
     }
-    for statement in REMOVE_STATEMENTS {
-        sqlx::query(statement)
-            .bind(id)
-            .execute(&mut *change)
-            .await?;
-    }
+    remove_in(&mut change, id).await?;
     sqlx::query("UPDATE nodes SET approval = 'rejected' WHERE id = $1")
         .bind(id)
         .execute(&mut *change)
         .await?;
-    store::bump_generation(&mut change, id).await?;
     let after = fetch_node(&mut change, id, false).await?;
     commit_node(change, "node.reject", &before, &after).await?;
+    // As for a removal: its revoked credential stops working on this replica at once.
+    state.auth_gate.forget_node(id);
     Ok(Json(after))
 }
 
