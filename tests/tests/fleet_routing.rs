@@ -1076,6 +1076,74 @@ async fn two_llamacpp_workers_serve_route_prefixes_home_and_survive_a_killed_ser
         println!("SKIPPED (SDK part): python3 with the `openai` package is not installed");
     }
 
+    // Structured output passed through to llama-server (its `json_schema` and a GBNF grammar
+    // for a choice): the small model's answers parse and validate. A regex it cannot take is
+    // refused before any worker is asked, naming the engine.
+    let structured = |extra: serde_json::Value| async move {
+        let mut body = json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Describe a city in JSON."}],
+            "max_tokens": 64,
+            "temperature": 0,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/v1/chat/completions", agent.addr))
+            .json(&body)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (
+            status,
+            response
+                .json::<serde_json::Value>()
+                .await
+                .unwrap_or_default(),
+        )
+    };
+    let schema = json!({"type": "object", "additionalProperties": false,
+        "required": ["name", "population"],
+        "properties": {"name": {"type": "string", "maxLength": 20},
+                       "population": {"type": "integer", "minimum": 0}}});
+    let (status, body) = structured(json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "city", "strict": true, "schema": schema}}}))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let city: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| {
+        panic!("llama-server's constrained answer is not JSON ({e}): {text:?}")
+    });
+    assert!(
+        city["name"].is_string() && city["population"].is_u64(),
+        "{city}"
+    );
+    assert_eq!(city.as_object().unwrap().len(), 2, "{city}");
+    let (status, body) =
+        structured(json!({"guided_choice": ["red \"rose\"", "green", "blue"]})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        ["red \"rose\"", "green", "blue"].contains(&text),
+        "{text:?}"
+    );
+    let (status, body) = structured(json!({"guided_regex": "[0-9]{3}"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("llamacpp"),
+        "{body}"
+    );
+
     // Repeated prefixes: the first request's blocks reach the router (approximate KV events),
     // then every request sharing its prefix goes to the same worker, whose server reuses it.
     let endpoints = llama_endpoints(&agent);

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use kvfleet_proto::SamplingParams;
+use kvfleet_proto::{Constraint, SamplingParams};
 use serde_json::{Value, json};
 
 use super::super::protocol::{WireEngine, WireRequest};
@@ -52,6 +52,28 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
         if let Some(seed) = seed {
             body["seed"] = json!(seed);
         }
+        if matches!(engine, WireEngine::Vllm | WireEngine::Sglang) {
+            // Both servers take these beside the OpenAI fields, with the native meaning
+            // (`unsupported` refuses them for a plain `openai` server).
+            if s.top_k != 0 {
+                body["top_k"] = json!(s.top_k);
+            }
+            if s.min_p != 0.0 {
+                body["min_p"] = json!(s.min_p);
+            }
+            if s.repetition_penalty != 1.0 {
+                body["repetition_penalty"] = json!(s.repetition_penalty);
+            }
+            if s.ignore_eos {
+                body["ignore_eos"] = json!(true);
+            }
+            if !s.stop_token_ids.is_empty() {
+                body["stop_token_ids"] = json!(s.stop_token_ids);
+            }
+        }
+        if let Some(constraint) = &s.constraint {
+            add_constraint(engine, constraint, &mut body);
+        }
         if !s.logit_bias.is_empty() {
             let bias: serde_json::Map<String, Value> = s
                 .logit_bias
@@ -92,7 +114,102 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
     if let Some(n) = s.logprobs {
         body["n_probs"] = json!(n);
     }
+    if let Some(constraint) = &s.constraint {
+        add_constraint(engine, constraint, &mut body);
+    }
     body
+}
+
+/// Puts a structured-output constraint into `engine`'s request body, in that server's own
+/// terms: vLLM's `structured_outputs` (vLLM 0.10.2 and later), SGLang's `json_schema` and
+/// `regex`, llama-server's `json_schema` and GBNF `grammar`. What an engine cannot take (see
+/// [`constraint_unsupported`]) never gets here: the frontend has refused it.
+fn add_constraint(engine: WireEngine, constraint: &Constraint, body: &mut Value) {
+    let schema = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+    match (engine, constraint) {
+        (WireEngine::Vllm, Constraint::JsonSchema(text)) => {
+            body["structured_outputs"] = json!({ "json": schema(text) });
+        }
+        (WireEngine::Vllm, Constraint::Regex(regex)) => {
+            body["structured_outputs"] = json!({ "regex": regex });
+        }
+        (WireEngine::Vllm, Constraint::Choice(choices)) => {
+            body["structured_outputs"] = json!({ "choice": choices });
+        }
+        (WireEngine::Sglang, Constraint::JsonSchema(text)) => {
+            body["json_schema"] = json!(text);
+        }
+        (WireEngine::Sglang, Constraint::Regex(regex)) => body["regex"] = json!(regex),
+        (WireEngine::Sglang, Constraint::Choice(choices)) => {
+            body["regex"] = json!(choice_regex(choices));
+        }
+        (WireEngine::LlamaCpp, Constraint::JsonSchema(text)) => {
+            body["json_schema"] = schema(text);
+        }
+        (WireEngine::LlamaCpp, Constraint::Choice(choices)) => {
+            body["grammar"] = json!(choice_gbnf(choices));
+        }
+        _ => {}
+    }
+}
+
+/// Why `engine` cannot take `constraint`, if it cannot.
+fn constraint_unsupported(engine: WireEngine, constraint: &Constraint) -> Option<&'static str> {
+    match (engine, constraint) {
+        (WireEngine::Vllm | WireEngine::Sglang, Constraint::Lark(_)) => Some(
+            "forced tool calls and Lark grammars (`guided_grammar`) are not supported on this \
+             engine's workers; JSON schemas, regexes and choices are",
+        ),
+        (WireEngine::LlamaCpp, Constraint::Regex(_) | Constraint::Lark(_)) => Some(
+            "forced tool calls, regexes and Lark grammars are not supported on this engine's \
+             workers; JSON schemas and choices are",
+        ),
+        (WireEngine::OpenAi, _) => {
+            Some("structured output is not supported on this engine's workers")
+        }
+        _ => None,
+    }
+}
+
+/// A regular expression matching exactly one of `choices`.
+fn choice_regex(choices: &[String]) -> String {
+    let mut out = String::from("(");
+    for (i, choice) in choices.iter().enumerate() {
+        if i > 0 {
+            out.push('|');
+        }
+        for c in choice.chars() {
+            if "\\.^$|?*+()[]{}".contains(c) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    out.push(')');
+    out
+}
+
+/// A GBNF grammar (llama.cpp's) whose root is exactly one of `choices`.
+fn choice_gbnf(choices: &[String]) -> String {
+    let mut out = String::from("root ::= ");
+    for (i, choice) in choices.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" | ");
+        }
+        out.push('"');
+        for c in choice.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out
 }
 
 /// The field the adapter cannot pass to `engine` faithfully, and why, if any: the frontend
@@ -109,10 +226,16 @@ pub fn unsupported(
             format!("`{field}` is not supported on workers of engine \"{name}\""),
         ))
     };
-    if sampling.constraint.is_some() {
-        return refuse("response_format");
+    if let Some(why) = sampling
+        .constraint
+        .as_ref()
+        .and_then(|c| constraint_unsupported(engine, c))
+    {
+        return Some(("response_format", format!("{why} (engine \"{name}\")")));
     }
-    if engine.openai_api() {
+    // vLLM and SGLang take the native sampling fields too (`body`); a plain OpenAI server
+    // does not.
+    if engine == WireEngine::OpenAi {
         if sampling.top_k != 0 {
             return refuse("top_k");
         }
@@ -128,10 +251,10 @@ pub fn unsupported(
         if !sampling.stop_token_ids.is_empty() {
             return refuse("stop_token_ids");
         }
-        // OpenAI servers give logprobs keyed by token text, not ids: not mapped yet.
-        if sampling.logprobs.is_some() {
-            return refuse("logprobs");
-        }
+    }
+    // OpenAI servers give logprobs keyed by token text, not ids: not mapped yet.
+    if engine.openai_api() && sampling.logprobs.is_some() {
+        return refuse("logprobs");
     }
     None
 }
@@ -420,5 +543,108 @@ mod tests {
         let o = body(WireEngine::OpenAi, &request);
         assert_eq!(o["max_tokens"], 8);
         assert_eq!(o["logit_bias"], json!({"3": -100.0}));
+    }
+
+    fn constrained(constraint: Constraint) -> WireRequest {
+        let mut sampling = SamplingParams::greedy(8);
+        sampling.constraint = Some(constraint);
+        WireRequest {
+            seq: 1,
+            request_id: "r".into(),
+            prompt: vec![1, 2, 3],
+            block_hashes: Vec::new(),
+            sampling,
+            export_kv: false,
+            kv_blocks: 0,
+        }
+    }
+
+    #[test]
+    fn structured_output_reaches_each_engine_in_its_own_terms() {
+        let schema = r#"{"type":"object","required":["a"]}"#;
+        let json = constrained(Constraint::JsonSchema(schema.into()));
+        let choice = constrained(Constraint::Choice(vec![
+            "a.b".into(),
+            "c|d".into(),
+            "say \"hi\"\n".into(),
+        ]));
+        let regex = constrained(Constraint::Regex("[0-9]+".into()));
+
+        let v = body(WireEngine::Vllm, &json);
+        assert_eq!(v["structured_outputs"]["json"]["required"], json!(["a"]));
+        assert_eq!(
+            body(WireEngine::Vllm, &regex)["structured_outputs"]["regex"],
+            "[0-9]+"
+        );
+        assert_eq!(
+            body(WireEngine::Vllm, &choice)["structured_outputs"]["choice"][1],
+            "c|d"
+        );
+
+        assert_eq!(body(WireEngine::Sglang, &json)["json_schema"], schema);
+        assert_eq!(body(WireEngine::Sglang, &regex)["regex"], "[0-9]+");
+        assert_eq!(
+            body(WireEngine::Sglang, &choice)["regex"],
+            "(a\\.b|c\\|d|say \"hi\"\n)"
+        );
+
+        assert_eq!(
+            body(WireEngine::LlamaCpp, &json)["json_schema"]["required"],
+            json!(["a"])
+        );
+        assert_eq!(
+            body(WireEngine::LlamaCpp, &choice)["grammar"],
+            r#"root ::= "a.b" | "c|d" | "say \"hi\"\n""#
+        );
+        // Nothing is added for a plain OpenAI server: it is refused instead (below).
+        let o = body(WireEngine::OpenAi, &json);
+        assert!(o.get("structured_outputs").is_none() && o.get("json_schema").is_none());
+    }
+
+    #[test]
+    fn what_an_engine_cannot_take_is_refused_naming_it() {
+        let refused = |engine, request: &WireRequest| {
+            unsupported(engine, &request.sampling).map(|(field, why)| {
+                assert!(
+                    why.contains(super::super::server::engine_name(engine)),
+                    "{why}"
+                );
+                field
+            })
+        };
+        let lark = constrained(Constraint::Lark("start: \"x\"".into()));
+        let regex = constrained(Constraint::Regex("x".into()));
+        let json = constrained(Constraint::JsonSchema("{}".into()));
+        assert_eq!(refused(WireEngine::Vllm, &lark), Some("response_format"));
+        assert_eq!(refused(WireEngine::Sglang, &lark), Some("response_format"));
+        assert_eq!(
+            refused(WireEngine::LlamaCpp, &regex),
+            Some("response_format")
+        );
+        assert_eq!(refused(WireEngine::OpenAi, &json), Some("response_format"));
+        for engine in [WireEngine::Vllm, WireEngine::Sglang, WireEngine::LlamaCpp] {
+            assert_eq!(refused(engine, &json), None);
+        }
+        assert_eq!(refused(WireEngine::Vllm, &regex), None);
+
+        // vLLM and SGLang take the native sampling fields; a plain OpenAI server does not.
+        let mut extras = SamplingParams::greedy(8);
+        extras.top_k = 40;
+        extras.min_p = 0.05;
+        extras.repetition_penalty = 1.1;
+        extras.ignore_eos = true;
+        extras.stop_token_ids = vec![7];
+        let request = WireRequest {
+            sampling: extras,
+            ..constrained(Constraint::Choice(vec!["x".into()]))
+        };
+        for engine in [WireEngine::Vllm, WireEngine::Sglang] {
+            assert_eq!(refused(engine, &request), None);
+            let b = body(engine, &request);
+            assert_eq!(b["top_k"], 40);
+            assert_eq!(b["ignore_eos"], true);
+            assert_eq!(b["stop_token_ids"], json!([7]));
+        }
+        assert_eq!(refused(WireEngine::OpenAi, &request), Some("top_k"));
     }
 }
