@@ -676,3 +676,106 @@ async fn pending_joins_are_approved_rejected_and_labelled() {
         .expect(2);
     cp.stop().await;
 }
+
+/// Issue #24 from the CLI: a worker its agent reports failed shows, in `kvfleet workers`, the
+/// engine it runs and the agent's reason on one line (`--json` keeps the whole text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::unwrap_used)] // a failed call fails the test
+async fn workers_show_a_failed_workers_engine_and_reason() {
+    let Some(cp) = ControlPlane::start("workers_show_a_failed_workers_engine_and_reason").await
+    else {
+        return;
+    };
+    let token = cp
+        .admin(&["tokens", "create", "--name", "llama", "--role", "join"])
+        .await;
+    token.expect(0);
+    let client = reqwest::Client::new();
+    let registered: serde_json::Value = client
+        .post(format!("{}/api/v1/agent/register", cp.url()))
+        .bearer_auth(token.stdout.trim())
+        .json(&serde_json::json!({"hostname": "llama-node", "cpu_slots": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let credential = registered["credential"].as_str().unwrap().to_owned();
+    cp.admin(&["nodes", "approve", "llama-node"])
+        .await
+        .expect(0);
+    cp.admin(&["models", "apply", "-f", &cp.file("model.toml", MODEL)])
+        .await
+        .expect(0);
+    cp.admin(&[
+        "deployments",
+        "apply",
+        "-f",
+        &cp.file("chat.toml", DEPLOYMENT),
+    ])
+    .await
+    .expect(0);
+    // The worker placed on the node (healthy once it heartbeats), as its agent learns it.
+    let mut worker = None;
+    for _ in 0..150 {
+        client
+            .post(format!("{}/api/v1/agent/heartbeat", cp.url()))
+            .bearer_auth(&credential)
+            .json(&serde_json::json!({"workers": []}))
+            .send()
+            .await
+            .unwrap();
+        let desired: serde_json::Value = client
+            .get(format!("{}/api/v1/agent/desired-state", cp.url()))
+            .bearer_auth(&credential)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        worker = desired["workers"][0]["worker_id"].as_i64();
+        if worker.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let worker = worker.expect("no worker placed on the node");
+    let reason = "llamacpp: cannot start /nonexistent/llama-server: No such file or directory \
+                  (os error 2)\nset the model's `command` to llama-server's path";
+    let beat = client
+        .post(format!("{}/api/v1/agent/heartbeat", cp.url()))
+        .bearer_auth(&credential)
+        .json(
+            &serde_json::json!({"workers": [{"worker_id": worker, "state": "failed",
+            "engine": "llamacpp b6123", "error": reason}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beat.status(), 200, "{:?}", beat.text().await);
+
+    let run = cp.admin(&["workers"]).await;
+    run.expect(0);
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("llama-node"))
+        .unwrap_or_else(|| panic!("no row for the worker: {run:?}"));
+    assert!(row.contains("failed"), "{row}");
+    assert!(row.contains("llamacpp b6123"), "{row}");
+    // The reason on the row's one line, its newline folded.
+    assert!(
+        row.contains("cannot start /nonexistent/llama-server")
+            && row.contains("(os error 2) set the model's"),
+        "{row}"
+    );
+    let json = cp.admin(&["workers", "--json"]).await;
+    json.expect(0);
+    let listed = json.json();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed[0]["observed_error"], reason);
+    assert_eq!(listed[0]["observed_engine"], "llamacpp b6123");
+    cp.stop().await;
+}

@@ -154,6 +154,9 @@ export class SimAgent {
     }));
     this.cpuSlots = cpuSlots;
     this.workers = new Map(); // worker_id -> { firstSeen, desired, gpu_id, stoppedAt }
+    // worker_id -> { engine, error }: reported failed with that reason until deleted, as an
+    // agent reports a worker whose engine server will not start.
+    this.failures = new Map();
     this.started = Date.now();
     this.beats = 0;
   }
@@ -196,6 +199,11 @@ export class SimAgent {
         prefix_hit_rate: 0.45 + 0.3 * Math.abs(Math.sin(t / 9 + id)),
         gpu_utilization: w.gpu_id ? 0.6 + 0.3 * Math.abs(Math.sin(t / 6)) : null,
       } : undefined;
+      const failure = this.failures.get(id);
+      if (failure) {
+        out.push({ worker_id: id, state: 'failed', engine: failure.engine, error: failure.error });
+        continue;
+      }
       out.push({ worker_id: id, state, ...(metrics ? { metrics } : {}) });
     }
     return out;

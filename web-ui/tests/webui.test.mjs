@@ -253,6 +253,26 @@ describe('admin web UI', { skip: skip || false }, () => {
     await shot('07-kv-cache');
   });
 
+  it("shows a failed worker's engine and the reason its agent gave", async () => {
+    const [id] = [...agent.workers].find(([, w]) => w.desired === 'running');
+    const reason = 'llamacpp: cannot start /nonexistent/llama-server: No such file or directory (os error 2)';
+    agent.failures.set(id, { engine: 'llamacpp b6123', error: reason });
+    const row = `tr[data-worker="${id}"]`;
+    try {
+      await goNav('Overview');
+      await waitText(`${row} [data-error]`, /cannot start \/nonexistent\/llama-server/, "the failed worker's reason");
+      assert.equal(await page.locator(`${row}[data-state="failed"]`).count(), 1);
+      assert.equal(await text(`${row} [data-col="Engine"]`), 'llamacpp b6123');
+      // The whole reason is the cell's tooltip too.
+      assert.equal(await page.locator(`${row} [data-error]`).getAttribute('title'), reason);
+      await shot('16-worker-failed');
+    } finally {
+      agent.failures.delete(id);
+    }
+    // Recovered: the reason goes with the failure.
+    await waitFor(async () => (await page.locator(`${row} [data-error]`).count()) === 0, { what: 'the reason to go' });
+  });
+
   it('lists placement decisions with their reasons', async () => {
     await goNav('Decisions');
     await page.locator('li[data-action="worker.create"]').first().waitFor();
