@@ -33,5 +33,5 @@ if [ -z "${DATABASE_URL:-}" ]; then
     ensure_test_postgres
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
-cargo nextest run -p kvfleet-tests --test fleet_routing --no-capture \
+cargo nextest run -p kvfleet-tests --test fleet_routing --no-capture --run-ignored all \
     -E 'test(a_vllm_worker_on_a_gpu_serves_routes_from_its_events_and_constrains)'
