@@ -1119,7 +1119,8 @@ async fn stored_responses_round_trip_and_expire(pool: PgPool) {
     let (_, agent_a, _) = register(&server, &join, "resp-a", 0).await;
     let (_, agent_b, _) = register(&server, &join, "resp-b", 0).await;
     let url = server.url("/agent/responses/resp_abc");
-    let stored = json!({"owner": "digest-1", "body": {"response": {"id": "resp_abc"}, "items": []}});
+    let stored =
+        json!({"owner": "digest-1", "body": {"response": {"id": "resp_abc"}, "items": []}});
     let put = call(Method::PUT, &url, Some(&agent_a), Some(&stored)).await;
     assert_eq!(put.status, StatusCode::NO_CONTENT, "{put:?}");
     // Another node reads what this one stored.
@@ -1149,7 +1150,9 @@ async fn stored_responses_round_trip_and_expire(pool: PgPool) {
         .unwrap();
     let expired = call(Method::GET, &url, Some(&agent_a), None).await;
     assert_eq!(expired.status, StatusCode::NOT_FOUND, "{expired:?}");
-    let swept = kvfleet_controlplane::api::responses::sweep(&pool).await.unwrap();
+    let swept = kvfleet_controlplane::api::responses::sweep(&pool)
+        .await
+        .unwrap();
     assert_eq!(swept, 1);
     server.stop().await;
 }
