@@ -16,6 +16,8 @@ import sys
 import jsonschema
 import openai
 
+import corpus
+
 base_url, model = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
 greedy = {"model": model, "temperature": 0, "max_output_tokens": 12}
@@ -38,30 +40,23 @@ assert told.instructions == "Answer in French.", told.instructions
 assert told.usage.input_tokens > first.usage.input_tokens, (told.usage, first.usage)
 
 # A function tool, required and named: the call's arguments validate.
-weather = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-for choice in ["required", {"type": "function", "name": "get_weather"}]:
+# The corpus's weather tool (short strings: a model that knows nothing still ends its call
+# within max_output_tokens), in the Responses shape: name and parameters at the top level.
+chat_weather = corpus.TOOL_SETS[1][0][0]
+weather = {"type": "function", **chat_weather["function"]}
+for choice in ["required", {"type": "function", "name": weather["name"]}]:
     called = client.responses.create(
         input="What is the weather in Paris?",
         tools=[weather],
         tool_choice=choice,
+        parallel_tool_calls=False,
         model=model,
         temperature=0,
-        max_output_tokens=64,
+        max_output_tokens=200,
     )
     calls = [item for item in called.output if item.type == "function_call"]
     assert calls, called.output
-    assert calls[0].name == "get_weather", calls[0]
+    assert calls[0].name == weather["name"], calls[0]
     assert calls[0].call_id, calls[0]
     jsonschema.validate(json.loads(calls[0].arguments), weather["parameters"])
 
@@ -76,56 +71,64 @@ assert answered.previous_response_id == called.id
 assert answered.usage.input_tokens > called.usage.input_tokens, (answered.usage, called.usage)
 
 # Structured output through text.format.
-schema = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
+schema = corpus.SCHEMAS[0]
 shaped = client.responses.create(
     input="Describe a person.",
     text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}},
     model=model,
     temperature=0,
-    max_output_tokens=64,
+    max_output_tokens=80,
 )
 jsonschema.validate(json.loads(shaped.output_text), schema)
 
-# Streaming with the SDK's helper: the same text as not streamed (greedy), typed events.
-with client.responses.stream(input="Say hello.", **greedy) as stream:
-    kinds = [event.type for event in stream]
-    final = stream.get_final_response()
-assert kinds[0] == "response.created" and kinds[1] == "response.in_progress", kinds
-assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
-for kind in [
+# stream=True: the typed events in order, numbered; the deltas make the text not streamed
+# (greedy). 12 tokens end the text early: the last event is response.incomplete.
+events = list(client.responses.create(input="Say hello.", stream=True, **greedy))
+assert [e.sequence_number for e in events] == list(range(len(events))), events
+kinds = [e.type for e in events]
+assert kinds[:4] == [
+    "response.created",
+    "response.in_progress",
     "response.output_item.added",
     "response.content_part.added",
-    "response.output_text.delta",
+], kinds
+assert kinds[-4:] == [
     "response.output_text.done",
     "response.content_part.done",
     "response.output_item.done",
+    "response.incomplete",
+], kinds
+assert set(kinds[4:-4]) == {"response.output_text.delta"}, kinds
+text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+assert text == first.output_text, (text, first.output_text)
+assert events[-1].response.output_text == first.output_text
+
+# The SDK's stream helper on a function call (it completes: the call ends the answer); the
+# same call as not streamed.
+with client.responses.stream(
+    input="What is the weather in Paris?",
+    tools=[weather],
+    tool_choice="required",
+    parallel_tool_calls=False,
+    model=model,
+    temperature=0,
+    max_output_tokens=200,
+) as stream:
+    kinds = [event.type for event in stream]
+    final = stream.get_final_response()
+assert kinds[-1] == "response.completed", kinds
+for kind in [
+    "response.output_item.added",
+    "response.function_call_arguments.delta",
+    "response.function_call_arguments.done",
+    "response.output_item.done",
 ]:
     assert kind in kinds, (kind, kinds)
-assert final.output_text == first.output_text, (final.output_text, first.output_text)
-
-# stream=True: numbered events; a streamed function call.
-events = list(
-    client.responses.create(
-        input="What is the weather in Paris?",
-        tools=[weather],
-        tool_choice="required",
-        stream=True,
-        model=model,
-        temperature=0,
-        max_output_tokens=64,
-    )
+streamed = [item for item in final.output if item.type == "function_call"]
+assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls], (
+    streamed,
+    calls,
 )
-assert [e.sequence_number for e in events] == list(range(len(events))), events
-kinds = [e.type for e in events]
-assert "response.function_call_arguments.delta" in kinds, kinds
-assert "response.function_call_arguments.done" in kinds, kinds
-done = [e for e in events if e.type == "response.function_call_arguments.done"][0]
-jsonschema.validate(json.loads(done.arguments), weather["parameters"])
 
 # previous_response_id: the earlier turn (input and output) goes in front.
 second = client.responses.create(previous_response_id=first.id, input="Again.", **greedy)
