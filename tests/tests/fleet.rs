@@ -254,6 +254,84 @@ async fn stored_responses_are_found_continued_and_deleted_from_any_node() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+
+    // A control-plane outage affects only lookups of responses stored on other nodes.
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("http://{}/v1/responses", a.addr))
+        .bearer_auth(key)
+        .json(
+            &serde_json::json!({"model": MODEL, "input": "before the outage",
+            "max_output_tokens": 2}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let lookup = |addr: std::net::SocketAddr| {
+        let (http, id) = (http.clone(), id.clone());
+        async move {
+            http.get(format!("http://{addr}/v1/responses/{id}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    wait_for(
+        "the response written behind to the control plane",
+        Duration::from_secs(10),
+        || async { lookup(b.addr).await == StatusCode::OK },
+    )
+    .await;
+    cp.stop().await;
+    assert_eq!(
+        lookup(a.addr).await,
+        StatusCode::OK,
+        "the serving node's own copy"
+    );
+    assert_eq!(
+        lookup(b.addr).await,
+        StatusCode::OK,
+        "the copy node B read before the outage"
+    );
+    let elsewhere: Value = http
+        .post(format!("http://{}/v1/responses", a.addr))
+        .bearer_auth(key)
+        .json(
+            &serde_json::json!({"model": MODEL, "input": "during the outage",
+            "max_output_tokens": 2}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        elsewhere["status"], "incomplete",
+        "served during the outage: {elsewhere}"
+    );
+    let status = http
+        .get(format!(
+            "http://{}/v1/responses/{}",
+            b.addr,
+            elsewhere["id"].as_str().unwrap()
+        ))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "stored on A, looked up on B"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
