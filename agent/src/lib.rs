@@ -256,6 +256,7 @@ pub async fn serve_with(
     pool.register_metrics(&mut registry);
     gpu::register_metrics(&mut registry, deps.inventory.clone());
     let cp_stop = CancellationToken::new();
+    let mut responses = Arc::new(frontend::response_store::ResponseStore::default());
     let (mode, backend, fleet_tasks): (Mode, Arc<dyn backend::Backend>, _) =
         match &config.control_plane {
             None => {
@@ -274,6 +275,7 @@ pub async fn serve_with(
                 let StartedFleet {
                     fleet,
                     backend,
+                    responses: shared,
                     tasks,
                 } = start_fleet(
                     (&config, cp),
@@ -284,15 +286,13 @@ pub async fn serve_with(
                     &mut registry,
                     cp_stop.clone(),
                 )?;
+                responses = shared;
                 (Mode::Fleet(fleet), backend, Some(tasks))
             }
         };
-    let frontend = Arc::new(Frontend::new(
-        config.frontend.clone(),
-        models.clone(),
-        backend,
-        registry,
-    ));
+    let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), backend, registry);
+    frontend.responses = responses;
+    let frontend = Arc::new(frontend);
     if let Mode::Fleet(fleet) = &mode {
         // Requests other nodes forward here take this node's admission slots too.
         fleet.serving.admit_through(frontend.clone());
@@ -394,6 +394,8 @@ pub async fn serve_with(
 struct StartedFleet {
     fleet: FleetMode,
     backend: Arc<dyn backend::Backend>,
+    /// The frontend's stored responses, which the client connects to the control plane.
+    responses: Arc<frontend::response_store::ResponseStore>,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -458,6 +460,7 @@ fn start_fleet(
     } else {
         vec![addr.ip().to_string()]
     };
+    let responses = Arc::new(frontend::response_store::ResponseStore::default());
     let node = cp_client::Node {
         hostname: config.node_name.clone(),
         frontend_addr,
@@ -469,6 +472,7 @@ fn start_fleet(
         inventory: deps.inventory.clone(),
         fleet: router.clone(),
         peer: peer.clone(),
+        responses: responses.clone(),
     };
     let (control_plane, client) =
         cp_client::start(cp.clone(), node, stop).context("starting the control-plane client")?;
@@ -483,6 +487,7 @@ fn start_fleet(
     Ok(StartedFleet {
         fleet,
         backend,
+        responses,
         tasks: [tokio::spawn(client), peer_task],
     })
 }

@@ -363,7 +363,9 @@ async fn bad_requests_get_the_documented_status_and_body() {
 /// neutral values a client sends by default are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_and_unknown_fields_are_named_never_ignored() {
-    use kvfleet_agent::frontend::fields::{FIELDS, MESSAGE_FIELDS, On, Treatment};
+    use kvfleet_agent::frontend::fields::{
+        FIELDS, MESSAGE_FIELDS, On, RESPONSES_FIELDS, Treatment,
+    };
     let agent = TestAgent::start(&model("m", 0, 256)).await;
     let chat_body = || chat("hi", 4);
     let completion_body = || json!({"model": "m", "prompt": "hi", "max_tokens": 4});
@@ -376,6 +378,7 @@ async fn refused_and_unknown_fields_are_named_never_ignored() {
             On::Chat => &["/v1/chat/completions"],
             On::Completion => &["/v1/completions"],
             On::Both => &["/v1/chat/completions", "/v1/completions"],
+            On::Responses => &[],
         };
         for path in paths {
             let mut body = if *path == "/v1/completions" {
@@ -408,7 +411,20 @@ async fn refused_and_unknown_fields_are_named_never_ignored() {
         );
         refused += 1;
     }
-    assert!(refused >= 15, "only {refused} refusals were sent");
+    for field in RESPONSES_FIELDS {
+        let Treatment::Refused { example, .. } = field.treatment else {
+            continue;
+        };
+        let mut body = json!({"model": "m", "input": "hi", "max_output_tokens": 4});
+        body[field.name] = serde_json::from_str(example).unwrap();
+        let response = agent.post("/v1/responses", body).await;
+        assert_eq!(response.status(), 400, "{} on /v1/responses", field.name);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "unsupported_parameter", "{error}");
+        assert_eq!(error["error"]["param"], field.name, "{error}");
+        refused += 1;
+    }
+    assert!(refused >= 25, "only {refused} refusals were sent");
     let mut typo = completion_body();
     typo["max_token"] = json!(3);
     let response = agent.post("/v1/completions", typo).await;

@@ -127,6 +127,32 @@ async fn the_openai_sdk_calls_tools_and_follows_schemas() {
     eprintln!("{out}");
 }
 
+/// The Responses API through the official SDK (`tests/sdk/openai_sdk_responses.py`) on the
+/// tiny model: text, instructions, function tools, json_schema, the streamed events,
+/// previous_response_id, retrieve, delete, store=false and a refused field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_drives_the_responses_api() {
+    if !python_openai() || !python_jsonschema() {
+        return;
+    }
+    let agent = TestAgent::start(&native_model("tiny", &tiny_model(), "")).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/openai_sdk_responses.py"
+    );
+    let output = tokio::process::Command::new("python3")
+        .args([script, &format!("http://{}", agent.addr), "tiny"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "SDK checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Issue 23's acceptance on SmolLM2-135M: strict json_schema over the corpus's schemas and
 /// `tool_choice: "required"` over its tool sets, every output parsing and validating. CI runs
 /// the first `KVFLEET_CORPUS` of each (default 4, about 30 s on 2 cores); `KVFLEET_CORPUS=all` runs

@@ -35,6 +35,7 @@ pub struct Config {
     pub ca: CaConfig,
     pub tls: TlsConfig,
     pub metrics: MetricsConfig,
+    pub responses: ResponsesConfig,
     /// `[planner]`: the SLA planner loop (interval, predictor, scale-down rules).
     pub planner: kvfleet_planner::PlannerConfig,
 }
@@ -209,6 +210,14 @@ pub struct MetricsConfig {
     pub maintenance_interval: Duration,
 }
 
+/// `[responses]`: OpenAI Responses the agents store (`/v1/responses` with `store: true`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponsesConfig {
+    /// How long a stored response is kept (OpenAI keeps them 30 days); the leader deletes
+    /// older ones with its metrics maintenance.
+    pub retention: Duration,
+}
+
 impl Config {
     /// The defaults with the given database URL: what tests and `kvfleet dev` start from.
     pub fn new(database_url: impl Into<String>) -> Self {
@@ -251,6 +260,9 @@ impl Config {
                 rollup_bucket: Duration::from_secs(60),
                 rollup_retention: Duration::from_secs(30 * 86_400),
                 maintenance_interval: Duration::from_secs(60),
+            },
+            responses: ResponsesConfig {
+                retention: Duration::from_secs(30 * 86_400),
             },
             planner: kvfleet_planner::PlannerConfig::default(),
         }
@@ -454,6 +466,7 @@ impl Config {
             "metrics.maintenance_interval",
             &mut config.metrics.maintenance_interval,
         );
+        reader.duration("responses.retention", &mut config.responses.retention);
         reader.duration("planner.interval", &mut config.planner.interval);
         reader.duration("planner.cooldown", &mut config.planner.cooldown);
         reader.u32_in("planner.lookahead", 1..=100, &mut config.planner.lookahead);

@@ -316,6 +316,12 @@ async fn liveness_loop(state: AppState, fence: Fence, mut stop: watch::Receiver<
 async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
         let outcome = crate::metrics::maintain(&state.leader_pool, &state.config.metrics).await;
+        // Stored responses past their retention go with the same pass.
+        match crate::api::responses::sweep(&state.leader_pool).await {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!(swept, "expired stored responses deleted"),
+            Err(error) => tracing::warn!(%error, "sweeping expired stored responses failed"),
+        }
         if let Err(error) = &outcome {
             tracing::warn!(%error, "metrics maintenance failed");
         }

@@ -23,6 +23,8 @@ enum Prep {
     FreshDeployment,
     FreshToken,
     FreshProfile,
+    /// A stored response (`/agent/responses/{id}`).
+    FreshResponse,
 }
 
 /// How the authorization matrix calls a route: the served OpenAPI document says who may call it
@@ -177,6 +179,18 @@ fn routes() -> Vec<Route> {
         route(Method::POST, "/agent/kv-events", 200, None),
         route(Method::GET, "/agent/kv-stream", 200, None),
         route(Method::GET, "/agent/kv-snapshot", 200, None),
+        with(
+            route(Method::PUT, "/agent/responses/{fresh}", 204, None),
+            Prep::FreshResponse,
+        ),
+        with(
+            route(Method::GET, "/agent/responses/{fresh}", 200, None),
+            Prep::FreshResponse,
+        ),
+        with(
+            route(Method::DELETE, "/agent/responses/{fresh}", 204, None),
+            Prep::FreshResponse,
+        ),
     ]
 }
 
@@ -363,6 +377,18 @@ async fn prepare(pool: &PgPool, server: &Server, fx: &Fixture, prep: Prep, n: us
             .await;
             r.body["id"].as_str().unwrap().to_owned()
         }
+        Prep::FreshResponse => {
+            let id = format!("resp_matrix_{n}");
+            sqlx::query(
+                "INSERT INTO stored_responses (id, owner, body, expires_at) \
+                 VALUES ($1, 'o', '{}'::jsonb, now() + interval '1 hour')",
+            )
+            .bind(&id)
+            .execute(pool)
+            .await
+            .unwrap();
+            id
+        }
     }
 }
 
@@ -389,6 +415,9 @@ fn body_for(route: &Route, who: Who, fx: &Fixture, n: usize) -> Option<Value> {
         ("POST", "/agent/heartbeat") => Some(json!({"workers": []})),
         ("POST", "/agent/certificate") => Some(json!({})),
         ("POST", "/agent/kv-events") => Some(json!({"events": []})),
+        ("PUT", "/agent/responses/{fresh}") => {
+            Some(json!({"owner": "o", "body": {"id": format!("resp_{n}")}}))
+        }
         ("POST", "/models/{model}/profiles") => Some(profile_body(&format!("device-{n}"))),
         ("POST", "/nodes/{node}/labels") => Some(json!({"set": {"zone": format!("z{n}")}})),
         _ => None,
@@ -1078,6 +1107,53 @@ async fn openapi_document_covers_every_route(pool: PgPool) {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
     assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
+    server.stop().await;
+}
+
+/// Stored responses (issue #23): an agent stores one, any agent reads and deletes it; an
+/// expired one is gone for readers at once and the leader's sweep deletes its row.
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn stored_responses_round_trip_and_expire(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let join = token(&pool, Role::Join).await;
+    let (_, agent_a, _) = register(&server, &join, "resp-a", 0).await;
+    let (_, agent_b, _) = register(&server, &join, "resp-b", 0).await;
+    let url = server.url("/agent/responses/resp_abc");
+    let stored =
+        json!({"owner": "digest-1", "body": {"response": {"id": "resp_abc"}, "items": []}});
+    let put = call(Method::PUT, &url, Some(&agent_a), Some(&stored)).await;
+    assert_eq!(put.status, StatusCode::NO_CONTENT, "{put:?}");
+    // Another node reads what this one stored.
+    let read = call(Method::GET, &url, Some(&agent_b), None).await;
+    assert_eq!(read.status, StatusCode::OK, "{read:?}");
+    assert_eq!(read.body, stored);
+    let bad = call(
+        Method::GET,
+        &server.url("/agent/responses/bad%20id"),
+        Some(&agent_b),
+        None,
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad:?}");
+    let gone = call(Method::DELETE, &url, Some(&agent_b), None).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{gone:?}");
+    for method in [Method::GET, Method::DELETE] {
+        let again = call(method, &url, Some(&agent_a), None).await;
+        assert_eq!(again.status, StatusCode::NOT_FOUND, "{again:?}");
+    }
+    // Expired: not served, and swept.
+    let put = call(Method::PUT, &url, Some(&agent_a), Some(&stored)).await;
+    assert_eq!(put.status, StatusCode::NO_CONTENT);
+    sqlx::query("UPDATE stored_responses SET expires_at = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let expired = call(Method::GET, &url, Some(&agent_a), None).await;
+    assert_eq!(expired.status, StatusCode::NOT_FOUND, "{expired:?}");
+    let swept = kvfleet_controlplane::api::responses::sweep(&pool)
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
     server.stop().await;
 }
 

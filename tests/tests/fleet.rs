@@ -209,6 +209,131 @@ async fn a_deployment_applied_through_the_api_runs_on_both_agents() {
     }
 }
 
+/// Issue 23's acceptance line: `/v1/responses` with `store` and `previous_response_id` across
+/// two agents (`tests/sdk/fleet_responses.py`): created on A, retrieved and continued on B,
+/// deleted on B and then 404 on A; another API key gets 404 everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stored_responses_are_found_continued_and_deleted_from_any_node() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    if !python_openai() {
+        return;
+    }
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let (key, key2) = ("responses-key-one", "responses-key-two");
+    let keys = format!("[frontend]\napi_keys = [\"{key}\", \"{key2}\"]\n");
+    let mut agents = Vec::new();
+    for name in ["resp-node-a", "resp-node-b"] {
+        let state = temp_dir(name);
+        let toml = Agent::config(name, &cp, &join, &state, SETUP) + &keys;
+        agents.push(Agent::launch(name, toml).await);
+    }
+    let (a, b) = (&agents[0], &agents[1]);
+    wait_nodes_healthy(&cp, &admin, &["resp-node-a", "resp-node-b"]).await;
+    deploy(&cp, &admin, 2).await;
+    wait_for(
+        "a ready worker on each agent",
+        Duration::from_secs(60),
+        || async { a.ready_workers() == 1 && b.ready_workers() == 1 },
+    )
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fleet_responses.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([&format!("http://{}", a.addr), &format!("http://{}", b.addr)])
+        .args([MODEL, key, key2])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "stored responses across the fleet: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A control-plane outage affects only lookups of responses stored on other nodes.
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("http://{}/v1/responses", a.addr))
+        .bearer_auth(key)
+        .json(
+            &serde_json::json!({"model": MODEL, "input": "before the outage",
+            "max_output_tokens": 2}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let lookup = |addr: std::net::SocketAddr| {
+        let (http, id) = (http.clone(), id.clone());
+        async move {
+            http.get(format!("http://{addr}/v1/responses/{id}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    wait_for(
+        "the response written behind to the control plane",
+        Duration::from_secs(10),
+        || async { lookup(b.addr).await == StatusCode::OK },
+    )
+    .await;
+    cp.stop().await;
+    assert_eq!(
+        lookup(a.addr).await,
+        StatusCode::OK,
+        "the serving node's own copy"
+    );
+    assert_eq!(
+        lookup(b.addr).await,
+        StatusCode::OK,
+        "the copy node B read before the outage"
+    );
+    let elsewhere: Value = http
+        .post(format!("http://{}/v1/responses", a.addr))
+        .bearer_auth(key)
+        .json(
+            &serde_json::json!({"model": MODEL, "input": "during the outage",
+            "max_output_tokens": 2}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        elsewhere["status"], "incomplete",
+        "served during the outage: {elsewhere}"
+    );
+    let status = http
+        .get(format!(
+            "http://{}/v1/responses/{}",
+            b.addr,
+            elsewhere["id"].as_str().unwrap()
+        ))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "stored on A, looked up on B"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_keep_serving_without_the_control_plane_and_reconcile_when_it_returns() {
     let Some(db) = TestDb::create().await else {

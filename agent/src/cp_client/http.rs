@@ -3,12 +3,15 @@
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use kvfleet_proto::api::{
     DesiredState, FleetDirectory, Heartbeat, HeartbeatResponse, IssuedCertificate, RegisterRequest,
     RegisterResponse, RenewRequest,
 };
 use kvfleet_proto::kv_stream::{KvEventBatch, KvEventBatchResult, KvSnapshot, KvStreamPage};
 use reqwest::StatusCode;
+
+use crate::frontend::response_store::{RemoteResponses, Stored};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -166,6 +169,52 @@ impl Api {
         self.get(&path, bearer, self.timeout + wait).await
     }
 
+    /// `PUT /api/v1/agent/responses/{id}`: store a response (`{"owner", "body"}`).
+    pub async fn put_response(
+        &self,
+        bearer: &str,
+        id: &str,
+        stored: &Stored,
+    ) -> Result<(), CpError> {
+        let call = self
+            .client
+            .put(self.url(&format!("/api/v1/agent/responses/{id}")))
+            .bearer_auth(bearer)
+            .timeout(self.timeout)
+            .json(stored);
+        self.send_empty(call).await
+    }
+
+    /// `GET /api/v1/agent/responses/{id}`; `None` when the control plane has none.
+    pub async fn get_response(&self, bearer: &str, id: &str) -> Result<Option<Stored>, CpError> {
+        match self
+            .get(
+                &format!("/api/v1/agent/responses/{id}"),
+                bearer,
+                self.timeout,
+            )
+            .await
+        {
+            Ok(stored) => Ok(Some(stored)),
+            Err(CpError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `DELETE /api/v1/agent/responses/{id}`; `false` when the control plane had none.
+    pub async fn delete_response(&self, bearer: &str, id: &str) -> Result<bool, CpError> {
+        let call = self
+            .client
+            .delete(self.url(&format!("/api/v1/agent/responses/{id}")))
+            .bearer_auth(bearer)
+            .timeout(self.timeout);
+        match self.send_empty(call).await {
+            Ok(()) => Ok(true),
+            Err(CpError::Rejected { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST path` with `bearer` and a JSON body, within the call timeout.
     async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
@@ -201,6 +250,14 @@ impl Api {
         format!("{}{path}", self.base)
     }
 
+    /// [`Api::send`] for calls answered with no body (204).
+    async fn send_empty(&self, call: reqwest::RequestBuilder) -> Result<(), CpError> {
+        match self.send::<serde_json::Value>(call).await {
+            Ok(_) | Err(CpError::BadResponse(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn send<T: DeserializeOwned>(&self, call: reqwest::RequestBuilder) -> Result<T, CpError> {
         let response = call
             .send()
@@ -222,6 +279,45 @@ impl Api {
                 status: status.as_u16(),
                 detail,
             },
+        })
+    }
+}
+
+/// The control plane's response store, for [`crate::frontend::response_store`], with the
+/// node's current credential.
+#[derive(Debug)]
+pub struct RemoteStore {
+    /// The client.
+    pub api: Api,
+    /// The node's credential.
+    pub bearer: String,
+}
+
+impl RemoteResponses for RemoteStore {
+    fn put(&self, id: String, stored: Stored) -> BoxFuture<'static, Result<(), String>> {
+        let (api, bearer) = (self.api.clone(), self.bearer.clone());
+        Box::pin(async move {
+            api.put_response(&bearer, &id, &stored)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn get(&self, id: String) -> BoxFuture<'static, Result<Option<Stored>, String>> {
+        let (api, bearer) = (self.api.clone(), self.bearer.clone());
+        Box::pin(async move {
+            api.get_response(&bearer, &id)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn delete(&self, id: String) -> BoxFuture<'static, Result<bool, String>> {
+        let (api, bearer) = (self.api.clone(), self.bearer.clone());
+        Box::pin(async move {
+            api.delete_response(&bearer, &id)
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 }

@@ -82,6 +82,8 @@ pub struct Node {
     pub fleet: Arc<crate::fleet::FleetRouter>,
     /// The peer endpoint, whose address heartbeats report.
     pub peer: crate::peer::PeerHandle,
+    /// The frontend's stored responses: connected to the control plane at each registration.
+    pub responses: Arc<crate::frontend::response_store::ResponseStore>,
 }
 
 /// What the client observed, for tests and status output.
@@ -255,6 +257,13 @@ async fn run(client: Arc<Client>, stop: CancellationToken) {
                 continue;
             }
         };
+        client
+            .node
+            .responses
+            .set_remote(Arc::new(http::RemoteStore {
+                api: client.api.clone(),
+                bearer: identity.credential.clone(),
+            }));
         let ended = tokio::select! {
             ended = client.heartbeat_loop(&identity) => ended,
             ended = client.watch_loop(&identity) => ended,

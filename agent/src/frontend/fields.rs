@@ -26,6 +26,8 @@ pub enum On {
     Completion,
     /// Both.
     Both,
+    /// `POST /v1/responses` ([`RESPONSES_FIELDS`]; its own table in the docs).
+    Responses,
 }
 
 impl On {
@@ -42,6 +44,7 @@ impl On {
             On::Chat => "chat",
             On::Completion => "completions",
             On::Both => "both",
+            On::Responses => "responses",
         }
     }
 }
@@ -277,6 +280,118 @@ pub const FIELDS: &[Field] = &[
     ),
 ];
 
+/// Every top-level field of a `POST /v1/responses` body. What the honoured ones become on the
+/// chat pipeline is in [`super::responses`].
+pub const RESPONSES_FIELDS: &[Field] = &[
+    honoured("model", On::Responses),
+    honoured("input", On::Responses),
+    honoured("instructions", On::Responses),
+    honoured("max_output_tokens", On::Responses),
+    honoured("temperature", On::Responses),
+    honoured("top_p", On::Responses),
+    honoured("tools", On::Responses),
+    honoured("tool_choice", On::Responses),
+    honoured("parallel_tool_calls", On::Responses),
+    honoured("text", On::Responses),
+    honoured("store", On::Responses),
+    honoured("previous_response_id", On::Responses),
+    honoured("stream", On::Responses),
+    accepted("metadata", On::Responses),
+    accepted("user", On::Responses),
+    accepted("safety_identifier", On::Responses),
+    accepted("prompt_cache_key", On::Responses),
+    refused(
+        "background",
+        On::Responses,
+        is_false,
+        "background responses are not served: the response is produced while the request is open",
+        "true",
+    ),
+    refused(
+        "conversation",
+        On::Responses,
+        never,
+        "conversations are not served: chain responses with previous_response_id",
+        r#""conv_1""#,
+    ),
+    refused(
+        "include",
+        On::Responses,
+        is_empty,
+        "no additional output data is served",
+        r#"["message.output_text.logprobs"]"#,
+    ),
+    refused(
+        "reasoning",
+        On::Responses,
+        never,
+        "the models served here have no reasoning controls",
+        r#"{"effort": "high"}"#,
+    ),
+    refused(
+        "truncation",
+        On::Responses,
+        is_disabled,
+        "the input is never truncated: a conversation longer than the context is refused",
+        r#""auto""#,
+    ),
+    refused(
+        "service_tier",
+        On::Responses,
+        is_default_tier,
+        "every request is served at one tier: send \"auto\" or \"default\"",
+        r#""priority""#,
+    ),
+    refused(
+        "prompt",
+        On::Responses,
+        never,
+        "stored prompt templates are not served",
+        r#"{"id": "pmpt_1"}"#,
+    ),
+    refused(
+        "max_tool_calls",
+        On::Responses,
+        never,
+        "the number of tool calls is not limited separately",
+        "2",
+    ),
+    refused(
+        "top_logprobs",
+        On::Responses,
+        never,
+        "log-probabilities are served on /v1/chat/completions",
+        "2",
+    ),
+    refused(
+        "stream_options",
+        On::Responses,
+        never,
+        "there are no stream options on this endpoint",
+        r#"{"include_obfuscation": false}"#,
+    ),
+];
+
+/// The fields of `text` in a responses body.
+pub const RESPONSES_TEXT_FIELDS: &[Field] = &[
+    honoured("format", On::Responses),
+    refused(
+        "verbosity",
+        On::Responses,
+        is_medium,
+        "the models served here have no verbosity control",
+        r#""low""#,
+    ),
+];
+
+fn is_disabled(v: &Value) -> bool {
+    v.as_str() == Some("disabled")
+}
+
+fn is_medium(v: &Value) -> bool {
+    v.as_str() == Some("medium")
+}
+
 /// The fields of one chat message (`messages[i]`).
 pub const MESSAGE_FIELDS: &[Field] = &[
     honoured("role", On::Chat),
@@ -324,21 +439,27 @@ pub const STREAM_OPTION_FIELDS: &[Field] = &[
 /// message and of `stream_options`: the first field that is unknown, or refused with a value
 /// that asks for something, is a 400 naming it.
 pub(super) fn check(endpoint: Endpoint, body: &Value) -> Result<(), ApiError> {
-    check_object(FIELDS, endpoint, body, "")?;
+    let on = |on: On| on.includes(endpoint);
+    check_object(FIELDS, &on, body, "")?;
     if endpoint == Endpoint::Chat
         && let Some(messages) = body.get("messages").and_then(Value::as_array)
     {
         for (i, message) in messages.iter().enumerate() {
-            check_object(
-                MESSAGE_FIELDS,
-                endpoint,
-                message,
-                &format!("messages[{i}]."),
-            )?;
+            check_object(MESSAGE_FIELDS, &on, message, &format!("messages[{i}]."))?;
         }
     }
     if let Some(options) = body.get("stream_options") {
-        check_object(STREAM_OPTION_FIELDS, endpoint, options, "stream_options.")?;
+        check_object(STREAM_OPTION_FIELDS, &on, options, "stream_options.")?;
+    }
+    Ok(())
+}
+
+/// [`check`] for a `POST /v1/responses` body: [`RESPONSES_FIELDS`] and `text`'s fields.
+pub(super) fn check_responses(body: &Value) -> Result<(), ApiError> {
+    let on = |on: On| on == On::Responses;
+    check_object(RESPONSES_FIELDS, &on, body, "")?;
+    if let Some(text) = body.get("text") {
+        check_object(RESPONSES_TEXT_FIELDS, &on, text, "text.")?;
     }
     Ok(())
 }
@@ -347,7 +468,7 @@ pub(super) fn check(endpoint: Endpoint, body: &Value) -> Result<(), ApiError> {
 /// `prefix` makes the `param` a path (`messages[0].name`).
 fn check_object(
     fields: &[Field],
-    endpoint: Endpoint,
+    on: &dyn Fn(On) -> bool,
     object: &Value,
     prefix: &str,
 ) -> Result<(), ApiError> {
@@ -356,10 +477,7 @@ fn check_object(
     };
     for (key, value) in object {
         let param = format!("{prefix}{key}");
-        let Some(field) = fields
-            .iter()
-            .find(|f| f.name == key && f.on.includes(endpoint))
-        else {
+        let Some(field) = fields.iter().find(|f| f.name == key && on(f.on)) else {
             return Err(ApiError::bad_request(
                 "unknown_parameter",
                 format!(
@@ -423,6 +541,42 @@ mod tests {
                 check(endpoint, &body).unwrap();
             }
         }
+    }
+
+    /// The same for a responses body: every refused field (and `text.` field) is named, `null`
+    /// passes, and a chat-only field is unknown there.
+    #[test]
+    fn every_refused_responses_field_is_refused_by_name() {
+        let base = json!({"model": "m", "input": "hi"});
+        for (prefix, fields) in [("", RESPONSES_FIELDS), ("text.", RESPONSES_TEXT_FIELDS)] {
+            for field in fields {
+                let Treatment::Refused { example, .. } = field.treatment else {
+                    continue;
+                };
+                let mut body = base.clone();
+                let value: Value = serde_json::from_str(example).unwrap();
+                let (slot, param) = if prefix.is_empty() {
+                    body[field.name] = value;
+                    (field.name.to_owned(), field.name.to_owned())
+                } else {
+                    body["text"] = json!({field.name: value});
+                    ("text".to_owned(), format!("text.{}", field.name))
+                };
+                let error = check_responses(&body).unwrap_err();
+                assert_eq!(error.code, "unsupported_parameter", "{param}");
+                assert_eq!(error.param.as_deref(), Some(param.as_str()));
+                body[slot.as_str()] = Value::Null;
+                check_responses(&body).unwrap();
+            }
+        }
+        let chat_only = json!({"model": "m", "input": "hi", "messages": []});
+        let error = check_responses(&chat_only).unwrap_err();
+        assert_eq!(error.code, "unknown_parameter");
+        assert_eq!(error.param.as_deref(), Some("messages"));
+        check_responses(&json!({"model": "m", "input": "hi", "store": false,
+            "truncation": "disabled", "include": [], "background": false,
+            "text": {"format": {"type": "text"}, "verbosity": "medium"}}))
+        .unwrap();
     }
 
     #[test]
@@ -496,10 +650,12 @@ mod tests {
     #[test]
     fn the_docs_table_matches_the_code() {
         let docs = include_str!("../../../docs/openai-api.md");
-        let tables: [(&str, &[Field]); 3] = [
+        let tables: [(&str, &[Field]); 5] = [
             ("", FIELDS),
             ("messages[].", MESSAGE_FIELDS),
             ("stream_options.", STREAM_OPTION_FIELDS),
+            ("", RESPONSES_FIELDS),
+            ("text.", RESPONSES_TEXT_FIELDS),
         ];
         let mut expected = Vec::new();
         for (prefix, fields) in tables {

@@ -14,7 +14,9 @@
 //! worker or capacity involved) and [`run`] (admission, the worker, the response as JSON or
 //! SSE). This module holds the shared [`Frontend`] and the routes.
 //!
-//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `/health`
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/responses` with
+//! `GET`/`DELETE /v1/responses/{id}` ([`responses`], stored in [`response_store`]),
+//! `GET /v1/models`, `/health`
 //! (the process is up), `/ready` (workers can serve and the node is not draining), `/metrics`.
 //! With `metrics_listen` set, `/metrics` and `/ready` are served only there ([`serve_metrics`]).
 //!
@@ -34,6 +36,8 @@ pub mod metrics;
 pub mod models;
 mod prepare;
 pub mod ratelimit;
+pub mod response_store;
+mod responses;
 mod run;
 mod structured;
 pub mod text;
@@ -217,6 +221,9 @@ pub struct Frontend {
     pub backend: Arc<dyn Backend>,
     /// What the frontend measures (registered in `registry`).
     pub metrics: FrontendMetrics,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`; the
+    /// control-plane client connects it to the control plane ([`response_store::ResponseStore::set_remote`]).
+    pub responses: Arc<response_store::ResponseStore>,
     /// The agent's metrics, every module's, served on `/metrics`.
     registry: Arc<Registry>,
     admission: Admission,
@@ -257,6 +264,7 @@ impl Frontend {
             models,
             backend,
             metrics,
+            responses: Arc::new(response_store::ResponseStore::default()),
             registry: Arc::new(registry),
             admission,
             limiter,
@@ -361,6 +369,31 @@ impl Frontend {
         }
     }
 
+    /// Who owns the responses this request stores and may read: a digest of its API key
+    /// (call after [`Frontend::check_auth`]), or one anonymous owner without authentication.
+    /// The digest is of the key's own SHA-256 under a domain prefix, so the stored value is
+    /// neither the key nor the hash the frontend compares keys with.
+    fn owner(&self, headers: &HeaderMap) -> String {
+        use sha2::Digest as _;
+        if self.config.api_keys.is_empty() {
+            return "anonymous".to_owned();
+        }
+        let key = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"kvfleet response owner\0");
+        hasher.update(digest(key));
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
         self.models.get(name).ok_or_else(|| {
             let names = self.models.names();
@@ -376,6 +409,11 @@ pub fn router(frontend: Arc<Frontend>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
         .route("/v1/models", get(models))
         .route("/health", get(health));
     let api = if frontend.config.metrics_listen.is_none() {

@@ -17,6 +17,7 @@ pub mod kv;
 pub mod planner;
 pub mod problem;
 pub mod profiles;
+pub mod responses;
 pub mod session;
 pub mod types;
 
@@ -136,6 +137,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/agent/kv-stream", get(kv::stream))
         .route("/agent/kv-snapshot", get(kv::snapshot))
+        .route(
+            "/agent/responses/{id}",
+            get(responses::get)
+                .put(responses::put)
+                .delete(responses::delete)
+                .layer(DefaultBodyLimit::max(responses::MAX_STORED_BYTES)),
+        )
         .route("/kv/stats", get(kv::stats))
         .route("/kv/workers", get(kv::workers))
         .fallback(not_found);
@@ -670,6 +678,7 @@ impl utoipa::Modify for RateLimited {
         agent::register, agent::heartbeat, agent::desired_state, agent::renew_certificate,
         agent::fleet_directory,
         kv::upload, kv::stream, kv::snapshot, kv::stats, kv::workers,
+        responses::put, responses::get, responses::delete,
     ),
     components(schemas(problem::Problem, problem::InvalidParam)),
     modifiers(&BearerAuth, &RateLimited),
