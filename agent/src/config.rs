@@ -33,7 +33,10 @@ use crate::cp_client::{ControlPlaneConfig, JoinToken};
 use crate::frontend::FrontendConfig;
 use crate::logging::{LogConfig, LogFormat};
 use crate::peer::PeerSettings;
-use crate::worker::{Device, EngineKind, ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig};
+use crate::worker::{
+    Device, EngineKind, ModelConfig, ReasoningParserKind, RoutingMode, SupervisorConfig,
+    ToolParserKind, WorkerConfig,
+};
 
 /// Where the agent looks for its file when neither `--config` nor `KVFLEET_AGENT_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvfleet/agent.toml";
@@ -415,6 +418,8 @@ struct RawModel {
     kv_ttl_secs: Option<Spanned<i64>>,
     kv_events: Option<Spanned<String>>,
     kv_events_replay: Option<Spanned<String>>,
+    tool_parser: Option<Spanned<String>>,
+    reasoning_parser: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1370,6 +1375,40 @@ impl Checker<'_> {
             match self.int("models.mock_kv_head_dim", v, 1..=4096) {
                 Some(n) => model.mock_kv_head_dim = n as u32,
                 None => ok = false,
+            }
+        }
+        if let Some(v) = &raw.tool_parser {
+            match ToolParserKind::parse(v.get_ref()) {
+                Some(kind) => model.tool_parser = Some(kind),
+                None => {
+                    let location = self.at(v);
+                    self.problem(
+                        location,
+                        format!(
+                            "models.tool_parser {:?} is unknown: expected {}",
+                            v.get_ref(),
+                            ToolParserKind::NAMES
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = &raw.reasoning_parser {
+            match ReasoningParserKind::parse(v.get_ref()) {
+                Some(kind) => model.reasoning_parser = Some(kind),
+                None => {
+                    let location = self.at(v);
+                    self.problem(
+                        location,
+                        format!(
+                            "models.reasoning_parser {:?} is unknown: expected {}",
+                            v.get_ref(),
+                            ReasoningParserKind::NAMES
+                        ),
+                    );
+                    ok = false;
+                }
             }
         }
         ok.then_some(model)

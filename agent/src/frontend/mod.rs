@@ -32,6 +32,7 @@ mod conn;
 pub mod fields;
 pub mod metrics;
 pub mod models;
+mod parsers;
 mod prepare;
 pub mod ratelimit;
 mod run;

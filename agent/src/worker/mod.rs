@@ -22,7 +22,7 @@ pub mod supervisor;
 
 pub use config::{
     DEFAULT_EXTERNAL_CONTEXT, DEFAULT_EXTERNAL_SLOTS, DEFAULT_NATIVE_KV_MEMORY, Device, EngineKind,
-    ExternalEngine, ModelConfig, NATIVE_CONTEXT_UNCAPPED, RoutingMode, SupervisorConfig,
-    WorkerConfig,
+    ExternalEngine, ModelConfig, NATIVE_CONTEXT_UNCAPPED, ReasoningParserKind, RoutingMode,
+    SupervisorConfig, ToolParserKind, WorkerConfig,
 };
 pub use supervisor::{KvTransferCounters, WorkerCommand, WorkerPool};
