@@ -338,11 +338,13 @@ impl ToolStream {
     fn call(&mut self, name: String) -> usize {
         let index = self.calls;
         self.calls += 1;
-        self.out.push(Piece::Call {
-            index,
-            id: format!("{}{index}", self.id_prefix),
-            name,
-        });
+        let id = match self.format {
+            // Mistral's templates refuse any call id but 9 letters and digits when the call
+            // comes back in the conversation.
+            ToolParserKind::Mistral => mistral_id(&self.id_prefix, index),
+            _ => format!("{}{index}", self.id_prefix),
+        };
+        self.out.push(Piece::Call { index, id, name });
         index
     }
 
@@ -779,6 +781,24 @@ impl ToolStream {
     }
 }
 
+/// A 9-character alphanumeric call id, unique per request (`prefix` holds its id) and call.
+fn mistral_id(prefix: &str, index: usize) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    // FNV-1a over the prefix and the index.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in prefix.bytes().chain(index.to_le_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..9)
+        .map(|_| {
+            let digit = DIGITS[(hash % 62) as usize] as char;
+            hash /= 62;
+            digit
+        })
+        .collect()
+}
+
 /// Function names in the Mistral v11 form: what OpenAI allows, and dots.
 fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.'
@@ -1151,7 +1171,12 @@ mod tests {
         pieces.extend(whole.finish());
         let expected = gather(&pieces);
         for (i, (id, _, _)) in expected.2.iter().enumerate() {
-            assert_eq!(id, &format!("call_x{i}"));
+            if tools == Some(ToolParserKind::Mistral) {
+                assert_eq!(id, &mistral_id("call_x", i));
+                assert!(id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()));
+            } else {
+                assert_eq!(id, &format!("call_x{i}"));
+            }
         }
         // As the worker's bytes reach it: through the UTF-8 stream, cut in two at every byte
         // boundary (inside multi-byte characters too), and one byte at a time.
