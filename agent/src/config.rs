@@ -1961,6 +1961,36 @@ burst = 4
         );
     }
 
+    /// `tool_parser` and `reasoning_parser` name a format, or are a problem that names the
+    /// key and the choices; absent, the chat template decides (`None`).
+    #[test]
+    fn models_name_their_tool_and_reasoning_parsers() {
+        let config = load(
+            "[[models]]\nname = \"a\"\ntool_parser = \"pythonic\"\nreasoning_parser = \"deepseek_r1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.models[0].tool_parser, Some(ToolParserKind::Pythonic));
+        assert_eq!(
+            config.models[0].reasoning_parser,
+            Some(ReasoningParserKind::DeepSeekR1)
+        );
+        let plain = load("[[models]]\nname = \"a\"\n").unwrap();
+        assert_eq!(plain.models[0].tool_parser, None);
+        assert_eq!(plain.models[0].reasoning_parser, None);
+        let bad = problems(
+            "[[models]]\nname = \"a\"\ntool_parser = \"xml\"\nreasoning_parser = \"maybe\"\n",
+        );
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad[0].contains("models.tool_parser \"xml\"") && bad[0].contains("llama3_json"),
+            "{bad:?}"
+        );
+        assert!(
+            bad[1].contains("models.reasoning_parser \"maybe\"") && bad[1].contains("deepseek_r1"),
+            "{bad:?}"
+        );
+    }
+
     #[test]
     fn no_file_gives_the_documented_defaults() {
         let config = Config::from_sources(&Sources::default()).unwrap();
