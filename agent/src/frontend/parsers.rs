@@ -299,6 +299,14 @@ struct Region {
     list: Option<bool>,
     /// The call whose name went out and whose arguments are streaming.
     open: Option<Open>,
+    /// Where the current call object's and its arguments' JSON scans got to: each push
+    /// scans only the new text.
+    object_scan: JsonScan,
+    args_scan: JsonScan,
+    /// Hermes: `</tool_call>` is not in `buf` before this.
+    close_from: usize,
+    /// Pythonic: `buf`'s length when the current call was last read.
+    tried: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -424,6 +432,10 @@ impl ToolStream {
                             after_item: false,
                             list: None,
                             open: None,
+                            object_scan: JsonScan::default(),
+                            args_scan: JsonScan::default(),
+                            close_from: 0,
+                            tried: 0,
                         });
                         continue;
                     }
@@ -501,10 +513,17 @@ impl ToolStream {
                 sent: 0,
             });
         }
-        let object_end = value_end(&r.buf[start..limit]);
+        let object_end = r.object_scan.end(&r.buf[start..limit]);
+        if object_end.is_some() || ended {
+            r.object_scan = JsonScan::default();
+        }
         if let Some(open) = &mut r.open {
             let args = &r.buf[open.args..limit];
-            let end = match value_end(args) {
+            let args_end = r.args_scan.end(args);
+            if object_end.is_some() || ended {
+                r.args_scan = JsonScan::default();
+            }
+            let end = match args_end {
                 Some(end) => end,
                 None if ended || object_end.is_some() => args.len(),
                 None => args.len() - partial_suffix(args, hold),
@@ -545,7 +564,17 @@ impl ToolStream {
 
     /// `<tool_call>{…}</tool_call>`: one call between the tags.
     fn hermes(&mut self, r: &mut Region, eof: bool) -> Outcome {
-        let close = r.buf.find(HERMES_CLOSE);
+        let close = r.buf[r.close_from..]
+            .find(HERMES_CLOSE)
+            .map(|at| at + r.close_from);
+        if close.is_none() {
+            // The marker may begin in the last bytes: look there again next time.
+            let mut from = r.buf.len().saturating_sub(HERMES_CLOSE.len());
+            while !r.buf.is_char_boundary(from) {
+                from -= 1;
+            }
+            r.close_from = from;
+        }
         let limit = close.unwrap_or(r.buf.len());
         let ended = close.is_some() || eof;
         let rest = close.map_or(r.buf.len(), |at| at + HERMES_CLOSE.len());
@@ -671,8 +700,11 @@ impl ToolStream {
         let complete = if args.is_empty() {
             None
         } else {
-            value_end(args)
+            r.args_scan.end(args)
         };
+        if complete.is_some() || eof {
+            r.args_scan = JsonScan::default();
+        }
         let end = complete.unwrap_or(args.len());
         if end > open.sent {
             let text = args[open.sent..end].to_owned();
@@ -765,6 +797,14 @@ impl ToolStream {
                 return Outcome::Failed { from: r.cursor };
             }
             let from = if r.items == 0 { 0 } else { r.cursor };
+            // A call completes at a `)`: a long one is read again only when one came (or the
+            // output ended), so arguments of any length cost linear time. The result is the
+            // same, only later: a call read from a text is the call read from any longer text.
+            let seen = r.tried.max(at);
+            r.tried = r.buf.len();
+            if !eof && r.buf.len() - at > 256 && !r.buf[seen..].contains(')') {
+                return Outcome::Wait;
+            }
             match python_call(&r.buf[at..]) {
                 Ok(Some((name, arguments, len))) => {
                     let index = self.call(name);
@@ -890,6 +930,63 @@ fn value_end(s: &str) -> Option<usize> {
             None
         }
         _ => s.find([',', '}', ']', '\n', ' ', ';']),
+    }
+}
+
+/// [`value_end`] resumable: it scans only what was added since the last call. The text given
+/// must be the same value's text each time, grown.
+#[derive(Debug, Clone, Copy, Default)]
+struct JsonScan {
+    pos: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// Where the value ended, once it did.
+    done: Option<usize>,
+}
+
+impl JsonScan {
+    fn end(&mut self, s: &str) -> Option<usize> {
+        if self.done.is_some() {
+            return self.done;
+        }
+        let bytes = s.as_bytes();
+        match bytes.first()? {
+            b'"' | b'{' | b'[' => {}
+            // A bare literal is short: read it whole.
+            _ => return value_end(s),
+        }
+        while self.pos < bytes.len() {
+            let c = bytes[self.pos];
+            self.pos += 1;
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if c == b'\\' {
+                    self.escaped = true;
+                } else if c == b'"' {
+                    self.in_string = false;
+                    if self.depth == 0 {
+                        self.done = Some(self.pos);
+                        return self.done;
+                    }
+                }
+                continue;
+            }
+            match c {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        self.done = Some(self.pos);
+                        return self.done;
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
     }
 }
 
@@ -1166,6 +1263,16 @@ mod tests {
         tools: Option<ToolParserKind>,
         text: &str,
     ) -> Gathered {
+        splits(reasoning, tools, text, 1)
+    }
+
+    /// [`every_split`] with two-piece cuts every `step` bytes only (byte by byte still).
+    fn splits(
+        reasoning: ReasoningParserKind,
+        tools: Option<ToolParserKind>,
+        text: &str,
+        step: usize,
+    ) -> Gathered {
         let mut whole = parser(reasoning, tools);
         let mut pieces = whole.push(text);
         pieces.extend(whole.finish());
@@ -1194,7 +1301,7 @@ mod tests {
             pieces.extend(parser.finish());
             gather(&pieces)
         };
-        for cut in 1..bytes.len() {
+        for cut in (1..bytes.len()).step_by(step) {
             assert_eq!(through_utf8(&[cut]), expected, "{text:?} cut at byte {cut}");
         }
         let every: Vec<usize> = (1..bytes.len()).collect();
@@ -1393,6 +1500,21 @@ mod tests {
                 vec![("f", "{\"a\": 1}")],
             ),
         ];
+        // Calls longer than the pythonic parser reads at every push (see `pythonic`).
+        let long = "x(y) ".repeat(80);
+        let long_python = format!("[write(text='{long}'), g(a=1)] done");
+        let long_hermes = format!(
+            "<tool_call>\n{{\"name\": \"write\", \"arguments\": {{\"text\": \"{long}\"}}}}\n</tool_call>"
+        );
+        let long_arguments = format!("{{\"text\": \"{long}\"}}");
+        let mut cases = cases;
+        cases.push((
+            Pythonic,
+            &long_python,
+            "done",
+            vec![("write", &long_arguments), ("g", "{\"a\": 1}")],
+        ));
+        cases.push((Hermes, &long_hermes, "", vec![("write", &long_arguments)]));
         for (format, text, content, expected) in cases {
             let got = every_split(ReasoningParserKind::Off, Some(format), text);
             assert_eq!(got.0, "", "{text:?}");
@@ -1551,6 +1673,31 @@ mod tests {
         }
     }
 
+    /// The resumable scan finds the same ends as `value_end`, fed any growing prefixes.
+    #[test]
+    fn the_resumable_scan_agrees_with_value_end() {
+        for text in [
+            "{\"a\": [1, \"}\\\"]\"], \"b\": {}} tail",
+            "\"str \\\\\" x",
+            "[[], {\"k\": \"]\"}] ,",
+            "{\"open\": ",
+            "12, 3",
+        ] {
+            for step in 1..=3 {
+                let mut scan = JsonScan::default();
+                let mut len = 0;
+                while len < text.len() {
+                    len = (len + step).min(text.len());
+                    assert_eq!(
+                        scan.end(&text[..len]),
+                        value_end(&text[..len]),
+                        "{text:?} {len}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn templates_choose_the_parsers() {
         use ToolParserKind::*;
@@ -1575,7 +1722,7 @@ mod tests {
 
     /// Malformed and hostile outputs: every format and reasoning mode, on mutations of the
     /// recorded outputs (each byte dropped, and a deterministic pseudo-random garbage mix),
-    /// never panics and still gives the same result at every split.
+    /// never panics and still gives the same result however it is cut.
     #[test]
     fn malformed_outputs_never_panic_and_split_the_same() {
         let seeds = [
@@ -1605,7 +1752,7 @@ mod tests {
             .chars()
             .collect();
         let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        for _ in 0..200 {
+        for _ in 0..100 {
             let mut s = String::new();
             for _ in 0..40 {
                 x ^= x << 13;
@@ -1618,13 +1765,63 @@ mod tests {
         for input in &inputs {
             for format in formats {
                 for reasoning in [ReasoningParserKind::Off, ReasoningParserKind::DeepSeekR1] {
-                    let got = every_split(reasoning, Some(format), input);
+                    // Cut in two every 5 bytes here (and byte by byte): the recorded outputs
+                    // above are cut everywhere.
+                    let got = splits(reasoning, Some(format), input, 5);
                     if got.2.is_empty() && reasoning == ReasoningParserKind::Off {
                         // No call: everything is content, as it came.
                         assert_eq!(&got.1, input, "{format:?}");
                     }
                 }
             }
+        }
+    }
+
+    /// A long call streamed in small pieces costs time linear in its length: each push scans
+    /// only what is new (these 192 KiB take tens of milliseconds; rescanning from the start
+    /// took minutes).
+    #[test]
+    fn long_outputs_parse_in_linear_time() {
+        for (format, head) in [
+            (
+                ToolParserKind::Hermes,
+                "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": \"",
+            ),
+            (ToolParserKind::Hermes, "<tool_call>\nnot json "),
+            (
+                ToolParserKind::Llama3Json,
+                "{\"name\": \"f\", \"parameters\": {\"a\": \"",
+            ),
+            (ToolParserKind::Pythonic, "[f(a=\""),
+            (
+                ToolParserKind::Mistral,
+                "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"a\": \"",
+            ),
+            (ToolParserKind::Mistral, "[TOOL_CALLS]f[ARGS]{\"a\": \""),
+        ] {
+            let mut parser = parser(ReasoningParserKind::DeepSeekR1, Some(format));
+            let start = std::time::Instant::now();
+            let mut pieces = parser.push("<think>");
+            for _ in 0..16_384 {
+                pieces.extend(parser.push("why "));
+            }
+            pieces.extend(parser.push("</think>"));
+            pieces.extend(parser.push(head));
+            for _ in 0..32_768 {
+                pieces.extend(parser.push("abcd"));
+            }
+            pieces.extend(parser.finish());
+            let elapsed = start.elapsed();
+            let (reasoning, content, calls) = gather(&pieces);
+            assert_eq!(reasoning.len(), 4 * 16_384);
+            assert!(
+                content.len() + calls.iter().map(|c| c.2.len()).sum::<usize>() >= 4 * 32_768,
+                "{format:?}"
+            );
+            assert!(
+                elapsed < std::time::Duration::from_secs(5),
+                "{format:?} {head:?}: {elapsed:?}"
+            );
         }
     }
 }
