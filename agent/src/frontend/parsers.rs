@@ -15,8 +15,32 @@
 
 use serde_json::Value;
 
-use super::tools::spaced;
 use crate::worker::{ReasoningParserKind, ToolParserKind};
+
+/// JSON with Python's `json.dumps` separators (`", "`, `": "`): the form the grammar produces
+/// and the default prompt shows.
+pub(super) fn spaced(value: &Value) -> String {
+    match value {
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(spaced).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Object(map) => {
+            let items: Vec<String> = map
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}: {}",
+                        serde_json::to_string(k).unwrap_or_default(),
+                        spaced(v)
+                    )
+                })
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
 
 /// What a piece of generated text turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]

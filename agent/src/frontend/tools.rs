@@ -21,6 +21,7 @@ use kvfleet_proto::Constraint;
 use serde_json::Value;
 
 use super::api::{self, ApiError};
+use super::parsers::spaced;
 use crate::worker::ToolParserKind;
 
 /// How the model may use the tools.
@@ -580,31 +581,6 @@ fn tool_calls(message: &api::ChatMessage, i: usize) -> Result<Vec<PastCall>, Api
             })
         })
         .collect()
-}
-
-/// JSON with Python's `json.dumps` separators (`", "`, `": "`): the form the grammar produces
-/// and the default prompt shows.
-pub(super) fn spaced(value: &Value) -> String {
-    match value {
-        Value::Array(items) => {
-            let items: Vec<String> = items.iter().map(spaced).collect();
-            format!("[{}]", items.join(", "))
-        }
-        Value::Object(map) => {
-            let items: Vec<String> = map
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{}: {}",
-                        serde_json::to_string(k).unwrap_or_default(),
-                        spaced(v)
-                    )
-                })
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -16,13 +16,15 @@
 mod config;
 pub mod engine;
 pub mod external;
+mod formats;
 pub mod process;
 pub mod protocol;
 pub mod supervisor;
 
 pub use config::{
     DEFAULT_EXTERNAL_CONTEXT, DEFAULT_EXTERNAL_SLOTS, DEFAULT_NATIVE_KV_MEMORY, Device, EngineKind,
-    ExternalEngine, ModelConfig, NATIVE_CONTEXT_UNCAPPED, ReasoningParserKind, RoutingMode,
-    SupervisorConfig, ToolParserKind, WorkerConfig,
+    ExternalEngine, ModelConfig, NATIVE_CONTEXT_UNCAPPED, RoutingMode, SupervisorConfig,
+    WorkerConfig,
 };
+pub use formats::{ReasoningParserKind, ToolParserKind};
 pub use supervisor::{KvTransferCounters, WorkerCommand, WorkerPool};
