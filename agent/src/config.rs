@@ -33,7 +33,10 @@ use crate::cp_client::{ControlPlaneConfig, JoinToken};
 use crate::frontend::FrontendConfig;
 use crate::logging::{LogConfig, LogFormat};
 use crate::peer::PeerSettings;
-use crate::worker::{Device, EngineKind, ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig};
+use crate::worker::{
+    Device, EngineKind, ModelConfig, ReasoningParserKind, RoutingMode, SupervisorConfig,
+    ToolParserKind, WorkerConfig,
+};
 
 /// Where the agent looks for its file when neither `--config` nor `KVFLEET_AGENT_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvfleet/agent.toml";
@@ -415,6 +418,8 @@ struct RawModel {
     kv_ttl_secs: Option<Spanned<i64>>,
     kv_events: Option<Spanned<String>>,
     kv_events_replay: Option<Spanned<String>>,
+    tool_parser: Option<Spanned<String>>,
+    reasoning_parser: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1372,6 +1377,40 @@ impl Checker<'_> {
                 None => ok = false,
             }
         }
+        if let Some(v) = &raw.tool_parser {
+            match ToolParserKind::parse(v.get_ref()) {
+                Some(kind) => model.tool_parser = Some(kind),
+                None => {
+                    let location = self.at(v);
+                    self.problem(
+                        location,
+                        format!(
+                            "models.tool_parser {:?} is unknown: expected {}",
+                            v.get_ref(),
+                            ToolParserKind::NAMES
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = &raw.reasoning_parser {
+            match ReasoningParserKind::parse(v.get_ref()) {
+                Some(kind) => model.reasoning_parser = Some(kind),
+                None => {
+                    let location = self.at(v);
+                    self.problem(
+                        location,
+                        format!(
+                            "models.reasoning_parser {:?} is unknown: expected {}",
+                            v.get_ref(),
+                            ReasoningParserKind::NAMES
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
         ok.then_some(model)
     }
 
@@ -1919,6 +1958,36 @@ burst = 4
                 "agent.toml:2:18: frontend.metrics_listen = 127.0.0.1:8000 is frontend.listen"
             )),
             "{refused:?}"
+        );
+    }
+
+    /// `tool_parser` and `reasoning_parser` name a format, or are a problem that names the
+    /// key and the choices; absent, the chat template decides (`None`).
+    #[test]
+    fn models_name_their_tool_and_reasoning_parsers() {
+        let config = load(
+            "[[models]]\nname = \"a\"\ntool_parser = \"pythonic\"\nreasoning_parser = \"deepseek_r1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.models[0].tool_parser, Some(ToolParserKind::Pythonic));
+        assert_eq!(
+            config.models[0].reasoning_parser,
+            Some(ReasoningParserKind::DeepSeekR1)
+        );
+        let plain = load("[[models]]\nname = \"a\"\n").unwrap();
+        assert_eq!(plain.models[0].tool_parser, None);
+        assert_eq!(plain.models[0].reasoning_parser, None);
+        let bad = problems(
+            "[[models]]\nname = \"a\"\ntool_parser = \"xml\"\nreasoning_parser = \"maybe\"\n",
+        );
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad[0].contains("models.tool_parser \"xml\"") && bad[0].contains("llama3_json"),
+            "{bad:?}"
+        );
+        assert!(
+            bad[1].contains("models.reasoning_parser \"maybe\"") && bad[1].contains("deepseek_r1"),
+            "{bad:?}"
         );
     }
 

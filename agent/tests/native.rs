@@ -153,6 +153,146 @@ async fn the_openai_sdk_drives_the_responses_api() {
     );
 }
 
+/// Each tool-call format end to end on the tiny model (whose template renders no tools, so
+/// each gets its format's default prompt): with `tool_parser` set per model, a forced call is
+/// written in that format (the grammar allows nothing else) and read back by that format's
+/// parser into `tool_calls` whose arguments validate, streamed deltas gathering into the same
+/// calls as the whole answer. And `reasoning_parser = "deepseek_r1"`: the model's output, which
+/// never closes `</think>`, is all `reasoning_content`, in the message and in the deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tool_call_format_and_reasoning_go_through_the_frontend() {
+    let path = tiny_model();
+    let formats = ["hermes", "llama3_json", "mistral", "pythonic"];
+    let mut config = String::new();
+    for format in formats {
+        let extra = format!("tool_parser = \"{format}\"\n");
+        config.push_str(&native_model(&format!("tiny-{format}"), &path, &extra));
+    }
+    let r1 = "reasoning_parser = \"deepseek_r1\"\n";
+    config.push_str(&native_model("tiny-r1", &path, r1));
+    config.push_str(&native_model("tiny-plain", &path, ""));
+    for format in formats {
+        config.push_str(&format!(
+            "[[workers]]\nmodel = \"tiny-{format}\"\ndevice = \"cpu\"\n"
+        ));
+    }
+    for model in ["tiny-r1", "tiny-plain"] {
+        config.push_str(&format!(
+            "[[workers]]\nmodel = \"{model}\"\ndevice = \"cpu\"\n"
+        ));
+    }
+    let agent = TestAgent::start(&config).await;
+
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "enum": ["Paris", "Oslo"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city", "days"]}}}]);
+    // (name, arguments) of each call in a whole answer and in a stream's deltas.
+    fn whole_calls(body: &Value) -> Vec<(String, String)> {
+        body["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap_or_else(|| panic!("tool_calls: {body}"))
+            .iter()
+            .map(|c| {
+                (
+                    c["function"]["name"].as_str().unwrap().to_owned(),
+                    c["function"]["arguments"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+    for format in formats {
+        let model = format!("tiny-{format}");
+        let mut request = json!({"model": model,
+            "messages": [{"role": "user", "content": "the weather in Paris for 3 days?"}],
+            "tools": tools, "tool_choice": "required", "parallel_tool_calls": false,
+            "max_tokens": 400, "temperature": 0});
+        let response = agent.post("/v1/chat/completions", request.clone()).await;
+        assert_eq!(response.status(), 200, "{format}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["choices"][0]["finish_reason"], "tool_calls",
+            "{format}: {body}"
+        );
+        let calls = whole_calls(&body);
+        assert_eq!(calls.len(), 1, "{format}: {body}");
+        assert_eq!(calls[0].0, "get_weather", "{format}");
+        let arguments: Value = serde_json::from_str(&calls[0].1)
+            .unwrap_or_else(|e| panic!("{format}: {e}: {}", calls[0].1));
+        assert!(
+            ["Paris", "Oslo"].contains(&arguments["city"].as_str().unwrap_or_default()),
+            "{format}: {arguments}"
+        );
+        assert!(
+            (1..=7).contains(&arguments["days"].as_i64().unwrap_or(0)),
+            "{format}: {arguments}"
+        );
+
+        request["stream"] = json!(true);
+        let events = sse_events(agent.post("/v1/chat/completions", request).await).await;
+        let mut streamed: Vec<(String, String)> = Vec::new();
+        for event in events.iter().filter(|e| *e != "[DONE]") {
+            let chunk: Value = serde_json::from_str(event).unwrap();
+            let Some(deltas) = chunk["choices"][0]["delta"]["tool_calls"].as_array() else {
+                continue;
+            };
+            for delta in deltas {
+                let index = delta["index"].as_u64().unwrap() as usize;
+                if let Some(name) = delta["function"]["name"].as_str() {
+                    assert_eq!(index, streamed.len(), "{format}");
+                    assert!(delta["id"].is_string(), "{format}: {delta}");
+                    streamed.push((name.to_owned(), String::new()));
+                }
+                if let Some(text) = delta["function"]["arguments"].as_str() {
+                    streamed[index].1.push_str(text);
+                }
+            }
+        }
+        assert_eq!(streamed, calls, "{format}: streamed and whole differ");
+    }
+
+    // Reasoning: the same greedy output, as content without the parser and as reasoning with.
+    let ask = |model: &str| chat(model, "the quick brown fox", 12);
+    let plain: Value = agent
+        .post("/v1/chat/completions", ask("tiny-plain"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let text = plain["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        plain["choices"][0]["message"]
+            .get("reasoning_content")
+            .is_none()
+    );
+    let reasoned: Value = agent
+        .post("/v1/chat/completions", ask("tiny-r1"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let message = &reasoned["choices"][0]["message"];
+    assert!(!text.is_empty() && !text.contains("</think>"), "{plain}");
+    assert_eq!(message["reasoning_content"], text, "{reasoned}");
+    assert_eq!(message["content"], "", "{reasoned}");
+    let mut stream = ask("tiny-r1");
+    stream["stream"] = json!(true);
+    let events = sse_events(agent.post("/v1/chat/completions", stream).await).await;
+    let mut reasoning = String::new();
+    for event in events.iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["reasoning_content"].as_str() {
+            reasoning.push_str(piece);
+        }
+    }
+    assert_eq!(
+        Some(reasoning.as_str()),
+        message["reasoning_content"].as_str(),
+        "streamed reasoning differs"
+    );
+}
+
 /// Issue 23's acceptance on SmolLM2-135M: strict json_schema over the corpus's schemas and
 /// `tool_choice: "required"` over its tool sets, every output parsing and validating. CI runs
 /// the first `KVFLEET_CORPUS` of each (default 4, about 30 s on 2 cores); `KVFLEET_CORPUS=all` runs

@@ -413,6 +413,14 @@ pub const MESSAGE_FIELDS: &[Field] = &[
         r#"{"name": "f"}"#,
     ),
     refused(
+        "reasoning_content",
+        On::Chat,
+        is_empty,
+        "an assistant message's reasoning is not fed back to the model: send the message \
+         without it",
+        r#""Let me think.""#,
+    ),
+    refused(
         "refusal",
         On::Chat,
         never,

@@ -34,6 +34,7 @@ mod conn;
 pub mod fields;
 pub mod metrics;
 pub mod models;
+mod parsers;
 mod prepare;
 pub mod ratelimit;
 pub mod response_store;

@@ -24,8 +24,9 @@ use kvfleet_model::{ChatMessage, TextModel};
 use kvfleet_proto::BlockSize;
 use kvfleet_proto::Constraint;
 
+use super::parsers::{MARKER_TOKENS, detect_reasoning, detect_tools};
 use super::text::{ByteTokenizer, ChatTemplate, PlainChatTemplate, Tokenizer};
-use crate::worker::{EngineKind, ModelConfig};
+use crate::worker::{EngineKind, ModelConfig, ReasoningParserKind, ToolParserKind};
 
 /// Text in and out for one model.
 pub trait TextCodec: Send + Sync + std::fmt::Debug {
@@ -42,6 +43,9 @@ pub trait TextCodec: Send + Sync + std::fmt::Debug {
     /// Whether the chat template renders tool definitions and tool-call messages itself;
     /// otherwise the frontend writes them into the messages' text (`tools.rs`).
     fn renders_tools(&self) -> bool;
+    /// The chat template's source, whose markers choose the tool-call and reasoning parsers
+    /// when the config names none (`parsers.rs`); `None` without one.
+    fn chat_template(&self) -> Option<&str>;
     /// The bytes a generated token stands for; empty for special tokens (EOS, end of turn).
     fn token_bytes(&self, token: u32) -> &[u8];
     /// Token ids are `0..vocab_size`.
@@ -87,6 +91,10 @@ impl TextCodec for MockText {
 
     fn renders_tools(&self) -> bool {
         false
+    }
+
+    fn chat_template(&self) -> Option<&str> {
+        None
     }
 
     fn token_bytes(&self, token: u32) -> &[u8] {
@@ -137,6 +145,11 @@ impl NativeText {
             .into_iter()
             .map(|piece| match piece {
                 TokenPiece::Bytes(bytes) => bytes,
+                // The markers the output parsers read keep their text even where the
+                // tokenizer calls them special (`[TOOL_CALLS]`, `<|python_tag|>`, …).
+                TokenPiece::Special(name) if MARKER_TOKENS.contains(&name.as_str()) => {
+                    name.into_bytes().into_boxed_slice()
+                }
                 TokenPiece::Special(_) => Box::default(),
             })
             .collect();
@@ -175,6 +188,10 @@ impl TextCodec for NativeText {
             .chat_template
             .as_ref()
             .is_some_and(|t| t.renders_tools())
+    }
+
+    fn chat_template(&self) -> Option<&str> {
+        self.model.chat_template.as_ref().map(|t| t.source())
     }
 
     fn token_bytes(&self, token: u32) -> &[u8] {
@@ -225,6 +242,12 @@ pub struct ServedModel {
     pub block_size: BlockSize,
     /// Its tokenizer and chat template.
     pub text: Arc<dyn TextCodec>,
+    /// The format its tool calls are parsed in: the config's `tool_parser`, or the one its
+    /// chat template implies.
+    pub tool_parser: ToolParserKind,
+    /// How its reasoning is separated: the config's `reasoning_parser`, or as its chat
+    /// template implies.
+    pub reasoning_parser: ReasoningParserKind,
 }
 
 impl ServedModel {
@@ -258,11 +281,19 @@ impl ServedModel {
                 (Arc::new(text), config.context_length.min(window))
             }
         };
+        let tool_parser = config
+            .tool_parser
+            .unwrap_or_else(|| detect_tools(text.chat_template()));
+        let reasoning_parser = config
+            .reasoning_parser
+            .unwrap_or_else(|| detect_reasoning(text.chat_template()));
         Ok(Self {
             context_length,
             block_size: config.block_size,
             text,
             config,
+            tool_parser,
+            reasoning_parser,
         })
     }
 }
@@ -315,7 +346,9 @@ impl ModelRegistry {
     pub fn insert(&self, model: ServedModel) -> Arc<ServedModel> {
         let model = Arc::new(model);
         tracing::info!(model = model.name(), engine = ?model.config.engine,
-            context_length = model.context_length, text = %model.text.describe(), "model registered");
+            context_length = model.context_length, text = %model.text.describe(),
+            tool_parser = ?model.tool_parser, reasoning_parser = ?model.reasoning_parser,
+            "model registered");
         if let Ok(mut models) = self.models.write() {
             models.insert(model.config.name.clone(), model.clone());
         }

@@ -19,8 +19,8 @@ use super::api::{
 };
 use super::models::TextCodec;
 use super::{fields, structured, tools};
-use crate::worker::EngineKind;
 use crate::worker::protocol::WireEngine;
+use crate::worker::{EngineKind, ReasoningParserKind, ToolParserKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Endpoint {
@@ -57,6 +57,10 @@ pub(super) struct Prepared {
     pub(super) n: u32,
     /// Whether the output is parsed for tool calls (`tools` given, `tool_choice` not `none`).
     pub(super) tool_calls: bool,
+    /// The format tool calls are parsed in (the model's).
+    pub(super) tool_parser: ToolParserKind,
+    /// How reasoning is separated (the model's, for chat; off for completions).
+    pub(super) reasoning_parser: ReasoningParserKind,
 }
 
 /// The most choices one request may ask for.
@@ -166,7 +170,12 @@ pub(super) fn prepare(
             }
             tool_set = tools::read(&value)?;
             let renders_tools = model.text.renders_tools();
-            let messages = tools::render(&request.messages, tool_set.as_ref(), renders_tools)?;
+            let messages = tools::render(
+                &request.messages,
+                tool_set.as_ref(),
+                renders_tools,
+                model.tool_parser,
+            )?;
             let definitions = tool_set
                 .as_ref()
                 .filter(|t| t.active() && renders_tools)
@@ -264,7 +273,11 @@ pub(super) fn prepare(
             .map_err(|e| ApiError::invalid_value(field, format!("{field}: {e}")))?;
         checked.sampling.constraint = Some(constraint);
     }
-    if let Some(constraint) = tool_set.as_ref().and_then(tools::ToolSet::constraint) {
+    let tool_constraint = match &tool_set {
+        Some(set) => set.constraint(model.tool_parser)?,
+        None => None,
+    };
+    if let Some(constraint) = tool_constraint {
         if checked.sampling.constraint.is_some() {
             return Err(ApiError::invalid_value(
                 "tool_choice",
@@ -317,6 +330,11 @@ pub(super) fn prepare(
         include_usage: checked.include_usage,
         n: checked.n,
         tool_calls: tool_set.as_ref().is_some_and(tools::ToolSet::active),
+        tool_parser: model.tool_parser,
+        reasoning_parser: match endpoint {
+            Endpoint::Chat => model.reasoning_parser,
+            Endpoint::Completion => ReasoningParserKind::Off,
+        },
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -24,10 +24,11 @@ use super::admission::Slot;
 use super::api::{ApiError, FinishReason, Usage};
 use super::metrics::{ModelRole, RequestLatencies};
 use super::models::TextCodec;
+use super::parsers::{OutputParser, Piece};
 use super::prepare::{Endpoint, Prepared};
 use super::text::{StopMatcher, Utf8Stream};
-use super::tools::{Piece, ToolStream};
 use crate::backend::{self, GenEvent, GenerateRequest, Generation, TokenLogprob};
+use crate::worker::ReasoningParserKind;
 
 /// Waits for an admission slot (the bounded queue). The frontend takes it *before* it
 /// templates and tokenizes a request, so a flood queues or gets 429 instead of costing
@@ -228,8 +229,9 @@ struct Run {
     finished: bool,
     /// Completions logprobs: bytes of text before the next token.
     text_offset: usize,
-    /// The tool-call parser, when the request has active tools.
-    tools: Option<ToolStream>,
+    /// The output parser (reasoning, tool calls), when the model separates reasoning or the
+    /// request has active tools.
+    parser: Option<OutputParser>,
 }
 
 impl std::fmt::Debug for Run {
@@ -281,26 +283,30 @@ impl Run {
             latencies: None,
             finished: false,
             text_offset: 0,
-            tools: prepared.tool_calls.then(|| {
-                ToolStream::new(if prepared.n > 1 {
-                    format!("call_{}_{index}_", prepared.id)
-                } else {
-                    format!("call_{}_", prepared.id)
-                })
-            }),
+            parser: OutputParser::new(
+                prepared.reasoning_parser,
+                prepared.tool_calls.then(|| {
+                    let prefix = if prepared.n > 1 {
+                        format!("call_{}_{index}_", prepared.id)
+                    } else {
+                        format!("call_{}_", prepared.id)
+                    };
+                    (prepared.tool_parser, prefix)
+                }),
+            ),
         }
     }
 
-    /// Text as content and tool-call pieces (all content without tools); `last`: the
-    /// generation ended, so nothing more is held back.
+    /// Text as reasoning, content and tool-call pieces (all content without a parser);
+    /// `last`: the generation ended, so nothing more is held back.
     fn pieces(&mut self, text: &str, last: bool) -> Vec<Piece> {
-        match &mut self.tools {
+        match &mut self.parser {
             None if text.is_empty() => Vec::new(),
             None => vec![Piece::Content(text.to_owned())],
-            Some(tools) => {
-                let mut pieces = tools.push(text);
+            Some(parser) => {
+                let mut pieces = parser.push(text);
                 if last {
-                    pieces.extend(tools.finish());
+                    pieces.extend(parser.finish());
                 }
                 pieces
             }
@@ -309,8 +315,8 @@ impl Run {
 
     /// `tool_calls` when the model called a tool and ended on its own.
     fn finish_reason(&self, reason: FinishReason) -> FinishReason {
-        match &self.tools {
-            Some(tools) if tools.calls() > 0 && reason == FinishReason::Stop => {
+        match &self.parser {
+            Some(parser) if parser.calls() > 0 && reason == FinishReason::Stop => {
                 FinishReason::ToolCalls
             }
             _ => reason,
@@ -479,9 +485,11 @@ impl Run {
         };
         let reason = self.finish_reason(reason);
         let mut text = String::new();
+        let mut reasoning = String::new();
         let mut calls: Vec<serde_json::Value> = Vec::new();
         for piece in pieces {
             match piece {
+                Piece::Reasoning(piece) => reasoning.push_str(&piece),
                 Piece::Content(piece) => text.push_str(&piece),
                 Piece::Call { id, name, .. } => calls.push(
                     json!({"id": id, "type": "function", "function": {"name": name, "arguments": ""}}),
@@ -501,14 +509,23 @@ impl Run {
         tracing::debug!(choice = index, completion_tokens = self.assembler.completion_tokens,
             tool_calls = calls.len(), finish = ?reason, "choice complete");
         Ok(match self.prepared.endpoint {
-            Endpoint::Chat if calls.is_empty() => json!({"index": index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs, "finish_reason": reason}),
             Endpoint::Chat => {
-                let content = if text.is_empty() { None } else { Some(text) };
-                json!({"index": index,
-                    "message": {"role": "assistant", "content": content, "tool_calls": calls},
-                    "logprobs": logprobs, "finish_reason": reason})
+                let mut message = if calls.is_empty() {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    let content = if text.is_empty() { None } else { Some(text) };
+                    json!({"role": "assistant", "content": content, "tool_calls": calls})
+                };
+                // A model that reasons always says so (null when it did not this time).
+                if self.prepared.reasoning_parser != ReasoningParserKind::Off {
+                    message["reasoning_content"] = if reasoning.is_empty() {
+                        serde_json::Value::Null
+                    } else {
+                        json!(reasoning)
+                    };
+                }
+                json!({"index": index, "message": message, "logprobs": logprobs,
+                    "finish_reason": reason})
             }
             Endpoint::Completion => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
@@ -516,9 +533,18 @@ impl Run {
         })
     }
 
-    /// A chat chunk whose delta carries a piece of a tool call.
-    fn tool_chunk(&self, piece: &Piece) -> Event {
+    /// A chat chunk whose delta carries a piece of reasoning, content or a tool call.
+    fn piece_chunk(&self, piece: &Piece) -> Event {
         let call = match piece {
+            Piece::Reasoning(text) => {
+                return Event::default().data(
+                    json!({"id": response_id(&self.prepared), "object": self.object(true),
+                        "created": self.prepared.created, "model": self.prepared.model,
+                        "choices": [{"index": self.index, "delta": {"reasoning_content": text},
+                            "logprobs": null, "finish_reason": null}]})
+                    .to_string(),
+                );
+            }
             Piece::Call { index, id, name } => json!({"index": index, "id": id,
                 "type": "function", "function": {"name": name, "arguments": ""}}),
             Piece::Arguments { index, text } => {
@@ -679,7 +705,7 @@ impl Streamer {
                 return None;
             }
             match self.run.step().await {
-                Step::Text(text, scored) if self.run.tools.is_some() => {
+                Step::Text(text, scored) if self.run.parser.is_some() => {
                     let last = self.run.assembler.stopped;
                     self.push_pieces(&text, &scored, last);
                     if last {
@@ -697,7 +723,7 @@ impl Streamer {
                 }
                 Step::Done(reason) => {
                     let tail = self.run.assembler.finish();
-                    if self.run.tools.is_some() {
+                    if self.run.parser.is_some() {
                         self.push_pieces(&tail, &[], true);
                     } else if !tail.is_empty() {
                         let event = self.run.chunk(Some(&tail), None, &[]);
@@ -721,8 +747,8 @@ impl Streamer {
         }
     }
 
-    /// With tools: content and tool-call deltas for `text`; the tokens' logprobs ride on a
-    /// content chunk (an empty one when the text was all tool call).
+    /// With a parser: reasoning, content and tool-call deltas for `text`; the tokens' logprobs
+    /// ride on a content chunk (an empty one when the text had no content).
     fn push_pieces(&mut self, text: &str, scored: &[Scored], last: bool) {
         let pieces = self.run.pieces(text, last);
         let mut scored = Some(scored).filter(|s| !s.is_empty());
@@ -731,7 +757,7 @@ impl Streamer {
                 (Piece::Content(text), Some(s)) => self.run.chunk(Some(text), None, s),
                 (piece, taken) => {
                     scored = taken;
-                    self.run.tool_chunk(piece)
+                    self.run.piece_chunk(piece)
                 }
             };
             self.out.push_back(event);

@@ -1,27 +1,28 @@
 //! Tool calling: `tools`, `tool_choice` and `parallel_tool_calls` read and checked
-//! ([`read`]); tool definitions and tool messages rendered into the prompt ([`render`]); the
+//! ([`read`]); tool definitions and tool messages rendered into the prompt ([`render`]); and the
 //! grammar that makes `required` and a named function always produce valid calls
-//! ([`ToolSet::constraint`]); and the parser that turns the generated text into `tool_calls`,
-//! piece by piece as it streams ([`ToolStream`]).
+//! ([`ToolSet::constraint`]). The output is parsed into `tool_calls` by the parser of the
+//! model's format (`parsers.rs`).
 //!
-//! One format throughout, Hermes' (which Qwen and many fine-tunes use):
-//! `<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>`. A template that reads
-//! `tools` itself gets the definitions and the messages' `tool_calls` as `transformers` passes
-//! them; a template that does not (SmolLM2's plain ChatML) gets [`TOOL_PROMPT`] in the system
-//! message, assistant calls written in that format and tool results as `<tool_response>` user
-//! turns, as vLLM's and llama.cpp's generic tool prompts do. With `required` or a named
-//! function the output is constrained (llguidance, a Lark grammar embedding each function's
-//! parameter schema), so even a 135M model produces calls whose arguments validate; with
-//! `auto` the model chooses and the parser finds the calls it made.
-//!
-//! The parser is the same for a streamed and a whole answer: the whole answer is the streamed
-//! pieces gathered, so the two never differ.
+//! Four formats ([`ToolParserKind`]): Hermes' (Qwen and many fine-tunes),
+//! `<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>`; Llama 3's JSON
+//! `{"name": "f", "parameters": {...}}`; Mistral's `[TOOL_CALLS] [{"name": …, "arguments": …}]`;
+//! and pythonic `[f(a=1)]`. A template that reads `tools` itself gets the definitions and the
+//! messages' `tool_calls` as `transformers` passes them; a template that does not (SmolLM2's
+//! plain ChatML) gets the format's default prompt ([`default_prompt`]) in the system message,
+//! assistant calls written in the format and tool results as `<tool_response>` user turns, as
+//! vLLM's and llama.cpp's generic tool prompts do. With `required` or a named function the
+//! output is constrained (llguidance, a Lark grammar embedding each function's parameter
+//! schema, in the model's format), so even a 135M model produces calls whose arguments
+//! validate; with `auto` the model chooses and the parser finds the calls it made.
 
 use kvfleet_model::ChatMessage;
 use kvfleet_proto::Constraint;
 use serde_json::Value;
 
 use super::api::{self, ApiError};
+use super::parsers::spaced;
+use crate::worker::ToolParserKind;
 
 /// How the model may use the tools.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,13 +55,45 @@ pub(super) struct ToolSet {
     parallel: bool,
 }
 
-/// The tool prompt for templates that do not render tools (Qwen 2.5's wording, the format the
-/// parser reads); the definitions, one JSON object a line, go between the tags.
+/// The Hermes tool prompt for templates that do not render tools (Qwen 2.5's wording, the
+/// format the parser reads); the definitions, one JSON object a line, go between the tags.
 pub(super) const TOOL_PROMPT: &str = "# Tools\n\nYou may call one or more functions to assist \
 with the user query.\n\nYou are provided with function signatures within <tools></tools> XML \
 tags:\n<tools>\n{tools}\n</tools>\n\nFor each function call, return a json object with function \
 name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": \
 <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
+
+/// Llama 3's: Meta's wording for JSON tool calls (Llama 3.1/3.2 model cards).
+const LLAMA3_PROMPT: &str = "Given the following functions, please respond with a JSON for a \
+function call with its proper arguments that best answers the given prompt.\n\nRespond in the \
+format {\"name\": function name, \"parameters\": dictionary of argument name and its value}. \
+Do not use variables.\n\n{tools}";
+
+/// Mistral's list form.
+const MISTRAL_PROMPT: &str = "# Tools\n\nYou may call one or more functions to assist with the \
+user query. The functions, one JSON object a line:\n{tools}\n\nTo call functions, answer with \
+[TOOL_CALLS] followed by a JSON list of calls:\n[TOOL_CALLS] [{\"name\": <function-name>, \
+\"arguments\": <args-json-object>}]";
+
+/// Pythonic: the wording of vLLM's Llama 3.2 pythonic template.
+const PYTHONIC_PROMPT: &str = "You are an expert in composing functions. You are given a \
+question and a set of possible functions. Based on the question, you will need to make one or \
+more function/tool calls to achieve the purpose.\n\nIf you decide to invoke any of the \
+function(s), you MUST put it in the format of [func_name1(params_name1=params_value1, \
+params_name2=params_value2...), func_name2(params)]\nYou SHOULD NOT include any other text in \
+the response if you call a function.\nHere is a list of functions in JSON format that you can \
+invoke.\n{tools}";
+
+/// The default tool prompt of `format`, for templates that do not render tools; `{tools}`
+/// stands for the definitions, one JSON object a line.
+pub(super) fn default_prompt(format: ToolParserKind) -> &'static str {
+    match format {
+        ToolParserKind::Hermes => TOOL_PROMPT,
+        ToolParserKind::Llama3Json => LLAMA3_PROMPT,
+        ToolParserKind::Mistral => MISTRAL_PROMPT,
+        ToolParserKind::Pythonic => PYTHONIC_PROMPT,
+    }
+}
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -211,30 +244,53 @@ impl ToolSet {
         Value::Array(self.tools.iter().map(|t| t.definition.clone()).collect())
     }
 
-    /// The grammar for `required` and a named function: one call (or, with parallel calls,
-    /// one or more) of the allowed functions, each `{"name": …, "arguments": …}` with the
-    /// arguments valid against the function's parameters. Properties a parameters object does
-    /// not name are not generated unless it says `additionalProperties` itself (a small model
-    /// otherwise invents keys until `max_tokens`). `None` for `auto` and `none`.
-    pub(super) fn constraint(&self) -> Option<Constraint> {
+    /// The grammar for `required` and a named function, in the model's `format`: one call
+    /// (or, with parallel calls, one or more) of the allowed functions, each with arguments
+    /// valid against the function's parameters. Properties a parameters object does not name
+    /// are not generated unless it says `additionalProperties` itself (a small model otherwise
+    /// invents keys until `max_tokens`). `None` for `auto` and `none`; an error when the
+    /// format cannot spell a function's parameters (pythonic calls need named parameters).
+    pub(super) fn constraint(
+        &self,
+        format: ToolParserKind,
+    ) -> Result<Option<Constraint>, ApiError> {
         let allowed: Vec<&Tool> = match &self.choice {
-            ToolChoice::None | ToolChoice::Auto => return None,
+            ToolChoice::None | ToolChoice::Auto => return Ok(None),
             ToolChoice::Required => self.tools.iter().collect(),
             ToolChoice::Named(name) => self.tools.iter().filter(|t| &t.name == name).collect(),
+        };
+        let literal = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let parallel = self.parallel && self.choice == ToolChoice::Required;
+        if format == ToolParserKind::Pythonic {
+            let mut rules = Vec::with_capacity(allowed.len());
+            for (i, tool) in allowed.iter().enumerate() {
+                rules.push(format!("call{i}: {}", python_call_rule(tool)?));
+            }
+            let calls: Vec<String> = (0..allowed.len()).map(|i| format!("call{i}")).collect();
+            let repeat = if parallel {
+                format!(" ({} call)*", literal(", "))
+            } else {
+                String::new()
+            };
+            return Ok(Some(Constraint::Lark(format!(
+                "start: {} call{repeat} {}\ncall: {}\n{}\n",
+                literal("["),
+                literal("]"),
+                calls.join(" | "),
+                rules.join("\n")
+            ))));
+        }
+        let arguments_key = match format {
+            ToolParserKind::Llama3Json => "parameters",
+            _ => "arguments",
         };
         let calls: Vec<Value> = allowed
             .iter()
             .map(|tool| {
-                let mut parameters = tool.parameters.clone();
-                if let Some(object) = parameters.as_object_mut()
-                    && object.get("type").and_then(Value::as_str) == Some("object")
-                    && !object.contains_key("additionalProperties")
-                {
-                    object.insert("additionalProperties".into(), Value::Bool(false));
-                }
+                let parameters = closed(&tool.parameters);
                 serde_json::json!({"type": "object",
-                    "properties": {"name": {"const": tool.name}, "arguments": parameters},
-                    "required": ["name", "arguments"], "additionalProperties": false})
+                    "properties": {"name": {"const": tool.name}, arguments_key: parameters},
+                    "required": ["name", arguments_key], "additionalProperties": false})
             })
             .collect();
         let mut schema = if calls.len() == 1 {
@@ -249,18 +305,97 @@ impl ToolSet {
                     "item_separator": ", ", "key_separator": ": "}),
             );
         }
-        let literal = |s: &str| serde_json::to_string(s).unwrap_or_default();
-        let repeat = if self.parallel && self.choice == ToolChoice::Required {
-            format!(" ({} call)*", literal("\n"))
+        let (open, separator, close) = match format {
+            ToolParserKind::Hermes => (format!("{OPEN}\n"), "\n", format!("\n{CLOSE}")),
+            ToolParserKind::Llama3Json => (String::new(), "; ", String::new()),
+            // The list is one region: the calls go inside it.
+            _ => (String::new(), ", ", String::new()),
+        };
+        let repeat = if parallel {
+            format!(" ({} call)*", literal(separator))
         } else {
             String::new()
         };
-        Some(Constraint::Lark(format!(
-            "start: call{repeat}\ncall: {} %json {schema} {}\n",
-            literal(&format!("{OPEN}\n")),
-            literal(&format!("\n{CLOSE}")),
-        )))
+        // An empty literal is not a Lark terminal: the bare formats have none.
+        let before = if open.is_empty() {
+            String::new()
+        } else {
+            format!("{} ", literal(&open))
+        };
+        let after = if close.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", literal(&close))
+        };
+        let call = format!("call: {before}%json {schema}{after}");
+        let grammar = if format == ToolParserKind::Mistral {
+            format!(
+                "start: {} call{repeat} {}\n{call}\n",
+                literal("[TOOL_CALLS] ["),
+                literal("]")
+            )
+        } else {
+            format!("start: call{repeat}\n{call}\n")
+        };
+        Ok(Some(Constraint::Lark(grammar)))
     }
+}
+
+/// `parameters` with `additionalProperties: false` when it is an object schema that does not
+/// say.
+fn closed(parameters: &Value) -> Value {
+    let mut parameters = parameters.clone();
+    if let Some(object) = parameters.as_object_mut()
+        && object.get("type").and_then(Value::as_str) == Some("object")
+        && !object.contains_key("additionalProperties")
+    {
+        object.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    parameters
+}
+
+/// The Lark rule of one forced pythonic call: `name(` the required parameters, each
+/// `key=<JSON value valid against its schema>` (JSON's literals read as Python's), `)`.
+fn python_call_rule(tool: &Tool) -> Result<String, ApiError> {
+    let literal = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let properties = tool.parameters.get("properties").and_then(Value::as_object);
+    let required: Vec<&str> = tool
+        .parameters
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut parts = vec![literal(&format!("{}(", tool.name))];
+    for (i, key) in required.iter().enumerate() {
+        let schema = properties.and_then(|p| p.get(*key));
+        let identifier = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let (Some(schema), true) = (schema, identifier) else {
+            return Err(ApiError::invalid_value(
+                "tool_choice",
+                format!(
+                    "function {:?}: required parameter {key:?} cannot be written as a pythonic \
+                     keyword argument (a forced call with the pythonic tool parser needs each \
+                     required parameter named in `properties` by an identifier)",
+                    tool.name
+                ),
+            ));
+        };
+        let separator = if i == 0 { "" } else { ", " };
+        parts.push(literal(&format!("{separator}{key}=")));
+        let mut schema = closed(schema);
+        if let Some(object) = schema.as_object_mut() {
+            object.insert(
+                "x-guidance".into(),
+                serde_json::json!({"whitespace_flexible": false,
+                    "item_separator": ", ", "key_separator": ": "}),
+            );
+        }
+        parts.push(format!("%json {schema}"));
+    }
+    parts.push(literal(")"));
+    Ok(parts.join(" "))
 }
 
 /// The conversation as the model's template takes it. `template_renders_tools`: the template
@@ -270,6 +405,7 @@ pub(super) fn render(
     messages: &[api::ChatMessage],
     tools: Option<&ToolSet>,
     template_renders_tools: bool,
+    format: ToolParserKind,
 ) -> Result<Vec<ChatMessage>, ApiError> {
     let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
     for (i, message) in messages.iter().enumerate() {
@@ -291,17 +427,10 @@ pub(super) fn render(
             continue;
         }
         if !calls.is_empty() {
-            let written: Vec<String> = calls
-                .iter()
-                .map(|c| {
-                    let call = serde_json::json!({"name": c.name, "arguments": c.arguments});
-                    format!("{OPEN}\n{}\n{CLOSE}", spaced(&call))
-                })
-                .collect();
             if !rendered.content.is_empty() {
                 rendered.content.push('\n');
             }
-            rendered.content.push_str(&written.join("\n"));
+            rendered.content.push_str(&write_calls(&calls, format));
         }
         if message.role == "tool" {
             let response = format!("<tool_response>\n{}\n</tool_response>", rendered.content);
@@ -321,7 +450,7 @@ pub(super) fn render(
         && !template_renders_tools
     {
         let lines: Vec<String> = tools.tools.iter().map(|t| spaced(&t.definition)).collect();
-        let prompt = TOOL_PROMPT.replace("{tools}", &lines.join("\n"));
+        let prompt = default_prompt(format).replace("{tools}", &lines.join("\n"));
         match out.first_mut() {
             Some(first) if first.role == "system" || first.role == "developer" => {
                 first.content = format!("{}\n\n{prompt}", first.content);
@@ -330,6 +459,76 @@ pub(super) fn render(
         }
     }
     Ok(out)
+}
+
+/// An assistant turn's calls as the model writes them in `format`.
+fn write_calls(calls: &[PastCall], format: ToolParserKind) -> String {
+    let json = |c: &PastCall, key: &str| {
+        let mut call = serde_json::Map::new();
+        call.insert("name".into(), Value::String(c.name.clone()));
+        call.insert(key.into(), c.arguments.clone());
+        spaced(&Value::Object(call))
+    };
+    match format {
+        ToolParserKind::Hermes => {
+            let written: Vec<String> = calls
+                .iter()
+                .map(|c| format!("{OPEN}\n{}\n{CLOSE}", json(c, "arguments")))
+                .collect();
+            written.join("\n")
+        }
+        ToolParserKind::Llama3Json => {
+            let written: Vec<String> = calls.iter().map(|c| json(c, "parameters")).collect();
+            written.join("; ")
+        }
+        ToolParserKind::Mistral => {
+            let written: Vec<String> = calls.iter().map(|c| json(c, "arguments")).collect();
+            format!("[TOOL_CALLS] [{}]", written.join(", "))
+        }
+        ToolParserKind::Pythonic => {
+            let written: Vec<String> = calls
+                .iter()
+                .map(|c| {
+                    let arguments: Vec<String> = match &c.arguments {
+                        Value::Object(map) => map
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", python_literal(v)))
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    format!("{}({})", c.name, arguments.join(", "))
+                })
+                .collect();
+            format!("[{}]", written.join(", "))
+        }
+    }
+}
+
+/// A JSON value as a Python literal (JSON strings, numbers, lists and dicts already are).
+fn python_literal(value: &Value) -> String {
+    match value {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(python_literal).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Object(map) => {
+            let items: Vec<String> = map
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}: {}",
+                        serde_json::to_string(k).unwrap_or_default(),
+                        python_literal(v)
+                    )
+                })
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A call of an assistant message in the conversation.
@@ -384,303 +583,6 @@ fn tool_calls(message: &api::ChatMessage, i: usize) -> Result<Vec<PastCall>, Api
         .collect()
 }
 
-/// JSON with Python's `json.dumps` separators (`", "`, `": "`): the form the grammar produces
-/// and the default prompt shows.
-pub(super) fn spaced(value: &Value) -> String {
-    match value {
-        Value::Array(items) => {
-            let items: Vec<String> = items.iter().map(spaced).collect();
-            format!("[{}]", items.join(", "))
-        }
-        Value::Object(map) => {
-            let items: Vec<String> = map
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{}: {}",
-                        serde_json::to_string(k).unwrap_or_default(),
-                        spaced(v)
-                    )
-                })
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        other => other.to_string(),
-    }
-}
-
-/// What a piece of generated text turned out to be.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Piece {
-    /// Text for `content`.
-    Content(String),
-    /// A call begins: its index in the choice's `tool_calls`, id and function name.
-    Call {
-        index: usize,
-        id: String,
-        name: String,
-    },
-    /// More of call `index`'s arguments (JSON text).
-    Arguments { index: usize, text: String },
-}
-
-/// The streaming tool-call parser of one choice.
-#[derive(Debug)]
-pub(super) struct ToolStream {
-    /// Call ids are `{id_prefix}{index}`.
-    id_prefix: String,
-    calls: usize,
-    state: State,
-}
-
-#[derive(Debug)]
-enum State {
-    /// Outside a call; `held` may still begin `<tool_call>` (or is whitespace that goes away
-    /// if a call follows).
-    Text { held: String },
-    /// Inside `<tool_call>`: `body` so far; once the name is read, where the arguments start
-    /// and how many of their bytes went out.
-    Call {
-        body: String,
-        arguments: Option<(usize, usize)>,
-    },
-}
-
-impl ToolStream {
-    pub(super) fn new(id_prefix: String) -> Self {
-        Self {
-            id_prefix,
-            calls: 0,
-            state: State::Text {
-                held: String::new(),
-            },
-        }
-    }
-
-    /// Calls found so far.
-    pub(super) fn calls(&self) -> usize {
-        self.calls
-    }
-
-    /// Feeds generated text; returns what can be said about it already.
-    pub(super) fn push(&mut self, text: &str) -> Vec<Piece> {
-        let mut out = Vec::new();
-        let mut input = text.to_owned();
-        loop {
-            match &mut self.state {
-                State::Text { held } => {
-                    held.push_str(&input);
-                    if let Some(at) = held.find(OPEN) {
-                        // Whitespace before a call is layout, not content (it may have been
-                        // held back already, so dropping it here keeps the two forms equal).
-                        let before = held[..at].trim_end().to_owned();
-                        let rest = held[at + OPEN.len()..].to_owned();
-                        if !before.is_empty() {
-                            out.push(Piece::Content(before));
-                        }
-                        self.state = State::Call {
-                            body: String::new(),
-                            arguments: None,
-                        };
-                        input = rest;
-                        continue;
-                    }
-                    // Hold the tail that may begin a tag, and trailing whitespace.
-                    let keep_from = (1..OPEN.len())
-                        .rev()
-                        .find(|&k| held.len() >= k && held.ends_with(&OPEN[..k]))
-                        .map_or(held.len(), |k| held.len() - k);
-                    let keep_from = held[..keep_from].trim_end().len();
-                    if keep_from > 0 {
-                        out.push(Piece::Content(held[..keep_from].to_owned()));
-                        held.replace_range(..keep_from, "");
-                    }
-                    return out;
-                }
-                State::Call { body, .. } => {
-                    body.push_str(&input);
-                    if let Some(at) = body.find(CLOSE) {
-                        let rest = body[at + CLOSE.len()..].to_owned();
-                        body.truncate(at);
-                        self.end_call(&mut out, true);
-                        self.state = State::Text {
-                            held: String::new(),
-                        };
-                        input = rest;
-                        continue;
-                    }
-                    self.advance_call(&mut out);
-                    return out;
-                }
-            }
-        }
-    }
-
-    /// The generation ended: what was held back, and a call left open (cut by `max_tokens`,
-    /// or a model that never closed the tag).
-    pub(super) fn finish(&mut self) -> Vec<Piece> {
-        let mut out = Vec::new();
-        match &mut self.state {
-            State::Text { held } => {
-                if !held.is_empty() && (self.calls == 0 || !held.trim().is_empty()) {
-                    out.push(Piece::Content(std::mem::take(held)));
-                }
-            }
-            State::Call { .. } => self.end_call(&mut out, false),
-        }
-        self.state = State::Text {
-            held: String::new(),
-        };
-        out
-    }
-
-    /// Inside a call: says the name once it is read, then the arguments as they grow.
-    fn advance_call(&mut self, out: &mut Vec<Piece>) {
-        let State::Call { body, arguments } = &mut self.state else {
-            return;
-        };
-        if arguments.is_none() {
-            let Some((name, start)) = call_head(body) else {
-                return;
-            };
-            let index = self.calls;
-            self.calls += 1;
-            out.push(Piece::Call {
-                index,
-                id: format!("{}{index}", self.id_prefix),
-                name,
-            });
-            *arguments = Some((start, 0));
-        }
-        if let Some((start, sent)) = arguments {
-            let end = value_end(&body[*start..]).map_or(body.len(), |e| *start + e);
-            if end > *start + *sent {
-                out.push(Piece::Arguments {
-                    index: self.calls - 1,
-                    text: body[*start + *sent..end].to_owned(),
-                });
-                *sent = end - *start;
-            }
-        }
-    }
-
-    /// The call's body is complete (`closed`) or the output ended inside it.
-    fn end_call(&mut self, out: &mut Vec<Piece>, closed: bool) {
-        self.advance_call(out);
-        let State::Call { body, arguments } = &mut self.state else {
-            return;
-        };
-        if arguments.is_some() {
-            return;
-        }
-        // The name never appeared where the streaming read looks for it: the whole body may
-        // still be a call with its keys in another order.
-        let parsed: Option<(String, String)> = serde_json::from_str::<Value>(body.trim())
-            .ok()
-            .and_then(|v| {
-                let name = v.get("name")?.as_str()?.to_owned();
-                let args = v.get("arguments").or_else(|| v.get("parameters"))?;
-                let text = match args {
-                    Value::String(s) => s.clone(),
-                    other => spaced(other),
-                };
-                Some((name, text))
-            });
-        match parsed {
-            Some((name, text)) => {
-                let index = self.calls;
-                self.calls += 1;
-                out.push(Piece::Call {
-                    index,
-                    id: format!("{}{index}", self.id_prefix),
-                    name,
-                });
-                out.push(Piece::Arguments { index, text });
-            }
-            None => {
-                let tail = if closed { CLOSE } else { "" };
-                out.push(Piece::Content(format!("{OPEN}{body}{tail}")));
-            }
-        }
-    }
-}
-
-/// Reads `{"name": "<name>", "arguments": ` at the start of `body`: the name and where the
-/// arguments' value begins, or `None` if that is not (yet) there.
-fn call_head(body: &str) -> Option<(String, usize)> {
-    let mut at = skip_ws(body, 0);
-    at = expect(body, at, "{")?;
-    at = expect(body, skip_ws(body, at), "\"name\"")?;
-    at = expect(body, skip_ws(body, at), ":")?;
-    at = skip_ws(body, at);
-    let name_end = string_end(body, at)?;
-    let name: String = serde_json::from_str(&body[at..name_end]).ok()?;
-    at = expect(body, skip_ws(body, name_end), ",")?;
-    at = skip_ws(body, at);
-    at = expect(body, at, "\"arguments\"").or_else(|| expect(body, at, "\"parameters\""))?;
-    at = expect(body, skip_ws(body, at), ":")?;
-    at = skip_ws(body, at);
-    // The value must have begun, or trailing whitespace might still be ahead of it.
-    (at < body.len()).then_some((name, at))
-}
-
-fn skip_ws(s: &str, at: usize) -> usize {
-    at + s[at..].len() - s[at..].trim_start().len()
-}
-
-fn expect(s: &str, at: usize, what: &str) -> Option<usize> {
-    s[at..].starts_with(what).then_some(at + what.len())
-}
-
-/// The end (exclusive) of the JSON string starting at `at`, if it is closed.
-fn string_end(s: &str, at: usize) -> Option<usize> {
-    let bytes = s.as_bytes();
-    if bytes.get(at) != Some(&b'"') {
-        return None;
-    }
-    let mut i = at + 1;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
-        }
-    }
-    None
-}
-
-/// The end (exclusive) of the JSON value at the start of `s`, if it is complete: an object or
-/// array is closed, a string is closed; a bare number or literal ends at a delimiter.
-fn value_end(s: &str) -> Option<usize> {
-    let bytes = s.as_bytes();
-    match bytes.first()? {
-        b'"' => string_end(s, 0),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut i = 0;
-            while i < bytes.len() {
-                match bytes[i] {
-                    b'"' => {
-                        i = string_end(s, i)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(i + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-            None
-        }
-        _ => s.find([',', '}', ']', '\n', ' ']),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,113 +593,6 @@ mod tests {
             "description": "the weather in a city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                 "required": ["city"]}}})
-    }
-
-    /// Gathers the pieces into (content, [(id, name, arguments)]).
-    fn gather(pieces: &[Piece]) -> (String, Vec<(String, String, String)>) {
-        let mut content = String::new();
-        let mut calls: Vec<(String, String, String)> = Vec::new();
-        for piece in pieces {
-            match piece {
-                Piece::Content(text) => content.push_str(text),
-                Piece::Call { index, id, name } => {
-                    assert_eq!(*index, calls.len());
-                    calls.push((id.clone(), name.clone(), String::new()));
-                }
-                Piece::Arguments { index, text } => calls[*index].2.push_str(text),
-            }
-        }
-        (content, calls)
-    }
-
-    /// The same text split at every byte boundary (and fed whole) gives the same content and
-    /// calls: streamed and whole answers agree.
-    #[test]
-    fn every_split_of_the_output_parses_the_same() {
-        // (output, content, [(name, arguments)])
-        type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
-        let cases: Vec<Case<'_>> = vec![
-            ("no tools here < at all", "no tools here < at all", vec![]),
-            (
-                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris {x}\"}}\n</tool_call>",
-                "",
-                vec![("get_weather", "{\"city\": \"Paris {x}\"}")],
-            ),
-            (
-                "Let me check.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"arguments\": {\"k\": [1, 2]}, \"name\": \"b\"}\n</tool_call>\n",
-                "Let me check.",
-                vec![("a", "{}"), ("b", "{\"k\": [1, 2]}")],
-            ),
-            (
-                "<tool_call>\nnot json\n</tool_call> after",
-                "<tool_call>\nnot json\n</tool_call> after",
-                vec![],
-            ),
-            (
-                "<tool_call>\n{\"name\": \"cut\", \"arguments\": {\"a\": \"hal",
-                "",
-                vec![("cut", "{\"a\": \"hal")],
-            ),
-            ("<tool_ca", "<tool_ca", vec![]),
-        ];
-        for (text, content, calls) in cases {
-            let mut whole = ToolStream::new("call_x".into());
-            let mut pieces = whole.push(text);
-            pieces.extend(whole.finish());
-            let expected = gather(&pieces);
-            assert_eq!(expected.0, content, "{text:?}");
-            let got: Vec<(&str, &str)> = expected
-                .1
-                .iter()
-                .map(|(_, n, a)| (n.as_str(), a.as_str()))
-                .collect();
-            assert_eq!(got, calls, "{text:?}");
-            for (i, (id, _, _)) in expected.1.iter().enumerate() {
-                assert_eq!(id, &format!("call_x{i}"));
-            }
-            for cut in 1..text.len() {
-                if !text.is_char_boundary(cut) {
-                    continue;
-                }
-                let mut split = ToolStream::new("call_x".into());
-                let mut pieces = split.push(&text[..cut]);
-                pieces.extend(split.push(&text[cut..]));
-                pieces.extend(split.finish());
-                assert_eq!(gather(&pieces), expected, "{text:?} cut at {cut}");
-            }
-        }
-    }
-
-    /// Arguments stream as they are generated: the name goes out before the arguments end.
-    #[test]
-    fn the_name_and_arguments_stream_before_the_call_closes() {
-        let mut stream = ToolStream::new("c".into());
-        let pieces = stream.push("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": ");
-        assert_eq!(
-            pieces,
-            vec![
-                Piece::Call {
-                    index: 0,
-                    id: "c0".into(),
-                    name: "f".into()
-                },
-                Piece::Arguments {
-                    index: 0,
-                    text: "{\"a\": ".into()
-                }
-            ]
-        );
-        let pieces = stream.push("1}}\n</tool");
-        assert_eq!(
-            pieces,
-            vec![Piece::Arguments {
-                index: 0,
-                text: "1}".into()
-            }]
-        );
-        assert!(stream.push("_call>").is_empty());
-        assert!(stream.finish().is_empty());
-        assert_eq!(stream.calls(), 1);
     }
 
     #[test]
@@ -868,7 +663,7 @@ mod tests {
             {"role": "tool", "tool_call_id": "c2", "content": "warm"},
         ]))
         .unwrap();
-        let out = render(&messages, tools.as_ref(), false).unwrap();
+        let out = render(&messages, tools.as_ref(), false, ToolParserKind::Hermes).unwrap();
         let roles: Vec<&str> = out.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "user"]);
         assert!(out[0].content.starts_with("# Tools"), "{}", out[0].content);
@@ -882,7 +677,25 @@ mod tests {
             "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nwarm\n</tool_response>"
         );
         // A template that renders tools gets the fields instead.
-        let native = render(&messages, tools.as_ref(), true).unwrap();
+        // Each format writes past calls its own way.
+        let written = |format| {
+            render(&messages, tools.as_ref(), false, format).unwrap()[2]
+                .content
+                .clone()
+        };
+        assert_eq!(
+            written(ToolParserKind::Llama3Json),
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}"
+        );
+        assert_eq!(
+            written(ToolParserKind::Mistral),
+            "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]"
+        );
+        assert_eq!(
+            written(ToolParserKind::Pythonic),
+            "[get_weather(city=\"Paris\")]"
+        );
+        let native = render(&messages, tools.as_ref(), true, ToolParserKind::Hermes).unwrap();
         assert_eq!(native.len(), 4);
         assert_eq!(
             native[1].tool_calls.as_ref().unwrap()[0]["function"]["arguments"],
@@ -895,11 +708,49 @@ mod tests {
     fn forced_choices_compile_to_a_grammar_and_auto_to_none() {
         let body = json!({"tools": [weather(), {"type": "function", "function": {"name": "noop"}}],
             "tool_choice": "required"});
-        let Some(Constraint::Lark(grammar)) = read(&body).unwrap().unwrap().constraint() else {
+        let set = read(&body).unwrap().unwrap();
+        let Some(Constraint::Lark(grammar)) = set.constraint(ToolParserKind::Hermes).unwrap()
+        else {
             panic!("required is constrained");
         };
         assert!(grammar.contains("anyOf") && grammar.contains("(\"\\n\" call)*"));
         let auto = read(&json!({"tools": [weather()]})).unwrap().unwrap();
-        assert_eq!(auto.constraint(), None);
+        assert_eq!(auto.constraint(ToolParserKind::Hermes).unwrap(), None);
+        // Each format's grammar writes its own calls.
+        let Some(Constraint::Lark(llama)) = set.constraint(ToolParserKind::Llama3Json).unwrap()
+        else {
+            panic!("constrained");
+        };
+        assert!(
+            llama.contains("\"parameters\"") && llama.contains("(\"; \" call)*"),
+            "{llama}"
+        );
+        assert!(!llama.contains("\"\""), "no empty literal: {llama}");
+        let Some(Constraint::Lark(mistral)) = set.constraint(ToolParserKind::Mistral).unwrap()
+        else {
+            panic!("constrained");
+        };
+        assert!(
+            mistral.starts_with("start: \"[TOOL_CALLS] [\" call (\", \" call)* \"]\""),
+            "{mistral}"
+        );
+        let Some(Constraint::Lark(python)) = set.constraint(ToolParserKind::Pythonic).unwrap()
+        else {
+            panic!("constrained");
+        };
+        assert!(
+            python.contains("call0: \"get_weather(\" \"city=\" %json {"),
+            "{python}"
+        );
+        assert!(python.contains("call1: \"noop(\" \")\""), "{python}");
+        let unnamed = json!({"tools": [{"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object", "properties": {"first-name": {"type": "string"}},
+                "required": ["first-name"]}}}], "tool_choice": "required"});
+        let error = read(&unnamed)
+            .unwrap()
+            .unwrap()
+            .constraint(ToolParserKind::Pythonic)
+            .unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("tool_choice"));
     }
 }

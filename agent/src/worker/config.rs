@@ -11,6 +11,8 @@ use kvfleet_model::KvBudget;
 use kvfleet_proto::BlockSize;
 use kvfleet_proto::api::WorkerRole;
 
+use super::formats::{ReasoningParserKind, ToolParserKind};
+
 /// Worker selection among the node's own workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoutingMode {
@@ -139,6 +141,12 @@ pub struct ModelConfig {
     /// f16), so the bytes a disaggregated transfer moves per block (`4 × block_size × this`);
     /// 1 by default (tiny blocks that move in microseconds).
     pub mock_kv_head_dim: u32,
+    /// The format the model writes tool calls in (`tool_parser`); `None`: chosen from the
+    /// markers its chat template contains (Hermes when it names none).
+    pub tool_parser: Option<ToolParserKind>,
+    /// How the model marks its reasoning (`reasoning_parser`); `None`: chosen from the chat
+    /// template (a template that writes `<think>` gets it separated).
+    pub reasoning_parser: Option<ReasoningParserKind>,
 }
 
 /// Where a worker runs.
@@ -201,6 +209,8 @@ impl ModelConfig {
             path: None,
             kv_memory: None,
             external: None,
+            tool_parser: None,
+            reasoning_parser: None,
         }
     }
 

@@ -16,6 +16,7 @@
 mod config;
 pub mod engine;
 pub mod external;
+mod formats;
 pub mod process;
 pub mod protocol;
 pub mod supervisor;
@@ -25,4 +26,5 @@ pub use config::{
     ExternalEngine, ModelConfig, NATIVE_CONTEXT_UNCAPPED, RoutingMode, SupervisorConfig,
     WorkerConfig,
 };
+pub use formats::{ReasoningParserKind, ToolParserKind};
 pub use supervisor::{KvTransferCounters, WorkerCommand, WorkerPool};
