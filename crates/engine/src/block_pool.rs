@@ -691,11 +691,7 @@ mod tests {
     #[test]
     fn block_metadata_stays_small() {
         assert_eq!(std::mem::size_of::<Option<Origin>>(), 4);
-        assert!(
-            std::mem::size_of::<Meta>() <= 64,
-            "{}",
-            std::mem::size_of::<Meta>()
-        );
+        assert_eq!(std::mem::size_of::<Meta>(), 64);
     }
 
     #[test]
