@@ -6,8 +6,8 @@
 //! - Revocation bites: a removed (revoked) node's open peer connections to another agent are
 //!   closed within one heartbeat interval of the removal, and new ones are refused; the KV
 //!   blocks it supplied to another node's decode worker are evicted from it within a heartbeat.
-//! - A fleet member that opens more peer streams than `[peer] max_streams_per_peer` against a
-//!   real agent has the extra ones refused and counted, while a client's request on that node
+//! - A fleet member that stalls a peer stream, or opens more than `[peer] max_streams_per_peer`
+//!   against a real agent, is refused and counted, while a client's request on that node
 //!   completes.
 //! - Nothing in the logs: every log line the control plane and the agents write during all of
 //!   that (debug level for our crates) is captured and searched for the admin token, the join
@@ -785,11 +785,14 @@ async fn a_removed_nodes_kv_blocks_leave_the_decode_worker_within_a_heartbeat() 
     }
 }
 
-/// A node with a valid fleet certificate that holds `[peer] max_streams_per_peer` forwarded
-/// requests open on a real agent has its next stream refused at once (`Overloaded`, counted as
-/// `peer_limit` in `/metrics`), while a client's request on the same node completes meanwhile.
+/// A node with a valid fleet certificate, against a real agent: a stream it stalls inside its
+/// first frame is refused after `[peer] stall_timeout_secs` (counted as `stalled`), and with
+/// `[peer] max_streams_per_peer` forwarded requests held open its next stream is refused at
+/// once (`Overloaded`, counted as `peer_limit`); a client's request on the same node completes
+/// meanwhile, each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_peer_over_its_stream_limit_is_refused_and_counted_and_clients_are_served() {
+async fn a_peer_that_stalls_or_opens_too_many_streams_is_refused_and_counted_and_clients_are_served()
+ {
     let Some(db) = TestDb::create().await else {
         return;
     };
@@ -802,8 +805,8 @@ async fn a_peer_over_its_stream_limit_is_refused_and_counted_and_clients_are_ser
         peer_on_loopback: true,
     };
     let dirs = [temp_dir("limited-a"), temp_dir("limited-b")];
-    let config =
-        Agent::config("limited-a", &cp, &join, &dirs[0], setup) + "max_streams_per_peer = 2\n";
+    let config = Agent::config("limited-a", &cp, &join, &dirs[0], setup)
+        + "max_streams_per_peer = 2\nstall_timeout_secs = 1\n";
     let a = Agent::launch("limited-a", config).await;
     let b = Agent::start("limited-b", &cp, &join, &dirs[1], setup).await;
     wait_nodes_healthy(&cp, &admin, &["limited-a", "limited-b"]).await;
@@ -828,7 +831,7 @@ async fn a_peer_over_its_stream_limit_is_refused_and_counted_and_clients_are_ser
     };
     let rogue = kvfleet_peer::PeerEndpoint::bind(kvfleet_peer::PeerConfig::new(
         "127.0.0.1:0".parse().unwrap(),
-        identity,
+        identity.clone(),
     ))
     .unwrap();
     let connection = rogue
@@ -845,12 +848,6 @@ async fn a_peer_over_its_stream_limit_is_refused_and_counted_and_clients_are_ser
         prefill: None,
         kv_push: None,
     };
-    let limited = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("kvfleet_peer_errors_total{kind=\"peer_limit\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     let metrics = || async {
         reqwest::get(format!("http://{}/metrics", a.addr))
             .await
@@ -859,7 +856,58 @@ async fn a_peer_over_its_stream_limit_is_refused_and_counted_and_clients_are_ser
             .await
             .unwrap()
     };
-    let before = limited(&metrics().await);
+    let counter = |text: &str, kind: &str| {
+        let prefix = format!("kvfleet_peer_errors_total{{kind=\"{kind}\"}}");
+        text.lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+
+    // A stream that stalls inside its first frame: refused after `stall_timeout_secs` and
+    // counted as `stalled`; a client's request is served meanwhile.
+    let stalled_before = counter(&metrics().await, "stalled");
+    let raw = raw_connection(&target, &identity).await;
+    let (mut send, mut recv) = raw.open_bi().await.unwrap();
+    let mut first = Vec::new();
+    kvfleet_proto::frame::FrameCodec::default()
+        .encode(
+            kvfleet_proto::frame::FrameKind::Request,
+            br#"{"request_id":"cmpl-stall"}"#,
+            &mut first,
+        )
+        .unwrap();
+    send.write_all(&first[..5]).await.unwrap();
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", a.addr))
+        .json(&json!({"model": MODEL, "prompt": "hello", "max_tokens": 2}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    println!(
+        "a client's request took {:?} beside the stalled stream",
+        started.elapsed()
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 16))
+        .await
+        .expect("the stalled stream is ended by the agent")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    println!(
+        "stalled stream ended after {:?}: {answer}",
+        started.elapsed()
+    );
+    assert!(answer.contains("stalled"), "{answer}");
+    wait_for("the stall counted", Duration::from_secs(5), || async {
+        counter(&metrics().await, "stalled") == stalled_before + 1.0
+    })
+    .await;
+    raw.close(0u32.into(), b"done");
+
+    let before = counter(&metrics().await, "peer_limit");
     // Its share: two streams, each a request that runs for seconds; the first token of each
     // shows it was taken.
     let mut held = Vec::new();
@@ -883,7 +931,11 @@ async fn a_peer_over_its_stream_limit_is_refused_and_counted_and_clients_are_ser
         Some(kvfleet_peer::ErrorCode::Overloaded),
         "{refused}"
     );
-    assert_eq!(limited(&metrics().await), before + 1.0, "counted once");
+    assert_eq!(
+        counter(&metrics().await, "peer_limit"),
+        before + 1.0,
+        "counted once"
+    );
     // A client of the node is served while the two streams still hold their slots.
     let started = Instant::now();
     let response = reqwest::Client::new()
@@ -904,4 +956,41 @@ async fn a_peer_over_its_stream_limit_is_refused_and_counted_and_clients_are_ser
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// A QUIC connection to `target` with `identity`'s certificate, whose streams the test writes
+/// byte by byte (what `PeerEndpoint` never sends: a frame cut short).
+async fn raw_connection(
+    target: &kvfleet_peer::PeerEndpoint,
+    identity: &kvfleet_peer::PeerIdentity,
+) -> quinn::Connection {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(identity.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![kvfleet_proto::peer::PEER_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    endpoint
+        .connect(
+            target.local_addr().unwrap(),
+            &kvfleet_peer::node_server_name(target.node_id()),
+        )
+        .unwrap()
+        .await
+        .unwrap()
 }
