@@ -214,6 +214,16 @@ pub enum WorkerState {
     Failed,
 }
 
+/// The node that supplied imported KV blocks, and the serials of the certificates it sent
+/// them under (what a revocation names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvOrigin {
+    /// The sending node.
+    pub node: kvfleet_proto::NodeId,
+    /// Its certificates' serials (lowercase hex).
+    pub serials: Vec<String>,
+}
+
 /// What the frontend shows about one worker (`/ready`, `/metrics`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorkerStatus {
@@ -248,6 +258,9 @@ pub struct WorkerStatus {
     pub pid: Option<u32>,
     /// Its lower KV tiers' figures, from its last status report (zero when they are off).
     pub kv_tiers: kvfleet_engine::TierStats,
+    /// KV blocks it dropped from every tier because the node that supplied them was revoked,
+    /// since its process started.
+    pub kv_blocks_evicted_origin: u64,
     /// Its engine kind: `mock`, `native`, `llamacpp`, `openai`, `vllm` or `sglang`.
     pub engine: &'static str,
     /// An external engine's server URL (its own `/health` and `/metrics`), while it runs.
@@ -285,12 +298,14 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Runs `request` with `blocks[i]` = the bytes of its prompt's block `i` (contiguous from
     /// block 0) imported into the worker's prefix cache first. Blocks the worker cannot import
     /// (layout, length, pool full) are recomputed: the request never fails because of them.
+    /// `origin` supplied them: the blocks remember it, so revoking it evicts them.
     fn submit_with_kv(
         &self,
         request: GenerateRequest,
         blocks: Vec<bytes::Bytes>,
+        origin: KvOrigin,
     ) -> Result<Generation, SubmitError> {
-        let _ = blocks;
+        let _ = (blocks, origin);
         self.submit(request)
     }
 

@@ -686,6 +686,7 @@ mod tests {
             starts: 1,
             pid: None,
             kv_tiers: Default::default(),
+            kv_blocks_evicted_origin: 0,
             engine: "mock",
             endpoint: None,
             engine_version: None,

@@ -19,11 +19,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::TestAgent;
 use kvfleet_agent::backend::{
-    Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, WorkerStatus,
+    Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, KvOrigin, WorkerStatus,
 };
 use kvfleet_agent::worker::WorkerPool;
 use kvfleet_proto::hash::{BlockSize, sequence_hashes};
-use kvfleet_proto::{SamplingParams, WorkerId};
+use kvfleet_proto::{KvEventData, NodeId, SamplingParams, Tier, WorkerId};
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -32,6 +32,14 @@ const DECODE: WorkerId = WorkerId(2);
 const AGGREGATED: WorkerId = WorkerId(3);
 /// Tokens per KV block in these tests.
 const BLOCK: usize = 16;
+
+/// The (made-up) prefill node the attached blocks come from, and its certificate serial.
+fn origin() -> KvOrigin {
+    KvOrigin {
+        node: NodeId(uuid::Uuid::from_u128(0x5eed)),
+        serials: vec!["0a1b".into()],
+    }
+}
 
 /// A tiny Llama written once per test binary.
 fn tiny_model() -> PathBuf {
@@ -276,8 +284,12 @@ async fn prefill_on_one_worker_and_decode_on_another_gives_the_aggregated_tokens
         decode_prompt.push(prefill.first_token);
         let data: Vec<Bytes> = prefill.blocks.into_iter().map(|b| b.data).collect();
         let rest = tokens(
-            pool.submit_with_kv(request("tiny", &decode_prompt, N - 1, DECODE), data)
-                .unwrap(),
+            pool.submit_with_kv(
+                request("tiny", &decode_prompt, N - 1, DECODE),
+                data,
+                origin(),
+            )
+            .unwrap(),
         )
         .await
         .unwrap();
@@ -349,7 +361,7 @@ async fn a_seeded_penalised_sample_is_the_same_on_any_worker_and_across_the_hand
     let decode = with(DECODE, &decode_prompt, N - 1, 1);
     let mut handed_off = vec![prefill.first_token];
     handed_off.extend(
-        tokens(pool.submit_with_kv(decode, data).unwrap())
+        tokens(pool.submit_with_kv(decode, data, origin()).unwrap())
             .await
             .unwrap(),
     );
@@ -379,7 +391,11 @@ async fn decode_with(
     let mut decode_prompt = p.to_vec();
     decode_prompt.push(prefill.first_token);
     let generation = pool
-        .submit_with_kv(request("tiny", &decode_prompt, n - 1, DECODE), blocks)
+        .submit_with_kv(
+            request("tiny", &decode_prompt, n - 1, DECODE),
+            blocks,
+            origin(),
+        )
         .unwrap();
     let mut out = vec![prefill.first_token];
     out.extend(tokens(generation).await?);
@@ -602,7 +618,7 @@ async fn the_handoff_works_on_the_mock_engine() {
         decode_prompt.push(prefill.first_token);
         let data: Vec<Bytes> = prefill.blocks.into_iter().map(|b| b.data).collect();
         let rest = tokens(
-            pool.submit_with_kv(request("m", &decode_prompt, 4, DECODE), data)
+            pool.submit_with_kv(request("m", &decode_prompt, 4, DECODE), data, origin())
                 .unwrap(),
         )
         .await
@@ -634,6 +650,79 @@ async fn the_handoff_works_on_the_mock_engine() {
         .unwrap();
     assert_eq!(generation.worker, PREFILL);
     tokens(generation).await.unwrap();
+    no_blocks_in_use(&pool).await;
+    agent.stop().await.unwrap();
+}
+
+/// Blocks imported from a node are evicted from the decode worker (G1 and its host tier) when
+/// a heartbeat lists that node's certificate serial as revoked: `Removed` events go out, the
+/// worker counts them, and the same prompt again is recomputed (no prefix hit). A serial of
+/// another node, or none, evicts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_suppliers_blocks_are_evicted_from_the_decode_worker() {
+    let config = format!(
+        "[[models]]\nname = \"m\"\ncontext_length = 4096\nblock_size = {BLOCK}\n\
+         kv_blocks = 64\nmock_token_time_us = 100\nmock_prefill_time_per_token_us = 50\n{}\
+         [kv_tiers]\nhost_memory = \"1MiB\"\n",
+        three_workers("m")
+    );
+    let agent = TestAgent::start(&config).await;
+    let pool = agent.running.pool.clone();
+    wait(&pool, "every worker ready", |p| p.all_ready()).await;
+    let mut events = pool.subscribe_kv_events();
+    let p = prompt(77, 200);
+    let prefill = prefill(&pool, "m", &p).await;
+    let mut decode_prompt = p.clone();
+    decode_prompt.push(prefill.first_token);
+    let data: Vec<Bytes> = prefill.blocks.into_iter().map(|b| b.data).collect();
+    let supplied = data.len() as u64;
+    assert_eq!(supplied, 12);
+    tokens(
+        pool.submit_with_kv(request("m", &decode_prompt, 2, DECODE), data, origin())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let query = decode_prompt.len() as u64;
+    assert_eq!(hits_after(&pool, DECODE, query).await, 12 * BLOCK as u64);
+    // Another node's revocation, or none, leaves them.
+    assert!(pool.evict_revoked(["ffff"]).is_empty());
+    assert!(pool.evict_revoked([]).is_empty());
+    // The heartbeat names the supplier's serial (any case).
+    assert_eq!(pool.evict_revoked(["0A1B", "ffff"]), vec![origin().node]);
+    wait(&pool, "the decode worker's eviction count", |p| {
+        status(p, DECODE).kv_blocks_evicted_origin >= supplied
+    })
+    .await;
+    let hashes = sequence_hashes(&decode_prompt, BlockSize::new(BLOCK as u32).unwrap());
+    let mut removed = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !hashes.iter().all(|h| removed.contains(h)) {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("Removed events for every supplied block")
+            .unwrap();
+        if event.worker == DECODE
+            && let KvEventData::Removed { blocks } = event.data
+        {
+            assert!(matches!(event.tier, Tier::G1 | Tier::G2));
+            removed.extend(blocks);
+        }
+    }
+    // Once is enough: the node is forgotten until it supplies again.
+    assert!(pool.evict_revoked(["0a1b"]).is_empty());
+    // The same prompt again finds nothing cached on the decode worker.
+    tokens(
+        pool.submit(request("m", &decode_prompt, 2, DECODE))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        hits_after(&pool, DECODE, 2 * query).await,
+        12 * BLOCK as u64,
+        "no new hits"
+    );
     no_blocks_in_use(&pool).await;
     agent.stop().await.unwrap();
 }

@@ -4,7 +4,11 @@
 //! - Join tokens: a used one and an expired one are refused; a removed node's agent, which
 //!   falls back to the join token it started with, cannot come back with it.
 //! - Revocation bites: a removed (revoked) node's open peer connections to another agent are
-//!   closed within one heartbeat interval of the removal, and new ones are refused.
+//!   closed within one heartbeat interval of the removal, and new ones are refused; the KV
+//!   blocks it supplied to another node's decode worker are evicted from it within a heartbeat.
+//! - A fleet member that stalls a peer stream, or opens more than `[peer] max_streams_per_peer`
+//!   against a real agent, is refused and counted, while a client's request on that node
+//!   completes.
 //! - Nothing in the logs: every log line the control plane and the agents write during all of
 //!   that (debug level for our crates) is captured and searched for the admin token, the join
 //!   token, the agent credential and the node's private key.
@@ -32,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use kvfleet_agent::backend::Backend as _;
 use kvfleet_controlplane::auth::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -621,4 +626,371 @@ async fn a_joined_node_waits_for_an_admin_and_runs_nothing_until_approved() {
     cp.stop().await;
     db.drop_now().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A node that supplied KV blocks to another node's decode worker (a disaggregated request) is
+/// removed: within a heartbeat the decode worker has evicted every block it supplied (counted
+/// in `/metrics`), and the same prompt again gets no prefix hit from them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_nodes_kv_blocks_leave_the_decode_worker_within_a_heartbeat() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    let setup = AgentSetup {
+        mock_token_time_us: 1000,
+        peer_on_loopback: true,
+    };
+    let dirs = [temp_dir("supplier-a"), temp_dir("supplier-b")];
+    let a = Agent::start("supplier-a", &cp, &join, &dirs[0], setup).await;
+    let b = Agent::start("supplier-b", &cp, &join, &dirs[1], setup).await;
+    wait_nodes_healthy(&cp, &admin, &["supplier-a", "supplier-b"]).await;
+    register_and_deploy(
+        &cp,
+        &admin,
+        mock_model(),
+        json!({"name": "split", "model": MODEL, "mode": "disaggregated",
+            "min_workers": 2, "max_workers": 2, "placement": {"allow_cpu": true},
+            "disaggregation": {"min_remote_prefill_tokens": 0, "prefill_timeout_ms": 60000}}),
+    )
+    .await;
+    let worker = |agent: &Agent| agent.running.pool.workers().into_iter().next();
+    let ready_role = |agent: &Agent| {
+        worker(agent)
+            .filter(|w| w.state == kvfleet_agent::backend::WorkerState::Ready)
+            .map(|w| w.role)
+    };
+    wait_for(
+        "a ready prefill worker on one node and a decode worker on the other",
+        Duration::from_secs(60),
+        || async {
+            let roles = [ready_role(&a), ready_role(&b)];
+            roles.contains(&Some(kvfleet_proto::api::WorkerRole::Prefill))
+                && roles.contains(&Some(kvfleet_proto::api::WorkerRole::Decode))
+        },
+    )
+    .await;
+    let (supplier, decode) = if ready_role(&a) == Some(kvfleet_proto::api::WorkerRole::Prefill) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    wait_for(
+        "the decode node's router to know the prefill worker",
+        Duration::from_secs(30),
+        || async {
+            decode.running.fleet().is_some_and(|f| {
+                f.router
+                    .remote_workers()
+                    .values()
+                    .any(|w| w.ready && w.peer_addr.is_some())
+            })
+        },
+    )
+    .await;
+    // 50 token ids: three full blocks of 16 cross from the prefill node.
+    let prompt: Vec<u32> = (0..50).map(|i| 8 + (i * 37) % 200).collect();
+    let complete = || async {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/v1/completions", decode.addr))
+            .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    };
+    complete().await;
+    let decode_worker = worker(decode).unwrap().id;
+    wait_for(
+        "the decode worker to report the imported blocks",
+        Duration::from_secs(10),
+        || async {
+            decode
+                .running
+                .pool
+                .kv_transfers(decode_worker)
+                .is_some_and(|c| c.blocks_imported == 3)
+        },
+    )
+    .await;
+    let hits_before = worker(decode).unwrap().prefix_hit_tokens;
+    assert!(hits_before >= 48, "the supplied blocks were prefix hits");
+
+    let supplier_id = supplier
+        .running
+        .fleet()
+        .unwrap()
+        .control_plane
+        .status()
+        .node_id
+        .unwrap();
+    let removed = Instant::now();
+    let (status, body) = api(
+        Method::DELETE,
+        &cp.url(&format!("/nodes/{supplier_id}")),
+        &admin,
+        None,
+    )
+    .await;
+    assert!(status.is_success(), "{status} {body}");
+    wait_for(
+        "the decode worker to evict the removed node's blocks",
+        Duration::from_secs(10),
+        || async { worker(decode).is_some_and(|w| w.kv_blocks_evicted_origin >= 3) },
+    )
+    .await;
+    let took = removed.elapsed();
+    // The worker reports its counters every 250 ms: one heartbeat, one report and a poll.
+    println!("evicted {took:?} after the removal (heartbeat every {HEARTBEAT:?})");
+    assert!(took < HEARTBEAT + Duration::from_millis(1500), "{took:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", decode.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("kvfleet_worker_blocks_evicted_total{")
+                && l.contains("reason=\"origin_revoked\"")
+        })
+        .unwrap_or_else(|| panic!("no eviction counter in:\n{metrics}"));
+    let counted: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(counted >= 3.0, "{line}");
+
+    // The same prompt again, served by the decode node alone: nothing of the supplier's hits.
+    let query_before = worker(decode).unwrap().prefix_query_tokens;
+    complete().await;
+    wait_for(
+        "the decode worker to report the repeat",
+        Duration::from_secs(10),
+        || async { worker(decode).is_some_and(|w| w.prefix_query_tokens > query_before) },
+    )
+    .await;
+    assert_eq!(
+        worker(decode).unwrap().prefix_hit_tokens,
+        hits_before,
+        "no prefix hit from the evicted blocks"
+    );
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A node with a valid fleet certificate, against a real agent: a stream it stalls inside its
+/// first frame is refused after `[peer] stall_timeout_secs` (counted as `stalled`), and with
+/// `[peer] max_streams_per_peer` forwarded requests held open its next stream is refused at
+/// once (`Overloaded`, counted as `peer_limit`); a client's request on the same node completes
+/// meanwhile, each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_stalls_or_opens_too_many_streams_is_refused_and_counted_and_clients_are_served()
+ {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let cp = ControlPlane::start(&db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let admin = token(&db, Role::Admin).await;
+    let join = token(&db, Role::Join).await;
+    // 20 ms a token: a forwarded request of 200 tokens holds its stream for 4 s.
+    let setup = AgentSetup {
+        mock_token_time_us: 20_000,
+        peer_on_loopback: true,
+    };
+    let dirs = [temp_dir("limited-a"), temp_dir("limited-b")];
+    let config = Agent::config("limited-a", &cp, &join, &dirs[0], setup)
+        + "max_streams_per_peer = 2\nstall_timeout_secs = 1\n";
+    let a = Agent::launch("limited-a", config).await;
+    let b = Agent::start("limited-b", &cp, &join, &dirs[1], setup).await;
+    wait_nodes_healthy(&cp, &admin, &["limited-a", "limited-b"]).await;
+    deploy(&cp, &admin, 2).await;
+    wait_for("node-a's worker ready", Duration::from_secs(60), || async {
+        a.ready_workers() == 1
+    })
+    .await;
+    let target = a.running.fleet().unwrap().peer.clone();
+    wait_for(
+        "node-a's peer endpoint",
+        Duration::from_secs(20),
+        || async { target.endpoint().is_some() },
+    )
+    .await;
+    let target = target.endpoint().unwrap();
+    // The rogue: node-b's certificate, in an endpoint of its own.
+    let identity = kvfleet_peer::PeerIdentity {
+        ca_pem: std::fs::read_to_string(dirs[1].join("ca.crt")).unwrap(),
+        cert_pem: std::fs::read_to_string(dirs[1].join("node.crt")).unwrap(),
+        key_pem: std::fs::read_to_string(dirs[1].join("node.key")).unwrap(),
+    };
+    let rogue = kvfleet_peer::PeerEndpoint::bind(kvfleet_peer::PeerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        identity.clone(),
+    ))
+    .unwrap();
+    let connection = rogue
+        .connection(target.local_addr().unwrap(), target.node_id())
+        .await
+        .unwrap();
+    let long = |i: u32| kvfleet_peer::GenerateRequest {
+        request_id: format!("cmpl-hold-{i}"),
+        model: MODEL.into(),
+        worker: None,
+        prompt: vec![8 + i, 9, 10, 11],
+        block_hashes: Vec::new(),
+        sampling: kvfleet_proto::SamplingParams::greedy(200),
+        prefill: None,
+        kv_push: None,
+    };
+    let metrics = || async {
+        reqwest::get(format!("http://{}/metrics", a.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let counter = |text: &str, kind: &str| {
+        let prefix = format!("kvfleet_peer_errors_total{{kind=\"{kind}\"}}");
+        text.lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+
+    // A stream that stalls inside its first frame: refused after `stall_timeout_secs` and
+    // counted as `stalled`; a client's request is served meanwhile.
+    let stalled_before = counter(&metrics().await, "stalled");
+    let raw = raw_connection(&target, &identity).await;
+    let (mut send, mut recv) = raw.open_bi().await.unwrap();
+    let mut first = Vec::new();
+    kvfleet_proto::frame::FrameCodec::default()
+        .encode(
+            kvfleet_proto::frame::FrameKind::Request,
+            br#"{"request_id":"cmpl-stall"}"#,
+            &mut first,
+        )
+        .unwrap();
+    send.write_all(&first[..5]).await.unwrap();
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", a.addr))
+        .json(&json!({"model": MODEL, "prompt": "hello", "max_tokens": 2}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    println!(
+        "a client's request took {:?} beside the stalled stream",
+        started.elapsed()
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 16))
+        .await
+        .expect("the stalled stream is ended by the agent")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    println!(
+        "stalled stream ended after {:?}: {answer}",
+        started.elapsed()
+    );
+    assert!(answer.contains("stalled"), "{answer}");
+    wait_for("the stall counted", Duration::from_secs(5), || async {
+        counter(&metrics().await, "stalled") == stalled_before + 1.0
+    })
+    .await;
+    raw.close(0u32.into(), b"done");
+
+    let before = counter(&metrics().await, "peer_limit");
+    // Its share: two streams, each a request that runs for seconds; the first token of each
+    // shows it was taken.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut stream = connection.generate(&long(i)).await.unwrap();
+        stream.next().await.expect("a held request streams");
+        held.push(stream);
+    }
+    let refused = match connection.generate(&long(2)).await {
+        Err(e) => e,
+        Ok(mut stream) => loop {
+            match stream.next().await {
+                Err(e) => break e,
+                Ok(None) => panic!("the third stream was served"),
+                Ok(Some(_)) => {}
+            }
+        },
+    };
+    assert_eq!(
+        refused.remote_code(),
+        Some(kvfleet_peer::ErrorCode::Overloaded),
+        "{refused}"
+    );
+    assert_eq!(
+        counter(&metrics().await, "peer_limit"),
+        before + 1.0,
+        "counted once"
+    );
+    // A client of the node is served while the two streams still hold their slots.
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", a.addr))
+        .json(&json!({"model": MODEL, "prompt": "hello", "max_tokens": 2}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    println!("a client's request took {:?} meanwhile", started.elapsed());
+    drop(held);
+    connection.close();
+    a.stop().await;
+    b.stop().await;
+    cp.stop().await;
+    db.drop_now().await;
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A QUIC connection to `target` with `identity`'s certificate, whose streams the test writes
+/// byte by byte (what `PeerEndpoint` never sends: a frame cut short).
+async fn raw_connection(
+    target: &kvfleet_peer::PeerEndpoint,
+    identity: &kvfleet_peer::PeerIdentity,
+) -> quinn::Connection {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(identity.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![kvfleet_proto::peer::PEER_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    endpoint
+        .connect(
+            target.local_addr().unwrap(),
+            &kvfleet_peer::node_server_name(target.node_id()),
+        )
+        .unwrap()
+        .await
+        .unwrap()
 }

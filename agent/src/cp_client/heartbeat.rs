@@ -65,6 +65,10 @@ impl Client {
                     if let Some(endpoint) = self.node.peer.endpoint() {
                         endpoint.set_revoked_serials(response.revoked_serials.iter().cloned());
                     }
+                    // And what a revoked node already supplied to the workers goes too.
+                    self.node
+                        .pool
+                        .evict_revoked(response.revoked_serials.iter().map(String::as_str));
                     if Some(response.desired_generation) != self.handle.status().generation {
                         self.wake.notify_one();
                     }

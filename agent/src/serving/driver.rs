@@ -325,6 +325,7 @@ impl Driver {
                     return;
                 };
                 self.serving.transfers.count_handed_off(&received, blocks);
+                let origin = received.origin.clone();
                 let mut kv = received.blocks;
                 kv.truncate(blocks);
                 let mut prompt = self.request.prompt.clone();
@@ -346,7 +347,12 @@ impl Driver {
                     },
                     worker,
                 };
-                self.local(id, self.serving.local.submit_with_kv(decode, kv))
+                let generation = match origin {
+                    Some(origin) => self.serving.local.submit_with_kv(decode, kv, origin),
+                    // Nothing arrived: nothing to import.
+                    None => self.serving.local.submit(decode),
+                };
+                self.local(id, generation)
             }
         };
         if let Some(stream) = stream {

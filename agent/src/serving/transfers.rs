@@ -9,8 +9,10 @@
 //! (the driver registers them), never hashes a peer sent: a peer can only fill the slots of a
 //! prompt this node asked it to prefill. Buffered blocks remember the node they came from, and
 //! when that node's certificate is revoked ([`BlockSink::peer_revoked`]) they are dropped
-//! before any worker imports them. Blocks already handed to a decode worker stay in its prefix
-//! cache: the worker's pool does not record where a block came from (docs/security.md).
+//! before any worker imports them. Blocks already handed to a decode worker go with their
+//! origin ([`Received::origin`]: the node and the certificate serials it streamed them under);
+//! the worker keeps it in every KV tier, and a heartbeat that lists one of those serials as
+//! revoked evicts them (`WorkerPool::evict_revoked`, docs/security.md).
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -22,6 +24,7 @@ use kvfleet_peer::{BlockSink, ErrorCode, ErrorMessage, KvBlock, KvDone, PeerInfo
 use kvfleet_proto::{KvLayout, NodeId, SequenceHash};
 use prometheus_client::metrics::counter::Counter;
 
+use crate::backend::KvOrigin;
 use crate::metrics::Registry;
 
 /// One transfer this node expects.
@@ -38,6 +41,8 @@ struct Incoming {
     bytes: u64,
     /// The sender's certificate was revoked: what it sent is gone and nothing more is taken.
     revoked: bool,
+    /// The serials of the certificates its streams came under (normally one).
+    serials: Vec<String>,
 }
 
 /// Transfers expected, and the bytes each sending node has buffered here.
@@ -126,6 +131,8 @@ pub struct Received {
     pub bytes: u64,
     /// When the transfer's first block arrived.
     pub first_block_at: Option<Instant>,
+    /// Who sent them (`None` when nothing came).
+    pub origin: Option<KvOrigin>,
 }
 
 impl Transfers {
@@ -150,6 +157,7 @@ impl Transfers {
             first_block_at: None,
             bytes: 0,
             revoked: false,
+            serials: Vec::new(),
         };
         let mut inner = self.lock();
         // An id is never reused; were it, the old transfer's bytes go back to its sender.
@@ -173,10 +181,15 @@ impl Transfers {
         }
         let blocks: Vec<Bytes> = incoming.blocks.into_iter().map_while(|b| b).collect();
         let bytes = blocks.iter().map(|b| b.len() as u64).sum();
+        let origin = (!blocks.is_empty()).then_some(KvOrigin {
+            node: incoming.from,
+            serials: incoming.serials,
+        });
         Received {
             blocks,
             bytes,
             first_block_at: incoming.first_block_at,
+            origin,
         }
     }
 
@@ -259,9 +272,16 @@ impl Transfers {
 
 impl BlockSink for Transfers {
     fn expect(&self, peer: &PeerInfo, request_id: &str) -> Option<KvLayout> {
-        let inner = self.lock();
-        let incoming = inner.incoming.get(request_id)?;
-        (incoming.from == peer.node_id && !incoming.revoked).then(|| incoming.layout.clone())
+        let mut inner = self.lock();
+        let incoming = inner.incoming.get_mut(request_id)?;
+        if incoming.from != peer.node_id || incoming.revoked {
+            return None;
+        }
+        // What a revocation will name: remembered with the blocks this stream brings.
+        if !incoming.serials.contains(&peer.serial) {
+            incoming.serials.push(peer.serial.clone());
+        }
+        Some(incoming.layout.clone())
     }
 
     async fn import(&self, request_id: &str, block: KvBlock) -> Result<(), ErrorMessage> {
@@ -412,6 +432,14 @@ mod tests {
         let received = transfers.take(guard);
         assert_eq!(received.blocks.len(), 2);
         assert_eq!(received.blocks[1][0], 1);
+        // They go to the decode worker with their origin: the node and the serial it sent under.
+        assert_eq!(
+            received.origin,
+            Some(KvOrigin {
+                node: prefill,
+                serials: vec!["01".into()]
+            })
+        );
         assert_eq!(received.bytes, 2 * layout().block_bytes() as u64);
         assert_eq!(transfers.pending(), 0);
         // Counted only once handed to the decode worker, and only what it got.

@@ -23,6 +23,9 @@
 //!   engine request with the prompt's own block hashes. Missing or malformed blocks, and an
 //!   import the engine refuses, mean recompute (logged and counted), never a failed request;
 //!   only more blocks than the prompt has full blocks is refused, as the agent's bug it is.
+//!   Imported blocks carry their supplier (`WireRequest::kv_origin`, a node id interned here
+//!   as a small [`Origin`]) into every KV tier; [`WorkerEngine::evict_origin`] drops them
+//!   all when the agent says that node was revoked.
 //!
 //! The mock's tokens are pseudo-random ids below the tokenizer's vocabulary size; through the
 //! byte-level test tokenizer they are random bytes, which also exercises the frontend's
@@ -35,12 +38,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kvfleet_engine::{
     DecodeModel, Engine, EngineOutput, FinishReason, KvExport, MockEngine, MockExecutor,
-    MockProfile, PoolSizing, Quadratic, Request, RequestId, Scheduler, SchedulerConfig,
+    MockProfile, Origin, PoolSizing, Quadratic, Request, RequestId, Scheduler, SchedulerConfig,
     SubmitError as EngineSubmitError,
 };
 use kvfleet_model::{KvBudget, NativeExecutor};
 use kvfleet_proto::hash::block_hashes;
-use kvfleet_proto::{KvDtype, KvEvent, KvLayout, SequenceHash, WorkerId};
+use kvfleet_proto::{KvDtype, KvEvent, KvLayout, NodeId, SequenceHash, WorkerId};
 
 use super::protocol::{
     EngineSpec, MAX_KV_BLOCK_BYTES, WireEngine, WireRequest, WireStatus, WorkerLatencies,
@@ -192,6 +195,11 @@ pub struct WorkerEngine {
     kv_blocks_exported: u64,
     kv_blocks_imported: u64,
     kv_import_fallbacks: u64,
+    /// Blocks dropped because their supplier was revoked.
+    kv_blocks_evicted_origin: u64,
+    /// The nodes that supplied imported blocks, interned (a few per fleet: ids are never
+    /// reused, so an evicted node's id cannot be mistaken for a later supplier's).
+    origins: HashMap<NodeId, Origin>,
     latencies: WorkerLatencies,
 }
 
@@ -285,6 +293,8 @@ impl WorkerEngine {
             kv_blocks_exported: 0,
             kv_blocks_imported: 0,
             kv_import_fallbacks: 0,
+            kv_blocks_evicted_origin: 0,
+            origins: HashMap::new(),
             latencies: WorkerLatencies::default(),
         })
     }
@@ -396,6 +406,10 @@ impl WorkerEngine {
         }
         let mut fallback = (attached < announced)
             .then(|| format!("{attached} of the {announced} attached KV blocks arrived intact"));
+        let origin = request
+            .kv_origin
+            .filter(|_| attached > 0)
+            .and_then(|node| self.origin(node));
         let kv = (attached > 0).then(|| {
             let mut blocks = block_hashes(&request.prompt, block_size);
             blocks.truncate(attached);
@@ -404,6 +418,7 @@ impl WorkerEngine {
                 first_block: 0,
                 blocks,
                 data,
+                origin,
             }
         });
         let export = request.export_kv.then(|| Export {
@@ -451,6 +466,30 @@ impl WorkerEngine {
         );
         self.by_id.insert(id, request.seq);
         Ok(())
+    }
+
+    /// The interned origin of `node` (a new one at its first import). `None` only if 2^32 - 1
+    /// nodes have supplied blocks to this process.
+    fn origin(&mut self, node: NodeId) -> Option<Origin> {
+        if let Some(&o) = self.origins.get(&node) {
+            return Some(o);
+        }
+        let next = u32::try_from(self.origins.len() + 1).ok()?;
+        let o = Origin(std::num::NonZeroU32::new(next)?);
+        self.origins.insert(node, o);
+        Some(o)
+    }
+
+    /// Drops every KV block `node` supplied from every tier (see `Engine::evict_origin`); its
+    /// `Removed` events come out of the next [`WorkerEngine::drain_kv_events`]. Returns how
+    /// many blocks went (0 when it supplied none here).
+    pub fn evict_origin(&mut self, node: NodeId) -> usize {
+        let Some(&origin) = self.origins.get(&node) else {
+            return 0;
+        };
+        let n = self.engine.evict_origin(origin);
+        self.kv_blocks_evicted_origin += n as u64;
+        n
     }
 
     /// Drops a request, releasing its blocks (and any import frames waiting for it). Returns
@@ -626,6 +665,7 @@ impl WorkerEngine {
             kv_blocks_exported: self.kv_blocks_exported,
             kv_blocks_imported: self.kv_blocks_imported,
             kv_import_fallbacks: self.kv_import_fallbacks,
+            kv_blocks_evicted_origin: self.kv_blocks_evicted_origin,
             latencies: self.latencies.clone(),
             kv_tiers: m.tiers,
             engine_events: None,
@@ -720,6 +760,7 @@ mod tests {
             sampling: SamplingParams::greedy(max_tokens),
             export_kv: false,
             kv_blocks: 0,
+            kv_origin: None,
         }
     }
 

@@ -111,11 +111,17 @@ async fn serve(
                             tracing::info!(request_id = %request_id, "request cancelled: KV blocks freed");
                         }
                     }
-                    FrameKind::Control => {
-                        let Control::Stop = frame.parse_json()?;
-                        tracing::info!("stopping on the agent's request");
-                        return Ok(());
-                    }
+                    FrameKind::Control => match frame.parse_json()? {
+                        Control::Stop => {
+                            tracing::info!("stopping on the agent's request");
+                            return Ok(());
+                        }
+                        Control::EvictOrigin { node } => {
+                            let blocks = engine.evict_origin(node);
+                            tracing::warn!(%node, blocks,
+                                "a revoked node's KV blocks evicted from every tier");
+                        }
+                    },
                     FrameKind::Ping => {
                         codec_frame(FrameKind::Pong, &frame.payload, &mut out)?;
                     }

@@ -16,6 +16,7 @@
 //!   ── Cancel(WireCancel) ───────────────▶   (client went away: free the KV blocks)
 //!   ◀──────────────────── Status(WireStatus)  (every 250 ms)
 //!   ◀──────────────────── KvEvents(WireKvEvents) (after a step that changed the prefix cache)
+//!   ── Control(EvictOrigin) ─────────────▶   (a node was revoked: drop the blocks it supplied)
 //!   ── Control(Stop) ────────────────────▶   (shutdown)
 //! ```
 //!
@@ -36,7 +37,7 @@ use kvfleet_model::KvBudget;
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameCodec, FrameKind, FrameReader};
 use kvfleet_proto::histogram::LatencyHistogram;
-use kvfleet_proto::{BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, WorkerId};
+use kvfleet_proto::{BlockSize, KvEvent, KvLayout, NodeId, SamplingParams, SequenceHash, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -336,6 +337,10 @@ pub struct WireRequest {
     /// `seq` before this frame: they go into the prefix cache before the request is queued.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub kv_blocks: u32,
+    /// The node that supplied those blocks (a disaggregated request's prefill node): the
+    /// worker keeps it with them in every tier, so `Control::EvictOrigin` can drop them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_origin: Option<NodeId>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -443,6 +448,10 @@ pub struct WireStatus {
     /// missing blocks, or the engine refused the import): the rest was recomputed.
     #[serde(default)]
     pub kv_import_fallbacks: u64,
+    /// KV blocks dropped from every tier because the node that supplied them was revoked
+    /// (`Control::EvictOrigin`), since the worker started.
+    #[serde(default)]
+    pub kv_blocks_evicted_origin: u64,
     /// Its requests' latencies, cumulative.
     #[serde(default)]
     pub latencies: WorkerLatencies,
@@ -461,6 +470,12 @@ pub struct WireStatus {
 pub enum Control {
     /// Exit now (the agent has already failed or finished every request).
     Stop,
+    /// `node`'s certificate was revoked (or it was removed): drop every KV block it supplied
+    /// from every tier (blocks a running request uses: when it ends), with `Removed` events.
+    EvictOrigin {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 /// Reads frames from an async byte stream.
@@ -547,6 +562,7 @@ mod tests {
             sampling: SamplingParams::greedy(4),
             export_kv: false,
             kv_blocks: 0,
+            kv_origin: None,
         };
         let sent = request.clone();
         let writer = tokio::spawn(async move {
@@ -593,6 +609,7 @@ mod tests {
             sampling: SamplingParams::greedy(1),
             export_kv: false,
             kv_blocks: 0,
+            kv_origin: None,
         };
         let json = serde_json::to_value(&request).unwrap();
         assert!(json.get("export_kv").is_none() && json.get("kv_blocks").is_none());

@@ -27,7 +27,7 @@
 //! is the supervision of one worker's process (start, connect, read its frames, stop, restart
 //! with backoff).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,19 +38,19 @@ use kvfleet_engine_events::TranslatorCounters;
 use kvfleet_proto::api::WorkerRole;
 use kvfleet_proto::frame::{Frame, FrameKind};
 use kvfleet_proto::histogram::LatencyHistogram;
-use kvfleet_proto::{KvEvent, KvLayout, WorkerId};
+use kvfleet_proto::{KvEvent, KvLayout, NodeId, WorkerId};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{ModelConfig, RoutingMode, SupervisorConfig, WorkerConfig};
 use super::protocol::{
-    EngineSpec, KvBlockHeader, MAX_KV_BLOCK_BYTES, WireCancel, WireRequest, WireStatus,
+    Control, EngineSpec, KvBlockHeader, MAX_KV_BLOCK_BYTES, WireCancel, WireRequest, WireStatus,
     WorkerLatencies, WorkerSpec,
 };
 use crate::backend::{
-    Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, SubmitError, WorkerState,
-    WorkerStatus,
+    Backend, ExportedBlock, GenEvent, GenerateRequest, Generation, KvOrigin, SubmitError,
+    WorkerState, WorkerStatus,
 };
 use crate::logging::LogConfig;
 
@@ -234,6 +234,7 @@ impl Slot {
             starts,
             pid,
             kv_tiers: status.kv_tiers,
+            kv_blocks_evicted_origin: status.kv_blocks_evicted_origin,
             engine: self.model.engine.name(),
             endpoint: s.endpoint.clone(),
             engine_version: s.engine_version.clone(),
@@ -283,6 +284,10 @@ pub struct WorkerPool {
     kv_events: broadcast::Sender<KvEvent>,
     launch: Launch,
     next_tag: AtomicU64,
+    /// Nodes that supplied KV blocks to these workers, with the certificate serials they sent
+    /// them under: a heartbeat listing one of those serials as revoked evicts the node's
+    /// blocks ([`WorkerPool::evict_revoked`]).
+    origins: Mutex<HashMap<NodeId, HashSet<String>>>,
 }
 
 /// A worker the pool runs, as the reconciler sees it.
@@ -359,6 +364,7 @@ impl WorkerPool {
             kv_events,
             launch,
             next_tag: AtomicU64::new(0),
+            origins: Mutex::new(HashMap::new()),
         });
         for (i, config) in workers.iter().enumerate() {
             let Some(model) = models.iter().find(|m| m.name == config.model) else {
@@ -529,6 +535,51 @@ impl WorkerPool {
         })
     }
 
+    /// Evicts, from every worker, the KV blocks supplied by each node that sent blocks here
+    /// under one of the `revoked` certificate serials (the heartbeat's list, applied at every
+    /// heartbeat). Returns those nodes; each is forgotten until it supplies blocks again.
+    pub fn evict_revoked<'a>(&self, revoked: impl IntoIterator<Item = &'a str>) -> Vec<NodeId> {
+        let revoked: HashSet<String> = revoked.into_iter().map(str::to_ascii_lowercase).collect();
+        let nodes: Vec<NodeId> = {
+            let Ok(mut origins) = self.origins.lock() else {
+                return Vec::new();
+            };
+            let nodes: Vec<NodeId> = origins
+                .iter()
+                .filter(|(_, serials)| serials.iter().any(|s| revoked.contains(s)))
+                .map(|(&node, _)| node)
+                .collect();
+            for node in &nodes {
+                origins.remove(node);
+            }
+            nodes
+        };
+        for &node in &nodes {
+            self.evict_origin(node);
+        }
+        nodes
+    }
+
+    /// Tells every running worker to drop the KV blocks `node` supplied from all its tiers
+    /// (`Control::EvictOrigin`, after any request already queued to it). Logged once.
+    pub fn evict_origin(&self, node: NodeId) {
+        let Ok(frame) = Frame::json(FrameKind::Control, &Control::EvictOrigin { node }) else {
+            return;
+        };
+        let mut workers = 0;
+        for slot in self.slots_snapshot() {
+            let conn = slot.state.lock().ok().and_then(|s| s.conn.clone());
+            if let Some(conn) = conn
+                && conn.alive.load(Ordering::Acquire)
+                && conn.tx.send(frame.clone()).is_ok()
+            {
+                workers += 1;
+            }
+        }
+        tracing::warn!(%node, workers,
+            "a node that supplied KV blocks here was revoked: its blocks are evicted from every tier");
+    }
+
     /// How many status reports a worker has sent (every 250 ms while it runs): a caller that
     /// needs a status taken after some moment waits for this to grow by two.
     pub fn status_reports(&self, id: WorkerId) -> Option<u64> {
@@ -627,6 +678,16 @@ struct WorkerLabels {
     model: String,
     device: String,
     role: &'static str,
+}
+
+/// `{worker, model, device, role, reason}` of `kvfleet_worker_blocks_evicted_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct WorkerReasonLabels {
+    worker: String,
+    model: String,
+    device: String,
+    role: &'static str,
+    reason: &'static str,
 }
 
 /// `{worker, engine}` of `kvfleet_worker_engine_info`.
@@ -764,6 +825,23 @@ impl WorkerPool {
                     workers.iter().map(|w| (WorkerLabels::of(w), field(w))),
                 )?;
             }
+            s.counters(
+                "kvfleet_worker_blocks_evicted",
+                "KV blocks a worker dropped from every tier outside its LRU order, by reason \
+                 (origin_revoked: the node that supplied them was revoked), since its process \
+                 started",
+                workers.iter().map(|w| {
+                    let l = WorkerLabels::of(w);
+                    let labels = WorkerReasonLabels {
+                        worker: l.worker,
+                        model: l.model,
+                        device: l.device,
+                        role: l.role,
+                        reason: "origin_revoked",
+                    };
+                    (labels, w.kv_blocks_evicted_origin)
+                }),
+            )?;
             // vllm/sglang workers' KV event translation (only workers with an event stream).
             let translated: Vec<_> = workers
                 .iter()
@@ -920,6 +998,7 @@ impl WorkerPool {
         request: GenerateRequest,
         export: bool,
         mut blocks: Vec<bytes::Bytes>,
+        origin: Option<KvOrigin>,
     ) -> Result<(Generation, Option<mpsc::UnboundedReceiver<ExportedBlock>>), SubmitError> {
         let (worker, conn, slot) = self
             .choose(&request.model, request.worker)
@@ -942,6 +1021,15 @@ impl WorkerPool {
             tracing::warn!(request_id = %request.request_id, block = i, bytes = blocks[i].len(),
                 "attached KV block too large for a worker frame: recomputing from it");
             blocks.truncate(i);
+        }
+        let origin = origin.filter(|_| !blocks.is_empty());
+        if let Some(origin) = &origin
+            && let Ok(mut origins) = self.origins.lock()
+        {
+            origins
+                .entry(origin.node)
+                .or_default()
+                .extend(origin.serials.iter().map(|s| s.to_ascii_lowercase()));
         }
         let mut frames = Vec::with_capacity(blocks.len() + 1);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -977,6 +1065,7 @@ impl WorkerPool {
                 sampling: request.sampling,
                 export_kv: export,
                 kv_blocks: blocks.len() as u32,
+                kv_origin: origin.map(|o| o.node),
             };
             frames.push(
                 Frame::json(FrameKind::Request, &wire)
@@ -1022,14 +1111,14 @@ impl WorkerPool {
 
 impl Backend for WorkerPool {
     fn submit(&self, request: GenerateRequest) -> Result<Generation, SubmitError> {
-        self.send(request, false, Vec::new()).map(|(g, _)| g)
+        self.send(request, false, Vec::new(), None).map(|(g, _)| g)
     }
 
     fn submit_prefill(
         &self,
         request: GenerateRequest,
     ) -> Result<(Generation, mpsc::UnboundedReceiver<ExportedBlock>), SubmitError> {
-        match self.send(request, true, Vec::new())? {
+        match self.send(request, true, Vec::new(), None)? {
             (generation, Some(blocks)) => Ok((generation, blocks)),
             // `send` makes a receiver whenever it exports.
             (_, None) => Err(SubmitError::Unsupported),
@@ -1040,8 +1129,10 @@ impl Backend for WorkerPool {
         &self,
         request: GenerateRequest,
         blocks: Vec<bytes::Bytes>,
+        origin: KvOrigin,
     ) -> Result<Generation, SubmitError> {
-        self.send(request, false, blocks).map(|(g, _)| g)
+        self.send(request, false, blocks, Some(origin))
+            .map(|(g, _)| g)
     }
 
     fn workers(&self) -> Vec<WorkerStatus> {

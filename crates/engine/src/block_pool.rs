@@ -16,6 +16,12 @@
 //!
 //! The pool knows nothing about tokens or time: keys are [`SequenceHash`]es computed by
 //! `kvfleet_proto::hash`, and the LRU order is the order of release.
+//!
+//! A cached block may have an [`Origin`]: the (interned) node that supplied its KV through an
+//! import, so that revoking that node can evict what it supplied ([`BlockPool::evict_origin`]).
+//! Locally computed blocks have none, except that a block computed on top of a supplied one
+//! inherits its parent's origin (its KV attends to the supplied KV). The first supplier of a
+//! hash wins: a block already cached keeps its origin (or lack of one) until it is evicted.
 
 use kvfleet_proto::{BlockHash, KvEventData, LocalBlockHash, SequenceHash};
 
@@ -23,6 +29,11 @@ use crate::fast_hash::FastMap;
 
 /// A block's index in the pool (and in the executor's KV memory).
 pub type BlockId = u32;
+
+/// Who supplied a block's KV: a small id the caller interns for a node (the worker maps node
+/// ids to these). Non-zero, so `Option<Origin>` is 4 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Origin(pub std::num::NonZeroU32);
 
 const NIL: u32 = u32::MAX;
 
@@ -36,6 +47,8 @@ struct Meta {
     parent: Option<SequenceHash>,
     /// Acquired again after it entered the prefix cache: some later prompt hit it.
     reused: bool,
+    /// The node that supplied its KV (`None`: computed here); cleared when the block is freed.
+    origin: Option<Origin>,
     // Intrusive doubly linked LRU list of cached (unreferenced, hashed) blocks: O(1) touch.
     prev: u32,
     next: u32,
@@ -67,6 +80,8 @@ pub struct Evicted {
     pub parent: Option<SequenceHash>,
     /// Whether a later prompt hit it while it was cached.
     pub reused: bool,
+    /// Who supplied it (`None`: computed here).
+    pub origin: Option<Origin>,
 }
 
 /// The pool: reference counts, a free list, the prefix-cache map and its LRU list.
@@ -106,6 +121,7 @@ impl BlockPool {
                 local: LocalBlockHash(0),
                 parent: None,
                 reused: false,
+                origin: None,
                 prev: NIL,
                 next: NIL,
                 in_lru: false,
@@ -241,6 +257,7 @@ impl BlockPool {
                                 },
                                 parent: meta.parent,
                                 reused: meta.reused,
+                                origin: meta.origin,
                             });
                         }
                     }
@@ -248,7 +265,9 @@ impl BlockPool {
                     block
                 }
             };
-            self.meta[block as usize].refs = 1;
+            let meta = &mut self.meta[block as usize];
+            meta.refs = 1;
+            meta.origin = None;
             self.used += 1;
             out.push(block);
         }
@@ -277,6 +296,7 @@ impl BlockPool {
                 if meta.hash.is_some() {
                     self.lru_push_back(block);
                 } else {
+                    meta.origin = None;
                     self.free.push(block);
                 }
             }
@@ -287,7 +307,27 @@ impl BlockPool {
     /// prompt order, continuing the chain after `parent`. A block whose hash is already cached
     /// (another sequence computed the same prefix in the same step) stays private to its
     /// sequence. Each maximal run of newly cached blocks records one `Stored` event.
+    ///
+    /// The blocks get the origin of `parent`'s block, if any (what is computed on top of a
+    /// supplied block is derived from it); [`BlockPool::register_from`] names one.
     pub fn register(&mut self, parent: Option<SequenceHash>, blocks: &[(BlockId, BlockHash)]) {
+        self.register_from(parent, blocks, None);
+    }
+
+    /// [`BlockPool::register`] for blocks whose KV `origin` supplied (an import); with `None`,
+    /// the origin of `parent`'s cached block carries on. (A block whose parent was evicted
+    /// is registered without one, but it is unreachable: every lookup walks from block 0.)
+    pub fn register_from(
+        &mut self,
+        parent: Option<SequenceHash>,
+        blocks: &[(BlockId, BlockHash)],
+        origin: Option<Origin>,
+    ) {
+        let origin = origin.or_else(|| {
+            let b = parent.and_then(|p| self.by_hash.get(&p).copied());
+            b.and_then(|b| self.meta.get(b as usize))
+                .and_then(|m| m.origin)
+        });
         let mut parent = parent;
         let mut run: Vec<BlockHash> = Vec::new();
         let mut run_parent = parent;
@@ -304,6 +344,7 @@ impl BlockPool {
                 meta.local = hash.local;
                 meta.parent = parent;
                 meta.reused = false;
+                meta.origin = origin;
                 self.by_hash.insert(hash.sequence, block);
                 if run.is_empty() {
                     run_parent = parent;
@@ -337,9 +378,49 @@ impl BlockPool {
         for meta in &mut self.meta {
             meta.hash = None;
             meta.reused = false;
+            meta.origin = None;
         }
         self.by_hash.clear();
         self.events.push(KvEventData::Cleared);
+    }
+
+    /// Evicts every cached block `origin` supplied (and every block that inherited it). Blocks
+    /// nobody uses become free; blocks a running sequence still uses leave the prefix cache
+    /// (no later prompt can hit them) and go to the free list when it releases them, so the
+    /// sequence itself runs on undisturbed. Records one `Removed` event; returns how many
+    /// blocks left the cache. O(blocks): revocations are rare.
+    pub fn evict_origin(&mut self, origin: Origin) -> usize {
+        let mut removed = Vec::new();
+        for block in 0..self.num_blocks() {
+            let meta = &self.meta[block as usize];
+            if meta.origin != Some(origin) {
+                continue;
+            }
+            let Some(hash) = meta.hash else {
+                continue;
+            };
+            if meta.in_lru {
+                self.lru_unlink(block);
+                self.free.push(block);
+                self.meta[block as usize].origin = None;
+            }
+            let meta = &mut self.meta[block as usize];
+            meta.hash = None;
+            meta.reused = false;
+            self.by_hash.remove(&hash);
+            removed.push(hash);
+        }
+        let n = removed.len();
+        if n > 0 {
+            self.events.push(KvEventData::Removed { blocks: removed });
+        }
+        n
+    }
+
+    /// The origin of the cached block holding `hash` (`None`: not cached, or computed here).
+    pub fn origin_of(&self, hash: SequenceHash) -> Option<Origin> {
+        let block = self.by_hash.get(&hash)?;
+        self.meta.get(*block as usize).and_then(|m| m.origin)
     }
 
     /// Every sequence hash in the prefix cache (used or not), in no particular order.
@@ -370,9 +451,9 @@ impl BlockPool {
                 return Err(format!("block {b} twice in the free list"));
             }
             in_free[b as usize] = true;
-            if m.refs != 0 || m.hash.is_some() || m.in_lru {
+            if m.refs != 0 || m.hash.is_some() || m.in_lru || m.origin.is_some() {
                 return Err(format!(
-                    "free block {b} is referenced, hashed or in the LRU"
+                    "free block {b} is referenced, hashed, in the LRU or has an origin"
                 ));
             }
         }
@@ -602,6 +683,65 @@ mod tests {
         pool.release([a[0]]);
         assert_eq!(pool.usage().free, 4);
         assert_eq!(pool.take_events().last(), Some(&KvEventData::Cleared));
+        pool.check().unwrap();
+    }
+
+    /// The origin costs 8 bytes of metadata per G1 block (56 → 64; KV blocks themselves are
+    /// kilobytes to megabytes).
+    #[test]
+    fn block_metadata_stays_small() {
+        assert_eq!(std::mem::size_of::<Option<Origin>>(), 4);
+        assert_eq!(std::mem::size_of::<Meta>(), 64);
+    }
+
+    #[test]
+    fn evicting_an_origin_frees_cached_blocks_and_unshares_used_ones() {
+        let node = Origin(std::num::NonZeroU32::new(3).unwrap());
+        let other = Origin(std::num::NonZeroU32::new(4).unwrap());
+        let mut pool = BlockPool::new(10, 1);
+        let (h, o, l) = (hashes(1, 3), hashes(2, 1), hashes(3, 1));
+        let mut a = Vec::new();
+        pool.allocate(2, &mut a).unwrap();
+        pool.register_from(None, &[(a[0], h[0]), (a[1], h[1])], Some(node));
+        // Computed on top of a supplied block: inherits its origin.
+        let mut c = Vec::new();
+        pool.allocate(1, &mut c).unwrap();
+        pool.register(Some(h[1].sequence), &[(c[0], h[2])]);
+        assert_eq!(pool.origin_of(h[2].sequence), Some(node));
+        let mut b = Vec::new();
+        pool.allocate(2, &mut b).unwrap();
+        pool.register_from(None, &[(b[0], o[0])], Some(other));
+        pool.register(None, &[(b[1], l[0])]);
+        assert_eq!(pool.origin_of(l[0].sequence), None);
+        // The first supplier wins: re-supplying a cached hash changes nothing.
+        let mut d = Vec::new();
+        pool.allocate(1, &mut d).unwrap();
+        pool.register_from(None, &[(d[0], h[0])], Some(other));
+        assert_eq!(pool.origin_of(h[0].sequence), Some(node));
+        pool.release(d);
+        // a[0] stays in use by a running sequence; the rest is only cached.
+        pool.release([c[0], a[1]]);
+        pool.release(b.iter().rev().copied());
+        pool.take_events();
+        assert_eq!(pool.evict_origin(node), 3);
+        assert_eq!(
+            pool.take_events(),
+            vec![KvEventData::Removed {
+                blocks: vec![h[0].sequence, h[1].sequence, h[2].sequence]
+            }]
+        );
+        assert_eq!(pool.lookup_prefix(&[h[0].sequence]), 0);
+        assert_eq!(
+            pool.ref_count(a[0]),
+            1,
+            "the running sequence keeps its block"
+        );
+        pool.check().unwrap();
+        assert!(pool.cached_block(o[0].sequence).is_some());
+        assert!(pool.cached_block(l[0].sequence).is_some());
+        pool.release([a[0]]);
+        assert_eq!(pool.usage().free, 8, "freed when the sequence ends");
+        assert_eq!(pool.evict_origin(node), 0);
         pool.check().unwrap();
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use kvfleet_proto::{BlockHash, InvalidSampling, KvEvent, KvLayout, SamplingParams};
 use serde::Serialize;
 
+use crate::block_pool::Origin;
 use crate::executor::{ExecError, RequestId};
 
 /// A generate request.
@@ -137,6 +138,10 @@ pub struct KvExport {
     pub blocks: Vec<BlockHash>,
     /// `blocks.len() * layout.block_bytes()` bytes, block after block.
     pub data: Vec<u8>,
+    /// Who supplied these blocks, set by an importer that got them from another node (`None`
+    /// from [`Engine::export_kv`]): the imported blocks keep it in every tier, so
+    /// [`Engine::evict_origin`] can drop them when that node is revoked.
+    pub origin: Option<Origin>,
 }
 
 /// What an import did.
@@ -382,6 +387,12 @@ pub trait Engine {
 
     /// Drops every cached prefix (a `Cleared` event); running requests keep their blocks.
     fn clear_prefix_cache(&mut self);
+
+    /// Drops every block `origin` supplied (and every block computed on top of one) from the
+    /// pool and the lower tiers, with `Removed` events. Blocks a running request uses leave
+    /// the prefix cache now and are freed when it ends; the request runs on undisturbed.
+    /// Returns how many blocks went, over all tiers.
+    fn evict_origin(&mut self, origin: Origin) -> usize;
 
     /// A snapshot of load and throughput.
     fn metrics(&self) -> EngineMetrics;

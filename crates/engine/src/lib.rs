@@ -62,7 +62,7 @@ pub mod tiers;
 #[cfg(test)]
 mod tests;
 
-pub use block_pool::{BlockId, BlockPool, Evicted, PoolExhausted, PoolUsage};
+pub use block_pool::{BlockId, BlockPool, Evicted, Origin, PoolExhausted, PoolUsage};
 pub use config::{ConfigError, PoolSizing, SchedulerConfig};
 pub use engine::{
     Engine, EngineMetrics, EngineOutput, ExportError, Finish, FinishReason, ImportError,

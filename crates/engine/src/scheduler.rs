@@ -20,7 +20,7 @@ use std::time::Duration;
 use kvfleet_proto::hash::{block_hashes, hash_block};
 use kvfleet_proto::{BlockHash, BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, Tier};
 
-use crate::block_pool::{BlockId, BlockPool, PoolUsage};
+use crate::block_pool::{BlockId, BlockPool, Origin, PoolUsage};
 use crate::config::{ConfigError, SchedulerConfig};
 use crate::engine::{
     Engine, EngineMetrics, EngineOutput, ExportError, Finish, FinishReason, ImportError,
@@ -217,7 +217,7 @@ impl<E: Executor> Scheduler<E> {
         let Some(tiers) = &mut self.tiers else {
             return 0;
         };
-        let mut found: Vec<(BlockHash, Tier)> = Vec::with_capacity(lower.len());
+        let mut found: Vec<(BlockHash, Tier, Option<Origin>)> = Vec::with_capacity(lower.len());
         for &(hash, _) in lower {
             // Looked up again: offloading what this admission evicted may have moved a block
             // down a tier (or off the last one) since the walk.
@@ -235,10 +235,10 @@ impl<E: Executor> Scheduler<E> {
                 Ok(None) => {}
                 Err(_) => break,
             }
-            found.push((hash, tier));
+            found.push((hash, tier, tiers.origin_of(hash.sequence)));
         }
         let got = found.len();
-        for &(hash, tier) in &found {
+        for &(hash, tier, _) in &found {
             tiers.onboarded(hash.sequence, tier);
             let slot = match tier {
                 Tier::G2 => 0,
@@ -247,12 +247,24 @@ impl<E: Executor> Scheduler<E> {
             };
             self.step_onboard[slot] += 1;
         }
-        let pairs: Vec<(BlockId, BlockHash)> = targets
-            .iter()
-            .zip(&found)
-            .map(|(&b, &(h, _))| (b, h))
-            .collect();
-        self.pool.register(parent, &pairs);
+        // Each block gets its origin back: one registration per run of blocks from one origin.
+        let mut parent = parent;
+        let mut start = 0;
+        while start < found.len() {
+            let origin = found[start].2;
+            let end = found[start..]
+                .iter()
+                .position(|f| f.2 != origin)
+                .map_or(found.len(), |n| start + n);
+            let pairs: Vec<(BlockId, BlockHash)> = targets[start..end]
+                .iter()
+                .zip(&found[start..end])
+                .map(|(&b, &(h, _, _))| (b, h))
+                .collect();
+            self.pool.register_from(parent, &pairs, origin);
+            parent = Some(found[end - 1].0.sequence);
+            start = end;
+        }
         got
     }
 
@@ -913,6 +925,7 @@ impl<E: Executor> Engine for Scheduler<E> {
             first_block: first,
             blocks,
             data,
+            origin: None,
         })
     }
 
@@ -975,10 +988,19 @@ impl<E: Executor> Engine for Scheduler<E> {
             }
         }
         report.imported = fresh.len();
-        self.pool.register(None, &chain);
+        self.pool.register_from(None, &chain, export.origin);
         self.pool.release(chain.iter().rev().map(|&(b, _)| b));
         self.push_pool_events();
         Ok(report)
+    }
+
+    fn evict_origin(&mut self, origin: Origin) -> usize {
+        let mut n = self.pool.evict_origin(origin);
+        if let Some(tiers) = &mut self.tiers {
+            n += tiers.evict_origin(origin);
+        }
+        self.push_pool_events();
+        n
     }
 
     fn clear_prefix_cache(&mut self) {

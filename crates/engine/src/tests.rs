@@ -300,6 +300,7 @@ fn bad_input_is_a_typed_error_table() {
                     layout: other_layout,
                     blocks: vec![],
                     data: vec![],
+                    origin: None,
                 }),
                 ..Request::new(vec![1; 8], ok.clone())
             },
@@ -313,6 +314,7 @@ fn bad_input_is_a_typed_error_table() {
                     layout: toy_layout(4),
                     blocks: kvfleet_proto::hash::block_hashes(&[9; 8], BlockSize::new(4).unwrap()),
                     data: vec![0; 64],
+                    origin: None,
                 }),
                 ..Request::new(vec![1; 8], ok.clone())
             },
@@ -326,6 +328,7 @@ fn bad_input_is_a_typed_error_table() {
                     layout: toy_layout(4),
                     blocks: kvfleet_proto::hash::block_hashes(&[1; 8], BlockSize::new(4).unwrap()),
                     data: vec![0; 63],
+                    origin: None,
                 }),
                 ..Request::new(vec![1; 8], ok.clone())
             },
@@ -1580,6 +1583,7 @@ fn prefix_cache_on_and_off_give_identical_outputs() {
         first_block: 0,
         blocks: vec![],
         data: vec![],
+        origin: None,
     };
     assert_eq!(
         off.import_kv(&export),
@@ -1620,6 +1624,7 @@ proptest! {
                 BlockSize::new(4).unwrap(),
             ),
             data: vec![0xAB; bytes],
+            origin: None,
         });
         let accepted = engine.submit(Request { prompt: p, sampling, kv }, Duration::ZERO);
         engine.check_invariants().map_err(TestCaseError::fail)?;
@@ -2334,4 +2339,141 @@ fn an_admission_that_pushes_its_own_prefix_down_a_tier_still_onboards_it() {
         Some(Tier::G3),
         "it was pushed down"
     );
+}
+
+/// Blocks another node supplied keep their origin in G1, G2 and G3 and back in G1 after
+/// onboarding, and pass it to blocks computed on top of them; evicting the origin drops all
+/// of them from every tier (with `Removed` events, files deleted) while locally computed blocks
+/// stay, and a running request using them finishes with the reference tokens.
+#[test]
+fn evicting_an_origin_drops_what_it_supplied_from_every_tier() {
+    let dir = TempDir::new("origin");
+    let node = Origin(std::num::NonZeroU32::new(7).unwrap());
+    let a = prompt(300, 16); // 4 full blocks
+    let mut prefill = toy_engine(100, TIER_BS, |_| {});
+    run_one(&mut prefill, &a, 1);
+    let mut export = prefill.export_kv(&a).unwrap();
+    export.origin = Some(node);
+    let mut engine = tiered_engine(2, 64, &dir);
+    assert_eq!(engine.import_kv(&export).unwrap().imported, 4);
+    let ah = sequence_hashes(&a);
+    assert!(ah.iter().all(|&h| engine.pool().origin_of(h) == Some(node)));
+    // Two local prompts push A down to G2 (2 blocks) and G3.
+    for seed in [101, 102] {
+        let p = prompt(seed, 24);
+        assert_eq!(run_one(&mut engine, &p, 2).0, toy_reference(&p, 2));
+    }
+    assert_eq!(engine.pool().lookup_prefix(&ah), 0, "A left G1");
+    let tiers = engine.tiers().unwrap();
+    assert!(ah.iter().all(|&h| tiers.lookup(h).is_some()));
+    assert!(ah.iter().all(|&h| tiers.origin_of(h) == Some(node)));
+    engine.flush_tiers();
+    assert!(!block_files(&dir.0).is_empty());
+    engine.drain_events();
+
+    // A request on A's prefix onboards it (origin and all) and computes a fifth block on top.
+    let mut longer = a.clone();
+    longer.extend(prompt(303, 4));
+    let lh = sequence_hashes(&longer);
+    let id = engine
+        .submit(
+            Request::new(longer.clone(), SamplingParams::greedy(8)),
+            engine.now(),
+        )
+        .unwrap();
+    let mut streams = HashMap::new();
+    while engine.pool().cached_block(lh[4]).is_none() {
+        let t = engine.next_event_time().unwrap();
+        engine.step_until(t).unwrap();
+        collect(engine.drain_outputs(), &mut streams);
+    }
+    assert!(ah.iter().all(|&h| engine.pool().origin_of(h) == Some(node)));
+    assert_eq!(
+        engine.pool().origin_of(lh[4]),
+        Some(node),
+        "computed on top of supplied KV"
+    );
+    let local = sequence_hashes(&prompt(102, 24));
+    let local_held = |e: &Scheduler<ToyExecutor>| {
+        local
+            .iter()
+            .filter(|&&h| {
+                e.pool().cached_block(h).is_some() || e.tiers().unwrap().lookup(h).is_some()
+            })
+            .count()
+    };
+    let local_before = local_held(&engine);
+    assert!(local_before > 0);
+    engine.drain_events();
+
+    let evicted = engine.evict_origin(node);
+    assert!(evicted >= 5, "{evicted}");
+    engine.check_invariants().unwrap();
+    assert_eq!(engine.pool().lookup_prefix(&lh), 0);
+    let tiers = engine.tiers().unwrap();
+    assert!(lh.iter().all(|&h| tiers.lookup(h).is_none()));
+    assert_eq!(local_held(&engine), local_before, "local blocks stay");
+    let removed: HashSet<SequenceHash> = engine
+        .drain_events()
+        .into_iter()
+        .flat_map(|e| match e.data {
+            KvEventData::Removed { blocks } => blocks,
+            _ => Vec::new(),
+        })
+        .collect();
+    assert!(lh.iter().all(|h| removed.contains(h)), "routers are told");
+    // The running request is not disturbed; its blocks are freed when it ends.
+    run_to_idle(&mut engine, &mut streams);
+    assert_eq!(streams[&id].tokens, toy_reference(&longer, 8));
+    assert_eq!(engine.pool().lookup_prefix(&lh), 0, "not cached again");
+    assert_eq!(engine.pool().usage().used, 0);
+    engine.flush_tiers();
+    let names: Vec<String> = lh.iter().map(|h| format!("{:016x}.kvb", h.0)).collect();
+    assert!(
+        block_files(&dir.0)
+            .iter()
+            .all(|f| !names.iter().any(|n| f.ends_with(n))),
+        "A's files are deleted"
+    );
+    // A repeat of A recomputes it.
+    assert_eq!(run_one(&mut engine, &a, 1).1, 0);
+}
+
+/// A block another node supplied is written to disk marked as such and not restored by the
+/// next start (its origin, interned by the process, is gone).
+#[test]
+fn supplied_blocks_on_disk_are_not_restored_after_a_restart() {
+    let dir = TempDir::new("origin-restart");
+    let a = prompt(310, 16);
+    let mut prefill = toy_engine(100, TIER_BS, |_| {});
+    run_one(&mut prefill, &a, 1);
+    let mut export = prefill.export_kv(&a).unwrap();
+    export.origin = Some(Origin(std::num::NonZeroU32::new(1).unwrap()));
+    let local = prompt(311, 24);
+    {
+        let mut engine = tiered_engine(0, 64, &dir);
+        engine.import_kv(&export).unwrap();
+        run_one(&mut engine, &local, 2);
+        evict_through(&mut engine, &prompt(312, 16));
+        engine.flush_tiers();
+        let tiers = engine.tiers().unwrap();
+        assert!(
+            sequence_hashes(&a)
+                .iter()
+                .all(|&h| tiers.lookup(h) == Some(Tier::G3))
+        );
+    }
+    let engine = tiered_engine(0, 64, &dir);
+    let tiers = engine.tiers().unwrap();
+    assert!(
+        sequence_hashes(&a)
+            .iter()
+            .all(|&h| tiers.lookup(h).is_none())
+    );
+    assert!(
+        sequence_hashes(&local)
+            .iter()
+            .any(|&h| tiers.lookup(h).is_some())
+    );
+    assert!(tiers.deleted_at_start() >= 4);
 }

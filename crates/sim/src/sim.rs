@@ -689,6 +689,7 @@ impl<'a> Sim<'a> {
                 layout,
                 first_block: 0,
                 blocks,
+                origin: None,
             };
             prompt.push(h.first_token);
             let mut sampling = SamplingParams::greedy(request.output_length - 1);

@@ -533,6 +533,7 @@ mod tests {
             sampling,
             export_kv: false,
             kv_blocks: 0,
+            kv_origin: None,
         };
         let b = body(WireEngine::LlamaCpp, &request);
         assert_eq!(b["prompt"], json!([1, 2, 3]));

@@ -211,11 +211,14 @@ pub async fn serve(
                     FrameKind::KvBlock => {
                         tracing::warn!(engine = name, "attached KV block dropped: this engine imports none");
                     }
-                    FrameKind::Control => {
-                        let Control::Stop = frame.parse_json()?;
-                        tracing::info!("stopping on the agent's request");
-                        return Ok(());
-                    }
+                    FrameKind::Control => match frame.parse_json()? {
+                        Control::Stop => {
+                            tracing::info!("stopping on the agent's request");
+                            return Ok(());
+                        }
+                        // It imports no KV, so nothing it holds came from another node.
+                        Control::EvictOrigin { .. } => {}
+                    },
                     FrameKind::Ping => {
                         super::protocol::codec().encode(FrameKind::Pong, &frame.payload, &mut out)?;
                     }

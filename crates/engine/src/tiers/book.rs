@@ -7,13 +7,17 @@
 //! G1 stays in its lower tier, so evicting it from G1 again costs no second write. A block
 //! leaving G1 goes to G2 when G2 is on, else to G3; a block G2 evicts goes down to G3. What
 //! enters at all is the [`Admission`] policy's decision.
+//!
+//! Each entry keeps the [`Origin`] its G1 block had (the node that supplied it, if any), so
+//! [`TierBook::evict_origin`] can drop what a revoked node supplied from both tiers, and a
+//! block onboarded back into G1 gets its origin back.
 
 use std::collections::BTreeMap;
 
 use kvfleet_proto::{BlockHash, KvEventData, SequenceHash, Tier};
 use serde::{Deserialize, Serialize};
 
-use crate::block_pool::Evicted;
+use crate::block_pool::{Evicted, Origin};
 use crate::fast_hash::FastMap;
 
 /// Which blocks leaving G1 are written to the lower tiers.
@@ -112,6 +116,8 @@ pub enum Action {
         hash: BlockHash,
         /// Its parent.
         parent: Option<SequenceHash>,
+        /// Who supplied it (the file is marked, and not kept across a restart).
+        origin: Option<Origin>,
     },
     /// Write host memory's copy of `hash` to disk (G2 is evicting it).
     DiskFromHost {
@@ -119,6 +125,8 @@ pub enum Action {
         hash: BlockHash,
         /// Its parent.
         parent: Option<SequenceHash>,
+        /// Who supplied it.
+        origin: Option<Origin>,
     },
     /// Free host memory's copy of `hash` (after any `DiskFromHost` for it).
     DropHost(SequenceHash),
@@ -130,6 +138,7 @@ pub enum Action {
 struct Entry {
     hash: BlockHash,
     parent: Option<SequenceHash>,
+    origin: Option<Origin>,
     tick: u64,
 }
 
@@ -164,11 +173,18 @@ impl Lru {
     }
 
     /// Inserts as most recent (the caller made room).
-    fn insert(&mut self, hash: BlockHash, parent: Option<SequenceHash>) {
+    fn insert(&mut self, hash: BlockHash, parent: Option<SequenceHash>, origin: Option<Origin>) {
         let tick = self.next_tick;
         self.next_tick += 1;
-        self.entries
-            .insert(hash.sequence, Entry { hash, parent, tick });
+        self.entries.insert(
+            hash.sequence,
+            Entry {
+                hash,
+                parent,
+                origin,
+                tick,
+            },
+        );
         self.order.insert(tick, hash.sequence);
     }
 
@@ -276,8 +292,9 @@ impl TierBook {
                 block: evicted.block,
                 hash: evicted.hash,
                 parent: evicted.parent,
+                origin: evicted.origin,
             });
-            self.insert_g3(evicted.hash, evicted.parent, actions);
+            self.insert_g3(evicted.hash, evicted.parent, evicted.origin, actions);
             return;
         }
         while self.g2.is_full() {
@@ -290,8 +307,9 @@ impl TierBook {
                 actions.push(Action::DiskFromHost {
                     hash: old.hash,
                     parent: old.parent,
+                    origin: old.origin,
                 });
-                self.insert_g3(old.hash, old.parent, actions);
+                self.insert_g3(old.hash, old.parent, old.origin, actions);
             } else if self.g3.contains(old.hash.sequence) {
                 self.g3.touch(old.hash.sequence);
             }
@@ -301,7 +319,7 @@ impl TierBook {
             block: evicted.block,
             hash: evicted.hash,
         });
-        self.g2.insert(evicted.hash, evicted.parent);
+        self.g2.insert(evicted.hash, evicted.parent, evicted.origin);
         self.remember(Tier::G2, evicted.hash, evicted.parent);
     }
 
@@ -309,6 +327,7 @@ impl TierBook {
         &mut self,
         hash: BlockHash,
         parent: Option<SequenceHash>,
+        origin: Option<Origin>,
         actions: &mut Vec<Action>,
     ) {
         while self.g3.is_full() {
@@ -319,7 +338,7 @@ impl TierBook {
             self.forget(Tier::G3, old.hash.sequence);
             actions.push(Action::DeleteDisk(old.hash.sequence));
         }
-        self.g3.insert(hash, parent);
+        self.g3.insert(hash, parent, origin);
         self.remember(Tier::G3, hash, parent);
     }
 
@@ -338,11 +357,51 @@ impl TierBook {
             if self.g3.contains(hash.sequence) {
                 continue;
             }
-            self.insert_g3(hash, parent, actions);
+            // Files of supplied blocks are deleted by the scan: none is restored with an origin.
+            self.insert_g3(hash, parent, None, actions);
             // Restored, not written: undo the write figures `remember` counted.
             self.stats.g3.offload_blocks -= 1;
             self.stats.g3.offload_bytes -= self.block_bytes;
         }
+    }
+
+    /// Who supplied the block `hash` in the fastest lower tier holding it (`None`: not held,
+    /// or computed here).
+    pub fn origin_of(&self, hash: SequenceHash) -> Option<Origin> {
+        self.g2
+            .entries
+            .get(&hash)
+            .or_else(|| self.g3.entries.get(&hash))
+            .and_then(|e| e.origin)
+    }
+
+    /// Drops every block `origin` supplied from G2 and G3 (`Removed` events; the actions free
+    /// host memory and delete files). Returns how many entries went. O(entries).
+    pub fn evict_origin(&mut self, origin: Origin, actions: &mut Vec<Action>) -> usize {
+        let mut n = 0;
+        for tier in [Tier::G2, Tier::G3] {
+            let Some(lru) = self.lru(tier) else {
+                continue;
+            };
+            let doomed: Vec<SequenceHash> = lru
+                .entries
+                .values()
+                .filter(|e| e.origin == Some(origin))
+                .map(|e| e.hash.sequence)
+                .collect();
+            for hash in doomed {
+                if let Some(lru) = self.lru(tier) {
+                    lru.remove(hash);
+                }
+                self.forget(tier, hash);
+                actions.push(match tier {
+                    Tier::G2 => Action::DropHost(hash),
+                    _ => Action::DeleteDisk(hash),
+                });
+                n += 1;
+            }
+        }
+        n
     }
 
     /// A block was brought from `tier` into G1.
@@ -481,6 +540,7 @@ mod tests {
             hash: h[i],
             parent: i.checked_sub(1).map(|p| h[p].sequence),
             reused,
+            origin: None,
         }
     }
 
@@ -501,7 +561,8 @@ mod tests {
         assert!(actions.contains(&Action::DeleteDisk(h[0].sequence)));
         assert!(actions.contains(&Action::DiskFromHost {
             hash: h[2],
-            parent: Some(h[1].sequence)
+            parent: Some(h[1].sequence),
+            origin: None,
         }));
         // The host copy is written before it is dropped.
         let write = actions

@@ -14,14 +14,17 @@
 //!     24    8 local hash
 //!     32    8 parent sequence hash (0 when none)
 //!     40    1 1 when the block has a parent, else 0
-//!     41    7 zero
+//!     41    1 1 when another node supplied the block (an import), else 0
+//!     42    6 zero
 //!     48    8 payload length
 //!     56    8 payload checksum (`kvfleet_proto::peer::block_checksum`, XXH3-64)
 //!     64    - payload
 //! ```
 //!
 //! The header is enough to rebuild the index at start (the directory is the index: it survives
-//! restarts by construction); the checksum is verified on every read.
+//! restarts by construction); the checksum is verified on every read. A block another node
+//! supplied is not kept across a restart: the scan deletes it, because which node supplied it
+//! (an id interned by the worker process) is not on disk, so a revocation could not find it.
 
 use std::fs;
 use std::io::{self, Read};
@@ -51,6 +54,8 @@ pub struct BlockHeader {
     pub payload_len: u64,
     /// The payload's checksum.
     pub checksum: u64,
+    /// Another node supplied it.
+    pub supplied: bool,
 }
 
 /// A block file's bytes: header then payload.
@@ -59,6 +64,17 @@ pub fn encode(
     hash: BlockHash,
     parent: Option<SequenceHash>,
     payload: &[u8],
+) -> Vec<u8> {
+    encode_supplied(layout, hash, parent, payload, false)
+}
+
+/// [`encode`], marking the block as supplied by another node when `supplied`.
+pub fn encode_supplied(
+    layout: u64,
+    hash: BlockHash,
+    parent: Option<SequenceHash>,
+    payload: &[u8],
+    supplied: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.extend_from_slice(MAGIC);
@@ -69,7 +85,8 @@ pub fn encode(
     out.extend_from_slice(&hash.local.0.to_le_bytes());
     out.extend_from_slice(&parent.map_or(0, |p| p.0).to_le_bytes());
     out.push(u8::from(parent.is_some()));
-    out.extend_from_slice(&[0; 7]);
+    out.push(u8::from(supplied));
+    out.extend_from_slice(&[0; 6]);
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&block_checksum(payload).to_le_bytes());
     out.extend_from_slice(payload);
@@ -108,6 +125,7 @@ pub fn decode_header(
         parent: (bytes[40] == 1).then(|| SequenceHash(u64_at(bytes, 32))),
         payload_len: u64_at(bytes, 48),
         checksum: u64_at(bytes, 56),
+        supplied: bytes[41] == 1,
     };
     if header.layout != layout {
         return Err(Fault::Layout);
@@ -155,7 +173,7 @@ pub struct Scan {
     /// Usable blocks, oldest (least recently written) first.
     pub blocks: Vec<(BlockHash, Option<SequenceHash>)>,
     /// Files deleted because they were unusable (bad name, header, length, layout; `.tmp`
-    /// leftovers of an interrupted write).
+    /// leftovers of an interrupted write) or held a block another node supplied.
     pub deleted: u64,
 }
 
@@ -183,6 +201,10 @@ pub fn scan(dir: &Path, layout: u64, block_bytes: u64) -> io::Result<Scan> {
             let mut header = [0u8; HEADER_BYTES];
             fs::File::open(&path).ok()?.read_exact(&mut header).ok()?;
             let h = decode_header(&header, layout, seq, block_bytes).ok()?;
+            // A supplied block's origin is gone with the process that interned it.
+            if h.supplied {
+                return None;
+            }
             Some((meta.modified().ok(), h.hash, h.parent))
         });
         match usable {

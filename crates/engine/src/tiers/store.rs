@@ -19,7 +19,7 @@ use kvfleet_proto::{BlockHash, SequenceHash, Tier};
 
 use super::book::{Action, Fault, TierBook, TierStats};
 use super::{TierConfig, TierError, TierStorage, disk};
-use crate::block_pool::{BlockId, Evicted};
+use crate::block_pool::{BlockId, Evicted, Origin};
 use crate::fast_hash::FastMap;
 
 enum Job {
@@ -310,14 +310,21 @@ impl TierStore {
                     block,
                     hash,
                     parent,
+                    origin,
                 } => match g1_bytes(block) {
-                    Some(bytes) => self.write_disk(hash, parent, bytes.to_vec().as_slice()),
+                    Some(bytes) => {
+                        self.write_disk(hash, parent, origin.is_some(), bytes.to_vec().as_slice())
+                    }
                     None => self.book.fault(hash.sequence, Tier::G3, Fault::Missing),
                 },
-                Action::DiskFromHost { hash, parent } => match self.host.get(&hash.sequence) {
+                Action::DiskFromHost {
+                    hash,
+                    parent,
+                    origin,
+                } => match self.host.get(&hash.sequence) {
                     Some(bytes) => {
                         let bytes = Arc::clone(bytes);
-                        self.write_disk(hash, parent, &bytes);
+                        self.write_disk(hash, parent, origin.is_some(), &bytes);
                     }
                     None => self.book.fault(hash.sequence, Tier::G3, Fault::Missing),
                 },
@@ -333,12 +340,18 @@ impl TierStore {
         }
     }
 
-    fn write_disk(&mut self, hash: BlockHash, parent: Option<SequenceHash>, payload: &[u8]) {
+    fn write_disk(
+        &mut self,
+        hash: BlockHash,
+        parent: Option<SequenceHash>,
+        supplied: bool,
+        payload: &[u8],
+    ) {
         let Some(disk) = &self.disk else {
             self.book.fault(hash.sequence, Tier::G3, Fault::Io);
             return;
         };
-        let file = disk::encode(self.layout, hash, parent, payload);
+        let file = disk::encode_supplied(self.layout, hash, parent, payload, supplied);
         if !disk.enqueue_write(hash.sequence, file) {
             self.book.refused(hash.sequence, Tier::G3);
         }
@@ -378,6 +391,23 @@ impl TierStore {
             }
         }
         result.map(Some)
+    }
+
+    /// Who supplied the block `hash` in a lower tier (`None`: computed here, or not held).
+    pub fn origin_of(&self, hash: SequenceHash) -> Option<Origin> {
+        self.book.origin_of(hash)
+    }
+
+    /// Drops every block `origin` supplied from G2 (its bytes freed now) and G3 (its files
+    /// deleted by the writer thread, in order after any write of them still queued). Returns
+    /// how many blocks went; their `Removed` events follow from [`TierStore::take_events`].
+    pub fn evict_origin(&mut self, origin: Origin) -> usize {
+        let mut actions = Vec::new();
+        let n = self.book.evict_origin(origin, &mut actions);
+        if self.stores_bytes() {
+            self.apply(&actions, &[], &[]);
+        }
+        n
     }
 
     /// A block was brought from `tier` into G1.
