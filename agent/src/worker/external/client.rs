@@ -557,6 +557,7 @@ mod tests {
             sampling,
             export_kv: false,
             kv_blocks: 0,
+            kv_origin: None,
         }
     }
 
