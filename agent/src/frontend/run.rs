@@ -16,7 +16,6 @@ use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use kvfleet_proto::hash::sequence_hashes;
 use serde_json::json;
 
 use super::Frontend;
@@ -25,6 +24,7 @@ use super::api::{ApiError, FinishReason, Usage};
 use super::metrics::{ModelRole, RequestLatencies};
 use super::models::TextCodec;
 use super::prepare::{Endpoint, Prepared};
+use super::ratelimit::Reservation;
 use super::text::{StopMatcher, Utf8Stream};
 use super::tools::{Piece, ToolStream};
 use crate::backend::{self, GenEvent, GenerateRequest, Generation, TokenLogprob};
@@ -49,12 +49,16 @@ pub(super) async fn execute(
     prepared: Prepared,
     (slot, queued): (Slot, Duration),
     start: Instant,
+    mut tokens: Option<Reservation>,
 ) -> Result<Response, ApiError> {
     if frontend.is_draining() {
         return Err(draining(&frontend));
     }
     let choices = prepared.n;
     let mut first = submit(&frontend, &prepared, 0, None)?;
+    if let Some(tokens) = tokens.as_mut() {
+        tokens.started();
+    }
     tracing::debug!(worker = %first.worker, prompt_tokens = prepared.prompt.len(), choices, "submitted");
     frontend
         .metrics
@@ -85,6 +89,7 @@ pub(super) async fn execute(
         frontend,
         prepared,
         _slot: slot,
+        tokens,
     };
     if request.prepared.stream {
         Ok(into_sse(request, runs))
@@ -113,7 +118,9 @@ fn submit(
             format!("{}-{index}", prepared.id)
         },
         model: prepared.model.clone(),
-        block_hashes: sequence_hashes(&prepared.prompt, prepared.block_size),
+        block_hashes: sampling
+            .hasher(&frontend.block_hasher.get())
+            .sequence_hashes(&prepared.prompt, prepared.block_size),
         prompt: prepared.prompt.clone(),
         sampling,
         worker,
@@ -133,6 +140,8 @@ struct Request {
     frontend: Arc<Frontend>,
     prepared: Arc<Prepared>,
     _slot: Slot,
+    /// Its key's tokens-per-minute reservation, settled with its usage at the end.
+    tokens: Option<Reservation>,
 }
 
 impl Request {
@@ -151,6 +160,13 @@ impl Request {
     /// Usage of the whole request: the prompt once, the completions of every choice.
     fn usage(&self, completion_tokens: u32) -> Usage {
         Usage::new(self.prepared.prompt.len() as u32, completion_tokens)
+    }
+
+    /// Charges the key's tokens per minute what the request used (the rest goes back).
+    fn settle(&mut self, completion_tokens: u32) {
+        if let Some(tokens) = self.tokens.as_mut() {
+            tokens.settle(self.prepared.prompt.len() as u64 + u64::from(completion_tokens));
+        }
     }
 }
 
@@ -572,9 +588,12 @@ impl Run {
 }
 
 /// Non-streaming: every choice gathered (concurrently), then one body.
-async fn collect(request: Request, mut runs: Vec<Run>) -> Result<Response, ApiError> {
-    let choices = futures_util::future::try_join_all(runs.iter_mut().map(Run::gather)).await?;
+async fn collect(mut request: Request, mut runs: Vec<Run>) -> Result<Response, ApiError> {
+    let gathered = futures_util::future::try_join_all(runs.iter_mut().map(Run::gather)).await;
     let completion_tokens = runs.iter().map(|r| r.assembler.completion_tokens).sum();
+    // Failed or not, what was generated is charged, and nothing more.
+    request.settle(completion_tokens);
+    let choices = gathered?;
     let usage = request.usage(completion_tokens);
     let body = json!({"id": request.response_id(), "object": request.object(false),
         "created": request.prepared.created, "model": request.prepared.model,
@@ -626,6 +645,8 @@ fn into_sse(request: Request, runs: Vec<Run>) -> Response {
     });
     let choices = futures_util::stream::select_all(streams);
     let tail = futures_util::stream::once(async move {
+        let mut request = request;
+        request.settle(tally.completion_tokens.load(Ordering::Acquire));
         let mut events = Vec::new();
         if tally.failed.load(Ordering::Acquire) {
             return futures_util::stream::iter(events);

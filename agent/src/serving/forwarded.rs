@@ -178,7 +178,7 @@ fn check_decode_leg(
     let Some(layout) = request.worker.and_then(|w| serving.local.kv_layout(w)) else {
         return Ok(());
     };
-    let ours = kvfleet_proto::hash::sequence_hashes(&request.prompt, layout.block_size);
+    let ours = serving.hashes(&request.prompt, &request.sampling, layout.block_size);
     let theirs = &request.block_hashes;
     let mismatch = match ours.get(..theirs.len()) {
         None => Some(format!(

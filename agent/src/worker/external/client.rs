@@ -52,6 +52,10 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
         if let Some(seed) = seed {
             body["seed"] = json!(seed);
         }
+        // vLLM salts its own prefix cache with it (other engines are refused in `unsupported`).
+        if let Some(salt) = &s.cache_salt {
+            body["cache_salt"] = json!(salt);
+        }
         if !s.logit_bias.is_empty() {
             let bias: serde_json::Map<String, Value> = s
                 .logit_bias
@@ -111,6 +115,11 @@ pub fn unsupported(
     };
     if sampling.constraint.is_some() {
         return refuse("response_format");
+    }
+    // Only vLLM salts its prefix cache: on any other engine a salted request could hit another
+    // tenant's cached blocks, so it is refused rather than served unisolated.
+    if sampling.cache_salt.is_some() && engine != WireEngine::Vllm {
+        return refuse("cache_salt");
     }
     if engine.openai_api() {
         if sampling.top_k != 0 {
