@@ -353,6 +353,7 @@ struct RawFrontend {
 struct RawRateLimit {
     requests_per_sec: Option<Spanned<f64>>,
     burst: Option<Spanned<i64>>,
+    tokens_per_minute: Option<Spanned<i64>>,
 }
 
 /// `[[frontend.keys]]`: a named key with its own limit.
@@ -363,6 +364,7 @@ struct RawApiKey {
     key: Spanned<String>,
     requests_per_sec: Option<Spanned<f64>>,
     burst: Option<Spanned<i64>>,
+    tokens_per_minute: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -991,7 +993,11 @@ impl Checker<'_> {
                         entry.requests_per_sec.as_ref(),
                         entry.burst.as_ref(),
                     );
-                    fc.api_keys.push(key, name.clone(), limit);
+                    let tokens = entry.tokens_per_minute.as_ref().and_then(|v| {
+                        self.int("frontend.keys.tokens_per_minute", v, 1..=1_000_000_000)
+                    });
+                    fc.api_keys
+                        .push(key, name.clone(), limit, tokens.map(|t| t as u32));
                 }
             }
             if let Some(r) = &f.rate_limit {
@@ -1000,6 +1006,14 @@ impl Checker<'_> {
                     r.requests_per_sec.as_ref(),
                     r.burst.as_ref(),
                 );
+                fc.tokens_per_minute = r.tokens_per_minute.as_ref().and_then(|v| {
+                    self.int(
+                        "frontend.rate_limit.tokens_per_minute",
+                        v,
+                        1..=1_000_000_000,
+                    )
+                    .map(|t| t as u32)
+                });
             }
             if let Some(v) = &f.metrics_listen
                 && let Some(addr) = self.parsed(v, parse_listen)
@@ -1872,11 +1886,13 @@ api_keys = ["sk-plain-0123"]
 metrics_listen = "127.0.0.1:9100"
 [frontend.rate_limit]
 requests_per_sec = 2.5
+tokens_per_minute = 6000
 [[frontend.keys]]
 name = "team-a"
 key = "sk-team-a-0123"
 requests_per_sec = 10
 burst = 40
+tokens_per_minute = 1000
 [[frontend.keys]]
 name = "team-b"
 key = "sk-team-b-0123"
@@ -1913,6 +1929,9 @@ key = "sk-team-b-0123"
             ]
         );
         assert_eq!(f.api_keys.find("sk-team-b-0123"), Some(2));
+        assert_eq!(f.tokens_per_minute, Some(6000));
+        let tokens: Vec<_> = f.api_keys.entries().map(|k| k.tokens_per_minute).collect();
+        assert_eq!(tokens, [None, Some(1000), None]);
         assert!(!format!("{config:?}").contains("sk-team-a-0123"));
 
         let refused = problems(
@@ -1920,6 +1939,7 @@ key = "sk-team-b-0123"
 metrics_listen = "127.0.0.1:8000"
 [frontend.rate_limit]
 requests_per_sec = 0
+tokens_per_minute = 0
 [[frontend.keys]]
 name = "has space"
 key = "sk-0123456789"
@@ -1932,7 +1952,8 @@ key = "sk-burst-only"
 burst = 4
 "#,
         );
-        assert_eq!(refused.len(), 5, "{refused:?}");
+        assert_eq!(refused.len(), 6, "{refused:?}");
+        assert!(refused.iter().any(|p| p.contains("tokens_per_minute")));
         assert!(
             refused
                 .iter()

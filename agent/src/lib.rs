@@ -34,6 +34,7 @@ pub mod config;
 pub mod cp_client;
 pub mod dbus;
 pub mod fleet;
+pub mod fleet_hash;
 pub mod frontend;
 pub mod gpu;
 pub mod kv_sync;
@@ -262,10 +263,10 @@ pub async fn serve_with(
             None => {
                 // The pool chooses each worker; the serving driver resumes what a lost worker
                 // was serving on another one.
-                let serving = Arc::new(serving::Serving::new(
-                    pool.clone(),
-                    peer::PeerHandle::default(),
-                ));
+                let serving = Arc::new(
+                    serving::Serving::new(pool.clone(), peer::PeerHandle::default())
+                        .with_block_hasher(config.supervisor.fleet_hasher.clone()),
+                );
                 serving.register_metrics(&mut registry);
                 let backend =
                     serving::PoolBackend::new(serving, kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT);
@@ -292,6 +293,7 @@ pub async fn serve_with(
         };
     let mut frontend = Frontend::new(config.frontend.clone(), models.clone(), backend, registry);
     frontend.responses = responses;
+    frontend.block_hasher = config.supervisor.fleet_hasher.clone();
     let frontend = Arc::new(frontend);
     if let Mode::Fleet(fleet) = &mode {
         // Requests other nodes forward here take this node's admission slots too.
@@ -420,8 +422,11 @@ fn start_fleet(
     }
     let peer = peer::PeerHandle::default();
     // Forwarded requests and both legs of disaggregated ones run through the peer endpoint.
-    let serving =
-        Arc::new(serving::Serving::new(pool.clone(), peer.clone()).with_peer_limits(&config.peer));
+    let serving = Arc::new(
+        serving::Serving::new(pool.clone(), peer.clone())
+            .with_peer_limits(&config.peer)
+            .with_block_hasher(config.supervisor.fleet_hasher.clone()),
+    );
     router.register_metrics(registry);
     serving.register_metrics(registry);
     peer.register_metrics(registry);

@@ -909,6 +909,79 @@ async fn api_keys_guard_the_v1_routes() {
     assert_eq!(health.status(), 200);
 }
 
+/// `cache_salt` isolates the prefix cache: the same prompt with the same salt hits the
+/// worker's cached blocks, with another salt or none it hits nothing (the worker's own prefix
+/// hit counter says so). A bad salt is a 400 naming `cache_salt` that never echoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_salts_never_share_cached_blocks() {
+    let agent = TestAgent::start(&model("m", 0, 4096)).await;
+    let content = "one tenant's long prompt, long enough to fill several KV blocks of sixteen";
+    // Sends the prompt (salted or not) and returns (prompt tokens, prefix-hit tokens it added),
+    // once the worker's counters (reported every 250 ms) show it.
+    let send = |salt: Option<&'static str>| {
+        let agent = &agent;
+        async move {
+            let before = agent.metric("kvfleet_worker_prefix_query_tokens").await;
+            let hit_before = agent.metric("kvfleet_worker_prefix_hit_tokens").await;
+            let mut body = json!({"model": "m", "prompt": content, "max_tokens": 1});
+            if let Some(salt) = salt {
+                body["cache_salt"] = json!(salt);
+            }
+            let response = agent.post("/v1/completions", body).await;
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let query = agent.metric("kvfleet_worker_prefix_query_tokens").await;
+                if query >= before + prompt as f64 || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let hit = agent.metric("kvfleet_worker_prefix_hit_tokens").await - hit_before;
+            (prompt, hit as u64)
+        }
+    };
+    let (prompt, first) = send(Some("tenant-a")).await;
+    let full = prompt / 16 * 16;
+    assert!(full >= 48, "{prompt}");
+    assert_eq!(first, 0, "a cold cache");
+    assert_eq!(
+        send(Some("tenant-a")).await.1,
+        full,
+        "the same salt shares its blocks"
+    );
+    assert_eq!(
+        send(Some("tenant-b")).await.1,
+        0,
+        "another salt shares nothing"
+    );
+    assert_eq!(send(None).await.1, 0, "nor does an unsalted request");
+    assert_eq!(
+        send(None).await.1,
+        full,
+        "unsalted requests share with each other"
+    );
+    assert_eq!(send(Some("tenant-b")).await.1, full);
+
+    let long = "s".repeat(1025);
+    for salt in [json!(""), json!(long), json!(42)] {
+        let response = agent
+            .post(
+                "/v1/chat/completions",
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1, "cache_salt": salt}),
+            )
+            .await;
+        assert_eq!(response.status(), 400, "{salt}");
+        let error: Value = response.json().await.unwrap();
+        let text = error.to_string();
+        assert!(text.contains("cache_salt"), "{salt}: {error}");
+        assert!(!text.contains(&long), "the salt is never echoed");
+    }
+}
+
 /// Each key has its own token bucket: after its burst a key gets 429 `rate_limit_exceeded`
 /// with `Retry-After` (the time to its next token, rounded up), while another key keeps being
 /// served; refusals are counted by the key's name, never the key.
@@ -970,6 +1043,82 @@ async fn api_keys_have_their_own_rate_limits() {
         "the other key was never limited: {text}"
     );
     assert!(!text.contains(SLOW) && !text.contains(OTHER));
+}
+
+/// A key's tokens per minute: each request reserves its prompt plus `max_tokens` and is
+/// charged its usage; when the bucket cannot cover the next one it gets 429 with `Retry-After`
+/// (and one larger than a whole minute's worth is told so), counted by the key's name, while
+/// another key keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_have_tokens_per_minute_limits() {
+    const TPM: &str = "sk-tpm-0123456789";
+    const OTHER: &str = "sk-other-0123456789";
+    let agent = TestAgent::start(&format!(
+        "[frontend]\napi_keys = [\"{OTHER}\"]\n\
+         [frontend.rate_limit]\ntokens_per_minute = 1000000\n\
+         [[frontend.keys]]\nname = \"tpm\"\nkey = \"{TPM}\"\ntokens_per_minute = 120\n{}",
+        model("m", 0, 4096)
+    ))
+    .await;
+    let send = |key: &'static str, max_tokens: u32| {
+        agent
+            .client
+            .post(agent.url("/v1/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": "m", "prompt": "0123456789", "max_tokens": max_tokens}))
+            .send()
+    };
+    let mut charged = 0;
+    for _ in 0..2 {
+        let response = send(TPM, 40).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        charged += body["usage"]["total_tokens"].as_u64().unwrap();
+    }
+    assert!((90..=110).contains(&charged), "{charged}");
+    let refused = send(TPM, 40).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens-per-minute"),
+        "{body}"
+    );
+    let too_big = send(TPM, 500).await.unwrap();
+    assert_eq!(too_big.status(), 429);
+    let body: Value = too_big.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than"),
+        "{body}"
+    );
+    // Another key is untouched.
+    for _ in 0..3 {
+        assert_eq!(send(OTHER, 40).await.unwrap().status(), 200);
+    }
+    let text = agent.metrics_text().await;
+    assert!(
+        text.contains("kvfleet_rate_limited_tokens_total{key=\"tpm\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "kvfleet_key_tokens_total{{key=\"tpm\"}} {charged}"
+        )),
+        "charged its usage, not its reservation: {text}"
+    );
+    assert!(!text.contains(TPM) && !text.contains(OTHER));
 }
 
 /// With `metrics_listen`, `/metrics` and `/ready` are served there and not on the API port

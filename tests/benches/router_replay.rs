@@ -322,6 +322,7 @@ async fn run_mode(args: &Args, mode: &str, replays: &[Replay]) -> anyhow::Result
         mock_kv_head_dim: 1,
         kv_tiers: kvfleet_engine::TierConfig::default(),
         external: None,
+        fleet_hash_secret: None,
     };
     let scheduler = kvfleet_engine::SchedulerConfig {
         max_model_len: context as usize,

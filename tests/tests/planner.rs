@@ -69,6 +69,7 @@ fn profile() -> PerfProfile {
         mock_kv_head_dim: 1,
         kv_tiers: Default::default(),
         external: None,
+        fleet_hash_secret: None,
     };
     let mut mock = kvfleet_agent::worker::engine::profile(&spec);
     mock.kv_cache_bytes = u64::from(KV_BLOCKS) * mock.layout.block_bytes() as u64;

@@ -421,6 +421,9 @@ pub struct CommonParams {
     /// End-user id, for logs.
     #[serde(default)]
     pub user: Option<String>,
+    /// vLLM's prefix-cache salt: requests with different salts share no cached block.
+    #[serde(default)]
+    pub cache_salt: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.

@@ -174,6 +174,7 @@ pub const FIELDS: &[Field] = &[
     honoured("logprobs", On::Both),
     honoured("top_logprobs", On::Chat),
     honoured("ignore_eos", On::Both),
+    honoured("cache_salt", On::Both),
     accepted("user", On::Both),
     accepted("metadata", On::Chat),
     accepted("safety_identifier", On::Chat),

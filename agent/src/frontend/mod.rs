@@ -95,6 +95,8 @@ pub struct FrontendConfig {
     pub body_read_timeout: Duration,
     /// Every key's rate limit unless the key has its own; `None`: keys are not limited.
     pub rate_limit: Option<ratelimit::RateLimit>,
+    /// Every key's tokens-per-minute limit unless the key has its own; `None`: no limit.
+    pub tokens_per_minute: Option<u32>,
     /// Where `/metrics` and `/ready` are served instead of `listen` (`None`: on `listen`).
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -114,6 +116,9 @@ pub struct ApiKey {
     pub label: String,
     /// Its own limit (else `frontend.rate_limit`, else none).
     pub limit: Option<ratelimit::RateLimit>,
+    /// Its own tokens-per-minute limit (else `frontend.rate_limit.tokens_per_minute`, else
+    /// none).
+    pub tokens_per_minute: Option<u32>,
 }
 
 impl ApiKeys {
@@ -122,17 +127,24 @@ impl ApiKeys {
         let mut all = Self::default();
         for key in keys {
             let label = format!("key-{}", all.0.len());
-            all.push(key.as_ref(), label, None);
+            all.push(key.as_ref(), label, None, None);
         }
         all
     }
 
-    /// Adds `key` under `label`, with its own limit if any.
-    pub fn push(&mut self, key: &str, label: String, limit: Option<ratelimit::RateLimit>) {
+    /// Adds `key` under `label`, with its own limits if any.
+    pub fn push(
+        &mut self,
+        key: &str,
+        label: String,
+        limit: Option<ratelimit::RateLimit>,
+        tokens_per_minute: Option<u32>,
+    ) {
         self.0.push(ApiKey {
             digest: digest(key),
             label,
             limit,
+            tokens_per_minute,
         });
     }
 
@@ -182,6 +194,7 @@ impl std::fmt::Debug for ApiKey {
         f.debug_struct("ApiKey")
             .field("label", &self.label)
             .field("limit", &self.limit)
+            .field("tokens_per_minute", &self.tokens_per_minute)
             .finish_non_exhaustive()
     }
 }
@@ -206,6 +219,7 @@ impl Default for FrontendConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             rate_limit: None,
+            tokens_per_minute: None,
             metrics_listen: None,
         }
     }
@@ -227,6 +241,9 @@ pub struct Frontend {
     pub responses: Arc<response_store::ResponseStore>,
     /// The agent's metrics, every module's, served on `/metrics`.
     registry: Arc<Registry>,
+    /// The fleet's block hasher: a request's routing hashes are computed with it, salted with
+    /// its `cache_salt` (`fleet_hash`).
+    pub block_hasher: crate::fleet_hash::FleetHasher,
     admission: Admission,
     limiter: ratelimit::RateLimiter,
     draining: AtomicBool,
@@ -248,8 +265,12 @@ impl Frontend {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let metrics = FrontendMetrics::register(&mut registry);
-        let limiter =
-            ratelimit::RateLimiter::new(&config.api_keys, config.rate_limit, &mut registry);
+        let limiter = ratelimit::RateLimiter::new(
+            &config.api_keys,
+            config.rate_limit,
+            config.tokens_per_minute,
+            &mut registry,
+        );
         let admission = Admission::new(
             config.max_in_flight,
             config.queue_capacity,
@@ -269,6 +290,7 @@ impl Frontend {
             registry: Arc::new(registry),
             admission,
             limiter,
+            block_hasher: Default::default(),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             id_prefix: u64::from(now.subsec_nanos()) ^ (now.as_secs() << 20),
@@ -354,10 +376,10 @@ impl Frontend {
     }
 
     /// Authenticates the request (401 without a valid key), then takes a token from its key's
-    /// rate limit (429 when it has none left).
-    fn check_auth(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// rate limit (429 when it has none left). Returns the key's index (`None` without keys).
+    fn check_auth(&self, headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
         if self.config.api_keys.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let given = headers
             .get(header::AUTHORIZATION)
@@ -365,7 +387,7 @@ impl Frontend {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         match given.and_then(|key| self.config.api_keys.find(key)) {
-            Some(index) => self.limiter.check(index),
+            Some(index) => self.limiter.check(index).map(|()| Some(index)),
             None => Err(ApiError::unauthorized()),
         }
     }
@@ -465,7 +487,7 @@ async fn handle(
     let id = frontend.request_id(&headers);
     let span = tracing::info_span!("request", request_id = %id, endpoint = endpoint.label());
     let result = async {
-        frontend.check_auth(&headers)?;
+        let key = frontend.check_auth(&headers)?;
         prepare::check_content_type(&headers)?;
         let limit = frontend.config.max_body_bytes;
         let bytes = tokio::time::timeout(
@@ -485,7 +507,8 @@ async fn handle(
             .await
             .map_err(|e| ApiError::worker_failed(format!("preparing the request failed: {e}")))??
         };
-        run::execute(frontend.clone(), prepared, admitted, start).await
+        let tokens = run::reserve_tokens(&frontend, key, &prepared)?;
+        run::execute(frontend.clone(), prepared, admitted, start, tokens).await
     }
     .instrument(span.clone())
     .await;

@@ -468,6 +468,7 @@ fn check_common(
         logit_bias,
         generated_in_prompt: 0,
         constraint: None,
+        cache_salt: common.cache_salt.clone(),
     };
     sampling
         .validate()

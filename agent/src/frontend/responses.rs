@@ -736,7 +736,7 @@ pub(super) async fn create(
     let id = frontend.request_id(&headers);
     let span = tracing::info_span!("request", request_id = %id, endpoint = "responses");
     let result = async {
-        frontend.check_auth(&headers)?;
+        let key = frontend.check_auth(&headers)?;
         let owner = frontend.owner(&headers);
         prepare::check_content_type(&headers)?;
         let bytes = tokio::time::timeout(
@@ -778,7 +778,8 @@ pub(super) async fn create(
             .map_err(|e| ApiError::worker_failed(format!("preparing the request failed: {e}")))?
             .map_err(remap)?
         };
-        let chat = run::execute(frontend.clone(), prepared, admitted, start).await?;
+        let tokens = run::reserve_tokens(&frontend, key, &prepared)?;
+        let chat = run::execute(frontend.clone(), prepared, admitted, start, tokens).await?;
         let storing = Storing {
             frontend: frontend.clone(),
             owner,

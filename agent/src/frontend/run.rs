@@ -16,7 +16,6 @@ use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use kvfleet_proto::hash::sequence_hashes;
 use serde_json::json;
 
 use super::Frontend;
@@ -26,6 +25,7 @@ use super::metrics::{ModelRole, RequestLatencies};
 use super::models::TextCodec;
 use super::parsers::{OutputParser, Piece};
 use super::prepare::{Endpoint, Prepared};
+use super::ratelimit::Reservation;
 use super::text::{StopMatcher, Utf8Stream};
 use crate::backend::{self, GenEvent, GenerateRequest, Generation, TokenLogprob};
 use crate::worker::ReasoningParserKind;
@@ -42,6 +42,19 @@ pub(super) async fn admit(frontend: &Frontend) -> Result<(Slot, Duration), ApiEr
     Ok((slot, admitting.elapsed()))
 }
 
+/// Reserves `prepared`'s worst case (its prompt plus `max_tokens` for each of its `n`
+/// choices) from the tokens per minute of the API key at `key` (none without keys); the
+/// request gives back what it did not use when it ends with its usage.
+pub(super) fn reserve_tokens(
+    frontend: &Frontend,
+    key: Option<usize>,
+    prepared: &Prepared,
+) -> Result<Option<Reservation>, ApiError> {
+    let cost = prepared.prompt.len() as u64
+        + u64::from(prepared.sampling.max_tokens) * u64::from(prepared.n);
+    frontend.limiter.reserve(key, cost)
+}
+
 /// Submits an admitted `prepared` (its `slot` from [`admit`], which waited `queued`) to a
 /// worker and answers it: streamed when it asked to be, otherwise once the completion is
 /// whole. `start` is when the request arrived.
@@ -50,12 +63,16 @@ pub(super) async fn execute(
     prepared: Prepared,
     (slot, queued): (Slot, Duration),
     start: Instant,
+    mut tokens: Option<Reservation>,
 ) -> Result<Response, ApiError> {
     if frontend.is_draining() {
         return Err(draining(&frontend));
     }
     let choices = prepared.n;
     let mut first = submit(&frontend, &prepared, 0, None)?;
+    if let Some(tokens) = tokens.as_mut() {
+        tokens.started();
+    }
     tracing::debug!(worker = %first.worker, prompt_tokens = prepared.prompt.len(), choices, "submitted");
     frontend
         .metrics
@@ -86,6 +103,7 @@ pub(super) async fn execute(
         frontend,
         prepared,
         _slot: slot,
+        tokens,
     };
     if request.prepared.stream {
         Ok(into_sse(request, runs))
@@ -114,7 +132,9 @@ fn submit(
             format!("{}-{index}", prepared.id)
         },
         model: prepared.model.clone(),
-        block_hashes: sequence_hashes(&prepared.prompt, prepared.block_size),
+        block_hashes: sampling
+            .hasher(&frontend.block_hasher.get())
+            .sequence_hashes(&prepared.prompt, prepared.block_size),
         prompt: prepared.prompt.clone(),
         sampling,
         worker,
@@ -134,6 +154,8 @@ struct Request {
     frontend: Arc<Frontend>,
     prepared: Arc<Prepared>,
     _slot: Slot,
+    /// Its key's tokens-per-minute reservation, settled with its usage at the end.
+    tokens: Option<Reservation>,
 }
 
 impl Request {
@@ -152,6 +174,13 @@ impl Request {
     /// Usage of the whole request: the prompt once, the completions of every choice.
     fn usage(&self, completion_tokens: u32) -> Usage {
         Usage::new(self.prepared.prompt.len() as u32, completion_tokens)
+    }
+
+    /// Charges the key's tokens per minute what the request used (the rest goes back).
+    fn settle(&mut self, completion_tokens: u32) {
+        if let Some(tokens) = self.tokens.as_mut() {
+            tokens.settle(self.prepared.prompt.len() as u64 + u64::from(completion_tokens));
+        }
     }
 }
 
@@ -598,9 +627,12 @@ impl Run {
 }
 
 /// Non-streaming: every choice gathered (concurrently), then one body.
-async fn collect(request: Request, mut runs: Vec<Run>) -> Result<Response, ApiError> {
-    let choices = futures_util::future::try_join_all(runs.iter_mut().map(Run::gather)).await?;
+async fn collect(mut request: Request, mut runs: Vec<Run>) -> Result<Response, ApiError> {
+    let gathered = futures_util::future::try_join_all(runs.iter_mut().map(Run::gather)).await;
     let completion_tokens = runs.iter().map(|r| r.assembler.completion_tokens).sum();
+    // Failed or not, what was generated is charged, and nothing more.
+    request.settle(completion_tokens);
+    let choices = gathered?;
     let usage = request.usage(completion_tokens);
     let body = json!({"id": request.response_id(), "object": request.object(false),
         "created": request.prepared.created, "model": request.prepared.model,
@@ -652,6 +684,8 @@ fn into_sse(request: Request, runs: Vec<Run>) -> Response {
     });
     let choices = futures_util::stream::select_all(streams);
     let tail = futures_util::stream::once(async move {
+        let mut request = request;
+        request.settle(tally.completion_tokens.load(Ordering::Acquire));
         let mut events = Vec::new();
         if tally.failed.load(Ordering::Acquire) {
             return futures_util::stream::iter(events);

@@ -338,7 +338,9 @@ impl Driver {
                 let decode = GenerateRequest {
                     request_id: self.request.request_id.clone(),
                     model: self.request.model.clone(),
-                    block_hashes: kvfleet_proto::hash::sequence_hashes(&prompt, block_size),
+                    block_hashes: self
+                        .serving
+                        .hashes(&prompt, &self.request.sampling, block_size),
                     prompt,
                     sampling: kvfleet_proto::SamplingParams {
                         max_tokens,
@@ -461,7 +463,11 @@ impl Driver {
         // tokens with the decode worker's block size: whatever hashes the request came with (a
         // peer may have sent them), a block is only ever kept under the hash of the tokens it
         // is for.
-        let hashes = kvfleet_proto::hash::sequence_hashes(&self.request.prompt, layout.block_size);
+        let hashes = self.serving.hashes(
+            &self.request.prompt,
+            &self.request.sampling,
+            layout.block_size,
+        );
         let guard =
             self.serving
                 .transfers

@@ -178,7 +178,7 @@ fn check_decode_leg(
     let Some(layout) = request.worker.and_then(|w| serving.local.kv_layout(w)) else {
         return Ok(());
     };
-    let ours = kvfleet_proto::hash::sequence_hashes(&request.prompt, layout.block_size);
+    let ours = serving.hashes(&request.prompt, &request.sampling, layout.block_size);
     let theirs = &request.block_hashes;
     let mismatch = match ours.get(..theirs.len()) {
         None => Some(format!(
@@ -487,6 +487,46 @@ mod tests {
             if let Err(error) = forwarded.generate(&peer, leg(hashes)).await {
                 assert_ne!(error.code, ErrorCode::BadRequest, "{}", error.message);
             }
+        }
+
+        // A salted leg is checked against this node's salted hashes, under its fleet key: the
+        // unsalted (or unkeyed) hashes of the same tokens are another prompt's.
+        let fleet = crate::fleet_hash::FleetHasher::default();
+        fleet
+            .set(Some(kvfleet_proto::hash::FleetHashSecret(
+                "the fleet's secret, 32 bytes....".into(),
+            )))
+            .unwrap();
+        let serving = Arc::new(
+            Serving::new(Arc::new(Laid), PeerHandle::default()).with_block_hasher(fleet.clone()),
+        );
+        let forwarded = Forwarded::new(serving);
+        let salted_leg = |block_hashes| GenerateRequest {
+            sampling: kvfleet_proto::SamplingParams {
+                cache_salt: Some("tenant-a".into()),
+                ..kvfleet_proto::SamplingParams::greedy(4)
+            },
+            ..leg(block_hashes)
+        };
+        let salted = fleet
+            .get()
+            .salted(Some("tenant-a"))
+            .sequence_hashes(&prompt, bs);
+        let unkeyed = kvfleet_proto::hash::BlockHasher::UNKEYED
+            .salted(Some("tenant-a"))
+            .sequence_hashes(&prompt, bs);
+        let other = fleet
+            .get()
+            .salted(Some("tenant-b"))
+            .sequence_hashes(&prompt, bs);
+        for hashes in [ours.clone(), unkeyed, other] {
+            let Err(error) = forwarded.generate(&peer, salted_leg(hashes.clone())).await else {
+                panic!("{hashes:?} accepted");
+            };
+            assert_eq!(error.code, ErrorCode::BadRequest, "{}", error.message);
+        }
+        if let Err(error) = forwarded.generate(&peer, salted_leg(salted)).await {
+            assert_ne!(error.code, ErrorCode::BadRequest, "{}", error.message);
         }
     }
 

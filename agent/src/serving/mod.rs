@@ -77,6 +77,9 @@ pub struct Serving {
     /// The longest prefill deadline a peer's plan may ask of this node
     /// (`[peer] transfer_timeout_secs`).
     max_prefill_deadline: Duration,
+    /// The fleet's block hasher: this node's own hashes of a request's tokens (decode legs,
+    /// resumed requests) are computed with it, salted with the request's `cache_salt`.
+    hasher: crate::fleet_hash::FleetHasher,
 }
 
 impl Serving {
@@ -120,7 +123,26 @@ impl Serving {
             timeouts: Timeouts::default(),
             admission: std::sync::OnceLock::new(),
             max_prefill_deadline: crate::peer::PeerSettings::default().transfer_timeout,
+            hasher: crate::fleet_hash::FleetHasher::default(),
         }
+    }
+
+    /// Computes this node's hashes with the fleet's key (`fleet_hash`).
+    pub fn with_block_hasher(mut self, hasher: crate::fleet_hash::FleetHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// This node's sequence hashes of `prompt`, salted as `sampling` asks.
+    fn hashes(
+        &self,
+        prompt: &[u32],
+        sampling: &kvfleet_proto::SamplingParams,
+        block_size: kvfleet_proto::BlockSize,
+    ) -> Vec<kvfleet_proto::SequenceHash> {
+        sampling
+            .hasher(&self.hasher.get())
+            .sequence_hashes(prompt, block_size)
     }
 
     /// Applies `[peer]`'s limits on what one peer can ask of this node: the bytes its

@@ -192,6 +192,9 @@ pub struct SupervisorConfig {
     /// The lower KV tiers of every worker (`[kv_tiers]`): budgets per worker; each worker's
     /// disk tier lives in `disk_dir/worker-<id>`, so a restarted worker finds its own blocks.
     pub kv_tiers: TierConfig,
+    /// The fleet's hash key, shared with the frontend and the serving layer (a clone of this
+    /// config shares the handle): each worker is spawned with the secret set at that time.
+    pub fleet_hasher: crate::fleet_hash::FleetHasher,
 }
 
 impl ModelConfig {
@@ -247,6 +250,7 @@ impl Default for SupervisorConfig {
             restart_backoff_max: Duration::from_secs(30),
             start_timeout: Duration::from_secs(60),
             kv_tiers: TierConfig::default(),
+            fleet_hasher: Default::default(),
         }
     }
 }

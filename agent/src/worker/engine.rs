@@ -42,7 +42,7 @@ use kvfleet_engine::{
     SubmitError as EngineSubmitError,
 };
 use kvfleet_model::{KvBudget, NativeExecutor};
-use kvfleet_proto::hash::block_hashes;
+use kvfleet_proto::hash::BlockHasher;
 use kvfleet_proto::{KvDtype, KvEvent, KvLayout, NodeId, SequenceHash, WorkerId};
 
 use super::protocol::{
@@ -159,6 +159,8 @@ struct PendingImport {
 #[derive(Debug)]
 struct Export {
     prompt: Vec<u32>,
+    /// The request's `cache_salt`: its blocks are cached (and exported) under salted hashes.
+    cache_salt: Option<String>,
     /// Prompt blocks sent so far (blocks `0..sent`).
     sent: usize,
 }
@@ -201,6 +203,8 @@ pub struct WorkerEngine {
     /// reused, so an evicted node's id cannot be mistaken for a later supplier's).
     origins: HashMap<NodeId, Origin>,
     latencies: WorkerLatencies,
+    /// The fleet's hasher (the engine has its own copy in its config).
+    block_hasher: BlockHasher,
 }
 
 impl std::fmt::Debug for WorkerEngine {
@@ -257,6 +261,7 @@ impl WorkerEngine {
             // The caller passes the wall clock: a late driver shows up as latency.
             realtime: true,
             tiers: spec.kv_tiers.clone(),
+            block_hasher: spec.block_hasher(),
             ..SchedulerConfig::default()
         };
         let (engine, name): (Box<dyn Engine>, String) = match spec.engine {
@@ -296,6 +301,7 @@ impl WorkerEngine {
             kv_blocks_evicted_origin: 0,
             origins: HashMap::new(),
             latencies: WorkerLatencies::default(),
+            block_hasher: spec.block_hasher(),
         })
     }
 
@@ -411,7 +417,12 @@ impl WorkerEngine {
             .filter(|_| attached > 0)
             .and_then(|node| self.origin(node));
         let kv = (attached > 0).then(|| {
-            let mut blocks = block_hashes(&request.prompt, block_size);
+            // The receiver names imported blocks by its own hashes of the request's tokens,
+            // salted as the request is.
+            let mut blocks = self
+                .block_hasher
+                .salted(request.sampling.cache_salt.as_deref())
+                .block_hashes(&request.prompt, block_size);
             blocks.truncate(attached);
             KvExport {
                 layout: self.engine.kv_layout().clone(),
@@ -423,6 +434,7 @@ impl WorkerEngine {
         });
         let export = request.export_kv.then(|| Export {
             prompt: request.prompt.clone(),
+            cache_salt: request.sampling.cache_salt.clone(),
             sent: 0,
         });
         let retry = kv
@@ -530,7 +542,11 @@ impl WorkerEngine {
             let Some(export) = self.by_seq.get_mut(&seq).and_then(|r| r.export.as_mut()) else {
                 continue;
             };
-            match self.engine.export_kv_from(&export.prompt, export.sent) {
+            match self.engine.export_kv_salted(
+                &export.prompt,
+                export.cache_salt.as_deref(),
+                export.sent,
+            ) {
                 Ok(part) if part.blocks.is_empty() => {}
                 Ok(part) => {
                     export.sent = part.first_block + part.blocks.len();
@@ -748,6 +764,7 @@ mod tests {
             mock_kv_head_dim: 1,
             kv_tiers: Default::default(),
             external: None,
+            fleet_hash_secret: None,
         }
     }
 
@@ -870,7 +887,7 @@ mod tests {
             .unwrap();
         let outputs = run_to_end(&mut engine);
         let hashes: Vec<SequenceHash> =
-            block_hashes(&prompt, kvfleet_proto::BlockSize::new(4).unwrap())
+            kvfleet_proto::hash::block_hashes(&prompt, kvfleet_proto::BlockSize::new(4).unwrap())
                 .iter()
                 .map(|h| h.sequence)
                 .collect();

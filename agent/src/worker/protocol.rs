@@ -248,6 +248,21 @@ pub struct EngineSpec {
     /// External engines: the server to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<WireExternal>,
+    /// The fleet's hash secret (`proto::hash`): every block hash the worker computes is keyed
+    /// with it. `None`: unkeyed (`kvfleet dev`, a standalone agent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_hash_secret: Option<kvfleet_proto::hash::FleetHashSecret>,
+}
+
+impl EngineSpec {
+    /// The worker's block hasher: keyed with the fleet's secret, if any.
+    pub fn block_hasher(&self) -> kvfleet_proto::hash::BlockHasher {
+        kvfleet_proto::hash::BlockHasher::keyed(
+            self.fleet_hash_secret
+                .as_ref()
+                .and_then(kvfleet_proto::hash::FleetHashSecret::key),
+        )
+    }
 }
 
 fn one() -> u32 {
@@ -279,6 +294,7 @@ impl EngineSpec {
             mock_kv_head_dim: model.mock_kv_head_dim,
             kv_tiers: TierConfig::default(),
             external: model.external.as_ref().map(WireExternal::from),
+            fleet_hash_secret: None,
         }
     }
 }

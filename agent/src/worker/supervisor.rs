@@ -246,6 +246,7 @@ impl Slot {
     fn spec(&self, vocab_size: u32, supervisor: &SupervisorConfig) -> WorkerSpec {
         let kv_tiers = &supervisor.kv_tiers;
         let mut engine = EngineSpec::for_model(&self.model, vocab_size);
+        engine.fleet_hash_secret = supervisor.fleet_hasher.secret();
         if let Some(external) = engine.external.as_mut() {
             // The worker gives up before the agent would kill it (a tenth of the timeout, at
             // least a second, at most half), so its reason (the server's exit, its last

@@ -42,6 +42,11 @@ pub struct SubscriberConfig {
     pub block_size: BlockSize,
     /// How long a replay may take before the driver gives up and clears the worker instead.
     pub replay_timeout: Duration,
+    /// The fleet's block hasher (its secret key, if any): translated blocks are named with
+    /// it, as the fleet's own engines name theirs. The engine's events carry no `cache_salt`,
+    /// so a salted request's blocks are named unsalted here (vLLM isolates them in its own
+    /// cache; the index only routes less well for them).
+    pub hasher: kvfleet_proto::hash::BlockHasher,
 }
 
 /// The driver could not start or lost its socket.
@@ -102,7 +107,8 @@ impl Subscriber {
             Some(endpoint) => Some(connect_replay(endpoint).await?),
             None => None,
         };
-        let translator = Translator::new(config.worker, config.block_size);
+        let translator =
+            Translator::new(config.worker, config.block_size).with_hasher(config.hasher.clone());
         let (counters, _) = watch::channel(TranslatorCounters::default());
         Ok(Self {
             config,

@@ -56,7 +56,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use kvfleet_proto::hash::{BlockHash, BlockSize, SequenceHash, hash_block};
+use kvfleet_proto::hash::{BlockHash, BlockHasher, BlockSize, SequenceHash};
 use kvfleet_proto::ids::WorkerId;
 use kvfleet_proto::kv_event::{KvEvent, KvEventData, Tier};
 
@@ -275,9 +275,17 @@ pub struct Translator {
     /// Tiers with credited blocks since the last clear: what a clear must announce.
     touched: u8,
     counters: TranslatorCounters,
+    /// Names each kvfleet block (the fleet's key, if any).
+    hasher: BlockHasher,
 }
 
 impl Translator {
+    /// Names blocks with `hasher` (a fleet's keyed hasher) instead of the unkeyed one.
+    pub fn with_hasher(mut self, hasher: BlockHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
     /// A translator for `worker`, hashing into kvfleet blocks of `block_size` tokens.
     pub fn new(worker: WorkerId, block_size: BlockSize) -> Self {
         Self {
@@ -290,6 +298,7 @@ impl Translator {
             credits: HashMap::new(),
             touched: 0,
             counters: TranslatorCounters::default(),
+            hasher: BlockHasher::UNKEYED,
         }
     }
 
@@ -602,7 +611,7 @@ impl Translator {
             }
             chain.tail.extend_from_slice(&rest[..need]);
             rest = &rest[need..];
-            let block = hash_block(chain.last, &chain.tail);
+            let block = self.hasher.hash_block(chain.last, &chain.tail);
             chain.last = Some(block.sequence);
             chain.completed.push(block);
             chain.tail.clear();

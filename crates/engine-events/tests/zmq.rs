@@ -294,6 +294,7 @@ impl Running {
             worker: WorkerId(4),
             block_size: BlockSize::new(k).unwrap(),
             replay_timeout: Duration::from_secs(5),
+            hasher: Default::default(),
         };
         let subscriber = tokio::time::timeout(Duration::from_secs(10), Subscriber::connect(config))
             .await
@@ -565,6 +566,7 @@ async fn a_late_subscriber_catches_up_from_the_publishers_replay() {
         worker: WorkerId(4),
         block_size: BlockSize::new(32).unwrap(),
         replay_timeout: Duration::from_secs(5),
+        hasher: Default::default(),
     };
     let subscriber = Subscriber::connect(config).await.unwrap();
     let mut counters = subscriber.counters();

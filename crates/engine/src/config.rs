@@ -98,6 +98,11 @@ pub struct SchedulerConfig {
     /// The lower KV tiers (G2 host memory, G3 local disk) that take what the pool evicts; off
     /// by default.
     pub tiers: TierConfig,
+    /// The fleet's block hasher (its secret key, if any; `proto::hash`): every prompt's hashes
+    /// are computed with it, salted with the request's `cache_salt`. Not configuration a file
+    /// sets: the agent hands it to the worker (the key is a secret, never serialized).
+    #[serde(skip)]
+    pub block_hasher: kvfleet_proto::hash::BlockHasher,
 }
 
 impl Default for SchedulerConfig {
@@ -116,6 +121,7 @@ impl Default for SchedulerConfig {
             metrics_window: Duration::from_secs(5),
             realtime: false,
             tiers: TierConfig::default(),
+            block_hasher: kvfleet_proto::hash::BlockHasher::UNKEYED,
         }
     }
 }

@@ -380,7 +380,18 @@ pub trait Engine {
     /// blocks enter the prefix cache as each step computes them, so calling this after every
     /// step with the count already sent streams a prefill's blocks out as they are computed,
     /// each copied once.
-    fn export_kv_from(&self, tokens: &[u32], first_block: usize) -> Result<KvExport, ExportError>;
+    fn export_kv_from(&self, tokens: &[u32], first_block: usize) -> Result<KvExport, ExportError> {
+        self.export_kv_salted(tokens, None, first_block)
+    }
+
+    /// Like [`Engine::export_kv_from`] for a request with a `cache_salt`: its blocks are cached
+    /// under salted hashes, so only the same salt finds them.
+    fn export_kv_salted(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_block: usize,
+    ) -> Result<KvExport, ExportError>;
 
     /// Puts exported blocks into this engine's prefix cache (as many as fit).
     fn import_kv(&mut self, export: &KvExport) -> Result<ImportReport, ImportError>;

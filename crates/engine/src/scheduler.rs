@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 
 use std::time::Duration;
 
-use kvfleet_proto::hash::{block_hashes, hash_block};
+use kvfleet_proto::hash::BlockHasher;
 use kvfleet_proto::{BlockHash, BlockSize, KvEvent, KvLayout, SamplingParams, SequenceHash, Tier};
 
 use crate::block_pool::{BlockId, BlockPool, Origin, PoolUsage};
@@ -38,6 +38,9 @@ struct Sequence {
     sampling: SamplingParams,
     /// Hashes of every full block of `tokens`.
     hashes: Vec<BlockHash>,
+    /// The fleet's hasher salted with the request's `cache_salt`: the blocks a decode step
+    /// fills are hashed with it too.
+    hasher: BlockHasher,
     /// The block table: covers positions `0..num_computed` plus this step's tokens.
     blocks: Vec<BlockId>,
     /// Tokens whose KV is in `blocks`.
@@ -730,7 +733,8 @@ impl<E: Executor> Scheduler<E> {
             if seq.tokens.len() % bs.tokens() == 0 {
                 let parent = seq.hashes.last().map(|h| h.sequence);
                 let start = seq.tokens.len() - bs.tokens();
-                seq.hashes.push(hash_block(parent, &seq.tokens[start..]));
+                let hash = seq.hasher.hash_block(parent, &seq.tokens[start..]);
+                seq.hashes.push(hash);
             }
             let first = *seq.first_token.get_or_insert(end);
             let generated = seq.generated();
@@ -801,7 +805,8 @@ impl<E: Executor> Engine for Scheduler<E> {
 
     fn submit(&mut self, request: Request, now: Duration) -> Result<RequestId, SubmitError> {
         self.validate(&request)?;
-        let hashes = block_hashes(&request.prompt, self.block_size);
+        let hasher = request.sampling.hasher(&self.config.block_hasher);
+        let hashes = hasher.block_hashes(&request.prompt, self.block_size);
         if let Some(kv) = &request.kv {
             if kv.first_block != 0 {
                 return Err(ImportError::NotFromStart {
@@ -839,6 +844,7 @@ impl<E: Executor> Engine for Scheduler<E> {
                 prompt_len,
                 sampling,
                 hashes,
+                hasher,
                 blocks: Vec::new(),
                 num_computed: 0,
                 num_registered: 0,
@@ -905,8 +911,17 @@ impl<E: Executor> Engine for Scheduler<E> {
         self.events.drain(..).collect()
     }
 
-    fn export_kv_from(&self, tokens: &[u32], first_block: usize) -> Result<KvExport, ExportError> {
-        let mut blocks = block_hashes(tokens, self.block_size);
+    fn export_kv_salted(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_block: usize,
+    ) -> Result<KvExport, ExportError> {
+        let mut blocks = self
+            .config
+            .block_hasher
+            .salted(cache_salt)
+            .block_hashes(tokens, self.block_size);
         // The chain must be cached from block 0: a block whose parent is gone is unusable.
         let ids: Vec<BlockId> = blocks
             .iter()

@@ -68,6 +68,13 @@ pub struct SamplingParams {
     /// preemption, forwarding, the prefill → decode hand-off and migration.
     #[serde(default)]
     pub constraint: Option<Constraint>,
+    /// The request's `cache_salt` (vLLM's field): not sampling, but like `constraint` part of
+    /// what the request is, so it travels wherever the request does (forwarded to a peer, the
+    /// prefill and decode legs, a migration). Mixed into the prompt's first block hash
+    /// ([`crate::hash::BlockHasher::salted`]): requests with different salts share no cached
+    /// block. Validated: non-empty, at most [`crate::hash::MAX_CACHE_SALT_BYTES`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_salt: Option<String>,
 }
 
 /// A grammar the output must match.
@@ -125,7 +132,13 @@ impl SamplingParams {
             logit_bias: Vec::new(),
             generated_in_prompt: 0,
             constraint: None,
+            cache_salt: None,
         }
+    }
+
+    /// This request's block hasher: the fleet's, salted with its `cache_salt`.
+    pub fn hasher(&self, fleet: &crate::hash::BlockHasher) -> crate::hash::BlockHasher {
+        fleet.salted(self.cache_salt.as_deref())
     }
 
     /// The original prompt of `prompt`: without its last [`generated_in_prompt`] tokens,
@@ -222,6 +235,16 @@ impl SamplingParams {
                 "logit_bias",
                 "unsorted or repeated tokens".to_owned(),
                 "each token once, sorted",
+            );
+        }
+        if let Some(salt) = &self.cache_salt
+            && crate::hash::validate_cache_salt(salt).is_err()
+        {
+            // The salt is a tenant's secret: say how long it is, never what it is.
+            return bad(
+                "cache_salt",
+                format!("a string of {} bytes", salt.len()),
+                "a non-empty string of at most 1024 bytes",
             );
         }
         Ok(())

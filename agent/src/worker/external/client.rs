@@ -71,6 +71,10 @@ pub fn body(engine: WireEngine, request: &WireRequest) -> Value {
                 body["stop_token_ids"] = json!(s.stop_token_ids);
             }
         }
+        // vLLM salts its own prefix cache with it (other engines are refused in `unsupported`).
+        if let Some(salt) = &s.cache_salt {
+            body["cache_salt"] = json!(salt);
+        }
         if let Some(constraint) = &s.constraint {
             add_constraint(engine, constraint, &mut body);
         }
@@ -232,6 +236,11 @@ pub fn unsupported(
         .and_then(|c| constraint_unsupported(engine, c))
     {
         return Some(("response_format", format!("{why} (engine \"{name}\")")));
+    }
+    // Only vLLM salts its prefix cache: on any other engine a salted request could hit another
+    // tenant's cached blocks, so it is refused rather than served unisolated.
+    if sampling.cache_salt.is_some() && engine != WireEngine::Vllm {
+        return refuse("cache_salt");
     }
     // vLLM and SGLang take the native sampling fields too (`body`); a plain OpenAI server
     // does not.

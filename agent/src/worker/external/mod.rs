@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use kvfleet_engine_events::{Subscriber, SubscriberConfig, TranslatorCounters};
 use kvfleet_proto::frame::FrameKind;
-use kvfleet_proto::hash::block_hashes;
 use kvfleet_proto::kv_event::KvEventData;
 use kvfleet_proto::{KvEvent, Tier};
 use tokio::io::{AsyncWriteExt as _, BufWriter};
@@ -60,6 +59,8 @@ const REPLAY_TIMEOUT: Duration = Duration::from_secs(2);
 struct Running {
     request_id: String,
     prompt: Vec<u32>,
+    /// Its `cache_salt`, for the approximate record's hashes.
+    cache_salt: Option<String>,
     output: Vec<u32>,
     arrival: Instant,
     last_token: Option<Instant>,
@@ -103,6 +104,7 @@ pub async fn serve(
         }
     };
     let block_size = spec.engine.block_size;
+    let hasher = spec.engine.block_hasher();
     // The engine's own KV events where it publishes them; else the approximate record.
     let (engine_events, mut translated) = match &server.kv_events {
         Some((endpoint, replay)) => {
@@ -114,6 +116,7 @@ pub async fn serve(
                 worker: spec.worker,
                 block_size,
                 replay_timeout: REPLAY_TIMEOUT,
+                hasher: spec.engine.block_hasher(),
             };
             (Some(subscribe(config, tx)), Some(rx))
         }
@@ -192,6 +195,7 @@ pub async fn serve(
                                 request.clone(), tx.clone()));
                             running.insert(seq, Running {
                                 request_id: request.request_id,
+                                cache_salt: request.sampling.cache_salt.clone(),
                                 prompt: request.prompt,
                                 output: Vec::new(),
                                 arrival: Instant::now(),
@@ -248,7 +252,8 @@ pub async fn serve(
                             if translated.is_none() {
                                 let mut sequence = r.prompt;
                                 sequence.extend_from_slice(&r.output);
-                                for data in kv.record(&block_hashes(&sequence, block_size), now) {
+                                let hashes = hasher.salted(r.cache_salt.as_deref()).block_hashes(&sequence, block_size);
+                                for data in kv.record(&hashes, now) {
                                     events.push(data);
                                 }
                             }
