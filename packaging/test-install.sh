@@ -165,15 +165,17 @@ for f in /usr/bin/kvfleet-agent /usr/lib/systemd/system/kvfleet-agent.service \
     /usr/share/dbus-1/system.d/org.kvfleet.Agent.conf /etc/kvfleet/agent.toml; do
     assert "$f is there" [ -f "$root$f" ]
 done
-assert "the kvfleet system user exists" in_root getent passwd kvfleet
-uid="$(in_root id -u kvfleet)"
-assert "kvfleet is a system user (uid $uid < 1000)" [ "$uid" -lt 1000 ]
-assert "kvfleet has no login shell" [ "$(in_root getent passwd kvfleet | cut -d: -f7)" = /usr/sbin/nologin ]
-assert "kvfleet is in the video group" sh -c "chroot '$root' id -nG kvfleet | grep -qw video"
-for d in /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet; do
-    assert "$d is kvfleet's, 0750" [ "$(mode_owner "$d")" = "750 kvfleet:kvfleet" ]
+assert "the kvfleet-agent system user exists" in_root getent passwd kvfleet-agent
+assert_not "no shared kvfleet user is made" in_root getent passwd kvfleet
+uid="$(in_root id -u kvfleet-agent)"
+assert "kvfleet-agent is a system user (uid $uid < 1000)" [ "$uid" -lt 1000 ]
+assert "kvfleet-agent has no login shell" [ "$(in_root getent passwd kvfleet-agent | cut -d: -f7)" = /usr/sbin/nologin ]
+assert "kvfleet-agent is in the video group" sh -c "chroot '$root' id -nG kvfleet-agent | grep -qw video"
+assert "/var/lib/kvfleet is root's, 0755 (the parent of both services' directories)" [ "$(mode_owner /var/lib/kvfleet)" = "755 root:root" ]
+for d in /var/lib/kvfleet/agent /var/cache/kvfleet; do
+    assert "$d is kvfleet-agent's, 0750" [ "$(mode_owner "$d")" = "750 kvfleet-agent:kvfleet-agent" ]
 done
-assert "agent.toml is root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet" ]
+assert "agent.toml is root:kvfleet-agent 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet-agent" ]
 assert "agent.toml is a conffile" sh -c "chroot '$root' dpkg-query -W -f='\${Conffiles}' kvfleet-agent | grep -q ' /etc/kvfleet/agent.toml '"
 assert "the unit is enabled" [ -L "$(wants kvfleet-agent.service)" ]
 assert_not "the maintainer scripts never start the unit" \
@@ -187,7 +189,7 @@ ok "systemd-analyze verify --root kvfleet-agent.service: clean"
 step "edited config survives a reinstall and an upgrade"
 sed -i 's/^listen = "127.0.0.1:8000"/listen = "127.0.0.1:8100"   # edited by the install test/' "$root/etc/kvfleet/agent.toml"
 grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml" || fail "could not edit agent.toml (is frontend.listen still 127.0.0.1:8000?)"
-echo "state that must survive upgrades" >"$root/var/lib/kvfleet/marker"
+echo "state that must survive upgrades" >"$root/var/lib/kvfleet/agent/marker"
 dpkg_install "$agent_deb"
 assert "reinstall: the edit is kept" grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml"
 # A newer version: the same package with its version bumped.
@@ -198,24 +200,24 @@ dpkg-deb -Zgzip -z1 -b "$work/repack" "$root/tmp/pkgs/kvfleet-agent_upgrade.deb"
 dpkg_install "$root/tmp/pkgs/kvfleet-agent_upgrade.deb"
 assert "upgrade: now at $bumped" [ "$(in_root dpkg-query -W -f='${Version}' kvfleet-agent)" = "$bumped" ]
 assert "upgrade: the edit is kept" grep -q 'edited by the install test' "$root/etc/kvfleet/agent.toml"
-assert "upgrade: still root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet" ]
-assert "upgrade: state kept" [ -f "$root/var/lib/kvfleet/marker" ]
+assert "upgrade: still root:kvfleet-agent 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet-agent" ]
+assert "upgrade: state kept" [ -f "$root/var/lib/kvfleet/agent/marker" ]
 assert "upgrade: still enabled" [ -L "$(wants kvfleet-agent.service)" ]
 assert "kvfleet-agent check-config accepts the edited file" in_root kvfleet-agent check-config /etc/kvfleet/agent.toml
 
-step "the packaged agent runs as kvfleet on a system bus with the packaged D-Bus policy"
-# What the unit does, by hand (no systemd as PID 1 here): user kvfleet with its groups, the
+step "the packaged agent runs as kvfleet-agent on a system bus with the packaged D-Bus policy"
+# What the unit does, by hand (no systemd as PID 1 here): user kvfleet-agent with its groups, the
 # runtime directory, journald's environment (no terminal: NO_COLOR), the system bus at its
 # usual address, run by dbus-daemon --system from the root with our policy file in system.d.
 mount -t proc proc "$root/proc"
 proc_mounted=1
 mkdir -p "$root/run/dbus" "$root/run/kvfleet"
-in_root chown kvfleet:kvfleet /run/kvfleet
+in_root chown kvfleet-agent:kvfleet-agent /run/kvfleet
 in_root dbus-daemon --system --fork >/dev/null || fail "dbus-daemon --system does not start with the policy installed"
 dbus_pid="$(cat "$root/run/dbus/pid")"
-kv_uid="$(in_root id -u kvfleet)"
-kv_gid="$(in_root id -g kvfleet)"
-kv_gids="$(in_root id -G kvfleet | tr ' ' ',')"
+kv_uid="$(in_root id -u kvfleet-agent)"
+kv_gid="$(in_root id -g kvfleet-agent)"
+kv_gids="$(in_root id -G kvfleet-agent | tr ' ' ',')"
 chroot --userspec="$kv_uid:$kv_gid" --groups="$kv_gids" "$root" env -i PATH=/usr/bin:/bin NO_COLOR=1 \
     kvfleet-agent run --config /etc/kvfleet/agent.toml --listen 127.0.0.1:0 >"$work/agent.log" 2>&1 &
 agent_pid=$!
@@ -231,7 +233,7 @@ for _ in $(seq 1 100); do
     sleep 0.2
 done
 [ "$ready" = 1 ] || { cat "$work/agent.log" >&2; fail "the agent did not become ready on the bus"; }
-ok "kvfleet-agent (user kvfleet, shipped config) owns org.kvfleet.Agent and is ready"
+ok "kvfleet-agent (user kvfleet-agent, shipped config) owns org.kvfleet.Agent and is ready"
 assert "anyone may read Status and the Ready property" busctl_as nobody get-property org.kvfleet.Agent /org/kvfleet/Agent org.kvfleet.Agent1 Ready
 denied="$(busctl_as nobody call org.kvfleet.Agent /org/kvfleet/Agent org.kvfleet.Agent1 Drain 2>&1 || true)"
 assert "others may not Drain (policy: $denied)" grep -q 'Access denied' <<<"$denied"
@@ -249,8 +251,38 @@ dbus_pid=
 umount "$root/proc"
 proc_mounted=0
 
-step "dpkg -i kvfleet-controlplane"
+step "dpkg -i kvfleet-controlplane (over what a version with the shared kvfleet user left)"
+# An older control plane ran as the shared user kvfleet and kept its CA sealing key and the first
+# admin token's file in /var/lib/kvfleet; the package moves them into its own directory.
+in_root groupadd --system kvfleet
+in_root useradd --system --gid kvfleet --no-create-home --home-dir /var/lib/kvfleet --shell /usr/sbin/nologin kvfleet
+(umask 077 && echo "legacy sealing key" >"$root/var/lib/kvfleet/controlplane-ca.key" &&
+    echo "legacy admin token" >"$root/var/lib/kvfleet/controlplane-admin-token")
+in_root chown kvfleet:kvfleet /var/lib/kvfleet/controlplane-ca.key /var/lib/kvfleet/controlplane-admin-token
 dpkg_install "$cp_deb"
+assert "the kvfleet-cp system user exists" in_root getent passwd kvfleet-cp
+assert "kvfleet-cp is a system user" [ "$(in_root id -u kvfleet-cp)" -lt 1000 ]
+assert "kvfleet-cp has no login shell" [ "$(in_root getent passwd kvfleet-cp | cut -d: -f7)" = /usr/sbin/nologin ]
+assert_not "kvfleet-cp is not in the agent's group" sh -c "chroot '$root' id -nG kvfleet-cp | grep -qw kvfleet-agent"
+assert_not "kvfleet-agent is not in the control plane's group" sh -c "chroot '$root' id -nG kvfleet-agent | grep -qw kvfleet-cp"
+assert "/var/lib/kvfleet/controlplane is kvfleet-cp's, 0750" [ "$(mode_owner /var/lib/kvfleet/controlplane)" = "750 kvfleet-cp:kvfleet-cp" ]
+assert "upgrade from the shared user: the CA sealing key moved into it, kvfleet-cp's, 0600" \
+    [ "$(mode_owner /var/lib/kvfleet/controlplane/ca.key)" = "600 kvfleet-cp:kvfleet-cp" ]
+assert "upgrade from the shared user: the admin token file too" \
+    [ "$(mode_owner /var/lib/kvfleet/controlplane/admin-token)" = "600 kvfleet-cp:kvfleet-cp" ]
+assert "upgrade from the shared user: a link at the old path (a config naming it still works)" \
+    [ "$(readlink "$root/var/lib/kvfleet/controlplane-ca.key")" = controlplane/ca.key ]
+dpkg_install "$cp_deb"
+assert "a reinstall leaves the moved key alone" grep -q 'legacy sealing key' "$root/var/lib/kvfleet/controlplane/ca.key"
+assert_not "the agent's user cannot read the control plane's key" \
+    chroot --userspec="$(in_root id -u kvfleet-agent):$(in_root id -g kvfleet-agent)" "$root" cat /var/lib/kvfleet/controlplane/ca.key
+assert_not "the agent's user cannot read the control plane's config" \
+    chroot --userspec="$(in_root id -u kvfleet-agent):$(in_root id -g kvfleet-agent)" "$root" cat /etc/kvfleet/controlplane.toml
+assert_not "the control plane's user cannot read the agent's state" \
+    chroot --userspec="$(in_root id -u kvfleet-cp):$(in_root id -g kvfleet-cp)" "$root" ls /var/lib/kvfleet/agent
+# The legacy files are test data, not a real key: the control plane below makes its own.
+rm -f "$root/var/lib/kvfleet/controlplane/ca.key" "$root/var/lib/kvfleet/controlplane/admin-token" \
+    "$root/var/lib/kvfleet/controlplane-ca.key" "$root/var/lib/kvfleet/controlplane-admin-token"
 for f in /usr/bin/kvfleet-controlplane /usr/bin/kvfleet /usr/lib/systemd/system/kvfleet-controlplane.service \
     /etc/kvfleet/controlplane.toml /usr/share/kvfleet/grafana/kvfleet-fleet.json \
     /usr/share/kvfleet/prometheus/kvfleet-alerts.yml /usr/share/kvfleet/prometheus/prometheus.example.yml \
@@ -262,7 +294,7 @@ if command -v promtool >/dev/null; then
     assert "the packaged alert rules pass promtool check rules" \
         promtool check rules "$root/usr/share/kvfleet/prometheus/kvfleet-alerts.yml"
 fi
-assert "controlplane.toml is root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/controlplane.toml)" = "640 root:kvfleet" ]
+assert "controlplane.toml is root:kvfleet-cp 0640" [ "$(mode_owner /etc/kvfleet/controlplane.toml)" = "640 root:kvfleet-cp" ]
 assert "the control plane unit is enabled" [ -L "$(wants kvfleet-controlplane.service)" ]
 assert "kvfleet-controlplane check-config accepts the shipped default" \
     in_root kvfleet-controlplane check-config --config /etc/kvfleet/controlplane.toml
@@ -304,7 +336,7 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     echo "agent http $(http_status 8100 /ready)"
     # The packaged control plane serves HTTPS from the fleet CA: the CLI trusts it through the
     # CA certificate `kvfleet-controlplane ca` prints; plain HTTP gets no HTTP answer.
-    runuser -u kvfleet -- kvfleet-controlplane ca >/root/fleet-ca.pem 2>/root/fleet-ca.txt
+    runuser -u kvfleet-cp -- kvfleet-controlplane ca >/root/fleet-ca.pem 2>/root/fleet-ca.txt
     fingerprint="$(sed -n 's/^ca_fingerprint = "\(.*\)"$/\1/p' /root/fleet-ca.txt)"
     [ -n "$fingerprint" ] && echo "controlplane ca printed with its fingerprint"
     # (HOME as in an admin's shell: the CLI looks for its login file there.)
@@ -333,12 +365,16 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     [ "$before" != "$after" ] && [ "$after" != 0 ] && echo "kvfleet-agent restarted by the upgrade"
     systemctl show -p ActiveState kvfleet-agent.service | sed "s/^/kvfleet-agent after upgrade /"
     if [ -f /root/join-probe ]; then
-        token() { runuser -u kvfleet -- kvfleet-controlplane token create --role "$1" --name "probe-$1" 2>/dev/null; }
+        token() { runuser -u kvfleet-cp -- kvfleet-controlplane token create --role "$1" --name "probe-$1" 2>/dev/null; }
         admin="$(token admin)"
         # [control_plane] replaces [[workers]] (check-config refuses both).
         sed -i '/^\[\[workers\]\]/,/^$/d' /etc/kvfleet/agent.toml
-        printf '\n[control_plane]\nurl = "https://127.0.0.1:8080"\nca_fingerprint = "%s"\njoin_token = "%s"\n' \
-            "$fingerprint" "$(token join)" >>/etc/kvfleet/agent.toml
+        # The join token carries the fleet CA's fingerprint (kvfj1.<hex>.<secret>): the agent
+        # needs no ca_fingerprint line, and pins it from its first contact.
+        join_token="$(token join)"
+        case "$join_token" in "kvfj1.${fingerprint#sha256:}."*) echo "join token carries the CA fingerprint" ;; esac
+        printf '\n[control_plane]\nurl = "https://127.0.0.1:8080"\njoin_token = "%s"\n' \
+            "$join_token" >>/etc/kvfleet/agent.toml
         systemctl restart kvfleet-agent.service
         for _ in $(seq 1 50); do
             nodes="$(KVFLEET_TOKEN="$admin" kvfleet nodes --json 2>&1)"
@@ -373,6 +409,10 @@ http_status() { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHo
     for unit in kvfleet-agent kvfleet-controlplane; do
         systemctl show -p Result -p ExecMainStatus "$unit.service" | sed "s/^/$unit stopped /"
     done
+    # Each service's own directories, as the units left them.
+    stat -c '%n %a %U:%G' /var/lib/kvfleet /var/lib/kvfleet/agent /var/cache/kvfleet /var/lib/kvfleet/controlplane \
+        /var/lib/kvfleet/controlplane/ca.key | sed 's/^/dir /'
+    [ -f /var/lib/kvfleet/agent/control-plane-ca.fingerprint ] && echo "agent saved the pinned CA fingerprint"
     journalctl --no-pager -u kvfleet-agent -u kvfleet-controlplane | tail -n 40
 } >/probe.out 2>&1
 systemctl poweroff
@@ -439,7 +479,8 @@ EOF
     local probe
     probe="$(cat "$root/probe.out")"
     rm -f "$root/probe.out"
-    local expect workers=$((1 + native))
+    local expect workers=$((1 + native)) cp_uid
+    cp_uid="$(in_root id -u kvfleet-cp)"
     while IFS= read -r expect; do
         [ -n "$expect" ] || continue
         grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
@@ -454,6 +495,7 @@ kvfleet-agent Seccomp: 2
 kvfleet-agent CapBnd: 0000000000000000
 kvfleet-agent journal KVFLEET_COMPONENT=agent
 kvfleet-controlplane ActiveState=active
+kvfleet-controlplane Uid: $cp_uid $cp_uid $cp_uid $cp_uid
 kvfleet-controlplane SubState=running
 kvfleet-controlplane NoNewPrivs: 1
 kvfleet-controlplane Seccomp: 2
@@ -470,9 +512,15 @@ kvfleet-agent stopped Result=success
 kvfleet-agent stopped ExecMainStatus=0
 kvfleet-controlplane stopped Result=success
 kvfleet-controlplane stopped ExecMainStatus=0
+dir /var/lib/kvfleet 755 root:root
+dir /var/lib/kvfleet/agent 750 kvfleet-agent:kvfleet-agent
+dir /var/cache/kvfleet 750 kvfleet-agent:kvfleet-agent
+dir /var/lib/kvfleet/controlplane 750 kvfleet-cp:kvfleet-cp
+dir /var/lib/kvfleet/controlplane/ca.key 600 kvfleet-cp:kvfleet-cp
 EOF
     if [ "$join" = 1 ]; then
-        for expect in "join node registered" "join node pending approval" "join node approved" \
+        for expect in "join token carries the CA fingerprint" "agent saved the pinned CA fingerprint" \
+            "join node registered" "join node pending approval" "join node approved" \
             "join state saved" "kvfleet-agent joined ActiveState=active" \
             "deployment applied with the kvfleet CLI" "deployment served http 200"; do
             grep -qxF -- "$expect" <<<"$probe" || { printf '%s\n' "$probe" >&2; fail "under systemd: expected the line '$expect' (probe output above)"; }
@@ -501,16 +549,20 @@ assert "remove: the config is kept" grep -q 'edited by the install test' "$root/
 assert "remove: the unit is masked" [ "$(readlink "$root/etc/systemd/system/kvfleet-agent.service")" = /dev/null ]
 in_root dpkg -P kvfleet-agent >/dev/null
 assert "purge agent: agent.toml is gone" [ ! -e "$root/etc/kvfleet/agent.toml" ]
-assert "purge agent: the shared user stays for the control plane" in_root getent passwd kvfleet
-assert "purge agent: the shared state stays for the control plane" [ -f "$root/var/lib/kvfleet/marker" ]
+assert_not "purge agent: its user kvfleet-agent is gone" in_root getent passwd kvfleet-agent
+assert "purge agent: its state is gone" [ ! -e "$root/var/lib/kvfleet/agent" ]
+assert "purge agent: the control plane's user stays" in_root getent passwd kvfleet-cp
+assert "purge agent: the control plane's directory stays" [ -d "$root/var/lib/kvfleet/controlplane" ]
 assert "purge agent: the control plane config stays" [ -f "$root/etc/kvfleet/controlplane.toml" ]
 in_root dpkg -P kvfleet-controlplane >/dev/null
 assert "purge: no kvfleet package left" sh -c "! chroot '$root' dpkg-query -W 'kvfleet*' 2>/dev/null | grep -q ."
 for d in /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet /etc/kvfleet; do
     assert "purge: $d is gone" [ ! -e "$root$d" ]
 done
-assert_not "purge: the kvfleet user is gone" in_root getent passwd kvfleet
-assert_not "purge: the kvfleet group is gone" in_root getent group kvfleet
+for u in kvfleet-cp kvfleet; do
+    assert_not "purge: the $u user is gone" in_root getent passwd "$u"
+    assert_not "purge: the $u group is gone" in_root getent group "$u"
+done
 assert_not "purge: no unit link is left" sh -c "find '$root/etc/systemd' -name 'kvfleet*' | grep -q ."
 
 # ---------------------------------------------------------------------------------------------
@@ -528,8 +580,13 @@ for pair in "$agent_deb $agent_rpm" "$cp_deb $cp_rpm"; do
         fail "$name: config files differ"
     ok "$name: same config files"
     conf="$(dpkg-deb -I "$1" conffiles)"
-    assert "$name: rpm installs $conf root:kvfleet 0640 (deb: postinst)" \
-        sh -c "rpm -qlvp '$2' 2>/dev/null | grep -E '^-rw-r-----  *1 root  *kvfleet .* $conf\$' >/dev/null"
+    # Each service's own user and directories.
+    case "$name" in
+        kvfleet-agent) user=kvfleet-agent dirs="/var/lib/kvfleet/agent /var/cache/kvfleet" ;;
+        *) user=kvfleet-cp dirs="/var/lib/kvfleet/controlplane" ;;
+    esac
+    assert "$name: rpm installs $conf root:$user 0640 (deb: postinst)" \
+        sh -c "rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME} %{FILEGROUPNAME} %{FILENAMES}\n]' '$2' 2>/dev/null | grep -qxF -- '-rw-r----- root $user $conf'"
     unit="$name.service"
     dpkg-deb -e "$1" "$work/ctl-$name"
     deb_scripts="$(cat "$work/ctl-$name"/{preinst,postinst,prerm,postrm} 2>/dev/null || true)"
@@ -541,9 +598,10 @@ for pair in "$agent_deb $agent_rpm" "$cp_deb $cp_rpm"; do
         grep -Eq -- "$rpm_re" <<<"$rpm_scripts" || fail "$name .rpm scripts do not $what"
         ok "$name: .deb and .rpm scripts both $what"
     done <<EOF
-create the kvfleet group|groupadd --system kvfleet|groupadd --system kvfleet
-create the kvfleet system user|useradd --system --gid kvfleet|useradd --system --gid kvfleet
-make the state, cache and log directories|install -d -o kvfleet -g kvfleet -m 0750 /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet|install -d -o kvfleet -g kvfleet -m 0750 /var/lib/kvfleet /var/cache/kvfleet /var/log/kvfleet
+create the $user group|groupadd --system $user|groupadd --system $user
+create the $user system user|useradd --system --gid $user|useradd --system --gid $user
+make its own 0750 directories|install -d -o $user -g $user -m 0750 $dirs|install -d -o $user -g $user -m 0750 $dirs
+move what the shared kvfleet user owned|chown (-R )?$user:$user|chown (-R )?$user:$user
 enable the unit|deb-systemd-helper enable $unit|systemctl enable $unit
 reload systemd|systemctl --system daemon-reload|systemctl daemon-reload
 restart a running service on upgrade|deb-systemd-invoke try-restart $unit|systemctl try-restart $unit
@@ -553,7 +611,7 @@ EOF
         for s in "$deb_scripts" "$rpm_scripts"; do
             grep -q 'for group in video render' <<<"$s" || fail "$name: a script set does not join video/render"
         done
-        ok "$name: .deb and .rpm scripts both add kvfleet to video/render when present"
+        ok "$name: .deb and .rpm scripts both add kvfleet-agent to video/render when present"
     fi
     for s in "$deb_scripts" "$rpm_scripts"; do
         if grep -Eq "(deb-systemd-invoke|systemctl) (start|restart) " <<<"$s"; then
@@ -575,9 +633,11 @@ rpm --root "$root" --initdb
 rpm --root "$root" -i --nodeps "$agent_rpm" "$cp_rpm" >"$work/rpm.log" 2>&1 ||
     { cat "$work/rpm.log" >&2; fail "rpm -i failed"; }
 assert "rpm: both packages are installed" rpm --root "$root" -q kvfleet-agent kvfleet-controlplane
-assert "rpm: the kvfleet user exists" in_root getent passwd kvfleet
-assert "rpm: agent.toml is root:kvfleet 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet" ]
-assert "rpm: /var/lib/kvfleet is kvfleet's, 0750" [ "$(mode_owner /var/lib/kvfleet)" = "750 kvfleet:kvfleet" ]
+assert "rpm: the kvfleet-agent and kvfleet-cp users exist" in_root getent passwd kvfleet-agent kvfleet-cp
+assert "rpm: agent.toml is root:kvfleet-agent 0640" [ "$(mode_owner /etc/kvfleet/agent.toml)" = "640 root:kvfleet-agent" ]
+assert "rpm: controlplane.toml is root:kvfleet-cp 0640" [ "$(mode_owner /etc/kvfleet/controlplane.toml)" = "640 root:kvfleet-cp" ]
+assert "rpm: /var/lib/kvfleet/agent is kvfleet-agent's, 0750" [ "$(mode_owner /var/lib/kvfleet/agent)" = "750 kvfleet-agent:kvfleet-agent" ]
+assert "rpm: /var/lib/kvfleet/controlplane is kvfleet-cp's, 0750" [ "$(mode_owner /var/lib/kvfleet/controlplane)" = "750 kvfleet-cp:kvfleet-cp" ]
 assert "rpm: the agent unit is enabled" [ -L "$(wants kvfleet-agent.service)" ]
 assert "rpm: the control plane unit is enabled" [ -L "$(wants kvfleet-controlplane.service)" ]
 echo "# edited" >>"$root/etc/kvfleet/agent.toml"

@@ -632,15 +632,19 @@ fn parse_cp_url(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// A join token, bare (`kvf_…`) or carrying the fleet CA's fingerprint (`kvfj1.<hex>.kvf_…`);
+/// kept as given (the agent sends only the bearer part).
 fn parse_join_token(text: &str) -> Result<String, String> {
     let token = text.trim();
-    if token.starts_with("kvf_") && token.len() > 8 && !token.contains(char::is_whitespace) {
+    let shape = "a join token looks like kvfj1.<CA fingerprint, 64 hex digits>.kvf_<prefix>_<secret> \
+                 or kvf_<prefix>_<secret> (`kvfleet tokens create --role join`)";
+    let bearer = kvfleet_proto::JoinTokenText::parse(token)
+        .map_err(|_| shape.to_owned())?
+        .bearer;
+    if bearer.starts_with("kvf_") && bearer.len() > 8 && !token.contains(char::is_whitespace) {
         Ok(token.to_owned())
     } else {
-        Err(
-            "a join token looks like kvf_<prefix>_<secret> (`kvfleet tokens create --role join`)"
-                .into(),
-        )
+        Err(shape.into())
     }
 }
 
@@ -708,6 +712,7 @@ impl Config {
         check.apply_file(&raw, &mut config);
         check.apply_env(&sources.env, &mut config);
         check.apply_flags(&sources.flags, &mut config);
+        check.resolve_trust(&raw, &sources.env, &mut config);
         check.cross_checks(&raw, &config);
         if check.problems.is_empty() {
             Ok(config)
@@ -1131,7 +1136,6 @@ impl Checker<'_> {
             );
             return None;
         };
-        let url_at = self.at(url);
         let url = self.parsed(url, parse_cp_url)?;
         let mut cp = ControlPlaneConfig::new(url);
         match (&raw.ca_fingerprint, &raw.ca_file) {
@@ -1157,20 +1161,8 @@ impl Checker<'_> {
             }
             (None, None) => {}
         }
-        let https = cp.url.starts_with("https://");
-        let ca_given = raw.ca_fingerprint.is_some() || raw.ca_file.is_some();
-        if https && !ca_given {
-            self.problem(
-                url_at,
-                "an https control plane needs control_plane.ca_fingerprint (the sha256:… the \
-                 control plane logs at start) or ca_file (its CA certificate, PEM)",
-            );
-        } else if !https && ca_given {
-            self.problem(
-                url_at,
-                "control_plane.ca_fingerprint / ca_file need an https:// url",
-            );
-        }
+        // Whether an https URL has a CA to trust is decided in `resolve_trust`, once the
+        // environment (which may give the URL or the join token) is applied too.
         match (&raw.join_token, &raw.join_token_file) {
             (Some(token), Some(_)) => {
                 let location = self.at(token);
@@ -1645,6 +1637,113 @@ impl Checker<'_> {
                 Ok(path) => cp.state_dir = path,
                 Err(m) => self.problem(Location::Env(key), m),
             }
+        }
+    }
+
+    /// What an `https` control plane is trusted through: `ca_fingerprint` or `ca_file`, else
+    /// the CA fingerprint the join token carries (`kvfj1.<hex>.<token>`, inline or in its file),
+    /// else the one saved in the state directory when the node joined with such a token. A
+    /// token whose fingerprint differs from `ca_fingerprint` (or from every certificate in
+    /// `ca_file`) is an error naming both; so is a CA with an `http` URL.
+    fn resolve_trust(
+        &mut self,
+        raw: &RawConfig,
+        env: &BTreeMap<String, String>,
+        config: &mut Config,
+    ) {
+        let Some(cp) = &mut config.control_plane else {
+            return;
+        };
+        let raw_cp = raw.control_plane.as_ref();
+        let env_location = |name: &str| {
+            let key = format!("{ENV_PREFIX}{name}");
+            env.contains_key(&key).then_some(Location::Env(key))
+        };
+        let url_at = env_location("CONTROL_PLANE_URL")
+            .or_else(|| raw_cp.and_then(|r| r.url.as_ref()).map(|u| self.at(u)))
+            .unwrap_or(Location::Default);
+        let token_at = env_location("JOIN_TOKEN")
+            .or_else(|| env_location("JOIN_TOKEN_FILE"))
+            .or_else(|| {
+                raw_cp
+                    .and_then(|r| r.join_token.as_ref().or(r.join_token_file.as_ref()))
+                    .map(|t| self.at(t))
+            })
+            .unwrap_or(Location::Default);
+        let token_text = match &cp.join_token {
+            Some(JoinToken::Inline(text)) => Some(text.clone()),
+            // Read now when it can be (check-config and the start run as the service's user);
+            // an unreadable file is reported when the node registers, as before.
+            Some(JoinToken::File(path)) => std::fs::read_to_string(path).ok(),
+            None => None,
+        };
+        let token_pin = match token_text
+            .as_deref()
+            .map(kvfleet_proto::JoinTokenText::parse)
+        {
+            Some(Ok(text)) => text.ca,
+            Some(Err(e)) => {
+                self.problem(token_at.clone(), format!("the join token: {e}"));
+                None
+            }
+            None => None,
+        };
+        let https = cp.url.starts_with("https://");
+        match (&cp.ca, token_pin) {
+            (Some(_), _) | (None, Some(_)) if !https => {
+                let what = if cp.ca.is_some() {
+                    "control_plane.ca_fingerprint / ca_file need an https:// url"
+                } else {
+                    "the join token carries a CA fingerprint (kvfj1.…), which is for an https \
+                     control plane: use its https:// url"
+                };
+                self.problem(url_at, what);
+            }
+            (Some(crate::cp_client::CaTrust::Fingerprint(line)), Some(pin)) if *line != pin => {
+                self.problem(
+                    token_at,
+                    format!(
+                        "the join token carries the CA fingerprint {pin}, but \
+                         control_plane.ca_fingerprint is {line}: they must be the same fleet CA \
+                         (drop the ca_fingerprint line, or use a token from that fleet)"
+                    ),
+                );
+            }
+            (Some(crate::cp_client::CaTrust::File(path)), Some(pin)) => {
+                // Checked when the file can be read now; the start reads it again anyway.
+                if let Ok(pem) = std::fs::read(path) {
+                    use rustls::pki_types::pem::PemObject as _;
+                    let carried = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                        .filter_map(Result::ok)
+                        .any(|der| kvfleet_proto::CaFingerprint::of_der(&der) == pin);
+                    if !carried {
+                        self.problem(
+                            token_at,
+                            format!(
+                                "the join token carries the CA fingerprint {pin}, but no \
+                                 certificate in control_plane.ca_file {} has it: they must be \
+                                 the same fleet CA",
+                                path.display()
+                            ),
+                        );
+                    }
+                }
+            }
+            (Some(_), _) => {}
+            (None, Some(pin)) => cp.ca = Some(crate::cp_client::CaTrust::JoinToken(pin)),
+            (None, None) if https => {
+                match crate::state_dir::StateDir::saved_ca_pin(&cp.state_dir) {
+                    Some(pin) => cp.ca = Some(crate::cp_client::CaTrust::JoinToken(pin)),
+                    None => self.problem(
+                        url_at,
+                        "an https control plane needs control_plane.ca_fingerprint (the \
+                         sha256:… the control plane logs at start), ca_file (its CA \
+                         certificate, PEM), or a join token that carries the fingerprint \
+                         (kvfj1.…, what `kvfleet tokens create --role join` prints)",
+                    ),
+                }
+            }
+            (None, None) => {}
         }
     }
 
@@ -2470,6 +2569,90 @@ role = "decode"
             cp.ca,
             Some(crate::cp_client::CaTrust::Fingerprint(pin.parse().unwrap()))
         );
+    }
+
+    /// Issue #22: a join token that carries the fleet CA's fingerprint is all an https
+    /// control plane needs; one that disagrees with the config, or goes with http, is refused.
+    #[test]
+    fn a_join_token_carrying_the_ca_fingerprint_pins_it() {
+        use crate::cp_client::CaTrust;
+        let pin = kvfleet_proto::CaFingerprint::of_der(b"fleet ca");
+        let other = kvfleet_proto::CaFingerprint::of_der(b"another fleet");
+        let bearer = "kvf_abcdefghijkl_secret";
+        let token = kvfleet_proto::JoinTokenText::compose(&pin, bearer);
+        let dir = std::env::temp_dir().join(format!("kvfleet-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cp = |extra: &str| {
+            format!(
+                "[control_plane]\nurl = \"https://cp:8443\"\nstate_dir = {:?}\n{extra}",
+                dir.display().to_string()
+            )
+        };
+        // The token alone: its fingerprint is the pin.
+        let config = load(&cp(&format!("join_token = \"{token}\"\n"))).unwrap();
+        let cp_config = config.control_plane.unwrap();
+        assert_eq!(cp_config.ca, Some(CaTrust::JoinToken(pin)));
+        assert_eq!(cp_config.join_token, Some(JoinToken::Inline(token.clone())));
+        // The same fingerprint in ca_fingerprint too: fine, the line wins.
+        let config = load(&cp(&format!(
+            "join_token = \"{token}\"\nca_fingerprint = \"{pin}\"\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            config.control_plane.unwrap().ca,
+            Some(CaTrust::Fingerprint(pin))
+        );
+        // Another one: an error naming both, at the token.
+        let got = problems(&cp(&format!(
+            "join_token = \"{token}\"\nca_fingerprint = \"{other}\"\n"
+        )));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("agent.toml:4")
+                && got[0].contains(&pin.to_string())
+                && got[0].contains(&other.to_string()),
+            "{got:?}"
+        );
+        // In a file: read at load, the same rules.
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("join-token");
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        let config = load(&cp(&format!(
+            "join_token_file = {:?}\n",
+            file.display().to_string()
+        )))
+        .unwrap();
+        assert_eq!(
+            config.control_plane.unwrap().ca,
+            Some(CaTrust::JoinToken(pin))
+        );
+        // With http: the fingerprint is for https.
+        let got = problems(&format!(
+            "[control_plane]\nurl = \"http://cp:8080\"\njoin_token = \"{token}\"\n"
+        ));
+        assert!(got[0].contains("use its https:// url"), "{got:?}");
+        // A broken fingerprint part: the shape, never the secret.
+        let broken = format!("kvfj1.{}.{bearer}", "ab".repeat(31));
+        let got = problems(&cp(&format!("join_token = \"{broken}\"\n")));
+        assert!(got[0].contains("kvfj1.<CA fingerprint"), "{got:?}");
+        assert!(!got.concat().contains("abcdefghijkl"), "{got:?}");
+        // Neither a line nor a fingerprint in the token: the https error says all three ways.
+        let got = problems(&cp(&format!("join_token = \"{bearer}\"\n")));
+        assert!(
+            got[0].contains("a join token that carries the fingerprint"),
+            "{got:?}"
+        );
+        // ...unless the node joined with a kvfj1 token before: the saved pin.
+        crate::state_dir::StateDir::open(&dir)
+            .unwrap()
+            .save_ca_pin(&pin)
+            .unwrap();
+        let config = load(&cp("")).unwrap();
+        assert_eq!(
+            config.control_plane.unwrap().ca,
+            Some(CaTrust::JoinToken(pin))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! | `node.key` | the peer private key (PEM, PKCS#8; generated here, never sent) | 0600 |
 //! | `node.crt`, `ca.crt` | the peer certificate and the node CA (PEM) | 0600 |
 //! | `certificate.json` | the certificate's serial and validity, for renewal | 0600 |
+//! | `control-plane-ca.fingerprint` | the fleet CA fingerprint a `kvfj1.…` join token carried, pinned from then on when the config names none | 0600 |
 //! | `desired-state.json` | the last desired state received, to start from when the control plane is unreachable at boot | 0600 |
 //!
 //! Every write goes to a temporary file created 0600 and is renamed over the old one, so a
@@ -20,6 +21,9 @@ use chrono::{DateTime, Utc};
 use kvfleet_proto::api::{DesiredState, IssuedCertificate};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+/// Where [`StateDir::save_ca_pin`] keeps the pin.
+const CA_PIN_FILE: &str = "control-plane-ca.fingerprint";
 
 /// The node's identity at the control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +151,21 @@ impl StateDir {
                 not_after: cert.not_after,
             },
         )
+    }
+
+    /// The control plane's CA fingerprint saved at a join with a token that carried it, read
+    /// without opening (creating) the directory: `None` when absent or unreadable.
+    pub fn saved_ca_pin(dir: &Path) -> Option<kvfleet_proto::CaFingerprint> {
+        fs::read_to_string(dir.join(CA_PIN_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Saves the CA fingerprint the join token carried (see [`Self::saved_ca_pin`]).
+    pub fn save_ca_pin(&self, pin: &kvfleet_proto::CaFingerprint) -> Result<(), StateError> {
+        self.write(CA_PIN_FILE, format!("{pin}\n").as_bytes())
     }
 
     /// The last desired state received.

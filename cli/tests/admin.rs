@@ -510,7 +510,8 @@ async fn https_control_planes_are_trusted_through_the_ca_file() {
     run.expect(5);
     assert!(run.stderr.contains("--ca-file"), "{run:?}");
 
-    // A join token comes with the fingerprint its agent pins: the CA's own.
+    // A join token carries the fingerprint its agent pins, the CA's own: one string to paste
+    // (issue #22, `kvfj1.<hex>.<secret>`), so no separate ca_fingerprint line is printed.
     let run = cp
         .kvfleet(
             &[
@@ -529,11 +530,62 @@ async fn https_control_planes_are_trusted_through_the_ca_file() {
         .await;
     run.expect(0);
     let pin = kvfleet_proto::CaFingerprint::of_pem(cp.ca_pem.as_deref().unwrap()).unwrap();
+    let pasted = kvfleet_proto::JoinTokenText::parse(run.stdout.trim()).unwrap();
+    assert!(run.stdout.trim().starts_with("kvfj1."), "{run:?}");
+    assert_eq!(pasted.ca, Some(pin), "{run:?}");
+    assert!(pasted.bearer.starts_with("kvf_"), "{run:?}");
     assert!(
-        run.stderr.contains(&format!("ca_fingerprint = \"{pin}\"")),
+        run.stderr
+            .contains(&format!("carries this fleet's CA fingerprint ({pin})"))
+            && !run.stderr.contains("ca_fingerprint = "),
         "{run:?}"
     );
-    assert!(run.stdout.trim().starts_with("kvf_"), "{run:?}");
+    // --json shows both: the secret alone and the string to paste.
+    let run = cp
+        .kvfleet(
+            &[
+                "tokens",
+                "create",
+                "--name",
+                "gpu-08",
+                "--role",
+                "join",
+                "--ca-file",
+                &ca_file,
+                "--json",
+            ],
+            &env,
+            "",
+        )
+        .await;
+    run.expect(0);
+    let created: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let secret = created["secret"].as_str().unwrap();
+    assert_eq!(
+        created["join_token"].as_str().unwrap(),
+        kvfleet_proto::JoinTokenText::compose(&pin, secret),
+        "{run:?}"
+    );
+    // A viewer token is a bearer token only.
+    let run = cp
+        .kvfleet(
+            &[
+                "tokens",
+                "create",
+                "--name",
+                "v",
+                "--role",
+                "viewer",
+                "--ca-file",
+                &ca_file,
+                "--json",
+            ],
+            &env,
+            "",
+        )
+        .await;
+    run.expect(0);
+    assert!(!run.stdout.contains("join_token"), "{run:?}");
 
     // `kvfleet api` GETs any path through the same URL, token and CA: the API and the UI.
     let run = cp

@@ -73,8 +73,17 @@ pub enum AuthError {
 const PREFIX_ID_LEN: usize = 12;
 const SECRET_LEN: usize = 43; // 32 bytes, base64url without padding
 
-/// Splits and checks the shape of a token.
+/// Splits and checks the shape of a token. A join token that carries the fleet CA's fingerprint
+/// (`kvfj1.<hex>.kvf_…`, what `POST /tokens` returns as `join_token`) is accepted too: only its
+/// bearer part is looked up and hashed.
 pub fn parse_token(text: &str) -> Result<ParsedToken<'_>, AuthError> {
+    let text = if text.starts_with(kvfleet_proto::fingerprint::JOIN_TOKEN_PREFIX) {
+        kvfleet_proto::JoinTokenText::parse(text)
+            .map_err(|_| AuthError::Malformed)?
+            .bearer
+    } else {
+        text
+    };
     let rest = text.strip_prefix("kvf_").ok_or(AuthError::Malformed)?;
     let (id, secret) = rest.split_once('_').ok_or(AuthError::Malformed)?;
     let id_ok = id.len() == PREFIX_ID_LEN
@@ -294,6 +303,25 @@ mod tests {
         assert_eq!(parsed.prefix.len(), 16);
         assert!(a.starts_with(parsed.prefix));
         assert_eq!(a.len(), 4 + 12 + 1 + 43);
+    }
+
+    #[test]
+    fn a_join_token_carrying_the_ca_fingerprint_parses_to_its_bearer_part() {
+        let bearer = generate_token();
+        let fp = kvfleet_proto::CaFingerprint::of_der(b"ca");
+        let text = kvfleet_proto::JoinTokenText::compose(&fp, &bearer);
+        let parsed = parse_token(&text).unwrap();
+        assert_eq!(parsed.full, bearer, "only the bearer part is hashed");
+        assert_eq!(parsed, parse_token(&bearer).unwrap());
+        let header = format!("Bearer {text}");
+        assert_eq!(parse_bearer(Some(&header)).unwrap().full, bearer);
+        for bad in [
+            format!("kvfj1.{}.{bearer}", "0".repeat(63)),
+            format!("kvfj1.{}.kvf_abc_def", "0".repeat(64)),
+            format!("kvfj1.{}", "0".repeat(64)),
+        ] {
+            assert_eq!(parse_token(&bad), Err(AuthError::Malformed), "{bad:?}");
+        }
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub struct AuthConfig {
 }
 
 /// The default [`AuthConfig::bootstrap_token_file`]: in the unit's `StateDirectory=`.
-pub const DEFAULT_BOOTSTRAP_TOKEN_FILE: &str = "/var/lib/kvfleet/controlplane-admin-token";
+pub const DEFAULT_BOOTSTRAP_TOKEN_FILE: &str = "/var/lib/kvfleet/controlplane/admin-token";
 
 impl Default for AuthConfig {
     fn default() -> Self {
@@ -178,7 +178,7 @@ pub struct CaConfig {
 }
 
 /// The default [`CaConfig::key_file`]: in the unit's `StateDirectory=`.
-pub const DEFAULT_CA_KEY_FILE: &str = "/var/lib/kvfleet/controlplane-ca.key";
+pub const DEFAULT_CA_KEY_FILE: &str = "/var/lib/kvfleet/controlplane/ca.key";
 
 /// `[tls]`: how the REST API and the web UI are served.
 #[derive(Debug, Clone, PartialEq, Default)]

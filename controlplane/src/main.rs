@@ -199,6 +199,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let mut tx = pool.begin().await?;
             let token = kvfleet_controlplane::create_token(&mut tx, &name, role, None).await?;
             tx.commit().await?;
+            // As `POST /tokens` does: a join token for an API served from the fleet CA carries
+            // the CA's fingerprint, so the new node's agent needs no ca_fingerprint line.
+            let token = match (&config.tls, role) {
+                (kvfleet_controlplane::config::TlsConfig::FleetCa { .. }, Role::Join) => {
+                    let cert: Option<String> =
+                        sqlx::query_scalar("SELECT cert_pem FROM node_ca WHERE id = 1")
+                            .fetch_optional(&pool)
+                            .await?;
+                    match cert
+                        .as_deref()
+                        .and_then(kvfleet_proto::CaFingerprint::of_pem)
+                    {
+                        Some(ca) => kvfleet_proto::JoinTokenText::compose(&ca, &token),
+                        None => token,
+                    }
+                }
+                _ => token,
+            };
             eprintln!("created {role} token {name:?}; it is shown only now:");
             match print_line(&token) {
                 ExitCode::SUCCESS => Ok(()),

@@ -539,7 +539,56 @@ async fn agents_join_an_https_control_plane_through_the_pinned_fleet_ca_only() {
     );
     wrong.stop().await;
 
-    // Pinned right: joins over https and stays connected.
+    // Issue #22: the join token alone, carrying the fleet CA's fingerprint (`kvfj1.<hex>.<token>`,
+    // what `POST /tokens` returns as join_token): with another fleet's fingerprint in it, the
+    // agent never connects and says which pin refused the control plane...
+    let foreign = kvfleet_proto::JoinTokenText::compose(&other_ca.fingerprint(), &join);
+    let config = Agent::config(
+        "tls-token-wrong",
+        &cp,
+        &foreign,
+        &temp_dir("state-tw"),
+        TLS_SETUP,
+    );
+    assert!(!config.contains("ca_fingerprint"), "{config}");
+    let wrong = Agent::launch("tls-token-wrong", config).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !wrong.connected(),
+        "joined through a CA its token did not carry"
+    );
+    assert!(
+        logs.text()
+            .contains("does not carry the fleet CA pinned by the join token"),
+        "the refusal names the token's pin"
+    );
+    wrong.stop().await;
+    // ...and with this fleet's, it joins with nothing else: the very first contact verified.
+    let carried = kvfleet_proto::JoinTokenText::compose(&pin, &join);
+    let dir = temp_dir("state-token");
+    let agent = Agent::launch(
+        "tls-token",
+        Agent::config("tls-token", &cp, &carried, &dir, TLS_SETUP),
+    )
+    .await;
+    wait_for(
+        "the agent to join with the token alone over https",
+        Duration::from_secs(30),
+        || {
+            let connected = agent.connected();
+            async move { connected }
+        },
+    )
+    .await;
+    agent.stop().await;
+    // The pin outlives the token: saved at the join, for starts without it.
+    assert_eq!(
+        kvfleet_agent::state_dir::StateDir::saved_ca_pin(&dir),
+        Some(pin)
+    );
+
+    // Pinned right by the config line (and a bare token): joins over https and stays connected.
+    let join = token(&db, Role::Join).await;
     let good = Agent::config("tls-good", &cp, &join, &temp_dir("state-good"), TLS_SETUP).replace(
         "[control_plane]\n",
         &format!("[control_plane]\nca_fingerprint = \"{pin}\"\n"),

@@ -345,14 +345,36 @@ impl Client {
     fn join_token(&self) -> Result<Option<String>, CpError> {
         match &self.config.join_token {
             None => Ok(None),
-            Some(JoinToken::Inline(token)) => Ok(Some(token.clone())),
+            Some(JoinToken::Inline(token)) => self.bearer_of(token).map(Some),
             Some(JoinToken::File(path)) => std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_owned()))
                 .map_err(|e| CpError::Rejected {
                     status: 0,
                     detail: format!("reading the join token {}: {e}", path.display()),
-                }),
+                })
+                .and_then(|text| self.bearer_of(&text).map(Some)),
         }
+    }
+
+    /// The bearer part of a join token (`kvfj1.<hex>.<bearer>` or the bearer alone). A file
+    /// replaced since the start with a token for another CA is refused, naming both.
+    fn bearer_of(&self, text: &str) -> Result<String, CpError> {
+        let parsed = kvfleet_proto::JoinTokenText::parse(text).map_err(|e| CpError::Rejected {
+            status: 0,
+            detail: format!("the join token: {e}"),
+        })?;
+        if let (Some(carried), Some(CaTrust::Fingerprint(pin) | CaTrust::JoinToken(pin))) =
+            (parsed.ca, &self.config.ca)
+            && carried != *pin
+        {
+            return Err(CpError::Rejected {
+                status: 0,
+                detail: format!(
+                    "the join token carries the CA fingerprint {carried}, but this agent pins \
+                     {pin}: they must be the same fleet CA"
+                ),
+            });
+        }
+        Ok(parsed.bearer.to_owned())
     }
 
     /// Registers with the stored credential (inventory refresh) or the join token (a new node);
@@ -424,6 +446,13 @@ impl Client {
                     CpError::BadResponse("registration returned no credential".into())
                 })?,
         };
+        // The pin a kvfj1 join token carried outlives the token: a later start without it in
+        // the config still verifies the control plane.
+        if let Some(CaTrust::JoinToken(pin)) = &self.config.ca
+            && let Err(e) = self.state.save_ca_pin(pin)
+        {
+            tracing::error!(error = %e, "cannot save the control plane's CA fingerprint");
+        }
         if let Err(e) = self.state.save_identity(&identity) {
             // Without it the next start registers again with the join token (and collides
             // with this node's hostname): loud, but serving goes on.

@@ -1,8 +1,10 @@
 //! How the agent trusts an `https` control plane: the fleet CA pinned by its fingerprint
-//! (`control_plane.ca_fingerprint`, the `kubeadm --discovery-token-ca-cert-hash` way: the very
-//! first contact is verified, with nothing copied to the node but one line of config), or a CA
-//! certificate file (`control_plane.ca_file`). Never the system's roots: a control plane is
-//! trusted for this fleet only through this fleet's CA.
+//! (`control_plane.ca_fingerprint`, or carried by the join token `kvfj1.<hex>.<token>`: the
+//! `kubeadm --discovery-token-ca-cert-hash` way, the very first contact is verified with nothing
+//! copied to the node but the token), or a CA certificate file (`control_plane.ca_file`). Never
+//! the system's roots: a control plane is trusted for this fleet only through this fleet's CA.
+//! A fingerprint that came with the join token is saved in the state directory at the join, so
+//! the node keeps pinning it once the token is gone from its config.
 //!
 //! With a fingerprint, the control plane's chain must carry the CA certificate (the control
 //! plane's `[tls] mode = "fleet-ca"` sends it); the certificate whose SHA-256 is the pin becomes
@@ -27,6 +29,8 @@ pub enum CaTrust {
     Fingerprint(CaFingerprint),
     /// A PEM file holding the CA certificate(s) to trust.
     File(PathBuf),
+    /// The fingerprint the join token carried (or the one saved at the join).
+    JoinToken(CaFingerprint),
 }
 
 /// Why the TLS client could not be set up.
@@ -49,10 +53,14 @@ pub fn client_config(trust: &CaTrust) -> Result<rustls::ClientConfig, TrustError
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let mut config = match trust {
-        CaTrust::Fingerprint(pin) => builder
+        CaTrust::Fingerprint(pin) | CaTrust::JoinToken(pin) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCa {
                 pin: *pin,
+                by: match trust {
+                    CaTrust::JoinToken(_) => "the join token (kvfj1.…)",
+                    _ => "control_plane.ca_fingerprint",
+                },
                 provider,
             }))
             .with_no_client_auth(),
@@ -80,6 +88,8 @@ pub fn client_config(trust: &CaTrust) -> Result<rustls::ClientConfig, TrustError
 #[derive(Debug)]
 struct PinnedCa {
     pin: CaFingerprint,
+    /// Where the pin came from, for the refusal's message.
+    by: &'static str,
     provider: Arc<CryptoProvider>,
 }
 
@@ -98,8 +108,8 @@ impl ServerCertVerifier for PinnedCa {
         else {
             return Err(rustls::Error::General(format!(
                 "the control plane's certificate chain does not carry the fleet CA pinned by \
-                 control_plane.ca_fingerprint ({}): a different fleet, or a proxy in between",
-                self.pin
+                 {} ({}): a different fleet, or a proxy in between",
+                self.by, self.pin
             )));
         };
         let mut roots = RootCertStore::empty();

@@ -328,8 +328,22 @@ pub(crate) async fn tokens(args: TokensArgs) -> Result<(), CliError> {
                     .map(|e| format!(", expires {}", output::timestamp(Some(e))))
                     .unwrap_or_default()
             );
-            if created.token.role == Role::Join && client.base().starts_with("https://") {
-                // What the new node's agent pins the control plane with, beside the token.
+            let mut paste = created.secret.as_str();
+            if let Some(join_token) = &created.join_token {
+                // One string for the new node: the token carries the fleet CA's fingerprint.
+                if let Ok(text) = kvfleet_proto::JoinTokenText::parse(join_token)
+                    && let Some(pin) = text.ca
+                {
+                    eprintln!(
+                        "the token carries this fleet's CA fingerprint ({pin}): an agent given it \
+                         as [control_plane] join_token (or join_token_file) needs no \
+                         ca_fingerprint line"
+                    );
+                }
+                paste = join_token;
+            } else if created.token.role == Role::Join && client.base().starts_with("https://") {
+                // A control plane with the operator's own certificate (or an older one): what
+                // the new node's agent pins the control plane with, beside the token.
                 let ca: kvfleet_proto::api::CaInfo = client.get("/ca", &[]).await?;
                 if let Some(pin) = kvfleet_proto::CaFingerprint::of_pem(&ca.cert_pem) {
                     eprintln!(
@@ -339,7 +353,7 @@ pub(crate) async fn tokens(args: TokensArgs) -> Result<(), CliError> {
                 }
             }
             let mut out = std::io::stdout().lock();
-            std::io::Write::write_all(&mut out, format!("{}\n", created.secret).as_bytes())?;
+            std::io::Write::write_all(&mut out, format!("{paste}\n").as_bytes())?;
             Ok(())
         }
         TokensCommand::Revoke { target: token } => {

@@ -145,7 +145,19 @@ pub async fn create_token(
     change
         .commit("token.create", "token", id, None, json(&token))
         .await?;
-    Ok((StatusCode::CREATED, Json(CreatedToken { token, secret })))
+    // The CA a client pins is the fleet CA only when the API serves a certificate from it.
+    let join_token = (join
+        && state.tls.is_some()
+        && matches!(state.config.tls, crate::config::TlsConfig::FleetCa { .. }))
+    .then(|| kvfleet_proto::JoinTokenText::compose(&state.ca.fingerprint(), &secret));
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            token,
+            secret,
+            join_token,
+        }),
+    ))
 }
 
 /// Revoke a token; it stops working at once (admin). Revoking the last live admin token is

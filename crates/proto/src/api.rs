@@ -758,6 +758,13 @@ pub struct CreatedToken {
     pub token: Token,
     /// The bearer token. Shown once; only its hash is stored.
     pub secret: String,
+    /// Join tokens from a control plane serving HTTPS from the fleet CA (`[tls] mode =
+    /// "fleet-ca"`): the one string a new node's agent needs, `kvfj1.<the fleet CA's SHA-256, 64
+    /// hex digits>.<secret>`. The agent pins the CA it carries from its very first contact (no
+    /// separate `ca_fingerprint` line); the control plane accepts it as a bearer token like the
+    /// secret alone. Absent otherwise (plain HTTP, or the operator's own certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -67,6 +67,67 @@ impl FromStr for CaFingerprint {
     }
 }
 
+/// What starts a join token that carries the fleet CA's fingerprint (version 1 of the format).
+pub const JOIN_TOKEN_PREFIX: &str = "kvfj1.";
+
+/// A join token as an admin pastes it: the bearer token, and the fleet CA's fingerprint when the
+/// token carries one (`kvfj1.<64 lowercase hex>.<kvf_…>`). A bare `kvf_…` token has none.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct JoinTokenText<'a> {
+    /// The CA fingerprint the token carries.
+    pub ca: Option<CaFingerprint>,
+    /// The bearer token the control plane knows (`kvf_…`).
+    pub bearer: &'a str,
+}
+
+// The bearer token is a secret: never in Debug output.
+impl fmt::Debug for JoinTokenText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinTokenText")
+            .field("ca", &self.ca)
+            .field("bearer", &"<redacted>")
+            .finish()
+    }
+}
+
+impl<'a> JoinTokenText<'a> {
+    /// Splits `text` (trimmed). Text without the `kvfj1.` prefix is a bare bearer token (its
+    /// shape is the control plane's to judge); with it, the fingerprint must be 64 hex digits
+    /// followed by `.` and a non-empty bearer token.
+    pub fn parse(text: &'a str) -> Result<Self, BadFingerprint> {
+        let text = text.trim();
+        let Some(rest) = text.strip_prefix(JOIN_TOKEN_PREFIX) else {
+            return Ok(Self {
+                ca: None,
+                bearer: text,
+            });
+        };
+        // Never echo the secret: the error shows the fingerprint part only.
+        let (hex, bearer) = rest.split_once('.').unwrap_or((rest, ""));
+        let ca = if hex.len() == 64 {
+            format!("sha256:{hex}").parse().ok()
+        } else {
+            None
+        };
+        match ca {
+            Some(ca) if !bearer.is_empty() => Ok(Self {
+                ca: Some(ca),
+                bearer,
+            }),
+            _ => Err(BadFingerprint(format!(
+                "{JOIN_TOKEN_PREFIX}{}",
+                hex.chars().take(64).collect::<String>()
+            ))),
+        }
+    }
+
+    /// The composite text for `bearer` and `ca`.
+    pub fn compose(ca: &CaFingerprint, bearer: &str) -> String {
+        let hex: String = ca.0.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{JOIN_TOKEN_PREFIX}{hex}.{bearer}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -113,5 +174,35 @@ mod tests {
             CaFingerprint::of_der(b"").to_string(),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    #[test]
+    fn join_tokens_carry_the_fingerprint_or_not() {
+        let fp = CaFingerprint::of_der(b"ca");
+        let bearer = "kvf_abcdefghijkl_secret-part_x";
+        let text = JoinTokenText::compose(&fp, bearer);
+        assert!(
+            text.starts_with("kvfj1.") && text.ends_with(bearer),
+            "{text}"
+        );
+        assert_eq!(text.len(), 6 + 64 + 1 + bearer.len());
+        let padded = format!(" {text}\n");
+        let parsed = JoinTokenText::parse(&padded).unwrap();
+        assert_eq!(parsed.ca, Some(fp));
+        assert_eq!(parsed.bearer, bearer);
+        // A bare token: no fingerprint, the token as it is.
+        let bare = JoinTokenText::parse(bearer).unwrap();
+        assert_eq!((bare.ca, bare.bearer), (None, bearer));
+        // A broken fingerprint part, or no token after it, is refused without echoing the secret.
+        for bad in [
+            format!("kvfj1.{}.{bearer}", &text[6..69]),
+            format!("kvfj1.{}.{bearer}", "zz".repeat(32)),
+            format!("kvfj1.{}.", &text[6..70]),
+            format!("kvfj1.{}", &text[6..70]),
+        ] {
+            let e = JoinTokenText::parse(&bad).unwrap_err();
+            assert!(!e.to_string().contains("secret"), "{e}");
+        }
+        assert!(!format!("{parsed:?}").contains("secret"));
     }
 }

@@ -9,7 +9,8 @@
 //! - [`kv_stream`]: the KV event pipeline's wire types (agent uploads, the control plane's
 //!   sequenced stream and snapshots).
 //! - [`request`]: sampling parameters and the KV layout two workers must share.
-//! - [`fingerprint`]: the fleet CA's SHA-256 fingerprint, what agents and the CLI pin.
+//! - [`fingerprint`]: the fleet CA's SHA-256 fingerprint, what agents and the CLI pin, and join tokens
+//!   that carry it.
 //! - [`frame`]: the versioned, length-prefixed, checksummed frame codec spoken between agents,
 //!   workers and peers.
 //! - [`peer`]: the messages of the peer transport (forwarded generate, KV block transfer).
@@ -47,7 +48,7 @@ pub mod peer;
 pub mod profile;
 pub mod request;
 
-pub use fingerprint::CaFingerprint;
+pub use fingerprint::{CaFingerprint, JoinTokenText};
 pub use frame::{Frame, FrameCodec, FrameError, FrameKind, FrameReader};
 pub use hash::{BlockHash, BlockSize, LocalBlockHash, SequenceHash};
 pub use ids::{DeploymentId, GpuId, ModelId, NodeId, WorkerId};

@@ -52,13 +52,17 @@ export async function mount(ctx) {
     if (hours !== '') body.expires_in_s = Math.round(Number(hours) * 3600);
     try {
       const result = await post('/tokens', body);
-      const secret = h('code', { class: 'mono', 'data-secret': true }, result.secret);
+      // A join token from a control plane serving HTTPS from the fleet CA also carries the CA's
+      // fingerprint (kvfj1.<hex>.<secret>): the one string a new node's agent needs.
+      const paste = result.join_token || result.secret;
+      const secret = h('code', { class: 'mono', 'data-secret': true }, paste);
       created.replaceChildren(h('div', { class: 'panel' },
         h('h2', {}, `Token ${result.token.name} (${result.token.role})`),
         h('p', {}, 'Copy it now: it is shown only once and only its hash is stored.'),
+        result.join_token ? h('p', {}, 'It carries this fleet\'s CA fingerprint: the agent needs no ca_fingerprint line.') : null,
         h('div', { class: 'secret' }, secret,
           h('button', { type: 'button', class: 'secondary', onclick: async () => {
-            try { await navigator.clipboard.writeText(result.secret); announce('Copied'); } catch { announce('Copy failed; select the text instead'); }
+            try { await navigator.clipboard.writeText(paste); announce('Copied'); } catch { announce('Copy failed; select the text instead'); }
           } }, 'Copy'))));
       form.reset();
       announce(`Created token ${result.token.name}`);
