@@ -17,7 +17,7 @@ if [ "${1:-}" = --fleet ]; then
     ensure_test_postgres
     KVFLEET_CORPUS=all cargo nextest run -p kvfleet-tests --test disagg --no-capture \
         -E 'test(schemas_and_tool_calls_validate_when_forwarded_and_disaggregated)' 2>&1 |
-        grep -E '^(schema|tool set|regex|fleet corpora:)|PASS|FAIL'
+        grep -E '^(schema|tool set|regex|fleet corpora:)|panicked|PASS|FAIL' -A3
     exit "${PIPESTATUS[0]}"
 fi
 KVFLEET_CORPUS=all cargo nextest run -p kvfleet-agent --test native --no-capture \

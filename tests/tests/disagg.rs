@@ -746,9 +746,15 @@ async fn schemas_and_tool_calls_validate_when_forwarded_and_disaggregated() {
     let requests = (cases * 4) as u64;
     let fallbacks = split.outcome(PrefillOutcome::FallbackBeforeFirstToken)
         + split.outcome(PrefillOutcome::FallbackAfterFirstToken);
+    let decisions: Vec<_> = [&split.prefill, &split.decode]
+        .iter()
+        .map(|a| a.running.fleet().unwrap().router.prefill_decision_counts())
+        .collect();
     assert_eq!(
         (split.outcome(PrefillOutcome::Remote), fallbacks),
-        (requests, 0)
+        (requests, 0),
+        "(remote prefills, fallbacks) for {requests} requests; the routers' decisions: \
+         {decisions:?}"
     );
     let served = |agent: &Agent| {
         agent
