@@ -3,17 +3,21 @@
 # `kvfleet bench engine` decode tok/s without a constraint and with a JSON Schema whose shortest
 # value is longer than the decoded tokens (so every measured step is masked), alternately, for
 # --rounds rounds; prints each run's table. Figures: docs/benchmarks.md.
-#   ./scripts/bench-constrained.sh [--rounds N] [--release]
+#   ./scripts/bench-constrained.sh [--rounds N] [--release] [--compare BIN]
+# --compare BIN also runs another build of kvfleet (say, one from before a change) in each round,
+# right after this one, so both see the same machine load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 ensure_default_model
 rounds=3
 profile=dev
+compare=
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds="$2"; shift 2 ;;
         --release) profile=release; shift ;;
+        --compare) compare="$2"; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -34,8 +38,10 @@ cat >"$schema" <<'JSON'
 JSON
 args=(bench engine -m "$KVFLEET_SMOLLM2_GGUF" --prompt-tokens 128 --decode-tokens 128 --batches 1,8)
 for round in $(seq 1 "$rounds"); do
-    log "round $round: unconstrained"
-    "$bin" "${args[@]}"
-    log "round $round: constrained by a JSON Schema"
-    "$bin" "${args[@]}" --json-schema "$schema"
+    for b in "$bin" ${compare:+"$compare"}; do
+        log "round $round ($b): unconstrained"
+        "$b" "${args[@]}"
+        log "round $round ($b): constrained by a JSON Schema"
+        "$b" "${args[@]}" --json-schema "$schema"
+    done
 done

@@ -6,7 +6,8 @@
 //! serving the same model aggregated.
 //!
 //! The model is SmolLM2 when `KVFLEET_SMOLLM2_GGUF` names it, else a tiny generated Llama (the
-//! test says which). Needs `DATABASE_URL` (`source scripts/lib/common.sh && ensure_test_postgres`);
+//! test says which). Structured output and forced tool calls through both paths (issue 23) need
+//! SmolLM2 and the `openai` and `jsonschema` Python packages (the test skips without them). Needs `DATABASE_URL` (`source scripts/lib/common.sh && ensure_test_postgres`);
 //! without it the test prints why and skips.
 
 #![allow(
@@ -665,4 +666,109 @@ async fn one_node_with_both_roles_moves_blocks_to_itself() {
     node.stop().await;
     cp.stop().await;
     db.drop_now().await;
+}
+
+/// Whether `python3` can import every one of `modules`; says which is missing when not.
+fn python_has(modules: &[&str]) -> bool {
+    modules.iter().all(|module| {
+        let found = std::process::Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            println!("SKIPPED: python3 with the `{module}` package is not installed");
+        }
+        found
+    })
+}
+
+/// Issue 23 through the fleet: strict json_schema schemas, `tool_choice: "required"` tool sets
+/// (agent/tests/sdk/corpus.py) and a regular expression no model writes unconstrained, sent by the
+/// official SDK to both frontends of a disaggregated fleet. Entering the prefill node, a request
+/// is forwarded to the decode node (a peer agent), which has its prompt prefilled back on the
+/// prefill node; entering the decode node, its prompt is prefilled on the peer and decoded here.
+/// The prefill node samples the first token and the decode node the rest, so every output
+/// validates only if the constraint travelled with the request to both. Streamed = not streamed
+/// and both entries agree, under greedy decoding. CI runs the first 2 of each corpus;
+/// `KVFLEET_CORPUS=all` runs every one (scripts/openai-acceptance.sh --fleet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schemas_and_tool_calls_validate_when_forwarded_and_disaggregated() {
+    let Some(path) = std::env::var_os("KVFLEET_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    else {
+        println!(
+            "SKIPPED: KVFLEET_SMOLLM2_GGUF does not name SmolLM2 (source scripts/lib/common.sh && \
+             ensure_default_model); the corpora need a model that can answer them"
+        );
+        return;
+    };
+    if !python_has(&["openai", "jsonschema"]) {
+        return;
+    }
+    let Some(split) = split_fleet(&path, "gguf").await else {
+        eprintln!("SKIPPED: DATABASE_URL is not set");
+        return;
+    };
+    let corpus = std::env::var("KVFLEET_CORPUS").unwrap_or_else(|_| "2".into());
+    let per_corpus = match corpus.as_str() {
+        "all" => None,
+        n => Some(
+            n.parse::<usize>()
+                .expect("KVFLEET_CORPUS is a number or `all`"),
+        ),
+    };
+    // 50 schemas and 20 tool sets; each case plus the regex goes through 2 entries, streamed
+    // and not.
+    let cases = per_corpus.map_or(70, |n| n.min(50) + n.min(20)) + 1;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/fleet_corpora.py");
+    let output = tokio::process::Command::new("python3")
+        .args([
+            script,
+            &format!("http://{}", split.prefill.addr),
+            &format!("http://{}", split.decode.addr),
+            MODEL,
+            "--corpus",
+            &corpus,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Every request really took those paths: prefilled on the prefill worker (no fallback to a
+    // local prefill), and half of them forwarded to the decode node.
+    let requests = (cases * 4) as u64;
+    let fallbacks = split.outcome(PrefillOutcome::FallbackBeforeFirstToken)
+        + split.outcome(PrefillOutcome::FallbackAfterFirstToken);
+    let decisions: Vec<_> = [&split.prefill, &split.decode]
+        .iter()
+        .map(|a| a.running.fleet().unwrap().router.prefill_decision_counts())
+        .collect();
+    assert_eq!(
+        (split.outcome(PrefillOutcome::Remote), fallbacks),
+        (requests, 0),
+        "(remote prefills, fallbacks) for {requests} requests; the routers' decisions: \
+         {decisions:?}"
+    );
+    let served = |agent: &Agent| {
+        agent
+            .running
+            .fleet()
+            .and_then(|f| f.peer.endpoint())
+            .unwrap()
+            .metrics()
+            .snapshot()
+            .generate_served
+    };
+    // The decode node served the forwarded half; the prefill node every prefill leg.
+    assert_eq!(served(&split.decode), requests / 2);
+    assert_eq!(served(&split.prefill), requests);
+    split.assert_no_blocks_held().await;
+    split.stop().await;
 }

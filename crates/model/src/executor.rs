@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use crate::LoadedModel;
 use crate::adjust::History;
 use crate::error::ModelError;
-use crate::grammar::{Constrained, GrammarEngine, GrammarError};
+use crate::grammar::{Constrained, GrammarEngine, GrammarError, TokenMask};
 use crate::kv_cache::PagedKvCache;
 use crate::model::SeqInput;
 use crate::sampler::Sampler;
@@ -258,6 +258,29 @@ impl NativeExecutor {
     }
 }
 
+/// The tokens `seq`'s grammar allows next: the request's matcher (compiled on its first
+/// constrained step) caught up with the output so far, then asked for its mask.
+fn next_mask(
+    engine: &Result<GrammarEngine, GrammarError>,
+    seq: &ScheduledSeq<'_>,
+    state: &mut RequestSampling,
+) -> Result<TokenMask, GrammarError> {
+    let Some(constraint) = &state.params.constraint else {
+        return Err(GrammarError::Failed("the request has no constraint".into()));
+    };
+    let grammar = state.grammar.get_or_insert_with(|| match engine {
+        Ok(engine) => engine.matcher(constraint),
+        Err(e) => Err(e.clone()),
+    });
+    let history = History::new(seq.prompt, state.params.generated_in_prompt, seq.generated);
+    match grammar {
+        Ok(grammar) => grammar
+            .catch_up(history.all_output())
+            .and_then(|()| grammar.allowed()),
+        Err(e) => Err(e.clone()),
+    }
+}
+
 impl Executor for NativeExecutor {
     fn kv_layout(&self) -> KvLayout {
         self.cache.layout()
@@ -267,33 +290,7 @@ impl Executor for NativeExecutor {
         let start = Instant::now();
         // Checked before anything runs, so a bad id leaves no half-written KV behind.
         self.check_tokens(batch)?;
-        let inputs: Vec<SeqInput<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| SeqInput {
-                tokens: s.tokens,
-                start_pos: s.start_pos,
-                block_table: s.block_table,
-                want_logits: s.sample,
-            })
-            .collect();
-        let logits = self
-            .model
-            .model
-            .forward(&inputs, &mut self.cache)
-            .map_err(|e| ExecError::Failed(e.to_string()))?;
-        let mut jobs: Vec<(&ScheduledSeq<'_>, u64, Vec<f32>)> =
-            Vec::with_capacity(batch.seqs.len());
-        for (s, logits) in batch.seqs.iter().zip(logits) {
-            if !s.sample {
-                continue;
-            }
-            let Some(logits) = logits else {
-                return Err(ExecError::Failed(format!(
-                    "request {}: the model returned no logits",
-                    s.request.0
-                )));
-            };
+        for s in batch.seqs.iter().filter(|s| s.sample) {
             self.sampling.entry(s.request).or_insert_with(|| {
                 let seed = s.sampling.seed.unwrap_or_else(|| mix(s.request.0));
                 RequestSampling {
@@ -305,50 +302,93 @@ impl Executor for NativeExecutor {
                     grammar: None,
                 }
             });
-            jobs.push((s, (s.start_pos + s.tokens.len()) as u64, logits));
         }
-        // Structured output: the grammar masks what it does not allow next. Its state catches
-        // up with the output first (a new request, a recompute, a decode leg or a migrated
-        // request replays the tokens generated before it reached this state).
-        for (seq, _, logits) in &mut jobs {
-            let Some(state) = self.sampling.get_mut(&seq.request) else {
-                continue;
-            };
-            let Some(constraint) = &state.params.constraint else {
-                continue;
-            };
-            let grammar = state.grammar.get_or_insert_with(|| {
-                let model = &self.model;
-                let engine = self
-                    .grammar
-                    .get_or_insert_with(|| GrammarEngine::new(&model.tokenizer));
-                match engine {
-                    Ok(engine) => engine.matcher(constraint),
-                    Err(e) => Err(e.clone()),
-                }
+        let inputs: Vec<SeqInput<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| SeqInput {
+                tokens: s.tokens,
+                start_pos: s.start_pos,
+                block_table: s.block_table,
+                want_logits: s.sample,
+            })
+            .collect();
+        let Self {
+            model,
+            cache,
+            sampling,
+            grammar,
+        } = self;
+        // Structured output: the grammar masks what it does not allow next. A mask depends on
+        // the output so far, not on this step's logits, so this step's masks are computed on
+        // another thread while the forward pass runs instead of after it, one sequence after
+        // another, on the step's critical path. Each grammar first catches up with the output
+        // (a new request, a recompute, a decode leg or a migrated request replays the tokens
+        // generated before it reached this state).
+        let sampled: HashMap<RequestId, &ScheduledSeq<'_>> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| (s.request, s))
+            .collect();
+        let constrained: Vec<(&ScheduledSeq<'_>, &mut RequestSampling)> = sampling
+            .iter_mut()
+            .filter(|(_, state)| state.params.constraint.is_some())
+            .filter_map(|(id, state)| sampled.get(id).map(|&seq| (seq, state)))
+            .collect();
+        let engine = (!constrained.is_empty())
+            .then(|| &*grammar.get_or_insert_with(|| GrammarEngine::new(&model.tokenizer)));
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masker = engine.map(|engine| {
+                scope.spawn(move || {
+                    constrained
+                        .into_iter()
+                        .map(|(seq, state)| (seq.request, next_mask(engine, seq, state)))
+                        .collect::<HashMap<_, _>>()
+                })
             });
-            let history = History::new(seq.prompt, state.params.generated_in_prompt, seq.generated);
-            let masked = match grammar {
-                Ok(grammar) => grammar
-                    .catch_up(history.all_output())
-                    .and_then(|()| grammar.mask(logits)),
-                Err(e) => Err(e.clone()),
+            let logits = model.model.forward(&inputs, cache);
+            let masks = match masker.map(|m| m.join()) {
+                None => Ok(HashMap::new()),
+                Some(Ok(masks)) => Ok(masks),
+                Some(Err(_)) => Err(ExecError::Failed(
+                    "the grammar thread panicked computing the step's masks".into(),
+                )),
             };
-            if let Err(e) = masked {
+            (logits, masks)
+        });
+        let logits = logits.map_err(|e| ExecError::Failed(e.to_string()))?;
+        let mut masks = masks?;
+        let mut jobs: Vec<(&ScheduledSeq<'_>, u64, Vec<f32>)> =
+            Vec::with_capacity(batch.seqs.len());
+        for (s, logits) in batch.seqs.iter().zip(logits) {
+            if !s.sample {
+                continue;
+            }
+            let Some(mut logits) = logits else {
+                return Err(ExecError::Failed(format!(
+                    "request {}: the model returned no logits",
+                    s.request.0
+                )));
+            };
+            if let Some(mask) = masks.remove(&s.request)
+                && let Err(e) = mask.and_then(|mask| mask.apply(&mut logits))
+            {
                 // Ends this request (only this one) where it is: the frontend validated the
                 // grammar, so this is a grammar that allows nothing more.
-                tracing::warn!(request = seq.request.0, error = %e,
+                tracing::warn!(request = s.request.0, error = %e,
                     "constrained decoding failed: ending the sequence");
-                let eos = self.model.tokenizer.eos_ids().first().copied().unwrap_or(0);
+                let eos = model.tokenizer.eos_ids().first().copied().unwrap_or(0);
                 logits.iter_mut().for_each(|l| *l = f32::NEG_INFINITY);
                 if let Some(l) = logits.get_mut(eos as usize) {
                     *l = 0.0;
                 }
             }
+            jobs.push((s, (s.start_pos + s.tokens.len()) as u64, logits));
         }
         // A softmax and a top-k over the vocabulary per sequence (262k entries for Gemma 3):
         // worth spreading over the cores at large batches.
-        let sampling = &self.sampling;
+        let sampling = &*sampling;
         let outputs = jobs
             .into_par_iter()
             .filter_map(|(seq, pos, logits)| {

@@ -35,7 +35,7 @@ pub enum GrammarError {
 pub struct GrammarEngine {
     factory: Arc<ParserFactory>,
     /// Every end-of-sequence id: allowed wherever the grammar allows its EOS.
-    eos_ids: Vec<u32>,
+    eos_ids: Arc<[u32]>,
     vocab_size: usize,
 }
 
@@ -64,7 +64,7 @@ impl GrammarEngine {
                 }
             })
             .collect();
-        let eos_ids = tokenizer.eos_ids().to_vec();
+        let eos_ids: Arc<[u32]> = tokenizer.eos_ids().into();
         let eos = eos_ids.first().copied().ok_or_else(|| {
             GrammarError::Invalid("the tokenizer has no end-of-sequence token".into())
         })?;
@@ -146,7 +146,7 @@ pub struct Constrained {
     matcher: Matcher,
     /// Output tokens consumed so far.
     consumed: usize,
-    eos_ids: Vec<u32>,
+    eos_ids: Arc<[u32]>,
     vocab_size: usize,
 }
 
@@ -176,22 +176,61 @@ impl Constrained {
     }
 
     /// Sets the logit of every token the grammar does not allow next to -∞ (end-of-sequence
-    /// tokens are allowed exactly where the grammar may end).
+    /// tokens are allowed exactly where the grammar may end): [`allowed`](Self::allowed), then
+    /// [`TokenMask::apply`].
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), GrammarError> {
-        let mask = self
+        self.allowed()?.apply(logits)
+    }
+
+    /// The tokens the grammar allows next. Needs no logits, so the executor computes it while
+    /// the model's forward pass runs and applies it to the logits afterwards.
+    pub fn allowed(&mut self) -> Result<TokenMask, GrammarError> {
+        let allowed = self
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| GrammarError::Failed(e.to_string()))?;
+        Ok(TokenMask {
+            allowed,
+            eos_ids: self.eos_ids.clone(),
+            vocab_size: self.vocab_size,
+        })
+    }
+
+    /// Whether the grammar accepts the output as it is (it may end here).
+    pub fn is_accepting(&mut self) -> bool {
+        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
+    }
+}
+
+/// The tokens a grammar allows at one point of the output ([`Constrained::allowed`]).
+pub struct TokenMask {
+    allowed: toktrie::SimpleVob,
+    eos_ids: Arc<[u32]>,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for TokenMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenMask")
+            .field("vocab_size", &self.vocab_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenMask {
+    /// Sets the logit of every token not allowed to -∞ (end-of-sequence tokens are allowed
+    /// exactly where the grammar may end); an error when nothing is allowed.
+    pub fn apply(&self, logits: &mut [f32]) -> Result<(), GrammarError> {
         let eos_allowed = self
             .eos_ids
             .first()
-            .is_some_and(|&e| mask.is_allowed(e as toktrie::TokenId));
+            .is_some_and(|&e| self.allowed.is_allowed(e as toktrie::TokenId));
         let mut any = false;
         for (token, logit) in logits.iter_mut().enumerate().take(self.vocab_size) {
             let allowed = if self.eos_ids.contains(&(token as u32)) {
                 eos_allowed
             } else {
-                mask.is_allowed(token as toktrie::TokenId)
+                self.allowed.is_allowed(token as toktrie::TokenId)
             };
             if allowed {
                 any = true;
@@ -210,11 +249,6 @@ impl Constrained {
                 "the grammar allows no token at this point".into(),
             ))
         }
-    }
-
-    /// Whether the grammar accepts the output as it is (it may end here).
-    pub fn is_accepting(&mut self) -> bool {
-        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
     }
 }
 

@@ -319,6 +319,82 @@ fn bad_input_gives_typed_errors(m: &Arc<LoadedModel>) {
     ));
 }
 
+/// Grammar-constrained requests batched with free ones give what each gives alone (the masks
+/// are computed on another thread while the forward pass runs, matched back to their
+/// sequences), every output matches the grammar, and a decode leg that gets the prompt plus
+/// the first tokens another worker generated (`generated_in_prompt`) continues exactly as the
+/// uninterrupted run, its grammar replaying those tokens.
+fn constrained_batch_matches_alone_and_hand_off(m: &Arc<LoadedModel>) {
+    let regex = "[0-9]{3}-[a-z]{2}[0-9]{2}";
+    let constrained = |max_tokens| SamplingParams {
+        constraint: Some(kvfleet_proto::Constraint::Regex(regex.into())),
+        ..SamplingParams::greedy(max_tokens)
+    };
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(m, 40 + i)).collect();
+    let mut batched = engine(m, config(512));
+    let ids: Vec<(RequestId, bool)> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            // Every other request is free: masks must land on the right sequences.
+            let sampling = if i % 2 == 0 {
+                constrained(16)
+            } else {
+                greedy(6)
+            };
+            let id = batched
+                .submit(Request::new(p.clone(), sampling), Duration::ZERO)
+                .expect("submit");
+            (id, i % 2 == 0)
+        })
+        .collect();
+    let runs = drive(&mut batched);
+    let matches = |tokens: &[u32]| {
+        let text = m.tokenizer.decode(tokens, true).expect("decode");
+        let b = text.as_bytes();
+        assert!(
+            b.len() == 8
+                && b[..3].iter().all(u8::is_ascii_digit)
+                && b[3] == b'-'
+                && b[4..6].iter().all(u8::is_ascii_lowercase)
+                && b[6..].iter().all(u8::is_ascii_digit),
+            "{text:?} does not match {regex}"
+        );
+    };
+    for (i, &(id, is_constrained)) in ids.iter().enumerate() {
+        if !is_constrained {
+            assert_eq!(runs[&id].tokens.len(), 6, "free request {i}");
+            continue;
+        }
+        let got = &runs[&id].tokens;
+        // The last token is the end of sequence the grammar allows once it is complete.
+        let (eos, text) = got.split_last().expect("tokens");
+        assert!(m.tokenizer.eos_ids().contains(eos), "request {i}: {got:?}");
+        matches(text);
+        let mut alone = engine(m, config(512));
+        let solo = one(
+            &mut alone,
+            Request::new(prompts[i].clone(), constrained(16)),
+        );
+        assert_eq!(got, &solo.tokens, "request {i}: batched vs alone");
+        // The hand-off: two tokens generated elsewhere end the prompt.
+        let mut handed = prompts[i].clone();
+        handed.extend_from_slice(&solo.tokens[..2]);
+        let mut decode = engine(m, config(512));
+        let rest = one(
+            &mut decode,
+            Request::new(
+                handed,
+                SamplingParams {
+                    generated_in_prompt: 2,
+                    ..constrained(14)
+                },
+            ),
+        );
+        assert_eq!(rest.tokens, solo.tokens[2..], "request {i}: decode leg");
+    }
+}
+
 fn tiny() -> Arc<LoadedModel> {
     Arc::new(common::tiny())
 }
@@ -357,6 +433,7 @@ both_models!(
     chunked_prefill_matches_whole,
     seeded_sampling_survives_preemption,
     bad_input_gives_typed_errors,
+    constrained_batch_matches_alone_and_hand_off,
 );
 
 /// The pool is sized from a memory budget, and the executor's cache matches the scheduler's
