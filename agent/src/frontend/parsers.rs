@@ -20,9 +20,22 @@ use crate::worker::{ReasoningParserKind, ToolParserKind};
 /// JSON with Python's `json.dumps` separators (`", "`, `": "`): the form the grammar produces
 /// and the default prompt shows.
 pub(super) fn spaced(value: &Value) -> String {
+    render(value, false)
+}
+
+/// A JSON value as a Python literal (JSON strings, numbers, lists and dicts already are; `null`,
+/// `true` and `false` are `None`, `True` and `False`), as pythonic tool calls write arguments.
+pub(super) fn python_literal(value: &Value) -> String {
+    render(value, true)
+}
+
+fn render(value: &Value, python: bool) -> String {
     match value {
+        Value::Null if python => "None".into(),
+        Value::Bool(true) if python => "True".into(),
+        Value::Bool(false) if python => "False".into(),
         Value::Array(items) => {
-            let items: Vec<String> = items.iter().map(spaced).collect();
+            let items: Vec<String> = items.iter().map(|v| render(v, python)).collect();
             format!("[{}]", items.join(", "))
         }
         Value::Object(map) => {
@@ -32,7 +45,7 @@ pub(super) fn spaced(value: &Value) -> String {
                     format!(
                         "{}: {}",
                         serde_json::to_string(k).unwrap_or_default(),
-                        spaced(v)
+                        render(v, python)
                     )
                 })
                 .collect();

@@ -21,7 +21,7 @@ use kvfleet_proto::Constraint;
 use serde_json::Value;
 
 use super::api::{self, ApiError};
-use super::parsers::spaced;
+use super::parsers::{python_literal, spaced};
 use crate::worker::ToolParserKind;
 
 /// How the model may use the tools.
@@ -501,33 +501,6 @@ fn write_calls(calls: &[PastCall], format: ToolParserKind) -> String {
                 .collect();
             format!("[{}]", written.join(", "))
         }
-    }
-}
-
-/// A JSON value as a Python literal (JSON strings, numbers, lists and dicts already are).
-fn python_literal(value: &Value) -> String {
-    match value {
-        Value::Null => "None".into(),
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        Value::Array(items) => {
-            let items: Vec<String> = items.iter().map(python_literal).collect();
-            format!("[{}]", items.join(", "))
-        }
-        Value::Object(map) => {
-            let items: Vec<String> = map
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{}: {}",
-                        serde_json::to_string(k).unwrap_or_default(),
-                        python_literal(v)
-                    )
-                })
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        other => other.to_string(),
     }
 }
 
