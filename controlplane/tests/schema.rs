@@ -74,6 +74,7 @@ async fn migrations_create_every_table(pool: PgPool) {
             "planner_decisions",
             "planner_observations",
             "planner_settings",
+            "stored_responses",
             "worker_metrics",
             "worker_metrics_rollup",
             "worker_windows",
