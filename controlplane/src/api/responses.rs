@@ -83,7 +83,8 @@ pub async fn put(
 #[utoipa::path(get, path = "/api/v1/agent/responses/{id}", tag = "agent",
     params(("id" = String, Path, description = "The resource id")),
     extensions(("x-kvfleet-permission" = json!("agent"))),
-    responses((status = 200, description = "{\"owner\", \"body\"}"), (status = 404, description = "no such response (never stored, expired or deleted)")))]
+    responses((status = 200, description = "{\"owner\", \"body\"}"), (status = 404, description = "no such response (never stored, expired or deleted)"),
+        (status = 422, description = "a malformed id (1 to 128 characters of [A-Za-z0-9_-])")))]
 pub async fn get(
     _caller: Caller<Agent>,
     State(state): State<AppState>,
@@ -104,7 +105,8 @@ pub async fn get(
 #[utoipa::path(delete, path = "/api/v1/agent/responses/{id}", tag = "agent",
     params(("id" = String, Path, description = "The resource id")),
     extensions(("x-kvfleet-permission" = json!("agent"))),
-    responses((status = 204, description = "deleted"), (status = 404, description = "no such response")))]
+    responses((status = 204, description = "deleted"), (status = 404, description = "no such response"),
+        (status = 422, description = "a malformed id (1 to 128 characters of [A-Za-z0-9_-])")))]
 pub async fn delete(
     _caller: Caller<Agent>,
     State(state): State<AppState>,
