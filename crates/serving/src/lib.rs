@@ -148,7 +148,8 @@ pub struct Timeouts {
     /// How long the prefill leg may take to reach the prefill node (capped by the deadline).
     pub prefill_start: Duration,
     /// How long a migrating request waits for a worker to take it (the only one may be
-    /// restarting) before it fails.
+    /// restarting) before it fails. A minute: a worker restarting on a loaded 2-core CI box took
+    /// over 30 s to load its model again (and GPU engines take longer).
     pub migration_wait: Duration,
     /// How often a migrating request that found no ready worker asks again.
     pub migration_retry: Duration,
@@ -159,7 +160,7 @@ impl Default for Timeouts {
         Self {
             forward_start: Duration::from_secs(2),
             prefill_start: Duration::from_secs(2),
-            migration_wait: Duration::from_secs(30),
+            migration_wait: Duration::from_secs(60),
             migration_retry: Duration::from_millis(200),
         }
     }

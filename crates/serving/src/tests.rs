@@ -494,7 +494,7 @@ fn a_migration_that_finds_no_ready_worker_waits_for_one_without_spending_its_lim
     }
     assert!(now <= T0 + timeouts.migration_wait);
     assert!(matches!(&run.seen.ends[0],
-        End::Failed(m) if m.contains("no worker took the request within 30s")));
+        End::Failed(m) if m.contains(&format!("no worker took the request within {:?}", timeouts.migration_wait))));
 }
 
 #[test]
