@@ -252,6 +252,15 @@ pub struct Frontend {
     started: u64,
 }
 
+/// The API key a request presents (`Authorization: Bearer KEY`), if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 impl Frontend {
     /// A frontend serving the models in `models` over `backend`; it adds its own metrics to
     /// `registry` (which the other modules have registered into) and serves the whole.
@@ -381,12 +390,7 @@ impl Frontend {
         if self.config.api_keys.is_empty() {
             return Ok(None);
         }
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match given.and_then(|key| self.config.api_keys.find(key)) {
+        match bearer(headers).and_then(|key| self.config.api_keys.find(key)) {
             Some(index) => self.limiter.check(index).map(|()| Some(index)),
             None => Err(ApiError::unauthorized()),
         }
@@ -401,12 +405,7 @@ impl Frontend {
         if self.config.api_keys.is_empty() {
             return "anonymous".to_owned();
         }
-        let key = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .unwrap_or("");
+        let key = bearer(headers).unwrap_or("");
         let mut hasher = sha2::Sha256::new();
         hasher.update(b"kvfleet response owner\0");
         hasher.update(digest(key));
