@@ -110,6 +110,8 @@ pub(crate) fn deployment(row: PgRow) -> Result<Deployment, sqlx::Error> {
         placement: row.try_get::<Json<_>, _>("placement")?.0,
         disaggregation: disaggregation(&row)?,
         migration_limit: migration_limit(&row)?,
+        tool_parser: text(&row, "tool_parser")?,
+        reasoning_parser: text(&row, "reasoning_parser")?,
         generation: row.try_get("generation")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -212,7 +214,8 @@ pub(crate) const DEPLOYMENT_COLUMNS: &str =
     d.itl_target_ms, d.sla_percentile, d.min_workers, d.max_workers, d.min_prefill_workers,
     d.max_prefill_workers, d.min_decode_workers, d.max_decode_workers, d.planner, d.placement,
     d.min_remote_prefill_tokens, d.max_prefill_queue_tokens, d.prefill_timeout_ms,
-    d.migration_limit, d.generation, d.created_at, d.updated_at";
+    d.migration_limit, d.tool_parser, d.reasoning_parser, d.generation, d.created_at,
+    d.updated_at";
 
 /// Every deployment with its model's name, in id order.
 pub(crate) fn sql_select_deployments() -> sqlx::AssertSqlSafe<String> {

@@ -682,6 +682,16 @@ async fn invalid_deployments_name_the_field_and_change_nothing(pool: PgPool) {
             vec!["mode"],
         ),
         (
+            json!({"name": "x", "model": "base-model", "tool_parser": "xml"}),
+            422,
+            vec!["tool_parser"],
+        ),
+        (
+            json!({"name": "x", "model": "base-model", "reasoning_parser": "r1"}),
+            422,
+            vec!["reasoning_parser"],
+        ),
+        (
             json!({"name": "Bad Name", "model": "nope", "min_workers": -1}),
             422,
             vec!["name", "model", "min_workers"],
@@ -979,6 +989,100 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
                    "migration_limit": 0}),
         ]
     );
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
+async fn output_parsers_are_stored_patched_audited_and_handed_to_the_agents(pool: PgPool) {
+    let server = start(&pool, test_config()).await;
+    let join = token(&pool, Role::Join).await;
+    let operator = token(&pool, Role::Operator).await;
+    let (_, agent, _) = register(&server, &join, "gpu-a", 1).await;
+    let beat = post(&server, "/agent/heartbeat", &agent, json!({})).await;
+    assert_eq!(beat.status, StatusCode::OK, "{beat:?}");
+    let (_, deployment) = model_and_deployment(&server, &operator, "tools", 1).await;
+    let url = server.url(&format!("/deployments/{deployment}"));
+    let created = get(&server, &format!("/deployments/{deployment}"), &operator).await;
+    assert_eq!(
+        (
+            &created.body["tool_parser"],
+            &created.body["reasoning_parser"]
+        ),
+        (&json!("auto"), &json!("auto")),
+        "the defaults"
+    );
+    // The agent's desired state carries the deployment's parsers with the model.
+    let parsers = |d: &Value| {
+        d["workers"].as_array().and_then(|w| w.first()).map(|w| {
+            (
+                w["model"]["tool_parser"].clone(),
+                w["model"]["reasoning_parser"].clone(),
+            )
+        })
+    };
+    let first = eventually(
+        std::time::Duration::from_secs(5),
+        "a worker placed",
+        || async { parsers(&get(&server, "/agent/desired-state", &agent).await.body) },
+    )
+    .await;
+    assert_eq!(first, (json!("auto"), json!("auto")));
+    // An unknown parser is refused, named, and changes nothing.
+    let bad = call(
+        Method::PATCH,
+        &url,
+        Some(&operator),
+        Some(&json!({"tool_parser": "xml"})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad:?}");
+    assert_eq!(bad.body["invalid_params"][0]["name"], "tool_parser");
+    // A patch sets them, bumps the generation, is audited and reaches the agent.
+    let patched = call(
+        Method::PATCH,
+        &url,
+        Some(&operator),
+        Some(&json!({"tool_parser": "llama3_json", "reasoning_parser": "deepseek_r1"})),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK, "{patched:?}");
+    assert_eq!(patched.body["tool_parser"], "llama3_json");
+    assert_eq!(patched.body["reasoning_parser"], "deepseek_r1");
+    assert_eq!(
+        patched.body["generation"].as_i64(),
+        created.body["generation"].as_i64().map(|g| g + 1)
+    );
+    let (before, after): (Value, Value) = sqlx::query_as(
+        "SELECT before, after FROM audit_log WHERE action = 'deployment.update' AND target_id = $1
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(&deployment)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (&before["tool_parser"], &after["tool_parser"]),
+        (&json!("auto"), &json!("llama3_json"))
+    );
+    let desired = get(&server, "/agent/desired-state", &agent).await;
+    assert_eq!(
+        parsers(&desired.body),
+        Some((json!("llama3_json"), json!("deepseek_r1"))),
+        "{desired:?}"
+    );
+    // A patch of another field keeps them; the schema refuses what the API refuses.
+    let other = call(
+        Method::PATCH,
+        &url,
+        Some(&operator),
+        Some(&json!({"migration_limit": 1})),
+    )
+    .await;
+    assert_eq!(other.body["tool_parser"], "llama3_json", "{other:?}");
+    let refused = sqlx::query("UPDATE deployments SET reasoning_parser = 'r1'")
+        .execute(&pool)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
     server.stop().await;
 }
 

@@ -175,11 +175,15 @@ describe('admin web UI', { skip: skip || false }, () => {
     assert.equal(await page.getByLabel('Migration limit', { exact: true }).inputValue(), '3');
     await page.getByLabel('Max workers', { exact: true }).fill('4');
     await page.getByLabel('Migration limit', { exact: true }).fill('5');
+    assert.equal(await page.getByLabel('Tool-call parser', { exact: true }).inputValue(), 'auto');
+    await page.getByLabel('Tool-call parser', { exact: true }).selectOption('pythonic');
     await page.getByRole('button', { name: 'Save changes' }).click();
     await waitText('tr[data-deployment="chat"] [data-col="range"]', /^2–4$/, 'the new range');
     await waitText('tr[data-deployment="chat"] [data-col="migration"]', /^5$/, 'the new migration limit');
     const chat = (await cp.api('GET', '/deployments')).items.find((d) => d.name === 'chat');
     assert.equal(chat.migration_limit, 5, 'saved through the API');
+    assert.equal(chat.tool_parser, 'pythonic', 'saved through the API');
+    assert.equal(chat.reasoning_parser, 'auto', 'left as it was');
   });
 
   it('shows a deployment with charts and placement decisions', async () => {
@@ -188,6 +192,7 @@ describe('admin web UI', { skip: skip || false }, () => {
     // The policy set in the form, with the defaults for the fields left empty.
     assert.match(await text('dl.kv'), /remote prefill from 256 uncached tokens, prefill queue ≤ 16384 tokens, timeout 2000 ms \(unused while aggregated\)/);
     assert.match(await text('dd[data-migration-limit="5"]'), /moves to another worker at most 5 times/);
+    assert.equal(await text('dd[data-output-parsers]'), 'tool calls: pythonic, reasoning: auto');
     await waitFor(async () => (await page.locator('svg.chart path.line').count()) >= 3, { what: 'deployment charts', timeout: 20_000 });
     await page.locator('li[data-action="worker.create"]').first().waitFor();
     await shot('06-deployment-detail');

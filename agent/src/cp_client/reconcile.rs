@@ -6,20 +6,23 @@
 //! spec becomes a [`ModelConfig`] (a `[[models]]` entry of the same name in the local config
 //! supplies the engine settings the control plane does not know, such as the mock's timings or
 //! a native model's KV budget; the control plane's block size and context length win, because
-//! every node must hash blocks the same way). A worker that cannot be resolved is a
+//! every node must hash blocks the same way, and so do its deployment's output parsers unless
+//! they are `auto`). A worker that cannot be resolved is a
 //! [`Unrunnable`] with the reason, reported as `failed`. [`plan`] then compares the targets
 //! with the pool.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use kvfleet_proto::api::{DesiredState, DesiredWorkerState, ModelFormat, ModelSpec};
+use kvfleet_proto::api::{
+    DesiredState, DesiredWorkerState, ModelFormat, ModelSpec, ReasoningParser, ToolParser,
+};
 use kvfleet_proto::{BlockSize, WorkerId};
 use uuid::Uuid;
 
 use crate::gpu::GpuInfo;
 use crate::worker::supervisor::PoolWorker;
-use crate::worker::{Device, ModelConfig, WorkerConfig};
+use crate::worker::{Device, ModelConfig, ReasoningParserKind, ToolParserKind, WorkerConfig};
 
 /// One worker the control plane wants here, resolved to local terms.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,7 +98,35 @@ pub fn model_config(spec: &ModelSpec, local: &[ModelConfig]) -> Result<ModelConf
             .ok_or_else(|| format!("model {:?}: context length {context}", spec.name))?;
         model.context_length = context;
     }
+    if let Some(kind) = tool_parser(spec.tool_parser) {
+        model.tool_parser = Some(kind);
+    }
+    if let Some(kind) = reasoning_parser(spec.reasoning_parser) {
+        model.reasoning_parser = Some(kind);
+    }
     Ok(model)
+}
+
+/// The tool-call format a deployment names; `None` for `auto` (the local entry's, else the
+/// template's).
+fn tool_parser(setting: ToolParser) -> Option<ToolParserKind> {
+    Some(match setting {
+        ToolParser::Auto => return None,
+        ToolParser::Hermes => ToolParserKind::Hermes,
+        ToolParser::Llama3Json => ToolParserKind::Llama3Json,
+        ToolParser::Mistral => ToolParserKind::Mistral,
+        ToolParser::Pythonic => ToolParserKind::Pythonic,
+    })
+}
+
+/// The reasoning format a deployment names; `None` for `auto`.
+fn reasoning_parser(setting: ReasoningParser) -> Option<ReasoningParserKind> {
+    Some(match setting {
+        ReasoningParser::Auto => return None,
+        ReasoningParser::Off => ReasoningParserKind::Off,
+        ReasoningParser::Think => ReasoningParserKind::Think,
+        ReasoningParser::DeepseekR1 => ReasoningParserKind::DeepSeekR1,
+    })
 }
 
 /// Resolves the desired state against this node's GPUs and local model definitions. Workers
@@ -210,6 +241,8 @@ mod tests {
             path: "/models/x.gguf".into(),
             block_size: 16,
             context_length: Some(2048),
+            tool_parser: ToolParser::Auto,
+            reasoning_parser: ReasoningParser::Auto,
         }
     }
 
@@ -430,6 +463,19 @@ mod tests {
         assert_eq!(merged.mock_token_time, std::time::Duration::from_millis(3));
         assert_eq!(merged.block_size.get(), 8);
         assert_eq!(merged.context_length, 2048);
+        // The deployment's output parsers win over the local entry's unless they are `auto`.
+        local.tool_parser = Some(ToolParserKind::Mistral);
+        local.reasoning_parser = Some(ReasoningParserKind::Think);
+        let kept = model_config(&s, std::slice::from_ref(&local)).unwrap();
+        assert_eq!(kept.tool_parser, Some(ToolParserKind::Mistral));
+        assert_eq!(kept.reasoning_parser, Some(ReasoningParserKind::Think));
+        s.tool_parser = ToolParser::Pythonic;
+        s.reasoning_parser = ReasoningParser::Off;
+        let set = model_config(&s, std::slice::from_ref(&local)).unwrap();
+        assert_eq!(set.tool_parser, Some(ToolParserKind::Pythonic));
+        assert_eq!(set.reasoning_parser, Some(ReasoningParserKind::Off));
+        let fresh = model_config(&s, &[]).unwrap();
+        assert_eq!(fresh.tool_parser, Some(ToolParserKind::Pythonic));
         // Bad numbers are reasons, not panics.
         let mut bad = spec("m", ModelFormat::Mock);
         bad.block_size = 0;

@@ -48,6 +48,9 @@ POST /api/v1/deployments in TOML:
   planner = "auto"              # off (run min_workers) | advise (record decisions) | auto (act)
   migration_limit = 3           # 0..=20; times a request whose worker dies mid-stream resumes
                                 # on another worker before it fails (0: never)
+  tool_parser = "auto"          # auto (the node's [[models]] setting, else the chat template's)
+                                # | hermes | llama3_json | mistral | pythonic
+  reasoning_parser = "auto"     # auto | none | think | deepseek_r1 (into reasoning_content)
   [sla]
   ttft_ms = 500                 # time to first token target
   itl_ms = 50                   # inter-token latency target
@@ -324,6 +327,10 @@ pub(crate) async fn deployments(args: DeploymentsArgs) -> Result<(), CliError> {
                 ("placement", placement),
                 ("disaggregation", disaggregation),
                 ("migration limit", d.migration_limit.to_string()),
+                (
+                    "output parsers",
+                    format!("tools {}, reasoning {}", d.tool_parser, d.reasoning_parser),
+                ),
                 ("generation", d.generation.to_string()),
                 ("updated", output::timestamp(Some(d.updated_at))),
             ])?;
@@ -463,6 +470,8 @@ async fn apply_deployment(client: &Client, file: &Path, json: bool) -> Result<()
         after.planner,
         &after.placement,
         after.disaggregation,
+        after.migration_limit,
+        (after.tool_parser, after.reasoning_parser),
     ) != (
         before.mode,
         before.sla,
@@ -472,6 +481,8 @@ async fn apply_deployment(client: &Client, file: &Path, json: bool) -> Result<()
         before.planner,
         &before.placement,
         before.disaggregation,
+        before.migration_limit,
+        (before.tool_parser, before.reasoning_parser),
     );
     if changed {
         eprintln!("deployment {} configured", after.name);

@@ -624,10 +624,13 @@ async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiE
         String,
         i32,
         Option<i32>,
+        String,
+        String,
     );
     let desired: Vec<Row> = sqlx::query_as(
         "SELECT w.id, d.id, d.name, w.role, w.gpu_id, w.desired_state,
-                m.name, m.format, m.path, m.block_size, m.context_length
+                m.name, m.format, m.path, m.block_size, m.context_length, d.tool_parser,
+                d.reasoning_parser
          FROM workers w JOIN deployments d ON d.id = w.deployment_id JOIN models m ON m.id = d.model_id
          WHERE w.node_id = $1 AND w.desired_state <> 'stopped' ORDER BY w.id",
     )
@@ -655,6 +658,8 @@ async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiE
                         path: r.8,
                         block_size: r.9,
                         context_length: r.10,
+                        tool_parser: rows::parse(&r.11)?,
+                        reasoning_parser: rows::parse(&r.12)?,
                     },
                 })
             })

@@ -12,7 +12,8 @@ use super::extract::{ApiJson, Caller, Operate, Read, parse_uuid};
 use super::problem::{ApiError, InvalidParam, Problem};
 use super::types::{
     Deployment, DeploymentMode, DeploymentPatch, DisaggregationPolicy, Model, NewDeployment,
-    NewModel, Page, PageQuery, PlacementConstraints, PlannerMode, RoleWorkerBounds, SlaTargets,
+    NewModel, Page, PageQuery, PlacementConstraints, PlannerMode, ReasoningParser,
+    RoleWorkerBounds, SlaTargets, ToolParser,
 };
 use super::{page, page_limit, uuid_cursor};
 use crate::AppState;
@@ -77,6 +78,8 @@ pub struct DeploymentFields {
     pub placement: PlacementConstraints,
     pub disaggregation: DisaggregationPolicy,
     pub migration_limit: u32,
+    pub tool_parser: ToolParser,
+    pub reasoning_parser: ReasoningParser,
 }
 
 impl DeploymentFields {
@@ -95,7 +98,7 @@ impl DeploymentFields {
 }
 
 impl DeploymentFields {
-    /// Binds the stored columns, `mode` through `migration_limit`, in the order in which both
+    /// Binds the stored columns, `mode` through `reasoning_parser`, in the order in which both
     /// the INSERT and the UPDATE name them (one list, so the two cannot drift apart).
     fn bind_columns<'q>(
         &'q self,
@@ -118,6 +121,8 @@ impl DeploymentFields {
             .bind(i64::from(self.disaggregation.max_prefill_queue_tokens))
             .bind(i64::from(self.disaggregation.prefill_timeout_ms))
             .bind(i64::from(self.migration_limit))
+            .bind(self.tool_parser.as_str())
+            .bind(self.reasoning_parser.as_str())
     }
 }
 
@@ -367,6 +372,8 @@ pub async fn create_deployment(
         placement: new.placement.clone(),
         disaggregation: new.disaggregation,
         migration_limit: new.migration_limit,
+        tool_parser: new.tool_parser,
+        reasoning_parser: new.reasoning_parser,
     };
     problems.extend(validate_deployment_fields(&fields));
     let Some(model) = model.filter(|_| problems.is_empty()) else {
@@ -379,9 +386,9 @@ pub async fn create_deployment(
              sla_percentile, min_workers, max_workers, min_prefill_workers, max_prefill_workers,
              min_decode_workers, max_decode_workers, planner, placement,
              min_remote_prefill_tokens, max_prefill_queue_tokens, prefill_timeout_ms,
-             migration_limit)
+             migration_limit, tool_parser, reasoning_parser)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-             $19)",
+             $19, $20, $21)",
     )
     .bind(id)
     .bind(&new.name)
@@ -424,7 +431,8 @@ pub async fn get_deployment(
 }
 
 /// Change a deployment's mode, SLA targets and percentile, worker bounds (per role too),
-/// planner mode, placement, disaggregation policy or migration limit (operator+).
+/// planner mode, placement, disaggregation policy, migration limit or output parsers
+/// (operator+).
 #[utoipa::path(patch, path = "/api/v1/deployments/{id}", request_body = DeploymentPatch, params(("id" = String, Path, description = "The resource id")), tag = "deployments",
     extensions(("x-kvfleet-permission" = json!("operate"))),
     responses((status = 200, body = Deployment), (status = 404, body = Problem), (status = 422, body = Problem)))]
@@ -454,6 +462,8 @@ pub async fn update_deployment(
             .unwrap_or_else(|| before.placement.clone()),
         disaggregation: patch.disaggregation.unwrap_or(before.disaggregation),
         migration_limit: patch.migration_limit.unwrap_or(before.migration_limit),
+        tool_parser: patch.tool_parser.unwrap_or(before.tool_parser),
+        reasoning_parser: patch.reasoning_parser.unwrap_or(before.reasoning_parser),
     };
     let problems = validate_deployment_fields(&fields);
     if !problems.is_empty() {
@@ -468,7 +478,8 @@ pub async fn update_deployment(
              max_prefill_workers = $9, min_decode_workers = $10, max_decode_workers = $11,
              planner = $12, placement = $13, min_remote_prefill_tokens = $14,
              max_prefill_queue_tokens = $15, prefill_timeout_ms = $16,
-             migration_limit = $17, planner_targets = CASE WHEN $18 THEN planner_targets END,
+             migration_limit = $17, tool_parser = $18, reasoning_parser = $19,
+             planner_targets = CASE WHEN $20 THEN planner_targets END,
              generation = generation + 1, updated_at = now()
          WHERE id = $1",
     )
@@ -588,6 +599,8 @@ mod tests {
                 placement: none.clone(),
                 disaggregation: DisaggregationPolicy::default(),
                 migration_limit: kvfleet_proto::api::DEFAULT_MIGRATION_LIMIT,
+                tool_parser: ToolParser::Auto,
+                reasoning_parser: ReasoningParser::Auto,
             };
             let got: Vec<String> = validate_deployment_fields(&fields)
                 .into_iter()

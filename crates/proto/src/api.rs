@@ -167,6 +167,38 @@ text_enum!(
 );
 
 text_enum!(
+    /// The format a deployment's tool calls are parsed in (and, for `tool_choice: required` or a
+    /// named function, constrained to): `auto` takes the node's `[[models]] tool_parser`, else
+    /// the one the model's chat template implies.
+    ToolParser {
+        Auto => "auto",
+        /// `<tool_call>{…}</tool_call>` (Hermes, Qwen 2.5/3).
+        Hermes => "hermes",
+        /// Llama 3.1+ JSON calls.
+        Llama3Json => "llama3_json",
+        /// `[TOOL_CALLS]`.
+        Mistral => "mistral",
+        /// A Python list of calls (Llama 3.2/4).
+        Pythonic => "pythonic",
+    }
+);
+
+text_enum!(
+    /// How a deployment's reasoning is separated into `reasoning_content`: `auto` takes the
+    /// node's `[[models]] reasoning_parser`, else what the model's chat template implies.
+    ReasoningParser {
+        Auto => "auto",
+        /// No separation: `<think>` stays in the content.
+        #[serde(rename = "none")]
+        Off => "none",
+        /// `<think>…</think>` at the start of the output (Qwen 3, QwQ).
+        Think => "think",
+        /// DeepSeek R1: the output starts inside the reasoning.
+        DeepseekR1 => "deepseek_r1",
+    }
+);
+
+text_enum!(
     /// What the SLA planner does for a deployment: nothing (`off`: it stays at its minimum
     /// worker counts), record what it would do (`advise`), or act on it (`auto`).
     PlannerMode {
@@ -533,6 +565,12 @@ pub struct Deployment {
     /// worker before it fails, 0..=20 (0: never). Default 3.
     #[serde(default = "default_migration_limit")]
     pub migration_limit: u32,
+    /// How tool calls are parsed (default `auto`).
+    #[serde(default = "tool_parser_auto")]
+    pub tool_parser: ToolParser,
+    /// How reasoning is separated (default `auto`).
+    #[serde(default = "reasoning_parser_auto")]
+    pub reasoning_parser: ReasoningParser,
     pub generation: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -634,6 +672,20 @@ pub struct NewDeployment {
     /// Absent: [`DEFAULT_MIGRATION_LIMIT`].
     #[serde(default = "default_migration_limit")]
     pub migration_limit: u32,
+    /// Absent: `auto`.
+    #[serde(default = "tool_parser_auto")]
+    pub tool_parser: ToolParser,
+    /// Absent: `auto`.
+    #[serde(default = "reasoning_parser_auto")]
+    pub reasoning_parser: ReasoningParser,
+}
+
+fn tool_parser_auto() -> ToolParser {
+    ToolParser::Auto
+}
+
+fn reasoning_parser_auto() -> ReasoningParser {
+    ReasoningParser::Auto
 }
 
 /// The problem with a deployment's `migration_limit`, if it has one (named as in the JSON body).
@@ -683,6 +735,10 @@ pub struct DeploymentPatch {
     pub disaggregation: Option<DisaggregationPolicy>,
     #[serde(default)]
     pub migration_limit: Option<u32>,
+    #[serde(default)]
+    pub tool_parser: Option<ToolParser>,
+    #[serde(default)]
+    pub reasoning_parser: Option<ReasoningParser>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1290,6 +1346,12 @@ pub struct ModelSpec {
     pub path: String,
     pub block_size: i32,
     pub context_length: Option<i32>,
+    /// The deployment's tool-call format (absent from older control planes: `auto`).
+    #[serde(default = "tool_parser_auto")]
+    pub tool_parser: ToolParser,
+    /// The deployment's reasoning format (absent from older control planes: `auto`).
+    #[serde(default = "reasoning_parser_auto")]
+    pub reasoning_parser: ReasoningParser,
 }
 
 /// `GET /api/v1/agent/desired-state`: the node's whole desired state at `generation`.

@@ -106,6 +106,21 @@ function migrationText(d) {
   return `${limit} (a request whose worker fails mid-stream moves to another worker at most ${limit === 1 ? 'once' : `${limit} times`})`;
 }
 
+// The output parsers a deployment may name (kvfleet_proto::api::ToolParser, ReasoningParser).
+const TOOL_PARSERS = [
+  ['auto', 'auto: the node\'s setting, else the chat template\'s'],
+  ['hermes', 'hermes: <tool_call>{…}</tool_call>'],
+  ['llama3_json', 'llama3_json: Llama 3 JSON'],
+  ['mistral', 'mistral: [TOOL_CALLS]'],
+  ['pythonic', 'pythonic: [f(a=1)]'],
+];
+const REASONING_PARSERS = [
+  ['auto', 'auto: the node\'s setting, else the chat template\'s'],
+  ['none', 'none: <think> stays in the content'],
+  ['think', 'think: a leading <think>…</think>'],
+  ['deepseek_r1', 'deepseek_r1: the output starts in the reasoning'],
+];
+
 function deploymentForm(ctx, models, existing, done) {
   const editing = Boolean(existing);
   const d = existing || { name: '', model: models[0]?.name || '', mode: 'aggregated', min_workers: 1, max_workers: 1, sla: {}, placement: {}, planner: 'off', roles: {} };
@@ -124,7 +139,9 @@ function deploymentForm(ctx, models, existing, done) {
       field({ label: 'Min workers', name: 'min_workers', type: 'number', value: String(d.min_workers), min: 0 }),
       field({ label: 'Max workers', name: 'max_workers', type: 'number', value: String(d.max_workers), min: 1 }),
       field({ label: 'SLA planner', name: 'planner', value: d.planner || 'off', options: [['off', 'off: run min workers'], ['advise', 'advise: record decisions'], ['auto', 'auto: scale to the SLA']] }),
-      field({ label: 'Migration limit', name: 'migration_limit', type: 'number', value: d.migration_limit === undefined ? '' : String(d.migration_limit), min: 0, hint: 'moves of a request whose worker fails mid-stream; 0: none; empty: 3' })),
+      field({ label: 'Migration limit', name: 'migration_limit', type: 'number', value: d.migration_limit === undefined ? '' : String(d.migration_limit), min: 0, hint: 'moves of a request whose worker fails mid-stream; 0: none; empty: 3' }),
+      field({ label: 'Tool-call parser', name: 'tool_parser', value: d.tool_parser || 'auto', options: TOOL_PARSERS }),
+      field({ label: 'Reasoning parser', name: 'reasoning_parser', value: d.reasoning_parser || 'auto', options: REASONING_PARSERS })),
     h('fieldset', {}, h('legend', {}, 'SLA targets'), h('div', { class: 'fields' },
       field({ label: 'TTFT target (ms)', name: 'sla.ttft_ms', type: 'number', value: d.sla.ttft_ms ? String(d.sla.ttft_ms) : '', hint: 'time to first token; empty: none' }),
       field({ label: 'ITL target (ms)', name: 'sla.itl_ms', type: 'number', value: d.sla.itl_ms ? String(d.sla.itl_ms) : '', hint: 'inter-token latency; empty: none' }),
@@ -177,6 +194,8 @@ function deploymentForm(ctx, models, existing, done) {
       min_workers: int('min_workers'),
       max_workers: int('max_workers'),
       migration_limit: int('migration_limit'),
+      tool_parser: el.tool_parser.value,
+      reasoning_parser: el.reasoning_parser.value,
       roles: roleBounds,
       sla: { ttft_ms: int('sla.ttft_ms'), itl_ms: int('sla.itl_ms'), percentile: int('sla.percentile') },
       placement: {
@@ -239,6 +258,7 @@ export async function mountDetail(ctx) {
       h('dt', {}, 'Placement'), h('dd', { class: 'mono' }, JSON.stringify(d.placement)),
       h('dt', {}, 'Disaggregation'), h('dd', {}, disaggregationText(d)),
       h('dt', {}, 'Migration limit'), h('dd', { 'data-migration-limit': String(d.migration_limit ?? 3) }, migrationText(d)),
+      h('dt', {}, 'Output parsers'), h('dd', { 'data-output-parsers': '1' }, `tool calls: ${d.tool_parser || 'auto'}, reasoning: ${d.reasoning_parser || 'auto'}`),
       h('dt', {}, 'Generation'), h('dd', {}, String(d.generation)),
       h('dt', {}, 'Created'), h('dd', {}, time(d.created_at))));
     patch(slots.workers, workersTable(workers, { nodes, gpus, deployments: [d] }));
