@@ -122,6 +122,27 @@ pub trait Executor {
     /// `blocks`.
     fn copy_blocks_in(&mut self, blocks: &[BlockId], data: &[u8]) -> Result<(), ExecError>;
 
+    /// Which byte order [`Executor::copy_tier_blocks_out`] writes: 0 for the canonical bytes of
+    /// `copy_blocks_out` (the default), else a tag of the executor's own memory order. Mixed
+    /// into the lower tiers' fingerprint, so blocks of one order are never read as another.
+    fn tier_order(&self) -> u64 {
+        0
+    }
+
+    /// The bytes of `blocks` for this worker's own lower tiers (G2, G3), concatenated: by
+    /// default the canonical bytes; an executor whose memory order differs from the canonical
+    /// one may copy its own order instead (a plain copy, not a transposition), tagged by
+    /// [`Executor::tier_order`].
+    fn copy_tier_blocks_out(&self, blocks: &[BlockId]) -> Result<Vec<u8>, ExecError> {
+        self.copy_blocks_out(blocks)
+    }
+
+    /// Writes `data`, as [`Executor::copy_tier_blocks_out`] of an executor with the same layout
+    /// and tier order wrote it, into `blocks`.
+    fn copy_tier_blocks_in(&mut self, blocks: &[BlockId], data: &[u8]) -> Result<(), ExecError> {
+        self.copy_blocks_in(blocks, data)
+    }
+
     /// The request finished, was cancelled or aborted: drop any per-request state. Not called on
     /// preemption (the request comes back).
     fn release(&mut self, request: RequestId) {

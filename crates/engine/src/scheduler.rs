@@ -134,9 +134,11 @@ impl<E: Executor> Scheduler<E> {
         let block_bytes = layout.block_bytes() as u64;
         let num_blocks = config.kv_memory.blocks(block_bytes)?;
         let tiers = if config.tiers.enabled() {
+            // The tiers' blocks are in the executor's tier order: one fingerprint per layout
+            // and order (0, the canonical order, leaves the layout's fingerprint as it is).
             Some(TierStore::open(
                 &config.tiers,
-                layout.fingerprint(),
+                layout.fingerprint() ^ executor.tier_order(),
                 block_bytes,
             )?)
         } else {
@@ -200,7 +202,10 @@ impl<E: Executor> Scheduler<E> {
             return;
         }
         // A failed copy leaves those blocks out of the lower tiers (counted as missing).
-        let data = self.executor.copy_blocks_out(&blocks).unwrap_or_default();
+        let data = self
+            .executor
+            .copy_tier_blocks_out(&blocks)
+            .unwrap_or_default();
         if data.is_empty() {
             tiers.offload(&[], &[]);
         } else {
@@ -231,7 +236,11 @@ impl<E: Executor> Scheduler<E> {
                 // Block by block, straight from the tier's bytes: one copy each.
                 Ok(Some(bytes)) => {
                     let target = targets[found.len()];
-                    if self.executor.copy_blocks_in(&[target], &bytes).is_err() {
+                    if self
+                        .executor
+                        .copy_tier_blocks_in(&[target], &bytes)
+                        .is_err()
+                    {
                         break;
                     }
                 }

@@ -428,6 +428,37 @@ impl Executor for NativeExecutor {
         Ok(out)
     }
 
+    fn tier_order(&self) -> u64 {
+        crate::kv_cache::NATIVE_ORDER
+    }
+
+    fn copy_tier_blocks_out(&self, blocks: &[u32]) -> Result<Vec<u8>, ExecError> {
+        let mut out = Vec::with_capacity(blocks.len() * self.cache.layout().block_bytes());
+        for &b in blocks {
+            self.cache
+                .read_block_native_into(b, &mut out)
+                .map_err(|e| ExecError::BadTransfer(e.to_string()))?;
+        }
+        Ok(out)
+    }
+
+    fn copy_tier_blocks_in(&mut self, blocks: &[u32], data: &[u8]) -> Result<(), ExecError> {
+        let block_bytes = self.cache.layout().block_bytes();
+        if data.len() != blocks.len().saturating_mul(block_bytes) {
+            return Err(ExecError::BadTransfer(format!(
+                "{} bytes for {} blocks of {block_bytes} bytes",
+                data.len(),
+                blocks.len()
+            )));
+        }
+        for (&b, bytes) in blocks.iter().zip(data.chunks_exact(block_bytes.max(1))) {
+            self.cache
+                .write_block_native(b, bytes)
+                .map_err(|e| ExecError::BadTransfer(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     fn copy_blocks_in(&mut self, blocks: &[u32], data: &[u8]) -> Result<(), ExecError> {
         let block_bytes = self.cache.layout().block_bytes();
         if data.len() != blocks.len().saturating_mul(block_bytes) {

@@ -18,6 +18,11 @@ use kvfleet_proto::{BlockSize, KvDtype, KvLayout};
 use crate::error::{ModelError, Result};
 use crate::kernels::attention::Shape;
 
+/// Tags the tiers' blocks written in [`PagedKvCache`]'s own memory order (mixed into the tier
+/// fingerprint, so that a change of this order, or canonical bytes, are never read as them).
+/// Bump it when `kernels::attention::Shape`'s `k_index`/`v_index` change.
+pub const NATIVE_ORDER: u64 = 0x6b76_666c_6e61_7431; // "kvflnat1"
+
 /// Per-layer paged K/V storage.
 #[derive(Debug, Clone)]
 pub struct PagedKvCache {
@@ -164,6 +169,48 @@ impl PagedKvCache {
         Ok(out)
     }
 
+    /// Appends one block's K and V for every layer to `out` in this cache's own memory order
+    /// (layer by layer, K then V, each the block's contiguous run of its store, f16 in the
+    /// machine's byte order): a plain copy, for this worker's own lower KV tiers, where the
+    /// canonical order's transposition would cost several times the copy. Only
+    /// [`write_block_native`](Self::write_block_native) of a cache with the same layout reads
+    /// it ([`NATIVE_ORDER`] tells the tiers apart from canonical bytes).
+    pub fn read_block_native_into(&self, block: u32, out: &mut Vec<u8>) -> Result<()> {
+        let b = self.check_block(block)?;
+        let n = self.block_elems();
+        for layer in 0..self.layers() {
+            for store in [&self.k[layer], &self.v[layer]] {
+                out.extend_from_slice(bytemuck::cast_slice(&store[b * n..(b + 1) * n]));
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrites one block from bytes produced by
+    /// [`read_block_native_into`](Self::read_block_native_into) on a cache with the same layout.
+    pub fn write_block_native(&mut self, block: u32, bytes: &[u8]) -> Result<()> {
+        let b = self.check_block(block)?;
+        let n = self.block_elems();
+        let run = 2 * n;
+        let expected = 2 * self.layers() * run;
+        if bytes.len() != expected {
+            return Err(ModelError::KvTransfer(format!(
+                "block of {} bytes, this layout needs {expected}",
+                bytes.len()
+            )));
+        }
+        let mut runs = bytes.chunks_exact(run);
+        for layer in 0..self.layers() {
+            for store in [&mut self.k[layer], &mut self.v[layer]] {
+                if let Some(src) = runs.next() {
+                    bytemuck::cast_slice_mut::<f16, u8>(&mut store[b * n..(b + 1) * n])
+                        .copy_from_slice(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Overwrites one block from bytes produced by [`read_block`](Self::read_block) on a cache
     /// with the same layout.
     pub fn write_block(&mut self, block: u32, bytes: &[u8]) -> Result<()> {
@@ -227,6 +274,27 @@ mod tests {
             let mut b = cache(4);
             b.write_block(dst, &bytes).unwrap();
             prop_assert_eq!(b.read_block(dst).unwrap(), bytes);
+        }
+
+        /// The tiers' native bytes are a plain copy: the block they are written into reads
+        /// back (canonically) exactly as the block they came from, and their size is the
+        /// layout's block size.
+        #[test]
+        fn native_tier_bytes_round_trip(values in proptest::collection::vec(-1e3f32..1e3, 2 * 2 * 24), src in 0u32..4, dst in 0u32..4) {
+            let mut a = cache(4);
+            let n = a.block_elems();
+            let mut it = values.iter().map(|&v| f16::from_f32(v));
+            for layer in 0..2 {
+                for x in &mut a.k[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
+                for x in &mut a.v[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
+            }
+            let mut native = Vec::new();
+            a.read_block_native_into(src, &mut native).unwrap();
+            prop_assert_eq!(native.len(), a.layout().block_bytes());
+            let mut b = cache(4);
+            b.write_block_native(dst, &native).unwrap();
+            prop_assert_eq!(b.read_block(dst).unwrap(), a.read_block(src).unwrap());
+            prop_assert!(b.write_block_native(dst, &native[1..]).is_err());
         }
 
         /// The transfer layout is `[slot, kv_head, head_dim]` whatever the memory layout.

@@ -312,9 +312,7 @@ impl TierStore {
                     parent,
                     origin,
                 } => match g1_bytes(block) {
-                    Some(bytes) => {
-                        self.write_disk(hash, parent, origin.is_some(), bytes.to_vec().as_slice())
-                    }
+                    Some(bytes) => self.write_disk(hash, parent, origin.is_some(), bytes),
                     None => self.book.fault(hash.sequence, Tier::G3, Fault::Missing),
                 },
                 Action::DiskFromHost {
