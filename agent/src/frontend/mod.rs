@@ -650,7 +650,8 @@ pub async fn serve(
         tracing::warn!(%addr, "the OpenAI API is served WITHOUT authentication on a non-loopback \
             address (frontend.allow_unauthenticated = true): anyone who can reach it can use it");
     }
-    conn::serve(listener, router(frontend), limits, shutdown).await
+    let cuts = frontend.metrics.headerless_cut.clone();
+    conn::serve(listener, router(frontend), limits, &cuts, shutdown).await
 }
 
 /// A listener for the frontend (or its metrics address) on `addr`, with a listen backlog deep
@@ -671,5 +672,6 @@ pub async fn serve_metrics(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics and /ready on their own address");
     }
-    conn::serve(listener, metrics_router(frontend), limits, shutdown).await
+    let cuts = frontend.metrics.headerless_cut.clone();
+    conn::serve(listener, metrics_router(frontend), limits, &cuts, shutdown).await
 }
