@@ -102,7 +102,9 @@ pub struct FrontendConfig {
     pub headerless_pressure: usize,
     /// Under pressure, how old a headerless connection must be to be cut early.
     pub header_read_timeout_under_pressure: Duration,
-    /// Headerless connections one client IP may hold; a new one cuts its oldest (0: no limit).
+    /// Headerless connections one client IP may hold; a new one cuts its oldest (0, the
+    /// default: no limit). Against an attacker that reconnects at once it turns held
+    /// connections into reconnect churn, which costs normal clients more (docs/benchmarks.md).
     pub max_headerless_per_ip: usize,
     /// Without API keys: each client IP's request rate limit (`None`: none).
     pub keyless_rate_limit: Option<ratelimit::RateLimit>,
@@ -236,7 +238,7 @@ impl Default for FrontendConfig {
             header_timeout_jitter: 0.5,
             headerless_pressure: 8000,
             header_read_timeout_under_pressure: Duration::from_secs(2),
-            max_headerless_per_ip: 256,
+            max_headerless_per_ip: 0,
             keyless_rate_limit: None,
             keyless_max_clients: 65_536,
             rate_limit: None,
