@@ -7,10 +7,15 @@
 #
 #   scripts/bench-frontend-dos.sh [--connections 5000] [--secs 15] [--clients 8]
 #                                 [--max-tokens 16] [--token-us 500] [--workers 2]
+#                                 [--attacker-ips 40]
 #
-# The attackers and the agent share this process, so 5,000 attack connections cost 10,000
-# descriptors plus the clients': the soft limit is raised to 65536 (or the hard limit).
-# Built with the dev profile (the agent is the same code as in the tests). Not a CI test.
+# The agent runs in the bench's process, the attackers and the normal clients each in a process
+# of their own (the bench re-runs itself with --role attacker / --role clients); the attack
+# connections come from --attacker-ips loopback addresses 127.1.0.x. 5,000 attack connections
+# cost 5,000 descriptors on each side: the soft limit is raised to 65536 (or the hard limit),
+# which the helper processes inherit.
+# Built with the dev profile: the release profile rebuilds every dependency (tens of minutes on
+# a shared 2-core box), and the agent is the same code as in the tests. Not a CI test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 hard=$(ulimit -Hn)

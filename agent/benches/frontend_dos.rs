@@ -1,7 +1,7 @@
 //! The OpenAI frontend under abusive clients, each attack measured beside an idle baseline in
 //! the same run, on the mock engine. Not a CI test: `scripts/bench-frontend-dos.sh` runs it
-//! (it raises `ulimit -n`; 5,000 attack connections cost 10,000 descriptors here, both ends in
-//! one process).
+//! (it raises `ulimit -n`; 5,000 attack connections cost 5,000 descriptors in the agent's
+//! process and 5,000 in the attackers').
 //!
 //! ```sh
 //! scripts/bench-frontend-dos.sh            # or, with the fd limit raised:
@@ -14,6 +14,10 @@
 //! and the connection cap as a new client's would) send non-streamed chat completions of
 //! `--max-tokens` tokens. Phases of `--secs` each:
 //!
+//! Each attack connection is counted in the frontend's slow-loris defences (`frontend/conn.rs`):
+//! its first-head deadline is jittered, and more than `headerless_pressure` of them would be cut
+//! oldest first (the default 8,000 is above `--connections` 5,000).
+//!
 //! 1. baseline: the normal clients alone;
 //! 2. idle: `--connections` connections opened and kept open, sending nothing (any the server
 //!    closes are reopened at once);
@@ -25,9 +29,13 @@
 //!    that took. Those bytes include what the kernel's socket buffers took; the frontend itself
 //!    reads at most `max_body_bytes` (`prepare::read_body`).
 //!
-//! The agent, the attackers and the normal clients run on three tokio runtimes in this one
-//! process (and share its machine's cores: the attackers' CPU is not free here as it would be
-//! on another host). Prints two markdown tables.
+//! The agent runs in this process; the attackers and the normal clients each run in a process
+//! of their own (this binary again, `--role attacker` / `--role clients`), as they would on
+//! other hosts: their CPU still comes from this machine's cores, but not from the agent's
+//! process, its runtime or its allocator. The attack connections come from `--attacker-ips`
+//! loopback addresses (127.1.0.1, 127.1.0.2, ...: a botnet, not one host, so the frontend's
+//! per-IP cap of headerless connections is not what holds them off); the normal clients from
+//! 127.0.0.1. Prints two markdown tables, with the load average at each phase's start and end.
 
 #![allow(
     clippy::unwrap_used,
@@ -41,7 +49,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -60,9 +70,20 @@ struct Args {
     token_us: u64,
     workers: usize,
     body_bytes: u64,
+    attacker_ips: usize,
 }
 
-fn args() -> Args {
+/// What this process is: the agent and the bench's driver, or one of its helper processes.
+enum Role {
+    Main,
+    /// `--role clients --addr A`: the normal clients for `--secs`; prints what they saw.
+    Clients(SocketAddr),
+    /// `--role attacker --addr A --kind idle|slow`: holds the attack connections until its
+    /// stdin closes; prints `ready` once they are open and its counters at the end.
+    Attacker(SocketAddr, Attack),
+}
+
+fn args() -> (Role, Args) {
     let mut a = Args {
         connections: 5000,
         secs: 15,
@@ -71,7 +92,9 @@ fn args() -> Args {
         token_us: 500,
         workers: 2,
         body_bytes: 1 << 30,
+        attacker_ips: 40,
     };
+    let (mut role, mut addr, mut kind) = (None, None, None);
     let given: Vec<String> = std::env::args().skip(1).collect();
     let mut it = given.iter();
     while let Some(flag) = it.next() {
@@ -80,21 +103,41 @@ fn args() -> Args {
             continue;
         }
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        let n: u64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("{flag} {value}: not a number"));
         match flag.as_str() {
-            "--connections" => a.connections = n as usize,
-            "--secs" => a.secs = n,
-            "--clients" => a.clients = n as usize,
-            "--max-tokens" => a.max_tokens = n as u32,
-            "--token-us" => a.token_us = n,
-            "--workers" => a.workers = n as usize,
-            "--body-bytes" => a.body_bytes = n,
-            other => panic!("unknown flag {other}"),
+            "--role" => role = Some(value.clone()),
+            "--addr" => addr = Some(value.parse::<SocketAddr>().unwrap()),
+            "--kind" => {
+                kind = Some(match value.as_str() {
+                    "idle" => Attack::Idle,
+                    "slow" => Attack::SlowLoris,
+                    other => panic!("--kind {other}: idle or slow"),
+                })
+            }
+            _ => {
+                let n: u64 = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{flag} {value}: not a number"));
+                match flag.as_str() {
+                    "--connections" => a.connections = n as usize,
+                    "--secs" => a.secs = n,
+                    "--clients" => a.clients = n as usize,
+                    "--max-tokens" => a.max_tokens = n as u32,
+                    "--token-us" => a.token_us = n,
+                    "--workers" => a.workers = n as usize,
+                    "--body-bytes" => a.body_bytes = n,
+                    "--attacker-ips" => a.attacker_ips = (n as usize).clamp(1, 65_000),
+                    other => panic!("unknown flag {other}"),
+                }
+            }
         }
     }
-    a
+    let role = match role.as_deref() {
+        None => Role::Main,
+        Some("clients") => Role::Clients(addr.expect("--addr")),
+        Some("attacker") => Role::Attacker(addr.expect("--addr"), kind.expect("--kind")),
+        Some(other) => panic!("--role {other}"),
+    };
+    (role, a)
 }
 
 /// What the normal clients saw in one phase.
@@ -102,6 +145,10 @@ struct Latencies {
     ok: usize,
     failed: usize,
     samples: Vec<Duration>,
+    /// CPU seconds per second the clients' process used.
+    cpu: f64,
+    /// How late a 1 ms sleep woke in the clients' process, 99th percentile ([`wake_lateness`]).
+    wake_p99_ms: f64,
 }
 
 impl Latencies {
@@ -114,7 +161,7 @@ impl Latencies {
     }
 }
 
-/// `clients` loops of fresh-connection chat completions for `secs`.
+/// `clients` loops of fresh-connection chat completions for `secs` (in the clients' process).
 async fn normal_load(addr: SocketAddr, args: Args) -> Latencies {
     let url = format!("http://{addr}/v1/chat/completions");
     let body = serde_json::json!({
@@ -154,6 +201,8 @@ async fn normal_load(addr: SocketAddr, args: Args) -> Latencies {
         ok: 0,
         failed: 0,
         samples: Vec::new(),
+        cpu: 0.0,
+        wake_p99_ms: 0.0,
     };
     for l in loops {
         let (samples, failed) = l.await.unwrap();
@@ -180,10 +229,28 @@ enum Attack {
     SlowLoris,
 }
 
+/// Attack connection `i`'s source address: one of `ips` loopback addresses from 127.1.0.1.
+fn source(i: usize, ips: usize) -> IpAddr {
+    let n = (i % ips) as u32 + 1;
+    IpAddr::from([127, 1, (n >> 8) as u8, n as u8])
+}
+
+async fn connect_from(from: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
+}
+
 /// One attack connection, reopened whenever the server closes it, until `stop`.
-async fn hold(addr: SocketAddr, attack: Attack, held: Arc<Held>, stop: CancellationToken) {
+async fn hold(
+    addr: SocketAddr,
+    from: IpAddr,
+    attack: Attack,
+    held: Arc<Held>,
+    stop: CancellationToken,
+) {
     while !stop.is_cancelled() {
-        let mut tcp = match TcpStream::connect(addr).await {
+        let mut tcp = match connect_from(from, addr).await {
             Ok(tcp) => tcp,
             Err(_) => {
                 held.connect_failed.fetch_add(1, Ordering::Relaxed);
@@ -231,14 +298,22 @@ async fn hold(addr: SocketAddr, attack: Attack, held: Arc<Held>, stop: Cancellat
 async fn attack(
     addr: SocketAddr,
     attack: Attack,
-    n: usize,
+    args: Args,
     stop: CancellationToken,
 ) -> (Arc<Held>, Vec<tokio::task::JoinHandle<()>>, Duration) {
+    let n = args.connections;
     let held = Arc::new(Held::default());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..n {
-        tasks.push(tokio::spawn(hold(addr, attack, held.clone(), stop.clone())));
+        let from = source(i, args.attacker_ips);
+        tasks.push(tokio::spawn(hold(
+            addr,
+            from,
+            attack,
+            held.clone(),
+            stop.clone(),
+        )));
         if i % 256 == 255 {
             while held.open.load(Ordering::Relaxed) + 64 < (i as u64)
                 && started.elapsed() < Duration::from_secs(30)
@@ -314,51 +389,28 @@ async fn big_body(addr: SocketAddr, size: u64, declared: bool) -> (u64, Duration
     (sent, elapsed, status)
 }
 
-/// CPU seconds (user + system) this process's threads have used, by the thread's name
-/// (`agent`: the agent's runtime; `attackers`, `clients`; `other`: the agent's blocking pool
-/// and helpers). Linux only; empty elsewhere.
-fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
-    let mut by = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return by;
+/// CPU seconds (user + system) process `pid` (`self` for this one) has used. Linux only; 0
+/// elsewhere.
+fn cpu_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After `(comm)`: the state is field 3 of stat(5); utime and stime are 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
     };
-    for task in tasks.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        // After `(comm)`: the state is field 3 of stat(5); utime and stime are 14 and 15.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields
-            .get(11..13)
-            .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-            .unwrap_or(0.0);
-        let name = match comm.trim() {
-            n if n.starts_with("agent") => "agent",
-            n if n.starts_with("attackers") => "attackers",
-            n if n.starts_with("clients") => "clients",
-            _ => "other",
-        };
-        *by.entry(name.to_owned()).or_insert(0.0) += ticks / 100.0;
-    }
-    by
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>())
+        .unwrap_or(0.0)
+        / 100.0
 }
 
-/// CPU seconds per second of wall time, by thread group, between two readings.
-fn cpu_note(
-    before: &std::collections::BTreeMap<String, f64>,
-    after: &std::collections::BTreeMap<String, f64>,
-    wall: Duration,
-) -> String {
-    after
-        .iter()
-        .map(|(name, t)| {
-            let used = t - before.get(name).copied().unwrap_or(0.0);
-            format!("{name} {:.2}", used / wall.as_secs_f64())
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The 1-minute load average.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 fn ms(d: Duration) -> String {
@@ -368,17 +420,187 @@ fn ms(d: Duration) -> String {
 fn row(phase: &str, l: &Latencies, base: &Latencies, cpu: &str, note: &str) {
     let ratio = l.pct(0.99).as_secs_f64() / base.pct(0.99).as_secs_f64().max(1e-9);
     println!(
-        "| {phase} | {} | {} | {} | {} | {} | {ratio:.2}x | {cpu} | {note} |",
+        "| {phase} | {} | {} | {} | {} | {} | {ratio:.2}x | {:.2} | {cpu} | {note} |",
         l.ok,
         l.failed,
         ms(l.pct(0.50)),
         ms(l.pct(0.99)),
         ms(l.samples.last().copied().unwrap_or_default()),
+        l.wake_p99_ms,
     );
 }
 
+/// This binary again, in `role`, with the bench's arguments.
+fn helper(role: &[&str], args: Args) -> Child {
+    let exe = std::env::current_exe().unwrap();
+    Command::new(exe)
+        .args(role)
+        .args([
+            "--connections",
+            &args.connections.to_string(),
+            "--secs",
+            &args.secs.to_string(),
+            "--clients",
+            &args.clients.to_string(),
+            "--max-tokens",
+            &args.max_tokens.to_string(),
+            "--attacker-ips",
+            &args.attacker_ips.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs the normal clients in their own process for `args.secs`.
+fn measure(addr: SocketAddr, args: Args) -> Latencies {
+    let child = helper(&["--role", "clients", "--addr", &addr.to_string()], args);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the clients' process failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    let mut next = || words.next().unwrap_or("0").to_owned();
+    let failed: usize = next().parse().unwrap();
+    let cpu: f64 = next().parse().unwrap();
+    let wake_p99_ms: f64 = next().parse().unwrap();
+    let samples: Vec<Duration> = words
+        .map(|w| Duration::from_micros(w.parse().unwrap()))
+        .collect();
+    Latencies {
+        ok: samples.len(),
+        failed,
+        samples,
+        cpu,
+        wake_p99_ms,
+    }
+}
+
+/// The machine's own noise while the clients run: a thread that sleeps 1 ms at a time and
+/// records how late it wakes (the 99th percentile, in ms). On a quiet machine that is well under
+/// a millisecond; on one whose cores other work takes it is what every process here waits for a
+/// core, the agent's included, attack or not.
+fn wake_lateness(until: Instant) -> f64 {
+    let mut late = Vec::new();
+    while Instant::now() < until {
+        let asked = Instant::now();
+        std::thread::sleep(Duration::from_millis(1));
+        late.push(asked.elapsed().saturating_sub(Duration::from_millis(1)));
+    }
+    late.sort();
+    let i = ((late.len() as f64 * 0.99).ceil() as usize).clamp(1, late.len().max(1));
+    late.get(i - 1).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// The clients' process: measures, then prints `failed cpu_per_sec wake_p99_ms sample_us...`
+/// (sorted).
+fn clients_role(addr: SocketAddr, args: Args) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (cpu0, t0) = (cpu_of("self"), Instant::now());
+    let probe = std::thread::spawn(move || wake_lateness(t0 + Duration::from_secs(args.secs)));
+    let l = rt.block_on(normal_load(addr, args));
+    let cpu = (cpu_of("self") - cpu0) / t0.elapsed().as_secs_f64();
+    let wake = probe.join().unwrap();
+    let mut out = format!("{} {cpu:.3} {wake:.2}", l.failed);
+    for s in &l.samples {
+        out.push_str(&format!(" {}", s.as_micros()));
+    }
+    println!("{out}");
+}
+
+/// The attackers' process: `ready OPEN RAMP_MS` once the connections are open; when stdin
+/// closes, `done OPEN CLOSED_BY_SERVER CONNECT_FAILED OPENED`.
+fn attacker_role(addr: SocketAddr, kind: Attack, args: Args) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let stop = CancellationToken::new();
+        let (held, tasks, ramp) = attack(addr, kind, args, stop.clone()).await;
+        println!(
+            "ready {} {}",
+            held.open.load(Ordering::Relaxed),
+            ramp.as_millis()
+        );
+        std::io::stdout().flush().unwrap();
+        // Until the driver closes our stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            while std::io::stdin().read_line(&mut line).unwrap_or(0) > 0 {}
+        })
+        .await
+        .unwrap();
+        let open = held.open.load(Ordering::Relaxed);
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        println!(
+            "done {open} {} {} {}",
+            held.closed_by_server.load(Ordering::Relaxed),
+            held.connect_failed.load(Ordering::Relaxed),
+            held.opened.load(Ordering::Relaxed),
+        );
+    });
+}
+
+/// An attacker process holding its connections.
+struct Attacker {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    open: u64,
+    ramp: Duration,
+}
+
+impl Attacker {
+    fn start(addr: SocketAddr, kind: &str, args: Args) -> Self {
+        let mut child = helper(
+            &[
+                "--role",
+                "attacker",
+                "--addr",
+                &addr.to_string(),
+                "--kind",
+                kind,
+            ],
+            args,
+        );
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"ready"), "{line}");
+        Self {
+            open: words[1].parse().unwrap(),
+            ramp: Duration::from_millis(words[2].parse().unwrap()),
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Stops it: (open at the end, closed by the server, connects failed).
+    fn stop(mut self) -> (u64, u64, u64) {
+        drop(self.stdin.take());
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        self.child.wait().unwrap();
+        let words: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|w| w.parse().unwrap())
+            .collect();
+        (words[0], words[1], words[2])
+    }
+}
+
 fn main() {
-    let args = args();
+    let (role, args) = args();
+    match role {
+        Role::Clients(addr) => return clients_role(addr, args),
+        Role::Attacker(addr, kind) => return attacker_role(addr, kind, args),
+        Role::Main => {}
+    }
     let mut toml = model("m", args.token_us, 4096);
     for _ in 0..args.workers {
         toml.push_str("[[workers]]\nmodel = \"m\"\ndevice = \"cpu\"\n");
@@ -391,136 +613,130 @@ fn main() {
     let agent = agent_rt.block_on(TestAgent::start(&toml));
     let addr = agent.addr;
     let limits = agent.running.frontend.config.clone();
-    // The normal clients on a runtime of their own: the attack's 5,000 tasks must not delay
-    // them on the client side, or the attack's own cost would read as the server's.
-    let clients_rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("clients")
-        .enable_all()
-        .build()
-        .unwrap();
-    let clients = clients_rt.handle().clone();
-    let measure = move |args: Args| {
-        let clients = clients.clone();
-        async move { clients.spawn(normal_load(addr, args)).await.unwrap() }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("attackers")
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        eprintln!(
-            "agent on {addr}: max_connections {}, header timeout {:?}, body cap {} bytes; \
-             {} clients, {} attack connections, {} s per phase",
-            limits.max_connections,
-            limits.header_read_timeout,
-            limits.max_body_bytes,
-            args.clients,
-            args.connections,
-            args.secs
-        );
-        // Warm up (workers, connection paths).
-        let warm = Args { secs: 2, ..args };
-        let _ = measure(warm).await;
-        let args = Args {
-            secs: args.secs,
-            ..warm
-        };
+    eprintln!(
+        "agent on {addr}: max_connections {}, header timeout {:?} (jitter {}), headerless \
+         pressure {} (then {:?}), {} headerless per IP, body cap {} bytes; {} clients, {} \
+         attack connections from {} addresses, {} s per phase",
+        limits.max_connections,
+        limits.header_read_timeout,
+        limits.header_timeout_jitter,
+        limits.headerless_pressure,
+        limits.header_read_timeout_under_pressure,
+        limits.max_headerless_per_ip,
+        limits.max_body_bytes,
+        args.clients,
+        args.connections,
+        args.attacker_ips,
+        args.secs
+    );
+    // The agent's CPU: this process's, less the driver's (idle while it waits on children).
+    let agent_cpu = |since: f64, t: Instant| (cpu_of("self") - since) / t.elapsed().as_secs_f64();
+    // Warm up (workers, connection paths).
+    let _ = measure(addr, Args { secs: 2, ..args });
 
-        eprintln!("phase: baseline");
-        let (cpu0, t0) = (cpu_by_thread(), Instant::now());
-        let base = measure(args).await;
-        let base_cpu = cpu_note(&cpu0, &cpu_by_thread(), t0.elapsed());
+    eprintln!("phase: baseline");
+    let (l0, c0, t0) = (load(), cpu_of("self"), Instant::now());
+    let base = measure(addr, args);
+    let base_cpu = format!(
+        "agent {:.2}, clients {:.2}; load {l0} → {}",
+        agent_cpu(c0, t0),
+        base.cpu,
+        load()
+    );
 
-        let mut rows = Vec::new();
-        for (name, kind) in [("idle", Attack::Idle), ("slow loris", Attack::SlowLoris)] {
-            eprintln!("phase: {name}: opening {} connections", args.connections);
-            let stop = CancellationToken::new();
-            let (held, tasks, ramp) = attack(addr, kind, args.connections, stop.clone()).await;
-            let at_start = held.open.load(Ordering::Relaxed);
-            let (cpu0, t0) = (cpu_by_thread(), Instant::now());
-            let load = measure(args).await;
-            let cpu = cpu_note(&cpu0, &cpu_by_thread(), t0.elapsed());
-            let at_end = held.open.load(Ordering::Relaxed);
-            stop.cancel();
-            for t in tasks {
-                let _ = t.await;
-            }
-            let note = format!(
-                "{at_start} open after {:.1} s of ramp, {at_end} at the end; {} closed by \
-                 the server and reopened; {} connects failed",
-                ramp.as_secs_f64(),
-                held.closed_by_server.load(Ordering::Relaxed),
-                held.connect_failed.load(Ordering::Relaxed),
-            );
-            rows.push((
-                format!("{} {name} connections", args.connections),
-                load,
-                cpu,
-                note,
-            ));
-            // Let the server notice the closed attack connections.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        eprintln!("phase: baseline again");
-        let (cpu0, t0) = (cpu_by_thread(), Instant::now());
-        let after = measure(args).await;
-        let after_cpu = cpu_note(&cpu0, &cpu_by_thread(), t0.elapsed());
+    let mut rows = Vec::new();
+    for (name, kind) in [("idle", "idle"), ("slow loris", "slow")] {
+        eprintln!("phase: {name}: opening {} connections", args.connections);
+        let attacker = Attacker::start(addr, kind, args);
+        let pid = attacker.child.id().to_string();
+        let (l0, c0, a0, t0) = (load(), cpu_of("self"), cpu_of(&pid), Instant::now());
+        let measured = measure(addr, args);
+        let attackers_cpu = (cpu_of(&pid) - a0) / t0.elapsed().as_secs_f64();
+        let cpu = format!(
+            "agent {:.2}, clients {:.2}, attackers {attackers_cpu:.2}; load {l0} → {}",
+            agent_cpu(c0, t0),
+            measured.cpu,
+            load()
+        );
+        let (at_start, ramp) = (attacker.open, attacker.ramp);
+        let (at_end, closed, failed) = attacker.stop();
+        let note = format!(
+            "{at_start} open after {:.1} s of ramp, {at_end} at the end; {closed} closed by \
+             the server and reopened; {failed} connects failed",
+            ramp.as_secs_f64(),
+        );
+        rows.push((
+            format!("{} {name} connections", args.connections),
+            measured,
+            cpu,
+            note,
+        ));
+        // Let the server notice the closed attack connections.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!("phase: baseline again");
+    let (l0, c0, t0) = (load(), cpu_of("self"), Instant::now());
+    let after = measure(addr, args);
+    let after_cpu = format!(
+        "agent {:.2}, clients {:.2}; load {l0} → {}",
+        agent_cpu(c0, t0),
+        after.cpu,
+        load()
+    );
 
-        println!(
-            "\nnormal clients: {} loops, a new connection per request, chat completions of {} \
-             tokens (mock, {} us/token, {} workers), {} s per phase\n",
-            args.clients, args.max_tokens, args.token_us, args.workers, args.secs
-        );
-        println!(
-            "| phase | ok | failed | p50 ms | p99 ms | max ms | p99 vs baseline | CPU s/s by \
-             thread | attackers |"
-        );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-        row("baseline", &base, &base, &base_cpu, "");
-        for (name, load, cpu, note) in &rows {
-            row(name, load, &base, cpu, note);
-        }
-        row(
-            "baseline again",
-            &after,
-            &base,
-            &after_cpu,
-            "attackers gone",
-        );
+    println!(
+        "\nnormal clients: {} loops, a new connection per request, chat completions of {} \
+         tokens (mock, {} us/token, {} workers), {} s per phase\n",
+        args.clients, args.max_tokens, args.token_us, args.workers, args.secs
+    );
+    println!(
+        "| phase | ok | failed | p50 ms | p99 ms | max ms | p99 vs baseline | a 1 ms sleep's \
+         lateness, p99 ms | CPU s/s by process; 1-min load average | attackers |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    row("baseline", &base, &base, &base_cpu, "");
+    for (name, load, cpu, note) in &rows {
+        row(name, load, &base, cpu, note);
+    }
+    row(
+        "baseline again",
+        &after,
+        &base,
+        &after_cpu,
+        "attackers gone",
+    );
 
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    println!(
+        "\n| a {} MiB body | bytes the client wrote before the cut | time | answer |\n\
+         | --- | --- | --- | --- |",
+        args.body_bytes >> 20
+    );
+    for declared in [true, false] {
+        let (sent, took, status) = rt.block_on(big_body(addr, args.body_bytes, declared));
         println!(
-            "\n| a {} MiB body | bytes the client wrote before the cut | time | answer |\n\
-             | --- | --- | --- | --- |",
-            args.body_bytes >> 20
+            "| {} | {sent} ({:.2} MiB) | {} ms | {status} |",
+            if declared {
+                format!("declared (`Content-Length: {}`)", args.body_bytes)
+            } else {
+                "chunked (no length)".to_owned()
+            },
+            sent as f64 / (1024.0 * 1024.0),
+            ms(took)
         );
-        for declared in [true, false] {
-            let (sent, took, status) = big_body(addr, args.body_bytes, declared).await;
-            println!(
-                "| {} | {sent} ({:.2} MiB) | {} ms | {status} |",
-                if declared {
-                    format!("declared (`Content-Length: {}`)", args.body_bytes)
-                } else {
-                    "chunked (no length)".to_owned()
-                },
-                sent as f64 / (1024.0 * 1024.0),
-                ms(took)
-            );
-        }
-        println!(
-            "\nthe frontend reads at most max_body_bytes = {} bytes of a body; the rest of what \
-             the client wrote sat in socket buffers",
-            limits.max_body_bytes
-        );
-        // Still serving after everything.
-        let check = measure(Args { secs: 1, ..args }).await;
-        assert!(
-            check.ok > 0 && check.failed == 0,
-            "the agent stopped serving"
-        );
-    });
+    }
+    println!(
+        "\nthe frontend reads at most max_body_bytes = {} bytes of a body; the rest of what \
+         the client wrote sat in socket buffers",
+        limits.max_body_bytes
+    );
+    // Still serving after everything.
+    let check = measure(addr, Args { secs: 1, ..args });
+    assert!(
+        check.ok > 0 && check.failed == 0,
+        "the agent stopped serving"
+    );
     drop(rt);
-    drop(clients_rt);
     agent_rt.block_on(async move {
         let _ = agent.stop().await;
     });

@@ -342,7 +342,12 @@ struct RawFrontend {
     max_connections: Option<Spanned<i64>>,
     header_read_timeout_secs: Option<Spanned<f64>>,
     body_read_timeout_secs: Option<Spanned<f64>>,
+    header_timeout_jitter: Option<Spanned<f64>>,
+    headerless_pressure: Option<Spanned<i64>>,
+    header_read_timeout_under_pressure_secs: Option<Spanned<f64>>,
+    max_headerless_per_ip: Option<Spanned<i64>>,
     rate_limit: Option<RawRateLimit>,
+    keyless_rate_limit: Option<RawKeylessRateLimit>,
     keys: Option<Vec<RawApiKey>>,
     metrics_listen: Option<Spanned<String>>,
 }
@@ -354,6 +359,15 @@ struct RawRateLimit {
     requests_per_sec: Option<Spanned<f64>>,
     burst: Option<Spanned<i64>>,
     tokens_per_minute: Option<Spanned<i64>>,
+}
+
+/// `[frontend.keyless_rate_limit]`: per client IP, when no API keys are configured.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeylessRateLimit {
+    requests_per_sec: Option<Spanned<f64>>,
+    burst: Option<Spanned<i64>>,
+    max_clients: Option<Spanned<i64>>,
 }
 
 /// `[[frontend.keys]]`: a named key with its own limit.
@@ -1042,6 +1056,53 @@ impl Checker<'_> {
                 && let Some(d) = self.secs("frontend.body_read_timeout_secs", v, 3600.0)
             {
                 fc.body_read_timeout = d;
+            }
+            if let Some(v) = &f.header_timeout_jitter {
+                let j = *v.get_ref();
+                if (0.0..=0.9).contains(&j) {
+                    fc.header_timeout_jitter = j;
+                } else {
+                    let location = self.at(v);
+                    self.problem(
+                        location,
+                        format!(
+                            "frontend.header_timeout_jitter = {j} is out of range: expected 0 \
+                             to 0.9"
+                        ),
+                    );
+                }
+            }
+            if let Some(v) = &f.headerless_pressure
+                && let Some(n) = self.int("frontend.headerless_pressure", v, 0..=1_000_000)
+            {
+                fc.headerless_pressure = n as usize;
+            }
+            if let Some(v) = &f.header_read_timeout_under_pressure_secs
+                && let Some(d) = self.secs(
+                    "frontend.header_read_timeout_under_pressure_secs",
+                    v,
+                    3600.0,
+                )
+            {
+                fc.header_read_timeout_under_pressure = d;
+            }
+            if let Some(v) = &f.max_headerless_per_ip
+                && let Some(n) = self.int("frontend.max_headerless_per_ip", v, 0..=1_000_000)
+            {
+                fc.max_headerless_per_ip = n as usize;
+            }
+            if let Some(r) = &f.keyless_rate_limit {
+                fc.keyless_rate_limit = self.rate_limit(
+                    "frontend.keyless_rate_limit",
+                    r.requests_per_sec.as_ref(),
+                    r.burst.as_ref(),
+                );
+                if let Some(v) = &r.max_clients
+                    && let Some(n) =
+                        self.int("frontend.keyless_rate_limit.max_clients", v, 1..=10_000_000)
+                {
+                    fc.keyless_max_clients = n as usize;
+                }
             }
         }
         if let Some(log) = &raw.log {
@@ -2152,6 +2213,25 @@ burst = 4
         assert_eq!(tuned.frontend.max_connections, 7);
         assert_eq!(tuned.frontend.header_read_timeout, Duration::from_secs(2));
         assert_eq!(tuned.frontend.body_read_timeout, Duration::from_secs(3));
+        let hardened = load(
+            "[frontend]\nheader_timeout_jitter = 0.2\nheaderless_pressure = 100\n\
+             header_read_timeout_under_pressure_secs = 0.5\nmax_headerless_per_ip = 9\n\
+             [frontend.keyless_rate_limit]\nrequests_per_sec = 2\nmax_clients = 1000\n",
+        )
+        .unwrap()
+        .frontend;
+        assert_eq!(hardened.header_timeout_jitter, 0.2);
+        assert_eq!(hardened.headerless_pressure, 100);
+        assert_eq!(
+            hardened.header_read_timeout_under_pressure,
+            Duration::from_millis(500)
+        );
+        assert_eq!(hardened.max_headerless_per_ip, 9);
+        let keyless = hardened.keyless_rate_limit.unwrap();
+        assert_eq!((keyless.requests_per_sec, keyless.burst), (2.0, 2));
+        assert_eq!(hardened.keyless_max_clients, 1000);
+        let wrong = problems("[frontend]\nheader_timeout_jitter = 1.5\n");
+        assert!(wrong[0].contains("expected 0 to 0.9"), "{wrong:?}");
     }
 
     #[test]

@@ -982,6 +982,59 @@ async fn cache_salts_never_share_cached_blocks() {
     }
 }
 
+/// Without API keys, `keyless_rate_limit` gives each client IP a token bucket: over it, 429
+/// `rate_limit_exceeded` with `Retry-After` and an OpenAI error, counted in
+/// `kvfleet_rate_limited_keyless_total`; another address has its own bucket; `/health` and
+/// `/metrics` are not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_clients_are_rate_limited_per_ip() {
+    let agent = TestAgent::start(&format!(
+        "[frontend]\n[frontend.keyless_rate_limit]\nrequests_per_sec = 0.2\nburst = 2\n{}",
+        model("m", 0, 4096)
+    ))
+    .await;
+    let url = agent.url("/v1/chat/completions");
+    for _ in 0..2 {
+        let response = agent.post("/v1/chat/completions", chat("hi", 2)).await;
+        assert_eq!(response.status(), 200);
+    }
+    let refused = agent.post("/v1/chat/completions", chat("hi", 2)).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("without an API key"),
+        "{body}"
+    );
+    let models = agent
+        .client
+        .get(agent.url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 429, "every /v1 route shares the bucket");
+    for _ in 0..5 {
+        let health = agent.client.get(agent.url("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
+    // Another loopback address is another client.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let response = other.post(&url).json(&chat("hi", 2)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        agent.metric("kvfleet_rate_limited_keyless_total").await,
+        2.0
+    );
+}
+
 /// Each key has its own token bucket: after its burst a key gets 429 `rate_limit_exceeded`
 /// with `Retry-After` (the time to its next token, rounded up), while another key keeps being
 /// served; refusals are counted by the key's name, never the key.
@@ -1643,7 +1696,7 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let agent = TestAgent::start(&format!(
         "[frontend]\nmax_connections = 2\nheader_read_timeout_secs = 1\n\
-         body_read_timeout_secs = 1\n{}",
+         header_timeout_jitter = 0\nbody_read_timeout_secs = 1\n{}",
         model("m", 0, 4096)
     ))
     .await;

@@ -23,6 +23,13 @@ struct RequestLabels {
     status: u16,
 }
 
+/// `{reason}` of `kvfleet_frontend_headerless_cut_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CutReason {
+    /// `header_timeout`, `per_ip` or `pressure`.
+    pub reason: &'static str,
+}
+
 /// `{model, role}` of the per-model latency histograms.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ModelRole {
@@ -59,6 +66,8 @@ pub struct FrontendMetrics {
     pub queue_depth: Gauge,
     /// Requests generating.
     pub in_flight: Gauge,
+    /// Connections cut before their first request head arrived, by reason (`conn.rs`).
+    pub headerless_cut: Family<CutReason, Counter>,
     request_ttft: LatencyFamily<ModelRole>,
     request_itl: LatencyFamily<ModelRole>,
     request_queue: LatencyFamily<ModelRole>,
@@ -77,6 +86,7 @@ impl Default for FrontendMetrics {
             cancelled: Counter::default(),
             queue_depth: Gauge::default(),
             in_flight: Gauge::default(),
+            headerless_cut: Family::default(),
             request_ttft: latency_family(),
             request_itl: latency_family(),
             request_queue: latency_family(),
@@ -133,6 +143,13 @@ impl FrontendMetrics {
             "kvfleet_requests_in_flight",
             "Requests generating",
             m.in_flight.clone(),
+        );
+        registry.register(
+            "kvfleet_frontend_headerless_cut",
+            "Connections the frontend cut before their first request head arrived (slow loris), \
+             by reason: header_timeout, per_ip (the client IP held too many), pressure (too many \
+             headerless connections: the oldest went first)",
+            m.headerless_cut.clone(),
         );
         registry.register(
             "kvfleet_request_ttft_seconds",

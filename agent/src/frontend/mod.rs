@@ -93,6 +93,23 @@ pub struct FrontendConfig {
     pub header_read_timeout: Duration,
     /// How long a client may take to send a request's body (then 408).
     pub body_read_timeout: Duration,
+    /// The fraction (0 to 0.9) by which each connection's first-head deadline is randomly
+    /// shortened, so attack connections opened together are not cut (and reopened) together.
+    pub header_timeout_jitter: f64,
+    /// Headerless connections (accepted, first request head not yet in) above which each new
+    /// connection cuts up to two of the oldest ones older than
+    /// `header_read_timeout_under_pressure` (0: never).
+    pub headerless_pressure: usize,
+    /// Under pressure, how old a headerless connection must be to be cut early.
+    pub header_read_timeout_under_pressure: Duration,
+    /// Headerless connections one client IP may hold; a new one cuts its oldest (0, the
+    /// default: no limit). Against an attacker that reconnects at once it turns held
+    /// connections into reconnect churn, which costs normal clients more (docs/benchmarks.md).
+    pub max_headerless_per_ip: usize,
+    /// Without API keys: each client IP's request rate limit (`None`: none).
+    pub keyless_rate_limit: Option<ratelimit::RateLimit>,
+    /// Client IPs whose buckets `keyless_rate_limit` keeps; new IPs beyond share one bucket.
+    pub keyless_max_clients: usize,
     /// Every key's rate limit unless the key has its own; `None`: keys are not limited.
     pub rate_limit: Option<ratelimit::RateLimit>,
     /// Every key's tokens-per-minute limit unless the key has its own; `None`: no limit.
@@ -218,6 +235,12 @@ impl Default for FrontendConfig {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            header_timeout_jitter: 0.5,
+            headerless_pressure: 8000,
+            header_read_timeout_under_pressure: Duration::from_secs(2),
+            max_headerless_per_ip: 0,
+            keyless_rate_limit: None,
+            keyless_max_clients: 65_536,
             rate_limit: None,
             tokens_per_minute: None,
             metrics_listen: None,
@@ -246,6 +269,8 @@ pub struct Frontend {
     pub block_hasher: crate::fleet_hash::FleetHasher,
     admission: Admission,
     limiter: ratelimit::RateLimiter,
+    /// Per client IP, when there are no API keys and `keyless_rate_limit` is set.
+    keyless: Option<ratelimit::KeylessLimiter>,
     draining: AtomicBool,
     next_id: AtomicU64,
     id_prefix: u64,
@@ -280,6 +305,12 @@ impl Frontend {
             config.tokens_per_minute,
             &mut registry,
         );
+        let keyless = config
+            .keyless_rate_limit
+            .filter(|_| config.api_keys.is_empty())
+            .map(|limit| {
+                ratelimit::KeylessLimiter::new(limit, config.keyless_max_clients, &mut registry)
+            });
         let admission = Admission::new(
             config.max_in_flight,
             config.queue_capacity,
@@ -299,6 +330,7 @@ impl Frontend {
             registry: Arc::new(registry),
             admission,
             limiter,
+            keyless,
             block_hasher: Default::default(),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
@@ -437,6 +469,11 @@ pub fn router(frontend: Arc<Frontend>) -> Router {
             get(responses::retrieve).delete(responses::delete),
         )
         .route("/v1/models", get(models))
+        // On the `/v1/*` routes above only: `/health` and `/metrics` are not limited.
+        .route_layer(axum::middleware::from_fn_with_state(
+            frontend.clone(),
+            keyless_limit,
+        ))
         .route("/health", get(health));
     let api = if frontend.config.metrics_listen.is_none() {
         api.route("/ready", get(ready))
@@ -449,6 +486,26 @@ pub fn router(frontend: Arc<Frontend>) -> Router {
     })
     .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
     .with_state(frontend)
+}
+
+/// Without API keys, each client IP's `keyless_rate_limit` (429 with `Retry-After` over it),
+/// before the body is read. The address is the one `conn` puts on every request; a request
+/// without one (a router driven directly, in tests) is not limited.
+async fn keyless_limit(
+    State(frontend): State<Arc<Frontend>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(limiter) = &frontend.keyless
+        && let Some(axum::extract::ConnectInfo(client)) =
+            request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        && let Err(error) = limiter.check(client.ip())
+    {
+        return error.into_response();
+    }
+    next.run(request).await
 }
 
 /// The router of `metrics_listen`: `/metrics`, `/ready` and `/health`, nothing of the API.
@@ -595,7 +652,8 @@ pub async fn serve(
         tracing::warn!(%addr, "the OpenAI API is served WITHOUT authentication on a non-loopback \
             address (frontend.allow_unauthenticated = true): anyone who can reach it can use it");
     }
-    conn::serve(listener, router(frontend), limits, shutdown).await
+    let cuts = frontend.metrics.headerless_cut.clone();
+    conn::serve(listener, router(frontend), limits, &cuts, shutdown).await
 }
 
 /// A listener for the frontend (or its metrics address) on `addr`, with a listen backlog deep
@@ -616,5 +674,6 @@ pub async fn serve_metrics(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /metrics and /ready on their own address");
     }
-    conn::serve(listener, metrics_router(frontend), limits, shutdown).await
+    let cuts = frontend.metrics.headerless_cut.clone();
+    conn::serve(listener, metrics_router(frontend), limits, &cuts, shutdown).await
 }

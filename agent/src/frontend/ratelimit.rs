@@ -18,7 +18,17 @@
 //! whole reservation (what was generated before is not known to the frontend then); one that
 //! never reached a worker gets it all back. Tokens charged are counted in
 //! `kvfleet_key_tokens_total{key}`.
+//!
+//! **Without keys** (loopback, or `allow_unauthenticated`), [`KeylessLimiter`] gives each client
+//! IP the same kind of bucket (`[frontend.keyless_rate_limit]`). Its state is bounded: at most
+//! `max_clients` IPs have their own bucket; when the table is full, buckets that have refilled
+//! completely (their client was quiet for a burst's worth of time: forgetting them changes
+//! nothing) are swept out, at most once a second, and until there is room again new IPs share
+//! one overflow bucket. An attacker with many addresses thus costs at most `max_clients`
+//! entries and gets one bucket's worth of requests for all its new addresses together.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -306,6 +316,98 @@ impl RateLimiter {
     }
 }
 
+/// Per-client-IP buckets for requests without an API key (see the module's documentation).
+#[derive(Debug)]
+pub struct KeylessLimiter {
+    limit: RateLimit,
+    max_clients: usize,
+    state: Mutex<KeylessState>,
+    limited: Counter,
+}
+
+#[derive(Debug)]
+struct KeylessState {
+    buckets: HashMap<IpAddr, Bucket>,
+    /// What new IPs share while the table is full.
+    overflow: Bucket,
+    swept: Instant,
+}
+
+impl KeylessLimiter {
+    /// `limit` for each of at most `max_clients` IPs; registers
+    /// `kvfleet_rate_limited_keyless_total` and `kvfleet_rate_limit_keyless_clients`.
+    pub fn new(limit: RateLimit, max_clients: usize, registry: &mut Registry) -> Self {
+        let now = Instant::now();
+        let limited = Counter::default();
+        registry.register(
+            "kvfleet_rate_limited_keyless",
+            "Requests without an API key refused with 429 because their client IP was over \
+             frontend.keyless_rate_limit",
+            limited.clone(),
+        );
+        Self {
+            limit,
+            max_clients: max_clients.max(1),
+            state: Mutex::new(KeylessState {
+                buckets: HashMap::new(),
+                overflow: Bucket::new(limit, now),
+                swept: now,
+            }),
+            limited,
+        }
+    }
+
+    /// Takes a token from `ip`'s bucket: 429 with `Retry-After` when it is empty.
+    pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.check_at(ip, Instant::now())
+    }
+
+    fn check_at(&self, ip: IpAddr, now: Instant) -> Result<(), ApiError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *state;
+        if !state.buckets.contains_key(&ip)
+            && state.buckets.len() >= self.max_clients
+            && now.saturating_duration_since(state.swept) >= Duration::from_secs(1)
+        {
+            state.swept = now;
+            let full =
+                Duration::from_secs_f64(f64::from(self.limit.burst) / self.limit.requests_per_sec);
+            state
+                .buckets
+                .retain(|_, b| now.saturating_duration_since(b.updated) < full);
+        }
+        let bucket = if let Some(bucket) = state.buckets.get_mut(&ip) {
+            bucket
+        } else if state.buckets.len() < self.max_clients {
+            state
+                .buckets
+                .entry(ip)
+                .or_insert(Bucket::new(self.limit, now))
+        } else {
+            &mut state.overflow
+        };
+        bucket.take(now).map_err(|wait| {
+            self.limited.inc();
+            let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+            let mut error = ApiError::rate_limited(Duration::from_secs(secs));
+            error.message = format!(
+                "this client address is over the rate limit for requests without an API key; \
+                 retry after {secs}s (Retry-After)"
+            );
+            error
+        })
+    }
+
+    /// IPs with a bucket of their own now.
+    pub fn clients(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .buckets
+            .len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +472,46 @@ mod tests {
                 .get(),
             600
         );
+    }
+
+    /// Each IP has its own bucket; the table never holds more than `max_clients` IPs, the
+    /// overflow shares one bucket, and refilled buckets are swept out to make room.
+    #[test]
+    fn keyless_buckets_are_per_ip_and_bounded() {
+        let limit = RateLimit {
+            requests_per_sec: 1.0,
+            burst: 2,
+        };
+        let limiter = KeylessLimiter::new(limit, 3, &mut Registry::default());
+        let start = Instant::now();
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        for _ in 0..2 {
+            limiter.check_at(ip(1), start).unwrap();
+        }
+        let refused = limiter.check_at(ip(1), start).unwrap_err();
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(1)));
+        assert!(
+            refused.message.contains("without an API key"),
+            "{}",
+            refused.message
+        );
+        // Another address is not affected.
+        limiter.check_at(ip(2), start).unwrap();
+        limiter.check_at(ip(3), start).unwrap();
+        // Full: a thousand new addresses share one bucket (burst 2), the table stays at 3.
+        let admitted = (10..=250)
+            .filter(|&n| limiter.check_at(ip(n), start).is_ok())
+            .count();
+        assert_eq!(admitted, 2);
+        assert_eq!(limiter.clients(), 3);
+        assert_eq!(limiter.limited.get(), 240);
+        // Two seconds on, every bucket is full again: swept, and a new IP gets its own.
+        let later = start + Duration::from_secs(2);
+        limiter.check_at(ip(99), later).unwrap();
+        limiter.check_at(ip(99), later).unwrap();
+        assert!(limiter.check_at(ip(99), later).is_err(), "its own bucket");
+        assert_eq!(limiter.clients(), 1);
     }
 
     #[test]
