@@ -1042,6 +1042,7 @@ async fn window_requests(db: &TestDb) -> (u64, u64) {
 /// exactly once. Prints what it saw.
 async fn assert_delivered_once(case: &str, db: &TestDb, seen: &KvEventsSeen, requests_served: u64) {
     let last = seen.last();
+    let catching_up = Instant::now();
     // A bound on catching up after the fault, not a latency claim: uploads resume with their
     // retry backoff, and on a loaded 2-core CI box 20 s was once not enough.
     wait_for(
@@ -1054,6 +1055,7 @@ async fn assert_delivered_once(case: &str, db: &TestDb, seen: &KvEventsSeen, req
         },
     )
     .await;
+    let caught_up = catching_up.elapsed();
     let expected = (requests_served, requests_served);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -1079,8 +1081,10 @@ async fn assert_delivered_once(case: &str, db: &TestDb, seen: &KvEventsSeen, req
     let events: usize = log.values().map(Vec::len).sum();
     println!(
         "{case}: {} KV events seen from the engines during the case, all {events} in kv_log \
-         once each; the heartbeat windows hold the {requests_served} requests served, once each",
-        seen.count()
+         once each ({:.1} s after the load ended); the heartbeat windows hold the \
+         {requests_served} requests served, once each",
+        seen.count(),
+        caught_up.as_secs_f64()
     );
 }
 
@@ -1313,7 +1317,12 @@ async fn a_client_gone_during_a_migration_leaves_nothing_held() {
         .unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::OK);
     let mut seen = String::new();
-    while !seen.contains("\"content\"") {
+    let asked = Instant::now();
+    // Until a token's text has arrived: the stream's first event is the role's delta, whose
+    // `"content":""` comes before any token. (Waiting for that alone let the kill land before
+    // the first token whenever the request was slow to start, on a loaded box: the forward
+    // then fell back to a local run, which is no migration, and the wait below timed out.)
+    while !streamed_a_token(&seen) {
         let chunk = response
             .chunk()
             .await
@@ -1336,6 +1345,10 @@ async fn a_client_gone_during_a_migration_leaves_nothing_held() {
         .position(|a| outstanding(a) == 1)
         .expect("one worker serving the request");
     let started = Instant::now();
+    println!(
+        "client gone: tokens flowing on node {serving}'s worker {:.2} s after the request",
+        asked.elapsed().as_secs_f64()
+    );
     kill_9(worker_pid(&nodes.agents[serving]));
     wait_for(
         "the migration to begin",
@@ -1364,6 +1377,18 @@ async fn a_client_gone_during_a_migration_leaves_nothing_held() {
         left.elapsed().as_secs_f64()
     );
     nodes.stop().await;
+}
+
+/// Whether the SSE text `sse` has a complete event carrying a token's text.
+fn streamed_a_token(sse: &str) -> bool {
+    sse.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .any(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
 }
 
 /// Whether no request holds anything on `agents`: every frontend's in-flight count, every
