@@ -1139,18 +1139,27 @@ async fn restarting_postgres_loses_no_request_and_no_event() {
     drop(pg);
 }
 
+/// When the control plane calls a silent node lost in the leader-kill case. The agents know only
+/// the killed replica's address, so they are cut off from the control plane until it restarts
+/// (while clients get six answers, and the other replica takes over). Under load that ran past
+/// [`LOST_AFTER`]'s 2 s: the new leader called every node lost and moved their workers away,
+/// and the agents, reconnected, stopped them (requests failed with 404 until the workers came
+/// back). The case is about a replica's crash, not a node's: the nodes stay live through it.
+const LEADER_KILL_LOST_AFTER: Duration = Duration::from_secs(20);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_control_plane_leader_loses_no_request_and_no_event() {
     let names = ["fault-lead-a", "fault-lead-b", "fault-lead-c"];
+    let lost_after = LEADER_KILL_LOST_AFTER;
     // The agents talk to the first replica, which leads.
-    let Some(mut nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, t| t).await else {
+    let Some(mut nodes) = ThreeNodes::start(names, lost_after, SETUP, |_, t| t).await else {
         return;
     };
     wait_for("the first replica to lead", Duration::from_secs(10), || {
         leads(&nodes.cp)
     })
     .await;
-    let second = ControlPlane::start(&nodes.db, "127.0.0.1:0".parse().unwrap(), LOST_AFTER).await;
+    let second = ControlPlane::start(&nodes.db, "127.0.0.1:0".parse().unwrap(), lost_after).await;
     assert!(!leads(&second).await, "one leader at a time");
     wait_routers_know_everyone(&nodes.agents).await;
     let seen = KvEventsSeen::watch(&nodes.agents);
@@ -1179,7 +1188,7 @@ async fn killing_the_control_plane_leader_loses_no_request_and_no_event() {
         Duration::from_secs(30),
     )
     .await;
-    let restarted = ControlPlane::start(&nodes.db, first_addr, LOST_AFTER).await;
+    let restarted = ControlPlane::start(&nodes.db, first_addr, lost_after).await;
     wait_for(
         "the agents connected again",
         Duration::from_secs(20),
