@@ -516,6 +516,21 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
     let prompts = prompts(16);
     let expected = answers(&[reference.addr], &prompts, 4).await;
     let entry = [split.prefill.addr, split.decode.addr];
+    // For reading the agents' log (RUST_LOG, common::log_to_file): a peer's lines name the
+    // asking node.
+    let node = |a: &Agent| {
+        a.running
+            .fleet()
+            .unwrap()
+            .peer
+            .endpoint()
+            .map(|e| e.node_id())
+    };
+    println!(
+        "prefill node {:?}, decode node {:?}",
+        node(&split.prefill),
+        node(&split.decode)
+    );
     let prefill_peer = split.prefill.running.fleet().unwrap().peer.clone();
     let blocks_sent = || {
         prefill_peer
@@ -540,9 +555,13 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
             waves_after_a_hit += 1;
         }
         let sent_before = blocks_sent();
+        let wave_start = std::time::Instant::now();
         let calls = prompts.iter().enumerate().map(|(i, prompt)| {
             let target = entry[i % 2];
-            async move { complete_ids(target, prompt).await }
+            async move {
+                let sent = std::time::Instant::now();
+                (complete_ids(target, prompt).await, sent.elapsed())
+            }
         });
         let wave = futures_util::future::join_all(calls);
         tokio::pin!(wave);
@@ -567,6 +586,14 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
                 }
             }
         };
+        let (got, took): (Vec<_>, Vec<_>) = got.into_iter().unzip();
+        let (slowest, longest) = took.iter().enumerate().max_by_key(|(_, t)| **t).unwrap();
+        println!(
+            "wave {served}: {:.1} s, the slowest request #{slowest} (entering the {} node) {:.1} s",
+            wave_start.elapsed().as_secs_f64(),
+            ["prefill", "decode"][slowest % 2],
+            longest.as_secs_f64()
+        );
         for (i, (want, got)) in expected.iter().zip(&got).enumerate() {
             let want = answer(&format!("reference #{i}"), want);
             let got = answer(&format!("disaggregated #{i} (wave {served})"), got);
@@ -585,6 +612,20 @@ async fn killing_the_prefill_worker_mid_transfer_loses_no_request() {
         split.outcome(PrefillOutcome::Remote)
     );
     assert!(fallbacks > 0, "no kill hit a request");
+    // A killed prefill worker loses no token: its legs fall back on the decode node, and a
+    // forward the decode node refused while busy (its per-peer stream limit, which the prefill
+    // node's KV pushes fill in a burst) waits for it and goes there again. Nothing is lost, so
+    // nothing migrates. (A request entering the prefill node used to count such a refusal as a
+    // lost leg: it migrated around the fleet's only decode worker and waited for a worker that
+    // never came, `Timeouts::migration_wait`, then failed with a 502.)
+    let migrated: u64 = [&split.prefill, &split.decode]
+        .iter()
+        .map(|a| a.running.fleet().unwrap().serving.migrations())
+        .sum();
+    assert_eq!(
+        migrated, 0,
+        "requests migrated after a prefill worker's kill"
+    );
     split.assert_no_blocks_held().await;
     reference.stop().await;
     split.stop().await;

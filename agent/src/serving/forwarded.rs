@@ -240,6 +240,15 @@ fn prefill_leg(
         .kv_layout(worker)
         .ok_or_else(|| unavailable(format!("worker {worker} is not ready here")))?;
     let prompt_tokens = u32::try_from(request.prompt.len()).unwrap_or(u32::MAX);
+    // No more streams than the prompt has full blocks to send: the transfer opens its streams
+    // before the worker computes a block, and holds them until the last, so a burst of short
+    // prompts would otherwise fill the decode node's per-peer stream limit with idle streams,
+    // and it would refuse the next transfers and forwards from this node (Overloaded).
+    let mut options = serving.options.clone();
+    options.streams = options
+        .streams
+        .min(request.prompt.len() / layout.block_size.tokens())
+        .max(1);
     let (generation, blocks) = serving
         .local
         .submit_prefill(backend::GenerateRequest {
@@ -253,7 +262,6 @@ fn prefill_leg(
         .map_err(|e| unavailable(e.to_string()))?;
     serving.prefill_served.inc();
     let (report_tx, report_rx) = oneshot::channel();
-    let options = serving.options.clone();
     let request_id = request.request_id;
     let transfer = tokio::spawn(async move {
         let source = block_stream(blocks);

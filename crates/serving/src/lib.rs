@@ -30,7 +30,10 @@
 //! many), asking only for the tokens still missing, so the client's stream goes on with nothing
 //! repeated or missing and `usage` counts each token once. A leg that cannot start because no
 //! worker is ready ([`Serve::unavailable`]) is tried again every `Timeouts::migration_retry`
-//! for up to `Timeouts::migration_wait`, without spending the limit. A request the worker
+//! for up to `Timeouts::migration_wait`, without spending the limit; so is a forward that failed
+//! before its first token and fell back to this node when no worker here takes it either: it is
+//! planned around the forward's worker once, and then that worker, which lost nothing, is asked
+//! again (its node may have refused the stream only while busy). A request the worker
 //! refused or failed on its own ([`Serve::refused`]: invalid for the engine, a model error) ends:
 //! trying it elsewhere would fail the same way.
 //!
@@ -148,8 +151,8 @@ pub struct Timeouts {
     /// How long the prefill leg may take to reach the prefill node (capped by the deadline).
     pub prefill_start: Duration,
     /// How long a migrating request waits for a worker to take it (the only one may be
-    /// restarting) before it fails. A minute: a worker restarting on a loaded 2-core CI box took
-    /// over 30 s to load its model again (and GPU engines take longer).
+    /// restarting) before it fails. A minute: a GPU engine's restart (loading its weights
+    /// again) can take that long.
     pub migration_wait: Duration,
     /// How often a migrating request that found no ready worker asks again.
     pub migration_retry: Duration,

@@ -258,6 +258,9 @@ pub struct Serve {
     avoid: Vec<WorkerId>,
     /// Whether a forward fell back to a run here (its node could not serve it).
     fell_back: bool,
+    /// The worker of the forward that fell back last, until the request is planned around it
+    /// once (its node may have lost it, and the router may not know yet).
+    fell_back_from: Option<WorkerId>,
     /// Until when a migration that finds no ready worker may keep asking; set at the first
     /// such answer, cleared when a leg delivers.
     wait_until: Option<Duration>,
@@ -286,6 +289,7 @@ impl Serve {
             migrations: 0,
             avoid: Vec::new(),
             fell_back: false,
+            fell_back_from: None,
             wait_until: None,
         }
     }
@@ -508,25 +512,39 @@ impl Serve {
     }
 
     /// `leg` could not start: no worker is ready for it. A first leg fails as
-    /// [`Serve::refused`] does (the client is told at once); a migrating request asks again
-    /// every `Timeouts::migration_retry` until `Timeouts::migration_wait` after the first such
-    /// answer, without spending its `migration_limit` (its only worker may be restarting).
+    /// [`Serve::refused`] does (the client is told at once); a migrating request, or a forward
+    /// that fell back to this node where no worker takes it either, asks again every
+    /// `Timeouts::migration_retry` until `Timeouts::migration_wait` after the first such
+    /// answer, without spending its `migration_limit` (its only worker may be restarting, or
+    /// the forward's node may have refused it only for the moment).
     pub fn unavailable(&mut self, leg: LegId, error: String, now: Duration) {
         if !self.is_current(leg) {
             return;
         }
         if self.migrations == 0 {
             // The worker the router named here is not ready (it died since the router last
-            // heard), or a forward fell back here and no worker here serves the request either
-            // (its node had lost the worker the router named there): plan again without them.
-            // With no plan, the pool's answer is the client's.
-            return match self.state {
+            // heard): plan again without it. A forward that fell back here, where no worker
+            // serves the request either (a node with only a prefill worker), lost nothing:
+            // nothing was delivered. It is planned around the forward's worker once, at once
+            // (that node may have lost it, and the router may not know yet); when that finds
+            // nobody either, it waits below as a migration does, and asks again with the
+            // forward's worker allowed (its node may have refused the stream only while busy,
+            // and it may be the only worker that can take it). With no plan, the pool's answer
+            // is the client's.
+            match self.state {
                 State::Local {
                     worker: Some(_), ..
-                } => self.failed(leg, error),
-                State::Local { worker: None, .. } if self.fell_back => self.failed(leg, error),
-                _ => self.refused(leg, error),
-            };
+                } => return self.failed(leg, error),
+                State::Local { worker: None, .. } if self.fell_back => {
+                    if let Some(worker) = self.fell_back_from.take() {
+                        self.actions.push_back(Action::Close(leg));
+                        let mut avoid = self.avoid.clone();
+                        avoid.push(worker);
+                        return self.replan_avoiding(avoid);
+                    }
+                }
+                _ => return self.refused(leg, error),
+            }
         }
         if let Some(worker) = self.leg_worker() {
             self.avoid_worker(worker);
@@ -536,8 +554,7 @@ impl Serve {
         let wait = self.timeouts.migration_wait;
         let until = *self.wait_until.get_or_insert(now + wait);
         if now >= until {
-            let message =
-                format!("no worker took the request within {wait:?} of losing its worker: {error}");
+            let message = format!("no worker took the request within {wait:?}: {error}");
             return self.end(End::Failed(message));
         }
         self.state = State::Waiting {
@@ -789,10 +806,14 @@ impl Serve {
     }
 
     fn replan(&mut self) {
+        self.replan_avoiding(self.avoid.clone());
+    }
+
+    fn replan_avoiding(&mut self, avoid: Vec<WorkerId>) {
         self.state = State::Replanning;
         self.actions.push_back(Action::Replan(Replan {
             tokens: self.delivered.clone(),
-            avoid: self.avoid.clone(),
+            avoid,
         }));
     }
 
@@ -830,10 +851,14 @@ impl Serve {
     }
 
     /// The forwarded request failed before its first token: it runs on a worker of this node
-    /// the pool chooses, and the router's picks (for the other node) are released.
+    /// the pool chooses, and the router's picks (for the other node) are released. The
+    /// forward's worker is not put on the avoid list: it never had the request (its node may
+    /// have refused the stream only while busy), and it may be the only worker that can take
+    /// it; should no worker here take the request, it is planned around only once
+    /// ([`Serve::unavailable`]).
     fn forward_fallback(&mut self, leg: LegId, addr: SocketAddr, reason: String) {
         if let State::Forwarding { worker, .. } = self.state {
-            self.avoid_worker(worker);
+            self.fell_back_from = Some(worker);
         }
         self.fell_back = true;
         self.release_all();

@@ -520,7 +520,8 @@ fn a_planned_local_worker_that_is_not_ready_is_planned_around() {
 fn a_forward_whose_node_lost_the_worker_and_finds_none_here_is_planned_around_it() {
     // The router named a decode worker on another node that has just died: that node answers
     // unavailable, the request falls back here, and this node has no worker for it either (its
-    // only worker is a prefill worker). It is planned again without the dead worker, not failed.
+    // only worker is a prefill worker). It is planned again without the dead worker (without spending its
+    // migration limit), not failed.
     let mut run = Run::start(plan(remote(), false), prompt(8));
     run.unavailable("worker 7 is not ready", T0);
     assert!(run.seen.ends.is_empty());
@@ -549,6 +550,122 @@ fn a_forward_whose_node_lost_the_worker_and_finds_none_here_is_planned_around_it
     run.finished(FinishReason::Length, 0);
     run.assert_ended(End::Finished(FinishReason::Length));
     run.assert_released(&[DECODE_HOLD, RequestId(31)]);
+    assert_eq!(run.serve.migrations(), 0, "nothing was lost");
+}
+
+#[test]
+fn a_forward_its_busy_node_refused_with_no_worker_here_waits_and_forwards_again() {
+    // The disaggregation fault test's 502: the request enters the prefill node, whose only
+    // worker is a prefill worker (the pool here never runs a whole request on it). Its forward
+    // to the decode node is refused before it starts (that node has its limit of streams from
+    // this one open: the KV pushes of a burst hold them), so it falls back here, where no worker
+    // takes it either. Nothing was delivered and nothing was lost: planned around the decode
+    // worker once it finds nobody, so it waits and asks again without spending its migration
+    // limit, and the decode worker may be picked again. (It used to count as a lost leg: a
+    // migration that avoided the decode worker, the fleet's only one, in every replan, which
+    // found nobody until `migration_wait` ran out.)
+    let timeouts = Timeouts::default();
+    let mut run = Run::start(plan(remote(), true), prompt(8));
+    let refusal =
+        "peer refused: Overloaded: this node serves at most 64 concurrent streams per peer";
+    let nobody = "no ready worker serves model \"m\"";
+    let around = Replan {
+        tokens: vec![],
+        avoid: vec![DECODE_WORKER],
+    };
+    let again = Replan {
+        tokens: vec![],
+        avoid: vec![],
+    };
+    run.failed(refusal);
+    assert!(matches!(run.leg().leg, Leg::Local { worker: None, .. }));
+    run.unavailable(nobody, T0);
+    assert_eq!(run.seen.replans, vec![around.clone()]);
+    run.replanned(None, T0);
+    run.unavailable(nobody, T0);
+    assert!(run.seen.ends.is_empty(), "{:?}", run.seen.ends);
+    assert!(
+        !run.seen
+            .records
+            .iter()
+            .any(|r| matches!(r, Record::Migrated { .. })),
+        "{:?}",
+        run.seen.records
+    );
+    assert_eq!(run.serve.migrations(), 0);
+    assert_eq!(
+        run.seen.replans.len(),
+        1,
+        "not at once: after a retry interval"
+    );
+    assert_eq!(
+        run.serve.poll_timeout(),
+        Some(T0 + timeouts.migration_retry)
+    );
+    let mut now = T0 + timeouts.migration_retry;
+    run.timeout(now);
+    assert_eq!(run.seen.replans, vec![around.clone(), again.clone()]);
+    run.replanned(
+        Some(Pick {
+            hold: Some(RequestId(31)),
+            ..decode(remote())
+        }),
+        now,
+    );
+    assert!(
+        matches!(
+            run.leg().leg,
+            Leg::Forward {
+                worker: DECODE_WORKER,
+                prefill: None,
+                ..
+            }
+        ),
+        "{:?}",
+        run.leg()
+    );
+    // Refused once more: the same fallback, once around, and wait.
+    run.failed(refusal);
+    run.unavailable(nobody, now);
+    run.replanned(None, now);
+    run.unavailable(nobody, now);
+    now += timeouts.migration_retry;
+    run.timeout(now);
+    assert_eq!(
+        run.seen.replans,
+        vec![around.clone(), again.clone(), around, again]
+    );
+    run.replanned(
+        Some(Pick {
+            hold: Some(RequestId(32)),
+            ..decode(remote())
+        }),
+        now,
+    );
+    run.serve.opened(run.id());
+    assert!(run.tokens(&[5]));
+    run.finished(FinishReason::Length, 0);
+    run.assert_ended(End::Finished(FinishReason::Length));
+    run.assert_released(&[PREFILL_HOLD, DECODE_HOLD, RequestId(31), RequestId(32)]);
+    assert_eq!(run.serve.migrations(), 0);
+
+    // Nobody takes it within the wait: a clear error, after the wait, not at once.
+    let mut run = Run::start(plan(remote(), false), prompt(8));
+    run.failed(refusal);
+    let mut now = T0;
+    loop {
+        run.unavailable("no ready worker", now);
+        if !run.seen.ends.is_empty() {
+            break;
+        }
+        now = run.serve.poll_timeout().unwrap_or(now);
+        run.timeout(now);
+        run.replanned(None, now);
+    }
+    assert_eq!(now, T0 + timeouts.migration_wait);
+    assert!(matches!(&run.seen.ends[0],
+        End::Failed(m) if m.contains(&format!("no worker took the request within {:?}", timeouts.migration_wait))));
+    assert_eq!(run.serve.migrations(), 0);
 }
 
 #[test]

@@ -102,6 +102,7 @@ impl ControlPlane {
         lost_after: Duration,
         configure: impl FnOnce(&mut kvfleet_controlplane::Config),
     ) -> Self {
+        log_to_file();
         let mut config = kvfleet_controlplane::Config::new(db.url.clone());
         config.database.max_connections = 8;
         config.leader.retry_interval = Duration::from_millis(200);
@@ -290,6 +291,7 @@ impl Agent {
 
     /// [`Agent::launch`] on a node whose GPU inventory is `inventory` (a fake one in tests).
     pub async fn launch_with_gpus(name: &str, toml: String, inventory: Arc<dyn Inventory>) -> Self {
+        log_to_file();
         let config = AgentConfig::from_sources(&Sources::from_text("e2e-agent.toml", &toml))
             .unwrap_or_else(|problems| panic!("agent config:\n{problems}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -359,6 +361,37 @@ impl Agent {
         }
         self.toml.clone()
     }
+}
+
+/// With `RUST_LOG` set, everything this test process logs (its in-process agents and control
+/// planes share one global subscriber) goes to `$KVFLEET_TEST_LOG_DIR/<test name>.log` (the
+/// system's temp directory without it), which the test prints. Lines about a request carry its
+/// `request_id`; a peer's lines name the asking node (`from`). Without `RUST_LOG`, nothing.
+pub fn log_to_file() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(filter) = std::env::var("RUST_LOG") else {
+            return;
+        };
+        let dir =
+            std::env::var_os("KVFLEET_TEST_LOG_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        // nextest runs each test in a process of its own, on a thread named after it.
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("test")
+            .replace("::", "-");
+        let path = dir.join(format!("{test}-{}.log", std::process::id()));
+        let file = std::fs::File::create(&path)
+            .unwrap_or_else(|e| panic!("creating the log file {}: {e}", path.display()));
+        let installed = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(&filter))
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init();
+        if installed.is_ok() {
+            println!("logging ({filter}) to {}", path.display());
+        }
+    });
 }
 
 /// Polls `check` every 100 ms until it holds; panics naming `what` after `limit`.
