@@ -659,6 +659,7 @@ async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiE
                 })
             })
             .collect::<Result<_, sqlx::Error>>()?,
+        fleet_hash_secret: Some(state.fleet_hash_secret.clone()),
     })
 }
 
