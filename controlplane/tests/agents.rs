@@ -517,9 +517,12 @@ async fn heartbeat_metrics_are_served_per_worker_and_deployment(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let (buckets, deleted) = kvfleet_controlplane::metrics::maintain(&pool, &config.metrics)
-        .await
-        .unwrap();
+    // Fenced: run under the epoch this replica leads with.
+    let fence = server.state.fence().expect("the only replica leads");
+    let (buckets, deleted) =
+        kvfleet_controlplane::metrics::maintain(&pool, &config.metrics, &fence)
+            .await
+            .unwrap();
     // Two workers' samples, in one bucket each (two if a minute boundary fell between rounds).
     assert!((2..=4).contains(&buckets), "{buckets}");
     assert_eq!(deleted, 6);
@@ -784,6 +787,24 @@ async fn a_deposed_leaders_writes_are_refused(pool: PgPool) {
     );
     // The new leader's go through.
     leader::placement_pass(&pool, &config.placement, &new)
+        .await
+        .unwrap();
+    // Metrics maintenance (rollups, pruning) and the stored responses' sweep likewise.
+    let refused = kvfleet_controlplane::metrics::maintain(&pool, &config.metrics, &old).await;
+    assert!(
+        matches!(refused, Err(LeaderError::Deposed { held, current })
+            if held == old.epoch && current == new.epoch),
+        "{refused:?}"
+    );
+    let refused = kvfleet_controlplane::api::responses::sweep(&pool, &old).await;
+    assert!(
+        matches!(refused, Err(LeaderError::Deposed { .. })),
+        "{refused:?}"
+    );
+    kvfleet_controlplane::metrics::maintain(&pool, &config.metrics, &new)
+        .await
+        .unwrap();
+    kvfleet_controlplane::api::responses::sweep(&pool, &new)
         .await
         .unwrap();
     // The old one may still believe it leads for up to a check interval (exactly the window
