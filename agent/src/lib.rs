@@ -478,6 +478,7 @@ fn start_fleet(
         fleet: router.clone(),
         peer: peer.clone(),
         responses: responses.clone(),
+        fleet_hasher: config.supervisor.fleet_hasher.clone(),
     };
     let (control_plane, client) =
         cp_client::start(cp.clone(), node, stop).context("starting the control-plane client")?;

@@ -146,6 +146,7 @@ fn run(
         .enable_all()
         .build()?;
     let flood_handle = flood_rt.handle().clone();
+    let server_handle = server_rt.handle().clone();
     let flood = args.flood;
     let url = url.to_owned();
     let base = format!("http://{addr}/api/v1");
@@ -260,6 +261,22 @@ fn run(
             });
         }
         let mut db = sqlx::PgConnection::connect(&url).await?;
+        // Where a heartbeat's time goes: the agent pool's connections in use, sampled every
+        // 20 ms on the server's runtime. A pool that is always full means heartbeats wait for a
+        // connection, and each one's hold time (its transaction's round trips) sets the rate.
+        let pool_samples = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u32)>::new()));
+        {
+            let (pool, samples) = (state.agent_pool.clone(), pool_samples.clone());
+            server_handle.spawn(async move {
+                while Instant::now() < measure_until {
+                    let in_use = pool.size().saturating_sub(u32::try_from(pool.num_idle()).unwrap_or(0));
+                    if let Ok(mut s) = samples.lock() {
+                        s.push((Instant::now(), in_use));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
         tokio::time::sleep_until(measure_from.into()).await;
         let mut marks = vec![(Instant::now(), cpu_snapshot(pg_port).0, liveness_marks(&mut db).await?)];
         // (requests, 401, 429, other)
@@ -323,6 +340,14 @@ fn run(
             println!("heartbeats: {} ok ({:.0}/s), {failed} errors", ok.len(), ok.len() as f64 / wall);
             println!("heartbeat latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}", pct(0.50), pct(0.90), pct(0.99), pct(1.0));
             println!("nodes marked unhealthy: {}, lost: {}", marks_after.0 - marks_before.0, marks_after.1 - marks_before.1);
+            let in_use: Vec<u32> = pool_samples.lock().map(|s| s.iter().filter(|(at, _)| at >= from && at < until).map(|(_, n)| *n).collect()).unwrap_or_default();
+            let max = state.agent_pool.options().get_max_connections();
+            println!(
+                "agent pool: {:.1} of {max} connections in use on average, all {max} in {:.0} % of {} samples",
+                in_use.iter().map(|n| f64::from(*n)).sum::<f64>() / in_use.len().max(1) as f64,
+                in_use.iter().filter(|n| **n >= max).count() as f64 * 100.0 / in_use.len().max(1) as f64,
+                in_use.len()
+            );
             if phase == 1 {
                 let count = |i: usize| counts[i].load(std::sync::atomic::Ordering::Relaxed);
                 println!("flood: {flood} connections, {} requests ({:.0}/s): {} x 401, {} x 429, {} other", count(0), count(0) as f64 / wall, count(1), count(2), count(3));

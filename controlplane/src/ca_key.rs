@@ -10,6 +10,12 @@
 //! A database written before sealing existed holds the key in the clear; [`load_or_create`]
 //! seals it in place on the first start that has a key file.
 //!
+//! The same key file also gives the fleet its hash secret ([`SealingKey::fleet_hash_secret`]):
+//! a domain-separated SHA-256 of the sealing key, so every replica derives the same secret with
+//! no new shared state, and a reader of the database (which never holds it) cannot compute the
+//! fleet's block hashes. Changing the key file changes the secret, and with it every block
+//! hash in the fleet (the indexes re-sync; docs/security.md).
+//!
 //! Sealing and opening are pure; the file and the database are the IO around them.
 
 use std::io::Read as _;
@@ -20,6 +26,8 @@ use base64::Engine as _;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use sqlx::PgPool;
 
+use kvfleet_proto::hash::FleetHashSecret;
+
 use crate::ca::{CaError, NodeCa, hex};
 
 /// What a sealed key starts with, naming the format so a later one can be told apart.
@@ -27,6 +35,9 @@ const SEALED_PREFIX: &str = "kvfleet-sealed:v1:aes-256-gcm:";
 /// How a key stored in the clear (before sealing existed) starts.
 const CLEAR_PREFIX: &str = "-----BEGIN";
 const KEY_LEN: usize = 32;
+/// What the fleet hash secret's derivation hashes before the key: never the same input as any
+/// other use of the key.
+const FLEET_HASH_LABEL: &[u8] = b"kvfleet fleet hash secret v1\0";
 
 /// Why the CA key could not be sealed, opened or its key file used.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +86,8 @@ pub enum LoadError {
 pub struct SealingKey {
     key: LessSafeKey,
     path: PathBuf,
+    /// Derived from the key when it is read (see the module docs).
+    fleet_hash: FleetHashSecret,
 }
 
 impl std::fmt::Debug for SealingKey {
@@ -92,7 +105,14 @@ impl SealingKey {
         Self {
             key: LessSafeKey::new(unbound),
             path: path.to_owned(),
+            fleet_hash: derive_fleet_hash_secret(bytes),
         }
+    }
+
+    /// The fleet's hash secret, handed to agents in their desired state: `SHA-256(label ‖ key)`
+    /// as 64 hex digits. Every replica with the same key file derives the same one.
+    pub fn fleet_hash_secret(&self) -> FleetHashSecret {
+        self.fleet_hash.clone()
     }
 
     /// Reads the key file. `Ok(None)` when it does not exist; an error when it is readable by
@@ -213,6 +233,23 @@ impl SealingKey {
     }
 }
 
+fn derive_fleet_hash_secret(key: &[u8; KEY_LEN]) -> FleetHashSecret {
+    let mut input = FLEET_HASH_LABEL.to_vec();
+    input.extend_from_slice(key);
+    FleetHashSecret(hex(
+        ring::digest::digest(&ring::digest::SHA256, &input).as_ref()
+    ))
+}
+
+/// The fleet hash secret of the control planes whose `ca.key_file` is `key_file` (what they
+/// hand their agents): for a tool or test that must compute the fleet's block hashes. An error
+/// when the file is missing or unusable.
+pub fn fleet_hash_secret(key_file: &Path) -> Result<FleetHashSecret, SealError> {
+    Ok(SealingKey::read(key_file)?
+        .ok_or_else(|| SealError::KeyFileMissing(key_file.to_owned()))?
+        .fleet_hash_secret())
+}
+
 /// The key's 64 hex digits, on the first line that is neither blank nor a `#` comment.
 fn parse_hex_key(text: &str) -> Option<[u8; KEY_LEN]> {
     let line = text
@@ -237,6 +274,15 @@ pub async fn load_or_create(
     key_file: &Path,
     ca_validity: std::time::Duration,
 ) -> Result<NodeCa, LoadError> {
+    Ok(load_with_key(pool, key_file, ca_validity).await?.0)
+}
+
+/// [`load_or_create`], also returning the sealing key it used (for the fleet hash secret).
+pub async fn load_with_key(
+    pool: &PgPool,
+    key_file: &Path,
+    ca_validity: std::time::Duration,
+) -> Result<(NodeCa, SealingKey), LoadError> {
     type Row = (String, String, String);
     let load =
         || sqlx::query_as::<_, Row>("SELECT name, cert_pem, key_pem FROM node_ca WHERE id = 1");
@@ -272,12 +318,12 @@ pub async fn load_or_create(
             "the node CA key was stored in the clear; it is sealed now with ca.key_file (old \
              database backups still hold it in the clear: treat them as secret)"
         );
-        return Ok(NodeCa::from_stored(&name, &cert, &stored)?);
+        return Ok((NodeCa::from_stored(&name, &cert, &stored)?, sealing));
     }
     let sealing =
         SealingKey::read(key_file)?.ok_or_else(|| SealError::KeyFileMissing(key_file.into()))?;
     let key_pem = sealing.open(&stored, &cert)?;
-    Ok(NodeCa::from_stored(&name, &cert, &key_pem)?)
+    Ok((NodeCa::from_stored(&name, &cert, &key_pem)?, sealing))
 }
 
 #[cfg(test)]
@@ -319,6 +365,32 @@ mod tests {
         // Read back from its file, the key opens what it sealed.
         let again = SealingKey::read(&path).unwrap().unwrap();
         assert!(again.open(&sealed, "cert one").is_ok());
+    }
+
+    #[test]
+    fn the_fleet_hash_secret_is_derived_from_the_key_file() {
+        let path = scratch("fleet-hash");
+        let key = SealingKey::read_or_create(&path).unwrap();
+        let secret = key.fleet_hash_secret();
+        // Every replica reading the same file derives the same secret; another file another.
+        assert_eq!(fleet_hash_secret(&path).unwrap(), secret);
+        let other = SealingKey::read_or_create(&scratch("fleet-hash-b")).unwrap();
+        assert_ne!(other.fleet_hash_secret(), secret);
+        // Domain-separated: not the sealing key itself, and long enough to key the hasher.
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert!(!file.contains(&secret.0));
+        assert!(secret.key().is_some());
+        assert!(!format!("{key:?} {secret:?}").contains(&secret.0));
+        // Pinned (Python: sha256(b"kvfleet fleet hash secret v1\0" + bytes(32))): a change
+        // would silently re-key every fleet on upgrade.
+        assert_eq!(
+            derive_fleet_hash_secret(&[0; KEY_LEN]).0,
+            "1e659b4ef6d9dca2476be56bd1cffe0cc95236bbf3f4ed4cd5ce5fa5adab18f1"
+        );
+        assert!(matches!(
+            fleet_hash_secret(&scratch("absent")),
+            Err(SealError::KeyFileMissing(_))
+        ));
     }
 
     #[test]

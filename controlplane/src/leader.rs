@@ -14,12 +14,12 @@
 //! loops for at most a lease, not until the kernel gives up on the connection (hours).
 //!
 //! Fencing: taking the lock bumps the epoch in `leader_epoch` (migration 0010), and every write
-//! transaction of the leader's loops (placement, liveness, planner) first reads that row
-//! `FOR SHARE` and refuses to go on ([`LeaderError::Deposed`]) unless it still holds the
-//! epoch it was elected with. The shared lock makes a new leader's bump wait for a write in
+//! transaction of the leader's loops (placement, liveness, planner, metrics maintenance) first
+//! reads that row `FOR SHARE` and refuses to go on ([`LeaderError::Deposed`]) unless it still
+//! holds the epoch it was elected with. The shared lock makes a new leader's bump wait for a write in
 //! flight, so a write either commits before the takeover or is refused: a deposed leader that
-//! has not noticed yet can never run the loops a second time alongside the new one. (Metrics
-//! maintenance is not fenced: rolling up and pruning twice gives the same rows.)
+//! has not noticed yet can never run the loops a second time alongside the new one. Metrics
+//! maintenance (rollups, pruning, the stored responses' sweep) is fenced the same way.
 //!
 //! As a further guard, each placement pass runs under a transaction-scoped advisory lock, so
 //! even two replicas that briefly both believe they lead never interleave placement writes.
@@ -211,7 +211,7 @@ pub async fn run_elections(state: AppState, mut shutdown: watch::Receiver<bool>)
         let mut loops = tokio::task::JoinSet::new();
         loops.spawn(placement_loop(state.clone(), fence, stop_rx.clone()));
         loops.spawn(liveness_loop(state.clone(), fence, stop_rx.clone()));
-        loops.spawn(metrics_loop(state.clone(), stop_rx.clone()));
+        loops.spawn(metrics_loop(state.clone(), fence, stop_rx.clone()));
         loops.spawn(planner_loop(state.clone(), fence, stop_rx));
         let lease = state.config.leader.lease;
         let shutting_down = loop {
@@ -313,11 +313,12 @@ async fn liveness_loop(state: AppState, fence: Fence, mut stop: watch::Receiver<
     }
 }
 
-async fn metrics_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+async fn metrics_loop(state: AppState, fence: Fence, mut stop: watch::Receiver<bool>) {
     loop {
-        let outcome = crate::metrics::maintain(&state.leader_pool, &state.config.metrics).await;
+        let outcome =
+            crate::metrics::maintain(&state.leader_pool, &state.config.metrics, &fence).await;
         // Stored responses past their retention go with the same pass.
-        match crate::api::responses::sweep(&state.leader_pool).await {
+        match crate::api::responses::sweep(&state.leader_pool, &fence).await {
             Ok(0) => {}
             Ok(swept) => tracing::debug!(swept, "expired stored responses deleted"),
             Err(error) => tracing::warn!(%error, "sweeping expired stored responses failed"),

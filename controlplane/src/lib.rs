@@ -85,6 +85,10 @@ pub struct Inner {
     pub fence: std::sync::Mutex<Option<leader::Fence>>,
     pub config: Config,
     pub ca: ca::NodeCa,
+    /// The fleet's block-hash secret, derived from the CA sealing key (`ca_key`) and handed to
+    /// agents in their desired state. Never logged (`Debug` redacts it), never in an admin
+    /// response.
+    pub fleet_hash_secret: kvfleet_proto::hash::FleetHashSecret,
     /// The API's HTTPS identity; `None` serves plain HTTP (`[tls] mode = "off"`).
     pub tls: Option<tls::ServerTls>,
     /// Node ids whose desired-state generation changed (fed from Postgres NOTIFY, so changes
@@ -127,9 +131,11 @@ impl AppState {
         let kv = kv_index::KvIndex::load(&pool, kv)
             .await
             .context("rebuilding the KV index from Postgres")?;
-        let ca = ca_key::load_or_create(&pool, &config.ca.key_file, config.ca.ca_validity)
-            .await
-            .context("loading the node CA")?;
+        let (ca, sealing) =
+            ca_key::load_with_key(&pool, &config.ca.key_file, config.ca.ca_validity)
+                .await
+                .context("loading the node CA")?;
+        let fleet_hash_secret = sealing.fleet_hash_secret();
         let tls = tls::ServerTls::new(
             &config.tls,
             &ca,
@@ -167,6 +173,7 @@ impl AppState {
             fence: std::sync::Mutex::new(None),
             config,
             ca,
+            fleet_hash_secret,
             tls,
             desired_changed,
             stopping: watch::channel(false).0,

@@ -13,6 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::config::MetricsConfig;
+use crate::store::{Fence, LeaderError};
 use kvfleet_proto::api::{MetricsPoint, MetricsSeries, ObservedWorker};
 
 /// Inserts the samples of one heartbeat; workers that are not on `node` are ignored (an agent
@@ -64,9 +65,18 @@ pub async fn record(
 }
 
 /// Rolls complete buckets up and expires old rows. Returns (buckets written, rows deleted).
-pub async fn maintain(pool: &PgPool, config: &MetricsConfig) -> Result<(u64, u64), sqlx::Error> {
+/// Fenced like the leader's other loops: refused with [`LeaderError::Deposed`] unless `fence`
+/// is still the current epoch, so a deposed leader never rolls up or deletes alongside the new
+/// one. Running it twice gives the same rows, but a deposed replica may run another
+/// configuration (a shorter retention during a rolling change) and must not delete by it.
+pub async fn maintain(
+    pool: &PgPool,
+    config: &MetricsConfig,
+    fence: &Fence,
+) -> Result<(u64, u64), LeaderError> {
     let bucket_s = config.rollup_bucket.as_secs_f64().max(1.0);
     let mut tx = pool.begin().await?;
+    fence.check(&mut tx).await?;
     // The end of the last complete bucket.
     let upto: DateTime<Utc> = sqlx::query_scalar(
         "SELECT date_bin(make_interval(secs => $1), now(), timestamptz '2000-01-01 00:00:00+00')",

@@ -72,6 +72,25 @@ async fn register_heartbeat_and_watch(pool: PgPool) {
     let desired = get(&server, "/agent/desired-state", &agent).await;
     assert_eq!(desired.body["workers"], json!([]));
     assert_eq!(desired.body["generation"], generation);
+    // With the fleet's hash secret: derived from the sealing key file (what the harness reads
+    // too), and in no admin or operator view of the node.
+    let secret = desired.body["fleet_hash_secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let expected =
+        kvfleet_controlplane::ca_key::fleet_hash_secret(&test_config().ca.key_file).unwrap();
+    assert_eq!(secret, expected.0);
+    assert!(expected.key().is_some(), "long enough to key the hasher");
+    for path in [
+        "/nodes".to_owned(),
+        format!("/nodes/{node}"),
+        "/ca".to_owned(),
+        "/status".to_owned(),
+    ] {
+        let r = get(&server, &path, &operator).await;
+        assert!(!r.body.to_string().contains(&secret), "{path}: {r:?}");
+    }
 
     // A watch parked on the current generation wakes when placement assigns a worker here.
     let watch_url = server.url(&format!(
@@ -381,9 +400,14 @@ async fn another_replica_takes_over_when_the_leader_goes(pool: PgPool) {
     .await;
 
     // A watch held on the follower wakes for a change the leader makes (NOTIFY crosses replicas).
-    let generation = get(&second, "/agent/desired-state", &agent).await.body["generation"]
-        .as_i64()
-        .unwrap();
+    let desired = get(&second, "/agent/desired-state", &agent).await.body;
+    let generation = desired["generation"].as_i64().unwrap();
+    // Every replica derives the same fleet hash secret from the shared sealing key.
+    assert_eq!(
+        desired["fleet_hash_secret"],
+        get(&first, "/agent/desired-state", &agent).await.body["fleet_hash_secret"]
+    );
+    assert!(desired["fleet_hash_secret"].is_string());
     let url = second.url(&format!(
         "/agent/desired-state?after_generation={generation}&wait_s=10"
     ));
@@ -493,9 +517,12 @@ async fn heartbeat_metrics_are_served_per_worker_and_deployment(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let (buckets, deleted) = kvfleet_controlplane::metrics::maintain(&pool, &config.metrics)
-        .await
-        .unwrap();
+    // Fenced: run under the epoch this replica leads with.
+    let fence = server.state.fence().expect("the only replica leads");
+    let (buckets, deleted) =
+        kvfleet_controlplane::metrics::maintain(&pool, &config.metrics, &fence)
+            .await
+            .unwrap();
     // Two workers' samples, in one bucket each (two if a minute boundary fell between rounds).
     assert!((2..=4).contains(&buckets), "{buckets}");
     assert_eq!(deleted, 6);
@@ -760,6 +787,24 @@ async fn a_deposed_leaders_writes_are_refused(pool: PgPool) {
     );
     // The new leader's go through.
     leader::placement_pass(&pool, &config.placement, &new)
+        .await
+        .unwrap();
+    // Metrics maintenance (rollups, pruning) and the stored responses' sweep likewise.
+    let refused = kvfleet_controlplane::metrics::maintain(&pool, &config.metrics, &old).await;
+    assert!(
+        matches!(refused, Err(LeaderError::Deposed { held, current })
+            if held == old.epoch && current == new.epoch),
+        "{refused:?}"
+    );
+    let refused = kvfleet_controlplane::api::responses::sweep(&pool, &old).await;
+    assert!(
+        matches!(refused, Err(LeaderError::Deposed { .. })),
+        "{refused:?}"
+    );
+    kvfleet_controlplane::metrics::maintain(&pool, &config.metrics, &new)
+        .await
+        .unwrap();
+    kvfleet_controlplane::api::responses::sweep(&pool, &new)
         .await
         .unwrap();
     // The old one may still believe it leads for up to a check interval (exactly the window

@@ -1254,7 +1254,11 @@ async fn stored_responses_round_trip_and_expire(pool: PgPool) {
         .unwrap();
     let expired = call(Method::GET, &url, Some(&agent_a), None).await;
     assert_eq!(expired.status, StatusCode::NOT_FOUND, "{expired:?}");
-    let swept = kvfleet_controlplane::api::responses::sweep(&pool)
+    let fence = eventually(std::time::Duration::from_secs(5), "a leader", || async {
+        server.state.fence()
+    })
+    .await;
+    let swept = kvfleet_controlplane::api::responses::sweep(&pool, &fence)
         .await
         .unwrap();
     assert_eq!(swept, 1);

@@ -25,7 +25,6 @@ use common::*;
 use kvfleet_agent::fleet::Target;
 use kvfleet_controlplane::auth::Role;
 use kvfleet_peer::{GenerateEvent, PeerConfig, PeerEndpoint, PeerIdentity};
-use kvfleet_proto::hash::{BlockSize, sequence_hashes};
 use kvfleet_proto::{NodeId, SamplingParams, Tier, WorkerId};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -153,8 +152,8 @@ async fn every_agent_follows_the_fleet_kv_index_and_a_lost_node_leaves_it() {
         cert_pem: std::fs::read_to_string(dirs[1].join("node.crt")).unwrap(),
         key_pem: std::fs::read_to_string(dirs[1].join("node.key")).unwrap(),
     };
-    let forwarded_hashes =
-        sequence_hashes(&(1..60).collect::<Vec<u32>>(), BlockSize::new(16).unwrap());
+    // Keyed with the fleet's hash secret, as every node of the fleet hashes them.
+    let forwarded_hashes = fleet_sequence_hashes(&(1..60).collect::<Vec<u32>>());
     let client =
         PeerEndpoint::bind(PeerConfig::new("127.0.0.1:0".parse().unwrap(), b_identity)).unwrap();
     let connection = client.connection(a_peer, a_node).await.unwrap();
@@ -545,6 +544,123 @@ async fn requests_go_to_the_prefix_holder_from_any_frontend_and_spread_otherwise
     .await;
 }
 
+/// A completion of `prompt` (token ids, so the test knows exactly what is hashed) from
+/// `agent`'s frontend, asserted served.
+async fn complete_tokens(agent: &Agent, prompt: &[u32]) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", agent.addr))
+        .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::OK, "{}: {body}", agent.name);
+    assert_eq!(
+        body["usage"]["completion_tokens"], 4,
+        "{}: {body}",
+        agent.name
+    );
+}
+
+/// Every integer in `value`, recursively (block hashes are JSON numbers in `kv_log`).
+fn numbers(value: &serde_json::Value, out: &mut std::collections::BTreeSet<u64>) {
+    match value {
+        serde_json::Value::Number(n) => out.extend(n.as_u64()),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| numbers(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| numbers(v, out)),
+        _ => {}
+    }
+}
+
+/// The fleet hash key: every block hash in the control plane's `kv_log` (and so in every
+/// router) is keyed with the secret the control plane derives from its sealing key and hands
+/// the agents, so a reader of the database cannot tell which prompts share a prefix by hashing
+/// candidate prompts; and routing, keyed on every node alike, still sends a repeated prompt
+/// to the worker holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_kv_index_holds_fleet_keyed_hashes_and_prefixes_still_route_home() {
+    use kvfleet_proto::hash::{BlockHasher, BlockSize};
+    use sqlx::Connection as _;
+    let names = ["kvf-key-a", "kvf-key-b", "kvf-key-c"];
+    let Some(nodes) = ThreeNodes::start(names, LOST_AFTER, SETUP, |_, toml| toml).await else {
+        return;
+    };
+    wait_routers_know_everyone(&nodes.agents).await;
+    let agents = &nodes.agents;
+    // Four full blocks of 16 tokens.
+    let prompt: Vec<u32> = (0..64).map(|i| 3 + (i * 37) % 200).collect();
+    let keyed = fleet_hasher().block_hashes(&prompt, BlockSize::new(16).unwrap());
+    let unkeyed = BlockHasher::UNKEYED.block_hashes(&prompt, BlockSize::new(16).unwrap());
+    assert_eq!(keyed.len(), 4);
+    complete_tokens(&agents[0], &prompt).await;
+
+    // Which worker holds it, as every router learns from the control plane's stream: under
+    // the keyed hashes, never under the plain ones.
+    let holder = |a: &Agent| {
+        fleet(a).with_router(|r| {
+            nodes
+                .ids
+                .iter()
+                .position(|w| keyed.iter().all(|b| r.holds(*w, b.sequence, Tier::G1)))
+        })
+    };
+    wait_for(
+        "the prompt's keyed blocks in every router",
+        Duration::from_secs(20),
+        || async { agents.iter().all(|a| holder(a).is_some()) },
+    )
+    .await;
+    let h = holder(&agents[0]).unwrap();
+    for a in agents {
+        assert_eq!(holder(a), Some(h), "{}", a.name);
+        fleet(a).with_router(|r| {
+            for w in &nodes.ids {
+                assert!(
+                    unkeyed.iter().all(|b| !r.holds(*w, b.sequence, Tier::G1)),
+                    "{}: an unkeyed hash in the router",
+                    a.name
+                );
+            }
+        });
+    }
+    // In `kv_log`: every keyed hash of the prompt (local and sequence), none of the plain ones.
+    let mut conn = sqlx::PgConnection::connect(&nodes.db.url).await.unwrap();
+    let items: Vec<serde_json::Value> = sqlx::query_scalar("SELECT item FROM kv_log")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let mut logged = std::collections::BTreeSet::new();
+    items.iter().for_each(|item| numbers(item, &mut logged));
+    for (k, u) in keyed.iter().zip(&unkeyed) {
+        assert!(logged.contains(&k.sequence.0) && logged.contains(&k.local.0));
+        assert!(!logged.contains(&u.sequence.0) && !logged.contains(&u.local.0));
+    }
+
+    // The same prompt again, entering the two other frontends: both go to the holder's worker,
+    // which finds the prompt's blocks in its cache (at least three: the last token is always
+    // computed).
+    let hits_before = prefix_hit_tokens(&agents[h]).await;
+    let (_, before) = route_counts(agents).await;
+    for k in (0..3).filter(|k| *k != h) {
+        wait_idle_everywhere(agents, nodes.ids[h]).await;
+        complete_tokens(&agents[k], &prompt).await;
+    }
+    let (_, after) = route_counts(agents).await;
+    let key = nodes.ids[h].to_string();
+    let routed = after.get(&key).copied().unwrap_or(0) - before.get(&key).copied().unwrap_or(0);
+    assert_eq!(routed, 2, "both repeats routed to the holder: {after:?}");
+    wait_for(
+        "the holder's worker to report its prefix-cache hits",
+        Duration::from_secs(10),
+        || async { prefix_hit_tokens(&agents[h]).await >= hits_before + 2 * 48 },
+    )
+    .await;
+    nodes.stop().await;
+}
+
 /// A chat completion of `max_tokens` from `agent_addr`'s frontend, allowed `timeout`.
 async fn chat(
     agent_addr: SocketAddr,
@@ -749,7 +865,7 @@ async fn run_on(agent: &Agent, worker: WorkerId, tokens: &[u32]) {
         request_id: format!("chatcmpl-restart-{}", tokens[0]),
         model: MODEL.into(),
         prompt: tokens.to_vec(),
-        block_hashes: sequence_hashes(tokens, BlockSize::new(16).unwrap()),
+        block_hashes: fleet_sequence_hashes(tokens),
         sampling: SamplingParams::greedy(4),
         worker: Some(worker),
     };
@@ -829,7 +945,7 @@ async fn a_worker_restarted_after_kill_9_is_credited_again_by_every_router() {
     let (a, worker) = (&nodes.agents[0], nodes.ids[0]);
     let prompt = |first: u32| (first..first + 64).collect::<Vec<u32>>();
     let held = |agent: &Agent, tokens: &[u32]| {
-        let hashes = sequence_hashes(tokens, BlockSize::new(16).unwrap());
+        let hashes = fleet_sequence_hashes(tokens);
         fleet(agent).with_router(|r| hashes.iter().all(|h| r.holds(worker, *h, Tier::G1)))
     };
     let g3 = |agent: &Agent| fleet(agent).with_router(|r| r.worker_blocks(worker).unwrap()[2]);

@@ -209,6 +209,12 @@ async fn used_or_expired_join_tokens_and_removed_nodes_stay_out_and_nothing_secr
         text.contains("created the first admin token"),
         "the capture works and saw the bootstrap"
     );
+    // The agent was keyed with the fleet hash secret, and said so without it.
+    let fleet_secret = kvfleet_controlplane::ca_key::fleet_hash_secret(&ca_key_file()).unwrap();
+    assert!(
+        text.contains("fleet hash key set"),
+        "the agent logged its key's arrival"
+    );
     let key_body: String = key_pem
         .lines()
         .filter(|l| !l.starts_with("-----"))
@@ -224,6 +230,7 @@ async fn used_or_expired_join_tokens_and_removed_nodes_stay_out_and_nothing_secr
             &key_body[..40.min(key_body.len())],
         ),
         ("a private key", "PRIVATE KEY"),
+        ("the fleet hash secret", fleet_secret.0.as_str()),
     ];
     for (what, secret) in secrets {
         assert!(!secret.is_empty());
@@ -500,7 +507,7 @@ async fn agents_join_an_https_control_plane_through_the_pinned_fleet_ca_only() {
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     kvfleet_controlplane::store::migrate(&pool).await.unwrap();
     // The same sealing key file as the harness's control planes (one per test process).
-    let key_file = std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
+    let key_file = ca_key_file();
     let ca =
         kvfleet_controlplane::ca_key::load_or_create(&pool, &key_file, Duration::from_secs(86_400))
             .await

@@ -84,6 +84,9 @@ pub struct Node {
     pub peer: crate::peer::PeerHandle,
     /// The frontend's stored responses: connected to the control plane at each registration.
     pub responses: Arc<crate::frontend::response_store::ResponseStore>,
+    /// The fleet hash key every block hash of this node goes through (frontend, serving,
+    /// workers): set from the desired state's `fleet_hash_secret`.
+    pub fleet_hasher: crate::fleet_hash::FleetHasher,
 }
 
 /// What the client observed, for tests and status output.
@@ -502,7 +505,11 @@ impl Client {
                 Ok(desired) => {
                     failures = 0;
                     self.handle.update(|s| s.connected = true);
-                    if held != Some(desired.generation) {
+                    // A new fleet hash secret (the control plane's sealing key changed) is
+                    // applied even at the same generation.
+                    if held != Some(desired.generation)
+                        || desired.fleet_hash_secret != self.node.fleet_hasher.secret()
+                    {
                         self.apply(&desired).await;
                         if let Err(e) = self.state.save_desired(&desired) {
                             tracing::warn!(error = %e, "cannot save the desired state");
@@ -530,6 +537,7 @@ impl Client {
     /// Reconciles the pool (and the frontend's models) to `desired`.
     async fn apply(&self, desired: &DesiredState) {
         let _serial = self.apply_lock.lock().await;
+        self.set_fleet_hash(desired);
         let gpus = self.gpus();
         let (targets, unrunnable) = reconcile::targets(desired, &gpus, &self.node.local_models);
         let mut unrunnable: BTreeMap<WorkerId, String> =
@@ -608,6 +616,40 @@ impl Client {
             workers = runnable.len(),
             "desired state applied"
         );
+    }
+
+    /// Keys this node's block hashes with the fleet's secret, before any worker is started for
+    /// `desired`. Workers running under another key (an agent upgraded from an unkeyed
+    /// control plane, or a control plane whose sealing key changed) are stopped, so the
+    /// reconcile starts them again under the new one: until then their blocks would be indexed
+    /// under hashes no other node computes. The secret itself is never logged.
+    fn set_fleet_hash(&self, desired: &DesiredState) {
+        let keyed = desired.fleet_hash_secret.is_some();
+        match self
+            .node
+            .fleet_hasher
+            .set(desired.fleet_hash_secret.clone())
+        {
+            Ok(false) => {}
+            Ok(true) => {
+                let running = self.node.pool.running();
+                if keyed {
+                    tracing::info!(restarted_workers = running.len(), "fleet hash key set");
+                } else {
+                    tracing::warn!(
+                        restarted_workers = running.len(),
+                        "the control plane sent no fleet hash key: block hashes are unkeyed"
+                    );
+                }
+                for worker in &running {
+                    tracing::info!(worker = %worker.id,
+                        "restarting worker under the new fleet hash key");
+                    self.node.pool.stop_worker(worker.id);
+                }
+            }
+            Err(e) => tracing::error!(error = %e,
+                "the control plane's fleet hash secret is unusable: block hashes keep their key"),
+        }
     }
 
     /// Models that no desired worker uses, no running (draining) worker still serves and no

@@ -265,6 +265,7 @@ mod tests {
             node_state: NodeState::Healthy,
             draining: false,
             workers,
+            fleet_hash_secret: None,
         }
     }
 

@@ -465,7 +465,18 @@ pub async fn heartbeat(
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
-    let mut tx = state.agent_pool.begin().await?;
+    // Round trips inside this transaction hold an agent-pool connection, and under load each
+    // one also waits for the runtime: the fewer, the more heartbeats the pool carries (see
+    // docs/benchmarks.md, "Unauthenticated flood"). So the commit mode is set with the
+    // `BEGIN`, and the revoked serials come back with the node's update.
+    let mut tx = if durable_commit(&beat) {
+        state.agent_pool.begin().await?
+    } else {
+        state
+            .agent_pool
+            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+            .await?
+    };
     if !beat.gpus.is_empty() {
         // Heartbeats only update GPUs this node owns; one that reports another node's GPU is
         // refused as its registration would be (a GPU with two reporters is a clone, a
@@ -483,41 +494,24 @@ pub async fn heartbeat(
             return Err(gpu_owned_elsewhere(&state, &mut tx, node, index, id).await);
         }
     }
-    // A heartbeat's liveness and states are an observation the next one repeats: losing the
-    // last few hundred milliseconds of them in a Postgres crash is harmless, so such a
-    // heartbeat skips the WAL flush that durable commits wait for (the audit row of a recovery
-    // is the one exception, and the next heartbeat would write it again). Windows are not
-    // repeated: the agent moves its baselines on once the heartbeat is answered, so a window
-    // acknowledged and then lost in a crash would be lost for good (the fault suite's
-    // Postgres restart lost 3 requests of 39 that way). A heartbeat whose windows count
-    // anything served commits durably.
-    let counts_served = |w: &kvfleet_proto::api::WorkerWindow| {
-        w.requests + w.prompt_tokens + w.finished + w.output_tokens > 0
-    };
-    if !beat
-        .workers
-        .iter()
-        .filter_map(|w| w.window.as_ref())
-        .any(counts_served)
-    {
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
-    }
-    let row: Option<(String, String, i64, String)> = sqlx::query_as(
+    // Every revoked node certificate serial that has not expired (a partial index on
+    // revoked_at: a handful of rows), read with the update.
+    let row: Option<(String, String, i64, String, Vec<String>)> = sqlx::query_as(
         "WITH old AS (SELECT id, state FROM nodes WHERE id = $1 FOR UPDATE)
          UPDATE nodes n SET last_heartbeat_at = now(),
              state = CASE WHEN old.state = 'removed' THEN 'removed' ELSE 'healthy' END,
              state_changed_at = CASE WHEN old.state IN ('healthy', 'removed') THEN n.state_changed_at ELSE now() END,
              peer_addr = COALESCE($2, n.peer_addr)
          FROM old WHERE n.id = old.id
-         RETURNING old.state, n.state, n.desired_generation, n.approval",
+         RETURNING old.state, n.state, n.desired_generation, n.approval,
+             ARRAY(SELECT serial FROM node_certificates
+                   WHERE revoked_at IS NOT NULL AND not_after > now() ORDER BY serial)",
     )
     .bind(node)
     .bind(beat.peer_addr.as_deref())
     .fetch_optional(&mut *tx)
     .await?;
-    let (before, after, generation, approval) =
+    let (before, after, generation, approval, revoked_serials) =
         row.ok_or_else(|| ApiError::not_found("node", node))?;
     let approval: NodeApproval = rows::parse(&approval)?;
     let before: NodeState = rows::parse(&before)?;
@@ -585,13 +579,6 @@ pub async fn heartbeat(
         )
         .await?;
     }
-    // Partial index on revoked_at: a handful of rows, read in the same transaction.
-    let revoked_serials: Vec<String> = sqlx::query_scalar(
-        "SELECT serial FROM node_certificates WHERE revoked_at IS NOT NULL AND not_after > now()
-         ORDER BY serial",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
     tx.commit().await?;
     state.agents.heartbeats.inc();
     Ok(Json(HeartbeatResponse {
@@ -601,6 +588,21 @@ pub async fn heartbeat(
         heartbeat_interval_ms: millis(state.config.liveness.heartbeat_interval),
         revoked_serials,
     }))
+}
+
+/// Whether a heartbeat must commit durably. Its liveness and states are an observation the
+/// next one repeats: losing the last few hundred milliseconds of them in a Postgres crash is
+/// harmless, so such a heartbeat skips the WAL flush that durable commits wait for (the audit
+/// row of a recovery is the one exception, and the next heartbeat would write it again).
+/// Windows are not repeated: the agent moves its baselines on once the heartbeat is answered,
+/// so a window acknowledged and then lost in a crash would be lost for good (the fault suite's
+/// Postgres restart lost 3 requests of 39 that way). A heartbeat whose windows count anything
+/// served commits durably.
+fn durable_commit(beat: &Heartbeat) -> bool {
+    beat.workers
+        .iter()
+        .filter_map(|w| w.window.as_ref())
+        .any(|w| w.requests + w.prompt_tokens + w.finished + w.output_tokens > 0)
 }
 
 async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiError> {
@@ -664,6 +666,7 @@ async fn load_desired(state: &AppState, node: Uuid) -> Result<DesiredState, ApiE
                 })
             })
             .collect::<Result<_, sqlx::Error>>()?,
+        fleet_hash_secret: Some(state.fleet_hash_secret.clone()),
     })
 }
 

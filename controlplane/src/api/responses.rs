@@ -15,6 +15,7 @@ use super::agent::node_of;
 use super::extract::{Agent, ApiJson, Caller};
 use super::problem::ApiError;
 use crate::AppState;
+use crate::store::{Fence, LeaderError};
 
 /// The longest response id accepted (OpenAI's are ~50 characters).
 const MAX_ID_LEN: usize = 128;
@@ -125,11 +126,14 @@ pub async fn delete(
 }
 
 /// Deletes expired responses (the leader, with its metrics maintenance); returns how many.
-pub async fn sweep(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    Ok(
-        sqlx::query("DELETE FROM stored_responses WHERE expires_at <= now()")
-            .execute(pool)
-            .await?
-            .rows_affected(),
-    )
+/// Fenced: refused unless `fence` is still the leader's epoch.
+pub async fn sweep(pool: &PgPool, fence: &Fence) -> Result<u64, LeaderError> {
+    let mut tx = pool.begin().await?;
+    fence.check(&mut tx).await?;
+    let swept = sqlx::query("DELETE FROM stored_responses WHERE expires_at <= now()")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok(swept)
 }

@@ -1363,6 +1363,13 @@ pub struct DesiredState {
     pub node_state: NodeState,
     pub draining: bool,
     pub workers: Vec<DesiredWorker>,
+    /// The fleet's hash secret: every block hash the node computes is keyed with it, so the
+    /// KV index does not tell a reader which prompts share a prefix. Derived by the control
+    /// plane from its CA sealing key (every replica derives the same one); absent from an
+    /// older control plane (the node then hashes unkeyed). Never logged (`Debug` redacts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, min_length = 16))]
+    pub fleet_hash_secret: Option<crate::hash::FleetHashSecret>,
 }
 
 /// Long-poll parameters of `GET /api/v1/agent/desired-state`.

@@ -88,6 +88,30 @@ pub struct ControlPlane {
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The CA sealing key file of this test process's control planes (one per process: they share
+/// one database).
+pub fn ca_key_file() -> PathBuf {
+    std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()))
+}
+
+/// The block hasher the fleet's agents use: keyed with the secret the control planes derive
+/// from [`ca_key_file`] (the control plane's own derivation, not a copy of it). Call it once a
+/// control plane has started (the first start creates the key file).
+pub fn fleet_hasher() -> kvfleet_proto::hash::BlockHasher {
+    let secret = kvfleet_controlplane::ca_key::fleet_hash_secret(&ca_key_file())
+        .expect("the control plane's sealing key file (start a control plane first)");
+    kvfleet_proto::hash::BlockHasher::keyed(secret.key())
+}
+
+/// [`kvfleet_proto::hash::sequence_hashes`] as the fleet computes them (keyed by
+/// [`fleet_hasher`]).
+pub fn fleet_sequence_hashes(tokens: &[u32]) -> Vec<kvfleet_proto::hash::SequenceHash> {
+    fleet_hasher().sequence_hashes(
+        tokens,
+        kvfleet_proto::hash::BlockSize::new(16).expect("16 > 0"),
+    )
+}
+
 impl ControlPlane {
     /// A replica on `addr` whose liveness calls a silent node unhealthy after half of
     /// `lost_after` and lost after `lost_after`.
@@ -119,8 +143,7 @@ impl ControlPlane {
             addr.port()
         ));
         // One CA sealing key per test process: its control planes share one database.
-        config.ca.key_file =
-            std::env::temp_dir().join(format!("kvfleet-test-{}-ca.key", std::process::id()));
+        config.ca.key_file = ca_key_file();
         // The fleet tests are about nodes in the fleet; the security suite turns this off to
         // show a join waiting for an admin.
         config.join.auto_approve = true;
