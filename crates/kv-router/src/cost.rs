@@ -7,8 +7,9 @@
 //! decoding there:
 //!
 //! ```text
-//! ttft     = correction × (queue + prefill + decode_interleave) + onboard + memory_wait
-//! queue    = f(Q) − f(0)                     Q: prompt tokens queued ahead (reports + own decisions)
+//! ttft     = correction × (queue + prefill + decode_interleave) + busy + onboard + memory_wait
+//! queue    = f(Q − P) − f(0)                 Q: prompt tokens queued ahead (reports + own decisions)
+//! busy     = what is left of a prefill step in progress, of P tokens (own decisions: see below)
 //! prefill  = f(0) + f(c + n) − f(c)          n new tokens after c cached ones (the profile's curve)
 //! decode_interleave = steps × itl(B, ctx)    chunked prefill shares each step with B decoders
 //!          (+ half a decode step when nothing is queued: the step in progress finishes first)
@@ -21,11 +22,19 @@
 //!
 //! `f` is the profile's prefill curve ([`PerfProfile::prefill_curve_ms`]: TTFT of a prompt alone
 //! on an idle worker, non-linear in length, chunking included), `itl(batch, context)` its decode
-//! table, `steps = ⌈(Q + n) / max_batched_tokens⌉`. `B` (sequences running there) and `ctx`
+//! table, `steps = ⌈(Q − P + n) / max_batched_tokens⌉`. `B` (sequences running there) and `ctx`
 //! (context per sequence) come from the worker's decode blocks and the router's own decisions.
 //! `correction` is learned per worker from the predictions' errors
 //! ([`crate::RouterConfig::learn_rate`]); the predicted TTFT of every decision is kept and
 //! checked against the actual one ([`crate::prediction`]).
+//!
+//! Tokens still waiting are prefilled in the same steps as the request's own (chunked prefill
+//! batches them), so they cost their marginal time `f(Q) − f(0)`, not a step each. A step
+//! already running cannot take the request in: it waits for the whole of it. The router knows
+//! such a step from its own decisions (a prompt sent to a worker with nothing queued starts at
+//! once and ends when its prediction says), and costs its remainder as `busy`; without that
+//! term every request of a burst sent to one worker within one prefill was predicted as if it
+//! joined the first one's step, and came out later than predicted.
 //!
 //! A worker without a profile is costed with [`TimeModel::nominal`], a linear placeholder whose
 //! scale the correction then learns.
@@ -157,6 +166,9 @@ impl TimeModel {
 pub(crate) struct Candidate {
     /// Prompt tokens queued ahead (reported plus own decisions since).
     pub(crate) queued_tokens: u64,
+    /// Of those, the tokens of a prefill step already running, and the ms left of that step.
+    pub(crate) busy_tokens: u64,
+    pub(crate) busy_ms: f64,
     /// KV blocks held by its running requests.
     pub(crate) decode_blocks: u64,
     /// Sequences estimated to be running there.
@@ -185,7 +197,7 @@ pub(crate) struct Shape {
 /// The terms of one candidate's predicted time (see the module docs), ms.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct TimeCost {
-    /// Other requests' prefill queued ahead of it.
+    /// Other requests' prefill queued ahead of it (a step in progress included).
     pub queue_ms: f64,
     /// Its own prefill of the uncached part.
     pub prefill_ms: f64,
@@ -277,8 +289,15 @@ fn compute(
         .min(shape.prompt_tokens.saturating_sub(1));
     // An engine computes at least the last prompt token to sample from it.
     let new = shape.prompt_tokens.saturating_sub(cached).max(1);
-    let queued = candidate.queued_tokens;
-    let queue_ms = model.queue_ms(queued);
+    // A step in progress is waited for whole; the rest of the queue batches with this prompt.
+    let busy = candidate.busy_tokens.min(candidate.queued_tokens);
+    let queued = candidate.queued_tokens - busy;
+    let busy_ms = if busy > 0 {
+        candidate.busy_ms.max(0.0)
+    } else {
+        0.0
+    };
+    let waiting_ms = model.queue_ms(queued);
     let prefill_ms = memo.prefill_ms(model, new, cached);
 
     let running = candidate.running;
@@ -289,7 +308,7 @@ fn compute(
     };
     let itl = model.itl_ms(running, context);
     let mut decode_ms = model.steps(queued + new) as f64 * itl;
-    if queued == 0 {
+    if queued == 0 && busy == 0 {
         decode_ms += 0.5 * itl;
     }
 
@@ -309,7 +328,9 @@ fn compute(
     }
 
     let correction = candidate.correction;
-    let ttft_ms = correction * (queue_ms + prefill_ms + decode_ms) + onboard_ms + memory_ms;
+    // The step in progress was predicted with the correction already.
+    let ttft_ms =
+        correction * (waiting_ms + prefill_ms + decode_ms) + busy_ms + onboard_ms + memory_ms;
 
     let slowdown_ms = if running == 0 || shape.itl_weight == 0.0 {
         0.0
@@ -320,7 +341,7 @@ fn compute(
         f64::from(running) * correction * (prefill_ms + extra_itl * f64::from(shape.output_tokens))
     };
     TimeCost {
-        queue_ms,
+        queue_ms: busy_ms + waiting_ms,
         prefill_ms,
         decode_ms,
         onboard_ms,
@@ -451,6 +472,32 @@ mod tests {
         let t3 = run(&m, &shape(1024), &g3);
         assert_eq!(t3.onboard_ms, 0.0);
         assert!((t3.prefill_ms - 60.0).abs() < 1e-9, "{t3:?}");
+    }
+
+    #[test]
+    fn a_step_in_progress_is_waited_for_whole_and_the_rest_batches() {
+        let m = model();
+        let running = Candidate {
+            queued_tokens: 1536,
+            busy_tokens: 512,
+            busy_ms: 30.0,
+            correction: 2.0,
+            ..idle()
+        };
+        let t = run(&m, &shape(1024), &running);
+        // 30 ms left of the 512-token step (already corrected), then 1,024 waiting tokens at
+        // their marginal time: f(1024) − f(0) = 50, corrected.
+        assert!((t.queue_ms - 80.0).abs() < 1e-9, "{t:?}");
+        assert!(
+            (t.ttft_ms - (30.0 + 2.0 * (50.0 + t.prefill_ms))).abs() < 1e-9,
+            "{t:?}"
+        );
+        // A step that is over (its tokens no longer queued) adds nothing.
+        let over = Candidate {
+            queued_tokens: 0,
+            ..running
+        };
+        assert_eq!(run(&m, &shape(1024), &over).queue_ms, 0.0);
     }
 
     #[test]

@@ -235,6 +235,9 @@ pub(crate) struct Worker {
     pub(crate) live: HashMap<EngineRequestId, Live>,
     /// Sum of `prefill_estimate` over live requests without a first token.
     pub(crate) pending_prefill: u64,
+    /// Sum of the whole prompts of those requests (the engine's count of their work, which
+    /// does not know the cache hits they will get).
+    pending_prompt: u64,
     report: WorkerReport,
 }
 
@@ -249,6 +252,7 @@ impl Worker {
             scheduled: None,
             live: HashMap::new(),
             pending_prefill: 0,
+            pending_prompt: 0,
             report: WorkerReport {
                 worker: id.0,
                 requests: 0,
@@ -557,6 +561,9 @@ impl<'a> Sim<'a> {
                     None => {
                         worker.pending_prefill =
                             worker.pending_prefill.saturating_sub(live.prefill_estimate);
+                        worker.pending_prompt = worker
+                            .pending_prompt
+                            .saturating_sub(u64::from(self.trace[trace_index].input_length));
                         self.router.prefill_done(router_id, token.time);
                         if live.leg == Leg::Whole {
                             // The router predicts the TTFT of a worker serving the whole
@@ -661,6 +668,9 @@ impl<'a> Sim<'a> {
                 if live.last_token.is_none() {
                     worker.pending_prefill =
                         worker.pending_prefill.saturating_sub(live.prefill_estimate);
+                    worker.pending_prompt = worker
+                        .pending_prompt
+                        .saturating_sub(u64::from(self.trace[live.trace_index].input_length));
                 }
                 if let Leg::Prefill { .. } = live.leg {
                     self.router.finished(decode_id, time);
@@ -763,8 +773,16 @@ impl<'a> Sim<'a> {
             .filter(|w| matches!(w.phase, Phase::Serving | Phase::Draining))
         {
             let metrics = worker.engine.metrics();
+            // The engine's pending prefill, less the prompts not yet started (counted by the
+            // router's estimate of their uncached part instead): what is left is the work of
+            // preempted requests, which recompute their whole context (prompt and generated
+            // tokens) and which no router decision accounts for. The agent's report carries
+            // it too (its prefill figure is the engine's).
+            let recompute = metrics
+                .prefill_tokens_pending
+                .saturating_sub(worker.pending_prompt);
             let load = WorkerLoad {
-                prefill_tokens: worker.pending_prefill,
+                prefill_tokens: worker.pending_prefill + recompute,
                 decode_blocks: u64::from(metrics.kv_blocks_used),
                 queue_depth: u32::try_from(metrics.waiting).unwrap_or(u32::MAX),
             };
@@ -893,6 +911,7 @@ impl<'a> Sim<'a> {
                     },
                 );
                 worker.pending_prefill += prefill_estimate;
+                worker.pending_prompt += u64::from(request.input_length);
                 self.reschedule(w, now)
             }
             Err(e) => {
