@@ -15,7 +15,9 @@
 //!          (+ half a decode step when nothing is queued: the step in progress finishes first)
 //! onboard  = Σ tiers latency + blocks × bytes / bandwidth     prefix blocks held in G2..G4
 //! memory_wait = the share of the decode blocks that must end before the prompt fits, × the
-//!          worker's mean decode time (learned from its requests' first and last tokens)
+//!          worker's mean decode time (learned from its requests' first and last tokens); a
+//!          share over one (the queue ahead needs more than the running requests hold) counts
+//!          one decode time per turnover of the running set
 //! slowdown = B × (prefill + (itl(B+1, ctx') − itl(B, ctx)) × output_tokens)
 //! cost     = ttft + itl_weight × slowdown
 //! ```
@@ -319,7 +321,9 @@ fn compute(
         let needed = u64::from(shape.request_blocks) + queued.div_ceil(bs);
         let free = candidate.kv_blocks.saturating_sub(candidate.decode_blocks);
         if needed > free && candidate.decode_blocks > 0 {
-            let share = ((needed - free) as f64 / candidate.decode_blocks as f64).min(1.0);
+            // Not capped at one: prompts queued ahead that need more than the running
+            // requests hold are admitted in waves, one mean decode time each.
+            let share = (needed - free) as f64 / candidate.decode_blocks as f64;
             let decode_time = candidate.decode_time_ms.unwrap_or_else(|| {
                 itl.max(model.itl_ms(1, context)) * f64::from(shape.output_tokens)
             });
@@ -512,6 +516,17 @@ mod tests {
         // 128 blocks needed, 100 free: 28 of the 900 blocks must go first.
         let t = run(&model(), &shape(2048), &full);
         assert!((t.memory_ms - 28.0 / 900.0 * 2000.0).abs() < 1e-6, "{t:?}");
+        // With 28,800 tokens (1,800 blocks) of prompts queued ahead, 1,828 of the 900 running
+        // blocks must go: about two turnovers of the running set.
+        let queued = Candidate {
+            queued_tokens: 1800 * 16,
+            ..full
+        };
+        let t = run(&model(), &shape(2048), &queued);
+        assert!(
+            (t.memory_ms - 1828.0 / 900.0 * 2000.0).abs() < 1e-6,
+            "{t:?}"
+        );
     }
 
     #[test]
