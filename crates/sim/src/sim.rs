@@ -268,6 +268,25 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// The load this worker publishes. Prompts not yet started count with the router's
+    /// estimate of their uncached part; on top comes the rest of the engine's pending prefill
+    /// (its figure less those prompts whole): the work of preempted requests, which recompute
+    /// their whole context (prompt and generated tokens) and which no routing decision
+    /// accounts for. The agent's report carries it too (its prefill figure is the engine's).
+    pub(crate) fn load_report(&self) -> WorkerLoad {
+        let metrics = self.engine.metrics();
+        let recompute = metrics
+            .prefill_tokens_pending
+            .saturating_sub(self.pending_prompt);
+        WorkerLoad {
+            prefill_tokens: self.pending_prefill + recompute,
+            decode_blocks: u64::from(metrics.kv_blocks_used),
+            queue_depth: u32::try_from(metrics.waiting).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 /// Per-run accumulators.
 #[derive(Debug, Default)]
 struct Totals {
@@ -772,20 +791,7 @@ impl<'a> Sim<'a> {
             .iter()
             .filter(|w| matches!(w.phase, Phase::Serving | Phase::Draining))
         {
-            let metrics = worker.engine.metrics();
-            // The engine's pending prefill, less the prompts not yet started (counted by the
-            // router's estimate of their uncached part instead): what is left is the work of
-            // preempted requests, which recompute their whole context (prompt and generated
-            // tokens) and which no router decision accounts for. The agent's report carries
-            // it too (its prefill figure is the engine's).
-            let recompute = metrics
-                .prefill_tokens_pending
-                .saturating_sub(worker.pending_prompt);
-            let load = WorkerLoad {
-                prefill_tokens: worker.pending_prefill + recompute,
-                decode_blocks: u64::from(metrics.kv_blocks_used),
-                queue_depth: u32::try_from(metrics.waiting).unwrap_or(u32::MAX),
-            };
+            let load = worker.load_report();
             self.to_router.push_back((
                 now + self.config.event_delay,
                 ToRouter::Load(worker.id, load),
