@@ -7,25 +7,36 @@
 //! decoding there:
 //!
 //! ```text
-//! ttft     = correction × (queue + prefill + decode_interleave) + onboard + memory_wait
-//! queue    = f(Q) − f(0)                     Q: prompt tokens queued ahead (reports + own decisions)
+//! ttft     = correction × (queue + prefill + decode_interleave) + busy + onboard + memory_wait
+//! queue    = f(Q − P) − f(0)                 Q: prompt tokens queued ahead (reports + own decisions)
+//! busy     = what is left of a prefill step in progress, of P tokens (own decisions: see below)
 //! prefill  = f(0) + f(c + n) − f(c)          n new tokens after c cached ones (the profile's curve)
 //! decode_interleave = steps × itl(B, ctx)    chunked prefill shares each step with B decoders
 //!          (+ half a decode step when nothing is queued: the step in progress finishes first)
 //! onboard  = Σ tiers latency + blocks × bytes / bandwidth     prefix blocks held in G2..G4
 //! memory_wait = the share of the decode blocks that must end before the prompt fits, × the
-//!          worker's mean decode time (learned from its requests' first and last tokens)
+//!          worker's mean decode time (learned from its requests' first and last tokens); a
+//!          share over one (the queue ahead needs more than the running requests hold) counts
+//!          one decode time per turnover of the running set
 //! slowdown = B × (prefill + (itl(B+1, ctx') − itl(B, ctx)) × output_tokens)
 //! cost     = ttft + itl_weight × slowdown
 //! ```
 //!
 //! `f` is the profile's prefill curve ([`PerfProfile::prefill_curve_ms`]: TTFT of a prompt alone
 //! on an idle worker, non-linear in length, chunking included), `itl(batch, context)` its decode
-//! table, `steps = ⌈(Q + n) / max_batched_tokens⌉`. `B` (sequences running there) and `ctx`
+//! table, `steps = ⌈(Q − P + n) / max_batched_tokens⌉`. `B` (sequences running there) and `ctx`
 //! (context per sequence) come from the worker's decode blocks and the router's own decisions.
 //! `correction` is learned per worker from the predictions' errors
 //! ([`crate::RouterConfig::learn_rate`]); the predicted TTFT of every decision is kept and
 //! checked against the actual one ([`crate::prediction`]).
+//!
+//! Tokens still waiting are prefilled in the same steps as the request's own (chunked prefill
+//! batches them), so they cost their marginal time `f(Q) − f(0)`, not a step each. A step
+//! already running cannot take the request in: it waits for the whole of it. The router knows
+//! such a step from its own decisions (a prompt sent to a worker with nothing queued starts at
+//! once and ends when its prediction says), and costs its remainder as `busy`; without that
+//! term every request of a burst sent to one worker within one prefill was predicted as if it
+//! joined the first one's step, and came out later than predicted.
 //!
 //! A worker without a profile is costed with [`TimeModel::nominal`], a linear placeholder whose
 //! scale the correction then learns.
@@ -157,6 +168,9 @@ impl TimeModel {
 pub(crate) struct Candidate {
     /// Prompt tokens queued ahead (reported plus own decisions since).
     pub(crate) queued_tokens: u64,
+    /// Of those, the tokens of a prefill step already running, and the ms left of that step.
+    pub(crate) busy_tokens: u64,
+    pub(crate) busy_ms: f64,
     /// KV blocks held by its running requests.
     pub(crate) decode_blocks: u64,
     /// Sequences estimated to be running there.
@@ -185,7 +199,7 @@ pub(crate) struct Shape {
 /// The terms of one candidate's predicted time (see the module docs), ms.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct TimeCost {
-    /// Other requests' prefill queued ahead of it.
+    /// Other requests' prefill queued ahead of it (a step in progress included).
     pub queue_ms: f64,
     /// Its own prefill of the uncached part.
     pub prefill_ms: f64,
@@ -277,8 +291,15 @@ fn compute(
         .min(shape.prompt_tokens.saturating_sub(1));
     // An engine computes at least the last prompt token to sample from it.
     let new = shape.prompt_tokens.saturating_sub(cached).max(1);
-    let queued = candidate.queued_tokens;
-    let queue_ms = model.queue_ms(queued);
+    // A step in progress is waited for whole; the rest of the queue batches with this prompt.
+    let busy = candidate.busy_tokens.min(candidate.queued_tokens);
+    let queued = candidate.queued_tokens - busy;
+    let busy_ms = if busy > 0 {
+        candidate.busy_ms.max(0.0)
+    } else {
+        0.0
+    };
+    let waiting_ms = model.queue_ms(queued);
     let prefill_ms = memo.prefill_ms(model, new, cached);
 
     let running = candidate.running;
@@ -289,7 +310,7 @@ fn compute(
     };
     let itl = model.itl_ms(running, context);
     let mut decode_ms = model.steps(queued + new) as f64 * itl;
-    if queued == 0 {
+    if queued == 0 && busy == 0 {
         decode_ms += 0.5 * itl;
     }
 
@@ -300,7 +321,9 @@ fn compute(
         let needed = u64::from(shape.request_blocks) + queued.div_ceil(bs);
         let free = candidate.kv_blocks.saturating_sub(candidate.decode_blocks);
         if needed > free && candidate.decode_blocks > 0 {
-            let share = ((needed - free) as f64 / candidate.decode_blocks as f64).min(1.0);
+            // Not capped at one: prompts queued ahead that need more than the running
+            // requests hold are admitted in waves, one mean decode time each.
+            let share = (needed - free) as f64 / candidate.decode_blocks as f64;
             let decode_time = candidate.decode_time_ms.unwrap_or_else(|| {
                 itl.max(model.itl_ms(1, context)) * f64::from(shape.output_tokens)
             });
@@ -309,7 +332,9 @@ fn compute(
     }
 
     let correction = candidate.correction;
-    let ttft_ms = correction * (queue_ms + prefill_ms + decode_ms) + onboard_ms + memory_ms;
+    // The step in progress was predicted with the correction already.
+    let ttft_ms =
+        correction * (waiting_ms + prefill_ms + decode_ms) + busy_ms + onboard_ms + memory_ms;
 
     let slowdown_ms = if running == 0 || shape.itl_weight == 0.0 {
         0.0
@@ -320,7 +345,7 @@ fn compute(
         f64::from(running) * correction * (prefill_ms + extra_itl * f64::from(shape.output_tokens))
     };
     TimeCost {
-        queue_ms,
+        queue_ms: busy_ms + waiting_ms,
         prefill_ms,
         decode_ms,
         onboard_ms,
@@ -454,6 +479,32 @@ mod tests {
     }
 
     #[test]
+    fn a_step_in_progress_is_waited_for_whole_and_the_rest_batches() {
+        let m = model();
+        let running = Candidate {
+            queued_tokens: 1536,
+            busy_tokens: 512,
+            busy_ms: 30.0,
+            correction: 2.0,
+            ..idle()
+        };
+        let t = run(&m, &shape(1024), &running);
+        // 30 ms left of the 512-token step (already corrected), then 1,024 waiting tokens at
+        // their marginal time: f(1024) − f(0) = 50, corrected.
+        assert!((t.queue_ms - 80.0).abs() < 1e-9, "{t:?}");
+        assert!(
+            (t.ttft_ms - (30.0 + 2.0 * (50.0 + t.prefill_ms))).abs() < 1e-9,
+            "{t:?}"
+        );
+        // A step that is over (its tokens no longer queued) adds nothing.
+        let over = Candidate {
+            queued_tokens: 0,
+            ..running
+        };
+        assert_eq!(run(&m, &shape(1024), &over).queue_ms, 0.0);
+    }
+
+    #[test]
     fn a_full_worker_waits_for_decodes_to_end() {
         let full = Candidate {
             decode_blocks: 900,
@@ -465,6 +516,17 @@ mod tests {
         // 128 blocks needed, 100 free: 28 of the 900 blocks must go first.
         let t = run(&model(), &shape(2048), &full);
         assert!((t.memory_ms - 28.0 / 900.0 * 2000.0).abs() < 1e-6, "{t:?}");
+        // With 28,800 tokens (1,800 blocks) of prompts queued ahead, 1,828 of the 900 running
+        // blocks must go: about two turnovers of the running set.
+        let queued = Candidate {
+            queued_tokens: 1800 * 16,
+            ..full
+        };
+        let t = run(&model(), &shape(2048), &queued);
+        assert!(
+            (t.memory_ms - 1828.0 / 900.0 * 2000.0).abs() < 1e-6,
+            "{t:?}"
+        );
     }
 
     #[test]

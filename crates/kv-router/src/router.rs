@@ -176,6 +176,10 @@ struct Worker {
     /// Own decisions in flight on it, and the blocks their prompts occupy.
     own_requests: u32,
     own_blocks: u64,
+    /// The prefill step an own decision started on it when nothing was queued there: when it
+    /// is predicted to end, the prompt tokens it computes ([`crate::cost`]'s `busy`), and the
+    /// request (whose first token ends it early).
+    prefill_step: Option<(Duration, u64, RequestId)>,
 }
 
 impl Worker {
@@ -190,6 +194,7 @@ impl Worker {
             decode_time_ms: None,
             own_requests: 0,
             own_blocks: 0,
+            prefill_step: None,
         }
     }
 
@@ -671,6 +676,9 @@ impl Router {
         let (slot, reported) = (request.slot, request.reported);
         if let Some(worker) = self.slots[slot as usize].as_mut() {
             worker.load.retire(prefill, reported, false);
+            if worker.prefill_step.is_some_and(|(_, _, r)| r == id) {
+                worker.prefill_step = None;
+            }
         }
         true
     }
@@ -693,6 +701,9 @@ impl Router {
         worker
             .load
             .retire(request.contribution, request.reported, true);
+        if worker.prefill_step.is_some_and(|(_, _, r)| r == id) {
+            worker.prefill_step = None;
+        }
         worker.own_requests = worker.own_requests.saturating_sub(1);
         worker.own_blocks = worker.own_blocks.saturating_sub(u64::from(request.blocks));
         if let (Some(first), false) = (request.first_token, timed_out) {
@@ -857,7 +868,7 @@ impl Router {
                 let load = worker.load.effective();
                 let mut cost = self.block_cost(worker, held, load, request_blocks);
                 if timed {
-                    let time = self.time_cost(worker, held, load, &shape, &mut memo);
+                    let time = self.time_cost(worker, held, load, &shape, now, &mut memo);
                     cost.cost = time.cost(shape.itl_weight);
                     cost.time = Some(time);
                 }
@@ -898,10 +909,28 @@ impl Router {
         {
             let held = self.scratch.overlap(slot);
             let load = worker.load.effective();
-            costs[chosen].time = Some(self.time_cost(worker, held, load, &shape, &mut memo));
+            costs[chosen].time = Some(self.time_cost(worker, held, load, &shape, now, &mut memo));
         }
         let predicted_ttft_ms = costs[chosen].time.map_or(0.0, |t| t.ttft_ms);
         let overlap_blocks = costs[chosen].overlap_blocks;
+        if let Some(time) = costs[chosen].time
+            && time.queue_ms == 0.0
+            && let Some(worker) = self.slots[slot as usize].as_mut()
+        {
+            // Nothing was queued there: its prefill starts at once, and requests sent there
+            // before it ends wait for that step (a prompt longer than one step only for its
+            // first chunk).
+            let model = worker.model.as_deref().unwrap_or(&self.default_model);
+            let step = u64::from(model.profile().max_batched_tokens.max(1));
+            let new = u64::from(request.prompt_tokens)
+                .saturating_sub(u64::from(overlap_blocks) * u64::from(block_size.get()))
+                .max(1);
+            let ms = predicted_ttft_ms - time.onboard_ms - time.memory_ms;
+            let ms = ms * step.min(new) as f64 / new as f64;
+            worker.prefill_step = Duration::try_from_secs_f64(ms.max(0.0) / 1e3)
+                .ok()
+                .map(|d| (now.saturating_add(d), step.min(new), request.id));
+        }
         self.record(
             request,
             slot,
@@ -968,11 +997,18 @@ impl Router {
         held: Held,
         load: WorkerLoad,
         shape: &Shape,
+        now: Duration,
         memo: &mut PrefillMemo,
     ) -> TimeCost {
         let model = worker.model.as_ref().unwrap_or(&self.default_model);
+        let (busy_tokens, busy_ms) = match worker.prefill_step {
+            Some((end, tokens, _)) if end > now => (tokens, (end - now).as_secs_f64() * 1e3),
+            _ => (0, 0.0),
+        };
         let candidate = Candidate {
             queued_tokens: load.prefill_tokens,
+            busy_tokens,
+            busy_ms,
             decode_blocks: load.decode_blocks,
             running: worker.running(load.decode_blocks, model),
             kv_blocks: worker.capacity.kv_blocks,

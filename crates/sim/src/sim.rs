@@ -235,6 +235,9 @@ pub(crate) struct Worker {
     pub(crate) live: HashMap<EngineRequestId, Live>,
     /// Sum of `prefill_estimate` over live requests without a first token.
     pub(crate) pending_prefill: u64,
+    /// Sum of the whole prompts of those requests (the engine's count of their work, which
+    /// does not know the cache hits they will get).
+    pending_prompt: u64,
     report: WorkerReport,
 }
 
@@ -249,6 +252,7 @@ impl Worker {
             scheduled: None,
             live: HashMap::new(),
             pending_prefill: 0,
+            pending_prompt: 0,
             report: WorkerReport {
                 worker: id.0,
                 requests: 0,
@@ -260,6 +264,25 @@ impl Worker {
                 steps: 0,
                 preemptions: 0,
             },
+        }
+    }
+}
+
+impl Worker {
+    /// The load this worker publishes. Prompts not yet started count with the router's
+    /// estimate of their uncached part; on top comes the rest of the engine's pending prefill
+    /// (its figure less those prompts whole): the work of preempted requests, which recompute
+    /// their whole context (prompt and generated tokens) and which no routing decision
+    /// accounts for. The agent's report carries it too (its prefill figure is the engine's).
+    pub(crate) fn load_report(&self) -> WorkerLoad {
+        let metrics = self.engine.metrics();
+        let recompute = metrics
+            .prefill_tokens_pending
+            .saturating_sub(self.pending_prompt);
+        WorkerLoad {
+            prefill_tokens: self.pending_prefill + recompute,
+            decode_blocks: u64::from(metrics.kv_blocks_used),
+            queue_depth: u32::try_from(metrics.waiting).unwrap_or(u32::MAX),
         }
     }
 }
@@ -557,6 +580,9 @@ impl<'a> Sim<'a> {
                     None => {
                         worker.pending_prefill =
                             worker.pending_prefill.saturating_sub(live.prefill_estimate);
+                        worker.pending_prompt = worker
+                            .pending_prompt
+                            .saturating_sub(u64::from(self.trace[trace_index].input_length));
                         self.router.prefill_done(router_id, token.time);
                         if live.leg == Leg::Whole {
                             // The router predicts the TTFT of a worker serving the whole
@@ -661,6 +687,9 @@ impl<'a> Sim<'a> {
                 if live.last_token.is_none() {
                     worker.pending_prefill =
                         worker.pending_prefill.saturating_sub(live.prefill_estimate);
+                    worker.pending_prompt = worker
+                        .pending_prompt
+                        .saturating_sub(u64::from(self.trace[live.trace_index].input_length));
                 }
                 if let Leg::Prefill { .. } = live.leg {
                     self.router.finished(decode_id, time);
@@ -762,12 +791,7 @@ impl<'a> Sim<'a> {
             .iter()
             .filter(|w| matches!(w.phase, Phase::Serving | Phase::Draining))
         {
-            let metrics = worker.engine.metrics();
-            let load = WorkerLoad {
-                prefill_tokens: worker.pending_prefill,
-                decode_blocks: u64::from(metrics.kv_blocks_used),
-                queue_depth: u32::try_from(metrics.waiting).unwrap_or(u32::MAX),
-            };
+            let load = worker.load_report();
             self.to_router.push_back((
                 now + self.config.event_delay,
                 ToRouter::Load(worker.id, load),
@@ -893,6 +917,7 @@ impl<'a> Sim<'a> {
                     },
                 );
                 worker.pending_prefill += prefill_estimate;
+                worker.pending_prompt += u64::from(request.input_length);
                 self.reschedule(w, now)
             }
             Err(e) => {

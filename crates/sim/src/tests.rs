@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kvfleet_engine::PoolSizing;
+use kvfleet_engine::{Engine, PoolSizing};
 use kvfleet_kv_router::RoutingMode;
 use proptest::prelude::*;
 
@@ -312,6 +312,40 @@ fn requests_wait_at_the_frontend_while_every_worker_is_full() {
     assert_conserved(&report, &trace);
     assert_eq!(report.completed, 5);
     assert!(report.overload_retries >= 4, "{}", report.overload_retries);
+}
+
+#[test]
+fn load_reports_count_the_recompute_of_preempted_requests() {
+    // One worker whose pool holds the prompts but not all of their answers: it preempts, and
+    // a preempted request's recompute is in its load report beside the prompts not started.
+    let trace: Vec<TraceRequest> = (0..6)
+        .map(|i| TraceRequest {
+            line: i + 1,
+            arrival: Duration::from_millis(i as u64),
+            input_length: 400,
+            output_length: 600,
+            hash_ids: vec![10 * i as u64],
+        })
+        .collect();
+    let mut small = config(1, RoutingMode::Kv);
+    small.pool_from_profile = false;
+    small.scheduler.kv_memory = PoolSizing::Blocks(160);
+    let mut sim = crate::sim::Sim::new(&small, &trace).unwrap();
+    let mut seen = false;
+    for step in 1..2000u64 {
+        if !sim.run_until(Duration::from_millis(step * 5)).unwrap() {
+            break;
+        }
+        let worker = &sim.workers[0];
+        let metrics = worker.engine.metrics();
+        let report = worker.load_report();
+        assert!(report.prefill_tokens >= worker.pending_prefill);
+        if metrics.preemptions > 0 && report.prefill_tokens > worker.pending_prefill {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "no preempted work was ever reported");
 }
 
 #[test]

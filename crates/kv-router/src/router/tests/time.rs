@@ -167,6 +167,45 @@ fn the_cost_is_the_predicted_time_and_explains_itself() {
 }
 
 #[test]
+fn a_request_sent_during_a_prefill_step_waits_for_all_of_it() {
+    // Agent bursts: siblings sharing a prompt reach one worker within a few ms. The first
+    // finds it idle and its prefill starts at once; the second cannot join that step, so it
+    // waits for the rest of it (not the marginal time of batching with it), then its own.
+    let profile = mock_profile();
+    let mut router = timed(&[1], |_| {});
+    let first = seqs(&prompt(1, 64));
+    let a = router
+        .select(&RouteRequest::new(RequestId(1), &first, 64 * BS), ms(0))
+        .unwrap();
+    let step_ms = a.predicted_ttft_ms;
+    assert!(
+        (step_ms - profile.prefill_ms(1024, 0)).abs() < 1e-9,
+        "{a:?}"
+    );
+    let second = seqs(&prompt(2, 64));
+    let b = router
+        .select(&RouteRequest::new(RequestId(2), &second, 64 * BS), ms(5))
+        .unwrap();
+    let queue = b.candidates[0].time.unwrap().queue_ms;
+    assert!(
+        (queue - (step_ms - 5.0)).abs() < 1e-6,
+        "{queue} vs {step_ms}: {b:?}"
+    );
+    // Once the first token came back, the step is over: the queue is what is still waiting.
+    router.prefill_done(RequestId(1), ms(20));
+    let third = seqs(&prompt(3, 64));
+    let c = router
+        .select(&RouteRequest::new(RequestId(3), &third, 64 * BS), ms(21))
+        .unwrap();
+    let queue = c.candidates[0].time.unwrap().queue_ms;
+    let waiting = profile.prefill_curve_ms(1024) - profile.prefill_curve_ms(0);
+    assert!(
+        (queue - waiting).abs() < 1e-6,
+        "{queue} vs {waiting}: {c:?}"
+    );
+}
+
+#[test]
 fn cold_requests_spread_instead_of_sinking_into_the_lowest_id() {
     let count = |mode| {
         let mut router = timed(&[1, 2, 3, 4, 5, 6, 7, 8], |c| c.mode = mode);
