@@ -67,11 +67,19 @@ pub struct PeerConfig {
     /// (`max_connections_per_peer × connection_window`). An agent keeps one connection per
     /// peer; connections past it are closed after the handshake and counted as `peer_limit`.
     pub max_connections_per_peer: u32,
-    /// Largest UDP payload that path MTU discovery probes for. 1452 (quinn's default) fits any
-    /// Ethernet path; jumbo-frame fabrics (MTU 9000) may carry 8952 with fewer packets per
-    /// byte, but on loopback it showed no gain (docs/benchmarks.md): measure before raising it.
-    /// Discovery falls back if the path does not carry it.
+    /// Largest UDP payload that path MTU discovery probes for, and that this endpoint accepts
+    /// (announced to peers as QUIC's `max_udp_payload_size`; both ends must allow a size for
+    /// it to be used). 1452 (quinn's default) fits any Ethernet path; jumbo-frame fabrics
+    /// (MTU 9000) may carry 8952, with a sixth of the packets per byte and so of the per-packet
+    /// work (docs/benchmarks.md). Discovery falls back if the path does not carry it.
     pub max_udp_payload: u16,
+    /// Kernel send and receive buffer of the endpoint's UDP socket, bytes (`SO_SNDBUF`,
+    /// `SO_RCVBUF`). The kernel's default (about 208 KiB) overflows under one congestion
+    /// window's burst of 2 MiB blocks: the datagrams it drops are losses to QUIC, and the
+    /// congestion controller halves its window for each. Linux caps the value at
+    /// `net.core.rmem_max` / `wmem_max` (raise those on peer hosts; a cap is logged at start).
+    /// 0 leaves the kernel's default.
+    pub udp_buffer: usize,
 }
 
 impl PeerConfig {
@@ -93,6 +101,7 @@ impl PeerConfig {
             max_streams_per_peer: 64,
             max_connections_per_peer: 8,
             max_udp_payload: 1452,
+            udp_buffer: 8 * 1024 * 1024,
         }
     }
 
@@ -172,6 +181,41 @@ fn quic_configs(
     Ok((credentials.node_id, server, client))
 }
 
+/// `quinn::Endpoint::server` with the socket's kernel buffers sized by
+/// [`PeerConfig::udp_buffer`] and the endpoint's datagram limit by
+/// [`PeerConfig::max_udp_payload`].
+fn bind_socket(
+    config: &PeerConfig,
+    server: quinn::ServerConfig,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(config.bind)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    if config.udp_buffer > 0 {
+        state.set_recv_buffer_size((&socket).into(), config.udp_buffer)?;
+        state.set_send_buffer_size((&socket).into(), config.udp_buffer)?;
+    }
+    // Linux reports twice what it grants (the doubled value covers its bookkeeping).
+    let granted = state.recv_buffer_size((&socket).into())? / 2;
+    if granted < config.udp_buffer {
+        tracing::warn!(
+            requested = config.udp_buffer,
+            granted,
+            "the kernel capped the peer socket's receive buffer (net.core.rmem_max): expect \
+             datagram drops, and so lower KV transfer throughput"
+        );
+    }
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    // The largest datagram this endpoint accepts, and announces in its transport parameters
+    // (`max_udp_payload_size`): quinn's default of 1472 would cap every peer's path MTU
+    // discovery there, whatever `max_udp_payload` says.
+    let mut endpoint = quinn::EndpointConfig::default();
+    endpoint
+        .max_udp_payload_size(config.max_udp_payload.max(1200))
+        .map_err(|e| std::io::Error::other(format!("max_udp_payload: {e}")))?;
+    quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
+}
+
 fn take_slot(
     counts: &Arc<Mutex<HashMap<NodeId, u32>>>,
     node: NodeId,
@@ -228,11 +272,10 @@ impl PeerEndpoint {
     /// Binds the UDP socket and loads the identity. Needs a tokio runtime.
     pub fn bind(config: PeerConfig) -> Result<Self, PeerError> {
         let (node_id, server, client) = quic_configs(&config, &config.identity)?;
-        let endpoint =
-            quinn::Endpoint::server(server, config.bind).map_err(|source| PeerError::Bind {
-                addr: config.bind,
-                source,
-            })?;
+        let endpoint = bind_socket(&config, server).map_err(|source| PeerError::Bind {
+            addr: config.bind,
+            source,
+        })?;
         let shared = Arc::new(Shared {
             client: Mutex::new(client),
             metrics: Arc::new(PeerMetrics::default()),
@@ -708,6 +751,12 @@ pub struct PeerConnection {
 }
 
 impl PeerConnection {
+    /// QUIC's counters for this connection (packets lost, congestion events, path MTU and
+    /// congestion window, UDP datagrams): what to read when a transfer is slower than the link.
+    pub fn transport_stats(&self) -> quinn::ConnectionStats {
+        self.connection.stats()
+    }
+
     /// The node at the other end.
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
