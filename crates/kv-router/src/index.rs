@@ -26,7 +26,7 @@
 //!   once.
 //! - Evicted blocks leave holes in the arena; when holes outnumber the live blocks, the arena is
 //!   compacted in one sequential pass (the map's values are rewritten by iterating its table,
-//!   not by lookups), so the arena stays under twice the live blocks.
+//!   not by lookups), so the arena stays under 4/3 of the live blocks.
 //!
 //! Holder sets: up to two holders live inline in the run's one-word `Holders`; three or more
 //! spill to a `Slab` of flat `u32` arrays in size classes of 4, 8, 16, ... holders. Each holder
@@ -36,6 +36,7 @@
 //! and purges a worker's blocks before its slot is reused.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hasher};
 
 use kvfleet_proto::{SequenceHash, Tier};
@@ -312,6 +313,10 @@ const DEAD: u32 = u32::MAX;
 
 /// Holes tolerated before a compaction is considered (below this the arena is small anyway).
 const COMPACT_MIN_HOLES: usize = 4096;
+
+/// The arena is compacted when more than one position in this many is a hole: memory (the
+/// arena is 12 bytes a position) against the compactions' passes.
+const HOLE_SHARE: usize = 4;
 
 /// A stretch of adjacent arena positions whose blocks share one holder set. A free run id
 /// (on `BlockIndex::free_runs`) has `len == 0`.
@@ -657,6 +662,12 @@ impl BlockIndex {
     /// the arena's end when it has exactly that holder set.
     fn append(&mut self, hash: u64, slot: u32, bit: u8) -> u32 {
         let pos = self.hashes.len() as u32;
+        if self.hashes.len() == self.hashes.capacity() {
+            // Grow by a quarter, not double: the arena is most of the index's memory.
+            let more = (self.hashes.len() / 4).max(1024);
+            self.hashes.reserve_exact(more);
+            self.run_of.reserve_exact(more);
+        }
         let single = Holders(u64::from(pack(slot, bit)));
         let id = match self.run_of.last() {
             Some(&last) if last != DEAD && self.runs[last as usize].holders == single => {
@@ -705,18 +716,33 @@ impl BlockIndex {
         let mut pending: Option<Stretch> = None;
         let mut last: Option<u32> = None;
         for SequenceHash(hash) in hashes {
-            let pos = match self.locate(hash, last.map(|p| p + 1)) {
-                Some(pos) => pos,
-                None => {
-                    if let Some(s) = pending.take() {
-                        added += self.add_stretch(s, slot, bit);
-                    }
-                    let pos = self.append(hash, slot, bit);
-                    self.map.insert(hash, pos);
-                    added += 1;
-                    last = Some(pos);
-                    continue;
+            let near = last.map(|p| p + 1);
+            let found = match near {
+                Some(pos)
+                    if self.hashes.get(pos as usize) == Some(&hash)
+                        && self.run_of[pos as usize] != DEAD =>
+                {
+                    Some(pos)
                 }
+                // One probe: a new block takes the arena's next position (nothing below
+                // changes the arena's length before `append`).
+                _ => match self.map.entry(hash) {
+                    Entry::Occupied(e) => Some(*e.get()),
+                    Entry::Vacant(e) => {
+                        e.insert(self.hashes.len() as u32);
+                        None
+                    }
+                },
+            };
+            let Some(pos) = found else {
+                if let Some(s) = pending.take() {
+                    added += self.add_stretch(s, slot, bit);
+                }
+                let pos = self.append(hash, slot, bit);
+                debug_assert_eq!(self.map.get(&hash), Some(&pos));
+                added += 1;
+                last = Some(pos);
+                continue;
             };
             last = Some(pos);
             pending = match pending {
@@ -828,35 +854,51 @@ impl BlockIndex {
     /// positions down (order kept, so chains stay contiguous), one pass over the map's table
     /// rewrites the positions.
     fn maybe_compact(&mut self) {
-        if self.dead < self.compact_min.max(1) || self.dead * 2 <= self.hashes.len() {
+        if self.dead < self.compact_min.max(1) || self.dead * HOLE_SHARE <= self.hashes.len() {
             return;
         }
-        let mut moved = vec![DEAD; self.hashes.len()];
+        // A run has no holes, so all its positions move by the same amount: first each run's
+        // new start (runs are few), then the map's values, then the arena itself.
+        let mut starts = vec![DEAD; self.runs.len()];
+        let mut next = 0u32;
+        let mut pos = 0usize;
+        while pos < self.run_of.len() {
+            let id = self.run_of[pos];
+            if id == DEAD {
+                pos += 1;
+                continue;
+            }
+            starts[id as usize] = next;
+            let len = self.runs[id as usize].len;
+            next += len;
+            pos += len as usize;
+        }
+        for pos in self.map.values_mut() {
+            let id = self.run_of[*pos as usize] as usize;
+            *pos = *pos - self.runs[id].start + starts[id];
+        }
         let mut next = 0usize;
         for pos in 0..self.hashes.len() {
             let run = self.run_of[pos];
             if run == DEAD {
                 continue;
             }
-            moved[pos] = next as u32;
             self.hashes[next] = self.hashes[pos];
             self.run_of[next] = run;
             next += 1;
         }
         self.hashes.truncate(next);
         self.run_of.truncate(next);
-        for run in self.runs.iter_mut().filter(|r| r.len > 0) {
-            run.start = moved[run.start as usize];
-        }
-        for pos in self.map.values_mut() {
-            *pos = moved[*pos as usize];
+        for (id, run) in self.runs.iter_mut().enumerate() {
+            if run.len > 0 {
+                run.start = starts[id];
+            }
         }
         self.dead = 0;
-        // Give memory back when the index has shrunk a lot, keeping room to grow.
-        if self.hashes.capacity() > 4 * next.max(1024) {
-            self.hashes.shrink_to(2 * next);
-            self.run_of.shrink_to(2 * next);
-        }
+        // Give back what the holes took, keeping a quarter to grow into.
+        let keep = next + (next / 4).max(1024);
+        self.hashes.shrink_to(keep);
+        self.run_of.shrink_to(keep);
     }
 
     /// Drops the tiers in `mask` from every block `slot` holds (a `Cleared` event, or the
@@ -1261,7 +1303,7 @@ mod tests {
             }
             check_invariants(&idx);
         }
-        assert!(idx.hashes.len() <= 2 * idx.map.len() + 8);
+        assert!(idx.hashes.len() <= idx.map.len() * 4 / 3 + 8);
         assert_eq!(idx.counts(0), [50, 0, 0, 0]);
         assert_eq!(idx.counts(1), [0, 400, 0, 0]);
         let mut scratch = Scratch::default();
