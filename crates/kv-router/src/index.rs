@@ -36,7 +36,9 @@
 //! and purges a worker's blocks before its slot is reused.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use std::hash::{BuildHasher, Hasher};
 
 use kvfleet_proto::{SequenceHash, Tier};
@@ -336,8 +338,10 @@ impl Run {
 /// Which workers (by slot) hold which blocks, in which tiers.
 #[derive(Debug)]
 pub(crate) struct BlockIndex {
-    /// A block's sequence hash to its arena position.
-    map: HashMap<u64, u32, KeyedBuild>,
+    /// A block's sequence hash to its arena position: the table stores only the position (4
+    /// bytes) and compares keys against the arena, so no hash is stored twice.
+    map: HashTable<u32>,
+    build: KeyedBuild,
     /// The arena: each position's block hash (stale where `run_of` is [`DEAD`]).
     hashes: Vec<u64>,
     /// The arena: each position's run id, or [`DEAD`].
@@ -413,7 +417,8 @@ struct Stretch {
 impl BlockIndex {
     pub(crate) fn new(seed: u64) -> Self {
         Self {
-            map: HashMap::with_hasher(KeyedBuild(seed)),
+            map: HashTable::new(),
+            build: KeyedBuild(seed),
             hashes: Vec::new(),
             run_of: Vec::new(),
             dead: 0,
@@ -441,7 +446,7 @@ impl BlockIndex {
 
     /// The tier mask `slot` holds `hash` in (0 when it does not hold it).
     pub(crate) fn tiers_of(&self, hash: SequenceHash, slot: u32) -> u8 {
-        let Some(&pos) = self.map.get(&hash.0) else {
+        let Some(pos) = self.find(hash.0) else {
             return 0;
         };
         let run = self.runs[self.run_of[pos as usize] as usize];
@@ -616,7 +621,14 @@ impl BlockIndex {
     fn kill(&mut self, id: u32) {
         let run = self.runs[id as usize];
         for pos in run.start..run.end() {
-            self.map.remove(&self.hashes[pos as usize]);
+            let key = self.hashes[pos as usize];
+            let hashes = &self.hashes;
+            if let Ok(entry) = self
+                .map
+                .find_entry(self.build.hash_one(key), |&p| hashes[p as usize] == key)
+            {
+                entry.remove();
+            }
         }
         self.run_of[run.start as usize..run.end() as usize].fill(DEAD);
         self.dead += run.len as usize;
@@ -690,7 +702,15 @@ impl BlockIndex {
         {
             return Some(pos);
         }
-        self.map.get(&hash).copied()
+        self.find(hash)
+    }
+
+    /// The arena position of `key`, from the map.
+    fn find(&self, key: u64) -> Option<u32> {
+        let hashes = &self.hashes;
+        self.map
+            .find(self.build.hash_one(key), |&p| hashes[p as usize] == key)
+            .copied()
     }
 
     /// Adds `tier` to what `slot` holds of `hash`; true when it was not there yet.
@@ -726,7 +746,14 @@ impl BlockIndex {
                 }
                 // One probe: a new block takes the arena's next position (nothing below
                 // changes the arena's length before `append`).
-                _ => match self.map.entry(hash) {
+                _ => match {
+                    let (hashes, build) = (&self.hashes, &self.build);
+                    self.map.entry(
+                        build.hash_one(hash),
+                        |&p| hashes[p as usize] == hash,
+                        |&p| build.hash_one(hashes[p as usize]),
+                    )
+                } {
                     Entry::Occupied(e) => Some(*e.get()),
                     Entry::Vacant(e) => {
                         e.insert(self.hashes.len() as u32);
@@ -739,7 +766,7 @@ impl BlockIndex {
                     added += self.add_stretch(s, slot, bit);
                 }
                 let pos = self.append(hash, slot, bit);
-                debug_assert_eq!(self.map.get(&hash), Some(&pos));
+                debug_assert_eq!(self.find(hash), Some(pos));
                 added += 1;
                 last = Some(pos);
                 continue;
@@ -823,7 +850,7 @@ impl BlockIndex {
                 Some(s) => {
                     removed += self.remove_stretch(s, slot, bit);
                     // That may have dropped this very block (a repeated hash): look again.
-                    self.map.get(&hash).map(|&pos| Stretch {
+                    self.find(hash).map(|pos| Stretch {
                         lo: pos,
                         hi: pos + 1,
                     })
@@ -873,7 +900,7 @@ impl BlockIndex {
             next += len;
             pos += len as usize;
         }
-        for pos in self.map.values_mut() {
+        for pos in self.map.iter_mut() {
             let id = self.run_of[*pos as usize] as usize;
             *pos = *pos - self.runs[id].start + starts[id];
         }
@@ -1073,7 +1100,7 @@ impl BlockIndex {
         } else {
             (cap * 8 / 7).next_power_of_two()
         };
-        let entry = std::mem::size_of::<(u64, u32)>();
+        let entry = std::mem::size_of::<u32>();
         let table = if buckets == 0 {
             0
         } else {
@@ -1110,8 +1137,7 @@ mod tests {
     }
 
     #[test]
-    fn a_map_entry_and_a_run_are_sixteen_bytes() {
-        assert_eq!(std::mem::size_of::<(u64, u32)>(), 16);
+    fn a_run_is_sixteen_bytes() {
         assert_eq!(std::mem::size_of::<Run>(), 16);
     }
 
@@ -1246,7 +1272,7 @@ mod tests {
             covered += run.len as usize;
             for pos in run.start..run.end() {
                 assert_eq!(idx.run_of[pos as usize], id as u32, "run {id} at {pos}");
-                assert_eq!(idx.map.get(&idx.hashes[pos as usize]), Some(&pos));
+                assert_eq!(idx.find(idx.hashes[pos as usize]), Some(pos));
             }
             let mut items = Vec::new();
             idx.holders_into(run.holders, &mut items);
