@@ -737,26 +737,24 @@ impl BlockIndex {
         let mut last: Option<u32> = None;
         for SequenceHash(hash) in hashes {
             let near = last.map(|p| p + 1);
+            let (hashes, build) = (&self.hashes, &self.build);
             let found = match near {
                 Some(pos)
-                    if self.hashes.get(pos as usize) == Some(&hash)
+                    if hashes.get(pos as usize) == Some(&hash)
                         && self.run_of[pos as usize] != DEAD =>
                 {
                     Some(pos)
                 }
                 // One probe: a new block takes the arena's next position (nothing below
                 // changes the arena's length before `append`).
-                _ => match {
-                    let (hashes, build) = (&self.hashes, &self.build);
-                    self.map.entry(
-                        build.hash_one(hash),
-                        |&p| hashes[p as usize] == hash,
-                        |&p| build.hash_one(hashes[p as usize]),
-                    )
-                } {
+                _ => match self.map.entry(
+                    build.hash_one(hash),
+                    |&p| hashes[p as usize] == hash,
+                    |&p| build.hash_one(hashes[p as usize]),
+                ) {
                     Entry::Occupied(e) => Some(*e.get()),
                     Entry::Vacant(e) => {
-                        e.insert(self.hashes.len() as u32);
+                        e.insert(hashes.len() as u32);
                         None
                     }
                 },
@@ -824,11 +822,11 @@ impl BlockIndex {
         let mut removed = 0u64;
         let mut pending: Option<Stretch> = None;
         for SequenceHash(hash) in hashes {
-            let near = pending.and_then(|s| {
+            let near = pending.map(|s| {
                 if s.lo > 0 && self.hashes[s.lo as usize - 1] == hash {
-                    Some(s.lo - 1)
+                    s.lo - 1
                 } else {
-                    Some(s.hi)
+                    s.hi
                 }
             });
             let Some(pos) = self.locate(hash, near) else {
