@@ -1272,8 +1272,7 @@ impl Router {
             .retain(|_, (s, _)| masks.get(*s as usize).is_none_or(|m| *m == 0));
         for (slot, worker) in known {
             for tier in &worker.tiers {
-                self.index
-                    .insert_blocks(tier.blocks.iter().copied(), slot, tier.tier);
+                self.index.insert_set(&tier.blocks, slot, tier.tier);
             }
             if let Some(w) = self.slots[slot as usize].as_mut() {
                 w.next_event_id = worker.next_event_id;
