@@ -1,10 +1,10 @@
 //! Bytes of memory per indexed block, and the time of the whole-index operations.
 //!
 //! Two measurements, side by side: the index's own estimate from its structures' capacities
-//! ([`kvfleet_kv_router::IndexStats::heap_bytes`]: hash table buckets and control bytes, holder
-//! arena), and the growth of the process's resident set while the fleet is built (from
-//! `/proc/self/statm`, Linux only; it includes allocator overhead and the router's other
-//! state). No counting allocator: that would need `unsafe`, which the workspace denies.
+//! ([`kvfleet_kv_router::IndexStats::heap_bytes`]: hash table buckets and control bytes, the
+//! block arena, runs and holder slab), and the growth of the process's resident set while the
+//! fleet is built (from `/proc/self/statm`, Linux only; it includes allocator overhead and the
+//! router's other state). No counting allocator: that would need `unsafe`, which the workspace denies.
 //!
 //! `cargo bench -p kvfleet-kv-router --bench memory`
 
@@ -65,7 +65,8 @@ fn measure(workers: u64, replicas: u64) {
         _ => "n/a".to_owned(),
     };
     // The rare whole-index operations, timed once on the full index: a worker leaving (one
-    // scan of the map) and re-syncing a worker from its snapshot (a scan plus the inserts).
+    // pass over the index's runs) and re-syncing a worker from its snapshot (a pass plus the
+    // inserts, in arena order).
     let mut router = router;
     let worker = kvfleet_proto::WorkerId(1);
     let snapshot = router.worker_snapshot(worker).expect("worker 1 exists");

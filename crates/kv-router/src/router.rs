@@ -532,9 +532,8 @@ impl Router {
                         prev = Some(block.sequence);
                     }
                 }
-                for block in blocks {
-                    self.index.insert(block.sequence, slot, event.tier);
-                }
+                self.index
+                    .insert_blocks(blocks.iter().map(|b| b.sequence), slot, event.tier);
                 if !self.awaiting_prefill.is_empty() {
                     for block in blocks {
                         if let Some(requests) =
@@ -548,9 +547,8 @@ impl Router {
                 }
             }
             KvEventData::Removed { blocks } => {
-                for block in blocks {
-                    self.index.remove(*block, slot, event.tier);
-                }
+                self.index
+                    .remove_blocks(blocks.iter().copied(), slot, event.tier);
             }
             KvEventData::Cleared => self.index.clear_slot(slot, tier_bit(event.tier)),
         }
@@ -687,9 +685,8 @@ impl Router {
         let request = self.inflight.remove(&id)?;
         if let Some((slot, hashes)) = self.pending_blocks.remove(&id) {
             // It ended before its prefill did: the blocks it was to compute are not coming.
-            for hash in hashes.iter() {
-                self.index.remove(*hash, slot, Tier::G1);
-            }
+            self.index
+                .remove_blocks(hashes.iter().copied(), slot, Tier::G1);
         }
         if timed_out {
             self.routes.timed_out += 1;
@@ -1197,9 +1194,8 @@ impl Router {
             // rather than compute the prefix again elsewhere. Events confirm the blocks as they
             // are computed; if this request ends first, they are taken out again.
             let computing = &request.hashes[overlap_blocks as usize..];
-            for hash in computing {
-                self.index.insert(*hash, slot, Tier::G1);
-            }
+            self.index
+                .insert_blocks(computing.iter().copied(), slot, Tier::G1);
             self.pending_blocks
                 .insert(request.id, (slot, computing.into()));
         }
@@ -1312,9 +1308,7 @@ impl Router {
             .retain(|_, (s, _)| masks.get(*s as usize).is_none_or(|m| *m == 0));
         for (slot, worker) in known {
             for tier in &worker.tiers {
-                for hash in &tier.blocks {
-                    self.index.insert(*hash, slot, tier.tier);
-                }
+                self.index.insert_set(&tier.blocks, slot, tier.tier);
             }
             if let Some(w) = self.slots[slot as usize].as_mut() {
                 w.next_event_id = worker.next_event_id;
