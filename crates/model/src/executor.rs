@@ -188,6 +188,19 @@ impl std::fmt::Debug for NativeExecutor {
 }
 
 impl NativeExecutor {
+    /// The bytes of one block, when `data` is exactly `blocks.len()` of them.
+    fn checked_block_bytes(&self, blocks: &[u32], data: &[u8]) -> Result<usize, ExecError> {
+        let block_bytes = self.cache.layout().block_bytes();
+        if data.len() != blocks.len().saturating_mul(block_bytes) {
+            return Err(ExecError::BadTransfer(format!(
+                "{} bytes for {} blocks of {block_bytes} bytes",
+                data.len(),
+                blocks.len()
+            )));
+        }
+        Ok(block_bytes)
+    }
+
     /// An executor for `model` whose KV cache has as many blocks of `block_size` tokens as
     /// `config.kv_memory` allows (the same count the scheduler's pool will compute).
     pub fn new(
@@ -443,14 +456,7 @@ impl Executor for NativeExecutor {
     }
 
     fn copy_tier_blocks_in(&mut self, blocks: &[u32], data: &[u8]) -> Result<(), ExecError> {
-        let block_bytes = self.cache.layout().block_bytes();
-        if data.len() != blocks.len().saturating_mul(block_bytes) {
-            return Err(ExecError::BadTransfer(format!(
-                "{} bytes for {} blocks of {block_bytes} bytes",
-                data.len(),
-                blocks.len()
-            )));
-        }
+        let block_bytes = self.checked_block_bytes(blocks, data)?;
         for (&b, bytes) in blocks.iter().zip(data.chunks_exact(block_bytes.max(1))) {
             self.cache
                 .write_block_native(b, bytes)
@@ -460,14 +466,7 @@ impl Executor for NativeExecutor {
     }
 
     fn copy_blocks_in(&mut self, blocks: &[u32], data: &[u8]) -> Result<(), ExecError> {
-        let block_bytes = self.cache.layout().block_bytes();
-        if data.len() != blocks.len().saturating_mul(block_bytes) {
-            return Err(ExecError::BadTransfer(format!(
-                "{} bytes for {} blocks of {block_bytes} bytes",
-                data.len(),
-                blocks.len()
-            )));
-        }
+        let block_bytes = self.checked_block_bytes(blocks, data)?;
         // Check every id first so a bad one writes nothing.
         if let Some(&b) = blocks
             .iter()

@@ -259,16 +259,26 @@ mod tests {
         PagedKvCache::new("m", 2, 2, 4, blocks, BlockSize::new(3).unwrap()).unwrap()
     }
 
+    /// A 4-block cache whose block `src` holds `values` (K then V, layer by layer).
+    fn filled(values: &[f32], src: u32) -> PagedKvCache {
+        let mut a = cache(4);
+        let n = a.block_elems();
+        let mut it = values.iter().map(|&v| f16::from_f32(v));
+        let run = src as usize * n..(src as usize + 1) * n;
+        for layer in 0..2 {
+            for store in [&mut a.k[layer], &mut a.v[layer]] {
+                for x in &mut store[run.clone()] {
+                    *x = it.next().unwrap();
+                }
+            }
+        }
+        a
+    }
+
     proptest! {
         #[test]
         fn block_bytes_round_trip(values in proptest::collection::vec(-1e3f32..1e3, 2 * 2 * 24), src in 0u32..4, dst in 0u32..4) {
-            let mut a = cache(4);
-            let n = a.block_elems();
-            let mut it = values.iter().map(|&v| f16::from_f32(v));
-            for layer in 0..2 {
-                for x in &mut a.k[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
-                for x in &mut a.v[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
-            }
+            let a = filled(&values, src);
             let bytes = a.read_block(src).unwrap();
             prop_assert_eq!(bytes.len(), a.layout().block_bytes());
             let mut b = cache(4);
@@ -281,13 +291,7 @@ mod tests {
         /// layout's block size.
         #[test]
         fn native_tier_bytes_round_trip(values in proptest::collection::vec(-1e3f32..1e3, 2 * 2 * 24), src in 0u32..4, dst in 0u32..4) {
-            let mut a = cache(4);
-            let n = a.block_elems();
-            let mut it = values.iter().map(|&v| f16::from_f32(v));
-            for layer in 0..2 {
-                for x in &mut a.k[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
-                for x in &mut a.v[layer][src as usize * n..(src as usize + 1) * n] { *x = it.next().unwrap(); }
-            }
+            let a = filled(&values, src);
             let mut native = Vec::new();
             a.read_block_native_into(src, &mut native).unwrap();
             prop_assert_eq!(native.len(), a.layout().block_bytes());
