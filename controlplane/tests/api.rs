@@ -878,14 +878,7 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
     assert_eq!(limited.status, StatusCode::OK, "{limited:?}");
     assert_eq!(limited.body["migration_limit"], 0);
     assert_eq!(limited.body["disaggregation"], policy);
-    let (before, after): (Value, Value) = sqlx::query_as(
-        "SELECT before, after FROM audit_log WHERE action = 'deployment.update' AND target_id = $1
-         ORDER BY id DESC LIMIT 1",
-    )
-    .bind(&split)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (before, after) = last_deployment_update(&pool, &split).await;
     assert_eq!(
         (&before["migration_limit"], &after["migration_limit"]),
         (&json!(3), &json!(0))
@@ -992,6 +985,18 @@ async fn disaggregation_policy_is_stored_patched_audited_and_in_the_fleet_direct
     server.stop().await;
 }
 
+/// The deployment's latest `deployment.update` audit entry: (before, after).
+async fn last_deployment_update(pool: &PgPool, deployment: &str) -> (Value, Value) {
+    sqlx::query_as(
+        "SELECT before, after FROM audit_log WHERE action = 'deployment.update' AND target_id = $1
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(deployment)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 #[sqlx::test(migrator = "kvfleet_controlplane::store::MIGRATOR")]
 async fn output_parsers_are_stored_patched_audited_and_handed_to_the_agents(pool: PgPool) {
     let server = start(&pool, test_config()).await;
@@ -1052,14 +1057,7 @@ async fn output_parsers_are_stored_patched_audited_and_handed_to_the_agents(pool
         patched.body["generation"].as_i64(),
         created.body["generation"].as_i64().map(|g| g + 1)
     );
-    let (before, after): (Value, Value) = sqlx::query_as(
-        "SELECT before, after FROM audit_log WHERE action = 'deployment.update' AND target_id = $1
-         ORDER BY id DESC LIMIT 1",
-    )
-    .bind(&deployment)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (before, after) = last_deployment_update(&pool, &deployment).await;
     assert_eq!(
         (&before["tool_parser"], &after["tool_parser"]),
         (&json!("auto"), &json!("llama3_json"))
