@@ -227,6 +227,10 @@ async fn dev_runs_a_one_node_fleet_and_restarts_idempotently() {
     assert_eq!(completion["object"], "chat.completion", "{completion}");
     assert!(completion["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     assert!(dev.stderr().contains("creating a PostgreSQL cluster"));
+    // The dev fleet is keyed like any other: its agent got the fleet hash secret from the
+    // control plane (the log names the event, never the secret).
+    let agent_log = std::fs::read_to_string(state.join("kvfleet-agent.log")).unwrap();
+    assert!(agent_log.contains("fleet hash key set"), "{agent_log}");
     // The cluster trusts nobody: TCP needs the kvfleet role's password (kept 0600 beside it),
     // and the password is not on any process's command line.
     {

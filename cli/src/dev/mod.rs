@@ -56,7 +56,8 @@ agent's /metrics. Running again without the flag turns the deployment back into 
 aggregated worker (and with it, into the two workers again).
 
 Run it again at any time: it reuses the cluster, the admin token and the registrations in
-STATE_DIR. Logs: STATE_DIR/controlplane.log, STATE_DIR/agent.log, STATE_DIR/pg/server.log.
+STATE_DIR. Logs: STATE_DIR/kvfleet-controlplane.log, STATE_DIR/kvfleet-agent.log,
+STATE_DIR/pg/server.log.
 Ctrl-C (or SIGTERM) stops the agent, the control plane and the private PostgreSQL cluster
 (--keep-postgres leaves it running; a $DATABASE_URL server is never touched).
 
