@@ -273,7 +273,7 @@ impl RateLimiter {
                 self.limited_tokens.get_or_create(&label).inc();
                 let (secs, message) = match wait {
                     Some(wait) => {
-                        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+                        let secs = retry_after_secs(wait);
                         let message = format!(
                             "this API key is over its tokens-per-minute limit: the request needs \
                              {cost} tokens (its prompt and max_tokens for each choice); retry \
@@ -309,11 +309,15 @@ impl RateLimiter {
         taken.map_err(|wait| {
             let label = self.labels.get(index).cloned().unwrap_or_default();
             self.limited.get_or_create(&KeyLabel { key: label }).inc();
-            // Whole seconds, rounded up: a client that waits what it is told finds a token.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            ApiError::rate_limited(Duration::from_secs(secs.max(1)))
+            ApiError::rate_limited(Duration::from_secs(retry_after_secs(wait)))
         })
     }
+}
+
+/// A `Retry-After` for `wait`: whole seconds, rounded up (a client that waits what it is told
+/// finds a token), at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Per-client-IP buckets for requests without an API key (see the module's documentation).
@@ -335,7 +339,7 @@ struct KeylessState {
 
 impl KeylessLimiter {
     /// `limit` for each of at most `max_clients` IPs; registers
-    /// `kvfleet_rate_limited_keyless_total` and `kvfleet_rate_limit_keyless_clients`.
+    /// `kvfleet_rate_limited_keyless_total`.
     pub fn new(limit: RateLimit, max_clients: usize, registry: &mut Registry) -> Self {
         let now = Instant::now();
         let limited = Counter::default();
@@ -388,7 +392,7 @@ impl KeylessLimiter {
         };
         bucket.take(now).map_err(|wait| {
             self.limited.inc();
-            let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+            let secs = retry_after_secs(wait);
             let mut error = ApiError::rate_limited(Duration::from_secs(secs));
             error.message = format!(
                 "this client address is over the rate limit for requests without an API key; \
