@@ -268,17 +268,9 @@ fn parse_hex_key(text: &str) -> Option<[u8; KEY_LEN]> {
 
 /// Loads the fleet's CA, creating it (and the key file) if this is the first control plane to
 /// start, and sealing a key stored in the clear by an older version. Concurrent first starts race
-/// on the insert; the loser reads the winner's CA.
+/// on the insert; the loser reads the winner's CA. Returns the sealing key it used too (the
+/// fleet hash secret is derived from it).
 pub async fn load_or_create(
-    pool: &PgPool,
-    key_file: &Path,
-    ca_validity: std::time::Duration,
-) -> Result<NodeCa, LoadError> {
-    Ok(load_with_key(pool, key_file, ca_validity).await?.0)
-}
-
-/// [`load_or_create`], also returning the sealing key it used (for the fleet hash secret).
-pub async fn load_with_key(
     pool: &PgPool,
     key_file: &Path,
     ca_validity: std::time::Duration,

@@ -132,7 +132,7 @@ impl AppState {
             .await
             .context("rebuilding the KV index from Postgres")?;
         let (ca, sealing) =
-            ca_key::load_with_key(&pool, &config.ca.key_file, config.ca.ca_validity)
+            ca_key::load_or_create(&pool, &config.ca.key_file, config.ca.ca_validity)
                 .await
                 .context("loading the node CA")?;
         let fleet_hash_secret = sealing.fleet_hash_secret();

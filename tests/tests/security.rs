@@ -508,7 +508,7 @@ async fn agents_join_an_https_control_plane_through_the_pinned_fleet_ca_only() {
     kvfleet_controlplane::store::migrate(&pool).await.unwrap();
     // The same sealing key file as the harness's control planes (one per test process).
     let key_file = ca_key_file();
-    let ca =
+    let (ca, _) =
         kvfleet_controlplane::ca_key::load_or_create(&pool, &key_file, Duration::from_secs(86_400))
             .await
             .unwrap();
