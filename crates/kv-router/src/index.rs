@@ -713,7 +713,9 @@ impl BlockIndex {
             .copied()
     }
 
-    /// Adds `tier` to what `slot` holds of `hash`; true when it was not there yet.
+    /// Adds `tier` to what `slot` holds of `hash`; true when it was not there yet (the router
+    /// always adds a batch, [`BlockIndex::insert_blocks`]).
+    #[cfg(test)]
     pub(crate) fn insert(&mut self, hash: SequenceHash, slot: u32, tier: Tier) -> bool {
         self.insert_blocks([hash], slot, tier) == 1
     }

@@ -198,6 +198,14 @@ impl Worker {
         }
     }
 
+    /// `request`'s prefill is over (its first token came, or it ended): a step it started is
+    /// no longer waited for.
+    fn prefill_step_over(&mut self, request: RequestId) {
+        if self.prefill_step.is_some_and(|(_, _, r)| r == request) {
+            self.prefill_step = None;
+        }
+    }
+
     /// Sequences running there: the router's own decisions, or more when the reported decode
     /// blocks say so (other frontends route there too), sized like the own ones.
     fn running(&self, decode_blocks: u64, model: &TimeModel) -> u32 {
@@ -674,9 +682,7 @@ impl Router {
         let (slot, reported) = (request.slot, request.reported);
         if let Some(worker) = self.slots[slot as usize].as_mut() {
             worker.load.retire(prefill, reported, false);
-            if worker.prefill_step.is_some_and(|(_, _, r)| r == id) {
-                worker.prefill_step = None;
-            }
+            worker.prefill_step_over(id);
         }
         true
     }
@@ -698,9 +704,7 @@ impl Router {
         worker
             .load
             .retire(request.contribution, request.reported, true);
-        if worker.prefill_step.is_some_and(|(_, _, r)| r == id) {
-            worker.prefill_step = None;
-        }
+        worker.prefill_step_over(id);
         worker.own_requests = worker.own_requests.saturating_sub(1);
         worker.own_blocks = worker.own_blocks.saturating_sub(u64::from(request.blocks));
         if let (Some(first), false) = (request.first_token, timed_out) {
@@ -1210,8 +1214,9 @@ impl Router {
             });
             if self.config.mode == RoutingMode::Approximate && !request.hashes.is_empty() {
                 let expires = now.saturating_add(self.config.approx_ttl);
+                self.index
+                    .insert_blocks(request.hashes.iter().copied(), slot, Tier::G1);
                 for hash in request.hashes {
-                    self.index.insert(*hash, slot, Tier::G1);
                     self.predicted.insert((slot, *hash), expires);
                 }
                 self.predictions.push_back(Prediction {

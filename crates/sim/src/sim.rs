@@ -266,9 +266,7 @@ impl Worker {
             },
         }
     }
-}
 
-impl Worker {
     /// The load this worker publishes. Prompts not yet started count with the router's
     /// estimate of their uncached part; on top comes the rest of the engine's pending prefill
     /// (its figure less those prompts whole): the work of preempted requests, which recompute
